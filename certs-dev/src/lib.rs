@@ -1,0 +1,403 @@
+//! Dev PKI and dev OIDC issuer for meshsign.
+//!
+//! One helper that tests and `meshsignd dev` both use (SPIRE's `test/testca`, linkerd's
+//! `meshtls/tests/util.rs`): a server CA and a server certificate for loopback names, an admin CA
+//! with an admin client certificate, and an OIDC issuer (ES256 or RS256) that mints tokens shaped
+//! as GitHub Actions issues them. Everything is generated at run time; nothing is checked in.
+//!
+//! These are *dev* credentials: they are written to plain files on purpose so a developer's
+//! client can use them. Site keys (runner CAs, signing keys) never come from here.
+
+use std::path::Path;
+
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{self, EcdsaKeyPair, KeyPair as _};
+use base64::Engine as _;
+use meshsign_proto::pem_encode;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+};
+use serde_json::{Value, json};
+use zeroize::Zeroizing;
+
+/// Errors making or writing dev material.
+#[derive(Debug, thiserror::Error)]
+pub enum DevError {
+    /// rcgen refused to build a certificate or key.
+    #[error("certificate generation: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    /// The crypto library refused an operation.
+    #[error("crypto: {0}")]
+    Crypto(String),
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A key file holds something other than a PKCS#8 EC P-256 or RSA key.
+    #[error("unsupported key in {0}")]
+    BadKey(String),
+}
+
+fn b64url(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// A CA and a certificate it issued, as PEM.
+#[derive(Clone)]
+pub struct Issued {
+    /// Leaf certificate, PEM.
+    pub cert_pem: String,
+    /// Leaf private key, PKCS#8 PEM.
+    pub key_pem: Zeroizing<String>,
+}
+
+impl std::fmt::Debug for Issued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issued").field("key_pem", &"[redacted]").finish_non_exhaustive()
+    }
+}
+
+/// The dev PKI: server TLS for loopback, an admin CA and one admin client certificate.
+#[derive(Clone, Debug)]
+pub struct DevPki {
+    /// CA that issued the server certificate; clients pin it.
+    pub server_ca_pem: String,
+    /// Server certificate (localhost, 127.0.0.1, ::1) and key.
+    pub server: Issued,
+    /// Admin CA; the admin port verifies client certificates against it.
+    pub admin_ca_pem: String,
+    /// Admin client certificate (`spiffe://<td>/ops/admin/dev`) and key.
+    pub admin: Issued,
+}
+
+fn ca_params(cn: &str) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now - time::Duration::hours(1);
+    p.not_after = now + time::Duration::days(3650);
+    p
+}
+
+fn leaf_params(cn: &str, sans: Vec<SanType>, eku: ExtendedKeyUsagePurpose) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    p.distinguished_name = dn;
+    p.subject_alt_names = sans;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![eku];
+    p.use_authority_key_identifier_extension = true;
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now - time::Duration::hours(1);
+    p.not_after = now + time::Duration::days(825);
+    p
+}
+
+impl DevPki {
+    /// Generates a fresh dev PKI for `trust_domain`.
+    pub fn generate(trust_domain: &str) -> Result<Self, DevError> {
+        let server_ca = CertifiedIssuer::self_signed(
+            ca_params("meshsign dev server CA"),
+            KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?,
+        )?;
+        let server_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let sans = vec![
+            SanType::DnsName("localhost".try_into()?),
+            SanType::IpAddress("127.0.0.1".parse().map_err(|_| DevError::Crypto("ip".into()))?),
+            SanType::IpAddress("::1".parse().map_err(|_| DevError::Crypto("ip".into()))?),
+        ];
+        let server = leaf_params("localhost", sans, ExtendedKeyUsagePurpose::ServerAuth)
+            .signed_by(&server_key, &server_ca)?;
+
+        let admin_ca = CertifiedIssuer::self_signed(
+            ca_params("meshsign dev admin CA"),
+            KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?,
+        )?;
+        let admin_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let admin_uri = format!("spiffe://{trust_domain}/ops/admin/dev");
+        let admin = leaf_params(
+            "meshsign dev admin",
+            vec![SanType::URI(admin_uri.try_into()?)],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        )
+        .signed_by(&admin_key, &admin_ca)?;
+
+        Ok(Self {
+            server_ca_pem: server_ca.pem(),
+            server: Issued { cert_pem: server.pem(), key_pem: Zeroizing::new(server_key.serialize_pem()) },
+            admin_ca_pem: admin_ca.pem(),
+            admin: Issued { cert_pem: admin.pem(), key_pem: Zeroizing::new(admin_key.serialize_pem()) },
+        })
+    }
+
+    /// Writes the PKI into `dir` (see [`files`] for the names); keys get mode 0600.
+    pub fn write_to(&self, dir: &Path) -> Result<(), DevError> {
+        write_file(&dir.join(files::SERVER_CA), self.server_ca_pem.as_bytes(), false)?;
+        write_file(&dir.join(files::SERVER_CERT), self.server.cert_pem.as_bytes(), false)?;
+        write_file(&dir.join(files::SERVER_KEY), self.server.key_pem.as_bytes(), true)?;
+        write_file(&dir.join(files::ADMIN_CA), self.admin_ca_pem.as_bytes(), false)?;
+        write_file(&dir.join(files::ADMIN_CERT), self.admin.cert_pem.as_bytes(), false)?;
+        write_file(&dir.join(files::ADMIN_KEY), self.admin.key_pem.as_bytes(), true)?;
+        Ok(())
+    }
+}
+
+/// File names the dev PKI and dev issuer use inside their folder.
+pub mod files {
+    /// Server CA certificate (clients pin it).
+    pub const SERVER_CA: &str = "server-ca.pem";
+    /// Server certificate.
+    pub const SERVER_CERT: &str = "server.pem";
+    /// Server private key.
+    pub const SERVER_KEY: &str = "server.key.pem";
+    /// Admin CA certificate.
+    pub const ADMIN_CA: &str = "admin-ca.pem";
+    /// Admin client certificate.
+    pub const ADMIN_CERT: &str = "admin.pem";
+    /// Admin client private key.
+    pub const ADMIN_KEY: &str = "admin.key.pem";
+    /// Dev OIDC issuer signing key (PKCS#8).
+    pub const OIDC_KEY: &str = "dev-oidc.key.pem";
+    /// Dev OIDC issuer JWKS (public).
+    pub const OIDC_JWKS: &str = "dev-oidc.jwks.json";
+}
+
+/// Writes a file; with `secret` it is created with mode 0600.
+pub fn write_file(path: &Path, bytes: &[u8], secret: bool) -> Result<(), DevError> {
+    use std::io::Write as _;
+    let io = |source| DevError::Io { path: path.display().to_string(), source };
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(path).map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    Ok(())
+}
+
+/// JWT algorithms the dev issuer can sign with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JwtAlg {
+    /// ECDSA P-256 with SHA-256 (fixed-size r||s signature).
+    Es256,
+    /// RSA PKCS#1 v1.5 with SHA-256.
+    Rs256,
+}
+
+enum IssuerKey {
+    Ec(EcdsaKeyPair),
+    Rsa(aws_lc_rs::rsa::KeyPair),
+}
+
+/// An OIDC issuer that mints JWTs offline (a stand-in for a CI's token service).
+pub struct OidcIssuer {
+    /// The `iss` it writes.
+    pub issuer: String,
+    /// The `kid` in the JWS header and the JWKS.
+    pub kid: String,
+    key: IssuerKey,
+    pkcs8: Zeroizing<Vec<u8>>,
+}
+
+impl std::fmt::Debug for OidcIssuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OidcIssuer")
+            .field("issuer", &self.issuer)
+            .field("kid", &self.kid)
+            .field("key", &"[redacted]")
+            .finish()
+    }
+}
+
+impl OidcIssuer {
+    /// A fresh issuer with a new key.
+    pub fn generate(issuer: &str, kid: &str, alg: JwtAlg) -> Result<Self, DevError> {
+        let pkcs8 = match alg {
+            JwtAlg::Es256 => {
+                let doc = EcdsaKeyPair::generate_pkcs8(
+                    &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+                    &SystemRandom::new(),
+                )
+                .map_err(|e| DevError::Crypto(e.to_string()))?;
+                Zeroizing::new(doc.as_ref().to_vec())
+            }
+            JwtAlg::Rs256 => {
+                use aws_lc_rs::encoding::AsDer as _;
+                let kp = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048)
+                    .map_err(|e| DevError::Crypto(e.to_string()))?;
+                let der = kp.as_der().map_err(|e| DevError::Crypto(e.to_string()))?;
+                Zeroizing::new(der.as_ref().to_vec())
+            }
+        };
+        Self::from_pkcs8(issuer, kid, pkcs8)
+    }
+
+    /// Loads an issuer key from PKCS#8 DER (EC P-256 or RSA).
+    pub fn from_pkcs8(issuer: &str, kid: &str, pkcs8: Zeroizing<Vec<u8>>) -> Result<Self, DevError> {
+        let key = if let Ok(k) =
+            EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &pkcs8)
+        {
+            IssuerKey::Ec(k)
+        } else if let Ok(k) = aws_lc_rs::rsa::KeyPair::from_pkcs8(&pkcs8) {
+            IssuerKey::Rsa(k)
+        } else {
+            return Err(DevError::BadKey(issuer.to_string()));
+        };
+        Ok(Self { issuer: issuer.to_string(), kid: kid.to_string(), key, pkcs8 })
+    }
+
+    /// Loads an issuer key from a PKCS#8 PEM file.
+    pub fn load(issuer: &str, kid: &str, key_file: &Path) -> Result<Self, DevError> {
+        use rustls_pki_types::PrivatePkcs8KeyDer;
+        use rustls_pki_types::pem::PemObject as _;
+        let der = PrivatePkcs8KeyDer::from_pem_file(key_file)
+            .map_err(|_| DevError::BadKey(key_file.display().to_string()))?;
+        Self::from_pkcs8(issuer, kid, Zeroizing::new(der.secret_pkcs8_der().to_vec()))
+    }
+
+    /// The JWT `alg` this issuer signs with.
+    pub fn alg(&self) -> JwtAlg {
+        match self.key {
+            IssuerKey::Ec(_) => JwtAlg::Es256,
+            IssuerKey::Rsa(_) => JwtAlg::Rs256,
+        }
+    }
+
+    /// The issuer's public JWK.
+    pub fn jwk(&self) -> Value {
+        match &self.key {
+            IssuerKey::Ec(k) => {
+                let point = k.public_key().as_ref();
+                // Uncompressed SEC1 point: 0x04 || x (32) || y (32).
+                let (x, y) = point.get(1..).unwrap_or_default().split_at(32.min(point.len().saturating_sub(1)));
+                json!({"kty": "EC", "crv": "P-256", "kid": self.kid, "alg": "ES256", "use": "sig",
+                       "x": b64url(x), "y": b64url(y)})
+            }
+            IssuerKey::Rsa(k) => {
+                let pk = k.public_key();
+                json!({"kty": "RSA", "kid": self.kid, "alg": "RS256", "use": "sig",
+                       "n": b64url(pk.modulus().big_endian_without_leading_zero()),
+                       "e": b64url(pk.exponent().big_endian_without_leading_zero())})
+            }
+        }
+    }
+
+    /// `{"keys": [jwk]}`.
+    pub fn jwks(&self) -> Value {
+        json!({ "keys": [self.jwk()] })
+    }
+
+    /// Signs `header.claims` as a compact JWS; the header is used exactly as given.
+    pub fn sign_with_header(&self, header: &Value, claims: &Value) -> Result<String, DevError> {
+        let signing_input = format!(
+            "{}.{}",
+            b64url(header.to_string().as_bytes()),
+            b64url(claims.to_string().as_bytes())
+        );
+        let sig = match &self.key {
+            IssuerKey::Ec(k) => k
+                .sign(&SystemRandom::new(), signing_input.as_bytes())
+                .map_err(|e| DevError::Crypto(e.to_string()))?
+                .as_ref()
+                .to_vec(),
+            IssuerKey::Rsa(k) => {
+                let mut sig = vec![0u8; k.public_modulus_len()];
+                k.sign(&signature::RSA_PKCS1_SHA256, &SystemRandom::new(), signing_input.as_bytes(), &mut sig)
+                    .map_err(|e| DevError::Crypto(e.to_string()))?;
+                sig
+            }
+        };
+        Ok(format!("{signing_input}.{}", b64url(&sig)))
+    }
+
+    /// Mints a token with the standard header (`alg`, `typ`, `kid`).
+    pub fn mint(&self, claims: &Value) -> Result<String, DevError> {
+        let alg = match self.alg() {
+            JwtAlg::Es256 => "ES256",
+            JwtAlg::Rs256 => "RS256",
+        };
+        self.sign_with_header(&json!({"alg": alg, "typ": "JWT", "kid": self.kid}), claims)
+    }
+
+    /// Writes the key (0600) and JWKS into `dir` under [`files::OIDC_KEY`] / [`files::OIDC_JWKS`].
+    pub fn write_to(&self, dir: &Path) -> Result<(), DevError> {
+        let pem = Zeroizing::new(pem_encode("PRIVATE KEY", &self.pkcs8));
+        write_file(&dir.join(files::OIDC_KEY), pem.as_bytes(), true)?;
+        write_file(&dir.join(files::OIDC_JWKS), self.jwks().to_string().as_bytes(), false)
+    }
+}
+
+/// Claims shaped as GitHub Actions issues them for a job.
+#[derive(Clone, Debug)]
+pub struct GithubJob {
+    /// `repository`, e.g. `acme/app`.
+    pub repository: String,
+    /// `ref`, e.g. `refs/heads/main`.
+    pub git_ref: String,
+    /// Deployment `environment`.
+    pub environment: String,
+    /// `run_id` (the job id meshsign records).
+    pub run_id: String,
+    /// `runner_environment`: `github-hosted` or `self-hosted`.
+    pub runner_environment: String,
+}
+
+impl GithubJob {
+    /// A job on `refs/heads/main` of `acme/app` in `environment`, self-hosted.
+    pub fn new(environment: &str) -> Self {
+        Self {
+            repository: "acme/app".into(),
+            git_ref: "refs/heads/main".into(),
+            environment: environment.into(),
+            run_id: "1001".into(),
+            runner_environment: "self-hosted".into(),
+        }
+    }
+
+    /// The claims set: iss, aud, sub, repository, ref, environment, job_workflow_ref, run_id,
+    /// runner_environment, jti, iat, nbf, exp (token valid `ttl` seconds from `now`).
+    pub fn claims(&self, iss: &str, aud: &str, jti: &str, now_unix: i64, ttl: i64) -> Value {
+        json!({
+            "iss": iss,
+            "aud": aud,
+            "sub": format!("repo:{}:environment:{}", self.repository, self.environment),
+            "repository": self.repository,
+            "repository_owner": self.repository.split('/').next().unwrap_or_default(),
+            "ref": self.git_ref,
+            "environment": self.environment,
+            "job_workflow_ref": format!("{}/.github/workflows/release.yml@{}", self.repository, self.git_ref),
+            "run_id": self.run_id,
+            "run_attempt": "1",
+            "runner_environment": self.runner_environment,
+            "event_name": "push",
+            "jti": jti,
+            "iat": now_unix,
+            "nbf": now_unix,
+            "exp": now_unix + ttl,
+        })
+    }
+}
+
+/// A random identifier (128 bits, hex), for `jti` values and the like.
+pub fn random_id() -> String {
+    use aws_lc_rs::rand::SecureRandom as _;
+    let mut b = [0u8; 16];
+    // SystemRandom::fill only fails if the OS RNG is unavailable, which is fatal anyway.
+    if SystemRandom::new().fill(&mut b).is_err() {
+        return String::new();
+    }
+    hex::encode(b)
+}

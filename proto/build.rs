@@ -1,0 +1,11 @@
+//! Compiles the contract with protox (pure Rust), so no system `protoc` is needed.
+use prost::Message;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=meshsign");
+    let fds = protox::compile(["meshsign/v1/meshsign.proto"], ["."])?;
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(out.join("meshsign_descriptor.bin"), fds.encode_to_vec())?;
+    tonic_prost_build::configure().compile_fds(fds)?;
+    Ok(())
+}

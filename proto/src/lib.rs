@@ -1,0 +1,29 @@
+//! meshsign's contract and the identity wire formats both the site and the client share.
+//!
+//! - [`v1`]: the generated gRPC types and services (package `meshsign.v1`).
+//! - [`identity`]: the SPIFFE ID of a runner certificate and the job-claims extension.
+//! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server reflection.
+
+pub mod identity;
+
+/// Generated code for package `meshsign.v1`.
+#[allow(missing_docs, clippy::all)]
+pub mod v1 {
+    tonic::include_proto!("meshsign.v1");
+}
+
+/// Encoded `FileDescriptorSet` of the contract, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/meshsign_descriptor.bin"));
+
+/// Encodes DER as PEM with the given label (64-column base64 lines).
+pub fn pem_encode(label: &str, der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(chunk));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}

@@ -1,0 +1,266 @@
+//! tonic services: proto ⇄ typed core. The only module that knows tonic, and the one place
+//! where every error enum becomes a `tonic::Status` ([`IntoStatus`]). Internal detail is logged,
+//! never returned.
+
+use std::sync::Arc;
+
+use meshsign_proto::v1::{
+    self, enrollment_server::EnrollmentServer, signer_server::SignerServer, verification_server::VerificationServer,
+};
+use tonic::transport::Server;
+use tonic::transport::server::Router;
+use tonic::{Code, Request, Response, Status};
+
+use crate::authz::{AuthzError, Caller};
+use crate::enroll::{self, EnrollError, EnrollInput};
+use crate::signing::{self, Payload, SignError, SignInput, SignOutput};
+use crate::site::SiteState;
+
+/// Maps a layer's error to a gRPC status: the code by kind, the message naming the check.
+pub trait IntoStatus {
+    /// The status to return.
+    fn into_status(self) -> Status;
+}
+
+fn internal(e: &dyn std::fmt::Display, source: &dyn std::fmt::Debug) -> Status {
+    tracing::error!(error = %e, detail = ?source, "internal error");
+    Status::internal("internal error")
+}
+
+impl IntoStatus for EnrollError {
+    fn into_status(self) -> Status {
+        use EnrollError::*;
+        let code = match &self {
+            UnknownEnvironment(_) | Csr(_) | CsrKey | Fingerprint => Code::InvalidArgument,
+            EnvironmentMismatch { .. } | PolicyDisabled(_) | BoundClaim { .. } => Code::PermissionDenied,
+            Malformed(_) | Algorithm(_) | UnknownKid(_) | Signature(_) | Issuer(_) | Audience(_) | Expired { .. }
+            | NotYetValid { .. } | IssuedAt(_) | MissingJti | Replay(_) => Code::Unauthenticated,
+            Region { .. } => Code::FailedPrecondition,
+            Audit(_) => return Status::unavailable("audit_unavailable: the audit log cannot be written; nothing was issued"),
+            Issue(_) | Store(_) => return internal(&self, &self),
+        };
+        Status::new(code, self.to_string())
+    }
+}
+
+impl IntoStatus for AuthzError {
+    fn into_status(self) -> Status {
+        use AuthzError::*;
+        let code = match &self {
+            NoCertificate | BadCertificate(_) | UnknownCertificate(_) | Revoked { .. } | Expired { .. } => {
+                Code::Unauthenticated
+            }
+            Region { .. } => Code::FailedPrecondition,
+            IssuerUntrusted(_) | PolicyDisabled(_) | KeyNotInPartition { .. } | Access { .. } => Code::PermissionDenied,
+            Store(_) => return internal(&self, &self),
+        };
+        Status::new(code, self.to_string())
+    }
+}
+
+impl IntoStatus for SignError {
+    fn into_status(self) -> Status {
+        match self {
+            SignError::Authz(e) => e.into_status(),
+            SignError::Input { .. } => Status::invalid_argument(self.to_string()),
+            SignError::Audit(_) => {
+                Status::unavailable("audit_unavailable: the audit log cannot be written; nothing was signed")
+            }
+            SignError::Custody(ref e) => internal(&self, e),
+        }
+    }
+}
+
+fn ts(unix: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: unix, nanos: 0 }
+}
+
+fn peer<T>(req: &Request<T>) -> String {
+    req.remote_addr().map(|a| a.to_string()).unwrap_or_default()
+}
+
+// === Enrollment ===
+
+/// The Enrollment service (enroll port).
+#[derive(Debug, Clone)]
+pub struct EnrollmentApi(pub Arc<SiteState>);
+
+#[tonic::async_trait]
+impl v1::enrollment_server::Enrollment for EnrollmentApi {
+    async fn enroll(&self, req: Request<v1::EnrollRequest>) -> Result<Response<v1::EnrollResponse>, Status> {
+        let peer = peer(&req);
+        let r = req.into_inner();
+        let input = EnrollInput {
+            token: r.token,
+            csr_der: r.csr_der,
+            fingerprint: r.runner_fingerprint,
+            region: r.region,
+            requested_ttl_seconds: u64::from(r.requested_ttl_seconds),
+            environment: r.environment,
+            peer,
+        };
+        let out = enroll::enroll(&self.0, input).await.map_err(IntoStatus::into_status)?;
+        Ok(Response::new(v1::EnrollResponse {
+            certificate_chain: out.chain,
+            serial: out.serial_hex,
+            not_after: Some(ts(out.not_after)),
+            granted_ttl_seconds: u32::try_from(out.granted_ttl_seconds).unwrap_or(u32::MAX),
+            spiffe_id: out.spiffe_id,
+            environment: out.environment,
+            region: out.region,
+            trusted_issuers: out.trusted_issuers,
+        }))
+    }
+}
+
+// === Signer ===
+
+/// The Signer service (sign port).
+#[derive(Debug, Clone)]
+pub struct SignerApi(pub Arc<SiteState>);
+
+impl SignerApi {
+    /// The typed caller from the peer certificate (the only place handlers see a certificate).
+    fn caller<T>(&self, req: &Request<T>) -> Result<Caller, AuthzError> {
+        let certs = req.peer_certs().ok_or(AuthzError::NoCertificate)?;
+        let leaf = certs.first().ok_or(AuthzError::NoCertificate)?;
+        Caller::from_cert_der(leaf, &self.0.config.trust_domain)
+    }
+
+    async fn run<T>(&self, req: &Request<T>, input: SignInput) -> Result<SignOutput, Status> {
+        match self.caller(req) {
+            Ok(caller) => signing::sign(&self.0, &caller, input).await.map_err(IntoStatus::into_status),
+            Err(e) => {
+                signing::refuse_uncallered(&self.0, &input, &e).await.map_err(IntoStatus::into_status)?;
+                Err(e.into_status())
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl v1::signer_server::Signer for SignerApi {
+    async fn sign(&self, req: Request<v1::SignRequest>) -> Result<Response<v1::SignResponse>, Status> {
+        let peer = peer(&req);
+        let r = req.get_ref();
+        let payload = match &r.input {
+            Some(v1::sign_request::Input::Sha256Digest(d)) => Payload::Digest(d.clone()),
+            Some(v1::sign_request::Input::Message(m)) => Payload::Message(m.clone()),
+            None => Payload::Missing,
+        };
+        let input =
+            SignInput { rpc: "Sign", alias: r.key_alias.clone(), payload, artifact: r.artifact_name.clone(), peer };
+        let mut out = self.run(&req, input).await?;
+        Ok(Response::new(v1::SignResponse {
+            signature: out.signatures.pop().unwrap_or_default(),
+            algorithm: out.algorithm.to_string(),
+            key_id: out.key_id,
+            public_key_der: out.public_key_der,
+            certificate_chain: out.certificate_chain,
+            audit_id: out.audit_id,
+            signed_at: Some(ts(out.signed_at)),
+            sha256_digest: out.digests.first().map(|d| d.to_vec()).unwrap_or_default(),
+        }))
+    }
+
+    async fn sign_batch(&self, req: Request<v1::SignBatchRequest>) -> Result<Response<v1::SignBatchResponse>, Status> {
+        let peer = peer(&req);
+        let r = req.get_ref();
+        let input = SignInput {
+            rpc: "SignBatch",
+            alias: r.key_alias.clone(),
+            payload: Payload::Batch(r.sha256_digests.clone()),
+            artifact: r.artifact_name.clone(),
+            peer,
+        };
+        let out = self.run(&req, input).await?;
+        Ok(Response::new(v1::SignBatchResponse {
+            signatures: out.signatures,
+            algorithm: out.algorithm.to_string(),
+            key_id: out.key_id,
+            public_key_der: out.public_key_der,
+            certificate_chain: out.certificate_chain,
+            audit_id: out.audit_id,
+            signed_at: Some(ts(out.signed_at)),
+        }))
+    }
+}
+
+// === Verification ===
+
+/// Public verification material (enroll port).
+#[derive(Debug, Clone)]
+pub struct VerificationApi(pub Arc<SiteState>);
+
+#[tonic::async_trait]
+impl v1::verification_server::Verification for VerificationApi {
+    async fn get_verification_material(
+        &self,
+        req: Request<v1::GetVerificationMaterialRequest>,
+    ) -> Result<Response<v1::GetVerificationMaterialResponse>, Status> {
+        let r = req.into_inner();
+        let versions = self.0.keys.versions(&r.environment, &r.key_alias).ok_or_else(|| {
+            Status::not_found(format!("key: no key `{}` in environment `{}`", r.key_alias, r.environment))
+        })?;
+        let last = versions.len().saturating_sub(1);
+        let keys = versions
+            .iter()
+            .enumerate()
+            .map(|(i, k)| v1::VerificationKey {
+                key_id: k.record.key_id(),
+                algorithm: k.record.algorithm.as_str().to_string(),
+                public_key_der: k.record.public_key_der.clone(),
+                certificate_chain: k.record.certificate_chain.clone(),
+                created_at: Some(ts(k.record.created_at)),
+                active: i == last,
+            })
+            .collect();
+        Ok(Response::new(v1::GetVerificationMaterialResponse {
+            environment: r.environment,
+            region: self.0.config.region.clone(),
+            keys,
+        }))
+    }
+}
+
+// === routers ===
+
+/// The three ports' routers.
+pub struct Routers {
+    /// Enrollment + Verification + reflection.
+    pub enroll: Router,
+    /// Signer + reflection.
+    pub sign: Router,
+    /// Reflection (admin services arrive with the ops issue).
+    pub admin: Router,
+}
+
+fn reflection() -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<impl tonic_reflection::server::v1alpha::ServerReflection>,
+    ),
+    String,
+> {
+    let b = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(meshsign_proto::FILE_DESCRIPTOR_SET)
+    };
+    Ok((b().build_v1().map_err(|e| e.to_string())?, b().build_v1alpha().map_err(|e| e.to_string())?))
+}
+
+/// Builds the routers for a site.
+pub fn routers(state: Arc<SiteState>) -> Result<Routers, String> {
+    let server = || Server::builder().tcp_nodelay(true).http2_keepalive_interval(Some(std::time::Duration::from_secs(30)));
+    let (r1, r1a) = reflection()?;
+    let enroll = server()
+        .add_service(EnrollmentServer::new(EnrollmentApi(state.clone())))
+        .add_service(VerificationServer::new(VerificationApi(state.clone())))
+        .add_service(r1)
+        .add_service(r1a);
+    let (r2, r2a) = reflection()?;
+    let sign = server().add_service(SignerServer::new(SignerApi(state.clone()))).add_service(r2).add_service(r2a);
+    let (r3, r3a) = reflection()?;
+    let admin = server().add_service(r3).add_service(r3a);
+    Ok(Routers { enroll, sign, admin })
+}

@@ -1,0 +1,164 @@
+//! `meshsignd`: the meshsign site daemon.
+//!
+//! - `meshsignd dev [--data-dir DIR]`: a complete dev site on loopback, created once, reused after.
+//! - `meshsignd check --config FILE`: validate a site config and exit.
+//! - `meshsignd serve --config FILE`: run a site.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use meshsign_server::clock::SystemClock;
+use meshsign_server::config::SiteConfig;
+use meshsign_server::site::{self, SiteState};
+use meshsign_server::{dev, sign::Kek};
+
+#[derive(Parser)]
+#[command(name = "meshsignd", version, about = "meshsign site: OIDC enrollment, runner CA, signing, audit")]
+struct Cli {
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a dev site on loopback (dev PKI, dev OIDC issuer, KEK: made once, then reused).
+    Dev {
+        /// Folder for everything dev mode makes.
+        #[arg(long, default_value = "meshsign-dev")]
+        data_dir: PathBuf,
+        /// Enroll port (0 picks a free one).
+        #[arg(long, default_value_t = 7441)]
+        enroll_port: u16,
+        /// Sign port (0 picks a free one).
+        #[arg(long, default_value_t = 7443)]
+        sign_port: u16,
+        /// Admin port (0 picks a free one).
+        #[arg(long, default_value_t = 7444)]
+        admin_port: u16,
+    },
+    /// Validate a site config (including JWKS files and the KEK file) without serving.
+    Check {
+        /// Site config (TOML).
+        #[arg(long, env = "MESHSIGN_SITE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Run a site.
+    Serve {
+        /// Site config (TOML).
+        #[arg(long, env = "MESHSIGN_SITE_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logs(cli.log_format);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("meshsignd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meshsignd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> Result<(), String> {
+    match command {
+        Command::Check { config } => {
+            let cfg = SiteConfig::load(&config).map_err(|e| format!("{}: {e}", config.display()))?;
+            Kek::load(&cfg.kek_file, cfg.dev).map_err(|e| e.to_string())?;
+            println!(
+                "{}: ok (region {}, partitions: {})",
+                config.display(),
+                cfg.region,
+                cfg.partitions.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
+            );
+            Ok(())
+        }
+        Command::Serve { config } => {
+            let cfg = SiteConfig::load(&config).map_err(|e| format!("{}: {e}", config.display()))?;
+            let handle = start(cfg).await?;
+            wait_for_signal().await;
+            handle.shutdown().await;
+            Ok(())
+        }
+        Command::Dev { data_dir, enroll_port, sign_port, admin_port } => {
+            let site_toml = dev::prepare(&data_dir).map_err(|e| e.to_string())?;
+            let mut cfg = SiteConfig::load(&site_toml).map_err(|e| format!("{}: {e}", site_toml.display()))?;
+            let lo = std::net::Ipv4Addr::LOCALHOST;
+            cfg.listen.enroll = (lo, enroll_port).into();
+            cfg.listen.sign = (lo, sign_port).into();
+            cfg.listen.admin = (lo, admin_port).into();
+            let handle = start(cfg).await?;
+            let client = dev::write_client_toml(&data_dir, handle.enroll_addr, handle.sign_addr, handle.admin_addr)
+                .map_err(|e| e.to_string())?;
+            let client = std::fs::canonicalize(&client).unwrap_or(client);
+            println!(
+                "\nmeshsign DEV site is up on loopback (region {}, environments {}).\n\
+                 DEV MODE: the KEK, dev PKI and dev OIDC issuer key are plain files in {} — never do this in production.\n\n\
+                 Next, in a second terminal:\n  \
+                 echo hello > hello.txt\n  \
+                 cargo run --release --bin meshsign -- --config {c} sign --environment staging --key release hello.txt\n  \
+                 cargo run --release --bin meshsign -- --config {c} verify hello.txt\n",
+                dev::REGION,
+                dev::ENVIRONMENTS.join(", "),
+                data_dir.display(),
+                c = client.display(),
+            );
+            wait_for_signal().await;
+            handle.shutdown().await;
+            Ok(())
+        }
+    }
+}
+
+async fn start(cfg: SiteConfig) -> Result<site::SiteHandle, String> {
+    let state = tokio::task::spawn_blocking(move || SiteState::open(cfg, Arc::new(SystemClock)))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    site::start(Arc::new(state)).await.map_err(|e| e.to_string())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

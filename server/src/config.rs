@@ -1,0 +1,482 @@
+//! Site configuration: a TOML file parsed once into a validated [`SiteConfig`].
+//!
+//! Every refusal names the field path (`partitions[1].audience`, ...). Unknown keys are refused.
+//! Relative paths are taken from the config file's folder. See `deploy/site.example.toml`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::jwt::Jwks;
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The TOML does not match the schema (unknown key, wrong type, missing field).
+    #[error("{field}: {message}")]
+    Schema {
+        /// Field path, e.g. `partitions[0].signing_keys[1].algorithm`.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value is well-typed but not acceptable.
+    #[error("{field}: {message}")]
+    Invalid {
+        /// Field path.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field: field.into(), message: message.into() }
+}
+
+// === raw schema ===
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSite {
+    trust_domain: String,
+    region: String,
+    data_dir: PathBuf,
+    kek_file: PathBuf,
+    #[serde(default)]
+    dev: bool,
+    listen: RawListen,
+    tls: RawTls,
+    partitions: Vec<RawPartition>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListen {
+    enroll: SocketAddr,
+    sign: SocketAddr,
+    admin: SocketAddr,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    admin_ca: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPartition {
+    name: String,
+    audience: String,
+    build_p95_seconds: u64,
+    max_ttl_seconds: Option<u64>,
+    #[serde(default = "default_token_age")]
+    max_token_age_seconds: u64,
+    #[serde(default)]
+    signing_keys: Vec<RawKey>,
+    #[serde(default)]
+    trust_policies: Vec<RawPolicy>,
+}
+
+fn default_token_age() -> u64 {
+    900
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey {
+    alias: String,
+    algorithm: String,
+    access: RawAccess,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccess {
+    repositories: Vec<String>,
+    refs: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    name: String,
+    issuer: String,
+    jwks_file: PathBuf,
+    #[serde(default = "yes")]
+    enabled: bool,
+    #[serde(default)]
+    bound_claims: BTreeMap<String, String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+// === validated types ===
+
+/// A validated site configuration.
+#[derive(Clone, Debug)]
+pub struct SiteConfig {
+    /// SPIFFE trust domain of this site's identities.
+    pub trust_domain: String,
+    /// This site's region; runners must name it.
+    pub region: String,
+    /// sled database folder.
+    pub data_dir: PathBuf,
+    /// File holding the key-encryption key (32 bytes, raw or hex).
+    pub kek_file: PathBuf,
+    /// Dev mode: http issuers and a loosely-permissioned KEK file are tolerated.
+    pub dev: bool,
+    /// Listen addresses.
+    pub listen: Listen,
+    /// Server TLS material.
+    pub tls: TlsFiles,
+    /// Partitions (environments), in file order.
+    pub partitions: Vec<Partition>,
+}
+
+/// Listen addresses of the three ports.
+#[derive(Clone, Copy, Debug)]
+pub struct Listen {
+    /// Enrollment and public verification material (server-auth TLS).
+    pub enroll: SocketAddr,
+    /// Signing (mutual TLS with runner certificates).
+    pub sign: SocketAddr,
+    /// Administration (mutual TLS with the admin CA).
+    pub admin: SocketAddr,
+}
+
+/// Paths of the server's TLS material.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    /// Server certificate chain, PEM.
+    pub server_cert: PathBuf,
+    /// Server private key, PEM.
+    pub server_key: PathBuf,
+    /// Admin CA certificate(s), PEM.
+    pub admin_ca: PathBuf,
+}
+
+/// One environment of the site.
+#[derive(Clone, Debug)]
+pub struct Partition {
+    /// e.g. `production`.
+    pub name: String,
+    /// OIDC audience this partition accepts; unique in the site.
+    pub audience: String,
+    /// 95th percentile build duration, which bounds certificate lifetimes.
+    pub build_p95_seconds: u64,
+    /// Longest certificate lifetime granted (at most [`Partition::ttl_cap`]).
+    pub max_ttl_seconds: u64,
+    /// Oldest token (by `iat`) accepted.
+    pub max_token_age_seconds: u64,
+    /// Signing keys, by alias.
+    pub signing_keys: Vec<KeySpec>,
+    /// Trusted OIDC issuers.
+    pub trust_policies: Vec<TrustPolicy>,
+}
+
+impl Partition {
+    /// 1.5 × build_p95 + 10 minutes (DESIGN.md "Runner certificate profile").
+    pub fn ttl_cap(build_p95_seconds: u64) -> u64 {
+        build_p95_seconds.saturating_mul(3) / 2 + 600
+    }
+
+    /// The signing key spec with this alias.
+    pub fn key(&self, alias: &str) -> Option<&KeySpec> {
+        self.signing_keys.iter().find(|k| k.alias == alias)
+    }
+}
+
+/// Signature algorithms a key can have.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum KeyAlgorithm {
+    /// ECDSA P-256 over SHA-256, DER signature.
+    #[serde(rename = "ecdsa-p256-sha256")]
+    EcdsaP256Sha256,
+}
+
+impl KeyAlgorithm {
+    /// The name used in config, RPCs and audit.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyAlgorithm::EcdsaP256Sha256 => "ecdsa-p256-sha256",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "ecdsa-p256-sha256" => Some(Self::EcdsaP256Sha256),
+            _ => None,
+        }
+    }
+}
+
+/// A configured signing key.
+#[derive(Clone, Debug)]
+pub struct KeySpec {
+    /// Alias inside the partition.
+    pub alias: String,
+    /// Algorithm.
+    pub algorithm: KeyAlgorithm,
+    /// Who may use it.
+    pub access: AccessRule,
+}
+
+/// A caller may use a key if its repository matches one pattern and its ref matches one pattern.
+#[derive(Clone, Debug)]
+pub struct AccessRule {
+    /// Repository patterns (`*` matches any run of characters).
+    pub repositories: Vec<String>,
+    /// Ref patterns.
+    pub refs: Vec<String>,
+}
+
+impl AccessRule {
+    /// Whether a caller with these claims may use the key.
+    pub fn admits(&self, repository: &str, git_ref: &str) -> bool {
+        self.repositories.iter().any(|p| glob_match(p, repository))
+            && self.refs.iter().any(|p| glob_match(p, git_ref))
+    }
+}
+
+/// One trusted OIDC issuer of a partition.
+#[derive(Clone, Debug)]
+pub struct TrustPolicy {
+    /// Name, recorded in certificates and audit.
+    pub name: String,
+    /// Exact issuer URL.
+    pub issuer: String,
+    /// Pinned keys.
+    pub jwks: Jwks,
+    /// Whether new enrollments and sign calls from its certificates are admitted.
+    pub enabled: bool,
+    /// Claims a token must carry: name → pattern.
+    pub bound_claims: BTreeMap<String, String>,
+}
+
+/// Glob match where `*` matches any (possibly empty) run of characters; all else is literal.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == text;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !text.starts_with(first) || text.len() < first.len() + last.len() || !text.ends_with(last) {
+        return false;
+    }
+    let mut rest = &text[first.len()..text.len() - last.len()];
+    for mid in &parts[1..parts.len() - 1] {
+        match rest.find(mid) {
+            Some(i) => rest = &rest[i + mid.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+impl SiteConfig {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Io { path: path.display().to_string(), source })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_toml(&text, base)
+    }
+
+    /// Parses and validates TOML; relative paths are joined to `base`.
+    pub fn from_toml(text: &str, base: &Path) -> Result<Self, ConfigError> {
+        let de = toml::Deserializer::parse(text).map_err(|e| ConfigError::Schema {
+            field: "(toml)".into(),
+            message: e.to_string(),
+        })?;
+        let raw: RawSite = serde_path_to_error::deserialize(de).map_err(|e| ConfigError::Schema {
+            field: e.path().to_string(),
+            message: e.inner().message().to_string(),
+        })?;
+        validate(raw, base)
+    }
+}
+
+fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
+    let abs = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+    if raw.trust_domain.is_empty()
+        || !raw.trust_domain.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+    {
+        return Err(invalid("trust_domain", "must be a lowercase DNS name"));
+    }
+    if !is_name(&raw.region) {
+        return Err(invalid("region", "must be lowercase letters, digits, '-' or '_'"));
+    }
+    let l = &raw.listen;
+    if l.enroll == l.sign || l.sign == l.admin || l.enroll == l.admin && l.enroll.port() != 0 {
+        return Err(invalid("listen", "enroll, sign and admin need distinct addresses"));
+    }
+    if raw.partitions.is_empty() {
+        return Err(invalid("partitions", "at least one partition is required"));
+    }
+    let mut names = HashSet::new();
+    let mut audiences: BTreeMap<String, usize> = BTreeMap::new();
+    let mut partitions = Vec::new();
+    for (i, p) in raw.partitions.into_iter().enumerate() {
+        let at = |f: &str| format!("partitions[{i}].{f}");
+        if !is_name(&p.name) {
+            return Err(invalid(at("name"), "must be lowercase letters, digits, '-' or '_'"));
+        }
+        if !names.insert(p.name.clone()) {
+            return Err(invalid(at("name"), format!("partition `{}` is defined twice", p.name)));
+        }
+        if p.audience.is_empty() {
+            return Err(invalid(at("audience"), "must not be empty"));
+        }
+        if let Some(prev) = audiences.insert(p.audience.clone(), i) {
+            return Err(invalid(
+                at("audience"),
+                format!("`{}` is already the audience of partitions[{prev}]", p.audience),
+            ));
+        }
+        if p.build_p95_seconds == 0 {
+            return Err(invalid(at("build_p95_seconds"), "must be positive"));
+        }
+        let cap = Partition::ttl_cap(p.build_p95_seconds);
+        let max_ttl = p.max_ttl_seconds.unwrap_or(cap);
+        if max_ttl > cap {
+            return Err(invalid(
+                at("max_ttl_seconds"),
+                format!("{max_ttl} exceeds the cap 1.5 × build_p95 + 600 = {cap}"),
+            ));
+        }
+        if max_ttl < 60 {
+            return Err(invalid(at("max_ttl_seconds"), "must be at least 60"));
+        }
+        let mut keys: Vec<KeySpec> = Vec::new();
+        for (k, key) in p.signing_keys.into_iter().enumerate() {
+            let kat = |f: &str| at(&format!("signing_keys[{k}].{f}"));
+            if !is_name(&key.alias) {
+                return Err(invalid(kat("alias"), "must be lowercase letters, digits, '-' or '_'"));
+            }
+            if keys.iter().any(|x| x.alias == key.alias) {
+                return Err(invalid(kat("alias"), format!("`{}` is defined twice", key.alias)));
+            }
+            let algorithm = KeyAlgorithm::parse(&key.algorithm).ok_or_else(|| {
+                invalid(kat("algorithm"), format!("unsupported `{}` (supported: ecdsa-p256-sha256)", key.algorithm))
+            })?;
+            if key.access.repositories.is_empty() || key.access.repositories.iter().any(String::is_empty) {
+                return Err(invalid(kat("access.repositories"), "list the repositories (\"*\" for any)"));
+            }
+            if key.access.refs.is_empty() || key.access.refs.iter().any(String::is_empty) {
+                return Err(invalid(kat("access.refs"), "list the refs (\"*\" for any)"));
+            }
+            keys.push(KeySpec {
+                alias: key.alias,
+                algorithm,
+                access: AccessRule { repositories: key.access.repositories, refs: key.access.refs },
+            });
+        }
+        let mut policies: Vec<TrustPolicy> = Vec::new();
+        for (t, pol) in p.trust_policies.into_iter().enumerate() {
+            let tat = |f: &str| at(&format!("trust_policies[{t}].{f}"));
+            if !is_name(&pol.name) {
+                return Err(invalid(tat("name"), "must be lowercase letters, digits, '-' or '_'"));
+            }
+            if policies.iter().any(|x| x.name == pol.name) {
+                return Err(invalid(tat("name"), format!("`{}` is defined twice", pol.name)));
+            }
+            if policies.iter().any(|x| x.issuer == pol.issuer) {
+                return Err(invalid(tat("issuer"), "another policy of this partition has this issuer"));
+            }
+            if pol.issuer.contains('*') {
+                return Err(invalid(tat("issuer"), "wildcards are not allowed; name the exact issuer URL"));
+            }
+            let https = pol.issuer.starts_with("https://") && pol.issuer.len() > "https://".len();
+            let http_dev = raw.dev && pol.issuer.starts_with("http://");
+            if !https && !http_dev {
+                return Err(invalid(tat("issuer"), "must be an https:// URL"));
+            }
+            let jwks_path = abs(pol.jwks_file);
+            let bytes = std::fs::read(&jwks_path)
+                .map_err(|e| invalid(tat("jwks_file"), format!("{}: {e}", jwks_path.display())))?;
+            let jwks = Jwks::parse(&bytes)
+                .map_err(|e| invalid(tat("jwks_file"), format!("{}: {e}", jwks_path.display())))?;
+            for (claim, pattern) in &pol.bound_claims {
+                if pattern.is_empty() {
+                    return Err(invalid(tat(&format!("bound_claims.{claim}")), "must not be empty"));
+                }
+            }
+            policies.push(TrustPolicy {
+                name: pol.name,
+                issuer: pol.issuer,
+                jwks,
+                enabled: pol.enabled,
+                bound_claims: pol.bound_claims,
+            });
+        }
+        partitions.push(Partition {
+            name: p.name,
+            audience: p.audience,
+            build_p95_seconds: p.build_p95_seconds,
+            max_ttl_seconds: max_ttl,
+            max_token_age_seconds: p.max_token_age_seconds,
+            signing_keys: keys,
+            trust_policies: policies,
+        });
+    }
+    Ok(SiteConfig {
+        trust_domain: raw.trust_domain,
+        region: raw.region,
+        data_dir: abs(raw.data_dir),
+        kek_file: abs(raw.kek_file),
+        dev: raw.dev,
+        listen: Listen { enroll: l.enroll, sign: l.sign, admin: l.admin },
+        tls: TlsFiles {
+            server_cert: abs(raw.tls.server_cert),
+            server_key: abs(raw.tls.server_key),
+            admin_ca: abs(raw.tls.admin_ca),
+        },
+        partitions,
+    })
+}
+
+impl SiteConfig {
+    /// The partition with this name.
+    pub fn partition(&self, name: &str) -> Option<&Partition> {
+        self.partitions.iter().find(|p| p.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob() {
+        assert!(glob_match("acme/*", "acme/app"));
+        assert!(glob_match("*", ""));
+        assert!(glob_match("refs/tags/v*", "refs/tags/v1.2"));
+        assert!(glob_match("a*b*c", "axxbyyc"));
+        assert!(!glob_match("a*b*c", "axxcyyb"));
+        assert!(!glob_match("acme/*", "acme2/app"));
+        assert!(!glob_match("refs/heads/main", "refs/heads/main2"));
+        assert!(!glob_match("ab*ba", "aba"));
+    }
+}

@@ -1,0 +1,153 @@
+//! Dev mode: `meshsignd dev` makes (once) and reuses a folder holding a dev PKI, a dev OIDC
+//! issuer, a KEK and a site config, then serves on loopback and writes `client.toml`.
+//!
+//! Layout of the folder:
+//! ```text
+//! site.toml     the site config (dev = true), a starting point for a real one
+//! client.toml   endpoints, CA bundle, dev issuer, admin identity (rewritten at each start)
+//! kek           the key-encryption key (dev only: a real site reads it from a credential)
+//! pki/          server CA + certificate, admin CA + client certificate, dev OIDC key + JWKS
+//! data/         the sled database (keys in it are encrypted under the KEK)
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use meshsign_certs_dev::{DevPki, JwtAlg, OidcIssuer, files};
+
+use crate::sign::Kek;
+
+/// Trust domain of dev sites.
+pub const TRUST_DOMAIN: &str = "meshsign.dev";
+/// Region of dev sites.
+pub const REGION: &str = "local";
+/// Issuer URL of the dev OIDC issuer.
+pub const DEV_ISSUER: &str = "https://oidc.meshsign.dev";
+/// `kid` of the dev OIDC issuer key.
+pub const DEV_KID: &str = "dev-1";
+/// Partitions of a dev site.
+pub const ENVIRONMENTS: [&str; 2] = ["staging", "production"];
+
+/// Dev setup failures.
+#[derive(Debug, thiserror::Error)]
+pub enum DevSetupError {
+    /// Generating dev material failed.
+    #[error(transparent)]
+    Dev(#[from] meshsign_certs_dev::DevError),
+    /// The KEK could not be written.
+    #[error(transparent)]
+    Custody(#[from] crate::sign::CustodyError),
+    /// A file or folder could not be written.
+    #[error("{path}: {source}")]
+    Io {
+        /// Path.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DevSetupError + '_ {
+    move |source| DevSetupError::Io { path: path.display().to_string(), source }
+}
+
+/// The audience of a dev partition.
+pub fn audience(environment: &str) -> String {
+    format!("meshsign:{environment}:{REGION}")
+}
+
+/// Creates the dev folder on first use; returns the path of its `site.toml`.
+pub fn prepare(dir: &Path) -> Result<PathBuf, DevSetupError> {
+    let site_toml = dir.join("site.toml");
+    if site_toml.exists() {
+        return Ok(site_toml);
+    }
+    let pki = dir.join("pki");
+    std::fs::create_dir_all(&pki).map_err(io(&pki))?;
+    DevPki::generate(TRUST_DOMAIN)?.write_to(&pki)?;
+    OidcIssuer::generate(DEV_ISSUER, DEV_KID, JwtAlg::Es256)?.write_to(&pki)?;
+    Kek::generate_file(&dir.join("kek"))?;
+    let mut toml = format!(
+        r#"# Written by `meshsignd dev`. A real site: see deploy/site.example.toml.
+trust_domain = "{TRUST_DOMAIN}"
+region = "{REGION}"
+data_dir = "data"
+kek_file = "kek"
+# Dev mode tolerates a loosely-permissioned KEK file and http:// issuers. Never in production.
+dev = true
+
+[listen]
+enroll = "127.0.0.1:7441"
+sign = "127.0.0.1:7443"
+admin = "127.0.0.1:7444"
+
+[tls]
+server_cert = "pki/{}"
+server_key = "pki/{}"
+admin_ca = "pki/{}"
+"#,
+        files::SERVER_CERT,
+        files::SERVER_KEY,
+        files::ADMIN_CA
+    );
+    for env in ENVIRONMENTS {
+        toml.push_str(&format!(
+            r#"
+[[partitions]]
+name = "{env}"
+audience = "{aud}"
+build_p95_seconds = 1200
+
+[[partitions.signing_keys]]
+alias = "release"
+algorithm = "ecdsa-p256-sha256"
+access = {{ repositories = ["*"], refs = ["*"] }}
+
+[[partitions.trust_policies]]
+name = "dev"
+issuer = "{DEV_ISSUER}"
+jwks_file = "pki/{jwks}"
+bound_claims = {{ environment = "{env}" }}
+"#,
+            aud = audience(env),
+            jwks = files::OIDC_JWKS,
+        ));
+    }
+    meshsign_certs_dev::write_file(&site_toml, toml.as_bytes(), false)?;
+    Ok(site_toml)
+}
+
+/// Writes `client.toml` for the addresses actually bound.
+pub fn write_client_toml(dir: &Path, enroll: SocketAddr, sign: SocketAddr, admin: SocketAddr) -> Result<PathBuf, DevSetupError> {
+    let mut toml = format!(
+        r#"# Written by `meshsignd dev` at each start. Use: meshsign --config {path} ...
+region = "{REGION}"
+trust_domain = "{TRUST_DOMAIN}"
+server_name = "localhost"
+ca_file = "pki/{ca}"
+enroll_endpoint = "{enroll}"
+sign_endpoint = "{sign}"
+admin_endpoint = "{admin}"
+
+[dev_issuer]
+issuer = "{DEV_ISSUER}"
+kid = "{DEV_KID}"
+key_file = "pki/{oidc}"
+
+[admin]
+cert_file = "pki/{acert}"
+key_file = "pki/{akey}"
+"#,
+        path = dir.join("client.toml").display(),
+        ca = files::SERVER_CA,
+        oidc = files::OIDC_KEY,
+        acert = files::ADMIN_CERT,
+        akey = files::ADMIN_KEY,
+    );
+    for env in ENVIRONMENTS {
+        toml.push_str(&format!("\n[environments.{env}]\naudience = \"{}\"\n", audience(env)));
+    }
+    let path = dir.join("client.toml");
+    meshsign_certs_dev::write_file(&path, toml.as_bytes(), false)?;
+    Ok(path)
+}

@@ -1,0 +1,380 @@
+//! Runner CAs: one active issuer per partition that mints runner certificates.
+//!
+//! Certificates are built from policy only (DESIGN.md "Runner certificate profile"); nothing the
+//! CSR asks for is copied. Every issued certificate is re-parsed and checked before it leaves.
+//!
+//! The claims extension's OID is a `2.25.<UUID>` arc, which needs 128 bits; rcgen only writes
+//! OID arcs that fit a u64. So the certificate is built with a same-length placeholder OID and
+//! the signer swaps the real OID into the to-be-signed bytes before signing; the same swap is then
+//! made in the output. Both are checked to occur exactly once, and the result is verified.
+
+use std::sync::Arc;
+
+use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1, UnparsedPublicKey};
+use meshsign_proto::identity::{JobClaims, OidArc, RunnerId, claims_extension_oid_der, oid_der};
+use rcgen::{
+    BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+    IsCa, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber, SigningKey,
+};
+use serde::{Deserialize, Serialize};
+use x509_parser::prelude::*;
+use zeroize::Zeroizing;
+
+use crate::sign::{CustodyError, Kek, Wrapped};
+use crate::store::{Store, StoreError, Tree, hex_bytes};
+
+/// Issuance failures (all internal: inputs were checked before).
+#[derive(Debug, thiserror::Error)]
+pub enum IssueError {
+    /// rcgen refused the parameters.
+    #[error("certificate build: {0}")]
+    Build(#[from] rcgen::Error),
+    /// The issued certificate failed its own post-issuance check.
+    #[error("issued certificate failed self-check: {0}")]
+    SelfCheck(String),
+    /// Key custody failed.
+    #[error(transparent)]
+    Custody(#[from] CustodyError),
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Lifecycle state of a runner CA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IssuerState {
+    /// Trusted by the sign port, not yet issuing.
+    Staged,
+    /// Issues new certificates; exactly one per partition.
+    Active,
+    /// Trusted until its last certificate expires; no longer issues.
+    Retiring,
+    /// No longer trusted (all its certificates have expired).
+    Retired,
+    /// Distrusted at once.
+    Revoked,
+}
+
+/// A stored runner CA.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct IssuerRecord {
+    /// Short random id (hex).
+    pub id: String,
+    /// Partition.
+    pub partition: String,
+    /// State.
+    pub state: IssuerState,
+    /// CA certificate, DER.
+    #[serde(with = "hex_bytes")]
+    pub cert_der: Vec<u8>,
+    /// Creation time, unix seconds.
+    pub created_at: i64,
+    /// Private key under the KEK.
+    pub wrapped: Wrapped,
+}
+
+fn issuer_aad(partition: &str, id: &str) -> String {
+    format!("meshsign/issuer/v1\0{partition}\0{id}")
+}
+
+/// A runner CA ready to issue.
+pub struct RunnerCa {
+    /// Stored record.
+    pub record: IssuerRecord,
+    key: Zeroizing<KeyPair>,
+}
+
+impl std::fmt::Debug for RunnerCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunnerCa")
+            .field("id", &self.record.id)
+            .field("partition", &self.record.partition)
+            .field("key", &"[redacted]")
+            .finish()
+    }
+}
+
+/// What a runner certificate is made of; all from policy and verified claims.
+#[derive(Clone, Debug)]
+pub struct CertRequest {
+    /// SPIFFE ID.
+    pub id: RunnerId,
+    /// Job claims for the extension.
+    pub claims: JobClaims,
+    /// Subject public key (SPKI DER), taken from the verified CSR.
+    pub public_key_spki: Vec<u8>,
+    /// Unix seconds of issuance.
+    pub now_unix: i64,
+    /// Granted lifetime.
+    pub ttl_seconds: u64,
+}
+
+/// An issued runner certificate.
+#[derive(Clone, Debug)]
+pub struct IssuedCert {
+    /// Leaf DER.
+    pub der: Vec<u8>,
+    /// Serial, lowercase hex.
+    pub serial_hex: String,
+    /// not_before, unix seconds.
+    pub not_before: i64,
+    /// not_after, unix seconds.
+    pub not_after: i64,
+}
+
+/// Placeholder OID (`2.25.<u64>.<u64>`) with the same DER length as the claims OID.
+fn placeholder_oid() -> (Vec<u64>, Vec<u8>) {
+    let arcs = [2u64, 25, 0xFEED_FACE_CAFE_BEEF, 0x5EED_FACE_CAFE_F00D];
+    let der = oid_der(&[OidArc::Small(105), OidArc::Small(arcs[2]), OidArc::Small(arcs[3])]);
+    (arcs.to_vec(), der)
+}
+
+fn replace_once(haystack: &[u8], from: &[u8], to: &[u8]) -> Option<Vec<u8>> {
+    let mut hits = haystack.windows(from.len()).enumerate().filter(|(_, w)| *w == from).map(|(i, _)| i);
+    let at = hits.next()?;
+    if hits.next().is_some() || from.len() != to.len() {
+        return None;
+    }
+    let mut out = haystack.to_vec();
+    out[at..at + to.len()].copy_from_slice(to);
+    Some(out)
+}
+
+/// Signs the to-be-signed bytes after swapping the placeholder OID for the real one.
+struct OidSwappingSigner<'a> {
+    inner: &'a KeyPair,
+    from: &'a [u8],
+    to: &'a [u8],
+}
+
+impl PublicKeyData for OidSwappingSigner<'_> {
+    fn der_bytes(&self) -> &[u8] {
+        self.inner.der_bytes()
+    }
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        PublicKeyData::algorithm(self.inner)
+    }
+}
+
+impl SigningKey for OidSwappingSigner<'_> {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        let patched = replace_once(msg, self.from, self.to).ok_or(rcgen::Error::RemoteKeyError)?;
+        self.inner.sign(&patched)
+    }
+}
+
+/// The CSR's public key, handed to rcgen.
+struct CsrKey(Vec<u8>);
+
+impl PublicKeyData for CsrKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.0
+    }
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
+impl RunnerCa {
+    /// Creates a new runner CA for `partition` in `state`, stores it wrapped under the KEK.
+    pub fn create(
+        store: &Store,
+        kek: &Kek,
+        trust_domain: &str,
+        region: &str,
+        partition: &str,
+        state: IssuerState,
+        now_unix: i64,
+    ) -> Result<Self, IssueError> {
+        let id = meshsign_certs_dev::random_id()[..16].to_string();
+        let key = Zeroizing::new(KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?);
+        let mut p = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, format!("meshsign {trust_domain}"));
+        dn.push(DnType::CommonName, format!("meshsign runner CA {partition} {region} {id}"));
+        p.distinguished_name = dn;
+        p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        p.not_before = unix_to_time(now_unix - 3600);
+        p.not_after = unix_to_time(now_unix + 2 * 365 * 86400);
+        p.serial_number = Some(SerialNumber::from_slice(&random_serial()?));
+        let cert = p.self_signed(&*key)?;
+        let pkcs8 = Zeroizing::new(key.serialize_der());
+        let (nonce, ciphertext) = kek.wrap(&issuer_aad(partition, &id), &pkcs8)?;
+        let record = IssuerRecord {
+            id,
+            partition: partition.to_string(),
+            state,
+            cert_der: cert.der().to_vec(),
+            created_at: now_unix,
+            wrapped: Wrapped { nonce, ciphertext },
+        };
+        store.put(Tree::Issuers, format!("{partition}/{}", record.id).as_bytes(), &record)?;
+        store.flush()?;
+        Ok(Self { record, key })
+    }
+
+    /// Decrypts a stored runner CA.
+    pub fn load(record: IssuerRecord, kek: &Kek) -> Result<Self, IssueError> {
+        let pkcs8 = kek.unwrap(
+            &issuer_aad(&record.partition, &record.id),
+            &record.wrapped.nonce,
+            &record.wrapped.ciphertext,
+        )?;
+        let key = Zeroizing::new(KeyPair::try_from(pkcs8.as_slice())?);
+        Ok(Self { record, key })
+    }
+
+    /// Every stored runner CA of a partition.
+    pub fn records(store: &Store, partition: &str) -> Result<Vec<IssuerRecord>, StoreError> {
+        store.scan(Tree::Issuers, format!("{partition}/").as_bytes())
+    }
+
+    /// Issues a runner certificate from policy, then re-parses and checks it.
+    pub fn issue(&self, req: &CertRequest) -> Result<IssuedCert, IssueError> {
+        let serial = random_serial()?;
+        let not_before = req.now_unix - 60;
+        let not_after = req.now_unix + req.ttl_seconds as i64;
+        let uri = req.id.to_uri();
+
+        let mut p = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("runner {}", &req.id.fingerprint[..16.min(req.id.fingerprint.len())]));
+        p.distinguished_name = dn;
+        p.subject_alt_names = vec![SanType::URI(uri.clone().try_into()?)];
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        p.use_authority_key_identifier_extension = true;
+        p.not_before = unix_to_time(not_before);
+        p.not_after = unix_to_time(not_after);
+        p.serial_number = Some(SerialNumber::from_slice(&serial));
+        let (placeholder_arcs, placeholder_der) = placeholder_oid();
+        let real_der = claims_extension_oid_der();
+        p.custom_extensions = vec![CustomExtension::from_oid_content(&placeholder_arcs, req.claims.to_extension_value())];
+
+        let signer = OidSwappingSigner { inner: &self.key, from: &placeholder_der, to: &real_der };
+        let issuer = rcgen::Issuer::from_ca_cert_der(&self.record.cert_der.as_slice().into(), &signer)?;
+        let cert = p.signed_by(&CsrKey(spki_key_bytes(&req.public_key_spki)?), &issuer)?;
+        let der = replace_once(cert.der(), &placeholder_der, &real_der)
+            .ok_or_else(|| IssueError::SelfCheck("placeholder OID not found exactly once".into()))?;
+        self.check_issued(&der, req, &serial, not_before, not_after)?;
+        Ok(IssuedCert { der, serial_hex: hex::encode(serial), not_before, not_after })
+    }
+
+    /// SPIRE-style self-check of what was just signed.
+    fn check_issued(
+        &self,
+        der: &[u8],
+        req: &CertRequest,
+        serial: &[u8],
+        not_before: i64,
+        not_after: i64,
+    ) -> Result<(), IssueError> {
+        let bad = |m: &str| IssueError::SelfCheck(m.to_string());
+        let (rest, cert) = X509Certificate::from_der(der).map_err(|e| IssueError::SelfCheck(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(bad("trailing bytes"));
+        }
+        let (_, ca) = X509Certificate::from_der(&self.record.cert_der).map_err(|e| IssueError::SelfCheck(e.to_string()))?;
+        let ca_key = UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, ca.public_key().subject_public_key.data.as_ref());
+        ca_key
+            .verify(cert.tbs_certificate.as_ref(), cert.signature_value.data.as_ref())
+            .map_err(|_| bad("signature does not verify under the CA"))?;
+        if cert.raw_serial() != serial {
+            return Err(bad("serial"));
+        }
+        if cert.validity().not_before.timestamp() != not_before || cert.validity().not_after.timestamp() != not_after {
+            return Err(bad("validity"));
+        }
+        if cert.public_key().raw != req.public_key_spki.as_slice() {
+            return Err(bad("subject key differs from the CSR's"));
+        }
+        let sans = cert
+            .subject_alternative_name()
+            .map_err(|_| bad("SAN"))?
+            .map(|s| s.value.general_names.clone())
+            .unwrap_or_default();
+        match sans.as_slice() {
+            [GeneralName::URI(u)] if *u == req.id.to_uri() => {}
+            _ => return Err(bad("SAN must be exactly the runner's SPIFFE URI")),
+        }
+        match cert.basic_constraints() {
+            Ok(Some(bc)) if !bc.value.ca => {}
+            _ => return Err(bad("CA:false")),
+        }
+        match cert.extended_key_usage() {
+            Ok(Some(eku)) if eku.value.client_auth && !eku.value.server_auth && !eku.value.any => {}
+            _ => return Err(bad("EKU clientAuth only")),
+        }
+        let claims_oid = claims_extension_oid_der();
+        let ext = cert
+            .extensions()
+            .iter()
+            .find(|e| e.oid.as_bytes() == &claims_oid[2..])
+            .ok_or_else(|| bad("claims extension missing"))?;
+        if ext.critical || JobClaims::from_extension_value(ext.value).ok().as_ref() != Some(&req.claims) {
+            return Err(bad("claims extension"));
+        }
+        Ok(())
+    }
+}
+
+/// The BIT STRING content of an SPKI (the EC point), which rcgen wants for the subject key.
+fn spki_key_bytes(spki: &[u8]) -> Result<Vec<u8>, IssueError> {
+    let (_, parsed) = SubjectPublicKeyInfo::from_der(spki).map_err(|e| IssueError::SelfCheck(e.to_string()))?;
+    Ok(parsed.subject_public_key.data.to_vec())
+}
+
+/// 128 random bits, high bit cleared so the DER INTEGER is positive and 16 bytes long.
+fn random_serial() -> Result<[u8; 16], CustodyError> {
+    use aws_lc_rs::rand::{SecureRandom as _, SystemRandom};
+    let mut s = [0u8; 16];
+    SystemRandom::new().fill(&mut s).map_err(|_| CustodyError::Crypto("rng"))?;
+    s[0] = (s[0] & 0x7f) | 0x40;
+    Ok(s)
+}
+
+fn unix_to_time(t: i64) -> ::time::OffsetDateTime {
+    ::time::OffsetDateTime::from_unix_timestamp(t).unwrap_or(::time::OffsetDateTime::UNIX_EPOCH)
+}
+
+/// The runner CAs of one partition: the one that issues, and every one the sign port trusts.
+#[derive(Debug)]
+pub struct PartitionIssuers {
+    /// The active issuer.
+    pub active: Arc<RunnerCa>,
+    /// Every trusted CA (staged, active, retiring), DER, the active one first.
+    pub trusted: Vec<Vec<u8>>,
+    /// Ids of the trusted CAs, same order.
+    pub trusted_ids: Vec<String>,
+}
+
+impl PartitionIssuers {
+    /// Loads the partition's issuers, creating an active one if there is none.
+    pub fn load_or_create(
+        store: &Store,
+        kek: &Kek,
+        trust_domain: &str,
+        region: &str,
+        partition: &str,
+        now_unix: i64,
+    ) -> Result<Self, IssueError> {
+        let records = RunnerCa::records(store, partition)?;
+        let active = match records.iter().find(|r| r.state == IssuerState::Active) {
+            Some(r) => RunnerCa::load(r.clone(), kek)?,
+            None => {
+                let ca = RunnerCa::create(store, kek, trust_domain, region, partition, IssuerState::Active, now_unix)?;
+                tracing::info!(partition, issuer = %ca.record.id, "created runner CA");
+                ca
+            }
+        };
+        let others = records
+            .iter()
+            .filter(|r| matches!(r.state, IssuerState::Staged | IssuerState::Retiring) && r.id != active.record.id);
+        let trusted = std::iter::once(active.record.cert_der.clone()).chain(others.clone().map(|r| r.cert_der.clone())).collect();
+        let trusted_ids = std::iter::once(active.record.id.clone()).chain(others.map(|r| r.id.clone())).collect();
+        Ok(Self { active: Arc::new(active), trusted, trusted_ids })
+    }
+}

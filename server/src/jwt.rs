@@ -1,0 +1,207 @@
+//! JWT decoding and verification against pinned JWKS. The site never fetches keys.
+//!
+//! Only RS256 and ES256 are accepted; `none` and HS* never are (an HS* token would let anyone who
+//! knows the public key forge tokens). Verifier keys are parsed once, when the JWKS is loaded.
+
+use aws_lc_rs::signature::{self, RsaPublicKeyComponents, UnparsedPublicKey};
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+/// A public key from a pinned JWKS, ready to verify.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VerifyKey {
+    /// P-256 public key as an uncompressed SEC1 point.
+    Es256 {
+        /// 0x04 || x || y
+        point: Vec<u8>,
+    },
+    /// RSA public key.
+    Rs256 {
+        /// Modulus, big-endian.
+        n: Vec<u8>,
+        /// Public exponent, big-endian.
+        e: Vec<u8>,
+    },
+}
+
+impl VerifyKey {
+    /// The JWT `alg` this key verifies.
+    pub fn alg(&self) -> &'static str {
+        match self {
+            VerifyKey::Es256 { .. } => "ES256",
+            VerifyKey::Rs256 { .. } => "RS256",
+        }
+    }
+
+    /// Verifies a JWS signature over `signing_input`.
+    pub fn verify(&self, signing_input: &[u8], sig: &[u8]) -> bool {
+        match self {
+            VerifyKey::Es256 { point } => {
+                UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, point)
+                    .verify(signing_input, sig)
+                    .is_ok()
+            }
+            VerifyKey::Rs256 { n, e } => RsaPublicKeyComponents { n, e }
+                .verify(&signature::RSA_PKCS1_2048_8192_SHA256, signing_input, sig)
+                .is_ok(),
+        }
+    }
+}
+
+/// One pinned key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Jwk {
+    /// Key ID.
+    pub kid: String,
+    /// The key.
+    pub key: VerifyKey,
+}
+
+/// A pinned JWKS.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Jwks {
+    /// Keys, in file order.
+    pub keys: Vec<Jwk>,
+}
+
+#[derive(Deserialize)]
+struct RawJwks {
+    keys: Vec<RawJwk>,
+}
+
+#[derive(Deserialize)]
+struct RawJwk {
+    kty: String,
+    kid: Option<String>,
+    crv: Option<String>,
+    x: Option<String>,
+    y: Option<String>,
+    n: Option<String>,
+    e: Option<String>,
+    #[serde(rename = "use")]
+    use_: Option<String>,
+}
+
+fn b64(field: &str, v: &Option<String>) -> Result<Vec<u8>, String> {
+    let s = v.as_deref().ok_or_else(|| format!("missing `{field}`"))?;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(s.trim_end_matches('='))
+        .map_err(|_| format!("`{field}` is not base64url"))
+}
+
+impl Jwks {
+    /// Parses a JWKS document. Keys not meant for signatures (`use` other than `sig`) are
+    /// skipped; EC keys must be P-256; every signing key needs a `kid`.
+    pub fn parse(json: &[u8]) -> Result<Self, String> {
+        let raw: RawJwks = serde_json::from_slice(json).map_err(|e| format!("not a JWKS: {e}"))?;
+        let mut keys = Vec::new();
+        for (i, k) in raw.keys.iter().enumerate() {
+            if k.use_.as_deref().is_some_and(|u| u != "sig") {
+                continue;
+            }
+            let kid = k.kid.clone().ok_or_else(|| format!("keys[{i}]: missing `kid`"))?;
+            let key = match k.kty.as_str() {
+                "EC" => {
+                    if k.crv.as_deref() != Some("P-256") {
+                        return Err(format!("keys[{i}]: only P-256 EC keys are accepted"));
+                    }
+                    let (x, y) = (b64("x", &k.x)?, b64("y", &k.y)?);
+                    if x.len() != 32 || y.len() != 32 {
+                        return Err(format!("keys[{i}]: P-256 coordinates must be 32 bytes"));
+                    }
+                    let mut point = vec![0x04];
+                    point.extend(x);
+                    point.extend(y);
+                    VerifyKey::Es256 { point }
+                }
+                "RSA" => {
+                    let (n, e) = (b64("n", &k.n)?, b64("e", &k.e)?);
+                    if n.len() < 256 {
+                        return Err(format!("keys[{i}]: RSA modulus under 2048 bits"));
+                    }
+                    VerifyKey::Rs256 { n, e }
+                }
+                other => return Err(format!("keys[{i}]: unsupported kty `{other}`")),
+            };
+            if keys.iter().any(|j: &Jwk| j.kid == kid) {
+                return Err(format!("keys[{i}]: duplicate kid `{kid}`"));
+            }
+            keys.push(Jwk { kid, key });
+        }
+        if keys.is_empty() {
+            return Err("no signing keys".into());
+        }
+        Ok(Self { keys })
+    }
+
+    /// The key with this `kid`.
+    pub fn find(&self, kid: &str) -> Option<&Jwk> {
+        self.keys.iter().find(|k| k.kid == kid)
+    }
+}
+
+/// A token split into its parts; nothing in it is trusted yet.
+#[derive(Debug)]
+pub struct UnverifiedJwt {
+    /// Header `alg`.
+    pub alg: String,
+    /// Header `kid`, if any.
+    pub kid: Option<String>,
+    /// The claims object.
+    pub claims: Map<String, Value>,
+    signing_input: String,
+    signature: Vec<u8>,
+}
+
+impl UnverifiedJwt {
+    /// Splits a compact JWS. Fails on anything but three base64url parts with JSON objects.
+    pub fn decode(token: &str) -> Result<Self, String> {
+        let mut parts = token.split('.');
+        let (Some(h), Some(c), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err("not a compact JWS (three parts)".into());
+        };
+        let dec = |p: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(p);
+        let header: Map<String, Value> = dec(h)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or("header is not base64url JSON")?;
+        let claims: Map<String, Value> = dec(c)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or("claims are not base64url JSON")?;
+        let signature = dec(s).map_err(|_| "signature is not base64url")?;
+        Ok(Self {
+            alg: header.get("alg").and_then(Value::as_str).unwrap_or_default().to_string(),
+            kid: header.get("kid").and_then(Value::as_str).map(str::to_string),
+            claims,
+            signing_input: format!("{h}.{c}"),
+            signature,
+        })
+    }
+
+    /// Verifies the signature with `key`, which must be of the header's `alg`.
+    pub fn verify(&self, key: &VerifyKey) -> bool {
+        key.alg() == self.alg && key.verify(self.signing_input.as_bytes(), &self.signature)
+    }
+
+    /// A string claim.
+    pub fn str_claim(&self, name: &str) -> Option<&str> {
+        self.claims.get(name).and_then(Value::as_str)
+    }
+
+    /// A numeric date claim (seconds since the epoch).
+    pub fn time_claim(&self, name: &str) -> Option<i64> {
+        self.claims.get(name).and_then(|v| v.as_i64().or_else(|| v.as_f64().map(|f| f as i64)))
+    }
+
+    /// `aud` as a list (a single string or an array of strings).
+    pub fn audiences(&self) -> Vec<&str> {
+        match self.claims.get("aud") {
+            Some(Value::String(s)) => vec![s.as_str()],
+            Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
+            _ => Vec::new(),
+        }
+    }
+}

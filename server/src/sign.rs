@@ -1,0 +1,385 @@
+//! Key custody and signing.
+//!
+//! Private keys live in the store only as AEAD ciphertext (AES-256-GCM) under a key-encryption
+//! key ([`Kek`]) read from a file that is not in the database (e.g. a systemd credential). The
+//! associated data binds each ciphertext to its partition, alias and version, so a record moved to
+//! another slot does not decrypt. Keys are decrypted once at start into aws-lc-rs key objects.
+//!
+//! Signing goes through the [`SigningBackend`] trait; ECDSA P-256 via aws-lc-rs is the first
+//! implementation, an HSM (PKCS#11) can be another. No API here returns private material.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use aws_lc_rs::digest::{Digest, SHA256};
+use aws_lc_rs::encoding::AsDer as _;
+use aws_lc_rs::rand::{SecureRandom as _, SystemRandom};
+use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair as _};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::config::{KeyAlgorithm, SiteConfig};
+use crate::store::{Store, StoreError, Tree, hex_bytes, hex_list};
+
+/// Key custody failures.
+#[derive(Debug, thiserror::Error)]
+pub enum CustodyError {
+    /// The KEK file could not be read.
+    #[error("kek file {path}: {message}")]
+    KekFile {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A wrapped key did not decrypt: wrong KEK, or the record was altered or moved.
+    #[error("key {slot} does not decrypt under this KEK (wrong KEK or altered record)")]
+    Unwrap {
+        /// partition/alias/version
+        slot: String,
+    },
+    /// The crypto library refused an operation.
+    #[error("crypto operation failed: {0}")]
+    Crypto(&'static str),
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+// === impl Kek ===
+
+/// The key-encryption key. 32 bytes, zeroized on drop, never printed.
+pub struct Kek(Zeroizing<[u8; 32]>);
+
+impl std::fmt::Debug for Kek {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Kek([redacted])")
+    }
+}
+
+impl Kek {
+    /// Reads a KEK file: 32 raw bytes, or 64 hex characters (surrounding whitespace ignored).
+    /// Outside dev mode, a file readable or writable by group or others is refused.
+    pub fn load(path: &Path, dev: bool) -> Result<Self, CustodyError> {
+        let err = |m: String| CustodyError::KekFile { path: path.display().to_string(), message: m };
+        let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let mode = meta.permissions().mode() & 0o777;
+            if !dev && mode & 0o077 != 0 {
+                return Err(err(format!(
+                    "mode {mode:o} lets group or others read it; chmod 600 (or 400) it"
+                )));
+            }
+        }
+        let _ = meta;
+        let raw = Zeroizing::new(std::fs::read(path).map_err(|e| err(e.to_string()))?);
+        let mut key = Zeroizing::new([0u8; 32]);
+        let trimmed = raw.trim_ascii();
+        if raw.len() == 32 {
+            key.copy_from_slice(&raw);
+        } else if trimmed.len() == 64 {
+            hex::decode_to_slice(trimmed, &mut key[..]).map_err(|_| err("not 64 hex characters".into()))?;
+        } else {
+            return Err(err("expected 32 raw bytes or 64 hex characters".into()));
+        }
+        Ok(Self(key))
+    }
+
+    /// Writes a new random KEK (hex, mode 0600) to `path`. For dev mode and tests.
+    pub fn generate_file(path: &Path) -> Result<(), CustodyError> {
+        let mut key = Zeroizing::new([0u8; 32]);
+        SystemRandom::new().fill(&mut key[..]).map_err(|_| CustodyError::Crypto("rng"))?;
+        let hexed = Zeroizing::new(hex::encode(&key[..]));
+        meshsign_certs_dev::write_file(path, hexed.as_bytes(), true).map_err(|e| CustodyError::KekFile {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    fn aead(&self) -> Result<LessSafeKey, CustodyError> {
+        Ok(LessSafeKey::new(
+            UnboundKey::new(&AES_256_GCM, &self.0[..]).map_err(|_| CustodyError::Crypto("aead key"))?,
+        ))
+    }
+
+    /// Encrypts `plaintext` with a fresh random nonce; returns (nonce, ciphertext||tag).
+    pub fn wrap(&self, aad: &str, plaintext: &[u8]) -> Result<(Vec<u8>, Vec<u8>), CustodyError> {
+        let mut nonce = [0u8; NONCE_LEN];
+        SystemRandom::new().fill(&mut nonce).map_err(|_| CustodyError::Crypto("rng"))?;
+        let mut buf = plaintext.to_vec();
+        self.aead()?
+            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad.as_bytes()), &mut buf)
+            .map_err(|_| CustodyError::Crypto("seal"))?;
+        Ok((nonce.to_vec(), buf))
+    }
+
+    /// Decrypts what [`Kek::wrap`] produced under the same associated data.
+    pub fn unwrap(&self, aad: &str, nonce: &[u8], ciphertext: &[u8]) -> Result<Zeroizing<Vec<u8>>, CustodyError> {
+        let fail = || CustodyError::Unwrap { slot: aad.replace('\0', "/") };
+        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| fail())?;
+        let mut buf = Zeroizing::new(ciphertext.to_vec());
+        let len = self
+            .aead()?
+            .open_in_place(nonce, Aad::from(aad.as_bytes()), &mut buf)
+            .map_err(|_| fail())?
+            .len();
+        buf.truncate(len);
+        Ok(buf)
+    }
+}
+
+/// A private key encrypted under the KEK, as stored.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Wrapped {
+    /// AES-GCM nonce.
+    #[serde(with = "hex_bytes")]
+    pub nonce: Vec<u8>,
+    /// PKCS#8 ciphertext with tag.
+    #[serde(with = "hex_bytes")]
+    pub ciphertext: Vec<u8>,
+}
+
+impl std::fmt::Debug for Wrapped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Wrapped([ciphertext])")
+    }
+}
+
+/// Associated data of a signing key slot.
+pub fn key_aad(partition: &str, alias: &str, version: u32) -> String {
+    format!("meshsign/key/v1\0{partition}\0{alias}\0{version}")
+}
+
+// === signing ===
+
+/// Signs SHA-256 digests with one private key held by the site.
+pub trait SigningBackend: Send + Sync + 'static {
+    /// The key's algorithm.
+    fn algorithm(&self) -> KeyAlgorithm;
+    /// SubjectPublicKeyInfo, DER.
+    fn public_key_der(&self) -> &[u8];
+    /// Signs a SHA-256 digest; returns the signature in the algorithm's wire form (DER for ECDSA).
+    fn sign_digest(&self, digest: &[u8; 32]) -> Result<Vec<u8>, CustodyError>;
+}
+
+/// ECDSA P-256 in aws-lc-rs (prehash signing).
+pub struct EcdsaP256 {
+    key: EcdsaKeyPair,
+    spki: Vec<u8>,
+}
+
+impl std::fmt::Debug for EcdsaP256 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EcdsaP256([redacted])")
+    }
+}
+
+impl EcdsaP256 {
+    /// Generates a key; returns it with its PKCS#8 (for wrapping).
+    pub fn generate() -> Result<(Self, Zeroizing<Vec<u8>>), CustodyError> {
+        let doc = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &SystemRandom::new())
+            .map_err(|_| CustodyError::Crypto("keygen"))?;
+        let pkcs8 = Zeroizing::new(doc.as_ref().to_vec());
+        Ok((Self::from_pkcs8(&pkcs8)?, pkcs8))
+    }
+
+    /// Loads a PKCS#8 P-256 key.
+    pub fn from_pkcs8(pkcs8: &[u8]) -> Result<Self, CustodyError> {
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8)
+            .map_err(|_| CustodyError::Crypto("not a PKCS#8 P-256 key"))?;
+        let spki = key
+            .public_key()
+            .as_der()
+            .map_err(|_| CustodyError::Crypto("public key encoding"))?
+            .as_ref()
+            .to_vec();
+        Ok(Self { key, spki })
+    }
+}
+
+impl SigningBackend for EcdsaP256 {
+    fn algorithm(&self) -> KeyAlgorithm {
+        KeyAlgorithm::EcdsaP256Sha256
+    }
+
+    fn public_key_der(&self) -> &[u8] {
+        &self.spki
+    }
+
+    fn sign_digest(&self, digest: &[u8; 32]) -> Result<Vec<u8>, CustodyError> {
+        let d = Digest::import_less_safe(digest, &SHA256).map_err(|_| CustodyError::Crypto("digest"))?;
+        let sig = self.key.sign_digest(&d).map_err(|_| CustodyError::Crypto("sign"))?;
+        Ok(sig.as_ref().to_vec())
+    }
+}
+
+// === key records and the key ring ===
+
+/// A stored signing key version.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct KeyRecord {
+    /// Partition.
+    pub partition: String,
+    /// Alias.
+    pub alias: String,
+    /// Version, from 1.
+    pub version: u32,
+    /// Algorithm.
+    pub algorithm: KeyAlgorithm,
+    /// SubjectPublicKeyInfo, DER.
+    #[serde(with = "hex_bytes")]
+    pub public_key_der: Vec<u8>,
+    /// Certificate chain (leaf first), if the key has one.
+    #[serde(with = "hex_list", default)]
+    pub certificate_chain: Vec<Vec<u8>>,
+    /// Creation time, unix seconds.
+    pub created_at: i64,
+    /// The private key under the KEK.
+    pub wrapped: Wrapped,
+}
+
+impl KeyRecord {
+    /// `alias@vN`.
+    pub fn key_id(&self) -> String {
+        format!("{}@v{}", self.alias, self.version)
+    }
+
+    fn store_key(partition: &str, alias: &str, version: u32) -> Vec<u8> {
+        format!("{partition}/{alias}/{version:010}").into_bytes()
+    }
+}
+
+/// A key version ready to sign.
+#[derive(Clone)]
+pub struct LoadedKey {
+    /// Its stored record (public parts are served from here).
+    pub record: Arc<KeyRecord>,
+    /// The signer.
+    pub backend: Arc<dyn SigningBackend>,
+}
+
+impl std::fmt::Debug for LoadedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedKey").field("key_id", &self.record.key_id()).finish_non_exhaustive()
+    }
+}
+
+/// Every signing key of the site, decrypted once at start.
+#[derive(Debug, Default)]
+pub struct KeyRing {
+    /// (partition, alias) → versions, oldest first.
+    keys: BTreeMap<(String, String), Vec<LoadedKey>>,
+}
+
+impl KeyRing {
+    /// Loads the configured keys, creating version 1 of any that does not exist yet.
+    pub fn load_or_create(
+        config: &SiteConfig,
+        store: &Store,
+        kek: &Kek,
+        now_unix: i64,
+    ) -> Result<Self, CustodyError> {
+        let mut ring = Self::default();
+        for p in &config.partitions {
+            for spec in &p.signing_keys {
+                let prefix = format!("{}/{}/", p.name, spec.alias);
+                let mut records: Vec<KeyRecord> = store.scan(Tree::Keys, prefix.as_bytes())?;
+                if records.is_empty() {
+                    records.push(create_key(store, kek, &p.name, &spec.alias, spec.algorithm, 1, now_unix)?);
+                    tracing::info!(partition = %p.name, key_id = %format!("{}@v1", spec.alias), "created signing key");
+                }
+                let mut loaded = Vec::new();
+                for rec in records {
+                    let pkcs8 = kek.unwrap(
+                        &key_aad(&rec.partition, &rec.alias, rec.version),
+                        &rec.wrapped.nonce,
+                        &rec.wrapped.ciphertext,
+                    )?;
+                    let backend: Arc<dyn SigningBackend> = match rec.algorithm {
+                        KeyAlgorithm::EcdsaP256Sha256 => Arc::new(EcdsaP256::from_pkcs8(&pkcs8)?),
+                    };
+                    if backend.public_key_der() != rec.public_key_der.as_slice() {
+                        return Err(CustodyError::Unwrap { slot: rec.key_id() });
+                    }
+                    loaded.push(LoadedKey { record: Arc::new(rec), backend });
+                }
+                ring.keys.insert((p.name.clone(), spec.alias.clone()), loaded);
+            }
+        }
+        Ok(ring)
+    }
+
+    /// The version that signs now (the newest).
+    pub fn active(&self, partition: &str, alias: &str) -> Option<&LoadedKey> {
+        self.keys.get(&(partition.to_string(), alias.to_string()))?.last()
+    }
+
+    /// Every version, oldest first.
+    pub fn versions(&self, partition: &str, alias: &str) -> Option<&[LoadedKey]> {
+        self.keys.get(&(partition.to_string(), alias.to_string())).map(Vec::as_slice)
+    }
+}
+
+/// Generates a key, wraps it under the KEK and stores it; the plaintext never leaves memory.
+pub fn create_key(
+    store: &Store,
+    kek: &Kek,
+    partition: &str,
+    alias: &str,
+    algorithm: KeyAlgorithm,
+    version: u32,
+    now_unix: i64,
+) -> Result<KeyRecord, CustodyError> {
+    let (backend, pkcs8) = match algorithm {
+        KeyAlgorithm::EcdsaP256Sha256 => EcdsaP256::generate()?,
+    };
+    let (nonce, ciphertext) = kek.wrap(&key_aad(partition, alias, version), &pkcs8)?;
+    let record = KeyRecord {
+        partition: partition.to_string(),
+        alias: alias.to_string(),
+        version,
+        algorithm,
+        public_key_der: backend.public_key_der().to_vec(),
+        certificate_chain: Vec::new(),
+        created_at: now_unix,
+        wrapped: Wrapped { nonce, ciphertext },
+    };
+    store.put(Tree::Keys, &KeyRecord::store_key(partition, alias, version), &record)?;
+    store.flush()?;
+    Ok(record)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrap_binds_associated_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kek");
+        Kek::generate_file(&path).unwrap();
+        let kek = Kek::load(&path, false).unwrap();
+        let (n, ct) = kek.wrap(&key_aad("prod", "release", 1), b"secret").unwrap();
+        assert_eq!(&kek.unwrap(&key_aad("prod", "release", 1), &n, &ct).unwrap()[..], b"secret");
+        assert!(kek.unwrap(&key_aad("staging", "release", 1), &n, &ct).is_err());
+        assert!(kek.unwrap(&key_aad("prod", "release", 2), &n, &ct).is_err());
+        assert_eq!(format!("{kek:?}"), "Kek([redacted])");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn kek_readable_by_others_is_refused_outside_dev() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kek");
+        Kek::generate_file(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = Kek::load(&path, false).unwrap_err().to_string();
+        assert!(err.contains("chmod 600"), "{err}");
+        assert!(Kek::load(&path, true).is_ok());
+    }
+}

@@ -1,0 +1,236 @@
+//! Persistent state behind a small trait of ours ([`Kv`]), so another embedded engine (or
+//! PostgreSQL for replicated sites, DESIGN.md "Beyond one machine") can replace sled without
+//! touching the core. [`Store`] adds typed records on top; records are JSON.
+//!
+//! Nothing secret is stored in the clear: key records hold AEAD ciphertext (see `custody`).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::{Serialize, de::DeserializeOwned};
+
+/// Storage failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The engine failed (I/O, corruption, read-only disk).
+    #[error("storage engine: {0}")]
+    Engine(String),
+    /// A stored record did not decode.
+    #[error("corrupt record in {tree}: {message}")]
+    Corrupt {
+        /// Tree name.
+        tree: &'static str,
+        /// Decoder message.
+        message: String,
+    },
+}
+
+/// The named trees meshsign uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tree {
+    /// Wrapped signing keys: `partition/alias/version` → [`crate::custody::KeyRecord`].
+    Keys,
+    /// Runner CAs: `partition/issuer_id` → [`crate::issuer::IssuerRecord`].
+    Issuers,
+    /// Issued runner certificates: serial hex → [`crate::enroll::CertRecord`].
+    Certs,
+    /// Seen token IDs: `sha256(iss)/jti` → expiry (unix seconds, big-endian).
+    Jti,
+    /// Audit records: seq (big-endian) → [`crate::audit::AuditRecord`].
+    Audit,
+}
+
+impl Tree {
+    /// The tree's name in the engine.
+    pub fn name(self) -> &'static str {
+        match self {
+            Tree::Keys => "keys",
+            Tree::Issuers => "issuers",
+            Tree::Certs => "certs",
+            Tree::Jti => "jti",
+            Tree::Audit => "audit",
+        }
+    }
+}
+
+/// The operations meshsign needs from an embedded key-value engine.
+pub trait Kv: Send + Sync + 'static {
+    /// Reads a value.
+    fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Writes a value.
+    fn put(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<(), StoreError>;
+    /// Writes only if the key is absent; returns false if it was present (atomic).
+    fn insert_new(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<bool, StoreError>;
+    /// Removes a key.
+    fn remove(&self, tree: Tree, key: &[u8]) -> Result<(), StoreError>;
+    /// All entries whose key starts with `prefix`, in key order.
+    fn scan_prefix(&self, tree: Tree, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    /// The last entry of a tree in key order.
+    fn last(&self, tree: Tree) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError>;
+    /// Makes every write so far durable.
+    fn flush(&self) -> Result<(), StoreError>;
+}
+
+/// [`Kv`] on sled 0.34.
+pub struct SledKv {
+    db: sled::Db,
+    trees: [sled::Tree; 5],
+}
+
+fn engine(e: sled::Error) -> StoreError {
+    StoreError::Engine(e.to_string())
+}
+
+impl SledKv {
+    /// Opens (or creates) the database in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new().path(dir).open().map_err(engine)?;
+        let t = |t: Tree| db.open_tree(t.name()).map_err(engine);
+        let trees = [t(Tree::Keys)?, t(Tree::Issuers)?, t(Tree::Certs)?, t(Tree::Jti)?, t(Tree::Audit)?];
+        Ok(Self { db, trees })
+    }
+
+    fn tree(&self, tree: Tree) -> &sled::Tree {
+        &self.trees[tree as usize]
+    }
+}
+
+impl Kv for SledKv {
+    fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.tree(tree).get(key).map_err(engine)?.map(|v| v.to_vec()))
+    }
+
+    fn put(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.tree(tree).insert(key, value).map_err(engine).map(|_| ())
+    }
+
+    fn insert_new(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<bool, StoreError> {
+        let r = self
+            .tree(tree)
+            .compare_and_swap(key, None as Option<&[u8]>, Some(value))
+            .map_err(engine)?;
+        Ok(r.is_ok())
+    }
+
+    fn remove(&self, tree: Tree, key: &[u8]) -> Result<(), StoreError> {
+        self.tree(tree).remove(key).map_err(engine).map(|_| ())
+    }
+
+    fn scan_prefix(&self, tree: Tree, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        self.tree(tree)
+            .scan_prefix(prefix)
+            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(engine))
+            .collect()
+    }
+
+    fn last(&self, tree: Tree) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+        Ok(self.tree(tree).last().map_err(engine)?.map(|(k, v)| (k.to_vec(), v.to_vec())))
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush().map_err(engine).map(|_| ())
+    }
+}
+
+/// Typed access to the trees.
+#[derive(Clone)]
+pub struct Store {
+    kv: Arc<dyn Kv>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Store")
+    }
+}
+
+impl Store {
+    /// Wraps an engine.
+    pub fn new(kv: Arc<dyn Kv>) -> Self {
+        Self { kv }
+    }
+
+    /// Opens sled in `dir`.
+    pub fn open_sled(dir: &Path) -> Result<Self, StoreError> {
+        Ok(Self::new(Arc::new(SledKv::open(dir)?)))
+    }
+
+    /// The raw engine.
+    pub fn kv(&self) -> &dyn Kv {
+        &*self.kv
+    }
+
+    /// Reads and decodes a record.
+    pub fn get<T: DeserializeOwned>(&self, tree: Tree, key: &[u8]) -> Result<Option<T>, StoreError> {
+        self.kv
+            .get(tree, key)?
+            .map(|v| decode(tree, &v))
+            .transpose()
+    }
+
+    /// Encodes and writes a record.
+    pub fn put<T: Serialize>(&self, tree: Tree, key: &[u8], value: &T) -> Result<(), StoreError> {
+        self.kv.put(tree, key, &encode(tree, value)?)
+    }
+
+    /// Encodes and writes a record only if the key is absent.
+    pub fn insert_new<T: Serialize>(&self, tree: Tree, key: &[u8], value: &T) -> Result<bool, StoreError> {
+        self.kv.insert_new(tree, key, &encode(tree, value)?)
+    }
+
+    /// Decodes every record under `prefix`, in key order.
+    pub fn scan<T: DeserializeOwned>(&self, tree: Tree, prefix: &[u8]) -> Result<Vec<T>, StoreError> {
+        self.kv.scan_prefix(tree, prefix)?.iter().map(|(_, v)| decode(tree, v)).collect()
+    }
+
+    /// Makes every write so far durable.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.kv.flush()
+    }
+}
+
+fn encode<T: Serialize>(tree: Tree, value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|e| StoreError::Corrupt { tree: tree.name(), message: e.to_string() })
+}
+
+fn decode<T: DeserializeOwned>(tree: Tree, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt { tree: tree.name(), message: e.to_string() })
+}
+
+/// Serde helper: `Vec<u8>` as lowercase hex.
+pub mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Serializes as hex.
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(v))
+    }
+
+    /// Deserializes from hex.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        hex::decode(s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Serde helper: `Vec<Vec<u8>>` as a list of hex strings.
+pub mod hex_list {
+    use serde::{Deserialize, Deserializer, Serializer, ser::SerializeSeq};
+
+    /// Serializes as a list of hex strings.
+    pub fn serialize<S: Serializer>(v: &[Vec<u8>], s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(v.len()))?;
+        for b in v {
+            seq.serialize_element(&hex::encode(b))?;
+        }
+        seq.end()
+    }
+
+    /// Deserializes from a list of hex strings.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<u8>>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .into_iter()
+            .map(|s| hex::decode(s).map_err(serde::de::Error::custom))
+            .collect()
+    }
+}

@@ -1,0 +1,177 @@
+//! rustls configurations for the three listeners, and the accept loop that hands tonic
+//! `tokio_rustls::server::TlsStream`s (so `Request::peer_certs()` works).
+//!
+//! tonic's own server TLS takes only a CA root; we build the `ServerConfig` ourselves: TLS 1.3
+//! only, ALPN `h2`, aws-lc-rs, and the site's clock as rustls' time provider so handshake-time
+//! validity and per-RPC validity agree.
+
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::RootCertStore;
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
+use rustls::{ServerConfig, version::TLS13};
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::clock::{RustlsTime, SharedClock};
+use crate::config::TlsFiles;
+
+/// How long a client may take to complete the handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TLS setup failures.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM file is missing or holds nothing usable.
+    #[error("{path}: {message}")]
+    Pem {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// rustls refused the configuration.
+    #[error("tls configuration: {0}")]
+    Rustls(String),
+}
+
+/// The crypto provider: aws-lc-rs, one library for TLS, certificates and signing.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Installs aws-lc-rs as the process default (idempotent).
+pub fn install_default_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// The server's certificate chain and key.
+pub struct ServerIdentity {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl std::fmt::Debug for ServerIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerIdentity").field("chain_len", &self.chain.len()).field("key", &"[redacted]").finish()
+    }
+}
+
+fn pem_err(path: &Path, message: impl Into<String>) -> TlsError {
+    TlsError::Pem { path: path.display().to_string(), message: message.into() }
+}
+
+/// Reads every certificate from a PEM file (at least one).
+pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| pem_err(path, e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_err(path, e.to_string()))?;
+    if certs.is_empty() {
+        return Err(pem_err(path, "no certificates"));
+    }
+    Ok(certs)
+}
+
+impl ServerIdentity {
+    /// Loads the server certificate chain and key.
+    pub fn load(files: &TlsFiles) -> Result<Self, TlsError> {
+        let chain = read_certs(&files.server_cert)?;
+        let key = PrivateKeyDer::from_pem_file(&files.server_key).map_err(|e| pem_err(&files.server_key, e.to_string()))?;
+        Ok(Self { chain, key })
+    }
+}
+
+fn finish(
+    builder: rustls::ConfigBuilder<ServerConfig, rustls::WantsVerifier>,
+    verifier: Option<Arc<dyn ClientCertVerifier>>,
+    id: &ServerIdentity,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let builder = match verifier {
+        Some(v) => builder.with_client_cert_verifier(v),
+        None => builder.with_no_client_auth(),
+    };
+    let mut cfg = builder
+        .with_single_cert(id.chain.clone(), id.key.clone_key())
+        .map_err(|e| TlsError::Rustls(e.to_string()))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+fn builder(clock: &SharedClock) -> Result<rustls::ConfigBuilder<ServerConfig, rustls::WantsVerifier>, TlsError> {
+    ServerConfig::builder_with_details(provider(), Arc::new(RustlsTime(clock.clone())))
+        .with_protocol_versions(&[&TLS13])
+        .map_err(|e| TlsError::Rustls(e.to_string()))
+}
+
+fn client_verifier(roots: &[Vec<u8>]) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    let mut store = RootCertStore::empty();
+    for der in roots {
+        store.add(CertificateDer::from(der.clone())).map_err(|e| TlsError::Rustls(e.to_string()))?;
+    }
+    WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider())
+        .build()
+        .map_err(|e| TlsError::Rustls(e.to_string()))
+}
+
+/// Enroll port: server-auth TLS 1.3, no client certificate.
+pub fn enroll_config(id: &ServerIdentity, clock: &SharedClock) -> Result<Arc<ServerConfig>, TlsError> {
+    finish(builder(clock)?, None, id)
+}
+
+/// Sign port: mutual TLS 1.3; the handshake fails without a certificate from one of `runner_cas`.
+pub fn sign_config(id: &ServerIdentity, runner_cas: &[Vec<u8>], clock: &SharedClock) -> Result<Arc<ServerConfig>, TlsError> {
+    finish(builder(clock)?, Some(client_verifier(runner_cas)?), id)
+}
+
+/// Admin port: mutual TLS 1.3 against the admin CA(s).
+pub fn admin_config(id: &ServerIdentity, admin_ca: &Path, clock: &SharedClock) -> Result<Arc<ServerConfig>, TlsError> {
+    let roots: Vec<Vec<u8>> = read_certs(admin_ca)?.into_iter().map(|c| c.to_vec()).collect();
+    finish(builder(clock)?, Some(client_verifier(&roots)?), id)
+}
+
+/// Accepts TCP connections, completes each TLS handshake in its own task (bounded by
+/// [`HANDSHAKE_TIMEOUT`], so a slow client cannot stall the loop), and yields the streams.
+/// The loop ends when the returned stream is dropped.
+pub fn incoming(listener: TcpListener, config: Arc<ServerConfig>) -> ReceiverStream<Result<TlsStream<TcpStream>, io::Error>> {
+    let (tx, rx) = mpsc::channel(256);
+    let acceptor = TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                () = tx.closed() => break,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake refused"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
