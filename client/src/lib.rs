@@ -1,1 +1,15 @@
-//! placeholder
+//! meshsign client: a typed API over the site's RPCs and the pieces of the `meshsign` CLI.
+//!
+//! The client never depends on the server crate; it shares only `meshsign-proto`. A runner key is
+//! made in memory ([`runner::RunnerKey`]), sent as a CSR, and neither it nor the certificate ever
+//! touches the disk.
+
+pub mod config;
+pub mod error;
+pub mod runner;
+pub mod token;
+pub mod transport;
+pub mod verify;
+
+pub use config::ClientConfig;
+pub use error::ClientError;

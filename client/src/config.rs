@@ -1,0 +1,100 @@
+//! `client.toml`: endpoints, the CA bundle, environments (audiences), and optionally the dev
+//! issuer and an admin identity. Relative paths are taken from the file's folder.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::ClientError;
+
+/// A parsed client config.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// The site's region (sent at enrollment; the site checks it is its own).
+    pub region: String,
+    /// The site's trust domain.
+    pub trust_domain: String,
+    /// TLS server name of the site's certificate.
+    pub server_name: String,
+    /// CA certificate(s) that issued the site's server certificate (PEM).
+    pub ca_file: PathBuf,
+    /// `host:port` of the enroll port.
+    pub enroll_endpoint: String,
+    /// `host:port` of the sign port.
+    pub sign_endpoint: String,
+    /// `host:port` of the admin port.
+    pub admin_endpoint: String,
+    /// Environments: name → audience.
+    #[serde(default)]
+    pub environments: BTreeMap<String, Environment>,
+    /// The dev OIDC issuer (dev sites only).
+    pub dev_issuer: Option<DevIssuer>,
+    /// Admin identity (ops only).
+    pub admin: Option<AdminIdentity>,
+}
+
+/// One environment (partition) of the site.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Environment {
+    /// The OIDC audience to request tokens for.
+    pub audience: String,
+}
+
+/// The dev issuer's key, for `meshsign dev token`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevIssuer {
+    /// `iss`.
+    pub issuer: String,
+    /// `kid`.
+    pub kid: String,
+    /// PKCS#8 PEM key file.
+    pub key_file: PathBuf,
+}
+
+/// An ops client certificate.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminIdentity {
+    /// Certificate PEM.
+    pub cert_file: PathBuf,
+    /// Key PEM.
+    pub key_file: PathBuf,
+}
+
+impl ClientConfig {
+    /// Reads a config file.
+    pub fn load(path: &Path) -> Result<Self, ClientError> {
+        let text = std::fs::read_to_string(path).map_err(ClientError::io(path))?;
+        let mut cfg: ClientConfig =
+            toml::from_str(&text).map_err(|e| ClientError::Config(format!("{}: {e}", path.display())))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let abs = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        abs(&mut cfg.ca_file);
+        if let Some(d) = cfg.dev_issuer.as_mut() {
+            abs(&mut d.key_file);
+        }
+        if let Some(a) = cfg.admin.as_mut() {
+            abs(&mut a.cert_file);
+            abs(&mut a.key_file);
+        }
+        Ok(cfg)
+    }
+
+    /// The audience of an environment.
+    pub fn audience(&self, environment: &str) -> Result<&str, ClientError> {
+        self.environments.get(environment).map(|e| e.audience.as_str()).ok_or_else(|| {
+            ClientError::Config(format!(
+                "environment `{environment}` is not in the client config (known: {})",
+                self.environments.keys().cloned().collect::<Vec<_>>().join(", ")
+            ))
+        })
+    }
+}

@@ -1,0 +1,89 @@
+//! gRPC channels over our own rustls client config: TLS 1.3, ALPN h2, aws-lc-rs, the site's CA
+//! pinned, and (for the sign and admin ports) a client certificate held in memory.
+
+use std::sync::Arc;
+
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig as TlsConfig, RootCertStore, version::TLS13};
+use rustls_pki_types::pem::PemObject as _;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::{ClientConfig, ClientError};
+
+/// A client certificate chain and its key, in memory only.
+pub struct ClientIdentity {
+    /// Leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// Private key.
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl std::fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientIdentity").field("chain_len", &self.chain.len()).field("key", &"[redacted]").finish()
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// The site's CA roots from the config's `ca_file`.
+pub fn roots(cfg: &ClientConfig) -> Result<RootCertStore, ClientError> {
+    let mut store = RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(&cfg.ca_file)
+        .map_err(|e| ClientError::Config(format!("{}: {e}", cfg.ca_file.display())))?;
+    for c in certs {
+        let c = c.map_err(|e| ClientError::Config(format!("{}: {e}", cfg.ca_file.display())))?;
+        store.add(c).map_err(|e| ClientError::Config(format!("{}: {e}", cfg.ca_file.display())))?;
+    }
+    Ok(store)
+}
+
+/// A rustls client config: TLS 1.3 only, ALPN h2, optional client certificate.
+pub fn tls_config(roots: RootCertStore, identity: Option<ClientIdentity>) -> Result<Arc<TlsConfig>, ClientError> {
+    let b = TlsConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&TLS13])
+        .map_err(|e| ClientError::Crypto(e.to_string()))?
+        .with_root_certificates(roots);
+    let mut cfg = match identity {
+        Some(id) => b.with_client_auth_cert(id.chain, id.key).map_err(|e| ClientError::Crypto(e.to_string()))?,
+        None => b.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Opens a gRPC channel to `endpoint` (`host:port`) with `tls`, checking the server as
+/// `server_name`. The connection is made now, so TLS failures surface here.
+pub async fn connect(endpoint: &str, server_name: &str, tls: Arc<TlsConfig>) -> Result<Channel, ClientError> {
+    let err = |m: String| ClientError::Connect { endpoint: endpoint.to_string(), message: m };
+    let name = ServerName::try_from(server_name.to_string()).map_err(|e| err(e.to_string()))?;
+    let addr = endpoint.to_string();
+    let uri: Uri = format!("http://{endpoint}").parse().map_err(|_| err("not host:port".into()))?;
+    let connector = tower::service_fn(move |_: Uri| {
+        let (tls, name, addr) = (tls.clone(), name.clone(), addr.clone());
+        async move {
+            let tcp = TcpStream::connect(&addr).await?;
+            tcp.set_nodelay(true)?;
+            let stream = TlsConnector::from(tls).connect(name, tcp).await?;
+            Ok::<_, std::io::Error>(TokioIo::new(stream))
+        }
+    });
+    Endpoint::from(uri).connect_with_connector(connector).await.map_err(|e| err(source_chain(&e)))
+}
+
+/// The error and its causes, joined, so TLS alerts are visible.
+pub fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

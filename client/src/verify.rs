@@ -1,0 +1,98 @@
+//! Signature bundles (`FILE.sig.json`) and offline verification with pure-Rust p256.
+
+use std::io::Read as _;
+use std::path::Path;
+
+use base64::Engine as _;
+use p256::ecdsa::signature::hazmat::PrehashVerifier as _;
+use p256::ecdsa::{DerSignature, VerifyingKey};
+use p256::pkcs8::DecodePublicKey as _;
+use serde::{Deserialize, Serialize};
+
+use crate::ClientError;
+
+/// What `meshsign sign` writes next to each file as `FILE.sig.json`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SigBundle {
+    /// File name as signed.
+    pub artifact: String,
+    /// SHA-256 of the file, hex.
+    pub digest_sha256: String,
+    /// Signature, base64 (DER for ECDSA); the same bytes as `FILE.sig`.
+    pub signature: String,
+    /// `alias@vN`.
+    pub key_id: String,
+    /// e.g. `ecdsa-p256-sha256`.
+    pub algorithm: String,
+    /// The signing key, SPKI PEM.
+    pub public_key_pem: String,
+    /// Audit record id at the site.
+    pub audit_id: String,
+    /// Site region.
+    pub region: String,
+    /// Partition.
+    pub environment: String,
+    /// RFC 3339.
+    pub signed_at: String,
+    /// The key's certificate chain, PEM, if it has one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certificate_chain_pem: Vec<String>,
+}
+
+/// SHA-256 of a file, streamed (any size).
+pub fn sha256_file(path: &Path) -> Result<[u8; 32], ClientError> {
+    let mut f = std::fs::File::open(path).map_err(ClientError::io(path))?;
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = f.read(&mut buf).map_err(ClientError::io(path))?;
+        if n == 0 {
+            break;
+        }
+        ctx.update(&buf[..n]);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    Ok(out)
+}
+
+/// SPKI DER from a PEM public key.
+pub fn spki_from_pem(pem: &str) -> Result<Vec<u8>, ClientError> {
+    use rustls_pki_types::SubjectPublicKeyInfoDer;
+    use rustls_pki_types::pem::PemObject as _;
+    SubjectPublicKeyInfoDer::from_pem_slice(pem.as_bytes())
+        .map(|k| k.to_vec())
+        .map_err(|e| ClientError::Verify(format!("public key PEM: {e}")))
+}
+
+/// Verifies a DER ECDSA P-256 signature over a SHA-256 digest with an SPKI public key.
+pub fn verify_digest(spki_der: &[u8], digest: &[u8; 32], sig_der: &[u8]) -> Result<(), ClientError> {
+    let vk = VerifyingKey::from_public_key_der(spki_der).map_err(|e| ClientError::Verify(format!("public key: {e}")))?;
+    let sig = DerSignature::try_from(sig_der).map_err(|e| ClientError::Verify(format!("signature encoding: {e}")))?;
+    vk.verify_prehash(digest, &sig).map_err(|_| ClientError::Verify("signature does not match".into()))
+}
+
+/// Checks `file` against its bundle: the digest matches and the signature verifies under the
+/// bundle's key, which must equal `pinned_spki` when one is given.
+pub fn verify_file(file: &Path, bundle: &SigBundle, pinned_spki: Option<&[u8]>) -> Result<(), ClientError> {
+    if bundle.algorithm != "ecdsa-p256-sha256" {
+        return Err(ClientError::Verify(format!("unsupported algorithm {}", bundle.algorithm)));
+    }
+    let digest = sha256_file(file)?;
+    if hex::encode(digest) != bundle.digest_sha256 {
+        return Err(ClientError::Verify(format!(
+            "{} does not match the signed digest (file changed?)",
+            file.display()
+        )));
+    }
+    let spki = spki_from_pem(&bundle.public_key_pem)?;
+    if let Some(pin) = pinned_spki
+        && pin != spki.as_slice()
+    {
+        return Err(ClientError::Verify("bundle key is not the pinned public key".into()));
+    }
+    let sig = base64::engine::general_purpose::STANDARD
+        .decode(&bundle.signature)
+        .map_err(|_| ClientError::Verify("signature is not base64".into()))?;
+    verify_digest(&spki, &digest, &sig)
+}
