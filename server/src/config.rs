@@ -329,7 +329,8 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
         return Err(invalid("region", "must be lowercase letters, digits, '-' or '_'"));
     }
     let l = &raw.listen;
-    if l.enroll == l.sign || l.sign == l.admin || l.enroll == l.admin && l.enroll.port() != 0 {
+    let clash = |a: SocketAddr, b: SocketAddr| a == b && a.port() != 0;
+    if clash(l.enroll, l.sign) || clash(l.sign, l.admin) || clash(l.enroll, l.admin) {
         return Err(invalid("listen", "enroll, sign and admin need distinct addresses"));
     }
     if raw.partitions.is_empty() {

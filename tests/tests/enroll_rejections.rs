@@ -1,0 +1,262 @@
+//! Every enrollment rejection, each with its gRPC status and audit reason (table-driven, as
+//! SPIRE's handler tests), and no change of state.
+
+use base64::Engine as _;
+use meshsign_certs_dev::{JwtAlg, OidcIssuer};
+use meshsign_client::runner::RunnerKey;
+use meshsign_proto::v1;
+use meshsign_server::store::Tree;
+use meshsign_tests::{ES_ISSUER, TTL_CAP, TestSite};
+use serde_json::{Value, json};
+use tonic::Code;
+
+fn b64(v: &Value) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
+}
+
+fn cert_count(site: &TestSite) -> usize {
+    site.state().store.kv().scan_prefix(Tree::Certs, b"").unwrap().len()
+}
+
+struct Case {
+    name: &'static str,
+    code: Code,
+    reason: &'static str,
+    build: Box<dyn Fn(&TestSite, &RunnerKey) -> v1::EnrollRequest>,
+}
+
+fn with_claims(f: impl Fn(&mut Value, i64) + 'static) -> Box<dyn Fn(&TestSite, &RunnerKey) -> v1::EnrollRequest> {
+    Box::new(move |s, k| {
+        let mut c = s.claims("production");
+        f(&mut c, s.now());
+        s.enroll_request("production", s.es.mint(&c).unwrap(), k)
+    })
+}
+
+fn with_request(f: impl Fn(&mut v1::EnrollRequest) + 'static) -> Box<dyn Fn(&TestSite, &RunnerKey) -> v1::EnrollRequest> {
+    Box::new(move |s, k| {
+        let mut r = s.enroll_request("production", s.token("production"), k);
+        f(&mut r);
+        r
+    })
+}
+
+fn cases() -> Vec<Case> {
+    vec![
+        Case {
+            name: "alg none",
+            code: Code::Unauthenticated,
+            reason: "alg",
+            build: Box::new(|s, k| {
+                let t = format!("{}.{}.", b64(&json!({"alg": "none", "kid": "es-1"})), b64(&s.claims("production")));
+                s.enroll_request("production", t, k)
+            }),
+        },
+        Case {
+            name: "HS256 keyed with the public JWK (alg confusion)",
+            code: Code::Unauthenticated,
+            reason: "alg",
+            build: Box::new(|s, k| {
+                let input = format!("{}.{}", b64(&json!({"alg": "HS256", "kid": "es-1"})), b64(&s.claims("production")));
+                let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, s.es.jwk().to_string().as_bytes());
+                let sig = aws_lc_rs::hmac::sign(&key, input.as_bytes());
+                let t = format!("{input}.{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sig.as_ref()));
+                s.enroll_request("production", t, k)
+            }),
+        },
+        Case {
+            name: "unknown kid",
+            code: Code::Unauthenticated,
+            reason: "kid",
+            build: Box::new(|s, k| {
+                let t = s.es.sign_with_header(&json!({"alg": "ES256", "kid": "es-2"}), &s.claims("production")).unwrap();
+                s.enroll_request("production", t, k)
+            }),
+        },
+        Case {
+            name: "right kid, another key (forged)",
+            code: Code::Unauthenticated,
+            reason: "signature",
+            build: Box::new(|s, k| {
+                let forger = OidcIssuer::generate(ES_ISSUER, "es-1", JwtAlg::Es256).unwrap();
+                s.enroll_request("production", forger.mint(&s.claims("production")).unwrap(), k)
+            }),
+        },
+        Case { name: "wrong iss", code: Code::Unauthenticated, reason: "iss", build: with_claims(|c, _| c["iss"] = "https://evil.test".into()) },
+        Case { name: "iss prefix", code: Code::Unauthenticated, reason: "iss", build: with_claims(|c, _| c["iss"] = "https://token.ci.tes".into()) },
+        Case { name: "iss suffix", code: Code::Unauthenticated, reason: "iss", build: with_claims(|c, _| c["iss"] = "token.ci.test".into()) },
+        Case { name: "iss extended", code: Code::Unauthenticated, reason: "iss", build: with_claims(|c, _| c["iss"] = "https://token.ci.test/".into()) },
+        Case {
+            name: "aud of another partition",
+            code: Code::PermissionDenied,
+            reason: "environment",
+            build: with_claims(|c, _| c["aud"] = "meshsign:staging:sg".into()),
+        },
+        Case { name: "aud unknown", code: Code::Unauthenticated, reason: "aud", build: with_claims(|c, _| c["aud"] = "sts.amazonaws.com".into()) },
+        Case {
+            name: "expired",
+            code: Code::Unauthenticated,
+            reason: "exp",
+            build: with_claims(|c, now| {
+                c["iat"] = (now - 400).into();
+                c["nbf"] = (now - 400).into();
+                c["exp"] = (now - 100).into();
+            }),
+        },
+        Case {
+            name: "not yet valid",
+            code: Code::Unauthenticated,
+            reason: "nbf",
+            build: with_claims(|c, now| {
+                c["nbf"] = (now + 600).into();
+                c["exp"] = (now + 900).into();
+            }),
+        },
+        Case {
+            name: "too old (iat)",
+            code: Code::Unauthenticated,
+            reason: "iat",
+            build: with_claims(|c, now| {
+                c["iat"] = (now - 3600).into();
+                c["nbf"] = (now - 3600).into();
+            }),
+        },
+        Case {
+            name: "no jti",
+            code: Code::Unauthenticated,
+            reason: "jti",
+            build: with_claims(|c, _| {
+                c.as_object_mut().unwrap().remove("jti");
+            }),
+        },
+        Case {
+            name: "bound claim mismatch",
+            code: Code::PermissionDenied,
+            reason: "bound_claim",
+            build: with_claims(|c, _| c["runner_environment"] = "github-hosted".into()),
+        },
+        Case {
+            name: "CSR with a bad signature",
+            code: Code::InvalidArgument,
+            reason: "csr",
+            build: with_request(|r| {
+                // The signature is the CSR's last element; change its last byte.
+                let n = r.csr_der.len();
+                r.csr_der[n - 1] ^= 0x01;
+            }),
+        },
+        Case {
+            name: "CSR that is not DER",
+            code: Code::InvalidArgument,
+            reason: "csr",
+            build: with_request(|r| r.csr_der = b"not a csr".to_vec()),
+        },
+        Case {
+            name: "non-P-256 CSR",
+            code: Code::InvalidArgument,
+            reason: "csr_key",
+            build: Box::new(|s, k| {
+                let mut r = s.enroll_request("production", s.token("production"), k);
+                let p384 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+                r.csr_der = rcgen::CertificateParams::default().serialize_request(&p384).unwrap().der().to_vec();
+                r
+            }),
+        },
+        Case { name: "other region", code: Code::FailedPrecondition, reason: "region", build: with_request(|r| r.region = "tokyo".into()) },
+        Case {
+            name: "malformed fingerprint",
+            code: Code::InvalidArgument,
+            reason: "fingerprint",
+            build: with_request(|r| r.runner_fingerprint = "AB".repeat(32)),
+        },
+        Case {
+            name: "unknown environment",
+            code: Code::InvalidArgument,
+            reason: "environment",
+            build: with_request(|r| r.environment = "qa".into()),
+        },
+        Case {
+            name: "not a JWS",
+            code: Code::Unauthenticated,
+            reason: "token_malformed",
+            build: with_request(|r| r.token = "a.b".into()),
+        },
+    ]
+}
+
+#[tokio::test]
+async fn every_rejection_has_its_status_and_audit_reason_and_changes_nothing() {
+    let site = TestSite::start().await;
+    let mut client = site.enrollment().await;
+    for case in cases() {
+        let key = RunnerKey::generate().unwrap();
+        let req = (case.build)(&site, &key);
+        let (certs_before, jti_before) = (cert_count(&site), site.state().store.kv().scan_prefix(Tree::Jti, b"").unwrap().len());
+        let err = client.enroll(req).await.expect_err(case.name);
+        assert_eq!(err.code(), case.code, "{}: {}", case.name, err.message());
+        assert!(
+            err.message().starts_with(case.reason.split('_').next().unwrap()),
+            "{}: message names the check: {}",
+            case.name,
+            err.message()
+        );
+        let rec = site.last_audit();
+        assert_eq!((rec.rpc.as_str(), rec.decision.as_str()), ("Enroll", "deny"), "{}", case.name);
+        assert_eq!(rec.reason, case.reason, "{}", case.name);
+        assert_eq!(cert_count(&site), certs_before, "{}: no certificate recorded", case.name);
+        assert_eq!(
+            site.state().store.kv().scan_prefix(Tree::Jti, b"").unwrap().len(),
+            jti_before,
+            "{}: no jti consumed",
+            case.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn replayed_jti_is_refused_and_refusals_do_not_consume_it() {
+    let site = TestSite::start().await;
+    let mut client = site.enrollment().await;
+    let token = site.token("production");
+
+    // A refusal after the token checks (bad CSR) leaves the jti usable.
+    let key = RunnerKey::generate().unwrap();
+    let mut bad = site.enroll_request("production", token.clone(), &key);
+    bad.csr_der.truncate(10);
+    assert_eq!(client.enroll(bad).await.unwrap_err().code(), Code::InvalidArgument);
+
+    let first = site.enroll_request("production", token.clone(), &key);
+    client.enroll(first).await.expect("first use of the token");
+    let again = site.enroll_request("production", token, &RunnerKey::generate().unwrap());
+    let err = client.enroll(again).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().starts_with("jti"), "{}", err.message());
+    assert_eq!(site.last_audit().reason, "jti_replay");
+}
+
+#[tokio::test]
+async fn ttl_above_the_cap_is_clamped_not_refused() {
+    let site = TestSite::start().await;
+    let mut client = site.enrollment().await;
+    for (asked, granted) in [(100_000u32, TTL_CAP as u32), (0, TTL_CAP as u32), (600, 600)] {
+        let key = RunnerKey::generate().unwrap();
+        let mut req = site.enroll_request("production", site.token("production"), &key);
+        req.requested_ttl_seconds = asked;
+        let resp = client.enroll(req).await.unwrap().into_inner();
+        assert_eq!(resp.granted_ttl_seconds, granted, "asked {asked}");
+        let not_after = resp.not_after.unwrap().seconds;
+        assert_eq!(not_after - site.now(), i64::from(granted));
+    }
+}
+
+#[tokio::test]
+async fn replay_store_is_pruned_after_expiry() {
+    let site = TestSite::start().await;
+    let (_k, _r, _s) = site.enrolled("staging").await;
+    let jti = |s: &TestSite| s.state().store.kv().scan_prefix(Tree::Jti, b"").unwrap().len();
+    assert_eq!(jti(&site), 1);
+    assert_eq!(meshsign_server::enroll::prune_jti(site.state()).unwrap(), 0, "kept until exp + leeway");
+    site.clock.advance(std::time::Duration::from_secs(300 + 61));
+    assert_eq!(meshsign_server::enroll::prune_jti(site.state()).unwrap(), 1);
+    assert_eq!(jti(&site), 0);
+}
