@@ -310,9 +310,14 @@ impl SiteConfig {
             field: "(toml)".into(),
             message: e.to_string(),
         })?;
-        let raw: RawSite = serde_path_to_error::deserialize(de).map_err(|e| ConfigError::Schema {
-            field: e.path().to_string(),
-            message: e.inner().message().to_string(),
+        let raw: RawSite = serde_path_to_error::deserialize(de).map_err(|e| {
+            let message = e.inner().message().to_string();
+            let mut field = e.path().to_string();
+            // A missing field is reported at its parent; name the field itself.
+            if let Some(name) = message.strip_prefix("missing field `").and_then(|m| m.strip_suffix('`')) {
+                field = if field == "." { name.to_string() } else { format!("{field}.{name}") };
+            }
+            ConfigError::Schema { field, message }
         })?;
         validate(raw, base)
     }

@@ -1,0 +1,187 @@
+//! The README's quick start, for real: `meshsignd dev` (the binary) on loopback, then the
+//! `meshsign` CLI signs and verifies files; openssl checks the signatures.
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use base64::Engine as _;
+
+fn meshsign() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_meshsign"))
+}
+
+fn meshsignd() -> PathBuf {
+    let p = meshsign().with_file_name(format!("meshsignd{}", std::env::consts::EXE_SUFFIX));
+    assert!(p.exists(), "{} not built: run `cargo test --workspace`", p.display());
+    p
+}
+
+/// A `meshsignd dev` process, killed on drop.
+struct DevSite(Child);
+
+impl Drop for DevSite {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `meshsignd dev` on free loopback ports and waits for its "is up" line (no sleeping).
+fn start_dev(dir: &Path) -> DevSite {
+    let mut child = Command::new(meshsignd())
+        .args(["dev", "--data-dir"])
+        .arg(dir)
+        .args(["--enroll-port", "0", "--sign-port", "0", "--admin-port", "0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(out).lines();
+    loop {
+        let line = lines.next().expect("meshsignd dev exited before it was up").unwrap();
+        if line.contains("DEV site is up") {
+            break;
+        }
+    }
+    // Keep draining stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    DevSite(child)
+}
+
+fn run(dir: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(meshsign())
+        .current_dir(dir)
+        .arg("--config")
+        .arg(dir.join("site/client.toml"))
+        .args(args)
+        .env_remove("MESHSIGN_CONFIG")
+        .output()
+        .unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+fn first_pem(text: &str) -> String {
+    let start = text.find("-----BEGIN PUBLIC KEY-----").unwrap();
+    let end = text[start..].find("-----END PUBLIC KEY-----").unwrap() + start + "-----END PUBLIC KEY-----".len();
+    format!("{}\n", &text[start..end])
+}
+
+#[test]
+fn quick_start_sign_and_verify_with_the_real_binaries() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let site_dir = dir.join("site");
+    let site = start_dev(&site_dir);
+
+    std::fs::write(dir.join("a.bin"), vec![7u8; 300_000]).unwrap();
+    std::fs::write(dir.join("b.txt"), b"hello\n").unwrap();
+    let before: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+
+    let (code, out, err) = run(dir, &["sign", "--environment", "staging", "--key", "release", "a.bin", "b.txt"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains("spiffe://meshsign.dev/runner/staging/local/"), "{err}");
+
+    let (code, vm, err) = run(dir, &["verification-material", "--environment", "staging", "--key", "release"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(vm.contains("release@v1"));
+    std::fs::write(dir.join("pub.pem"), first_pem(&vm)).unwrap();
+
+    // openssl, independently, over each file and its .sig.
+    for f in ["a.bin", "b.txt"] {
+        let o = Command::new("openssl")
+            .current_dir(dir)
+            .args(["dgst", "-sha256", "-verify", "pub.pem", "-signature", &format!("{f}.sig"), f])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{f}: {}", String::from_utf8_lossy(&o.stdout));
+    }
+
+    let (code, out, _) = run(dir, &["verify", "b.txt", "--public-key", "pub.pem"]);
+    assert_eq!(code, 0, "{out}");
+    // One byte changed: exit 1.
+    std::fs::write(dir.join("b.txt"), b"hellp\n").unwrap();
+    let (code, _, err) = run(dir, &["verify", "b.txt", "--public-key", "pub.pem"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("does not match"), "{err}");
+
+    // The runner key and certificate never touched the disk: only signatures were added.
+    let after: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !before.iter().any(|b| b.to_string_lossy() == *n))
+        .collect();
+    let mut after = after;
+    after.sort();
+    assert_eq!(after, ["a.bin.sig", "a.bin.sig.json", "b.txt.sig", "b.txt.sig.json", "pub.pem"]);
+    drop(site);
+
+    // Dev mode reuses what it made: same key after a restart.
+    let _site = start_dev(&site_dir);
+    let (code, vm2, _) = run(dir, &["verification-material", "--environment", "staging", "--key", "release"]);
+    assert_eq!(code, 0);
+    assert_eq!(first_pem(&vm2), first_pem(&vm));
+}
+
+#[test]
+fn dev_token_token_file_and_github_actions_source() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let _site = start_dev(&dir.join("site"));
+
+    let (code, token, err) = run(dir, &["dev", "token", "--environment", "production", "--repository", "acme/ios", "--job-id", "77"]);
+    assert_eq!(code, 0, "{err}");
+    let token = token.trim().to_string();
+    let payload = token.split('.').nth(1).unwrap();
+    let claims: serde_json::Value =
+        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+    for k in ["iss", "aud", "sub", "repository", "ref", "environment", "job_workflow_ref", "run_id", "runner_environment", "jti", "iat", "nbf", "exp"] {
+        assert!(claims.get(k).is_some(), "claim {k} missing: {claims}");
+    }
+    assert_eq!(claims["sub"], "repo:acme/ios:environment:production");
+    assert_eq!(claims["aud"], "meshsign:production:local");
+    assert_eq!(claims["run_id"], "77");
+
+    std::fs::write(dir.join("f"), b"x").unwrap();
+    std::fs::write(dir.join("tok"), &token).unwrap();
+    let (code, out, err) = run(dir, &["sign", "--environment", "production", "--key", "release", "--token-file", "tok", "f"]);
+    assert_eq!(code, 0, "{out}{err}");
+    // The same token again: refused (single use), non-zero exit naming the check.
+    let (code, _, err) = run(dir, &["sign", "--environment", "production", "--key", "release", "--token-file", "tok", "f"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("jti"), "{err}");
+    // A production token for a staging step: refused.
+    let (code, _, err) = run(dir, &["sign", "--environment", "staging", "--key", "release", "--token-file", "tok", "f"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("PermissionDenied") && err.contains("environment"), "{err}");
+
+    // GitHub Actions' token endpoint, played by a loopback HTTP server that checks the request.
+    let (code, fresh, _) = run(dir, &["dev", "token", "--environment", "production"]);
+    assert_eq!(code, 0);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let fresh = fresh.trim().to_string();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 8192];
+        let n = s.read(&mut buf).unwrap();
+        let req = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let body = format!("{{\"count\":1,\"value\":\"{fresh}\"}}");
+        write!(s, "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len()).unwrap();
+        req
+    });
+    let out = Command::new(meshsign())
+        .current_dir(dir)
+        .arg("--config")
+        .arg(dir.join("site/client.toml"))
+        .args(["sign", "--environment", "production", "--key", "release", "--token-source", "github-actions", "f"])
+        .env("ACTIONS_ID_TOKEN_REQUEST_URL", format!("http://127.0.0.1:{port}/token?api-version=2.0"))
+        .env("ACTIONS_ID_TOKEN_REQUEST_TOKEN", "request-bearer")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let req = server.join().unwrap();
+    assert!(req.starts_with("GET /token?api-version=2.0&audience=meshsign%3Aproduction%3Alocal "), "{req}");
+    assert!(req.to_ascii_lowercase().contains("authorization: bearer request-bearer"), "{req}");
+}

@@ -1,0 +1,121 @@
+//! Site config validation: every refusal names the field path.
+
+use meshsign_server::config::{ConfigError, SiteConfig};
+
+const BASE: &str = r#"
+trust_domain = "meshsign.test"
+region = "sg"
+data_dir = "data"
+kek_file = "kek"
+[listen]
+enroll = "127.0.0.1:7441"
+sign = "127.0.0.1:7443"
+admin = "127.0.0.1:7444"
+[tls]
+server_cert = "s.pem"
+server_key = "s.key"
+admin_ca = "a.pem"
+"#;
+
+fn partition(name: &str, audience: &str, issuer: &str, extra: &str) -> String {
+    format!(
+        r#"
+[[partitions]]
+name = "{name}"
+audience = "{audience}"
+build_p95_seconds = 1200
+{extra}
+[[partitions.signing_keys]]
+alias = "release"
+algorithm = "ecdsa-p256-sha256"
+access = {{ repositories = ["acme/*"], refs = ["refs/heads/main"] }}
+[[partitions.trust_policies]]
+name = "ci"
+issuer = "{issuer}"
+jwks_file = "jwks.json"
+"#
+    )
+}
+
+fn load(toml: &str) -> Result<SiteConfig, ConfigError> {
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = meshsign_certs_dev::OidcIssuer::generate("https://ci.test", "k1", meshsign_certs_dev::JwtAlg::Es256).unwrap();
+    std::fs::write(dir.path().join("jwks.json"), issuer.jwks().to_string()).unwrap();
+    SiteConfig::from_toml(toml, dir.path())
+}
+
+fn field_of(r: Result<SiteConfig, ConfigError>) -> String {
+    match r.expect_err("must be refused") {
+        ConfigError::Schema { field, message } | ConfigError::Invalid { field, message } => {
+            assert!(!message.is_empty());
+            field
+        }
+        e => panic!("unexpected {e}"),
+    }
+}
+
+#[test]
+fn a_good_config_loads_with_paths_resolved() {
+    let cfg = load(&format!("{BASE}{}", partition("production", "meshsign:production:sg", "https://ci.test", ""))).unwrap();
+    let p = cfg.partition("production").unwrap();
+    assert_eq!(p.max_ttl_seconds, 2400);
+    assert_eq!(p.trust_policies[0].jwks.keys.len(), 1);
+    assert!(cfg.data_dir.is_absolute());
+}
+
+#[test]
+fn refusals_name_the_field_path() {
+    let ok = |n: &str, a: &str| partition(n, a, "https://ci.test", "");
+    let cases: Vec<(&str, String, &str)> = vec![
+        ("unknown top-level key", format!("colour = \"red\"\n{BASE}{}", ok("production", "a")), "colour"),
+        ("unknown key in a table", format!("{BASE}colour = \"red\"\n{}", ok("production", "a")), "tls.colour"),
+        (
+            "unknown nested key",
+            format!("{BASE}{}", partition("production", "a", "https://ci.test", "ttl_hours = 3")),
+            "partitions[0].ttl_hours",
+        ),
+        ("reused audience", format!("{BASE}{}{}", ok("staging", "same"), ok("production", "same")), "partitions[1].audience"),
+        (
+            "wildcard issuer",
+            format!("{BASE}{}", partition("production", "a", "https://*.ci.test", "")),
+            "partitions[0].trust_policies[0].issuer",
+        ),
+        (
+            "http issuer outside dev",
+            format!("{BASE}{}", partition("production", "a", "http://ci.test", "")),
+            "partitions[0].trust_policies[0].issuer",
+        ),
+        (
+            "hard ceiling above the cap",
+            format!("{BASE}{}", partition("production", "a", "https://ci.test", "max_ttl_seconds = 9000")),
+            "partitions[0].max_ttl_seconds",
+        ),
+        (
+            "unsupported algorithm",
+            format!("{BASE}{}", ok("production", "a").replace("ecdsa-p256-sha256", "dsa-1024")),
+            "partitions[0].signing_keys[0].algorithm",
+        ),
+        (
+            "missing JWKS file",
+            format!("{BASE}{}", ok("production", "a").replace("jwks.json", "nope.json")),
+            "partitions[0].trust_policies[0].jwks_file",
+        ),
+        (
+            "empty access rule",
+            format!("{BASE}{}", ok("production", "a").replace(r#"repositories = ["acme/*"]"#, "repositories = []")),
+            "partitions[0].signing_keys[0].access.repositories",
+        ),
+        ("duplicate partition", format!("{BASE}{}{}", ok("production", "a"), ok("production", "b")), "partitions[1].name"),
+        ("no partitions", BASE.to_string(), "partitions"),
+        ("wrong type", format!("{BASE}{}", ok("production", "a").replace("build_p95_seconds = 1200", "build_p95_seconds = \"long\"")), "partitions[0].build_p95_seconds"),
+    ];
+    for (name, toml, field) in cases {
+        assert_eq!(field_of(load(&toml)), field, "{name}");
+    }
+}
+
+#[test]
+fn dev_mode_admits_http_issuers() {
+    let toml = format!("dev = true\n{BASE}{}", partition("production", "a", "http://127.0.0.1/oidc", ""));
+    assert!(load(&toml).unwrap().dev);
+}
