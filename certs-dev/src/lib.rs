@@ -58,7 +58,9 @@ pub struct Issued {
 
 impl std::fmt::Debug for Issued {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Issued").field("key_pem", &"[redacted]").finish_non_exhaustive()
+        f.debug_struct("Issued")
+            .field("key_pem", &"[redacted]")
+            .finish_non_exhaustive()
     }
 }
 
@@ -113,7 +115,11 @@ impl DevPki {
         let server_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let sans = vec![
             SanType::DnsName("localhost".try_into()?),
-            SanType::IpAddress("127.0.0.1".parse().map_err(|_| DevError::Crypto("ip".into()))?),
+            SanType::IpAddress(
+                "127.0.0.1"
+                    .parse()
+                    .map_err(|_| DevError::Crypto("ip".into()))?,
+            ),
             SanType::IpAddress("::1".parse().map_err(|_| DevError::Crypto("ip".into()))?),
         ];
         let server = leaf_params("localhost", sans, ExtendedKeyUsagePurpose::ServerAuth)
@@ -134,20 +140,50 @@ impl DevPki {
 
         Ok(Self {
             server_ca_pem: server_ca.pem(),
-            server: Issued { cert_pem: server.pem(), key_pem: Zeroizing::new(server_key.serialize_pem()) },
+            server: Issued {
+                cert_pem: server.pem(),
+                key_pem: Zeroizing::new(server_key.serialize_pem()),
+            },
             admin_ca_pem: admin_ca.pem(),
-            admin: Issued { cert_pem: admin.pem(), key_pem: Zeroizing::new(admin_key.serialize_pem()) },
+            admin: Issued {
+                cert_pem: admin.pem(),
+                key_pem: Zeroizing::new(admin_key.serialize_pem()),
+            },
         })
     }
 
     /// Writes the PKI into `dir` (see [`files`] for the names); keys get mode 0600.
     pub fn write_to(&self, dir: &Path) -> Result<(), DevError> {
-        write_file(&dir.join(files::SERVER_CA), self.server_ca_pem.as_bytes(), false)?;
-        write_file(&dir.join(files::SERVER_CERT), self.server.cert_pem.as_bytes(), false)?;
-        write_file(&dir.join(files::SERVER_KEY), self.server.key_pem.as_bytes(), true)?;
-        write_file(&dir.join(files::ADMIN_CA), self.admin_ca_pem.as_bytes(), false)?;
-        write_file(&dir.join(files::ADMIN_CERT), self.admin.cert_pem.as_bytes(), false)?;
-        write_file(&dir.join(files::ADMIN_KEY), self.admin.key_pem.as_bytes(), true)?;
+        write_file(
+            &dir.join(files::SERVER_CA),
+            self.server_ca_pem.as_bytes(),
+            false,
+        )?;
+        write_file(
+            &dir.join(files::SERVER_CERT),
+            self.server.cert_pem.as_bytes(),
+            false,
+        )?;
+        write_file(
+            &dir.join(files::SERVER_KEY),
+            self.server.key_pem.as_bytes(),
+            true,
+        )?;
+        write_file(
+            &dir.join(files::ADMIN_CA),
+            self.admin_ca_pem.as_bytes(),
+            false,
+        )?;
+        write_file(
+            &dir.join(files::ADMIN_CERT),
+            self.admin.cert_pem.as_bytes(),
+            false,
+        )?;
+        write_file(
+            &dir.join(files::ADMIN_KEY),
+            self.admin.key_pem.as_bytes(),
+            true,
+        )?;
         Ok(())
     }
 }
@@ -175,7 +211,10 @@ pub mod files {
 /// Writes a file; with `secret` it is created with mode 0600.
 pub fn write_file(path: &Path, bytes: &[u8], secret: bool) -> Result<(), DevError> {
     use std::io::Write as _;
-    let io = |source| DevError::Io { path: path.display().to_string(), source };
+    let io = |source| DevError::Io {
+        path: path.display().to_string(),
+        source,
+    };
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
     #[cfg(unix)]
@@ -246,7 +285,11 @@ impl OidcIssuer {
     }
 
     /// Loads an issuer key from PKCS#8 DER (EC P-256 or RSA).
-    pub fn from_pkcs8(issuer: &str, kid: &str, pkcs8: Zeroizing<Vec<u8>>) -> Result<Self, DevError> {
+    pub fn from_pkcs8(
+        issuer: &str,
+        kid: &str,
+        pkcs8: Zeroizing<Vec<u8>>,
+    ) -> Result<Self, DevError> {
         let key = if let Ok(k) =
             EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &pkcs8)
         {
@@ -256,7 +299,12 @@ impl OidcIssuer {
         } else {
             return Err(DevError::BadKey(issuer.to_string()));
         };
-        Ok(Self { issuer: issuer.to_string(), kid: kid.to_string(), key, pkcs8 })
+        Ok(Self {
+            issuer: issuer.to_string(),
+            kid: kid.to_string(),
+            key,
+            pkcs8,
+        })
     }
 
     /// Loads an issuer key from a PKCS#8 PEM file.
@@ -282,7 +330,10 @@ impl OidcIssuer {
             IssuerKey::Ec(k) => {
                 let point = k.public_key().as_ref();
                 // Uncompressed SEC1 point: 0x04 || x (32) || y (32).
-                let (x, y) = point.get(1..).unwrap_or_default().split_at(32.min(point.len().saturating_sub(1)));
+                let (x, y) = point
+                    .get(1..)
+                    .unwrap_or_default()
+                    .split_at(32.min(point.len().saturating_sub(1)));
                 json!({"kty": "EC", "crv": "P-256", "kid": self.kid, "alg": "ES256", "use": "sig",
                        "x": b64url(x), "y": b64url(y)})
             }
@@ -315,8 +366,13 @@ impl OidcIssuer {
                 .to_vec(),
             IssuerKey::Rsa(k) => {
                 let mut sig = vec![0u8; k.public_modulus_len()];
-                k.sign(&signature::RSA_PKCS1_SHA256, &SystemRandom::new(), signing_input.as_bytes(), &mut sig)
-                    .map_err(|e| DevError::Crypto(e.to_string()))?;
+                k.sign(
+                    &signature::RSA_PKCS1_SHA256,
+                    &SystemRandom::new(),
+                    signing_input.as_bytes(),
+                    &mut sig,
+                )
+                .map_err(|e| DevError::Crypto(e.to_string()))?;
                 sig
             }
         };
@@ -336,7 +392,11 @@ impl OidcIssuer {
     pub fn write_to(&self, dir: &Path) -> Result<(), DevError> {
         let pem = Zeroizing::new(pem_encode("PRIVATE KEY", &self.pkcs8));
         write_file(&dir.join(files::OIDC_KEY), pem.as_bytes(), true)?;
-        write_file(&dir.join(files::OIDC_JWKS), self.jwks().to_string().as_bytes(), false)
+        write_file(
+            &dir.join(files::OIDC_JWKS),
+            self.jwks().to_string().as_bytes(),
+            false,
+        )
     }
 }
 

@@ -69,8 +69,8 @@ impl ClientConfig {
     /// Reads a config file.
     pub fn load(path: &Path) -> Result<Self, ClientError> {
         let text = std::fs::read_to_string(path).map_err(ClientError::io(path))?;
-        let mut cfg: ClientConfig =
-            toml::from_str(&text).map_err(|e| ClientError::Config(format!("{}: {e}", path.display())))?;
+        let mut cfg: ClientConfig = toml::from_str(&text)
+            .map_err(|e| ClientError::Config(format!("{}: {e}", path.display())))?;
         let base = path.parent().unwrap_or(Path::new("."));
         let abs = |p: &mut PathBuf| {
             if p.is_relative() {
@@ -90,11 +90,18 @@ impl ClientConfig {
 
     /// The audience of an environment.
     pub fn audience(&self, environment: &str) -> Result<&str, ClientError> {
-        self.environments.get(environment).map(|e| e.audience.as_str()).ok_or_else(|| {
-            ClientError::Config(format!(
-                "environment `{environment}` is not in the client config (known: {})",
-                self.environments.keys().cloned().collect::<Vec<_>>().join(", ")
-            ))
-        })
+        self.environments
+            .get(environment)
+            .map(|e| e.audience.as_str())
+            .ok_or_else(|| {
+                ClientError::Config(format!(
+                    "environment `{environment}` is not in the client config (known: {})",
+                    self.environments
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })
     }
 }

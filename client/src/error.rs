@@ -46,11 +46,18 @@ pub enum ClientError {
 impl ClientError {
     /// Wraps a tonic status.
     pub fn rpc(rpc: &'static str, s: tonic::Status) -> Self {
-        ClientError::Rpc { rpc, code: s.code(), message: s.message().to_string() }
+        ClientError::Rpc {
+            rpc,
+            code: s.code(),
+            message: s.message().to_string(),
+        }
     }
 
     /// An I/O error on a path.
     pub fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Self + '_ {
-        move |source| ClientError::Io { path: path.display().to_string(), source }
+        move |source| ClientError::Io {
+            path: path.display().to_string(),
+            source,
+        }
     }
 }

@@ -28,12 +28,22 @@ impl RunnerKey {
 
     /// A PKCS#10 CSR for this key. The site ignores everything in it but the key.
     pub fn csr_der(&self) -> Result<Vec<u8>, ClientError> {
-        let csr = CertificateParams::default().serialize_request(&*self.0).map_err(|e| ClientError::Crypto(e.to_string()))?;
+        let csr = CertificateParams::default()
+            .serialize_request(&*self.0)
+            .map_err(|e| ClientError::Crypto(e.to_string()))?;
         Ok(csr.der().to_vec())
     }
 
-    fn private_key(&self) -> PrivateKeyDer<'static> {
-        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.0.serialize_der()))
+    /// The TLS client identity for a certificate this key enrolled (memory only).
+    pub fn identity(&self, enrollment: &v1::EnrollResponse) -> ClientIdentity {
+        ClientIdentity {
+            chain: enrollment
+                .certificate_chain
+                .iter()
+                .map(|c| CertificateDer::from(c.clone()))
+                .collect(),
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.0.serialize_der())),
+        }
     }
 }
 
@@ -51,7 +61,10 @@ pub fn local_fingerprint() -> String {
     input.extend_from_slice(machine.trim().as_bytes());
     input.push(0);
     input.extend_from_slice(runner.as_bytes());
-    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &input))
+    hex::encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        &input,
+    ))
 }
 
 /// What to enroll with.
@@ -71,12 +84,19 @@ pub struct EnrollParams {
 
 impl std::fmt::Debug for EnrollParams {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EnrollParams").field("environment", &self.environment).field("token", &"[redacted]").finish()
+        f.debug_struct("EnrollParams")
+            .field("environment", &self.environment)
+            .field("token", &"[redacted]")
+            .finish()
     }
 }
 
 /// Calls Enroll on the enroll port with a CSR for `key`.
-pub async fn enroll(cfg: &ClientConfig, key: &RunnerKey, p: &EnrollParams) -> Result<v1::EnrollResponse, ClientError> {
+pub async fn enroll(
+    cfg: &ClientConfig,
+    key: &RunnerKey,
+    p: &EnrollParams,
+) -> Result<v1::EnrollResponse, ClientError> {
     let tls = transport::tls_config(transport::roots(cfg)?, None)?;
     let ch = transport::connect(&cfg.enroll_endpoint, &cfg.server_name, tls).await?;
     let req = v1::EnrollRequest {
@@ -87,7 +107,10 @@ pub async fn enroll(cfg: &ClientConfig, key: &RunnerKey, p: &EnrollParams) -> Re
         requested_ttl_seconds: p.requested_ttl_seconds,
         environment: p.environment.clone(),
     };
-    let resp = EnrollmentClient::new(ch).enroll(req).await.map_err(|s| ClientError::rpc("Enroll", s))?;
+    let resp = EnrollmentClient::new(ch)
+        .enroll(req)
+        .await
+        .map_err(|s| ClientError::rpc("Enroll", s))?;
     Ok(resp.into_inner())
 }
 
@@ -115,20 +138,28 @@ impl Session {
         key: &RunnerKey,
         enrollment: &v1::EnrollResponse,
     ) -> Result<SignerClient<Channel>, ClientError> {
-        let chain = enrollment.certificate_chain.iter().map(|c| CertificateDer::from(c.clone())).collect();
-        let id = ClientIdentity { chain, key: key.private_key() };
-        let tls = transport::tls_config(transport::roots(cfg)?, Some(id))?;
+        let tls = transport::tls_config(transport::roots(cfg)?, Some(key.identity(enrollment)))?;
         let ch = transport::connect(&cfg.sign_endpoint, &cfg.server_name, tls).await?;
         Ok(SignerClient::new(ch))
     }
 
     /// Signs one SHA-256 digest.
-    pub async fn sign_digest(&mut self, alias: &str, digest: [u8; 32], artifact: &str) -> Result<v1::SignResponse, ClientError> {
+    pub async fn sign_digest(
+        &mut self,
+        alias: &str,
+        digest: [u8; 32],
+        artifact: &str,
+    ) -> Result<v1::SignResponse, ClientError> {
         let req = v1::SignRequest {
             key_alias: alias.to_string(),
             input: Some(v1::sign_request::Input::Sha256Digest(digest.to_vec())),
             artifact_name: artifact.to_string(),
         };
-        Ok(self.signer.sign(req).await.map_err(|s| ClientError::rpc("Sign", s))?.into_inner())
+        Ok(self
+            .signer
+            .sign(req)
+            .await
+            .map_err(|s| ClientError::rpc("Sign", s))?
+            .into_inner())
     }
 }

@@ -25,7 +25,11 @@ pub enum TokenSource {
 }
 
 /// Obtains a token for `audience`.
-pub async fn obtain(source: &TokenSource, cfg: &ClientConfig, audience: &str) -> Result<Zeroizing<String>, ClientError> {
+pub async fn obtain(
+    source: &TokenSource,
+    cfg: &ClientConfig,
+    audience: &str,
+) -> Result<Zeroizing<String>, ClientError> {
     match source {
         TokenSource::File(p) => {
             let t = std::fs::read_to_string(p).map_err(ClientError::io(p))?;
@@ -40,24 +44,40 @@ pub async fn obtain(source: &TokenSource, cfg: &ClientConfig, audience: &str) ->
 }
 
 /// Mints a GitHub-Actions-shaped token with the dev issuer (valid 5 minutes).
-pub fn dev_token(cfg: &ClientConfig, audience: &str, job: &GithubJob) -> Result<Zeroizing<String>, ClientError> {
-    let d = cfg
-        .dev_issuer
-        .as_ref()
-        .ok_or_else(|| ClientError::Token("no [dev_issuer] in the client config (dev sites only)".into()))?;
-    let issuer = OidcIssuer::load(&d.issuer, &d.kid, &d.key_file).map_err(|e| ClientError::Token(e.to_string()))?;
+pub fn dev_token(
+    cfg: &ClientConfig,
+    audience: &str,
+    job: &GithubJob,
+) -> Result<Zeroizing<String>, ClientError> {
+    let d = cfg.dev_issuer.as_ref().ok_or_else(|| {
+        ClientError::Token("no [dev_issuer] in the client config (dev sites only)".into())
+    })?;
+    let issuer = OidcIssuer::load(&d.issuer, &d.kid, &d.key_file)
+        .map_err(|e| ClientError::Token(e.to_string()))?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
-    let claims = job.claims(&d.issuer, audience, &meshsign_certs_dev::random_id(), now, 300);
-    issuer.mint(&claims).map(Zeroizing::new).map_err(|e| ClientError::Token(e.to_string()))
+    let claims = job.claims(
+        &d.issuer,
+        audience,
+        &meshsign_certs_dev::random_id(),
+        now,
+        300,
+    );
+    issuer
+        .mint(&claims)
+        .map(Zeroizing::new)
+        .map_err(|e| ClientError::Token(e.to_string()))
 }
 
 /// GitHub Actions: GET `$ACTIONS_ID_TOKEN_REQUEST_URL&audience=<aud>` with the request token.
 async fn github_actions(audience: &str) -> Result<Zeroizing<String>, ClientError> {
-    let url = std::env::var("ACTIONS_ID_TOKEN_REQUEST_URL")
-        .map_err(|_| ClientError::Token("ACTIONS_ID_TOKEN_REQUEST_URL is not set (does the job have `id-token: write`?)".into()))?;
+    let url = std::env::var("ACTIONS_ID_TOKEN_REQUEST_URL").map_err(|_| {
+        ClientError::Token(
+            "ACTIONS_ID_TOKEN_REQUEST_URL is not set (does the job have `id-token: write`?)".into(),
+        )
+    })?;
     let bearer = Zeroizing::new(
         std::env::var("ACTIONS_ID_TOKEN_REQUEST_TOKEN")
             .map_err(|_| ClientError::Token("ACTIONS_ID_TOKEN_REQUEST_TOKEN is not set".into()))?,
@@ -65,8 +85,8 @@ async fn github_actions(audience: &str) -> Result<Zeroizing<String>, ClientError
     let sep = if url.contains('?') { '&' } else { '?' };
     let full = format!("{url}{sep}audience={}", percent_encode(audience));
     let body = http_get(&full, &bearer).await?;
-    let v: serde_json::Value =
-        serde_json::from_slice(&body).map_err(|e| ClientError::Token(format!("token endpoint answered non-JSON: {e}")))?;
+    let v: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|e| ClientError::Token(format!("token endpoint answered non-JSON: {e}")))?;
     v.get("value")
         .and_then(|t| t.as_str())
         .map(|t| Zeroizing::new(t.to_string()))
@@ -76,7 +96,9 @@ async fn github_actions(audience: &str) -> Result<Zeroizing<String>, ClientError
 fn percent_encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -85,11 +107,18 @@ fn percent_encode(s: &str) -> String {
 /// A minimal HTTP/1.1 GET (https with the webpki roots, or http) returning the body.
 async fn http_get(url: &str, bearer: &str) -> Result<Vec<u8>, ClientError> {
     let terr = |m: String| ClientError::Token(m);
-    let uri: hyper::Uri = url.parse().map_err(|_| terr(format!("bad token URL {url}")))?;
-    let host = uri.host().ok_or_else(|| terr("token URL has no host".into()))?.to_string();
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|_| terr(format!("bad token URL {url}")))?;
+    let host = uri
+        .host()
+        .ok_or_else(|| terr("token URL has no host".into()))?
+        .to_string();
     let https = uri.scheme_str() == Some("https");
     let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await.map_err(|e| terr(format!("connect {host}: {e}")))?;
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+        .await
+        .map_err(|e| terr(format!("connect {host}: {e}")))?;
     let req = hyper::Request::get(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
         .header(hyper::header::HOST, host.as_str())
         .header(hyper::header::AUTHORIZATION, format!("bearer {bearer}"))
@@ -99,12 +128,15 @@ async fn http_get(url: &str, bearer: &str) -> Result<Vec<u8>, ClientError> {
     let resp = if https {
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| terr(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| terr(e.to_string()))?;
+        let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| terr(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from(host.clone())
+            .map_err(|e| terr(e.to_string()))?;
         let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
             .connect(name, tcp)
             .await
@@ -121,11 +153,21 @@ where
     T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let terr = |m: String| ClientError::Token(m);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.map_err(|e| terr(e.to_string()))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| terr(e.to_string()))?;
     tokio::spawn(conn);
-    let resp = sender.send_request(req).await.map_err(|e| terr(e.to_string()))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| terr(e.to_string()))?;
     let status = resp.status();
-    let body = resp.into_body().collect().await.map_err(|e| terr(e.to_string()))?.to_bytes();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| terr(e.to_string()))?
+        .to_bytes();
     if !status.is_success() {
         return Err(terr(format!("token endpoint answered {status}")));
     }

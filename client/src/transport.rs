@@ -23,7 +23,10 @@ pub struct ClientIdentity {
 
 impl std::fmt::Debug for ClientIdentity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClientIdentity").field("chain_len", &self.chain.len()).field("key", &"[redacted]").finish()
+        f.debug_struct("ClientIdentity")
+            .field("chain_len", &self.chain.len())
+            .field("key", &"[redacted]")
+            .finish()
     }
 }
 
@@ -38,19 +41,26 @@ pub fn roots(cfg: &ClientConfig) -> Result<RootCertStore, ClientError> {
         .map_err(|e| ClientError::Config(format!("{}: {e}", cfg.ca_file.display())))?;
     for c in certs {
         let c = c.map_err(|e| ClientError::Config(format!("{}: {e}", cfg.ca_file.display())))?;
-        store.add(c).map_err(|e| ClientError::Config(format!("{}: {e}", cfg.ca_file.display())))?;
+        store
+            .add(c)
+            .map_err(|e| ClientError::Config(format!("{}: {e}", cfg.ca_file.display())))?;
     }
     Ok(store)
 }
 
 /// A rustls client config: TLS 1.3 only, ALPN h2, optional client certificate.
-pub fn tls_config(roots: RootCertStore, identity: Option<ClientIdentity>) -> Result<Arc<TlsConfig>, ClientError> {
+pub fn tls_config(
+    roots: RootCertStore,
+    identity: Option<ClientIdentity>,
+) -> Result<Arc<TlsConfig>, ClientError> {
     let b = TlsConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&TLS13])
         .map_err(|e| ClientError::Crypto(e.to_string()))?
         .with_root_certificates(roots);
     let mut cfg = match identity {
-        Some(id) => b.with_client_auth_cert(id.chain, id.key).map_err(|e| ClientError::Crypto(e.to_string()))?,
+        Some(id) => b
+            .with_client_auth_cert(id.chain, id.key)
+            .map_err(|e| ClientError::Crypto(e.to_string()))?,
         None => b.with_no_client_auth(),
     };
     cfg.alpn_protocols = vec![b"h2".to_vec()];
@@ -59,11 +69,20 @@ pub fn tls_config(roots: RootCertStore, identity: Option<ClientIdentity>) -> Res
 
 /// Opens a gRPC channel to `endpoint` (`host:port`) with `tls`, checking the server as
 /// `server_name`. The connection is made now, so TLS failures surface here.
-pub async fn connect(endpoint: &str, server_name: &str, tls: Arc<TlsConfig>) -> Result<Channel, ClientError> {
-    let err = |m: String| ClientError::Connect { endpoint: endpoint.to_string(), message: m };
+pub async fn connect(
+    endpoint: &str,
+    server_name: &str,
+    tls: Arc<TlsConfig>,
+) -> Result<Channel, ClientError> {
+    let err = |m: String| ClientError::Connect {
+        endpoint: endpoint.to_string(),
+        message: m,
+    };
     let name = ServerName::try_from(server_name.to_string()).map_err(|e| err(e.to_string()))?;
     let addr = endpoint.to_string();
-    let uri: Uri = format!("http://{endpoint}").parse().map_err(|_| err("not host:port".into()))?;
+    let uri: Uri = format!("http://{endpoint}")
+        .parse()
+        .map_err(|_| err("not host:port".into()))?;
     let connector = tower::service_fn(move |_: Uri| {
         let (tls, name, addr) = (tls.clone(), name.clone(), addr.clone());
         async move {
@@ -73,7 +92,10 @@ pub async fn connect(endpoint: &str, server_name: &str, tls: Arc<TlsConfig>) -> 
             Ok::<_, std::io::Error>(TokioIo::new(stream))
         }
     });
-    Endpoint::from(uri).connect_with_connector(connector).await.map_err(|e| err(source_chain(&e)))
+    Endpoint::from(uri)
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| err(source_chain(&e)))
 }
 
 /// The error and its causes, joined, so TLS alerts are visible.

@@ -66,17 +66,31 @@ pub fn spki_from_pem(pem: &str) -> Result<Vec<u8>, ClientError> {
 }
 
 /// Verifies a DER ECDSA P-256 signature over a SHA-256 digest with an SPKI public key.
-pub fn verify_digest(spki_der: &[u8], digest: &[u8; 32], sig_der: &[u8]) -> Result<(), ClientError> {
-    let vk = VerifyingKey::from_public_key_der(spki_der).map_err(|e| ClientError::Verify(format!("public key: {e}")))?;
-    let sig = DerSignature::try_from(sig_der).map_err(|e| ClientError::Verify(format!("signature encoding: {e}")))?;
-    vk.verify_prehash(digest, &sig).map_err(|_| ClientError::Verify("signature does not match".into()))
+pub fn verify_digest(
+    spki_der: &[u8],
+    digest: &[u8; 32],
+    sig_der: &[u8],
+) -> Result<(), ClientError> {
+    let vk = VerifyingKey::from_public_key_der(spki_der)
+        .map_err(|e| ClientError::Verify(format!("public key: {e}")))?;
+    let sig = DerSignature::try_from(sig_der)
+        .map_err(|e| ClientError::Verify(format!("signature encoding: {e}")))?;
+    vk.verify_prehash(digest, &sig)
+        .map_err(|_| ClientError::Verify("signature does not match".into()))
 }
 
 /// Checks `file` against its bundle: the digest matches and the signature verifies under the
 /// bundle's key, which must equal `pinned_spki` when one is given.
-pub fn verify_file(file: &Path, bundle: &SigBundle, pinned_spki: Option<&[u8]>) -> Result<(), ClientError> {
+pub fn verify_file(
+    file: &Path,
+    bundle: &SigBundle,
+    pinned_spki: Option<&[u8]>,
+) -> Result<(), ClientError> {
     if bundle.algorithm != "ecdsa-p256-sha256" {
-        return Err(ClientError::Verify(format!("unsupported algorithm {}", bundle.algorithm)));
+        return Err(ClientError::Verify(format!(
+            "unsupported algorithm {}",
+            bundle.algorithm
+        )));
     }
     let digest = sha256_file(file)?;
     if hex::encode(digest) != bundle.digest_sha256 {
@@ -89,7 +103,9 @@ pub fn verify_file(file: &Path, bundle: &SigBundle, pinned_spki: Option<&[u8]>) 
     if let Some(pin) = pinned_spki
         && pin != spki.as_slice()
     {
-        return Err(ClientError::Verify("bundle key is not the pinned public key".into()));
+        return Err(ClientError::Verify(
+            "bundle key is not the pinned public key".into(),
+        ));
     }
     let sig = base64::engine::general_purpose::STANDARD
         .decode(&bundle.signature)

@@ -1,6 +1,8 @@
 //! The README's quick start, for real: `meshsignd dev` (the binary) on loopback, then the
 //! `meshsign` CLI signs and verifies files; openssl checks the signatures.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
+
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -13,7 +15,11 @@ fn meshsign() -> PathBuf {
 
 fn meshsignd() -> PathBuf {
     let p = meshsign().with_file_name(format!("meshsignd{}", std::env::consts::EXE_SUFFIX));
-    assert!(p.exists(), "{} not built: run `cargo test --workspace`", p.display());
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo test --workspace`",
+        p.display()
+    );
     p
 }
 
@@ -32,7 +38,14 @@ fn start_dev(dir: &Path) -> DevSite {
     let mut child = Command::new(meshsignd())
         .args(["dev", "--data-dir"])
         .arg(dir)
-        .args(["--enroll-port", "0", "--sign-port", "0", "--admin-port", "0"])
+        .args([
+            "--enroll-port",
+            "0",
+            "--sign-port",
+            "0",
+            "--admin-port",
+            "0",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -40,7 +53,10 @@ fn start_dev(dir: &Path) -> DevSite {
     let out = child.stdout.take().unwrap();
     let mut lines = BufReader::new(out).lines();
     loop {
-        let line = lines.next().expect("meshsignd dev exited before it was up").unwrap();
+        let line = lines
+            .next()
+            .expect("meshsignd dev exited before it was up")
+            .unwrap();
         if line.contains("DEV site is up") {
             break;
         }
@@ -59,12 +75,18 @@ fn run(dir: &Path, args: &[&str]) -> (i32, String, String) {
         .env_remove("MESHSIGN_CONFIG")
         .output()
         .unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 fn first_pem(text: &str) -> String {
     let start = text.find("-----BEGIN PUBLIC KEY-----").unwrap();
-    let end = text[start..].find("-----END PUBLIC KEY-----").unwrap() + start + "-----END PUBLIC KEY-----".len();
+    let end = text[start..].find("-----END PUBLIC KEY-----").unwrap()
+        + start
+        + "-----END PUBLIC KEY-----".len();
     format!("{}\n", &text[start..end])
 }
 
@@ -77,13 +99,39 @@ fn quick_start_sign_and_verify_with_the_real_binaries() {
 
     std::fs::write(dir.join("a.bin"), vec![7u8; 300_000]).unwrap();
     std::fs::write(dir.join("b.txt"), b"hello\n").unwrap();
-    let before: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let before: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
 
-    let (code, out, err) = run(dir, &["sign", "--environment", "staging", "--key", "release", "a.bin", "b.txt"]);
+    let (code, out, err) = run(
+        dir,
+        &[
+            "sign",
+            "--environment",
+            "staging",
+            "--key",
+            "release",
+            "a.bin",
+            "b.txt",
+        ],
+    );
     assert_eq!(code, 0, "{out}{err}");
-    assert!(err.contains("spiffe://meshsign.dev/runner/staging/local/"), "{err}");
+    assert!(
+        err.contains("spiffe://meshsign.dev/runner/staging/local/"),
+        "{err}"
+    );
 
-    let (code, vm, err) = run(dir, &["verification-material", "--environment", "staging", "--key", "release"]);
+    let (code, vm, err) = run(
+        dir,
+        &[
+            "verification-material",
+            "--environment",
+            "staging",
+            "--key",
+            "release",
+        ],
+    );
     assert_eq!(code, 0, "{err}");
     assert!(vm.contains("release@v1"));
     std::fs::write(dir.join("pub.pem"), first_pem(&vm)).unwrap();
@@ -92,10 +140,22 @@ fn quick_start_sign_and_verify_with_the_real_binaries() {
     for f in ["a.bin", "b.txt"] {
         let o = Command::new("openssl")
             .current_dir(dir)
-            .args(["dgst", "-sha256", "-verify", "pub.pem", "-signature", &format!("{f}.sig"), f])
+            .args([
+                "dgst",
+                "-sha256",
+                "-verify",
+                "pub.pem",
+                "-signature",
+                &format!("{f}.sig"),
+                f,
+            ])
             .output()
             .unwrap();
-        assert!(o.status.success(), "{f}: {}", String::from_utf8_lossy(&o.stdout));
+        assert!(
+            o.status.success(),
+            "{f}: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
     }
 
     let (code, out, _) = run(dir, &["verify", "b.txt", "--public-key", "pub.pem"]);
@@ -114,12 +174,30 @@ fn quick_start_sign_and_verify_with_the_real_binaries() {
         .collect();
     let mut after = after;
     after.sort();
-    assert_eq!(after, ["a.bin.sig", "a.bin.sig.json", "b.txt.sig", "b.txt.sig.json", "pub.pem"]);
+    assert_eq!(
+        after,
+        [
+            "a.bin.sig",
+            "a.bin.sig.json",
+            "b.txt.sig",
+            "b.txt.sig.json",
+            "pub.pem"
+        ]
+    );
     drop(site);
 
     // Dev mode reuses what it made: same key after a restart.
     let _site = start_dev(&site_dir);
-    let (code, vm2, _) = run(dir, &["verification-material", "--environment", "staging", "--key", "release"]);
+    let (code, vm2, _) = run(
+        dir,
+        &[
+            "verification-material",
+            "--environment",
+            "staging",
+            "--key",
+            "release",
+        ],
+    );
     assert_eq!(code, 0);
     assert_eq!(first_pem(&vm2), first_pem(&vm));
 }
@@ -130,13 +208,43 @@ fn dev_token_token_file_and_github_actions_source() {
     let dir = tmp.path();
     let _site = start_dev(&dir.join("site"));
 
-    let (code, token, err) = run(dir, &["dev", "token", "--environment", "production", "--repository", "acme/ios", "--job-id", "77"]);
+    let (code, token, err) = run(
+        dir,
+        &[
+            "dev",
+            "token",
+            "--environment",
+            "production",
+            "--repository",
+            "acme/ios",
+            "--job-id",
+            "77",
+        ],
+    );
     assert_eq!(code, 0, "{err}");
     let token = token.trim().to_string();
     let payload = token.split('.').nth(1).unwrap();
-    let claims: serde_json::Value =
-        serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
-    for k in ["iss", "aud", "sub", "repository", "ref", "environment", "job_workflow_ref", "run_id", "runner_environment", "jti", "iat", "nbf", "exp"] {
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
+    for k in [
+        "iss",
+        "aud",
+        "sub",
+        "repository",
+        "ref",
+        "environment",
+        "job_workflow_ref",
+        "run_id",
+        "runner_environment",
+        "jti",
+        "iat",
+        "nbf",
+        "exp",
+    ] {
         assert!(claims.get(k).is_some(), "claim {k} missing: {claims}");
     }
     assert_eq!(claims["sub"], "repo:acme/ios:environment:production");
@@ -145,16 +253,55 @@ fn dev_token_token_file_and_github_actions_source() {
 
     std::fs::write(dir.join("f"), b"x").unwrap();
     std::fs::write(dir.join("tok"), &token).unwrap();
-    let (code, out, err) = run(dir, &["sign", "--environment", "production", "--key", "release", "--token-file", "tok", "f"]);
+    let (code, out, err) = run(
+        dir,
+        &[
+            "sign",
+            "--environment",
+            "production",
+            "--key",
+            "release",
+            "--token-file",
+            "tok",
+            "f",
+        ],
+    );
     assert_eq!(code, 0, "{out}{err}");
     // The same token again: refused (single use), non-zero exit naming the check.
-    let (code, _, err) = run(dir, &["sign", "--environment", "production", "--key", "release", "--token-file", "tok", "f"]);
+    let (code, _, err) = run(
+        dir,
+        &[
+            "sign",
+            "--environment",
+            "production",
+            "--key",
+            "release",
+            "--token-file",
+            "tok",
+            "f",
+        ],
+    );
     assert_eq!(code, 1);
     assert!(err.contains("jti"), "{err}");
     // A production token for a staging step: refused.
-    let (code, _, err) = run(dir, &["sign", "--environment", "staging", "--key", "release", "--token-file", "tok", "f"]);
+    let (code, _, err) = run(
+        dir,
+        &[
+            "sign",
+            "--environment",
+            "staging",
+            "--key",
+            "release",
+            "--token-file",
+            "tok",
+            "f",
+        ],
+    );
     assert_eq!(code, 1);
-    assert!(err.contains("PermissionDenied") && err.contains("environment"), "{err}");
+    assert!(
+        err.contains("PermissionDenied") && err.contains("environment"),
+        "{err}"
+    );
 
     // GitHub Actions' token endpoint, played by a loopback HTTP server that checks the request.
     let (code, fresh, _) = run(dir, &["dev", "token", "--environment", "production"]);
@@ -175,13 +322,36 @@ fn dev_token_token_file_and_github_actions_source() {
         .current_dir(dir)
         .arg("--config")
         .arg(dir.join("site/client.toml"))
-        .args(["sign", "--environment", "production", "--key", "release", "--token-source", "github-actions", "f"])
-        .env("ACTIONS_ID_TOKEN_REQUEST_URL", format!("http://127.0.0.1:{port}/token?api-version=2.0"))
+        .args([
+            "sign",
+            "--environment",
+            "production",
+            "--key",
+            "release",
+            "--token-source",
+            "github-actions",
+            "f",
+        ])
+        .env(
+            "ACTIONS_ID_TOKEN_REQUEST_URL",
+            format!("http://127.0.0.1:{port}/token?api-version=2.0"),
+        )
         .env("ACTIONS_ID_TOKEN_REQUEST_TOKEN", "request-bearer")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let req = server.join().unwrap();
-    assert!(req.starts_with("GET /token?api-version=2.0&audience=meshsign%3Aproduction%3Alocal "), "{req}");
-    assert!(req.to_ascii_lowercase().contains("authorization: bearer request-bearer"), "{req}");
+    assert!(
+        req.starts_with("GET /token?api-version=2.0&audience=meshsign%3Aproduction%3Alocal "),
+        "{req}"
+    );
+    assert!(
+        req.to_ascii_lowercase()
+            .contains("authorization: bearer request-bearer"),
+        "{req}"
+    );
 }

@@ -69,7 +69,10 @@ impl RunnerId {
 
 /// True for exactly 64 lowercase hex characters (a SHA-256 in hex).
 pub fn is_valid_fingerprint(fp: &str) -> bool {
-    fp.len() == 64 && fp.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    fp.len() == 64
+        && fp
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// The job claims a runner certificate carries (DESIGN.md "Runner certificate profile").
@@ -121,7 +124,10 @@ impl JobClaims {
 
 /// DER encoding (tag, length, content) of the claims extension OID.
 pub fn claims_extension_oid_der() -> Vec<u8> {
-    oid_der(&[OidArc::Small(2 * 40 + 25), OidArc::Big(CLAIMS_EXTENSION_UUID)])
+    oid_der(&[
+        OidArc::Small(2 * 40 + 25),
+        OidArc::Big(CLAIMS_EXTENSION_UUID),
+    ])
 }
 
 /// Dotted form of the claims extension OID, `2.25.<decimal>`.
@@ -181,7 +187,9 @@ fn der_read_len(buf: &[u8]) -> Option<(usize, &[u8])> {
     if n == 0 || n > 4 || rest.len() < n {
         return None;
     }
-    let len = rest[..n].iter().fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+    let len = rest[..n]
+        .iter()
+        .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
     Some((len, &rest[n..]))
 }
 
@@ -244,7 +252,10 @@ mod tests {
             OidArc::Small(3),
             OidArc::Small(2),
         ]);
-        assert_eq!(der, [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02]);
+        assert_eq!(
+            der,
+            [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02]
+        );
         let claims = claims_extension_oid_der();
         assert_eq!(claims[0], 0x06);
         assert_eq!(usize::from(claims[1]), claims.len() - 2);

@@ -13,7 +13,8 @@ pub mod v1 {
 }
 
 /// Encoded `FileDescriptorSet` of the contract, for gRPC server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/meshsign_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/meshsign_descriptor.bin"));
 
 /// Encodes DER as PEM with the given label (64-column base64 lines).
 pub fn pem_encode(label: &str, der: &[u8]) -> String {

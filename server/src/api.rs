@@ -5,7 +5,8 @@
 use std::sync::Arc;
 
 use meshsign_proto::v1::{
-    self, enrollment_server::EnrollmentServer, signer_server::SignerServer, verification_server::VerificationServer,
+    self, enrollment_server::EnrollmentServer, signer_server::SignerServer,
+    verification_server::VerificationServer,
 };
 use tonic::transport::Server;
 use tonic::transport::server::Router;
@@ -32,11 +33,26 @@ impl IntoStatus for EnrollError {
         use EnrollError::*;
         let code = match &self {
             UnknownEnvironment(_) | Csr(_) | CsrKey | Fingerprint => Code::InvalidArgument,
-            EnvironmentMismatch { .. } | PolicyDisabled(_) | BoundClaim { .. } => Code::PermissionDenied,
-            Malformed(_) | Algorithm(_) | UnknownKid(_) | Signature(_) | Issuer(_) | Audience(_) | Expired { .. }
-            | NotYetValid { .. } | IssuedAt(_) | MissingJti | Replay(_) => Code::Unauthenticated,
+            EnvironmentMismatch { .. } | PolicyDisabled(_) | BoundClaim { .. } => {
+                Code::PermissionDenied
+            }
+            Malformed(_)
+            | Algorithm(_)
+            | UnknownKid(_)
+            | Signature(_)
+            | Issuer(_)
+            | Audience(_)
+            | Expired { .. }
+            | NotYetValid { .. }
+            | IssuedAt(_)
+            | MissingJti
+            | Replay(_) => Code::Unauthenticated,
             Region { .. } => Code::FailedPrecondition,
-            Audit(_) => return Status::unavailable("audit_unavailable: the audit log cannot be written; nothing was issued"),
+            Audit(_) => {
+                return Status::unavailable(
+                    "audit_unavailable: the audit log cannot be written; nothing was issued",
+                );
+            }
             Issue(_) | Store(_) => return internal(&self, &self),
         };
         Status::new(code, self.to_string())
@@ -47,11 +63,15 @@ impl IntoStatus for AuthzError {
     fn into_status(self) -> Status {
         use AuthzError::*;
         let code = match &self {
-            NoCertificate | BadCertificate(_) | UnknownCertificate(_) | Revoked { .. } | Expired { .. } => {
-                Code::Unauthenticated
-            }
+            NoCertificate
+            | BadCertificate(_)
+            | UnknownCertificate(_)
+            | Revoked { .. }
+            | Expired { .. } => Code::Unauthenticated,
             Region { .. } => Code::FailedPrecondition,
-            IssuerUntrusted(_) | PolicyDisabled(_) | KeyNotInPartition { .. } | Access { .. } => Code::PermissionDenied,
+            IssuerUntrusted(_) | PolicyDisabled(_) | KeyNotInPartition { .. } | Access { .. } => {
+                Code::PermissionDenied
+            }
             Store(_) => return internal(&self, &self),
         };
         Status::new(code, self.to_string())
@@ -63,16 +83,19 @@ impl IntoStatus for SignError {
         match self {
             SignError::Authz(e) => e.into_status(),
             SignError::Input { .. } => Status::invalid_argument(self.to_string()),
-            SignError::Audit(_) => {
-                Status::unavailable("audit_unavailable: the audit log cannot be written; nothing was signed")
-            }
+            SignError::Audit(_) => Status::unavailable(
+                "audit_unavailable: the audit log cannot be written; nothing was signed",
+            ),
             SignError::Custody(ref e) => internal(&self, e),
         }
     }
 }
 
 fn ts(unix: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp { seconds: unix, nanos: 0 }
+    prost_types::Timestamp {
+        seconds: unix,
+        nanos: 0,
+    }
 }
 
 fn peer<T>(req: &Request<T>) -> String {
@@ -87,7 +110,10 @@ pub struct EnrollmentApi(pub Arc<SiteState>);
 
 #[tonic::async_trait]
 impl v1::enrollment_server::Enrollment for EnrollmentApi {
-    async fn enroll(&self, req: Request<v1::EnrollRequest>) -> Result<Response<v1::EnrollResponse>, Status> {
+    async fn enroll(
+        &self,
+        req: Request<v1::EnrollRequest>,
+    ) -> Result<Response<v1::EnrollResponse>, Status> {
         let peer = peer(&req);
         let r = req.into_inner();
         let input = EnrollInput {
@@ -99,7 +125,9 @@ impl v1::enrollment_server::Enrollment for EnrollmentApi {
             environment: r.environment,
             peer,
         };
-        let out = enroll::enroll(&self.0, input).await.map_err(IntoStatus::into_status)?;
+        let out = enroll::enroll(&self.0, input)
+            .await
+            .map_err(IntoStatus::into_status)?;
         Ok(Response::new(v1::EnrollResponse {
             certificate_chain: out.chain,
             serial: out.serial_hex,
@@ -129,9 +157,13 @@ impl SignerApi {
 
     async fn run<T>(&self, req: &Request<T>, input: SignInput) -> Result<SignOutput, Status> {
         match self.caller(req) {
-            Ok(caller) => signing::sign(&self.0, &caller, input).await.map_err(IntoStatus::into_status),
+            Ok(caller) => signing::sign(&self.0, &caller, input)
+                .await
+                .map_err(IntoStatus::into_status),
             Err(e) => {
-                signing::refuse_uncallered(&self.0, &input, &e).await.map_err(IntoStatus::into_status)?;
+                signing::refuse_uncallered(&self.0, &input, &e)
+                    .await
+                    .map_err(IntoStatus::into_status)?;
                 Err(e.into_status())
             }
         }
@@ -140,7 +172,10 @@ impl SignerApi {
 
 #[tonic::async_trait]
 impl v1::signer_server::Signer for SignerApi {
-    async fn sign(&self, req: Request<v1::SignRequest>) -> Result<Response<v1::SignResponse>, Status> {
+    async fn sign(
+        &self,
+        req: Request<v1::SignRequest>,
+    ) -> Result<Response<v1::SignResponse>, Status> {
         let peer = peer(&req);
         let r = req.get_ref();
         let payload = match &r.input {
@@ -148,8 +183,13 @@ impl v1::signer_server::Signer for SignerApi {
             Some(v1::sign_request::Input::Message(m)) => Payload::Message(m.clone()),
             None => Payload::Missing,
         };
-        let input =
-            SignInput { rpc: "Sign", alias: r.key_alias.clone(), payload, artifact: r.artifact_name.clone(), peer };
+        let input = SignInput {
+            rpc: "Sign",
+            alias: r.key_alias.clone(),
+            payload,
+            artifact: r.artifact_name.clone(),
+            peer,
+        };
         let mut out = self.run(&req, input).await?;
         Ok(Response::new(v1::SignResponse {
             signature: out.signatures.pop().unwrap_or_default(),
@@ -163,7 +203,10 @@ impl v1::signer_server::Signer for SignerApi {
         }))
     }
 
-    async fn sign_batch(&self, req: Request<v1::SignBatchRequest>) -> Result<Response<v1::SignBatchResponse>, Status> {
+    async fn sign_batch(
+        &self,
+        req: Request<v1::SignBatchRequest>,
+    ) -> Result<Response<v1::SignBatchResponse>, Status> {
         let peer = peer(&req);
         let r = req.get_ref();
         let input = SignInput {
@@ -199,9 +242,16 @@ impl v1::verification_server::Verification for VerificationApi {
         req: Request<v1::GetVerificationMaterialRequest>,
     ) -> Result<Response<v1::GetVerificationMaterialResponse>, Status> {
         let r = req.into_inner();
-        let versions = self.0.keys.versions(&r.environment, &r.key_alias).ok_or_else(|| {
-            Status::not_found(format!("key: no key `{}` in environment `{}`", r.key_alias, r.environment))
-        })?;
+        let versions = self
+            .0
+            .keys
+            .versions(&r.environment, &r.key_alias)
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "key: no key `{}` in environment `{}`",
+                    r.key_alias, r.environment
+                ))
+            })?;
         let last = versions.len().saturating_sub(1);
         let keys = versions
             .iter()
@@ -235,32 +285,54 @@ pub struct Routers {
     pub admin: Router,
 }
 
-fn reflection() -> Result<
-    (
-        tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
-        tonic_reflection::server::v1alpha::ServerReflectionServer<impl tonic_reflection::server::v1alpha::ServerReflection>,
-    ),
-    String,
-> {
+/// Adds reflection (v1 and v1alpha), listing only the services this port serves, to `router`
+/// (or starts a router on `server` with it).
+fn with_reflection(
+    mut server: Server,
+    router: Option<Router>,
+    services: &[&str],
+) -> Result<Router, String> {
     let b = || {
-        tonic_reflection::server::Builder::configure()
+        let mut b = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(meshsign_proto::FILE_DESCRIPTOR_SET)
+            .with_service_name("grpc.reflection.v1.ServerReflection")
+            .with_service_name("grpc.reflection.v1alpha.ServerReflection");
+        for s in services {
+            b = b.with_service_name(*s);
+        }
+        b
     };
-    Ok((b().build_v1().map_err(|e| e.to_string())?, b().build_v1alpha().map_err(|e| e.to_string())?))
+    let v1 = b().build_v1().map_err(|e| e.to_string())?;
+    let v1alpha = b().build_v1alpha().map_err(|e| e.to_string())?;
+    let router = match router {
+        Some(r) => r.add_service(v1),
+        None => server.add_service(v1),
+    };
+    Ok(router.add_service(v1alpha))
 }
 
 /// Builds the routers for a site.
 pub fn routers(state: Arc<SiteState>) -> Result<Routers, String> {
-    let server = || Server::builder().tcp_nodelay(true).http2_keepalive_interval(Some(std::time::Duration::from_secs(30)));
-    let (r1, r1a) = reflection()?;
+    let server = || {
+        Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+    };
     let enroll = server()
         .add_service(EnrollmentServer::new(EnrollmentApi(state.clone())))
-        .add_service(VerificationServer::new(VerificationApi(state.clone())))
-        .add_service(r1)
-        .add_service(r1a);
-    let (r2, r2a) = reflection()?;
-    let sign = server().add_service(SignerServer::new(SignerApi(state.clone()))).add_service(r2).add_service(r2a);
-    let (r3, r3a) = reflection()?;
-    let admin = server().add_service(r3).add_service(r3a);
-    Ok(Routers { enroll, sign, admin })
+        .add_service(VerificationServer::new(VerificationApi(state.clone())));
+    let enroll = with_reflection(
+        server(),
+        Some(enroll),
+        &["meshsign.v1.Enrollment", "meshsign.v1.Verification"],
+    )?;
+    let sign = server().add_service(SignerServer::new(SignerApi(state)));
+    let sign = with_reflection(server(), Some(sign), &["meshsign.v1.Signer"])?;
+    // Admin services arrive with the ops issue; the port already enforces the admin CA.
+    let admin = with_reflection(server(), None, &[])?;
+    Ok(Routers {
+        enroll,
+        sign,
+        admin,
+    })
 }

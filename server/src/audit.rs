@@ -111,7 +111,9 @@ pub struct AuditLog {
 
 impl std::fmt::Debug for AuditLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AuditLog").field("region", &self.region).finish_non_exhaustive()
+        f.debug_struct("AuditLog")
+            .field("region", &self.region)
+            .finish_non_exhaustive()
     }
 }
 
@@ -120,13 +122,27 @@ impl AuditLog {
     pub fn open(store: Store, clock: SharedClock, region: &str) -> Result<Self, AuditError> {
         let head = match store.kv().last(Tree::Audit)? {
             Some((_, v)) => {
-                let last: AuditRecord = serde_json::from_slice(&v)
-                    .map_err(|e| StoreError::Corrupt { tree: "audit", message: e.to_string() })?;
-                Head { seq: last.seq, hash: last.hash }
+                let last: AuditRecord =
+                    serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                        tree: "audit",
+                        message: e.to_string(),
+                    })?;
+                Head {
+                    seq: last.seq,
+                    hash: last.hash,
+                }
             }
-            None => Head { seq: 0, hash: String::new() },
+            None => Head {
+                seq: 0,
+                hash: String::new(),
+            },
         };
-        Ok(Self { store, clock, region: region.to_string(), head: Arc::new(Mutex::new(head)) })
+        Ok(Self {
+            store,
+            clock,
+            region: region.to_string(),
+            head: Arc::new(Mutex::new(head)),
+        })
     }
 
     /// Appends a record (seq, ts, region and chain filled in here) and waits until it is durable.
@@ -152,7 +168,9 @@ impl AuditLog {
             ttl_remaining_sec = ?rec.ttl_remaining_sec, peer = %rec.peer,
         );
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.flush()).await.map_err(|_| AuditError::Join)??;
+        tokio::task::spawn_blocking(move || store.flush())
+            .await
+            .map_err(|_| AuditError::Join)??;
         Ok(rec)
     }
 

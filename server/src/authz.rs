@@ -97,9 +97,9 @@ impl AuthzError {
     /// The check's name, used as the audit reason.
     pub fn check(&self) -> &'static str {
         match self {
-            AuthzError::NoCertificate | AuthzError::BadCertificate(_) | AuthzError::UnknownCertificate(_) => {
-                "certificate"
-            }
+            AuthzError::NoCertificate
+            | AuthzError::BadCertificate(_)
+            | AuthzError::UnknownCertificate(_) => "certificate",
             AuthzError::Revoked { .. } => "certificate_revoked",
             AuthzError::Expired { .. } => "certificate_expired",
             AuthzError::Region { .. } => "region",
@@ -136,7 +136,8 @@ impl Caller {
             .iter()
             .find(|e| e.oid.as_bytes() == &oid[2..])
             .ok_or_else(|| bad("no claims extension"))?;
-        let claims = JobClaims::from_extension_value(ext.value).map_err(|e| AuthzError::BadCertificate(e.to_string()))?;
+        let claims = JobClaims::from_extension_value(ext.value)
+            .map_err(|e| AuthzError::BadCertificate(e.to_string()))?;
         Ok(Self {
             id,
             claims,
@@ -159,30 +160,49 @@ pub fn authorize(site: &SiteState, caller: &Caller, alias: &str) -> Result<Loade
         .get(Tree::Certs, caller.serial_hex.as_bytes())?
         .ok_or_else(|| AuthzError::UnknownCertificate(caller.serial_hex.clone()))?;
     if let Some(reason) = &record.revoked {
-        return Err(AuthzError::Revoked { serial: record.serial.clone(), reason: reason.clone() });
+        return Err(AuthzError::Revoked {
+            serial: record.serial.clone(),
+            reason: reason.clone(),
+        });
     }
     if now >= caller.not_after {
-        return Err(AuthzError::Expired { not_after: caller.not_after, now });
+        return Err(AuthzError::Expired {
+            not_after: caller.not_after,
+            now,
+        });
     }
     if caller.id.region != site.config.region || record.region != site.config.region {
-        return Err(AuthzError::Region { cert: caller.id.region.clone(), site: site.config.region.clone() });
+        return Err(AuthzError::Region {
+            cert: caller.id.region.clone(),
+            site: site.config.region.clone(),
+        });
     }
     let partition = &record.environment;
     if caller.id.environment != *partition {
-        return Err(AuthzError::BadCertificate("partition differs from the issuance record".into()));
+        return Err(AuthzError::BadCertificate(
+            "partition differs from the issuance record".into(),
+        ));
     }
     if !site.issuer_trusted(partition, &record.issuer_id) {
         return Err(AuthzError::IssuerUntrusted(record.issuer_id.clone()));
     }
     if !site.policy_enabled(partition, &record.claims.trust_policy) {
-        return Err(AuthzError::PolicyDisabled(record.claims.trust_policy.clone()));
+        return Err(AuthzError::PolicyDisabled(
+            record.claims.trust_policy.clone(),
+        ));
     }
     let spec = site
         .config
         .partition(partition)
         .and_then(|p| p.key(alias))
-        .ok_or_else(|| AuthzError::KeyNotInPartition { alias: alias.to_string(), partition: partition.clone() })?;
-    if !spec.access.admits(&record.claims.repository, &record.claims.git_ref) {
+        .ok_or_else(|| AuthzError::KeyNotInPartition {
+            alias: alias.to_string(),
+            partition: partition.clone(),
+        })?;
+    if !spec
+        .access
+        .admits(&record.claims.repository, &record.claims.git_ref)
+    {
         return Err(AuthzError::Access {
             alias: alias.to_string(),
             repository: record.claims.repository.clone(),
@@ -192,5 +212,8 @@ pub fn authorize(site: &SiteState, caller: &Caller, alias: &str) -> Result<Loade
     site.keys
         .active(partition, alias)
         .cloned()
-        .ok_or_else(|| AuthzError::KeyNotInPartition { alias: alias.to_string(), partition: partition.clone() })
+        .ok_or_else(|| AuthzError::KeyNotInPartition {
+            alias: alias.to_string(),
+            partition: partition.clone(),
+        })
 }

@@ -11,7 +11,10 @@ pub trait Clock: Send + Sync + std::fmt::Debug + 'static {
 
     /// Seconds since the Unix epoch (0 before the epoch).
     fn unix(&self) -> i64 {
-        self.now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+        self.now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0)
     }
 }
 
@@ -65,7 +68,10 @@ pub struct RustlsTime(pub SharedClock);
 impl rustls::time_provider::TimeProvider for RustlsTime {
     fn current_time(&self) -> Option<rustls_pki_types::UnixTime> {
         Some(rustls_pki_types::UnixTime::since_unix_epoch(
-            self.0.now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO),
+            self.0
+                .now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or(Duration::ZERO),
         ))
     }
 }

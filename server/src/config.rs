@@ -41,7 +41,10 @@ pub enum ConfigError {
 }
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { field: field.into(), message: message.into() }
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
 }
 
 // === raw schema ===
@@ -292,14 +295,17 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
 fn is_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 impl SiteConfig {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Io { path: path.display().to_string(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
         Self::from_toml(&text, base)
     }
@@ -314,8 +320,15 @@ impl SiteConfig {
             let message = e.inner().message().to_string();
             let mut field = e.path().to_string();
             // A missing field is reported at its parent; name the field itself.
-            if let Some(name) = message.strip_prefix("missing field `").and_then(|m| m.strip_suffix('`')) {
-                field = if field == "." { name.to_string() } else { format!("{field}.{name}") };
+            if let Some(name) = message
+                .strip_prefix("missing field `")
+                .and_then(|m| m.strip_suffix('`'))
+            {
+                field = if field == "." {
+                    name.to_string()
+                } else {
+                    format!("{field}.{name}")
+                };
             }
             ConfigError::Schema { field, message }
         })?;
@@ -326,17 +339,26 @@ impl SiteConfig {
 fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
     let abs = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
     if raw.trust_domain.is_empty()
-        || !raw.trust_domain.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+        || !raw
+            .trust_domain
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
     {
         return Err(invalid("trust_domain", "must be a lowercase DNS name"));
     }
     if !is_name(&raw.region) {
-        return Err(invalid("region", "must be lowercase letters, digits, '-' or '_'"));
+        return Err(invalid(
+            "region",
+            "must be lowercase letters, digits, '-' or '_'",
+        ));
     }
     let l = &raw.listen;
     let clash = |a: SocketAddr, b: SocketAddr| a == b && a.port() != 0;
     if clash(l.enroll, l.sign) || clash(l.sign, l.admin) || clash(l.enroll, l.admin) {
-        return Err(invalid("listen", "enroll, sign and admin need distinct addresses"));
+        return Err(invalid(
+            "listen",
+            "enroll, sign and admin need distinct addresses",
+        ));
     }
     if raw.partitions.is_empty() {
         return Err(invalid("partitions", "at least one partition is required"));
@@ -347,10 +369,16 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
     for (i, p) in raw.partitions.into_iter().enumerate() {
         let at = |f: &str| format!("partitions[{i}].{f}");
         if !is_name(&p.name) {
-            return Err(invalid(at("name"), "must be lowercase letters, digits, '-' or '_'"));
+            return Err(invalid(
+                at("name"),
+                "must be lowercase letters, digits, '-' or '_'",
+            ));
         }
         if !names.insert(p.name.clone()) {
-            return Err(invalid(at("name"), format!("partition `{}` is defined twice", p.name)));
+            return Err(invalid(
+                at("name"),
+                format!("partition `{}` is defined twice", p.name),
+            ));
         }
         if p.audience.is_empty() {
             return Err(invalid(at("audience"), "must not be empty"));
@@ -358,7 +386,10 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
         if let Some(prev) = audiences.insert(p.audience.clone(), i) {
             return Err(invalid(
                 at("audience"),
-                format!("`{}` is already the audience of partitions[{prev}]", p.audience),
+                format!(
+                    "`{}` is already the audience of partitions[{prev}]",
+                    p.audience
+                ),
             ));
         }
         if p.build_p95_seconds == 0 {
@@ -379,16 +410,33 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
         for (k, key) in p.signing_keys.into_iter().enumerate() {
             let kat = |f: &str| at(&format!("signing_keys[{k}].{f}"));
             if !is_name(&key.alias) {
-                return Err(invalid(kat("alias"), "must be lowercase letters, digits, '-' or '_'"));
+                return Err(invalid(
+                    kat("alias"),
+                    "must be lowercase letters, digits, '-' or '_'",
+                ));
             }
             if keys.iter().any(|x| x.alias == key.alias) {
-                return Err(invalid(kat("alias"), format!("`{}` is defined twice", key.alias)));
+                return Err(invalid(
+                    kat("alias"),
+                    format!("`{}` is defined twice", key.alias),
+                ));
             }
             let algorithm = KeyAlgorithm::parse(&key.algorithm).ok_or_else(|| {
-                invalid(kat("algorithm"), format!("unsupported `{}` (supported: ecdsa-p256-sha256)", key.algorithm))
+                invalid(
+                    kat("algorithm"),
+                    format!(
+                        "unsupported `{}` (supported: ecdsa-p256-sha256)",
+                        key.algorithm
+                    ),
+                )
             })?;
-            if key.access.repositories.is_empty() || key.access.repositories.iter().any(String::is_empty) {
-                return Err(invalid(kat("access.repositories"), "list the repositories (\"*\" for any)"));
+            if key.access.repositories.is_empty()
+                || key.access.repositories.iter().any(String::is_empty)
+            {
+                return Err(invalid(
+                    kat("access.repositories"),
+                    "list the repositories (\"*\" for any)",
+                ));
             }
             if key.access.refs.is_empty() || key.access.refs.iter().any(String::is_empty) {
                 return Err(invalid(kat("access.refs"), "list the refs (\"*\" for any)"));
@@ -396,23 +444,38 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
             keys.push(KeySpec {
                 alias: key.alias,
                 algorithm,
-                access: AccessRule { repositories: key.access.repositories, refs: key.access.refs },
+                access: AccessRule {
+                    repositories: key.access.repositories,
+                    refs: key.access.refs,
+                },
             });
         }
         let mut policies: Vec<TrustPolicy> = Vec::new();
         for (t, pol) in p.trust_policies.into_iter().enumerate() {
             let tat = |f: &str| at(&format!("trust_policies[{t}].{f}"));
             if !is_name(&pol.name) {
-                return Err(invalid(tat("name"), "must be lowercase letters, digits, '-' or '_'"));
+                return Err(invalid(
+                    tat("name"),
+                    "must be lowercase letters, digits, '-' or '_'",
+                ));
             }
             if policies.iter().any(|x| x.name == pol.name) {
-                return Err(invalid(tat("name"), format!("`{}` is defined twice", pol.name)));
+                return Err(invalid(
+                    tat("name"),
+                    format!("`{}` is defined twice", pol.name),
+                ));
             }
             if policies.iter().any(|x| x.issuer == pol.issuer) {
-                return Err(invalid(tat("issuer"), "another policy of this partition has this issuer"));
+                return Err(invalid(
+                    tat("issuer"),
+                    "another policy of this partition has this issuer",
+                ));
             }
             if pol.issuer.contains('*') {
-                return Err(invalid(tat("issuer"), "wildcards are not allowed; name the exact issuer URL"));
+                return Err(invalid(
+                    tat("issuer"),
+                    "wildcards are not allowed; name the exact issuer URL",
+                ));
             }
             let https = pol.issuer.starts_with("https://") && pol.issuer.len() > "https://".len();
             let http_dev = raw.dev && pol.issuer.starts_with("http://");
@@ -426,7 +489,10 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
                 .map_err(|e| invalid(tat("jwks_file"), format!("{}: {e}", jwks_path.display())))?;
             for (claim, pattern) in &pol.bound_claims {
                 if pattern.is_empty() {
-                    return Err(invalid(tat(&format!("bound_claims.{claim}")), "must not be empty"));
+                    return Err(invalid(
+                        tat(&format!("bound_claims.{claim}")),
+                        "must not be empty",
+                    ));
                 }
             }
             policies.push(TrustPolicy {
@@ -453,7 +519,11 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
         data_dir: abs(raw.data_dir),
         kek_file: abs(raw.kek_file),
         dev: raw.dev,
-        listen: Listen { enroll: l.enroll, sign: l.sign, admin: l.admin },
+        listen: Listen {
+            enroll: l.enroll,
+            sign: l.sign,
+            admin: l.admin,
+        },
         tls: TlsFiles {
             server_cert: abs(raw.tls.server_cert),
             server_key: abs(raw.tls.server_key),

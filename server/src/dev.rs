@@ -48,7 +48,10 @@ pub enum DevSetupError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DevSetupError + '_ {
-    move |source| DevSetupError::Io { path: path.display().to_string(), source }
+    move |source| DevSetupError::Io {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 /// The audience of a dev partition.
@@ -118,7 +121,12 @@ bound_claims = {{ environment = "{env}" }}
 }
 
 /// Writes `client.toml` for the addresses actually bound.
-pub fn write_client_toml(dir: &Path, enroll: SocketAddr, sign: SocketAddr, admin: SocketAddr) -> Result<PathBuf, DevSetupError> {
+pub fn write_client_toml(
+    dir: &Path,
+    enroll: SocketAddr,
+    sign: SocketAddr,
+    admin: SocketAddr,
+) -> Result<PathBuf, DevSetupError> {
     let mut toml = format!(
         r#"# Written by `meshsignd dev` at each start. Use: meshsign --config {path} ...
 region = "{REGION}"
@@ -145,7 +153,10 @@ key_file = "pki/{akey}"
         akey = files::ADMIN_KEY,
     );
     for env in ENVIRONMENTS {
-        toml.push_str(&format!("\n[environments.{env}]\naudience = \"{}\"\n", audience(env)));
+        toml.push_str(&format!(
+            "\n[environments.{env}]\naudience = \"{}\"\n",
+            audience(env)
+        ));
     }
     let path = dir.join("client.toml");
     meshsign_certs_dev::write_file(&path, toml.as_bytes(), false)?;

@@ -200,7 +200,9 @@ impl EnrollError {
     /// The check's name, used as the audit reason.
     pub fn check(&self) -> &'static str {
         match self {
-            EnrollError::UnknownEnvironment(_) | EnrollError::EnvironmentMismatch { .. } => "environment",
+            EnrollError::UnknownEnvironment(_) | EnrollError::EnvironmentMismatch { .. } => {
+                "environment"
+            }
             EnrollError::Malformed(_) => "token_malformed",
             EnrollError::Algorithm(_) => "alg",
             EnrollError::UnknownKid(_) => "kid",
@@ -251,7 +253,11 @@ pub async fn enroll(site: &SiteState, input: EnrollInput) -> Result<EnrollOutput
     result
 }
 
-fn run(site: &SiteState, input: &EnrollInput, rec: &mut AuditRecord) -> Result<EnrollOutput, EnrollError> {
+fn run(
+    site: &SiteState,
+    input: &EnrollInput,
+    rec: &mut AuditRecord,
+) -> Result<EnrollOutput, EnrollError> {
     let now = site.clock.unix();
     // Step 0: the partition the runner asked for; the token may not select another one.
     let partition = site
@@ -263,16 +269,45 @@ fn run(site: &SiteState, input: &EnrollInput, rec: &mut AuditRecord) -> Result<E
     }
     let jwt = UnverifiedJwt::decode(&input.token).map_err(EnrollError::Malformed)?;
     // Record what the token claims (unverified until the checks pass; denials say so by reason).
-    rec.jti = jwt.str_claim("jti").unwrap_or_default().chars().take(256).collect();
-    rec.token_issuer = jwt.str_claim("iss").unwrap_or_default().chars().take(256).collect();
-    rec.subject = jwt.str_claim("sub").unwrap_or_default().chars().take(256).collect();
+    rec.jti = jwt
+        .str_claim("jti")
+        .unwrap_or_default()
+        .chars()
+        .take(256)
+        .collect();
+    rec.token_issuer = jwt
+        .str_claim("iss")
+        .unwrap_or_default()
+        .chars()
+        .take(256)
+        .collect();
+    rec.subject = jwt
+        .str_claim("sub")
+        .unwrap_or_default()
+        .chars()
+        .take(256)
+        .collect();
     rec.job_id = job_id(&jwt);
-    rec.repository = jwt.str_claim("repository").unwrap_or_default().chars().take(256).collect();
-    rec.git_ref = jwt.str_claim("ref").unwrap_or_default().chars().take(256).collect();
+    rec.repository = jwt
+        .str_claim("repository")
+        .unwrap_or_default()
+        .chars()
+        .take(256)
+        .collect();
+    rec.git_ref = jwt
+        .str_claim("ref")
+        .unwrap_or_default()
+        .chars()
+        .take(256)
+        .collect();
 
     let auds = jwt.audiences();
     if !auds.contains(&partition.audience.as_str())
-        && let Some(other) = site.config.partitions.iter().find(|p| auds.contains(&p.audience.as_str()))
+        && let Some(other) = site
+            .config
+            .partitions
+            .iter()
+            .find(|p| auds.contains(&p.audience.as_str()))
     {
         return Err(EnrollError::EnvironmentMismatch {
             requested: partition.name.clone(),
@@ -285,8 +320,11 @@ fn run(site: &SiteState, input: &EnrollInput, rec: &mut AuditRecord) -> Result<E
         return Err(EnrollError::Algorithm(jwt.alg.chars().take(32).collect()));
     }
     let kid = jwt.kid.clone().unwrap_or_default();
-    let candidates: Vec<&TrustPolicy> =
-        partition.trust_policies.iter().filter(|p| p.jwks.find(&kid).is_some()).collect();
+    let candidates: Vec<&TrustPolicy> = partition
+        .trust_policies
+        .iter()
+        .filter(|p| p.jwks.find(&kid).is_some())
+        .collect();
     if candidates.is_empty() {
         return Err(EnrollError::UnknownKid(kid.chars().take(128).collect()));
     }
@@ -330,7 +368,11 @@ fn run(site: &SiteState, input: &EnrollInput, rec: &mut AuditRecord) -> Result<E
     for (claim, pattern) in &policy.bound_claims {
         let actual = jwt.claims.get(claim).and_then(claim_as_string);
         if !actual.as_deref().is_some_and(|a| glob_match(pattern, a)) {
-            return Err(EnrollError::BoundClaim { claim: claim.clone(), pattern: pattern.clone(), actual });
+            return Err(EnrollError::BoundClaim {
+                claim: claim.clone(),
+                pattern: pattern.clone(),
+                actual,
+            });
         }
     }
 
@@ -339,7 +381,10 @@ fn run(site: &SiteState, input: &EnrollInput, rec: &mut AuditRecord) -> Result<E
 
     // Step 8: region and fingerprint.
     if input.region != site.config.region {
-        return Err(EnrollError::Region { requested: input.region.clone(), site: site.config.region.clone() });
+        return Err(EnrollError::Region {
+            requested: input.region.clone(),
+            site: site.config.region.clone(),
+        });
     }
     if !is_valid_fingerprint(&input.fingerprint) {
         return Err(EnrollError::Fingerprint);
@@ -347,7 +392,11 @@ fn run(site: &SiteState, input: &EnrollInput, rec: &mut AuditRecord) -> Result<E
 
     // Step 9: claim the jti (atomically), issue, record.
     let exp = jwt.time_claim("exp").unwrap_or(now);
-    if !site.store.kv().insert_new(Tree::Jti, &jti_key, &(exp + LEEWAY_SECONDS).to_be_bytes())? {
+    if !site
+        .store
+        .kv()
+        .insert_new(Tree::Jti, &jti_key, &(exp + LEEWAY_SECONDS).to_be_bytes())?
+    {
         return Err(EnrollError::Replay(jti.to_string()));
     }
     let ttl = match input.requested_ttl_seconds {
@@ -389,7 +438,8 @@ fn run(site: &SiteState, input: &EnrollInput, rec: &mut AuditRecord) -> Result<E
         not_after: issued.not_after,
         revoked: None,
     };
-    site.store.put(Tree::Certs, issued.serial_hex.as_bytes(), &record)?;
+    site.store
+        .put(Tree::Certs, issued.serial_hex.as_bytes(), &record)?;
     Ok(EnrollOutput {
         chain: vec![issued.der, ca.record.cert_der.clone()],
         serial_hex: issued.serial_hex,
@@ -423,7 +473,9 @@ fn claim_as_string(v: &Value) -> Option<String> {
 }
 
 fn check_times(jwt: &UnverifiedJwt, partition: &Partition, now: i64) -> Result<(), EnrollError> {
-    let exp = jwt.time_claim("exp").ok_or(EnrollError::Expired { exp: 0, now })?;
+    let exp = jwt
+        .time_claim("exp")
+        .ok_or(EnrollError::Expired { exp: 0, now })?;
     if now > exp + LEEWAY_SECONDS {
         return Err(EnrollError::Expired { exp, now });
     }
@@ -432,9 +484,13 @@ fn check_times(jwt: &UnverifiedJwt, partition: &Partition, now: i64) -> Result<(
     {
         return Err(EnrollError::NotYetValid { nbf, now });
     }
-    let iat = jwt.time_claim("iat").ok_or_else(|| EnrollError::IssuedAt("missing".into()))?;
+    let iat = jwt
+        .time_claim("iat")
+        .ok_or_else(|| EnrollError::IssuedAt("missing".into()))?;
     if iat > now + LEEWAY_SECONDS {
-        return Err(EnrollError::IssuedAt(format!("issued in the future ({iat}, now {now})")));
+        return Err(EnrollError::IssuedAt(format!(
+            "issued in the future ({iat}, now {now})"
+        )));
     }
     if now - iat > partition.max_token_age_seconds as i64 + LEEWAY_SECONDS {
         return Err(EnrollError::IssuedAt(format!(
@@ -461,7 +517,8 @@ const OID_ECDSA_SHA256: &str = "1.2.840.10045.4.3.2";
 /// Parses a PKCS#10 CSR, requires a P-256 key and ecdsa-with-SHA256, verifies its signature, and
 /// returns the SPKI DER. Nothing else in the CSR is used.
 pub fn verify_csr(der: &[u8]) -> Result<Vec<u8>, EnrollError> {
-    let (rest, csr) = X509CertificationRequest::from_der(der).map_err(|e| EnrollError::Csr(format!("does not parse: {e}")))?;
+    let (rest, csr) = X509CertificationRequest::from_der(der)
+        .map_err(|e| EnrollError::Csr(format!("does not parse: {e}")))?;
     if !rest.is_empty() {
         return Err(EnrollError::Csr("trailing bytes".into()));
     }
@@ -477,11 +534,19 @@ pub fn verify_csr(der: &[u8]) -> Result<Vec<u8>, EnrollError> {
         return Err(EnrollError::CsrKey);
     }
     if csr.signature_algorithm.algorithm.to_id_string() != OID_ECDSA_SHA256 {
-        return Err(EnrollError::Csr("signature algorithm must be ecdsa-with-SHA256".into()));
+        return Err(EnrollError::Csr(
+            "signature algorithm must be ecdsa-with-SHA256".into(),
+        ));
     }
-    UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, spki.subject_public_key.data.as_ref())
-        .verify(csr.certification_request_info.raw, csr.signature_value.data.as_ref())
-        .map_err(|_| EnrollError::Csr("signature does not verify".into()))?;
+    UnparsedPublicKey::new(
+        &ECDSA_P256_SHA256_ASN1,
+        spki.subject_public_key.data.as_ref(),
+    )
+    .verify(
+        csr.certification_request_info.raw,
+        csr.signature_value.data.as_ref(),
+    )
+    .map_err(|_| EnrollError::Csr("signature does not verify".into()))?;
     Ok(spki.raw.to_vec())
 }
 

@@ -13,8 +13,9 @@ use std::sync::Arc;
 use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1, UnparsedPublicKey};
 use meshsign_proto::identity::{JobClaims, OidArc, RunnerId, claims_extension_oid_der, oid_der};
 use rcgen::{
-    BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber, SigningKey,
+    BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
+    SigningKey,
 };
 use serde::{Deserialize, Serialize};
 use x509_parser::prelude::*;
@@ -126,12 +127,20 @@ pub struct IssuedCert {
 /// Placeholder OID (`2.25.<u64>.<u64>`) with the same DER length as the claims OID.
 fn placeholder_oid() -> (Vec<u64>, Vec<u8>) {
     let arcs = [2u64, 25, 0xFEED_FACE_CAFE_BEEF, 0x5EED_FACE_CAFE_F00D];
-    let der = oid_der(&[OidArc::Small(105), OidArc::Small(arcs[2]), OidArc::Small(arcs[3])]);
+    let der = oid_der(&[
+        OidArc::Small(105),
+        OidArc::Small(arcs[2]),
+        OidArc::Small(arcs[3]),
+    ]);
     (arcs.to_vec(), der)
 }
 
 fn replace_once(haystack: &[u8], from: &[u8], to: &[u8]) -> Option<Vec<u8>> {
-    let mut hits = haystack.windows(from.len()).enumerate().filter(|(_, w)| *w == from).map(|(i, _)| i);
+    let mut hits = haystack
+        .windows(from.len())
+        .enumerate()
+        .filter(|(_, w)| *w == from)
+        .map(|(i, _)| i);
     let at = hits.next()?;
     if hits.next().is_some() || from.len() != to.len() {
         return None;
@@ -192,10 +201,17 @@ impl RunnerCa {
         let mut p = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, format!("meshsign {trust_domain}"));
-        dn.push(DnType::CommonName, format!("meshsign runner CA {partition} {region} {id}"));
+        dn.push(
+            DnType::CommonName,
+            format!("meshsign runner CA {partition} {region} {id}"),
+        );
         p.distinguished_name = dn;
         p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         p.not_before = unix_to_time(now_unix - 3600);
         p.not_after = unix_to_time(now_unix + 2 * 365 * 86400);
         p.serial_number = Some(SerialNumber::from_slice(&random_serial()?));
@@ -210,7 +226,11 @@ impl RunnerCa {
             created_at: now_unix,
             wrapped: Wrapped { nonce, ciphertext },
         };
-        store.put(Tree::Issuers, format!("{partition}/{}", record.id).as_bytes(), &record)?;
+        store.put(
+            Tree::Issuers,
+            format!("{partition}/{}", record.id).as_bytes(),
+            &record,
+        )?;
         store.flush()?;
         Ok(Self { record, key })
     }
@@ -240,7 +260,13 @@ impl RunnerCa {
 
         let mut p = CertificateParams::default();
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, format!("runner {}", &req.id.fingerprint[..16.min(req.id.fingerprint.len())]));
+        dn.push(
+            DnType::CommonName,
+            format!(
+                "runner {}",
+                &req.id.fingerprint[..16.min(req.id.fingerprint.len())]
+            ),
+        );
         p.distinguished_name = dn;
         p.subject_alt_names = vec![SanType::URI(uri.clone().try_into()?)];
         p.is_ca = IsCa::ExplicitNoCa;
@@ -252,15 +278,29 @@ impl RunnerCa {
         p.serial_number = Some(SerialNumber::from_slice(&serial));
         let (placeholder_arcs, placeholder_der) = placeholder_oid();
         let real_der = claims_extension_oid_der();
-        p.custom_extensions = vec![CustomExtension::from_oid_content(&placeholder_arcs, req.claims.to_extension_value())];
+        p.custom_extensions = vec![CustomExtension::from_oid_content(
+            &placeholder_arcs,
+            req.claims.to_extension_value(),
+        )];
 
-        let signer = OidSwappingSigner { inner: &self.key, from: &placeholder_der, to: &real_der };
-        let issuer = rcgen::Issuer::from_ca_cert_der(&self.record.cert_der.as_slice().into(), &signer)?;
+        let signer = OidSwappingSigner {
+            inner: &self.key,
+            from: &placeholder_der,
+            to: &real_der,
+        };
+        let issuer =
+            rcgen::Issuer::from_ca_cert_der(&self.record.cert_der.as_slice().into(), &signer)?;
         let cert = p.signed_by(&CsrKey(spki_key_bytes(&req.public_key_spki)?), &issuer)?;
-        let der = replace_once(cert.der(), &placeholder_der, &real_der)
-            .ok_or_else(|| IssueError::SelfCheck("placeholder OID not found exactly once".into()))?;
+        let der = replace_once(cert.der(), &placeholder_der, &real_der).ok_or_else(|| {
+            IssueError::SelfCheck("placeholder OID not found exactly once".into())
+        })?;
         self.check_issued(&der, req, &serial, not_before, not_after)?;
-        Ok(IssuedCert { der, serial_hex: hex::encode(serial), not_before, not_after })
+        Ok(IssuedCert {
+            der,
+            serial_hex: hex::encode(serial),
+            not_before,
+            not_after,
+        })
     }
 
     /// SPIRE-style self-check of what was just signed.
@@ -273,19 +313,29 @@ impl RunnerCa {
         not_after: i64,
     ) -> Result<(), IssueError> {
         let bad = |m: &str| IssueError::SelfCheck(m.to_string());
-        let (rest, cert) = X509Certificate::from_der(der).map_err(|e| IssueError::SelfCheck(e.to_string()))?;
+        let (rest, cert) =
+            X509Certificate::from_der(der).map_err(|e| IssueError::SelfCheck(e.to_string()))?;
         if !rest.is_empty() {
             return Err(bad("trailing bytes"));
         }
-        let (_, ca) = X509Certificate::from_der(&self.record.cert_der).map_err(|e| IssueError::SelfCheck(e.to_string()))?;
-        let ca_key = UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, ca.public_key().subject_public_key.data.as_ref());
+        let (_, ca) = X509Certificate::from_der(&self.record.cert_der)
+            .map_err(|e| IssueError::SelfCheck(e.to_string()))?;
+        let ca_key = UnparsedPublicKey::new(
+            &ECDSA_P256_SHA256_ASN1,
+            ca.public_key().subject_public_key.data.as_ref(),
+        );
         ca_key
-            .verify(cert.tbs_certificate.as_ref(), cert.signature_value.data.as_ref())
+            .verify(
+                cert.tbs_certificate.as_ref(),
+                cert.signature_value.data.as_ref(),
+            )
             .map_err(|_| bad("signature does not verify under the CA"))?;
         if cert.raw_serial() != serial {
             return Err(bad("serial"));
         }
-        if cert.validity().not_before.timestamp() != not_before || cert.validity().not_after.timestamp() != not_after {
+        if cert.validity().not_before.timestamp() != not_before
+            || cert.validity().not_after.timestamp() != not_after
+        {
             return Err(bad("validity"));
         }
         if cert.public_key().raw != req.public_key_spki.as_slice() {
@@ -314,7 +364,9 @@ impl RunnerCa {
             .iter()
             .find(|e| e.oid.as_bytes() == &claims_oid[2..])
             .ok_or_else(|| bad("claims extension missing"))?;
-        if ext.critical || JobClaims::from_extension_value(ext.value).ok().as_ref() != Some(&req.claims) {
+        if ext.critical
+            || JobClaims::from_extension_value(ext.value).ok().as_ref() != Some(&req.claims)
+        {
             return Err(bad("claims extension"));
         }
         Ok(())
@@ -323,7 +375,8 @@ impl RunnerCa {
 
 /// The BIT STRING content of an SPKI (the EC point), which rcgen wants for the subject key.
 fn spki_key_bytes(spki: &[u8]) -> Result<Vec<u8>, IssueError> {
-    let (_, parsed) = SubjectPublicKeyInfo::from_der(spki).map_err(|e| IssueError::SelfCheck(e.to_string()))?;
+    let (_, parsed) =
+        SubjectPublicKeyInfo::from_der(spki).map_err(|e| IssueError::SelfCheck(e.to_string()))?;
     Ok(parsed.subject_public_key.data.to_vec())
 }
 
@@ -331,7 +384,9 @@ fn spki_key_bytes(spki: &[u8]) -> Result<Vec<u8>, IssueError> {
 fn random_serial() -> Result<[u8; 16], CustodyError> {
     use aws_lc_rs::rand::{SecureRandom as _, SystemRandom};
     let mut s = [0u8; 16];
-    SystemRandom::new().fill(&mut s).map_err(|_| CustodyError::Crypto("rng"))?;
+    SystemRandom::new()
+        .fill(&mut s)
+        .map_err(|_| CustodyError::Crypto("rng"))?;
     s[0] = (s[0] & 0x7f) | 0x40;
     Ok(s)
 }
@@ -365,16 +420,33 @@ impl PartitionIssuers {
         let active = match records.iter().find(|r| r.state == IssuerState::Active) {
             Some(r) => RunnerCa::load(r.clone(), kek)?,
             None => {
-                let ca = RunnerCa::create(store, kek, trust_domain, region, partition, IssuerState::Active, now_unix)?;
+                let ca = RunnerCa::create(
+                    store,
+                    kek,
+                    trust_domain,
+                    region,
+                    partition,
+                    IssuerState::Active,
+                    now_unix,
+                )?;
                 tracing::info!(partition, issuer = %ca.record.id, "created runner CA");
                 ca
             }
         };
-        let others = records
-            .iter()
-            .filter(|r| matches!(r.state, IssuerState::Staged | IssuerState::Retiring) && r.id != active.record.id);
-        let trusted = std::iter::once(active.record.cert_der.clone()).chain(others.clone().map(|r| r.cert_der.clone())).collect();
-        let trusted_ids = std::iter::once(active.record.id.clone()).chain(others.map(|r| r.id.clone())).collect();
-        Ok(Self { active: Arc::new(active), trusted, trusted_ids })
+        let others = records.iter().filter(|r| {
+            matches!(r.state, IssuerState::Staged | IssuerState::Retiring)
+                && r.id != active.record.id
+        });
+        let trusted = std::iter::once(active.record.cert_der.clone())
+            .chain(others.clone().map(|r| r.cert_der.clone()))
+            .collect();
+        let trusted_ids = std::iter::once(active.record.id.clone())
+            .chain(others.map(|r| r.id.clone()))
+            .collect();
+        Ok(Self {
+            active: Arc::new(active),
+            trusted,
+            trusted_ids,
+        })
     }
 }

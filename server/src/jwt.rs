@@ -100,7 +100,10 @@ impl Jwks {
             if k.use_.as_deref().is_some_and(|u| u != "sig") {
                 continue;
             }
-            let kid = k.kid.clone().ok_or_else(|| format!("keys[{i}]: missing `kid`"))?;
+            let kid = k
+                .kid
+                .clone()
+                .ok_or_else(|| format!("keys[{i}]: missing `kid`"))?;
             let key = match k.kty.as_str() {
                 "EC" => {
                     if k.crv.as_deref() != Some("P-256") {
@@ -158,7 +161,8 @@ impl UnverifiedJwt {
     /// Splits a compact JWS. Fails on anything but three base64url parts with JSON objects.
     pub fn decode(token: &str) -> Result<Self, String> {
         let mut parts = token.split('.');
-        let (Some(h), Some(c), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        let (Some(h), Some(c), Some(s), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Err("not a compact JWS (three parts)".into());
         };
@@ -173,8 +177,15 @@ impl UnverifiedJwt {
             .ok_or("claims are not base64url JSON")?;
         let signature = dec(s).map_err(|_| "signature is not base64url")?;
         Ok(Self {
-            alg: header.get("alg").and_then(Value::as_str).unwrap_or_default().to_string(),
-            kid: header.get("kid").and_then(Value::as_str).map(str::to_string),
+            alg: header
+                .get("alg")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+            kid: header
+                .get("kid")
+                .and_then(Value::as_str)
+                .map(str::to_string),
             claims,
             signing_input: format!("{h}.{c}"),
             signature,
@@ -193,7 +204,9 @@ impl UnverifiedJwt {
 
     /// A numeric date claim (seconds since the epoch).
     pub fn time_claim(&self, name: &str) -> Option<i64> {
-        self.claims.get(name).and_then(|v| v.as_i64().or_else(|| v.as_f64().map(|f| f as i64)))
+        self.claims
+            .get(name)
+            .and_then(|v| v.as_i64().or_else(|| v.as_f64().map(|f| f as i64)))
     }
 
     /// `aud` as a list (a single string or an array of strings).

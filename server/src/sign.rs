@@ -63,7 +63,10 @@ impl Kek {
     /// Reads a KEK file: 32 raw bytes, or 64 hex characters (surrounding whitespace ignored).
     /// Outside dev mode, a file readable or writable by group or others is refused.
     pub fn load(path: &Path, dev: bool) -> Result<Self, CustodyError> {
-        let err = |m: String| CustodyError::KekFile { path: path.display().to_string(), message: m };
+        let err = |m: String| CustodyError::KekFile {
+            path: path.display().to_string(),
+            message: m,
+        };
         let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
         #[cfg(unix)]
         {
@@ -82,7 +85,8 @@ impl Kek {
         if raw.len() == 32 {
             key.copy_from_slice(&raw);
         } else if trimmed.len() == 64 {
-            hex::decode_to_slice(trimmed, &mut key[..]).map_err(|_| err("not 64 hex characters".into()))?;
+            hex::decode_to_slice(trimmed, &mut key[..])
+                .map_err(|_| err("not 64 hex characters".into()))?;
         } else {
             return Err(err("expected 32 raw bytes or 64 hex characters".into()));
         }
@@ -92,34 +96,52 @@ impl Kek {
     /// Writes a new random KEK (hex, mode 0600) to `path`. For dev mode and tests.
     pub fn generate_file(path: &Path) -> Result<(), CustodyError> {
         let mut key = Zeroizing::new([0u8; 32]);
-        SystemRandom::new().fill(&mut key[..]).map_err(|_| CustodyError::Crypto("rng"))?;
+        SystemRandom::new()
+            .fill(&mut key[..])
+            .map_err(|_| CustodyError::Crypto("rng"))?;
         let hexed = Zeroizing::new(hex::encode(&key[..]));
-        meshsign_certs_dev::write_file(path, hexed.as_bytes(), true).map_err(|e| CustodyError::KekFile {
-            path: path.display().to_string(),
-            message: e.to_string(),
+        meshsign_certs_dev::write_file(path, hexed.as_bytes(), true).map_err(|e| {
+            CustodyError::KekFile {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            }
         })
     }
 
     fn aead(&self) -> Result<LessSafeKey, CustodyError> {
         Ok(LessSafeKey::new(
-            UnboundKey::new(&AES_256_GCM, &self.0[..]).map_err(|_| CustodyError::Crypto("aead key"))?,
+            UnboundKey::new(&AES_256_GCM, &self.0[..])
+                .map_err(|_| CustodyError::Crypto("aead key"))?,
         ))
     }
 
     /// Encrypts `plaintext` with a fresh random nonce; returns (nonce, ciphertext||tag).
     pub fn wrap(&self, aad: &str, plaintext: &[u8]) -> Result<(Vec<u8>, Vec<u8>), CustodyError> {
         let mut nonce = [0u8; NONCE_LEN];
-        SystemRandom::new().fill(&mut nonce).map_err(|_| CustodyError::Crypto("rng"))?;
+        SystemRandom::new()
+            .fill(&mut nonce)
+            .map_err(|_| CustodyError::Crypto("rng"))?;
         let mut buf = plaintext.to_vec();
         self.aead()?
-            .seal_in_place_append_tag(Nonce::assume_unique_for_key(nonce), Aad::from(aad.as_bytes()), &mut buf)
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(aad.as_bytes()),
+                &mut buf,
+            )
             .map_err(|_| CustodyError::Crypto("seal"))?;
         Ok((nonce.to_vec(), buf))
     }
 
     /// Decrypts what [`Kek::wrap`] produced under the same associated data.
-    pub fn unwrap(&self, aad: &str, nonce: &[u8], ciphertext: &[u8]) -> Result<Zeroizing<Vec<u8>>, CustodyError> {
-        let fail = || CustodyError::Unwrap { slot: aad.replace('\0', "/") };
+    pub fn unwrap(
+        &self,
+        aad: &str,
+        nonce: &[u8],
+        ciphertext: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, CustodyError> {
+        let fail = || CustodyError::Unwrap {
+            slot: aad.replace('\0', "/"),
+        };
         let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| fail())?;
         let mut buf = Zeroizing::new(ciphertext.to_vec());
         let len = self
@@ -181,8 +203,9 @@ impl std::fmt::Debug for EcdsaP256 {
 impl EcdsaP256 {
     /// Generates a key; returns it with its PKCS#8 (for wrapping).
     pub fn generate() -> Result<(Self, Zeroizing<Vec<u8>>), CustodyError> {
-        let doc = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &SystemRandom::new())
-            .map_err(|_| CustodyError::Crypto("keygen"))?;
+        let doc =
+            EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &SystemRandom::new())
+                .map_err(|_| CustodyError::Crypto("keygen"))?;
         let pkcs8 = Zeroizing::new(doc.as_ref().to_vec());
         Ok((Self::from_pkcs8(&pkcs8)?, pkcs8))
     }
@@ -211,8 +234,12 @@ impl SigningBackend for EcdsaP256 {
     }
 
     fn sign_digest(&self, digest: &[u8; 32]) -> Result<Vec<u8>, CustodyError> {
-        let d = Digest::import_less_safe(digest, &SHA256).map_err(|_| CustodyError::Crypto("digest"))?;
-        let sig = self.key.sign_digest(&d).map_err(|_| CustodyError::Crypto("sign"))?;
+        let d = Digest::import_less_safe(digest, &SHA256)
+            .map_err(|_| CustodyError::Crypto("digest"))?;
+        let sig = self
+            .key
+            .sign_digest(&d)
+            .map_err(|_| CustodyError::Crypto("sign"))?;
         Ok(sig.as_ref().to_vec())
     }
 }
@@ -264,7 +291,9 @@ pub struct LoadedKey {
 
 impl std::fmt::Debug for LoadedKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LoadedKey").field("key_id", &self.record.key_id()).finish_non_exhaustive()
+        f.debug_struct("LoadedKey")
+            .field("key_id", &self.record.key_id())
+            .finish_non_exhaustive()
     }
 }
 
@@ -289,7 +318,15 @@ impl KeyRing {
                 let prefix = format!("{}/{}/", p.name, spec.alias);
                 let mut records: Vec<KeyRecord> = store.scan(Tree::Keys, prefix.as_bytes())?;
                 if records.is_empty() {
-                    records.push(create_key(store, kek, &p.name, &spec.alias, spec.algorithm, 1, now_unix)?);
+                    records.push(create_key(
+                        store,
+                        kek,
+                        &p.name,
+                        &spec.alias,
+                        spec.algorithm,
+                        1,
+                        now_unix,
+                    )?);
                     tracing::info!(partition = %p.name, key_id = %format!("{}@v1", spec.alias), "created signing key");
                 }
                 let mut loaded = Vec::new();
@@ -305,9 +342,13 @@ impl KeyRing {
                     if backend.public_key_der() != rec.public_key_der.as_slice() {
                         return Err(CustodyError::Unwrap { slot: rec.key_id() });
                     }
-                    loaded.push(LoadedKey { record: Arc::new(rec), backend });
+                    loaded.push(LoadedKey {
+                        record: Arc::new(rec),
+                        backend,
+                    });
                 }
-                ring.keys.insert((p.name.clone(), spec.alias.clone()), loaded);
+                ring.keys
+                    .insert((p.name.clone(), spec.alias.clone()), loaded);
             }
         }
         Ok(ring)
@@ -315,12 +356,16 @@ impl KeyRing {
 
     /// The version that signs now (the newest).
     pub fn active(&self, partition: &str, alias: &str) -> Option<&LoadedKey> {
-        self.keys.get(&(partition.to_string(), alias.to_string()))?.last()
+        self.keys
+            .get(&(partition.to_string(), alias.to_string()))?
+            .last()
     }
 
     /// Every version, oldest first.
     pub fn versions(&self, partition: &str, alias: &str) -> Option<&[LoadedKey]> {
-        self.keys.get(&(partition.to_string(), alias.to_string())).map(Vec::as_slice)
+        self.keys
+            .get(&(partition.to_string(), alias.to_string()))
+            .map(Vec::as_slice)
     }
 }
 
@@ -348,7 +393,11 @@ pub fn create_key(
         created_at: now_unix,
         wrapped: Wrapped { nonce, ciphertext },
     };
-    store.put(Tree::Keys, &KeyRecord::store_key(partition, alias, version), &record)?;
+    store.put(
+        Tree::Keys,
+        &KeyRecord::store_key(partition, alias, version),
+        &record,
+    )?;
     store.flush()?;
     Ok(record)
 }
@@ -364,8 +413,14 @@ mod tests {
         Kek::generate_file(&path).unwrap();
         let kek = Kek::load(&path, false).unwrap();
         let (n, ct) = kek.wrap(&key_aad("prod", "release", 1), b"secret").unwrap();
-        assert_eq!(&kek.unwrap(&key_aad("prod", "release", 1), &n, &ct).unwrap()[..], b"secret");
-        assert!(kek.unwrap(&key_aad("staging", "release", 1), &n, &ct).is_err());
+        assert_eq!(
+            &kek.unwrap(&key_aad("prod", "release", 1), &n, &ct).unwrap()[..],
+            b"secret"
+        );
+        assert!(
+            kek.unwrap(&key_aad("staging", "release", 1), &n, &ct)
+                .is_err()
+        );
         assert!(kek.unwrap(&key_aad("prod", "release", 2), &n, &ct).is_err());
         assert_eq!(format!("{kek:?}"), "Kek([redacted])");
     }

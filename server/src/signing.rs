@@ -97,33 +97,53 @@ impl SignError {
 }
 
 fn input_err(check: &'static str, message: impl Into<String>) -> SignError {
-    SignError::Input { check, message: message.into() }
+    SignError::Input {
+        check,
+        message: message.into(),
+    }
 }
 
 fn digests_of(payload: Payload) -> Result<Vec<[u8; 32]>, SignError> {
     let one = |d: Vec<u8>| -> Result<[u8; 32], SignError> {
-        d.as_slice().try_into().map_err(|_| input_err("digest", format!("a SHA-256 digest is 32 bytes, got {}", d.len())))
+        d.as_slice().try_into().map_err(|_| {
+            input_err(
+                "digest",
+                format!("a SHA-256 digest is 32 bytes, got {}", d.len()),
+            )
+        })
     };
     match payload {
         Payload::Digest(d) => Ok(vec![one(d)?]),
-        Payload::Message(m) if m.len() > MAX_MESSAGE_BYTES => {
-            Err(input_err("message", format!("{} bytes exceeds {MAX_MESSAGE_BYTES}; send its SHA-256 digest", m.len())))
-        }
+        Payload::Message(m) if m.len() > MAX_MESSAGE_BYTES => Err(input_err(
+            "message",
+            format!(
+                "{} bytes exceeds {MAX_MESSAGE_BYTES}; send its SHA-256 digest",
+                m.len()
+            ),
+        )),
         Payload::Message(m) => {
             let mut d = [0u8; 32];
             d.copy_from_slice(digest(&SHA256, &m).as_ref());
             Ok(vec![d])
         }
-        Payload::Batch(b) if b.is_empty() || b.len() > MAX_BATCH => {
-            Err(input_err("batch", format!("1 to {MAX_BATCH} digests per batch, got {}", b.len())))
-        }
+        Payload::Batch(b) if b.is_empty() || b.len() > MAX_BATCH => Err(input_err(
+            "batch",
+            format!("1 to {MAX_BATCH} digests per batch, got {}", b.len()),
+        )),
         Payload::Batch(b) => b.into_iter().map(one).collect(),
-        Payload::Missing => Err(input_err("input", "give exactly one of sha256_digest or message")),
+        Payload::Missing => Err(input_err(
+            "input",
+            "give exactly one of sha256_digest or message",
+        )),
     }
 }
 
 /// Authorizes, signs and audits; see the module docs for the order.
-pub async fn sign(site: &SiteState, caller: &Caller, input: SignInput) -> Result<SignOutput, SignError> {
+pub async fn sign(
+    site: &SiteState,
+    caller: &Caller,
+    input: SignInput,
+) -> Result<SignOutput, SignError> {
     let now = site.clock.unix();
     let mut rec = AuditRecord {
         rpc: input.rpc.into(),
@@ -161,7 +181,12 @@ pub async fn sign(site: &SiteState, caller: &Caller, input: SignInput) -> Result
     })
 }
 
-async fn run(site: &SiteState, caller: &Caller, input: SignInput, rec: &mut AuditRecord) -> Result<SignOutput, SignError> {
+async fn run(
+    site: &SiteState,
+    caller: &Caller,
+    input: SignInput,
+    rec: &mut AuditRecord,
+) -> Result<SignOutput, SignError> {
     let key = authorize(site, caller, &input.alias)?;
     rec.key_id = key.record.key_id();
     let digests = digests_of(input.payload)?;
@@ -173,11 +198,17 @@ async fn run(site: &SiteState, caller: &Caller, input: SignInput, rec: &mut Audi
     };
     let backend = key.backend.clone();
     let (signatures, digests) = if digests.len() <= 8 {
-        let sigs = digests.iter().map(|d| backend.sign_digest(d)).collect::<Result<Vec<_>, _>>()?;
+        let sigs = digests
+            .iter()
+            .map(|d| backend.sign_digest(d))
+            .collect::<Result<Vec<_>, _>>()?;
         (sigs, digests)
     } else {
         tokio::task::spawn_blocking(move || {
-            let sigs = digests.iter().map(|d| backend.sign_digest(d)).collect::<Result<Vec<_>, _>>();
+            let sigs = digests
+                .iter()
+                .map(|d| backend.sign_digest(d))
+                .collect::<Result<Vec<_>, _>>();
             sigs.map(|s| (s, digests))
         })
         .await
@@ -196,7 +227,11 @@ async fn run(site: &SiteState, caller: &Caller, input: SignInput, rec: &mut Audi
 }
 
 /// Audits a sign-port request refused before a caller could be built from its certificate.
-pub async fn refuse_uncallered(site: &SiteState, input: &SignInput, err: &AuthzError) -> Result<(), SignError> {
+pub async fn refuse_uncallered(
+    site: &SiteState,
+    input: &SignInput,
+    err: &AuthzError,
+) -> Result<(), SignError> {
     let rec = AuditRecord {
         rpc: input.rpc.into(),
         decision: "deny".into(),

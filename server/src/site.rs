@@ -66,7 +66,9 @@ pub struct SiteState {
 
 impl std::fmt::Debug for SiteState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SiteState").field("region", &self.config.region).finish_non_exhaustive()
+        f.debug_struct("SiteState")
+            .field("region", &self.config.region)
+            .finish_non_exhaustive()
     }
 }
 
@@ -81,11 +83,25 @@ impl SiteState {
         let keys = KeyRing::load_or_create(&config, &store, &kek, now)?;
         let mut issuers = BTreeMap::new();
         for p in &config.partitions {
-            let pi = PartitionIssuers::load_or_create(&store, &kek, &config.trust_domain, &config.region, &p.name, now)?;
+            let pi = PartitionIssuers::load_or_create(
+                &store,
+                &kek,
+                &config.trust_domain,
+                &config.region,
+                &p.name,
+                now,
+            )?;
             issuers.insert(p.name.clone(), Arc::new(pi));
         }
         let audit = AuditLog::open(store.clone(), clock.clone(), &config.region)?;
-        Ok(Self { config, clock, store, audit, keys, issuers: RwLock::new(issuers) })
+        Ok(Self {
+            config,
+            clock,
+            store,
+            audit,
+            keys,
+            issuers: RwLock::new(issuers),
+        })
     }
 
     /// The runner CAs of a partition.
@@ -100,12 +116,18 @@ impl SiteState {
 
     /// Whether runner CA `id` is trusted for `partition`.
     pub fn issuer_trusted(&self, partition: &str, id: &str) -> bool {
-        self.issuers(partition).is_ok_and(|i| i.trusted_ids.iter().any(|t| t == id))
+        self.issuers(partition)
+            .is_ok_and(|i| i.trusted_ids.iter().any(|t| t == id))
     }
 
     /// Every runner CA the sign port trusts, across partitions (DER).
     pub fn runner_roots(&self) -> Vec<Vec<u8>> {
-        self.issuers.read().unwrap_or_else(|p| p.into_inner()).values().flat_map(|i| i.trusted.clone()).collect()
+        self.issuers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .flat_map(|i| i.trusted.clone())
+            .collect()
     }
 
     /// Whether a trust policy of a partition is enabled.
@@ -133,7 +155,10 @@ pub struct SiteHandle {
 
 impl std::fmt::Debug for SiteHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SiteHandle").field("enroll", &self.enroll_addr).field("sign", &self.sign_addr).finish()
+        f.debug_struct("SiteHandle")
+            .field("enroll", &self.enroll_addr)
+            .field("sign", &self.sign_addr)
+            .finish()
     }
 }
 
@@ -155,7 +180,9 @@ impl SiteHandle {
     }
 }
 
-async fn futures_first(tasks: &mut [JoinHandle<Result<(), tonic::transport::Error>>]) -> Result<(), tonic::transport::Error> {
+async fn futures_first(
+    tasks: &mut [JoinHandle<Result<(), tonic::transport::Error>>],
+) -> Result<(), tonic::transport::Error> {
     // The servers only end on shutdown or a fatal transport error; waiting on the first suffices.
     if let Some(t) = tasks.first_mut() {
         return t.await.unwrap_or(Ok(()));
@@ -164,7 +191,9 @@ async fn futures_first(tasks: &mut [JoinHandle<Result<(), tonic::transport::Erro
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, SiteError> {
-    TcpListener::bind(addr).await.map_err(|source| SiteError::Bind { addr, source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| SiteError::Bind { addr, source })
 }
 
 /// Binds the three listeners and serves until [`SiteHandle::shutdown`].
@@ -176,10 +205,20 @@ pub async fn start(state: Arc<SiteState>) -> Result<SiteHandle, SiteError> {
     let admin_cfg = tls::admin_config(&id, &state.config.tls.admin_ca, &state.clock)?;
 
     let listen = state.config.listen;
-    let (enroll_l, sign_l, admin_l) = (bind(listen.enroll).await?, bind(listen.sign).await?, bind(listen.admin).await?);
-    let addr = |l: &TcpListener, a: SocketAddr| l.local_addr().map_err(|source| SiteError::Bind { addr: a, source });
-    let (enroll_addr, sign_addr, admin_addr) =
-        (addr(&enroll_l, listen.enroll)?, addr(&sign_l, listen.sign)?, addr(&admin_l, listen.admin)?);
+    let (enroll_l, sign_l, admin_l) = (
+        bind(listen.enroll).await?,
+        bind(listen.sign).await?,
+        bind(listen.admin).await?,
+    );
+    let addr = |l: &TcpListener, a: SocketAddr| {
+        l.local_addr()
+            .map_err(|source| SiteError::Bind { addr: a, source })
+    };
+    let (enroll_addr, sign_addr, admin_addr) = (
+        addr(&enroll_l, listen.enroll)?,
+        addr(&sign_l, listen.sign)?,
+        addr(&admin_l, listen.admin)?,
+    );
 
     let (tx, rx) = watch::channel(false);
     let stop = |mut rx: watch::Receiver<bool>| async move {
@@ -187,9 +226,22 @@ pub async fn start(state: Arc<SiteState>) -> Result<SiteHandle, SiteError> {
     };
     let routers = api::routers(state.clone()).map_err(SiteError::Reflection)?;
     let tasks = vec![
-        tokio::spawn(routers.enroll.serve_with_incoming_shutdown(tls::incoming(enroll_l, enroll_cfg), stop(rx.clone()))),
-        tokio::spawn(routers.sign.serve_with_incoming_shutdown(tls::incoming(sign_l, sign_cfg), stop(rx.clone()))),
-        tokio::spawn(routers.admin.serve_with_incoming_shutdown(tls::incoming(admin_l, admin_cfg), stop(rx.clone()))),
+        tokio::spawn(
+            routers.enroll.serve_with_incoming_shutdown(
+                tls::incoming(enroll_l, enroll_cfg),
+                stop(rx.clone()),
+            ),
+        ),
+        tokio::spawn(
+            routers
+                .sign
+                .serve_with_incoming_shutdown(tls::incoming(sign_l, sign_cfg), stop(rx.clone())),
+        ),
+        tokio::spawn(
+            routers
+                .admin
+                .serve_with_incoming_shutdown(tls::incoming(admin_l, admin_cfg), stop(rx.clone())),
+        ),
     ];
 
     // Prune the replay store once a minute.
@@ -210,5 +262,12 @@ pub async fn start(state: Arc<SiteState>) -> Result<SiteHandle, SiteError> {
     });
 
     tracing::info!(%enroll_addr, %sign_addr, %admin_addr, region = %state.config.region, "meshsign site serving");
-    Ok(SiteHandle { enroll_addr, sign_addr, admin_addr, state, shutdown: tx, tasks })
+    Ok(SiteHandle {
+        enroll_addr,
+        sign_addr,
+        admin_addr,
+        state,
+        shutdown: tx,
+        tasks,
+    })
 }

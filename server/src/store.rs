@@ -53,6 +53,9 @@ impl Tree {
     }
 }
 
+/// A key and its value.
+pub type Entry = (Vec<u8>, Vec<u8>);
+
 /// The operations meshsign needs from an embedded key-value engine.
 pub trait Kv: Send + Sync + 'static {
     /// Reads a value.
@@ -64,9 +67,9 @@ pub trait Kv: Send + Sync + 'static {
     /// Removes a key.
     fn remove(&self, tree: Tree, key: &[u8]) -> Result<(), StoreError>;
     /// All entries whose key starts with `prefix`, in key order.
-    fn scan_prefix(&self, tree: Tree, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    fn scan_prefix(&self, tree: Tree, prefix: &[u8]) -> Result<Vec<Entry>, StoreError>;
     /// The last entry of a tree in key order.
-    fn last(&self, tree: Tree) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError>;
+    fn last(&self, tree: Tree) -> Result<Option<Entry>, StoreError>;
     /// Makes every write so far durable.
     fn flush(&self) -> Result<(), StoreError>;
 }
@@ -86,7 +89,13 @@ impl SledKv {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let db = sled::Config::new().path(dir).open().map_err(engine)?;
         let t = |t: Tree| db.open_tree(t.name()).map_err(engine);
-        let trees = [t(Tree::Keys)?, t(Tree::Issuers)?, t(Tree::Certs)?, t(Tree::Jti)?, t(Tree::Audit)?];
+        let trees = [
+            t(Tree::Keys)?,
+            t(Tree::Issuers)?,
+            t(Tree::Certs)?,
+            t(Tree::Jti)?,
+            t(Tree::Audit)?,
+        ];
         Ok(Self { db, trees })
     }
 
@@ -97,11 +106,18 @@ impl SledKv {
 
 impl Kv for SledKv {
     fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.tree(tree).get(key).map_err(engine)?.map(|v| v.to_vec()))
+        Ok(self
+            .tree(tree)
+            .get(key)
+            .map_err(engine)?
+            .map(|v| v.to_vec()))
     }
 
     fn put(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        self.tree(tree).insert(key, value).map_err(engine).map(|_| ())
+        self.tree(tree)
+            .insert(key, value)
+            .map_err(engine)
+            .map(|_| ())
     }
 
     fn insert_new(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<bool, StoreError> {
@@ -116,15 +132,19 @@ impl Kv for SledKv {
         self.tree(tree).remove(key).map_err(engine).map(|_| ())
     }
 
-    fn scan_prefix(&self, tree: Tree, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan_prefix(&self, tree: Tree, prefix: &[u8]) -> Result<Vec<Entry>, StoreError> {
         self.tree(tree)
             .scan_prefix(prefix)
             .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(engine))
             .collect()
     }
 
-    fn last(&self, tree: Tree) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
-        Ok(self.tree(tree).last().map_err(engine)?.map(|(k, v)| (k.to_vec(), v.to_vec())))
+    fn last(&self, tree: Tree) -> Result<Option<Entry>, StoreError> {
+        Ok(self
+            .tree(tree)
+            .last()
+            .map_err(engine)?
+            .map(|(k, v)| (k.to_vec(), v.to_vec())))
     }
 
     fn flush(&self) -> Result<(), StoreError> {
@@ -161,7 +181,11 @@ impl Store {
     }
 
     /// Reads and decodes a record.
-    pub fn get<T: DeserializeOwned>(&self, tree: Tree, key: &[u8]) -> Result<Option<T>, StoreError> {
+    pub fn get<T: DeserializeOwned>(
+        &self,
+        tree: Tree,
+        key: &[u8],
+    ) -> Result<Option<T>, StoreError> {
         self.kv
             .get(tree, key)?
             .map(|v| decode(tree, &v))
@@ -174,13 +198,26 @@ impl Store {
     }
 
     /// Encodes and writes a record only if the key is absent.
-    pub fn insert_new<T: Serialize>(&self, tree: Tree, key: &[u8], value: &T) -> Result<bool, StoreError> {
+    pub fn insert_new<T: Serialize>(
+        &self,
+        tree: Tree,
+        key: &[u8],
+        value: &T,
+    ) -> Result<bool, StoreError> {
         self.kv.insert_new(tree, key, &encode(tree, value)?)
     }
 
     /// Decodes every record under `prefix`, in key order.
-    pub fn scan<T: DeserializeOwned>(&self, tree: Tree, prefix: &[u8]) -> Result<Vec<T>, StoreError> {
-        self.kv.scan_prefix(tree, prefix)?.iter().map(|(_, v)| decode(tree, v)).collect()
+    pub fn scan<T: DeserializeOwned>(
+        &self,
+        tree: Tree,
+        prefix: &[u8],
+    ) -> Result<Vec<T>, StoreError> {
+        self.kv
+            .scan_prefix(tree, prefix)?
+            .iter()
+            .map(|(_, v)| decode(tree, v))
+            .collect()
     }
 
     /// Makes every write so far durable.
@@ -190,11 +227,17 @@ impl Store {
 }
 
 fn encode<T: Serialize>(tree: Tree, value: &T) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(value).map_err(|e| StoreError::Corrupt { tree: tree.name(), message: e.to_string() })
+    serde_json::to_vec(value).map_err(|e| StoreError::Corrupt {
+        tree: tree.name(),
+        message: e.to_string(),
+    })
 }
 
 fn decode<T: DeserializeOwned>(tree: Tree, bytes: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt { tree: tree.name(), message: e.to_string() })
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        tree: tree.name(),
+        message: e.to_string(),
+    })
 }
 
 /// Serde helper: `Vec<u8>` as lowercase hex.

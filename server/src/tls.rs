@@ -63,12 +63,18 @@ pub struct ServerIdentity {
 
 impl std::fmt::Debug for ServerIdentity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServerIdentity").field("chain_len", &self.chain.len()).field("key", &"[redacted]").finish()
+        f.debug_struct("ServerIdentity")
+            .field("chain_len", &self.chain.len())
+            .field("key", &"[redacted]")
+            .finish()
     }
 }
 
 fn pem_err(path: &Path, message: impl Into<String>) -> TlsError {
-    TlsError::Pem { path: path.display().to_string(), message: message.into() }
+    TlsError::Pem {
+        path: path.display().to_string(),
+        message: message.into(),
+    }
 }
 
 /// Reads every certificate from a PEM file (at least one).
@@ -87,7 +93,8 @@ impl ServerIdentity {
     /// Loads the server certificate chain and key.
     pub fn load(files: &TlsFiles) -> Result<Self, TlsError> {
         let chain = read_certs(&files.server_cert)?;
-        let key = PrivateKeyDer::from_pem_file(&files.server_key).map_err(|e| pem_err(&files.server_key, e.to_string()))?;
+        let key = PrivateKeyDer::from_pem_file(&files.server_key)
+            .map_err(|e| pem_err(&files.server_key, e.to_string()))?;
         Ok(Self { chain, key })
     }
 }
@@ -108,7 +115,9 @@ fn finish(
     Ok(Arc::new(cfg))
 }
 
-fn builder(clock: &SharedClock) -> Result<rustls::ConfigBuilder<ServerConfig, rustls::WantsVerifier>, TlsError> {
+fn builder(
+    clock: &SharedClock,
+) -> Result<rustls::ConfigBuilder<ServerConfig, rustls::WantsVerifier>, TlsError> {
     ServerConfig::builder_with_details(provider(), Arc::new(RustlsTime(clock.clone())))
         .with_protocol_versions(&[&TLS13])
         .map_err(|e| TlsError::Rustls(e.to_string()))
@@ -117,7 +126,9 @@ fn builder(clock: &SharedClock) -> Result<rustls::ConfigBuilder<ServerConfig, ru
 fn client_verifier(roots: &[Vec<u8>]) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
     let mut store = RootCertStore::empty();
     for der in roots {
-        store.add(CertificateDer::from(der.clone())).map_err(|e| TlsError::Rustls(e.to_string()))?;
+        store
+            .add(CertificateDer::from(der.clone()))
+            .map_err(|e| TlsError::Rustls(e.to_string()))?;
     }
     WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider())
         .build()
@@ -125,25 +136,42 @@ fn client_verifier(roots: &[Vec<u8>]) -> Result<Arc<dyn ClientCertVerifier>, Tls
 }
 
 /// Enroll port: server-auth TLS 1.3, no client certificate.
-pub fn enroll_config(id: &ServerIdentity, clock: &SharedClock) -> Result<Arc<ServerConfig>, TlsError> {
+pub fn enroll_config(
+    id: &ServerIdentity,
+    clock: &SharedClock,
+) -> Result<Arc<ServerConfig>, TlsError> {
     finish(builder(clock)?, None, id)
 }
 
 /// Sign port: mutual TLS 1.3; the handshake fails without a certificate from one of `runner_cas`.
-pub fn sign_config(id: &ServerIdentity, runner_cas: &[Vec<u8>], clock: &SharedClock) -> Result<Arc<ServerConfig>, TlsError> {
+pub fn sign_config(
+    id: &ServerIdentity,
+    runner_cas: &[Vec<u8>],
+    clock: &SharedClock,
+) -> Result<Arc<ServerConfig>, TlsError> {
     finish(builder(clock)?, Some(client_verifier(runner_cas)?), id)
 }
 
 /// Admin port: mutual TLS 1.3 against the admin CA(s).
-pub fn admin_config(id: &ServerIdentity, admin_ca: &Path, clock: &SharedClock) -> Result<Arc<ServerConfig>, TlsError> {
-    let roots: Vec<Vec<u8>> = read_certs(admin_ca)?.into_iter().map(|c| c.to_vec()).collect();
+pub fn admin_config(
+    id: &ServerIdentity,
+    admin_ca: &Path,
+    clock: &SharedClock,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let roots: Vec<Vec<u8>> = read_certs(admin_ca)?
+        .into_iter()
+        .map(|c| c.to_vec())
+        .collect();
     finish(builder(clock)?, Some(client_verifier(&roots)?), id)
 }
 
 /// Accepts TCP connections, completes each TLS handshake in its own task (bounded by
 /// [`HANDSHAKE_TIMEOUT`], so a slow client cannot stall the loop), and yields the streams.
 /// The loop ends when the returned stream is dropped.
-pub fn incoming(listener: TcpListener, config: Arc<ServerConfig>) -> ReceiverStream<Result<TlsStream<TcpStream>, io::Error>> {
+pub fn incoming(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+) -> ReceiverStream<Result<TlsStream<TcpStream>, io::Error>> {
     let (tx, rx) = mpsc::channel(256);
     let acceptor = TlsAcceptor::from(config);
     tokio::spawn(async move {

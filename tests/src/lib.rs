@@ -4,6 +4,8 @@
 //! One helper makes every site (SPIRE's `test/testca`, tonic's integration tests): the config is
 //! written as TOML and loaded through the same path `meshsignd serve` uses.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -53,7 +55,10 @@ pub struct TestSite {
 pub fn write_site_files(dir: &Path) -> (OidcIssuer, OidcIssuer) {
     let pki = dir.join("pki");
     std::fs::create_dir_all(&pki).unwrap();
-    DevPki::generate(TRUST_DOMAIN).unwrap().write_to(&pki).unwrap();
+    DevPki::generate(TRUST_DOMAIN)
+        .unwrap()
+        .write_to(&pki)
+        .unwrap();
     let es = OidcIssuer::generate(ES_ISSUER, "es-1", JwtAlg::Es256).unwrap();
     let rs = OidcIssuer::generate(RS_ISSUER, "rs-1", JwtAlg::Rs256).unwrap();
     std::fs::write(pki.join("es.jwks.json"), es.jwks().to_string()).unwrap();
@@ -125,16 +130,40 @@ impl TestSite {
         let site_toml = dir.path().join("site.toml");
         let handle = start_site(&site_toml, clock.clone()).await;
         let client = client_config(dir.path(), &handle);
-        Self { dir, handle, clock, es, rs, client, site_toml }
+        Self {
+            dir,
+            handle,
+            clock,
+            es,
+            rs,
+            client,
+            site_toml,
+        }
     }
 
     /// Stops the site and starts it again on the same data (new ports).
     pub async fn restart(self) -> Self {
-        let TestSite { dir, handle, clock, es, rs, site_toml, .. } = self;
+        let TestSite {
+            dir,
+            handle,
+            clock,
+            es,
+            rs,
+            site_toml,
+            ..
+        } = self;
         handle.shutdown().await;
         let handle = start_site(&site_toml, clock.clone()).await;
         let client = client_config(dir.path(), &handle);
-        Self { dir, handle, clock, es, rs, client, site_toml }
+        Self {
+            dir,
+            handle,
+            clock,
+            es,
+            rs,
+            client,
+            site_toml,
+        }
     }
 
     /// The site's shared state.
@@ -149,7 +178,13 @@ impl TestSite {
 
     /// GitHub-shaped claims for `env` from the ES256 issuer, valid 5 minutes from the site's now.
     pub fn claims(&self, env: &str) -> Value {
-        GithubJob::new(env).claims(ES_ISSUER, &format!("meshsign:{env}:{REGION}"), &random_id(), self.now(), 300)
+        GithubJob::new(env).claims(
+            ES_ISSUER,
+            &format!("meshsign:{env}:{REGION}"),
+            &random_id(),
+            self.now(),
+            300,
+        )
     }
 
     /// A valid ES256 token for `env`.
@@ -171,18 +206,35 @@ impl TestSite {
 
     /// An Enrollment client on the enroll port (server-auth TLS).
     pub async fn enrollment(&self) -> EnrollmentClient<Channel> {
-        let tls = meshsign_client::transport::tls_config(meshsign_client::transport::roots(&self.client).unwrap(), None)
-            .unwrap();
-        let ch = meshsign_client::transport::connect(&self.client.enroll_endpoint, "localhost", tls).await.unwrap();
+        let tls = meshsign_client::transport::tls_config(
+            meshsign_client::transport::roots(&self.client).unwrap(),
+            None,
+        )
+        .unwrap();
+        let ch =
+            meshsign_client::transport::connect(&self.client.enroll_endpoint, "localhost", tls)
+                .await
+                .unwrap();
         EnrollmentClient::new(ch)
     }
 
     /// Enrolls a fresh key in `env` with a valid token; returns the key, response and a signer.
-    pub async fn enrolled(&self, env: &str) -> (RunnerKey, v1::EnrollResponse, SignerClient<Channel>) {
+    pub async fn enrolled(
+        &self,
+        env: &str,
+    ) -> (RunnerKey, v1::EnrollResponse, SignerClient<Channel>) {
         let key = RunnerKey::generate().unwrap();
         let req = self.enroll_request(env, self.token(env), &key);
-        let resp = self.enrollment().await.enroll(req).await.unwrap().into_inner();
-        let signer = meshsign_client::runner::Session::connect_signer(&self.client, &key, &resp).await.unwrap();
+        let resp = self
+            .enrollment()
+            .await
+            .enroll(req)
+            .await
+            .unwrap()
+            .into_inner();
+        let signer = meshsign_client::runner::Session::connect_signer(&self.client, &key, &resp)
+            .await
+            .unwrap();
         (key, resp, signer)
     }
 
@@ -227,7 +279,10 @@ audience = "meshsign:production:{REGION}"
 
 /// Runs `openssl` with `args`; returns (success, stdout+stderr).
 pub fn openssl(args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new("openssl").args(args).output().expect("openssl is installed");
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl is installed");
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
     (out.status.success(), text)

@@ -1,5 +1,7 @@
 //! Site config validation: every refusal names the field path.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
+
 use meshsign_server::config::{ConfigError, SiteConfig};
 
 const BASE: &str = r#"
@@ -39,7 +41,12 @@ jwks_file = "jwks.json"
 
 fn load(toml: &str) -> Result<SiteConfig, ConfigError> {
     let dir = tempfile::tempdir().unwrap();
-    let issuer = meshsign_certs_dev::OidcIssuer::generate("https://ci.test", "k1", meshsign_certs_dev::JwtAlg::Es256).unwrap();
+    let issuer = meshsign_certs_dev::OidcIssuer::generate(
+        "https://ci.test",
+        "k1",
+        meshsign_certs_dev::JwtAlg::Es256,
+    )
+    .unwrap();
     std::fs::write(dir.path().join("jwks.json"), issuer.jwks().to_string()).unwrap();
     SiteConfig::from_toml(toml, dir.path())
 }
@@ -56,7 +63,16 @@ fn field_of(r: Result<SiteConfig, ConfigError>) -> String {
 
 #[test]
 fn a_good_config_loads_with_paths_resolved() {
-    let cfg = load(&format!("{BASE}{}", partition("production", "meshsign:production:sg", "https://ci.test", ""))).unwrap();
+    let cfg = load(&format!(
+        "{BASE}{}",
+        partition(
+            "production",
+            "meshsign:production:sg",
+            "https://ci.test",
+            ""
+        )
+    ))
+    .unwrap();
     let p = cfg.partition("production").unwrap();
     assert_eq!(p.max_ttl_seconds, 2400);
     assert_eq!(p.trust_policies[0].jwks.keys.len(), 1);
@@ -67,47 +83,101 @@ fn a_good_config_loads_with_paths_resolved() {
 fn refusals_name_the_field_path() {
     let ok = |n: &str, a: &str| partition(n, a, "https://ci.test", "");
     let cases: Vec<(&str, String, &str)> = vec![
-        ("unknown top-level key", format!("colour = \"red\"\n{BASE}{}", ok("production", "a")), "colour"),
-        ("unknown key in a table", format!("{BASE}colour = \"red\"\n{}", ok("production", "a")), "tls.colour"),
+        (
+            "unknown top-level key",
+            format!("colour = \"red\"\n{BASE}{}", ok("production", "a")),
+            "colour",
+        ),
+        (
+            "unknown key in a table",
+            format!("{BASE}colour = \"red\"\n{}", ok("production", "a")),
+            "tls.colour",
+        ),
         (
             "unknown nested key",
-            format!("{BASE}{}", partition("production", "a", "https://ci.test", "ttl_hours = 3")),
+            format!(
+                "{BASE}{}",
+                partition("production", "a", "https://ci.test", "ttl_hours = 3")
+            ),
             "partitions[0].ttl_hours",
         ),
-        ("reused audience", format!("{BASE}{}{}", ok("staging", "same"), ok("production", "same")), "partitions[1].audience"),
+        (
+            "reused audience",
+            format!(
+                "{BASE}{}{}",
+                ok("staging", "same"),
+                ok("production", "same")
+            ),
+            "partitions[1].audience",
+        ),
         (
             "wildcard issuer",
-            format!("{BASE}{}", partition("production", "a", "https://*.ci.test", "")),
+            format!(
+                "{BASE}{}",
+                partition("production", "a", "https://*.ci.test", "")
+            ),
             "partitions[0].trust_policies[0].issuer",
         ),
         (
             "http issuer outside dev",
-            format!("{BASE}{}", partition("production", "a", "http://ci.test", "")),
+            format!(
+                "{BASE}{}",
+                partition("production", "a", "http://ci.test", "")
+            ),
             "partitions[0].trust_policies[0].issuer",
         ),
         (
             "hard ceiling above the cap",
-            format!("{BASE}{}", partition("production", "a", "https://ci.test", "max_ttl_seconds = 9000")),
+            format!(
+                "{BASE}{}",
+                partition(
+                    "production",
+                    "a",
+                    "https://ci.test",
+                    "max_ttl_seconds = 9000"
+                )
+            ),
             "partitions[0].max_ttl_seconds",
         ),
         (
             "unsupported algorithm",
-            format!("{BASE}{}", ok("production", "a").replace("ecdsa-p256-sha256", "dsa-1024")),
+            format!(
+                "{BASE}{}",
+                ok("production", "a").replace("ecdsa-p256-sha256", "dsa-1024")
+            ),
             "partitions[0].signing_keys[0].algorithm",
         ),
         (
             "missing JWKS file",
-            format!("{BASE}{}", ok("production", "a").replace("jwks.json", "nope.json")),
+            format!(
+                "{BASE}{}",
+                ok("production", "a").replace("jwks.json", "nope.json")
+            ),
             "partitions[0].trust_policies[0].jwks_file",
         ),
         (
             "empty access rule",
-            format!("{BASE}{}", ok("production", "a").replace(r#"repositories = ["acme/*"]"#, "repositories = []")),
+            format!(
+                "{BASE}{}",
+                ok("production", "a").replace(r#"repositories = ["acme/*"]"#, "repositories = []")
+            ),
             "partitions[0].signing_keys[0].access.repositories",
         ),
-        ("duplicate partition", format!("{BASE}{}{}", ok("production", "a"), ok("production", "b")), "partitions[1].name"),
+        (
+            "duplicate partition",
+            format!("{BASE}{}{}", ok("production", "a"), ok("production", "b")),
+            "partitions[1].name",
+        ),
         ("no partitions", BASE.to_string(), "partitions"),
-        ("wrong type", format!("{BASE}{}", ok("production", "a").replace("build_p95_seconds = 1200", "build_p95_seconds = \"long\"")), "partitions[0].build_p95_seconds"),
+        (
+            "wrong type",
+            format!(
+                "{BASE}{}",
+                ok("production", "a")
+                    .replace("build_p95_seconds = 1200", "build_p95_seconds = \"long\"")
+            ),
+            "partitions[0].build_p95_seconds",
+        ),
     ];
     for (name, toml, field) in cases {
         assert_eq!(field_of(load(&toml)), field, "{name}");
@@ -116,6 +186,19 @@ fn refusals_name_the_field_path() {
 
 #[test]
 fn dev_mode_admits_http_issuers() {
-    let toml = format!("dev = true\n{BASE}{}", partition("production", "a", "http://127.0.0.1/oidc", ""));
+    let toml = format!(
+        "dev = true\n{BASE}{}",
+        partition("production", "a", "http://127.0.0.1/oidc", "")
+    );
     assert!(load(&toml).unwrap().dev);
+}
+
+#[test]
+fn the_deploy_example_is_a_valid_config() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/site.example.toml")).unwrap();
+    let text = text.replace("/etc/meshsign/jwks/github.json", "jwks.json").replace("/etc/meshsign/jwks/gitlab.json", "jwks.json");
+    let cfg = load(&text).unwrap();
+    assert_eq!(cfg.partitions.len(), 2);
+    assert_eq!(cfg.partition("production").unwrap().max_ttl_seconds, 3000);
+    assert_eq!(cfg.partition("production").unwrap().trust_policies.len(), 2);
 }

@@ -1,6 +1,8 @@
 //! Keys at rest: nothing in the data folder contains any generated private key, in any
 //! encoding; the wrapped records decrypt only under the KEK and their own slot.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
+
 use std::path::Path;
 
 use meshsign_server::issuer::IssuerRecord;
@@ -34,7 +36,9 @@ async fn no_private_key_bytes_anywhere_in_the_data_dir() {
     signer
         .sign(meshsign_proto::v1::SignRequest {
             key_alias: "release".into(),
-            input: Some(meshsign_proto::v1::sign_request::Input::Sha256Digest(vec![9; 32])),
+            input: Some(meshsign_proto::v1::sign_request::Input::Sha256Digest(
+                vec![9; 32],
+            )),
             artifact_name: String::new(),
         })
         .await
@@ -47,16 +51,31 @@ async fn no_private_key_bytes_anywhere_in_the_data_dir() {
     let keys: Vec<KeyRecord> = state.store.scan(Tree::Keys, b"").unwrap();
     assert_eq!(keys.len(), 3, "release×2 + prod-only");
     for k in &keys {
-        let pkcs8 = kek.unwrap(&key_aad(&k.partition, &k.alias, k.version), &k.wrapped.nonce, &k.wrapped.ciphertext).unwrap();
+        let pkcs8 = kek
+            .unwrap(
+                &key_aad(&k.partition, &k.alias, k.version),
+                &k.wrapped.nonce,
+                &k.wrapped.ciphertext,
+            )
+            .unwrap();
         // The slot is bound: the same ciphertext does not open as another version.
-        assert!(kek.unwrap(&key_aad(&k.partition, &k.alias, k.version + 1), &k.wrapped.nonce, &k.wrapped.ciphertext).is_err());
+        assert!(
+            kek.unwrap(
+                &key_aad(&k.partition, &k.alias, k.version + 1),
+                &k.wrapped.nonce,
+                &k.wrapped.ciphertext
+            )
+            .is_err()
+        );
         secrets.push((k.key_id(), pkcs8.to_vec()));
     }
     let issuers: Vec<IssuerRecord> = state.store.scan(Tree::Issuers, b"").unwrap();
     assert_eq!(issuers.len(), 2);
     for i in &issuers {
         let aad = format!("meshsign/issuer/v1\0{}\0{}", i.partition, i.id);
-        let pkcs8 = kek.unwrap(&aad, &i.wrapped.nonce, &i.wrapped.ciphertext).unwrap();
+        let pkcs8 = kek
+            .unwrap(&aad, &i.wrapped.nonce, &i.wrapped.ciphertext)
+            .unwrap();
         secrets.push((format!("runner CA {}", i.id), pkcs8.to_vec()));
     }
     drop(state);
@@ -74,10 +93,18 @@ async fn no_private_key_bytes_anywhere_in_the_data_dir() {
         for f in &files {
             let bytes = std::fs::read(f).unwrap();
             for n in needles {
-                assert!(!contains(&bytes, n), "{name}: private key material found in {}", f.display());
+                assert!(
+                    !contains(&bytes, n),
+                    "{name}: private key material found in {}",
+                    f.display()
+                );
             }
             // And not as hex (records are JSON with hex fields).
-            assert!(!contains(&bytes, hex::encode(scalar).as_bytes()), "{name}: hex scalar in {}", f.display());
+            assert!(
+                !contains(&bytes, hex::encode(scalar).as_bytes()),
+                "{name}: hex scalar in {}",
+                f.display()
+            );
             scanned += 1;
         }
     }
@@ -90,14 +117,36 @@ async fn keys_and_runner_cas_survive_a_restart_and_a_wrong_kek_refuses_to_start(
     let (_k, _r, mut signer) = site.enrolled("staging").await;
     let req = || meshsign_proto::v1::SignRequest {
         key_alias: "release".into(),
-        input: Some(meshsign_proto::v1::sign_request::Input::Sha256Digest(vec![5; 32])),
+        input: Some(meshsign_proto::v1::sign_request::Input::Sha256Digest(
+            vec![5; 32],
+        )),
         artifact_name: String::new(),
     };
-    let before = signer.sign(req()).await.unwrap().into_inner().public_key_der;
-    let ca_before = site.state().issuers("staging").unwrap().active.record.cert_der.clone();
+    let before = signer
+        .sign(req())
+        .await
+        .unwrap()
+        .into_inner()
+        .public_key_der;
+    let ca_before = site
+        .state()
+        .issuers("staging")
+        .unwrap()
+        .active
+        .record
+        .cert_der
+        .clone();
     let site = site.restart().await;
     let (_k, r, mut signer) = site.enrolled("staging").await;
-    assert_eq!(signer.sign(req()).await.unwrap().into_inner().public_key_der, before);
+    assert_eq!(
+        signer
+            .sign(req())
+            .await
+            .unwrap()
+            .into_inner()
+            .public_key_der,
+        before
+    );
     assert_eq!(r.certificate_chain[1], ca_before);
     let seq_after_restart = site.audit().len();
     assert!(seq_after_restart >= 4, "audit continues across restarts");
@@ -108,7 +157,10 @@ async fn keys_and_runner_cas_survive_a_restart_and_a_wrong_kek_refuses_to_start(
     site.handle.shutdown().await;
     Kek::generate_file(&dir.join("kek")).unwrap();
     let cfg = meshsign_server::config::SiteConfig::load(&site_toml).unwrap();
-    let err = meshsign_server::site::SiteState::open(cfg, std::sync::Arc::new(meshsign_server::clock::SystemClock))
-        .expect_err("wrong KEK");
+    let err = meshsign_server::site::SiteState::open(
+        cfg,
+        std::sync::Arc::new(meshsign_server::clock::SystemClock),
+    )
+    .expect_err("wrong KEK");
     assert!(err.to_string().contains("does not decrypt"), "{err}");
 }

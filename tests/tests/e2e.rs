@@ -1,5 +1,7 @@
 //! End to end over real TLS on loopback: token → enroll → sign → openssl verifies.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
+
 use meshsign_client::verify::verify_digest;
 use meshsign_proto::v1;
 use meshsign_tests::{TestSite, openssl, write_pem};
@@ -23,7 +25,9 @@ async fn token_enroll_sign_and_openssl_verifies() {
     let resp = signer
         .sign(v1::SignRequest {
             key_alias: "release".into(),
-            input: Some(v1::sign_request::Input::Sha256Digest(sha256(&content).to_vec())),
+            input: Some(v1::sign_request::Input::Sha256Digest(
+                sha256(&content).to_vec(),
+            )),
             artifact_name: "App.ipa".into(),
         })
         .await
@@ -38,7 +42,15 @@ async fn token_enroll_sign_and_openssl_verifies() {
     std::fs::write(&sig, &resp.signature).unwrap();
     write_pem(&pubkey, "PUBLIC KEY", &resp.public_key_der);
     let p = |x: &std::path::Path| x.to_str().unwrap().to_string();
-    let (ok, out) = openssl(&["dgst", "-sha256", "-verify", &p(&pubkey), "-signature", &p(&sig), &p(&artifact)]);
+    let (ok, out) = openssl(&[
+        "dgst",
+        "-sha256",
+        "-verify",
+        &p(&pubkey),
+        "-signature",
+        &p(&sig),
+        &p(&artifact),
+    ]);
     assert!(ok, "openssl must accept the signature: {out}");
     assert!(out.contains("Verified OK"));
 
@@ -46,12 +58,27 @@ async fn token_enroll_sign_and_openssl_verifies() {
     let mut tampered = content.clone();
     tampered[5000] ^= 1;
     std::fs::write(&artifact, &tampered).unwrap();
-    let (ok, out) = openssl(&["dgst", "-sha256", "-verify", &p(&pubkey), "-signature", &p(&sig), &p(&artifact)]);
+    let (ok, out) = openssl(&[
+        "dgst",
+        "-sha256",
+        "-verify",
+        &p(&pubkey),
+        "-signature",
+        &p(&sig),
+        &p(&artifact),
+    ]);
     assert!(!ok, "openssl must refuse a changed file: {out}");
 
     // The signature's audit record joins it to the job.
-    let rec = site.audit().into_iter().find(|r| r.audit_id() == resp.audit_id).expect("audit record");
-    assert_eq!((rec.decision.as_str(), rec.reason.as_str()), ("allow", "ok"));
+    let rec = site
+        .audit()
+        .into_iter()
+        .find(|r| r.audit_id() == resp.audit_id)
+        .expect("audit record");
+    assert_eq!(
+        (rec.decision.as_str(), rec.reason.as_str()),
+        ("allow", "ok")
+    );
     assert_eq!(rec.environment, "production");
     assert_eq!(rec.job_id, "1001");
     assert!(!rec.jti.is_empty());
@@ -75,7 +102,15 @@ async fn token_enroll_sign_and_openssl_verifies() {
     let msg_path = dir.join("notes.txt");
     std::fs::write(&msg_path, &msg).unwrap();
     std::fs::write(&sig, &r.signature).unwrap();
-    let (ok, out) = openssl(&["dgst", "-sha256", "-verify", &p(&pubkey), "-signature", &p(&sig), &p(&msg_path)]);
+    let (ok, out) = openssl(&[
+        "dgst",
+        "-sha256",
+        "-verify",
+        &p(&pubkey),
+        "-signature",
+        &p(&sig),
+        &p(&msg_path),
+    ]);
     assert!(ok, "{out}");
 }
 
@@ -108,7 +143,12 @@ async fn sign_batch_of_1000_all_verify() {
         std::fs::write(&data, i.to_be_bytes()).unwrap();
         std::fs::write(&sig, &resp.signatures[i as usize]).unwrap();
         let (ok, out) = openssl(&[
-            "dgst", "-sha256", "-verify", pubkey.to_str().unwrap(), "-signature", sig.to_str().unwrap(),
+            "dgst",
+            "-sha256",
+            "-verify",
+            pubkey.to_str().unwrap(),
+            "-signature",
+            sig.to_str().unwrap(),
             data.to_str().unwrap(),
         ]);
         assert!(ok, "digest {i}: {out}");
@@ -126,12 +166,24 @@ async fn rs256_tokens_enroll_and_verification_material_is_public() {
     let mut claims = site.claims("staging");
     claims["iss"] = meshsign_tests::RS_ISSUER.into();
     let token = site.rs.mint(&claims).unwrap();
-    let resp = site.enrollment().await.enroll(site.enroll_request("staging", token, &key)).await.unwrap().into_inner();
+    let resp = site
+        .enrollment()
+        .await
+        .enroll(site.enroll_request("staging", token, &key))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(resp.environment, "staging");
 
     // Verification material: on the enroll port, no client certificate.
-    let tls = meshsign_client::transport::tls_config(meshsign_client::transport::roots(&site.client).unwrap(), None).unwrap();
-    let ch = meshsign_client::transport::connect(&site.client.enroll_endpoint, "localhost", tls).await.unwrap();
+    let tls = meshsign_client::transport::tls_config(
+        meshsign_client::transport::roots(&site.client).unwrap(),
+        None,
+    )
+    .unwrap();
+    let ch = meshsign_client::transport::connect(&site.client.enroll_endpoint, "localhost", tls)
+        .await
+        .unwrap();
     let vm = v1::verification_client::VerificationClient::new(ch)
         .get_verification_material(v1::GetVerificationMaterialRequest {
             environment: "production".into(),
@@ -158,7 +210,11 @@ async fn rs256_tokens_enroll_and_verification_material_is_public() {
     let ch = meshsign_client::transport::connect(
         &site.client.enroll_endpoint,
         "localhost",
-        meshsign_client::transport::tls_config(meshsign_client::transport::roots(&site.client).unwrap(), None).unwrap(),
+        meshsign_client::transport::tls_config(
+            meshsign_client::transport::roots(&site.client).unwrap(),
+            None,
+        )
+        .unwrap(),
     )
     .await
     .unwrap();

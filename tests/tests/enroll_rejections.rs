@@ -1,6 +1,8 @@
 //! Every enrollment rejection, each with its gRPC status and audit reason (table-driven, as
 //! SPIRE's handler tests), and no change of state.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
+
 use base64::Engine as _;
 use meshsign_certs_dev::{JwtAlg, OidcIssuer};
 use meshsign_client::runner::RunnerKey;
@@ -15,17 +17,25 @@ fn b64(v: &Value) -> String {
 }
 
 fn cert_count(site: &TestSite) -> usize {
-    site.state().store.kv().scan_prefix(Tree::Certs, b"").unwrap().len()
+    site.state()
+        .store
+        .kv()
+        .scan_prefix(Tree::Certs, b"")
+        .unwrap()
+        .len()
 }
+
+/// Builds one bad request.
+type Build = Box<dyn Fn(&TestSite, &RunnerKey) -> v1::EnrollRequest>;
 
 struct Case {
     name: &'static str,
     code: Code,
     reason: &'static str,
-    build: Box<dyn Fn(&TestSite, &RunnerKey) -> v1::EnrollRequest>,
+    build: Build,
 }
 
-fn with_claims(f: impl Fn(&mut Value, i64) + 'static) -> Box<dyn Fn(&TestSite, &RunnerKey) -> v1::EnrollRequest> {
+fn with_claims(f: impl Fn(&mut Value, i64) + 'static) -> Build {
     Box::new(move |s, k| {
         let mut c = s.claims("production");
         f(&mut c, s.now());
@@ -33,7 +43,7 @@ fn with_claims(f: impl Fn(&mut Value, i64) + 'static) -> Box<dyn Fn(&TestSite, &
     })
 }
 
-fn with_request(f: impl Fn(&mut v1::EnrollRequest) + 'static) -> Box<dyn Fn(&TestSite, &RunnerKey) -> v1::EnrollRequest> {
+fn with_request(f: impl Fn(&mut v1::EnrollRequest) + 'static) -> Build {
     Box::new(move |s, k| {
         let mut r = s.enroll_request("production", s.token("production"), k);
         f(&mut r);
@@ -48,7 +58,11 @@ fn cases() -> Vec<Case> {
             code: Code::Unauthenticated,
             reason: "alg",
             build: Box::new(|s, k| {
-                let t = format!("{}.{}.", b64(&json!({"alg": "none", "kid": "es-1"})), b64(&s.claims("production")));
+                let t = format!(
+                    "{}.{}.",
+                    b64(&json!({"alg": "none", "kid": "es-1"})),
+                    b64(&s.claims("production"))
+                );
                 s.enroll_request("production", t, k)
             }),
         },
@@ -57,10 +71,20 @@ fn cases() -> Vec<Case> {
             code: Code::Unauthenticated,
             reason: "alg",
             build: Box::new(|s, k| {
-                let input = format!("{}.{}", b64(&json!({"alg": "HS256", "kid": "es-1"})), b64(&s.claims("production")));
-                let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, s.es.jwk().to_string().as_bytes());
+                let input = format!(
+                    "{}.{}",
+                    b64(&json!({"alg": "HS256", "kid": "es-1"})),
+                    b64(&s.claims("production"))
+                );
+                let key = aws_lc_rs::hmac::Key::new(
+                    aws_lc_rs::hmac::HMAC_SHA256,
+                    s.es.jwk().to_string().as_bytes(),
+                );
                 let sig = aws_lc_rs::hmac::sign(&key, input.as_bytes());
-                let t = format!("{input}.{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sig.as_ref()));
+                let t = format!(
+                    "{input}.{}",
+                    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sig.as_ref())
+                );
                 s.enroll_request("production", t, k)
             }),
         },
@@ -69,7 +93,12 @@ fn cases() -> Vec<Case> {
             code: Code::Unauthenticated,
             reason: "kid",
             build: Box::new(|s, k| {
-                let t = s.es.sign_with_header(&json!({"alg": "ES256", "kid": "es-2"}), &s.claims("production")).unwrap();
+                let t =
+                    s.es.sign_with_header(
+                        &json!({"alg": "ES256", "kid": "es-2"}),
+                        &s.claims("production"),
+                    )
+                    .unwrap();
                 s.enroll_request("production", t, k)
             }),
         },
@@ -79,20 +108,49 @@ fn cases() -> Vec<Case> {
             reason: "signature",
             build: Box::new(|s, k| {
                 let forger = OidcIssuer::generate(ES_ISSUER, "es-1", JwtAlg::Es256).unwrap();
-                s.enroll_request("production", forger.mint(&s.claims("production")).unwrap(), k)
+                s.enroll_request(
+                    "production",
+                    forger.mint(&s.claims("production")).unwrap(),
+                    k,
+                )
             }),
         },
-        Case { name: "wrong iss", code: Code::Unauthenticated, reason: "iss", build: with_claims(|c, _| c["iss"] = "https://evil.test".into()) },
-        Case { name: "iss prefix", code: Code::Unauthenticated, reason: "iss", build: with_claims(|c, _| c["iss"] = "https://token.ci.tes".into()) },
-        Case { name: "iss suffix", code: Code::Unauthenticated, reason: "iss", build: with_claims(|c, _| c["iss"] = "token.ci.test".into()) },
-        Case { name: "iss extended", code: Code::Unauthenticated, reason: "iss", build: with_claims(|c, _| c["iss"] = "https://token.ci.test/".into()) },
+        Case {
+            name: "wrong iss",
+            code: Code::Unauthenticated,
+            reason: "iss",
+            build: with_claims(|c, _| c["iss"] = "https://evil.test".into()),
+        },
+        Case {
+            name: "iss prefix",
+            code: Code::Unauthenticated,
+            reason: "iss",
+            build: with_claims(|c, _| c["iss"] = "https://token.ci.tes".into()),
+        },
+        Case {
+            name: "iss suffix",
+            code: Code::Unauthenticated,
+            reason: "iss",
+            build: with_claims(|c, _| c["iss"] = "token.ci.test".into()),
+        },
+        Case {
+            name: "iss extended",
+            code: Code::Unauthenticated,
+            reason: "iss",
+            build: with_claims(|c, _| c["iss"] = "https://token.ci.test/".into()),
+        },
         Case {
             name: "aud of another partition",
             code: Code::PermissionDenied,
             reason: "environment",
             build: with_claims(|c, _| c["aud"] = "meshsign:staging:sg".into()),
         },
-        Case { name: "aud unknown", code: Code::Unauthenticated, reason: "aud", build: with_claims(|c, _| c["aud"] = "sts.amazonaws.com".into()) },
+        Case {
+            name: "aud unknown",
+            code: Code::Unauthenticated,
+            reason: "aud",
+            build: with_claims(|c, _| c["aud"] = "sts.amazonaws.com".into()),
+        },
         Case {
             name: "expired",
             code: Code::Unauthenticated,
@@ -158,11 +216,20 @@ fn cases() -> Vec<Case> {
             build: Box::new(|s, k| {
                 let mut r = s.enroll_request("production", s.token("production"), k);
                 let p384 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
-                r.csr_der = rcgen::CertificateParams::default().serialize_request(&p384).unwrap().der().to_vec();
+                r.csr_der = rcgen::CertificateParams::default()
+                    .serialize_request(&p384)
+                    .unwrap()
+                    .der()
+                    .to_vec();
                 r
             }),
         },
-        Case { name: "other region", code: Code::FailedPrecondition, reason: "region", build: with_request(|r| r.region = "tokyo".into()) },
+        Case {
+            name: "other region",
+            code: Code::FailedPrecondition,
+            reason: "region",
+            build: with_request(|r| r.region = "tokyo".into()),
+        },
         Case {
             name: "malformed fingerprint",
             code: Code::InvalidArgument,
@@ -191,21 +258,45 @@ async fn every_rejection_has_its_status_and_audit_reason_and_changes_nothing() {
     for case in cases() {
         let key = RunnerKey::generate().unwrap();
         let req = (case.build)(&site, &key);
-        let (certs_before, jti_before) = (cert_count(&site), site.state().store.kv().scan_prefix(Tree::Jti, b"").unwrap().len());
+        let (certs_before, jti_before) = (
+            cert_count(&site),
+            site.state()
+                .store
+                .kv()
+                .scan_prefix(Tree::Jti, b"")
+                .unwrap()
+                .len(),
+        );
         let err = client.enroll(req).await.expect_err(case.name);
         assert_eq!(err.code(), case.code, "{}: {}", case.name, err.message());
         assert!(
-            err.message().starts_with(case.reason.split('_').next().unwrap()),
+            err.message()
+                .starts_with(case.reason.split('_').next().unwrap()),
             "{}: message names the check: {}",
             case.name,
             err.message()
         );
         let rec = site.last_audit();
-        assert_eq!((rec.rpc.as_str(), rec.decision.as_str()), ("Enroll", "deny"), "{}", case.name);
-        assert_eq!(rec.reason, case.reason, "{}", case.name);
-        assert_eq!(cert_count(&site), certs_before, "{}: no certificate recorded", case.name);
         assert_eq!(
-            site.state().store.kv().scan_prefix(Tree::Jti, b"").unwrap().len(),
+            (rec.rpc.as_str(), rec.decision.as_str()),
+            ("Enroll", "deny"),
+            "{}",
+            case.name
+        );
+        assert_eq!(rec.reason, case.reason, "{}", case.name);
+        assert_eq!(
+            cert_count(&site),
+            certs_before,
+            "{}: no certificate recorded",
+            case.name
+        );
+        assert_eq!(
+            site.state()
+                .store
+                .kv()
+                .scan_prefix(Tree::Jti, b"")
+                .unwrap()
+                .len(),
             jti_before,
             "{}: no jti consumed",
             case.name
@@ -223,7 +314,10 @@ async fn replayed_jti_is_refused_and_refusals_do_not_consume_it() {
     let key = RunnerKey::generate().unwrap();
     let mut bad = site.enroll_request("production", token.clone(), &key);
     bad.csr_der.truncate(10);
-    assert_eq!(client.enroll(bad).await.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(
+        client.enroll(bad).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
 
     let first = site.enroll_request("production", token.clone(), &key);
     client.enroll(first).await.expect("first use of the token");
@@ -238,7 +332,11 @@ async fn replayed_jti_is_refused_and_refusals_do_not_consume_it() {
 async fn ttl_above_the_cap_is_clamped_not_refused() {
     let site = TestSite::start().await;
     let mut client = site.enrollment().await;
-    for (asked, granted) in [(100_000u32, TTL_CAP as u32), (0, TTL_CAP as u32), (600, 600)] {
+    for (asked, granted) in [
+        (100_000u32, TTL_CAP as u32),
+        (0, TTL_CAP as u32),
+        (600, 600),
+    ] {
         let key = RunnerKey::generate().unwrap();
         let mut req = site.enroll_request("production", site.token("production"), &key);
         req.requested_ttl_seconds = asked;
@@ -253,9 +351,20 @@ async fn ttl_above_the_cap_is_clamped_not_refused() {
 async fn replay_store_is_pruned_after_expiry() {
     let site = TestSite::start().await;
     let (_k, _r, _s) = site.enrolled("staging").await;
-    let jti = |s: &TestSite| s.state().store.kv().scan_prefix(Tree::Jti, b"").unwrap().len();
+    let jti = |s: &TestSite| {
+        s.state()
+            .store
+            .kv()
+            .scan_prefix(Tree::Jti, b"")
+            .unwrap()
+            .len()
+    };
     assert_eq!(jti(&site), 1);
-    assert_eq!(meshsign_server::enroll::prune_jti(site.state()).unwrap(), 0, "kept until exp + leeway");
+    assert_eq!(
+        meshsign_server::enroll::prune_jti(site.state()).unwrap(),
+        0,
+        "kept until exp + leeway"
+    );
     site.clock.advance(std::time::Duration::from_secs(300 + 61));
     assert_eq!(meshsign_server::enroll::prune_jti(site.state()).unwrap(), 1);
     assert_eq!(jti(&site), 0);

@@ -116,7 +116,11 @@ struct SignArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("meshsign: cannot start the runtime: {e}");
@@ -147,19 +151,34 @@ fn sibling(file: &Path, ext: &str) -> PathBuf {
 
 async fn run(cli: Cli) -> Result<(), ClientError> {
     match cli.command {
-        Command::Verify { file, bundle, public_key } => {
+        Command::Verify {
+            file,
+            bundle,
+            public_key,
+        } => {
             let bundle_path = bundle.unwrap_or_else(|| sibling(&file, ".sig.json"));
             let text = std::fs::read(&bundle_path).map_err(ClientError::io(&bundle_path))?;
             let b: SigBundle = serde_json::from_slice(&text)
                 .map_err(|e| ClientError::Verify(format!("{}: {e}", bundle_path.display())))?;
             let pin = match &public_key {
-                Some(p) => Some(verify::spki_from_pem(&std::fs::read_to_string(p).map_err(ClientError::io(p))?)?),
+                Some(p) => Some(verify::spki_from_pem(
+                    &std::fs::read_to_string(p).map_err(ClientError::io(p))?,
+                )?),
                 None => None,
             };
             verify::verify_file(&file, &b, pin.as_deref())?;
-            println!("{}: OK ({} in {}/{}, audit {})", file.display(), b.key_id, b.region, b.environment, b.audit_id);
+            println!(
+                "{}: OK ({} in {}/{}, audit {})",
+                file.display(),
+                b.key_id,
+                b.region,
+                b.environment,
+                b.audit_id
+            );
             if pin.is_none() {
-                eprintln!("note: the key was taken from the bundle; pin it with --public-key (see verification-material)");
+                eprintln!(
+                    "note: the key was taken from the bundle; pin it with --public-key (see verification-material)"
+                );
             }
             Ok(())
         }
@@ -168,17 +187,27 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             let tls = transport::tls_config(transport::roots(&cfg)?, None)?;
             let ch = transport::connect(&cfg.enroll_endpoint, &cfg.server_name, tls).await?;
             let resp = VerificationClient::new(ch)
-                .get_verification_material(v1::GetVerificationMaterialRequest { environment, key_alias: key })
+                .get_verification_material(v1::GetVerificationMaterialRequest {
+                    environment,
+                    key_alias: key,
+                })
                 .await
                 .map_err(|s| ClientError::rpc("GetVerificationMaterial", s))?
                 .into_inner();
             for k in resp.keys {
-                println!("# {} {}{}", k.key_id, k.algorithm, if k.active { " (active)" } else { "" });
+                println!(
+                    "# {} {}{}",
+                    k.key_id,
+                    k.algorithm,
+                    if k.active { " (active)" } else { "" }
+                );
                 print!("{}", pem_encode("PUBLIC KEY", &k.public_key_der));
             }
             Ok(())
         }
-        Command::Dev { command: DevCommand::Token { environment, job } } => {
+        Command::Dev {
+            command: DevCommand::Token { environment, job },
+        } => {
             let cfg = load_config(&cli.config)?;
             let aud = cfg.audience(&environment)?;
             let t = token::dev_token(&cfg, aud, &github_job(&environment, &job))?;
@@ -205,7 +234,8 @@ async fn sign(cfg: &ClientConfig, args: SignArgs) -> Result<(), ClientError> {
         _ if cfg.dev_issuer.is_some() => TokenSource::Dev(GithubJob::new(&args.environment)),
         _ => {
             return Err(ClientError::Token(
-                "no token source: give --token-file, --token-env or --token-source github-actions".into(),
+                "no token source: give --token-file, --token-env or --token-source github-actions"
+                    .into(),
             ));
         }
     };
@@ -222,19 +252,30 @@ async fn sign(cfg: &ClientConfig, args: SignArgs) -> Result<(), ClientError> {
     let mut session = Session::start(cfg, &params).await?;
     eprintln!(
         "enrolled as {} (serial {}, {} s)",
-        session.enrollment.spiffe_id, session.enrollment.serial, session.enrollment.granted_ttl_seconds
+        session.enrollment.spiffe_id,
+        session.enrollment.serial,
+        session.enrollment.granted_ttl_seconds
     );
     for file in &args.files {
         let digest = verify::sha256_file(file)?;
-        let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let r = session.sign_digest(&args.key, digest, &name).await?;
         // Check what the site returned before writing anything.
-        verify::verify_digest(&r.public_key_der, &digest, &r.signature)
-            .map_err(|e| ClientError::Crypto(format!("site returned a signature that does not verify: {e}")))?;
+        verify::verify_digest(&r.public_key_der, &digest, &r.signature).map_err(|e| {
+            ClientError::Crypto(format!(
+                "site returned a signature that does not verify: {e}"
+            ))
+        })?;
         let signed_at = r
             .signed_at
             .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t.seconds).ok())
-            .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
             .unwrap_or_default();
         let bundle = SigBundle {
             artifact: name,
@@ -247,14 +288,25 @@ async fn sign(cfg: &ClientConfig, args: SignArgs) -> Result<(), ClientError> {
             region: session.enrollment.region.clone(),
             environment: session.enrollment.environment.clone(),
             signed_at,
-            certificate_chain_pem: r.certificate_chain.iter().map(|c| pem_encode("CERTIFICATE", c)).collect(),
+            certificate_chain_pem: r
+                .certificate_chain
+                .iter()
+                .map(|c| pem_encode("CERTIFICATE", c))
+                .collect(),
         };
         let sig_path = sibling(file, ".sig");
         let json_path = sibling(file, ".sig.json");
         std::fs::write(&sig_path, &r.signature).map_err(ClientError::io(&sig_path))?;
-        let json = serde_json::to_vec_pretty(&bundle).map_err(|e| ClientError::Crypto(e.to_string()))?;
+        let json =
+            serde_json::to_vec_pretty(&bundle).map_err(|e| ClientError::Crypto(e.to_string()))?;
         std::fs::write(&json_path, json).map_err(ClientError::io(&json_path))?;
-        println!("{}: signed with {} (audit {}) -> {}", file.display(), r.key_id, r.audit_id, sig_path.display());
+        println!(
+            "{}: signed with {} (audit {}) -> {}",
+            file.display(),
+            r.key_id,
+            r.audit_id,
+            sig_path.display()
+        );
     }
     Ok(())
 }

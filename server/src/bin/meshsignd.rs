@@ -15,7 +15,11 @@ use meshsign_server::site::{self, SiteState};
 use meshsign_server::{dev, sign::Kek};
 
 #[derive(Parser)]
-#[command(name = "meshsignd", version, about = "meshsign site: OIDC enrollment, runner CA, signing, audit")]
+#[command(
+    name = "meshsignd",
+    version,
+    about = "meshsign site: OIDC enrollment, runner CA, signing, audit"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -64,7 +68,9 @@ enum Command {
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => b.init(),
         LogFormat::Json => b.json().init(),
@@ -74,7 +80,10 @@ fn init_logs(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logs(cli.log_format);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("meshsignd: cannot start the runtime: {e}");
@@ -93,33 +102,50 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> Result<(), String> {
     match command {
         Command::Check { config } => {
-            let cfg = SiteConfig::load(&config).map_err(|e| format!("{}: {e}", config.display()))?;
+            let cfg =
+                SiteConfig::load(&config).map_err(|e| format!("{}: {e}", config.display()))?;
             Kek::load(&cfg.kek_file, cfg.dev).map_err(|e| e.to_string())?;
             println!(
                 "{}: ok (region {}, partitions: {})",
                 config.display(),
                 cfg.region,
-                cfg.partitions.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
+                cfg.partitions
+                    .iter()
+                    .map(|p| p.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
             Ok(())
         }
         Command::Serve { config } => {
-            let cfg = SiteConfig::load(&config).map_err(|e| format!("{}: {e}", config.display()))?;
+            let cfg =
+                SiteConfig::load(&config).map_err(|e| format!("{}: {e}", config.display()))?;
             let handle = start(cfg).await?;
             wait_for_signal().await;
             handle.shutdown().await;
             Ok(())
         }
-        Command::Dev { data_dir, enroll_port, sign_port, admin_port } => {
+        Command::Dev {
+            data_dir,
+            enroll_port,
+            sign_port,
+            admin_port,
+        } => {
             let site_toml = dev::prepare(&data_dir).map_err(|e| e.to_string())?;
-            let mut cfg = SiteConfig::load(&site_toml).map_err(|e| format!("{}: {e}", site_toml.display()))?;
+            let mut cfg = SiteConfig::load(&site_toml)
+                .map_err(|e| format!("{}: {e}", site_toml.display()))?;
             let lo = std::net::Ipv4Addr::LOCALHOST;
             cfg.listen.enroll = (lo, enroll_port).into();
             cfg.listen.sign = (lo, sign_port).into();
             cfg.listen.admin = (lo, admin_port).into();
             let handle = start(cfg).await?;
-            let client = dev::write_client_toml(&data_dir, handle.enroll_addr, handle.sign_addr, handle.admin_addr)
-                .map_err(|e| e.to_string())?;
+            let client = dev::write_client_toml(
+                &data_dir,
+                handle.enroll_addr,
+                handle.sign_addr,
+                handle.admin_addr,
+            )
+            .map_err(|e| e.to_string())?;
             let client = std::fs::canonicalize(&client).unwrap_or(client);
             println!(
                 "\nmeshsign DEV site is up on loopback (region {}, environments {}).\n\
@@ -145,7 +171,9 @@ async fn start(cfg: SiteConfig) -> Result<site::SiteHandle, String> {
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
-    site::start(Arc::new(state)).await.map_err(|e| e.to_string())
+    site::start(Arc::new(state))
+        .await
+        .map_err(|e| e.to_string())
 }
 
 async fn wait_for_signal() {
