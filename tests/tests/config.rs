@@ -195,8 +195,14 @@ fn dev_mode_admits_http_issuers() {
 
 #[test]
 fn the_deploy_example_is_a_valid_config() {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/site.example.toml")).unwrap();
-    let text = text.replace("/etc/meshsign/jwks/github.json", "jwks.json").replace("/etc/meshsign/jwks/gitlab.json", "jwks.json");
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/site.example.toml"
+    ))
+    .unwrap();
+    let text = text
+        .replace("/etc/meshsign/jwks/github.json", "jwks.json")
+        .replace("/etc/meshsign/jwks/gitlab.json", "jwks.json");
     let cfg = load(&text).unwrap();
     assert_eq!(cfg.partitions.len(), 2);
     assert_eq!(cfg.partition("production").unwrap().max_ttl_seconds, 3000);
