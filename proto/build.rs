@@ -6,6 +6,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(["meshsign/v1/meshsign.proto"], ["."])?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("meshsign_descriptor.bin"), fds.encode_to_vec())?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // Messages carrying secrets get a hand-written Debug (src/lib.rs) that redacts them.
+    tonic_prost_build::configure()
+        .skip_debug(["meshsign.v1.EnrollRequest", "meshsign.v1.ImportKeyRequest"])
+        .compile_fds(fds)?;
     Ok(())
 }

@@ -4,7 +4,9 @@
 //! made in memory ([`runner::RunnerKey`]), sent as a CSR, and neither it nor the certificate ever
 //! touches the disk.
 
+pub mod admin;
 pub mod config;
+pub mod drill;
 pub mod error;
 pub mod runner;
 pub mod token;

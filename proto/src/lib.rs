@@ -12,6 +12,28 @@ pub mod v1 {
     tonic::include_proto!("meshsign.v1");
 }
 
+impl std::fmt::Debug for v1::EnrollRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollRequest")
+            .field("token", &"[redacted]")
+            .field("runner_fingerprint", &self.runner_fingerprint)
+            .field("region", &self.region)
+            .field("environment", &self.environment)
+            .field("requested_ttl_seconds", &self.requested_ttl_seconds)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for v1::ImportKeyRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImportKeyRequest")
+            .field("environment", &self.environment)
+            .field("alias", &self.alias)
+            .field("pkcs8_pem", &"[redacted]")
+            .finish_non_exhaustive()
+    }
+}
+
 /// Encoded `FileDescriptorSet` of the contract, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/meshsign_descriptor.bin"));
@@ -27,4 +49,21 @@ pub fn pem_encode(label: &str, der: &[u8]) -> String {
     }
     out.push_str(&format!("-----END {label}-----\n"));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn secret_bearing_messages_redact_in_debug() {
+        let e = super::v1::EnrollRequest {
+            token: "eyJ.secret.token".into(),
+            ..Default::default()
+        };
+        assert!(!format!("{e:?}").contains("secret"));
+        let k = super::v1::ImportKeyRequest {
+            pkcs8_pem: b"-----BEGIN PRIVATE KEY-----".to_vec(),
+            ..Default::default()
+        };
+        assert!(!format!("{k:?}").contains("PRIVATE"));
+    }
 }

@@ -60,6 +60,12 @@ pub struct AuditRecord {
     pub git_ref: String,
     /// Peer address.
     pub peer: String,
+    /// Ops identity (SPIFFE ID) for admin actions.
+    #[serde(default)]
+    pub operator: String,
+    /// What an admin action changed, in a few words.
+    #[serde(default)]
+    pub detail: String,
     /// Hash of the previous record (hex; empty for the first).
     pub prev_hash: String,
     /// This record's hash (hex).

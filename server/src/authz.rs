@@ -78,6 +78,9 @@ pub enum AuthzError {
         /// Caller's partition.
         partition: String,
     },
+    /// The key was disabled by ops.
+    #[error("key_disabled: `{0}` is disabled")]
+    KeyDisabled(String),
     /// The key's access rule does not admit the caller.
     #[error("key_access: `{repository}`@`{git_ref}` may not use `{alias}`")]
     Access {
@@ -107,6 +110,7 @@ impl AuthzError {
             AuthzError::PolicyDisabled(_) => "trust_policy_disabled",
             AuthzError::KeyNotInPartition { .. } => "key_not_in_partition",
             AuthzError::Access { .. } => "key_access",
+            AuthzError::KeyDisabled(_) => "key_disabled",
             AuthzError::Store(_) => "internal",
         }
     }
@@ -146,6 +150,25 @@ impl Caller {
         })
     }
 
+    /// An audit record carrying this caller's identity fields.
+    pub fn audit_record(&self, rpc: &str, now: i64, peer: &str) -> crate::audit::AuditRecord {
+        crate::audit::AuditRecord {
+            rpc: rpc.into(),
+            environment: self.id.environment.clone(),
+            job_id: self.claims.job_id.clone(),
+            jti: self.claims.jti.clone(),
+            token_issuer: self.claims.iss.clone(),
+            subject: self.claims.sub.clone(),
+            runner_fingerprint: self.id.fingerprint.clone(),
+            cert_serial: self.serial_hex.clone(),
+            ttl_remaining_sec: Some(self.ttl_remaining(now)),
+            repository: self.claims.repository.clone(),
+            git_ref: self.claims.git_ref.clone(),
+            peer: peer.into(),
+            ..Default::default()
+        }
+    }
+
     /// Seconds until the certificate expires (negative once expired).
     pub fn ttl_remaining(&self, now: i64) -> i64 {
         self.not_after - now
@@ -171,10 +194,10 @@ pub fn authorize(site: &SiteState, caller: &Caller, alias: &str) -> Result<Loade
             now,
         });
     }
-    if caller.id.region != site.config.region || record.region != site.config.region {
+    if caller.id.region != site.config().region || record.region != site.config().region {
         return Err(AuthzError::Region {
             cert: caller.id.region.clone(),
-            site: site.config.region.clone(),
+            site: site.config().region.clone(),
         });
     }
     let partition = &record.environment;
@@ -186,19 +209,22 @@ pub fn authorize(site: &SiteState, caller: &Caller, alias: &str) -> Result<Loade
     if !site.issuer_trusted(partition, &record.issuer_id) {
         return Err(AuthzError::IssuerUntrusted(record.issuer_id.clone()));
     }
-    if !site.policy_enabled(partition, &record.claims.trust_policy) {
+    if !site.policy_admits_sessions(partition, &record.claims.trust_policy) {
         return Err(AuthzError::PolicyDisabled(
             record.claims.trust_policy.clone(),
         ));
     }
-    let spec = site
-        .config
+    let config = site.config();
+    let spec = config
         .partition(partition)
         .and_then(|p| p.key(alias))
         .ok_or_else(|| AuthzError::KeyNotInPartition {
             alias: alias.to_string(),
             partition: partition.clone(),
         })?;
+    if spec.disabled {
+        return Err(AuthzError::KeyDisabled(alias.to_string()));
+    }
     if !spec
         .access
         .admits(&record.claims.repository, &record.claims.git_ref)
@@ -209,7 +235,7 @@ pub fn authorize(site: &SiteState, caller: &Caller, alias: &str) -> Result<Loade
             git_ref: record.claims.git_ref.clone(),
         });
     }
-    site.keys
+    site.keys()
         .active(partition, alias)
         .cloned()
         .ok_or_else(|| AuthzError::KeyNotInPartition {

@@ -221,7 +221,8 @@ impl KeyAlgorithm {
         }
     }
 
-    fn parse(s: &str) -> Option<Self> {
+    /// Parses the config/RPC name.
+    pub fn parse(s: &str) -> Option<Self> {
         match s {
             "ecdsa-p256-sha256" => Some(Self::EcdsaP256Sha256),
             _ => None,
@@ -238,10 +239,12 @@ pub struct KeySpec {
     pub algorithm: KeyAlgorithm,
     /// Who may use it.
     pub access: AccessRule,
+    /// Disabled by ops: still verifiable, no longer signs.
+    pub disabled: bool,
 }
 
 /// A caller may use a key if its repository matches one pattern and its ref matches one pattern.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct AccessRule {
     /// Repository patterns (`*` matches any run of characters).
     pub repositories: Vec<String>,
@@ -268,6 +271,8 @@ pub struct TrustPolicy {
     pub jwks: Jwks,
     /// Whether new enrollments and sign calls from its certificates are admitted.
     pub enabled: bool,
+    /// When disabled: certificates it already minted may keep signing (`--keep-sessions`).
+    pub keep_sessions: bool,
     /// Claims a token must carry: name → pattern.
     pub bound_claims: BTreeMap<String, String>,
 }
@@ -292,7 +297,8 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
     true
 }
 
-fn is_name(s: &str) -> bool {
+/// Lowercase letters, digits, `-`, `_`; 1 to 63 characters (partition, alias, policy names).
+pub fn is_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.bytes()
@@ -448,6 +454,7 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
                     repositories: key.access.repositories,
                     refs: key.access.refs,
                 },
+                disabled: false,
             });
         }
         let mut policies: Vec<TrustPolicy> = Vec::new();
@@ -500,6 +507,7 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
                 issuer: pol.issuer,
                 jwks,
                 enabled: pol.enabled,
+                keep_sessions: false,
                 bound_claims: pol.bound_claims,
             });
         }

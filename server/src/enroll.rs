@@ -16,6 +16,7 @@ use crate::audit::{AuditError, AuditRecord};
 use crate::config::{Partition, TrustPolicy, glob_match};
 use crate::issuer::{CertRequest, IssueError};
 use crate::jwt::UnverifiedJwt;
+use crate::ops::RevocationKind;
 use crate::site::SiteState;
 use crate::store::{StoreError, Tree};
 
@@ -185,6 +186,9 @@ pub enum EnrollError {
     /// Step 8: malformed fingerprint.
     #[error("fingerprint: must be 64 lowercase hex characters")]
     Fingerprint,
+    /// Step 8: an ops revocation rule covers this job or runner.
+    #[error("revoked: {0}")]
+    Revoked(String),
     /// Issuance failed (internal).
     #[error("issuance failed")]
     Issue(#[from] IssueError),
@@ -220,6 +224,7 @@ impl EnrollError {
             EnrollError::CsrKey => "csr_key",
             EnrollError::Region { .. } => "region",
             EnrollError::Fingerprint => "fingerprint",
+            EnrollError::Revoked(_) => "revoked",
             EnrollError::Issue(_) | EnrollError::Store(_) => "internal",
             EnrollError::Audit(_) => "audit_unavailable",
         }
@@ -259,9 +264,9 @@ fn run(
     rec: &mut AuditRecord,
 ) -> Result<EnrollOutput, EnrollError> {
     let now = site.clock.unix();
+    let config = site.config();
     // Step 0: the partition the runner asked for; the token may not select another one.
-    let partition = site
-        .config
+    let partition = config
         .partition(&input.environment)
         .ok_or_else(|| EnrollError::UnknownEnvironment(input.environment.clone()))?;
     if input.token.len() > MAX_TOKEN_BYTES {
@@ -303,8 +308,7 @@ fn run(
 
     let auds = jwt.audiences();
     if !auds.contains(&partition.audience.as_str())
-        && let Some(other) = site
-            .config
+        && let Some(other) = config
             .partitions
             .iter()
             .find(|p| auds.contains(&p.audience.as_str()))
@@ -342,7 +346,7 @@ fn run(
         .into_iter()
         .find(|p| p.issuer.as_bytes() == iss.as_bytes())
         .ok_or_else(|| EnrollError::Issuer(iss.chars().take(256).collect()))?;
-    if !site.policy_enabled(&partition.name, &policy.name) {
+    if !policy.enabled {
         return Err(EnrollError::PolicyDisabled(policy.name.clone()));
     }
 
@@ -380,14 +384,29 @@ fn run(
     let spki = verify_csr(&input.csr_der)?;
 
     // Step 8: region and fingerprint.
-    if input.region != site.config.region {
+    if input.region != site.config().region {
         return Err(EnrollError::Region {
             requested: input.region.clone(),
-            site: site.config.region.clone(),
+            site: site.config().region.clone(),
         });
     }
     if !is_valid_fingerprint(&input.fingerprint) {
         return Err(EnrollError::Fingerprint);
+    }
+    // Open-ended job and fingerprint revocations also bar new certificates.
+    if let Some(rule) = site.revocations().iter().find(|r| {
+        r.until.is_none()
+            && r.region.as_ref().is_none_or(|g| *g == config.region)
+            && match r.kind {
+                RevocationKind::JobId => r.value == rec.job_id,
+                RevocationKind::Fingerprint => r.value == input.fingerprint,
+                RevocationKind::Serial => false,
+            }
+    }) {
+        return Err(EnrollError::Revoked(format!(
+            "{} ({})",
+            rule.id, rule.reason
+        )));
     }
 
     // Step 9: claim the jti (atomically), issue, record.
@@ -413,9 +432,9 @@ fn run(
         trust_policy: policy.name.clone(),
     };
     let id = RunnerId {
-        trust_domain: site.config.trust_domain.clone(),
+        trust_domain: site.config().trust_domain.clone(),
         environment: partition.name.clone(),
-        region: site.config.region.clone(),
+        region: site.config().region.clone(),
         fingerprint: input.fingerprint.clone(),
     };
     let issuers = site.issuers(&partition.name)?;
@@ -430,7 +449,7 @@ fn run(
     let record = CertRecord {
         serial: issued.serial_hex.clone(),
         environment: partition.name.clone(),
-        region: site.config.region.clone(),
+        region: site.config().region.clone(),
         fingerprint: input.fingerprint.clone(),
         claims,
         issuer_id: ca.record.id.clone(),
@@ -447,8 +466,12 @@ fn run(
         granted_ttl_seconds: ttl,
         spiffe_id: id.to_uri(),
         environment: partition.name.clone(),
-        region: site.config.region.clone(),
-        trusted_issuers: issuers.trusted.clone(),
+        region: site.config().region.clone(),
+        trusted_issuers: issuers
+            .trusted(now)
+            .into_iter()
+            .map(|r| r.cert_der.clone())
+            .collect(),
     })
 }
 

@@ -71,8 +71,27 @@ pub struct IssuerRecord {
     pub cert_der: Vec<u8>,
     /// Creation time, unix seconds.
     pub created_at: i64,
+    /// For a retiring issuer: when the last certificate it issued expires.
+    #[serde(default)]
+    pub retire_after: Option<i64>,
     /// Private key under the KEK.
     pub wrapped: Wrapped,
+}
+
+impl IssuerRecord {
+    /// Whether the sign port trusts certificates from this CA at `now`.
+    pub fn trusted_at(&self, now: i64) -> bool {
+        match self.state {
+            IssuerState::Staged | IssuerState::Active => true,
+            IssuerState::Retiring => self.retire_after.is_none_or(|t| now < t),
+            IssuerState::Retired | IssuerState::Revoked => false,
+        }
+    }
+
+    /// Store key.
+    pub fn store_key(&self) -> Vec<u8> {
+        format!("{}/{}", self.partition, self.id).into_bytes()
+    }
 }
 
 fn issuer_aad(partition: &str, id: &str) -> String {
@@ -224,13 +243,10 @@ impl RunnerCa {
             state,
             cert_der: cert.der().to_vec(),
             created_at: now_unix,
+            retire_after: None,
             wrapped: Wrapped { nonce, ciphertext },
         };
-        store.put(
-            Tree::Issuers,
-            format!("{partition}/{}", record.id).as_bytes(),
-            &record,
-        )?;
+        store.put(Tree::Issuers, &record.store_key(), &record)?;
         store.flush()?;
         Ok(Self { record, key })
     }
@@ -395,15 +411,13 @@ fn unix_to_time(t: i64) -> ::time::OffsetDateTime {
     ::time::OffsetDateTime::from_unix_timestamp(t).unwrap_or(::time::OffsetDateTime::UNIX_EPOCH)
 }
 
-/// The runner CAs of one partition: the one that issues, and every one the sign port trusts.
+/// The runner CAs of one partition: the one that issues, and every record (for trust checks).
 #[derive(Debug)]
 pub struct PartitionIssuers {
     /// The active issuer.
     pub active: Arc<RunnerCa>,
-    /// Every trusted CA (staged, active, retiring), DER, the active one first.
-    pub trusted: Vec<Vec<u8>>,
-    /// Ids of the trusted CAs, same order.
-    pub trusted_ids: Vec<String>,
+    /// Every stored runner CA of the partition, oldest first.
+    pub records: Vec<IssuerRecord>,
 }
 
 impl PartitionIssuers {
@@ -416,7 +430,8 @@ impl PartitionIssuers {
         partition: &str,
         now_unix: i64,
     ) -> Result<Self, IssueError> {
-        let records = RunnerCa::records(store, partition)?;
+        let mut records = RunnerCa::records(store, partition)?;
+        records.sort_by_key(|r| r.created_at);
         let active = match records.iter().find(|r| r.state == IssuerState::Active) {
             Some(r) => RunnerCa::load(r.clone(), kek)?,
             None => {
@@ -430,23 +445,25 @@ impl PartitionIssuers {
                     now_unix,
                 )?;
                 tracing::info!(partition, issuer = %ca.record.id, "created runner CA");
+                records.push(ca.record.clone());
                 ca
             }
         };
-        let others = records.iter().filter(|r| {
-            matches!(r.state, IssuerState::Staged | IssuerState::Retiring)
-                && r.id != active.record.id
-        });
-        let trusted = std::iter::once(active.record.cert_der.clone())
-            .chain(others.clone().map(|r| r.cert_der.clone()))
-            .collect();
-        let trusted_ids = std::iter::once(active.record.id.clone())
-            .chain(others.map(|r| r.id.clone()))
-            .collect();
         Ok(Self {
             active: Arc::new(active),
-            trusted,
-            trusted_ids,
+            records,
         })
+    }
+
+    /// The CAs trusted at `now`, the active one first.
+    pub fn trusted(&self, now: i64) -> Vec<&IssuerRecord> {
+        let mut v: Vec<&IssuerRecord> = self.records.iter().filter(|r| r.trusted_at(now)).collect();
+        v.sort_by_key(|r| r.id != self.active.record.id);
+        v
+    }
+
+    /// Whether CA `id` is trusted at `now`.
+    pub fn is_trusted(&self, id: &str, now: i64) -> bool {
+        self.records.iter().any(|r| r.id == id && r.trusted_at(now))
     }
 }

@@ -15,6 +15,7 @@ pub mod dev;
 pub mod enroll;
 pub mod issuer;
 pub mod jwt;
+pub mod ops;
 pub mod sign;
 pub mod signing;
 pub mod site;

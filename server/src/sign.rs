@@ -297,8 +297,8 @@ impl std::fmt::Debug for LoadedKey {
     }
 }
 
-/// Every signing key of the site, decrypted once at start.
-#[derive(Debug, Default)]
+/// Every signing key of the site, decrypted once (at start, or when ops add a version).
+#[derive(Debug, Default, Clone)]
 pub struct KeyRing {
     /// (partition, alias) → versions, oldest first.
     keys: BTreeMap<(String, String), Vec<LoadedKey>>,
@@ -329,29 +329,34 @@ impl KeyRing {
                     )?);
                     tracing::info!(partition = %p.name, key_id = %format!("{}@v1", spec.alias), "created signing key");
                 }
-                let mut loaded = Vec::new();
-                for rec in records {
-                    let pkcs8 = kek.unwrap(
-                        &key_aad(&rec.partition, &rec.alias, rec.version),
-                        &rec.wrapped.nonce,
-                        &rec.wrapped.ciphertext,
-                    )?;
-                    let backend: Arc<dyn SigningBackend> = match rec.algorithm {
-                        KeyAlgorithm::EcdsaP256Sha256 => Arc::new(EcdsaP256::from_pkcs8(&pkcs8)?),
-                    };
-                    if backend.public_key_der() != rec.public_key_der.as_slice() {
-                        return Err(CustodyError::Unwrap { slot: rec.key_id() });
-                    }
-                    loaded.push(LoadedKey {
-                        record: Arc::new(rec),
-                        backend,
-                    });
-                }
+                let loaded = load_versions(kek, records)?;
                 ring.keys
                     .insert((p.name.clone(), spec.alias.clone()), loaded);
             }
         }
         Ok(ring)
+    }
+
+    /// Re-reads every version of one alias from the store (after ops add one).
+    pub fn reload_alias(
+        &mut self,
+        store: &Store,
+        kek: &Kek,
+        partition: &str,
+        alias: &str,
+    ) -> Result<(), CustodyError> {
+        let records: Vec<KeyRecord> =
+            store.scan(Tree::Keys, format!("{partition}/{alias}/").as_bytes())?;
+        self.keys.insert(
+            (partition.to_string(), alias.to_string()),
+            load_versions(kek, records)?,
+        );
+        Ok(())
+    }
+
+    /// Every (partition, alias) and its versions.
+    pub fn all(&self) -> impl Iterator<Item = (&(String, String), &Vec<LoadedKey>)> {
+        self.keys.iter()
     }
 
     /// The version that signs now (the newest).
@@ -369,6 +374,60 @@ impl KeyRing {
     }
 }
 
+fn load_versions(kek: &Kek, records: Vec<KeyRecord>) -> Result<Vec<LoadedKey>, CustodyError> {
+    let mut loaded = Vec::new();
+    for rec in records {
+        let pkcs8 = kek.unwrap(
+            &key_aad(&rec.partition, &rec.alias, rec.version),
+            &rec.wrapped.nonce,
+            &rec.wrapped.ciphertext,
+        )?;
+        let backend: Arc<dyn SigningBackend> = match rec.algorithm {
+            KeyAlgorithm::EcdsaP256Sha256 => Arc::new(EcdsaP256::from_pkcs8(&pkcs8)?),
+        };
+        if backend.public_key_der() != rec.public_key_der.as_slice() {
+            return Err(CustodyError::Unwrap { slot: rec.key_id() });
+        }
+        loaded.push(LoadedKey {
+            record: Arc::new(rec),
+            backend,
+        });
+    }
+    Ok(loaded)
+}
+
+/// Wraps a private key (PKCS#8) under the KEK and stores it as `partition/alias@vN`.
+#[allow(clippy::too_many_arguments)]
+pub fn store_key(
+    store: &Store,
+    kek: &Kek,
+    partition: &str,
+    alias: &str,
+    version: u32,
+    backend: &dyn SigningBackend,
+    pkcs8: &[u8],
+    now_unix: i64,
+) -> Result<KeyRecord, CustodyError> {
+    let (nonce, ciphertext) = kek.wrap(&key_aad(partition, alias, version), pkcs8)?;
+    let record = KeyRecord {
+        partition: partition.to_string(),
+        alias: alias.to_string(),
+        version,
+        algorithm: backend.algorithm(),
+        public_key_der: backend.public_key_der().to_vec(),
+        certificate_chain: Vec::new(),
+        created_at: now_unix,
+        wrapped: Wrapped { nonce, ciphertext },
+    };
+    store.put(
+        Tree::Keys,
+        &KeyRecord::store_key(partition, alias, version),
+        &record,
+    )?;
+    store.flush()?;
+    Ok(record)
+}
+
 /// Generates a key, wraps it under the KEK and stores it; the plaintext never leaves memory.
 pub fn create_key(
     store: &Store,
@@ -382,24 +441,9 @@ pub fn create_key(
     let (backend, pkcs8) = match algorithm {
         KeyAlgorithm::EcdsaP256Sha256 => EcdsaP256::generate()?,
     };
-    let (nonce, ciphertext) = kek.wrap(&key_aad(partition, alias, version), &pkcs8)?;
-    let record = KeyRecord {
-        partition: partition.to_string(),
-        alias: alias.to_string(),
-        version,
-        algorithm,
-        public_key_der: backend.public_key_der().to_vec(),
-        certificate_chain: Vec::new(),
-        created_at: now_unix,
-        wrapped: Wrapped { nonce, ciphertext },
-    };
-    store.put(
-        Tree::Keys,
-        &KeyRecord::store_key(partition, alias, version),
-        &record,
-    )?;
-    store.flush()?;
-    Ok(record)
+    store_key(
+        store, kek, partition, alias, version, &backend, &pkcs8, now_unix,
+    )
 }
 
 #[cfg(test)]

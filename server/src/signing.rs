@@ -145,22 +145,8 @@ pub async fn sign(
     input: SignInput,
 ) -> Result<SignOutput, SignError> {
     let now = site.clock.unix();
-    let mut rec = AuditRecord {
-        rpc: input.rpc.into(),
-        environment: caller.id.environment.clone(),
-        job_id: caller.claims.job_id.clone(),
-        jti: caller.claims.jti.clone(),
-        token_issuer: caller.claims.iss.clone(),
-        subject: caller.claims.sub.clone(),
-        runner_fingerprint: caller.id.fingerprint.clone(),
-        cert_serial: caller.serial_hex.clone(),
-        ttl_remaining_sec: Some(caller.ttl_remaining(now)),
-        repository: caller.claims.repository.clone(),
-        git_ref: caller.claims.git_ref.clone(),
-        artifact: input.artifact.chars().take(256).collect(),
-        peer: input.peer.clone(),
-        ..Default::default()
-    };
+    let mut rec = caller.audit_record(input.rpc, now, &input.peer);
+    rec.artifact = input.artifact.chars().take(256).collect();
     let result = run(site, caller, input, &mut rec).await;
     match &result {
         Ok(_) => {

@@ -14,8 +14,10 @@ use crate::audit::{AuditError, AuditLog};
 use crate::clock::SharedClock;
 use crate::config::SiteConfig;
 use crate::issuer::{IssueError, PartitionIssuers};
+use crate::ops::RevocationRule;
 use crate::sign::{CustodyError, Kek, KeyRing};
 use crate::store::{Store, StoreError};
+use crate::tls::TlsCell;
 use crate::tls::{self, ServerIdentity, TlsError};
 
 /// Failures starting a site.
@@ -47,39 +49,59 @@ pub enum SiteError {
     /// gRPC reflection setup.
     #[error("reflection: {0}")]
     Reflection(String),
+    /// An ops overlay in the store is invalid.
+    #[error("stored ops state: {0}")]
+    Overlay(String),
 }
 
 /// Everything the handlers share.
+///
+/// What ops can change at run time lives behind locks and is swapped whole: the effective
+/// configuration (file + ops overlays: trust-policy state, pinned JWKS, admin-created keys), the
+/// key ring, the runner CAs, the revocation rules, and the sign port's TLS configuration.
 pub struct SiteState {
-    /// Validated configuration.
-    pub config: SiteConfig,
+    config: RwLock<Arc<SiteConfig>>,
     /// Injected clock.
     pub clock: SharedClock,
     /// Persistent state.
     pub store: Store,
     /// Audit log.
     pub audit: AuditLog,
-    /// Signing keys, decrypted once.
-    pub keys: KeyRing,
+    pub(crate) kek: Kek,
+    keys: RwLock<Arc<KeyRing>>,
     issuers: RwLock<BTreeMap<String, Arc<PartitionIssuers>>>,
+    pub(crate) revocations: RwLock<Arc<Vec<RevocationRule>>>,
+    sign_tls: RwLock<Option<(Arc<ServerIdentity>, TlsCell)>>,
+    /// Serializes ops changes (each is read-modify-write of shared state).
+    pub(crate) ops_lock: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for SiteState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SiteState")
-            .field("region", &self.config.region)
+            .field("region", &self.config().region)
             .finish_non_exhaustive()
     }
 }
 
+fn read<T: Clone>(l: &RwLock<T>) -> T {
+    l.read().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+fn write<T>(l: &RwLock<T>, v: T) {
+    *l.write().unwrap_or_else(|p| p.into_inner()) = v;
+}
+
 impl SiteState {
-    /// Opens the store, reads the KEK, loads (or creates) runner CAs and signing keys.
-    pub fn open(config: SiteConfig, clock: SharedClock) -> Result<Self, SiteError> {
-        let kek = Kek::load(&config.kek_file, config.dev)?;
-        std::fs::create_dir_all(&config.data_dir)
-            .map_err(|e| StoreError::Engine(format!("{}: {e}", config.data_dir.display())))?;
-        let store = Store::open_sled(&config.data_dir)?;
+    /// Opens the store, reads the KEK, loads (or creates) runner CAs and signing keys, and
+    /// applies the ops overlays kept in the store to the file configuration.
+    pub fn open(file_config: SiteConfig, clock: SharedClock) -> Result<Self, SiteError> {
+        let kek = Kek::load(&file_config.kek_file, file_config.dev)?;
+        std::fs::create_dir_all(&file_config.data_dir)
+            .map_err(|e| StoreError::Engine(format!("{}: {e}", file_config.data_dir.display())))?;
+        let store = Store::open_sled(&file_config.data_dir)?;
         let now = clock.unix();
+        let config = crate::ops::effective_config(file_config, &store)?;
         let keys = KeyRing::load_or_create(&config, &store, &kek, now)?;
         let mut issuers = BTreeMap::new();
         for p in &config.partitions {
@@ -93,15 +115,43 @@ impl SiteState {
             )?;
             issuers.insert(p.name.clone(), Arc::new(pi));
         }
+        let revocations = crate::ops::load_revocations(&store)?;
         let audit = AuditLog::open(store.clone(), clock.clone(), &config.region)?;
         Ok(Self {
-            config,
+            config: RwLock::new(Arc::new(config)),
             clock,
             store,
             audit,
-            keys,
+            kek,
+            keys: RwLock::new(Arc::new(keys)),
             issuers: RwLock::new(issuers),
+            revocations: RwLock::new(Arc::new(revocations)),
+            sign_tls: RwLock::new(None),
+            ops_lock: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// The effective configuration now.
+    pub fn config(&self) -> Arc<SiteConfig> {
+        read(&self.config)
+    }
+
+    pub(crate) fn set_config(&self, c: SiteConfig) {
+        write(&self.config, Arc::new(c));
+    }
+
+    /// The key ring now.
+    pub fn keys(&self) -> Arc<KeyRing> {
+        read(&self.keys)
+    }
+
+    pub(crate) fn set_keys(&self, k: KeyRing) {
+        write(&self.keys, Arc::new(k));
+    }
+
+    /// Revocation rules now.
+    pub fn revocations(&self) -> Arc<Vec<RevocationRule>> {
+        read(&self.revocations)
     }
 
     /// The runner CAs of a partition.
@@ -114,28 +164,57 @@ impl SiteState {
             .ok_or_else(|| IssueError::SelfCheck(format!("no runner CA for partition {partition}")))
     }
 
-    /// Whether runner CA `id` is trusted for `partition`.
-    pub fn issuer_trusted(&self, partition: &str, id: &str) -> bool {
-        self.issuers(partition)
-            .is_ok_and(|i| i.trusted_ids.iter().any(|t| t == id))
+    pub(crate) fn set_issuers(
+        &self,
+        partition: &str,
+        pi: PartitionIssuers,
+    ) -> Result<(), SiteError> {
+        self.issuers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(partition.to_string(), Arc::new(pi));
+        self.refresh_sign_tls()
     }
 
-    /// Every runner CA the sign port trusts, across partitions (DER).
+    /// Whether runner CA `id` is trusted for `partition` now.
+    pub fn issuer_trusted(&self, partition: &str, id: &str) -> bool {
+        let now = self.clock.unix();
+        self.issuers(partition).is_ok_and(|i| i.is_trusted(id, now))
+    }
+
+    /// Every runner CA the sign port trusts now, across partitions (DER).
     pub fn runner_roots(&self) -> Vec<Vec<u8>> {
+        let now = self.clock.unix();
         self.issuers
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .values()
-            .flat_map(|i| i.trusted.clone())
+            .flat_map(|i| {
+                i.trusted(now)
+                    .into_iter()
+                    .map(|r| r.cert_der.clone())
+                    .collect::<Vec<_>>()
+            })
             .collect()
     }
 
-    /// Whether a trust policy of a partition is enabled.
-    pub fn policy_enabled(&self, partition: &str, policy: &str) -> bool {
-        self.config
+    /// Rebuilds the sign port's TLS configuration from the trusted runner CAs; new handshakes
+    /// use it at once, open connections are governed by the per-RPC checks.
+    pub(crate) fn refresh_sign_tls(&self) -> Result<(), SiteError> {
+        let Some((id, cell)) = read(&self.sign_tls) else {
+            return Ok(());
+        };
+        let cfg = tls::sign_config(&id, &self.runner_roots(), &self.clock)?;
+        write(&cell, cfg);
+        Ok(())
+    }
+
+    /// Whether certificates minted under a policy may sign now.
+    pub fn policy_admits_sessions(&self, partition: &str, policy: &str) -> bool {
+        self.config()
             .partition(partition)
             .and_then(|p| p.trust_policies.iter().find(|t| t.name == policy))
-            .is_some_and(|t| t.enabled)
+            .is_some_and(|t| t.enabled || t.keep_sessions)
     }
 }
 
@@ -199,12 +278,14 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, SiteError> {
 /// Binds the three listeners and serves until [`SiteHandle::shutdown`].
 pub async fn start(state: Arc<SiteState>) -> Result<SiteHandle, SiteError> {
     tls::install_default_provider();
-    let id = ServerIdentity::load(&state.config.tls)?;
-    let enroll_cfg = tls::enroll_config(&id, &state.clock)?;
-    let sign_cfg = tls::sign_config(&id, &state.runner_roots(), &state.clock)?;
-    let admin_cfg = tls::admin_config(&id, &state.config.tls.admin_ca, &state.clock)?;
+    let config = state.config();
+    let id = Arc::new(ServerIdentity::load(&config.tls)?);
+    let enroll_cfg = tls::cell(tls::enroll_config(&id, &state.clock)?);
+    let sign_cfg = tls::cell(tls::sign_config(&id, &state.runner_roots(), &state.clock)?);
+    let admin_cfg = tls::cell(tls::admin_config(&id, &config.tls.admin_ca, &state.clock)?);
+    write(&state.sign_tls, Some((id.clone(), sign_cfg.clone())));
 
-    let listen = state.config.listen;
+    let listen = config.listen;
     let (enroll_l, sign_l, admin_l) = (
         bind(listen.enroll).await?,
         bind(listen.sign).await?,
@@ -244,24 +325,28 @@ pub async fn start(state: Arc<SiteState>) -> Result<SiteHandle, SiteError> {
         ),
     ];
 
-    // Prune the replay store once a minute.
-    let pruner = state.clone();
+    // Housekeeping every 10 s: prune the replay store, retire issuers whose last certificate
+    // has expired.
+    let keeper = state.clone();
     let mut prx = rx.clone();
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
         loop {
             tokio::select! {
                 _ = tick.tick() => {
-                    if let Err(e) = crate::enroll::prune_jti(&pruner) {
+                    if let Err(e) = crate::enroll::prune_jti(&keeper) {
                         tracing::warn!(error = %e, "replay-store pruning failed");
                     }
+                    if let Err(e) = crate::ops::retire_expired(&keeper).await {
+                        tracing::warn!(error = %e, "retiring expired issuers failed");
+                    }
                 }
-                _ = prx.wait_for(|v| *v) => break,
+                _ = prx.changed() => break,
             }
         }
     });
 
-    tracing::info!(%enroll_addr, %sign_addr, %admin_addr, region = %state.config.region, "meshsign site serving");
+    tracing::info!(%enroll_addr, %sign_addr, %admin_addr, region = %config.region, "meshsign site serving");
     Ok(SiteHandle {
         enroll_addr,
         sign_addr,

@@ -38,6 +38,12 @@ pub enum Tree {
     Jti,
     /// Audit records: seq (big-endian) → [`crate::audit::AuditRecord`].
     Audit,
+    /// Ops overlay on trust policies: `partition/policy` → [`crate::ops::PolicyOverlay`].
+    Policies,
+    /// Revocation rules: id → [`crate::ops::RevocationRule`].
+    Revocations,
+    /// Ops state of signing keys: `partition/alias` → [`crate::ops::KeyMeta`].
+    KeyMeta,
 }
 
 impl Tree {
@@ -49,6 +55,9 @@ impl Tree {
             Tree::Certs => "certs",
             Tree::Jti => "jti",
             Tree::Audit => "audit",
+            Tree::Policies => "policies",
+            Tree::Revocations => "revocations",
+            Tree::KeyMeta => "keymeta",
         }
     }
 }
@@ -77,7 +86,7 @@ pub trait Kv: Send + Sync + 'static {
 /// [`Kv`] on sled 0.34.
 pub struct SledKv {
     db: sled::Db,
-    trees: [sled::Tree; 5],
+    trees: [sled::Tree; 8],
 }
 
 fn engine(e: sled::Error) -> StoreError {
@@ -95,6 +104,9 @@ impl SledKv {
             t(Tree::Certs)?,
             t(Tree::Jti)?,
             t(Tree::Audit)?,
+            t(Tree::Policies)?,
+            t(Tree::Revocations)?,
+            t(Tree::KeyMeta)?,
         ];
         Ok(Self { db, trees })
     }

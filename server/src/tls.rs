@@ -165,15 +165,22 @@ pub fn admin_config(
     finish(builder(clock)?, Some(client_verifier(&roots)?), id)
 }
 
+/// A listener's TLS configuration, swappable at run time (each new handshake reads it).
+pub type TlsCell = Arc<std::sync::RwLock<Arc<ServerConfig>>>;
+
+/// Wraps a configuration in a [`TlsCell`].
+pub fn cell(cfg: Arc<ServerConfig>) -> TlsCell {
+    Arc::new(std::sync::RwLock::new(cfg))
+}
+
 /// Accepts TCP connections, completes each TLS handshake in its own task (bounded by
 /// [`HANDSHAKE_TIMEOUT`], so a slow client cannot stall the loop), and yields the streams.
 /// The loop ends when the returned stream is dropped.
 pub fn incoming(
     listener: TcpListener,
-    config: Arc<ServerConfig>,
+    config: TlsCell,
 ) -> ReceiverStream<Result<TlsStream<TcpStream>, io::Error>> {
     let (tx, rx) = mpsc::channel(256);
-    let acceptor = TlsAcceptor::from(config);
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -189,7 +196,8 @@ pub fn incoming(
                 }
             };
             let _ = tcp.set_nodelay(true);
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            let current = config.read().unwrap_or_else(|p| p.into_inner()).clone();
+            let (acceptor, tx) = (TlsAcceptor::from(current), tx.clone());
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {

@@ -269,6 +269,9 @@ admin_endpoint = "{}"
 audience = "meshsign:staging:{REGION}"
 [environments.production]
 audience = "meshsign:production:{REGION}"
+[admin]
+cert_file = "pki/admin.pem"
+key_file = "pki/admin.key.pem"
 "#,
         h.enroll_addr, h.sign_addr, h.admin_addr
     );

@@ -58,6 +58,200 @@ enum Command {
         #[command(subcommand)]
         command: DevCommand,
     },
+    /// Ops verbs on the admin port (needs `[admin]` in the client config).
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Runner CAs: list, stage, activate, retire, revoke.
+    Issuer {
+        #[command(subcommand)]
+        command: IssuerCommand,
+    },
+    /// Revoke certificates by serial, job or runner fingerprint (effective on the next RPC).
+    Revoke {
+        /// Certificate serial (hex).
+        #[arg(long, group = "target", required = true)]
+        serial: Option<String>,
+        /// Every certificate of a CI job.
+        #[arg(long, group = "target")]
+        job_id: Option<String>,
+        /// Every certificate of a runner machine.
+        #[arg(long, group = "target")]
+        fingerprint: Option<String>,
+        /// Only certificates of this region.
+        #[arg(long)]
+        region: Option<String>,
+        /// Only certificates issued at or after (unix seconds or RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only certificates issued at or before (unix seconds or RFC 3339).
+        #[arg(long)]
+        until: Option<String>,
+        /// Why (recorded).
+        #[arg(long)]
+        reason: String,
+    },
+    /// List revocation rules.
+    Revocations,
+    /// Trust policies: list, disable, enable, jwks set.
+    Trust {
+        #[command(subcommand)]
+        command: TrustCommand,
+    },
+    /// Signing keys: list, create, rotate, disable, import.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+    /// Disable a trust policy, prove refusal, re-enable; exit 1 if refusal took over 1 s.
+    Drill {
+        /// Environment.
+        #[arg(long)]
+        environment: String,
+        /// Issuer URL of the policy (default: a random enabled one).
+        #[arg(long)]
+        issuer: Option<String>,
+        /// Mint the drill's tokens from the CI (github-actions); default: the dev issuer.
+        #[arg(long, value_parser = ["github-actions"])]
+        token_source: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum IssuerCommand {
+    /// List runner CAs.
+    List {
+        #[arg(long)]
+        environment: String,
+    },
+    /// Make a new runner CA that the sign port trusts but that does not issue yet.
+    Stage {
+        #[arg(long)]
+        environment: String,
+    },
+    /// Make the staged CA (or --id) the one that issues; the previous one retires by itself.
+    Activate {
+        #[arg(long)]
+        environment: String,
+        #[arg(long, default_value = "")]
+        id: String,
+    },
+    /// Stop trusting a staged or retiring CA now.
+    Retire {
+        #[arg(long)]
+        environment: String,
+        #[arg(long)]
+        id: String,
+    },
+    /// Distrust a CA at once (revoking the active one activates a fresh one).
+    Revoke {
+        #[arg(long)]
+        environment: String,
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TrustCommand {
+    /// List trust policies.
+    List {
+        #[arg(long)]
+        environment: String,
+    },
+    /// Refuse new enrollments (and, unless --keep-sessions, sign calls) from a policy.
+    Disable {
+        #[arg(long)]
+        environment: String,
+        #[arg(long)]
+        issuer: String,
+        /// Let certificates it already minted keep signing.
+        #[arg(long)]
+        keep_sessions: bool,
+    },
+    /// Re-enable a policy.
+    Enable {
+        #[arg(long)]
+        environment: String,
+        #[arg(long)]
+        issuer: String,
+    },
+    /// Pinned JWKS.
+    Jwks {
+        #[command(subcommand)]
+        command: JwksCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum JwksCommand {
+    /// Pin a JWKS file for an issuer (every environment that trusts it, unless --environment).
+    Set {
+        #[arg(long)]
+        environment: Option<String>,
+        #[arg(long)]
+        issuer: String,
+        #[arg(long)]
+        file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// List keys and their versions.
+    List {
+        #[arg(long)]
+        environment: String,
+    },
+    /// Create a key alias (v1).
+    Create {
+        #[arg(long)]
+        environment: String,
+        #[arg(long)]
+        alias: String,
+        #[arg(long, default_value = "ecdsa-p256-sha256")]
+        algorithm: String,
+        /// Repository pattern that may use it (repeat; "*" for any).
+        #[arg(long = "repository", required = true)]
+        repositories: Vec<String>,
+        /// Ref pattern that may use it (repeat; "*" for any).
+        #[arg(long = "ref", required = true)]
+        refs: Vec<String>,
+    },
+    /// Add alias@vN+1, which signs from then on.
+    Rotate {
+        #[arg(long)]
+        environment: String,
+        #[arg(long)]
+        alias: String,
+    },
+    /// Stop signing with an alias (its versions stay verifiable).
+    Disable {
+        #[arg(long)]
+        environment: String,
+        #[arg(long)]
+        alias: String,
+    },
+    /// Import a PKCS#8 PEM private key (one-way).
+    Import {
+        #[arg(long)]
+        environment: String,
+        #[arg(long)]
+        alias: String,
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long = "repository")]
+        repositories: Vec<String>,
+        #[arg(long = "ref")]
+        refs: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -215,7 +409,335 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             Ok(())
         }
         Command::Sign(args) => sign(&load_config(&cli.config)?, args).await,
+        Command::Admin { command } => admin(&load_config(&cli.config)?, command).await,
     }
+}
+
+fn when(t: Option<prost_types::Timestamp>) -> String {
+    t.and_then(|t| time::OffsetDateTime::from_unix_timestamp(t.seconds).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| "-".into())
+}
+
+fn print_issuer(i: &v1::IssuerInfo) {
+    let extra = match &i.retire_after {
+        Some(_) => format!(" retire_after={}", when(i.retire_after)),
+        None => String::new(),
+    };
+    println!(
+        "{}\t{}\t{}\tcreated={}{extra}",
+        i.environment,
+        i.id,
+        i.state,
+        when(i.created_at)
+    );
+}
+
+fn print_policy(p: &v1::TrustPolicyInfo) {
+    let state = if p.enabled {
+        "enabled"
+    } else if p.keep_sessions {
+        "disabled (sessions kept)"
+    } else {
+        "disabled"
+    };
+    println!(
+        "{}\t{}\t{}\t{state}\tkids={}",
+        p.environment,
+        p.name,
+        p.issuer,
+        p.kids.join(",")
+    );
+}
+
+fn print_key(k: &v1::KeyInfo) {
+    let versions: Vec<String> = k
+        .versions
+        .iter()
+        .map(|v| format!("{}{}", v.key_id, if v.active { "*" } else { "" }))
+        .collect();
+    println!(
+        "{}\t{}\t{}\t{}\t{}\trepos={} refs={}",
+        k.environment,
+        k.alias,
+        k.algorithm,
+        if k.disabled { "disabled" } else { "enabled" },
+        versions.join(","),
+        k.repositories.join(","),
+        k.refs.join(",")
+    );
+}
+
+async fn admin(cfg: &ClientConfig, command: AdminCommand) -> Result<(), ClientError> {
+    use meshsign_client::admin::parse_time;
+    let mut c = meshsign_client::admin::connect(cfg).await?;
+    let env = |e: &str| v1::EnvironmentRequest {
+        environment: e.into(),
+    };
+    let iref = |e: &str, id: &str, reason: &str| v1::IssuerRef {
+        environment: e.into(),
+        id: id.into(),
+        reason: reason.into(),
+    };
+    let rpc = |name: &'static str| move |s: tonic::Status| ClientError::rpc(name, s);
+    match command {
+        AdminCommand::Issuer { command } => {
+            let out = match command {
+                IssuerCommand::List { environment } => {
+                    let l = c
+                        .list_issuers(env(&environment))
+                        .await
+                        .map_err(rpc("ListIssuers"))?
+                        .into_inner();
+                    l.issuers.iter().for_each(print_issuer);
+                    return Ok(());
+                }
+                IssuerCommand::Stage { environment } => c
+                    .stage_issuer(env(&environment))
+                    .await
+                    .map_err(rpc("StageIssuer"))?,
+                IssuerCommand::Activate { environment, id } => c
+                    .activate_issuer(iref(&environment, &id, ""))
+                    .await
+                    .map_err(rpc("ActivateIssuer"))?,
+                IssuerCommand::Retire { environment, id } => c
+                    .retire_issuer(iref(&environment, &id, ""))
+                    .await
+                    .map_err(rpc("RetireIssuer"))?,
+                IssuerCommand::Revoke {
+                    environment,
+                    id,
+                    reason,
+                } => c
+                    .revoke_issuer(iref(&environment, &id, &reason))
+                    .await
+                    .map_err(rpc("RevokeIssuer"))?,
+            };
+            print_issuer(out.get_ref());
+        }
+        AdminCommand::Revoke {
+            serial,
+            job_id,
+            fingerprint,
+            region,
+            since,
+            until,
+            reason,
+        } => {
+            use v1::revoke_request::Target;
+            let target = match (serial, job_id, fingerprint) {
+                (Some(s), _, _) => Target::Serial(s),
+                (_, Some(j), _) => Target::JobId(j),
+                (_, _, Some(f)) => Target::Fingerprint(f),
+                _ => {
+                    return Err(ClientError::Config(
+                        "give --serial, --job-id or --fingerprint".into(),
+                    ));
+                }
+            };
+            let req = v1::RevokeRequest {
+                target: Some(target),
+                region: region.unwrap_or_default(),
+                since: since.as_deref().map(parse_time).transpose()?.unwrap_or(0),
+                until: until.as_deref().map(parse_time).transpose()?.unwrap_or(0),
+                reason,
+            };
+            let r = c.revoke(req).await.map_err(rpc("Revoke"))?.into_inner();
+            println!(
+                "revocation {} matched {} issued certificate(s)",
+                r.rule_id,
+                r.serials.len()
+            );
+            for s in r.serials {
+                println!("  {s}");
+            }
+        }
+        AdminCommand::Revocations => {
+            let r = c
+                .list_revocations(v1::ListRevocationsRequest {})
+                .await
+                .map_err(rpc("ListRevocations"))?
+                .into_inner();
+            for r in r.rules {
+                println!(
+                    "{}\t{}={}\tregion={}\tby {}\t{}",
+                    r.id, r.kind, r.value, r.region, r.operator, r.reason
+                );
+            }
+        }
+        AdminCommand::Trust { command } => match command {
+            TrustCommand::List { environment } => {
+                let l = c
+                    .list_trust_policies(env(&environment))
+                    .await
+                    .map_err(rpc("ListTrustPolicies"))?
+                    .into_inner();
+                l.policies.iter().for_each(print_policy);
+            }
+            TrustCommand::Disable {
+                environment,
+                issuer,
+                keep_sessions,
+            } => {
+                let req = v1::SetTrustPolicyEnabledRequest {
+                    environment,
+                    issuer,
+                    enabled: false,
+                    keep_sessions,
+                };
+                print_policy(
+                    c.set_trust_policy_enabled(req)
+                        .await
+                        .map_err(rpc("DisableTrustPolicy"))?
+                        .get_ref(),
+                );
+            }
+            TrustCommand::Enable {
+                environment,
+                issuer,
+            } => {
+                let req = v1::SetTrustPolicyEnabledRequest {
+                    environment,
+                    issuer,
+                    enabled: true,
+                    keep_sessions: false,
+                };
+                print_policy(
+                    c.set_trust_policy_enabled(req)
+                        .await
+                        .map_err(rpc("EnableTrustPolicy"))?
+                        .get_ref(),
+                );
+            }
+            TrustCommand::Jwks {
+                command:
+                    JwksCommand::Set {
+                        environment,
+                        issuer,
+                        file,
+                    },
+            } => {
+                let jwks = std::fs::read(&file).map_err(ClientError::io(&file))?;
+                let envs: Vec<String> = match environment {
+                    Some(e) => vec![e],
+                    None => cfg.environments.keys().cloned().collect(),
+                };
+                let mut done = 0;
+                for e in envs {
+                    let req = v1::SetJwksRequest {
+                        environment: e,
+                        issuer: issuer.clone(),
+                        jwks_json: jwks.clone(),
+                    };
+                    match c.set_jwks(req).await {
+                        Ok(p) => {
+                            print_policy(p.get_ref());
+                            done += 1;
+                        }
+                        Err(s) if s.code() == tonic::Code::NotFound => {}
+                        Err(s) => return Err(ClientError::rpc("SetJwks", s)),
+                    }
+                }
+                if done == 0 {
+                    return Err(ClientError::Config(format!(
+                        "no environment trusts issuer `{issuer}`"
+                    )));
+                }
+            }
+        },
+        AdminCommand::Key { command } => {
+            let out = match command {
+                KeyCommand::List { environment } => {
+                    let l = c
+                        .list_keys(env(&environment))
+                        .await
+                        .map_err(rpc("ListKeys"))?
+                        .into_inner();
+                    l.keys.iter().for_each(print_key);
+                    return Ok(());
+                }
+                KeyCommand::Create {
+                    environment,
+                    alias,
+                    algorithm,
+                    repositories,
+                    refs,
+                } => {
+                    let req = v1::CreateKeyRequest {
+                        environment,
+                        alias,
+                        algorithm,
+                        repositories,
+                        refs,
+                    };
+                    c.create_key(req).await.map_err(rpc("CreateKey"))?
+                }
+                KeyCommand::Rotate { environment, alias } => c
+                    .rotate_key(v1::KeyRef { environment, alias })
+                    .await
+                    .map_err(rpc("RotateKey"))?,
+                KeyCommand::Disable { environment, alias } => c
+                    .disable_key(v1::KeyRef { environment, alias })
+                    .await
+                    .map_err(rpc("DisableKey"))?,
+                KeyCommand::Import {
+                    environment,
+                    alias,
+                    file,
+                    repositories,
+                    refs,
+                } => {
+                    let pem = zeroize::Zeroizing::new(
+                        std::fs::read(&file).map_err(ClientError::io(&file))?,
+                    );
+                    let req = v1::ImportKeyRequest {
+                        environment,
+                        alias,
+                        pkcs8_pem: pem.to_vec(),
+                        repositories,
+                        refs,
+                    };
+                    c.import_key(req).await.map_err(rpc("ImportKey"))?
+                }
+            };
+            print_key(out.get_ref());
+        }
+        AdminCommand::Drill {
+            environment,
+            issuer,
+            token_source,
+        } => {
+            let source = match token_source {
+                Some(_) => TokenSource::GithubActions,
+                None => TokenSource::Dev(GithubJob::new(&environment)),
+            };
+            let r =
+                meshsign_client::drill::run(cfg, &environment, issuer.as_deref(), &source).await?;
+            println!(
+                "drill {environment}: policy {} ({}) — sign refused after {:.1} ms on an open connection, \
+                 enrollment refused after {:.1} ms; re-enabled, enrollment {}",
+                r.policy,
+                r.issuer,
+                r.sign_refused_after.as_secs_f64() * 1000.0,
+                r.enroll_refused_after.as_secs_f64() * 1000.0,
+                if r.restored {
+                    "works again"
+                } else {
+                    "DID NOT recover"
+                }
+            );
+            if r.worst() > std::time::Duration::from_secs(1) || !r.restored {
+                return Err(ClientError::Verify(format!(
+                    "drill failed: refusal took {:?} (limit 1 s)",
+                    r.worst()
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn github_job(environment: &str, j: &JobArgs) -> GithubJob {
@@ -256,6 +778,19 @@ async fn sign(cfg: &ClientConfig, args: SignArgs) -> Result<(), ClientError> {
         session.enrollment.serial,
         session.enrollment.granted_ttl_seconds
     );
+    let result = sign_files(&mut session, &args).await;
+    // Teardown, whatever happened: a finished job leaves no live credential.
+    session
+        .signer
+        .revoke_self(v1::RevokeSelfRequest {
+            reason: "job finished".into(),
+        })
+        .await
+        .map_err(|s| ClientError::rpc("RevokeSelf", s))?;
+    result
+}
+
+async fn sign_files(session: &mut Session, args: &SignArgs) -> Result<(), ClientError> {
     for file in &args.files {
         let digest = verify::sha256_file(file)?;
         let name = file

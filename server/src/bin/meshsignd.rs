@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use meshsign_server::clock::SystemClock;
-use meshsign_server::config::SiteConfig;
+use meshsign_server::config::{Listen, SiteConfig};
+use meshsign_server::ops;
 use meshsign_server::site::{self, SiteState};
 use meshsign_server::{dev, sign::Kek};
 
@@ -121,7 +122,7 @@ async fn run(command: Command) -> Result<(), String> {
             let cfg =
                 SiteConfig::load(&config).map_err(|e| format!("{}: {e}", config.display()))?;
             let handle = start(cfg).await?;
-            wait_for_signal().await;
+            serve_until_stopped(&handle, &config, None).await;
             handle.shutdown().await;
             Ok(())
         }
@@ -138,6 +139,7 @@ async fn run(command: Command) -> Result<(), String> {
             cfg.listen.enroll = (lo, enroll_port).into();
             cfg.listen.sign = (lo, sign_port).into();
             cfg.listen.admin = (lo, admin_port).into();
+            let listen = cfg.listen;
             let handle = start(cfg).await?;
             let client = dev::write_client_toml(
                 &data_dir,
@@ -159,7 +161,7 @@ async fn run(command: Command) -> Result<(), String> {
                 data_dir.display(),
                 c = client.display(),
             );
-            wait_for_signal().await;
+            serve_until_stopped(&handle, &site_toml, Some(listen)).await;
             handle.shutdown().await;
             Ok(())
         }
@@ -174,6 +176,54 @@ async fn start(cfg: SiteConfig) -> Result<site::SiteHandle, String> {
     site::start(Arc::new(state))
         .await
         .map_err(|e| e.to_string())
+}
+
+/// Serves until SIGINT/SIGTERM. SIGHUP re-reads the config file: trust policies and key access
+/// rules change in place; a file that fails validation leaves the running config and logs why.
+async fn serve_until_stopped(
+    handle: &site::SiteHandle,
+    path: &std::path::Path,
+    listen: Option<Listen>,
+) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut hup) = signal(SignalKind::hangup()) {
+            loop {
+                tokio::select! {
+                    _ = wait_for_signal() => return,
+                    _ = hup.recv() => reload(handle, path, listen).await,
+                }
+            }
+        }
+    }
+    wait_for_signal().await;
+}
+
+async fn reload(handle: &site::SiteHandle, path: &std::path::Path, listen: Option<Listen>) {
+    let mut cfg = match SiteConfig::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, file = %path.display(), "reload refused: the running configuration stays");
+            return;
+        }
+    };
+    if let Some(l) = listen {
+        cfg.listen = l;
+    }
+    let state = &handle.state;
+    let op = ops::Operator {
+        id: "local:SIGHUP".into(),
+        role: ops::Role::Admin,
+    };
+    match ops::audited(state, &op, "Reload", "", true, async || {
+        ops::reload(state, cfg).map(|d| ((), d))
+    })
+    .await
+    {
+        Ok(()) => tracing::info!(file = %path.display(), "configuration reloaded"),
+        Err(e) => tracing::error!(error = %e, "reload refused: the running configuration stays"),
+    }
 }
 
 async fn wait_for_signal() {

@@ -12,6 +12,10 @@ use tonic::transport::Server;
 use tonic::transport::server::Router;
 use tonic::{Code, Request, Response, Status};
 
+mod admin;
+
+pub use admin::AdminApi;
+
 use crate::authz::{AuthzError, Caller};
 use crate::enroll::{self, EnrollError, EnrollInput};
 use crate::signing::{self, Payload, SignError, SignInput, SignOutput};
@@ -33,7 +37,7 @@ impl IntoStatus for EnrollError {
         use EnrollError::*;
         let code = match &self {
             UnknownEnvironment(_) | Csr(_) | CsrKey | Fingerprint => Code::InvalidArgument,
-            EnvironmentMismatch { .. } | PolicyDisabled(_) | BoundClaim { .. } => {
+            EnvironmentMismatch { .. } | PolicyDisabled(_) | BoundClaim { .. } | Revoked(_) => {
                 Code::PermissionDenied
             }
             Malformed(_)
@@ -69,9 +73,11 @@ impl IntoStatus for AuthzError {
             | Revoked { .. }
             | Expired { .. } => Code::Unauthenticated,
             Region { .. } => Code::FailedPrecondition,
-            IssuerUntrusted(_) | PolicyDisabled(_) | KeyNotInPartition { .. } | Access { .. } => {
-                Code::PermissionDenied
-            }
+            IssuerUntrusted(_)
+            | PolicyDisabled(_)
+            | KeyNotInPartition { .. }
+            | Access { .. }
+            | KeyDisabled(_) => Code::PermissionDenied,
             Store(_) => return internal(&self, &self),
         };
         Status::new(code, self.to_string())
@@ -108,8 +114,37 @@ fn peer<T>(req: &Request<T>) -> String {
 #[derive(Debug, Clone)]
 pub struct EnrollmentApi(pub Arc<SiteState>);
 
+/// Public form of a runner CA record.
+pub(crate) fn issuer_info(r: &crate::issuer::IssuerRecord) -> v1::IssuerInfo {
+    v1::IssuerInfo {
+        id: r.id.clone(),
+        environment: r.partition.clone(),
+        state: format!("{:?}", r.state).to_lowercase(),
+        certificate_der: r.cert_der.clone(),
+        created_at: Some(ts(r.created_at)),
+        retire_after: r.retire_after.map(ts),
+    }
+}
+
 #[tonic::async_trait]
 impl v1::enrollment_server::Enrollment for EnrollmentApi {
+    async fn get_trust_bundle(
+        &self,
+        req: Request<v1::GetTrustBundleRequest>,
+    ) -> Result<Response<v1::TrustBundle>, Status> {
+        let env = req.into_inner().environment;
+        let issuers = self
+            .0
+            .issuers(&env)
+            .map_err(|_| Status::not_found(format!("environment: no partition `{env}`")))?;
+        let now = self.0.clock.unix();
+        Ok(Response::new(v1::TrustBundle {
+            environment: env,
+            region: self.0.config().region.clone(),
+            issuers: issuers.trusted(now).into_iter().map(issuer_info).collect(),
+        }))
+    }
+
     async fn enroll(
         &self,
         req: Request<v1::EnrollRequest>,
@@ -152,7 +187,7 @@ impl SignerApi {
     fn caller<T>(&self, req: &Request<T>) -> Result<Caller, AuthzError> {
         let certs = req.peer_certs().ok_or(AuthzError::NoCertificate)?;
         let leaf = certs.first().ok_or(AuthzError::NoCertificate)?;
-        Caller::from_cert_der(leaf, &self.0.config.trust_domain)
+        Caller::from_cert_der(leaf, &self.0.config().trust_domain)
     }
 
     async fn run<T>(&self, req: &Request<T>, input: SignInput) -> Result<SignOutput, Status> {
@@ -172,6 +207,31 @@ impl SignerApi {
 
 #[tonic::async_trait]
 impl v1::signer_server::Signer for SignerApi {
+    async fn revoke_self(
+        &self,
+        req: Request<v1::RevokeSelfRequest>,
+    ) -> Result<Response<v1::RevokeSelfResponse>, Status> {
+        let caller = self.caller(&req).map_err(IntoStatus::into_status)?;
+        let peer = peer(&req);
+        let reason = req.into_inner().reason;
+        let result = crate::ops::revoke_self(&self.0, &caller.serial_hex, &reason).await;
+        let mut rec = caller.audit_record("RevokeSelf", self.0.clock.unix(), &peer);
+        rec.decision = if result.is_ok() { "allow" } else { "deny" }.into();
+        rec.reason = result
+            .as_ref()
+            .map(|_| "ok")
+            .unwrap_or_else(|e| e.check())
+            .into();
+        rec.detail = reason.chars().take(200).collect();
+        self.0.audit.record(rec).await.map_err(|_| {
+            Status::unavailable("audit_unavailable: the audit log cannot be written")
+        })?;
+        result.map_err(IntoStatus::into_status)?;
+        Ok(Response::new(v1::RevokeSelfResponse {
+            serial: caller.serial_hex,
+        }))
+    }
+
     async fn sign(
         &self,
         req: Request<v1::SignRequest>,
@@ -242,16 +302,13 @@ impl v1::verification_server::Verification for VerificationApi {
         req: Request<v1::GetVerificationMaterialRequest>,
     ) -> Result<Response<v1::GetVerificationMaterialResponse>, Status> {
         let r = req.into_inner();
-        let versions = self
-            .0
-            .keys
-            .versions(&r.environment, &r.key_alias)
-            .ok_or_else(|| {
-                Status::not_found(format!(
-                    "key: no key `{}` in environment `{}`",
-                    r.key_alias, r.environment
-                ))
-            })?;
+        let ring = self.0.keys();
+        let versions = ring.versions(&r.environment, &r.key_alias).ok_or_else(|| {
+            Status::not_found(format!(
+                "key: no key `{}` in environment `{}`",
+                r.key_alias, r.environment
+            ))
+        })?;
         let last = versions.len().saturating_sub(1);
         let keys = versions
             .iter()
@@ -267,7 +324,7 @@ impl v1::verification_server::Verification for VerificationApi {
             .collect();
         Ok(Response::new(v1::GetVerificationMaterialResponse {
             environment: r.environment,
-            region: self.0.config.region.clone(),
+            region: self.0.config().region.clone(),
             keys,
         }))
     }
@@ -281,7 +338,7 @@ pub struct Routers {
     pub enroll: Router,
     /// Signer + reflection.
     pub sign: Router,
-    /// Reflection (admin services arrive with the ops issue).
+    /// Admin + reflection.
     pub admin: Router,
 }
 
@@ -326,10 +383,10 @@ pub fn routers(state: Arc<SiteState>) -> Result<Routers, String> {
         Some(enroll),
         &["meshsign.v1.Enrollment", "meshsign.v1.Verification"],
     )?;
-    let sign = server().add_service(SignerServer::new(SignerApi(state)));
+    let sign = server().add_service(SignerServer::new(SignerApi(state.clone())));
     let sign = with_reflection(server(), Some(sign), &["meshsign.v1.Signer"])?;
-    // Admin services arrive with the ops issue; the port already enforces the admin CA.
-    let admin = with_reflection(server(), None, &[])?;
+    let admin = server().add_service(v1::admin_server::AdminServer::new(AdminApi(state.clone())));
+    let admin = with_reflection(server(), Some(admin), &["meshsign.v1.Admin"])?;
     Ok(Routers {
         enroll,
         sign,

@@ -1,0 +1,182 @@
+//! The revocation drill: disable one trust policy, prove that new enrollments and sign calls
+//! from its certificates (on an already-open connection) are refused, re-enable it, and report
+//! how long refusal took.
+
+use std::time::{Duration, Instant};
+
+use meshsign_proto::v1;
+use tonic::Code;
+
+use crate::runner::{EnrollParams, Session, local_fingerprint};
+use crate::token::{self, TokenSource};
+use crate::{ClientConfig, ClientError};
+
+/// What the drill measured.
+#[derive(Debug, Clone)]
+pub struct DrillReport {
+    /// The policy's issuer.
+    pub issuer: String,
+    /// Policy name.
+    pub policy: String,
+    /// From the disable call until a sign call on the open connection was refused.
+    pub sign_refused_after: Duration,
+    /// From the disable call until a new enrollment was refused.
+    pub enroll_refused_after: Duration,
+    /// Enrollment works again after re-enabling.
+    pub restored: bool,
+}
+
+impl DrillReport {
+    /// The slower of the two refusals.
+    pub fn worst(&self) -> Duration {
+        self.sign_refused_after.max(self.enroll_refused_after)
+    }
+}
+
+/// Runs the drill in `environment` against the policy of `issuer` (or a random enabled one whose
+/// issuer the token source can mint for). The policy is re-enabled even if a step fails.
+pub async fn run(
+    cfg: &ClientConfig,
+    environment: &str,
+    issuer: Option<&str>,
+    source: &TokenSource,
+) -> Result<DrillReport, ClientError> {
+    let mut admin = crate::admin::connect(cfg).await?;
+    let policies = admin
+        .list_trust_policies(v1::EnvironmentRequest {
+            environment: environment.into(),
+        })
+        .await
+        .map_err(|s| ClientError::rpc("ListTrustPolicies", s))?
+        .into_inner()
+        .policies;
+    let mintable = |p: &&v1::TrustPolicyInfo| match (source, &cfg.dev_issuer) {
+        (TokenSource::Dev(_), Some(d)) => p.issuer == d.issuer,
+        _ => true,
+    };
+    let candidates: Vec<&v1::TrustPolicyInfo> = policies
+        .iter()
+        .filter(|p| p.enabled && issuer.is_none_or(|i| p.issuer == i))
+        .filter(mintable)
+        .collect();
+    if candidates.is_empty() {
+        return Err(ClientError::Config(format!(
+            "no enabled trust policy in `{environment}` that the token source can mint for"
+        )));
+    }
+    let pick = usize::from(
+        meshsign_certs_dev::random_id()
+            .as_bytes()
+            .first()
+            .copied()
+            .unwrap_or(0),
+    ) % candidates.len();
+    let policy = candidates[pick].clone();
+
+    // A runner with an open sign-port connection, and a second, unused token.
+    let aud = cfg.audience(environment)?;
+    let params = |t: String| EnrollParams {
+        environment: environment.into(),
+        token: t,
+        fingerprint: local_fingerprint(),
+        requested_ttl_seconds: 600,
+        region: None,
+    };
+    let key_alias = first_key(&mut admin, environment).await?;
+    let mut session = Session::start(
+        cfg,
+        &params(token::obtain(source, cfg, aud).await?.to_string()),
+    )
+    .await?;
+    session.sign_digest(&key_alias, [0u8; 32], "drill").await?;
+    let second = token::obtain(source, cfg, aud).await?.to_string();
+
+    let set = |enabled: bool| v1::SetTrustPolicyEnabledRequest {
+        environment: environment.into(),
+        issuer: policy.issuer.clone(),
+        enabled,
+        keep_sessions: false,
+    };
+    let t0 = Instant::now();
+    admin
+        .set_trust_policy_enabled(set(false))
+        .await
+        .map_err(|s| ClientError::rpc("DisableTrustPolicy", s))?;
+    let outcome = async {
+        let sign_refused_after = loop {
+            match session.sign_digest(&key_alias, [1u8; 32], "drill").await {
+                Err(ClientError::Rpc {
+                    code: Code::PermissionDenied,
+                    ..
+                }) => break t0.elapsed(),
+                Err(e) => return Err(e),
+                Ok(_) if t0.elapsed() > Duration::from_secs(5) => {
+                    return Err(ClientError::Verify(
+                        "sign calls were still served 5 s after disabling".into(),
+                    ));
+                }
+                Ok(_) => continue,
+            }
+        };
+        let key = crate::runner::RunnerKey::generate()?;
+        let enroll_refused_after =
+            match crate::runner::enroll(cfg, &key, &params(second.clone())).await {
+                Err(ClientError::Rpc {
+                    code: Code::PermissionDenied,
+                    ..
+                }) => t0.elapsed(),
+                Err(e) => return Err(e),
+                Ok(_) => {
+                    return Err(ClientError::Verify(
+                        "a new enrollment was admitted while the policy was disabled".into(),
+                    ));
+                }
+            };
+        Ok((sign_refused_after, enroll_refused_after))
+    }
+    .await;
+    // Always restore.
+    admin
+        .set_trust_policy_enabled(set(true))
+        .await
+        .map_err(|s| ClientError::rpc("EnableTrustPolicy", s))?;
+    let (sign_refused_after, enroll_refused_after) = outcome?;
+    // The refused token was not consumed: enrollment with it works again.
+    let restored =
+        crate::runner::enroll(cfg, &crate::runner::RunnerKey::generate()?, &params(second))
+            .await
+            .is_ok();
+    Ok(DrillReport {
+        issuer: policy.issuer.clone(),
+        policy: policy.name.clone(),
+        sign_refused_after,
+        enroll_refused_after,
+        restored,
+    })
+}
+
+async fn first_key(
+    admin: &mut v1::admin_client::AdminClient<tonic::transport::Channel>,
+    environment: &str,
+) -> Result<String, ClientError> {
+    let keys = admin
+        .list_keys(v1::EnvironmentRequest {
+            environment: environment.into(),
+        })
+        .await
+        .map_err(|s| ClientError::rpc("ListKeys", s))?
+        .into_inner()
+        .keys;
+    keys.into_iter()
+        .find(|k| {
+            !k.disabled
+                && k.repositories.iter().any(|r| r == "*")
+                && k.refs.iter().any(|r| r == "*")
+        })
+        .map(|k| k.alias)
+        .ok_or_else(|| {
+            ClientError::Config(format!(
+                "the drill needs a key in `{environment}` that admits any repository and ref"
+            ))
+        })
+}
