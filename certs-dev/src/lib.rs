@@ -75,6 +75,8 @@ pub struct DevPki {
     pub admin_ca_pem: String,
     /// Admin client certificate (`spiffe://<td>/ops/admin/dev`) and key.
     pub admin: Issued,
+    /// Read-only ops certificate (`spiffe://<td>/ops/auditor/dev`) and key.
+    pub auditor: Issued,
 }
 
 fn ca_params(cn: &str) -> CertificateParams {
@@ -129,14 +131,18 @@ impl DevPki {
             ca_params("meshsign dev admin CA"),
             KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?,
         )?;
-        let admin_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let admin_uri = format!("spiffe://{trust_domain}/ops/admin/dev");
-        let admin = leaf_params(
-            "meshsign dev admin",
-            vec![SanType::URI(admin_uri.try_into()?)],
-            ExtendedKeyUsagePurpose::ClientAuth,
-        )
-        .signed_by(&admin_key, &admin_ca)?;
+        let ops_cert = |role: &str| -> Result<Issued, DevError> {
+            let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+            let uri = format!("spiffe://{trust_domain}/ops/{role}/dev");
+            let cert = leaf_params(
+                &format!("meshsign dev {role}"),
+                vec![SanType::URI(uri.try_into()?)],
+                ExtendedKeyUsagePurpose::ClientAuth,
+            )
+            .signed_by(&key, &admin_ca)?;
+            Ok(Issued { cert_pem: cert.pem(), key_pem: Zeroizing::new(key.serialize_pem()) })
+        };
+        let (admin, auditor) = (ops_cert("admin")?, ops_cert("auditor")?);
 
         Ok(Self {
             server_ca_pem: server_ca.pem(),
@@ -145,45 +151,26 @@ impl DevPki {
                 key_pem: Zeroizing::new(server_key.serialize_pem()),
             },
             admin_ca_pem: admin_ca.pem(),
-            admin: Issued {
-                cert_pem: admin.pem(),
-                key_pem: Zeroizing::new(admin_key.serialize_pem()),
-            },
+            admin,
+            auditor,
         })
     }
 
     /// Writes the PKI into `dir` (see [`files`] for the names); keys get mode 0600.
     pub fn write_to(&self, dir: &Path) -> Result<(), DevError> {
-        write_file(
-            &dir.join(files::SERVER_CA),
-            self.server_ca_pem.as_bytes(),
-            false,
-        )?;
-        write_file(
-            &dir.join(files::SERVER_CERT),
-            self.server.cert_pem.as_bytes(),
-            false,
-        )?;
-        write_file(
-            &dir.join(files::SERVER_KEY),
-            self.server.key_pem.as_bytes(),
-            true,
-        )?;
-        write_file(
-            &dir.join(files::ADMIN_CA),
-            self.admin_ca_pem.as_bytes(),
-            false,
-        )?;
-        write_file(
-            &dir.join(files::ADMIN_CERT),
-            self.admin.cert_pem.as_bytes(),
-            false,
-        )?;
-        write_file(
-            &dir.join(files::ADMIN_KEY),
-            self.admin.key_pem.as_bytes(),
-            true,
-        )?;
+        let files: [(&str, &[u8], bool); 8] = [
+            (files::SERVER_CA, self.server_ca_pem.as_bytes(), false),
+            (files::SERVER_CERT, self.server.cert_pem.as_bytes(), false),
+            (files::SERVER_KEY, self.server.key_pem.as_bytes(), true),
+            (files::ADMIN_CA, self.admin_ca_pem.as_bytes(), false),
+            (files::ADMIN_CERT, self.admin.cert_pem.as_bytes(), false),
+            (files::ADMIN_KEY, self.admin.key_pem.as_bytes(), true),
+            (files::AUDITOR_CERT, self.auditor.cert_pem.as_bytes(), false),
+            (files::AUDITOR_KEY, self.auditor.key_pem.as_bytes(), true),
+        ];
+        for (name, bytes, secret) in files {
+            write_file(&dir.join(name), bytes, secret)?;
+        }
         Ok(())
     }
 }
@@ -202,6 +189,10 @@ pub mod files {
     pub const ADMIN_CERT: &str = "admin.pem";
     /// Admin client private key.
     pub const ADMIN_KEY: &str = "admin.key.pem";
+    /// Auditor (read-only ops) client certificate.
+    pub const AUDITOR_CERT: &str = "auditor.pem";
+    /// Auditor client private key.
+    pub const AUDITOR_KEY: &str = "auditor.key.pem";
     /// Dev OIDC issuer signing key (PKCS#8).
     pub const OIDC_KEY: &str = "dev-oidc.key.pem";
     /// Dev OIDC issuer JWKS (public).

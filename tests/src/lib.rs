@@ -238,6 +238,42 @@ impl TestSite {
         (key, resp, signer)
     }
 
+    /// An Admin client with the admin certificate.
+    pub async fn admin(&self) -> v1::admin_client::AdminClient<Channel> {
+        meshsign_client::admin::connect(&self.client).await.unwrap()
+    }
+
+    /// An Admin client with the read-only auditor certificate.
+    pub async fn auditor(&self) -> v1::admin_client::AdminClient<Channel> {
+        let mut cfg = self.client.clone();
+        let pki = self.dir.path().join("pki");
+        cfg.admin = Some(meshsign_client::config::AdminIdentity {
+            cert_file: pki.join("auditor.pem"),
+            key_file: pki.join("auditor.key.pem"),
+        });
+        meshsign_client::admin::connect(&cfg).await.unwrap()
+    }
+
+    /// A sign-port client for an enrolled key (a new connection).
+    pub async fn signer_for(&self, key: &RunnerKey, resp: &v1::EnrollResponse) -> Result<SignerClient<Channel>, String> {
+        meshsign_client::runner::Session::connect_signer(&self.client, key, resp).await.map_err(|e| e.to_string())
+    }
+
+    /// Enrolls in `env` with claims changed by `f`.
+    pub async fn enrolled_with(
+        &self,
+        env: &str,
+        f: impl FnOnce(&mut Value),
+    ) -> (RunnerKey, v1::EnrollResponse, SignerClient<Channel>) {
+        let key = RunnerKey::generate().unwrap();
+        let mut claims = self.claims(env);
+        f(&mut claims);
+        let req = self.enroll_request(env, self.es.mint(&claims).unwrap(), &key);
+        let resp = self.enrollment().await.enroll(req).await.unwrap().into_inner();
+        let signer = self.signer_for(&key, &resp).await.unwrap();
+        (key, resp, signer)
+    }
+
     /// Every audit record so far.
     pub fn audit(&self) -> Vec<AuditRecord> {
         self.state().audit.all().unwrap()
@@ -289,6 +325,15 @@ pub fn openssl(args: &[&str]) -> (bool, String) {
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
     (out.status.success(), text)
+}
+
+/// A Sign request for a fixed digest.
+pub fn sign_req(alias: &str, byte: u8) -> v1::SignRequest {
+    v1::SignRequest {
+        key_alias: alias.into(),
+        input: Some(v1::sign_request::Input::Sha256Digest(vec![byte; 32])),
+        artifact_name: "t".into(),
+    }
 }
 
 /// Writes DER as PEM to `path`.
