@@ -140,7 +140,10 @@ impl DevPki {
                 ExtendedKeyUsagePurpose::ClientAuth,
             )
             .signed_by(&key, &admin_ca)?;
-            Ok(Issued { cert_pem: cert.pem(), key_pem: Zeroizing::new(key.serialize_pem()) })
+            Ok(Issued {
+                cert_pem: cert.pem(),
+                key_pem: Zeroizing::new(key.serialize_pem()),
+            })
         };
         let (admin, auditor) = (ops_cert("admin")?, ops_cert("auditor")?);
 

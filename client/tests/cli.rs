@@ -366,57 +366,144 @@ fn admin_verbs_drill_and_sighup_reload_against_a_dev_site() {
     // re-enable; exit 0 only if refusal came within 1 s.
     let (code, out, err) = run(dir, &["admin", "drill", "--environment", "staging"]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("sign refused after") && out.contains("enrollment works again"), "{out}");
+    assert!(
+        out.contains("sign refused after") && out.contains("enrollment works again"),
+        "{out}"
+    );
 
     // Admin verbs print what they changed.
-    let (code, out, err) = run(dir, &["admin", "issuer", "list", "--environment", "production"]);
+    let (code, out, err) = run(
+        dir,
+        &["admin", "issuer", "list", "--environment", "production"],
+    );
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("\tactive\t"), "{out}");
-    let (code, out, _) = run(dir, &["admin", "issuer", "stage", "--environment", "production"]);
+    let (code, out, _) = run(
+        dir,
+        &["admin", "issuer", "stage", "--environment", "production"],
+    );
     assert_eq!(code, 0);
     assert!(out.contains("\tstaged\t"), "{out}");
-    let (code, out, _) = run(dir, &["admin", "issuer", "activate", "--environment", "production"]);
+    let (code, out, _) = run(
+        dir,
+        &["admin", "issuer", "activate", "--environment", "production"],
+    );
     assert_eq!(code, 0);
     assert!(out.contains("\tactive\t"), "{out}");
-    let (code, out, _) = run(dir, &["admin", "key", "rotate", "--environment", "production", "--alias", "release"]);
+    let (code, out, _) = run(
+        dir,
+        &[
+            "admin",
+            "key",
+            "rotate",
+            "--environment",
+            "production",
+            "--alias",
+            "release",
+        ],
+    );
     assert_eq!(code, 0);
     assert!(out.contains("release@v2*"), "{out}");
-    let (code, out, _) = run(dir, &["admin", "trust", "list", "--environment", "production"]);
+    let (code, out, _) = run(
+        dir,
+        &["admin", "trust", "list", "--environment", "production"],
+    );
     assert_eq!(code, 0);
     assert!(out.contains("https://oidc.meshsign.dev\tenabled"), "{out}");
     // A refused admin verb exits 1 naming the check.
-    let (code, _, err) = run(dir, &["admin", "issuer", "retire", "--environment", "production", "--id", "nope"]);
+    let (code, _, err) = run(
+        dir,
+        &[
+            "admin",
+            "issuer",
+            "retire",
+            "--environment",
+            "production",
+            "--id",
+            "nope",
+        ],
+    );
     assert_eq!(code, 1);
     assert!(err.contains("not_found"), "{err}");
 
     // `meshsign sign` revokes its own certificate when it finishes.
     std::fs::write(dir.join("f"), b"x").unwrap();
-    let (code, _, err) = run(dir, &["sign", "--environment", "production", "--key", "release", "f"]);
+    let (code, _, err) = run(
+        dir,
+        &[
+            "sign",
+            "--environment",
+            "production",
+            "--key",
+            "release",
+            "f",
+        ],
+    );
     assert_eq!(code, 0, "{err}");
-    let serial = err.split("serial ").nth(1).and_then(|s| s.split(',').next()).unwrap().to_string();
+    let serial = err
+        .split("serial ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .unwrap()
+        .to_string();
     let (code, out, _) = run(dir, &["admin", "revocations"]);
     assert_eq!(code, 0);
-    assert!(!out.contains(&serial), "self-revocation is on the certificate record, not a rule");
+    assert!(
+        !out.contains(&serial),
+        "self-revocation is on the certificate record, not a rule"
+    );
 
     // SIGHUP: narrow `release` in staging to tags; the running site picks it up.
     let site_toml = dir.join("site/site.toml");
     let text = std::fs::read_to_string(&site_toml).unwrap();
-    let narrowed = text.replacen(r#"access = { repositories = ["*"], refs = ["*"] }"#, r#"access = { repositories = ["*"], refs = ["refs/tags/*"] }"#, 1);
+    let narrowed = text.replacen(
+        r#"access = { repositories = ["*"], refs = ["*"] }"#,
+        r#"access = { repositories = ["*"], refs = ["refs/tags/*"] }"#,
+        1,
+    );
     assert_ne!(narrowed, text);
     std::fs::write(&site_toml, narrowed).unwrap();
     let pid = site.0.id().to_string();
-    assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        let (code, _, err) = run(dir, &["sign", "--environment", "staging", "--key", "release", "f"]);
+        let (code, _, err) = run(
+            dir,
+            &["sign", "--environment", "staging", "--key", "release", "f"],
+        );
         if code == 1 && err.contains("key_access") {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "reload not applied: {err}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reload not applied: {err}"
+        );
     }
     // A broken file is refused and the running config stays (production still signs).
     std::fs::write(&site_toml, "this is not toml").unwrap();
-    assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
-    let (code, _, err) = run(dir, &["sign", "--environment", "production", "--key", "release", "f"]);
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let (code, _, err) = run(
+        dir,
+        &[
+            "sign",
+            "--environment",
+            "production",
+            "--key",
+            "release",
+            "f",
+        ],
+    );
     assert_eq!(code, 0, "{err}");
 }

@@ -183,7 +183,10 @@ pub fn authorize(site: &SiteState, caller: &Caller, alias: &str) -> Result<Loade
         .get(Tree::Certs, caller.serial_hex.as_bytes())?
         .ok_or_else(|| AuthzError::UnknownCertificate(caller.serial_hex.clone()))?;
     if let Some(reason) = crate::ops::revocation_of(site, &record) {
-        return Err(AuthzError::Revoked { serial: record.serial.clone(), reason });
+        return Err(AuthzError::Revoked {
+            serial: record.serial.clone(),
+            reason,
+        });
     }
     if now >= caller.not_after {
         return Err(AuthzError::Expired {

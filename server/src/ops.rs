@@ -128,7 +128,8 @@ impl OpsError {
     }
 }
 
-/// Checks the role, runs an ops change under the ops lock, and audits it either way.
+/// Checks the role, runs an ops action (changes under the ops lock), and audits it either way,
+/// reads included: the record names the operator.
 /// The audit record is written after the change; a change whose record cannot be written is
 /// reported as failed (the record of the attempt is what matters to an auditor).
 pub async fn audited<T>(
@@ -149,9 +150,6 @@ pub async fn audited<T>(
     } else {
         f().await
     };
-    if !write && result.is_ok() {
-        return result.map(|(t, _)| t);
-    }
     let mut rec = AuditRecord {
         rpc: format!("Admin.{rpc}"),
         environment: if environment.is_empty() {

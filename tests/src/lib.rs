@@ -255,8 +255,14 @@ impl TestSite {
     }
 
     /// A sign-port client for an enrolled key (a new connection).
-    pub async fn signer_for(&self, key: &RunnerKey, resp: &v1::EnrollResponse) -> Result<SignerClient<Channel>, String> {
-        meshsign_client::runner::Session::connect_signer(&self.client, key, resp).await.map_err(|e| e.to_string())
+    pub async fn signer_for(
+        &self,
+        key: &RunnerKey,
+        resp: &v1::EnrollResponse,
+    ) -> Result<SignerClient<Channel>, String> {
+        meshsign_client::runner::Session::connect_signer(&self.client, key, resp)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// Enrolls in `env` with claims changed by `f`.
@@ -269,7 +275,13 @@ impl TestSite {
         let mut claims = self.claims(env);
         f(&mut claims);
         let req = self.enroll_request(env, self.es.mint(&claims).unwrap(), &key);
-        let resp = self.enrollment().await.enroll(req).await.unwrap().into_inner();
+        let resp = self
+            .enrollment()
+            .await
+            .enroll(req)
+            .await
+            .unwrap()
+            .into_inner();
         let signer = self.signer_for(&key, &resp).await.unwrap();
         (key, resp, signer)
     }

@@ -17,11 +17,17 @@ use tonic::Code;
 use x509_parser::prelude::*;
 
 fn env(e: &str) -> v1::EnvironmentRequest {
-    v1::EnvironmentRequest { environment: e.into() }
+    v1::EnvironmentRequest {
+        environment: e.into(),
+    }
 }
 
 fn iref(e: &str, id: &str) -> v1::IssuerRef {
-    v1::IssuerRef { environment: e.into(), id: id.into(), reason: "test".into() }
+    v1::IssuerRef {
+        environment: e.into(),
+        id: id.into(),
+        reason: "test".into(),
+    }
 }
 
 /// Whether `leaf` was signed by `ca` (both DER).
@@ -35,16 +41,26 @@ fn chains_to(leaf: &[u8], ca: &[u8]) -> bool {
 async fn rotation_under_traffic_has_zero_failed_sign_calls() {
     let site = Arc::new(TestSite::start().await);
     let mut admin = site.admin().await;
-    let old = admin.list_issuers(env("production")).await.unwrap().into_inner().issuers;
+    let old = admin
+        .list_issuers(env("production"))
+        .await
+        .unwrap()
+        .into_inner()
+        .issuers;
     assert_eq!(old.len(), 1);
     let old_ca = old[0].certificate_der.clone();
 
     // Runner A enrolls under the old issuer and signs in a loop from here on.
     let (_ka, a, signer_a) = site.enrolled("production").await;
     let current = Arc::new(Mutex::new(signer_a));
-    let (ok, failed, stop) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
+    let (ok, failed, stop) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
     let looper = {
-        let (current, ok, failed, stop) = (current.clone(), ok.clone(), failed.clone(), stop.clone());
+        let (current, ok, failed, stop) =
+            (current.clone(), ok.clone(), failed.clone(), stop.clone());
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 let mut s = current.lock().await;
@@ -69,20 +85,50 @@ async fn rotation_under_traffic_has_zero_failed_sign_calls() {
     };
 
     // Stage: the new CA is trusted before it issues anything.
-    let staged = admin.stage_issuer(env("production")).await.unwrap().into_inner();
+    let staged = admin
+        .stage_issuer(env("production"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(staged.state, "staged");
     progress(20).await;
-    let bundle = site.enrollment().await.get_trust_bundle(v1::GetTrustBundleRequest { environment: "production".into() }).await.unwrap().into_inner();
+    let bundle = site
+        .enrollment()
+        .await
+        .get_trust_bundle(v1::GetTrustBundleRequest {
+            environment: "production".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(bundle.issuers.len(), 2);
 
     // Activate later: the old one is retiring until A's certificate expires.
     site.clock.advance(Duration::from_secs(300));
-    let active = admin.activate_issuer(iref("production", "")).await.unwrap().into_inner();
-    assert_eq!((active.id.as_str(), active.state.as_str()), (staged.id.as_str(), "active"));
+    let active = admin
+        .activate_issuer(iref("production", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (active.id.as_str(), active.state.as_str()),
+        (staged.id.as_str(), "active")
+    );
     progress(20).await;
-    let list = admin.list_issuers(env("production")).await.unwrap().into_inner().issuers;
-    let retiring = list.iter().find(|i| i.state == "retiring").expect("old issuer retiring");
-    assert_eq!(retiring.retire_after.unwrap().seconds, a.not_after.unwrap().seconds);
+    let list = admin
+        .list_issuers(env("production"))
+        .await
+        .unwrap()
+        .into_inner()
+        .issuers;
+    let retiring = list
+        .iter()
+        .find(|i| i.state == "retiring")
+        .expect("old issuer retiring");
+    assert_eq!(
+        retiring.retire_after.unwrap().seconds,
+        a.not_after.unwrap().seconds
+    );
 
     // Runner B (the next job) chains to the new issuer; its response lists both trusted CAs.
     let (_kb, b, signer_b) = site.enrolled("production").await;
@@ -94,15 +140,30 @@ async fn rotation_under_traffic_has_zero_failed_sign_calls() {
 
     // Time passes beyond A's expiry (B is still valid): the old issuer retires by itself.
     let now = meshsign_server::clock::Clock::unix(&site.clock);
-    site.clock.advance(Duration::from_secs((a.not_after.unwrap().seconds - now + 1) as u64));
+    site.clock.advance(Duration::from_secs(
+        (a.not_after.unwrap().seconds - now + 1) as u64,
+    ));
     assert!(b.not_after.unwrap().seconds > a.not_after.unwrap().seconds + 1);
-    assert_eq!(meshsign_server::ops::retire_expired(site.state()).await.unwrap(), 1);
+    assert_eq!(
+        meshsign_server::ops::retire_expired(site.state())
+            .await
+            .unwrap(),
+        1
+    );
     progress(20).await;
     stop.store(true, Ordering::Relaxed);
     looper.await.unwrap();
     assert_eq!(failed.load(Ordering::Relaxed), 0, "zero failed sign calls");
     assert!(ok.load(Ordering::Relaxed) >= 80);
-    let states: Vec<String> = admin.list_issuers(env("production")).await.unwrap().into_inner().issuers.into_iter().map(|i| i.state).collect();
+    let states: Vec<String> = admin
+        .list_issuers(env("production"))
+        .await
+        .unwrap()
+        .into_inner()
+        .issuers
+        .into_iter()
+        .map(|i| i.state)
+        .collect();
     assert!(states.contains(&"retired".to_string()) && states.contains(&"active".to_string()));
 }
 
@@ -110,33 +171,73 @@ async fn rotation_under_traffic_has_zero_failed_sign_calls() {
 async fn revoked_issuer_certificates_are_refused_at_once() {
     let site = TestSite::start().await;
     let mut admin = site.admin().await;
-    let old = admin.list_issuers(env("staging")).await.unwrap().into_inner().issuers.remove(0);
+    let old = admin
+        .list_issuers(env("staging"))
+        .await
+        .unwrap()
+        .into_inner()
+        .issuers
+        .remove(0);
     let (key, resp, mut signer) = site.enrolled("staging").await;
     signer.sign(sign_req("release", 1)).await.unwrap();
     admin.stage_issuer(env("staging")).await.unwrap();
     admin.activate_issuer(iref("staging", "")).await.unwrap();
-    signer.sign(sign_req("release", 1)).await.expect("retiring issuer still trusted");
+    signer
+        .sign(sign_req("release", 1))
+        .await
+        .expect("retiring issuer still trusted");
 
     let t0 = Instant::now();
     admin.revoke_issuer(iref("staging", &old.id)).await.unwrap();
     let err = signer.sign(sign_req("release", 1)).await.unwrap_err();
     assert!(t0.elapsed() < Duration::from_secs(1));
     assert_eq!(err.code(), Code::PermissionDenied);
-    assert!(err.message().starts_with("issuer_untrusted"), "{}", err.message());
+    assert!(
+        err.message().starts_with("issuer_untrusted"),
+        "{}",
+        err.message()
+    );
     // A new connection with that certificate fails at the handshake.
     let e = site.signer_for(&key, &resp).await.err().unwrap_or_default();
     let served = match site.signer_for(&key, &resp).await {
-        Ok(mut s) => s.sign(sign_req("release", 1)).await.map_err(|s| format!("{s:?}")).err().unwrap_or_default(),
+        Ok(mut s) => s
+            .sign(sign_req("release", 1))
+            .await
+            .map_err(|s| format!("{s:?}"))
+            .err()
+            .unwrap_or_default(),
         Err(e) => e,
     };
-    assert!(served.contains("UnknownCA") || e.contains("UnknownCA"), "{served} / {e}");
+    assert!(
+        served.contains("UnknownCA") || e.contains("UnknownCA"),
+        "{served} / {e}"
+    );
     // The partition still has exactly one active issuer and new runners enroll.
     let (_k, _r, mut s2) = site.enrolled("staging").await;
     s2.sign(sign_req("release", 1)).await.unwrap();
     // Revoking the active issuer activates a fresh one.
-    let active = admin.list_issuers(env("staging")).await.unwrap().into_inner().issuers.into_iter().find(|i| i.state == "active").unwrap();
-    admin.revoke_issuer(iref("staging", &active.id)).await.unwrap();
-    let actives = admin.list_issuers(env("staging")).await.unwrap().into_inner().issuers.into_iter().filter(|i| i.state == "active").count();
+    let active = admin
+        .list_issuers(env("staging"))
+        .await
+        .unwrap()
+        .into_inner()
+        .issuers
+        .into_iter()
+        .find(|i| i.state == "active")
+        .unwrap();
+    admin
+        .revoke_issuer(iref("staging", &active.id))
+        .await
+        .unwrap();
+    let actives = admin
+        .list_issuers(env("staging"))
+        .await
+        .unwrap()
+        .into_inner()
+        .issuers
+        .into_iter()
+        .filter(|i| i.state == "active")
+        .count();
     assert_eq!(actives, 1);
     assert!(s2.sign(sign_req("release", 1)).await.is_err());
 }
@@ -146,14 +247,24 @@ async fn revocation_by_serial_job_fingerprint_and_policy_is_immediate_and_surviv
     let site = TestSite::start().await;
     let mut admin = site.admin().await;
     // Four runners, each with an open connection.
-    let (k1, r1, mut by_serial) = site.enrolled_with("production", |c| c["run_id"] = "11".into()).await;
-    let (k2, r2, mut by_job) = site.enrolled_with("production", |c| c["run_id"] = "22".into()).await;
+    let (k1, r1, mut by_serial) = site
+        .enrolled_with("production", |c| c["run_id"] = "11".into())
+        .await;
+    let (k2, r2, mut by_job) = site
+        .enrolled_with("production", |c| c["run_id"] = "22".into())
+        .await;
     let fp = "cd".repeat(32);
     let (k3, r3, mut by_fp) = {
         let key = RunnerKey::generate().unwrap();
         let mut req = site.enroll_request("production", site.token("production"), &key);
         req.runner_fingerprint = fp.clone();
-        let resp = site.enrollment().await.enroll(req).await.unwrap().into_inner();
+        let resp = site
+            .enrollment()
+            .await
+            .enroll(req)
+            .await
+            .unwrap()
+            .into_inner();
         let s = site.signer_for(&key, &resp).await.unwrap();
         (key, resp, s)
     };
@@ -162,29 +273,71 @@ async fn revocation_by_serial_job_fingerprint_and_policy_is_immediate_and_surviv
     let (k4, r4, mut by_policy) = {
         let key = RunnerKey::generate().unwrap();
         let req = site.enroll_request("production", site.rs.mint(&rs_claims).unwrap(), &key);
-        let resp = site.enrollment().await.enroll(req).await.unwrap().into_inner();
+        let resp = site
+            .enrollment()
+            .await
+            .enroll(req)
+            .await
+            .unwrap()
+            .into_inner();
         let s = site.signer_for(&key, &resp).await.unwrap();
         (key, resp, s)
     };
-    let (_k5, _r5, mut bystander) = site.enrolled_with("production", |c| c["run_id"] = "55".into()).await;
-    for s in [&mut by_serial, &mut by_job, &mut by_fp, &mut by_policy, &mut bystander] {
+    let (_k5, _r5, mut bystander) = site
+        .enrolled_with("production", |c| c["run_id"] = "55".into())
+        .await;
+    for s in [
+        &mut by_serial,
+        &mut by_job,
+        &mut by_fp,
+        &mut by_policy,
+        &mut bystander,
+    ] {
         s.sign(sign_req("release", 2)).await.unwrap();
     }
 
-    let revoke = |t: Target| v1::RevokeRequest { target: Some(t), reason: "drill".into(), ..Default::default() };
+    let revoke = |t: Target| v1::RevokeRequest {
+        target: Some(t),
+        reason: "drill".into(),
+        ..Default::default()
+    };
     let mut timings = Vec::new();
     for (name, action, signer, reason) in [
-        ("serial", revoke(Target::Serial(r1.serial.clone())), &mut by_serial, "certificate_revoked"),
-        ("job", revoke(Target::JobId("22".into())), &mut by_job, "certificate_revoked"),
-        ("fingerprint", revoke(Target::Fingerprint(fp.clone())), &mut by_fp, "certificate_revoked"),
+        (
+            "serial",
+            revoke(Target::Serial(r1.serial.clone())),
+            &mut by_serial,
+            "certificate_revoked",
+        ),
+        (
+            "job",
+            revoke(Target::JobId("22".into())),
+            &mut by_job,
+            "certificate_revoked",
+        ),
+        (
+            "fingerprint",
+            revoke(Target::Fingerprint(fp.clone())),
+            &mut by_fp,
+            "certificate_revoked",
+        ),
     ] {
         let t0 = Instant::now();
         let r = admin.revoke(action).await.unwrap().into_inner();
         assert!(!r.serials.is_empty(), "{name}");
         let err = signer.sign(sign_req("release", 2)).await.expect_err(name);
         timings.push((name, t0.elapsed()));
-        assert_eq!(err.code(), Code::Unauthenticated, "{name}: {}", err.message());
-        assert!(err.message().starts_with(reason), "{name}: {}", err.message());
+        assert_eq!(
+            err.code(),
+            Code::Unauthenticated,
+            "{name}: {}",
+            err.message()
+        );
+        assert!(
+            err.message().starts_with(reason),
+            "{name}: {}",
+            err.message()
+        );
     }
     let t0 = Instant::now();
     admin
@@ -199,16 +352,35 @@ async fn revocation_by_serial_job_fingerprint_and_policy_is_immediate_and_surviv
     let err = by_policy.sign(sign_req("release", 2)).await.unwrap_err();
     timings.push(("trust policy", t0.elapsed()));
     assert_eq!(err.code(), Code::PermissionDenied);
-    assert!(err.message().starts_with("trust_policy_disabled"), "{}", err.message());
+    assert!(
+        err.message().starts_with("trust_policy_disabled"),
+        "{}",
+        err.message()
+    );
     for (name, t) in &timings {
-        eprintln!("revocation by {name}: refused {:.2} ms after the admin call began", t.as_secs_f64() * 1000.0);
+        eprintln!(
+            "revocation by {name}: refused {:.2} ms after the admin call began",
+            t.as_secs_f64() * 1000.0
+        );
         assert!(*t < Duration::from_secs(1), "{name}: {t:?}");
     }
     // The bystander is unaffected; the audit names the operator.
     bystander.sign(sign_req("release", 2)).await.unwrap();
-    let admin_recs: Vec<_> = site.audit().into_iter().filter(|r| r.rpc.starts_with("Admin.")).collect();
-    assert!(admin_recs.iter().all(|r| r.operator == "spiffe://meshsign.test/ops/admin/dev"));
-    assert!(admin_recs.iter().any(|r| r.rpc == "Admin.Revoke" && r.detail.contains("JobId=22")));
+    let admin_recs: Vec<_> = site
+        .audit()
+        .into_iter()
+        .filter(|r| r.rpc.starts_with("Admin."))
+        .collect();
+    assert!(
+        admin_recs
+            .iter()
+            .all(|r| r.operator == "spiffe://meshsign.test/ops/admin/dev")
+    );
+    assert!(
+        admin_recs
+            .iter()
+            .any(|r| r.rpc == "Admin.Revoke" && r.detail.contains("JobId=22"))
+    );
     // A new enrollment for the revoked runner fingerprint is refused too.
     let key = RunnerKey::generate().unwrap();
     let mut req = site.enroll_request("production", site.token("production"), &key);
@@ -219,10 +391,18 @@ async fn revocation_by_serial_job_fingerprint_and_policy_is_immediate_and_surviv
 
     // After a restart: all four still refused, the bystander still served.
     let site = site.restart().await;
-    for (name, k, r) in [("serial", &k1, &r1), ("job", &k2, &r2), ("fingerprint", &k3, &r3), ("policy", &k4, &r4)] {
+    for (name, k, r) in [
+        ("serial", &k1, &r1),
+        ("job", &k2, &r2),
+        ("fingerprint", &k3, &r3),
+        ("policy", &k4, &r4),
+    ] {
         let mut s = site.signer_for(k, r).await.unwrap();
         let err = s.sign(sign_req("release", 3)).await.unwrap_err();
-        assert!(matches!(err.code(), Code::Unauthenticated | Code::PermissionDenied), "{name}: {err:?}");
+        assert!(
+            matches!(err.code(), Code::Unauthenticated | Code::PermissionDenied),
+            "{name}: {err:?}"
+        );
     }
     let (_k, _r, mut fresh) = site.enrolled("production").await;
     fresh.sign(sign_req("release", 3)).await.unwrap();
@@ -233,21 +413,55 @@ async fn admin_port_refuses_runner_certificates_and_auditors_cannot_change_anyth
     let site = TestSite::start().await;
     // A runner certificate on the admin port: refused at the handshake.
     let key = RunnerKey::generate().unwrap();
-    let resp = site.enrollment().await.enroll(site.enroll_request("staging", site.token("staging"), &key)).await.unwrap().into_inner();
-    let tls = meshsign_client::transport::tls_config(meshsign_client::transport::roots(&site.client).unwrap(), Some(key.identity(&resp))).unwrap();
-    let refused = match meshsign_client::transport::connect(&site.client.admin_endpoint, "localhost", tls).await {
-        Err(e) => e.to_string(),
-        Ok(ch) => format!("{:?}", v1::admin_client::AdminClient::new(ch).list_issuers(env("staging")).await.unwrap_err()),
-    };
+    let resp = site
+        .enrollment()
+        .await
+        .enroll(site.enroll_request("staging", site.token("staging"), &key))
+        .await
+        .unwrap()
+        .into_inner();
+    let tls = meshsign_client::transport::tls_config(
+        meshsign_client::transport::roots(&site.client).unwrap(),
+        Some(key.identity(&resp)),
+    )
+    .unwrap();
+    let refused =
+        match meshsign_client::transport::connect(&site.client.admin_endpoint, "localhost", tls)
+            .await
+        {
+            Err(e) => e.to_string(),
+            Ok(ch) => format!(
+                "{:?}",
+                v1::admin_client::AdminClient::new(ch)
+                    .list_issuers(env("staging"))
+                    .await
+                    .unwrap_err()
+            ),
+        };
     assert!(refused.contains("UnknownCA"), "{refused}");
 
     // The auditor reads but may not change anything; the attempt is audited.
     let mut auditor = site.auditor().await;
-    assert_eq!(auditor.list_issuers(env("staging")).await.unwrap().into_inner().issuers.len(), 1);
+    assert_eq!(
+        auditor
+            .list_issuers(env("staging"))
+            .await
+            .unwrap()
+            .into_inner()
+            .issuers
+            .len(),
+        1
+    );
     auditor.list_keys(env("staging")).await.unwrap();
     let denied = [
         auditor.stage_issuer(env("staging")).await.unwrap_err(),
-        auditor.rotate_key(v1::KeyRef { environment: "staging".into(), alias: "release".into() }).await.unwrap_err(),
+        auditor
+            .rotate_key(v1::KeyRef {
+                environment: "staging".into(),
+                alias: "release".into(),
+            })
+            .await
+            .unwrap_err(),
         auditor
             .set_trust_policy_enabled(v1::SetTrustPolicyEnabledRequest {
                 environment: "staging".into(),
@@ -257,17 +471,37 @@ async fn admin_port_refuses_runner_certificates_and_auditors_cannot_change_anyth
             })
             .await
             .unwrap_err(),
-        auditor.revoke(v1::RevokeRequest { target: Some(Target::JobId("1".into())), reason: "x".into(), ..Default::default() }).await.unwrap_err(),
+        auditor
+            .revoke(v1::RevokeRequest {
+                target: Some(Target::JobId("1".into())),
+                reason: "x".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
     ];
     for e in denied {
         assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
         assert!(e.message().starts_with("role"));
     }
     let last = site.last_audit();
-    assert_eq!((last.decision.as_str(), last.reason.as_str()), ("deny", "role"));
+    assert_eq!(
+        (last.decision.as_str(), last.reason.as_str()),
+        ("deny", "role")
+    );
     assert_eq!(last.operator, "spiffe://meshsign.test/ops/auditor/dev");
     // Nothing changed.
-    assert_eq!(site.auditor().await.list_issuers(env("staging")).await.unwrap().into_inner().issuers.len(), 1);
+    assert_eq!(
+        site.auditor()
+            .await
+            .list_issuers(env("staging"))
+            .await
+            .unwrap()
+            .into_inner()
+            .issuers
+            .len(),
+        1
+    );
     assert!(site.state().revocations().is_empty());
 }
 
@@ -279,22 +513,38 @@ async fn jwks_set_pins_next_keys_and_denies_unknown_kids() {
     // Add the next key before the IdP uses it: both kids work.
     let both = serde_json::json!({"keys": [site.es.jwk(), next.jwk()]});
     let info = admin
-        .set_jwks(v1::SetJwksRequest { environment: "staging".into(), issuer: ES_ISSUER.into(), jwks_json: both.to_string().into_bytes() })
+        .set_jwks(v1::SetJwksRequest {
+            environment: "staging".into(),
+            issuer: ES_ISSUER.into(),
+            jwks_json: both.to_string().into_bytes(),
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(info.kids, ["es-1", "es-2"]);
     let mut enroll = site.enrollment().await;
     for issuer in [&site.es, &next] {
-        let req = site.enroll_request("staging", issuer.mint(&site.claims("staging")).unwrap(), &RunnerKey::generate().unwrap());
+        let req = site.enroll_request(
+            "staging",
+            issuer.mint(&site.claims("staging")).unwrap(),
+            &RunnerKey::generate().unwrap(),
+        );
         enroll.enroll(req).await.expect("pinned kid");
     }
     // Drop the old key: its kid is now unknown, denied and logged, never fetched.
     admin
-        .set_jwks(v1::SetJwksRequest { environment: "staging".into(), issuer: ES_ISSUER.into(), jwks_json: next.jwks().to_string().into_bytes() })
+        .set_jwks(v1::SetJwksRequest {
+            environment: "staging".into(),
+            issuer: ES_ISSUER.into(),
+            jwks_json: next.jwks().to_string().into_bytes(),
+        })
         .await
         .unwrap();
-    let req = site.enroll_request("staging", site.token("staging"), &RunnerKey::generate().unwrap());
+    let req = site.enroll_request(
+        "staging",
+        site.token("staging"),
+        &RunnerKey::generate().unwrap(),
+    );
     let err = enroll.enroll(req).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
     assert!(err.message().starts_with("kid"), "{}", err.message());
@@ -302,17 +552,36 @@ async fn jwks_set_pins_next_keys_and_denies_unknown_kids() {
     // A JWKS with private material is refused; so is garbage.
     let mut private = next.jwk();
     private["d"] = "AAAA".into();
-    for bad in [serde_json::json!({"keys": [private]}).to_string(), "{".to_string()] {
+    for bad in [
+        serde_json::json!({"keys": [private]}).to_string(),
+        "{".to_string(),
+    ] {
         let e = admin
-            .set_jwks(v1::SetJwksRequest { environment: "staging".into(), issuer: ES_ISSUER.into(), jwks_json: bad.into_bytes() })
+            .set_jwks(v1::SetJwksRequest {
+                environment: "staging".into(),
+                issuer: ES_ISSUER.into(),
+                jwks_json: bad.into_bytes(),
+            })
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument);
     }
     // Persisted: after a restart, es-1 is still unknown.
     let site = site.restart().await;
-    let req = site.enroll_request("staging", site.token("staging"), &RunnerKey::generate().unwrap());
-    assert_eq!(site.enrollment().await.enroll(req).await.unwrap_err().code(), Code::Unauthenticated);
+    let req = site.enroll_request(
+        "staging",
+        site.token("staging"),
+        &RunnerKey::generate().unwrap(),
+    );
+    assert_eq!(
+        site.enrollment()
+            .await
+            .enroll(req)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
 }
 
 #[tokio::test]
@@ -320,15 +589,35 @@ async fn key_lifecycle_rotate_disable_import_create() {
     let site = TestSite::start().await;
     let mut admin = site.admin().await;
     let (_k, _r, mut signer) = site.enrolled("production").await;
-    let v1sig = signer.sign(sign_req("release", 4)).await.unwrap().into_inner();
+    let v1sig = signer
+        .sign(sign_req("release", 4))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(v1sig.key_id, "release@v1");
 
-    let info = admin.rotate_key(v1::KeyRef { environment: "production".into(), alias: "release".into() }).await.unwrap().into_inner();
+    let info = admin
+        .rotate_key(v1::KeyRef {
+            environment: "production".into(),
+            alias: "release".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(info.versions.len(), 2);
-    let v2sig = signer.sign(sign_req("release", 4)).await.unwrap().into_inner();
+    let v2sig = signer
+        .sign(sign_req("release", 4))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(v2sig.key_id, "release@v2");
     assert_ne!(v1sig.public_key_der, v2sig.public_key_der);
-    let vm = site.state().keys().versions("production", "release").unwrap().len();
+    let vm = site
+        .state()
+        .keys()
+        .versions("production", "release")
+        .unwrap()
+        .len();
     assert_eq!(vm, 2, "older versions stay verifiable");
 
     // Import a PKCS#8 PEM as a new alias; its signatures verify under the imported key.
@@ -345,7 +634,11 @@ async fn key_lifecycle_rotate_disable_import_create() {
         .unwrap()
         .into_inner();
     assert_eq!(info.versions[0].key_id, "vendor@v1");
-    let s = signer.sign(sign_req("vendor", 5)).await.unwrap().into_inner();
+    let s = signer
+        .sign(sign_req("vendor", 5))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(s.public_key_der, imported.subject_public_key_info());
     meshsign_client::verify::verify_digest(&s.public_key_der, &[5; 32], &s.signature).unwrap();
     // Import is one-way: nothing returns the key; no response carries more than public material.
@@ -367,7 +660,13 @@ async fn key_lifecycle_rotate_disable_import_create() {
     assert!(e.message().starts_with("key_access"));
 
     // Disable: no longer signs, still listed.
-    admin.disable_key(v1::KeyRef { environment: "production".into(), alias: "release".into() }).await.unwrap();
+    admin
+        .disable_key(v1::KeyRef {
+            environment: "production".into(),
+            alias: "release".into(),
+        })
+        .await
+        .unwrap();
     let e = signer.sign(sign_req("release", 4)).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     assert!(e.message().starts_with("key_disabled"), "{}", e.message());
@@ -375,8 +674,23 @@ async fn key_lifecycle_rotate_disable_import_create() {
     // All of it survives a restart.
     let site = site.restart().await;
     let (_k, _r, mut signer) = site.enrolled("production").await;
-    assert!(signer.sign(sign_req("release", 4)).await.unwrap_err().message().starts_with("key_disabled"));
-    assert_eq!(signer.sign(sign_req("vendor", 4)).await.unwrap().into_inner().public_key_der, imported.subject_public_key_info());
+    assert!(
+        signer
+            .sign(sign_req("release", 4))
+            .await
+            .unwrap_err()
+            .message()
+            .starts_with("key_disabled")
+    );
+    assert_eq!(
+        signer
+            .sign(sign_req("vendor", 4))
+            .await
+            .unwrap()
+            .into_inner()
+            .public_key_der,
+        imported.subject_public_key_info()
+    );
 }
 
 #[tokio::test]
@@ -384,11 +698,25 @@ async fn revoke_self_leaves_no_live_credential() {
     let site = TestSite::start().await;
     let (_k, resp, mut signer) = site.enrolled("staging").await;
     signer.sign(sign_req("release", 7)).await.unwrap();
-    let r = signer.revoke_self(v1::RevokeSelfRequest { reason: "job finished".into() }).await.unwrap().into_inner();
+    let r = signer
+        .revoke_self(v1::RevokeSelfRequest {
+            reason: "job finished".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(r.serial, resp.serial);
     let e = signer.sign(sign_req("release", 7)).await.unwrap_err();
-    assert!(e.message().starts_with("certificate_revoked"), "{}", e.message());
-    assert!(site.audit().iter().any(|a| a.rpc == "RevokeSelf" && a.cert_serial == resp.serial));
+    assert!(
+        e.message().starts_with("certificate_revoked"),
+        "{}",
+        e.message()
+    );
+    assert!(
+        site.audit()
+            .iter()
+            .any(|a| a.rpc == "RevokeSelf" && a.cert_serial == resp.serial)
+    );
 }
 
 #[tokio::test]
@@ -398,24 +726,37 @@ async fn reload_changes_access_rules_and_a_bad_file_changes_nothing() {
     signer.sign(sign_req("release", 8)).await.unwrap();
     let text = std::fs::read_to_string(&site.site_toml).unwrap();
     // Narrow `release` in production to tags only.
-    let narrowed = text.replacen(r#"refs = ["refs/heads/main", "refs/tags/*"]"#, r#"refs = ["refs/heads/main", "refs/tags/*"]"#, 1).replace(
-        "[[partitions.signing_keys]]\nalias = \"release\"\nalgorithm = \"ecdsa-p256-sha256\"\naccess = { repositories = [\"acme/*\"], refs = [\"refs/heads/main\", \"refs/tags/*\"] }\n\n[[partitions.trust_policies]]\nname = \"ci\"\nissuer = \"https://token.ci.test\"\njwks_file = \"pki/es.jwks.json\"\nbound_claims = { runner_environment = \"self-hosted\", environment = \"production\" }",
-        "[[partitions.signing_keys]]\nalias = \"release\"\nalgorithm = \"ecdsa-p256-sha256\"\naccess = { repositories = [\"acme/*\"], refs = [\"refs/tags/*\"] }\n\n[[partitions.trust_policies]]\nname = \"ci\"\nissuer = \"https://token.ci.test\"\njwks_file = \"pki/es.jwks.json\"\nbound_claims = { runner_environment = \"self-hosted\", environment = \"production\" }",
+    let (head, prod) = text.split_at(text.find("name = \"production\"").unwrap());
+    let narrowed = format!(
+        "{head}{}",
+        prod.replacen(
+            r#"refs = ["refs/heads/main", "refs/tags/*"]"#,
+            r#"refs = ["refs/tags/*"]"#,
+            1
+        )
     );
     assert_ne!(narrowed, text, "the test edits the production key");
-    let op = meshsign_server::ops::Operator { id: "local:SIGHUP".into(), role: meshsign_server::ops::Role::Admin };
+    let op = meshsign_server::ops::Operator {
+        id: "local:SIGHUP".into(),
+        role: meshsign_server::ops::Role::Admin,
+    };
     let cfg = meshsign_server::config::SiteConfig::from_toml(&narrowed, site.dir.path()).unwrap();
     let state = site.state().clone();
-    meshsign_server::ops::audited(&state, &op, "Reload", "", true, async || meshsign_server::ops::reload(&state, cfg).map(|d| ((), d)))
-        .await
-        .unwrap();
+    meshsign_server::ops::audited(&state, &op, "Reload", "", true, async || {
+        meshsign_server::ops::reload(&state, cfg).map(|d| ((), d))
+    })
+    .await
+    .unwrap();
     let e = signer.sign(sign_req("release", 8)).await.unwrap_err();
     assert!(e.message().starts_with("key_access"), "{}", e.message());
 
     // A file changing what needs a restart is refused and the running config stays.
     let moved = narrowed.replace("region = \"sg\"", "region = \"tokyo\"");
     let cfg = meshsign_server::config::SiteConfig::from_toml(&moved, site.dir.path()).unwrap();
-    let r = meshsign_server::ops::audited(&state, &op, "Reload", "", true, async || meshsign_server::ops::reload(&state, cfg).map(|d| ((), d))).await;
+    let r = meshsign_server::ops::audited(&state, &op, "Reload", "", true, async || {
+        meshsign_server::ops::reload(&state, cfg).map(|d| ((), d))
+    })
+    .await;
     assert!(r.is_err());
     assert_eq!(state.config().region, "sg");
     assert_eq!(site.last_audit().reason, "precondition");

@@ -61,6 +61,8 @@ fn main() -> ExitCode {
                 files::ADMIN_CA,
                 files::ADMIN_CERT,
                 files::ADMIN_KEY,
+                files::AUDITOR_CERT,
+                files::AUDITOR_KEY,
                 files::OIDC_KEY,
                 files::OIDC_JWKS,
             ] {
