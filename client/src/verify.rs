@@ -28,6 +28,12 @@ pub struct SigBundle {
     pub public_key_pem: String,
     /// Audit record id at the site.
     pub audit_id: String,
+    /// Receipt: the audit entry's seq.
+    #[serde(default)]
+    pub audit_seq: u64,
+    /// Receipt: the audit entry's hash.
+    #[serde(default)]
+    pub audit_hash: String,
     /// Site region.
     pub region: String,
     /// Partition.
@@ -111,4 +117,54 @@ pub fn verify_file(
         .decode(&bundle.signature)
         .map_err(|_| ClientError::Verify("signature is not base64".into()))?;
     verify_digest(&spki, &digest, &sig)
+}
+
+/// Reads an audit public key (SPKI PEM).
+pub fn audit_key_from_pem(pem: &str) -> Result<p256::ecdsa::VerifyingKey, ClientError> {
+    VerifyingKey::from_public_key_der(&spki_from_pem(pem)?)
+        .map_err(|e| ClientError::Verify(format!("audit key: {e}")))
+}
+
+/// Checks that `bundle`'s signature is recorded in a verified audit export: the entry named by
+/// the receipt exists with that hash, allowed this digest with this key. Returns whether a
+/// signed checkpoint after it anchors it.
+pub fn verify_receipt(
+    bundle: &SigBundle,
+    export: &[meshsign_proto::audit::ExportLine],
+    audit_key: &p256::ecdsa::VerifyingKey,
+) -> Result<bool, ClientError> {
+    use meshsign_proto::audit::ExportLine;
+    meshsign_proto::audit::verify_export(export, audit_key)
+        .map_err(|e| ClientError::Verify(e.to_string()))?;
+    let entry = export
+        .iter()
+        .find_map(|l| match l {
+            ExportLine::Entry(e) if e.seq == bundle.audit_seq => Some(e),
+            _ => None,
+        })
+        .ok_or_else(|| {
+            ClientError::Verify(format!(
+                "audit entry {} is not in the export",
+                bundle.audit_seq
+            ))
+        })?;
+    if entry.hash != bundle.audit_hash {
+        return Err(ClientError::Verify(format!(
+            "audit entry {} has another hash than the receipt",
+            entry.seq
+        )));
+    }
+    if entry.decision != "allow"
+        || entry.digest != bundle.digest_sha256
+        || entry.key_id != bundle.key_id
+    {
+        return Err(ClientError::Verify(format!(
+            "audit entry {} does not record this signature",
+            entry.seq
+        )));
+    }
+    let anchored = export
+        .iter()
+        .any(|l| matches!(l, ExportLine::Entry(e) if e.seq > entry.seq && e.checkpoint.is_some()));
+    Ok(anchored)
 }

@@ -4,6 +4,7 @@
 //! - [`identity`]: the SPIFFE ID of a runner certificate and the job-claims extension.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server reflection.
 
+pub mod audit;
 pub mod identity;
 
 /// Generated code for package `meshsign.v1`.

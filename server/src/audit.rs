@@ -1,187 +1,360 @@
-//! The audit log: one record per decision, allowed or denied, written to the store and made
-//! durable before the response leaves (DESIGN.md "Audit").
+//! The audit log: one entry per decision, allowed or denied, hash-chained and made durable
+//! before the response leaves (DESIGN.md "Audit"). The format, chain and verification live in
+//! `meshsign_proto::audit`, shared with offline verifiers.
 //!
-//! Records are hash-chained already: `hash = SHA-256(prev_hash_bytes || canonical JSON of the
-//! record with an empty "hash")`, where the canonical JSON is serde_json's output of
-//! [`AuditRecord`] (fields in declaration order, no whitespace). Signed checkpoints, export and
-//! offline verification come with the audit issue.
+//! **Group commit.** Callers hand entries to one writer task; it takes every entry waiting,
+//! chains and stores them, flushes once, then answers all of them. Concurrent requests share one
+//! flush, so durability does not serialize the service.
+//!
+//! **Checkpoints.** Every `checkpoint_every` entries, or after `checkpoint_seconds` with new
+//! entries, the writer appends a checkpoint signed by the site's audit key (P-256, wrapped under
+//! the KEK like every other key).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::time::Duration;
 
-use aws_lc_rs::digest::{SHA256, digest};
-use serde::{Deserialize, Serialize};
+pub use meshsign_proto::audit::AuditRecord;
+use meshsign_proto::audit::{Checkpoint, genesis};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::clock::SharedClock;
+use crate::sign::SigningBackend;
 use crate::store::{Store, StoreError, Tree};
 
-/// One audit record. Inputs appear only as hashes; tokens never, only `jti`.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct AuditRecord {
-    /// Sequence number, from 1, gapless.
-    pub seq: u64,
-    /// RFC 3339 time of the decision.
-    pub ts: String,
-    /// Site region.
-    pub site_region: String,
-    /// RPC name (`Enroll`, `Sign`, `SignBatch`, ...).
-    pub rpc: String,
-    /// `allow` or `deny`.
-    pub decision: String,
-    /// `ok`, or the name of the check that failed.
-    pub reason: String,
-    /// Partition.
-    pub environment: String,
-    /// CI job id.
-    pub job_id: String,
-    /// Token id.
-    pub jti: String,
-    /// Token issuer.
-    pub token_issuer: String,
-    /// Token subject.
-    pub subject: String,
-    /// Runner fingerprint.
-    pub runner_fingerprint: String,
-    /// Runner certificate serial (hex).
-    pub cert_serial: String,
-    /// Seconds the caller's certificate had left (sign decisions).
-    pub ttl_remaining_sec: Option<i64>,
-    /// `alias@vN`.
-    pub key_id: String,
-    /// SHA-256 digest signed (hex); for a batch, SHA-256 over the concatenated digests.
-    pub digest: String,
-    /// Number of digests signed (1, or the batch size).
-    pub items: u32,
-    /// Artifact name given by the caller.
-    pub artifact: String,
-    /// Repository claim.
-    pub repository: String,
-    /// Ref claim.
-    #[serde(rename = "ref")]
-    pub git_ref: String,
-    /// Peer address.
-    pub peer: String,
-    /// Ops identity (SPIFFE ID) for admin actions.
-    #[serde(default)]
-    pub operator: String,
-    /// What an admin action changed, in a few words.
-    #[serde(default)]
-    pub detail: String,
-    /// Hash of the previous record (hex; empty for the first).
-    pub prev_hash: String,
-    /// This record's hash (hex).
-    pub hash: String,
-}
-
-impl AuditRecord {
-    /// The id returned to callers: `<region>-<seq>`.
-    pub fn audit_id(&self) -> String {
-        format!("{}-{}", self.site_region, self.seq)
-    }
-
-    /// Recomputes this record's hash from its content and `prev_hash`.
-    pub fn compute_hash(&self) -> String {
-        let mut unhashed = self.clone();
-        unhashed.hash = String::new();
-        // Serializing a struct of plain fields cannot fail.
-        let json = serde_json::to_vec(&unhashed).unwrap_or_default();
-        let mut input = hex::decode(&self.prev_hash).unwrap_or_default();
-        input.extend_from_slice(&json);
-        hex::encode(digest(&SHA256, &input))
-    }
-}
-
-/// Audit failures. A decision whose record cannot be written is not returned.
-#[derive(Debug, thiserror::Error)]
+/// Audit failures. A decision whose entry cannot be written is not returned.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum AuditError {
     /// The store refused the write or the flush.
     #[error("audit write failed: {0}")]
-    Store(#[from] StoreError),
-    /// The flush task did not complete.
-    #[error("audit flush task failed")]
-    Join,
+    Store(String),
+    /// The writer task is gone (site shutting down).
+    #[error("audit writer stopped")]
+    Stopped,
 }
 
-struct Head {
-    seq: u64,
-    hash: String,
+impl From<StoreError> for AuditError {
+    fn from(e: StoreError) -> Self {
+        AuditError::Store(e.to_string())
+    }
 }
 
-/// Appends records and makes them durable.
+/// Audit settings.
+#[derive(Clone, Copy, Debug)]
+pub struct AuditSettings {
+    /// Checkpoint after this many entries.
+    pub checkpoint_every: u64,
+    /// Checkpoint after this long with new entries.
+    pub checkpoint_interval: Duration,
+    /// Flush before answering (true outside benchmarks).
+    pub durable: bool,
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        Self {
+            checkpoint_every: 1000,
+            checkpoint_interval: Duration::from_secs(10),
+            durable: true,
+        }
+    }
+}
+
+/// The key that signs checkpoints.
+#[derive(Clone)]
+pub struct AuditKey {
+    /// `alias@vN`.
+    pub key_id: String,
+    /// Signer.
+    pub backend: Arc<dyn SigningBackend>,
+}
+
+impl std::fmt::Debug for AuditKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditKey")
+            .field("key_id", &self.key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+type Reply = oneshot::Sender<Result<AuditRecord, AuditError>>;
+
+enum Msg {
+    Entry(Box<AuditRecord>, Reply),
+    Stop(oneshot::Sender<()>),
+}
+
+/// Appends entries through the group-commit writer.
 #[derive(Clone)]
 pub struct AuditLog {
+    tx: mpsc::Sender<Msg>,
     store: Store,
-    clock: SharedClock,
-    region: String,
-    head: Arc<Mutex<Head>>,
+    head: watch::Receiver<u64>,
+    key: AuditKey,
 }
 
 impl std::fmt::Debug for AuditLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AuditLog")
-            .field("region", &self.region)
+            .field("head", &*self.head.borrow())
             .finish_non_exhaustive()
     }
 }
 
+struct Writer {
+    store: Store,
+    clock: SharedClock,
+    region: String,
+    key: AuditKey,
+    settings: AuditSettings,
+    seq: u64,
+    hash: String,
+    since_checkpoint: u64,
+    head: watch::Sender<u64>,
+}
+
 impl AuditLog {
-    /// Opens the log, continuing the chain from the last stored record.
-    pub fn open(store: Store, clock: SharedClock, region: &str) -> Result<Self, AuditError> {
-        let head = match store.kv().last(Tree::Audit)? {
+    /// Opens the log, continuing the chain from the last stored entry, and starts the writer.
+    /// Must be called inside a tokio runtime.
+    pub fn open(
+        store: Store,
+        clock: SharedClock,
+        region: &str,
+        key: AuditKey,
+        settings: AuditSettings,
+    ) -> Result<Self, AuditError> {
+        let (seq, hash, since_checkpoint) = match store.kv().last(Tree::Audit)? {
             Some((_, v)) => {
-                let last: AuditRecord =
-                    serde_json::from_slice(&v).map_err(|e| StoreError::Corrupt {
-                        tree: "audit",
-                        message: e.to_string(),
-                    })?;
-                Head {
-                    seq: last.seq,
-                    hash: last.hash,
-                }
+                let last: AuditRecord = serde_json::from_slice(&v)
+                    .map_err(|e| AuditError::Store(format!("last audit entry: {e}")))?;
+                (
+                    last.seq,
+                    last.hash,
+                    if last.checkpoint.is_some() { 0 } else { 1 },
+                )
             }
-            None => Head {
-                seq: 0,
-                hash: String::new(),
-            },
+            None => (0, genesis(), 0),
         };
-        Ok(Self {
-            store,
+        let (head_tx, head_rx) = watch::channel(seq);
+        let (tx, rx) = mpsc::channel(4096);
+        let writer = Writer {
+            store: store.clone(),
             clock,
             region: region.to_string(),
-            head: Arc::new(Mutex::new(head)),
+            key: key.clone(),
+            settings,
+            seq,
+            hash,
+            since_checkpoint,
+            head: head_tx,
+        };
+        tokio::spawn(writer.run(rx));
+        Ok(Self {
+            tx,
+            store,
+            head: head_rx,
+            key,
         })
     }
 
-    /// Appends a record (seq, ts, region and chain filled in here) and waits until it is durable.
-    pub async fn record(&self, mut rec: AuditRecord) -> Result<AuditRecord, AuditError> {
-        rec.site_region = self.region.clone();
-        rec.ts = ::time::OffsetDateTime::from(self.clock.now())
-            .format(&::time::format_description::well_known::Rfc3339)
-            .unwrap_or_default();
-        {
-            let mut head = self.head.lock().unwrap_or_else(|p| p.into_inner());
-            rec.seq = head.seq + 1;
-            rec.prev_hash = head.hash.clone();
-            rec.hash = rec.compute_hash();
-            self.store.put(Tree::Audit, &rec.seq.to_be_bytes(), &rec)?;
-            head.seq = rec.seq;
-            head.hash = rec.hash.clone();
-        }
-        tracing::info!(
-            target: "meshsign::audit",
-            seq = rec.seq, rpc = %rec.rpc, decision = %rec.decision, reason = %rec.reason,
-            environment = %rec.environment, job_id = %rec.job_id, jti = %rec.jti,
-            cert_serial = %rec.cert_serial, key_id = %rec.key_id, digest = %rec.digest,
-            ttl_remaining_sec = ?rec.ttl_remaining_sec, peer = %rec.peer,
-        );
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.flush())
+    /// Appends an entry (seq, ts, region and chain are filled in) and waits until it is durable.
+    pub async fn record(&self, rec: AuditRecord) -> Result<AuditRecord, AuditError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Entry(Box::new(rec), reply))
             .await
-            .map_err(|_| AuditError::Join)??;
+            .map_err(|_| AuditError::Stopped)?;
+        rx.await.map_err(|_| AuditError::Stopped)?
+    }
+
+    /// Stops the writer after what is queued (shutdown); later records fail with `Stopped`.
+    pub async fn stop(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Msg::Stop(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Every entry in seq order (tests, small exports).
+    pub fn all(&self) -> Result<Vec<AuditRecord>, AuditError> {
+        Ok(self.store.scan(Tree::Audit, b"")?)
+    }
+
+    /// Entries with seq ≥ `from`, at most `limit`.
+    pub fn range(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, AuditError> {
+        let mut out = Vec::new();
+        for (_, v) in self
+            .store
+            .kv()
+            .scan_range(Tree::Audit, &from.to_be_bytes(), limit)?
+        {
+            out.push(serde_json::from_slice(&v).map_err(|e| AuditError::Store(e.to_string()))?);
+        }
+        Ok(out)
+    }
+
+    /// Watches the seq of the newest durable entry.
+    pub fn head(&self) -> watch::Receiver<u64> {
+        self.head.clone()
+    }
+
+    /// The checkpoint key's public key (SPKI DER) and id.
+    pub fn public_key(&self) -> (String, Vec<u8>) {
+        (
+            self.key.key_id.clone(),
+            self.key.backend.public_key_der().to_vec(),
+        )
+    }
+}
+
+impl Writer {
+    async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+        loop {
+            let first =
+                match tokio::time::timeout(self.settings.checkpoint_interval, rx.recv()).await {
+                    Ok(Some(Msg::Entry(rec, reply))) => (*rec, reply),
+                    Ok(Some(Msg::Stop(done))) => {
+                        let _ = self.store.flush();
+                        let _ = done.send(());
+                        return;
+                    }
+                    Ok(None) => return,
+                    Err(_) => {
+                        // Idle: checkpoint what is not yet covered.
+                        if self.since_checkpoint > 0
+                            && let Err(e) = self.commit(Vec::new(), true).await
+                        {
+                            tracing::error!(error = %e, "audit checkpoint failed");
+                        }
+                        continue;
+                    }
+                };
+            let mut batch = vec![first];
+            let mut stop = None;
+            while batch.len() < 4096 {
+                match rx.try_recv() {
+                    Ok(Msg::Entry(rec, reply)) => batch.push((*rec, reply)),
+                    Ok(Msg::Stop(done)) => {
+                        stop = Some(done);
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            if let Err(e) = self.commit(batch, false).await {
+                tracing::error!(error = %e, "audit write failed");
+            }
+            if let Some(done) = stop {
+                let _ = done.send(());
+                return;
+            }
+        }
+    }
+
+    fn now_rfc3339(&self) -> String {
+        ::time::OffsetDateTime::from(self.clock.now())
+            .format(&::time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    }
+
+    fn append(&mut self, mut rec: AuditRecord) -> Result<AuditRecord, AuditError> {
+        rec.seq = self.seq + 1;
+        rec.ts = self.now_rfc3339();
+        rec.site_region = self.region.clone();
+        rec.prev_hash = self.hash.clone();
+        rec.hash = rec.compute_hash();
+        self.store.put(Tree::Audit, &rec.seq.to_be_bytes(), &rec)?;
+        self.seq = rec.seq;
+        self.hash = rec.hash.clone();
         Ok(rec)
     }
 
-    /// Every record, in order (tests and, later, export).
-    pub fn all(&self) -> Result<Vec<AuditRecord>, AuditError> {
-        Ok(self.store.scan(Tree::Audit, b"")?)
+    fn checkpoint(&mut self) -> Result<(), AuditError> {
+        let time = self.clock.unix();
+        let msg = Checkpoint::message(&self.region, self.seq, &self.hash, time);
+        let digest: [u8; 32] = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &msg)
+            .as_ref()
+            .try_into()
+            .map_err(|_| AuditError::Store("digest".into()))?;
+        let sig = self
+            .key
+            .backend
+            .sign_digest(&digest)
+            .map_err(|e| AuditError::Store(e.to_string()))?;
+        let rec = AuditRecord {
+            rpc: "Checkpoint".into(),
+            decision: "allow".into(),
+            reason: "checkpoint".into(),
+            environment: "(site)".into(),
+            key_id: self.key.key_id.clone(),
+            checkpoint: Some(Checkpoint {
+                covers_seq: self.seq,
+                head_hash: self.hash.clone(),
+                time,
+                key_id: self.key.key_id.clone(),
+                signature: hex::encode(sig),
+            }),
+            ..Default::default()
+        };
+        self.append(rec)?;
+        self.since_checkpoint = 0;
+        Ok(())
+    }
+
+    /// Chains and stores a batch (plus a checkpoint when due), flushes once, answers everyone.
+    /// On failure nothing of the batch is acknowledged and the chain head is restored.
+    async fn commit(
+        &mut self,
+        batch: Vec<(AuditRecord, Reply)>,
+        force_checkpoint: bool,
+    ) -> Result<(), AuditError> {
+        let (saved_seq, saved_hash, saved_since) =
+            (self.seq, self.hash.clone(), self.since_checkpoint);
+        let mut written = Vec::with_capacity(batch.len());
+        let mut result: Result<(), AuditError> = Ok(());
+        let mut replies = Vec::with_capacity(batch.len());
+        for (rec, reply) in batch {
+            replies.push(reply);
+            if result.is_ok() {
+                match self.append(rec) {
+                    Ok(r) => {
+                        written.push(r);
+                        self.since_checkpoint += 1;
+                    }
+                    Err(e) => result = Err(e),
+                }
+            }
+        }
+        if result.is_ok()
+            && (force_checkpoint || self.since_checkpoint >= self.settings.checkpoint_every)
+            && self.since_checkpoint > 0
+        {
+            result = self.checkpoint();
+        }
+        if result.is_ok() && self.settings.durable {
+            let store = self.store.clone();
+            result = match tokio::task::spawn_blocking(move || store.flush()).await {
+                Ok(r) => r.map_err(AuditError::from),
+                Err(_) => Err(AuditError::Store("flush task failed".into())),
+            };
+        }
+        match &result {
+            Ok(()) => {
+                let _ = self.head.send(self.seq);
+                for (reply, rec) in replies.into_iter().zip(written) {
+                    let _ = reply.send(Ok(rec));
+                }
+            }
+            Err(e) => {
+                // Roll the in-memory head back; entries stored but not flushed are overwritten
+                // by the next successful batch (same seqs), so the chain stays gapless.
+                self.seq = saved_seq;
+                self.hash = saved_hash;
+                self.since_checkpoint = saved_since;
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+        result
     }
 }

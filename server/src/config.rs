@@ -60,7 +60,35 @@ struct RawSite {
     dev: bool,
     listen: RawListen,
     tls: RawTls,
+    #[serde(default)]
+    audit: RawAudit,
     partitions: Vec<RawPartition>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    #[serde(default = "default_checkpoint_every")]
+    checkpoint_every: u64,
+    #[serde(default = "default_checkpoint_seconds")]
+    checkpoint_seconds: u64,
+}
+
+impl Default for RawAudit {
+    fn default() -> Self {
+        Self {
+            checkpoint_every: default_checkpoint_every(),
+            checkpoint_seconds: default_checkpoint_seconds(),
+        }
+    }
+}
+
+fn default_checkpoint_every() -> u64 {
+    1000
+}
+
+fn default_checkpoint_seconds() -> u64 {
+    10
 }
 
 #[derive(Deserialize)]
@@ -148,8 +176,19 @@ pub struct SiteConfig {
     pub listen: Listen,
     /// Server TLS material.
     pub tls: TlsFiles,
+    /// Audit checkpoints.
+    pub audit: AuditConfig,
     /// Partitions (environments), in file order.
     pub partitions: Vec<Partition>,
+}
+
+/// When the audit log signs a checkpoint.
+#[derive(Clone, Copy, Debug)]
+pub struct AuditConfig {
+    /// After this many entries.
+    pub checkpoint_every: u64,
+    /// After this many seconds with new entries.
+    pub checkpoint_seconds: u64,
 }
 
 /// Listen addresses of the three ports.
@@ -366,6 +405,12 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
             "enroll, sign and admin need distinct addresses",
         ));
     }
+    if raw.audit.checkpoint_every == 0 || raw.audit.checkpoint_seconds == 0 {
+        return Err(invalid(
+            "audit",
+            "checkpoint_every and checkpoint_seconds must be positive",
+        ));
+    }
     if raw.partitions.is_empty() {
         return Err(invalid("partitions", "at least one partition is required"));
     }
@@ -538,6 +583,10 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
             admin_ca: abs(raw.tls.admin_ca),
         },
         partitions,
+        audit: AuditConfig {
+            checkpoint_every: raw.audit.checkpoint_every,
+            checkpoint_seconds: raw.audit.checkpoint_seconds,
+        },
     })
 }
 

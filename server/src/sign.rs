@@ -428,6 +428,36 @@ pub fn store_key(
     Ok(record)
 }
 
+/// The site's audit (checkpoint) key: `(site)/audit`, created on first start, held like every
+/// other key (wrapped under the KEK).
+pub fn audit_key(
+    store: &Store,
+    kek: &Kek,
+    now_unix: i64,
+) -> Result<crate::audit::AuditKey, CustodyError> {
+    const P: &str = "(site)";
+    const A: &str = "audit";
+    let mut records: Vec<KeyRecord> = store.scan(Tree::Keys, format!("{P}/{A}/").as_bytes())?;
+    if records.is_empty() {
+        records.push(create_key(
+            store,
+            kek,
+            P,
+            A,
+            KeyAlgorithm::EcdsaP256Sha256,
+            1,
+            now_unix,
+        )?);
+    }
+    let key = load_versions(kek, records)?
+        .pop()
+        .ok_or(CustodyError::Crypto("audit key"))?;
+    Ok(crate::audit::AuditKey {
+        key_id: key.record.key_id(),
+        backend: key.backend,
+    })
+}
+
 /// Generates a key, wraps it under the KEK and stores it; the plaintext never leaves memory.
 pub fn create_key(
     store: &Store,

@@ -58,6 +58,10 @@ pub struct SignOutput {
     pub certificate_chain: Vec<Vec<u8>>,
     /// Audit id.
     pub audit_id: String,
+    /// Audit entry seq (receipt).
+    pub audit_seq: u64,
+    /// Audit entry hash (receipt).
+    pub audit_hash: String,
     /// Unix seconds.
     pub signed_at: i64,
 }
@@ -162,6 +166,8 @@ pub async fn sign(
     let written = site.audit.record(rec).await?;
     result.map(|mut out| {
         out.audit_id = written.audit_id();
+        out.audit_seq = written.seq;
+        out.audit_hash = written.hash.clone();
         out.signed_at = now;
         out
     })
@@ -208,6 +214,8 @@ async fn run(
         public_key_der: key.record.public_key_der.clone(),
         certificate_chain: key.record.certificate_chain.clone(),
         audit_id: String::new(),
+        audit_seq: 0,
+        audit_hash: String::new(),
         signed_at: 0,
     })
 }

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::api;
-use crate::audit::{AuditError, AuditLog};
+use crate::audit::{AuditError, AuditLog, AuditSettings};
 use crate::clock::SharedClock;
 use crate::config::SiteConfig;
 use crate::issuer::{IssueError, PartitionIssuers};
@@ -96,10 +96,29 @@ impl SiteState {
     /// Opens the store, reads the KEK, loads (or creates) runner CAs and signing keys, and
     /// applies the ops overlays kept in the store to the file configuration.
     pub fn open(file_config: SiteConfig, clock: SharedClock) -> Result<Self, SiteError> {
+        let settings = AuditSettings {
+            checkpoint_every: file_config.audit.checkpoint_every,
+            checkpoint_interval: Duration::from_secs(file_config.audit.checkpoint_seconds),
+            durable: true,
+        };
+        Self::open_with(file_config, clock, settings, None)
+    }
+
+    /// [`SiteState::open`] with explicit audit settings and, optionally, another storage engine
+    /// (fault injection in tests; another engine later).
+    pub fn open_with(
+        file_config: SiteConfig,
+        clock: SharedClock,
+        settings: AuditSettings,
+        kv: Option<Arc<dyn crate::store::Kv>>,
+    ) -> Result<Self, SiteError> {
         let kek = Kek::load(&file_config.kek_file, file_config.dev)?;
         std::fs::create_dir_all(&file_config.data_dir)
             .map_err(|e| StoreError::Engine(format!("{}: {e}", file_config.data_dir.display())))?;
-        let store = Store::open_sled(&file_config.data_dir)?;
+        let store = match kv {
+            Some(kv) => Store::new(kv),
+            None => Store::open_sled(&file_config.data_dir)?,
+        };
         let now = clock.unix();
         let config = crate::ops::effective_config(file_config, &store)?;
         let keys = KeyRing::load_or_create(&config, &store, &kek, now)?;
@@ -116,7 +135,14 @@ impl SiteState {
             issuers.insert(p.name.clone(), Arc::new(pi));
         }
         let revocations = crate::ops::load_revocations(&store)?;
-        let audit = AuditLog::open(store.clone(), clock.clone(), &config.region)?;
+        let audit_key = crate::sign::audit_key(&store, &kek, now)?;
+        let audit = AuditLog::open(
+            store.clone(),
+            clock.clone(),
+            &config.region,
+            audit_key,
+            settings,
+        )?;
         Ok(Self {
             config: RwLock::new(Arc::new(config)),
             clock,
@@ -230,6 +256,7 @@ pub struct SiteHandle {
     pub state: Arc<SiteState>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
+    keeper: JoinHandle<()>,
 }
 
 impl std::fmt::Debug for SiteHandle {
@@ -248,6 +275,8 @@ impl SiteHandle {
         for t in self.tasks {
             let _ = t.await;
         }
+        let _ = self.keeper.await;
+        self.state.audit.stop().await;
         let _ = self.state.store.flush();
     }
 
@@ -329,7 +358,7 @@ pub async fn start(state: Arc<SiteState>) -> Result<SiteHandle, SiteError> {
     // has expired.
     let keeper = state.clone();
     let mut prx = rx.clone();
-    tokio::spawn(async move {
+    let keeper = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(10));
         loop {
             tokio::select! {
@@ -354,5 +383,6 @@ pub async fn start(state: Arc<SiteState>) -> Result<SiteHandle, SiteError> {
         state,
         shutdown: tx,
         tasks,
+        keeper,
     })
 }

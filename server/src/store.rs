@@ -77,6 +77,8 @@ pub trait Kv: Send + Sync + 'static {
     fn remove(&self, tree: Tree, key: &[u8]) -> Result<(), StoreError>;
     /// All entries whose key starts with `prefix`, in key order.
     fn scan_prefix(&self, tree: Tree, prefix: &[u8]) -> Result<Vec<Entry>, StoreError>;
+    /// Up to `limit` entries with key ≥ `from`, in key order.
+    fn scan_range(&self, tree: Tree, from: &[u8], limit: usize) -> Result<Vec<Entry>, StoreError>;
     /// The last entry of a tree in key order.
     fn last(&self, tree: Tree) -> Result<Option<Entry>, StoreError>;
     /// Makes every write so far durable.
@@ -147,6 +149,14 @@ impl Kv for SledKv {
     fn scan_prefix(&self, tree: Tree, prefix: &[u8]) -> Result<Vec<Entry>, StoreError> {
         self.tree(tree)
             .scan_prefix(prefix)
+            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(engine))
+            .collect()
+    }
+
+    fn scan_range(&self, tree: Tree, from: &[u8], limit: usize) -> Result<Vec<Entry>, StoreError> {
+        self.tree(tree)
+            .range(from..)
+            .take(limit)
             .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(engine))
             .collect()
     }

@@ -17,6 +17,7 @@ use meshsign_server::audit::AuditRecord;
 use meshsign_server::clock::{Clock, ManualClock};
 use meshsign_server::config::SiteConfig;
 use meshsign_server::site::{self, SiteHandle, SiteState};
+use meshsign_server::store::{Kv, SledKv};
 use serde_json::Value;
 use tonic::transport::Channel;
 
@@ -124,11 +125,31 @@ access = { repositories = ["*"], refs = ["*"] }
 impl TestSite {
     /// Starts a fresh site.
     pub async fn start() -> Self {
+        Self::start_with("", None).await
+    }
+
+    /// Starts a fresh site with `extra` appended to its site.toml and, optionally, a storage
+    /// engine wrapped around its sled database (fault injection).
+    pub async fn start_with(extra: &str, wrap: Option<&dyn Fn(SledKv) -> Arc<dyn Kv>>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (es, rs) = write_site_files(dir.path());
-        let clock = ManualClock::new();
         let site_toml = dir.path().join("site.toml");
-        let handle = start_site(&site_toml, clock.clone()).await;
+        let mut text = std::fs::read_to_string(&site_toml).unwrap();
+        text.push_str(extra);
+        std::fs::write(&site_toml, text).unwrap();
+        let clock = ManualClock::new();
+        let handle = match wrap {
+            None => start_site(&site_toml, clock.clone()).await,
+            Some(wrap) => {
+                let cfg = SiteConfig::load(&site_toml).unwrap();
+                std::fs::create_dir_all(&cfg.data_dir).unwrap();
+                let kv = wrap(SledKv::open(&cfg.data_dir).unwrap());
+                let settings = meshsign_server::audit::AuditSettings::default();
+                let state =
+                    SiteState::open_with(cfg, Arc::new(clock.clone()), settings, Some(kv)).unwrap();
+                site::start(Arc::new(state)).await.unwrap()
+            }
+        };
         let client = client_config(dir.path(), &handle);
         Self {
             dir,
@@ -337,6 +358,122 @@ pub fn openssl(args: &[&str]) -> (bool, String) {
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
     (out.status.success(), text)
+}
+
+/// A storage engine that fails every write while `fail` is set (a disk gone read-only).
+pub struct FaultyKv {
+    inner: SledKv,
+    /// Set to make writes and flushes fail.
+    pub fail: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FaultyKv {
+    /// Wraps sled.
+    pub fn new(inner: SledKv, fail: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        Self { inner, fail }
+    }
+
+    fn check(&self) -> Result<(), meshsign_server::store::StoreError> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(meshsign_server::store::StoreError::Engine(
+                "Read-only file system (os error 30)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Kv for FaultyKv {
+    fn get(
+        &self,
+        t: meshsign_server::store::Tree,
+        k: &[u8],
+    ) -> Result<Option<Vec<u8>>, meshsign_server::store::StoreError> {
+        self.inner.get(t, k)
+    }
+    fn put(
+        &self,
+        t: meshsign_server::store::Tree,
+        k: &[u8],
+        v: &[u8],
+    ) -> Result<(), meshsign_server::store::StoreError> {
+        self.check()?;
+        self.inner.put(t, k, v)
+    }
+    fn insert_new(
+        &self,
+        t: meshsign_server::store::Tree,
+        k: &[u8],
+        v: &[u8],
+    ) -> Result<bool, meshsign_server::store::StoreError> {
+        self.check()?;
+        self.inner.insert_new(t, k, v)
+    }
+    fn remove(
+        &self,
+        t: meshsign_server::store::Tree,
+        k: &[u8],
+    ) -> Result<(), meshsign_server::store::StoreError> {
+        self.check()?;
+        self.inner.remove(t, k)
+    }
+    fn scan_prefix(
+        &self,
+        t: meshsign_server::store::Tree,
+        p: &[u8],
+    ) -> Result<Vec<meshsign_server::store::Entry>, meshsign_server::store::StoreError> {
+        self.inner.scan_prefix(t, p)
+    }
+    fn scan_range(
+        &self,
+        t: meshsign_server::store::Tree,
+        f: &[u8],
+        l: usize,
+    ) -> Result<Vec<meshsign_server::store::Entry>, meshsign_server::store::StoreError> {
+        self.inner.scan_range(t, f, l)
+    }
+    fn last(
+        &self,
+        t: meshsign_server::store::Tree,
+    ) -> Result<Option<meshsign_server::store::Entry>, meshsign_server::store::StoreError> {
+        self.inner.last(t)
+    }
+    fn flush(&self) -> Result<(), meshsign_server::store::StoreError> {
+        self.check()?;
+        self.inner.flush()
+    }
+}
+
+/// Exports the whole audit log through the admin port, as parsed lines.
+pub async fn export(
+    site: &TestSite,
+    req: v1::ExportAuditRequest,
+) -> Vec<meshsign_proto::audit::ExportLine> {
+    let mut stream = site
+        .admin()
+        .await
+        .export_audit(req)
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(l) = stream.message().await.unwrap() {
+        out.push(serde_json::from_str(&l.json).unwrap());
+    }
+    out
+}
+
+/// The site's audit key, fetched through the admin port.
+pub async fn audit_key(site: &TestSite) -> p256::ecdsa::VerifyingKey {
+    use p256::pkcs8::DecodePublicKey as _;
+    let k = site
+        .admin()
+        .await
+        .get_audit_public_key(v1::GetAuditPublicKeyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    p256::ecdsa::VerifyingKey::from_public_key_der(&k.public_key_der).unwrap()
 }
 
 /// A Sign request for a fixed digest.

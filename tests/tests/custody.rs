@@ -49,7 +49,7 @@ async fn no_private_key_bytes_anywhere_in_the_data_dir() {
     // Decrypt every stored private key (signing keys and runner CAs) with the KEK.
     let mut secrets: Vec<(String, Vec<u8>)> = Vec::new();
     let keys: Vec<KeyRecord> = state.store.scan(Tree::Keys, b"").unwrap();
-    assert_eq!(keys.len(), 3, "release×2 + prod-only");
+    assert_eq!(keys.len(), 4, "release×2 + prod-only + the audit key");
     for k in &keys {
         let pkcs8 = kek
             .unwrap(

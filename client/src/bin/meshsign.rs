@@ -37,6 +37,15 @@ enum Command {
     Verify {
         /// The file.
         file: PathBuf,
+        /// Also check the signature's audit receipt against an exported audit log.
+        #[arg(long, requires_all = ["audit_log", "audit_key"])]
+        receipt: bool,
+        /// Audit export (JSON lines) for --receipt.
+        #[arg(long)]
+        audit_log: Option<PathBuf>,
+        /// The site's audit public key (PEM) for --receipt.
+        #[arg(long)]
+        audit_key: Option<PathBuf>,
         /// Signature bundle (default FILE.sig.json).
         #[arg(long)]
         bundle: Option<PathBuf>,
@@ -58,6 +67,11 @@ enum Command {
         #[command(subcommand)]
         command: DevCommand,
     },
+    /// Offline audit checks.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Ops verbs on the admin port (needs `[admin]` in the client config).
     Admin {
         #[command(subcommand)]
@@ -66,7 +80,48 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum AuditCommand {
+    /// Verify an audit export's chain and checkpoint signatures; names the first bad seq.
+    Verify {
+        /// Export (JSON lines).
+        file: PathBuf,
+        /// The site's audit public key (PEM, from `meshsign admin audit public-key`).
+        #[arg(long)]
+        audit_key: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminAuditCommand {
+    /// Print the audit (checkpoint) public key as PEM.
+    PublicKey,
+    /// Stream the audit log as JSON lines to stdout.
+    Export {
+        /// First seq, or a time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// Keep streaming new entries.
+        #[arg(long)]
+        follow: bool,
+        /// Only this environment (others become omitted-entry lines).
+        #[arg(long)]
+        environment: Option<String>,
+        /// Only this job.
+        #[arg(long)]
+        job_id: Option<String>,
+        /// Only this decision (allow|deny).
+        #[arg(long)]
+        decision: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
 enum AdminCommand {
+    /// The audit log: public key, export.
+    Audit {
+        #[command(subcommand)]
+        command: AdminAuditCommand,
+    },
     /// Runner CAs: list, stage, activate, retire, revoke.
     Issuer {
         #[command(subcommand)]
@@ -345,10 +400,34 @@ fn sibling(file: &Path, ext: &str) -> PathBuf {
 
 async fn run(cli: Cli) -> Result<(), ClientError> {
     match cli.command {
+        Command::Audit {
+            command: AuditCommand::Verify { file, audit_key },
+        } => {
+            let text = std::fs::read_to_string(&file).map_err(ClientError::io(&file))?;
+            let lines = meshsign_proto::audit::parse_export(&text).map_err(ClientError::Verify)?;
+            let pem = std::fs::read_to_string(&audit_key).map_err(ClientError::io(&audit_key))?;
+            let key = verify::audit_key_from_pem(&pem)?;
+            let r = meshsign_proto::audit::verify_export(&lines, &key)
+                .map_err(|e| ClientError::Verify(e.to_string()))?;
+            println!(
+                "{}: OK — seq {}..{}: {} entries, {} omitted, {} signed checkpoints, {} after the last checkpoint",
+                file.display(),
+                r.first_seq,
+                r.last_seq,
+                r.entries,
+                r.omitted,
+                r.checkpoints,
+                r.unanchored
+            );
+            Ok(())
+        }
         Command::Verify {
             file,
             bundle,
             public_key,
+            receipt,
+            audit_log,
+            audit_key,
         } => {
             let bundle_path = bundle.unwrap_or_else(|| sibling(&file, ".sig.json"));
             let text = std::fs::read(&bundle_path).map_err(ClientError::io(&bundle_path))?;
@@ -361,6 +440,24 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
                 None => None,
             };
             verify::verify_file(&file, &b, pin.as_deref())?;
+            if receipt && let (Some(log), Some(key)) = (&audit_log, &audit_key) {
+                let text = std::fs::read_to_string(log).map_err(ClientError::io(log))?;
+                let lines =
+                    meshsign_proto::audit::parse_export(&text).map_err(ClientError::Verify)?;
+                let pem = std::fs::read_to_string(key).map_err(ClientError::io(key))?;
+                let anchored =
+                    verify::verify_receipt(&b, &lines, &verify::audit_key_from_pem(&pem)?)?;
+                println!(
+                    "{}: receipt OK (audit entry {}{})",
+                    file.display(),
+                    b.audit_seq,
+                    if anchored {
+                        ", under a signed checkpoint"
+                    } else {
+                        ", not yet under a signed checkpoint"
+                    }
+                );
+            }
             println!(
                 "{}: OK ({} in {}/{}, audit {})",
                 file.display(),
@@ -484,6 +581,62 @@ async fn admin(cfg: &ClientConfig, command: AdminCommand) -> Result<(), ClientEr
     };
     let rpc = |name: &'static str| move |s: tonic::Status| ClientError::rpc(name, s);
     match command {
+        AdminCommand::Audit {
+            command: AdminAuditCommand::PublicKey,
+        } => {
+            let k = c
+                .get_audit_public_key(v1::GetAuditPublicKeyRequest {})
+                .await
+                .map_err(rpc("GetAuditPublicKey"))?
+                .into_inner();
+            eprintln!("# audit key {}", k.key_id);
+            print!("{}", pem_encode("PUBLIC KEY", &k.public_key_der));
+        }
+        AdminCommand::Audit {
+            command:
+                AdminAuditCommand::Export {
+                    since,
+                    follow,
+                    environment,
+                    job_id,
+                    decision,
+                },
+        } => {
+            use std::io::Write as _;
+            let (since_seq, since_time) = match since.as_deref() {
+                None => (0, 0),
+                Some(s) => match s.parse::<u64>() {
+                    Ok(n) => (n, 0),
+                    Err(_) => (0, parse_time(s)?),
+                },
+            };
+            let req = v1::ExportAuditRequest {
+                since_seq,
+                since_time,
+                follow,
+                environment: environment.unwrap_or_default(),
+                job_id: job_id.unwrap_or_default(),
+                decision: decision.unwrap_or_default(),
+            };
+            let mut stream = c
+                .export_audit(req)
+                .await
+                .map_err(rpc("ExportAudit"))?
+                .into_inner();
+            let mut out = std::io::stdout().lock();
+            while let Some(line) = stream.message().await.map_err(rpc("ExportAudit"))? {
+                writeln!(out, "{}", line.json).map_err(|e| ClientError::Io {
+                    path: "stdout".into(),
+                    source: e,
+                })?;
+                if follow {
+                    out.flush().map_err(|e| ClientError::Io {
+                        path: "stdout".into(),
+                        source: e,
+                    })?;
+                }
+            }
+        }
         AdminCommand::Issuer { command } => {
             let out = match command {
                 IssuerCommand::List { environment } => {
@@ -820,6 +973,8 @@ async fn sign_files(session: &mut Session, args: &SignArgs) -> Result<(), Client
             algorithm: r.algorithm.clone(),
             public_key_pem: pem_encode("PUBLIC KEY", &r.public_key_der),
             audit_id: r.audit_id.clone(),
+            audit_seq: r.audit_seq,
+            audit_hash: r.audit_hash.clone(),
             region: session.enrollment.region.clone(),
             environment: session.enrollment.environment.clone(),
             signed_at,

@@ -103,8 +103,50 @@ fn rule_info(r: &ops::RevocationRule) -> v1::RevocationRule {
 
 type R<T> = Result<Response<T>, Status>;
 
+/// Streams JSON lines of the audit log.
+pub type ExportStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::ExportLine, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl v1::admin_server::Admin for AdminApi {
+    type ExportAuditStream = ExportStream;
+
+    async fn get_audit_public_key(
+        &self,
+        req: Request<v1::GetAuditPublicKeyRequest>,
+    ) -> R<v1::AuditPublicKey> {
+        let op = self.operator(&req)?;
+        let s = &self.0;
+        let (key_id, der) = audited(s, &op, "GetAuditPublicKey", "", false, async || {
+            Ok((s.audit.public_key(), String::new()))
+        })
+        .await
+        .map_err(IntoStatus::into_status)?;
+        Ok(Response::new(v1::AuditPublicKey {
+            key_id,
+            public_key_der: der,
+        }))
+    }
+
+    async fn export_audit(
+        &self,
+        req: Request<v1::ExportAuditRequest>,
+    ) -> R<Self::ExportAuditStream> {
+        let op = self.operator(&req)?;
+        let r = req.into_inner();
+        let s = self.0.clone();
+        let detail = format!(
+            "export since_seq={} since_time={} follow={}",
+            r.since_seq, r.since_time, r.follow
+        );
+        audited(&s, &op, "ExportAudit", &r.environment, false, async || {
+            Ok(((), detail.clone()))
+        })
+        .await
+        .map_err(IntoStatus::into_status)?;
+        Ok(Response::new(Box::pin(super::export::stream(s, r))))
+    }
+
     async fn list_issuers(
         &self,
         req: Request<v1::EnvironmentRequest>,

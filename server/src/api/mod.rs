@@ -13,6 +13,7 @@ use tonic::transport::server::Router;
 use tonic::{Code, Request, Response, Status};
 
 mod admin;
+mod export;
 
 pub use admin::AdminApi;
 
@@ -258,6 +259,8 @@ impl v1::signer_server::Signer for SignerApi {
             public_key_der: out.public_key_der,
             certificate_chain: out.certificate_chain,
             audit_id: out.audit_id,
+            audit_seq: out.audit_seq,
+            audit_hash: out.audit_hash,
             signed_at: Some(ts(out.signed_at)),
             sha256_digest: out.digests.first().map(|d| d.to_vec()).unwrap_or_default(),
         }))
@@ -284,6 +287,8 @@ impl v1::signer_server::Signer for SignerApi {
             public_key_der: out.public_key_der,
             certificate_chain: out.certificate_chain,
             audit_id: out.audit_id,
+            audit_seq: out.audit_seq,
+            audit_hash: out.audit_hash,
             signed_at: Some(ts(out.signed_at)),
         }))
     }

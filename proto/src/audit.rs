@@ -1,0 +1,295 @@
+//! The audit log's wire format, hash chain and offline verification, shared by the site (which
+//! writes it) and the client (which verifies exports without any service).
+//!
+//! ## Canonical encoding and the chain
+//!
+//! - `body_hash = SHA-256(canonical JSON of the record with "prev_hash" and "hash" set to "")`,
+//!   where the canonical JSON is serde_json's compact output of [`AuditRecord`]: fields in
+//!   declaration order, no whitespace, `null` for absent optional fields.
+//! - `hash = SHA-256(prev ‖ body_hash)`, with `prev` the previous entry's hash (32 bytes; 32 zero
+//!   bytes before the first entry). Both are lowercase hex in records.
+//! - A **checkpoint** is itself an entry (`rpc = "Checkpoint"`) whose `checkpoint` field signs
+//!   `"meshsign-audit-checkpoint-v1\n<region>\n<covers_seq>\n<head_hash>\n<time>"` (ECDSA P-256,
+//!   SHA-256, DER) with the site's audit key; it covers every entry up to `covers_seq = seq − 1`,
+//!   whose hash is `head_hash`.
+//!
+//! ## Exports
+//!
+//! An export is JSON lines, one per seq, in order. A filtered export replaces each entry it leaves
+//! out with an [`Omitted`] line carrying only its `seq` and `body_hash`: the chain still
+//! recomputes end to end, so filtered exports verify against the same signed checkpoints, and
+//! nothing is revealed about the omitted entries. Checkpoints are never omitted.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+/// One audit entry. Inputs appear only as hashes; tokens never, only `jti`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AuditRecord {
+    /// Sequence number, from 1, gapless.
+    pub seq: u64,
+    /// RFC 3339 time of the decision.
+    pub ts: String,
+    /// Site region.
+    pub site_region: String,
+    /// RPC (`Enroll`, `Sign`, `SignBatch`, `RevokeSelf`, `Admin.*`, `Checkpoint`).
+    pub rpc: String,
+    /// `allow` or `deny`.
+    pub decision: String,
+    /// `ok`, or the name of the check that failed.
+    pub reason: String,
+    /// Partition (`(site)` for site-wide entries).
+    pub environment: String,
+    /// CI job id.
+    pub job_id: String,
+    /// Token id.
+    pub jti: String,
+    /// Token issuer.
+    pub token_issuer: String,
+    /// Token subject (or the operator for admin entries).
+    pub subject: String,
+    /// Runner fingerprint.
+    pub runner_fingerprint: String,
+    /// Runner certificate serial (hex).
+    pub cert_serial: String,
+    /// Seconds the caller's certificate had left (sign decisions).
+    pub ttl_remaining_sec: Option<i64>,
+    /// `alias@vN`.
+    pub key_id: String,
+    /// SHA-256 digest signed (hex); for a batch, SHA-256 over the concatenated digests.
+    pub digest: String,
+    /// Number of digests signed (1, or the batch size).
+    pub items: u32,
+    /// Artifact name given by the caller.
+    pub artifact: String,
+    /// Repository claim.
+    pub repository: String,
+    /// Ref claim.
+    #[serde(rename = "ref")]
+    pub git_ref: String,
+    /// Peer address.
+    pub peer: String,
+    /// Ops identity (SPIFFE ID) for admin actions.
+    pub operator: String,
+    /// What an admin action changed, in a few words.
+    pub detail: String,
+    /// Set on checkpoint entries.
+    pub checkpoint: Option<Checkpoint>,
+    /// Hash of the previous entry (hex).
+    pub prev_hash: String,
+    /// This entry's hash (hex).
+    pub hash: String,
+}
+
+/// A signed statement of the chain head.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Checkpoint {
+    /// The last entry covered (this entry's seq − 1).
+    pub covers_seq: u64,
+    /// Hash of entry `covers_seq`.
+    pub head_hash: String,
+    /// Unix seconds.
+    pub time: i64,
+    /// The audit key's id.
+    pub key_id: String,
+    /// ECDSA P-256 / SHA-256 signature, DER, hex.
+    pub signature: String,
+}
+
+impl Checkpoint {
+    /// The bytes the audit key signs.
+    pub fn message(region: &str, covers_seq: u64, head_hash: &str, time: i64) -> Vec<u8> {
+        format!("meshsign-audit-checkpoint-v1\n{region}\n{covers_seq}\n{head_hash}\n{time}")
+            .into_bytes()
+    }
+}
+
+/// Hex of 32 zero bytes: the `prev_hash` of the first entry.
+pub fn genesis() -> String {
+    "0".repeat(64)
+}
+
+impl AuditRecord {
+    /// The id returned to callers: `<region>-<seq>`.
+    pub fn audit_id(&self) -> String {
+        format!("{}-{}", self.site_region, self.seq)
+    }
+
+    /// SHA-256 of the canonical body (hex).
+    pub fn body_hash(&self) -> String {
+        let mut body = self.clone();
+        body.prev_hash = String::new();
+        body.hash = String::new();
+        // Serializing plain fields cannot fail.
+        let json = serde_json::to_vec(&body).unwrap_or_default();
+        hex::encode(Sha256::digest(&json))
+    }
+
+    /// `SHA-256(prev ‖ body_hash)` (hex) for this entry's content and `prev_hash`.
+    pub fn compute_hash(&self) -> String {
+        chain(&self.prev_hash, &self.body_hash())
+    }
+}
+
+/// `SHA-256(prev ‖ body_hash)`, both given as hex.
+pub fn chain(prev_hex: &str, body_hash_hex: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(hex::decode(prev_hex).unwrap_or_default());
+    h.update(hex::decode(body_hash_hex).unwrap_or_default());
+    hex::encode(h.finalize())
+}
+
+/// An entry left out of a filtered export.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Omitted {
+    /// Its seq.
+    pub seq: u64,
+    /// Its body hash.
+    pub body_hash: String,
+    /// Always true (marks the line kind).
+    pub omitted: bool,
+    /// Set on the first line of an export only: the chain hash before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev_hash: Option<String>,
+}
+
+/// One line of an export.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum ExportLine {
+    /// An entry left out by a filter.
+    Omitted(Omitted),
+    /// A whole entry.
+    Entry(Box<AuditRecord>),
+}
+
+impl ExportLine {
+    /// The line's seq.
+    pub fn seq(&self) -> u64 {
+        match self {
+            ExportLine::Omitted(o) => o.seq,
+            ExportLine::Entry(e) => e.seq,
+        }
+    }
+}
+
+/// Where and why an export failed verification.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("audit log invalid at seq {seq}: {reason}")]
+pub struct VerifyError {
+    /// The first bad seq.
+    pub seq: u64,
+    /// What is wrong there.
+    pub reason: String,
+}
+
+/// What a successful verification covered.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// First seq.
+    pub first_seq: u64,
+    /// Last seq.
+    pub last_seq: u64,
+    /// Whole entries checked.
+    pub entries: u64,
+    /// Omitted entries bridged by their body hash.
+    pub omitted: u64,
+    /// Checkpoint signatures verified.
+    pub checkpoints: u64,
+    /// Entries after the last checkpoint (chained, not yet signed).
+    pub unanchored: u64,
+}
+
+/// Verifies an export: seqs consecutive, every hash recomputed, every checkpoint signed by
+/// `audit_key` over the running head. The first line's `prev_hash` is taken as given (an export
+/// may start after pruning or at `--since`); everything after it is bound to it.
+pub fn verify_export(
+    lines: &[ExportLine],
+    audit_key: &p256::ecdsa::VerifyingKey,
+) -> Result<VerifyReport, VerifyError> {
+    use p256::ecdsa::signature::Verifier as _;
+    let mut report = VerifyReport::default();
+    let mut running: Option<String> = None;
+    let mut expected_seq: Option<u64> = None;
+    let mut since_checkpoint = 0u64;
+    for line in lines {
+        let seq = line.seq();
+        let bad = |reason: String| VerifyError { seq, reason };
+        if let Some(exp) = expected_seq
+            && seq != exp
+        {
+            return Err(VerifyError {
+                seq: if seq > exp { exp } else { seq },
+                reason: if seq > exp {
+                    format!("entry {exp} is missing (next line is {seq})")
+                } else {
+                    format!("duplicate or out of order: expected {exp}, found {seq}")
+                },
+            });
+        }
+        match line {
+            ExportLine::Omitted(o) => {
+                let prev = running
+                    .clone()
+                    .or_else(|| o.prev_hash.clone())
+                    .ok_or_else(|| bad("the first line needs the chain hash before it".into()))?;
+                running = Some(chain(&prev, &o.body_hash));
+                report.omitted += 1;
+            }
+            ExportLine::Entry(e) => {
+                let prev = running.clone().unwrap_or_else(|| e.prev_hash.clone());
+                if e.prev_hash != prev {
+                    return Err(bad("prev_hash does not match the previous entry".into()));
+                }
+                let computed = e.compute_hash();
+                if computed != e.hash {
+                    return Err(bad("hash does not match the entry's content".into()));
+                }
+                if let Some(cp) = &e.checkpoint {
+                    if cp.covers_seq + 1 != seq || cp.head_hash != prev {
+                        return Err(bad(
+                            "checkpoint does not cover the chain head before it".into()
+                        ));
+                    }
+                    let sig = hex::decode(&cp.signature)
+                        .ok()
+                        .and_then(|d| p256::ecdsa::DerSignature::try_from(d.as_slice()).ok())
+                        .ok_or_else(|| bad("checkpoint signature is malformed".into()))?;
+                    let msg =
+                        Checkpoint::message(&e.site_region, cp.covers_seq, &cp.head_hash, cp.time);
+                    audit_key
+                        .verify(&msg, &sig)
+                        .map_err(|_| bad("checkpoint signature does not verify".into()))?;
+                    report.checkpoints += 1;
+                    since_checkpoint = 0;
+                } else {
+                    since_checkpoint += 1;
+                }
+                running = Some(computed);
+                report.entries += 1;
+            }
+        }
+        if matches!(line, ExportLine::Omitted(_)) {
+            since_checkpoint += 1;
+        }
+        if expected_seq.is_none() {
+            report.first_seq = seq;
+        }
+        report.last_seq = seq;
+        expected_seq = Some(seq + 1);
+    }
+    report.unanchored = since_checkpoint;
+    Ok(report)
+}
+
+/// Parses JSON lines into export lines; the error names the 1-based line number.
+pub fn parse_export(text: &str) -> Result<Vec<ExportLine>, String> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| serde_json::from_str(l).map_err(|e| format!("line {}: {e}", i + 1)))
+        .collect()
+}

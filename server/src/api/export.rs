@@ -1,0 +1,115 @@
+//! The audit export stream: JSON lines in seq order, filters turned into omitted-entry lines.
+
+use std::sync::Arc;
+
+use meshsign_proto::audit::{AuditRecord, ExportLine, Omitted};
+use meshsign_proto::v1;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+
+use crate::site::SiteState;
+
+const PAGE: usize = 512;
+
+fn keep(r: &AuditRecord, q: &v1::ExportAuditRequest) -> bool {
+    r.checkpoint.is_some()
+        || ((q.environment.is_empty() || r.environment == q.environment)
+            && (q.job_id.is_empty() || r.job_id == q.job_id)
+            && (q.decision.is_empty() || r.decision == q.decision))
+}
+
+fn line(r: AuditRecord, q: &v1::ExportAuditRequest, first: bool) -> Result<v1::ExportLine, Status> {
+    let l = if keep(&r, q) {
+        ExportLine::Entry(Box::new(r))
+    } else {
+        let prev_hash = first.then(|| r.prev_hash.clone());
+        ExportLine::Omitted(Omitted {
+            seq: r.seq,
+            body_hash: r.body_hash(),
+            omitted: true,
+            prev_hash,
+        })
+    };
+    serde_json::to_string(&l)
+        .map(|json| v1::ExportLine { json })
+        .map_err(|e| Status::internal(e.to_string()))
+}
+
+fn start_seq(site: &SiteState, q: &v1::ExportAuditRequest) -> Result<u64, Status> {
+    if q.since_time == 0 {
+        return Ok(q.since_seq.max(1));
+    }
+    // First entry at or after since_time (entries are in time order).
+    let mut from = 1;
+    loop {
+        let page = site
+            .audit
+            .range(from, PAGE)
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let Some(last) = page.last() else {
+            return Ok(from);
+        };
+        for r in &page {
+            let t = ::time::OffsetDateTime::parse(
+                &r.ts,
+                &::time::format_description::well_known::Rfc3339,
+            )
+            .map(|t| t.unix_timestamp())
+            .unwrap_or(0);
+            if t >= q.since_time {
+                return Ok(r.seq.max(q.since_seq));
+            }
+        }
+        from = last.seq + 1;
+    }
+}
+
+/// The export as a stream; with `follow`, it waits for new entries until the client goes away.
+pub fn stream(
+    site: Arc<SiteState>,
+    q: v1::ExportAuditRequest,
+) -> ReceiverStream<Result<v1::ExportLine, Status>> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        let mut next = match start_seq(&site, &q) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
+        };
+        let mut head = site.audit.head();
+        let mut first = true;
+        loop {
+            let page = match site.audit.range(next, PAGE) {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                    return;
+                }
+            };
+            let durable = *head.borrow();
+            let mut sent = false;
+            for r in page.into_iter().take_while(|r| r.seq <= durable) {
+                next = r.seq + 1;
+                sent = true;
+                if tx.send(line(r, &q, first)).await.is_err() {
+                    return;
+                }
+                first = false;
+            }
+            if sent {
+                continue;
+            }
+            if !q.follow {
+                return;
+            }
+            tokio::select! {
+                changed = head.changed() => if changed.is_err() { return },
+                () = tx.closed() => return,
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}

@@ -1,0 +1,282 @@
+//! The audit log: hash chain, signed checkpoints, offline verification that names the first bad
+//! seq, filtered exports that stay verifiable, receipts, and no signature without a record.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use meshsign_proto::audit::{AuditRecord, ExportLine, verify_export};
+use meshsign_proto::v1;
+use meshsign_tests::{FaultyKv, TestSite, audit_key, export, sign_req};
+use tonic::Code;
+
+const SMALL_CHECKPOINTS: &str = "\n[audit]\ncheckpoint_every = 5\n";
+
+/// A site with some history: enrollments, signatures, a denial, an admin read.
+async fn busy_site() -> TestSite {
+    let site = TestSite::start_with(SMALL_CHECKPOINTS, None).await;
+    for env in ["staging", "production", "staging"] {
+        let (_k, _r, mut s) = site.enrolled(env).await;
+        for i in 0..3 {
+            s.sign(sign_req("release", i)).await.unwrap();
+        }
+        let _ = s.sign(sign_req("prod-only", 0)).await;
+    }
+    site.admin()
+        .await
+        .list_keys(v1::EnvironmentRequest {
+            environment: "staging".into(),
+        })
+        .await
+        .unwrap();
+    site
+}
+
+fn entry_mut(lines: &mut [ExportLine], seq: u64) -> &mut AuditRecord {
+    lines
+        .iter_mut()
+        .find_map(|l| match l {
+            ExportLine::Entry(e) if e.seq == seq => Some(&mut **e),
+            _ => None,
+        })
+        .unwrap()
+}
+
+fn idx(lines: &[ExportLine], seq: u64) -> usize {
+    lines.iter().position(|l| l.seq() == seq).unwrap()
+}
+
+#[tokio::test]
+async fn tampering_is_detected_at_the_right_seq() {
+    let site = busy_site().await;
+    let key = audit_key(&site).await;
+    let lines = export(&site, v1::ExportAuditRequest::default()).await;
+    let report = verify_export(&lines, &key).unwrap();
+    assert!(report.checkpoints >= 3, "{report:?}");
+    assert_eq!(report.first_seq, 1);
+    let every = site.audit();
+    assert!(
+        every
+            .iter()
+            .all(|r| !r.job_id.is_empty() || !r.environment.is_empty() || !r.jti.is_empty())
+    );
+    // Every entry joins to a job, an environment or a jti.
+    let k = 7u64; // a Sign entry in the middle
+    assert!(lines.len() as u64 > k + 6);
+
+    // Edit one field of one entry.
+    let mut edited = lines.clone();
+    entry_mut(&mut edited, k).digest = "00".repeat(32);
+    assert_eq!(verify_export(&edited, &key).unwrap_err().seq, k);
+
+    // Delete one entry.
+    let mut deleted = lines.clone();
+    deleted.remove(idx(&deleted, k));
+    assert_eq!(verify_export(&deleted, &key).unwrap_err().seq, k);
+
+    // Swap two entries.
+    let mut swapped = lines.clone();
+    let i = idx(&swapped, k);
+    swapped.swap(i, i + 1);
+    assert_eq!(verify_export(&swapped, &key).unwrap_err().seq, k);
+
+    // Insert a forged entry (well-formed, correctly chained after k).
+    let mut inserted = lines.clone();
+    let mut forged = entry_mut(&mut inserted, k).clone();
+    forged.seq = k + 1;
+    forged.digest = "ff".repeat(32);
+    forged.prev_hash = forged.hash.clone();
+    forged.hash = forged.compute_hash();
+    let i = idx(&inserted, k);
+    inserted.insert(i + 1, ExportLine::Entry(Box::new(forged)));
+    assert_eq!(verify_export(&inserted, &key).unwrap_err().seq, k + 1);
+
+    // Rewrite one entry and recompute every later hash: the next signed checkpoint catches it.
+    let mut rewritten = lines.clone();
+    entry_mut(&mut rewritten, k).decision = "deny".into();
+    let mut prev = entry_mut(&mut rewritten, k - 1).hash.clone();
+    let mut first_checkpoint_after = None;
+    for l in rewritten.iter_mut().skip(idx(&lines, k)) {
+        if let ExportLine::Entry(e) = l {
+            if e.checkpoint.is_some() && first_checkpoint_after.is_none() {
+                first_checkpoint_after = Some(e.seq);
+            }
+            e.prev_hash = prev.clone();
+            e.hash = e.compute_hash();
+            prev = e.hash.clone();
+        }
+    }
+    let err = verify_export(&rewritten, &key).unwrap_err();
+    assert_eq!(Some(err.seq), first_checkpoint_after, "{err}");
+
+    // A forged checkpoint signature.
+    let cp_seq = lines.iter().find_map(|l| match l {
+        ExportLine::Entry(e) if e.checkpoint.is_some() => Some(e.seq),
+        _ => None,
+    });
+    let cp_seq = cp_seq.unwrap();
+    let mut forged_cp = lines.clone();
+    let e = entry_mut(&mut forged_cp, cp_seq);
+    let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let cp = e.checkpoint.as_mut().unwrap();
+    let msg = meshsign_proto::audit::Checkpoint::message(
+        &e.site_region,
+        cp.covers_seq,
+        &cp.head_hash,
+        cp.time,
+    );
+    use rcgen::SigningKey as _;
+    cp.signature = hex::encode(other.sign(&msg).unwrap());
+    e.hash = e.compute_hash();
+    // Re-chain the rest so only the signature is wrong.
+    let mut prev = e.hash.clone();
+    for l in forged_cp.iter_mut().skip(idx(&lines, cp_seq) + 1) {
+        if let ExportLine::Entry(e) = l {
+            e.prev_hash = prev.clone();
+            e.hash = e.compute_hash();
+            prev = e.hash.clone();
+        }
+    }
+    let err = verify_export(&forged_cp, &key).unwrap_err();
+    assert_eq!(err.seq, cp_seq);
+    assert!(err.reason.contains("signature"), "{err}");
+}
+
+#[tokio::test]
+async fn filtered_exports_stay_verifiable_and_reveal_nothing_else() {
+    let site = busy_site().await;
+    let key = audit_key(&site).await;
+    let filtered = export(
+        &site,
+        v1::ExportAuditRequest {
+            environment: "production".into(),
+            decision: "allow".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let r = verify_export(&filtered, &key).unwrap();
+    assert!(r.omitted > 0 && r.entries > 0 && r.checkpoints > 0, "{r:?}");
+    for l in &filtered {
+        if let ExportLine::Entry(e) = l {
+            assert!(
+                e.checkpoint.is_some() || (e.environment == "production" && e.decision == "allow"),
+                "{e:?}"
+            );
+        }
+    }
+    // Tampering inside a filtered export is still caught.
+    let mut t = filtered.clone();
+    let seq = t.iter().find_map(|l| match l {
+        ExportLine::Entry(e) if e.rpc == "Sign" => Some(e.seq),
+        _ => None,
+    });
+    let seq = seq.unwrap();
+    entry_mut(&mut t, seq).artifact = "evil".into();
+    assert_eq!(verify_export(&t, &key).unwrap_err().seq, seq);
+    // --since starts mid-log and still verifies.
+    let tail = export(
+        &site,
+        v1::ExportAuditRequest {
+            since_seq: 4,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(tail[0].seq(), 4);
+    verify_export(&tail, &key).unwrap();
+}
+
+#[tokio::test]
+async fn receipts_bind_a_signature_to_its_entry() {
+    let site = TestSite::start_with(SMALL_CHECKPOINTS, None).await;
+    let (_k, _r, mut s) = site.enrolled("production").await;
+    let resp = s.sign(sign_req("release", 9)).await.unwrap().into_inner();
+    assert!(resp.audit_seq > 0 && resp.audit_hash.len() == 64);
+    for i in 0..6 {
+        s.sign(sign_req("release", i)).await.unwrap();
+    }
+    let key = audit_key(&site).await;
+    let lines = export(&site, v1::ExportAuditRequest::default()).await;
+    let bundle = meshsign_client::verify::SigBundle {
+        artifact: "t".into(),
+        digest_sha256: hex::encode([9u8; 32]),
+        signature: String::new(),
+        key_id: resp.key_id.clone(),
+        algorithm: resp.algorithm.clone(),
+        public_key_pem: String::new(),
+        audit_id: resp.audit_id.clone(),
+        audit_seq: resp.audit_seq,
+        audit_hash: resp.audit_hash.clone(),
+        region: "sg".into(),
+        environment: "production".into(),
+        signed_at: String::new(),
+        certificate_chain_pem: vec![],
+    };
+    assert!(
+        meshsign_client::verify::verify_receipt(&bundle, &lines, &key).unwrap(),
+        "anchored by a checkpoint"
+    );
+    let mut wrong = bundle.clone();
+    wrong.digest_sha256 = hex::encode([8u8; 32]);
+    assert!(meshsign_client::verify::verify_receipt(&wrong, &lines, &key).is_err());
+    let mut wrong = bundle;
+    wrong.audit_hash = "00".repeat(32);
+    assert!(meshsign_client::verify::verify_receipt(&wrong, &lines, &key).is_err());
+}
+
+#[tokio::test]
+async fn no_signature_without_a_durable_audit_record() {
+    let fail = Arc::new(AtomicBool::new(false));
+    let f = fail.clone();
+    let wrap =
+        move |kv| -> Arc<dyn meshsign_server::store::Kv> { Arc::new(FaultyKv::new(kv, f.clone())) };
+    let site = TestSite::start_with("", Some(&wrap)).await;
+    let (_k, _r, mut s) = site.enrolled("production").await;
+    s.sign(sign_req("release", 1)).await.unwrap();
+    let before = site.audit().len();
+
+    // The disk goes read-only: signing is refused, clearly, and nothing is returned.
+    fail.store(true, Ordering::SeqCst);
+    let err = s.sign(sign_req("release", 1)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    assert!(
+        err.message().starts_with("audit_unavailable"),
+        "{}",
+        err.message()
+    );
+    let err = s
+        .sign_batch(v1::SignBatchRequest {
+            key_alias: "release".into(),
+            sha256_digests: vec![vec![1; 32]; 10],
+            artifact_name: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    // Enrollment too.
+    let key = meshsign_client::runner::RunnerKey::generate().unwrap();
+    let err = site
+        .enrollment()
+        .await
+        .enroll(site.enroll_request("production", site.token("production"), &key))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err.code(), Code::Unavailable | Code::Internal),
+        "{err:?}"
+    );
+
+    // Back to normal: signing resumes and the chain has no hole.
+    fail.store(false, Ordering::SeqCst);
+    s.sign(sign_req("release", 1)).await.unwrap();
+    let all = site.audit();
+    assert_eq!(all.len(), before + 1);
+    let key = audit_key(&site).await;
+    verify_export(
+        &export(&site, v1::ExportAuditRequest::default()).await,
+        &key,
+    )
+    .unwrap();
+}
