@@ -3,68 +3,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use common::{meshsign, start_dev};
+
+use std::io::{Read as _, Write as _};
+use std::path::Path;
+use std::process::Command;
 
 use base64::Engine as _;
-
-fn meshsign() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_meshsign"))
-}
-
-fn meshsignd() -> PathBuf {
-    let p = meshsign().with_file_name(format!("meshsignd{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        p.exists(),
-        "{} not built: run `cargo test --workspace`",
-        p.display()
-    );
-    p
-}
-
-/// A `meshsignd dev` process, killed on drop.
-struct DevSite(Child);
-
-impl Drop for DevSite {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `meshsignd dev` on free loopback ports and waits for its "is up" line (no sleeping).
-fn start_dev(dir: &Path) -> DevSite {
-    let mut child = Command::new(meshsignd())
-        .args(["dev", "--data-dir"])
-        .arg(dir)
-        .args([
-            "--enroll-port",
-            "0",
-            "--sign-port",
-            "0",
-            "--admin-port",
-            "0",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let out = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(out).lines();
-    loop {
-        let line = lines
-            .next()
-            .expect("meshsignd dev exited before it was up")
-            .unwrap();
-        if line.contains("DEV site is up") {
-            break;
-        }
-    }
-    // Keep draining stdout so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    DevSite(child)
-}
 
 fn run(dir: &Path, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(meshsign())

@@ -208,6 +208,12 @@ impl AuditLog {
 
 impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+        // After a restart (or a crash), anchor the tail left unsigned at once.
+        if self.since_checkpoint > 0
+            && let Err(e) = self.commit(Vec::new(), true).await
+        {
+            tracing::error!(error = %e, "audit checkpoint at start failed");
+        }
         loop {
             let first =
                 match tokio::time::timeout(self.settings.checkpoint_interval, rx.recv()).await {

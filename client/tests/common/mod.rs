@@ -1,0 +1,64 @@
+//! Helpers shared by the tests that run the real binaries.
+#![allow(missing_docs)]
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)] // tests: a failed unwrap is a failed test
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+pub fn meshsign() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_meshsign"))
+}
+
+pub fn meshsignd() -> PathBuf {
+    let p = meshsign().with_file_name(format!("meshsignd{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo test --workspace`",
+        p.display()
+    );
+    p
+}
+
+/// A `meshsignd dev` process, killed on drop.
+pub struct DevSite(pub Child);
+
+impl Drop for DevSite {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `meshsignd dev` on free loopback ports and waits for its "is up" line (no sleeping).
+pub fn start_dev(dir: &Path) -> DevSite {
+    let mut child = Command::new(meshsignd())
+        .args(["dev", "--data-dir"])
+        .arg(dir)
+        .args([
+            "--enroll-port",
+            "0",
+            "--sign-port",
+            "0",
+            "--admin-port",
+            "0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(out).lines();
+    loop {
+        let line = lines
+            .next()
+            .expect("meshsignd dev exited before it was up")
+            .unwrap();
+        if line.contains("DEV site is up") {
+            break;
+        }
+    }
+    // Keep draining stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    DevSite(child)
+}
