@@ -454,3 +454,103 @@ fn admin_verbs_drill_and_sighup_reload_against_a_dev_site() {
     );
     assert_eq!(code, 0, "{err}");
 }
+
+#[test]
+fn audit_export_verify_receipt_and_logs_without_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let log = dir.join("meshsignd.log");
+    let site = common::start_dev_logging(&dir.join("site"), Some(&log));
+
+    let (code, token, _) = run(dir, &["dev", "token", "--environment", "staging"]);
+    assert_eq!(code, 0);
+    std::fs::write(dir.join("tok"), token.trim()).unwrap();
+    std::fs::write(dir.join("app.bin"), vec![3u8; 10_000]).unwrap();
+    let (code, _, err) = run(
+        dir,
+        &[
+            "sign",
+            "--environment",
+            "staging",
+            "--key",
+            "release",
+            "--token-file",
+            "tok",
+            "app.bin",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+
+    let (code, pem, _) = run(dir, &["admin", "audit", "public-key"]);
+    assert_eq!(code, 0);
+    std::fs::write(dir.join("audit.pem"), pem).unwrap();
+    let (code, export, err) = run(dir, &["admin", "audit", "export"]);
+    assert_eq!(code, 0, "{err}");
+    std::fs::write(dir.join("audit.jsonl"), &export).unwrap();
+    let (code, out, err) = run(
+        dir,
+        &["audit", "verify", "audit.jsonl", "--audit-key", "audit.pem"],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(": OK"), "{out}");
+    let (code, out, err) = run(
+        dir,
+        &[
+            "verify",
+            "app.bin",
+            "--receipt",
+            "--audit-log",
+            "audit.jsonl",
+            "--audit-key",
+            "audit.pem",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("receipt OK"), "{out}");
+
+    // One edited line: exit 1, naming its seq.
+    let mut lines: Vec<String> = export.lines().map(str::to_string).collect();
+    let victim = lines
+        .iter()
+        .position(|l| l.contains("\"rpc\":\"Sign\""))
+        .unwrap();
+    let seq = serde_json::from_str::<serde_json::Value>(&lines[victim]).unwrap()["seq"]
+        .as_u64()
+        .unwrap();
+    lines[victim] = lines[victim].replace("\"decision\":\"allow\"", "\"decision\":\"deny\"");
+    std::fs::write(dir.join("tampered.jsonl"), lines.join("\n")).unwrap();
+    let (code, _, err) = run(
+        dir,
+        &[
+            "audit",
+            "verify",
+            "tampered.jsonl",
+            "--audit-key",
+            "audit.pem",
+        ],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains(&format!("at seq {seq}")), "{err}");
+
+    // The site's logs carry the audit fields as JSON, with the jti, never the token.
+    drop(site);
+    let logs = std::fs::read_to_string(&log).unwrap();
+    let jti = {
+        let payload = token.trim().split('.').nth(1).unwrap();
+        let claims: serde_json::Value = serde_json::from_slice(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(payload)
+                .unwrap(),
+        )
+        .unwrap();
+        claims["jti"].as_str().unwrap().to_string()
+    };
+    assert!(logs.contains(&jti), "the jti is logged");
+    assert!(
+        logs.contains("\"ttl_remaining_sec\""),
+        "sign decisions log ttl_remaining_sec"
+    );
+    for part in token.trim().split('.') {
+        assert!(!logs.contains(part), "a token part leaked into the logs");
+    }
+}

@@ -269,6 +269,17 @@ impl Writer {
         rec.prev_hash = self.hash.clone();
         rec.hash = rec.compute_hash();
         self.store.put(Tree::Audit, &rec.seq.to_be_bytes(), &rec)?;
+        // The same fields as a log event (never tokens or payloads: jti and digests only).
+        tracing::info!(
+            target: "meshsign::audit",
+            seq = rec.seq, rpc = %rec.rpc, decision = %rec.decision, reason = %rec.reason,
+            environment = %rec.environment, job_id = %rec.job_id, jti = %rec.jti,
+            token_issuer = %rec.token_issuer, subject = %rec.subject,
+            runner_fingerprint = %rec.runner_fingerprint, cert_serial = %rec.cert_serial,
+            ttl_remaining_sec = ?rec.ttl_remaining_sec, key_id = %rec.key_id, digest = %rec.digest,
+            items = rec.items, repository = %rec.repository, git_ref = %rec.git_ref, peer = %rec.peer,
+            operator = %rec.operator, detail = %rec.detail, hash = %rec.hash,
+        );
         self.seq = rec.seq;
         self.hash = rec.hash.clone();
         Ok(rec)

@@ -131,6 +131,21 @@ impl TestSite {
     /// Starts a fresh site with `extra` appended to its site.toml and, optionally, a storage
     /// engine wrapped around its sled database (fault injection).
     pub async fn start_with(extra: &str, wrap: Option<&dyn Fn(SledKv) -> Arc<dyn Kv>>) -> Self {
+        Self::start_with_settings(
+            extra,
+            wrap,
+            meshsign_server::audit::AuditSettings::default(),
+        )
+        .await
+    }
+
+    /// [`TestSite::start_with`] with explicit audit settings (benchmarks turn the flush off);
+    /// checkpoint settings come from the site config.
+    pub async fn start_with_settings(
+        extra: &str,
+        wrap: Option<&dyn Fn(SledKv) -> Arc<dyn Kv>>,
+        settings: meshsign_server::audit::AuditSettings,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (es, rs) = write_site_files(dir.path());
         let site_toml = dir.path().join("site.toml");
@@ -138,18 +153,16 @@ impl TestSite {
         text.push_str(extra);
         std::fs::write(&site_toml, text).unwrap();
         let clock = ManualClock::new();
-        let handle = match wrap {
-            None => start_site(&site_toml, clock.clone()).await,
-            Some(wrap) => {
-                let cfg = SiteConfig::load(&site_toml).unwrap();
-                std::fs::create_dir_all(&cfg.data_dir).unwrap();
-                let kv = wrap(SledKv::open(&cfg.data_dir).unwrap());
-                let settings = meshsign_server::audit::AuditSettings::default();
-                let state =
-                    SiteState::open_with(cfg, Arc::new(clock.clone()), settings, Some(kv)).unwrap();
-                site::start(Arc::new(state)).await.unwrap()
-            }
+        let cfg = SiteConfig::load(&site_toml).unwrap();
+        std::fs::create_dir_all(&cfg.data_dir).unwrap();
+        let kv = wrap.map(|w| w(SledKv::open(&cfg.data_dir).unwrap()));
+        let settings = meshsign_server::audit::AuditSettings {
+            checkpoint_every: cfg.audit.checkpoint_every,
+            checkpoint_interval: std::time::Duration::from_secs(cfg.audit.checkpoint_seconds),
+            durable: settings.durable,
         };
+        let state = SiteState::open_with(cfg, Arc::new(clock.clone()), settings, kv).unwrap();
+        let handle = site::start(Arc::new(state)).await.unwrap();
         let client = client_config(dir.path(), &handle);
         Self {
             dir,

@@ -32,8 +32,13 @@ impl Drop for DevSite {
 
 /// Starts `meshsignd dev` on free loopback ports and waits for its "is up" line (no sleeping).
 pub fn start_dev(dir: &Path) -> DevSite {
+    start_dev_logging(dir, None)
+}
+
+/// [`start_dev`] with JSON logs written to `log` (stderr otherwise discarded).
+pub fn start_dev_logging(dir: &Path, log: Option<&Path>) -> DevSite {
     let mut child = Command::new(meshsignd())
-        .args(["dev", "--data-dir"])
+        .args(["--log-format", "json", "dev", "--data-dir"])
         .arg(dir)
         .args([
             "--enroll-port",
@@ -44,7 +49,10 @@ pub fn start_dev(dir: &Path) -> DevSite {
             "0",
         ])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(match log {
+            Some(p) => Stdio::from(std::fs::File::create(p).unwrap()),
+            None => Stdio::null(),
+        })
         .spawn()
         .unwrap();
     let out = child.stdout.take().unwrap();

@@ -1,0 +1,237 @@
+//! `meshsign-bench`: drives a real site on loopback over mutual TLS from N concurrent
+//! connections, and runs the same signing code in-process in the same run, so figures are
+//! ratios measured side by side (this machine is shared and noisy).
+//!
+//! ```text
+//! cargo run --release -p meshsign-bench -- --scenario sign --concurrency 64 --duration 5 --runs 3
+//! cargo run --release -p meshsign-bench -- --scenario sign --concurrency 64 --compare-durability --runs 3
+//! ```
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use meshsign_proto::v1;
+use meshsign_server::audit::AuditSettings;
+use meshsign_tests::TestSite;
+
+#[derive(Parser)]
+#[command(
+    name = "meshsign-bench",
+    about = "meshsign throughput and latency over real mTLS"
+)]
+struct Cli {
+    /// What to drive.
+    #[arg(long, value_enum, default_value_t = Scenario::Sign)]
+    scenario: Scenario,
+    /// Concurrent connections (one enrolled runner each).
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 5)]
+    duration: u64,
+    /// Repetitions; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Digests per SignBatch.
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// Skip the audit flush (benchmark only: acknowledged entries may be lost on a crash).
+    #[arg(long)]
+    no_durable_audit: bool,
+    /// Measure durable and non-durable audit in the same run, alternating.
+    #[arg(long)]
+    compare_durability: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum, Debug)]
+enum Scenario {
+    /// Unary Sign of a SHA-256 digest.
+    Sign,
+    /// SignBatch of --batch digests (ops = signatures).
+    Batch,
+}
+
+struct Measured {
+    ops_per_sec: f64,
+    p50_ms: f64,
+    p90_ms: f64,
+    p99_ms: f64,
+}
+
+fn pct(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+async fn service(cli: &Cli, durable: bool) -> Measured {
+    let settings = AuditSettings {
+        durable,
+        ..AuditSettings::default()
+    };
+    let site = TestSite::start_with_settings("", None, settings).await;
+    let mut signers = Vec::new();
+    for _ in 0..cli.concurrency {
+        signers.push(site.enrolled("production").await.2);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let (scenario, batch) = (cli.scenario, cli.batch);
+    let mut tasks = Vec::new();
+    for (i, mut s) in signers.into_iter().enumerate() {
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(4096);
+            let mut ops = 0u64;
+            let digest = vec![(i % 251) as u8; 32];
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let ok = match scenario {
+                    Scenario::Sign => s
+                        .sign(v1::SignRequest {
+                            key_alias: "release".into(),
+                            input: Some(v1::sign_request::Input::Sha256Digest(digest.clone())),
+                            artifact_name: String::new(),
+                        })
+                        .await
+                        .is_ok(),
+                    Scenario::Batch => s
+                        .sign_batch(v1::SignBatchRequest {
+                            key_alias: "release".into(),
+                            sha256_digests: vec![digest.clone(); batch],
+                            artifact_name: String::new(),
+                        })
+                        .await
+                        .is_ok(),
+                };
+                if ok {
+                    lat.push(t.elapsed());
+                    ops += if matches!(scenario, Scenario::Batch) {
+                        batch as u64
+                    } else {
+                        1
+                    };
+                }
+            }
+            (ops, lat)
+        }));
+    }
+    let start = Instant::now();
+    tokio::time::sleep(Duration::from_secs(cli.duration)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut ops = 0;
+    let mut lat = Vec::new();
+    for t in tasks {
+        if let Ok((o, l)) = t.await {
+            ops += o;
+            lat.extend(l);
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    lat.sort();
+    site.handle.shutdown().await;
+    Measured {
+        ops_per_sec: ops as f64 / secs,
+        p50_ms: pct(&lat, 0.5),
+        p90_ms: pct(&lat, 0.9),
+        p99_ms: pct(&lat, 0.99),
+    }
+}
+
+/// The same signing code, no network: the site's key backend, one thread per core.
+async fn in_process(cli: &Cli) -> f64 {
+    let site = TestSite::start().await;
+    let key = site.state().keys().active("production", "release").cloned();
+    site.handle.shutdown().await;
+    let Some(key) = key else { return 0.0 };
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let dur = Duration::from_secs(cli.duration);
+    let handles: Vec<_> = (0..threads)
+        .map(|i| {
+            let backend = key.backend.clone();
+            std::thread::spawn(move || {
+                let digest = [i as u8; 32];
+                let start = Instant::now();
+                let mut n = 0u64;
+                while start.elapsed() < dur {
+                    if backend.sign_digest(&digest).is_ok() {
+                        n += 1;
+                    }
+                }
+                n as f64 / start.elapsed().as_secs_f64()
+            })
+        })
+        .collect();
+    handles.into_iter().filter_map(|h| h.join().ok()).sum()
+}
+
+#[tokio::main]
+async fn main() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let cli = Cli::parse();
+    let mut rows: Vec<(bool, Measured)> = Vec::new();
+    let mut inproc = Vec::new();
+    for run in 0..cli.runs {
+        inproc.push(in_process(&cli).await);
+        let modes: Vec<bool> = if cli.compare_durability {
+            if run % 2 == 0 {
+                vec![true, false]
+            } else {
+                vec![false, true]
+            }
+        } else {
+            vec![!cli.no_durable_audit]
+        };
+        for durable in modes {
+            let m = service(&cli, durable).await;
+            eprintln!(
+                "run {run}: {:?} durable={durable} c={} {:.0} ops/s p50 {:.2} ms p99 {:.2} ms (in-process {:.0}/s)",
+                cli.scenario, cli.concurrency, m.ops_per_sec, m.p50_ms, m.p99_ms, inproc[run]
+            );
+            rows.push((durable, m));
+        }
+    }
+    let in_process_ops = median(inproc);
+    let summarize = |durable: bool| {
+        let rs: Vec<&Measured> = rows
+            .iter()
+            .filter(|(d, _)| *d == durable)
+            .map(|(_, m)| m)
+            .collect();
+        let ops = median(rs.iter().map(|m| m.ops_per_sec).collect());
+        serde_json::json!({
+            "scenario": format!("{:?}", cli.scenario).to_lowercase(),
+            "concurrency": cli.concurrency,
+            "durable_audit": durable,
+            "runs": rs.len(),
+            "duration_s": cli.duration,
+            "ops_per_sec": ops.round(),
+            "p50_ms": median(rs.iter().map(|m| m.p50_ms).collect()),
+            "p90_ms": median(rs.iter().map(|m| m.p90_ms).collect()),
+            "p99_ms": median(rs.iter().map(|m| m.p99_ms).collect()),
+            "in_process_ops_per_sec": in_process_ops.round(),
+            "ratio_to_in_process": ops / in_process_ops.max(1.0),
+        })
+    };
+    if cli.compare_durability {
+        let (d, n) = (summarize(true), summarize(false));
+        let ratio = d["ops_per_sec"].as_f64().unwrap_or(0.0)
+            / n["ops_per_sec"].as_f64().unwrap_or(1.0).max(1.0);
+        println!(
+            "{}",
+            serde_json::json!({ "durable": d, "no_flush": n, "durable_to_no_flush": ratio })
+        );
+    } else {
+        println!("{}", summarize(!cli.no_durable_audit));
+    }
+}
