@@ -78,6 +78,8 @@ impl std::fmt::Debug for AuditKey {
 
 type Reply = oneshot::Sender<Result<AuditRecord, AuditError>>;
 
+const EXPORTED_KEY: &[u8] = b"audit/exported_through";
+
 enum Msg {
     Entry(Box<AuditRecord>, Reply),
     Stop(oneshot::Sender<()>),
@@ -190,6 +192,75 @@ impl AuditLog {
             out.push(serde_json::from_slice(&v).map_err(|e| AuditError::Store(e.to_string()))?);
         }
         Ok(out)
+    }
+
+    /// Records that every entry up to `seq` has been exported (unfiltered).
+    pub fn mark_exported(&self, seq: u64) -> Result<(), AuditError> {
+        let cur = self.exported_through()?;
+        if seq > cur {
+            self.store
+                .kv()
+                .put(Tree::Meta, EXPORTED_KEY, &seq.to_be_bytes())?;
+            self.store.flush()?;
+        }
+        Ok(())
+    }
+
+    /// The highest seq included in a complete unfiltered export.
+    pub fn exported_through(&self) -> Result<u64, AuditError> {
+        Ok(self
+            .store
+            .kv()
+            .get(Tree::Meta, EXPORTED_KEY)?
+            .and_then(|v| v.as_slice().try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0))
+    }
+
+    /// Retention: removes entries older than `max_age_secs` — only below a signed checkpoint
+    /// whose covered entries have all been exported, so what remains starts at that checkpoint
+    /// and still verifies from it. Returns the range removed.
+    pub fn prune(
+        &self,
+        now_unix: i64,
+        max_age_secs: i64,
+    ) -> Result<Option<(u64, u64)>, AuditError> {
+        let exported = self.exported_through()?;
+        let first = match self.range(0, 1)?.first() {
+            Some(r) => r.seq,
+            None => return Ok(None),
+        };
+        // The newest checkpoint C with everything before it exported and old enough.
+        let mut keep_from = None;
+        let mut from = first;
+        'scan: loop {
+            let page = self.range(from, 512)?;
+            let Some(last) = page.last().map(|r| r.seq) else {
+                break;
+            };
+            for r in &page {
+                let old = ::time::OffsetDateTime::parse(
+                    &r.ts,
+                    &::time::format_description::well_known::Rfc3339,
+                )
+                .map(|t| now_unix - t.unix_timestamp() > max_age_secs)
+                .unwrap_or(false);
+                if r.seq > exported + 1 || !old {
+                    break 'scan;
+                }
+                if r.checkpoint.is_some() && r.seq > first {
+                    keep_from = Some(r.seq);
+                }
+            }
+            from = last + 1;
+        }
+        let Some(keep_from) = keep_from else {
+            return Ok(None);
+        };
+        for seq in first..keep_from {
+            self.store.kv().remove(Tree::Audit, &seq.to_be_bytes())?;
+        }
+        self.store.flush()?;
+        Ok(Some((first, keep_from - 1)))
     }
 
     /// Watches the seq of the newest durable entry.

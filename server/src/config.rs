@@ -72,6 +72,8 @@ struct RawAudit {
     checkpoint_every: u64,
     #[serde(default = "default_checkpoint_seconds")]
     checkpoint_seconds: u64,
+    #[serde(default)]
+    retention_days: u64,
 }
 
 impl Default for RawAudit {
@@ -79,6 +81,7 @@ impl Default for RawAudit {
         Self {
             checkpoint_every: default_checkpoint_every(),
             checkpoint_seconds: default_checkpoint_seconds(),
+            retention_days: 0,
         }
     }
 }
@@ -189,6 +192,8 @@ pub struct AuditConfig {
     pub checkpoint_every: u64,
     /// After this many seconds with new entries.
     pub checkpoint_seconds: u64,
+    /// Entries older than this may be pruned once exported and checkpointed (0: keep all).
+    pub retention_days: u64,
 }
 
 /// Listen addresses of the three ports.
@@ -586,6 +591,7 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
         audit: AuditConfig {
             checkpoint_every: raw.audit.checkpoint_every,
             checkpoint_seconds: raw.audit.checkpoint_seconds,
+            retention_days: raw.audit.retention_days,
         },
     })
 }

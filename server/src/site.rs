@@ -369,6 +369,9 @@ pub async fn start(state: Arc<SiteState>) -> Result<SiteHandle, SiteError> {
                     if let Err(e) = crate::ops::retire_expired(&keeper).await {
                         tracing::warn!(error = %e, "retiring expired issuers failed");
                     }
+                    if let Err(e) = crate::ops::prune_audit(&keeper).await {
+                        tracing::warn!(error = %e, "audit retention failed");
+                    }
                 }
                 _ = prx.changed() => break,
             }

@@ -44,6 +44,8 @@ pub enum Tree {
     Revocations,
     /// Ops state of signing keys: `partition/alias` → [`crate::ops::KeyMeta`].
     KeyMeta,
+    /// Small site facts (e.g. `audit/exported_through`).
+    Meta,
 }
 
 impl Tree {
@@ -58,6 +60,7 @@ impl Tree {
             Tree::Policies => "policies",
             Tree::Revocations => "revocations",
             Tree::KeyMeta => "keymeta",
+            Tree::Meta => "meta",
         }
     }
 }
@@ -88,7 +91,7 @@ pub trait Kv: Send + Sync + 'static {
 /// [`Kv`] on sled 0.34.
 pub struct SledKv {
     db: sled::Db,
-    trees: [sled::Tree; 8],
+    trees: [sled::Tree; 9],
 }
 
 fn engine(e: sled::Error) -> StoreError {
@@ -109,6 +112,7 @@ impl SledKv {
             t(Tree::Policies)?,
             t(Tree::Revocations)?,
             t(Tree::KeyMeta)?,
+            t(Tree::Meta)?,
         ];
         Ok(Self { db, trees })
     }

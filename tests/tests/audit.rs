@@ -280,3 +280,55 @@ async fn no_signature_without_a_durable_audit_record() {
     )
     .unwrap();
 }
+
+#[tokio::test]
+async fn retention_prunes_only_what_was_exported_and_checkpointed() {
+    let site = TestSite::start_with(
+        "\n[audit]\ncheckpoint_every = 5\nretention_days = 1\n",
+        None,
+    )
+    .await;
+    let (_k, _r, mut s) = site.enrolled("staging").await;
+    for i in 0..12 {
+        s.sign(sign_req("release", i)).await.unwrap();
+    }
+    let before = site.audit().len();
+    site.clock
+        .advance(std::time::Duration::from_secs(2 * 86400));
+    // Old enough, but never exported: nothing goes.
+    assert_eq!(
+        meshsign_server::ops::prune_audit(site.state())
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(site.audit().len(), before, "nothing pruned");
+
+    let key = audit_key(&site).await;
+    let full = export(&site, v1::ExportAuditRequest::default()).await;
+    verify_export(&full, &key).unwrap();
+    let (from, to) = meshsign_server::ops::prune_audit(site.state())
+        .await
+        .unwrap()
+        .expect("pruned");
+    assert_eq!(from, 1);
+    let remaining = export(&site, v1::ExportAuditRequest::default()).await;
+    // What remains starts at a signed checkpoint and verifies from it.
+    match &remaining[0] {
+        ExportLine::Entry(e) => {
+            assert_eq!(e.seq, to + 1);
+            assert!(
+                e.checkpoint.is_some(),
+                "the retained log starts at a checkpoint"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let r = verify_export(&remaining, &key).unwrap();
+    assert!(r.checkpoints >= 1);
+    assert!(
+        site.audit()
+            .iter()
+            .any(|r| r.rpc == "AuditRetention" && r.detail.contains("pruned entries 1..="))
+    );
+}

@@ -81,6 +81,13 @@ pub fn stream(
         };
         let mut head = site.audit.head();
         let mut first = true;
+        let oldest = site
+            .audit
+            .range(0, 1)
+            .ok()
+            .and_then(|v| v.first().map(|r| r.seq))
+            .unwrap_or(1);
+        let started_at_first = next <= oldest;
         loop {
             let page = match site.audit.range(next, PAGE) {
                 Ok(p) => p,
@@ -101,6 +108,12 @@ pub fn stream(
             }
             if sent {
                 continue;
+            }
+            // Reached the durable head: an unfiltered export from the start now covers it all.
+            let unfiltered =
+                q.environment.is_empty() && q.job_id.is_empty() && q.decision.is_empty();
+            if unfiltered && started_at_first && next > 1 {
+                let _ = site.audit.mark_exported(next - 1);
             }
             if !q.follow {
                 return;
