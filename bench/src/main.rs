@@ -100,6 +100,7 @@ async fn service(cli: &Cli, durable: bool) -> Measured {
                             key_alias: "release".into(),
                             input: Some(v1::sign_request::Input::Sha256Digest(digest.clone())),
                             artifact_name: String::new(),
+                            algorithm: String::new(),
                         })
                         .await
                         .is_ok(),
@@ -108,6 +109,7 @@ async fn service(cli: &Cli, durable: bool) -> Measured {
                             key_alias: "release".into(),
                             sha256_digests: vec![digest.clone(); batch],
                             artifact_name: String::new(),
+                            algorithm: String::new(),
                         })
                         .await
                         .is_ok(),

@@ -154,6 +154,7 @@ impl Session {
             key_alias: alias.to_string(),
             input: Some(v1::sign_request::Input::Sha256Digest(digest.to_vec())),
             artifact_name: artifact.to_string(),
+            algorithm: String::new(),
         };
         Ok(self
             .signer

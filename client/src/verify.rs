@@ -85,6 +85,72 @@ pub fn verify_digest(
         .map_err(|_| ClientError::Verify("signature does not match".into()))
 }
 
+/// Verifies a signature over a SHA-256 digest for any algorithm a site key can have:
+/// ECDSA P-256 with pure-Rust p256; RSA (PKCS#1 v1.5, PSS) with aws-lc-rs.
+pub fn verify_signature(
+    algorithm: &str,
+    spki_der: &[u8],
+    digest: &[u8; 32],
+    sig: &[u8],
+) -> Result<(), ClientError> {
+    use aws_lc_rs::signature::{
+        RSA_PKCS1_2048_8192_SHA256, RSA_PSS_2048_8192_SHA256, UnparsedPublicKey,
+    };
+    let rsa = match algorithm {
+        "ecdsa-p256-sha256" => return verify_digest(spki_der, digest, sig),
+        a if a.starts_with("rsa-") && a.ends_with("-pkcs1-sha256") => &RSA_PKCS1_2048_8192_SHA256,
+        a if a.starts_with("rsa-") && a.ends_with("-pss-sha256") => &RSA_PSS_2048_8192_SHA256,
+        other => {
+            return Err(ClientError::Verify(format!(
+                "unsupported algorithm {other}"
+            )));
+        }
+    };
+    let pkcs1 = spki_bit_string(spki_der)
+        .ok_or_else(|| ClientError::Verify("public key: not an SPKI".into()))?;
+    let d = aws_lc_rs::digest::Digest::import_less_safe(digest, &aws_lc_rs::digest::SHA256)
+        .map_err(|_| ClientError::Verify("digest".into()))?;
+    UnparsedPublicKey::new(rsa, pkcs1)
+        .verify_digest(&d, sig)
+        .map_err(|_| ClientError::Verify("signature does not match".into()))
+}
+
+/// The subjectPublicKey BIT STRING content of a SubjectPublicKeyInfo (DER), without the
+/// unused-bits byte.
+fn spki_bit_string(spki: &[u8]) -> Option<&[u8]> {
+    fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let (&tag, rest) = b.split_first()?;
+        let (&l0, rest) = rest.split_first()?;
+        let (len, rest) = if l0 < 0x80 {
+            (usize::from(l0), rest)
+        } else {
+            let n = usize::from(l0 & 0x7f);
+            if n == 0 || n > 4 || rest.len() < n {
+                return None;
+            }
+            (
+                rest[..n]
+                    .iter()
+                    .fold(0usize, |a, x| (a << 8) | usize::from(*x)),
+                &rest[n..],
+            )
+        };
+        (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+    }
+    let (0x30, seq, _) = tlv(spki)? else {
+        return None;
+    };
+    let (0x30, _alg, rest) = tlv(seq)? else {
+        return None;
+    };
+    let (0x03, bits, _) = tlv(rest)? else {
+        return None;
+    };
+    bits.split_first()
+        .filter(|(unused, _)| **unused == 0)
+        .map(|(_, k)| k)
+}
+
 /// Checks `file` against its bundle: the digest matches and the signature verifies under the
 /// bundle's key, which must equal `pinned_spki` when one is given.
 pub fn verify_file(
@@ -92,12 +158,6 @@ pub fn verify_file(
     bundle: &SigBundle,
     pinned_spki: Option<&[u8]>,
 ) -> Result<(), ClientError> {
-    if bundle.algorithm != "ecdsa-p256-sha256" {
-        return Err(ClientError::Verify(format!(
-            "unsupported algorithm {}",
-            bundle.algorithm
-        )));
-    }
     let digest = sha256_file(file)?;
     if hex::encode(digest) != bundle.digest_sha256 {
         return Err(ClientError::Verify(format!(
@@ -116,7 +176,7 @@ pub fn verify_file(
     let sig = base64::engine::general_purpose::STANDARD
         .decode(&bundle.signature)
         .map_err(|_| ClientError::Verify("signature is not base64".into()))?;
-    verify_digest(&spki, &digest, &sig)
+    verify_signature(&bundle.algorithm, &spki, &digest, &sig)
 }
 
 /// Reads an audit public key (SPKI PEM).

@@ -249,28 +249,83 @@ impl Partition {
     }
 }
 
-/// Signature algorithms a key can have.
+/// Signature algorithms a key can have. The key's algorithm decides how it signs.
+///
+/// RSA is signed in the site with aws-lc-rs (constant-time), never with the RustCrypto `rsa`
+/// crate (RUSTSEC-2023-0071, a timing side channel observable over the network).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum KeyAlgorithm {
     /// ECDSA P-256 over SHA-256, DER signature.
     #[serde(rename = "ecdsa-p256-sha256")]
     EcdsaP256Sha256,
+    /// RSA-2048, PKCS#1 v1.5, SHA-256 (Apple code-signing identities).
+    #[serde(rename = "rsa-2048-pkcs1-sha256")]
+    Rsa2048Pkcs1Sha256,
+    /// RSA-3072, PKCS#1 v1.5, SHA-256.
+    #[serde(rename = "rsa-3072-pkcs1-sha256")]
+    Rsa3072Pkcs1Sha256,
+    /// RSA-4096, PKCS#1 v1.5, SHA-256.
+    #[serde(rename = "rsa-4096-pkcs1-sha256")]
+    Rsa4096Pkcs1Sha256,
+    /// RSA-2048, PSS, SHA-256, MGF1-SHA-256, salt 32 bytes.
+    #[serde(rename = "rsa-2048-pss-sha256")]
+    Rsa2048PssSha256,
+    /// RSA-3072, PSS, SHA-256.
+    #[serde(rename = "rsa-3072-pss-sha256")]
+    Rsa3072PssSha256,
+    /// RSA-4096, PSS, SHA-256.
+    #[serde(rename = "rsa-4096-pss-sha256")]
+    Rsa4096PssSha256,
 }
 
 impl KeyAlgorithm {
+    /// Every algorithm, for messages and parsing.
+    pub const ALL: [KeyAlgorithm; 7] = [
+        KeyAlgorithm::EcdsaP256Sha256,
+        KeyAlgorithm::Rsa2048Pkcs1Sha256,
+        KeyAlgorithm::Rsa3072Pkcs1Sha256,
+        KeyAlgorithm::Rsa4096Pkcs1Sha256,
+        KeyAlgorithm::Rsa2048PssSha256,
+        KeyAlgorithm::Rsa3072PssSha256,
+        KeyAlgorithm::Rsa4096PssSha256,
+    ];
+
     /// The name used in config, RPCs and audit.
     pub fn as_str(self) -> &'static str {
         match self {
             KeyAlgorithm::EcdsaP256Sha256 => "ecdsa-p256-sha256",
+            KeyAlgorithm::Rsa2048Pkcs1Sha256 => "rsa-2048-pkcs1-sha256",
+            KeyAlgorithm::Rsa3072Pkcs1Sha256 => "rsa-3072-pkcs1-sha256",
+            KeyAlgorithm::Rsa4096Pkcs1Sha256 => "rsa-4096-pkcs1-sha256",
+            KeyAlgorithm::Rsa2048PssSha256 => "rsa-2048-pss-sha256",
+            KeyAlgorithm::Rsa3072PssSha256 => "rsa-3072-pss-sha256",
+            KeyAlgorithm::Rsa4096PssSha256 => "rsa-4096-pss-sha256",
         }
     }
 
     /// Parses the config/RPC name.
     pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "ecdsa-p256-sha256" => Some(Self::EcdsaP256Sha256),
-            _ => None,
+        Self::ALL.into_iter().find(|a| a.as_str() == s)
+    }
+
+    /// RSA modulus size, for RSA algorithms.
+    pub fn rsa_bits(self) -> Option<usize> {
+        match self {
+            KeyAlgorithm::EcdsaP256Sha256 => None,
+            KeyAlgorithm::Rsa2048Pkcs1Sha256 | KeyAlgorithm::Rsa2048PssSha256 => Some(2048),
+            KeyAlgorithm::Rsa3072Pkcs1Sha256 | KeyAlgorithm::Rsa3072PssSha256 => Some(3072),
+            KeyAlgorithm::Rsa4096Pkcs1Sha256 | KeyAlgorithm::Rsa4096PssSha256 => Some(4096),
         }
+    }
+
+    /// PSS padding (else PKCS#1 v1.5) for RSA algorithms.
+    pub fn is_pss(self) -> bool {
+        matches!(
+            self,
+            KeyAlgorithm::Rsa2048PssSha256
+                | KeyAlgorithm::Rsa3072PssSha256
+                | KeyAlgorithm::Rsa4096PssSha256
+        )
     }
 }
 
@@ -481,7 +536,7 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
                 invalid(
                     kat("algorithm"),
                     format!(
-                        "unsupported `{}` (supported: ecdsa-p256-sha256)",
+                        "unsupported `{}` (supported: ecdsa-p256-sha256, rsa-{{2048,3072,4096}}-{{pkcs1,pss}}-sha256)",
                         key.algorithm
                     ),
                 )

@@ -16,7 +16,7 @@ use crate::config::{AccessRule, KeyAlgorithm, KeySpec, SiteConfig, is_name};
 use crate::enroll::CertRecord;
 use crate::issuer::{IssueError, IssuerRecord, IssuerState, PartitionIssuers, RunnerCa};
 use crate::jwt::Jwks;
-use crate::sign::{CustodyError, EcdsaP256, KeyRing, SigningBackend as _, create_key, store_key};
+use crate::sign::{CustodyError, KeyRing, backend_from_pkcs8, create_key, store_key};
 use crate::site::{SiteError, SiteState};
 use crate::store::{StoreError, Tree};
 
@@ -936,16 +936,33 @@ pub fn import_key(
     }
     let der = PrivatePkcs8KeyDer::from_pem_slice(pem)
         .map_err(|_| OpsError::Invalid("not a PKCS#8 PEM private key".into()))?;
-    let backend = EcdsaP256::from_pkcs8(der.secret_pkcs8_der())
-        .map_err(|_| OpsError::Invalid("only P-256 keys can be imported".into()))?;
-    let spec = match spec_of(site, env, alias) {
-        Ok(s) if s.algorithm != backend.algorithm() => {
-            return Err(OpsError::Invalid(
-                "algorithm differs from the alias's".into(),
-            ));
+    let pkcs8 = der.secret_pkcs8_der();
+    // The alias's algorithm decides; a new alias takes P-256, or RSA PKCS#1 v1.5 of the key's size.
+    let existing = spec_of(site, env, alias).ok();
+    let backend = match &existing {
+        Some(s) => backend_from_pkcs8(s.algorithm, pkcs8).map_err(|_| {
+            OpsError::Invalid(format!("the key is not a {} key", s.algorithm.as_str()))
+        })?,
+        None => {
+            let guesses = [
+                KeyAlgorithm::EcdsaP256Sha256,
+                KeyAlgorithm::Rsa2048Pkcs1Sha256,
+                KeyAlgorithm::Rsa3072Pkcs1Sha256,
+                KeyAlgorithm::Rsa4096Pkcs1Sha256,
+            ];
+            guesses
+                .into_iter()
+                .find_map(|a| backend_from_pkcs8(a, pkcs8).ok())
+                .ok_or_else(|| {
+                    OpsError::Invalid(
+                        "only P-256 and RSA 2048/3072/4096 keys can be imported".into(),
+                    )
+                })?
         }
-        Ok(s) => s,
-        Err(_) => KeySpec {
+    };
+    let spec = match existing {
+        Some(s) => s,
+        None => KeySpec {
             alias: alias.to_string(),
             algorithm: backend.algorithm(),
             access: access_rule(access.0, access.1)?,
@@ -959,8 +976,8 @@ pub fn import_key(
         env,
         alias,
         v,
-        &backend,
-        der.secret_pkcs8_der(),
+        &*backend,
+        pkcs8,
         site.clock.unix(),
     )?;
     add_spec(site, env, spec.clone())?;

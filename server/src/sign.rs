@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use aws_lc_rs::digest::{Digest, SHA256};
-use aws_lc_rs::encoding::AsDer as _;
+use aws_lc_rs::encoding::AsDer;
 use aws_lc_rs::rand::{SecureRandom as _, SystemRandom};
 use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair as _};
 use serde::{Deserialize, Serialize};
@@ -244,6 +244,117 @@ impl SigningBackend for EcdsaP256 {
     }
 }
 
+/// RSA in aws-lc-rs (prehash signing), PKCS#1 v1.5 or PSS by the key's algorithm.
+pub struct RsaKey {
+    key: aws_lc_rs::rsa::KeyPair,
+    spki: Vec<u8>,
+    algorithm: KeyAlgorithm,
+}
+
+impl std::fmt::Debug for RsaKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RsaKey({}, [redacted])", self.algorithm.as_str())
+    }
+}
+
+impl RsaKey {
+    /// Generates a key of the algorithm's size; returns it with its PKCS#8.
+    pub fn generate(algorithm: KeyAlgorithm) -> Result<(Self, Zeroizing<Vec<u8>>), CustodyError> {
+        use aws_lc_rs::rsa::KeySize;
+        let size = match algorithm.rsa_bits() {
+            Some(2048) => KeySize::Rsa2048,
+            Some(3072) => KeySize::Rsa3072,
+            Some(4096) => KeySize::Rsa4096,
+            _ => return Err(CustodyError::Crypto("not an RSA algorithm")),
+        };
+        let kp =
+            aws_lc_rs::rsa::KeyPair::generate(size).map_err(|_| CustodyError::Crypto("keygen"))?;
+        let pkcs8 = Zeroizing::new(
+            AsDer::<aws_lc_rs::encoding::Pkcs8V1Der>::as_der(&kp)
+                .map_err(|_| CustodyError::Crypto("pkcs8"))?
+                .as_ref()
+                .to_vec(),
+        );
+        Ok((Self::from_pkcs8(algorithm, &pkcs8)?, pkcs8))
+    }
+
+    /// Loads a PKCS#8 RSA key; its size must match the algorithm.
+    pub fn from_pkcs8(algorithm: KeyAlgorithm, pkcs8: &[u8]) -> Result<Self, CustodyError> {
+        let key = aws_lc_rs::rsa::KeyPair::from_pkcs8(pkcs8)
+            .map_err(|_| CustodyError::Crypto("not a PKCS#8 RSA key"))?;
+        if Some(key.public_modulus_len() * 8) != algorithm.rsa_bits() {
+            return Err(CustodyError::Crypto(
+                "RSA key size differs from the algorithm",
+            ));
+        }
+        let spki = key
+            .public_key()
+            .as_der()
+            .map_err(|_| CustodyError::Crypto("public key encoding"))?
+            .as_ref()
+            .to_vec();
+        Ok(Self {
+            key,
+            spki,
+            algorithm,
+        })
+    }
+}
+
+impl SigningBackend for RsaKey {
+    fn algorithm(&self) -> KeyAlgorithm {
+        self.algorithm
+    }
+
+    fn public_key_der(&self) -> &[u8] {
+        &self.spki
+    }
+
+    fn sign_digest(&self, digest: &[u8; 32]) -> Result<Vec<u8>, CustodyError> {
+        use aws_lc_rs::signature::{RSA_PKCS1_SHA256, RSA_PSS_SHA256};
+        let d = Digest::import_less_safe(digest, &SHA256)
+            .map_err(|_| CustodyError::Crypto("digest"))?;
+        let padding: &'static dyn aws_lc_rs::signature::RsaEncoding = if self.algorithm.is_pss() {
+            &RSA_PSS_SHA256
+        } else {
+            &RSA_PKCS1_SHA256
+        };
+        let mut sig = vec![0u8; self.key.public_modulus_len()];
+        self.key
+            .sign_digest(padding, &d, &mut sig)
+            .map_err(|_| CustodyError::Crypto("sign"))?;
+        Ok(sig)
+    }
+}
+
+/// A fresh signer and its PKCS#8 (to wrap under the KEK, then drop).
+pub type Generated = (Arc<dyn SigningBackend>, Zeroizing<Vec<u8>>);
+
+/// Generates a key of `algorithm`; returns the signer and its PKCS#8 (for wrapping).
+pub fn generate(algorithm: KeyAlgorithm) -> Result<Generated, CustodyError> {
+    Ok(match algorithm {
+        KeyAlgorithm::EcdsaP256Sha256 => {
+            let (k, p) = EcdsaP256::generate()?;
+            (Arc::new(k), p)
+        }
+        rsa => {
+            let (k, p) = RsaKey::generate(rsa)?;
+            (Arc::new(k), p)
+        }
+    })
+}
+
+/// Loads a PKCS#8 key as a signer of `algorithm`.
+pub fn backend_from_pkcs8(
+    algorithm: KeyAlgorithm,
+    pkcs8: &[u8],
+) -> Result<Arc<dyn SigningBackend>, CustodyError> {
+    Ok(match algorithm {
+        KeyAlgorithm::EcdsaP256Sha256 => Arc::new(EcdsaP256::from_pkcs8(pkcs8)?),
+        rsa => Arc::new(RsaKey::from_pkcs8(rsa, pkcs8)?),
+    })
+}
+
 // === key records and the key ring ===
 
 /// A stored signing key version.
@@ -382,9 +493,7 @@ fn load_versions(kek: &Kek, records: Vec<KeyRecord>) -> Result<Vec<LoadedKey>, C
             &rec.wrapped.nonce,
             &rec.wrapped.ciphertext,
         )?;
-        let backend: Arc<dyn SigningBackend> = match rec.algorithm {
-            KeyAlgorithm::EcdsaP256Sha256 => Arc::new(EcdsaP256::from_pkcs8(&pkcs8)?),
-        };
+        let backend = backend_from_pkcs8(rec.algorithm, &pkcs8)?;
         if backend.public_key_der() != rec.public_key_der.as_slice() {
             return Err(CustodyError::Unwrap { slot: rec.key_id() });
         }
@@ -468,11 +577,9 @@ pub fn create_key(
     version: u32,
     now_unix: i64,
 ) -> Result<KeyRecord, CustodyError> {
-    let (backend, pkcs8) = match algorithm {
-        KeyAlgorithm::EcdsaP256Sha256 => EcdsaP256::generate()?,
-    };
+    let (backend, pkcs8) = generate(algorithm)?;
     store_key(
-        store, kek, partition, alias, version, &backend, &pkcs8, now_unix,
+        store, kek, partition, alias, version, &*backend, &pkcs8, now_unix,
     )
 }
 

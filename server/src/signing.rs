@@ -37,6 +37,8 @@ pub struct SignInput {
     pub payload: Payload,
     /// Artifact name (audit only).
     pub artifact: String,
+    /// Algorithm the caller expects (empty: whatever the key has).
+    pub algorithm: String,
     /// Peer address.
     pub peer: String,
 }
@@ -181,6 +183,16 @@ async fn run(
 ) -> Result<SignOutput, SignError> {
     let key = authorize(site, caller, &input.alias)?;
     rec.key_id = key.record.key_id();
+    let alg = key.backend.algorithm().as_str();
+    if !input.algorithm.is_empty() && input.algorithm != alg {
+        return Err(input_err(
+            "algorithm",
+            format!(
+                "key `{}` signs {alg}; the request asked for {}",
+                input.alias, input.algorithm
+            ),
+        ));
+    }
     let digests = digests_of(input.payload)?;
     rec.items = digests.len() as u32;
     rec.digest = if digests.len() == 1 {

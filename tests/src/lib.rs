@@ -495,6 +495,7 @@ pub fn sign_req(alias: &str, byte: u8) -> v1::SignRequest {
         key_alias: alias.into(),
         input: Some(v1::sign_request::Input::Sha256Digest(vec![byte; 32])),
         artifact_name: "t".into(),
+        algorithm: String::new(),
     }
 }
 

@@ -251,6 +251,7 @@ async fn no_signature_without_a_durable_audit_record() {
             key_alias: "release".into(),
             sha256_digests: vec![vec![1; 32]; 10],
             artifact_name: String::new(),
+            algorithm: String::new(),
         })
         .await
         .unwrap_err();

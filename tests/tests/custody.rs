@@ -40,6 +40,7 @@ async fn no_private_key_bytes_anywhere_in_the_data_dir() {
                 vec![9; 32],
             )),
             artifact_name: String::new(),
+            algorithm: String::new(),
         })
         .await
         .unwrap();
@@ -121,6 +122,7 @@ async fn keys_and_runner_cas_survive_a_restart_and_a_wrong_kek_refuses_to_start(
             vec![5; 32],
         )),
         artifact_name: String::new(),
+        algorithm: String::new(),
     };
     let before = signer
         .sign(req())

@@ -29,6 +29,7 @@ async fn token_enroll_sign_and_openssl_verifies() {
                 sha256(&content).to_vec(),
             )),
             artifact_name: "App.ipa".into(),
+            algorithm: String::new(),
         })
         .await
         .unwrap()
@@ -94,6 +95,7 @@ async fn token_enroll_sign_and_openssl_verifies() {
             key_alias: "release".into(),
             input: Some(v1::sign_request::Input::Message(msg.clone())),
             artifact_name: "notes".into(),
+            algorithm: String::new(),
         })
         .await
         .unwrap()
@@ -124,6 +126,7 @@ async fn sign_batch_of_1000_all_verify() {
             key_alias: "release".into(),
             sha256_digests: digests.iter().map(|d| d.to_vec()).collect(),
             artifact_name: "batch".into(),
+            algorithm: String::new(),
         })
         .await
         .unwrap()
@@ -202,6 +205,7 @@ async fn rs256_tokens_enroll_and_verification_material_is_public() {
             key_alias: "release".into(),
             input: Some(v1::sign_request::Input::Sha256Digest(vec![7; 32])),
             artifact_name: String::new(),
+            algorithm: String::new(),
         })
         .await
         .unwrap()

@@ -16,6 +16,7 @@ fn digest_req(alias: &str, d: Vec<u8>) -> v1::SignRequest {
         key_alias: alias.into(),
         input: Some(Input::Sha256Digest(d)),
         artifact_name: "a".into(),
+        algorithm: String::new(),
     }
 }
 
@@ -181,6 +182,7 @@ async fn bad_inputs_are_invalid_argument_and_audited() {
                 key_alias: "release".into(),
                 input: Some(Input::Message(vec![0; 4097])),
                 artifact_name: String::new(),
+                algorithm: String::new(),
             },
             "message",
         ),
@@ -190,6 +192,7 @@ async fn bad_inputs_are_invalid_argument_and_audited() {
                 key_alias: "release".into(),
                 input: None,
                 artifact_name: String::new(),
+                algorithm: String::new(),
             },
             "input",
         ),
@@ -216,6 +219,7 @@ async fn bad_inputs_are_invalid_argument_and_audited() {
         key_alias: "release".into(),
         input: Some(Input::Message(vec![0; 4096])),
         artifact_name: String::new(),
+        algorithm: String::new(),
     };
     signer.sign(ok).await.unwrap();
 
@@ -225,6 +229,7 @@ async fn bad_inputs_are_invalid_argument_and_audited() {
                 key_alias: "release".into(),
                 sha256_digests: vec![vec![0; 32]; n],
                 artifact_name: String::new(),
+                algorithm: String::new(),
             })
             .await
             .unwrap_err();
@@ -236,6 +241,7 @@ async fn bad_inputs_are_invalid_argument_and_audited() {
             key_alias: "release".into(),
             sha256_digests: vec![vec![0; 32], vec![0; 5]],
             artifact_name: String::new(),
+            algorithm: String::new(),
         })
         .await
         .unwrap_err();

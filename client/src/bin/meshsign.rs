@@ -952,11 +952,13 @@ async fn sign_files(session: &mut Session, args: &SignArgs) -> Result<(), Client
             .unwrap_or_default();
         let r = session.sign_digest(&args.key, digest, &name).await?;
         // Check what the site returned before writing anything.
-        verify::verify_digest(&r.public_key_der, &digest, &r.signature).map_err(|e| {
-            ClientError::Crypto(format!(
-                "site returned a signature that does not verify: {e}"
-            ))
-        })?;
+        verify::verify_signature(&r.algorithm, &r.public_key_der, &digest, &r.signature).map_err(
+            |e| {
+                ClientError::Crypto(format!(
+                    "site returned a signature that does not verify: {e}"
+                ))
+            },
+        )?;
         let signed_at = r
             .signed_at
             .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t.seconds).ok())

@@ -249,6 +249,7 @@ impl v1::signer_server::Signer for SignerApi {
             alias: r.key_alias.clone(),
             payload,
             artifact: r.artifact_name.clone(),
+            algorithm: r.algorithm.clone(),
             peer,
         };
         let mut out = self.run(&req, input).await?;
@@ -277,6 +278,7 @@ impl v1::signer_server::Signer for SignerApi {
             alias: r.key_alias.clone(),
             payload: Payload::Batch(r.sha256_digests.clone()),
             artifact: r.artifact_name.clone(),
+            algorithm: r.algorithm.clone(),
             peer,
         };
         let out = self.run(&req, input).await?;

@@ -1,0 +1,179 @@
+//! Key algorithms: ECDSA P-256, RSA PKCS#1 v1.5 and PSS (aws-lc-rs in the site); openssl verifies
+//! each; the key's algorithm decides and a request for another is refused.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
+
+use meshsign_proto::v1::{self, sign_request::Input};
+use meshsign_tests::{TestSite, openssl, write_pem};
+use tonic::Code;
+
+const RSA_KEYS: &str = r#"
+[[partitions.signing_keys]]
+alias = "apple"
+algorithm = "rsa-2048-pkcs1-sha256"
+access = { repositories = ["*"], refs = ["*"] }
+
+[[partitions.signing_keys]]
+alias = "pss"
+algorithm = "rsa-2048-pss-sha256"
+access = { repositories = ["*"], refs = ["*"] }
+"#;
+
+fn sha256(data: &[u8]) -> [u8; 32] {
+    let mut d = [0u8; 32];
+    d.copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data).as_ref());
+    d
+}
+
+#[tokio::test]
+async fn ecdsa_rsa_pkcs1_and_pss_signatures_verify_with_openssl() {
+    let site = TestSite::start_with(RSA_KEYS, None).await;
+    let (_k, _r, mut signer) = site.enrolled("production").await;
+    let dir = site.dir.path();
+    let data = b"a release artifact".repeat(1000);
+    let file = dir.join("artifact");
+    std::fs::write(&file, &data).unwrap();
+    let p = |x: &std::path::Path| x.to_str().unwrap().to_string();
+    for (alias, alg, extra) in [
+        ("release", "ecdsa-p256-sha256", vec![]),
+        ("apple", "rsa-2048-pkcs1-sha256", vec![]),
+        (
+            "pss",
+            "rsa-2048-pss-sha256",
+            vec![
+                "-sigopt",
+                "rsa_padding_mode:pss",
+                "-sigopt",
+                "rsa_pss_saltlen:32",
+            ],
+        ),
+    ] {
+        let r = signer
+            .sign(v1::SignRequest {
+                key_alias: alias.into(),
+                input: Some(Input::Sha256Digest(sha256(&data).to_vec())),
+                artifact_name: "artifact".into(),
+                algorithm: alg.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.algorithm, alg);
+        if alg.starts_with("rsa-2048") {
+            assert_eq!(r.signature.len(), 256);
+        }
+        let (sig, pubkey) = (
+            dir.join(format!("{alias}.sig")),
+            dir.join(format!("{alias}.pem")),
+        );
+        std::fs::write(&sig, &r.signature).unwrap();
+        write_pem(&pubkey, "PUBLIC KEY", &r.public_key_der);
+        let mut args = vec!["dgst", "-sha256", "-verify"];
+        let (pk, sg, fl) = (p(&pubkey), p(&sig), p(&file));
+        args.push(&pk);
+        args.extend(extra.iter().copied());
+        args.extend(["-signature", &sg, &fl]);
+        let (ok, out) = openssl(&args);
+        assert!(ok, "{alias} ({alg}): {out}");
+        // The client's offline verifier agrees, and refuses another digest.
+        meshsign_client::verify::verify_signature(
+            alg,
+            &r.public_key_der,
+            &sha256(&data),
+            &r.signature,
+        )
+        .unwrap();
+        assert!(
+            meshsign_client::verify::verify_signature(
+                alg,
+                &r.public_key_der,
+                &sha256(b"x"),
+                &r.signature
+            )
+            .is_err()
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_request_for_another_algorithm_is_refused_and_audited() {
+    let site = TestSite::start_with(RSA_KEYS, None).await;
+    let (_k, _r, mut signer) = site.enrolled("production").await;
+    let err = signer
+        .sign(v1::SignRequest {
+            key_alias: "apple".into(),
+            input: Some(Input::Sha256Digest(vec![1; 32])),
+            artifact_name: String::new(),
+            algorithm: "ecdsa-p256-sha256".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("algorithm"), "{}", err.message());
+    let rec = site.last_audit();
+    assert_eq!(
+        (
+            rec.decision.as_str(),
+            rec.reason.as_str(),
+            rec.key_id.as_str()
+        ),
+        ("deny", "algorithm", "apple@v1")
+    );
+}
+
+#[tokio::test]
+async fn rsa_keys_import_rotate_and_survive_restart() {
+    use aws_lc_rs::encoding::AsDer;
+    let site = TestSite::start_with(RSA_KEYS, None).await;
+    let kp = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa3072).unwrap();
+    let pkcs8 = AsDer::<aws_lc_rs::encoding::Pkcs8V1Der>::as_der(&kp).unwrap();
+    let pem = meshsign_proto::pem_encode("PRIVATE KEY", pkcs8.as_ref());
+    let info = site
+        .admin()
+        .await
+        .import_key(v1::ImportKeyRequest {
+            environment: "production".into(),
+            alias: "vendor-rsa".into(),
+            pkcs8_pem: pem.into_bytes(),
+            repositories: vec!["*".into()],
+            refs: vec!["*".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.algorithm, "rsa-3072-pkcs1-sha256");
+    site.admin()
+        .await
+        .rotate_key(v1::KeyRef {
+            environment: "production".into(),
+            alias: "pss".into(),
+        })
+        .await
+        .unwrap();
+    let site = site.restart().await;
+    let (_k, _r, mut signer) = site.enrolled("production").await;
+    for (alias, alg, len) in [
+        ("vendor-rsa", "rsa-3072-pkcs1-sha256", 384),
+        ("pss", "rsa-2048-pss-sha256", 256),
+    ] {
+        let r = signer
+            .sign(v1::SignRequest {
+                key_alias: alias.into(),
+                input: Some(Input::Sha256Digest(vec![2; 32])),
+                artifact_name: String::new(),
+                algorithm: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!((r.algorithm.as_str(), r.signature.len()), (alg, len));
+        meshsign_client::verify::verify_signature(alg, &r.public_key_der, &[2; 32], &r.signature)
+            .unwrap();
+    }
+    let r = signer
+        .sign(meshsign_tests::sign_req("pss", 3))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.key_id, "pss@v2");
+}
