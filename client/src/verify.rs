@@ -106,49 +106,13 @@ pub fn verify_signature(
             )));
         }
     };
-    let pkcs1 = spki_bit_string(spki_der)
+    let pkcs1 = meshsign_proto::der::spki_key(spki_der)
         .ok_or_else(|| ClientError::Verify("public key: not an SPKI".into()))?;
     let d = aws_lc_rs::digest::Digest::import_less_safe(digest, &aws_lc_rs::digest::SHA256)
         .map_err(|_| ClientError::Verify("digest".into()))?;
     UnparsedPublicKey::new(rsa, pkcs1)
         .verify_digest(&d, sig)
         .map_err(|_| ClientError::Verify("signature does not match".into()))
-}
-
-/// The subjectPublicKey BIT STRING content of a SubjectPublicKeyInfo (DER), without the
-/// unused-bits byte.
-fn spki_bit_string(spki: &[u8]) -> Option<&[u8]> {
-    fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-        let (&tag, rest) = b.split_first()?;
-        let (&l0, rest) = rest.split_first()?;
-        let (len, rest) = if l0 < 0x80 {
-            (usize::from(l0), rest)
-        } else {
-            let n = usize::from(l0 & 0x7f);
-            if n == 0 || n > 4 || rest.len() < n {
-                return None;
-            }
-            (
-                rest[..n]
-                    .iter()
-                    .fold(0usize, |a, x| (a << 8) | usize::from(*x)),
-                &rest[n..],
-            )
-        };
-        (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
-    }
-    let (0x30, seq, _) = tlv(spki)? else {
-        return None;
-    };
-    let (0x30, _alg, rest) = tlv(seq)? else {
-        return None;
-    };
-    let (0x03, bits, _) = tlv(rest)? else {
-        return None;
-    };
-    bits.split_first()
-        .filter(|(unused, _)| **unused == 0)
-        .map(|(_, k)| k)
 }
 
 /// Checks `file` against its bundle: the digest matches and the signature verifies under the

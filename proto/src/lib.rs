@@ -5,6 +5,7 @@
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server reflection.
 
 pub mod audit;
+pub mod der;
 pub mod identity;
 
 /// Generated code for package `meshsign.v1`.

@@ -135,6 +135,37 @@ struct RawKey {
     alias: String,
     algorithm: String,
     access: RawAccess,
+    #[serde(default = "default_purposes")]
+    purposes: Vec<Purpose>,
+}
+
+/// What a key signs: `digest` and `message` by default; `apple-cms` must be given explicitly.
+pub fn default_purposes() -> Vec<Purpose> {
+    vec![Purpose::Digest, Purpose::Message]
+}
+
+/// What a key may be asked to sign.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Purpose {
+    /// A SHA-256 digest the caller computed.
+    Digest,
+    /// A short message the site hashes.
+    Message,
+    /// The signed attributes of an Apple code signature (CMS over a CodeDirectory), which the
+    /// site parses and checks before signing.
+    AppleCms,
+}
+
+impl Purpose {
+    /// The config name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Purpose::Digest => "digest",
+            Purpose::Message => "message",
+            Purpose::AppleCms => "apple-cms",
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -340,6 +371,8 @@ pub struct KeySpec {
     pub access: AccessRule,
     /// Disabled by ops: still verifiable, no longer signs.
     pub disabled: bool,
+    /// What it may sign.
+    pub purposes: Vec<Purpose>,
 }
 
 /// A caller may use a key if its repository matches one pattern and its ref matches one pattern.
@@ -560,6 +593,11 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
                     refs: key.access.refs,
                 },
                 disabled: false,
+                purposes: if key.purposes.is_empty() {
+                    default_purposes()
+                } else {
+                    key.purposes
+                },
             });
         }
         let mut policies: Vec<TrustPolicy> = Vec::new();

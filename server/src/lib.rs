@@ -7,6 +7,7 @@
 //! [`api`] alone knows tonic; [`tls`] builds the three listeners; [`site`] starts them all.
 
 pub mod api;
+pub mod apple_cms;
 pub mod audit;
 pub mod authz;
 pub mod clock;

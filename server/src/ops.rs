@@ -609,6 +609,9 @@ pub struct KeyMeta {
     pub access: AccessRule,
     /// Disabled?
     pub disabled: bool,
+    /// Purposes (used when the alias is not in the file).
+    #[serde(default = "crate::config::default_purposes")]
+    pub purposes: Vec<crate::config::Purpose>,
 }
 
 /// The file configuration with the store's ops overlays applied.
@@ -642,6 +645,7 @@ pub fn effective_config(
                     algorithm: meta.algorithm,
                     access: meta.access,
                     disabled: meta.disabled,
+                    purposes: meta.purposes,
                 }),
             }
         }
@@ -786,6 +790,7 @@ fn save_meta(site: &SiteState, env: &str, spec: &KeySpec) -> Result<(), OpsError
         algorithm: spec.algorithm,
         access: spec.access.clone(),
         disabled: spec.disabled,
+        purposes: spec.purposes.clone(),
     };
     site.store.put(
         Tree::KeyMeta,
@@ -866,6 +871,7 @@ pub fn create_key_alias(
         algorithm,
         access: access_rule(access.0, access.1)?,
         disabled: false,
+        purposes: crate::config::default_purposes(),
     };
     create_key(
         &site.store,
@@ -967,6 +973,7 @@ pub fn import_key(
             algorithm: backend.algorithm(),
             access: access_rule(access.0, access.1)?,
             disabled: false,
+            purposes: crate::config::default_purposes(),
         },
     };
     let v = next_version(site, env, alias);

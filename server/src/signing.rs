@@ -5,6 +5,7 @@ use aws_lc_rs::digest::{SHA256, digest};
 
 use crate::audit::{AuditError, AuditRecord};
 use crate::authz::{AuthzError, Caller, authorize};
+use crate::config::Purpose;
 use crate::sign::CustodyError;
 use crate::site::SiteState;
 
@@ -22,6 +23,8 @@ pub enum Payload {
     Message(Vec<u8>),
     /// Up to [`MAX_BATCH`] digests.
     Batch(Vec<Vec<u8>>),
+    /// CMS signed attributes of an Apple code signature (purpose apple-cms).
+    AppleCms(Vec<u8>),
     /// The request carried no input.
     Missing,
 }
@@ -137,9 +140,10 @@ fn digests_of(payload: Payload) -> Result<Vec<[u8; 32]>, SignError> {
             format!("1 to {MAX_BATCH} digests per batch, got {}", b.len()),
         )),
         Payload::Batch(b) => b.into_iter().map(one).collect(),
+        Payload::AppleCms(_) => Err(input_err("apple_cms", "checked before hashing")),
         Payload::Missing => Err(input_err(
             "input",
-            "give exactly one of sha256_digest or message",
+            "give exactly one of sha256_digest, message or apple_cms_signed_attributes",
         )),
     }
 }
@@ -193,7 +197,49 @@ async fn run(
             ),
         ));
     }
-    let digests = digests_of(input.payload)?;
+    let purpose = match &input.payload {
+        Payload::Digest(_) | Payload::Batch(_) | Payload::Missing => Purpose::Digest,
+        Payload::Message(_) => Purpose::Message,
+        Payload::AppleCms(_) => Purpose::AppleCms,
+    };
+    let config = site.config();
+    let allowed = config
+        .partition(&caller.id.environment)
+        .and_then(|p| p.key(&input.alias))
+        .is_some_and(|k| k.purposes.contains(&purpose));
+    if !matches!(input.payload, Payload::Missing) && !allowed {
+        return Err(input_err(
+            "purpose",
+            format!(
+                "key `{}` is not for {} signing",
+                input.alias,
+                purpose.as_str()
+            ),
+        ));
+    }
+    let digests = match input.payload {
+        Payload::AppleCms(attrs) => {
+            if attrs.len() > MAX_MESSAGE_BYTES {
+                return Err(input_err(
+                    "apple_cms",
+                    format!("{} bytes exceeds {MAX_MESSAGE_BYTES}", attrs.len()),
+                ));
+            }
+            let facts = crate::apple_cms::check(&attrs, site.clock.unix()).map_err(|e| {
+                SignError::Input {
+                    check: e.check,
+                    message: e.message,
+                }
+            })?;
+            rec.detail = format!(
+                "code directory {}; cdhashes [{}]",
+                facts.code_directory_hash,
+                facts.cdhashes.join(",")
+            );
+            vec![facts.digest]
+        }
+        other => digests_of(other)?,
+    };
     rec.items = digests.len() as u32;
     rec.digest = if digests.len() == 1 {
         hex::encode(digests[0])

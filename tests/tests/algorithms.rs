@@ -12,6 +12,7 @@ const RSA_KEYS: &str = r#"
 alias = "apple"
 algorithm = "rsa-2048-pkcs1-sha256"
 access = { repositories = ["*"], refs = ["*"] }
+purposes = ["digest", "apple-cms"]
 
 [[partitions.signing_keys]]
 alias = "pss"
@@ -176,4 +177,153 @@ async fn rsa_keys_import_rotate_and_survive_restart() {
         .unwrap()
         .into_inner();
     assert_eq!(r.key_id, "pss@v2");
+}
+
+fn der(tag: u8, content: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    match content.len() {
+        n if n < 0x80 => out.push(n as u8),
+        n if n < 0x100 => out.extend([0x81, n as u8]),
+        n => out.extend([0x82, (n >> 8) as u8, n as u8]),
+    }
+    out.extend_from_slice(content);
+    out
+}
+
+fn attr(oid: &[u8], value: Vec<u8>) -> Vec<u8> {
+    der(0x30, &[der(0x06, oid), der(0x31, &value)].concat())
+}
+
+const CONTENT_TYPE: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x09, 0x03];
+const MESSAGE_DIGEST: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x09, 0x04];
+const SIGNING_TIME: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x09, 0x05];
+const ID_DATA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x07, 0x01];
+const ID_SIGNED_DATA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x07, 0x02];
+const CDHASHES2: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x63, 0x64, 0x09, 0x02];
+const SHA256_OID: &[u8] = &[0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01];
+
+/// Signed attributes as a code-signing step makes them (content type, signing time, message
+/// digest of the CodeDirectory, Apple's CDHashes2).
+fn signed_attrs(content_type: &[u8], when: i64, code_directory: &[u8]) -> Vec<u8> {
+    let t = time::OffsetDateTime::from_unix_timestamp(when).unwrap();
+    let utc = format!(
+        "{:02}{:02}{:02}{:02}{:02}{:02}Z",
+        t.year() % 100,
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    );
+    let md = sha256(code_directory);
+    der(
+        0x31,
+        &[
+            attr(CONTENT_TYPE, der(0x06, content_type)),
+            attr(SIGNING_TIME, der(0x17, utc.as_bytes())),
+            attr(MESSAGE_DIGEST, der(0x04, &md)),
+            attr(
+                CDHASHES2,
+                der(0x30, &[der(0x06, SHA256_OID), der(0x04, &md)].concat()),
+            ),
+        ]
+        .concat(),
+    )
+}
+
+fn cms_req(alias: &str, attrs: Vec<u8>) -> v1::SignRequest {
+    v1::SignRequest {
+        key_alias: alias.into(),
+        input: Some(Input::AppleCmsSignedAttributes(attrs)),
+        artifact_name: "App.app".into(),
+        algorithm: String::new(),
+    }
+}
+
+#[tokio::test]
+async fn apple_cms_signed_attributes_are_checked_signed_and_audited() {
+    let site = TestSite::start_with(RSA_KEYS, None).await;
+    let (_k, _r, mut signer) = site.enrolled("production").await;
+    let code_directory = b"fake CodeDirectory blob".to_vec();
+    let attrs = signed_attrs(ID_DATA, site.now(), &code_directory);
+    let r = signer
+        .sign(cms_req("apple", attrs.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    // The signature is RSA PKCS#1 v1.5 over SHA-256 of the attributes: openssl agrees.
+    let dir = site.dir.path();
+    let (a, s, k) = (
+        dir.join("attrs.der"),
+        dir.join("attrs.sig"),
+        dir.join("apple.pem"),
+    );
+    std::fs::write(&a, &attrs).unwrap();
+    std::fs::write(&s, &r.signature).unwrap();
+    write_pem(&k, "PUBLIC KEY", &r.public_key_der);
+    let (ok, out) = openssl(&[
+        "dgst",
+        "-sha256",
+        "-verify",
+        k.to_str().unwrap(),
+        "-signature",
+        s.to_str().unwrap(),
+        a.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    let rec = site.last_audit();
+    let cd = hex::encode(sha256(&code_directory));
+    assert!(
+        rec.detail.contains(&cd),
+        "the CDHash is audited: {}",
+        rec.detail
+    );
+    assert_eq!(rec.digest, hex::encode(sha256(&attrs)));
+
+    // Refusals: InvalidArgument, audited with the check.
+    let cases = [
+        (
+            "other content type",
+            signed_attrs(ID_SIGNED_DATA, site.now(), &code_directory),
+            "content_type",
+        ),
+        (
+            "stale signingTime",
+            signed_attrs(ID_DATA, site.now() - 3600, &code_directory),
+            "signing_time",
+        ),
+        (
+            "future signingTime",
+            signed_attrs(ID_DATA, site.now() + 3600, &code_directory),
+            "signing_time",
+        ),
+        ("not DER", b"garbage".to_vec(), "apple_cms"),
+        ("over 4 KiB", der(0x31, &vec![0u8; 5000]), "apple_cms"),
+    ];
+    for (name, attrs, check) in cases {
+        let e = signer.sign(cms_req("apple", attrs)).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{name}: {}", e.message());
+        assert!(e.message().starts_with(check), "{name}: {}", e.message());
+        assert_eq!(site.last_audit().reason, check, "{name}");
+    }
+    // Purposes: a digest-only key refuses apple-cms; an apple-cms key refuses messages.
+    let e = signer
+        .sign(cms_req(
+            "release",
+            signed_attrs(ID_DATA, site.now(), &code_directory),
+        ))
+        .await
+        .unwrap_err();
+    assert!(e.message().starts_with("purpose"), "{}", e.message());
+    let e = signer
+        .sign(v1::SignRequest {
+            key_alias: "apple".into(),
+            input: Some(Input::Message(b"hello".to_vec())),
+            artifact_name: String::new(),
+            algorithm: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("purpose"), "{}", e.message());
 }

@@ -242,6 +242,9 @@ impl v1::signer_server::Signer for SignerApi {
         let payload = match &r.input {
             Some(v1::sign_request::Input::Sha256Digest(d)) => Payload::Digest(d.clone()),
             Some(v1::sign_request::Input::Message(m)) => Payload::Message(m.clone()),
+            Some(v1::sign_request::Input::AppleCmsSignedAttributes(a)) => {
+                Payload::AppleCms(a.clone())
+            }
             None => Payload::Missing,
         };
         let input = SignInput {
