@@ -924,12 +924,14 @@ pub fn disable_key(
     Ok((spec, format!("disabled key {alias}")))
 }
 
-/// Imports a PKCS#8 PEM P-256 key as a new version of `alias` (or its v1). One-way.
+/// Imports a PKCS#8 PEM key (P-256 or RSA) as a new version of `alias` (or its v1), with an
+/// optional certificate chain. One-way: nothing returns it.
 pub fn import_key(
     site: &SiteState,
     env: &str,
     alias: &str,
     pem: &[u8],
+    chain_pem: &[u8],
     access: (Vec<String>, Vec<String>),
 ) -> Result<(KeySpec, String), OpsError> {
     use rustls_pki_types::PrivatePkcs8KeyDer;
@@ -989,7 +991,20 @@ pub fn import_key(
     )?;
     add_spec(site, env, spec.clone())?;
     reload_alias(site, env, alias)?;
-    Ok((spec, format!("imported {alias}@v{v}")))
+    if !chain_pem.is_empty() {
+        set_key_certificate(site, env, alias, chain_pem)?;
+    }
+    Ok((
+        spec,
+        format!(
+            "imported {alias}@v{v}{}",
+            if chain_pem.is_empty() {
+                ""
+            } else {
+                " with its certificate chain"
+            }
+        ),
+    ))
 }
 
 /// Every key spec of a partition.
@@ -1010,4 +1025,161 @@ pub fn issued_counts(site: &SiteState) -> Result<BTreeMap<String, usize>, OpsErr
         *m.entry(c.issuer_id).or_insert(0) += 1;
     }
     Ok(m)
+}
+
+// === signing identities (certificates on site-held keys) ===
+
+/// Lets rcgen sign (a CSR) with a site-held key through [`crate::sign::SigningBackend`].
+struct BackendSigner<'a> {
+    backend: &'a dyn crate::sign::SigningBackend,
+    key_bits: Vec<u8>,
+    alg: &'static rcgen::SignatureAlgorithm,
+}
+
+impl rcgen::PublicKeyData for BackendSigner<'_> {
+    fn der_bytes(&self) -> &[u8] {
+        &self.key_bits
+    }
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        self.alg
+    }
+}
+
+impl rcgen::SigningKey for BackendSigner<'_> {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        let d: [u8; 32] = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, msg)
+            .as_ref()
+            .try_into()
+            .map_err(|_| rcgen::Error::RemoteKeyError)?;
+        self.backend
+            .sign_digest(&d)
+            .map_err(|_| rcgen::Error::RemoteKeyError)
+    }
+}
+
+/// Subject of a key CSR.
+#[derive(Clone, Debug, Default)]
+pub struct CsrSubject {
+    /// CN.
+    pub common_name: String,
+    /// emailAddress (Apple asks for it).
+    pub email: String,
+    /// O.
+    pub organization: String,
+    /// C.
+    pub country: String,
+}
+
+/// A PKCS#10 CSR (PEM) signed by the active version of a site-held key.
+pub fn key_csr(
+    site: &SiteState,
+    env: &str,
+    alias: &str,
+    subject: &CsrSubject,
+) -> Result<((String, String), String), OpsError> {
+    use rcgen::{DnType, DnValue};
+    spec_of(site, env, alias)?;
+    let key = site
+        .keys()
+        .active(env, alias)
+        .cloned()
+        .ok_or_else(|| OpsError::NotFound(format!("key `{alias}` in `{env}`")))?;
+    let alg = match key.backend.algorithm() {
+        KeyAlgorithm::EcdsaP256Sha256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+        a if a.is_pss() => {
+            return Err(OpsError::Invalid(
+                "CSRs are made for ECDSA and RSA PKCS#1 v1.5 keys".into(),
+            ));
+        }
+        _ => &rcgen::PKCS_RSA_SHA256,
+    };
+    if subject.common_name.is_empty() {
+        return Err(OpsError::Invalid("--common-name is required".into()));
+    }
+    let key_bits = meshsign_proto::der::spki_key(&key.record.public_key_der)
+        .ok_or_else(|| OpsError::Invalid("stored public key is not an SPKI".into()))?
+        .to_vec();
+    let mut params = rcgen::CertificateParams::default();
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(DnType::CommonName, subject.common_name.clone());
+    if !subject.organization.is_empty() {
+        dn.push(DnType::OrganizationName, subject.organization.clone());
+    }
+    if !subject.country.is_empty() {
+        dn.push(DnType::CountryName, subject.country.clone());
+    }
+    if !subject.email.is_empty() {
+        let ia5 = subject
+            .email
+            .clone()
+            .try_into()
+            .map_err(|_| OpsError::Invalid("email must be ASCII".into()))?;
+        dn.push(
+            DnType::CustomDnType(vec![1, 2, 840, 113549, 1, 9, 1]),
+            DnValue::Ia5String(ia5),
+        );
+    }
+    params.distinguished_name = dn;
+    let signer = BackendSigner {
+        backend: &*key.backend,
+        key_bits,
+        alg,
+    };
+    let csr = params
+        .serialize_request(&signer)
+        .map_err(|e| OpsError::Invalid(format!("csr: {e}")))?;
+    let pem = meshsign_proto::pem_encode("CERTIFICATE REQUEST", csr.der());
+    let key_id = key.record.key_id();
+    Ok((
+        (key_id.clone(), pem),
+        format!("CSR for {key_id} (CN={})", subject.common_name),
+    ))
+}
+
+/// Attaches a certificate chain to the active version of a key; the leaf must carry its key.
+pub fn set_key_certificate(
+    site: &SiteState,
+    env: &str,
+    alias: &str,
+    chain_pem: &[u8],
+) -> Result<(KeySpec, String), OpsError> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject as _;
+    let spec = spec_of(site, env, alias)?;
+    let key = site
+        .keys()
+        .active(env, alias)
+        .cloned()
+        .ok_or_else(|| OpsError::NotFound(format!("key `{alias}` in `{env}`")))?;
+    let chain: Vec<Vec<u8>> = CertificateDer::pem_slice_iter(chain_pem)
+        .map(|c| c.map(|c| c.to_vec()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| OpsError::Invalid(format!("chain: {e}")))?;
+    let leaf = chain
+        .first()
+        .ok_or_else(|| OpsError::Invalid("chain: no certificate".into()))?;
+    let (_, cert) = X509Certificate::from_der(leaf)
+        .map_err(|_| OpsError::Invalid("chain: leaf does not parse".into()))?;
+    if cert.public_key().raw != key.record.public_key_der.as_slice() {
+        return Err(OpsError::Invalid(format!(
+            "chain: the leaf certificate is not for {}",
+            key.record.key_id()
+        )));
+    }
+    for (i, c) in chain.iter().enumerate().skip(1) {
+        X509Certificate::from_der(c)
+            .map_err(|_| OpsError::Invalid(format!("chain: certificate {i} does not parse")))?;
+    }
+    let subject = cert.subject().to_string();
+    let mut record = (*key.record).clone();
+    record.certificate_chain = chain.clone();
+    site.store.put(
+        Tree::Keys,
+        &crate::sign::KeyRecord::store_key_of(&record),
+        &record,
+    )?;
+    site.store.flush()?;
+    reload_alias(site, env, alias)?;
+    let detail = format!("certificate for {} (subject {subject})", record.key_id());
+    Ok((spec, detail))
 }

@@ -386,6 +386,11 @@ impl KeyRecord {
         format!("{}@v{}", self.alias, self.version)
     }
 
+    /// This record's key in the store.
+    pub fn store_key_of(record: &KeyRecord) -> Vec<u8> {
+        Self::store_key(&record.partition, &record.alias, record.version)
+    }
+
     fn store_key(partition: &str, alias: &str, version: u32) -> Vec<u8> {
         format!("{partition}/{alias}/{version:010}").into_bytes()
     }

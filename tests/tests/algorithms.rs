@@ -138,6 +138,7 @@ async fn rsa_keys_import_rotate_and_survive_restart() {
             pkcs8_pem: pem.into_bytes(),
             repositories: vec!["*".into()],
             refs: vec!["*".into()],
+            chain_pem: Vec::new(),
         })
         .await
         .unwrap()
@@ -326,4 +327,147 @@ async fn apple_cms_signed_attributes_are_checked_signed_and_audited() {
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().starts_with("purpose"), "{}", e.message());
+}
+
+#[tokio::test]
+async fn signing_identity_csr_certificate_and_chain() {
+    let site = TestSite::start_with(RSA_KEYS, None).await;
+    let mut admin = site.admin().await;
+    let dir = site.dir.path();
+    let p = |n: &str| dir.join(n).to_str().unwrap().to_string();
+    let csr = admin
+        .create_key_csr(v1::KeyCsrRequest {
+            environment: "production".into(),
+            alias: "apple".into(),
+            common_name: "Apple Distribution: Acme (TEAM123)".into(),
+            email: "release@acme.test".into(),
+            organization: "Acme".into(),
+            country: "SG".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(csr.key_id, "apple@v1");
+    std::fs::write(p("apple.csr"), &csr.csr_pem).unwrap();
+    let (ok, out) = openssl(&["req", "-in", &p("apple.csr"), "-verify", "-noout", "-text"]);
+    assert!(
+        ok && out.contains("Apple Distribution: Acme (TEAM123)")
+            && out.contains("release@acme.test"),
+        "{out}"
+    );
+
+    // A CA (openssl, standing in for Apple) issues the certificate; ops attach the chain.
+    let (ok, out) = openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        &p("ca.key"),
+        "-out",
+        &p("ca.pem"),
+        "-subj",
+        "/CN=Test WWDR CA",
+        "-days",
+        "2",
+    ]);
+    assert!(ok, "{out}");
+    let (ok, out) = openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &p("apple.csr"),
+        "-CA",
+        &p("ca.pem"),
+        "-CAkey",
+        &p("ca.key"),
+        "-CAcreateserial",
+        "-out",
+        &p("leaf.pem"),
+        "-days",
+        "1",
+    ]);
+    assert!(ok, "{out}");
+    let chain = [
+        std::fs::read(p("leaf.pem")).unwrap(),
+        std::fs::read(p("ca.pem")).unwrap(),
+    ]
+    .concat();
+
+    // A chain whose leaf is not this key's is refused.
+    let e = admin
+        .set_key_certificate(v1::SetKeyCertificateRequest {
+            environment: "production".into(),
+            alias: "apple".into(),
+            chain_pem: std::fs::read(p("ca.pem")).unwrap(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+
+    admin
+        .set_key_certificate(v1::SetKeyCertificateRequest {
+            environment: "production".into(),
+            alias: "apple".into(),
+            chain_pem: chain,
+        })
+        .await
+        .unwrap();
+    let ch = meshsign_client::transport::connect(
+        &site.client.enroll_endpoint,
+        "localhost",
+        meshsign_client::transport::tls_config(
+            meshsign_client::transport::roots(&site.client).unwrap(),
+            None,
+        )
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    let id = v1::verification_client::VerificationClient::new(ch)
+        .get_signing_identity(v1::GetVerificationMaterialRequest {
+            environment: "production".into(),
+            key_alias: "apple".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(id.certificate_chain.len(), 2);
+    assert_eq!(
+        (id.key_id.as_str(), id.algorithm.as_str()),
+        ("apple@v1", "rsa-2048-pkcs1-sha256")
+    );
+
+    // Sign responses carry the chain; the signature verifies under the certificate's key.
+    let (_k, _r, mut signer) = site.enrolled("production").await;
+    let data = b"CodeDirectory".to_vec();
+    let r = signer
+        .sign(v1::SignRequest {
+            key_alias: "apple".into(),
+            input: Some(Input::Sha256Digest(sha256(&data).to_vec())),
+            artifact_name: String::new(),
+            algorithm: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.certificate_chain, id.certificate_chain);
+    std::fs::write(p("cd.bin"), &data).unwrap();
+    std::fs::write(p("cd.bin.sig"), &r.signature).unwrap();
+    let (ok, pubkey) = openssl(&["x509", "-in", &p("leaf.pem"), "-pubkey", "-noout"]);
+    assert!(ok);
+    std::fs::write(p("leaf.pub"), pubkey).unwrap();
+    let (ok, out) = openssl(&[
+        "dgst",
+        "-sha256",
+        "-verify",
+        &p("leaf.pub"),
+        "-signature",
+        &p("cd.bin.sig"),
+        &p("cd.bin"),
+    ]);
+    assert!(ok, "{out}");
+    let (ok, out) = openssl(&["verify", "-CAfile", &p("ca.pem"), &p("leaf.pem")]);
+    assert!(ok, "{out}");
 }

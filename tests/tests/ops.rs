@@ -629,6 +629,7 @@ async fn key_lifecycle_rotate_disable_import_create() {
             pkcs8_pem: imported.serialize_pem().into_bytes(),
             repositories: vec!["*".into()],
             refs: vec!["*".into()],
+            chain_pem: Vec::new(),
         })
         .await
         .unwrap()

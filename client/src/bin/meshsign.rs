@@ -302,10 +302,37 @@ enum KeyCommand {
         alias: String,
         #[arg(long)]
         file: PathBuf,
+        /// Certificate chain for the key (PEM, leaf first).
+        #[arg(long)]
+        chain: Option<PathBuf>,
         #[arg(long = "repository")]
         repositories: Vec<String>,
         #[arg(long = "ref")]
         refs: Vec<String>,
+    },
+    /// Print a CSR signed by the key (for Apple or another CA); the key stays in the site.
+    Csr {
+        #[arg(long)]
+        environment: String,
+        #[arg(long)]
+        alias: String,
+        #[arg(long)]
+        common_name: String,
+        #[arg(long, default_value = "")]
+        email: String,
+        #[arg(long, default_value = "")]
+        organization: String,
+        #[arg(long, default_value = "")]
+        country: String,
+    },
+    /// Attach the certificate chain the CA returned (PEM, leaf first) to the key.
+    SetCertificate {
+        #[arg(long)]
+        environment: String,
+        #[arg(long)]
+        alias: String,
+        #[arg(long)]
+        file: PathBuf,
     },
 }
 
@@ -840,20 +867,66 @@ async fn admin(cfg: &ClientConfig, command: AdminCommand) -> Result<(), ClientEr
                     environment,
                     alias,
                     file,
+                    chain,
                     repositories,
                     refs,
                 } => {
                     let pem = zeroize::Zeroizing::new(
                         std::fs::read(&file).map_err(ClientError::io(&file))?,
                     );
+                    let chain_pem = match &chain {
+                        Some(p) => std::fs::read(p).map_err(ClientError::io(p))?,
+                        None => Vec::new(),
+                    };
                     let req = v1::ImportKeyRequest {
                         environment,
                         alias,
                         pkcs8_pem: pem.to_vec(),
                         repositories,
                         refs,
+                        chain_pem,
                     };
                     c.import_key(req).await.map_err(rpc("ImportKey"))?
+                }
+                KeyCommand::Csr {
+                    environment,
+                    alias,
+                    common_name,
+                    email,
+                    organization,
+                    country,
+                } => {
+                    let req = v1::KeyCsrRequest {
+                        environment,
+                        alias,
+                        common_name,
+                        email,
+                        organization,
+                        country,
+                    };
+                    let csr = c
+                        .create_key_csr(req)
+                        .await
+                        .map_err(rpc("CreateKeyCsr"))?
+                        .into_inner();
+                    eprintln!("# CSR for {}", csr.key_id);
+                    print!("{}", csr.csr_pem);
+                    return Ok(());
+                }
+                KeyCommand::SetCertificate {
+                    environment,
+                    alias,
+                    file,
+                } => {
+                    let chain_pem = std::fs::read(&file).map_err(ClientError::io(&file))?;
+                    let req = v1::SetKeyCertificateRequest {
+                        environment,
+                        alias,
+                        chain_pem,
+                    };
+                    c.set_key_certificate(req)
+                        .await
+                        .map_err(rpc("SetKeyCertificate"))?
                 }
             };
             print_key(out.get_ref());

@@ -376,6 +376,44 @@ impl v1::admin_server::Admin for AdminApi {
         Ok(Response::new(key_info(s, &r.environment, &spec)))
     }
 
+    async fn create_key_csr(&self, req: Request<v1::KeyCsrRequest>) -> R<v1::KeyCsr> {
+        let op = self.operator(&req)?;
+        let r = req.into_inner();
+        let s = &self.0;
+        let subject = ops::CsrSubject {
+            common_name: r.common_name.clone(),
+            email: r.email.clone(),
+            organization: r.organization.clone(),
+            country: r.country.clone(),
+        };
+        let (key_id, csr_pem) = audited(s, &op, "CreateKeyCsr", &r.environment, true, async || {
+            ops::key_csr(s, &r.environment, &r.alias, &subject)
+        })
+        .await
+        .map_err(IntoStatus::into_status)?;
+        Ok(Response::new(v1::KeyCsr { key_id, csr_pem }))
+    }
+
+    async fn set_key_certificate(
+        &self,
+        req: Request<v1::SetKeyCertificateRequest>,
+    ) -> R<v1::KeyInfo> {
+        let op = self.operator(&req)?;
+        let r = req.into_inner();
+        let s = &self.0;
+        let spec = audited(
+            s,
+            &op,
+            "SetKeyCertificate",
+            &r.environment,
+            true,
+            async || ops::set_key_certificate(s, &r.environment, &r.alias, &r.chain_pem),
+        )
+        .await
+        .map_err(IntoStatus::into_status)?;
+        Ok(Response::new(key_info(s, &r.environment, &spec)))
+    }
+
     async fn import_key(&self, req: Request<v1::ImportKeyRequest>) -> R<v1::KeyInfo> {
         let op = self.operator(&req)?;
         let r = req.into_inner();
@@ -387,6 +425,7 @@ impl v1::admin_server::Admin for AdminApi {
                 &r.environment,
                 &r.alias,
                 &pem,
+                &r.chain_pem,
                 (r.repositories.clone(), r.refs.clone()),
             )
         })

@@ -307,6 +307,26 @@ pub struct VerificationApi(pub Arc<SiteState>);
 
 #[tonic::async_trait]
 impl v1::verification_server::Verification for VerificationApi {
+    async fn get_signing_identity(
+        &self,
+        req: Request<v1::GetVerificationMaterialRequest>,
+    ) -> Result<Response<v1::SigningIdentity>, Status> {
+        let r = req.into_inner();
+        let ring = self.0.keys();
+        let key = ring.active(&r.environment, &r.key_alias).ok_or_else(|| {
+            Status::not_found(format!(
+                "key: no key `{}` in environment `{}`",
+                r.key_alias, r.environment
+            ))
+        })?;
+        Ok(Response::new(v1::SigningIdentity {
+            key_id: key.record.key_id(),
+            algorithm: key.record.algorithm.as_str().to_string(),
+            public_key_der: key.record.public_key_der.clone(),
+            certificate_chain: key.record.certificate_chain.clone(),
+        }))
+    }
+
     async fn get_verification_material(
         &self,
         req: Request<v1::GetVerificationMaterialRequest>,
