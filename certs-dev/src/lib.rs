@@ -445,13 +445,14 @@ impl GithubJob {
     }
 }
 
-/// A random identifier (128 bits, hex), for `jti` values and the like.
+/// A random identifier (128 bits, 32 hex characters), for `jti` values, issuer and rule ids.
 pub fn random_id() -> String {
     use aws_lc_rs::rand::SecureRandom as _;
     let mut b = [0u8; 16];
-    // SystemRandom::fill only fails if the OS RNG is unavailable, which is fatal anyway.
-    if SystemRandom::new().fill(&mut b).is_err() {
-        return String::new();
-    }
+    // Invariant: the OS RNG works. aws-lc-rs fails here only if the kernel RNG is unavailable,
+    // and then no key could be generated either; an empty or predictable id would be worse
+    // than stopping.
+    #[allow(clippy::expect_used)]
+    SystemRandom::new().fill(&mut b).expect("the OS random number generator is unavailable");
     hex::encode(b)
 }
