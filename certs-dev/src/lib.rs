@@ -453,6 +453,8 @@ pub fn random_id() -> String {
     // and then no key could be generated either; an empty or predictable id would be worse
     // than stopping.
     #[allow(clippy::expect_used)]
-    SystemRandom::new().fill(&mut b).expect("the OS random number generator is unavailable");
+    SystemRandom::new()
+        .fill(&mut b)
+        .expect("the OS random number generator is unavailable");
     hex::encode(b)
 }

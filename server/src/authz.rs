@@ -116,20 +116,21 @@ impl AuthzError {
     }
 }
 
+/// The only SAN of a certificate, if it is exactly one URI (runner and ops identities).
+pub fn only_uri_san<'a>(cert: &X509Certificate<'a>) -> Option<&'a str> {
+    let sans = cert.subject_alternative_name().ok()??;
+    match sans.value.general_names.as_slice() {
+        [GeneralName::URI(u)] => Some(u),
+        _ => None,
+    }
+}
+
 impl Caller {
     /// Parses a runner certificate (DER) of `trust_domain` into a caller.
     pub fn from_cert_der(der: &[u8], trust_domain: &str) -> Result<Self, AuthzError> {
         let bad = |m: &str| AuthzError::BadCertificate(m.to_string());
         let (_, cert) = X509Certificate::from_der(der).map_err(|_| bad("does not parse"))?;
-        let sans = cert
-            .subject_alternative_name()
-            .map_err(|_| bad("bad SAN"))?
-            .map(|s| s.value.general_names.clone())
-            .unwrap_or_default();
-        let uri = match sans.as_slice() {
-            [GeneralName::URI(u)] => *u,
-            _ => return Err(bad("not exactly one URI SAN")),
-        };
+        let uri = only_uri_san(&cert).ok_or_else(|| bad("not exactly one URI SAN"))?;
         let id = RunnerId::parse(uri).map_err(|e| AuthzError::BadCertificate(e.to_string()))?;
         if id.trust_domain != trust_domain {
             return Err(bad("foreign trust domain"));

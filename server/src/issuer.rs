@@ -357,14 +357,8 @@ impl RunnerCa {
         if cert.public_key().raw != req.public_key_spki.as_slice() {
             return Err(bad("subject key differs from the CSR's"));
         }
-        let sans = cert
-            .subject_alternative_name()
-            .map_err(|_| bad("SAN"))?
-            .map(|s| s.value.general_names.clone())
-            .unwrap_or_default();
-        match sans.as_slice() {
-            [GeneralName::URI(u)] if *u == req.id.to_uri() => {}
-            _ => return Err(bad("SAN must be exactly the runner's SPIFFE URI")),
+        if crate::authz::only_uri_san(&cert) != Some(req.id.to_uri().as_str()) {
+            return Err(bad("SAN must be exactly the runner's SPIFFE URI"));
         }
         match cert.basic_constraints() {
             Ok(Some(bc)) if !bc.value.ca => {}

@@ -47,15 +47,8 @@ impl Operator {
         let bad = |m: &str| OpsError::Unauthenticated(m.to_string());
         let (_, cert) =
             X509Certificate::from_der(der).map_err(|_| bad("certificate does not parse"))?;
-        let sans = cert
-            .subject_alternative_name()
-            .map_err(|_| bad("bad SAN"))?
-            .map(|s| s.value.general_names.clone())
-            .unwrap_or_default();
-        let uri = match sans.as_slice() {
-            [GeneralName::URI(u)] => *u,
-            _ => return Err(bad("an ops certificate has exactly one URI SAN")),
-        };
+        let uri = crate::authz::only_uri_san(&cert)
+            .ok_or_else(|| bad("an ops certificate has exactly one URI SAN"))?;
         let rest = uri
             .strip_prefix("spiffe://")
             .and_then(|r| r.strip_prefix(trust_domain))

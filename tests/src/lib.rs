@@ -238,18 +238,23 @@ impl TestSite {
         }
     }
 
+    /// A Verification client on the enroll port (public, no client certificate).
+    pub async fn verification(&self) -> v1::verification_client::VerificationClient<Channel> {
+        v1::verification_client::VerificationClient::new(self.enroll_channel().await)
+    }
+
+    /// A channel to the enroll port (server-auth TLS, the site's CA pinned).
+    pub async fn enroll_channel(&self) -> Channel {
+        let roots = meshsign_client::transport::roots(&self.client).unwrap();
+        let tls = meshsign_client::transport::tls_config(roots, None).unwrap();
+        meshsign_client::transport::connect(&self.client.enroll_endpoint, "localhost", tls)
+            .await
+            .unwrap()
+    }
+
     /// An Enrollment client on the enroll port (server-auth TLS).
     pub async fn enrollment(&self) -> EnrollmentClient<Channel> {
-        let tls = meshsign_client::transport::tls_config(
-            meshsign_client::transport::roots(&self.client).unwrap(),
-            None,
-        )
-        .unwrap();
-        let ch =
-            meshsign_client::transport::connect(&self.client.enroll_endpoint, "localhost", tls)
-                .await
-                .unwrap();
-        EnrollmentClient::new(ch)
+        EnrollmentClient::new(self.enroll_channel().await)
     }
 
     /// Enrolls a fresh key in `env` with a valid token; returns the key, response and a signer.

@@ -414,18 +414,9 @@ async fn signing_identity_csr_certificate_and_chain() {
         })
         .await
         .unwrap();
-    let ch = meshsign_client::transport::connect(
-        &site.client.enroll_endpoint,
-        "localhost",
-        meshsign_client::transport::tls_config(
-            meshsign_client::transport::roots(&site.client).unwrap(),
-            None,
-        )
-        .unwrap(),
-    )
-    .await
-    .unwrap();
-    let id = v1::verification_client::VerificationClient::new(ch)
+    let id = site
+        .verification()
+        .await
         .get_signing_identity(v1::GetVerificationMaterialRequest {
             environment: "production".into(),
             key_alias: "apple".into(),

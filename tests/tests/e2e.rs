@@ -179,15 +179,9 @@ async fn rs256_tokens_enroll_and_verification_material_is_public() {
     assert_eq!(resp.environment, "staging");
 
     // Verification material: on the enroll port, no client certificate.
-    let tls = meshsign_client::transport::tls_config(
-        meshsign_client::transport::roots(&site.client).unwrap(),
-        None,
-    )
-    .unwrap();
-    let ch = meshsign_client::transport::connect(&site.client.enroll_endpoint, "localhost", tls)
+    let vm = site
+        .verification()
         .await
-        .unwrap();
-    let vm = v1::verification_client::VerificationClient::new(ch)
         .get_verification_material(v1::GetVerificationMaterialRequest {
             environment: "production".into(),
             key_alias: "release".into(),
@@ -211,18 +205,9 @@ async fn rs256_tokens_enroll_and_verification_material_is_public() {
         .unwrap()
         .into_inner();
     assert_eq!(r.public_key_der, vm.keys[0].public_key_der);
-    let ch = meshsign_client::transport::connect(
-        &site.client.enroll_endpoint,
-        "localhost",
-        meshsign_client::transport::tls_config(
-            meshsign_client::transport::roots(&site.client).unwrap(),
-            None,
-        )
-        .unwrap(),
-    )
-    .await
-    .unwrap();
-    let staging = v1::verification_client::VerificationClient::new(ch)
+    let staging = site
+        .verification()
+        .await
         .get_verification_material(v1::GetVerificationMaterialRequest {
             environment: "staging".into(),
             key_alias: "release".into(),

@@ -69,14 +69,7 @@ fn key_info(site: &SiteState, env: &str, spec: &KeySpec) -> v1::KeyInfo {
         versions: versions
             .iter()
             .enumerate()
-            .map(|(i, k)| v1::VerificationKey {
-                key_id: k.record.key_id(),
-                algorithm: k.record.algorithm.as_str().to_string(),
-                public_key_der: k.record.public_key_der.clone(),
-                certificate_chain: k.record.certificate_chain.clone(),
-                created_at: Some(ts(k.record.created_at)),
-                active: i == last && !spec.disabled,
-            })
+            .map(|(i, k)| super::verification_key(k, i == last && !spec.disabled))
             .collect(),
         disabled: spec.disabled,
         repositories: spec.access.repositories.clone(),

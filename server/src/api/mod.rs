@@ -115,6 +115,18 @@ fn peer<T>(req: &Request<T>) -> String {
 #[derive(Debug, Clone)]
 pub struct EnrollmentApi(pub Arc<SiteState>);
 
+/// Public form of one key version.
+pub(crate) fn verification_key(k: &crate::sign::LoadedKey, active: bool) -> v1::VerificationKey {
+    v1::VerificationKey {
+        key_id: k.record.key_id(),
+        algorithm: k.record.algorithm.as_str().to_string(),
+        public_key_der: k.record.public_key_der.clone(),
+        certificate_chain: k.record.certificate_chain.clone(),
+        created_at: Some(ts(k.record.created_at)),
+        active,
+    }
+}
+
 /// Public form of a runner CA record.
 pub(crate) fn issuer_info(r: &crate::issuer::IssuerRecord) -> v1::IssuerInfo {
     v1::IssuerInfo {
@@ -343,14 +355,7 @@ impl v1::verification_server::Verification for VerificationApi {
         let keys = versions
             .iter()
             .enumerate()
-            .map(|(i, k)| v1::VerificationKey {
-                key_id: k.record.key_id(),
-                algorithm: k.record.algorithm.as_str().to_string(),
-                public_key_der: k.record.public_key_der.clone(),
-                certificate_chain: k.record.certificate_chain.clone(),
-                created_at: Some(ts(k.record.created_at)),
-                active: i == last,
-            })
+            .map(|(i, k)| verification_key(k, i == last))
             .collect();
         Ok(Response::new(v1::GetVerificationMaterialResponse {
             environment: r.environment,
