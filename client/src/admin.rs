@@ -34,3 +34,39 @@ pub fn parse_time(s: &str) -> Result<i64, ClientError> {
         .map(|t| t.unix_timestamp())
         .map_err(|_| ClientError::Config(format!("`{s}` is neither unix seconds nor RFC 3339")))
 }
+
+/// Reads a PKCS#12 file (password from the environment variable `password_env`) into a PKCS#8
+/// PEM private key and a PEM certificate chain (leaf first), for a one-way import.
+pub fn read_p12(
+    path: &std::path::Path,
+    password_env: &str,
+) -> Result<(zeroize::Zeroizing<Vec<u8>>, Vec<u8>), ClientError> {
+    let data = zeroize::Zeroizing::new(std::fs::read(path).map_err(ClientError::io(path))?);
+    let password = zeroize::Zeroizing::new(std::env::var(password_env).unwrap_or_default());
+    let ks = p12_keystore::KeyStore::from_pkcs12(
+        &data,
+        &password,
+        p12_keystore::Pkcs12ImportPolicy::Strict,
+    )
+    .map_err(|e| {
+        ClientError::Crypto(format!(
+            "{}: {e} (wrong password in ${password_env}?)",
+            path.display()
+        ))
+    })?;
+    let (_, chain) = ks.private_key_chain().ok_or_else(|| {
+        ClientError::Crypto(format!(
+            "{}: no private key with a certificate",
+            path.display()
+        ))
+    })?;
+    let pem = zeroize::Zeroizing::new(
+        meshsign_proto::pem_encode("PRIVATE KEY", chain.key().as_der()).into_bytes(),
+    );
+    let chain_pem = chain
+        .certs()
+        .iter()
+        .map(|c| meshsign_proto::pem_encode("CERTIFICATE", c.as_der()))
+        .collect::<String>();
+    Ok((pem, chain_pem.into_bytes()))
+}

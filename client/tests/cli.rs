@@ -554,3 +554,140 @@ fn audit_export_verify_receipt_and_logs_without_tokens() {
         assert!(!logs.contains(part), "a token part leaked into the logs");
     }
 }
+
+#[test]
+fn p12_code_signing_identity_imports_one_way() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let _site = start_dev(&dir.join("site"));
+    let ossl = |args: &[&str]| {
+        let o = Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    // A self-signed RSA-2048 code-signing identity, exported as .p12 the way Keychain does.
+    ossl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "id.key",
+        "-out",
+        "id.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=Apple Distribution: Acme (TEAM123)",
+        "-addext",
+        "extendedKeyUsage=codeSigning",
+    ]);
+    ossl(&[
+        "pkcs12",
+        "-export",
+        "-inkey",
+        "id.key",
+        "-in",
+        "id.pem",
+        "-out",
+        "id.p12",
+        "-passout",
+        "pass:s3cret",
+    ]);
+    std::fs::remove_file(dir.join("id.key")).unwrap();
+
+    let out = Command::new(common::meshsign())
+        .current_dir(dir)
+        .arg("--config")
+        .arg(dir.join("site/client.toml"))
+        .args([
+            "admin",
+            "key",
+            "import",
+            "--environment",
+            "production",
+            "--alias",
+            "apple",
+            "--p12",
+            "id.p12",
+        ])
+        .args(["--repository", "*", "--ref", "*"])
+        .env("MESHSIGN_P12_PASSWORD", "s3cret")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listing.contains("apple\trsa-2048-pkcs1-sha256"),
+        "{listing}"
+    );
+    // A wrong password is refused with a clear error.
+    let out = Command::new(common::meshsign())
+        .current_dir(dir)
+        .arg("--config")
+        .arg(dir.join("site/client.toml"))
+        .args([
+            "admin",
+            "key",
+            "import",
+            "--environment",
+            "production",
+            "--alias",
+            "apple2",
+            "--p12",
+            "id.p12",
+        ])
+        .env("MESHSIGN_P12_PASSWORD", "wrong")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("wrong password"));
+
+    // Signing with it: the signature verifies under the .p12's certificate.
+    std::fs::write(dir.join("cd.bin"), b"CodeDirectory").unwrap();
+    let (code, _, err) = run(
+        dir,
+        &[
+            "sign",
+            "--environment",
+            "production",
+            "--key",
+            "apple",
+            "cd.bin",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let pubkey = ossl(&["x509", "-in", "id.pem", "-pubkey", "-noout"]);
+    std::fs::write(dir.join("id.pub"), pubkey).unwrap();
+    ossl(&[
+        "dgst",
+        "-sha256",
+        "-verify",
+        "id.pub",
+        "-signature",
+        "cd.bin.sig",
+        "cd.bin",
+    ]);
+    let bundle: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("cd.bin.sig.json")).unwrap()).unwrap();
+    assert_eq!(
+        bundle["certificate_chain_pem"].as_array().unwrap().len(),
+        1,
+        "the identity's certificate comes back"
+    );
+    let (code, out, _) = run(dir, &["verify", "cd.bin"]);
+    assert_eq!(code, 0, "{out}");
+}

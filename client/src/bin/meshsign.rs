@@ -300,8 +300,15 @@ enum KeyCommand {
         environment: String,
         #[arg(long)]
         alias: String,
+        /// PKCS#8 PEM private key.
+        #[arg(long, required_unless_present = "p12", conflicts_with = "p12")]
+        file: Option<PathBuf>,
+        /// PKCS#12 (.p12 as exported from Keychain): key and certificate chain.
         #[arg(long)]
-        file: PathBuf,
+        p12: Option<PathBuf>,
+        /// Environment variable holding the .p12 password.
+        #[arg(long, default_value = "MESHSIGN_P12_PASSWORD")]
+        password_env: String,
         /// Certificate chain for the key (PEM, leaf first).
         #[arg(long)]
         chain: Option<PathBuf>,
@@ -867,16 +874,27 @@ async fn admin(cfg: &ClientConfig, command: AdminCommand) -> Result<(), ClientEr
                     environment,
                     alias,
                     file,
+                    p12,
+                    password_env,
                     chain,
                     repositories,
                     refs,
                 } => {
-                    let pem = zeroize::Zeroizing::new(
-                        std::fs::read(&file).map_err(ClientError::io(&file))?,
-                    );
-                    let chain_pem = match &chain {
-                        Some(p) => std::fs::read(p).map_err(ClientError::io(p))?,
-                        None => Vec::new(),
+                    let (pem, chain_pem) = match (&file, &p12) {
+                        (_, Some(p12)) => meshsign_client::admin::read_p12(p12, &password_env)?,
+                        (Some(file), None) => {
+                            let pem = zeroize::Zeroizing::new(
+                                std::fs::read(file).map_err(ClientError::io(file))?,
+                            );
+                            let chain_pem = match &chain {
+                                Some(p) => std::fs::read(p).map_err(ClientError::io(p))?,
+                                None => Vec::new(),
+                            };
+                            (pem, chain_pem)
+                        }
+                        (None, None) => {
+                            return Err(ClientError::Config("give --file or --p12".into()));
+                        }
                     };
                     let req = v1::ImportKeyRequest {
                         environment,
