@@ -5,6 +5,8 @@
 //! touches the disk.
 
 pub mod admin;
+#[cfg(feature = "codesign")]
+pub mod codesign;
 pub mod config;
 pub mod drill;
 pub mod error;

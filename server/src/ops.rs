@@ -801,6 +801,25 @@ fn reload_alias(site: &SiteState, env: &str, alias: &str) -> Result<(), OpsError
     Ok(())
 }
 
+/// Parses purpose names; empty means the default (digest, message).
+pub fn parse_purposes(names: &[String]) -> Result<Vec<crate::config::Purpose>, OpsError> {
+    use crate::config::Purpose;
+    if names.is_empty() {
+        return Ok(crate::config::default_purposes());
+    }
+    names
+        .iter()
+        .map(|n| match n.as_str() {
+            "digest" => Ok(Purpose::Digest),
+            "message" => Ok(Purpose::Message),
+            "apple-cms" => Ok(Purpose::AppleCms),
+            other => Err(OpsError::Invalid(format!(
+                "purpose `{other}` (digest, message, apple-cms)"
+            ))),
+        })
+        .collect()
+}
+
 fn access_rule(repositories: Vec<String>, refs: Vec<String>) -> Result<AccessRule, OpsError> {
     if repositories.is_empty()
         || refs.is_empty()
@@ -845,6 +864,7 @@ pub fn create_key_alias(
     alias: &str,
     algorithm: &str,
     access: (Vec<String>, Vec<String>),
+    purposes: &[String],
 ) -> Result<(KeySpec, String), OpsError> {
     partition_exists(site, env)?;
     if !is_name(alias) {
@@ -864,7 +884,7 @@ pub fn create_key_alias(
         algorithm,
         access: access_rule(access.0, access.1)?,
         disabled: false,
-        purposes: crate::config::default_purposes(),
+        purposes: parse_purposes(purposes)?,
     };
     create_key(
         &site.store,
@@ -926,6 +946,7 @@ pub fn import_key(
     pem: &[u8],
     chain_pem: &[u8],
     access: (Vec<String>, Vec<String>),
+    purposes: &[String],
 ) -> Result<(KeySpec, String), OpsError> {
     use rustls_pki_types::PrivatePkcs8KeyDer;
     use rustls_pki_types::pem::PemObject as _;
@@ -968,7 +989,7 @@ pub fn import_key(
             algorithm: backend.algorithm(),
             access: access_rule(access.0, access.1)?,
             disabled: false,
-            purposes: crate::config::default_purposes(),
+            purposes: parse_purposes(purposes)?,
         },
     };
     let v = next_version(site, env, alias);

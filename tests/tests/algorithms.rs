@@ -139,6 +139,7 @@ async fn rsa_keys_import_rotate_and_survive_restart() {
             repositories: vec!["*".into()],
             refs: vec!["*".into()],
             chain_pem: Vec::new(),
+            purposes: vec![],
         })
         .await
         .unwrap()

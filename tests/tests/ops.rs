@@ -630,6 +630,7 @@ async fn key_lifecycle_rotate_disable_import_create() {
             repositories: vec!["*".into()],
             refs: vec!["*".into()],
             chain_pem: Vec::new(),
+            purposes: vec![],
         })
         .await
         .unwrap()
@@ -653,6 +654,7 @@ async fn key_lifecycle_rotate_disable_import_create() {
             algorithm: "ecdsa-p256-sha256".into(),
             repositories: vec!["acme/*".into()],
             refs: vec!["refs/tags/*".into()],
+            purposes: vec![],
         })
         .await
         .unwrap();

@@ -33,6 +33,9 @@ struct Cli {
 enum Command {
     /// Enroll with the job's OIDC token and sign files with a site key.
     Sign(SignArgs),
+    /// Apple code signature (Mach-O, .app, .dmg) made on this machine, signed by the site.
+    #[cfg(feature = "codesign")]
+    Codesign(CodesignArgs),
     /// Verify FILE against FILE.sig.json offline; exit 1 on mismatch.
     Verify {
         /// The file.
@@ -279,6 +282,9 @@ enum KeyCommand {
         /// Ref pattern that may use it (repeat; "*" for any).
         #[arg(long = "ref", required = true)]
         refs: Vec<String>,
+        /// What it may sign (repeat): digest, message, apple-cms. Default: digest, message.
+        #[arg(long = "purpose")]
+        purposes: Vec<String>,
     },
     /// Add alias@vN+1, which signs from then on.
     Rotate {
@@ -316,6 +322,9 @@ enum KeyCommand {
         repositories: Vec<String>,
         #[arg(long = "ref")]
         refs: Vec<String>,
+        /// What it may sign (repeat): digest, message, apple-cms. Default: digest, message.
+        #[arg(long = "purpose")]
+        purposes: Vec<String>,
     },
     /// Print a CSR signed by the key (for Apple or another CA); the key stays in the site.
     Csr {
@@ -368,29 +377,31 @@ struct JobArgs {
     job_id: String,
 }
 
+/// `meshsign codesign` arguments.
+#[cfg(feature = "codesign")]
+#[derive(Args)]
+struct CodesignArgs {
+    #[command(flatten)]
+    runner: RunnerArgs,
+    /// Entitlements plist (XML).
+    #[arg(long)]
+    entitlements: Option<PathBuf>,
+    /// Enable the hardened runtime.
+    #[arg(long)]
+    runtime: bool,
+    /// RFC 3161 time-stamp server, or `none` (the default: no time stamp).
+    #[arg(long)]
+    timestamp_url: Option<String>,
+    /// Mach-O (thin or universal), .app bundle or .dmg.
+    input: PathBuf,
+    /// Output (default: sign in place).
+    output: Option<PathBuf>,
+}
+
 #[derive(Args)]
 struct SignArgs {
-    /// Environment (partition) this job signs in.
-    #[arg(long)]
-    environment: String,
-    /// Key alias.
-    #[arg(long)]
-    key: String,
-    /// Read the OIDC token from this file.
-    #[arg(long, group = "tok")]
-    token_file: Option<PathBuf>,
-    /// Read the OIDC token from this environment variable.
-    #[arg(long, group = "tok")]
-    token_env: Option<String>,
-    /// Fetch the OIDC token from the CI (github-actions).
-    #[arg(long, group = "tok", value_parser = ["github-actions"])]
-    token_source: Option<String>,
-    /// Requested certificate lifetime in seconds (0 = the partition's cap).
-    #[arg(long, default_value_t = 0)]
-    ttl: u32,
-    /// Runner fingerprint (default: derived from this machine).
-    #[arg(long)]
-    fingerprint: Option<String>,
+    #[command(flatten)]
+    runner: RunnerArgs,
     /// Files to sign.
     #[arg(required = true)]
     files: Vec<PathBuf>,
@@ -540,6 +551,8 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             Ok(())
         }
         Command::Sign(args) => sign(&load_config(&cli.config)?, args).await,
+        #[cfg(feature = "codesign")]
+        Command::Codesign(args) => codesign(&load_config(&cli.config)?, args).await,
         Command::Admin { command } => admin(&load_config(&cli.config)?, command).await,
     }
 }
@@ -852,6 +865,7 @@ async fn admin(cfg: &ClientConfig, command: AdminCommand) -> Result<(), ClientEr
                     algorithm,
                     repositories,
                     refs,
+                    purposes,
                 } => {
                     let req = v1::CreateKeyRequest {
                         environment,
@@ -859,6 +873,7 @@ async fn admin(cfg: &ClientConfig, command: AdminCommand) -> Result<(), ClientEr
                         algorithm,
                         repositories,
                         refs,
+                        purposes,
                     };
                     c.create_key(req).await.map_err(rpc("CreateKey"))?
                 }
@@ -879,6 +894,7 @@ async fn admin(cfg: &ClientConfig, command: AdminCommand) -> Result<(), ClientEr
                     chain,
                     repositories,
                     refs,
+                    purposes,
                 } => {
                     let (pem, chain_pem) = match (&file, &p12) {
                         (_, Some(p12)) => meshsign_client::admin::read_p12(p12, &password_env)?,
@@ -903,6 +919,7 @@ async fn admin(cfg: &ClientConfig, command: AdminCommand) -> Result<(), ClientEr
                         repositories,
                         refs,
                         chain_pem,
+                        purposes,
                     };
                     c.import_key(req).await.map_err(rpc("ImportKey"))?
                 }
@@ -992,7 +1009,34 @@ fn github_job(environment: &str, j: &JobArgs) -> GithubJob {
     job
 }
 
-async fn sign(cfg: &ClientConfig, args: SignArgs) -> Result<(), ClientError> {
+/// How a runner job gets its credentials: the token options shared by `sign` and `codesign`.
+#[derive(Args, Clone)]
+struct RunnerArgs {
+    /// Environment (partition) this job signs in.
+    #[arg(long)]
+    environment: String,
+    /// Key alias.
+    #[arg(long)]
+    key: String,
+    /// Read the OIDC token from this file.
+    #[arg(long, group = "tok")]
+    token_file: Option<PathBuf>,
+    /// Read the OIDC token from this environment variable.
+    #[arg(long, group = "tok")]
+    token_env: Option<String>,
+    /// Fetch the OIDC token from the CI (github-actions).
+    #[arg(long, group = "tok", value_parser = ["github-actions"])]
+    token_source: Option<String>,
+    /// Requested certificate lifetime in seconds (0 = the partition's cap).
+    #[arg(long, default_value_t = 0)]
+    ttl: u32,
+    /// Runner fingerprint (default: derived from this machine).
+    #[arg(long)]
+    fingerprint: Option<String>,
+}
+
+/// Obtains the job's token, makes a key in memory and enrolls.
+async fn start_session(cfg: &ClientConfig, args: &RunnerArgs) -> Result<Session, ClientError> {
     let source = match (&args.token_file, &args.token_env, &args.token_source) {
         (Some(f), _, _) => TokenSource::File(f.clone()),
         (_, Some(v), _) => TokenSource::Env(v.clone()),
@@ -1015,23 +1059,66 @@ async fn sign(cfg: &ClientConfig, args: SignArgs) -> Result<(), ClientError> {
         region: None,
     };
     drop(tok);
-    let mut session = Session::start(cfg, &params).await?;
+    let session = Session::start(cfg, &params).await?;
     eprintln!(
         "enrolled as {} (serial {}, {} s)",
         session.enrollment.spiffe_id,
         session.enrollment.serial,
         session.enrollment.granted_ttl_seconds
     );
-    let result = sign_files(&mut session, &args).await;
-    // Teardown, whatever happened: a finished job leaves no live credential.
+    Ok(session)
+}
+
+/// Revokes the session's certificate: a finished job leaves no live credential.
+async fn teardown(session: &mut Session) -> Result<(), ClientError> {
     session
         .signer
         .revoke_self(v1::RevokeSelfRequest {
             reason: "job finished".into(),
         })
         .await
-        .map_err(|s| ClientError::rpc("RevokeSelf", s))?;
+        .map(|_| ())
+        .map_err(|s| ClientError::rpc("RevokeSelf", s))
+}
+
+async fn sign(cfg: &ClientConfig, args: SignArgs) -> Result<(), ClientError> {
+    let mut session = start_session(cfg, &args.runner).await?;
+    let result = sign_files(&mut session, &args).await;
+    teardown(&mut session).await?;
     result
+}
+
+#[cfg(feature = "codesign")]
+async fn codesign(cfg: &ClientConfig, args: CodesignArgs) -> Result<(), ClientError> {
+    let tls = transport::tls_config(transport::roots(cfg)?, None)?;
+    let ch = transport::connect(&cfg.enroll_endpoint, &cfg.server_name, tls).await?;
+    let identity = VerificationClient::new(ch)
+        .get_signing_identity(v1::GetVerificationMaterialRequest {
+            environment: args.runner.environment.clone(),
+            key_alias: args.runner.key.clone(),
+        })
+        .await
+        .map_err(|s| ClientError::rpc("GetSigningIdentity", s))?
+        .into_inner();
+    let mut session = start_session(cfg, &args.runner).await?;
+    let opts = meshsign_client::codesign::CodesignOptions {
+        alias: args.runner.key.clone(),
+        input: args.input.clone(),
+        output: args.output.clone(),
+        entitlements: args.entitlements.clone(),
+        runtime: args.runtime,
+        timestamp_url: args.timestamp_url.clone().filter(|u| u != "none"),
+    };
+    let result = meshsign_client::codesign::codesign(session.signer.clone(), identity, opts).await;
+    teardown(&mut session).await?;
+    result?;
+    println!(
+        "{}: signed with {} ({})",
+        args.output.as_ref().unwrap_or(&args.input).display(),
+        args.runner.key,
+        args.runner.environment
+    );
+    Ok(())
 }
 
 async fn sign_files(session: &mut Session, args: &SignArgs) -> Result<(), ClientError> {
@@ -1041,7 +1128,7 @@ async fn sign_files(session: &mut Session, args: &SignArgs) -> Result<(), Client
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let r = session.sign_digest(&args.key, digest, &name).await?;
+        let r = session.sign_digest(&args.runner.key, digest, &name).await?;
         // Check what the site returned before writing anything.
         verify::verify_signature(&r.algorithm, &r.public_key_der, &digest, &r.signature).map_err(
             |e| {

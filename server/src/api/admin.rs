@@ -338,6 +338,7 @@ impl v1::admin_server::Admin for AdminApi {
                 &r.alias,
                 &r.algorithm,
                 (r.repositories.clone(), r.refs.clone()),
+                &r.purposes,
             )
         })
         .await
@@ -420,6 +421,7 @@ impl v1::admin_server::Admin for AdminApi {
                 &pem,
                 &r.chain_pem,
                 (r.repositories.clone(), r.refs.clone()),
+                &r.purposes,
             )
         })
         .await

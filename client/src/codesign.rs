@@ -1,0 +1,201 @@
+//! `meshsign codesign`: Apple code signatures built on the runner by apple-codesign, with the
+//! cryptographic signature made by the site. The runner never holds the .p12 or its key.
+//!
+//! apple-codesign asks its signer to sign the DER signed attributes of the CMS SignedData over
+//! the CodeDirectory; [`RemoteSigner`] sends exactly those bytes to the site (purpose
+//! `apple-cms`, which the site parses and checks), verifies the returned signature against the
+//! identity's certificate before handing it back, and reports no private key material.
+//! apple-codesign is synchronous: it runs under `spawn_blocking` and the signer blocks on the
+//! runtime handle for each RPC.
+
+use std::path::{Path, PathBuf};
+
+use apple_codesign::{CodeSignatureFlags, SettingsScope, SigningSettings, UnifiedSigner};
+use meshsign_proto::v1::{self, signer_client::SignerClient};
+use tonic::transport::Channel;
+use x509_certificate::{
+    CapturedX509Certificate, KeyAlgorithm, Sign, SignatureAlgorithm, X509CertificateError,
+};
+
+use crate::ClientError;
+
+/// Signs through the site with a site-held key that carries an Apple identity.
+pub struct RemoteSigner {
+    handle: tokio::runtime::Handle,
+    client: SignerClient<Channel>,
+    alias: String,
+    algorithm: String,
+    leaf: CapturedX509Certificate,
+    spki: Vec<u8>,
+}
+
+impl std::fmt::Debug for RemoteSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteSigner")
+            .field("alias", &self.alias)
+            .field("algorithm", &self.algorithm)
+            .finish()
+    }
+}
+
+impl RemoteSigner {
+    fn sign_remote(&self, message: &[u8]) -> Result<Vec<u8>, ClientError> {
+        let req = v1::SignRequest {
+            key_alias: self.alias.clone(),
+            input: Some(v1::sign_request::Input::AppleCmsSignedAttributes(
+                message.to_vec(),
+            )),
+            artifact_name: "codesign".into(),
+            algorithm: self.algorithm.clone(),
+        };
+        let mut client = self.client.clone();
+        let resp = self
+            .handle
+            .block_on(client.sign(req))
+            .map_err(|s| ClientError::rpc("Sign", s))?
+            .into_inner();
+        // Never use a signature that does not verify under the identity's certificate.
+        let mut digest = [0u8; 32];
+        digest.copy_from_slice(
+            aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, message).as_ref(),
+        );
+        crate::verify::verify_signature(&self.algorithm, &self.spki, &digest, &resp.signature)
+            .map_err(|e| {
+                ClientError::Crypto(format!(
+                    "the site's signature does not verify under the certificate: {e}"
+                ))
+            })?;
+        Ok(resp.signature)
+    }
+}
+
+impl signature_x509::Signer<x509_certificate::Signature> for RemoteSigner {
+    fn try_sign(&self, msg: &[u8]) -> Result<x509_certificate::Signature, signature_x509::Error> {
+        self.sign_remote(msg)
+            .map(Into::into)
+            .map_err(signature_x509::Error::from_source)
+    }
+}
+
+impl Sign for RemoteSigner {
+    #[allow(deprecated)]
+    fn sign(&self, message: &[u8]) -> Result<(Vec<u8>, SignatureAlgorithm), X509CertificateError> {
+        let sig = self
+            .sign_remote(message)
+            .map_err(|e| X509CertificateError::Other(e.to_string()))?;
+        Ok((sig, self.signature_algorithm()?))
+    }
+
+    fn key_algorithm(&self) -> Option<KeyAlgorithm> {
+        self.leaf.key_algorithm()
+    }
+
+    fn public_key_data(&self) -> bytes::Bytes {
+        self.leaf.public_key_data()
+    }
+
+    fn signature_algorithm(&self) -> Result<SignatureAlgorithm, X509CertificateError> {
+        match self.algorithm.as_str() {
+            "ecdsa-p256-sha256" => Ok(SignatureAlgorithm::EcdsaSha256),
+            a if a.ends_with("-pkcs1-sha256") => Ok(SignatureAlgorithm::RsaSha256),
+            other => Err(X509CertificateError::Other(format!(
+                "{other} cannot make Apple code signatures"
+            ))),
+        }
+    }
+
+    fn private_key_data(&self) -> Option<zeroize::Zeroizing<Vec<u8>>> {
+        None
+    }
+
+    fn rsa_primes(
+        &self,
+    ) -> Result<
+        Option<(zeroize::Zeroizing<Vec<u8>>, zeroize::Zeroizing<Vec<u8>>)>,
+        X509CertificateError,
+    > {
+        Ok(None)
+    }
+}
+
+impl x509_certificate::KeyInfoSigner for RemoteSigner {}
+
+/// What to sign and how.
+#[derive(Clone, Debug)]
+pub struct CodesignOptions {
+    /// Key alias in the partition.
+    pub alias: String,
+    /// Mach-O (thin or universal), .app bundle or .dmg.
+    pub input: PathBuf,
+    /// Output (default: in place).
+    pub output: Option<PathBuf>,
+    /// Entitlements plist (XML).
+    pub entitlements: Option<PathBuf>,
+    /// Hardened runtime flag.
+    pub runtime: bool,
+    /// RFC 3161 time-stamp server (None: no time stamp). The site never connects anywhere.
+    pub timestamp_url: Option<String>,
+}
+
+/// Signs `opts.input` with the identity of `opts.alias`, through `client` (an enrolled session).
+pub async fn codesign(
+    client: SignerClient<Channel>,
+    identity: v1::SigningIdentity,
+    opts: CodesignOptions,
+) -> Result<(), ClientError> {
+    let leaf_der = identity.certificate_chain.first().ok_or_else(|| {
+        ClientError::Config(format!(
+            "key `{}` has no certificate: attach one with `meshsign admin key set-certificate`",
+            opts.alias
+        ))
+    })?;
+    let leaf = CapturedX509Certificate::from_der(leaf_der.clone())
+        .map_err(|e| ClientError::Crypto(e.to_string()))?;
+    let chain = identity.certificate_chain[1..]
+        .iter()
+        .map(|c| {
+            CapturedX509Certificate::from_der(c.clone())
+                .map_err(|e| ClientError::Crypto(e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let entitlements = match &opts.entitlements {
+        Some(p) => Some(std::fs::read_to_string(p).map_err(ClientError::io(p))?),
+        None => None,
+    };
+    let signer = RemoteSigner {
+        handle: tokio::runtime::Handle::current(),
+        client,
+        alias: opts.alias.clone(),
+        algorithm: identity.algorithm.clone(),
+        leaf: leaf.clone(),
+        spki: identity.public_key_der.clone(),
+    };
+    tokio::task::spawn_blocking(move || -> Result<(), ClientError> {
+        let mut settings = SigningSettings::default();
+        settings.set_signing_key(&signer, leaf);
+        for c in chain {
+            settings.chain_certificate(c);
+        }
+        settings.chain_apple_certificates();
+        settings.set_team_id_from_signing_certificate();
+        if let Some(xml) = &entitlements {
+            settings
+                .set_entitlements_xml(SettingsScope::Main, xml)
+                .map_err(|e| ClientError::Config(format!("entitlements: {e}")))?;
+        }
+        if opts.runtime {
+            settings.add_code_signature_flags(SettingsScope::Main, CodeSignatureFlags::RUNTIME);
+        }
+        if let Some(url) = &opts.timestamp_url {
+            settings
+                .set_time_stamp_url(url.as_str())
+                .map_err(|e| ClientError::Config(format!("timestamp url: {e}")))?;
+        }
+        let output: &Path = opts.output.as_deref().unwrap_or(&opts.input);
+        UnifiedSigner::new(settings)
+            .sign_path(&opts.input, output)
+            .map_err(|e| ClientError::Crypto(format!("codesign {}: {e}", opts.input.display())))
+    })
+    .await
+    .map_err(|e| ClientError::Crypto(format!("codesign task: {e}")))?
+}
