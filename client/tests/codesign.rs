@@ -170,6 +170,105 @@ fn codesign_a_macho_through_the_site_and_verify_it() {
         "/dev/null",
     ]);
 
+    // A universal (x86_64 + arm64) binary, with entitlements and the hardened runtime.
+    let mut fat = apple_codesign::UniversalBinaryBuilder::default();
+    fat.add_binary(
+        apple_codesign::macho_builder::MachOBuilder::new_x86_64(2)
+            .write_macho()
+            .unwrap(),
+    )
+    .unwrap();
+    fat.add_binary(&macho).unwrap();
+    let mut universal = Vec::new();
+    fat.write(&mut universal).unwrap();
+    std::fs::write(dir.join("fat"), &universal).unwrap();
+    std::fs::write(
+        dir.join("ent.plist"),
+        r#"<?xml version="1.0" encoding="UTF-8"?>
+<!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN" "http://www.apple.com/DTDs/PropertyList-1.0.dtd">
+<plist version="1.0"><dict><key>com.apple.security.app-sandbox</key><true/></dict></plist>
+"#,
+    )
+    .unwrap();
+    let o = meshsign(&[
+        "codesign",
+        "--environment",
+        "production",
+        "--key",
+        "apple",
+        "--entitlements",
+        "ent.plist",
+        "--runtime",
+        "fat",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let fat_signed = std::fs::read(dir.join("fat")).unwrap();
+    let problems = apple_codesign::verify_macho_data(&fat_signed);
+    assert!(
+        problems.is_empty(),
+        "{:#?}",
+        problems.iter().map(|p| p.to_string()).collect::<Vec<_>>()
+    );
+    let file = MachFile::parse(&fat_signed).unwrap();
+    assert_eq!(file.iter_macho().count(), 2);
+    for m in file.iter_macho() {
+        let sig = m.code_signature().unwrap().expect("each slice signed");
+        assert!(
+            sig.signature_data().unwrap().is_some(),
+            "each slice has a CMS signature"
+        );
+        let ent = sig.entitlements().unwrap().expect("entitlements embedded");
+        assert!(ent.as_str().contains("com.apple.security.app-sandbox"));
+    }
+
+    // A minimal .app bundle.
+    let app = dir.join("Hello.app/Contents");
+    std::fs::create_dir_all(app.join("MacOS")).unwrap();
+    std::fs::write(app.join("MacOS/Hello"), &macho).unwrap();
+    std::fs::write(
+        app.join("Info.plist"),
+        r#"<?xml version="1.0" encoding="UTF-8"?>
+<!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN" "http://www.apple.com/DTDs/PropertyList-1.0.dtd">
+<plist version="1.0"><dict>
+<key>CFBundleExecutable</key><string>Hello</string>
+<key>CFBundleIdentifier</key><string>com.acme.hello</string>
+<key>CFBundleName</key><string>Hello</string>
+<key>CFBundlePackageType</key><string>APPL</string>
+<key>CFBundleVersion</key><string>1</string>
+</dict></plist>
+"#,
+    )
+    .unwrap();
+    let o = meshsign(&[
+        "codesign",
+        "--environment",
+        "production",
+        "--key",
+        "apple",
+        "Hello.app",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        app.join("_CodeSignature/CodeResources").exists(),
+        "bundle resources are sealed"
+    );
+    let exe = std::fs::read(app.join("MacOS/Hello")).unwrap();
+    let problems = apple_codesign::verify_macho_data(&exe);
+    assert!(
+        problems.is_empty(),
+        "{:#?}",
+        problems.iter().map(|p| p.to_string()).collect::<Vec<_>>()
+    );
+    let file = MachFile::parse(&exe).unwrap();
+    let sig = file
+        .nth_macho(0)
+        .unwrap()
+        .code_signature()
+        .unwrap()
+        .unwrap();
+    let cd = sig.code_directory().unwrap().unwrap();
+    assert_eq!(cd.ident.as_ref(), "com.acme.hello");
+
     // A digest-only key cannot make Apple signatures: the site refuses, the CLI exits 1.
     std::fs::write(dir.join("hello2"), &macho).unwrap();
     let o = meshsign(&[
