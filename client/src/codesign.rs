@@ -192,10 +192,121 @@ pub async fn codesign(
                 .map_err(|e| ClientError::Config(format!("timestamp url: {e}")))?;
         }
         let output: &Path = opts.output.as_deref().unwrap_or(&opts.input);
+        if opts
+            .input
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("ipa"))
+        {
+            return sign_ipa(settings, &opts.input, output, entitlements.is_none());
+        }
         UnifiedSigner::new(settings)
             .sign_path(&opts.input, output)
             .map_err(|e| ClientError::Crypto(format!("codesign {}: {e}", opts.input.display())))
     })
     .await
     .map_err(|e| ClientError::Crypto(format!("codesign task: {e}")))?
+}
+
+/// Entitlements (XML plist) from an `embedded.mobileprovision` (a CMS SignedData over a plist).
+pub fn profile_entitlements(profile: &[u8]) -> Result<String, ClientError> {
+    let bad = |m: String| ClientError::Crypto(format!("embedded.mobileprovision: {m}"));
+    let sd = cryptographic_message_syntax::SignedData::parse_ber(profile)
+        .map_err(|e| bad(e.to_string()))?;
+    let content = sd
+        .signed_content()
+        .ok_or_else(|| bad("no content".into()))?;
+    let value =
+        plist::Value::from_reader(std::io::Cursor::new(content)).map_err(|e| bad(e.to_string()))?;
+    let ent = value
+        .as_dictionary()
+        .and_then(|d| d.get("Entitlements"))
+        .ok_or_else(|| bad("no Entitlements".into()))?;
+    let mut xml = Vec::new();
+    ent.to_writer_xml(&mut xml)
+        .map_err(|e| bad(e.to_string()))?;
+    String::from_utf8(xml).map_err(|e| bad(e.to_string()))
+}
+
+/// An .ipa: unzip, sign `Payload/*.app` (with the embedded profile's entitlements unless some
+/// were given), zip again.
+fn sign_ipa(
+    mut settings: SigningSettings<'_>,
+    input: &Path,
+    output: &Path,
+    use_profile: bool,
+) -> Result<(), ClientError> {
+    let work = tempfile::tempdir().map_err(|e| ClientError::Io {
+        path: "tempdir".into(),
+        source: e,
+    })?;
+    let file = std::fs::File::open(input).map_err(ClientError::io(input))?;
+    zip::ZipArchive::new(file)
+        .and_then(|mut z| z.extract(work.path()))
+        .map_err(|e| ClientError::Crypto(format!("{}: {e}", input.display())))?;
+    let payload = work.path().join("Payload");
+    let apps: Vec<PathBuf> = std::fs::read_dir(&payload)
+        .map_err(ClientError::io(&payload))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "app"))
+        .collect();
+    let [app] = apps.as_slice() else {
+        return Err(ClientError::Crypto(format!(
+            "{}: expected exactly one Payload/*.app",
+            input.display()
+        )));
+    };
+    let profile = app.join("embedded.mobileprovision");
+    if use_profile && profile.exists() {
+        let xml =
+            profile_entitlements(&std::fs::read(&profile).map_err(ClientError::io(&profile))?)?;
+        settings
+            .set_entitlements_xml(SettingsScope::Main, xml)
+            .map_err(|e| ClientError::Config(format!("profile entitlements: {e}")))?;
+    }
+    UnifiedSigner::new(settings)
+        .sign_path(app, app)
+        .map_err(|e| ClientError::Crypto(format!("codesign {}: {e}", app.display())))?;
+    zip_dir(work.path(), output)
+}
+
+fn zip_dir(root: &Path, output: &Path) -> Result<(), ClientError> {
+    use std::io::Write as _;
+    let zerr = |e: zip::result::ZipError| ClientError::Crypto(format!("{}: {e}", output.display()));
+    let out = std::fs::File::create(output).map_err(ClientError::io(output))?;
+    let mut zw = zip::ZipWriter::new(out);
+    let mut stack = vec![root.to_path_buf()];
+    let mut files = Vec::new();
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).map_err(ClientError::io(&d))? {
+            let p = e.map_err(ClientError::io(&d))?.path();
+            if p.is_dir() {
+                stack.push(p)
+            } else {
+                files.push(p)
+            }
+        }
+    }
+    files.sort();
+    for p in files {
+        let name = p
+            .strip_prefix(root)
+            .unwrap_or(&p)
+            .to_string_lossy()
+            .replace('\\', "/");
+        #[cfg(unix)]
+        let mode = {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::metadata(&p)
+                .map(|m| m.permissions().mode())
+                .unwrap_or(0o644)
+        };
+        #[cfg(not(unix))]
+        let mode = 0o644;
+        let opts = zip::write::SimpleFileOptions::default().unix_permissions(mode);
+        zw.start_file(name, opts).map_err(zerr)?;
+        zw.write_all(&std::fs::read(&p).map_err(ClientError::io(&p))?)
+            .map_err(ClientError::io(&p))?;
+    }
+    zw.finish().map_err(zerr)?;
+    Ok(())
 }

@@ -269,6 +269,110 @@ fn codesign_a_macho_through_the_site_and_verify_it() {
     let cd = sig.code_directory().unwrap().unwrap();
     assert_eq!(cd.ident.as_ref(), "com.acme.hello");
 
+    // An .ipa: Payload/Hello.app with an embedded provisioning profile whose entitlements apply.
+    let ipa_app = dir.join("ipa/Payload/Hello.app");
+    std::fs::create_dir_all(&ipa_app).unwrap();
+    std::fs::write(ipa_app.join("Hello"), &macho).unwrap();
+    std::fs::copy(app.join("Info.plist"), ipa_app.join("Info.plist")).unwrap();
+    std::fs::write(
+        dir.join("profile.plist"),
+        r#"<?xml version="1.0" encoding="UTF-8"?>
+<!DOCTYPE plist PUBLIC "-//Apple//DTD PLIST 1.0//EN" "http://www.apple.com/DTDs/PropertyList-1.0.dtd">
+<plist version="1.0"><dict>
+<key>Name</key><string>Acme Hello</string>
+<key>Entitlements</key><dict>
+<key>application-identifier</key><string>TEAM123.com.acme.hello</string>
+<key>get-task-allow</key><false/>
+</dict>
+</dict></plist>
+"#,
+    )
+    .unwrap();
+    ossl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "prof.key",
+        "-out",
+        "prof.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=Profile Signer",
+    ]);
+    ossl(&[
+        "cms",
+        "-sign",
+        "-binary",
+        "-nodetach",
+        "-outform",
+        "DER",
+        "-in",
+        "profile.plist",
+        "-signer",
+        "prof.pem",
+        "-inkey",
+        "prof.key",
+        "-out",
+        "ipa/Payload/Hello.app/embedded.mobileprovision",
+    ]);
+    {
+        use std::io::Write as _;
+        let mut zw = zip::ZipWriter::new(std::fs::File::create(dir.join("App.ipa")).unwrap());
+        let opts = zip::write::SimpleFileOptions::default();
+        for name in ["Hello", "Info.plist", "embedded.mobileprovision"] {
+            zw.start_file(format!("Payload/Hello.app/{name}"), opts)
+                .unwrap();
+            zw.write_all(&std::fs::read(ipa_app.join(name)).unwrap())
+                .unwrap();
+        }
+        zw.finish().unwrap();
+    }
+    let o = meshsign(&[
+        "codesign",
+        "--environment",
+        "production",
+        "--key",
+        "apple",
+        "App.ipa",
+        "App-signed.ipa",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut z =
+        zip::ZipArchive::new(std::fs::File::open(dir.join("App-signed.ipa")).unwrap()).unwrap();
+    let mut exe = Vec::new();
+    std::io::Read::read_to_end(&mut z.by_name("Payload/Hello.app/Hello").unwrap(), &mut exe)
+        .unwrap();
+    assert!(
+        z.by_name("Payload/Hello.app/_CodeSignature/CodeResources")
+            .is_ok()
+    );
+    let problems = apple_codesign::verify_macho_data(&exe);
+    assert!(
+        problems.is_empty(),
+        "{:#?}",
+        problems.iter().map(|p| p.to_string()).collect::<Vec<_>>()
+    );
+    let file = MachFile::parse(&exe).unwrap();
+    let sig = file
+        .nth_macho(0)
+        .unwrap()
+        .code_signature()
+        .unwrap()
+        .unwrap();
+    let ent = sig
+        .entitlements()
+        .unwrap()
+        .expect("the profile's entitlements");
+    assert!(
+        ent.as_str().contains("TEAM123.com.acme.hello"),
+        "{}",
+        ent.as_str()
+    );
+
     // A digest-only key cannot make Apple signatures: the site refuses, the CLI exits 1.
     std::fs::write(dir.join("hello2"), &macho).unwrap();
     let o = meshsign(&[
