@@ -42,7 +42,14 @@ pub fn read_p12(
     password_env: &str,
 ) -> Result<(zeroize::Zeroizing<Vec<u8>>, Vec<u8>), ClientError> {
     let data = zeroize::Zeroizing::new(std::fs::read(path).map_err(ClientError::io(path))?);
-    let password = zeroize::Zeroizing::new(std::env::var(password_env).unwrap_or_default());
+    // From the environment variable, else a prompt on the terminal (no echo).
+    let password = zeroize::Zeroizing::new(match std::env::var(password_env) {
+        Ok(p) => p,
+        Err(_) => rpassword::prompt_password(format!("password for {}: ", path.display()))
+            .map_err(|e| {
+                ClientError::Config(format!("no ${password_env} and no terminal to ask on: {e}"))
+            })?,
+    });
     let ks = p12_keystore::KeyStore::from_pkcs12(
         &data,
         &password,

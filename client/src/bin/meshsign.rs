@@ -312,7 +312,7 @@ enum KeyCommand {
         /// PKCS#12 (.p12 as exported from Keychain): key and certificate chain.
         #[arg(long)]
         p12: Option<PathBuf>,
-        /// Environment variable holding the .p12 password.
+        /// Environment variable holding the .p12 password (else it is asked for on the terminal).
         #[arg(long, default_value = "MESHSIGN_P12_PASSWORD")]
         password_env: String,
         /// Certificate chain for the key (PEM, leaf first).
