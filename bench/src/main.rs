@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
+
+mod openbao;
 use meshsign_proto::v1;
 use meshsign_server::audit::AuditSettings;
 use meshsign_tests::TestSite;
@@ -43,6 +45,9 @@ struct Cli {
     /// Measure durable and non-durable audit in the same run, alternating.
     #[arg(long)]
     compare_durability: bool,
+    /// Also drive OpenBao's transit engine (`bao server -dev` on 127.0.0.1) in the same run.
+    #[arg(long)]
+    vs_openbao: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum, Debug)]
@@ -183,8 +188,28 @@ async fn main() {
     let cli = Cli::parse();
     let mut rows: Vec<(bool, Measured)> = Vec::new();
     let mut inproc = Vec::new();
+    let bao = if cli.vs_openbao {
+        match openbao::start().await {
+            Ok(b) => Some(b),
+            Err(e) => {
+                eprintln!("openbao: {e}");
+                std::process::exit(1);
+            }
+        }
+    } else {
+        None
+    };
+    let mut bao_ops = Vec::new();
+    let mut bao_p99 = Vec::new();
     for run in 0..cli.runs {
         inproc.push(in_process(&cli).await);
+        if let Some(b) = &bao {
+            let batch = matches!(cli.scenario, Scenario::Batch).then_some(cli.batch);
+            let (ops, lat) = openbao::load(b, cli.concurrency, Duration::from_secs(cli.duration), batch).await;
+            eprintln!("run {run}: openbao transit {:?} c={} {ops:.0} ops/s p99 {:.2} ms", cli.scenario, cli.concurrency, pct(&lat, 0.99));
+            bao_ops.push(ops);
+            bao_p99.push(pct(&lat, 0.99));
+        }
         let modes: Vec<bool> = if cli.compare_durability {
             if run % 2 == 0 {
                 vec![true, false]
@@ -204,6 +229,8 @@ async fn main() {
         }
     }
     let in_process_ops = median(inproc);
+    let openbao_ops = (!bao_ops.is_empty()).then(|| median(bao_ops.clone()));
+    let openbao_p99 = (!bao_p99.is_empty()).then(|| median(bao_p99.clone()));
     let summarize = |durable: bool| {
         let rs: Vec<&Measured> = rows
             .iter()
@@ -211,7 +238,7 @@ async fn main() {
             .map(|(_, m)| m)
             .collect();
         let ops = median(rs.iter().map(|m| m.ops_per_sec).collect());
-        serde_json::json!({
+        let mut j = serde_json::json!({
             "scenario": format!("{:?}", cli.scenario).to_lowercase(),
             "concurrency": cli.concurrency,
             "durable_audit": durable,
@@ -223,7 +250,13 @@ async fn main() {
             "p99_ms": median(rs.iter().map(|m| m.p99_ms).collect()),
             "in_process_ops_per_sec": in_process_ops.round(),
             "ratio_to_in_process": ops / in_process_ops.max(1.0),
-        })
+        });
+        if let Some(b) = openbao_ops {
+            j["openbao_ops_per_sec"] = b.round().into();
+            j["openbao_p99_ms"] = openbao_p99.unwrap_or(0.0).into();
+            j["ratio_to_openbao"] = (ops / b.max(1.0)).into();
+        }
+        j
     };
     if cli.compare_durability {
         let (d, n) = (summarize(true), summarize(false));
