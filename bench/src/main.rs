@@ -205,8 +205,14 @@ async fn main() {
         inproc.push(in_process(&cli).await);
         if let Some(b) = &bao {
             let batch = matches!(cli.scenario, Scenario::Batch).then_some(cli.batch);
-            let (ops, lat) = openbao::load(b, cli.concurrency, Duration::from_secs(cli.duration), batch).await;
-            eprintln!("run {run}: openbao transit {:?} c={} {ops:.0} ops/s p99 {:.2} ms", cli.scenario, cli.concurrency, pct(&lat, 0.99));
+            let (ops, lat) =
+                openbao::load(b, cli.concurrency, Duration::from_secs(cli.duration), batch).await;
+            eprintln!(
+                "run {run}: openbao transit {:?} c={} {ops:.0} ops/s p99 {:.2} ms",
+                cli.scenario,
+                cli.concurrency,
+                pct(&lat, 0.99)
+            );
             bao_ops.push(ops);
             bao_p99.push(pct(&lat, 0.99));
         }

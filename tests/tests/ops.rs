@@ -764,3 +764,50 @@ async fn reload_changes_access_rules_and_a_bad_file_changes_nothing() {
     assert_eq!(state.config().region, "sg");
     assert_eq!(site.last_audit().reason, "precondition");
 }
+
+#[tokio::test]
+async fn disabling_with_keep_sessions_refuses_new_enrollments_but_lets_open_sessions_finish() {
+    let site = TestSite::start().await;
+    let mut admin = site.admin().await;
+    let (_k, _r, mut running) = site.enrolled("staging").await;
+    let set = |enabled: bool, keep_sessions: bool| v1::SetTrustPolicyEnabledRequest {
+        environment: "staging".into(),
+        issuer: ES_ISSUER.into(),
+        enabled,
+        keep_sessions,
+    };
+    let info = admin
+        .set_trust_policy_enabled(set(false, true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!info.enabled && info.keep_sessions);
+    running
+        .sign(sign_req("release", 1))
+        .await
+        .expect("a job already running may finish");
+    let key = RunnerKey::generate().unwrap();
+    let err = site
+        .enrollment()
+        .await
+        .enroll(site.enroll_request("staging", site.token("staging"), &key))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message().starts_with("trust_policy"),
+        "{}",
+        err.message()
+    );
+    // Disabling fully then cuts the open session too.
+    admin
+        .set_trust_policy_enabled(set(false, false))
+        .await
+        .unwrap();
+    let err = running.sign(sign_req("release", 1)).await.unwrap_err();
+    assert!(
+        err.message().starts_with("trust_policy_disabled"),
+        "{}",
+        err.message()
+    );
+}
