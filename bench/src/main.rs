@@ -45,6 +45,9 @@ struct Cli {
     /// Measure durable and non-durable audit in the same run, alternating.
     #[arg(long)]
     compare_durability: bool,
+    /// Skip the in-process baseline (e.g. to profile only the service).
+    #[arg(long)]
+    no_in_process: bool,
     /// Also drive OpenBao's transit engine (`bao server -dev` on 127.0.0.1) in the same run.
     #[arg(long)]
     vs_openbao: bool,
@@ -202,7 +205,11 @@ async fn main() {
     let mut bao_ops = Vec::new();
     let mut bao_p99 = Vec::new();
     for run in 0..cli.runs {
-        inproc.push(in_process(&cli).await);
+        inproc.push(if cli.no_in_process {
+            0.0
+        } else {
+            in_process(&cli).await
+        });
         if let Some(b) = &bao {
             let batch = matches!(cli.scenario, Scenario::Batch).then_some(cli.batch);
             let (ops, lat) =
