@@ -518,9 +518,12 @@ pub fn revoke(
     let rule = RevocationRule {
         id: meshsign_certs_dev::random_id()[..12].to_string(),
         kind: r.kind,
-        value: r
-            .value
-            .to_ascii_lowercase_if(r.kind != RevocationKind::JobId),
+        // Serials are compared in lowercase hex (fingerprints are validated lowercase already).
+        value: if r.kind == RevocationKind::Serial {
+            r.value.to_ascii_lowercase()
+        } else {
+            r.value
+        },
         region: r.region.filter(|s| !s.is_empty()),
         since: r.since,
         until: r.until,
@@ -548,20 +551,6 @@ pub fn revoke(
         serials.len()
     );
     Ok(((rule, serials), detail))
-}
-
-trait LowerIf {
-    fn to_ascii_lowercase_if(&self, cond: bool) -> String;
-}
-
-impl LowerIf for String {
-    fn to_ascii_lowercase_if(&self, cond: bool) -> String {
-        if cond {
-            self.to_ascii_lowercase()
-        } else {
-            self.clone()
-        }
-    }
 }
 
 /// Revokes the caller's own certificate (runner teardown).
