@@ -560,49 +560,9 @@ fn p12_code_signing_identity_imports_one_way() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let _site = start_dev(&dir.join("site"));
-    let ossl = |args: &[&str]| {
-        let o = Command::new("openssl")
-            .current_dir(dir)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    };
+    let ossl = |args: &[&str]| common::openssl(dir, args);
     // A self-signed RSA-2048 code-signing identity, exported as .p12 the way Keychain does.
-    ossl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "id.key",
-        "-out",
-        "id.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=Apple Distribution: Acme (TEAM123)",
-        "-addext",
-        "extendedKeyUsage=codeSigning",
-    ]);
-    ossl(&[
-        "pkcs12",
-        "-export",
-        "-inkey",
-        "id.key",
-        "-in",
-        "id.pem",
-        "-out",
-        "id.p12",
-        "-passout",
-        "pass:s3cret",
-    ]);
+    common::code_signing_p12(dir, "/CN=Apple Distribution: Acme (TEAM123)");
     std::fs::remove_file(dir.join("id.key")).unwrap();
 
     let out = Command::new(common::meshsign())

@@ -15,20 +15,7 @@ fn codesign_a_macho_through_the_site_and_verify_it() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let _site = common::start_dev(&dir.join("site"));
-    let ossl = |args: &[&str]| {
-        let o = Command::new("openssl")
-            .current_dir(dir)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "{args:?}: {}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    };
+    let ossl = |args: &[&str]| common::openssl(dir, args);
     let meshsign = |args: &[&str]| {
         Command::new(common::meshsign())
             .current_dir(dir)
@@ -42,37 +29,10 @@ fn codesign_a_macho_through_the_site_and_verify_it() {
 
     // Ops import an RSA-2048 code-signing identity (.p12) for apple-cms signing, then the .p12
     // and its key are gone from this machine.
-    ossl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "id.key",
-        "-out",
-        "id.pem",
-        "-days",
-        "2",
-        "-subj",
+    common::code_signing_p12(
+        dir,
         "/CN=Apple Development: Acme (TEAM123)/OU=TEAM123/O=Acme",
-        "-addext",
-        "extendedKeyUsage=codeSigning",
-        "-addext",
-        "keyUsage=critical,digitalSignature",
-    ]);
-    ossl(&[
-        "pkcs12",
-        "-export",
-        "-inkey",
-        "id.key",
-        "-in",
-        "id.pem",
-        "-out",
-        "id.p12",
-        "-passout",
-        "pass:s3cret",
-    ]);
+    );
     let o = meshsign(&[
         "admin",
         "key",

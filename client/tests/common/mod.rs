@@ -70,3 +70,60 @@ pub fn start_dev_logging(dir: &Path, log: Option<&Path>) -> DevSite {
     std::thread::spawn(move || for _ in lines {});
     DevSite(child)
 }
+
+/// Runs `openssl` in `dir`, fails the test with its stderr if it fails, returns its stdout.
+pub fn openssl(dir: &Path, args: &[&str]) -> String {
+    let o = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Makes a self-signed RSA-2048 code-signing identity in `dir` (`id.key`, `id.pem`) and exports
+/// it as `id.p12` with password `s3cret`, the way Keychain exports one.
+pub fn code_signing_p12(dir: &Path, subject: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "id.key",
+            "-out",
+            "id.pem",
+            "-days",
+            "2",
+            "-subj",
+            subject,
+            "-addext",
+            "extendedKeyUsage=codeSigning",
+            "-addext",
+            "keyUsage=critical,digitalSignature",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "pkcs12",
+            "-export",
+            "-inkey",
+            "id.key",
+            "-in",
+            "id.pem",
+            "-out",
+            "id.p12",
+            "-passout",
+            "pass:s3cret",
+        ],
+    );
+}

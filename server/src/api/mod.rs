@@ -115,6 +115,13 @@ fn peer<T>(req: &Request<T>) -> String {
 #[derive(Debug, Clone)]
 pub struct EnrollmentApi(pub Arc<SiteState>);
 
+fn key_not_found(r: &v1::GetVerificationMaterialRequest) -> Status {
+    Status::not_found(format!(
+        "key: no key `{}` in environment `{}`",
+        r.key_alias, r.environment
+    ))
+}
+
 /// Public form of one key version.
 pub(crate) fn verification_key(k: &crate::sign::LoadedKey, active: bool) -> v1::VerificationKey {
     v1::VerificationKey {
@@ -325,12 +332,9 @@ impl v1::verification_server::Verification for VerificationApi {
     ) -> Result<Response<v1::SigningIdentity>, Status> {
         let r = req.into_inner();
         let ring = self.0.keys();
-        let key = ring.active(&r.environment, &r.key_alias).ok_or_else(|| {
-            Status::not_found(format!(
-                "key: no key `{}` in environment `{}`",
-                r.key_alias, r.environment
-            ))
-        })?;
+        let key = ring
+            .active(&r.environment, &r.key_alias)
+            .ok_or_else(|| key_not_found(&r))?;
         Ok(Response::new(v1::SigningIdentity {
             key_id: key.record.key_id(),
             algorithm: key.record.algorithm.as_str().to_string(),
@@ -345,12 +349,9 @@ impl v1::verification_server::Verification for VerificationApi {
     ) -> Result<Response<v1::GetVerificationMaterialResponse>, Status> {
         let r = req.into_inner();
         let ring = self.0.keys();
-        let versions = ring.versions(&r.environment, &r.key_alias).ok_or_else(|| {
-            Status::not_found(format!(
-                "key: no key `{}` in environment `{}`",
-                r.key_alias, r.environment
-            ))
-        })?;
+        let versions = ring
+            .versions(&r.environment, &r.key_alias)
+            .ok_or_else(|| key_not_found(&r))?;
         let last = versions.len().saturating_sub(1);
         let keys = versions
             .iter()
