@@ -200,14 +200,54 @@ impl v1::enrollment_server::Enrollment for EnrollmentApi {
 
 /// The Signer service (sign port).
 #[derive(Debug, Clone)]
-pub struct SignerApi(pub Arc<SiteState>);
+pub struct SignerApi(pub Arc<SiteState>, Arc<CallerCache>);
+
+type PeerCerts = Vec<rustls_pki_types::CertificateDer<'static>>;
+/// Connection (address of its peer-certificate `Arc`) → that `Arc`, weakly, and its caller.
+type CallerMap = std::collections::HashMap<usize, (std::sync::Weak<PeerCerts>, Arc<Caller>)>;
+
+/// Parsed callers per connection. tonic hands every request of a connection the same
+/// `Arc` of peer certificates, so the certificate is parsed once per connection; the `Weak`
+/// makes sure a reused address is never mistaken for the old connection. Everything that can
+/// change (revocation, expiry, policies, keys) is still checked per RPC in `authz`.
+#[derive(Debug, Default)]
+pub struct CallerCache(std::sync::Mutex<CallerMap>);
+
+impl CallerCache {
+    const MAX: usize = 4096;
+
+    fn get_or_parse(
+        &self,
+        certs: &Arc<PeerCerts>,
+        trust_domain: &str,
+    ) -> Result<Arc<Caller>, AuthzError> {
+        let key = Arc::as_ptr(certs) as usize;
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((weak, caller)) = map.get(&key)
+            && weak.upgrade().is_some_and(|live| Arc::ptr_eq(&live, certs))
+        {
+            return Ok(caller.clone());
+        }
+        let leaf = certs.first().ok_or(AuthzError::NoCertificate)?;
+        let caller = Arc::new(Caller::from_cert_der(leaf, trust_domain)?);
+        if map.len() >= Self::MAX {
+            map.retain(|_, (weak, _)| weak.strong_count() > 0);
+        }
+        map.insert(key, (Arc::downgrade(certs), caller.clone()));
+        Ok(caller)
+    }
+}
 
 impl SignerApi {
+    /// The Signer service for a site.
+    pub fn new(state: Arc<SiteState>) -> Self {
+        Self(state, Arc::default())
+    }
+
     /// The typed caller from the peer certificate (the only place handlers see a certificate).
-    fn caller<T>(&self, req: &Request<T>) -> Result<Caller, AuthzError> {
+    fn caller<T>(&self, req: &Request<T>) -> Result<Arc<Caller>, AuthzError> {
         let certs = req.peer_certs().ok_or(AuthzError::NoCertificate)?;
-        let leaf = certs.first().ok_or(AuthzError::NoCertificate)?;
-        Caller::from_cert_der(leaf, &self.0.config().trust_domain)
+        self.1.get_or_parse(&certs, &self.0.config().trust_domain)
     }
 
     async fn run<T>(&self, req: &Request<T>, input: SignInput) -> Result<SignOutput, Status> {
@@ -248,7 +288,7 @@ impl v1::signer_server::Signer for SignerApi {
         })?;
         result.map_err(IntoStatus::into_status)?;
         Ok(Response::new(v1::RevokeSelfResponse {
-            serial: caller.serial_hex,
+            serial: caller.serial_hex.clone(),
         }))
     }
 
@@ -419,7 +459,7 @@ pub fn routers(state: Arc<SiteState>) -> Result<Routers, String> {
         Some(enroll),
         &["meshsign.v1.Enrollment", "meshsign.v1.Verification"],
     )?;
-    let sign = server().add_service(SignerServer::new(SignerApi(state.clone())));
+    let sign = server().add_service(SignerServer::new(SignerApi::new(state.clone())));
     let sign = with_reflection(server(), Some(sign), &["meshsign.v1.Signer"])?;
     let admin = server().add_service(v1::admin_server::AdminServer::new(AdminApi(state.clone())));
     let admin = with_reflection(server(), Some(admin), &["meshsign.v1.Admin"])?;
