@@ -446,15 +446,12 @@ impl GithubJob {
 }
 
 /// A random identifier (128 bits, 32 hex characters), for `jti` values, issuer and rule ids.
-pub fn random_id() -> String {
+/// Fails only if the OS random number generator is unavailable (then no key could be made either).
+pub fn random_id() -> Result<String, DevError> {
     use aws_lc_rs::rand::SecureRandom as _;
     let mut b = [0u8; 16];
-    // Invariant: the OS RNG works. aws-lc-rs fails here only if the kernel RNG is unavailable,
-    // and then no key could be generated either; an empty or predictable id would be worse
-    // than stopping.
-    #[allow(clippy::expect_used)]
     SystemRandom::new()
         .fill(&mut b)
-        .expect("the OS random number generator is unavailable");
-    hex::encode(b)
+        .map_err(|_| DevError::Crypto("the OS random number generator is unavailable".into()))?;
+    Ok(hex::encode(b))
 }

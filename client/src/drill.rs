@@ -66,6 +66,7 @@ pub async fn run(
     }
     let pick = usize::from(
         meshsign_certs_dev::random_id()
+            .map_err(|e| ClientError::Crypto(e.to_string()))?
             .as_bytes()
             .first()
             .copied()

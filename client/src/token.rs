@@ -61,7 +61,7 @@ pub fn dev_token(
     let claims = job.claims(
         &d.issuer,
         audience,
-        &meshsign_certs_dev::random_id(),
+        &meshsign_certs_dev::random_id().map_err(|e| ClientError::Token(e.to_string()))?,
         now,
         300,
     );

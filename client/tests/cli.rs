@@ -307,7 +307,8 @@ fn dev_token_token_file_and_github_actions_source() {
 fn admin_verbs_drill_and_sighup_reload_against_a_dev_site() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let site = start_dev(&dir.join("site"));
+    let log = dir.join("meshsignd.log");
+    let site = common::start_dev_logging(&dir.join("site"), Some(&log));
 
     // The drill: disable a policy, prove refusal on an open connection and for new enrollments,
     // re-enable; exit 0 only if refusal came within 1 s.
@@ -393,11 +394,15 @@ fn admin_verbs_drill_and_sighup_reload_against_a_dev_site() {
         .and_then(|s| s.split(',').next())
         .unwrap()
         .to_string();
-    let (code, out, _) = run(dir, &["admin", "revocations"]);
+    let (code, export, _) = run(dir, &["admin", "audit", "export"]);
     assert_eq!(code, 0);
+    let revoked_self = export.lines().any(|l| {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        v["rpc"] == "RevokeSelf" && v["decision"] == "allow" && v["cert_serial"] == serial.as_str()
+    });
     assert!(
-        !out.contains(&serial),
-        "self-revocation is on the certificate record, not a rule"
+        revoked_self,
+        "the finished job revoked its own certificate {serial}"
     );
 
     // SIGHUP: narrow `release` in staging to tags; the running site picks it up.
@@ -432,7 +437,8 @@ fn admin_verbs_drill_and_sighup_reload_against_a_dev_site() {
             "reload not applied: {err}"
         );
     }
-    // A broken file is refused and the running config stays (production still signs).
+    // A broken file is refused and the running config stays: the narrowed staging rule still
+    // holds and production still signs.
     std::fs::write(&site_toml, "this is not toml").unwrap();
     assert!(
         Command::new("kill")
@@ -441,6 +447,22 @@ fn admin_verbs_drill_and_sighup_reload_against_a_dev_site() {
             .unwrap()
             .success()
     );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("reload refused")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the broken reload was not reported"
+        );
+        std::thread::yield_now();
+    }
+    let (code, _, err) = run(
+        dir,
+        &["sign", "--environment", "staging", "--key", "release", "f"],
+    );
+    assert!(code == 1 && err.contains("key_access"), "{err}");
     let (code, _, err) = run(
         dir,
         &[

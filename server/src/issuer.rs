@@ -215,7 +215,8 @@ impl RunnerCa {
         state: IssuerState,
         now_unix: i64,
     ) -> Result<Self, IssueError> {
-        let id = meshsign_certs_dev::random_id()[..16].to_string();
+        let id = meshsign_certs_dev::random_id().map_err(|_| CustodyError::Crypto("rng"))?[..16]
+            .to_string();
         let key = Zeroizing::new(KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?);
         let mut p = CertificateParams::default();
         let mut dn = DistinguishedName::new();

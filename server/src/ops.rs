@@ -516,7 +516,8 @@ pub fn revoke(
         )));
     }
     let rule = RevocationRule {
-        id: meshsign_certs_dev::random_id()[..12].to_string(),
+        id: meshsign_certs_dev::random_id().map_err(|_| CustodyError::Crypto("rng"))?[..12]
+            .to_string(),
         kind: r.kind,
         // Serials are compared in lowercase hex (fingerprints are validated lowercase already).
         value: if r.kind == RevocationKind::Serial {

@@ -593,22 +593,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn wrap_binds_associated_data() {
-        let dir = tempfile::tempdir().unwrap();
+    fn wrap_binds_associated_data() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
         let path = dir.path().join("kek");
-        Kek::generate_file(&path).unwrap();
-        let kek = Kek::load(&path, false).unwrap();
-        let (n, ct) = kek.wrap(&key_aad("prod", "release", 1), b"secret").unwrap();
-        assert_eq!(
-            &kek.unwrap(&key_aad("prod", "release", 1), &n, &ct).unwrap()[..],
-            b"secret"
-        );
+        Kek::generate_file(&path)?;
+        let kek = Kek::load(&path, false)?;
+        let (n, ct) = kek.wrap(&key_aad("prod", "release", 1), b"secret")?;
+        let opened = kek.unwrap(&key_aad("prod", "release", 1), &n, &ct)?;
+        assert_eq!(&opened[..], b"secret");
         assert!(
             kek.unwrap(&key_aad("staging", "release", 1), &n, &ct)
                 .is_err()
         );
         assert!(kek.unwrap(&key_aad("prod", "release", 2), &n, &ct).is_err());
         assert_eq!(format!("{kek:?}"), "Kek([redacted])");
+        Ok(())
     }
 
     #[cfg(unix)]

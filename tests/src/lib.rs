@@ -215,7 +215,7 @@ impl TestSite {
         GithubJob::new(env).claims(
             ES_ISSUER,
             &format!("meshsign:{env}:{REGION}"),
-            &random_id(),
+            &random_id().unwrap(),
             self.now(),
             300,
         )
