@@ -7,16 +7,18 @@
 //! cargo run --release -p meshsign-bench -- --scenario sign --concurrency 64 --compare-durability --runs 3
 //! ```
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 
+mod daemon;
+mod load;
 mod openbao;
-use meshsign_proto::v1;
-use meshsign_server::audit::AuditSettings;
-use meshsign_tests::TestSite;
+
+use daemon::Daemon;
+use load::{SignLoad, Tokens, Window};
+use meshsign_server::sign::{EcdsaP256, SigningBackend};
 
 #[derive(Parser)]
 #[command(
@@ -51,6 +53,12 @@ struct Cli {
     /// Also drive OpenBao's transit engine (`bao server -dev` on 127.0.0.1) in the same run.
     #[arg(long)]
     vs_openbao: bool,
+    /// The site binary (default: `meshsignd` next to this one).
+    #[arg(long)]
+    meshsignd: Option<PathBuf>,
+    /// The site's log level (its log goes to a file, as a deployment's would).
+    #[arg(long, default_value = "info")]
+    site_log: String,
 }
 
 #[derive(Clone, Copy, ValueEnum, Debug)]
@@ -63,11 +71,18 @@ enum Scenario {
     Enroll,
 }
 
+/// One measured window of the service.
 struct Measured {
+    ops: u64,
     ops_per_sec: f64,
     p50_ms: f64,
     p90_ms: f64,
     p99_ms: f64,
+    errors: u64,
+    /// Server CPU seconds per 1,000 ops in the window.
+    server_cpu: Option<f64>,
+    /// Load-generator CPU seconds per 1,000 ops in the window.
+    client_cpu: Option<f64>,
 }
 
 fn pct(sorted: &[Duration], p: f64) -> f64 {
@@ -83,144 +98,55 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-async fn service(cli: &Cli, durable: bool) -> Measured {
-    let settings = AuditSettings {
-        durable,
-        ..AuditSettings::default()
+fn per_1000(before: Option<f64>, after: Option<f64>, ops: u64) -> Option<f64> {
+    Some((after? - before?) / (ops.max(1) as f64) * 1000.0)
+}
+
+/// One measurement against a running site: enroll the runners (untimed), then drive the load
+/// for `--duration` while reading the server's and our own CPU time.
+async fn service(cli: &Cli, site: &Daemon, tokens: &Tokens) -> Result<Measured, String> {
+    let what = match cli.scenario {
+        Scenario::Sign => Some(SignLoad::Sign),
+        Scenario::Batch => Some(SignLoad::Batch(cli.batch)),
+        Scenario::Enroll => None,
     };
-    let site = TestSite::start_with_settings("", None, settings).await;
-    if matches!(cli.scenario, Scenario::Enroll) {
-        return enroll_load(cli, site).await;
-    }
-    let mut signers = Vec::new();
-    for _ in 0..cli.concurrency {
-        signers.push(site.enrolled("production").await.2);
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    let (scenario, batch) = (cli.scenario, cli.batch);
-    let mut tasks = Vec::new();
-    for (i, mut s) in signers.into_iter().enumerate() {
-        let stop = stop.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::with_capacity(4096);
-            let mut ops = 0u64;
-            let digest = vec![(i % 251) as u8; 32];
-            while !stop.load(Ordering::Relaxed) {
-                let t = Instant::now();
-                let ok = match scenario {
-                    Scenario::Sign => s
-                        .sign(v1::SignRequest {
-                            key_alias: "release".into(),
-                            input: Some(v1::sign_request::Input::Sha256Digest(digest.clone())),
-                            artifact_name: String::new(),
-                            algorithm: String::new(),
-                        })
-                        .await
-                        .is_ok(),
-                    Scenario::Batch => s
-                        .sign_batch(v1::SignBatchRequest {
-                            key_alias: "release".into(),
-                            sha256_digests: vec![digest.clone(); batch],
-                            artifact_name: String::new(),
-                            algorithm: String::new(),
-                        })
-                        .await
-                        .is_ok(),
-                    Scenario::Enroll => false,
-                };
-                if ok {
-                    lat.push(t.elapsed());
-                    ops += if matches!(scenario, Scenario::Batch) {
-                        batch as u64
-                    } else {
-                        1
-                    };
-                }
-            }
-            (ops, lat)
-        }));
-    }
-    let start = Instant::now();
-    tokio::time::sleep(Duration::from_secs(cli.duration)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut ops = 0;
-    let mut lat = Vec::new();
-    for t in tasks {
-        if let Ok((o, l)) = t.await {
-            ops += o;
-            lat.extend(l);
-        }
-    }
-    let secs = start.elapsed().as_secs_f64();
-    lat.sort();
-    site.handle.shutdown().await;
-    Measured {
-        ops_per_sec: ops as f64 / secs,
-        p50_ms: pct(&lat, 0.5),
-        p90_ms: pct(&lat, 0.9),
-        p99_ms: pct(&lat, 0.99),
-    }
+    let dur = Duration::from_secs(cli.duration);
+    let sessions = match what {
+        Some(_) => load::sessions(&site.client, tokens, cli.concurrency).await?,
+        None => Vec::new(),
+    };
+    let (s0, c0) = (site.cpu_seconds(), daemon::own_cpu_seconds());
+    let w: Window = match what {
+        Some(what) => load::sign(sessions, what, dur).await,
+        None => load::enroll(&site.client, tokens, cli.concurrency, dur).await?,
+    };
+    let (s1, c1) = (site.cpu_seconds(), daemon::own_cpu_seconds());
+    Ok(Measured {
+        ops: w.ops,
+        ops_per_sec: w.ops as f64 / w.seconds,
+        p50_ms: pct(&w.latencies, 0.5),
+        p90_ms: pct(&w.latencies, 0.9),
+        p99_ms: pct(&w.latencies, 0.99),
+        errors: w.errors,
+        server_cpu: per_1000(s0, s1, w.ops),
+        client_cpu: per_1000(c0, c1, w.ops),
+    })
 }
 
-/// Enrollment load: each op opens a new TLS connection with a fresh token and CSR.
-async fn enroll_load(cli: &Cli, site: TestSite) -> Measured {
-    let site = Arc::new(site);
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    for _ in 0..cli.concurrency {
-        let (site, stop) = (site.clone(), stop.clone());
-        tasks.push(tokio::spawn(async move {
-            let (mut ops, mut lat) = (0u64, Vec::new());
-            while !stop.load(Ordering::Relaxed) {
-                let t = Instant::now();
-                let Ok(key) = meshsign_client::runner::RunnerKey::generate() else {
-                    break;
-                };
-                let req = site.enroll_request("production", site.token("production"), &key);
-                if site.enrollment().await.enroll(req).await.is_ok() {
-                    ops += 1;
-                    lat.push(t.elapsed());
-                }
-            }
-            (ops, lat)
-        }));
-    }
-    let start = Instant::now();
-    tokio::time::sleep(Duration::from_secs(cli.duration)).await;
-    stop.store(true, Ordering::Relaxed);
-    let (mut ops, mut lat) = (0, Vec::new());
-    for t in tasks {
-        if let Ok((o, l)) = t.await {
-            ops += o;
-            lat.extend(l);
-        }
-    }
-    let secs = start.elapsed().as_secs_f64();
-    lat.sort();
-    if let Ok(site) = Arc::try_unwrap(site) {
-        site.handle.shutdown().await;
-    }
-    Measured {
-        ops_per_sec: ops as f64 / secs,
-        p50_ms: pct(&lat, 0.5),
-        p90_ms: pct(&lat, 0.9),
-        p99_ms: pct(&lat, 0.99),
-    }
-}
-
-/// The same signing code, no network: the site's key backend, one thread per core.
-async fn in_process(cli: &Cli) -> f64 {
-    let site = TestSite::start().await;
-    let key = site.state().keys().active("production", "release").cloned();
-    site.handle.shutdown().await;
-    let Some(key) = key else { return 0.0 };
+/// The same signing code, no network: the site's P-256 signer (`EcdsaP256`, aws-lc-rs), one
+/// thread per core.
+fn in_process(cli: &Cli) -> f64 {
+    let backend: std::sync::Arc<dyn SigningBackend> = match EcdsaP256::generate() {
+        Ok((k, _pkcs8)) => std::sync::Arc::new(k),
+        Err(_) => return 0.0,
+    };
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
     let dur = Duration::from_secs(cli.duration);
     let handles: Vec<_> = (0..threads)
         .map(|i| {
-            let backend = key.backend.clone();
+            let backend = backend.clone();
             std::thread::spawn(move || {
                 let digest = [i as u8; 32];
                 let start = Instant::now();
@@ -237,30 +163,62 @@ async fn in_process(cli: &Cli) -> f64 {
     handles.into_iter().filter_map(|h| h.join().ok()).sum()
 }
 
+/// A site under test and what was measured on it.
+struct Mode {
+    durable: bool,
+    site: Daemon,
+    tokens: Tokens,
+    rows: Vec<Measured>,
+}
+
+fn opt_median(v: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+    let v: Vec<f64> = v.flatten().collect();
+    (!v.is_empty()).then(|| median(v))
+}
+
 #[tokio::main]
 async fn main() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = Cli::parse();
-    let mut rows: Vec<(bool, Measured)> = Vec::new();
-    let mut inproc = Vec::new();
+    if let Err(e) = run(&cli).await {
+        eprintln!("meshsign-bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: &Cli) -> Result<(), String> {
+    let binary = cli.meshsignd.clone().unwrap_or_else(daemon::default_binary);
+    let durabilities: Vec<bool> = if cli.compare_durability {
+        vec![true, false]
+    } else {
+        vec![!cli.no_durable_audit]
+    };
+    // One site per durability setting, reused by every run (enrollments accumulate, so the
+    // RSS reported after an enroll benchmark is after all of them).
+    let mut modes = Vec::new();
+    for durable in durabilities {
+        let site = Daemon::start(&binary, durable, &cli.site_log)?;
+        let tokens = Tokens::new(&site.client)?;
+        modes.push(Mode {
+            durable,
+            site,
+            tokens,
+            rows: Vec::new(),
+        });
+    }
     let bao = if cli.vs_openbao {
-        match openbao::start().await {
-            Ok(b) => Some(b),
-            Err(e) => {
-                eprintln!("openbao: {e}");
-                std::process::exit(1);
-            }
-        }
+        Some(openbao::start().await?)
     } else {
         None
     };
+    let mut inproc = Vec::new();
     let mut bao_ops = Vec::new();
     let mut bao_p99 = Vec::new();
     for run in 0..cli.runs {
         inproc.push(if cli.no_in_process {
             0.0
         } else {
-            in_process(&cli).await
+            tokio::task::block_in_place(|| in_process(cli))
         });
         if let Some(b) = &bao {
             let batch = matches!(cli.scenario, Scenario::Batch).then_some(cli.batch);
@@ -275,47 +233,61 @@ async fn main() {
             bao_ops.push(ops);
             bao_p99.push(pct(&lat, 0.99));
         }
-        let modes: Vec<bool> = if cli.compare_durability {
-            if run % 2 == 0 {
-                vec![true, false]
-            } else {
-                vec![false, true]
-            }
+        // Alternate the order so neither setting always runs on a warmer machine.
+        let order: Vec<usize> = if run % 2 == 0 {
+            (0..modes.len()).collect()
         } else {
-            vec![!cli.no_durable_audit]
+            (0..modes.len()).rev().collect()
         };
-        for durable in modes {
-            let m = service(&cli, durable).await;
+        for i in order {
+            let mode = &mut modes[i];
+            let m = service(cli, &mode.site, &mode.tokens).await?;
             eprintln!(
-                "run {run}: {:?} durable={durable} c={} {:.0} ops/s p50 {:.2} ms p99 {:.2} ms (in-process {:.0}/s)",
-                cli.scenario, cli.concurrency, m.ops_per_sec, m.p50_ms, m.p99_ms, inproc[run]
+                "run {run}: {:?} durable={} c={} {:.0} ops/s p50 {:.2} ms p99 {:.2} ms errors {} \
+                 server {:.3} / client {:.3} CPU s per 1000 ops (in-process {:.0}/s)",
+                cli.scenario,
+                mode.durable,
+                cli.concurrency,
+                m.ops_per_sec,
+                m.p50_ms,
+                m.p99_ms,
+                m.errors,
+                m.server_cpu.unwrap_or(f64::NAN),
+                m.client_cpu.unwrap_or(f64::NAN),
+                inproc[run]
             );
-            rows.push((durable, m));
+            mode.rows.push(m);
         }
     }
     let in_process_ops = median(inproc);
     let openbao_ops = (!bao_ops.is_empty()).then(|| median(bao_ops.clone()));
     let openbao_p99 = (!bao_p99.is_empty()).then(|| median(bao_p99.clone()));
-    let summarize = |durable: bool| {
-        let rs: Vec<&Measured> = rows
-            .iter()
-            .filter(|(d, _)| *d == durable)
-            .map(|(_, m)| m)
-            .collect();
+    let summarize = |mode: &Mode| {
+        let rs = &mode.rows;
         let ops = median(rs.iter().map(|m| m.ops_per_sec).collect());
+        let rss = mode.site.rss_mib();
         let mut j = serde_json::json!({
             "scenario": format!("{:?}", cli.scenario).to_lowercase(),
             "concurrency": cli.concurrency,
-            "durable_audit": durable,
+            "durable_audit": mode.durable,
             "runs": rs.len(),
             "duration_s": cli.duration,
             "ops_per_sec": ops.round(),
             "p50_ms": median(rs.iter().map(|m| m.p50_ms).collect()),
             "p90_ms": median(rs.iter().map(|m| m.p90_ms).collect()),
             "p99_ms": median(rs.iter().map(|m| m.p99_ms).collect()),
+            "errors": rs.iter().map(|m| m.errors).sum::<u64>(),
+            "server_cpu_s_per_1000_ops": opt_median(rs.iter().map(|m| m.server_cpu)),
+            "client_cpu_s_per_1000_ops": opt_median(rs.iter().map(|m| m.client_cpu)),
+            "server_peak_rss_mib": rss.map(|r| r.0),
+            "server_rss_mib": rss.map(|r| r.1),
             "in_process_ops_per_sec": in_process_ops.round(),
             "ratio_to_in_process": (in_process_ops > 0.0).then(|| ops / in_process_ops),
         });
+        if matches!(cli.scenario, Scenario::Enroll) {
+            // Every run enrolled on the same site.
+            j["enrollments_on_site"] = rs.iter().map(|m| m.ops).sum::<u64>().into();
+        }
         if let Some(b) = openbao_ops {
             j["openbao_ops_per_sec"] = b.round().into();
             j["openbao_p99_ms"] = openbao_p99.unwrap_or(0.0).into();
@@ -324,14 +296,15 @@ async fn main() {
         j
     };
     if cli.compare_durability {
-        let (d, n) = (summarize(true), summarize(false));
+        let (d, n) = (summarize(&modes[0]), summarize(&modes[1]));
         let ratio = d["ops_per_sec"].as_f64().unwrap_or(0.0)
             / n["ops_per_sec"].as_f64().unwrap_or(1.0).max(1.0);
         println!(
             "{}",
             serde_json::json!({ "durable": d, "no_flush": n, "durable_to_no_flush": ratio })
         );
-    } else {
-        println!("{}", summarize(!cli.no_durable_audit));
+    } else if let Some(m) = modes.first() {
+        println!("{}", summarize(m));
     }
+    Ok(())
 }

@@ -67,6 +67,9 @@ pub fn tls_config(
     Ok(Arc::new(cfg))
 }
 
+/// Room for a whole unary request (HTTP/2 HEADERS and DATA) and most batch requests.
+const WRITE_BUFFER: usize = 32 * 1024;
+
 /// Opens a gRPC channel to `endpoint` (`host:port`) with `tls`, checking the server as
 /// `server_name`. The connection is made now, so TLS failures surface here.
 pub async fn connect(
@@ -89,6 +92,9 @@ pub async fn connect(
             let tcp = TcpStream::connect(&addr).await?;
             tcp.set_nodelay(true)?;
             let stream = TlsConnector::from(tls).connect(name, tcp).await?;
+            // tokio-rustls sends every write as its own TLS record at once; h2 writes a request
+            // in several pieces and then flushes, so gather them: one record, one system call.
+            let stream = tokio::io::BufWriter::with_capacity(WRITE_BUFFER, stream);
             Ok::<_, std::io::Error>(TokioIo::new(stream))
         }
     });

@@ -2,9 +2,20 @@
 //! before the response leaves (DESIGN.md "Audit"). The format, chain and verification live in
 //! `meshsign_proto::audit`, shared with offline verifiers.
 //!
-//! **Group commit.** Callers hand entries to one writer task; it takes every entry waiting,
+//! **Group commit.** Callers hand entries to one writer thread; it takes every entry waiting,
 //! chains and stores them, flushes once, then answers all of them. Concurrent requests share one
-//! flush, so durability does not serialize the service.
+//! flush, so durability does not serialize the service. The writer is a dedicated OS thread
+//! rather than a tokio task: the flush blocks, and doing it on the writer's own thread saves
+//! the two thread hand-offs per batch a `spawn_blocking` would add (measured with
+//! `meshsign-bench`: see BENCHMARKS.md). Its queue needs no bound of its own: every entry in it
+//! belongs to a request (or admin call) waiting for the answer, so it never holds more entries
+//! than there are calls in flight.
+//!
+//! **Journal.** Entries of requests that changed nothing else in the store (Sign, SignBatch:
+//! [`AuditLog::record_sign`]) are made durable through the append-only [`Journal`] instead of a
+//! store flush; see `journal.rs` for why and for recovery. Every other entry
+//! ([`AuditLog::record`]) flushes the store, which also makes the request's own writes (a
+//! claimed jti, an issued certificate, a revocation) durable before the answer.
 //!
 //! **Checkpoints.** Every `checkpoint_every` entries, or after `checkpoint_seconds` with new
 //! entries, the writer appends a checkpoint signed by the site's audit key (P-256, wrapped under
@@ -15,9 +26,12 @@ use std::time::Duration;
 
 pub use meshsign_proto::audit::AuditRecord;
 use meshsign_proto::audit::{Checkpoint, genesis};
-use tokio::sync::{mpsc, oneshot, watch};
+use std::sync::mpsc;
+
+use tokio::sync::{oneshot, watch};
 
 use crate::clock::SharedClock;
+use crate::journal::Journal;
 use crate::sign::SigningBackend;
 use crate::store::{Store, StoreError, Tree};
 
@@ -27,7 +41,7 @@ pub enum AuditError {
     /// The store refused the write or the flush.
     #[error("audit write failed: {0}")]
     Store(String),
-    /// The writer task is gone (site shutting down).
+    /// The writer thread is gone (site shutting down).
     #[error("audit writer stopped")]
     Stopped,
 }
@@ -80,8 +94,17 @@ type Reply = oneshot::Sender<Result<AuditRecord, AuditError>>;
 
 const EXPORTED_KEY: &[u8] = b"audit/exported_through";
 
+/// What must be durable before an entry is acknowledged.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// The entry only (the request wrote nothing else).
+    Entry,
+    /// The entry and everything the request wrote to the store.
+    Store,
+}
+
 enum Msg {
-    Entry(Box<AuditRecord>, Reply),
+    Entry(Box<AuditRecord>, Scope, Reply),
     Stop(oneshot::Sender<()>),
 }
 
@@ -112,18 +135,45 @@ struct Writer {
     hash: String,
     since_checkpoint: u64,
     head: watch::Sender<u64>,
+    /// None: every commit flushes the store.
+    journal: Option<Journal>,
+    /// A journal write failed: the next commit flushes the store and empties the journal, so
+    /// no torn line stays in front of later entries.
+    journal_reset: bool,
+    /// Encoded entries of the batch being committed.
+    pending: Vec<Vec<u8>>,
 }
 
 impl AuditLog {
-    /// Opens the log, continuing the chain from the last stored entry, and starts the writer.
-    /// Must be called inside a tokio runtime.
+    /// Opens the log and starts the writer thread. With a `journal` path, entries a crash left
+    /// only in the journal are first written back into the store; the chain then continues from
+    /// the last stored entry.
     pub fn open(
         store: Store,
         clock: SharedClock,
         region: &str,
         key: AuditKey,
         settings: AuditSettings,
+        journal: Option<&std::path::Path>,
     ) -> Result<Self, AuditError> {
+        let journal = match journal {
+            Some(path) => {
+                let (mut j, entries) = Journal::open(path)?;
+                for (rec, bytes) in &entries {
+                    store.kv().put(Tree::Audit, &rec.seq.to_be_bytes(), bytes)?;
+                }
+                store.flush()?;
+                j.clear()?;
+                if !entries.is_empty() {
+                    tracing::info!(
+                        entries = entries.len(),
+                        "audit entries recovered from the journal"
+                    );
+                }
+                Some(j)
+            }
+            None => None,
+        };
         let (seq, hash, since_checkpoint) = match store.kv().last(Tree::Audit)? {
             Some((_, v)) => {
                 let last: AuditRecord = serde_json::from_slice(&v)
@@ -137,7 +187,7 @@ impl AuditLog {
             None => (0, genesis(), 0),
         };
         let (head_tx, head_rx) = watch::channel(seq);
-        let (tx, rx) = mpsc::channel(4096);
+        let (tx, rx) = mpsc::channel();
         let writer = Writer {
             store: store.clone(),
             clock,
@@ -148,8 +198,14 @@ impl AuditLog {
             hash,
             since_checkpoint,
             head: head_tx,
+            journal,
+            journal_reset: false,
+            pending: Vec::new(),
         };
-        tokio::spawn(writer.run(rx));
+        std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| AuditError::Store(format!("cannot start the audit writer: {e}")))?;
         Ok(Self {
             tx,
             store,
@@ -158,12 +214,22 @@ impl AuditLog {
         })
     }
 
-    /// Appends an entry (seq, ts, region and chain are filled in) and waits until it is durable.
+    /// Appends an entry (seq, ts, region and chain are filled in) and waits until it — and
+    /// every write the request made to the store before it — is durable.
     pub async fn record(&self, rec: AuditRecord) -> Result<AuditRecord, AuditError> {
+        self.send(rec, Scope::Store).await
+    }
+
+    /// [`AuditLog::record`] for a decision that wrote nothing else to the store (signing
+    /// requests): only the entry must be durable, which the journal does without a store flush.
+    pub async fn record_sign(&self, rec: AuditRecord) -> Result<AuditRecord, AuditError> {
+        self.send(rec, Scope::Entry).await
+    }
+
+    async fn send(&self, rec: AuditRecord, scope: Scope) -> Result<AuditRecord, AuditError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Msg::Entry(Box::new(rec), reply))
-            .await
+            .send(Msg::Entry(Box::new(rec), scope, reply))
             .map_err(|_| AuditError::Stopped)?;
         rx.await.map_err(|_| AuditError::Stopped)?
     }
@@ -171,7 +237,7 @@ impl AuditLog {
     /// Stops the writer after what is queued (shutdown); later records fail with `Stopped`.
     pub async fn stop(&self) {
         let (tx, rx) = oneshot::channel();
-        if self.tx.send(Msg::Stop(tx)).await.is_ok() {
+        if self.tx.send(Msg::Stop(tx)).is_ok() {
             let _ = rx.await;
         }
     }
@@ -278,38 +344,41 @@ impl AuditLog {
 }
 
 impl Writer {
-    async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+    fn run(mut self, rx: mpsc::Receiver<Msg>) {
         // After a restart (or a crash), anchor the tail left unsigned at once.
         if self.since_checkpoint > 0
-            && let Err(e) = self.commit(Vec::new(), true).await
+            && let Err(e) = self.commit(Vec::new(), true)
         {
             tracing::error!(error = %e, "audit checkpoint at start failed");
         }
         loop {
-            let first =
-                match tokio::time::timeout(self.settings.checkpoint_interval, rx.recv()).await {
-                    Ok(Some(Msg::Entry(rec, reply))) => (*rec, reply),
-                    Ok(Some(Msg::Stop(done))) => {
-                        let _ = self.store.flush();
-                        let _ = done.send(());
-                        return;
+            let first = match rx.recv_timeout(self.settings.checkpoint_interval) {
+                Ok(Msg::Entry(rec, scope, reply)) => (*rec, scope, reply),
+                Ok(Msg::Stop(done)) => {
+                    if self.store.flush().is_ok()
+                        && let Some(j) = &mut self.journal
+                    {
+                        let _ = j.clear();
                     }
-                    Ok(None) => return,
-                    Err(_) => {
-                        // Idle: checkpoint what is not yet covered.
-                        if self.since_checkpoint > 0
-                            && let Err(e) = self.commit(Vec::new(), true).await
-                        {
-                            tracing::error!(error = %e, "audit checkpoint failed");
-                        }
-                        continue;
+                    let _ = done.send(());
+                    return;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    // Idle: checkpoint what is not yet covered.
+                    if self.since_checkpoint > 0
+                        && let Err(e) = self.commit(Vec::new(), true)
+                    {
+                        tracing::error!(error = %e, "audit checkpoint failed");
                     }
-                };
+                    continue;
+                }
+            };
             let mut batch = vec![first];
             let mut stop = None;
             while batch.len() < 4096 {
                 match rx.try_recv() {
-                    Ok(Msg::Entry(rec, reply)) => batch.push((*rec, reply)),
+                    Ok(Msg::Entry(rec, scope, reply)) => batch.push((*rec, scope, reply)),
                     Ok(Msg::Stop(done)) => {
                         stop = Some(done);
                         break;
@@ -317,7 +386,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            if let Err(e) = self.commit(batch, false).await {
+            if let Err(e) = self.commit(batch, false) {
                 tracing::error!(error = %e, "audit write failed");
             }
             if let Some(done) = stop {
@@ -339,7 +408,11 @@ impl Writer {
         rec.site_region = self.region.clone();
         rec.prev_hash = self.hash.clone();
         rec.hash = rec.compute_hash();
-        self.store.put(Tree::Audit, &rec.seq.to_be_bytes(), &rec)?;
+        let bytes = serde_json::to_vec(&rec).map_err(|e| AuditError::Store(e.to_string()))?;
+        self.store
+            .kv()
+            .put(Tree::Audit, &rec.seq.to_be_bytes(), &bytes)?;
+        self.pending.push(bytes);
         // The same fields as a log event (never tokens or payloads: jti and digests only).
         tracing::info!(
             target: "meshsign::audit",
@@ -388,19 +461,47 @@ impl Writer {
         Ok(())
     }
 
-    /// Chains and stores a batch (plus a checkpoint when due), flushes once, answers everyone.
-    /// On failure nothing of the batch is acknowledged and the chain head is restored.
-    async fn commit(
+    /// Makes the batch durable: through the journal when only entries must be, else by
+    /// flushing the store (which then holds everything, so the journal is emptied).
+    fn make_durable(&mut self, store_scope: bool) -> Result<(), AuditError> {
+        let journal_full = self
+            .journal
+            .as_ref()
+            .is_none_or(|j| j.len() > Journal::MAX_BYTES);
+        if store_scope || journal_full || self.journal_reset {
+            self.store.flush()?;
+            if let Some(j) = &mut self.journal {
+                // If emptying fails the journal only repeats entries the store now holds.
+                match j.clear() {
+                    Ok(()) => self.journal_reset = false,
+                    Err(e) => tracing::warn!(error = %e, "audit journal not emptied"),
+                }
+            }
+            return Ok(());
+        }
+        let Some(j) = &mut self.journal else {
+            return Ok(());
+        };
+        j.append(&self.pending)
+            .inspect_err(|_| self.journal_reset = true)
+    }
+
+    /// Chains and stores a batch (plus a checkpoint when due), makes it durable once, answers
+    /// everyone. On failure nothing of the batch is acknowledged and the chain head is restored.
+    fn commit(
         &mut self,
-        batch: Vec<(AuditRecord, Reply)>,
+        batch: Vec<(AuditRecord, Scope, Reply)>,
         force_checkpoint: bool,
     ) -> Result<(), AuditError> {
         let (saved_seq, saved_hash, saved_since) =
             (self.seq, self.hash.clone(), self.since_checkpoint);
+        self.pending.clear();
+        let mut store_scope = false;
         let mut written = Vec::with_capacity(batch.len());
         let mut result: Result<(), AuditError> = Ok(());
         let mut replies = Vec::with_capacity(batch.len());
-        for (rec, reply) in batch {
+        for (rec, scope, reply) in batch {
+            store_scope |= scope == Scope::Store;
             replies.push(reply);
             if result.is_ok() {
                 match self.append(rec) {
@@ -416,15 +517,14 @@ impl Writer {
             && (force_checkpoint || self.since_checkpoint >= self.settings.checkpoint_every)
             && self.since_checkpoint > 0
         {
+            // A checkpoint is a good moment to move everything into the store.
+            store_scope = true;
             result = self.checkpoint();
         }
         if result.is_ok() && self.settings.durable {
-            let store = self.store.clone();
-            result = match tokio::task::spawn_blocking(move || store.flush()).await {
-                Ok(r) => r.map_err(AuditError::from),
-                Err(_) => Err(AuditError::Store("flush task failed".into())),
-            };
+            result = self.make_durable(store_scope);
         }
+        self.pending.clear();
         match &result {
             Ok(()) => {
                 let _ = self.head.send(self.seq);

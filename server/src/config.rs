@@ -74,6 +74,8 @@ struct RawAudit {
     checkpoint_seconds: u64,
     #[serde(default)]
     retention_days: u64,
+    #[serde(default = "default_flush")]
+    flush: bool,
 }
 
 impl Default for RawAudit {
@@ -82,6 +84,7 @@ impl Default for RawAudit {
             checkpoint_every: default_checkpoint_every(),
             checkpoint_seconds: default_checkpoint_seconds(),
             retention_days: 0,
+            flush: true,
         }
     }
 }
@@ -92,6 +95,10 @@ fn default_checkpoint_every() -> u64 {
 
 fn default_checkpoint_seconds() -> u64 {
     10
+}
+
+fn default_flush() -> bool {
+    true
 }
 
 #[derive(Deserialize)]
@@ -225,6 +232,10 @@ pub struct AuditConfig {
     pub checkpoint_seconds: u64,
     /// Entries older than this may be pruned once exported and checkpointed (0: keep all).
     pub retention_days: u64,
+    /// Flush every entry to disk before the response leaves (always, outside dev mode).
+    /// `flush = false` exists only so benchmarks can measure what durability costs; a crash
+    /// may then lose acknowledged entries, so validation refuses it unless `dev = true`.
+    pub flush: bool,
 }
 
 /// Listen addresses of the three ports.
@@ -504,6 +515,13 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
             "checkpoint_every and checkpoint_seconds must be positive",
         ));
     }
+    if !raw.audit.flush && !raw.dev {
+        return Err(invalid(
+            "audit.flush",
+            "false (acknowledged entries may be lost on a crash) is a benchmark setting, \
+             refused unless dev = true",
+        ));
+    }
     if raw.partitions.is_empty() {
         return Err(invalid("partitions", "at least one partition is required"));
     }
@@ -685,6 +703,7 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
             checkpoint_every: raw.audit.checkpoint_every,
             checkpoint_seconds: raw.audit.checkpoint_seconds,
             retention_days: raw.audit.retention_days,
+            flush: raw.audit.flush,
         },
     })
 }

@@ -15,6 +15,7 @@ pub mod config;
 pub mod dev;
 pub mod enroll;
 pub mod issuer;
+pub mod journal;
 pub mod jwt;
 pub mod ops;
 pub mod sign;

@@ -169,7 +169,7 @@ pub async fn sign(
             tracing::info!(reason = e.check(), detail = %e, "sign refused");
         }
     }
-    let written = site.audit.record(rec).await?;
+    let written = site.audit.record_sign(rec).await?;
     result.map(|mut out| {
         out.audit_id = written.audit_id();
         out.audit_seq = written.seq;
@@ -293,6 +293,6 @@ pub async fn refuse_uncallered(
         peer: input.peer.clone(),
         ..Default::default()
     };
-    site.audit.record(rec).await?;
+    site.audit.record_sign(rec).await?;
     Ok(())
 }

@@ -92,6 +92,9 @@ fn write<T>(l: &RwLock<T>, v: T) {
     *l.write().unwrap_or_else(|p| p.into_inner()) = v;
 }
 
+/// The audit journal's file name in the data folder (beside sled's files; see `journal.rs`).
+pub const AUDIT_JOURNAL: &str = "audit.journal";
+
 impl SiteState {
     /// Opens the store, reads the KEK, loads (or creates) runner CAs and signing keys, and
     /// applies the ops overlays kept in the store to the file configuration.
@@ -99,7 +102,7 @@ impl SiteState {
         let settings = AuditSettings {
             checkpoint_every: file_config.audit.checkpoint_every,
             checkpoint_interval: Duration::from_secs(file_config.audit.checkpoint_seconds),
-            durable: true,
+            durable: file_config.audit.flush,
         };
         Self::open_with(file_config, clock, settings, None)
     }
@@ -113,6 +116,7 @@ impl SiteState {
         kv: Option<Arc<dyn crate::store::Kv>>,
     ) -> Result<Self, SiteError> {
         let kek = Kek::load(&file_config.kek_file, file_config.dev)?;
+        let journal = file_config.data_dir.join(AUDIT_JOURNAL);
         std::fs::create_dir_all(&file_config.data_dir)
             .map_err(|e| StoreError::Engine(format!("{}: {e}", file_config.data_dir.display())))?;
         let store = match kv {
@@ -142,6 +146,7 @@ impl SiteState {
             &config.region,
             audit_key,
             settings,
+            Some(&journal),
         )?;
         Ok(Self {
             config: RwLock::new(Arc::new(config)),

@@ -7,7 +7,9 @@
 
 use std::io;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::RootCertStore;
@@ -17,11 +19,13 @@ use rustls::server::danger::ClientCertVerifier;
 use rustls::{ServerConfig, version::TLS13};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncWrite, BufWriter, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
 
 use crate::clock::{RustlsTime, SharedClock};
 use crate::config::TlsFiles;
@@ -173,13 +177,81 @@ pub fn cell(cfg: Arc<ServerConfig>) -> TlsCell {
     Arc::new(std::sync::RwLock::new(cfg))
 }
 
+/// Room for a whole unary response (HTTP/2 HEADERS, DATA and trailers) and most batch responses.
+const WRITE_BUFFER: usize = 32 * 1024;
+
+/// A server TLS stream whose writes are gathered until HTTP/2 flushes.
+///
+/// tokio-rustls encrypts and sends every `poll_write` at once, and h2 hands a response over in
+/// several writes (frame headers, the message, trailers): unbuffered, one gRPC response costs
+/// two or three TLS records and as many `writev` calls. Gathered here, it is one record and one
+/// system call per flush (measured with `meshsign-bench`; see BENCHMARKS.md).
+pub struct BufferedTls(BufWriter<TlsStream<TcpStream>>);
+
+impl BufferedTls {
+    /// Wraps an accepted stream.
+    pub fn new(stream: TlsStream<TcpStream>) -> Self {
+        Self(BufWriter::with_capacity(WRITE_BUFFER, stream))
+    }
+}
+
+impl Connected for BufferedTls {
+    /// The same information tonic gives for a bare TLS stream (peer address and certificates),
+    /// so `Request::remote_addr` and `Request::peer_certs` work unchanged.
+    type ConnectInfo = <TlsStream<TcpStream> as Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.0.get_ref().connect_info()
+    }
+}
+
+impl AsyncRead for BufferedTls {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for BufferedTls {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+}
+
 /// Accepts TCP connections, completes each TLS handshake in its own task (bounded by
 /// [`HANDSHAKE_TIMEOUT`], so a slow client cannot stall the loop), and yields the streams.
 /// The loop ends when the returned stream is dropped.
 pub fn incoming(
     listener: TcpListener,
     config: TlsCell,
-) -> ReceiverStream<Result<TlsStream<TcpStream>, io::Error>> {
+) -> ReceiverStream<Result<BufferedTls, io::Error>> {
     let (tx, rx) = mpsc::channel(256);
     tokio::spawn(async move {
         loop {
@@ -201,7 +273,7 @@ pub fn incoming(
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
+                        let _ = tx.send(Ok(BufferedTls::new(tls))).await;
                     }
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake refused"),
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),

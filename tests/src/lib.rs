@@ -177,6 +177,12 @@ impl TestSite {
 
     /// Stops the site and starts it again on the same data (new ports).
     pub async fn restart(self) -> Self {
+        self.restart_with(|_| {}).await
+    }
+
+    /// [`TestSite::restart`], running `between` on the data folder while the site is down
+    /// (to simulate what a crash leaves behind).
+    pub async fn restart_with(self, between: impl FnOnce(&Path)) -> Self {
         let TestSite {
             dir,
             handle,
@@ -187,6 +193,7 @@ impl TestSite {
             ..
         } = self;
         handle.shutdown().await;
+        between(&dir.path().join("data"));
         let handle = start_site(&site_toml, clock.clone()).await;
         let client = client_config(dir.path(), &handle);
         Self {

@@ -333,3 +333,69 @@ async fn retention_prunes_only_what_was_exported_and_checkpointed() {
             .any(|r| r.rpc == "AuditRetention" && r.detail.contains("pruned entries 1..="))
     );
 }
+
+/// A crash can leave acknowledged Sign entries only in the audit journal (they are made
+/// durable there, not by a store flush). At start they are written back into the store; a torn
+/// last line — a write the crash cut short, never acknowledged — is dropped.
+#[tokio::test]
+async fn signatures_acknowledged_through_the_journal_survive_a_lost_store_tail() {
+    let site = TestSite::start().await;
+    let (_k, _r, mut s) = site.enrolled("production").await;
+    // The enrollment flushed the store and emptied the journal; these three go to the journal.
+    let mut receipts = Vec::new();
+    for i in 0..3 {
+        let r = s.sign(sign_req("release", i)).await.unwrap().into_inner();
+        receipts.push((r.audit_seq, r.audit_hash));
+    }
+    let journal_path = site
+        .dir
+        .path()
+        .join("data")
+        .join(meshsign_server::site::AUDIT_JOURNAL);
+    let journal = std::fs::read(&journal_path).unwrap();
+    let lines: Vec<AuditRecord> = journal
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).unwrap())
+        .collect();
+    assert_eq!(
+        lines.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        receipts.iter().map(|r| r.0).collect::<Vec<_>>(),
+        "the journal holds exactly the three Sign entries"
+    );
+    drop(s);
+
+    let site = site
+        .restart_with(|data| {
+            // What a crash leaves: the store lost its unflushed tail (the three entries), the
+            // journal has them plus half of a fourth line.
+            let kv = meshsign_server::store::SledKv::open(data).unwrap();
+            use meshsign_server::store::{Kv, Tree};
+            for (seq, _) in &receipts {
+                kv.remove(Tree::Audit, &seq.to_be_bytes()).unwrap();
+            }
+            kv.flush().unwrap();
+            drop(kv);
+            let mut torn = journal.clone();
+            torn.extend_from_slice(&journal[..journal.len() / 5]);
+            std::fs::write(data.join(meshsign_server::site::AUDIT_JOURNAL), torn).unwrap();
+        })
+        .await;
+
+    let all = site.audit();
+    for (seq, hash) in &receipts {
+        let e = all.iter().find(|e| e.seq == *seq).expect("recovered");
+        assert_eq!(&e.hash, hash, "seq {seq} is the acknowledged entry");
+    }
+    // No gap, no extra entry from the torn line, and the chain still verifies end to end.
+    let seqs: Vec<u64> = all.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=all.len() as u64).collect::<Vec<_>>());
+    let key = audit_key(&site).await;
+    let lines = export(&site, v1::ExportAuditRequest::default()).await;
+    verify_export(&lines, &key).unwrap();
+    assert_eq!(
+        std::fs::metadata(&journal_path).unwrap().len(),
+        0,
+        "recovered entries are in the store; the journal is emptied"
+    );
+}

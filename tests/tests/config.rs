@@ -170,6 +170,11 @@ fn refusals_name_the_field_path() {
         ),
         ("no partitions", BASE.to_string(), "partitions"),
         (
+            "audit flush off outside dev",
+            format!("{BASE}[audit]\nflush = false\n{}", ok("production", "a")),
+            "audit.flush",
+        ),
+        (
             "wrong type",
             format!(
                 "{BASE}{}",
@@ -185,12 +190,18 @@ fn refusals_name_the_field_path() {
 }
 
 #[test]
-fn dev_mode_admits_http_issuers() {
+fn dev_mode_admits_http_issuers_and_an_unflushed_audit_log() {
     let toml = format!(
         "dev = true\n{BASE}{}",
         partition("production", "a", "http://127.0.0.1/oidc", "")
     );
-    assert!(load(&toml).unwrap().dev);
+    let cfg = load(&toml).unwrap();
+    assert!(cfg.dev && cfg.audit.flush, "the flush is on by default");
+    let toml = format!(
+        "dev = true\n{BASE}[audit]\nflush = false\n{}",
+        partition("production", "a", "http://127.0.0.1/oidc", "")
+    );
+    assert!(!load(&toml).unwrap().audit.flush);
 }
 
 #[test]

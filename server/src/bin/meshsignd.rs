@@ -51,6 +51,10 @@ enum Command {
         /// Admin port (0 picks a free one).
         #[arg(long, default_value_t = 7444)]
         admin_port: u16,
+        /// Benchmarks only: answer before the audit entry is flushed to disk (`audit.flush =
+        /// false`; acknowledged entries may be lost on a crash).
+        #[arg(long, hide = true)]
+        no_audit_flush: bool,
     },
     /// Validate a site config (including JWKS files and the KEK file) without serving.
     Check {
@@ -131,6 +135,7 @@ async fn run(command: Command) -> Result<(), String> {
             enroll_port,
             sign_port,
             admin_port,
+            no_audit_flush,
         } => {
             let site_toml = dev::prepare(&data_dir).map_err(|e| e.to_string())?;
             let mut cfg = SiteConfig::load(&site_toml)
@@ -139,6 +144,12 @@ async fn run(command: Command) -> Result<(), String> {
             cfg.listen.enroll = (lo, enroll_port).into();
             cfg.listen.sign = (lo, sign_port).into();
             cfg.listen.admin = (lo, admin_port).into();
+            if no_audit_flush {
+                cfg.audit.flush = false;
+                tracing::warn!(
+                    "audit.flush = false: acknowledged audit entries may be lost on a crash (benchmarks only)"
+                );
+            }
             let listen = cfg.listen;
             let handle = start(cfg).await?;
             let client = dev::write_client_toml(

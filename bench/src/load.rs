@@ -1,0 +1,234 @@
+//! The load generator: N concurrent runners against a site, over real mutual TLS, with the
+//! client library the `meshsign` CLI uses.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use meshsign_certs_dev::{GithubJob, OidcIssuer};
+use meshsign_client::runner::{EnrollParams, RunnerKey, Session};
+use meshsign_client::{ClientConfig, transport};
+use meshsign_proto::v1::{self, enrollment_client::EnrollmentClient};
+
+/// The environment every benchmark runner enrolls in (a dev site has `staging` and this).
+pub const ENVIRONMENT: &str = "production";
+/// The key every benchmark request signs with.
+pub const KEY: &str = "release";
+
+/// What one load window did.
+pub struct Window {
+    /// Successful operations (signatures for batches).
+    pub ops: u64,
+    /// Failed calls.
+    pub errors: u64,
+    /// Per-call latencies, sorted.
+    pub latencies: Vec<Duration>,
+    /// Wall time of the window.
+    pub seconds: f64,
+}
+
+/// Mints dev tokens for the site's dev issuer.
+#[derive(Clone)]
+pub struct Tokens {
+    issuer: Arc<OidcIssuer>,
+    iss: String,
+    audience: String,
+}
+
+impl Tokens {
+    /// Loads the dev issuer named in the site's client config.
+    pub fn new(cfg: &ClientConfig) -> Result<Self, String> {
+        let d = cfg
+            .dev_issuer
+            .as_ref()
+            .ok_or("the client config has no [dev_issuer]")?;
+        let issuer = OidcIssuer::load(&d.issuer, &d.kid, &d.key_file).map_err(|e| e.to_string())?;
+        Ok(Self {
+            issuer: Arc::new(issuer),
+            iss: d.issuer.clone(),
+            audience: cfg.audience(ENVIRONMENT).map_err(|e| e.to_string())?.into(),
+        })
+    }
+
+    /// A fresh token (new jti) for a job in [`ENVIRONMENT`].
+    pub fn mint(&self) -> Result<String, String> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let jti = meshsign_certs_dev::random_id().map_err(|e| e.to_string())?;
+        let claims = GithubJob::new(ENVIRONMENT).claims(&self.iss, &self.audience, &jti, now, 300);
+        self.issuer.mint(&claims).map_err(|e| e.to_string())
+    }
+}
+
+fn fingerprint(i: usize) -> String {
+    hex::encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        format!("bench-runner-{i}").as_bytes(),
+    ))
+}
+
+/// What the sign-port load sends.
+#[derive(Clone, Copy)]
+pub enum SignLoad {
+    /// Unary Sign of one digest.
+    Sign,
+    /// SignBatch of this many digests.
+    Batch(usize),
+}
+
+/// Enrolls `n` runners (untimed) and returns their sessions.
+pub async fn sessions(
+    cfg: &ClientConfig,
+    tokens: &Tokens,
+    n: usize,
+) -> Result<Vec<Session>, String> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let params = EnrollParams {
+            environment: ENVIRONMENT.into(),
+            token: tokens.mint()?,
+            fingerprint: fingerprint(i),
+            requested_ttl_seconds: 0,
+            region: None,
+        };
+        out.push(
+            Session::start(cfg, &params)
+                .await
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    Ok(out)
+}
+
+/// Runs `what` from every session for `duration`.
+pub async fn sign(sessions: Vec<Session>, what: SignLoad, duration: Duration) -> Window {
+    window(sessions, duration, move |mut s: Session, i| async move {
+        let digest = vec![(i % 251) as u8; 32];
+        let ok = match what {
+            SignLoad::Sign => s
+                .signer
+                .sign(v1::SignRequest {
+                    key_alias: KEY.into(),
+                    input: Some(v1::sign_request::Input::Sha256Digest(digest)),
+                    artifact_name: String::new(),
+                    algorithm: String::new(),
+                })
+                .await
+                .is_ok(),
+            SignLoad::Batch(n) => s
+                .signer
+                .sign_batch(v1::SignBatchRequest {
+                    key_alias: KEY.into(),
+                    sha256_digests: vec![digest; n],
+                    artifact_name: String::new(),
+                    algorithm: String::new(),
+                })
+                .await
+                .is_ok(),
+        };
+        let ops = match (ok, what) {
+            (false, _) => 0,
+            (true, SignLoad::Sign) => 1,
+            (true, SignLoad::Batch(n)) => n as u64,
+        };
+        (s, ops)
+    })
+    .await
+}
+
+/// Enrollment load: every call is a new TLS connection, a new token and a new key + CSR.
+pub async fn enroll(
+    cfg: &ClientConfig,
+    tokens: &Tokens,
+    concurrency: usize,
+    duration: Duration,
+) -> Result<Window, String> {
+    let tls = transport::tls_config(transport::roots(cfg).map_err(|e| e.to_string())?, None)
+        .map_err(|e| e.to_string())?;
+    let ctx = Arc::new((cfg.clone(), tokens.clone(), tls));
+    let workers = vec![ctx; concurrency];
+    Ok(window(workers, duration, |ctx, i| async move {
+        let ok = enroll_once(&ctx.0, &ctx.1, ctx.2.clone(), i).await.is_ok();
+        (ctx, u64::from(ok))
+    })
+    .await)
+}
+
+async fn enroll_once(
+    cfg: &ClientConfig,
+    tokens: &Tokens,
+    tls: Arc<rustls::ClientConfig>,
+    i: usize,
+) -> Result<(), String> {
+    let key = RunnerKey::generate().map_err(|e| e.to_string())?;
+    let ch = transport::connect(&cfg.enroll_endpoint, &cfg.server_name, tls)
+        .await
+        .map_err(|e| e.to_string())?;
+    let req = v1::EnrollRequest {
+        token: tokens.mint()?,
+        csr_der: key.csr_der().map_err(|e| e.to_string())?,
+        runner_fingerprint: fingerprint(i),
+        region: cfg.region.clone(),
+        requested_ttl_seconds: 0,
+        environment: ENVIRONMENT.into(),
+    };
+    EnrollmentClient::new(ch)
+        .enroll(req)
+        .await
+        .map(|_| ())
+        .map_err(|s| s.message().to_string())
+}
+
+/// Runs `op` in a loop on each worker state until `duration` has passed; `op` returns the
+/// state back with the number of operations it completed (0 = failed).
+async fn window<S, F, Fut>(workers: Vec<S>, duration: Duration, op: F) -> Window
+where
+    S: Send + 'static,
+    F: Fn(S, usize) -> Fut + Send + Sync + Copy + 'static,
+    Fut: std::future::Future<Output = (S, u64)> + Send,
+{
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let tasks: Vec<_> = workers
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut state)| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let (mut ops, mut errors, mut lat) = (0u64, 0u64, Vec::with_capacity(8192));
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    let (back, n) = op(state, i).await;
+                    state = back;
+                    if n == 0 {
+                        errors += 1;
+                    } else {
+                        ops += n;
+                        lat.push(t.elapsed());
+                    }
+                }
+                (ops, errors, lat)
+            })
+        })
+        .collect();
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut w = Window {
+        ops: 0,
+        errors: 0,
+        latencies: Vec::new(),
+        seconds: 0.0,
+    };
+    for t in tasks {
+        if let Ok((o, e, l)) = t.await {
+            w.ops += o;
+            w.errors += e;
+            w.latencies.extend(l);
+        }
+    }
+    w.seconds = start.elapsed().as_secs_f64();
+    w.latencies.sort();
+    w
+}
