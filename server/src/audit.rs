@@ -354,15 +354,7 @@ impl Writer {
         loop {
             let first = match rx.recv_timeout(self.settings.checkpoint_interval) {
                 Ok(Msg::Entry(rec, scope, reply)) => (*rec, scope, reply),
-                Ok(Msg::Stop(done)) => {
-                    if self.store.flush().is_ok()
-                        && let Some(j) = &mut self.journal
-                    {
-                        let _ = j.clear();
-                    }
-                    let _ = done.send(());
-                    return;
-                }
+                Ok(Msg::Stop(done)) => return self.finish(done),
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     // Idle: checkpoint what is not yet covered.
@@ -390,10 +382,21 @@ impl Writer {
                 tracing::error!(error = %e, "audit write failed");
             }
             if let Some(done) = stop {
-                let _ = done.send(());
-                return;
+                return self.finish(done);
             }
         }
+    }
+
+    /// Shutdown: everything into the store, journal emptied, and the store (with its file
+    /// lock) released before saying so, so a restart in the same process can open it at once.
+    fn finish(mut self, done: oneshot::Sender<()>) {
+        if self.store.flush().is_ok()
+            && let Some(j) = &mut self.journal
+        {
+            let _ = j.clear();
+        }
+        drop(self);
+        let _ = done.send(());
     }
 
     fn now_rfc3339(&self) -> String {

@@ -18,6 +18,7 @@ pub mod issuer;
 pub mod journal;
 pub mod jwt;
 pub mod ops;
+pub mod pool;
 pub mod sign;
 pub mod signing;
 pub mod site;

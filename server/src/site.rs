@@ -74,6 +74,8 @@ pub struct SiteState {
     sign_tls: RwLock<Option<(Arc<ServerIdentity>, TlsCell)>>,
     /// Serializes ops changes (each is read-modify-write of shared state).
     pub(crate) ops_lock: tokio::sync::Mutex<()>,
+    /// Threads (one per core) that sign batches.
+    pub(crate) signing_pool: crate::pool::SigningPool,
 }
 
 impl std::fmt::Debug for SiteState {
@@ -159,6 +161,8 @@ impl SiteState {
             revocations: RwLock::new(Arc::new(revocations)),
             sign_tls: RwLock::new(None),
             ops_lock: tokio::sync::Mutex::new(()),
+            signing_pool: crate::pool::SigningPool::per_core()
+                .map_err(|e| StoreError::Engine(format!("cannot start the signing pool: {e}")))?,
         })
     }
 

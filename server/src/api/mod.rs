@@ -250,8 +250,12 @@ impl SignerApi {
         self.1.get_or_parse(&certs, &self.0.config().trust_domain)
     }
 
-    async fn run<T>(&self, req: &Request<T>, input: SignInput) -> Result<SignOutput, Status> {
-        match self.caller(req) {
+    async fn run(
+        &self,
+        caller: Result<Arc<Caller>, AuthzError>,
+        input: SignInput,
+    ) -> Result<SignOutput, Status> {
+        match caller {
             Ok(caller) => signing::sign(&self.0, &caller, input)
                 .await
                 .map_err(IntoStatus::into_status),
@@ -296,25 +300,23 @@ impl v1::signer_server::Signer for SignerApi {
         &self,
         req: Request<v1::SignRequest>,
     ) -> Result<Response<v1::SignResponse>, Status> {
-        let peer = peer(&req);
-        let r = req.get_ref();
-        let payload = match &r.input {
-            Some(v1::sign_request::Input::Sha256Digest(d)) => Payload::Digest(d.clone()),
-            Some(v1::sign_request::Input::Message(m)) => Payload::Message(m.clone()),
-            Some(v1::sign_request::Input::AppleCmsSignedAttributes(a)) => {
-                Payload::AppleCms(a.clone())
-            }
+        let (caller, peer) = (self.caller(&req), peer(&req));
+        let r = req.into_inner();
+        let payload = match r.input {
+            Some(v1::sign_request::Input::Sha256Digest(d)) => Payload::Digest(d),
+            Some(v1::sign_request::Input::Message(m)) => Payload::Message(m),
+            Some(v1::sign_request::Input::AppleCmsSignedAttributes(a)) => Payload::AppleCms(a),
             None => Payload::Missing,
         };
         let input = SignInput {
             rpc: "Sign",
-            alias: r.key_alias.clone(),
+            alias: r.key_alias,
             payload,
-            artifact: r.artifact_name.clone(),
-            algorithm: r.algorithm.clone(),
+            artifact: r.artifact_name,
+            algorithm: r.algorithm,
             peer,
         };
-        let mut out = self.run(&req, input).await?;
+        let mut out = self.run(caller, input).await?;
         Ok(Response::new(v1::SignResponse {
             signature: out.signatures.pop().unwrap_or_default(),
             algorithm: out.algorithm.to_string(),
@@ -333,17 +335,17 @@ impl v1::signer_server::Signer for SignerApi {
         &self,
         req: Request<v1::SignBatchRequest>,
     ) -> Result<Response<v1::SignBatchResponse>, Status> {
-        let peer = peer(&req);
-        let r = req.get_ref();
+        let (caller, peer) = (self.caller(&req), peer(&req));
+        let r = req.into_inner();
         let input = SignInput {
             rpc: "SignBatch",
-            alias: r.key_alias.clone(),
-            payload: Payload::Batch(r.sha256_digests.clone()),
-            artifact: r.artifact_name.clone(),
-            algorithm: r.algorithm.clone(),
+            alias: r.key_alias,
+            payload: Payload::Batch(r.sha256_digests),
+            artifact: r.artifact_name,
+            algorithm: r.algorithm,
             peer,
         };
-        let out = self.run(&req, input).await?;
+        let out = self.run(caller, input).await?;
         Ok(Response::new(v1::SignBatchResponse {
             signatures: out.signatures,
             algorithm: out.algorithm.to_string(),
