@@ -131,6 +131,32 @@ impl AuditRecord {
     pub fn compute_hash(&self) -> String {
         chain(&self.prev_hash, &self.body_hash())
     }
+
+    /// Chains the entry after `prev` (sets `prev_hash` and `hash`) and returns its JSON —
+    /// the same bytes as `serde_json::to_vec(self)` — encoding the body only once: the body
+    /// ends with the empty `prev_hash` and `hash`, which are spliced in. (The writer's hot path;
+    /// [`AuditRecord::compute_hash`] is the reference it is tested against.)
+    pub fn seal(&mut self, prev: &str) -> Vec<u8> {
+        const TAIL: &[u8] = br#""prev_hash":"","hash":""}"#;
+        self.prev_hash = String::new();
+        self.hash = String::new();
+        let body = serde_json::to_vec(&*self).unwrap_or_default();
+        self.prev_hash = prev.to_string();
+        self.hash = chain(prev, &hex::encode(Sha256::digest(&body)));
+        match body.strip_suffix(TAIL) {
+            Some(head) if prev.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                let mut out = Vec::with_capacity(body.len() + 2 * 64);
+                out.extend_from_slice(head);
+                out.extend_from_slice(b"\"prev_hash\":\"");
+                out.extend_from_slice(self.prev_hash.as_bytes());
+                out.extend_from_slice(b"\",\"hash\":\"");
+                out.extend_from_slice(self.hash.as_bytes());
+                out.extend_from_slice(b"\"}");
+                out
+            }
+            _ => serde_json::to_vec(&*self).unwrap_or_default(),
+        }
+    }
 }
 
 /// `SHA-256(prev ‖ body_hash)`, both given as hex.
@@ -292,4 +318,37 @@ pub fn parse_export(text: &str) -> Result<Vec<ExportLine>, String> {
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| serde_json::from_str(l).map_err(|e| format!("line {}: {e}", i + 1)))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seal_matches_the_reference_encoding_and_hash() {
+        let mut prev = genesis();
+        for (i, detail) in ["", "quote \" and \\ and \n newline", "ünïcödé"]
+            .into_iter()
+            .enumerate()
+        {
+            let mut rec = AuditRecord {
+                seq: i as u64 + 1,
+                ts: "2026-11-25T00:00:00Z".into(),
+                rpc: "Sign".into(),
+                detail: detail.into(),
+                ttl_remaining_sec: (i == 1).then_some(42),
+                checkpoint: (i == 2).then(|| Checkpoint {
+                    covers_seq: 2,
+                    head_hash: prev.clone(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let json = rec.seal(&prev);
+            assert_eq!(rec.prev_hash, prev);
+            assert_eq!(rec.hash, rec.compute_hash(), "entry {i}");
+            assert_eq!(json, serde_json::to_vec(&rec).unwrap(), "entry {i}");
+            prev = rec.hash.clone();
+        }
+    }
 }

@@ -409,9 +409,7 @@ impl Writer {
         rec.seq = self.seq + 1;
         rec.ts = self.now_rfc3339();
         rec.site_region = self.region.clone();
-        rec.prev_hash = self.hash.clone();
-        rec.hash = rec.compute_hash();
-        let bytes = serde_json::to_vec(&rec).map_err(|e| AuditError::Store(e.to_string()))?;
+        let bytes = rec.seal(&self.hash);
         self.store
             .kv()
             .put(Tree::Audit, &rec.seq.to_be_bytes(), &bytes)?;
