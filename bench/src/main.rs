@@ -1,10 +1,14 @@
-//! `meshsign-bench`: drives a real site on loopback over mutual TLS from N concurrent
-//! connections, and runs the same signing code in-process in the same run, so figures are
-//! ratios measured side by side (this machine is shared and noisy).
+//! `meshsign-bench`: starts the real `meshsignd dev` in its own process on loopback and drives
+//! it over mutual TLS from N concurrent connections (one enrolled runner each), with the client
+//! library the CLI uses. In the same run it measures the same signing code in-process (the
+//! limit) and, with `--vs-openbao`, OpenBao's transit engine (the peer), so figures are ratios
+//! measured side by side (this machine is shared and noisy). Server CPU seconds per 1,000 ops
+//! and peak RSS are read from `/proc/<pid>`; the load generator's own CPU is reported too.
 //!
 //! ```text
-//! cargo run --release -p meshsign-bench -- --scenario sign --concurrency 64 --duration 5 --runs 3
-//! cargo run --release -p meshsign-bench -- --scenario sign --concurrency 64 --compare-durability --runs 3
+//! cargo build --release -p meshsign-server -p meshsign-bench
+//! ./target/release/meshsign-bench --scenario sign --concurrency 64 --duration 5 --runs 3 --vs-openbao
+//! ./target/release/meshsign-bench --scenario sign --concurrency 64 --compare-durability --runs 3
 //! ```
 
 use std::path::PathBuf;

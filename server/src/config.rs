@@ -62,7 +62,28 @@ struct RawSite {
     tls: RawTls,
     #[serde(default)]
     audit: RawAudit,
+    #[serde(default)]
+    store: RawStore,
     partitions: Vec<RawPartition>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    #[serde(default = "default_cache_mib")]
+    cache_mib: u64,
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        Self {
+            cache_mib: default_cache_mib(),
+        }
+    }
+}
+
+fn default_cache_mib() -> u64 {
+    32
 }
 
 #[derive(Deserialize)]
@@ -219,12 +240,15 @@ pub struct SiteConfig {
     pub tls: TlsFiles,
     /// Audit checkpoints.
     pub audit: AuditConfig,
+    /// sled's page cache, MiB (sled's own default is 1 GiB, which a site's memory would grow
+    /// towards as the audit log grows).
+    pub store_cache_mib: u64,
     /// Partitions (environments), in file order.
     pub partitions: Vec<Partition>,
 }
 
 /// When the audit log signs a checkpoint.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AuditConfig {
     /// After this many entries.
     pub checkpoint_every: u64,
@@ -515,6 +539,9 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
             "checkpoint_every and checkpoint_seconds must be positive",
         ));
     }
+    if raw.store.cache_mib == 0 {
+        return Err(invalid("store.cache_mib", "must be positive"));
+    }
     if !raw.audit.flush && !raw.dev {
         return Err(invalid(
             "audit.flush",
@@ -699,6 +726,7 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
             admin_ca: abs(raw.tls.admin_ca),
         },
         partitions,
+        store_cache_mib: raw.store.cache_mib,
         audit: AuditConfig {
             checkpoint_every: raw.audit.checkpoint_every,
             checkpoint_seconds: raw.audit.checkpoint_seconds,

@@ -3,49 +3,71 @@
 //! Only RS256 and ES256 are accepted; `none` and HS* never are (an HS* token would let anyone who
 //! knows the public key forge tokens). Verifier keys are parsed once, when the JWKS is loaded.
 
-use aws_lc_rs::signature::{self, RsaPublicKeyComponents, UnparsedPublicKey};
+use aws_lc_rs::signature::{self, ParsedPublicKey, RsaPublicKeyComponents};
 use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-/// A public key from a pinned JWKS, ready to verify.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum VerifyKey {
-    /// P-256 public key as an uncompressed SEC1 point.
-    Es256 {
-        /// 0x04 || x || y
-        point: Vec<u8>,
-    },
-    /// RSA public key.
-    Rs256 {
-        /// Modulus, big-endian.
-        n: Vec<u8>,
-        /// Public exponent, big-endian.
-        e: Vec<u8>,
-    },
+/// A public key from a pinned JWKS, ready to verify: decoded and parsed into an aws-lc key
+/// object once, when the JWKS is loaded, not per token.
+#[derive(Clone, Debug)]
+pub struct VerifyKey {
+    alg: JwtAlg,
+    /// The key as given (P-256: 0x04 ‖ x ‖ y; RSA: n and e), for comparison.
+    raw: (Vec<u8>, Vec<u8>),
+    parsed: ParsedPublicKey,
 }
 
+/// The JWT algorithms accepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum JwtAlg {
+    Es256,
+    Rs256,
+}
+
+impl PartialEq for VerifyKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.alg == other.alg && self.raw == other.raw
+    }
+}
+
+impl Eq for VerifyKey {}
+
 impl VerifyKey {
+    /// A P-256 key from its uncompressed SEC1 point.
+    pub fn es256(point: Vec<u8>) -> Result<Self, String> {
+        let parsed = ParsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, &point)
+            .map_err(|e| format!("not a P-256 public key: {e}"))?;
+        Ok(Self {
+            alg: JwtAlg::Es256,
+            raw: (point, Vec::new()),
+            parsed,
+        })
+    }
+
+    /// An RSA key from its big-endian modulus and exponent.
+    pub fn rs256(n: Vec<u8>, e: Vec<u8>) -> Result<Self, String> {
+        let parsed = RsaPublicKeyComponents { n: &n, e: &e }
+            .to_parsed_public_key(&signature::RSA_PKCS1_2048_8192_SHA256)
+            .map_err(|e| format!("not an RSA public key: {e}"))?;
+        Ok(Self {
+            alg: JwtAlg::Rs256,
+            raw: (n, e),
+            parsed,
+        })
+    }
+
     /// The JWT `alg` this key verifies.
     pub fn alg(&self) -> &'static str {
-        match self {
-            VerifyKey::Es256 { .. } => "ES256",
-            VerifyKey::Rs256 { .. } => "RS256",
+        match self.alg {
+            JwtAlg::Es256 => "ES256",
+            JwtAlg::Rs256 => "RS256",
         }
     }
 
     /// Verifies a JWS signature over `signing_input`.
     pub fn verify(&self, signing_input: &[u8], sig: &[u8]) -> bool {
-        match self {
-            VerifyKey::Es256 { point } => {
-                UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, point)
-                    .verify(signing_input, sig)
-                    .is_ok()
-            }
-            VerifyKey::Rs256 { n, e } => RsaPublicKeyComponents { n, e }
-                .verify(&signature::RSA_PKCS1_2048_8192_SHA256, signing_input, sig)
-                .is_ok(),
-        }
+        self.parsed.verify_sig(signing_input, sig).is_ok()
     }
 }
 
@@ -116,14 +138,14 @@ impl Jwks {
                     let mut point = vec![0x04];
                     point.extend(x);
                     point.extend(y);
-                    VerifyKey::Es256 { point }
+                    VerifyKey::es256(point).map_err(|e| format!("keys[{i}]: {e}"))?
                 }
                 "RSA" => {
                     let (n, e) = (b64("n", &k.n)?, b64("e", &k.e)?);
                     if n.len() < 256 {
                         return Err(format!("keys[{i}]: RSA modulus under 2048 bits"));
                     }
-                    VerifyKey::Rs256 { n, e }
+                    VerifyKey::rs256(n, e).map_err(|e| format!("keys[{i}]: {e}"))?
                 }
                 other => return Err(format!("keys[{i}]: unsupported kty `{other}`")),
             };

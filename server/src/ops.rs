@@ -653,10 +653,12 @@ pub fn reload(site: &SiteState, file: SiteConfig) -> Result<String, OpsError> {
         || file.listen.enroll != cur.listen.enroll
         || file.listen.sign != cur.listen.sign
         || file.listen.admin != cur.listen.admin
+        || file.store_cache_mib != cur.store_cache_mib
+        || file.audit != cur.audit
         || names(&file) != names(&cur)
     {
         return Err(OpsError::Precondition(
-            "trust_domain, region, data_dir, kek_file, listen and the partition list need a restart".into(),
+            "trust_domain, region, data_dir, kek_file, listen, [store], [audit] and the partition list need a restart".into(),
         ));
     }
     let cfg = effective_config(file, &site.store)?;

@@ -123,7 +123,10 @@ impl SiteState {
             .map_err(|e| StoreError::Engine(format!("{}: {e}", file_config.data_dir.display())))?;
         let store = match kv {
             Some(kv) => Store::new(kv),
-            None => Store::open_sled(&file_config.data_dir)?,
+            None => Store::open_sled(
+                &file_config.data_dir,
+                file_config.store_cache_mib.saturating_mul(1 << 20),
+            )?,
         };
         let now = clock.unix();
         let config = crate::ops::effective_config(file_config, &store)?;

@@ -101,7 +101,19 @@ fn engine(e: sled::Error) -> StoreError {
 impl SledKv {
     /// Opens (or creates) the database in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(dir).open().map_err(engine)?;
+        Self::open_with_cache(dir, Self::DEFAULT_CACHE_BYTES)
+    }
+
+    /// sled's page cache when not configured: 32 MiB.
+    pub const DEFAULT_CACHE_BYTES: u64 = 32 << 20;
+
+    /// Opens (or creates) the database in `dir` with a page cache of `cache_bytes`.
+    pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            .open()
+            .map_err(engine)?;
         let t = |t: Tree| db.open_tree(t.name()).map_err(engine);
         let trees = [
             t(Tree::Keys)?,
@@ -197,8 +209,11 @@ impl Store {
     }
 
     /// Opens sled in `dir`.
-    pub fn open_sled(dir: &Path) -> Result<Self, StoreError> {
-        Ok(Self::new(Arc::new(SledKv::open(dir)?)))
+    pub fn open_sled(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        Ok(Self::new(Arc::new(SledKv::open_with_cache(
+            dir,
+            cache_bytes,
+        )?)))
     }
 
     /// The raw engine.

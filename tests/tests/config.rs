@@ -170,6 +170,11 @@ fn refusals_name_the_field_path() {
         ),
         ("no partitions", BASE.to_string(), "partitions"),
         (
+            "empty store cache",
+            format!("{BASE}[store]\ncache_mib = 0\n{}", ok("production", "a")),
+            "store.cache_mib",
+        ),
+        (
             "audit flush off outside dev",
             format!("{BASE}[audit]\nflush = false\n{}", ok("production", "a")),
             "audit.flush",
