@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use meshsign_certs_dev::{GithubJob, OidcIssuer};
+use meshsign_certs_dev::GithubJob;
 use meshsign_client::runner::{EnrollParams, RunnerKey, Session};
+use meshsign_client::token::DevMinter;
 use meshsign_client::{ClientConfig, transport};
 use meshsign_proto::v1::{self, enrollment_client::EnrollmentClient};
 
@@ -27,38 +28,30 @@ pub struct Window {
     pub seconds: f64,
 }
 
-/// Mints dev tokens for the site's dev issuer.
+/// Mints dev tokens for the site's dev issuer (the client library's minter, loaded once).
 #[derive(Clone)]
 pub struct Tokens {
-    issuer: Arc<OidcIssuer>,
-    iss: String,
+    minter: Arc<DevMinter>,
+    job: GithubJob,
     audience: String,
 }
 
 impl Tokens {
     /// Loads the dev issuer named in the site's client config.
     pub fn new(cfg: &ClientConfig) -> Result<Self, String> {
-        let d = cfg
-            .dev_issuer
-            .as_ref()
-            .ok_or("the client config has no [dev_issuer]")?;
-        let issuer = OidcIssuer::load(&d.issuer, &d.kid, &d.key_file).map_err(|e| e.to_string())?;
         Ok(Self {
-            issuer: Arc::new(issuer),
-            iss: d.issuer.clone(),
+            minter: Arc::new(DevMinter::load(cfg).map_err(|e| e.to_string())?),
+            job: GithubJob::new(ENVIRONMENT),
             audience: cfg.audience(ENVIRONMENT).map_err(|e| e.to_string())?.into(),
         })
     }
 
     /// A fresh token (new jti) for a job in [`ENVIRONMENT`].
     pub fn mint(&self) -> Result<String, String> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
-        let jti = meshsign_certs_dev::random_id().map_err(|e| e.to_string())?;
-        let claims = GithubJob::new(ENVIRONMENT).claims(&self.iss, &self.audience, &jti, now, 300);
-        self.issuer.mint(&claims).map_err(|e| e.to_string())
+        self.minter
+            .mint(&self.audience, &self.job)
+            .map(|t| t.to_string())
+            .map_err(|e| e.to_string())
     }
 }
 

@@ -49,26 +49,51 @@ pub fn dev_token(
     audience: &str,
     job: &GithubJob,
 ) -> Result<Zeroizing<String>, ClientError> {
-    let d = cfg.dev_issuer.as_ref().ok_or_else(|| {
-        ClientError::Token("no [dev_issuer] in the client config (dev sites only)".into())
-    })?;
-    let issuer = OidcIssuer::load(&d.issuer, &d.kid, &d.key_file)
-        .map_err(|e| ClientError::Token(e.to_string()))?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    let claims = job.claims(
-        &d.issuer,
-        audience,
-        &meshsign_certs_dev::random_id().map_err(|e| ClientError::Token(e.to_string()))?,
-        now,
-        300,
-    );
-    issuer
-        .mint(&claims)
-        .map(Zeroizing::new)
-        .map_err(|e| ClientError::Token(e.to_string()))
+    DevMinter::load(cfg)?.mint(audience, job)
+}
+
+/// The dev issuer of a client config, loaded once, minting as many tokens as asked (the
+/// benchmark's enrollment load mints one per enrollment).
+pub struct DevMinter {
+    issuer: OidcIssuer,
+    iss: String,
+}
+
+impl std::fmt::Debug for DevMinter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DevMinter")
+            .field("iss", &self.iss)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DevMinter {
+    /// Loads the `[dev_issuer]` of the client config.
+    pub fn load(cfg: &ClientConfig) -> Result<Self, ClientError> {
+        let d = cfg.dev_issuer.as_ref().ok_or_else(|| {
+            ClientError::Token("no [dev_issuer] in the client config (dev sites only)".into())
+        })?;
+        let issuer = OidcIssuer::load(&d.issuer, &d.kid, &d.key_file)
+            .map_err(|e| ClientError::Token(e.to_string()))?;
+        Ok(Self {
+            issuer,
+            iss: d.issuer.clone(),
+        })
+    }
+
+    /// A fresh token (new jti, valid 5 minutes) for `job` and `audience`.
+    pub fn mint(&self, audience: &str, job: &GithubJob) -> Result<Zeroizing<String>, ClientError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let jti = meshsign_certs_dev::random_id().map_err(|e| ClientError::Token(e.to_string()))?;
+        let claims = job.claims(&self.iss, audience, &jti, now, 300);
+        self.issuer
+            .mint(&claims)
+            .map(Zeroizing::new)
+            .map_err(|e| ClientError::Token(e.to_string()))
+    }
 }
 
 /// GitHub Actions: GET `$ACTIONS_ID_TOKEN_REQUEST_URL&audience=<aud>` with the request token.
