@@ -1,0 +1,75 @@
+//! The benchmark itself works: it starts the real `meshsignd`, drives it, and reports every
+//! figure the benchmarks issue asks for, read from the daemon's own process. Short runs of a
+//! debug build — a smoke test of the tool, not a measurement.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
+
+use std::process::Command;
+
+fn bench(args: &[&str]) -> serde_json::Value {
+    let exe = env!("CARGO_BIN_EXE_meshsign-bench");
+    // meshsignd is built into the same target folder by `cargo test --workspace`; say where,
+    // in case only this package's tests are run.
+    let meshsignd = std::path::Path::new(exe).with_file_name("meshsignd");
+    assert!(
+        meshsignd.is_file(),
+        "{} missing: run `cargo build -p meshsign-server` first",
+        meshsignd.display()
+    );
+    let out = Command::new(exe)
+        .args(args)
+        .args(["--duration", "1", "--runs", "1"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn positive(j: &serde_json::Value, field: &str) -> f64 {
+    let v = j[field]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{field} missing in {j}"));
+    assert!(v > 0.0, "{field} = {v} in {j}");
+    v
+}
+
+#[test]
+fn sign_and_batch_report_throughput_latency_server_cost_and_the_in_process_limit() {
+    for (scenario, extra) in [("sign", vec![]), ("batch", vec!["--batch", "20"])] {
+        let mut args = vec!["--scenario", scenario, "--concurrency", "2"];
+        args.extend(extra);
+        let j = bench(&args);
+        assert_eq!(j["scenario"], scenario);
+        assert_eq!(j["concurrency"], 2);
+        assert_eq!(j["errors"], 0, "{j}");
+        let ops = positive(&j, "ops_per_sec");
+        let limit = positive(&j, "in_process_ops_per_sec");
+        let ratio = positive(&j, "ratio_to_in_process");
+        // ops_per_sec is rounded to a whole number in the JSON; the ratio is not.
+        assert!((ratio - ops / limit).abs() <= 1.0 / limit, "{j}");
+        let (p50, p99) = (positive(&j, "p50_ms"), positive(&j, "p99_ms"));
+        assert!(p50 <= p99, "{j}");
+        positive(&j, "server_cpu_s_per_1000_ops");
+        positive(&j, "server_peak_rss_mib");
+    }
+}
+
+#[test]
+fn enroll_counts_every_enrollment_on_the_site() {
+    let j = bench(&[
+        "--scenario",
+        "enroll",
+        "--concurrency",
+        "2",
+        "--no-in-process",
+    ]);
+    assert_eq!(j["errors"], 0, "{j}");
+    let ops = positive(&j, "ops_per_sec");
+    let total = positive(&j, "enrollments_on_site");
+    assert!(total >= ops * 0.5, "{j}");
+    positive(&j, "server_peak_rss_mib");
+}
