@@ -7,6 +7,8 @@
 //! is still enabled, the key exists in the caller's partition, and the key's access rule admits
 //! the caller's repository and ref.
 
+use std::sync::Arc;
+
 use meshsign_proto::identity::{JobClaims, RunnerId, claims_extension_oid_der};
 use x509_parser::prelude::*;
 
@@ -176,13 +178,26 @@ impl Caller {
     }
 }
 
+/// The issuance record of `serial`, from the site's cache or the store.
+fn issuance_record(site: &SiteState, serial: &str) -> Result<Arc<CertRecord>, AuthzError> {
+    let cache = || site.cert_cache.lock().unwrap_or_else(|p| p.into_inner());
+    let generation = match cache().get(serial) {
+        Ok(record) => return Ok(record),
+        Err(generation) => generation,
+    };
+    let record: Arc<CertRecord> = site
+        .store
+        .get::<CertRecord>(Tree::Certs, serial.as_bytes())?
+        .map(Arc::new)
+        .ok_or_else(|| AuthzError::UnknownCertificate(serial.to_string()))?;
+    cache().insert(generation, record.clone());
+    Ok(record)
+}
+
 /// Runs every per-request check and returns the key version that signs.
 pub fn authorize(site: &SiteState, caller: &Caller, alias: &str) -> Result<LoadedKey, AuthzError> {
     let now = site.clock.unix();
-    let record: CertRecord = site
-        .store
-        .get(Tree::Certs, caller.serial_hex.as_bytes())?
-        .ok_or_else(|| AuthzError::UnknownCertificate(caller.serial_hex.clone()))?;
+    let record = issuance_record(site, &caller.serial_hex)?;
     if let Some(reason) = crate::ops::revocation_of(site, &record) {
         return Err(AuthzError::Revoked {
             serial: record.serial.clone(),

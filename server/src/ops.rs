@@ -566,6 +566,10 @@ pub async fn revoke_self(site: &SiteState, serial: &str, reason: &str) -> Result
         reason.chars().take(200).collect::<String>()
     ));
     site.store.put(Tree::Certs, serial.as_bytes(), &rec)?;
+    site.cert_cache
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .invalidate(serial);
     site.store.flush()?;
     Ok(())
 }

@@ -76,6 +76,46 @@ pub struct SiteState {
     pub(crate) ops_lock: tokio::sync::Mutex<()>,
     /// Threads (one per core) that sign batches.
     pub(crate) signing_pool: crate::pool::SigningPool,
+    /// Issuance records read by the per-RPC checks (see [`CertCache`]).
+    pub(crate) cert_cache: std::sync::Mutex<CertCache>,
+}
+
+/// Issuance records the per-RPC checks have read, so a connection's every Sign does not read
+/// and decode the same record from the store. A record changes after issuance only when its
+/// holder revokes it (`RevokeSelf`); that bumps `generation` and drops the entry, and a read
+/// that raced with it is not cached (it compares the generation it started with). Every other
+/// revocation is an in-memory rule checked per RPC as before.
+#[derive(Debug, Default)]
+pub struct CertCache {
+    generation: u64,
+    records: std::collections::HashMap<String, Arc<crate::enroll::CertRecord>>,
+}
+
+impl CertCache {
+    /// Entries kept before the cache starts over.
+    const MAX: usize = 8192;
+
+    /// The cached record and, on a miss, the generation to pass to [`CertCache::insert`].
+    pub fn get(&self, serial: &str) -> Result<Arc<crate::enroll::CertRecord>, u64> {
+        self.records.get(serial).cloned().ok_or(self.generation)
+    }
+
+    /// Caches a record read from the store at `generation` (ignored if a change came since).
+    pub fn insert(&mut self, generation: u64, record: Arc<crate::enroll::CertRecord>) {
+        if generation != self.generation {
+            return;
+        }
+        if self.records.len() >= Self::MAX {
+            self.records.clear();
+        }
+        self.records.insert(record.serial.clone(), record);
+    }
+
+    /// The record of `serial` changed in the store.
+    pub fn invalidate(&mut self, serial: &str) {
+        self.generation += 1;
+        self.records.remove(serial);
+    }
 }
 
 impl std::fmt::Debug for SiteState {
@@ -166,6 +206,7 @@ impl SiteState {
             ops_lock: tokio::sync::Mutex::new(()),
             signing_pool: crate::pool::SigningPool::per_core()
                 .map_err(|e| StoreError::Engine(format!("cannot start the signing pool: {e}")))?,
+            cert_cache: std::sync::Mutex::default(),
         })
     }
 
