@@ -210,10 +210,11 @@ pub fn authorize(site: &SiteState, caller: &Caller, alias: &str) -> Result<Loade
             now,
         });
     }
-    if caller.id.region != site.config().region || record.region != site.config().region {
+    let config = site.config();
+    if caller.id.region != config.region || record.region != config.region {
         return Err(AuthzError::Region {
             cert: caller.id.region.clone(),
-            site: site.config().region.clone(),
+            site: config.region.clone(),
         });
     }
     let partition = &record.environment;
@@ -230,7 +231,6 @@ pub fn authorize(site: &SiteState, caller: &Caller, alias: &str) -> Result<Loade
             record.claims.trust_policy.clone(),
         ));
     }
-    let config = site.config();
     let spec = config
         .partition(partition)
         .and_then(|p| p.key(alias))
