@@ -22,7 +22,7 @@ mod openbao;
 
 use daemon::Daemon;
 use load::{SignLoad, Tokens, Window};
-use meshsign_server::sign::{EcdsaP256, SigningBackend};
+use meshsign_server::custody::{EcdsaP256, SigningBackend};
 
 #[derive(Parser)]
 #[command(

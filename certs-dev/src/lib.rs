@@ -204,21 +204,10 @@ pub mod files {
 
 /// Writes a file; with `secret` it is created with mode 0600.
 pub fn write_file(path: &Path, bytes: &[u8], secret: bool) -> Result<(), DevError> {
-    use std::io::Write as _;
-    let io = |source| DevError::Io {
+    meshsign_proto::files::write_atomic(path, bytes, secret).map_err(|source| DevError::Io {
         path: path.display().to_string(),
         source,
-    };
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    if secret {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        opts.mode(0o600);
-    }
-    let mut f = opts.open(path).map_err(io)?;
-    f.write_all(bytes).map_err(io)?;
-    Ok(())
+    })
 }
 
 /// JWT algorithms the dev issuer can sign with.
@@ -448,10 +437,5 @@ impl GithubJob {
 /// A random identifier (128 bits, 32 hex characters), for `jti` values, issuer and rule ids.
 /// Fails only if the OS random number generator is unavailable (then no key could be made either).
 pub fn random_id() -> Result<String, DevError> {
-    use aws_lc_rs::rand::SecureRandom as _;
-    let mut b = [0u8; 16];
-    SystemRandom::new()
-        .fill(&mut b)
-        .map_err(|_| DevError::Crypto("the OS random number generator is unavailable".into()))?;
-    Ok(hex::encode(b))
+    meshsign_proto::files::random_id().map_err(|e| DevError::Crypto(e.to_string()))
 }

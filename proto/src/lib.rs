@@ -2,10 +2,12 @@
 //!
 //! - [`v1`]: the generated gRPC types and services (package `meshsign.v1`).
 //! - [`identity`]: the SPIFFE ID of a runner certificate and the job-claims extension.
+//! - [`files`]: atomic file writes and random ids, for the site and the client alike.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server reflection.
 
 pub mod audit;
 pub mod der;
+pub mod files;
 pub mod identity;
 
 /// Generated code for package `meshsign.v1`.

@@ -1,6 +1,10 @@
 //! Dev mode: `meshsignd dev` makes (once) and reuses a folder holding a dev PKI, a dev OIDC
 //! issuer, a KEK and a site config, then serves on loopback and writes `client.toml`.
 //!
+//! Only in builds with the `dev` cargo feature (the default); a production build has no dev
+//! PKI, no dev issuer and no `dev` subcommand. Every file is written atomically (temp + rename),
+//! so a client never reads a half-written `client.toml`.
+//!
 //! Layout of the folder:
 //! ```text
 //! site.toml     the site config (dev = true), a starting point for a real one
@@ -15,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use meshsign_certs_dev::{DevPki, JwtAlg, OidcIssuer, files};
 
-use crate::sign::Kek;
+use crate::custody::Kek;
 
 /// Trust domain of dev sites.
 pub const TRUST_DOMAIN: &str = "meshsign.dev";
@@ -36,7 +40,7 @@ pub enum DevSetupError {
     Dev(#[from] meshsign_certs_dev::DevError),
     /// The KEK could not be written.
     #[error(transparent)]
-    Custody(#[from] crate::sign::CustodyError),
+    Custody(#[from] crate::custody::CustodyError),
     /// A file or folder could not be written.
     #[error("{path}: {source}")]
     Io {
@@ -116,7 +120,8 @@ bound_claims = {{ environment = "{env}" }}
             jwks = files::OIDC_JWKS,
         ));
     }
-    meshsign_certs_dev::write_file(&site_toml, toml.as_bytes(), false)?;
+    meshsign_proto::files::write_atomic(&site_toml, toml.as_bytes(), false)
+        .map_err(io(&site_toml))?;
     Ok(site_toml)
 }
 
@@ -159,6 +164,6 @@ key_file = "pki/{akey}"
         ));
     }
     let path = dir.join("client.toml");
-    meshsign_certs_dev::write_file(&path, toml.as_bytes(), false)?;
+    meshsign_proto::files::write_atomic(&path, toml.as_bytes(), false).map_err(io(&path))?;
     Ok(path)
 }

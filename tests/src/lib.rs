@@ -13,10 +13,11 @@ use meshsign_certs_dev::{DevPki, GithubJob, JwtAlg, OidcIssuer, random_id};
 use meshsign_client::ClientConfig;
 use meshsign_client::runner::RunnerKey;
 use meshsign_proto::v1::{self, enrollment_client::EnrollmentClient, signer_client::SignerClient};
+use meshsign_server::api::{self, SiteHandle};
 use meshsign_server::audit::AuditRecord;
 use meshsign_server::clock::{Clock, ManualClock};
 use meshsign_server::config::SiteConfig;
-use meshsign_server::site::{self, SiteHandle, SiteState};
+use meshsign_server::state::SiteState;
 use meshsign_server::store::{Kv, SledKv};
 use serde_json::Value;
 use tonic::transport::Channel;
@@ -64,7 +65,7 @@ pub fn write_site_files(dir: &Path) -> (OidcIssuer, OidcIssuer) {
     let rs = OidcIssuer::generate(RS_ISSUER, "rs-1", JwtAlg::Rs256).unwrap();
     std::fs::write(pki.join("es.jwks.json"), es.jwks().to_string()).unwrap();
     std::fs::write(pki.join("rs.jwks.json"), rs.jwks().to_string()).unwrap();
-    meshsign_server::sign::Kek::generate_file(&dir.join("kek")).unwrap();
+    meshsign_server::custody::Kek::generate_file(&dir.join("kek")).unwrap();
     let mut toml = format!(
         r#"trust_domain = "{TRUST_DOMAIN}"
 region = "{REGION}"
@@ -162,7 +163,7 @@ impl TestSite {
             durable: settings.durable,
         };
         let state = SiteState::open_with(cfg, Arc::new(clock.clone()), settings, kv).unwrap();
-        let handle = site::start(Arc::new(state)).await.unwrap();
+        let handle = api::start(Arc::new(state)).await.unwrap();
         let client = client_config(dir.path(), &handle);
         Self {
             dir,
@@ -346,7 +347,7 @@ impl TestSite {
 async fn start_site(site_toml: &Path, clock: ManualClock) -> SiteHandle {
     let cfg = SiteConfig::load(site_toml).unwrap();
     let state = SiteState::open(cfg, Arc::new(clock)).unwrap();
-    site::start(Arc::new(state)).await.unwrap()
+    api::start(Arc::new(state)).await.unwrap()
 }
 
 /// A client config for a running test site.

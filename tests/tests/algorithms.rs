@@ -110,7 +110,11 @@ async fn a_request_for_another_algorithm_is_refused_and_audited() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().starts_with("algorithm"), "{}", err.message());
+    assert!(
+        err.message().starts_with("algorithm: "),
+        "{}",
+        err.message()
+    );
     let rec = site.last_audit();
     assert_eq!(
         (
@@ -305,7 +309,11 @@ async fn apple_cms_signed_attributes_are_checked_signed_and_audited() {
     for (name, attrs, check) in cases {
         let e = signer.sign(cms_req("apple", attrs)).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{name}: {}", e.message());
-        assert!(e.message().starts_with(check), "{name}: {}", e.message());
+        assert!(
+            e.message().starts_with(&format!("{check}: ")),
+            "{name}: {}",
+            e.message()
+        );
         assert_eq!(site.last_audit().reason, check, "{name}");
     }
     // Purposes: a digest-only key refuses apple-cms; an apple-cms key refuses messages.
@@ -316,7 +324,7 @@ async fn apple_cms_signed_attributes_are_checked_signed_and_audited() {
         ))
         .await
         .unwrap_err();
-    assert!(e.message().starts_with("purpose"), "{}", e.message());
+    assert!(e.message().starts_with("purpose: "), "{}", e.message());
     let e = signer
         .sign(v1::SignRequest {
             key_alias: "apple".into(),
@@ -327,7 +335,7 @@ async fn apple_cms_signed_attributes_are_checked_signed_and_audited() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(e.message().starts_with("purpose"), "{}", e.message());
+    assert!(e.message().starts_with("purpose: "), "{}", e.message());
 }
 
 #[tokio::test]

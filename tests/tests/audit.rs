@@ -242,7 +242,7 @@ async fn no_signature_without_a_durable_audit_record() {
     let err = s.sign(sign_req("release", 1)).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
     assert!(
-        err.message().starts_with("audit_unavailable"),
+        err.message().starts_with("audit_unavailable: "),
         "{}",
         err.message()
     );
@@ -298,7 +298,7 @@ async fn retention_prunes_only_what_was_exported_and_checkpointed() {
         .advance(std::time::Duration::from_secs(2 * 86400));
     // Old enough, but never exported: nothing goes.
     assert_eq!(
-        meshsign_server::ops::prune_audit(site.state())
+        meshsign_server::ops::housekeeping::prune_audit(site.state())
             .await
             .unwrap(),
         None
@@ -308,7 +308,7 @@ async fn retention_prunes_only_what_was_exported_and_checkpointed() {
     let key = audit_key(&site).await;
     let full = export(&site, v1::ExportAuditRequest::default()).await;
     verify_export(&full, &key).unwrap();
-    let (from, to) = meshsign_server::ops::prune_audit(site.state())
+    let (from, to) = meshsign_server::ops::housekeeping::prune_audit(site.state())
         .await
         .unwrap()
         .expect("pruned");
@@ -351,7 +351,7 @@ async fn signatures_acknowledged_through_the_journal_survive_a_lost_store_tail()
         .dir
         .path()
         .join("data")
-        .join(meshsign_server::site::AUDIT_JOURNAL);
+        .join(meshsign_server::audit::journal::JOURNAL_FILE);
     let journal = std::fs::read(&journal_path).unwrap();
     let lines: Vec<AuditRecord> = journal
         .split(|b| *b == b'\n')
@@ -378,7 +378,11 @@ async fn signatures_acknowledged_through_the_journal_survive_a_lost_store_tail()
             drop(kv);
             let mut torn = journal.clone();
             torn.extend_from_slice(&journal[..journal.len() / 5]);
-            std::fs::write(data.join(meshsign_server::site::AUDIT_JOURNAL), torn).unwrap();
+            std::fs::write(
+                data.join(meshsign_server::audit::journal::JOURNAL_FILE),
+                torn,
+            )
+            .unwrap();
         })
         .await;
 

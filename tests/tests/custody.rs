@@ -5,8 +5,8 @@
 
 use std::path::Path;
 
-use meshsign_server::issuer::IssuerRecord;
-use meshsign_server::sign::{Kek, KeyRecord, key_aad};
+use meshsign_server::ca::IssuerRecord;
+use meshsign_server::custody::{Kek, KeyRecord, key_aad};
 use meshsign_server::store::Tree;
 use meshsign_tests::TestSite;
 use p256::pkcs8::DecodePrivateKey as _;
@@ -132,7 +132,7 @@ async fn keys_and_runner_cas_survive_a_restart_and_a_wrong_kek_refuses_to_start(
         .public_key_der;
     let ca_before = site
         .state()
-        .issuers("staging")
+        .runner_cas("staging")
         .unwrap()
         .active
         .record
@@ -159,7 +159,7 @@ async fn keys_and_runner_cas_survive_a_restart_and_a_wrong_kek_refuses_to_start(
     site.handle.shutdown().await;
     Kek::generate_file(&dir.join("kek")).unwrap();
     let cfg = meshsign_server::config::SiteConfig::load(&site_toml).unwrap();
-    let err = meshsign_server::site::SiteState::open(
+    let err = meshsign_server::state::SiteState::open(
         cfg,
         std::sync::Arc::new(meshsign_server::clock::SystemClock),
     )

@@ -145,7 +145,7 @@ async fn rotation_under_traffic_has_zero_failed_sign_calls() {
     ));
     assert!(b.not_after.unwrap().seconds > a.not_after.unwrap().seconds + 1);
     assert_eq!(
-        meshsign_server::ops::retire_expired(site.state())
+        meshsign_server::ops::housekeeping::retire_expired(site.state())
             .await
             .unwrap(),
         1
@@ -193,7 +193,7 @@ async fn revoked_issuer_certificates_are_refused_at_once() {
     assert!(t0.elapsed() < Duration::from_secs(1));
     assert_eq!(err.code(), Code::PermissionDenied);
     assert!(
-        err.message().starts_with("issuer_untrusted"),
+        err.message().starts_with("issuer_untrusted: "),
         "{}",
         err.message()
     );
@@ -334,7 +334,7 @@ async fn revocation_by_serial_job_fingerprint_and_policy_is_immediate_and_surviv
             err.message()
         );
         assert!(
-            err.message().starts_with(reason),
+            err.message().starts_with(&format!("{reason}: ")),
             "{name}: {}",
             err.message()
         );
@@ -353,7 +353,7 @@ async fn revocation_by_serial_job_fingerprint_and_policy_is_immediate_and_surviv
     timings.push(("trust policy", t0.elapsed()));
     assert_eq!(err.code(), Code::PermissionDenied);
     assert!(
-        err.message().starts_with("trust_policy_disabled"),
+        err.message().starts_with("trust_policy_disabled: "),
         "{}",
         err.message()
     );
@@ -387,7 +387,7 @@ async fn revocation_by_serial_job_fingerprint_and_policy_is_immediate_and_surviv
     req.runner_fingerprint = fp.clone();
     let err = site.enrollment().await.enroll(req).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
-    assert!(err.message().starts_with("revoked"));
+    assert!(err.message().starts_with("revoked: "));
 
     // After a restart: all four still refused, the bystander still served.
     let site = site.restart().await;
@@ -482,7 +482,7 @@ async fn admin_port_refuses_runner_certificates_and_auditors_cannot_change_anyth
     ];
     for e in denied {
         assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
-        assert!(e.message().starts_with("role"));
+        assert!(e.message().starts_with("role: "));
     }
     let last = site.last_audit();
     assert_eq!(
@@ -547,7 +547,7 @@ async fn jwks_set_pins_next_keys_and_denies_unknown_kids() {
     );
     let err = enroll.enroll(req).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
-    assert!(err.message().starts_with("kid"), "{}", err.message());
+    assert!(err.message().starts_with("kid: "), "{}", err.message());
     assert_eq!(site.last_audit().reason, "kid");
     // A JWKS with private material is refused; so is garbage.
     let mut private = next.jwk();
@@ -660,7 +660,7 @@ async fn key_lifecycle_rotate_disable_import_create() {
         .unwrap();
     let e = signer.sign(sign_req("tags-only", 6)).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
-    assert!(e.message().starts_with("key_access"));
+    assert!(e.message().starts_with("key_access: "));
 
     // Disable: no longer signs, still listed.
     admin
@@ -672,7 +672,7 @@ async fn key_lifecycle_rotate_disable_import_create() {
         .unwrap();
     let e = signer.sign(sign_req("release", 4)).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
-    assert!(e.message().starts_with("key_disabled"), "{}", e.message());
+    assert!(e.message().starts_with("key_disabled: "), "{}", e.message());
 
     // All of it survives a restart.
     let site = site.restart().await;
@@ -711,7 +711,7 @@ async fn revoke_self_leaves_no_live_credential() {
     assert_eq!(r.serial, resp.serial);
     let e = signer.sign(sign_req("release", 7)).await.unwrap_err();
     assert!(
-        e.message().starts_with("certificate_revoked"),
+        e.message().starts_with("certificate_revoked: "),
         "{}",
         e.message()
     );
@@ -739,27 +739,16 @@ async fn reload_changes_access_rules_and_a_bad_file_changes_nothing() {
         )
     );
     assert_ne!(narrowed, text, "the test edits the production key");
-    let op = meshsign_server::ops::Operator {
-        id: "local:SIGHUP".into(),
-        role: meshsign_server::ops::Role::Admin,
-    };
     let cfg = meshsign_server::config::SiteConfig::from_toml(&narrowed, site.dir.path()).unwrap();
     let state = site.state().clone();
-    meshsign_server::ops::audited(&state, &op, "Reload", "", true, async || {
-        meshsign_server::ops::reload(&state, cfg).map(|d| ((), d))
-    })
-    .await
-    .unwrap();
+    site.handle.reload(cfg).await.unwrap();
     let e = signer.sign(sign_req("release", 8)).await.unwrap_err();
-    assert!(e.message().starts_with("key_access"), "{}", e.message());
+    assert!(e.message().starts_with("key_access: "), "{}", e.message());
 
     // A file changing what needs a restart is refused and the running config stays.
     let moved = narrowed.replace("region = \"sg\"", "region = \"tokyo\"");
     let cfg = meshsign_server::config::SiteConfig::from_toml(&moved, site.dir.path()).unwrap();
-    let r = meshsign_server::ops::audited(&state, &op, "Reload", "", true, async || {
-        meshsign_server::ops::reload(&state, cfg).map(|d| ((), d))
-    })
-    .await;
+    let r = site.handle.reload(cfg).await;
     assert!(r.is_err());
     assert_eq!(state.config().region, "sg");
     assert_eq!(site.last_audit().reason, "precondition");
@@ -795,7 +784,7 @@ async fn disabling_with_keep_sessions_refuses_new_enrollments_but_lets_open_sess
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     assert!(
-        err.message().starts_with("trust_policy"),
+        err.message().starts_with("trust_policy_disabled: "),
         "{}",
         err.message()
     );
@@ -806,7 +795,7 @@ async fn disabling_with_keep_sessions_refuses_new_enrollments_but_lets_open_sess
         .unwrap();
     let err = running.sign(sign_req("release", 1)).await.unwrap_err();
     assert!(
-        err.message().starts_with("trust_policy_disabled"),
+        err.message().starts_with("trust_policy_disabled: "),
         "{}",
         err.message()
     );

@@ -117,7 +117,7 @@ async fn certificate_that_expires_on_an_open_connection_is_refused_on_the_next_r
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{}", err.message());
     assert!(
-        err.message().starts_with("certificate_expired"),
+        err.message().starts_with("certificate_expired: "),
         "{}",
         err.message()
     );
@@ -140,7 +140,7 @@ async fn staging_certificate_never_uses_a_production_key() {
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     assert!(
-        err.message().starts_with("key_not_in_partition"),
+        err.message().starts_with("key_not_in_partition: "),
         "{}",
         err.message()
     );
@@ -207,7 +207,7 @@ async fn bad_inputs_are_invalid_argument_and_audited() {
             err.message()
         );
         assert!(
-            err.message().starts_with(reason),
+            err.message().starts_with(&format!("{reason}: ")),
             "{name}: {}",
             err.message()
         );
@@ -270,7 +270,11 @@ async fn key_access_rule_is_checked_against_the_callers_ref() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
-    assert!(err.message().starts_with("key_access"), "{}", err.message());
+    assert!(
+        err.message().starts_with("key_access: "),
+        "{}",
+        err.message()
+    );
     // prod-only admits any ref.
     signer
         .sign(digest_req("prod-only", vec![4; 32]))

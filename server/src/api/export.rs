@@ -8,7 +8,29 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use crate::site::SiteState;
+use super::status::status;
+use crate::audit::AuditError;
+use crate::model::{INTERNAL, Refusal, RefusalKind};
+use crate::state::SiteState;
+
+/// Why an export stopped (internal faults: logged under an error id).
+#[derive(Debug, thiserror::Error)]
+enum ExportError {
+    #[error("reading the log: {0}")]
+    Read(#[from] AuditError),
+    #[error("encoding an export line: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+impl Refusal for ExportError {
+    fn reason(&self) -> &'static str {
+        INTERNAL
+    }
+
+    fn kind(&self) -> RefusalKind {
+        RefusalKind::Internal
+    }
+}
 
 const PAGE: usize = 512;
 
@@ -33,7 +55,7 @@ fn line(r: AuditRecord, q: &v1::ExportAuditRequest, first: bool) -> Result<v1::E
     };
     serde_json::to_string(&l)
         .map(|json| v1::ExportLine { json })
-        .map_err(|e| Status::internal(e.to_string()))
+        .map_err(|e| status(&ExportError::from(e)))
 }
 
 fn start_seq(site: &SiteState, q: &v1::ExportAuditRequest) -> Result<u64, Status> {
@@ -46,7 +68,7 @@ fn start_seq(site: &SiteState, q: &v1::ExportAuditRequest) -> Result<u64, Status
         let page = site
             .audit
             .range(from, PAGE)
-            .map_err(|e| Status::internal(e.to_string()))?;
+            .map_err(|e| status(&ExportError::from(e)))?;
         let Some(last) = page.last() else {
             return Ok(from);
         };
@@ -92,7 +114,7 @@ pub fn stream(
             let page = match site.audit.range(next, PAGE) {
                 Ok(p) => p,
                 Err(e) => {
-                    let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                    let _ = tx.send(Err(status(&ExportError::from(e)))).await;
                     return;
                 }
             };

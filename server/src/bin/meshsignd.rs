@@ -3,17 +3,23 @@
 //! - `meshsignd dev [--data-dir DIR]`: a complete dev site on loopback, created once, reused after.
 //! - `meshsignd check --config FILE`: validate a site config and exit.
 //! - `meshsignd serve --config FILE`: run a site.
+//!
+//! Exit codes: 0 stopped by SIGTERM/SIGINT; 1 refused to start, or a listener died (the
+//! message names it). SIGHUP re-reads the configuration file, `[tls]` included; a signal that
+//! arrives during a reload is not lost (the signal streams live for the whole process).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use meshsign_server::api::{self, SiteHandle};
 use meshsign_server::clock::SystemClock;
 use meshsign_server::config::{Listen, SiteConfig};
-use meshsign_server::ops;
-use meshsign_server::site::{self, SiteState};
-use meshsign_server::{dev, sign::Kek};
+use meshsign_server::custody::Kek;
+#[cfg(feature = "dev")]
+use meshsign_server::dev;
+use meshsign_server::state::SiteState;
 
 #[derive(Parser)]
 #[command(
@@ -38,6 +44,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Run a dev site on loopback (dev PKI, dev OIDC issuer, KEK: made once, then reused).
+    #[cfg(feature = "dev")]
     Dev {
         /// Folder for everything dev mode makes.
         #[arg(long, default_value = "meshsign-dev")]
@@ -128,10 +135,9 @@ async fn run(command: Command) -> Result<(), String> {
             let cfg =
                 SiteConfig::load(&config).map_err(|e| format!("{}: {e}", config.display()))?;
             let handle = start(cfg).await?;
-            serve_until_stopped(&handle, &config, None).await;
-            handle.shutdown().await;
-            Ok(())
+            serve_until_stopped(handle, &config, None).await
         }
+        #[cfg(feature = "dev")]
         Command::Dev {
             data_dir,
             enroll_port,
@@ -174,46 +180,57 @@ async fn run(command: Command) -> Result<(), String> {
                 data_dir.display(),
                 c = client.display(),
             );
-            serve_until_stopped(&handle, &site_toml, Some(listen)).await;
-            handle.shutdown().await;
-            Ok(())
+            serve_until_stopped(handle, &site_toml, Some(listen)).await
         }
     }
 }
 
-async fn start(cfg: SiteConfig) -> Result<site::SiteHandle, String> {
+async fn start(cfg: SiteConfig) -> Result<SiteHandle, String> {
     let state = tokio::task::spawn_blocking(move || SiteState::open(cfg, Arc::new(SystemClock)))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
-    site::start(Arc::new(state))
-        .await
-        .map_err(|e| e.to_string())
+    api::start(Arc::new(state)).await.map_err(|e| e.to_string())
 }
 
-/// Serves until SIGINT/SIGTERM. SIGHUP re-reads the config file: trust policies and key access
-/// rules change in place; a file that fails validation leaves the running config and logs why.
+/// Serves until SIGINT/SIGTERM (then stops cleanly) or until a listener dies (then stops and
+/// reports it, so the process exits non-zero). SIGHUP re-reads the config file: trust
+/// policies, key access rules and `[tls]` change in place; a file that fails validation or
+/// changes what needs a restart leaves the running configuration and logs why.
 async fn serve_until_stopped(
-    handle: &site::SiteHandle,
+    mut handle: SiteHandle,
     path: &std::path::Path,
     listen: Option<Listen>,
-) {
+) -> Result<(), String> {
     #[cfg(unix)]
-    {
+    let outcome = {
         use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut hup) = signal(SignalKind::hangup()) {
-            loop {
-                tokio::select! {
-                    _ = wait_for_signal() => return,
-                    _ = hup.recv() => reload(handle, path, listen).await,
-                }
+        let watch = |k| signal(k).map_err(|e| format!("cannot watch signals: {e}"));
+        // Made once, before serving: a signal that arrives during a reload waits here.
+        let (mut term, mut int, mut hup) = (
+            watch(SignalKind::terminate())?,
+            watch(SignalKind::interrupt())?,
+            watch(SignalKind::hangup())?,
+        );
+        loop {
+            tokio::select! {
+                died = handle.died() => break Err(died.to_string()),
+                _ = term.recv() => break Ok(()),
+                _ = int.recv() => break Ok(()),
+                _ = hup.recv() => reload(&handle, path, listen).await,
             }
         }
-    }
-    wait_for_signal().await;
+    };
+    #[cfg(not(unix))]
+    let outcome = tokio::select! {
+        died = handle.died() => Err(died.to_string()),
+        _ = tokio::signal::ctrl_c() => Ok(()),
+    };
+    handle.shutdown().await;
+    outcome
 }
 
-async fn reload(handle: &site::SiteHandle, path: &std::path::Path, listen: Option<Listen>) {
+async fn reload(handle: &SiteHandle, path: &std::path::Path, listen: Option<Listen>) {
     let mut cfg = match SiteConfig::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -224,32 +241,8 @@ async fn reload(handle: &site::SiteHandle, path: &std::path::Path, listen: Optio
     if let Some(l) = listen {
         cfg.listen = l;
     }
-    let state = &handle.state;
-    let op = ops::Operator {
-        id: "local:SIGHUP".into(),
-        role: ops::Role::Admin,
-    };
-    match ops::audited(state, &op, "Reload", "", true, async || {
-        ops::reload(state, cfg).map(|d| ((), d))
-    })
-    .await
-    {
+    match handle.reload(cfg).await {
         Ok(()) => tracing::info!(file = %path.display(), "configuration reloaded"),
         Err(e) => tracing::error!(error = %e, "reload refused: the running configuration stays"),
     }
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }

@@ -23,10 +23,13 @@ use std::path::{Path, PathBuf};
 
 use meshsign_proto::audit::AuditRecord;
 
-use crate::audit::AuditError;
+use super::AuditError;
 
 /// An entry read back from the journal, with its exact bytes.
 pub type JournalEntry = (AuditRecord, Vec<u8>);
+
+/// The journal's file name in the data folder (beside the store's files).
+pub const JOURNAL_FILE: &str = "audit.journal";
 
 /// The append-only journal file.
 pub struct Journal {
@@ -36,7 +39,10 @@ pub struct Journal {
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> AuditError {
-    AuditError::Store(format!("audit journal {}: {e}", path.display()))
+    AuditError::Journal {
+        path: path.to_path_buf(),
+        source: std::sync::Arc::new(e),
+    }
 }
 
 impl Journal {

@@ -1,5 +1,8 @@
 //! JWT decoding and verification against pinned JWKS. The site never fetches keys.
 //!
+//! Owns: compact-JWS decoding, the accepted algorithms, pinned keys. Must not touch: policy
+//! (which issuer, which audience: that is `enroll`), the store, the network.
+//!
 //! Only RS256 and ES256 are accepted; `none` and HS* never are (an HS* token would let anyone who
 //! knows the public key forge tokens). Verifier keys are parsed once, when the JWKS is loaded.
 

@@ -2,6 +2,9 @@
 //! PostgreSQL for replicated sites, DESIGN.md "Beyond one machine") can replace sled without
 //! touching the core. [`Store`] adds typed records on top; records are JSON.
 //!
+//! Owns: the engine, the tree names, record encoding. Must not touch: what the records mean
+//! (that is `state`, `ca`, `custody`, `audit`); it imports no other module of this crate.
+//!
 //! Nothing secret is stored in the clear: key records hold AEAD ciphertext (see `custody`).
 
 use std::path::Path;
@@ -14,14 +17,24 @@ use serde::{Serialize, de::DeserializeOwned};
 pub enum StoreError {
     /// The engine failed (I/O, corruption, read-only disk).
     #[error("storage engine: {0}")]
-    Engine(String),
-    /// A stored record did not decode.
-    #[error("corrupt record in {tree}: {message}")]
+    Engine(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
+    /// A folder or file of the store could not be used.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A stored record did not decode (or a record did not encode).
+    #[error("corrupt record in {tree}: {source}")]
     Corrupt {
         /// Tree name.
         tree: &'static str,
-        /// Decoder message.
-        message: String,
+        /// Decoder error.
+        #[source]
+        source: serde_json::Error,
     },
 }
 
@@ -30,19 +43,19 @@ pub enum StoreError {
 pub enum Tree {
     /// Wrapped signing keys: `partition/alias/version` → [`crate::custody::KeyRecord`].
     Keys,
-    /// Runner CAs: `partition/issuer_id` → [`crate::issuer::IssuerRecord`].
+    /// Runner CAs: `partition/issuer_id` → [`crate::ca::IssuerRecord`].
     Issuers,
-    /// Issued runner certificates: serial hex → [`crate::enroll::CertRecord`].
+    /// Issued runner certificates: serial hex → [`crate::model::CertRecord`].
     Certs,
     /// Seen token IDs: `sha256(iss)/jti` → expiry (unix seconds, big-endian).
     Jti,
-    /// Audit records: seq (big-endian) → [`crate::audit::AuditRecord`].
+    /// Audit records: seq (big-endian) → [`meshsign_proto::audit::AuditRecord`].
     Audit,
-    /// Ops overlay on trust policies: `partition/policy` → [`crate::ops::PolicyOverlay`].
+    /// Ops overlay on trust policies: `partition/policy` → [`crate::state::overlays::PolicyOverlay`].
     Policies,
-    /// Revocation rules: id → [`crate::ops::RevocationRule`].
+    /// Revocation rules: id → [`crate::model::RevocationRule`].
     Revocations,
-    /// Ops state of signing keys: `partition/alias` → [`crate::ops::KeyMeta`].
+    /// Ops state of signing keys: `partition/alias` → [`crate::state::overlays::KeyMeta`].
     KeyMeta,
     /// Small site facts (e.g. `audit/exported_through`).
     Meta,
@@ -95,7 +108,7 @@ pub struct SledKv {
 }
 
 fn engine(e: sled::Error) -> StoreError {
-    StoreError::Engine(e.to_string())
+    StoreError::Engine(Box::new(e))
 }
 
 impl SledKv {
@@ -270,14 +283,14 @@ impl Store {
 fn encode<T: Serialize>(tree: Tree, value: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(value).map_err(|e| StoreError::Corrupt {
         tree: tree.name(),
-        message: e.to_string(),
+        source: e,
     })
 }
 
 fn decode<T: DeserializeOwned>(tree: Tree, bytes: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
         tree: tree.name(),
-        message: e.to_string(),
+        source: e,
     })
 }
 

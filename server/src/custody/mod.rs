@@ -1,5 +1,8 @@
 //! Key custody and signing.
 //!
+//! Owns: the KEK, wrapped key records, signing backends, the key ring, and the signing pool.
+//! Must not touch: policy (who may use a key is `sign::checks`), the audit log, the network.
+//!
 //! Private keys live in the store only as AEAD ciphertext (AES-256-GCM) under a key-encryption
 //! key ([`Kek`]) read from a file that is not in the database (e.g. a systemd credential). The
 //! associated data binds each ciphertext to its partition, alias and version, so a record moved to
@@ -7,6 +10,8 @@
 //!
 //! Signing goes through the [`SigningBackend`] trait; ECDSA P-256 via aws-lc-rs is the first
 //! implementation, an HSM (PKCS#11) can be another. No API here returns private material.
+
+pub mod pool;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -20,18 +25,28 @@ use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use crate::config::{KeyAlgorithm, SiteConfig};
+use crate::config::SiteConfig;
+use crate::model::KeyAlgorithm;
 use crate::store::{Store, StoreError, Tree, hex_bytes, hex_list};
 
 /// Key custody failures.
 #[derive(Debug, thiserror::Error)]
 pub enum CustodyError {
-    /// The KEK file could not be read.
+    /// The KEK file could not be read or written.
+    #[error("kek file {path}: {source}")]
+    KekIo {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The KEK file is not acceptable (permissions, length, encoding).
     #[error("kek file {path}: {message}")]
     KekFile {
         /// The file.
         path: String,
-        /// What is wrong.
+        /// What is wrong and how to fix it.
         message: String,
     },
     /// A wrapped key did not decrypt: wrong KEK, or the record was altered or moved.
@@ -67,7 +82,11 @@ impl Kek {
             path: path.display().to_string(),
             message: m,
         };
-        let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+        let io = |source| CustodyError::KekIo {
+            path: path.display().to_string(),
+            source,
+        };
+        let meta = std::fs::metadata(path).map_err(io)?;
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt as _;
@@ -79,7 +98,7 @@ impl Kek {
             }
         }
         let _ = meta;
-        let raw = Zeroizing::new(std::fs::read(path).map_err(|e| err(e.to_string()))?);
+        let raw = Zeroizing::new(std::fs::read(path).map_err(io)?);
         let mut key = Zeroizing::new([0u8; 32]);
         let trimmed = raw.trim_ascii();
         if raw.len() == 32 {
@@ -100,10 +119,10 @@ impl Kek {
             .fill(&mut key[..])
             .map_err(|_| CustodyError::Crypto("rng"))?;
         let hexed = Zeroizing::new(hex::encode(&key[..]));
-        meshsign_certs_dev::write_file(path, hexed.as_bytes(), true).map_err(|e| {
-            CustodyError::KekFile {
+        meshsign_proto::files::write_atomic(path, hexed.as_bytes(), true).map_err(|source| {
+            CustodyError::KekIo {
                 path: path.display().to_string(),
-                message: e.to_string(),
+                source,
             }
         })
     }
@@ -542,34 +561,24 @@ pub fn store_key(
     Ok(record)
 }
 
-/// The site's audit (checkpoint) key: `(site)/audit`, created on first start, held like every
-/// other key (wrapped under the KEK).
-pub fn audit_key(
+/// Loads every version of `partition/alias` (oldest first), creating v1 with `algorithm` if
+/// there is none. Used for site-held keys outside the configuration (the audit key).
+pub fn load_or_create_alias(
     store: &Store,
     kek: &Kek,
+    partition: &str,
+    alias: &str,
+    algorithm: KeyAlgorithm,
     now_unix: i64,
-) -> Result<crate::audit::AuditKey, CustodyError> {
-    const P: &str = "(site)";
-    const A: &str = "audit";
-    let mut records: Vec<KeyRecord> = store.scan(Tree::Keys, format!("{P}/{A}/").as_bytes())?;
+) -> Result<Vec<LoadedKey>, CustodyError> {
+    let mut records: Vec<KeyRecord> =
+        store.scan(Tree::Keys, format!("{partition}/{alias}/").as_bytes())?;
     if records.is_empty() {
         records.push(create_key(
-            store,
-            kek,
-            P,
-            A,
-            KeyAlgorithm::EcdsaP256Sha256,
-            1,
-            now_unix,
+            store, kek, partition, alias, algorithm, 1, now_unix,
         )?);
     }
-    let key = load_versions(kek, records)?
-        .pop()
-        .ok_or(CustodyError::Crypto("audit key"))?;
-    Ok(crate::audit::AuditKey {
-        key_id: key.record.key_id(),
-        backend: key.backend,
-    })
+    load_versions(kek, records)
 }
 
 /// Generates a key, wraps it under the KEK and stores it; the plaintext never leaves memory.

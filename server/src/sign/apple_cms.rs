@@ -1,5 +1,8 @@
 //! Checks on the CMS signed attributes of an Apple code signature before the site signs them.
 //!
+//! Owns: the DER walk over the signed attributes and the facts it audits. Must not touch:
+//! keys, the audit log, the state.
+//!
 //! An Apple code signature is a CMS SignedData over the CodeDirectory; the signer signs the DER
 //! SET OF signed attributes. The site refuses anything that is not what a code-signing step
 //! produces: content type must be id-data, signingTime must be within a few minutes of now, the

@@ -1,4 +1,9 @@
-//! Runner CAs: one active issuer per partition that mints runner certificates.
+//! Runner CAs: one active runner CA per environment that mints runner certificates.
+//!
+//! Owns: runner CA records and their lifecycle states, minting and self-checking a runner
+//! certificate. Must not touch: tokens and policy (that is `enroll`), the audit log, running
+//! state. "Issuer" in this crate means the OIDC issuer of a token; a runner certificate's
+//! issuer is always called a runner CA.
 //!
 //! Certificates are built from policy only (DESIGN.md "Runner certificate profile"); nothing the
 //! CSR asks for is copied. Every issued certificate is re-parsed and checked before it leaves.
@@ -21,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use x509_parser::prelude::*;
 use zeroize::Zeroizing;
 
-use crate::sign::{CustodyError, Kek, Wrapped};
+use crate::custody::{CustodyError, Kek, Wrapped};
 use crate::store::{Store, StoreError, Tree, hex_bytes};
 
 /// Issuance failures (all internal: inputs were checked before).
@@ -55,6 +60,19 @@ pub enum IssuerState {
     Retired,
     /// Distrusted at once.
     Revoked,
+}
+
+impl IssuerState {
+    /// The lowercase name (`staged`, `active`, `retiring`, `retired`, `revoked`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IssuerState::Staged => "staged",
+            IssuerState::Active => "active",
+            IssuerState::Retiring => "retiring",
+            IssuerState::Retired => "retired",
+            IssuerState::Revoked => "revoked",
+        }
+    }
 }
 
 /// A stored runner CA.
@@ -215,7 +233,7 @@ impl RunnerCa {
         state: IssuerState,
         now_unix: i64,
     ) -> Result<Self, IssueError> {
-        let id = meshsign_certs_dev::random_id().map_err(|_| CustodyError::Crypto("rng"))?[..16]
+        let id = meshsign_proto::files::random_id().map_err(|_| CustodyError::Crypto("rng"))?[..16]
             .to_string();
         let key = Zeroizing::new(KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?);
         let mut p = CertificateParams::default();
@@ -358,7 +376,7 @@ impl RunnerCa {
         if cert.public_key().raw != req.public_key_spki.as_slice() {
             return Err(bad("subject key differs from the CSR's"));
         }
-        if crate::authz::only_uri_san(&cert) != Some(req.id.to_uri().as_str()) {
+        if crate::identity::only_uri_san(&cert) != Some(req.id.to_uri().as_str()) {
             return Err(bad("SAN must be exactly the runner's SPIFFE URI"));
         }
         match cert.basic_constraints() {

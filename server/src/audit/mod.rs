@@ -1,5 +1,9 @@
 //! The audit log: one entry per decision, allowed or denied, hash-chained and made durable
-//! before the response leaves (DESIGN.md "Audit"). The format, chain and verification live in
+//! before the response leaves (DESIGN.md "Audit").
+//!
+//! Owns: the writer thread, the chain head, checkpoints, the journal ([`journal`]),
+//! retention, and the audit key. Must not touch: what a decision means (the use cases fill the
+//! record), the network. The format, chain and verification live in
 //! `meshsign_proto::audit`, shared with offline verifiers.
 //!
 //! **Group commit.** Callers hand entries to one writer thread; it takes every entry waiting,
@@ -30,17 +34,45 @@ use std::sync::mpsc;
 
 use tokio::sync::{oneshot, watch};
 
-use crate::clock::SharedClock;
-use crate::journal::Journal;
-use crate::sign::SigningBackend;
-use crate::store::{Store, StoreError, Tree};
+pub mod journal;
 
-/// Audit failures. A decision whose entry cannot be written is not returned.
+use crate::clock::SharedClock;
+use crate::custody::{CustodyError, Kek, SigningBackend};
+use crate::model::{KeyAlgorithm, Refusal, RefusalKind, bounded};
+use crate::store::{Store, StoreError, Tree};
+use journal::Journal;
+
+/// Audit failures. A decision whose entry cannot be written is not returned. Cloneable (one
+/// failed group commit answers every waiting request), so causes are shared behind `Arc`.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum AuditError {
     /// The store refused the write or the flush.
-    #[error("audit write failed: {0}")]
-    Store(String),
+    #[error("audit store: {0}")]
+    Store(#[source] Arc<StoreError>),
+    /// The journal file could not be read or written.
+    #[error("audit journal {path}: {source}")]
+    Journal {
+        /// The journal file.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: Arc<std::io::Error>,
+    },
+    /// A stored entry does not decode (or a new one does not encode).
+    #[error("audit entry {what}: {source}")]
+    Entry {
+        /// Which entry.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: Arc<serde_json::Error>,
+    },
+    /// The audit key could not sign a checkpoint.
+    #[error("audit checkpoint signature: {0}")]
+    Checkpoint(#[source] Arc<CustodyError>),
+    /// The writer thread could not be started.
+    #[error("cannot start the audit writer: {0}")]
+    Thread(#[source] Arc<std::io::Error>),
     /// The writer thread is gone (site shutting down).
     #[error("audit writer stopped")]
     Stopped,
@@ -48,7 +80,30 @@ pub enum AuditError {
 
 impl From<StoreError> for AuditError {
     fn from(e: StoreError) -> Self {
-        AuditError::Store(e.to_string())
+        AuditError::Store(Arc::new(e))
+    }
+}
+
+/// Fills a refusal into `rec` — decision `deny`, the refusal's reason, its detail (bounded) —
+/// and logs it with the same reason and detail. An internal fault's detail stays out of the
+/// record: the transport logs it in full under an error id it also returns to the client.
+pub fn deny(rec: &mut AuditRecord, e: &dyn Refusal, what: &'static str) {
+    rec.decision = "deny".into();
+    rec.reason = e.reason().into();
+    if e.kind() == RefusalKind::Internal {
+        rec.detail = "internal error (the site log has it)".into();
+    } else {
+        rec.detail = bounded(&e.to_string(), 300);
+        tracing::info!(rpc = %rec.rpc, reason = e.reason(), detail = %rec.detail, "{what}");
+    }
+}
+
+impl AuditError {
+    fn entry(what: &'static str) -> impl FnOnce(serde_json::Error) -> Self {
+        move |e| AuditError::Entry {
+            what,
+            source: Arc::new(e),
+        }
     }
 }
 
@@ -80,6 +135,27 @@ pub struct AuditKey {
     pub key_id: String,
     /// Signer.
     pub backend: Arc<dyn SigningBackend>,
+}
+
+impl AuditKey {
+    /// The site's audit (checkpoint) key, `(site)/audit@vN`: created on the first start, held
+    /// like every other key (wrapped under the KEK).
+    pub fn load_or_create(store: &Store, kek: &Kek, now_unix: i64) -> Result<Self, CustodyError> {
+        let key = crate::custody::load_or_create_alias(
+            store,
+            kek,
+            "(site)",
+            "audit",
+            KeyAlgorithm::EcdsaP256Sha256,
+            now_unix,
+        )?
+        .pop()
+        .ok_or(CustodyError::Crypto("audit key"))?;
+        Ok(Self {
+            key_id: key.record.key_id(),
+            backend: key.backend,
+        })
+    }
 }
 
 impl std::fmt::Debug for AuditKey {
@@ -176,8 +252,8 @@ impl AuditLog {
         };
         let (seq, hash, since_checkpoint) = match store.kv().last(Tree::Audit)? {
             Some((_, v)) => {
-                let last: AuditRecord = serde_json::from_slice(&v)
-                    .map_err(|e| AuditError::Store(format!("last audit entry: {e}")))?;
+                let last: AuditRecord =
+                    serde_json::from_slice(&v).map_err(AuditError::entry("last stored"))?;
                 (
                     last.seq,
                     last.hash,
@@ -205,7 +281,7 @@ impl AuditLog {
         std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || writer.run(rx))
-            .map_err(|e| AuditError::Store(format!("cannot start the audit writer: {e}")))?;
+            .map_err(|e| AuditError::Thread(Arc::new(e)))?;
         Ok(Self {
             tx,
             store,
@@ -255,7 +331,7 @@ impl AuditLog {
             .kv()
             .scan_range(Tree::Audit, &from.to_be_bytes(), limit)?
         {
-            out.push(serde_json::from_slice(&v).map_err(|e| AuditError::Store(e.to_string()))?);
+            out.push(serde_json::from_slice(&v).map_err(AuditError::entry("stored"))?);
         }
         Ok(out)
     }
@@ -433,15 +509,14 @@ impl Writer {
     fn checkpoint(&mut self) -> Result<(), AuditError> {
         let time = self.clock.unix();
         let msg = Checkpoint::message(&self.region, self.seq, &self.hash, time);
-        let digest: [u8; 32] = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &msg)
-            .as_ref()
-            .try_into()
-            .map_err(|_| AuditError::Store("digest".into()))?;
+        let mut digest = [0u8; 32];
+        digest
+            .copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &msg).as_ref());
         let sig = self
             .key
             .backend
             .sign_digest(&digest)
-            .map_err(|e| AuditError::Store(e.to_string()))?;
+            .map_err(|e| AuditError::Checkpoint(Arc::new(e)))?;
         let rec = AuditRecord {
             rpc: "Checkpoint".into(),
             decision: "allow".into(),

@@ -1,5 +1,9 @@
 //! Site configuration: a TOML file parsed once into a validated [`SiteConfig`].
 //!
+//! Owns: the file schema, its validation, and the validated types (environments, trust
+//! policies, key specs, listeners, TLS paths). Must not touch: the store, the network, running
+//! state. Ops changes are laid over a `SiteConfig` by `state::overlays`, never written here.
+//!
 //! Every refusal names the field path (`partitions[1].audience`, ...). Unknown keys are refused.
 //! Relative paths are taken from the config file's folder. See `deploy/site.example.toml`.
 
@@ -9,7 +13,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::jwt::Jwks;
+use crate::identity::jwt::Jwks;
+use crate::model::{AccessRule, KeyAlgorithm, NAME_RULE, Purpose, default_purposes, is_name};
 
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
@@ -167,35 +172,6 @@ struct RawKey {
     purposes: Vec<Purpose>,
 }
 
-/// What a key signs: `digest` and `message` by default; `apple-cms` must be given explicitly.
-pub fn default_purposes() -> Vec<Purpose> {
-    vec![Purpose::Digest, Purpose::Message]
-}
-
-/// What a key may be asked to sign.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Purpose {
-    /// A SHA-256 digest the caller computed.
-    Digest,
-    /// A short message the site hashes.
-    Message,
-    /// The signed attributes of an Apple code signature (CMS over a CodeDirectory), which the
-    /// site parses and checks before signing.
-    AppleCms,
-}
-
-impl Purpose {
-    /// The config name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Purpose::Digest => "digest",
-            Purpose::Message => "message",
-            Purpose::AppleCms => "apple-cms",
-        }
-    }
-}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAccess {
@@ -315,86 +291,6 @@ impl Partition {
     }
 }
 
-/// Signature algorithms a key can have. The key's algorithm decides how it signs.
-///
-/// RSA is signed in the site with aws-lc-rs (constant-time), never with the RustCrypto `rsa`
-/// crate (RUSTSEC-2023-0071, a timing side channel observable over the network).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum KeyAlgorithm {
-    /// ECDSA P-256 over SHA-256, DER signature.
-    #[serde(rename = "ecdsa-p256-sha256")]
-    EcdsaP256Sha256,
-    /// RSA-2048, PKCS#1 v1.5, SHA-256 (Apple code-signing identities).
-    #[serde(rename = "rsa-2048-pkcs1-sha256")]
-    Rsa2048Pkcs1Sha256,
-    /// RSA-3072, PKCS#1 v1.5, SHA-256.
-    #[serde(rename = "rsa-3072-pkcs1-sha256")]
-    Rsa3072Pkcs1Sha256,
-    /// RSA-4096, PKCS#1 v1.5, SHA-256.
-    #[serde(rename = "rsa-4096-pkcs1-sha256")]
-    Rsa4096Pkcs1Sha256,
-    /// RSA-2048, PSS, SHA-256, MGF1-SHA-256, salt 32 bytes.
-    #[serde(rename = "rsa-2048-pss-sha256")]
-    Rsa2048PssSha256,
-    /// RSA-3072, PSS, SHA-256.
-    #[serde(rename = "rsa-3072-pss-sha256")]
-    Rsa3072PssSha256,
-    /// RSA-4096, PSS, SHA-256.
-    #[serde(rename = "rsa-4096-pss-sha256")]
-    Rsa4096PssSha256,
-}
-
-impl KeyAlgorithm {
-    /// Every algorithm, for messages and parsing.
-    pub const ALL: [KeyAlgorithm; 7] = [
-        KeyAlgorithm::EcdsaP256Sha256,
-        KeyAlgorithm::Rsa2048Pkcs1Sha256,
-        KeyAlgorithm::Rsa3072Pkcs1Sha256,
-        KeyAlgorithm::Rsa4096Pkcs1Sha256,
-        KeyAlgorithm::Rsa2048PssSha256,
-        KeyAlgorithm::Rsa3072PssSha256,
-        KeyAlgorithm::Rsa4096PssSha256,
-    ];
-
-    /// The name used in config, RPCs and audit.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            KeyAlgorithm::EcdsaP256Sha256 => "ecdsa-p256-sha256",
-            KeyAlgorithm::Rsa2048Pkcs1Sha256 => "rsa-2048-pkcs1-sha256",
-            KeyAlgorithm::Rsa3072Pkcs1Sha256 => "rsa-3072-pkcs1-sha256",
-            KeyAlgorithm::Rsa4096Pkcs1Sha256 => "rsa-4096-pkcs1-sha256",
-            KeyAlgorithm::Rsa2048PssSha256 => "rsa-2048-pss-sha256",
-            KeyAlgorithm::Rsa3072PssSha256 => "rsa-3072-pss-sha256",
-            KeyAlgorithm::Rsa4096PssSha256 => "rsa-4096-pss-sha256",
-        }
-    }
-
-    /// Parses the config/RPC name.
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|a| a.as_str() == s)
-    }
-
-    /// RSA modulus size, for RSA algorithms.
-    pub fn rsa_bits(self) -> Option<usize> {
-        match self {
-            KeyAlgorithm::EcdsaP256Sha256 => None,
-            KeyAlgorithm::Rsa2048Pkcs1Sha256 | KeyAlgorithm::Rsa2048PssSha256 => Some(2048),
-            KeyAlgorithm::Rsa3072Pkcs1Sha256 | KeyAlgorithm::Rsa3072PssSha256 => Some(3072),
-            KeyAlgorithm::Rsa4096Pkcs1Sha256 | KeyAlgorithm::Rsa4096PssSha256 => Some(4096),
-        }
-    }
-
-    /// PSS padding (else PKCS#1 v1.5) for RSA algorithms.
-    pub fn is_pss(self) -> bool {
-        matches!(
-            self,
-            KeyAlgorithm::Rsa2048PssSha256
-                | KeyAlgorithm::Rsa3072PssSha256
-                | KeyAlgorithm::Rsa4096PssSha256
-        )
-    }
-}
-
 /// A configured signing key.
 #[derive(Clone, Debug)]
 pub struct KeySpec {
@@ -408,23 +304,6 @@ pub struct KeySpec {
     pub disabled: bool,
     /// What it may sign.
     pub purposes: Vec<Purpose>,
-}
-
-/// A caller may use a key if its repository matches one pattern and its ref matches one pattern.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct AccessRule {
-    /// Repository patterns (`*` matches any run of characters).
-    pub repositories: Vec<String>,
-    /// Ref patterns.
-    pub refs: Vec<String>,
-}
-
-impl AccessRule {
-    /// Whether a caller with these claims may use the key.
-    pub fn admits(&self, repository: &str, git_ref: &str) -> bool {
-        self.repositories.iter().any(|p| glob_match(p, repository))
-            && self.refs.iter().any(|p| glob_match(p, git_ref))
-    }
 }
 
 /// One trusted OIDC issuer of a partition.
@@ -442,34 +321,6 @@ pub struct TrustPolicy {
     pub keep_sessions: bool,
     /// Claims a token must carry: name → pattern.
     pub bound_claims: BTreeMap<String, String>,
-}
-
-/// Glob match where `*` matches any (possibly empty) run of characters; all else is literal.
-pub fn glob_match(pattern: &str, text: &str) -> bool {
-    let parts: Vec<&str> = pattern.split('*').collect();
-    if parts.len() == 1 {
-        return pattern == text;
-    }
-    let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if !text.starts_with(first) || text.len() < first.len() + last.len() || !text.ends_with(last) {
-        return false;
-    }
-    let mut rest = &text[first.len()..text.len() - last.len()];
-    for mid in &parts[1..parts.len() - 1] {
-        match rest.find(mid) {
-            Some(i) => rest = &rest[i + mid.len()..],
-            None => return false,
-        }
-    }
-    true
-}
-
-/// Lowercase letters, digits, `-`, `_`; 1 to 63 characters (partition, alias, policy names).
-pub fn is_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 impl SiteConfig {
@@ -520,10 +371,7 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
         return Err(invalid("trust_domain", "must be a lowercase DNS name"));
     }
     if !is_name(&raw.region) {
-        return Err(invalid(
-            "region",
-            "must be lowercase letters, digits, '-' or '_'",
-        ));
+        return Err(invalid("region", format!("must be {NAME_RULE}")));
     }
     let l = &raw.listen;
     let clash = |a: SocketAddr, b: SocketAddr| a == b && a.port() != 0;
@@ -558,10 +406,7 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
     for (i, p) in raw.partitions.into_iter().enumerate() {
         let at = |f: &str| format!("partitions[{i}].{f}");
         if !is_name(&p.name) {
-            return Err(invalid(
-                at("name"),
-                "must be lowercase letters, digits, '-' or '_'",
-            ));
+            return Err(invalid(at("name"), format!("must be {NAME_RULE}")));
         }
         if !names.insert(p.name.clone()) {
             return Err(invalid(
@@ -599,10 +444,7 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
         for (k, key) in p.signing_keys.into_iter().enumerate() {
             let kat = |f: &str| at(&format!("signing_keys[{k}].{f}"));
             if !is_name(&key.alias) {
-                return Err(invalid(
-                    kat("alias"),
-                    "must be lowercase letters, digits, '-' or '_'",
-                ));
+                return Err(invalid(kat("alias"), format!("must be {NAME_RULE}")));
             }
             if keys.iter().any(|x| x.alias == key.alias) {
                 return Err(invalid(
@@ -619,24 +461,12 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
                     ),
                 )
             })?;
-            if key.access.repositories.is_empty()
-                || key.access.repositories.iter().any(String::is_empty)
-            {
-                return Err(invalid(
-                    kat("access.repositories"),
-                    "list the repositories (\"*\" for any)",
-                ));
-            }
-            if key.access.refs.is_empty() || key.access.refs.iter().any(String::is_empty) {
-                return Err(invalid(kat("access.refs"), "list the refs (\"*\" for any)"));
-            }
+            let access = AccessRule::new(key.access.repositories, key.access.refs)
+                .map_err(|(list, m)| invalid(kat(&format!("access.{list}")), m))?;
             keys.push(KeySpec {
                 alias: key.alias,
                 algorithm,
-                access: AccessRule {
-                    repositories: key.access.repositories,
-                    refs: key.access.refs,
-                },
+                access,
                 disabled: false,
                 purposes: if key.purposes.is_empty() {
                     default_purposes()
@@ -649,10 +479,7 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
         for (t, pol) in p.trust_policies.into_iter().enumerate() {
             let tat = |f: &str| at(&format!("trust_policies[{t}].{f}"));
             if !is_name(&pol.name) {
-                return Err(invalid(
-                    tat("name"),
-                    "must be lowercase letters, digits, '-' or '_'",
-                ));
+                return Err(invalid(tat("name"), format!("must be {NAME_RULE}")));
             }
             if policies.iter().any(|x| x.name == pol.name) {
                 return Err(invalid(
@@ -740,22 +567,5 @@ impl SiteConfig {
     /// The partition with this name.
     pub fn partition(&self, name: &str) -> Option<&Partition> {
         self.partitions.iter().find(|p| p.name == name)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn glob() {
-        assert!(glob_match("acme/*", "acme/app"));
-        assert!(glob_match("*", ""));
-        assert!(glob_match("refs/tags/v*", "refs/tags/v1.2"));
-        assert!(glob_match("a*b*c", "axxbyyc"));
-        assert!(!glob_match("a*b*c", "axxcyyb"));
-        assert!(!glob_match("acme/*", "acme2/app"));
-        assert!(!glob_match("refs/heads/main", "refs/heads/main2"));
-        assert!(!glob_match("ab*ba", "aba"));
     }
 }

@@ -1,4 +1,5 @@
-//! rustls configurations for the three listeners, and the accept loop that hands tonic
+//! rustls configurations for the three listeners (swappable: [`ListenerTls`]), and the accept
+//! loop that hands tonic
 //! `tokio_rustls::server::TlsStream`s (so `Request::peer_certs()` works).
 //!
 //! tonic's own server TLS takes only a CA root; we build the `ServerConfig` ourselves: TLS 1.3
@@ -36,17 +37,27 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// TLS setup failures.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    /// A PEM file is missing or holds nothing usable.
-    #[error("{path}: {message}")]
+    /// A PEM file is missing or does not parse.
+    #[error("{path}: {source}")]
     Pem {
         /// The file.
         path: String,
-        /// What is wrong.
-        message: String,
+        /// The cause.
+        #[source]
+        source: rustls_pki_types::pem::Error,
     },
-    /// rustls refused the configuration.
+    /// A PEM file holds no certificate.
+    #[error("{path}: no certificates")]
+    NoCertificates {
+        /// The file.
+        path: String,
+    },
+    /// rustls refused the configuration (e.g. the key does not match the certificate).
     #[error("tls configuration: {0}")]
-    Rustls(String),
+    Rustls(#[from] rustls::Error),
+    /// The client-certificate verifier could not be built (e.g. no usable root).
+    #[error("client verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
 }
 
 /// The crypto provider: aws-lc-rs, one library for TLS, certificates and signing.
@@ -74,21 +85,23 @@ impl std::fmt::Debug for ServerIdentity {
     }
 }
 
-fn pem_err(path: &Path, message: impl Into<String>) -> TlsError {
-    TlsError::Pem {
+fn pem_err(path: &Path) -> impl FnOnce(rustls_pki_types::pem::Error) -> TlsError + '_ {
+    move |source| TlsError::Pem {
         path: path.display().to_string(),
-        message: message.into(),
+        source,
     }
 }
 
 /// Reads every certificate from a PEM file (at least one).
 pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| pem_err(path, e.to_string()))?
+        .map_err(pem_err(path))?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| pem_err(path, e.to_string()))?;
+        .map_err(pem_err(path))?;
     if certs.is_empty() {
-        return Err(pem_err(path, "no certificates"));
+        return Err(TlsError::NoCertificates {
+            path: path.display().to_string(),
+        });
     }
     Ok(certs)
 }
@@ -97,8 +110,8 @@ impl ServerIdentity {
     /// Loads the server certificate chain and key.
     pub fn load(files: &TlsFiles) -> Result<Self, TlsError> {
         let chain = read_certs(&files.server_cert)?;
-        let key = PrivateKeyDer::from_pem_file(&files.server_key)
-            .map_err(|e| pem_err(&files.server_key, e.to_string()))?;
+        let key =
+            PrivateKeyDer::from_pem_file(&files.server_key).map_err(pem_err(&files.server_key))?;
         Ok(Self { chain, key })
     }
 }
@@ -112,9 +125,7 @@ fn finish(
         Some(v) => builder.with_client_cert_verifier(v),
         None => builder.with_no_client_auth(),
     };
-    let mut cfg = builder
-        .with_single_cert(id.chain.clone(), id.key.clone_key())
-        .map_err(|e| TlsError::Rustls(e.to_string()))?;
+    let mut cfg = builder.with_single_cert(id.chain.clone(), id.key.clone_key())?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(cfg))
 }
@@ -124,19 +135,15 @@ fn builder(
 ) -> Result<rustls::ConfigBuilder<ServerConfig, rustls::WantsVerifier>, TlsError> {
     ServerConfig::builder_with_details(provider(), Arc::new(RustlsTime(clock.clone())))
         .with_protocol_versions(&[&TLS13])
-        .map_err(|e| TlsError::Rustls(e.to_string()))
+        .map_err(TlsError::from)
 }
 
 fn client_verifier(roots: &[Vec<u8>]) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
     let mut store = RootCertStore::empty();
     for der in roots {
-        store
-            .add(CertificateDer::from(der.clone()))
-            .map_err(|e| TlsError::Rustls(e.to_string()))?;
+        store.add(CertificateDer::from(der.clone()))?;
     }
-    WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider())
-        .build()
-        .map_err(|e| TlsError::Rustls(e.to_string()))
+    Ok(WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider()).build()?)
 }
 
 /// Enroll port: server-auth TLS 1.3, no client certificate.
@@ -175,6 +182,68 @@ pub type TlsCell = Arc<std::sync::RwLock<Arc<ServerConfig>>>;
 /// Wraps a configuration in a [`TlsCell`].
 pub fn cell(cfg: Arc<ServerConfig>) -> TlsCell {
     Arc::new(std::sync::RwLock::new(cfg))
+}
+
+/// The TLS configurations of the three listeners, swappable at run time: the sign port's when
+/// the trusted runner CAs change, all three when a reload brings new `[tls]` files. New
+/// handshakes use the new configuration; open connections keep theirs (the per-RPC checks
+/// govern them).
+#[derive(Debug)]
+pub struct ListenerTls {
+    identity: std::sync::RwLock<Arc<ServerIdentity>>,
+    clock: SharedClock,
+    /// Enroll port.
+    pub enroll: TlsCell,
+    /// Sign port.
+    pub sign: TlsCell,
+    /// Admin port.
+    pub admin: TlsCell,
+}
+
+impl ListenerTls {
+    /// Loads the server identity and builds the three configurations.
+    pub fn load(
+        files: &TlsFiles,
+        runner_cas: &[Vec<u8>],
+        clock: SharedClock,
+    ) -> Result<Self, TlsError> {
+        let id = Arc::new(ServerIdentity::load(files)?);
+        Ok(Self {
+            enroll: cell(enroll_config(&id, &clock)?),
+            sign: cell(sign_config(&id, runner_cas, &clock)?),
+            admin: cell(admin_config(&id, &files.admin_ca, &clock)?),
+            identity: std::sync::RwLock::new(id),
+            clock,
+        })
+    }
+
+    fn identity(&self) -> Arc<ServerIdentity> {
+        self.identity
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Rebuilds the sign port's configuration for a new set of trusted runner CAs.
+    pub fn set_runner_cas(&self, runner_cas: &[Vec<u8>]) -> Result<(), TlsError> {
+        let cfg = sign_config(&self.identity(), runner_cas, &self.clock)?;
+        *self.sign.write().unwrap_or_else(|p| p.into_inner()) = cfg;
+        Ok(())
+    }
+
+    /// Re-reads `[tls]` (server chain, key, admin CA): every configuration is built first,
+    /// then all three are swapped, so a bad file changes nothing.
+    pub fn reload(&self, files: &TlsFiles, runner_cas: &[Vec<u8>]) -> Result<(), TlsError> {
+        let id = Arc::new(ServerIdentity::load(files)?);
+        let enroll = enroll_config(&id, &self.clock)?;
+        let sign = sign_config(&id, runner_cas, &self.clock)?;
+        let admin = admin_config(&id, &files.admin_ca, &self.clock)?;
+        *self.identity.write().unwrap_or_else(|p| p.into_inner()) = id;
+        *self.enroll.write().unwrap_or_else(|p| p.into_inner()) = enroll;
+        *self.sign.write().unwrap_or_else(|p| p.into_inner()) = sign;
+        *self.admin.write().unwrap_or_else(|p| p.into_inner()) = admin;
+        Ok(())
+    }
 }
 
 /// Room for a whole unary response (HTTP/2 HEADERS, DATA and trailers) and most batch responses.

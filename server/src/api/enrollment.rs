@@ -1,0 +1,153 @@
+//! The enroll port's services: Enrollment (a token and a CSR become a runner certificate) and
+//! Verification (public key material and the trust bundle, for anyone).
+
+use std::sync::Arc;
+
+use meshsign_proto::v1;
+use tonic::{Request, Response, Status};
+
+use super::status::status;
+use super::{peer, runner_ca_info, ts, verification_key};
+use crate::enroll::{self, EnrollInput};
+use crate::model::{Refusal, RefusalKind, bounded};
+use crate::state::SiteState;
+
+/// Refusals of the public read-only RPCs.
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    /// The environment does not exist at this site.
+    #[error("no environment `{0}`")]
+    NoEnvironment(String),
+    /// The key does not exist in the environment.
+    #[error("no key `{alias}` in environment `{environment}`")]
+    NoKey {
+        /// Alias.
+        alias: String,
+        /// Environment.
+        environment: String,
+    },
+}
+
+impl Refusal for LookupError {
+    fn reason(&self) -> &'static str {
+        match self {
+            LookupError::NoEnvironment(_) => "environment",
+            LookupError::NoKey { .. } => "key",
+        }
+    }
+
+    fn kind(&self) -> RefusalKind {
+        RefusalKind::NotFound
+    }
+}
+
+fn no_key(r: &v1::GetVerificationMaterialRequest) -> Status {
+    status(&LookupError::NoKey {
+        alias: bounded(&r.key_alias, 64),
+        environment: bounded(&r.environment, 64),
+    })
+}
+
+/// The Enrollment service (enroll port).
+#[derive(Debug, Clone)]
+pub struct EnrollmentApi(pub Arc<SiteState>);
+
+#[tonic::async_trait]
+impl v1::enrollment_server::Enrollment for EnrollmentApi {
+    async fn get_trust_bundle(
+        &self,
+        req: Request<v1::GetTrustBundleRequest>,
+    ) -> Result<Response<v1::TrustBundle>, Status> {
+        let env = req.into_inner().environment;
+        let runner_cas = self
+            .0
+            .runner_cas(&env)
+            .map_err(|_| status(&LookupError::NoEnvironment(bounded(&env, 64))))?;
+        let now = self.0.clock.unix();
+        Ok(Response::new(v1::TrustBundle {
+            environment: env,
+            region: self.0.config().region.clone(),
+            issuers: runner_cas
+                .trusted(now)
+                .into_iter()
+                .map(runner_ca_info)
+                .collect(),
+        }))
+    }
+
+    async fn enroll(
+        &self,
+        req: Request<v1::EnrollRequest>,
+    ) -> Result<Response<v1::EnrollResponse>, Status> {
+        let peer = peer(&req);
+        let r = req.into_inner();
+        let input = EnrollInput {
+            token: r.token,
+            csr_der: r.csr_der,
+            fingerprint: r.runner_fingerprint,
+            region: r.region,
+            requested_ttl_seconds: u64::from(r.requested_ttl_seconds),
+            environment: r.environment,
+            peer,
+        };
+        let out = enroll::enroll(&self.0, input)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(v1::EnrollResponse {
+            certificate_chain: out.chain,
+            serial: out.serial_hex,
+            not_after: Some(ts(out.not_after)),
+            granted_ttl_seconds: u32::try_from(out.granted_ttl_seconds).unwrap_or(u32::MAX),
+            spiffe_id: out.spiffe_id,
+            environment: out.environment,
+            region: out.region,
+            trusted_issuers: out.trusted_runner_cas,
+        }))
+    }
+}
+
+/// Public verification material (enroll port).
+#[derive(Debug, Clone)]
+pub struct VerificationApi(pub Arc<SiteState>);
+
+#[tonic::async_trait]
+impl v1::verification_server::Verification for VerificationApi {
+    async fn get_signing_identity(
+        &self,
+        req: Request<v1::GetVerificationMaterialRequest>,
+    ) -> Result<Response<v1::SigningIdentity>, Status> {
+        let r = req.into_inner();
+        let ring = self.0.keys();
+        let key = ring
+            .active(&r.environment, &r.key_alias)
+            .ok_or_else(|| no_key(&r))?;
+        Ok(Response::new(v1::SigningIdentity {
+            key_id: key.record.key_id(),
+            algorithm: key.record.algorithm.as_str().to_string(),
+            public_key_der: key.record.public_key_der.clone(),
+            certificate_chain: key.record.certificate_chain.clone(),
+        }))
+    }
+
+    async fn get_verification_material(
+        &self,
+        req: Request<v1::GetVerificationMaterialRequest>,
+    ) -> Result<Response<v1::GetVerificationMaterialResponse>, Status> {
+        let r = req.into_inner();
+        let ring = self.0.keys();
+        let versions = ring
+            .versions(&r.environment, &r.key_alias)
+            .ok_or_else(|| no_key(&r))?;
+        let last = versions.len().saturating_sub(1);
+        let keys = versions
+            .iter()
+            .enumerate()
+            .map(|(i, k)| verification_key(k, i == last))
+            .collect();
+        Ok(Response::new(v1::GetVerificationMaterialResponse {
+            environment: r.environment,
+            region: self.0.config().region.clone(),
+            keys,
+        }))
+    }
+}

@@ -1,0 +1,204 @@
+//! Start-up and lifecycle of a site's listeners: bind the three ports, serve until told to
+//! stop, report a listener that dies, run housekeeping, and apply a reload (configuration and
+//! `[tls]`) without a restart.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::tls::{self, ListenerTls, TlsError};
+use crate::config::SiteConfig;
+use crate::identity::Operator;
+use crate::ops::{self, Access, OpsError};
+use crate::state::SiteState;
+
+/// Failures starting a site's listeners.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// TLS material.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// Binding a listener.
+    #[error("listen on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// gRPC reflection setup.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// A listener that stopped while the site was serving.
+#[derive(Debug, thiserror::Error)]
+#[error("the {port} listener stopped: {cause}")]
+pub struct ListenerDied {
+    /// `enroll`, `sign` or `admin`.
+    pub port: &'static str,
+    /// What ended it.
+    pub cause: String,
+}
+
+/// A running site.
+pub struct SiteHandle {
+    /// Enroll port address.
+    pub enroll_addr: SocketAddr,
+    /// Sign port address.
+    pub sign_addr: SocketAddr,
+    /// Admin port address.
+    pub admin_addr: SocketAddr,
+    /// Shared state (tests inspect the audit log and store through it).
+    pub state: Arc<SiteState>,
+    tls: Arc<ListenerTls>,
+    shutdown: watch::Sender<bool>,
+    listeners: JoinSet<(&'static str, Result<(), tonic::transport::Error>)>,
+    keeper: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for SiteHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SiteHandle")
+            .field("enroll", &self.enroll_addr)
+            .field("sign", &self.sign_addr)
+            .field("admin", &self.admin_addr)
+            .finish()
+    }
+}
+
+impl SiteHandle {
+    /// Stops the listeners and waits for them, then stops the audit writer and flushes.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        while self.listeners.join_next().await.is_some() {}
+        let _ = self.keeper.await;
+        self.state.audit.stop().await;
+        let _ = self.state.store.flush();
+    }
+
+    /// Waits until a listener stops. While the site serves, listeners stop only on a fatal
+    /// error (or a panic), so whatever this returns is a listener that died: the daemon exits
+    /// non-zero naming it.
+    pub async fn died(&mut self) -> ListenerDied {
+        match self.listeners.join_next().await {
+            Some(Ok((port, Ok(())))) => ListenerDied {
+                port,
+                cause: "it ended without an error".into(),
+            },
+            Some(Ok((port, Err(e)))) => ListenerDied {
+                port,
+                cause: e.to_string(),
+            },
+            Some(Err(e)) => ListenerDied {
+                port: "a",
+                cause: format!("its task failed: {e}"),
+            },
+            None => ListenerDied {
+                port: "every",
+                cause: "no listener is left".into(),
+            },
+        }
+    }
+
+    /// Re-reads a configuration (SIGHUP), audited as `Admin.Reload` by `local:SIGHUP`: trust
+    /// policies and key access rules change in place, `[tls]` is re-read (new handshakes use the
+    /// new server certificate and admin CA). What needs a restart (identity, listeners, storage,
+    /// the environment list) refuses the whole reload by name; so does unreadable TLS material.
+    pub async fn reload(&self, file: SiteConfig) -> Result<(), OpsError> {
+        let state = &self.state;
+        let op = Operator::local("SIGHUP");
+        let tls = self.tls.clone();
+        ops::audited(state, &op, "Reload", "", Access::Write, async || {
+            // TLS first: nothing changes unless every file of the new `[tls]` loads.
+            let staged = ListenerTls::load(&file.tls, &state.runner_roots(), state.clock.clone())
+                .map_err(|e| OpsError::Invalid(format!("tls: {e}")))?;
+            drop(staged);
+            let detail = ops::trust::reload(state, file.clone())?;
+            tls.reload(&file.tls, &state.runner_roots())
+                .map_err(|e| OpsError::Invalid(format!("tls: {e}")))?;
+            Ok(((), format!("{detail}; [tls] re-read")))
+        })
+        .await
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
+    let l = TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let local = l
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr, source })?;
+    Ok((l, local))
+}
+
+/// Binds the three listeners and serves until [`SiteHandle::shutdown`].
+pub async fn start(state: Arc<SiteState>) -> Result<SiteHandle, StartError> {
+    tls::install_default_provider();
+    let config = state.config();
+    let tls = Arc::new(ListenerTls::load(
+        &config.tls,
+        &state.runner_roots(),
+        state.clock.clone(),
+    )?);
+    let hook_tls = tls.clone();
+    state.on_runner_roots_changed(Arc::new(move |roots| {
+        hook_tls.set_runner_cas(&roots).map_err(Into::into)
+    }));
+
+    let listen = config.listen;
+    let (enroll_l, enroll_addr) = bind(listen.enroll).await?;
+    let (sign_l, sign_addr) = bind(listen.sign).await?;
+    let (admin_l, admin_addr) = bind(listen.admin).await?;
+
+    let (tx, rx) = watch::channel(false);
+    let stop = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let routers = super::routers(state.clone())?;
+    let mut listeners = JoinSet::new();
+    let enroll = routers.enroll.serve_with_incoming_shutdown(
+        tls::incoming(enroll_l, tls.enroll.clone()),
+        stop(rx.clone()),
+    );
+    listeners.spawn(async move { ("enroll", enroll.await) });
+    let sign = routers
+        .sign
+        .serve_with_incoming_shutdown(tls::incoming(sign_l, tls.sign.clone()), stop(rx.clone()));
+    listeners.spawn(async move { ("sign", sign.await) });
+    let admin = routers
+        .admin
+        .serve_with_incoming_shutdown(tls::incoming(admin_l, tls.admin.clone()), stop(rx.clone()));
+    listeners.spawn(async move { ("admin", admin.await) });
+
+    // Housekeeping every 10 s: replay store, runner CAs past their last certificate, retention.
+    let keeper_state = state.clone();
+    let mut krx = rx.clone();
+    let keeper = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => ops::housekeeping::run_once(&keeper_state).await,
+                _ = krx.changed() => break,
+            }
+        }
+    });
+
+    tracing::info!(%enroll_addr, %sign_addr, %admin_addr, region = %config.region, "meshsign site serving");
+    Ok(SiteHandle {
+        enroll_addr,
+        sign_addr,
+        admin_addr,
+        state,
+        tls,
+        shutdown: tx,
+        listeners,
+        keeper,
+    })
+}

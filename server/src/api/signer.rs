@@ -1,0 +1,170 @@
+//! The sign port's service: Sign, SignBatch, RevokeSelf. The peer certificate becomes a typed
+//! [`Caller`] here, once per connection; every check that can change is made per RPC by
+//! `sign::checks`.
+
+use std::sync::Arc;
+
+use meshsign_proto::v1;
+use tonic::{Request, Response, Status};
+
+use super::status::status;
+use super::{peer, ts};
+use crate::identity::{Caller, IdentityError};
+use crate::sign::{self, Payload, SignInput, SignOutput};
+use crate::state::SiteState;
+
+type PeerCerts = Vec<rustls_pki_types::CertificateDer<'static>>;
+/// Connection (address of its peer-certificate `Arc`) → that `Arc`, weakly, and its caller.
+type CallerMap = std::collections::HashMap<usize, (std::sync::Weak<PeerCerts>, Arc<Caller>)>;
+
+/// Parsed callers per connection. tonic hands every request of a connection the same
+/// `Arc` of peer certificates, so the certificate is parsed once per connection; the `Weak`
+/// makes sure a reused address is never mistaken for the old connection. Everything that can
+/// change (revocation, expiry, policies, keys) is still checked per RPC in `sign::checks`.
+#[derive(Debug, Default)]
+pub struct CallerCache(std::sync::Mutex<CallerMap>);
+
+impl CallerCache {
+    const MAX: usize = 4096;
+
+    fn get_or_parse(
+        &self,
+        certs: &Arc<PeerCerts>,
+        trust_domain: &str,
+    ) -> Result<Arc<Caller>, IdentityError> {
+        let key = Arc::as_ptr(certs) as usize;
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((weak, caller)) = map.get(&key)
+            && weak.upgrade().is_some_and(|live| Arc::ptr_eq(&live, certs))
+        {
+            return Ok(caller.clone());
+        }
+        let leaf = certs.first().ok_or(IdentityError::NoCertificate)?;
+        let caller = Arc::new(Caller::from_cert_der(leaf, trust_domain)?);
+        if map.len() >= Self::MAX {
+            map.retain(|_, (weak, _)| weak.strong_count() > 0);
+        }
+        map.insert(key, (Arc::downgrade(certs), caller.clone()));
+        Ok(caller)
+    }
+}
+
+/// The Signer service (sign port).
+#[derive(Debug, Clone)]
+pub struct SignerApi(Arc<SiteState>, Arc<CallerCache>);
+
+impl SignerApi {
+    /// The Signer service for a site.
+    pub fn new(state: Arc<SiteState>) -> Self {
+        Self(state, Arc::default())
+    }
+
+    /// The typed caller from the peer certificate (the only place a handler sees one).
+    fn caller<T>(&self, req: &Request<T>) -> Result<Arc<Caller>, IdentityError> {
+        let certs = req.peer_certs().ok_or(IdentityError::NoCertificate)?;
+        self.1.get_or_parse(&certs, &self.0.config().trust_domain)
+    }
+
+    async fn sign(
+        &self,
+        caller: Result<Arc<Caller>, IdentityError>,
+        input: SignInput,
+    ) -> Result<SignOutput, Status> {
+        match caller {
+            Ok(caller) => sign::sign(&self.0, &caller, input)
+                .await
+                .map_err(|e| status(&e)),
+            Err(e) => Err(status(&sign::refuse_unidentified(&self.0, &input, e).await)),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl v1::signer_server::Signer for SignerApi {
+    async fn revoke_self(
+        &self,
+        req: Request<v1::RevokeSelfRequest>,
+    ) -> Result<Response<v1::RevokeSelfResponse>, Status> {
+        let (caller, peer) = (self.caller(&req), peer(&req));
+        let input = SignInput {
+            rpc: "RevokeSelf",
+            alias: String::new(),
+            payload: Payload::Missing,
+            artifact: String::new(),
+            algorithm: String::new(),
+            peer: peer.clone(),
+        };
+        let caller = match caller {
+            Ok(c) => c,
+            Err(e) => return Err(status(&sign::refuse_unidentified(&self.0, &input, e).await)),
+        };
+        let reason = req.into_inner().reason;
+        let serial = sign::revoke_self(&self.0, &caller, &reason, &peer)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(v1::RevokeSelfResponse { serial }))
+    }
+
+    async fn sign(
+        &self,
+        req: Request<v1::SignRequest>,
+    ) -> Result<Response<v1::SignResponse>, Status> {
+        let (caller, peer) = (self.caller(&req), peer(&req));
+        let r = req.into_inner();
+        let payload = match r.input {
+            Some(v1::sign_request::Input::Sha256Digest(d)) => Payload::Digest(d),
+            Some(v1::sign_request::Input::Message(m)) => Payload::Message(m),
+            Some(v1::sign_request::Input::AppleCmsSignedAttributes(a)) => Payload::AppleCms(a),
+            None => Payload::Missing,
+        };
+        let input = SignInput {
+            rpc: "Sign",
+            alias: r.key_alias,
+            payload,
+            artifact: r.artifact_name,
+            algorithm: r.algorithm,
+            peer,
+        };
+        let mut out = self.sign(caller, input).await?;
+        Ok(Response::new(v1::SignResponse {
+            signature: out.signatures.pop().unwrap_or_default(),
+            algorithm: out.algorithm.to_string(),
+            key_id: out.key_id,
+            public_key_der: out.public_key_der,
+            certificate_chain: out.certificate_chain,
+            audit_id: out.audit_id,
+            audit_seq: out.audit_seq,
+            audit_hash: out.audit_hash,
+            signed_at: Some(ts(out.signed_at)),
+            sha256_digest: out.digests.first().map(|d| d.to_vec()).unwrap_or_default(),
+        }))
+    }
+
+    async fn sign_batch(
+        &self,
+        req: Request<v1::SignBatchRequest>,
+    ) -> Result<Response<v1::SignBatchResponse>, Status> {
+        let (caller, peer) = (self.caller(&req), peer(&req));
+        let r = req.into_inner();
+        let input = SignInput {
+            rpc: "SignBatch",
+            alias: r.key_alias,
+            payload: Payload::Batch(r.sha256_digests),
+            artifact: r.artifact_name,
+            algorithm: r.algorithm,
+            peer,
+        };
+        let out = self.sign(caller, input).await?;
+        Ok(Response::new(v1::SignBatchResponse {
+            signatures: out.signatures,
+            algorithm: out.algorithm.to_string(),
+            key_id: out.key_id,
+            public_key_der: out.public_key_der,
+            certificate_chain: out.certificate_chain,
+            audit_id: out.audit_id,
+            audit_seq: out.audit_seq,
+            audit_hash: out.audit_hash,
+            signed_at: Some(ts(out.signed_at)),
+        }))
+    }
+}

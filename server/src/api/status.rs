@@ -1,0 +1,94 @@
+//! The one place a `tonic::Status` is built. Every refusal reaches the client as
+//! `"{reason}: {detail}"` with the code its kind maps to; the same reason is in the audit
+//! record and the log. An internal fault is logged in full (with its chain of causes) under a
+//! fresh error id, and the client gets only `"internal: error id <id>"` to find that line.
+
+use tonic::{Code, Status};
+
+use crate::model::{INTERNAL, Refusal, RefusalKind};
+
+/// The status for a refusal.
+pub fn status(e: &dyn Refusal) -> Status {
+    let code = match e.kind() {
+        RefusalKind::InvalidArgument => Code::InvalidArgument,
+        RefusalKind::Unauthenticated => Code::Unauthenticated,
+        RefusalKind::PermissionDenied => Code::PermissionDenied,
+        RefusalKind::FailedPrecondition => Code::FailedPrecondition,
+        RefusalKind::NotFound => Code::NotFound,
+        RefusalKind::Unavailable => {
+            log_chain(e, "unavailable");
+            Code::Unavailable
+        }
+        RefusalKind::Internal => return internal(e),
+    };
+    Status::new(code, format!("{}: {e}", e.reason()))
+}
+
+/// The chain of causes of an error, outermost first.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(" ← ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
+
+fn log_chain(e: &dyn Refusal, what: &str) {
+    tracing::warn!(reason = e.reason(), error = %chain(e), "{what}");
+}
+
+fn internal(e: &dyn Refusal) -> Status {
+    let id = meshsign_proto::files::random_id()
+        .map(|id| id[..16].to_string())
+        .unwrap_or_else(|_| "unavailable".into());
+    tracing::error!(error_id = %id, reason = e.reason(), error = %chain(e), "internal error");
+    Status::internal(format!(
+        "{INTERNAL}: error id {id} (the site log has the cause)"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    enum Demo {
+        #[error("`x` is disabled")]
+        Refused,
+        #[error("disk on fire: {0}")]
+        Fault(#[source] std::io::Error),
+    }
+
+    impl Refusal for Demo {
+        fn reason(&self) -> &'static str {
+            match self {
+                Demo::Refused => "trust_policy_disabled",
+                Demo::Fault(_) => INTERNAL,
+            }
+        }
+        fn kind(&self) -> RefusalKind {
+            match self {
+                Demo::Refused => RefusalKind::PermissionDenied,
+                Demo::Fault(_) => RefusalKind::Internal,
+            }
+        }
+    }
+
+    #[test]
+    fn message_starts_with_the_reason_and_internal_detail_stays_in() {
+        let s = status(&Demo::Refused);
+        assert_eq!(s.code(), Code::PermissionDenied);
+        assert_eq!(s.message(), "trust_policy_disabled: `x` is disabled");
+        let s = status(&Demo::Fault(std::io::Error::other("/secret/path")));
+        assert_eq!(s.code(), Code::Internal);
+        assert!(
+            s.message().starts_with("internal: error id "),
+            "{}",
+            s.message()
+        );
+        assert!(!s.message().contains("secret"), "{}", s.message());
+    }
+}

@@ -1,0 +1,625 @@
+//! Enrollment: an OIDC job token and a CSR become a short-lived runner certificate.
+//!
+//! Owns: the enrollment checks, in DESIGN.md's order, one function per check named by its audit
+//! reason ([`EnrollError::reason`]); the first failure decides, is audited with that reason,
+//! and becomes a status in `api::status`. Nothing changes state before every check has passed:
+//! the `jti` is claimed atomically only at the last step, just before the certificate is
+//! minted. Must not touch: tonic, TLS, proto messages (`api` converts).
+
+mod csr;
+
+pub use csr::verify_csr;
+
+use meshsign_proto::identity::{JobClaims, RunnerId, is_valid_fingerprint};
+use serde_json::Value;
+
+use crate::audit::{AuditError, AuditRecord};
+use crate::ca::{CertRequest, IssueError};
+use crate::config::{Partition, SiteConfig, TrustPolicy};
+use crate::identity::jwt::UnverifiedJwt;
+use crate::model::{
+    AUDIT_UNAVAILABLE, CertRecord, INTERNAL, Refusal, RefusalKind, bounded, glob_match,
+};
+use crate::state::{SiteState, StateError};
+use crate::store::StoreError;
+
+/// Clock skew tolerated on `exp`, `nbf` and `iat`.
+pub const LEEWAY_SECONDS: i64 = 60;
+/// Largest token accepted.
+pub const MAX_TOKEN_BYTES: usize = 16 * 1024;
+/// Longest claim value kept in audit records and messages.
+const CLAIM_MAX: usize = 256;
+
+/// What a runner sends to enroll (typed; `api` converts from proto).
+#[derive(Clone)]
+pub struct EnrollInput {
+    /// Compact JWS.
+    pub token: String,
+    /// PKCS#10 DER.
+    pub csr_der: Vec<u8>,
+    /// Runner fingerprint.
+    pub fingerprint: String,
+    /// Region the runner names.
+    pub region: String,
+    /// Requested TTL; 0 for the cap.
+    pub requested_ttl_seconds: u64,
+    /// Environment the runner expects.
+    pub environment: String,
+    /// Peer address, for audit.
+    pub peer: String,
+}
+
+impl std::fmt::Debug for EnrollInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollInput")
+            .field("token", &"[redacted]")
+            .field("environment", &self.environment)
+            .field("region", &self.region)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A minted runner certificate.
+#[derive(Clone, Debug)]
+pub struct EnrollOutput {
+    /// Leaf, then the issuing runner CA (DER).
+    pub chain: Vec<Vec<u8>>,
+    /// Serial, hex.
+    pub serial_hex: String,
+    /// not_after, unix seconds.
+    pub not_after: i64,
+    /// Granted lifetime in seconds.
+    pub granted_ttl_seconds: u64,
+    /// SPIFFE URI.
+    pub spiffe_id: String,
+    /// Environment.
+    pub environment: String,
+    /// Site region.
+    pub region: String,
+    /// Every runner CA the sign port trusts for this environment (DER).
+    pub trusted_runner_cas: Vec<Vec<u8>>,
+}
+
+/// Why an enrollment was refused. `Display` is the detail; [`Refusal::reason`] the check.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    /// Step 0: the runner named an environment this site does not have.
+    #[error("no environment `{0}` at this site")]
+    UnknownEnvironment(String),
+    /// Step 0: the token's audience selects another environment than the one asked for.
+    #[error("token audience selects `{token}`, runner asked for `{requested}`")]
+    EnvironmentMismatch {
+        /// Asked for.
+        requested: String,
+        /// Selected by `aud`.
+        token: String,
+    },
+    /// The token is not a compact JWS of JSON objects.
+    #[error("{0}")]
+    Malformed(String),
+    /// Step 1: `alg` is not RS256 or ES256.
+    #[error("`{0}` is not accepted (RS256 or ES256 only)")]
+    Algorithm(String),
+    /// Step 1: `kid` is missing or not in any pinned JWKS of the environment.
+    #[error("`{0}` is not in the pinned JWKS")]
+    UnknownKid(String),
+    /// Step 1: the signature does not verify under the pinned key.
+    #[error("does not verify under pinned key `{0}`")]
+    Signature(String),
+    /// Step 2: `iss` is not exactly a trust policy's issuer (for the key that signed).
+    #[error("`{0}` is not a trusted OIDC issuer of this environment")]
+    Issuer(String),
+    /// Step 2: the trust policy is disabled.
+    #[error("`{0}` is disabled")]
+    PolicyDisabled(String),
+    /// Step 3: `aud` does not contain the environment's audience.
+    #[error("token is not for audience `{0}`")]
+    Audience(String),
+    /// Step 4: expired.
+    #[error("token expired at {exp} (now {now}, leeway {LEEWAY_SECONDS}s)")]
+    Expired {
+        /// `exp`.
+        exp: i64,
+        /// Now.
+        now: i64,
+    },
+    /// Step 4: not yet valid.
+    #[error("token not valid before {nbf} (now {now})")]
+    NotYetValid {
+        /// `nbf`.
+        nbf: i64,
+        /// Now.
+        now: i64,
+    },
+    /// Step 4: `iat` missing, in the future, or older than the environment allows.
+    #[error("{0}")]
+    IssuedAt(String),
+    /// Step 5: `jti` missing.
+    #[error("missing or malformed")]
+    MissingJti,
+    /// Step 5/9: `jti` already used.
+    #[error("token `{0}` was already used")]
+    Replay(String),
+    /// Step 6: a bound claim does not hold.
+    #[error("`{claim}` is {}, policy requires `{pattern}`", actual.as_deref().map_or_else(|| "absent".to_string(), |a| format!("`{a}`")))]
+    BoundClaim {
+        /// Claim name.
+        claim: String,
+        /// Required pattern.
+        pattern: String,
+        /// Value in the token (None if absent), bounded.
+        actual: Option<String>,
+    },
+    /// Step 7: the CSR does not parse or its signature does not verify.
+    #[error("{0}")]
+    Csr(String),
+    /// Step 7: the CSR key is not P-256.
+    #[error("only P-256 keys are accepted")]
+    CsrKey,
+    /// Step 8: the runner named another region.
+    #[error("this site serves `{site}`, not `{requested}`")]
+    Region {
+        /// Asked for.
+        requested: String,
+        /// This site.
+        site: String,
+    },
+    /// Step 8: malformed fingerprint.
+    #[error("must be 64 lowercase hex characters")]
+    Fingerprint,
+    /// Step 8: an ops revocation rule covers this job or runner.
+    #[error("{0}")]
+    Revoked(String),
+    /// Issuance failed (internal).
+    #[error("issuance failed: {0}")]
+    Issue(#[from] IssueError),
+    /// Storage failed (internal).
+    #[error("storage failed: {0}")]
+    Store(#[from] StoreError),
+    /// Site state failed (internal).
+    #[error("site state: {0}")]
+    State(#[from] StateError),
+    /// The audit record could not be written, so nothing is returned.
+    #[error("the audit log cannot be written; nothing was issued")]
+    Audit(#[source] AuditError),
+}
+
+impl Refusal for EnrollError {
+    fn reason(&self) -> &'static str {
+        match self {
+            EnrollError::UnknownEnvironment(_) | EnrollError::EnvironmentMismatch { .. } => {
+                "environment"
+            }
+            EnrollError::Malformed(_) => "token_malformed",
+            EnrollError::Algorithm(_) => "alg",
+            EnrollError::UnknownKid(_) => "kid",
+            EnrollError::Signature(_) => "signature",
+            EnrollError::Issuer(_) => "iss",
+            EnrollError::PolicyDisabled(_) => "trust_policy_disabled",
+            EnrollError::Audience(_) => "aud",
+            EnrollError::Expired { .. } => "exp",
+            EnrollError::NotYetValid { .. } => "nbf",
+            EnrollError::IssuedAt(_) => "iat",
+            EnrollError::MissingJti => "jti",
+            EnrollError::Replay(_) => "jti_replay",
+            EnrollError::BoundClaim { .. } => "bound_claim",
+            EnrollError::Csr(_) => "csr",
+            EnrollError::CsrKey => "csr_key",
+            EnrollError::Region { .. } => "region",
+            EnrollError::Fingerprint => "fingerprint",
+            EnrollError::Revoked(_) => "revoked",
+            EnrollError::Issue(_) | EnrollError::Store(_) | EnrollError::State(_) => INTERNAL,
+            EnrollError::Audit(_) => AUDIT_UNAVAILABLE,
+        }
+    }
+
+    fn kind(&self) -> RefusalKind {
+        use EnrollError::*;
+        match self {
+            UnknownEnvironment(_) | Csr(_) | CsrKey | Fingerprint => RefusalKind::InvalidArgument,
+            EnvironmentMismatch { .. } | PolicyDisabled(_) | BoundClaim { .. } | Revoked(_) => {
+                RefusalKind::PermissionDenied
+            }
+            Malformed(_)
+            | Algorithm(_)
+            | UnknownKid(_)
+            | Signature(_)
+            | Issuer(_)
+            | Audience(_)
+            | Expired { .. }
+            | NotYetValid { .. }
+            | IssuedAt(_)
+            | MissingJti
+            | Replay(_) => RefusalKind::Unauthenticated,
+            Region { .. } => RefusalKind::FailedPrecondition,
+            Audit(_) => RefusalKind::Unavailable,
+            Issue(_) | Store(_) | State(_) => RefusalKind::Internal,
+        }
+    }
+}
+
+/// Runs every check, mints the certificate, and audits the decision either way. A refusal's
+/// audit record carries its reason and detail; an internal fault's detail is its error id,
+/// under which the log holds the cause.
+pub async fn enroll(site: &SiteState, input: EnrollInput) -> Result<EnrollOutput, EnrollError> {
+    let mut rec = AuditRecord {
+        rpc: "Enroll".into(),
+        environment: bounded(&input.environment, 64),
+        runner_fingerprint: bounded(&input.fingerprint, 64),
+        peer: input.peer.clone(),
+        ..Default::default()
+    };
+    let result = checks_and_issue(site, &input, &mut rec);
+    match &result {
+        Ok(out) => {
+            rec.decision = "allow".into();
+            rec.reason = "ok".into();
+            rec.cert_serial = out.serial_hex.clone();
+            rec.ttl_remaining_sec = i64::try_from(out.granted_ttl_seconds).ok();
+        }
+        Err(e) => crate::audit::deny(&mut rec, e, "enrollment refused"),
+    }
+    site.audit.record(rec).await.map_err(EnrollError::Audit)?;
+    result
+}
+
+/// The request's checks in DESIGN.md's order, then issuance.
+fn checks_and_issue(
+    site: &SiteState,
+    input: &EnrollInput,
+    rec: &mut AuditRecord,
+) -> Result<EnrollOutput, EnrollError> {
+    let now = site.clock.unix();
+    let config = site.config();
+    let partition = environment(&config, input)?;
+    let jwt = token_malformed(input)?;
+    record_claims(&jwt, rec);
+    environment_of_token(&config, partition, &jwt)?;
+    alg(&jwt)?;
+    let candidates = kid(partition, &jwt)?;
+    let verified = signature(candidates, &jwt)?;
+    let policy = iss(verified, &jwt)?;
+    trust_policy_disabled(policy)?;
+    aud(partition, &jwt)?;
+    exp(&jwt, now)?;
+    nbf(&jwt, now)?;
+    iat(partition, &jwt, now)?;
+    let jti = jti(&jwt)?;
+    jti_replay(site, &jwt, jti)?;
+    bound_claim(policy, &jwt)?;
+    let spki = verify_csr(&input.csr_der)?;
+    region(&config, input)?;
+    fingerprint(input)?;
+    revoked(site, &rec.job_id, &input.fingerprint)?;
+    issue(
+        site,
+        &config,
+        partition,
+        policy,
+        &jwt,
+        jti,
+        spki,
+        input,
+        &rec.job_id,
+    )
+}
+
+// === the checks, one per audit reason ===
+
+/// `environment` (step 0): the environment the runner asked for exists.
+fn environment<'c>(
+    config: &'c SiteConfig,
+    input: &EnrollInput,
+) -> Result<&'c Partition, EnrollError> {
+    config
+        .partition(&input.environment)
+        .ok_or_else(|| EnrollError::UnknownEnvironment(bounded(&input.environment, 64)))
+}
+
+/// `token_malformed`: a compact JWS of JSON objects, not too large.
+fn token_malformed(input: &EnrollInput) -> Result<UnverifiedJwt, EnrollError> {
+    if input.token.len() > MAX_TOKEN_BYTES {
+        return Err(EnrollError::Malformed(format!(
+            "token of {} bytes exceeds {MAX_TOKEN_BYTES}",
+            input.token.len()
+        )));
+    }
+    UnverifiedJwt::decode(&input.token).map_err(EnrollError::Malformed)
+}
+
+/// Records what the token claims (unverified until the checks pass; denials say so by reason).
+fn record_claims(jwt: &UnverifiedJwt, rec: &mut AuditRecord) {
+    let claim = |name: &str| bounded(jwt.str_claim(name).unwrap_or_default(), CLAIM_MAX);
+    rec.jti = claim("jti");
+    rec.token_issuer = claim("iss");
+    rec.subject = claim("sub");
+    rec.job_id = job_id(jwt);
+    rec.repository = claim("repository");
+    rec.git_ref = claim("ref");
+}
+
+/// `environment` (step 0): the token's audience may not select another environment.
+fn environment_of_token(
+    config: &SiteConfig,
+    partition: &Partition,
+    jwt: &UnverifiedJwt,
+) -> Result<(), EnrollError> {
+    let auds = jwt.audiences();
+    if auds.contains(&partition.audience.as_str()) {
+        return Ok(());
+    }
+    match config
+        .partitions
+        .iter()
+        .find(|p| auds.contains(&p.audience.as_str()))
+    {
+        Some(other) => Err(EnrollError::EnvironmentMismatch {
+            requested: partition.name.clone(),
+            token: other.name.clone(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// `alg` (step 1): RS256 or ES256.
+fn alg(jwt: &UnverifiedJwt) -> Result<(), EnrollError> {
+    if jwt.alg == "RS256" || jwt.alg == "ES256" {
+        return Ok(());
+    }
+    Err(EnrollError::Algorithm(bounded(&jwt.alg, 32)))
+}
+
+/// `kid` (step 1): the policies of the environment that pin the token's `kid`.
+fn kid<'p>(
+    partition: &'p Partition,
+    jwt: &UnverifiedJwt,
+) -> Result<Vec<&'p TrustPolicy>, EnrollError> {
+    let kid = jwt.kid.as_deref().unwrap_or_default();
+    let candidates: Vec<&TrustPolicy> = partition
+        .trust_policies
+        .iter()
+        .filter(|p| p.jwks.find(kid).is_some())
+        .collect();
+    if candidates.is_empty() {
+        return Err(EnrollError::UnknownKid(bounded(kid, 128)));
+    }
+    Ok(candidates)
+}
+
+/// `signature` (step 1): the policies whose pinned key verifies the token.
+fn signature<'p>(
+    candidates: Vec<&'p TrustPolicy>,
+    jwt: &UnverifiedJwt,
+) -> Result<Vec<&'p TrustPolicy>, EnrollError> {
+    let kid = jwt.kid.as_deref().unwrap_or_default();
+    let verified: Vec<&TrustPolicy> = candidates
+        .into_iter()
+        .filter(|p| p.jwks.find(kid).is_some_and(|k| jwt.verify(&k.key)))
+        .collect();
+    if verified.is_empty() {
+        return Err(EnrollError::Signature(bounded(kid, 128)));
+    }
+    Ok(verified)
+}
+
+/// `iss` (step 2): exactly the OIDC issuer of a policy whose key verified.
+fn iss<'p>(
+    verified: Vec<&'p TrustPolicy>,
+    jwt: &UnverifiedJwt,
+) -> Result<&'p TrustPolicy, EnrollError> {
+    let iss = jwt.str_claim("iss").unwrap_or_default();
+    verified
+        .into_iter()
+        .find(|p| p.issuer.as_bytes() == iss.as_bytes())
+        .ok_or_else(|| EnrollError::Issuer(bounded(iss, CLAIM_MAX)))
+}
+
+/// `trust_policy_disabled` (step 2): the policy admits new enrollments.
+fn trust_policy_disabled(policy: &TrustPolicy) -> Result<(), EnrollError> {
+    if policy.enabled {
+        return Ok(());
+    }
+    Err(EnrollError::PolicyDisabled(policy.name.clone()))
+}
+
+/// `aud` (step 3): the token is for this environment's audience.
+fn aud(partition: &Partition, jwt: &UnverifiedJwt) -> Result<(), EnrollError> {
+    if jwt.audiences().contains(&partition.audience.as_str()) {
+        return Ok(());
+    }
+    Err(EnrollError::Audience(partition.audience.clone()))
+}
+
+/// `exp` (step 4): present and not past (with leeway).
+fn exp(jwt: &UnverifiedJwt, now: i64) -> Result<i64, EnrollError> {
+    let exp = jwt
+        .time_claim("exp")
+        .ok_or(EnrollError::Expired { exp: 0, now })?;
+    if now > exp + LEEWAY_SECONDS {
+        return Err(EnrollError::Expired { exp, now });
+    }
+    Ok(exp)
+}
+
+/// `nbf` (step 4): if present, not in the future (with leeway).
+fn nbf(jwt: &UnverifiedJwt, now: i64) -> Result<(), EnrollError> {
+    match jwt.time_claim("nbf") {
+        Some(nbf) if nbf > now + LEEWAY_SECONDS => Err(EnrollError::NotYetValid { nbf, now }),
+        _ => Ok(()),
+    }
+}
+
+/// `iat` (step 4): present, not in the future, not older than the environment accepts.
+fn iat(partition: &Partition, jwt: &UnverifiedJwt, now: i64) -> Result<(), EnrollError> {
+    let iat = jwt
+        .time_claim("iat")
+        .ok_or_else(|| EnrollError::IssuedAt("missing".into()))?;
+    if iat > now + LEEWAY_SECONDS {
+        return Err(EnrollError::IssuedAt(format!(
+            "issued in the future ({iat}, now {now})"
+        )));
+    }
+    let max_age = i64::try_from(partition.max_token_age_seconds).unwrap_or(i64::MAX);
+    if now.saturating_sub(iat) > max_age.saturating_add(LEEWAY_SECONDS) {
+        return Err(EnrollError::IssuedAt(format!(
+            "token is {}s old; this environment accepts {}s",
+            now - iat,
+            partition.max_token_age_seconds
+        )));
+    }
+    Ok(())
+}
+
+/// `jti` (step 5): present and of bounded length.
+fn jti(jwt: &UnverifiedJwt) -> Result<&str, EnrollError> {
+    match jwt.str_claim("jti") {
+        Some(j) if !j.is_empty() && j.len() <= CLAIM_MAX => Ok(j),
+        _ => Err(EnrollError::MissingJti),
+    }
+}
+
+/// `jti_replay` (step 5): never used before (read only; claimed at issuance).
+fn jti_replay(site: &SiteState, jwt: &UnverifiedJwt, jti: &str) -> Result<(), EnrollError> {
+    let iss = jwt.str_claim("iss").unwrap_or_default();
+    if site.jti_seen(iss, jti)? {
+        return Err(EnrollError::Replay(jti.to_string()));
+    }
+    Ok(())
+}
+
+/// `bound_claim` (step 6): every bound claim of the policy holds.
+fn bound_claim(policy: &TrustPolicy, jwt: &UnverifiedJwt) -> Result<(), EnrollError> {
+    for (claim, pattern) in &policy.bound_claims {
+        let actual = jwt.claims.get(claim).and_then(claim_as_string);
+        if !actual.as_deref().is_some_and(|a| glob_match(pattern, a)) {
+            return Err(EnrollError::BoundClaim {
+                claim: claim.clone(),
+                pattern: pattern.clone(),
+                actual: actual.map(|a| bounded(&a, CLAIM_MAX)),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `region` (step 8): the runner asked for this site's region.
+fn region(config: &SiteConfig, input: &EnrollInput) -> Result<(), EnrollError> {
+    if input.region == config.region {
+        return Ok(());
+    }
+    Err(EnrollError::Region {
+        requested: bounded(&input.region, 64),
+        site: config.region.clone(),
+    })
+}
+
+/// `fingerprint` (step 8): 64 lowercase hex characters.
+fn fingerprint(input: &EnrollInput) -> Result<(), EnrollError> {
+    if is_valid_fingerprint(&input.fingerprint) {
+        return Ok(());
+    }
+    Err(EnrollError::Fingerprint)
+}
+
+/// `revoked` (step 8): no open-ended job or fingerprint revocation covers this runner.
+fn revoked(site: &SiteState, job_id: &str, fingerprint: &str) -> Result<(), EnrollError> {
+    match site.enrollment_barred(job_id, fingerprint) {
+        Some(rule) => Err(EnrollError::Revoked(format!(
+            "{} ({})",
+            rule.id, rule.reason
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Step 9: claim the jti (atomically; `jti_replay` if another request won), mint, record.
+#[allow(clippy::too_many_arguments)]
+fn issue(
+    site: &SiteState,
+    config: &SiteConfig,
+    partition: &Partition,
+    policy: &TrustPolicy,
+    jwt: &UnverifiedJwt,
+    jti: &str,
+    spki: Vec<u8>,
+    input: &EnrollInput,
+    job_id: &str,
+) -> Result<EnrollOutput, EnrollError> {
+    let now = site.clock.unix();
+    let iss = jwt.str_claim("iss").unwrap_or_default();
+    let exp = jwt.time_claim("exp").unwrap_or(now);
+    if !site.claim_jti(iss, jti, exp + LEEWAY_SECONDS)? {
+        return Err(EnrollError::Replay(jti.to_string()));
+    }
+    let ttl = match input.requested_ttl_seconds {
+        0 => partition.max_ttl_seconds,
+        r => r.min(partition.max_ttl_seconds),
+    };
+    let claims = JobClaims {
+        iss: iss.to_string(),
+        sub: jwt.str_claim("sub").unwrap_or_default().to_string(),
+        jti: jti.to_string(),
+        job_id: job_id.to_string(),
+        repository: jwt.str_claim("repository").unwrap_or_default().to_string(),
+        git_ref: jwt.str_claim("ref").unwrap_or_default().to_string(),
+        trust_policy: policy.name.clone(),
+    };
+    let id = RunnerId {
+        trust_domain: config.trust_domain.clone(),
+        environment: partition.name.clone(),
+        region: config.region.clone(),
+        fingerprint: input.fingerprint.clone(),
+    };
+    let runner_cas = site.runner_cas(&partition.name)?;
+    let ca = &runner_cas.active;
+    let issued = ca.issue(&CertRequest {
+        id: id.clone(),
+        claims: claims.clone(),
+        public_key_spki: spki,
+        now_unix: now,
+        ttl_seconds: ttl,
+    })?;
+    site.record_issued(&CertRecord {
+        serial: issued.serial_hex.clone(),
+        environment: partition.name.clone(),
+        region: config.region.clone(),
+        fingerprint: input.fingerprint.clone(),
+        claims,
+        issuer_id: ca.record.id.clone(),
+        not_before: issued.not_before,
+        not_after: issued.not_after,
+        revoked: None,
+    })?;
+    Ok(EnrollOutput {
+        chain: vec![issued.der, ca.record.cert_der.clone()],
+        serial_hex: issued.serial_hex,
+        not_after: issued.not_after,
+        granted_ttl_seconds: ttl,
+        spiffe_id: id.to_uri(),
+        environment: partition.name.clone(),
+        region: config.region.clone(),
+        trusted_runner_cas: runner_cas
+            .trusted(now)
+            .into_iter()
+            .map(|r| r.cert_der.clone())
+            .collect(),
+    })
+}
+
+/// The CI job id: `job_id` (GitLab), else `run_id` (GitHub Actions), else empty.
+fn job_id(jwt: &UnverifiedJwt) -> String {
+    ["job_id", "run_id"]
+        .iter()
+        .find_map(|c| jwt.claims.get(*c).and_then(claim_as_string))
+        .map(|s| bounded(&s, CLAIM_MAX))
+        .unwrap_or_default()
+}
+
+fn claim_as_string(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}

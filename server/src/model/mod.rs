@@ -1,0 +1,397 @@
+//! The site's vocabulary: plain types every layer may use, and the refusal contract.
+//!
+//! Owns: key algorithms and purposes, access rules and glob patterns, the name rule, the
+//! record of an issued runner certificate ([`CertRecord`]), revocation rules, and [`Refusal`]
+//! (the one shape every layer's error takes: a reason string, a kind, a detail).
+//! Must not touch: the store, the clock, the network, configuration files. Nothing here imports
+//! another module of this crate.
+
+use meshsign_proto::identity::{JobClaims, is_valid_fingerprint};
+use serde::{Deserialize, Serialize};
+
+// === the refusal contract ===
+
+/// What kind of refusal an error is; `api::status` alone turns it into a gRPC code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefusalKind {
+    /// The request is malformed.
+    InvalidArgument,
+    /// The credential (token, certificate) is not acceptable.
+    Unauthenticated,
+    /// The caller is known but may not do this.
+    PermissionDenied,
+    /// The state of the site does not allow it (wrong region, staged issuer…).
+    FailedPrecondition,
+    /// A named thing does not exist.
+    NotFound,
+    /// The site cannot serve it now (the audit log cannot be written).
+    Unavailable,
+    /// A fault of the site: logged in full, reported to the client only by an error id.
+    Internal,
+}
+
+/// An error that refuses a request. Each variant has exactly one reason string: the status
+/// message is `"{reason}: {detail}"` (detail = the error's `Display`), the audit record's
+/// `reason` is the same string and its `detail` the same text, and the log line carries both.
+pub trait Refusal: std::error::Error + Send + Sync + 'static {
+    /// The audit reason: the name of the check that failed.
+    fn reason(&self) -> &'static str;
+    /// How the refusal maps to a status.
+    fn kind(&self) -> RefusalKind;
+}
+
+/// The audit reason of internal faults (the detail is in the log, under an error id).
+pub const INTERNAL: &str = "internal";
+/// The audit reason when the audit log cannot be written (then nothing is returned).
+pub const AUDIT_UNAVAILABLE: &str = "audit_unavailable";
+
+/// Cuts a string from the network, a file or a user to at most `max` characters, before it
+/// reaches an audit record, a log line or a message.
+pub fn bounded(s: &str, max: usize) -> String {
+    s.chars().take(max).collect()
+}
+
+// === names ===
+
+/// What [`is_name`] accepts, for messages.
+pub const NAME_RULE: &str = "lowercase letters, digits, '-' or '_' (1 to 63)";
+
+/// Lowercase letters, digits, `-`, `_`; 1 to 63 characters (partition, alias, policy names).
+pub fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// What a key signs: `digest` and `message` by default; `apple-cms` must be given explicitly.
+pub fn default_purposes() -> Vec<Purpose> {
+    vec![Purpose::Digest, Purpose::Message]
+}
+
+/// What a key may be asked to sign.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Purpose {
+    /// A SHA-256 digest the caller computed.
+    Digest,
+    /// A short message the site hashes.
+    Message,
+    /// The signed attributes of an Apple code signature (CMS over a CodeDirectory), which the
+    /// site parses and checks before signing.
+    AppleCms,
+}
+
+impl Purpose {
+    /// Every purpose.
+    pub const ALL: [Purpose; 3] = [Purpose::Digest, Purpose::Message, Purpose::AppleCms];
+
+    /// Parses a config/RPC name.
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.as_str() == name)
+    }
+
+    /// Parses a list of names; an empty list is the default (digest, message).
+    pub fn parse_list(names: &[String]) -> Result<Vec<Self>, String> {
+        if names.is_empty() {
+            return Ok(default_purposes());
+        }
+        names
+            .iter()
+            .map(|n| {
+                Self::parse(n).ok_or_else(|| {
+                    format!("purpose `{}` (digest, message, apple-cms)", bounded(n, 64))
+                })
+            })
+            .collect()
+    }
+
+    /// The config name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Purpose::Digest => "digest",
+            Purpose::Message => "message",
+            Purpose::AppleCms => "apple-cms",
+        }
+    }
+}
+
+/// Signature algorithms a key can have. The key's algorithm decides how it signs.
+///
+/// RSA is signed in the site with aws-lc-rs (constant-time), never with the RustCrypto `rsa`
+/// crate (RUSTSEC-2023-0071, a timing side channel observable over the network).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum KeyAlgorithm {
+    /// ECDSA P-256 over SHA-256, DER signature.
+    #[serde(rename = "ecdsa-p256-sha256")]
+    EcdsaP256Sha256,
+    /// RSA-2048, PKCS#1 v1.5, SHA-256 (Apple code-signing identities).
+    #[serde(rename = "rsa-2048-pkcs1-sha256")]
+    Rsa2048Pkcs1Sha256,
+    /// RSA-3072, PKCS#1 v1.5, SHA-256.
+    #[serde(rename = "rsa-3072-pkcs1-sha256")]
+    Rsa3072Pkcs1Sha256,
+    /// RSA-4096, PKCS#1 v1.5, SHA-256.
+    #[serde(rename = "rsa-4096-pkcs1-sha256")]
+    Rsa4096Pkcs1Sha256,
+    /// RSA-2048, PSS, SHA-256, MGF1-SHA-256, salt 32 bytes.
+    #[serde(rename = "rsa-2048-pss-sha256")]
+    Rsa2048PssSha256,
+    /// RSA-3072, PSS, SHA-256.
+    #[serde(rename = "rsa-3072-pss-sha256")]
+    Rsa3072PssSha256,
+    /// RSA-4096, PSS, SHA-256.
+    #[serde(rename = "rsa-4096-pss-sha256")]
+    Rsa4096PssSha256,
+}
+
+impl KeyAlgorithm {
+    /// Every algorithm, for messages and parsing.
+    pub const ALL: [KeyAlgorithm; 7] = [
+        KeyAlgorithm::EcdsaP256Sha256,
+        KeyAlgorithm::Rsa2048Pkcs1Sha256,
+        KeyAlgorithm::Rsa3072Pkcs1Sha256,
+        KeyAlgorithm::Rsa4096Pkcs1Sha256,
+        KeyAlgorithm::Rsa2048PssSha256,
+        KeyAlgorithm::Rsa3072PssSha256,
+        KeyAlgorithm::Rsa4096PssSha256,
+    ];
+
+    /// The name used in config, RPCs and audit.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyAlgorithm::EcdsaP256Sha256 => "ecdsa-p256-sha256",
+            KeyAlgorithm::Rsa2048Pkcs1Sha256 => "rsa-2048-pkcs1-sha256",
+            KeyAlgorithm::Rsa3072Pkcs1Sha256 => "rsa-3072-pkcs1-sha256",
+            KeyAlgorithm::Rsa4096Pkcs1Sha256 => "rsa-4096-pkcs1-sha256",
+            KeyAlgorithm::Rsa2048PssSha256 => "rsa-2048-pss-sha256",
+            KeyAlgorithm::Rsa3072PssSha256 => "rsa-3072-pss-sha256",
+            KeyAlgorithm::Rsa4096PssSha256 => "rsa-4096-pss-sha256",
+        }
+    }
+
+    /// Parses the config/RPC name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.as_str() == s)
+    }
+
+    /// RSA modulus size, for RSA algorithms.
+    pub fn rsa_bits(self) -> Option<usize> {
+        match self {
+            KeyAlgorithm::EcdsaP256Sha256 => None,
+            KeyAlgorithm::Rsa2048Pkcs1Sha256 | KeyAlgorithm::Rsa2048PssSha256 => Some(2048),
+            KeyAlgorithm::Rsa3072Pkcs1Sha256 | KeyAlgorithm::Rsa3072PssSha256 => Some(3072),
+            KeyAlgorithm::Rsa4096Pkcs1Sha256 | KeyAlgorithm::Rsa4096PssSha256 => Some(4096),
+        }
+    }
+
+    /// PSS padding (else PKCS#1 v1.5) for RSA algorithms.
+    pub fn is_pss(self) -> bool {
+        matches!(
+            self,
+            KeyAlgorithm::Rsa2048PssSha256
+                | KeyAlgorithm::Rsa3072PssSha256
+                | KeyAlgorithm::Rsa4096PssSha256
+        )
+    }
+}
+
+/// A caller may use a key if its repository matches one pattern and its ref matches one pattern.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct AccessRule {
+    /// Repository patterns (`*` matches any run of characters).
+    pub repositories: Vec<String>,
+    /// Ref patterns.
+    pub refs: Vec<String>,
+}
+
+impl AccessRule {
+    /// A rule from patterns; both lists must be non-empty and hold no empty pattern (the same
+    /// rule for the config file and for keys created by ops). The error names the list.
+    pub fn new(
+        repositories: Vec<String>,
+        refs: Vec<String>,
+    ) -> Result<Self, (&'static str, String)> {
+        if repositories.is_empty() || repositories.iter().any(String::is_empty) {
+            return Err((
+                "repositories",
+                "list the repositories (\"*\" for any)".into(),
+            ));
+        }
+        if refs.is_empty() || refs.iter().any(String::is_empty) {
+            return Err(("refs", "list the refs (\"*\" for any)".into()));
+        }
+        Ok(Self { repositories, refs })
+    }
+
+    /// Whether a caller with these claims may use the key.
+    pub fn admits(&self, repository: &str, git_ref: &str) -> bool {
+        self.repositories.iter().any(|p| glob_match(p, repository))
+            && self.refs.iter().any(|p| glob_match(p, git_ref))
+    }
+}
+
+/// Glob match where `*` matches any (possibly empty) run of characters; all else is literal.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == text;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !text.starts_with(first) || text.len() < first.len() + last.len() || !text.ends_with(last) {
+        return false;
+    }
+    let mut rest = &text[first.len()..text.len() - last.len()];
+    for mid in &parts[1..parts.len() - 1] {
+        match rest.find(mid) {
+            Some(i) => rest = &rest[i + mid.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+// === issued certificates ===
+
+/// Record of an issued runner certificate (serial → claims, expiry), written at enrollment and
+/// read by every sign-port RPC.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CertRecord {
+    /// Serial, hex.
+    pub serial: String,
+    /// Environment.
+    pub environment: String,
+    /// Region.
+    pub region: String,
+    /// Runner fingerprint.
+    pub fingerprint: String,
+    /// Claims in the certificate.
+    pub claims: JobClaims,
+    /// Runner CA that issued it.
+    pub issuer_id: String,
+    /// not_before, unix seconds.
+    pub not_before: i64,
+    /// not_after, unix seconds.
+    pub not_after: i64,
+    /// Set when revoked by its holder: the reason.
+    #[serde(default)]
+    pub revoked: Option<String>,
+}
+
+// === revocation rules ===
+
+/// What a revocation rule matches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RevocationKind {
+    /// One certificate.
+    Serial,
+    /// Every certificate minted for a CI job.
+    JobId,
+    /// Every certificate of a runner machine.
+    Fingerprint,
+}
+
+impl RevocationKind {
+    /// The wire name (`serial`, `job_id`, `fingerprint`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RevocationKind::Serial => "serial",
+            RevocationKind::JobId => "job_id",
+            RevocationKind::Fingerprint => "fingerprint",
+        }
+    }
+
+    /// Whether `value` is well formed for this kind.
+    pub fn accepts(self, value: &str) -> bool {
+        match self {
+            RevocationKind::Serial => {
+                !value.is_empty()
+                    && value.len() <= 64
+                    && value.bytes().all(|b| b.is_ascii_hexdigit())
+            }
+            RevocationKind::JobId => !value.is_empty() && value.len() <= 256,
+            RevocationKind::Fingerprint => is_valid_fingerprint(value),
+        }
+    }
+}
+
+/// A persistent revocation rule, checked on every sign-port RPC (and at enrollment for job and
+/// fingerprint rules without an end).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RevocationRule {
+    /// Random id.
+    pub id: String,
+    /// Kind.
+    pub kind: RevocationKind,
+    /// Serial (lowercase hex), job id or fingerprint.
+    pub value: String,
+    /// Only certificates of this region (None: any).
+    pub region: Option<String>,
+    /// Only certificates issued at or after (unix seconds).
+    pub since: Option<i64>,
+    /// Only certificates issued at or before (unix seconds).
+    pub until: Option<i64>,
+    /// Why.
+    pub reason: String,
+    /// Who.
+    pub operator: String,
+    /// When (unix seconds).
+    pub created_at: i64,
+}
+
+impl RevocationRule {
+    /// Whether the rule covers an issued certificate.
+    pub fn matches(&self, c: &CertRecord) -> bool {
+        let issued = c.not_before + 60;
+        let hit = match self.kind {
+            RevocationKind::Serial => c.serial == self.value,
+            RevocationKind::JobId => c.claims.job_id == self.value,
+            RevocationKind::Fingerprint => c.fingerprint == self.value,
+        };
+        hit && self.region.as_ref().is_none_or(|r| *r == c.region)
+            && self.since.is_none_or(|s| issued >= s)
+            && self.until.is_none_or(|u| issued <= u)
+    }
+
+    /// Whether the rule also bars new enrollments of this job or runner in `region`
+    /// (open-ended job and fingerprint rules do).
+    pub fn bars_enrollment(&self, region: &str, job_id: &str, fingerprint: &str) -> bool {
+        self.until.is_none()
+            && self.region.as_ref().is_none_or(|g| g == region)
+            && match self.kind {
+                RevocationKind::JobId => self.value == job_id,
+                RevocationKind::Fingerprint => self.value == fingerprint,
+                RevocationKind::Serial => false,
+            }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn purposes_and_access_rules_parse_once() {
+        assert_eq!(Purpose::parse_list(&[]).ok(), Some(default_purposes()));
+        assert!(Purpose::parse_list(&["sign-anything".into()]).is_err());
+        assert!(AccessRule::new(vec![], vec!["*".into()]).is_err());
+        assert!(AccessRule::new(vec!["*".into()], vec!["".into()]).is_err());
+        assert!(
+            AccessRule::new(vec!["a/*".into()], vec!["*".into()])
+                .is_ok_and(|r| r.admits("a/b", "main"))
+        );
+    }
+
+    #[test]
+    fn glob() {
+        assert!(glob_match("acme/*", "acme/app"));
+        assert!(glob_match("*", ""));
+        assert!(glob_match("refs/tags/v*", "refs/tags/v1.2"));
+        assert!(glob_match("a*b*c", "axxbyyc"));
+        assert!(!glob_match("a*b*c", "axxcyyb"));
+        assert!(!glob_match("acme/*", "acme2/app"));
+        assert!(!glob_match("refs/heads/main", "refs/heads/main2"));
+        assert!(!glob_match("ab*ba", "aba"));
+    }
+}

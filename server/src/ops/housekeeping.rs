@@ -1,0 +1,75 @@
+//! Housekeeping every few seconds: prune the replay store, retire runner CAs whose last
+//! certificate expired, apply audit retention.
+//!
+//! Owns: the periodic duties. Must not touch: the timer (the transport's start-up runs it).
+
+use super::{OpsError, runner_cas};
+use crate::audit::AuditRecord;
+use crate::ca::{IssuerRecord, IssuerState};
+use crate::state::SiteState;
+
+/// One pass of every duty; failures are logged, not fatal.
+pub async fn run_once(site: &SiteState) {
+    if let Err(e) = site.prune_jti() {
+        tracing::warn!(error = %e, "replay-store pruning failed");
+    }
+    if let Err(e) = retire_expired(site).await {
+        tracing::warn!(error = %e, "retiring expired runner CAs failed");
+    }
+    if let Err(e) = prune_audit(site).await {
+        tracing::warn!(error = %e, "audit retention failed");
+    }
+}
+
+/// Audit retention: prunes what `[audit] retention_days` allows, and audits it.
+pub async fn prune_audit(site: &SiteState) -> Result<Option<(u64, u64)>, OpsError> {
+    let days = site.config().audit.retention_days;
+    if days == 0 {
+        return Ok(None);
+    }
+    let window = i64::try_from(days.saturating_mul(86400)).unwrap_or(i64::MAX);
+    let pruned = site
+        .audit
+        .prune(site.clock.unix(), window)
+        .map_err(OpsError::Audit)?;
+    if let Some((a, b)) = pruned {
+        let rec = AuditRecord {
+            rpc: "AuditRetention".into(),
+            decision: "allow".into(),
+            reason: "ok".into(),
+            environment: "(site)".into(),
+            detail: format!(
+                "pruned entries {a}..={b} (exported and checkpointed, older than {days} days)"
+            ),
+            ..Default::default()
+        };
+        site.audit.record(rec).await.map_err(OpsError::Audit)?;
+    }
+    Ok(pruned)
+}
+
+/// Retires every retiring issuer whose last certificate has expired (housekeeping).
+pub async fn retire_expired(site: &SiteState) -> Result<usize, OpsError> {
+    let now = site.clock.unix();
+    let mut n = 0;
+    for p in site.config().partitions.iter() {
+        let due: Vec<IssuerRecord> = site
+            .runner_cas(&p.name)?
+            .records
+            .iter()
+            .filter(|r| {
+                r.state == IssuerState::Retiring && r.retire_after.is_some_and(|t| t <= now)
+            })
+            .cloned()
+            .collect();
+        for mut r in due {
+            let _guard = site.ops_lock.lock().await;
+            r.state = IssuerState::Retired;
+            runner_cas::save_issuer(site, &r)?;
+            site.reload_runner_cas(&p.name)?;
+            tracing::info!(partition = %p.name, issuer = %r.id, "retiring runner CA retired: its last certificate expired");
+            n += 1;
+        }
+    }
+    Ok(n)
+}

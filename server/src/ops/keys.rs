@@ -1,0 +1,397 @@
+//! Signing keys: create, rotate, disable, import, CSRs for site-held keys, certificate chains.
+//!
+//! Owns: key lifecycle changes. Must not touch: signing requests (`sign`), wrapping (`custody`).
+
+use std::collections::BTreeMap;
+
+use x509_parser::prelude::*;
+
+use super::{OpsError, partition_exists};
+use crate::config::KeySpec;
+use crate::custody::{backend_from_pkcs8, create_key, store_key};
+use crate::model::{AccessRule, KeyAlgorithm, NAME_RULE, Purpose, bounded, is_name};
+use crate::state::SiteState;
+use crate::store::Tree;
+
+fn reload_alias(site: &SiteState, env: &str, alias: &str) -> Result<(), OpsError> {
+    let mut ring = (*site.keys()).clone();
+    ring.reload_alias(&site.store, &site.kek, env, alias)?;
+    site.set_keys(ring);
+    Ok(())
+}
+
+fn parse_purposes(names: &[String]) -> Result<Vec<Purpose>, OpsError> {
+    Purpose::parse_list(names).map_err(OpsError::Invalid)
+}
+
+fn access_rule(repositories: Vec<String>, refs: Vec<String>) -> Result<AccessRule, OpsError> {
+    AccessRule::new(repositories, refs)
+        .map_err(|(list, m)| OpsError::Invalid(format!("access {list}: {m}")))
+}
+
+fn alias_ok(alias: &str) -> Result<(), OpsError> {
+    if is_name(alias) {
+        return Ok(());
+    }
+    Err(OpsError::Invalid(format!(
+        "alias `{}`: {NAME_RULE}",
+        bounded(alias, 64)
+    )))
+}
+
+fn add_spec(site: &SiteState, env: &str, spec: KeySpec) -> Result<(), OpsError> {
+    let mut cfg = (*site.config()).clone();
+    let p = cfg
+        .partitions
+        .iter_mut()
+        .find(|p| p.name == env)
+        .ok_or_else(|| OpsError::NotFound(format!("environment `{env}`")))?;
+    match p.signing_keys.iter_mut().find(|s| s.alias == spec.alias) {
+        Some(s) => *s = spec.clone(),
+        None => p.signing_keys.push(spec.clone()),
+    }
+    site.save_key_meta(env, &spec)?;
+    site.set_config(cfg);
+    Ok(())
+}
+
+fn spec_of(site: &SiteState, env: &str, alias: &str) -> Result<KeySpec, OpsError> {
+    partition_exists(site, env)?;
+    site.config()
+        .partition(env)
+        .and_then(|p| p.key(alias))
+        .cloned()
+        .ok_or_else(|| OpsError::NotFound(format!("key `{alias}` in `{env}`")))
+}
+
+/// Creates a new key alias (v1).
+pub fn create_key_alias(
+    site: &SiteState,
+    env: &str,
+    alias: &str,
+    algorithm: &str,
+    access: (Vec<String>, Vec<String>),
+    purposes: &[String],
+) -> Result<(KeySpec, String), OpsError> {
+    partition_exists(site, env)?;
+    alias_ok(alias)?;
+    if spec_of(site, env, alias).is_ok() {
+        return Err(OpsError::Precondition(format!(
+            "key `{alias}` exists; rotate it instead"
+        )));
+    }
+    let algorithm = KeyAlgorithm::parse(algorithm)
+        .ok_or_else(|| OpsError::Invalid(format!("unsupported algorithm `{algorithm}`")))?;
+    let spec = KeySpec {
+        alias: alias.to_string(),
+        algorithm,
+        access: access_rule(access.0, access.1)?,
+        disabled: false,
+        purposes: parse_purposes(purposes)?,
+    };
+    create_key(
+        &site.store,
+        &site.kek,
+        env,
+        alias,
+        algorithm,
+        1,
+        site.clock.unix(),
+    )?;
+    add_spec(site, env, spec.clone())?;
+    reload_alias(site, env, alias)?;
+    Ok((spec, format!("created key {alias}@v1")))
+}
+
+fn next_version(site: &SiteState, env: &str, alias: &str) -> u32 {
+    site.keys()
+        .versions(env, alias)
+        .and_then(|v| v.last())
+        .map(|k| k.record.version + 1)
+        .unwrap_or(1)
+}
+
+/// Adds `alias@vN+1`, which signs from then on; older versions stay verifiable.
+pub fn rotate_key(site: &SiteState, env: &str, alias: &str) -> Result<(KeySpec, String), OpsError> {
+    let spec = spec_of(site, env, alias)?;
+    let v = next_version(site, env, alias);
+    create_key(
+        &site.store,
+        &site.kek,
+        env,
+        alias,
+        spec.algorithm,
+        v,
+        site.clock.unix(),
+    )?;
+    reload_alias(site, env, alias)?;
+    Ok((spec, format!("rotated {alias} to v{v}")))
+}
+
+/// Disables an alias: it no longer signs; its versions stay in the verification material.
+pub fn disable_key(
+    site: &SiteState,
+    env: &str,
+    alias: &str,
+) -> Result<(KeySpec, String), OpsError> {
+    let mut spec = spec_of(site, env, alias)?;
+    spec.disabled = true;
+    add_spec(site, env, spec.clone())?;
+    Ok((spec, format!("disabled key {alias}")))
+}
+
+/// Imports a PKCS#8 PEM key (P-256 or RSA) as a new version of `alias` (or its v1), with an
+/// optional certificate chain. One-way: nothing returns it.
+pub fn import_key(
+    site: &SiteState,
+    env: &str,
+    alias: &str,
+    pem: &[u8],
+    chain_pem: &[u8],
+    access: (Vec<String>, Vec<String>),
+    purposes: &[String],
+) -> Result<(KeySpec, String), OpsError> {
+    use rustls_pki_types::PrivatePkcs8KeyDer;
+    use rustls_pki_types::pem::PemObject as _;
+    partition_exists(site, env)?;
+    alias_ok(alias)?;
+    let der = PrivatePkcs8KeyDer::from_pem_slice(pem)
+        .map_err(|_| OpsError::Invalid("not a PKCS#8 PEM private key".into()))?;
+    let pkcs8 = der.secret_pkcs8_der();
+    // The alias's algorithm decides; a new alias takes P-256, or RSA PKCS#1 v1.5 of the key's size.
+    let existing = spec_of(site, env, alias).ok();
+    let backend = match &existing {
+        Some(s) => backend_from_pkcs8(s.algorithm, pkcs8).map_err(|_| {
+            OpsError::Invalid(format!("the key is not a {} key", s.algorithm.as_str()))
+        })?,
+        None => {
+            let guesses = [
+                KeyAlgorithm::EcdsaP256Sha256,
+                KeyAlgorithm::Rsa2048Pkcs1Sha256,
+                KeyAlgorithm::Rsa3072Pkcs1Sha256,
+                KeyAlgorithm::Rsa4096Pkcs1Sha256,
+            ];
+            guesses
+                .into_iter()
+                .find_map(|a| backend_from_pkcs8(a, pkcs8).ok())
+                .ok_or_else(|| {
+                    OpsError::Invalid(
+                        "only P-256 and RSA 2048/3072/4096 keys can be imported".into(),
+                    )
+                })?
+        }
+    };
+    let spec = match existing {
+        Some(s) => s,
+        None => KeySpec {
+            alias: alias.to_string(),
+            algorithm: backend.algorithm(),
+            access: access_rule(access.0, access.1)?,
+            disabled: false,
+            purposes: parse_purposes(purposes)?,
+        },
+    };
+    let v = next_version(site, env, alias);
+    store_key(
+        &site.store,
+        &site.kek,
+        env,
+        alias,
+        v,
+        &*backend,
+        pkcs8,
+        site.clock.unix(),
+    )?;
+    add_spec(site, env, spec.clone())?;
+    reload_alias(site, env, alias)?;
+    if !chain_pem.is_empty() {
+        set_key_certificate(site, env, alias, chain_pem)?;
+    }
+    Ok((
+        spec,
+        format!(
+            "imported {alias}@v{v}{}",
+            if chain_pem.is_empty() {
+                ""
+            } else {
+                " with its certificate chain"
+            }
+        ),
+    ))
+}
+
+/// Every key spec of a partition.
+pub fn list_keys(site: &SiteState, env: &str) -> Result<Vec<KeySpec>, OpsError> {
+    partition_exists(site, env)?;
+    Ok(site
+        .config()
+        .partition(env)
+        .map(|p| p.signing_keys.clone())
+        .unwrap_or_default())
+}
+
+/// Per-issuer counts for listings: issuer id → certificates issued.
+pub fn issued_counts(site: &SiteState) -> Result<BTreeMap<String, usize>, OpsError> {
+    let mut m = BTreeMap::new();
+    for c in site.issued_certificates()? {
+        *m.entry(c.issuer_id).or_insert(0) += 1;
+    }
+    Ok(m)
+}
+
+// === signing identities (certificates on site-held keys) ===
+
+/// Lets rcgen sign (a CSR) with a site-held key through [`crate::custody::SigningBackend`].
+struct BackendSigner<'a> {
+    backend: &'a dyn crate::custody::SigningBackend,
+    key_bits: Vec<u8>,
+    alg: &'static rcgen::SignatureAlgorithm,
+}
+
+impl rcgen::PublicKeyData for BackendSigner<'_> {
+    fn der_bytes(&self) -> &[u8] {
+        &self.key_bits
+    }
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        self.alg
+    }
+}
+
+impl rcgen::SigningKey for BackendSigner<'_> {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        let d: [u8; 32] = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, msg)
+            .as_ref()
+            .try_into()
+            .map_err(|_| rcgen::Error::RemoteKeyError)?;
+        self.backend
+            .sign_digest(&d)
+            .map_err(|_| rcgen::Error::RemoteKeyError)
+    }
+}
+
+/// Subject of a key CSR.
+#[derive(Clone, Debug, Default)]
+pub struct CsrSubject {
+    /// CN.
+    pub common_name: String,
+    /// emailAddress (Apple asks for it).
+    pub email: String,
+    /// O.
+    pub organization: String,
+    /// C.
+    pub country: String,
+}
+
+/// A PKCS#10 CSR (PEM) signed by the active version of a site-held key.
+pub fn key_csr(
+    site: &SiteState,
+    env: &str,
+    alias: &str,
+    subject: &CsrSubject,
+) -> Result<((String, String), String), OpsError> {
+    use rcgen::{DnType, DnValue};
+    spec_of(site, env, alias)?;
+    let key = site
+        .keys()
+        .active(env, alias)
+        .cloned()
+        .ok_or_else(|| OpsError::NotFound(format!("key `{alias}` in `{env}`")))?;
+    let alg = match key.backend.algorithm() {
+        KeyAlgorithm::EcdsaP256Sha256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+        a if a.is_pss() => {
+            return Err(OpsError::Invalid(
+                "CSRs are made for ECDSA and RSA PKCS#1 v1.5 keys".into(),
+            ));
+        }
+        _ => &rcgen::PKCS_RSA_SHA256,
+    };
+    if subject.common_name.is_empty() {
+        return Err(OpsError::Invalid("--common-name is required".into()));
+    }
+    let key_bits = meshsign_proto::der::spki_key(&key.record.public_key_der)
+        .ok_or_else(|| OpsError::Invalid("stored public key is not an SPKI".into()))?
+        .to_vec();
+    let mut params = rcgen::CertificateParams::default();
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(DnType::CommonName, subject.common_name.clone());
+    if !subject.organization.is_empty() {
+        dn.push(DnType::OrganizationName, subject.organization.clone());
+    }
+    if !subject.country.is_empty() {
+        dn.push(DnType::CountryName, subject.country.clone());
+    }
+    if !subject.email.is_empty() {
+        let ia5 = subject
+            .email
+            .clone()
+            .try_into()
+            .map_err(|_| OpsError::Invalid("email must be ASCII".into()))?;
+        dn.push(
+            DnType::CustomDnType(vec![1, 2, 840, 113549, 1, 9, 1]),
+            DnValue::Ia5String(ia5),
+        );
+    }
+    params.distinguished_name = dn;
+    let signer = BackendSigner {
+        backend: &*key.backend,
+        key_bits,
+        alg,
+    };
+    let csr = params
+        .serialize_request(&signer)
+        .map_err(|e| OpsError::Invalid(format!("csr: {e}")))?;
+    let pem = meshsign_proto::pem_encode("CERTIFICATE REQUEST", csr.der());
+    let key_id = key.record.key_id();
+    Ok((
+        (key_id.clone(), pem),
+        format!("CSR for {key_id} (CN={})", subject.common_name),
+    ))
+}
+
+/// Attaches a certificate chain to the active version of a key; the leaf must carry its key.
+pub fn set_key_certificate(
+    site: &SiteState,
+    env: &str,
+    alias: &str,
+    chain_pem: &[u8],
+) -> Result<(KeySpec, String), OpsError> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject as _;
+    let spec = spec_of(site, env, alias)?;
+    let key = site
+        .keys()
+        .active(env, alias)
+        .cloned()
+        .ok_or_else(|| OpsError::NotFound(format!("key `{alias}` in `{env}`")))?;
+    let chain: Vec<Vec<u8>> = CertificateDer::pem_slice_iter(chain_pem)
+        .map(|c| c.map(|c| c.to_vec()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| OpsError::Invalid(format!("chain: {e}")))?;
+    let leaf = chain
+        .first()
+        .ok_or_else(|| OpsError::Invalid("chain: no certificate".into()))?;
+    let (_, cert) = X509Certificate::from_der(leaf)
+        .map_err(|_| OpsError::Invalid("chain: leaf does not parse".into()))?;
+    if cert.public_key().raw != key.record.public_key_der.as_slice() {
+        return Err(OpsError::Invalid(format!(
+            "chain: the leaf certificate is not for {}",
+            key.record.key_id()
+        )));
+    }
+    for (i, c) in chain.iter().enumerate().skip(1) {
+        X509Certificate::from_der(c)
+            .map_err(|_| OpsError::Invalid(format!("chain: certificate {i} does not parse")))?;
+    }
+    let subject = cert.subject().to_string();
+    let mut record = (*key.record).clone();
+    record.certificate_chain = chain.clone();
+    site.store.put(
+        Tree::Keys,
+        &crate::custody::KeyRecord::store_key_of(&record),
+        &record,
+    )?;
+    site.store.flush()?;
+    reload_alias(site, env, alias)?;
+    let detail = format!("certificate for {} (subject {subject})", record.key_id());
+    Ok((spec, detail))
+}

@@ -1,0 +1,173 @@
+//! Ops: runner-CA lifecycle, revocation, trust policies, keys, reload and housekeeping —
+//! typed, transport-free. Each submodule owns one noun; this module owns [`OpsError`] and
+//! [`audited`], the one door every admin action goes through.
+//!
+//! Every change is checked against the operator's role, audited with the operator's identity,
+//! made durable, and swapped into the running site without a restart. What ops change lives in
+//! the store as overlays on the file configuration (`state::overlays`), so it survives restarts
+//! and a SIGHUP reload of the file keeps it. Must not touch: tonic, TLS (`api` converts).
+
+pub mod housekeeping;
+pub mod keys;
+pub mod revocations;
+pub mod runner_cas;
+pub mod trust;
+
+use crate::audit::{AuditError, AuditRecord};
+use crate::ca::IssueError;
+use crate::custody::CustodyError;
+use crate::identity::{IdentityError, Operator, Role};
+use crate::model::{AUDIT_UNAVAILABLE, INTERNAL, Refusal, RefusalKind, bounded};
+use crate::state::{SiteState, StateError};
+use crate::store::StoreError;
+
+/// Why an ops request was refused. `Display` is the detail; [`Refusal::reason`] the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    /// Not an ops identity.
+    #[error("{0}")]
+    Identity(#[from] IdentityError),
+    /// The role may not do this.
+    #[error("`{operator}` is an auditor and may not change anything")]
+    Forbidden {
+        /// Operator ID.
+        operator: String,
+    },
+    /// A named thing does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request is malformed.
+    #[error("{0}")]
+    Invalid(String),
+    /// The state does not allow it.
+    #[error("{0}")]
+    Precondition(String),
+    /// Key custody failed (internal).
+    #[error("key custody failed: {0}")]
+    Custody(#[from] CustodyError),
+    /// Runner CA setup failed (internal).
+    #[error("runner CA setup failed: {0}")]
+    Ca(#[from] IssueError),
+    /// Storage failed (internal).
+    #[error("storage failed: {0}")]
+    Store(#[from] StoreError),
+    /// Applying the change to the running site failed (internal).
+    #[error("applying the change failed: {0}")]
+    State(#[from] StateError),
+    /// The audit record could not be written; the change is reported as failed.
+    #[error("the audit log cannot be written")]
+    Audit(#[source] AuditError),
+}
+
+impl Refusal for OpsError {
+    fn reason(&self) -> &'static str {
+        match self {
+            OpsError::Identity(_) => "operator",
+            OpsError::Forbidden { .. } => "role",
+            OpsError::NotFound(_) => "not_found",
+            OpsError::Invalid(_) => "invalid",
+            OpsError::Precondition(_) => "precondition",
+            OpsError::Custody(_) | OpsError::Ca(_) | OpsError::Store(_) | OpsError::State(_) => {
+                INTERNAL
+            }
+            OpsError::Audit(_) => AUDIT_UNAVAILABLE,
+        }
+    }
+
+    fn kind(&self) -> RefusalKind {
+        match self {
+            OpsError::Identity(_) => RefusalKind::Unauthenticated,
+            OpsError::Forbidden { .. } => RefusalKind::PermissionDenied,
+            OpsError::NotFound(_) => RefusalKind::NotFound,
+            OpsError::Invalid(_) => RefusalKind::InvalidArgument,
+            OpsError::Precondition(_) => RefusalKind::FailedPrecondition,
+            OpsError::Custody(_) | OpsError::Ca(_) | OpsError::Store(_) | OpsError::State(_) => {
+                RefusalKind::Internal
+            }
+            OpsError::Audit(_) => RefusalKind::Unavailable,
+        }
+    }
+}
+
+/// Whether an admin action reads or changes the site.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// A read: auditors may do it; runs without the ops lock.
+    Read,
+    /// A change: admins only; runs under the ops lock.
+    Write,
+}
+
+/// Checks the role, runs an ops action (changes under the ops lock), and audits it either way,
+/// reads included: the record names the operator. The audit record is written after the
+/// change; a change whose record cannot be written is reported as failed (the record of the
+/// attempt is what matters to an auditor).
+pub async fn audited<T>(
+    site: &SiteState,
+    op: &Operator,
+    rpc: &'static str,
+    environment: &str,
+    access: Access,
+    f: impl AsyncFnOnce() -> Result<(T, String), OpsError>,
+) -> Result<T, OpsError> {
+    let result = match access {
+        Access::Write if op.role != Role::Admin => Err(OpsError::Forbidden {
+            operator: op.id.clone(),
+        }),
+        Access::Write => {
+            let _guard = site.ops_lock.lock().await;
+            f().await
+        }
+        Access::Read => f().await,
+    };
+    let mut rec = admin_record(rpc, environment, &op.id);
+    match &result {
+        Ok((_, detail)) => {
+            rec.decision = "allow".into();
+            rec.reason = "ok".into();
+            rec.detail = detail.clone();
+        }
+        Err(e) => crate::audit::deny(&mut rec, e, "admin action refused"),
+    }
+    site.audit.record(rec).await.map_err(OpsError::Audit)?;
+    result.map(|(t, _)| t)
+}
+
+/// Audits an admin call refused before an operator could be named (its certificate is not an
+/// ops identity), and returns that refusal (or `audit_unavailable`).
+pub async fn refuse_unidentified(
+    site: &SiteState,
+    rpc: &'static str,
+    peer: &str,
+    err: IdentityError,
+) -> OpsError {
+    let err = OpsError::Identity(err);
+    let mut rec = admin_record(rpc, "", "(unidentified)");
+    rec.peer = bounded(peer, 64);
+    crate::audit::deny(&mut rec, &err, "admin action refused");
+    match site.audit.record(rec).await {
+        Ok(_) => err,
+        Err(e) => OpsError::Audit(e),
+    }
+}
+
+fn admin_record(rpc: &str, environment: &str, operator: &str) -> AuditRecord {
+    AuditRecord {
+        rpc: format!("Admin.{rpc}"),
+        environment: if environment.is_empty() {
+            "(site)".into()
+        } else {
+            bounded(environment, 64)
+        },
+        operator: operator.to_string(),
+        subject: operator.to_string(),
+        ..Default::default()
+    }
+}
+
+fn partition_exists(site: &SiteState, env: &str) -> Result<(), OpsError> {
+    site.config()
+        .partition(env)
+        .map(|_| ())
+        .ok_or_else(|| OpsError::NotFound(format!("environment `{}`", bounded(env, 64))))
+}

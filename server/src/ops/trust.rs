@@ -1,0 +1,122 @@
+//! Trust policies (enable, disable, pin JWKS) and the SIGHUP reload of the file configuration.
+//!
+//! Owns: changes to trust policies and the reload rule (what may change in place).
+//! Must not touch: token verification (`enroll`), TLS (the transport reloads it).
+
+use super::OpsError;
+use crate::config::{SiteConfig, TrustPolicy};
+use crate::custody::KeyRing;
+use crate::identity::jwt::Jwks;
+use crate::state::SiteState;
+use crate::state::overlays::effective_config;
+
+/// Re-reads the file configuration (SIGHUP). Trust policies and key access rules change;
+/// identity, listeners, storage and the set of partitions need a restart and are refused.
+pub fn reload(site: &SiteState, file: SiteConfig) -> Result<String, OpsError> {
+    let cur = site.config();
+    let names = |c: &SiteConfig| {
+        c.partitions
+            .iter()
+            .map(|p| p.name.clone())
+            .collect::<Vec<_>>()
+    };
+    if file.trust_domain != cur.trust_domain
+        || file.region != cur.region
+        || file.data_dir != cur.data_dir
+        || file.kek_file != cur.kek_file
+        || file.listen.enroll != cur.listen.enroll
+        || file.listen.sign != cur.listen.sign
+        || file.listen.admin != cur.listen.admin
+        || file.store_cache_mib != cur.store_cache_mib
+        || file.audit != cur.audit
+        || names(&file) != names(&cur)
+    {
+        return Err(OpsError::Precondition(
+            "trust_domain, region, data_dir, kek_file, listen, [store], [audit] and the partition list need a restart".into(),
+        ));
+    }
+    let cfg = effective_config(file, &site.store)?;
+    let keys = KeyRing::load_or_create(&cfg, &site.store, &site.kek, site.clock.unix())?;
+    site.set_keys(keys);
+    site.set_config(cfg);
+    Ok("configuration reloaded".into())
+}
+
+fn policy_index(cfg: &SiteConfig, env: &str, issuer: &str) -> Result<(usize, usize), OpsError> {
+    let pi = cfg
+        .partitions
+        .iter()
+        .position(|p| p.name == env)
+        .ok_or_else(|| OpsError::NotFound(format!("environment `{env}`")))?;
+    let ti = cfg.partitions[pi]
+        .trust_policies
+        .iter()
+        .position(|t| t.issuer == issuer)
+        .ok_or_else(|| {
+            OpsError::NotFound(format!("no trust policy for issuer `{issuer}` in `{env}`"))
+        })?;
+    Ok((pi, ti))
+}
+
+/// Enables or disables a trust policy. Disabling refuses new enrollments from it and, unless
+/// `keep_sessions`, every sign call from certificates it minted — on open connections too.
+pub fn set_policy_enabled(
+    site: &SiteState,
+    env: &str,
+    issuer: &str,
+    enabled: bool,
+    keep_sessions: bool,
+) -> Result<(TrustPolicy, String), OpsError> {
+    let mut cfg = (*site.config()).clone();
+    let (pi, ti) = policy_index(&cfg, env, issuer)?;
+    let t = &mut cfg.partitions[pi].trust_policies[ti];
+    t.enabled = enabled;
+    t.keep_sessions = !enabled && keep_sessions;
+    let out = t.clone();
+    site.save_policy_overlay(env, &cfg.partitions[pi].trust_policies[ti], None)?;
+    site.set_config(cfg);
+    let detail = format!(
+        "trust policy {} ({issuer}) {}",
+        out.name,
+        if enabled {
+            "enabled"
+        } else if keep_sessions {
+            "disabled, sessions kept"
+        } else {
+            "disabled"
+        }
+    );
+    Ok((out, detail))
+}
+
+/// Pins a new JWKS for a policy (public keys only). A kid not in it is denied from now on.
+pub fn set_jwks(
+    site: &SiteState,
+    env: &str,
+    issuer: &str,
+    jwks_json: &[u8],
+) -> Result<(TrustPolicy, String), OpsError> {
+    let jwks = Jwks::parse(jwks_json).map_err(|e| OpsError::Invalid(format!("jwks: {e}")))?;
+    let text = String::from_utf8(jwks_json.to_vec())
+        .map_err(|_| OpsError::Invalid("jwks: not UTF-8".into()))?;
+    if text.contains("\"d\"") {
+        return Err(OpsError::Invalid(
+            "jwks: contains private key material (`d`); pin public keys only".into(),
+        ));
+    }
+    let mut cfg = (*site.config()).clone();
+    let (pi, ti) = policy_index(&cfg, env, issuer)?;
+    let kids: Vec<String> = jwks.keys.iter().map(|k| k.kid.clone()).collect();
+    cfg.partitions[pi].trust_policies[ti].jwks = jwks;
+    let out = cfg.partitions[pi].trust_policies[ti].clone();
+    site.save_policy_overlay(env, &cfg.partitions[pi].trust_policies[ti], Some(text))?;
+    site.set_config(cfg);
+    Ok((
+        out.clone(),
+        format!(
+            "pinned JWKS for {} ({issuer}): kids {}",
+            out.name,
+            kids.join(",")
+        ),
+    ))
+}

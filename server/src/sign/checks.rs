@@ -1,0 +1,251 @@
+//! Every check of a sign-port RPC, in the order they run, one function per check, each named
+//! by its audit reason (DESIGN.md "Every signing request").
+//!
+//! The handshake already proved the peer holds a certificate chaining to one of the site's
+//! trusted runner CAs. Connections are long-lived, so every RPC re-checks the rest against the
+//! state now: the certificate is one this site issued, not revoked, not expired (by the
+//! injected clock), of this region; its runner CA is still trusted; the trust policy that
+//! minted it still admits sessions; the key is in the caller's environment, enabled, and its
+//! access rule admits the caller; the request names the key's algorithm and a purpose the key
+//! has; the input is well formed.
+//!
+//! Owns: these checks. Must not touch: signing, the audit log (the flow in `sign` does both).
+
+use std::sync::Arc;
+
+use aws_lc_rs::digest::{SHA256, digest};
+
+use super::{Payload, SignError};
+use crate::config::{KeySpec, SiteConfig};
+use crate::custody::LoadedKey;
+use crate::identity::Caller;
+use crate::model::{CertRecord, Purpose, bounded};
+use crate::state::SiteState;
+
+/// Largest message the site hashes itself.
+pub const MAX_MESSAGE_BYTES: usize = 4096;
+/// Most digests in one SignBatch.
+pub const MAX_BATCH: usize = 1000;
+
+/// Runs the caller and key checks; returns the key version that signs and its spec.
+pub fn authorize(
+    site: &SiteState,
+    caller: &Caller,
+    alias: &str,
+) -> Result<(LoadedKey, KeySpec), SignError> {
+    let now = site.clock.unix();
+    let config = site.config();
+    let record = certificate(site, caller)?;
+    certificate_revoked(site, &record)?;
+    certificate_expired(caller, now)?;
+    region(&config, caller, &record)?;
+    issuer_untrusted(site, &record)?;
+    trust_policy_disabled(site, &record)?;
+    let spec = key_not_in_partition(&config, &record, alias)?;
+    key_disabled(spec)?;
+    key_access(spec, &record)?;
+    let key = site
+        .keys()
+        .active(&record.environment, alias)
+        .cloned()
+        .ok_or_else(|| SignError::KeyNotInPartition {
+            alias: bounded(alias, 64),
+            environment: record.environment.clone(),
+        })?;
+    Ok((key, spec.clone()))
+}
+
+/// `certificate`: this site issued the certificate, for the environment it names.
+fn certificate(site: &SiteState, caller: &Caller) -> Result<Arc<CertRecord>, SignError> {
+    let record = site
+        .issuance_record(&caller.serial_hex)?
+        .ok_or_else(|| SignError::UnknownCertificate(caller.serial_hex.clone()))?;
+    if caller.id.environment != record.environment {
+        return Err(SignError::BadCertificate(
+            "environment differs from the issuance record".into(),
+        ));
+    }
+    Ok(record)
+}
+
+/// `certificate_revoked`: by its holder or by an ops rule.
+fn certificate_revoked(site: &SiteState, record: &CertRecord) -> Result<(), SignError> {
+    match site.revocation_of(record) {
+        Some(reason) => Err(SignError::Revoked {
+            serial: record.serial.clone(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// `certificate_expired`: since the connection was opened.
+fn certificate_expired(caller: &Caller, now: i64) -> Result<(), SignError> {
+    if now >= caller.not_after {
+        return Err(SignError::Expired {
+            not_after: caller.not_after,
+            now,
+        });
+    }
+    Ok(())
+}
+
+/// `region`: the certificate (and its record) name this site's region.
+fn region(config: &SiteConfig, caller: &Caller, record: &CertRecord) -> Result<(), SignError> {
+    if caller.id.region == config.region && record.region == config.region {
+        return Ok(());
+    }
+    Err(SignError::Region {
+        cert: caller.id.region.clone(),
+        site: config.region.clone(),
+    })
+}
+
+/// `issuer_untrusted`: the runner CA that issued it is still trusted.
+fn issuer_untrusted(site: &SiteState, record: &CertRecord) -> Result<(), SignError> {
+    if site.runner_ca_trusted(&record.environment, &record.issuer_id) {
+        return Ok(());
+    }
+    Err(SignError::IssuerUntrusted(record.issuer_id.clone()))
+}
+
+/// `trust_policy_disabled`: the trust policy that minted it still admits sessions.
+fn trust_policy_disabled(site: &SiteState, record: &CertRecord) -> Result<(), SignError> {
+    if site.policy_admits_sessions(&record.environment, &record.claims.trust_policy) {
+        return Ok(());
+    }
+    Err(SignError::PolicyDisabled(
+        record.claims.trust_policy.clone(),
+    ))
+}
+
+/// `key_not_in_partition`: the key exists in the caller's environment.
+fn key_not_in_partition<'c>(
+    config: &'c SiteConfig,
+    record: &CertRecord,
+    alias: &str,
+) -> Result<&'c KeySpec, SignError> {
+    config
+        .partition(&record.environment)
+        .and_then(|p| p.key(alias))
+        .ok_or_else(|| SignError::KeyNotInPartition {
+            alias: bounded(alias, 64),
+            environment: record.environment.clone(),
+        })
+}
+
+/// `key_disabled`: ops have not disabled it.
+fn key_disabled(spec: &KeySpec) -> Result<(), SignError> {
+    if spec.disabled {
+        return Err(SignError::KeyDisabled(spec.alias.clone()));
+    }
+    Ok(())
+}
+
+/// `key_access`: its access rule admits the caller's repository and ref.
+fn key_access(spec: &KeySpec, record: &CertRecord) -> Result<(), SignError> {
+    if spec
+        .access
+        .admits(&record.claims.repository, &record.claims.git_ref)
+    {
+        return Ok(());
+    }
+    Err(SignError::Access {
+        alias: spec.alias.clone(),
+        repository: record.claims.repository.clone(),
+        git_ref: record.claims.git_ref.clone(),
+    })
+}
+
+/// `algorithm`: a request that names an algorithm names the key's.
+pub fn algorithm(key: &LoadedKey, requested: &str) -> Result<(), SignError> {
+    let alg = key.backend.algorithm().as_str();
+    if requested.is_empty() || requested == alg {
+        return Ok(());
+    }
+    Err(SignError::Algorithm {
+        key_id: key.record.key_id(),
+        key: alg,
+        requested: bounded(requested, 64),
+    })
+}
+
+/// `purpose`: the key may sign this kind of input.
+pub fn purpose(spec: &KeySpec, payload: &Payload) -> Result<(), SignError> {
+    let purpose = match payload {
+        Payload::Digest(_) | Payload::Batch(_) => Purpose::Digest,
+        Payload::Message(_) => Purpose::Message,
+        Payload::AppleCms(_) => Purpose::AppleCms,
+        Payload::Missing => return Ok(()),
+    };
+    if spec.purposes.contains(&purpose) {
+        return Ok(());
+    }
+    Err(SignError::Purpose {
+        alias: spec.alias.clone(),
+        purpose: purpose.as_str(),
+    })
+}
+
+/// `input`: exactly one input was given.
+pub fn input(payload: &Payload) -> Result<(), SignError> {
+    if matches!(payload, Payload::Missing) {
+        return Err(SignError::input(
+            "input",
+            "give exactly one of sha256_digest, message or apple_cms_signed_attributes",
+        ));
+    }
+    Ok(())
+}
+
+/// `digest`: a SHA-256 digest is 32 bytes.
+pub fn digest_len(d: &[u8]) -> Result<[u8; 32], SignError> {
+    d.try_into().map_err(|_| {
+        SignError::input(
+            "digest",
+            format!("a SHA-256 digest is 32 bytes, got {}", d.len()),
+        )
+    })
+}
+
+/// `message`: at most [`MAX_MESSAGE_BYTES`]; the site hashes it.
+pub fn message(m: &[u8]) -> Result<[u8; 32], SignError> {
+    if m.len() > MAX_MESSAGE_BYTES {
+        return Err(SignError::input(
+            "message",
+            format!(
+                "{} bytes exceeds {MAX_MESSAGE_BYTES}; send its SHA-256 digest",
+                m.len()
+            ),
+        ));
+    }
+    let mut d = [0u8; 32];
+    d.copy_from_slice(digest(&SHA256, m).as_ref());
+    Ok(d)
+}
+
+/// `batch`: 1 to [`MAX_BATCH`] digests, each 32 bytes.
+pub fn batch(b: &[Vec<u8>]) -> Result<Vec<[u8; 32]>, SignError> {
+    if b.is_empty() || b.len() > MAX_BATCH {
+        return Err(SignError::input(
+            "batch",
+            format!("1 to {MAX_BATCH} digests per batch, got {}", b.len()),
+        ));
+    }
+    b.iter().map(|d| digest_len(d)).collect()
+}
+
+/// `apple_cms` (and the finer reasons of [`super::apple_cms::check`]): the signed attributes
+/// of an Apple code signature, bounded, parsed and checked.
+pub fn apple_cms(attrs: &[u8], now: i64) -> Result<super::apple_cms::AppleCmsFacts, SignError> {
+    if attrs.len() > MAX_MESSAGE_BYTES {
+        return Err(SignError::input(
+            "apple_cms",
+            format!("{} bytes exceeds {MAX_MESSAGE_BYTES}", attrs.len()),
+        ));
+    }
+    super::apple_cms::check(attrs, now).map_err(|e| SignError::Input {
+        check: e.check,
+        message: e.message,
+    })
+}

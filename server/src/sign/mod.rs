@@ -1,0 +1,377 @@
+//! The Sign, SignBatch and RevokeSelf use cases, read top to bottom:
+//! caller (typed by `api` from the peer certificate) → every per-RPC check ([`checks`]) →
+//! key → signature → durable audit entry → response. A signature whose audit entry could not
+//! be written is never returned.
+//!
+//! Owns: the flow, [`SignError`] and its reasons, the typed request and response.
+//! Must not touch: tonic, TLS, proto messages (`api` converts), the store directly.
+
+pub mod apple_cms;
+pub mod checks;
+
+use crate::audit::{AuditError, AuditRecord};
+use crate::custody::CustodyError;
+use crate::identity::{Caller, IdentityError};
+use crate::model::{AUDIT_UNAVAILABLE, INTERNAL, Refusal, RefusalKind, bounded};
+use crate::state::SiteState;
+use crate::store::StoreError;
+
+/// What to sign.
+#[derive(Clone, Debug)]
+pub enum Payload {
+    /// A SHA-256 digest (must be 32 bytes).
+    Digest(Vec<u8>),
+    /// A short message the site hashes (at most [`checks::MAX_MESSAGE_BYTES`]).
+    Message(Vec<u8>),
+    /// Up to [`checks::MAX_BATCH`] digests.
+    Batch(Vec<Vec<u8>>),
+    /// CMS signed attributes of an Apple code signature (purpose apple-cms).
+    AppleCms(Vec<u8>),
+    /// The request carried no input.
+    Missing,
+}
+
+/// A sign request in typed form.
+#[derive(Clone, Debug)]
+pub struct SignInput {
+    /// RPC name for audit.
+    pub rpc: &'static str,
+    /// Key alias.
+    pub alias: String,
+    /// Input.
+    pub payload: Payload,
+    /// Artifact name (audit only).
+    pub artifact: String,
+    /// Algorithm the caller expects (empty: whatever the key has).
+    pub algorithm: String,
+    /// Peer address.
+    pub peer: String,
+}
+
+/// Signatures and the public facts about the key that made them.
+#[derive(Clone, Debug)]
+pub struct SignOutput {
+    /// One signature per digest.
+    pub signatures: Vec<Vec<u8>>,
+    /// The digests signed (same order).
+    pub digests: Vec<[u8; 32]>,
+    /// Algorithm name.
+    pub algorithm: &'static str,
+    /// `alias@vN`.
+    pub key_id: String,
+    /// SPKI DER.
+    pub public_key_der: Vec<u8>,
+    /// Key certificate chain, if any.
+    pub certificate_chain: Vec<Vec<u8>>,
+    /// Audit id.
+    pub audit_id: String,
+    /// Audit entry seq (receipt).
+    pub audit_seq: u64,
+    /// Audit entry hash (receipt).
+    pub audit_hash: String,
+    /// Unix seconds.
+    pub signed_at: i64,
+}
+
+/// Why a sign-port request was refused. `Display` is the detail; [`Refusal::reason`] names the
+/// check (one function of [`checks`] per reason).
+#[derive(Debug, thiserror::Error)]
+pub enum SignError {
+    /// The peer certificate is not a runner identity of this site.
+    #[error("{0}")]
+    Identity(#[from] IdentityError),
+    /// The certificate contradicts its issuance record.
+    #[error("{0}")]
+    BadCertificate(String),
+    /// This site has no record of issuing it.
+    #[error("serial {0} was not issued by this site")]
+    UnknownCertificate(String),
+    /// Revoked.
+    #[error("serial {serial} revoked ({reason})")]
+    Revoked {
+        /// Serial.
+        serial: String,
+        /// Reason given.
+        reason: String,
+    },
+    /// Expired since the connection was opened.
+    #[error("expired at {not_after} (now {now})")]
+    Expired {
+        /// not_after.
+        not_after: i64,
+        /// Now.
+        now: i64,
+    },
+    /// Issued for another region.
+    #[error("certificate is for `{cert}`, this site is `{site}`")]
+    Region {
+        /// In the certificate.
+        cert: String,
+        /// This site.
+        site: String,
+    },
+    /// Its runner CA is no longer trusted.
+    #[error("runner CA {0} is not trusted")]
+    IssuerUntrusted(String),
+    /// The trust policy that minted it is disabled.
+    #[error("`{0}` is disabled")]
+    PolicyDisabled(String),
+    /// The key does not exist in the caller's environment.
+    #[error("no key `{alias}` in environment `{environment}`")]
+    KeyNotInPartition {
+        /// Requested alias.
+        alias: String,
+        /// Caller's environment.
+        environment: String,
+    },
+    /// The key was disabled by ops.
+    #[error("`{0}` is disabled")]
+    KeyDisabled(String),
+    /// The key's access rule does not admit the caller.
+    #[error("`{repository}`@`{git_ref}` may not use `{alias}`")]
+    Access {
+        /// Alias.
+        alias: String,
+        /// Caller repository.
+        repository: String,
+        /// Caller ref.
+        git_ref: String,
+    },
+    /// The request named another algorithm than the key's.
+    #[error("key `{key_id}` signs {key}; the request asked for {requested}")]
+    Algorithm {
+        /// The key version.
+        key_id: String,
+        /// Its algorithm.
+        key: &'static str,
+        /// What the request named.
+        requested: String,
+    },
+    /// The key may not sign this kind of input.
+    #[error("key `{alias}` is not for {purpose} signing")]
+    Purpose {
+        /// Alias.
+        alias: String,
+        /// The input's purpose.
+        purpose: &'static str,
+    },
+    /// The input is malformed.
+    #[error("{message}")]
+    Input {
+        /// Check name (the audit reason).
+        check: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// The signer failed (internal).
+    #[error("signing failed: {0}")]
+    Custody(#[from] CustodyError),
+    /// Storage failed (internal).
+    #[error("storage failed: {0}")]
+    Store(#[from] StoreError),
+    /// The audit record could not be written, so nothing is returned.
+    #[error("the audit log cannot be written; nothing was signed")]
+    Audit(#[source] AuditError),
+}
+
+impl SignError {
+    /// A malformed-input refusal with its check name.
+    pub fn input(check: &'static str, message: impl Into<String>) -> Self {
+        SignError::Input {
+            check,
+            message: message.into(),
+        }
+    }
+}
+
+impl Refusal for SignError {
+    fn reason(&self) -> &'static str {
+        match self {
+            SignError::Identity(_)
+            | SignError::BadCertificate(_)
+            | SignError::UnknownCertificate(_) => "certificate",
+            SignError::Revoked { .. } => "certificate_revoked",
+            SignError::Expired { .. } => "certificate_expired",
+            SignError::Region { .. } => "region",
+            SignError::IssuerUntrusted(_) => "issuer_untrusted",
+            SignError::PolicyDisabled(_) => "trust_policy_disabled",
+            SignError::KeyNotInPartition { .. } => "key_not_in_partition",
+            SignError::KeyDisabled(_) => "key_disabled",
+            SignError::Access { .. } => "key_access",
+            SignError::Algorithm { .. } => "algorithm",
+            SignError::Purpose { .. } => "purpose",
+            SignError::Input { check, .. } => check,
+            SignError::Custody(_) | SignError::Store(_) => INTERNAL,
+            SignError::Audit(_) => AUDIT_UNAVAILABLE,
+        }
+    }
+
+    fn kind(&self) -> RefusalKind {
+        use SignError::*;
+        match self {
+            Identity(_)
+            | BadCertificate(_)
+            | UnknownCertificate(_)
+            | Revoked { .. }
+            | Expired { .. } => RefusalKind::Unauthenticated,
+            Region { .. } => RefusalKind::FailedPrecondition,
+            IssuerUntrusted(_)
+            | PolicyDisabled(_)
+            | KeyNotInPartition { .. }
+            | KeyDisabled(_)
+            | Access { .. } => RefusalKind::PermissionDenied,
+            Algorithm { .. } | Purpose { .. } | Input { .. } => RefusalKind::InvalidArgument,
+            Custody(_) | Store(_) => RefusalKind::Internal,
+            Audit(_) => RefusalKind::Unavailable,
+        }
+    }
+}
+
+/// Checks, signs and audits; see the module docs for the order.
+pub async fn sign(
+    site: &SiteState,
+    caller: &Caller,
+    input: SignInput,
+) -> Result<SignOutput, SignError> {
+    let now = site.clock.unix();
+    let mut rec = caller.audit_record(input.rpc, now, &input.peer);
+    rec.artifact = bounded(&input.artifact, 256);
+    let result = check_and_sign(site, caller, input, &mut rec).await;
+    match &result {
+        Ok(_) => {
+            rec.decision = "allow".into();
+            rec.reason = "ok".into();
+        }
+        Err(e) => crate::audit::deny(&mut rec, e, "sign refused"),
+    }
+    let written = site
+        .audit
+        .record_sign(rec)
+        .await
+        .map_err(SignError::Audit)?;
+    result.map(|mut out| {
+        out.audit_id = written.audit_id();
+        out.audit_seq = written.seq;
+        out.audit_hash = written.hash.clone();
+        out.signed_at = now;
+        out
+    })
+}
+
+async fn check_and_sign(
+    site: &SiteState,
+    caller: &Caller,
+    input: SignInput,
+    rec: &mut AuditRecord,
+) -> Result<SignOutput, SignError> {
+    let (key, spec) = checks::authorize(site, caller, &input.alias)?;
+    rec.key_id = key.record.key_id();
+    checks::algorithm(&key, &input.algorithm)?;
+    checks::purpose(&spec, &input.payload)?;
+    checks::input(&input.payload)?;
+    let digests = match input.payload {
+        Payload::Digest(d) => vec![checks::digest_len(&d)?],
+        Payload::Message(m) => vec![checks::message(&m)?],
+        Payload::Batch(b) => checks::batch(&b)?,
+        Payload::AppleCms(attrs) => {
+            let facts = checks::apple_cms(&attrs, site.clock.unix())?;
+            rec.detail = format!(
+                "code directory {}; cdhashes [{}]",
+                facts.code_directory_hash,
+                facts.cdhashes.join(",")
+            );
+            vec![facts.digest]
+        }
+        Payload::Missing => Vec::new(),
+    };
+    rec.items = u32::try_from(digests.len()).unwrap_or(u32::MAX);
+    rec.digest = match digests.as_slice() {
+        [one] => hex::encode(one),
+        many => hex::encode(aws_lc_rs::digest::digest(
+            &aws_lc_rs::digest::SHA256,
+            &many.concat(),
+        )),
+    };
+    let backend = key.backend.clone();
+    let (signatures, digests) = if digests.len() <= 8 {
+        let sigs = digests
+            .iter()
+            .map(|d| backend.sign_digest(d))
+            .collect::<Result<Vec<_>, _>>()?;
+        (sigs, digests)
+    } else {
+        // A batch takes milliseconds: off the runtime, on the per-core signing pool.
+        site.signing_pool
+            .run(move || {
+                let sigs = digests
+                    .iter()
+                    .map(|d| backend.sign_digest(d))
+                    .collect::<Result<Vec<_>, _>>();
+                sigs.map(|s| (s, digests))
+            })
+            .await
+            .map_err(|_| CustodyError::Crypto("signing pool"))??
+    };
+    Ok(SignOutput {
+        signatures,
+        digests,
+        algorithm: key.backend.algorithm().as_str(),
+        key_id: key.record.key_id(),
+        public_key_der: key.record.public_key_der.clone(),
+        certificate_chain: key.record.certificate_chain.clone(),
+        audit_id: String::new(),
+        audit_seq: 0,
+        audit_hash: String::new(),
+        signed_at: 0,
+    })
+}
+
+/// Audits a sign-port request refused before a caller could be built from its certificate,
+/// and returns that refusal (or `audit_unavailable`).
+pub async fn refuse_unidentified(
+    site: &SiteState,
+    input: &SignInput,
+    err: IdentityError,
+) -> SignError {
+    let err = SignError::Identity(err);
+    let mut rec = AuditRecord {
+        rpc: input.rpc.into(),
+        environment: "(unknown)".into(),
+        artifact: bounded(&input.artifact, 256),
+        peer: input.peer.clone(),
+        ..Default::default()
+    };
+    crate::audit::deny(&mut rec, &err, "sign refused");
+    match site.audit.record_sign(rec).await {
+        Ok(_) => err,
+        Err(e) => SignError::Audit(e),
+    }
+}
+
+/// Revokes the caller's own certificate (runner teardown), audited either way.
+pub async fn revoke_self(
+    site: &SiteState,
+    caller: &Caller,
+    reason: &str,
+    peer: &str,
+) -> Result<String, SignError> {
+    let result = {
+        let _guard = site.ops_lock.lock().await;
+        match site.revoke_by_holder(&caller.serial_hex, reason) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(SignError::UnknownCertificate(caller.serial_hex.clone())),
+            Err(e) => Err(SignError::Store(e)),
+        }
+    };
+    let mut rec = caller.audit_record("RevokeSelf", site.clock.unix(), peer);
+    match &result {
+        Ok(()) => {
+            rec.decision = "allow".into();
+            rec.reason = "ok".into();
+            rec.detail = bounded(reason, 200);
+        }
+        Err(e) => crate::audit::deny(&mut rec, e, "revoke-self refused"),
+    }
+    site.audit.record(rec).await.map_err(SignError::Audit)?;
+    result.map(|()| caller.serial_hex.clone())
+}

@@ -1,0 +1,100 @@
+//! Issuance records: written at enrollment, read by every sign-port RPC, changed only when
+//! their holder revokes them.
+//!
+//! Owns: the `Certs` tree and [`CertCache`]. Must not touch: policy (what a record allows is
+//! `sign::checks`), revocation rules (`state::revocations`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::SiteState;
+use crate::model::{CertRecord, bounded};
+use crate::store::{StoreError, Tree};
+
+/// Issuance records the per-RPC checks have read, so a connection's every Sign does not read
+/// and decode the same record from the store. A record changes after issuance only when its
+/// holder revokes it (`RevokeSelf`); that bumps `generation` and drops the entry, and a read
+/// that raced with it is not cached (it compares the generation it started with). Every other
+/// revocation is an in-memory rule checked per RPC as before.
+#[derive(Debug, Default)]
+pub struct CertCache {
+    generation: u64,
+    records: HashMap<String, Arc<CertRecord>>,
+}
+
+impl CertCache {
+    /// Entries kept before the cache starts over.
+    const MAX: usize = 8192;
+
+    /// The cached record and, on a miss, the generation to pass to [`CertCache::insert`].
+    pub fn get(&self, serial: &str) -> Result<Arc<CertRecord>, u64> {
+        self.records.get(serial).cloned().ok_or(self.generation)
+    }
+
+    /// Caches a record read from the store at `generation` (ignored if a change came since).
+    pub fn insert(&mut self, generation: u64, record: Arc<CertRecord>) {
+        if generation != self.generation {
+            return;
+        }
+        if self.records.len() >= Self::MAX {
+            self.records.clear();
+        }
+        self.records.insert(record.serial.clone(), record);
+    }
+
+    /// The record of `serial` changed in the store.
+    pub fn invalidate(&mut self, serial: &str) {
+        self.generation += 1;
+        self.records.remove(serial);
+    }
+}
+
+impl SiteState {
+    fn cert_cache(&self) -> std::sync::MutexGuard<'_, CertCache> {
+        self.cert_cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The issuance record of `serial` (None: this site never issued it), from the cache or
+    /// the store.
+    pub fn issuance_record(&self, serial: &str) -> Result<Option<Arc<CertRecord>>, StoreError> {
+        let generation = match self.cert_cache().get(serial) {
+            Ok(record) => return Ok(Some(record)),
+            Err(generation) => generation,
+        };
+        let Some(record) = self
+            .store
+            .get::<CertRecord>(Tree::Certs, serial.as_bytes())?
+        else {
+            return Ok(None);
+        };
+        let record = Arc::new(record);
+        self.cert_cache().insert(generation, record.clone());
+        Ok(Some(record))
+    }
+
+    /// Records a newly issued certificate (made durable with its audit entry).
+    pub fn record_issued(&self, record: &CertRecord) -> Result<(), StoreError> {
+        self.store
+            .put(Tree::Certs, record.serial.as_bytes(), record)
+    }
+
+    /// Marks a certificate revoked by its holder; false if this site never issued it.
+    pub fn revoke_by_holder(&self, serial: &str, reason: &str) -> Result<bool, StoreError> {
+        let Some(mut rec) = self
+            .store
+            .get::<CertRecord>(Tree::Certs, serial.as_bytes())?
+        else {
+            return Ok(false);
+        };
+        rec.revoked = Some(format!("revoked by its holder: {}", bounded(reason, 200)));
+        self.store.put(Tree::Certs, serial.as_bytes(), &rec)?;
+        self.cert_cache().invalidate(serial);
+        self.store.flush()?;
+        Ok(true)
+    }
+
+    /// Every issuance record.
+    pub fn issued_certificates(&self) -> Result<Vec<CertRecord>, StoreError> {
+        self.store.scan(Tree::Certs, b"")
+    }
+}

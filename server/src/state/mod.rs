@@ -1,0 +1,279 @@
+//! The site's shared state: what every request reads and ops change, over the store.
+//!
+//! Owns: [`SiteState`] — the effective configuration (file + ops overlays), the key ring, the
+//! runner CAs of each environment, the revocation rules, the issuance records and their cache
+//! ([`certs`]), the jti replay store ([`jti`]), the ops overlays ([`overlays`]), and the
+//! revocation rules ([`revocations`]). What ops change is swapped whole behind locks.
+//! Must not touch: tonic, TLS, listeners (transport lives in `api`, which registers a hook to
+//! hear when the trusted runner CAs change), and no use case (`enroll`, `sign`, `ops`).
+
+pub mod certs;
+pub mod jti;
+pub mod overlays;
+pub mod revocations;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use crate::audit::journal::JOURNAL_FILE;
+use crate::audit::{AuditError, AuditKey, AuditLog, AuditSettings};
+use crate::ca::{IssueError, PartitionIssuers};
+use crate::clock::SharedClock;
+use crate::config::SiteConfig;
+use crate::custody::pool::SigningPool;
+use crate::custody::{CustodyError, Kek, KeyRing};
+use crate::model::RevocationRule;
+use crate::store::{Store, StoreError};
+
+/// Failures opening or changing the site's state.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// Key custody (KEK, unwrap).
+    #[error(transparent)]
+    Custody(#[from] CustodyError),
+    /// Runner CA setup.
+    #[error(transparent)]
+    Ca(#[from] IssueError),
+    /// Storage.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Audit log.
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    /// An ops overlay in the store is invalid.
+    #[error("stored ops state {key}: {message}")]
+    Overlay {
+        /// The overlay's store key.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The environment has no runner CA (it is not configured).
+    #[error("no runner CA for environment `{0}`")]
+    NoRunnerCa(String),
+    /// The signing pool's threads could not be started.
+    #[error("cannot start the signing pool: {0}")]
+    Pool(#[source] std::io::Error),
+    /// The transport could not apply a change of the trusted runner CAs.
+    #[error("sign port trust: {0}")]
+    Transport(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Called with the DER of every trusted runner CA whenever that set changes (the sign port
+/// rebuilds its TLS configuration from it). Registered by the transport.
+pub type RootsHook =
+    Arc<dyn Fn(Vec<Vec<u8>>) -> Result<(), Box<dyn std::error::Error + Send + Sync>> + Send + Sync>;
+
+/// Everything the use cases share.
+pub struct SiteState {
+    config: RwLock<Arc<SiteConfig>>,
+    /// Injected clock.
+    pub clock: SharedClock,
+    /// Persistent state.
+    pub store: Store,
+    /// Audit log.
+    pub audit: AuditLog,
+    /// The key-encryption key (ops wrap new keys under it).
+    pub(crate) kek: Kek,
+    keys: RwLock<Arc<KeyRing>>,
+    runner_cas: RwLock<BTreeMap<String, Arc<PartitionIssuers>>>,
+    revocations: RwLock<Arc<Vec<RevocationRule>>>,
+    roots_hook: RwLock<Option<RootsHook>>,
+    /// Serializes ops changes (each is read-modify-write of shared state).
+    pub(crate) ops_lock: tokio::sync::Mutex<()>,
+    /// Threads (one per core) that sign batches.
+    pub(crate) signing_pool: SigningPool,
+    /// Issuance records read by the per-RPC checks (see [`certs::CertCache`]).
+    cert_cache: std::sync::Mutex<certs::CertCache>,
+}
+
+impl std::fmt::Debug for SiteState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SiteState")
+            .field("region", &self.config().region)
+            .finish_non_exhaustive()
+    }
+}
+
+fn read<T: Clone>(l: &RwLock<T>) -> T {
+    l.read().unwrap_or_else(|p| p.into_inner()).clone()
+}
+
+fn write<T>(l: &RwLock<T>, v: T) {
+    *l.write().unwrap_or_else(|p| p.into_inner()) = v;
+}
+
+impl SiteState {
+    /// Opens the store, reads the KEK, loads (or creates) runner CAs and signing keys, and
+    /// applies the ops overlays kept in the store to the file configuration.
+    pub fn open(file_config: SiteConfig, clock: SharedClock) -> Result<Self, StateError> {
+        let settings = AuditSettings {
+            checkpoint_every: file_config.audit.checkpoint_every,
+            checkpoint_interval: Duration::from_secs(file_config.audit.checkpoint_seconds),
+            durable: file_config.audit.flush,
+        };
+        Self::open_with(file_config, clock, settings, None)
+    }
+
+    /// [`SiteState::open`] with explicit audit settings and, optionally, another storage engine
+    /// (fault injection in tests; another engine later).
+    pub fn open_with(
+        file_config: SiteConfig,
+        clock: SharedClock,
+        settings: AuditSettings,
+        kv: Option<Arc<dyn crate::store::Kv>>,
+    ) -> Result<Self, StateError> {
+        let kek = Kek::load(&file_config.kek_file, file_config.dev)?;
+        let journal = file_config.data_dir.join(JOURNAL_FILE);
+        std::fs::create_dir_all(&file_config.data_dir).map_err(|source| StoreError::Io {
+            path: file_config.data_dir.clone(),
+            source,
+        })?;
+        let store = match kv {
+            Some(kv) => Store::new(kv),
+            None => Store::open_sled(
+                &file_config.data_dir,
+                file_config.store_cache_mib.saturating_mul(1 << 20),
+            )?,
+        };
+        let now = clock.unix();
+        let config = overlays::effective_config(file_config, &store)?;
+        let keys = KeyRing::load_or_create(&config, &store, &kek, now)?;
+        let mut runner_cas = BTreeMap::new();
+        for p in &config.partitions {
+            let pi = PartitionIssuers::load_or_create(
+                &store,
+                &kek,
+                &config.trust_domain,
+                &config.region,
+                &p.name,
+                now,
+            )?;
+            runner_cas.insert(p.name.clone(), Arc::new(pi));
+        }
+        let revocations = revocations::load(&store)?;
+        let audit_key = AuditKey::load_or_create(&store, &kek, now)?;
+        let audit = AuditLog::open(
+            store.clone(),
+            clock.clone(),
+            &config.region,
+            audit_key,
+            settings,
+            Some(&journal),
+        )?;
+        Ok(Self {
+            config: RwLock::new(Arc::new(config)),
+            clock,
+            store,
+            audit,
+            kek,
+            keys: RwLock::new(Arc::new(keys)),
+            runner_cas: RwLock::new(runner_cas),
+            revocations: RwLock::new(Arc::new(revocations)),
+            roots_hook: RwLock::new(None),
+            ops_lock: tokio::sync::Mutex::new(()),
+            signing_pool: SigningPool::per_core().map_err(StateError::Pool)?,
+            cert_cache: std::sync::Mutex::default(),
+        })
+    }
+
+    /// The effective configuration now.
+    pub fn config(&self) -> Arc<SiteConfig> {
+        read(&self.config)
+    }
+
+    pub(crate) fn set_config(&self, c: SiteConfig) {
+        write(&self.config, Arc::new(c));
+    }
+
+    /// The key ring now.
+    pub fn keys(&self) -> Arc<KeyRing> {
+        read(&self.keys)
+    }
+
+    pub(crate) fn set_keys(&self, k: KeyRing) {
+        write(&self.keys, Arc::new(k));
+    }
+
+    /// Revocation rules now.
+    pub fn revocations(&self) -> Arc<Vec<RevocationRule>> {
+        read(&self.revocations)
+    }
+
+    pub(crate) fn set_revocations(&self, rules: Vec<RevocationRule>) {
+        write(&self.revocations, Arc::new(rules));
+    }
+
+    /// The runner CAs of an environment.
+    pub fn runner_cas(&self, environment: &str) -> Result<Arc<PartitionIssuers>, StateError> {
+        self.runner_cas
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(environment)
+            .cloned()
+            .ok_or_else(|| StateError::NoRunnerCa(environment.to_string()))
+    }
+
+    /// Re-reads the runner CAs of an environment from the store (after ops changed one) and
+    /// tells the transport the new trusted set.
+    pub(crate) fn reload_runner_cas(&self, environment: &str) -> Result<(), StateError> {
+        let cfg = self.config();
+        let pi = PartitionIssuers::load_or_create(
+            &self.store,
+            &self.kek,
+            &cfg.trust_domain,
+            &cfg.region,
+            environment,
+            self.clock.unix(),
+        )?;
+        self.runner_cas
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(environment.to_string(), Arc::new(pi));
+        self.notify_roots()
+    }
+
+    /// Whether runner CA `id` is trusted for `environment` now.
+    pub fn runner_ca_trusted(&self, environment: &str, id: &str) -> bool {
+        let now = self.clock.unix();
+        self.runner_cas(environment)
+            .is_ok_and(|i| i.is_trusted(id, now))
+    }
+
+    /// Every runner CA the sign port trusts now, across environments (DER).
+    pub fn runner_roots(&self) -> Vec<Vec<u8>> {
+        let now = self.clock.unix();
+        self.runner_cas
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .flat_map(|i| {
+                i.trusted(now)
+                    .into_iter()
+                    .map(|r| r.cert_der.clone())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Registers the transport's hook for changes of the trusted runner CAs.
+    pub fn on_runner_roots_changed(&self, hook: RootsHook) {
+        write(&self.roots_hook, Some(hook));
+    }
+
+    fn notify_roots(&self) -> Result<(), StateError> {
+        match read(&self.roots_hook) {
+            Some(hook) => hook(self.runner_roots()).map_err(StateError::Transport),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether certificates minted under a trust policy may sign now.
+    pub fn policy_admits_sessions(&self, environment: &str, policy: &str) -> bool {
+        self.config()
+            .partition(environment)
+            .and_then(|p| p.trust_policies.iter().find(|t| t.name == policy))
+            .is_some_and(|t| t.enabled || t.keep_sessions)
+    }
+}
