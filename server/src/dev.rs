@@ -58,7 +58,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DevSetupError + '_ {
     }
 }
 
-/// The audience of a dev partition.
+/// The audience of a dev environment.
 pub fn audience(environment: &str) -> String {
     format!("meshsign:{environment}:{REGION}")
 }
@@ -100,17 +100,17 @@ admin_ca = "pki/{}"
     for env in ENVIRONMENTS {
         toml.push_str(&format!(
             r#"
-[[partitions]]
+[[environments]]
 name = "{env}"
 audience = "{aud}"
 build_p95_seconds = 1200
 
-[[partitions.signing_keys]]
+[[environments.signing_keys]]
 alias = "release"
 algorithm = "ecdsa-p256-sha256"
 access = {{ repositories = ["*"], refs = ["*"] }}
 
-[[partitions.trust_policies]]
+[[environments.trust_policies]]
 name = "dev"
 issuer = "{DEV_ISSUER}"
 jwks_file = "pki/{jwks}"

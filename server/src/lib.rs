@@ -14,7 +14,7 @@
 //! 5. [`model`], [`identity`], [`store`], [`clock`] — vocabulary and the refusal contract,
 //!    typed identities (runner caller, operator, OIDC tokens), the storage engine, the clock.
 //!
-//! Words: an **environment** (`staging`, `production`) is one partition of a site; an **OIDC
+//! Words: an **environment** (`staging`, `production`) is one environment of a site; an **OIDC
 //! issuer** signs job tokens; a **runner CA** signs runner certificates. [`dev`] (cargo feature
 //! `dev`, on by default) makes a dev site; a production build leaves it out.
 

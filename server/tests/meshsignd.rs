@@ -24,7 +24,7 @@ fn check_accepts_a_dev_config_and_names_the_field_of_a_bad_one() {
     );
     assert!(
         String::from_utf8_lossy(&out.stdout)
-            .contains("ok (region local, partitions: staging, production)")
+            .contains("ok (region local, environments: staging, production)")
     );
 
     let text = std::fs::read_to_string(&site).unwrap();
@@ -45,7 +45,7 @@ fn check_accepts_a_dev_config_and_names_the_field_of_a_bad_one() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("partitions[1].audience"), "{err}");
+    assert!(err.contains("environments[1].audience"), "{err}");
 
     // Outside dev mode, a KEK readable by others is refused.
     #[cfg(unix)]

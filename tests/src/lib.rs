@@ -30,7 +30,7 @@ pub const TRUST_DOMAIN: &str = "meshsign.test";
 pub const ES_ISSUER: &str = "https://token.ci.test";
 /// Issuer URL of the RS256 test issuer.
 pub const RS_ISSUER: &str = "https://gitlab.ci.test";
-/// build_p95 of both partitions; cap = 1.5 × 1200 + 600 = 2400 s.
+/// build_p95 of both environments; cap = 1.5 × 1200 + 600 = 2400 s.
 pub const BUILD_P95: u64 = 1200;
 /// The TTL cap that follows.
 pub const TTL_CAP: u64 = 2400;
@@ -43,9 +43,9 @@ pub struct TestSite {
     pub handle: SiteHandle,
     /// Its clock.
     pub clock: ManualClock,
-    /// ES256 issuer, trusted by both partitions (policy `ci`).
+    /// ES256 issuer, trusted by both environments (policy `ci`).
     pub es: OidcIssuer,
-    /// RS256 issuer, trusted by both partitions (policy `gitlab`).
+    /// RS256 issuer, trusted by both environments (policy `gitlab`).
     pub rs: OidcIssuer,
     /// A client config pointing at the site.
     pub client: ClientConfig,
@@ -86,23 +86,23 @@ admin_ca = "pki/admin-ca.pem"
     for env in ["staging", "production"] {
         toml.push_str(&format!(
             r#"
-[[partitions]]
+[[environments]]
 name = "{env}"
 audience = "meshsign:{env}:{REGION}"
 build_p95_seconds = {BUILD_P95}
 
-[[partitions.signing_keys]]
+[[environments.signing_keys]]
 alias = "release"
 algorithm = "ecdsa-p256-sha256"
 access = {{ repositories = ["acme/*"], refs = ["refs/heads/main", "refs/tags/*"] }}
 
-[[partitions.trust_policies]]
+[[environments.trust_policies]]
 name = "ci"
 issuer = "{ES_ISSUER}"
 jwks_file = "pki/es.jwks.json"
 bound_claims = {{ runner_environment = "self-hosted", environment = "{env}" }}
 
-[[partitions.trust_policies]]
+[[environments.trust_policies]]
 name = "gitlab"
 issuer = "{RS_ISSUER}"
 jwks_file = "pki/rs.jwks.json"
@@ -111,7 +111,7 @@ jwks_file = "pki/rs.jwks.json"
         if env == "production" {
             toml.push_str(
                 r#"
-[[partitions.signing_keys]]
+[[environments.signing_keys]]
 alias = "prod-only"
 algorithm = "ecdsa-p256-sha256"
 access = { repositories = ["*"], refs = ["*"] }

@@ -8,13 +8,13 @@ use meshsign_tests::{TestSite, openssl, write_pem};
 use tonic::Code;
 
 const RSA_KEYS: &str = r#"
-[[partitions.signing_keys]]
+[[environments.signing_keys]]
 alias = "apple"
 algorithm = "rsa-2048-pkcs1-sha256"
 access = { repositories = ["*"], refs = ["*"] }
 purposes = ["digest", "apple-cms"]
 
-[[partitions.signing_keys]]
+[[environments.signing_keys]]
 alias = "pss"
 algorithm = "rsa-2048-pss-sha256"
 access = { repositories = ["*"], refs = ["*"] }

@@ -22,16 +22,16 @@ admin_ca = "a.pem"
 fn partition(name: &str, audience: &str, issuer: &str, extra: &str) -> String {
     format!(
         r#"
-[[partitions]]
+[[environments]]
 name = "{name}"
 audience = "{audience}"
 build_p95_seconds = 1200
 {extra}
-[[partitions.signing_keys]]
+[[environments.signing_keys]]
 alias = "release"
 algorithm = "ecdsa-p256-sha256"
 access = {{ repositories = ["acme/*"], refs = ["refs/heads/main"] }}
-[[partitions.trust_policies]]
+[[environments.trust_policies]]
 name = "ci"
 issuer = "{issuer}"
 jwks_file = "jwks.json"
@@ -73,7 +73,7 @@ fn a_good_config_loads_with_paths_resolved() {
         )
     ))
     .unwrap();
-    let p = cfg.partition("production").unwrap();
+    let p = cfg.environment("production").unwrap();
     assert_eq!(p.max_ttl_seconds, 2400);
     assert_eq!(p.trust_policies[0].jwks.keys.len(), 1);
     assert!(cfg.data_dir.is_absolute());
@@ -99,7 +99,7 @@ fn refusals_name_the_field_path() {
                 "{BASE}{}",
                 partition("production", "a", "https://ci.test", "ttl_hours = 3")
             ),
-            "partitions[0].ttl_hours",
+            "environments[0].ttl_hours",
         ),
         (
             "reused audience",
@@ -108,7 +108,7 @@ fn refusals_name_the_field_path() {
                 ok("staging", "same"),
                 ok("production", "same")
             ),
-            "partitions[1].audience",
+            "environments[1].audience",
         ),
         (
             "wildcard issuer",
@@ -116,7 +116,7 @@ fn refusals_name_the_field_path() {
                 "{BASE}{}",
                 partition("production", "a", "https://*.ci.test", "")
             ),
-            "partitions[0].trust_policies[0].issuer",
+            "environments[0].trust_policies[0].issuer",
         ),
         (
             "http issuer outside dev",
@@ -124,7 +124,7 @@ fn refusals_name_the_field_path() {
                 "{BASE}{}",
                 partition("production", "a", "http://ci.test", "")
             ),
-            "partitions[0].trust_policies[0].issuer",
+            "environments[0].trust_policies[0].issuer",
         ),
         (
             "hard ceiling above the cap",
@@ -137,7 +137,7 @@ fn refusals_name_the_field_path() {
                     "max_ttl_seconds = 9000"
                 )
             ),
-            "partitions[0].max_ttl_seconds",
+            "environments[0].max_ttl_seconds",
         ),
         (
             "unsupported algorithm",
@@ -145,7 +145,7 @@ fn refusals_name_the_field_path() {
                 "{BASE}{}",
                 ok("production", "a").replace("ecdsa-p256-sha256", "dsa-1024")
             ),
-            "partitions[0].signing_keys[0].algorithm",
+            "environments[0].signing_keys[0].algorithm",
         ),
         (
             "missing JWKS file",
@@ -153,7 +153,7 @@ fn refusals_name_the_field_path() {
                 "{BASE}{}",
                 ok("production", "a").replace("jwks.json", "nope.json")
             ),
-            "partitions[0].trust_policies[0].jwks_file",
+            "environments[0].trust_policies[0].jwks_file",
         ),
         (
             "empty access rule",
@@ -161,14 +161,14 @@ fn refusals_name_the_field_path() {
                 "{BASE}{}",
                 ok("production", "a").replace(r#"repositories = ["acme/*"]"#, "repositories = []")
             ),
-            "partitions[0].signing_keys[0].access.repositories",
+            "environments[0].signing_keys[0].access.repositories",
         ),
         (
             "duplicate partition",
             format!("{BASE}{}{}", ok("production", "a"), ok("production", "b")),
-            "partitions[1].name",
+            "environments[1].name",
         ),
-        ("no partitions", BASE.to_string(), "partitions"),
+        ("no environments", BASE.to_string(), "environments"),
         (
             "empty store cache",
             format!("{BASE}[store]\ncache_mib = 0\n{}", ok("production", "a")),
@@ -186,7 +186,7 @@ fn refusals_name_the_field_path() {
                 ok("production", "a")
                     .replace("build_p95_seconds = 1200", "build_p95_seconds = \"long\"")
             ),
-            "partitions[0].build_p95_seconds",
+            "environments[0].build_p95_seconds",
         ),
     ];
     for (name, toml, field) in cases {
@@ -220,7 +220,10 @@ fn the_deploy_example_is_a_valid_config() {
         .replace("/etc/meshsign/jwks/github.json", "jwks.json")
         .replace("/etc/meshsign/jwks/gitlab.json", "jwks.json");
     let cfg = load(&text).unwrap();
-    assert_eq!(cfg.partitions.len(), 2);
-    assert_eq!(cfg.partition("production").unwrap().max_ttl_seconds, 3000);
-    assert_eq!(cfg.partition("production").unwrap().trust_policies.len(), 2);
+    assert_eq!(cfg.environments.len(), 2);
+    assert_eq!(cfg.environment("production").unwrap().max_ttl_seconds, 3000);
+    assert_eq!(
+        cfg.environment("production").unwrap().trust_policies.len(),
+        2
+    );
 }

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use meshsign_server::ca::IssuerRecord;
+use meshsign_server::ca::RunnerCaRecord;
 use meshsign_server::custody::{Kek, KeyRecord, key_aad};
 use meshsign_server::store::Tree;
 use meshsign_tests::TestSite;
@@ -70,7 +70,7 @@ async fn no_private_key_bytes_anywhere_in_the_data_dir() {
         );
         secrets.push((k.key_id(), pkcs8.to_vec()));
     }
-    let issuers: Vec<IssuerRecord> = state.store.scan(Tree::Issuers, b"").unwrap();
+    let issuers: Vec<RunnerCaRecord> = state.store.scan(Tree::RunnerCas, b"").unwrap();
     assert_eq!(issuers.len(), 2);
     for i in &issuers {
         let aad = format!("meshsign/issuer/v1\0{}\0{}", i.partition, i.id);

@@ -281,7 +281,7 @@ impl v1::admin_server::Admin for AdminApi {
             Access::Read,
             async || {
                 let cfg = s.config();
-                cfg.partition(&env)
+                cfg.environment(&env)
                     .ok_or_else(|| OpsError::NotFound(format!("environment `{env}`")))?;
                 Ok((cfg, String::new()))
             },
@@ -289,7 +289,7 @@ impl v1::admin_server::Admin for AdminApi {
         .await
         .map_err(|e| status(&e))?;
         let policies = cfg
-            .partition(&env)
+            .environment(&env)
             .map(|p| {
                 p.trust_policies
                     .iter()

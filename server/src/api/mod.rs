@@ -57,7 +57,7 @@ fn verification_key(k: &crate::custody::LoadedKey, active: bool) -> v1::Verifica
 }
 
 /// Public form of a runner CA record.
-fn runner_ca_info(r: &crate::ca::IssuerRecord) -> v1::IssuerInfo {
+fn runner_ca_info(r: &crate::ca::RunnerCaRecord) -> v1::IssuerInfo {
     v1::IssuerInfo {
         id: r.id.clone(),
         environment: r.partition.clone(),

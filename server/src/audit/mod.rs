@@ -497,7 +497,7 @@ impl Writer {
             environment = %rec.environment, job_id = %rec.job_id, jti = %rec.jti,
             token_issuer = %rec.token_issuer, subject = %rec.subject,
             runner_fingerprint = %rec.runner_fingerprint, cert_serial = %rec.cert_serial,
-            ttl_remaining_sec = ?rec.ttl_remaining_sec, key_id = %rec.key_id, digest = %rec.digest,
+            ttl_remaining_sec = rec.ttl_remaining_sec, key_id = %rec.key_id, digest = %rec.digest,
             items = rec.items, repository = %rec.repository, git_ref = %rec.git_ref, peer = %rec.peer,
             operator = %rec.operator, detail = %rec.detail, hash = %rec.hash,
         );

@@ -120,10 +120,10 @@ async fn run(command: Command) -> Result<(), String> {
                 SiteConfig::load(&config).map_err(|e| format!("{}: {e}", config.display()))?;
             Kek::load(&cfg.kek_file, cfg.dev).map_err(|e| e.to_string())?;
             println!(
-                "{}: ok (region {}, partitions: {})",
+                "{}: ok (region {}, environments: {})",
                 config.display(),
                 cfg.region,
-                cfg.partitions
+                cfg.environments
                     .iter()
                     .map(|p| p.name.as_str())
                     .collect::<Vec<_>>()

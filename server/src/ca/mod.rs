@@ -31,7 +31,7 @@ use crate::store::{Store, StoreError, Tree, hex_bytes};
 
 /// Issuance failures (all internal: inputs were checked before).
 #[derive(Debug, thiserror::Error)]
-pub enum IssueError {
+pub enum CaError {
     /// rcgen refused the parameters.
     #[error("certificate build: {0}")]
     Build(#[from] rcgen::Error),
@@ -49,10 +49,10 @@ pub enum IssueError {
 /// Lifecycle state of a runner CA.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum IssuerState {
+pub enum RunnerCaState {
     /// Trusted by the sign port, not yet issuing.
     Staged,
-    /// Issues new certificates; exactly one per partition.
+    /// Issues new certificates; exactly one per environment.
     Active,
     /// Trusted until its last certificate expires; no longer issues.
     Retiring,
@@ -62,28 +62,28 @@ pub enum IssuerState {
     Revoked,
 }
 
-impl IssuerState {
+impl RunnerCaState {
     /// The lowercase name (`staged`, `active`, `retiring`, `retired`, `revoked`).
     pub fn as_str(self) -> &'static str {
         match self {
-            IssuerState::Staged => "staged",
-            IssuerState::Active => "active",
-            IssuerState::Retiring => "retiring",
-            IssuerState::Retired => "retired",
-            IssuerState::Revoked => "revoked",
+            RunnerCaState::Staged => "staged",
+            RunnerCaState::Active => "active",
+            RunnerCaState::Retiring => "retiring",
+            RunnerCaState::Retired => "retired",
+            RunnerCaState::Revoked => "revoked",
         }
     }
 }
 
 /// A stored runner CA.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct IssuerRecord {
+pub struct RunnerCaRecord {
     /// Short random id (hex).
     pub id: String,
-    /// Partition.
+    /// Environment (stored under its earlier name, `partition`).
     pub partition: String,
     /// State.
-    pub state: IssuerState,
+    pub state: RunnerCaState,
     /// CA certificate, DER.
     #[serde(with = "hex_bytes")]
     pub cert_der: Vec<u8>,
@@ -96,13 +96,13 @@ pub struct IssuerRecord {
     pub wrapped: Wrapped,
 }
 
-impl IssuerRecord {
+impl RunnerCaRecord {
     /// Whether the sign port trusts certificates from this CA at `now`.
     pub fn trusted_at(&self, now: i64) -> bool {
         match self.state {
-            IssuerState::Staged | IssuerState::Active => true,
-            IssuerState::Retiring => self.retire_after.is_none_or(|t| now < t),
-            IssuerState::Retired | IssuerState::Revoked => false,
+            RunnerCaState::Staged | RunnerCaState::Active => true,
+            RunnerCaState::Retiring => self.retire_after.is_none_or(|t| now < t),
+            RunnerCaState::Retired | RunnerCaState::Revoked => false,
         }
     }
 
@@ -112,14 +112,14 @@ impl IssuerRecord {
     }
 }
 
-fn issuer_aad(partition: &str, id: &str) -> String {
-    format!("meshsign/issuer/v1\0{partition}\0{id}")
+fn issuer_aad(environment: &str, id: &str) -> String {
+    format!("meshsign/issuer/v1\0{environment}\0{id}")
 }
 
 /// A runner CA ready to issue.
 pub struct RunnerCa {
     /// Stored record.
-    pub record: IssuerRecord,
+    pub record: RunnerCaRecord,
     key: Zeroizing<KeyPair>,
 }
 
@@ -127,7 +127,7 @@ impl std::fmt::Debug for RunnerCa {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RunnerCa")
             .field("id", &self.record.id)
-            .field("partition", &self.record.partition)
+            .field("environment", &self.record.partition)
             .field("key", &"[redacted]")
             .finish()
     }
@@ -223,16 +223,16 @@ impl PublicKeyData for CsrKey {
 }
 
 impl RunnerCa {
-    /// Creates a new runner CA for `partition` in `state`, stores it wrapped under the KEK.
+    /// Creates a new runner CA for `environment` in `state`, stores it wrapped under the KEK.
     pub fn create(
         store: &Store,
         kek: &Kek,
         trust_domain: &str,
         region: &str,
-        partition: &str,
-        state: IssuerState,
+        environment: &str,
+        state: RunnerCaState,
         now_unix: i64,
-    ) -> Result<Self, IssueError> {
+    ) -> Result<Self, CaError> {
         let id = meshsign_proto::files::random_id().map_err(|_| CustodyError::Crypto("rng"))?[..16]
             .to_string();
         let key = Zeroizing::new(KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?);
@@ -241,7 +241,7 @@ impl RunnerCa {
         dn.push(DnType::OrganizationName, format!("meshsign {trust_domain}"));
         dn.push(
             DnType::CommonName,
-            format!("meshsign runner CA {partition} {region} {id}"),
+            format!("meshsign runner CA {environment} {region} {id}"),
         );
         p.distinguished_name = dn;
         p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -255,23 +255,23 @@ impl RunnerCa {
         p.serial_number = Some(SerialNumber::from_slice(&random_serial()?));
         let cert = p.self_signed(&*key)?;
         let pkcs8 = Zeroizing::new(key.serialize_der());
-        let (nonce, ciphertext) = kek.wrap(&issuer_aad(partition, &id), &pkcs8)?;
-        let record = IssuerRecord {
+        let (nonce, ciphertext) = kek.wrap(&issuer_aad(environment, &id), &pkcs8)?;
+        let record = RunnerCaRecord {
             id,
-            partition: partition.to_string(),
+            partition: environment.to_string(),
             state,
             cert_der: cert.der().to_vec(),
             created_at: now_unix,
             retire_after: None,
             wrapped: Wrapped { nonce, ciphertext },
         };
-        store.put(Tree::Issuers, &record.store_key(), &record)?;
+        store.put(Tree::RunnerCas, &record.store_key(), &record)?;
         store.flush()?;
         Ok(Self { record, key })
     }
 
     /// Decrypts a stored runner CA.
-    pub fn load(record: IssuerRecord, kek: &Kek) -> Result<Self, IssueError> {
+    pub fn load(record: RunnerCaRecord, kek: &Kek) -> Result<Self, CaError> {
         let pkcs8 = kek.unwrap(
             &issuer_aad(&record.partition, &record.id),
             &record.wrapped.nonce,
@@ -281,13 +281,13 @@ impl RunnerCa {
         Ok(Self { record, key })
     }
 
-    /// Every stored runner CA of a partition.
-    pub fn records(store: &Store, partition: &str) -> Result<Vec<IssuerRecord>, StoreError> {
-        store.scan(Tree::Issuers, format!("{partition}/").as_bytes())
+    /// Every stored runner CA of a environment.
+    pub fn records(store: &Store, environment: &str) -> Result<Vec<RunnerCaRecord>, StoreError> {
+        store.scan(Tree::RunnerCas, format!("{environment}/").as_bytes())
     }
 
     /// Issues a runner certificate from policy, then re-parses and checks it.
-    pub fn issue(&self, req: &CertRequest) -> Result<IssuedCert, IssueError> {
+    pub fn issue(&self, req: &CertRequest) -> Result<IssuedCert, CaError> {
         let serial = random_serial()?;
         let not_before = req.now_unix - 60;
         let not_after = req.now_unix + req.ttl_seconds as i64;
@@ -326,9 +326,8 @@ impl RunnerCa {
         let issuer =
             rcgen::Issuer::from_ca_cert_der(&self.record.cert_der.as_slice().into(), &signer)?;
         let cert = p.signed_by(&CsrKey(spki_key_bytes(&req.public_key_spki)?), &issuer)?;
-        let der = replace_once(cert.der(), &placeholder_der, &real_der).ok_or_else(|| {
-            IssueError::SelfCheck("placeholder OID not found exactly once".into())
-        })?;
+        let der = replace_once(cert.der(), &placeholder_der, &real_der)
+            .ok_or_else(|| CaError::SelfCheck("placeholder OID not found exactly once".into()))?;
         self.check_issued(&der, req, &serial, not_before, not_after)?;
         Ok(IssuedCert {
             der,
@@ -346,15 +345,15 @@ impl RunnerCa {
         serial: &[u8],
         not_before: i64,
         not_after: i64,
-    ) -> Result<(), IssueError> {
-        let bad = |m: &str| IssueError::SelfCheck(m.to_string());
+    ) -> Result<(), CaError> {
+        let bad = |m: &str| CaError::SelfCheck(m.to_string());
         let (rest, cert) =
-            X509Certificate::from_der(der).map_err(|e| IssueError::SelfCheck(e.to_string()))?;
+            X509Certificate::from_der(der).map_err(|e| CaError::SelfCheck(e.to_string()))?;
         if !rest.is_empty() {
             return Err(bad("trailing bytes"));
         }
         let (_, ca) = X509Certificate::from_der(&self.record.cert_der)
-            .map_err(|e| IssueError::SelfCheck(e.to_string()))?;
+            .map_err(|e| CaError::SelfCheck(e.to_string()))?;
         let ca_key = UnparsedPublicKey::new(
             &ECDSA_P256_SHA256_ASN1,
             ca.public_key().subject_public_key.data.as_ref(),
@@ -403,9 +402,9 @@ impl RunnerCa {
 }
 
 /// The BIT STRING content of an SPKI (the EC point), which rcgen wants for the subject key.
-fn spki_key_bytes(spki: &[u8]) -> Result<Vec<u8>, IssueError> {
+fn spki_key_bytes(spki: &[u8]) -> Result<Vec<u8>, CaError> {
     let (_, parsed) =
-        SubjectPublicKeyInfo::from_der(spki).map_err(|e| IssueError::SelfCheck(e.to_string()))?;
+        SubjectPublicKeyInfo::from_der(spki).map_err(|e| CaError::SelfCheck(e.to_string()))?;
     Ok(parsed.subject_public_key.data.to_vec())
 }
 
@@ -424,28 +423,28 @@ fn unix_to_time(t: i64) -> ::time::OffsetDateTime {
     ::time::OffsetDateTime::from_unix_timestamp(t).unwrap_or(::time::OffsetDateTime::UNIX_EPOCH)
 }
 
-/// The runner CAs of one partition: the one that issues, and every record (for trust checks).
+/// The runner CAs of one environment: the one that issues, and every record (for trust checks).
 #[derive(Debug)]
-pub struct PartitionIssuers {
+pub struct RunnerCas {
     /// The active issuer.
     pub active: Arc<RunnerCa>,
-    /// Every stored runner CA of the partition, oldest first.
-    pub records: Vec<IssuerRecord>,
+    /// Every stored runner CA of the environment, oldest first.
+    pub records: Vec<RunnerCaRecord>,
 }
 
-impl PartitionIssuers {
-    /// Loads the partition's issuers, creating an active one if there is none.
+impl RunnerCas {
+    /// Loads the environment's issuers, creating an active one if there is none.
     pub fn load_or_create(
         store: &Store,
         kek: &Kek,
         trust_domain: &str,
         region: &str,
-        partition: &str,
+        environment: &str,
         now_unix: i64,
-    ) -> Result<Self, IssueError> {
-        let mut records = RunnerCa::records(store, partition)?;
+    ) -> Result<Self, CaError> {
+        let mut records = RunnerCa::records(store, environment)?;
         records.sort_by_key(|r| r.created_at);
-        let active = match records.iter().find(|r| r.state == IssuerState::Active) {
+        let active = match records.iter().find(|r| r.state == RunnerCaState::Active) {
             Some(r) => RunnerCa::load(r.clone(), kek)?,
             None => {
                 let ca = RunnerCa::create(
@@ -453,11 +452,11 @@ impl PartitionIssuers {
                     kek,
                     trust_domain,
                     region,
-                    partition,
-                    IssuerState::Active,
+                    environment,
+                    RunnerCaState::Active,
                     now_unix,
                 )?;
-                tracing::info!(partition, issuer = %ca.record.id, "created runner CA");
+                tracing::info!(environment, issuer = %ca.record.id, "created runner CA");
                 records.push(ca.record.clone());
                 ca
             }
@@ -469,8 +468,9 @@ impl PartitionIssuers {
     }
 
     /// The CAs trusted at `now`, the active one first.
-    pub fn trusted(&self, now: i64) -> Vec<&IssuerRecord> {
-        let mut v: Vec<&IssuerRecord> = self.records.iter().filter(|r| r.trusted_at(now)).collect();
+    pub fn trusted(&self, now: i64) -> Vec<&RunnerCaRecord> {
+        let mut v: Vec<&RunnerCaRecord> =
+            self.records.iter().filter(|r| r.trusted_at(now)).collect();
         v.sort_by_key(|r| r.id != self.active.record.id);
         v
     }

@@ -4,7 +4,7 @@
 //! policies, key specs, listeners, TLS paths). Must not touch: the store, the network, running
 //! state. Ops changes are laid over a `SiteConfig` by `state::overlays`, never written here.
 //!
-//! Every refusal names the field path (`partitions[1].audience`, ...). Unknown keys are refused.
+//! Every refusal names the field path (`environments[1].audience`, ...). Unknown keys are refused.
 //! Relative paths are taken from the config file's folder. See `deploy/site.example.toml`.
 
 use std::collections::{BTreeMap, HashSet};
@@ -30,7 +30,7 @@ pub enum ConfigError {
     /// The TOML does not match the schema (unknown key, wrong type, missing field).
     #[error("{field}: {message}")]
     Schema {
-        /// Field path, e.g. `partitions[0].signing_keys[1].algorithm`.
+        /// Field path, e.g. `environments[0].signing_keys[1].algorithm`.
         field: String,
         /// What is wrong.
         message: String,
@@ -69,7 +69,9 @@ struct RawSite {
     audit: RawAudit,
     #[serde(default)]
     store: RawStore,
-    partitions: Vec<RawPartition>,
+    /// `[[environments]]`; `[[partitions]]` is the earlier spelling, still read.
+    #[serde(alias = "partitions")]
+    environments: Vec<RawEnvironment>,
 }
 
 #[derive(Deserialize)]
@@ -145,7 +147,7 @@ struct RawTls {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawPartition {
+struct RawEnvironment {
     name: String,
     audience: String,
     build_p95_seconds: u64,
@@ -219,8 +221,8 @@ pub struct SiteConfig {
     /// sled's page cache, MiB (sled's own default is 1 GiB, which a site's memory would grow
     /// towards as the audit log grows).
     pub store_cache_mib: u64,
-    /// Partitions (environments), in file order.
-    pub partitions: Vec<Partition>,
+    /// Environments (the site's partitions), in file order.
+    pub environments: Vec<Environment>,
 }
 
 /// When the audit log signs a checkpoint.
@@ -262,14 +264,14 @@ pub struct TlsFiles {
 
 /// One environment of the site.
 #[derive(Clone, Debug)]
-pub struct Partition {
+pub struct Environment {
     /// e.g. `production`.
     pub name: String,
-    /// OIDC audience this partition accepts; unique in the site.
+    /// OIDC audience this environment accepts; unique in the site.
     pub audience: String,
     /// 95th percentile build duration, which bounds certificate lifetimes.
     pub build_p95_seconds: u64,
-    /// Longest certificate lifetime granted (at most [`Partition::ttl_cap`]).
+    /// Longest certificate lifetime granted (at most [`Environment::ttl_cap`]).
     pub max_ttl_seconds: u64,
     /// Oldest token (by `iat`) accepted.
     pub max_token_age_seconds: u64,
@@ -279,7 +281,7 @@ pub struct Partition {
     pub trust_policies: Vec<TrustPolicy>,
 }
 
-impl Partition {
+impl Environment {
     /// 1.5 × build_p95 + 10 minutes (DESIGN.md "Runner certificate profile").
     pub fn ttl_cap(build_p95_seconds: u64) -> u64 {
         build_p95_seconds.saturating_mul(3) / 2 + 600
@@ -294,7 +296,7 @@ impl Partition {
 /// A configured signing key.
 #[derive(Clone, Debug)]
 pub struct KeySpec {
-    /// Alias inside the partition.
+    /// Alias inside the environment.
     pub alias: String,
     /// Algorithm.
     pub algorithm: KeyAlgorithm,
@@ -306,7 +308,7 @@ pub struct KeySpec {
     pub purposes: Vec<Purpose>,
 }
 
-/// One trusted OIDC issuer of a partition.
+/// One trusted OIDC issuer of a environment.
 #[derive(Clone, Debug)]
 pub struct TrustPolicy {
     /// Name, recorded in certificates and audit.
@@ -397,21 +399,24 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
              refused unless dev = true",
         ));
     }
-    if raw.partitions.is_empty() {
-        return Err(invalid("partitions", "at least one partition is required"));
+    if raw.environments.is_empty() {
+        return Err(invalid(
+            "environments",
+            "at least one environment is required",
+        ));
     }
     let mut names = HashSet::new();
     let mut audiences: BTreeMap<String, usize> = BTreeMap::new();
-    let mut partitions = Vec::new();
-    for (i, p) in raw.partitions.into_iter().enumerate() {
-        let at = |f: &str| format!("partitions[{i}].{f}");
+    let mut environments = Vec::new();
+    for (i, p) in raw.environments.into_iter().enumerate() {
+        let at = |f: &str| format!("environments[{i}].{f}");
         if !is_name(&p.name) {
             return Err(invalid(at("name"), format!("must be {NAME_RULE}")));
         }
         if !names.insert(p.name.clone()) {
             return Err(invalid(
                 at("name"),
-                format!("partition `{}` is defined twice", p.name),
+                format!("environment `{}` is defined twice", p.name),
             ));
         }
         if p.audience.is_empty() {
@@ -421,7 +426,7 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
             return Err(invalid(
                 at("audience"),
                 format!(
-                    "`{}` is already the audience of partitions[{prev}]",
+                    "`{}` is already the audience of environments[{prev}]",
                     p.audience
                 ),
             ));
@@ -429,7 +434,7 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
         if p.build_p95_seconds == 0 {
             return Err(invalid(at("build_p95_seconds"), "must be positive"));
         }
-        let cap = Partition::ttl_cap(p.build_p95_seconds);
+        let cap = Environment::ttl_cap(p.build_p95_seconds);
         let max_ttl = p.max_ttl_seconds.unwrap_or(cap);
         if max_ttl > cap {
             return Err(invalid(
@@ -490,7 +495,7 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
             if policies.iter().any(|x| x.issuer == pol.issuer) {
                 return Err(invalid(
                     tat("issuer"),
-                    "another policy of this partition has this issuer",
+                    "another policy of this environment has this issuer",
                 ));
             }
             if pol.issuer.contains('*') {
@@ -526,7 +531,7 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
                 bound_claims: pol.bound_claims,
             });
         }
-        partitions.push(Partition {
+        environments.push(Environment {
             name: p.name,
             audience: p.audience,
             build_p95_seconds: p.build_p95_seconds,
@@ -552,7 +557,7 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
             server_key: abs(raw.tls.server_key),
             admin_ca: abs(raw.tls.admin_ca),
         },
-        partitions,
+        environments,
         store_cache_mib: raw.store.cache_mib,
         audit: AuditConfig {
             checkpoint_every: raw.audit.checkpoint_every,
@@ -564,8 +569,8 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
 }
 
 impl SiteConfig {
-    /// The partition with this name.
-    pub fn partition(&self, name: &str) -> Option<&Partition> {
-        self.partitions.iter().find(|p| p.name == name)
+    /// The environment with this name.
+    pub fn environment(&self, name: &str) -> Option<&Environment> {
+        self.environments.iter().find(|p| p.name == name)
     }
 }

@@ -5,7 +5,7 @@
 //!
 //! Private keys live in the store only as AEAD ciphertext (AES-256-GCM) under a key-encryption
 //! key ([`Kek`]) read from a file that is not in the database (e.g. a systemd credential). The
-//! associated data binds each ciphertext to its partition, alias and version, so a record moved to
+//! associated data binds each ciphertext to its environment, alias and version, so a record moved to
 //! another slot does not decrypt. Keys are decrypted once at start into aws-lc-rs key objects.
 //!
 //! Signing goes through the [`SigningBackend`] trait; ECDSA P-256 via aws-lc-rs is the first
@@ -52,7 +52,7 @@ pub enum CustodyError {
     /// A wrapped key did not decrypt: wrong KEK, or the record was altered or moved.
     #[error("key {slot} does not decrypt under this KEK (wrong KEK or altered record)")]
     Unwrap {
-        /// partition/alias/version
+        /// environment/alias/version
         slot: String,
     },
     /// The crypto library refused an operation.
@@ -191,8 +191,8 @@ impl std::fmt::Debug for Wrapped {
 }
 
 /// Associated data of a signing key slot.
-pub fn key_aad(partition: &str, alias: &str, version: u32) -> String {
-    format!("meshsign/key/v1\0{partition}\0{alias}\0{version}")
+pub fn key_aad(environment: &str, alias: &str, version: u32) -> String {
+    format!("meshsign/key/v1\0{environment}\0{alias}\0{version}")
 }
 
 // === signing ===
@@ -379,7 +379,7 @@ pub fn backend_from_pkcs8(
 /// A stored signing key version.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct KeyRecord {
-    /// Partition.
+    /// Environment (stored under its earlier name, `partition`).
     pub partition: String,
     /// Alias.
     pub alias: String,
@@ -410,8 +410,8 @@ impl KeyRecord {
         Self::store_key(&record.partition, &record.alias, record.version)
     }
 
-    fn store_key(partition: &str, alias: &str, version: u32) -> Vec<u8> {
-        format!("{partition}/{alias}/{version:010}").into_bytes()
+    fn store_key(environment: &str, alias: &str, version: u32) -> Vec<u8> {
+        format!("{environment}/{alias}/{version:010}").into_bytes()
     }
 }
 
@@ -435,7 +435,7 @@ impl std::fmt::Debug for LoadedKey {
 /// Every signing key of the site, decrypted once (at start, or when ops add a version).
 #[derive(Debug, Default, Clone)]
 pub struct KeyRing {
-    /// (partition, alias) → versions, oldest first.
+    /// (environment, alias) → versions, oldest first.
     keys: BTreeMap<(String, String), Vec<LoadedKey>>,
 }
 
@@ -448,7 +448,7 @@ impl KeyRing {
         now_unix: i64,
     ) -> Result<Self, CustodyError> {
         let mut ring = Self::default();
-        for p in &config.partitions {
+        for p in &config.environments {
             for spec in &p.signing_keys {
                 let prefix = format!("{}/{}/", p.name, spec.alias);
                 let mut records: Vec<KeyRecord> = store.scan(Tree::Keys, prefix.as_bytes())?;
@@ -462,7 +462,7 @@ impl KeyRing {
                         1,
                         now_unix,
                     )?);
-                    tracing::info!(partition = %p.name, key_id = %format!("{}@v1", spec.alias), "created signing key");
+                    tracing::info!(environment = %p.name, key_id = %format!("{}@v1", spec.alias), "created signing key");
                 }
                 let loaded = load_versions(kek, records)?;
                 ring.keys
@@ -477,34 +477,34 @@ impl KeyRing {
         &mut self,
         store: &Store,
         kek: &Kek,
-        partition: &str,
+        environment: &str,
         alias: &str,
     ) -> Result<(), CustodyError> {
         let records: Vec<KeyRecord> =
-            store.scan(Tree::Keys, format!("{partition}/{alias}/").as_bytes())?;
+            store.scan(Tree::Keys, format!("{environment}/{alias}/").as_bytes())?;
         self.keys.insert(
-            (partition.to_string(), alias.to_string()),
+            (environment.to_string(), alias.to_string()),
             load_versions(kek, records)?,
         );
         Ok(())
     }
 
-    /// Every (partition, alias) and its versions.
+    /// Every (environment, alias) and its versions.
     pub fn all(&self) -> impl Iterator<Item = (&(String, String), &Vec<LoadedKey>)> {
         self.keys.iter()
     }
 
     /// The version that signs now (the newest).
-    pub fn active(&self, partition: &str, alias: &str) -> Option<&LoadedKey> {
+    pub fn active(&self, environment: &str, alias: &str) -> Option<&LoadedKey> {
         self.keys
-            .get(&(partition.to_string(), alias.to_string()))?
+            .get(&(environment.to_string(), alias.to_string()))?
             .last()
     }
 
     /// Every version, oldest first.
-    pub fn versions(&self, partition: &str, alias: &str) -> Option<&[LoadedKey]> {
+    pub fn versions(&self, environment: &str, alias: &str) -> Option<&[LoadedKey]> {
         self.keys
-            .get(&(partition.to_string(), alias.to_string()))
+            .get(&(environment.to_string(), alias.to_string()))
             .map(Vec::as_slice)
     }
 }
@@ -529,21 +529,21 @@ fn load_versions(kek: &Kek, records: Vec<KeyRecord>) -> Result<Vec<LoadedKey>, C
     Ok(loaded)
 }
 
-/// Wraps a private key (PKCS#8) under the KEK and stores it as `partition/alias@vN`.
+/// Wraps a private key (PKCS#8) under the KEK and stores it as `environment/alias@vN`.
 #[allow(clippy::too_many_arguments)]
 pub fn store_key(
     store: &Store,
     kek: &Kek,
-    partition: &str,
+    environment: &str,
     alias: &str,
     version: u32,
     backend: &dyn SigningBackend,
     pkcs8: &[u8],
     now_unix: i64,
 ) -> Result<KeyRecord, CustodyError> {
-    let (nonce, ciphertext) = kek.wrap(&key_aad(partition, alias, version), pkcs8)?;
+    let (nonce, ciphertext) = kek.wrap(&key_aad(environment, alias, version), pkcs8)?;
     let record = KeyRecord {
-        partition: partition.to_string(),
+        partition: environment.to_string(),
         alias: alias.to_string(),
         version,
         algorithm: backend.algorithm(),
@@ -554,28 +554,34 @@ pub fn store_key(
     };
     store.put(
         Tree::Keys,
-        &KeyRecord::store_key(partition, alias, version),
+        &KeyRecord::store_key(environment, alias, version),
         &record,
     )?;
     store.flush()?;
     Ok(record)
 }
 
-/// Loads every version of `partition/alias` (oldest first), creating v1 with `algorithm` if
+/// Loads every version of `environment/alias` (oldest first), creating v1 with `algorithm` if
 /// there is none. Used for site-held keys outside the configuration (the audit key).
 pub fn load_or_create_alias(
     store: &Store,
     kek: &Kek,
-    partition: &str,
+    environment: &str,
     alias: &str,
     algorithm: KeyAlgorithm,
     now_unix: i64,
 ) -> Result<Vec<LoadedKey>, CustodyError> {
     let mut records: Vec<KeyRecord> =
-        store.scan(Tree::Keys, format!("{partition}/{alias}/").as_bytes())?;
+        store.scan(Tree::Keys, format!("{environment}/{alias}/").as_bytes())?;
     if records.is_empty() {
         records.push(create_key(
-            store, kek, partition, alias, algorithm, 1, now_unix,
+            store,
+            kek,
+            environment,
+            alias,
+            algorithm,
+            1,
+            now_unix,
         )?);
     }
     load_versions(kek, records)
@@ -585,7 +591,7 @@ pub fn load_or_create_alias(
 pub fn create_key(
     store: &Store,
     kek: &Kek,
-    partition: &str,
+    environment: &str,
     alias: &str,
     algorithm: KeyAlgorithm,
     version: u32,
@@ -593,7 +599,14 @@ pub fn create_key(
 ) -> Result<KeyRecord, CustodyError> {
     let (backend, pkcs8) = generate(algorithm)?;
     store_key(
-        store, kek, partition, alias, version, &*backend, &pkcs8, now_unix,
+        store,
+        kek,
+        environment,
+        alias,
+        version,
+        &*backend,
+        &pkcs8,
+        now_unix,
     )
 }
 

@@ -14,8 +14,8 @@ use meshsign_proto::identity::{JobClaims, RunnerId, is_valid_fingerprint};
 use serde_json::Value;
 
 use crate::audit::{AuditError, AuditRecord};
-use crate::ca::{CertRequest, IssueError};
-use crate::config::{Partition, SiteConfig, TrustPolicy};
+use crate::ca::{CaError, CertRequest};
+use crate::config::{Environment, SiteConfig, TrustPolicy};
 use crate::identity::jwt::UnverifiedJwt;
 use crate::model::{
     AUDIT_UNAVAILABLE, CertRecord, INTERNAL, Refusal, RefusalKind, bounded, glob_match,
@@ -172,7 +172,7 @@ pub enum EnrollError {
     Revoked(String),
     /// Issuance failed (internal).
     #[error("issuance failed: {0}")]
-    Issue(#[from] IssueError),
+    Issue(#[from] CaError),
     /// Storage failed (internal).
     #[error("storage failed: {0}")]
     Store(#[from] StoreError),
@@ -271,19 +271,19 @@ fn checks_and_issue(
 ) -> Result<EnrollOutput, EnrollError> {
     let now = site.clock.unix();
     let config = site.config();
-    let partition = environment(&config, input)?;
+    let environment = environment(&config, input)?;
     let jwt = token_malformed(input)?;
     record_claims(&jwt, rec);
-    environment_of_token(&config, partition, &jwt)?;
+    environment_of_token(&config, environment, &jwt)?;
     alg(&jwt)?;
-    let candidates = kid(partition, &jwt)?;
+    let candidates = kid(environment, &jwt)?;
     let verified = signature(candidates, &jwt)?;
     let policy = iss(verified, &jwt)?;
     trust_policy_disabled(policy)?;
-    aud(partition, &jwt)?;
+    aud(environment, &jwt)?;
     exp(&jwt, now)?;
     nbf(&jwt, now)?;
-    iat(partition, &jwt, now)?;
+    iat(environment, &jwt, now)?;
     let jti = jti(&jwt)?;
     jti_replay(site, &jwt, jti)?;
     bound_claim(policy, &jwt)?;
@@ -294,7 +294,7 @@ fn checks_and_issue(
     issue(
         site,
         &config,
-        partition,
+        environment,
         policy,
         &jwt,
         jti,
@@ -310,9 +310,9 @@ fn checks_and_issue(
 fn environment<'c>(
     config: &'c SiteConfig,
     input: &EnrollInput,
-) -> Result<&'c Partition, EnrollError> {
+) -> Result<&'c Environment, EnrollError> {
     config
-        .partition(&input.environment)
+        .environment(&input.environment)
         .ok_or_else(|| EnrollError::UnknownEnvironment(bounded(&input.environment, 64)))
 }
 
@@ -341,20 +341,20 @@ fn record_claims(jwt: &UnverifiedJwt, rec: &mut AuditRecord) {
 /// `environment` (step 0): the token's audience may not select another environment.
 fn environment_of_token(
     config: &SiteConfig,
-    partition: &Partition,
+    environment: &Environment,
     jwt: &UnverifiedJwt,
 ) -> Result<(), EnrollError> {
     let auds = jwt.audiences();
-    if auds.contains(&partition.audience.as_str()) {
+    if auds.contains(&environment.audience.as_str()) {
         return Ok(());
     }
     match config
-        .partitions
+        .environments
         .iter()
         .find(|p| auds.contains(&p.audience.as_str()))
     {
         Some(other) => Err(EnrollError::EnvironmentMismatch {
-            requested: partition.name.clone(),
+            requested: environment.name.clone(),
             token: other.name.clone(),
         }),
         None => Ok(()),
@@ -371,11 +371,11 @@ fn alg(jwt: &UnverifiedJwt) -> Result<(), EnrollError> {
 
 /// `kid` (step 1): the policies of the environment that pin the token's `kid`.
 fn kid<'p>(
-    partition: &'p Partition,
+    environment: &'p Environment,
     jwt: &UnverifiedJwt,
 ) -> Result<Vec<&'p TrustPolicy>, EnrollError> {
     let kid = jwt.kid.as_deref().unwrap_or_default();
-    let candidates: Vec<&TrustPolicy> = partition
+    let candidates: Vec<&TrustPolicy> = environment
         .trust_policies
         .iter()
         .filter(|p| p.jwks.find(kid).is_some())
@@ -423,11 +423,11 @@ fn trust_policy_disabled(policy: &TrustPolicy) -> Result<(), EnrollError> {
 }
 
 /// `aud` (step 3): the token is for this environment's audience.
-fn aud(partition: &Partition, jwt: &UnverifiedJwt) -> Result<(), EnrollError> {
-    if jwt.audiences().contains(&partition.audience.as_str()) {
+fn aud(environment: &Environment, jwt: &UnverifiedJwt) -> Result<(), EnrollError> {
+    if jwt.audiences().contains(&environment.audience.as_str()) {
         return Ok(());
     }
-    Err(EnrollError::Audience(partition.audience.clone()))
+    Err(EnrollError::Audience(environment.audience.clone()))
 }
 
 /// `exp` (step 4): present and not past (with leeway).
@@ -450,7 +450,7 @@ fn nbf(jwt: &UnverifiedJwt, now: i64) -> Result<(), EnrollError> {
 }
 
 /// `iat` (step 4): present, not in the future, not older than the environment accepts.
-fn iat(partition: &Partition, jwt: &UnverifiedJwt, now: i64) -> Result<(), EnrollError> {
+fn iat(environment: &Environment, jwt: &UnverifiedJwt, now: i64) -> Result<(), EnrollError> {
     let iat = jwt
         .time_claim("iat")
         .ok_or_else(|| EnrollError::IssuedAt("missing".into()))?;
@@ -459,12 +459,12 @@ fn iat(partition: &Partition, jwt: &UnverifiedJwt, now: i64) -> Result<(), Enrol
             "issued in the future ({iat}, now {now})"
         )));
     }
-    let max_age = i64::try_from(partition.max_token_age_seconds).unwrap_or(i64::MAX);
+    let max_age = i64::try_from(environment.max_token_age_seconds).unwrap_or(i64::MAX);
     if now.saturating_sub(iat) > max_age.saturating_add(LEEWAY_SECONDS) {
         return Err(EnrollError::IssuedAt(format!(
             "token is {}s old; this environment accepts {}s",
             now - iat,
-            partition.max_token_age_seconds
+            environment.max_token_age_seconds
         )));
     }
     Ok(())
@@ -537,7 +537,7 @@ fn revoked(site: &SiteState, job_id: &str, fingerprint: &str) -> Result<(), Enro
 fn issue(
     site: &SiteState,
     config: &SiteConfig,
-    partition: &Partition,
+    environment: &Environment,
     policy: &TrustPolicy,
     jwt: &UnverifiedJwt,
     jti: &str,
@@ -552,8 +552,8 @@ fn issue(
         return Err(EnrollError::Replay(jti.to_string()));
     }
     let ttl = match input.requested_ttl_seconds {
-        0 => partition.max_ttl_seconds,
-        r => r.min(partition.max_ttl_seconds),
+        0 => environment.max_ttl_seconds,
+        r => r.min(environment.max_ttl_seconds),
     };
     let claims = JobClaims {
         iss: iss.to_string(),
@@ -566,11 +566,11 @@ fn issue(
     };
     let id = RunnerId {
         trust_domain: config.trust_domain.clone(),
-        environment: partition.name.clone(),
+        environment: environment.name.clone(),
         region: config.region.clone(),
         fingerprint: input.fingerprint.clone(),
     };
-    let runner_cas = site.runner_cas(&partition.name)?;
+    let runner_cas = site.runner_cas(&environment.name)?;
     let ca = &runner_cas.active;
     let issued = ca.issue(&CertRequest {
         id: id.clone(),
@@ -581,7 +581,7 @@ fn issue(
     })?;
     site.record_issued(&CertRecord {
         serial: issued.serial_hex.clone(),
-        environment: partition.name.clone(),
+        environment: environment.name.clone(),
         region: config.region.clone(),
         fingerprint: input.fingerprint.clone(),
         claims,
@@ -596,7 +596,7 @@ fn issue(
         not_after: issued.not_after,
         granted_ttl_seconds: ttl,
         spiffe_id: id.to_uri(),
-        environment: partition.name.clone(),
+        environment: environment.name.clone(),
         region: config.region.clone(),
         trusted_runner_cas: runner_cas
             .trusted(now)

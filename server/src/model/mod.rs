@@ -56,7 +56,7 @@ pub fn bounded(s: &str, max: usize) -> String {
 /// What [`is_name`] accepts, for messages.
 pub const NAME_RULE: &str = "lowercase letters, digits, '-' or '_' (1 to 63)";
 
-/// Lowercase letters, digits, `-`, `_`; 1 to 63 characters (partition, alias, policy names).
+/// Lowercase letters, digits, `-`, `_`; 1 to 63 characters (environment, alias, policy names).
 pub fn is_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63

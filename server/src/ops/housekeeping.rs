@@ -5,7 +5,7 @@
 
 use super::{OpsError, runner_cas};
 use crate::audit::AuditRecord;
-use crate::ca::{IssuerRecord, IssuerState};
+use crate::ca::{RunnerCaRecord, RunnerCaState};
 use crate::state::SiteState;
 
 /// One pass of every duty; failures are logged, not fatal.
@@ -52,22 +52,22 @@ pub async fn prune_audit(site: &SiteState) -> Result<Option<(u64, u64)>, OpsErro
 pub async fn retire_expired(site: &SiteState) -> Result<usize, OpsError> {
     let now = site.clock.unix();
     let mut n = 0;
-    for p in site.config().partitions.iter() {
-        let due: Vec<IssuerRecord> = site
+    for p in site.config().environments.iter() {
+        let due: Vec<RunnerCaRecord> = site
             .runner_cas(&p.name)?
             .records
             .iter()
             .filter(|r| {
-                r.state == IssuerState::Retiring && r.retire_after.is_some_and(|t| t <= now)
+                r.state == RunnerCaState::Retiring && r.retire_after.is_some_and(|t| t <= now)
             })
             .cloned()
             .collect();
         for mut r in due {
             let _guard = site.ops_lock.lock().await;
-            r.state = IssuerState::Retired;
+            r.state = RunnerCaState::Retired;
             runner_cas::save_issuer(site, &r)?;
             site.reload_runner_cas(&p.name)?;
-            tracing::info!(partition = %p.name, issuer = %r.id, "retiring runner CA retired: its last certificate expired");
+            tracing::info!(environment = %p.name, issuer = %r.id, "retiring runner CA retired: its last certificate expired");
             n += 1;
         }
     }

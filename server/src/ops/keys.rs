@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use x509_parser::prelude::*;
 
-use super::{OpsError, partition_exists};
+use super::{OpsError, environment_exists};
 use crate::config::KeySpec;
 use crate::custody::{backend_from_pkcs8, create_key, store_key};
 use crate::model::{AccessRule, KeyAlgorithm, NAME_RULE, Purpose, bounded, is_name};
@@ -42,7 +42,7 @@ fn alias_ok(alias: &str) -> Result<(), OpsError> {
 fn add_spec(site: &SiteState, env: &str, spec: KeySpec) -> Result<(), OpsError> {
     let mut cfg = (*site.config()).clone();
     let p = cfg
-        .partitions
+        .environments
         .iter_mut()
         .find(|p| p.name == env)
         .ok_or_else(|| OpsError::NotFound(format!("environment `{env}`")))?;
@@ -56,9 +56,9 @@ fn add_spec(site: &SiteState, env: &str, spec: KeySpec) -> Result<(), OpsError> 
 }
 
 fn spec_of(site: &SiteState, env: &str, alias: &str) -> Result<KeySpec, OpsError> {
-    partition_exists(site, env)?;
+    environment_exists(site, env)?;
     site.config()
-        .partition(env)
+        .environment(env)
         .and_then(|p| p.key(alias))
         .cloned()
         .ok_or_else(|| OpsError::NotFound(format!("key `{alias}` in `{env}`")))
@@ -73,7 +73,7 @@ pub fn create_key_alias(
     access: (Vec<String>, Vec<String>),
     purposes: &[String],
 ) -> Result<(KeySpec, String), OpsError> {
-    partition_exists(site, env)?;
+    environment_exists(site, env)?;
     alias_ok(alias)?;
     if spec_of(site, env, alias).is_ok() {
         return Err(OpsError::Precondition(format!(
@@ -153,7 +153,7 @@ pub fn import_key(
 ) -> Result<(KeySpec, String), OpsError> {
     use rustls_pki_types::PrivatePkcs8KeyDer;
     use rustls_pki_types::pem::PemObject as _;
-    partition_exists(site, env)?;
+    environment_exists(site, env)?;
     alias_ok(alias)?;
     let der = PrivatePkcs8KeyDer::from_pem_slice(pem)
         .map_err(|_| OpsError::Invalid("not a PKCS#8 PEM private key".into()))?;
@@ -220,12 +220,12 @@ pub fn import_key(
     ))
 }
 
-/// Every key spec of a partition.
+/// Every key spec of a environment.
 pub fn list_keys(site: &SiteState, env: &str) -> Result<Vec<KeySpec>, OpsError> {
-    partition_exists(site, env)?;
+    environment_exists(site, env)?;
     Ok(site
         .config()
-        .partition(env)
+        .environment(env)
         .map(|p| p.signing_keys.clone())
         .unwrap_or_default())
 }

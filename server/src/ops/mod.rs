@@ -14,7 +14,7 @@ pub mod runner_cas;
 pub mod trust;
 
 use crate::audit::{AuditError, AuditRecord};
-use crate::ca::IssueError;
+use crate::ca::CaError;
 use crate::custody::CustodyError;
 use crate::identity::{IdentityError, Operator, Role};
 use crate::model::{AUDIT_UNAVAILABLE, INTERNAL, Refusal, RefusalKind, bounded};
@@ -47,7 +47,7 @@ pub enum OpsError {
     Custody(#[from] CustodyError),
     /// Runner CA setup failed (internal).
     #[error("runner CA setup failed: {0}")]
-    Ca(#[from] IssueError),
+    Ca(#[from] CaError),
     /// Storage failed (internal).
     #[error("storage failed: {0}")]
     Store(#[from] StoreError),
@@ -165,9 +165,9 @@ fn admin_record(rpc: &str, environment: &str, operator: &str) -> AuditRecord {
     }
 }
 
-fn partition_exists(site: &SiteState, env: &str) -> Result<(), OpsError> {
+fn environment_exists(site: &SiteState, env: &str) -> Result<(), OpsError> {
     site.config()
-        .partition(env)
+        .environment(env)
         .map(|_| ())
         .ok_or_else(|| OpsError::NotFound(format!("environment `{}`", bounded(env, 64))))
 }

@@ -3,24 +3,24 @@
 //! Owns: the state transitions of runner CAs. Must not touch: minting (`ca`), TLS (`state`
 //! tells the transport when the trusted set changes).
 
-use super::{OpsError, partition_exists};
-use crate::ca::{IssuerRecord, IssuerState, RunnerCa};
+use super::{OpsError, environment_exists};
+use crate::ca::{RunnerCa, RunnerCaRecord, RunnerCaState};
 use crate::state::SiteState;
 use crate::store::Tree;
 
-pub(super) fn save_issuer(site: &SiteState, rec: &IssuerRecord) -> Result<(), OpsError> {
-    site.store.put(Tree::Issuers, &rec.store_key(), rec)?;
+pub(super) fn save_issuer(site: &SiteState, rec: &RunnerCaRecord) -> Result<(), OpsError> {
+    site.store.put(Tree::RunnerCas, &rec.store_key(), rec)?;
     site.store.flush()?;
     Ok(())
 }
 
-/// Every runner CA of a partition, oldest first.
-pub fn list(site: &SiteState, env: &str) -> Result<Vec<IssuerRecord>, OpsError> {
-    partition_exists(site, env)?;
+/// Every runner CA of a environment, oldest first.
+pub fn list(site: &SiteState, env: &str) -> Result<Vec<RunnerCaRecord>, OpsError> {
+    environment_exists(site, env)?;
     Ok(site.runner_cas(env)?.records.clone())
 }
 
-fn find_issuer(site: &SiteState, env: &str, id: &str) -> Result<IssuerRecord, OpsError> {
+fn find_issuer(site: &SiteState, env: &str, id: &str) -> Result<RunnerCaRecord, OpsError> {
     list(site, env)?
         .into_iter()
         .find(|r| r.id == id)
@@ -28,10 +28,10 @@ fn find_issuer(site: &SiteState, env: &str, id: &str) -> Result<IssuerRecord, Op
 }
 
 /// Makes a new runner CA that the sign port trusts at once but that does not issue yet.
-pub fn stage(site: &SiteState, env: &str) -> Result<(IssuerRecord, String), OpsError> {
+pub fn stage(site: &SiteState, env: &str) -> Result<(RunnerCaRecord, String), OpsError> {
     if list(site, env)?
         .iter()
-        .any(|r| r.state == IssuerState::Staged)
+        .any(|r| r.state == RunnerCaState::Staged)
     {
         return Err(OpsError::Precondition(
             "an issuer is already staged; activate or retire it first".into(),
@@ -44,7 +44,7 @@ pub fn stage(site: &SiteState, env: &str) -> Result<(IssuerRecord, String), OpsE
         &cfg.trust_domain,
         &cfg.region,
         env,
-        IssuerState::Staged,
+        RunnerCaState::Staged,
         site.clock.unix(),
     )?;
     site.reload_runner_cas(env)?;
@@ -66,12 +66,16 @@ fn last_expiry(site: &SiteState, issuer_id: &str) -> Result<i64, OpsError> {
 
 /// Makes a staged issuer the one that issues; the previous one becomes retiring and stays
 /// trusted until the last certificate it issued expires.
-pub fn activate(site: &SiteState, env: &str, id: &str) -> Result<(IssuerRecord, String), OpsError> {
+pub fn activate(
+    site: &SiteState,
+    env: &str,
+    id: &str,
+) -> Result<(RunnerCaRecord, String), OpsError> {
     let records = list(site, env)?;
     let mut target = if id.is_empty() {
         let staged: Vec<_> = records
             .iter()
-            .filter(|r| r.state == IssuerState::Staged)
+            .filter(|r| r.state == RunnerCaState::Staged)
             .collect();
         match staged.as_slice() {
             [one] => (*one).clone(),
@@ -89,31 +93,34 @@ pub fn activate(site: &SiteState, env: &str, id: &str) -> Result<(IssuerRecord, 
     } else {
         find_issuer(site, env, id)?
     };
-    if target.state != IssuerState::Staged {
+    if target.state != RunnerCaState::Staged {
         return Err(OpsError::Precondition(format!(
             "issuer {} is {:?}, not staged",
             target.id, target.state
         )));
     }
     let mut detail = format!("activated issuer {}", target.id);
-    if let Some(mut old) = records.into_iter().find(|r| r.state == IssuerState::Active) {
-        old.state = IssuerState::Retiring;
+    if let Some(mut old) = records
+        .into_iter()
+        .find(|r| r.state == RunnerCaState::Active)
+    {
+        old.state = RunnerCaState::Retiring;
         old.retire_after = Some(last_expiry(site, &old.id)?);
         save_issuer(site, &old)?;
         detail.push_str(&format!("; {} retiring", old.id));
     }
-    target.state = IssuerState::Active;
+    target.state = RunnerCaState::Active;
     save_issuer(site, &target)?;
     site.reload_runner_cas(env)?;
     Ok((target, detail))
 }
 
 /// Retires a staged or retiring issuer now: the sign port stops trusting it.
-pub fn retire(site: &SiteState, env: &str, id: &str) -> Result<(IssuerRecord, String), OpsError> {
+pub fn retire(site: &SiteState, env: &str, id: &str) -> Result<(RunnerCaRecord, String), OpsError> {
     let mut rec = find_issuer(site, env, id)?;
     match rec.state {
-        IssuerState::Staged | IssuerState::Retiring => {}
-        IssuerState::Active => {
+        RunnerCaState::Staged | RunnerCaState::Retiring => {}
+        RunnerCaState::Active => {
             return Err(OpsError::Precondition(
                 "the active issuer cannot retire; activate another first".into(),
             ));
@@ -124,28 +131,28 @@ pub fn retire(site: &SiteState, env: &str, id: &str) -> Result<(IssuerRecord, St
             )));
         }
     }
-    rec.state = IssuerState::Retired;
+    rec.state = RunnerCaState::Retired;
     save_issuer(site, &rec)?;
     site.reload_runner_cas(env)?;
     Ok((rec, format!("retired issuer {id}")))
 }
 
 /// Distrusts an issuer at once. Revoking the active issuer activates a fresh one, so the
-/// partition always has exactly one.
+/// environment always has exactly one.
 pub fn revoke(
     site: &SiteState,
     env: &str,
     id: &str,
     reason: &str,
-) -> Result<(IssuerRecord, String), OpsError> {
+) -> Result<(RunnerCaRecord, String), OpsError> {
     let mut rec = find_issuer(site, env, id)?;
-    if rec.state == IssuerState::Revoked {
+    if rec.state == RunnerCaState::Revoked {
         return Err(OpsError::Precondition(format!(
             "issuer {id} is already revoked"
         )));
     }
-    let was_active = rec.state == IssuerState::Active;
-    rec.state = IssuerState::Revoked;
+    let was_active = rec.state == RunnerCaState::Active;
+    rec.state = RunnerCaState::Revoked;
     save_issuer(site, &rec)?;
     let mut detail = format!("revoked issuer {id}: {reason}");
     if was_active {
@@ -156,7 +163,7 @@ pub fn revoke(
             &cfg.trust_domain,
             &cfg.region,
             env,
-            IssuerState::Active,
+            RunnerCaState::Active,
             site.clock.unix(),
         )?;
         detail.push_str(&format!("; activated new issuer {}", ca.record.id));

@@ -11,11 +11,11 @@ use crate::state::SiteState;
 use crate::state::overlays::effective_config;
 
 /// Re-reads the file configuration (SIGHUP). Trust policies and key access rules change;
-/// identity, listeners, storage and the set of partitions need a restart and are refused.
+/// identity, listeners, storage and the set of environments need a restart and are refused.
 pub fn reload(site: &SiteState, file: SiteConfig) -> Result<String, OpsError> {
     let cur = site.config();
     let names = |c: &SiteConfig| {
-        c.partitions
+        c.environments
             .iter()
             .map(|p| p.name.clone())
             .collect::<Vec<_>>()
@@ -32,7 +32,7 @@ pub fn reload(site: &SiteState, file: SiteConfig) -> Result<String, OpsError> {
         || names(&file) != names(&cur)
     {
         return Err(OpsError::Precondition(
-            "trust_domain, region, data_dir, kek_file, listen, [store], [audit] and the partition list need a restart".into(),
+            "trust_domain, region, data_dir, kek_file, listen, [store], [audit] and the environment list need a restart".into(),
         ));
     }
     let cfg = effective_config(file, &site.store)?;
@@ -44,11 +44,11 @@ pub fn reload(site: &SiteState, file: SiteConfig) -> Result<String, OpsError> {
 
 fn policy_index(cfg: &SiteConfig, env: &str, issuer: &str) -> Result<(usize, usize), OpsError> {
     let pi = cfg
-        .partitions
+        .environments
         .iter()
         .position(|p| p.name == env)
         .ok_or_else(|| OpsError::NotFound(format!("environment `{env}`")))?;
-    let ti = cfg.partitions[pi]
+    let ti = cfg.environments[pi]
         .trust_policies
         .iter()
         .position(|t| t.issuer == issuer)
@@ -69,11 +69,11 @@ pub fn set_policy_enabled(
 ) -> Result<(TrustPolicy, String), OpsError> {
     let mut cfg = (*site.config()).clone();
     let (pi, ti) = policy_index(&cfg, env, issuer)?;
-    let t = &mut cfg.partitions[pi].trust_policies[ti];
+    let t = &mut cfg.environments[pi].trust_policies[ti];
     t.enabled = enabled;
     t.keep_sessions = !enabled && keep_sessions;
     let out = t.clone();
-    site.save_policy_overlay(env, &cfg.partitions[pi].trust_policies[ti], None)?;
+    site.save_policy_overlay(env, &cfg.environments[pi].trust_policies[ti], None)?;
     site.set_config(cfg);
     let detail = format!(
         "trust policy {} ({issuer}) {}",
@@ -107,9 +107,9 @@ pub fn set_jwks(
     let mut cfg = (*site.config()).clone();
     let (pi, ti) = policy_index(&cfg, env, issuer)?;
     let kids: Vec<String> = jwks.keys.iter().map(|k| k.kid.clone()).collect();
-    cfg.partitions[pi].trust_policies[ti].jwks = jwks;
-    let out = cfg.partitions[pi].trust_policies[ti].clone();
-    site.save_policy_overlay(env, &cfg.partitions[pi].trust_policies[ti], Some(text))?;
+    cfg.environments[pi].trust_policies[ti].jwks = jwks;
+    let out = cfg.environments[pi].trust_policies[ti].clone();
+    site.save_policy_overlay(env, &cfg.environments[pi].trust_policies[ti], Some(text))?;
     site.set_config(cfg);
     Ok((
         out.clone(),

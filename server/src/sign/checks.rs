@@ -48,7 +48,7 @@ pub fn authorize(
         .keys()
         .active(&record.environment, alias)
         .cloned()
-        .ok_or_else(|| SignError::KeyNotInPartition {
+        .ok_or_else(|| SignError::KeyNotInEnvironment {
             alias: bounded(alias, 64),
             environment: record.environment.clone(),
         })?;
@@ -126,9 +126,9 @@ fn key_not_in_partition<'c>(
     alias: &str,
 ) -> Result<&'c KeySpec, SignError> {
     config
-        .partition(&record.environment)
+        .environment(&record.environment)
         .and_then(|p| p.key(alias))
-        .ok_or_else(|| SignError::KeyNotInPartition {
+        .ok_or_else(|| SignError::KeyNotInEnvironment {
             alias: bounded(alias, 64),
             environment: record.environment.clone(),
         })

@@ -118,7 +118,7 @@ pub enum SignError {
     PolicyDisabled(String),
     /// The key does not exist in the caller's environment.
     #[error("no key `{alias}` in environment `{environment}`")]
-    KeyNotInPartition {
+    KeyNotInEnvironment {
         /// Requested alias.
         alias: String,
         /// Caller's environment.
@@ -195,7 +195,7 @@ impl Refusal for SignError {
             SignError::Region { .. } => "region",
             SignError::IssuerUntrusted(_) => "issuer_untrusted",
             SignError::PolicyDisabled(_) => "trust_policy_disabled",
-            SignError::KeyNotInPartition { .. } => "key_not_in_partition",
+            SignError::KeyNotInEnvironment { .. } => "key_not_in_partition",
             SignError::KeyDisabled(_) => "key_disabled",
             SignError::Access { .. } => "key_access",
             SignError::Algorithm { .. } => "algorithm",
@@ -217,7 +217,7 @@ impl Refusal for SignError {
             Region { .. } => RefusalKind::FailedPrecondition,
             IssuerUntrusted(_)
             | PolicyDisabled(_)
-            | KeyNotInPartition { .. }
+            | KeyNotInEnvironment { .. }
             | KeyDisabled(_)
             | Access { .. } => RefusalKind::PermissionDenied,
             Algorithm { .. } | Purpose { .. } | Input { .. } => RefusalKind::InvalidArgument,

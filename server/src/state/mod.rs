@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use crate::audit::journal::JOURNAL_FILE;
 use crate::audit::{AuditError, AuditKey, AuditLog, AuditSettings};
-use crate::ca::{IssueError, PartitionIssuers};
+use crate::ca::{CaError, RunnerCas};
 use crate::clock::SharedClock;
 use crate::config::SiteConfig;
 use crate::custody::pool::SigningPool;
@@ -34,7 +34,7 @@ pub enum StateError {
     Custody(#[from] CustodyError),
     /// Runner CA setup.
     #[error(transparent)]
-    Ca(#[from] IssueError),
+    Ca(#[from] CaError),
     /// Storage.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -77,7 +77,7 @@ pub struct SiteState {
     /// The key-encryption key (ops wrap new keys under it).
     pub(crate) kek: Kek,
     keys: RwLock<Arc<KeyRing>>,
-    runner_cas: RwLock<BTreeMap<String, Arc<PartitionIssuers>>>,
+    runner_cas: RwLock<BTreeMap<String, Arc<RunnerCas>>>,
     revocations: RwLock<Arc<Vec<RevocationRule>>>,
     roots_hook: RwLock<Option<RootsHook>>,
     /// Serializes ops changes (each is read-modify-write of shared state).
@@ -141,8 +141,8 @@ impl SiteState {
         let config = overlays::effective_config(file_config, &store)?;
         let keys = KeyRing::load_or_create(&config, &store, &kek, now)?;
         let mut runner_cas = BTreeMap::new();
-        for p in &config.partitions {
-            let pi = PartitionIssuers::load_or_create(
+        for p in &config.environments {
+            let pi = RunnerCas::load_or_create(
                 &store,
                 &kek,
                 &config.trust_domain,
@@ -206,7 +206,7 @@ impl SiteState {
     }
 
     /// The runner CAs of an environment.
-    pub fn runner_cas(&self, environment: &str) -> Result<Arc<PartitionIssuers>, StateError> {
+    pub fn runner_cas(&self, environment: &str) -> Result<Arc<RunnerCas>, StateError> {
         self.runner_cas
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -219,7 +219,7 @@ impl SiteState {
     /// tells the transport the new trusted set.
     pub(crate) fn reload_runner_cas(&self, environment: &str) -> Result<(), StateError> {
         let cfg = self.config();
-        let pi = PartitionIssuers::load_or_create(
+        let pi = RunnerCas::load_or_create(
             &self.store,
             &self.kek,
             &cfg.trust_domain,
@@ -272,7 +272,7 @@ impl SiteState {
     /// Whether certificates minted under a trust policy may sign now.
     pub fn policy_admits_sessions(&self, environment: &str, policy: &str) -> bool {
         self.config()
-            .partition(environment)
+            .environment(environment)
             .and_then(|p| p.trust_policies.iter().find(|t| t.name == policy))
             .is_some_and(|t| t.enabled || t.keep_sessions)
     }

@@ -43,7 +43,7 @@ fn policy_key(environment: &str, policy: &str) -> String {
 
 /// The file configuration with the store's ops overlays applied.
 pub fn effective_config(mut cfg: SiteConfig, store: &Store) -> Result<SiteConfig, StateError> {
-    for p in cfg.partitions.iter_mut() {
+    for p in cfg.environments.iter_mut() {
         for pol in p.trust_policies.iter_mut() {
             let key = policy_key(&p.name, &pol.name);
             if let Some(o) = store.get::<PolicyOverlay>(Tree::Policies, key.as_bytes())? {

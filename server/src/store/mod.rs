@@ -41,21 +41,21 @@ pub enum StoreError {
 /// The named trees meshsign uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tree {
-    /// Wrapped signing keys: `partition/alias/version` → [`crate::custody::KeyRecord`].
+    /// Wrapped signing keys: `environment/alias/version` → [`crate::custody::KeyRecord`].
     Keys,
-    /// Runner CAs: `partition/issuer_id` → [`crate::ca::IssuerRecord`].
-    Issuers,
+    /// Runner CAs: `environment/issuer_id` → [`crate::ca::RunnerCaRecord`].
+    RunnerCas,
     /// Issued runner certificates: serial hex → [`crate::model::CertRecord`].
     Certs,
     /// Seen token IDs: `sha256(iss)/jti` → expiry (unix seconds, big-endian).
     Jti,
     /// Audit records: seq (big-endian) → [`meshsign_proto::audit::AuditRecord`].
     Audit,
-    /// Ops overlay on trust policies: `partition/policy` → [`crate::state::overlays::PolicyOverlay`].
+    /// Ops overlay on trust policies: `environment/policy` → [`crate::state::overlays::PolicyOverlay`].
     Policies,
     /// Revocation rules: id → [`crate::model::RevocationRule`].
     Revocations,
-    /// Ops state of signing keys: `partition/alias` → [`crate::state::overlays::KeyMeta`].
+    /// Ops state of signing keys: `environment/alias` → [`crate::state::overlays::KeyMeta`].
     KeyMeta,
     /// Small site facts (e.g. `audit/exported_through`).
     Meta,
@@ -66,7 +66,7 @@ impl Tree {
     pub fn name(self) -> &'static str {
         match self {
             Tree::Keys => "keys",
-            Tree::Issuers => "issuers",
+            Tree::RunnerCas => "issuers",
             Tree::Certs => "certs",
             Tree::Jti => "jti",
             Tree::Audit => "audit",
@@ -130,7 +130,7 @@ impl SledKv {
         let t = |t: Tree| db.open_tree(t.name()).map_err(engine);
         let trees = [
             t(Tree::Keys)?,
-            t(Tree::Issuers)?,
+            t(Tree::RunnerCas)?,
             t(Tree::Certs)?,
             t(Tree::Jti)?,
             t(Tree::Audit)?,
