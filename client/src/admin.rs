@@ -1,6 +1,7 @@
-//! Ops client: the admin port with the operator's certificate from `client.toml` `[admin]`.
+//! Ops client: the admin port with the operator's certificate from `client.toml` `[admin]`,
+//! typed ([`Admin`]): each method returns its message or an error naming the RPC.
 
-use meshsign_proto::v1::admin_client::AdminClient;
+use meshsign_proto::v1::{self, admin_client::AdminClient};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls_pki_types::pem::PemObject as _;
 use tonic::transport::Channel;
@@ -23,6 +24,215 @@ pub async fn connect(cfg: &ClientConfig) -> Result<AdminClient<Channel>, ClientE
     Ok(AdminClient::new(
         transport::connect(&cfg.admin_endpoint, &cfg.server_name, tls).await?,
     ))
+}
+
+/// The Admin service, typed: each call returns its message or a [`ClientError::Rpc`] naming
+/// the RPC (the status is mapped here, once).
+#[derive(Debug, Clone)]
+pub struct Admin(AdminClient<Channel>);
+
+/// Awaits one RPC and maps its status to a [`ClientError`] naming it.
+async fn call<T>(
+    rpc: &'static str,
+    fut: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, ClientError> {
+    fut.await
+        .map(tonic::Response::into_inner)
+        .map_err(|s| ClientError::rpc(rpc, s))
+}
+
+fn env(environment: &str) -> v1::EnvironmentRequest {
+    v1::EnvironmentRequest {
+        environment: environment.into(),
+    }
+}
+
+fn ca_ref(environment: &str, id: &str, reason: &str) -> v1::IssuerRef {
+    v1::IssuerRef {
+        environment: environment.into(),
+        id: id.into(),
+        reason: reason.into(),
+    }
+}
+
+impl Admin {
+    /// Connects to the admin port with the `[admin]` identity of `cfg`.
+    pub async fn connect(cfg: &ClientConfig) -> Result<Self, ClientError> {
+        connect(cfg).await.map(Self)
+    }
+
+    /// The audit (checkpoint) public key.
+    pub async fn audit_public_key(&mut self) -> Result<v1::AuditPublicKey, ClientError> {
+        call(
+            "GetAuditPublicKey",
+            self.0.get_audit_public_key(v1::GetAuditPublicKeyRequest {}),
+        )
+        .await
+    }
+
+    /// The audit export as a stream of JSON lines.
+    pub async fn export_audit(
+        &mut self,
+        req: v1::ExportAuditRequest,
+    ) -> Result<tonic::Streaming<v1::ExportLine>, ClientError> {
+        call("ExportAudit", self.0.export_audit(req)).await
+    }
+
+    /// Every runner CA of an environment.
+    pub async fn list_runner_cas(
+        &mut self,
+        environment: &str,
+    ) -> Result<Vec<v1::IssuerInfo>, ClientError> {
+        Ok(call("ListIssuers", self.0.list_issuers(env(environment)))
+            .await?
+            .issuers)
+    }
+
+    /// Stages a new runner CA.
+    pub async fn stage_runner_ca(
+        &mut self,
+        environment: &str,
+    ) -> Result<v1::IssuerInfo, ClientError> {
+        call("StageIssuer", self.0.stage_issuer(env(environment))).await
+    }
+
+    /// Activates the staged runner CA (or `id`).
+    pub async fn activate_runner_ca(
+        &mut self,
+        environment: &str,
+        id: &str,
+    ) -> Result<v1::IssuerInfo, ClientError> {
+        call(
+            "ActivateIssuer",
+            self.0.activate_issuer(ca_ref(environment, id, "")),
+        )
+        .await
+    }
+
+    /// Retires a staged or retiring runner CA.
+    pub async fn retire_runner_ca(
+        &mut self,
+        environment: &str,
+        id: &str,
+    ) -> Result<v1::IssuerInfo, ClientError> {
+        call(
+            "RetireIssuer",
+            self.0.retire_issuer(ca_ref(environment, id, "")),
+        )
+        .await
+    }
+
+    /// Distrusts a runner CA at once.
+    pub async fn revoke_runner_ca(
+        &mut self,
+        environment: &str,
+        id: &str,
+        reason: &str,
+    ) -> Result<v1::IssuerInfo, ClientError> {
+        call(
+            "RevokeIssuer",
+            self.0.revoke_issuer(ca_ref(environment, id, reason)),
+        )
+        .await
+    }
+
+    /// Adds a revocation rule.
+    pub async fn revoke(
+        &mut self,
+        req: v1::RevokeRequest,
+    ) -> Result<v1::RevokeResponse, ClientError> {
+        call("Revoke", self.0.revoke(req)).await
+    }
+
+    /// Every revocation rule.
+    pub async fn revocations(&mut self) -> Result<Vec<v1::RevocationRule>, ClientError> {
+        Ok(call(
+            "ListRevocations",
+            self.0.list_revocations(v1::ListRevocationsRequest {}),
+        )
+        .await?
+        .rules)
+    }
+
+    /// Every trust policy of an environment.
+    pub async fn trust_policies(
+        &mut self,
+        environment: &str,
+    ) -> Result<Vec<v1::TrustPolicyInfo>, ClientError> {
+        Ok(call(
+            "ListTrustPolicies",
+            self.0.list_trust_policies(env(environment)),
+        )
+        .await?
+        .policies)
+    }
+
+    /// Enables or disables a trust policy.
+    pub async fn set_trust_policy_enabled(
+        &mut self,
+        req: v1::SetTrustPolicyEnabledRequest,
+    ) -> Result<v1::TrustPolicyInfo, ClientError> {
+        let rpc = if req.enabled {
+            "EnableTrustPolicy"
+        } else {
+            "DisableTrustPolicy"
+        };
+        call(rpc, self.0.set_trust_policy_enabled(req)).await
+    }
+
+    /// Pins a JWKS.
+    pub async fn set_jwks(
+        &mut self,
+        req: v1::SetJwksRequest,
+    ) -> Result<v1::TrustPolicyInfo, ClientError> {
+        call("SetJwks", self.0.set_jwks(req)).await
+    }
+
+    /// Every key of an environment.
+    pub async fn keys(&mut self, environment: &str) -> Result<Vec<v1::KeyInfo>, ClientError> {
+        Ok(call("ListKeys", self.0.list_keys(env(environment)))
+            .await?
+            .keys)
+    }
+
+    /// Creates a key alias.
+    pub async fn create_key(
+        &mut self,
+        req: v1::CreateKeyRequest,
+    ) -> Result<v1::KeyInfo, ClientError> {
+        call("CreateKey", self.0.create_key(req)).await
+    }
+
+    /// Rotates a key alias.
+    pub async fn rotate_key(&mut self, key: v1::KeyRef) -> Result<v1::KeyInfo, ClientError> {
+        call("RotateKey", self.0.rotate_key(key)).await
+    }
+
+    /// Disables a key alias.
+    pub async fn disable_key(&mut self, key: v1::KeyRef) -> Result<v1::KeyInfo, ClientError> {
+        call("DisableKey", self.0.disable_key(key)).await
+    }
+
+    /// Imports a private key (one-way).
+    pub async fn import_key(
+        &mut self,
+        req: v1::ImportKeyRequest,
+    ) -> Result<v1::KeyInfo, ClientError> {
+        call("ImportKey", self.0.import_key(req)).await
+    }
+
+    /// A CSR signed by a site-held key.
+    pub async fn key_csr(&mut self, req: v1::KeyCsrRequest) -> Result<v1::KeyCsr, ClientError> {
+        call("CreateKeyCsr", self.0.create_key_csr(req)).await
+    }
+
+    /// Attaches a certificate chain to a key.
+    pub async fn set_key_certificate(
+        &mut self,
+        req: v1::SetKeyCertificateRequest,
+    ) -> Result<v1::KeyInfo, ClientError> {
+        call("SetKeyCertificate", self.0.set_key_certificate(req)).await
+    }
 }
 
 /// Parses a time given as unix seconds or RFC 3339.

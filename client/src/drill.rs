@@ -41,18 +41,16 @@ pub async fn run(
     issuer: Option<&str>,
     source: &TokenSource,
 ) -> Result<DrillReport, ClientError> {
-    let mut admin = crate::admin::connect(cfg).await?;
-    let policies = admin
-        .list_trust_policies(v1::EnvironmentRequest {
-            environment: environment.into(),
-        })
-        .await
-        .map_err(|s| ClientError::rpc("ListTrustPolicies", s))?
-        .into_inner()
-        .policies;
-    let mintable = |p: &&v1::TrustPolicyInfo| match (source, &cfg.dev_issuer) {
-        (TokenSource::Dev(_), Some(d)) => p.issuer == d.issuer,
-        _ => true,
+    let mut admin = crate::admin::Admin::connect(cfg).await?;
+    let policies = admin.trust_policies(environment).await?;
+    // The dev issuer can mint only for its own policy; a CI source for any.
+    let mintable = |p: &&v1::TrustPolicyInfo| -> bool {
+        #[cfg(feature = "dev")]
+        if let (TokenSource::Dev(_), Some(d)) = (source, &cfg.dev_issuer) {
+            return p.issuer == d.issuer;
+        }
+        let _ = p;
+        true
     };
     let candidates: Vec<&v1::TrustPolicyInfo> = policies
         .iter()
@@ -65,7 +63,7 @@ pub async fn run(
         )));
     }
     let pick = usize::from(
-        meshsign_certs_dev::random_id()
+        meshsign_proto::files::random_id()
             .map_err(|e| ClientError::Crypto(e.to_string()))?
             .as_bytes()
             .first()
@@ -99,10 +97,7 @@ pub async fn run(
         keep_sessions: false,
     };
     let t0 = Instant::now();
-    admin
-        .set_trust_policy_enabled(set(false))
-        .await
-        .map_err(|s| ClientError::rpc("DisableTrustPolicy", s))?;
+    admin.set_trust_policy_enabled(set(false)).await?;
     let outcome = async {
         let sign_refused_after = loop {
             match session.sign_digest(&key_alias, [1u8; 32], "drill").await {
@@ -137,10 +132,7 @@ pub async fn run(
     }
     .await;
     // Always restore.
-    admin
-        .set_trust_policy_enabled(set(true))
-        .await
-        .map_err(|s| ClientError::rpc("EnableTrustPolicy", s))?;
+    admin.set_trust_policy_enabled(set(true)).await?;
     let (sign_refused_after, enroll_refused_after) = outcome?;
     // The refused token was not consumed: enrollment with it works again.
     let restored =
@@ -157,17 +149,10 @@ pub async fn run(
 }
 
 async fn first_key(
-    admin: &mut v1::admin_client::AdminClient<tonic::transport::Channel>,
+    admin: &mut crate::admin::Admin,
     environment: &str,
 ) -> Result<String, ClientError> {
-    let keys = admin
-        .list_keys(v1::EnvironmentRequest {
-            environment: environment.into(),
-        })
-        .await
-        .map_err(|s| ClientError::rpc("ListKeys", s))?
-        .into_inner()
-        .keys;
+    let keys = admin.keys(environment).await?;
     keys.into_iter()
         .find(|k| {
             !k.disabled

@@ -163,4 +163,18 @@ impl Session {
             .map_err(|s| ClientError::rpc("Sign", s))?
             .into_inner())
     }
+
+    /// Revokes this session's certificate at the site (a finished job leaves no live
+    /// credential); `reason` is recorded in the audit log.
+    pub async fn revoke_self(&mut self, reason: &str) -> Result<String, ClientError> {
+        Ok(self
+            .signer
+            .revoke_self(v1::RevokeSelfRequest {
+                reason: reason.to_string(),
+            })
+            .await
+            .map_err(|s| ClientError::rpc("RevokeSelf", s))?
+            .into_inner()
+            .serial)
+    }
 }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
+#[cfg(feature = "dev")]
 use meshsign_certs_dev::{GithubJob, OidcIssuer};
 use zeroize::Zeroizing;
 
@@ -20,7 +21,8 @@ pub enum TokenSource {
     Env(String),
     /// Ask GitHub Actions (`ACTIONS_ID_TOKEN_REQUEST_URL` / `_TOKEN`) for the audience.
     GithubActions,
-    /// Mint one with the dev issuer of the client config.
+    /// Mint one with the dev issuer of the client config (dev builds only).
+    #[cfg(feature = "dev")]
     Dev(GithubJob),
 }
 
@@ -30,6 +32,8 @@ pub async fn obtain(
     cfg: &ClientConfig,
     audience: &str,
 ) -> Result<Zeroizing<String>, ClientError> {
+    #[cfg(not(feature = "dev"))]
+    let _ = cfg;
     match source {
         TokenSource::File(p) => {
             let t = std::fs::read_to_string(p).map_err(ClientError::io(p))?;
@@ -39,11 +43,13 @@ pub async fn obtain(
             .map(|t| Zeroizing::new(t.trim().to_string()))
             .map_err(|_| ClientError::Token(format!("${var} is not set"))),
         TokenSource::GithubActions => github_actions(audience).await,
+        #[cfg(feature = "dev")]
         TokenSource::Dev(job) => dev_token(cfg, audience, job),
     }
 }
 
 /// Mints a GitHub-Actions-shaped token with the dev issuer (valid 5 minutes).
+#[cfg(feature = "dev")]
 pub fn dev_token(
     cfg: &ClientConfig,
     audience: &str,
@@ -54,11 +60,13 @@ pub fn dev_token(
 
 /// The dev issuer of a client config, loaded once, minting as many tokens as asked (the
 /// benchmark's enrollment load mints one per enrollment).
+#[cfg(feature = "dev")]
 pub struct DevMinter {
     issuer: OidcIssuer,
     iss: String,
 }
 
+#[cfg(feature = "dev")]
 impl std::fmt::Debug for DevMinter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DevMinter")
@@ -67,6 +75,7 @@ impl std::fmt::Debug for DevMinter {
     }
 }
 
+#[cfg(feature = "dev")]
 impl DevMinter {
     /// Loads the `[dev_issuer]` of the client config.
     pub fn load(cfg: &ClientConfig) -> Result<Self, ClientError> {
@@ -87,7 +96,8 @@ impl DevMinter {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
-        let jti = meshsign_certs_dev::random_id().map_err(|e| ClientError::Token(e.to_string()))?;
+        let jti =
+            meshsign_proto::files::random_id().map_err(|e| ClientError::Token(e.to_string()))?;
         let claims = job.claims(&self.iss, audience, &jti, now, 300);
         self.issuer
             .mint(&claims)

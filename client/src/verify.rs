@@ -45,6 +45,51 @@ pub struct SigBundle {
     pub certificate_chain_pem: Vec<String>,
 }
 
+impl SigBundle {
+    /// The bundle for a Sign response over `digest` of the artifact `name`, by a session in
+    /// `region`/`environment`. Checks first that the signature verifies under the returned key.
+    pub fn from_response(
+        r: &meshsign_proto::v1::SignResponse,
+        name: &str,
+        digest: &[u8; 32],
+        region: &str,
+        environment: &str,
+    ) -> Result<Self, ClientError> {
+        verify_signature(&r.algorithm, &r.public_key_der, digest, &r.signature).map_err(|e| {
+            ClientError::Crypto(format!(
+                "site returned a signature that does not verify: {e}"
+            ))
+        })?;
+        let signed_at = r
+            .signed_at
+            .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t.seconds).ok())
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_default();
+        Ok(Self {
+            artifact: name.to_string(),
+            digest_sha256: hex::encode(digest),
+            signature: base64::engine::general_purpose::STANDARD.encode(&r.signature),
+            key_id: r.key_id.clone(),
+            algorithm: r.algorithm.clone(),
+            public_key_pem: meshsign_proto::pem_encode("PUBLIC KEY", &r.public_key_der),
+            audit_id: r.audit_id.clone(),
+            audit_seq: r.audit_seq,
+            audit_hash: r.audit_hash.clone(),
+            region: region.to_string(),
+            environment: environment.to_string(),
+            signed_at,
+            certificate_chain_pem: r
+                .certificate_chain
+                .iter()
+                .map(|c| meshsign_proto::pem_encode("CERTIFICATE", c))
+                .collect(),
+        })
+    }
+}
+
 /// SHA-256 of a file, streamed (any size).
 pub fn sha256_file(path: &Path) -> Result<[u8; 32], ClientError> {
     let mut f = std::fs::File::open(path).map_err(ClientError::io(path))?;

@@ -314,9 +314,24 @@ impl AsyncWrite for BufferedTls {
     }
 }
 
+/// Whether an `accept` error concerns one connection or a momentary shortage (file
+/// descriptors, memory), after which accepting may succeed again.
+fn accept_error_is_transient(e: &io::Error) -> bool {
+    use io::ErrorKind::*;
+    if matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock | TimedOut | OutOfMemory
+    ) {
+        return true;
+    }
+    // EMFILE, ENFILE, ENOBUFS, ENOMEM, EPROTO, EPERM (a firewall refused one connection).
+    matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12 | 71 | 1))
+}
+
 /// Accepts TCP connections, completes each TLS handshake in its own task (bounded by
 /// [`HANDSHAKE_TIMEOUT`], so a slow client cannot stall the loop), and yields the streams.
-/// The loop ends when the returned stream is dropped.
+/// The loop ends when the returned stream is dropped, or when the listening socket fails for
+/// good (then the server on it stops and [`super::SiteHandle::died`] reports it).
 pub fn incoming(
     listener: TcpListener,
     config: TlsCell,
@@ -330,10 +345,17 @@ pub fn incoming(
             };
             let (tcp, peer) = match accepted {
                 Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
+                Err(e) if accept_error_is_transient(&e) => {
+                    tracing::warn!(error = %e, "accept failed; retrying");
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
+                }
+                Err(e) => {
+                    // The listening socket itself is broken: end the stream, so the server
+                    // stops and the daemon exits naming this listener, instead of a live
+                    // process that accepts nothing.
+                    tracing::error!(error = %e, "accept failed for good; the listener stops");
+                    break;
                 }
             };
             let _ = tcp.set_nodelay(true);

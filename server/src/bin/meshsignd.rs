@@ -134,8 +134,9 @@ async fn run(command: Command) -> Result<(), String> {
         Command::Serve { config } => {
             let cfg =
                 SiteConfig::load(&config).map_err(|e| format!("{}: {e}", config.display()))?;
+            let signals = Signals::watch()?;
             let handle = start(cfg).await?;
-            serve_until_stopped(handle, &config, None).await
+            serve_until_stopped(handle, signals, &config, None).await
         }
         #[cfg(feature = "dev")]
         Command::Dev {
@@ -159,6 +160,7 @@ async fn run(command: Command) -> Result<(), String> {
                 );
             }
             let listen = cfg.listen;
+            let signals = Signals::watch()?;
             let handle = start(cfg).await?;
             let client = dev::write_client_toml(
                 &data_dir,
@@ -180,7 +182,7 @@ async fn run(command: Command) -> Result<(), String> {
                 data_dir.display(),
                 c = client.display(),
             );
-            serve_until_stopped(handle, &site_toml, Some(listen)).await
+            serve_until_stopped(handle, signals, &site_toml, Some(listen)).await
         }
     }
 }
@@ -199,32 +201,26 @@ async fn start(cfg: SiteConfig) -> Result<SiteHandle, String> {
 /// changes what needs a restart leaves the running configuration and logs why.
 async fn serve_until_stopped(
     mut handle: SiteHandle,
+    mut signals: Signals,
     path: &std::path::Path,
     listen: Option<Listen>,
 ) -> Result<(), String> {
     #[cfg(unix)]
-    let outcome = {
-        use tokio::signal::unix::{SignalKind, signal};
-        let watch = |k| signal(k).map_err(|e| format!("cannot watch signals: {e}"));
-        // Made once, before serving: a signal that arrives during a reload waits here.
-        let (mut term, mut int, mut hup) = (
-            watch(SignalKind::terminate())?,
-            watch(SignalKind::interrupt())?,
-            watch(SignalKind::hangup())?,
-        );
-        loop {
-            tokio::select! {
-                died = handle.died() => break Err(died.to_string()),
-                _ = term.recv() => break Ok(()),
-                _ = int.recv() => break Ok(()),
-                _ = hup.recv() => reload(&handle, path, listen).await,
-            }
+    let outcome = loop {
+        tokio::select! {
+            died = handle.died() => break Err(died.to_string()),
+            _ = signals.term.recv() => break Ok(()),
+            _ = signals.int.recv() => break Ok(()),
+            _ = signals.hup.recv() => reload(&handle, path, listen).await,
         }
     };
     #[cfg(not(unix))]
-    let outcome = tokio::select! {
-        died = handle.died() => Err(died.to_string()),
-        _ = tokio::signal::ctrl_c() => Ok(()),
+    let outcome = {
+        let _ = (&mut signals, path, listen);
+        tokio::select! {
+            died = handle.died() => Err(died.to_string()),
+            _ = tokio::signal::ctrl_c() => Ok(()),
+        }
     };
     handle.shutdown().await;
     outcome
@@ -244,5 +240,34 @@ async fn reload(handle: &SiteHandle, path: &std::path::Path, listen: Option<List
     match handle.reload(cfg).await {
         Ok(()) => tracing::info!(file = %path.display(), "configuration reloaded"),
         Err(e) => tracing::error!(error = %e, "reload refused: the running configuration stays"),
+    }
+}
+
+/// The process's signal streams, made once before the site starts: a signal that arrives
+/// before serving or during a reload waits in them instead of being lost (or, for SIGHUP,
+/// killing the process with the default action).
+struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn watch() -> Result<Self, String> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let watch = |k| signal(k).map_err(|e| format!("cannot watch signals: {e}"));
+            Ok(Self {
+                term: watch(SignalKind::terminate())?,
+                int: watch(SignalKind::interrupt())?,
+                hup: watch(SignalKind::hangup())?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Self {})
     }
 }

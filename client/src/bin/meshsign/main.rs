@@ -1,0 +1,243 @@
+//! `meshsign`: the runner and verifier CLI.
+//!
+//! - `meshsign sign --environment E --key ALIAS FILE...`: enroll with the job's OIDC token, sign
+//!   each file's SHA-256 at the site, write `FILE.sig` and `FILE.sig.json`.
+//! - `meshsign verify FILE`: offline verification (exit 1 on mismatch).
+//! - `meshsign verification-material --environment E --key ALIAS`: the key's public versions.
+//! - `meshsign dev token --environment E`: a token from a dev site's issuer (dev builds).
+//! - `meshsign admin …`: ops verbs on the admin port ([`admin`]).
+//!
+//! One module per command group: [`runner`] (sign, codesign), [`admin`], [`dev`]; the offline
+//! verbs (verify, audit verify, verification-material) are here.
+
+mod admin;
+mod dev;
+mod runner;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use meshsign_client::verify::{self, SigBundle};
+use meshsign_client::{ClientConfig, ClientError, transport};
+use meshsign_proto::pem_encode;
+use meshsign_proto::v1::{self, verification_client::VerificationClient};
+
+#[derive(Parser)]
+#[command(name = "meshsign", version, about = "meshsign runner and verifier CLI")]
+struct Cli {
+    /// Client config (client.toml).
+    #[arg(long, env = "MESHSIGN_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Enroll with the job's OIDC token and sign files with a site key.
+    Sign(runner::SignArgs),
+    /// Apple code signature (Mach-O, .app, .dmg) made on this machine, signed by the site.
+    #[cfg(feature = "codesign")]
+    Codesign(runner::CodesignArgs),
+    /// Verify FILE against FILE.sig.json offline; exit 1 on mismatch.
+    Verify {
+        /// The file.
+        file: PathBuf,
+        /// Also check the signature's audit receipt against an exported audit log.
+        #[arg(long, requires_all = ["audit_log", "audit_key"])]
+        receipt: bool,
+        /// Audit export (JSON lines) for --receipt.
+        #[arg(long)]
+        audit_log: Option<PathBuf>,
+        /// The site's audit public key (PEM) for --receipt.
+        #[arg(long)]
+        audit_key: Option<PathBuf>,
+        /// Signature bundle (default FILE.sig.json).
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+        /// Require the bundle's key to be this public key (PEM, e.g. from verification-material).
+        #[arg(long)]
+        public_key: Option<PathBuf>,
+    },
+    /// Print every version of a key's public key as PEM.
+    VerificationMaterial {
+        /// Environment.
+        #[arg(long)]
+        environment: String,
+        /// Key alias.
+        #[arg(long)]
+        key: String,
+    },
+    /// Dev-site helpers.
+    #[cfg(feature = "dev")]
+    Dev {
+        #[command(subcommand)]
+        command: dev::DevCommand,
+    },
+    /// Offline audit checks.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Ops verbs on the admin port (needs `[admin]` in the client config).
+    Admin {
+        #[command(subcommand)]
+        command: admin::AdminCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Verify an audit export's chain and checkpoint signatures; names the first bad seq.
+    Verify {
+        /// Export (JSON lines).
+        file: PathBuf,
+        /// The site's audit public key (PEM, from `meshsign admin audit public-key`).
+        #[arg(long)]
+        audit_key: PathBuf,
+    },
+}
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("meshsign: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meshsign: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(path: &Option<PathBuf>) -> Result<ClientConfig, ClientError> {
+    let p = path
+        .as_ref()
+        .ok_or_else(|| ClientError::Config("give --config FILE or set MESHSIGN_CONFIG".into()))?;
+    ClientConfig::load(p)
+}
+
+/// `FILE` + `ext` (`FILE.sig`, `FILE.sig.json`).
+fn sibling(file: &Path, ext: &str) -> PathBuf {
+    let mut s = file.as_os_str().to_owned();
+    s.push(ext);
+    PathBuf::from(s)
+}
+
+async fn run(cli: Cli) -> Result<(), ClientError> {
+    match cli.command {
+        Command::Audit {
+            command: AuditCommand::Verify { file, audit_key },
+        } => {
+            let text = std::fs::read_to_string(&file).map_err(ClientError::io(&file))?;
+            let lines = meshsign_proto::audit::parse_export(&text).map_err(ClientError::Verify)?;
+            let pem = std::fs::read_to_string(&audit_key).map_err(ClientError::io(&audit_key))?;
+            let key = verify::audit_key_from_pem(&pem)?;
+            let r = meshsign_proto::audit::verify_export(&lines, &key)
+                .map_err(|e| ClientError::Verify(e.to_string()))?;
+            println!(
+                "{}: OK — seq {}..{}: {} entries, {} omitted, {} signed checkpoints, {} after the last checkpoint",
+                file.display(),
+                r.first_seq,
+                r.last_seq,
+                r.entries,
+                r.omitted,
+                r.checkpoints,
+                r.unanchored
+            );
+            Ok(())
+        }
+        Command::Verify {
+            file,
+            bundle,
+            public_key,
+            receipt,
+            audit_log,
+            audit_key,
+        } => {
+            let bundle_path = bundle.unwrap_or_else(|| sibling(&file, ".sig.json"));
+            let text = std::fs::read(&bundle_path).map_err(ClientError::io(&bundle_path))?;
+            let b: SigBundle = serde_json::from_slice(&text)
+                .map_err(|e| ClientError::Verify(format!("{}: {e}", bundle_path.display())))?;
+            let pin = match &public_key {
+                Some(p) => Some(verify::spki_from_pem(
+                    &std::fs::read_to_string(p).map_err(ClientError::io(p))?,
+                )?),
+                None => None,
+            };
+            verify::verify_file(&file, &b, pin.as_deref())?;
+            if receipt && let (Some(log), Some(key)) = (&audit_log, &audit_key) {
+                let text = std::fs::read_to_string(log).map_err(ClientError::io(log))?;
+                let lines =
+                    meshsign_proto::audit::parse_export(&text).map_err(ClientError::Verify)?;
+                let pem = std::fs::read_to_string(key).map_err(ClientError::io(key))?;
+                let anchored =
+                    verify::verify_receipt(&b, &lines, &verify::audit_key_from_pem(&pem)?)?;
+                println!(
+                    "{}: receipt OK (audit entry {}{})",
+                    file.display(),
+                    b.audit_seq,
+                    if anchored {
+                        ", under a signed checkpoint"
+                    } else {
+                        ", not yet under a signed checkpoint"
+                    }
+                );
+            }
+            println!(
+                "{}: OK ({} in {}/{}, audit {})",
+                file.display(),
+                b.key_id,
+                b.region,
+                b.environment,
+                b.audit_id
+            );
+            if pin.is_none() {
+                eprintln!(
+                    "note: the key was taken from the bundle; pin it with --public-key (see verification-material)"
+                );
+            }
+            Ok(())
+        }
+        Command::VerificationMaterial { environment, key } => {
+            let cfg = load_config(&cli.config)?;
+            let tls = transport::tls_config(transport::roots(&cfg)?, None)?;
+            let ch = transport::connect(&cfg.enroll_endpoint, &cfg.server_name, tls).await?;
+            let resp = VerificationClient::new(ch)
+                .get_verification_material(v1::GetVerificationMaterialRequest {
+                    environment,
+                    key_alias: key,
+                })
+                .await
+                .map_err(|s| ClientError::rpc("GetVerificationMaterial", s))?
+                .into_inner();
+            for k in resp.keys {
+                println!(
+                    "# {} {}{}",
+                    k.key_id,
+                    k.algorithm,
+                    if k.active { " (active)" } else { "" }
+                );
+                print!("{}", pem_encode("PUBLIC KEY", &k.public_key_der));
+            }
+            Ok(())
+        }
+        #[cfg(feature = "dev")]
+        Command::Dev { command } => dev::run(&load_config(&cli.config)?, command),
+        Command::Sign(args) => runner::sign(&load_config(&cli.config)?, args).await,
+        #[cfg(feature = "codesign")]
+        Command::Codesign(args) => runner::codesign(&load_config(&cli.config)?, args).await,
+        Command::Admin { command } => admin::run(&load_config(&cli.config)?, command).await,
+    }
+}

@@ -1,0 +1,186 @@
+//! The runner's verbs: `meshsign sign` and `meshsign codesign`. A job enrolls once per command
+//! with its OIDC token, keeps its key and certificate in memory, and revokes the certificate
+//! when it is done.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use meshsign_client::runner::{EnrollParams, Session, local_fingerprint};
+use meshsign_client::token::{self, TokenSource};
+#[cfg(feature = "codesign")]
+use meshsign_client::transport;
+use meshsign_client::verify::{self, SigBundle};
+use meshsign_client::{ClientConfig, ClientError};
+#[cfg(feature = "codesign")]
+use meshsign_proto::v1::{self, verification_client::VerificationClient};
+
+/// `meshsign codesign` arguments.
+#[cfg(feature = "codesign")]
+#[derive(Args)]
+pub struct CodesignArgs {
+    #[command(flatten)]
+    runner: RunnerArgs,
+    /// Entitlements plist (XML).
+    #[arg(long)]
+    entitlements: Option<PathBuf>,
+    /// Enable the hardened runtime.
+    #[arg(long)]
+    runtime: bool,
+    /// RFC 3161 time-stamp server, or `none` (the default: no time stamp).
+    #[arg(long)]
+    timestamp_url: Option<String>,
+    /// Mach-O (thin or universal), .app bundle or .dmg.
+    input: PathBuf,
+    /// Output (default: sign in place).
+    output: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct SignArgs {
+    #[command(flatten)]
+    runner: RunnerArgs,
+    /// Files to sign.
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+}
+/// How a runner job gets its credentials: the token options shared by `sign` and `codesign`.
+#[derive(Args, Clone)]
+pub struct RunnerArgs {
+    /// Environment this job signs in.
+    #[arg(long)]
+    environment: String,
+    /// Key alias.
+    #[arg(long)]
+    key: String,
+    /// Read the OIDC token from this file.
+    #[arg(long, group = "tok")]
+    token_file: Option<PathBuf>,
+    /// Read the OIDC token from this environment variable.
+    #[arg(long, group = "tok")]
+    token_env: Option<String>,
+    /// Fetch the OIDC token from the CI (github-actions).
+    #[arg(long, group = "tok", value_parser = ["github-actions"])]
+    token_source: Option<String>,
+    /// Requested certificate lifetime in seconds (0 = the environment's cap).
+    #[arg(long, default_value_t = 0)]
+    ttl: u32,
+    /// Runner fingerprint (default: derived from this machine).
+    #[arg(long)]
+    fingerprint: Option<String>,
+}
+
+/// Obtains the job's token, makes a key in memory and enrolls.
+async fn start_session(cfg: &ClientConfig, args: &RunnerArgs) -> Result<Session, ClientError> {
+    let source = match (&args.token_file, &args.token_env, &args.token_source) {
+        (Some(f), _, _) => TokenSource::File(f.clone()),
+        (_, Some(v), _) => TokenSource::Env(v.clone()),
+        (_, _, Some(_)) => TokenSource::GithubActions,
+        _ => super::dev::fallback_token_source(cfg, &args.environment)?,
+    };
+    let aud = cfg.audience(&args.environment)?;
+    let tok = token::obtain(&source, cfg, aud).await?;
+    let params = EnrollParams {
+        environment: args.environment.clone(),
+        token: tok.to_string(),
+        fingerprint: args.fingerprint.clone().unwrap_or_else(local_fingerprint),
+        requested_ttl_seconds: args.ttl,
+        region: None,
+    };
+    drop(tok);
+    let session = Session::start(cfg, &params).await?;
+    eprintln!(
+        "enrolled as {} (serial {}, {} s)",
+        session.enrollment.spiffe_id,
+        session.enrollment.serial,
+        session.enrollment.granted_ttl_seconds
+    );
+    Ok(session)
+}
+
+/// Ends the session: its certificate is revoked, so a finished job leaves no live credential.
+/// The job's own error comes first: a failed teardown after a failed step is reported as a
+/// warning, never in its place.
+async fn finish(session: &mut Session, result: Result<(), ClientError>) -> Result<(), ClientError> {
+    let revoked = session.revoke_self("job finished").await;
+    match (result, revoked) {
+        (Ok(()), Ok(_)) => Ok(()),
+        (Ok(()), Err(e)) => Err(e),
+        (Err(e), Ok(_)) => Err(e),
+        (Err(e), Err(r)) => {
+            eprintln!("meshsign: warning: revoking the job's certificate also failed: {r}");
+            Err(e)
+        }
+    }
+}
+
+/// `meshsign sign`.
+pub async fn sign(cfg: &ClientConfig, args: SignArgs) -> Result<(), ClientError> {
+    let mut session = start_session(cfg, &args.runner).await?;
+    let result = sign_files(&mut session, &args).await;
+    finish(&mut session, result).await
+}
+
+#[cfg(feature = "codesign")]
+pub async fn codesign(cfg: &ClientConfig, args: CodesignArgs) -> Result<(), ClientError> {
+    let tls = transport::tls_config(transport::roots(cfg)?, None)?;
+    let ch = transport::connect(&cfg.enroll_endpoint, &cfg.server_name, tls).await?;
+    let identity = VerificationClient::new(ch)
+        .get_signing_identity(v1::GetVerificationMaterialRequest {
+            environment: args.runner.environment.clone(),
+            key_alias: args.runner.key.clone(),
+        })
+        .await
+        .map_err(|s| ClientError::rpc("GetSigningIdentity", s))?
+        .into_inner();
+    let mut session = start_session(cfg, &args.runner).await?;
+    let opts = meshsign_client::codesign::CodesignOptions {
+        alias: args.runner.key.clone(),
+        input: args.input.clone(),
+        output: args.output.clone(),
+        entitlements: args.entitlements.clone(),
+        runtime: args.runtime,
+        timestamp_url: args.timestamp_url.clone().filter(|u| u != "none"),
+    };
+    let result = meshsign_client::codesign::codesign(session.signer.clone(), identity, opts).await;
+    finish(&mut session, result).await?;
+    println!(
+        "{}: signed with {} ({})",
+        args.output.as_ref().unwrap_or(&args.input).display(),
+        args.runner.key,
+        args.runner.environment
+    );
+    Ok(())
+}
+
+async fn sign_files(session: &mut Session, args: &SignArgs) -> Result<(), ClientError> {
+    for file in &args.files {
+        let digest = verify::sha256_file(file)?;
+        let name = file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let r = session.sign_digest(&args.runner.key, digest, &name).await?;
+        // Checked (the signature verifies under the returned key) before anything is written.
+        let bundle = SigBundle::from_response(
+            &r,
+            &name,
+            &digest,
+            &session.enrollment.region,
+            &session.enrollment.environment,
+        )?;
+        let sig_path = super::sibling(file, ".sig");
+        let json_path = super::sibling(file, ".sig.json");
+        std::fs::write(&sig_path, &r.signature).map_err(ClientError::io(&sig_path))?;
+        let json =
+            serde_json::to_vec_pretty(&bundle).map_err(|e| ClientError::Crypto(e.to_string()))?;
+        std::fs::write(&json_path, json).map_err(ClientError::io(&json_path))?;
+        println!(
+            "{}: signed with {} (audit {}) -> {}",
+            file.display(),
+            r.key_id,
+            r.audit_id,
+            sig_path.display()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,175 @@
+//! The `meshsignd` process: SIGHUP re-reads `[tls]` (checked with `openssl s_client`), a signal
+//! that arrives during a reload is not lost, and a refused reload keeps what runs.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{openssl, start_dev_logging};
+
+/// `host:port` of an endpoint in the dev `client.toml`.
+fn endpoint(dir: &Path, key: &str) -> String {
+    let text = std::fs::read_to_string(dir.join("client.toml")).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&format!("{key} =")))
+        .unwrap_or_else(|| panic!("{key} in client.toml"));
+    let value = line.split('"').nth(1).unwrap();
+    value.rsplit("//").next().unwrap().to_string()
+}
+
+/// SHA-256 fingerprint of the certificate the server presents at `addr`.
+fn served_fingerprint(dir: &Path, addr: &str) -> String {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args([
+            "s_client",
+            "-connect",
+            addr,
+            "-tls1_3",
+            "-servername",
+            "localhost",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let start = text
+        .find("-----BEGIN CERTIFICATE-----")
+        .expect("a server certificate");
+    let end = text.find("-----END CERTIFICATE-----").unwrap() + "-----END CERTIFICATE-----".len();
+    let pem = dir.join("served.pem");
+    std::fs::write(&pem, &text[start..end]).unwrap();
+    file_fingerprint(dir, "served.pem")
+}
+
+fn file_fingerprint(dir: &Path, file: &str) -> String {
+    openssl(
+        dir,
+        &["x509", "-noout", "-fingerprint", "-sha256", "-in", file],
+    )
+    .trim()
+    .to_string()
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success(), "kill {sig} {pid}");
+}
+
+/// Polls `f` until it returns true or `limit` passes.
+fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+#[test]
+fn sighup_rereads_the_server_certificate_and_a_broken_tls_section_is_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let log = tmp.path().join("site.log");
+    let site = start_dev_logging(&dir, Some(&log));
+    let pid = site.0.id();
+    let (enroll, admin) = (
+        endpoint(&dir, "enroll_endpoint"),
+        endpoint(&dir, "admin_endpoint"),
+    );
+    let before = served_fingerprint(tmp.path(), &enroll);
+    assert_eq!(before, file_fingerprint(&dir, "pki/server.pem"));
+
+    // A new server certificate and key, put in place atomically, then SIGHUP.
+    let next = tmp.path().join("next");
+    std::fs::create_dir_all(&next).unwrap();
+    meshsign_certs_dev::DevPki::generate("meshsign.dev")
+        .unwrap()
+        .write_to(&next)
+        .unwrap();
+    for f in ["server.pem", "server.key.pem"] {
+        std::fs::copy(next.join(f), dir.join("pki").join(format!("{f}.new"))).unwrap();
+        std::fs::rename(
+            dir.join("pki").join(format!("{f}.new")),
+            dir.join("pki").join(f),
+        )
+        .unwrap();
+    }
+    let after = file_fingerprint(&dir, "pki/server.pem");
+    assert_ne!(before, after);
+    signal(pid, "-HUP");
+    assert!(
+        eventually(Duration::from_secs(15), || served_fingerprint(
+            tmp.path(),
+            &enroll
+        ) == after),
+        "new handshakes on the enroll port use the new certificate"
+    );
+    assert_eq!(
+        served_fingerprint(tmp.path(), &admin),
+        after,
+        "admin port too"
+    );
+
+    // A [tls] whose key file is gone: the reload is refused by name, the running TLS stays.
+    let site_toml = dir.join("site.toml");
+    let text = std::fs::read_to_string(&site_toml).unwrap();
+    std::fs::write(
+        &site_toml,
+        text.replace("pki/server.key.pem", "pki/missing.key.pem"),
+    )
+    .unwrap();
+    signal(pid, "-HUP");
+    assert!(
+        eventually(Duration::from_secs(15), || std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("missing.key.pem")),
+        "the refusal names the file"
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    let refused = text
+        .lines()
+        .find(|l| l.contains("missing.key.pem"))
+        .unwrap();
+    assert!(
+        refused.contains("reload refused") || refused.contains("tls:"),
+        "{refused}"
+    );
+    assert_eq!(served_fingerprint(tmp.path(), &enroll), after);
+    drop(site);
+}
+
+#[test]
+fn a_stop_signal_during_a_reload_is_not_lost() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let mut site = start_dev_logging(&dir, Some(&tmp.path().join("site.log")));
+    let pid = site.0.id();
+    // Back to back: the SIGTERM arrives while a SIGHUP reload runs.
+    for _ in 0..3 {
+        signal(pid, "-HUP");
+    }
+    signal(pid, "-TERM");
+    let mut status = None;
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            status = site.0.try_wait().unwrap();
+            status.is_some()
+        }),
+        "meshsignd stops after SIGHUP + SIGTERM"
+    );
+    assert!(
+        status.unwrap().success(),
+        "a requested stop exits 0: {status:?}"
+    );
+}
