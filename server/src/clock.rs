@@ -1,5 +1,8 @@
 //! An injected clock, so expiry, replay windows and rotation are tested without sleeping
 //! (rustls `TimeProvider`). The same clock feeds rustls' certificate checks on the sign port.
+//!
+//! Owns: the `Clock` trait, the system and manual clocks, rustls' time provider. Must not
+//! touch: anything else; it imports no module of this crate.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

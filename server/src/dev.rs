@@ -1,6 +1,8 @@
 //! Dev mode: `meshsignd dev` makes (once) and reuses a folder holding a dev PKI, a dev OIDC
 //! issuer, a KEK and a site config, then serves on loopback and writes `client.toml`.
 //!
+//! Owns: the dev folder. Must not touch: anything a production site runs.
+//!
 //! Only in builds with the `dev` cargo feature (the default); a production build has no dev
 //! PKI, no dev issuer and no `dev` subcommand. Every file is written atomically (temp + rename),
 //! so a client never reads a half-written `client.toml`.

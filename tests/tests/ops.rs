@@ -800,3 +800,65 @@ async fn disabling_with_keep_sessions_refuses_new_enrollments_but_lets_open_sess
         err.message()
     );
 }
+
+#[tokio::test]
+async fn an_admin_call_whose_certificate_names_no_operator_is_refused_and_audited() {
+    let site = TestSite::start().await;
+    let pki = site.dir.path().join("pki");
+    // A second admin CA, trusted after a reload re-reads [tls]; its admin certificate is an ops
+    // identity of another trust domain, so the TLS handshake passes and the operator check fails.
+    let other = meshsign_certs_dev::DevPki::generate("other.test").unwrap();
+    let other_dir = site.dir.path().join("other");
+    std::fs::create_dir_all(&other_dir).unwrap();
+    other.write_to(&other_dir).unwrap();
+    let mut cas = std::fs::read_to_string(pki.join("admin-ca.pem")).unwrap();
+    cas.push_str(&other.admin_ca_pem);
+    std::fs::write(pki.join("admin-ca.pem"), cas).unwrap();
+    let cfg = meshsign_server::config::SiteConfig::load(&site.site_toml).unwrap();
+    site.handle.reload(cfg).await.unwrap();
+
+    let mut cfg = site.client.clone();
+    cfg.admin = Some(meshsign_client::config::AdminIdentity {
+        cert_file: other_dir.join("admin.pem"),
+        key_file: other_dir.join("admin.key.pem"),
+    });
+    let mut foreign = meshsign_client::admin::connect(&cfg).await.unwrap();
+    let before = site.audit().len();
+    let err = foreign
+        .list_issuers(v1::EnvironmentRequest {
+            environment: "staging".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{}", err.message());
+    assert!(
+        err.message()
+            .starts_with("operator: not an ops identity of this trust domain"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(site.audit().len(), before + 1, "the refusal is audited");
+    let rec = site.last_audit();
+    assert_eq!(
+        (
+            rec.rpc.as_str(),
+            rec.decision.as_str(),
+            rec.reason.as_str(),
+            rec.operator.as_str()
+        ),
+        ("Admin.ListIssuers", "deny", "operator", "(unidentified)")
+    );
+    assert!(!rec.peer.is_empty(), "the peer address is recorded");
+    // The real operator is still served, and its calls are audited under its name.
+    site.admin()
+        .await
+        .list_issuers(v1::EnvironmentRequest {
+            environment: "staging".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        site.last_audit().operator,
+        "spiffe://meshsign.test/ops/admin/dev"
+    );
+}

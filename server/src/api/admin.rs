@@ -1,6 +1,8 @@
 //! The Admin service (admin port): proto ⇄ `ops`. The operator comes from the peer certificate
 //! (`spiffe://<td>/ops/<role>/<name>`); `ops::audited` checks the role and audits the action. A
 //! call whose certificate names no operator is refused and audited too.
+//!
+//! Owns: proto ⇄ typed conversion for the Admin service. Must not touch: ops policy.
 
 use std::sync::Arc;
 

@@ -1,5 +1,8 @@
 //! The enroll port's services: Enrollment (a token and a CSR become a runner certificate) and
 //! Verification (public key material and the trust bundle, for anyone).
+//!
+//! Owns: proto ⇄ typed conversion for Enrollment and the public reads. Must not touch: the
+//! enrollment checks (`enroll`).
 
 use std::sync::Arc;
 

@@ -1,4 +1,6 @@
 //! The audit export stream: JSON lines in seq order, filters turned into omitted-entry lines.
+//!
+//! Owns: paging the log into a stream. Must not touch: the chain (`audit`).
 
 use std::sync::Arc;
 

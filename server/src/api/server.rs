@@ -1,6 +1,9 @@
 //! Start-up and lifecycle of a site's listeners: bind the three ports, serve until told to
 //! stop, report a listener that dies, run housekeeping, and apply a reload (configuration and
 //! `[tls]`) without a restart.
+//!
+//! Owns: [`SiteHandle`], binding, the listener tasks, housekeeping's timer, applying a reload.
+//! Must not touch: what a reload may change (`ops::trust::reload` decides).
 
 use std::net::SocketAddr;
 use std::sync::Arc;

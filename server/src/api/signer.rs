@@ -1,6 +1,9 @@
 //! The sign port's service: Sign, SignBatch, RevokeSelf. The peer certificate becomes a typed
 //! [`Caller`] here, once per connection; every check that can change is made per RPC by
 //! `sign::checks`.
+//!
+//! Owns: the per-connection caller cache and proto ⇄ typed conversion. Must not touch: the
+//! checks (`sign::checks`).
 
 use std::sync::Arc;
 

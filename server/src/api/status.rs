@@ -2,6 +2,9 @@
 //! `"{reason}: {detail}"` with the code its kind maps to; the same reason is in the audit
 //! record and the log. An internal fault is logged in full (with its chain of causes) under a
 //! fresh error id, and the client gets only `"internal: error id <id>"` to find that line.
+//!
+//! Owns: the map from `model::RefusalKind` to `tonic::Code`. Must not touch: reasons (each
+//! layer's error names its own).
 
 use tonic::{Code, Status};
 

@@ -2,6 +2,9 @@
 //! loop that hands tonic
 //! `tokio_rustls::server::TlsStream`s (so `Request::peer_certs()` works).
 //!
+//! Owns: rustls server configurations and the accept loop. Must not touch: who a peer is
+//! (`identity`), what it may do (the use cases).
+//!
 //! tonic's own server TLS takes only a CA root; we build the `ServerConfig` ourselves: TLS 1.3
 //! only, ALPN `h2`, aws-lc-rs, and the site's clock as rustls' time provider so handshake-time
 //! validity and per-RPC validity agree.

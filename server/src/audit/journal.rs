@@ -1,6 +1,8 @@
 //! The audit journal: an append-only file that makes audit entries durable without a flush of
 //! the whole store.
 //!
+//! Owns: the journal file. Must not touch: the chain or the store (the writer does both).
+//!
 //! A sled flush goes through sled's I/O thread pool, which wakes every idle pool thread in
 //! turn; measured with `meshsign-bench`, that was about a fifth of the site's CPU time per
 //! Sign. A Sign changes nothing in the store but its audit entry, so the writer makes those

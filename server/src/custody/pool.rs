@@ -1,6 +1,8 @@
 //! The signing pool: a fixed set of threads, one per core, for signing work too long to run on
 //! a runtime worker (a SignBatch of up to 1,000 digests).
 //!
+//! Owns: the pool's threads and queue. Must not touch: keys or policy (it runs closures).
+//!
 //! tokio's blocking pool would start a thread per concurrent batch (up to 512), so 16
 //! concurrent batches on two cores would be 16 threads time-sliced against each other; here
 //! batches queue and each runs to completion on one of `cores` threads.

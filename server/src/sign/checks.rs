@@ -27,12 +27,27 @@ pub const MAX_MESSAGE_BYTES: usize = 4096;
 /// Most digests in one SignBatch.
 pub const MAX_BATCH: usize = 1000;
 
-/// Runs the caller and key checks; returns the key version that signs and its spec.
-pub fn authorize(
-    site: &SiteState,
-    caller: &Caller,
-    alias: &str,
-) -> Result<(LoadedKey, KeySpec), SignError> {
+/// What the caller and key checks established: the key version that signs, and the
+/// configuration snapshot they read (the later checks read the same one).
+#[derive(Debug)]
+pub struct Authorized {
+    /// The active version of the key.
+    pub key: LoadedKey,
+    config: Arc<SiteConfig>,
+    record: Arc<CertRecord>,
+}
+
+impl Authorized {
+    /// The key's spec in the caller's environment (present: `authorize` found it).
+    pub fn spec(&self, alias: &str) -> Option<&KeySpec> {
+        self.config
+            .environment(&self.record.environment)
+            .and_then(|e| e.key(alias))
+    }
+}
+
+/// Runs the caller and key checks; returns the key version that signs.
+pub fn authorize(site: &SiteState, caller: &Caller, alias: &str) -> Result<Authorized, SignError> {
     let now = site.clock.unix();
     let config = site.config();
     let record = certificate(site, caller)?;
@@ -52,7 +67,11 @@ pub fn authorize(
             alias: bounded(alias, 64),
             environment: record.environment.clone(),
         })?;
-    Ok((key, spec.clone()))
+    Ok(Authorized {
+        key,
+        config,
+        record,
+    })
 }
 
 /// `certificate`: this site issued the certificate, for the environment it names.
@@ -171,18 +190,18 @@ pub fn algorithm(key: &LoadedKey, requested: &str) -> Result<(), SignError> {
 }
 
 /// `purpose`: the key may sign this kind of input.
-pub fn purpose(spec: &KeySpec, payload: &Payload) -> Result<(), SignError> {
+pub fn purpose(spec: Option<&KeySpec>, alias: &str, payload: &Payload) -> Result<(), SignError> {
     let purpose = match payload {
         Payload::Digest(_) | Payload::Batch(_) => Purpose::Digest,
         Payload::Message(_) => Purpose::Message,
         Payload::AppleCms(_) => Purpose::AppleCms,
         Payload::Missing => return Ok(()),
     };
-    if spec.purposes.contains(&purpose) {
+    if spec.is_some_and(|s| s.purposes.contains(&purpose)) {
         return Ok(());
     }
     Err(SignError::Purpose {
-        alias: spec.alias.clone(),
+        alias: bounded(alias, 64),
         purpose: purpose.as_str(),
     })
 }

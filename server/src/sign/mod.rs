@@ -264,10 +264,11 @@ async fn check_and_sign(
     input: SignInput,
     rec: &mut AuditRecord,
 ) -> Result<SignOutput, SignError> {
-    let (key, spec) = checks::authorize(site, caller, &input.alias)?;
+    let authorized = checks::authorize(site, caller, &input.alias)?;
+    let key = &authorized.key;
     rec.key_id = key.record.key_id();
-    checks::algorithm(&key, &input.algorithm)?;
-    checks::purpose(&spec, &input.payload)?;
+    checks::algorithm(key, &input.algorithm)?;
+    checks::purpose(authorized.spec(&input.alias), &input.alias, &input.payload)?;
     checks::input(&input.payload)?;
     let digests = match input.payload {
         Payload::Digest(d) => vec![checks::digest_len(&d)?],
