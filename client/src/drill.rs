@@ -35,7 +35,7 @@ impl DrillReport {
 
 /// Runs the drill in `environment` against the policy of `issuer` (or a random enabled one whose
 /// issuer the token source can mint for). The policy is re-enabled even if a step fails.
-pub async fn run(
+pub async fn exercise(
     cfg: &ClientConfig,
     environment: &str,
     issuer: Option<&str>,

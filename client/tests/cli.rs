@@ -572,6 +572,16 @@ fn audit_export_verify_receipt_and_logs_without_tokens() {
         logs.contains("\"ttl_remaining_sec\""),
         "sign decisions log ttl_remaining_sec"
     );
+    // As a number, the way the audit record has it (not Rust's `Some(…)` in a string).
+    let ttl = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|v| v["fields"]["ttl_remaining_sec"].as_i64());
+    assert!(
+        ttl.is_some_and(|t| t > 0),
+        "ttl_remaining_sec is a JSON number"
+    );
+    assert!(!logs.contains("Some("), "no Rust Option text in the logs");
     for part in token.trim().split('.') {
         assert!(!logs.contains(part), "a token part leaked into the logs");
     }

@@ -275,6 +275,12 @@ async fn every_rejection_has_its_status_and_audit_reason_and_changes_nothing() {
             case.name,
             err.message()
         );
+        assert!(
+            !err.message().contains("Some("),
+            "{}: no Rust Option text: {}",
+            case.name,
+            err.message()
+        );
         let rec = site.last_audit();
         assert_eq!(
             (rec.rpc.as_str(), rec.decision.as_str()),
@@ -283,6 +289,13 @@ async fn every_rejection_has_its_status_and_audit_reason_and_changes_nothing() {
             case.name
         );
         assert_eq!(rec.reason, case.reason, "{}", case.name);
+        // The audit record carries the same detail as the message.
+        assert_eq!(
+            format!("{}: {}", rec.reason, rec.detail),
+            err.message(),
+            "{}",
+            case.name
+        );
         assert_eq!(
             cert_count(&site),
             certs_before,

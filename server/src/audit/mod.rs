@@ -280,7 +280,7 @@ impl AuditLog {
         };
         std::thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || writer.commit_loop(rx))
             .map_err(|e| AuditError::Thread(Arc::new(e)))?;
         Ok(Self {
             tx,
@@ -420,7 +420,7 @@ impl AuditLog {
 }
 
 impl Writer {
-    fn run(mut self, rx: mpsc::Receiver<Msg>) {
+    fn commit_loop(mut self, rx: mpsc::Receiver<Msg>) {
         // After a restart (or a crash), anchor the tail left unsigned at once.
         if self.since_checkpoint > 0
             && let Err(e) = self.commit(Vec::new(), true)

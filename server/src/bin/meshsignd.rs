@@ -104,7 +104,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli.command)) {
+    match rt.block_on(dispatch(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("meshsignd: {e}");
@@ -113,7 +113,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(command: Command) -> Result<(), String> {
+async fn dispatch(command: Command) -> Result<(), String> {
     match command {
         Command::Check { config } => {
             let cfg =

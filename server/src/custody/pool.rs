@@ -66,7 +66,7 @@ impl SigningPool {
     }
 
     /// Runs `f` on the pool and waits for its result.
-    pub async fn run<T: Send + 'static>(
+    pub async fn submit<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, PoolStopped> {

@@ -303,7 +303,7 @@ async fn check_and_sign(
     } else {
         // A batch takes milliseconds: off the runtime, on the per-core signing pool.
         site.signing_pool
-            .run(move || {
+            .submit(move || {
                 let sigs = digests
                     .iter()
                     .map(|d| backend.sign_digest(d))

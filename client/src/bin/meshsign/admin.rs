@@ -269,7 +269,7 @@ pub enum KeyCommand {
 }
 
 /// Runs an admin command.
-pub async fn run(cfg: &ClientConfig, command: AdminCommand) -> Result<(), ClientError> {
+pub async fn dispatch(cfg: &ClientConfig, command: AdminCommand) -> Result<(), ClientError> {
     match command {
         AdminCommand::Drill {
             environment,
@@ -603,7 +603,7 @@ async fn drill(
     } else {
         super::dev::default_token_source(environment)?
     };
-    let r = meshsign_client::drill::run(cfg, environment, issuer, &source).await?;
+    let r = meshsign_client::drill::exercise(cfg, environment, issuer, &source).await?;
     println!(
         "drill {environment}: policy {} ({}) — sign refused after {:.1} ms on an open connection, \
          enrollment refused after {:.1} ms; re-enabled, enrollment {}",

@@ -86,7 +86,7 @@ mod with_dev {
     }
 
     /// `meshsign dev token`: prints a token from the dev issuer.
-    pub fn run(cfg: &ClientConfig, command: DevCommand) -> Result<(), ClientError> {
+    pub fn dispatch(cfg: &ClientConfig, command: DevCommand) -> Result<(), ClientError> {
         let DevCommand::Token { environment, job } = command;
         let aud = cfg.audience(&environment)?;
         let t = token::dev_token(cfg, aud, &github_job(&environment, &job))?;

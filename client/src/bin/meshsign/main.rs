@@ -112,7 +112,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
+    match rt.block_on(dispatch(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("meshsign: {e}");
@@ -135,7 +135,7 @@ fn sibling(file: &Path, ext: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
-async fn run(cli: Cli) -> Result<(), ClientError> {
+async fn dispatch(cli: Cli) -> Result<(), ClientError> {
     match cli.command {
         Command::Audit {
             command: AuditCommand::Verify { file, audit_key },
@@ -234,10 +234,10 @@ async fn run(cli: Cli) -> Result<(), ClientError> {
             Ok(())
         }
         #[cfg(feature = "dev")]
-        Command::Dev { command } => dev::run(&load_config(&cli.config)?, command),
+        Command::Dev { command } => dev::dispatch(&load_config(&cli.config)?, command),
         Command::Sign(args) => runner::sign(&load_config(&cli.config)?, args).await,
         #[cfg(feature = "codesign")]
         Command::Codesign(args) => runner::codesign(&load_config(&cli.config)?, args).await,
-        Command::Admin { command } => admin::run(&load_config(&cli.config)?, command).await,
+        Command::Admin { command } => admin::dispatch(&load_config(&cli.config)?, command).await,
     }
 }
