@@ -353,10 +353,11 @@ async fn signatures_acknowledged_through_the_journal_survive_a_lost_store_tail()
         .join("data")
         .join(meshsign_server::audit::journal::JOURNAL_FILE);
     let journal = std::fs::read(&journal_path).unwrap();
+    // A header line (what the store held when the journal was last emptied), then entries.
     let lines: Vec<AuditRecord> = journal
         .split(|b| *b == b'\n')
         .filter(|l| !l.is_empty())
-        .map(|l| serde_json::from_slice(l).unwrap())
+        .filter_map(|l| serde_json::from_slice(l).ok())
         .collect();
     assert_eq!(
         lines.iter().map(|r| r.seq).collect::<Vec<_>>(),
@@ -376,8 +377,11 @@ async fn signatures_acknowledged_through_the_journal_survive_a_lost_store_tail()
             }
             kv.flush().unwrap();
             drop(kv);
+            // Half of a fourth entry line: the first half of the last entry, no newline.
+            let body = &journal[..journal.len() - 1];
+            let start = body.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
             let mut torn = journal.clone();
-            torn.extend_from_slice(&journal[..journal.len() / 5]);
+            torn.extend_from_slice(&body[start..start + (body.len() - start) / 2]);
             std::fs::write(
                 data.join(meshsign_server::audit::journal::JOURNAL_FILE),
                 torn,
@@ -391,15 +395,25 @@ async fn signatures_acknowledged_through_the_journal_survive_a_lost_store_tail()
         let e = all.iter().find(|e| e.seq == *seq).expect("recovered");
         assert_eq!(&e.hash, hash, "seq {seq} is the acknowledged entry");
     }
-    // No gap, no extra entry from the torn line, and the chain still verifies end to end.
+    // No gap; the torn line's seq is not reused for another decision: an entry recording the
+    // loss takes it; the chain still verifies end to end.
     let seqs: Vec<u64> = all.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, (1..=all.len() as u64).collect::<Vec<_>>());
+    let last_receipt = receipts.last().unwrap().0;
+    let loss = all.iter().find(|e| e.seq == last_receipt + 1).unwrap();
+    assert_eq!(
+        (loss.rpc.as_str(), loss.reason.as_str()),
+        ("AuditRecovery", "loss_recorded")
+    );
+    assert!(loss.detail.contains("torn last line"), "{}", loss.detail);
     let key = audit_key(&site).await;
     let lines = export(&site, v1::ExportAuditRequest::default()).await;
     verify_export(&lines, &key).unwrap();
+    let left = std::fs::read_to_string(&journal_path).unwrap();
     assert_eq!(
-        std::fs::metadata(&journal_path).unwrap().len(),
-        0,
-        "recovered entries are in the store; the journal is emptied"
+        left.lines().count(),
+        1,
+        "recovered entries are in the store; the journal is emptied to its header: {left}"
     );
+    assert!(left.starts_with("{\"journal\":1,\"after_seq\":"), "{left}");
 }

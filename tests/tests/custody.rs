@@ -164,5 +164,12 @@ async fn keys_and_runner_cas_survive_a_restart_and_a_wrong_kek_refuses_to_start(
         std::sync::Arc::new(meshsign_server::clock::SystemClock),
     )
     .expect_err("wrong KEK");
-    assert!(err.to_string().contains("does not decrypt"), "{err}");
+    // Refused before the store is touched, naming the KEK file and the site marker.
+    let msg = err.to_string();
+    assert!(msg.starts_with("wrong KEK: "), "{msg}");
+    assert!(
+        msg.contains(&dir.join("kek").display().to_string()),
+        "{msg}"
+    );
+    assert!(msg.contains("site.json"), "{msg}");
 }

@@ -12,12 +12,19 @@
 //! holds an entry whose request changed other state (enrollment, ops), when a checkpoint is
 //! written, and when the journal passes [`Journal::MAX_BYTES`].
 //!
-//! **Recovery.** At start, every complete entry in the journal whose hash matches its content is
-//! written back into the store (a crash may have lost the store's unflushed tail), the store is
-//! flushed, and the journal emptied. A torn last line — a write the crash cut short — was never
-//! acknowledged (the `fdatasync` had not returned) and is dropped.
+//! **Recovery.** At start every complete line must be an entry whose hash matches its content
+//! and whose seq and `prev_hash` continue the line before it (or the header); the first line
+//! that does not refuses the start, naming its line and seq ([`JournalError`]) — `meshsignd
+//! recover` decides what to accept. Intact entries are written back into the store (a crash may
+//! have lost the store's unflushed tail), the store is flushed, and only then is the journal
+//! emptied. A torn last piece (no newline) is a write that a crash cut short — or an acknowledged
+//! line cut by damage: the two cannot be told apart, so its seq is never reused: the writer
+//! records a loss entry in its place (see `AuditLog::open`).
 //!
-//! Format: one JSON audit entry per line, exactly the bytes stored under its seq.
+//! Format: an optional header line `{"journal":1,"after_seq":N,"after_hash":H}` — written each
+//! time the journal is emptied, saying the store held every entry through N durably — then one
+//! JSON audit entry per line, exactly the bytes stored under its seq. A site created with a
+//! journal always has the file: a missing journal refuses the start.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read as _, Write as _};
@@ -38,6 +45,8 @@ pub struct Journal {
     file: File,
     path: PathBuf,
     len: u64,
+    /// Entries appended since the last clear (this process).
+    entries: usize,
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> AuditError {
@@ -47,13 +56,127 @@ fn io_err(path: &Path, e: std::io::Error) -> AuditError {
     }
 }
 
+/// Why a journal cannot be used as it is.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum JournalError {
+    /// The site was created with a journal and it is gone.
+    #[error(
+        "audit journal {path} is missing: acknowledged audit entries may be lost with it; \
+             run `meshsignd recover --data-dir {dir}` to see what is intact"
+    )]
+    Missing {
+        /// The journal file.
+        path: PathBuf,
+        /// Its folder.
+        dir: PathBuf,
+    },
+    /// A complete line is not the entry that must come next.
+    #[error(
+        "audit journal {path}: line {line} (seq {seq}) {what}; acknowledged entries from seq \
+             {seq} on cannot be trusted; run `meshsignd recover --data-dir {dir}`"
+    )]
+    Corrupt {
+        /// The journal file.
+        path: PathBuf,
+        /// Its folder.
+        dir: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// The seq that line should hold.
+        seq: u64,
+        /// What is wrong.
+        what: String,
+    },
+}
+
+/// The header line written when the journal is emptied.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Header {
+    journal: u32,
+    after_seq: u64,
+    after_hash: String,
+}
+
+/// What a journal held at open.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// From the header: the store held every entry through this seq (and its hash) durably.
+    pub base: Option<(u64, String)>,
+    /// The intact entries, chained, in order.
+    pub entries: Vec<JournalEntry>,
+    /// A torn last piece followed the entries.
+    pub torn: bool,
+    /// The 1-based line number of the torn piece (for messages).
+    pub torn_line: usize,
+}
+
+/// Reads and checks journal text (see the module docs); `path` is for messages.
+pub fn parse(path: &Path, text: &[u8]) -> Result<Recovered, JournalError> {
+    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut out = Recovered::default();
+    let pieces: Vec<&[u8]> = text.split(|b| *b == b'\n').collect();
+    let last = pieces.len().saturating_sub(1);
+    for (i, line) in pieces.iter().enumerate() {
+        let n = i + 1;
+        if i == last {
+            // The piece after the last newline: empty, or a torn write.
+            if !line.is_empty() {
+                out.torn = true;
+                out.torn_line = n;
+            }
+            break;
+        }
+        if i == 0
+            && let Ok(h) = serde_json::from_slice::<Header>(line)
+        {
+            out.base = Some((h.after_seq, h.after_hash));
+            continue;
+        }
+        let prev = out
+            .entries
+            .last()
+            .map(|(r, _)| (r.seq, r.hash.clone()))
+            .or_else(|| out.base.clone());
+        let expected = prev.as_ref().map_or(0, |(s, _)| s + 1);
+        let corrupt = |what: &str| JournalError::Corrupt {
+            path: path.to_path_buf(),
+            dir: dir.clone(),
+            line: n,
+            seq: expected,
+            what: what.to_string(),
+        };
+        let rec: AuditRecord =
+            serde_json::from_slice(line).map_err(|_| corrupt("is not an audit entry"))?;
+        if rec.hash != rec.compute_hash() {
+            return Err(corrupt("does not match its own hash"));
+        }
+        if let Some((pseq, phash)) = prev {
+            if rec.seq != pseq + 1 {
+                return Err(corrupt(&format!("holds seq {}", rec.seq)));
+            }
+            if rec.prev_hash != phash {
+                return Err(corrupt("does not continue the chain"));
+            }
+        }
+        out.entries.push((rec, line.to_vec()));
+    }
+    Ok(out)
+}
+
 impl Journal {
     /// Past this size the writer flushes the store and empties the journal.
     pub const MAX_BYTES: u64 = 8 << 20;
 
-    /// Opens (or creates) the journal and returns the complete, intact entries it holds, in
-    /// file order.
-    pub fn open(path: &Path) -> Result<(Self, Vec<JournalEntry>), AuditError> {
+    /// Opens the journal and returns what it holds, checked. With `must_exist`, a missing file
+    /// is refused; otherwise it is created.
+    pub fn open(path: &Path, must_exist: bool) -> Result<(Self, Recovered), AuditError> {
+        if must_exist && !path.exists() {
+            return Err(AuditError::JournalState(JournalError::Missing {
+                path: path.to_path_buf(),
+                dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+            }));
+        }
         let mut file = OpenOptions::new()
             .read(true)
             .append(true)
@@ -62,29 +185,16 @@ impl Journal {
             .map_err(|e| io_err(path, e))?;
         let mut text = Vec::new();
         file.read_to_end(&mut text).map_err(|e| io_err(path, e))?;
-        let mut entries = Vec::new();
-        let mut lines = text.split(|b| *b == b'\n').peekable();
-        while let Some(line) = lines.next() {
-            let complete = lines.peek().is_some(); // the piece after the last '\n' is torn
-            if !complete || line.is_empty() {
-                continue;
-            }
-            match serde_json::from_slice::<AuditRecord>(line) {
-                Ok(rec) if rec.hash == rec.compute_hash() => entries.push((rec, line.to_vec())),
-                _ => {
-                    tracing::warn!(file = %path.display(), "audit journal: unreadable entry; later lines ignored");
-                    break;
-                }
-            }
-        }
+        let recovered = parse(path, &text).map_err(AuditError::JournalState)?;
         let len = text.len() as u64;
         Ok((
             Self {
                 file,
                 path: path.to_path_buf(),
                 len,
+                entries: recovered.entries.len(),
             },
-            entries,
+            recovered,
         ))
     }
 
@@ -103,20 +213,33 @@ impl Journal {
             .and_then(|()| self.file.sync_data())
             .map_err(|e| io_err(&self.path, e))?;
         self.len += buf.len() as u64;
+        self.entries += entries.len();
         Ok(())
     }
 
-    /// Empties the journal (call only once the store holds every entry durably).
-    pub fn clear(&mut self) -> Result<(), AuditError> {
-        if self.len == 0 {
-            return Ok(());
-        }
+    /// Empties the journal (call only once the store holds every entry through `seq`
+    /// durably), leaving a header that says so.
+    pub fn clear(&mut self, seq: u64, hash: &str) -> Result<(), AuditError> {
+        let mut header = serde_json::to_vec(&Header {
+            journal: 1,
+            after_seq: seq,
+            after_hash: hash.to_string(),
+        })
+        .map_err(AuditError::entry("journal header"))?;
+        header.push(b'\n');
         self.file
             .set_len(0)
+            .and_then(|()| self.file.write_all(&header))
             .and_then(|()| self.file.sync_data())
             .map_err(|e| io_err(&self.path, e))?;
-        self.len = 0;
+        self.len = header.len() as u64;
+        self.entries = 0;
         Ok(())
+    }
+
+    /// The journal file.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Bytes in the journal.
@@ -124,8 +247,8 @@ impl Journal {
         self.len
     }
 
-    /// True when the journal holds nothing.
+    /// True when the journal holds no entry (a header at most).
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.entries == 0
     }
 }

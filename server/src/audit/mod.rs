@@ -73,6 +73,9 @@ pub enum AuditError {
     /// The writer thread could not be started.
     #[error("cannot start the audit writer: {0}")]
     Thread(#[source] Arc<std::io::Error>),
+    /// The journal is missing or does not hold what it must.
+    #[error(transparent)]
+    JournalState(journal::JournalError),
     /// The writer thread is gone (site shutting down).
     #[error("audit writer stopped")]
     Stopped,
@@ -230,27 +233,27 @@ impl AuditLog {
         region: &str,
         key: AuditKey,
         settings: AuditSettings,
-        journal: Option<&std::path::Path>,
+        journal: Option<JournalAt<'_>>,
     ) -> Result<Self, AuditError> {
+        let mut torn = None;
         let journal = match journal {
-            Some(path) => {
-                let (mut j, entries) = Journal::open(path)?;
-                for (rec, bytes) in &entries {
-                    store.kv().put(Tree::Audit, &rec.seq.to_be_bytes(), bytes)?;
-                }
-                store.flush()?;
-                j.clear()?;
-                if !entries.is_empty() {
+            Some(at) => {
+                let (j, recovered) = Journal::open(at.path, at.must_exist)?;
+                let restored = restore_from_journal(&store, at.path, &recovered)?;
+                if restored > 0 {
                     tracing::info!(
-                        entries = entries.len(),
+                        entries = restored,
                         "audit entries recovered from the journal"
                     );
+                }
+                if recovered.torn {
+                    torn = Some(recovered.torn_line);
                 }
                 Some(j)
             }
             None => None,
         };
-        let (seq, hash, since_checkpoint) = match store.kv().last(Tree::Audit)? {
+        let (mut seq, mut hash, since_checkpoint) = match store.kv().last(Tree::Audit)? {
             Some((_, v)) => {
                 let last: AuditRecord =
                     serde_json::from_slice(&v).map_err(AuditError::entry("last stored"))?;
@@ -262,6 +265,31 @@ impl AuditLog {
             }
             None => (0, genesis(), 0),
         };
+        if let Some(line) = torn {
+            // The torn piece held seq `seq + 1` (or nothing acknowledged): that seq is never
+            // reused for another decision; an entry recording the loss takes it.
+            let path = journal.as_ref().map(|j| j.path().display().to_string());
+            let rec = loss_record(
+                seq + 1,
+                &format!(
+                    "journal {} line {line}: a torn last line was dropped at start; if seq {} \
+                     was acknowledged, its receipt no longer matches (its content is lost)",
+                    path.unwrap_or_default(),
+                    seq + 1
+                ),
+            );
+            let (s, h) = append_direct(&store, region, &clock, &hash, rec)?;
+            tracing::warn!(
+                seq = s,
+                "audit journal: torn last line dropped; loss recorded"
+            );
+            (seq, hash) = (s, h);
+        }
+        let mut journal = journal;
+        if let Some(j) = &mut journal {
+            store.flush()?;
+            j.clear(seq, &hash)?;
+        }
         let (head_tx, head_rx) = watch::channel(seq);
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
@@ -288,6 +316,11 @@ impl AuditLog {
             head: head_rx,
             key,
         })
+    }
+
+    /// The public audit key (id, SPKI DER).
+    pub fn key(&self) -> &AuditKey {
+        &self.key
     }
 
     /// Appends an entry (seq, ts, region and chain are filled in) and waits until it — and
@@ -419,6 +452,136 @@ impl AuditLog {
     }
 }
 
+/// Where the journal is, and whether it must already exist (a site created with one).
+#[derive(Clone, Copy, Debug)]
+pub struct JournalAt<'a> {
+    /// The file.
+    pub path: &'a std::path::Path,
+    /// A missing file is refused (the site exists) rather than created (a new site).
+    pub must_exist: bool,
+}
+
+/// Writes the journal's intact entries that the store lacks back into it (flushed), after
+/// checking that the two agree: the store holds everything the journal's header says it
+/// durably held, and every entry both hold is the same. Returns how many were restored.
+fn restore_from_journal(
+    store: &Store,
+    path: &std::path::Path,
+    recovered: &journal::Recovered,
+) -> Result<usize, AuditError> {
+    let dir = path
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
+    let stored = |seq: u64| -> Result<Option<AuditRecord>, AuditError> {
+        match store.kv().get(Tree::Audit, &seq.to_be_bytes())? {
+            Some(v) => Ok(Some(
+                serde_json::from_slice(&v).map_err(AuditError::entry("stored"))?,
+            )),
+            None => Ok(None),
+        }
+    };
+    let head = match store.kv().last(Tree::Audit)? {
+        Some((_, v)) => {
+            let r: AuditRecord =
+                serde_json::from_slice(&v).map_err(AuditError::entry("last stored"))?;
+            (r.seq, r.hash)
+        }
+        None => (0, genesis()),
+    };
+    let conflict = |line_seq: u64, what: String| {
+        AuditError::JournalState(journal::JournalError::Corrupt {
+            path: path.to_path_buf(),
+            dir: dir.clone(),
+            line: 0,
+            seq: line_seq,
+            what,
+        })
+    };
+    if let Some((base_seq, base_hash)) = &recovered.base
+        && *base_seq > 0
+    {
+        match stored(*base_seq)? {
+            Some(r) if r.hash == *base_hash => {}
+            Some(_) => {
+                return Err(conflict(
+                    *base_seq,
+                    "is a different entry in the store than the journal says".into(),
+                ));
+            }
+            None => {
+                return Err(conflict(
+                    *base_seq,
+                    format!(
+                        "was durable in the store when the journal was emptied, but the store's \
+                         log now ends at seq {}: the store lost acknowledged entries",
+                        head.0
+                    ),
+                ));
+            }
+        }
+    }
+    let mut restored = 0;
+    let (mut last_seq, mut last_hash) = head;
+    for (rec, bytes) in &recovered.entries {
+        if rec.seq <= head.0 {
+            match stored(rec.seq)? {
+                Some(r) if r.hash == rec.hash => continue,
+                _ => {
+                    return Err(conflict(
+                        rec.seq,
+                        "differs from the store's entry with the same seq".into(),
+                    ));
+                }
+            }
+        }
+        if rec.seq != last_seq + 1 || rec.prev_hash != last_hash {
+            return Err(conflict(
+                rec.seq,
+                format!("does not continue the store's log (which ends at seq {last_seq})"),
+            ));
+        }
+        store.kv().put(Tree::Audit, &rec.seq.to_be_bytes(), bytes)?;
+        (last_seq, last_hash) = (rec.seq, rec.hash.clone());
+        restored += 1;
+    }
+    store.flush()?;
+    Ok(restored)
+}
+
+/// An entry that records a loss of audit entries (start-up recovery, `meshsignd recover`).
+pub fn loss_record(seq: u64, detail: &str) -> AuditRecord {
+    AuditRecord {
+        seq,
+        rpc: "AuditRecovery".into(),
+        decision: "allow".into(),
+        reason: "loss_recorded".into(),
+        environment: "(site)".into(),
+        detail: detail.to_string(),
+        ..Default::default()
+    }
+}
+
+/// Chains `rec` after `prev_hash` at its seq and stores it (not flushed); returns (seq, hash).
+/// For start-up and offline recovery only, before any writer runs.
+pub fn append_direct(
+    store: &Store,
+    region: &str,
+    clock: &SharedClock,
+    prev_hash: &str,
+    mut rec: AuditRecord,
+) -> Result<(u64, String), AuditError> {
+    rec.ts = ::time::OffsetDateTime::from(clock.now())
+        .format(&::time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    rec.site_region = region.to_string();
+    let bytes = rec.seal(prev_hash);
+    store
+        .kv()
+        .put(Tree::Audit, &rec.seq.to_be_bytes(), &bytes)?;
+    Ok((rec.seq, rec.hash))
+}
+
 impl Writer {
     fn commit_loop(mut self, rx: mpsc::Receiver<Msg>) {
         // After a restart (or a crash), anchor the tail left unsigned at once.
@@ -469,7 +632,7 @@ impl Writer {
         if self.store.flush().is_ok()
             && let Some(j) = &mut self.journal
         {
-            let _ = j.clear();
+            let _ = j.clear(self.seq, &self.hash);
         }
         drop(self);
         let _ = done.send(());
@@ -548,7 +711,7 @@ impl Writer {
             self.store.flush()?;
             if let Some(j) = &mut self.journal {
                 // If emptying fails the journal only repeats entries the store now holds.
-                match j.clear() {
+                match j.clear(self.seq, &self.hash) {
                     Ok(()) => self.journal_reset = false,
                     Err(e) => tracing::warn!(error = %e, "audit journal not emptied"),
                 }

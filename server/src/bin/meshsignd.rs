@@ -20,6 +20,7 @@ use meshsign_server::custody::Kek;
 #[cfg(feature = "dev")]
 use meshsign_server::dev;
 use meshsign_server::state::SiteState;
+use meshsign_server::state::marker::SiteMarker;
 
 #[derive(Parser)]
 #[command(
@@ -118,7 +119,19 @@ async fn dispatch(command: Command) -> Result<(), String> {
         Command::Check { config } => {
             let cfg =
                 SiteConfig::load(&config).map_err(|e| format!("{}: {e}", config.display()))?;
-            Kek::load(&cfg.kek_file, cfg.dev).map_err(|e| e.to_string())?;
+            let kek = Kek::load(&cfg.kek_file, cfg.dev).map_err(|e| e.to_string())?;
+            // A site that exists: the KEK must be its KEK.
+            match SiteMarker::read(&cfg.data_dir).map_err(|e| e.to_string())? {
+                Some(m) => {
+                    m.check_kek(&kek, &cfg.kek_file, &cfg.data_dir)
+                        .map_err(|e| e.to_string())?;
+                    println!("site {}: the KEK opens its check value", m.site_id);
+                }
+                None => println!(
+                    "no site in {} yet (it is created at the first start)",
+                    cfg.data_dir.display()
+                ),
+            }
             println!(
                 "{}: ok (region {}, environments: {})",
                 config.display(),
@@ -188,9 +201,21 @@ async fn dispatch(command: Command) -> Result<(), String> {
 }
 
 async fn start(cfg: SiteConfig) -> Result<SiteHandle, String> {
+    let data_dir = cfg.data_dir.clone();
     let state = tokio::task::spawn_blocking(move || SiteState::open(cfg, Arc::new(SystemClock)))
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(|e| match e.try_into_panic() {
+            // sled panics on some damaged files after open; name the folder, not a task.
+            Ok(panic) => format!(
+                "the store in {} is damaged (the storage engine panicked: {}); nothing was \
+                 changed. Restore a snapshot (`meshsignd restore`), or run `meshsignd recover \
+                 --data-dir {}` to see what is intact",
+                data_dir.display(),
+                meshsign_server::store::panic_message(panic.as_ref()),
+                data_dir.display()
+            ),
+            Err(e) => e.to_string(),
+        })?
         .map_err(|e| e.to_string())?;
     api::start(Arc::new(state)).await.map_err(|e| e.to_string())
 }

@@ -561,6 +561,13 @@ pub fn store_key(
     Ok(record)
 }
 
+/// Checks that `kek` opens the key records already in the store (all of them): a wrong KEK is
+/// refused before anything new is wrapped under it.
+pub fn verify_kek(store: &Store, kek: &Kek) -> Result<(), CustodyError> {
+    let records: Vec<KeyRecord> = store.scan(Tree::Keys, b"")?;
+    load_versions(kek, records).map(|_| ())
+}
+
 /// Loads every version of `environment/alias` (oldest first), creating v1 with `algorithm` if
 /// there is none. Used for site-held keys outside the configuration (the audit key).
 pub fn load_or_create_alias(

@@ -9,6 +9,7 @@
 
 pub mod certs;
 pub mod jti;
+pub mod marker;
 pub mod overlays;
 pub mod revocations;
 
@@ -17,14 +18,15 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use crate::audit::journal::JOURNAL_FILE;
-use crate::audit::{AuditError, AuditKey, AuditLog, AuditSettings};
+use crate::audit::{AuditError, AuditKey, AuditLog, AuditSettings, JournalAt};
 use crate::ca::{CaError, RunnerCas};
 use crate::clock::SharedClock;
 use crate::config::SiteConfig;
 use crate::custody::pool::SigningPool;
 use crate::custody::{CustodyError, Kek, KeyRing};
 use crate::model::RevocationRule;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, Tree};
+use marker::{MarkerError, SiteMarker};
 
 /// Failures opening or changing the site's state.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +57,45 @@ pub enum StateError {
     /// The signing pool's threads could not be started.
     #[error("cannot start the signing pool: {0}")]
     Pool(#[source] std::io::Error),
+    /// The site marker cannot be read, or the KEK is not the site's.
+    #[error(transparent)]
+    Marker(#[from] MarkerError),
+    /// The marker says a site was created here, and the store is empty.
+    #[error(
+        "the store in {data_dir} is empty, but {marker} says site {site_id} was created here: \
+             the store was lost or damaged, and its keys, runner CAs, replay store and revocations \
+             with it. Nothing was re-created. Restore a snapshot (`meshsignd restore`), or run \
+             `meshsignd recover --data-dir {data_dir}` to see what is intact"
+    )]
+    StoreLost {
+        /// The data folder.
+        data_dir: std::path::PathBuf,
+        /// The marker file.
+        marker: std::path::PathBuf,
+        /// The site it names.
+        site_id: String,
+    },
+    /// The store belongs to another site than the marker names.
+    #[error(
+        "the store in {data_dir} belongs to site {store_site}, but {marker} names site \
+             {marker_site}: a store or marker was copied from elsewhere; put the right one back"
+    )]
+    ForeignStore {
+        /// The data folder.
+        data_dir: std::path::PathBuf,
+        /// The marker file.
+        marker: std::path::PathBuf,
+        /// In the store.
+        store_site: String,
+        /// In the marker.
+        marker_site: String,
+    },
+    /// The store's audit key is not the one the marker recorded.
+    #[error("the audit key in the store is not the one {marker} recorded: the store was replaced")]
+    AuditKeyMismatch {
+        /// The marker file.
+        marker: std::path::PathBuf,
+    },
     /// The transport could not apply a change of the trusted runner CAs.
     #[error("sign port trust: {0}")]
     Transport(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -125,20 +166,28 @@ impl SiteState {
         kv: Option<Arc<dyn crate::store::Kv>>,
     ) -> Result<Self, StateError> {
         let kek = Kek::load(&file_config.kek_file, file_config.dev)?;
-        let journal = file_config.data_dir.join(JOURNAL_FILE);
-        std::fs::create_dir_all(&file_config.data_dir).map_err(|source| StoreError::Io {
-            path: file_config.data_dir.clone(),
+        let data_dir = file_config.data_dir.clone();
+        let journal = data_dir.join(JOURNAL_FILE);
+        std::fs::create_dir_all(&data_dir).map_err(|source| StoreError::Io {
+            path: data_dir.clone(),
             source,
         })?;
+        // The KEK is checked against the marker before the store is touched.
+        let marker = SiteMarker::read(&data_dir)?;
+        if let Some(m) = &marker {
+            m.check_kek(&kek, &file_config.kek_file, &data_dir)?;
+        }
         let store = match kv {
             Some(kv) => Store::new(kv),
             None => Store::open_sled(
-                &file_config.data_dir,
+                &data_dir,
                 file_config.store_cache_mib.saturating_mul(1 << 20),
             )?,
         };
         let now = clock.unix();
+        let identity = site_identity(&store, marker.as_ref(), &kek, &data_dir)?;
         let config = overlays::effective_config(file_config, &store)?;
+        // Creating keys (new aliases, or a new site's) comes only after the KEK was verified.
         let keys = KeyRing::load_or_create(&config, &store, &kek, now)?;
         let mut runner_cas = BTreeMap::new();
         for p in &config.environments {
@@ -154,13 +203,48 @@ impl SiteState {
         }
         let revocations = revocations::load(&store)?;
         let audit_key = AuditKey::load_or_create(&store, &kek, now)?;
+        let audit_spki = audit_key.backend.public_key_der().to_vec();
+        match &marker {
+            Some(m) if m.audit_key_sha256 != marker::spki_sha256(&audit_spki) => {
+                return Err(StateError::AuditKeyMismatch {
+                    marker: SiteMarker::path(&data_dir),
+                });
+            }
+            Some(_) => {}
+            None => {
+                // A new site (or one from before markers): the store says who it is, then the
+                // marker says it outside the store.
+                let site_id = match &identity {
+                    SiteIdentity::Known(id) => id.clone(),
+                    SiteIdentity::New => meshsign_proto::files::random_id()
+                        .map_err(|_| crate::custody::CustodyError::Crypto("rng"))?,
+                };
+                store
+                    .kv()
+                    .put(Tree::Meta, marker::SITE_ID_KEY, site_id.as_bytes())?;
+                store.flush()?;
+                SiteMarker::new(
+                    &site_id,
+                    &config.region,
+                    &config.trust_domain,
+                    now,
+                    (&audit_key.key_id, &audit_spki),
+                    &kek,
+                )?
+                .write(&data_dir)?;
+                tracing::info!(site_id = %site_id, marker = %SiteMarker::path(&data_dir).display(), "site marker written");
+            }
+        }
         let audit = AuditLog::open(
             store.clone(),
             clock.clone(),
             &config.region,
             audit_key,
             settings,
-            Some(&journal),
+            Some(JournalAt {
+                path: &journal,
+                must_exist: marker.is_some(),
+            }),
         )?;
         Ok(Self {
             config: RwLock::new(Arc::new(config)),
@@ -275,5 +359,65 @@ impl SiteState {
             .environment(environment)
             .and_then(|p| p.trust_policies.iter().find(|t| t.name == policy))
             .is_some_and(|t| t.enabled || t.keep_sessions)
+    }
+}
+
+/// Who the store says the site is.
+enum SiteIdentity {
+    /// The store names a site (or holds one from before markers, now named).
+    Known(String),
+    /// Nothing here yet: a new site.
+    New,
+}
+
+/// Compares the store with the marker and refuses what does not match: an empty store where a
+/// site was created, a store of another site. Without a marker, a store that already holds keys
+/// must open under this KEK before anything new is created in it.
+fn site_identity(
+    store: &Store,
+    marker: Option<&SiteMarker>,
+    kek: &Kek,
+    data_dir: &std::path::Path,
+) -> Result<SiteIdentity, StateError> {
+    let stored = marker::store_site_id(store)?;
+    match (marker, stored) {
+        (Some(m), Some(id)) if id == m.site_id => Ok(SiteIdentity::Known(id)),
+        (Some(m), Some(id)) => Err(StateError::ForeignStore {
+            data_dir: data_dir.to_path_buf(),
+            marker: SiteMarker::path(data_dir),
+            store_site: id,
+            marker_site: m.site_id.clone(),
+        }),
+        (Some(m), None) => {
+            if marker::store_is_empty(store)? {
+                Err(StateError::StoreLost {
+                    data_dir: data_dir.to_path_buf(),
+                    marker: SiteMarker::path(data_dir),
+                    site_id: m.site_id.clone(),
+                })
+            } else {
+                Err(StateError::ForeignStore {
+                    data_dir: data_dir.to_path_buf(),
+                    marker: SiteMarker::path(data_dir),
+                    store_site: "(unnamed)".into(),
+                    marker_site: m.site_id.clone(),
+                })
+            }
+        }
+        (None, stored) => {
+            // No marker: a new site, or one whose store predates markers (or lost its marker).
+            crate::custody::verify_kek(store, kek)?;
+            match stored {
+                Some(id) => {
+                    tracing::warn!(site_id = %id, "site marker missing; writing it again from the store");
+                    Ok(SiteIdentity::Known(id))
+                }
+                None if marker::store_is_empty(store)? => Ok(SiteIdentity::New),
+                None => Ok(SiteIdentity::Known(
+                    meshsign_proto::files::random_id()
+                        .map_err(|_| crate::custody::CustodyError::Crypto("rng"))?,
+                )),
+            }
+        }
     }
 }

@@ -27,6 +27,17 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// The engine found its files damaged (it panicked opening them).
+    #[error(
+        "the store {path} is damaged ({message}); nothing was changed. Restore a snapshot \
+             (`meshsignd restore`), or run `meshsignd recover` to see what is intact"
+    )]
+    Damaged {
+        /// The damaged file.
+        path: std::path::PathBuf,
+        /// What the engine said.
+        message: String,
+    },
     /// A stored record did not decode (or a record did not encode).
     #[error("corrupt record in {tree}: {source}")]
     Corrupt {
@@ -221,12 +232,16 @@ impl Store {
         Self { kv }
     }
 
-    /// Opens sled in `dir`.
+    /// Opens sled in `dir`. sled panics on some damaged files instead of returning an error;
+    /// that panic is caught here and becomes [`StoreError::Damaged`], naming the file.
     pub fn open_sled(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
-        Ok(Self::new(Arc::new(SledKv::open_with_cache(
-            dir,
-            cache_bytes,
-        )?)))
+        match std::panic::catch_unwind(|| SledKv::open_with_cache(dir, cache_bytes)) {
+            Ok(kv) => Ok(Self::new(Arc::new(kv?))),
+            Err(panic) => Err(StoreError::Damaged {
+                path: dir.join("db"),
+                message: panic_message(panic.as_ref()),
+            }),
+        }
     }
 
     /// The raw engine.
@@ -278,6 +293,15 @@ impl Store {
     pub fn flush(&self) -> Result<(), StoreError> {
         self.kv.flush()
     }
+}
+
+/// The text of a caught panic.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "the storage engine panicked".into())
 }
 
 fn encode<T: Serialize>(tree: Tree, value: &T) -> Result<Vec<u8>, StoreError> {
