@@ -203,8 +203,12 @@ pub fn verify_receipt(
     audit_key: &p256::ecdsa::VerifyingKey,
 ) -> Result<bool, ClientError> {
     use meshsign_proto::audit::ExportLine;
-    meshsign_proto::audit::verify_export(export, audit_key)
-        .map_err(|e| ClientError::Verify(e.to_string()))?;
+    meshsign_proto::audit::verify_export_from(
+        export,
+        audit_key,
+        meshsign_proto::audit::Start::GenesisOrCheckpoint,
+    )
+    .map_err(|e| ClientError::Verify(e.to_string()))?;
     let entry = export
         .iter()
         .find_map(|l| match l {

@@ -229,14 +229,71 @@ pub struct VerifyReport {
     pub unanchored: u64,
 }
 
-/// Verifies an export: seqs consecutive, every hash recomputed, every checkpoint signed by
-/// `audit_key` over the running head. The first line's `prev_hash` is taken as given (an export
-/// may start after pruning or at `--since`); everything after it is bound to it.
+/// Where an export may start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// At the genesis of the chain: seq 1, whose `prev_hash` is [`genesis`].
+    Genesis,
+    /// At the genesis, or mid-chain at a signed checkpoint entry (a log retained after
+    /// pruning, an export `--since` a checkpoint): the checkpoint's signature anchors it.
+    GenesisOrCheckpoint,
+}
+
+/// Verifies a whole export: it must start at the chain's genesis ([`Start::Genesis`]).
 pub fn verify_export(
     lines: &[ExportLine],
     audit_key: &p256::ecdsa::VerifyingKey,
 ) -> Result<VerifyReport, VerifyError> {
+    verify_export_from(lines, audit_key, Start::Genesis)
+}
+
+/// Verifies an export: not empty, starting where `start` allows, seqs consecutive, every hash
+/// recomputed, every checkpoint signed by `audit_key` over the running head.
+pub fn verify_export_from(
+    lines: &[ExportLine],
+    audit_key: &p256::ecdsa::VerifyingKey,
+    start: Start,
+) -> Result<VerifyReport, VerifyError> {
     use p256::ecdsa::signature::Verifier as _;
+    let Some(first) = lines.first() else {
+        return Err(VerifyError {
+            seq: 0,
+            reason: "the log is empty: there is nothing to verify".into(),
+        });
+    };
+    let at_genesis = match first {
+        ExportLine::Entry(e) => e.seq == 1 && e.prev_hash == genesis(),
+        ExportLine::Omitted(o) => o.seq == 1 && o.prev_hash.as_deref() == Some(&genesis()),
+    };
+    if !at_genesis {
+        let at_checkpoint = matches!(first, ExportLine::Entry(e) if e.checkpoint.is_some());
+        match start {
+            Start::Genesis => {
+                return Err(VerifyError {
+                    seq: first.seq(),
+                    reason: format!(
+                        "the log starts mid-chain at seq {}{}",
+                        first.seq(),
+                        if at_checkpoint {
+                            " (a signed checkpoint: verify it with --from-checkpoint)"
+                        } else {
+                            " (not at a signed checkpoint, so nothing anchors its start)"
+                        }
+                    ),
+                });
+            }
+            Start::GenesisOrCheckpoint if !at_checkpoint => {
+                return Err(VerifyError {
+                    seq: first.seq(),
+                    reason: format!(
+                        "the log starts mid-chain at seq {}, which is not a signed checkpoint",
+                        first.seq()
+                    ),
+                });
+            }
+            Start::GenesisOrCheckpoint => {}
+        }
+    }
     let mut report = VerifyReport::default();
     let mut running: Option<String> = None;
     let mut expected_seq: Option<u64> = None;

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use meshsign_proto::audit::{AuditRecord, ExportLine, verify_export};
+use meshsign_proto::audit::{AuditRecord, ExportLine, Start, verify_export, verify_export_from};
 use meshsign_proto::v1;
 use meshsign_tests::{FaultyKv, TestSite, audit_key, export, sign_req};
 use tonic::Code;
@@ -175,7 +175,8 @@ async fn filtered_exports_stay_verifiable_and_reveal_nothing_else() {
     let seq = seq.unwrap();
     entry_mut(&mut t, seq).artifact = "evil".into();
     assert_eq!(verify_export(&t, &key).unwrap_err().seq, seq);
-    // --since starts mid-log and still verifies.
+    // --since starts mid-log: refused as a whole log, and from a checkpoint only if it starts
+    // at one.
     let tail = export(
         &site,
         v1::ExportAuditRequest {
@@ -185,7 +186,35 @@ async fn filtered_exports_stay_verifiable_and_reveal_nothing_else() {
     )
     .await;
     assert_eq!(tail[0].seq(), 4);
-    verify_export(&tail, &key).unwrap();
+    let err = verify_export(&tail, &key).unwrap_err();
+    assert_eq!(err.seq, 4);
+    assert!(err.reason.contains("starts mid-chain at seq 4"), "{err}");
+    let first_cp = filtered
+        .iter()
+        .find_map(|l| match l {
+            ExportLine::Entry(e) if e.checkpoint.is_some() => Some(e.seq),
+            _ => None,
+        })
+        .expect("a checkpoint in the log");
+    let from_cp = export(
+        &site,
+        v1::ExportAuditRequest {
+            since_seq: first_cp,
+            ..Default::default()
+        },
+    )
+    .await;
+    verify_export_from(&from_cp, &key, Start::GenesisOrCheckpoint).unwrap();
+    if first_cp != 4 {
+        assert!(verify_export_from(&tail, &key, Start::GenesisOrCheckpoint).is_err());
+    }
+    // An empty log is not a verified log.
+    assert!(
+        verify_export(&[], &key)
+            .unwrap_err()
+            .reason
+            .contains("empty")
+    );
 }
 
 #[tokio::test]
@@ -325,7 +354,11 @@ async fn retention_prunes_only_what_was_exported_and_checkpointed() {
         }
         other => panic!("{other:?}"),
     }
-    let r = verify_export(&remaining, &key).unwrap();
+    assert!(
+        verify_export(&remaining, &key).is_err(),
+        "a pruned log does not pass as a whole log"
+    );
+    let r = verify_export_from(&remaining, &key, Start::GenesisOrCheckpoint).unwrap();
     assert!(r.checkpoints >= 1);
     assert!(
         site.audit()

@@ -87,6 +87,56 @@ pub enum JournalError {
         /// What is wrong.
         what: String,
     },
+    /// The store's audit log ends before what it held durably when the journal was emptied.
+    #[error(
+        "audit journal {path} says the store held every entry through seq {seq} durably, but \
+             the store's audit log now ends at seq {store_head}: the store lost acknowledged \
+             entries; run `meshsignd recover --data-dir {dir}`"
+    )]
+    StoreBehind {
+        /// The journal file.
+        path: PathBuf,
+        /// Its folder.
+        dir: PathBuf,
+        /// What the header says.
+        seq: u64,
+        /// Where the store's log ends.
+        store_head: u64,
+    },
+    /// The journal and the store disagree about an entry.
+    #[error("audit journal {path}: seq {seq} {what}; run `meshsignd recover --data-dir {dir}`")]
+    Conflict {
+        /// The journal file.
+        path: PathBuf,
+        /// Its folder.
+        dir: PathBuf,
+        /// The seq.
+        seq: u64,
+        /// What is wrong.
+        what: String,
+    },
+}
+
+impl JournalError {
+    /// The store lost entries the journal says it held durably.
+    pub fn store_behind(path: &Path, seq: u64, store_head: u64) -> Self {
+        JournalError::StoreBehind {
+            path: path.to_path_buf(),
+            dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+            seq,
+            store_head,
+        }
+    }
+
+    /// The journal and the store disagree about an entry.
+    pub fn conflict(path: &Path, seq: u64, what: String) -> Self {
+        JournalError::Conflict {
+            path: path.to_path_buf(),
+            dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+            seq,
+            what,
+        }
+    }
 }
 
 /// The header line written when the journal is emptied.

@@ -469,10 +469,6 @@ fn restore_from_journal(
     path: &std::path::Path,
     recovered: &journal::Recovered,
 ) -> Result<usize, AuditError> {
-    let dir = path
-        .parent()
-        .map(std::path::Path::to_path_buf)
-        .unwrap_or_default();
     let stored = |seq: u64| -> Result<Option<AuditRecord>, AuditError> {
         match store.kv().get(Tree::Audit, &seq.to_be_bytes())? {
             Some(v) => Ok(Some(
@@ -489,14 +485,8 @@ fn restore_from_journal(
         }
         None => (0, genesis()),
     };
-    let conflict = |line_seq: u64, what: String| {
-        AuditError::JournalState(journal::JournalError::Corrupt {
-            path: path.to_path_buf(),
-            dir: dir.clone(),
-            line: 0,
-            seq: line_seq,
-            what,
-        })
+    let conflict = |seq: u64, what: String| {
+        AuditError::JournalState(journal::JournalError::conflict(path, seq, what))
     };
     if let Some((base_seq, base_hash)) = &recovered.base
         && *base_seq > 0
@@ -510,13 +500,8 @@ fn restore_from_journal(
                 ));
             }
             None => {
-                return Err(conflict(
-                    *base_seq,
-                    format!(
-                        "was durable in the store when the journal was emptied, but the store's \
-                         log now ends at seq {}: the store lost acknowledged entries",
-                        head.0
-                    ),
+                return Err(AuditError::JournalState(
+                    journal::JournalError::store_behind(path, *base_seq, head.0),
                 ));
             }
         }

@@ -70,6 +70,18 @@ enum Command {
         #[arg(long, env = "MESHSIGN_SITE_CONFIG")]
         config: PathBuf,
     },
+    /// Inspect a stopped site's data folder: marker, store, journal, and what is intact. Exits 0
+    /// when the site starts as it is, 1 when it does not. With --accept-loss-after SEQ, keep the
+    /// audit log through SEQ and record the loss of what followed in the chain (never creates
+    /// keys: a lost store is restored from a snapshot, not recovered).
+    Recover {
+        /// The site's data folder (`data_dir` of its config).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Restart the audit chain after this seq, recording the loss.
+        #[arg(long)]
+        accept_loss_after: Option<u64>,
+    },
     /// Run a site.
     Serve {
         /// Site config (TOML).
@@ -144,6 +156,10 @@ async fn dispatch(command: Command) -> Result<(), String> {
             );
             Ok(())
         }
+        Command::Recover {
+            data_dir,
+            accept_loss_after,
+        } => recover(&data_dir, accept_loss_after),
         Command::Serve { config } => {
             let cfg =
                 SiteConfig::load(&config).map_err(|e| format!("{}: {e}", config.display()))?;
@@ -196,6 +212,32 @@ async fn dispatch(command: Command) -> Result<(), String> {
                 c = client.display(),
             );
             serve_until_stopped(handle, signals, &site_toml, Some(listen)).await
+        }
+    }
+}
+
+fn recover(data_dir: &std::path::Path, accept: Option<u64>) -> Result<(), String> {
+    use meshsign_server::state::recovery;
+    use meshsign_server::store::{SledKv, Store};
+    let open = || Store::open_sled(data_dir, SledKv::DEFAULT_CACHE_BYTES);
+    let (report, store) = recovery::inspect(data_dir, open).map_err(|e| e.to_string())?;
+    print!("{report}");
+    match (accept, store) {
+        (None, _) if report.intact() => Ok(()),
+        (None, _) => Err("the site does not start on this folder as it is (see above)".into()),
+        (Some(_), None) => Err("the store cannot be opened: nothing to recover into".into()),
+        (Some(seq), Some(store)) => {
+            let clock: meshsign_server::clock::SharedClock = Arc::new(SystemClock);
+            let moved = recovery::accept_loss_after(&report, &store, seq, &clock)
+                .map_err(|e| e.to_string())?;
+            println!(
+                "audit log kept through seq {seq}; the loss is recorded at seq {}{}",
+                seq + 1,
+                moved
+                    .map(|p| format!("; the old journal is kept as {}", p.display()))
+                    .unwrap_or_default()
+            );
+            Ok(())
         }
     }
 }

@@ -116,7 +116,13 @@ pub async fn audited<T>(
         }),
         Access::Write => {
             let _guard = site.ops_lock.lock().await;
-            f().await
+            let r = f().await;
+            // Keys or runner CAs may have been added: the marker lists them from now on.
+            match (r, site.record_holdings()) {
+                (Ok(v), Ok(())) => Ok(v),
+                (Ok(_), Err(e)) => Err(OpsError::State(e)),
+                (Err(e), _) => Err(e),
+            }
         }
         Access::Read => f().await,
     };

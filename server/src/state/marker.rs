@@ -42,6 +42,11 @@ pub struct SiteMarker {
     pub kek_check_nonce: String,
     /// See `kek_check_nonce`.
     pub kek_check: String,
+    /// Every key version and runner CA the site holds: slot (`key:<env>/<alias>@v<n>`,
+    /// `ca:<env>/<id>`) → SHA-256 of its public key or certificate. Rewritten whenever one is
+    /// added; a start that finds one missing from the store refuses instead of creating anew.
+    #[serde(default)]
+    pub holds: std::collections::BTreeMap<String, String>,
 }
 
 /// Why a marker cannot be read or does not match.
@@ -118,6 +123,7 @@ impl SiteMarker {
             audit_key_sha256: spki_sha256(audit_key.1),
             kek_check_nonce: hex::encode(nonce),
             kek_check: hex::encode(ct),
+            holds: Default::default(),
         })
     }
 
@@ -202,4 +208,37 @@ pub fn store_is_empty(store: &Store) -> Result<bool, StoreError> {
         }
     }
     Ok(true)
+}
+
+/// The key versions and runner CAs the store holds (see [`SiteMarker::holds`]).
+pub fn store_holdings(
+    store: &Store,
+) -> Result<std::collections::BTreeMap<String, String>, StoreError> {
+    let mut out = std::collections::BTreeMap::new();
+    let keys: Vec<crate::custody::KeyRecord> = store.scan(Tree::Keys, b"")?;
+    for k in keys {
+        out.insert(
+            format!("key:{}/{}@v{}", k.partition, k.alias, k.version),
+            spki_sha256(&k.public_key_der),
+        );
+    }
+    let cas: Vec<crate::ca::RunnerCaRecord> = store.scan(Tree::RunnerCas, b"")?;
+    for c in cas {
+        out.insert(
+            format!("ca:{}/{}", c.partition, c.id),
+            spki_sha256(&c.cert_der),
+        );
+    }
+    Ok(out)
+}
+
+/// What the marker says the site holds and the store does not (or holds differently).
+pub fn missing_holdings(marker: &SiteMarker, store: &Store) -> Result<Vec<String>, StoreError> {
+    let held = store_holdings(store)?;
+    Ok(marker
+        .holds
+        .iter()
+        .filter(|(slot, hash)| held.get(*slot) != Some(*hash))
+        .map(|(slot, _)| slot.clone())
+        .collect())
 }

@@ -11,6 +11,7 @@ pub mod certs;
 pub mod jti;
 pub mod marker;
 pub mod overlays;
+pub mod recovery;
 pub mod revocations;
 
 use std::collections::BTreeMap;
@@ -75,6 +76,20 @@ pub enum StateError {
         /// The site it names.
         site_id: String,
     },
+    /// The store lost part of its data: it no longer names the site.
+    #[error(
+        "the store in {data_dir} lost part of its data: it no longer holds the site id that \
+             {marker} names ({site_id}). Nothing was re-created. Restore a snapshot (`meshsignd \
+             restore`), or run `meshsignd recover --data-dir {data_dir}` to see what is intact"
+    )]
+    StoreDamaged {
+        /// The data folder.
+        data_dir: std::path::PathBuf,
+        /// The marker file.
+        marker: std::path::PathBuf,
+        /// The site it names.
+        site_id: String,
+    },
     /// The store belongs to another site than the marker names.
     #[error(
         "the store in {data_dir} belongs to site {store_site}, but {marker} names site \
@@ -89,6 +104,19 @@ pub enum StateError {
         store_site: String,
         /// In the marker.
         marker_site: String,
+    },
+    /// Key versions or runner CAs the marker lists are gone from the store.
+    #[error(
+        "the store in {data_dir} no longer holds what {marker} says the site had: {missing}. \
+             Nothing was re-created. Restore a snapshot (`meshsignd restore`)"
+    )]
+    KeysLost {
+        /// The data folder.
+        data_dir: std::path::PathBuf,
+        /// The marker file.
+        marker: std::path::PathBuf,
+        /// The missing slots.
+        missing: String,
     },
     /// The store's audit key is not the one the marker recorded.
     #[error("the audit key in the store is not the one {marker} recorded: the store was replaced")]
@@ -127,6 +155,10 @@ pub struct SiteState {
     pub(crate) signing_pool: SigningPool,
     /// Issuance records read by the per-RPC checks (see [`certs::CertCache`]).
     cert_cache: std::sync::Mutex<certs::CertCache>,
+    /// The site marker (outside the store), kept in step with the keys and runner CAs.
+    marker: std::sync::Mutex<Option<SiteMarker>>,
+    /// The data folder.
+    data_dir: std::path::PathBuf,
 }
 
 impl std::fmt::Debug for SiteState {
@@ -186,6 +218,16 @@ impl SiteState {
         };
         let now = clock.unix();
         let identity = site_identity(&store, marker.as_ref(), &kek, &data_dir)?;
+        if let Some(m) = &marker {
+            let missing = marker::missing_holdings(m, &store)?;
+            if !missing.is_empty() {
+                return Err(StateError::KeysLost {
+                    data_dir: data_dir.clone(),
+                    marker: SiteMarker::path(&data_dir),
+                    missing: missing.join(", "),
+                });
+            }
+        }
         let config = overlays::effective_config(file_config, &store)?;
         // Creating keys (new aliases, or a new site's) comes only after the KEK was verified.
         let keys = KeyRing::load_or_create(&config, &store, &kek, now)?;
@@ -204,6 +246,7 @@ impl SiteState {
         let revocations = revocations::load(&store)?;
         let audit_key = AuditKey::load_or_create(&store, &kek, now)?;
         let audit_spki = audit_key.backend.public_key_der().to_vec();
+        let mut marker = marker;
         match &marker {
             Some(m) if m.audit_key_sha256 != marker::spki_sha256(&audit_spki) => {
                 return Err(StateError::AuditKeyMismatch {
@@ -223,18 +266,19 @@ impl SiteState {
                     .kv()
                     .put(Tree::Meta, marker::SITE_ID_KEY, site_id.as_bytes())?;
                 store.flush()?;
-                SiteMarker::new(
+                marker = Some(SiteMarker::new(
                     &site_id,
                     &config.region,
                     &config.trust_domain,
                     now,
                     (&audit_key.key_id, &audit_spki),
                     &kek,
-                )?
-                .write(&data_dir)?;
+                )?);
                 tracing::info!(site_id = %site_id, marker = %SiteMarker::path(&data_dir).display(), "site marker written");
             }
         }
+        let journal_must_exist = marker.as_ref().is_some_and(|m| !m.holds.is_empty());
+        let marker = record_holdings(marker, &store, &data_dir)?;
         let audit = AuditLog::open(
             store.clone(),
             clock.clone(),
@@ -243,7 +287,7 @@ impl SiteState {
             settings,
             Some(JournalAt {
                 path: &journal,
-                must_exist: marker.is_some(),
+                must_exist: journal_must_exist,
             }),
         )?;
         Ok(Self {
@@ -259,6 +303,8 @@ impl SiteState {
             ops_lock: tokio::sync::Mutex::new(()),
             signing_pool: SigningPool::per_core().map_err(StateError::Pool)?,
             cert_cache: std::sync::Mutex::default(),
+            marker: std::sync::Mutex::new(marker),
+            data_dir,
         })
     }
 
@@ -353,6 +399,15 @@ impl SiteState {
         }
     }
 
+    /// Records in the site marker every key version and runner CA the store holds now (after
+    /// ops added one), so a later start refuses a store that lost one.
+    pub(crate) fn record_holdings(&self) -> Result<(), StateError> {
+        let mut guard = self.marker.lock().unwrap_or_else(|p| p.into_inner());
+        let current = guard.take();
+        *guard = record_holdings(current, &self.store, &self.data_dir)?;
+        Ok(())
+    }
+
     /// Whether certificates minted under a trust policy may sign now.
     pub fn policy_admits_sessions(&self, environment: &str, policy: &str) -> bool {
         self.config()
@@ -360,6 +415,23 @@ impl SiteState {
             .and_then(|p| p.trust_policies.iter().find(|t| t.name == policy))
             .is_some_and(|t| t.enabled || t.keep_sessions)
     }
+}
+
+/// Rewrites the marker's list of key versions and runner CAs from the store, if it changed.
+fn record_holdings(
+    marker: Option<SiteMarker>,
+    store: &Store,
+    data_dir: &std::path::Path,
+) -> Result<Option<SiteMarker>, StateError> {
+    let Some(mut m) = marker else {
+        return Ok(None);
+    };
+    let held = marker::store_holdings(store)?;
+    if held != m.holds {
+        m.holds = held;
+        m.write(data_dir)?;
+    }
+    Ok(Some(m))
 }
 
 /// Who the store says the site is.
@@ -396,11 +468,10 @@ fn site_identity(
                     site_id: m.site_id.clone(),
                 })
             } else {
-                Err(StateError::ForeignStore {
+                Err(StateError::StoreDamaged {
                     data_dir: data_dir.to_path_buf(),
                     marker: SiteMarker::path(data_dir),
-                    store_site: "(unnamed)".into(),
-                    marker_site: m.site_id.clone(),
+                    site_id: m.site_id.clone(),
                 })
             }
         }

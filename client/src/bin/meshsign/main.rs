@@ -96,6 +96,10 @@ enum AuditCommand {
         /// The site's audit public key (PEM, from `meshsign admin audit public-key`).
         #[arg(long)]
         audit_key: PathBuf,
+        /// Accept a log that starts mid-chain at a signed checkpoint (a log retained after
+        /// pruning, or an export `--since` a checkpoint). Without it the log must start at seq 1.
+        #[arg(long)]
+        from_checkpoint: bool,
     },
 }
 fn main() -> ExitCode {
@@ -138,13 +142,24 @@ fn sibling(file: &Path, ext: &str) -> PathBuf {
 async fn dispatch(cli: Cli) -> Result<(), ClientError> {
     match cli.command {
         Command::Audit {
-            command: AuditCommand::Verify { file, audit_key },
+            command:
+                AuditCommand::Verify {
+                    file,
+                    audit_key,
+                    from_checkpoint,
+                },
         } => {
             let text = std::fs::read_to_string(&file).map_err(ClientError::io(&file))?;
             let lines = meshsign_proto::audit::parse_export(&text).map_err(ClientError::Verify)?;
             let pem = std::fs::read_to_string(&audit_key).map_err(ClientError::io(&audit_key))?;
             let key = verify::audit_key_from_pem(&pem)?;
-            let r = meshsign_proto::audit::verify_export(&lines, &key)
+            use meshsign_proto::audit::Start;
+            let start = if from_checkpoint {
+                Start::GenesisOrCheckpoint
+            } else {
+                Start::Genesis
+            };
+            let r = meshsign_proto::audit::verify_export_from(&lines, &key, start)
                 .map_err(|e| ClientError::Verify(e.to_string()))?;
             println!(
                 "{}: OK — seq {}..{}: {} entries, {} omitted, {} signed checkpoints, {} after the last checkpoint",
