@@ -1,0 +1,432 @@
+//! The fault table of issue 11, against the real `meshsignd`: a data folder is made the way it
+//! happens (signing load, then SIGKILL), copied, damaged, and started. Every row ends in a start
+//! refused with a message naming the file and the way out, or in a site where every acknowledged
+//! receipt is present — never a silent loss, never new keys in place of lost ones.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
+
+mod common;
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+use common::{DevSite, meshsign, meshsignd, start_dev};
+use meshsign_certs_dev::GithubJob;
+use meshsign_client::ClientConfig;
+use meshsign_client::runner::{EnrollParams, Session};
+use meshsign_client::token::{self, TokenSource};
+use meshsign_proto::audit::{ExportLine, verify_export};
+use meshsign_proto::v1;
+use p256::pkcs8::DecodePublicKey as _;
+
+type Receipts = Vec<(u64, String)>;
+
+async fn session(cfg: &ClientConfig, env: &str) -> Session {
+    let tok = token::obtain(
+        &TokenSource::Dev(GithubJob::new(env)),
+        cfg,
+        cfg.audience(env).unwrap(),
+    )
+    .await
+    .unwrap();
+    let params = EnrollParams {
+        environment: env.into(),
+        token: tok.to_string(),
+        fingerprint: "ab".repeat(32),
+        requested_ttl_seconds: 0,
+        region: None,
+    };
+    Session::start(cfg, &params).await.unwrap()
+}
+
+/// A dev site in `dir` that signed under load from three clients and was killed with SIGKILL;
+/// returns the receipts the clients were given and the staging key's public key.
+async fn killed_under_load(dir: &Path) -> (Receipts, Vec<u8>) {
+    let mut site = start_dev(dir);
+    let cfg = ClientConfig::load(&dir.join("client.toml")).unwrap();
+    let key = public_key(&cfg).await;
+    let acked: Arc<Mutex<Receipts>> = Arc::default();
+    let mut tasks = Vec::new();
+    for i in 0..3 {
+        let (cfg, acked) = (cfg.clone(), acked.clone());
+        let env = if i % 2 == 0 { "staging" } else { "production" };
+        let mut s = session(&cfg, env).await;
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u8;
+            loop {
+                n = n.wrapping_add(1);
+                match s.sign_digest("release", [n; 32], "fault").await {
+                    Ok(r) => acked.lock().unwrap().push((r.audit_seq, r.audit_hash)),
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    while acked.lock().unwrap().len() < 150 {
+        tokio::task::yield_now().await;
+    }
+    site.0.kill().unwrap(); // SIGKILL
+    site.0.wait().unwrap();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    (acked, key)
+}
+
+async fn public_key(cfg: &ClientConfig) -> Vec<u8> {
+    let tls = meshsign_client::transport::tls_config(
+        meshsign_client::transport::roots(cfg).unwrap(),
+        None,
+    )
+    .unwrap();
+    let ch = meshsign_client::transport::connect(&cfg.enroll_endpoint, &cfg.server_name, tls)
+        .await
+        .unwrap();
+    v1::verification_client::VerificationClient::new(ch)
+        .get_signing_identity(v1::GetVerificationMaterialRequest {
+            environment: "staging".into(),
+            key_alias: "release".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .public_key_der
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).unwrap();
+        }
+    }
+}
+
+/// Starts `meshsignd dev` on `dir`: the running site, or what it printed when it refused.
+fn try_start(dir: &Path) -> Result<DevSite, String> {
+    let err = dir.with_extension("stderr");
+    let mut child = Command::new(meshsignd())
+        .args(["dev", "--data-dir"])
+        .arg(dir)
+        .args([
+            "--enroll-port",
+            "0",
+            "--sign-port",
+            "0",
+            "--admin-port",
+            "0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(std::fs::File::create(&err).unwrap()))
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(out).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(l)) if l.contains("DEV site is up") => {
+                std::thread::spawn(move || for _ in lines {});
+                return Ok(DevSite(child));
+            }
+            Some(_) => {}
+            None => {
+                let status = child.wait().unwrap();
+                assert!(!status.success(), "a refused start exits non-zero");
+                return Err(std::fs::read_to_string(&err).unwrap());
+            }
+        }
+    }
+}
+
+/// The running site's audit log, verified offline from its genesis.
+async fn verified_log(dir: &Path) -> Vec<ExportLine> {
+    let cfg = ClientConfig::load(&dir.join("client.toml")).unwrap();
+    let mut admin = meshsign_client::admin::Admin::connect(&cfg).await.unwrap();
+    let key = admin.audit_public_key().await.unwrap();
+    let key = p256::ecdsa::VerifyingKey::from_public_key_der(&key.public_key_der).unwrap();
+    let mut stream = admin
+        .export_audit(v1::ExportAuditRequest::default())
+        .await
+        .unwrap();
+    let mut lines = Vec::new();
+    while let Some(l) = stream.message().await.unwrap() {
+        lines.push(serde_json::from_str(&l.json).unwrap());
+    }
+    verify_export(&lines, &key).unwrap();
+    lines
+}
+
+fn entry(lines: &[ExportLine], seq: u64) -> Option<&meshsign_proto::audit::AuditRecord> {
+    lines.iter().find_map(|l| match l {
+        ExportLine::Entry(e) if e.seq == seq => Some(e.as_ref()),
+        _ => None,
+    })
+}
+
+/// Either refused naming `names` (and never touched), or every receipt is present and the key
+/// is the same.
+async fn refused_or_intact(dir: &Path, row: &str, names: &str, acked: &Receipts, key: &[u8]) {
+    match try_start(dir) {
+        Err(msg) => {
+            assert!(
+                msg.contains(names),
+                "{row}: the refusal names {names}: {msg}"
+            );
+            assert!(
+                msg.contains("restore") || msg.contains("recover") || msg.contains("KEK"),
+                "{row}: the refusal says the way out: {msg}"
+            );
+        }
+        Ok(_site) => {
+            let lines = verified_log(dir).await;
+            for (seq, hash) in acked {
+                assert_eq!(
+                    entry(&lines, *seq).map(|e| e.hash.as_str()),
+                    Some(hash.as_str()),
+                    "{row}: acknowledged entry {seq}"
+                );
+            }
+            let cfg = ClientConfig::load(&dir.join("client.toml")).unwrap();
+            assert_eq!(
+                public_key(&cfg).await,
+                key,
+                "{row}: the same key, never a new one"
+            );
+        }
+    }
+}
+
+fn flip(path: &Path, offset: usize) {
+    let mut b = std::fs::read(path).unwrap();
+    let o = offset.min(b.len() - 1);
+    b[o] ^= 0xff;
+    std::fs::write(path, b).unwrap();
+}
+
+fn copy_of(base: &Path, tmp: &Path, name: &str) -> PathBuf {
+    let d = tmp.join(name);
+    copy_dir(base, &d);
+    d
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_store_or_wrong_kek_refuses_start_and_never_creates_keys() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    let (acked, key) = killed_under_load(&base).await;
+    let db_len = std::fs::metadata(base.join("data/db")).unwrap().len() as usize;
+
+    // One byte flipped at the start of sled's file (a segment header), and in its middle.
+    for (row, offset) in [("db flipped at 0", 0), ("db flipped mid-file", db_len / 2)] {
+        let d = copy_of(&base, tmp.path(), &row.replace(' ', "-"));
+        flip(&d.join("data/db"), offset);
+        refused_or_intact(&d, row, &d.join("data").display().to_string(), &acked, &key).await;
+    }
+
+    // A wrong KEK with a key alias newly added to the config: refused before anything is
+    // created; `meshsignd check` says so too; with the right KEK the site starts, keeps its keys
+    // and creates the new alias only then.
+    let d = copy_of(&base, tmp.path(), "wrong-kek");
+    let site_toml = d.join("site.toml");
+    let text = std::fs::read_to_string(&site_toml).unwrap();
+    let added = text.replacen(
+        "[[environments.signing_keys]]",
+        "[[environments.signing_keys]]\nalias = \"added\"\nalgorithm = \"ecdsa-p256-sha256\"\naccess = { repositories = [\"*\"], refs = [\"*\"] }\n\n[[environments.signing_keys]]",
+        1,
+    );
+    assert_ne!(added, text);
+    std::fs::write(&site_toml, &added).unwrap();
+    let right = std::fs::read(d.join("kek")).unwrap();
+    std::fs::write(d.join("kek"), "11".repeat(32)).unwrap();
+    let keys_before = std::fs::read(d.join("data/site.json")).unwrap();
+    let msg = try_start(&d).err().expect("a wrong KEK refuses start");
+    assert!(msg.contains("wrong KEK") && msg.contains("kek"), "{msg}");
+    let check = Command::new(meshsignd())
+        .args(["check", "--config"])
+        .arg(&site_toml)
+        .output()
+        .unwrap();
+    assert_eq!(check.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&check.stderr).contains("wrong KEK"));
+    assert_eq!(
+        std::fs::read(d.join("data/site.json")).unwrap(),
+        keys_before,
+        "nothing was created under the wrong KEK"
+    );
+    std::fs::write(d.join("kek"), right).unwrap();
+    let _site = try_start(&d).expect("the right KEK starts the site");
+    let marker = std::fs::read_to_string(d.join("data/site.json")).unwrap();
+    assert!(
+        marker.contains("release@v1") && marker.contains("added@v1"),
+        "{marker}"
+    );
+    let lines = verified_log(&d).await;
+    for (seq, hash) in &acked {
+        assert_eq!(
+            entry(&lines, *seq).map(|e| e.hash.as_str()),
+            Some(hash.as_str())
+        );
+    }
+    let cfg = ClientConfig::load(&d.join("client.toml")).unwrap();
+    assert_eq!(public_key(&cfg).await, key);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_journal_refuses_start_and_recover_records_the_loss() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    let (acked, _key) = killed_under_load(&base).await;
+    let journal = base.join("data/audit.journal");
+    let text = std::fs::read(&journal).unwrap();
+    let lines: Vec<&[u8]> = text
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert!(lines.len() > 10, "the load left entries in the journal");
+
+    // A byte flipped in the middle of the journal: refused, naming the line and its seq.
+    let d = copy_of(&base, tmp.path(), "journal-flipped");
+    let mid = lines[..lines.len() / 2]
+        .iter()
+        .map(|l| l.len() + 1)
+        .sum::<usize>()
+        + 30;
+    flip(&d.join("data/audit.journal"), mid);
+    let msg = try_start(&d)
+        .err()
+        .expect("a corrupt journal line refuses start");
+    assert!(
+        msg.contains("audit.journal") && msg.contains("line "),
+        "{msg}"
+    );
+    assert!(msg.contains("meshsignd recover"), "{msg}");
+    // `recover` reports and exits 1; with --accept-loss-after it keeps the intact part and
+    // records the loss in the chain.
+    let out = Command::new(meshsignd())
+        .args(["recover", "--data-dir"])
+        .arg(d.join("data"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    let keep: u64 = report
+        .split("--accept-loss-after ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the report says what can be kept: {report}"));
+    let out = Command::new(meshsignd())
+        .args(["recover", "--data-dir"])
+        .arg(d.join("data"))
+        .args(["--accept-loss-after", &keep.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _site = try_start(&d).expect("the site starts after an accepted loss");
+    let log = verified_log(&d).await;
+    let loss = entry(&log, keep + 1).expect("the loss entry");
+    assert_eq!(
+        (loss.rpc.as_str(), loss.reason.as_str()),
+        ("AuditRecovery", "loss_recorded")
+    );
+    for (seq, hash) in acked.iter().filter(|(s, _)| *s <= keep) {
+        assert_eq!(
+            entry(&log, *seq).map(|e| e.hash.as_str()),
+            Some(hash.as_str())
+        );
+    }
+    for (seq, hash) in acked.iter().filter(|(s, _)| *s > keep) {
+        assert_ne!(
+            entry(&log, *seq).map(|e| e.hash.as_str()),
+            Some(hash.as_str()),
+            "a lost receipt never matches another entry"
+        );
+    }
+    drop(_site);
+
+    // The journal deleted: refused, naming it.
+    let d = copy_of(&base, tmp.path(), "journal-deleted");
+    std::fs::remove_file(d.join("data/audit.journal")).unwrap();
+    let msg = try_start(&d)
+        .err()
+        .expect("a missing journal refuses start");
+    assert!(msg.contains("audit.journal is missing"), "{msg}");
+
+    // The journal's last line cut: the site starts; the cut line's seq holds a loss entry,
+    // never another decision; every receipt before it is there.
+    let d = copy_of(&base, tmp.path(), "journal-cut");
+    let jp = d.join("data/audit.journal");
+    let mut t = std::fs::read(&jp).unwrap();
+    t.truncate(t.len() - 20);
+    std::fs::write(&jp, t).unwrap();
+    let _site = try_start(&d).expect("a torn last line does not stop the site");
+    let log = verified_log(&d).await;
+    let loss = log
+        .iter()
+        .find_map(|l| match l {
+            ExportLine::Entry(e) if e.rpc == "AuditRecovery" => Some(e.seq),
+            _ => None,
+        })
+        .expect("the loss is recorded");
+    for (seq, hash) in acked.iter().filter(|(s, _)| *s < loss) {
+        assert_eq!(
+            entry(&log, *seq).map(|e| e.hash.as_str()),
+            Some(hash.as_str())
+        );
+    }
+    assert!(
+        acked.iter().all(
+            |(s, h)| *s != loss || entry(&log, *s).map(|e| e.hash.as_str()) != Some(h.as_str())
+        )
+    );
+}
+
+#[test]
+fn audit_verify_refuses_an_empty_log_and_a_log_that_starts_mid_chain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let site_dir = tmp.path().join("site");
+    let _site = start_dev(&site_dir);
+    let cfg = site_dir.join("client.toml");
+    let run = |args: &[&str]| {
+        Command::new(meshsign())
+            .arg("--config")
+            .arg(&cfg)
+            .args(args)
+            .current_dir(tmp.path())
+            .output()
+            .unwrap()
+    };
+    let key = run(&["admin", "audit", "public-key"]);
+    std::fs::write(tmp.path().join("audit.pem"), &key.stdout).unwrap();
+    std::fs::write(tmp.path().join("empty.jsonl"), "").unwrap();
+    let out = run(&["audit", "verify", "empty.jsonl", "--audit-key", "audit.pem"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("empty"));
+    let export = run(&["admin", "audit", "export"]);
+    let text = String::from_utf8_lossy(&export.stdout).into_owned();
+    let tail: String = text.lines().skip(1).map(|l| format!("{l}\n")).collect();
+    std::fs::write(tmp.path().join("tail.jsonl"), tail).unwrap();
+    let out = run(&["audit", "verify", "tail.jsonl", "--audit-key", "audit.pem"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("mid-chain at seq 2"));
+    std::fs::write(tmp.path().join("all.jsonl"), &text).unwrap();
+    let out = run(&["audit", "verify", "all.jsonl", "--audit-key", "audit.pem"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
