@@ -78,6 +78,20 @@ impl Admin {
         call("ExportAudit", self.0.export_audit(req)).await
     }
 
+    /// A consistent backup of the site (keys stay wrapped under the KEK).
+    pub async fn snapshot(&mut self) -> Result<Vec<u8>, ClientError> {
+        let mut stream = call("Snapshot", self.0.snapshot(v1::SnapshotRequest {})).await?;
+        let mut out = Vec::new();
+        while let Some(chunk) = stream
+            .message()
+            .await
+            .map_err(|s| ClientError::rpc("Snapshot", s))?
+        {
+            out.extend_from_slice(&chunk.data);
+        }
+        Ok(out)
+    }
+
     /// Every runner CA of an environment.
     pub async fn list_runner_cas(
         &mut self,

@@ -430,3 +430,113 @@ fn audit_verify_refuses_an_empty_log_and_a_log_that_starts_mid_chain() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_wipe_restore_keeps_receipts_keys_and_the_chain() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let tmp = tempfile::tempdir().unwrap();
+    let site_dir = tmp.path().join("site");
+    let cli = |args: &[&str]| {
+        let out = Command::new(meshsign())
+            .arg("--config")
+            .arg(site_dir.join("client.toml"))
+            .args(args)
+            .current_dir(tmp.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "meshsign {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    };
+    let site = start_dev(&site_dir);
+    let cfg = ClientConfig::load(&site_dir.join("client.toml")).unwrap();
+    let key = public_key(&cfg).await;
+    std::fs::write(tmp.path().join("a.txt"), "before the snapshot").unwrap();
+    cli(&[
+        "sign",
+        "--environment",
+        "staging",
+        "--key",
+        "release",
+        "a.txt",
+    ]);
+    cli(&["admin", "snapshot", "--out", "site.snapshot"]);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(tmp.path().join("site.snapshot"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "the snapshot holds wrapped keys: 0600");
+    }
+    drop(site);
+
+    // Wipe the data folder; restore; the same site comes back.
+    std::fs::remove_dir_all(site_dir.join("data")).unwrap();
+    let restore = |what: &str| {
+        Command::new(meshsignd())
+            .args(["restore", "--config"])
+            .arg(site_dir.join("site.toml"))
+            .arg(tmp.path().join("site.snapshot"))
+            .output()
+            .unwrap_or_else(|e| panic!("{what}: {e}"))
+    };
+    let out = restore("first");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = restore("over a site");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "restore never writes over a site"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already holds a site"));
+
+    let _site = start_dev(&site_dir);
+    let cfg = ClientConfig::load(&site_dir.join("client.toml")).unwrap();
+    assert_eq!(
+        public_key(&cfg).await,
+        key,
+        "the same key after the restore"
+    );
+    let log = verified_log(&site_dir).await;
+    assert!(
+        log.iter()
+            .any(|l| matches!(l, ExportLine::Entry(e) if e.rpc == "Restore")),
+        "the restore is in the chain"
+    );
+    // The receipt of the file signed before the snapshot verifies against the restored log.
+    let export = cli(&["admin", "audit", "export"]);
+    std::fs::write(tmp.path().join("audit.jsonl"), &export.stdout).unwrap();
+    let pem = cli(&["admin", "audit", "public-key"]);
+    std::fs::write(tmp.path().join("audit.pem"), &pem.stdout).unwrap();
+    cli(&[
+        "verify",
+        "a.txt",
+        "--receipt",
+        "--audit-log",
+        "audit.jsonl",
+        "--audit-key",
+        "audit.pem",
+    ]);
+    // Signing continues with the same key.
+    std::fs::write(tmp.path().join("b.txt"), "after the restore").unwrap();
+    cli(&[
+        "sign",
+        "--environment",
+        "staging",
+        "--key",
+        "release",
+        "b.txt",
+    ]);
+    let bundle: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.path().join("b.txt.sig.json")).unwrap()).unwrap();
+    assert_eq!(bundle["key_id"], "release@v1");
+}

@@ -182,8 +182,12 @@ enum Scope {
     Store,
 }
 
+/// Work run on the writer thread between commits: the store, the head seq and hash.
+type Exclusive = Box<dyn FnOnce(&Store, u64, &str) + Send>;
+
 enum Msg {
     Entry(Box<AuditRecord>, Scope, Reply),
+    Exclusive(Exclusive),
     Stop(oneshot::Sender<()>),
 }
 
@@ -341,6 +345,23 @@ impl AuditLog {
             .send(Msg::Entry(Box::new(rec), scope, reply))
             .map_err(|_| AuditError::Stopped)?;
         rx.await.map_err(|_| AuditError::Stopped)?
+    }
+
+    /// Runs `f` on the writer thread between two commits, after the store was flushed: no
+    /// entry is written while it runs, so it sees the log and its head at one point (a
+    /// consistent snapshot).
+    pub async fn exclusive<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store, u64, &str) -> R + Send + 'static,
+    ) -> Result<R, AuditError> {
+        let (tx, rx) = oneshot::channel();
+        let job: Exclusive = Box::new(move |store, seq, hash| {
+            let _ = tx.send(f(store, seq, hash));
+        });
+        self.tx
+            .send(Msg::Exclusive(job))
+            .map_err(|_| AuditError::Stopped)?;
+        rx.await.map_err(|_| AuditError::Stopped)
     }
 
     /// Stops the writer after what is queued (shutdown); later records fail with `Stopped`.
@@ -579,6 +600,10 @@ impl Writer {
             let first = match rx.recv_timeout(self.settings.checkpoint_interval) {
                 Ok(Msg::Entry(rec, scope, reply)) => (*rec, scope, reply),
                 Ok(Msg::Stop(done)) => return self.finish(done),
+                Ok(Msg::Exclusive(job)) => {
+                    self.exclusive(job);
+                    continue;
+                }
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     // Idle: checkpoint what is not yet covered.
@@ -592,11 +617,16 @@ impl Writer {
             };
             let mut batch = vec![first];
             let mut stop = None;
+            let mut exclusive: Option<Exclusive> = None;
             while batch.len() < 4096 {
                 match rx.try_recv() {
                     Ok(Msg::Entry(rec, scope, reply)) => batch.push((*rec, scope, reply)),
                     Ok(Msg::Stop(done)) => {
                         stop = Some(done);
+                        break;
+                    }
+                    Ok(Msg::Exclusive(job)) => {
+                        exclusive = Some(job);
                         break;
                     }
                     Err(_) => break,
@@ -605,10 +635,20 @@ impl Writer {
             if let Err(e) = self.commit(batch, false) {
                 tracing::error!(error = %e, "audit write failed");
             }
+            if let Some(job) = exclusive.take() {
+                self.exclusive(job);
+            }
             if let Some(done) = stop {
                 return self.finish(done);
             }
         }
+    }
+
+    fn exclusive(&mut self, job: Exclusive) {
+        if let Err(e) = self.store.flush() {
+            tracing::warn!(error = %e, "store flush before exclusive work failed");
+        }
+        job(&self.store, self.seq, &self.hash);
     }
 
     /// Shutdown: everything into the store, journal emptied, and the store (with its file

@@ -54,6 +54,9 @@ pub enum OpsError {
     /// Applying the change to the running site failed (internal).
     #[error("applying the change failed: {0}")]
     State(#[from] StateError),
+    /// A snapshot could not be taken.
+    #[error("snapshot: {0}")]
+    Snapshot(#[from] crate::state::snapshot::SnapshotError),
     /// The audit record could not be written; the change is reported as failed.
     #[error("the audit log cannot be written")]
     Audit(#[source] AuditError),
@@ -67,9 +70,11 @@ impl Refusal for OpsError {
             OpsError::NotFound(_) => "not_found",
             OpsError::Invalid(_) => "invalid",
             OpsError::Precondition(_) => "precondition",
-            OpsError::Custody(_) | OpsError::Ca(_) | OpsError::Store(_) | OpsError::State(_) => {
-                INTERNAL
-            }
+            OpsError::Custody(_)
+            | OpsError::Ca(_)
+            | OpsError::Store(_)
+            | OpsError::State(_)
+            | OpsError::Snapshot(_) => INTERNAL,
             OpsError::Audit(_) => AUDIT_UNAVAILABLE,
         }
     }
@@ -81,9 +86,11 @@ impl Refusal for OpsError {
             OpsError::NotFound(_) => RefusalKind::NotFound,
             OpsError::Invalid(_) => RefusalKind::InvalidArgument,
             OpsError::Precondition(_) => RefusalKind::FailedPrecondition,
-            OpsError::Custody(_) | OpsError::Ca(_) | OpsError::Store(_) | OpsError::State(_) => {
-                RefusalKind::Internal
-            }
+            OpsError::Custody(_)
+            | OpsError::Ca(_)
+            | OpsError::Store(_)
+            | OpsError::State(_)
+            | OpsError::Snapshot(_) => RefusalKind::Internal,
             OpsError::Audit(_) => RefusalKind::Unavailable,
         }
     }

@@ -13,6 +13,7 @@ pub mod marker;
 pub mod overlays;
 pub mod recovery;
 pub mod revocations;
+pub mod snapshot;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};

@@ -73,6 +73,24 @@ pub enum Tree {
 }
 
 impl Tree {
+    /// Every tree, in engine order.
+    pub const ALL: [Tree; 9] = [
+        Tree::Keys,
+        Tree::RunnerCas,
+        Tree::Certs,
+        Tree::Jti,
+        Tree::Audit,
+        Tree::Policies,
+        Tree::Revocations,
+        Tree::KeyMeta,
+        Tree::Meta,
+    ];
+
+    /// The tree with this engine name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.name() == name)
+    }
+
     /// The tree's name in the engine.
     pub fn name(self) -> &'static str {
         match self {

@@ -72,6 +72,13 @@ pub enum AdminCommand {
     },
     /// List revocation rules.
     Revocations,
+    /// Write a consistent backup of the site to FILE (mode 0600; keys stay wrapped under the
+    /// KEK); `meshsignd restore --config C FILE` brings it back.
+    Snapshot {
+        /// Where to write it.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Trust policies: list, disable, enable, jwks set.
     Trust {
         #[command(subcommand)]
@@ -326,6 +333,13 @@ pub async fn dispatch(cfg: &ClientConfig, command: AdminCommand) -> Result<(), C
                             r.id, r.kind, r.value, r.region, r.operator, r.reason
                         );
                     }
+                    Ok(())
+                }
+                AdminCommand::Snapshot { out } => {
+                    let bytes = c.snapshot().await?;
+                    meshsign_proto::files::write_atomic(&out, &bytes, true)
+                        .map_err(ClientError::io(&out))?;
+                    eprintln!("snapshot: {} bytes -> {}", bytes.len(), out.display());
                     Ok(())
                 }
                 AdminCommand::Trust { command } => trust(cfg, &mut c, command).await,
