@@ -540,3 +540,123 @@ async fn backup_wipe_restore_keeps_receipts_keys_and_the_chain() {
         serde_json::from_slice(&std::fs::read(tmp.path().join("b.txt.sig.json")).unwrap()).unwrap();
     assert_eq!(bundle["key_id"], "release@v1");
 }
+
+/// A tmpfs mounted for one test, unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `mib` MiB at `at` (root only; None where mounting is not allowed).
+    fn mount(at: &Path, mib: u32) -> Option<Self> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Self(at.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Writes zeros into `path` until the filesystem is full.
+fn fill(path: &Path) {
+    use std::io::Write as _;
+    let mut f = std::fs::File::create(path).unwrap();
+    let block = vec![0u8; 256 * 1024];
+    while f.write_all(&block).and_then(|()| f.sync_data()).is_ok() {}
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_writes_serves_reads_and_recovers_without_a_restart() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(fs) = Tmpfs::mount(&tmp.path().join("small"), 16) else {
+        // Mounting needs root (CI runs as root); say so rather than pass quietly.
+        eprintln!("SKIPPED: cannot mount a tmpfs here (not root)");
+        assert!(
+            !nix_is_root(),
+            "running as root, a tmpfs must mount for this test"
+        );
+        return;
+    };
+    let site_dir = fs.0.join("site");
+    let mut site = start_dev(&site_dir);
+    let pid = site.0.id();
+    let cfg = ClientConfig::load(&site_dir.join("client.toml")).unwrap();
+    let mut s = session(&cfg, "staging").await;
+    let mut acked: Receipts = Vec::new();
+    let r = s.sign_digest("release", [1; 32], "before").await.unwrap();
+    acked.push((r.audit_seq, r.audit_hash));
+
+    // Full: signing is refused with audit_unavailable (a few may still land in the journal).
+    fill(&fs.0.join("fill"));
+    let mut refused = None;
+    for n in 0..200u8 {
+        match s.sign_digest("release", [n; 32], "full").await {
+            Ok(r) => acked.push((r.audit_seq, r.audit_hash)),
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("a full disk refuses signing");
+    match &refused {
+        meshsign_client::ClientError::Rpc { code, message, .. } => {
+            assert_eq!(*code, tonic::Code::Unavailable, "{message}");
+            assert!(message.starts_with("audit_unavailable: "), "{message}");
+        }
+        other => panic!("{other}"),
+    }
+    // Reads go on: verification material and the audit export.
+    assert!(!public_key(&cfg).await.is_empty());
+    let mut admin = meshsign_client::admin::Admin::connect(&cfg).await.unwrap();
+    let mut stream = admin
+        .export_audit(v1::ExportAuditRequest::default())
+        .await
+        .unwrap();
+    let mut n = 0;
+    while stream.message().await.unwrap().is_some() {
+        n += 1;
+    }
+    assert!(n > 0, "the export of a full site works");
+
+    // Space returns: writes resume by themselves within 10 s, same process.
+    std::fs::remove_file(fs.0.join("fill")).unwrap();
+    let freed = std::time::Instant::now();
+    let resumed = loop {
+        match s.sign_digest("release", [9; 32], "after").await {
+            Ok(r) => break r,
+            Err(_) if freed.elapsed() < std::time::Duration::from_secs(10) => {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("writes did not resume within 10 s of freeing space: {e}"),
+        }
+    };
+    eprintln!("writes resumed {:?} after space returned", freed.elapsed());
+    acked.push((resumed.audit_seq, resumed.audit_hash));
+    assert!(site.0.try_wait().unwrap().is_none(), "no restart");
+    assert_eq!(site.0.id(), pid);
+    let log = verified_log(&site_dir).await;
+    for (seq, hash) in &acked {
+        assert_eq!(
+            entry(&log, *seq).map(|e| e.hash.as_str()),
+            Some(hash.as_str()),
+            "acknowledged entry {seq}"
+        );
+    }
+    drop(s);
+    drop(site);
+}
+
+fn nix_is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}

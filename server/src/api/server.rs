@@ -19,6 +19,9 @@ use crate::identity::Operator;
 use crate::ops::{self, Access, OpsError};
 use crate::state::SiteState;
 
+/// How often a site whose writes fail tries to make its store writable again.
+pub const REPAIR_EVERY: Duration = Duration::from_secs(2);
+
 /// Failures starting a site's listeners.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -181,13 +184,17 @@ pub async fn start(state: Arc<SiteState>) -> Result<SiteHandle, StartError> {
     listeners.spawn(async move { ("admin", admin.await) });
 
     // Housekeeping every 10 s: replay store, runner CAs past their last certificate, retention.
+    // Every 2 s while writes fail (a full disk): try to make the store writable again, so
+    // writes resume by themselves soon after space returns.
     let keeper_state = state.clone();
     let mut krx = rx.clone();
     let keeper = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(10));
+        let mut repair = tokio::time::interval(REPAIR_EVERY);
         loop {
             tokio::select! {
                 _ = tick.tick() => ops::housekeeping::run_once(&keeper_state).await,
+                _ = repair.tick() => ops::housekeeping::repair_storage(&keeper_state).await,
                 _ = krx.changed() => break,
             }
         }

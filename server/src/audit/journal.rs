@@ -258,10 +258,16 @@ impl Journal {
             buf.extend_from_slice(e);
             buf.push(b'\n');
         }
-        self.file
+        if let Err(e) = self
+            .file
             .write_all(&buf)
             .and_then(|()| self.file.sync_data())
-            .map_err(|e| io_err(&self.path, e))?;
+        {
+            // A partial write (a full disk) must not stay in front of later lines: cut the
+            // file back to what it held (freeing space, so this works on a full disk too).
+            let _ = self.file.set_len(self.len);
+            return Err(io_err(&self.path, e));
+        }
         self.len += buf.len() as u64;
         self.entries += entries.len();
         Ok(())
@@ -285,6 +291,12 @@ impl Journal {
         self.len = header.len() as u64;
         self.entries = 0;
         Ok(())
+    }
+
+    /// Re-reads the file (after the store was reopened): what it holds, checked.
+    pub fn reread(&self) -> Result<Recovered, AuditError> {
+        let text = std::fs::read(&self.path).map_err(|e| io_err(&self.path, e))?;
+        parse(&self.path, &text).map_err(AuditError::JournalState)
     }
 
     /// The journal file.

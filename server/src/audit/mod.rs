@@ -188,12 +188,14 @@ type Exclusive = Box<dyn FnOnce(&Store, u64, &str) + Send>;
 enum Msg {
     Entry(Box<AuditRecord>, Scope, Reply),
     Exclusive(Exclusive),
+    Repair(oneshot::Sender<Result<bool, AuditError>>),
     Stop(oneshot::Sender<()>),
 }
 
 /// Appends entries through the group-commit writer.
 #[derive(Clone)]
 pub struct AuditLog {
+    failing: Arc<std::sync::atomic::AtomicBool>,
     tx: mpsc::Sender<Msg>,
     store: Store,
     head: watch::Receiver<u64>,
@@ -225,6 +227,8 @@ struct Writer {
     journal_reset: bool,
     /// Encoded entries of the batch being committed.
     pending: Vec<Vec<u8>>,
+    /// Set while commits fail (a full or broken disk); cleared by a commit or a repair.
+    failing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AuditLog {
@@ -294,6 +298,7 @@ impl AuditLog {
             store.flush()?;
             j.clear(seq, &hash)?;
         }
+        let failing: Arc<std::sync::atomic::AtomicBool> = Arc::default();
         let (head_tx, head_rx) = watch::channel(seq);
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
@@ -309,12 +314,14 @@ impl AuditLog {
             journal,
             journal_reset: false,
             pending: Vec::new(),
+            failing: failing.clone(),
         };
         std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || writer.commit_loop(rx))
             .map_err(|e| AuditError::Thread(Arc::new(e)))?;
         Ok(Self {
+            failing,
             tx,
             store,
             head: head_rx,
@@ -362,6 +369,21 @@ impl AuditLog {
             .send(Msg::Exclusive(job))
             .map_err(|_| AuditError::Stopped)?;
         rx.await.map_err(|_| AuditError::Stopped)
+    }
+
+    /// Whether the last commit failed (writes are refused until a repair or a commit works).
+    pub fn is_failing(&self) -> bool {
+        self.failing.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Tries to make the log writable again after failed writes (see the writer's `repair`);
+    /// returns whether the store was reopened.
+    pub async fn repair(&self) -> Result<bool, AuditError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Repair(tx))
+            .map_err(|_| AuditError::Stopped)?;
+        rx.await.map_err(|_| AuditError::Stopped)?
     }
 
     /// Stops the writer after what is queued (shutdown); later records fail with `Stopped`.
@@ -604,6 +626,10 @@ impl Writer {
                     self.exclusive(job);
                     continue;
                 }
+                Ok(Msg::Repair(reply)) => {
+                    let _ = reply.send(self.repair());
+                    continue;
+                }
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     // Idle: checkpoint what is not yet covered.
@@ -618,6 +644,7 @@ impl Writer {
             let mut batch = vec![first];
             let mut stop = None;
             let mut exclusive: Option<Exclusive> = None;
+            let mut repair = None;
             while batch.len() < 4096 {
                 match rx.try_recv() {
                     Ok(Msg::Entry(rec, scope, reply)) => batch.push((*rec, scope, reply)),
@@ -629,19 +656,67 @@ impl Writer {
                         exclusive = Some(job);
                         break;
                     }
+                    Ok(Msg::Repair(reply)) => {
+                        repair = Some(reply);
+                        break;
+                    }
                     Err(_) => break,
                 }
             }
-            if let Err(e) = self.commit(batch, false) {
-                tracing::error!(error = %e, "audit write failed");
+            match self.commit(batch, false) {
+                Ok(()) => self
+                    .failing
+                    .store(false, std::sync::atomic::Ordering::SeqCst),
+                Err(e) => {
+                    self.failing
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                    tracing::error!(error = %e, "audit write failed; writes are refused until the store takes them again");
+                }
             }
             if let Some(job) = exclusive.take() {
                 self.exclusive(job);
+            }
+            if let Some(reply) = repair.take() {
+                let _ = reply.send(self.repair());
             }
             if let Some(done) = stop {
                 return self.finish(done);
             }
         }
+    }
+
+    /// After failed writes: lets the store recover (reopen), puts back what only the journal
+    /// held, checks that the store takes a durable write, and empties the journal.
+    fn repair(&mut self) -> Result<bool, AuditError> {
+        let reopened = self.store.kv().recover()?;
+        if let Some(j) = &self.journal {
+            let recovered = j.reread()?;
+            restore_from_journal(&self.store, j.path(), &recovered)?;
+        }
+        self.store.flush()?;
+        let (seq, hash) = match self.store.kv().last(Tree::Audit)? {
+            Some((_, v)) => {
+                let r: AuditRecord =
+                    serde_json::from_slice(&v).map_err(AuditError::entry("last stored"))?;
+                (r.seq, r.hash)
+            }
+            None => (0, genesis()),
+        };
+        if (seq, hash.as_str()) != (self.seq, self.hash.as_str()) {
+            tracing::error!(
+                store_seq = seq,
+                writer_seq = self.seq,
+                "after the store recovered, its audit log ends elsewhere than the writer's head; continuing from the store"
+            );
+            (self.seq, self.hash) = (seq, hash);
+        }
+        if let Some(j) = &mut self.journal {
+            j.clear(self.seq, &self.hash)?;
+        }
+        self.journal_reset = false;
+        self.failing
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        Ok(reopened)
     }
 
     fn exclusive(&mut self, job: Exclusive) {

@@ -21,6 +21,20 @@ pub async fn run_once(site: &SiteState) {
     }
 }
 
+/// While audit writes fail (a full disk), tries to make the store writable again; logs when
+/// writes resume.
+pub async fn repair_storage(site: &SiteState) {
+    if !site.audit.is_failing() {
+        return;
+    }
+    match site.audit.repair().await {
+        Ok(reopened) => {
+            tracing::warn!(reopened, "storage writable again: writes resume");
+        }
+        Err(e) => tracing::debug!(error = %e, "storage still not writable"),
+    }
+}
+
 /// Audit retention: prunes what `[audit] retention_days` allows, and audits it.
 pub async fn prune_audit(site: &SiteState) -> Result<Option<(u64, u64)>, OpsError> {
     let days = site.config().audit.retention_days;

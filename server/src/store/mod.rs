@@ -128,10 +128,24 @@ pub trait Kv: Send + Sync + 'static {
     fn last(&self, tree: Tree) -> Result<Option<Entry>, StoreError>;
     /// Makes every write so far durable.
     fn flush(&self) -> Result<(), StoreError>;
+    /// After a failed write: make the engine usable again if it keeps the error (sled keeps an
+    /// I/O error until it is reopened). Returns whether it did anything. Only what was durable
+    /// survives; the caller replays what it must (the audit journal).
+    fn recover(&self) -> Result<bool, StoreError> {
+        Ok(false)
+    }
 }
 
-/// [`Kv`] on sled 0.34.
+/// [`Kv`] on sled 0.34. The database is held behind a lock so that it can be reopened in place
+/// after an I/O error (sled keeps the first I/O error — a full disk — and fails every later
+/// write until it is reopened); see [`Kv::recover`].
 pub struct SledKv {
+    dir: std::path::PathBuf,
+    cache_bytes: u64,
+    inner: std::sync::RwLock<Option<Arc<SledInner>>>,
+}
+
+struct SledInner {
     db: sled::Db,
     trees: [sled::Tree; 9],
 }
@@ -151,6 +165,27 @@ impl SledKv {
 
     /// Opens (or creates) the database in `dir` with a page cache of `cache_bytes`.
     pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        let inner = SledInner::open(dir, cache_bytes)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            cache_bytes,
+            inner: std::sync::RwLock::new(Some(Arc::new(inner))),
+        })
+    }
+
+    fn db(&self) -> Result<Arc<SledInner>, StoreError> {
+        self.inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| {
+                StoreError::Engine("the store is being reopened after an I/O error".into())
+            })
+    }
+}
+
+impl SledInner {
+    fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_bytes)
@@ -179,6 +214,7 @@ impl SledKv {
 impl Kv for SledKv {
     fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self
+            .db()?
             .tree(tree)
             .get(key)
             .map_err(engine)?
@@ -186,7 +222,8 @@ impl Kv for SledKv {
     }
 
     fn put(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        self.tree(tree)
+        self.db()?
+            .tree(tree)
             .insert(key, value)
             .map_err(engine)
             .map(|_| ())
@@ -194,6 +231,7 @@ impl Kv for SledKv {
 
     fn insert_new(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<bool, StoreError> {
         let r = self
+            .db()?
             .tree(tree)
             .compare_and_swap(key, None as Option<&[u8]>, Some(value))
             .map_err(engine)?;
@@ -201,18 +239,24 @@ impl Kv for SledKv {
     }
 
     fn remove(&self, tree: Tree, key: &[u8]) -> Result<(), StoreError> {
-        self.tree(tree).remove(key).map_err(engine).map(|_| ())
+        self.db()?
+            .tree(tree)
+            .remove(key)
+            .map_err(engine)
+            .map(|_| ())
     }
 
     fn scan_prefix(&self, tree: Tree, prefix: &[u8]) -> Result<Vec<Entry>, StoreError> {
-        self.tree(tree)
+        self.db()?
+            .tree(tree)
             .scan_prefix(prefix)
             .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(engine))
             .collect()
     }
 
     fn scan_range(&self, tree: Tree, from: &[u8], limit: usize) -> Result<Vec<Entry>, StoreError> {
-        self.tree(tree)
+        self.db()?
+            .tree(tree)
             .range(from..)
             .take(limit)
             .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(engine))
@@ -221,6 +265,7 @@ impl Kv for SledKv {
 
     fn last(&self, tree: Tree) -> Result<Option<Entry>, StoreError> {
         Ok(self
+            .db()?
             .tree(tree)
             .last()
             .map_err(engine)?
@@ -228,7 +273,33 @@ impl Kv for SledKv {
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush().map_err(engine).map(|_| ())
+        self.db()?.db.flush().map_err(engine).map(|_| ())
+    }
+
+    fn recover(&self) -> Result<bool, StoreError> {
+        // Reopen only once the disk takes writes again: a reopen that fails would leave no
+        // store at all (and reads work on the old one meanwhile).
+        probe_writable(&self.dir)?;
+        let mut guard = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(mut old) = guard.take() {
+            // Calls in flight hold a clone for one call each; wait for them, then close sled
+            // (its file lock goes with the last handle).
+            loop {
+                match Arc::try_unwrap(old) {
+                    Ok(inner) => {
+                        drop(inner);
+                        break;
+                    }
+                    Err(still) => {
+                        old = still;
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                }
+            }
+        }
+        let reopened = SledInner::open(&self.dir, self.cache_bytes)?;
+        *guard = Some(Arc::new(reopened));
+        Ok(true)
     }
 }
 
@@ -311,6 +382,20 @@ impl Store {
     pub fn flush(&self) -> Result<(), StoreError> {
         self.kv.flush()
     }
+}
+
+/// Whether `dir` takes a small durable write now (64 KiB, synced, removed).
+fn probe_writable(dir: &Path) -> Result<(), StoreError> {
+    use std::io::Write as _;
+    let path = dir.join(".meshsign-write-probe");
+    let io = |source| StoreError::Io {
+        path: path.clone(),
+        source,
+    };
+    let result = std::fs::File::create(&path)
+        .and_then(|mut f| f.write_all(&[0u8; 64 * 1024]).and_then(|()| f.sync_all()));
+    let _ = std::fs::remove_file(&path);
+    result.map_err(io)
 }
 
 /// The text of a caught panic.
