@@ -434,6 +434,153 @@ impl GithubJob {
     }
 }
 
+/// Claims shaped as GitLab CI issues them in an `id_tokens` token (names from GitLab's
+/// documentation: "OpenID Connect (OIDC) Authentication Using ID Tokens").
+#[derive(Clone, Debug)]
+pub struct GitlabJob {
+    /// `project_path`, e.g. `acme/app`.
+    pub project_path: String,
+    /// `ref`: the bare branch or tag name, e.g. `main`.
+    pub git_ref: String,
+    /// `ref_type`: `branch` or `tag`.
+    pub ref_type: String,
+    /// `job_id`.
+    pub job_id: String,
+    /// `pipeline_id`.
+    pub pipeline_id: String,
+    /// `environment` (deployment environment), if the job has one.
+    pub environment: String,
+}
+
+impl GitlabJob {
+    /// A job on branch `main` of `acme/app` deploying to `environment`.
+    pub fn new(environment: &str) -> Self {
+        Self {
+            project_path: "acme/app".into(),
+            git_ref: "main".into(),
+            ref_type: "branch".into(),
+            job_id: "302".into(),
+            pipeline_id: "12345".into(),
+            environment: environment.into(),
+        }
+    }
+
+    /// The claims set GitLab puts in an ID token.
+    pub fn claims(&self, iss: &str, aud: &str, jti: &str, now_unix: i64, ttl: i64) -> Value {
+        let (namespace, _) = self
+            .project_path
+            .split_once('/')
+            .unwrap_or((&self.project_path, ""));
+        let ref_path = match self.ref_type.as_str() {
+            "tag" => format!("refs/tags/{}", self.git_ref),
+            _ => format!("refs/heads/{}", self.git_ref),
+        };
+        json!({
+            "iss": iss,
+            "aud": aud,
+            "sub": format!("project_path:{}:ref_type:{}:ref:{}", self.project_path, self.ref_type, self.git_ref),
+            "namespace_id": "72",
+            "namespace_path": namespace,
+            "project_id": "20",
+            "project_path": self.project_path,
+            "user_id": "5",
+            "user_login": "dev1",
+            "user_email": "dev1@example.test",
+            "user_access_level": "developer",
+            "pipeline_id": self.pipeline_id,
+            "pipeline_source": "push",
+            "job_id": self.job_id,
+            "ref": self.git_ref,
+            "ref_type": self.ref_type,
+            "ref_path": ref_path,
+            "ref_protected": "true",
+            "environment": self.environment,
+            "environment_protected": "false",
+            "deployment_tier": self.environment,
+            "runner_id": 27,
+            "runner_environment": "self-hosted",
+            "sha": "714a629c0b401fdce83e847fc9589983fc6f46bc",
+            "project_visibility": "private",
+            "ci_config_ref_uri": format!("gitlab.example.test/{}//.gitlab-ci.yml@{ref_path}", self.project_path),
+            "ci_config_sha": "714a629c0b401fdce83e847fc9589983fc6f46bc",
+            "jti": jti,
+            "iat": now_unix,
+            "nbf": now_unix,
+            "exp": now_unix + ttl,
+        })
+    }
+}
+
+/// Claims shaped as the Buildkite agent's `oidc request-token` issues them (names from
+/// Buildkite's OIDC documentation).
+#[derive(Clone, Debug)]
+pub struct BuildkiteJob {
+    /// `organization_slug`.
+    pub organization_slug: String,
+    /// `pipeline_slug`.
+    pub pipeline_slug: String,
+    /// `build_branch`.
+    pub build_branch: String,
+    /// `build_tag` (null when the build is not for a tag).
+    pub build_tag: Option<String>,
+    /// `build_number`.
+    pub build_number: u64,
+    /// `job_id` (a UUID).
+    pub job_id: String,
+}
+
+impl BuildkiteJob {
+    /// A job of pipeline `app` in organization `acme` on branch `main`.
+    pub fn new() -> Self {
+        Self {
+            organization_slug: "acme".into(),
+            pipeline_slug: "app".into(),
+            build_branch: "main".into(),
+            build_tag: None,
+            build_number: 5,
+            job_id: "01945ecf-80f0-41e8-9b83-a2970a9305a1".into(),
+        }
+    }
+
+    /// The claims set Buildkite puts in an OIDC token.
+    pub fn claims(&self, iss: &str, aud: &str, jti: &str, now_unix: i64, ttl: i64) -> Value {
+        let commit = "b5ffe3aeea51cec6c41aef16e45ee6bce47d8810";
+        let git_ref = match &self.build_tag {
+            Some(t) => format!("refs/tags/{t}"),
+            None => format!("refs/heads/{}", self.build_branch),
+        };
+        json!({
+            "iss": iss,
+            "sub": format!(
+                "organization:{}:pipeline:{}:ref:{git_ref}:commit:{commit}:step:",
+                self.organization_slug, self.pipeline_slug
+            ),
+            "aud": aud,
+            "iat": now_unix,
+            "nbf": now_unix,
+            "exp": now_unix + ttl,
+            "jti": jti,
+            "organization_slug": self.organization_slug,
+            "pipeline_slug": self.pipeline_slug,
+            "build_number": self.build_number,
+            "build_branch": self.build_branch,
+            "build_tag": self.build_tag,
+            "build_commit": commit,
+            "step_key": null,
+            "job_id": self.job_id,
+            "agent_id": "01945ecf-8bcf-40a6-9d70-a765db9a0928",
+            "build_source": "ui",
+            "runner_environment": "self-hosted",
+        })
+    }
+}
+
+impl Default for BuildkiteJob {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// A random identifier (128 bits, 32 hex characters), for `jti` values, issuer and rule ids.
 /// Fails only if the OS random number generator is unavailable (then no key could be made either).
 pub fn random_id() -> Result<String, DevError> {

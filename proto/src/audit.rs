@@ -68,6 +68,9 @@ pub struct AuditRecord {
     /// Ref claim.
     #[serde(rename = "ref")]
     pub git_ref: String,
+    /// The CI provider whose claims were mapped (absent on entries without a token).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub provider: String,
     /// Peer address.
     pub peer: String,
     /// Ops identity (SPIFFE ID) for admin actions.

@@ -94,6 +94,12 @@ pub struct JobClaims {
     pub git_ref: String,
     /// Name of the trust policy that admitted the token.
     pub trust_policy: String,
+    /// The CI provider whose claims were mapped (`github`, `gitlab`, `buildkite`, `generic`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub provider: String,
+    /// The pipeline (GitHub run, GitLab pipeline id, Buildkite build number).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pipeline: String,
 }
 
 impl JobClaims {
@@ -235,9 +241,26 @@ mod tests {
             repository: "acme/app".into(),
             git_ref: "refs/heads/main".into(),
             trust_policy: "github".into(),
+            provider: "github".into(),
+            pipeline: "42".into(),
         };
         let der = c.to_extension_value();
-        assert_eq!(JobClaims::from_extension_value(&der), Ok(c));
+        assert_eq!(JobClaims::from_extension_value(&der), Ok(c.clone()));
+        // A certificate from before providers (no provider, no pipeline) still parses.
+        let old = JobClaims {
+            provider: String::new(),
+            pipeline: String::new(),
+            ..c
+        };
+        let json = serde_json::to_string(&old).unwrap_or_default();
+        assert!(
+            !json.contains("provider") && !json.contains("pipeline"),
+            "{json}"
+        );
+        assert_eq!(
+            JobClaims::from_extension_value(&old.to_extension_value()),
+            Ok(old)
+        );
         assert!(JobClaims::from_extension_value(&der[1..]).is_err());
     }
 

@@ -106,6 +106,7 @@ bound_claims = {{ runner_environment = "self-hosted", environment = "{env}" }}
 name = "gitlab"
 issuer = "{RS_ISSUER}"
 jwks_file = "pki/rs.jwks.json"
+provider = "gitlab"
 "#
         ));
         if env == "production" {
@@ -222,6 +223,17 @@ impl TestSite {
     pub fn claims(&self, env: &str) -> Value {
         GithubJob::new(env).claims(
             ES_ISSUER,
+            &format!("meshsign:{env}:{REGION}"),
+            &random_id().unwrap(),
+            self.now(),
+            300,
+        )
+    }
+
+    /// Claims of a GitLab CI job (GitLab's names), for the RS256 issuer.
+    pub fn gitlab_claims(&self, env: &str) -> Value {
+        meshsign_certs_dev::GitlabJob::new(env).claims(
+            RS_ISSUER,
             &format!("meshsign:{env}:{REGION}"),
             &random_id().unwrap(),
             self.now(),

@@ -77,6 +77,8 @@ async fn certificate_is_built_from_policy_not_from_the_csr() {
             repository: "acme/app".into(),
             git_ref: "refs/heads/main".into(),
             trust_policy: "ci".into(),
+            provider: "github".into(),
+            pipeline: "1001".into(),
         }
     );
 

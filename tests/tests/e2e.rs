@@ -166,8 +166,7 @@ async fn sign_batch_of_1000_all_verify() {
 async fn rs256_tokens_enroll_and_verification_material_is_public() {
     let site = TestSite::start().await;
     let key = meshsign_client::runner::RunnerKey::generate().unwrap();
-    let mut claims = site.claims("staging");
-    claims["iss"] = meshsign_tests::RS_ISSUER.into();
+    let claims = site.gitlab_claims("staging");
     let token = site.rs.mint(&claims).unwrap();
     let resp = site
         .enrollment()

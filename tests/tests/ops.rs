@@ -268,8 +268,7 @@ async fn revocation_by_serial_job_fingerprint_and_policy_is_immediate_and_surviv
         let s = site.signer_for(&key, &resp).await.unwrap();
         (key, resp, s)
     };
-    let mut rs_claims = site.claims("production");
-    rs_claims["iss"] = meshsign_tests::RS_ISSUER.into();
+    let rs_claims = site.gitlab_claims("production");
     let (k4, r4, mut by_policy) = {
         let key = RunnerKey::generate().unwrap();
         let req = site.enroll_request("production", site.rs.mint(&rs_claims).unwrap(), &key);

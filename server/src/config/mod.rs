@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::identity::jwt::Jwks;
-use crate::model::{AccessRule, KeyAlgorithm, NAME_RULE, Purpose, default_purposes, is_name};
+use crate::model::{
+    AccessRule, JOB_FIELDS, KeyAlgorithm, NAME_RULE, Provider, Purpose, default_purposes, is_name,
+};
 
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
@@ -191,6 +193,10 @@ struct RawPolicy {
     enabled: bool,
     #[serde(default)]
     bound_claims: BTreeMap<String, String>,
+    #[serde(default)]
+    provider: Provider,
+    #[serde(default)]
+    claim_mappings: BTreeMap<String, String>,
 }
 
 fn yes() -> bool {
@@ -321,8 +327,14 @@ pub struct TrustPolicy {
     pub enabled: bool,
     /// When disabled: certificates it already minted may keep signing (`--keep-sessions`).
     pub keep_sessions: bool,
-    /// Claims a token must carry: name → pattern.
+    /// Claims a token must carry: name → pattern. A mapped field name (`repository`, `ref`,
+    /// `job_id`, `pipeline`, `environment`, `actor`) is matched against the mapped value;
+    /// any other name against the token's own claim.
     pub bound_claims: BTreeMap<String, String>,
+    /// Whose claims its tokens carry (github by default).
+    pub provider: Provider,
+    /// For `generic`: mapped field → claim name.
+    pub claim_mappings: BTreeMap<String, String>,
 }
 
 impl SiteConfig {
@@ -522,6 +534,39 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
                     ));
                 }
             }
+            match pol.provider {
+                Provider::Generic => {
+                    for need in ["repository", "ref"] {
+                        if !pol.claim_mappings.contains_key(need) {
+                            return Err(invalid(
+                                tat(&format!("claim_mappings.{need}")),
+                                "a generic provider names the claim that holds it",
+                            ));
+                        }
+                    }
+                    for (field, claim) in &pol.claim_mappings {
+                        if !JOB_FIELDS.contains(&field.as_str()) {
+                            return Err(invalid(
+                                tat(&format!("claim_mappings.{field}")),
+                                format!("not a mapped field (one of {})", JOB_FIELDS.join(", ")),
+                            ));
+                        }
+                        if claim.is_empty() {
+                            return Err(invalid(
+                                tat(&format!("claim_mappings.{field}")),
+                                "must name a claim",
+                            ));
+                        }
+                    }
+                }
+                _ if !pol.claim_mappings.is_empty() => {
+                    return Err(invalid(
+                        tat("claim_mappings"),
+                        "only for provider = \"generic\" (the others have fixed mappings)",
+                    ));
+                }
+                _ => {}
+            }
             policies.push(TrustPolicy {
                 name: pol.name,
                 issuer: pol.issuer,
@@ -529,6 +574,8 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
                 enabled: pol.enabled,
                 keep_sessions: false,
                 bound_claims: pol.bound_claims,
+                provider: pol.provider,
+                claim_mappings: pol.claim_mappings,
             });
         }
         environments.push(Environment {

@@ -16,6 +16,7 @@ use serde_json::Value;
 use crate::audit::{AuditError, AuditRecord};
 use crate::ca::{CaError, CertRequest};
 use crate::config::{Environment, SiteConfig, TrustPolicy};
+use crate::identity::claims::JobIdentity;
 use crate::identity::jwt::UnverifiedJwt;
 use crate::model::{
     AUDIT_UNAVAILABLE, CertRecord, INTERNAL, Refusal, RefusalKind, bounded, glob_match,
@@ -279,6 +280,9 @@ fn checks_and_issue(
     let candidates = kid(environment, &jwt)?;
     let verified = signature(candidates, &jwt)?;
     let policy = iss(verified, &jwt)?;
+    // From here on the job is read the way the policy's provider writes it.
+    let job = JobIdentity::map(policy.provider, &policy.claim_mappings, &jwt.claims);
+    record_job(&job, rec);
     trust_policy_disabled(policy)?;
     aud(environment, &jwt)?;
     exp(&jwt, now)?;
@@ -286,7 +290,7 @@ fn checks_and_issue(
     iat(environment, &jwt, now)?;
     let jti = jti(&jwt)?;
     jti_replay(site, &jwt, jti)?;
-    bound_claim(policy, &jwt)?;
+    bound_claim(policy, &job, &jwt)?;
     let spki = verify_csr(&input.csr_der)?;
     region(&config, input)?;
     fingerprint(input)?;
@@ -300,7 +304,7 @@ fn checks_and_issue(
         jti,
         spki,
         input,
-        &rec.job_id,
+        &job,
     )
 }
 
@@ -336,6 +340,14 @@ fn record_claims(jwt: &UnverifiedJwt, rec: &mut AuditRecord) {
     rec.job_id = job_id(jwt);
     rec.repository = claim("repository");
     rec.git_ref = claim("ref");
+}
+
+/// Records the mapped job (once the policy, and so the provider, is known).
+fn record_job(job: &JobIdentity, rec: &mut AuditRecord) {
+    rec.repository = job.repository.clone();
+    rec.git_ref = job.git_ref.clone();
+    rec.job_id = job.job_id.clone();
+    rec.provider = job.provider.as_str().to_string();
 }
 
 /// `environment` (step 0): the token's audience may not select another environment.
@@ -487,10 +499,19 @@ fn jti_replay(site: &SiteState, jwt: &UnverifiedJwt, jti: &str) -> Result<(), En
     Ok(())
 }
 
-/// `bound_claim` (step 6): every bound claim of the policy holds.
-fn bound_claim(policy: &TrustPolicy, jwt: &UnverifiedJwt) -> Result<(), EnrollError> {
+/// `bound_claim` (step 6): every bound claim of the policy holds (mapped fields by their mapped
+/// value, other names by the token's claim).
+fn bound_claim(
+    policy: &TrustPolicy,
+    job: &JobIdentity,
+    jwt: &UnverifiedJwt,
+) -> Result<(), EnrollError> {
     for (claim, pattern) in &policy.bound_claims {
-        let actual = jwt.claims.get(claim).and_then(claim_as_string);
+        let actual = match job.field(claim) {
+            Some(v) if !v.is_empty() => Some(v.to_string()),
+            Some(_) => None,
+            None => jwt.claims.get(claim).and_then(claim_as_string),
+        };
         if !actual.as_deref().is_some_and(|a| glob_match(pattern, a)) {
             return Err(EnrollError::BoundClaim {
                 claim: claim.clone(),
@@ -543,7 +564,7 @@ fn issue(
     jti: &str,
     spki: Vec<u8>,
     input: &EnrollInput,
-    job_id: &str,
+    job: &JobIdentity,
 ) -> Result<EnrollOutput, EnrollError> {
     let now = site.clock.unix();
     let iss = jwt.str_claim("iss").unwrap_or_default();
@@ -559,10 +580,12 @@ fn issue(
         iss: iss.to_string(),
         sub: jwt.str_claim("sub").unwrap_or_default().to_string(),
         jti: jti.to_string(),
-        job_id: job_id.to_string(),
-        repository: jwt.str_claim("repository").unwrap_or_default().to_string(),
-        git_ref: jwt.str_claim("ref").unwrap_or_default().to_string(),
+        job_id: job.job_id.clone(),
+        repository: job.repository.clone(),
+        git_ref: job.git_ref.clone(),
         trust_policy: policy.name.clone(),
+        provider: job.provider.as_str().to_string(),
+        pipeline: job.pipeline.clone(),
     };
     let id = RunnerId {
         trust_domain: config.trust_domain.clone(),

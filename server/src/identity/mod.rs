@@ -5,6 +5,7 @@
 //! decoding and pinned-JWKS verification ([`jwt`]). Must not touch: the store, the clock,
 //! running state — whether an identity is still *trusted* is decided by the use cases.
 
+pub mod claims;
 pub mod jwt;
 
 use meshsign_proto::audit::AuditRecord;
@@ -90,6 +91,7 @@ impl Caller {
             ttl_remaining_sec: Some(self.ttl_remaining(now)),
             repository: self.claims.repository.clone(),
             git_ref: self.claims.git_ref.clone(),
+            provider: self.claims.provider.clone(),
             peer: peer.into(),
             ..Default::default()
         }

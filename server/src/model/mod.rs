@@ -251,6 +251,48 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
     true
 }
 
+// === CI providers ===
+
+/// Whose claims a trust policy's tokens carry, and so how repository, ref, job and pipeline
+/// are read from them (see `identity::claims`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    /// GitHub Actions: `repository`, `ref`, `run_id`, `environment`, `actor`.
+    #[default]
+    Github,
+    /// GitLab `id_tokens`: `project_path`, `ref_path`, `job_id`, `pipeline_id`, `environment`,
+    /// `user_login`.
+    Gitlab,
+    /// Buildkite: `organization_slug`/`pipeline_slug`, `build_branch` or `build_tag`, `job_id`,
+    /// `build_number`.
+    Buildkite,
+    /// Any issuer: the policy's `claim_mappings` name the claims.
+    Generic,
+}
+
+impl Provider {
+    /// The config name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Github => "github",
+            Provider::Gitlab => "gitlab",
+            Provider::Buildkite => "buildkite",
+            Provider::Generic => "generic",
+        }
+    }
+}
+
+/// The mapped fields of a job, by name (`claim_mappings` keys, bound claims on mapped values).
+pub const JOB_FIELDS: [&str; 6] = [
+    "repository",
+    "ref",
+    "job_id",
+    "pipeline",
+    "environment",
+    "actor",
+];
+
 // === issued certificates ===
 
 /// Record of an issued runner certificate (serial → claims, expiry), written at enrollment and
