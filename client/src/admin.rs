@@ -22,7 +22,7 @@ pub async fn connect(cfg: &ClientConfig) -> Result<AdminClient<Channel>, ClientE
         .map_err(|e| ClientError::Config(format!("{}: {e}", a.key_file.display())))?;
     let tls = transport::tls_config(transport::roots(cfg)?, Some(ClientIdentity { chain, key }))?;
     Ok(AdminClient::new(
-        transport::connect(&cfg.admin_endpoint, &cfg.server_name, tls).await?,
+        transport::connect_to(cfg, &cfg.admin_endpoint, tls).await?,
     ))
 }
 

@@ -33,6 +33,12 @@ pub struct ClientConfig {
     pub dev_issuer: Option<DevIssuer>,
     /// Admin identity (ops only).
     pub admin: Option<AdminIdentity>,
+    /// Seconds to wait for a connection and TLS handshake (default 10).
+    #[serde(default)]
+    pub connect_timeout_seconds: Option<u64>,
+    /// Seconds to wait for each RPC (default 60).
+    #[serde(default)]
+    pub rpc_timeout_seconds: Option<u64>,
 }
 
 /// One environment (partition) of the site.
@@ -66,6 +72,19 @@ pub struct AdminIdentity {
 }
 
 impl ClientConfig {
+    /// The connect and RPC timeouts (config, or the defaults).
+    pub fn timeouts(&self) -> crate::transport::Timeouts {
+        let d = crate::transport::Timeouts::default();
+        crate::transport::Timeouts {
+            connect: self
+                .connect_timeout_seconds
+                .map_or(d.connect, std::time::Duration::from_secs),
+            rpc: self
+                .rpc_timeout_seconds
+                .map_or(d.rpc, std::time::Duration::from_secs),
+        }
+    }
+
     /// Reads a config file.
     pub fn load(path: &Path) -> Result<Self, ClientError> {
         let text = std::fs::read_to_string(path).map_err(ClientError::io(path))?;

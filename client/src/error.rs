@@ -3,6 +3,9 @@
 /// Client failures; the CLI prints them and exits non-zero.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// The command was used wrongly (a missing input file, no token source).
+    #[error("{0}")]
+    Usage(String),
     /// The client config is missing or invalid.
     #[error("config: {0}")]
     Config(String),
@@ -43,7 +46,41 @@ pub enum ClientError {
     Verify(String),
 }
 
+/// Exit codes a script can branch on.
+pub mod exit {
+    /// Done.
+    pub const OK: u8 = 0;
+    /// A signature, bundle, receipt or audit log did not verify.
+    pub const VERIFY_FAILED: u8 = 1;
+    /// The command was used wrongly (flags, config, input files).
+    pub const USAGE: u8 = 2;
+    /// The site refused by policy (token, certificate, key access, revocation, role…).
+    pub const REFUSED: u8 = 3;
+    /// The site (or the token source) was unavailable or did not answer in time.
+    pub const UNAVAILABLE: u8 = 4;
+}
+
 impl ClientError {
+    /// The exit code for this error (see [`exit`]).
+    pub fn exit_code(&self) -> u8 {
+        use tonic::Code;
+        match self {
+            ClientError::Verify(_) | ClientError::Crypto(_) => exit::VERIFY_FAILED,
+            ClientError::Usage(_) | ClientError::Config(_) | ClientError::Io { .. } => exit::USAGE,
+            ClientError::Connect { .. } | ClientError::Token(_) => exit::UNAVAILABLE,
+            ClientError::Rpc { code, .. } => match code {
+                Code::Unavailable
+                | Code::DeadlineExceeded
+                | Code::Cancelled
+                | Code::Unknown
+                | Code::Internal
+                | Code::ResourceExhausted
+                | Code::Aborted => exit::UNAVAILABLE,
+                _ => exit::REFUSED,
+            },
+        }
+    }
+
     /// Wraps a tonic status.
     pub fn rpc(rpc: &'static str, s: tonic::Status) -> Self {
         ClientError::Rpc {

@@ -10,6 +10,7 @@ pub mod codesign;
 pub mod config;
 pub mod drill;
 pub mod error;
+pub mod preflight;
 pub mod runner;
 pub mod token;
 pub mod transport;

@@ -47,24 +47,103 @@ impl RunnerKey {
     }
 }
 
-/// This machine's runner fingerprint: `MESHSIGN_RUNNER_FINGERPRINT` if set, else
-/// SHA-256("meshsign-runner-v1" ‖ 0 ‖ /etc/machine-id (or the hostname) ‖ 0 ‖ `RUNNER_NAME`).
-pub fn local_fingerprint() -> String {
-    if let Ok(fp) = std::env::var("MESHSIGN_RUNNER_FINGERPRINT") {
-        return fp;
+/// Where a runner fingerprint came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FingerprintSource {
+    /// `MESHSIGN_RUNNER_FINGERPRINT` (or `--fingerprint`).
+    Override,
+    /// macOS: the platform UUID (`IOPlatformUUID`, from `ioreg`).
+    PlatformUuid,
+    /// Linux: `/etc/machine-id`.
+    MachineId,
+    /// Neither: the host name (weak — runners cloned from one image may share it).
+    Hostname,
+}
+
+impl std::fmt::Display for FingerprintSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FingerprintSource::Override => "MESHSIGN_RUNNER_FINGERPRINT",
+            FingerprintSource::PlatformUuid => "IOPlatformUUID (macOS platform UUID)",
+            FingerprintSource::MachineId => "/etc/machine-id",
+            FingerprintSource::Hostname => "host name (no machine id found)",
+        })
     }
-    let machine = std::fs::read_to_string("/etc/machine-id")
-        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
-        .unwrap_or_default();
-    let runner = std::env::var("RUNNER_NAME").unwrap_or_default();
-    let mut input = b"meshsign-runner-v1\0".to_vec();
-    input.extend_from_slice(machine.trim().as_bytes());
-    input.push(0);
-    input.extend_from_slice(runner.as_bytes());
-    hex::encode(aws_lc_rs::digest::digest(
-        &aws_lc_rs::digest::SHA256,
-        &input,
-    ))
+}
+
+/// The `IOPlatformUUID` in `ioreg -rd1 -c IOPlatformExpertDevice` output.
+pub fn parse_platform_uuid(ioreg: &str) -> Option<String> {
+    ioreg.lines().find_map(|l| {
+        let (_, rest) = l.split_once("\"IOPlatformUUID\"")?;
+        let uuid = rest.split('"').nth(1)?;
+        (uuid.len() == 36 && uuid.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'))
+            .then(|| uuid.to_ascii_lowercase())
+    })
+}
+
+/// This machine's runner fingerprint and where it came from: `MESHSIGN_RUNNER_FINGERPRINT` if
+/// set, else SHA-256("meshsign-runner-v2" ‖ 0 ‖ machine id), the machine id being the macOS
+/// platform UUID or Linux's `/etc/machine-id` (the host name only if neither exists). Runner
+/// names are not part of it: GitLab does not set `RUNNER_NAME`, and two Macs must not share a
+/// fingerprint because of it.
+pub fn fingerprint() -> (String, FingerprintSource) {
+    if let Ok(fp) = std::env::var("MESHSIGN_RUNNER_FINGERPRINT") {
+        return (fp, FingerprintSource::Override);
+    }
+    let platform = std::process::Command::new("ioreg")
+        .args(["-rd1", "-c", "IOPlatformExpertDevice"])
+        .output()
+        .ok()
+        .and_then(|o| parse_platform_uuid(&String::from_utf8_lossy(&o.stdout)));
+    let (machine, source) = match platform {
+        Some(uuid) => (uuid, FingerprintSource::PlatformUuid),
+        None => match std::fs::read_to_string("/etc/machine-id") {
+            Ok(id) if !id.trim().is_empty() => {
+                (id.trim().to_string(), FingerprintSource::MachineId)
+            }
+            _ => (
+                std::fs::read_to_string("/etc/hostname")
+                    .map(|h| h.trim().to_string())
+                    .unwrap_or_default(),
+                FingerprintSource::Hostname,
+            ),
+        },
+    };
+    let mut input = b"meshsign-runner-v2\0".to_vec();
+    input.extend_from_slice(machine.as_bytes());
+    (
+        hex::encode(aws_lc_rs::digest::digest(
+            &aws_lc_rs::digest::SHA256,
+            &input,
+        )),
+        source,
+    )
+}
+
+/// This machine's runner fingerprint (see [`fingerprint`]).
+pub fn local_fingerprint() -> String {
+    fingerprint().0
+}
+
+#[cfg(test)]
+mod fingerprint_tests {
+    use super::*;
+
+    #[test]
+    fn platform_uuid_is_read_from_ioreg_output() {
+        let out = r#"+-o J316sAP  <class IOPlatformExpertDevice, id 0x100000232, registered, matched, active, busy 0 (0 ms), retain 44>
+    {
+      "IOPlatformSerialNumber" = "C02XXXXXXXXX"
+      "IOPlatformUUID" = "5A2D3F4C-1B2E-4F3A-9C8D-7E6F5A4B3C2D"
+      "model" = <"MacBookPro18,1">
+    }"#;
+        assert_eq!(
+            parse_platform_uuid(out).as_deref(),
+            Some("5a2d3f4c-1b2e-4f3a-9c8d-7e6f5a4b3c2d")
+        );
+        assert_eq!(parse_platform_uuid("no such key"), None);
+        assert_eq!(parse_platform_uuid(r#""IOPlatformUUID" = "short""#), None);
+    }
 }
 
 /// What to enroll with.
@@ -98,7 +177,7 @@ pub async fn enroll(
     p: &EnrollParams,
 ) -> Result<v1::EnrollResponse, ClientError> {
     let tls = transport::tls_config(transport::roots(cfg)?, None)?;
-    let ch = transport::connect(&cfg.enroll_endpoint, &cfg.server_name, tls).await?;
+    let ch = transport::connect_to(cfg, &cfg.enroll_endpoint, tls).await?;
     let req = v1::EnrollRequest {
         token: p.token.clone(),
         csr_der: key.csr_der()?,
@@ -139,7 +218,7 @@ impl Session {
         enrollment: &v1::EnrollResponse,
     ) -> Result<SignerClient<Channel>, ClientError> {
         let tls = transport::tls_config(transport::roots(cfg)?, Some(key.identity(enrollment)))?;
-        let ch = transport::connect(&cfg.sign_endpoint, &cfg.server_name, tls).await?;
+        let ch = transport::connect_to(cfg, &cfg.sign_endpoint, tls).await?;
         Ok(SignerClient::new(ch))
     }
 

@@ -70,12 +70,52 @@ pub fn tls_config(
 /// Room for a whole unary request (HTTP/2 HEADERS and DATA) and most batch requests.
 const WRITE_BUFFER: usize = 32 * 1024;
 
-/// Opens a gRPC channel to `endpoint` (`host:port`) with `tls`, checking the server as
-/// `server_name`. The connection is made now, so TLS failures surface here.
+/// How long the client waits: for the TCP connection and TLS handshake, and for each RPC.
+/// A site that does not answer (down, suspended, partitioned) is an error after these, never a
+/// hung job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP connect + TLS handshake.
+    pub connect: std::time::Duration,
+    /// Each RPC.
+    pub rpc: std::time::Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: std::time::Duration::from_secs(10),
+            rpc: std::time::Duration::from_secs(60),
+        }
+    }
+}
+
+/// Opens a gRPC channel to one of `cfg`'s endpoints with its server name and timeouts.
+pub async fn connect_to(
+    cfg: &ClientConfig,
+    endpoint: &str,
+    tls: Arc<TlsConfig>,
+) -> Result<Channel, ClientError> {
+    connect_with(endpoint, &cfg.server_name, tls, cfg.timeouts()).await
+}
+
+/// [`connect_with`] with the default timeouts.
 pub async fn connect(
     endpoint: &str,
     server_name: &str,
     tls: Arc<TlsConfig>,
+) -> Result<Channel, ClientError> {
+    connect_with(endpoint, server_name, tls, Timeouts::default()).await
+}
+
+/// Opens a gRPC channel to `endpoint` (`host:port`) with `tls`, checking the server as
+/// `server_name`. The connection is made now, so TLS failures surface here; it fails after
+/// `timeouts.connect`, and each RPC after `timeouts.rpc`.
+pub async fn connect_with(
+    endpoint: &str,
+    server_name: &str,
+    tls: Arc<TlsConfig>,
+    timeouts: Timeouts,
 ) -> Result<Channel, ClientError> {
     let err = |m: String| ClientError::Connect {
         endpoint: endpoint.to_string(),
@@ -89,9 +129,19 @@ pub async fn connect(
     let connector = tower::service_fn(move |_: Uri| {
         let (tls, name, addr) = (tls.clone(), name.clone(), addr.clone());
         async move {
-            let tcp = TcpStream::connect(&addr).await?;
-            tcp.set_nodelay(true)?;
-            let stream = TlsConnector::from(tls).connect(name, tcp).await?;
+            let handshake = async {
+                let tcp = TcpStream::connect(&addr).await?;
+                tcp.set_nodelay(true)?;
+                TlsConnector::from(tls).connect(name, tcp).await
+            };
+            let stream = tokio::time::timeout(timeouts.connect, handshake)
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no TLS handshake within {:?}", timeouts.connect),
+                    )
+                })??;
             // tokio-rustls sends every write as its own TLS record at once; h2 writes a request
             // in several pieces and then flushes, so gather them: one record, one system call.
             let stream = tokio::io::BufWriter::with_capacity(WRITE_BUFFER, stream);
@@ -99,6 +149,8 @@ pub async fn connect(
         }
     });
     Endpoint::from(uri)
+        .connect_timeout(timeouts.connect)
+        .timeout(timeouts.rpc)
         .connect_with_connector(connector)
         .await
         .map_err(|e| err(source_chain(&e)))

@@ -228,7 +228,7 @@ fn dev_token_token_file_and_github_actions_source() {
             "f",
         ],
     );
-    assert_eq!(code, 1);
+    assert_eq!(code, 3, "a replayed token is a refusal: {err}");
     assert!(err.contains("jti"), "{err}");
     // A production token for a staging step: refused.
     let (code, _, err) = run(
@@ -244,7 +244,7 @@ fn dev_token_token_file_and_github_actions_source() {
             "f",
         ],
     );
-    assert_eq!(code, 1);
+    assert_eq!(code, 3, "a refusal: {err}");
     assert!(
         err.contains("PermissionDenied") && err.contains("environment"),
         "{err}"
@@ -371,7 +371,7 @@ fn admin_verbs_drill_and_sighup_reload_against_a_dev_site() {
             "nope",
         ],
     );
-    assert_eq!(code, 1);
+    assert_eq!(code, 3, "a refusal: {err}");
     assert!(err.contains("not_found"), "{err}");
 
     // `meshsign sign` revokes its own certificate when it finishes.
@@ -429,7 +429,7 @@ fn admin_verbs_drill_and_sighup_reload_against_a_dev_site() {
             dir,
             &["sign", "--environment", "staging", "--key", "release", "f"],
         );
-        if code == 1 && err.contains("key_access") {
+        if code == 3 && err.contains("key_access") {
             break;
         }
         assert!(
@@ -462,7 +462,7 @@ fn admin_verbs_drill_and_sighup_reload_against_a_dev_site() {
         dir,
         &["sign", "--environment", "staging", "--key", "release", "f"],
     );
-    assert!(code == 1 && err.contains("key_access"), "{err}");
+    assert!(code == 3 && err.contains("key_access"), "{err}");
     let (code, _, err) = run(
         dir,
         &[

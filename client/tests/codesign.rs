@@ -333,7 +333,8 @@ fn codesign_a_macho_through_the_site_and_verify_it() {
         ent.as_str()
     );
 
-    // A digest-only key cannot make Apple signatures: the site refuses, the CLI exits 1.
+    // A digest-only key (no certificate) cannot make Apple signatures: a usage error (exit 2),
+    // found before the job's token is spent.
     std::fs::write(dir.join("hello2"), &macho).unwrap();
     let o = meshsign(&[
         "codesign",
@@ -343,5 +344,6 @@ fn codesign_a_macho_through_the_site_and_verify_it() {
         "release",
         "hello2",
     ]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not spent"));
 }

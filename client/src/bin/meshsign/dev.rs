@@ -18,7 +18,7 @@ pub fn fallback_token_source(
         )));
     }
     let _ = (cfg, environment);
-    Err(ClientError::Token(format!(
+    Err(ClientError::Usage(format!(
         "no token source: give --token-file, --token-env or --token-source github-actions{}",
         if cfg!(feature = "dev") {
             ""

@@ -24,13 +24,33 @@ use meshsign_proto::pem_encode;
 use meshsign_proto::v1::{self, verification_client::VerificationClient};
 
 #[derive(Parser)]
-#[command(name = "meshsign", version, about = "meshsign runner and verifier CLI")]
+#[command(
+    name = "meshsign",
+    version,
+    about = "meshsign runner and verifier CLI",
+    after_help = "Exit codes: 0 ok; 1 verification failed; 2 usage (flags, config, input files); \
+                  3 refused by the site's policy; 4 site or token source unavailable, or no answer \
+                  within the timeout."
+)]
 struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options of every command.
+#[derive(clap::Args)]
+struct Global {
     /// Client config (client.toml).
     #[arg(long, env = "MESHSIGN_CONFIG", global = true)]
     config: Option<PathBuf>,
-    #[command(subcommand)]
-    command: Command,
+    /// Seconds to wait for a connection and TLS handshake (default: the config's, else 10).
+    #[arg(long, env = "MESHSIGN_CONNECT_TIMEOUT", global = true)]
+    connect_timeout: Option<u64>,
+    /// Seconds to wait for each RPC (default: the config's, else 60).
+    #[arg(long, env = "MESHSIGN_TIMEOUT", global = true)]
+    timeout: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -74,6 +94,21 @@ enum Command {
     Dev {
         #[command(subcommand)]
         command: dev::DevCommand,
+    },
+    /// Print this machine's runner fingerprint and where it came from.
+    Fingerprint,
+    /// Fail a runner's registration if long-lived secrets sit on it: scans PATHS (default:
+    /// $HOME) and the environment; prints path, line and kind, never the secret; exit 1 on a
+    /// finding.
+    Preflight {
+        /// Files or folders to scan.
+        paths: Vec<PathBuf>,
+        /// Print the findings as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Do not scan the environment.
+        #[arg(long)]
+        no_env: bool,
     },
     /// Offline audit checks.
     Audit {
@@ -120,16 +155,24 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("meshsign: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(e.exit_code())
         }
     }
 }
 
-fn load_config(path: &Option<PathBuf>) -> Result<ClientConfig, ClientError> {
-    let p = path
+fn load_config(global: &Global) -> Result<ClientConfig, ClientError> {
+    let p = global
+        .config
         .as_ref()
-        .ok_or_else(|| ClientError::Config("give --config FILE or set MESHSIGN_CONFIG".into()))?;
-    ClientConfig::load(p)
+        .ok_or_else(|| ClientError::Usage("give --config FILE or set MESHSIGN_CONFIG".into()))?;
+    let mut cfg = ClientConfig::load(p)?;
+    if let Some(s) = global.connect_timeout {
+        cfg.connect_timeout_seconds = Some(s);
+    }
+    if let Some(s) = global.timeout {
+        cfg.rpc_timeout_seconds = Some(s);
+    }
+    Ok(cfg)
 }
 
 /// `FILE` + `ext` (`FILE.sig`, `FILE.sig.json`).
@@ -141,6 +184,49 @@ fn sibling(file: &Path, ext: &str) -> PathBuf {
 
 async fn dispatch(cli: Cli) -> Result<(), ClientError> {
     match cli.command {
+        Command::Preflight {
+            paths,
+            json,
+            no_env,
+        } => {
+            let paths = if paths.is_empty() {
+                vec![PathBuf::from(std::env::var("HOME").map_err(|_| {
+                    ClientError::Usage("no PATHS given and $HOME is not set".into())
+                })?)]
+            } else {
+                paths
+            };
+            let env: Vec<(String, String)> = std::env::vars().collect();
+            let (findings, errors) =
+                meshsign_client::preflight::scan(&paths, (!no_env).then_some(env.as_slice()));
+            for e in &errors {
+                eprintln!("preflight: cannot read {e}");
+            }
+            if json {
+                let text = serde_json::to_string_pretty(&findings)
+                    .map_err(|e| ClientError::Crypto(e.to_string()))?;
+                println!("{text}");
+            } else {
+                for f in &findings {
+                    println!("{}:{}: {}", f.path, f.line, f.kind);
+                }
+            }
+            if findings.is_empty() {
+                eprintln!("preflight: no long-lived secret found");
+                Ok(())
+            } else {
+                Err(ClientError::Verify(format!(
+                    "preflight: {} long-lived secret(s) on this runner (see above)",
+                    findings.len()
+                )))
+            }
+        }
+        Command::Fingerprint => {
+            let (fp, source) = meshsign_client::runner::fingerprint();
+            println!("{fp}");
+            eprintln!("source: {source}");
+            Ok(())
+        }
         Command::Audit {
             command:
                 AuditCommand::Verify {
@@ -226,9 +312,9 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
             Ok(())
         }
         Command::VerificationMaterial { environment, key } => {
-            let cfg = load_config(&cli.config)?;
+            let cfg = load_config(&cli.global)?;
             let tls = transport::tls_config(transport::roots(&cfg)?, None)?;
-            let ch = transport::connect(&cfg.enroll_endpoint, &cfg.server_name, tls).await?;
+            let ch = transport::connect_to(&cfg, &cfg.enroll_endpoint, tls).await?;
             let resp = VerificationClient::new(ch)
                 .get_verification_material(v1::GetVerificationMaterialRequest {
                     environment,
@@ -249,10 +335,10 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
             Ok(())
         }
         #[cfg(feature = "dev")]
-        Command::Dev { command } => dev::dispatch(&load_config(&cli.config)?, command),
-        Command::Sign(args) => runner::sign(&load_config(&cli.config)?, args).await,
+        Command::Dev { command } => dev::dispatch(&load_config(&cli.global)?, command),
+        Command::Sign(args) => runner::sign(&load_config(&cli.global)?, args).await,
         #[cfg(feature = "codesign")]
-        Command::Codesign(args) => runner::codesign(&load_config(&cli.config)?, args).await,
-        Command::Admin { command } => admin::dispatch(&load_config(&cli.config)?, command).await,
+        Command::Codesign(args) => runner::codesign(&load_config(&cli.global)?, args).await,
+        Command::Admin { command } => admin::dispatch(&load_config(&cli.global)?, command).await,
     }
 }

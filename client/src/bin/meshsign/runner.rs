@@ -113,17 +113,33 @@ async fn finish(session: &mut Session, result: Result<(), ClientError>) -> Resul
     }
 }
 
-/// `meshsign sign`.
+/// `meshsign sign`. Every input is read (and hashed) before the job's token is spent.
 pub async fn sign(cfg: &ClientConfig, args: SignArgs) -> Result<(), ClientError> {
+    let mut digests = Vec::with_capacity(args.files.len());
+    for file in &args.files {
+        if !file.is_file() {
+            return Err(ClientError::Usage(format!(
+                "{}: no such file (nothing was enrolled; the token is not spent)",
+                file.display()
+            )));
+        }
+        digests.push(verify::sha256_file(file)?);
+    }
     let mut session = start_session(cfg, &args.runner).await?;
-    let result = sign_files(&mut session, &args).await;
+    let result = sign_files(&mut session, &args, &digests).await;
     finish(&mut session, result).await
 }
 
 #[cfg(feature = "codesign")]
 pub async fn codesign(cfg: &ClientConfig, args: CodesignArgs) -> Result<(), ClientError> {
+    if !args.input.exists() {
+        return Err(ClientError::Usage(format!(
+            "{}: no such file or bundle (nothing was enrolled; the token is not spent)",
+            args.input.display()
+        )));
+    }
     let tls = transport::tls_config(transport::roots(cfg)?, None)?;
-    let ch = transport::connect(&cfg.enroll_endpoint, &cfg.server_name, tls).await?;
+    let ch = transport::connect_to(cfg, &cfg.enroll_endpoint, tls).await?;
     let identity = VerificationClient::new(ch)
         .get_signing_identity(v1::GetVerificationMaterialRequest {
             environment: args.runner.environment.clone(),
@@ -132,6 +148,13 @@ pub async fn codesign(cfg: &ClientConfig, args: CodesignArgs) -> Result<(), Clie
         .await
         .map_err(|s| ClientError::rpc("GetSigningIdentity", s))?
         .into_inner();
+    if identity.certificate_chain.is_empty() {
+        return Err(ClientError::Usage(format!(
+            "key `{}` has no certificate, so it makes no Apple signatures: attach one with \
+             `meshsign admin key set-certificate` (nothing was enrolled; the token is not spent)",
+            args.runner.key
+        )));
+    }
     let mut session = start_session(cfg, &args.runner).await?;
     let opts = meshsign_client::codesign::CodesignOptions {
         alias: args.runner.key.clone(),
@@ -152,9 +175,13 @@ pub async fn codesign(cfg: &ClientConfig, args: CodesignArgs) -> Result<(), Clie
     Ok(())
 }
 
-async fn sign_files(session: &mut Session, args: &SignArgs) -> Result<(), ClientError> {
-    for file in &args.files {
-        let digest = verify::sha256_file(file)?;
+async fn sign_files(
+    session: &mut Session,
+    args: &SignArgs,
+    digests: &[[u8; 32]],
+) -> Result<(), ClientError> {
+    for (file, digest) in args.files.iter().zip(digests) {
+        let digest = *digest;
         let name = file
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())

@@ -1,0 +1,278 @@
+//! Exit codes a CI script can branch on, from the real binaries: 2 for a usage error (and no
+//! token spent), 3 for a policy refusal, 4 for a site that does not answer within the timeout.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{meshsign, start_dev};
+
+fn enrollments(dir: &std::path::Path, cfg: &std::path::Path) -> usize {
+    let out = Command::new(meshsign())
+        .arg("--config")
+        .arg(cfg)
+        .args(["admin", "audit", "export"])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("\"rpc\":\"Enroll\""))
+        .count()
+}
+
+#[test]
+fn usage_refusal_and_an_unanswering_site_have_their_exit_codes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let site_dir = tmp.path().join("site");
+    let site = start_dev(&site_dir);
+    let cfg = site_dir.join("client.toml");
+    let sign = |args: &[&str]| {
+        let start = Instant::now();
+        let out = Command::new(meshsign())
+            .arg("--config")
+            .arg(&cfg)
+            .args(["--connect-timeout", "2", "--timeout", "2"])
+            .arg("sign")
+            .args(args)
+            .current_dir(tmp.path())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+            start.elapsed(),
+        )
+    };
+    std::fs::write(tmp.path().join("a.txt"), "a").unwrap();
+
+    // A mistyped path: usage (2), and the token was not spent (no enrollment).
+    let before = enrollments(tmp.path(), &cfg);
+    let (code, err, _) = sign(&[
+        "--environment",
+        "staging",
+        "--key",
+        "release",
+        "missing.txt",
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("missing.txt") && err.contains("not spent"),
+        "{err}"
+    );
+    assert_eq!(
+        enrollments(tmp.path(), &cfg),
+        before,
+        "no enrollment for a usage error"
+    );
+
+    // A key the job may not use: refused by policy (3), and the first error is the one shown.
+    let (code, err, _) = sign(&["--environment", "staging", "--key", "nope", "a.txt"]);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("key_not_in_partition: "), "{err}");
+
+    // A suspended site: unavailable (4) within the timeout, not a hung job.
+    let pid = site.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let (code, err, took) = sign(&["--environment", "staging", "--key", "release", "a.txt"]);
+    assert!(
+        Command::new("kill")
+            .args(["-CONT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert_eq!(code, Some(4), "{err}");
+    assert!(took < Duration::from_secs(10), "gave up after {took:?}");
+
+    // And a signature that does not verify: 1.
+    let (code, err, _) = sign(&["--environment", "staging", "--key", "release", "a.txt"]);
+    assert_eq!(code, Some(0), "{err}");
+    std::fs::write(tmp.path().join("a.txt"), "changed").unwrap();
+    let out = Command::new(meshsign())
+        .args(["verify", "a.txt"])
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    drop(site);
+}
+
+#[test]
+fn fingerprint_says_its_source_and_honours_the_override() {
+    let out = Command::new(meshsign())
+        .arg("fingerprint")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let fp = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(meshsign_proto::identity::is_valid_fingerprint(&fp), "{fp}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("source: "));
+    let out = Command::new(meshsign())
+        .arg("fingerprint")
+        .env("MESHSIGN_RUNNER_FINGERPRINT", "ab".repeat(32))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ab".repeat(32));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("MESHSIGN_RUNNER_FINGERPRINT"));
+}
+
+#[test]
+fn preflight_finds_each_kind_of_secret_and_passes_a_clean_tree() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dirty = tmp.path().join("home");
+    std::fs::create_dir_all(dirty.join(".kube")).unwrap();
+    std::fs::create_dir_all(dirty.join(".docker")).unwrap();
+    std::fs::create_dir_all(dirty.join(".ssh")).unwrap();
+    let w = |p: &str, text: String| std::fs::write(dirty.join(p), text).unwrap();
+    // Shapes only: prefixes joined to filler at run time, nothing that is a real credential.
+    w(
+        "github.env",
+        format!("export TOKEN={}{}\n", "ghp_", "x".repeat(36)),
+    );
+    w(
+        "gitlab.yml",
+        format!("token: {}{}\n", "glpat-", "y".repeat(20)),
+    );
+    w(
+        "slack.txt",
+        format!("hook {}{}\n", "xoxb-", "1234567890-abc"),
+    );
+    w(
+        "aws.ini",
+        format!(
+            "[default]\naws_access_key_id = {}{}\naws_secret_access_key = zz\n",
+            "AKIA", "IOSFODNN7EXAMPLE"
+        ),
+    );
+    w(
+        ".netrc",
+        "machine example.test login me password hunter2\n".into(),
+    );
+    w(
+        ".git-credentials",
+        "https://me:hunter2@git.example.test\n".into(),
+    );
+    w(".npmrc", "//registry.npmjs.org/:_authToken=abc123\n".into());
+    w(".docker/config.json", "{\n  \"auths\": {\n    \"registry.test\": {\n      \"auth\": \"bWU6aHVudGVyMg==\"\n    }\n  }\n}\n".into());
+    w(".kube/config", "apiVersion: v1\nkind: Config\nclusters:\n- name: c\nusers:\n- name: u\n  user:\n    token: abcdef123456\n".into());
+    // An unencrypted PEM key and an unencrypted OpenSSH key, made here.
+    let key = dirty.join("deploy.pem");
+    assert!(
+        Command::new("openssl")
+            .args([
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-out"
+            ])
+            .arg(&key)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let ssh_ok = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(dirty.join(".ssh/id_ed25519"))
+        .status()
+        .is_ok_and(|s| s.success());
+    // An encrypted key is not a finding.
+    assert!(
+        Command::new("openssl")
+            .args([
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-aes256",
+                "-pass",
+                "pass:x",
+                "-out"
+            ])
+            .arg(dirty.join("encrypted.pem"))
+            .status()
+            .unwrap()
+            .success()
+    );
+
+    let out = Command::new(meshsign())
+        .args(["preflight", "--no-env", "--json"])
+        .arg(&dirty)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "a finding fails the check");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let findings: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    let kinds: Vec<&str> = findings
+        .iter()
+        .map(|f| f["kind"].as_str().unwrap())
+        .collect();
+    let mut want = vec![
+        "github-token",
+        "gitlab-token",
+        "slack-token",
+        "aws-access-key-id",
+        "aws-secret-access-key",
+        "netrc-password",
+        "git-credentials",
+        "npm-token",
+        "docker-auth",
+        "kubeconfig-credentials",
+        "unencrypted-private-key",
+    ];
+    if ssh_ok {
+        want.push("unencrypted-openssh-private-key");
+    }
+    for k in &want {
+        assert!(kinds.contains(k), "{k} found: {kinds:?}");
+    }
+    assert!(
+        !findings
+            .iter()
+            .any(|f| f["path"].as_str().unwrap().ends_with("encrypted.pem")),
+        "an encrypted key is fine: {text}"
+    );
+    // Never the secret itself.
+    for secret in ["hunter2", "abc123", "abcdef123456", &"x".repeat(36)] {
+        assert!(!text.contains(secret), "preflight printed a secret");
+    }
+
+    // The environment: a token in a variable is found; a clean tree with a clean environment
+    // passes.
+    let clean = tmp.path().join("clean");
+    std::fs::create_dir_all(&clean).unwrap();
+    std::fs::write(clean.join("notes.txt"), "nothing to see\n").unwrap();
+    let out = Command::new(meshsign())
+        .arg("preflight")
+        .arg(&clean)
+        .env_clear()
+        .env("GH_TOKEN", format!("{}{}", "ghp_", "z".repeat(36)))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("env:GH_TOKEN:0: github-token"));
+    let out = Command::new(meshsign())
+        .arg("preflight")
+        .arg(&clean)
+        .env_clear()
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
