@@ -21,6 +21,11 @@ pub enum TokenSource {
     Env(String),
     /// Ask GitHub Actions (`ACTIONS_ID_TOKEN_REQUEST_URL` / `_TOKEN`) for the audience.
     GithubActions,
+    /// GitLab CI: the job's `id_tokens` entry, from this variable (`MESHSIGN_ID_TOKEN` by
+    /// default; its `aud` is set in `.gitlab-ci.yml`).
+    Gitlab(String),
+    /// Buildkite: `buildkite-agent oidc request-token --audience A`.
+    Buildkite,
     /// Mint one with the dev issuer of the client config (dev builds only).
     #[cfg(feature = "dev")]
     Dev(GithubJob),
@@ -43,6 +48,14 @@ pub async fn obtain(
             .map(|t| Zeroizing::new(t.trim().to_string()))
             .map_err(|_| ClientError::Token(format!("${var} is not set"))),
         TokenSource::GithubActions => github_actions(audience).await,
+        TokenSource::Gitlab(var) => std::env::var(var)
+            .map(|t| Zeroizing::new(t.trim().to_string()))
+            .map_err(|_| {
+                ClientError::Token(format!(
+                    "${var} is not set: add `id_tokens: {{ {var}: {{ aud: {audience} }} }}` to the job"
+                ))
+            }),
+        TokenSource::Buildkite => buildkite(audience).await,
         #[cfg(feature = "dev")]
         TokenSource::Dev(job) => dev_token(cfg, audience, job),
     }
@@ -106,8 +119,78 @@ impl DevMinter {
     }
 }
 
-/// GitHub Actions: GET `$ACTIONS_ID_TOKEN_REQUEST_URL&audience=<aud>` with the request token.
+/// The CI this process runs in, from the variables each one sets, as a token source:
+/// GitHub Actions (`GITHUB_ACTIONS=true`), GitLab CI (`GITLAB_CI=true`), Buildkite
+/// (`BUILDKITE=true`).
+pub fn detect(vars: impl Fn(&str) -> Option<String>) -> Option<TokenSource> {
+    let on = |v: &str| vars(v).is_some_and(|x| x == "true");
+    if on("GITHUB_ACTIONS") {
+        Some(TokenSource::GithubActions)
+    } else if on("GITLAB_CI") {
+        Some(TokenSource::Gitlab("MESHSIGN_ID_TOKEN".into()))
+    } else if on("BUILDKITE") {
+        Some(TokenSource::Buildkite)
+    } else {
+        None
+    }
+}
+
+/// Buildkite: `buildkite-agent oidc request-token --audience <aud>` (the agent talks to
+/// Buildkite; this process only reads its output), bounded by a timeout.
+async fn buildkite(audience: &str) -> Result<Zeroizing<String>, ClientError> {
+    let run = tokio::process::Command::new("buildkite-agent")
+        .args(["oidc", "request-token", "--audience", audience])
+        .stdin(std::process::Stdio::null())
+        .output();
+    let out = tokio::time::timeout(std::time::Duration::from_secs(30), run)
+        .await
+        .map_err(|_| {
+            ClientError::Token("buildkite-agent oidc request-token: no answer in 30 s".into())
+        })?
+        .map_err(|e| ClientError::Token(format!("buildkite-agent: {e} (is it on PATH?)")))?;
+    if !out.status.success() {
+        return Err(ClientError::Token(format!(
+            "buildkite-agent oidc request-token failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+                .chars()
+                .take(300)
+                .collect::<String>()
+        )));
+    }
+    Ok(Zeroizing::new(
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+    ))
+}
+
+/// GitHub Actions: GET `$ACTIONS_ID_TOKEN_REQUEST_URL&audience=<aud>` with the request token;
+/// each attempt bounded by a timeout, retried with backoff (1, 2, 4 s) on failure.
 async fn github_actions(audience: &str) -> Result<Zeroizing<String>, ClientError> {
+    let mut last = None;
+    for (attempt, wait) in [0u64, 1, 2, 4].into_iter().enumerate() {
+        if wait > 0 {
+            tokio::time::sleep(std::time::Duration::from_secs(wait)).await;
+        }
+        match tokio::time::timeout(
+            std::time::Duration::from_secs(15),
+            github_actions_once(audience),
+        )
+        .await
+        {
+            Ok(Ok(t)) => return Ok(t),
+            Ok(Err(e)) => last = Some(e),
+            Err(_) => {
+                last = Some(ClientError::Token(format!(
+                    "token endpoint: no answer in 15 s (attempt {})",
+                    attempt + 1
+                )))
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| ClientError::Token("token endpoint unreachable".into())))
+}
+
+async fn github_actions_once(audience: &str) -> Result<Zeroizing<String>, ClientError> {
     let url = std::env::var("ACTIONS_ID_TOKEN_REQUEST_URL").map_err(|_| {
         ClientError::Token(
             "ACTIONS_ID_TOKEN_REQUEST_URL is not set (does the job have `id-token: write`?)".into(),

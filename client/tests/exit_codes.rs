@@ -276,3 +276,88 @@ fn preflight_finds_each_kind_of_secret_and_passes_a_clean_tree() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+#[test]
+fn gitlab_buildkite_and_auto_token_sources() {
+    let tmp = tempfile::tempdir().unwrap();
+    let site_dir = tmp.path().join("site");
+    let _site = start_dev(&site_dir);
+    let cfg = site_dir.join("client.toml");
+    let token = || {
+        let out = Command::new(meshsign())
+            .arg("--config")
+            .arg(&cfg)
+            .args(["dev", "token", "--environment", "staging"])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    std::fs::write(tmp.path().join("a.txt"), "a").unwrap();
+    let sign = |source: &str, envs: &[(&str, String)], path: Option<&std::path::Path>| {
+        let mut c = Command::new(meshsign());
+        c.arg("--config")
+            .arg(&cfg)
+            .args(["sign", "--environment", "staging", "--key", "release"])
+            .args(["--token-source", source, "a.txt"])
+            .current_dir(tmp.path())
+            .env_remove("GITHUB_ACTIONS")
+            .env_remove("GITLAB_CI")
+            .env_remove("BUILDKITE");
+        for (k, v) in envs {
+            c.env(k, v);
+        }
+        if let Some(p) = path {
+            let old = std::env::var("PATH").unwrap_or_default();
+            c.env("PATH", format!("{}:{old}", p.display()));
+        }
+        c.output().unwrap()
+    };
+    // GitLab: the job's id_token from MESHSIGN_ID_TOKEN (or --id-token-var).
+    let out = sign("gitlab", &[("MESHSIGN_ID_TOKEN", token())], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = sign("gitlab", &[], None);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("id_tokens"));
+    // auto: GITLAB_CI=true picks the GitLab source; nothing detected is a usage error.
+    let out = sign(
+        "auto",
+        &[("GITLAB_CI", "true".into()), ("MESHSIGN_ID_TOKEN", token())],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = sign("auto", &[], None);
+    assert_eq!(out.status.code(), Some(2));
+    // Buildkite: `buildkite-agent oidc request-token --audience A` is run; a stand-in agent on
+    // PATH checks the arguments and prints the token.
+    let bin = tmp.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let agent = bin.join("buildkite-agent");
+    std::fs::write(
+        &agent,
+        format!(
+            "#!/bin/sh\n[ \"$1 $2 $3 $4\" = \"oidc request-token --audience meshsign:staging:local\" ] || {{ echo \"bad args: $*\" >&2; exit 9; }}\necho {}\n",
+            token()
+        ),
+    )
+    .unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let out = sign("buildkite", &[], Some(&bin));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

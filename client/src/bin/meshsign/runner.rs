@@ -58,9 +58,13 @@ pub struct RunnerArgs {
     /// Read the OIDC token from this environment variable.
     #[arg(long, group = "tok")]
     token_env: Option<String>,
-    /// Fetch the OIDC token from the CI (github-actions).
-    #[arg(long, group = "tok", value_parser = ["github-actions"])]
+    /// Fetch the OIDC token from the CI: github-actions, gitlab (the job's id_token in
+    /// --id-token-var), buildkite (buildkite-agent oidc request-token), or auto (detect).
+    #[arg(long, group = "tok", value_parser = ["github-actions", "gitlab", "buildkite", "auto"])]
     token_source: Option<String>,
+    /// For --token-source gitlab: the variable that holds the job's id_token.
+    #[arg(long, default_value = "MESHSIGN_ID_TOKEN")]
+    id_token_var: String,
     /// Requested certificate lifetime in seconds (0 = the environment's cap).
     #[arg(long, default_value_t = 0)]
     ttl: u32,
@@ -74,7 +78,16 @@ async fn start_session(cfg: &ClientConfig, args: &RunnerArgs) -> Result<Session,
     let source = match (&args.token_file, &args.token_env, &args.token_source) {
         (Some(f), _, _) => TokenSource::File(f.clone()),
         (_, Some(v), _) => TokenSource::Env(v.clone()),
-        (_, _, Some(_)) => TokenSource::GithubActions,
+        (_, _, Some(s)) => match s.as_str() {
+            "gitlab" => TokenSource::Gitlab(args.id_token_var.clone()),
+            "buildkite" => TokenSource::Buildkite,
+            "auto" => token::detect(|v| std::env::var(v).ok()).ok_or_else(|| {
+                ClientError::Usage(
+                    "--token-source auto: not in GitHub Actions, GitLab CI or Buildkite".into(),
+                )
+            })?,
+            _ => TokenSource::GithubActions,
+        },
         _ => super::dev::fallback_token_source(cfg, &args.environment)?,
     };
     let aud = cfg.audience(&args.environment)?;
