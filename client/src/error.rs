@@ -6,6 +6,9 @@ pub enum ClientError {
     /// The command was used wrongly (a missing input file, no token source).
     #[error("{0}")]
     Usage(String),
+    /// The command `meshsign exec` ran exited with this status (passed on).
+    #[error("the command exited with status {0}")]
+    ChildExit(u8),
     /// The client config is missing or invalid.
     #[error("config: {0}")]
     Config(String),
@@ -65,6 +68,7 @@ impl ClientError {
     pub fn exit_code(&self) -> u8 {
         use tonic::Code;
         match self {
+            ClientError::ChildExit(code) => *code,
             ClientError::Verify(_) | ClientError::Crypto(_) => exit::VERIFY_FAILED,
             ClientError::Usage(_) | ClientError::Config(_) | ClientError::Io { .. } => exit::USAGE,
             ClientError::Connect { .. } | ClientError::Token(_) => exit::UNAVAILABLE,

@@ -5,6 +5,7 @@
 //! touches the disk.
 
 pub mod admin;
+pub mod agent;
 #[cfg(feature = "codesign")]
 pub mod codesign;
 pub mod config;

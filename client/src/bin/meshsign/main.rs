@@ -95,6 +95,21 @@ enum Command {
         #[command(subcommand)]
         command: dev::DevCommand,
     },
+    /// Enroll once and run COMMAND with a job agent: every `meshsign sign`/`codesign` inside
+    /// it uses that one enrollment; the certificate is revoked when COMMAND exits, and
+    /// meshsign exits with COMMAND's status.
+    Exec {
+        #[command(flatten)]
+        session: runner::SessionArgs,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// A job agent for CI systems whose steps are separate processes.
+    Agent {
+        #[command(subcommand)]
+        command: AgentCommand,
+    },
     /// Print this machine's runner fingerprint and where it came from.
     Fingerprint,
     /// Fail a runner's registration if long-lived secrets sit on it: scans PATHS (default:
@@ -119,6 +134,24 @@ enum Command {
     Admin {
         #[command(subcommand)]
         command: admin::AdminCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AgentCommand {
+    /// Enroll and serve in the background; prints MESHSIGN_AGENT_SOCK=… (and the environment
+    /// and region) for the job's later steps (`>> $GITHUB_ENV`, or `export` them).
+    Start {
+        #[command(flatten)]
+        session: runner::SessionArgs,
+    },
+    /// Revoke the agent's certificate and stop it (uses MESHSIGN_AGENT_SOCK).
+    Stop,
+    /// What `start` runs in the background.
+    #[command(hide = true)]
+    Serve {
+        #[command(flatten)]
+        session: runner::SessionArgs,
     },
 }
 
@@ -153,6 +186,8 @@ fn main() -> ExitCode {
     };
     match rt.block_on(dispatch(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        // `meshsign exec` passes its command's status on, saying nothing of its own.
+        Err(ClientError::ChildExit(code)) => ExitCode::from(code),
         Err(e) => {
             eprintln!("meshsign: {e}");
             ExitCode::from(e.exit_code())
@@ -221,6 +256,30 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
                 )))
             }
         }
+        Command::Exec { session, command } => {
+            let code = runner::exec(&load_config(&cli.global)?, session, command).await?;
+            if code != 0 {
+                return Err(ClientError::ChildExit(code));
+            }
+            Ok(())
+        }
+        Command::Agent {
+            command: AgentCommand::Start { .. },
+        } => {
+            // Re-run with the same arguments, `start` replaced by `serve`, in the background.
+            let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+            let at = args.iter().position(|a| a == "start").unwrap_or(args.len());
+            let (before, after) = args.split_at(at);
+            let global: Vec<std::ffi::OsString> =
+                before.iter().filter(|a| *a != "agent").cloned().collect();
+            runner::agent_start(&global, after.get(1..).unwrap_or_default()).await
+        }
+        Command::Agent {
+            command: AgentCommand::Serve { session },
+        } => runner::agent_serve(&load_config(&cli.global)?, session).await,
+        Command::Agent {
+            command: AgentCommand::Stop,
+        } => runner::agent_stop().await,
         Command::Fingerprint => {
             let (fp, source) = meshsign_client::runner::fingerprint();
             println!("{fp}");

@@ -5,14 +5,16 @@
 use std::path::PathBuf;
 
 use clap::Args;
+use meshsign_client::agent;
 use meshsign_client::runner::{EnrollParams, Session, local_fingerprint};
 use meshsign_client::token::{self, TokenSource};
 #[cfg(feature = "codesign")]
 use meshsign_client::transport;
 use meshsign_client::verify::{self, SigBundle};
 use meshsign_client::{ClientConfig, ClientError};
+use meshsign_proto::v1;
 #[cfg(feature = "codesign")]
-use meshsign_proto::v1::{self, verification_client::VerificationClient};
+use meshsign_proto::v1::verification_client::VerificationClient;
 
 /// `meshsign codesign` arguments.
 #[cfg(feature = "codesign")]
@@ -43,15 +45,24 @@ pub struct SignArgs {
     #[arg(required = true)]
     files: Vec<PathBuf>,
 }
-/// How a runner job gets its credentials: the token options shared by `sign` and `codesign`.
+/// How a runner job gets its credentials: the key and the session options shared by `sign` and
+/// `codesign`.
 #[derive(Args, Clone)]
 pub struct RunnerArgs {
-    /// Environment this job signs in.
-    #[arg(long)]
-    environment: String,
+    #[command(flatten)]
+    session: SessionArgs,
     /// Key alias.
     #[arg(long)]
     key: String,
+}
+
+/// How a job enrolls: its environment and token source (`exec`, `agent start`, and `sign` /
+/// `codesign` without an agent).
+#[derive(Args, Clone)]
+pub struct SessionArgs {
+    /// Environment this job signs in.
+    #[arg(long)]
+    environment: String,
     /// Read the OIDC token from this file.
     #[arg(long, group = "tok")]
     token_file: Option<PathBuf>,
@@ -73,8 +84,34 @@ pub struct RunnerArgs {
     fingerprint: Option<String>,
 }
 
+/// A session for a signing command: the job agent's (when `MESHSIGN_AGENT_SOCK` is set; no
+/// token needed, and the agent revokes at its end) or a new enrollment of this command's own.
+async fn open_session(
+    cfg: &ClientConfig,
+    args: &SessionArgs,
+) -> Result<(Session, bool), ClientError> {
+    let Some(sock) = std::env::var_os(agent::SOCK_VAR) else {
+        return Ok((start_session(cfg, args).await?, true));
+    };
+    let environment = std::env::var(agent::ENV_VAR).unwrap_or_default();
+    if environment != args.environment {
+        return Err(ClientError::Usage(format!(
+            "the job agent ({}) serves environment `{environment}`, not `{}`",
+            agent::SOCK_VAR,
+            args.environment
+        )));
+    }
+    let signer = agent::connect(std::path::Path::new(&sock)).await?;
+    let enrollment = v1::EnrollResponse {
+        environment,
+        region: std::env::var(agent::REGION_VAR).unwrap_or_else(|_| cfg.region.clone()),
+        ..Default::default()
+    };
+    Ok((Session { enrollment, signer }, false))
+}
+
 /// Obtains the job's token, makes a key in memory and enrolls.
-async fn start_session(cfg: &ClientConfig, args: &RunnerArgs) -> Result<Session, ClientError> {
+pub async fn start_session(cfg: &ClientConfig, args: &SessionArgs) -> Result<Session, ClientError> {
     let source = match (&args.token_file, &args.token_env, &args.token_source) {
         (Some(f), _, _) => TokenSource::File(f.clone()),
         (_, Some(v), _) => TokenSource::Env(v.clone()),
@@ -138,9 +175,13 @@ pub async fn sign(cfg: &ClientConfig, args: SignArgs) -> Result<(), ClientError>
         }
         digests.push(verify::sha256_file(file)?);
     }
-    let mut session = start_session(cfg, &args.runner).await?;
+    let (mut session, own) = open_session(cfg, &args.runner.session).await?;
     let result = sign_files(&mut session, &args, &digests).await;
-    finish(&mut session, result).await
+    if own {
+        finish(&mut session, result).await
+    } else {
+        result
+    }
 }
 
 #[cfg(feature = "codesign")]
@@ -155,7 +196,7 @@ pub async fn codesign(cfg: &ClientConfig, args: CodesignArgs) -> Result<(), Clie
     let ch = transport::connect_to(cfg, &cfg.enroll_endpoint, tls).await?;
     let identity = VerificationClient::new(ch)
         .get_signing_identity(v1::GetVerificationMaterialRequest {
-            environment: args.runner.environment.clone(),
+            environment: args.runner.session.environment.clone(),
             key_alias: args.runner.key.clone(),
         })
         .await
@@ -168,7 +209,7 @@ pub async fn codesign(cfg: &ClientConfig, args: CodesignArgs) -> Result<(), Clie
             args.runner.key
         )));
     }
-    let mut session = start_session(cfg, &args.runner).await?;
+    let (mut session, own) = open_session(cfg, &args.runner.session).await?;
     let opts = meshsign_client::codesign::CodesignOptions {
         alias: args.runner.key.clone(),
         input: args.input.clone(),
@@ -178,12 +219,16 @@ pub async fn codesign(cfg: &ClientConfig, args: CodesignArgs) -> Result<(), Clie
         timestamp_url: args.timestamp_url.clone().filter(|u| u != "none"),
     };
     let result = meshsign_client::codesign::codesign(session.signer.clone(), identity, opts).await;
-    finish(&mut session, result).await?;
+    if own {
+        finish(&mut session, result).await?;
+    } else {
+        result?;
+    }
     println!(
         "{}: signed with {} ({})",
         args.output.as_ref().unwrap_or(&args.input).display(),
         args.runner.key,
-        args.runner.environment
+        args.runner.session.environment
     );
     Ok(())
 }
@@ -222,5 +267,144 @@ async fn sign_files(
             sig_path.display()
         );
     }
+    Ok(())
+}
+
+// === one enrollment per job ===
+
+/// `meshsign exec`: enroll once, serve the job agent, run COMMAND with `MESHSIGN_AGENT_SOCK`,
+/// then revoke and exit with COMMAND's status.
+pub async fn exec(
+    cfg: &ClientConfig,
+    args: SessionArgs,
+    command: Vec<String>,
+) -> Result<u8, ClientError> {
+    let (program, rest) = command
+        .split_first()
+        .ok_or_else(|| ClientError::Usage("give the command after --".into()))?;
+    let session = start_session(cfg, &args).await?;
+    let agent = agent::Agent::start(&session).await?;
+    let status = tokio::process::Command::new(program)
+        .args(rest)
+        .env(agent::SOCK_VAR, agent.socket())
+        .env(agent::ENV_VAR, &session.enrollment.environment)
+        .env(agent::REGION_VAR, &session.enrollment.region)
+        .status()
+        .await;
+    let finished = agent.finish("job finished").await;
+    drop(session);
+    let status = status.map_err(|e| ClientError::Usage(format!("{program}: {e}")))?;
+    if let Err(e) = finished {
+        eprintln!("meshsign: warning: revoking the job's certificate failed: {e}");
+        if status.success() {
+            return Err(e);
+        }
+    }
+    Ok(status
+        .code()
+        .and_then(|c| u8::try_from(c).ok())
+        .unwrap_or(1))
+}
+
+/// `meshsign agent serve` (what `agent start` runs in the background): enroll, print the
+/// variables for the job's later steps, serve until `agent stop`.
+pub async fn agent_serve(cfg: &ClientConfig, args: SessionArgs) -> Result<(), ClientError> {
+    let result = agent_serve_inner(cfg, args).await;
+    if let Err(e) = &result {
+        // `agent start` reads this (the agent's stderr goes nowhere once it runs alone).
+        println!("error: {e}");
+    }
+    result
+}
+
+async fn agent_serve_inner(cfg: &ClientConfig, args: SessionArgs) -> Result<(), ClientError> {
+    use std::io::Write as _;
+    let session = start_session(cfg, &args).await?;
+    let mut agent = agent::Agent::start(&session).await?;
+    {
+        let mut out = std::io::stdout().lock();
+        let lines = format!(
+            "{}={}\n{}={}\n{}={}\n",
+            agent::SOCK_VAR,
+            agent.socket().display(),
+            agent::ENV_VAR,
+            session.enrollment.environment,
+            agent::REGION_VAR,
+            session.enrollment.region
+        );
+        out.write_all(lines.as_bytes())
+            .and_then(|()| out.flush())
+            .map_err(|e| ClientError::Io {
+                path: "stdout".into(),
+                source: e,
+            })?;
+    }
+    agent.stopped().await;
+    agent.finish("job finished").await
+}
+
+/// `meshsign agent start`: runs `agent serve` in the background and prints its variables once
+/// it serves (for `$GITHUB_ENV`, or `eval` in a GitLab `before_script`).
+pub async fn agent_start(
+    global: &[std::ffi::OsString],
+    args: &[std::ffi::OsString],
+) -> Result<(), ClientError> {
+    use tokio::io::AsyncBufReadExt as _;
+    let me = std::env::current_exe().map_err(|e| ClientError::Usage(e.to_string()))?;
+    let mut child = tokio::process::Command::new(me)
+        .args(global)
+        .args(["agent", "serve"])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        // The agent outlives this command: it must not hold the caller's output open (a CI
+        // step waits for it). Its own failures before serving come back on stdout.
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(false)
+        .spawn()
+        .map_err(|e| ClientError::Usage(format!("cannot start the agent: {e}")))?;
+    let out = child
+        .stdout
+        .take()
+        .ok_or_else(|| ClientError::Usage("the agent has no stdout".into()))?;
+    let mut lines = tokio::io::BufReader::new(out).lines();
+    let mut printed = 0;
+    while printed < 3 {
+        match lines.next_line().await {
+            Ok(Some(l)) if l.starts_with("error: ") => {
+                return Err(ClientError::Usage(format!(
+                    "the agent did not start: {}",
+                    &l[7..]
+                )));
+            }
+            Ok(Some(l)) => {
+                println!("{l}");
+                printed += 1;
+            }
+            _ => {
+                let status = child.wait().await.ok();
+                return Err(ClientError::Usage(format!(
+                    "the agent stopped before it served ({status:?}); see its message above"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `meshsign agent stop`: revokes the agent's certificate and stops it.
+pub async fn agent_stop() -> Result<(), ClientError> {
+    let sock = std::env::var_os(agent::SOCK_VAR)
+        .ok_or_else(|| ClientError::Usage(format!("{} is not set", agent::SOCK_VAR)))?;
+    let serial = agent::connect(std::path::Path::new(&sock))
+        .await?
+        .revoke_self(v1::RevokeSelfRequest {
+            reason: "job finished".into(),
+        })
+        .await
+        .map_err(|s| ClientError::rpc("RevokeSelf", s))?
+        .into_inner()
+        .serial;
+    eprintln!("agent stopped; certificate {serial} revoked");
     Ok(())
 }

@@ -1,0 +1,224 @@
+//! The job agent: one enrollment per job, used by every step. The agent holds the runner key and
+//! certificate in memory and serves the Signer service on a Unix socket (mode 0600, in a private
+//! 0700 folder; only its own user may connect — checked on every connection by peer
+//! credentials), forwarding Sign and SignBatch to the site over its mutual-TLS session. A
+//! RevokeSelf on the socket revokes the certificate at the site and stops the agent.
+//!
+//! `meshsign exec -- CMD` runs one for the life of CMD; `meshsign agent start` / `stop` for CI
+//! systems whose steps are separate processes. The socket's path travels in
+//! [`SOCK_VAR`]; the environment and region in [`ENV_VAR`] and [`REGION_VAR`].
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use meshsign_proto::v1::{self, signer_client::SignerClient, signer_server};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::{Request, Response, Status};
+
+use crate::ClientError;
+use crate::runner::Session;
+
+/// The variable that names the agent's socket.
+pub const SOCK_VAR: &str = "MESHSIGN_AGENT_SOCK";
+/// The variable that names the agent's environment.
+pub const ENV_VAR: &str = "MESHSIGN_AGENT_ENVIRONMENT";
+/// The variable that names the agent's region.
+pub const REGION_VAR: &str = "MESHSIGN_AGENT_REGION";
+
+/// A running agent.
+pub struct Agent {
+    dir: PathBuf,
+    socket: PathBuf,
+    stopped: watch::Receiver<bool>,
+    stop: watch::Sender<bool>,
+    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    upstream: SignerClient<Channel>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("socket", &self.socket)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Forwards the Signer service to the site; RevokeSelf also stops the agent.
+struct Forward {
+    upstream: SignerClient<Channel>,
+    stop: watch::Sender<bool>,
+}
+
+#[tonic::async_trait]
+impl signer_server::Signer for Forward {
+    async fn sign(
+        &self,
+        req: Request<v1::SignRequest>,
+    ) -> Result<Response<v1::SignResponse>, Status> {
+        self.upstream.clone().sign(req.into_inner()).await
+    }
+
+    async fn sign_batch(
+        &self,
+        req: Request<v1::SignBatchRequest>,
+    ) -> Result<Response<v1::SignBatchResponse>, Status> {
+        self.upstream.clone().sign_batch(req.into_inner()).await
+    }
+
+    async fn revoke_self(
+        &self,
+        req: Request<v1::RevokeSelfRequest>,
+    ) -> Result<Response<v1::RevokeSelfResponse>, Status> {
+        let r = self.upstream.clone().revoke_self(req.into_inner()).await;
+        let _ = self.stop.send(true);
+        r
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ClientError + '_ {
+    ClientError::io(path)
+}
+
+/// A private folder (0700) for the socket.
+fn private_dir() -> Result<PathBuf, ClientError> {
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_dir())
+        .unwrap_or_else(std::env::temp_dir);
+    let id = meshsign_proto::files::random_id().map_err(|e| ClientError::Crypto(e.to_string()))?;
+    let dir = base.join(format!("meshsign-agent-{}", &id[..12]));
+    let mut b = std::fs::DirBuilder::new();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt as _;
+        b.mode(0o700);
+    }
+    b.create(&dir).map_err(io(&dir))?;
+    Ok(dir)
+}
+
+impl Agent {
+    /// Serves `session` on a new socket until [`Agent::stopped`] (a RevokeSelf on the socket).
+    pub async fn start(session: &Session) -> Result<Self, ClientError> {
+        let dir = private_dir()?;
+        let socket = dir.join("agent.sock");
+        let listener = UnixListener::bind(&socket).map_err(io(&socket))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
+                .map_err(io(&socket))?;
+        }
+        let owner = owner_uid(&dir)?;
+        let (stop, stopped) = watch::channel(false);
+        let svc = Forward {
+            upstream: session.signer.clone(),
+            stop: stop.clone(),
+        };
+        let incoming = async_stream_of(listener, owner);
+        let mut rx = stopped.clone();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(signer_server::SignerServer::new(svc))
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = rx.wait_for(|v| *v).await;
+                }),
+        );
+        Ok(Self {
+            dir,
+            socket,
+            stopped,
+            stop,
+            server,
+            upstream: session.signer.clone(),
+        })
+    }
+
+    /// The socket's path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Waits until a RevokeSelf on the socket stopped the agent.
+    pub async fn stopped(&mut self) {
+        let _ = self.stopped.wait_for(|v| *v).await;
+    }
+
+    /// Stops serving, revokes the certificate at the site (unless a RevokeSelf already did),
+    /// and removes the socket and its folder. The key and certificate go with the session.
+    pub async fn finish(self, reason: &str) -> Result<(), ClientError> {
+        let already = *self.stopped.borrow();
+        let _ = self.stop.send(true);
+        let _ = self.server.await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+        if already {
+            return Ok(());
+        }
+        self.upstream
+            .clone()
+            .revoke_self(v1::RevokeSelfRequest {
+                reason: reason.to_string(),
+            })
+            .await
+            .map(|_| ())
+            .map_err(|s| ClientError::rpc("RevokeSelf", s))
+    }
+}
+
+#[cfg(unix)]
+fn owner_uid(dir: &Path) -> Result<u32, ClientError> {
+    use std::os::unix::fs::MetadataExt as _;
+    Ok(std::fs::metadata(dir).map_err(io(dir))?.uid())
+}
+
+#[cfg(not(unix))]
+fn owner_uid(_: &Path) -> Result<u32, ClientError> {
+    Ok(0)
+}
+
+/// Accepted connections whose peer runs as `owner`; others are closed at once.
+fn async_stream_of(
+    listener: UnixListener,
+    owner: u32,
+) -> tokio_stream::wrappers::ReceiverStream<Result<UnixStream, std::io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                () = tx.closed() => break,
+            };
+            let Ok((stream, _)) = accepted else { continue };
+            let same_user = stream.peer_cred().is_ok_and(|c| c.uid() == owner);
+            if !same_user {
+                continue; // dropped: only the agent's own user may use it
+            }
+            if tx.send(Ok(stream)).await.is_err() {
+                break;
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// A Signer client over the agent's socket at `path`.
+pub async fn connect(path: &Path) -> Result<SignerClient<Channel>, ClientError> {
+    let path: Arc<PathBuf> = Arc::new(path.to_path_buf());
+    let p = path.clone();
+    let channel = Endpoint::from_static("http://meshsign-agent")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let p = p.clone();
+            async move {
+                let s = UnixStream::connect(p.as_path()).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+            }
+        }))
+        .await
+        .map_err(|e| ClientError::Connect {
+            endpoint: path.display().to_string(),
+            message: crate::transport::source_chain(&e),
+        })?;
+    Ok(SignerClient::new(channel))
+}

@@ -1,0 +1,248 @@
+//! One enrollment per job: `meshsign exec` and `meshsign agent start`/`stop` with the real
+//! binaries. Every signing step uses the one certificate; the audit shows one Enroll and one
+//! RevokeSelf; every signature verifies; only the agent's user can reach its socket.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{meshsign, start_dev};
+
+/// Audit entries since `from` (by rpc), read with the admin CLI.
+fn audit_rpcs(dir: &Path, cfg: &Path) -> Vec<(String, String)> {
+    let out = Command::new(meshsign())
+        .arg("--config")
+        .arg(cfg)
+        .args(["admin", "audit", "export"])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| {
+            (
+                v["rpc"].as_str().unwrap_or_default().to_string(),
+                v["cert_serial"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn count(rpcs: &[(String, String)], rpc: &str) -> usize {
+    rpcs.iter().filter(|(r, _)| r == rpc).count()
+}
+
+#[test]
+fn exec_enrolls_once_for_every_step_and_revokes_at_the_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let site_dir = tmp.path().join("site");
+    let _site = start_dev(&site_dir);
+    let cfg = site_dir.join("client.toml");
+    let me = meshsign();
+    for f in ["a", "b", "c"] {
+        std::fs::write(tmp.path().join(f), f).unwrap();
+    }
+    // The job: three signing steps (separate processes), and a look at the socket's mode.
+    let script = format!(
+        "set -e\n\
+         test -S \"$MESHSIGN_AGENT_SOCK\"\n\
+         stat -c %a \"$MESHSIGN_AGENT_SOCK\" > sock.mode\n\
+         stat -c %a \"$(dirname \"$MESHSIGN_AGENT_SOCK\")\" > dir.mode\n\
+         echo \"$MESHSIGN_AGENT_SOCK\" > sock.path\n\
+         for f in a b c; do {me} --config {cfg} sign --environment staging --key release $f; done\n",
+        me = me.display(),
+        cfg = cfg.display()
+    );
+    std::fs::write(tmp.path().join("job.sh"), script).unwrap();
+    let before = audit_rpcs(tmp.path(), &cfg);
+    let out = Command::new(&me)
+        .arg("--config")
+        .arg(&cfg)
+        .args(["exec", "--environment", "staging", "--", "sh", "job.sh"])
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = audit_rpcs(tmp.path(), &cfg);
+    let new = &after[before.len()..];
+    assert_eq!(
+        count(new, "Enroll"),
+        1,
+        "one enrollment for the whole job: {new:?}"
+    );
+    assert_eq!(count(new, "Sign"), 3);
+    assert_eq!(count(new, "RevokeSelf"), 1, "revoked at the end");
+    let serials: std::collections::BTreeSet<&str> = new
+        .iter()
+        .filter(|(r, _)| r == "Sign" || r == "RevokeSelf")
+        .map(|(_, s)| s.as_str())
+        .collect();
+    assert_eq!(
+        serials.len(),
+        1,
+        "one certificate for every step: {serials:?}"
+    );
+    for f in ["a", "b", "c"] {
+        let v = Command::new(&me)
+            .args(["verify", f])
+            .current_dir(tmp.path())
+            .output()
+            .unwrap();
+        assert!(
+            v.status.success(),
+            "{f}: {}",
+            String::from_utf8_lossy(&v.stderr)
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(tmp.path().join("sock.mode"))
+            .unwrap()
+            .trim(),
+        "600"
+    );
+    assert_eq!(
+        std::fs::read_to_string(tmp.path().join("dir.mode"))
+            .unwrap()
+            .trim(),
+        "700"
+    );
+    let sock = std::fs::read_to_string(tmp.path().join("sock.path")).unwrap();
+    assert!(
+        !Path::new(sock.trim()).exists(),
+        "the socket is removed at the end"
+    );
+
+    // The command's status is passed on, and the certificate is still revoked.
+    let before = audit_rpcs(tmp.path(), &cfg);
+    let out = Command::new(&me)
+        .arg("--config")
+        .arg(&cfg)
+        .args([
+            "exec",
+            "--environment",
+            "staging",
+            "--",
+            "sh",
+            "-c",
+            "exit 7",
+        ])
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(7));
+    let after = audit_rpcs(tmp.path(), &cfg);
+    assert_eq!(count(&after[before.len()..], "RevokeSelf"), 1);
+}
+
+#[test]
+fn agent_start_serves_separate_steps_until_agent_stop() {
+    let tmp = tempfile::tempdir().unwrap();
+    let site_dir = tmp.path().join("site");
+    let _site = start_dev(&site_dir);
+    let cfg = site_dir.join("client.toml");
+    let me = meshsign();
+    let before = audit_rpcs(tmp.path(), &cfg);
+    let out = Command::new(&me)
+        .arg("--config")
+        .arg(&cfg)
+        .args(["agent", "start", "--environment", "staging"])
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let vars: Vec<(String, String)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            l.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect();
+    assert!(
+        vars.iter().any(|(k, _)| k == "MESHSIGN_AGENT_SOCK"),
+        "{vars:?}"
+    );
+    // Two steps, two processes, no token.
+    for f in ["x", "y"] {
+        std::fs::write(tmp.path().join(f), f).unwrap();
+        let o = Command::new(&me)
+            .arg("--config")
+            .arg(&cfg)
+            .args(["sign", "--environment", "staging", "--key", "release", f])
+            .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .current_dir(tmp.path())
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{f}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    // A step that asks for another environment is told so, not enrolled.
+    let o = Command::new(&me)
+        .arg("--config")
+        .arg(&cfg)
+        .args([
+            "sign",
+            "--environment",
+            "production",
+            "--key",
+            "release",
+            "x",
+        ])
+        .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let stop = Command::new(&me)
+        .args(["agent", "stop"])
+        .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .output()
+        .unwrap();
+    assert!(
+        stop.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stop.stderr)
+    );
+    let after = audit_rpcs(tmp.path(), &cfg);
+    let new = &after[before.len()..];
+    assert_eq!(
+        (
+            count(new, "Enroll"),
+            count(new, "Sign"),
+            count(new, "RevokeSelf")
+        ),
+        (1, 2, 1),
+        "{new:?}"
+    );
+    // After stop, the socket is gone: a step cannot sign any more.
+    let sock = vars
+        .iter()
+        .find(|(k, _)| k == "MESHSIGN_AGENT_SOCK")
+        .unwrap()
+        .1
+        .clone();
+    let mut gone = false;
+    for _ in 0..50 {
+        if !Path::new(&sock).exists() {
+            gone = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(gone, "the agent removed its socket");
+}
