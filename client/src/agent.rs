@@ -34,7 +34,9 @@ pub struct Agent {
     stopped: watch::Receiver<bool>,
     stop: watch::Sender<bool>,
     server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
-    upstream: SignerClient<Channel>,
+    renewer: tokio::task::JoinHandle<()>,
+    session: Shared,
+    failed: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -45,9 +47,13 @@ impl std::fmt::Debug for Agent {
     }
 }
 
+/// The session the agent serves; renewal swaps it under the write lock, so no Sign is in flight
+/// on the old certificate once it is superseded.
+type Shared = Arc<tokio::sync::RwLock<Session>>;
+
 /// Forwards the Signer service to the site; RevokeSelf also stops the agent.
 struct Forward {
-    upstream: SignerClient<Channel>,
+    session: Shared,
     stop: watch::Sender<bool>,
 }
 
@@ -57,21 +63,34 @@ impl signer_server::Signer for Forward {
         &self,
         req: Request<v1::SignRequest>,
     ) -> Result<Response<v1::SignResponse>, Status> {
-        self.upstream.clone().sign(req.into_inner()).await
+        let session = self.session.read().await;
+        session.signer.clone().sign(req.into_inner()).await
     }
 
     async fn sign_batch(
         &self,
         req: Request<v1::SignBatchRequest>,
     ) -> Result<Response<v1::SignBatchResponse>, Status> {
-        self.upstream.clone().sign_batch(req.into_inner()).await
+        let session = self.session.read().await;
+        session.signer.clone().sign_batch(req.into_inner()).await
+    }
+
+    async fn renew(
+        &self,
+        _req: Request<v1::RenewRequest>,
+    ) -> Result<Response<v1::EnrollResponse>, Status> {
+        // The agent renews its own session; steps never hold a key of theirs to renew with.
+        Err(Status::unimplemented(
+            "renew: the job agent renews its own certificate",
+        ))
     }
 
     async fn revoke_self(
         &self,
         req: Request<v1::RevokeSelfRequest>,
     ) -> Result<Response<v1::RevokeSelfResponse>, Status> {
-        let r = self.upstream.clone().revoke_self(req.into_inner()).await;
+        let session = self.session.read().await;
+        let r = session.signer.clone().revoke_self(req.into_inner()).await;
         let _ = self.stop.send(true);
         r
     }
@@ -100,8 +119,9 @@ fn private_dir() -> Result<PathBuf, ClientError> {
 }
 
 impl Agent {
-    /// Serves `session` on a new socket until [`Agent::stopped`] (a RevokeSelf on the socket).
-    pub async fn start(session: &Session) -> Result<Self, ClientError> {
+    /// Serves `session` on a new socket until [`Agent::stopped`] (a RevokeSelf on the socket),
+    /// renewing its certificate by half of each lifetime (see [`renew_loop`]).
+    pub async fn start(session: Session, cfg: &crate::ClientConfig) -> Result<Self, ClientError> {
         let dir = private_dir()?;
         let socket = dir.join("agent.sock");
         let listener = UnixListener::bind(&socket).map_err(io(&socket))?;
@@ -113,10 +133,18 @@ impl Agent {
         }
         let owner = owner_uid(&dir)?;
         let (stop, stopped) = watch::channel(false);
+        let session: Shared = Arc::new(tokio::sync::RwLock::new(session));
         let svc = Forward {
-            upstream: session.signer.clone(),
+            session: session.clone(),
             stop: stop.clone(),
         };
+        let failed: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+        let renewer = tokio::spawn(renew_loop(
+            session.clone(),
+            cfg.clone(),
+            stop.clone(),
+            failed.clone(),
+        ));
         let incoming = async_stream_of(listener, owner);
         let mut rx = stopped.clone();
         let server = tokio::spawn(
@@ -132,7 +160,9 @@ impl Agent {
             stopped,
             stop,
             server,
-            upstream: session.signer.clone(),
+            renewer,
+            session,
+            failed,
         })
     }
 
@@ -149,21 +179,88 @@ impl Agent {
     /// Stops serving, revokes the certificate at the site (unless a RevokeSelf already did),
     /// and removes the socket and its folder. The key and certificate go with the session.
     pub async fn finish(self, reason: &str) -> Result<(), ClientError> {
-        let already = *self.stopped.borrow();
+        let failed = self
+            .failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let already = *self.stopped.borrow() && failed.is_none();
         let _ = self.stop.send(true);
+        self.renewer.abort();
         let _ = self.server.await;
         let _ = std::fs::remove_dir_all(&self.dir);
-        if already {
-            return Ok(());
+        if !already {
+            let session = self.session.read().await;
+            session
+                .signer
+                .clone()
+                .revoke_self(v1::RevokeSelfRequest {
+                    reason: reason.to_string(),
+                })
+                .await
+                .map_err(|s| ClientError::rpc("RevokeSelf", s))?;
         }
-        self.upstream
-            .clone()
-            .revoke_self(v1::RevokeSelfRequest {
-                reason: reason.to_string(),
-            })
+        match failed {
+            Some(why) => Err(ClientError::Connect {
+                endpoint: "renewal".into(),
+                message: why,
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Renews the session by half of each certificate's remaining life; a failed renewal is
+/// retried with backoff while the certificate lasts. A renewal that cannot succeed is loud: it
+/// is printed, the agent stops serving (later steps fail) and the job is failed
+/// ([`Agent::finish`] reports it). Never a silent fallback.
+async fn renew_loop(
+    session: Shared,
+    cfg: crate::ClientConfig,
+    stop: watch::Sender<bool>,
+    failed: Arc<std::sync::Mutex<Option<String>>>,
+) {
+    let unix = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+            .unwrap_or(0)
+    };
+    loop {
+        let not_after = session
+            .read()
             .await
-            .map(|_| ())
-            .map_err(|s| ClientError::rpc("RevokeSelf", s))
+            .enrollment
+            .not_after
+            .map_or(0, |t| t.seconds);
+        let left = (not_after - unix()).max(0);
+        tokio::time::sleep(std::time::Duration::from_secs(
+            u64::try_from(left / 2).unwrap_or(0),
+        ))
+        .await;
+        let mut wait = 1u64;
+        loop {
+            let result = {
+                let mut s = session.write().await;
+                let ttl = s.enrollment.granted_ttl_seconds;
+                s.renew(&cfg, ttl).await
+            };
+            match result {
+                Ok(()) => break,
+                Err(e) if unix() + i64::try_from(wait).unwrap_or(i64::MAX) < not_after => {
+                    eprintln!("meshsign agent: renewal failed, retrying in {wait} s: {e}");
+                    tokio::time::sleep(std::time::Duration::from_secs(wait)).await;
+                    wait = (wait * 2).min(30);
+                }
+                Err(e) => {
+                    let why = format!("the job's certificate could not be renewed: {e}");
+                    eprintln!("meshsign agent: {why}; the agent stops and the job fails");
+                    *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+                    let _ = stop.send(true);
+                    return;
+                }
+            }
+        }
     }
 }
 

@@ -243,6 +243,25 @@ impl Session {
             .into_inner())
     }
 
+    /// Renews the session: a fresh key in memory, a new certificate from the site's Renew RPC
+    /// (authenticated by the current certificate; no token), and a new sign-port channel with
+    /// it. The old certificate is superseded at the site and must not be used again.
+    pub async fn renew(&mut self, cfg: &ClientConfig, ttl_seconds: u32) -> Result<(), ClientError> {
+        let key = RunnerKey::generate()?;
+        let enrollment = self
+            .signer
+            .renew(v1::RenewRequest {
+                csr_der: key.csr_der()?,
+                requested_ttl_seconds: ttl_seconds,
+            })
+            .await
+            .map_err(|s| ClientError::rpc("Renew", s))?
+            .into_inner();
+        self.signer = Self::connect_signer(cfg, &key, &enrollment).await?;
+        self.enrollment = enrollment;
+        Ok(())
+    }
+
     /// Revokes this session's certificate at the site (a finished job leaves no live
     /// credential); `reason` is recorded in the audit log.
     pub async fn revoke_self(&mut self, reason: &str) -> Result<String, ClientError> {

@@ -246,3 +246,66 @@ fn agent_start_serves_separate_steps_until_agent_stop() {
     }
     assert!(gone, "the agent removed its socket");
 }
+
+#[test]
+fn the_agent_renews_before_the_certificate_ends() {
+    let tmp = tempfile::tempdir().unwrap();
+    let site_dir = tmp.path().join("site");
+    let _site = start_dev(&site_dir);
+    let cfg = site_dir.join("client.toml");
+    let me = meshsign();
+    std::fs::write(tmp.path().join("a"), "a").unwrap();
+    std::fs::write(tmp.path().join("b"), "b").unwrap();
+    // A 4-second certificate and a job of 6 seconds: the second step signs only if the agent
+    // renewed (by half of each lifetime), with no token.
+    let script = format!(
+        "set -e\n{me} --config {cfg} sign --environment staging --key release a\nsleep 6\n{me} --config {cfg} sign --environment staging --key release b\n",
+        me = me.display(),
+        cfg = cfg.display()
+    );
+    std::fs::write(tmp.path().join("long.sh"), script).unwrap();
+    let before = audit_rpcs(tmp.path(), &cfg);
+    let out = Command::new(&me)
+        .arg("--config")
+        .arg(&cfg)
+        .args([
+            "exec",
+            "--environment",
+            "staging",
+            "--ttl",
+            "4",
+            "--",
+            "sh",
+            "long.sh",
+        ])
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = audit_rpcs(tmp.path(), &cfg);
+    let new = &after[before.len()..];
+    assert_eq!(count(new, "Enroll"), 1, "{new:?}");
+    assert!(count(new, "Renew") >= 2, "renewed along the way: {new:?}");
+    assert_eq!(count(new, "Sign"), 2);
+    let signs: Vec<&str> = new
+        .iter()
+        .filter(|(r, _)| r == "Sign")
+        .map(|(_, s)| s.as_str())
+        .collect();
+    assert_ne!(
+        signs[0], signs[1],
+        "the second step signed with a renewed certificate"
+    );
+    for f in ["a", "b"] {
+        let v = Command::new(&me)
+            .args(["verify", f])
+            .current_dir(tmp.path())
+            .output()
+            .unwrap();
+        assert!(v.status.success());
+    }
+}

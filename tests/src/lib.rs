@@ -34,6 +34,8 @@ pub const RS_ISSUER: &str = "https://gitlab.ci.test";
 pub const BUILD_P95: u64 = 1200;
 /// The TTL cap that follows.
 pub const TTL_CAP: u64 = 2400;
+/// Staging's session ceiling (renewals included); production keeps the default (24 h).
+pub const STAGING_MAX_SESSION: u64 = 5000;
 
 /// A running test site and everything needed to talk to it.
 pub struct TestSite {
@@ -90,6 +92,7 @@ admin_ca = "pki/admin-ca.pem"
 name = "{env}"
 audience = "meshsign:{env}:{REGION}"
 build_p95_seconds = {BUILD_P95}
+{ceiling}
 
 [[environments.signing_keys]]
 alias = "release"
@@ -107,7 +110,12 @@ name = "gitlab"
 issuer = "{RS_ISSUER}"
 jwks_file = "pki/rs.jwks.json"
 provider = "gitlab"
-"#
+"#,
+            ceiling = if env == "staging" {
+                format!("max_session_seconds = {STAGING_MAX_SESSION}")
+            } else {
+                String::new()
+            }
         ));
         if env == "production" {
             toml.push_str(

@@ -108,6 +108,47 @@ impl v1::signer_server::Signer for SignerApi {
         Ok(Response::new(v1::RevokeSelfResponse { serial }))
     }
 
+    async fn renew(
+        &self,
+        req: Request<v1::RenewRequest>,
+    ) -> Result<Response<v1::EnrollResponse>, Status> {
+        let (caller, peer) = (self.caller(&req), peer(&req));
+        let input = SignInput {
+            rpc: "Renew",
+            alias: String::new(),
+            payload: Payload::Missing,
+            artifact: String::new(),
+            algorithm: String::new(),
+            peer: peer.clone(),
+        };
+        let caller = match caller {
+            Ok(c) => c,
+            Err(e) => return Err(status(&sign::refuse_unidentified(&self.0, &input, e).await)),
+        };
+        let r = req.into_inner();
+        let out = sign::renew(
+            &self.0,
+            &caller,
+            sign::RenewInput {
+                csr_der: r.csr_der,
+                requested_ttl_seconds: u64::from(r.requested_ttl_seconds),
+                peer,
+            },
+        )
+        .await
+        .map_err(|e| status(&e))?;
+        Ok(Response::new(v1::EnrollResponse {
+            certificate_chain: out.chain,
+            serial: out.serial_hex,
+            not_after: Some(ts(out.not_after)),
+            granted_ttl_seconds: u32::try_from(out.granted_ttl_seconds).unwrap_or(u32::MAX),
+            spiffe_id: out.spiffe_id,
+            environment: out.environment,
+            region: out.region,
+            trusted_issuers: out.trusted_runner_cas,
+        }))
+    }
+
     async fn sign(
         &self,
         req: Request<v1::SignRequest>,

@@ -157,6 +157,8 @@ struct RawEnvironment {
     #[serde(default = "default_token_age")]
     max_token_age_seconds: u64,
     #[serde(default)]
+    max_session_seconds: Option<u64>,
+    #[serde(default)]
     signing_keys: Vec<RawKey>,
     #[serde(default)]
     trust_policies: Vec<RawPolicy>,
@@ -281,6 +283,8 @@ pub struct Environment {
     pub max_ttl_seconds: u64,
     /// Oldest token (by `iat`) accepted.
     pub max_token_age_seconds: u64,
+    /// The longest a job's session may run, renewals included (default 24 h, at least the TTL).
+    pub max_session_seconds: u64,
     /// Signing keys, by alias.
     pub signing_keys: Vec<KeySpec>,
     /// Trusted OIDC issuers.
@@ -584,6 +588,7 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
             build_p95_seconds: p.build_p95_seconds,
             max_ttl_seconds: max_ttl,
             max_token_age_seconds: p.max_token_age_seconds,
+            max_session_seconds: p.max_session_seconds.unwrap_or(86_400).max(max_ttl),
             signing_keys: keys,
             trust_policies: policies,
         });

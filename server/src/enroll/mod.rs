@@ -612,6 +612,10 @@ fn issue(
         not_before: issued.not_before,
         not_after: issued.not_after,
         revoked: None,
+        session: issued.serial_hex.clone(),
+        session_start: now,
+        generation: 0,
+        superseded: false,
     })?;
     Ok(EnrollOutput {
         chain: vec![issued.der, ca.record.cert_der.clone()],

@@ -318,6 +318,18 @@ pub struct CertRecord {
     /// Set when revoked by its holder: the reason.
     #[serde(default)]
     pub revoked: Option<String>,
+    /// The job's session: the serial of its first certificate (renewals keep it).
+    #[serde(default)]
+    pub session: String,
+    /// When the session began (unix seconds); renewals end by `max_session_seconds` after it.
+    #[serde(default)]
+    pub session_start: i64,
+    /// 0 for the enrolled certificate, +1 per renewal.
+    #[serde(default)]
+    pub generation: u32,
+    /// A renewal replaced this certificate: presenting it again means a copy exists.
+    #[serde(default)]
+    pub superseded: bool,
 }
 
 // === revocation rules ===
@@ -332,6 +344,8 @@ pub enum RevocationKind {
     JobId,
     /// Every certificate of a runner machine.
     Fingerprint,
+    /// Every certificate of a job's session (enrolled and renewed).
+    Session,
 }
 
 impl RevocationKind {
@@ -341,6 +355,7 @@ impl RevocationKind {
             RevocationKind::Serial => "serial",
             RevocationKind::JobId => "job_id",
             RevocationKind::Fingerprint => "fingerprint",
+            RevocationKind::Session => "session",
         }
     }
 
@@ -354,6 +369,11 @@ impl RevocationKind {
             }
             RevocationKind::JobId => !value.is_empty() && value.len() <= 256,
             RevocationKind::Fingerprint => is_valid_fingerprint(value),
+            RevocationKind::Session => {
+                !value.is_empty()
+                    && value.len() <= 64
+                    && value.bytes().all(|b| b.is_ascii_hexdigit())
+            }
         }
     }
 }
@@ -390,6 +410,13 @@ impl RevocationRule {
             RevocationKind::Serial => c.serial == self.value,
             RevocationKind::JobId => c.claims.job_id == self.value,
             RevocationKind::Fingerprint => c.fingerprint == self.value,
+            RevocationKind::Session => {
+                (if c.session.is_empty() {
+                    &c.serial
+                } else {
+                    &c.session
+                }) == &self.value
+            }
         };
         hit && self.region.as_ref().is_none_or(|r| *r == c.region)
             && self.since.is_none_or(|s| issued >= s)
@@ -404,7 +431,7 @@ impl RevocationRule {
             && match self.kind {
                 RevocationKind::JobId => self.value == job_id,
                 RevocationKind::Fingerprint => self.value == fingerprint,
-                RevocationKind::Serial => false,
+                RevocationKind::Serial | RevocationKind::Session => false,
             }
     }
 }

@@ -75,13 +75,50 @@ pub fn authorize(site: &SiteState, caller: &Caller, alias: &str) -> Result<Autho
 }
 
 /// `certificate`: this site issued the certificate, for the environment it names.
-fn certificate(site: &SiteState, caller: &Caller) -> Result<Arc<CertRecord>, SignError> {
+pub fn certificate(site: &SiteState, caller: &Caller) -> Result<Arc<CertRecord>, SignError> {
     let record = site
         .issuance_record(&caller.serial_hex)?
         .ok_or_else(|| SignError::UnknownCertificate(caller.serial_hex.clone()))?;
     if caller.id.environment != record.environment {
         return Err(SignError::BadCertificate(
             "environment differs from the issuance record".into(),
+        ));
+    }
+    if record.superseded {
+        return Err(SignError::Superseded {
+            serial: record.serial.clone(),
+            session: if record.session.is_empty() {
+                record.serial.clone()
+            } else {
+                record.session.clone()
+            },
+        });
+    }
+    Ok(record)
+}
+
+/// The session checks of a renewal: everything a Sign checks of the certificate (superseded,
+/// revoked, expired, region, runner CA), and a trust policy that is enabled (not only keeping
+/// sessions).
+pub fn renewable(site: &SiteState, caller: &Caller) -> Result<Arc<CertRecord>, SignError> {
+    let now = site.clock.unix();
+    let config = site.config();
+    let record = certificate(site, caller)?;
+    certificate_revoked(site, &record)?;
+    certificate_expired(caller, now)?;
+    region(&config, caller, &record)?;
+    issuer_untrusted(site, &record)?;
+    let enabled = config
+        .environment(&record.environment)
+        .and_then(|e| {
+            e.trust_policies
+                .iter()
+                .find(|t| t.name == record.claims.trust_policy)
+        })
+        .is_some_and(|t| t.enabled);
+    if !enabled {
+        return Err(SignError::PolicyDisabled(
+            record.claims.trust_policy.clone(),
         ));
     }
     Ok(record)

@@ -83,6 +83,34 @@ pub enum SignError {
     /// The certificate contradicts its issuance record.
     #[error("{0}")]
     BadCertificate(String),
+    /// A renewal superseded this certificate and it was presented again: a copy exists.
+    #[error(
+        "serial {serial} was replaced by a renewal and used again: a copy of it exists; \
+             session {session} is revoked"
+    )]
+    Superseded {
+        /// The certificate.
+        serial: String,
+        /// Its session.
+        session: String,
+    },
+    /// The session has reached its environment's max_session_seconds.
+    #[error("the session began at {start}; this environment allows {max} s per session")]
+    SessionCeiling {
+        /// Unix seconds.
+        start: i64,
+        /// Seconds.
+        max: u64,
+    },
+    /// The renewal's CSR is not acceptable.
+    #[error("{0}")]
+    Csr(String),
+    /// Issuing the renewed certificate failed (internal).
+    #[error("issuance failed: {0}")]
+    Issue(#[from] crate::ca::CaError),
+    /// Site state failed (internal).
+    #[error("site state: {0}")]
+    State(#[from] crate::state::StateError),
     /// This site has no record of issuing it.
     #[error("serial {0} was not issued by this site")]
     UnknownCertificate(String),
@@ -191,6 +219,9 @@ impl Refusal for SignError {
             | SignError::BadCertificate(_)
             | SignError::UnknownCertificate(_) => "certificate",
             SignError::Revoked { .. } => "certificate_revoked",
+            SignError::Superseded { .. } => "session_theft_suspected",
+            SignError::SessionCeiling { .. } => "session_ceiling",
+            SignError::Csr(_) => "csr",
             SignError::Expired { .. } => "certificate_expired",
             SignError::Region { .. } => "region",
             SignError::IssuerUntrusted(_) => "issuer_untrusted",
@@ -201,7 +232,10 @@ impl Refusal for SignError {
             SignError::Algorithm { .. } => "algorithm",
             SignError::Purpose { .. } => "purpose",
             SignError::Input { check, .. } => check,
-            SignError::Custody(_) | SignError::Store(_) => INTERNAL,
+            SignError::Custody(_)
+            | SignError::Store(_)
+            | SignError::Issue(_)
+            | SignError::State(_) => INTERNAL,
             SignError::Audit(_) => AUDIT_UNAVAILABLE,
         }
     }
@@ -213,7 +247,11 @@ impl Refusal for SignError {
             | BadCertificate(_)
             | UnknownCertificate(_)
             | Revoked { .. }
-            | Expired { .. } => RefusalKind::Unauthenticated,
+            | Expired { .. }
+            | Superseded { .. } => RefusalKind::Unauthenticated,
+            SessionCeiling { .. } => RefusalKind::PermissionDenied,
+            Csr(_) => RefusalKind::InvalidArgument,
+            Issue(_) | State(_) => RefusalKind::Internal,
             Region { .. } => RefusalKind::FailedPrecondition,
             IssuerUntrusted(_)
             | PolicyDisabled(_)
@@ -237,6 +275,9 @@ pub async fn sign(
     let mut rec = caller.audit_record(input.rpc, now, &input.peer);
     rec.artifact = bounded(&input.artifact, 256);
     let result = check_and_sign(site, caller, input, &mut rec).await;
+    if let Err(SignError::Superseded { session, .. }) = &result {
+        revoke_session(site, session, caller).await;
+    }
     match &result {
         Ok(_) => {
             rec.decision = "allow".into();
@@ -375,4 +416,148 @@ pub async fn revoke_self(
     }
     site.audit.record(rec).await.map_err(SignError::Audit)?;
     result.map(|()| caller.serial_hex.clone())
+}
+
+/// A renewal: a new certificate for the caller's session.
+#[derive(Clone, Debug)]
+pub struct RenewInput {
+    /// PKCS#10 DER of the new key.
+    pub csr_der: Vec<u8>,
+    /// Requested TTL; 0 for the cap.
+    pub requested_ttl_seconds: u64,
+    /// Peer address.
+    pub peer: String,
+}
+
+/// Renews the caller's session: checks, a new certificate on the CSR's key with the same
+/// identity and claims, the old one superseded; audited either way. A superseded certificate
+/// presented again revokes the whole session.
+pub async fn renew(
+    site: &SiteState,
+    caller: &Caller,
+    input: RenewInput,
+) -> Result<crate::enroll::EnrollOutput, SignError> {
+    let now = site.clock.unix();
+    let mut rec = caller.audit_record("Renew", now, &input.peer);
+    let result = {
+        let _guard = site.ops_lock.lock().await;
+        renew_checked(site, caller, &input, now)
+    };
+    if let Err(SignError::Superseded { session, .. }) = &result {
+        revoke_session(site, session, caller).await;
+    }
+    match &result {
+        Ok(out) => {
+            rec.decision = "allow".into();
+            rec.reason = "ok".into();
+            rec.detail = format!("renewed serial {} as {}", caller.serial_hex, out.serial_hex);
+            rec.ttl_remaining_sec = i64::try_from(out.granted_ttl_seconds).ok();
+        }
+        Err(e) => crate::audit::deny(&mut rec, e, "renewal refused"),
+    }
+    site.audit.record(rec).await.map_err(SignError::Audit)?;
+    result
+}
+
+fn renew_checked(
+    site: &SiteState,
+    caller: &Caller,
+    input: &RenewInput,
+    now: i64,
+) -> Result<crate::enroll::EnrollOutput, SignError> {
+    use crate::model::CertRecord;
+    let record = checks::renewable(site, caller)?;
+    let config = site.config();
+    let env = config
+        .environment(&record.environment)
+        .ok_or_else(|| SignError::BadCertificate("environment no longer exists".into()))?;
+    let start = if record.session_start > 0 {
+        record.session_start
+    } else {
+        record.not_before + 60
+    };
+    let end = start.saturating_add(i64::try_from(env.max_session_seconds).unwrap_or(i64::MAX));
+    if now >= end {
+        return Err(SignError::SessionCeiling {
+            start,
+            max: env.max_session_seconds,
+        });
+    }
+    let spki =
+        crate::enroll::verify_csr(&input.csr_der).map_err(|e| SignError::Csr(e.to_string()))?;
+    let cap = match input.requested_ttl_seconds {
+        0 => env.max_ttl_seconds,
+        r => r.min(env.max_ttl_seconds),
+    };
+    let ttl = cap.min(u64::try_from(end - now).unwrap_or(0)).max(1);
+    let runner_cas = site.runner_cas(&record.environment)?;
+    let ca = &runner_cas.active;
+    let issued = ca.issue(&crate::ca::CertRequest {
+        id: caller.id.clone(),
+        claims: record.claims.clone(),
+        public_key_spki: spki,
+        now_unix: now,
+        ttl_seconds: ttl,
+    })?;
+    let session = if record.session.is_empty() {
+        record.serial.clone()
+    } else {
+        record.session.clone()
+    };
+    site.record_issued(&CertRecord {
+        serial: issued.serial_hex.clone(),
+        environment: record.environment.clone(),
+        region: record.region.clone(),
+        fingerprint: record.fingerprint.clone(),
+        claims: record.claims.clone(),
+        issuer_id: ca.record.id.clone(),
+        not_before: issued.not_before,
+        not_after: issued.not_after,
+        revoked: None,
+        session,
+        session_start: start,
+        generation: record.generation + 1,
+        superseded: false,
+    })?;
+    site.supersede(&record.serial)?;
+    Ok(crate::enroll::EnrollOutput {
+        chain: vec![issued.der, ca.record.cert_der.clone()],
+        serial_hex: issued.serial_hex,
+        not_after: issued.not_after,
+        granted_ttl_seconds: ttl,
+        spiffe_id: caller.id.to_uri(),
+        environment: record.environment.clone(),
+        region: record.region.clone(),
+        trusted_runner_cas: runner_cas
+            .trusted(now)
+            .into_iter()
+            .map(|r| r.cert_der.clone())
+            .collect(),
+    })
+}
+
+/// A superseded certificate came back: revoke every certificate of its session (a rule, so
+/// open connections are refused on their next RPC), audited as a suspected theft.
+async fn revoke_session(site: &SiteState, session: &str, caller: &Caller) {
+    let rule = crate::model::RevocationRule {
+        id: meshsign_proto::files::random_id()
+            .map(|id| id[..12].to_string())
+            .unwrap_or_else(|_| "session".into()),
+        kind: crate::model::RevocationKind::Session,
+        value: session.to_string(),
+        region: None,
+        since: None,
+        until: None,
+        reason: format!(
+            "session_theft_suspected: superseded certificate {} presented again",
+            caller.serial_hex
+        ),
+        operator: "site".into(),
+        created_at: site.clock.unix(),
+    };
+    if let Err(e) = site.add_revocation(rule) {
+        tracing::error!(error = %e, session, "could not revoke a session whose certificate was copied");
+    } else {
+        tracing::warn!(session, serial = %caller.serial_hex, "superseded certificate presented again: session revoked");
+    }
 }

@@ -93,6 +93,19 @@ impl SiteState {
         Ok(true)
     }
 
+    /// Marks a certificate superseded by a renewal (durably; the cache forgets it).
+    pub fn supersede(&self, serial: &str) -> Result<(), StoreError> {
+        if let Some(mut rec) = self
+            .store
+            .get::<CertRecord>(Tree::Certs, serial.as_bytes())?
+        {
+            rec.superseded = true;
+            self.store.put(Tree::Certs, serial.as_bytes(), &rec)?;
+            self.cert_cache().invalidate(serial);
+        }
+        Ok(())
+    }
+
     /// Every issuance record.
     pub fn issued_certificates(&self) -> Result<Vec<CertRecord>, StoreError> {
         self.store.scan(Tree::Certs, b"")

@@ -283,16 +283,19 @@ pub async fn exec(
         .split_first()
         .ok_or_else(|| ClientError::Usage("give the command after --".into()))?;
     let session = start_session(cfg, &args).await?;
-    let agent = agent::Agent::start(&session).await?;
+    let (environment, region) = (
+        session.enrollment.environment.clone(),
+        session.enrollment.region.clone(),
+    );
+    let agent = agent::Agent::start(session, cfg).await?;
     let status = tokio::process::Command::new(program)
         .args(rest)
         .env(agent::SOCK_VAR, agent.socket())
-        .env(agent::ENV_VAR, &session.enrollment.environment)
-        .env(agent::REGION_VAR, &session.enrollment.region)
+        .env(agent::ENV_VAR, &environment)
+        .env(agent::REGION_VAR, &region)
         .status()
         .await;
     let finished = agent.finish("job finished").await;
-    drop(session);
     let status = status.map_err(|e| ClientError::Usage(format!("{program}: {e}")))?;
     if let Err(e) = finished {
         eprintln!("meshsign: warning: revoking the job's certificate failed: {e}");
@@ -320,7 +323,11 @@ pub async fn agent_serve(cfg: &ClientConfig, args: SessionArgs) -> Result<(), Cl
 async fn agent_serve_inner(cfg: &ClientConfig, args: SessionArgs) -> Result<(), ClientError> {
     use std::io::Write as _;
     let session = start_session(cfg, &args).await?;
-    let mut agent = agent::Agent::start(&session).await?;
+    let (environment, region) = (
+        session.enrollment.environment.clone(),
+        session.enrollment.region.clone(),
+    );
+    let mut agent = agent::Agent::start(session, cfg).await?;
     {
         let mut out = std::io::stdout().lock();
         let lines = format!(
@@ -328,9 +335,9 @@ async fn agent_serve_inner(cfg: &ClientConfig, args: SessionArgs) -> Result<(), 
             agent::SOCK_VAR,
             agent.socket().display(),
             agent::ENV_VAR,
-            session.enrollment.environment,
+            environment,
             agent::REGION_VAR,
-            session.enrollment.region
+            region
         );
         out.write_all(lines.as_bytes())
             .and_then(|()| out.flush())

@@ -1,0 +1,120 @@
+//! Renewal: a job's session outlives one certificate through the Renew RPC (no token), within
+//! the environment's session ceiling; a superseded certificate presented again revokes the
+//! session; a revoked job cannot renew.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
+
+use std::time::Duration;
+
+use meshsign_client::runner::Session;
+use meshsign_proto::v1::{self, revoke_request::Target};
+use meshsign_tests::{STAGING_MAX_SESSION, TTL_CAP, TestSite, sign_req};
+use tonic::Code;
+
+async fn session(site: &TestSite, env: &str) -> Session {
+    let (_key, enrollment, signer) = site.enrolled(env).await;
+    Session { enrollment, signer }
+}
+
+fn expect_refusal(e: meshsign_client::ClientError, code: Code, reason: &str) {
+    match e {
+        meshsign_client::ClientError::Rpc {
+            code: c, message, ..
+        } => {
+            assert_eq!(c, code, "{message}");
+            assert!(message.starts_with(&format!("{reason}: ")), "{message}");
+        }
+        other => panic!("{other}"),
+    }
+}
+
+#[tokio::test]
+async fn renewals_carry_a_session_across_lifetimes_and_a_copy_revokes_it() {
+    let site = TestSite::start().await;
+    let mut s = session(&site, "production").await;
+    let first = s.enrollment.serial.clone();
+    let old_signer = s.signer.clone();
+    let mut serials = vec![first.clone()];
+    // Three renewals, each most of a lifetime later: after them the session is past the first
+    // certificate's end and still signs.
+    for _ in 0..3 {
+        site.clock.advance(Duration::from_secs(TTL_CAP - 400));
+        s.renew(&site.client, 0).await.unwrap();
+        assert!(
+            !serials.contains(&s.enrollment.serial),
+            "a new certificate each time"
+        );
+        serials.push(s.enrollment.serial.clone());
+        s.sign_digest("release", [3; 32], "renewed").await.unwrap();
+    }
+    let renews: Vec<_> = site
+        .audit()
+        .into_iter()
+        .filter(|r| r.rpc == "Renew" && r.decision == "allow")
+        .collect();
+    assert_eq!(renews.len(), 3);
+    assert!(renews[0].detail.contains(&first), "{}", renews[0].detail);
+
+    // The first certificate, used again (a copy): refused, and the whole session revoked.
+    let mut copy = old_signer;
+    let e = copy.sign(sign_req("release", 1)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{}", e.message());
+    assert!(
+        e.message().starts_with("session_theft_suspected: "),
+        "{}",
+        e.message()
+    );
+    assert_eq!(site.last_audit().reason, "session_theft_suspected");
+    let e = s
+        .sign_digest("release", [4; 32], "after theft")
+        .await
+        .unwrap_err();
+    expect_refusal(e, Code::Unauthenticated, "certificate_revoked");
+}
+
+#[tokio::test]
+async fn the_session_ceiling_and_revocations_bound_renewal() {
+    let site = TestSite::start().await;
+    let mut s = session(&site, "staging").await;
+    // Staging allows STAGING_MAX_SESSION (5000 s) per session; the cap is 2400 s.
+    site.clock.advance(Duration::from_secs(2000));
+    s.renew(&site.client, 0).await.unwrap();
+    site.clock.advance(Duration::from_secs(2000));
+    s.renew(&site.client, 0).await.unwrap();
+    // Granted only up to the ceiling: 5000 − 4000 s (give or take the clock's start second).
+    let granted = u64::from(s.enrollment.granted_ttl_seconds);
+    assert!(
+        (STAGING_MAX_SESSION - 4000 - 61..=STAGING_MAX_SESSION - 4000 + 1).contains(&granted),
+        "{granted}"
+    );
+    site.clock.advance(Duration::from_secs(900));
+    s.sign_digest("release", [5; 32], "late").await.unwrap();
+    site.clock.advance(Duration::from_secs(200));
+    // Past the ceiling the certificate itself has expired; renewal is refused either way.
+    let e = s.renew(&site.client, 0).await.unwrap_err();
+    match &e {
+        meshsign_client::ClientError::Rpc { message, .. } => assert!(
+            message.starts_with("certificate_expired: ")
+                || message.starts_with("session_ceiling: "),
+            "{message}"
+        ),
+        other => panic!("{other}"),
+    }
+
+    // A revoked job cannot renew.
+    let mut s = session(&site, "production").await;
+    let job = site.last_audit().job_id;
+    site.admin()
+        .await
+        .revoke(v1::RevokeRequest {
+            target: Some(Target::JobId(job)),
+            reason: "compromised".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let e = s.renew(&site.client, 0).await.unwrap_err();
+    expect_refusal(e, Code::Unauthenticated, "certificate_revoked");
+    let rec = site.last_audit();
+    assert_eq!((rec.rpc.as_str(), rec.decision.as_str()), ("Renew", "deny"));
+}
