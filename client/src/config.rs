@@ -33,6 +33,10 @@ pub struct ClientConfig {
     pub dev_issuer: Option<DevIssuer>,
     /// Admin identity (ops only).
     pub admin: Option<AdminIdentity>,
+    /// Extra CA certificates (PEM) for the CI's token endpoint (a GitHub Enterprise Server
+    /// behind a corporate CA); `--ca-file` sets it too.
+    #[serde(default)]
+    pub token_ca_file: Option<PathBuf>,
     /// Seconds to wait for a connection and TLS handshake (default 10).
     #[serde(default)]
     pub connect_timeout_seconds: Option<u64>,

@@ -47,7 +47,7 @@ pub async fn obtain(
         TokenSource::Env(var) => std::env::var(var)
             .map(|t| Zeroizing::new(t.trim().to_string()))
             .map_err(|_| ClientError::Token(format!("${var} is not set"))),
-        TokenSource::GithubActions => github_actions(audience).await,
+        TokenSource::GithubActions => github_actions(audience, cfg.token_ca_file.as_deref()).await,
         TokenSource::Gitlab(var) => std::env::var(var)
             .map(|t| Zeroizing::new(t.trim().to_string()))
             .map_err(|_| {
@@ -165,7 +165,10 @@ async fn buildkite(audience: &str) -> Result<Zeroizing<String>, ClientError> {
 
 /// GitHub Actions: GET `$ACTIONS_ID_TOKEN_REQUEST_URL&audience=<aud>` with the request token;
 /// each attempt bounded by a timeout, retried with backoff (1, 2, 4 s) on failure.
-async fn github_actions(audience: &str) -> Result<Zeroizing<String>, ClientError> {
+async fn github_actions(
+    audience: &str,
+    ca_file: Option<&std::path::Path>,
+) -> Result<Zeroizing<String>, ClientError> {
     let mut last = None;
     for (attempt, wait) in [0u64, 1, 2, 4].into_iter().enumerate() {
         if wait > 0 {
@@ -173,7 +176,7 @@ async fn github_actions(audience: &str) -> Result<Zeroizing<String>, ClientError
         }
         match tokio::time::timeout(
             std::time::Duration::from_secs(15),
-            github_actions_once(audience),
+            github_actions_once(audience, ca_file),
         )
         .await
         {
@@ -190,7 +193,10 @@ async fn github_actions(audience: &str) -> Result<Zeroizing<String>, ClientError
     Err(last.unwrap_or_else(|| ClientError::Token("token endpoint unreachable".into())))
 }
 
-async fn github_actions_once(audience: &str) -> Result<Zeroizing<String>, ClientError> {
+async fn github_actions_once(
+    audience: &str,
+    ca_file: Option<&std::path::Path>,
+) -> Result<Zeroizing<String>, ClientError> {
     let url = std::env::var("ACTIONS_ID_TOKEN_REQUEST_URL").map_err(|_| {
         ClientError::Token(
             "ACTIONS_ID_TOKEN_REQUEST_URL is not set (does the job have `id-token: write`?)".into(),
@@ -202,7 +208,7 @@ async fn github_actions_once(audience: &str) -> Result<Zeroizing<String>, Client
     );
     let sep = if url.contains('?') { '&' } else { '?' };
     let full = format!("{url}{sep}audience={}", percent_encode(audience));
-    let body = http_get(&full, &bearer).await?;
+    let body = http_get(&full, &bearer, ca_file).await?;
     let v: serde_json::Value = serde_json::from_slice(&body)
         .map_err(|e| ClientError::Token(format!("token endpoint answered non-JSON: {e}")))?;
     v.get("value")
@@ -223,7 +229,112 @@ fn percent_encode(s: &str) -> String {
 }
 
 /// A minimal HTTP/1.1 GET (https with the webpki roots, or http) returning the body.
-async fn http_get(url: &str, bearer: &str) -> Result<Vec<u8>, ClientError> {
+/// The proxy for `host` from `https_proxy` / `http_proxy` (either case), unless `no_proxy`
+/// names the host (exactly, as a domain suffix, or `*`).
+fn proxy_for(
+    host: &str,
+    https: bool,
+    var: impl Fn(&str) -> Option<String>,
+) -> Option<(String, u16)> {
+    let no_proxy = var("no_proxy")
+        .or_else(|| var("NO_PROXY"))
+        .unwrap_or_default();
+    for entry in no_proxy.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let e = entry.trim_start_matches('.');
+        if entry == "*" || host == e || host.ends_with(&format!(".{e}")) {
+            return None;
+        }
+    }
+    let names = if https {
+        ["https_proxy", "HTTPS_PROXY"]
+    } else {
+        ["http_proxy", "HTTP_PROXY"]
+    };
+    let url = names
+        .iter()
+        .find_map(|n| var(n))
+        .filter(|u| !u.is_empty())?;
+    let uri: hyper::Uri = url.parse().ok()?;
+    Some((uri.host()?.to_string(), uri.port_u16().unwrap_or(80)))
+}
+
+/// A TCP stream to `host:port`, through an HTTP CONNECT tunnel when a proxy applies.
+async fn open(host: &str, port: u16, https: bool) -> Result<tokio::net::TcpStream, ClientError> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let terr = |m: String| ClientError::Token(m);
+    let Some((phost, pport)) = proxy_for(host, https, |n| std::env::var(n).ok()) else {
+        return tokio::net::TcpStream::connect((host, port))
+            .await
+            .map_err(|e| terr(format!("connect {host}: {e}")));
+    };
+    let mut tcp = tokio::net::TcpStream::connect((phost.as_str(), pport))
+        .await
+        .map_err(|e| terr(format!("connect proxy {phost}:{pport}: {e}")))?;
+    let req = format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n");
+    tcp.write_all(req.as_bytes())
+        .await
+        .map_err(|e| terr(format!("proxy {phost}: {e}")))?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() > 8192
+            || tcp
+                .read(&mut byte)
+                .await
+                .map_err(|e| terr(format!("proxy {phost}: {e}")))?
+                == 0
+        {
+            return Err(terr(format!("proxy {phost}: no answer to CONNECT")));
+        }
+        head.push(byte[0]);
+    }
+    let status = String::from_utf8_lossy(&head);
+    let first = status.lines().next().unwrap_or_default().to_string();
+    if first.split_whitespace().nth(1) != Some("200") {
+        return Err(terr(format!("proxy {phost} refused CONNECT: {first}")));
+    }
+    Ok(tcp)
+}
+
+/// Roots for the token endpoint: the bundled web roots, the system's bundle
+/// (`SSL_CERT_FILE`, else `/etc/ssl/certs/ca-certificates.crt`), and `ca_file` (a corporate CA
+/// of a GitHub Enterprise Server).
+fn token_roots(ca_file: Option<&std::path::Path>) -> Result<rustls::RootCertStore, ClientError> {
+    use rustls_pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let system = std::env::var_os("SSL_CERT_FILE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/etc/ssl/certs/ca-certificates.crt".into());
+    if let Ok(iter) = rustls_pki_types::CertificateDer::pem_file_iter(&system) {
+        for c in iter.flatten() {
+            let _ = roots.add(c);
+        }
+    }
+    if let Some(p) = ca_file {
+        let certs = rustls_pki_types::CertificateDer::pem_file_iter(p)
+            .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| ClientError::Config(format!("{}: {e}", p.display())))?;
+        if certs.is_empty() {
+            return Err(ClientError::Config(format!(
+                "{}: no certificates",
+                p.display()
+            )));
+        }
+        for c in certs {
+            roots
+                .add(c)
+                .map_err(|e| ClientError::Config(format!("{}: {e}", p.display())))?;
+        }
+    }
+    Ok(roots)
+}
+
+async fn http_get(
+    url: &str,
+    bearer: &str,
+    ca_file: Option<&std::path::Path>,
+) -> Result<Vec<u8>, ClientError> {
     let terr = |m: String| ClientError::Token(m);
     let uri: hyper::Uri = url
         .parse()
@@ -234,9 +345,7 @@ async fn http_get(url: &str, bearer: &str) -> Result<Vec<u8>, ClientError> {
         .to_string();
     let https = uri.scheme_str() == Some("https");
     let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
-        .await
-        .map_err(|e| terr(format!("connect {host}: {e}")))?;
+    let tcp = open(&host, port, https).await?;
     let req = hyper::Request::get(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
         .header(hyper::header::HOST, host.as_str())
         .header(hyper::header::AUTHORIZATION, format!("bearer {bearer}"))
@@ -244,8 +353,7 @@ async fn http_get(url: &str, bearer: &str) -> Result<Vec<u8>, ClientError> {
         .body(Empty::<Bytes>::new())
         .map_err(|e| terr(e.to_string()))?;
     let resp = if https {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        let roots = token_roots(ca_file)?;
         let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
             rustls::crypto::aws_lc_rs::default_provider(),
         ))
@@ -290,4 +398,32 @@ where
         return Err(terr(format!("token endpoint answered {status}")));
     }
     Ok(body.to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_proxy_names_hosts_suffixes_and_everything() {
+        let env = |no: &'static str| {
+            move |n: &str| match n {
+                "https_proxy" => Some("http://proxy.corp:3128".to_string()),
+                "no_proxy" => Some(no.to_string()),
+                _ => None,
+            }
+        };
+        assert_eq!(
+            proxy_for("github.example.com", true, env("")),
+            Some(("proxy.corp".to_string(), 3128))
+        );
+        assert_eq!(proxy_for("ghe.corp.test", true, env(".corp.test")), None);
+        assert_eq!(proxy_for("corp.test", true, env("corp.test")), None);
+        assert_eq!(proxy_for("anything", true, env("*")), None);
+        assert_eq!(
+            proxy_for("plain.test", false, env("")),
+            None,
+            "http_proxy unset"
+        );
+    }
 }

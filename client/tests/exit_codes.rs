@@ -361,3 +361,140 @@ fn gitlab_buildkite_and_auto_token_sources() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A CONNECT proxy on loopback: serves one tunnel, returns the CONNECT request line it saw.
+fn connect_proxy() -> (u16, std::thread::JoinHandle<String>) {
+    use std::io::{Read as _, Write as _};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let h = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            c.read_exact(&mut b).unwrap();
+            head.push(b[0]);
+        }
+        let line = String::from_utf8_lossy(&head)
+            .lines()
+            .next()
+            .unwrap()
+            .to_string();
+        let target = line.split_whitespace().nth(1).unwrap().to_string();
+        let mut up = std::net::TcpStream::connect(&target).unwrap();
+        c.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            .unwrap();
+        let (mut c2, mut up2) = (c.try_clone().unwrap(), up.try_clone().unwrap());
+        let t = std::thread::spawn(move || {
+            let _ = std::io::copy(&mut c2, &mut up2);
+        });
+        let _ = std::io::copy(&mut up, &mut c);
+        let _ = t.join();
+        line
+    });
+    (port, h)
+}
+
+/// An HTTPS token endpoint (GitHub's shape) with a certificate from a fresh test CA; returns
+/// its port, the CA (PEM) and the request it served.
+fn https_token_endpoint(token: String) -> (u16, String, std::thread::JoinHandle<String>) {
+    use std::io::{Read as _, Write as _};
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca)
+        .unwrap();
+    let ca_pem = ca.pem();
+    let cfg = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![leaf.der().clone()],
+        rustls_pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+    )
+    .unwrap();
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let h = std::thread::spawn(move || {
+        let (tcp, _) = l.accept().unwrap();
+        let conn = rustls::ServerConnection::new(std::sync::Arc::new(cfg)).unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        let mut buf = vec![0u8; 8192];
+        let n = tls.read(&mut buf).unwrap();
+        let req = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let body = format!("{{\"count\":1,\"value\":\"{token}\"}}");
+        write!(
+            tls,
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        tls.flush().unwrap();
+        req
+    });
+    (port, ca_pem, h)
+}
+
+#[test]
+fn the_github_token_is_fetched_through_a_proxy_with_a_corporate_ca() {
+    let tmp = tempfile::tempdir().unwrap();
+    let site_dir = tmp.path().join("site");
+    let _site = start_dev(&site_dir);
+    let cfg = site_dir.join("client.toml");
+    let token = {
+        let out = Command::new(meshsign())
+            .arg("--config")
+            .arg(&cfg)
+            .args(["dev", "token", "--environment", "staging"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    std::fs::write(tmp.path().join("f"), "f").unwrap();
+    let (ep_port, ca_pem, endpoint) = https_token_endpoint(token);
+    std::fs::write(tmp.path().join("corp-ca.pem"), ca_pem).unwrap();
+    let (proxy_port, proxy) = connect_proxy();
+    let out = Command::new(meshsign())
+        .current_dir(tmp.path())
+        .arg("--config")
+        .arg(&cfg)
+        .args(["sign", "--environment", "staging", "--key", "release"])
+        .args([
+            "--token-source",
+            "github-actions",
+            "--ca-file",
+            "corp-ca.pem",
+            "f",
+        ])
+        .env(
+            "ACTIONS_ID_TOKEN_REQUEST_URL",
+            format!("https://localhost:{ep_port}/token?api-version=2.0"),
+        )
+        .env("ACTIONS_ID_TOKEN_REQUEST_TOKEN", "request-bearer")
+        .env("https_proxy", format!("http://127.0.0.1:{proxy_port}"))
+        .env("no_proxy", "127.0.0.1,.internal.test")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        proxy.join().unwrap(),
+        format!("CONNECT localhost:{ep_port} HTTP/1.1"),
+        "the token request went through the proxy"
+    );
+    let req = endpoint.join().unwrap();
+    assert!(
+        req.starts_with("GET /token?api-version=2.0&audience="),
+        "{req}"
+    );
+}

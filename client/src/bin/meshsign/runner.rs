@@ -73,6 +73,9 @@ pub struct SessionArgs {
     /// --id-token-var), buildkite (buildkite-agent oidc request-token), or auto (detect).
     #[arg(long, group = "tok", value_parser = ["github-actions", "gitlab", "buildkite", "auto"])]
     token_source: Option<String>,
+    /// For --token-source github-actions: extra CA certificates (PEM) for the token endpoint.
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
     /// For --token-source gitlab: the variable that holds the job's id_token.
     #[arg(long, default_value = "MESHSIGN_ID_TOKEN")]
     id_token_var: String,
@@ -128,7 +131,11 @@ pub async fn start_session(cfg: &ClientConfig, args: &SessionArgs) -> Result<Ses
         _ => super::dev::fallback_token_source(cfg, &args.environment)?,
     };
     let aud = cfg.audience(&args.environment)?;
-    let tok = token::obtain(&source, cfg, aud).await?;
+    let mut cfg = cfg.clone();
+    if let Some(ca) = &args.ca_file {
+        cfg.token_ca_file = Some(ca.clone());
+    }
+    let tok = token::obtain(&source, &cfg, aud).await?;
     let params = EnrollParams {
         environment: args.environment.clone(),
         token: tok.to_string(),
@@ -137,7 +144,7 @@ pub async fn start_session(cfg: &ClientConfig, args: &SessionArgs) -> Result<Ses
         region: None,
     };
     drop(tok);
-    let session = Session::start(cfg, &params).await?;
+    let session = Session::start(&cfg, &params).await?;
     eprintln!(
         "enrolled as {} (serial {}, {} s)",
         session.enrollment.spiffe_id,
