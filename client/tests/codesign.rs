@@ -346,4 +346,63 @@ fn codesign_a_macho_through_the_site_and_verify_it() {
     ]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("not spent"));
+
+    // One job, one enrollment: three `meshsign sign` steps and one `meshsign codesign` inside
+    // `meshsign exec` share one certificate, revoked at the end.
+    std::fs::write(dir.join("hello3"), &macho).unwrap();
+    for f in ["s1", "s2", "s3"] {
+        std::fs::write(dir.join(f), f).unwrap();
+    }
+    let me = common::meshsign();
+    let cfg = dir.join("site/client.toml");
+    let step = |what: &str| format!("{} --config {} {what}", me.display(), cfg.display());
+    let script = format!(
+        "set -e\n{}\n{}\n{}\n{}\n",
+        step("sign --environment production --key release s1"),
+        step("sign --environment production --key release s2"),
+        step("sign --environment production --key release s3"),
+        step("codesign --environment production --key apple hello3"),
+    );
+    std::fs::write(dir.join("job.sh"), script).unwrap();
+    let count_before =
+        |o: &std::process::Output| String::from_utf8_lossy(&o.stdout).lines().count();
+    let before = count_before(&meshsign(&["admin", "audit", "export"]));
+    let o = meshsign(&["exec", "--environment", "production", "--", "sh", "job.sh"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let export = meshsign(&["admin", "audit", "export"]);
+    let entries: Vec<serde_json::Value> = String::from_utf8_lossy(&export.stdout)
+        .lines()
+        .skip(before)
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let of = |rpc: &str| entries.iter().filter(|e| e["rpc"] == rpc).count();
+    assert_eq!(
+        (of("Enroll"), of("RevokeSelf")),
+        (1, 1),
+        "one enrollment for the job"
+    );
+    let sign_serials: std::collections::BTreeSet<String> = entries
+        .iter()
+        .filter(|e| e["rpc"] == "Sign")
+        .map(|e| e["cert_serial"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(sign_serials.len(), 1, "every step on one certificate");
+    assert!(
+        entries
+            .iter()
+            .filter(|e| e["rpc"] == "Sign")
+            .any(|e| e["key_id"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("apple@")),
+        "the codesign step signed through the agent"
+    );
+    for f in ["s1", "s2", "s3"] {
+        let v = Command::new(common::meshsign())
+            .current_dir(dir)
+            .args(["verify", f])
+            .output()
+            .unwrap();
+        assert!(v.status.success(), "{f}");
+    }
 }
