@@ -11,19 +11,10 @@ use std::process::Command;
 
 use common::{meshsign, start_dev};
 
-/// Audit entries since `from` (by rpc), read with the admin CLI.
+/// (rpc, cert_serial) of every audit entry.
 fn audit_rpcs(dir: &Path, cfg: &Path) -> Vec<(String, String)> {
-    let out = Command::new(meshsign())
-        .arg("--config")
-        .arg(cfg)
-        .args(["admin", "audit", "export"])
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+    common::audit_entries(dir, cfg)
+        .into_iter()
         .map(|v| {
             (
                 v["rpc"].as_str().unwrap_or_default().to_string(),

@@ -5,33 +5,15 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
-
 use common::start_dev;
-use meshsign_certs_dev::GithubJob;
 use meshsign_client::ClientConfig;
-use meshsign_client::runner::{EnrollParams, Session};
-use meshsign_client::token::{self, TokenSource};
+use meshsign_client::runner::Session;
 use meshsign_proto::audit::{ExportLine, verify_export};
 use meshsign_proto::v1;
 use p256::pkcs8::DecodePublicKey as _;
 
 async fn session(cfg: &ClientConfig, env: &str) -> Session {
-    let tok = token::obtain(
-        &TokenSource::Dev(GithubJob::new(env)),
-        cfg,
-        cfg.audience(env).unwrap(),
-    )
-    .await
-    .unwrap();
-    let params = EnrollParams {
-        environment: env.into(),
-        token: tok.to_string(),
-        fingerprint: "ef".repeat(32),
-        requested_ttl_seconds: 0,
-        region: None,
-    };
-    Session::start(cfg, &params).await.unwrap()
+    common::dev_session(cfg, env, &"ef".repeat(32)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -43,32 +25,7 @@ async fn sigkill_mid_load_loses_no_acknowledged_audit_entry() {
     let cfg = ClientConfig::load(&site_dir.join("client.toml")).unwrap();
 
     // Six clients sign as fast as they can; each remembers the receipts it was given.
-    let acked: Arc<Mutex<Vec<(u64, String)>>> = Arc::default();
-    let mut tasks = Vec::new();
-    for i in 0..6 {
-        let (cfg, acked) = (cfg.clone(), acked.clone());
-        let env = if i % 2 == 0 { "staging" } else { "production" };
-        let mut s = session(&cfg, env).await;
-        tasks.push(tokio::spawn(async move {
-            let mut n = 0u8;
-            loop {
-                n = n.wrapping_add(1);
-                match s.sign_digest("release", [n; 32], "crash").await {
-                    Ok(r) => acked.lock().unwrap().push((r.audit_seq, r.audit_hash)),
-                    Err(_) => return,
-                }
-            }
-        }));
-    }
-    while acked.lock().unwrap().len() < 300 {
-        tokio::task::yield_now().await;
-    }
-    site.0.kill().unwrap(); // SIGKILL
-    site.0.wait().unwrap();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let acked = acked.lock().unwrap().clone();
+    let acked = common::sign_until_killed(&mut site, &cfg, 6, 300, &"ef".repeat(32)).await;
     drop(site);
 
     // Restart on the same data; export and verify offline.

@@ -11,17 +11,9 @@ use std::time::{Duration, Instant};
 use common::{meshsign, start_dev};
 
 fn enrollments(dir: &std::path::Path, cfg: &std::path::Path) -> usize {
-    let out = Command::new(meshsign())
-        .arg("--config")
-        .arg(cfg)
-        .args(["admin", "audit", "export"])
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.contains("\"rpc\":\"Enroll\""))
+    common::audit_entries(dir, cfg)
+        .iter()
+        .filter(|e| e["rpc"] == "Enroll")
         .count()
 }
 

@@ -10,13 +10,10 @@ mod common;
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 
 use common::{DevSite, meshsign, meshsignd, start_dev};
-use meshsign_certs_dev::GithubJob;
 use meshsign_client::ClientConfig;
-use meshsign_client::runner::{EnrollParams, Session};
-use meshsign_client::token::{self, TokenSource};
+use meshsign_client::runner::Session;
 use meshsign_proto::audit::{ExportLine, verify_export};
 use meshsign_proto::v1;
 use p256::pkcs8::DecodePublicKey as _;
@@ -24,21 +21,7 @@ use p256::pkcs8::DecodePublicKey as _;
 type Receipts = Vec<(u64, String)>;
 
 async fn session(cfg: &ClientConfig, env: &str) -> Session {
-    let tok = token::obtain(
-        &TokenSource::Dev(GithubJob::new(env)),
-        cfg,
-        cfg.audience(env).unwrap(),
-    )
-    .await
-    .unwrap();
-    let params = EnrollParams {
-        environment: env.into(),
-        token: tok.to_string(),
-        fingerprint: "ab".repeat(32),
-        requested_ttl_seconds: 0,
-        region: None,
-    };
-    Session::start(cfg, &params).await.unwrap()
+    common::dev_session(cfg, env, &"ab".repeat(32)).await
 }
 
 /// A dev site in `dir` that signed under load from three clients and was killed with SIGKILL;
@@ -47,32 +30,7 @@ async fn killed_under_load(dir: &Path) -> (Receipts, Vec<u8>) {
     let mut site = start_dev(dir);
     let cfg = ClientConfig::load(&dir.join("client.toml")).unwrap();
     let key = public_key(&cfg).await;
-    let acked: Arc<Mutex<Receipts>> = Arc::default();
-    let mut tasks = Vec::new();
-    for i in 0..3 {
-        let (cfg, acked) = (cfg.clone(), acked.clone());
-        let env = if i % 2 == 0 { "staging" } else { "production" };
-        let mut s = session(&cfg, env).await;
-        tasks.push(tokio::spawn(async move {
-            let mut n = 0u8;
-            loop {
-                n = n.wrapping_add(1);
-                match s.sign_digest("release", [n; 32], "fault").await {
-                    Ok(r) => acked.lock().unwrap().push((r.audit_seq, r.audit_hash)),
-                    Err(_) => return,
-                }
-            }
-        }));
-    }
-    while acked.lock().unwrap().len() < 150 {
-        tokio::task::yield_now().await;
-    }
-    site.0.kill().unwrap(); // SIGKILL
-    site.0.wait().unwrap();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let acked = acked.lock().unwrap().clone();
+    let acked = common::sign_until_killed(&mut site, &cfg, 3, 150, &"ab".repeat(32)).await;
     (acked, key)
 }
 

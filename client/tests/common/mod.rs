@@ -127,3 +127,88 @@ pub fn code_signing_p12(dir: &Path, subject: &str) {
         ],
     );
 }
+
+/// An enrolled session in `env` with a token from the dev issuer.
+pub async fn dev_session(
+    cfg: &meshsign_client::ClientConfig,
+    env: &str,
+    fingerprint: &str,
+) -> meshsign_client::runner::Session {
+    use meshsign_client::token::{self, TokenSource};
+    let tok = token::obtain(
+        &TokenSource::Dev(meshsign_certs_dev::GithubJob::new(env)),
+        cfg,
+        cfg.audience(env).unwrap(),
+    )
+    .await
+    .unwrap();
+    let params = meshsign_client::runner::EnrollParams {
+        environment: env.into(),
+        token: tok.to_string(),
+        fingerprint: fingerprint.into(),
+        requested_ttl_seconds: 0,
+        region: None,
+    };
+    meshsign_client::runner::Session::start(cfg, &params)
+        .await
+        .unwrap()
+}
+
+/// Every audit entry of a dev site, exported with the admin CLI.
+pub fn audit_entries(dir: &Path, cfg: &Path) -> Vec<serde_json::Value> {
+    let out = Command::new(meshsign())
+        .arg("--config")
+        .arg(cfg)
+        .args(["admin", "audit", "export"])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// `clients` sessions sign as fast as they can (alternating staging and production) until at
+/// least `at_least` receipts were given; then the site is killed with SIGKILL. Returns the
+/// receipts (seq, hash) the clients were given.
+pub async fn sign_until_killed(
+    site: &mut DevSite,
+    cfg: &meshsign_client::ClientConfig,
+    clients: usize,
+    at_least: usize,
+    fingerprint: &str,
+) -> Vec<(u64, String)> {
+    use std::sync::{Arc, Mutex};
+    let acked: Arc<Mutex<Vec<(u64, String)>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for i in 0..clients {
+        let acked = acked.clone();
+        let env = if i % 2 == 0 { "staging" } else { "production" };
+        let mut s = dev_session(cfg, env, fingerprint).await;
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u8;
+            loop {
+                n = n.wrapping_add(1);
+                match s.sign_digest("release", [n; 32], "load").await {
+                    Ok(r) => acked.lock().unwrap().push((r.audit_seq, r.audit_hash)),
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    while acked.lock().unwrap().len() < at_least {
+        tokio::task::yield_now().await;
+    }
+    site.0.kill().unwrap(); // SIGKILL
+    site.0.wait().unwrap();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    acked.lock().unwrap().clone()
+}

@@ -10,7 +10,7 @@ use meshsign_proto::v1;
 use tonic::{Request, Response, Status};
 
 use super::status::status;
-use super::{peer, runner_ca_info, ts, verification_key};
+use super::{peer, runner_ca_info, verification_key};
 use crate::enroll::{self, EnrollInput};
 use crate::model::{Refusal, RefusalKind, bounded};
 use crate::state::SiteState;
@@ -96,16 +96,7 @@ impl v1::enrollment_server::Enrollment for EnrollmentApi {
         let out = enroll::enroll(&self.0, input)
             .await
             .map_err(|e| status(&e))?;
-        Ok(Response::new(v1::EnrollResponse {
-            certificate_chain: out.chain,
-            serial: out.serial_hex,
-            not_after: Some(ts(out.not_after)),
-            granted_ttl_seconds: u32::try_from(out.granted_ttl_seconds).unwrap_or(u32::MAX),
-            spiffe_id: out.spiffe_id,
-            environment: out.environment,
-            region: out.region,
-            trusted_issuers: out.trusted_runner_cas,
-        }))
+        Ok(Response::new(super::enroll_response(out)))
     }
 }
 

@@ -44,6 +44,20 @@ fn peer<T>(req: &Request<T>) -> String {
     req.remote_addr().map(|a| a.to_string()).unwrap_or_default()
 }
 
+/// The wire form of a minted runner certificate (Enroll and Renew).
+fn enroll_response(out: crate::enroll::EnrollOutput) -> v1::EnrollResponse {
+    v1::EnrollResponse {
+        certificate_chain: out.chain,
+        serial: out.serial_hex,
+        not_after: Some(ts(out.not_after)),
+        granted_ttl_seconds: u32::try_from(out.granted_ttl_seconds).unwrap_or(u32::MAX),
+        spiffe_id: out.spiffe_id,
+        environment: out.environment,
+        region: out.region,
+        trusted_issuers: out.trusted_runner_cas,
+    }
+}
+
 /// Public form of one key version.
 fn verification_key(k: &crate::custody::LoadedKey, active: bool) -> v1::VerificationKey {
     v1::VerificationKey {

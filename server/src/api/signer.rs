@@ -68,6 +68,30 @@ impl SignerApi {
         self.1.get_or_parse(&certs, &self.0.config().trust_domain)
     }
 
+    /// The caller of an RPC that carries no signing input (RevokeSelf, Renew); an
+    /// unidentified one is refused and audited under `rpc`.
+    async fn identified<T>(
+        &self,
+        req: &Request<T>,
+        rpc: &'static str,
+        peer: &str,
+    ) -> Result<Arc<Caller>, Status> {
+        match self.caller(req) {
+            Ok(c) => Ok(c),
+            Err(e) => {
+                let input = SignInput {
+                    rpc,
+                    alias: String::new(),
+                    payload: Payload::Missing,
+                    artifact: String::new(),
+                    algorithm: String::new(),
+                    peer: peer.to_string(),
+                };
+                Err(status(&sign::refuse_unidentified(&self.0, &input, e).await))
+            }
+        }
+    }
+
     async fn sign(
         &self,
         caller: Result<Arc<Caller>, IdentityError>,
@@ -88,19 +112,8 @@ impl v1::signer_server::Signer for SignerApi {
         &self,
         req: Request<v1::RevokeSelfRequest>,
     ) -> Result<Response<v1::RevokeSelfResponse>, Status> {
-        let (caller, peer) = (self.caller(&req), peer(&req));
-        let input = SignInput {
-            rpc: "RevokeSelf",
-            alias: String::new(),
-            payload: Payload::Missing,
-            artifact: String::new(),
-            algorithm: String::new(),
-            peer: peer.clone(),
-        };
-        let caller = match caller {
-            Ok(c) => c,
-            Err(e) => return Err(status(&sign::refuse_unidentified(&self.0, &input, e).await)),
-        };
+        let peer = peer(&req);
+        let caller = self.identified(&req, "RevokeSelf", &peer).await?;
         let reason = req.into_inner().reason;
         let serial = sign::revoke_self(&self.0, &caller, &reason, &peer)
             .await
@@ -112,19 +125,8 @@ impl v1::signer_server::Signer for SignerApi {
         &self,
         req: Request<v1::RenewRequest>,
     ) -> Result<Response<v1::EnrollResponse>, Status> {
-        let (caller, peer) = (self.caller(&req), peer(&req));
-        let input = SignInput {
-            rpc: "Renew",
-            alias: String::new(),
-            payload: Payload::Missing,
-            artifact: String::new(),
-            algorithm: String::new(),
-            peer: peer.clone(),
-        };
-        let caller = match caller {
-            Ok(c) => c,
-            Err(e) => return Err(status(&sign::refuse_unidentified(&self.0, &input, e).await)),
-        };
+        let peer = peer(&req);
+        let caller = self.identified(&req, "Renew", &peer).await?;
         let r = req.into_inner();
         let out = sign::renew(
             &self.0,
@@ -137,16 +139,7 @@ impl v1::signer_server::Signer for SignerApi {
         )
         .await
         .map_err(|e| status(&e))?;
-        Ok(Response::new(v1::EnrollResponse {
-            certificate_chain: out.chain,
-            serial: out.serial_hex,
-            not_after: Some(ts(out.not_after)),
-            granted_ttl_seconds: u32::try_from(out.granted_ttl_seconds).unwrap_or(u32::MAX),
-            spiffe_id: out.spiffe_id,
-            environment: out.environment,
-            region: out.region,
-            trusted_issuers: out.trusted_runner_cas,
-        }))
+        Ok(Response::new(super::enroll_response(out)))
     }
 
     async fn sign(
