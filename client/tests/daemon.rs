@@ -173,3 +173,48 @@ fn a_stop_signal_during_a_reload_is_not_lost() {
         "a requested stop exits 0: {status:?}"
     );
 }
+
+#[tokio::test]
+async fn attacker_strings_cannot_forge_a_log_line() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    for format in ["text", "json"] {
+        let log = tmp.path().join(format!("site.{format}.log"));
+        let site = common::start_dev_with_format(&dir, Some(&log), format);
+        let cfg = meshsign_client::ClientConfig::load(&dir.join("client.toml")).unwrap();
+        let tls = meshsign_client::transport::tls_config(
+            meshsign_client::transport::roots(&cfg).unwrap(),
+            None,
+        )
+        .unwrap();
+        let ch = meshsign_client::transport::connect_to(&cfg, &cfg.enroll_endpoint, tls)
+            .await
+            .unwrap();
+        // An unauthenticated Enroll whose environment carries a newline and a fake log line.
+        let forged = "x\n2099-01-01T00:00:00.000000Z  INFO meshsign::audit: forged";
+        let err = meshsign_proto::v1::enrollment_client::EnrollmentClient::new(ch)
+            .enroll(meshsign_proto::v1::EnrollRequest {
+                environment: forged.into(),
+                token: "a.b.c".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            err.message().starts_with("environment: "),
+            "{}",
+            err.message()
+        );
+        drop(site);
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.contains("forged"), "the refusal is logged");
+        for line in text.lines() {
+            assert!(!line.starts_with("2099-"), "a forged line: {line}");
+            if format == "json" {
+                serde_json::from_str::<serde_json::Value>(line)
+                    .unwrap_or_else(|e| panic!("not one JSON object per line ({e}): {line}"));
+            }
+        }
+    }
+}

@@ -243,6 +243,60 @@ fn cases() -> Vec<Case> {
             build: with_request(|r| r.environment = "qa".into()),
         },
         Case {
+            name: "crit header (RFC 7515 §4.1.11)",
+            code: Code::Unauthenticated,
+            reason: "token_malformed",
+            build: Box::new(|s, k| {
+                let t =
+                    s.es.sign_with_header(
+                        &json!({"alg": "ES256", "kid": "es-1", "crit": ["exp"], "exp": 1}),
+                        &s.claims("production"),
+                    )
+                    .unwrap();
+                s.enroll_request("production", t, k)
+            }),
+        },
+        Case {
+            name: "typ other than JWT",
+            code: Code::Unauthenticated,
+            reason: "token_malformed",
+            build: Box::new(|s, k| {
+                let t =
+                    s.es.sign_with_header(
+                        &json!({"alg": "ES256", "kid": "es-1", "typ": "secevent+jwt"}),
+                        &s.claims("production"),
+                    )
+                    .unwrap();
+                s.enroll_request("production", t, k)
+            }),
+        },
+        Case {
+            name: "iat = -2^63 (wrapping age)",
+            code: Code::Unauthenticated,
+            reason: "iat",
+            build: with_claims(|c, _| c["iat"] = json!(-9.2e18)),
+        },
+        Case {
+            name: "exp = 1e300 (saturating)",
+            code: Code::Unauthenticated,
+            reason: "exp",
+            build: with_claims(|c, _| c["exp"] = json!(1e300)),
+        },
+        Case {
+            name: "lifetime beyond the policy's ceiling",
+            code: Code::Unauthenticated,
+            reason: "token_lifetime",
+            build: with_claims(|c, now| c["exp"] = json!(now + 2 * 86_400)),
+        },
+        Case {
+            name: "aud names two environments (ambiguous)",
+            code: Code::Unauthenticated,
+            reason: "aud",
+            build: with_claims(|c, _| {
+                c["aud"] = json!(["meshsign:production:sg", "meshsign:staging:sg"])
+            }),
+        },
+        Case {
             name: "not a JWS",
             code: Code::Unauthenticated,
             reason: "token_malformed",

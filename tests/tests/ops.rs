@@ -861,3 +861,48 @@ async fn an_admin_call_whose_certificate_names_no_operator_is_refused_and_audite
         "spiffe://meshsign.test/ops/admin/dev"
     );
 }
+
+#[tokio::test]
+async fn jwks_with_private_members_is_refused_however_it_is_spelled() {
+    let site = TestSite::start().await;
+    let mut admin = site.admin().await;
+    let mut jwk = site.es.jwk();
+    // `"\u0064"` is "d" in JSON: a text search for `"d"` would let it through.
+    let scalar = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8";
+    let mut text = serde_json::json!({ "keys": [jwk.clone()] }).to_string();
+    text = text.replacen("\"kty\"", &format!("\"\\u0064\":\"{scalar}\",\"kty\""), 1);
+    let err = admin
+        .set_jwks(v1::SetJwksRequest {
+            environment: "production".into(),
+            issuer: ES_ISSUER.into(),
+            jwks_json: text.into_bytes(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(
+        err.message().contains("private member `d`"),
+        "{}",
+        err.message()
+    );
+    jwk["qi"] = serde_json::json!(scalar);
+    let err = admin
+        .set_jwks(v1::SetJwksRequest {
+            environment: "production".into(),
+            issuer: ES_ISSUER.into(),
+            jwks_json: serde_json::json!({ "keys": [jwk] })
+                .to_string()
+                .into_bytes(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("private member `qi`"),
+        "{}",
+        err.message()
+    );
+    assert!(
+        !site.audit().iter().any(|r| r.detail.contains(scalar)),
+        "the private scalar is recorded nowhere"
+    );
+}

@@ -37,8 +37,13 @@ pub fn start_dev(dir: &Path) -> DevSite {
 
 /// [`start_dev`] with JSON logs written to `log` (stderr otherwise discarded).
 pub fn start_dev_logging(dir: &Path, log: Option<&Path>) -> DevSite {
+    start_dev_with_format(dir, log, "json")
+}
+
+/// [`start_dev_logging`] with the log format named (`text` or `json`).
+pub fn start_dev_with_format(dir: &Path, log: Option<&Path>, format: &str) -> DevSite {
     let mut child = Command::new(meshsignd())
-        .args(["--log-format", "json", "dev", "--data-dir"])
+        .args(["--log-format", format, "dev", "--data-dir"])
         .arg(dir)
         .args([
             "--enroll-port",

@@ -40,14 +40,14 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 fn log_chain(e: &dyn Refusal, what: &str) {
-    tracing::warn!(reason = e.reason(), error = %chain(e), "{what}");
+    tracing::warn!(reason = e.reason(), error = %crate::model::log_safe(&chain(e)), "{what}");
 }
 
 fn internal(e: &dyn Refusal) -> Status {
     let id = meshsign_proto::files::random_id()
         .map(|id| id[..16].to_string())
         .unwrap_or_else(|_| "unavailable".into());
-    tracing::error!(error_id = %id, reason = e.reason(), error = %chain(e), "internal error");
+    tracing::error!(error_id = %id, reason = e.reason(), error = %crate::model::log_safe(&chain(e)), "internal error");
     Status::internal(format!(
         "{INTERNAL}: error id {id} (the site log has the cause)"
     ))

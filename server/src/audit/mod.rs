@@ -38,7 +38,7 @@ pub mod journal;
 
 use crate::clock::SharedClock;
 use crate::custody::{CustodyError, Kek, SigningBackend};
-use crate::model::{KeyAlgorithm, Refusal, RefusalKind, bounded};
+use crate::model::{KeyAlgorithm, Refusal, RefusalKind, bounded, log_safe};
 use crate::store::{Store, StoreError, Tree};
 use journal::Journal;
 
@@ -97,7 +97,7 @@ pub fn deny(rec: &mut AuditRecord, e: &dyn Refusal, what: &'static str) {
         rec.detail = "internal error (the site log has it)".into();
     } else {
         rec.detail = bounded(&e.to_string(), 300);
-        tracing::info!(rpc = %rec.rpc, reason = e.reason(), detail = %rec.detail, "{what}");
+        tracing::info!(rpc = %rec.rpc, reason = e.reason(), detail = %log_safe(&rec.detail), "{what}");
     }
 }
 
@@ -753,16 +753,19 @@ impl Writer {
             .kv()
             .put(Tree::Audit, &rec.seq.to_be_bytes(), &bytes)?;
         self.pending.push(bytes);
-        // The same fields as a log event (never tokens or payloads: jti and digests only).
+        // The same fields as a log event (never tokens or payloads: jti and digests only);
+        // strings that came from the network are escaped, so none can forge a log line.
+        let f = |s: &str| crate::model::log_safe(s).into_owned();
         tracing::info!(
             target: "meshsign::audit",
-            seq = rec.seq, rpc = %rec.rpc, decision = %rec.decision, reason = %rec.reason,
-            environment = %rec.environment, job_id = %rec.job_id, jti = %rec.jti,
-            token_issuer = %rec.token_issuer, subject = %rec.subject,
-            runner_fingerprint = %rec.runner_fingerprint, cert_serial = %rec.cert_serial,
-            ttl_remaining_sec = rec.ttl_remaining_sec, key_id = %rec.key_id, digest = %rec.digest,
-            items = rec.items, repository = %rec.repository, git_ref = %rec.git_ref, peer = %rec.peer,
-            operator = %rec.operator, detail = %rec.detail, hash = %rec.hash,
+            seq = rec.seq, rpc = %f(&rec.rpc), decision = %rec.decision, reason = %rec.reason,
+            environment = %f(&rec.environment), job_id = %f(&rec.job_id), jti = %f(&rec.jti),
+            token_issuer = %f(&rec.token_issuer), subject = %f(&rec.subject),
+            runner_fingerprint = %f(&rec.runner_fingerprint), cert_serial = %rec.cert_serial,
+            ttl_remaining_sec = rec.ttl_remaining_sec, key_id = %f(&rec.key_id), digest = %rec.digest,
+            items = rec.items, repository = %f(&rec.repository), git_ref = %f(&rec.git_ref),
+            provider = %rec.provider, peer = %rec.peer, operator = %f(&rec.operator),
+            detail = %f(&rec.detail), hash = %rec.hash,
         );
         self.seq = rec.seq;
         self.hash = rec.hash.clone();

@@ -199,6 +199,13 @@ struct RawPolicy {
     provider: Provider,
     #[serde(default)]
     claim_mappings: BTreeMap<String, String>,
+    #[serde(default = "default_token_lifetime")]
+    max_token_lifetime_seconds: u64,
+}
+
+/// CI job tokens live minutes (GitHub ~5–10, GitLab 5 by default); a day is the default ceiling.
+fn default_token_lifetime() -> u64 {
+    86_400
 }
 
 fn yes() -> bool {
@@ -339,6 +346,8 @@ pub struct TrustPolicy {
     pub provider: Provider,
     /// For `generic`: mapped field → claim name.
     pub claim_mappings: BTreeMap<String, String>,
+    /// The longest lifetime (`exp − iat`) a token may claim.
+    pub max_token_lifetime_seconds: u64,
 }
 
 impl SiteConfig {
@@ -580,6 +589,7 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
                 bound_claims: pol.bound_claims,
                 provider: pol.provider,
                 claim_mappings: pol.claim_mappings,
+                max_token_lifetime_seconds: pol.max_token_lifetime_seconds,
             });
         }
         environments.push(Environment {

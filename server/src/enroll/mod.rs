@@ -132,6 +132,17 @@ pub enum EnrollError {
         /// Now.
         now: i64,
     },
+    /// Step 4: the token claims to live longer than its trust policy allows (`exp − iat`).
+    #[error("token lives {lifetime}s (exp − iat); this trust policy allows {max}s")]
+    Lifetime {
+        /// `exp − iat`.
+        lifetime: i64,
+        /// The ceiling.
+        max: u64,
+    },
+    /// Step 3: `aud` names more than one environment of this site.
+    #[error("token audiences name {0} environments of this site; a token must select one")]
+    AmbiguousAudience(usize),
     /// Step 4: `iat` missing, in the future, or older than the environment allows.
     #[error("{0}")]
     IssuedAt(String),
@@ -197,7 +208,8 @@ impl Refusal for EnrollError {
             EnrollError::Signature(_) => "signature",
             EnrollError::Issuer(_) => "iss",
             EnrollError::PolicyDisabled(_) => "trust_policy_disabled",
-            EnrollError::Audience(_) => "aud",
+            EnrollError::Audience(_) | EnrollError::AmbiguousAudience(_) => "aud",
+            EnrollError::Lifetime { .. } => "token_lifetime",
             EnrollError::Expired { .. } => "exp",
             EnrollError::NotYetValid { .. } => "nbf",
             EnrollError::IssuedAt(_) => "iat",
@@ -227,9 +239,11 @@ impl Refusal for EnrollError {
             | Signature(_)
             | Issuer(_)
             | Audience(_)
+            | AmbiguousAudience(_)
             | Expired { .. }
             | NotYetValid { .. }
             | IssuedAt(_)
+            | Lifetime { .. }
             | MissingJti
             | Replay(_) => RefusalKind::Unauthenticated,
             Region { .. } => RefusalKind::FailedPrecondition,
@@ -288,6 +302,7 @@ fn checks_and_issue(
     exp(&jwt, now)?;
     nbf(&jwt, now)?;
     iat(environment, &jwt, now)?;
+    token_lifetime(policy, &jwt)?;
     let jti = jti(&jwt)?;
     jti_replay(site, &jwt, jti)?;
     bound_claim(policy, &job, &jwt)?;
@@ -357,6 +372,14 @@ fn environment_of_token(
     jwt: &UnverifiedJwt,
 ) -> Result<(), EnrollError> {
     let auds = jwt.audiences();
+    let selected = config
+        .environments
+        .iter()
+        .filter(|p| auds.contains(&p.audience.as_str()))
+        .count();
+    if selected > 1 {
+        return Err(EnrollError::AmbiguousAudience(selected));
+    }
     if auds.contains(&environment.audience.as_str()) {
         return Ok(());
     }
@@ -447,7 +470,7 @@ fn exp(jwt: &UnverifiedJwt, now: i64) -> Result<i64, EnrollError> {
     let exp = jwt
         .time_claim("exp")
         .ok_or(EnrollError::Expired { exp: 0, now })?;
-    if now > exp + LEEWAY_SECONDS {
+    if now > exp.saturating_add(LEEWAY_SECONDS) {
         return Err(EnrollError::Expired { exp, now });
     }
     Ok(exp)
@@ -456,7 +479,9 @@ fn exp(jwt: &UnverifiedJwt, now: i64) -> Result<i64, EnrollError> {
 /// `nbf` (step 4): if present, not in the future (with leeway).
 fn nbf(jwt: &UnverifiedJwt, now: i64) -> Result<(), EnrollError> {
     match jwt.time_claim("nbf") {
-        Some(nbf) if nbf > now + LEEWAY_SECONDS => Err(EnrollError::NotYetValid { nbf, now }),
+        Some(nbf) if nbf > now.saturating_add(LEEWAY_SECONDS) => {
+            Err(EnrollError::NotYetValid { nbf, now })
+        }
         _ => Ok(()),
     }
 }
@@ -465,8 +490,8 @@ fn nbf(jwt: &UnverifiedJwt, now: i64) -> Result<(), EnrollError> {
 fn iat(environment: &Environment, jwt: &UnverifiedJwt, now: i64) -> Result<(), EnrollError> {
     let iat = jwt
         .time_claim("iat")
-        .ok_or_else(|| EnrollError::IssuedAt("missing".into()))?;
-    if iat > now + LEEWAY_SECONDS {
+        .ok_or_else(|| EnrollError::IssuedAt("missing, or not a date in 1970..=9999".into()))?;
+    if iat > now.saturating_add(LEEWAY_SECONDS) {
         return Err(EnrollError::IssuedAt(format!(
             "issued in the future ({iat}, now {now})"
         )));
@@ -478,6 +503,21 @@ fn iat(environment: &Environment, jwt: &UnverifiedJwt, now: i64) -> Result<(), E
             now - iat,
             environment.max_token_age_seconds
         )));
+    }
+    Ok(())
+}
+
+/// `token_lifetime` (step 4): `exp − iat` within the trust policy's ceiling.
+fn token_lifetime(policy: &TrustPolicy, jwt: &UnverifiedJwt) -> Result<(), EnrollError> {
+    let (Some(exp), Some(iat)) = (jwt.time_claim("exp"), jwt.time_claim("iat")) else {
+        return Ok(()); // `exp` and `iat` refused their absence already
+    };
+    let lifetime = exp.saturating_sub(iat);
+    if lifetime > i64::try_from(policy.max_token_lifetime_seconds).unwrap_or(i64::MAX) {
+        return Err(EnrollError::Lifetime {
+            lifetime,
+            max: policy.max_token_lifetime_seconds,
+        });
     }
     Ok(())
 }
@@ -569,7 +609,7 @@ fn issue(
     let now = site.clock.unix();
     let iss = jwt.str_claim("iss").unwrap_or_default();
     let exp = jwt.time_claim("exp").unwrap_or(now);
-    if !site.claim_jti(iss, jti, exp + LEEWAY_SECONDS)? {
+    if !site.claim_jti(iss, jti, exp.saturating_add(LEEWAY_SECONDS))? {
         return Err(EnrollError::Replay(jti.to_string()));
     }
     let ttl = match input.requested_ttl_seconds {

@@ -104,6 +104,14 @@ struct RawJwk {
     y: Option<String>,
     n: Option<String>,
     e: Option<String>,
+    // Private members: present in a JWKS means someone is about to pin a private key.
+    d: Option<Value>,
+    p: Option<Value>,
+    q: Option<Value>,
+    dp: Option<Value>,
+    dq: Option<Value>,
+    qi: Option<Value>,
+    k: Option<Value>,
     #[serde(rename = "use")]
     use_: Option<String>,
 }
@@ -122,6 +130,20 @@ impl Jwks {
         let raw: RawJwks = serde_json::from_slice(json).map_err(|e| format!("not a JWKS: {e}"))?;
         let mut keys = Vec::new();
         for (i, k) in raw.keys.iter().enumerate() {
+            let private = [
+                ("d", &k.d),
+                ("p", &k.p),
+                ("q", &k.q),
+                ("dp", &k.dp),
+                ("dq", &k.dq),
+                ("qi", &k.qi),
+                ("k", &k.k),
+            ];
+            if let Some((name, _)) = private.iter().find(|(_, v)| v.is_some()) {
+                return Err(format!(
+                    "keys[{i}]: has the private member `{name}`; pin public keys only"
+                ));
+            }
             if k.use_.as_deref().is_some_and(|u| u != "sig") {
                 continue;
             }
@@ -201,6 +223,16 @@ impl UnverifiedJwt {
             .and_then(|b| serde_json::from_slice(&b).ok())
             .ok_or("claims are not base64url JSON")?;
         let signature = dec(s).map_err(|_| "signature is not base64url")?;
+        // RFC 7515 §4.1.11: a `crit` header names extensions the recipient must understand;
+        // this site implements none, so it must refuse any.
+        if header.contains_key("crit") {
+            return Err("header `crit` names extensions this site does not implement".into());
+        }
+        if let Some(typ) = header.get("typ")
+            && !typ.as_str().is_some_and(|t| t.eq_ignore_ascii_case("JWT"))
+        {
+            return Err("header `typ` is not JWT".into());
+        }
         Ok(Self {
             alg: header
                 .get("alg")
@@ -227,11 +259,23 @@ impl UnverifiedJwt {
         self.claims.get(name).and_then(Value::as_str)
     }
 
-    /// A numeric date claim (seconds since the epoch).
+    /// A numeric date claim (seconds since the epoch), only within 1970..=9999: a date outside
+    /// it (negative, 1e300, 2^63) counts as absent, so no check ever computes with it.
     pub fn time_claim(&self, name: &str) -> Option<i64> {
-        self.claims
-            .get(name)
-            .and_then(|v| v.as_i64().or_else(|| v.as_f64().map(|f| f as i64)))
+        /// 9999-12-31T23:59:59Z.
+        const MAX_DATE: i64 = 253_402_300_799;
+        let v = self.claims.get(name)?;
+        let t = match v.as_i64() {
+            Some(i) => i,
+            None => {
+                let f = v.as_f64()?;
+                if !f.is_finite() || f < 0.0 || f > MAX_DATE as f64 {
+                    return None;
+                }
+                f as i64
+            }
+        };
+        (0..=MAX_DATE).contains(&t).then_some(t)
     }
 
     /// `aud` as a list (a single string or an array of strings).

@@ -51,6 +51,15 @@ pub fn bounded(s: &str, max: usize) -> String {
     s.chars().take(max).collect()
 }
 
+/// A string from the network made safe for a text log line: control characters (newlines
+/// included) are escaped, so no input can start a line of its own or forge one.
+pub fn log_safe(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    std::borrow::Cow::Owned(s.chars().flat_map(char::escape_default).collect())
+}
+
 // === names ===
 
 /// What [`is_name`] accepts, for messages.
