@@ -304,6 +304,52 @@ async fn apple_cms_signed_attributes_are_checked_signed_and_audited() {
             "signing_time",
         ),
         ("not DER", b"garbage".to_vec(), "apple_cms"),
+        (
+            // RFC 5652: an attribute type at most once. A second messageDigest could name
+            // another CodeDirectory than the one audited.
+            "duplicate messageDigest",
+            {
+                let good = signed_attrs(ID_DATA, site.now(), &code_directory);
+                let (_, inner) = good.split_at(if good[1] & 0x80 != 0 {
+                    2 + (good[1] & 0x7f) as usize
+                } else {
+                    2
+                });
+                let other = sha256(b"another code directory");
+                der(
+                    0x31,
+                    &[inner, &attr(MESSAGE_DIGEST, der(0x04, &other))].concat(),
+                )
+            },
+            "apple_cms",
+        ),
+        (
+            "messageDigest with two values",
+            {
+                let good = signed_attrs(ID_DATA, site.now(), &code_directory);
+                let (_, inner) = good.split_at(if good[1] & 0x80 != 0 {
+                    2 + (good[1] & 0x7f) as usize
+                } else {
+                    2
+                });
+                // Rebuild: the message-digest attribute with a second value.
+                let md = sha256(&code_directory);
+                let two = attr(
+                    MESSAGE_DIGEST,
+                    [der(0x04, &md), der(0x04, &sha256(b"x"))].concat(),
+                );
+                let one = attr(MESSAGE_DIGEST, der(0x04, &md));
+                let pos = inner
+                    .windows(one.len())
+                    .position(|w| w == one.as_slice())
+                    .unwrap();
+                let mut rebuilt = inner[..pos].to_vec();
+                rebuilt.extend_from_slice(&two);
+                rebuilt.extend_from_slice(&inner[pos + one.len()..]);
+                der(0x31, &rebuilt)
+            },
+            "apple_cms",
+        ),
         ("over 4 KiB", der(0x31, &vec![0u8; 5000]), "apple_cms"),
     ];
     for (name, attrs, check) in cases {

@@ -226,3 +226,28 @@ fn claim_mappings_belong_to_generic_policies_and_name_repository_and_ref() {
     .unwrap_err();
     assert!(err.contains("provider"), "{err}");
 }
+
+#[tokio::test]
+async fn access_patterns_match_within_a_path_segment() {
+    let site = TestSite::start().await;
+    // `release` admits refs/heads/main and refs/tags/*: a ref that climbs out of refs/tags/
+    // through extra segments is not a tag.
+    let (_k, _r, mut s) = site
+        .enrolled_with("production", |c| {
+            c["ref"] = "refs/tags/v1/../../heads/evil".into();
+        })
+        .await;
+    let err = s.sign(sign_req("release", 1)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message().starts_with("key_access: "),
+        "{}",
+        err.message()
+    );
+    let (_k, _r, mut s) = site
+        .enrolled_with("production", |c| c["ref"] = "refs/tags/v1.2".into())
+        .await;
+    s.sign(sign_req("release", 2))
+        .await
+        .expect("a tag in one segment signs");
+}

@@ -240,24 +240,67 @@ impl AccessRule {
     }
 }
 
-/// Glob match where `*` matches any (possibly empty) run of characters; all else is literal.
+/// Segment-aware glob match for access rules and bound claims: `*` matches any run of
+/// characters within one path segment (no `/`), `**` any run across segments; all else is
+/// literal. A pattern that is only `*` (or `**`) matches everything, as it always has, so
+/// `repositories = ["*"]` still means any repository. So `acme/app*` no longer admits
+/// `acme/app-evil/x`, and `refs/tags/v*` no longer admits `refs/tags/v1/../../heads/evil`.
 pub fn glob_match(pattern: &str, text: &str) -> bool {
-    let parts: Vec<&str> = pattern.split('*').collect();
-    if parts.len() == 1 {
-        return pattern == text;
+    if pattern == "*" || pattern == "**" {
+        return true;
     }
-    let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if !text.starts_with(first) || text.len() < first.len() + last.len() || !text.ends_with(last) {
-        return false;
+    #[derive(Clone, Copy)]
+    enum Tok {
+        Byte(u8),
+        Star,
+        DoubleStar,
     }
-    let mut rest = &text[first.len()..text.len() - last.len()];
-    for mid in &parts[1..parts.len() - 1] {
-        match rest.find(mid) {
-            Some(i) => rest = &rest[i + mid.len()..],
-            None => return false,
+    let p = pattern.as_bytes();
+    let mut toks = Vec::with_capacity(p.len());
+    let mut i = 0;
+    while i < p.len() {
+        if p[i] == b'*' {
+            if p.get(i + 1) == Some(&b'*') {
+                toks.push(Tok::DoubleStar);
+                i += 2;
+            } else {
+                toks.push(Tok::Star);
+                i += 1;
+            }
+        } else {
+            toks.push(Tok::Byte(p[i]));
+            i += 1;
         }
     }
-    true
+    let t = text.as_bytes();
+    // reach[j]: the tokens so far can match t[..j]. One pass per token: O(tokens × text).
+    let mut reach = vec![false; t.len() + 1];
+    reach[0] = true;
+    for tok in toks {
+        let mut next = vec![false; t.len() + 1];
+        match tok {
+            Tok::Byte(b) => {
+                for j in 0..t.len() {
+                    if reach[j] && t[j] == b {
+                        next[j + 1] = true;
+                    }
+                }
+            }
+            Tok::Star | Tok::DoubleStar => {
+                let crosses = matches!(tok, Tok::DoubleStar);
+                let mut on = false;
+                for j in 0..=t.len() {
+                    on |= reach[j];
+                    next[j] = on;
+                    if j < t.len() && t[j] == b'/' && !crosses {
+                        on = false;
+                    }
+                }
+            }
+        }
+        reach = next;
+    }
+    reach[t.len()]
 }
 
 // === CI providers ===
@@ -471,5 +514,14 @@ mod tests {
         assert!(!glob_match("acme/*", "acme2/app"));
         assert!(!glob_match("refs/heads/main", "refs/heads/main2"));
         assert!(!glob_match("ab*ba", "aba"));
+        // Segments: `*` stays within one, `**` crosses them; a lone `*` is anything.
+        assert!(glob_match("*", "acme/app"));
+        assert!(!glob_match("acme/app*", "acme/app-evil/x"));
+        assert!(glob_match("acme/app*", "acme/app-evil"));
+        assert!(!glob_match("refs/tags/v*", "refs/tags/v1/../../heads/evil"));
+        assert!(glob_match("refs/heads/**", "refs/heads/feature/x"));
+        assert!(!glob_match("refs/heads/*", "refs/heads/feature/x"));
+        assert!(glob_match("acme/**/app", "acme/a/b/app"));
+        assert!(glob_match("**", "x/y/z"));
     }
 }

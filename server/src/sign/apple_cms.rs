@@ -61,6 +61,7 @@ pub fn check(der: &[u8], now_unix: i64) -> Result<AppleCmsFacts, AppleCmsError> 
     }
     let (mut content_type, mut message_digest, mut signing_time, mut cdhashes) =
         (None, None, None, Vec::new());
+    let mut seen: Vec<&[u8]> = Vec::new();
     for (t, attr) in tlvs(content).ok_or_else(malformed)? {
         if t != 0x30 {
             return Err(malformed());
@@ -70,6 +71,23 @@ pub fn check(der: &[u8], now_unix: i64) -> Result<AppleCmsFacts, AppleCmsError> 
             return Err(malformed());
         };
         let values = tlvs(values).ok_or_else(malformed)?;
+        // RFC 5652 §5.3: each attribute type at most once; content-type, message-digest and
+        // signing-time carry exactly one value. Otherwise the hash audited here may not be the
+        // one Apple's verifier reads.
+        if seen.contains(oid) {
+            return Err(err("apple_cms", "an attribute type appears twice"));
+        }
+        seen.push(oid);
+        if matches!(
+            *oid,
+            OID_CONTENT_TYPE | OID_MESSAGE_DIGEST | OID_SIGNING_TIME
+        ) && values.len() != 1
+        {
+            return Err(err(
+                "apple_cms",
+                "content-type, message-digest and signing-time take exactly one value",
+            ));
+        }
         match *oid {
             OID_CONTENT_TYPE => content_type = values.first().copied(),
             OID_MESSAGE_DIGEST => message_digest = values.first().copied(),
