@@ -439,3 +439,38 @@ async fn replay_store_is_pruned_after_expiry() {
     assert_eq!(site.state().prune_jti().unwrap(), 1);
     assert_eq!(jti(&site), 0);
 }
+
+#[tokio::test]
+async fn an_oversized_request_is_refused_before_it_is_read_or_recorded() {
+    let site = TestSite::start().await;
+    let mut client = site.enrollment().await;
+    let key = RunnerKey::generate().unwrap();
+    let before = site.audit().len();
+    // 700 kB of an environment name (the red team's 0.7 MB U+0001 case).
+    let mut req = site.enroll_request("production", site.token("production"), &key);
+    req.environment = "\u{1}".repeat(700_000);
+    let err = client.enroll(req).await.unwrap_err();
+    assert!(
+        matches!(err.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{:?}: {}",
+        err.code(),
+        err.message()
+    );
+    assert_eq!(site.audit().len(), before, "nothing recorded for it");
+    // A bounded but hostile environment is refused by name, and what is recorded is bounded.
+    let mut req = site.enroll_request("production", site.token("production"), &key);
+    req.environment = "\u{1}".repeat(20_000);
+    let err = client.enroll(req).await.unwrap_err();
+    assert!(
+        err.message().starts_with("environment: "),
+        "{}",
+        err.message()
+    );
+    assert!(err.message().len() < 400, "the message is bounded");
+    let rec = site.last_audit();
+    assert!(rec.environment.chars().count() <= 64);
+    assert!(
+        serde_json::to_vec(&rec).unwrap().len() < 4096,
+        "the entry is bounded"
+    );
+}

@@ -114,23 +114,53 @@ fn with_reflection(
         .add_service(b().build_v1alpha()?))
 }
 
-/// Builds the routers for a site.
+/// Largest request on the enroll port: a token (at most 16 KiB) and a CSR, with room.
+pub const MAX_ENROLL_REQUEST: usize = 64 * 1024;
+/// Largest request on the sign port: a SignBatch of 1,000 digests, or CMS attributes, with room.
+pub const MAX_SIGN_REQUEST: usize = 256 * 1024;
+/// Largest request on the admin port: a key import with its certificate chain, or a JWKS.
+pub const MAX_ADMIN_REQUEST: usize = 1024 * 1024;
+/// Streams one connection may have open at once (HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+/// The longest one request may run before it is cancelled (exports with `--follow` excepted
+/// by tonic: the limit covers the unary handlers).
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Builds the routers for a site. Each port takes requests no larger than its RPCs need, at
+/// most [`MAX_STREAMS_PER_CONNECTION`] streams per connection, and cancels a request after
+/// [`REQUEST_TIMEOUT`].
 pub fn routers(state: Arc<SiteState>) -> Result<Routers, tonic_reflection::server::Error> {
     let server = || {
         Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
     };
     let enroll = server()
-        .add_service(EnrollmentServer::new(EnrollmentApi(state.clone())))
-        .add_service(VerificationServer::new(VerificationApi(state.clone())));
+        .timeout(REQUEST_TIMEOUT)
+        .add_service(
+            EnrollmentServer::new(EnrollmentApi(state.clone()))
+                .max_decoding_message_size(MAX_ENROLL_REQUEST),
+        )
+        .add_service(
+            VerificationServer::new(VerificationApi(state.clone()))
+                .max_decoding_message_size(MAX_ENROLL_REQUEST),
+        );
     let enroll = with_reflection(
         enroll,
         &["meshsign.v1.Enrollment", "meshsign.v1.Verification"],
     )?;
-    let sign = server().add_service(SignerServer::new(SignerApi::new(state.clone())));
+    let sign = server().timeout(REQUEST_TIMEOUT).add_service(
+        SignerServer::new(SignerApi::new(state.clone()))
+            .max_decoding_message_size(MAX_SIGN_REQUEST),
+    );
     let sign = with_reflection(sign, &["meshsign.v1.Signer"])?;
-    let admin = server().add_service(v1::admin_server::AdminServer::new(AdminApi(state)));
+    // No request timeout on the admin port: `audit export --follow` streams for as long as
+    // the operator watches.
+    let admin = server().add_service(
+        v1::admin_server::AdminServer::new(AdminApi(state))
+            .max_decoding_message_size(MAX_ADMIN_REQUEST),
+    );
     let admin = with_reflection(admin, &["meshsign.v1.Admin"])?;
     Ok(Routers {
         enroll,
