@@ -215,26 +215,24 @@ pub async fn start(state: Arc<SiteState>) -> Result<SiteHandle, StartError> {
 
 #[cfg(all(test, feature = "dev"))]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
     use super::*;
 
     /// A listener task that ends is reported, not waited on forever.
     #[tokio::test]
-    async fn a_listener_that_ends_is_reported() {
-        let dir = tempfile::tempdir().unwrap();
-        let toml = crate::dev::prepare(dir.path()).unwrap();
-        let mut cfg = SiteConfig::load(&toml).unwrap();
+    async fn a_listener_that_ends_is_reported() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let toml = crate::dev::prepare(dir.path())?;
+        let mut cfg = SiteConfig::load(&toml)?;
         let lo = std::net::Ipv4Addr::LOCALHOST;
         cfg.listen.enroll = (lo, 0).into();
         cfg.listen.sign = (lo, 0).into();
         cfg.listen.admin = (lo, 0).into();
-        let state = SiteState::open(cfg, Arc::new(crate::clock::SystemClock)).unwrap();
-        let mut handle = start(Arc::new(state)).await.unwrap();
+        let state = SiteState::open(cfg, Arc::new(crate::clock::SystemClock))?;
+        let mut handle = start(Arc::new(state)).await?;
         handle.listeners.abort_all();
-        let died = tokio::time::timeout(Duration::from_secs(10), handle.died())
-            .await
-            .expect("died() returns once a listener is gone");
+        let died = tokio::time::timeout(Duration::from_secs(10), handle.died()).await?;
         assert!(died.to_string().contains("listener stopped"), "{died}");
         handle.shutdown().await;
+        Ok(())
     }
 }
