@@ -218,3 +218,64 @@ async fn attacker_strings_cannot_forge_a_log_line() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_connection_that_sends_nothing_after_the_handshake_is_closed() {
+    use tokio::io::AsyncReadExt as _;
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let _site = common::start_dev(&dir);
+    let cfg = meshsign_client::ClientConfig::load(&dir.join("client.toml")).unwrap();
+    let addr = endpoint(&dir, "enroll_endpoint");
+    let roots = meshsign_client::transport::roots(&cfg).unwrap();
+    let tls = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    // Ten connections complete TLS and then say nothing (no HTTP/2 preface).
+    let mut idle = Vec::new();
+    for _ in 0..10 {
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let s = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls.clone()))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        idle.push(s);
+    }
+    let start = std::time::Instant::now();
+    // The site keeps serving meanwhile.
+    let out = Command::new(common::meshsign())
+        .arg("--config")
+        .arg(dir.join("client.toml"))
+        .args([
+            "verification-material",
+            "--environment",
+            "staging",
+            "--key",
+            "release",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    // Each idle connection is closed by the site within its first-request deadline.
+    for mut s in idle {
+        // The server's own HTTP/2 settings may arrive first; then the close.
+        let closed = tokio::time::timeout(Duration::from_secs(20), async {
+            let mut b = [0u8; 1024];
+            loop {
+                match s.read(&mut b).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "the site closed the idle connection");
+    }
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_secs(8) && took < Duration::from_secs(20),
+        "{took:?}"
+    );
+}

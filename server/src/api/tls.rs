@@ -258,12 +258,25 @@ const WRITE_BUFFER: usize = 32 * 1024;
 /// several writes (frame headers, the message, trailers): unbuffered, one gRPC response costs
 /// two or three TLS records and as many `writev` calls. Gathered here, it is one record and one
 /// system call per flush (measured with `meshsign-bench`; see BENCHMARKS.md).
-pub struct BufferedTls(BufWriter<TlsStream<TcpStream>>);
+///
+/// It also closes a connection that completed the handshake but sends nothing within
+/// [`FIRST_REQUEST_TIMEOUT`]: an idle TLS connection must not hold a file descriptor forever.
+pub struct BufferedTls {
+    inner: BufWriter<TlsStream<TcpStream>>,
+    /// Until the first bytes arrive: when the connection gives up on them.
+    first_read: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// How long a connection may stay silent after its TLS handshake before it is closed.
+pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl BufferedTls {
     /// Wraps an accepted stream.
     pub fn new(stream: TlsStream<TcpStream>) -> Self {
-        Self(BufWriter::with_capacity(WRITE_BUFFER, stream))
+        Self {
+            inner: BufWriter::with_capacity(WRITE_BUFFER, stream),
+            first_read: Some(Box::pin(tokio::time::sleep(FIRST_REQUEST_TIMEOUT))),
+        }
     }
 }
 
@@ -273,7 +286,7 @@ impl Connected for BufferedTls {
     type ConnectInfo = <TlsStream<TcpStream> as Connected>::ConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.0.get_ref().connect_info()
+        self.inner.get_ref().connect_info()
     }
 }
 
@@ -283,7 +296,29 @@ impl AsyncRead for BufferedTls {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    this.first_read = None;
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                let expired = this
+                    .first_read
+                    .as_mut()
+                    .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
+                if expired {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no request after the TLS handshake",
+                    )));
+                }
+                Poll::Pending
+            }
+        }
     }
 }
 
@@ -293,7 +328,7 @@ impl AsyncWrite for BufferedTls {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -301,19 +336,19 @@ impl AsyncWrite for BufferedTls {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
