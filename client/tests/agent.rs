@@ -51,13 +51,11 @@ fn exec_enrolls_once_for_every_step_and_revokes_at_the_end() {
     );
     std::fs::write(tmp.path().join("job.sh"), script).unwrap();
     let before = audit_rpcs(tmp.path(), &cfg);
-    let out = Command::new(&me)
-        .arg("--config")
-        .arg(&cfg)
-        .args(["exec", "--environment", "staging", "--", "sh", "job.sh"])
-        .current_dir(tmp.path())
-        .output()
-        .unwrap();
+    let out = common::meshsign_in(
+        tmp.path(),
+        &cfg,
+        &["exec", "--environment", "staging", "--", "sh", "job.sh"],
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -114,10 +112,10 @@ fn exec_enrolls_once_for_every_step_and_revokes_at_the_end() {
 
     // The command's status is passed on, and the certificate is still revoked.
     let before = audit_rpcs(tmp.path(), &cfg);
-    let out = Command::new(&me)
-        .arg("--config")
-        .arg(&cfg)
-        .args([
+    let out = common::meshsign_in(
+        tmp.path(),
+        &cfg,
+        &[
             "exec",
             "--environment",
             "staging",
@@ -125,10 +123,8 @@ fn exec_enrolls_once_for_every_step_and_revokes_at_the_end() {
             "sh",
             "-c",
             "exit 7",
-        ])
-        .current_dir(tmp.path())
-        .output()
-        .unwrap();
+        ],
+    );
     assert_eq!(out.status.code(), Some(7));
     let after = audit_rpcs(tmp.path(), &cfg);
     assert_eq!(count(&after[before.len()..], "RevokeSelf"), 1);
@@ -142,13 +138,11 @@ fn agent_start_serves_separate_steps_until_agent_stop() {
     let cfg = site_dir.join("client.toml");
     let me = meshsign();
     let before = audit_rpcs(tmp.path(), &cfg);
-    let out = Command::new(&me)
-        .arg("--config")
-        .arg(&cfg)
-        .args(["agent", "start", "--environment", "staging"])
-        .current_dir(tmp.path())
-        .output()
-        .unwrap();
+    let out = common::meshsign_in(
+        tmp.path(),
+        &cfg,
+        &["agent", "start", "--environment", "staging"],
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -256,10 +250,10 @@ fn the_agent_renews_before_the_certificate_ends() {
     );
     std::fs::write(tmp.path().join("long.sh"), script).unwrap();
     let before = audit_rpcs(tmp.path(), &cfg);
-    let out = Command::new(&me)
-        .arg("--config")
-        .arg(&cfg)
-        .args([
+    let out = common::meshsign_in(
+        tmp.path(),
+        &cfg,
+        &[
             "exec",
             "--environment",
             "staging",
@@ -268,10 +262,8 @@ fn the_agent_renews_before_the_certificate_ends() {
             "--",
             "sh",
             "long.sh",
-        ])
-        .current_dir(tmp.path())
-        .output()
-        .unwrap();
+        ],
+    );
     assert!(
         out.status.success(),
         "{}",

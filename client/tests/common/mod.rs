@@ -217,3 +217,14 @@ pub async fn sign_until_killed(
     }
     acked.lock().unwrap().clone()
 }
+
+/// Runs `meshsign --config CFG ARGS…` in `dir`.
+pub fn meshsign_in(dir: &Path, cfg: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(meshsign())
+        .arg("--config")
+        .arg(cfg)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}

@@ -8,7 +8,11 @@
 
 use tonic::{Code, Status};
 
-use crate::model::{INTERNAL, Refusal, RefusalKind};
+use crate::model::{INTERNAL, Refusal, RefusalKind, bounded};
+
+/// The longest detail a status message carries: whatever a refusal quotes from its request
+/// (an alias, an issuer URL, a claim), the message stays small.
+pub const MAX_DETAIL: usize = 512;
 
 /// The status for a refusal.
 pub fn status(e: &dyn Refusal) -> Status {
@@ -24,7 +28,10 @@ pub fn status(e: &dyn Refusal) -> Status {
         }
         RefusalKind::Internal => return internal(e),
     };
-    Status::new(code, format!("{}: {e}", e.reason()))
+    Status::new(
+        code,
+        format!("{}: {}", e.reason(), bounded(&e.to_string(), MAX_DETAIL)),
+    )
 }
 
 /// The chain of causes of an error, outermost first.
@@ -78,6 +85,24 @@ mod tests {
                 Demo::Fault(_) => RefusalKind::Internal,
             }
         }
+    }
+
+    #[test]
+    fn a_quoted_request_field_cannot_grow_the_message() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("no key `{0}`")]
+        struct Long(String);
+        impl Refusal for Long {
+            fn reason(&self) -> &'static str {
+                "not_found"
+            }
+            fn kind(&self) -> RefusalKind {
+                RefusalKind::NotFound
+            }
+        }
+        let s = status(&Long("x".repeat(100_000)));
+        assert!(s.message().starts_with("not_found: no key `xxx"));
+        assert!(s.message().chars().count() <= "not_found: ".len() + MAX_DETAIL);
     }
 
     #[test]
