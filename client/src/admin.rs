@@ -21,9 +21,12 @@ pub async fn connect(cfg: &ClientConfig) -> Result<AdminClient<Channel>, ClientE
     let key = PrivateKeyDer::from_pem_file(&a.key_file)
         .map_err(|e| ClientError::Config(format!("{}: {e}", a.key_file.display())))?;
     let tls = transport::tls_config(transport::roots(cfg)?, Some(ClientIdentity { chain, key }))?;
-    Ok(AdminClient::new(
-        transport::connect_to(cfg, &cfg.admin_endpoint, tls).await?,
-    ))
+    // Room for the largest possible audit entry in one export line (the site bounds every
+    // entry to `MAX_ENTRY_BYTES`), so no entry can stop an export.
+    Ok(
+        AdminClient::new(transport::connect_to(cfg, &cfg.admin_endpoint, tls).await?)
+            .max_decoding_message_size(4 * meshsign_proto::audit::MAX_ENTRY_BYTES.max(1 << 20)),
+    )
 }
 
 /// The Admin service, typed: each call returns its message or a [`ClientError::Rpc`] naming
@@ -166,6 +169,22 @@ impl Admin {
         )
         .await?
         .rules)
+    }
+
+    /// A job's signatures per key and certificate, with the keys' budgets.
+    pub async fn job_usage(
+        &mut self,
+        environment: &str,
+        job_id: &str,
+    ) -> Result<v1::JobUsage, ClientError> {
+        call(
+            "GetJobUsage",
+            self.0.get_job_usage(v1::JobUsageRequest {
+                environment: environment.to_string(),
+                job_id: job_id.to_string(),
+            }),
+        )
+        .await
     }
 
     /// Every trust policy of an environment.

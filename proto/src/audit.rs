@@ -162,6 +162,75 @@ impl AuditRecord {
     }
 }
 
+/// Longest text field of an entry, in bytes (a field that would be longer is recorded as an
+/// [`excerpt`]).
+pub const MAX_FIELD_BYTES: usize = 256;
+/// Longest `detail`, in bytes.
+pub const MAX_DETAIL_BYTES: usize = 1024;
+/// Largest encoded entry: 21 text fields at [`MAX_FIELD_BYTES`], the detail, the checkpoint,
+/// numbers and names, each character escaped by JSON at worst as `\u00XX` (6 bytes). A client
+/// that receives exports sets its message limit above this, so no entry can stop an export.
+pub const MAX_ENTRY_BYTES: usize = 64 * 1024;
+
+/// `s` if it is at most `max` bytes; otherwise its longest prefix that leaves room for a
+/// marker, then `…[sha256:<first 16 hex of SHA-256(s)>,<len> bytes]`. What an entry, a log line
+/// or a message keeps of an oversized or invalid value: enough to recognise it, the hash to
+/// match it against the original, never the whole of it.
+pub fn excerpt(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let digest = hex::encode(Sha256::digest(s.as_bytes()));
+    let marker = format!("…[sha256:{},{} bytes]", &digest[..16], s.len());
+    let mut cut = max.saturating_sub(marker.len());
+    while cut > 0 && !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}{marker}", &s[..cut])
+}
+
+impl AuditRecord {
+    /// Cuts every text field to its maximum ([`excerpt`]), so the entry fits in
+    /// [`MAX_ENTRY_BYTES`] whatever went into it. The writer applies it to every entry.
+    pub fn bound_fields(&mut self) {
+        let cut = |f: &mut String, max: usize| {
+            if f.len() > max {
+                *f = excerpt(f, max);
+            }
+        };
+        for f in [
+            &mut self.ts,
+            &mut self.site_region,
+            &mut self.rpc,
+            &mut self.decision,
+            &mut self.reason,
+            &mut self.environment,
+            &mut self.job_id,
+            &mut self.jti,
+            &mut self.token_issuer,
+            &mut self.subject,
+            &mut self.runner_fingerprint,
+            &mut self.cert_serial,
+            &mut self.key_id,
+            &mut self.digest,
+            &mut self.artifact,
+            &mut self.repository,
+            &mut self.git_ref,
+            &mut self.provider,
+            &mut self.peer,
+            &mut self.operator,
+        ] {
+            cut(f, MAX_FIELD_BYTES);
+        }
+        cut(&mut self.detail, MAX_DETAIL_BYTES);
+        if let Some(c) = self.checkpoint.as_mut() {
+            for f in [&mut c.head_hash, &mut c.key_id, &mut c.signature] {
+                cut(f, MAX_FIELD_BYTES);
+            }
+        }
+    }
+}
+
 /// `SHA-256(prev ‖ body_hash)`, both given as hex.
 pub fn chain(prev_hex: &str, body_hash_hex: &str) -> String {
     let mut h = Sha256::new();
@@ -410,5 +479,65 @@ mod tests {
             assert_eq!(Some(json), serde_json::to_vec(&rec).ok(), "entry {i}");
             prev = rec.hash.clone();
         }
+    }
+}
+
+#[cfg(test)]
+mod bound_tests {
+    use super::*;
+
+    #[test]
+    fn an_excerpt_keeps_a_prefix_and_the_hash() {
+        let long = "é".repeat(1000);
+        let e = excerpt(&long, 100);
+        assert!(e.len() <= 100, "{}", e.len());
+        assert!(e.starts_with("éé"));
+        let h = hex::encode(Sha256::digest(long.as_bytes()));
+        assert!(e.contains(&format!("sha256:{}", &h[..16])), "{e}");
+        assert!(e.ends_with(",2000 bytes]"), "{e}");
+        assert_eq!(excerpt("short", 100), "short");
+    }
+
+    #[test]
+    fn no_entry_exceeds_the_maximum_whatever_its_fields_hold() {
+        let worst = "\u{1}".repeat(1 << 20);
+        let mut r = AuditRecord {
+            ts: worst.clone(),
+            site_region: worst.clone(),
+            rpc: worst.clone(),
+            decision: worst.clone(),
+            reason: worst.clone(),
+            environment: worst.clone(),
+            job_id: worst.clone(),
+            jti: worst.clone(),
+            token_issuer: worst.clone(),
+            subject: worst.clone(),
+            runner_fingerprint: worst.clone(),
+            cert_serial: worst.clone(),
+            ttl_remaining_sec: Some(i64::MIN),
+            key_id: worst.clone(),
+            digest: worst.clone(),
+            items: u32::MAX,
+            artifact: worst.clone(),
+            repository: worst.clone(),
+            git_ref: worst.clone(),
+            provider: worst.clone(),
+            peer: worst.clone(),
+            operator: worst.clone(),
+            detail: worst.clone(),
+            checkpoint: Some(Checkpoint {
+                covers_seq: u64::MAX,
+                head_hash: worst.clone(),
+                time: i64::MIN,
+                key_id: worst.clone(),
+                signature: worst.clone(),
+            }),
+            seq: u64::MAX,
+            prev_hash: String::new(),
+            hash: String::new(),
+        };
+        r.bound_fields();
+        let bytes = r.seal(&genesis());
+        assert!(bytes.len() <= MAX_ENTRY_BYTES, "{} bytes", bytes.len());
     }
 }

@@ -293,6 +293,35 @@ impl v1::admin_server::Admin for AdminApi {
         }))
     }
 
+    async fn get_job_usage(&self, req: Request<v1::JobUsageRequest>) -> R<v1::JobUsage> {
+        let op = self.operator(&req, "GetJobUsage").await?;
+        let s = &self.0;
+        let r = req.into_inner();
+        let (usage, budgets) = audited(s, &op, "GetJobUsage", &r.environment, Access::Read, async || {
+            Ok((ops::keys::job_usage(s, &r.environment, &r.job_id)?, String::new()))
+        })
+        .await
+        .map_err(|e| status(&e))?;
+        Ok(Response::new(v1::JobUsage {
+            environment: r.environment,
+            job_id: r.job_id,
+            keys: usage
+                .keys
+                .into_iter()
+                .map(|(alias, u)| {
+                    let budget = budgets.get(&alias).copied().unwrap_or_default();
+                    v1::KeyUsage {
+                        key_alias: alias,
+                        total: u.total,
+                        by_certificate: u.by_certificate.into_iter().collect(),
+                        per_job_budget: budget.per_job,
+                        per_certificate_budget: budget.per_certificate,
+                    }
+                })
+                .collect(),
+        }))
+    }
+
     async fn list_trust_policies(
         &self,
         req: Request<v1::EnvironmentRequest>,

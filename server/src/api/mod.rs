@@ -12,6 +12,7 @@ pub mod admin;
 pub mod enrollment;
 mod export;
 pub mod server;
+pub mod shed;
 pub mod signer;
 pub mod status;
 pub mod tls;
@@ -31,6 +32,7 @@ pub use enrollment::{EnrollmentApi, VerificationApi};
 pub use server::{SiteHandle, StartError, start};
 pub use signer::SignerApi;
 
+use crate::model::Refusal as _;
 use crate::state::SiteState;
 
 fn ts(unix: i64) -> prost_types::Timestamp {
@@ -87,18 +89,21 @@ fn runner_ca_info(r: &crate::ca::RunnerCaRecord) -> v1::IssuerInfo {
 /// The three ports' routers.
 pub struct Routers {
     /// Enrollment + Verification + reflection.
-    pub enroll: Router,
+    pub enroll: PortRouter,
     /// Signer + reflection.
-    pub sign: Router,
+    pub sign: PortRouter,
     /// Admin + reflection.
-    pub admin: Router,
+    pub admin: PortRouter,
 }
+
+/// One port's router, behind its load shedding.
+pub type PortRouter = Router<tower_layer::Stack<shed::ShedLayer, tower_layer::Identity>>;
 
 /// Adds reflection (v1 and v1alpha), listing only the services this port serves.
 fn with_reflection(
-    router: Router,
+    router: PortRouter,
     services: &[&str],
-) -> Result<Router, tonic_reflection::server::Error> {
+) -> Result<PortRouter, tonic_reflection::server::Error> {
     let b = || {
         let mut b = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(meshsign_proto::FILE_DESCRIPTOR_SET)
@@ -120,24 +125,61 @@ pub const MAX_ENROLL_REQUEST: usize = 64 * 1024;
 pub const MAX_SIGN_REQUEST: usize = 256 * 1024;
 /// Largest request on the admin port: a key import with its certificate chain, or a JWKS.
 pub const MAX_ADMIN_REQUEST: usize = 1024 * 1024;
-/// Streams one connection may have open at once (HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`).
-pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
-/// The longest one request may run before it is cancelled (exports with `--follow` excepted
-/// by tonic: the limit covers the unary handlers).
-pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Builds the routers for a site. Each port takes requests no larger than its RPCs need, at
-/// most [`MAX_STREAMS_PER_CONNECTION`] streams per connection, and cancels a request after
-/// [`REQUEST_TIMEOUT`].
+/// A summary-audit record for a refusal made before any caller is known.
+fn transport_refusal(reason: &str, peer: String, detail: String) -> crate::audit::AuditRecord {
+    crate::audit::AuditRecord {
+        rpc: "Connect".into(),
+        decision: "deny".into(),
+        reason: reason.into(),
+        environment: "(site)".into(),
+        peer,
+        detail,
+        ..Default::default()
+    }
+}
+
+/// Counts a refused connection or handshake on `state`'s summaries.
+pub(crate) fn count_refusal(state: &SiteState, reason: &str, peer: String, detail: String) {
+    state
+        .summaries
+        .count(transport_refusal(reason, peer, detail), state.clock.unix());
+}
+
+/// Builds the routers for a site, under `[limits]`: each port takes requests no larger than
+/// its RPCs need, at most `max_streams_per_connection` streams per connection and
+/// `max_requests_in_flight` requests at once (beyond: `RESOURCE_EXHAUSTED`), asks connections
+/// older than `max_connection_age_seconds` to go away (HTTP/2 GOAWAY, then
+/// `connection_age_grace_seconds` to finish), and cancels an enroll- or sign-port request after
+/// `request_timeout_seconds`.
 pub fn routers(state: Arc<SiteState>) -> Result<Routers, tonic_reflection::server::Error> {
-    let server = || {
+    use std::time::Duration;
+    let limits = state.config().limits;
+    let server = |port: &'static str| {
+        let counted = state.clone();
+        let on_shed: shed::OnShed = Arc::new(move |refusal, peer| {
+            count_refusal(
+                &counted,
+                refusal.reason(),
+                peer.map(|p| p.to_string()).unwrap_or_default(),
+                refusal.to_string(),
+            )
+        });
         Server::builder()
             .tcp_nodelay(true)
-            .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .max_concurrent_streams(Some(limits.max_streams_per_connection))
+            .max_connection_age(Duration::from_secs(limits.max_connection_age_seconds))
+            .max_connection_age_grace(Duration::from_secs(limits.connection_age_grace_seconds))
+            .layer(shed::ShedLayer::new(
+                port,
+                limits.max_requests_in_flight,
+                on_shed,
+            ))
     };
-    let enroll = server()
-        .timeout(REQUEST_TIMEOUT)
+    let timeout = Duration::from_secs(limits.request_timeout_seconds);
+    let enroll = server("enroll")
+        .timeout(timeout)
         .add_service(
             EnrollmentServer::new(EnrollmentApi(state.clone()))
                 .max_decoding_message_size(MAX_ENROLL_REQUEST),
@@ -150,15 +192,15 @@ pub fn routers(state: Arc<SiteState>) -> Result<Routers, tonic_reflection::serve
         enroll,
         &["meshsign.v1.Enrollment", "meshsign.v1.Verification"],
     )?;
-    let sign = server().timeout(REQUEST_TIMEOUT).add_service(
+    let sign = server("sign").timeout(timeout).add_service(
         SignerServer::new(SignerApi::new(state.clone()))
             .max_decoding_message_size(MAX_SIGN_REQUEST),
     );
     let sign = with_reflection(sign, &["meshsign.v1.Signer"])?;
     // No request timeout on the admin port: `audit export --follow` streams for as long as
     // the operator watches.
-    let admin = server().add_service(
-        v1::admin_server::AdminServer::new(AdminApi(state))
+    let admin = server("admin").add_service(
+        v1::admin_server::AdminServer::new(AdminApi(state.clone()))
             .max_decoding_message_size(MAX_ADMIN_REQUEST),
     );
     let admin = with_reflection(admin, &["meshsign.v1.Admin"])?;

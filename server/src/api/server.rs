@@ -16,6 +16,7 @@ use tokio::task::JoinSet;
 use super::tls::{self, ListenerTls, TlsError};
 use crate::config::SiteConfig;
 use crate::identity::Operator;
+use crate::limits::ConnectionLimiter;
 use crate::ops::{self, Access, OpsError};
 use crate::state::SiteState;
 
@@ -134,6 +135,44 @@ impl SiteHandle {
     }
 }
 
+/// Descriptors kept free for everything that is not a client connection (store, journal,
+/// logs, the runtime).
+const RESERVED_DESCRIPTORS: u64 = 256;
+
+/// Raises the open-file limit to its hard limit and checks that the three listeners at their
+/// `[limits] max_connections` fit in it: a site must refuse to start rather than fail every
+/// client once an attacker fills its descriptor table.
+pub fn fit_descriptors(limits: &crate::config::Limits) -> Result<u64, String> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let cur = getrlimit(Resource::Nofile);
+    let raised = Rlimit {
+        current: cur.maximum,
+        maximum: cur.maximum,
+    };
+    let soft = match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => cur.maximum,
+        Err(_) => cur.current,
+    }
+    .unwrap_or(u64::MAX);
+    let need = limits.descriptors_needed() + RESERVED_DESCRIPTORS;
+    if soft < need {
+        return Err(format!(
+            "[limits] max_connections = {} needs {need} open files (3 listeners + \
+             {RESERVED_DESCRIPTORS} reserved) and this process may open {soft}: lower \
+             max_connections in the config, or raise the limit (LimitNOFILE= in the systemd \
+             unit, ulimit -n)",
+            limits.max_connections
+        ));
+    }
+    Ok(soft)
+}
+
+async fn write_summaries(state: &SiteState) {
+    if let Err(e) = state.summaries.flush(&state.audit).await {
+        tracing::warn!(error = %e, "summary audit entries wait for the next interval");
+    }
+}
+
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
     let l = TcpListener::bind(addr)
         .await
@@ -168,19 +207,37 @@ pub async fn start(state: Arc<SiteState>) -> Result<SiteHandle, StartError> {
         let _ = rx.wait_for(|v| *v).await;
     };
     let routers = super::routers(state.clone())?;
+    let limits = config.limits;
+    let admission = |port: &'static str| {
+        let counted = state.clone();
+        tls::Admission {
+            port,
+            connections: ConnectionLimiter::new(
+                limits.max_connections,
+                limits.max_connections_per_source,
+            ),
+            handshake_timeout: Duration::from_secs(limits.handshake_timeout_seconds),
+            first_request_timeout: Duration::from_secs(limits.first_request_timeout_seconds),
+            refused: Arc::new(move |reason, peer, detail| {
+                super::count_refusal(&counted, reason, peer.to_string(), detail)
+            }),
+        }
+    };
     let mut listeners = JoinSet::new();
     let enroll = routers.enroll.serve_with_incoming_shutdown(
-        tls::incoming(enroll_l, tls.enroll.clone()),
+        tls::incoming(enroll_l, tls.enroll.clone(), admission("enroll")),
         stop(rx.clone()),
     );
     listeners.spawn(async move { ("enroll", enroll.await) });
-    let sign = routers
-        .sign
-        .serve_with_incoming_shutdown(tls::incoming(sign_l, tls.sign.clone()), stop(rx.clone()));
+    let sign = routers.sign.serve_with_incoming_shutdown(
+        tls::incoming(sign_l, tls.sign.clone(), admission("sign")),
+        stop(rx.clone()),
+    );
     listeners.spawn(async move { ("sign", sign.await) });
-    let admin = routers
-        .admin
-        .serve_with_incoming_shutdown(tls::incoming(admin_l, tls.admin.clone()), stop(rx.clone()));
+    let admin = routers.admin.serve_with_incoming_shutdown(
+        tls::incoming(admin_l, tls.admin.clone(), admission("admin")),
+        stop(rx.clone()),
+    );
     listeners.spawn(async move { ("admin", admin.await) });
 
     // Housekeeping every 10 s: replay store, runner CAs past their last certificate, retention.
@@ -188,16 +245,20 @@ pub async fn start(state: Arc<SiteState>) -> Result<SiteHandle, StartError> {
     // writes resume by themselves soon after space returns.
     let keeper_state = state.clone();
     let mut krx = rx.clone();
+    // Summary entries (counted refusals) every `summary_seconds`, and once more on shutdown.
     let keeper = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(10));
         let mut repair = tokio::time::interval(REPAIR_EVERY);
+        let mut summary = tokio::time::interval(Duration::from_secs(limits.summary_seconds));
         loop {
             tokio::select! {
                 _ = tick.tick() => ops::housekeeping::run_once(&keeper_state).await,
                 _ = repair.tick() => ops::housekeeping::repair_storage(&keeper_state).await,
+                _ = summary.tick() => write_summaries(&keeper_state).await,
                 _ = krx.changed() => break,
             }
         }
+        write_summaries(&keeper_state).await;
     });
 
     tracing::info!(%enroll_addr, %sign_addr, %admin_addr, region = %config.region, "meshsign site serving");

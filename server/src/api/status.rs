@@ -22,6 +22,7 @@ pub fn status(e: &dyn Refusal) -> Status {
         RefusalKind::PermissionDenied => Code::PermissionDenied,
         RefusalKind::FailedPrecondition => Code::FailedPrecondition,
         RefusalKind::NotFound => Code::NotFound,
+        RefusalKind::ResourceExhausted => Code::ResourceExhausted,
         RefusalKind::Unavailable => {
             log_chain(e, "unavailable");
             Code::Unavailable

@@ -10,6 +10,7 @@
 //! validity and per-RPC validity agree.
 
 use std::io;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -33,9 +34,8 @@ use tonic::transport::server::Connected;
 
 use crate::clock::{RustlsTime, SharedClock};
 use crate::config::TlsFiles;
+use crate::limits::{ConnectionLimiter, ConnectionPermit};
 
-/// How long a client may take to complete the handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// TLS setup failures.
 #[derive(Debug, thiserror::Error)]
@@ -260,22 +260,27 @@ const WRITE_BUFFER: usize = 32 * 1024;
 /// system call per flush (measured with `meshsign-bench`; see BENCHMARKS.md).
 ///
 /// It also closes a connection that completed the handshake but sends nothing within
-/// [`FIRST_REQUEST_TIMEOUT`]: an idle TLS connection must not hold a file descriptor forever.
+/// `[limits] first_request_timeout_seconds`: an idle TLS connection must not hold a file
+/// descriptor forever.
 pub struct BufferedTls {
     inner: BufWriter<TlsStream<TcpStream>>,
     /// Until the first bytes arrive: when the connection gives up on them.
     first_read: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The connection's place under the listener's caps, freed when it closes.
+    _permit: ConnectionPermit,
 }
 
-/// How long a connection may stay silent after its TLS handshake before it is closed.
-pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-
 impl BufferedTls {
-    /// Wraps an accepted stream.
-    pub fn new(stream: TlsStream<TcpStream>) -> Self {
+    /// Wraps an accepted stream that must send its first bytes within `first_request`.
+    pub fn new(
+        stream: TlsStream<TcpStream>,
+        first_request: Duration,
+        permit: ConnectionPermit,
+    ) -> Self {
         Self {
             inner: BufWriter::with_capacity(WRITE_BUFFER, stream),
-            first_read: Some(Box::pin(tokio::time::sleep(FIRST_REQUEST_TIMEOUT))),
+            first_read: Some(Box::pin(tokio::time::sleep(first_request))),
+            _permit: permit,
         }
     }
 }
@@ -366,13 +371,31 @@ fn accept_error_is_transient(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12 | 71 | 1))
 }
 
-/// Accepts TCP connections, completes each TLS handshake in its own task (bounded by
-/// [`HANDSHAKE_TIMEOUT`], so a slow client cannot stall the loop), and yields the streams.
+/// What one listener admits: its connection caps, deadlines, and where refusals are counted.
+#[derive(Clone)]
+pub struct Admission {
+    /// `enroll`, `sign` or `admin` (in summary entries).
+    pub port: &'static str,
+    /// Open connections, overall and per source.
+    pub connections: ConnectionLimiter,
+    /// Time to complete the TLS handshake.
+    pub handshake_timeout: Duration,
+    /// Time to send the first bytes after it.
+    pub first_request_timeout: Duration,
+    /// Counts a refused connection: (reason, peer, detail).
+    pub refused: Arc<dyn Fn(&'static str, SocketAddr, String) + Send + Sync>,
+}
+
+/// Accepts TCP connections, admits each under the listener's caps (a connection over a cap is
+/// closed at once, before any TLS work), completes each TLS handshake in its own task (bounded
+/// by the handshake deadline, so a slow client cannot stall the loop), and yields the
+/// streams. Refusals are counted into summary audit entries, never one write per connection.
 /// The loop ends when the returned stream is dropped, or when the listening socket fails for
 /// good (then the server on it stops and [`super::SiteHandle::died`] reports it).
 pub fn incoming(
     listener: TcpListener,
     config: TlsCell,
+    admission: Admission,
 ) -> ReceiverStream<Result<BufferedTls, io::Error>> {
     let (tx, rx) = mpsc::channel(256);
     tokio::spawn(async move {
@@ -396,19 +419,50 @@ pub fn incoming(
                     break;
                 }
             };
+            let permit = match admission.connections.admit(peer.ip()) {
+                Ok(p) => p,
+                Err(refusal) => {
+                    drop(tcp);
+                    (admission.refused)(
+                        refusal.reason(),
+                        peer,
+                        format!("{} port: connection refused at its cap", admission.port),
+                    );
+                    continue;
+                }
+            };
             let _ = tcp.set_nodelay(true);
             let current = config.read().unwrap_or_else(|p| p.into_inner()).clone();
-            let (acceptor, tx) = (TlsAcceptor::from(current), tx.clone());
+            let (acceptor, tx, admission) = (TlsAcceptor::from(current), tx.clone(), admission.clone());
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                match tokio::time::timeout(admission.handshake_timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(BufferedTls::new(tls))).await;
+                        let stream = BufferedTls::new(tls, admission.first_request_timeout, permit);
+                        let _ = tx.send(Ok(stream)).await;
                     }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake refused"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    Ok(Err(e)) => (admission.refused)(
+                        "handshake",
+                        peer,
+                        format!("{} port: {}", admission.port, handshake_reason(&e)),
+                    ),
+                    Err(_) => (admission.refused)(
+                        "handshake_timeout",
+                        peer,
+                        format!("{} port: no TLS handshake within {:?}", admission.port, admission.handshake_timeout),
+                    ),
                 }
             });
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// What a failed handshake says, without anything the client chose: rustls' error names the
+/// failed check (an unknown or revoked issuer, no certificate, a bad message); I/O errors are
+/// reduced to their kind.
+fn handshake_reason(e: &io::Error) -> String {
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+        Some(tls) => crate::model::bounded(&tls.to_string(), 160),
+        None => format!("{:?}", e.kind()),
+    }
 }

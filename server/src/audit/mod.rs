@@ -35,6 +35,7 @@ use std::sync::mpsc;
 use tokio::sync::{oneshot, watch};
 
 pub mod journal;
+pub mod summary;
 
 use crate::clock::SharedClock;
 use crate::custody::{CustodyError, Kek, SigningBackend};
@@ -99,6 +100,14 @@ pub fn deny(rec: &mut AuditRecord, e: &dyn Refusal, what: &'static str) {
         rec.detail = bounded(&e.to_string(), 300);
         tracing::info!(rpc = %rec.rpc, reason = e.reason(), detail = %log_safe(&rec.detail), "{what}");
     }
+}
+
+/// [`deny`] without the log line, for refusals counted into a summary entry (which logs the
+/// first of its kind): a flood must not become a flood of log lines either.
+pub fn deny_quietly(rec: &mut AuditRecord, e: &dyn Refusal) {
+    rec.decision = "deny".into();
+    rec.reason = e.reason().into();
+    rec.detail = bounded(&e.to_string(), 300);
 }
 
 impl AuditError {
@@ -748,6 +757,7 @@ impl Writer {
         rec.seq = self.seq + 1;
         rec.ts = self.now_rfc3339();
         rec.site_region = self.region.clone();
+        rec.bound_fields();
         let bytes = rec.seal(&self.hash);
         self.store
             .kv()

@@ -71,6 +71,8 @@ struct RawSite {
     audit: RawAudit,
     #[serde(default)]
     store: RawStore,
+    #[serde(default)]
+    limits: Limits,
     /// `[[environments]]`; `[[partitions]]` is the earlier spelling, still read.
     #[serde(alias = "partitions")]
     environments: Vec<RawEnvironment>,
@@ -159,6 +161,10 @@ struct RawEnvironment {
     #[serde(default)]
     max_session_seconds: Option<u64>,
     #[serde(default)]
+    max_signatures_per_job: Option<u64>,
+    #[serde(default)]
+    max_signatures_per_certificate: Option<u64>,
+    #[serde(default)]
     signing_keys: Vec<RawKey>,
     #[serde(default)]
     trust_policies: Vec<RawPolicy>,
@@ -176,6 +182,12 @@ struct RawKey {
     access: RawAccess,
     #[serde(default = "default_purposes")]
     purposes: Vec<Purpose>,
+    #[serde(default)]
+    max_signatures_per_job: Option<u64>,
+    #[serde(default)]
+    max_signatures_per_certificate: Option<u64>,
+    #[serde(default)]
+    digest_allow_list: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -236,8 +248,188 @@ pub struct SiteConfig {
     /// sled's page cache, MiB (sled's own default is 1 GiB, which a site's memory would grow
     /// towards as the audit log grows).
     pub store_cache_mib: u64,
+    /// Connection, request and rate limits (`[limits]`).
+    pub limits: Limits,
     /// Environments (the site's partitions), in file order.
     pub environments: Vec<Environment>,
+}
+
+/// `[limits]`: what one listener, one source address and one job may consume. Every field has a
+/// safe default; `0` turns a rate limit off (never a connection or size limit).
+///
+/// The connection caps are per listener, so a flood on the unauthenticated enroll port cannot
+/// take the sign port's connections. `meshsignd` raises its open-file limit to the hard limit at
+/// start and refuses a configuration whose caps do not fit in it.
+#[derive(Clone, Copy, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Open connections per listener.
+    pub max_connections: u32,
+    /// Open connections per listener from one source address.
+    pub max_connections_per_source: u32,
+    /// Seconds a client has to complete the TLS handshake.
+    pub handshake_timeout_seconds: u64,
+    /// Seconds a connection may stay silent after its handshake.
+    pub first_request_timeout_seconds: u64,
+    /// HTTP/2 streams one connection may have open (`SETTINGS_MAX_CONCURRENT_STREAMS`).
+    pub max_streams_per_connection: u32,
+    /// Seconds one enroll- or sign-port request may run before it is cancelled.
+    pub request_timeout_seconds: u64,
+    /// Seconds after which a connection is asked to go away (HTTP/2 GOAWAY, graceful drain);
+    /// clients reconnect, and a long-lived connection cannot pin resources forever.
+    pub max_connection_age_seconds: u64,
+    /// Seconds in-flight requests get to finish after the GOAWAY before the connection closes.
+    pub connection_age_grace_seconds: u64,
+    /// Requests in progress per listener; beyond, new requests are shed with
+    /// `RESOURCE_EXHAUSTED` (`overloaded`) instead of queueing.
+    pub max_requests_in_flight: u32,
+    /// Enroll requests per second per source address (token bucket refill; 0: no limit).
+    pub enroll_per_source_per_second: u32,
+    /// Enroll requests one source may make at once before the refill rate applies.
+    pub enroll_per_source_burst: u32,
+    /// Sign-port requests per second per job (token bucket refill; 0: no limit).
+    pub sign_per_job_per_second: u32,
+    /// Sign-port requests one job may make at once before the refill rate applies.
+    pub sign_per_job_burst: u32,
+    /// Seconds between summary audit entries for refusals that are counted rather than
+    /// recorded one by one (rate limits, handshake refusals, unidentified operators).
+    pub summary_seconds: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            max_connections_per_source: 256,
+            handshake_timeout_seconds: 10,
+            first_request_timeout_seconds: 10,
+            max_streams_per_connection: 64,
+            request_timeout_seconds: 30,
+            max_connection_age_seconds: 3600,
+            connection_age_grace_seconds: 60,
+            max_requests_in_flight: 1024,
+            enroll_per_source_per_second: 20,
+            enroll_per_source_burst: 200,
+            sign_per_job_per_second: 0,
+            sign_per_job_burst: 1000,
+            summary_seconds: 60,
+        }
+    }
+}
+
+impl Limits {
+    /// File descriptors the three listeners may hold at their caps.
+    pub fn descriptors_needed(&self) -> u64 {
+        3 * u64::from(self.max_connections)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("max_connections", u64::from(self.max_connections)),
+            (
+                "max_connections_per_source",
+                u64::from(self.max_connections_per_source),
+            ),
+            ("handshake_timeout_seconds", self.handshake_timeout_seconds),
+            (
+                "first_request_timeout_seconds",
+                self.first_request_timeout_seconds,
+            ),
+            (
+                "max_streams_per_connection",
+                u64::from(self.max_streams_per_connection),
+            ),
+            ("request_timeout_seconds", self.request_timeout_seconds),
+            ("max_connection_age_seconds", self.max_connection_age_seconds),
+            (
+                "max_requests_in_flight",
+                u64::from(self.max_requests_in_flight),
+            ),
+            ("summary_seconds", self.summary_seconds),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(invalid(format!("limits.{name}"), "must be positive"));
+            }
+        }
+        if self.max_connections_per_source > self.max_connections {
+            return Err(invalid(
+                "limits.max_connections_per_source",
+                "must not exceed limits.max_connections",
+            ));
+        }
+        for (name, rate, burst) in [
+            (
+                "enroll_per_source",
+                self.enroll_per_source_per_second,
+                self.enroll_per_source_burst,
+            ),
+            ("sign_per_job", self.sign_per_job_per_second, self.sign_per_job_burst),
+        ] {
+            if rate > 0 && burst == 0 {
+                return Err(invalid(
+                    format!("limits.{name}_burst"),
+                    "must be positive when the rate is set",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How many signatures one job, or one certificate, may obtain from a key (`None`: no limit).
+/// Counted in digests: a batch of 100 uses 100.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Budget {
+    /// Per CI job (environment + job id), across its certificates and renewals.
+    pub per_job: Option<u64>,
+    /// Per runner certificate.
+    pub per_certificate: Option<u64>,
+}
+
+impl Budget {
+    /// Whether any limit is set.
+    pub fn is_limited(&self) -> bool {
+        self.per_job.is_some() || self.per_certificate.is_some()
+    }
+}
+
+/// The digests a release key may sign, read from `digest_allow_list` (one lowercase or
+/// uppercase hex SHA-256 per line; `#` comments and blank lines ignored). Re-read on reload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DigestAllowList {
+    /// The file it came from.
+    pub path: PathBuf,
+    /// The digests.
+    pub digests: std::sync::Arc<HashSet<[u8; 32]>>,
+}
+
+impl DigestAllowList {
+    fn load(path: PathBuf) -> Result<Self, String> {
+        let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut digests = HashSet::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let d = hex::decode(line)
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .ok_or_else(|| {
+                    format!(
+                        "{} line {}: not a hex SHA-256 digest",
+                        path.display(),
+                        n + 1
+                    )
+                })?;
+            digests.insert(d);
+        }
+        Ok(Self {
+            path,
+            digests: std::sync::Arc::new(digests),
+        })
+    }
 }
 
 /// When the audit log signs a checkpoint.
@@ -292,6 +484,8 @@ pub struct Environment {
     pub max_token_age_seconds: u64,
     /// The longest a job's session may run, renewals included (default 24 h, at least the TTL).
     pub max_session_seconds: u64,
+    /// The default budget of its keys (a key's own settings override it).
+    pub budget: Budget,
     /// Signing keys, by alias.
     pub signing_keys: Vec<KeySpec>,
     /// Trusted OIDC issuers.
@@ -323,6 +517,10 @@ pub struct KeySpec {
     pub disabled: bool,
     /// What it may sign.
     pub purposes: Vec<Purpose>,
+    /// Signatures per job and per certificate (the key's own, else its environment's).
+    pub budget: Budget,
+    /// When set, the only digests this key signs.
+    pub allowed_digests: Option<DigestAllowList>,
 }
 
 /// One trusted OIDC issuer of a environment.
@@ -414,6 +612,7 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
             "checkpoint_every and checkpoint_seconds must be positive",
         ));
     }
+    raw.limits.validate()?;
     if raw.store.cache_mib == 0 {
         return Err(invalid("store.cache_mib", "must be positive"));
     }
@@ -493,16 +692,37 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
             })?;
             let access = AccessRule::new(key.access.repositories, key.access.refs)
                 .map_err(|(list, m)| invalid(kat(&format!("access.{list}")), m))?;
+            let budget = Budget {
+                per_job: key.max_signatures_per_job.or(p.max_signatures_per_job),
+                per_certificate: key
+                    .max_signatures_per_certificate
+                    .or(p.max_signatures_per_certificate),
+            };
+            let allowed_digests = key
+                .digest_allow_list
+                .map(|f| DigestAllowList::load(abs(f)))
+                .transpose()
+                .map_err(|m| invalid(kat("digest_allow_list"), m))?;
+            let purposes = if key.purposes.is_empty() {
+                default_purposes()
+            } else {
+                key.purposes
+            };
+            if allowed_digests.is_some() && purposes.contains(&Purpose::AppleCms) {
+                return Err(invalid(
+                    kat("digest_allow_list"),
+                    "an allow-list names artifact digests; a key with one may not have purpose \
+                     apple-cms (its input is CMS attributes, not an artifact digest)",
+                ));
+            }
             keys.push(KeySpec {
+                budget,
+                allowed_digests,
+                purposes,
                 alias: key.alias,
                 algorithm,
                 access,
                 disabled: false,
-                purposes: if key.purposes.is_empty() {
-                    default_purposes()
-                } else {
-                    key.purposes
-                },
             });
         }
         let mut policies: Vec<TrustPolicy> = Vec::new();
@@ -599,6 +819,10 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
             max_ttl_seconds: max_ttl,
             max_token_age_seconds: p.max_token_age_seconds,
             max_session_seconds: p.max_session_seconds.unwrap_or(86_400).max(max_ttl),
+            budget: Budget {
+                per_job: p.max_signatures_per_job,
+                per_certificate: p.max_signatures_per_certificate,
+            },
             signing_keys: keys,
             trust_policies: policies,
         });
@@ -620,6 +844,7 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
             admin_ca: abs(raw.tls.admin_ca),
         },
         environments,
+        limits: raw.limits,
         store_cache_mib: raw.store.cache_mib,
         audit: AuditConfig {
             checkpoint_every: raw.audit.checkpoint_every,

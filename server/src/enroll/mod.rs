@@ -182,6 +182,10 @@ pub enum EnrollError {
     /// Step 8: an ops revocation rule covers this job or runner.
     #[error("{0}")]
     Revoked(String),
+    /// Step 0: this source address has spent its enroll budget (`[limits]
+    /// enroll_per_source_*`). Counted into a summary entry, not written one by one.
+    #[error("too many enrollments from {0}; retry later")]
+    RateLimited(String),
     /// Issuance failed (internal).
     #[error("issuance failed: {0}")]
     Issue(#[from] CaError),
@@ -221,6 +225,7 @@ impl Refusal for EnrollError {
             EnrollError::Region { .. } => "region",
             EnrollError::Fingerprint => "fingerprint",
             EnrollError::Revoked(_) => "revoked",
+            EnrollError::RateLimited(_) => "rate_limited",
             EnrollError::Issue(_) | EnrollError::Store(_) | EnrollError::State(_) => INTERNAL,
             EnrollError::Audit(_) => AUDIT_UNAVAILABLE,
         }
@@ -229,6 +234,7 @@ impl Refusal for EnrollError {
     fn kind(&self) -> RefusalKind {
         use EnrollError::*;
         match self {
+            RateLimited(_) => RefusalKind::ResourceExhausted,
             UnknownEnvironment(_) | Csr(_) | CsrKey | Fingerprint => RefusalKind::InvalidArgument,
             EnvironmentMismatch { .. } | PolicyDisabled(_) | BoundClaim { .. } | Revoked(_) => {
                 RefusalKind::PermissionDenied
@@ -264,6 +270,15 @@ pub async fn enroll(site: &SiteState, input: EnrollInput) -> Result<EnrollOutput
         peer: input.peer.clone(),
         ..Default::default()
     };
+    if let Err(e) = rate_limited(site, &input.peer) {
+        // Before anything is parsed or written: counted into one summary entry per source
+        // and interval, so a flood costs no write per request.
+        rec.environment = "(unchecked)".into();
+        rec.runner_fingerprint.clear();
+        crate::audit::deny_quietly(&mut rec, &e);
+        site.summaries.count(rec, site.clock.unix());
+        return Err(e);
+    }
     let result = checks_and_issue(site, &input, &mut rec);
     match &result {
         Ok(out) => {
@@ -276,6 +291,19 @@ pub async fn enroll(site: &SiteState, input: EnrollInput) -> Result<EnrollOutput
     }
     site.audit.record(rec).await.map_err(EnrollError::Audit)?;
     result
+}
+
+/// Step 0 (`rate_limited`): the source address's token bucket (`[limits]
+/// enroll_per_source_per_second`, `enroll_per_source_burst`).
+fn rate_limited(site: &SiteState, peer: &str) -> Result<(), EnrollError> {
+    let Ok(addr) = peer.parse::<std::net::SocketAddr>() else {
+        return Ok(());
+    };
+    if site.enroll_limiter.admit(&addr.ip()) {
+        Ok(())
+    } else {
+        Err(EnrollError::RateLimited(addr.ip().to_string()))
+    }
 }
 
 /// The request's checks in DESIGN.md's order, then issuance.

@@ -26,6 +26,8 @@ pub enum RefusalKind {
     NotFound,
     /// The site cannot serve it now (the audit log cannot be written).
     Unavailable,
+    /// A rate limit, quota or budget is spent (retry later, or never for a budget).
+    ResourceExhausted,
     /// A fault of the site: logged in full, reported to the client only by an error id.
     Internal,
 }
@@ -45,10 +47,12 @@ pub const INTERNAL: &str = "internal";
 /// The audit reason when the audit log cannot be written (then nothing is returned).
 pub const AUDIT_UNAVAILABLE: &str = "audit_unavailable";
 
-/// Cuts a string from the network, a file or a user to at most `max` characters, before it
-/// reaches an audit record, a log line or a message.
+/// Cuts a string from the network, a file or a user to at most `max` bytes, before it
+/// reaches an audit record, a log line or a message. A longer value is kept as a prefix and the
+/// hash of the whole ([`meshsign_proto::audit::excerpt`]): recognisable, matchable against the
+/// original, never whole.
 pub fn bounded(s: &str, max: usize) -> String {
-    s.chars().take(max).collect()
+    meshsign_proto::audit::excerpt(s, max.max(64))
 }
 
 /// A string from the network made safe for a text log line: control characters (newlines

@@ -88,6 +88,8 @@ pub fn create_key_alias(
         access: access_rule(access.0, access.1)?,
         disabled: false,
         purposes: parse_purposes(purposes)?,
+        budget: environment_budget(site, env),
+        allowed_digests: None,
     };
     create_key(
         &site.store,
@@ -189,6 +191,8 @@ pub fn import_key(
             access: access_rule(access.0, access.1)?,
             disabled: false,
             purposes: parse_purposes(purposes)?,
+            budget: environment_budget(site, env),
+            allowed_digests: None,
         },
     };
     let v = next_version(site, env, alias);
@@ -394,4 +398,43 @@ pub fn set_key_certificate(
     reload_alias(site, env, alias)?;
     let detail = format!("certificate for {} (subject {subject})", record.key_id());
     Ok((spec, detail))
+}
+
+/// The budget a key made by ops starts with: its environment's.
+fn environment_budget(site: &SiteState, env: &str) -> crate::config::Budget {
+    site.config()
+        .environment(env)
+        .map(|e| e.budget)
+        .unwrap_or_default()
+}
+
+/// A job's signatures per key, with each key's budget now.
+#[allow(clippy::type_complexity)]
+pub fn job_usage(
+    site: &SiteState,
+    env: &str,
+    job_id: &str,
+) -> Result<
+    (
+        crate::state::usage::JobUsage,
+        std::collections::BTreeMap<String, crate::config::Budget>,
+    ),
+    OpsError,
+> {
+    environment_exists(site, env)?;
+    if job_id.is_empty() || job_id.len() > 256 {
+        return Err(OpsError::Invalid("job id: 1 to 256 bytes".into()));
+    }
+    let usage = site.job_usage(env, job_id)?;
+    let config = site.config();
+    let budgets = config
+        .environment(env)
+        .map(|e| {
+            e.signing_keys
+                .iter()
+                .map(|k| (k.alias.clone(), k.budget))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok((usage, budgets))
 }

@@ -10,7 +10,8 @@ use crate::identity::jwt::Jwks;
 use crate::state::SiteState;
 use crate::state::overlays::effective_config;
 
-/// Re-reads the file configuration (SIGHUP). Trust policies and key access rules change;
+/// Re-reads the file configuration (SIGHUP). Trust policies, key access rules, signing budgets
+/// and digest allow-lists change;
 /// identity, listeners, storage and the set of environments need a restart and are refused.
 pub fn reload(site: &SiteState, file: SiteConfig) -> Result<String, OpsError> {
     let cur = site.config();
@@ -29,10 +30,11 @@ pub fn reload(site: &SiteState, file: SiteConfig) -> Result<String, OpsError> {
         || file.listen.admin != cur.listen.admin
         || file.store_cache_mib != cur.store_cache_mib
         || file.audit != cur.audit
+        || file.limits != cur.limits
         || names(&file) != names(&cur)
     {
         return Err(OpsError::Precondition(
-            "trust_domain, region, data_dir, kek_file, listen, [store], [audit] and the environment list need a restart".into(),
+            "trust_domain, region, data_dir, kek_file, listen, [store], [audit], [limits] and the environment list need a restart".into(),
         ));
     }
     let cfg = effective_config(file, &site.store)?;

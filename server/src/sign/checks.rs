@@ -305,3 +305,75 @@ pub fn apple_cms(attrs: &[u8], now: i64) -> Result<super::apple_cms::AppleCmsFac
         message: e.message,
     })
 }
+
+/// `rate_limited`: the job's request bucket (`[limits] sign_per_job_per_second`,
+/// `sign_per_job_burst`), keyed by environment and job id.
+pub fn rate(site: &SiteState, caller: &Caller) -> Result<(), SignError> {
+    if !site.sign_limiter.is_on() {
+        return Ok(());
+    }
+    let job = job_of(caller);
+    let key = (caller.id.environment.clone(), job.to_string());
+    if site.sign_limiter.admit(&key) {
+        Ok(())
+    } else {
+        Err(SignError::RateLimited(bounded(job, 128)))
+    }
+}
+
+/// The job a caller's usage is counted to: its job id, or its certificate serial when the
+/// provider gave none (never pooled with other id-less jobs).
+fn job_of(caller: &Caller) -> &str {
+    if caller.claims.job_id.is_empty() {
+        &caller.serial_hex
+    } else {
+        &caller.claims.job_id
+    }
+}
+
+/// `digest_allow_list`: a key with an allow-list signs only the digests on it.
+pub fn digest_allow_list(
+    spec: Option<&KeySpec>,
+    alias: &str,
+    digests: &[[u8; 32]],
+) -> Result<(), SignError> {
+    let Some(list) = spec.and_then(|s| s.allowed_digests.as_ref()) else {
+        return Ok(());
+    };
+    match digests.iter().find(|d| !list.digests.contains(*d)) {
+        None => Ok(()),
+        Some(d) => Err(SignError::DigestNotAllowed {
+            alias: alias.to_string(),
+            digest: hex::encode(d),
+        }),
+    }
+}
+
+/// `budget`: counts the request's signatures against the job's and the certificate's budget
+/// for this key (every request is counted, so `admin usage` answers for any key).
+pub fn budget(
+    site: &SiteState,
+    caller: &Caller,
+    spec: Option<&KeySpec>,
+    alias: &str,
+    items: usize,
+) -> Result<(), SignError> {
+    let budget = spec.map(|s| s.budget).unwrap_or_default();
+    let charge = crate::state::usage::Charge {
+        environment: &caller.id.environment,
+        job_id: job_of(caller),
+        serial: &caller.serial_hex,
+        alias,
+        items: items as u64,
+    };
+    match site.charge(charge, &budget)? {
+        Ok(()) => Ok(()),
+        Err(e) => Err(SignError::Budget {
+            alias: alias.to_string(),
+            scope: e.scope,
+            used: e.used,
+            asked: e.asked,
+            limit: e.limit,
+        }),
+    }
+}

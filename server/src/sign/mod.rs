@@ -191,6 +191,34 @@ pub enum SignError {
         /// What is wrong.
         message: String,
     },
+    /// The job has spent its request rate (`[limits] sign_per_job_*`). Counted into a summary
+    /// entry, not written one by one.
+    #[error("job `{0}` is over its request rate; retry later")]
+    RateLimited(String),
+    /// The job or certificate has used its signing budget for this key.
+    #[error(
+        "key `{alias}` allows {limit} signature(s) per {scope}; this {scope} has {used} and asked for {asked}"
+    )]
+    Budget {
+        /// Alias.
+        alias: String,
+        /// `job` or `certificate`.
+        scope: &'static str,
+        /// Already used.
+        used: u64,
+        /// This request.
+        asked: u64,
+        /// The budget.
+        limit: u64,
+    },
+    /// The key signs only digests on its allow-list, and this is not one.
+    #[error("key `{alias}` signs only the digests in its allow-list; {digest} is not there")]
+    DigestNotAllowed {
+        /// Alias.
+        alias: String,
+        /// The first digest refused (hex).
+        digest: String,
+    },
     /// The signer failed (internal).
     #[error("signing failed: {0}")]
     Custody(#[from] CustodyError),
@@ -232,6 +260,9 @@ impl Refusal for SignError {
             SignError::Algorithm { .. } => "algorithm",
             SignError::Purpose { .. } => "purpose",
             SignError::Input { check, .. } => check,
+            SignError::RateLimited(_) => "rate_limited",
+            SignError::Budget { .. } => "budget",
+            SignError::DigestNotAllowed { .. } => "digest_allow_list",
             SignError::Custody(_)
             | SignError::Store(_)
             | SignError::Issue(_)
@@ -259,6 +290,8 @@ impl Refusal for SignError {
             | KeyDisabled(_)
             | Access { .. } => RefusalKind::PermissionDenied,
             Algorithm { .. } | Purpose { .. } | Input { .. } => RefusalKind::InvalidArgument,
+            RateLimited(_) | Budget { .. } => RefusalKind::ResourceExhausted,
+            DigestNotAllowed { .. } => RefusalKind::PermissionDenied,
             Custody(_) | Store(_) => RefusalKind::Internal,
             Audit(_) => RefusalKind::Unavailable,
         }
@@ -274,7 +307,16 @@ pub async fn sign(
     let now = site.clock.unix();
     let mut rec = caller.audit_record(input.rpc, now, &input.peer);
     rec.artifact = bounded(&input.artifact, 256);
-    let result = check_and_sign(site, caller, input, &mut rec).await;
+    if let Err(e) = checks::rate(site, caller) {
+        // Before any other check: counted into one summary entry per job and interval.
+        rec.artifact.clear();
+        crate::audit::deny_quietly(&mut rec, &e);
+        rec.key_id = bounded(&input.alias, 64);
+        site.summaries.count(rec, now);
+        return Err(e);
+    }
+    let mut budgeted = false;
+    let result = check_and_sign(site, caller, input, &mut rec, &mut budgeted).await;
     if let Err(SignError::Superseded { session, .. }) = &result {
         revoke_session(site, session, caller).await;
     }
@@ -285,11 +327,14 @@ pub async fn sign(
         }
         Err(e) => crate::audit::deny(&mut rec, e, "sign refused"),
     }
-    let written = site
-        .audit
-        .record_sign(rec)
-        .await
-        .map_err(SignError::Audit)?;
+    // A budget count is a store write: with a budget, the entry is written with a store flush
+    // so the count is durable before the signature leaves.
+    let written = if budgeted {
+        site.audit.record(rec).await
+    } else {
+        site.audit.record_sign(rec).await
+    }
+    .map_err(SignError::Audit)?;
     result.map(|mut out| {
         out.audit_id = written.audit_id();
         out.audit_seq = written.seq;
@@ -304,7 +349,10 @@ async fn check_and_sign(
     caller: &Caller,
     input: SignInput,
     rec: &mut AuditRecord,
+    budgeted: &mut bool,
 ) -> Result<SignOutput, SignError> {
+    // Named in the record even when refused, so a refusal says which key was asked for.
+    rec.key_id = bounded(&input.alias, 64);
     let authorized = checks::authorize(site, caller, &input.alias)?;
     let key = &authorized.key;
     rec.key_id = key.record.key_id();
@@ -334,6 +382,10 @@ async fn check_and_sign(
             &many.concat(),
         )),
     };
+    let spec = authorized.spec(&input.alias);
+    checks::digest_allow_list(spec, &input.alias, &digests)?;
+    *budgeted = spec.is_some_and(|s| s.budget.is_limited());
+    checks::budget(site, caller, spec, &input.alias, digests.len())?;
     let backend = key.backend.clone();
     let (signatures, digests) = if digests.len() <= 8 {
         let sigs = digests

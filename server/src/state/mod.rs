@@ -14,6 +14,7 @@ pub mod overlays;
 pub mod recovery;
 pub mod revocations;
 pub mod snapshot;
+pub mod usage;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
@@ -160,6 +161,14 @@ pub struct SiteState {
     marker: std::sync::Mutex<Option<SiteMarker>>,
     /// The data folder.
     data_dir: std::path::PathBuf,
+    /// Refusals counted into periodic summary entries instead of one write each.
+    pub summaries: crate::audit::summary::Summaries,
+    /// Enroll requests per source address (`[limits] enroll_per_source_*`).
+    pub enroll_limiter: crate::limits::RateLimiter<std::net::IpAddr>,
+    /// Sign-port requests per job (`[limits] sign_per_job_*`).
+    pub sign_limiter: crate::limits::RateLimiter<(String, String)>,
+    /// Serializes signing-budget updates (read, check, count).
+    pub(crate) usage_lock: std::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for SiteState {
@@ -291,8 +300,21 @@ impl SiteState {
                 must_exist: journal_must_exist,
             }),
         )?;
+        let limits = config.limits;
         Ok(Self {
             config: RwLock::new(Arc::new(config)),
+            summaries: Default::default(),
+            enroll_limiter: crate::limits::RateLimiter::new(
+                limits.enroll_per_source_per_second,
+                limits.enroll_per_source_burst,
+                clock.clone(),
+            ),
+            sign_limiter: crate::limits::RateLimiter::new(
+                limits.sign_per_job_per_second,
+                limits.sign_per_job_burst,
+                clock.clone(),
+            ),
+            usage_lock: std::sync::Mutex::new(()),
             clock,
             store,
             audit,

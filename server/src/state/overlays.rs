@@ -72,6 +72,8 @@ pub fn effective_config(mut cfg: SiteConfig, store: &Store) -> Result<SiteConfig
                     access: meta.access,
                     disabled: meta.disabled,
                     purposes: meta.purposes,
+                    budget: p.budget,
+                    allowed_digests: None,
                 }),
             }
         }

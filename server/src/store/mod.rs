@@ -70,11 +70,13 @@ pub enum Tree {
     KeyMeta,
     /// Small site facts (e.g. `audit/exported_through`).
     Meta,
+    /// Signatures counted per job: `environment/job_id` → [`crate::state::usage::JobUsage`].
+    Usage,
 }
 
 impl Tree {
     /// Every tree, in engine order.
-    pub const ALL: [Tree; 9] = [
+    pub const ALL: [Tree; 10] = [
         Tree::Keys,
         Tree::RunnerCas,
         Tree::Certs,
@@ -84,6 +86,7 @@ impl Tree {
         Tree::Revocations,
         Tree::KeyMeta,
         Tree::Meta,
+        Tree::Usage,
     ];
 
     /// The tree with this engine name.
@@ -103,6 +106,7 @@ impl Tree {
             Tree::Revocations => "revocations",
             Tree::KeyMeta => "keymeta",
             Tree::Meta => "meta",
+            Tree::Usage => "usage",
         }
     }
 }
@@ -147,7 +151,7 @@ pub struct SledKv {
 
 struct SledInner {
     db: sled::Db,
-    trees: [sled::Tree; 9],
+    trees: [sled::Tree; 10],
 }
 
 fn engine(e: sled::Error) -> StoreError {
@@ -202,6 +206,7 @@ impl SledInner {
             t(Tree::Revocations)?,
             t(Tree::KeyMeta)?,
             t(Tree::Meta)?,
+            t(Tree::Usage)?,
         ];
         Ok(Self { db, trees })
     }

@@ -72,6 +72,14 @@ pub enum AdminCommand {
     },
     /// List revocation rules.
     Revocations,
+    /// A job's signatures per key and per certificate, against each key's budget.
+    Usage {
+        #[arg(long)]
+        environment: String,
+        /// The job id (the certificate serial for a provider without job ids).
+        #[arg(long)]
+        job_id: String,
+    },
     /// Write a consistent backup of the site to FILE (mode 0600; keys stay wrapped under the
     /// KEK); `meshsignd restore --config C FILE` brings it back.
     Snapshot {
@@ -332,6 +340,27 @@ pub async fn dispatch(cfg: &ClientConfig, command: AdminCommand) -> Result<(), C
                             "{}\t{}={}\tregion={}\tby {}\t{}",
                             r.id, r.kind, r.value, r.region, r.operator, r.reason
                         );
+                    }
+                    Ok(())
+                }
+                AdminCommand::Usage {
+                    environment,
+                    job_id,
+                } => {
+                    let u = c.job_usage(&environment, &job_id).await?;
+                    let limit = |b: Option<u64>| b.map_or("unlimited".to_string(), |b| b.to_string());
+                    println!("KEY\tSIGNATURES\tJOB BUDGET\tCERTIFICATE\tSIGNATURES\tCERTIFICATE BUDGET");
+                    for k in u.keys {
+                        println!(
+                            "{}\t{}\t{}\t-\t-\t{}",
+                            k.key_alias,
+                            k.total,
+                            limit(k.per_job_budget),
+                            limit(k.per_certificate_budget)
+                        );
+                        for (serial, n) in k.by_certificate {
+                            println!("{}\t-\t-\t{serial}\t{n}\t-", k.key_alias);
+                        }
                     }
                     Ok(())
                 }
