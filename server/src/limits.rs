@@ -237,7 +237,11 @@ mod tests {
         assert!(l.admit(&1));
         assert!(!l.admit(&1));
         clock.advance(Duration::from_secs(60));
-        assert_eq!((0..5).filter(|_| l.admit(&1)).count(), 3, "refill stops at the burst");
+        assert_eq!(
+            (0..5).filter(|_| l.admit(&1)).count(),
+            3,
+            "refill stops at the burst"
+        );
     }
 
     #[test]
@@ -256,7 +260,10 @@ mod tests {
         }
         assert_eq!(l.tracked(), MAX_TRACKED);
         // Every tracked key is draining: new keys share the overflow bucket (one token).
-        assert!(!l.admit(&u32::MAX), "the overflow bucket was spent by the first newcomer");
+        assert!(
+            !l.admit(&u32::MAX),
+            "the overflow bucket was spent by the first newcomer"
+        );
     }
 
     #[test]

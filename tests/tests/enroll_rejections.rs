@@ -468,7 +468,24 @@ async fn an_oversized_request_is_refused_before_it_is_read_or_recorded() {
     );
     assert!(err.message().len() < 400, "the message is bounded");
     let rec = site.last_audit();
-    assert!(rec.environment.chars().count() <= 64);
+    assert!(rec.environment.len() <= 64, "{}", rec.environment.len());
+    // What is kept of the invalid value is a prefix and the hash of the whole.
+    let whole = "\u{1}".repeat(20_000);
+    let sha = hex::encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        whole.as_bytes(),
+    ));
+    assert!(
+        rec.environment.starts_with('\u{1}'),
+        "{:?}",
+        rec.environment
+    );
+    assert!(
+        rec.environment
+            .ends_with(&format!("…[sha256:{},20000 bytes]", &sha[..16])),
+        "{:?}",
+        rec.environment
+    );
     assert!(
         serde_json::to_vec(&rec).unwrap().len() < 4096,
         "the entry is bounded"

@@ -26,18 +26,21 @@ impl AdminApi {
     /// The operator from the peer certificate; a certificate that names none is refused and
     /// the refusal audited under `rpc`.
     async fn operator<T>(&self, req: &Request<T>, rpc: &'static str) -> Result<Operator, Status> {
-        let parsed = match req.peer_certs() {
-            Some(certs) => match certs.first() {
-                Some(leaf) => Operator::from_cert_der(leaf, &self.0.config().trust_domain),
-                None => Err(IdentityError::NoCertificate),
-            },
+        let certs = req.peer_certs();
+        let leaf = certs.as_ref().and_then(|c| c.first());
+        let parsed = match leaf {
+            Some(leaf) => Operator::from_cert_der(leaf, &self.0.config().trust_domain),
             None => Err(IdentityError::NoCertificate),
         };
         match parsed {
             Ok(op) => Ok(op),
-            Err(e) => Err(status(
-                &ops::refuse_unidentified(&self.0, rpc, &peer(req), e).await,
-            )),
+            Err(e) => Err(status(&ops::refuse_unidentified(
+                &self.0,
+                rpc,
+                &peer(req),
+                leaf.map(|c| c.as_ref()),
+                e,
+            ))),
         }
     }
 }
@@ -297,9 +300,19 @@ impl v1::admin_server::Admin for AdminApi {
         let op = self.operator(&req, "GetJobUsage").await?;
         let s = &self.0;
         let r = req.into_inner();
-        let (usage, budgets) = audited(s, &op, "GetJobUsage", &r.environment, Access::Read, async || {
-            Ok((ops::keys::job_usage(s, &r.environment, &r.job_id)?, String::new()))
-        })
+        let (usage, budgets) = audited(
+            s,
+            &op,
+            "GetJobUsage",
+            &r.environment,
+            Access::Read,
+            async || {
+                Ok((
+                    ops::keys::job_usage(s, &r.environment, &r.job_id)?,
+                    String::new(),
+                ))
+            },
+        )
         .await
         .map_err(|e| status(&e))?;
         Ok(Response::new(v1::JobUsage {

@@ -141,8 +141,9 @@ const RESERVED_DESCRIPTORS: u64 = 256;
 
 /// Raises the open-file limit to its hard limit and checks that the three listeners at their
 /// `[limits] max_connections` fit in it: a site must refuse to start rather than fail every
-/// client once an attacker fills its descriptor table.
-pub fn fit_descriptors(limits: &crate::config::Limits) -> Result<u64, String> {
+/// client once an attacker fills its descriptor table. A dev site (`dev = true`) lowers its
+/// caps to fit instead, with a warning, so `meshsignd dev` starts on any machine.
+pub fn fit_descriptors(config: &mut SiteConfig) -> Result<u64, String> {
     use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
     let cur = getrlimit(Resource::Nofile);
     let raised = Rlimit {
@@ -154,17 +155,31 @@ pub fn fit_descriptors(limits: &crate::config::Limits) -> Result<u64, String> {
         Err(_) => cur.current,
     }
     .unwrap_or(u64::MAX);
+    let limits = &mut config.limits;
     let need = limits.descriptors_needed() + RESERVED_DESCRIPTORS;
-    if soft < need {
-        return Err(format!(
-            "[limits] max_connections = {} needs {need} open files (3 listeners + \
-             {RESERVED_DESCRIPTORS} reserved) and this process may open {soft}: lower \
-             max_connections in the config, or raise the limit (LimitNOFILE= in the systemd \
-             unit, ulimit -n)",
-            limits.max_connections
-        ));
+    if soft >= need {
+        return Ok(soft);
     }
-    Ok(soft)
+    if config.dev {
+        let fit = u32::try_from(soft.saturating_sub(RESERVED_DESCRIPTORS) / 3)
+            .unwrap_or(u32::MAX)
+            .max(1);
+        tracing::warn!(
+            open_files = soft,
+            max_connections = fit,
+            "dev site: [limits] max_connections lowered to fit the open-file limit"
+        );
+        limits.max_connections = fit;
+        limits.max_connections_per_source = limits.max_connections_per_source.min(fit);
+        return Ok(soft);
+    }
+    Err(format!(
+        "[limits] max_connections = {} needs {need} open files (3 listeners + \
+         {RESERVED_DESCRIPTORS} reserved) and this process may open {soft}: lower \
+         max_connections in the config, or raise the limit (LimitNOFILE= in the systemd unit, \
+         ulimit -n)",
+        limits.max_connections
+    ))
 }
 
 async fn write_summaries(state: &SiteState) {

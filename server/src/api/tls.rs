@@ -36,7 +36,6 @@ use crate::clock::{RustlsTime, SharedClock};
 use crate::config::TlsFiles;
 use crate::limits::{ConnectionLimiter, ConnectionPermit};
 
-
 /// TLS setup failures.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -433,9 +432,11 @@ pub fn incoming(
             };
             let _ = tcp.set_nodelay(true);
             let current = config.read().unwrap_or_else(|p| p.into_inner()).clone();
-            let (acceptor, tx, admission) = (TlsAcceptor::from(current), tx.clone(), admission.clone());
+            let (acceptor, tx, admission) =
+                (TlsAcceptor::from(current), tx.clone(), admission.clone());
             tokio::spawn(async move {
-                match tokio::time::timeout(admission.handshake_timeout, acceptor.accept(tcp)).await {
+                match tokio::time::timeout(admission.handshake_timeout, acceptor.accept(tcp)).await
+                {
                     Ok(Ok(tls)) => {
                         let stream = BufferedTls::new(tls, admission.first_request_timeout, permit);
                         let _ = tx.send(Ok(stream)).await;
@@ -448,7 +449,10 @@ pub fn incoming(
                     Err(_) => (admission.refused)(
                         "handshake_timeout",
                         peer,
-                        format!("{} port: no TLS handshake within {:?}", admission.port, admission.handshake_timeout),
+                        format!(
+                            "{} port: no TLS handshake within {:?}",
+                            admission.port, admission.handshake_timeout
+                        ),
                     ),
                 }
             });
@@ -461,7 +465,10 @@ pub fn incoming(
 /// failed check (an unknown or revoked issuer, no certificate, a bad message); I/O errors are
 /// reduced to their kind.
 fn handshake_reason(e: &io::Error) -> String {
-    match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
         Some(tls) => crate::model::bounded(&tls.to_string(), 160),
         None => format!("{:?}", e.kind()),
     }

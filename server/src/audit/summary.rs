@@ -178,7 +178,10 @@ mod tests {
     fn the_same_refusal_from_one_source_is_one_tally() {
         let s = Summaries::default();
         for port in 0..100 {
-            s.count(refusal(&format!("10.0.0.1:{}", 1000 + port), "rate_limited"), 5);
+            s.count(
+                refusal(&format!("10.0.0.1:{}", 1000 + port), "rate_limited"),
+                5,
+            );
         }
         s.count(refusal("10.0.0.2:1", "rate_limited"), 6);
         s.count(refusal("10.0.0.1:1", "handshake"), 6);

@@ -276,8 +276,8 @@ fn recover(data_dir: &std::path::Path, accept: Option<u64>) -> Result<(), String
     }
 }
 
-async fn start(cfg: SiteConfig) -> Result<SiteHandle, String> {
-    meshsign_server::api::server::fit_descriptors(&cfg.limits)?;
+async fn start(mut cfg: SiteConfig) -> Result<SiteHandle, String> {
+    meshsign_server::api::server::fit_descriptors(&mut cfg)?;
     let data_dir = cfg.data_dir.clone();
     let state = tokio::task::spawn_blocking(move || SiteState::open(cfg, Arc::new(SystemClock)))
         .await

@@ -340,7 +340,10 @@ impl Limits {
                 u64::from(self.max_streams_per_connection),
             ),
             ("request_timeout_seconds", self.request_timeout_seconds),
-            ("max_connection_age_seconds", self.max_connection_age_seconds),
+            (
+                "max_connection_age_seconds",
+                self.max_connection_age_seconds,
+            ),
             (
                 "max_requests_in_flight",
                 u64::from(self.max_requests_in_flight),
@@ -364,7 +367,11 @@ impl Limits {
                 self.enroll_per_source_per_second,
                 self.enroll_per_source_burst,
             ),
-            ("sign_per_job", self.sign_per_job_per_second, self.sign_per_job_burst),
+            (
+                "sign_per_job",
+                self.sign_per_job_per_second,
+                self.sign_per_job_burst,
+            ),
         ] {
             if rate > 0 && burst == 0 {
                 return Err(invalid(
@@ -406,7 +413,8 @@ pub struct DigestAllowList {
 
 impl DigestAllowList {
     fn load(path: PathBuf) -> Result<Self, String> {
-        let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         let mut digests = HashSet::new();
         for (n, line) in text.lines().enumerate() {
             let line = line.split('#').next().unwrap_or("").trim();

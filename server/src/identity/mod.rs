@@ -37,6 +37,32 @@ pub fn only_uri_san<'a>(cert: &X509Certificate<'a>) -> Option<&'a str> {
     }
 }
 
+/// What a refused certificate is, for the audit: its subject alternative names (`uri:`,
+/// `dns:`, comma-separated; `(none)`) and the SHA-256 of its DER (hex).
+pub fn describe_certificate(der: &[u8]) -> (String, String) {
+    let sha256 = hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der));
+    let sans = X509Certificate::from_der(der)
+        .ok()
+        .and_then(|(_, cert)| {
+            cert.subject_alternative_name().ok().flatten().map(|s| {
+                s.value
+                    .general_names
+                    .iter()
+                    .map(|n| match n {
+                        GeneralName::URI(u) => format!("uri:{u}"),
+                        GeneralName::DNSName(d) => format!("dns:{d}"),
+                        GeneralName::RFC822Name(e) => format!("email:{e}"),
+                        other => format!("{other:?}"),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "(none)".into());
+    (sans, sha256)
+}
+
 // === runners ===
 
 /// The authenticated caller of a sign-port RPC, built once from the peer certificate.

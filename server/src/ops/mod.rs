@@ -159,22 +159,28 @@ pub async fn audited<T>(
     result.map(|(t, _)| t)
 }
 
-/// Audits an admin call refused before an operator could be named (its certificate is not an
-/// ops identity), and returns that refusal (or `audit_unavailable`).
-pub async fn refuse_unidentified(
+/// Counts an admin call refused before an operator could be named (its certificate is not an
+/// ops identity) into a summary audit entry — one per certificate, peer address and interval,
+/// with the certificate's SANs and SHA-256 — and returns the refusal. Never one write per
+/// call: whoever holds such a certificate could otherwise fill the log.
+pub fn refuse_unidentified(
     site: &SiteState,
     rpc: &'static str,
     peer: &str,
+    certificate: Option<&[u8]>,
     err: IdentityError,
 ) -> OpsError {
     let err = OpsError::Identity(err);
     let mut rec = admin_record(rpc, "", "(unidentified)");
     rec.peer = bounded(peer, 64);
-    crate::audit::deny(&mut rec, &err, "admin action refused");
-    match site.audit.record(rec).await {
-        Ok(_) => err,
-        Err(e) => OpsError::Audit(e),
+    crate::audit::deny_quietly(&mut rec, &err);
+    if let Some(der) = certificate {
+        let (sans, sha256) = crate::identity::describe_certificate(der);
+        rec.subject = bounded(&sans, 200);
+        rec.detail = format!("{}; certificate sha256 {sha256}", rec.detail);
     }
+    site.summaries.count(rec, site.clock.unix());
+    err
 }
 
 fn admin_record(rpc: &str, environment: &str, operator: &str) -> AuditRecord {

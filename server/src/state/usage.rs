@@ -103,13 +103,12 @@ impl SiteState {
             }
         }
         k.total = k.total.saturating_add(charge.items);
-        k.by_certificate
-            .insert(charge.serial.to_string(), on_cert.saturating_add(charge.items));
-        self.store.put(
-            Tree::Usage,
-            &key(charge.environment, charge.job_id),
-            &usage,
-        )?;
+        k.by_certificate.insert(
+            charge.serial.to_string(),
+            on_cert.saturating_add(charge.items),
+        );
+        self.store
+            .put(Tree::Usage, &key(charge.environment, charge.job_id), &usage)?;
         Ok(Ok(()))
     }
 }

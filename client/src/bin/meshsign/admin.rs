@@ -348,8 +348,11 @@ pub async fn dispatch(cfg: &ClientConfig, command: AdminCommand) -> Result<(), C
                     job_id,
                 } => {
                     let u = c.job_usage(&environment, &job_id).await?;
-                    let limit = |b: Option<u64>| b.map_or("unlimited".to_string(), |b| b.to_string());
-                    println!("KEY\tSIGNATURES\tJOB BUDGET\tCERTIFICATE\tSIGNATURES\tCERTIFICATE BUDGET");
+                    let limit =
+                        |b: Option<u64>| b.map_or("unlimited".to_string(), |b| b.to_string());
+                    println!(
+                        "KEY\tSIGNATURES\tJOB BUDGET\tCERTIFICATE\tSIGNATURES\tCERTIFICATE BUDGET"
+                    );
                     for k in u.keys {
                         println!(
                             "{}\t{}\t{}\t-\t-\t{}",

@@ -1,0 +1,473 @@
+//! Abuse limits against a real site (issue 13): connection caps, load shedding, the enroll rate
+//! limit, per-job sign quotas, signing budgets and digest allow-lists, and the summary audit
+//! entries that count refusals instead of writing one entry per attacker packet.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use meshsign_client::runner::RunnerKey;
+use meshsign_proto::v1;
+use meshsign_server::audit::AuditRecord;
+use meshsign_tests::{TestSite, sign_req};
+use tokio::io::AsyncReadExt as _;
+use tonic::Code;
+
+/// Writes the counted refusals now (the site does it every `summary_seconds`).
+async fn flush_summaries(site: &TestSite) -> usize {
+    let s = site.state();
+    s.summaries.flush(&s.audit).await.unwrap()
+}
+
+fn summaries(site: &TestSite, reason: &str) -> Vec<AuditRecord> {
+    site.audit()
+        .into_iter()
+        .filter(|r| r.reason == reason && r.detail.contains("(summary)"))
+        .collect()
+}
+
+/// "N refusal(s) between" → N.
+fn count_of(rec: &AuditRecord) -> u64 {
+    let at = rec.detail.find(" refusal(s) between").expect("a summary");
+    let head = &rec.detail[..at];
+    let n = head.rsplit(' ').next().unwrap().trim_start_matches("; ");
+    n.parse()
+        .unwrap_or_else(|_| panic!("count in {:?}", rec.detail))
+}
+
+#[tokio::test]
+async fn an_enroll_flood_from_one_source_is_cut_before_any_write_and_summarised() {
+    let site = TestSite::start_with(
+        "\n[limits]\nenroll_per_source_per_second = 1\nenroll_per_source_burst = 5\n",
+        None,
+    )
+    .await;
+    let mut enroll = site.enrollment().await;
+    let before = site.audit().len();
+    let mut limited = 0;
+    for _ in 0..40 {
+        let key = RunnerKey::generate().unwrap();
+        let req = site.enroll_request("staging", "not-a-token".into(), &key);
+        let err = enroll.enroll(req).await.unwrap_err();
+        if err.code() == Code::ResourceExhausted {
+            assert!(
+                err.message()
+                    .starts_with("rate_limited: too many enrollments from 127.0.0.1"),
+                "{}",
+                err.message()
+            );
+            limited += 1;
+        } else {
+            assert!(
+                err.message().starts_with("token_malformed: "),
+                "{}",
+                err.message()
+            );
+        }
+    }
+    assert_eq!(limited, 35, "the burst is 5");
+    assert_eq!(
+        site.audit().len(),
+        before + 5,
+        "only the requests within the burst were recorded one by one"
+    );
+    assert_eq!(flush_summaries(&site).await, 1);
+    let s = summaries(&site, "rate_limited");
+    assert_eq!(s.len(), 1, "{s:?}");
+    assert_eq!(
+        (s[0].rpc.as_str(), s[0].peer.as_str()),
+        ("Enroll", "127.0.0.1")
+    );
+    assert_eq!(count_of(&s[0]), 35, "{}", s[0].detail);
+
+    // The bucket refills with time: a valid enrollment from the same source succeeds again.
+    site.clock.advance(Duration::from_secs(2));
+    let key = RunnerKey::generate().unwrap();
+    let req = site.enroll_request("staging", site.token("staging"), &key);
+    enroll.enroll(req).await.unwrap();
+}
+
+#[tokio::test]
+async fn summaries_are_written_by_the_site_on_their_interval() {
+    let site = TestSite::start_with(
+        "\n[limits]\nenroll_per_source_per_second = 1\nenroll_per_source_burst = 1\nsummary_seconds = 1\n",
+        None,
+    )
+    .await;
+    let mut enroll = site.enrollment().await;
+    for _ in 0..4 {
+        let key = RunnerKey::generate().unwrap();
+        let _ = enroll
+            .enroll(site.enroll_request("staging", "x".into(), &key))
+            .await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = summaries(&site, "rate_limited");
+        if let Some(rec) = s.first() {
+            assert_eq!(count_of(rec), 3);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no summary within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_job_over_its_sign_rate_is_refused_and_summarised_with_its_identity() {
+    let site = TestSite::start_with(
+        "\n[limits]\nsign_per_job_per_second = 1\nsign_per_job_burst = 3\n",
+        None,
+    )
+    .await;
+    let (_key, resp, mut signer) = site.enrolled("staging").await;
+    let before = site.audit().len();
+    let mut refused = 0;
+    for i in 0..10 {
+        match signer.sign(sign_req("release", i)).await {
+            Ok(_) => {}
+            Err(e) => {
+                assert_eq!(e.code(), Code::ResourceExhausted);
+                assert!(
+                    e.message().starts_with("rate_limited: job "),
+                    "{}",
+                    e.message()
+                );
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(refused, 7);
+    assert_eq!(
+        site.audit().len(),
+        before + 3,
+        "refusals are counted, not written"
+    );
+    flush_summaries(&site).await;
+    let s = summaries(&site, "rate_limited");
+    assert_eq!(s.len(), 1, "{s:?}");
+    assert_eq!(s[0].rpc, "Sign");
+    assert_eq!(s[0].cert_serial, resp.serial);
+    assert_eq!(s[0].key_id, "release", "the requested key is named");
+    assert!(!s[0].job_id.is_empty());
+    assert_eq!(count_of(&s[0]), 7);
+    site.clock.advance(Duration::from_secs(1));
+    signer.sign(sign_req("release", 99)).await.unwrap();
+}
+
+const BUDGETED_KEY: &str = r#"
+[[environments.signing_keys]]
+alias = "budgeted"
+algorithm = "ecdsa-p256-sha256"
+access = { repositories = ["*"], refs = ["*"] }
+max_signatures_per_job = 5
+max_signatures_per_certificate = 3
+"#;
+
+#[tokio::test]
+async fn signing_budgets_hold_per_certificate_and_per_job_across_a_restart() {
+    let site = TestSite::start_with(BUDGETED_KEY, None).await;
+    let (_k1, r1, mut s1) = site.enrolled("production").await;
+    for i in 0..3 {
+        s1.sign(sign_req("budgeted", i)).await.unwrap();
+    }
+    let err = s1.sign(sign_req("budgeted", 9)).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert_eq!(
+        err.message(),
+        "budget: key `budgeted` allows 3 signature(s) per certificate; this certificate has 3 and asked for 1"
+    );
+    let rec = site.last_audit();
+    assert_eq!(
+        (
+            rec.decision.as_str(),
+            rec.reason.as_str(),
+            rec.cert_serial.as_str()
+        ),
+        ("deny", "budget", r1.serial.as_str())
+    );
+    assert!(rec.key_id.starts_with("budgeted@"), "{}", rec.key_id);
+    // An unbudgeted key of the same job is not affected.
+    s1.sign(sign_req("prod-only", 1)).await.unwrap();
+
+    // The same job on a second certificate: the job budget (5) has 2 left; a batch of 3 is
+    // refused whole (nothing signed, nothing counted), a batch of 2 fits.
+    let job = |c: &mut serde_json::Value, run: &str| c["run_id"] = run.into();
+    let run_id = site.claims("production")["run_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (_k2, r2, mut s2) = site.enrolled_with("production", |c| job(c, &run_id)).await;
+    let batch = |n: u8| v1::SignBatchRequest {
+        key_alias: "budgeted".into(),
+        sha256_digests: (0..n).map(|i| vec![i; 32]).collect(),
+        artifact_name: "batch".into(),
+        algorithm: String::new(),
+    };
+    let err = s2.sign_batch(batch(3)).await.unwrap_err();
+    assert!(
+        err.message()
+            .starts_with("budget: key `budgeted` allows 5 signature(s) per job; this job has 3"),
+        "{}",
+        err.message()
+    );
+    s2.sign_batch(batch(2)).await.unwrap();
+
+    // Usage as ops see it.
+    let usage = site
+        .admin()
+        .await
+        .get_job_usage(v1::JobUsageRequest {
+            environment: "production".into(),
+            job_id: run_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let budgeted = usage
+        .keys
+        .iter()
+        .find(|k| k.key_alias == "budgeted")
+        .unwrap();
+    assert_eq!(budgeted.total, 5);
+    assert_eq!(budgeted.by_certificate[&r1.serial], 3);
+    assert_eq!(budgeted.by_certificate[&r2.serial], 2);
+    assert_eq!(
+        (budgeted.per_job_budget, budgeted.per_certificate_budget),
+        (Some(5), Some(3))
+    );
+    let other = usage
+        .keys
+        .iter()
+        .find(|k| k.key_alias == "prod-only")
+        .unwrap();
+    assert_eq!((other.total, other.per_job_budget), (1, None));
+    assert_eq!(site.last_audit().rpc, "Admin.GetJobUsage");
+
+    // A restart keeps the counts: the job is still out of budget.
+    let site = site.restart().await;
+    let (_k3, _r3, mut s3) = site.enrolled_with("production", |c| job(c, &run_id)).await;
+    let err = s3.sign(sign_req("budgeted", 1)).await.unwrap_err();
+    assert!(err.message().starts_with("budget: "), "{}", err.message());
+}
+
+#[tokio::test]
+async fn a_key_with_a_digest_allow_list_signs_only_those_digests() {
+    let lists = tempfile::tempdir().unwrap();
+    let list = lists.path().join("allow.txt");
+    std::fs::write(
+        &list,
+        format!("# release 1.2.3\n{}\n", hex::encode([7u8; 32])),
+    )
+    .unwrap();
+    let extra = format!(
+        r#"
+[[environments.signing_keys]]
+alias = "allowlisted"
+algorithm = "ecdsa-p256-sha256"
+access = {{ repositories = ["*"], refs = ["*"] }}
+purposes = ["digest"]
+digest_allow_list = "{}"
+"#,
+        list.display()
+    );
+    let site = TestSite::start_with(&extra, None).await;
+    let (_k, _r, mut signer) = site.enrolled("production").await;
+    signer.sign(sign_req("allowlisted", 7)).await.unwrap();
+    let err = signer.sign(sign_req("allowlisted", 8)).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert_eq!(
+        err.message(),
+        format!(
+            "digest_allow_list: key `allowlisted` signs only the digests in its allow-list; {} is not there",
+            hex::encode([8u8; 32])
+        )
+    );
+    assert_eq!(site.last_audit().reason, "digest_allow_list");
+    // A reload re-reads the list.
+    std::fs::write(&list, hex::encode([8u8; 32])).unwrap();
+    let cfg = meshsign_server::config::SiteConfig::load(&site.site_toml).unwrap();
+    site.handle.reload(cfg).await.unwrap();
+    signer.sign(sign_req("allowlisted", 8)).await.unwrap();
+    let err = signer.sign(sign_req("allowlisted", 7)).await.unwrap_err();
+    assert!(err.message().starts_with("digest_allow_list: "));
+}
+
+/// Opens a TLS connection to `addr` from `source` and completes the handshake.
+async fn tls_from(
+    site: &TestSite,
+    source: &str,
+    addr: std::net::SocketAddr,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind(format!("{source}:0").parse().unwrap())?;
+    let tcp = sock.connect(addr).await?;
+    let roots = meshsign_client::transport::roots(&site.client).unwrap();
+    let tls = meshsign_client::transport::tls_config(roots, None).unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+}
+
+#[tokio::test]
+async fn connections_are_capped_per_source_and_per_listener() {
+    let site = TestSite::start_with(
+        "\n[limits]\nmax_connections = 12\nmax_connections_per_source = 8\n",
+        None,
+    )
+    .await;
+    let addr = site.handle.enroll_addr;
+    // Eight connections from 127.0.0.1 that never start TLS hold that source's places.
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The ninth from the same source is closed at once, before any TLS.
+    let mut ninth = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(5), ninth.read(&mut buf))
+        .await
+        .expect("closed at once, not left to time out");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    // Another source still gets a handshake, and the sign port has its own caps.
+    tls_from(&site, "127.0.0.2", addr).await.unwrap();
+    let (_k, _r, mut signer) = {
+        drop(held.pop());
+        drop(held.pop());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        site.enrolled("staging").await
+    };
+    signer.sign(sign_req("release", 1)).await.unwrap();
+    // Fill the listener (12) from other sources: the next is refused whatever its source.
+    let mut others = Vec::new();
+    for i in 0..12 {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("127.0.1.{}:0", 1 + i % 2).parse().unwrap())
+            .unwrap();
+        if let Ok(s) = sock.connect(addr).await {
+            others.push(s);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let err = tls_from(&site, "127.0.2.1", addr).await;
+    assert!(err.is_err(), "the listener is full");
+    drop(held);
+    drop(others);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tls_from(&site, "127.0.0.1", addr).await.unwrap();
+
+    flush_summaries(&site).await;
+    let per_source = summaries(&site, "connection_limit_source");
+    assert!(
+        per_source
+            .iter()
+            .any(|r| r.peer == "127.0.0.1" && r.rpc == "Connect"),
+        "{per_source:?}"
+    );
+    assert!(!summaries(&site, "connection_limit").is_empty());
+}
+
+#[tokio::test]
+async fn requests_beyond_the_in_flight_limit_are_shed_with_resource_exhausted() {
+    let site = TestSite::start_with("\n[limits]\nmax_requests_in_flight = 1\n", None).await;
+    let (_k, _r, signer) = site.enrolled("staging").await;
+    // Hold the audit writer: the first request waits for its entry, holding the only place.
+    let state = site.state().clone();
+    let (held_tx, held_rx) = tokio::sync::oneshot::channel();
+    let hold = tokio::spawn(async move {
+        state
+            .audit
+            .exclusive(move |_, _, _| {
+                let _ = held_tx.send(());
+                std::thread::sleep(Duration::from_secs(2));
+            })
+            .await
+    });
+    held_rx.await.unwrap();
+    let mut first = signer.clone();
+    let first = tokio::spawn(async move { first.sign(sign_req("release", 1)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut second = signer.clone();
+    let err = second.sign(sign_req("release", 2)).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert_eq!(
+        err.message(),
+        "overloaded: the sign port is serving its maximum of 1 requests; retry shortly"
+    );
+    hold.await.unwrap().unwrap();
+    first.await.unwrap().unwrap();
+    second.sign(sign_req("release", 3)).await.unwrap();
+    flush_summaries(&site).await;
+    assert_eq!(summaries(&site, "overloaded").len(), 1);
+}
+
+#[tokio::test]
+async fn refused_handshakes_are_counted_into_summary_entries() {
+    let site = TestSite::start().await;
+    // No client certificate on the sign port: the handshake fails.
+    for _ in 0..5 {
+        let mut tls = tls_from(&site, "127.0.0.1", site.handle.sign_addr)
+            .await
+            .unwrap();
+        // TLS 1.3: the server reads the (missing) certificate after the client finished.
+        let mut buf = [0u8; 1];
+        let _ = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    flush_summaries(&site).await;
+    let s = summaries(&site, "handshake");
+    assert_eq!(s.len(), 1, "{s:?}");
+    assert_eq!(
+        (s[0].rpc.as_str(), s[0].peer.as_str()),
+        ("Connect", "127.0.0.1")
+    );
+    assert!(s[0].detail.starts_with("sign port: "), "{}", s[0].detail);
+    assert_eq!(count_of(&s[0]), 5, "{}", s[0].detail);
+}
+
+#[test]
+fn limits_are_validated_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    meshsign_tests::write_site_files(dir.path());
+    let base = std::fs::read_to_string(dir.path().join("site.toml")).unwrap();
+    for (extra, field) in [
+        (
+            "[limits]\nmax_connections = 4\nmax_connections_per_source = 8\n",
+            "limits.max_connections_per_source",
+        ),
+        (
+            "[limits]\nmax_requests_in_flight = 0\n",
+            "limits.max_requests_in_flight",
+        ),
+        (
+            "[limits]\nenroll_per_source_per_second = 5\nenroll_per_source_burst = 0\n",
+            "limits.enroll_per_source_burst",
+        ),
+        ("[limits]\nmax_conections = 4\n", "limits"),
+    ] {
+        let err =
+            meshsign_server::config::SiteConfig::from_toml(&format!("{base}\n{extra}"), dir.path())
+                .unwrap_err()
+                .to_string();
+        assert!(err.starts_with(field), "{extra}: {err}");
+    }
+    let mut cfg = meshsign_server::config::SiteConfig::from_toml(&base, dir.path()).unwrap();
+    assert!(meshsign_server::api::server::fit_descriptors(&mut cfg).is_ok());
+    cfg.limits.max_connections = u32::MAX;
+    let err = meshsign_server::api::server::fit_descriptors(&mut cfg).unwrap_err();
+    assert!(
+        err.starts_with("[limits] max_connections = 4294967295 needs"),
+        "{err}"
+    );
+    cfg.dev = true;
+    meshsign_server::api::server::fit_descriptors(&mut cfg).unwrap();
+    assert!(
+        cfg.limits.max_connections < u32::MAX / 3,
+        "a dev site fits its caps instead"
+    );
+}
