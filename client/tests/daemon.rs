@@ -279,3 +279,134 @@ async fn a_connection_that_sends_nothing_after_the_handshake_is_closed() {
         "{took:?}"
     );
 }
+
+/// Resident memory of a process, KiB (Linux `/proc`).
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// The red team's stream attack (issue 13): many connections, each opening as many streams as
+/// it can with gRPC bodies that announce 3 MiB and send part of it, held open. The site
+/// advertises 64 streams per connection, refuses an oversized message from its length prefix
+/// without buffering it, and keeps serving a legitimate client; its memory stays bounded.
+#[tokio::test]
+async fn streams_with_partial_bodies_cannot_grow_the_site_s_memory() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let site = common::start_dev(&dir);
+    let pid = site.0.id();
+    let cfg = meshsign_client::ClientConfig::load(&dir.join("client.toml")).unwrap();
+    let addr = endpoint(&dir, "enroll_endpoint");
+    let roots = meshsign_client::transport::roots(&cfg).unwrap();
+    let mut tls = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let tls = std::sync::Arc::new(tls);
+    let legit = || {
+        Command::new(common::meshsign())
+            .arg("--config")
+            .arg(dir.join("client.toml"))
+            .args([
+                "verification-material",
+                "--environment",
+                "staging",
+                "--key",
+                "release",
+            ])
+            .output()
+            .unwrap()
+    };
+    assert!(legit().status.success());
+    let before = rss_kib(pid);
+
+    const CONNECTIONS: usize = 20;
+    const STREAMS: usize = 100;
+    let chunk = bytes::Bytes::from(vec![0u8; 60 * 1024]);
+    let connect = || async {
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let io = tokio_rustls::TlsConnector::from(tls.clone())
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let (send, mut conn) = h2::client::handshake(io).await.unwrap();
+        // Drive the connection until the site's SETTINGS (its stream limit) have arrived.
+        let _ = tokio::time::timeout(Duration::from_millis(200), &mut conn).await;
+        let limit = conn.max_concurrent_send_streams();
+        let driver = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        (send, driver, limit)
+    };
+    let enroll = || {
+        http::Request::post("https://localhost/meshsign.v1.Enrollment/Enroll")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap()
+    };
+    // Streams whose body never comes (headers only) wait in the site for the request timeout.
+    let (mut send, _driver, limit) = connect().await;
+    assert_eq!(limit, 64, "the site advertises 64 streams per connection");
+    let mut pending = Vec::new();
+    for _ in 0..STREAMS {
+        match tokio::time::timeout(Duration::from_millis(500), send.clone().ready()).await {
+            Ok(Ok(ready)) => send = ready,
+            _ => break,
+        }
+        match send.send_request(enroll(), false) {
+            Ok(stream) => pending.push(stream),
+            Err(_) => break,
+        }
+    }
+
+    let mut held = Vec::new();
+    let mut drivers = Vec::new();
+    let mut opened = 0usize;
+    for _ in 0..CONNECTIONS {
+        let (mut send, driver, _) = connect().await;
+        for _ in 0..STREAMS {
+            match tokio::time::timeout(Duration::from_millis(200), send.clone().ready()).await {
+                Ok(Ok(ready)) => send = ready,
+                _ => break,
+            }
+            let Ok((response, mut body)) = send.send_request(enroll(), false) else {
+                break;
+            };
+            // A gRPC frame announcing 3 MiB, then 60 KiB of it, never finished.
+            let mut prefix = vec![0u8];
+            prefix.extend_from_slice(&(3u32 * 1024 * 1024).to_be_bytes());
+            let _ = body.send_data(bytes::Bytes::from(prefix), false);
+            let _ = body.send_data(chunk.clone(), false);
+            held.push((response, body));
+            opened += 1;
+        }
+        drivers.push(driver);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let during = rss_kib(pid);
+    // The legitimate client is served while the attack holds its connections.
+    assert!(
+        legit().status.success(),
+        "a legitimate request during the attack"
+    );
+    let grown_mib = during.saturating_sub(before) / 1024;
+    eprintln!("RSS {before} KiB before, {during} KiB with {opened} attack streams held");
+    assert!(
+        grown_mib < 48,
+        "RSS grew {grown_mib} MiB ({before} → {during} KiB) for {opened} attack streams"
+    );
+    assert!(opened >= CONNECTIONS, "the attack opened streams: {opened}");
+    drop(held);
+    drop(pending);
+    for d in drivers {
+        d.abort();
+    }
+}
