@@ -406,6 +406,24 @@ async fn requests_beyond_the_in_flight_limit_are_shed_with_resource_exhausted() 
     assert_eq!(summaries(&site, "overloaded").len(), 1);
 }
 
+/// A client certificate from a CA the site does not trust (a foreign or revoked runner CA).
+fn foreign_identity() -> (Vec<u8>, Vec<u8>) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, PKCS_ECDSA_P256_SHA256};
+    let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = rcgen::Issuer::new(ca, ca_key);
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut leaf = CertificateParams::new(Vec::<String>::new()).unwrap();
+    leaf.subject_alt_names.push(rcgen::SanType::URI(
+        "spiffe://meshsign.test/runner/staging/sg/x"
+            .try_into()
+            .unwrap(),
+    ));
+    let leaf = leaf.signed_by(&key, &ca).unwrap();
+    (leaf.der().to_vec(), key.serialize_der())
+}
+
 #[tokio::test]
 async fn refused_handshakes_are_counted_into_summary_entries() {
     let site = TestSite::start().await;

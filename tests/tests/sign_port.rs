@@ -144,7 +144,12 @@ async fn staging_certificate_never_uses_a_production_key() {
         "{}",
         err.message()
     );
-    assert_eq!(site.last_audit().reason, "key_not_in_partition");
+    let rec = site.last_audit();
+    assert_eq!(rec.reason, "key_not_in_partition");
+    assert_eq!(
+        rec.key_id, "prod-only",
+        "a refused Sign records the key it asked for"
+    );
 
     // Same alias in both partitions: staging signs with staging's key, never production's.
     let s = staging
