@@ -252,6 +252,10 @@ async fn signing_budgets_hold_per_certificate_and_per_job_across_a_restart() {
     let (_k3, _r3, mut s3) = site.enrolled_with("production", |c| job(c, &run_id)).await;
     let err = s3.sign(sign_req("budgeted", 1)).await.unwrap_err();
     assert!(err.message().starts_with("budget: "), "{}", err.message());
+    // Counts of a key without a budget live in memory and reach the store at shutdown.
+    let usage = site.state().job_usage("production", &run_id).unwrap();
+    assert_eq!(usage.keys["prod-only"].total, 1);
+    assert_eq!(usage.keys["budgeted"].total, 5);
 }
 
 #[tokio::test]

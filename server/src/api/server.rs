@@ -80,12 +80,16 @@ impl std::fmt::Debug for SiteHandle {
 }
 
 impl SiteHandle {
-    /// Stops the listeners and waits for them, then stops the audit writer and flushes.
+    /// Stops the listeners and waits for them, then stops the audit writer, saves the
+    /// in-memory signature counts and flushes.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
         while self.listeners.join_next().await.is_some() {}
         let _ = self.keeper.await;
         self.state.audit.stop().await;
+        if let Err(e) = self.state.persist_usage() {
+            tracing::warn!(error = %e, "signature counts of unbudgeted keys were not saved");
+        }
         let _ = self.state.store.flush();
     }
 

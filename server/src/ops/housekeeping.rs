@@ -19,6 +19,9 @@ pub async fn run_once(site: &SiteState) {
     if let Err(e) = prune_audit(site).await {
         tracing::warn!(error = %e, "audit retention failed");
     }
+    if let Err(e) = site.persist_usage() {
+        tracing::warn!(error = %e, "signature counts of unbudgeted keys stay in memory for now");
+    }
 }
 
 /// While audit writes fail (a full disk), tries to make the store writable again; logs when

@@ -167,8 +167,9 @@ pub struct SiteState {
     pub enroll_limiter: crate::limits::RateLimiter<std::net::IpAddr>,
     /// Sign-port requests per job (`[limits] sign_per_job_*`).
     pub sign_limiter: crate::limits::RateLimiter<(String, String)>,
-    /// Serializes signing-budget updates (read, check, count).
-    pub(crate) usage_lock: std::sync::Mutex<()>,
+    /// Signature counts not yet in the store, per job shard; each shard's lock also serializes
+    /// that shard's budget checks (read, check, count).
+    pub(crate) usage: usage::Pending,
 }
 
 impl std::fmt::Debug for SiteState {
@@ -314,7 +315,7 @@ impl SiteState {
                 limits.sign_per_job_burst,
                 clock.clone(),
             ),
-            usage_lock: std::sync::Mutex::new(()),
+            usage: Default::default(),
             clock,
             store,
             audit,

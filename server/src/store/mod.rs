@@ -70,7 +70,7 @@ pub enum Tree {
     KeyMeta,
     /// Small site facts (e.g. `audit/exported_through`).
     Meta,
-    /// Signatures counted per job: `environment/job_id` → [`crate::state::usage::JobUsage`].
+    /// Signatures counted per job, key and certificate (see `state::usage`).
     Usage,
 }
 
