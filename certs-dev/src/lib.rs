@@ -178,6 +178,8 @@ impl DevPki {
     }
 }
 
+pub mod postgres;
+
 /// File names the dev PKI and dev issuer use inside their folder.
 pub mod files {
     /// Server CA certificate (clients pin it).

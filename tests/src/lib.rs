@@ -39,16 +39,16 @@ pub const STAGING_MAX_SESSION: u64 = 5000;
 
 /// A running test site and everything needed to talk to it.
 pub struct TestSite {
-    /// Temporary folder (config, PKI, KEK, sled).
-    pub dir: tempfile::TempDir,
+    /// Temporary folder (config, PKI, KEK, sled), shared with replicas of the site.
+    pub dir: Arc<tempfile::TempDir>,
     /// The site.
     pub handle: SiteHandle,
     /// Its clock.
     pub clock: ManualClock,
     /// ES256 issuer, trusted by both environments (policy `ci`).
-    pub es: OidcIssuer,
+    pub es: Arc<OidcIssuer>,
     /// RS256 issuer, trusted by both environments (policy `gitlab`).
-    pub rs: OidcIssuer,
+    pub rs: Arc<OidcIssuer>,
     /// A client config pointing at the site.
     pub client: ClientConfig,
     /// Path of the site config.
@@ -175,11 +175,36 @@ impl TestSite {
         let handle = api::start(Arc::new(state)).await.unwrap();
         let client = client_config(dir.path(), &handle);
         Self {
-            dir,
+            dir: Arc::new(dir),
             handle,
             clock,
-            es,
-            rs,
+            es: Arc::new(es),
+            rs: Arc::new(rs),
+            client,
+            site_toml,
+        }
+    }
+
+    /// Another replica of this site: the same config, PKI, KEK and issuers, its own data
+    /// folder (`data-<name>`, for its marker) and ports. Only meaningful on a shared store
+    /// (`[store] engine = "postgres"`).
+    pub async fn replica(&self, name: &str) -> Self {
+        let text = std::fs::read_to_string(&self.site_toml).unwrap();
+        let text = text.replacen(
+            "data_dir = \"data\"",
+            &format!("data_dir = \"data-{name}\""),
+            1,
+        );
+        let site_toml = self.dir.path().join(format!("site-{name}.toml"));
+        std::fs::write(&site_toml, text).unwrap();
+        let handle = start_site(&site_toml, self.clock.clone()).await;
+        let client = client_config_named(self.dir.path(), &handle, &format!("client-{name}.toml"));
+        Self {
+            dir: self.dir.clone(),
+            handle,
+            clock: self.clock.clone(),
+            es: self.es.clone(),
+            rs: self.rs.clone(),
             client,
             site_toml,
         }
@@ -372,6 +397,11 @@ async fn start_site(site_toml: &Path, clock: ManualClock) -> SiteHandle {
 
 /// A client config for a running test site.
 pub fn client_config(dir: &Path, h: &SiteHandle) -> ClientConfig {
+    client_config_named(dir, h, "client.toml")
+}
+
+/// [`client_config`] written to `name` in `dir`.
+pub fn client_config_named(dir: &Path, h: &SiteHandle, name: &str) -> ClientConfig {
     let toml = format!(
         r#"region = "{REGION}"
 trust_domain = "{TRUST_DOMAIN}"
@@ -390,7 +420,7 @@ key_file = "pki/admin.key.pem"
 "#,
         h.enroll_addr, h.sign_addr, h.admin_addr
     );
-    let path = dir.join("client.toml");
+    let path = dir.join(name);
     std::fs::write(&path, toml).unwrap();
     ClientConfig::load(&path).unwrap()
 }

@@ -440,16 +440,48 @@ async fn refused_handshakes_are_counted_into_summary_entries() {
         let mut buf = [0u8; 1];
         let _ = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await;
     }
+    // A certificate of a runner CA the site does not trust.
+    let (leaf, key) = foreign_identity();
+    for _ in 0..3 {
+        let tcp = tokio::net::TcpStream::connect(site.handle.sign_addr)
+            .await
+            .unwrap();
+        let roots = meshsign_client::transport::roots(&site.client).unwrap();
+        let tls = meshsign_client::transport::tls_config(
+            roots,
+            Some(meshsign_client::transport::ClientIdentity {
+                chain: vec![leaf.clone().into()],
+                key: rustls_pki_types::PrivateKeyDer::Pkcs8(key.clone().into()),
+            }),
+        )
+        .unwrap();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        if let Ok(mut s) = tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await
+        {
+            let mut buf = [0u8; 1];
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+        }
+    }
     tokio::time::sleep(Duration::from_millis(200)).await;
     flush_summaries(&site).await;
     let s = summaries(&site, "handshake");
-    assert_eq!(s.len(), 1, "{s:?}");
-    assert_eq!(
-        (s[0].rpc.as_str(), s[0].peer.as_str()),
-        ("Connect", "127.0.0.1")
-    );
-    assert!(s[0].detail.starts_with("sign port: "), "{}", s[0].detail);
-    assert_eq!(count_of(&s[0]), 5, "{}", s[0].detail);
+    assert_eq!(s.len(), 2, "one entry per distinct refusal: {s:?}");
+    for r in &s {
+        assert_eq!((r.rpc.as_str(), r.peer.as_str()), ("Connect", "127.0.0.1"));
+        assert!(r.detail.starts_with("sign port: "), "{}", r.detail);
+    }
+    let no_cert = s
+        .iter()
+        .find(|r| r.detail.contains("peer sent no certificates"))
+        .unwrap_or_else(|| panic!("no-certificate entry in {s:?}"));
+    assert_eq!(count_of(no_cert), 5, "{}", no_cert.detail);
+    let foreign = s
+        .iter()
+        .find(|r| r.detail.contains("UnknownIssuer"))
+        .unwrap_or_else(|| panic!("foreign-CA entry in {s:?}"));
+    assert_eq!(count_of(foreign), 3, "{}", foreign.detail);
 }
 
 #[test]

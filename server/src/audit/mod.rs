@@ -236,6 +236,11 @@ struct Writer {
     journal_reset: bool,
     /// Encoded entries of the batch being committed.
     pending: Vec<Vec<u8>>,
+    /// The same with their seqs, for a shared chain (committed in one database transaction).
+    chain_pending: Vec<(u64, Vec<u8>)>,
+    /// The store is shared by several replicas: each group commit locks the chain head in the
+    /// database, continues from it (another replica may have moved it), and commits there.
+    shared: bool,
     /// Set while commits fail (a full or broken disk); cleared by a commit or a repair.
     failing: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -323,6 +328,8 @@ impl AuditLog {
             journal,
             journal_reset: false,
             pending: Vec::new(),
+            chain_pending: Vec::new(),
+            shared: store.kv().chain().is_some(),
             failing: failing.clone(),
         };
         std::thread::Builder::new()
@@ -759,10 +766,14 @@ impl Writer {
         rec.site_region = self.region.clone();
         rec.bound_fields();
         let bytes = rec.seal(&self.hash);
-        self.store
-            .kv()
-            .put(Tree::Audit, &rec.seq.to_be_bytes(), &bytes)?;
-        self.pending.push(bytes);
+        if self.shared {
+            self.chain_pending.push((rec.seq, bytes));
+        } else {
+            self.store
+                .kv()
+                .put(Tree::Audit, &rec.seq.to_be_bytes(), &bytes)?;
+            self.pending.push(bytes);
+        }
         // The same fields as a log event (never tokens or payloads: jti and digests only);
         // strings that came from the network are escaped, so none can forge a log line.
         let f = |s: &str| crate::model::log_safe(s).into_owned();
@@ -816,6 +827,9 @@ impl Writer {
     /// Makes the batch durable: through the journal when only entries must be, else by
     /// flushing the store (which then holds everything, so the journal is emptied).
     fn make_durable(&mut self, store_scope: bool) -> Result<(), AuditError> {
+        if let Some(chain) = self.store.kv().chain() {
+            return Ok(chain.commit(&self.chain_pending, (self.seq, &self.hash))?);
+        }
         let journal_full = self
             .journal
             .as_ref()
@@ -848,9 +862,23 @@ impl Writer {
         let (saved_seq, saved_hash, saved_since) =
             (self.seq, self.hash.clone(), self.since_checkpoint);
         self.pending.clear();
+        self.chain_pending.clear();
         let mut store_scope = false;
         let mut written = Vec::with_capacity(batch.len());
         let mut result: Result<(), AuditError> = Ok(());
+        let mut chain_open = false;
+        if let Some(chain) = self.store.kv().chain() {
+            // Continue from the head as the database has it: another replica may have moved it.
+            match chain.begin() {
+                Ok((seq, hash)) => {
+                    chain_open = true;
+                    if seq != self.seq || hash != self.hash {
+                        (self.seq, self.hash) = (seq, hash);
+                    }
+                }
+                Err(e) => result = Err(e.into()),
+            }
+        }
         let mut replies = Vec::with_capacity(batch.len());
         for (rec, scope, reply) in batch {
             store_scope |= scope == Scope::Store;
@@ -873,10 +901,16 @@ impl Writer {
             store_scope = true;
             result = self.checkpoint();
         }
-        if result.is_ok() && self.settings.durable {
+        if result.is_ok() && (self.settings.durable || self.shared) {
+            // A shared chain commits its transaction here whatever `durable` says.
             result = self.make_durable(store_scope);
+            chain_open = false;
+        }
+        if chain_open && let Some(chain) = self.store.kv().chain() {
+            chain.rollback();
         }
         self.pending.clear();
+        self.chain_pending.clear();
         match &result {
             Ok(()) => {
                 let _ = self.head.send(self.seq);

@@ -83,14 +83,62 @@ struct RawSite {
 struct RawStore {
     #[serde(default = "default_cache_mib")]
     cache_mib: u64,
+    #[serde(default)]
+    engine: Engine,
+    #[serde(default)]
+    url: Option<String>,
+    #[serde(default)]
+    password_file: Option<PathBuf>,
+    #[serde(default = "default_pool_size")]
+    pool_size: usize,
 }
 
 impl Default for RawStore {
     fn default() -> Self {
         Self {
             cache_mib: default_cache_mib(),
+            engine: Engine::Sled,
+            url: None,
+            password_file: None,
+            pool_size: default_pool_size(),
         }
     }
+}
+
+fn default_pool_size() -> usize {
+    8
+}
+
+/// The storage engine (`[store] engine`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// Embedded, in `data_dir` (the default; one process per site).
+    #[default]
+    Sled,
+    /// A PostgreSQL database shared by the replicas of one site.
+    Postgres,
+}
+
+/// Where a PostgreSQL-backed site keeps its state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PostgresStore {
+    /// `postgresql://USER@HOST:PORT/DB`; never with a password in it.
+    pub url: String,
+    /// File holding the password (mode 0600/0400), if the server wants one.
+    pub password_file: Option<PathBuf>,
+    /// Connections for store calls.
+    pub pool_size: usize,
+}
+
+/// Whether a connection URL carries a password (`user:password@` or a `password=` parameter).
+fn url_has_password(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    let userinfo_has_password = authority
+        .rsplit_once('@')
+        .is_some_and(|(userinfo, _)| userinfo.contains(':'));
+    userinfo_has_password || url.to_ascii_lowercase().contains("password=")
 }
 
 fn default_cache_mib() -> u64 {
@@ -248,6 +296,9 @@ pub struct SiteConfig {
     /// sled's page cache, MiB (sled's own default is 1 GiB, which a site's memory would grow
     /// towards as the audit log grows).
     pub store_cache_mib: u64,
+    /// `Some` when the site's state is in PostgreSQL (`[store] engine = "postgres"`), shared by
+    /// its replicas; `None`: sled in `data_dir`.
+    pub postgres: Option<PostgresStore>,
     /// Connection, request and rate limits (`[limits]`).
     pub limits: Limits,
     /// Environments (the site's partitions), in file order.
@@ -624,6 +675,42 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
     if raw.store.cache_mib == 0 {
         return Err(invalid("store.cache_mib", "must be positive"));
     }
+    let postgres = match raw.store.engine {
+        Engine::Sled => {
+            if raw.store.url.is_some() || raw.store.password_file.is_some() {
+                return Err(invalid("store.url", "only with engine = \"postgres\""));
+            }
+            None
+        }
+        Engine::Postgres => {
+            let url = raw
+                .store
+                .url
+                .clone()
+                .ok_or_else(|| invalid("store.url", "engine = \"postgres\" needs a url"))?;
+            if !(url.starts_with("postgresql://") || url.starts_with("postgres://")) {
+                return Err(invalid(
+                    "store.url",
+                    "must be postgresql://USER@HOST:PORT/DB",
+                ));
+            }
+            if url_has_password(&url) {
+                return Err(invalid(
+                    "store.url",
+                    "must not contain a password (it would be in the config and the logs); \
+                     put it in a file named by store.password_file",
+                ));
+            }
+            if raw.store.pool_size == 0 || raw.store.pool_size > 256 {
+                return Err(invalid("store.pool_size", "1 to 256"));
+            }
+            Some(PostgresStore {
+                url,
+                password_file: raw.store.password_file.clone().map(&abs),
+                pool_size: raw.store.pool_size,
+            })
+        }
+    };
     if !raw.audit.flush && !raw.dev {
         return Err(invalid(
             "audit.flush",
@@ -854,6 +941,7 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
         environments,
         limits: raw.limits,
         store_cache_mib: raw.store.cache_mib,
+        postgres,
         audit: AuditConfig {
             checkpoint_every: raw.audit.checkpoint_every,
             checkpoint_seconds: raw.audit.checkpoint_seconds,

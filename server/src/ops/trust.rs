@@ -29,6 +29,7 @@ pub fn reload(site: &SiteState, file: SiteConfig) -> Result<String, OpsError> {
         || file.listen.sign != cur.listen.sign
         || file.listen.admin != cur.listen.admin
         || file.store_cache_mib != cur.store_cache_mib
+        || file.postgres != cur.postgres
         || file.audit != cur.audit
         || file.limits != cur.limits
         || names(&file) != names(&cur)

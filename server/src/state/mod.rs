@@ -180,6 +180,29 @@ impl std::fmt::Debug for SiteState {
     }
 }
 
+/// Reads the database password from `path`: the first line, refused if the file is readable by
+/// group or others (outside dev mode). Never logged.
+fn read_password(
+    path: &std::path::Path,
+    dev: bool,
+) -> Result<zeroize::Zeroizing<String>, StoreError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let io = |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if !dev && meta.permissions().mode() & 0o077 != 0 {
+        return Err(io(std::io::Error::other(
+            "readable by group or others: chmod 600 it (or deliver it as a systemd credential)",
+        )));
+    }
+    let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(io)?);
+    Ok(zeroize::Zeroizing::new(
+        text.lines().next().unwrap_or("").to_string(),
+    ))
+}
+
 fn read<T: Clone>(l: &RwLock<T>) -> T {
     l.read().unwrap_or_else(|p| p.into_inner()).clone()
 }
@@ -220,13 +243,27 @@ impl SiteState {
         if let Some(m) = &marker {
             m.check_kek(&kek, &file_config.kek_file, &data_dir)?;
         }
-        let store = match kv {
-            Some(kv) => Store::new(kv),
-            None => Store::open_sled(
+        let store = match (kv, &file_config.postgres) {
+            (Some(kv), _) => Store::new(kv),
+            (None, Some(pg)) => Store::new(Arc::new(crate::store::PgKv::open(
+                crate::store::PgSettings {
+                    url: pg.url.clone(),
+                    password: pg
+                        .password_file
+                        .as_deref()
+                        .map(|p| read_password(p, file_config.dev))
+                        .transpose()?,
+                    pool_size: pg.pool_size,
+                },
+            )?)),
+            (None, None) => Store::open_sled(
                 &data_dir,
                 file_config.store_cache_mib.saturating_mul(1 << 20),
             )?,
         };
+        // A shared engine (replicas on PostgreSQL) makes each group commit durable in the
+        // database: there is no local journal.
+        let shared = store.kv().chain().is_some();
         let now = clock.unix();
         let identity = site_identity(&store, marker.as_ref(), &kek, &data_dir)?;
         if let Some(m) = &marker {
@@ -296,7 +333,7 @@ impl SiteState {
             &config.region,
             audit_key,
             settings,
-            Some(JournalAt {
+            (!shared).then_some(JournalAt {
                 path: &journal,
                 must_exist: journal_must_exist,
             }),

@@ -12,6 +12,9 @@ use std::sync::Arc;
 
 use serde::{Serialize, de::DeserializeOwned};
 
+pub mod postgres;
+pub use postgres::{PgKv, PgSettings};
+
 /// Storage failures.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -38,6 +41,13 @@ pub enum StoreError {
         /// What the engine said.
         message: String,
     },
+    /// The database cannot be reached now (a replicated site's PostgreSQL is down or
+    /// unreachable); the call may succeed once it is back.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
+    /// The database's schema is not one this binary can use.
+    #[error("database schema: {0}")]
+    Schema(String),
     /// A stored record did not decode (or a record did not encode).
     #[error("corrupt record in {tree}: {source}")]
     Corrupt {
@@ -138,6 +148,35 @@ pub trait Kv: Send + Sync + 'static {
     fn recover(&self) -> Result<bool, StoreError> {
         Ok(false)
     }
+
+    /// For an engine that several processes share (replicas on PostgreSQL): the audit chain's
+    /// shared head. `None` (sled): this process's writer is the only one.
+    fn chain(&self) -> Option<&dyn SharedChain> {
+        None
+    }
+
+    /// For a shared engine: the ops generation, which every ops change moves so that other
+    /// replicas reload. `None` for an engine only this process uses.
+    fn generation(&self) -> Option<Result<i64, StoreError>> {
+        None
+    }
+
+    /// Moves the ops generation (a no-op for an engine only this process uses).
+    fn bump_generation(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+/// An audit chain shared by several writers (replicas): one group commit at a time holds the
+/// head.
+pub trait SharedChain: Send + Sync {
+    /// Begins a commit: locks the chain head and returns it (seq, hash).
+    fn begin(&self) -> Result<(u64, String), StoreError>;
+    /// Stores `entries` (seq, encoded entry), moves the head to `head` and commits, releasing
+    /// the lock. Durable when it returns.
+    fn commit(&self, entries: &[(u64, Vec<u8>)], head: (u64, &str)) -> Result<(), StoreError>;
+    /// Abandons the commit begun, releasing the lock.
+    fn rollback(&self);
 }
 
 /// [`Kv`] on sled 0.34. The database is held behind a lock so that it can be reopened in place

@@ -1,0 +1,200 @@
+//! A throwaway PostgreSQL cluster on loopback for tests and benchmarks: `initdb` in a temporary
+//! folder, `pg_ctl start` on a free 127.0.0.1 port, a database `meshsign` owned by the role
+//! `meshsign` (trust authentication, loopback only), removed on drop.
+//!
+//! The binaries come from `MESHSIGN_PG_BIN`, else the newest `/usr/lib/postgresql/<v>/bin`
+//! (Debian's layout; `.ci/run` installs the `postgresql` package when it is missing). PostgreSQL
+//! refuses to run as root: as root, the cluster runs as `nobody` (through `runuser`), with the
+//! folder handed to that user.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A running cluster; stopped (immediately) and deleted on drop.
+#[derive(Debug)]
+pub struct LocalPostgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    /// The port it listens on (127.0.0.1).
+    pub port: u16,
+    run_as: Option<&'static str>,
+}
+
+fn io(what: &str, e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(format!("{what}: {e}"))
+}
+
+/// Where the PostgreSQL binaries are.
+pub fn bin_dir() -> std::io::Result<PathBuf> {
+    if let Some(b) = std::env::var_os("MESHSIGN_PG_BIN") {
+        return Ok(PathBuf::from(b));
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .map_err(|e| {
+            io(
+                "no PostgreSQL in /usr/lib/postgresql (install `postgresql`)",
+                e,
+            )
+        })?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let v = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    versions
+        .pop()
+        .map(|(_, b)| b)
+        .ok_or_else(|| io("PostgreSQL", "no /usr/lib/postgresql/<version>/bin/initdb"))
+}
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|m| {
+            use std::os::unix::fs::MetadataExt as _;
+            m.uid() == 0
+        })
+        .unwrap_or(false)
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+impl LocalPostgres {
+    /// Creates and starts a cluster with a database `meshsign`.
+    pub fn start() -> std::io::Result<Self> {
+        let bin = bin_dir()?;
+        let dir = tempfile::Builder::new().prefix("meshsign-pg-").tempdir()?;
+        let run_as = is_root().then_some("nobody");
+        if let Some(user) = run_as {
+            let ok = Command::new("chown")
+                .arg(format!("{user}:"))
+                .arg(dir.path())
+                .status()?
+                .success();
+            if !ok {
+                return Err(io("chown", dir.path().display()));
+            }
+        }
+        let pg = Self {
+            dir,
+            bin,
+            port: free_port()?,
+            run_as,
+        };
+        pg.run(
+            "initdb",
+            &[
+                "-D",
+                &pg.data().to_string_lossy(),
+                "-U",
+                "meshsign",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+        )?;
+        pg.start_again()?;
+        pg.run(
+            "createdb",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &pg.port.to_string(),
+                "-U",
+                "meshsign",
+                "meshsign",
+            ],
+        )?;
+        Ok(pg)
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) -> std::io::Result<()> {
+        let exe = self.bin.join(tool);
+        let mut cmd = match self.run_as {
+            Some(user) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", user, "--"]).arg(&exe);
+                c
+            }
+            None => Command::new(&exe),
+        };
+        let out = cmd.args(args).current_dir(self.dir.path()).output()?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(io(
+                &format!("{tool} {}", args.join(" ")),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            ))
+        }
+    }
+
+    /// (Re)starts the server on the same port and data, waiting until it accepts connections.
+    pub fn start_again(&self) -> std::io::Result<()> {
+        let opts = format!(
+            "-k {} -p {} -c listen_addresses=127.0.0.1 -c max_connections=200",
+            self.dir.path().display(),
+            self.port
+        );
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data().to_string_lossy(),
+                "-l",
+                &self.dir.path().join("log").to_string_lossy(),
+                "-o",
+                &opts,
+                "-w",
+                "start",
+            ],
+        )
+    }
+
+    /// Stops the server now (`immediate`: what a crash or an outage looks like to clients).
+    pub fn stop(&self) -> std::io::Result<()> {
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data().to_string_lossy(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
+        )
+    }
+
+    /// `postgresql://meshsign@127.0.0.1:<port>/meshsign`.
+    pub fn url(&self) -> String {
+        format!("postgresql://meshsign@127.0.0.1:{}/meshsign", self.port)
+    }
+
+    /// The cluster's folder (its log is `log` there).
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for LocalPostgres {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}

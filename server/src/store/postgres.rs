@@ -1,0 +1,431 @@
+//! [`Kv`] on PostgreSQL, for several replicas of one site sharing one database (issue 14).
+//!
+//! One table `kv (tree, key, value)` holds every tree, so everything a decision depends on is
+//! shared by construction: issuance records, jti claims (`insert_new` is `INSERT … ON CONFLICT
+//! DO NOTHING`: one winner across replicas), revocation rules, ops overlays, wrapped keys, usage,
+//! and the audit entries. The audit chain's head is a row of its own (`audit_head`), locked by
+//! each replica's writer for the length of one group commit ([`ChainTx`]), so replicas never
+//! fork the chain or reuse a seq. `generation` counts ops changes; replicas poll it to pick up
+//! each other's changes.
+//!
+//! **Blocking.** [`Kv`] is synchronous (sled answers in microseconds). Here each call is handed
+//! to a small pool of threads that own the connections (`postgres` is the blocking face of
+//! `tokio-postgres`, and must not run on the runtime's threads), and the caller waits for the
+//! answer. The audit writer has a connection of its own.
+//!
+//! **Schema.** Versioned migrations run at start under an advisory lock (replicas starting
+//! together do not race); a database whose schema is newer than this binary knows is refused.
+//!
+//! **Outages.** A connection that fails is replaced on the next call; while the server is
+//! unreachable every call fails with [`StoreError::Unavailable`], which the use cases report as
+//! `UNAVAILABLE`; service resumes by itself when PostgreSQL is back.
+
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use postgres::{Client, NoTls};
+
+use super::{Entry, Kv, SharedChain, StoreError, Tree};
+
+/// Migrations, in order; the schema version is their count.
+const MIGRATIONS: &[&str] = &[
+    // 1: the key-value table, the audit head, the ops generation.
+    "CREATE TABLE kv (
+         tree text NOT NULL,
+         key bytea NOT NULL,
+         value bytea NOT NULL,
+         PRIMARY KEY (tree, key)
+     );
+     CREATE TABLE audit_head (
+         id integer PRIMARY KEY CHECK (id = 1),
+         seq bigint NOT NULL,
+         hash text NOT NULL
+     );
+     INSERT INTO audit_head VALUES (1, 0, repeat('0', 64));
+     CREATE TABLE generation (
+         id integer PRIMARY KEY CHECK (id = 1),
+         n bigint NOT NULL
+     );
+     INSERT INTO generation VALUES (1, 0);",
+];
+
+/// The schema version this binary writes and reads.
+pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
+
+/// Advisory-lock key under which migrations run (any constant shared by all replicas).
+const MIGRATION_LOCK: i64 = 0x6d65_7368_7369_676e; // "meshsign"
+
+/// How to reach the database (`[store]` with `engine = "postgres"`).
+#[derive(Clone)]
+pub struct PgSettings {
+    /// `postgresql://USER@HOST:PORT/DB` (no password in it).
+    pub url: String,
+    /// The password, read from `password_file` (never from the config itself).
+    pub password: Option<zeroize::Zeroizing<String>>,
+    /// Connections for store calls (the audit writer has one more).
+    pub pool_size: usize,
+}
+
+impl std::fmt::Debug for PgSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgSettings")
+            .field("url", &self.url)
+            .field("password", &self.password.as_ref().map(|_| "[redacted]"))
+            .field("pool_size", &self.pool_size)
+            .finish()
+    }
+}
+
+fn unavailable(e: postgres::Error) -> StoreError {
+    if e.as_db_error().is_some() {
+        StoreError::Engine(Box::new(e))
+    } else {
+        StoreError::Unavailable(e.to_string())
+    }
+}
+
+impl PgSettings {
+    fn config(&self) -> Result<postgres::Config, StoreError> {
+        let mut c: postgres::Config = self
+            .url
+            .parse()
+            .map_err(|e: postgres::Error| StoreError::Engine(Box::new(e)))?;
+        if let Some(p) = &self.password {
+            c.password(p.as_bytes());
+        }
+        c.application_name("meshsignd");
+        c.connect_timeout(Duration::from_secs(5));
+        Ok(c)
+    }
+
+    fn connect(&self) -> Result<Client, StoreError> {
+        self.config()?.connect(NoTls).map_err(unavailable)
+    }
+}
+
+type Job = Box<dyn FnOnce(&mut Option<Client>) + Send>;
+
+/// [`Kv`] on PostgreSQL.
+pub struct PgKv {
+    settings: PgSettings,
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    writer: Arc<Mutex<Option<Client>>>,
+}
+
+impl std::fmt::Debug for PgKv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgKv")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The connection of `slot`, connecting (again) if there is none or it broke.
+fn ensure<'c>(
+    slot: &'c mut Option<Client>,
+    settings: &PgSettings,
+) -> Result<&'c mut Client, StoreError> {
+    if slot.as_ref().is_none_or(|c| c.is_closed()) {
+        *slot = Some(settings.connect()?);
+    }
+    slot.as_mut()
+        .ok_or_else(|| StoreError::Unavailable("no connection".into()))
+}
+
+impl PgKv {
+    /// Connects, applies migrations (or refuses a newer schema), and starts the pool.
+    pub fn open(settings: PgSettings) -> Result<Self, StoreError> {
+        let mut client = settings.connect()?;
+        migrate(&mut client)?;
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..settings.pool_size.max(1) {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("pg-{i}"))
+                .spawn(move || {
+                    let mut conn: Option<Client> = None;
+                    loop {
+                        let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+                            Ok(job) => job,
+                            Err(_) => return,
+                        };
+                        job(&mut conn);
+                    }
+                })
+                .map_err(|e| StoreError::Engine(Box::new(e)))?;
+        }
+        Ok(Self {
+            settings,
+            jobs: Mutex::new(Some(tx)),
+            writer: Arc::new(Mutex::new(Some(client))),
+        })
+    }
+
+    /// Runs `f` on a pooled connection and waits for its answer.
+    fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Client) -> Result<T, postgres::Error> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (reply, answer) = mpsc::sync_channel(1);
+        let settings = self.settings.clone();
+        let job: Job = Box::new(move |slot| {
+            let out = ensure(slot, &settings).and_then(|c| {
+                f(c).map_err(|e| {
+                    if c.is_closed() {
+                        StoreError::Unavailable(e.to_string())
+                    } else {
+                        unavailable(e)
+                    }
+                })
+            });
+            let _ = reply.send(out);
+        });
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .ok_or_else(|| StoreError::Unavailable("the store is closed".into()))?
+            .send(job)
+            .map_err(|_| StoreError::Unavailable("the store is closed".into()))?;
+        answer
+            .recv()
+            .map_err(|_| StoreError::Unavailable("a store thread ended".into()))?
+    }
+
+    /// The ops generation: a counter every replica's ops changes move ([`PgKv::bump`]).
+    pub fn generation(&self) -> Result<i64, StoreError> {
+        self.run(|c| {
+            c.query_one("SELECT n FROM generation WHERE id = 1", &[])
+                .map(|r| r.get(0))
+        })
+    }
+}
+
+/// Applies the migrations this binary knows, or refuses a newer schema.
+fn migrate(client: &mut Client) -> Result<(), StoreError> {
+    let db = |e: postgres::Error| unavailable(e);
+    let mut tx = client.transaction().map_err(db)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .map_err(db)?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS meshsign_schema (version integer NOT NULL)")
+        .map_err(db)?;
+    let version: i32 = match tx
+        .query_opt("SELECT version FROM meshsign_schema", &[])
+        .map_err(db)?
+    {
+        Some(row) => row.get(0),
+        None => {
+            tx.execute("INSERT INTO meshsign_schema VALUES (0)", &[])
+                .map_err(db)?;
+            0
+        }
+    };
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::Schema(format!(
+            "the database's schema is version {version}; this meshsignd knows versions up to \
+             {SCHEMA_VERSION}: run the newer meshsignd that migrated it (nothing was changed)"
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+        tx.batch_execute(sql).map_err(db)?;
+        let v = i as i32 + 1;
+        tx.execute("UPDATE meshsign_schema SET version = $1", &[&v])
+            .map_err(db)?;
+        tracing::info!(version = v, "database schema migrated");
+    }
+    tx.commit().map_err(db)
+}
+
+/// The smallest byte string greater than every string starting with `prefix` (None: no bound).
+fn successor(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut s = prefix.to_vec();
+    while let Some(last) = s.pop() {
+        if last < 0xff {
+            s.push(last + 1);
+            return Some(s);
+        }
+    }
+    None
+}
+
+fn entries(rows: Vec<postgres::Row>) -> Vec<Entry> {
+    rows.into_iter().map(|r| (r.get(0), r.get(1))).collect()
+}
+
+impl Kv for PgKv {
+    fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = key.to_vec();
+        self.run(move |c| {
+            c.query_opt(
+                "SELECT value FROM kv WHERE tree = $1 AND key = $2",
+                &[&tree.name(), &key],
+            )
+            .map(|r| r.map(|r| r.get(0)))
+        })
+    }
+
+    fn put(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        let (key, value) = (key.to_vec(), value.to_vec());
+        self.run(move |c| {
+            c.execute(
+                "INSERT INTO kv (tree, key, value) VALUES ($1, $2, $3)
+                 ON CONFLICT (tree, key) DO UPDATE SET value = EXCLUDED.value",
+                &[&tree.name(), &key, &value],
+            )
+            .map(|_| ())
+        })
+    }
+
+    fn insert_new(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<bool, StoreError> {
+        let (key, value) = (key.to_vec(), value.to_vec());
+        self.run(move |c| {
+            c.execute(
+                "INSERT INTO kv (tree, key, value) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                &[&tree.name(), &key, &value],
+            )
+            .map(|n| n == 1)
+        })
+    }
+
+    fn remove(&self, tree: Tree, key: &[u8]) -> Result<(), StoreError> {
+        let key = key.to_vec();
+        self.run(move |c| {
+            c.execute(
+                "DELETE FROM kv WHERE tree = $1 AND key = $2",
+                &[&tree.name(), &key],
+            )
+            .map(|_| ())
+        })
+    }
+
+    fn scan_prefix(&self, tree: Tree, prefix: &[u8]) -> Result<Vec<Entry>, StoreError> {
+        let (from, to) = (prefix.to_vec(), successor(prefix));
+        self.run(move |c| {
+            c.query(
+                "SELECT key, value FROM kv WHERE tree = $1 AND key >= $2
+                 AND ($3::bytea IS NULL OR key < $3) ORDER BY key",
+                &[&tree.name(), &from, &to],
+            )
+            .map(entries)
+        })
+    }
+
+    fn scan_range(&self, tree: Tree, from: &[u8], limit: usize) -> Result<Vec<Entry>, StoreError> {
+        let (from, limit) = (from.to_vec(), i64::try_from(limit).unwrap_or(i64::MAX));
+        self.run(move |c| {
+            c.query(
+                "SELECT key, value FROM kv WHERE tree = $1 AND key >= $2 ORDER BY key LIMIT $3",
+                &[&tree.name(), &from, &limit],
+            )
+            .map(entries)
+        })
+    }
+
+    fn last(&self, tree: Tree) -> Result<Option<Entry>, StoreError> {
+        self.run(move |c| {
+            c.query_opt(
+                "SELECT key, value FROM kv WHERE tree = $1 ORDER BY key DESC LIMIT 1",
+                &[&tree.name()],
+            )
+            .map(|r| r.map(|r| (r.get(0), r.get(1))))
+        })
+    }
+
+    /// Every statement is its own committed transaction (`synchronous_commit` as the server
+    /// has it, `on` by default): nothing to flush.
+    fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn chain(&self) -> Option<&dyn SharedChain> {
+        Some(self)
+    }
+
+    fn generation(&self) -> Option<Result<i64, StoreError>> {
+        Some(PgKv::generation(self))
+    }
+
+    fn bump_generation(&self) -> Result<(), StoreError> {
+        self.run(|c| {
+            c.execute("UPDATE generation SET n = n + 1 WHERE id = 1", &[])
+                .map(|_| ())
+        })
+    }
+}
+
+impl SharedChain for PgKv {
+    fn begin(&self) -> Result<(u64, String), StoreError> {
+        let mut slot = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let c = ensure(&mut slot, &self.settings)?;
+        let row = (|| {
+            c.batch_execute("BEGIN")?;
+            c.query_one(
+                "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE",
+                &[],
+            )
+        })();
+        match row {
+            Ok(r) => {
+                let seq: i64 = r.get(0);
+                Ok((u64::try_from(seq).unwrap_or(0), r.get(1)))
+            }
+            Err(e) => {
+                let _ = c.batch_execute("ROLLBACK");
+                Err(unavailable(e))
+            }
+        }
+    }
+
+    fn commit(&self, entries: &[(u64, Vec<u8>)], head: (u64, &str)) -> Result<(), StoreError> {
+        let mut slot = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let c = slot
+            .as_mut()
+            .ok_or_else(|| StoreError::Unavailable("the audit connection was lost".into()))?;
+        let keys: Vec<Vec<u8>> = entries
+            .iter()
+            .map(|(s, _)| s.to_be_bytes().to_vec())
+            .collect();
+        let values: Vec<&[u8]> = entries.iter().map(|(_, v)| v.as_slice()).collect();
+        let seq = i64::try_from(head.0).unwrap_or(i64::MAX);
+        let result = (|| {
+            if !entries.is_empty() {
+                c.execute(
+                    "INSERT INTO kv (tree, key, value)
+                     SELECT 'audit', k, v FROM unnest($1::bytea[], $2::bytea[]) AS t(k, v)",
+                    &[&keys, &values],
+                )?;
+            }
+            c.execute(
+                "UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1",
+                &[&seq, &head.1],
+            )?;
+            c.batch_execute("COMMIT")
+        })();
+        result.map_err(|e| {
+            let _ = c.batch_execute("ROLLBACK");
+            unavailable(e)
+        })
+    }
+
+    fn rollback(&self) {
+        let mut slot = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = slot.as_mut() {
+            let _ = c.batch_execute("ROLLBACK");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::successor;
+
+    #[test]
+    fn successor_bounds_a_prefix() {
+        assert_eq!(successor(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(successor(&[1, 0xff]), Some(vec![2]));
+        assert_eq!(successor(&[0xff, 0xff]), None);
+        assert_eq!(successor(b""), None);
+    }
+}
