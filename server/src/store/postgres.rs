@@ -136,8 +136,19 @@ fn ensure<'c>(
 impl PgKv {
     /// Connects, applies migrations (or refuses a newer schema), and starts the pool.
     pub fn open(settings: PgSettings) -> Result<Self, StoreError> {
-        let mut client = settings.connect()?;
-        migrate(&mut client)?;
+        // `postgres` blocks on a runtime of its own, which must not start on a thread of
+        // another runtime (the caller may be one): every connection lives on a thread of ours.
+        let s = settings.clone();
+        let client = std::thread::Builder::new()
+            .name("pg-open".into())
+            .spawn(move || -> Result<Client, StoreError> {
+                let mut client = s.connect()?;
+                migrate(&mut client)?;
+                Ok(client)
+            })
+            .map_err(|e| StoreError::Engine(Box::new(e)))?
+            .join()
+            .map_err(|_| StoreError::Unavailable("connecting to PostgreSQL panicked".into()))??;
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..settings.pool_size.max(1) {
@@ -166,20 +177,28 @@ impl PgKv {
     /// Runs `f` on a pooled connection and waits for its answer.
     fn run<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Client) -> Result<T, postgres::Error> + Send + 'static,
+        f: impl Fn(&mut Client) -> Result<T, postgres::Error> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (reply, answer) = mpsc::sync_channel(1);
         let settings = self.settings.clone();
         let job: Job = Box::new(move |slot| {
-            let out = ensure(slot, &settings).and_then(|c| {
-                f(c).map_err(|e| {
-                    if c.is_closed() {
+            // A connection the server closed (a restart, an idle timeout) is found out only
+            // when used: then connect again and try once more. Every statement here is
+            // idempotent (put, remove, reads) or fails closed when repeated (`insert_new` after
+            // a lost answer reports the key present: a jti is refused, never used twice).
+            let mut out = ensure(slot, &settings).and_then(|c| {
+                f(c).map_err(|e| (c.is_closed(), e)).map_err(|(closed, e)| {
+                    if closed {
                         StoreError::Unavailable(e.to_string())
                     } else {
                         unavailable(e)
                     }
                 })
             });
+            if matches!(out, Err(StoreError::Unavailable(_))) {
+                *slot = None;
+                out = ensure(slot, &settings).and_then(|c| f(c).map_err(unavailable));
+            }
             let _ = reply.send(out);
         });
         self.jobs
@@ -200,6 +219,21 @@ impl PgKv {
             c.query_one("SELECT n FROM generation WHERE id = 1", &[])
                 .map(|r| r.get(0))
         })
+    }
+}
+
+impl Drop for PgKv {
+    /// A `postgres::Client` blocks on its own runtime when dropped; the writer's connection is
+    /// dropped on a thread of ours, since this may run on a thread of the async runtime. The
+    /// pool's threads end (and drop theirs) when the job queue closes.
+    fn drop(&mut self) {
+        let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(client) = writer {
+            let _ = std::thread::Builder::new()
+                .name("pg-close".into())
+                .spawn(move || drop(client));
+        }
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 }
 

@@ -1,0 +1,187 @@
+//! Replicas of one site on a shared PostgreSQL (issue 14), against a real PostgreSQL started by
+//! the test in a temporary folder on loopback.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use meshsign_certs_dev::postgres::LocalPostgres;
+use meshsign_client::runner::RunnerKey;
+use meshsign_tests::{TestSite, sign_req};
+use tonic::Code;
+
+fn store_section(pg: &LocalPostgres) -> String {
+    format!(
+        "\n[store]\nengine = \"postgres\"\nurl = \"{}\"\npool_size = 4\n",
+        pg.url()
+    )
+}
+
+/// Verifies the site's whole audit log offline: one chain from genesis, checkpoints signed.
+async fn verify_chain(site: &TestSite) -> u64 {
+    let key = meshsign_tests::audit_key(site).await;
+    let lines: Vec<meshsign_proto::audit::ExportLine> = site
+        .audit()
+        .into_iter()
+        .map(|r| meshsign_proto::audit::ExportLine::Entry(Box::new(r)))
+        .collect();
+    let report = meshsign_proto::audit::verify_export(&lines, &key).unwrap();
+    report.last_seq
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_on_postgres_enrolls_signs_and_keeps_a_verifiable_chain() {
+    let pg = LocalPostgres::start().unwrap();
+    let site = TestSite::start_with(&store_section(&pg), None).await;
+    let (_k, resp, mut signer) = site.enrolled("staging").await;
+    let sig = signer
+        .sign(sign_req("release", 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!sig.signature.is_empty());
+    let rec = site.last_audit();
+    assert_eq!((rec.rpc.as_str(), rec.decision.as_str()), ("Sign", "allow"));
+    assert_eq!(rec.cert_serial, resp.serial);
+    // The state is in PostgreSQL, not in the data folder: a restart on a fresh folder (a new
+    // machine for the replica) finds the same site.
+    let last = verify_chain(&site).await;
+    assert!(last >= 2);
+    let site = site
+        .restart_with(|data| std::fs::remove_dir_all(data).unwrap())
+        .await;
+    let mut signer = site.signer_for(&_k, &resp).await.unwrap();
+    signer.sign(sign_req("release", 2)).await.unwrap();
+    assert!(verify_chain(&site).await > last);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_token_raced_at_two_replicas_yields_exactly_one_certificate() {
+    let pg = LocalPostgres::start().unwrap();
+    let a = TestSite::start_with(&store_section(&pg), None).await;
+    let b = a.replica("b").await;
+    for _ in 0..5 {
+        let token = a.token("staging");
+        let (ka, kb) = (
+            RunnerKey::generate().unwrap(),
+            RunnerKey::generate().unwrap(),
+        );
+        let (ra, rb) = (
+            a.enroll_request("staging", token.clone(), &ka),
+            b.enroll_request("staging", token, &kb),
+        );
+        let (mut ea, mut eb) = (a.enrollment().await, b.enrollment().await);
+        let (x, y) = tokio::join!(ea.enroll(ra), eb.enroll(rb));
+        let wins = [x.is_ok(), y.is_ok()].iter().filter(|w| **w).count();
+        assert_eq!(wins, 1, "{x:?} {y:?}");
+        let loser = x.err().or(y.err()).unwrap();
+        assert!(
+            loser.message().starts_with("jti_replay: "),
+            "{}",
+            loser.message()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_signing_at_once_write_one_chain_without_a_fork() {
+    let pg = LocalPostgres::start().unwrap();
+    let a = TestSite::start_with(&store_section(&pg), None).await;
+    let b = a.replica("b").await;
+    let (ka, ra, _) = a.enrolled("staging").await;
+    let mut workers = Vec::new();
+    for (i, site) in [&a, &b, &a, &b].into_iter().enumerate() {
+        let mut signer = site.signer_for(&ka, &ra).await.unwrap();
+        workers.push(tokio::spawn(async move {
+            let mut receipts = Vec::new();
+            for n in 0..25u8 {
+                let r = signer
+                    .sign(sign_req("release", n.wrapping_add(i as u8 * 25)))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                receipts.push(r.audit_seq);
+            }
+            receipts
+        }));
+    }
+    let mut seqs = Vec::new();
+    for w in workers {
+        seqs.extend(w.await.unwrap());
+    }
+    seqs.sort();
+    let before = seqs.len();
+    seqs.dedup();
+    assert_eq!(seqs.len(), before, "no seq was given to two decisions");
+    // Both replicas read the same single chain, and it verifies end to end (either may have
+    // added a checkpoint since).
+    let last_a = verify_chain(&a).await;
+    let last_b = verify_chain(&b).await;
+    assert!(last_a.abs_diff(last_b) <= 2, "{last_a} {last_b}");
+    let all = a.audit();
+    for s in &seqs {
+        let e = &all[(*s - 1) as usize];
+        assert_eq!((e.seq, e.rpc.as_str()), (*s, "Sign"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_with_a_newer_schema_is_refused_by_name() {
+    let pg = LocalPostgres::start().unwrap();
+    let site = TestSite::start_with(&store_section(&pg), None).await;
+    let site_toml = site.site_toml.clone();
+    site.handle.shutdown().await;
+    // A newer meshsignd migrated the database.
+    let url = pg.url();
+    std::thread::spawn(move || {
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        c.execute("UPDATE meshsign_schema SET version = version + 1", &[])
+            .unwrap();
+    })
+    .join()
+    .unwrap();
+    let cfg = meshsign_server::config::SiteConfig::load(&site_toml).unwrap();
+    let err = tokio::task::spawn_blocking(move || {
+        meshsign_server::state::SiteState::open(cfg, std::sync::Arc::new(site.clock.clone()))
+    })
+    .await
+    .unwrap()
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("schema is version 2; this meshsignd knows versions up to 1"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_postgres_is_down_decisions_are_unavailable_and_resume_without_a_restart() {
+    let pg = LocalPostgres::start().unwrap();
+    let site = TestSite::start_with(&store_section(&pg), None).await;
+    let (_k, _r, mut signer) = site.enrolled("staging").await;
+    signer.sign(sign_req("release", 1)).await.unwrap();
+    pg.stop().unwrap();
+    let err = signer.sign(sign_req("release", 2)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
+    assert!(
+        err.message().starts_with("audit_unavailable: "),
+        "{}",
+        err.message()
+    );
+    pg.start_again().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match signer.sign(sign_req("release", 3)).await {
+            Ok(_) => break,
+            Err(e) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "not back 10 s after PostgreSQL: {}",
+                    e.message()
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    verify_chain(&site).await;
+}
