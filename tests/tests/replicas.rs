@@ -185,3 +185,68 @@ async fn while_postgres_is_down_decisions_are_unavailable_and_resume_without_a_r
     }
     verify_chain(&site).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_through_one_replica_is_enforced_by_the_other_within_a_second() {
+    use meshsign_proto::v1::{self, revoke_request::Target};
+    let pg = LocalPostgres::start().unwrap();
+    let a = TestSite::start_with(&store_section(&pg), None).await;
+    let b = a.replica("b").await;
+    // A job's session open on replica B.
+    let (key, resp, _) = a.enrolled("staging").await;
+    let mut on_b = b.signer_for(&key, &resp).await.unwrap();
+    on_b.sign(sign_req("release", 1)).await.unwrap();
+    // Revoked through replica A's admin port.
+    let started = tokio::time::Instant::now();
+    a.admin()
+        .await
+        .revoke(v1::RevokeRequest {
+            target: Some(Target::Serial(resp.serial.clone())),
+            reason: "compromised runner".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    loop {
+        match on_b.sign(sign_req("release", 2)).await {
+            Err(e) if e.message().starts_with("certificate_revoked: ") => break,
+            other => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(1),
+                    "B still signs {:?} after {:?}",
+                    other.map(|_| ()),
+                    started.elapsed()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    let took = started.elapsed();
+    eprintln!("revocation through A enforced on B's open connection after {took:?}");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+
+    // A trust policy disabled through A: B refuses new enrollments from it.
+    a.admin()
+        .await
+        .set_trust_policy_enabled(v1::SetTrustPolicyEnabledRequest {
+            environment: "staging".into(),
+            issuer: meshsign_tests::ES_ISSUER.into(),
+            enabled: false,
+            keep_sessions: false,
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let k = RunnerKey::generate().unwrap();
+    let err = b
+        .enrollment()
+        .await
+        .enroll(b.enroll_request("staging", b.token("staging"), &k))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().starts_with("trust_policy_disabled: "),
+        "{}",
+        err.message()
+    );
+}

@@ -186,6 +186,20 @@ pub fn fit_descriptors(config: &mut SiteConfig) -> Result<u64, String> {
     ))
 }
 
+/// How often a replica of a shared store looks for changes made through another replica.
+pub const REFRESH_EVERY: Duration = Duration::from_millis(250);
+
+async fn refresh(state: &Arc<SiteState>) {
+    // Not while a local ops change is half applied (each reads, changes and sets shared state).
+    let _guard = state.ops_lock.lock().await;
+    let s = state.clone();
+    match tokio::task::spawn_blocking(move || s.refresh_if_changed()).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "reloading shared state failed; retrying"),
+        Err(e) => tracing::error!(error = %e, "reloading shared state panicked"),
+    }
+}
+
 async fn write_summaries(state: &SiteState) {
     if let Err(e) = state.summaries.flush(&state.audit).await {
         tracing::warn!(error = %e, "summary audit entries wait for the next interval");
@@ -269,8 +283,11 @@ pub async fn start(state: Arc<SiteState>) -> Result<SiteHandle, StartError> {
         let mut tick = tokio::time::interval(Duration::from_secs(10));
         let mut repair = tokio::time::interval(REPAIR_EVERY);
         let mut summary = tokio::time::interval(Duration::from_secs(limits.summary_seconds));
+        let mut replicas = tokio::time::interval(REFRESH_EVERY);
+        let shared = keeper_state.store.kv().chain().is_some();
         loop {
             tokio::select! {
+                _ = replicas.tick(), if shared => refresh(&keeper_state).await,
                 _ = tick.tick() => ops::housekeeping::run_once(&keeper_state).await,
                 _ = repair.tick() => ops::housekeeping::repair_storage(&keeper_state).await,
                 _ = summary.tick() => write_summaries(&keeper_state).await,

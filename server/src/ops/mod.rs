@@ -124,9 +124,13 @@ pub async fn audited<T>(
         Access::Write => {
             let _guard = site.ops_lock.lock().await;
             let r = f().await;
-            // Keys or runner CAs may have been added: the marker lists them from now on.
+            // Keys or runner CAs may have been added: the marker lists them from now on; and
+            // the other replicas of a shared store reload what changed.
             match (r, site.record_holdings()) {
-                (Ok(v), Ok(())) => Ok(v),
+                (Ok(v), Ok(())) => match site.changed() {
+                    Ok(()) => Ok(v),
+                    Err(e) => Err(OpsError::State(e.into())),
+                },
                 (Ok(_), Err(e)) => Err(OpsError::State(e)),
                 (Err(e), _) => Err(e),
             }

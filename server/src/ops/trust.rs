@@ -38,6 +38,7 @@ pub fn reload(site: &SiteState, file: SiteConfig) -> Result<String, OpsError> {
             "trust_domain, region, data_dir, kek_file, listen, [store], [audit], [limits] and the environment list need a restart".into(),
         ));
     }
+    site.set_file_config(file.clone());
     let cfg = effective_config(file, &site.store)?;
     let keys = KeyRing::load_or_create(&cfg, &site.store, &site.kek, site.clock.unix())?;
     site.set_keys(keys);

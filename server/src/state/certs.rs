@@ -89,6 +89,7 @@ impl SiteState {
         rec.revoked = Some(format!("revoked by its holder: {}", bounded(reason, 200)));
         self.store.put(Tree::Certs, serial.as_bytes(), &rec)?;
         self.cert_cache().invalidate(serial);
+        self.changed()?;
         self.store.flush()?;
         Ok(true)
     }
@@ -102,6 +103,7 @@ impl SiteState {
             rec.superseded = true;
             self.store.put(Tree::Certs, serial.as_bytes(), &rec)?;
             self.cert_cache().invalidate(serial);
+            self.changed()?;
         }
         Ok(())
     }

@@ -139,6 +139,11 @@ pub type RootsHook =
 /// Everything the use cases share.
 pub struct SiteState {
     config: RwLock<Arc<SiteConfig>>,
+    /// The configuration as read from the file (before ops overlays): what a replica lays the
+    /// shared overlays over again when another replica changed them.
+    file_config: RwLock<Arc<SiteConfig>>,
+    /// The shared store's ops generation this replica has loaded (`None`: not shared).
+    seen_generation: std::sync::Mutex<Option<i64>>,
     /// Injected clock.
     pub clock: SharedClock,
     /// Persistent state.
@@ -276,6 +281,8 @@ impl SiteState {
                 });
             }
         }
+        let seen_generation = store.kv().generation().transpose()?;
+        let file_snapshot = Arc::new(file_config.clone());
         let config = overlays::effective_config(file_config, &store)?;
         // Creating keys (new aliases, or a new site's) comes only after the KEK was verified.
         let keys = KeyRing::load_or_create(&config, &store, &kek, now)?;
@@ -341,6 +348,8 @@ impl SiteState {
         let limits = config.limits;
         Ok(Self {
             config: RwLock::new(Arc::new(config)),
+            file_config: RwLock::new(file_snapshot),
+            seen_generation: std::sync::Mutex::new(seen_generation),
             summaries: Default::default(),
             enroll_limiter: crate::limits::RateLimiter::new(
                 limits.enroll_per_source_per_second,
@@ -372,6 +381,58 @@ impl SiteState {
     /// The effective configuration now.
     pub fn config(&self) -> Arc<SiteConfig> {
         read(&self.config)
+    }
+
+    /// The file configuration a reload brought (ops overlays are laid over it).
+    pub(crate) fn set_file_config(&self, c: SiteConfig) {
+        write(&self.file_config, Arc::new(c));
+    }
+
+    /// Tells the other replicas of a shared store that shared state changed (ops, a holder's
+    /// revocation, a renewal); a no-op on sled.
+    pub(crate) fn changed(&self) -> Result<(), StoreError> {
+        self.store.kv().bump_generation()
+    }
+
+    /// On a shared store: if another replica changed shared state since this one last looked,
+    /// reloads everything derived from it — ops overlays (trust policies, JWKS, key state),
+    /// keys, runner CAs (and the sign port's trusted roots), revocation rules — and forgets
+    /// cached issuance records. Returns whether it reloaded. The site polls it (every 250 ms),
+    /// so a change made through one replica is enforced by all within a second, on
+    /// connections already open too.
+    pub fn refresh_if_changed(&self) -> Result<bool, StateError> {
+        let Some(now_gen) = self.store.kv().generation().transpose()? else {
+            return Ok(false);
+        };
+        {
+            let seen = self
+                .seen_generation
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if *seen == Some(now_gen) {
+                return Ok(false);
+            }
+        }
+        let file = (*read(&self.file_config)).clone();
+        let cfg = overlays::effective_config(file, &self.store)?;
+        let keys = KeyRing::load_or_create(&cfg, &self.store, &self.kek, self.clock.unix())?;
+        let environments: Vec<String> = cfg.environments.iter().map(|e| e.name.clone()).collect();
+        self.set_keys(keys);
+        self.set_config(cfg);
+        self.set_revocations(revocations::load(&self.store)?);
+        for env in &environments {
+            self.reload_runner_cas(env)?;
+        }
+        *self.cert_cache.lock().unwrap_or_else(|p| p.into_inner()) = Default::default();
+        *self
+            .seen_generation
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(now_gen);
+        tracing::info!(
+            generation = now_gen,
+            "shared state changed at another replica: reloaded"
+        );
+        Ok(true)
     }
 
     pub(crate) fn set_config(&self, c: SiteConfig) {
