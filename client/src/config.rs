@@ -20,11 +20,12 @@ pub struct ClientConfig {
     pub server_name: String,
     /// CA certificate(s) that issued the site's server certificate (PEM).
     pub ca_file: PathBuf,
-    /// `host:port` of the enroll port.
+    /// `host:port` of the enroll port; several replicas of the site as `a:7441,b:7441`, tried in
+    /// turn (same region only: a certificate is valid at its own region's replicas).
     pub enroll_endpoint: String,
-    /// `host:port` of the sign port.
+    /// `host:port` of the sign port (a list as for `enroll_endpoint`).
     pub sign_endpoint: String,
-    /// `host:port` of the admin port.
+    /// `host:port` of the admin port (a list as for `enroll_endpoint`).
     pub admin_endpoint: String,
     /// Environments: name → audience.
     #[serde(default)]

@@ -235,12 +235,16 @@ impl Session {
             artifact_name: artifact.to_string(),
             algorithm: String::new(),
         };
-        Ok(self
-            .signer
-            .sign(req)
-            .await
-            .map_err(|s| ClientError::rpc("Sign", s))?
-            .into_inner())
+        // A replica that went away fails the call in flight (UNAVAILABLE, or a transport
+        // error when the connection broke mid-call); the channel then reconnects to another
+        // replica of the site (see `transport::connect_with`), so retry once. Signing the same
+        // digest twice is harmless: at worst the audit log has two entries for it.
+        let first = self.signer.sign(req.clone()).await;
+        let out = match first {
+            Err(s) if transport::is_failover(&s) => self.signer.sign(req).await,
+            other => other,
+        };
+        Ok(out.map_err(|s| ClientError::rpc("Sign", s))?.into_inner())
     }
 
     /// Renews the session: a fresh key in memory, a new certificate from the site's Renew RPC

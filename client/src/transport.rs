@@ -111,6 +111,11 @@ pub async fn connect(
 /// Opens a gRPC channel to `endpoint` (`host:port`) with `tls`, checking the server as
 /// `server_name`. The connection is made now, so TLS failures surface here; it fails after
 /// `timeouts.connect`, and each RPC after `timeouts.rpc`.
+///
+/// **Failover.** `endpoint` may list several replicas of one site (`a:7443,b:7443`). Each
+/// (re)connection tries them in turn, starting with the one that last worked, each within
+/// `timeouts.connect`; the channel reconnects by itself when its replica goes away, so after
+/// one failed call (`UNAVAILABLE`) the next goes to a live replica.
 pub async fn connect_with(
     endpoint: &str,
     server_name: &str,
@@ -122,26 +127,54 @@ pub async fn connect_with(
         message: m,
     };
     let name = ServerName::try_from(server_name.to_string()).map_err(|e| err(e.to_string()))?;
-    let addr = endpoint.to_string();
-    let uri: Uri = format!("http://{endpoint}")
+    let addrs: Arc<Vec<String>> = Arc::new(
+        endpoint
+            .split(',')
+            .map(|a| a.trim().to_string())
+            .filter(|a| !a.is_empty())
+            .collect(),
+    );
+    let first = addrs
+        .first()
+        .cloned()
+        .ok_or_else(|| err("no endpoint".into()))?;
+    let uri: Uri = format!("http://{first}")
         .parse()
         .map_err(|_| err("not host:port".into()))?;
+    let last_good = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let connector = tower::service_fn(move |_: Uri| {
-        let (tls, name, addr) = (tls.clone(), name.clone(), addr.clone());
+        let (tls, name, addrs, last_good) =
+            (tls.clone(), name.clone(), addrs.clone(), last_good.clone());
         async move {
-            let handshake = async {
-                let tcp = TcpStream::connect(&addr).await?;
-                tcp.set_nodelay(true)?;
-                TlsConnector::from(tls).connect(name, tcp).await
-            };
-            let stream = tokio::time::timeout(timeouts.connect, handshake)
-                .await
-                .map_err(|_| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("no TLS handshake within {:?}", timeouts.connect),
-                    )
-                })??;
+            let start = last_good.load(std::sync::atomic::Ordering::Relaxed);
+            let mut failures = Vec::new();
+            let mut connected = None;
+            for i in 0..addrs.len() {
+                let at = (start + i) % addrs.len();
+                let addr = &addrs[at];
+                let handshake = async {
+                    let tcp = TcpStream::connect(addr).await?;
+                    tcp.set_nodelay(true)?;
+                    TlsConnector::from(tls.clone())
+                        .connect(name.clone(), tcp)
+                        .await
+                };
+                match tokio::time::timeout(timeouts.connect, handshake).await {
+                    Ok(Ok(stream)) => {
+                        last_good.store(at, std::sync::atomic::Ordering::Relaxed);
+                        connected = Some(stream);
+                        break;
+                    }
+                    Ok(Err(e)) => failures.push(format!("{addr}: {e}")),
+                    Err(_) => failures.push(format!(
+                        "{addr}: no TLS handshake within {:?}",
+                        timeouts.connect
+                    )),
+                }
+            }
+            let stream = connected.ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::ConnectionRefused, failures.join("; "))
+            })?;
             // tokio-rustls sends every write as its own TLS record at once; h2 writes a request
             // in several pieces and then flushes, so gather them: one record, one system call.
             let stream = tokio::io::BufWriter::with_capacity(WRITE_BUFFER, stream);
@@ -154,6 +187,13 @@ pub async fn connect_with(
         .connect_with_connector(connector)
         .await
         .map_err(|e| err(source_chain(&e)))
+}
+
+/// Whether a failed call may be retried on another replica: the site was unreachable
+/// (`UNAVAILABLE`), or the connection broke during the call (tonic's `transport error`).
+pub fn is_failover(s: &tonic::Status) -> bool {
+    s.code() == tonic::Code::Unavailable
+        || (s.code() == tonic::Code::Unknown && s.message().starts_with("transport error"))
 }
 
 /// The error and its causes, joined, so TLS alerts are visible.
