@@ -250,3 +250,43 @@ async fn a_revocation_through_one_replica_is_enforced_by_the_other_within_a_seco
         err.message()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_starting_together_on_an_empty_database_create_one_site() {
+    let pg = LocalPostgres::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    meshsign_tests::write_site_files(dir.path());
+    let toml = std::fs::read_to_string(dir.path().join("site.toml")).unwrap() + &store_section(&pg);
+    let open = |name: &str| {
+        let text = toml.replacen("data_dir = \"data\"", &format!("data_dir = \"data-{name}\""), 1);
+        let path = dir.path().join(format!("site-{name}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let cfg = meshsign_server::config::SiteConfig::load(&path).unwrap();
+        std::thread::spawn(move || {
+            meshsign_server::state::SiteState::open(
+                cfg,
+                std::sync::Arc::new(meshsign_server::clock::SystemClock),
+            )
+            .unwrap()
+        })
+    };
+    let (a, b) = (open("a"), open("b"));
+    let (a, b) = (a.join().unwrap(), b.join().unwrap());
+    let key = |s: &meshsign_server::state::SiteState| {
+        s.keys()
+            .active("production", "release")
+            .unwrap()
+            .record
+            .public_key_der
+            .clone()
+    };
+    assert_eq!(key(&a), key(&b), "one signing key, not one per replica");
+    assert_eq!(a.audit.public_key(), b.audit.public_key(), "one audit key");
+    let roots = |s: &meshsign_server::state::SiteState| {
+        let mut r = s.runner_roots();
+        r.sort();
+        r
+    };
+    assert_eq!(roots(&a), roots(&b), "one runner CA per environment");
+    assert_eq!(roots(&a).len(), 2);
+}

@@ -269,113 +269,121 @@ impl SiteState {
         // A shared engine (replicas on PostgreSQL) makes each group commit durable in the
         // database: there is no local journal.
         let shared = store.kv().chain().is_some();
-        let now = clock.unix();
-        let identity = site_identity(&store, marker.as_ref(), &kek, &data_dir)?;
-        if let Some(m) = &marker {
-            let missing = marker::missing_holdings(m, &store)?;
-            if !missing.is_empty() {
-                return Err(StateError::KeysLost {
-                    data_dir: data_dir.clone(),
-                    marker: SiteMarker::path(&data_dir),
-                    missing: missing.join(", "),
-                });
+        // Replicas starting together open the site one after the other: the first creates what
+        // a new site needs, the others load it (never two keys for one alias, two audit keys).
+        store.kv().begin_startup()?;
+        let startup = store.clone();
+        let opened = (|| -> Result<Self, StateError> {
+            let now = clock.unix();
+            let identity = site_identity(&store, marker.as_ref(), &kek, &data_dir)?;
+            if let Some(m) = &marker {
+                let missing = marker::missing_holdings(m, &store)?;
+                if !missing.is_empty() {
+                    return Err(StateError::KeysLost {
+                        data_dir: data_dir.clone(),
+                        marker: SiteMarker::path(&data_dir),
+                        missing: missing.join(", "),
+                    });
+                }
             }
-        }
-        let seen_generation = store.kv().generation().transpose()?;
-        let file_snapshot = Arc::new(file_config.clone());
-        let config = overlays::effective_config(file_config, &store)?;
-        // Creating keys (new aliases, or a new site's) comes only after the KEK was verified.
-        let keys = KeyRing::load_or_create(&config, &store, &kek, now)?;
-        let mut runner_cas = BTreeMap::new();
-        for p in &config.environments {
-            let pi = RunnerCas::load_or_create(
-                &store,
-                &kek,
-                &config.trust_domain,
-                &config.region,
-                &p.name,
-                now,
-            )?;
-            runner_cas.insert(p.name.clone(), Arc::new(pi));
-        }
-        let revocations = revocations::load(&store)?;
-        let audit_key = AuditKey::load_or_create(&store, &kek, now)?;
-        let audit_spki = audit_key.backend.public_key_der().to_vec();
-        let mut marker = marker;
-        match &marker {
-            Some(m) if m.audit_key_sha256 != marker::spki_sha256(&audit_spki) => {
-                return Err(StateError::AuditKeyMismatch {
-                    marker: SiteMarker::path(&data_dir),
-                });
-            }
-            Some(_) => {}
-            None => {
-                // A new site (or one from before markers): the store says who it is, then the
-                // marker says it outside the store.
-                let site_id = match &identity {
-                    SiteIdentity::Known(id) => id.clone(),
-                    SiteIdentity::New => meshsign_proto::files::random_id()
-                        .map_err(|_| crate::custody::CustodyError::Crypto("rng"))?,
-                };
-                store
-                    .kv()
-                    .put(Tree::Meta, marker::SITE_ID_KEY, site_id.as_bytes())?;
-                store.flush()?;
-                marker = Some(SiteMarker::new(
-                    &site_id,
-                    &config.region,
-                    &config.trust_domain,
-                    now,
-                    (&audit_key.key_id, &audit_spki),
+            let seen_generation = store.kv().generation().transpose()?;
+            let file_snapshot = Arc::new(file_config.clone());
+            let config = overlays::effective_config(file_config, &store)?;
+            // Creating keys (new aliases, or a new site's) comes only after the KEK was verified.
+            let keys = KeyRing::load_or_create(&config, &store, &kek, now)?;
+            let mut runner_cas = BTreeMap::new();
+            for p in &config.environments {
+                let pi = RunnerCas::load_or_create(
+                    &store,
                     &kek,
-                )?);
-                tracing::info!(site_id = %site_id, marker = %SiteMarker::path(&data_dir).display(), "site marker written");
+                    &config.trust_domain,
+                    &config.region,
+                    &p.name,
+                    now,
+                )?;
+                runner_cas.insert(p.name.clone(), Arc::new(pi));
             }
-        }
-        let journal_must_exist = marker.as_ref().is_some_and(|m| !m.holds.is_empty());
-        let marker = record_holdings(marker, &store, &data_dir)?;
-        let audit = AuditLog::open(
-            store.clone(),
-            clock.clone(),
-            &config.region,
-            audit_key,
-            settings,
-            (!shared).then_some(JournalAt {
-                path: &journal,
-                must_exist: journal_must_exist,
-            }),
-        )?;
-        let limits = config.limits;
-        Ok(Self {
-            config: RwLock::new(Arc::new(config)),
-            file_config: RwLock::new(file_snapshot),
-            seen_generation: std::sync::Mutex::new(seen_generation),
-            summaries: Default::default(),
-            enroll_limiter: crate::limits::RateLimiter::new(
-                limits.enroll_per_source_per_second,
-                limits.enroll_per_source_burst,
+            let revocations = revocations::load(&store)?;
+            let audit_key = AuditKey::load_or_create(&store, &kek, now)?;
+            let audit_spki = audit_key.backend.public_key_der().to_vec();
+            let mut marker = marker;
+            match &marker {
+                Some(m) if m.audit_key_sha256 != marker::spki_sha256(&audit_spki) => {
+                    return Err(StateError::AuditKeyMismatch {
+                        marker: SiteMarker::path(&data_dir),
+                    });
+                }
+                Some(_) => {}
+                None => {
+                    // A new site (or one from before markers): the store says who it is, then the
+                    // marker says it outside the store.
+                    let site_id = match &identity {
+                        SiteIdentity::Known(id) => id.clone(),
+                        SiteIdentity::New => meshsign_proto::files::random_id()
+                            .map_err(|_| crate::custody::CustodyError::Crypto("rng"))?,
+                    };
+                    store
+                        .kv()
+                        .put(Tree::Meta, marker::SITE_ID_KEY, site_id.as_bytes())?;
+                    store.flush()?;
+                    marker = Some(SiteMarker::new(
+                        &site_id,
+                        &config.region,
+                        &config.trust_domain,
+                        now,
+                        (&audit_key.key_id, &audit_spki),
+                        &kek,
+                    )?);
+                    tracing::info!(site_id = %site_id, marker = %SiteMarker::path(&data_dir).display(), "site marker written");
+                }
+            }
+            let journal_must_exist = marker.as_ref().is_some_and(|m| !m.holds.is_empty());
+            let marker = record_holdings(marker, &store, &data_dir)?;
+            let audit = AuditLog::open(
+                store.clone(),
                 clock.clone(),
-            ),
-            sign_limiter: crate::limits::RateLimiter::new(
-                limits.sign_per_job_per_second,
-                limits.sign_per_job_burst,
-                clock.clone(),
-            ),
-            usage: Default::default(),
-            clock,
-            store,
-            audit,
-            kek,
-            keys: RwLock::new(Arc::new(keys)),
-            runner_cas: RwLock::new(runner_cas),
-            revocations: RwLock::new(Arc::new(revocations)),
-            roots_hook: RwLock::new(None),
-            ops_lock: tokio::sync::Mutex::new(()),
-            signing_pool: SigningPool::per_core().map_err(StateError::Pool)?,
-            cert_cache: std::sync::Mutex::default(),
-            marker: std::sync::Mutex::new(marker),
-            data_dir,
-        })
+                &config.region,
+                audit_key,
+                settings,
+                (!shared).then_some(JournalAt {
+                    path: &journal,
+                    must_exist: journal_must_exist,
+                }),
+            )?;
+            let limits = config.limits;
+            Ok(Self {
+                config: RwLock::new(Arc::new(config)),
+                file_config: RwLock::new(file_snapshot),
+                seen_generation: std::sync::Mutex::new(seen_generation),
+                summaries: Default::default(),
+                enroll_limiter: crate::limits::RateLimiter::new(
+                    limits.enroll_per_source_per_second,
+                    limits.enroll_per_source_burst,
+                    clock.clone(),
+                ),
+                sign_limiter: crate::limits::RateLimiter::new(
+                    limits.sign_per_job_per_second,
+                    limits.sign_per_job_burst,
+                    clock.clone(),
+                ),
+                usage: Default::default(),
+                clock,
+                store,
+                audit,
+                kek,
+                keys: RwLock::new(Arc::new(keys)),
+                runner_cas: RwLock::new(runner_cas),
+                revocations: RwLock::new(Arc::new(revocations)),
+                roots_hook: RwLock::new(None),
+                ops_lock: tokio::sync::Mutex::new(()),
+                signing_pool: SigningPool::per_core().map_err(StateError::Pool)?,
+                cert_cache: std::sync::Mutex::default(),
+                marker: std::sync::Mutex::new(marker),
+                data_dir,
+            })
+        })();
+        startup.kv().end_startup();
+        opened
     }
 
     /// The effective configuration now.

@@ -165,6 +165,16 @@ pub trait Kv: Send + Sync + 'static {
     fn bump_generation(&self) -> Result<(), StoreError> {
         Ok(())
     }
+
+    /// For a shared engine: holds the site-wide start-up lock until [`Kv::end_startup`], so
+    /// replicas starting together open the site one after the other — the first creates what a
+    /// new site needs (keys, runner CAs, the audit key), the others load it.
+    fn begin_startup(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Releases the lock [`Kv::begin_startup`] took.
+    fn end_startup(&self) {}
 }
 
 /// An audit chain shared by several writers (replicas): one group commit at a time holds the

@@ -55,6 +55,8 @@ pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 
 /// Advisory-lock key under which migrations run (any constant shared by all replicas).
 const MIGRATION_LOCK: i64 = 0x6d65_7368_7369_676e; // "meshsign"
+/// Advisory-lock key held while a replica opens the site ([`Kv::begin_startup`]).
+const STARTUP_LOCK: i64 = MIGRATION_LOCK + 1;
 
 /// How to reach the database (`[store]` with `engine = "postgres"`).
 #[derive(Clone)]
@@ -213,7 +215,26 @@ impl PgKv {
             .map_err(|_| StoreError::Unavailable("a store thread ended".into()))?
     }
 
-    /// The ops generation: a counter every replica's ops changes move ([`PgKv::bump`]).
+    /// Runs `f` on the audit writer's connection from a thread of ours (the caller may be on
+    /// the async runtime, where `postgres` must not block) and waits for it.
+    fn on_writer(
+        &self,
+        f: impl FnOnce(&mut Client) -> Result<(), postgres::Error> + Send + 'static,
+    ) -> Result<(), StoreError> {
+        let (writer, settings) = (self.writer.clone(), self.settings.clone());
+        std::thread::Builder::new()
+            .name("pg-writer-call".into())
+            .spawn(move || {
+                let mut slot = writer.lock().unwrap_or_else(|p| p.into_inner());
+                let c = ensure(&mut slot, &settings)?;
+                f(c).map_err(unavailable)
+            })
+            .map_err(|e| StoreError::Engine(Box::new(e)))?
+            .join()
+            .map_err(|_| StoreError::Unavailable("a store thread panicked".into()))?
+    }
+
+    /// The ops generation: a counter every replica's ops changes move.
     pub fn generation(&self) -> Result<i64, StoreError> {
         self.run(|c| {
             c.query_one("SELECT n FROM generation WHERE id = 1", &[])
@@ -379,6 +400,20 @@ impl Kv for PgKv {
 
     fn generation(&self) -> Option<Result<i64, StoreError>> {
         Some(PgKv::generation(self))
+    }
+
+    fn begin_startup(&self) -> Result<(), StoreError> {
+        self.on_writer(|c| {
+            c.execute("SELECT pg_advisory_lock($1)", &[&STARTUP_LOCK])
+                .map(|_| ())
+        })
+    }
+
+    fn end_startup(&self) {
+        let _ = self.on_writer(|c| {
+            c.execute("SELECT pg_advisory_unlock($1)", &[&STARTUP_LOCK])
+                .map(|_| ())
+        });
     }
 
     fn bump_generation(&self) -> Result<(), StoreError> {
