@@ -258,7 +258,11 @@ async fn replicas_starting_together_on_an_empty_database_create_one_site() {
     meshsign_tests::write_site_files(dir.path());
     let toml = std::fs::read_to_string(dir.path().join("site.toml")).unwrap() + &store_section(&pg);
     let open = |name: &str| {
-        let text = toml.replacen("data_dir = \"data\"", &format!("data_dir = \"data-{name}\""), 1);
+        let text = toml.replacen(
+            "data_dir = \"data\"",
+            &format!("data_dir = \"data-{name}\""),
+            1,
+        );
         let path = dir.path().join(format!("site-{name}.toml"));
         std::fs::write(&path, text).unwrap();
         let cfg = meshsign_server::config::SiteConfig::load(&path).unwrap();
@@ -289,4 +293,62 @@ async fn replicas_starting_together_on_an_empty_database_create_one_site() {
     };
     assert_eq!(roots(&a), roots(&b), "one runner CA per environment");
     assert_eq!(roots(&a).len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_refuses_an_empty_or_a_foreign_database() {
+    let pg = LocalPostgres::start().unwrap();
+    let site = TestSite::start_with(&store_section(&pg), None).await;
+    let (_k, _r, mut signer) = site.enrolled("staging").await;
+    signer.sign(sign_req("release", 1)).await.unwrap();
+    let site_toml = site.site_toml.clone();
+    let text = std::fs::read_to_string(&site_toml).unwrap();
+    site.handle.shutdown().await;
+
+    let reopen = |url: String| {
+        let text = text.replace(&pg.url(), &url);
+        let path = site_toml.with_file_name("site-moved.toml");
+        std::fs::write(&path, text).unwrap();
+        let cfg = meshsign_server::config::SiteConfig::load(&path).unwrap();
+        std::thread::spawn(move || {
+            meshsign_server::state::SiteState::open(
+                cfg,
+                std::sync::Arc::new(meshsign_server::clock::SystemClock),
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        })
+        .join()
+        .unwrap()
+    };
+    // An empty database (a wrong url, a restore gone wrong): never a new site in its place.
+    let empty = LocalPostgres::start().unwrap();
+    let err = reopen(empty.url()).unwrap_err();
+    eprintln!("empty database: {err}");
+    assert!(err.contains("site.json"), "names the marker: {err}");
+    // Another site's database.
+    let other_pg = LocalPostgres::start().unwrap();
+    let other = TestSite::start_with(&store_section(&other_pg), None).await;
+    other.handle.shutdown().await;
+    let err = reopen(other_pg.url()).unwrap_err();
+    eprintln!("foreign database: {err}");
+    assert!(err.contains("site.json") || err.contains("KEK"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_of_one_replica_is_refused_with_the_database_s_own_tools_named() {
+    let pg = LocalPostgres::start().unwrap();
+    let site = TestSite::start_with(&store_section(&pg), None).await;
+    let err = meshsign_client::admin::Admin::connect(&site.client)
+        .await
+        .unwrap()
+        .snapshot()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("precondition: snapshot: this site's state is in PostgreSQL"),
+        "{err}"
+    );
+    assert!(err.contains("pg_dump"), "{err}");
 }

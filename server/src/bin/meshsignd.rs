@@ -230,6 +230,13 @@ fn restore(config: &std::path::Path, snapshot: &std::path::Path) -> Result<(), S
     use meshsign_server::state::snapshot;
     use meshsign_server::store::Store;
     let cfg = SiteConfig::load(config).map_err(|e| format!("{}: {e}", config.display()))?;
+    if cfg.postgres.is_some() {
+        return Err(format!(
+            "{}: this site's state is in PostgreSQL; restore the database with its own tools \
+             (pg_restore), not a snapshot",
+            config.display()
+        ));
+    }
     let kek = Kek::load(&cfg.kek_file, cfg.dev).map_err(|e| e.to_string())?;
     let bytes = std::fs::read(snapshot).map_err(|e| format!("{}: {e}", snapshot.display()))?;
     std::fs::create_dir_all(&cfg.data_dir)

@@ -69,7 +69,10 @@ impl Refusal for OpsError {
             OpsError::Forbidden { .. } => "role",
             OpsError::NotFound(_) => "not_found",
             OpsError::Invalid(_) => "invalid",
-            OpsError::Precondition(_) => "precondition",
+            OpsError::Precondition(_)
+            | OpsError::Snapshot(crate::state::snapshot::SnapshotError::SharedStore) => {
+                "precondition"
+            }
             OpsError::Custody(_)
             | OpsError::Ca(_)
             | OpsError::Store(_)
@@ -85,7 +88,10 @@ impl Refusal for OpsError {
             OpsError::Forbidden { .. } => RefusalKind::PermissionDenied,
             OpsError::NotFound(_) => RefusalKind::NotFound,
             OpsError::Invalid(_) => RefusalKind::InvalidArgument,
-            OpsError::Precondition(_) => RefusalKind::FailedPrecondition,
+            OpsError::Precondition(_)
+            | OpsError::Snapshot(crate::state::snapshot::SnapshotError::SharedStore) => {
+                RefusalKind::FailedPrecondition
+            }
             OpsError::Custody(_)
             | OpsError::Ca(_)
             | OpsError::Store(_)

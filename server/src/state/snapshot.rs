@@ -37,6 +37,13 @@ pub enum SnapshotError {
     /// A line did not encode.
     #[error("snapshot encoding: {0}")]
     Encode(#[source] serde_json::Error),
+    /// The site's state is in PostgreSQL, shared by replicas: a snapshot taken by one replica
+    /// would not be consistent while the others write; the database has its own backups.
+    #[error(
+        "this site's state is in PostgreSQL, shared by its replicas: back it up with the \
+         database's tools (pg_dump, or point-in-time recovery), not with a snapshot of one replica"
+    )]
+    SharedStore,
     /// The site has no marker (it predates markers and was never started since).
     #[error("the site has no marker yet; start it once, then take the snapshot")]
     NoMarker,
@@ -101,6 +108,9 @@ impl SiteState {
     /// A consistent snapshot, taken on the audit writer between commits. Call it under the ops
     /// lock (an `ops::audited` write), so no ops change runs meanwhile.
     pub async fn snapshot(&self) -> Result<(Vec<u8>, u64), SnapshotError> {
+        if self.store.kv().chain().is_some() {
+            return Err(SnapshotError::SharedStore);
+        }
         let marker = self
             .marker
             .lock()
