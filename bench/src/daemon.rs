@@ -14,7 +14,8 @@ pub struct Daemon {
     child: Child,
     /// The client config it wrote (endpoints, CA, dev issuer).
     pub client: ClientConfig,
-    _dir: tempfile::TempDir,
+    dir: std::sync::Arc<tempfile::TempDir>,
+    postgres: Option<String>,
 }
 
 impl Drop for Daemon {
@@ -34,7 +35,39 @@ pub fn default_binary() -> PathBuf {
 impl Daemon {
     /// Starts `binary dev` in a fresh folder on free loopback ports and waits until it serves.
     /// Its log (at `log_level`) goes to a file in that folder, as a real deployment's would.
-    pub fn start(binary: &Path, flush: bool, log_level: &str) -> Result<Self, String> {
+    /// With `postgres`, the site's state is in that database.
+    pub fn start(
+        binary: &Path,
+        flush: bool,
+        log_level: &str,
+        postgres: Option<&str>,
+    ) -> Result<Self, String> {
+        let dir = std::sync::Arc::new(tempfile::tempdir().map_err(|e| e.to_string())?);
+        Self::start_in(binary, flush, log_level, postgres, dir, "meshsignd")
+    }
+
+    /// Another replica of this (PostgreSQL) site: `meshsignd dev` on the same folder and
+    /// database, its own ports.
+    pub fn replica(&self, binary: &Path, log_level: &str, name: &str) -> Result<Self, String> {
+        let _ = std::fs::remove_file(self.dir.path().join("site").join("client.toml"));
+        Self::start_in(
+            binary,
+            true,
+            log_level,
+            self.postgres.as_deref(),
+            self.dir.clone(),
+            name,
+        )
+    }
+
+    fn start_in(
+        binary: &Path,
+        flush: bool,
+        log_level: &str,
+        postgres: Option<&str>,
+        dir: std::sync::Arc<tempfile::TempDir>,
+        name: &str,
+    ) -> Result<Self, String> {
         if !binary.is_file() {
             return Err(format!(
                 "{}: not found; build it with `cargo build --release -p meshsign-server` \
@@ -42,10 +75,9 @@ impl Daemon {
                 binary.display()
             ));
         }
-        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let site = dir.path().join("site");
-        let log =
-            std::fs::File::create(dir.path().join("meshsignd.log")).map_err(|e| e.to_string())?;
+        let log_path = dir.path().join(format!("{name}.log"));
+        let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
         let mut cmd = Command::new(binary);
         cmd.arg("dev")
             .arg("--data-dir")
@@ -65,6 +97,9 @@ impl Daemon {
         if !flush {
             cmd.arg("--no-audit-flush");
         }
+        if let Some(url) = postgres {
+            cmd.args(["--postgres-url", url]);
+        }
         let mut child = cmd
             .spawn()
             .map_err(|e| format!("{}: {e}", binary.display()))?;
@@ -72,8 +107,7 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(Some(status)) = child.try_wait() {
-                let log =
-                    std::fs::read_to_string(dir.path().join("meshsignd.log")).unwrap_or_default();
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
                 return Err(format!("meshsignd exited ({status}): {log}"));
             }
             if client_toml.is_file()
@@ -82,7 +116,8 @@ impl Daemon {
                 return Ok(Self {
                     child,
                     client,
-                    _dir: dir,
+                    dir,
+                    postgres: postgres.map(str::to_string),
                 });
             }
             if Instant::now() > deadline {
@@ -127,7 +162,7 @@ fn cpu_seconds_of(path: &str) -> Option<f64> {
 }
 
 /// `CLK_TCK` (the unit of /proc's CPU times), asked of `getconf` once.
-fn clock_ticks() -> f64 {
+pub fn clock_ticks() -> f64 {
     static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
     *TICKS.get_or_init(|| {
         Command::new("getconf")

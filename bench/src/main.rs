@@ -63,6 +63,18 @@ struct Cli {
     /// The site's log level (its log goes to a file, as a deployment's would).
     #[arg(long, default_value = "info")]
     site_log: String,
+    /// `postgres`: also run the site on PostgreSQL (the bench starts its own cluster on
+    /// loopback), with one replica and with two, next to the sled site in the same run.
+    #[arg(long, value_enum, default_value_t = Store::Sled)]
+    store: Store,
+}
+
+#[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]
+enum Store {
+    /// The embedded default.
+    Sled,
+    /// sled, PostgreSQL with one replica, PostgreSQL with two replicas, side by side.
+    Postgres,
 }
 
 #[derive(Clone, Copy, ValueEnum, Debug)]
@@ -87,6 +99,8 @@ struct Measured {
     server_cpu: Option<f64>,
     /// Load-generator CPU seconds per 1,000 ops in the window.
     client_cpu: Option<f64>,
+    /// PostgreSQL's CPU seconds per 1,000 ops (a PostgreSQL site).
+    db_cpu: Option<f64>,
 }
 
 fn pct(sorted: &[Duration], p: f64) -> f64 {
@@ -108,23 +122,35 @@ fn per_1000(before: Option<f64>, after: Option<f64>, ops: u64) -> Option<f64> {
 
 /// One measurement against a running site: enroll the runners (untimed), then drive the load
 /// for `--duration` while reading the server's and our own CPU time.
-async fn service(cli: &Cli, site: &Daemon, tokens: &Tokens) -> Result<Measured, String> {
+async fn service(
+    cli: &Cli,
+    sites: &[Daemon],
+    tokens: &Tokens,
+    db: Option<&meshsign_certs_dev::postgres::LocalPostgres>,
+) -> Result<Measured, String> {
     let what = match cli.scenario {
         Scenario::Sign => Some(SignLoad::Sign),
         Scenario::Batch => Some(SignLoad::Batch(cli.batch)),
         Scenario::Enroll => None,
     };
     let dur = Duration::from_secs(cli.duration);
-    let sessions = match what {
-        Some(_) => load::sessions(&site.client, tokens, cli.concurrency).await?,
-        None => Vec::new(),
-    };
-    let (s0, c0) = (site.cpu_seconds(), daemon::own_cpu_seconds());
+    // The runners are spread evenly over the replicas.
+    let mut sessions = Vec::new();
+    if what.is_some() {
+        for (i, site) in sites.iter().enumerate() {
+            let n = cli.concurrency / sites.len()
+                + usize::from(i < cli.concurrency % sites.len());
+            sessions.extend(load::sessions(&site.client, tokens, n).await?);
+        }
+    }
+    let cpu = || -> Option<f64> { sites.iter().map(Daemon::cpu_seconds).sum() };
+    let db_cpu = || db.and_then(|d| d.cpu_seconds(daemon::clock_ticks()));
+    let (s0, c0, d0) = (cpu(), daemon::own_cpu_seconds(), db_cpu());
     let w: Window = match what {
         Some(what) => load::sign(sessions, what, dur).await,
-        None => load::enroll(&site.client, tokens, cli.concurrency, dur).await?,
+        None => load::enroll(&sites[0].client, tokens, cli.concurrency, dur).await?,
     };
-    let (s1, c1) = (site.cpu_seconds(), daemon::own_cpu_seconds());
+    let (s1, c1, d1) = (cpu(), daemon::own_cpu_seconds(), db_cpu());
     Ok(Measured {
         ops: w.ops,
         ops_per_sec: w.ops as f64 / w.seconds,
@@ -134,6 +160,7 @@ async fn service(cli: &Cli, site: &Daemon, tokens: &Tokens) -> Result<Measured, 
         errors: w.errors,
         server_cpu: per_1000(s0, s1, w.ops),
         client_cpu: per_1000(c0, c1, w.ops),
+        db_cpu: per_1000(d0, d1, w.ops),
     })
 }
 
@@ -170,7 +197,12 @@ fn in_process(cli: &Cli) -> f64 {
 /// A site under test and what was measured on it.
 struct Mode {
     durable: bool,
-    site: Daemon,
+    /// `sled` or `postgres`.
+    store: &'static str,
+    /// The site's replicas (one, except a PostgreSQL site with two).
+    sites: Vec<Daemon>,
+    /// Its database (a PostgreSQL site).
+    db: Option<meshsign_certs_dev::postgres::LocalPostgres>,
     tokens: Tokens,
     rows: Vec<Measured>,
 }
@@ -201,14 +233,38 @@ async fn run(cli: &Cli) -> Result<(), String> {
     // RSS reported after an enroll benchmark is after all of them).
     let mut modes = Vec::new();
     for durable in durabilities {
-        let site = Daemon::start(&binary, durable, &cli.site_log)?;
+        let site = Daemon::start(&binary, durable, &cli.site_log, None)?;
         let tokens = Tokens::new(&site.client)?;
         modes.push(Mode {
             durable,
-            site,
+            store: "sled",
+            sites: vec![site],
+            db: None,
             tokens,
             rows: Vec::new(),
         });
+    }
+    // PostgreSQL: one cluster per site (one replica, then two), each started here on loopback.
+    if cli.store == Store::Postgres {
+        for replicas in [1usize, 2] {
+            let pg = meshsign_certs_dev::postgres::LocalPostgres::start()
+                .map_err(|e| format!("PostgreSQL: {e}"))?;
+            let first = Daemon::start(&binary, true, &cli.site_log, Some(&pg.url()))?;
+            let tokens = Tokens::new(&first.client)?;
+            let mut sites = vec![first];
+            for r in 1..replicas {
+                let next = sites[0].replica(&binary, &cli.site_log, &format!("replica-{r}"))?;
+                sites.push(next);
+            }
+            modes.push(Mode {
+                durable: true,
+                store: "postgres",
+                sites,
+                db: Some(pg),
+                tokens,
+                rows: Vec::new(),
+            });
+        }
     }
     let bao = if cli.vs_openbao {
         Some(openbao::start().await?)
@@ -245,11 +301,13 @@ async fn run(cli: &Cli) -> Result<(), String> {
         };
         for i in order {
             let mode = &mut modes[i];
-            let m = service(cli, &mode.site, &mode.tokens).await?;
+            let m = service(cli, &mode.sites, &mode.tokens, mode.db.as_ref()).await?;
             eprintln!(
-                "run {run}: {:?} durable={} c={} {:.0} ops/s p50 {:.2} ms p99 {:.2} ms errors {} \
-                 server {:.3} / client {:.3} CPU s per 1000 ops (in-process {:.0}/s)",
+                "run {run}: {:?} {} x{} durable={} c={} {:.0} ops/s p50 {:.2} ms p99 {:.2} ms \
+                 errors {} server {:.3} / client {:.3} CPU s per 1000 ops (in-process {:.0}/s)",
                 cli.scenario,
+                mode.store,
+                mode.sites.len(),
                 mode.durable,
                 cli.concurrency,
                 m.ops_per_sec,
@@ -269,9 +327,11 @@ async fn run(cli: &Cli) -> Result<(), String> {
     let summarize = |mode: &Mode| {
         let rs = &mode.rows;
         let ops = median(rs.iter().map(|m| m.ops_per_sec).collect());
-        let rss = mode.site.rss_mib();
+        let rss = mode.sites[0].rss_mib();
         let mut j = serde_json::json!({
             "scenario": format!("{:?}", cli.scenario).to_lowercase(),
+            "store": mode.store,
+            "replicas": mode.sites.len(),
             "concurrency": cli.concurrency,
             "durable_audit": mode.durable,
             "runs": rs.len(),
@@ -283,6 +343,7 @@ async fn run(cli: &Cli) -> Result<(), String> {
             "errors": rs.iter().map(|m| m.errors).sum::<u64>(),
             "server_cpu_s_per_1000_ops": opt_median(rs.iter().map(|m| m.server_cpu)),
             "client_cpu_s_per_1000_ops": opt_median(rs.iter().map(|m| m.client_cpu)),
+            "database_cpu_s_per_1000_ops": opt_median(rs.iter().map(|m| m.db_cpu)),
             "server_peak_rss_mib": rss.map(|r| r.0),
             "server_rss_mib": rss.map(|r| r.1),
             "in_process_ops_per_sec": in_process_ops.round(),
@@ -307,8 +368,20 @@ async fn run(cli: &Cli) -> Result<(), String> {
             "{}",
             serde_json::json!({ "durable": d, "no_flush": n, "durable_to_no_flush": ratio })
         );
+    } else if cli.store == Store::Postgres {
+        let rows: Vec<serde_json::Value> = modes.iter().map(summarize).collect();
+        let sled = rows[0]["ops_per_sec"].as_f64().unwrap_or(0.0).max(1.0);
+        let with_ratio: Vec<serde_json::Value> = rows
+            .into_iter()
+            .map(|mut r| {
+                r["ratio_to_sled"] = (r["ops_per_sec"].as_f64().unwrap_or(0.0) / sled).into();
+                r
+            })
+            .collect();
+        println!("{}", serde_json::json!({ "stores": with_ratio }));
     } else if let Some(m) = modes.first() {
         println!("{}", summarize(m));
     }
+    drop(modes);
     Ok(())
 }

@@ -187,6 +187,32 @@ impl LocalPostgres {
         format!("postgresql://meshsign@127.0.0.1:{}/meshsign", self.port)
     }
 
+    /// CPU seconds (user + system) used so far by the server and its backends: the postmaster
+    /// (from `postmaster.pid`) and every process whose parent it is. `None` if not running.
+    pub fn cpu_seconds(&self, ticks_per_second: f64) -> Option<f64> {
+        let pid_file = std::fs::read_to_string(self.data().join("postmaster.pid")).ok()?;
+        let postmaster: u32 = pid_file.lines().next()?.trim().parse().ok()?;
+        let stat = |pid: &str| -> Option<(u32, f64)> {
+            let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let rest = text.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ppid = f.get(1)?.parse().ok()?;
+            let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+            Some((ppid, ticks))
+        };
+        let mut total = stat(&postmaster.to_string())?.1;
+        for e in std::fs::read_dir("/proc").ok()?.filter_map(|e| e.ok()) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.bytes().all(|b| b.is_ascii_digit())
+                && let Some((ppid, ticks)) = stat(&name)
+                && ppid == postmaster
+            {
+                total += ticks;
+            }
+        }
+        Some(total / ticks_per_second)
+    }
+
     /// The cluster's folder (its log is `log` there).
     pub fn path(&self) -> &Path {
         self.dir.path()

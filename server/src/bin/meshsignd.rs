@@ -63,6 +63,11 @@ enum Command {
         /// false`; acknowledged entries may be lost on a crash).
         #[arg(long, hide = true)]
         no_audit_flush: bool,
+        /// Keep the dev site's state in this PostgreSQL database (`postgresql://USER@HOST:PORT/DB`)
+        /// instead of sled: several `meshsignd dev` on one folder and database are replicas of
+        /// one site (benchmarks, trying replicas out).
+        #[arg(long)]
+        postgres_url: Option<String>,
     },
     /// Validate a site config (including JWKS files and the KEK file) without serving.
     Check {
@@ -184,6 +189,7 @@ async fn dispatch(command: Command) -> Result<(), String> {
             sign_port,
             admin_port,
             no_audit_flush,
+            postgres_url,
         } => {
             let site_toml = dev::prepare(&data_dir).map_err(|e| e.to_string())?;
             let mut cfg = SiteConfig::load(&site_toml)
@@ -192,6 +198,13 @@ async fn dispatch(command: Command) -> Result<(), String> {
             cfg.listen.enroll = (lo, enroll_port).into();
             cfg.listen.sign = (lo, sign_port).into();
             cfg.listen.admin = (lo, admin_port).into();
+            if let Some(url) = postgres_url {
+                cfg.postgres = Some(meshsign_server::config::PostgresStore {
+                    url,
+                    password_file: None,
+                    pool_size: 8,
+                });
+            }
             if no_audit_flush {
                 cfg.audit.flush = false;
                 tracing::warn!(
