@@ -352,3 +352,38 @@ async fn a_snapshot_of_one_replica_is_refused_with_the_database_s_own_tools_name
     );
     assert!(err.contains("pg_dump"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_following_one_replica_streams_what_the_other_writes() {
+    let pg = LocalPostgres::start().unwrap();
+    let a = TestSite::start_with(&store_section(&pg), None).await;
+    let b = a.replica("b").await;
+    let mut follow = meshsign_client::admin::Admin::connect(&b.client)
+        .await
+        .unwrap()
+        .export_audit(meshsign_proto::v1::ExportAuditRequest {
+            follow: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (_k, resp, mut on_a) = a.enrolled("production").await;
+    let signed = on_a.sign(sign_req("release", 9)).await.unwrap().into_inner();
+    let seen = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(line) = follow.message().await.unwrap() {
+            let v: serde_json::Value = serde_json::from_str(&line.json).unwrap();
+            if v["seq"].as_u64() == Some(signed.audit_seq) {
+                return v;
+            }
+        }
+        panic!("the export ended");
+    })
+    .await
+    .expect("A's entry reached B's follower within 5 s");
+    assert_eq!(v_str(&seen, "cert_serial"), resp.serial);
+    assert_eq!(v_str(&seen, "hash"), signed.audit_hash);
+}
+
+fn v_str(v: &serde_json::Value, k: &str) -> String {
+    v[k].as_str().unwrap_or_default().to_string()
+}

@@ -112,6 +112,10 @@ pub fn stream(
             .and_then(|v| v.first().map(|r| r.seq))
             .unwrap_or(1);
         let started_at_first = next <= oldest;
+        // On a shared store every entry in it is committed (a PostgreSQL transaction per group
+        // commit), and other replicas add entries this replica's head does not see: read up to
+        // the end, and look again every half second when following.
+        let shared = site.store.kv().chain().is_some();
         loop {
             let page = match site.audit.range(next, PAGE) {
                 Ok(p) => p,
@@ -120,7 +124,7 @@ pub fn stream(
                     return;
                 }
             };
-            let durable = *head.borrow();
+            let durable = if shared { u64::MAX } else { *head.borrow() };
             let mut sent = false;
             for r in page.into_iter().take_while(|r| r.seq <= durable) {
                 next = r.seq + 1;
@@ -142,8 +146,16 @@ pub fn stream(
             if !q.follow {
                 return;
             }
+            let poll = async {
+                if shared {
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await
+                } else {
+                    std::future::pending::<()>().await
+                }
+            };
             tokio::select! {
                 changed = head.changed() => if changed.is_err() { return },
+                () = poll => {},
                 () = tx.closed() => return,
             }
         }
