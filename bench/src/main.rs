@@ -138,8 +138,7 @@ async fn service(
     let mut sessions = Vec::new();
     if what.is_some() {
         for (i, site) in sites.iter().enumerate() {
-            let n = cli.concurrency / sites.len()
-                + usize::from(i < cli.concurrency % sites.len());
+            let n = cli.concurrency / sites.len() + usize::from(i < cli.concurrency % sites.len());
             sessions.extend(load::sessions(&site.client, tokens, n).await?);
         }
     }

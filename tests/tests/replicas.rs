@@ -156,33 +156,81 @@ async fn a_database_with_a_newer_schema_is_refused_by_name() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn while_postgres_is_down_decisions_are_unavailable_and_resume_without_a_restart() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
     let pg = LocalPostgres::start().unwrap();
     let site = TestSite::start_with(&store_section(&pg), None).await;
-    let (_k, _r, mut signer) = site.enrolled("staging").await;
-    signer.sign(sign_req("release", 1)).await.unwrap();
+    // Four clients sign throughout.
+    let stop = Arc::new(AtomicBool::new(false));
+    let outcomes: Arc<Mutex<Vec<Result<u64, String>>>> = Arc::default();
+    let mut workers = Vec::new();
+    for i in 0..4u8 {
+        let (_k, _r, mut signer) = site.enrolled("staging").await;
+        let (stop, outcomes) = (stop.clone(), outcomes.clone());
+        workers.push(tokio::spawn(async move {
+            let mut n = 0u8;
+            while !stop.load(Ordering::SeqCst) {
+                n = n.wrapping_add(1);
+                let r = signer.sign(sign_req("release", n ^ i)).await;
+                outcomes.lock().unwrap().push(match r {
+                    Ok(r) => Ok(r.into_inner().audit_seq),
+                    Err(e) => Err(format!("{:?} {}", e.code(), e.message())),
+                });
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
     pg.stop().unwrap();
-    let err = signer.sign(sign_req("release", 2)).await.unwrap_err();
-    assert_eq!(err.code(), Code::Unavailable, "{}", err.message());
-    assert!(
-        err.message().starts_with("audit_unavailable: "),
-        "{}",
-        err.message()
-    );
+    let down_from = outcomes.lock().unwrap().len();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let down_to = outcomes.lock().unwrap().len();
     pg.start_again().unwrap();
+    // Back without a restart: every client signs again.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        match signer.sign(sign_req("release", 3)).await {
-            Ok(_) => break,
-            Err(e) => {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "not back 10 s after PostgreSQL: {}",
-                    e.message()
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+        let recent_ok = {
+            let o = outcomes.lock().unwrap();
+            o.len() > down_to + 20 && o[o.len() - 8..].iter().all(|r| r.is_ok())
+        };
+        if recent_ok {
+            break;
         }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not back 10 s after PostgreSQL returned"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    stop.store(true, Ordering::SeqCst);
+    for w in workers {
+        w.await.unwrap();
+    }
+    let outcomes = outcomes.lock().unwrap().clone();
+    // While it was down: refusals, and each says why.
+    let during: Vec<_> = outcomes[down_from..down_to]
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .collect();
+    assert!(
+        !during.is_empty(),
+        "calls were refused while PostgreSQL was down"
+    );
+    for e in &during {
+        assert!(
+            e.starts_with("Unavailable audit_unavailable: "),
+            "a refusal while down is UNAVAILABLE: {e}"
+        );
+    }
+    // No acknowledged receipt shares a seq, and the chain verifies.
+    let mut seqs: Vec<u64> = outcomes
+        .iter()
+        .filter_map(|r| r.as_ref().ok().copied())
+        .collect();
+    let n = seqs.len();
+    seqs.sort();
+    seqs.dedup();
+    assert_eq!(seqs.len(), n);
     verify_chain(&site).await;
 }
 
@@ -333,6 +381,29 @@ async fn a_replica_refuses_an_empty_or_a_foreign_database() {
     let err = reopen(other_pg.url()).unwrap_err();
     eprintln!("foreign database: {err}");
     assert!(err.contains("site.json") || err.contains("KEK"), "{err}");
+    // A new replica (no marker yet) whose host was given another KEK.
+    let text = std::fs::read_to_string(&site_toml)
+        .unwrap()
+        .replacen("data_dir = \"data\"", "data_dir = \"data-new\"", 1)
+        .replacen("kek_file = \"kek\"", "kek_file = \"kek-other\"", 1);
+    let dir = site_toml.parent().unwrap();
+    meshsign_server::custody::Kek::generate_file(&dir.join("kek-other")).unwrap();
+    let path = dir.join("site-new.toml");
+    std::fs::write(&path, text).unwrap();
+    let cfg = meshsign_server::config::SiteConfig::load(&path).unwrap();
+    let err = std::thread::spawn(move || {
+        meshsign_server::state::SiteState::open(
+            cfg,
+            std::sync::Arc::new(meshsign_server::clock::SystemClock),
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    })
+    .join()
+    .unwrap()
+    .unwrap_err();
+    eprintln!("wrong KEK: {err}");
+    assert!(err.to_lowercase().contains("kek"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -368,7 +439,11 @@ async fn an_export_following_one_replica_streams_what_the_other_writes() {
         .await
         .unwrap();
     let (_k, resp, mut on_a) = a.enrolled("production").await;
-    let signed = on_a.sign(sign_req("release", 9)).await.unwrap().into_inner();
+    let signed = on_a
+        .sign(sign_req("release", 9))
+        .await
+        .unwrap()
+        .into_inner();
     let seen = tokio::time::timeout(Duration::from_secs(5), async {
         while let Some(line) = follow.message().await.unwrap() {
             let v: serde_json::Value = serde_json::from_str(&line.json).unwrap();
