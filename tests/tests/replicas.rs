@@ -8,7 +8,6 @@ use std::time::Duration;
 use meshsign_certs_dev::postgres::LocalPostgres;
 use meshsign_client::runner::RunnerKey;
 use meshsign_tests::{TestSite, sign_req};
-use tonic::Code;
 
 fn store_section(pg: &LocalPostgres) -> String {
     format!(

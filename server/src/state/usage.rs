@@ -103,10 +103,8 @@ impl Default for Pending {
 
 impl Pending {
     fn shard(&self, environment: &str, job_id: &str) -> usize {
-        use std::hash::{BuildHasher as _, Hash as _, Hasher as _};
-        let mut h = self.hasher.build_hasher();
-        (environment, job_id).hash(&mut h);
-        (h.finish() as usize) % SHARDS
+        use std::hash::BuildHasher as _;
+        (self.hasher.hash_one((environment, job_id)) as usize) % SHARDS
     }
 }
 
