@@ -190,10 +190,16 @@ pub async fn connect_with(
 }
 
 /// Whether a failed call may be retried on another replica: the site was unreachable
-/// (`UNAVAILABLE`), or the connection broke during the call (tonic's `transport error`).
+/// (`UNAVAILABLE`), or the connection broke during the call — tonic reports that as `UNKNOWN`
+/// "transport error" or, when the stream was reset under it, `CANCELLED` "operation was
+/// canceled" (meshsign sites never answer `CANCELLED` themselves).
 pub fn is_failover(s: &tonic::Status) -> bool {
-    s.code() == tonic::Code::Unavailable
-        || (s.code() == tonic::Code::Unknown && s.message().starts_with("transport error"))
+    match s.code() {
+        tonic::Code::Unavailable => true,
+        tonic::Code::Unknown => s.message().starts_with("transport error"),
+        tonic::Code::Cancelled => s.message().starts_with("operation was canceled"),
+        _ => false,
+    }
 }
 
 /// The error and its causes, joined, so TLS alerts are visible.
