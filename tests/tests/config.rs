@@ -227,3 +227,43 @@ fn the_deploy_example_is_a_valid_config() {
         2
     );
 }
+
+#[test]
+fn a_postgres_store_takes_no_password_in_its_url() {
+    let env = partition("production", "a", "https://ci.test", "");
+    let with = |store: &str| load(&format!("{BASE}[store]\n{store}\n{env}"));
+    for (store, field, says) in [
+        (
+            "engine = \"postgres\"\nurl = \"postgresql://meshsign:s3cret@db:5432/meshsign\"",
+            "store.url",
+            "must not contain a password",
+        ),
+        (
+            "engine = \"postgres\"\nurl = \"postgresql://meshsign@db:5432/meshsign?password=s3cret\"",
+            "store.url",
+            "must not contain a password",
+        ),
+        ("engine = \"postgres\"", "store.url", "needs a url"),
+        (
+            "url = \"postgresql://meshsign@db/meshsign\"",
+            "store.url",
+            "only with engine",
+        ),
+        (
+            "engine = \"postgres\"\nurl = \"postgresql://meshsign@db/meshsign\"\npool_size = 0",
+            "store.pool_size",
+            "1 to 256",
+        ),
+    ] {
+        let err = with(store).expect_err(store).to_string();
+        assert!(err.starts_with(field) && err.contains(says), "{store}: {err}");
+        assert!(!err.contains("s3cret"), "the refusal does not repeat the password: {err}");
+    }
+    let ok = with(
+        "engine = \"postgres\"\nurl = \"postgresql://meshsign@db:5432/meshsign\"\npassword_file = \"pg.pass\"",
+    )
+    .unwrap();
+    let pg = ok.postgres.expect("postgres");
+    assert_eq!(pg.pool_size, 8);
+    assert!(pg.password_file.unwrap().is_absolute());
+}

@@ -461,3 +461,36 @@ async fn an_export_following_one_replica_streams_what_the_other_writes() {
 fn v_str(v: &serde_json::Value, k: &str) -> String {
     v[k].as_str().unwrap_or_default().to_string()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_file_readable_by_others_is_refused_by_name() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let pg = LocalPostgres::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    meshsign_tests::write_site_files(dir.path());
+    let pass = dir.path().join("pgpass");
+    std::fs::write(&pass, "s3cret\n").unwrap();
+    std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let toml = std::fs::read_to_string(dir.path().join("site.toml")).unwrap()
+        + &store_section(&pg)
+        + "password_file = \"pgpass\"\n";
+    std::fs::write(dir.path().join("site.toml"), toml).unwrap();
+    let open = || {
+        let cfg = meshsign_server::config::SiteConfig::load(&dir.path().join("site.toml")).unwrap();
+        std::thread::spawn(move || {
+            meshsign_server::state::SiteState::open(
+                cfg,
+                std::sync::Arc::new(meshsign_server::clock::SystemClock),
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+        })
+        .join()
+        .unwrap()
+    };
+    let err = open().unwrap_err();
+    assert!(err.contains("pgpass") && err.contains("chmod 600"), "{err}");
+    assert!(!err.contains("s3cret"), "{err}");
+    std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o600)).unwrap();
+    open().unwrap();
+}
