@@ -256,8 +256,14 @@ fn a_postgres_store_takes_no_password_in_its_url() {
         ),
     ] {
         let err = with(store).expect_err(store).to_string();
-        assert!(err.starts_with(field) && err.contains(says), "{store}: {err}");
-        assert!(!err.contains("s3cret"), "the refusal does not repeat the password: {err}");
+        assert!(
+            err.starts_with(field) && err.contains(says),
+            "{store}: {err}"
+        );
+        assert!(
+            !err.contains("s3cret"),
+            "the refusal does not repeat the password: {err}"
+        );
     }
     let ok = with(
         "engine = \"postgres\"\nurl = \"postgresql://meshsign@db:5432/meshsign\"\npassword_file = \"pg.pass\"",

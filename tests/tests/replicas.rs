@@ -373,6 +373,11 @@ async fn a_replica_refuses_an_empty_or_a_foreign_database() {
     let err = reopen(empty.url()).unwrap_err();
     eprintln!("empty database: {err}");
     assert!(err.contains("site.json"), "names the marker: {err}");
+    assert!(
+        err.contains(&format!("the store at {} is empty", empty.url()))
+            && err.contains("pg_restore"),
+        "names the database and its fix: {err}"
+    );
     // Another site's database.
     let other_pg = LocalPostgres::start().unwrap();
     let other = TestSite::start_with(&store_section(&other_pg), None).await;

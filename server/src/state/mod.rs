@@ -65,41 +65,44 @@ pub enum StateError {
     Marker(#[from] MarkerError),
     /// The marker says a site was created here, and the store is empty.
     #[error(
-        "the store in {data_dir} is empty, but {marker} says site {site_id} was created here: \
-             the store was lost or damaged, and its keys, runner CAs, replay store and revocations \
-             with it. Nothing was re-created. Restore a snapshot (`meshsignd restore`), or run \
-             `meshsignd recover --data-dir {data_dir}` to see what is intact"
+        "the store {store} is empty, but {marker} says site {site_id} was created here: the \
+             store was lost or damaged (or the config points at another one), and its keys, \
+             runner CAs, replay store and revocations with it. Nothing was re-created. {fix}"
     )]
     StoreLost {
-        /// The data folder.
-        data_dir: std::path::PathBuf,
+        /// The store: `in <data_dir>` (sled) or `at <url>` (PostgreSQL).
+        store: String,
         /// The marker file.
         marker: std::path::PathBuf,
         /// The site it names.
         site_id: String,
+        /// What to do, for this engine.
+        fix: String,
     },
     /// The store lost part of its data: it no longer names the site.
     #[error(
-        "the store in {data_dir} lost part of its data: it no longer holds the site id that \
-             {marker} names ({site_id}). Nothing was re-created. Restore a snapshot (`meshsignd \
-             restore`), or run `meshsignd recover --data-dir {data_dir}` to see what is intact"
+        "the store {store} lost part of its data: it no longer holds the site id that \
+             {marker} names ({site_id}). Nothing was re-created. {fix}"
     )]
     StoreDamaged {
-        /// The data folder.
-        data_dir: std::path::PathBuf,
+        /// The store.
+        store: String,
         /// The marker file.
         marker: std::path::PathBuf,
         /// The site it names.
         site_id: String,
+        /// What to do, for this engine.
+        fix: String,
     },
     /// The store belongs to another site than the marker names.
     #[error(
-        "the store in {data_dir} belongs to site {store_site}, but {marker} names site \
-             {marker_site}: a store or marker was copied from elsewhere; put the right one back"
+        "the store {store} belongs to site {store_site}, but {marker} names site \
+             {marker_site}: a store or marker was copied from elsewhere (or the config points at \
+             another site's database); put the right one back"
     )]
     ForeignStore {
-        /// The data folder.
-        data_dir: std::path::PathBuf,
+        /// The store.
+        store: String,
         /// The marker file.
         marker: std::path::PathBuf,
         /// In the store.
@@ -109,16 +112,18 @@ pub enum StateError {
     },
     /// Key versions or runner CAs the marker lists are gone from the store.
     #[error(
-        "the store in {data_dir} no longer holds what {marker} says the site had: {missing}. \
-             Nothing was re-created. Restore a snapshot (`meshsignd restore`)"
+        "the store {store} no longer holds what {marker} says the site had: {missing}. \
+             Nothing was re-created. {fix}"
     )]
     KeysLost {
-        /// The data folder.
-        data_dir: std::path::PathBuf,
+        /// The store.
+        store: String,
         /// The marker file.
         marker: std::path::PathBuf,
         /// The missing slots.
         missing: String,
+        /// What to do, for this engine.
+        fix: String,
     },
     /// The store's audit key is not the one the marker recorded.
     #[error("the audit key in the store is not the one {marker} recorded: the store was replaced")]
@@ -280,7 +285,8 @@ impl SiteState {
                 let missing = marker::missing_holdings(m, &store)?;
                 if !missing.is_empty() {
                     return Err(StateError::KeysLost {
-                        data_dir: data_dir.clone(),
+                        store: store_location(&store, &data_dir),
+                        fix: store_fix(&store, &data_dir),
                         marker: SiteMarker::path(&data_dir),
                         missing: missing.join(", "),
                     });
@@ -572,6 +578,28 @@ enum SiteIdentity {
     New,
 }
 
+/// Where the store is, for messages: `in <data_dir>` (sled) or `at <url>` (PostgreSQL).
+fn store_location(store: &Store, data_dir: &std::path::Path) -> String {
+    match store.kv().location() {
+        Some(url) => format!("at {url}"),
+        None => format!("in {}", data_dir.display()),
+    }
+}
+
+/// What to do about a lost or damaged store, for its engine.
+fn store_fix(store: &Store, data_dir: &std::path::Path) -> String {
+    match store.kv().location() {
+        Some(_) => "Check store.url; restore the database from its backups (pg_restore, \
+                    point-in-time recovery)"
+            .into(),
+        None => format!(
+            "Restore a snapshot (`meshsignd restore`), or run `meshsignd recover --data-dir {}` \
+             to see what is intact",
+            data_dir.display()
+        ),
+    }
+}
+
 /// Compares the store with the marker and refuses what does not match: an empty store where a
 /// site was created, a store of another site. Without a marker, a store that already holds keys
 /// must open under this KEK before anything new is created in it.
@@ -585,7 +613,7 @@ fn site_identity(
     match (marker, stored) {
         (Some(m), Some(id)) if id == m.site_id => Ok(SiteIdentity::Known(id)),
         (Some(m), Some(id)) => Err(StateError::ForeignStore {
-            data_dir: data_dir.to_path_buf(),
+            store: store_location(store, data_dir),
             marker: SiteMarker::path(data_dir),
             store_site: id,
             marker_site: m.site_id.clone(),
@@ -593,13 +621,15 @@ fn site_identity(
         (Some(m), None) => {
             if marker::store_is_empty(store)? {
                 Err(StateError::StoreLost {
-                    data_dir: data_dir.to_path_buf(),
+                    store: store_location(store, data_dir),
+                    fix: store_fix(store, data_dir),
                     marker: SiteMarker::path(data_dir),
                     site_id: m.site_id.clone(),
                 })
             } else {
                 Err(StateError::StoreDamaged {
-                    data_dir: data_dir.to_path_buf(),
+                    store: store_location(store, data_dir),
+                    fix: store_fix(store, data_dir),
                     marker: SiteMarker::path(data_dir),
                     site_id: m.site_id.clone(),
                 })

@@ -175,6 +175,12 @@ pub trait Kv: Send + Sync + 'static {
 
     /// Releases the lock [`Kv::begin_startup`] took.
     fn end_startup(&self) {}
+
+    /// Where a store outside the data folder is (a database URL, no password), for messages;
+    /// `None` for an engine in the data folder.
+    fn location(&self) -> Option<String> {
+        None
+    }
 }
 
 /// An audit chain shared by several writers (replicas): one group commit at a time holds the

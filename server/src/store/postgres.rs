@@ -402,6 +402,10 @@ impl Kv for PgKv {
         Some(PgKv::generation(self))
     }
 
+    fn location(&self) -> Option<String> {
+        Some(self.settings.url.clone())
+    }
+
     fn begin_startup(&self) -> Result<(), StoreError> {
         self.on_writer(|c| {
             c.execute("SELECT pg_advisory_lock($1)", &[&STARTUP_LOCK])
