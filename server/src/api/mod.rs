@@ -86,8 +86,10 @@ fn runner_ca_info(r: &crate::ca::RunnerCaRecord) -> v1::IssuerInfo {
 
 // === routers ===
 
-/// The three ports' routers.
+/// The three ports' routers, and the health statuses they serve.
 pub struct Routers {
+    /// `grpc.health.v1.Health` statuses, served on every port.
+    pub health: tonic_health::server::HealthReporter,
     /// Enrollment + Verification + reflection.
     pub enroll: PortRouter,
     /// Signer + reflection.
@@ -107,6 +109,8 @@ fn with_reflection(
     let b = || {
         let mut b = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(meshsign_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name(HEALTH_SERVICE)
             .with_service_name("grpc.reflection.v1.ServerReflection")
             .with_service_name("grpc.reflection.v1alpha.ServerReflection");
         for s in services {
@@ -125,6 +129,17 @@ pub const MAX_ENROLL_REQUEST: usize = 64 * 1024;
 pub const MAX_SIGN_REQUEST: usize = 256 * 1024;
 /// Largest request on the admin port: a key import with its certificate chain, or a JWKS.
 pub const MAX_ADMIN_REQUEST: usize = 1024 * 1024;
+
+/// The standard health service's name.
+pub const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+
+/// The services whose health is reported (besides the overall status, service "").
+pub const SERVICES: [&str; 4] = [
+    "meshsign.v1.Enrollment",
+    "meshsign.v1.Verification",
+    "meshsign.v1.Signer",
+    "meshsign.v1.Admin",
+];
 
 /// A summary-audit record for a refusal made before any caller is known.
 fn transport_refusal(reason: &str, peer: String, detail: String) -> crate::audit::AuditRecord {
@@ -178,8 +193,12 @@ pub fn routers(state: Arc<SiteState>) -> Result<Routers, tonic_reflection::serve
             ))
     };
     let timeout = Duration::from_secs(limits.request_timeout_seconds);
+    // Health on every port (an operator probes the port it cares about); SERVING once the site
+    // is up, NOT_SERVING while decisions cannot be recorded (see `server::watch_health`).
+    let (health, health_service) = tonic_health::server::health_reporter();
     let enroll = server("enroll")
         .timeout(timeout)
+        .add_service(health_service.clone())
         .add_service(
             EnrollmentServer::new(EnrollmentApi(state.clone()))
                 .max_decoding_message_size(MAX_ENROLL_REQUEST),
@@ -192,19 +211,23 @@ pub fn routers(state: Arc<SiteState>) -> Result<Routers, tonic_reflection::serve
         enroll,
         &["meshsign.v1.Enrollment", "meshsign.v1.Verification"],
     )?;
-    let sign = server("sign").timeout(timeout).add_service(
-        SignerServer::new(SignerApi::new(state.clone()))
-            .max_decoding_message_size(MAX_SIGN_REQUEST),
-    );
+    let sign = server("sign")
+        .timeout(timeout)
+        .add_service(health_service.clone())
+        .add_service(
+            SignerServer::new(SignerApi::new(state.clone()))
+                .max_decoding_message_size(MAX_SIGN_REQUEST),
+        );
     let sign = with_reflection(sign, &["meshsign.v1.Signer"])?;
     // No request timeout on the admin port: `audit export --follow` streams for as long as
     // the operator watches.
-    let admin = server("admin").add_service(
+    let admin = server("admin").add_service(health_service).add_service(
         v1::admin_server::AdminServer::new(AdminApi(state.clone()))
             .max_decoding_message_size(MAX_ADMIN_REQUEST),
     );
     let admin = with_reflection(admin, &["meshsign.v1.Admin"])?;
     Ok(Routers {
+        health,
         enroll,
         sign,
         admin,

@@ -186,6 +186,45 @@ pub fn fit_descriptors(config: &mut SiteConfig) -> Result<u64, String> {
     ))
 }
 
+/// How often the health status is brought up to date.
+pub const HEALTH_EVERY: Duration = Duration::from_millis(500);
+
+/// Sets every port's health: SERVING while decisions can be recorded, NOT_SERVING while the
+/// audit log cannot be written (a full disk, a broken store, PostgreSQL unreachable) — then
+/// every decision would be refused `UNAVAILABLE`, so a load balancer should send runners to a
+/// replica that can serve. Changes are logged once.
+async fn watch_health(
+    state: &Arc<SiteState>,
+    health: &tonic_health::server::HealthReporter,
+    serving: &mut Option<bool>,
+) {
+    let mut now = !state.audit.is_failing();
+    if now && state.store.kv().chain().is_some() {
+        // A shared store: is the database there? (An idle replica has no failed write to go by.)
+        let s = state.clone();
+        now = tokio::task::spawn_blocking(move || {
+            s.store.kv().generation().is_some_and(|g| g.is_ok())
+        })
+        .await
+        .unwrap_or(false);
+    }
+    if *serving == Some(now) {
+        return;
+    }
+    let status = if now {
+        tonic_health::ServingStatus::Serving
+    } else {
+        tonic_health::ServingStatus::NotServing
+    };
+    for service in std::iter::once("").chain(super::SERVICES) {
+        health.set_service_status(service, status).await;
+    }
+    if serving.is_some() {
+        tracing::warn!(serving = now, "health changed");
+    }
+    *serving = Some(now);
+}
+
 /// How often a replica of a shared store looks for changes made through another replica.
 pub const REFRESH_EVERY: Duration = Duration::from_millis(250);
 
@@ -240,6 +279,7 @@ pub async fn start(state: Arc<SiteState>) -> Result<SiteHandle, StartError> {
         let _ = rx.wait_for(|v| *v).await;
     };
     let routers = super::routers(state.clone())?;
+    let health = routers.health.clone();
     let limits = config.limits;
     let admission = |port: &'static str| {
         let counted = state.clone();
@@ -285,8 +325,11 @@ pub async fn start(state: Arc<SiteState>) -> Result<SiteHandle, StartError> {
         let mut summary = tokio::time::interval(Duration::from_secs(limits.summary_seconds));
         let mut replicas = tokio::time::interval(REFRESH_EVERY);
         let shared = keeper_state.store.kv().chain().is_some();
+        let mut health_tick = tokio::time::interval(HEALTH_EVERY);
+        let mut serving = None;
         loop {
             tokio::select! {
+                _ = health_tick.tick() => watch_health(&keeper_state, &health, &mut serving).await,
                 _ = replicas.tick(), if shared => refresh(&keeper_state).await,
                 _ = tick.tick() => ops::housekeeping::run_once(&keeper_state).await,
                 _ = repair.tick() => ops::housekeeping::repair_storage(&keeper_state).await,
