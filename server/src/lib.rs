@@ -11,9 +11,9 @@
 //!    ops overlays, runner CAs, key ring).
 //! 4. [`audit`], [`ca`], [`custody`], [`config`] — the audit chain, runner CAs, keys under the
 //!    KEK, the validated configuration.
-//! 5. [`model`], [`identity`], [`store`], [`limits`], [`clock`] — vocabulary and the refusal
-//!    contract, typed identities (runner caller, operator, OIDC tokens), the storage engine,
-//!    rate and connection counters, the clock.
+//! 5. [`model`], [`identity`], [`store`], [`limits`], [`metrics`], [`clock`] — vocabulary and
+//!    the refusal contract, typed identities (runner caller, operator, OIDC tokens), the storage
+//!    engine, rate and connection counters, Prometheus counters, the clock.
 //!
 //! Words: an **environment** (`staging`, `production`) is one environment of a site; an **OIDC
 //! issuer** signs job tokens; a **runner CA** signs runner certificates. [`dev`] (cargo feature
@@ -30,6 +30,7 @@ pub mod dev;
 pub mod enroll;
 pub mod identity;
 pub mod limits;
+pub mod metrics;
 pub mod model;
 pub mod ops;
 pub mod sign;

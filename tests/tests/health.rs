@@ -92,3 +92,61 @@ async fn an_idle_replica_reports_not_serving_while_postgresql_is_down() {
     pg.start_again().unwrap();
     wait_for(&site, ServingStatus::Serving).await;
 }
+
+/// `GET path` over plain HTTP/1.1 (what Prometheus does); returns (status line, body).
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut raw = String::new();
+    tcp.read_to_string(&mut raw).await.unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
+}
+
+#[tokio::test]
+async fn metrics_are_scraped_over_http_with_the_named_series_after_real_traffic() {
+    let site = TestSite::start_with(
+        "\n[metrics]\nlisten = \"127.0.0.1:0\"\n\n[limits]\nenroll_per_source_per_second = 1\nenroll_per_source_burst = 3\n",
+        None,
+    )
+    .await;
+    let addr = site.handle.metrics_addr.expect("metrics listener");
+    let (_k, _r, mut signer) = site.enrolled("production").await;
+    signer.sign(sign_req("release", 1)).await.unwrap();
+    let _ = signer.sign(sign_req("prod-only-missing", 1)).await;
+    let mut enroll = site.enrollment().await;
+    for _ in 0..4 {
+        let key = meshsign_client::runner::RunnerKey::generate().unwrap();
+        let _ = enroll
+            .enroll(site.enroll_request("production", "x".into(), &key))
+            .await;
+    }
+    let (status, body) = http_get(addr, "/metrics").await;
+    assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
+    for series in [
+        "meshsign_decisions_total{rpc=\"Enroll\",environment=\"production\",decision=\"allow\",reason=\"ok\"} 1",
+        "meshsign_decisions_total{rpc=\"Sign\",environment=\"production\",decision=\"allow\",reason=\"ok\"} 1",
+        "meshsign_decisions_total{rpc=\"Sign\",environment=\"production\",decision=\"deny\",reason=\"key_not_in_partition\"} 1",
+        "meshsign_counted_refusals_total{rpc=\"Enroll\",reason=\"rate_limited\"}",
+        "meshsign_request_duration_seconds_count{port=\"sign\"} 2",
+        "meshsign_audit_head_seq ",
+        "meshsign_audit_writable 1",
+        "meshsign_revocation_rules 0",
+        "meshsign_server_certificate_expiry_days ",
+        "meshsign_runner_ca_expiry_days{environment=\"staging\"",
+        "meshsign_key_age_days{environment=\"production\",alias=\"release\",version=\"1\"}",
+        "meshsign_limit{name=\"max_connections\"} 1024",
+    ] {
+        assert!(body.contains(series), "missing {series} in\n{body}");
+    }
+    let (status, _) = http_get(addr, "/other").await;
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
+}

@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod enrollment;
 mod export;
+pub mod metrics;
 pub mod server;
 pub mod shed;
 pub mod signer;
@@ -190,6 +191,7 @@ pub fn routers(state: Arc<SiteState>) -> Result<Routers, tonic_reflection::serve
                 port,
                 limits.max_requests_in_flight,
                 on_shed,
+                state.audit.metrics.clone(),
             ))
     };
     let timeout = Duration::from_secs(limits.request_timeout_seconds);

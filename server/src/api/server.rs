@@ -61,12 +61,15 @@ pub struct SiteHandle {
     pub sign_addr: SocketAddr,
     /// Admin port address.
     pub admin_addr: SocketAddr,
+    /// Prometheus `/metrics` address (when `[metrics] listen` is set).
+    pub metrics_addr: Option<SocketAddr>,
     /// Shared state (tests inspect the audit log and store through it).
     pub state: Arc<SiteState>,
     tls: Arc<ListenerTls>,
     shutdown: watch::Sender<bool>,
     listeners: JoinSet<(&'static str, Result<(), tonic::transport::Error>)>,
     keeper: tokio::task::JoinHandle<()>,
+    metrics_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for SiteHandle {
@@ -86,6 +89,9 @@ impl SiteHandle {
         let _ = self.shutdown.send(true);
         while self.listeners.join_next().await.is_some() {}
         let _ = self.keeper.await;
+        if let Some(t) = self.metrics_task.take() {
+            let _ = t.await;
+        }
         self.state.audit.stop().await;
         if let Err(e) = self.state.persist_usage() {
             tracing::warn!(error = %e, "signature counts of unbudgeted keys were not saved");
@@ -313,6 +319,16 @@ pub async fn start(state: Arc<SiteState>) -> Result<SiteHandle, StartError> {
     );
     listeners.spawn(async move { ("admin", admin.await) });
 
+    let (metrics_addr, metrics_task) = match config.metrics_listen {
+        Some(addr) => {
+            let (a, t) = super::metrics::start(addr, state.clone(), rx.clone())
+                .await
+                .map_err(|source| StartError::Bind { addr, source })?;
+            (Some(a), Some(t))
+        }
+        None => (None, None),
+    };
+
     // Housekeeping every 10 s: replay store, runner CAs past their last certificate, retention.
     // Every 2 s while writes fail (a full disk): try to make the store writable again, so
     // writes resume by themselves soon after space returns.
@@ -340,16 +356,18 @@ pub async fn start(state: Arc<SiteState>) -> Result<SiteHandle, StartError> {
         write_summaries(&keeper_state).await;
     });
 
-    tracing::info!(%enroll_addr, %sign_addr, %admin_addr, region = %config.region, "meshsign site serving");
+    tracing::info!(%enroll_addr, %sign_addr, %admin_addr, metrics = ?metrics_addr, region = %config.region, "meshsign site serving");
     Ok(SiteHandle {
         enroll_addr,
         sign_addr,
         admin_addr,
+        metrics_addr,
         state,
         tls,
         shutdown: tx,
         listeners,
         keeper,
+        metrics_task,
     })
 }
 

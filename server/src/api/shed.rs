@@ -45,16 +45,24 @@ pub struct ShedLayer {
     max: u32,
     in_flight: Arc<Semaphore>,
     on_shed: OnShed,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl ShedLayer {
-    /// At most `max` requests at once on `port`.
-    pub fn new(port: &'static str, max: u32, on_shed: OnShed) -> Self {
+    /// At most `max` requests at once on `port`; each answered request's time goes to
+    /// `metrics`.
+    pub fn new(
+        port: &'static str,
+        max: u32,
+        on_shed: OnShed,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Self {
         Self {
             port,
             max,
             in_flight: Arc::new(Semaphore::new(max as usize)),
             on_shed,
+            metrics,
         }
     }
 }
@@ -103,9 +111,14 @@ where
         match self.layer.in_flight.clone().try_acquire_owned() {
             Ok(permit) => {
                 let fut = self.inner.call(req);
+                let (metrics, port) = (self.layer.metrics.clone(), self.layer.port);
+                let started = std::time::Instant::now();
                 Box::pin(async move {
                     let out = fut.await;
                     drop(permit);
+                    if let Some(p) = crate::metrics::Port::parse(port) {
+                        metrics.request(p, started.elapsed());
+                    }
                     out
                 })
             }

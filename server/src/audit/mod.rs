@@ -204,6 +204,8 @@ enum Msg {
 /// Appends entries through the group-commit writer.
 #[derive(Clone)]
 pub struct AuditLog {
+    /// Decision counters and audit gauges for Prometheus.
+    pub metrics: Arc<crate::metrics::Metrics>,
     failing: Arc<std::sync::atomic::AtomicBool>,
     tx: mpsc::Sender<Msg>,
     store: Store,
@@ -243,6 +245,7 @@ struct Writer {
     shared: bool,
     /// Set while commits fail (a full or broken disk); cleared by a commit or a repair.
     failing: Arc<std::sync::atomic::AtomicBool>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl AuditLog {
@@ -313,6 +316,7 @@ impl AuditLog {
             j.clear(seq, &hash)?;
         }
         let failing: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+        let metrics: Arc<crate::metrics::Metrics> = Arc::default();
         let (head_tx, head_rx) = watch::channel(seq);
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
@@ -331,12 +335,14 @@ impl AuditLog {
             chain_pending: Vec::new(),
             shared: store.kv().chain().is_some(),
             failing: failing.clone(),
+            metrics: metrics.clone(),
         };
         std::thread::Builder::new()
             .name("audit-writer".into())
             .spawn(move || writer.commit_loop(rx))
             .map_err(|e| AuditError::Thread(Arc::new(e)))?;
         Ok(Self {
+            metrics,
             failing,
             tx,
             store,
@@ -821,6 +827,9 @@ impl Writer {
         };
         self.append(rec)?;
         self.since_checkpoint = 0;
+        self.metrics
+            .last_checkpoint_unix
+            .store(time, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -914,11 +923,23 @@ impl Writer {
         match &result {
             Ok(()) => {
                 let _ = self.head.send(self.seq);
+                if let Some(j) = &self.journal {
+                    self.metrics
+                        .journal_bytes
+                        .store(j.len(), std::sync::atomic::Ordering::Relaxed);
+                }
+                for rec in &written {
+                    self.metrics
+                        .decision(&rec.rpc, &rec.environment, &rec.decision, &rec.reason);
+                }
                 for (reply, rec) in replies.into_iter().zip(written) {
                     let _ = reply.send(Ok(rec));
                 }
             }
             Err(e) => {
+                self.metrics
+                    .store_errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 // Roll the in-memory head back; entries stored but not flushed are overwritten
                 // by the next successful batch (same seqs), so the chain stays gapless.
                 self.seq = saved_seq;

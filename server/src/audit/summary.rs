@@ -33,6 +33,7 @@ struct Tally {
 #[derive(Debug, Default)]
 pub struct Summaries {
     tallies: Mutex<HashMap<String, Tally>>,
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 /// The peer without its port: one client reconnecting is one source.
@@ -60,9 +61,20 @@ fn key_of(r: &AuditRecord) -> String {
 }
 
 impl Summaries {
+    /// Summaries that also count each refusal in `metrics`.
+    pub fn new(metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
+        Self {
+            tallies: Mutex::default(),
+            metrics: Some(metrics),
+        }
+    }
+
     /// Counts one refusal (`decision` and `reason` already filled, fields bounded). `now` is
     /// Unix seconds.
     pub fn count(&self, mut record: AuditRecord, now: i64) {
+        if let Some(m) = &self.metrics {
+            m.counted_refusal(&record.rpc, &record.reason);
+        }
         record.peer = source_of(&record.peer);
         let mut t = self.tallies.lock().unwrap_or_else(|p| p.into_inner());
         let mut key = key_of(&record);

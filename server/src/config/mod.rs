@@ -73,9 +73,18 @@ struct RawSite {
     store: RawStore,
     #[serde(default)]
     limits: Limits,
+    #[serde(default)]
+    metrics: RawMetrics,
     /// `[[environments]]`; `[[partitions]]` is the earlier spelling, still read.
     #[serde(alias = "partitions")]
     environments: Vec<RawEnvironment>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    #[serde(default)]
+    listen: Option<SocketAddr>,
 }
 
 #[derive(Deserialize)]
@@ -301,6 +310,9 @@ pub struct SiteConfig {
     pub postgres: Option<PostgresStore>,
     /// Connection, request and rate limits (`[limits]`).
     pub limits: Limits,
+    /// Where Prometheus scrapes `/metrics` (`[metrics] listen`; off when absent). Keep it on
+    /// loopback or a management network: it is plain HTTP and unauthenticated.
+    pub metrics_listen: Option<SocketAddr>,
     /// Environments (the site's partitions), in file order.
     pub environments: Vec<Environment>,
 }
@@ -940,6 +952,7 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
         },
         environments,
         limits: raw.limits,
+        metrics_listen: raw.metrics.listen,
         store_cache_mib: raw.store.cache_mib,
         postgres,
         audit: AuditConfig {

@@ -32,10 +32,11 @@ pub fn reload(site: &SiteState, file: SiteConfig) -> Result<String, OpsError> {
         || file.postgres != cur.postgres
         || file.audit != cur.audit
         || file.limits != cur.limits
+        || file.metrics_listen != cur.metrics_listen
         || names(&file) != names(&cur)
     {
         return Err(OpsError::Precondition(
-            "trust_domain, region, data_dir, kek_file, listen, [store], [audit], [limits] and the environment list need a restart".into(),
+            "trust_domain, region, data_dir, kek_file, listen, [store], [audit], [limits], [metrics] and the environment list need a restart".into(),
         ));
     }
     site.set_file_config(file.clone());

@@ -361,7 +361,7 @@ impl SiteState {
                 config: RwLock::new(Arc::new(config)),
                 file_config: RwLock::new(file_snapshot),
                 seen_generation: std::sync::Mutex::new(seen_generation),
-                summaries: Default::default(),
+                summaries: crate::audit::summary::Summaries::new(audit.metrics.clone()),
                 enroll_limiter: crate::limits::RateLimiter::new(
                     limits.enroll_per_source_per_second,
                     limits.enroll_per_source_burst,

@@ -1,0 +1,255 @@
+//! Counters and histograms the site keeps for Prometheus (issue 15): decisions by RPC,
+//! environment, decision and reason; request latency per port; counted refusals. Gauges that are
+//! facts of the state (audit head, checkpoint age, expiry of certificates, key ages) are read at
+//! scrape time by the transport (`api::metrics`), not kept here.
+//!
+//! Owns: the counting and the text exposition format. Must not touch: the network, the state.
+//!
+//! Label values come from decisions, so some come from the network (an unknown environment, a
+//! reason's context): at most [`MAX_SERIES`] label sets are kept; beyond that, new ones are
+//! counted under `(other)`, so no client can grow the scrape or the memory.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Most label sets kept per counter.
+pub const MAX_SERIES: usize = 2000;
+
+/// Upper bounds (seconds) of the latency histogram's buckets.
+pub const BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+];
+
+/// A counter with labels.
+#[derive(Debug, Default)]
+struct Labeled {
+    series: Mutex<BTreeMap<Vec<String>, u64>>,
+}
+
+impl Labeled {
+    fn add(&self, labels: Vec<String>, n: u64) {
+        let mut s = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        let key = if s.contains_key(&labels) || s.len() < MAX_SERIES {
+            labels
+        } else {
+            labels.iter().map(|_| "(other)".to_string()).collect()
+        };
+        *s.entry(key).or_default() += n;
+    }
+
+    fn snapshot(&self) -> BTreeMap<Vec<String>, u64> {
+        self.series
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// A latency histogram.
+#[derive(Debug, Default)]
+struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        for (i, le) in BUCKETS.iter().enumerate() {
+            if s <= *le {
+                self.buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
+/// The site's metrics.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    decisions: Labeled,
+    counted_refusals: Labeled,
+    latency: [Histogram; 3],
+    /// Unix seconds of the last signed checkpoint (0: none yet in this process).
+    pub last_checkpoint_unix: AtomicI64,
+    /// Bytes in the audit journal.
+    pub journal_bytes: AtomicU64,
+    /// Failed store writes (audit commits that failed).
+    pub store_errors: AtomicU64,
+}
+
+/// Which listener a request came in on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Port {
+    /// Enroll (and public verification material).
+    Enroll,
+    /// Sign.
+    Sign,
+    /// Admin.
+    Admin,
+}
+
+impl Port {
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The name used in labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Port::Enroll => "enroll",
+            Port::Sign => "sign",
+            Port::Admin => "admin",
+        }
+    }
+
+    /// From a port name.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Port::Enroll, Port::Sign, Port::Admin]
+            .into_iter()
+            .find(|p| p.as_str() == s)
+    }
+}
+
+/// A label value made safe for the exposition format (quotes, backslashes, newlines escaped;
+/// bounded).
+fn label(v: &str) -> String {
+    let v: String = v.chars().take(64).collect();
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+impl Metrics {
+    /// One decision written to the audit log.
+    pub fn decision(&self, rpc: &str, environment: &str, decision: &str, reason: &str) {
+        self.decisions.add(
+            vec![
+                rpc.into(),
+                environment.into(),
+                decision.into(),
+                reason.into(),
+            ],
+            1,
+        );
+    }
+
+    /// A refusal counted into a summary entry (rate limits, shedding, handshakes).
+    pub fn counted_refusal(&self, rpc: &str, reason: &str) {
+        self.counted_refusals
+            .add(vec![rpc.into(), reason.into()], 1);
+    }
+
+    /// How long one request on `port` took.
+    pub fn request(&self, port: Port, took: Duration) {
+        self.latency[port.index()].observe(took);
+    }
+
+    /// The counters and histograms in Prometheus' text format (gauges are added by the caller).
+    pub fn render(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP meshsign_decisions_total Decisions written to the audit log, by RPC, environment, decision and reason.\n# TYPE meshsign_decisions_total counter"
+        );
+        for (l, n) in self.decisions.snapshot() {
+            let _ = writeln!(
+                out,
+                "meshsign_decisions_total{{rpc=\"{}\",environment=\"{}\",decision=\"{}\",reason=\"{}\"}} {n}",
+                label(&l[0]),
+                label(&l[1]),
+                label(&l[2]),
+                label(&l[3])
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP meshsign_counted_refusals_total Refusals counted into summary entries (rate limits, load shedding, refused connections and handshakes, unknown operators).\n# TYPE meshsign_counted_refusals_total counter"
+        );
+        for (l, n) in self.counted_refusals.snapshot() {
+            let _ = writeln!(
+                out,
+                "meshsign_counted_refusals_total{{rpc=\"{}\",reason=\"{}\"}} {n}",
+                label(&l[0]),
+                label(&l[1])
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP meshsign_request_duration_seconds Time to answer a request, by port.\n# TYPE meshsign_request_duration_seconds histogram"
+        );
+        for port in [Port::Enroll, Port::Sign, Port::Admin] {
+            let h = &self.latency[port.index()];
+            let p = port.as_str();
+            for (i, le) in BUCKETS.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "meshsign_request_duration_seconds_bucket{{port=\"{p}\",le=\"{le}\"}} {}",
+                    h.buckets[i].load(Ordering::Relaxed)
+                );
+            }
+            let count = h.count.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "meshsign_request_duration_seconds_bucket{{port=\"{p}\",le=\"+Inf\"}} {count}\nmeshsign_request_duration_seconds_sum{{port=\"{p}\"}} {}\nmeshsign_request_duration_seconds_count{{port=\"{p}\"}} {count}",
+                h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP meshsign_store_errors_total Audit commits that failed (the store or database did not take the write).\n# TYPE meshsign_store_errors_total counter\nmeshsign_store_errors_total {}",
+            self.store_errors.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP meshsign_audit_journal_bytes Bytes in the audit journal.\n# TYPE meshsign_audit_journal_bytes gauge\nmeshsign_audit_journal_bytes {}",
+            self.journal_bytes.load(Ordering::Relaxed)
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hostile_label_values_cannot_grow_or_break_the_exposition() {
+        let m = Metrics::default();
+        for i in 0..(MAX_SERIES + 500) {
+            m.decision("Enroll", &format!("env-{i}\"\n}} 1"), "deny", "environment");
+        }
+        let mut out = String::new();
+        m.render(&mut out);
+        let lines = out
+            .lines()
+            .filter(|l| l.starts_with("meshsign_decisions_total{"))
+            .count();
+        assert_eq!(lines, MAX_SERIES + 1, "the rest is counted under (other)");
+        assert!(out.contains("environment=\"(other)\""));
+        for l in out.lines().filter(|l| !l.starts_with('#')) {
+            let value = l.rsplit_once(' ').map(|(_, v)| v).unwrap_or("");
+            assert!(value.parse::<f64>().is_ok(), "one sample per line: {l:?}");
+        }
+    }
+
+    #[test]
+    fn the_histogram_is_cumulative() {
+        let m = Metrics::default();
+        m.request(Port::Sign, Duration::from_millis(3));
+        m.request(Port::Sign, Duration::from_millis(300));
+        let mut out = String::new();
+        m.render(&mut out);
+        assert!(
+            out.contains("meshsign_request_duration_seconds_bucket{port=\"sign\",le=\"0.005\"} 1")
+        );
+        assert!(
+            out.contains("meshsign_request_duration_seconds_bucket{port=\"sign\",le=\"0.5\"} 2")
+        );
+        assert!(out.contains("meshsign_request_duration_seconds_count{port=\"sign\"} 2"));
+    }
+}
