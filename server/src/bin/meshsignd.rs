@@ -327,13 +327,18 @@ async fn serve_until_stopped(
     path: &std::path::Path,
     listen: Option<Listen>,
 ) -> Result<(), String> {
+    notify("READY=1\nSTATUS=serving");
     #[cfg(unix)]
     let outcome = loop {
         tokio::select! {
             died = handle.died() => break Err(died.to_string()),
             _ = signals.term.recv() => break Ok(()),
             _ = signals.int.recv() => break Ok(()),
-            _ = signals.hup.recv() => reload(&handle, path, listen).await,
+            _ = signals.hup.recv() => {
+                notify("RELOADING=1");
+                reload(&handle, path, listen).await;
+                notify("READY=1\nSTATUS=serving");
+            }
         }
     };
     #[cfg(not(unix))]
@@ -344,8 +349,43 @@ async fn serve_until_stopped(
             _ = tokio::signal::ctrl_c() => Ok(()),
         }
     };
+    notify("STOPPING=1");
     handle.shutdown().await;
     outcome
+}
+
+/// Tells the service manager (systemd `Type=notify`) about the daemon's state: `READY=1` once
+/// every listener serves, `RELOADING=1` during a SIGHUP reload, `STOPPING=1` on the way out.
+/// Without `$NOTIFY_SOCKET` (not started by systemd) it does nothing; a failure to send is
+/// logged and otherwise ignored (the daemon serves either way).
+fn notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = (|| -> std::io::Result<()> {
+        let socket = std::os::unix::net::UnixDatagram::unbound()?;
+        let bytes = path.as_encoded_bytes();
+        match bytes.strip_prefix(b"@") {
+            // An abstract socket (Linux): `@name`.
+            Some(name) => {
+                #[cfg(target_os = "linux")]
+                {
+                    use std::os::linux::net::SocketAddrExt as _;
+                    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+                    socket.send_to_addr(state.as_bytes(), &addr)?;
+                }
+                #[cfg(not(target_os = "linux"))]
+                let _ = name;
+            }
+            None => {
+                socket.send_to(state.as_bytes(), std::path::Path::new(&path))?;
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "could not notify the service manager");
+    }
 }
 
 async fn reload(handle: &SiteHandle, path: &std::path::Path, listen: Option<Listen>) {
