@@ -481,7 +481,7 @@ fn meshsignd_notifies_the_service_manager() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut next = || {
+    let next = || {
         let mut buf = [0u8; 256];
         let n = sock.recv(&mut buf).expect("a notification");
         String::from_utf8_lossy(&buf[..n]).into_owned()
