@@ -273,3 +273,31 @@ fn a_postgres_store_takes_no_password_in_its_url() {
     assert_eq!(pg.pool_size, 8);
     assert!(pg.password_file.unwrap().is_absolute());
 }
+
+#[test]
+fn the_fleet_examples_are_valid_three_regions_by_three_environments() {
+    let mut audiences = std::collections::BTreeSet::new();
+    for region in ["sg", "us-east", "tokyo"] {
+        let path = format!(
+            "{}/../deploy/sites/{region}.toml",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let text = std::fs::read_to_string(&path).unwrap();
+        let text = ["github", "gitlab", "buildkite"].iter().fold(text, |t, p| {
+            t.replace(&format!("/etc/meshsign/jwks/{p}.json"), "jwks.json")
+        });
+        let cfg = load(&text).unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!(cfg.region, region);
+        let names: Vec<&str> = cfg.environments.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["staging", "production", "compliance"], "{path}");
+        for e in &cfg.environments {
+            assert!(
+                audiences.insert(e.audience.clone()),
+                "{path}: audience {} is used twice in the fleet",
+                e.audience
+            );
+        }
+        assert!(cfg.metrics_listen.is_some_and(|a| a.ip().is_loopback()));
+    }
+    assert_eq!(audiences.len(), 9);
+}
