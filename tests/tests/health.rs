@@ -149,4 +149,34 @@ async fn metrics_are_scraped_over_http_with_the_named_series_after_real_traffic(
     }
     let (status, _) = http_get(addr, "/other").await;
     assert_eq!(status, "HTTP/1.1 404 Not Found");
+
+    // The shipped alert rules parse, and every series they name is one the site exposes.
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/prometheus/meshsign-alerts.yml");
+    let parsed = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys, yaml; d = yaml.safe_load(open(sys.argv[1])); \
+             print('\\n'.join(r['expr'] for g in d['groups'] for r in g['rules']))",
+        ])
+        .arg(&rules)
+        .output()
+        .unwrap();
+    assert!(
+        parsed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&parsed.stderr)
+    );
+    let exprs = String::from_utf8_lossy(&parsed.stdout).into_owned();
+    let mut named = 0;
+    for word in exprs.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+        if word.starts_with("meshsign_") {
+            named += 1;
+            assert!(
+                body.contains(&format!("\n{word}")) || body.contains(&format!("# TYPE {word} ")),
+                "alert rules name {word}, which the site does not expose"
+            );
+        }
+    }
+    assert!(named >= 9, "{exprs}");
 }
