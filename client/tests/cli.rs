@@ -683,3 +683,92 @@ fn p12_code_signing_identity_imports_one_way() {
     let (code, out, _) = run(dir, &["verify", "cd.bin"]);
     assert_eq!(code, 0, "{out}");
 }
+
+/// The CI templates in deploy/ci parse as YAML, and every `meshsign` command line in them names
+/// a subcommand and flags that exist (`meshsign <subcommand> --help`).
+#[test]
+fn the_ci_templates_parse_and_call_commands_that_exist() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/ci");
+    let files = [
+        "github/meshsign-sign/action.yml",
+        "github/ios-release.yml",
+        "gitlab/meshsign.gitlab-ci.yml",
+        "buildkite/pipeline.yml",
+    ];
+    let mut checked = 0;
+    for f in files {
+        let path = root.join(f);
+        // Every command the document runs (`run`, `script`, `before_script`, `commands`,
+        // `command` values), one per line (PyYAML: what CI systems parse).
+        let out = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import sys, yaml\n\
+                 CMD = {'run', 'script', 'before_script', 'after_script', 'commands', 'command'}\n\
+                 def walk(v, cmd):\n\
+                 \x20   if isinstance(v, dict):\n\
+                 \x20       [walk(x, k in CMD) for k, x in v.items()]\n\
+                 \x20   elif isinstance(v, list):\n\
+                 \x20       [walk(x, cmd) for x in v]\n\
+                 \x20   elif isinstance(v, str) and cmd:\n\
+                 \x20       print(v)\n\
+                 walk(yaml.safe_load(open(sys.argv[1])), False)",
+            ])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{f}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        for line in text.lines() {
+            // A command may follow a shell prefix (`sh -c '`, `cd build &&`): take each
+            // `meshsign ` occurrence.
+            for (i, _) in line.match_indices("meshsign ") {
+                // A command starts the line, or follows `'` (sh -c '…'), `&& ` or `| `; prose
+                // ("the region's meshsign site") does not count.
+                let before = line[..i].trim_end_matches(' ');
+                if !(before.trim().is_empty()
+                    || before.ends_with('\'')
+                    || before.ends_with("&&")
+                    || before.ends_with('|'))
+                {
+                    continue;
+                }
+                // Its own words: up to `--` (exec's command), `&&`, `|` or a quoted string.
+                let words: Vec<&str> = line[i + "meshsign ".len()..]
+                    .split_whitespace()
+                    .take_while(|w| !matches!(*w, "--" | "&&" | "|") && !w.starts_with('\''))
+                    .collect();
+                let sub: Vec<&str> = words
+                    .iter()
+                    .take_while(|w| w.chars().all(|c| c.is_ascii_lowercase() || c == '-'))
+                    .take(2)
+                    .copied()
+                    .filter(|w| !w.starts_with('-'))
+                    .collect();
+                let mut help = std::process::Command::new(common::meshsign());
+                help.args(&sub).arg("--help");
+                let h = help.output().unwrap();
+                let h_text = String::from_utf8_lossy(&h.stdout).into_owned();
+                assert!(
+                    h.status.success(),
+                    "{f}: `meshsign {}` does not exist",
+                    sub.join(" ")
+                );
+                for flag in words.iter().filter(|w| w.starts_with("--")) {
+                    assert!(
+                        h_text.contains(&format!("{flag} "))
+                            || h_text.contains(&format!("{flag}\n")),
+                        "{f}: `meshsign {}` has no {flag}",
+                        sub.join(" ")
+                    );
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 10, "{checked} command lines checked");
+}
