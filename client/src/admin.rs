@@ -171,6 +171,11 @@ impl Admin {
         .rules)
     }
 
+    /// The site at a glance (runner CAs, keys and ages, policies, audit head, writability).
+    pub async fn status(&mut self) -> Result<v1::SiteStatus, ClientError> {
+        call("Status", self.0.status(v1::StatusRequest {})).await
+    }
+
     /// A job's signatures per key and certificate, with the keys' budgets.
     pub async fn job_usage(
         &mut self,

@@ -772,3 +772,38 @@ fn the_ci_templates_parse_and_call_commands_that_exist() {
     }
     assert!(checked >= 10, "{checked} command lines checked");
 }
+
+#[test]
+fn admin_status_shows_the_site_at_a_glance_as_a_table_and_as_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("dev");
+    let _site = start_dev(&dir);
+    let cfg = dir.join("client.toml");
+    let out = common::meshsign_in(&dir, &cfg, &["admin", "status", "--output", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["writable"], true);
+    assert_eq!(v["store_engine"], "sled");
+    assert!(v["audit_head_seq"].as_u64().unwrap() >= 1);
+    let envs = v["environments"].as_array().unwrap();
+    assert_eq!(envs.len(), 2);
+    for e in envs {
+        assert_eq!(e["runner_cas"][0]["state"], "active", "{e}");
+        assert_eq!(e["keys"][0]["alias"], "release");
+        assert_eq!(e["keys"][0]["newest_version"], 1);
+        assert!(e["keys"][0]["newest_age_days"].as_f64().unwrap() < 1.0);
+        assert_eq!(e["trust_policies"][0]["enabled"], true);
+    }
+    let out = common::meshsign_in(&dir, &cfg, &["admin", "status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("WRITABLE"), "{text}");
+    assert!(
+        text.contains("ENVIRONMENT\tKIND\tNAME\tSTATE\tDETAIL"),
+        "a header: {text}"
+    );
+    assert!(text.contains("\tkey\trelease@v1\tactive\t"), "{text}");
+}

@@ -296,6 +296,72 @@ impl v1::admin_server::Admin for AdminApi {
         }))
     }
 
+    async fn status(&self, req: Request<v1::StatusRequest>) -> R<v1::SiteStatus> {
+        let op = self.operator(&req, "Status").await?;
+        let s = &self.0;
+        audited(s, &op, "Status", "", Access::Read, async || {
+            Ok(((), String::new()))
+        })
+        .await
+        .map_err(|e| status(&e))?;
+        let now = s.clock.unix();
+        let cfg = s.config();
+        let keys = s.keys();
+        let last = s
+            .audit
+            .metrics
+            .last_checkpoint_unix
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let environments = cfg
+            .environments
+            .iter()
+            .map(|e| v1::EnvironmentStatus {
+                name: e.name.clone(),
+                audience: e.audience.clone(),
+                runner_cas: s
+                    .runner_cas(&e.name)
+                    .map(|cas| cas.trusted(now).into_iter().map(runner_ca_info).collect())
+                    .unwrap_or_default(),
+                keys: e
+                    .signing_keys
+                    .iter()
+                    .map(|k| {
+                        let newest = keys
+                            .versions(&e.name, &k.alias)
+                            .and_then(|v| v.last())
+                            .map(|v| (v.record.version, v.record.created_at));
+                        v1::KeyStatus {
+                            alias: k.alias.clone(),
+                            algorithm: k.algorithm.as_str().to_string(),
+                            newest_version: newest.map_or(0, |n| n.0),
+                            newest_age_days: newest.map_or(0.0, |n| (now - n.1) as f64 / 86_400.0),
+                            disabled: k.disabled,
+                        }
+                    })
+                    .collect(),
+                trust_policies: e
+                    .trust_policies
+                    .iter()
+                    .map(|t| policy_info(&e.name, t))
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(v1::SiteStatus {
+            region: cfg.region.clone(),
+            store_engine: if cfg.postgres.is_some() {
+                "postgres"
+            } else {
+                "sled"
+            }
+            .into(),
+            writable: !s.audit.is_failing(),
+            audit_head_seq: *s.audit.head().borrow(),
+            last_checkpoint_age_seconds: if last > 0 { now - last } else { -1 },
+            revocation_rules: u32::try_from(s.revocations().len()).unwrap_or(u32::MAX),
+            environments,
+        }))
+    }
+
     async fn get_job_usage(&self, req: Request<v1::JobUsageRequest>) -> R<v1::JobUsage> {
         let op = self.operator(&req, "GetJobUsage").await?;
         let s = &self.0;

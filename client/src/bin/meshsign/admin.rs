@@ -72,6 +72,13 @@ pub enum AdminCommand {
     },
     /// List revocation rules.
     Revocations,
+    /// The site at a glance: whether it can record decisions, audit head and last checkpoint,
+    /// and per environment its runner CAs, keys (newest version and age) and trust policies.
+    Status {
+        /// `table` (default) or `json` (one object, for scripts and fleet tooling).
+        #[arg(long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+    },
     /// A job's signatures per key and per certificate, against each key's budget.
     Usage {
         #[arg(long)]
@@ -340,6 +347,15 @@ pub async fn dispatch(cfg: &ClientConfig, command: AdminCommand) -> Result<(), C
                             "{}\t{}={}\tregion={}\tby {}\t{}",
                             r.id, r.kind, r.value, r.region, r.operator, r.reason
                         );
+                    }
+                    Ok(())
+                }
+                AdminCommand::Status { output } => {
+                    let st = c.status().await?;
+                    if output == "json" {
+                        println!("{}", status_json(&st));
+                    } else {
+                        print_status(&st);
                     }
                     Ok(())
                 }
@@ -728,4 +744,75 @@ fn print_key(k: &v1::KeyInfo) {
         k.repositories.join(","),
         k.refs.join(",")
     );
+}
+
+fn status_json(st: &v1::SiteStatus) -> serde_json::Value {
+    serde_json::json!({
+        "region": st.region,
+        "store_engine": st.store_engine,
+        "writable": st.writable,
+        "audit_head_seq": st.audit_head_seq,
+        "last_checkpoint_age_seconds": st.last_checkpoint_age_seconds,
+        "revocation_rules": st.revocation_rules,
+        "environments": st.environments.iter().map(|e| serde_json::json!({
+            "name": e.name,
+            "audience": e.audience,
+            "runner_cas": e.runner_cas.iter().map(|c| serde_json::json!({
+                "id": c.id, "state": c.state,
+            })).collect::<Vec<_>>(),
+            "keys": e.keys.iter().map(|k| serde_json::json!({
+                "alias": k.alias, "algorithm": k.algorithm, "newest_version": k.newest_version,
+                "newest_age_days": k.newest_age_days, "disabled": k.disabled,
+            })).collect::<Vec<_>>(),
+            "trust_policies": e.trust_policies.iter().map(|t| serde_json::json!({
+                "name": t.name, "issuer": t.issuer, "enabled": t.enabled,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_status(st: &v1::SiteStatus) {
+    println!(
+        "site {}  store {}  {}  audit head {}  last checkpoint {}  revocation rules {}",
+        st.region,
+        st.store_engine,
+        if st.writable {
+            "WRITABLE"
+        } else {
+            "NOT WRITABLE (decisions refused)"
+        },
+        st.audit_head_seq,
+        if st.last_checkpoint_age_seconds < 0 {
+            "none yet".to_string()
+        } else {
+            format!("{} s ago", st.last_checkpoint_age_seconds)
+        },
+        st.revocation_rules
+    );
+    println!("ENVIRONMENT\tKIND\tNAME\tSTATE\tDETAIL");
+    for e in &st.environments {
+        for c in &e.runner_cas {
+            println!("{}\trunner-ca\t{}\t{}\t-", e.name, c.id, c.state);
+        }
+        for k in &e.keys {
+            println!(
+                "{}\tkey\t{}@v{}\t{}\t{} days old, {}",
+                e.name,
+                k.alias,
+                k.newest_version,
+                if k.disabled { "disabled" } else { "active" },
+                k.newest_age_days.floor(),
+                k.algorithm
+            );
+        }
+        for t in &e.trust_policies {
+            println!(
+                "{}\ttrust-policy\t{}\t{}\t{}",
+                e.name,
+                t.name,
+                if t.enabled { "enabled" } else { "disabled" },
+                t.issuer
+            );
+        }
+    }
 }
