@@ -807,3 +807,43 @@ fn admin_status_shows_the_site_at_a_glance_as_a_table_and_as_json() {
     );
     assert!(text.contains("\tkey\trelease@v1\tactive\t"), "{text}");
 }
+
+#[test]
+fn completions_and_man_pages_are_generated_without_a_config() {
+    for (shell, marker) in [
+        ("bash", "_meshsign()"),
+        ("zsh", "#compdef meshsign"),
+        ("fish", "complete -c meshsign"),
+    ] {
+        let out = Command::new(meshsign())
+            .args(["completions", shell])
+            .env_remove("MESHSIGN_CONFIG")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{shell}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains(marker),
+            "{shell}: {}",
+            &text[..text.len().min(200)]
+        );
+        assert!(
+            text.contains("preflight") && text.contains("codesign"),
+            "{shell}"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(meshsign())
+        .args(["man", "--out-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let page = std::fs::read_to_string(dir.path().join("meshsign.1")).unwrap();
+    assert!(page.contains(".TH meshsign 1"), "{}", &page[..200]);
+    assert!(dir.path().join("meshsign-admin-status.1").exists());
+}

@@ -112,6 +112,17 @@ enum Command {
     },
     /// Print this machine's runner fingerprint and where it came from.
     Fingerprint,
+    /// Print a shell completion script (`meshsign completions bash > /etc/bash_completion.d/meshsign`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (meshsign.1 and one per subcommand) into DIR.
+    Man {
+        /// Where to write them.
+        #[arg(long, default_value = ".")]
+        out_dir: PathBuf,
+    },
     /// Fail a runner's registration if long-lived secrets sit on it: scans PATHS (default:
     /// $HOME) and the environment; prints path, line and kind, never the secret; exit 1 on a
     /// finding.
@@ -280,6 +291,28 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
         Command::Agent {
             command: AgentCommand::Stop,
         } => runner::agent_stop().await,
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            // Into memory first: clap_complete panics on a write error (a closed pipe), and no
+            // input may make meshsign panic.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "meshsign", &mut script);
+            use std::io::Write as _;
+            match std::io::stdout().write_all(&script) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    Err(ClientError::io(std::path::Path::new("(stdout)"))(e))
+                }
+                _ => Ok(()),
+            }
+        }
+        Command::Man { out_dir } => {
+            use clap::CommandFactory as _;
+            std::fs::create_dir_all(&out_dir).map_err(ClientError::io(&out_dir))?;
+            clap_mangen::generate_to(Cli::command(), &out_dir)
+                .map_err(ClientError::io(&out_dir))?;
+            eprintln!("man pages written to {}", out_dir.display());
+            Ok(())
+        }
         Command::Fingerprint => {
             let (fp, source) = meshsign_client::runner::fingerprint();
             println!("{fp}");
