@@ -267,16 +267,17 @@ mod tests {
     }
 
     #[test]
-    fn connections_are_capped_overall_and_per_source() {
+    fn connections_are_capped_overall_and_per_source() -> Result<(), ConnectionRefusal> {
         let l = ConnectionLimiter::new(3, 2);
         let a: IpAddr = [10, 0, 0, 1].into();
         let b: IpAddr = [10, 0, 0, 2].into();
-        let p1 = l.admit(a).expect("first");
-        let _p2 = l.admit(a).expect("second");
+        let p1 = l.admit(a)?;
+        let _p2 = l.admit(a)?;
         assert_eq!(l.admit(a).err(), Some(ConnectionRefusal::SourceFull));
-        let _p3 = l.admit(b).expect("other source");
+        let _p3 = l.admit(b)?;
         assert_eq!(l.admit(b).err(), Some(ConnectionRefusal::ListenerFull));
         drop(p1);
         assert!(l.admit(a).is_ok(), "a closed connection frees its place");
+        Ok(())
     }
 }

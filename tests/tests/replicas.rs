@@ -16,6 +16,20 @@ fn store_section(pg: &LocalPostgres) -> String {
     )
 }
 
+/// Opens a site from `cfg` on a thread of its own (opening blocks on the database), as
+/// `meshsignd` does; join it for the site or the refusal's text.
+fn open_in_thread(
+    cfg: meshsign_server::config::SiteConfig,
+) -> std::thread::JoinHandle<Result<meshsign_server::state::SiteState, String>> {
+    std::thread::spawn(move || {
+        meshsign_server::state::SiteState::open(
+            cfg,
+            std::sync::Arc::new(meshsign_server::clock::SystemClock),
+        )
+        .map_err(|e| e.to_string())
+    })
+}
+
 /// Verifies the site's whole audit log offline: one chain from genesis, checkpoints signed.
 async fn verify_chain(site: &TestSite) -> u64 {
     let key = meshsign_tests::audit_key(site).await;
@@ -313,16 +327,10 @@ async fn replicas_starting_together_on_an_empty_database_create_one_site() {
         let path = dir.path().join(format!("site-{name}.toml"));
         std::fs::write(&path, text).unwrap();
         let cfg = meshsign_server::config::SiteConfig::load(&path).unwrap();
-        std::thread::spawn(move || {
-            meshsign_server::state::SiteState::open(
-                cfg,
-                std::sync::Arc::new(meshsign_server::clock::SystemClock),
-            )
-            .unwrap()
-        })
+        open_in_thread(cfg)
     };
     let (a, b) = (open("a"), open("b"));
-    let (a, b) = (a.join().unwrap(), b.join().unwrap());
+    let (a, b) = (a.join().unwrap().unwrap(), b.join().unwrap().unwrap());
     let key = |s: &meshsign_server::state::SiteState| {
         s.keys()
             .active("production", "release")
@@ -357,16 +365,7 @@ async fn a_replica_refuses_an_empty_or_a_foreign_database() {
         let path = site_toml.with_file_name("site-moved.toml");
         std::fs::write(&path, text).unwrap();
         let cfg = meshsign_server::config::SiteConfig::load(&path).unwrap();
-        std::thread::spawn(move || {
-            meshsign_server::state::SiteState::open(
-                cfg,
-                std::sync::Arc::new(meshsign_server::clock::SystemClock),
-            )
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-        })
-        .join()
-        .unwrap()
+        open_in_thread(cfg).join().unwrap()
     };
     // An empty database (a wrong url, a restore gone wrong): never a new site in its place.
     let empty = LocalPostgres::start().unwrap();
@@ -395,17 +394,7 @@ async fn a_replica_refuses_an_empty_or_a_foreign_database() {
     let path = dir.join("site-new.toml");
     std::fs::write(&path, text).unwrap();
     let cfg = meshsign_server::config::SiteConfig::load(&path).unwrap();
-    let err = std::thread::spawn(move || {
-        meshsign_server::state::SiteState::open(
-            cfg,
-            std::sync::Arc::new(meshsign_server::clock::SystemClock),
-        )
-        .map(|_| ())
-        .map_err(|e| e.to_string())
-    })
-    .join()
-    .unwrap()
-    .unwrap_err();
+    let err = open_in_thread(cfg).join().unwrap().unwrap_err();
     eprintln!("wrong KEK: {err}");
     assert!(err.to_lowercase().contains("kek"), "{err}");
 }
@@ -482,16 +471,7 @@ async fn a_password_file_readable_by_others_is_refused_by_name() {
     std::fs::write(dir.path().join("site.toml"), toml).unwrap();
     let open = || {
         let cfg = meshsign_server::config::SiteConfig::load(&dir.path().join("site.toml")).unwrap();
-        std::thread::spawn(move || {
-            meshsign_server::state::SiteState::open(
-                cfg,
-                std::sync::Arc::new(meshsign_server::clock::SystemClock),
-            )
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-        })
-        .join()
-        .unwrap()
+        open_in_thread(cfg).join().unwrap()
     };
     let err = open().unwrap_err();
     assert!(err.contains("pgpass") && err.contains("chmod 600"), "{err}");
