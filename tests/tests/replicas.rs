@@ -315,39 +315,70 @@ async fn a_revocation_through_one_replica_is_enforced_by_the_other_within_a_seco
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_starting_together_on_an_empty_database_create_one_site() {
     let pg = LocalPostgres::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    meshsign_tests::write_site_files(dir.path());
-    let toml = std::fs::read_to_string(dir.path().join("site.toml")).unwrap() + &store_section(&pg);
-    let open = |name: &str| {
-        let text = toml.replacen(
-            "data_dir = \"data\"",
-            &format!("data_dir = \"data-{name}\""),
-            1,
+    // Three rounds, each on an empty database of its own: the race is one per round.
+    let base = pg.url();
+    let admin_url = base.clone();
+    std::thread::spawn(move || {
+        let mut c = postgres::Client::connect(&admin_url, postgres::NoTls).unwrap();
+        for n in 1..=3 {
+            c.batch_execute(&format!("CREATE DATABASE round{n}"))
+                .unwrap();
+        }
+    })
+    .join()
+    .unwrap();
+    for n in 1..=3 {
+        let dir = tempfile::tempdir().unwrap();
+        meshsign_tests::write_site_files(dir.path());
+        let url = format!(
+            "{}/round{n}",
+            base.rsplit_once('/').map_or(base.as_str(), |(head, _)| head)
         );
-        let path = dir.path().join(format!("site-{name}.toml"));
-        std::fs::write(&path, text).unwrap();
-        let cfg = meshsign_server::config::SiteConfig::load(&path).unwrap();
-        open_in_thread(cfg)
-    };
-    let (a, b) = (open("a"), open("b"));
-    let (a, b) = (a.join().unwrap().unwrap(), b.join().unwrap().unwrap());
-    let key = |s: &meshsign_server::state::SiteState| {
-        s.keys()
-            .active("production", "release")
-            .unwrap()
-            .record
-            .public_key_der
-            .clone()
-    };
-    assert_eq!(key(&a), key(&b), "one signing key, not one per replica");
-    assert_eq!(a.audit.public_key(), b.audit.public_key(), "one audit key");
-    let roots = |s: &meshsign_server::state::SiteState| {
-        let mut r = s.runner_roots();
-        r.sort();
-        r
-    };
-    assert_eq!(roots(&a), roots(&b), "one runner CA per environment");
-    assert_eq!(roots(&a).len(), 2);
+        let toml = std::fs::read_to_string(dir.path().join("site.toml")).unwrap()
+            + &format!("\n[store]\nengine = \"postgres\"\nurl = \"{url}\"\npool_size = 4\n");
+        let open = |name: &str| {
+            let text = toml.replacen(
+                "data_dir = \"data\"",
+                &format!("data_dir = \"data-{name}\""),
+                1,
+            );
+            let path = dir.path().join(format!("site-{name}.toml"));
+            std::fs::write(&path, text).unwrap();
+            let cfg = meshsign_server::config::SiteConfig::load(&path).unwrap();
+            open_in_thread(cfg)
+        };
+        let (a, b) = (open("a"), open("b"));
+        let (a, b) = (a.join().unwrap().unwrap(), b.join().unwrap().unwrap());
+        let key = |s: &meshsign_server::state::SiteState| {
+            s.keys()
+                .active("production", "release")
+                .unwrap()
+                .record
+                .public_key_der
+                .clone()
+        };
+        assert_eq!(
+            key(&a),
+            key(&b),
+            "round {n}: one signing key, not one per replica"
+        );
+        assert_eq!(
+            a.audit.public_key(),
+            b.audit.public_key(),
+            "round {n}: one audit key"
+        );
+        let roots = |s: &meshsign_server::state::SiteState| {
+            let mut r = s.runner_roots();
+            r.sort();
+            r
+        };
+        assert_eq!(
+            roots(&a),
+            roots(&b),
+            "round {n}: one runner CA per environment"
+        );
+        assert_eq!(roots(&a).len(), 2);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -79,11 +79,14 @@ impl std::fmt::Debug for PgSettings {
     }
 }
 
+/// A database error says what PostgreSQL said (its `Display` alone is "db error"); anything
+/// else is the connection failing: the database is unavailable.
 fn unavailable(e: postgres::Error) -> StoreError {
-    if e.as_db_error().is_some() {
-        StoreError::Engine(Box::new(e))
-    } else {
-        StoreError::Unavailable(e.to_string())
+    match e.as_db_error() {
+        Some(db) => StoreError::Engine(
+            format!("PostgreSQL: {} ({})", db.message(), db.code().code()).into(),
+        ),
+        None => StoreError::Unavailable(e.to_string()),
     }
 }
 
