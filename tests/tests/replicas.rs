@@ -332,7 +332,8 @@ async fn replicas_starting_together_on_an_empty_database_create_one_site() {
         meshsign_tests::write_site_files(dir.path());
         let url = format!(
             "{}/round{n}",
-            base.rsplit_once('/').map_or(base.as_str(), |(head, _)| head)
+            base.rsplit_once('/')
+                .map_or(base.as_str(), |(head, _)| head)
         );
         let toml = std::fs::read_to_string(dir.path().join("site.toml")).unwrap()
             + &format!("\n[store]\nengine = \"postgres\"\nurl = \"{url}\"\npool_size = 4\n");
