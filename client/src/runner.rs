@@ -236,14 +236,20 @@ impl Session {
             algorithm: String::new(),
         };
         // A replica that went away fails the call in flight (UNAVAILABLE, or a transport
-        // error when the connection broke mid-call); the channel then reconnects to another
-        // replica of the site (see `transport::connect_with`), so retry once. Signing the same
-        // digest twice is harmless: at worst the audit log has two entries for it.
-        let first = self.signer.sign(req.clone()).await;
-        let out = match first {
-            Err(s) if transport::is_failover(&s) => self.signer.sign(req).await,
-            other => other,
-        };
+        // error / CANCELLED when the connection broke mid-call); the channel then reconnects
+        // to another replica of the site (see `transport::connect_with`) — which may take a
+        // moment to notice — so retry a few times with a short backoff. Signing the same digest
+        // twice is harmless: at worst the audit log has two entries for it.
+        let mut out = self.signer.sign(req.clone()).await;
+        for backoff_ms in [50, 200, 800] {
+            match &out {
+                Err(s) if transport::is_failover(s) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(backoff_ms)).await;
+                    out = self.signer.sign(req.clone()).await;
+                }
+                _ => break,
+            }
+        }
         Ok(out.map_err(|s| ClientError::rpc("Sign", s))?.into_inner())
     }
 

@@ -115,7 +115,7 @@ pub async fn connect(
 /// **Failover.** `endpoint` may list several replicas of one site (`a:7443,b:7443`). Each
 /// (re)connection tries them in turn, starting with the one that last worked, each within
 /// `timeouts.connect`; the channel reconnects by itself when its replica goes away, so after
-/// one failed call (`UNAVAILABLE`) the next goes to a live replica.
+/// a failed call (`UNAVAILABLE`, a broken connection) the next goes to a live replica.
 pub async fn connect_with(
     endpoint: &str,
     server_name: &str,
