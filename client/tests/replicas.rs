@@ -21,19 +21,21 @@ impl Drop for Replica {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Three distinct free ports: the listeners are held together while the ports are read, so the
+/// kernel cannot hand the same one out twice (it did, once, when they were picked one by one).
+fn free_ports() -> [u16; 3] {
+    let held: Vec<std::net::TcpListener> = (0..3)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let port = |i: usize| held[i].local_addr().unwrap().port();
+    [port(0), port(1), port(2)]
 }
 
 /// Writes `site-NAME.toml` (the dev site's config on PostgreSQL, its own ports and data folder)
 /// and starts `meshsignd serve` on it; returns the process and its (enroll, sign, admin) ports.
 fn start_replica(dir: &Path, pg: &LocalPostgres, name: &str) -> (Replica, [u16; 3]) {
     let base = std::fs::read_to_string(dir.join("site.toml")).unwrap();
-    let ports = [free_port(), free_port(), free_port()];
+    let ports = free_ports();
     let text = base
         .replacen(
             "data_dir = \"data\"",
