@@ -77,6 +77,9 @@ pub struct DevPki {
     pub admin: Issued,
     /// Read-only ops certificate (`spiffe://<td>/ops/auditor/dev`) and key.
     pub auditor: Issued,
+    /// A second admin (`spiffe://<td>/ops/admin/dev-2`), to approve what the first proposes
+    /// under two-person review.
+    pub second_admin: Issued,
 }
 
 fn ca_params(cn: &str) -> CertificateParams {
@@ -131,9 +134,9 @@ impl DevPki {
             ca_params("meshsign dev admin CA"),
             KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?,
         )?;
-        let ops_cert = |role: &str| -> Result<Issued, DevError> {
+        let ops_cert = |role: &str, name: &str| -> Result<Issued, DevError> {
             let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-            let uri = format!("spiffe://{trust_domain}/ops/{role}/dev");
+            let uri = format!("spiffe://{trust_domain}/ops/{role}/{name}");
             let cert = leaf_params(
                 &format!("meshsign dev {role}"),
                 vec![SanType::URI(uri.try_into()?)],
@@ -145,7 +148,8 @@ impl DevPki {
                 key_pem: Zeroizing::new(key.serialize_pem()),
             })
         };
-        let (admin, auditor) = (ops_cert("admin")?, ops_cert("auditor")?);
+        let (admin, auditor) = (ops_cert("admin", "dev")?, ops_cert("auditor", "dev")?);
+        let second_admin = ops_cert("admin", "dev-2")?;
 
         Ok(Self {
             server_ca_pem: server_ca.pem(),
@@ -156,12 +160,13 @@ impl DevPki {
             admin_ca_pem: admin_ca.pem(),
             admin,
             auditor,
+            second_admin,
         })
     }
 
     /// Writes the PKI into `dir` (see [`files`] for the names); keys get mode 0600.
     pub fn write_to(&self, dir: &Path) -> Result<(), DevError> {
-        let files: [(&str, &[u8], bool); 8] = [
+        let files: [(&str, &[u8], bool); 10] = [
             (files::SERVER_CA, self.server_ca_pem.as_bytes(), false),
             (files::SERVER_CERT, self.server.cert_pem.as_bytes(), false),
             (files::SERVER_KEY, self.server.key_pem.as_bytes(), true),
@@ -170,6 +175,16 @@ impl DevPki {
             (files::ADMIN_KEY, self.admin.key_pem.as_bytes(), true),
             (files::AUDITOR_CERT, self.auditor.cert_pem.as_bytes(), false),
             (files::AUDITOR_KEY, self.auditor.key_pem.as_bytes(), true),
+            (
+                files::ADMIN2_CERT,
+                self.second_admin.cert_pem.as_bytes(),
+                false,
+            ),
+            (
+                files::ADMIN2_KEY,
+                self.second_admin.key_pem.as_bytes(),
+                true,
+            ),
         ];
         for (name, bytes, secret) in files {
             write_file(&dir.join(name), bytes, secret)?;
@@ -198,6 +213,10 @@ pub mod files {
     pub const AUDITOR_CERT: &str = "auditor.pem";
     /// Auditor client private key.
     pub const AUDITOR_KEY: &str = "auditor.key.pem";
+    /// Second admin's client certificate (two-person review).
+    pub const ADMIN2_CERT: &str = "admin-2.pem";
+    /// Second admin's private key.
+    pub const ADMIN2_KEY: &str = "admin-2.key.pem";
     /// Dev OIDC issuer signing key (PKCS#8).
     pub const OIDC_KEY: &str = "dev-oidc.key.pem";
     /// Dev OIDC issuer JWKS (public).

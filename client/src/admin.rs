@@ -226,6 +226,38 @@ impl Admin {
         call("SetJwks", self.0.set_jwks(req)).await
     }
 
+    /// Proposals under two-person review, newest first.
+    pub async fn proposals(&mut self) -> Result<Vec<v1::ProposalInfo>, ClientError> {
+        Ok(call(
+            "ListProposals",
+            self.0.list_proposals(v1::ListProposalsRequest {}),
+        )
+        .await?
+        .proposals)
+    }
+
+    /// Approves another admin's proposal.
+    pub async fn approve(&mut self, id: &str) -> Result<v1::ProposalInfo, ClientError> {
+        call(
+            "ApproveProposal",
+            self.0
+                .approve_proposal(v1::ApproveProposalRequest { id: id.to_string() }),
+        )
+        .await
+    }
+
+    /// Sets how many days exported, checkpointed audit entries are kept (0: all).
+    pub async fn set_audit_retention(&mut self, days: u64) -> Result<u64, ClientError> {
+        Ok(call(
+            "SetAuditRetention",
+            self.0.set_audit_retention(v1::SetAuditRetentionRequest {
+                retention_days: days,
+            }),
+        )
+        .await?
+        .retention_days)
+    }
+
     /// Every key of an environment.
     pub async fn keys(&mut self, environment: &str) -> Result<Vec<v1::KeyInfo>, ClientError> {
         Ok(call("ListKeys", self.0.list_keys(env(environment)))

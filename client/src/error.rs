@@ -61,6 +61,9 @@ pub mod exit {
     pub const REFUSED: u8 = 3;
     /// The site (or the token source) was unavailable or did not answer in time.
     pub const UNAVAILABLE: u8 = 4;
+    /// The change needs a second admin (two-person review): it was proposed, nothing changed
+    /// yet; another admin runs `meshsign admin review approve ID`, then the command is repeated.
+    pub const PROPOSED: u8 = 5;
 }
 
 impl ClientError {
@@ -72,6 +75,9 @@ impl ClientError {
             ClientError::Verify(_) | ClientError::Crypto(_) => exit::VERIFY_FAILED,
             ClientError::Usage(_) | ClientError::Config(_) | ClientError::Io { .. } => exit::USAGE,
             ClientError::Connect { .. } | ClientError::Token(_) => exit::UNAVAILABLE,
+            ClientError::Rpc { message, .. } if message.starts_with("review_required:") => {
+                exit::PROPOSED
+            }
             ClientError::Rpc { code, .. } => match code {
                 Code::Unavailable
                 | Code::DeadlineExceeded

@@ -11,6 +11,7 @@ pub mod codesign;
 pub mod config;
 pub mod drill;
 pub mod error;
+pub mod fleet;
 pub mod preflight;
 pub mod runner;
 pub mod token;

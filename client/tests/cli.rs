@@ -315,7 +315,15 @@ fn admin_verbs_drill_and_sighup_reload_against_a_dev_site() {
     let (code, out, err) = run(dir, &["admin", "drill", "--environment", "staging"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
-        out.contains("sign refused after") && out.contains("enrollment works again"),
+        out.starts_with(
+            "REGION\tPOLICY\tISSUER\tSIGN REFUSED (ms)\tENROLL REFUSED (ms)\tRESTORED\tRESULT\n"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .nth(1)
+            .is_some_and(|l| l.starts_with("local\tdev\t") && l.ends_with("\tyes\tok")),
         "{out}"
     );
 
@@ -846,4 +854,79 @@ fn completions_and_man_pages_are_generated_without_a_config() {
     let page = std::fs::read_to_string(dir.path().join("meshsign.1")).unwrap();
     assert!(page.contains(".TH meshsign 1"), "{}", &page[..200]);
     assert!(dir.path().join("meshsign-admin-status.1").exists());
+}
+
+#[test]
+fn data_commands_print_a_header_or_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let _site = start_dev(&dir.join("site"));
+    std::fs::write(dir.join("a.txt"), b"artifact").unwrap();
+    let json = |args: &[&str]| -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.extend(["--output", "json"]);
+        let (code, out, err) = run(dir, &a);
+        assert_eq!(code, 0, "{args:?}: {err}");
+        serde_json::from_str(out.lines().next().unwrap_or_default())
+            .unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+    };
+    let signed = json(&[
+        "sign",
+        "--environment",
+        "staging",
+        "--key",
+        "release",
+        "a.txt",
+    ]);
+    assert_eq!(signed["file"], "a.txt");
+    assert!(signed["audit_seq"].as_u64().unwrap() > 0);
+    let verified = json(&["verify", "a.txt"]);
+    assert_eq!(
+        (&verified["ok"], &verified["key_id"]),
+        (&serde_json::json!(true), &signed["key_id"])
+    );
+    let material = json(&[
+        "verification-material",
+        "--environment",
+        "staging",
+        "--key",
+        "release",
+    ]);
+    assert!(
+        material[0]["public_key_pem"]
+            .as_str()
+            .unwrap()
+            .contains("BEGIN PUBLIC KEY")
+    );
+    assert!(json(&["fingerprint"])["fingerprint"].as_str().is_some());
+    for (args, first_column) in [
+        (
+            &["admin", "key", "list", "--environment", "staging"][..],
+            "alias",
+        ),
+        (
+            &["admin", "issuer", "list", "--environment", "staging"],
+            "id",
+        ),
+        (
+            &["admin", "trust", "list", "--environment", "staging"],
+            "issuer",
+        ),
+        (&["admin", "revocations"], ""),
+        (&["admin", "review", "list"], ""),
+    ] {
+        let v = json(args);
+        let items = v.as_array().unwrap_or_else(|| panic!("{args:?}: {v}"));
+        if !first_column.is_empty() {
+            assert!(items[0].get(first_column).is_some(), "{args:?}: {v}");
+        }
+        // The table form starts with a header line.
+        let (code, text, _) = run(dir, args);
+        assert_eq!(code, 0);
+        let header = text.lines().next().unwrap();
+        assert!(
+            header.chars().all(|c| !c.is_ascii_lowercase()),
+            "{args:?}: header {header:?}"
+        );
+    }
 }

@@ -25,7 +25,7 @@ use crate::custody::Kek;
 
 /// Trust domain of dev sites.
 pub const TRUST_DOMAIN: &str = "meshsign.dev";
-/// Region of dev sites.
+/// Region of dev sites unless `meshsignd dev --region` names another.
 pub const REGION: &str = "local";
 /// Issuer URL of the dev OIDC issuer.
 pub const DEV_ISSUER: &str = "https://oidc.meshsign.dev";
@@ -43,6 +43,9 @@ pub enum DevSetupError {
     /// The KEK could not be written.
     #[error(transparent)]
     Custody(#[from] crate::custody::CustodyError),
+    /// The region cannot name a site.
+    #[error("region `{0}`: use 1 to 32 letters, digits and '-'")]
+    Region(String),
     /// A file or folder could not be written.
     #[error("{path}: {source}")]
     Io {
@@ -60,13 +63,27 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DevSetupError + '_ {
     }
 }
 
-/// The audience of a dev environment.
-pub fn audience(environment: &str) -> String {
-    format!("meshsign:{environment}:{REGION}")
+/// The audience of a dev environment in `region`.
+pub fn audience(environment: &str, region: &str) -> String {
+    format!("meshsign:{environment}:{region}")
 }
 
-/// Creates the dev folder on first use; returns the path of its `site.toml`.
+/// Creates the dev folder on first use (for [`REGION`]); returns the path of its `site.toml`.
 pub fn prepare(dir: &Path) -> Result<PathBuf, DevSetupError> {
+    prepare_region(dir, REGION)
+}
+
+/// [`prepare`] for a site in `region` (several dev sites on one machine make a fleet). The
+/// region is fixed when the folder is made.
+pub fn prepare_region(dir: &Path, region: &str) -> Result<PathBuf, DevSetupError> {
+    if region.is_empty()
+        || region.len() > 32
+        || !region
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-')
+    {
+        return Err(DevSetupError::Region(crate::model::bounded(region, 40)));
+    }
     let site_toml = dir.join("site.toml");
     if site_toml.exists() {
         return Ok(site_toml);
@@ -79,11 +96,16 @@ pub fn prepare(dir: &Path) -> Result<PathBuf, DevSetupError> {
     let mut toml = format!(
         r#"# Written by `meshsignd dev`. A real site: see deploy/site.example.toml.
 trust_domain = "{TRUST_DOMAIN}"
-region = "{REGION}"
+region = "{region}"
 data_dir = "data"
 kek_file = "kek"
 # Dev mode tolerates a loosely-permissioned KEK file and http:// issuers. Never in production.
 dev = true
+
+# One person runs a dev site: no two-person review (a real site keeps the default list; the
+# second admin's certificate, pki/admin-2.pem, is there to try it: remove this table).
+[review]
+operations = []
 
 [listen]
 enroll = "127.0.0.1:7441"
@@ -118,7 +140,7 @@ issuer = "{DEV_ISSUER}"
 jwks_file = "pki/{jwks}"
 bound_claims = {{ environment = "{env}" }}
 "#,
-            aud = audience(env),
+            aud = audience(env, region),
             jwks = files::OIDC_JWKS,
         ));
     }
@@ -130,13 +152,14 @@ bound_claims = {{ environment = "{env}" }}
 /// Writes `client.toml` for the addresses actually bound.
 pub fn write_client_toml(
     dir: &Path,
+    region: &str,
     enroll: SocketAddr,
     sign: SocketAddr,
     admin: SocketAddr,
 ) -> Result<PathBuf, DevSetupError> {
     let mut toml = format!(
         r#"# Written by `meshsignd dev` at each start. Use: meshsign --config {path} ...
-region = "{REGION}"
+region = "{region}"
 trust_domain = "{TRUST_DOMAIN}"
 server_name = "localhost"
 ca_file = "pki/{ca}"
@@ -162,7 +185,7 @@ key_file = "pki/{akey}"
     for env in ENVIRONMENTS {
         toml.push_str(&format!(
             "\n[environments.{env}]\naudience = \"{}\"\n",
-            audience(env)
+            audience(env, region)
         ));
     }
     let path = dir.join("client.toml");

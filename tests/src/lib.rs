@@ -37,6 +37,10 @@ pub const TTL_CAP: u64 = 2400;
 /// Staging's session ceiling (renewals included); production keeps the default (24 h).
 pub const STAGING_MAX_SESSION: u64 = 5000;
 
+/// Test sites turn two-person review off unless the `extra` config of
+/// [`TestSite::start_with`] has its own `[review]` table.
+const REVIEW_OFF: &str = "\n[review]\noperations = []\n";
+
 /// A running test site and everything needed to talk to it.
 pub struct TestSite {
     /// Temporary folder (config, PKI, KEK, sled), shared with replicas of the site.
@@ -83,7 +87,7 @@ admin = "127.0.0.1:0"
 server_cert = "pki/server.pem"
 server_key = "pki/server.key.pem"
 admin_ca = "pki/admin-ca.pem"
-"#
+{REVIEW_OFF}"#
     );
     for env in ["staging", "production"] {
         toml.push_str(&format!(
@@ -160,6 +164,9 @@ impl TestSite {
         let (es, rs) = write_site_files(dir.path());
         let site_toml = dir.path().join("site.toml");
         let mut text = std::fs::read_to_string(&site_toml).unwrap();
+        if extra.contains("[review]") {
+            text = text.replacen(REVIEW_OFF, "\n", 1);
+        }
         text.push_str(extra);
         std::fs::write(&site_toml, text).unwrap();
         let clock = ManualClock::new();
@@ -337,11 +344,21 @@ impl TestSite {
 
     /// An Admin client with the read-only auditor certificate.
     pub async fn auditor(&self) -> v1::admin_client::AdminClient<Channel> {
+        self.admin_as("auditor").await
+    }
+
+    /// An Admin client as the second admin (`ops/admin/dev-2`), for two-person review.
+    pub async fn second_admin(&self) -> v1::admin_client::AdminClient<Channel> {
+        self.admin_as("admin-2").await
+    }
+
+    /// An Admin client with `pki/<name>.pem`.
+    async fn admin_as(&self, name: &str) -> v1::admin_client::AdminClient<Channel> {
         let mut cfg = self.client.clone();
         let pki = self.dir.path().join("pki");
         cfg.admin = Some(meshsign_client::config::AdminIdentity {
-            cert_file: pki.join("auditor.pem"),
-            key_file: pki.join("auditor.key.pem"),
+            cert_file: pki.join(format!("{name}.pem")),
+            key_file: pki.join(format!("{name}.key.pem")),
         });
         meshsign_client::admin::connect(&cfg).await.unwrap()
     }

@@ -42,9 +42,20 @@ pub fn start_dev_logging(dir: &Path, log: Option<&Path>) -> DevSite {
 
 /// [`start_dev_logging`] with the log format named (`text` or `json`).
 pub fn start_dev_with_format(dir: &Path, log: Option<&Path>, format: &str) -> DevSite {
+    start_dev_args(dir, log, format, &[])
+}
+
+/// A dev site of `region` (its folder is made for that region on first start).
+pub fn start_dev_region(dir: &Path, region: &str) -> DevSite {
+    start_dev_args(dir, None, "json", &["--region", region])
+}
+
+/// [`start_dev_with_format`] with extra `meshsignd dev` arguments.
+pub fn start_dev_args(dir: &Path, log: Option<&Path>, format: &str, extra: &[&str]) -> DevSite {
     let mut child = Command::new(meshsignd())
         .args(["--log-format", format, "dev", "--data-dir"])
         .arg(dir)
+        .args(extra)
         .args([
             "--enroll-port",
             "0",
@@ -221,6 +232,8 @@ pub async fn sign_until_killed(
 /// Runs `meshsign --config CFG ARGS…` in `dir`.
 pub fn meshsign_in(dir: &Path, cfg: &Path, args: &[&str]) -> std::process::Output {
     Command::new(meshsign())
+        .env_remove("MESHSIGN_CONFIG")
+        .env_remove("MESHSIGN_OUTPUT")
         .arg("--config")
         .arg(cfg)
         .args(args)

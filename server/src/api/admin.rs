@@ -15,7 +15,7 @@ use crate::config::{KeySpec, TrustPolicy};
 use crate::identity::{IdentityError, Operator};
 use crate::model::{RevocationKind, RevocationRule};
 use crate::ops::revocations::RevokeInput;
-use crate::ops::{self, Access, OpsError, audited};
+use crate::ops::{self, Access, OpsError, audited, audited_change};
 use crate::state::SiteState;
 
 /// The Admin service.
@@ -76,6 +76,12 @@ fn key_info(site: &SiteState, env: &str, spec: &KeySpec) -> v1::KeyInfo {
     }
 }
 
+/// Whether a key version `age_seconds` old is due for rotation (`0` days: never).
+pub(crate) fn rotation_due(age_seconds: i64, rotation_age_days: u64) -> bool {
+    rotation_age_days > 0
+        && age_seconds > i64::try_from(rotation_age_days.saturating_mul(86_400)).unwrap_or(i64::MAX)
+}
+
 fn rule_info(r: &RevocationRule) -> v1::RevocationRule {
     v1::RevocationRule {
         id: r.id.clone(),
@@ -91,6 +97,28 @@ fn rule_info(r: &RevocationRule) -> v1::RevocationRule {
 }
 
 type R<T> = Result<Response<T>, Status>;
+
+/// A change request's protobuf encoding (zeroized after use: an import carries a private key)
+/// and what it does in words, for two-person review.
+fn reviewed<M: prost::Message>(r: &M, summary: String) -> (zeroize::Zeroizing<Vec<u8>>, String) {
+    (zeroize::Zeroizing::new(r.encode_to_vec()), summary)
+}
+
+fn proposal_info(p: &ops::review::Proposal, now: i64) -> v1::ProposalInfo {
+    v1::ProposalInfo {
+        id: p.id.clone(),
+        operation: p.operation.clone(),
+        environment: p.environment.clone(),
+        summary: p.summary.clone(),
+        proposer: p.proposer.clone(),
+        state: p.state(now).as_str().to_string(),
+        created_at: Some(ts(p.created_at)),
+        expires_at: Some(ts(p.expires_at)),
+        approver: p.approver.clone().unwrap_or_default(),
+        executed_by: p.executed_by.clone().unwrap_or_default(),
+        request_sha256: p.request_sha256.clone(),
+    }
+}
 
 /// Streams JSON lines of the audit log.
 pub type ExportStream =
@@ -111,7 +139,8 @@ impl v1::admin_server::Admin for AdminApi {
     async fn snapshot(&self, req: Request<v1::SnapshotRequest>) -> R<Self::SnapshotStream> {
         let op = self.operator(&req, "Snapshot").await?;
         let s = &self.0;
-        let bytes = audited(s, &op, "Snapshot", "", Access::Write, async || {
+        let (b, sum) = reviewed(req.get_ref(), "snapshot of the site".into());
+        let bytes = audited_change(s, &op, "Snapshot", "", (&b, &sum), async || {
             let (bytes, seq) = s.snapshot().await?;
             let detail = format!("snapshot through audit seq {seq}, {} bytes", bytes.len());
             Ok((bytes, detail))
@@ -185,9 +214,10 @@ impl v1::admin_server::Admin for AdminApi {
 
     async fn stage_issuer(&self, req: Request<v1::EnvironmentRequest>) -> R<v1::IssuerInfo> {
         let op = self.operator(&req, "StageIssuer").await?;
+        let (b, sum) = reviewed(req.get_ref(), "stage a new runner CA".into());
         let env = req.into_inner().environment;
         let s = &self.0;
-        let r = audited(s, &op, "StageIssuer", &env, Access::Write, async || {
+        let r = audited_change(s, &op, "StageIssuer", &env, (&b, &sum), async || {
             ops::runner_cas::stage(s, &env)
         })
         .await
@@ -198,13 +228,14 @@ impl v1::admin_server::Admin for AdminApi {
     async fn activate_issuer(&self, req: Request<v1::IssuerRef>) -> R<v1::IssuerInfo> {
         let op = self.operator(&req, "ActivateIssuer").await?;
         let r = req.into_inner();
+        let (b, sum) = reviewed(&r, format!("activate runner CA `{}`", r.id));
         let s = &self.0;
-        let out = audited(
+        let out = audited_change(
             s,
             &op,
             "ActivateIssuer",
             &r.environment,
-            Access::Write,
+            (&b, &sum),
             async || ops::runner_cas::activate(s, &r.environment, &r.id),
         )
         .await
@@ -215,13 +246,14 @@ impl v1::admin_server::Admin for AdminApi {
     async fn retire_issuer(&self, req: Request<v1::IssuerRef>) -> R<v1::IssuerInfo> {
         let op = self.operator(&req, "RetireIssuer").await?;
         let r = req.into_inner();
+        let (b, sum) = reviewed(&r, format!("retire runner CA `{}`", r.id));
         let s = &self.0;
-        let out = audited(
+        let out = audited_change(
             s,
             &op,
             "RetireIssuer",
             &r.environment,
-            Access::Write,
+            (&b, &sum),
             async || ops::runner_cas::retire(s, &r.environment, &r.id),
         )
         .await
@@ -232,13 +264,14 @@ impl v1::admin_server::Admin for AdminApi {
     async fn revoke_issuer(&self, req: Request<v1::IssuerRef>) -> R<v1::IssuerInfo> {
         let op = self.operator(&req, "RevokeIssuer").await?;
         let r = req.into_inner();
+        let (b, sum) = reviewed(&r, format!("revoke runner CA `{}`", r.id));
         let s = &self.0;
-        let out = audited(
+        let out = audited_change(
             s,
             &op,
             "RevokeIssuer",
             &r.environment,
-            Access::Write,
+            (&b, &sum),
             async || ops::runner_cas::revoke(s, &r.environment, &r.id, &r.reason),
         )
         .await
@@ -249,7 +282,8 @@ impl v1::admin_server::Admin for AdminApi {
     async fn revoke(&self, req: Request<v1::RevokeRequest>) -> R<v1::RevokeResponse> {
         let op = self.operator(&req, "Revoke").await?;
         let r = req.into_inner();
-        let target = match r.target {
+        let (b, sum) = reviewed(&r, format!("revoke {:?} region={:?}", r.target, r.region));
+        let target = match r.target.clone() {
             Some(v1::revoke_request::Target::Serial(v)) => Some((RevocationKind::Serial, v)),
             Some(v1::revoke_request::Target::JobId(v)) => Some((RevocationKind::JobId, v)),
             Some(v1::revoke_request::Target::Fingerprint(v)) => {
@@ -258,7 +292,7 @@ impl v1::admin_server::Admin for AdminApi {
             None => None,
         };
         let s = &self.0;
-        let (rule, serials) = audited(s, &op, "Revoke", "", Access::Write, async || {
+        let (rule, serials) = audited_change(s, &op, "Revoke", "", (&b, &sum), async || {
             let (kind, value) = target.ok_or_else(|| {
                 OpsError::Invalid("give one of serial, job_id, fingerprint".into())
             })?;
@@ -336,6 +370,9 @@ impl v1::admin_server::Admin for AdminApi {
                             newest_version: newest.map_or(0, |n| n.0),
                             newest_age_days: newest.map_or(0.0, |n| (now - n.1) as f64 / 86_400.0),
                             disabled: k.disabled,
+                            rotation_due: newest.is_some_and(|n| {
+                                rotation_due(now - n.1, cfg.keys.rotation_age_days)
+                            }),
                         }
                     })
                     .collect(),
@@ -359,6 +396,16 @@ impl v1::admin_server::Admin for AdminApi {
             last_checkpoint_age_seconds: if last > 0 { now - last } else { -1 },
             revocation_rules: u32::try_from(s.revocations().len()).unwrap_or(u32::MAX),
             environments,
+            audit_retention_days: ops::housekeeping::retention_days(s).map_err(|e| status(&e))?,
+            reviewed_operations: cfg.review.operations.iter().cloned().collect(),
+            pending_proposals: u32::try_from(
+                ops::review::list(s)
+                    .map_err(|e| status(&e))?
+                    .iter()
+                    .filter(|p| p.state(now) == ops::review::ProposalState::Pending)
+                    .count(),
+            )
+            .unwrap_or(u32::MAX),
         }))
     }
 
@@ -447,7 +494,20 @@ impl v1::admin_server::Admin for AdminApi {
         } else {
             "DisableTrustPolicy"
         };
-        let t = audited(s, &op, rpc, &r.environment, Access::Write, async || {
+        let (b, sum) = reviewed(
+            &r,
+            format!(
+                "{} trust policy of issuer `{}`{}",
+                if r.enabled { "enable" } else { "disable" },
+                r.issuer,
+                if r.keep_sessions {
+                    " (sessions kept)"
+                } else {
+                    ""
+                }
+            ),
+        );
+        let t = audited_change(s, &op, rpc, &r.environment, (&b, &sum), async || {
             ops::trust::set_policy_enabled(s, &r.environment, &r.issuer, r.enabled, r.keep_sessions)
         })
         .await
@@ -458,15 +518,18 @@ impl v1::admin_server::Admin for AdminApi {
     async fn set_jwks(&self, req: Request<v1::SetJwksRequest>) -> R<v1::TrustPolicyInfo> {
         let op = self.operator(&req, "SetJwks").await?;
         let r = req.into_inner();
+        let (b, sum) = reviewed(
+            &r,
+            format!(
+                "pin a new JWKS ({} bytes) for issuer `{}`",
+                r.jwks_json.len(),
+                r.issuer
+            ),
+        );
         let s = &self.0;
-        let t = audited(
-            s,
-            &op,
-            "SetJwks",
-            &r.environment,
-            Access::Write,
-            async || ops::trust::set_jwks(s, &r.environment, &r.issuer, &r.jwks_json),
-        )
+        let t = audited_change(s, &op, "SetJwks", &r.environment, (&b, &sum), async || {
+            ops::trust::set_jwks(s, &r.environment, &r.issuer, &r.jwks_json)
+        })
         .await
         .map_err(|e| status(&e))?;
         Ok(Response::new(policy_info(&r.environment, &t)))
@@ -489,13 +552,14 @@ impl v1::admin_server::Admin for AdminApi {
     async fn create_key(&self, req: Request<v1::CreateKeyRequest>) -> R<v1::KeyInfo> {
         let op = self.operator(&req, "CreateKey").await?;
         let r = req.into_inner();
+        let (b, sum) = reviewed(&r, format!("create key `{}` ({})", r.alias, r.algorithm));
         let s = &self.0;
-        let spec = audited(
+        let spec = audited_change(
             s,
             &op,
             "CreateKey",
             &r.environment,
-            Access::Write,
+            (&b, &sum),
             async || {
                 ops::keys::create_key_alias(
                     s,
@@ -515,13 +579,14 @@ impl v1::admin_server::Admin for AdminApi {
     async fn rotate_key(&self, req: Request<v1::KeyRef>) -> R<v1::KeyInfo> {
         let op = self.operator(&req, "RotateKey").await?;
         let r = req.into_inner();
+        let (b, sum) = reviewed(&r, format!("rotate key `{}`", r.alias));
         let s = &self.0;
-        let spec = audited(
+        let spec = audited_change(
             s,
             &op,
             "RotateKey",
             &r.environment,
-            Access::Write,
+            (&b, &sum),
             async || ops::keys::rotate_key(s, &r.environment, &r.alias),
         )
         .await
@@ -532,13 +597,14 @@ impl v1::admin_server::Admin for AdminApi {
     async fn disable_key(&self, req: Request<v1::KeyRef>) -> R<v1::KeyInfo> {
         let op = self.operator(&req, "DisableKey").await?;
         let r = req.into_inner();
+        let (b, sum) = reviewed(&r, format!("disable key `{}`", r.alias));
         let s = &self.0;
-        let spec = audited(
+        let spec = audited_change(
             s,
             &op,
             "DisableKey",
             &r.environment,
-            Access::Write,
+            (&b, &sum),
             async || ops::keys::disable_key(s, &r.environment, &r.alias),
         )
         .await
@@ -549,6 +615,10 @@ impl v1::admin_server::Admin for AdminApi {
     async fn create_key_csr(&self, req: Request<v1::KeyCsrRequest>) -> R<v1::KeyCsr> {
         let op = self.operator(&req, "CreateKeyCsr").await?;
         let r = req.into_inner();
+        let (b, sum) = reviewed(
+            &r,
+            format!("CSR for key `{}` (CN {})", r.alias, r.common_name),
+        );
         let s = &self.0;
         let subject = ops::keys::CsrSubject {
             common_name: r.common_name.clone(),
@@ -556,12 +626,12 @@ impl v1::admin_server::Admin for AdminApi {
             organization: r.organization.clone(),
             country: r.country.clone(),
         };
-        let (key_id, csr_pem) = audited(
+        let (key_id, csr_pem) = audited_change(
             s,
             &op,
             "CreateKeyCsr",
             &r.environment,
-            Access::Write,
+            (&b, &sum),
             async || ops::keys::key_csr(s, &r.environment, &r.alias, &subject),
         )
         .await
@@ -575,13 +645,17 @@ impl v1::admin_server::Admin for AdminApi {
     ) -> R<v1::KeyInfo> {
         let op = self.operator(&req, "SetKeyCertificate").await?;
         let r = req.into_inner();
+        let (b, sum) = reviewed(
+            &r,
+            format!("attach a certificate chain to key `{}`", r.alias),
+        );
         let s = &self.0;
-        let spec = audited(
+        let spec = audited_change(
             s,
             &op,
             "SetKeyCertificate",
             &r.environment,
-            Access::Write,
+            (&b, &sum),
             async || ops::keys::set_key_certificate(s, &r.environment, &r.alias, &r.chain_pem),
         )
         .await
@@ -592,14 +666,26 @@ impl v1::admin_server::Admin for AdminApi {
     async fn import_key(&self, req: Request<v1::ImportKeyRequest>) -> R<v1::KeyInfo> {
         let op = self.operator(&req, "ImportKey").await?;
         let r = req.into_inner();
+        // The digest covers the key: an approval is for this key, not any key under the alias.
+        let (b, sum) = reviewed(
+            &r,
+            format!(
+                "import a key as `{}` (private key sha256 {})",
+                r.alias,
+                hex::encode(aws_lc_rs::digest::digest(
+                    &aws_lc_rs::digest::SHA256,
+                    &r.pkcs8_pem
+                ))
+            ),
+        );
         let pem = zeroize::Zeroizing::new(r.pkcs8_pem);
         let s = &self.0;
-        let spec = audited(
+        let spec = audited_change(
             s,
             &op,
             "ImportKey",
             &r.environment,
-            Access::Write,
+            (&b, &sum),
             async || {
                 ops::keys::import_key(
                     s,
@@ -615,5 +701,56 @@ impl v1::admin_server::Admin for AdminApi {
         .await
         .map_err(|e| status(&e))?;
         Ok(Response::new(key_info(s, &r.environment, &spec)))
+    }
+
+    async fn list_proposals(
+        &self,
+        req: Request<v1::ListProposalsRequest>,
+    ) -> R<v1::ListProposalsResponse> {
+        let op = self.operator(&req, "ListProposals").await?;
+        let s = &self.0;
+        let all = audited(s, &op, "ListProposals", "", Access::Read, async || {
+            Ok((ops::review::list(s)?, String::new()))
+        })
+        .await
+        .map_err(|e| status(&e))?;
+        let now = s.clock.unix();
+        Ok(Response::new(v1::ListProposalsResponse {
+            proposals: all.iter().map(|p| proposal_info(p, now)).collect(),
+        }))
+    }
+
+    async fn approve_proposal(
+        &self,
+        req: Request<v1::ApproveProposalRequest>,
+    ) -> R<v1::ProposalInfo> {
+        let op = self.operator(&req, "ApproveProposal").await?;
+        let id = req.into_inner().id;
+        let s = &self.0;
+        let p = audited(s, &op, "ApproveProposal", "", Access::Write, async || {
+            ops::review::approve(s, &op, &id)
+        })
+        .await
+        .map_err(|e| status(&e))?;
+        Ok(Response::new(proposal_info(&p, s.clock.unix())))
+    }
+
+    async fn set_audit_retention(
+        &self,
+        req: Request<v1::SetAuditRetentionRequest>,
+    ) -> R<v1::SetAuditRetentionResponse> {
+        let op = self.operator(&req, "SetAuditRetention").await?;
+        let r = req.into_inner();
+        let (b, sum) = reviewed(&r, format!("keep audit entries {} days", r.retention_days));
+        let s = &self.0;
+        let retention_days =
+            audited_change(s, &op, "SetAuditRetention", "", (&b, &sum), async || {
+                ops::housekeeping::set_retention(s, r.retention_days)
+            })
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(v1::SetAuditRetentionResponse {
+            retention_days,
+        }))
     }
 }

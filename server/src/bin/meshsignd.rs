@@ -50,6 +50,10 @@ enum Command {
         /// Folder for everything dev mode makes.
         #[arg(long, default_value = "meshsign-dev")]
         data_dir: PathBuf,
+        /// The site's region when the folder is first made (several dev sites with their own
+        /// folders and regions make a fleet on one machine).
+        #[arg(long, default_value = dev::REGION)]
+        region: String,
         /// Enroll port (0 picks a free one).
         #[arg(long, default_value_t = 7441)]
         enroll_port: u16,
@@ -185,13 +189,14 @@ async fn dispatch(command: Command) -> Result<(), String> {
         #[cfg(feature = "dev")]
         Command::Dev {
             data_dir,
+            region,
             enroll_port,
             sign_port,
             admin_port,
             no_audit_flush,
             postgres_url,
         } => {
-            let site_toml = dev::prepare(&data_dir).map_err(|e| e.to_string())?;
+            let site_toml = dev::prepare_region(&data_dir, &region).map_err(|e| e.to_string())?;
             let mut cfg = SiteConfig::load(&site_toml)
                 .map_err(|e| format!("{}: {e}", site_toml.display()))?;
             let lo = std::net::Ipv4Addr::LOCALHOST;
@@ -212,10 +217,12 @@ async fn dispatch(command: Command) -> Result<(), String> {
                 );
             }
             let listen = cfg.listen;
+            let region = cfg.region.clone();
             let signals = Signals::watch()?;
             let handle = start(cfg).await?;
             let client = dev::write_client_toml(
                 &data_dir,
+                &region,
                 handle.enroll_addr,
                 handle.sign_addr,
                 handle.admin_addr,
@@ -229,7 +236,7 @@ async fn dispatch(command: Command) -> Result<(), String> {
                  echo hello > hello.txt\n  \
                  cargo run --release --bin meshsign -- --config {c} sign --environment staging --key release hello.txt\n  \
                  cargo run --release --bin meshsign -- --config {c} verify hello.txt\n",
-                dev::REGION,
+                region,
                 dev::ENVIRONMENTS.join(", "),
                 data_dir.display(),
                 c = client.display(),

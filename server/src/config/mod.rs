@@ -75,6 +75,10 @@ struct RawSite {
     limits: Limits,
     #[serde(default)]
     metrics: RawMetrics,
+    #[serde(default)]
+    review: Review,
+    #[serde(default)]
+    keys: KeyPolicy,
     /// `[[environments]]`; `[[partitions]]` is the earlier spelling, still read.
     #[serde(alias = "partitions")]
     environments: Vec<RawEnvironment>,
@@ -313,8 +317,117 @@ pub struct SiteConfig {
     /// Where Prometheus scrapes `/metrics` (`[metrics] listen`; off when absent). Keep it on
     /// loopback or a management network: it is plain HTTP and unauthenticated.
     pub metrics_listen: Option<SocketAddr>,
+    /// Two-person review of dangerous admin operations (`[review]`).
+    pub review: Review,
+    /// Site-wide key hygiene (`[keys]`).
+    pub keys: KeyPolicy,
     /// Environments (the site's partitions), in file order.
     pub environments: Vec<Environment>,
+}
+
+/// Admin operations that two-person review may cover: every change the Admin service makes,
+/// named as in the audit log (`Admin.<name>`).
+pub const REVIEWABLE_OPERATIONS: [&str; 16] = [
+    "StageIssuer",
+    "ActivateIssuer",
+    "RetireIssuer",
+    "RevokeIssuer",
+    "Revoke",
+    "DisableTrustPolicy",
+    "EnableTrustPolicy",
+    "SetJwks",
+    "CreateKey",
+    "RotateKey",
+    "DisableKey",
+    "ImportKey",
+    "CreateKeyCsr",
+    "SetKeyCertificate",
+    "SetAuditRetention",
+    "Snapshot",
+];
+
+/// `[review]`: which admin operations need a second admin. One admin's call of a listed
+/// operation only *proposes* it (the call is refused with `review_required` and the proposal
+/// id); a different admin approves the proposal (`Admin.ApproveProposal`) within
+/// `window_seconds`; then the same call — the same operation with the same request, by any
+/// admin but the approver — is carried out once. Nothing changes before approval; the request
+/// itself is never stored (only its SHA-256 and a description without secrets), so a key import
+/// under review leaves no copy of the key in the store.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Review {
+    /// Operations that need approval (names from [`REVIEWABLE_OPERATIONS`]); `[]` turns review
+    /// off. Default: key import, key disable, runner-CA revoke, trust enable, JWKS set,
+    /// retention change.
+    pub operations: std::collections::BTreeSet<String>,
+    /// Seconds from proposal until it must be approved and carried out (default 3600).
+    pub window_seconds: u64,
+}
+
+impl Default for Review {
+    fn default() -> Self {
+        Self {
+            operations: [
+                "ImportKey",
+                "DisableKey",
+                "RevokeIssuer",
+                "EnableTrustPolicy",
+                "SetJwks",
+                "SetAuditRetention",
+            ]
+            .into_iter()
+            .map(String::from)
+            .collect(),
+            window_seconds: 3600,
+        }
+    }
+}
+
+impl Review {
+    /// Whether `operation` needs a second admin.
+    pub fn covers(&self, operation: &str) -> bool {
+        self.operations.contains(operation)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        for op in &self.operations {
+            if !REVIEWABLE_OPERATIONS.contains(&op.as_str()) {
+                return Err(invalid(
+                    "review.operations",
+                    format!(
+                        "`{}` is not an admin change that review can cover (known: {})",
+                        crate::model::bounded(op, 64),
+                        REVIEWABLE_OPERATIONS.join(", ")
+                    ),
+                ));
+            }
+        }
+        if !(60..=7 * 86_400).contains(&self.window_seconds) {
+            return Err(invalid(
+                "review.window_seconds",
+                "must be between 60 and 604800 (7 days)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `[keys]`: site-wide key hygiene.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeyPolicy {
+    /// A key whose newest version is older than this is flagged for rotation in `admin status`
+    /// and in the `meshsign_key_rotation_due` metric (default 30: rotate faster than 30 days).
+    /// `0` turns the flag off.
+    pub rotation_age_days: u64,
+}
+
+impl Default for KeyPolicy {
+    fn default() -> Self {
+        Self {
+            rotation_age_days: 30,
+        }
+    }
 }
 
 /// `[limits]`: what one listener, one source address and one job may consume. Every field has a
@@ -684,6 +797,7 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
         ));
     }
     raw.limits.validate()?;
+    raw.review.validate()?;
     if raw.store.cache_mib == 0 {
         return Err(invalid("store.cache_mib", "must be positive"));
     }
@@ -952,6 +1066,8 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
         },
         environments,
         limits: raw.limits,
+        review: raw.review,
+        keys: raw.keys,
         metrics_listen: raw.metrics.listen,
         store_cache_mib: raw.store.cache_mib,
         postgres,

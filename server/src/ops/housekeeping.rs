@@ -1,5 +1,5 @@
 //! Housekeeping every few seconds: prune the replay store, retire runner CAs whose last
-//! certificate expired, apply audit retention.
+//! certificate expired, apply audit retention, drop old review proposals.
 //!
 //! Owns: the periodic duties. Must not touch: the timer (the transport's start-up runs it).
 
@@ -7,6 +7,7 @@ use super::{OpsError, runner_cas};
 use crate::audit::AuditRecord;
 use crate::ca::{RunnerCaRecord, RunnerCaState};
 use crate::state::SiteState;
+use crate::store::Tree;
 
 /// One pass of every duty; failures are logged, not fatal.
 pub async fn run_once(site: &SiteState) {
@@ -18,6 +19,9 @@ pub async fn run_once(site: &SiteState) {
     }
     if let Err(e) = prune_audit(site).await {
         tracing::warn!(error = %e, "audit retention failed");
+    }
+    if let Err(e) = super::review::prune(site) {
+        tracing::warn!(error = %e, "pruning old review proposals failed");
     }
     if let Err(e) = site.persist_usage() {
         tracing::warn!(error = %e, "signature counts of unbudgeted keys stay in memory for now");
@@ -38,9 +42,36 @@ pub async fn repair_storage(site: &SiteState) {
     }
 }
 
-/// Audit retention: prunes what `[audit] retention_days` allows, and audits it.
+/// Where an ops-set retention overrides `[audit] retention_days`.
+const RETENTION_KEY: &[u8] = b"audit/retention_days";
+
+/// Days audit entries are kept once exported and checkpointed: what ops set
+/// (`Admin.SetAuditRetention`), else `[audit] retention_days`.
+pub fn retention_days(site: &SiteState) -> Result<u64, OpsError> {
+    Ok(site
+        .store
+        .get::<u64>(Tree::Meta, RETENTION_KEY)?
+        .unwrap_or(site.config().audit.retention_days))
+}
+
+/// Sets the retention (a change: call it through `audited_change`).
+pub fn set_retention(site: &SiteState, days: u64) -> Result<(u64, String), OpsError> {
+    if days > 36_500 {
+        return Err(OpsError::Invalid(
+            "retention_days must be at most 36500 (0 keeps everything)".into(),
+        ));
+    }
+    let before = retention_days(site)?;
+    site.store.put(Tree::Meta, RETENTION_KEY, &days)?;
+    Ok((
+        days,
+        format!("audit retention {before} -> {days} days (0: keep all)"),
+    ))
+}
+
+/// Audit retention: prunes what the retention allows, and audits it.
 pub async fn prune_audit(site: &SiteState) -> Result<Option<(u64, u64)>, OpsError> {
-    let days = site.config().audit.retention_days;
+    let days = retention_days(site)?;
     if days == 0 {
         return Ok(None);
     }

@@ -9,6 +9,7 @@
 
 pub mod housekeeping;
 pub mod keys;
+pub mod review;
 pub mod revocations;
 pub mod runner_cas;
 pub mod trust;
@@ -57,6 +58,15 @@ pub enum OpsError {
     /// A snapshot could not be taken.
     #[error("snapshot: {0}")]
     Snapshot(#[from] crate::state::snapshot::SnapshotError),
+    /// The operation needs a second admin (`[review]`); nothing changed.
+    #[error("{0}")]
+    ReviewRequired(String),
+    /// An admin tried to approve their own proposal.
+    #[error("{0}")]
+    SelfApproval(String),
+    /// The proposal's window passed.
+    #[error("{0}")]
+    ReviewExpired(String),
     /// The audit record could not be written; the change is reported as failed.
     #[error("the audit log cannot be written")]
     Audit(#[source] AuditError),
@@ -69,6 +79,9 @@ impl Refusal for OpsError {
             OpsError::Forbidden { .. } => "role",
             OpsError::NotFound(_) => "not_found",
             OpsError::Invalid(_) => "invalid",
+            OpsError::ReviewRequired(_) => "review_required",
+            OpsError::SelfApproval(_) => "review_self_approval",
+            OpsError::ReviewExpired(_) => "review_expired",
             OpsError::Precondition(_)
             | OpsError::Snapshot(crate::state::snapshot::SnapshotError::SharedStore) => {
                 "precondition"
@@ -88,6 +101,10 @@ impl Refusal for OpsError {
             OpsError::Forbidden { .. } => RefusalKind::PermissionDenied,
             OpsError::NotFound(_) => RefusalKind::NotFound,
             OpsError::Invalid(_) => RefusalKind::InvalidArgument,
+            OpsError::ReviewRequired(_) | OpsError::ReviewExpired(_) => {
+                RefusalKind::FailedPrecondition
+            }
+            OpsError::SelfApproval(_) => RefusalKind::PermissionDenied,
             OpsError::Precondition(_)
             | OpsError::Snapshot(crate::state::snapshot::SnapshotError::SharedStore) => {
                 RefusalKind::FailedPrecondition
@@ -167,6 +184,27 @@ pub async fn audited<T>(
         Err(e) => return Err(OpsError::Audit(e)),
     }
     result.map(|(t, _)| t)
+}
+
+/// [`audited`] for a change (`Access::Write`) that two-person review may cover: `request` is
+/// the exact request (its SHA-256 is what a proposal binds), `summary` says what it does
+/// without secrets. When `[review]` covers `rpc`, the change runs only under an approval by
+/// another admin (see [`review`]), and its audit record names the approval.
+pub async fn audited_change<T>(
+    site: &SiteState,
+    op: &Operator,
+    rpc: &'static str,
+    environment: &str,
+    (request, summary): (&[u8], &str),
+    f: impl AsyncFnOnce() -> Result<(T, String), OpsError>,
+) -> Result<T, OpsError> {
+    let digest = review::request_digest(rpc, request);
+    audited(site, op, rpc, environment, Access::Write, async || {
+        let approval = review::gate(site, op, rpc, environment, &digest, summary)?;
+        let (v, detail) = f().await?;
+        Ok((v, review::annotate(detail, approval.as_ref())))
+    })
+    .await
 }
 
 /// Counts an admin call refused before an operator could be named (its certificate is not an

@@ -5,10 +5,22 @@ use std::path::PathBuf;
 
 use clap::Subcommand;
 use meshsign_client::admin::{Admin, parse_time};
+use meshsign_client::drill::DrillReport;
+use meshsign_client::fleet::{Fleet, SiteResult};
 use meshsign_client::token::TokenSource;
 use meshsign_client::{ClientConfig, ClientError};
 use meshsign_proto::pem_encode;
 use meshsign_proto::v1;
+
+/// How commands print their data (`--output`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// A header line, then tab-separated rows.
+    #[default]
+    Table,
+    /// JSON (an array for listings, an object for one item).
+    Json,
+}
 
 #[derive(Subcommand)]
 pub enum AdminAuditCommand {
@@ -31,6 +43,13 @@ pub enum AdminAuditCommand {
         /// Only this decision (allow|deny).
         #[arg(long)]
         decision: Option<String>,
+    },
+    /// Keep exported, checkpointed entries this many days (0: keep all); overrides
+    /// `[audit] retention_days`.
+    Retention {
+        /// Days.
+        #[arg(long)]
+        days: u64,
     },
 }
 
@@ -74,13 +93,10 @@ pub enum AdminCommand {
     Revocations,
     /// The site at a glance: whether it can record decisions, audit head and last checkpoint,
     /// and per environment its runner CAs, keys (newest version and age) and trust policies.
-    Status {
-        /// `table` (default) or `json` (one object, for scripts and fleet tooling).
-        #[arg(long, default_value = "table", value_parser = ["table", "json"])]
-        output: String,
-    },
+    Status,
     /// A job's signatures per key and per certificate, against each key's budget.
     Usage {
+        /// Environment.
         #[arg(long)]
         environment: String,
         /// The job id (the certificate serial for a provider without job ids).
@@ -104,17 +120,37 @@ pub enum AdminCommand {
         #[command(subcommand)]
         command: KeyCommand,
     },
-    /// Disable a trust policy, prove refusal, re-enable; exit 1 if refusal took over 1 s.
+    /// Two-person review: list proposals, approve another admin's.
+    Review {
+        #[command(subcommand)]
+        command: ReviewCommand,
+    },
+    /// Disable a trust policy, prove refusal, re-enable; exit 1 if refusal took longer than
+    /// --max-ms (with --all-sites: in every region at once, one row per region).
     Drill {
         /// Environment.
         #[arg(long)]
         environment: String,
+        /// The bound on refusal, in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        max_ms: u64,
         /// Issuer URL of the policy (default: a random enabled one).
         #[arg(long)]
         issuer: Option<String>,
         /// Mint the drill's tokens from the CI (github-actions); default: the dev issuer.
         #[arg(long, value_parser = ["github-actions"])]
         token_source: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ReviewCommand {
+    /// Proposals (pending, approved, executed, expired), newest first.
+    List,
+    /// Approve a proposal another admin made; they then repeat their command.
+    Approve {
+        /// The proposal id (`p-…`, printed when the change was proposed).
+        id: String,
     },
 }
 
@@ -290,82 +326,172 @@ pub enum KeyCommand {
     },
 }
 
-/// Runs an admin command.
-pub async fn dispatch(cfg: &ClientConfig, command: AdminCommand) -> Result<(), ClientError> {
+/// Runs an admin command at the site of `cfg`.
+pub async fn dispatch(
+    cfg: &ClientConfig,
+    command: AdminCommand,
+    format: Format,
+) -> Result<(), ClientError> {
     match command {
         AdminCommand::Drill {
             environment,
+            max_ms,
             issuer,
             token_source,
-        } => drill(cfg, &environment, issuer.as_deref(), token_source.is_some()).await,
+        } => {
+            let source = drill_source(&environment, token_source.is_some())?;
+            let r = meshsign_client::drill::exercise(cfg, &environment, issuer.as_deref(), &source)
+                .await;
+            report_drills(vec![(cfg.region.clone(), r)], format, max_ms, false)
+        }
         command => {
             let mut c = Admin::connect(cfg).await?;
-            match command {
-                AdminCommand::Audit { command } => audit(&mut c, command).await,
-                AdminCommand::Issuer { command } => runner_cas(&mut c, command).await,
-                AdminCommand::Revoke {
-                    serial,
-                    job_id,
-                    fingerprint,
-                    region,
-                    since,
-                    until,
-                    reason,
-                } => {
-                    use v1::revoke_request::Target;
-                    let target = match (serial, job_id, fingerprint) {
-                        (Some(s), _, _) => Target::Serial(s),
-                        (_, Some(j), _) => Target::JobId(j),
-                        (_, _, Some(f)) => Target::Fingerprint(f),
-                        _ => {
-                            return Err(ClientError::Config(
-                                "give --serial, --job-id or --fingerprint".into(),
-                            ));
-                        }
-                    };
-                    let req = v1::RevokeRequest {
-                        target: Some(target),
-                        region: region.unwrap_or_default(),
-                        since: since.as_deref().map(parse_time).transpose()?.unwrap_or(0),
-                        until: until.as_deref().map(parse_time).transpose()?.unwrap_or(0),
-                        reason,
-                    };
-                    let r = c.revoke(req).await?;
-                    println!(
-                        "revocation {} matched {} issued certificate(s)",
-                        r.rule_id,
-                        r.serials.len()
-                    );
-                    for s in r.serials {
-                        println!("  {s}");
-                    }
-                    Ok(())
-                }
-                AdminCommand::Revocations => {
-                    for r in c.revocations().await? {
-                        println!(
-                            "{}\t{}={}\tregion={}\tby {}\t{}",
-                            r.id, r.kind, r.value, r.region, r.operator, r.reason
-                        );
-                    }
-                    Ok(())
-                }
-                AdminCommand::Status { output } => {
-                    let st = c.status().await?;
-                    if output == "json" {
-                        println!("{}", status_json(&st));
-                    } else {
-                        print_status(&st);
-                    }
-                    Ok(())
-                }
-                AdminCommand::Usage {
+            run_at(cfg, &mut c, command, format).await
+        }
+    }
+}
+
+/// Runs an admin command at every site of the fleet (`--all-sites`): drill, revoke, trust
+/// disable/enable and status. Prints one table with a SITE column (or a JSON array of
+/// `{site, region, result | error}`); fails if any site failed.
+pub async fn dispatch_fleet(
+    fleet: &Fleet,
+    command: AdminCommand,
+    format: Format,
+) -> Result<(), ClientError> {
+    match command {
+        AdminCommand::Drill {
+            environment,
+            max_ms,
+            issuer,
+            token_source,
+        } => {
+            let source = drill_source(&environment, token_source.is_some())?;
+            let results = fleet.drill(&environment, issuer.as_deref(), &source).await;
+            report_drills(results, format, max_ms, true)
+        }
+        AdminCommand::Status => {
+            let results = fleet
+                .each(|cfg| async move { Admin::connect(&cfg).await?.status().await })
+                .await;
+            fleet_report(
+                fleet,
+                results,
+                format,
+                |st| (status_rows(st), status_json(st)),
+                STATUS_HEADER,
+            )
+        }
+        AdminCommand::Revoke { .. } => {
+            let req = revoke_request(&command)?;
+            let results = fleet
+                .each(|cfg| {
+                    let req = req.clone();
+                    async move { Admin::connect(&cfg).await?.revoke(req).await }
+                })
+                .await;
+            fleet_report(
+                fleet,
+                results,
+                format,
+                |r| (vec![revoke_row(r)], revoke_json(r)),
+                REVOKE_HEADER,
+            )
+        }
+        AdminCommand::Trust {
+            command: TrustCommand::Disable { .. } | TrustCommand::Enable { .. },
+        } => {
+            let AdminCommand::Trust { command } = command else {
+                return Ok(());
+            };
+            let req = match command {
+                TrustCommand::Disable {
                     environment,
-                    job_id,
-                } => {
-                    let u = c.job_usage(&environment, &job_id).await?;
-                    let limit =
-                        |b: Option<u64>| b.map_or("unlimited".to_string(), |b| b.to_string());
+                    issuer,
+                    keep_sessions,
+                } => set_policy(environment, issuer, false, keep_sessions),
+                TrustCommand::Enable {
+                    environment,
+                    issuer,
+                } => set_policy(environment, issuer, true, false),
+                _ => return Ok(()),
+            };
+            let results = fleet
+                .each(|cfg| {
+                    let req = req.clone();
+                    async move {
+                        Admin::connect(&cfg)
+                            .await?
+                            .set_trust_policy_enabled(req)
+                            .await
+                    }
+                })
+                .await;
+            fleet_report(
+                fleet,
+                results,
+                format,
+                |p| (vec![p.row()], p.json()),
+                v1::TrustPolicyInfo::HEADER,
+            )
+        }
+        _ => Err(ClientError::Usage(
+            "--all-sites works with: drill, revoke, trust disable, trust enable, status".into(),
+        )),
+    }
+}
+
+async fn run_at(
+    cfg: &ClientConfig,
+    c: &mut Admin,
+    command: AdminCommand,
+    format: Format,
+) -> Result<(), ClientError> {
+    match command {
+        AdminCommand::Audit { command } => audit(c, command, format).await,
+        AdminCommand::Issuer { command } => runner_cas(c, command, format).await,
+        AdminCommand::Revoke { .. } => {
+            let r = c.revoke(revoke_request(&command)?).await?;
+            match format {
+                Format::Json => print_json(&revoke_json(&r)),
+                Format::Table => {
+                    println!("{}", REVOKE_HEADER.join("\t"));
+                    println!("{}", revoke_row(&r).join("\t"));
+                }
+            }
+            Ok(())
+        }
+        AdminCommand::Revocations => {
+            emit(format, &c.revocations().await?);
+            Ok(())
+        }
+        AdminCommand::Status => {
+            let st = c.status().await?;
+            match format {
+                Format::Json => print_json(&status_json(&st)),
+                Format::Table => print_status(&st),
+            }
+            Ok(())
+        }
+        AdminCommand::Usage {
+            environment,
+            job_id,
+        } => {
+            let u = c.job_usage(&environment, &job_id).await?;
+            let limit = |b: Option<u64>| b.map_or("unlimited".to_string(), |b| b.to_string());
+            match format {
+                Format::Json => print_json(&serde_json::json!({
+                    "environment": u.environment,
+                    "job_id": u.job_id,
+                    "keys": u.keys.iter().map(|k| serde_json::json!({
+                        "key_alias": k.key_alias,
+                        "total": k.total,
+                        "per_job_budget": k.per_job_budget,
+                        "per_certificate_budget": k.per_certificate_budget,
+                        "by_certificate": k.by_certificate,
+                    })).collect::<Vec<_>>(),
+                })),
+                Format::Table => {
                     println!(
                         "KEY\tSIGNATURES\tJOB BUDGET\tCERTIFICATE\tSIGNATURES\tCERTIFICATE BUDGET"
                     );
@@ -381,30 +507,274 @@ pub async fn dispatch(cfg: &ClientConfig, command: AdminCommand) -> Result<(), C
                             println!("{}\t-\t-\t{serial}\t{n}\t-", k.key_alias);
                         }
                     }
-                    Ok(())
                 }
-                AdminCommand::Snapshot { out } => {
-                    let bytes = c.snapshot().await?;
-                    meshsign_proto::files::write_atomic(&out, &bytes, true)
-                        .map_err(ClientError::io(&out))?;
-                    eprintln!("snapshot: {} bytes -> {}", bytes.len(), out.display());
-                    Ok(())
-                }
-                AdminCommand::Trust { command } => trust(cfg, &mut c, command).await,
-                AdminCommand::Key { command } => keys(&mut c, command).await,
-                AdminCommand::Drill { .. } => Ok(()),
             }
+            Ok(())
         }
+        AdminCommand::Snapshot { out } => {
+            let bytes = c.snapshot().await?;
+            meshsign_proto::files::write_atomic(&out, &bytes, true)
+                .map_err(ClientError::io(&out))?;
+            eprintln!("snapshot: {} bytes -> {}", bytes.len(), out.display());
+            Ok(())
+        }
+        AdminCommand::Trust { command } => trust(cfg, c, command, format).await,
+        AdminCommand::Key { command } => keys(c, command, format).await,
+        AdminCommand::Review { command } => {
+            match command {
+                ReviewCommand::List => emit(format, &c.proposals().await?),
+                ReviewCommand::Approve { id } => {
+                    let p = c.approve(&id).await?;
+                    emit_one(format, &p);
+                    if format == Format::Table {
+                        eprintln!(
+                            "approved; `{}` now repeats the command before {}",
+                            p.proposer,
+                            when(p.expires_at)
+                        );
+                    }
+                }
+            }
+            Ok(())
+        }
+        AdminCommand::Drill { .. } => Ok(()),
     }
 }
 
-async fn audit(c: &mut Admin, command: AdminAuditCommand) -> Result<(), ClientError> {
+fn drill_source(environment: &str, from_ci: bool) -> Result<TokenSource, ClientError> {
+    if from_ci {
+        Ok(TokenSource::GithubActions)
+    } else {
+        super::dev::default_token_source(environment)
+    }
+}
+
+fn revoke_request(command: &AdminCommand) -> Result<v1::RevokeRequest, ClientError> {
+    let AdminCommand::Revoke {
+        serial,
+        job_id,
+        fingerprint,
+        region,
+        since,
+        until,
+        reason,
+    } = command
+    else {
+        return Err(ClientError::Usage("not a revoke command".into()));
+    };
+    use v1::revoke_request::Target;
+    let target = match (serial, job_id, fingerprint) {
+        (Some(s), _, _) => Target::Serial(s.clone()),
+        (_, Some(j), _) => Target::JobId(j.clone()),
+        (_, _, Some(f)) => Target::Fingerprint(f.clone()),
+        _ => {
+            return Err(ClientError::Config(
+                "give --serial, --job-id or --fingerprint".into(),
+            ));
+        }
+    };
+    Ok(v1::RevokeRequest {
+        target: Some(target),
+        region: region.clone().unwrap_or_default(),
+        since: since.as_deref().map(parse_time).transpose()?.unwrap_or(0),
+        until: until.as_deref().map(parse_time).transpose()?.unwrap_or(0),
+        reason: reason.clone(),
+    })
+}
+
+const REVOKE_HEADER: &[&str] = &["RULE", "MATCHED", "SERIALS"];
+
+fn revoke_row(r: &v1::RevokeResponse) -> Vec<String> {
+    vec![
+        r.rule_id.clone(),
+        r.serials.len().to_string(),
+        if r.serials.is_empty() {
+            "-".into()
+        } else {
+            r.serials.join(",")
+        },
+    ]
+}
+
+fn revoke_json(r: &v1::RevokeResponse) -> serde_json::Value {
+    serde_json::json!({ "rule_id": r.rule_id, "serials": r.serials })
+}
+
+/// One table (or JSON array) for a fleet command: a SITE and REGION column before the
+/// command's own; a site that failed gets one row with its error. Exit non-zero if any did.
+fn fleet_report<T>(
+    fleet: &Fleet,
+    results: Vec<SiteResult<T>>,
+    format: Format,
+    render: impl Fn(&T) -> (Vec<Vec<String>>, serde_json::Value),
+    header: &[&str],
+) -> Result<(), ClientError> {
+    let region = |name: &str| {
+        fleet
+            .sites
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, c)| c.region.clone())
+            .unwrap_or_default()
+    };
+    let mut failed = Vec::new();
+    let mut json = Vec::new();
+    if format == Format::Table {
+        println!("SITE\tREGION\t{}", header.join("\t"));
+    }
+    for (site, r) in &results {
+        let region = region(site);
+        match r {
+            Ok(v) => {
+                let (rows, j) = render(v);
+                for row in rows {
+                    if format == Format::Table {
+                        println!("{site}\t{region}\t{}", row.join("\t"));
+                    }
+                }
+                json.push(serde_json::json!({ "site": site, "region": region, "result": j }));
+            }
+            Err(e) => {
+                if format == Format::Table {
+                    println!("{site}\t{region}\tERROR: {e}");
+                }
+                json.push(
+                    serde_json::json!({ "site": site, "region": region, "error": e.to_string() }),
+                );
+                failed.push(site.clone());
+            }
+        }
+    }
+    if format == Format::Json {
+        print_json(&serde_json::Value::Array(json));
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(fleet_failure(&failed, &results))
+    }
+}
+
+/// The error a fleet command exits with: the first failure's (so its exit code), naming
+/// every failed site.
+fn fleet_failure<T>(failed: &[String], results: &[SiteResult<T>]) -> ClientError {
+    let first = results.iter().find_map(|(_, r)| r.as_ref().err());
+    let names = failed.join(", ");
+    match first {
+        Some(ClientError::Rpc { rpc, code, message }) => ClientError::Rpc {
+            rpc,
+            code: *code,
+            message: format!("{message} (failed at: {names})"),
+        },
+        Some(ClientError::Connect { endpoint, message }) => ClientError::Connect {
+            endpoint: endpoint.clone(),
+            message: format!("{message} (failed at: {names})"),
+        },
+        _ => ClientError::Verify(format!("failed at: {names}")),
+    }
+}
+
+const DRILL_HEADER: &[&str] = &[
+    "POLICY",
+    "ISSUER",
+    "SIGN REFUSED (ms)",
+    "ENROLL REFUSED (ms)",
+    "RESTORED",
+    "RESULT",
+];
+
+/// Prints drill results (one row per site) and fails if any site failed, took longer than
+/// `max_ms`, or did not recover.
+fn report_drills(
+    results: Vec<SiteResult<DrillReport>>,
+    format: Format,
+    max_ms: u64,
+    fleet: bool,
+) -> Result<(), ClientError> {
+    let bound = std::time::Duration::from_millis(max_ms);
+    let mut bad = Vec::new();
+    let mut json = Vec::new();
+    if format == Format::Table {
+        println!(
+            "{}{}",
+            if fleet { "SITE\t" } else { "REGION\t" },
+            DRILL_HEADER.join("\t")
+        );
+    }
+    for (site, r) in &results {
+        match r {
+            Ok(d) => {
+                let ok = d.worst() <= bound && d.restored;
+                if !ok {
+                    bad.push(site.clone());
+                }
+                let (sign, enroll) = (
+                    d.sign_refused_after.as_secs_f64() * 1000.0,
+                    d.enroll_refused_after.as_secs_f64() * 1000.0,
+                );
+                if format == Format::Table {
+                    println!(
+                        "{site}\t{}\t{}\t{sign:.1}\t{enroll:.1}\t{}\t{}",
+                        d.policy,
+                        d.issuer,
+                        if d.restored { "yes" } else { "NO" },
+                        if ok { "ok" } else { "FAIL" }
+                    );
+                }
+                json.push(serde_json::json!({
+                    "site": site, "policy": d.policy, "issuer": d.issuer,
+                    "sign_refused_ms": sign, "enroll_refused_ms": enroll,
+                    "restored": d.restored, "within_bound": d.worst() <= bound, "ok": ok,
+                }));
+            }
+            Err(e) => {
+                bad.push(site.clone());
+                if format == Format::Table {
+                    println!("{site}\tERROR: {e}");
+                }
+                json.push(serde_json::json!({ "site": site, "error": e.to_string(), "ok": false }));
+            }
+        }
+    }
+    if format == Format::Json {
+        print_json(&serde_json::Value::Array(json));
+    }
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(ClientError::Verify(format!(
+            "drill failed at {} (bound {max_ms} ms; a failed site's policy is re-enabled)",
+            bad.join(", ")
+        )))
+    }
+}
+
+async fn audit(
+    c: &mut Admin,
+    command: AdminAuditCommand,
+    format: Format,
+) -> Result<(), ClientError> {
     use std::io::Write as _;
     match command {
         AdminAuditCommand::PublicKey => {
             let k = c.audit_public_key().await?;
-            eprintln!("# audit key {}", k.key_id);
-            print!("{}", pem_encode("PUBLIC KEY", &k.public_key_der));
+            match format {
+                Format::Json => print_json(&serde_json::json!({
+                    "key_id": k.key_id,
+                    "public_key_pem": pem_encode("PUBLIC KEY", &k.public_key_der),
+                })),
+                Format::Table => {
+                    eprintln!("# audit key {}", k.key_id);
+                    print!("{}", pem_encode("PUBLIC KEY", &k.public_key_der));
+                }
+            }
+        }
+        AdminAuditCommand::Retention { days } => {
+            let days = c.set_audit_retention(days).await?;
+            match format {
+                Format::Json => print_json(&serde_json::json!({ "retention_days": days })),
+                Format::Table => println!("RETENTION DAYS\n{days}"),
+            }
         }
         AdminAuditCommand::Export {
             since,
@@ -428,6 +798,7 @@ async fn audit(c: &mut Admin, command: AdminAuditCommand) -> Result<(), ClientEr
                 job_id: job_id.unwrap_or_default(),
                 decision: decision.unwrap_or_default(),
             };
+            // Always JSON lines: the export format is the verifiable one.
             let mut stream = c.export_audit(req).await?;
             let mut out = std::io::stdout().lock();
             let stdout = |source| ClientError::Io {
@@ -449,13 +820,14 @@ async fn audit(c: &mut Admin, command: AdminAuditCommand) -> Result<(), ClientEr
     Ok(())
 }
 
-async fn runner_cas(c: &mut Admin, command: IssuerCommand) -> Result<(), ClientError> {
+async fn runner_cas(
+    c: &mut Admin,
+    command: IssuerCommand,
+    format: Format,
+) -> Result<(), ClientError> {
     let out = match command {
         IssuerCommand::List { environment } => {
-            c.list_runner_cas(&environment)
-                .await?
-                .iter()
-                .for_each(print_runner_ca);
+            emit(format, &c.list_runner_cas(&environment).await?);
             return Ok(());
         }
         IssuerCommand::Stage { environment } => c.stage_runner_ca(&environment).await?,
@@ -469,41 +841,49 @@ async fn runner_cas(c: &mut Admin, command: IssuerCommand) -> Result<(), ClientE
             reason,
         } => c.revoke_runner_ca(&environment, &id, &reason).await?,
     };
-    print_runner_ca(&out);
+    emit_one(format, &out);
     Ok(())
+}
+
+fn set_policy(
+    environment: String,
+    issuer: String,
+    enabled: bool,
+    keep_sessions: bool,
+) -> v1::SetTrustPolicyEnabledRequest {
+    v1::SetTrustPolicyEnabledRequest {
+        environment,
+        issuer,
+        enabled,
+        keep_sessions,
+    }
 }
 
 async fn trust(
     cfg: &ClientConfig,
     c: &mut Admin,
     command: TrustCommand,
+    format: Format,
 ) -> Result<(), ClientError> {
-    let set = |environment, issuer, enabled, keep_sessions| v1::SetTrustPolicyEnabledRequest {
-        environment,
-        issuer,
-        enabled,
-        keep_sessions,
-    };
     match command {
         TrustCommand::List { environment } => {
-            c.trust_policies(&environment)
-                .await?
-                .iter()
-                .for_each(print_policy);
+            emit(format, &c.trust_policies(&environment).await?);
         }
         TrustCommand::Disable {
             environment,
             issuer,
             keep_sessions,
-        } => print_policy(
-            &c.set_trust_policy_enabled(set(environment, issuer, false, keep_sessions))
+        } => emit_one(
+            format,
+            &c.set_trust_policy_enabled(set_policy(environment, issuer, false, keep_sessions))
                 .await?,
         ),
         TrustCommand::Enable {
             environment,
             issuer,
-        } => print_policy(
-            &c.set_trust_policy_enabled(set(environment, issuer, true, false))
+        } => emit_one(
+            format,
+            &c.set_trust_policy_enabled(set_policy(environment, issuer, true, false))
                 .await?,
         ),
         TrustCommand::Jwks {
@@ -519,7 +899,7 @@ async fn trust(
                 Some(e) => vec![e],
                 None => cfg.environments.keys().cloned().collect(),
             };
-            let mut done = 0;
+            let mut done = Vec::new();
             for e in envs {
                 let req = v1::SetJwksRequest {
                     environment: e,
@@ -527,10 +907,7 @@ async fn trust(
                     jwks_json: jwks.clone(),
                 };
                 match c.set_jwks(req).await {
-                    Ok(p) => {
-                        print_policy(&p);
-                        done += 1;
-                    }
+                    Ok(p) => done.push(p),
                     Err(ClientError::Rpc {
                         code: tonic::Code::NotFound,
                         ..
@@ -538,20 +915,21 @@ async fn trust(
                     Err(e) => return Err(e),
                 }
             }
-            if done == 0 {
+            if done.is_empty() {
                 return Err(ClientError::Config(format!(
                     "no environment trusts issuer `{issuer}`"
                 )));
             }
+            emit(format, &done);
         }
     }
     Ok(())
 }
 
-async fn keys(c: &mut Admin, command: KeyCommand) -> Result<(), ClientError> {
+async fn keys(c: &mut Admin, command: KeyCommand, format: Format) -> Result<(), ClientError> {
     let out = match command {
         KeyCommand::List { environment } => {
-            c.keys(&environment).await?.iter().for_each(print_key);
+            emit(format, &c.keys(&environment).await?);
             return Ok(());
         }
         KeyCommand::Create {
@@ -632,8 +1010,15 @@ async fn keys(c: &mut Admin, command: KeyCommand) -> Result<(), ClientError> {
                     country,
                 })
                 .await?;
-            eprintln!("# CSR for {}", csr.key_id);
-            print!("{}", csr.csr_pem);
+            match format {
+                Format::Json => print_json(&serde_json::json!({
+                    "key_id": csr.key_id, "csr_pem": csr.csr_pem,
+                })),
+                Format::Table => {
+                    eprintln!("# CSR for {}", csr.key_id);
+                    print!("{}", csr.csr_pem);
+                }
+            }
             return Ok(());
         }
         KeyCommand::SetCertificate {
@@ -650,41 +1035,7 @@ async fn keys(c: &mut Admin, command: KeyCommand) -> Result<(), ClientError> {
             .await?
         }
     };
-    print_key(&out);
-    Ok(())
-}
-
-async fn drill(
-    cfg: &ClientConfig,
-    environment: &str,
-    issuer: Option<&str>,
-    from_ci: bool,
-) -> Result<(), ClientError> {
-    let source = if from_ci {
-        TokenSource::GithubActions
-    } else {
-        super::dev::default_token_source(environment)?
-    };
-    let r = meshsign_client::drill::exercise(cfg, environment, issuer, &source).await?;
-    println!(
-        "drill {environment}: policy {} ({}) — sign refused after {:.1} ms on an open connection, \
-         enrollment refused after {:.1} ms; re-enabled, enrollment {}",
-        r.policy,
-        r.issuer,
-        r.sign_refused_after.as_secs_f64() * 1000.0,
-        r.enroll_refused_after.as_secs_f64() * 1000.0,
-        if r.restored {
-            "works again"
-        } else {
-            "DID NOT recover"
-        }
-    );
-    if r.worst() > std::time::Duration::from_secs(1) || !r.restored {
-        return Err(ClientError::Verify(format!(
-            "drill failed: refusal took {:?} (limit 1 s)",
-            r.worst()
-        )));
-    }
+    emit_one(format, &out);
     Ok(())
 }
 
@@ -697,53 +1048,196 @@ fn when(t: Option<prost_types::Timestamp>) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
-fn print_runner_ca(i: &v1::IssuerInfo) {
-    let extra = match &i.retire_after {
-        Some(_) => format!(" retire_after={}", when(i.retire_after)),
-        None => String::new(),
-    };
-    println!(
-        "{}\t{}\t{}\tcreated={}{extra}",
-        i.environment,
-        i.id,
-        i.state,
-        when(i.created_at)
-    );
+fn print_json(v: &serde_json::Value) {
+    println!("{v}");
 }
 
-fn print_policy(p: &v1::TrustPolicyInfo) {
-    let state = if p.enabled {
+/// What an admin listing prints: a header, one tab-separated row per item, or JSON.
+trait Render {
+    /// Column names (upper case).
+    const HEADER: &'static [&'static str];
+    /// One row, as many cells as [`Render::HEADER`].
+    fn row(&self) -> Vec<String>;
+    /// The item as JSON.
+    fn json(&self) -> serde_json::Value;
+}
+
+/// Prints a listing: a header and rows, or a JSON array.
+fn emit<T: Render>(format: Format, items: &[T]) {
+    match format {
+        Format::Json => print_json(&serde_json::Value::Array(
+            items.iter().map(Render::json).collect(),
+        )),
+        Format::Table => {
+            println!("{}", T::HEADER.join("\t"));
+            for i in items {
+                println!("{}", i.row().join("\t"));
+            }
+        }
+    }
+}
+
+/// Prints one item: a header and its row, or a JSON object.
+fn emit_one<T: Render>(format: Format, item: &T) {
+    match format {
+        Format::Json => print_json(&item.json()),
+        Format::Table => emit(format, std::slice::from_ref(item)),
+    }
+}
+
+fn dash(s: &str) -> String {
+    if s.is_empty() { "-".into() } else { s.into() }
+}
+
+impl Render for v1::IssuerInfo {
+    const HEADER: &'static [&'static str] = &[
+        "ENVIRONMENT",
+        "RUNNER CA",
+        "STATE",
+        "CREATED",
+        "RETIRE AFTER",
+    ];
+    fn row(&self) -> Vec<String> {
+        vec![
+            self.environment.clone(),
+            self.id.clone(),
+            self.state.clone(),
+            when(self.created_at),
+            when(self.retire_after),
+        ]
+    }
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "environment": self.environment, "id": self.id, "state": self.state,
+            "created_at": when(self.created_at),
+            "retire_after": self.retire_after.map(|t| when(Some(t))),
+            "certificate_pem": pem_encode("CERTIFICATE", &self.certificate_der),
+        })
+    }
+}
+
+fn policy_state(p: &v1::TrustPolicyInfo) -> &'static str {
+    if p.enabled {
         "enabled"
     } else if p.keep_sessions {
         "disabled (sessions kept)"
     } else {
         "disabled"
-    };
-    println!(
-        "{}\t{}\t{}\t{state}\tkids={}",
-        p.environment,
-        p.name,
-        p.issuer,
-        p.kids.join(",")
-    );
+    }
 }
 
-fn print_key(k: &v1::KeyInfo) {
-    let versions: Vec<String> = k
-        .versions
-        .iter()
-        .map(|v| format!("{}{}", v.key_id, if v.active { "*" } else { "" }))
-        .collect();
-    println!(
-        "{}\t{}\t{}\t{}\t{}\trepos={} refs={}",
-        k.environment,
-        k.alias,
-        k.algorithm,
-        if k.disabled { "disabled" } else { "enabled" },
-        versions.join(","),
-        k.repositories.join(","),
-        k.refs.join(",")
-    );
+impl Render for v1::TrustPolicyInfo {
+    const HEADER: &'static [&'static str] = &["ENVIRONMENT", "POLICY", "ISSUER", "STATE", "KIDS"];
+    fn row(&self) -> Vec<String> {
+        vec![
+            self.environment.clone(),
+            self.name.clone(),
+            self.issuer.clone(),
+            policy_state(self).into(),
+            dash(&self.kids.join(",")),
+        ]
+    }
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "environment": self.environment, "name": self.name, "issuer": self.issuer,
+            "enabled": self.enabled, "keep_sessions": self.keep_sessions, "kids": self.kids,
+            "bound_claims": self.bound_claims,
+        })
+    }
+}
+
+impl Render for v1::KeyInfo {
+    const HEADER: &'static [&'static str] = &[
+        "ENVIRONMENT",
+        "KEY",
+        "ALGORITHM",
+        "STATE",
+        "VERSIONS (* = SIGNS)",
+        "REPOSITORIES",
+        "REFS",
+    ];
+    fn row(&self) -> Vec<String> {
+        let versions: Vec<String> = self
+            .versions
+            .iter()
+            .map(|v| format!("{}{}", v.key_id, if v.active { "*" } else { "" }))
+            .collect();
+        vec![
+            self.environment.clone(),
+            self.alias.clone(),
+            self.algorithm.clone(),
+            if self.disabled { "disabled" } else { "enabled" }.into(),
+            versions.join(","),
+            dash(&self.repositories.join(",")),
+            dash(&self.refs.join(",")),
+        ]
+    }
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "environment": self.environment, "alias": self.alias, "algorithm": self.algorithm,
+            "disabled": self.disabled, "repositories": self.repositories, "refs": self.refs,
+            "versions": self.versions.iter().map(|v| serde_json::json!({
+                "key_id": v.key_id, "algorithm": v.algorithm, "active": v.active,
+                "public_key_pem": pem_encode("PUBLIC KEY", &v.public_key_der),
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+impl Render for v1::RevocationRule {
+    const HEADER: &'static [&'static str] =
+        &["RULE", "KIND", "VALUE", "REGION", "OPERATOR", "REASON"];
+    fn row(&self) -> Vec<String> {
+        vec![
+            self.id.clone(),
+            self.kind.clone(),
+            self.value.clone(),
+            dash(&self.region),
+            self.operator.clone(),
+            self.reason.clone(),
+        ]
+    }
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "id": self.id, "kind": self.kind, "value": self.value, "region": self.region,
+            "since": self.since, "until": self.until, "reason": self.reason,
+            "operator": self.operator, "created_at": when(self.created_at),
+        })
+    }
+}
+
+impl Render for v1::ProposalInfo {
+    const HEADER: &'static [&'static str] = &[
+        "PROPOSAL",
+        "STATE",
+        "OPERATION",
+        "ENVIRONMENT",
+        "SUMMARY",
+        "PROPOSER",
+        "APPROVER",
+        "EXPIRES",
+    ];
+    fn row(&self) -> Vec<String> {
+        vec![
+            self.id.clone(),
+            self.state.clone(),
+            self.operation.clone(),
+            dash(&self.environment),
+            self.summary.clone(),
+            self.proposer.clone(),
+            dash(&self.approver),
+            when(self.expires_at),
+        ]
+    }
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "id": self.id, "state": self.state, "operation": self.operation,
+            "environment": self.environment, "summary": self.summary,
+            "proposer": self.proposer, "approver": self.approver,
+            "executed_by": self.executed_by, "created_at": when(self.created_at),
+            "expires_at": when(self.expires_at), "request_sha256": self.request_sha256,
+        })
+    }
 }
 
 fn status_json(st: &v1::SiteStatus) -> serde_json::Value {
@@ -754,6 +1248,9 @@ fn status_json(st: &v1::SiteStatus) -> serde_json::Value {
         "audit_head_seq": st.audit_head_seq,
         "last_checkpoint_age_seconds": st.last_checkpoint_age_seconds,
         "revocation_rules": st.revocation_rules,
+        "audit_retention_days": st.audit_retention_days,
+        "reviewed_operations": st.reviewed_operations,
+        "pending_proposals": st.pending_proposals,
         "environments": st.environments.iter().map(|e| serde_json::json!({
             "name": e.name,
             "audience": e.audience,
@@ -763,6 +1260,7 @@ fn status_json(st: &v1::SiteStatus) -> serde_json::Value {
             "keys": e.keys.iter().map(|k| serde_json::json!({
                 "alias": k.alias, "algorithm": k.algorithm, "newest_version": k.newest_version,
                 "newest_age_days": k.newest_age_days, "disabled": k.disabled,
+                "rotation_due": k.rotation_due,
             })).collect::<Vec<_>>(),
             "trust_policies": e.trust_policies.iter().map(|t| serde_json::json!({
                 "name": t.name, "issuer": t.issuer, "enabled": t.enabled,
@@ -771,9 +1269,72 @@ fn status_json(st: &v1::SiteStatus) -> serde_json::Value {
     })
 }
 
+const STATUS_HEADER: &[&str] = &["ENVIRONMENT", "KIND", "NAME", "STATE", "DETAIL"];
+
+/// The site line and one row per runner CA, key and trust policy (under [`STATUS_HEADER`]).
+fn status_rows(st: &v1::SiteStatus) -> Vec<Vec<String>> {
+    let mut rows = vec![vec![
+        "(site)".into(),
+        "site".into(),
+        st.store_engine.clone(),
+        if st.writable {
+            "writable"
+        } else {
+            "NOT WRITABLE (decisions refused)"
+        }
+        .into(),
+        format!(
+            "audit head {}, last checkpoint {}, {} revocation rule(s), {} pending proposal(s)",
+            st.audit_head_seq,
+            if st.last_checkpoint_age_seconds < 0 {
+                "none yet".to_string()
+            } else {
+                format!("{} s ago", st.last_checkpoint_age_seconds)
+            },
+            st.revocation_rules,
+            st.pending_proposals
+        ),
+    ]];
+    for e in &st.environments {
+        for c in &e.runner_cas {
+            rows.push(vec![
+                e.name.clone(),
+                "runner-ca".into(),
+                c.id.clone(),
+                c.state.clone(),
+                "-".into(),
+            ]);
+        }
+        for k in &e.keys {
+            rows.push(vec![
+                e.name.clone(),
+                "key".into(),
+                format!("{}@v{}", k.alias, k.newest_version),
+                if k.disabled { "disabled" } else { "active" }.into(),
+                format!(
+                    "{} days old{}, {}",
+                    k.newest_age_days.floor(),
+                    if k.rotation_due { " (ROTATE)" } else { "" },
+                    k.algorithm
+                ),
+            ]);
+        }
+        for t in &e.trust_policies {
+            rows.push(vec![
+                e.name.clone(),
+                "trust-policy".into(),
+                t.name.clone(),
+                if t.enabled { "enabled" } else { "disabled" }.into(),
+                t.issuer.clone(),
+            ]);
+        }
+    }
+    rows
+}
+
 fn print_status(st: &v1::SiteStatus) {
     println!(
-        "site {}  store {}  {}  audit head {}  last checkpoint {}  revocation rules {}",
+        "site {}  store {}  {}  audit head {}  retention {}  two-person review: {}",
         st.region,
         st.store_engine,
         if st.writable {
@@ -782,37 +1343,19 @@ fn print_status(st: &v1::SiteStatus) {
             "NOT WRITABLE (decisions refused)"
         },
         st.audit_head_seq,
-        if st.last_checkpoint_age_seconds < 0 {
-            "none yet".to_string()
+        if st.audit_retention_days == 0 {
+            "all kept".to_string()
         } else {
-            format!("{} s ago", st.last_checkpoint_age_seconds)
+            format!("{} days", st.audit_retention_days)
         },
-        st.revocation_rules
+        if st.reviewed_operations.is_empty() {
+            "off".to_string()
+        } else {
+            st.reviewed_operations.join(",")
+        }
     );
-    println!("ENVIRONMENT\tKIND\tNAME\tSTATE\tDETAIL");
-    for e in &st.environments {
-        for c in &e.runner_cas {
-            println!("{}\trunner-ca\t{}\t{}\t-", e.name, c.id, c.state);
-        }
-        for k in &e.keys {
-            println!(
-                "{}\tkey\t{}@v{}\t{}\t{} days old, {}",
-                e.name,
-                k.alias,
-                k.newest_version,
-                if k.disabled { "disabled" } else { "active" },
-                k.newest_age_days.floor(),
-                k.algorithm
-            );
-        }
-        for t in &e.trust_policies {
-            println!(
-                "{}\ttrust-policy\t{}\t{}\t{}",
-                e.name,
-                t.name,
-                if t.enabled { "enabled" } else { "disabled" },
-                t.issuer
-            );
-        }
+    println!("{}", STATUS_HEADER.join("\t"));
+    for row in status_rows(st) {
+        println!("{}", row.join("\t"));
     }
 }

@@ -30,7 +30,8 @@ use meshsign_proto::v1::{self, verification_client::VerificationClient};
     about = "meshsign runner and verifier CLI",
     after_help = "Exit codes: 0 ok; 1 verification failed; 2 usage (flags, config, input files); \
                   3 refused by the site's policy; 4 site or token source unavailable, or no answer \
-                  within the timeout."
+                  within the timeout; 5 proposed: the change needs a second admin's approval \
+                  (meshsign admin review approve ID), then the same command again."
 )]
 struct Cli {
     #[command(flatten)]
@@ -51,6 +52,16 @@ struct Global {
     /// Seconds to wait for each RPC (default: the config's, else 60).
     #[arg(long, env = "MESHSIGN_TIMEOUT", global = true)]
     timeout: Option<u64>,
+    /// How commands that print data print it: `table` (a header, then tab-separated rows)
+    /// or `json`.
+    #[arg(
+        long,
+        env = "MESHSIGN_OUTPUT",
+        global = true,
+        value_enum,
+        default_value_t
+    )]
+    output: admin::Format,
 }
 
 #[derive(Subcommand)]
@@ -129,7 +140,7 @@ enum Command {
     Preflight {
         /// Files or folders to scan.
         paths: Vec<PathBuf>,
-        /// Print the findings as JSON.
+        /// Print the findings as JSON (the same as --output json).
         #[arg(long)]
         json: bool,
         /// Do not scan the environment.
@@ -143,6 +154,10 @@ enum Command {
     },
     /// Ops verbs on the admin port (needs `[admin]` in the client config).
     Admin {
+        /// Run at every site named in the config's `[sites]` table at once (drill, revoke,
+        /// trust disable|enable, status); one row per site; fails if any site fails.
+        #[arg(long)]
+        all_sites: bool,
         #[command(subcommand)]
         command: admin::AdminCommand,
     },
@@ -212,13 +227,18 @@ fn load_config(global: &Global) -> Result<ClientConfig, ClientError> {
         .as_ref()
         .ok_or_else(|| ClientError::Usage("give --config FILE or set MESHSIGN_CONFIG".into()))?;
     let mut cfg = ClientConfig::load(p)?;
+    apply_timeouts(global, &mut cfg);
+    Ok(cfg)
+}
+
+/// `--connect-timeout` and `--timeout` over the config's.
+fn apply_timeouts(global: &Global, cfg: &mut ClientConfig) {
     if let Some(s) = global.connect_timeout {
         cfg.connect_timeout_seconds = Some(s);
     }
     if let Some(s) = global.timeout {
         cfg.rpc_timeout_seconds = Some(s);
     }
-    Ok(cfg)
 }
 
 /// `FILE` + `ext` (`FILE.sig`, `FILE.sig.json`).
@@ -248,7 +268,7 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
             for e in &errors {
                 eprintln!("preflight: cannot read {e}");
             }
-            if json {
+            if json || cli.global.output == admin::Format::Json {
                 let text = serde_json::to_string_pretty(&findings)
                     .map_err(|e| ClientError::Crypto(e.to_string()))?;
                 println!("{text}");
@@ -315,8 +335,15 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
         }
         Command::Fingerprint => {
             let (fp, source) = meshsign_client::runner::fingerprint();
-            println!("{fp}");
-            eprintln!("source: {source}");
+            if cli.global.output == admin::Format::Json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "fingerprint": fp, "source": source.to_string() })
+                );
+            } else {
+                println!("{fp}");
+                eprintln!("source: {source}");
+            }
             Ok(())
         }
         Command::Audit {
@@ -339,16 +366,28 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
             };
             let r = meshsign_proto::audit::verify_export_from(&lines, &key, start)
                 .map_err(|e| ClientError::Verify(e.to_string()))?;
-            println!(
-                "{}: OK — seq {}..{}: {} entries, {} omitted, {} signed checkpoints, {} after the last checkpoint",
-                file.display(),
-                r.first_seq,
-                r.last_seq,
-                r.entries,
-                r.omitted,
-                r.checkpoints,
-                r.unanchored
-            );
+            if cli.global.output == admin::Format::Json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "file": file.display().to_string(), "ok": true,
+                        "first_seq": r.first_seq, "last_seq": r.last_seq, "entries": r.entries,
+                        "omitted": r.omitted, "checkpoints": r.checkpoints,
+                        "after_last_checkpoint": r.unanchored,
+                    })
+                );
+            } else {
+                println!(
+                    "{}: OK — seq {}..{}: {} entries, {} omitted, {} signed checkpoints, {} after the last checkpoint",
+                    file.display(),
+                    r.first_seq,
+                    r.last_seq,
+                    r.entries,
+                    r.omitted,
+                    r.checkpoints,
+                    r.unanchored
+                );
+            }
             Ok(())
         }
         Command::Verify {
@@ -370,6 +409,8 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
                 None => None,
             };
             verify::verify_file(&file, &b, pin.as_deref())?;
+            let json = cli.global.output == admin::Format::Json;
+            let mut receipt_anchored = None;
             if receipt && let (Some(log), Some(key)) = (&audit_log, &audit_key) {
                 let text = std::fs::read_to_string(log).map_err(ClientError::io(log))?;
                 let lines =
@@ -377,25 +418,43 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
                 let pem = std::fs::read_to_string(key).map_err(ClientError::io(key))?;
                 let anchored =
                     verify::verify_receipt(&b, &lines, &verify::audit_key_from_pem(&pem)?)?;
+                receipt_anchored = Some(anchored);
+                if !json {
+                    println!(
+                        "{}: receipt OK (audit entry {}{})",
+                        file.display(),
+                        b.audit_seq,
+                        if anchored {
+                            ", under a signed checkpoint"
+                        } else {
+                            ", not yet under a signed checkpoint"
+                        }
+                    );
+                }
+            }
+            if json {
                 println!(
-                    "{}: receipt OK (audit entry {}{})",
+                    "{}",
+                    serde_json::json!({
+                        "file": file.display().to_string(), "ok": true, "key_id": b.key_id,
+                        "region": b.region, "environment": b.environment,
+                        "audit_id": b.audit_id, "audit_seq": b.audit_seq,
+                        "key_pinned": pin.is_some(),
+                        "receipt": receipt_anchored.map(|a| serde_json::json!({
+                            "ok": true, "under_signed_checkpoint": a,
+                        })),
+                    })
+                );
+            } else {
+                println!(
+                    "{}: OK ({} in {}/{}, audit {})",
                     file.display(),
-                    b.audit_seq,
-                    if anchored {
-                        ", under a signed checkpoint"
-                    } else {
-                        ", not yet under a signed checkpoint"
-                    }
+                    b.key_id,
+                    b.region,
+                    b.environment,
+                    b.audit_id
                 );
             }
-            println!(
-                "{}: OK ({} in {}/{}, audit {})",
-                file.display(),
-                b.key_id,
-                b.region,
-                b.environment,
-                b.audit_id
-            );
             if pin.is_none() {
                 eprintln!(
                     "note: the key was taken from the bundle; pin it with --public-key (see verification-material)"
@@ -415,6 +474,20 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
                 .await
                 .map_err(|s| ClientError::rpc("GetVerificationMaterial", s))?
                 .into_inner();
+            if cli.global.output == admin::Format::Json {
+                let keys: Vec<serde_json::Value> = resp
+                    .keys
+                    .iter()
+                    .map(|k| {
+                        serde_json::json!({
+                            "key_id": k.key_id, "algorithm": k.algorithm, "active": k.active,
+                            "public_key_pem": pem_encode("PUBLIC KEY", &k.public_key_der),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(keys));
+                return Ok(());
+            }
             for k in resp.keys {
                 println!(
                     "# {} {}{}",
@@ -428,9 +501,27 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
         }
         #[cfg(feature = "dev")]
         Command::Dev { command } => dev::dispatch(&load_config(&cli.global)?, command),
-        Command::Sign(args) => runner::sign(&load_config(&cli.global)?, args).await,
+        Command::Sign(args) => {
+            runner::sign(&load_config(&cli.global)?, args, cli.global.output).await
+        }
         #[cfg(feature = "codesign")]
         Command::Codesign(args) => runner::codesign(&load_config(&cli.global)?, args).await,
-        Command::Admin { command } => admin::dispatch(&load_config(&cli.global)?, command).await,
+        Command::Admin {
+            all_sites: true,
+            command,
+        } => {
+            let path = cli.global.config.as_deref().ok_or_else(|| {
+                ClientError::Config("--all-sites needs --config (a file with [sites])".into())
+            })?;
+            let mut fleet = meshsign_client::fleet::Fleet::load(path)?;
+            for (_, cfg) in &mut fleet.sites {
+                apply_timeouts(&cli.global, cfg);
+            }
+            admin::dispatch_fleet(&fleet, command, cli.global.output).await
+        }
+        Command::Admin {
+            all_sites: false,
+            command,
+        } => admin::dispatch(&load_config(&cli.global)?, command, cli.global.output).await,
     }
 }

@@ -171,7 +171,11 @@ async fn finish(session: &mut Session, result: Result<(), ClientError>) -> Resul
 }
 
 /// `meshsign sign`. Every input is read (and hashed) before the job's token is spent.
-pub async fn sign(cfg: &ClientConfig, args: SignArgs) -> Result<(), ClientError> {
+pub async fn sign(
+    cfg: &ClientConfig,
+    args: SignArgs,
+    format: super::admin::Format,
+) -> Result<(), ClientError> {
     let mut digests = Vec::with_capacity(args.files.len());
     for file in &args.files {
         if !file.is_file() {
@@ -183,7 +187,7 @@ pub async fn sign(cfg: &ClientConfig, args: SignArgs) -> Result<(), ClientError>
         digests.push(verify::sha256_file(file)?);
     }
     let (mut session, own) = open_session(cfg, &args.runner.session).await?;
-    let result = sign_files(&mut session, &args, &digests).await;
+    let result = sign_files(&mut session, &args, &digests, format).await;
     if own {
         finish(&mut session, result).await
     } else {
@@ -244,6 +248,7 @@ async fn sign_files(
     session: &mut Session,
     args: &SignArgs,
     digests: &[[u8; 32]],
+    format: super::admin::Format,
 ) -> Result<(), ClientError> {
     for (file, digest) in args.files.iter().zip(digests) {
         let digest = *digest;
@@ -266,13 +271,28 @@ async fn sign_files(
         let json =
             serde_json::to_vec_pretty(&bundle).map_err(|e| ClientError::Crypto(e.to_string()))?;
         std::fs::write(&json_path, json).map_err(ClientError::io(&json_path))?;
-        println!(
-            "{}: signed with {} (audit {}) -> {}",
-            file.display(),
-            r.key_id,
-            r.audit_id,
-            sig_path.display()
-        );
+        if format == super::admin::Format::Json {
+            // One JSON object per line (per file), written as each file is signed.
+            println!(
+                "{}",
+                serde_json::json!({
+                    "file": file.display().to_string(),
+                    "key_id": r.key_id,
+                    "audit_id": r.audit_id,
+                    "audit_seq": r.audit_seq,
+                    "signature": sig_path.display().to_string(),
+                    "bundle": json_path.display().to_string(),
+                })
+            );
+        } else {
+            println!(
+                "{}: signed with {} (audit {}) -> {}",
+                file.display(),
+                r.key_id,
+                r.audit_id,
+                sig_path.display()
+            );
+        }
     }
     Ok(())
 }

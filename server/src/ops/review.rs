@@ -1,0 +1,316 @@
+//! Two-person review of dangerous admin operations (`[review]` in the site config).
+//!
+//! The flow is the one Vault's control groups use — *propose, approve, carry out* — so that the
+//! request is never stored:
+//!
+//! 1. An admin calls a covered operation. Nothing changes: the call is refused with
+//!    `review_required` and a proposal is recorded — the operation, environment, a description
+//!    without secrets, the SHA-256 of the exact request, the proposer, and when it expires.
+//! 2. A *different* admin approves it (`Admin.ApproveProposal`) before it expires. The proposer
+//!    approving their own proposal is refused (`review_self_approval`).
+//! 3. The same call — same operation, same request bytes — made again by any admin except the
+//!    approver, before expiry, is carried out once; the proposal is then used up. (The proposer
+//!    normally repeats their command.) A changed request does not match and starts a new
+//!    proposal.
+//!
+//! Every step is audited (the refusal with `review_required`, the approval, the change with
+//! "approved by … under proposal …"). Proposals live in the store, so every replica of a site
+//! sees them. Checks and updates run under the ops lock, so one approval cannot be used twice.
+//!
+//! Owns: proposals. Must not touch: what the reviewed operations do.
+
+use serde::{Deserialize, Serialize};
+
+use super::OpsError;
+use crate::identity::Operator;
+use crate::model::bounded;
+use crate::state::SiteState;
+use crate::store::Tree;
+
+/// Key prefix of proposals in the `meta` tree.
+const PREFIX: &str = "proposal/";
+
+/// Proposals kept after they expired or were used, for `admin review list`.
+const KEEP_SECONDS: i64 = 7 * 86_400;
+
+/// One proposed change.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Proposal {
+    /// `p-` and 16 hex digits.
+    pub id: String,
+    /// The operation (audit name, e.g. `DisableKey`).
+    pub operation: String,
+    /// Its environment (empty: the site).
+    pub environment: String,
+    /// What it does, without secrets.
+    pub summary: String,
+    /// SHA-256 (hex) of the operation name and the exact request.
+    pub request_sha256: String,
+    /// Who proposed it.
+    pub proposer: String,
+    /// When (unix seconds).
+    pub created_at: i64,
+    /// Approval and execution must happen before this.
+    pub expires_at: i64,
+    /// Who approved it.
+    pub approver: Option<String>,
+    /// When.
+    pub approved_at: Option<i64>,
+    /// Who carried it out.
+    pub executed_by: Option<String>,
+    /// When.
+    pub executed_at: Option<i64>,
+}
+
+/// Where a proposal stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProposalState {
+    /// Waiting for a second admin.
+    Pending,
+    /// Approved; the change may be carried out.
+    Approved,
+    /// Carried out.
+    Executed,
+    /// Not approved or not carried out in time.
+    Expired,
+}
+
+impl ProposalState {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProposalState::Pending => "pending",
+            ProposalState::Approved => "approved",
+            ProposalState::Executed => "executed",
+            ProposalState::Expired => "expired",
+        }
+    }
+}
+
+impl Proposal {
+    /// Its state at `now`.
+    pub fn state(&self, now: i64) -> ProposalState {
+        if self.executed_at.is_some() {
+            ProposalState::Executed
+        } else if now >= self.expires_at {
+            ProposalState::Expired
+        } else if self.approver.is_some() {
+            ProposalState::Approved
+        } else {
+            ProposalState::Pending
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} in {}: {}",
+            self.operation,
+            if self.environment.is_empty() {
+                "(site)"
+            } else {
+                &self.environment
+            },
+            self.summary
+        )
+    }
+}
+
+/// The SHA-256 a proposal binds: operation name, a zero byte, the request's protobuf encoding.
+pub fn request_digest(operation: &str, request: &[u8]) -> String {
+    use aws_lc_rs::digest::{Context, SHA256};
+    let mut h = Context::new(&SHA256);
+    h.update(b"meshsign-review-v1\0");
+    h.update(operation.as_bytes());
+    h.update(&[0]);
+    h.update(request);
+    hex::encode(h.finish())
+}
+
+fn key(id: &str) -> Vec<u8> {
+    format!("{PREFIX}{id}").into_bytes()
+}
+
+fn save(site: &SiteState, p: &Proposal) -> Result<(), OpsError> {
+    Ok(site.store.put(Tree::Meta, &key(&p.id), p)?)
+}
+
+/// Every proposal, newest first.
+pub fn list(site: &SiteState) -> Result<Vec<Proposal>, OpsError> {
+    let mut all: Vec<Proposal> = site.store.scan(Tree::Meta, PREFIX.as_bytes())?;
+    all.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
+    Ok(all)
+}
+
+/// The review gate, called under the ops lock before a change. `Ok(None)`: the operation is
+/// not covered. `Ok(Some(p))`: `p` was approved by someone other than `op` and is now used up —
+/// go ahead. `Err(ReviewRequired)`: nothing may change; a proposal was made (or is still
+/// waiting).
+pub fn gate(
+    site: &SiteState,
+    op: &Operator,
+    operation: &str,
+    environment: &str,
+    request_sha256: &str,
+    summary: &str,
+) -> Result<Option<Proposal>, OpsError> {
+    let cfg = site.config();
+    if !cfg.review.covers(operation) {
+        return Ok(None);
+    }
+    let now = site.clock.unix();
+    let open = list(site)?.into_iter().find(|p| {
+        p.operation == operation
+            && p.request_sha256 == request_sha256
+            && matches!(
+                p.state(now),
+                ProposalState::Pending | ProposalState::Approved
+            )
+    });
+    match open {
+        Some(mut p) => match &p.approver {
+            Some(approver) if *approver == op.id => Err(OpsError::ReviewRequired(format!(
+                "proposal {} was approved by `{approver}`, who may not also carry it out: \
+                 another admin repeats the call",
+                p.id
+            ))),
+            Some(approver) => {
+                let approver = approver.clone();
+                p.executed_by = Some(op.id.clone());
+                p.executed_at = Some(now);
+                save(site, &p)?;
+                tracing::info!(proposal = %p.id, %approver, executor = %op.id, "reviewed change carried out");
+                Ok(Some(p))
+            }
+            None => Err(OpsError::ReviewRequired(format!(
+                "proposal {} ({}) by `{}` awaits approval by another admin until {} \
+                 (meshsign admin review approve {})",
+                p.id,
+                p.describe(),
+                p.proposer,
+                rfc3339(p.expires_at),
+                p.id
+            ))),
+        },
+        None => {
+            let id = format!(
+                "p-{}",
+                &meshsign_proto::files::random_id()
+                    .map_err(|e| OpsError::Invalid(format!("randomness: {e}")))?[..16]
+            );
+            let p = Proposal {
+                id,
+                operation: operation.to_string(),
+                environment: bounded(environment, 64),
+                summary: bounded(summary, 200),
+                request_sha256: request_sha256.to_string(),
+                proposer: op.id.clone(),
+                created_at: now,
+                expires_at: now
+                    .saturating_add(i64::try_from(cfg.review.window_seconds).unwrap_or(3600)),
+                approver: None,
+                approved_at: None,
+                executed_by: None,
+                executed_at: None,
+            };
+            save(site, &p)?;
+            Err(OpsError::ReviewRequired(format!(
+                "proposal {} created ({}); another admin approves it with \
+                 `meshsign admin review approve {}` before {}, then the same command is run again",
+                p.id,
+                p.describe(),
+                p.id,
+                rfc3339(p.expires_at)
+            )))
+        }
+    }
+}
+
+/// Approves proposal `id` as `op` (Access::Write: admins only, under the ops lock). Returns the
+/// proposal and the audit detail.
+pub fn approve(site: &SiteState, op: &Operator, id: &str) -> Result<(Proposal, String), OpsError> {
+    let now = site.clock.unix();
+    let mut p: Proposal = site
+        .store
+        .get(Tree::Meta, &key(id))?
+        .ok_or_else(|| OpsError::NotFound(format!("proposal `{}`", bounded(id, 64))))?;
+    match p.state(now) {
+        ProposalState::Expired => {
+            return Err(OpsError::ReviewExpired(format!(
+                "proposal {} expired at {}; the change must be proposed again",
+                p.id,
+                rfc3339(p.expires_at)
+            )));
+        }
+        ProposalState::Executed => {
+            return Err(OpsError::Precondition(format!(
+                "proposal {} was already carried out",
+                p.id
+            )));
+        }
+        ProposalState::Approved => {
+            return Err(OpsError::Precondition(format!(
+                "proposal {} is already approved by `{}`",
+                p.id,
+                p.approver.as_deref().unwrap_or("?")
+            )));
+        }
+        ProposalState::Pending => {}
+    }
+    if p.proposer == op.id {
+        return Err(OpsError::SelfApproval(format!(
+            "`{}` proposed {} and may not approve it: another admin must",
+            op.id, p.id
+        )));
+    }
+    p.approver = Some(op.id.clone());
+    p.approved_at = Some(now);
+    save(site, &p)?;
+    let detail = format!(
+        "approved proposal {} ({}) proposed by `{}`",
+        p.id,
+        p.describe(),
+        p.proposer
+    );
+    Ok((p, detail))
+}
+
+/// Removes proposals that expired or were carried out more than a week ago (housekeeping).
+pub fn prune(site: &SiteState) -> Result<usize, OpsError> {
+    let now = site.clock.unix();
+    let mut n = 0;
+    for p in list(site)? {
+        let done = p.executed_at.unwrap_or(p.expires_at);
+        if p.state(now) != ProposalState::Pending
+            && p.state(now) != ProposalState::Approved
+            && now - done > KEEP_SECONDS
+        {
+            site.store.kv().remove(Tree::Meta, &key(&p.id))?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+/// The audit detail of a reviewed change: what it did, and under which approval.
+pub fn annotate(detail: String, approval: Option<&Proposal>) -> String {
+    match approval {
+        None => detail,
+        Some(p) => format!(
+            "{detail}{}approved by `{}` under proposal {} (proposed by `{}`)",
+            if detail.is_empty() { "" } else { "; " },
+            p.approver.as_deref().unwrap_or("?"),
+            p.id,
+            p.proposer
+        ),
+    }
+}
+
+fn rfc3339(t: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(t)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| t.to_string())
+}

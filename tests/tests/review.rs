@@ -1,0 +1,300 @@
+//! Two-person review (`[review]`): one admin proposes, a different admin approves within the
+//! window, then the same call is carried out once — and nothing changes before that.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
+
+use meshsign_proto::v1;
+use meshsign_tests::TestSite;
+use tonic::Code;
+
+/// The default list (key import and disable, runner-CA revoke, trust enable, JWKS set,
+/// retention) with a 10-minute window.
+const REVIEW: &str = "\n[review]\nwindow_seconds = 600\n";
+
+fn key(alias: &str) -> v1::KeyRef {
+    v1::KeyRef {
+        environment: "production".into(),
+        alias: alias.into(),
+    }
+}
+
+fn proposal_id(message: &str) -> String {
+    let at = message.find("proposal p-").expect("a proposal id") + "proposal ".len();
+    message[at..at + 18].to_string()
+}
+
+/// The newest audit record of `rpc` (reads are audited too).
+fn last_of(site: &TestSite, rpc: &str) -> meshsign_server::audit::AuditRecord {
+    site.audit()
+        .into_iter()
+        .rev()
+        .find(|r| r.rpc == rpc)
+        .expect("a record")
+}
+
+async fn key_disabled(site: &TestSite, alias: &str) -> bool {
+    site.admin()
+        .await
+        .list_keys(v1::EnvironmentRequest {
+            environment: "production".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .keys
+        .iter()
+        .find(|k| k.alias == alias)
+        .unwrap()
+        .disabled
+}
+
+#[tokio::test]
+async fn a_covered_change_needs_a_second_admin_and_happens_once() {
+    let site = TestSite::start_with(REVIEW, None).await;
+    let (mut alice, mut bob) = (site.admin().await, site.second_admin().await);
+
+    // Alice's call only proposes: refused, audited, nothing changed.
+    let e = alice.disable_key(key("release")).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().starts_with("review_required: proposal p-"),
+        "{}",
+        e.message()
+    );
+    assert!(
+        e.message()
+            .contains("DisableKey in production: disable key `release`")
+    );
+    let id = proposal_id(e.message());
+    assert!(!key_disabled(&site, "release").await);
+    let rec = last_of(&site, "Admin.DisableKey");
+    assert_eq!(
+        (rec.rpc.as_str(), rec.decision.as_str(), rec.reason.as_str()),
+        ("Admin.DisableKey", "deny", "review_required")
+    );
+    assert!(rec.operator.ends_with("/ops/admin/dev"), "{}", rec.operator);
+
+    // Asking again does not make a second proposal; it points at the waiting one.
+    let e = alice.disable_key(key("release")).await.unwrap_err();
+    assert!(e.message().contains(&id) && e.message().contains("awaits approval"));
+    let listed = alice
+        .list_proposals(v1::ListProposalsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .proposals;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (listed[0].state.as_str(), listed[0].operation.as_str()),
+        ("pending", "DisableKey")
+    );
+
+    // The proposer may not approve; an auditor may not either.
+    let e = alice
+        .approve_proposal(v1::ApproveProposalRequest { id: id.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(e.message().starts_with("review_self_approval: "), "{e:?}");
+    assert_eq!(
+        last_of(&site, "Admin.ApproveProposal").reason,
+        "review_self_approval"
+    );
+    let e = site
+        .auditor()
+        .await
+        .approve_proposal(v1::ApproveProposalRequest { id: id.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(!key_disabled(&site, "release").await);
+
+    // Bob approves: audited, and still nothing has changed.
+    let p = bob
+        .approve_proposal(v1::ApproveProposalRequest { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(p.state, "approved");
+    assert!(p.approver.ends_with("/ops/admin/dev-2"));
+    let rec = last_of(&site, "Admin.ApproveProposal");
+    assert_eq!(
+        (rec.rpc.as_str(), rec.decision.as_str()),
+        ("Admin.ApproveProposal", "allow")
+    );
+    assert!(rec.detail.contains(&id) && rec.detail.contains("proposed by"));
+    assert!(!key_disabled(&site, "release").await);
+
+    // A different request does not ride on the approval.
+    let e = alice.disable_key(key("prod-only")).await.unwrap_err();
+    assert!(e.message().starts_with("review_required: proposal p-"));
+    assert_ne!(proposal_id(e.message()), id);
+    assert!(!key_disabled(&site, "prod-only").await);
+
+    // The approver may not carry it out alone; the proposer can, once.
+    let e = bob.disable_key(key("release")).await.unwrap_err();
+    assert!(e.message().contains("may not also carry it out"), "{e:?}");
+    assert!(!key_disabled(&site, "release").await);
+    let k = alice
+        .disable_key(key("release"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(k.disabled);
+    let rec = last_of(&site, "Admin.DisableKey");
+    assert_eq!(
+        (rec.rpc.as_str(), rec.decision.as_str()),
+        ("Admin.DisableKey", "allow")
+    );
+    assert!(
+        rec.detail.contains(&format!("under proposal {id}")) && rec.detail.contains("dev-2"),
+        "{}",
+        rec.detail
+    );
+    // Used up: the same call again is a new proposal.
+    let e = alice.disable_key(key("release")).await.unwrap_err();
+    assert_ne!(proposal_id(e.message()), id);
+
+    // An operation not on the list runs at once.
+    alice.rotate_key(key("release")).await.unwrap();
+}
+
+#[tokio::test]
+async fn approval_expires_with_its_window() {
+    let site = TestSite::start_with(REVIEW, None).await;
+    let (mut alice, mut bob) = (site.admin().await, site.second_admin().await);
+    let retention = |days| v1::SetAuditRetentionRequest {
+        retention_days: days,
+    };
+
+    // Not approved in time.
+    let e = alice.set_audit_retention(retention(1)).await.unwrap_err();
+    let id = proposal_id(e.message());
+    site.clock.advance(std::time::Duration::from_secs(601));
+    let e = bob
+        .approve_proposal(v1::ApproveProposalRequest { id })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().starts_with("review_expired: "), "{e:?}");
+
+    // Approved, but not carried out in time: the call makes a fresh proposal instead.
+    let e = alice.set_audit_retention(retention(1)).await.unwrap_err();
+    let id = proposal_id(e.message());
+    bob.approve_proposal(v1::ApproveProposalRequest { id: id.clone() })
+        .await
+        .unwrap();
+    site.clock.advance(std::time::Duration::from_secs(601));
+    let e = alice.set_audit_retention(retention(1)).await.unwrap_err();
+    assert_ne!(proposal_id(e.message()), id);
+    let status = alice
+        .status(v1::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.audit_retention_days, 0, "nothing changed");
+    assert_eq!(status.pending_proposals, 1);
+    assert!(
+        status
+            .reviewed_operations
+            .contains(&"SetAuditRetention".to_string())
+    );
+
+    // In time, it happens.
+    let id = proposal_id(e.message());
+    bob.approve_proposal(v1::ApproveProposalRequest { id })
+        .await
+        .unwrap();
+    site.clock.advance(std::time::Duration::from_secs(60));
+    let r = alice
+        .set_audit_retention(retention(1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.retention_days, 1);
+    let status = alice
+        .status(v1::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (status.audit_retention_days, status.pending_proposals),
+        (1, 0)
+    );
+}
+
+#[tokio::test]
+async fn a_key_import_under_review_stores_no_copy_of_the_key() {
+    let site = TestSite::start_with(REVIEW, None).await;
+    let (mut alice, mut bob) = (site.admin().await, site.second_admin().await);
+    let fresh = || {
+        rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .unwrap()
+            .serialize_pem()
+    };
+    let pkcs8 = fresh();
+    let import = || v1::ImportKeyRequest {
+        environment: "production".into(),
+        alias: "imported".into(),
+        pkcs8_pem: pkcs8.clone().into_bytes(),
+        repositories: vec!["*".into()],
+        refs: vec!["*".into()],
+        chain_pem: Vec::new(),
+        purposes: Vec::new(),
+    };
+    let e = alice.import_key(import()).await.unwrap_err();
+    assert!(e.message().starts_with("review_required: "));
+    assert!(!e.message().contains("PRIVATE KEY"));
+    let id = proposal_id(e.message());
+    // The proposal holds a description and the request's SHA-256, not the request.
+    let stored = site
+        .state()
+        .store
+        .kv()
+        .scan_prefix(meshsign_server::store::Tree::Meta, b"proposal/")
+        .unwrap();
+    assert_eq!(stored.len(), 1);
+    let body = String::from_utf8_lossy(&stored[0].1).to_string();
+    let b64_body: String = pkcs8.lines().filter(|l| !l.starts_with("-----")).collect();
+    assert!(!body.contains("PRIVATE KEY") && !body.contains(&b64_body[..40]));
+    bob.approve_proposal(v1::ApproveProposalRequest { id })
+        .await
+        .unwrap();
+    // Another key under the same alias is not what was approved.
+    let mut other = import();
+    other.pkcs8_pem = fresh().into_bytes();
+    assert!(
+        alice
+            .import_key(other)
+            .await
+            .unwrap_err()
+            .message()
+            .starts_with("review_required: ")
+    );
+    let k = alice.import_key(import()).await.unwrap().into_inner();
+    assert_eq!(k.alias, "imported");
+}
+
+#[tokio::test]
+async fn review_config_is_checked_by_field() {
+    let dir = tempfile::tempdir().unwrap();
+    meshsign_tests::write_site_files(dir.path());
+    let path = dir.path().join("site.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    for (from, to, needle) in [
+        (
+            "operations = []",
+            "operations = [\"DeleteEverything\"]",
+            "review.operations",
+        ),
+        (
+            "operations = []",
+            "operations = []\nwindow_seconds = 5",
+            "review.window_seconds",
+        ),
+    ] {
+        std::fs::write(&path, text.replacen(from, to, 1)).unwrap();
+        let e = meshsign_server::config::SiteConfig::load(&path).unwrap_err();
+        assert!(e.to_string().contains(needle), "{e}");
+    }
+}
