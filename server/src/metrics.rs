@@ -75,6 +75,8 @@ impl Histogram {
 pub struct Metrics {
     decisions: Labeled,
     counted_refusals: Labeled,
+    issued: Labeled,
+    renewals: Labeled,
     latency: [Histogram; 3],
     /// Unix seconds of the last signed checkpoint (0: none yet in this process).
     pub last_checkpoint_unix: AtomicI64,
@@ -82,6 +84,9 @@ pub struct Metrics {
     pub journal_bytes: AtomicU64,
     /// Failed store writes (audit commits that failed).
     pub store_errors: AtomicU64,
+    /// The last count of live certificates per environment and when it was made (counting
+    /// reads every issuance record, so scrapes reuse it for a while).
+    pub live_certificates: Mutex<Option<(std::time::Instant, Vec<(String, u64)>)>>,
 }
 
 /// Which listener a request came in on.
@@ -129,6 +134,20 @@ fn label(v: &str) -> String {
 impl Metrics {
     /// One decision written to the audit log.
     pub fn decision(&self, rpc: &str, environment: &str, decision: &str, reason: &str) {
+        let allowed = decision == "allow";
+        if allowed && (rpc == "Enroll" || rpc == "Renew") {
+            self.issued.add(vec![environment.into(), rpc.into()], 1);
+        }
+        if rpc == "Renew" {
+            self.renewals.add(
+                vec![
+                    environment.into(),
+                    if allowed { "ok" } else { "failed" }.into(),
+                    if allowed { "" } else { reason }.into(),
+                ],
+                1,
+            );
+        }
         self.decisions.add(
             vec![
                 rpc.into(),
@@ -177,6 +196,31 @@ impl Metrics {
                 "meshsign_counted_refusals_total{{rpc=\"{}\",reason=\"{}\"}} {n}",
                 label(&l[0]),
                 label(&l[1])
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP meshsign_certificates_issued_total Runner certificates issued, by environment and RPC (Enroll or Renew).\n# TYPE meshsign_certificates_issued_total counter"
+        );
+        for (l, n) in self.issued.snapshot() {
+            let _ = writeln!(
+                out,
+                "meshsign_certificates_issued_total{{environment=\"{}\",rpc=\"{}\"}} {n}",
+                label(&l[0]),
+                label(&l[1])
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP meshsign_renewals_total Certificate renewals by environment and result (ok, failed) with the refusal's reason.\n# TYPE meshsign_renewals_total counter"
+        );
+        for (l, n) in self.renewals.snapshot() {
+            let _ = writeln!(
+                out,
+                "meshsign_renewals_total{{environment=\"{}\",result=\"{}\",reason=\"{}\"}} {n}",
+                label(&l[0]),
+                label(&l[1]),
+                label(&l[2])
             );
         }
         let _ = writeln!(

@@ -119,9 +119,17 @@ async fn metrics_are_scraped_over_http_with_the_named_series_after_real_traffic(
     )
     .await;
     let addr = site.handle.metrics_addr.expect("metrics listener");
-    let (_k, _r, mut signer) = site.enrolled("production").await;
+    let (_k, enrollment, mut signer) = site.enrolled("production").await;
     signer.sign(sign_req("release", 1)).await.unwrap();
     let _ = signer.sign(sign_req("prod-only-missing", 1)).await;
+    // One renewal that works, then (the job revoked) one that fails.
+    let mut session = meshsign_client::runner::Session {
+        enrollment,
+        signer: signer.clone(),
+    };
+    session.renew(&site.client, 0).await.unwrap();
+    let job = site.last_audit().job_id;
+    let _staging = site.enrolled("staging").await;
     let mut enroll = site.enrollment().await;
     for _ in 0..4 {
         let key = meshsign_client::runner::RunnerKey::generate().unwrap();
@@ -136,7 +144,7 @@ async fn metrics_are_scraped_over_http_with_the_named_series_after_real_traffic(
         "meshsign_decisions_total{rpc=\"Sign\",environment=\"production\",decision=\"allow\",reason=\"ok\"} 1",
         "meshsign_decisions_total{rpc=\"Sign\",environment=\"production\",decision=\"deny\",reason=\"key_not_in_partition\"} 1",
         "meshsign_counted_refusals_total{rpc=\"Enroll\",reason=\"rate_limited\"}",
-        "meshsign_request_duration_seconds_count{port=\"sign\"} 2",
+        "meshsign_request_duration_seconds_count{port=\"sign\"} 3",
         "meshsign_audit_head_seq ",
         "meshsign_audit_writable 1",
         "meshsign_revocation_rules 0",
@@ -144,9 +152,38 @@ async fn metrics_are_scraped_over_http_with_the_named_series_after_real_traffic(
         "meshsign_runner_ca_expiry_days{environment=\"staging\"",
         "meshsign_key_age_days{environment=\"production\",alias=\"release\",version=\"1\"}",
         "meshsign_limit{name=\"max_connections\"} 1024",
+        "meshsign_certificates_issued_total{environment=\"production\",rpc=\"Enroll\"} 1",
+        "meshsign_certificates_issued_total{environment=\"production\",rpc=\"Renew\"} 1",
+        "meshsign_renewals_total{environment=\"production\",result=\"ok\",reason=\"\"} 1",
+        // The renewed certificate replaced the first; staging has its one.
+        "meshsign_certificates_live{environment=\"production\"} 1",
+        "meshsign_certificates_live{environment=\"staging\"} 1",
+        "meshsign_key_rotation_due{environment=\"production\",alias=\"release\"} 0",
     ] {
         assert!(body.contains(series), "missing {series} in\n{body}");
     }
+    // A renewal refused (the job was revoked) is counted with its reason.
+    site.admin()
+        .await
+        .revoke(meshsign_proto::v1::RevokeRequest {
+            target: Some(meshsign_proto::v1::revoke_request::Target::JobId(job)),
+            reason: "test".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(session.renew(&site.client, 0).await.is_err());
+    // Keys older than [keys] rotation_age_days (30 by default) are flagged.
+    site.clock
+        .advance(std::time::Duration::from_secs(31 * 86_400));
+    let (_, body) = http_get(addr, "/metrics").await;
+    assert!(
+        body.contains("meshsign_renewals_total{environment=\"production\",result=\"failed\",reason=\"certificate_revoked\"} 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("meshsign_key_rotation_due{environment=\"production\",alias=\"release\"} 1")
+    );
     let (status, _) = http_get(addr, "/other").await;
     assert_eq!(status, "HTTP/1.1 404 Not Found");
 

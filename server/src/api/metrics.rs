@@ -42,6 +42,45 @@ fn label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// How long a count of live certificates is reused: counting reads every issuance record.
+const LIVE_CACHE: Duration = Duration::from_secs(30);
+
+/// Certificates per environment that are neither expired nor revoked (by their holder, a
+/// renewal, or a revocation rule), counted from the store at most every [`LIVE_CACHE`].
+fn live_certificates(state: &SiteState, now: i64) -> Vec<(String, u64)> {
+    let mut cache = state
+        .audit
+        .metrics
+        .live_certificates
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some((at, v)) = cache.as_ref()
+        && at.elapsed() < LIVE_CACHE
+    {
+        return v.clone();
+    }
+    let Ok(all) = state.issued_certificates() else {
+        return cache.as_ref().map(|(_, v)| v.clone()).unwrap_or_default();
+    };
+    let rules = state.revocations();
+    let mut by_env: std::collections::BTreeMap<String, u64> = state
+        .config()
+        .environments
+        .iter()
+        .map(|e| (e.name.clone(), 0))
+        .collect();
+    for c in all
+        .iter()
+        .filter(|c| c.not_after > now && c.revoked.is_none() && !c.superseded)
+        .filter(|c| !rules.iter().any(|r| r.matches(c)))
+    {
+        *by_env.entry(c.environment.clone()).or_default() += 1;
+    }
+    let v: Vec<(String, u64)> = by_env.into_iter().collect();
+    *cache = Some((std::time::Instant::now(), v.clone()));
+    v
+}
+
 /// The whole scrape.
 pub fn render(state: &SiteState) -> String {
     let now = state.clock.unix();
@@ -144,6 +183,61 @@ pub fn render(state: &SiteState) -> String {
                 (now - k.record.created_at) as f64 / 86_400.0
             );
         }
+    }
+    gauge(
+        &mut out,
+        "meshsign_key_rotation_due",
+        "1 when a key's newest version is older than [keys] rotation_age_days.",
+    );
+    for ((env, alias), versions) in keys.all() {
+        if let Some(newest) = versions.last() {
+            let due = super::admin::rotation_due(
+                now - newest.record.created_at,
+                config.keys.rotation_age_days,
+            );
+            let _ = writeln!(
+                out,
+                "meshsign_key_rotation_due{{environment=\"{}\",alias=\"{}\"}} {}",
+                label(env),
+                label(alias),
+                u8::from(due)
+            );
+        }
+    }
+    gauge(
+        &mut out,
+        "meshsign_signing_certificate_expiry_days",
+        "Days until the certificate of a key version that has one (an Apple Developer ID identity, a vendor certificate) expires.",
+    );
+    for ((env, alias), versions) in keys.all() {
+        for k in versions {
+            if let Some(days) = k
+                .record
+                .certificate_chain
+                .first()
+                .and_then(|leaf| days_left(leaf, now))
+            {
+                let _ = writeln!(
+                    out,
+                    "meshsign_signing_certificate_expiry_days{{environment=\"{}\",alias=\"{}\",version=\"{}\"}} {days:.3}",
+                    label(env),
+                    label(alias),
+                    k.record.version
+                );
+            }
+        }
+    }
+    gauge(
+        &mut out,
+        "meshsign_certificates_live",
+        "Runner certificates not yet expired nor revoked, by environment (from the store: every replica's; refreshed at most every 30 s).",
+    );
+    for (env, n) in live_certificates(state, now) {
+        let _ = writeln!(
+            out,
+            "meshsign_certificates_live{{environment=\"{}\"}} {n}",
+            label(&env)
+        );
     }
     gauge(&mut out, "meshsign_limit", "Configured limits ([limits]).");
     let l = config.limits;
