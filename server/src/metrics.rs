@@ -70,6 +70,9 @@ impl Histogram {
     }
 }
 
+/// Live certificates per environment, and when they were counted.
+pub type LiveCount = (std::time::Instant, Vec<(String, u64)>);
+
 /// The site's metrics.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -86,7 +89,7 @@ pub struct Metrics {
     pub store_errors: AtomicU64,
     /// The last count of live certificates per environment and when it was made (counting
     /// reads every issuance record, so scrapes reuse it for a while).
-    pub live_certificates: Mutex<Option<(std::time::Instant, Vec<(String, u64)>)>>,
+    pub live_certificates: Mutex<Option<LiveCount>>,
 }
 
 /// Which listener a request came in on.
