@@ -37,6 +37,9 @@ pub enum ClientError {
         code: tonic::Code,
         /// The site's message (names the failed check).
         message: String,
+        /// The reason of the `google.rpc.ErrorInfo` detail (`REVIEW_REQUIRED`, `TOKEN_EXPIRED`…),
+        /// empty when the site sent none.
+        reason: String,
     },
     /// Getting a token failed.
     #[error("token: {0}")]
@@ -75,9 +78,7 @@ impl ClientError {
             ClientError::Verify(_) | ClientError::Crypto(_) => exit::VERIFY_FAILED,
             ClientError::Usage(_) | ClientError::Config(_) | ClientError::Io { .. } => exit::USAGE,
             ClientError::Connect { .. } | ClientError::Token(_) => exit::UNAVAILABLE,
-            ClientError::Rpc { message, .. } if message.starts_with("review_required:") => {
-                exit::PROPOSED
-            }
+            ClientError::Rpc { reason, .. } if reason == "REVIEW_REQUIRED" => exit::PROPOSED,
             ClientError::Rpc { code, .. } => match code {
                 Code::Unavailable
                 | Code::DeadlineExceeded
@@ -93,10 +94,15 @@ impl ClientError {
 
     /// Wraps a tonic status.
     pub fn rpc(rpc: &'static str, s: tonic::Status) -> Self {
+        use tonic_types::StatusExt as _;
         ClientError::Rpc {
             rpc,
             code: s.code(),
             message: s.message().to_string(),
+            reason: s
+                .get_details_error_info()
+                .map(|i| meshsign_proto::audit::excerpt(&i.reason, 64))
+                .unwrap_or_default(),
         }
     }
 

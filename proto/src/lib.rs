@@ -6,6 +6,7 @@
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server reflection.
 
 pub mod audit;
+pub mod compat;
 pub mod der;
 pub mod files;
 pub mod identity;

@@ -151,11 +151,29 @@ async fn filtered_exports_stay_verifiable_and_reveal_nothing_else() {
         &site,
         v1::ExportAuditRequest {
             environment: "production".into(),
-            decision: "allow".into(),
+            decision_filter: v1::Decision::Allow as i32,
             ..Default::default()
         },
     )
     .await;
+    // An older client's string filter selects the same entries.
+    #[allow(deprecated)]
+    let old_client = v1::ExportAuditRequest {
+        environment: "production".into(),
+        decision: "allow".into(),
+        ..Default::default()
+    };
+    let by_string = export(&site, old_client).await;
+    let selected = |lines: &[ExportLine]| -> Vec<u64> {
+        lines
+            .iter()
+            .filter_map(|l| match l {
+                ExportLine::Entry(e) if e.checkpoint.is_none() => Some(e.seq),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(selected(&filtered), selected(&by_string));
     let r = verify_export(&filtered, &key).unwrap();
     assert!(r.omitted > 0 && r.entries > 0 && r.checkpoints > 0, "{r:?}");
     for l in &filtered {

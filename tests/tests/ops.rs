@@ -91,7 +91,13 @@ async fn rotation_under_traffic_has_zero_failed_sign_calls() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(staged.state, "staged");
+    assert_eq!(staged.state_word(), "staged");
+    #[allow(deprecated)] // the string form stays on the wire for existing clients
+    let (word, value) = (staged.state.clone(), staged.runner_ca_state);
+    assert_eq!(
+        (word.as_str(), value),
+        ("staged", v1::RunnerCaState::Staged as i32)
+    );
     progress(20).await;
     let bundle = site
         .enrollment()
@@ -112,7 +118,7 @@ async fn rotation_under_traffic_has_zero_failed_sign_calls() {
         .unwrap()
         .into_inner();
     assert_eq!(
-        (active.id.as_str(), active.state.as_str()),
+        (active.id.as_str(), active.state_word().as_str()),
         (staged.id.as_str(), "active")
     );
     progress(20).await;
@@ -124,7 +130,7 @@ async fn rotation_under_traffic_has_zero_failed_sign_calls() {
         .issuers;
     let retiring = list
         .iter()
-        .find(|i| i.state == "retiring")
+        .find(|i| i.state_word() == "retiring")
         .expect("old issuer retiring");
     assert_eq!(
         retiring.retire_after.unwrap().seconds,
@@ -163,7 +169,7 @@ async fn rotation_under_traffic_has_zero_failed_sign_calls() {
         .into_inner()
         .issuers
         .into_iter()
-        .map(|i| i.state)
+        .map(|i| i.state_word())
         .collect();
     assert!(states.contains(&"retired".to_string()) && states.contains(&"active".to_string()));
 }
@@ -224,7 +230,7 @@ async fn revoked_issuer_certificates_are_refused_at_once() {
         .into_inner()
         .issuers
         .into_iter()
-        .find(|i| i.state == "active")
+        .find(|i| i.state_word() == "active")
         .unwrap();
     admin
         .revoke_issuer(iref("staging", &active.id))
@@ -237,7 +243,7 @@ async fn revoked_issuer_certificates_are_refused_at_once() {
         .into_inner()
         .issuers
         .into_iter()
-        .filter(|i| i.state == "active")
+        .filter(|i| i.state_word() == "active")
         .count();
     assert_eq!(actives, 1);
     assert!(s2.sign(sign_req("release", 1)).await.is_err());

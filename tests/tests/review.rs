@@ -4,8 +4,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
 use meshsign_proto::v1;
-use meshsign_tests::TestSite;
+use meshsign_tests::{TestSite, sign_req};
 use tonic::Code;
+use tonic_types::StatusExt as _;
 
 /// The default list (key import and disable, runner-CA revoke, trust enable, JWKS set,
 /// retention) with a 10-minute window.
@@ -85,8 +86,8 @@ async fn a_covered_change_needs_a_second_admin_and_happens_once() {
         .proposals;
     assert_eq!(listed.len(), 1);
     assert_eq!(
-        (listed[0].state.as_str(), listed[0].operation.as_str()),
-        ("pending", "DisableKey")
+        (listed[0].state(), listed[0].operation.as_str()),
+        (v1::ProposalState::Pending, "DisableKey")
     );
 
     // The proposer may not approve; an auditor may not either.
@@ -115,7 +116,7 @@ async fn a_covered_change_needs_a_second_admin_and_happens_once() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(p.state, "approved");
+    assert_eq!(p.state(), v1::ProposalState::Approved);
     assert!(p.approver.ends_with("/ops/admin/dev-2"));
     let rec = last_of(&site, "Admin.ApproveProposal");
     assert_eq!(
@@ -297,4 +298,36 @@ async fn review_config_is_checked_by_field() {
         let e = meshsign_server::config::SiteConfig::load(&path).unwrap_err();
         assert!(e.to_string().contains(needle), "{e}");
     }
+}
+
+/// Every refusal, on every port, carries a `google.rpc.ErrorInfo` whose reason is the message's
+/// leading reason in upper case.
+#[tokio::test]
+async fn refusals_carry_an_error_info_with_their_reason() {
+    let site = TestSite::start().await;
+    let check = |e: tonic::Status| {
+        let info = e
+            .get_details_error_info()
+            .unwrap_or_else(|| panic!("no ErrorInfo: {e:?}"));
+        let lead = e.message().split(':').next().unwrap();
+        assert_eq!(info.reason, lead.to_ascii_uppercase(), "{e:?}");
+        assert_eq!(info.domain, "meshsign.dev");
+    };
+    let runner = meshsign_client::runner::RunnerKey::generate().unwrap();
+    check(
+        site.enrollment()
+            .await
+            .enroll(site.enroll_request("production", "not-a-jwt".into(), &runner))
+            .await
+            .unwrap_err(),
+    );
+    let (_k, _r, mut signer) = site.enrolled("production").await;
+    check(signer.sign(sign_req("no-such-key", 1)).await.unwrap_err());
+    check(
+        site.auditor()
+            .await
+            .rotate_key(key("release"))
+            .await
+            .unwrap_err(),
+    );
 }

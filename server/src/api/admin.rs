@@ -83,9 +83,8 @@ pub(crate) fn rotation_due(age_seconds: i64, rotation_age_days: u64) -> bool {
 }
 
 fn rule_info(r: &RevocationRule) -> v1::RevocationRule {
-    v1::RevocationRule {
+    let mut rule = v1::RevocationRule {
         id: r.id.clone(),
-        kind: r.kind.as_str().to_string(),
         value: r.value.clone(),
         region: r.region.clone().unwrap_or_default(),
         since: r.since.unwrap_or(0),
@@ -93,7 +92,10 @@ fn rule_info(r: &RevocationRule) -> v1::RevocationRule {
         reason: r.reason.clone(),
         operator: r.operator.clone(),
         created_at: Some(ts(r.created_at)),
-    }
+        ..Default::default()
+    };
+    rule.set_kind(r.kind.as_str());
+    rule
 }
 
 type R<T> = Result<Response<T>, Status>;
@@ -111,7 +113,7 @@ fn proposal_info(p: &ops::review::Proposal, now: i64) -> v1::ProposalInfo {
         environment: p.environment.clone(),
         summary: p.summary.clone(),
         proposer: p.proposer.clone(),
-        state: p.state(now).as_str().to_string(),
+        state: v1::ProposalState::from_word(p.state(now).as_str()).unwrap_or_default() as i32,
         created_at: Some(ts(p.created_at)),
         expires_at: Some(ts(p.expires_at)),
         approver: p.approver.clone().unwrap_or_default(),
@@ -383,14 +385,8 @@ impl v1::admin_server::Admin for AdminApi {
                     .collect(),
             })
             .collect();
-        Ok(Response::new(v1::SiteStatus {
+        let mut st = v1::SiteStatus {
             region: cfg.region.clone(),
-            store_engine: if cfg.postgres.is_some() {
-                "postgres"
-            } else {
-                "sled"
-            }
-            .into(),
             writable: !s.audit.is_failing(),
             audit_head_seq: *s.audit.head().borrow(),
             last_checkpoint_age_seconds: if last > 0 { now - last } else { -1 },
@@ -406,7 +402,14 @@ impl v1::admin_server::Admin for AdminApi {
                     .count(),
             )
             .unwrap_or(u32::MAX),
-        }))
+            ..Default::default()
+        };
+        st.set_engine_word(if cfg.postgres.is_some() {
+            "postgres"
+        } else {
+            "sled"
+        });
+        Ok(Response::new(st))
     }
 
     async fn get_job_usage(&self, req: Request<v1::JobUsageRequest>) -> R<v1::JobUsage> {

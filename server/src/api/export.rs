@@ -40,7 +40,7 @@ fn keep(r: &AuditRecord, q: &v1::ExportAuditRequest) -> bool {
     r.checkpoint.is_some()
         || ((q.environment.is_empty() || r.environment == q.environment)
             && (q.job_id.is_empty() || r.job_id == q.job_id)
-            && (q.decision.is_empty() || r.decision == q.decision))
+            && q.wanted_decision().is_none_or(|d| r.decision == d))
 }
 
 fn line(r: AuditRecord, q: &v1::ExportAuditRequest, first: bool) -> Result<v1::ExportLine, Status> {
@@ -139,7 +139,7 @@ pub fn stream(
             }
             // Reached the durable head: an unfiltered export from the start now covers it all.
             let unfiltered =
-                q.environment.is_empty() && q.job_id.is_empty() && q.decision.is_empty();
+                q.environment.is_empty() && q.job_id.is_empty() && q.wanted_decision().is_none();
             if unfiltered && started_at_first && next > 1 {
                 let _ = site.audit.mark_exported(next - 1);
             }

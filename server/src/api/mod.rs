@@ -75,14 +75,16 @@ fn verification_key(k: &crate::custody::LoadedKey, active: bool) -> v1::Verifica
 
 /// Public form of a runner CA record.
 fn runner_ca_info(r: &crate::ca::RunnerCaRecord) -> v1::IssuerInfo {
-    v1::IssuerInfo {
+    let mut info = v1::IssuerInfo {
         id: r.id.clone(),
         environment: r.partition.clone(),
-        state: r.state.as_str().to_string(),
         certificate_der: r.cert_der.clone(),
         created_at: Some(ts(r.created_at)),
         retire_after: r.retire_after.map(ts),
-    }
+        ..Default::default()
+    };
+    info.set_state(r.state.as_str());
+    info
 }
 
 // === routers ===

@@ -3,16 +3,37 @@
 //! record and the log. An internal fault is logged in full (with its chain of causes) under a
 //! fresh error id, and the client gets only `"internal: error id <id>"` to find that line.
 //!
+//! Every status also carries a `google.rpc.ErrorInfo` detail (gRPC's richer error model,
+//! AIP-193): domain [`ERROR_DOMAIN`], reason the refusal's reason in UPPER_SNAKE_CASE — so a
+//! client in any language can branch on it without parsing the message.
+//!
 //! Owns: the map from `model::RefusalKind` to `tonic::Code`. Must not touch: reasons (each
 //! layer's error names its own).
 
 use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt as _};
 
 use crate::model::{INTERNAL, Refusal, RefusalKind, bounded};
 
 /// The longest detail a status message carries: whatever a refusal quotes from its request
 /// (an alias, an issuer URL, a claim), the message stays small.
 pub const MAX_DETAIL: usize = 512;
+
+/// The `domain` of every `google.rpc.ErrorInfo` the site sends.
+pub const ERROR_DOMAIN: &str = "meshsign.dev";
+
+/// A status with `message` and an ErrorInfo naming `reason`.
+fn with_reason(code: Code, reason: &str, message: String) -> Status {
+    Status::with_error_details(
+        code,
+        message,
+        ErrorDetails::with_error_info(
+            reason.to_ascii_uppercase(),
+            ERROR_DOMAIN,
+            std::collections::HashMap::<String, String>::new(),
+        ),
+    )
+}
 
 /// The status for a refusal.
 pub fn status(e: &dyn Refusal) -> Status {
@@ -29,8 +50,9 @@ pub fn status(e: &dyn Refusal) -> Status {
         }
         RefusalKind::Internal => return internal(e),
     };
-    Status::new(
+    with_reason(
         code,
+        e.reason(),
         format!("{}: {}", e.reason(), bounded(&e.to_string(), MAX_DETAIL)),
     )
 }
@@ -56,9 +78,11 @@ fn internal(e: &dyn Refusal) -> Status {
         .map(|id| id[..16].to_string())
         .unwrap_or_else(|_| "unavailable".into());
     tracing::error!(error_id = %id, reason = e.reason(), error = %crate::model::log_safe(&chain(e)), "internal error");
-    Status::internal(format!(
-        "{INTERNAL}: error id {id} (the site log has the cause)"
-    ))
+    with_reason(
+        Code::Internal,
+        INTERNAL,
+        format!("{INTERNAL}: error id {id} (the site log has the cause)"),
+    )
 }
 
 #[cfg(test)]
@@ -111,6 +135,11 @@ mod tests {
         let s = status(&Demo::Refused);
         assert_eq!(s.code(), Code::PermissionDenied);
         assert_eq!(s.message(), "trust_policy_disabled: `x` is disabled");
+        let info = s.get_details_error_info().expect("an ErrorInfo detail");
+        assert_eq!(
+            (info.reason.as_str(), info.domain.as_str()),
+            ("TRUST_POLICY_DISABLED", ERROR_DOMAIN)
+        );
         let s = status(&Demo::Fault(std::io::Error::other("/secret/path")));
         assert_eq!(s.code(), Code::Internal);
         assert!(

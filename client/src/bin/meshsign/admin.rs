@@ -661,10 +661,16 @@ fn fleet_failure<T>(failed: &[String], results: &[SiteResult<T>]) -> ClientError
     let first = results.iter().find_map(|(_, r)| r.as_ref().err());
     let names = failed.join(", ");
     match first {
-        Some(ClientError::Rpc { rpc, code, message }) => ClientError::Rpc {
+        Some(ClientError::Rpc {
+            rpc,
+            code,
+            message,
+            reason,
+        }) => ClientError::Rpc {
             rpc,
             code: *code,
             message: format!("{message} (failed at: {names})"),
+            reason: reason.clone(),
         },
         Some(ClientError::Connect { endpoint, message }) => ClientError::Connect {
             endpoint: endpoint.clone(),
@@ -790,14 +796,17 @@ async fn audit(
                     Err(_) => (0, parse_time(s)?),
                 },
             };
-            let req = v1::ExportAuditRequest {
+            let mut req = v1::ExportAuditRequest {
                 since_seq,
                 since_time,
                 follow,
                 environment: environment.unwrap_or_default(),
                 job_id: job_id.unwrap_or_default(),
-                decision: decision.unwrap_or_default(),
+                ..Default::default()
             };
+            if let Some(d) = decision {
+                req.set_decision(&d);
+            }
             // Always JSON lines: the export format is the verifiable one.
             let mut stream = c.export_audit(req).await?;
             let mut out = std::io::stdout().lock();
@@ -1101,14 +1110,14 @@ impl Render for v1::IssuerInfo {
         vec![
             self.environment.clone(),
             self.id.clone(),
-            self.state.clone(),
+            self.state_word(),
             when(self.created_at),
             when(self.retire_after),
         ]
     }
     fn json(&self) -> serde_json::Value {
         serde_json::json!({
-            "environment": self.environment, "id": self.id, "state": self.state,
+            "environment": self.environment, "id": self.id, "state": self.state_word(),
             "created_at": when(self.created_at),
             "retire_after": self.retire_after.map(|t| when(Some(t))),
             "certificate_pem": pem_encode("CERTIFICATE", &self.certificate_der),
@@ -1190,7 +1199,7 @@ impl Render for v1::RevocationRule {
     fn row(&self) -> Vec<String> {
         vec![
             self.id.clone(),
-            self.kind.clone(),
+            self.kind_word(),
             self.value.clone(),
             dash(&self.region),
             self.operator.clone(),
@@ -1199,7 +1208,7 @@ impl Render for v1::RevocationRule {
     }
     fn json(&self) -> serde_json::Value {
         serde_json::json!({
-            "id": self.id, "kind": self.kind, "value": self.value, "region": self.region,
+            "id": self.id, "kind": self.kind_word(), "value": self.value, "region": self.region,
             "since": self.since, "until": self.until, "reason": self.reason,
             "operator": self.operator, "created_at": when(self.created_at),
         })
@@ -1220,7 +1229,7 @@ impl Render for v1::ProposalInfo {
     fn row(&self) -> Vec<String> {
         vec![
             self.id.clone(),
-            self.state.clone(),
+            self.state().word(),
             self.operation.clone(),
             dash(&self.environment),
             self.summary.clone(),
@@ -1231,7 +1240,7 @@ impl Render for v1::ProposalInfo {
     }
     fn json(&self) -> serde_json::Value {
         serde_json::json!({
-            "id": self.id, "state": self.state, "operation": self.operation,
+            "id": self.id, "state": self.state().word(), "operation": self.operation,
             "environment": self.environment, "summary": self.summary,
             "proposer": self.proposer, "approver": self.approver,
             "executed_by": self.executed_by, "created_at": when(self.created_at),
@@ -1243,7 +1252,7 @@ impl Render for v1::ProposalInfo {
 fn status_json(st: &v1::SiteStatus) -> serde_json::Value {
     serde_json::json!({
         "region": st.region,
-        "store_engine": st.store_engine,
+        "store_engine": st.engine_word(),
         "writable": st.writable,
         "audit_head_seq": st.audit_head_seq,
         "last_checkpoint_age_seconds": st.last_checkpoint_age_seconds,
@@ -1255,7 +1264,7 @@ fn status_json(st: &v1::SiteStatus) -> serde_json::Value {
             "name": e.name,
             "audience": e.audience,
             "runner_cas": e.runner_cas.iter().map(|c| serde_json::json!({
-                "id": c.id, "state": c.state,
+                "id": c.id, "state": c.state_word(),
             })).collect::<Vec<_>>(),
             "keys": e.keys.iter().map(|k| serde_json::json!({
                 "alias": k.alias, "algorithm": k.algorithm, "newest_version": k.newest_version,
@@ -1276,7 +1285,7 @@ fn status_rows(st: &v1::SiteStatus) -> Vec<Vec<String>> {
     let mut rows = vec![vec![
         "(site)".into(),
         "site".into(),
-        st.store_engine.clone(),
+        st.engine_word(),
         if st.writable {
             "writable"
         } else {
@@ -1301,7 +1310,7 @@ fn status_rows(st: &v1::SiteStatus) -> Vec<Vec<String>> {
                 e.name.clone(),
                 "runner-ca".into(),
                 c.id.clone(),
-                c.state.clone(),
+                c.state_word(),
                 "-".into(),
             ]);
         }
@@ -1336,7 +1345,7 @@ fn print_status(st: &v1::SiteStatus) {
     println!(
         "site {}  store {}  {}  audit head {}  retention {}  two-person review: {}",
         st.region,
-        st.store_engine,
+        st.engine_word(),
         if st.writable {
             "WRITABLE"
         } else {
