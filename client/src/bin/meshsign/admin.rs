@@ -158,34 +158,43 @@ pub enum ReviewCommand {
 pub enum IssuerCommand {
     /// List runner CAs.
     List {
+        /// Environment (partition) name, e.g. `production`.
         #[arg(long)]
         environment: String,
     },
     /// Make a new runner CA that the sign port trusts but that does not issue yet.
     Stage {
+        /// Environment (partition) name, e.g. `production`.
         #[arg(long)]
         environment: String,
     },
     /// Make the staged CA (or --id) the one that issues; the previous one retires by itself.
     Activate {
+        /// Environment (partition) name, e.g. `production`.
         #[arg(long)]
         environment: String,
+        /// Runner CA id (from `admin issuer list`).
         #[arg(long, default_value = "")]
         id: String,
     },
     /// Stop trusting a staged or retiring CA now.
     Retire {
+        /// Environment (partition) name, e.g. `production`.
         #[arg(long)]
         environment: String,
+        /// Runner CA id (from `admin issuer list`).
         #[arg(long)]
         id: String,
     },
     /// Distrust a CA at once (revoking the active one activates a fresh one).
     Revoke {
+        /// Environment (partition) name, e.g. `production`.
         #[arg(long)]
         environment: String,
+        /// Runner CA id (from `admin issuer list`).
         #[arg(long)]
         id: String,
+        /// Why (recorded in the audit log).
         #[arg(long)]
         reason: String,
     },
@@ -195,13 +204,16 @@ pub enum IssuerCommand {
 pub enum TrustCommand {
     /// List trust policies.
     List {
+        /// Environment (partition) name, e.g. `production`.
         #[arg(long)]
         environment: String,
     },
     /// Refuse new enrollments (and, unless --keep-sessions, sign calls) from a policy.
     Disable {
+        /// Environment (partition) name, e.g. `production`.
         #[arg(long)]
         environment: String,
+        /// OIDC issuer URL of the trust policy (e.g. https://token.actions.githubusercontent.com).
         #[arg(long)]
         issuer: String,
         /// Let certificates it already minted keep signing.
@@ -210,8 +222,10 @@ pub enum TrustCommand {
     },
     /// Re-enable a policy.
     Enable {
+        /// Environment (partition) name, e.g. `production`.
         #[arg(long)]
         environment: String,
+        /// OIDC issuer URL of the trust policy (e.g. https://token.actions.githubusercontent.com).
         #[arg(long)]
         issuer: String,
     },
@@ -226,10 +240,13 @@ pub enum TrustCommand {
 pub enum JwksCommand {
     /// Pin a JWKS file for an issuer (every environment that trusts it, unless --environment).
     Set {
+        /// Environment (partition) name, e.g. `production`.
         #[arg(long)]
         environment: Option<String>,
+        /// OIDC issuer URL of the trust policy (e.g. https://token.actions.githubusercontent.com).
         #[arg(long)]
         issuer: String,
+        /// Path of the file to read.
         #[arg(long)]
         file: PathBuf,
     },
@@ -239,15 +256,19 @@ pub enum JwksCommand {
 pub enum KeyCommand {
     /// List keys and their versions.
     List {
+        /// Environment (partition) name, e.g. `production`.
         #[arg(long)]
         environment: String,
     },
     /// Create a key alias (v1).
     Create {
+        /// Environment (partition) name, e.g. `production`.
         #[arg(long)]
         environment: String,
+        /// Key alias (as signers name it with --key).
         #[arg(long)]
         alias: String,
+        /// ecdsa-p256-sha256, or rsa-{2048,3072,4096}-{pkcs1,pss}-sha256.
         #[arg(long, default_value = "ecdsa-p256-sha256")]
         algorithm: String,
         /// Repository pattern that may use it (repeat; "*" for any).
@@ -262,22 +283,28 @@ pub enum KeyCommand {
     },
     /// Add alias@vN+1, which signs from then on.
     Rotate {
+        /// Environment (partition) name, e.g. `production`.
         #[arg(long)]
         environment: String,
+        /// Key alias (as signers name it with --key).
         #[arg(long)]
         alias: String,
     },
     /// Stop signing with an alias (its versions stay verifiable).
     Disable {
+        /// Environment (partition) name, e.g. `production`.
         #[arg(long)]
         environment: String,
+        /// Key alias (as signers name it with --key).
         #[arg(long)]
         alias: String,
     },
     /// Import a PKCS#8 PEM private key (one-way).
     Import {
+        /// Environment (partition) name, e.g. `production`.
         #[arg(long)]
         environment: String,
+        /// Key alias (as signers name it with --key).
         #[arg(long)]
         alias: String,
         /// PKCS#8 PEM private key.
@@ -292,8 +319,10 @@ pub enum KeyCommand {
         /// Certificate chain for the key (PEM, leaf first).
         #[arg(long)]
         chain: Option<PathBuf>,
+        /// Repository pattern that may use it (repeat; "*" for any).
         #[arg(long = "repository")]
         repositories: Vec<String>,
+        /// Ref pattern that may use it (repeat; "*" for any).
         #[arg(long = "ref")]
         refs: Vec<String>,
         /// What it may sign (repeat): digest, message, apple-cms. Default: digest, message.
@@ -302,25 +331,34 @@ pub enum KeyCommand {
     },
     /// Print a CSR signed by the key (for Apple or another CA); the key stays in the site.
     Csr {
+        /// Environment (partition) name, e.g. `production`.
         #[arg(long)]
         environment: String,
+        /// Key alias (as signers name it with --key).
         #[arg(long)]
         alias: String,
+        /// Subject CN (for Apple: the name on the certificate).
         #[arg(long)]
         common_name: String,
+        /// Subject emailAddress (optional).
         #[arg(long, default_value = "")]
         email: String,
+        /// Subject O (optional).
         #[arg(long, default_value = "")]
         organization: String,
+        /// Subject C, two letters (optional).
         #[arg(long, default_value = "")]
         country: String,
     },
     /// Attach the certificate chain the CA returned (PEM, leaf first) to the key.
     SetCertificate {
+        /// Environment (partition) name, e.g. `production`.
         #[arg(long)]
         environment: String,
+        /// Key alias (as signers name it with --key).
         #[arg(long)]
         alias: String,
+        /// Path of the file to read.
         #[arg(long)]
         file: PathBuf,
     },
