@@ -490,3 +490,23 @@ fn the_github_token_is_fetched_through_a_proxy_with_a_corporate_ca() {
         "{req}"
     );
 }
+
+/// A reader that closes the pipe early (`meshsign … | head`) ends meshsign quietly, never with
+/// a panic.
+#[test]
+fn a_closed_stdout_is_not_a_panic() {
+    for args in [&["fingerprint"][..], &["fingerprint", "--output", "json"]] {
+        let mut child = std::process::Command::new(common::meshsign())
+            .args(args)
+            .env("MESHSIGN_FINGERPRINT", "ab".repeat(32))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take()); // the reader is gone before meshsign writes
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+    }
+}

@@ -493,8 +493,8 @@ async fn run_at(
             match format {
                 Format::Json => print_json(&revoke_json(&r)),
                 Format::Table => {
-                    println!("{}", REVOKE_HEADER.join("\t"));
-                    println!("{}", revoke_row(&r).join("\t"));
+                    out!("{}", REVOKE_HEADER.join("\t"));
+                    out!("{}", revoke_row(&r).join("\t"));
                 }
             }
             Ok(())
@@ -530,11 +530,11 @@ async fn run_at(
                     })).collect::<Vec<_>>(),
                 })),
                 Format::Table => {
-                    println!(
+                    out!(
                         "KEY\tSIGNATURES\tJOB BUDGET\tCERTIFICATE\tSIGNATURES\tCERTIFICATE BUDGET"
                     );
                     for k in u.keys {
-                        println!(
+                        out!(
                             "{}\t{}\t{}\t-\t-\t{}",
                             k.key_alias,
                             k.total,
@@ -542,7 +542,7 @@ async fn run_at(
                             limit(k.per_certificate_budget)
                         );
                         for (serial, n) in k.by_certificate {
-                            println!("{}\t-\t-\t{serial}\t{n}\t-", k.key_alias);
+                            out!("{}\t-\t-\t{serial}\t{n}\t-", k.key_alias);
                         }
                     }
                 }
@@ -658,7 +658,7 @@ fn fleet_report<T>(
     let mut failed = Vec::new();
     let mut json = Vec::new();
     if format == Format::Table {
-        println!("SITE\tREGION\t{}", header.join("\t"));
+        out!("SITE\tREGION\t{}", header.join("\t"));
     }
     for (site, r) in &results {
         let region = region(site);
@@ -667,14 +667,14 @@ fn fleet_report<T>(
                 let (rows, j) = render(v);
                 for row in rows {
                     if format == Format::Table {
-                        println!("{site}\t{region}\t{}", row.join("\t"));
+                        out!("{site}\t{region}\t{}", row.join("\t"));
                     }
                 }
                 json.push(serde_json::json!({ "site": site, "region": region, "result": j }));
             }
             Err(e) => {
                 if format == Format::Table {
-                    println!("{site}\t{region}\tERROR: {e}");
+                    out!("{site}\t{region}\tERROR: {e}");
                 }
                 json.push(
                     serde_json::json!({ "site": site, "region": region, "error": e.to_string() }),
@@ -739,7 +739,7 @@ fn report_drills(
     let mut bad = Vec::new();
     let mut json = Vec::new();
     if format == Format::Table {
-        println!(
+        out!(
             "{}{}",
             if fleet { "SITE\t" } else { "REGION\t" },
             DRILL_HEADER.join("\t")
@@ -757,7 +757,7 @@ fn report_drills(
                     d.enroll_refused_after.as_secs_f64() * 1000.0,
                 );
                 if format == Format::Table {
-                    println!(
+                    out!(
                         "{site}\t{}\t{}\t{sign:.1}\t{enroll:.1}\t{}\t{}",
                         d.policy,
                         d.issuer,
@@ -774,7 +774,7 @@ fn report_drills(
             Err(e) => {
                 bad.push(site.clone());
                 if format == Format::Table {
-                    println!("{site}\tERROR: {e}");
+                    out!("{site}\tERROR: {e}");
                 }
                 json.push(serde_json::json!({ "site": site, "error": e.to_string(), "ok": false }));
             }
@@ -809,7 +809,7 @@ async fn audit(
                 })),
                 Format::Table => {
                     eprintln!("# audit key {}", k.key_id);
-                    print!("{}", pem_encode("PUBLIC KEY", &k.public_key_der));
+                    out_raw!("{}", pem_encode("PUBLIC KEY", &k.public_key_der));
                 }
             }
         }
@@ -817,7 +817,7 @@ async fn audit(
             let days = c.set_audit_retention(days).await?;
             match format {
                 Format::Json => print_json(&serde_json::json!({ "retention_days": days })),
-                Format::Table => println!("RETENTION DAYS\n{days}"),
+                Format::Table => out!("RETENTION DAYS\n{days}"),
             }
         }
         AdminAuditCommand::Export {
@@ -1063,7 +1063,7 @@ async fn keys(c: &mut Admin, command: KeyCommand, format: Format) -> Result<(), 
                 })),
                 Format::Table => {
                     eprintln!("# CSR for {}", csr.key_id);
-                    print!("{}", csr.csr_pem);
+                    out_raw!("{}", csr.csr_pem);
                 }
             }
             return Ok(());
@@ -1096,7 +1096,7 @@ fn when(t: Option<prost_types::Timestamp>) -> String {
 }
 
 fn print_json(v: &serde_json::Value) {
-    println!("{v}");
+    out!("{v}");
 }
 
 /// What an admin listing prints: a header, one tab-separated row per item, or JSON.
@@ -1116,9 +1116,9 @@ fn emit<T: Render>(format: Format, items: &[T]) {
             items.iter().map(Render::json).collect(),
         )),
         Format::Table => {
-            println!("{}", T::HEADER.join("\t"));
+            out!("{}", T::HEADER.join("\t"));
             for i in items {
-                println!("{}", i.row().join("\t"));
+                out!("{}", i.row().join("\t"));
             }
         }
     }
@@ -1380,7 +1380,7 @@ fn status_rows(st: &v1::SiteStatus) -> Vec<Vec<String>> {
 }
 
 fn print_status(st: &v1::SiteStatus) {
-    println!(
+    out!(
         "site {}  store {}  {}  audit head {}  retention {}  two-person review: {}",
         st.region,
         st.engine_word(),
@@ -1401,8 +1401,8 @@ fn print_status(st: &v1::SiteStatus) {
             st.reviewed_operations.join(",")
         }
     );
-    println!("{}", STATUS_HEADER.join("\t"));
+    out!("{}", STATUS_HEADER.join("\t"));
     for row in status_rows(st) {
-        println!("{}", row.join("\t"));
+        out!("{}", row.join("\t"));
     }
 }

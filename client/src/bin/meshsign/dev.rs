@@ -90,7 +90,7 @@ mod with_dev {
         let DevCommand::Token { environment, job } = command;
         let aud = cfg.audience(&environment)?;
         let t = token::dev_token(cfg, aud, &github_job(&environment, &job))?;
-        println!("{}", t.as_str());
+        out!("{}", t.as_str());
         Ok(())
     }
 }

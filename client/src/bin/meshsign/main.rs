@@ -10,9 +10,40 @@
 //! One module per command group: [`runner`] (sign, codesign), [`admin`], [`dev`]; the offline
 //! verbs (verify, audit verify, verification-material) are here.
 
+/// `println!` for command output: when the reader has closed stdout (`meshsign … | head`)
+/// the process ends quietly with exit 0 instead of panicking; another write error ends it with
+/// exit 2 and a message.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($t)*) {
+            $crate::stdout_failed(e);
+        }
+    }};
+}
+
+/// `print!` (no newline added) with the same handling as [`out!`].
+macro_rules! out_raw {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = write!(std::io::stdout().lock(), $($t)*) {
+            $crate::stdout_failed(e);
+        }
+    }};
+}
+
 mod admin;
 mod dev;
 mod runner;
+
+/// Ends the process after a failed write to stdout (see [`out!`]).
+fn stdout_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("meshsign: writing to stdout: {e}");
+    std::process::exit(i32::from(meshsign_client::error::exit::USAGE));
+}
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -271,10 +302,10 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
             if json || cli.global.output == admin::Format::Json {
                 let text = serde_json::to_string_pretty(&findings)
                     .map_err(|e| ClientError::Crypto(e.to_string()))?;
-                println!("{text}");
+                out!("{text}");
             } else {
                 for f in &findings {
-                    println!("{}:{}: {}", f.path, f.line, f.kind);
+                    out!("{}:{}: {}", f.path, f.line, f.kind);
                 }
             }
             if findings.is_empty() {
@@ -336,12 +367,12 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
         Command::Fingerprint => {
             let (fp, source) = meshsign_client::runner::fingerprint();
             if cli.global.output == admin::Format::Json {
-                println!(
+                out!(
                     "{}",
                     serde_json::json!({ "fingerprint": fp, "source": source.to_string() })
                 );
             } else {
-                println!("{fp}");
+                out!("{fp}");
                 eprintln!("source: {source}");
             }
             Ok(())
@@ -367,7 +398,7 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
             let r = meshsign_proto::audit::verify_export_from(&lines, &key, start)
                 .map_err(|e| ClientError::Verify(e.to_string()))?;
             if cli.global.output == admin::Format::Json {
-                println!(
+                out!(
                     "{}",
                     serde_json::json!({
                         "file": file.display().to_string(), "ok": true,
@@ -377,7 +408,7 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
                     })
                 );
             } else {
-                println!(
+                out!(
                     "{}: OK — seq {}..{}: {} entries, {} omitted, {} signed checkpoints, {} after the last checkpoint",
                     file.display(),
                     r.first_seq,
@@ -420,7 +451,7 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
                     verify::verify_receipt(&b, &lines, &verify::audit_key_from_pem(&pem)?)?;
                 receipt_anchored = Some(anchored);
                 if !json {
-                    println!(
+                    out!(
                         "{}: receipt OK (audit entry {}{})",
                         file.display(),
                         b.audit_seq,
@@ -433,7 +464,7 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
                 }
             }
             if json {
-                println!(
+                out!(
                     "{}",
                     serde_json::json!({
                         "file": file.display().to_string(), "ok": true, "key_id": b.key_id,
@@ -446,7 +477,7 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
                     })
                 );
             } else {
-                println!(
+                out!(
                     "{}: OK ({} in {}/{}, audit {})",
                     file.display(),
                     b.key_id,
@@ -485,17 +516,17 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
                         })
                     })
                     .collect();
-                println!("{}", serde_json::Value::Array(keys));
+                out!("{}", serde_json::Value::Array(keys));
                 return Ok(());
             }
             for k in resp.keys {
-                println!(
+                out!(
                     "# {} {}{}",
                     k.key_id,
                     k.algorithm,
                     if k.active { " (active)" } else { "" }
                 );
-                print!("{}", pem_encode("PUBLIC KEY", &k.public_key_der));
+                out_raw!("{}", pem_encode("PUBLIC KEY", &k.public_key_der));
             }
             Ok(())
         }

@@ -235,7 +235,7 @@ pub async fn codesign(cfg: &ClientConfig, args: CodesignArgs) -> Result<(), Clie
     } else {
         result?;
     }
-    println!(
+    out!(
         "{}: signed with {} ({})",
         args.output.as_ref().unwrap_or(&args.input).display(),
         args.runner.key,
@@ -273,7 +273,7 @@ async fn sign_files(
         std::fs::write(&json_path, json).map_err(ClientError::io(&json_path))?;
         if format == super::admin::Format::Json {
             // One JSON object per line (per file), written as each file is signed.
-            println!(
+            out!(
                 "{}",
                 serde_json::json!({
                     "file": file.display().to_string(),
@@ -285,7 +285,7 @@ async fn sign_files(
                 })
             );
         } else {
-            println!(
+            out!(
                 "{}: signed with {} (audit {}) -> {}",
                 file.display(),
                 r.key_id,
@@ -342,7 +342,7 @@ pub async fn agent_serve(cfg: &ClientConfig, args: SessionArgs) -> Result<(), Cl
     let result = agent_serve_inner(cfg, args).await;
     if let Err(e) = &result {
         // `agent start` reads this (the agent's stderr goes nowhere once it runs alone).
-        println!("error: {e}");
+        out!("error: {e}");
     }
     result
 }
@@ -412,7 +412,7 @@ pub async fn agent_start(
                 )));
             }
             Ok(Some(l)) => {
-                println!("{l}");
+                out!("{l}");
                 printed += 1;
             }
             _ => {
