@@ -930,3 +930,46 @@ fn data_commands_print_a_header_or_json() {
         );
     }
 }
+
+/// Every `meshsign`/`meshsignd` command line in docs/runbook.md's shell blocks exists: run with
+/// `--help` appended, clap refuses an unknown subcommand or flag before it prints help.
+#[test]
+fn the_runbooks_commands_exist() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/runbook.md");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let bin_dir = common::meshsign().parent().unwrap().to_path_buf();
+    let mut in_sh = false;
+    let mut checked = 0;
+    for line in text.lines() {
+        if line.starts_with("```") {
+            in_sh = line == "```sh";
+            continue;
+        }
+        if !in_sh || !(line.starts_with("meshsign ") || line.starts_with("meshsignd ")) {
+            continue;
+        }
+        // Up to `--` (the command `exec` runs), then `--help`.
+        let cmd = line.split(" -- ").next().unwrap();
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("{cmd} --help"))
+            .env(
+                "PATH",
+                format!(
+                    "{}:{}",
+                    bin_dir.display(),
+                    std::env::var("PATH").unwrap_or_default()
+                ),
+            )
+            .env_remove("MESHSIGN_CONFIG")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "runbook: `{line}`: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        checked += 1;
+    }
+    assert!(checked >= 15, "{checked} commands");
+}
