@@ -331,3 +331,55 @@ async fn refusals_carry_an_error_info_with_their_reason() {
             .unwrap_err(),
     );
 }
+
+/// Re-enabling a trust policy the same admin disabled within the window is an undo (what the
+/// revocation drill does) and needs no second admin; enabling one someone else disabled, or
+/// one disabled longer ago, does.
+#[tokio::test]
+async fn undoing_ones_own_disable_needs_no_review_anything_else_does() {
+    let site = TestSite::start_with(REVIEW, None).await;
+    let (mut alice, mut bob) = (site.admin().await, site.second_admin().await);
+    let set = |enabled| v1::SetTrustPolicyEnabledRequest {
+        environment: "production".into(),
+        issuer: meshsign_tests::ES_ISSUER.into(),
+        enabled,
+        keep_sessions: false,
+    };
+    // Disabling is not on the list; Alice undoes her own disable at once.
+    alice.set_trust_policy_enabled(set(false)).await.unwrap();
+    let p = alice
+        .set_trust_policy_enabled(set(true))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(p.enabled);
+    let rec = last_of(&site, "Admin.EnableTrustPolicy");
+    assert!(
+        rec.detail
+            .contains("no review: undoes the operator's own disable"),
+        "{}",
+        rec.detail
+    );
+
+    // Bob disabled it (an incident): Alice cannot simply turn it back on.
+    bob.set_trust_policy_enabled(set(false)).await.unwrap();
+    let e = alice.set_trust_policy_enabled(set(true)).await.unwrap_err();
+    assert!(e.message().starts_with("review_required: "), "{e:?}");
+    // Nor can Bob once the window has passed.
+    site.clock.advance(std::time::Duration::from_secs(601));
+    let e = bob.set_trust_policy_enabled(set(true)).await.unwrap_err();
+    assert!(e.message().starts_with("review_required: "), "{e:?}");
+    let policies = alice
+        .list_trust_policies(v1::EnvironmentRequest {
+            environment: "production".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .policies;
+    assert!(
+        policies
+            .iter()
+            .any(|p| p.issuer == meshsign_tests::ES_ISSUER && !p.enabled)
+    );
+}

@@ -15,7 +15,7 @@ use crate::config::{KeySpec, TrustPolicy};
 use crate::identity::{IdentityError, Operator};
 use crate::model::{RevocationKind, RevocationRule};
 use crate::ops::revocations::RevokeInput;
-use crate::ops::{self, Access, OpsError, audited, audited_change};
+use crate::ops::{self, Access, OpsError, audited, audited_change, audited_change_unless};
 use crate::state::SiteState;
 
 /// The Admin service.
@@ -510,9 +510,28 @@ impl v1::admin_server::Admin for AdminApi {
                 }
             ),
         );
-        let t = audited_change(s, &op, rpc, &r.environment, (&b, &sum), async || {
-            ops::trust::set_policy_enabled(s, &r.environment, &r.issuer, r.enabled, r.keep_sessions)
-        })
+        let exempt = || match r.enabled {
+            true => ops::trust::undoes_own_disable(s, &op.id, &r.environment, &r.issuer),
+            false => Ok(None),
+        };
+        let t = audited_change_unless(
+            s,
+            &op,
+            rpc,
+            &r.environment,
+            (&b, &sum),
+            exempt,
+            async || {
+                ops::trust::set_policy_enabled(
+                    s,
+                    &op.id,
+                    &r.environment,
+                    &r.issuer,
+                    r.enabled,
+                    r.keep_sessions,
+                )
+            },
+        )
         .await
         .map_err(|e| status(&e))?;
         Ok(Response::new(policy_info(&r.environment, &t)))

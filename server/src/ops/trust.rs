@@ -9,6 +9,7 @@ use crate::custody::KeyRing;
 use crate::identity::jwt::Jwks;
 use crate::state::SiteState;
 use crate::state::overlays::effective_config;
+use crate::store::Tree;
 
 /// Re-reads the file configuration (SIGHUP). Trust policies, key access rules, signing budgets
 /// and digest allow-lists change;
@@ -67,6 +68,7 @@ fn policy_index(cfg: &SiteConfig, env: &str, issuer: &str) -> Result<(usize, usi
 /// `keep_sessions`, every sign call from certificates it minted — on open connections too.
 pub fn set_policy_enabled(
     site: &SiteState,
+    operator: &str,
     env: &str,
     issuer: &str,
     enabled: bool,
@@ -74,6 +76,19 @@ pub fn set_policy_enabled(
 ) -> Result<(TrustPolicy, String), OpsError> {
     let mut cfg = (*site.config()).clone();
     let (pi, ti) = policy_index(&cfg, env, issuer)?;
+    let key = disabled_by_key(env, issuer);
+    if enabled {
+        site.store.kv().remove(Tree::Meta, &key)?;
+    } else {
+        site.store.put(
+            Tree::Meta,
+            &key,
+            &DisabledBy {
+                operator: operator.to_string(),
+                at: site.clock.unix(),
+            },
+        )?;
+    }
     let t = &mut cfg.environments[pi].trust_policies[ti];
     t.enabled = enabled;
     t.keep_sessions = !enabled && keep_sessions;
@@ -92,6 +107,40 @@ pub fn set_policy_enabled(
         }
     );
     Ok((out, detail))
+}
+
+/// Who disabled a trust policy, and when (for the review exemption below).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct DisabledBy {
+    operator: String,
+    at: i64,
+}
+
+fn disabled_by_key(env: &str, issuer: &str) -> Vec<u8> {
+    format!("policy-disabled/{env}/{issuer}").into_bytes()
+}
+
+/// Whether re-enabling this policy *undoes the operator's own disable* within the review
+/// window — the drill's restore, or an admin taking back their own mistake — which two-person
+/// review does not cover: it only returns the policy to the state a second admin never had to
+/// agree to leave. Enabling a policy someone else disabled (an incident response), or one
+/// disabled longer ago, still needs review. Returns why, for the audit record.
+pub fn undoes_own_disable(
+    site: &SiteState,
+    operator: &str,
+    env: &str,
+    issuer: &str,
+) -> Result<Option<String>, OpsError> {
+    let cfg = site.config();
+    let (pi, ti) = policy_index(&cfg, env, issuer)?;
+    if cfg.environments[pi].trust_policies[ti].enabled {
+        return Ok(None);
+    }
+    let by: Option<DisabledBy> = site.store.get(Tree::Meta, &disabled_by_key(env, issuer))?;
+    let window = i64::try_from(cfg.review.window_seconds).unwrap_or(3600);
+    Ok(by
+        .filter(|b| b.operator == operator && site.clock.unix() - b.at <= window)
+        .map(|b| format!("undoes the operator's own disable at unix {}", b.at)))
 }
 
 /// Pins a new JWKS for a policy (public keys only). A kid not in it is denied from now on.
