@@ -52,19 +52,20 @@ async fn no_private_key_bytes_anywhere_in_the_data_dir() {
     let keys: Vec<KeyRecord> = state.store.scan(Tree::Keys, b"").unwrap();
     assert_eq!(keys.len(), 4, "release×2 + prod-only + the audit key");
     for k in &keys {
+        let w = k.wrapped.as_ref().expect("a software key is wrapped");
         let pkcs8 = kek
             .unwrap(
                 &key_aad(&k.partition, &k.alias, k.version),
-                &k.wrapped.nonce,
-                &k.wrapped.ciphertext,
+                &w.nonce,
+                &w.ciphertext,
             )
             .unwrap();
         // The slot is bound: the same ciphertext does not open as another version.
         assert!(
             kek.unwrap(
                 &key_aad(&k.partition, &k.alias, k.version + 1),
-                &k.wrapped.nonce,
-                &k.wrapped.ciphertext
+                &w.nonce,
+                &w.ciphertext
             )
             .is_err()
         );

@@ -661,6 +661,7 @@ async fn key_lifecycle_rotate_disable_import_create() {
             repositories: vec!["acme/*".into()],
             refs: vec!["refs/tags/*".into()],
             purposes: vec![],
+            backend: String::new(),
         })
         .await
         .unwrap();

@@ -590,6 +590,7 @@ impl v1::admin_server::Admin for AdminApi {
                     &r.algorithm,
                     (r.repositories.clone(), r.refs.clone()),
                     &r.purposes,
+                    &r.backend,
                 )
             },
         )

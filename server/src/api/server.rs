@@ -204,7 +204,8 @@ async fn watch_health(
     health: &tonic_health::server::HealthReporter,
     serving: &mut Option<bool>,
 ) {
-    let mut now = !state.audit.is_failing();
+    // NOT_SERVING while decisions cannot be recorded, or the PKCS#11 token is gone.
+    let mut now = !state.audit.is_failing() && state.custodian.available();
     if now && state.store.kv().chain().is_some() {
         // A shared store: is the database there? (An idle replica has no failed write to go by.)
         let s = state.clone();

@@ -38,7 +38,7 @@ pub mod journal;
 pub mod summary;
 
 use crate::clock::SharedClock;
-use crate::custody::{CustodyError, Kek, SigningBackend};
+use crate::custody::{CustodyError, SigningBackend};
 use crate::model::{KeyAlgorithm, Refusal, RefusalKind, bounded, log_safe};
 use crate::store::{Store, StoreError, Tree};
 use journal::Journal;
@@ -152,13 +152,18 @@ pub struct AuditKey {
 impl AuditKey {
     /// The site's audit (checkpoint) key, `(site)/audit@vN`: created on the first start, held
     /// like every other key (wrapped under the KEK).
-    pub fn load_or_create(store: &Store, kek: &Kek, now_unix: i64) -> Result<Self, CustodyError> {
+    pub fn load_or_create(
+        store: &Store,
+        custodian: &crate::custody::Custodian,
+        backend: crate::custody::Backend,
+        now_unix: i64,
+    ) -> Result<Self, CustodyError> {
         let key = crate::custody::load_or_create_alias(
             store,
-            kek,
+            custodian,
             "(site)",
             "audit",
-            KeyAlgorithm::EcdsaP256Sha256,
+            (KeyAlgorithm::EcdsaP256Sha256, backend),
             now_unix,
         )?
         .pop()

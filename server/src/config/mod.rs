@@ -79,6 +79,8 @@ struct RawSite {
     review: Review,
     #[serde(default)]
     keys: KeyPolicy,
+    #[serde(default)]
+    pkcs11: Option<crate::custody::pkcs11::Pkcs11Config>,
     /// `[[environments]]`; `[[partitions]]` is the earlier spelling, still read.
     #[serde(alias = "partitions")]
     environments: Vec<RawEnvironment>,
@@ -249,6 +251,8 @@ struct RawKey {
     max_signatures_per_certificate: Option<u64>,
     #[serde(default)]
     digest_allow_list: Option<PathBuf>,
+    #[serde(default)]
+    backend: crate::custody::Backend,
 }
 
 #[derive(Deserialize)]
@@ -321,6 +325,8 @@ pub struct SiteConfig {
     pub review: Review,
     /// Site-wide key hygiene (`[keys]`).
     pub keys: KeyPolicy,
+    /// The PKCS#11 token keys with `backend = "pkcs11"` live in (`[pkcs11]`; paths absolute).
+    pub pkcs11: Option<crate::custody::pkcs11::Pkcs11Config>,
     /// Environments (the site's partitions), in file order.
     pub environments: Vec<Environment>,
 }
@@ -705,6 +711,8 @@ pub struct KeySpec {
     pub budget: Budget,
     /// When set, the only digests this key signs.
     pub allowed_digests: Option<DigestAllowList>,
+    /// Where its new versions are generated (`backend = "pkcs11"`: in the `[pkcs11]` token).
+    pub backend: crate::custody::Backend,
 }
 
 /// One trusted OIDC issuer of a environment.
@@ -798,6 +806,11 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
     }
     raw.limits.validate()?;
     raw.review.validate()?;
+    let raw_pkcs11 = raw.pkcs11.clone().map(|mut p| {
+        p.module = abs(p.module);
+        p.pin_file = abs(p.pin_file);
+        p
+    });
     if raw.store.cache_mib == 0 {
         return Err(invalid("store.cache_mib", "must be positive"));
     }
@@ -936,6 +949,12 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
                      apple-cms (its input is CMS attributes, not an artifact digest)",
                 ));
             }
+            if key.backend == crate::custody::Backend::Pkcs11 && raw_pkcs11.is_none() {
+                return Err(invalid(
+                    kat("backend"),
+                    "pkcs11 needs a [pkcs11] table (module, token_label, pin_file)",
+                ));
+            }
             keys.push(KeySpec {
                 budget,
                 allowed_digests,
@@ -944,6 +963,7 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
                 algorithm,
                 access,
                 disabled: false,
+                backend: key.backend,
             });
         }
         let mut policies: Vec<TrustPolicy> = Vec::new();
@@ -1068,6 +1088,7 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
         limits: raw.limits,
         review: raw.review,
         keys: raw.keys,
+        pkcs11: raw_pkcs11,
         metrics_listen: raw.metrics.listen,
         store_cache_mib: raw.store.cache_mib,
         postgres,

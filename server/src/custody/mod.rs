@@ -11,6 +11,7 @@
 //! Signing goes through the [`SigningBackend`] trait; ECDSA P-256 via aws-lc-rs is the first
 //! implementation, an HSM (PKCS#11) can be another. No API here returns private material.
 
+pub mod pkcs11;
 pub mod pool;
 
 use std::collections::BTreeMap;
@@ -58,9 +59,62 @@ pub enum CustodyError {
     /// The crypto library refused an operation.
     #[error("crypto operation failed: {0}")]
     Crypto(&'static str),
+    /// The PKCS#11 token refused or failed (configuration, PIN, a missing object).
+    #[error("PKCS#11: {0}")]
+    Token(String),
+    /// The PKCS#11 token is gone (removed, reset, unreachable) for now.
+    #[error("PKCS#11 token unavailable: {0}")]
+    TokenUnavailable(String),
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// Where keys are kept: the KEK (keys wrapped in the store) and, when `[pkcs11]` is
+/// configured, a token (keys that never leave it).
+#[derive(Debug)]
+pub struct Custodian {
+    /// The key-encryption key.
+    pub kek: Kek,
+    /// The PKCS#11 token, if configured.
+    pub token: Option<Arc<pkcs11::Token>>,
+}
+
+impl Custodian {
+    /// Whether every key can sign now (false while the token is gone).
+    pub fn available(&self) -> bool {
+        self.token.as_ref().is_none_or(|t| t.available())
+    }
+}
+
+/// Where a new key is generated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// In the site, wrapped under the KEK in the store.
+    #[default]
+    Software,
+    /// In the `[pkcs11]` token, non-extractable.
+    Pkcs11,
+}
+
+impl Backend {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Software => "software",
+            Backend::Pkcs11 => "pkcs11",
+        }
+    }
+
+    /// From its name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "software" | "" => Some(Backend::Software),
+            "pkcs11" => Some(Backend::Pkcs11),
+            _ => None,
+        }
+    }
 }
 
 // === impl Kek ===
@@ -395,8 +449,12 @@ pub struct KeyRecord {
     pub certificate_chain: Vec<Vec<u8>>,
     /// Creation time, unix seconds.
     pub created_at: i64,
-    /// The private key under the KEK.
-    pub wrapped: Wrapped,
+    /// The private key under the KEK (software keys).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wrapped: Option<Wrapped>,
+    /// Where the key is in the PKCS#11 token (token keys; nothing secret is stored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pkcs11: Option<pkcs11::Pkcs11Ref>,
 }
 
 impl KeyRecord {
@@ -444,7 +502,7 @@ impl KeyRing {
     pub fn load_or_create(
         config: &SiteConfig,
         store: &Store,
-        kek: &Kek,
+        custodian: &Custodian,
         now_unix: i64,
     ) -> Result<Self, CustodyError> {
         let mut ring = Self::default();
@@ -455,16 +513,16 @@ impl KeyRing {
                 if records.is_empty() {
                     records.push(create_key(
                         store,
-                        kek,
+                        custodian,
                         &p.name,
                         &spec.alias,
-                        spec.algorithm,
+                        (spec.algorithm, spec.backend),
                         1,
                         now_unix,
                     )?);
-                    tracing::info!(environment = %p.name, key_id = %format!("{}@v1", spec.alias), "created signing key");
+                    tracing::info!(environment = %p.name, key_id = %format!("{}@v1", spec.alias), backend = spec.backend.as_str(), "created signing key");
                 }
-                let loaded = load_versions(kek, records)?;
+                let loaded = load_versions(custodian, records)?;
                 ring.keys
                     .insert((p.name.clone(), spec.alias.clone()), loaded);
             }
@@ -476,7 +534,7 @@ impl KeyRing {
     pub fn reload_alias(
         &mut self,
         store: &Store,
-        kek: &Kek,
+        custodian: &Custodian,
         environment: &str,
         alias: &str,
     ) -> Result<(), CustodyError> {
@@ -484,7 +542,7 @@ impl KeyRing {
             store.scan(Tree::Keys, format!("{environment}/{alias}/").as_bytes())?;
         self.keys.insert(
             (environment.to_string(), alias.to_string()),
-            load_versions(kek, records)?,
+            load_versions(custodian, records)?,
         );
         Ok(())
     }
@@ -509,15 +567,33 @@ impl KeyRing {
     }
 }
 
-fn load_versions(kek: &Kek, records: Vec<KeyRecord>) -> Result<Vec<LoadedKey>, CustodyError> {
+fn load_versions(
+    custodian: &Custodian,
+    records: Vec<KeyRecord>,
+) -> Result<Vec<LoadedKey>, CustodyError> {
     let mut loaded = Vec::new();
     for rec in records {
-        let pkcs8 = kek.unwrap(
-            &key_aad(&rec.partition, &rec.alias, rec.version),
-            &rec.wrapped.nonce,
-            &rec.wrapped.ciphertext,
-        )?;
-        let backend = backend_from_pkcs8(rec.algorithm, &pkcs8)?;
+        let backend: Arc<dyn SigningBackend> = match (&rec.wrapped, &rec.pkcs11) {
+            (Some(w), _) => {
+                let pkcs8 = custodian.kek.unwrap(
+                    &key_aad(&rec.partition, &rec.alias, rec.version),
+                    &w.nonce,
+                    &w.ciphertext,
+                )?;
+                backend_from_pkcs8(rec.algorithm, &pkcs8)?
+            }
+            (None, Some(r)) => {
+                let token = custodian.token.as_ref().ok_or_else(|| {
+                    CustodyError::Token(format!(
+                        "key {} is in PKCS#11 token `{}`, and the site config has no [pkcs11]",
+                        rec.key_id(),
+                        r.token_label
+                    ))
+                })?;
+                Arc::new(pkcs11::Pkcs11Key::load(token, r, rec.algorithm)?)
+            }
+            (None, None) => return Err(CustodyError::Unwrap { slot: rec.key_id() }),
+        };
         if backend.public_key_der() != rec.public_key_der.as_slice() {
             return Err(CustodyError::Unwrap { slot: rec.key_id() });
         }
@@ -550,7 +626,8 @@ pub fn store_key(
         public_key_der: backend.public_key_der().to_vec(),
         certificate_chain: Vec::new(),
         created_at: now_unix,
-        wrapped: Wrapped { nonce, ciphertext },
+        wrapped: Some(Wrapped { nonce, ciphertext }),
+        pkcs11: None,
     };
     store.put(
         Tree::Keys,
@@ -565,17 +642,31 @@ pub fn store_key(
 /// refused before anything new is wrapped under it.
 pub fn verify_kek(store: &Store, kek: &Kek) -> Result<(), CustodyError> {
     let records: Vec<KeyRecord> = store.scan(Tree::Keys, b"")?;
-    load_versions(kek, records).map(|_| ())
+    for rec in records {
+        if let Some(w) = &rec.wrapped {
+            let pkcs8 = kek.unwrap(
+                &key_aad(&rec.partition, &rec.alias, rec.version),
+                &w.nonce,
+                &w.ciphertext,
+            )?;
+            if backend_from_pkcs8(rec.algorithm, &pkcs8)?.public_key_der()
+                != rec.public_key_der.as_slice()
+            {
+                return Err(CustodyError::Unwrap { slot: rec.key_id() });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Loads every version of `environment/alias` (oldest first), creating v1 with `algorithm` if
 /// there is none. Used for site-held keys outside the configuration (the audit key).
 pub fn load_or_create_alias(
     store: &Store,
-    kek: &Kek,
+    custodian: &Custodian,
     environment: &str,
     alias: &str,
-    algorithm: KeyAlgorithm,
+    (algorithm, backend): (KeyAlgorithm, Backend),
     now_unix: i64,
 ) -> Result<Vec<LoadedKey>, CustodyError> {
     let mut records: Vec<KeyRecord> =
@@ -583,31 +674,61 @@ pub fn load_or_create_alias(
     if records.is_empty() {
         records.push(create_key(
             store,
-            kek,
+            custodian,
             environment,
             alias,
-            algorithm,
+            (algorithm, backend),
             1,
             now_unix,
         )?);
     }
-    load_versions(kek, records)
+    load_versions(custodian, records)
 }
 
-/// Generates a key, wraps it under the KEK and stores it; the plaintext never leaves memory.
+/// Generates a key — in the site, wrapped under the KEK (the plaintext never leaves memory), or
+/// in the PKCS#11 token (it never leaves the token) — and stores its record.
 pub fn create_key(
     store: &Store,
-    kek: &Kek,
+    custodian: &Custodian,
     environment: &str,
     alias: &str,
-    algorithm: KeyAlgorithm,
+    (algorithm, where_): (KeyAlgorithm, Backend),
     version: u32,
     now_unix: i64,
 ) -> Result<KeyRecord, CustodyError> {
+    if where_ == Backend::Pkcs11 {
+        let token = custodian.token.as_ref().ok_or_else(|| {
+            CustodyError::Token(format!(
+                "key {alias} asks for backend pkcs11, and the site config has no [pkcs11]"
+            ))
+        })?;
+        let (r, spki) = token.generate(
+            algorithm,
+            &format!("meshsign {environment}/{alias}@v{version}"),
+        )?;
+        let record = KeyRecord {
+            partition: environment.to_string(),
+            alias: alias.to_string(),
+            version,
+            algorithm,
+            public_key_der: spki,
+            certificate_chain: Vec::new(),
+            created_at: now_unix,
+            wrapped: None,
+            pkcs11: Some(r),
+        };
+        store.put(
+            Tree::Keys,
+            &KeyRecord::store_key(environment, alias, version),
+            &record,
+        )?;
+        store.flush()?;
+        return Ok(record);
+    }
     let (backend, pkcs8) = generate(algorithm)?;
     store_key(
         store,
-        kek,
+        &custodian.kek,
         environment,
         alias,
         version,

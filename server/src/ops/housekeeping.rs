@@ -20,6 +20,14 @@ pub async fn run_once(site: &SiteState) {
     if let Err(e) = prune_audit(site).await {
         tracing::warn!(error = %e, "audit retention failed");
     }
+    // A token marked unavailable is probed, so health and signing come back without waiting
+    // for a request to try it.
+    if let Some(t) = &site.custodian.token
+        && !t.available()
+        && t.probe()
+    {
+        tracing::warn!(token = %t.label(), "PKCS#11 token available again");
+    }
     if let Err(e) = super::review::prune(site) {
         tracing::warn!(error = %e, "pruning old review proposals failed");
     }

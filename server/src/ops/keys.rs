@@ -15,7 +15,7 @@ use crate::store::Tree;
 
 fn reload_alias(site: &SiteState, env: &str, alias: &str) -> Result<(), OpsError> {
     let mut ring = (*site.keys()).clone();
-    ring.reload_alias(&site.store, &site.kek, env, alias)?;
+    ring.reload_alias(&site.store, &site.custodian, env, alias)?;
     site.set_keys(ring);
     Ok(())
 }
@@ -72,9 +72,16 @@ pub fn create_key_alias(
     algorithm: &str,
     access: (Vec<String>, Vec<String>),
     purposes: &[String],
+    backend: &str,
 ) -> Result<(KeySpec, String), OpsError> {
     environment_exists(site, env)?;
     alias_ok(alias)?;
+    let backend = crate::custody::Backend::parse(backend).ok_or_else(|| {
+        OpsError::Invalid(format!(
+            "unknown backend `{}` (software or pkcs11)",
+            crate::model::bounded(backend, 32)
+        ))
+    })?;
     if spec_of(site, env, alias).is_ok() {
         return Err(OpsError::Precondition(format!(
             "key `{alias}` exists; rotate it instead"
@@ -90,13 +97,14 @@ pub fn create_key_alias(
         purposes: parse_purposes(purposes)?,
         budget: environment_budget(site, env),
         allowed_digests: None,
+        backend,
     };
     create_key(
         &site.store,
-        &site.kek,
+        &site.custodian,
         env,
         alias,
-        algorithm,
+        (algorithm, backend),
         1,
         site.clock.unix(),
     )?;
@@ -119,10 +127,10 @@ pub fn rotate_key(site: &SiteState, env: &str, alias: &str) -> Result<(KeySpec, 
     let v = next_version(site, env, alias);
     create_key(
         &site.store,
-        &site.kek,
+        &site.custodian,
         env,
         alias,
-        spec.algorithm,
+        (spec.algorithm, spec.backend),
         v,
         site.clock.unix(),
     )?;
@@ -193,12 +201,13 @@ pub fn import_key(
             purposes: parse_purposes(purposes)?,
             budget: environment_budget(site, env),
             allowed_digests: None,
+            backend: crate::custody::Backend::Software,
         },
     };
     let v = next_version(site, env, alias);
     store_key(
         &site.store,
-        &site.kek,
+        &site.custodian.kek,
         env,
         alias,
         v,

@@ -86,6 +86,7 @@ impl Refusal for OpsError {
             | OpsError::Snapshot(crate::state::snapshot::SnapshotError::SharedStore) => {
                 "precondition"
             }
+            OpsError::Custody(CustodyError::TokenUnavailable(_)) => "key_unavailable",
             OpsError::Custody(_)
             | OpsError::Ca(_)
             | OpsError::Store(_)
@@ -109,6 +110,7 @@ impl Refusal for OpsError {
             | OpsError::Snapshot(crate::state::snapshot::SnapshotError::SharedStore) => {
                 RefusalKind::FailedPrecondition
             }
+            OpsError::Custody(CustodyError::TokenUnavailable(_)) => RefusalKind::Unavailable,
             OpsError::Custody(_)
             | OpsError::Ca(_)
             | OpsError::Store(_)

@@ -42,7 +42,7 @@ pub fn reload(site: &SiteState, file: SiteConfig) -> Result<String, OpsError> {
     }
     site.set_file_config(file.clone());
     let cfg = effective_config(file, &site.store)?;
-    let keys = KeyRing::load_or_create(&cfg, &site.store, &site.kek, site.clock.unix())?;
+    let keys = KeyRing::load_or_create(&cfg, &site.store, &site.custodian, site.clock.unix())?;
     site.set_keys(keys);
     site.set_config(cfg);
     Ok("configuration reloaded".into())

@@ -263,6 +263,7 @@ impl Refusal for SignError {
             SignError::RateLimited(_) => "rate_limited",
             SignError::Budget { .. } => "budget",
             SignError::DigestNotAllowed { .. } => "digest_allow_list",
+            SignError::Custody(CustodyError::TokenUnavailable(_)) => "key_unavailable",
             SignError::Custody(_)
             | SignError::Store(_)
             | SignError::Issue(_)
@@ -292,6 +293,7 @@ impl Refusal for SignError {
             Algorithm { .. } | Purpose { .. } | Input { .. } => RefusalKind::InvalidArgument,
             RateLimited(_) | Budget { .. } => RefusalKind::ResourceExhausted,
             DigestNotAllowed { .. } => RefusalKind::PermissionDenied,
+            Custody(CustodyError::TokenUnavailable(_)) => RefusalKind::Unavailable,
             Custody(_) | Store(_) => RefusalKind::Internal,
             Audit(_) => RefusalKind::Unavailable,
         }

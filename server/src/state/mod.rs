@@ -155,8 +155,8 @@ pub struct SiteState {
     pub store: Store,
     /// Audit log.
     pub audit: AuditLog,
-    /// The key-encryption key (ops wrap new keys under it).
-    pub(crate) kek: Kek,
+    /// The KEK (ops wrap new keys under it) and the PKCS#11 token, if any.
+    pub(crate) custodian: crate::custody::Custodian,
     keys: RwLock<Arc<KeyRing>>,
     runner_cas: RwLock<BTreeMap<String, Arc<RunnerCas>>>,
     revocations: RwLock<Arc<Vec<RevocationRule>>>,
@@ -222,6 +222,11 @@ fn write<T>(l: &RwLock<T>, v: T) {
 }
 
 impl SiteState {
+    /// Whether every key can sign now (false while the PKCS#11 token is gone).
+    pub fn custody_available(&self) -> bool {
+        self.custodian.available()
+    }
+
     /// Opens the store, reads the KEK, loads (or creates) runner CAs and signing keys, and
     /// applies the ops overlays kept in the store to the file configuration.
     pub fn open(file_config: SiteConfig, clock: SharedClock) -> Result<Self, StateError> {
@@ -242,6 +247,16 @@ impl SiteState {
         kv: Option<Arc<dyn crate::store::Kv>>,
     ) -> Result<Self, StateError> {
         let kek = Kek::load(&file_config.kek_file, file_config.dev)?;
+        let token = file_config
+            .pkcs11
+            .as_ref()
+            .map(|c| crate::custody::pkcs11::Token::open(c, file_config.dev))
+            .transpose()?;
+        let audit_backend = match &file_config.pkcs11 {
+            Some(c) if c.audit_key => crate::custody::Backend::Pkcs11,
+            _ => crate::custody::Backend::Software,
+        };
+        let custodian = crate::custody::Custodian { kek, token };
         let data_dir = file_config.data_dir.clone();
         let journal = data_dir.join(JOURNAL_FILE);
         std::fs::create_dir_all(&data_dir).map_err(|source| StoreError::Io {
@@ -251,7 +266,7 @@ impl SiteState {
         // The KEK is checked against the marker before the store is touched.
         let marker = SiteMarker::read(&data_dir)?;
         if let Some(m) = &marker {
-            m.check_kek(&kek, &file_config.kek_file, &data_dir)?;
+            m.check_kek(&custodian.kek, &file_config.kek_file, &data_dir)?;
         }
         let store = match (kv, &file_config.postgres) {
             (Some(kv), _) => Store::new(kv),
@@ -280,7 +295,7 @@ impl SiteState {
         let startup = store.clone();
         let opened = (|| -> Result<Self, StateError> {
             let now = clock.unix();
-            let identity = site_identity(&store, marker.as_ref(), &kek, &data_dir)?;
+            let identity = site_identity(&store, marker.as_ref(), &custodian.kek, &data_dir)?;
             if let Some(m) = &marker {
                 let missing = marker::missing_holdings(m, &store)?;
                 if !missing.is_empty() {
@@ -296,12 +311,12 @@ impl SiteState {
             let file_snapshot = Arc::new(file_config.clone());
             let config = overlays::effective_config(file_config, &store)?;
             // Creating keys (new aliases, or a new site's) comes only after the KEK was verified.
-            let keys = KeyRing::load_or_create(&config, &store, &kek, now)?;
+            let keys = KeyRing::load_or_create(&config, &store, &custodian, now)?;
             let mut runner_cas = BTreeMap::new();
             for p in &config.environments {
                 let pi = RunnerCas::load_or_create(
                     &store,
-                    &kek,
+                    &custodian.kek,
                     &config.trust_domain,
                     &config.region,
                     &p.name,
@@ -310,7 +325,7 @@ impl SiteState {
                 runner_cas.insert(p.name.clone(), Arc::new(pi));
             }
             let revocations = revocations::load(&store)?;
-            let audit_key = AuditKey::load_or_create(&store, &kek, now)?;
+            let audit_key = AuditKey::load_or_create(&store, &custodian, audit_backend, now)?;
             let audit_spki = audit_key.backend.public_key_der().to_vec();
             let mut marker = marker;
             match &marker {
@@ -338,7 +353,7 @@ impl SiteState {
                         &config.trust_domain,
                         now,
                         (&audit_key.key_id, &audit_spki),
-                        &kek,
+                        &custodian.kek,
                     )?);
                     tracing::info!(site_id = %site_id, marker = %SiteMarker::path(&data_dir).display(), "site marker written");
                 }
@@ -376,7 +391,7 @@ impl SiteState {
                 clock,
                 store,
                 audit,
-                kek,
+                custodian,
                 keys: RwLock::new(Arc::new(keys)),
                 runner_cas: RwLock::new(runner_cas),
                 revocations: RwLock::new(Arc::new(revocations)),
@@ -429,7 +444,7 @@ impl SiteState {
         }
         let file = (*read(&self.file_config)).clone();
         let cfg = overlays::effective_config(file, &self.store)?;
-        let keys = KeyRing::load_or_create(&cfg, &self.store, &self.kek, self.clock.unix())?;
+        let keys = KeyRing::load_or_create(&cfg, &self.store, &self.custodian, self.clock.unix())?;
         let environments: Vec<String> = cfg.environments.iter().map(|e| e.name.clone()).collect();
         self.set_keys(keys);
         self.set_config(cfg);
@@ -487,7 +502,7 @@ impl SiteState {
         let cfg = self.config();
         let pi = RunnerCas::load_or_create(
             &self.store,
-            &self.kek,
+            &self.custodian.kek,
             &cfg.trust_domain,
             &cfg.region,
             environment,

@@ -35,6 +35,9 @@ pub struct KeyMeta {
     /// Purposes (used when the alias is not in the file).
     #[serde(default = "default_purposes")]
     pub purposes: Vec<Purpose>,
+    /// Where new versions are generated (used when the alias is not in the file).
+    #[serde(default)]
+    pub backend: crate::custody::Backend,
 }
 
 fn policy_key(environment: &str, policy: &str) -> String {
@@ -74,6 +77,7 @@ pub fn effective_config(mut cfg: SiteConfig, store: &Store) -> Result<SiteConfig
                     purposes: meta.purposes,
                     budget: p.budget,
                     allowed_digests: None,
+                    backend: meta.backend,
                 }),
             }
         }
@@ -107,6 +111,7 @@ impl SiteState {
             access: spec.access.clone(),
             disabled: spec.disabled,
             purposes: spec.purposes.clone(),
+            backend: spec.backend,
         };
         self.store.put(
             Tree::KeyMeta,

@@ -280,6 +280,10 @@ pub enum KeyCommand {
         /// What it may sign (repeat): digest, message, apple-cms. Default: digest, message.
         #[arg(long = "purpose")]
         purposes: Vec<String>,
+        /// Where the key is generated: software (in the site, wrapped under the KEK) or pkcs11
+        /// (in the site's [pkcs11] token, non-extractable).
+        #[arg(long, default_value = "software", value_parser = ["software", "pkcs11"])]
+        backend: String,
     },
     /// Add alias@vN+1, which signs from then on.
     Rotate {
@@ -986,6 +990,7 @@ async fn keys(c: &mut Admin, command: KeyCommand, format: Format) -> Result<(), 
             repositories,
             refs,
             purposes,
+            backend,
         } => {
             c.create_key(v1::CreateKeyRequest {
                 environment,
@@ -994,6 +999,7 @@ async fn keys(c: &mut Admin, command: KeyCommand, format: Format) -> Result<(), 
                 repositories,
                 refs,
                 purposes,
+                backend,
             })
             .await?
         }

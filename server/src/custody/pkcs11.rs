@@ -1,0 +1,669 @@
+//! Keys in a PKCS#11 token (an HSM; SoftHSM2 in the tests), through `cryptoki`.
+//!
+//! A key is generated *in* the token: private half `CKA_TOKEN`, `CKA_PRIVATE`, `CKA_SENSITIVE`,
+//! not `CKA_EXTRACTABLE`; the site keeps only a reference (token label, `CKA_ID`) and the public
+//! key it read from the token's public object. Signing opens sessions from a bounded pool
+//! (`[pkcs11] sessions`); a session the token dropped (reset, removal, logout) is discarded, the
+//! pool re-opens and re-logs in on the next use, and while that fails every signature is refused
+//! `UNAVAILABLE` (`key_unavailable`) and the health service says NOT_SERVING, until the token is
+//! back — no restart. The PIN is read from a file (0600 outside dev), zeroized, never logged.
+//!
+//! Mechanisms: ECDSA P-256 as `CKM_ECDSA` over the SHA-256 digest (SoftHSM2 has no
+//! `CKM_ECDSA_SHA256`; the raw r‖s is DER-encoded here), RSA PKCS#1 v1.5 as `CKM_RSA_PKCS` over
+//! the DigestInfo, RSA-PSS as `CKM_RSA_PKCS_PSS` (SHA-256, MGF1-SHA-256, 32-byte salt).
+//!
+//! Owns: the token connection and PKCS#11 signing. Must not touch: which key signs what.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as P11Error, RvError};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsPssParams};
+use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+use serde::{Deserialize, Serialize};
+
+use super::{CustodyError, SigningBackend};
+use crate::model::KeyAlgorithm;
+
+/// `[pkcs11]` in the site config.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pkcs11Config {
+    /// The PKCS#11 module (e.g. `/usr/lib/softhsm/libsofthsm2.so`).
+    pub module: PathBuf,
+    /// The token's label.
+    pub token_label: String,
+    /// File holding the user PIN (mode 0600 outside dev; trailing newline ignored).
+    pub pin_file: PathBuf,
+    /// Sessions the site keeps open at most (default 4; size it to the token).
+    #[serde(default = "default_sessions")]
+    pub sessions: usize,
+    /// Create the audit (checkpoint) key in the token when the site is first made (an
+    /// existing site keeps its audit key where it is).
+    #[serde(default)]
+    pub audit_key: bool,
+}
+
+fn default_sessions() -> usize {
+    4
+}
+
+/// Where a key lives in the token (stored in the key's record instead of a wrapped key).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pkcs11Ref {
+    /// The token's label.
+    pub token_label: String,
+    /// `CKA_ID` of the key pair, hex.
+    pub object_id: String,
+}
+
+/// An open token: the module, the slot, the PIN, and a bounded pool of logged-in sessions.
+pub struct Token {
+    ctx: Mutex<Pkcs11>,
+    label: String,
+    module: PathBuf,
+    pin: AuthPin,
+    max_sessions: usize,
+    pool: Mutex<Pool>,
+    freed: Condvar,
+    available: AtomicBool,
+}
+
+#[derive(Default)]
+struct Pool {
+    idle: Vec<Session>,
+    open: usize,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token")
+            .field("label", &self.label)
+            .field("module", &self.module)
+            .finish_non_exhaustive()
+    }
+}
+
+fn p11(what: &'static str) -> impl FnOnce(P11Error) -> CustodyError {
+    move |e| CustodyError::Token(format!("{what}: {e}"))
+}
+
+/// Whether an error means the token or the session went away (retry on a fresh session).
+fn lost(e: &P11Error) -> bool {
+    matches!(
+        e,
+        P11Error::Pkcs11(
+            RvError::SessionHandleInvalid
+                | RvError::SessionClosed
+                | RvError::DeviceRemoved
+                | RvError::DeviceError
+                | RvError::TokenNotPresent
+                | RvError::TokenNotRecognized
+                | RvError::UserNotLoggedIn
+                | RvError::CryptokiNotInitialized
+                | RvError::SlotIdInvalid
+                | RvError::ObjectHandleInvalid
+                | RvError::KeyHandleInvalid,
+            _
+        )
+    )
+}
+
+impl Token {
+    /// Loads the module, finds the token by label and logs in (the PIN is checked now).
+    pub fn open(cfg: &Pkcs11Config, dev: bool) -> Result<Arc<Self>, CustodyError> {
+        let pin = read_pin(&cfg.pin_file, dev)?;
+        let ctx = Self::init(&cfg.module)?;
+        let token = Self {
+            ctx: Mutex::new(ctx),
+            label: cfg.token_label.clone(),
+            module: cfg.module.clone(),
+            pin,
+            max_sessions: cfg.sessions.clamp(1, 256),
+            pool: Mutex::new(Pool::default()),
+            freed: Condvar::new(),
+            available: AtomicBool::new(true),
+        };
+        // A session now: a wrong label or PIN refuses the start, naming what to fix.
+        let s = token.open_session()?;
+        token.release(s);
+        Ok(Arc::new(token))
+    }
+
+    fn init(module: &Path) -> Result<Pkcs11, CustodyError> {
+        let ctx = Pkcs11::new(module).map_err(|e| {
+            CustodyError::Token(format!(
+                "PKCS#11 module {}: {e} (check [pkcs11] module)",
+                module.display()
+            ))
+        })?;
+        match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+            Ok(()) | Err(P11Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(ctx),
+            Err(e) => Err(p11("C_Initialize")(e)),
+        }
+    }
+
+    /// The token's label.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// Whether the last use of the token worked (health: NOT_SERVING while false).
+    pub fn available(&self) -> bool {
+        self.available.load(Ordering::Relaxed)
+    }
+
+    fn slot(&self, ctx: &Pkcs11) -> Result<Slot, CustodyError> {
+        for slot in ctx.get_slots_with_token().map_err(p11("C_GetSlotList"))? {
+            if let Ok(info) = ctx.get_token_info(slot)
+                && info.label().trim_end() == self.label
+            {
+                return Ok(slot);
+            }
+        }
+        Err(CustodyError::Token(format!(
+            "no PKCS#11 token labelled `{}` in {} (check [pkcs11] token_label, or that the token \
+             is present)",
+            self.label,
+            self.module.display()
+        )))
+    }
+
+    fn open_session(&self) -> Result<Session, CustodyError> {
+        let ctx = self.ctx.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = self.slot(&ctx)?;
+        let s = ctx.open_rw_session(slot).map_err(p11("C_OpenSession"))?;
+        match s.login(UserType::User, Some(&self.pin)) {
+            Ok(()) | Err(P11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(s),
+            Err(P11Error::Pkcs11(RvError::PinIncorrect, _)) => Err(CustodyError::Token(format!(
+                "token `{}`: the PIN in [pkcs11] pin_file is wrong",
+                self.label
+            ))),
+            Err(e) => Err(p11("C_Login")(e)),
+        }
+    }
+
+    /// A session from the pool (waiting while `sessions` are in use), or a new one.
+    fn acquire(&self) -> Result<Session, CustodyError> {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(s) = pool.idle.pop() {
+                return Ok(s);
+            }
+            if pool.open < self.max_sessions {
+                pool.open += 1;
+                drop(pool);
+                return self.open_session().inspect_err(|_| self.forget());
+            }
+            pool = self.freed.wait(pool).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn release(&self, s: Session) {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        pool.idle.push(s);
+        drop(pool);
+        self.freed.notify_one();
+    }
+
+    /// A session that failed: closed, not returned.
+    fn forget(&self) {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        pool.open = pool.open.saturating_sub(1);
+        drop(pool);
+        self.freed.notify_one();
+    }
+
+    /// After the token went away: drop every idle session and start the library afresh
+    /// (C_Finalize/C_Initialize), so a token that comes back is found again.
+    fn reset(&self) {
+        let idle = {
+            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+            let n = pool.idle.len();
+            pool.open = pool.open.saturating_sub(n);
+            std::mem::take(&mut pool.idle)
+        };
+        drop(idle);
+        let ctx = self.ctx.lock().unwrap_or_else(|p| p.into_inner());
+        // Sessions still in use elsewhere fail from here on and are dropped by their users.
+        let _ = ctx.clone().finalize();
+        if let Err(e) = ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+            tracing::warn!(token = %self.label, error = %e, "PKCS#11 re-initialisation failed");
+        }
+        drop(ctx);
+        self.freed.notify_all();
+    }
+
+    /// Runs `f` on a pooled session; a lost session or token is retried once on a fresh one
+    /// (after re-initialising the library), then refused as unavailable.
+    pub fn with_session<T>(
+        &self,
+        f: impl Fn(&Session) -> Result<T, P11Error>,
+    ) -> Result<T, CustodyError> {
+        for attempt in 0..2 {
+            let s = match self.acquire() {
+                Ok(s) => s,
+                Err(e) => {
+                    self.available.store(false, Ordering::Relaxed);
+                    if attempt == 0 {
+                        self.reset();
+                        continue;
+                    }
+                    return Err(CustodyError::TokenUnavailable(e.to_string()));
+                }
+            };
+            match f(&s) {
+                Ok(v) => {
+                    self.release(s);
+                    self.available.store(true, Ordering::Relaxed);
+                    return Ok(v);
+                }
+                Err(e) if lost(&e) => {
+                    drop(s);
+                    self.forget();
+                    self.available.store(false, Ordering::Relaxed);
+                    tracing::warn!(token = %self.label, error = %e, "PKCS#11 session lost; reopening");
+                    if attempt == 0 {
+                        self.reset();
+                        continue;
+                    }
+                    return Err(CustodyError::TokenUnavailable(format!(
+                        "token `{}`: {e}",
+                        self.label
+                    )));
+                }
+                Err(e) => {
+                    self.release(s);
+                    return Err(CustodyError::Token(e.to_string()));
+                }
+            }
+        }
+        Err(CustodyError::TokenUnavailable(format!(
+            "token `{}` is not available",
+            self.label
+        )))
+    }
+
+    /// Checks the token answers (housekeeping, while it is marked unavailable).
+    pub fn probe(&self) -> bool {
+        self.with_session(|s| s.get_session_info().map(|_| ()))
+            .is_ok()
+    }
+
+    /// Generates a non-extractable key pair of `algorithm` in the token under a fresh
+    /// `CKA_ID`, labelled `label`; returns its reference and SubjectPublicKeyInfo.
+    pub fn generate(
+        &self,
+        algorithm: KeyAlgorithm,
+        label: &str,
+    ) -> Result<(Pkcs11Ref, Vec<u8>), CustodyError> {
+        let id = meshsign_proto::files::random_id()
+            .map_err(|_| CustodyError::Crypto("random id"))?
+            .as_bytes()[..16]
+            .to_vec();
+        let common = |extra: Vec<Attribute>| {
+            let mut v = vec![
+                Attribute::Token(true),
+                Attribute::Id(id.clone()),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ];
+            v.extend(extra);
+            v
+        };
+        let private = common(vec![
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Sign(true),
+        ]);
+        let (mechanism, public) = match algorithm {
+            KeyAlgorithm::EcdsaP256Sha256 => (
+                Mechanism::EccKeyPairGen,
+                common(vec![
+                    Attribute::Verify(true),
+                    Attribute::EcParams(P256_OID_DER.to_vec()),
+                ]),
+            ),
+            rsa => {
+                let bits = rsa.rsa_bits().ok_or(CustodyError::Crypto(
+                    "this algorithm cannot be kept in a PKCS#11 token yet",
+                ))?;
+                (
+                    Mechanism::RsaPkcsKeyPairGen,
+                    common(vec![
+                        Attribute::Verify(true),
+                        Attribute::ModulusBits((bits as u64).into()),
+                        Attribute::PublicExponent(vec![0x01, 0x00, 0x01]),
+                    ]),
+                )
+            }
+        };
+        self.with_session(|s| s.generate_key_pair(&mechanism, &public, &private))?;
+        let r = Pkcs11Ref {
+            token_label: self.label.clone(),
+            object_id: hex::encode(&id),
+        };
+        let spki = self.public_key(&r, algorithm)?;
+        Ok((r, spki))
+    }
+
+    fn find(
+        &self,
+        s: &Session,
+        class: ObjectClass,
+        id: &[u8],
+    ) -> Result<Option<ObjectHandle>, P11Error> {
+        Ok(
+            s.find_objects(&[Attribute::Class(class), Attribute::Id(id.to_vec())])?
+                .into_iter()
+                .next(),
+        )
+    }
+
+    /// The key's SubjectPublicKeyInfo, read from the token's public object.
+    pub fn public_key(
+        &self,
+        r: &Pkcs11Ref,
+        algorithm: KeyAlgorithm,
+    ) -> Result<Vec<u8>, CustodyError> {
+        let id = hex::decode(&r.object_id).map_err(|_| CustodyError::Crypto("object id"))?;
+        let attrs = self.with_session(|s| {
+            let Some(h) = self.find(s, ObjectClass::PUBLIC_KEY, &id)? else {
+                return Ok(None);
+            };
+            let types = match algorithm {
+                KeyAlgorithm::EcdsaP256Sha256 => vec![AttributeType::EcPoint],
+                _ => vec![AttributeType::Modulus, AttributeType::PublicExponent],
+            };
+            s.get_attributes(h, &types).map(Some)
+        })?;
+        let attrs = attrs.ok_or_else(|| {
+            CustodyError::Token(format!(
+                "token `{}` has no public key with CKA_ID {} (was the key deleted from the token?)",
+                r.token_label, r.object_id
+            ))
+        })?;
+        let mut point = None;
+        let (mut modulus, mut exponent) = (None, None);
+        for a in attrs {
+            match a {
+                Attribute::EcPoint(p) => point = Some(p),
+                Attribute::Modulus(m) => modulus = Some(m),
+                Attribute::PublicExponent(e) => exponent = Some(e),
+                _ => {}
+            }
+        }
+        match algorithm {
+            KeyAlgorithm::EcdsaP256Sha256 => {
+                let p = point.ok_or(CustodyError::Crypto("no CKA_EC_POINT"))?;
+                // CKA_EC_POINT is the DER OCTET STRING of the point (or, in some tokens, the bare
+                // point).
+                let raw = match meshsign_proto::der::tlv(&p) {
+                    Some((0x04, body, rest)) if rest.is_empty() && body.first() == Some(&0x04) => {
+                        body.to_vec()
+                    }
+                    _ => p,
+                };
+                Ok(ec_spki(&raw))
+            }
+            _ => {
+                let (m, e) = modulus
+                    .zip(exponent)
+                    .ok_or(CustodyError::Crypto("no RSA public attributes"))?;
+                Ok(rsa_spki(&m, &e))
+            }
+        }
+    }
+
+    /// Whether the private key is marked sensitive and not extractable (and never was
+    /// extractable).
+    pub fn private_key_is_locked(&self, r: &Pkcs11Ref) -> Result<bool, CustodyError> {
+        let id = hex::decode(&r.object_id).map_err(|_| CustodyError::Crypto("object id"))?;
+        self.with_session(|s| {
+            let Some(h) = self.find(s, ObjectClass::PRIVATE_KEY, &id)? else {
+                return Ok(false);
+            };
+            let attrs = s.get_attributes(
+                h,
+                &[
+                    AttributeType::Extractable,
+                    AttributeType::Sensitive,
+                    AttributeType::NeverExtractable,
+                ],
+            )?;
+            Ok(attrs.iter().all(|a| match a {
+                Attribute::Extractable(x) => !x,
+                Attribute::Sensitive(x) | Attribute::NeverExtractable(x) => *x,
+                _ => true,
+            }) && attrs.len() == 3)
+        })
+    }
+}
+
+/// DER of the prime256v1 OID, as CKA_EC_PARAMS.
+const P256_OID_DER: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+
+fn der_len(n: usize) -> Vec<u8> {
+    if n < 0x80 {
+        vec![n as u8]
+    } else {
+        let bytes: Vec<u8> = n
+            .to_be_bytes()
+            .into_iter()
+            .skip_while(|b| *b == 0)
+            .collect();
+        let mut v = vec![0x80 | bytes.len() as u8];
+        v.extend(bytes);
+        v
+    }
+}
+
+fn der(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut v = vec![tag];
+    v.extend(der_len(body.len()));
+    v.extend_from_slice(body);
+    v
+}
+
+/// A DER INTEGER from big-endian unsigned bytes.
+fn der_uint(b: &[u8]) -> Vec<u8> {
+    let b: Vec<u8> = b.iter().copied().skip_while(|x| *x == 0).collect();
+    let mut body = Vec::with_capacity(b.len() + 1);
+    if b.first().is_none_or(|x| x & 0x80 != 0) {
+        body.push(0);
+    }
+    body.extend(b);
+    der(0x02, &body)
+}
+
+fn ec_spki(point: &[u8]) -> Vec<u8> {
+    const EC_PUBLIC_KEY: [u8; 9] = [0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
+    let alg = der(0x30, &[&EC_PUBLIC_KEY[..], &P256_OID_DER[..]].concat());
+    let mut bits = vec![0u8];
+    bits.extend_from_slice(point);
+    der(0x30, &[alg, der(0x03, &bits)].concat())
+}
+
+fn rsa_spki(modulus: &[u8], exponent: &[u8]) -> Vec<u8> {
+    const RSA_ENCRYPTION: [u8; 11] = [
+        0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01,
+    ];
+    let alg = der(0x30, &[&RSA_ENCRYPTION[..], &[0x05, 0x00][..]].concat());
+    let key = der(0x30, &[der_uint(modulus), der_uint(exponent)].concat());
+    let mut bits = vec![0u8];
+    bits.extend(key);
+    der(0x30, &[alg, der(0x03, &bits)].concat())
+}
+
+/// ECDSA r‖s (as PKCS#11 returns it) → DER `ECDSA-Sig-Value`.
+fn ecdsa_der(raw: &[u8]) -> Result<Vec<u8>, CustodyError> {
+    if raw.len() != 64 {
+        return Err(CustodyError::Crypto("unexpected ECDSA signature length"));
+    }
+    let (r, s) = raw.split_at(32);
+    Ok(der(0x30, &[der_uint(r), der_uint(s)].concat()))
+}
+
+/// The DER DigestInfo prefix of SHA-256 (PKCS#1 v1.5).
+const SHA256_DIGEST_INFO: [u8; 19] = [
+    0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01, 0x05,
+    0x00, 0x04, 0x20,
+];
+
+fn read_pin(path: &Path, dev: bool) -> Result<AuthPin, CustodyError> {
+    #[cfg(unix)]
+    if !dev {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(path)
+            .map_err(|source| CustodyError::KekIo {
+                path: path.display().to_string(),
+                source,
+            })?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(CustodyError::KekFile {
+                path: path.display().to_string(),
+                message: format!(
+                    "the PKCS#11 PIN file is readable by others (mode {:o}): chmod 600 it",
+                    mode & 0o777
+                ),
+            });
+        }
+    }
+    let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|source| {
+        CustodyError::KekIo {
+            path: path.display().to_string(),
+            source,
+        }
+    })?);
+    let pin = text.trim_end_matches(['\n', '\r']);
+    if pin.is_empty() {
+        return Err(CustodyError::KekFile {
+            path: path.display().to_string(),
+            message: "the PKCS#11 PIN file is empty".into(),
+        });
+    }
+    Ok(AuthPin::from(pin.to_string()))
+}
+
+/// A signing key held in a token.
+pub struct Pkcs11Key {
+    token: Arc<Token>,
+    id: Vec<u8>,
+    algorithm: KeyAlgorithm,
+    spki: Vec<u8>,
+    handle: Mutex<Option<ObjectHandle>>,
+}
+
+impl std::fmt::Debug for Pkcs11Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Pkcs11Key({}, token {}, id {})",
+            self.algorithm.as_str(),
+            self.token.label(),
+            hex::encode(&self.id)
+        )
+    }
+}
+
+impl Pkcs11Key {
+    /// The key `r` of `token`; its public key is read from the token.
+    pub fn load(
+        token: &Arc<Token>,
+        r: &Pkcs11Ref,
+        algorithm: KeyAlgorithm,
+    ) -> Result<Self, CustodyError> {
+        if r.token_label != token.label() {
+            return Err(CustodyError::Token(format!(
+                "the key is in token `{}` but [pkcs11] names `{}`",
+                r.token_label,
+                token.label()
+            )));
+        }
+        let spki = token.public_key(r, algorithm)?;
+        Ok(Self {
+            token: token.clone(),
+            id: hex::decode(&r.object_id).map_err(|_| CustodyError::Crypto("object id"))?,
+            algorithm,
+            spki,
+            handle: Mutex::new(None),
+        })
+    }
+}
+
+impl SigningBackend for Pkcs11Key {
+    fn algorithm(&self) -> KeyAlgorithm {
+        self.algorithm
+    }
+
+    fn public_key_der(&self) -> &[u8] {
+        &self.spki
+    }
+
+    fn sign_digest(&self, digest: &[u8; 32]) -> Result<Vec<u8>, CustodyError> {
+        let (mechanism, data) = match self.algorithm {
+            KeyAlgorithm::EcdsaP256Sha256 => (Mechanism::Ecdsa, digest.to_vec()),
+            a if a.is_pss() => (
+                Mechanism::RsaPkcsPss(PkcsPssParams {
+                    hash_alg: cryptoki::mechanism::MechanismType::SHA256,
+                    mgf: PkcsMgfType::MGF1_SHA256,
+                    s_len: 32u64.into(),
+                }),
+                digest.to_vec(),
+            ),
+            _ => (
+                Mechanism::RsaPkcs,
+                [&SHA256_DIGEST_INFO[..], &digest[..]].concat(),
+            ),
+        };
+        let sig = self.token.with_session(|s| {
+            let cached = *self.handle.lock().unwrap_or_else(|p| p.into_inner());
+            let h = match cached {
+                Some(h) => h,
+                None => {
+                    let h = self
+                        .token
+                        .find(s, ObjectClass::PRIVATE_KEY, &self.id)?
+                        .ok_or(P11Error::Pkcs11(
+                            RvError::KeyHandleInvalid,
+                            cryptoki::context::Function::FindObjects,
+                        ))?;
+                    *self.handle.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
+                    h
+                }
+            };
+            let r = s.sign(&mechanism, h, &data);
+            if r.as_ref().is_err_and(lost) {
+                // Handles may not survive a token reset: look it up again next time.
+                *self.handle.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            }
+            r
+        })?;
+        match self.algorithm {
+            KeyAlgorithm::EcdsaP256Sha256 => ecdsa_der(&sig),
+            _ => Ok(sig),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn der_integers_are_minimal_and_positive() {
+        assert_eq!(der_uint(&[0, 0, 5]), vec![0x02, 0x01, 0x05]);
+        assert_eq!(der_uint(&[0x80]), vec![0x02, 0x02, 0x00, 0x80]);
+        assert_eq!(der_uint(&[0]), vec![0x02, 0x01, 0x00]);
+        assert_eq!(der_len(200), vec![0x81, 200]);
+        assert_eq!(der_len(0x1234), vec![0x82, 0x12, 0x34]);
+    }
+}
