@@ -100,6 +100,15 @@ impl Daemon {
         if let Some(url) = postgres {
             cmd.args(["--postgres-url", url]);
         }
+        // A SoftHSM2 token made by the bench (`--key-backend pkcs11`): the site gets a key
+        // `hsm` in it (the token's config travels in SOFTHSM2_CONF, inherited).
+        if let Some(dir) = std::env::var_os(crate::SOFTHSM_DIR) {
+            let dir = PathBuf::from(dir);
+            cmd.arg("--pkcs11-module")
+                .arg(crate::SOFTHSM_MODULE)
+                .args(["--pkcs11-token", crate::SOFTHSM_LABEL, "--pkcs11-pin-file"])
+                .arg(dir.join("pin"));
+        }
         let mut child = cmd
             .spawn()
             .map_err(|e| format!("{}: {e}", binary.display()))?;

@@ -96,14 +96,19 @@ pub async fn sessions(
 }
 
 /// Runs `what` from every session for `duration`.
-pub async fn sign(sessions: Vec<Session>, what: SignLoad, duration: Duration) -> Window {
+pub async fn sign(
+    sessions: Vec<Session>,
+    what: SignLoad,
+    key: &'static str,
+    duration: Duration,
+) -> Window {
     window(sessions, duration, move |mut s: Session, i| async move {
         let digest = vec![(i % 251) as u8; 32];
         let ok = match what {
             SignLoad::Sign => s
                 .signer
                 .sign(v1::SignRequest {
-                    key_alias: KEY.into(),
+                    key_alias: key.into(),
                     input: Some(v1::sign_request::Input::Sha256Digest(digest)),
                     artifact_name: String::new(),
                     algorithm: String::new(),
@@ -113,7 +118,7 @@ pub async fn sign(sessions: Vec<Session>, what: SignLoad, duration: Duration) ->
             SignLoad::Batch(n) => s
                 .signer
                 .sign_batch(v1::SignBatchRequest {
-                    key_alias: KEY.into(),
+                    key_alias: key.into(),
                     sha256_digests: vec![digest; n],
                     artifact_name: String::new(),
                     algorithm: String::new(),

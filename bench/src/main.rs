@@ -9,6 +9,7 @@
 //! cargo build --release -p meshsign-server -p meshsign-bench
 //! ./target/release/meshsign-bench --scenario sign --concurrency 64 --duration 5 --runs 3 --vs-openbao
 //! ./target/release/meshsign-bench --scenario sign --concurrency 64 --compare-durability --runs 3
+//! ./target/release/meshsign-bench --scenario batch --key-backend pkcs11 --runs 3
 //! ```
 
 use std::path::PathBuf;
@@ -67,6 +68,60 @@ struct Cli {
     /// loopback), with one replica and with two, next to the sled site in the same run.
     #[arg(long, value_enum, default_value_t = Store::Sled)]
     store: Store,
+    /// `pkcs11`: also sign with a key in a SoftHSM2 token (the bench makes one in a temp dir),
+    /// next to the software key in the same run, and the token in-process through cryptoki.
+    #[arg(long, value_enum, default_value_t = KeyBackend::Software)]
+    key_backend: KeyBackend,
+}
+
+#[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]
+enum KeyBackend {
+    /// The site's software keys only.
+    Software,
+    /// The software key and a SoftHSM2 key, side by side.
+    Pkcs11,
+}
+
+/// Environment variable naming the bench's SoftHSM2 folder (set for the re-executed bench).
+pub const SOFTHSM_DIR: &str = "MESHSIGN_BENCH_SOFTHSM_DIR";
+/// The SoftHSM2 module (Debian's path).
+pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+/// The bench token's label.
+pub const SOFTHSM_LABEL: &str = "meshsign-bench";
+
+/// Makes a SoftHSM2 token in a temp dir and runs this bench again with `SOFTHSM2_CONF`
+/// pointing at it (SoftHSM2 reads it when first initialised in a process; setting the
+/// environment of a running process needs `unsafe`, which this workspace forbids).
+fn reexec_with_softhsm() -> Result<std::process::ExitStatus, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let tokens = dir.path().join("tokens");
+    std::fs::create_dir_all(&tokens).map_err(|e| e.to_string())?;
+    let conf = dir.path().join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            tokens.display()
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let out = std::process::Command::new("softhsm2-util")
+        .env("SOFTHSM2_CONF", &conf)
+        .args(["--init-token", "--free", "--label", SOFTHSM_LABEL])
+        .args(["--pin", "1234", "--so-pin", "5678"])
+        .output()
+        .map_err(|e| format!("softhsm2-util (apt-get install softhsm2): {e}"))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    std::fs::write(dir.path().join("pin"), "1234\n").map_err(|e| e.to_string())?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env("SOFTHSM2_CONF", &conf)
+        .env(SOFTHSM_DIR, dir.path())
+        .status()
+        .map_err(|e| e.to_string())
 }
 
 #[derive(Clone, Copy, ValueEnum, Debug, PartialEq, Eq)]
@@ -124,6 +179,7 @@ fn per_1000(before: Option<f64>, after: Option<f64>, ops: u64) -> Option<f64> {
 /// for `--duration` while reading the server's and our own CPU time.
 async fn service(
     cli: &Cli,
+    hsm: bool,
     sites: &[Daemon],
     tokens: &Tokens,
     db: Option<&meshsign_certs_dev::postgres::LocalPostgres>,
@@ -135,6 +191,7 @@ async fn service(
     };
     let dur = Duration::from_secs(cli.duration);
     // The runners are spread evenly over the replicas.
+    let key = if hsm { "hsm" } else { load::KEY };
     let mut sessions = Vec::new();
     if what.is_some() {
         for (i, site) in sites.iter().enumerate() {
@@ -146,7 +203,7 @@ async fn service(
     let db_cpu = || db.and_then(|d| d.cpu_seconds(daemon::clock_ticks()));
     let (s0, c0, d0) = (cpu(), daemon::own_cpu_seconds(), db_cpu());
     let w: Window = match what {
-        Some(what) => load::sign(sessions, what, dur).await,
+        Some(what) => load::sign(sessions, what, key, dur).await,
         None => load::enroll(&sites[0].client, tokens, cli.concurrency, dur).await?,
     };
     let (s1, c1, d1) = (cpu(), daemon::own_cpu_seconds(), db_cpu());
@@ -193,8 +250,55 @@ fn in_process(cli: &Cli) -> f64 {
     handles.into_iter().filter_map(|h| h.join().ok()).sum()
 }
 
+/// The SoftHSM2 key in-process through cryptoki (the site's `Pkcs11Key`), one thread per
+/// core, sessions as many as threads.
+fn in_process_pkcs11(cli: &Cli) -> Result<f64, String> {
+    use meshsign_server::custody::pkcs11::{Pkcs11Config, Pkcs11Key, Token};
+    let dir = PathBuf::from(std::env::var_os(SOFTHSM_DIR).ok_or("no SoftHSM2 token")?);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let token = Token::open(
+        &Pkcs11Config {
+            module: SOFTHSM_MODULE.into(),
+            token_label: SOFTHSM_LABEL.into(),
+            pin_file: dir.join("pin"),
+            sessions: threads,
+            audit_key: false,
+        },
+        true,
+    )
+    .map_err(|e| e.to_string())?;
+    let alg = meshsign_server::model::KeyAlgorithm::EcdsaP256Sha256;
+    let (r, _) = token
+        .generate(alg, "bench in-process")
+        .map_err(|e| e.to_string())?;
+    let key: std::sync::Arc<dyn SigningBackend> =
+        std::sync::Arc::new(Pkcs11Key::load(&token, &r, alg).map_err(|e| e.to_string())?);
+    let dur = Duration::from_secs(cli.duration);
+    let handles: Vec<_> = (0..threads)
+        .map(|i| {
+            let key = key.clone();
+            std::thread::spawn(move || {
+                let digest = [i as u8; 32];
+                let start = Instant::now();
+                let mut n = 0u64;
+                while start.elapsed() < dur {
+                    if key.sign_digest(&digest).is_ok() {
+                        n += 1;
+                    }
+                }
+                n as f64 / start.elapsed().as_secs_f64()
+            })
+        })
+        .collect();
+    Ok(handles.into_iter().filter_map(|h| h.join().ok()).sum())
+}
+
 /// A site under test and what was measured on it.
 struct Mode {
+    /// Signs with the SoftHSM2 key `hsm` (else the software key `release`).
+    hsm: bool,
     durable: bool,
     /// `sled` or `postgres`.
     store: &'static str,
@@ -215,6 +319,15 @@ fn opt_median(v: impl Iterator<Item = Option<f64>>) -> Option<f64> {
 async fn main() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = Cli::parse();
+    if cli.key_backend == KeyBackend::Pkcs11 && std::env::var_os(SOFTHSM_DIR).is_none() {
+        match tokio::task::block_in_place(reexec_with_softhsm) {
+            Ok(status) => std::process::exit(status.code().unwrap_or(1)),
+            Err(e) => {
+                eprintln!("meshsign-bench: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
     if let Err(e) = run(&cli).await {
         eprintln!("meshsign-bench: {e}");
         std::process::exit(1);
@@ -235,6 +348,7 @@ async fn run(cli: &Cli) -> Result<(), String> {
         let site = Daemon::start(&binary, durable, &cli.site_log, None)?;
         let tokens = Tokens::new(&site.client)?;
         modes.push(Mode {
+            hsm: false,
             durable,
             store: "sled",
             sites: vec![site],
@@ -256,6 +370,7 @@ async fn run(cli: &Cli) -> Result<(), String> {
                 sites.push(next);
             }
             modes.push(Mode {
+                hsm: false,
                 durable: true,
                 store: "postgres",
                 sites,
@@ -265,6 +380,20 @@ async fn run(cli: &Cli) -> Result<(), String> {
             });
         }
     }
+    if cli.key_backend == KeyBackend::Pkcs11 {
+        let site = Daemon::start(&binary, !cli.no_durable_audit, &cli.site_log, None)?;
+        let tokens = Tokens::new(&site.client)?;
+        modes.push(Mode {
+            hsm: true,
+            durable: !cli.no_durable_audit,
+            store: "sled",
+            sites: vec![site],
+            db: None,
+            tokens,
+            rows: Vec::new(),
+        });
+    }
+    let mut inproc_hsm = Vec::new();
     let bao = if cli.vs_openbao {
         Some(openbao::start().await?)
     } else {
@@ -279,6 +408,9 @@ async fn run(cli: &Cli) -> Result<(), String> {
         } else {
             tokio::task::block_in_place(|| in_process(cli))
         });
+        if cli.key_backend == KeyBackend::Pkcs11 {
+            inproc_hsm.push(tokio::task::block_in_place(|| in_process_pkcs11(cli))?);
+        }
         if let Some(b) = &bao {
             let batch = matches!(cli.scenario, Scenario::Batch).then_some(cli.batch);
             let (ops, lat) =
@@ -300,11 +432,12 @@ async fn run(cli: &Cli) -> Result<(), String> {
         };
         for i in order {
             let mode = &mut modes[i];
-            let m = service(cli, &mode.sites, &mode.tokens, mode.db.as_ref()).await?;
+            let m = service(cli, mode.hsm, &mode.sites, &mode.tokens, mode.db.as_ref()).await?;
             eprintln!(
-                "run {run}: {:?} {} x{} durable={} c={} {:.0} ops/s p50 {:.2} ms p99 {:.2} ms \
+                "run {run}: {:?}{} {} x{} durable={} c={} {:.0} ops/s p50 {:.2} ms p99 {:.2} ms \
                  errors {} server {:.3} / client {:.3} CPU s per 1000 ops (in-process {:.0}/s)",
                 cli.scenario,
+                if mode.hsm { " [pkcs11 key]" } else { "" },
                 mode.store,
                 mode.sites.len(),
                 mode.durable,
@@ -359,7 +492,21 @@ async fn run(cli: &Cli) -> Result<(), String> {
         }
         j
     };
-    if cli.compare_durability {
+    if cli.key_backend == KeyBackend::Pkcs11 {
+        let (soft, hsm) = (summarize(&modes[0]), summarize(&modes[modes.len() - 1]));
+        let hsm_inproc = median(inproc_hsm);
+        let ops = |j: &serde_json::Value| j["ops_per_sec"].as_f64().unwrap_or(0.0);
+        println!(
+            "{}",
+            serde_json::json!({
+                "software": soft,
+                "pkcs11": hsm,
+                "pkcs11_in_process_ops_per_sec": hsm_inproc.round(),
+                "pkcs11_to_software": ops(&hsm) / ops(&soft).max(1.0),
+                "pkcs11_ratio_to_its_in_process": ops(&hsm) / hsm_inproc.max(1.0),
+            })
+        );
+    } else if cli.compare_durability {
         let (d, n) = (summarize(&modes[0]), summarize(&modes[1]));
         let ratio = d["ops_per_sec"].as_f64().unwrap_or(0.0)
             / n["ops_per_sec"].as_f64().unwrap_or(1.0).max(1.0);

@@ -192,3 +192,34 @@ key_file = "pki/{akey}"
     meshsign_proto::files::write_atomic(&path, toml.as_bytes(), false).map_err(io(&path))?;
     Ok(path)
 }
+
+/// Adds `[pkcs11]` and a key `hsm` (ECDSA P-256, generated in that token) to every environment
+/// of a dev site's configuration (`meshsignd dev --pkcs11-module …`).
+pub fn add_hsm_key(
+    cfg: &mut crate::config::SiteConfig,
+    module: PathBuf,
+    token_label: String,
+    pin_file: PathBuf,
+) -> Result<(), String> {
+    cfg.pkcs11 = Some(crate::custody::pkcs11::Pkcs11Config {
+        module,
+        token_label,
+        pin_file,
+        sessions: 8,
+        audit_key: false,
+    });
+    for env in &mut cfg.environments {
+        let release = env
+            .signing_keys
+            .iter()
+            .find(|k| k.alias == "release")
+            .cloned()
+            .ok_or("the dev site has no key `release`")?;
+        env.signing_keys.push(crate::config::KeySpec {
+            alias: "hsm".into(),
+            backend: crate::custody::Backend::Pkcs11,
+            ..release
+        });
+    }
+    Ok(())
+}

@@ -72,6 +72,17 @@ enum Command {
         /// one site (benchmarks, trying replicas out).
         #[arg(long)]
         postgres_url: Option<String>,
+        /// A PKCS#11 module (e.g. /usr/lib/softhsm/libsofthsm2.so): the dev site gets a key
+        /// `hsm` (ECDSA P-256) in every environment, generated in that token (benchmarks,
+        /// trying HSM custody out).
+        #[arg(long, requires_all = ["pkcs11_token", "pkcs11_pin_file"])]
+        pkcs11_module: Option<PathBuf>,
+        /// The token's label (with --pkcs11-module).
+        #[arg(long)]
+        pkcs11_token: Option<String>,
+        /// File holding the token's user PIN (with --pkcs11-module).
+        #[arg(long)]
+        pkcs11_pin_file: Option<PathBuf>,
     },
     /// Validate a site config (including JWKS files and the KEK file) without serving.
     Check {
@@ -195,6 +206,9 @@ async fn dispatch(command: Command) -> Result<(), String> {
             admin_port,
             no_audit_flush,
             postgres_url,
+            pkcs11_module,
+            pkcs11_token,
+            pkcs11_pin_file,
         } => {
             let site_toml = dev::prepare_region(&data_dir, &region).map_err(|e| e.to_string())?;
             let mut cfg = SiteConfig::load(&site_toml)
@@ -209,6 +223,12 @@ async fn dispatch(command: Command) -> Result<(), String> {
                     password_file: None,
                     pool_size: 8,
                 });
+            }
+            if let (Some(module), Some(token_label), Some(pin_file)) =
+                (pkcs11_module, pkcs11_token, pkcs11_pin_file)
+            {
+                dev::add_hsm_key(&mut cfg, module, token_label, pin_file)
+                    .map_err(|e| e.to_string())?;
             }
             if no_audit_flush {
                 cfg.audit.flush = false;
