@@ -253,6 +253,33 @@ impl Session {
         Ok(out.map_err(|s| ClientError::rpc("Sign", s))?.into_inner())
     }
 
+    /// Signs a short message (at most 4 KiB) with the site key `alias` (purpose `message`; the
+    /// only input a P-384 or Ed25519 key takes).
+    pub async fn sign_message(
+        &mut self,
+        alias: &str,
+        message: &[u8],
+        artifact: &str,
+    ) -> Result<v1::SignResponse, ClientError> {
+        let req = v1::SignRequest {
+            key_alias: alias.to_string(),
+            input: Some(v1::sign_request::Input::Message(message.to_vec())),
+            artifact_name: artifact.to_string(),
+            algorithm: String::new(),
+        };
+        let mut out = self.signer.sign(req.clone()).await;
+        for backoff_ms in [50, 200, 800] {
+            match &out {
+                Err(s) if transport::is_failover(s) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(backoff_ms)).await;
+                    out = self.signer.sign(req.clone()).await;
+                }
+                _ => break,
+            }
+        }
+        Ok(out.map_err(|s| ClientError::rpc("Sign", s))?.into_inner())
+    }
+
     /// Renews the session: a fresh key in memory, a new certificate from the site's Renew RPC
     /// (authenticated by the current certificate; no token), and a new sign-port channel with
     /// it. The old certificate is superseded at the site and must not be used again.

@@ -55,7 +55,34 @@ impl SigBundle {
         region: &str,
         environment: &str,
     ) -> Result<Self, ClientError> {
-        verify_signature(&r.algorithm, &r.public_key_der, digest, &r.signature).map_err(|e| {
+        Self::from_signed(r, name, (digest, None), region, environment)
+    }
+
+    /// [`SigBundle::from_response`] for a message signature (`message`: the bytes signed).
+    pub fn from_message_response(
+        r: &meshsign_proto::v1::SignResponse,
+        name: &str,
+        message: &[u8],
+        region: &str,
+        environment: &str,
+    ) -> Result<Self, ClientError> {
+        let mut d = [0u8; 32];
+        d.copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, message).as_ref());
+        Self::from_signed(r, name, (&d, Some(message)), region, environment)
+    }
+
+    fn from_signed(
+        r: &meshsign_proto::v1::SignResponse,
+        name: &str,
+        (digest, message): (&[u8; 32], Option<&[u8]>),
+        region: &str,
+        environment: &str,
+    ) -> Result<Self, ClientError> {
+        match message {
+            Some(m) => verify_message(&r.algorithm, &r.public_key_der, m, &r.signature),
+            None => verify_signature(&r.algorithm, &r.public_key_der, digest, &r.signature),
+        }
+        .map_err(|e| {
             ClientError::Crypto(format!(
                 "site returned a signature that does not verify: {e}"
             ))
@@ -160,6 +187,42 @@ pub fn verify_signature(
         .map_err(|_| ClientError::Verify("signature does not match".into()))
 }
 
+/// Whether `algorithm` signs messages only (the signature is over the message, not a SHA-256
+/// digest): ECDSA P-384 (SHA-384 of the message) and Ed25519 (pure EdDSA).
+pub fn messages_only(algorithm: &str) -> bool {
+    matches!(algorithm, "ecdsa-p384-sha384" | "ed25519")
+}
+
+/// The most a message signature covers (the site refuses longer messages).
+pub const MAX_MESSAGE_BYTES: usize = 4096;
+
+/// Verifies a signature over a message, for every algorithm: the digest algorithms over its
+/// SHA-256, P-384 over its SHA-384, Ed25519 over the message itself.
+pub fn verify_message(
+    algorithm: &str,
+    spki_der: &[u8],
+    message: &[u8],
+    sig: &[u8],
+) -> Result<(), ClientError> {
+    use aws_lc_rs::signature::{ECDSA_P384_SHA384_ASN1, ED25519, UnparsedPublicKey};
+    let alg: &'static dyn aws_lc_rs::signature::VerificationAlgorithm = match algorithm {
+        "ecdsa-p384-sha384" => &ECDSA_P384_SHA384_ASN1,
+        "ed25519" => &ED25519,
+        _ => {
+            let mut d = [0u8; 32];
+            d.copy_from_slice(
+                aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, message).as_ref(),
+            );
+            return verify_signature(algorithm, spki_der, &d, sig);
+        }
+    };
+    let key = meshsign_proto::der::spki_key(spki_der)
+        .ok_or_else(|| ClientError::Verify("public key: not an SPKI".into()))?;
+    UnparsedPublicKey::new(alg, key)
+        .verify(message, sig)
+        .map_err(|_| ClientError::Verify("signature does not match".into()))
+}
+
 /// Checks `file` against its bundle: the digest matches and the signature verifies under the
 /// bundle's key, which must equal `pinned_spki` when one is given.
 pub fn verify_file(
@@ -185,7 +248,27 @@ pub fn verify_file(
     let sig = base64::engine::general_purpose::STANDARD
         .decode(&bundle.signature)
         .map_err(|_| ClientError::Verify("signature is not base64".into()))?;
+    if messages_only(&bundle.algorithm) {
+        // The signature is over the file's bytes (a message of at most 4 KiB).
+        let message = read_message(file)?;
+        return verify_message(&bundle.algorithm, &spki, &message, &sig);
+    }
     verify_signature(&bundle.algorithm, &spki, &digest, &sig)
+}
+
+/// A file's bytes as a message to sign or verify (refused above [`MAX_MESSAGE_BYTES`]).
+pub fn read_message(file: &Path) -> Result<Vec<u8>, ClientError> {
+    let len = std::fs::metadata(file)
+        .map_err(ClientError::io(file))?
+        .len();
+    if len > MAX_MESSAGE_BYTES as u64 {
+        return Err(ClientError::Usage(format!(
+            "{}: {len} bytes; a message signature covers at most {MAX_MESSAGE_BYTES} bytes \
+             (sign a digest with a P-256 or RSA key instead)",
+            file.display()
+        )));
+    }
+    std::fs::read(file).map_err(ClientError::io(file))
 }
 
 /// Reads an audit public key (SPKI PEM).

@@ -973,3 +973,68 @@ fn the_runbooks_commands_exist() {
     }
     assert!(checked >= 15, "{checked} commands");
 }
+
+/// `meshsign sign --message` with Ed25519 and P-384 keys, and `meshsign verify` offline.
+#[test]
+fn message_keys_sign_files_as_messages_and_verify_offline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let _site = start_dev(&dir.join("site"));
+    std::fs::write(dir.join("notes.txt"), b"release notes 1.4.2").unwrap();
+    for (alias, alg) in [("ed", "ed25519"), ("p384", "ecdsa-p384-sha384")] {
+        let (code, _, err) = run(
+            dir,
+            &[
+                "admin",
+                "key",
+                "create",
+                "--environment",
+                "staging",
+                "--alias",
+                alias,
+                "--algorithm",
+                alg,
+                "--repository",
+                "*",
+                "--ref",
+                "*",
+            ],
+        );
+        assert_eq!(code, 0, "{err}");
+        // A digest is not what this key signs: refused, exit 3.
+        let (code, _, err) = run(
+            dir,
+            &[
+                "sign",
+                "--environment",
+                "staging",
+                "--key",
+                alias,
+                "notes.txt",
+            ],
+        );
+        assert_eq!(code, 3, "{err}");
+        assert!(err.contains("purpose"), "{err}");
+        let (code, out, err) = run(
+            dir,
+            &[
+                "sign",
+                "--environment",
+                "staging",
+                "--key",
+                alias,
+                "--message",
+                "notes.txt",
+            ],
+        );
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains(&format!("{alias}@v1")), "{out}");
+        let (code, out, err) = run(dir, &["verify", "notes.txt"]);
+        assert_eq!(code, 0, "{alias}: {out}{err}");
+        // One changed byte: exit 1.
+        std::fs::write(dir.join("notes.txt"), b"release notes 1.4.3").unwrap();
+        let (code, _, _) = run(dir, &["verify", "notes.txt"]);
+        assert_eq!(code, 1);
+        std::fs::write(dir.join("notes.txt"), b"release notes 1.4.2").unwrap();
+    }
+}

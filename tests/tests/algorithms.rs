@@ -1,4 +1,5 @@
-//! Key algorithms: ECDSA P-256, RSA PKCS#1 v1.5 and PSS (aws-lc-rs in the site); openssl verifies
+//! Key algorithms: ECDSA P-256, RSA PKCS#1 v1.5 and PSS, and (messages only) Ed25519 and ECDSA
+//! P-384 (aws-lc-rs in the site); openssl verifies
 //! each; the key's algorithm decides and a request for another is refused.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
@@ -516,4 +517,97 @@ async fn signing_identity_csr_certificate_and_chain() {
     assert!(ok, "{out}");
     let (ok, out) = openssl(&["verify", "-CAfile", &p("ca.pem"), &p("leaf.pem")]);
     assert!(ok, "{out}");
+}
+
+const MESSAGE_KEYS: &str = r#"
+[[environments.signing_keys]]
+alias = "ed"
+algorithm = "ed25519"
+access = { repositories = ["*"], refs = ["*"] }
+
+[[environments.signing_keys]]
+alias = "p384"
+algorithm = "ecdsa-p384-sha384"
+access = { repositories = ["*"], refs = ["*"] }
+"#;
+
+/// Ed25519 (pure EdDSA over the message) and ECDSA P-384 (over SHA-384 of the message) sign
+/// messages only; openssl and the client's offline verifier check them; a digest is refused.
+#[tokio::test]
+async fn ed25519_and_p384_sign_messages_and_openssl_verifies() {
+    let site = TestSite::start_with(MESSAGE_KEYS, None).await;
+    let (_k, _r, mut signer) = site.enrolled("production").await;
+    let dir = site.dir.path();
+    let message = b"release 1.4.2 of acme/app, built from 9f2c4e".to_vec();
+    let file = dir.join("message");
+    std::fs::write(&file, &message).unwrap();
+    let p = |x: &std::path::Path| x.to_str().unwrap().to_string();
+    for (alias, alg) in [("ed", "ed25519"), ("p384", "ecdsa-p384-sha384")] {
+        let r = signer
+            .sign(v1::SignRequest {
+                key_alias: alias.into(),
+                input: Some(Input::Message(message.clone())),
+                artifact_name: "message".into(),
+                algorithm: alg.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.algorithm, alg);
+        let (sig, pubkey) = (
+            dir.join(format!("{alias}.sig")),
+            dir.join(format!("{alias}.pem")),
+        );
+        std::fs::write(&sig, &r.signature).unwrap();
+        write_pem(&pubkey, "PUBLIC KEY", &r.public_key_der);
+        let (pk, sg, fl) = (p(&pubkey), p(&sig), p(&file));
+        let (ok, out) = if alg == "ed25519" {
+            assert_eq!(r.signature.len(), 64);
+            openssl(&[
+                "pkeyutl", "-verify", "-pubin", "-inkey", &pk, "-rawin", "-in", &fl, "-sigfile",
+                &sg,
+            ])
+        } else {
+            openssl(&["dgst", "-sha384", "-verify", &pk, "-signature", &sg, &fl])
+        };
+        assert!(ok, "{alias} ({alg}): {out}");
+        meshsign_client::verify::verify_message(alg, &r.public_key_der, &message, &r.signature)
+            .unwrap();
+        assert!(
+            meshsign_client::verify::verify_message(
+                alg,
+                &r.public_key_der,
+                b"another message",
+                &r.signature
+            )
+            .is_err()
+        );
+        // The audit names the message's SHA-256, as for every message signature.
+        assert_eq!(site.last_audit().digest, hex::encode(sha256(&message)));
+        // A digest is not what these keys sign.
+        let e = signer
+            .sign(v1::SignRequest {
+                key_alias: alias.into(),
+                input: Some(Input::Sha256Digest(sha256(&message).to_vec())),
+                artifact_name: String::new(),
+                algorithm: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert!(e.message().starts_with("purpose: "), "{e:?}");
+    }
+    // A message-only key with a digest purpose is refused by field.
+    let dir2 = tempfile::tempdir().unwrap();
+    meshsign_tests::write_site_files(dir2.path());
+    let path = dir2.path().join("site.toml");
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str(
+        "\n[[environments.signing_keys]]\nalias = \"ed\"\nalgorithm = \"ed25519\"\npurposes = [\"digest\"]\naccess = { repositories = [\"*\"], refs = [\"*\"] }\n",
+    );
+    std::fs::write(&path, text).unwrap();
+    let e = meshsign_server::config::SiteConfig::load(&path).unwrap_err();
+    assert!(
+        e.to_string().contains("purposes") && e.to_string().contains("messages only"),
+        "{e}"
+    );
 }

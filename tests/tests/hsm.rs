@@ -92,6 +92,10 @@ module = "{MODULE}"
 token_label = "{LABEL}"
 pin_file = "{}"
 sessions = 4
+audit_key = true
+
+[audit]
+checkpoint_every = 5
 "#,
         pin.display()
     )
@@ -255,6 +259,21 @@ fn keys_in_a_pkcs11_token_sign_rotate_survive_restarts_and_the_token_coming_and_
             );
         }
 
+        // The audit key is in the token too: its checkpoints verify under the key the site
+        // publishes, and the store holds only its reference.
+        let audit_rec = site
+            .state()
+            .store
+            .kv()
+            .scan_prefix(meshsign_server::store::Tree::Keys, b"(site)/audit/")
+            .unwrap();
+        assert!(String::from_utf8_lossy(&audit_rec[0].1).contains("\"pkcs11\""));
+        let lines = meshsign_tests::export(&site, v1::ExportAuditRequest::default()).await;
+        let report =
+            meshsign_proto::audit::verify_export(&lines, &meshsign_tests::audit_key(&site).await)
+                .unwrap();
+        assert!(report.checkpoints >= 1, "{report:?}");
+
         // Rotate: v2 is made in the token and signs; disable: refused.
         let mut admin = site.admin().await;
         let key = |alias: &str| v1::KeyRef {
@@ -292,6 +311,51 @@ fn keys_in_a_pkcs11_token_sign_rotate_survive_restarts_and_the_token_coming_and_
                 .iter()
                 .any(|k| k.0 == "meshsign production/hsm-new@v1" && !k.1)
         );
+        // Ed25519 and P-384 in the token (messages only), verified by openssl.
+        let message = b"release 1.4.2 of acme/app".to_vec();
+        let msg_file = dir.join("message");
+        std::fs::write(&msg_file, &message).unwrap();
+        for (alias, alg) in [("hsm-ed", "ed25519"), ("hsm-p384", "ecdsa-p384-sha384")] {
+            admin
+                .create_key(v1::CreateKeyRequest {
+                    environment: "production".into(),
+                    alias: alias.into(),
+                    algorithm: alg.into(),
+                    repositories: vec!["*".into()],
+                    refs: vec!["*".into()],
+                    purposes: vec![],
+                    backend: "pkcs11".into(),
+                })
+                .await
+                .unwrap_or_else(|e| panic!("{alias} in the token: {e:?}"));
+            let r = signer
+                .sign(v1::SignRequest {
+                    key_alias: alias.into(),
+                    input: Some(Input::Message(message.clone())),
+                    artifact_name: "message".into(),
+                    algorithm: alg.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let (sig, pubkey) = (dir.join("msg.sig"), dir.join("msg.pem"));
+            std::fs::write(&sig, &r.signature).unwrap();
+            write_pem(&pubkey, "PUBLIC KEY", &r.public_key_der);
+            let (pk, sg, fl) = (
+                pubkey.display().to_string(),
+                sig.display().to_string(),
+                msg_file.display().to_string(),
+            );
+            let (ok, out) = if alg == "ed25519" {
+                openssl(&[
+                    "pkeyutl", "-verify", "-pubin", "-inkey", &pk, "-rawin", "-in", &fl,
+                    "-sigfile", &sg,
+                ])
+            } else {
+                openssl(&["dgst", "-sha384", "-verify", &pk, "-signature", &sg, &fl])
+            };
+            assert!(ok, "{alias} ({alg}): {out}");
+        }
         drop(signer);
 
         // Restart: the same keys, still in the token, still sign.

@@ -919,7 +919,7 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
                 invalid(
                     kat("algorithm"),
                     format!(
-                        "unsupported `{}` (supported: ecdsa-p256-sha256, rsa-{{2048,3072,4096}}-{{pkcs1,pss}}-sha256)",
+                        "unsupported `{}` (supported: ecdsa-p256-sha256, ecdsa-p384-sha384, ed25519, rsa-{{2048,3072,4096}}-{{pkcs1,pss}}-sha256)",
                         key.algorithm
                     ),
                 )
@@ -942,6 +942,8 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
             } else {
                 key.purposes
             };
+            let purposes = crate::model::purposes_for(algorithm, purposes)
+                .map_err(|m| invalid(kat("purposes"), m))?;
             if allowed_digests.is_some() && purposes.contains(&Purpose::AppleCms) {
                 return Err(invalid(
                     kat("digest_allow_list"),

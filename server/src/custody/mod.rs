@@ -258,7 +258,136 @@ pub trait SigningBackend: Send + Sync + 'static {
     /// SubjectPublicKeyInfo, DER.
     fn public_key_der(&self) -> &[u8];
     /// Signs a SHA-256 digest; returns the signature in the algorithm's wire form (DER for ECDSA).
+    /// A key that signs messages only ([`KeyAlgorithm::messages_only`]) refuses.
     fn sign_digest(&self, digest: &[u8; 32]) -> Result<Vec<u8>, CustodyError>;
+    /// Signs a message (purpose `message`): SHA-256 of it for the digest algorithms, SHA-384
+    /// for P-384, the message itself for Ed25519.
+    fn sign_message(&self, message: &[u8]) -> Result<Vec<u8>, CustodyError> {
+        let mut d = [0u8; 32];
+        d.copy_from_slice(aws_lc_rs::digest::digest(&SHA256, message).as_ref());
+        self.sign_digest(&d)
+    }
+}
+
+/// ECDSA P-384 with SHA-384 in aws-lc-rs (messages only).
+pub struct EcdsaP384 {
+    key: EcdsaKeyPair,
+    spki: Vec<u8>,
+}
+
+impl std::fmt::Debug for EcdsaP384 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EcdsaP384([redacted])")
+    }
+}
+
+impl EcdsaP384 {
+    /// Generates a key; returns it with its PKCS#8.
+    pub fn generate() -> Result<(Self, Zeroizing<Vec<u8>>), CustodyError> {
+        use aws_lc_rs::signature::ECDSA_P384_SHA384_ASN1_SIGNING;
+        let doc =
+            EcdsaKeyPair::generate_pkcs8(&ECDSA_P384_SHA384_ASN1_SIGNING, &SystemRandom::new())
+                .map_err(|_| CustodyError::Crypto("keygen"))?;
+        let pkcs8 = Zeroizing::new(doc.as_ref().to_vec());
+        Ok((Self::from_pkcs8(&pkcs8)?, pkcs8))
+    }
+
+    /// Loads a PKCS#8 P-384 key.
+    pub fn from_pkcs8(pkcs8: &[u8]) -> Result<Self, CustodyError> {
+        use aws_lc_rs::signature::ECDSA_P384_SHA384_ASN1_SIGNING;
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P384_SHA384_ASN1_SIGNING, pkcs8)
+            .map_err(|_| CustodyError::Crypto("not a PKCS#8 P-384 key"))?;
+        let spki = key
+            .public_key()
+            .as_der()
+            .map_err(|_| CustodyError::Crypto("public key encoding"))?
+            .as_ref()
+            .to_vec();
+        Ok(Self { key, spki })
+    }
+}
+
+impl SigningBackend for EcdsaP384 {
+    fn algorithm(&self) -> KeyAlgorithm {
+        KeyAlgorithm::EcdsaP384Sha384
+    }
+
+    fn public_key_der(&self) -> &[u8] {
+        &self.spki
+    }
+
+    fn sign_digest(&self, _: &[u8; 32]) -> Result<Vec<u8>, CustodyError> {
+        Err(CustodyError::Crypto(
+            "a P-384 key signs messages (SHA-384), not SHA-256 digests",
+        ))
+    }
+
+    fn sign_message(&self, message: &[u8]) -> Result<Vec<u8>, CustodyError> {
+        let sig = self
+            .key
+            .sign(&SystemRandom::new(), message)
+            .map_err(|_| CustodyError::Crypto("sign"))?;
+        Ok(sig.as_ref().to_vec())
+    }
+}
+
+/// Ed25519 in aws-lc-rs: pure EdDSA over the message (messages only).
+pub struct Ed25519Key {
+    key: aws_lc_rs::signature::Ed25519KeyPair,
+    spki: Vec<u8>,
+}
+
+impl std::fmt::Debug for Ed25519Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Ed25519Key([redacted])")
+    }
+}
+
+/// The SubjectPublicKeyInfo of a raw Ed25519 public key (RFC 8410).
+pub fn ed25519_spki(raw: &[u8]) -> Vec<u8> {
+    let mut v = vec![
+        0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+    ];
+    v.extend_from_slice(raw);
+    v
+}
+
+impl Ed25519Key {
+    /// Generates a key; returns it with its PKCS#8.
+    pub fn generate() -> Result<(Self, Zeroizing<Vec<u8>>), CustodyError> {
+        let doc = aws_lc_rs::signature::Ed25519KeyPair::generate_pkcs8(&SystemRandom::new())
+            .map_err(|_| CustodyError::Crypto("keygen"))?;
+        let pkcs8 = Zeroizing::new(doc.as_ref().to_vec());
+        Ok((Self::from_pkcs8(&pkcs8)?, pkcs8))
+    }
+
+    /// Loads a PKCS#8 Ed25519 key.
+    pub fn from_pkcs8(pkcs8: &[u8]) -> Result<Self, CustodyError> {
+        let key = aws_lc_rs::signature::Ed25519KeyPair::from_pkcs8(pkcs8)
+            .map_err(|_| CustodyError::Crypto("not a PKCS#8 Ed25519 key"))?;
+        let spki = ed25519_spki(key.public_key().as_ref());
+        Ok(Self { key, spki })
+    }
+}
+
+impl SigningBackend for Ed25519Key {
+    fn algorithm(&self) -> KeyAlgorithm {
+        KeyAlgorithm::Ed25519
+    }
+
+    fn public_key_der(&self) -> &[u8] {
+        &self.spki
+    }
+
+    fn sign_digest(&self, _: &[u8; 32]) -> Result<Vec<u8>, CustodyError> {
+        Err(CustodyError::Crypto(
+            "an Ed25519 key signs messages, not digests",
+        ))
+    }
+
+    fn sign_message(&self, message: &[u8]) -> Result<Vec<u8>, CustodyError> {
+        Ok(self.key.sign(message).as_ref().to_vec())
+    }
 }
 
 /// ECDSA P-256 in aws-lc-rs (prehash signing).
@@ -410,6 +539,14 @@ pub fn generate(algorithm: KeyAlgorithm) -> Result<Generated, CustodyError> {
             let (k, p) = EcdsaP256::generate()?;
             (Arc::new(k), p)
         }
+        KeyAlgorithm::EcdsaP384Sha384 => {
+            let (k, p) = EcdsaP384::generate()?;
+            (Arc::new(k), p)
+        }
+        KeyAlgorithm::Ed25519 => {
+            let (k, p) = Ed25519Key::generate()?;
+            (Arc::new(k), p)
+        }
         rsa => {
             let (k, p) = RsaKey::generate(rsa)?;
             (Arc::new(k), p)
@@ -424,6 +561,8 @@ pub fn backend_from_pkcs8(
 ) -> Result<Arc<dyn SigningBackend>, CustodyError> {
     Ok(match algorithm {
         KeyAlgorithm::EcdsaP256Sha256 => Arc::new(EcdsaP256::from_pkcs8(pkcs8)?),
+        KeyAlgorithm::EcdsaP384Sha384 => Arc::new(EcdsaP384::from_pkcs8(pkcs8)?),
+        KeyAlgorithm::Ed25519 => Arc::new(Ed25519Key::from_pkcs8(pkcs8)?),
         rsa => Arc::new(RsaKey::from_pkcs8(rsa, pkcs8)?),
     })
 }

@@ -9,8 +9,10 @@
 //! back — no restart. The PIN is read from a file (0600 outside dev), zeroized, never logged.
 //!
 //! Mechanisms: ECDSA P-256 as `CKM_ECDSA` over the SHA-256 digest (SoftHSM2 has no
-//! `CKM_ECDSA_SHA256`; the raw r‖s is DER-encoded here), RSA PKCS#1 v1.5 as `CKM_RSA_PKCS` over
-//! the DigestInfo, RSA-PSS as `CKM_RSA_PKCS_PSS` (SHA-256, MGF1-SHA-256, 32-byte salt).
+//! `CKM_ECDSA_SHA256`; the raw r‖s is DER-encoded here), ECDSA P-384 as `CKM_ECDSA` over the
+//! SHA-384 of the message, Ed25519 as `CKM_EDDSA` over the message, RSA PKCS#1 v1.5 as
+//! `CKM_RSA_PKCS` over the DigestInfo, RSA-PSS as `CKM_RSA_PKCS_PSS` (SHA-256, MGF1-SHA-256,
+//! 32-byte salt). A token without a mechanism refuses the key's creation, naming it.
 //!
 //! Owns: the token connection and PKCS#11 signing. Must not touch: which key signs what.
 
@@ -323,17 +325,24 @@ impl Token {
             Attribute::Sign(true),
         ]);
         let (mechanism, public) = match algorithm {
-            KeyAlgorithm::EcdsaP256Sha256 => (
+            KeyAlgorithm::EcdsaP256Sha256 | KeyAlgorithm::EcdsaP384Sha384 => (
                 Mechanism::EccKeyPairGen,
                 common(vec![
                     Attribute::Verify(true),
-                    Attribute::EcParams(P256_OID_DER.to_vec()),
+                    Attribute::EcParams(curve_oid(algorithm).to_vec()),
+                ]),
+            ),
+            KeyAlgorithm::Ed25519 => (
+                Mechanism::EccEdwardsKeyPairGen,
+                common(vec![
+                    Attribute::Verify(true),
+                    Attribute::EcParams(ED25519_OID_DER.to_vec()),
                 ]),
             ),
             rsa => {
-                let bits = rsa.rsa_bits().ok_or(CustodyError::Crypto(
-                    "this algorithm cannot be kept in a PKCS#11 token yet",
-                ))?;
+                let bits = rsa
+                    .rsa_bits()
+                    .ok_or(CustodyError::Crypto("not an RSA algorithm"))?;
                 (
                     Mechanism::RsaPkcsKeyPairGen,
                     common(vec![
@@ -377,9 +386,9 @@ impl Token {
             let Some(h) = self.find(s, ObjectClass::PUBLIC_KEY, &id)? else {
                 return Ok(None);
             };
-            let types = match algorithm {
-                KeyAlgorithm::EcdsaP256Sha256 => vec![AttributeType::EcPoint],
-                _ => vec![AttributeType::Modulus, AttributeType::PublicExponent],
+            let types = match algorithm.rsa_bits() {
+                None => vec![AttributeType::EcPoint],
+                Some(_) => vec![AttributeType::Modulus, AttributeType::PublicExponent],
             };
             s.get_attributes(h, &types).map(Some)
         })?;
@@ -399,18 +408,25 @@ impl Token {
                 _ => {}
             }
         }
-        match algorithm {
-            KeyAlgorithm::EcdsaP256Sha256 => {
+        match algorithm.rsa_bits() {
+            None => {
                 let p = point.ok_or(CustodyError::Crypto("no CKA_EC_POINT"))?;
                 // CKA_EC_POINT is the DER OCTET STRING of the point (or, in some tokens, the bare
                 // point).
                 let raw = match meshsign_proto::der::tlv(&p) {
-                    Some((0x04, body, rest)) if rest.is_empty() && body.first() == Some(&0x04) => {
+                    Some((0x04, body, rest))
+                        if rest.is_empty()
+                            && (body.first() == Some(&0x04)
+                                || algorithm == KeyAlgorithm::Ed25519) =>
+                    {
                         body.to_vec()
                     }
                     _ => p,
                 };
-                Ok(ec_spki(&raw))
+                Ok(match algorithm {
+                    KeyAlgorithm::Ed25519 => super::ed25519_spki(&raw),
+                    _ => ec_spki(curve_oid(algorithm), &raw),
+                })
             }
             _ => {
                 let (m, e) = modulus
@@ -448,6 +464,17 @@ impl Token {
 
 /// DER of the prime256v1 OID, as CKA_EC_PARAMS.
 const P256_OID_DER: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+/// DER of the secp384r1 OID.
+const P384_OID_DER: [u8; 7] = [0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
+/// DER of the Ed25519 OID (RFC 8410), as CKA_EC_PARAMS of an Edwards key.
+const ED25519_OID_DER: [u8; 5] = [0x06, 0x03, 0x2b, 0x65, 0x70];
+
+fn curve_oid(algorithm: KeyAlgorithm) -> &'static [u8] {
+    match algorithm {
+        KeyAlgorithm::EcdsaP384Sha384 => &P384_OID_DER,
+        _ => &P256_OID_DER,
+    }
+}
 
 fn der_len(n: usize) -> Vec<u8> {
     if n < 0x80 {
@@ -482,9 +509,9 @@ fn der_uint(b: &[u8]) -> Vec<u8> {
     der(0x02, &body)
 }
 
-fn ec_spki(point: &[u8]) -> Vec<u8> {
+fn ec_spki(curve: &[u8], point: &[u8]) -> Vec<u8> {
     const EC_PUBLIC_KEY: [u8; 9] = [0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
-    let alg = der(0x30, &[&EC_PUBLIC_KEY[..], &P256_OID_DER[..]].concat());
+    let alg = der(0x30, &[&EC_PUBLIC_KEY[..], curve].concat());
     let mut bits = vec![0u8];
     bits.extend_from_slice(point);
     der(0x30, &[alg, der(0x03, &bits)].concat())
@@ -503,10 +530,10 @@ fn rsa_spki(modulus: &[u8], exponent: &[u8]) -> Vec<u8> {
 
 /// ECDSA r‖s (as PKCS#11 returns it) → DER `ECDSA-Sig-Value`.
 fn ecdsa_der(raw: &[u8]) -> Result<Vec<u8>, CustodyError> {
-    if raw.len() != 64 {
+    if raw.len() != 64 && raw.len() != 96 {
         return Err(CustodyError::Crypto("unexpected ECDSA signature length"));
     }
-    let (r, s) = raw.split_at(32);
+    let (r, s) = raw.split_at(raw.len() / 2);
     Ok(der(0x30, &[der_uint(r), der_uint(s)].concat()))
 }
 
@@ -609,6 +636,38 @@ impl SigningBackend for Pkcs11Key {
     }
 
     fn sign_digest(&self, digest: &[u8; 32]) -> Result<Vec<u8>, CustodyError> {
+        if self.algorithm.messages_only() {
+            return Err(CustodyError::Crypto("this key signs messages, not digests"));
+        }
+        self.sign_raw(digest)
+    }
+
+    fn sign_message(&self, message: &[u8]) -> Result<Vec<u8>, CustodyError> {
+        match self.algorithm {
+            KeyAlgorithm::Ed25519 => self.sign_with(
+                Mechanism::Eddsa(cryptoki::mechanism::eddsa::EddsaParams::new(
+                    cryptoki::mechanism::eddsa::EddsaSignatureScheme::Pure,
+                )),
+                message.to_vec(),
+            ),
+            KeyAlgorithm::EcdsaP384Sha384 => {
+                let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA384, message);
+                ecdsa_der(&self.sign_with(Mechanism::Ecdsa, d.as_ref().to_vec())?)
+            }
+            _ => {
+                let mut d = [0u8; 32];
+                d.copy_from_slice(
+                    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, message).as_ref(),
+                );
+                self.sign_raw(&d)
+            }
+        }
+    }
+}
+
+impl Pkcs11Key {
+    /// Signs a SHA-256 digest with the key's digest mechanism.
+    fn sign_raw(&self, digest: &[u8; 32]) -> Result<Vec<u8>, CustodyError> {
         let (mechanism, data) = match self.algorithm {
             KeyAlgorithm::EcdsaP256Sha256 => (Mechanism::Ecdsa, digest.to_vec()),
             a if a.is_pss() => (
@@ -624,7 +683,16 @@ impl SigningBackend for Pkcs11Key {
                 [&SHA256_DIGEST_INFO[..], &digest[..]].concat(),
             ),
         };
-        let sig = self.token.with_session(|s| {
+        let sig = self.sign_with(mechanism, data)?;
+        match self.algorithm {
+            KeyAlgorithm::EcdsaP256Sha256 => ecdsa_der(&sig),
+            _ => Ok(sig),
+        }
+    }
+
+    /// Signs `data` with `mechanism` on a pooled session.
+    fn sign_with(&self, mechanism: Mechanism, data: Vec<u8>) -> Result<Vec<u8>, CustodyError> {
+        self.token.with_session(|s| {
             let cached = *self.handle.lock().unwrap_or_else(|p| p.into_inner());
             let h = match cached {
                 Some(h) => h,
@@ -646,11 +714,7 @@ impl SigningBackend for Pkcs11Key {
                 *self.handle.lock().unwrap_or_else(|p| p.into_inner()) = None;
             }
             r
-        })?;
-        match self.algorithm {
-            KeyAlgorithm::EcdsaP256Sha256 => ecdsa_der(&sig),
-            _ => Ok(sig),
-        }
+        })
     }
 }
 

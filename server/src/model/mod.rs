@@ -156,11 +156,19 @@ pub enum KeyAlgorithm {
     /// RSA-4096, PSS, SHA-256.
     #[serde(rename = "rsa-4096-pss-sha256")]
     Rsa4096PssSha256,
+    /// ECDSA P-384 over SHA-384 of the message, DER signature. Purpose `message` only: a
+    /// SHA-256 digest cannot be signed as SHA-384.
+    #[serde(rename = "ecdsa-p384-sha384")]
+    EcdsaP384Sha384,
+    /// Ed25519, pure EdDSA over the message itself (RFC 8032). Purpose `message` only: pure
+    /// Ed25519 signs messages, never digests (Ed25519ph is not offered).
+    #[serde(rename = "ed25519")]
+    Ed25519,
 }
 
 impl KeyAlgorithm {
     /// Every algorithm, for messages and parsing.
-    pub const ALL: [KeyAlgorithm; 7] = [
+    pub const ALL: [KeyAlgorithm; 9] = [
         KeyAlgorithm::EcdsaP256Sha256,
         KeyAlgorithm::Rsa2048Pkcs1Sha256,
         KeyAlgorithm::Rsa3072Pkcs1Sha256,
@@ -168,6 +176,8 @@ impl KeyAlgorithm {
         KeyAlgorithm::Rsa2048PssSha256,
         KeyAlgorithm::Rsa3072PssSha256,
         KeyAlgorithm::Rsa4096PssSha256,
+        KeyAlgorithm::EcdsaP384Sha384,
+        KeyAlgorithm::Ed25519,
     ];
 
     /// The name used in config, RPCs and audit.
@@ -180,7 +190,14 @@ impl KeyAlgorithm {
             KeyAlgorithm::Rsa2048PssSha256 => "rsa-2048-pss-sha256",
             KeyAlgorithm::Rsa3072PssSha256 => "rsa-3072-pss-sha256",
             KeyAlgorithm::Rsa4096PssSha256 => "rsa-4096-pss-sha256",
+            KeyAlgorithm::EcdsaP384Sha384 => "ecdsa-p384-sha384",
+            KeyAlgorithm::Ed25519 => "ed25519",
         }
+    }
+
+    /// Whether the key signs messages only (the site cannot sign a SHA-256 digest with it).
+    pub fn messages_only(self) -> bool {
+        matches!(self, KeyAlgorithm::EcdsaP384Sha384 | KeyAlgorithm::Ed25519)
     }
 
     /// Parses the config/RPC name.
@@ -191,7 +208,9 @@ impl KeyAlgorithm {
     /// RSA modulus size, for RSA algorithms.
     pub fn rsa_bits(self) -> Option<usize> {
         match self {
-            KeyAlgorithm::EcdsaP256Sha256 => None,
+            KeyAlgorithm::EcdsaP256Sha256
+            | KeyAlgorithm::EcdsaP384Sha384
+            | KeyAlgorithm::Ed25519 => None,
             KeyAlgorithm::Rsa2048Pkcs1Sha256 | KeyAlgorithm::Rsa2048PssSha256 => Some(2048),
             KeyAlgorithm::Rsa3072Pkcs1Sha256 | KeyAlgorithm::Rsa3072PssSha256 => Some(3072),
             KeyAlgorithm::Rsa4096Pkcs1Sha256 | KeyAlgorithm::Rsa4096PssSha256 => Some(4096),
@@ -528,4 +547,24 @@ mod tests {
         assert!(glob_match("acme/**/app", "acme/a/b/app"));
         assert!(glob_match("**", "x/y/z"));
     }
+}
+
+/// The purposes a key of `algorithm` may have: a message-only algorithm (P-384, Ed25519) has
+/// exactly `message` — the default purposes become that; an explicit `digest` or `apple-cms` is
+/// refused with why.
+pub fn purposes_for(
+    algorithm: KeyAlgorithm,
+    purposes: Vec<Purpose>,
+) -> Result<Vec<Purpose>, String> {
+    if !algorithm.messages_only() {
+        return Ok(purposes);
+    }
+    if purposes == default_purposes() || purposes == [Purpose::Message] {
+        return Ok(vec![Purpose::Message]);
+    }
+    Err(format!(
+        "a {} key signs messages only (purpose \"message\"): it cannot sign SHA-256 digests or \
+         Apple code signatures",
+        algorithm.as_str()
+    ))
 }

@@ -94,7 +94,8 @@ pub fn create_key_alias(
         algorithm,
         access: access_rule(access.0, access.1)?,
         disabled: false,
-        purposes: parse_purposes(purposes)?,
+        purposes: crate::model::purposes_for(algorithm, parse_purposes(purposes)?)
+            .map_err(OpsError::Invalid)?,
         budget: environment_budget(site, env),
         allowed_digests: None,
         backend,

@@ -361,6 +361,12 @@ async fn check_and_sign(
     checks::algorithm(key, &input.algorithm)?;
     checks::purpose(authorized.spec(&input.alias), &input.alias, &input.payload)?;
     checks::input(&input.payload)?;
+    // A message-only key (P-384, Ed25519) signs the message itself; the SHA-256 of it is still
+    // what the audit record and receipt name.
+    let message = match &input.payload {
+        Payload::Message(m) if key.backend.algorithm().messages_only() => Some(m.clone()),
+        _ => None,
+    };
     let digests = match input.payload {
         Payload::Digest(d) => vec![checks::digest_len(&d)?],
         Payload::Message(m) => vec![checks::message(&m)?],
@@ -389,7 +395,9 @@ async fn check_and_sign(
     *budgeted = spec.is_some_and(|s| s.budget.is_limited());
     checks::budget(site, caller, spec, &input.alias, digests.len())?;
     let backend = key.backend.clone();
-    let (signatures, digests) = if digests.len() <= 8 {
+    let (signatures, digests) = if let Some(m) = message {
+        (vec![backend.sign_message(&m)?], digests)
+    } else if digests.len() <= 8 {
         let sigs = digests
             .iter()
             .map(|d| backend.sign_digest(d))

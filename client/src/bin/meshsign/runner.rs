@@ -44,6 +44,10 @@ pub struct SignArgs {
     /// Files to sign.
     #[arg(required = true)]
     files: Vec<PathBuf>,
+    /// Sign each file's bytes as a message (at most 4 KiB; purpose `message`) instead of its
+    /// SHA-256 digest — what P-384 and Ed25519 keys sign.
+    #[arg(long)]
+    message: bool,
 }
 /// How a runner job gets its credentials: the key and the session options shared by `sign` and
 /// `codesign`.
@@ -185,6 +189,9 @@ pub async fn sign(
             )));
         }
         digests.push(verify::sha256_file(file)?);
+        if args.message {
+            verify::read_message(file)?;
+        }
     }
     let (mut session, own) = open_session(cfg, &args.runner.session).await?;
     let result = sign_files(&mut session, &args, &digests, format).await;
@@ -256,15 +263,31 @@ async fn sign_files(
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let r = session.sign_digest(&args.runner.key, digest, &name).await?;
         // Checked (the signature verifies under the returned key) before anything is written.
-        let bundle = SigBundle::from_response(
-            &r,
-            &name,
-            &digest,
-            &session.enrollment.region,
-            &session.enrollment.environment,
-        )?;
+        let (r, bundle) = if args.message {
+            let message = verify::read_message(file)?;
+            let r = session
+                .sign_message(&args.runner.key, &message, &name)
+                .await?;
+            let b = SigBundle::from_message_response(
+                &r,
+                &name,
+                &message,
+                &session.enrollment.region,
+                &session.enrollment.environment,
+            )?;
+            (r, b)
+        } else {
+            let r = session.sign_digest(&args.runner.key, digest, &name).await?;
+            let b = SigBundle::from_response(
+                &r,
+                &name,
+                &digest,
+                &session.enrollment.region,
+                &session.enrollment.environment,
+            )?;
+            (r, b)
+        };
         let sig_path = super::sibling(file, ".sig");
         let json_path = super::sibling(file, ".sig.json");
         std::fs::write(&sig_path, &r.signature).map_err(ClientError::io(&sig_path))?;
