@@ -511,6 +511,26 @@ impl RevocationRule {
     }
 }
 
+/// The purposes a key of `algorithm` may have: a message-only algorithm (P-384, Ed25519) has
+/// exactly `message` — the default purposes become that; an explicit `digest` or `apple-cms` is
+/// refused with why.
+pub fn purposes_for(
+    algorithm: KeyAlgorithm,
+    purposes: Vec<Purpose>,
+) -> Result<Vec<Purpose>, String> {
+    if !algorithm.messages_only() {
+        return Ok(purposes);
+    }
+    if purposes == default_purposes() || purposes == [Purpose::Message] {
+        return Ok(vec![Purpose::Message]);
+    }
+    Err(format!(
+        "a {} key signs messages only (purpose \"message\"): it cannot sign SHA-256 digests or \
+         Apple code signatures",
+        algorithm.as_str()
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -547,24 +567,4 @@ mod tests {
         assert!(glob_match("acme/**/app", "acme/a/b/app"));
         assert!(glob_match("**", "x/y/z"));
     }
-}
-
-/// The purposes a key of `algorithm` may have: a message-only algorithm (P-384, Ed25519) has
-/// exactly `message` — the default purposes become that; an explicit `digest` or `apple-cms` is
-/// refused with why.
-pub fn purposes_for(
-    algorithm: KeyAlgorithm,
-    purposes: Vec<Purpose>,
-) -> Result<Vec<Purpose>, String> {
-    if !algorithm.messages_only() {
-        return Ok(purposes);
-    }
-    if purposes == default_purposes() || purposes == [Purpose::Message] {
-        return Ok(vec![Purpose::Message]);
-    }
-    Err(format!(
-        "a {} key signs messages only (purpose \"message\"): it cannot sign SHA-256 digests or \
-         Apple code signatures",
-        algorithm.as_str()
-    ))
 }

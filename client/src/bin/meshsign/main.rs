@@ -85,8 +85,10 @@ struct Global {
     timeout: Option<u64>,
     /// How commands that print data print it: `table` (a header, then tab-separated rows)
     /// or `json`.
+    // Its own id: `codesign` has a positional `output` (the signed file).
     #[arg(
-        long,
+        id = "output_format",
+        long = "output",
         env = "MESHSIGN_OUTPUT",
         global = true,
         value_enum,
@@ -584,5 +586,59 @@ mod tests {
         let mut missing = Vec::new();
         walk(&super::Cli::command(), "meshsign", &mut missing);
         assert!(missing.is_empty(), "no help text:\n{}", missing.join("\n"));
+    }
+
+    /// Every subcommand parses with the global flags (an id shared by a global flag and a
+    /// subcommand's argument is a runtime panic in clap, found in CI for `codesign … OUT`).
+    #[test]
+    fn global_flags_parse_with_every_subcommand() {
+        use clap::Parser as _;
+        for args in [
+            &["meshsign", "--output", "json", "fingerprint"][..],
+            &[
+                "meshsign",
+                "codesign",
+                "--environment",
+                "e",
+                "--key",
+                "k",
+                "in",
+                "out",
+            ],
+            &[
+                "meshsign",
+                "codesign",
+                "--environment",
+                "e",
+                "--key",
+                "k",
+                "in",
+                "out",
+                "--output",
+                "json",
+            ],
+            &[
+                "meshsign",
+                "sign",
+                "--environment",
+                "e",
+                "--key",
+                "k",
+                "f",
+                "--output",
+                "json",
+            ],
+            &[
+                "meshsign",
+                "admin",
+                "--all-sites",
+                "status",
+                "--output",
+                "json",
+            ],
+        ] {
+            let cli = super::Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            let _ = cli.global.output;
+        }
     }
 }
