@@ -145,6 +145,7 @@ async fn rsa_keys_import_rotate_and_survive_restart() {
             refs: vec!["*".into()],
             chain_pem: Vec::new(),
             purposes: vec![],
+            backend: String::new(),
         })
         .await
         .unwrap()

@@ -311,6 +311,64 @@ fn keys_in_a_pkcs11_token_sign_rotate_survive_restarts_and_the_token_coming_and_
                 .iter()
                 .any(|k| k.0 == "meshsign production/hsm-new@v1" && !k.1)
         );
+        // Import into the token (C_CreateObject): a P-256 and an RSA-2048 key; the store keeps
+        // no copy; the token marks them sensitive and not extractable.
+        let (ok, out) = openssl(&[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            &dir.join("rsa.key").display().to_string(),
+        ]);
+        assert!(ok, "{out}");
+        let rsa_pem = std::fs::read(dir.join("rsa.key")).unwrap();
+        let ec_pem = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .unwrap()
+            .serialize_pem()
+            .into_bytes();
+        for (alias, pem, alg) in [
+            ("imported-ec", ec_pem, "ecdsa-p256-sha256"),
+            ("imported-rsa", rsa_pem, "rsa-2048-pkcs1-sha256"),
+        ] {
+            admin
+                .import_key(v1::ImportKeyRequest {
+                    environment: "production".into(),
+                    alias: alias.into(),
+                    pkcs8_pem: pem,
+                    repositories: vec!["*".into()],
+                    refs: vec!["*".into()],
+                    chain_pem: Vec::new(),
+                    purposes: Vec::new(),
+                    backend: "pkcs11".into(),
+                })
+                .await
+                .unwrap_or_else(|e| panic!("{alias}: {e:?}"));
+            let r = sign(&mut signer, alias, alg, &data).await.unwrap();
+            openssl_verifies(&dir, &r, &file, false);
+            let k = private_keys_in_token()
+                .into_iter()
+                .find(|k| k.0 == format!("meshsign production/{alias}@v1"))
+                .unwrap_or_else(|| panic!("{alias} in the token"));
+            assert_eq!((k.1, k.2), (false, true), "{k:?}");
+            let rec = site
+                .state()
+                .store
+                .kv()
+                .get(
+                    meshsign_server::store::Tree::Keys,
+                    format!("production/{alias}/{:010}", 1).as_bytes(),
+                )
+                .unwrap()
+                .unwrap();
+            let text = String::from_utf8_lossy(&rec);
+            assert!(
+                text.contains("\"pkcs11\"") && !text.contains("\"wrapped\""),
+                "{text}"
+            );
+        }
+
         // Ed25519 and P-384 in the token (messages only), verified by openssl.
         let message = b"release 1.4.2 of acme/app".to_vec();
         let msg_file = dir.join("message");
@@ -366,7 +424,8 @@ fn keys_in_a_pkcs11_token_sign_rotate_survive_restarts_and_the_token_coming_and_
             .unwrap();
         assert_eq!(r.key_id, "hsm-ec@v2");
         openssl_verifies(&dir, &r, &file, false);
-        assert!(private_keys_in_token().iter().all(|k| !k.1 && k.3));
+        // (Imported keys are not CKA_NEVER_EXTRACTABLE: the token did not make them.)
+        assert!(private_keys_in_token().iter().all(|k| !k.1 && k.2));
 
         // The token goes away under load: refused UNAVAILABLE (key_unavailable), health says
         // NOT_SERVING; it comes back: signing resumes without a restart.

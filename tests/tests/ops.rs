@@ -637,6 +637,7 @@ async fn key_lifecycle_rotate_disable_import_create() {
             refs: vec!["*".into()],
             chain_pem: Vec::new(),
             purposes: vec![],
+            backend: String::new(),
         })
         .await
         .unwrap()

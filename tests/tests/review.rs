@@ -242,6 +242,7 @@ async fn a_key_import_under_review_stores_no_copy_of_the_key() {
         refs: vec!["*".into()],
         chain_pem: Vec::new(),
         purposes: Vec::new(),
+        backend: String::new(),
     };
     let e = alice.import_key(import()).await.unwrap_err();
     assert!(e.message().starts_with("review_required: "));

@@ -718,6 +718,7 @@ impl v1::admin_server::Admin for AdminApi {
                     &r.chain_pem,
                     (r.repositories.clone(), r.refs.clone()),
                     &r.purposes,
+                    &r.backend,
                 )
             },
         )

@@ -824,6 +824,41 @@ pub fn load_or_create_alias(
     load_versions(custodian, records)
 }
 
+/// The `CKA_LABEL` of a key version in the token.
+pub fn token_label(environment: &str, alias: &str, version: u32) -> String {
+    format!("meshsign {environment}/{alias}@v{version}")
+}
+
+/// Stores the record of a key held in the token (its reference and public key; nothing
+/// secret).
+pub fn store_token_key(
+    store: &Store,
+    (environment, alias, version): (&str, &str, u32),
+    algorithm: KeyAlgorithm,
+    r: pkcs11::Pkcs11Ref,
+    spki: Vec<u8>,
+    now_unix: i64,
+) -> Result<KeyRecord, CustodyError> {
+    let record = KeyRecord {
+        partition: environment.to_string(),
+        alias: alias.to_string(),
+        version,
+        algorithm,
+        public_key_der: spki,
+        certificate_chain: Vec::new(),
+        created_at: now_unix,
+        wrapped: None,
+        pkcs11: Some(r),
+    };
+    store.put(
+        Tree::Keys,
+        &KeyRecord::store_key(environment, alias, version),
+        &record,
+    )?;
+    store.flush()?;
+    Ok(record)
+}
+
 /// Generates a key — in the site, wrapped under the KEK (the plaintext never leaves memory), or
 /// in the PKCS#11 token (it never leaves the token) — and stores its record.
 pub fn create_key(
@@ -841,28 +876,15 @@ pub fn create_key(
                 "key {alias} asks for backend pkcs11, and the site config has no [pkcs11]"
             ))
         })?;
-        let (r, spki) = token.generate(
+        let (r, spki) = token.generate(algorithm, &token_label(environment, alias, version))?;
+        return store_token_key(
+            store,
+            (environment, alias, version),
             algorithm,
-            &format!("meshsign {environment}/{alias}@v{version}"),
-        )?;
-        let record = KeyRecord {
-            partition: environment.to_string(),
-            alias: alias.to_string(),
-            version,
-            algorithm,
-            public_key_der: spki,
-            certificate_chain: Vec::new(),
-            created_at: now_unix,
-            wrapped: None,
-            pkcs11: Some(r),
-        };
-        store.put(
-            Tree::Keys,
-            &KeyRecord::store_key(environment, alias, version),
-            &record,
-        )?;
-        store.flush()?;
-        return Ok(record);
+            r,
+            spki,
+            now_unix,
+        );
     }
     let (backend, pkcs8) = generate(algorithm)?;
     store_key(

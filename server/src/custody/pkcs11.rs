@@ -24,7 +24,7 @@ use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as P11Error, RvError};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsPssParams};
-use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
@@ -362,6 +362,127 @@ impl Token {
         Ok((r, spki))
     }
 
+    /// Imports a PKCS#8 private key (P-256 or RSA) into the token with `C_CreateObject`:
+    /// `CKA_SENSITIVE`, not extractable, under a fresh `CKA_ID`, with its public half. Nothing
+    /// is written to the store; the caller drops (zeroizes) the PKCS#8. `CKA_NEVER_EXTRACTABLE`
+    /// is false for an imported key — the token did not make it.
+    pub fn import(
+        &self,
+        algorithm: KeyAlgorithm,
+        pkcs8: &[u8],
+        spki: &[u8],
+        label: &str,
+    ) -> Result<Pkcs11Ref, CustodyError> {
+        let id = meshsign_proto::files::random_id()
+            .map_err(|_| CustodyError::Crypto("random id"))?
+            .as_bytes()[..16]
+            .to_vec();
+        let key = private_key_of(pkcs8).ok_or(CustodyError::Crypto("not a PKCS#8 key"))?;
+        let common = vec![
+            Attribute::Token(true),
+            Attribute::Id(id.clone()),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ];
+        let (key_type, private_parts, public_parts) = match algorithm {
+            KeyAlgorithm::EcdsaP256Sha256 => {
+                // ECPrivateKey ::= SEQUENCE { version, privateKey OCTET STRING, … }
+                let fields = meshsign_proto::der::tlvs(
+                    meshsign_proto::der::tlv(&key)
+                        .map(|(_, b, _)| b)
+                        .ok_or(CustodyError::Crypto("ECPrivateKey"))?,
+                )
+                .ok_or(CustodyError::Crypto("ECPrivateKey"))?;
+                let d = fields
+                    .get(1)
+                    .filter(|(tag, _)| *tag == 0x04)
+                    .map(|(_, v)| zeroize::Zeroizing::new(v.to_vec()))
+                    .ok_or(CustodyError::Crypto("ECPrivateKey"))?;
+                let point = meshsign_proto::der::spki_key(spki)
+                    .ok_or(CustodyError::Crypto("public key"))?;
+                (
+                    KeyType::EC,
+                    vec![
+                        Attribute::EcParams(P256_OID_DER.to_vec()),
+                        Attribute::Value(d.to_vec()),
+                    ],
+                    vec![
+                        Attribute::EcParams(P256_OID_DER.to_vec()),
+                        Attribute::EcPoint(der(0x04, point)),
+                    ],
+                )
+            }
+            a if a.rsa_bits().is_some() => {
+                // RSAPrivateKey ::= SEQUENCE { version, n, e, d, p, q, dp, dq, qinv }
+                let fields = meshsign_proto::der::tlvs(
+                    meshsign_proto::der::tlv(&key)
+                        .map(|(_, b, _)| b)
+                        .ok_or(CustodyError::Crypto("RSAPrivateKey"))?,
+                )
+                .ok_or(CustodyError::Crypto("RSAPrivateKey"))?;
+                if fields.len() < 9 || fields.iter().any(|(tag, _)| *tag != 0x02) {
+                    return Err(CustodyError::Crypto("RSAPrivateKey"));
+                }
+                let int = |i: usize| -> Vec<u8> {
+                    let v = fields[i].1;
+                    v.strip_prefix(&[0]).unwrap_or(v).to_vec()
+                };
+                (
+                    KeyType::RSA,
+                    vec![
+                        Attribute::Modulus(int(1)),
+                        Attribute::PublicExponent(int(2)),
+                        Attribute::PrivateExponent(int(3)),
+                        Attribute::Prime1(int(4)),
+                        Attribute::Prime2(int(5)),
+                        Attribute::Exponent1(int(6)),
+                        Attribute::Exponent2(int(7)),
+                        Attribute::Coefficient(int(8)),
+                    ],
+                    vec![
+                        Attribute::Modulus(int(1)),
+                        Attribute::PublicExponent(int(2)),
+                    ],
+                )
+            }
+            _ => {
+                return Err(CustodyError::Crypto(
+                    "only P-256 and RSA keys can be imported into the token",
+                ));
+            }
+        };
+        let mut private = common.clone();
+        private.extend([
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::KeyType(key_type),
+            Attribute::Private(true),
+            Attribute::Sensitive(true),
+            Attribute::Extractable(false),
+            Attribute::Sign(true),
+        ]);
+        private.extend(private_parts);
+        let mut public = common;
+        public.extend([
+            Attribute::Class(ObjectClass::PUBLIC_KEY),
+            Attribute::KeyType(key_type),
+            Attribute::Verify(true),
+        ]);
+        public.extend(public_parts);
+        self.with_session(|s| {
+            s.create_object(&private)?;
+            s.create_object(&public)
+        })?;
+        let r = Pkcs11Ref {
+            token_label: self.label.clone(),
+            object_id: hex::encode(&id),
+        };
+        if self.public_key(&r, algorithm)? != spki {
+            return Err(CustodyError::Token(
+                "the imported key's public half does not match (token refused a part?)".into(),
+            ));
+        }
+        Ok(r)
+    }
+
     fn find(
         &self,
         s: &Session,
@@ -526,6 +647,20 @@ fn rsa_spki(modulus: &[u8], exponent: &[u8]) -> Vec<u8> {
     let mut bits = vec![0u8];
     bits.extend(key);
     der(0x30, &[alg, der(0x03, &bits)].concat())
+}
+
+/// The private key inside a PKCS#8 `PrivateKeyInfo` (its OCTET STRING's content), zeroized on
+/// drop.
+fn private_key_of(pkcs8: &[u8]) -> Option<zeroize::Zeroizing<Vec<u8>>> {
+    let (tag, body, _) = meshsign_proto::der::tlv(pkcs8)?;
+    if tag != 0x30 {
+        return None;
+    }
+    let fields = meshsign_proto::der::tlvs(body)?;
+    fields
+        .get(2)
+        .filter(|(tag, _)| *tag == 0x04)
+        .map(|(_, v)| zeroize::Zeroizing::new(v.to_vec()))
 }
 
 /// ECDSA r‖s (as PKCS#11 returns it) → DER `ECDSA-Sig-Value`.

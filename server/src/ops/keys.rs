@@ -161,8 +161,15 @@ pub fn import_key(
     chain_pem: &[u8],
     access: (Vec<String>, Vec<String>),
     purposes: &[String],
+    into: &str,
 ) -> Result<(KeySpec, String), OpsError> {
     use rustls_pki_types::PrivatePkcs8KeyDer;
+    let into = crate::custody::Backend::parse(into).ok_or_else(|| {
+        OpsError::Invalid(format!(
+            "unknown backend `{}` (software or pkcs11)",
+            bounded(into, 32)
+        ))
+    })?;
     use rustls_pki_types::pem::PemObject as _;
     environment_exists(site, env)?;
     alias_ok(alias)?;
@@ -202,20 +209,41 @@ pub fn import_key(
             purposes: parse_purposes(purposes)?,
             budget: environment_budget(site, env),
             allowed_digests: None,
-            backend: crate::custody::Backend::Software,
+            backend: into,
         },
     };
     let v = next_version(site, env, alias);
-    store_key(
-        &site.store,
-        &site.custodian.kek,
-        env,
-        alias,
-        v,
-        &*backend,
-        pkcs8,
-        site.clock.unix(),
-    )?;
+    // Into the token when asked, or when the alias keeps its keys there.
+    if into == crate::custody::Backend::Pkcs11 || spec.backend == crate::custody::Backend::Pkcs11 {
+        let token = site.custodian.token.as_ref().ok_or_else(|| {
+            OpsError::Precondition("import into pkcs11: the site config has no [pkcs11]".into())
+        })?;
+        let r = token.import(
+            backend.algorithm(),
+            pkcs8,
+            backend.public_key_der(),
+            &crate::custody::token_label(env, alias, v),
+        )?;
+        crate::custody::store_token_key(
+            &site.store,
+            (env, alias, v),
+            backend.algorithm(),
+            r,
+            backend.public_key_der().to_vec(),
+            site.clock.unix(),
+        )?;
+    } else {
+        store_key(
+            &site.store,
+            &site.custodian.kek,
+            env,
+            alias,
+            v,
+            &*backend,
+            pkcs8,
+            site.clock.unix(),
+        )?;
+    }
     add_spec(site, env, spec.clone())?;
     reload_alias(site, env, alias)?;
     if !chain_pem.is_empty() {

@@ -332,6 +332,10 @@ pub enum KeyCommand {
         /// What it may sign (repeat): digest, message, apple-cms. Default: digest, message.
         #[arg(long = "purpose")]
         purposes: Vec<String>,
+        /// Where the key goes: software (wrapped under the KEK in the store) or pkcs11 (into the
+        /// site's [pkcs11] token, sensitive and not extractable).
+        #[arg(long, default_value = "software", value_parser = ["software", "pkcs11"])]
+        backend: String,
     },
     /// Print a CSR signed by the key (for Apple or another CA); the key stays in the site.
     Csr {
@@ -1019,6 +1023,7 @@ async fn keys(c: &mut Admin, command: KeyCommand, format: Format) -> Result<(), 
             repositories,
             refs,
             purposes,
+            backend,
         } => {
             let (pem, chain_pem) = match (&file, &p12) {
                 (_, Some(p12)) => meshsign_client::admin::read_p12(p12, &password_env)?,
@@ -1042,6 +1047,7 @@ async fn keys(c: &mut Admin, command: KeyCommand, format: Format) -> Result<(), 
                 refs,
                 chain_pem,
                 purposes,
+                backend,
             })
             .await?
         }
