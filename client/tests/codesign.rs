@@ -10,11 +10,10 @@ use std::process::Command;
 
 use apple_codesign::{CodeSigningSlot, MachFile};
 
-#[test]
-fn codesign_a_macho_through_the_site_and_verify_it() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let _site = common::start_dev(&dir.join("site"));
+/// Imports an RSA-2048 identity as `apple` (`--backend BACKEND`), code-signs a thin Mach-O
+/// through the site and checks it with apple-codesign's verifier and openssl. Returns the
+/// unsigned Mach-O.
+fn sign_and_verify_a_thin_macho(dir: &std::path::Path, backend: &str) -> Vec<u8> {
     let ossl = |args: &[&str]| common::openssl(dir, args);
     let meshsign = |args: &[&str]| {
         Command::new(common::meshsign())
@@ -49,6 +48,8 @@ fn codesign_a_macho_through_the_site_and_verify_it() {
         "*",
         "--purpose",
         "apple-cms",
+        "--backend",
+        backend,
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     std::fs::remove_file(dir.join("id.key")).unwrap();
@@ -129,6 +130,57 @@ fn codesign_a_macho_through_the_site_and_verify_it() {
         "-out",
         "/dev/null",
     ]);
+    macho
+}
+
+/// The same with the identity's RSA key imported into a PKCS#11 token (SoftHSM2): Apple's
+/// code signature is made by the token.
+#[test]
+fn codesign_with_the_identity_key_in_a_pkcs11_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let _site = common::start_dev_hsm(&dir.join("site"), &dir.join("hsm"));
+    let _ = sign_and_verify_a_thin_macho(dir, "pkcs11");
+    let out = common::meshsign_in(
+        dir,
+        &dir.join("site/client.toml"),
+        &[
+            "admin",
+            "key",
+            "list",
+            "--environment",
+            "production",
+            "--output",
+            "json",
+        ],
+    );
+    let keys: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let apple = keys
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["alias"] == "apple")
+        .unwrap();
+    assert_eq!(apple["backend"], "pkcs11", "{apple}");
+}
+
+#[test]
+fn codesign_a_macho_through_the_site_and_verify_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let _site = common::start_dev(&dir.join("site"));
+    let ossl = |args: &[&str]| common::openssl(dir, args);
+    let meshsign = |args: &[&str]| {
+        Command::new(common::meshsign())
+            .current_dir(dir)
+            .arg("--config")
+            .arg(dir.join("site/client.toml"))
+            .args(args)
+            .env("MESHSIGN_P12_PASSWORD", "s3cret")
+            .output()
+            .unwrap()
+    };
+    let macho = sign_and_verify_a_thin_macho(dir, "software");
 
     // A universal (x86_64 + arm64) binary, with entitlements and the hardened runtime.
     let mut fat = apple_codesign::UniversalBinaryBuilder::default();

@@ -52,7 +52,72 @@ pub fn start_dev_region(dir: &Path, region: &str) -> DevSite {
 
 /// [`start_dev_with_format`] with extra `meshsignd dev` arguments.
 pub fn start_dev_args(dir: &Path, log: Option<&Path>, format: &str, extra: &[&str]) -> DevSite {
-    let mut child = Command::new(meshsignd())
+    start_dev_env(dir, log, format, extra, &[])
+}
+
+/// A SoftHSM2 token (label `meshsign-test`, PIN in `DIR/pin`) in `dir`; returns its
+/// `SOFTHSM2_CONF`.
+pub fn softhsm_token(dir: &Path) -> PathBuf {
+    let tokens = dir.join("tokens");
+    std::fs::create_dir_all(&tokens).unwrap();
+    let conf = dir.join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            tokens.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new("softhsm2-util")
+        .env("SOFTHSM2_CONF", &conf)
+        .args(["--init-token", "--free", "--label", "meshsign-test"])
+        .args(["--pin", "1234", "--so-pin", "5678"])
+        .output()
+        .expect("softhsm2-util (Debian package softhsm2; .ci/run installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(dir.join("pin"), "1234\n").unwrap();
+    conf
+}
+
+/// A dev site whose `hsm` keys live in the SoftHSM2 token made by [`softhsm_token`] in
+/// `hsm_dir`.
+pub fn start_dev_hsm(dir: &Path, hsm_dir: &Path) -> DevSite {
+    let conf = softhsm_token(hsm_dir);
+    let pin = hsm_dir.join("pin");
+    start_dev_env(
+        dir,
+        None,
+        "json",
+        &[
+            "--pkcs11-module",
+            "/usr/lib/softhsm/libsofthsm2.so",
+            "--pkcs11-token",
+            "meshsign-test",
+            "--pkcs11-pin-file",
+            pin.to_str().unwrap(),
+        ],
+        &[("SOFTHSM2_CONF", conf.as_path())],
+    )
+}
+
+/// [`start_dev_args`] with extra environment variables for `meshsignd`.
+pub fn start_dev_env(
+    dir: &Path,
+    log: Option<&Path>,
+    format: &str,
+    extra: &[&str],
+    env: &[(&str, &Path)],
+) -> DevSite {
+    let mut cmd = Command::new(meshsignd());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
         .args(["--log-format", format, "dev", "--data-dir"])
         .arg(dir)
         .args(extra)

@@ -73,6 +73,11 @@ fn key_info(site: &SiteState, env: &str, spec: &KeySpec) -> v1::KeyInfo {
         disabled: spec.disabled,
         repositories: spec.access.repositories.clone(),
         refs: spec.access.refs.clone(),
+        backend: match versions.last() {
+            Some(k) if k.record.pkcs11.is_some() => "pkcs11",
+            _ => "software",
+        }
+        .into(),
     }
 }
 

@@ -1235,6 +1235,7 @@ impl Render for v1::KeyInfo {
         serde_json::json!({
             "environment": self.environment, "alias": self.alias, "algorithm": self.algorithm,
             "disabled": self.disabled, "repositories": self.repositories, "refs": self.refs,
+            "backend": self.backend,
             "versions": self.versions.iter().map(|v| serde_json::json!({
                 "key_id": v.key_id, "algorithm": v.algorithm, "active": v.active,
                 "public_key_pem": pem_encode("PUBLIC KEY", &v.public_key_der),
