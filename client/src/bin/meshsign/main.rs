@@ -538,7 +538,9 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
             runner::sign(&load_config(&cli.global)?, args, cli.global.output).await
         }
         #[cfg(feature = "codesign")]
-        Command::Codesign(args) => runner::codesign(&load_config(&cli.global)?, args).await,
+        Command::Codesign(args) => {
+            runner::codesign(&load_config(&cli.global)?, args, cli.global.output).await
+        }
         Command::Admin {
             all_sites: true,
             command,

@@ -203,7 +203,11 @@ pub async fn sign(
 }
 
 #[cfg(feature = "codesign")]
-pub async fn codesign(cfg: &ClientConfig, args: CodesignArgs) -> Result<(), ClientError> {
+pub async fn codesign(
+    cfg: &ClientConfig,
+    args: CodesignArgs,
+    format: super::admin::Format,
+) -> Result<(), ClientError> {
     if !args.input.exists() {
         return Err(ClientError::Usage(format!(
             "{}: no such file or bundle (nothing was enrolled; the token is not spent)",
@@ -242,12 +246,23 @@ pub async fn codesign(cfg: &ClientConfig, args: CodesignArgs) -> Result<(), Clie
     } else {
         result?;
     }
-    out!(
-        "{}: signed with {} ({})",
-        args.output.as_ref().unwrap_or(&args.input).display(),
-        args.runner.key,
-        args.runner.session.environment
-    );
+    let signed = args.output.as_ref().unwrap_or(&args.input).display();
+    if format == super::admin::Format::Json {
+        out!(
+            "{}",
+            serde_json::json!({
+                "file": signed.to_string(),
+                "key": args.runner.key,
+                "environment": args.runner.session.environment,
+            })
+        );
+    } else {
+        out!(
+            "{signed}: signed with {} ({})",
+            args.runner.key,
+            args.runner.session.environment
+        );
+    }
     Ok(())
 }
 
