@@ -80,7 +80,7 @@ struct RawSite {
     #[serde(default)]
     keys: KeyPolicy,
     #[serde(default)]
-    pkcs11: Option<crate::custody::pkcs11::Pkcs11Config>,
+    pkcs11: Option<Pkcs11Config>,
     /// `[[environments]]`; `[[partitions]]` is the earlier spelling, still read.
     #[serde(alias = "partitions")]
     environments: Vec<RawEnvironment>,
@@ -252,7 +252,7 @@ struct RawKey {
     #[serde(default)]
     digest_allow_list: Option<PathBuf>,
     #[serde(default)]
-    backend: crate::custody::Backend,
+    backend: crate::model::KeyBackend,
 }
 
 #[derive(Deserialize)]
@@ -326,7 +326,7 @@ pub struct SiteConfig {
     /// Site-wide key hygiene (`[keys]`).
     pub keys: KeyPolicy,
     /// The PKCS#11 token keys with `backend = "pkcs11"` live in (`[pkcs11]`; paths absolute).
-    pub pkcs11: Option<crate::custody::pkcs11::Pkcs11Config>,
+    pub pkcs11: Option<Pkcs11Config>,
     /// Environments (the site's partitions), in file order.
     pub environments: Vec<Environment>,
 }
@@ -712,7 +712,7 @@ pub struct KeySpec {
     /// When set, the only digests this key signs.
     pub allowed_digests: Option<DigestAllowList>,
     /// Where its new versions are generated (`backend = "pkcs11"`: in the `[pkcs11]` token).
-    pub backend: crate::custody::Backend,
+    pub backend: crate::model::KeyBackend,
 }
 
 /// One trusted OIDC issuer of a environment.
@@ -738,6 +738,29 @@ pub struct TrustPolicy {
     pub claim_mappings: BTreeMap<String, String>,
     /// The longest lifetime (`exp − iat`) a token may claim.
     pub max_token_lifetime_seconds: u64,
+}
+
+/// `[pkcs11]` in the site config.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pkcs11Config {
+    /// The PKCS#11 module (e.g. `/usr/lib/softhsm/libsofthsm2.so`).
+    pub module: PathBuf,
+    /// The token's label.
+    pub token_label: String,
+    /// File holding the user PIN (mode 0600 outside dev; trailing newline ignored).
+    pub pin_file: PathBuf,
+    /// Sessions the site keeps open at most (default 4; size it to the token).
+    #[serde(default = "default_sessions")]
+    pub sessions: usize,
+    /// Create the audit (checkpoint) key in the token when the site is first made (an
+    /// existing site keeps its audit key where it is).
+    #[serde(default)]
+    pub audit_key: bool,
+}
+
+fn default_sessions() -> usize {
+    4
 }
 
 impl SiteConfig {
@@ -951,7 +974,7 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
                      apple-cms (its input is CMS attributes, not an artifact digest)",
                 ));
             }
-            if key.backend == crate::custody::Backend::Pkcs11 && raw_pkcs11.is_none() {
+            if key.backend == crate::model::KeyBackend::Pkcs11 && raw_pkcs11.is_none() {
                 return Err(invalid(
                     kat("backend"),
                     "pkcs11 needs a [pkcs11] table (module, token_label, pin_file)",

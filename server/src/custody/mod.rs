@@ -87,35 +87,7 @@ impl Custodian {
     }
 }
 
-/// Where a new key is generated.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Backend {
-    /// In the site, wrapped under the KEK in the store.
-    #[default]
-    Software,
-    /// In the `[pkcs11]` token, non-extractable.
-    Pkcs11,
-}
-
-impl Backend {
-    /// Lower-case name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Backend::Software => "software",
-            Backend::Pkcs11 => "pkcs11",
-        }
-    }
-
-    /// From its name.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "software" | "" => Some(Backend::Software),
-            "pkcs11" => Some(Backend::Pkcs11),
-            _ => None,
-        }
-    }
-}
+pub use crate::model::KeyBackend as Backend;
 
 // === impl Kek ===
 

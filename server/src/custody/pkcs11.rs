@@ -31,30 +31,8 @@ use cryptoki::types::AuthPin;
 use serde::{Deserialize, Serialize};
 
 use super::{CustodyError, SigningBackend};
+pub use crate::config::Pkcs11Config;
 use crate::model::KeyAlgorithm;
-
-/// `[pkcs11]` in the site config.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Pkcs11Config {
-    /// The PKCS#11 module (e.g. `/usr/lib/softhsm/libsofthsm2.so`).
-    pub module: PathBuf,
-    /// The token's label.
-    pub token_label: String,
-    /// File holding the user PIN (mode 0600 outside dev; trailing newline ignored).
-    pub pin_file: PathBuf,
-    /// Sessions the site keeps open at most (default 4; size it to the token).
-    #[serde(default = "default_sessions")]
-    pub sessions: usize,
-    /// Create the audit (checkpoint) key in the token when the site is first made (an
-    /// existing site keeps its audit key where it is).
-    #[serde(default)]
-    pub audit_key: bool,
-}
-
-fn default_sessions() -> usize {
-    4
-}
 
 /// Where a key lives in the token (stored in the key's record instead of a wrapped key).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -531,6 +531,36 @@ pub fn purposes_for(
     ))
 }
 
+/// Where a new key is generated.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyBackend {
+    /// In the site, wrapped under the KEK in the store.
+    #[default]
+    Software,
+    /// In the `[pkcs11]` token, non-extractable.
+    Pkcs11,
+}
+
+impl KeyBackend {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyBackend::Software => "software",
+            KeyBackend::Pkcs11 => "pkcs11",
+        }
+    }
+
+    /// From its name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "software" | "" => Some(KeyBackend::Software),
+            "pkcs11" => Some(KeyBackend::Pkcs11),
+            _ => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
