@@ -208,8 +208,19 @@ fn keys_in_a_pkcs11_token_sign_rotate_survive_restarts_and_the_token_coming_and_
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(out.status.success(), "{text}");
+        // The child writes `done` after its whole body ran and its site was dropped (the token
+        // closed and the library finalised). SoftHSM2 2.6.1 with OpenSSL 3 sometimes crashes
+        // in its exit-time destructors after that (about 1 run in 10 here, never during the
+        // body); that crash, and only after `done`, is tolerated — any failure before it is not.
+        let done = hsm_dir.path().join("done").exists();
+        assert!(done, "{text}");
         assert!(text.contains("1 passed"), "{text}");
+        #[cfg(unix)]
+        if !out.status.success() {
+            use std::os::unix::process::ExitStatusExt as _;
+            assert_eq!(out.status.signal(), Some(11), "{text}");
+            eprintln!("note: SoftHSM2 crashed at process exit after the test completed");
+        }
         return;
     };
     let hsm_dir = PathBuf::from(hsm);
@@ -465,5 +476,8 @@ fn keys_in_a_pkcs11_token_sign_rotate_survive_restarts_and_the_token_coming_and_
             .await
             .unwrap();
         assert_eq!(r.key_id, "release@v1");
+        site.handle.shutdown().await;
     });
+    drop(rt);
+    std::fs::write(hsm_dir.join("done"), b"").unwrap();
 }

@@ -70,6 +70,41 @@ impl std::fmt::Debug for Token {
     }
 }
 
+/// Open tokens per module in this process: the library is initialised once per process, so it
+/// is finalised only when the last of them closes (a restarted site opens its token before the
+/// old one is dropped).
+static OPEN: Mutex<Vec<(PathBuf, usize)>> = Mutex::new(Vec::new());
+
+impl Drop for Token {
+    /// Closes the sessions and, for the last token of its module, finalises the library:
+    /// SoftHSM2 (with OpenSSL 3) can crash in its exit-time destructors when a process ends with
+    /// the library still initialised.
+    fn drop(&mut self) {
+        let idle = std::mem::take(&mut self.pool.get_mut().unwrap_or_else(|p| p.into_inner()).idle);
+        drop(idle);
+        let last = {
+            let mut open = OPEN.lock().unwrap_or_else(|p| p.into_inner());
+            match open.iter_mut().find(|(m, _)| *m == self.module) {
+                Some((_, n)) => {
+                    *n = n.saturating_sub(1);
+                    *n == 0
+                }
+                None => true,
+            }
+        };
+        if last {
+            let ctx = self
+                .ctx
+                .get_mut()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            if let Err(e) = ctx.finalize() {
+                tracing::debug!(token = %self.label, error = %e, "C_Finalize");
+            }
+        }
+    }
+}
+
 fn p11(what: &'static str) -> impl FnOnce(P11Error) -> CustodyError {
     move |e| CustodyError::Token(format!("{what}: {e}"))
 }
@@ -110,7 +145,15 @@ impl Token {
             freed: Condvar::new(),
             available: AtomicBool::new(true),
         };
-        // A session now: a wrong label or PIN refuses the start, naming what to fix.
+        {
+            let mut open = OPEN.lock().unwrap_or_else(|p| p.into_inner());
+            match open.iter_mut().find(|(m, _)| *m == token.module) {
+                Some((_, n)) => *n += 1,
+                None => open.push((token.module.clone(), 1)),
+            }
+        }
+        // A session now: a wrong label or PIN refuses the start, naming what to fix (dropping
+        // the token then releases its count).
         let s = token.open_session()?;
         token.release(s);
         Ok(Arc::new(token))
