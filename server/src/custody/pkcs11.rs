@@ -700,38 +700,27 @@ const SHA256_DIGEST_INFO: [u8; 19] = [
 ];
 
 fn read_pin(path: &Path, dev: bool) -> Result<AuthPin, CustodyError> {
+    let fail =
+        |what: String| CustodyError::Token(format!("[pkcs11] pin_file {}: {what}", path.display()));
     #[cfg(unix)]
     if !dev {
         use std::os::unix::fs::PermissionsExt as _;
         let mode = std::fs::metadata(path)
-            .map_err(|source| CustodyError::KekIo {
-                path: path.display().to_string(),
-                source,
-            })?
+            .map_err(|e| fail(e.to_string()))?
             .permissions()
             .mode();
         if mode & 0o077 != 0 {
-            return Err(CustodyError::KekFile {
-                path: path.display().to_string(),
-                message: format!(
-                    "the PKCS#11 PIN file is readable by others (mode {:o}): chmod 600 it",
-                    mode & 0o777
-                ),
-            });
+            return Err(fail(format!(
+                "readable by group or others (mode {:o}): chmod 600 it",
+                mode & 0o777
+            )));
         }
     }
-    let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|source| {
-        CustodyError::KekIo {
-            path: path.display().to_string(),
-            source,
-        }
-    })?);
+    let text =
+        zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?);
     let pin = text.trim_end_matches(['\n', '\r']);
     if pin.is_empty() {
-        return Err(CustodyError::KekFile {
-            path: path.display().to_string(),
-            message: "the PKCS#11 PIN file is empty".into(),
-        });
+        return Err(fail("empty".into()));
     }
     Ok(AuthPin::from(pin.to_string()))
 }
@@ -877,6 +866,31 @@ impl Pkcs11Key {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn the_pin_file_must_be_private_and_non_empty() -> Result<(), Box<dyn std::error::Error>> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir()?;
+        let pin = dir.path().join("pin");
+        std::fs::write(&pin, "1234\n")?;
+        std::fs::set_permissions(&pin, std::fs::Permissions::from_mode(0o644))?;
+        let e = read_pin(&pin, false)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("pin_file") && e.contains("chmod 600"), "{e}");
+        assert!(read_pin(&pin, true).is_ok(), "dev mode tolerates it");
+        std::fs::set_permissions(&pin, std::fs::Permissions::from_mode(0o600))?;
+        assert!(read_pin(&pin, false).is_ok());
+        std::fs::write(&pin, "\n")?;
+        let e = read_pin(&pin, false)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("empty") && !e.contains("1234"), "{e}");
+        Ok(())
+    }
 
     #[test]
     fn der_integers_are_minimal_and_positive() {
