@@ -265,6 +265,7 @@ fn in_process_pkcs11(cli: &Cli) -> Result<f64, String> {
             pin_file: dir.join("pin"),
             sessions: threads,
             audit_key: false,
+            runner_cas: false,
         },
         true,
     )

@@ -207,6 +207,7 @@ pub fn add_hsm_key(
         pin_file,
         sessions: 8,
         audit_key: false,
+        runner_cas: false,
     });
     for env in &mut cfg.environments {
         let release = env

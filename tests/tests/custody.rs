@@ -76,7 +76,11 @@ async fn no_private_key_bytes_anywhere_in_the_data_dir() {
     for i in &issuers {
         let aad = format!("meshsign/issuer/v1\0{}\0{}", i.partition, i.id);
         let pkcs8 = kek
-            .unwrap(&aad, &i.wrapped.nonce, &i.wrapped.ciphertext)
+            .unwrap(
+                &aad,
+                &i.wrapped.as_ref().expect("a software CA").nonce,
+                &i.wrapped.as_ref().expect("a software CA").ciphertext,
+            )
             .unwrap();
         secrets.push((format!("runner CA {}", i.id), pkcs8.to_vec()));
     }

@@ -93,6 +93,7 @@ token_label = "{LABEL}"
 pin_file = "{}"
 sessions = 4
 audit_key = true
+runner_cas = true
 
 [audit]
 checkpoint_every = 5
@@ -269,6 +270,28 @@ fn keys_in_a_pkcs11_token_sign_rotate_survive_restarts_and_the_token_coming_and_
                 "{text}"
             );
         }
+
+        // The runner CAs are in the token: every enrollment above was signed there, and the
+        // store keeps no wrapped copy.
+        let cas = site
+            .state()
+            .store
+            .kv()
+            .scan_prefix(meshsign_server::store::Tree::RunnerCas, b"")
+            .unwrap();
+        assert_eq!(cas.len(), 2, "one per environment");
+        for (_, v) in &cas {
+            let text = String::from_utf8_lossy(v);
+            assert!(
+                text.contains("\"pkcs11\"") && !text.contains("\"wrapped\""),
+                "{text}"
+            );
+        }
+        assert!(
+            private_keys_in_token()
+                .iter()
+                .any(|k| k.0.starts_with("meshsign runner CA production") && !k.1 && k.3)
+        );
 
         // The audit key is in the token too: its checkpoints verify under the key the site
         // publishes, and the store holds only its reference.

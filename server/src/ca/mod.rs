@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use x509_parser::prelude::*;
 use zeroize::Zeroizing;
 
-use crate::custody::{CustodyError, Kek, Wrapped};
+use crate::custody::{Custodian, CustodyError, SigningBackend, Wrapped};
 use crate::store::{Store, StoreError, Tree, hex_bytes};
 
 /// Issuance failures (all internal: inputs were checked before).
@@ -92,8 +92,12 @@ pub struct RunnerCaRecord {
     /// For a retiring issuer: when the last certificate it issued expires.
     #[serde(default)]
     pub retire_after: Option<i64>,
-    /// Private key under the KEK.
-    pub wrapped: Wrapped,
+    /// Private key under the KEK (a software CA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wrapped: Option<Wrapped>,
+    /// Where the key is in the PKCS#11 token (a CA kept there; `[pkcs11] runner_cas = true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pkcs11: Option<crate::custody::pkcs11::Pkcs11Ref>,
 }
 
 impl RunnerCaRecord {
@@ -120,7 +124,43 @@ fn issuer_aad(environment: &str, id: &str) -> String {
 pub struct RunnerCa {
     /// Stored record.
     pub record: RunnerCaRecord,
-    key: Zeroizing<KeyPair>,
+    key: CaKey,
+}
+
+/// A runner CA's private key: in the site (decrypted from the store), or in the token.
+enum CaKey {
+    Software(Zeroizing<KeyPair>),
+    Token(TokenKey),
+}
+
+/// A token-held P-256 key as rcgen's signer (ECDSA over SHA-256 of the to-be-signed bytes).
+struct TokenKey(Arc<dyn SigningBackend>);
+
+impl PublicKeyData for TokenKey {
+    fn der_bytes(&self) -> &[u8] {
+        // rcgen wants the subjectPublicKey bytes, not the SPKI.
+        meshsign_proto::der::spki_key(self.0.public_key_der()).unwrap_or_default()
+    }
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
+impl SigningKey for TokenKey {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        self.0
+            .sign_message(msg)
+            .map_err(|_| rcgen::Error::RemoteKeyError)
+    }
+}
+
+impl CaKey {
+    fn signer(&self) -> &dyn SigningKey {
+        match self {
+            CaKey::Software(k) => &**k,
+            CaKey::Token(k) => k,
+        }
+    }
 }
 
 impl std::fmt::Debug for RunnerCa {
@@ -189,7 +229,7 @@ fn replace_once(haystack: &[u8], from: &[u8], to: &[u8]) -> Option<Vec<u8>> {
 
 /// Signs the to-be-signed bytes after swapping the placeholder OID for the real one.
 struct OidSwappingSigner<'a> {
-    inner: &'a KeyPair,
+    inner: &'a dyn SigningKey,
     from: &'a [u8],
     to: &'a [u8],
 }
@@ -226,7 +266,7 @@ impl RunnerCa {
     /// Creates a new runner CA for `environment` in `state`, stores it wrapped under the KEK.
     pub fn create(
         store: &Store,
-        kek: &Kek,
+        custodian: &Custodian,
         trust_domain: &str,
         region: &str,
         environment: &str,
@@ -235,7 +275,6 @@ impl RunnerCa {
     ) -> Result<Self, CaError> {
         let id = meshsign_proto::files::random_id().map_err(|_| CustodyError::Crypto("rng"))?[..16]
             .to_string();
-        let key = Zeroizing::new(KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?);
         let mut p = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, format!("meshsign {trust_domain}"));
@@ -253,9 +292,35 @@ impl RunnerCa {
         p.not_before = unix_to_time(now_unix - 3600);
         p.not_after = unix_to_time(now_unix + 2 * 365 * 86400);
         p.serial_number = Some(SerialNumber::from_slice(&random_serial()?));
-        let cert = p.self_signed(&*key)?;
-        let pkcs8 = Zeroizing::new(key.serialize_der());
-        let (nonce, ciphertext) = kek.wrap(&issuer_aad(environment, &id), &pkcs8)?;
+        let (key, wrapped, pkcs11) = match custodian
+            .token
+            .as_ref()
+            .filter(|_| custodian.runner_cas_in_token)
+        {
+            Some(token) => {
+                let alg = crate::model::KeyAlgorithm::EcdsaP256Sha256;
+                let (r, _) =
+                    token.generate(alg, &format!("meshsign runner CA {environment} {id}"))?;
+                let backend: Arc<dyn SigningBackend> =
+                    Arc::new(crate::custody::pkcs11::Pkcs11Key::load(token, &r, alg)?);
+                (CaKey::Token(TokenKey(backend)), None, Some(r))
+            }
+            None => {
+                let key = Zeroizing::new(KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?);
+                let pkcs8 = Zeroizing::new(key.serialize_der());
+                let (nonce, ciphertext) =
+                    custodian.kek.wrap(&issuer_aad(environment, &id), &pkcs8)?;
+                (
+                    CaKey::Software(key),
+                    Some(Wrapped { nonce, ciphertext }),
+                    None,
+                )
+            }
+        };
+        let cert = match &key {
+            CaKey::Software(k) => p.self_signed(&**k)?,
+            CaKey::Token(k) => p.self_signed(k)?,
+        };
         let record = RunnerCaRecord {
             id,
             partition: environment.to_string(),
@@ -263,21 +328,44 @@ impl RunnerCa {
             cert_der: cert.der().to_vec(),
             created_at: now_unix,
             retire_after: None,
-            wrapped: Wrapped { nonce, ciphertext },
+            wrapped,
+            pkcs11,
         };
         store.put(Tree::RunnerCas, &record.store_key(), &record)?;
         store.flush()?;
         Ok(Self { record, key })
     }
 
-    /// Decrypts a stored runner CA.
-    pub fn load(record: RunnerCaRecord, kek: &Kek) -> Result<Self, CaError> {
-        let pkcs8 = kek.unwrap(
-            &issuer_aad(&record.partition, &record.id),
-            &record.wrapped.nonce,
-            &record.wrapped.ciphertext,
-        )?;
-        let key = Zeroizing::new(KeyPair::try_from(pkcs8.as_slice())?);
+    /// Loads a stored runner CA: decrypts its key, or finds it in the token.
+    pub fn load(record: RunnerCaRecord, custodian: &Custodian) -> Result<Self, CaError> {
+        let key = match (&record.wrapped, &record.pkcs11) {
+            (Some(w), _) => {
+                let pkcs8 = custodian.kek.unwrap(
+                    &issuer_aad(&record.partition, &record.id),
+                    &w.nonce,
+                    &w.ciphertext,
+                )?;
+                CaKey::Software(Zeroizing::new(KeyPair::try_from(pkcs8.as_slice())?))
+            }
+            (None, Some(r)) => {
+                let token = custodian.token.as_ref().ok_or_else(|| {
+                    CustodyError::Token(format!(
+                        "runner CA {} is in PKCS#11 token `{}`, and the site config has no [pkcs11]",
+                        record.id, r.token_label
+                    ))
+                })?;
+                let alg = crate::model::KeyAlgorithm::EcdsaP256Sha256;
+                CaKey::Token(TokenKey(Arc::new(crate::custody::pkcs11::Pkcs11Key::load(
+                    token, r, alg,
+                )?)))
+            }
+            (None, None) => {
+                return Err(CustodyError::Unwrap {
+                    slot: format!("runner CA {}", record.id),
+                }
+                .into());
+            }
+        };
         Ok(Self { record, key })
     }
 
@@ -319,7 +407,7 @@ impl RunnerCa {
         )];
 
         let signer = OidSwappingSigner {
-            inner: &self.key,
+            inner: self.key.signer(),
             from: &placeholder_der,
             to: &real_der,
         };
@@ -436,7 +524,7 @@ impl RunnerCas {
     /// Loads the environment's issuers, creating an active one if there is none.
     pub fn load_or_create(
         store: &Store,
-        kek: &Kek,
+        custodian: &Custodian,
         trust_domain: &str,
         region: &str,
         environment: &str,
@@ -445,11 +533,11 @@ impl RunnerCas {
         let mut records = RunnerCa::records(store, environment)?;
         records.sort_by_key(|r| r.created_at);
         let active = match records.iter().find(|r| r.state == RunnerCaState::Active) {
-            Some(r) => RunnerCa::load(r.clone(), kek)?,
+            Some(r) => RunnerCa::load(r.clone(), custodian)?,
             None => {
                 let ca = RunnerCa::create(
                     store,
-                    kek,
+                    custodian,
                     trust_domain,
                     region,
                     environment,

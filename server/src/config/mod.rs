@@ -757,6 +757,10 @@ pub struct Pkcs11Config {
     /// existing site keeps its audit key where it is).
     #[serde(default)]
     pub audit_key: bool,
+    /// Create new runner CAs (a new environment's first, and every staged one) in the token:
+    /// each enrollment is then signed by the token. Existing CAs stay where they are.
+    #[serde(default)]
+    pub runner_cas: bool,
 }
 
 fn default_sessions() -> usize {

@@ -78,6 +78,8 @@ pub struct Custodian {
     pub kek: Kek,
     /// The PKCS#11 token, if configured.
     pub token: Option<Arc<pkcs11::Token>>,
+    /// New runner CAs are created in the token (`[pkcs11] runner_cas = true`).
+    pub runner_cas_in_token: bool,
 }
 
 impl Custodian {

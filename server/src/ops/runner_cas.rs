@@ -40,7 +40,7 @@ pub fn stage(site: &SiteState, env: &str) -> Result<(RunnerCaRecord, String), Op
     let cfg = site.config();
     let ca = RunnerCa::create(
         &site.store,
-        &site.custodian.kek,
+        &site.custodian,
         &cfg.trust_domain,
         &cfg.region,
         env,
@@ -159,7 +159,7 @@ pub fn revoke(
         let cfg = site.config();
         let ca = RunnerCa::create(
             &site.store,
-            &site.custodian.kek,
+            &site.custodian,
             &cfg.trust_domain,
             &cfg.region,
             env,

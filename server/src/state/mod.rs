@@ -256,7 +256,11 @@ impl SiteState {
             Some(c) if c.audit_key => crate::custody::Backend::Pkcs11,
             _ => crate::custody::Backend::Software,
         };
-        let custodian = crate::custody::Custodian { kek, token };
+        let custodian = crate::custody::Custodian {
+            kek,
+            token,
+            runner_cas_in_token: file_config.pkcs11.as_ref().is_some_and(|p| p.runner_cas),
+        };
         let data_dir = file_config.data_dir.clone();
         let journal = data_dir.join(JOURNAL_FILE);
         std::fs::create_dir_all(&data_dir).map_err(|source| StoreError::Io {
@@ -316,7 +320,7 @@ impl SiteState {
             for p in &config.environments {
                 let pi = RunnerCas::load_or_create(
                     &store,
-                    &custodian.kek,
+                    &custodian,
                     &config.trust_domain,
                     &config.region,
                     &p.name,
@@ -502,7 +506,7 @@ impl SiteState {
         let cfg = self.config();
         let pi = RunnerCas::load_or_create(
             &self.store,
-            &self.custodian.kek,
+            &self.custodian,
             &cfg.trust_domain,
             &cfg.region,
             environment,
