@@ -19,6 +19,23 @@ use tonic::Code;
 const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 const LABEL: &str = "meshsign-test";
 
+/// The enroll port's overall health, polled until it is `want` (at most 5 s).
+async fn health_becomes(site: &TestSite, want: i32) -> bool {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    for _ in 0..50 {
+        let r = HealthClient::new(site.enroll_channel().await)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await;
+        if r.is_ok_and(|r| r.into_inner().status == want) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
 fn sha256(data: &[u8]) -> [u8; 32] {
     let mut d = [0u8; 32];
     d.copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data).as_ref());
@@ -288,9 +305,11 @@ fn keys_in_a_pkcs11_token_sign_rotate_survive_restarts_and_the_token_coming_and_
             );
         }
         assert!(
-            private_keys_in_token()
-                .iter()
-                .any(|k| k.0.starts_with("meshsign runner CA production") && !k.1 && k.3)
+            private_keys_in_token().iter().any(|k| k
+                .0
+                .starts_with("meshsign runner CA production")
+                && !k.1
+                && k.3)
         );
 
         // The audit key is in the token too: its checkpoints verify under the key the site
@@ -480,6 +499,8 @@ fn keys_in_a_pkcs11_token_sign_rotate_survive_restarts_and_the_token_coming_and_
         assert_eq!(e.code(), Code::Unavailable, "{e:?}");
         assert!(e.message().starts_with("key_unavailable: "), "{e:?}");
         assert!(!site.state().custody_available());
+        // NOT_SERVING (2) while the token is away.
+        assert!(health_becomes(&site, 2).await, "health says NOT_SERVING");
         std::fs::rename(&away, &tokens).unwrap();
         let mut resumed = false;
         for _ in 0..100 {
@@ -494,6 +515,7 @@ fn keys_in_a_pkcs11_token_sign_rotate_survive_restarts_and_the_token_coming_and_
         }
         assert!(resumed, "signing resumes once the token is back");
         assert!(site.state().custody_available());
+        assert!(health_becomes(&site, 1).await, "health says SERVING again");
         // Software keys were never affected.
         let r = sign(&mut signer, "release", "ecdsa-p256-sha256", &data)
             .await
