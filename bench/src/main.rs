@@ -85,7 +85,7 @@ enum KeyBackend {
 /// Environment variable naming the bench's SoftHSM2 folder (set for the re-executed bench).
 pub const SOFTHSM_DIR: &str = "MESHSIGN_BENCH_SOFTHSM_DIR";
 /// The SoftHSM2 module (Debian's path).
-pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+pub const SOFTHSM_MODULE: &str = meshsign_certs_dev::softhsm::MODULE;
 /// The bench token's label.
 pub const SOFTHSM_LABEL: &str = "meshsign-bench";
 
@@ -94,27 +94,8 @@ pub const SOFTHSM_LABEL: &str = "meshsign-bench";
 /// environment of a running process needs `unsafe`, which this workspace forbids).
 fn reexec_with_softhsm() -> Result<std::process::ExitStatus, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let tokens = dir.path().join("tokens");
-    std::fs::create_dir_all(&tokens).map_err(|e| e.to_string())?;
-    let conf = dir.path().join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-            tokens.display()
-        ),
-    )
-    .map_err(|e| e.to_string())?;
-    let out = std::process::Command::new("softhsm2-util")
-        .env("SOFTHSM2_CONF", &conf)
-        .args(["--init-token", "--free", "--label", SOFTHSM_LABEL])
-        .args(["--pin", "1234", "--so-pin", "5678"])
-        .output()
-        .map_err(|e| format!("softhsm2-util (apt-get install softhsm2): {e}"))?;
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-    }
-    std::fs::write(dir.path().join("pin"), "1234\n").map_err(|e| e.to_string())?;
+    let conf =
+        meshsign_certs_dev::softhsm::token(dir.path(), SOFTHSM_LABEL).map_err(|e| e.to_string())?;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     std::process::Command::new(exe)
         .args(std::env::args_os().skip(1))

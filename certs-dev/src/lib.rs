@@ -194,6 +194,7 @@ impl DevPki {
 }
 
 pub mod postgres;
+pub mod softhsm;
 
 /// File names the dev PKI and dev issuer use inside their folder.
 pub mod files {

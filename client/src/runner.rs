@@ -229,28 +229,12 @@ impl Session {
         digest: [u8; 32],
         artifact: &str,
     ) -> Result<v1::SignResponse, ClientError> {
-        let req = v1::SignRequest {
-            key_alias: alias.to_string(),
-            input: Some(v1::sign_request::Input::Sha256Digest(digest.to_vec())),
-            artifact_name: artifact.to_string(),
-            algorithm: String::new(),
-        };
-        // A replica that went away fails the call in flight (UNAVAILABLE, or a transport
-        // error / CANCELLED when the connection broke mid-call); the channel then reconnects
-        // to another replica of the site (see `transport::connect_with`) — which may take a
-        // moment to notice — so retry a few times with a short backoff. Signing the same digest
-        // twice is harmless: at worst the audit log has two entries for it.
-        let mut out = self.signer.sign(req.clone()).await;
-        for backoff_ms in [50, 200, 800] {
-            match &out {
-                Err(s) if transport::is_failover(s) => {
-                    tokio::time::sleep(std::time::Duration::from_millis(backoff_ms)).await;
-                    out = self.signer.sign(req.clone()).await;
-                }
-                _ => break,
-            }
-        }
-        Ok(out.map_err(|s| ClientError::rpc("Sign", s))?.into_inner())
+        self.sign(
+            alias,
+            v1::sign_request::Input::Sha256Digest(digest.to_vec()),
+            artifact,
+        )
+        .await
     }
 
     /// Signs a short message (at most 4 KiB) with the site key `alias` (purpose `message`; the
@@ -261,12 +245,31 @@ impl Session {
         message: &[u8],
         artifact: &str,
     ) -> Result<v1::SignResponse, ClientError> {
+        self.sign(
+            alias,
+            v1::sign_request::Input::Message(message.to_vec()),
+            artifact,
+        )
+        .await
+    }
+
+    async fn sign(
+        &mut self,
+        alias: &str,
+        input: v1::sign_request::Input,
+        artifact: &str,
+    ) -> Result<v1::SignResponse, ClientError> {
         let req = v1::SignRequest {
             key_alias: alias.to_string(),
-            input: Some(v1::sign_request::Input::Message(message.to_vec())),
+            input: Some(input),
             artifact_name: artifact.to_string(),
             algorithm: String::new(),
         };
+        // A replica that went away fails the call in flight (UNAVAILABLE, or a transport
+        // error / CANCELLED when the connection broke mid-call); the channel then reconnects
+        // to another replica of the site (see `transport::connect_with`) — which may take a
+        // moment to notice — so retry a few times with a short backoff. Signing the same input
+        // twice is harmless: at worst the audit log has two entries for it.
         let mut out = self.signer.sign(req.clone()).await;
         for backoff_ms in [50, 200, 800] {
             match &out {

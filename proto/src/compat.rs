@@ -136,26 +136,27 @@ mod tests {
         assert_eq!(q.decision_filter, v1::Decision::Deny as i32);
         assert_eq!(q.wanted_decision().as_deref(), Some("deny"));
         assert_eq!(
-            v1::ProposalState::from_word("expired").unwrap().word(),
-            "expired"
+            v1::ProposalState::from_word("expired").map(|s| s.word()),
+            Some("expired".to_string())
         );
     }
 
     #[test]
-    fn the_contract_names_its_go_and_java_packages() {
+    fn the_contract_names_its_go_and_java_packages() -> Result<(), Box<dyn std::error::Error>> {
         use prost::Message as _;
-        let fds = prost_types::FileDescriptorSet::decode(crate::FILE_DESCRIPTOR_SET).unwrap();
-        let file = fds
+        let fds = prost_types::FileDescriptorSet::decode(crate::FILE_DESCRIPTOR_SET)?;
+        let o = fds
             .file
             .iter()
             .find(|f| f.package() == "meshsign.v1")
-            .unwrap();
-        let o = file.options.as_ref().unwrap();
+            .and_then(|f| f.options.as_ref())
+            .ok_or("meshsign.v1 has no file options")?;
         assert_eq!(
             o.go_package(),
             "github.com/meshsign/meshsign/gen/go/meshsign/v1;meshsignv1"
         );
         assert_eq!(o.java_package(), "dev.meshsign.v1");
         assert!(o.java_multiple_files());
+        Ok(())
     }
 }

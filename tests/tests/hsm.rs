@@ -16,7 +16,7 @@ use meshsign_proto::v1::{self, sign_request::Input};
 use meshsign_tests::{TestSite, openssl, write_pem};
 use tonic::Code;
 
-const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+use meshsign_certs_dev::softhsm::MODULE;
 const LABEL: &str = "meshsign-test";
 
 /// The enroll port's overall health, polled until it is `want` (at most 5 s).
@@ -40,47 +40,6 @@ fn sha256(data: &[u8]) -> [u8; 32] {
     let mut d = [0u8; 32];
     d.copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data).as_ref());
     d
-}
-
-/// A SoftHSM2 configuration, one initialised token and its PIN file (`pin`) in `dir`.
-fn softhsm(dir: &Path) {
-    let tokens = dir.join("tokens");
-    std::fs::create_dir_all(&tokens).unwrap();
-    let conf = dir.join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-            tokens.display()
-        ),
-    )
-    .unwrap();
-    let out = std::process::Command::new("softhsm2-util")
-        .env("SOFTHSM2_CONF", &conf)
-        .args([
-            "--init-token",
-            "--free",
-            "--label",
-            LABEL,
-            "--pin",
-            "1234",
-            "--so-pin",
-            "5678",
-        ])
-        .output()
-        .expect("softhsm2-util (Debian package softhsm2; .ci/run installs it)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let pin = dir.join("pin");
-    std::fs::write(&pin, "1234\n").unwrap();
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(&pin, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
 }
 
 fn hsm_config(pin: &Path) -> String {
@@ -214,10 +173,10 @@ fn keys_in_a_pkcs11_token_sign_rotate_survive_restarts_and_the_token_coming_and_
     let Some(hsm) = std::env::var_os("MESHSIGN_TEST_HSM_DIR") else {
         // The parent: a token in a temp dir, then this test again in a child with its config.
         let hsm_dir = tempfile::tempdir().unwrap();
-        softhsm(hsm_dir.path());
+        let conf = meshsign_certs_dev::softhsm::token(hsm_dir.path(), LABEL).unwrap();
         let out = std::process::Command::new(std::env::current_exe().unwrap())
             .args([TEST, "--exact", "--nocapture", "--test-threads", "1"])
-            .env("SOFTHSM2_CONF", hsm_dir.path().join("softhsm2.conf"))
+            .env("SOFTHSM2_CONF", conf)
             .env("MESHSIGN_TEST_HSM_DIR", hsm_dir.path())
             .output()
             .unwrap();

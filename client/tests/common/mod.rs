@@ -55,39 +55,9 @@ pub fn start_dev_args(dir: &Path, log: Option<&Path>, format: &str, extra: &[&st
     start_dev_env(dir, log, format, extra, &[])
 }
 
-/// A SoftHSM2 token (label `meshsign-test`, PIN in `DIR/pin`) in `dir`; returns its
-/// `SOFTHSM2_CONF`.
-pub fn softhsm_token(dir: &Path) -> PathBuf {
-    let tokens = dir.join("tokens");
-    std::fs::create_dir_all(&tokens).unwrap();
-    let conf = dir.join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-            tokens.display()
-        ),
-    )
-    .unwrap();
-    let out = Command::new("softhsm2-util")
-        .env("SOFTHSM2_CONF", &conf)
-        .args(["--init-token", "--free", "--label", "meshsign-test"])
-        .args(["--pin", "1234", "--so-pin", "5678"])
-        .output()
-        .expect("softhsm2-util (Debian package softhsm2; .ci/run installs it)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::write(dir.join("pin"), "1234\n").unwrap();
-    conf
-}
-
-/// A dev site whose `hsm` keys live in the SoftHSM2 token made by [`softhsm_token`] in
-/// `hsm_dir`.
+/// A dev site whose `hsm` keys live in a SoftHSM2 token made in `hsm_dir`.
 pub fn start_dev_hsm(dir: &Path, hsm_dir: &Path) -> DevSite {
-    let conf = softhsm_token(hsm_dir);
+    let conf = meshsign_certs_dev::softhsm::token(hsm_dir, "meshsign-test").unwrap();
     let pin = hsm_dir.join("pin");
     start_dev_env(
         dir,
@@ -95,7 +65,7 @@ pub fn start_dev_hsm(dir: &Path, hsm_dir: &Path) -> DevSite {
         "json",
         &[
             "--pkcs11-module",
-            "/usr/lib/softhsm/libsofthsm2.so",
+            meshsign_certs_dev::softhsm::MODULE,
             "--pkcs11-token",
             "meshsign-test",
             "--pkcs11-pin-file",
