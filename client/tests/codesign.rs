@@ -10,21 +10,24 @@ use std::process::Command;
 
 use apple_codesign::{CodeSigningSlot, MachFile};
 
+/// `meshsign --config DIR/site/client.toml ARGS` in `dir`, with the .p12 password set.
+fn meshsign_in(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(common::meshsign())
+        .current_dir(dir)
+        .arg("--config")
+        .arg(dir.join("site/client.toml"))
+        .args(args)
+        .env("MESHSIGN_P12_PASSWORD", "s3cret")
+        .output()
+        .unwrap()
+}
+
 /// Imports an RSA-2048 identity as `apple` (`--backend BACKEND`), code-signs a thin Mach-O
 /// through the site and checks it with apple-codesign's verifier and openssl. Returns the
 /// unsigned Mach-O.
 fn sign_and_verify_a_thin_macho(dir: &std::path::Path, backend: &str) -> Vec<u8> {
     let ossl = |args: &[&str]| common::openssl(dir, args);
-    let meshsign = |args: &[&str]| {
-        Command::new(common::meshsign())
-            .current_dir(dir)
-            .arg("--config")
-            .arg(dir.join("site/client.toml"))
-            .args(args)
-            .env("MESHSIGN_P12_PASSWORD", "s3cret")
-            .output()
-            .unwrap()
-    };
+    let meshsign = |args: &[&str]| meshsign_in(dir, args);
 
     // Ops import an RSA-2048 code-signing identity (.p12) for apple-cms signing, then the .p12
     // and its key are gone from this machine.
@@ -170,16 +173,7 @@ fn codesign_a_macho_through_the_site_and_verify_it() {
     let dir = tmp.path();
     let _site = common::start_dev(&dir.join("site"));
     let ossl = |args: &[&str]| common::openssl(dir, args);
-    let meshsign = |args: &[&str]| {
-        Command::new(common::meshsign())
-            .current_dir(dir)
-            .arg("--config")
-            .arg(dir.join("site/client.toml"))
-            .args(args)
-            .env("MESHSIGN_P12_PASSWORD", "s3cret")
-            .output()
-            .unwrap()
-    };
+    let meshsign = |args: &[&str]| meshsign_in(dir, args);
     let macho = sign_and_verify_a_thin_macho(dir, "software");
 
     // A universal (x86_64 + arm64) binary, with entitlements and the hardened runtime.

@@ -583,3 +583,26 @@ pub fn sign_req(alias: &str, byte: u8) -> v1::SignRequest {
 pub fn write_pem(path: &Path, label: &str, der: &[u8]) {
     std::fs::write(path, meshsign_proto::pem_encode(label, der)).unwrap();
 }
+
+/// openssl verifies a message signature from the site: Ed25519 with `pkeyutl -rawin`, the others
+/// with `dgst` over SHA-384 (P-384) or SHA-256. `dir` takes the signature and key files.
+pub fn openssl_verifies_message(dir: &Path, r: &v1::SignResponse, message_file: &Path) {
+    let (sig, pubkey) = (dir.join("message.sig"), dir.join("message.pem"));
+    std::fs::write(&sig, &r.signature).unwrap();
+    write_pem(&pubkey, "PUBLIC KEY", &r.public_key_der);
+    let (pk, sg, fl) = (
+        pubkey.display().to_string(),
+        sig.display().to_string(),
+        message_file.display().to_string(),
+    );
+    let (ok, out) = match r.algorithm.as_str() {
+        "ed25519" => openssl(&[
+            "pkeyutl", "-verify", "-pubin", "-inkey", &pk, "-rawin", "-in", &fl, "-sigfile", &sg,
+        ]),
+        "ecdsa-p384-sha384" => {
+            openssl(&["dgst", "-sha384", "-verify", &pk, "-signature", &sg, &fl])
+        }
+        _ => openssl(&["dgst", "-sha256", "-verify", &pk, "-signature", &sg, &fl]),
+    };
+    assert!(ok, "{} ({}): {out}", r.key_id, r.algorithm);
+}

@@ -408,23 +408,7 @@ fn keys_in_a_pkcs11_token_sign_rotate_survive_restarts_and_the_token_coming_and_
                 .await
                 .unwrap()
                 .into_inner();
-            let (sig, pubkey) = (dir.join("msg.sig"), dir.join("msg.pem"));
-            std::fs::write(&sig, &r.signature).unwrap();
-            write_pem(&pubkey, "PUBLIC KEY", &r.public_key_der);
-            let (pk, sg, fl) = (
-                pubkey.display().to_string(),
-                sig.display().to_string(),
-                msg_file.display().to_string(),
-            );
-            let (ok, out) = if alg == "ed25519" {
-                openssl(&[
-                    "pkeyutl", "-verify", "-pubin", "-inkey", &pk, "-rawin", "-in", &fl,
-                    "-sigfile", &sg,
-                ])
-            } else {
-                openssl(&["dgst", "-sha384", "-verify", &pk, "-signature", &sg, &fl])
-            };
-            assert!(ok, "{alias} ({alg}): {out}");
+            meshsign_tests::openssl_verifies_message(&dir, &r, &msg_file);
         }
         drop(signer);
 

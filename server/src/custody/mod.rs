@@ -258,25 +258,17 @@ impl std::fmt::Debug for EcdsaP384 {
 impl EcdsaP384 {
     /// Generates a key; returns it with its PKCS#8.
     pub fn generate() -> Result<(Self, Zeroizing<Vec<u8>>), CustodyError> {
-        use aws_lc_rs::signature::ECDSA_P384_SHA384_ASN1_SIGNING;
-        let doc =
-            EcdsaKeyPair::generate_pkcs8(&ECDSA_P384_SHA384_ASN1_SIGNING, &SystemRandom::new())
-                .map_err(|_| CustodyError::Crypto("keygen"))?;
-        let pkcs8 = Zeroizing::new(doc.as_ref().to_vec());
+        let pkcs8 = ecdsa_generate(&aws_lc_rs::signature::ECDSA_P384_SHA384_ASN1_SIGNING)?;
         Ok((Self::from_pkcs8(&pkcs8)?, pkcs8))
     }
 
     /// Loads a PKCS#8 P-384 key.
     pub fn from_pkcs8(pkcs8: &[u8]) -> Result<Self, CustodyError> {
-        use aws_lc_rs::signature::ECDSA_P384_SHA384_ASN1_SIGNING;
-        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P384_SHA384_ASN1_SIGNING, pkcs8)
-            .map_err(|_| CustodyError::Crypto("not a PKCS#8 P-384 key"))?;
-        let spki = key
-            .public_key()
-            .as_der()
-            .map_err(|_| CustodyError::Crypto("public key encoding"))?
-            .as_ref()
-            .to_vec();
+        let (key, spki) = ecdsa_from_pkcs8(
+            &aws_lc_rs::signature::ECDSA_P384_SHA384_ASN1_SIGNING,
+            pkcs8,
+            "not a PKCS#8 P-384 key",
+        )?;
         Ok(Self { key, spki })
     }
 }
@@ -376,26 +368,45 @@ impl std::fmt::Debug for EcdsaP256 {
     }
 }
 
+/// A fresh ECDSA PKCS#8 of `alg`.
+fn ecdsa_generate(
+    alg: &'static aws_lc_rs::signature::EcdsaSigningAlgorithm,
+) -> Result<Zeroizing<Vec<u8>>, CustodyError> {
+    let doc = EcdsaKeyPair::generate_pkcs8(alg, &SystemRandom::new())
+        .map_err(|_| CustodyError::Crypto("keygen"))?;
+    Ok(Zeroizing::new(doc.as_ref().to_vec()))
+}
+
+/// An ECDSA key of `alg` from PKCS#8, and its SubjectPublicKeyInfo.
+fn ecdsa_from_pkcs8(
+    alg: &'static aws_lc_rs::signature::EcdsaSigningAlgorithm,
+    pkcs8: &[u8],
+    not_it: &'static str,
+) -> Result<(EcdsaKeyPair, Vec<u8>), CustodyError> {
+    let key = EcdsaKeyPair::from_pkcs8(alg, pkcs8).map_err(|_| CustodyError::Crypto(not_it))?;
+    let spki = key
+        .public_key()
+        .as_der()
+        .map_err(|_| CustodyError::Crypto("public key encoding"))?
+        .as_ref()
+        .to_vec();
+    Ok((key, spki))
+}
+
 impl EcdsaP256 {
     /// Generates a key; returns it with its PKCS#8 (for wrapping).
     pub fn generate() -> Result<(Self, Zeroizing<Vec<u8>>), CustodyError> {
-        let doc =
-            EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &SystemRandom::new())
-                .map_err(|_| CustodyError::Crypto("keygen"))?;
-        let pkcs8 = Zeroizing::new(doc.as_ref().to_vec());
+        let pkcs8 = ecdsa_generate(&ECDSA_P256_SHA256_ASN1_SIGNING)?;
         Ok((Self::from_pkcs8(&pkcs8)?, pkcs8))
     }
 
     /// Loads a PKCS#8 P-256 key.
     pub fn from_pkcs8(pkcs8: &[u8]) -> Result<Self, CustodyError> {
-        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8)
-            .map_err(|_| CustodyError::Crypto("not a PKCS#8 P-256 key"))?;
-        let spki = key
-            .public_key()
-            .as_der()
-            .map_err(|_| CustodyError::Crypto("public key encoding"))?
-            .as_ref()
-            .to_vec();
+        let (key, spki) = ecdsa_from_pkcs8(
+            &ECDSA_P256_SHA256_ASN1_SIGNING,
+            pkcs8,
+            "not a PKCS#8 P-256 key",
+        )?;
         Ok(Self { key, spki })
     }
 }
