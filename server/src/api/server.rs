@@ -339,7 +339,10 @@ pub async fn start(state: Arc<SiteState>) -> Result<SiteHandle, StartError> {
     let keeper = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(10));
         let mut repair = tokio::time::interval(REPAIR_EVERY);
-        let mut summary = tokio::time::interval(Duration::from_secs(limits.summary_seconds));
+        // First write one period from now: an interval's immediate first tick, delayed on a
+        // loaded machine, would cut the first interval's count in two.
+        let every = Duration::from_secs(limits.summary_seconds);
+        let mut summary = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         let mut replicas = tokio::time::interval(REFRESH_EVERY);
         let shared = keeper_state.store.kv().chain().is_some();
         let mut health_tick = tokio::time::interval(HEALTH_EVERY);
