@@ -99,6 +99,10 @@ pub struct Checkpoint {
     pub key_id: String,
     /// ECDSA P-256 / SHA-256 signature, DER, hex.
     pub signature: String,
+    /// The Merkle tree head over entries 1..=`covers_seq` as a C2SP signed note, signed by
+    /// the same key ([`crate::note`]); absent on checkpoints written before the tree existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 impl Checkpoint {
@@ -226,6 +230,9 @@ impl AuditRecord {
         if let Some(c) = self.checkpoint.as_mut() {
             for f in [&mut c.head_hash, &mut c.key_id, &mut c.signature] {
                 cut(f, MAX_FIELD_BYTES);
+            }
+            if let Some(n) = c.note.as_mut() {
+                cut(n, MAX_DETAIL_BYTES);
             }
         }
     }
@@ -531,6 +538,7 @@ mod bound_tests {
                 time: i64::MIN,
                 key_id: worst.clone(),
                 signature: worst.clone(),
+                note: Some(worst.clone()),
             }),
             seq: u64::MAX,
             prev_hash: String::new(),

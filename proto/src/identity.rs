@@ -100,6 +100,12 @@ pub struct JobClaims {
     /// The pipeline (GitHub run, GitLab pipeline id, Buildkite build number).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub pipeline: String,
+    /// The workflow or CI config that ran (GitHub `workflow_ref`, GitLab `ci_config_ref_uri`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub workflow: String,
+    /// The source commit (GitHub and GitLab `sha`, Buildkite `build_commit`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub commit: String,
 }
 
 impl JobClaims {

@@ -5,11 +5,16 @@
 //! - [`files`]: atomic file writes and random ids, for the site and the client alike.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server reflection.
 
+pub mod attest;
 pub mod audit;
 pub mod compat;
 pub mod der;
+pub mod distrust;
 pub mod files;
 pub mod identity;
+pub mod merkle;
+pub mod note;
+pub mod receipt;
 
 /// Generated code for package `meshsign.v1`.
 #[allow(missing_docs, clippy::all)]

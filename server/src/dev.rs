@@ -134,6 +134,12 @@ alias = "release"
 algorithm = "ecdsa-p256-sha256"
 access = {{ repositories = ["*"], refs = ["*"] }}
 
+[[environments.signing_keys]]
+alias = "attest"
+algorithm = "ecdsa-p256-sha256"
+purposes = ["attestation"]
+access = {{ repositories = ["*"], refs = ["*"] }}
+
 [[environments.trust_policies]]
 name = "dev"
 issuer = "{DEV_ISSUER}"

@@ -286,6 +286,50 @@ impl v1::admin_server::Admin for AdminApi {
         Ok(Response::new(runner_ca_info(&out)))
     }
 
+    async fn distrust(&self, req: Request<v1::DistrustRequest>) -> R<v1::DistrustList> {
+        let op = self.operator(&req, "Distrust").await?;
+        let r = req.into_inner();
+        let (b, sum) = reviewed(
+            &r,
+            format!(
+                "distrust in `{}`: job {:?} runner {:?} region {:?} key {:?}",
+                r.environment, r.job_id, r.runner_fingerprint, r.region, r.key_id
+            ),
+        );
+        let s = &self.0;
+        let rule = ops::distrust::NewRule {
+            job_id: r.job_id.clone(),
+            runner_fingerprint: r.runner_fingerprint.clone(),
+            region: r.region.clone(),
+            key_id: r.key_id.clone(),
+            not_before: r.not_before.map(|t| t.seconds),
+            not_after: r.not_after.map(|t| t.seconds),
+            reason: r.reason.clone(),
+        };
+        let out = audited_change(s, &op, "Distrust", &r.environment, (&b, &sum), async || {
+            ops::distrust::add(s, &op, &r.environment, rule)
+        })
+        .await
+        .map_err(|e| status(&e))?;
+        Ok(Response::new(super::distrust_list(out)))
+    }
+
+    async fn undistrust(&self, req: Request<v1::UndistrustRequest>) -> R<v1::DistrustList> {
+        let op = self.operator(&req, "Undistrust").await?;
+        let r = req.into_inner();
+        let (b, sum) = reviewed(
+            &r,
+            format!("remove distrust rule `{}` in `{}`", r.id, r.environment),
+        );
+        let s = &self.0;
+        let out = audited_change(s, &op, "Undistrust", &r.environment, (&b, &sum), async || {
+            ops::distrust::remove(s, &r.environment, &r.id)
+        })
+        .await
+        .map_err(|e| status(&e))?;
+        Ok(Response::new(super::distrust_list(out)))
+    }
+
     async fn revoke(&self, req: Request<v1::RevokeRequest>) -> R<v1::RevokeResponse> {
         let op = self.operator(&req, "Revoke").await?;
         let r = req.into_inner();

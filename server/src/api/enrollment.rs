@@ -29,6 +29,12 @@ pub enum LookupError {
         /// Environment.
         environment: String,
     },
+    /// No durable audit entry has this seq and hash.
+    #[error("no audit entry {0} with that hash")]
+    NoEntry(u64),
+    /// The proof could not be made (internal).
+    #[error("{0}")]
+    Audit(#[from] crate::audit::AuditError),
 }
 
 impl Refusal for LookupError {
@@ -36,11 +42,16 @@ impl Refusal for LookupError {
         match self {
             LookupError::NoEnvironment(_) => "environment",
             LookupError::NoKey { .. } => "key",
+            LookupError::NoEntry(_) => "audit_entry",
+            LookupError::Audit(_) => crate::model::INTERNAL,
         }
     }
 
     fn kind(&self) -> RefusalKind {
-        RefusalKind::NotFound
+        match self {
+            LookupError::Audit(_) => RefusalKind::Internal,
+            _ => RefusalKind::NotFound,
+        }
     }
 }
 
@@ -138,10 +149,44 @@ impl v1::verification_server::Verification for VerificationApi {
             .enumerate()
             .map(|(i, k)| verification_key(k, i == last))
             .collect();
+        let (audit_key_id, audit_public_key_der) = self.0.audit.public_key();
         Ok(Response::new(v1::GetVerificationMaterialResponse {
             environment: r.environment,
             region: self.0.config().region.clone(),
             keys,
+            audit_public_key_der,
+            audit_key_id,
+            log_origin: self.0.audit.origin().to_string(),
         }))
+    }
+
+    async fn get_inclusion_proof(
+        &self,
+        req: Request<v1::GetInclusionProofRequest>,
+    ) -> Result<Response<v1::InclusionProof>, Status> {
+        let r = req.into_inner();
+        let proof = self
+            .0
+            .audit
+            .prove(r.seq, &r.hash)
+            .await
+            .map_err(|e| status(&LookupError::from(e)))?
+            .ok_or_else(|| status(&LookupError::NoEntry(r.seq)))?;
+        Ok(Response::new(v1::InclusionProof {
+            log_index: r.seq - 1,
+            tree_size: proof.tree_size,
+            hashes: proof.hashes.iter().map(|h| h.to_vec()).collect(),
+            checkpoint: proof.checkpoint,
+            entry: proof.entry,
+        }))
+    }
+
+    async fn get_distrust_list(
+        &self,
+        req: Request<v1::GetDistrustListRequest>,
+    ) -> Result<Response<v1::DistrustList>, Status> {
+        let env = req.into_inner().environment;
+        let stored = crate::ops::distrust::current(&self.0, &env).map_err(|e| status(&e))?;
+        Ok(Response::new(super::distrust_list(stored)))
     }
 }

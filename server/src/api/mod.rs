@@ -62,6 +62,13 @@ fn enroll_response(out: crate::enroll::EnrollOutput) -> v1::EnrollResponse {
 }
 
 /// Public form of one key version.
+fn distrust_list(s: crate::ops::distrust::Stored) -> v1::DistrustList {
+    v1::DistrustList {
+        version: s.list.version,
+        envelope_json: s.envelope_json.into_bytes(),
+    }
+}
+
 fn verification_key(k: &crate::custody::LoadedKey, active: bool) -> v1::VerificationKey {
     v1::VerificationKey {
         key_id: k.record.key_id(),

@@ -108,6 +108,37 @@ impl SignerApi {
 
 #[tonic::async_trait]
 impl v1::signer_server::Signer for SignerApi {
+    async fn attest(
+        &self,
+        req: Request<v1::AttestRequest>,
+    ) -> Result<Response<v1::AttestResponse>, Status> {
+        let peer = peer(&req);
+        let caller = self.identified(&req, "Attest", &peer).await?;
+        let r = req.into_inner();
+        let input = sign::attest::AttestInput {
+            alias: r.key_alias,
+            subjects: r
+                .subjects
+                .into_iter()
+                .map(|s| (s.name, s.sha256_digest))
+                .collect(),
+            predicate_type: r.predicate_type,
+            peer,
+        };
+        let out = sign::attest::attest(&self.0, &caller, input)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(v1::AttestResponse {
+            envelope_json: out.envelope_json,
+            key_id: out.key_id,
+            algorithm: out.algorithm.to_string(),
+            public_key_der: out.public_key_der,
+            audit_id: out.audit_id,
+            audit_seq: out.audit_seq,
+            audit_hash: out.audit_hash,
+        }))
+    }
+
     async fn revoke_self(
         &self,
         req: Request<v1::RevokeSelfRequest>,

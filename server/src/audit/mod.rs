@@ -35,6 +35,7 @@ use std::sync::mpsc;
 use tokio::sync::{oneshot, watch};
 
 pub mod journal;
+pub mod merkle;
 pub mod summary;
 
 use crate::clock::SharedClock;
@@ -77,6 +78,9 @@ pub enum AuditError {
     /// The journal is missing or does not hold what it must.
     #[error(transparent)]
     JournalState(journal::JournalError),
+    /// The Merkle tree could not be read or built.
+    #[error("audit Merkle tree: {0}")]
+    Tree(String),
     /// The writer thread is gone (site shutting down).
     #[error("audit writer stopped")]
     Stopped,
@@ -203,7 +207,31 @@ enum Msg {
     Entry(Box<AuditRecord>, Scope, Reply),
     Exclusive(Exclusive),
     Repair(oneshot::Sender<Result<bool, AuditError>>),
+    /// Checkpoint now if entries are not covered by a signed tree head (or none is known).
+    Checkpoint(oneshot::Sender<Result<(), AuditError>>),
     Stop(oneshot::Sender<()>),
+}
+
+/// An entry's inclusion proof to a signed tree head.
+#[derive(Clone, Debug)]
+pub struct Proof {
+    /// Entries the tree head covers.
+    pub tree_size: u64,
+    /// Leaf to root.
+    pub hashes: Vec<meshsign_proto::merkle::Hash>,
+    /// The signed note.
+    pub checkpoint: String,
+    /// The entry's stored bytes.
+    pub entry: Vec<u8>,
+}
+
+/// The newest signed tree head: the checkpoint note and the tree size it signs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SignedHead {
+    /// Entries covered (1..=size).
+    pub size: u64,
+    /// The C2SP signed note.
+    pub note: String,
 }
 
 /// Appends entries through the group-commit writer.
@@ -216,6 +244,8 @@ pub struct AuditLog {
     store: Store,
     head: watch::Receiver<u64>,
     key: AuditKey,
+    origin: String,
+    signed_head: watch::Receiver<Option<SignedHead>>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -251,6 +281,17 @@ struct Writer {
     /// Set while commits fail (a full or broken disk); cleared by a commit or a repair.
     failing: Arc<std::sync::atomic::AtomicBool>,
     metrics: Arc<crate::metrics::Metrics>,
+    /// The Merkle tree over entries 1..=seq (None: it could not be built; checkpoints then
+    /// carry no tree head, and the log says why once).
+    tree: Option<meshsign_proto::merkle::Frontier>,
+    /// Subtrees completed by the batch being committed (stored once it is durable).
+    completed: Vec<meshsign_proto::merkle::Completed>,
+    /// Checkpoint origin (`<trust domain>/<region>/audit`).
+    origin: String,
+    /// The newest durable signed tree head.
+    signed_head: watch::Sender<Option<SignedHead>>,
+    /// A tree head signed in the batch being committed.
+    pending_head: Option<SignedHead>,
 }
 
 impl AuditLog {
@@ -260,7 +301,7 @@ impl AuditLog {
     pub fn open(
         store: Store,
         clock: SharedClock,
-        region: &str,
+        (region, origin): (&str, &str),
         key: AuditKey,
         settings: AuditSettings,
         journal: Option<JournalAt<'_>>,
@@ -283,10 +324,19 @@ impl AuditLog {
             }
             None => None,
         };
+        let mut initial_head = None;
         let (mut seq, mut hash, since_checkpoint) = match store.kv().last(Tree::Audit)? {
             Some((_, v)) => {
                 let last: AuditRecord =
                     serde_json::from_slice(&v).map_err(AuditError::entry("last stored"))?;
+                if let Some(cp) = &last.checkpoint
+                    && let Some(note) = &cp.note
+                {
+                    initial_head = Some(SignedHead {
+                        size: cp.covers_seq,
+                        note: note.clone(),
+                    });
+                }
                 (
                     last.seq,
                     last.hash,
@@ -322,6 +372,8 @@ impl AuditLog {
         }
         let failing: Arc<std::sync::atomic::AtomicBool> = Arc::default();
         let metrics: Arc<crate::metrics::Metrics> = Arc::default();
+        let tree = load_tree(&store, seq);
+        let (signed_tx, signed_rx) = watch::channel(initial_head);
         let (head_tx, head_rx) = watch::channel(seq);
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
@@ -341,6 +393,11 @@ impl AuditLog {
             shared: store.kv().chain().is_some(),
             failing: failing.clone(),
             metrics: metrics.clone(),
+            tree,
+            completed: Vec::new(),
+            origin: origin.to_string(),
+            signed_head: signed_tx,
+            pending_head: None,
         };
         std::thread::Builder::new()
             .name("audit-writer".into())
@@ -353,7 +410,82 @@ impl AuditLog {
             store,
             head: head_rx,
             key,
+            origin: origin.to_string(),
+            signed_head: signed_rx,
         })
+    }
+
+    /// The checkpoints' origin (first line of their notes).
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// A signed tree head covering entry `seq`: the newest one, or — if it does not reach
+    /// `seq` yet — a checkpoint made now.
+    pub async fn signed_head_covering(&self, seq: u64) -> Result<SignedHead, AuditError> {
+        if let Some(h) = self.signed_head.borrow().clone()
+            && h.size >= seq
+        {
+            return Ok(h);
+        }
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Checkpoint(tx))
+            .map_err(|_| AuditError::Stopped)?;
+        rx.await.map_err(|_| AuditError::Stopped)??;
+        match self.signed_head.borrow().clone() {
+            Some(h) if h.size >= seq => Ok(h),
+            _ => Err(AuditError::Tree(
+                "no signed tree head covers the entry (the tree could not be built: see the                  site log)"
+                    .into(),
+            )),
+        }
+    }
+
+    /// The inclusion proof of entry `seq` to a signed tree head, if the entry is durable and
+    /// its hash is `hash` (who does not hold the receipt learns nothing, not even whether the
+    /// seq exists).
+    pub async fn prove(&self, seq: u64, hash: &str) -> Result<Option<Proof>, AuditError> {
+        let Some(entry) = self.entry_bytes(seq)? else {
+            return Ok(None);
+        };
+        let rec: AuditRecord =
+            serde_json::from_slice(&entry).map_err(AuditError::entry("stored"))?;
+        if aws_lc_rs::constant_time::verify_slices_are_equal(rec.hash.as_bytes(), hash.as_bytes())
+            .is_err()
+        {
+            return Ok(None);
+        }
+        let head = self.signed_head_covering(seq).await?;
+        let log = self.clone();
+        let size = head.size;
+        let hashes = tokio::task::spawn_blocking(move || log.inclusion_proof(seq, size))
+            .await
+            .map_err(|e| AuditError::Tree(format!("proof task: {e}")))??;
+        Ok(Some(Proof {
+            tree_size: head.size,
+            hashes,
+            checkpoint: head.note,
+            entry,
+        }))
+    }
+
+    /// The stored bytes of entry `seq`, if it is durable.
+    pub fn entry_bytes(&self, seq: u64) -> Result<Option<Vec<u8>>, AuditError> {
+        if seq == 0 || seq > *self.head.borrow() {
+            return Ok(None);
+        }
+        Ok(self.store.kv().get(Tree::Audit, &seq.to_be_bytes())?)
+    }
+
+    /// The inclusion proof of entry `seq` in the tree of `size` entries (reads the store;
+    /// call off the runtime).
+    pub fn inclusion_proof(
+        &self,
+        seq: u64,
+        size: u64,
+    ) -> Result<Vec<meshsign_proto::merkle::Hash>, AuditError> {
+        merkle::proof(&self.store, seq, size)
     }
 
     /// The public audit key (id, SPKI DER).
@@ -501,6 +633,9 @@ impl AuditLog {
         let Some(keep_from) = keep_from else {
             return Ok(None);
         };
+        // Proofs for the entries that stay must not need the ones removed.
+        merkle::keep_for_prune(&self.store, keep_from - 1)?;
+        self.store.flush()?;
         for seq in first..keep_from {
             self.store.kv().remove(Tree::Audit, &seq.to_be_bytes())?;
         }
@@ -519,6 +654,22 @@ impl AuditLog {
             self.key.key_id.clone(),
             self.key.backend.public_key_der().to_vec(),
         )
+    }
+}
+
+/// The checkpoints' origin: `<trust domain>/<region>/audit`.
+pub fn log_origin(trust_domain: &str, region: &str) -> String {
+    format!("{trust_domain}/{region}/audit")
+}
+
+/// The tree over the stored entries 1..=`seq`, or None (logged) if it cannot be built.
+fn load_tree(store: &Store, seq: u64) -> Option<meshsign_proto::merkle::Frontier> {
+    match merkle::frontier(store, seq) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            tracing::error!(error = %e, "the audit log's Merkle tree cannot be built: checkpoints will carry no signed tree head and receipts cannot be proven");
+            None
+        }
     }
 }
 
@@ -657,6 +808,10 @@ impl Writer {
                     let _ = reply.send(self.repair());
                     continue;
                 }
+                Ok(Msg::Checkpoint(reply)) => {
+                    let _ = reply.send(self.checkpoint_now());
+                    continue;
+                }
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     // Idle: checkpoint what is not yet covered.
@@ -672,6 +827,7 @@ impl Writer {
             let mut stop = None;
             let mut exclusive: Option<Exclusive> = None;
             let mut repair = None;
+            let mut checkpoint_now = None;
             while batch.len() < 4096 {
                 match rx.try_recv() {
                     Ok(Msg::Entry(rec, scope, reply)) => batch.push((*rec, scope, reply)),
@@ -685,6 +841,10 @@ impl Writer {
                     }
                     Ok(Msg::Repair(reply)) => {
                         repair = Some(reply);
+                        break;
+                    }
+                    Ok(Msg::Checkpoint(reply)) => {
+                        checkpoint_now = Some(reply);
                         break;
                     }
                     Err(_) => break,
@@ -705,6 +865,9 @@ impl Writer {
             }
             if let Some(reply) = repair.take() {
                 let _ = reply.send(self.repair());
+            }
+            if let Some(reply) = checkpoint_now.take() {
+                let _ = reply.send(self.checkpoint_now());
             }
             if let Some(done) = stop {
                 return self.finish(done);
@@ -736,6 +899,7 @@ impl Writer {
                 "after the store recovered, its audit log ends elsewhere than the writer's head; continuing from the store"
             );
             (self.seq, self.hash) = (seq, hash);
+            self.tree = load_tree(&self.store, self.seq);
         }
         if let Some(j) = &mut self.journal {
             j.clear(self.seq, &self.hash)?;
@@ -744,6 +908,19 @@ impl Writer {
         self.failing
             .store(false, std::sync::atomic::Ordering::SeqCst);
         Ok(reopened)
+    }
+
+    /// A checkpoint now if entries are not yet under a signed tree head (or none is known).
+    fn checkpoint_now(&mut self) -> Result<(), AuditError> {
+        let known = self.signed_head.borrow().as_ref().map(|h| h.size);
+        let covered = self.since_checkpoint == 0 && known.is_some();
+        if covered || self.tree.is_none() {
+            return Ok(());
+        }
+        // With nothing new but no signed head known (a start right after a checkpoint of an
+        // older version), a checkpoint of the same head is made.
+        self.since_checkpoint = self.since_checkpoint.max(1);
+        self.commit(Vec::new(), true)
     }
 
     fn exclusive(&mut self, job: Exclusive) {
@@ -777,6 +954,19 @@ impl Writer {
         rec.site_region = self.region.clone();
         rec.bound_fields();
         let bytes = rec.seal(&self.hash);
+        if let Some(tree) = &mut self.tree {
+            if tree.size() + 1 == rec.seq {
+                self.completed
+                    .extend(tree.push(meshsign_proto::merkle::leaf_hash(&bytes)));
+            } else {
+                tracing::error!(
+                    tree = tree.size(),
+                    seq = rec.seq,
+                    "audit Merkle tree out of step with the chain; rebuilt at the next start"
+                );
+                self.tree = None;
+            }
+        }
         if self.shared {
             self.chain_pending.push((rec.seq, bytes));
         } else {
@@ -815,6 +1005,33 @@ impl Writer {
             .backend
             .sign_digest(&digest)
             .map_err(|e| AuditError::Checkpoint(Arc::new(e)))?;
+        let note = match &self.tree {
+            Some(tree) if tree.size() == self.seq => {
+                let head = meshsign_proto::note::TreeHead {
+                    origin: self.origin.clone(),
+                    size: tree.size(),
+                    root: tree.root(),
+                };
+                let text = head.text();
+                let mut d = [0u8; 32];
+                d.copy_from_slice(
+                    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, text.as_bytes())
+                        .as_ref(),
+                );
+                let nsig = self
+                    .key
+                    .backend
+                    .sign_digest(&d)
+                    .map_err(|e| AuditError::Checkpoint(Arc::new(e)))?;
+                let note = head.note(self.key.backend.public_key_der(), &nsig);
+                self.pending_head = Some(SignedHead {
+                    size: head.size,
+                    note: note.clone(),
+                });
+                Some(note)
+            }
+            _ => None,
+        };
         let rec = AuditRecord {
             rpc: "Checkpoint".into(),
             decision: "allow".into(),
@@ -827,6 +1044,7 @@ impl Writer {
                 time,
                 key_id: self.key.key_id.clone(),
                 signature: hex::encode(sig),
+                note,
             }),
             ..Default::default()
         };
@@ -875,8 +1093,11 @@ impl Writer {
     ) -> Result<(), AuditError> {
         let (saved_seq, saved_hash, saved_since) =
             (self.seq, self.hash.clone(), self.since_checkpoint);
+        let saved_tree = self.tree.clone();
         self.pending.clear();
         self.chain_pending.clear();
+        self.completed.clear();
+        self.pending_head = None;
         let mut store_scope = false;
         let mut written = Vec::with_capacity(batch.len());
         let mut result: Result<(), AuditError> = Ok(());
@@ -888,6 +1109,8 @@ impl Writer {
                     chain_open = true;
                     if seq != self.seq || hash != self.hash {
                         (self.seq, self.hash) = (seq, hash);
+                        // Another replica appended: its entries are committed, read them.
+                        self.tree = load_tree(&self.store, self.seq);
                     }
                 }
                 Err(e) => result = Err(e.into()),
@@ -928,6 +1151,14 @@ impl Writer {
         match &result {
             Ok(()) => {
                 let _ = self.head.send(self.seq);
+                if let Err(e) = merkle::store_completed(&self.store, &self.completed) {
+                    // Only a cache: a missing node is recomputed when a proof needs it.
+                    tracing::warn!(error = %e, "audit Merkle nodes not stored");
+                }
+                self.completed.clear();
+                if let Some(h) = self.pending_head.take() {
+                    let _ = self.signed_head.send(Some(h));
+                }
                 if let Some(j) = &self.journal {
                     self.metrics
                         .journal_bytes
@@ -950,6 +1181,9 @@ impl Writer {
                 self.seq = saved_seq;
                 self.hash = saved_hash;
                 self.since_checkpoint = saved_since;
+                self.tree = saved_tree;
+                self.completed.clear();
+                self.pending_head = None;
                 for reply in replies {
                     let _ = reply.send(Err(e.clone()));
                 }

@@ -333,7 +333,7 @@ pub struct SiteConfig {
 
 /// Admin operations that two-person review may cover: every change the Admin service makes,
 /// named as in the audit log (`Admin.<name>`).
-pub const REVIEWABLE_OPERATIONS: [&str; 16] = [
+pub const REVIEWABLE_OPERATIONS: [&str; 18] = [
     "StageIssuer",
     "ActivateIssuer",
     "RetireIssuer",
@@ -350,6 +350,8 @@ pub const REVIEWABLE_OPERATIONS: [&str; 16] = [
     "SetKeyCertificate",
     "SetAuditRetention",
     "Snapshot",
+    "Distrust",
+    "Undistrust",
 ];
 
 /// `[review]`: which admin operations need a second admin. One admin's call of a listed
@@ -364,7 +366,7 @@ pub const REVIEWABLE_OPERATIONS: [&str; 16] = [
 pub struct Review {
     /// Operations that need approval (names from [`REVIEWABLE_OPERATIONS`]); `[]` turns review
     /// off. Default: key import, key disable, runner-CA revoke, trust enable, JWKS set,
-    /// retention change.
+    /// retention change, and removing a distrust rule (which trusts signatures again).
     pub operations: std::collections::BTreeSet<String>,
     /// Seconds from proposal until it must be approved and carried out (default 3600).
     pub window_seconds: u64,
@@ -380,6 +382,7 @@ impl Default for Review {
                 "EnableTrustPolicy",
                 "SetJwks",
                 "SetAuditRetention",
+                "Undistrust",
             ]
             .into_iter()
             .map(String::from)

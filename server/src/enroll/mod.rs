@@ -654,6 +654,8 @@ fn issue(
         trust_policy: policy.name.clone(),
         provider: job.provider.as_str().to_string(),
         pipeline: job.pipeline.clone(),
+        workflow: job.workflow.clone(),
+        commit: job.commit.clone(),
     };
     let id = RunnerId {
         trust_domain: config.trust_domain.clone(),

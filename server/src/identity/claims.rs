@@ -31,6 +31,10 @@ pub struct JobIdentity {
     pub environment: String,
     /// Who started it, if the provider names it.
     pub actor: String,
+    /// The workflow / CI config that ran (GitHub `workflow_ref`, GitLab `ci_config_ref_uri`).
+    pub workflow: String,
+    /// The source commit (GitHub and GitLab `sha`, Buildkite `build_commit`).
+    pub commit: String,
 }
 
 /// A claim as a string (strings, numbers and booleans; null and objects are absent).
@@ -67,6 +71,8 @@ impl JobIdentity {
                 pipeline: c("run_id"),
                 environment: c("environment"),
                 actor: c("actor"),
+                workflow: c("workflow_ref"),
+                commit: c("sha"),
                 ..Self::default()
             },
             Provider::Gitlab => Self {
@@ -77,6 +83,8 @@ impl JobIdentity {
                 pipeline: c("pipeline_id"),
                 environment: c("environment"),
                 actor: c("user_login"),
+                workflow: c("ci_config_ref_uri"),
+                commit: c("sha"),
                 ..Self::default()
             },
             Provider::Buildkite => {
@@ -97,6 +105,7 @@ impl JobIdentity {
                     },
                     job_id: c("job_id"),
                     pipeline: c("build_number"),
+                    commit: c("build_commit"),
                     ..Self::default()
                 }
             }
@@ -114,6 +123,8 @@ impl JobIdentity {
                     pipeline: m("pipeline"),
                     environment: m("environment"),
                     actor: m("actor"),
+                    workflow: m("workflow"),
+                    commit: m("commit"),
                     ..Self::default()
                 }
             }

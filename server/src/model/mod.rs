@@ -93,11 +93,19 @@ pub enum Purpose {
     /// The signed attributes of an Apple code signature (CMS over a CodeDirectory), which the
     /// site parses and checks before signing.
     AppleCms,
+    /// In-toto statements the site builds itself (`Signer.Attest`). Exclusive: a key that also
+    /// signed digests or messages would sign the PAE of a statement a runner made up.
+    Attestation,
 }
 
 impl Purpose {
     /// Every purpose.
-    pub const ALL: [Purpose; 3] = [Purpose::Digest, Purpose::Message, Purpose::AppleCms];
+    pub const ALL: [Purpose; 4] = [
+        Purpose::Digest,
+        Purpose::Message,
+        Purpose::AppleCms,
+        Purpose::Attestation,
+    ];
 
     /// Parses a config/RPC name.
     pub fn parse(name: &str) -> Option<Self> {
@@ -113,7 +121,10 @@ impl Purpose {
             .iter()
             .map(|n| {
                 Self::parse(n).ok_or_else(|| {
-                    format!("purpose `{}` (digest, message, apple-cms)", bounded(n, 64))
+                    format!(
+                        "purpose `{}` (digest, message, apple-cms, attestation)",
+                        bounded(n, 64)
+                    )
                 })
             })
             .collect()
@@ -125,6 +136,7 @@ impl Purpose {
             Purpose::Digest => "digest",
             Purpose::Message => "message",
             Purpose::AppleCms => "apple-cms",
+            Purpose::Attestation => "attestation",
         }
     }
 }
@@ -518,6 +530,13 @@ pub fn purposes_for(
     algorithm: KeyAlgorithm,
     purposes: Vec<Purpose>,
 ) -> Result<Vec<Purpose>, String> {
+    if purposes.contains(&Purpose::Attestation) {
+        if purposes.len() > 1 {
+            return Err("an `attestation` key signs only the statements the site builds and has                  no other purpose: a key that also signed digests or messages would sign the                  DSSE PAE of a statement a runner made up"
+                .into());
+        }
+        return Ok(purposes);
+    }
     if !algorithm.messages_only() {
         return Ok(purposes);
     }

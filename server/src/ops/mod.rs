@@ -8,6 +8,7 @@
 //! and a SIGHUP reload of the file keeps it. Must not touch: tonic, TLS (`api` converts).
 
 pub mod housekeeping;
+pub mod distrust;
 pub mod keys;
 pub mod review;
 pub mod revocations;

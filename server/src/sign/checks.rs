@@ -234,6 +234,11 @@ pub fn purpose(spec: Option<&KeySpec>, alias: &str, payload: &Payload) -> Result
         Payload::AppleCms(_) => Purpose::AppleCms,
         Payload::Missing => return Ok(()),
     };
+    purpose_is(spec, alias, purpose)
+}
+
+/// `purpose`: the key has this purpose.
+pub fn purpose_is(spec: Option<&KeySpec>, alias: &str, purpose: Purpose) -> Result<(), SignError> {
     if spec.is_some_and(|s| s.purposes.contains(&purpose)) {
         return Ok(());
     }

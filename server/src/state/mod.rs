@@ -364,10 +364,11 @@ impl SiteState {
             }
             let journal_must_exist = marker.as_ref().is_some_and(|m| !m.holds.is_empty());
             let marker = record_holdings(marker, &store, &data_dir)?;
+            let origin = crate::audit::log_origin(&config.trust_domain, &config.region);
             let audit = AuditLog::open(
                 store.clone(),
                 clock.clone(),
-                &config.region,
+                (&config.region, &origin),
                 audit_key,
                 settings,
                 (!shared).then_some(JournalAt {

@@ -82,11 +82,15 @@ pub enum Tree {
     Meta,
     /// Signatures counted per job, key and certificate (see `state::usage`).
     Usage,
+    /// Stored nodes of the audit log's Merkle tree: `level ‖ index` → hash (`audit::merkle`).
+    Merkle,
+    /// Distrust lists: environment → [`crate::ops::distrust::Stored`].
+    Distrust,
 }
 
 impl Tree {
     /// Every tree, in engine order.
-    pub const ALL: [Tree; 10] = [
+    pub const ALL: [Tree; 12] = [
         Tree::Keys,
         Tree::RunnerCas,
         Tree::Certs,
@@ -97,6 +101,8 @@ impl Tree {
         Tree::KeyMeta,
         Tree::Meta,
         Tree::Usage,
+        Tree::Merkle,
+        Tree::Distrust,
     ];
 
     /// The tree with this engine name.
@@ -117,6 +123,8 @@ impl Tree {
             Tree::KeyMeta => "keymeta",
             Tree::Meta => "meta",
             Tree::Usage => "usage",
+            Tree::Merkle => "merkle",
+            Tree::Distrust => "distrust",
         }
     }
 }

@@ -1,0 +1,162 @@
+//! After-the-fact distrust: a versioned list of rules, signed by the site's audit key as a DSSE
+//! envelope (payload type [`crate::attest::DISTRUST_PAYLOAD_TYPE`]), that offline verifiers
+//! match against the facts bound to a signature ([`crate::attest::Binding`]).
+//!
+//! A rule names at least one of job, runner fingerprint, region or key version, and may bound
+//! the time of the decision to a window; every part it names must match. A rule with only a
+//! window distrusts everything the environment signed in it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::attest::Binding;
+
+/// The list of one environment at one site.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DistrustList {
+    /// Grows by one with every change (0: nothing was ever distrusted).
+    pub version: u64,
+    /// Site region.
+    pub region: String,
+    /// Partition the rules apply to.
+    pub environment: String,
+    /// Unix seconds of this version.
+    pub issued_at: i64,
+    /// The rules.
+    pub entries: Vec<DistrustEntry>,
+}
+
+/// One rule.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DistrustEntry {
+    /// `d-<random>`.
+    pub id: String,
+    /// CI job id.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub job_id: String,
+    /// Runner fingerprint.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub runner_fingerprint: String,
+    /// Region of the site that signed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub region: String,
+    /// Key version `alias@vN`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub key_id: String,
+    /// Signed at or after (unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<i64>,
+    /// Signed before (unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<i64>,
+    /// Why (free text, bounded).
+    #[serde(default)]
+    pub reason: String,
+    /// Unix seconds the rule was added.
+    pub added_at: i64,
+    /// Operator who added it.
+    #[serde(default)]
+    pub added_by: String,
+}
+
+impl DistrustEntry {
+    /// Whether the rule names something to match (a window alone counts).
+    pub fn is_selective(&self) -> bool {
+        !(self.job_id.is_empty()
+            && self.runner_fingerprint.is_empty()
+            && self.region.is_empty()
+            && self.key_id.is_empty()
+            && self.not_before.is_none()
+            && self.not_after.is_none())
+    }
+
+    /// Whether the signature with these facts falls under the rule.
+    pub fn matches(&self, b: &Binding) -> bool {
+        let eq = |rule: &str, fact: &str| rule.is_empty() || rule == fact;
+        self.is_selective()
+            && eq(&self.job_id, &b.job_id)
+            && eq(&self.runner_fingerprint, &b.runner_fingerprint)
+            && eq(&self.region, &b.region)
+            && eq(&self.key_id, &b.key_id)
+            && self.not_before.is_none_or(|t| b.time >= t)
+            && self.not_after.is_none_or(|t| b.time < t)
+    }
+
+    /// What the rule selects, in a few words.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        for (k, v) in [
+            ("job", &self.job_id),
+            ("runner", &self.runner_fingerprint),
+            ("region", &self.region),
+            ("key", &self.key_id),
+        ] {
+            if !v.is_empty() {
+                parts.push(format!("{k} {v}"));
+            }
+        }
+        if let Some(t) = self.not_before {
+            parts.push(format!("from {}", crate::attest::rfc3339(t)));
+        }
+        if let Some(t) = self.not_after {
+            parts.push(format!("before {}", crate::attest::rfc3339(t)));
+        }
+        parts.join(", ")
+    }
+}
+
+impl DistrustList {
+    /// The first rule the signature falls under. The list must be for the signature's
+    /// environment (a list of another environment says nothing about it: an error).
+    pub fn matching(&self, b: &Binding) -> Result<Option<&DistrustEntry>, String> {
+        if self.environment != b.environment {
+            return Err(format!(
+                "the distrust list is for environment `{}`; the signature was made in `{}`",
+                self.environment, b.environment
+            ));
+        }
+        Ok(self.entries.iter().find(|e| e.matches(b)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn binding(job: &str, t: i64) -> Binding {
+        Binding {
+            environment: "production".into(),
+            region: "sg".into(),
+            job_id: job.into(),
+            runner_fingerprint: "ab".repeat(32),
+            key_id: "release@v1".into(),
+            time: t,
+            audit_seq: 7,
+        }
+    }
+
+    #[test]
+    fn rules_match_on_every_part_they_name() {
+        let list = DistrustList {
+            version: 2,
+            environment: "production".into(),
+            entries: vec![DistrustEntry {
+                id: "d-1".into(),
+                job_id: "7001".into(),
+                not_before: Some(100),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert!(list.matching(&binding("7001", 100)).unwrap().is_some());
+        assert!(list.matching(&binding("7001", 99)).unwrap().is_none());
+        assert!(list.matching(&binding("7002", 150)).unwrap().is_none());
+        let mut staging = binding("7001", 150);
+        staging.environment = "staging".into();
+        assert!(list.matching(&staging).is_err());
+        // A rule that names nothing matches nothing.
+        let empty = DistrustEntry::default();
+        assert!(!empty.matches(&binding("7001", 150)));
+    }
+}

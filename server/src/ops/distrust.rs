@@ -1,0 +1,202 @@
+//! After-the-fact distrust: ops add rules that make offline verifiers refuse signatures the
+//! site already made (by job, runner fingerprint, region, key version, time window), and the
+//! site publishes each environment's rules as a versioned list signed by its audit key
+//! (`meshsign_proto::distrust`). Revocation stops new signatures; distrust reaches back.
+//!
+//! The list is kept per environment in [`Tree::Distrust`] with its signed form, so every
+//! replica serves the same bytes; a change writes a new version under the ops lock.
+
+use meshsign_proto::attest::{DISTRUST_PAYLOAD_TYPE, Envelope, pae};
+use meshsign_proto::distrust::{DistrustEntry, DistrustList};
+use serde::{Deserialize, Serialize};
+
+use super::{OpsError, environment_exists};
+use crate::identity::Operator;
+use crate::model::bounded;
+use crate::state::SiteState;
+use crate::store::Tree;
+
+/// What the store holds per environment: the list and its signed envelope (JSON).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Stored {
+    /// The list.
+    pub list: DistrustList,
+    /// The DSSE envelope signed by the audit key, JSON.
+    pub envelope_json: String,
+}
+
+/// A rule to add, as the request gives it.
+#[derive(Clone, Debug, Default)]
+pub struct NewRule {
+    /// CI job id.
+    pub job_id: String,
+    /// Runner fingerprint (64 lowercase hex).
+    pub runner_fingerprint: String,
+    /// Region.
+    pub region: String,
+    /// `alias@vN`.
+    pub key_id: String,
+    /// Unix seconds.
+    pub not_before: Option<i64>,
+    /// Unix seconds.
+    pub not_after: Option<i64>,
+    /// Why.
+    pub reason: String,
+}
+
+/// The environment's current list (version 0, empty, the first time it is asked for).
+pub fn current(site: &SiteState, environment: &str) -> Result<Stored, OpsError> {
+    environment_exists(site, environment)?;
+    if let Some(v) = site.store.kv().get(Tree::Distrust, environment.as_bytes())? {
+        return serde_json::from_slice(&v).map_err(|e| {
+            OpsError::Invalid(format!(
+                "stored distrust list of `{environment}` does not parse: {e}"
+            ))
+        });
+    }
+    let stored = seal(
+        site,
+        DistrustList {
+            version: 0,
+            region: site.config().region.clone(),
+            environment: environment.to_string(),
+            issued_at: site.clock.unix(),
+            entries: Vec::new(),
+        },
+    )?;
+    // Kept, so every later read (and every replica) serves the same version-0 bytes; if the
+    // store cannot take it now, the signed list is still served.
+    if let Ok(bytes) = serde_json::to_vec(&stored) {
+        let _ = site
+            .store
+            .kv()
+            .put(Tree::Distrust, environment.as_bytes(), &bytes);
+    }
+    Ok(stored)
+}
+
+/// Adds a rule (a new version). Returns the list and the audit detail.
+pub fn add(
+    site: &SiteState,
+    op: &Operator,
+    environment: &str,
+    rule: NewRule,
+) -> Result<(Stored, String), OpsError> {
+    let entry = validate(site, op, rule)?;
+    let mut list = current(site, environment)?.list;
+    let detail = format!("distrust {} ({})", entry.describe(), entry.id);
+    list.entries.push(entry);
+    let stored = publish(site, environment, list)?;
+    Ok((
+        stored.clone(),
+        format!("{detail}; list version {}", stored.list.version),
+    ))
+}
+
+/// Removes rule `id` (a new version).
+pub fn remove(
+    site: &SiteState,
+    environment: &str,
+    id: &str,
+) -> Result<(Stored, String), OpsError> {
+    let mut list = current(site, environment)?.list;
+    let before = list.entries.len();
+    list.entries.retain(|e| e.id != id);
+    if list.entries.len() == before {
+        return Err(OpsError::NotFound(format!(
+            "no distrust rule `{}` in `{environment}`",
+            bounded(id, 64)
+        )));
+    }
+    let stored = publish(site, environment, list)?;
+    Ok((
+        stored.clone(),
+        format!(
+            "undistrust {} ; list version {}",
+            bounded(id, 64),
+            stored.list.version
+        ),
+    ))
+}
+
+fn publish(site: &SiteState, environment: &str, mut list: DistrustList) -> Result<Stored, OpsError> {
+    list.version += 1;
+    list.issued_at = site.clock.unix();
+    list.region = site.config().region.clone();
+    let stored = seal(site, list)?;
+    let bytes = serde_json::to_vec(&stored)
+        .map_err(|e| OpsError::Invalid(format!("distrust list does not encode: {e}")))?;
+    site.store
+        .kv()
+        .put(Tree::Distrust, environment.as_bytes(), &bytes)?;
+    Ok(stored)
+}
+
+/// Signs the list with the audit key (DSSE over its JSON).
+fn seal(site: &SiteState, list: DistrustList) -> Result<Stored, OpsError> {
+    let payload = serde_json::to_vec(&list)
+        .map_err(|e| OpsError::Invalid(format!("distrust list does not encode: {e}")))?;
+    let key = site.audit.key();
+    let sig = key
+        .backend
+        .sign_message(&pae(DISTRUST_PAYLOAD_TYPE, &payload))?;
+    let envelope = Envelope::new(DISTRUST_PAYLOAD_TYPE, &payload, &key.key_id, &sig);
+    Ok(Stored {
+        list,
+        envelope_json: serde_json::to_string(&envelope).unwrap_or_default(),
+    })
+}
+
+fn validate(site: &SiteState, op: &Operator, r: NewRule) -> Result<DistrustEntry, OpsError> {
+    let invalid = |m: String| Err(OpsError::Invalid(m));
+    if !r.runner_fingerprint.is_empty() && !meshsign_proto::identity::is_valid_fingerprint(&r.runner_fingerprint) {
+        return invalid(format!(
+            "runner fingerprint `{}`: 64 lowercase hex characters",
+            bounded(&r.runner_fingerprint, 80)
+        ));
+    }
+    for (name, v, max) in [
+        ("job id", &r.job_id, 256),
+        ("region", &r.region, 64),
+        ("key id", &r.key_id, 128),
+    ] {
+        if v.len() > max || v.chars().any(char::is_control) {
+            return invalid(format!("{name}: at most {max} bytes, no control characters"));
+        }
+    }
+    if !r.key_id.is_empty() && !r.key_id.contains("@v") {
+        return invalid(format!(
+            "key id `{}`: alias@vN",
+            bounded(&r.key_id, 64)
+        ));
+    }
+    if let (Some(a), Some(b)) = (r.not_before, r.not_after)
+        && a >= b
+    {
+        return invalid("the window is empty: not_before must be before not_after".into());
+    }
+    let entry = DistrustEntry {
+        id: format!(
+            "d-{}",
+            meshsign_proto::files::random_id()
+                .map(|id| id[..16].to_string())
+                .map_err(|e| OpsError::Invalid(format!("no randomness: {e}")))?
+        ),
+        job_id: r.job_id,
+        runner_fingerprint: r.runner_fingerprint,
+        region: r.region,
+        key_id: r.key_id,
+        not_before: r.not_before,
+        not_after: r.not_after,
+        reason: bounded(&r.reason, 256),
+        added_at: site.clock.unix(),
+        added_by: op.id.clone(),
+    };
+    if !entry.is_selective() {
+        return invalid(
+            "name at least one of job_id, runner_fingerprint, region, key_id or a time window"
+                .into(),
+        );
+    }
+    Ok(entry)
+}
