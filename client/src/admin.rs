@@ -161,6 +161,30 @@ impl Admin {
         call("Revoke", self.0.revoke(req)).await
     }
 
+    /// Adds a distrust rule; returns the new signed list.
+    pub async fn distrust(
+        &mut self,
+        req: v1::DistrustRequest,
+    ) -> Result<v1::DistrustList, ClientError> {
+        call("Distrust", self.0.distrust(req)).await
+    }
+
+    /// Removes distrust rule `id`; returns the new signed list.
+    pub async fn undistrust(
+        &mut self,
+        environment: &str,
+        id: &str,
+    ) -> Result<v1::DistrustList, ClientError> {
+        call(
+            "Undistrust",
+            self.0.undistrust(v1::UndistrustRequest {
+                environment: environment.into(),
+                id: id.into(),
+            }),
+        )
+        .await
+    }
+
     /// Every revocation rule.
     pub async fn revocations(&mut self) -> Result<Vec<v1::RevocationRule>, ClientError> {
         Ok(call(

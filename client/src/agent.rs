@@ -75,6 +75,14 @@ impl signer_server::Signer for Forward {
         session.signer.clone().sign_batch(req.into_inner()).await
     }
 
+    async fn attest(
+        &self,
+        req: Request<v1::AttestRequest>,
+    ) -> Result<Response<v1::AttestResponse>, Status> {
+        let session = self.session.read().await;
+        session.signer.clone().attest(req.into_inner()).await
+    }
+
     async fn renew(
         &self,
         _req: Request<v1::RenewRequest>,

@@ -253,6 +253,33 @@ impl Session {
         .await
     }
 
+    /// An in-toto statement about `subjects` (name, SHA-256), built and signed by the site
+    /// with the `attestation` key `alias`; `predicate_type` empty for the site's default.
+    pub async fn attest(
+        &mut self,
+        alias: &str,
+        subjects: &[(String, [u8; 32])],
+        predicate_type: &str,
+    ) -> Result<v1::AttestResponse, ClientError> {
+        let req = v1::AttestRequest {
+            key_alias: alias.to_string(),
+            subjects: subjects
+                .iter()
+                .map(|(name, d)| v1::AttestSubject {
+                    name: name.clone(),
+                    sha256_digest: d.to_vec(),
+                })
+                .collect(),
+            predicate_type: predicate_type.to_string(),
+        };
+        Ok(self
+            .signer
+            .attest(req)
+            .await
+            .map_err(|s| ClientError::rpc("Attest", s))?
+            .into_inner())
+    }
+
     async fn sign(
         &mut self,
         alias: &str,

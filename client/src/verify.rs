@@ -43,6 +43,10 @@ pub struct SigBundle {
     /// The key's certificate chain, PEM, if it has one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub certificate_chain_pem: Vec<String>,
+    /// The audit receipt a third party can check: the entry, its inclusion proof and the
+    /// signed checkpoint (`meshsign verify --receipt --audit-key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receipt: Option<meshsign_proto::receipt::Receipt>,
 }
 
 impl SigBundle {
@@ -113,6 +117,7 @@ impl SigBundle {
                 .iter()
                 .map(|c| meshsign_proto::pem_encode("CERTIFICATE", c))
                 .collect(),
+            receipt: None,
         })
     }
 }
@@ -323,4 +328,178 @@ pub fn verify_receipt(
         .iter()
         .any(|l| matches!(l, ExportLine::Entry(e) if e.seq > entry.seq && e.checkpoint.is_some()));
     Ok(anchored)
+}
+
+/// Reads an audit public key (SPKI DER).
+pub fn audit_key_from_der(spki: &[u8]) -> Result<p256::ecdsa::VerifyingKey, ClientError> {
+    VerifyingKey::from_public_key_der(spki)
+        .map_err(|e| ClientError::Verify(format!("audit key: {e}")))
+}
+
+/// Checks that a receipt proves *this* signature: the receipt verifies (entry, inclusion proof,
+/// checkpoint signed by `audit_key` — or the `checkpoint` given), and its entry allowed a Sign
+/// of `digest_hex` with `key_id`. Returns the entry.
+pub fn check_receipt(
+    receipt: &meshsign_proto::receipt::Receipt,
+    audit_key: &p256::ecdsa::VerifyingKey,
+    checkpoint: Option<&str>,
+    digest_hex: &str,
+    key_id: &str,
+    rpc: &str,
+) -> Result<meshsign_proto::audit::AuditRecord, ClientError> {
+    let entry = receipt
+        .verify(audit_key, checkpoint)
+        .map_err(|e| ClientError::Verify(e.to_string()))?;
+    if entry.decision != "allow" || entry.rpc != rpc {
+        return Err(ClientError::Verify(format!(
+            "receipt: audit entry {} is a {} {} ({}), not an allowed {rpc}",
+            entry.seq, entry.rpc, entry.decision, entry.reason
+        )));
+    }
+    if entry.digest != digest_hex || entry.key_id != key_id {
+        return Err(ClientError::Verify(format!(
+            "receipt: audit entry {} records {} with {}, not this signature ({digest_hex} with \
+             {key_id})",
+            entry.seq, entry.digest, entry.key_id
+        )));
+    }
+    Ok(entry)
+}
+
+/// Opens a distrust list signed by the audit key (a DSSE envelope, JSON).
+pub fn open_distrust_list(
+    envelope_json: &[u8],
+    audit_key: &p256::ecdsa::VerifyingKey,
+) -> Result<meshsign_proto::distrust::DistrustList, ClientError> {
+    use p256::ecdsa::signature::Verifier as _;
+    let env: meshsign_proto::attest::Envelope = serde_json::from_slice(envelope_json)
+        .map_err(|e| ClientError::Verify(format!("distrust list: not a DSSE envelope: {e}")))?;
+    if env.payload_type != meshsign_proto::attest::DISTRUST_PAYLOAD_TYPE {
+        return Err(ClientError::Verify(format!(
+            "distrust list: payload type `{}` is not {}",
+            meshsign_proto::audit::excerpt(&env.payload_type, 80),
+            meshsign_proto::attest::DISTRUST_PAYLOAD_TYPE
+        )));
+    }
+    let pae = env.pae().map_err(|e| ClientError::Verify(e.to_string()))?;
+    let signed = env.signature_bytes().iter().any(|s| {
+        DerSignature::try_from(s.as_slice())
+            .map(|sig| audit_key.verify(&pae, &sig).is_ok())
+            .unwrap_or(false)
+    });
+    if !signed {
+        return Err(ClientError::Verify(
+            "distrust list: not signed by the audit key".into(),
+        ));
+    }
+    serde_json::from_slice(
+        &env.payload_bytes()
+            .map_err(|e| ClientError::Verify(e.to_string()))?,
+    )
+    .map_err(|e| ClientError::Verify(format!("distrust list: {e}")))
+}
+
+/// The algorithms a site key with this SPKI can have (RSA: PKCS#1 v1.5 and PSS).
+pub fn algorithms_for_spki(spki: &[u8]) -> Vec<&'static str> {
+    const P256: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+    const P384: &[u8] = &[0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
+    const ED25519: &[u8] = &[0x06, 0x03, 0x2b, 0x65, 0x70];
+    const RSA: &[u8] = &[
+        0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01,
+    ];
+    // The AlgorithmIdentifier is at the front of the SPKI.
+    let head = &spki[..spki.len().min(32)];
+    let has = |oid: &[u8]| head.windows(oid.len()).any(|w| w == oid);
+    if has(P256) {
+        vec!["ecdsa-p256-sha256"]
+    } else if has(P384) {
+        vec!["ecdsa-p384-sha384"]
+    } else if has(ED25519) {
+        vec!["ed25519"]
+    } else if has(RSA) {
+        vec!["rsa-pkcs1-sha256", "rsa-pss-sha256"]
+    } else {
+        Vec::new()
+    }
+}
+
+/// Opens a DSSE envelope of an in-toto statement signed by the pinned key `spki`, and checks
+/// that one of its subjects is `digest`. Returns the statement.
+pub fn open_statement(
+    envelope: &meshsign_proto::attest::Envelope,
+    spki: &[u8],
+    digest: &[u8; 32],
+) -> Result<meshsign_proto::attest::Statement, ClientError> {
+    if envelope.payload_type != meshsign_proto::attest::INTOTO_PAYLOAD_TYPE {
+        return Err(ClientError::Verify(format!(
+            "DSSE payload type `{}` is not {}",
+            meshsign_proto::audit::excerpt(&envelope.payload_type, 80),
+            meshsign_proto::attest::INTOTO_PAYLOAD_TYPE
+        )));
+    }
+    let pae = envelope
+        .pae()
+        .map_err(|e| ClientError::Verify(e.to_string()))?;
+    let signed = envelope.signature_bytes().iter().any(|sig| {
+        algorithms_for_spki(spki)
+            .iter()
+            .any(|alg| verify_message(alg, spki, &pae, sig).is_ok())
+    });
+    if !signed {
+        return Err(ClientError::Verify(
+            "the statement is not signed by the pinned key".into(),
+        ));
+    }
+    let payload = envelope
+        .payload_bytes()
+        .map_err(|e| ClientError::Verify(e.to_string()))?;
+    let statement: meshsign_proto::attest::Statement = serde_json::from_slice(&payload)
+        .map_err(|e| ClientError::Verify(format!("statement: {e}")))?;
+    if statement.type_ != meshsign_proto::attest::STATEMENT_TYPE {
+        return Err(ClientError::Verify("not an in-toto Statement v1".into()));
+    }
+    let want = hex::encode(digest);
+    if !statement
+        .subject
+        .iter()
+        .any(|s| s.digest.get("sha256") == Some(&want))
+    {
+        return Err(ClientError::Verify(format!(
+            "the statement is not about this file (sha256 {want})"
+        )));
+    }
+    Ok(statement)
+}
+
+/// Refuses a signature whose bound facts fall under a rule of `list` (which must be of the
+/// same site and environment).
+pub fn check_distrust(
+    list: &meshsign_proto::distrust::DistrustList,
+    binding: &meshsign_proto::attest::Binding,
+) -> Result<(), ClientError> {
+    if list.region != binding.region {
+        return Err(ClientError::Verify(format!(
+            "the distrust list is of the site in `{}`; the signature was made in `{}`",
+            list.region, binding.region
+        )));
+    }
+    match list.matching(binding).map_err(ClientError::Verify)? {
+        None => Ok(()),
+        Some(rule) => Err(ClientError::Verify(format!(
+            "distrusted: rule {} ({}{}) of distrust list version {} matches this signature \
+             (job {}, runner {}, key {}, audit entry {})",
+            rule.id,
+            rule.describe(),
+            if rule.reason.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", rule.reason)
+            },
+            list.version,
+            binding.job_id,
+            binding.runner_fingerprint,
+            binding.key_id,
+            binding.audit_seq
+        ))),
+    }
 }

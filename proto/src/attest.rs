@@ -91,7 +91,11 @@ impl Envelope {
     pub fn signature_bytes(&self) -> Vec<Vec<u8>> {
         self.signatures
             .iter()
-            .filter_map(|s| base64::engine::general_purpose::STANDARD.decode(&s.sig).ok())
+            .filter_map(|s| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(&s.sig)
+                    .ok()
+            })
             .collect()
     }
 }
@@ -240,12 +244,7 @@ impl Binding {
 pub fn parse_rfc3339(s: &str) -> Result<i64, String> {
     time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
         .map(|t| t.unix_timestamp())
-        .map_err(|_| {
-            format!(
-                "`{}` is not an RFC 3339 time",
-                crate::audit::excerpt(s, 64)
-            )
-        })
+        .map_err(|_| format!("`{}` is not an RFC 3339 time", crate::audit::excerpt(s, 64)))
 }
 
 /// RFC 3339 of unix seconds (UTC).

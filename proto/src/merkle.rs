@@ -269,7 +269,9 @@ mod tests {
     use super::*;
 
     fn leaves(n: usize) -> Vec<Hash> {
-        (0..n).map(|i| leaf_hash(format!("entry {i}").as_bytes())).collect()
+        (0..n)
+            .map(|i| leaf_hash(format!("entry {i}").as_bytes()))
+            .collect()
     }
 
     /// The perfect subtree (level, index) computed from the leaves.
@@ -317,7 +319,9 @@ mod tests {
                     );
                     let mut bad = proof.clone();
                     bad[0][0] ^= 1;
-                    assert!(verify_inclusion(index, size, &l[index as usize], &bad, &root).is_err());
+                    assert!(
+                        verify_inclusion(index, size, &l[index as usize], &bad, &root).is_err()
+                    );
                     assert!(
                         verify_inclusion(index, size, &l[index as usize], &proof[1..], &root)
                             .is_err()

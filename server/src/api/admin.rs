@@ -322,9 +322,14 @@ impl v1::admin_server::Admin for AdminApi {
             format!("remove distrust rule `{}` in `{}`", r.id, r.environment),
         );
         let s = &self.0;
-        let out = audited_change(s, &op, "Undistrust", &r.environment, (&b, &sum), async || {
-            ops::distrust::remove(s, &r.environment, &r.id)
-        })
+        let out = audited_change(
+            s,
+            &op,
+            "Undistrust",
+            &r.environment,
+            (&b, &sum),
+            async || ops::distrust::remove(s, &r.environment, &r.id),
+        )
         .await
         .map_err(|e| status(&e))?;
         Ok(Response::new(super::distrust_list(out)))

@@ -140,15 +140,26 @@ impl v1::verification_server::Verification for VerificationApi {
     ) -> Result<Response<v1::GetVerificationMaterialResponse>, Status> {
         let r = req.into_inner();
         let ring = self.0.keys();
-        let versions = ring
-            .versions(&r.environment, &r.key_alias)
-            .ok_or_else(|| no_key(&r))?;
-        let last = versions.len().saturating_sub(1);
-        let keys = versions
-            .iter()
-            .enumerate()
-            .map(|(i, k)| verification_key(k, i == last))
-            .collect();
+        let keys = if r.key_alias.is_empty() {
+            // Only the audit key, for an environment of this site.
+            if self.0.config().environment(&r.environment).is_none() {
+                return Err(status(&LookupError::NoEnvironment(bounded(
+                    &r.environment,
+                    64,
+                ))));
+            }
+            Vec::new()
+        } else {
+            let versions = ring
+                .versions(&r.environment, &r.key_alias)
+                .ok_or_else(|| no_key(&r))?;
+            let last = versions.len().saturating_sub(1);
+            versions
+                .iter()
+                .enumerate()
+                .map(|(i, k)| verification_key(k, i == last))
+                .collect()
+        };
         let (audit_key_id, audit_public_key_der) = self.0.audit.public_key();
         Ok(Response::new(v1::GetVerificationMaterialResponse {
             environment: r.environment,

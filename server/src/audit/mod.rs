@@ -1015,8 +1015,7 @@ impl Writer {
                 let text = head.text();
                 let mut d = [0u8; 32];
                 d.copy_from_slice(
-                    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, text.as_bytes())
-                        .as_ref(),
+                    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, text.as_bytes()).as_ref(),
                 );
                 let nsig = self
                     .key

@@ -47,7 +47,11 @@ pub struct NewRule {
 /// The environment's current list (version 0, empty, the first time it is asked for).
 pub fn current(site: &SiteState, environment: &str) -> Result<Stored, OpsError> {
     environment_exists(site, environment)?;
-    if let Some(v) = site.store.kv().get(Tree::Distrust, environment.as_bytes())? {
+    if let Some(v) = site
+        .store
+        .kv()
+        .get(Tree::Distrust, environment.as_bytes())?
+    {
         return serde_json::from_slice(&v).map_err(|e| {
             OpsError::Invalid(format!(
                 "stored distrust list of `{environment}` does not parse: {e}"
@@ -94,11 +98,7 @@ pub fn add(
 }
 
 /// Removes rule `id` (a new version).
-pub fn remove(
-    site: &SiteState,
-    environment: &str,
-    id: &str,
-) -> Result<(Stored, String), OpsError> {
+pub fn remove(site: &SiteState, environment: &str, id: &str) -> Result<(Stored, String), OpsError> {
     let mut list = current(site, environment)?.list;
     let before = list.entries.len();
     list.entries.retain(|e| e.id != id);
@@ -119,7 +119,11 @@ pub fn remove(
     ))
 }
 
-fn publish(site: &SiteState, environment: &str, mut list: DistrustList) -> Result<Stored, OpsError> {
+fn publish(
+    site: &SiteState,
+    environment: &str,
+    mut list: DistrustList,
+) -> Result<Stored, OpsError> {
     list.version += 1;
     list.issued_at = site.clock.unix();
     list.region = site.config().region.clone();
@@ -149,7 +153,9 @@ fn seal(site: &SiteState, list: DistrustList) -> Result<Stored, OpsError> {
 
 fn validate(site: &SiteState, op: &Operator, r: NewRule) -> Result<DistrustEntry, OpsError> {
     let invalid = |m: String| Err(OpsError::Invalid(m));
-    if !r.runner_fingerprint.is_empty() && !meshsign_proto::identity::is_valid_fingerprint(&r.runner_fingerprint) {
+    if !r.runner_fingerprint.is_empty()
+        && !meshsign_proto::identity::is_valid_fingerprint(&r.runner_fingerprint)
+    {
         return invalid(format!(
             "runner fingerprint `{}`: 64 lowercase hex characters",
             bounded(&r.runner_fingerprint, 80)
@@ -161,14 +167,13 @@ fn validate(site: &SiteState, op: &Operator, r: NewRule) -> Result<DistrustEntry
         ("key id", &r.key_id, 128),
     ] {
         if v.len() > max || v.chars().any(char::is_control) {
-            return invalid(format!("{name}: at most {max} bytes, no control characters"));
+            return invalid(format!(
+                "{name}: at most {max} bytes, no control characters"
+            ));
         }
     }
     if !r.key_id.is_empty() && !r.key_id.contains("@v") {
-        return invalid(format!(
-            "key id `{}`: alias@vN",
-            bounded(&r.key_id, 64)
-        ));
+        return invalid(format!("key id `{}`: alias@vN", bounded(&r.key_id, 64)));
     }
     if let (Some(a), Some(b)) = (r.not_before, r.not_after)
         && a >= b

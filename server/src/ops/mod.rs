@@ -7,8 +7,8 @@
 //! the store as overlays on the file configuration (`state::overlays`), so it survives restarts
 //! and a SIGHUP reload of the file keeps it. Must not touch: tonic, TLS (`api` converts).
 
-pub mod housekeeping;
 pub mod distrust;
+pub mod housekeeping;
 pub mod keys;
 pub mod review;
 pub mod revocations;

@@ -214,7 +214,7 @@ pub struct SledKv {
 
 struct SledInner {
     db: sled::Db,
-    trees: [sled::Tree; 10],
+    trees: Vec<sled::Tree>,
 }
 
 fn engine(e: sled::Error) -> StoreError {
@@ -259,18 +259,11 @@ impl SledInner {
             .open()
             .map_err(engine)?;
         let t = |t: Tree| db.open_tree(t.name()).map_err(engine);
-        let trees = [
-            t(Tree::Keys)?,
-            t(Tree::RunnerCas)?,
-            t(Tree::Certs)?,
-            t(Tree::Jti)?,
-            t(Tree::Audit)?,
-            t(Tree::Policies)?,
-            t(Tree::Revocations)?,
-            t(Tree::KeyMeta)?,
-            t(Tree::Meta)?,
-            t(Tree::Usage)?,
-        ];
+        // One sled tree per `Tree`, in `Tree::ALL` order (which is the enum's: tested).
+        let trees = Tree::ALL
+            .iter()
+            .map(|&tree| t(tree))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Self { db, trees })
     }
 
@@ -524,5 +517,19 @@ pub mod hex_list {
             .into_iter()
             .map(|s| hex::decode(s).map_err(serde::de::Error::custom))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tree;
+
+    #[test]
+    fn every_tree_is_listed_in_enum_order_with_its_own_name() {
+        // The sled engine indexes its trees by `tree as usize` in `Tree::ALL` order.
+        for (i, t) in Tree::ALL.into_iter().enumerate() {
+            assert_eq!(t as usize, i, "{}", t.name());
+            assert_eq!(Tree::from_name(t.name()), Some(t));
+        }
     }
 }

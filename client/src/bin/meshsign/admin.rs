@@ -23,6 +23,51 @@ pub enum Format {
 }
 
 #[derive(Subcommand)]
+pub enum DistrustCommand {
+    /// Distrust every signature matching all that is given (at least one).
+    Add {
+        /// Environment.
+        #[arg(long)]
+        environment: String,
+        /// Signatures of this CI job.
+        #[arg(long)]
+        job_id: Option<String>,
+        /// Signatures of this runner machine.
+        #[arg(long)]
+        fingerprint: Option<String>,
+        /// Signatures made by the site of this region.
+        #[arg(long)]
+        region: Option<String>,
+        /// Signatures of this key version (alias@vN).
+        #[arg(long)]
+        key_id: Option<String>,
+        /// Signatures made at or after (unix seconds or RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// Signatures made before (unix seconds or RFC 3339).
+        #[arg(long)]
+        until: Option<String>,
+        /// Why (published in the list).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Remove a rule (its signatures verify again).
+    Remove {
+        /// Environment.
+        #[arg(long)]
+        environment: String,
+        /// The rule (d-...).
+        id: String,
+    },
+    /// The environment's rules and list version.
+    List {
+        /// Environment.
+        #[arg(long)]
+        environment: String,
+    },
+}
+
+#[derive(Subcommand)]
 pub enum AdminAuditCommand {
     /// Print the audit (checkpoint) public key as PEM.
     PublicKey,
@@ -119,6 +164,12 @@ pub enum AdminCommand {
     Key {
         #[command(subcommand)]
         command: KeyCommand,
+    },
+    /// After-the-fact distrust of signatures already made: add, remove, list (each change
+    /// publishes a new version of the environment's signed distrust list).
+    Distrust {
+        #[command(subcommand)]
+        command: DistrustCommand,
     },
     /// Two-person review: list proposals, approve another admin's.
     Review {
@@ -566,6 +617,7 @@ async fn run_at(
         }
         AdminCommand::Trust { command } => trust(cfg, c, command, format).await,
         AdminCommand::Key { command } => keys(c, command, format).await,
+        AdminCommand::Distrust { command } => distrust(cfg, c, command, format).await,
         AdminCommand::Review { command } => {
             match command {
                 ReviewCommand::List => emit(format, &c.proposals().await?),
@@ -584,6 +636,93 @@ async fn run_at(
             Ok(())
         }
         AdminCommand::Drill { .. } => Ok(()),
+    }
+}
+
+async fn distrust(
+    cfg: &ClientConfig,
+    c: &mut Admin,
+    command: DistrustCommand,
+    format: Format,
+) -> Result<(), ClientError> {
+    let ts = |t: Option<String>| -> Result<Option<prost_types::Timestamp>, ClientError> {
+        Ok(t.as_deref()
+            .map(meshsign_client::admin::parse_time)
+            .transpose()?
+            .map(|seconds| prost_types::Timestamp { seconds, nanos: 0 }))
+    };
+    let environment = match &command {
+        DistrustCommand::Add { environment, .. }
+        | DistrustCommand::Remove { environment, .. }
+        | DistrustCommand::List { environment } => environment.clone(),
+    };
+    match command {
+        DistrustCommand::Add {
+            environment,
+            job_id,
+            fingerprint,
+            region,
+            key_id,
+            since,
+            until,
+            reason,
+        } => {
+            c.distrust(v1::DistrustRequest {
+                environment,
+                job_id: job_id.unwrap_or_default(),
+                runner_fingerprint: fingerprint.unwrap_or_default(),
+                region: region.unwrap_or_default(),
+                key_id: key_id.unwrap_or_default(),
+                not_before: ts(since)?,
+                not_after: ts(until)?,
+                reason,
+            })
+            .await?;
+        }
+        DistrustCommand::Remove { environment, id } => {
+            c.undistrust(&environment, &id).await?;
+        }
+        DistrustCommand::List { .. } => {}
+    }
+    // What anyone gets: the signed list, checked against the site's audit key.
+    let mut v = meshsign_client::evidence::client(cfg).await?;
+    let spki = meshsign_client::evidence::material(&mut v, &environment, "")
+        .await?
+        .audit_public_key_der;
+    let (list, _) = meshsign_client::evidence::distrust_list(&mut v, &environment, &spki).await?;
+    if format == Format::Table {
+        eprintln!(
+            "distrust list of `{}` at `{}`: version {}",
+            list.environment, list.region, list.version
+        );
+    }
+    emit(format, &list.entries);
+    Ok(())
+}
+
+impl Render for meshsign_proto::distrust::DistrustEntry {
+    const HEADER: &'static [&'static str] = &[
+        "RULE", "JOB", "RUNNER", "REGION", "KEY", "FROM", "BEFORE", "REASON", "BY",
+    ];
+    fn row(&self) -> Vec<String> {
+        let t = |t: Option<i64>| {
+            t.map(meshsign_proto::attest::rfc3339)
+                .unwrap_or_else(|| "-".into())
+        };
+        vec![
+            self.id.clone(),
+            dash(&self.job_id),
+            dash(&self.runner_fingerprint),
+            dash(&self.region),
+            dash(&self.key_id),
+            t(self.not_before),
+            t(self.not_after),
+            dash(&self.reason),
+            self.added_by.clone(),
+        ]
+    }
+    fn json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
     }
 }
 

@@ -1,14 +1,18 @@
 //! `meshsign`: the runner and verifier CLI.
 //!
 //! - `meshsign sign --environment E --key ALIAS FILE...`: enroll with the job's OIDC token, sign
-//!   each file's SHA-256 at the site, write `FILE.sig` and `FILE.sig.json`.
-//! - `meshsign verify FILE`: offline verification (exit 1 on mismatch).
-//! - `meshsign verification-material --environment E --key ALIAS`: the key's public versions.
+//!   each file's SHA-256 at the site, write `FILE.sig` and `FILE.sig.json` (or a Sigstore
+//!   bundle, or a DSSE statement: `--format`).
+//! - `meshsign attest --environment E --key ALIAS FILE...`: an in-toto statement the site builds.
+//! - `meshsign verify FILE`: offline verification (exit 1 on mismatch), with receipts and
+//!   distrust lists ([`check`]).
+//! - `meshsign verification-material --environment E --key ALIAS`: the key's public versions
+//!   (`--audit-key`, `--distrust-list`: the site's audit key, the signed distrust list).
 //! - `meshsign dev token --environment E`: a token from a dev site's issuer (dev builds).
 //! - `meshsign admin …`: ops verbs on the admin port ([`admin`]).
 //!
-//! One module per command group: [`runner`] (sign, codesign), [`admin`], [`dev`]; the offline
-//! verbs (verify, audit verify, verification-material) are here.
+//! One module per command group: [`runner`] (sign, codesign, attest), [`check`] (verify),
+//! [`admin`], [`dev`]; audit verify and verification-material are here.
 
 /// `println!` for command output: when the reader has closed stdout (`meshsign … | head`)
 /// the process ends quietly with exit 0 instead of panicking; another write error ends it with
@@ -33,6 +37,7 @@ macro_rules! out_raw {
 }
 
 mod admin;
+mod check;
 mod dev;
 mod runner;
 
@@ -49,10 +54,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use meshsign_client::verify::{self, SigBundle};
-use meshsign_client::{ClientConfig, ClientError, transport};
+use meshsign_client::verify;
+use meshsign_client::{ClientConfig, ClientError};
 use meshsign_proto::pem_encode;
-use meshsign_proto::v1::{self, verification_client::VerificationClient};
 
 #[derive(Parser)]
 #[command(
@@ -104,34 +108,28 @@ enum Command {
     /// Apple code signature (Mach-O, .app, .dmg) made on this machine, signed by the site.
     #[cfg(feature = "codesign")]
     Codesign(runner::CodesignArgs),
-    /// Verify FILE against FILE.sig.json offline; exit 1 on mismatch.
-    Verify {
-        /// The file.
-        file: PathBuf,
-        /// Also check the signature's audit receipt against an exported audit log.
-        #[arg(long, requires_all = ["audit_log", "audit_key"])]
-        receipt: bool,
-        /// Audit export (JSON lines) for --receipt.
-        #[arg(long)]
-        audit_log: Option<PathBuf>,
-        /// The site's audit public key (PEM) for --receipt.
-        #[arg(long)]
-        audit_key: Option<PathBuf>,
-        /// Signature bundle (default FILE.sig.json).
-        #[arg(long)]
-        bundle: Option<PathBuf>,
-        /// Require the bundle's key to be this public key (PEM, e.g. from verification-material).
-        #[arg(long)]
-        public_key: Option<PathBuf>,
-    },
-    /// Print every version of a key's public key as PEM.
+    /// Verify FILE against its signature bundle offline (native, Sigstore or DSSE), optionally
+    /// its audit receipt and a distrust list; exit 1 on mismatch.
+    Verify(check::VerifyArgs),
+    /// Enroll and have the site sign an in-toto statement about files (DSSE), whose predicate
+    /// it builds from what it verified about this job.
+    Attest(runner::AttestArgs),
+    /// Print every version of a key's public key as PEM; or the site's audit key; or an
+    /// environment's signed distrust list.
     VerificationMaterial {
         /// Environment.
         #[arg(long)]
         environment: String,
         /// Key alias.
+        #[arg(long, required_unless_present_any = ["audit_key", "distrust_list"])]
+        key: Option<String>,
+        /// Print the site's audit public key (PEM), which signs checkpoints and distrust lists.
+        #[arg(long, conflicts_with = "distrust_list")]
+        audit_key: bool,
+        /// Print the environment's distrust list (a DSSE envelope signed by the audit key, as
+        /// `verify --distrust-list` reads it).
         #[arg(long)]
-        key: String,
+        distrust_list: bool,
     },
     /// Dev-site helpers.
     #[cfg(feature = "dev")]
@@ -423,90 +421,45 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
             }
             Ok(())
         }
-        Command::Verify {
-            file,
-            bundle,
-            public_key,
-            receipt,
-            audit_log,
-            audit_key,
-        } => {
-            let bundle_path = bundle.unwrap_or_else(|| sibling(&file, ".sig.json"));
-            let text = std::fs::read(&bundle_path).map_err(ClientError::io(&bundle_path))?;
-            let b: SigBundle = serde_json::from_slice(&text)
-                .map_err(|e| ClientError::Verify(format!("{}: {e}", bundle_path.display())))?;
-            let pin = match &public_key {
-                Some(p) => Some(verify::spki_from_pem(
-                    &std::fs::read_to_string(p).map_err(ClientError::io(p))?,
-                )?),
-                None => None,
-            };
-            verify::verify_file(&file, &b, pin.as_deref())?;
-            let json = cli.global.output == admin::Format::Json;
-            let mut receipt_anchored = None;
-            if receipt && let (Some(log), Some(key)) = (&audit_log, &audit_key) {
-                let text = std::fs::read_to_string(log).map_err(ClientError::io(log))?;
-                let lines =
-                    meshsign_proto::audit::parse_export(&text).map_err(ClientError::Verify)?;
-                let pem = std::fs::read_to_string(key).map_err(ClientError::io(key))?;
-                let anchored =
-                    verify::verify_receipt(&b, &lines, &verify::audit_key_from_pem(&pem)?)?;
-                receipt_anchored = Some(anchored);
-                if !json {
-                    out!(
-                        "{}: receipt OK (audit entry {}{})",
-                        file.display(),
-                        b.audit_seq,
-                        if anchored {
-                            ", under a signed checkpoint"
-                        } else {
-                            ", not yet under a signed checkpoint"
-                        }
-                    );
-                }
-            }
-            if json {
-                out!(
-                    "{}",
-                    serde_json::json!({
-                        "file": file.display().to_string(), "ok": true, "key_id": b.key_id,
-                        "region": b.region, "environment": b.environment,
-                        "audit_id": b.audit_id, "audit_seq": b.audit_seq,
-                        "key_pinned": pin.is_some(),
-                        "receipt": receipt_anchored.map(|a| serde_json::json!({
-                            "ok": true, "under_signed_checkpoint": a,
-                        })),
-                    })
-                );
-            } else {
-                out!(
-                    "{}: OK ({} in {}/{}, audit {})",
-                    file.display(),
-                    b.key_id,
-                    b.region,
-                    b.environment,
-                    b.audit_id
-                );
-            }
-            if pin.is_none() {
-                eprintln!(
-                    "note: the key was taken from the bundle; pin it with --public-key (see verification-material)"
-                );
-            }
-            Ok(())
+        Command::Verify(args) => check::run(args, cli.global.output),
+        Command::Attest(args) => {
+            runner::attest(&load_config(&cli.global)?, args, cli.global.output).await
         }
-        Command::VerificationMaterial { environment, key } => {
+        Command::VerificationMaterial {
+            environment,
+            key,
+            audit_key,
+            distrust_list,
+        } => {
             let cfg = load_config(&cli.global)?;
-            let tls = transport::tls_config(transport::roots(&cfg)?, None)?;
-            let ch = transport::connect_to(&cfg, &cfg.enroll_endpoint, tls).await?;
-            let resp = VerificationClient::new(ch)
-                .get_verification_material(v1::GetVerificationMaterialRequest {
-                    environment,
-                    key_alias: key,
-                })
-                .await
-                .map_err(|s| ClientError::rpc("GetVerificationMaterial", s))?
-                .into_inner();
+            let mut v = meshsign_client::evidence::client(&cfg).await?;
+            let resp = meshsign_client::evidence::material(
+                &mut v,
+                &environment,
+                key.as_deref().unwrap_or_default(),
+            )
+            .await;
+            if audit_key || distrust_list {
+                // Every answer names the audit key (without --key, only the audit key).
+                let spki = resp?.audit_public_key_der;
+                if distrust_list {
+                    let (list, envelope) =
+                        meshsign_client::evidence::distrust_list(&mut v, &environment, &spki)
+                            .await?;
+                    eprintln!(
+                        "distrust list of `{}` at `{}`: version {}, {} rule(s)",
+                        list.environment,
+                        list.region,
+                        list.version,
+                        list.entries.len()
+                    );
+                    out!("{}", String::from_utf8_lossy(&envelope));
+                } else {
+                    out_raw!("{}", pem_encode("PUBLIC KEY", &spki));
+                }
+                return Ok(());
+            }
+            let resp = resp?;
             if cli.global.output == admin::Format::Json {
                 let keys: Vec<serde_json::Value> = resp
                     .keys

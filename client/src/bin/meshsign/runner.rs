@@ -48,6 +48,40 @@ pub struct SignArgs {
     /// SHA-256 digest — what P-384 and Ed25519 keys sign.
     #[arg(long)]
     message: bool,
+    /// What to write: `native` (FILE.sig and FILE.sig.json, with the audit receipt when the
+    /// site gives one), `sigstore` (FILE.sigstore.json: a Sigstore bundle v0.3 whose log entry
+    /// is the site's audit receipt), or `dsse` (FILE.intoto.json: an in-toto statement the site
+    /// builds, signed by an `attestation` key — as `meshsign attest`).
+    #[arg(long, value_enum, default_value_t = SigFormat::Native)]
+    format: SigFormat,
+}
+
+/// The signature formats of `meshsign sign`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SigFormat {
+    /// meshsign's FILE.sig + FILE.sig.json.
+    Native,
+    /// A Sigstore bundle v0.3 (FILE.sigstore.json).
+    Sigstore,
+    /// A DSSE envelope of an in-toto statement (FILE.intoto.json).
+    Dsse,
+}
+
+/// `meshsign attest` arguments.
+#[derive(Args)]
+pub struct AttestArgs {
+    #[command(flatten)]
+    runner: RunnerArgs,
+    /// The predicate: `signing` (what the site verified about the job; the default), `slsa`
+    /// (SLSA provenance v1; GitHub and GitLab jobs), or a predicate type URI of either.
+    #[arg(long, default_value = "signing")]
+    predicate_type: String,
+    /// Where to write the DSSE envelope (default: FIRST_FILE.intoto.json).
+    #[arg(long)]
+    bundle: Option<PathBuf>,
+    /// The artifacts (the statement's subjects).
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
 }
 /// How a runner job gets its credentials: the key and the session options shared by `sign` and
 /// `codesign`.
@@ -193,8 +227,23 @@ pub async fn sign(
             verify::read_message(file)?;
         }
     }
+    if args.format == SigFormat::Dsse {
+        if args.message {
+            return Err(ClientError::Usage(
+                "--format dsse makes a statement about each file's SHA-256; --message does not                  apply (nothing was enrolled; the token is not spent)"
+                    .into(),
+            ));
+        }
+        let attest = AttestArgs {
+            runner: args.runner,
+            predicate_type: "signing".into(),
+            bundle: None,
+            files: args.files,
+        };
+        return attest_files(cfg, attest, format).await;
+    }
     let (mut session, own) = open_session(cfg, &args.runner.session).await?;
-    let result = sign_files(&mut session, &args, &digests, format).await;
+    let result = sign_files(cfg, &mut session, &args, &digests, format).await;
     if own {
         finish(&mut session, result).await
     } else {
@@ -266,12 +315,147 @@ pub async fn codesign(
     Ok(())
 }
 
+/// `meshsign attest`: one statement about every file, built and signed by the site.
+pub async fn attest(
+    cfg: &ClientConfig,
+    args: AttestArgs,
+    format: super::admin::Format,
+) -> Result<(), ClientError> {
+    attest_files(cfg, args, format).await
+}
+
+async fn attest_files(
+    cfg: &ClientConfig,
+    args: AttestArgs,
+    format: super::admin::Format,
+) -> Result<(), ClientError> {
+    use meshsign_proto::attest::{PREDICATE_SIGNING, PREDICATE_SLSA};
+    let predicate = match args.predicate_type.as_str() {
+        "signing" | PREDICATE_SIGNING => PREDICATE_SIGNING,
+        "slsa" | PREDICATE_SLSA => PREDICATE_SLSA,
+        other => {
+            return Err(ClientError::Usage(format!(
+                "--predicate-type `{other}`: signing, slsa, {PREDICATE_SIGNING} or {PREDICATE_SLSA}"
+            )));
+        }
+    };
+    let mut subjects = Vec::with_capacity(args.files.len());
+    for file in &args.files {
+        if !file.is_file() {
+            return Err(ClientError::Usage(format!(
+                "{}: no such file (nothing was enrolled; the token is not spent)",
+                file.display()
+            )));
+        }
+        let name = file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        subjects.push((name, verify::sha256_file(file)?));
+    }
+    let out_path = match (&args.bundle, args.files.first()) {
+        (Some(p), _) => p.clone(),
+        (None, Some(f)) => super::sibling(f, ".intoto.json"),
+        (None, None) => return Err(ClientError::Usage("no files".into())),
+    };
+    let (mut session, own) = open_session(cfg, &args.runner.session).await?;
+    let result = session
+        .attest(&args.runner.key, &subjects, predicate)
+        .await
+        .and_then(|r| {
+            // Checked before anything is written: the envelope verifies under the key the
+            // site names and is about these files.
+            let env: meshsign_proto::attest::Envelope = serde_json::from_slice(&r.envelope_json)
+                .map_err(|e| ClientError::Crypto(format!("the site's envelope: {e}")))?;
+            for (_, d) in &subjects {
+                verify::open_statement(&env, &r.public_key_der, d).map_err(|e| {
+                    ClientError::Crypto(format!("the site's statement does not verify: {e}"))
+                })?;
+            }
+            meshsign_proto::files::write_atomic(&out_path, &r.envelope_json, false)
+                .map_err(ClientError::io(&out_path))?;
+            Ok(r)
+        });
+    let r = if own {
+        let (r, done) = match result {
+            Ok(r) => (Some(r), Ok(())),
+            Err(e) => (None, Err(e)),
+        };
+        finish(&mut session, done).await?;
+        r
+    } else {
+        Some(result?)
+    };
+    let Some(r) = r else { return Ok(()) };
+    if format == super::admin::Format::Json {
+        out!(
+            "{}",
+            serde_json::json!({
+                "envelope": out_path.display().to_string(), "key_id": r.key_id,
+                "predicate_type": predicate, "audit_id": r.audit_id, "audit_seq": r.audit_seq,
+                "subjects": subjects.iter().map(|(n, d)| serde_json::json!({"name": n, "sha256": hex::encode(d)})).collect::<Vec<_>>(),
+            })
+        );
+    } else {
+        out!(
+            "{}: {} subject(s), {predicate}, signed with {} (audit {})",
+            out_path.display(),
+            subjects.len(),
+            r.key_id,
+            r.audit_id
+        );
+    }
+    Ok(())
+}
+
+/// The receipt of a Sign response from the site's Verification service, checked against its
+/// audit key and against the signature it is for.
+async fn fetch_receipt(
+    v: &mut meshsign_proto::v1::verification_client::VerificationClient<tonic::transport::Channel>,
+    audit_spki: &[u8],
+    r: &v1::SignResponse,
+    bundle: &SigBundle,
+) -> Result<meshsign_proto::receipt::Receipt, ClientError> {
+    let receipt =
+        meshsign_client::evidence::receipt(v, r.audit_seq, &r.audit_hash, audit_spki).await?;
+    verify::check_receipt(
+        &receipt,
+        &verify::audit_key_from_der(audit_spki)?,
+        None,
+        &bundle.digest_sha256,
+        &bundle.key_id,
+        "Sign",
+    )
+    .map_err(|e| ClientError::Crypto(format!("the site's receipt: {e}")))?;
+    Ok(receipt)
+}
+
 async fn sign_files(
+    cfg: &ClientConfig,
     session: &mut Session,
     args: &SignArgs,
     digests: &[[u8; 32]],
     format: super::admin::Format,
 ) -> Result<(), ClientError> {
+    // The site's audit key, to check each receipt before it goes into a bundle.
+    let mut verification = match meshsign_client::evidence::client(cfg).await {
+        Ok(mut v) => match meshsign_client::evidence::material(
+            &mut v,
+            &session.enrollment.environment,
+            &args.runner.key,
+        )
+        .await
+        {
+            Ok(m) => Ok((v, m.audit_public_key_der)),
+            Err(e) => Err(e),
+        },
+        Err(e) => Err(e),
+    };
+    if let (Err(e), SigFormat::Sigstore) = (&verification, args.format) {
+        return Err(ClientError::Usage(format!(
+            "--format sigstore needs the site's audit receipts: {e}"
+        )));
+    }
     for (file, digest) in args.files.iter().zip(digests) {
         let digest = *digest;
         let name = file
@@ -303,12 +487,46 @@ async fn sign_files(
             )?;
             (r, b)
         };
-        let sig_path = super::sibling(file, ".sig");
-        let json_path = super::sibling(file, ".sig.json");
-        std::fs::write(&sig_path, &r.signature).map_err(ClientError::io(&sig_path))?;
-        let json =
-            serde_json::to_vec_pretty(&bundle).map_err(|e| ClientError::Crypto(e.to_string()))?;
-        std::fs::write(&json_path, json).map_err(ClientError::io(&json_path))?;
+        let mut bundle = bundle;
+        let receipt = match &mut verification {
+            Ok((v, spki)) => match fetch_receipt(v, spki, &r, &bundle).await {
+                Ok(receipt) => Some((receipt, spki.clone())),
+                Err(e) if args.format == SigFormat::Native => {
+                    eprintln!(
+                        "meshsign: warning: {}: no audit receipt in the bundle: {e}",
+                        file.display()
+                    );
+                    None
+                }
+                Err(e) => return Err(e),
+            },
+            Err(_) => None,
+        };
+        let (sig_path, json_path) = if args.format == SigFormat::Sigstore {
+            let Some((receipt, spki)) = receipt else {
+                return Err(ClientError::Usage(
+                    "--format sigstore needs the site's audit receipt".into(),
+                ));
+            };
+            let hint = format!("{}/{}/{}", bundle.region, bundle.environment, bundle.key_id);
+            let tlog = meshsign_client::sigstore::TlogEntry::from_receipt(&receipt, &spki)?;
+            let sb =
+                meshsign_client::sigstore::Bundle::message(hint, &digest, &r.signature, Some(tlog));
+            let path = super::sibling(file, ".sigstore.json");
+            let json =
+                serde_json::to_vec_pretty(&sb).map_err(|e| ClientError::Crypto(e.to_string()))?;
+            std::fs::write(&path, json).map_err(ClientError::io(&path))?;
+            (path.clone(), path)
+        } else {
+            bundle.receipt = receipt.map(|(r, _)| r);
+            let sig_path = super::sibling(file, ".sig");
+            let json_path = super::sibling(file, ".sig.json");
+            std::fs::write(&sig_path, &r.signature).map_err(ClientError::io(&sig_path))?;
+            let json = serde_json::to_vec_pretty(&bundle)
+                .map_err(|e| ClientError::Crypto(e.to_string()))?;
+            std::fs::write(&json_path, json).map_err(ClientError::io(&json_path))?;
+            (sig_path, json_path)
+        };
         if format == super::admin::Format::Json {
             // One JSON object per line (per file), written as each file is signed.
             out!(
