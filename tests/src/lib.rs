@@ -103,6 +103,12 @@ alias = "release"
 algorithm = "ecdsa-p256-sha256"
 access = {{ repositories = ["acme/*"], refs = ["refs/heads/main", "refs/tags/*"] }}
 
+[[environments.signing_keys]]
+alias = "attest"
+algorithm = "ecdsa-p256-sha256"
+purposes = ["attestation"]
+access = {{ repositories = ["acme/*"], refs = ["refs/heads/main", "refs/tags/*"] }}
+
 [[environments.trust_policies]]
 name = "ci"
 issuer = "{ES_ISSUER}"

@@ -50,7 +50,11 @@ async fn no_private_key_bytes_anywhere_in_the_data_dir() {
     // Decrypt every stored private key (signing keys and runner CAs) with the KEK.
     let mut secrets: Vec<(String, Vec<u8>)> = Vec::new();
     let keys: Vec<KeyRecord> = state.store.scan(Tree::Keys, b"").unwrap();
-    assert_eq!(keys.len(), 4, "release×2 + prod-only + the audit key");
+    assert_eq!(
+        keys.len(),
+        6,
+        "release×2 + attest×2 + prod-only + the audit key"
+    );
     for k in &keys {
         let w = k.wrapped.as_ref().expect("a software key is wrapped");
         let pkcs8 = kek
