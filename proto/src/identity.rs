@@ -249,18 +249,25 @@ mod tests {
             trust_policy: "github".into(),
             provider: "github".into(),
             pipeline: "42".into(),
+            workflow: "acme/app/.github/workflows/release.yml@refs/heads/main".into(),
+            commit: "e0f1a2b3c4d5e6f708192a3b4c5d6e7f80912a3b".into(),
         };
         let der = c.to_extension_value();
         assert_eq!(JobClaims::from_extension_value(&der), Ok(c.clone()));
-        // A certificate from before providers (no provider, no pipeline) still parses.
+        // A certificate from before providers (no provider, pipeline, workflow or commit)
+        // still parses.
         let old = JobClaims {
             provider: String::new(),
             pipeline: String::new(),
+            workflow: String::new(),
+            commit: String::new(),
             ..c
         };
         let json = serde_json::to_string(&old).unwrap_or_default();
         assert!(
-            !json.contains("provider") && !json.contains("pipeline"),
+            ["provider", "pipeline", "workflow", "commit"]
+                .iter()
+                .all(|f| !json.contains(f)),
             "{json}"
         );
         assert_eq!(

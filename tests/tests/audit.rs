@@ -268,6 +268,7 @@ async fn receipts_bind_a_signature_to_its_entry() {
         environment: "production".into(),
         signed_at: String::new(),
         certificate_chain_pem: vec![],
+        receipt: None,
     };
     assert!(
         meshsign_client::verify::verify_receipt(&bundle, &lines, &key).unwrap(),

@@ -79,6 +79,8 @@ async fn certificate_is_built_from_policy_not_from_the_csr() {
             trust_policy: "ci".into(),
             provider: "github".into(),
             pipeline: "1001".into(),
+            workflow: claims["workflow_ref"].as_str().unwrap().into(),
+            commit: claims["sha"].as_str().unwrap().into(),
         }
     );
 
