@@ -139,6 +139,41 @@ fn all_sites_drill_status_trust_and_revoke_on_three_regions() {
             .all(|r| r["result"]["rule_id"].as_str().is_some())
     );
 
+    // …and distrust what it already signed, everywhere: each site signs its own list.
+    let (code, text, err) = admin(&[
+        "distrust",
+        "add",
+        "--environment",
+        "staging",
+        "--job-id",
+        "run-7001",
+        "--reason",
+        "leaked",
+    ]);
+    assert_eq!(code, 0, "{text}{err}");
+    assert!(
+        text.starts_with("SITE\tREGION\tLIST VERSION\tRULES\n"),
+        "{text}"
+    );
+    for r in REGIONS {
+        assert!(text.contains(&format!("{r}\t{r}\t1\t1\n")), "{text}");
+        let list = meshsign_in(
+            dir,
+            &dir.join(format!("{r}/client.toml")),
+            &[
+                "admin",
+                "distrust",
+                "list",
+                "--environment",
+                "staging",
+                "--output",
+                "json",
+            ],
+        );
+        let rules: Vec<Value> = serde_json::from_slice(&list.stdout).unwrap();
+        assert_eq!(rules[0]["job_id"], "run-7001", "{r}");
+    }
+
     // Only the fleet verbs.
     let (code, _, err) = admin(&["key", "list", "--environment", "staging"]);
     assert_eq!(code, 2, "{err}");

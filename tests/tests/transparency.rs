@@ -627,3 +627,47 @@ async fn removing_a_distrust_rule_needs_a_second_admin_by_default() {
     let l = alice.undistrust(req).await.unwrap().into_inner();
     assert_eq!(l.version, 2);
 }
+
+#[tokio::test]
+async fn while_the_log_cannot_be_written_proofs_and_distrust_changes_are_unavailable() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let fail = Arc::new(AtomicBool::new(false));
+    let f = fail.clone();
+    let wrap = move |kv| -> Arc<dyn meshsign_server::store::Kv> {
+        Arc::new(meshsign_tests::FaultyKv::new(kv, f.clone()))
+    };
+    let site = TestSite::start_with("", Some(&wrap)).await;
+    let key = audit_key(&site).await;
+    let (_k, _r, mut s) = site.enrolled("production").await;
+    let r = s.sign(sign_req("release", 1)).await.unwrap().into_inner();
+
+    // The disk goes read-only before a checkpoint covers the entry: the proof needs one, so
+    // it is unavailable — said as such, not as an internal error — and nothing changes.
+    fail.store(true, Ordering::SeqCst);
+    let e = receipt(&site, r.audit_seq, &r.audit_hash)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(
+        e.message().starts_with("audit_unavailable: "),
+        "{}",
+        e.message()
+    );
+    let e = site
+        .admin()
+        .await
+        .distrust(distrust("production", "7001"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+
+    // Writable again: the proof is served and verifies; the refused distrust left no trace.
+    fail.store(false, Ordering::SeqCst);
+    receipt(&site, r.audit_seq, &r.audit_hash)
+        .await
+        .unwrap()
+        .verify(&key, None)
+        .unwrap();
+    assert_eq!(public_list(&site, "production").await.version, 0);
+}

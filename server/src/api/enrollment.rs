@@ -43,13 +43,17 @@ impl Refusal for LookupError {
             LookupError::NoEnvironment(_) => "environment",
             LookupError::NoKey { .. } => "key",
             LookupError::NoEntry(_) => "audit_entry",
-            LookupError::Audit(_) => crate::model::INTERNAL,
+            LookupError::Audit(crate::audit::AuditError::Tree(_)) => crate::model::INTERNAL,
+            // The log cannot take the checkpoint the proof needs (a full disk, a store gone):
+            // unavailable until it can, as for every other decision.
+            LookupError::Audit(_) => crate::model::AUDIT_UNAVAILABLE,
         }
     }
 
     fn kind(&self) -> RefusalKind {
         match self {
-            LookupError::Audit(_) => RefusalKind::Internal,
+            LookupError::Audit(crate::audit::AuditError::Tree(_)) => RefusalKind::Internal,
+            LookupError::Audit(_) => RefusalKind::Unavailable,
             _ => RefusalKind::NotFound,
         }
     }

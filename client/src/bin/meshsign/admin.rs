@@ -449,7 +449,7 @@ pub async fn dispatch(
 }
 
 /// Runs an admin command at every site of the fleet (`--all-sites`): drill, revoke, trust
-/// disable/enable and status. Prints one table with a SITE column (or a JSON array of
+/// disable/enable, distrust add and status (each site signs its own distrust list). Prints one table with a SITE column (or a JSON array of
 /// `{site, region, result | error}`); fails if any site failed.
 pub async fn dispatch_fleet(
     fleet: &Fleet,
@@ -532,8 +532,35 @@ pub async fn dispatch_fleet(
                 v1::TrustPolicyInfo::HEADER,
             )
         }
+        AdminCommand::Distrust {
+            command: command @ DistrustCommand::Add { .. },
+        } => {
+            let Some(req) = distrust_request(&command)? else {
+                return Ok(());
+            };
+            let results = fleet
+                .each(|cfg| {
+                    let req = req.clone();
+                    async move { Admin::connect(&cfg).await?.distrust(req).await }
+                })
+                .await;
+            fleet_report(
+                fleet,
+                results,
+                format,
+                |l| {
+                    (
+                        vec![vec![l.version.to_string(), rule_count(l)]],
+                        serde_json::json!({ "version": l.version, "rules": rule_count(l) }),
+                    )
+                },
+                &["LIST VERSION", "RULES"],
+            )
+        }
         _ => Err(ClientError::Usage(
-            "--all-sites works with: drill, revoke, trust disable, trust enable, status".into(),
+            "--all-sites works with: drill, revoke, trust disable, trust enable, distrust add, \
+             status"
+                .into(),
         )),
     }
 }
@@ -639,45 +666,65 @@ async fn run_at(
     }
 }
 
+/// The request of `admin distrust add` (None for the other subcommands).
+fn distrust_request(command: &DistrustCommand) -> Result<Option<v1::DistrustRequest>, ClientError> {
+    let ts = |t: &Option<String>| -> Result<Option<prost_types::Timestamp>, ClientError> {
+        Ok(t.as_deref()
+            .map(meshsign_client::admin::parse_time)
+            .transpose()?
+            .map(|seconds| prost_types::Timestamp { seconds, nanos: 0 }))
+    };
+    let DistrustCommand::Add {
+        environment,
+        job_id,
+        fingerprint,
+        region,
+        key_id,
+        since,
+        until,
+        reason,
+    } = command
+    else {
+        return Ok(None);
+    };
+    Ok(Some(v1::DistrustRequest {
+        environment: environment.clone(),
+        job_id: job_id.clone().unwrap_or_default(),
+        runner_fingerprint: fingerprint.clone().unwrap_or_default(),
+        region: region.clone().unwrap_or_default(),
+        key_id: key_id.clone().unwrap_or_default(),
+        not_before: ts(since)?,
+        not_after: ts(until)?,
+        reason: reason.clone(),
+    }))
+}
+
+/// The number of rules in a signed list as the admin port returned it (for display).
+fn rule_count(l: &v1::DistrustList) -> String {
+    serde_json::from_slice::<meshsign_proto::attest::Envelope>(&l.envelope_json)
+        .ok()
+        .and_then(|e| e.payload_bytes().ok())
+        .and_then(|p| serde_json::from_slice::<meshsign_proto::distrust::DistrustList>(&p).ok())
+        .map(|d| d.entries.len().to_string())
+        .unwrap_or_else(|| "?".into())
+}
+
 async fn distrust(
     cfg: &ClientConfig,
     c: &mut Admin,
     command: DistrustCommand,
     format: Format,
 ) -> Result<(), ClientError> {
-    let ts = |t: Option<String>| -> Result<Option<prost_types::Timestamp>, ClientError> {
-        Ok(t.as_deref()
-            .map(meshsign_client::admin::parse_time)
-            .transpose()?
-            .map(|seconds| prost_types::Timestamp { seconds, nanos: 0 }))
-    };
     let environment = match &command {
         DistrustCommand::Add { environment, .. }
         | DistrustCommand::Remove { environment, .. }
         | DistrustCommand::List { environment } => environment.clone(),
     };
     match command {
-        DistrustCommand::Add {
-            environment,
-            job_id,
-            fingerprint,
-            region,
-            key_id,
-            since,
-            until,
-            reason,
-        } => {
-            c.distrust(v1::DistrustRequest {
-                environment,
-                job_id: job_id.unwrap_or_default(),
-                runner_fingerprint: fingerprint.unwrap_or_default(),
-                region: region.unwrap_or_default(),
-                key_id: key_id.unwrap_or_default(),
-                not_before: ts(since)?,
-                not_after: ts(until)?,
-                reason,
-            })
-            .await?;
+        DistrustCommand::Add { .. } => {
+            if let Some(req) = distrust_request(&command)? {
+                c.distrust(req).await?;
+            }
         }
         DistrustCommand::Remove { environment, id } => {
             c.undistrust(&environment, &id).await?;
