@@ -136,6 +136,51 @@ pub async fn sign(
     .await
 }
 
+/// Sign, then fetch and check the signature's receipt (inclusion proof to a signed checkpoint),
+/// from every session for `duration`. One op = one checked receipt.
+pub async fn receipts(
+    cfg: &ClientConfig,
+    sessions: Vec<Session>,
+    key: &'static str,
+    duration: Duration,
+) -> Result<Window, String> {
+    let mut v = meshsign_client::evidence::client(cfg)
+        .await
+        .map_err(|e| e.to_string())?;
+    let spki = meshsign_client::evidence::material(&mut v, ENVIRONMENT, key)
+        .await
+        .map_err(|e| e.to_string())?
+        .audit_public_key_der;
+    let spki = Arc::new(spki);
+    let workers: Vec<_> = sessions
+        .into_iter()
+        .map(|s| (s, v.clone(), spki.clone()))
+        .collect();
+    Ok(window(workers, duration, move |(mut s, mut v, spki), i| async move {
+        let digest = vec![(i % 251) as u8; 32];
+        let signed = s
+            .signer
+            .sign(v1::SignRequest {
+                key_alias: key.into(),
+                input: Some(v1::sign_request::Input::Sha256Digest(digest)),
+                artifact_name: String::new(),
+                algorithm: String::new(),
+            })
+            .await;
+        let ok = match signed {
+            Ok(r) => {
+                let r = r.into_inner();
+                meshsign_client::evidence::receipt(&mut v, r.audit_seq, &r.audit_hash, &spki)
+                    .await
+                    .is_ok()
+            }
+            Err(_) => false,
+        };
+        ((s, v, spki), u64::from(ok))
+    })
+    .await)
+}
+
 /// Enrollment load: every call is a new TLS connection, a new token and a new key + CSR.
 pub async fn enroll(
     cfg: &ClientConfig,

@@ -10,6 +10,7 @@
 //! ./target/release/meshsign-bench --scenario sign --concurrency 64 --duration 5 --runs 3 --vs-openbao
 //! ./target/release/meshsign-bench --scenario sign --concurrency 64 --compare-durability --runs 3
 //! ./target/release/meshsign-bench --scenario batch --key-backend pkcs11 --runs 3
+//! ./target/release/meshsign-bench --scenario receipt --concurrency 64 --runs 3
 //! ```
 
 use std::path::PathBuf;
@@ -121,6 +122,9 @@ enum Scenario {
     Batch,
     /// Enroll: a new TLS connection, a new token and a new CSR each time.
     Enroll,
+    /// Unary Sign, then its receipt (GetInclusionProof, checked against the audit key): what
+    /// `meshsign sign` does for each file. Each run also measures plain Sign on the same site.
+    Receipt,
 }
 
 /// One measured window of the service.
@@ -137,6 +141,8 @@ struct Measured {
     client_cpu: Option<f64>,
     /// PostgreSQL's CPU seconds per 1,000 ops (a PostgreSQL site).
     db_cpu: Option<f64>,
+    /// `--scenario receipt`: plain Sign ops/s on the same site in the same run.
+    sign_ops_per_sec: Option<f64>,
 }
 
 fn pct(sorted: &[Duration], p: f64) -> f64 {
@@ -166,7 +172,7 @@ async fn service(
     db: Option<&meshsign_certs_dev::postgres::LocalPostgres>,
 ) -> Result<Measured, String> {
     let what = match cli.scenario {
-        Scenario::Sign => Some(SignLoad::Sign),
+        Scenario::Sign | Scenario::Receipt => Some(SignLoad::Sign),
         Scenario::Batch => Some(SignLoad::Batch(cli.batch)),
         Scenario::Enroll => None,
     };
@@ -182,10 +188,19 @@ async fn service(
     }
     let cpu = || -> Option<f64> { sites.iter().map(Daemon::cpu_seconds).sum() };
     let db_cpu = || db.and_then(|d| d.cpu_seconds(daemon::clock_ticks()));
+    let mut sign_ops_per_sec = None;
+    if matches!(cli.scenario, Scenario::Receipt) {
+        // The baseline first, on sessions of its own: plain Sign.
+        let n = sessions.len();
+        let again = load::sessions(&sites[0].client, tokens, n).await?;
+        let b = load::sign(again, SignLoad::Sign, key, dur).await;
+        sign_ops_per_sec = Some(b.ops as f64 / b.seconds);
+    }
     let (s0, c0, d0) = (cpu(), daemon::own_cpu_seconds(), db_cpu());
-    let w: Window = match what {
-        Some(what) => load::sign(sessions, what, key, dur).await,
-        None => load::enroll(&sites[0].client, tokens, cli.concurrency, dur).await?,
+    let w: Window = match (what, &cli.scenario) {
+        (Some(_), Scenario::Receipt) => load::receipts(&sites[0].client, sessions, key, dur).await?,
+        (Some(what), _) => load::sign(sessions, what, key, dur).await,
+        (None, _) => load::enroll(&sites[0].client, tokens, cli.concurrency, dur).await?,
     };
     let (s1, c1, d1) = (cpu(), daemon::own_cpu_seconds(), db_cpu());
     Ok(Measured {
@@ -198,6 +213,7 @@ async fn service(
         server_cpu: per_1000(s0, s1, w.ops),
         client_cpu: per_1000(c0, c1, w.ops),
         db_cpu: per_1000(d0, d1, w.ops),
+        sign_ops_per_sec,
     })
 }
 
@@ -463,6 +479,11 @@ async fn run(cli: &Cli) -> Result<(), String> {
             "in_process_ops_per_sec": in_process_ops.round(),
             "ratio_to_in_process": (in_process_ops > 0.0).then(|| ops / in_process_ops),
         });
+        if matches!(cli.scenario, Scenario::Receipt) {
+            let sign = opt_median(rs.iter().map(|m| m.sign_ops_per_sec)).unwrap_or(0.0);
+            j["sign_ops_per_sec"] = sign.round().into();
+            j["receipt_to_sign"] = (ops / sign.max(1.0)).into();
+        }
         if matches!(cli.scenario, Scenario::Enroll) {
             // Every run enrolled on the same site.
             j["enrollments_on_site"] = rs.iter().map(|m| m.ops).sum::<u64>().into();
