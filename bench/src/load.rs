@@ -156,28 +156,32 @@ pub async fn receipts(
         .into_iter()
         .map(|s| (s, v.clone(), spki.clone()))
         .collect();
-    Ok(window(workers, duration, move |(mut s, mut v, spki), i| async move {
-        let digest = vec![(i % 251) as u8; 32];
-        let signed = s
-            .signer
-            .sign(v1::SignRequest {
-                key_alias: key.into(),
-                input: Some(v1::sign_request::Input::Sha256Digest(digest)),
-                artifact_name: String::new(),
-                algorithm: String::new(),
-            })
-            .await;
-        let ok = match signed {
-            Ok(r) => {
-                let r = r.into_inner();
-                meshsign_client::evidence::receipt(&mut v, r.audit_seq, &r.audit_hash, &spki)
-                    .await
-                    .is_ok()
-            }
-            Err(_) => false,
-        };
-        ((s, v, spki), u64::from(ok))
-    })
+    Ok(window(
+        workers,
+        duration,
+        move |(mut s, mut v, spki), i| async move {
+            let digest = vec![(i % 251) as u8; 32];
+            let signed = s
+                .signer
+                .sign(v1::SignRequest {
+                    key_alias: key.into(),
+                    input: Some(v1::sign_request::Input::Sha256Digest(digest)),
+                    artifact_name: String::new(),
+                    algorithm: String::new(),
+                })
+                .await;
+            let ok = match signed {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    meshsign_client::evidence::receipt(&mut v, r.audit_seq, &r.audit_hash, &spki)
+                        .await
+                        .is_ok()
+                }
+                Err(_) => false,
+            };
+            ((s, v, spki), u64::from(ok))
+        },
+    )
     .await)
 }
 

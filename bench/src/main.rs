@@ -198,7 +198,9 @@ async fn service(
     }
     let (s0, c0, d0) = (cpu(), daemon::own_cpu_seconds(), db_cpu());
     let w: Window = match (what, &cli.scenario) {
-        (Some(_), Scenario::Receipt) => load::receipts(&sites[0].client, sessions, key, dur).await?,
+        (Some(_), Scenario::Receipt) => {
+            load::receipts(&sites[0].client, sessions, key, dur).await?
+        }
         (Some(what), _) => load::sign(sessions, what, key, dur).await,
         (None, _) => load::enroll(&sites[0].client, tokens, cli.concurrency, dur).await?,
     };

@@ -59,7 +59,7 @@ impl Receipt {
                 entry.seq
             )));
         }
-        if entry.seq != self.log_index + 1 {
+        if self.log_index.checked_add(1) != Some(entry.seq) {
             return Err(bad(format!(
                 "entry {} is not leaf {} (seq = index + 1)",
                 entry.seq, self.log_index

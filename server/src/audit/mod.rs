@@ -200,6 +200,17 @@ enum Scope {
     Store,
 }
 
+/// Whether a commit adds a checkpoint.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Checkpointing {
+    /// When `checkpoint_every` entries are uncovered (with a store flush).
+    IfDue,
+    /// Now (start, idle interval), with a store flush.
+    Now,
+    /// Now, for a proof; durable like a signing entry.
+    OnDemand,
+}
+
 /// Work run on the writer thread between commits: the store, the head seq and hash.
 type Exclusive = Box<dyn FnOnce(&Store, u64, &str) + Send>;
 
@@ -207,8 +218,8 @@ enum Msg {
     Entry(Box<AuditRecord>, Scope, Reply),
     Exclusive(Exclusive),
     Repair(oneshot::Sender<Result<bool, AuditError>>),
-    /// Checkpoint now if entries are not covered by a signed tree head (or none is known).
-    Checkpoint(oneshot::Sender<Result<(), AuditError>>),
+    /// Checkpoint now unless a signed tree head already covers this seq.
+    Checkpoint(u64, oneshot::Sender<Result<(), AuditError>>),
     Stop(oneshot::Sender<()>),
 }
 
@@ -430,7 +441,7 @@ impl AuditLog {
         }
         let (tx, rx) = oneshot::channel();
         self.tx
-            .send(Msg::Checkpoint(tx))
+            .send(Msg::Checkpoint(seq, tx))
             .map_err(|_| AuditError::Stopped)?;
         rx.await.map_err(|_| AuditError::Stopped)??;
         match self.signed_head.borrow().clone() {
@@ -792,7 +803,7 @@ impl Writer {
     fn commit_loop(mut self, rx: mpsc::Receiver<Msg>) {
         // After a restart (or a crash), anchor the tail left unsigned at once.
         if self.since_checkpoint > 0
-            && let Err(e) = self.commit(Vec::new(), true)
+            && let Err(e) = self.commit(Vec::new(), Checkpointing::Now)
         {
             tracing::error!(error = %e, "audit checkpoint at start failed");
         }
@@ -808,15 +819,15 @@ impl Writer {
                     let _ = reply.send(self.repair());
                     continue;
                 }
-                Ok(Msg::Checkpoint(reply)) => {
-                    let _ = reply.send(self.checkpoint_now());
+                Ok(Msg::Checkpoint(seq, reply)) => {
+                    let _ = reply.send(self.checkpoint_now(seq));
                     continue;
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     // Idle: checkpoint what is not yet covered.
                     if self.since_checkpoint > 0
-                        && let Err(e) = self.commit(Vec::new(), true)
+                        && let Err(e) = self.commit(Vec::new(), Checkpointing::Now)
                     {
                         tracing::error!(error = %e, "audit checkpoint failed");
                     }
@@ -843,14 +854,14 @@ impl Writer {
                         repair = Some(reply);
                         break;
                     }
-                    Ok(Msg::Checkpoint(reply)) => {
-                        checkpoint_now = Some(reply);
+                    Ok(Msg::Checkpoint(seq, reply)) => {
+                        checkpoint_now = Some((seq, reply));
                         break;
                     }
                     Err(_) => break,
                 }
             }
-            match self.commit(batch, false) {
+            match self.commit(batch, Checkpointing::IfDue) {
                 Ok(()) => self
                     .failing
                     .store(false, std::sync::atomic::Ordering::SeqCst),
@@ -866,8 +877,8 @@ impl Writer {
             if let Some(reply) = repair.take() {
                 let _ = reply.send(self.repair());
             }
-            if let Some(reply) = checkpoint_now.take() {
-                let _ = reply.send(self.checkpoint_now());
+            if let Some((seq, reply)) = checkpoint_now.take() {
+                let _ = reply.send(self.checkpoint_now(seq));
             }
             if let Some(done) = stop {
                 return self.finish(done);
@@ -910,17 +921,19 @@ impl Writer {
         Ok(reopened)
     }
 
-    /// A checkpoint now if entries are not yet under a signed tree head (or none is known).
-    fn checkpoint_now(&mut self) -> Result<(), AuditError> {
+    /// A checkpoint now, for a proof of entry `seq` — unless a signed tree head already covers
+    /// it (requests that queued behind one checkpoint are answered by it). Made durable like a
+    /// signing entry (the journal), not with a store flush: on-demand checkpoints follow the
+    /// rate of receipts, the periodic ones move everything into the store.
+    fn checkpoint_now(&mut self, seq: u64) -> Result<(), AuditError> {
         let known = self.signed_head.borrow().as_ref().map(|h| h.size);
-        let covered = self.since_checkpoint == 0 && known.is_some();
-        if covered || self.tree.is_none() {
+        if known.is_some_and(|size| size >= seq) || self.tree.is_none() {
             return Ok(());
         }
         // With nothing new but no signed head known (a start right after a checkpoint of an
         // older version), a checkpoint of the same head is made.
         self.since_checkpoint = self.since_checkpoint.max(1);
-        self.commit(Vec::new(), true)
+        self.commit(Vec::new(), Checkpointing::OnDemand)
     }
 
     fn exclusive(&mut self, job: Exclusive) {
@@ -1088,7 +1101,7 @@ impl Writer {
     fn commit(
         &mut self,
         batch: Vec<(AuditRecord, Scope, Reply)>,
-        force_checkpoint: bool,
+        checkpointing: Checkpointing,
     ) -> Result<(), AuditError> {
         let (saved_seq, saved_hash, saved_since) =
             (self.seq, self.hash.clone(), self.since_checkpoint);
@@ -1129,12 +1142,13 @@ impl Writer {
                 }
             }
         }
+        let due = self.since_checkpoint >= self.settings.checkpoint_every;
         if result.is_ok()
-            && (force_checkpoint || self.since_checkpoint >= self.settings.checkpoint_every)
+            && (due || checkpointing != Checkpointing::IfDue)
             && self.since_checkpoint > 0
         {
-            // A checkpoint is a good moment to move everything into the store.
-            store_scope = true;
+            // A periodic checkpoint is a good moment to move everything into the store.
+            store_scope |= due || checkpointing == Checkpointing::Now;
             result = self.checkpoint();
         }
         if result.is_ok() && (self.settings.durable || self.shared) {
