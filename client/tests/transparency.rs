@@ -353,6 +353,18 @@ fn forge_entry(b64: &str) -> String {
     B64.encode(serde_json::to_vec(&rec).unwrap())
 }
 
+/// A native bundle with its receipt's entry forged ([`forge_entry`]).
+fn forge_native_entry(v: &mut serde_json::Value) {
+    let e = forge_entry(v["receipt"]["entry"].as_str().unwrap());
+    v["receipt"]["entry"] = e.into();
+}
+
+/// A Sigstore bundle with its log entry's body forged ([`forge_entry`]).
+fn forge_sigstore_entry(v: &mut serde_json::Value) {
+    let body = &mut v["verificationMaterial"]["tlogEntries"][0]["canonicalizedBody"];
+    *body = forge_entry(body.as_str().unwrap()).into();
+}
+
 #[test]
 fn stripping_or_editing_the_job_binding_fails_verification() {
     let dev = Dev::start();
@@ -403,10 +415,7 @@ fn stripping_or_editing_the_job_binding_fails_verification() {
         v.as_object_mut().unwrap().remove("receipt");
     });
     assert!(check("native", native, &stripped, "stripped").contains("not bound to a job"));
-    let forged = edit(&b, |v| {
-        let e = forge_entry(v["receipt"]["entry"].as_str().unwrap());
-        v["receipt"]["entry"] = e.into();
-    });
+    let forged = edit(&b, forge_native_entry);
     assert!(check("native", native, &forged, "job edited").contains("another root"));
 
     let (_, sig) = &signed[1];
@@ -418,10 +427,7 @@ fn stripping_or_editing_the_job_binding_fails_verification() {
             .remove("tlogEntries");
     });
     assert!(check("sigstore", sig, &stripped, "stripped").contains("not bound to a job"));
-    let forged = edit(&b, |v| {
-        let body = &mut v["verificationMaterial"]["tlogEntries"][0]["canonicalizedBody"];
-        *body = forge_entry(body.as_str().unwrap()).into();
-    });
+    let forged = edit(&b, forge_sigstore_entry);
     assert!(check("sigstore", sig, &forged, "job edited").contains("another root"));
 
     let (_, d) = &signed[2];
@@ -644,10 +650,7 @@ fn a_receipt_verifies_with_only_the_bundle_and_a_checkpoint() {
         "{}",
         String::from_utf8_lossy(&o.stdout)
     );
-    let altered = edit(&sb, |v| {
-        let body = &mut v["verificationMaterial"]["tlogEntries"][0]["canonicalizedBody"];
-        *body = forge_entry(body.as_str().unwrap()).into();
-    });
+    let altered = edit(&sb, forge_sigstore_entry);
     assert!(!python(RECEIPT_CHECK, &[&altered, &audit]).status.success());
 
     // The site goes away: the bundle, the audit key and a checkpoint are all it takes.
@@ -736,10 +739,7 @@ fn a_receipt_verifies_with_only_the_bundle_and_a_checkpoint() {
             .join("app.tar.gz.sig.json")
             .display()
             .to_string(),
-        |v| {
-            let e = forge_entry(v["receipt"]["entry"].as_str().unwrap());
-            v["receipt"]["entry"] = e.into();
-        },
+        forge_native_entry,
     );
     let o = run(&[
         "verify",

@@ -137,7 +137,7 @@ mod tests {
     }
 
     #[test]
-    fn rules_match_on_every_part_they_name() {
+    fn rules_match_on_every_part_they_name() -> Result<(), String> {
         let list = DistrustList {
             version: 2,
             environment: "production".into(),
@@ -149,14 +149,15 @@ mod tests {
             }],
             ..Default::default()
         };
-        assert!(list.matching(&binding("7001", 100)).unwrap().is_some());
-        assert!(list.matching(&binding("7001", 99)).unwrap().is_none());
-        assert!(list.matching(&binding("7002", 150)).unwrap().is_none());
+        assert!(list.matching(&binding("7001", 100))?.is_some());
+        assert!(list.matching(&binding("7001", 99))?.is_none());
+        assert!(list.matching(&binding("7002", 150))?.is_none());
         let mut staging = binding("7001", 150);
         staging.environment = "staging".into();
         assert!(list.matching(&staging).is_err());
         // A rule that names nothing matches nothing.
         let empty = DistrustEntry::default();
         assert!(!empty.matches(&binding("7001", 150)));
+        Ok(())
     }
 }

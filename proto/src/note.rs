@@ -144,35 +144,38 @@ mod tests {
     use p256::ecdsa::signature::Signer as _;
     use p256::pkcs8::EncodePublicKey as _;
 
-    fn signed(head: &TreeHead, key: &SigningKey) -> String {
+    type R = Result<(), Box<dyn std::error::Error>>;
+
+    fn signed(head: &TreeHead, key: &SigningKey) -> Result<String, Box<dyn std::error::Error>> {
         let sig: p256::ecdsa::DerSignature = key.sign(head.text().as_bytes());
-        let spki = key.verifying_key().to_public_key_der().unwrap();
-        head.note(spki.as_bytes(), sig.as_bytes())
+        let spki = key.verifying_key().to_public_key_der()?;
+        Ok(head.note(spki.as_bytes(), sig.as_bytes()))
     }
 
     #[test]
-    fn a_note_opens_with_its_key_and_not_altered() {
-        let key = SigningKey::from_slice(&[7u8; 32]).unwrap();
+    fn a_note_opens_with_its_key_and_not_altered() -> R {
+        let key = SigningKey::from_slice(&[7u8; 32])?;
         let head = TreeHead {
             origin: "meshsign.dev/sg/audit".into(),
             size: 42,
             root: [9u8; 32],
         };
-        let note = signed(&head, &key);
+        let note = signed(&head, &key)?;
         assert!(note.starts_with("meshsign.dev/sg/audit\n42\n"));
         assert!(note.contains("\n\n\u{2014} meshsign.dev/sg/audit "));
-        assert_eq!(open(&note, key.verifying_key(), None).unwrap(), head);
+        assert_eq!(open(&note, key.verifying_key(), None)?, head);
         assert_eq!(
-            open(&note, key.verifying_key(), Some("meshsign.dev/sg/audit")).unwrap(),
+            open(&note, key.verifying_key(), Some("meshsign.dev/sg/audit"))?,
             head
         );
         assert!(open(&note, key.verifying_key(), Some("other/audit")).is_err());
         // Another size, another key, a stripped signature: refused.
         let altered = note.replacen("\n42\n", "\n43\n", 1);
         assert!(open(&altered, key.verifying_key(), None).is_err());
-        let other = SigningKey::from_slice(&[8u8; 32]).unwrap();
+        let other = SigningKey::from_slice(&[8u8; 32])?;
         assert!(open(&note, other.verifying_key(), None).is_err());
-        let stripped = &note[..note.find('\u{2014}').unwrap()];
+        let stripped = &note[..note.find('\u{2014}').ok_or("no signature line")?];
         assert!(open(stripped, key.verifying_key(), None).is_err());
+        Ok(())
     }
 }

@@ -921,6 +921,40 @@ impl Writer {
         Ok(reopened)
     }
 
+    /// Extends the tree from `from` entries to the writer's head with the entries another
+    /// replica committed (their completed subtrees are stored with the batch); rebuilds it
+    /// from the store if that does not fit.
+    fn catch_up_tree(&mut self, from: u64) {
+        let extended = match &mut self.tree {
+            Some(tree) if tree.size() == from && self.seq > from => {
+                let want = usize::try_from(self.seq - from).unwrap_or(usize::MAX);
+                match self
+                    .store
+                    .kv()
+                    .scan_range(Tree::Audit, &(from + 1).to_be_bytes(), want)
+                {
+                    Ok(rows)
+                        if rows.len() == want
+                            && rows.iter().zip(from + 1..).all(|((k, _), seq)| {
+                                k.as_slice() == seq.to_be_bytes().as_slice()
+                            }) =>
+                    {
+                        for (_, bytes) in &rows {
+                            self.completed
+                                .extend(tree.push(meshsign_proto::merkle::leaf_hash(bytes)));
+                        }
+                        true
+                    }
+                    _ => false,
+                }
+            }
+            _ => false,
+        };
+        if !extended {
+            self.tree = load_tree(&self.store, self.seq);
+        }
+    }
+
     /// A checkpoint now, for a proof of entry `seq` — unless a signed tree head already covers
     /// it (requests that queued behind one checkpoint are answered by it). Made durable like a
     /// signing entry (the journal), not with a store flush: on-demand checkpoints follow the
@@ -1120,9 +1154,11 @@ impl Writer {
                 Ok((seq, hash)) => {
                     chain_open = true;
                     if seq != self.seq || hash != self.hash {
+                        // Another replica appended: its entries are committed; the tree takes
+                        // them in (read once, one range), or is rebuilt if out of step.
+                        let from = self.seq;
                         (self.seq, self.hash) = (seq, hash);
-                        // Another replica appended: its entries are committed, read them.
-                        self.tree = load_tree(&self.store, self.seq);
+                        self.catch_up_tree(from);
                     }
                 }
                 Err(e) => result = Err(e.into()),

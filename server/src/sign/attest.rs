@@ -68,27 +68,10 @@ pub async fn attest(
 ) -> Result<AttestOutput, SignError> {
     let now = site.clock.unix();
     let mut rec = caller.audit_record("Attest", now, &input.peer);
-    if let Err(e) = checks::rate(site, caller) {
-        crate::audit::deny_quietly(&mut rec, &e);
-        rec.key_id = bounded(&input.alias, 64);
-        site.summaries.count(rec, now);
-        return Err(e);
-    }
+    super::within_rate(site, caller, &rec, &input.alias, now)?;
     let mut budgeted = false;
     let checked = check(site, caller, &input, &mut rec, &mut budgeted);
-    match &checked {
-        Ok(_) => {
-            rec.decision = "allow".into();
-            rec.reason = "ok".into();
-        }
-        Err(e) => crate::audit::deny(&mut rec, e, "attest refused"),
-    }
-    let written = if budgeted {
-        site.audit.record(rec).await
-    } else {
-        site.audit.record_sign(rec).await
-    }
-    .map_err(SignError::Audit)?;
+    let written = super::record_decision(site, rec, &checked, budgeted, "attest refused").await?;
     let (key, predicate_type, subjects) = checked?;
     let statement = statement(site, caller, &key, &predicate_type, subjects, &written);
     // Serializing a statement of strings and numbers cannot fail.

@@ -309,35 +309,14 @@ pub async fn sign(
 ) -> Result<SignOutput, SignError> {
     let now = site.clock.unix();
     let mut rec = caller.audit_record(input.rpc, now, &input.peer);
+    within_rate(site, caller, &rec, &input.alias, now)?;
     rec.artifact = bounded(&input.artifact, 256);
-    if let Err(e) = checks::rate(site, caller) {
-        // Before any other check: counted into one summary entry per job and interval.
-        rec.artifact.clear();
-        crate::audit::deny_quietly(&mut rec, &e);
-        rec.key_id = bounded(&input.alias, 64);
-        site.summaries.count(rec, now);
-        return Err(e);
-    }
     let mut budgeted = false;
     let result = check_and_sign(site, caller, input, &mut rec, &mut budgeted).await;
     if let Err(SignError::Superseded { session, .. }) = &result {
         revoke_session(site, session, caller).await;
     }
-    match &result {
-        Ok(_) => {
-            rec.decision = "allow".into();
-            rec.reason = "ok".into();
-        }
-        Err(e) => crate::audit::deny(&mut rec, e, "sign refused"),
-    }
-    // A budget count is a store write: with a budget, the entry is written with a store flush
-    // so the count is durable before the signature leaves.
-    let written = if budgeted {
-        site.audit.record(rec).await
-    } else {
-        site.audit.record_sign(rec).await
-    }
-    .map_err(SignError::Audit)?;
+    let written = record_decision(site, rec, &result, budgeted, "sign refused").await?;
     result.map(|mut out| {
         out.audit_id = written.audit_id();
         out.audit_seq = written.seq;
@@ -345,6 +324,52 @@ pub async fn sign(
         out.signed_at = now;
         out
     })
+}
+
+/// `rate_limited`, before any other check: a request over the job's rate is counted into one
+/// summary entry per job and interval (`rec` is the request's entry so far), never written
+/// one by one.
+pub(crate) fn within_rate(
+    site: &SiteState,
+    caller: &Caller,
+    rec: &AuditRecord,
+    alias: &str,
+    now: i64,
+) -> Result<(), SignError> {
+    let Err(e) = checks::rate(site, caller) else {
+        return Ok(());
+    };
+    let mut rec = rec.clone();
+    rec.artifact.clear();
+    crate::audit::deny_quietly(&mut rec, &e);
+    rec.key_id = bounded(alias, 64);
+    site.summaries.count(rec, now);
+    Err(e)
+}
+
+/// Writes a decision's entry — allow, or the refusal (logged as `what`) — and returns it once
+/// durable. A budget count is a store write: with a budget, the entry is written with a store
+/// flush so the count is durable before the signature leaves.
+pub(crate) async fn record_decision<T>(
+    site: &SiteState,
+    mut rec: AuditRecord,
+    result: &Result<T, SignError>,
+    budgeted: bool,
+    what: &'static str,
+) -> Result<AuditRecord, SignError> {
+    match result {
+        Ok(_) => {
+            rec.decision = "allow".into();
+            rec.reason = "ok".into();
+        }
+        Err(e) => crate::audit::deny(&mut rec, e, what),
+    }
+    if budgeted {
+        site.audit.record(rec).await
+    } else {
+        site.audit.record_sign(rec).await
+    }
+    .map_err(SignError::Audit)
 }
 
 async fn check_and_sign(
