@@ -155,6 +155,41 @@ mod tests {
         let mut staging = binding("7001", 150);
         staging.environment = "staging".into();
         assert!(list.matching(&staging).is_err());
+        // Every part a rule names must match: key version, region, runner, a closed window.
+        let rule = |f: &dyn Fn(&mut DistrustEntry)| {
+            let mut e = DistrustEntry {
+                id: "d-2".into(),
+                ..Default::default()
+            };
+            f(&mut e);
+            e
+        };
+        let b = binding("7002", 150);
+        assert!(rule(&|e| e.key_id = "release@v1".into()).matches(&b));
+        assert!(!rule(&|e| e.key_id = "release@v2".into()).matches(&b));
+        assert!(rule(&|e| e.region = "sg".into()).matches(&b));
+        assert!(!rule(&|e| e.region = "tokyo".into()).matches(&b));
+        assert!(rule(&|e| e.runner_fingerprint = "ab".repeat(32)).matches(&b));
+        assert!(!rule(&|e| e.runner_fingerprint = "cd".repeat(32)).matches(&b));
+        let window = |from: i64, to: i64| {
+            rule(&move |e| {
+                e.not_before = Some(from);
+                e.not_after = Some(to);
+            })
+        };
+        assert!(
+            window(150, 151).matches(&b),
+            "the window includes its start"
+        );
+        assert!(!window(100, 150).matches(&b), "and excludes its end");
+        assert!(
+            !rule(&|e| {
+                e.key_id = "release@v1".into();
+                e.region = "tokyo".into();
+            })
+            .matches(&b),
+            "all named parts must match"
+        );
         // A rule that names nothing matches nothing.
         let empty = DistrustEntry::default();
         assert!(!empty.matches(&binding("7001", 150)));
