@@ -1031,6 +1031,103 @@ fn message_keys_sign_files_as_messages_and_verify_offline() {
         assert!(out.contains(&format!("{alias}@v1")), "{out}");
         let (code, out, err) = run(dir, &["verify", "notes.txt"]);
         assert_eq!(code, 0, "{alias}: {out}{err}");
+        // The same as a Sigstore bundle: meshsign verifies it with the pinned key, and so does
+        // openssl over the file's bytes (Ed25519 pure, P-384 over SHA-384).
+        let (code, _, err) = run(
+            dir,
+            &[
+                "sign",
+                "--environment",
+                "staging",
+                "--key",
+                alias,
+                "--message",
+                "--format",
+                "sigstore",
+                "notes.txt",
+            ],
+        );
+        assert_eq!(code, 0, "{err}");
+        let (code, pem, err) = run(
+            dir,
+            &[
+                "verification-material",
+                "--environment",
+                "staging",
+                "--key",
+                alias,
+            ],
+        );
+        assert_eq!(code, 0, "{err}");
+        let pem: String = pem
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(dir.join("pub.pem"), pem).unwrap();
+        let (code, audit, err) = run(
+            dir,
+            &[
+                "verification-material",
+                "--environment",
+                "staging",
+                "--audit-key",
+            ],
+        );
+        assert_eq!(code, 0, "{err}");
+        std::fs::write(dir.join("audit.pem"), audit).unwrap();
+        let (code, out, err) = run(
+            dir,
+            &[
+                "verify",
+                "notes.txt",
+                "--bundle",
+                "notes.txt.sigstore.json",
+                "--public-key",
+                "pub.pem",
+                "--receipt",
+                "--audit-key",
+                "audit.pem",
+            ],
+        );
+        assert_eq!(code, 0, "{alias}: {out}{err}");
+        assert!(out.contains("receipt OK"), "{out}");
+        let bundle: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("notes.txt.sigstore.json")).unwrap())
+                .unwrap();
+        let sig = base64::engine::general_purpose::STANDARD
+            .decode(bundle["messageSignature"]["signature"].as_str().unwrap())
+            .unwrap();
+        std::fs::write(dir.join("notes.sig"), sig).unwrap();
+        let args: &[&str] = if alg == "ed25519" {
+            &[
+                "pkeyutl",
+                "-verify",
+                "-pubin",
+                "-inkey",
+                "pub.pem",
+                "-rawin",
+                "-in",
+                "notes.txt",
+                "-sigfile",
+                "notes.sig",
+            ]
+        } else {
+            &[
+                "dgst",
+                "-sha384",
+                "-verify",
+                "pub.pem",
+                "-signature",
+                "notes.sig",
+                "notes.txt",
+            ]
+        };
+        let out = common::openssl(dir, args);
+        assert!(
+            out.contains("Verified") || out.contains("Signature Verified"),
+            "{out}"
+        );
         // One changed byte: exit 1.
         std::fs::write(dir.join("notes.txt"), b"release notes 1.4.3").unwrap();
         let (code, _, _) = run(dir, &["verify", "notes.txt"]);

@@ -328,7 +328,8 @@ pub enum KeyCommand {
         /// Ref pattern that may use it (repeat; "*" for any).
         #[arg(long = "ref", required = true)]
         refs: Vec<String>,
-        /// What it may sign (repeat): digest, message, apple-cms. Default: digest, message.
+        /// What it may sign (repeat): digest, message, apple-cms, attestation (alone: statements
+        /// the site builds). Default: digest, message.
         #[arg(long = "purpose")]
         purposes: Vec<String>,
         /// Where the key is generated: software (in the site, wrapped under the KEK) or pkcs11
@@ -380,7 +381,8 @@ pub enum KeyCommand {
         /// Ref pattern that may use it (repeat; "*" for any).
         #[arg(long = "ref")]
         refs: Vec<String>,
-        /// What it may sign (repeat): digest, message, apple-cms. Default: digest, message.
+        /// What it may sign (repeat): digest, message, apple-cms, attestation (alone: statements
+        /// the site builds). Default: digest, message.
         #[arg(long = "purpose")]
         purposes: Vec<String>,
         /// Where the key goes: software (wrapped under the KEK in the store) or pkcs11 (into the
