@@ -451,10 +451,17 @@ async fn sign_files(
         },
         Err(e) => Err(e),
     };
-    if let (Err(e), SigFormat::Sigstore) = (&verification, args.format) {
-        return Err(ClientError::Usage(format!(
-            "--format sigstore needs the site's audit receipts: {e}"
-        )));
+    match (&verification, args.format) {
+        (Err(e), SigFormat::Sigstore) => {
+            return Err(ClientError::Usage(format!(
+                "--format sigstore needs the site's audit receipts: {e}"
+            )));
+        }
+        (Err(e), _) => eprintln!(
+            "meshsign: warning: the bundles will carry no audit receipt (the site's \
+             verification service: {e})"
+        ),
+        _ => {}
     }
     for (file, digest) in args.files.iter().zip(digests) {
         let digest = *digest;
