@@ -45,7 +45,9 @@ fn exec_enrolls_once_for_every_step_and_revokes_at_the_end() {
          stat -c %a \"$MESHSIGN_AGENT_SOCK\" > sock.mode\n\
          stat -c %a \"$(dirname \"$MESHSIGN_AGENT_SOCK\")\" > dir.mode\n\
          echo \"$MESHSIGN_AGENT_SOCK\" > sock.path\n\
-         for f in a b c; do {me} --config {cfg} sign --environment staging --key release $f; done\n",
+         for f in a b c; do {me} --config {cfg} sign --environment staging --key release $f; done\n\
+         {me} --config {cfg} sign --environment staging --key release --format sigstore a\n\
+         {me} --config {cfg} attest --environment staging --key attest b c\n",
         me = me.display(),
         cfg = cfg.display()
     );
@@ -68,11 +70,14 @@ fn exec_enrolls_once_for_every_step_and_revokes_at_the_end() {
         1,
         "one enrollment for the whole job: {new:?}"
     );
-    assert_eq!(count(new, "Sign"), 3);
+    assert_eq!(count(new, "Sign"), 4);
+    assert_eq!(count(new, "Attest"), 1, "statements through the agent too");
     assert_eq!(count(new, "RevokeSelf"), 1, "revoked at the end");
+    assert!(tmp.path().join("a.sigstore.json").exists());
+    assert!(tmp.path().join("b.intoto.json").exists());
     let serials: std::collections::BTreeSet<&str> = new
         .iter()
-        .filter(|(r, _)| r == "Sign" || r == "RevokeSelf")
+        .filter(|(r, _)| r == "Sign" || r == "Attest" || r == "RevokeSelf")
         .map(|(_, s)| s.as_str())
         .collect();
     assert_eq!(
