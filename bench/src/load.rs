@@ -95,6 +95,16 @@ pub async fn sessions(
     Ok(out)
 }
 
+/// A unary Sign of one SHA-256 digest with `key`.
+fn sign_request(key: &str, digest: Vec<u8>) -> v1::SignRequest {
+    v1::SignRequest {
+        key_alias: key.into(),
+        input: Some(v1::sign_request::Input::Sha256Digest(digest)),
+        artifact_name: String::new(),
+        algorithm: String::new(),
+    }
+}
+
 /// Runs `what` from every session for `duration`.
 pub async fn sign(
     sessions: Vec<Session>,
@@ -105,16 +115,7 @@ pub async fn sign(
     window(sessions, duration, move |mut s: Session, i| async move {
         let digest = vec![(i % 251) as u8; 32];
         let ok = match what {
-            SignLoad::Sign => s
-                .signer
-                .sign(v1::SignRequest {
-                    key_alias: key.into(),
-                    input: Some(v1::sign_request::Input::Sha256Digest(digest)),
-                    artifact_name: String::new(),
-                    algorithm: String::new(),
-                })
-                .await
-                .is_ok(),
+            SignLoad::Sign => s.signer.sign(sign_request(key, digest)).await.is_ok(),
             SignLoad::Batch(n) => s
                 .signer
                 .sign_batch(v1::SignBatchRequest {
@@ -161,15 +162,7 @@ pub async fn receipts(
         duration,
         move |(mut s, mut v, spki), i| async move {
             let digest = vec![(i % 251) as u8; 32];
-            let signed = s
-                .signer
-                .sign(v1::SignRequest {
-                    key_alias: key.into(),
-                    input: Some(v1::sign_request::Input::Sha256Digest(digest)),
-                    artifact_name: String::new(),
-                    algorithm: String::new(),
-                })
-                .await;
+            let signed = s.signer.sign(sign_request(key, digest)).await;
             let ok = match signed {
                 Ok(r) => {
                     let r = r.into_inner();

@@ -146,6 +146,12 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// `o` failed verification (exit 1) saying `why`.
+fn refused(o: &Output, why: &str) {
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(o));
+    assert!(stderr(o).contains(why), "{}", stderr(o));
+}
+
 fn python(script: &str, args: &[&str]) -> Output {
     Command::new("python3")
         .arg("-c")
@@ -278,8 +284,7 @@ fn a_distrusted_jobs_signatures_fail_in_every_format_while_another_jobs_pass() {
         &m,
         &["--distrust-list", &list2, "--audit-key", &audit],
     );
-    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
-    assert!(stderr(&o).contains("runner eeee"), "{}", stderr(&o));
+    refused(&o, "runner eeee");
     let (_, g) = &good[1];
     assert!(
         verify(
@@ -307,12 +312,7 @@ fn a_distrusted_jobs_signatures_fail_in_every_format_while_another_jobs_pass() {
         b,
         &["--distrust-list", &forged, "--audit-key", &audit],
     );
-    assert_eq!(o.status.code(), Some(1));
-    assert!(
-        stderr(&o).contains("not signed by the audit key"),
-        "{}",
-        stderr(&o)
-    );
+    refused(&o, "not signed by the audit key");
     let prod = dev.ok(&[
         "verification-material",
         "--environment",
@@ -326,12 +326,7 @@ fn a_distrusted_jobs_signatures_fail_in_every_format_while_another_jobs_pass() {
         b,
         &["--distrust-list", &prod, "--audit-key", &audit],
     );
-    assert_eq!(o.status.code(), Some(1));
-    assert!(
-        stderr(&o).contains("is for environment `production`"),
-        "{}",
-        stderr(&o)
-    );
+    refused(&o, "is for environment `production`");
 }
 
 /// Rewrites a JSON file with `f`.
@@ -710,12 +705,7 @@ fn a_receipt_verifies_with_only_the_bundle_and_a_checkpoint() {
         "--checkpoint",
         bigger.to_str().unwrap(),
     ]);
-    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("fetch a proof for this checkpoint"),
-        "{}",
-        stderr(&o)
-    );
+    refused(&o, "fetch a proof for this checkpoint");
     let forged = offline.path().join("forged.note");
     let text = std::fs::read_to_string(&note).unwrap();
     let mut lines: Vec<String> = text.lines().map(String::from).collect();
@@ -730,8 +720,7 @@ fn a_receipt_verifies_with_only_the_bundle_and_a_checkpoint() {
         "--checkpoint",
         forged.to_str().unwrap(),
     ]);
-    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
-    assert!(stderr(&o).contains("does not verify"), "{}", stderr(&o));
+    refused(&o, "does not verify");
     // An altered entry does not prove against the genuine checkpoint.
     let altered = edit(
         &offline
@@ -752,6 +741,5 @@ fn a_receipt_verifies_with_only_the_bundle_and_a_checkpoint() {
         "--checkpoint",
         &note,
     ]);
-    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
-    assert!(stderr(&o).contains("another root"), "{}", stderr(&o));
+    refused(&o, "another root");
 }

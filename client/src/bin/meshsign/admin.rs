@@ -450,6 +450,22 @@ pub async fn dispatch(
     }
 }
 
+/// Calls `f` at every site of the fleet with a connected [`Admin`] and its own copy of `req`.
+async fn each_admin<R, T, F, Fut>(fleet: &Fleet, req: R, f: F) -> Vec<SiteResult<T>>
+where
+    R: Clone + Send + 'static,
+    F: Fn(Admin, R) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<T, ClientError>> + Send + 'static,
+    T: Send + 'static,
+{
+    fleet
+        .each(|cfg| {
+            let (req, f) = (req.clone(), f.clone());
+            async move { f(Admin::connect(&cfg).await?, req).await }
+        })
+        .await
+}
+
 /// Runs an admin command at every site of the fleet (`--all-sites`): drill, revoke, trust
 /// disable/enable, distrust add and status (each site signs its own distrust list). Prints one table with a SITE column (or a JSON array of
 /// `{site, region, result | error}`); fails if any site failed.
@@ -470,9 +486,7 @@ pub async fn dispatch_fleet(
             report_drills(results, format, max_ms, true)
         }
         AdminCommand::Status => {
-            let results = fleet
-                .each(|cfg| async move { Admin::connect(&cfg).await?.status().await })
-                .await;
+            let results = each_admin(fleet, (), |mut a, ()| async move { a.status().await }).await;
             fleet_report(
                 fleet,
                 results,
@@ -483,12 +497,7 @@ pub async fn dispatch_fleet(
         }
         AdminCommand::Revoke { .. } => {
             let req = revoke_request(&command)?;
-            let results = fleet
-                .each(|cfg| {
-                    let req = req.clone();
-                    async move { Admin::connect(&cfg).await?.revoke(req).await }
-                })
-                .await;
+            let results = each_admin(fleet, req, |mut a, r| async move { a.revoke(r).await }).await;
             fleet_report(
                 fleet,
                 results,
@@ -515,17 +524,10 @@ pub async fn dispatch_fleet(
                 } => set_policy(environment, issuer, true, false),
                 _ => return Ok(()),
             };
-            let results = fleet
-                .each(|cfg| {
-                    let req = req.clone();
-                    async move {
-                        Admin::connect(&cfg)
-                            .await?
-                            .set_trust_policy_enabled(req)
-                            .await
-                    }
-                })
-                .await;
+            let results = each_admin(fleet, req, |mut a, r| async move {
+                a.set_trust_policy_enabled(r).await
+            })
+            .await;
             fleet_report(
                 fleet,
                 results,
@@ -540,12 +542,8 @@ pub async fn dispatch_fleet(
             let Some(req) = distrust_request(&command)? else {
                 return Ok(());
             };
-            let results = fleet
-                .each(|cfg| {
-                    let req = req.clone();
-                    async move { Admin::connect(&cfg).await?.distrust(req).await }
-                })
-                .await;
+            let results =
+                each_admin(fleet, req, |mut a, r| async move { a.distrust(r).await }).await;
             fleet_report(
                 fleet,
                 results,
