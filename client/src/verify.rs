@@ -162,40 +162,26 @@ pub fn verify_digest(
         .map_err(|_| ClientError::Verify("signature does not match".into()))
 }
 
-/// Verifies a signature over a SHA-256 digest for any algorithm a site key can have:
-/// ECDSA P-256 with pure-Rust p256; RSA (PKCS#1 v1.5, PSS) with aws-lc-rs.
+/// Verifies a signature over a SHA-256 digest for any algorithm a site key can have: ECDSA
+/// P-256 with pure-Rust p256; RSA (PKCS#1 v1.5, PSS) with aws-lc-rs
+/// ([`meshsign_proto::sig`], the check the site runs on every token signature).
 pub fn verify_signature(
     algorithm: &str,
     spki_der: &[u8],
     digest: &[u8; 32],
     sig: &[u8],
 ) -> Result<(), ClientError> {
-    use aws_lc_rs::signature::{
-        RSA_PKCS1_2048_8192_SHA256, RSA_PSS_2048_8192_SHA256, UnparsedPublicKey,
-    };
-    let rsa = match algorithm {
-        "ecdsa-p256-sha256" => return verify_digest(spki_der, digest, sig),
-        a if a.starts_with("rsa-") && a.ends_with("-pkcs1-sha256") => &RSA_PKCS1_2048_8192_SHA256,
-        a if a.starts_with("rsa-") && a.ends_with("-pss-sha256") => &RSA_PSS_2048_8192_SHA256,
-        other => {
-            return Err(ClientError::Verify(format!(
-                "unsupported algorithm {other}"
-            )));
-        }
-    };
-    let pkcs1 = meshsign_proto::der::spki_key(spki_der)
-        .ok_or_else(|| ClientError::Verify("public key: not an SPKI".into()))?;
-    let d = aws_lc_rs::digest::Digest::import_less_safe(digest, &aws_lc_rs::digest::SHA256)
-        .map_err(|_| ClientError::Verify("digest".into()))?;
-    UnparsedPublicKey::new(rsa, pkcs1)
-        .verify_digest(&d, sig)
-        .map_err(|_| ClientError::Verify("signature does not match".into()))
+    if algorithm == "ecdsa-p256-sha256" {
+        return verify_digest(spki_der, digest, sig);
+    }
+    meshsign_proto::sig::verify_digest(algorithm, spki_der, digest, sig)
+        .map_err(|e| ClientError::Verify(e.to_string()))
 }
 
 /// Whether `algorithm` signs messages only (the signature is over the message, not a SHA-256
 /// digest): ECDSA P-384 (SHA-384 of the message) and Ed25519 (pure EdDSA).
 pub fn messages_only(algorithm: &str) -> bool {
-    matches!(algorithm, "ecdsa-p384-sha384" | "ed25519")
+    meshsign_proto::sig::messages_only(algorithm)
 }
 
 /// The most a message signature covers (the site refuses longer messages).
@@ -209,23 +195,13 @@ pub fn verify_message(
     message: &[u8],
     sig: &[u8],
 ) -> Result<(), ClientError> {
-    use aws_lc_rs::signature::{ECDSA_P384_SHA384_ASN1, ED25519, UnparsedPublicKey};
-    let alg: &'static dyn aws_lc_rs::signature::VerificationAlgorithm = match algorithm {
-        "ecdsa-p384-sha384" => &ECDSA_P384_SHA384_ASN1,
-        "ed25519" => &ED25519,
-        _ => {
-            let mut d = [0u8; 32];
-            d.copy_from_slice(
-                aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, message).as_ref(),
-            );
-            return verify_signature(algorithm, spki_der, &d, sig);
-        }
-    };
-    let key = meshsign_proto::der::spki_key(spki_der)
-        .ok_or_else(|| ClientError::Verify("public key: not an SPKI".into()))?;
-    UnparsedPublicKey::new(alg, key)
-        .verify(message, sig)
-        .map_err(|_| ClientError::Verify("signature does not match".into()))
+    if meshsign_proto::sig::messages_only(algorithm) {
+        return meshsign_proto::sig::verify_message(algorithm, spki_der, message, sig)
+            .map_err(|e| ClientError::Verify(e.to_string()));
+    }
+    let mut d = [0u8; 32];
+    d.copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, message).as_ref());
+    verify_signature(algorithm, spki_der, &d, sig)
 }
 
 /// Checks `file` against its bundle: the digest matches and the signature verifies under the

@@ -15,6 +15,7 @@ pub mod identity;
 pub mod merkle;
 pub mod note;
 pub mod receipt;
+pub mod sig;
 
 /// Generated code for package `meshsign.v1`.
 #[allow(missing_docs, clippy::all)]

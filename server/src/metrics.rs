@@ -87,6 +87,8 @@ pub struct Metrics {
     pub journal_bytes: AtomicU64,
     /// Failed store writes (audit commits that failed).
     pub store_errors: AtomicU64,
+    /// Wall-clock steps larger than the token leeway seen by housekeeping.
+    pub clock_steps: AtomicU64,
     /// The last count of live certificates per environment and when it was made (counting
     /// reads every issuance record, so scrapes reuse it for a while).
     pub live_certificates: Mutex<Option<LiveCount>>,
@@ -251,6 +253,11 @@ impl Metrics {
             out,
             "# HELP meshsign_store_errors_total Audit commits that failed (the store or database did not take the write).\n# TYPE meshsign_store_errors_total counter\nmeshsign_store_errors_total {}",
             self.store_errors.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP meshsign_clock_steps_total Wall-clock steps larger than the token leeway, measured against the monotonic clock.\n# TYPE meshsign_clock_steps_total counter\nmeshsign_clock_steps_total {}",
+            self.clock_steps.load(Ordering::Relaxed)
         );
         let _ = writeln!(
             out,

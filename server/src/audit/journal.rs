@@ -7,8 +7,9 @@
 //! turn; measured with `meshsign-bench`, that was about a fifth of the site's CPU time per
 //! Sign. A Sign changes nothing in the store but its audit entry, so the writer makes those
 //! entries durable here instead: one `write` and one `fdatasync` per group commit, on the writer's
-//! own thread. The entries also go into the store (unflushed) as before, so reads, exports and
-//! verification see one log. The store is flushed — and the journal emptied — whenever a batch
+//! own thread. The entries then go into the store (unflushed), so reads, exports and
+//! verification see one log — after the journal, so the store never holds an entry the journal
+//! did not make durable (a batch that fails is taken back out of both). The store is flushed — and the journal emptied — whenever a batch
 //! holds an entry whose request changed other state (enrollment, ops), when a checkpoint is
 //! written, and when the journal passes [`Journal::MAX_BYTES`].
 //!
@@ -103,6 +104,24 @@ pub enum JournalError {
         /// Where the store's log ends.
         store_head: u64,
     },
+    /// The store holds entries past the journal's end: the journal only ever runs ahead of
+    /// the store (an entry is journaled before it is stored), so lines were cut from it.
+    #[error(
+        "audit journal {path} ends at seq {journal_end} but the store holds entries through seq \
+             {store_head}: the journal was cut or emptied (its lines for seq {} to {store_head}, \
+             and any acknowledged entry after them, are gone); run `meshsignd recover --data-dir \
+             {dir}`", journal_end + 1
+    )]
+    Short {
+        /// The journal file.
+        path: PathBuf,
+        /// Its folder.
+        dir: PathBuf,
+        /// The last seq the journal accounts for (its header or its last entry; 0 when empty).
+        journal_end: u64,
+        /// Where the store's log ends.
+        store_head: u64,
+    },
     /// The journal and the store disagree about an entry.
     #[error("audit journal {path}: seq {seq} {what}; run `meshsignd recover --data-dir {dir}`")]
     Conflict {
@@ -139,6 +158,32 @@ impl JournalError {
     }
 }
 
+/// Checks that the journal accounts for everything the store holds: every entry is journaled
+/// (or covered by the header's `after_seq`) before it reaches the store, so a store that ends
+/// after the journal means journal lines were removed — acknowledged entries that neither may
+/// hold any more. The start and `meshsignd recover` both decide with this.
+pub fn check_against_store(
+    path: &Path,
+    recovered: &Recovered,
+    store_head: u64,
+) -> Result<(), JournalError> {
+    let journal_end = recovered
+        .entries
+        .last()
+        .map(|(r, _)| r.seq)
+        .or(recovered.base.as_ref().map(|(seq, _)| *seq))
+        .unwrap_or(0);
+    if store_head > journal_end {
+        return Err(JournalError::Short {
+            path: path.to_path_buf(),
+            dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+            journal_end,
+            store_head,
+        });
+    }
+    Ok(())
+}
+
 /// The header line written when the journal is emptied.
 #[derive(serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -161,6 +206,20 @@ pub struct Recovered {
     pub torn_line: usize,
 }
 
+/// A last piece without its newline that is nonetheless a whole entry continuing `prev` (with
+/// or without one stray trailing byte where the newline was): its bytes as stored.
+fn complete_entry(piece: &[u8], prev: Option<(u64, &String)>) -> Option<JournalEntry> {
+    let candidates = [Some(piece), piece.split_last().map(|(_, rest)| rest)];
+    candidates.into_iter().flatten().find_map(|bytes| {
+        let rec: AuditRecord = serde_json::from_slice(bytes).ok()?;
+        let continues = match prev {
+            Some((seq, hash)) => rec.seq == seq + 1 && rec.prev_hash == *hash,
+            None => true,
+        };
+        (rec.hash == rec.compute_hash() && continues).then(|| (rec, bytes.to_vec()))
+    })
+}
+
 /// Reads and checks journal text (see the module docs); `path` is for messages.
 pub fn parse(path: &Path, text: &[u8]) -> Result<Recovered, JournalError> {
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -170,10 +229,22 @@ pub fn parse(path: &Path, text: &[u8]) -> Result<Recovered, JournalError> {
     for (i, line) in pieces.iter().enumerate() {
         let n = i + 1;
         if i == last {
-            // The piece after the last newline: empty, or a torn write.
+            // The piece after the last newline: empty, a torn write — or a complete entry
+            // whose newline was lost or altered, which is kept: its own hash proves it whole.
             if !line.is_empty() {
-                out.torn = true;
-                out.torn_line = n;
+                match complete_entry(
+                    line,
+                    out.entries
+                        .last()
+                        .map(|(r, _)| (r.seq, &r.hash))
+                        .or(out.base.as_ref().map(|(s, h)| (*s, h))),
+                ) {
+                    Some(entry) => out.entries.push(entry),
+                    None => {
+                        out.torn = true;
+                        out.torn_line = n;
+                    }
+                }
             }
             break;
         }
@@ -273,6 +344,21 @@ impl Journal {
         Ok(())
     }
 
+    /// Where the journal ends now, for [`Journal::rewind`].
+    pub fn mark(&self) -> (u64, usize) {
+        (self.len, self.entries)
+    }
+
+    /// Cuts the journal back to `mark` (entries appended after it were not acknowledged).
+    pub fn rewind(&mut self, mark: (u64, usize)) -> Result<(), AuditError> {
+        self.file
+            .set_len(mark.0)
+            .and_then(|()| self.file.sync_data())
+            .map_err(|e| io_err(&self.path, e))?;
+        (self.len, self.entries) = mark;
+        Ok(())
+    }
+
     /// Empties the journal (call only once the store holds every entry through `seq`
     /// durably), leaving a header that says so.
     pub fn clear(&mut self, seq: u64, hash: &str) -> Result<(), AuditError> {
@@ -283,10 +369,14 @@ impl Journal {
         })
         .map_err(AuditError::entry("journal header"))?;
         header.push(b'\n');
-        self.file
-            .set_len(0)
-            .and_then(|()| self.file.write_all(&header))
-            .and_then(|()| self.file.sync_data())
+        // A new file renamed over the old one: a crash leaves the old journal or the new
+        // header, never an empty file (which the start would take for a cut journal).
+        meshsign_proto::files::write_atomic(&self.path, &header, false)
+            .map_err(|e| io_err(&self.path, e))?;
+        self.file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .open(&self.path)
             .map_err(|e| io_err(&self.path, e))?;
         self.len = header.len() as u64;
         self.entries = 0;

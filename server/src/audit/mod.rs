@@ -284,7 +284,10 @@ struct Writer {
     journal_reset: bool,
     /// Encoded entries of the batch being committed.
     pending: Vec<Vec<u8>>,
-    /// The same with their seqs, for a shared chain (committed in one database transaction).
+    /// The same with their seqs. Nothing of a batch reaches the store before every part of it
+    /// that can fail first (the checkpoint's signature) has worked: a batch that fails leaves
+    /// no entry behind for the next one to chain onto. A shared chain commits them in one
+    /// database transaction.
     chain_pending: Vec<(u64, Vec<u8>)>,
     /// The store is shared by several replicas: each group commit locks the chain head in the
     /// database, continues from it (another replica may have moved it), and commits there.
@@ -320,8 +323,10 @@ impl AuditLog {
         let mut torn = None;
         let journal = match journal {
             Some(at) => {
+                // A journal made just now (a new site) has nothing to account for.
+                let existed = at.path.exists();
                 let (j, recovered) = Journal::open(at.path, at.must_exist)?;
-                let restored = restore_from_journal(&store, at.path, &recovered)?;
+                let restored = restore_from_journal(&store, at.path, &recovered, existed)?;
                 if restored > 0 {
                     tracing::info!(
                         entries = restored,
@@ -700,6 +705,7 @@ fn restore_from_journal(
     store: &Store,
     path: &std::path::Path,
     recovered: &journal::Recovered,
+    existed: bool,
 ) -> Result<usize, AuditError> {
     let stored = |seq: u64| -> Result<Option<AuditRecord>, AuditError> {
         match store.kv().get(Tree::Audit, &seq.to_be_bytes())? {
@@ -720,6 +726,9 @@ fn restore_from_journal(
     let conflict = |seq: u64, what: String| {
         AuditError::JournalState(journal::JournalError::conflict(path, seq, what))
     };
+    if existed {
+        journal::check_against_store(path, recovered, head.0).map_err(AuditError::JournalState)?;
+    }
     if let Some((base_seq, base_hash)) = &recovered.base
         && *base_seq > 0
     {
@@ -892,17 +901,33 @@ impl Writer {
         let reopened = self.store.kv().recover()?;
         if let Some(j) = &self.journal {
             let recovered = j.reread()?;
-            restore_from_journal(&self.store, j.path(), &recovered)?;
+            restore_from_journal(&self.store, j.path(), &recovered, true)?;
+        }
+        let last = |store: &Store| -> Result<(u64, String), AuditError> {
+            Ok(match store.kv().last(Tree::Audit)? {
+                Some((_, v)) => {
+                    let r: AuditRecord =
+                        serde_json::from_slice(&v).map_err(AuditError::entry("last stored"))?;
+                    (r.seq, r.hash)
+                }
+                None => (0, genesis()),
+            })
+        };
+        if !self.shared {
+            // Entries past the writer's head belong to batches that failed (never
+            // acknowledged): they go before anything chains onto them.
+            let (seq, _) = last(&self.store)?;
+            if seq > self.seq {
+                tracing::warn!(
+                    from = self.seq + 1,
+                    to = seq,
+                    "taking unacknowledged audit entries of failed batches out of the store"
+                );
+                self.unput(self.seq, seq);
+            }
         }
         self.store.flush()?;
-        let (seq, hash) = match self.store.kv().last(Tree::Audit)? {
-            Some((_, v)) => {
-                let r: AuditRecord =
-                    serde_json::from_slice(&v).map_err(AuditError::entry("last stored"))?;
-                (r.seq, r.hash)
-            }
-            None => (0, genesis()),
-        };
+        let (seq, hash) = last(&self.store)?;
         if (seq, hash.as_str()) != (self.seq, self.hash.as_str()) {
             tracing::error!(
                 store_seq = seq,
@@ -1014,14 +1039,10 @@ impl Writer {
                 self.tree = None;
             }
         }
-        if self.shared {
-            self.chain_pending.push((rec.seq, bytes));
-        } else {
-            self.store
-                .kv()
-                .put(Tree::Audit, &rec.seq.to_be_bytes(), &bytes)?;
-            self.pending.push(bytes);
+        if !self.shared {
+            self.pending.push(bytes.clone());
         }
+        self.chain_pending.push((rec.seq, bytes));
         // The same fields as a log event (never tokens or payloads: jti and digests only);
         // strings that came from the network are escaped, so none can forge a log line.
         let f = |s: &str| crate::model::log_safe(s).into_owned();
@@ -1102,17 +1123,45 @@ impl Writer {
         Ok(())
     }
 
-    /// Makes the batch durable: through the journal when only entries must be, else by
-    /// flushing the store (which then holds everything, so the journal is emptied).
+    /// Puts the batch's entries into the store (not flushed).
+    fn put_pending(&self) -> Result<(), AuditError> {
+        for (seq, bytes) in &self.chain_pending {
+            self.store
+                .kv()
+                .put(Tree::Audit, &seq.to_be_bytes(), bytes)?;
+        }
+        Ok(())
+    }
+
+    /// Takes back what a failed batch put into the store (seqs after `head`, through `upto`),
+    /// so the next batch does not chain onto entries nobody was told of.
+    fn unput(&self, head: u64, upto: u64) {
+        for seq in head + 1..=upto {
+            if let Err(e) = self.store.kv().remove(Tree::Audit, &seq.to_be_bytes()) {
+                tracing::error!(seq, error = %e, "a failed audit batch's entry could not be taken back; the store is repaired before the next write");
+                self.failing
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Stores the batch and makes it durable: through the journal when only entries must be
+    /// (journal first, then the store, so the store never holds an entry the journal does
+    /// not), else by flushing the store (which then holds everything, so the journal is
+    /// emptied). Without `durable`, the entries are only stored.
     fn make_durable(&mut self, store_scope: bool) -> Result<(), AuditError> {
         if let Some(chain) = self.store.kv().chain() {
             return Ok(chain.commit(&self.chain_pending, (self.seq, &self.hash))?);
+        }
+        if !self.settings.durable {
+            return self.put_pending();
         }
         let journal_full = self
             .journal
             .as_ref()
             .is_none_or(|j| j.len() > Journal::MAX_BYTES);
         if store_scope || journal_full || self.journal_reset {
+            self.put_pending()?;
             self.store.flush()?;
             if let Some(j) = &mut self.journal {
                 // If emptying fails the journal only repeats entries the store now holds.
@@ -1124,10 +1173,21 @@ impl Writer {
             return Ok(());
         }
         let Some(j) = &mut self.journal else {
-            return Ok(());
+            return self.put_pending();
         };
+        let mark = j.mark();
         j.append(&self.pending)
-            .inspect_err(|_| self.journal_reset = true)
+            .inspect_err(|_| self.journal_reset = true)?;
+        if let Err(e) = self.put_pending() {
+            // Not acknowledged: the journal must not bring it back at the next start.
+            if let Some(j) = &mut self.journal
+                && j.rewind(mark).is_err()
+            {
+                self.journal_reset = true;
+            }
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Chains and stores a batch (plus a checkpoint when due), makes it durable once, answers
@@ -1187,7 +1247,8 @@ impl Writer {
             store_scope |= due || checkpointing == Checkpointing::Now;
             result = self.checkpoint();
         }
-        if result.is_ok() && (self.settings.durable || self.shared) {
+        let attempted = self.seq;
+        if result.is_ok() {
             // A shared chain commits its transaction here whatever `durable` says.
             result = self.make_durable(store_scope);
             chain_open = false;
@@ -1225,8 +1286,11 @@ impl Writer {
                 self.metrics
                     .store_errors
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                // Roll the in-memory head back; entries stored but not flushed are overwritten
-                // by the next successful batch (same seqs), so the chain stays gapless.
+                // Roll the head back and take the batch's entries out of the store: the next
+                // batch continues from the last acknowledged entry, never from one of these.
+                if !self.shared && attempted > saved_seq {
+                    self.unput(saved_seq, attempted);
+                }
                 self.seq = saved_seq;
                 self.hash = saved_hash;
                 self.since_checkpoint = saved_since;

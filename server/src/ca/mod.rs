@@ -134,7 +134,20 @@ enum CaKey {
 }
 
 /// A token-held P-256 key as rcgen's signer (ECDSA over SHA-256 of the to-be-signed bytes).
-struct TokenKey(Arc<dyn SigningBackend>);
+/// rcgen's error cannot carry the token's, so the last one is kept for [`RunnerCa::issue`] to
+/// name (`key_unavailable` when the token is away or its signature did not verify).
+struct TokenKey(Arc<dyn SigningBackend>, std::sync::Mutex<Option<String>>);
+
+impl TokenKey {
+    fn new(backend: Arc<dyn SigningBackend>) -> Self {
+        Self(backend, std::sync::Mutex::new(None))
+    }
+
+    /// The token's last refusal, if there was one.
+    fn take_error(&self) -> Option<String> {
+        self.1.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
 
 impl PublicKeyData for TokenKey {
     fn der_bytes(&self) -> &[u8] {
@@ -148,9 +161,10 @@ impl PublicKeyData for TokenKey {
 
 impl SigningKey for TokenKey {
     fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
-        self.0
-            .sign_message(msg)
-            .map_err(|_| rcgen::Error::RemoteKeyError)
+        self.0.sign_message(msg).map_err(|e| {
+            *self.1.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            rcgen::Error::RemoteKeyError
+        })
     }
 }
 
@@ -303,7 +317,7 @@ impl RunnerCa {
                     token.generate(alg, &format!("meshsign runner CA {environment} {id}"))?;
                 let backend: Arc<dyn SigningBackend> =
                     Arc::new(crate::custody::pkcs11::Pkcs11Key::load(token, &r, alg)?);
-                (CaKey::Token(TokenKey(backend)), None, Some(r))
+                (CaKey::Token(TokenKey::new(backend)), None, Some(r))
             }
             None => {
                 let key = Zeroizing::new(KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?);
@@ -355,9 +369,20 @@ impl RunnerCa {
                     ))
                 })?;
                 let alg = crate::model::KeyAlgorithm::EcdsaP256Sha256;
-                CaKey::Token(TokenKey(Arc::new(crate::custody::pkcs11::Pkcs11Key::load(
-                    token, r, alg,
-                )?)))
+                let key = crate::custody::pkcs11::Pkcs11Key::load(token, r, alg)?;
+                // The token's object must hold the key the CA's certificate names.
+                let cert_spki = X509Certificate::from_der(&record.cert_der)
+                    .map(|(_, c)| c.tbs_certificate.subject_pki.raw.to_vec())
+                    .unwrap_or_default();
+                if key.public_key_der() != cert_spki.as_slice() {
+                    return Err(CustodyError::Token(format!(
+                        "runner CA {}: the token's object with CKA_ID {} does not hold the key its \
+                         certificate names (was the token's object replaced?)",
+                        record.id, r.object_id
+                    ))
+                    .into());
+                }
+                CaKey::Token(TokenKey::new(Arc::new(key)))
             }
             (None, None) => {
                 return Err(CustodyError::Unwrap {
@@ -413,7 +438,19 @@ impl RunnerCa {
         };
         let issuer =
             rcgen::Issuer::from_ca_cert_der(&self.record.cert_der.as_slice().into(), &signer)?;
-        let cert = p.signed_by(&CsrKey(spki_key_bytes(&req.public_key_spki)?), &issuer)?;
+        let cert = p
+            .signed_by(&CsrKey(spki_key_bytes(&req.public_key_spki)?), &issuer)
+            .map_err(|e| match (&e, &self.key) {
+                (rcgen::Error::RemoteKeyError, CaKey::Token(k)) => {
+                    CaError::Custody(CustodyError::TokenUnavailable(format!(
+                        "runner CA {}: {}",
+                        self.record.id,
+                        k.take_error()
+                            .unwrap_or_else(|| "its key in the token did not sign".into())
+                    )))
+                }
+                _ => e.into(),
+            })?;
         let der = replace_once(cert.der(), &placeholder_der, &real_der)
             .ok_or_else(|| CaError::SelfCheck("placeholder OID not found exactly once".into()))?;
         self.check_issued(&der, req, &serial, not_before, not_after)?;

@@ -18,7 +18,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as P11Error, RvError};
@@ -43,22 +43,171 @@ pub struct Pkcs11Ref {
     pub object_id: String,
 }
 
-/// An open token: the module, the slot, the PIN, and a bounded pool of logged-in sessions.
-pub struct Token {
-    ctx: Mutex<Pkcs11>,
-    label: String,
+/// The PKCS#11 library of one module in this process. `C_Initialize` is per process, so every
+/// [`Token`] of a module shares one `Library`, and its re-initialisation (after a token went
+/// away) is serialised here: every call into the library runs under the read half of `state`,
+/// `C_Finalize`/`C_Initialize` under the write half — so no operation is in flight, and no
+/// session of the old initialisation is still held, when the library is reset (PKCS#11 v2.40
+/// §5.4: C_Finalize must not be called while other threads are inside the library; every
+/// session handle is invalid after it). `generation` counts the initialisations: object
+/// handles are cached per generation and never used across one.
+struct Library {
     module: PathBuf,
-    pin: AuthPin,
-    max_sessions: usize,
+    state: RwLock<LibState>,
+    /// The session pools of this module's open tokens (drained at each reset).
+    pools: Mutex<Vec<std::sync::Weak<PoolCell>>>,
+    /// Open tokens of this module (the library is finalised when the last one closes).
+    tokens: Mutex<usize>,
+}
+
+struct LibState {
+    ctx: Pkcs11,
+    generation: u64,
+}
+
+/// Libraries loaded in this process, by module path.
+static LIBRARIES: Mutex<Vec<Arc<Library>>> = Mutex::new(Vec::new());
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Library {
+    /// The module's library, loaded and initialised on first use; counts one more token.
+    fn get(module: &Path) -> Result<Arc<Self>, CustodyError> {
+        let mut libs = lock(&LIBRARIES);
+        if let Some(lib) = libs.iter().find(|l| l.module == module) {
+            *lock(&lib.tokens) += 1;
+            return Ok(lib.clone());
+        }
+        let ctx = Pkcs11::new(module).map_err(|e| {
+            CustodyError::Token(format!(
+                "PKCS#11 module {}: {e} (check [pkcs11] module)",
+                module.display()
+            ))
+        })?;
+        match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+            Ok(()) | Err(P11Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+            Err(e) => return Err(p11("C_Initialize")(e)),
+        }
+        let lib = Arc::new(Self {
+            module: module.to_path_buf(),
+            state: RwLock::new(LibState { ctx, generation: 0 }),
+            pools: Mutex::new(Vec::new()),
+            tokens: Mutex::new(1),
+        });
+        libs.push(lib.clone());
+        Ok(lib)
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, LibState> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, LibState> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Closes every session of every token of this module (none is in use: the caller holds
+    /// the write half), so none outlives the initialisation it belongs to.
+    fn drain_pools(&self) {
+        let pools: Vec<Arc<PoolCell>> = {
+            let mut pools = lock(&self.pools);
+            pools.retain(|w| w.strong_count() > 0);
+            pools.iter().filter_map(std::sync::Weak::upgrade).collect()
+        };
+        for cell in &pools {
+            let (idle, buried) = {
+                let mut pool = lock(&cell.pool);
+                pool.open = 0;
+                (
+                    std::mem::take(&mut pool.idle),
+                    std::mem::take(&mut pool.buried),
+                )
+            };
+            // C_CloseSession on each; the token may already have dropped them (harmless).
+            drop(idle);
+            drop(buried);
+        }
+    }
+
+    /// Starts the library afresh (C_Finalize, C_Initialize) so a token that came back is found
+    /// again — once for every failure seen in generation `seen`: whoever comes second finds
+    /// the generation moved on and returns.
+    fn reset(&self, seen: u64, label: &str) {
+        let mut st = self.write();
+        if st.generation != seen {
+            return;
+        }
+        self.drain_pools();
+        let _ = st.ctx.clone().finalize();
+        match st
+            .ctx
+            .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        {
+            Ok(()) | Err(P11Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+            Err(e) => {
+                tracing::warn!(token = %label, error = %e, "PKCS#11 re-initialisation failed");
+            }
+        }
+        // Every handle of the old initialisation (sessions, objects) is void from here on.
+        st.generation += 1;
+        drop(st);
+        for cell in lock(&self.pools)
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+        {
+            cell.freed.notify_all();
+        }
+    }
+
+    /// One token of the module closed; the last one finalises the library: SoftHSM2 (with
+    /// OpenSSL 3) can crash in its exit-time destructors when a process ends with the library
+    /// still initialised.
+    fn release(self: &Arc<Self>) {
+        let mut libs = lock(&LIBRARIES);
+        let mut n = lock(&self.tokens);
+        *n = n.saturating_sub(1);
+        if *n > 0 {
+            return;
+        }
+        drop(n);
+        libs.retain(|l| !Arc::ptr_eq(l, self));
+        drop(libs);
+        let mut st = self.write();
+        self.drain_pools();
+        if let Err(e) = st.ctx.clone().finalize() {
+            tracing::debug!(module = %self.module.display(), error = %e, "C_Finalize");
+        }
+        st.generation += 1;
+    }
+}
+
+/// A token's sessions: idle ones, how many exist, and those the token dropped (closed only
+/// when the library is reset, never while other threads open sessions: a dropped handle's
+/// number may already name someone else's new session).
+#[derive(Default)]
+struct PoolCell {
     pool: Mutex<Pool>,
     freed: Condvar,
-    available: AtomicBool,
 }
 
 #[derive(Default)]
 struct Pool {
     idle: Vec<Session>,
+    buried: Vec<Session>,
     open: usize,
+}
+
+/// An open token: the module, the slot, the PIN, and a bounded pool of logged-in sessions.
+pub struct Token {
+    lib: Arc<Library>,
+    label: String,
+    module: PathBuf,
+    pin: AuthPin,
+    max_sessions: usize,
+    cell: Arc<PoolCell>,
+    available: AtomicBool,
 }
 
 impl std::fmt::Debug for Token {
@@ -70,43 +219,38 @@ impl std::fmt::Debug for Token {
     }
 }
 
-/// Open tokens per module in this process: the library is initialised once per process, so it
-/// is finalised only when the last of them closes (a restarted site opens its token before the
-/// old one is dropped).
-static OPEN: Mutex<Vec<(PathBuf, usize)>> = Mutex::new(Vec::new());
-
 impl Drop for Token {
-    /// Closes the sessions and, for the last token of its module, finalises the library:
-    /// SoftHSM2 (with OpenSSL 3) can crash in its exit-time destructors when a process ends with
-    /// the library still initialised.
+    /// Closes the sessions and, for the last token of its module, finalises the library.
     fn drop(&mut self) {
-        let idle = std::mem::take(&mut self.pool.get_mut().unwrap_or_else(|p| p.into_inner()).idle);
-        drop(idle);
-        let last = {
-            let mut open = OPEN.lock().unwrap_or_else(|p| p.into_inner());
-            match open.iter_mut().find(|(m, _)| *m == self.module) {
-                Some((_, n)) => {
-                    *n = n.saturating_sub(1);
-                    *n == 0
-                }
-                None => true,
-            }
-        };
-        if last {
-            let ctx = self
-                .ctx
-                .get_mut()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            if let Err(e) = ctx.finalize() {
-                tracing::debug!(token = %self.label, error = %e, "C_Finalize");
-            }
+        {
+            let _st = self.lib.read();
+            let mut pool = lock(&self.cell.pool);
+            let idle = std::mem::take(&mut pool.idle);
+            pool.open = pool.open.saturating_sub(idle.len());
+            drop(pool);
+            drop(idle);
         }
+        self.lib.release();
     }
 }
 
 fn p11(what: &'static str) -> impl FnOnce(P11Error) -> CustodyError {
     move |e| CustodyError::Token(format!("{what}: {e}"))
+}
+
+/// Why an operation on a session failed.
+#[derive(Debug)]
+pub enum OpError {
+    /// The library or token refused.
+    P11(P11Error),
+    /// The object found is not the key recorded (identity check); never signed with.
+    Identity(String),
+}
+
+impl From<P11Error> for OpError {
+    fn from(e: P11Error) -> Self {
+        OpError::P11(e)
+    }
 }
 
 /// Whether an error means the token or the session went away (retry on a fresh session).
@@ -130,46 +274,50 @@ fn lost(e: &P11Error) -> bool {
     )
 }
 
+/// Whether a session is left in a state no later operation should inherit.
+fn session_spoiled(e: &P11Error) -> bool {
+    matches!(
+        e,
+        P11Error::Pkcs11(
+            RvError::OperationActive | RvError::OperationNotInitialized | RvError::FunctionFailed,
+            _
+        )
+    )
+}
+
+/// What one try on a session came to.
+enum Try<T> {
+    Done(T),
+    Refused(CustodyError),
+    /// The session or the token is gone: reset the library (once) and retry.
+    Gone(String),
+}
+
 impl Token {
     /// Loads the module, finds the token by label and logs in (the PIN is checked now).
     pub fn open(cfg: &Pkcs11Config, dev: bool) -> Result<Arc<Self>, CustodyError> {
         let pin = read_pin(&cfg.pin_file, dev)?;
-        let ctx = Self::init(&cfg.module)?;
+        let lib = Library::get(&cfg.module)?;
+        let cell = Arc::new(PoolCell::default());
+        lock(&lib.pools).push(Arc::downgrade(&cell));
         let token = Self {
-            ctx: Mutex::new(ctx),
+            lib,
             label: cfg.token_label.clone(),
             module: cfg.module.clone(),
             pin,
             max_sessions: cfg.sessions.clamp(1, 256),
-            pool: Mutex::new(Pool::default()),
-            freed: Condvar::new(),
+            cell,
             available: AtomicBool::new(true),
         };
-        {
-            let mut open = OPEN.lock().unwrap_or_else(|p| p.into_inner());
-            match open.iter_mut().find(|(m, _)| *m == token.module) {
-                Some((_, n)) => *n += 1,
-                None => open.push((token.module.clone(), 1)),
-            }
-        }
         // A session now: a wrong label or PIN refuses the start, naming what to fix (dropping
         // the token then releases its count).
-        let s = token.open_session()?;
-        token.release(s);
-        Ok(Arc::new(token))
-    }
-
-    fn init(module: &Path) -> Result<Pkcs11, CustodyError> {
-        let ctx = Pkcs11::new(module).map_err(|e| {
-            CustodyError::Token(format!(
-                "PKCS#11 module {}: {e} (check [pkcs11] module)",
-                module.display()
-            ))
-        })?;
-        match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-            Ok(()) | Err(P11Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => Ok(ctx),
-            Err(e) => Err(p11("C_Initialize")(e)),
+        {
+            let st = token.lib.read();
+            let s = token.open_session(&st.ctx)?;
+            lock(&token.cell.pool).open += 1;
+            token.release(s);
         }
+        Ok(Arc::new(token))
     }
 
     /// The token's label.
@@ -198,9 +346,8 @@ impl Token {
         )))
     }
 
-    fn open_session(&self) -> Result<Session, CustodyError> {
-        let ctx = self.ctx.lock().unwrap_or_else(|p| p.into_inner());
-        let slot = self.slot(&ctx)?;
+    fn open_session(&self, ctx: &Pkcs11) -> Result<Session, CustodyError> {
+        let slot = self.slot(ctx)?;
         let s = ctx.open_rw_session(slot).map_err(p11("C_OpenSession"))?;
         match s.login(UserType::User, Some(&self.pin)) {
             Ok(()) | Err(P11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(s),
@@ -212,9 +359,10 @@ impl Token {
         }
     }
 
-    /// A session from the pool (waiting while `sessions` are in use), or a new one.
-    fn acquire(&self) -> Result<Session, CustodyError> {
-        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+    /// A session from the pool (waiting while `sessions` are in use), or a new one. The
+    /// caller holds the library's read half.
+    fn acquire(&self, ctx: &Pkcs11) -> Result<Session, CustodyError> {
+        let mut pool = lock(&self.cell.pool);
         loop {
             if let Some(s) = pool.idle.pop() {
                 return Ok(s);
@@ -222,100 +370,102 @@ impl Token {
             if pool.open < self.max_sessions {
                 pool.open += 1;
                 drop(pool);
-                return self.open_session().inspect_err(|_| self.forget());
+                return self.open_session(ctx).inspect_err(|_| self.forget());
             }
-            pool = self.freed.wait(pool).unwrap_or_else(|p| p.into_inner());
+            pool = self
+                .cell
+                .freed
+                .wait(pool)
+                .unwrap_or_else(|p| p.into_inner());
         }
     }
 
     fn release(&self, s: Session) {
-        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        pool.idle.push(s);
-        drop(pool);
-        self.freed.notify_one();
+        lock(&self.cell.pool).idle.push(s);
+        self.cell.freed.notify_one();
     }
 
-    /// A session that failed: closed, not returned.
+    /// A session that failed while the token is there: closed, not returned.
     fn forget(&self) {
-        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pool = lock(&self.cell.pool);
         pool.open = pool.open.saturating_sub(1);
         drop(pool);
-        self.freed.notify_one();
+        self.cell.freed.notify_one();
     }
 
-    /// After the token went away: drop every idle session and start the library afresh
-    /// (C_Finalize/C_Initialize), so a token that comes back is found again.
-    fn reset(&self) {
-        let idle = {
-            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-            let n = pool.idle.len();
-            pool.open = pool.open.saturating_sub(n);
-            std::mem::take(&mut pool.idle)
+    /// A session the token dropped: kept aside until the library is reset.
+    fn bury(&self, s: Session) {
+        let mut pool = lock(&self.cell.pool);
+        pool.open = pool.open.saturating_sub(1);
+        pool.buried.push(s);
+        drop(pool);
+        self.cell.freed.notify_one();
+    }
+
+    /// The library's current initialisation (object handles are valid only within one).
+    fn try_once<T>(&self, f: &impl Fn(&Session, u64) -> Result<T, OpError>) -> (u64, Try<T>) {
+        let st = self.lib.read();
+        let generation = st.generation;
+        let s = match self.acquire(&st.ctx) {
+            Ok(s) => s,
+            Err(e) => return (generation, Try::Gone(e.to_string())),
         };
-        drop(idle);
-        let ctx = self.ctx.lock().unwrap_or_else(|p| p.into_inner());
-        // Sessions still in use elsewhere fail from here on and are dropped by their users.
-        let _ = ctx.clone().finalize();
-        if let Err(e) = ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-            tracing::warn!(token = %self.label, error = %e, "PKCS#11 re-initialisation failed");
-        }
-        drop(ctx);
-        self.freed.notify_all();
+        let outcome = match f(&s, generation) {
+            Ok(v) => {
+                self.release(s);
+                Try::Done(v)
+            }
+            Err(OpError::P11(e)) if lost(&e) => {
+                self.bury(s);
+                Try::Gone(format!("token `{}`: {e}", self.label))
+            }
+            Err(OpError::P11(e)) => {
+                if session_spoiled(&e) {
+                    drop(s);
+                    self.forget();
+                } else {
+                    self.release(s);
+                }
+                Try::Refused(CustodyError::Token(e.to_string()))
+            }
+            Err(OpError::Identity(what)) => {
+                self.release(s);
+                Try::Refused(CustodyError::TokenUnavailable(what))
+            }
+        };
+        drop(st);
+        (generation, outcome)
     }
 
-    /// Runs `f` on a pooled session; a lost session or token is retried once on a fresh one
-    /// (after re-initialising the library), then refused as unavailable.
+    /// Runs `f` on a pooled session (with the library's generation); a lost session or token
+    /// is retried once on a fresh one after the library is re-initialised, then refused as
+    /// unavailable.
     pub fn with_session<T>(
         &self,
-        f: impl Fn(&Session) -> Result<T, P11Error>,
+        f: impl Fn(&Session, u64) -> Result<T, OpError>,
     ) -> Result<T, CustodyError> {
-        for attempt in 0..2 {
-            let s = match self.acquire() {
-                Ok(s) => s,
-                Err(e) => {
-                    self.available.store(false, Ordering::Relaxed);
-                    if attempt == 0 {
-                        self.reset();
-                        continue;
-                    }
-                    return Err(CustodyError::TokenUnavailable(e.to_string()));
-                }
-            };
-            match f(&s) {
-                Ok(v) => {
-                    self.release(s);
+        let mut why = String::new();
+        for _ in 0..2 {
+            match self.try_once(&f) {
+                (_, Try::Done(v)) => {
                     self.available.store(true, Ordering::Relaxed);
                     return Ok(v);
                 }
-                Err(e) if lost(&e) => {
-                    drop(s);
-                    self.forget();
+                (_, Try::Refused(e)) => return Err(e),
+                (generation, Try::Gone(e)) => {
                     self.available.store(false, Ordering::Relaxed);
-                    tracing::warn!(token = %self.label, error = %e, "PKCS#11 session lost; reopening");
-                    if attempt == 0 {
-                        self.reset();
-                        continue;
-                    }
-                    return Err(CustodyError::TokenUnavailable(format!(
-                        "token `{}`: {e}",
-                        self.label
-                    )));
-                }
-                Err(e) => {
-                    self.release(s);
-                    return Err(CustodyError::Token(e.to_string()));
+                    tracing::warn!(token = %self.label, error = %e, "PKCS#11 session lost; re-initialising the library");
+                    self.lib.reset(generation, &self.label);
+                    why = e;
                 }
             }
         }
-        Err(CustodyError::TokenUnavailable(format!(
-            "token `{}` is not available",
-            self.label
-        )))
+        Err(CustodyError::TokenUnavailable(why))
     }
 
     /// Checks the token answers (housekeeping, while it is marked unavailable).
     pub fn probe(&self) -> bool {
-        self.with_session(|s| s.get_session_info().map(|_| ()))
+        self.with_session(|s, _| Ok(s.get_session_info().map(|_| ())?))
             .is_ok()
     }
 
@@ -374,7 +524,7 @@ impl Token {
                 )
             }
         };
-        self.with_session(|s| s.generate_key_pair(&mechanism, &public, &private))?;
+        self.with_session(|s, _| Ok(s.generate_key_pair(&mechanism, &public, &private)?))?;
         let r = Pkcs11Ref {
             token_label: self.label.clone(),
             object_id: hex::encode(&id),
@@ -488,9 +638,9 @@ impl Token {
             Attribute::Verify(true),
         ]);
         public.extend(public_parts);
-        self.with_session(|s| {
+        self.with_session(|s, _| {
             s.create_object(&private)?;
-            s.create_object(&public)
+            Ok(s.create_object(&public)?)
         })?;
         let r = Pkcs11Ref {
             token_label: self.label.clone(),
@@ -504,42 +654,34 @@ impl Token {
         Ok(r)
     }
 
-    fn find(
-        &self,
-        s: &Session,
-        class: ObjectClass,
-        id: &[u8],
-    ) -> Result<Option<ObjectHandle>, P11Error> {
-        Ok(
-            s.find_objects(&[Attribute::Class(class), Attribute::Id(id.to_vec())])?
-                .into_iter()
-                .next(),
-        )
+    /// The one object of `class` with `CKA_ID` `id` (two with the same id: refused, never
+    /// guessed between).
+    fn find(s: &Session, class: ObjectClass, id: &[u8]) -> Result<Option<ObjectHandle>, OpError> {
+        let found = s.find_objects(&[Attribute::Class(class), Attribute::Id(id.to_vec())])?;
+        if found.len() > 1 {
+            return Err(OpError::Identity(format!(
+                "{} objects of class {class} carry CKA_ID {}; refusing to pick one",
+                found.len(),
+                hex::encode(id)
+            )));
+        }
+        Ok(found.into_iter().next())
     }
 
-    /// The key's SubjectPublicKeyInfo, read from the token's public object.
-    pub fn public_key(
-        &self,
-        r: &Pkcs11Ref,
+    /// The SubjectPublicKeyInfo of the public object with `CKA_ID` `id`, on session `s`.
+    fn read_spki(
+        s: &Session,
+        id: &[u8],
         algorithm: KeyAlgorithm,
-    ) -> Result<Vec<u8>, CustodyError> {
-        let id = hex::decode(&r.object_id).map_err(|_| CustodyError::Crypto("object id"))?;
-        let attrs = self.with_session(|s| {
-            let Some(h) = self.find(s, ObjectClass::PUBLIC_KEY, &id)? else {
-                return Ok(None);
-            };
-            let types = match algorithm.rsa_bits() {
-                None => vec![AttributeType::EcPoint],
-                Some(_) => vec![AttributeType::Modulus, AttributeType::PublicExponent],
-            };
-            s.get_attributes(h, &types).map(Some)
-        })?;
-        let attrs = attrs.ok_or_else(|| {
-            CustodyError::Token(format!(
-                "token `{}` has no public key with CKA_ID {} (was the key deleted from the token?)",
-                r.token_label, r.object_id
-            ))
-        })?;
+    ) -> Result<Option<Vec<u8>>, OpError> {
+        let Some(h) = Self::find(s, ObjectClass::PUBLIC_KEY, id)? else {
+            return Ok(None);
+        };
+        let types = match algorithm.rsa_bits() {
+            None => vec![AttributeType::EcPoint],
+            Some(_) => vec![AttributeType::Modulus, AttributeType::PublicExponent],
+        };
+        let attrs = s.get_attributes(h, &types)?;
         let mut point = None;
         let (mut modulus, mut exponent) = (None, None);
         for a in attrs {
@@ -550,9 +692,10 @@ impl Token {
                 _ => {}
             }
         }
+        let missing = |what: &str| OpError::Identity(format!("the public object has no {what}"));
         match algorithm.rsa_bits() {
             None => {
-                let p = point.ok_or(CustodyError::Crypto("no CKA_EC_POINT"))?;
+                let p = point.ok_or_else(|| missing("CKA_EC_POINT"))?;
                 // CKA_EC_POINT is the DER OCTET STRING of the point (or, in some tokens, the bare
                 // point).
                 let raw = match meshsign_proto::der::tlv(&p) {
@@ -565,26 +708,43 @@ impl Token {
                     }
                     _ => p,
                 };
-                Ok(match algorithm {
+                Ok(Some(match algorithm {
                     KeyAlgorithm::Ed25519 => super::ed25519_spki(&raw),
                     _ => ec_spki(curve_oid(algorithm), &raw),
-                })
+                }))
             }
             _ => {
                 let (m, e) = modulus
                     .zip(exponent)
-                    .ok_or(CustodyError::Crypto("no RSA public attributes"))?;
-                Ok(rsa_spki(&m, &e))
+                    .ok_or_else(|| missing("RSA public attributes"))?;
+                Ok(Some(rsa_spki(&m, &e)))
             }
         }
+    }
+
+    /// The key's SubjectPublicKeyInfo, read from the token's public object.
+    pub fn public_key(
+        &self,
+        r: &Pkcs11Ref,
+        algorithm: KeyAlgorithm,
+    ) -> Result<Vec<u8>, CustodyError> {
+        let id = hex::decode(&r.object_id).map_err(|_| CustodyError::Crypto("object id"))?;
+        self.with_session(|s, _| Self::read_spki(s, &id, algorithm))?
+            .ok_or_else(|| {
+                CustodyError::Token(format!(
+                    "token `{}` has no public key with CKA_ID {} (was the key deleted from the \
+                     token?)",
+                    r.token_label, r.object_id
+                ))
+            })
     }
 
     /// Whether the private key is marked sensitive and not extractable (and never was
     /// extractable).
     pub fn private_key_is_locked(&self, r: &Pkcs11Ref) -> Result<bool, CustodyError> {
         let id = hex::decode(&r.object_id).map_err(|_| CustodyError::Crypto("object id"))?;
-        self.with_session(|s| {
-            let Some(h) = self.find(s, ObjectClass::PRIVATE_KEY, &id)? else {
+        self.with_session(|s, _| {
+            let Some(h) = Self::find(s, ObjectClass::PRIVATE_KEY, &id)? else {
                 return Ok(false);
             };
             let attrs = s.get_attributes(
@@ -726,12 +886,19 @@ fn read_pin(path: &Path, dev: bool) -> Result<AuthPin, CustodyError> {
 }
 
 /// A signing key held in a token.
+///
+/// Its private object's handle is cached for one initialisation of the library (a
+/// `generation`) only; in a new one the key is found again by identity — the one private key
+/// of its `CKA_ID`, whose public object has the public key the site recorded — before it signs.
+/// Every signature is then checked under that recorded public key before it leaves: a token
+/// that signed with any other key (a stale handle, a swapped object) is refused
+/// `key_unavailable`, never returned.
 pub struct Pkcs11Key {
     token: Arc<Token>,
     id: Vec<u8>,
     algorithm: KeyAlgorithm,
     spki: Vec<u8>,
-    handle: Mutex<Option<ObjectHandle>>,
+    handle: Mutex<Option<(u64, ObjectHandle)>>,
 }
 
 impl std::fmt::Debug for Pkcs11Key {
@@ -747,7 +914,8 @@ impl std::fmt::Debug for Pkcs11Key {
 }
 
 impl Pkcs11Key {
-    /// The key `r` of `token`; its public key is read from the token.
+    /// The key `r` of `token`; its public key is read from the token (callers compare it with
+    /// the one they recorded: the key's record, the runner CA's certificate).
     pub fn load(
         token: &Arc<Token>,
         r: &Pkcs11Ref,
@@ -769,6 +937,22 @@ impl Pkcs11Key {
             handle: Mutex::new(None),
         })
     }
+
+    /// What is refused when a signature does not verify under the recorded key.
+    fn mismatch(&self) -> CustodyError {
+        *lock(&self.handle) = None;
+        tracing::error!(
+            token = %self.token.label(),
+            object_id = %hex::encode(&self.id),
+            "the token returned a signature that does not verify under the key's recorded public key; refused"
+        );
+        CustodyError::TokenUnavailable(format!(
+            "token `{}`: the signature of key {} does not verify under its recorded public key \
+             (refused; the key is looked up again)",
+            self.token.label(),
+            hex::encode(&self.id)
+        ))
+    }
 }
 
 impl SigningBackend for Pkcs11Key {
@@ -784,34 +968,40 @@ impl SigningBackend for Pkcs11Key {
         if self.algorithm.messages_only() {
             return Err(CustodyError::Crypto("this key signs messages, not digests"));
         }
-        self.sign_raw(digest)
+        let sig = self.sign_raw(digest)?;
+        meshsign_proto::sig::verify_digest(self.algorithm.as_str(), &self.spki, digest, &sig)
+            .map_err(|_| self.mismatch())?;
+        Ok(sig)
     }
 
     fn sign_message(&self, message: &[u8]) -> Result<Vec<u8>, CustodyError> {
-        match self.algorithm {
+        let sig = match self.algorithm {
             KeyAlgorithm::Ed25519 => self.sign_with(
                 Mechanism::Eddsa(cryptoki::mechanism::eddsa::EddsaParams::new(
                     cryptoki::mechanism::eddsa::EddsaSignatureScheme::Pure,
                 )),
                 message.to_vec(),
-            ),
+            )?,
             KeyAlgorithm::EcdsaP384Sha384 => {
                 let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA384, message);
-                ecdsa_der(&self.sign_with(Mechanism::Ecdsa, d.as_ref().to_vec())?)
+                ecdsa_der(&self.sign_with(Mechanism::Ecdsa, d.as_ref().to_vec())?)?
             }
             _ => {
                 let mut d = [0u8; 32];
                 d.copy_from_slice(
                     aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, message).as_ref(),
                 );
-                self.sign_raw(&d)
+                self.sign_raw(&d)?
             }
-        }
+        };
+        meshsign_proto::sig::verify_message(self.algorithm.as_str(), &self.spki, message, &sig)
+            .map_err(|_| self.mismatch())?;
+        Ok(sig)
     }
 }
 
 impl Pkcs11Key {
-    /// Signs a SHA-256 digest with the key's digest mechanism.
+    /// Signs a SHA-256 digest with the key's digest mechanism (unchecked: the callers check).
     fn sign_raw(&self, digest: &[u8; 32]) -> Result<Vec<u8>, CustodyError> {
         let (mechanism, data) = match self.algorithm {
             KeyAlgorithm::EcdsaP256Sha256 => (Mechanism::Ecdsa, digest.to_vec()),
@@ -835,30 +1025,41 @@ impl Pkcs11Key {
         }
     }
 
+    /// The private key's handle in this initialisation of the library: cached, or found again
+    /// by identity (one private key with this `CKA_ID`, whose public object holds the recorded
+    /// public key).
+    fn handle(&self, s: &Session, generation: u64) -> Result<ObjectHandle, OpError> {
+        if let Some((g, h)) = *lock(&self.handle)
+            && g == generation
+        {
+            return Ok(h);
+        }
+        let h = Token::find(s, ObjectClass::PRIVATE_KEY, &self.id)?.ok_or(OpError::P11(
+            P11Error::Pkcs11(
+                RvError::KeyHandleInvalid,
+                cryptoki::context::Function::FindObjects,
+            ),
+        ))?;
+        match Token::read_spki(s, &self.id, self.algorithm)? {
+            Some(spki) if spki == self.spki => {}
+            _ => {
+                return Err(OpError::Identity(format!(
+                    "token `{}`: the object with CKA_ID {} no longer holds the key's recorded \
+                     public key",
+                    self.token.label(),
+                    hex::encode(&self.id)
+                )));
+            }
+        }
+        *lock(&self.handle) = Some((generation, h));
+        Ok(h)
+    }
+
     /// Signs `data` with `mechanism` on a pooled session.
     fn sign_with(&self, mechanism: Mechanism, data: Vec<u8>) -> Result<Vec<u8>, CustodyError> {
-        self.token.with_session(|s| {
-            let cached = *self.handle.lock().unwrap_or_else(|p| p.into_inner());
-            let h = match cached {
-                Some(h) => h,
-                None => {
-                    let h = self
-                        .token
-                        .find(s, ObjectClass::PRIVATE_KEY, &self.id)?
-                        .ok_or(P11Error::Pkcs11(
-                            RvError::KeyHandleInvalid,
-                            cryptoki::context::Function::FindObjects,
-                        ))?;
-                    *self.handle.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
-                    h
-                }
-            };
-            let r = s.sign(&mechanism, h, &data);
-            if r.as_ref().is_err_and(lost) {
-                // Handles may not survive a token reset: look it up again next time.
-                *self.handle.lock().unwrap_or_else(|p| p.into_inner()) = None;
-            }
-            r
+        self.token.with_session(|s, generation| {
+            let h = self.handle(s, generation)?;
+            Ok(s.sign(&mechanism, h, &data)?)
         })
     }
 }

@@ -16,6 +16,7 @@ use serde_json::Value;
 use crate::audit::{AuditError, AuditRecord};
 use crate::ca::{CaError, CertRequest};
 use crate::config::{Environment, SiteConfig, TrustPolicy};
+use crate::custody::CustodyError;
 use crate::identity::claims::JobIdentity;
 use crate::identity::jwt::UnverifiedJwt;
 use crate::model::{
@@ -226,6 +227,9 @@ impl Refusal for EnrollError {
             EnrollError::Fingerprint => "fingerprint",
             EnrollError::Revoked(_) => "revoked",
             EnrollError::RateLimited(_) => "rate_limited",
+            EnrollError::Issue(CaError::Custody(CustodyError::TokenUnavailable(_))) => {
+                "key_unavailable"
+            }
             EnrollError::Issue(_) | EnrollError::Store(_) | EnrollError::State(_) => INTERNAL,
             EnrollError::Audit(_) => AUDIT_UNAVAILABLE,
         }
@@ -253,7 +257,9 @@ impl Refusal for EnrollError {
             | MissingJti
             | Replay(_) => RefusalKind::Unauthenticated,
             Region { .. } => RefusalKind::FailedPrecondition,
-            Audit(_) => RefusalKind::Unavailable,
+            Audit(_) | Issue(CaError::Custody(CustodyError::TokenUnavailable(_))) => {
+                RefusalKind::Unavailable
+            }
             Issue(_) | Store(_) | State(_) => RefusalKind::Internal,
         }
     }

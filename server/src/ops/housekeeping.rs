@@ -11,6 +11,7 @@ use crate::store::Tree;
 
 /// One pass of every duty; failures are logged, not fatal.
 pub async fn run_once(site: &SiteState) {
+    watch_wall_clock(site).await;
     if let Err(e) = site.prune_jti() {
         tracing::warn!(error = %e, "replay-store pruning failed");
     }
@@ -33,6 +34,40 @@ pub async fn run_once(site: &SiteState) {
     }
     if let Err(e) = site.persist_usage() {
         tracing::warn!(error = %e, "signature counts of unbudgeted keys stay in memory for now");
+    }
+}
+
+/// A wall clock that stepped (against the monotonic clock) by more than the token leeway is
+/// logged, counted (`meshsign_clock_steps_total`, alert `MeshsignClockStep`) and audited:
+/// token lifetimes and certificate validity are judged by it. The replay store is not pruned
+/// by a clock stepped ahead ([`crate::clock::WallGuard::horizon`]).
+async fn watch_wall_clock(site: &SiteState) {
+    let Some(offset) = site
+        .wall_guard
+        .step(&*site.clock, crate::enroll::LEEWAY_SECONDS)
+    else {
+        return;
+    };
+    let detail = format!(
+        "the wall clock is {offset:+} s from the site's monotonic time (steps beyond the \
+         {}s leeway are reported); spent tokens are kept until both clocks pass their expiry",
+        crate::enroll::LEEWAY_SECONDS
+    );
+    tracing::error!(offset_seconds = offset, "wall clock stepped: {detail}");
+    site.audit
+        .metrics
+        .clock_steps
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let rec = AuditRecord {
+        rpc: "ClockStep".into(),
+        decision: "allow".into(),
+        reason: "clock_step".into(),
+        environment: "(site)".into(),
+        detail,
+        ..Default::default()
+    };
+    if let Err(e) = site.audit.record(rec).await {
+        tracing::warn!(error = %e, "the clock step could not be audited");
     }
 }
 

@@ -1,5 +1,7 @@
 //! The jti replay store: a token is used once. Entries are kept until the token's `exp` plus
-//! the leeway, then pruned by housekeeping.
+//! the leeway, then pruned by housekeeping — by the earlier of the wall clock and the site's
+//! monotonic time ([`crate::clock::WallGuard`]), so a wall clock stepped ahead (a wrong NTP
+//! answer) does not forget tokens that become usable again once it steps back.
 //!
 //! Owns: the `Jti` tree and its key scheme. Must not touch: token verification (`enroll`).
 
@@ -32,7 +34,7 @@ impl SiteState {
 
     /// Removes entries whose token can no longer be used; returns how many.
     pub fn prune_jti(&self) -> Result<usize, StoreError> {
-        let now = self.clock.unix();
+        let now = self.wall_guard.horizon(&*self.clock);
         let mut removed = 0;
         for (k, v) in self.store.kv().scan_prefix(Tree::Jti, b"")? {
             let until = v.as_slice().try_into().map(i64::from_be_bytes).unwrap_or(0);

@@ -151,6 +151,9 @@ pub struct SiteState {
     seen_generation: std::sync::Mutex<Option<i64>>,
     /// Injected clock.
     pub clock: SharedClock,
+    /// The wall clock held against the monotonic one (the replay store is pruned by the
+    /// earlier of the two; steps are reported).
+    pub wall_guard: crate::clock::WallGuard,
     /// Persistent state.
     pub store: Store,
     /// Audit log.
@@ -393,6 +396,7 @@ impl SiteState {
                     clock.clone(),
                 ),
                 usage: Default::default(),
+                wall_guard: crate::clock::WallGuard::new(&*clock),
                 clock,
                 store,
                 audit,

@@ -244,7 +244,19 @@ pub fn inspect(
         }
         Err(e) => (Err(e.to_string()), None),
     };
-    let journal = read_journal(&data_dir.join(JOURNAL_FILE))?;
+    let journal_path = data_dir.join(JOURNAL_FILE);
+    let mut journal = read_journal(&journal_path)?;
+    // The start's own check: a store that ends after the journal means journal lines were cut.
+    if let (JournalState::Intact { entries, .. }, Ok((_, store_head, _))) = (&journal, &store_state)
+        && let Ok(text) = std::fs::read(&journal_path)
+        && let Ok(recovered) = journal::parse(&journal_path, &text)
+        && let Err(e) = journal::check_against_store(&journal_path, &recovered, *store_head)
+    {
+        journal = JournalState::Damaged {
+            entries: entries.clone(),
+            error: e.to_string(),
+        };
+    }
     Ok((
         Report {
             data_dir: data_dir.to_path_buf(),
