@@ -477,3 +477,89 @@ async fn signatures_acknowledged_through_the_journal_survive_a_lost_store_tail()
     );
     assert!(left.starts_with("{\"journal\":1,\"after_seq\":"), "{left}");
 }
+
+/// Issue 23 row 4: the journal only runs ahead of the store (an entry is journaled before it
+/// is stored), so a store holding entries past the journal's end means journal lines were cut
+/// — acknowledged entries that may be in neither any more. Emptied, header-only and tail-cut
+/// journals refuse the start naming the gap; a complete last line whose newline was altered is
+/// kept (its own hash proves it whole), not recorded as a loss.
+#[tokio::test]
+async fn a_cut_or_emptied_journal_refuses_the_start_and_a_whole_last_line_is_kept() {
+    let site = TestSite::start().await;
+    let (_k, _r, mut s) = site.enrolled("production").await;
+    let mut receipts = Vec::new();
+    for i in 0..5 {
+        let r = s.sign(sign_req("release", i)).await.unwrap().into_inner();
+        receipts.push((r.audit_seq, r.audit_hash));
+    }
+    drop(s);
+    let data = site.dir.path().join("data");
+    let journal_path = data.join(meshsign_server::audit::journal::JOURNAL_FILE);
+    // What the journal held while the site ran: its header, then the five Sign entries.
+    let journal = std::fs::read(&journal_path).unwrap();
+    let lines: Vec<&[u8]> = journal.split_inclusive(|b| *b == b'\n').collect();
+    assert_eq!(lines.len(), 6, "header + 5 entries");
+    let head = receipts.last().unwrap().0;
+    let TestSite {
+        dir,
+        handle,
+        clock,
+        site_toml,
+        ..
+    } = site;
+    // A clean stop: the store holds every entry durably.
+    handle.shutdown().await;
+    let open = || {
+        let cfg = meshsign_server::config::SiteConfig::load(&site_toml).unwrap();
+        meshsign_server::state::SiteState::open(cfg, Arc::new(clock.clone()))
+    };
+
+    for (what, text, ends) in [
+        ("emptied", Vec::new(), 0),
+        ("header only", lines[0].to_vec(), head - 5),
+        ("last two lines cut", lines[..4].concat(), head - 2),
+    ] {
+        std::fs::write(&journal_path, &text).unwrap();
+        let msg = open()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_else(|| panic!("{what}: the start must be refused"));
+        assert!(
+            msg.contains(&journal_path.display().to_string())
+                && msg.contains(&format!("ends at seq {ends} "))
+                && msg.contains(&format!("through seq {head}"))
+                && msg.contains("meshsignd recover"),
+            "{what}: {msg}"
+        );
+        assert_eq!(
+            std::fs::read(&journal_path).unwrap(),
+            text,
+            "{what}: a refused start leaves the journal as it found it"
+        );
+    }
+
+    // The store lost its last entry (a crash); the journal's last line is whole but its
+    // newline was flipped: the entry comes back from it, and nothing is recorded as lost.
+    {
+        use meshsign_server::store::{Kv, Tree};
+        let kv = meshsign_server::store::SledKv::open(&data).unwrap();
+        kv.remove(Tree::Audit, &head.to_be_bytes()).unwrap();
+        kv.flush().unwrap();
+    }
+    let mut flipped = journal.clone();
+    *flipped.last_mut().unwrap() = b'X';
+    std::fs::write(&journal_path, &flipped).unwrap();
+    let state = open().unwrap();
+    let handle = meshsign_server::api::start(Arc::new(state)).await.unwrap();
+    let all = handle.state.audit.all().unwrap();
+    for (seq, hash) in &receipts {
+        let e = all.iter().find(|e| e.seq == *seq).expect("kept");
+        assert_eq!(&e.hash, hash, "seq {seq} is the acknowledged entry");
+    }
+    assert!(
+        all.iter().all(|e| e.reason != "loss_recorded"),
+        "nothing was lost"
+    );
+    handle.shutdown().await;
+    drop(dir);
+}

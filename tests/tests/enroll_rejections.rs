@@ -491,3 +491,58 @@ async fn an_oversized_request_is_refused_before_it_is_read_or_recorded() {
         "the entry is bounded"
     );
 }
+
+/// Issue 23 row 5: the wall clock steps a day ahead (a wrong NTP answer) while housekeeping
+/// runs, then back. Pruning by the wall clock alone forgot the spent token during the step and
+/// enrolled it again afterwards; the replay store now waits for the monotonic clock too, and
+/// the step is logged, counted and audited.
+#[tokio::test]
+async fn a_wall_clock_step_ahead_and_back_does_not_make_a_spent_token_usable_again() {
+    let site = TestSite::start().await;
+    let mut client = site.enrollment().await;
+    let token = site.token("production");
+    let key = RunnerKey::generate().unwrap();
+    client
+        .enroll(site.enroll_request("production", token.clone(), &key))
+        .await
+        .expect("first use of the token");
+
+    site.clock.step(86_400);
+    meshsign_server::ops::housekeeping::run_once(site.state()).await;
+    assert_eq!(
+        site.state().prune_jti().unwrap(),
+        0,
+        "a clock stepped ahead prunes nothing that time has not passed for"
+    );
+    let steps: Vec<_> = site
+        .audit()
+        .into_iter()
+        .filter(|r| r.rpc == "ClockStep")
+        .collect();
+    assert_eq!(steps.len(), 1, "{steps:?}");
+    assert!(steps[0].detail.contains("+86400 s"), "{}", steps[0].detail);
+    let mut metrics = String::new();
+    site.state().audit.metrics.render(&mut metrics);
+    assert!(
+        metrics.contains("meshsign_clock_steps_total 1"),
+        "{metrics}"
+    );
+
+    site.clock.step(-86_400);
+    meshsign_server::ops::housekeeping::run_once(site.state()).await;
+    let err = client
+        .enroll(site.enroll_request("production", token, &RunnerKey::generate().unwrap()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().starts_with("jti_replay: "), "{err:?}");
+    assert_eq!(
+        site.audit().iter().filter(|r| r.rpc == "ClockStep").count(),
+        2,
+        "the step back is reported too"
+    );
+
+    // Time really passing still prunes.
+    site.clock.advance(std::time::Duration::from_secs(300 + 61));
+    assert_eq!(site.state().prune_jti().unwrap(), 1);
+}

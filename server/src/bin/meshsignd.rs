@@ -279,13 +279,12 @@ fn restore(config: &std::path::Path, snapshot: &std::path::Path) -> Result<(), S
     }
     let kek = Kek::load(&cfg.kek_file, cfg.dev).map_err(|e| e.to_string())?;
     let bytes = std::fs::read(snapshot).map_err(|e| format!("{}: {e}", snapshot.display()))?;
-    std::fs::create_dir_all(&cfg.data_dir)
-        .map_err(|e| format!("{}: {e}", cfg.data_dir.display()))?;
-    let store = Store::open_sled(&cfg.data_dir, cfg.store_cache_mib.saturating_mul(1 << 20))
-        .map_err(|e| e.to_string())?;
     let clock: meshsign_server::clock::SharedClock = Arc::new(SystemClock);
-    let r = snapshot::restore(&cfg.data_dir, &kek, &cfg.kek_file, &store, &bytes, &clock)
-        .map_err(|e| format!("{}: {e}", snapshot.display()))?;
+    let cache = cfg.store_cache_mib.saturating_mul(1 << 20);
+    let r = snapshot::restore(&cfg.data_dir, &kek, &cfg.kek_file, &bytes, &clock, |dir| {
+        Store::open_sled(dir, cache)
+    })
+    .map_err(|e| format!("{}: {e}", snapshot.display()))?;
     println!(
         "restored site {} into {}: {} records, audit log through seq {}, the restore recorded at seq {}",
         r.site_id,

@@ -79,6 +79,20 @@ pub enum StateError {
         /// What to do, for this engine.
         fix: String,
     },
+    /// The folder's store holds a site's data and its marker is gone (deleted, or a restore
+    /// was interrupted before it wrote it): never started on, never given a new identity.
+    #[error(
+        "the store {store} holds a site's data but its marker {marker} is missing (deleted, or \
+             a restore was interrupted): meshsignd will not start on it, nor give it a new \
+             identity or new runner CAs. Put the marker back, or restore a snapshot into an \
+             empty folder (meshsignd restore)"
+    )]
+    MarkerMissing {
+        /// Where the store is.
+        store: String,
+        /// The marker file that should be there.
+        marker: std::path::PathBuf,
+    },
     /// The store lost part of its data: it no longer names the site.
     #[error(
         "the store {store} lost part of its data: it no longer holds the site id that \
@@ -663,15 +677,16 @@ fn site_identity(
             // No marker: a new site, or one whose store predates markers (or lost its marker).
             crate::custody::verify_kek(store, kek)?;
             match stored {
-                Some(id) => {
-                    tracing::warn!(site_id = %id, "site marker missing; writing it again from the store");
+                // A new replica's folder: the site is in the shared database.
+                Some(id) if store.kv().chain().is_some() => {
+                    tracing::info!(site_id = %id, "a replica of a site in the database: writing its marker");
                     Ok(SiteIdentity::Known(id))
                 }
                 None if marker::store_is_empty(store)? => Ok(SiteIdentity::New),
-                None => Ok(SiteIdentity::Known(
-                    meshsign_proto::files::random_id()
-                        .map_err(|_| crate::custody::CustodyError::Crypto("rng"))?,
-                )),
+                _ => Err(StateError::MarkerMissing {
+                    store: store_location(store, data_dir),
+                    marker: SiteMarker::path(data_dir),
+                }),
             }
         }
     }

@@ -2,12 +2,21 @@
 //! JSON lines. Keys stay wrapped under the KEK (the snapshot holds the same ciphertext the store
 //! does), so a snapshot is as sensitive as the data folder, no more.
 //!
-//! Format: a header line `{"snapshot":1,"site_id",...,"audit_seq","audit_hash","marker":{…}}`,
-//! then one line per record `{"tree":"keys","key":"<hex>","value":"<base64>"}`.
+//! Format: a header line `{"snapshot":2,"site_id",...,"audit_seq","audit_hash","marker":{…}}`,
+//! then one line per record `{"tree":"keys","key":"<hex>","value":"<base64>"}`, then a trailer
+//! written last `{"end":1,"records":N,"trees":{"<tree>":n,…},"sha256":"<hex>"}` (every tree
+//! named, even empty ones; the hash covers every record line with its newline).
+//!
+//! **A restore is all or nothing.** The whole snapshot is checked first (header, every line,
+//! the trailer's counts and hash, the audit log ending where the header says); it is then
+//! written into a temporary folder beside the target (store, restore entry, journal header,
+//! marker last), and only that complete folder is renamed into place. A snapshot cut anywhere,
+//! or a failure on the way, leaves the target as it was. Version-1 snapshots (no trailer) are
+//! refused: a cut copy of one cannot be told from a whole one.
 //!
 //! Owns: the format, taking a snapshot (on the audit writer, between commits) and restoring one
 //! into an empty data folder. Must not touch: a running site's folder (restore refuses a
-//! folder that holds a site).
+//! folder that holds anything).
 
 use std::path::{Path, PathBuf};
 
@@ -15,7 +24,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use super::SiteState;
-use super::marker::{SiteMarker, store_is_empty};
+use super::marker::SiteMarker;
 use crate::audit::journal::JOURNAL_FILE;
 use crate::audit::{AuditError, AuditRecord, append_direct};
 use crate::clock::SharedClock;
@@ -83,6 +92,16 @@ struct Header {
     marker: SiteMarker,
 }
 
+/// The last line of a snapshot.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Trailer {
+    end: u32,
+    records: usize,
+    trees: std::collections::BTreeMap<String, usize>,
+    sha256: String,
+}
+
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Line {
@@ -132,7 +151,7 @@ fn encode(
     hash: &str,
 ) -> Result<(Vec<u8>, u64), SnapshotError> {
     let header = Header {
-        snapshot: 1,
+        snapshot: 2,
         site_id: marker.site_id.clone(),
         taken_at,
         audit_seq: seq,
@@ -142,7 +161,11 @@ fn encode(
     let mut out = serde_json::to_vec(&header).map_err(SnapshotError::Encode)?;
     out.push(b'\n');
     let b64 = base64::engine::general_purpose::STANDARD;
+    let mut hasher = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    let mut trees = std::collections::BTreeMap::new();
+    let mut records = 0;
     for tree in Tree::ALL {
+        let count = trees.entry(tree.name().to_string()).or_insert(0);
         for (k, v) in store.kv().scan_prefix(tree, b"")? {
             // The audit log is taken through the head the writer knows, nothing after it.
             if tree == Tree::Audit && k.as_slice() > seq.to_be_bytes().as_slice() {
@@ -153,50 +176,107 @@ fn encode(
                 key: hex::encode(&k),
                 value: b64.encode(&v),
             };
-            out.extend_from_slice(&serde_json::to_vec(&line).map_err(SnapshotError::Encode)?);
-            out.push(b'\n');
+            let mut bytes = serde_json::to_vec(&line).map_err(SnapshotError::Encode)?;
+            bytes.push(b'\n');
+            hasher.update(&bytes);
+            out.extend_from_slice(&bytes);
+            *count += 1;
+            records += 1;
         }
     }
+    let trailer = Trailer {
+        end: 1,
+        records,
+        trees,
+        sha256: hex::encode(hasher.finish().as_ref()),
+    };
+    out.extend_from_slice(&serde_json::to_vec(&trailer).map_err(SnapshotError::Encode)?);
+    out.push(b'\n');
     Ok((out, seq))
 }
 
-/// Restores `snapshot` into `data_dir`, which must hold no site. The KEK must be the site's
-/// (checked against the snapshot's marker). The audit chain continues: an entry recording the
-/// restore follows the snapshot's last entry.
-pub fn restore(
-    data_dir: &Path,
-    kek: &Kek,
-    kek_file: &Path,
-    store: &Store,
-    snapshot: &[u8],
-    clock: &SharedClock,
-) -> Result<Restored, SnapshotError> {
-    if SiteMarker::read(data_dir)?.is_some() || !store_is_empty(store)? {
-        return Err(SnapshotError::NotEmpty(data_dir.to_path_buf()));
-    }
+/// A snapshot checked whole: its header and its records.
+struct Checked {
+    header: Header,
+    records: Vec<(Tree, Vec<u8>, Vec<u8>)>,
+}
+
+/// Checks the whole snapshot before anything is written: the header, every line, the
+/// trailer's counts and hash, every tree present, the audit log ending where the header says.
+fn check(snapshot: &[u8]) -> Result<Checked, SnapshotError> {
     let bad = |line: usize, message: String| SnapshotError::Format { line, message };
-    let mut lines = snapshot.split(|b| *b == b'\n').filter(|l| !l.is_empty());
-    let header: Header =
-        serde_json::from_slice(lines.next().ok_or_else(|| bad(1, "empty".into()))?)
-            .map_err(|e| bad(1, format!("not a meshsign snapshot header: {e}")))?;
-    header.marker.check_kek(kek, kek_file, data_dir)?;
+    let Some(body) = snapshot.strip_suffix(b"\n") else {
+        return Err(bad(
+            snapshot.split(|b| *b == b'\n').count(),
+            "the snapshot does not end with a complete line: it was cut".into(),
+        ));
+    };
+    let lines: Vec<&[u8]> = body.split(|b| *b == b'\n').collect();
+    let header: Header = serde_json::from_slice(lines[0])
+        .map_err(|e| bad(1, format!("not a meshsign snapshot header: {e}")))?;
+    if header.snapshot != 2 {
+        return Err(bad(
+            1,
+            format!(
+                "snapshot version {} carries no trailer, so a cut copy cannot be told from a \
+                 whole one; take a new snapshot (meshsign admin snapshot)",
+                header.snapshot
+            ),
+        ));
+    }
+    let n = lines.len();
+    let trailer: Trailer = lines
+        .last()
+        .filter(|_| n >= 2)
+        .and_then(|l| serde_json::from_slice(l).ok())
+        .ok_or_else(|| bad(n, "no trailer: the snapshot was cut".into()))?;
     let b64 = base64::engine::general_purpose::STANDARD;
-    let mut records = 0;
-    for (i, raw) in lines.enumerate() {
-        let n = i + 2;
-        let l: Line = serde_json::from_slice(raw).map_err(|e| bad(n, e.to_string()))?;
+    let mut hasher = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    let mut records = Vec::with_capacity(n.saturating_sub(2));
+    for (i, raw) in lines[1..n - 1].iter().enumerate() {
+        let at = i + 2;
+        let l: Line = serde_json::from_slice(raw).map_err(|e| bad(at, e.to_string()))?;
         let tree =
-            Tree::from_name(&l.tree).ok_or_else(|| bad(n, format!("unknown tree {}", l.tree)))?;
-        let key = hex::decode(&l.key).map_err(|e| bad(n, e.to_string()))?;
-        let value = b64.decode(&l.value).map_err(|e| bad(n, e.to_string()))?;
-        store.kv().put(tree, &key, &value)?;
-        records += 1;
+            Tree::from_name(&l.tree).ok_or_else(|| bad(at, format!("unknown tree {}", l.tree)))?;
+        let key = hex::decode(&l.key).map_err(|e| bad(at, e.to_string()))?;
+        let value = b64.decode(&l.value).map_err(|e| bad(at, e.to_string()))?;
+        hasher.update(raw);
+        hasher.update(b"\n");
+        *counts.entry(l.tree).or_insert(0) += 1;
+        records.push((tree, key, value));
+    }
+    if trailer.records != records.len() || hex::encode(hasher.finish().as_ref()) != trailer.sha256 {
+        return Err(bad(
+            n,
+            format!(
+                "the trailer says {} records with another hash; the snapshot holds {}: it was \
+                 cut or altered",
+                trailer.records,
+                records.len()
+            ),
+        ));
+    }
+    for tree in Tree::ALL {
+        let want = trailer.trees.get(tree.name()).ok_or_else(|| {
+            bad(
+                n,
+                format!("the trailer does not name the {} section", tree.name()),
+            )
+        })?;
+        if counts.get(tree.name()).copied().unwrap_or(0) != *want {
+            return Err(bad(
+                n,
+                format!("the {} section does not hold {want} records", tree.name()),
+            ));
+        }
     }
     // The log must end where the header says, with that hash.
-    let last: Option<AuditRecord> = match store.kv().last(Tree::Audit)? {
-        Some((_, v)) => serde_json::from_slice(&v).ok(),
-        None => None,
-    };
+    let last: Option<AuditRecord> = records
+        .iter()
+        .filter(|(t, _, _)| *t == Tree::Audit)
+        .max_by(|a, b| a.1.cmp(&b.1))
+        .and_then(|(_, _, v)| serde_json::from_slice(v).ok());
     if last.as_ref().map(|r| (r.seq, r.hash.as_str()))
         != Some((header.audit_seq, header.audit_hash.as_str()))
     {
@@ -204,6 +284,77 @@ pub fn restore(
             0,
             "the audit log does not end where the header says".into(),
         ));
+    }
+    Ok(Checked { header, records })
+}
+
+/// Restores `snapshot` into `data_dir`, which must be absent or an empty folder. The KEK must
+/// be the site's (checked against the snapshot's marker). The audit chain continues: an entry
+/// recording the restore follows the snapshot's last entry. `open` opens a store in a folder
+/// (the restore builds the site in a temporary folder beside `data_dir`, then renames it).
+pub fn restore(
+    data_dir: &Path,
+    kek: &Kek,
+    kek_file: &Path,
+    snapshot: &[u8],
+    clock: &SharedClock,
+    open: impl Fn(&Path) -> Result<Store, StoreError>,
+) -> Result<Restored, SnapshotError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| SnapshotError::Io { path, source }
+    };
+    let holds_anything = match std::fs::read_dir(data_dir) {
+        Ok(mut d) => d.next().is_some(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(io(data_dir)(e)),
+    };
+    if holds_anything {
+        return Err(SnapshotError::NotEmpty(data_dir.to_path_buf()));
+    }
+    let Checked { header, records } = check(snapshot)?;
+    header.marker.check_kek(kek, kek_file, data_dir)?;
+    let name = data_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "data".into());
+    let suffix = meshsign_proto::files::random_id()
+        .map(|id| id[..8].to_string())
+        .map_err(|e| io(data_dir)(std::io::Error::other(e.to_string())))?;
+    let tmp = data_dir.with_file_name(format!(".{name}.restoring-{suffix}"));
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    let built = build(&tmp, header, records, clock, &open);
+    let done = built.and_then(|r| {
+        if data_dir.exists() {
+            std::fs::remove_dir(data_dir).map_err(io(data_dir))?;
+        }
+        std::fs::rename(&tmp, data_dir).map_err(io(data_dir))?;
+        if let Some(parent) = data_dir.parent()
+            && let Ok(d) = std::fs::File::open(parent)
+        {
+            let _ = d.sync_all();
+        }
+        Ok(r)
+    });
+    if done.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    done
+}
+
+/// Writes the checked snapshot into `dir` (a new folder): records, the restore entry, the
+/// journal header, the marker last.
+fn build(
+    dir: &Path,
+    header: Header,
+    records: Vec<(Tree, Vec<u8>, Vec<u8>)>,
+    clock: &SharedClock,
+    open: &impl Fn(&Path) -> Result<Store, StoreError>,
+) -> Result<Restored, SnapshotError> {
+    let store = open(dir)?;
+    let count = records.len();
+    for (tree, key, value) in records {
+        store.kv().put(tree, &key, &value)?;
     }
     let rec = AuditRecord {
         seq: header.audit_seq + 1,
@@ -217,9 +368,17 @@ pub fn restore(
         ),
         ..Default::default()
     };
-    let (restore_seq, restore_hash) =
-        append_direct(store, &header.marker.region, clock, &header.audit_hash, rec)?;
+    let (restore_seq, restore_hash) = append_direct(
+        &store,
+        &header.marker.region,
+        clock,
+        &header.audit_hash,
+        rec,
+    )?;
     store.flush()?;
+    drop(store);
+    let data_dir = dir;
+    let records = count;
     let journal = data_dir.join(JOURNAL_FILE);
     let head = format!(
         "{{\"journal\":1,\"after_seq\":{restore_seq},\"after_hash\":\"{restore_hash}\"}}\n"
