@@ -47,6 +47,10 @@ runner_cas = true
 
 [audit]
 checkpoint_every = 7
+
+[limits]
+enroll_per_source_per_second = 1000
+enroll_per_source_burst = 100000
 "#,
         pin.display()
     )
@@ -77,6 +81,12 @@ fn a_token_moved_away_and_back_under_load_never_signs_with_another_key() {
         // Only SoftHSM2's known crash in its exit-time destructors, after the whole body ran
         // and wrote `done`, is tolerated (see hsm.rs); a crash during the load is not.
         assert!(hsm_dir.path().join("done").exists(), "{text}");
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("acknowledged signatures"))
+        {
+            eprintln!("{line}");
+        }
         assert!(text.contains("1 passed"), "{text}");
         #[cfg(unix)]
         if !out.status.success() {
