@@ -173,7 +173,8 @@ pub fn check_against_store(
         .map(|(r, _)| r.seq)
         .or(recovered.base.as_ref().map(|(seq, _)| *seq))
         .unwrap_or(0);
-    if store_head > journal_end {
+    // A torn last piece is the start of the next entry: the store may hold that one whole.
+    if store_head > journal_end + u64::from(recovered.torn) {
         return Err(JournalError::Short {
             path: path.to_path_buf(),
             dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),

@@ -321,6 +321,7 @@ impl AuditLog {
         journal: Option<JournalAt<'_>>,
     ) -> Result<Self, AuditError> {
         let mut torn = None;
+        let mut journal_end = None;
         let journal = match journal {
             Some(at) => {
                 // A journal made just now (a new site) has nothing to account for.
@@ -336,6 +337,11 @@ impl AuditLog {
                 if recovered.torn {
                     torn = Some(recovered.torn_line);
                 }
+                journal_end = recovered
+                    .entries
+                    .last()
+                    .map(|(r, _)| r.seq)
+                    .or(recovered.base.as_ref().map(|(s, _)| *s));
                 Some(j)
             }
             None => None,
@@ -361,7 +367,14 @@ impl AuditLog {
             }
             None => (0, genesis(), 0),
         };
-        if let Some(line) = torn {
+        if torn.is_some() && journal_end.is_some_and(|end| seq > end) {
+            // The torn line's entry is whole in the store (it is stored only after the journal
+            // took it): nothing was lost.
+            tracing::info!(
+                seq,
+                "audit journal: torn last line; the store holds its entry whole"
+            );
+        } else if let Some(line) = torn {
             // The torn piece held seq `seq + 1` (or nothing acknowledged): that seq is never
             // reused for another decision; an entry recording the loss takes it.
             let path = journal.as_ref().map(|j| j.path().display().to_string());
