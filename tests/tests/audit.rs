@@ -563,3 +563,42 @@ async fn a_cut_or_emptied_journal_refuses_the_start_and_a_whole_last_line_is_kep
     handle.shutdown().await;
     drop(dir);
 }
+
+/// The window the journal check must not mistake for a cut journal: a batch made durable by a
+/// store flush (an enrollment), killed before the journal was emptied. The store then ends
+/// after the journal — and says, in the same flush, that the flush made those entries durable.
+#[tokio::test]
+async fn a_crash_between_a_store_flush_and_emptying_the_journal_is_not_a_cut_journal() {
+    let site = TestSite::start().await;
+    let (_k, _r, mut s) = site.enrolled("production").await;
+    for i in 0..2 {
+        s.sign(sign_req("release", i)).await.unwrap();
+    }
+    drop(s);
+    let data = site.dir.path().join("data");
+    let journal_path = data.join(meshsign_server::audit::journal::JOURNAL_FILE);
+    let before = std::fs::read(&journal_path).unwrap();
+    // An enrollment: its batch is made durable by a store flush, then the journal is emptied.
+    let (_k2, r2, _s2) = site.enrolled("staging").await;
+    let enrolled = site
+        .audit()
+        .into_iter()
+        .rfind(|e| e.rpc == "Enroll" && e.cert_serial == r2.serial)
+        .expect("the enrollment's entry");
+    let site = site
+        .restart_with(|_| {
+            // What a kill -9 right after the flush leaves: the journal as it was before.
+            std::fs::write(&journal_path, &before).unwrap();
+        })
+        .await;
+    let all = site.audit();
+    let e = all.iter().find(|e| e.seq == enrolled.seq).expect("kept");
+    assert_eq!(e.hash, enrolled.hash);
+    assert!(all.iter().all(|e| e.reason != "loss_recorded"));
+    let key = audit_key(&site).await;
+    verify_export(
+        &export(&site, v1::ExportAuditRequest::default()).await,
+        &key,
+    )
+    .unwrap();
+}

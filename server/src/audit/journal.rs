@@ -158,14 +158,17 @@ impl JournalError {
     }
 }
 
-/// Checks that the journal accounts for everything the store holds: every entry is journaled
-/// (or covered by the header's `after_seq`) before it reaches the store, so a store that ends
-/// after the journal means journal lines were removed — acknowledged entries that neither may
-/// hold any more. The start and `meshsignd recover` both decide with this.
+/// Checks that the journal accounts for everything the store holds: an entry is journaled
+/// (or covered by the header's `after_seq`) before it reaches the store — or, for a batch made
+/// durable by a store flush, the store itself records so (`store_durable`, flushed with the
+/// batch, before the journal is emptied). A store that ends after both means journal lines were
+/// removed: acknowledged entries that neither may hold any more. The start and `meshsignd
+/// recover` both decide with this.
 pub fn check_against_store(
     path: &Path,
     recovered: &Recovered,
     store_head: u64,
+    store_durable: u64,
 ) -> Result<(), JournalError> {
     let journal_end = recovered
         .entries
@@ -174,7 +177,7 @@ pub fn check_against_store(
         .or(recovered.base.as_ref().map(|(seq, _)| *seq))
         .unwrap_or(0);
     // A torn last piece is the start of the next entry: the store may hold that one whole.
-    if store_head > journal_end + u64::from(recovered.torn) {
+    if store_head > (journal_end + u64::from(recovered.torn)).max(store_durable) {
         return Err(JournalError::Short {
             path: path.to_path_buf(),
             dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),

@@ -740,7 +740,8 @@ fn restore_from_journal(
         AuditError::JournalState(journal::JournalError::conflict(path, seq, what))
     };
     if existed {
-        journal::check_against_store(path, recovered, head.0).map_err(AuditError::JournalState)?;
+        journal::check_against_store(path, recovered, head.0, store_durable_through(store)?)
+            .map_err(AuditError::JournalState)?;
     }
     if let Some((base_seq, base_hash)) = &recovered.base
         && *base_seq > 0
@@ -786,6 +787,19 @@ fn restore_from_journal(
     }
     store.flush()?;
     Ok(restored)
+}
+
+/// Where the store records the last seq a store flush made durable (a batch that went to the
+/// store, not the journal): written with the batch, so it is durable exactly when the batch is.
+const STORE_DURABLE_KEY: &[u8] = b"audit/store_durable_through";
+
+/// The last seq a store flush made durable (0: none recorded).
+pub fn store_durable_through(store: &Store) -> Result<u64, StoreError> {
+    Ok(store
+        .kv()
+        .get(Tree::Meta, STORE_DURABLE_KEY)?
+        .and_then(|v| v.as_slice().try_into().ok().map(u64::from_be_bytes))
+        .unwrap_or(0))
 }
 
 /// An entry that records a loss of audit entries (start-up recovery, `meshsignd recover`).
@@ -1149,6 +1163,14 @@ impl Writer {
     /// Takes back what a failed batch put into the store (seqs after `head`, through `upto`),
     /// so the next batch does not chain onto entries nobody was told of.
     fn unput(&self, head: u64, upto: u64) {
+        if store_durable_through(&self.store).is_ok_and(|m| m > head)
+            && let Err(e) = self
+                .store
+                .kv()
+                .put(Tree::Meta, STORE_DURABLE_KEY, &head.to_be_bytes())
+        {
+            tracing::warn!(error = %e, "the store-durable mark could not be taken back");
+        }
         for seq in head + 1..=upto {
             if let Err(e) = self.store.kv().remove(Tree::Audit, &seq.to_be_bytes()) {
                 tracing::error!(seq, error = %e, "a failed audit batch's entry could not be taken back; the store is repaired before the next write");
@@ -1175,6 +1197,11 @@ impl Writer {
             .is_none_or(|j| j.len() > Journal::MAX_BYTES);
         if store_scope || journal_full || self.journal_reset {
             self.put_pending()?;
+            // Flushed with the batch: a crash before the journal is emptied below leaves a
+            // store ahead of the journal that says why (not a cut journal).
+            self.store
+                .kv()
+                .put(Tree::Meta, STORE_DURABLE_KEY, &self.seq.to_be_bytes())?;
             self.store.flush()?;
             if let Some(j) = &mut self.journal {
                 // If emptying fails the journal only repeats entries the store now holds.

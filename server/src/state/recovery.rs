@@ -250,7 +250,13 @@ pub fn inspect(
     if let (JournalState::Intact { entries, .. }, Ok((_, store_head, _))) = (&journal, &store_state)
         && let Ok(text) = std::fs::read(&journal_path)
         && let Ok(recovered) = journal::parse(&journal_path, &text)
-        && let Err(e) = journal::check_against_store(&journal_path, &recovered, *store_head)
+        && let Some(store) = &store
+        && let Err(e) = journal::check_against_store(
+            &journal_path,
+            &recovered,
+            *store_head,
+            crate::audit::store_durable_through(store)?,
+        )
     {
         journal = JournalState::Damaged {
             entries: entries.clone(),
