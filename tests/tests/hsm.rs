@@ -170,37 +170,9 @@ const TEST: &str =
 
 #[test]
 fn keys_in_a_pkcs11_token_sign_rotate_survive_restarts_and_the_token_coming_and_going() {
-    let Some(hsm) = std::env::var_os("MESHSIGN_TEST_HSM_DIR") else {
-        // The parent: a token in a temp dir, then this test again in a child with its config.
-        let hsm_dir = tempfile::tempdir().unwrap();
-        let conf = meshsign_certs_dev::softhsm::token(hsm_dir.path(), LABEL).unwrap();
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([TEST, "--exact", "--nocapture", "--test-threads", "1"])
-            .env("SOFTHSM2_CONF", conf)
-            .env("MESHSIGN_TEST_HSM_DIR", hsm_dir.path())
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // The child writes `done` after its whole body ran and its site was dropped (the token
-        // closed and the library finalised). SoftHSM2 2.6.1 with OpenSSL 3 sometimes crashes
-        // in its exit-time destructors after that (about 1 run in 10 here, never during the
-        // body); that crash, and only after `done`, is tolerated — any failure before it is not.
-        let done = hsm_dir.path().join("done").exists();
-        assert!(done, "{text}");
-        assert!(text.contains("1 passed"), "{text}");
-        #[cfg(unix)]
-        if !out.status.success() {
-            use std::os::unix::process::ExitStatusExt as _;
-            assert_eq!(out.status.signal(), Some(11), "{text}");
-            eprintln!("note: SoftHSM2 crashed at process exit after the test completed");
-        }
+    let Some(hsm_dir) = meshsign_tests::in_softhsm_child(TEST, LABEL) else {
         return;
     };
-    let hsm_dir = PathBuf::from(hsm);
     let pin = hsm_dir.join("pin");
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -467,5 +439,5 @@ fn keys_in_a_pkcs11_token_sign_rotate_survive_restarts_and_the_token_coming_and_
         site.handle.shutdown().await;
     });
     drop(rt);
-    std::fs::write(hsm_dir.join("done"), b"").unwrap();
+    meshsign_tests::softhsm_child_done(&hsm_dir);
 }

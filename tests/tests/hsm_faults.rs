@@ -8,8 +8,8 @@
 //! Before the fix, object handles cached across a re-initialisation of the library let a
 //! returning token sign a runner's digest with the runner CA's or the audit key.
 //!
-//! As `hsm.rs`: the test makes the token, then runs itself again as a child process with
-//! `SOFTHSM2_CONF` set (SoftHSM2 reads it once per process).
+//! As `hsm.rs`, the body runs in a child process with its own token
+//! ([`meshsign_tests::in_softhsm_child`]).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
@@ -56,6 +56,54 @@ enroll_per_source_burst = 100000
     )
 }
 
+/// What the load has seen since the fault loop last asked: a success, a refusal. Load tasks
+/// report; the fault loop waits for the one it needs (at most 30 s).
+#[derive(Default)]
+struct Seen {
+    ok: std::sync::atomic::AtomicUsize,
+    refused: AtomicBool,
+    changed: tokio::sync::Notify,
+    /// Woken when the token is back, so refused requests do not spin meanwhile.
+    back: tokio::sync::Notify,
+}
+
+impl Seen {
+    fn ok(&self) {
+        self.ok.fetch_add(1, Ordering::SeqCst);
+        self.changed.notify_one();
+    }
+
+    /// Reports a refusal, then waits for the token to be put back (or 50 ms, whichever comes
+    /// first: a refusal right after it came back must not stall the load).
+    async fn refused(&self) {
+        self.refused.store(true, Ordering::SeqCst);
+        self.changed.notify_one();
+        let _ = tokio::time::timeout(Duration::from_millis(50), self.back.notified()).await;
+    }
+
+    async fn until(&self, done: impl Fn() -> bool) {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while !done() {
+                self.changed.notified().await;
+            }
+        })
+        .await
+        .expect("the load saw the state it waits for");
+    }
+
+    /// Waits for `n` more successes.
+    async fn until_ok(&self, n: usize) {
+        let want = self.ok.load(Ordering::SeqCst) + n;
+        self.until(|| self.ok.load(Ordering::SeqCst) >= want).await;
+    }
+
+    async fn until_refused(&self) {
+        self.refused.store(false, Ordering::SeqCst);
+        self.until(|| self.refused.load(Ordering::SeqCst)).await;
+        self.back.notify_waiters();
+    }
+}
+
 /// A refusal while the token is away must be exactly this.
 fn key_unavailable(e: &tonic::Status) -> bool {
     e.code() == Code::Unavailable && e.message().starts_with("key_unavailable: ")
@@ -64,38 +112,9 @@ fn key_unavailable(e: &tonic::Status) -> bool {
 
 #[test]
 fn a_token_moved_away_and_back_under_load_never_signs_with_another_key() {
-    let Some(hsm) = std::env::var_os("MESHSIGN_TEST_HSM_DIR") else {
-        let hsm_dir = tempfile::tempdir().unwrap();
-        let conf = meshsign_certs_dev::softhsm::token(hsm_dir.path(), LABEL).unwrap();
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([TEST, "--exact", "--nocapture", "--test-threads", "1"])
-            .env("SOFTHSM2_CONF", conf)
-            .env("MESHSIGN_TEST_HSM_DIR", hsm_dir.path())
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // Only SoftHSM2's known crash in its exit-time destructors, after the whole body ran
-        // and wrote `done`, is tolerated (see hsm.rs); a crash during the load is not.
-        assert!(hsm_dir.path().join("done").exists(), "{text}");
-        for line in text
-            .lines()
-            .filter(|l| l.starts_with("acknowledged signatures"))
-        {
-            eprintln!("{line}");
-        }
-        assert!(text.contains("1 passed"), "{text}");
-        #[cfg(unix)]
-        if !out.status.success() {
-            use std::os::unix::process::ExitStatusExt as _;
-            assert_eq!(out.status.signal(), Some(11), "{text}");
-        }
+    let Some(hsm_dir) = meshsign_tests::in_softhsm_child(TEST, LABEL) else {
         return;
     };
-    let hsm_dir = PathBuf::from(hsm);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .enable_all()
@@ -103,7 +122,7 @@ fn a_token_moved_away_and_back_under_load_never_signs_with_another_key() {
         .unwrap();
     rt.block_on(body(hsm_dir.clone()));
     drop(rt);
-    std::fs::write(hsm_dir.join("done"), b"").unwrap();
+    meshsign_tests::softhsm_child_done(&hsm_dir);
 }
 
 async fn body(hsm_dir: PathBuf) {
@@ -131,11 +150,13 @@ async fn body(hsm_dir: PathBuf) {
         .to_vec();
 
     let stop = Arc::new(AtomicBool::new(false));
+    // What the load saw so far, for the fault loop to wait on (no fixed sleeps).
+    let seen = Arc::new(Seen::default());
     let mut load = Vec::new();
     // Three signers: every acknowledged (digest, response) is kept.
     for t in 0..3u8 {
         let mut signer = signer.clone();
-        let stop = stop.clone();
+        let (stop, seen) = (stop.clone(), seen.clone());
         load.push(tokio::spawn(async move {
             let (mut acked, mut refused) = (Vec::new(), 0usize);
             let mut i = 0u32;
@@ -152,11 +173,14 @@ async fn body(hsm_dir: PathBuf) {
                     })
                     .await
                 {
-                    Ok(r) => acked.push((digest, r.into_inner())),
+                    Ok(r) => {
+                        acked.push((digest, r.into_inner()));
+                        seen.ok();
+                    }
                     Err(e) => {
                         assert!(key_unavailable(&e), "{e:?}");
                         refused += 1;
-                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        seen.refused().await;
                     }
                 }
             }
@@ -166,7 +190,7 @@ async fn body(hsm_dir: PathBuf) {
     // One enroller: every certificate issued is kept.
     {
         let site = site.clone();
-        let stop = stop.clone();
+        let (stop, seen) = (stop.clone(), seen.clone());
         load.push(tokio::spawn(async move {
             let (mut certs, mut refused) = (Vec::new(), 0usize);
             let mut client = site.enrollment().await;
@@ -174,11 +198,14 @@ async fn body(hsm_dir: PathBuf) {
                 let key = RunnerKey::generate().unwrap();
                 let req = site.enroll_request("production", site.token("production"), &key);
                 match client.enroll(req).await {
-                    Ok(r) => certs.push(r.into_inner().certificate_chain[0].clone()),
+                    Ok(r) => {
+                        certs.push(r.into_inner().certificate_chain[0].clone());
+                        seen.ok();
+                    }
                     Err(e) => {
                         assert!(key_unavailable(&e), "{e:?}");
                         refused += 1;
-                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        seen.refused().await;
                     }
                 }
             }
@@ -188,13 +215,15 @@ async fn body(hsm_dir: PathBuf) {
 
     let tokens = hsm_dir.join("tokens");
     let away = hsm_dir.join("tokens.away");
+    // Each cycle: the token goes while requests are served, stays until one is refused, comes
+    // back, and stays until one succeeds again.
     for _ in 0..20 {
-        tokio::time::sleep(Duration::from_millis(120)).await;
+        seen.until_ok(40).await;
         std::fs::rename(&tokens, &away).unwrap();
-        tokio::time::sleep(Duration::from_millis(120)).await;
+        seen.until_refused().await;
         std::fs::rename(&away, &tokens).unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    seen.until_ok(40).await;
     stop.store(true, Ordering::Relaxed);
 
     let (mut acked, mut refused, mut certs) = (Vec::new(), 0, Vec::new());
@@ -204,8 +233,8 @@ async fn body(hsm_dir: PathBuf) {
         refused += r;
         certs.extend(c);
     }
-    eprintln!(
-        "acknowledged signatures {}, certificates {}, refusals {refused}",
+    println!(
+        "report: acknowledged signatures {}, certificates {}, refusals {refused}",
         acked.len(),
         certs.len()
     );
@@ -237,24 +266,15 @@ async fn body(hsm_dir: PathBuf) {
 
     // Signing works again, and the audit log — its checkpoints signed in the token — verifies
     // from genesis under the audit key.
-    let mut resumed = false;
-    for _ in 0..100 {
-        if signer
-            .sign(v1::SignRequest {
-                key_alias: "hsm".into(),
-                input: Some(Input::Sha256Digest(vec![9; 32])),
-                artifact_name: "after".into(),
-                algorithm: "ecdsa-p256-sha256".into(),
-            })
-            .await
-            .is_ok()
-        {
-            resumed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(resumed);
+    signer
+        .sign(v1::SignRequest {
+            key_alias: "hsm".into(),
+            input: Some(Input::Sha256Digest(vec![9; 32])),
+            artifact_name: "after".into(),
+            algorithm: "ecdsa-p256-sha256".into(),
+        })
+        .await
+        .expect("signing works once the token is back");
     let lines = meshsign_tests::export(&site, v1::ExportAuditRequest::default()).await;
     let report =
         meshsign_proto::audit::verify_export(&lines, &meshsign_tests::audit_key(&site).await)
@@ -271,7 +291,84 @@ async fn body(hsm_dir: PathBuf) {
             .unwrap_or_else(|| panic!("seq {} in the log", r.audit_seq));
         assert_eq!(e.hash, r.audit_hash, "seq {}", r.audit_seq);
     }
+    // The key's objects replaced in the token by another key under the same CKA_ID and label
+    // (what a stale handle or a re-provisioned token amounts to): the site refuses to sign
+    // with it — never returns a signature under a key other than the recorded one.
+    replace_key_in_token("meshsign production/hsm@v1");
+    let mut refusal = None;
+    for i in 0..3u8 {
+        match signer
+            .sign(v1::SignRequest {
+                key_alias: "hsm".into(),
+                input: Some(Input::Sha256Digest(vec![i; 32])),
+                artifact_name: "swapped".into(),
+                algorithm: "ecdsa-p256-sha256".into(),
+            })
+            .await
+        {
+            Ok(r) => panic!(
+                "signed with a key the site did not record: {}",
+                r.into_inner().key_id
+            ),
+            Err(e) => refusal = Some(e),
+        }
+    }
+    let e = refusal.unwrap();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().starts_with("key_unavailable: "), "{e:?}");
+    assert!(e.message().contains("recorded public key"), "{e:?}");
+    let last = site.last_audit();
+    assert_eq!(
+        (last.rpc.as_str(), last.reason.as_str()),
+        ("Sign", "key_unavailable")
+    );
     drop(signer);
     let site = Arc::try_unwrap(site).ok().expect("the load is over");
     site.handle.shutdown().await;
+}
+
+/// Deletes the key pair labelled `label` from the token and generates another P-256 pair with
+/// the same CKA_ID and label (through cryptoki, as an operator's tool would).
+fn replace_key_in_token(label: &str) {
+    use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+    use cryptoki::mechanism::Mechanism;
+    use cryptoki::object::{Attribute, AttributeType};
+    use cryptoki::session::UserType;
+    let ctx = Pkcs11::new(MODULE).unwrap();
+    let _ = ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK));
+    let slot = ctx
+        .get_slots_with_token()
+        .unwrap()
+        .into_iter()
+        .find(|s| ctx.get_token_info(*s).unwrap().label().trim_end() == LABEL)
+        .unwrap();
+    let s = ctx.open_rw_session(slot).unwrap();
+    let _ = s.login(UserType::User, Some(&"1234".to_string().into()));
+    let objects = s
+        .find_objects(&[Attribute::Label(label.as_bytes().to_vec())])
+        .unwrap();
+    assert_eq!(objects.len(), 2, "the key pair");
+    let id = match &s.get_attributes(objects[0], &[AttributeType::Id]).unwrap()[..] {
+        [Attribute::Id(id)] => id.clone(),
+        other => panic!("{other:?}"),
+    };
+    for o in objects {
+        s.destroy_object(o).unwrap();
+    }
+    let common = vec![
+        Attribute::Token(true),
+        Attribute::Id(id),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ];
+    let mut public = common.clone();
+    public.extend([
+        Attribute::Verify(true),
+        Attribute::EcParams(vec![
+            0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07,
+        ]),
+    ]);
+    let mut private = common;
+    private.extend([Attribute::Private(true), Attribute::Sign(true)]);
+    s.generate_key_pair(&Mechanism::EccKeyPairGen, &public, &private)
+        .unwrap();
 }
