@@ -82,19 +82,6 @@ pub struct AdminIdentity {
 }
 
 impl ClientConfig {
-    /// The connect and RPC timeouts (config, or the defaults).
-    pub fn timeouts(&self) -> crate::transport::Timeouts {
-        let d = crate::transport::Timeouts::default();
-        crate::transport::Timeouts {
-            connect: self
-                .connect_timeout_seconds
-                .map_or(d.connect, std::time::Duration::from_secs),
-            rpc: self
-                .rpc_timeout_seconds
-                .map_or(d.rpc, std::time::Duration::from_secs),
-        }
-    }
-
     /// Reads a config file.
     pub fn load(path: &Path) -> Result<Self, ClientError> {
         let text = std::fs::read_to_string(path).map_err(ClientError::io(path))?;

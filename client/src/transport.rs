@@ -90,13 +90,28 @@ impl Default for Timeouts {
     }
 }
 
+impl Timeouts {
+    /// The connect and RPC timeouts of a client config (its own, or the defaults).
+    pub fn of(cfg: &ClientConfig) -> Self {
+        let d = Self::default();
+        Self {
+            connect: cfg
+                .connect_timeout_seconds
+                .map_or(d.connect, std::time::Duration::from_secs),
+            rpc: cfg
+                .rpc_timeout_seconds
+                .map_or(d.rpc, std::time::Duration::from_secs),
+        }
+    }
+}
+
 /// Opens a gRPC channel to one of `cfg`'s endpoints with its server name and timeouts.
 pub async fn connect_to(
     cfg: &ClientConfig,
     endpoint: &str,
     tls: Arc<TlsConfig>,
 ) -> Result<Channel, ClientError> {
-    connect_with(endpoint, &cfg.server_name, tls, cfg.timeouts()).await
+    connect_with(endpoint, &cfg.server_name, tls, Timeouts::of(cfg)).await
 }
 
 /// [`connect_with`] with the default timeouts.
