@@ -660,3 +660,99 @@ pub fn in_softhsm_child(test: &str, label: &str) -> Option<PathBuf> {
 pub fn softhsm_child_done(hsm_dir: &Path) {
     std::fs::write(hsm_dir.join("done"), b"").unwrap();
 }
+
+/// A storage engine whose audit entry `seq` cannot be read (a damaged page: the engine's
+/// checksum fails when the page is read, as sled's "Read corrupted data at file offset …").
+/// Everything else reads and writes as sled does.
+pub struct UnreadableEntryKv {
+    inner: SledKv,
+    seq: u64,
+}
+
+impl UnreadableEntryKv {
+    /// Wraps sled; audit entry `seq` is unreadable.
+    pub fn new(inner: SledKv, seq: u64) -> Self {
+        Self { inner, seq }
+    }
+
+    fn damaged(&self, t: meshsign_server::store::Tree, k: &[u8]) -> bool {
+        t == meshsign_server::store::Tree::Audit && k == self.seq.to_be_bytes().as_slice()
+    }
+
+    fn read_error() -> meshsign_server::store::StoreError {
+        meshsign_server::store::StoreError::Engine(
+            "Read corrupted data at file offset 1918128".into(),
+        )
+    }
+
+    fn rows(
+        &self,
+        t: meshsign_server::store::Tree,
+        rows: Vec<meshsign_server::store::Entry>,
+    ) -> Result<Vec<meshsign_server::store::Entry>, meshsign_server::store::StoreError> {
+        if rows.iter().any(|(k, _)| self.damaged(t, k)) {
+            return Err(Self::read_error());
+        }
+        Ok(rows)
+    }
+}
+
+impl Kv for UnreadableEntryKv {
+    fn get(
+        &self,
+        t: meshsign_server::store::Tree,
+        k: &[u8],
+    ) -> Result<Option<Vec<u8>>, meshsign_server::store::StoreError> {
+        if self.damaged(t, k) {
+            return Err(Self::read_error());
+        }
+        self.inner.get(t, k)
+    }
+    fn put(
+        &self,
+        t: meshsign_server::store::Tree,
+        k: &[u8],
+        v: &[u8],
+    ) -> Result<(), meshsign_server::store::StoreError> {
+        self.inner.put(t, k, v)
+    }
+    fn insert_new(
+        &self,
+        t: meshsign_server::store::Tree,
+        k: &[u8],
+        v: &[u8],
+    ) -> Result<bool, meshsign_server::store::StoreError> {
+        self.inner.insert_new(t, k, v)
+    }
+    fn remove(
+        &self,
+        t: meshsign_server::store::Tree,
+        k: &[u8],
+    ) -> Result<(), meshsign_server::store::StoreError> {
+        self.inner.remove(t, k)
+    }
+    fn scan_prefix(
+        &self,
+        t: meshsign_server::store::Tree,
+        p: &[u8],
+    ) -> Result<Vec<meshsign_server::store::Entry>, meshsign_server::store::StoreError> {
+        self.rows(t, self.inner.scan_prefix(t, p)?)
+    }
+    fn scan_range(
+        &self,
+        t: meshsign_server::store::Tree,
+        f: &[u8],
+        l: usize,
+    ) -> Result<Vec<meshsign_server::store::Entry>, meshsign_server::store::StoreError> {
+        self.rows(t, self.inner.scan_range(t, f, l)?)
+    }
+    fn last(
+        &self,
+        t: meshsign_server::store::Tree,
+    ) -> Result<Option<meshsign_server::store::Entry>, meshsign_server::store::StoreError> {
+        self.inner.last(t)
+    }
+    fn flush(&self) -> Result<(), meshsign_server::store::StoreError> {
+        self.inner.flush()
+    }
+}

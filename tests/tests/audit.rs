@@ -602,3 +602,147 @@ async fn a_crash_between_a_store_flush_and_emptying_the_journal_is_not_a_cut_jou
     )
     .unwrap();
 }
+
+/// Issue 23 row 7: one byte flipped in the store's file of a running site (24 places spread
+/// over it, each on its own copy, as a kill -9 leaves it). Each copy either refuses to start — naming where the readable audit log ends when
+/// it is the log that is damaged — or starts with every acknowledged entry readable. Before,
+/// a damaged audit page let the site start and sign; only a later full export failed.
+#[tokio::test]
+async fn a_flipped_byte_in_the_store_refuses_the_start_or_loses_nothing() {
+    let site = TestSite::start().await;
+    let (_k, _r, mut s) = site.enrolled("production").await;
+    let mut receipts = Vec::new();
+    for i in 0..300u32 {
+        let r = s
+            .sign(sign_req("release", (i % 250) as u8))
+            .await
+            .unwrap()
+            .into_inner();
+        receipts.push((r.audit_seq, r.audit_hash));
+    }
+    drop(s);
+    // What a kill -9 leaves: the store's files as the engine last wrote them, the site running.
+    site.state().store.flush().unwrap();
+    let (clock, site_toml) = (site.clock.clone(), site.site_toml.clone());
+    let data = site.dir.path().join("data");
+    let db = data.join("db");
+    // Flips land where the file holds data (sled preallocates zeroed segments).
+    let used: Vec<usize> = std::fs::read(&db)
+        .unwrap()
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| **b != 0)
+        .map(|(i, _)| i)
+        .collect();
+    let copies = tempfile::tempdir().unwrap();
+    let (mut refused, mut intact) = (Vec::new(), 0);
+    for k in 0..FLIPS {
+        let copy = copies.path().join(format!("c{k}"));
+        copy_dir(&data, &copy);
+        let at = used[used.len() * (2 * k + 1) / (2 * FLIPS)];
+        let mut bytes = std::fs::read(copy.join("db")).unwrap();
+        bytes[at] ^= 0x5a;
+        std::fs::write(copy.join("db"), bytes).unwrap();
+        let mut cfg = meshsign_server::config::SiteConfig::load(&site_toml).unwrap();
+        cfg.data_dir = copy.clone();
+        match meshsign_server::state::SiteState::open(cfg, Arc::new(clock.clone())) {
+            Err(e) => {
+                let msg = e.to_string();
+                if msg.contains("audit log cannot be read") {
+                    assert!(
+                        msg.contains("past seq") && msg.contains("meshsignd recover"),
+                        "{msg}"
+                    );
+                }
+                refused.push(msg);
+            }
+            Ok(state) => {
+                let handle = meshsign_server::api::start(Arc::new(state)).await.unwrap();
+                let all = handle
+                    .state
+                    .audit
+                    .all()
+                    .unwrap_or_else(|e| panic!("byte {at}: the site started, then: {e}"));
+                for (seq, hash) in &receipts {
+                    let e = all.iter().find(|e| e.seq == *seq);
+                    assert_eq!(e.map(|e| &e.hash), Some(hash), "byte {at}: seq {seq}");
+                }
+                handle.shutdown().await;
+                intact += 1;
+            }
+        }
+    }
+    eprintln!(
+        "report: {} of {FLIPS} flips refused, {intact} started intact; {:?}",
+        refused.len(),
+        refused
+            .iter()
+            .map(|m| &m[..m.len().min(120)])
+            .collect::<Vec<_>>()
+    );
+}
+
+/// Byte flips in the flipped-store test.
+const FLIPS: usize = 60;
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// Issue 23 row 7, engine-neutral: one audit entry in the middle of the log cannot be read (a
+/// damaged page the engine's own start did not touch). The start reads the whole log and
+/// refuses, naming where the readable log ends — before, the site started writable and only a
+/// full export found the damage.
+#[tokio::test]
+async fn an_unreadable_audit_page_refuses_the_start_naming_the_seq() {
+    let site = TestSite::start().await;
+    let (_k, _r, mut s) = site.enrolled("production").await;
+    let mut last = 0;
+    for i in 0..20 {
+        last = s
+            .sign(sign_req("release", i))
+            .await
+            .unwrap()
+            .into_inner()
+            .audit_seq;
+    }
+    drop(s);
+    let TestSite {
+        dir,
+        handle,
+        clock,
+        site_toml,
+        ..
+    } = site;
+    handle.shutdown().await;
+    let damaged = last - 10;
+    let cfg = meshsign_server::config::SiteConfig::load(&site_toml).unwrap();
+    let kv = meshsign_tests::UnreadableEntryKv::new(
+        meshsign_server::store::SledKv::open(&cfg.data_dir).unwrap(),
+        damaged,
+    );
+    let e = meshsign_server::state::SiteState::open_with(
+        cfg,
+        Arc::new(clock.clone()),
+        meshsign_server::audit::AuditSettings::default(),
+        Some(Arc::new(kv)),
+    )
+    .err()
+    .expect("a start on an unreadable audit page is refused");
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&format!("cannot be read past seq {}", damaged - 1))
+            && msg.contains("Read corrupted data")
+            && msg.contains("meshsignd recover"),
+        "{msg}"
+    );
+    drop(dir);
+}

@@ -81,6 +81,20 @@ pub enum AuditError {
     /// The Merkle tree could not be read or built.
     #[error("audit Merkle tree: {0}")]
     Tree(String),
+    /// The store's audit log cannot be read through (a damaged page, a gap).
+    #[error(
+        "the store's audit log in {dir} cannot be read past seq {after}: {cause}. The store's \
+             files are damaged; meshsignd does not start on them. Restore a snapshot (meshsignd \
+             restore), or run `meshsignd recover --data-dir {dir}` to see what is intact"
+    )]
+    Unreadable {
+        /// The data folder.
+        dir: String,
+        /// The last seq read intact.
+        after: u64,
+        /// What failed.
+        cause: String,
+    },
     /// The writer thread is gone (site shutting down).
     #[error("audit writer stopped")]
     Stopped,
@@ -320,6 +334,11 @@ impl AuditLog {
         settings: AuditSettings,
         journal: Option<JournalAt<'_>>,
     ) -> Result<Self, AuditError> {
+        if store.kv().chain().is_none()
+            && let Some(at) = &journal
+        {
+            check_readable(&store, at.path.parent().unwrap_or(at.path))?;
+        }
         let mut torn = None;
         let mut journal_end = None;
         let journal = match journal {
@@ -787,6 +806,62 @@ fn restore_from_journal(
     }
     store.flush()?;
     Ok(restored)
+}
+
+/// Reads every stored entry of the audit log once, in order: the engine checks each page as it
+/// reads it (sled: a checksum per record), so a damaged page is found at start — naming where
+/// the readable log ends — not by an export months later while the site kept signing. Keys
+/// must follow each other without a gap (retention removes only from the front). Returns how
+/// many entries were read. O(entries) reads at start; not done on a shared database.
+pub fn check_readable(store: &Store, dir: &std::path::Path) -> Result<u64, AuditError> {
+    const CHUNK: usize = 8192;
+    let unreadable = |after: u64, cause: String| AuditError::Unreadable {
+        dir: dir.display().to_string(),
+        after,
+        cause,
+    };
+    let (mut next, mut last, mut count) = (0u64, None::<u64>, 0u64);
+    // After a chunk fails to read, one entry at a time through it, to name where the log stops.
+    let mut single = 0usize;
+    loop {
+        let limit = if single > 0 { 1 } else { CHUNK };
+        let rows = match store
+            .kv()
+            .scan_range(Tree::Audit, &next.to_be_bytes(), limit)
+        {
+            Ok(rows) => rows,
+            Err(e) if single > 0 => return Err(unreadable(last.unwrap_or(0), e.to_string())),
+            Err(_) => {
+                single = CHUNK;
+                continue;
+            }
+        };
+        single = single.saturating_sub(1);
+        for (k, _) in &rows {
+            let seq = <[u8; 8]>::try_from(k.as_slice())
+                .map(u64::from_be_bytes)
+                .map_err(|_| {
+                    unreadable(
+                        last.unwrap_or(0),
+                        format!("a key of {} bytes is not a seq", k.len()),
+                    )
+                })?;
+            if let Some(prev) = last
+                && seq != prev + 1
+            {
+                return Err(unreadable(
+                    prev,
+                    format!("the next stored entry is seq {seq}"),
+                ));
+            }
+            last = Some(seq);
+            count += 1;
+        }
+        match last {
+            Some(l) if !rows.is_empty() => next = l + 1,
+            _ => return Ok(count),
+        }
+    }
 }
 
 /// Where the store records the last seq a store flush made durable (a batch that went to the

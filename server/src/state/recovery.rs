@@ -234,12 +234,15 @@ pub fn inspect(
     let marker = SiteMarker::read(data_dir).map_err(|e| e.to_string());
     let (store_state, store) = match open() {
         Ok(store) => {
-            let state = (|| -> Result<_, StoreError> {
-                let id = marker::store_site_id(&store)?;
-                let (seq, hash) = head(&store)?;
+            let state = (|| -> Result<_, String> {
+                let id = marker::store_site_id(&store).map_err(|e| e.to_string())?;
+                // The start reads the whole log; so does the report.
+                if store.kv().chain().is_none() {
+                    crate::audit::check_readable(&store, data_dir).map_err(|e| e.to_string())?;
+                }
+                let (seq, hash) = head(&store).map_err(|e| e.to_string())?;
                 Ok((id, seq, hash))
-            })()
-            .map_err(|e| e.to_string());
+            })();
             (state, Some(store))
         }
         Err(e) => (Err(e.to_string()), None),
