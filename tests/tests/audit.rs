@@ -735,8 +735,7 @@ async fn an_unreadable_audit_page_refuses_the_start_naming_the_seq() {
         meshsign_server::audit::AuditSettings::default(),
         Some(Arc::new(kv)),
     )
-    .err()
-    .expect("a start on an unreadable audit page is refused");
+    .expect_err("a start on an unreadable audit page is refused");
     let msg = e.to_string();
     assert!(
         msg.contains(&format!("cannot be read past seq {}", damaged - 1))
