@@ -213,6 +213,53 @@ impl LocalPostgres {
         Some(total / ticks_per_second)
     }
 
+    /// The server's processes: the postmaster (from `postmaster.pid`) and its children.
+    fn pids(&self) -> Vec<u32> {
+        let Some(postmaster) = std::fs::read_to_string(self.data().join("postmaster.pid"))
+            .ok()
+            .and_then(|t| t.lines().next()?.trim().parse::<u32>().ok())
+        else {
+            return Vec::new();
+        };
+        let parent = |pid: &str| -> Option<u32> {
+            let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            text.rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        };
+        let mut pids = vec![postmaster];
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.bytes().all(|b| b.is_ascii_digit())
+                && parent(&name) == Some(postmaster)
+                && let Ok(pid) = name.parse()
+            {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`) to the server and its backends: with `STOP` the server
+    /// keeps its sockets open (the kernel still accepts and acknowledges) and answers nothing.
+    pub fn signal(&self, signal: &str) -> std::io::Result<()> {
+        let pids = self.pids();
+        if pids.is_empty() {
+            return Err(std::io::Error::other("the server is not running"));
+        }
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .args(pids.iter().map(u32::to_string))
+            .status()?;
+        if !status.success() {
+            return Err(std::io::Error::other(format!("kill -{signal}: {status}")));
+        }
+        Ok(())
+    }
+
     /// The cluster's folder (its log is `log` there).
     pub fn path(&self) -> &Path {
         self.dir.path()

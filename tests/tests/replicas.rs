@@ -511,3 +511,151 @@ async fn a_password_file_readable_by_others_is_refused_by_name() {
     std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o600)).unwrap();
     open().unwrap();
 }
+
+/// Issue 23 row 6: PostgreSQL stopped (SIGSTOP: its sockets stay open, it answers nothing)
+/// under load at two replicas. Every request ends within a few statement timeouts — none hangs
+/// for the request timeout —, health answers at once on fresh TLS connections and says
+/// NOT_SERVING on both replicas, then SERVING again after SIGCONT, and signing resumes without
+/// a restart; one chain, no seq twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_database_fails_fast_says_not_serving_and_recovers() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    const TIMEOUT_MS: u64 = 1000;
+    let pg = LocalPostgres::start().unwrap();
+    let section = format!(
+        "{}statement_timeout_ms = {TIMEOUT_MS}\n",
+        store_section(&pg)
+    );
+    let a = TestSite::start_with(&section, None).await;
+    let b = a.replica("b").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    type Outcome = (Duration, Result<u64, String>);
+    let outcomes: Arc<Mutex<Vec<Outcome>>> = Arc::default();
+    let mut workers = Vec::new();
+    for (i, site) in [&a, &a, &b, &b].into_iter().enumerate() {
+        let (_k, _r, mut signer) = site.enrolled("staging").await;
+        let (stop, outcomes) = (stop.clone(), outcomes.clone());
+        workers.push(tokio::spawn(async move {
+            let mut n = 0u8;
+            while !stop.load(Ordering::SeqCst) {
+                n = n.wrapping_add(1);
+                let t = std::time::Instant::now();
+                let r = signer.sign(sign_req("release", n ^ i as u8)).await;
+                let outcome = match r {
+                    Ok(r) => Ok(r.into_inner().audit_seq),
+                    Err(e) => Err(format!("{:?} {}", e.code(), e.message())),
+                };
+                let failed = outcome.is_err();
+                outcomes.lock().unwrap().push((t.elapsed(), outcome));
+                if failed {
+                    // Pace refusals (the database is away); successes run flat out.
+                    tokio::task::yield_now().await;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }));
+    }
+    wait_status(&a, &b, 1, Duration::from_secs(5)).await;
+
+    pg.signal("STOP").unwrap();
+    let stopped_at = outcomes.lock().unwrap().len();
+    wait_status(&a, &b, 2, Duration::from_secs(8)).await;
+    // Keep it stopped a while longer under load.
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < until {
+        let (_, took) = health(&a).await;
+        assert!(took < Duration::from_secs(2), "health took {took:?}");
+    }
+    pg.signal("CONT").unwrap();
+    let resumed_at = outcomes.lock().unwrap().len();
+    wait_status(&a, &b, 1, Duration::from_secs(10)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let ok = {
+            let o = outcomes.lock().unwrap();
+            o.len() > resumed_at + 20 && o[o.len() - 8..].iter().all(|(_, r)| r.is_ok())
+        };
+        if ok {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "signing resumes");
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    for w in workers {
+        w.await.unwrap();
+    }
+    let outcomes = outcomes.lock().unwrap().clone();
+    let during = &outcomes[stopped_at..resumed_at];
+    let refused: Vec<_> = during.iter().filter(|(_, r)| r.is_err()).collect();
+    assert!(
+        !refused.is_empty(),
+        "requests were refused while it was stopped"
+    );
+    for (_, r) in &refused {
+        let e = r.as_ref().unwrap_err();
+        assert!(e.starts_with("Unavailable "), "{e}");
+    }
+    // No request waited anywhere near the 30 s request timeout: a Sign makes a few store
+    // calls, each bounded by the statement timeout.
+    let slowest = outcomes.iter().map(|(d, _)| *d).max().unwrap();
+    let mut failed: Vec<Duration> = refused.iter().map(|(d, _)| *d).collect();
+    failed.sort();
+    eprintln!(
+        "report: {} requests, {} refused while stopped; refusal latency median {:?}, slowest \
+         request {slowest:?} (statement timeout {TIMEOUT_MS} ms)",
+        outcomes.len(),
+        refused.len(),
+        failed[failed.len() / 2]
+    );
+    assert!(
+        slowest < Duration::from_millis(8 * TIMEOUT_MS),
+        "slowest request {slowest:?}"
+    );
+    let mut seqs: Vec<u64> = outcomes
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().ok().copied())
+        .collect();
+    let n = seqs.len();
+    seqs.sort();
+    seqs.dedup();
+    assert_eq!(seqs.len(), n, "no seq acknowledged twice");
+    verify_chain(&a).await;
+}
+
+/// The overall health of `site` through a fresh TLS connection, and how long the handshake and
+/// the check took (at most 2 s, or the test fails).
+async fn health(site: &TestSite) -> (i32, Duration) {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let t = std::time::Instant::now();
+    let status = tokio::time::timeout(Duration::from_secs(2), async {
+        HealthClient::new(site.enroll_channel().await)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map(|r| r.into_inner().status)
+    })
+    .await
+    .expect("a TLS handshake and a health check answer within 2 s")
+    .unwrap();
+    (status, t.elapsed())
+}
+
+/// Polls both replicas' health until both say `want` (1 SERVING, 2 NOT_SERVING).
+async fn wait_status(a: &TestSite, b: &TestSite, want: i32, within: Duration) {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let (sa, _) = health(a).await;
+        let (sb, _) = health(b).await;
+        if sa == want && sb == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "health {want} on both replicas within {within:?} (now {sa}, {sb})"
+        );
+    }
+}

@@ -222,6 +222,7 @@ async fn dispatch(command: Command) -> Result<(), String> {
                     url,
                     password_file: None,
                     pool_size: 8,
+                    statement_timeout: std::time::Duration::from_secs(5),
                 });
             }
             if let (Some(module), Some(token_label), Some(pin_file)) =

@@ -106,6 +106,8 @@ struct RawStore {
     password_file: Option<PathBuf>,
     #[serde(default = "default_pool_size")]
     pool_size: usize,
+    #[serde(default = "default_statement_timeout_ms")]
+    statement_timeout_ms: u64,
 }
 
 impl Default for RawStore {
@@ -116,12 +118,17 @@ impl Default for RawStore {
             url: None,
             password_file: None,
             pool_size: default_pool_size(),
+            statement_timeout_ms: default_statement_timeout_ms(),
         }
     }
 }
 
 fn default_pool_size() -> usize {
     8
+}
+
+fn default_statement_timeout_ms() -> u64 {
+    5000
 }
 
 /// The storage engine (`[store] engine`).
@@ -144,6 +151,12 @@ pub struct PostgresStore {
     pub password_file: Option<PathBuf>,
     /// Connections for store calls.
     pub pool_size: usize,
+    /// The longest any database call may take (`[store] statement_timeout_ms`, default 5000):
+    /// a server that does not answer in time (stopped, partitioned, locked) fails the call
+    /// `UNAVAILABLE`. Enforced on both sides: as PostgreSQL's `statement_timeout` and
+    /// `lock_timeout`, and by the site, which stops waiting (a stopped server answers nothing,
+    /// not even a cancel). Must be shorter than `[limits] request_timeout_seconds`.
+    pub statement_timeout: std::time::Duration,
 }
 
 /// Whether a connection URL carries a password (`user:password@` or a `password=` parameter).
@@ -873,10 +886,19 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
             if raw.store.pool_size == 0 || raw.store.pool_size > 256 {
                 return Err(invalid("store.pool_size", "1 to 256"));
             }
+            let request_ms = raw.limits.request_timeout_seconds.saturating_mul(1000);
+            if raw.store.statement_timeout_ms < 100 || raw.store.statement_timeout_ms >= request_ms
+            {
+                return Err(invalid(
+                    "store.statement_timeout_ms",
+                    "from 100 to less than limits.request_timeout_seconds (in milliseconds)",
+                ));
+            }
             Some(PostgresStore {
                 url,
                 password_file: raw.store.password_file.clone().map(&abs),
                 pool_size: raw.store.pool_size,
+                statement_timeout: std::time::Duration::from_millis(raw.store.statement_timeout_ms),
             })
         }
     };

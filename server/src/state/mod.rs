@@ -300,6 +300,7 @@ impl SiteState {
                         .map(|p| read_password(p, file_config.dev))
                         .transpose()?,
                     pool_size: pg.pool_size,
+                    statement_timeout: pg.statement_timeout,
                 },
             )?)),
             (None, None) => Store::open_sled(

@@ -19,6 +19,19 @@
 //! **Outages.** A connection that fails is replaced on the next call; while the server is
 //! unreachable every call fails with [`StoreError::Unavailable`], which the use cases report as
 //! `UNAVAILABLE`; service resumes by itself when PostgreSQL is back.
+//!
+//! **Stalls.** A server that accepts and then answers nothing (stopped, a lock held, a network
+//! that drops replies) must not hold the site: every call has a deadline (`[store]
+//! statement_timeout_ms`). The server enforces it where it can (`statement_timeout`,
+//! `lock_timeout`); the site enforces it always — the caller stops waiting at the deadline and
+//! gets `UNAVAILABLE`. A call whose caller already gave up is not started; a connection whose
+//! call overran its deadline is closed when the call returns (an open transaction on it is
+//! rolled back by the server). Callers on the async runtime wait with `block_in_place`, so a
+//! stalled database never starves TLS handshakes or health checks of runtime threads. A statement
+//! that the server completes after its caller gave up may still take effect: each is
+//! idempotent or fails closed (a jti claimed by a call reported as failed is refused later,
+//! never used twice); an audit batch committed that way holds entries whose requests were
+//! refused — recorded, never lost.
 
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -67,6 +80,8 @@ pub struct PgSettings {
     pub password: Option<zeroize::Zeroizing<String>>,
     /// Connections for store calls (the audit writer has one more).
     pub pool_size: usize,
+    /// The longest a call may take (see the module docs).
+    pub statement_timeout: Duration,
 }
 
 impl std::fmt::Debug for PgSettings {
@@ -75,6 +90,7 @@ impl std::fmt::Debug for PgSettings {
             .field("url", &self.url)
             .field("password", &self.password.as_ref().map(|_| "[redacted]"))
             .field("pool_size", &self.pool_size)
+            .field("statement_timeout", &self.statement_timeout)
             .finish()
     }
 }
@@ -100,7 +116,16 @@ impl PgSettings {
             c.password(p.as_bytes());
         }
         c.application_name("meshsignd");
-        c.connect_timeout(Duration::from_secs(5));
+        let ms = self.statement_timeout.as_millis();
+        c.options(&format!(
+            "-c statement_timeout={ms} -c lock_timeout={ms} \
+             -c idle_in_transaction_session_timeout={}",
+            ms.saturating_mul(4)
+        ));
+        c.connect_timeout(self.statement_timeout.min(Duration::from_secs(5)));
+        c.keepalives(true);
+        c.keepalives_idle(Duration::from_secs(10));
+        c.tcp_user_timeout(self.statement_timeout.max(Duration::from_secs(1)));
         Ok(c)
     }
 
@@ -115,7 +140,77 @@ type Job = Box<dyn FnOnce(&mut Option<Client>) + Send>;
 pub struct PgKv {
     settings: PgSettings,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
-    writer: Arc<Mutex<Option<Client>>>,
+    /// The audit writer's connection, on a thread of its own (calls in order).
+    writer: Mutex<Option<mpsc::Sender<Job>>>,
+}
+
+/// Waits for a call's answer until `deadline`; on the async runtime's threads without holding
+/// one of them (`block_in_place`).
+fn wait<T>(
+    answer: mpsc::Receiver<Result<T, StoreError>>,
+    timeout: Duration,
+) -> Result<T, StoreError> {
+    let recv = || match answer.recv_timeout(timeout) {
+        Ok(out) => out,
+        Err(mpsc::RecvTimeoutError::Timeout) => Err(StoreError::Unavailable(format!(
+            "PostgreSQL did not answer within {} ms ([store] statement_timeout_ms)",
+            timeout.as_millis()
+        ))),
+        Err(mpsc::RecvTimeoutError::Disconnected) => {
+            Err(StoreError::Unavailable("a store thread ended".into()))
+        }
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(recv)
+        }
+        _ => recv(),
+    }
+}
+
+/// A job for a connection thread that runs `f` only if its caller still waits, and closes the
+/// connection if `f` overran the deadline (its caller gave up: whatever state the session was
+/// left in, a transaction among it, goes with it).
+fn deadline_job<T: Send + 'static>(
+    deadline: std::time::Instant,
+    reply: mpsc::SyncSender<Result<T, StoreError>>,
+    f: impl FnOnce(&mut Option<Client>) -> Result<T, StoreError> + Send + 'static,
+) -> Job {
+    Box::new(move |slot| {
+        if std::time::Instant::now() >= deadline {
+            return;
+        }
+        let out = f(slot);
+        if std::time::Instant::now() >= deadline {
+            if let Some(c) = slot.take() {
+                drop(c);
+            }
+            return;
+        }
+        let _ = reply.send(out);
+    })
+}
+
+/// Starts a thread named `name` that owns one connection and runs jobs from `rx` in turn.
+fn connection_thread(
+    name: String,
+    rx: Arc<Mutex<mpsc::Receiver<Job>>>,
+    first: Option<Client>,
+) -> Result<(), StoreError> {
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(move || {
+            let mut conn: Option<Client> = first;
+            loop {
+                let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+                    Ok(job) => job,
+                    Err(_) => return,
+                };
+                job(&mut conn);
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| StoreError::Engine(Box::new(e)))
 }
 
 impl std::fmt::Debug for PgKv {
@@ -157,36 +252,37 @@ impl PgKv {
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..settings.pool_size.max(1) {
-            let rx = rx.clone();
-            std::thread::Builder::new()
-                .name(format!("pg-{i}"))
-                .spawn(move || {
-                    let mut conn: Option<Client> = None;
-                    loop {
-                        let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
-                            Ok(job) => job,
-                            Err(_) => return,
-                        };
-                        job(&mut conn);
-                    }
-                })
-                .map_err(|e| StoreError::Engine(Box::new(e)))?;
+            connection_thread(format!("pg-{i}"), rx.clone(), None)?;
         }
+        let (wtx, wrx) = mpsc::channel::<Job>();
+        connection_thread("pg-writer".into(), Arc::new(Mutex::new(wrx)), Some(client))?;
         Ok(Self {
             settings,
             jobs: Mutex::new(Some(tx)),
-            writer: Arc::new(Mutex::new(Some(client))),
+            writer: Mutex::new(Some(wtx)),
         })
     }
 
-    /// Runs `f` on a pooled connection and waits for its answer.
+    /// Hands `job` to `queue` (the pool or the writer).
+    fn submit(queue: &Mutex<Option<mpsc::Sender<Job>>>, job: Job) -> Result<(), StoreError> {
+        queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .ok_or_else(|| StoreError::Unavailable("the store is closed".into()))?
+            .send(job)
+            .map_err(|_| StoreError::Unavailable("the store is closed".into()))
+    }
+
+    /// Runs `f` on a pooled connection and waits for its answer (at most the deadline).
     fn run<T: Send + 'static>(
         &self,
         f: impl Fn(&mut Client) -> Result<T, postgres::Error> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (reply, answer) = mpsc::sync_channel(1);
         let settings = self.settings.clone();
-        let job: Job = Box::new(move |slot| {
+        let timeout = settings.statement_timeout;
+        let job = deadline_job(std::time::Instant::now() + timeout, reply, move |slot| {
             // A connection the server closed (a restart, an idle timeout) is found out only
             // when used: then connect again and try once more. Every statement here is
             // idempotent (put, remove, reads) or fails closed when repeated (`insert_new` after
@@ -204,37 +300,27 @@ impl PgKv {
                 *slot = None;
                 out = ensure(slot, &settings).and_then(|c| f(c).map_err(unavailable));
             }
-            let _ = reply.send(out);
+            out
         });
-        self.jobs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .ok_or_else(|| StoreError::Unavailable("the store is closed".into()))?
-            .send(job)
-            .map_err(|_| StoreError::Unavailable("the store is closed".into()))?;
-        answer
-            .recv()
-            .map_err(|_| StoreError::Unavailable("a store thread ended".into()))?
+        Self::submit(&self.jobs, job)?;
+        wait(answer, timeout)
     }
 
-    /// Runs `f` on the audit writer's connection from a thread of ours (the caller may be on
-    /// the async runtime, where `postgres` must not block) and waits for it.
-    fn on_writer(
+    /// Runs `f` on the audit writer's connection (its own thread, calls in order) and waits for
+    /// it (at most the deadline).
+    fn on_writer<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Client) -> Result<(), postgres::Error> + Send + 'static,
-    ) -> Result<(), StoreError> {
-        let (writer, settings) = (self.writer.clone(), self.settings.clone());
-        std::thread::Builder::new()
-            .name("pg-writer-call".into())
-            .spawn(move || {
-                let mut slot = writer.lock().unwrap_or_else(|p| p.into_inner());
-                let c = ensure(&mut slot, &settings)?;
-                f(c).map_err(unavailable)
-            })
-            .map_err(|e| StoreError::Engine(Box::new(e)))?
-            .join()
-            .map_err(|_| StoreError::Unavailable("a store thread panicked".into()))?
+        f: impl FnOnce(&mut Client) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (reply, answer) = mpsc::sync_channel(1);
+        let settings = self.settings.clone();
+        let timeout = settings.statement_timeout;
+        let job = deadline_job(std::time::Instant::now() + timeout, reply, move |slot| {
+            let c = ensure(slot, &settings)?;
+            f(c)
+        });
+        Self::submit(&self.writer, job)?;
+        wait(answer, timeout)
     }
 
     /// The ops generation: a counter every replica's ops changes move.
@@ -247,16 +333,9 @@ impl PgKv {
 }
 
 impl Drop for PgKv {
-    /// A `postgres::Client` blocks on its own runtime when dropped; the writer's connection is
-    /// dropped on a thread of ours, since this may run on a thread of the async runtime. The
-    /// pool's threads end (and drop theirs) when the job queue closes.
+    /// The connection threads end (and drop their connections) when their queues close.
     fn drop(&mut self) {
-        let writer = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(client) = writer {
-            let _ = std::thread::Builder::new()
-                .name("pg-close".into())
-                .spawn(move || drop(client));
-        }
+        self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
         self.jobs.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 }
@@ -410,16 +489,32 @@ impl Kv for PgKv {
     }
 
     fn begin_startup(&self) -> Result<(), StoreError> {
-        self.on_writer(|c| {
-            c.execute("SELECT pg_advisory_lock($1)", &[&STARTUP_LOCK])
-                .map(|_| ())
-        })
+        // Another replica may hold the lock for its whole start: wait for it in turns of the
+        // deadline (each turn a call of its own), for as long as a start may take.
+        let until = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let got = self.on_writer(|c| {
+                c.query_one("SELECT pg_try_advisory_lock($1)", &[&STARTUP_LOCK])
+                    .map(|r| r.get::<_, bool>(0))
+                    .map_err(unavailable)
+            })?;
+            if got {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= until {
+                return Err(StoreError::Unavailable(
+                    "another replica has been opening the site for 120 s".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn end_startup(&self) {
         let _ = self.on_writer(|c| {
             c.execute("SELECT pg_advisory_unlock($1)", &[&STARTUP_LOCK])
                 .map(|_| ())
+                .map_err(unavailable)
         });
     }
 
@@ -433,63 +528,59 @@ impl Kv for PgKv {
 
 impl SharedChain for PgKv {
     fn begin(&self) -> Result<(u64, String), StoreError> {
-        let mut slot = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let c = ensure(&mut slot, &self.settings)?;
-        let row = (|| {
-            c.batch_execute("BEGIN")?;
-            c.query_one(
-                "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE",
-                &[],
-            )
-        })();
-        match row {
-            Ok(r) => {
-                let seq: i64 = r.get(0);
-                Ok((u64::try_from(seq).unwrap_or(0), r.get(1)))
+        self.on_writer(|c| {
+            let row = (|| {
+                c.batch_execute("BEGIN")?;
+                c.query_one(
+                    "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE",
+                    &[],
+                )
+            })();
+            match row {
+                Ok(r) => {
+                    let seq: i64 = r.get(0);
+                    Ok((u64::try_from(seq).unwrap_or(0), r.get(1)))
+                }
+                Err(e) => {
+                    let _ = c.batch_execute("ROLLBACK");
+                    Err(unavailable(e))
+                }
             }
-            Err(e) => {
-                let _ = c.batch_execute("ROLLBACK");
-                Err(unavailable(e))
-            }
-        }
+        })
     }
 
     fn commit(&self, entries: &[(u64, Vec<u8>)], head: (u64, &str)) -> Result<(), StoreError> {
-        let mut slot = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let c = slot
-            .as_mut()
-            .ok_or_else(|| StoreError::Unavailable("the audit connection was lost".into()))?;
         let keys: Vec<Vec<u8>> = entries
             .iter()
             .map(|(s, _)| s.to_be_bytes().to_vec())
             .collect();
-        let values: Vec<&[u8]> = entries.iter().map(|(_, v)| v.as_slice()).collect();
+        let values: Vec<Vec<u8>> = entries.iter().map(|(_, v)| v.clone()).collect();
         let seq = i64::try_from(head.0).unwrap_or(i64::MAX);
-        let result = (|| {
-            if !entries.is_empty() {
+        let hash = head.1.to_string();
+        self.on_writer(move |c| {
+            let result = (|| {
+                if !keys.is_empty() {
+                    c.execute(
+                        "INSERT INTO kv (tree, key, value)
+                         SELECT 'audit', k, v FROM unnest($1::bytea[], $2::bytea[]) AS t(k, v)",
+                        &[&keys, &values],
+                    )?;
+                }
                 c.execute(
-                    "INSERT INTO kv (tree, key, value)
-                     SELECT 'audit', k, v FROM unnest($1::bytea[], $2::bytea[]) AS t(k, v)",
-                    &[&keys, &values],
+                    "UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1",
+                    &[&seq, &hash],
                 )?;
-            }
-            c.execute(
-                "UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1",
-                &[&seq, &head.1],
-            )?;
-            c.batch_execute("COMMIT")
-        })();
-        result.map_err(|e| {
-            let _ = c.batch_execute("ROLLBACK");
-            unavailable(e)
+                c.batch_execute("COMMIT")
+            })();
+            result.map_err(|e| {
+                let _ = c.batch_execute("ROLLBACK");
+                unavailable(e)
+            })
         })
     }
 
     fn rollback(&self) {
-        let mut slot = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = slot.as_mut() {
-            let _ = c.batch_execute("ROLLBACK");
-        }
+        let _ = self.on_writer(|c| c.batch_execute("ROLLBACK").map_err(unavailable));
     }
 }
 
