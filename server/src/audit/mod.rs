@@ -25,6 +25,7 @@
 //! entries, the writer appends a checkpoint signed by the site's audit key (P-256, wrapped under
 //! the KEK like every other key).
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -739,6 +740,52 @@ fn restore_from_journal(
     recovered: &journal::Recovered,
     existed: bool,
 ) -> Result<usize, AuditError> {
+    let missing = plan_restore(store, path, recovered, existed)?;
+    for (rec, bytes) in &missing {
+        store.kv().put(Tree::Audit, &rec.seq.to_be_bytes(), bytes)?;
+    }
+    store.flush()?;
+    Ok(missing.len())
+}
+
+/// Checks the journal at `path` against the store as a start would (without writing): present
+/// when it must be, every line intact, consistent with the store. `meshsignd recover` reports
+/// with it.
+pub fn check_journal(
+    path: &std::path::Path,
+    must_exist: bool,
+    store: &Store,
+) -> Result<(), AuditError> {
+    let text = match std::fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if must_exist {
+                return Err(AuditError::JournalState(journal::JournalError::Missing {
+                    path: path.to_path_buf(),
+                    dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+                }));
+            }
+            return Ok(());
+        }
+        Err(e) => {
+            return Err(AuditError::Journal {
+                path: path.to_path_buf(),
+                source: Arc::new(e),
+            });
+        }
+    };
+    let recovered = journal::parse(path, &text).map_err(AuditError::JournalState)?;
+    plan_restore(store, path, &recovered, true).map(|_| ())
+}
+
+/// The journal's entries the store lacks, after checking that the two agree (see
+/// [`restore_from_journal`]); writes nothing.
+fn plan_restore<'r>(
+    store: &Store,
+    path: &std::path::Path,
+    recovered: &'r journal::Recovered,
+    existed: bool,
+) -> Result<Vec<&'r journal::JournalEntry>, AuditError> {
     let stored = |seq: u64| -> Result<Option<AuditRecord>, AuditError> {
         match store.kv().get(Tree::Audit, &seq.to_be_bytes())? {
             Some(v) => Ok(Some(
@@ -780,9 +827,10 @@ fn restore_from_journal(
             }
         }
     }
-    let mut restored = 0;
+    let mut missing = Vec::new();
     let (mut last_seq, mut last_hash) = head;
-    for (rec, bytes) in &recovered.entries {
+    for entry in &recovered.entries {
+        let rec = &entry.0;
         if rec.seq <= head.0 {
             match stored(rec.seq)? {
                 Some(r) if r.hash == rec.hash => continue,
@@ -800,12 +848,10 @@ fn restore_from_journal(
                 format!("does not continue the store's log (which ends at seq {last_seq})"),
             ));
         }
-        store.kv().put(Tree::Audit, &rec.seq.to_be_bytes(), bytes)?;
         (last_seq, last_hash) = (rec.seq, rec.hash.clone());
-        restored += 1;
+        missing.push(entry);
     }
-    store.flush()?;
-    Ok(restored)
+    Ok(missing)
 }
 
 /// Reads every stored entry of the audit log once, in order: the engine checks each page as it

@@ -101,6 +101,10 @@ enum Command {
         /// Restart the audit chain after this seq, recording the loss.
         #[arg(long)]
         accept_loss_after: Option<u64>,
+        /// The site's KEK file: checked against the marker as a start does (without it, the
+        /// report checks everything else).
+        #[arg(long)]
+        kek_file: Option<PathBuf>,
     },
     /// Restore a snapshot (`meshsign admin snapshot --out FILE`) into the empty data folder of
     /// a config; the KEK must be the site's. The audit chain continues after the snapshot.
@@ -188,7 +192,8 @@ async fn dispatch(command: Command) -> Result<(), String> {
         Command::Recover {
             data_dir,
             accept_loss_after,
-        } => recover(&data_dir, accept_loss_after),
+            kek_file,
+        } => recover(&data_dir, accept_loss_after, kek_file.as_deref()),
         Command::Restore { config, snapshot } => restore(&config, &snapshot),
         Command::Serve { config } => {
             let cfg =
@@ -297,11 +302,21 @@ fn restore(config: &std::path::Path, snapshot: &std::path::Path) -> Result<(), S
     Ok(())
 }
 
-fn recover(data_dir: &std::path::Path, accept: Option<u64>) -> Result<(), String> {
+fn recover(
+    data_dir: &std::path::Path,
+    accept: Option<u64>,
+    kek_file: Option<&std::path::Path>,
+) -> Result<(), String> {
     use meshsign_server::state::recovery;
     use meshsign_server::store::{SledKv, Store};
+    // Only read here: its mode is the start's to judge.
+    let kek = kek_file
+        .map(|f| Kek::load(f, true).map(|k| (k, f)))
+        .transpose()
+        .map_err(|e| e.to_string())?;
     let open = || Store::open_sled(data_dir, SledKv::DEFAULT_CACHE_BYTES);
-    let (report, store) = recovery::inspect(data_dir, open).map_err(|e| e.to_string())?;
+    let (report, store) = recovery::inspect(data_dir, kek.as_ref().map(|(k, f)| (k, *f)), open)
+        .map_err(|e| e.to_string())?;
     print!("{report}");
     match (accept, store) {
         (None, _) if report.intact() => Ok(()),

@@ -79,6 +79,22 @@ pub enum StateError {
         /// What to do, for this engine.
         fix: String,
     },
+    /// The marker is another site's (the KEK does not open it, and the store names another
+    /// site): a marker copied from elsewhere, or a folder mixed up.
+    #[error(
+        "{marker} is the marker of site {marker_site}, but the store holds site {store_site}: the \
+             marker comes from another site's folder. Nothing was changed. Put this site's own \
+             marker back (from its backup), or restore a snapshot into an empty folder \
+             (meshsignd restore)"
+    )]
+    ForeignMarker {
+        /// The marker file.
+        marker: std::path::PathBuf,
+        /// The site the marker names.
+        marker_site: String,
+        /// The site the store holds.
+        store_site: String,
+    },
     /// The folder's store holds a site's data and its marker is gone (deleted, or a restore
     /// was interrupted before it wrote it): never started on, never given a new identity.
     #[error(
@@ -284,11 +300,6 @@ impl SiteState {
             path: data_dir.clone(),
             source,
         })?;
-        // The KEK is checked against the marker before the store is touched.
-        let marker = SiteMarker::read(&data_dir)?;
-        if let Some(m) = &marker {
-            m.check_kek(&custodian.kek, &file_config.kek_file, &data_dir)?;
-        }
         let store = match (kv, &file_config.postgres) {
             (Some(kv), _) => Store::new(kv),
             (None, Some(pg)) => Store::new(Arc::new(crate::store::PgKv::open(
@@ -317,18 +328,14 @@ impl SiteState {
         let startup = store.clone();
         let opened = (|| -> Result<Self, StateError> {
             let now = clock.unix();
-            let identity = site_identity(&store, marker.as_ref(), &custodian.kek, &data_dir)?;
-            if let Some(m) = &marker {
-                let missing = marker::missing_holdings(m, &store)?;
-                if !missing.is_empty() {
-                    return Err(StateError::KeysLost {
-                        store: store_location(&store, &data_dir),
-                        fix: store_fix(&store, &data_dir),
-                        marker: SiteMarker::path(&data_dir),
-                        missing: missing.join(", "),
-                    });
-                }
-            }
+            // The checks `meshsignd recover` reports with (the audit log's own are made when
+            // it is opened below). Nothing is written before they pass.
+            let (marker, identity) = checks(
+                &data_dir,
+                Some((&custodian.kek, &file_config.kek_file)),
+                &store,
+                false,
+            )?;
             let seen_generation = store.kv().generation().transpose()?;
             let file_snapshot = Arc::new(file_config.clone());
             let config = overlays::effective_config(file_config, &store)?;
@@ -639,13 +646,68 @@ fn store_fix(store: &Store, data_dir: &std::path::Path) -> String {
     }
 }
 
+/// The checks a start makes before it changes anything, in the start's order, with the start's
+/// own functions: the marker, the KEK against it (a marker of another site is named as such),
+/// the store against the marker, the key versions and runner CAs the marker says the store
+/// holds, and — with `audit` — the journal against the store and every page of the audit log.
+/// `meshsignd recover` runs it to say exactly what a start would do; the start runs it with
+/// `audit` false (opening the audit log makes those checks itself, with the same functions).
+/// `kek`: the KEK and its file, when known (recover without `--kek-file` checks the rest).
+pub fn preflight(
+    data_dir: &std::path::Path,
+    kek: Option<(&Kek, &std::path::Path)>,
+    store: &Store,
+    audit: bool,
+) -> Result<(), StateError> {
+    checks(data_dir, kek, store, audit).map(|_| ())
+}
+
+fn checks(
+    data_dir: &std::path::Path,
+    kek: Option<(&Kek, &std::path::Path)>,
+    store: &Store,
+    audit: bool,
+) -> Result<(Option<SiteMarker>, SiteIdentity), StateError> {
+    let marker = SiteMarker::read(data_dir)?;
+    if let (Some(m), Some((kek, kek_file))) = (&marker, kek)
+        && let Err(e) = m.check_kek(kek, kek_file, data_dir)
+    {
+        return Err(match marker::store_site_id(store)? {
+            Some(id) if id != m.site_id => StateError::ForeignMarker {
+                marker: SiteMarker::path(data_dir),
+                marker_site: m.site_id.clone(),
+                store_site: id,
+            },
+            _ => e.into(),
+        });
+    }
+    let identity = site_identity(store, marker.as_ref(), kek.map(|k| k.0), data_dir)?;
+    if let Some(m) = &marker {
+        let missing = marker::missing_holdings(m, store)?;
+        if !missing.is_empty() {
+            return Err(StateError::KeysLost {
+                store: store_location(store, data_dir),
+                fix: store_fix(store, data_dir),
+                marker: SiteMarker::path(data_dir),
+                missing: missing.join(", "),
+            });
+        }
+    }
+    if audit && store.kv().chain().is_none() {
+        let must_exist = marker.as_ref().is_some_and(|m| !m.holds.is_empty());
+        crate::audit::check_journal(&data_dir.join(JOURNAL_FILE), must_exist, store)?;
+        crate::audit::check_readable(store, data_dir)?;
+    }
+    Ok((marker, identity))
+}
+
 /// Compares the store with the marker and refuses what does not match: an empty store where a
 /// site was created, a store of another site. Without a marker, a store that already holds keys
 /// must open under this KEK before anything new is created in it.
 fn site_identity(
     store: &Store,
     marker: Option<&SiteMarker>,
-    kek: &Kek,
+    kek: Option<&Kek>,
     data_dir: &std::path::Path,
 ) -> Result<SiteIdentity, StateError> {
     let stored = marker::store_site_id(store)?;
@@ -676,7 +738,9 @@ fn site_identity(
         }
         (None, stored) => {
             // No marker: a new site, or one whose store predates markers (or lost its marker).
-            crate::custody::verify_kek(store, kek)?;
+            if let Some(kek) = kek {
+                crate::custody::verify_kek(store, kek)?;
+            }
             match stored {
                 // A new replica's folder: the site is in the shared database.
                 Some(id) if store.kv().chain().is_some() => {

@@ -70,13 +70,23 @@ pub struct Report {
     pub store: Result<(Option<String>, u64, String), String>,
     /// The journal.
     pub journal: JournalState,
+    /// What a start would do: `Ok` it starts as it is, `Err` why it refuses
+    /// ([`super::preflight`], the start's own checks).
+    pub start: Result<(), String>,
+    /// Whether the KEK was checked (recover was given the KEK file).
+    pub kek_checked: bool,
 }
 
 impl Report {
-    /// Whether `meshsignd` would start on this folder without losing anything.
+    /// Whether `meshsignd` would start on this folder as it is.
     pub fn intact(&self) -> bool {
-        let store_ok = matches!(&self.store, Ok((Some(id), _, _)) if matches!(&self.marker, Ok(Some(m)) if m.site_id == *id));
-        store_ok && matches!(self.journal, JournalState::Intact { .. })
+        self.start.is_ok()
+    }
+
+    /// Whether the marker and the store name the same site (then the audit log can be
+    /// repaired here; otherwise only a snapshot brings the site back).
+    fn same_site(&self) -> bool {
+        matches!(&self.store, Ok((Some(id), _, _)) if matches!(&self.marker, Ok(Some(m)) if m.site_id == *id))
     }
 
     /// The last seq the store and the intact part of the journal hold together.
@@ -145,22 +155,30 @@ impl fmt::Display for Report {
                 range(entries)
             )?,
         }
+        if let Err(why) = &self.start {
+            writeln!(f, "  start: meshsignd refuses to start here: {why}")?;
+        }
         match self.last_intact_seq() {
             Some(seq) if self.intact() => writeln!(
                 f,
-                "  verdict: intact through seq {seq}; meshsignd starts on it as it is"
+                "  verdict: intact through seq {seq}; meshsignd starts on it as it is{}",
+                if self.kek_checked {
+                    ""
+                } else {
+                    " (the KEK was not checked: pass --kek-file to check it too)"
+                }
             ),
-            Some(seq) => writeln!(
+            Some(seq) if self.same_site() => writeln!(
                 f,
                 "  verdict: the audit log is intact through seq {seq}; to restart the chain after \
                  it, accepting the loss of what follows, run: meshsignd recover --data-dir {} \
                  --accept-loss-after {seq}",
                 self.data_dir.display()
             ),
-            None => writeln!(
+            _ => writeln!(
                 f,
-                "  verdict: the store cannot be read: its keys and runner CAs cannot be recovered \
-                 here; restore a snapshot (meshsignd restore)"
+                "  verdict: the store does not hold this folder's site (see above): its keys and \
+                 runner CAs cannot be recovered here; restore a snapshot (meshsignd restore)"
             ),
         }
     }
@@ -226,9 +244,11 @@ fn read_journal(path: &Path) -> Result<JournalState, RecoverError> {
     }
 }
 
-/// Inspects a data folder (the site stopped).
+/// Inspects a data folder (the site stopped). With `kek` (the KEK and its file) the KEK is
+/// checked too, as a start does.
 pub fn inspect(
     data_dir: &Path,
+    kek: Option<(&crate::custody::Kek, &Path)>,
     open: impl FnOnce() -> Result<Store, StoreError>,
 ) -> Result<(Report, Option<Store>), RecoverError> {
     let marker = SiteMarker::read(data_dir).map_err(|e| e.to_string());
@@ -266,12 +286,22 @@ pub fn inspect(
             error: e.to_string(),
         };
     }
+    let start = match &store {
+        Some(store) => super::preflight(data_dir, kek, store, true).map_err(|e| e.to_string()),
+        None => Err(store_state
+            .as_ref()
+            .err()
+            .cloned()
+            .unwrap_or_else(|| "the store cannot be opened".into())),
+    };
     Ok((
         Report {
             data_dir: data_dir.to_path_buf(),
             marker,
             store: store_state,
             journal,
+            start,
+            kek_checked: kek.is_some(),
         },
         store,
     ))
