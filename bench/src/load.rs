@@ -112,7 +112,17 @@ pub async fn sign(
     key: &'static str,
     duration: Duration,
 ) -> Window {
-    window(sessions, duration, move |mut s: Session, i| async move {
+    sign_keeping(sessions, what, key, duration).await.0
+}
+
+/// [`sign`], handing the sessions back for the next window.
+pub async fn sign_keeping(
+    sessions: Vec<Session>,
+    what: SignLoad,
+    key: &'static str,
+    duration: Duration,
+) -> (Window, Vec<Session>) {
+    window_keeping(sessions, duration, move |mut s: Session, i| async move {
         let digest = vec![(i % 251) as u8; 32];
         let ok = match what {
             SignLoad::Sign => s.signer.sign(sign_request(key, digest)).await.is_ok(),
@@ -229,6 +239,16 @@ where
     F: Fn(S, usize) -> Fut + Send + Sync + Copy + 'static,
     Fut: std::future::Future<Output = (S, u64)> + Send,
 {
+    window_keeping(workers, duration, op).await.0
+}
+
+/// [`window`], handing the worker states back (sessions reused by the next window).
+async fn window_keeping<S, F, Fut>(workers: Vec<S>, duration: Duration, op: F) -> (Window, Vec<S>)
+where
+    S: Send + 'static,
+    F: Fn(S, usize) -> Fut + Send + Sync + Copy + 'static,
+    Fut: std::future::Future<Output = (S, u64)> + Send,
+{
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
     let tasks: Vec<_> = workers
@@ -249,7 +269,7 @@ where
                         lat.push(t.elapsed());
                     }
                 }
-                (ops, errors, lat)
+                (ops, errors, lat, state)
             })
         })
         .collect();
@@ -261,14 +281,16 @@ where
         latencies: Vec::new(),
         seconds: 0.0,
     };
+    let mut states = Vec::new();
     for t in tasks {
-        if let Ok((o, e, l)) = t.await {
+        if let Ok((o, e, l, state)) = t.await {
             w.ops += o;
             w.errors += e;
             w.latencies.extend(l);
+            states.push(state);
         }
     }
     w.seconds = start.elapsed().as_secs_f64();
     w.latencies.sort();
-    w
+    (w, states)
 }

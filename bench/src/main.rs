@@ -11,6 +11,7 @@
 //! ./target/release/meshsign-bench --scenario sign --concurrency 64 --compare-durability --runs 3
 //! ./target/release/meshsign-bench --scenario batch --key-backend pkcs11 --runs 3
 //! ./target/release/meshsign-bench --scenario receipt --concurrency 64 --runs 3
+//! ./target/release/meshsign-bench --scenario soak --concurrency 8 --duration 300
 //! ```
 
 use std::path::PathBuf;
@@ -69,6 +70,9 @@ struct Cli {
     /// loopback), with one replica and with two, next to the sled site in the same run.
     #[arg(long, value_enum, default_value_t = Store::Sled)]
     store: Store,
+    /// `--scenario soak`: seconds per window (an RSS sample after each).
+    #[arg(long, default_value_t = 30)]
+    sample: u64,
     /// `pkcs11`: also sign with a key in a SoftHSM2 token (the bench makes one in a temp dir),
     /// next to the software key in the same run, and the token in-process through cryptoki.
     #[arg(long, value_enum, default_value_t = KeyBackend::Software)]
@@ -125,6 +129,9 @@ enum Scenario {
     /// Unary Sign, then its receipt (GetInclusionProof, checked against the audit key): what
     /// `meshsign sign` does for each file. Each run also measures plain Sign on the same site.
     Receipt,
+    /// A soak: `--concurrency` clients (three in four sign, the rest enroll) for `--duration` seconds in windows of `--sample` seconds; the site's RSS after
+    /// each window, and the growth per window over the second half (does it level?).
+    Soak,
 }
 
 /// One measured window of the service.
@@ -174,7 +181,7 @@ async fn service(
     let what = match cli.scenario {
         Scenario::Sign | Scenario::Receipt => Some(SignLoad::Sign),
         Scenario::Batch => Some(SignLoad::Batch(cli.batch)),
-        Scenario::Enroll => None,
+        Scenario::Enroll | Scenario::Soak => None,
     };
     let dur = Duration::from_secs(cli.duration);
     // The runners are spread evenly over the replicas.
@@ -336,6 +343,9 @@ async fn main() {
 
 async fn run(cli: &Cli) -> Result<(), String> {
     let binary = cli.meshsignd.clone().unwrap_or_else(daemon::default_binary);
+    if matches!(cli.scenario, Scenario::Soak) {
+        return soak(cli, &binary).await;
+    }
     let durabilities: Vec<bool> = if cli.compare_durability {
         vec![true, false]
     } else {
@@ -534,5 +544,61 @@ async fn run(cli: &Cli) -> Result<(), String> {
         println!("{}", summarize(m));
     }
     drop(modes);
+    Ok(())
+}
+
+/// `--scenario soak`: mixed load on one dev site for `--duration` seconds; RSS after each
+/// window. The last line is one JSON object (`rss_mib` per window, `growth_mib_per_window`
+/// over the second half, ops, errors).
+async fn soak(cli: &Cli, binary: &std::path::Path) -> Result<(), String> {
+    let site = Daemon::start(binary, !cli.no_durable_audit, &cli.site_log, None)?;
+    let tokens = Tokens::new(&site.client)?;
+    let signers = (cli.concurrency * 3 / 4).max(1);
+    let enrollers = cli.concurrency.saturating_sub(signers).max(1);
+    let window = Duration::from_secs(cli.sample.max(1));
+    let windows = (cli.duration / cli.sample.max(1)).max(1);
+    let (mut rss, mut ops, mut errors) = (Vec::new(), 0u64, 0u64);
+    // The signers' runners enroll once (the enrollers then keep the enroll port at its rate
+    // limit: refusals, counted into summary entries, are part of the load).
+    let mut sessions = load::sessions(&site.client, &tokens, signers).await?;
+    let start = Instant::now();
+    for w in 0..windows {
+        let ((signed, back), enrolled) = tokio::join!(
+            load::sign_keeping(sessions, SignLoad::Sign, load::KEY, window),
+            load::enroll(&site.client, &tokens, enrollers, window)
+        );
+        sessions = back;
+        let enrolled = enrolled?;
+        ops += signed.ops + enrolled.ops;
+        errors += signed.errors + enrolled.errors;
+        let (_, now) = site.rss_mib().ok_or("the site is gone")?;
+        rss.push(now);
+        println!(
+            "window {:>3} ({:>5.0} s): {:>7} signs, {:>5} enrollments, {:>6} refused, RSS \
+             {now:.1} MiB",
+            w + 1,
+            start.elapsed().as_secs_f64(),
+            signed.ops,
+            enrolled.ops,
+            signed.errors + enrolled.errors
+        );
+    }
+    let half = &rss[rss.len() / 2..];
+    let growth = match (half.first(), half.last()) {
+        (Some(a), Some(b)) if half.len() > 1 => (b - a) / (half.len() - 1) as f64,
+        _ => 0.0,
+    };
+    println!(
+        "{}",
+        serde_json::json!({
+            "scenario": "soak",
+            "seconds": start.elapsed().as_secs_f64().round(),
+            "window_seconds": cli.sample,
+            "ops": ops,
+            "errors": errors,
+            "rss_mib": rss.iter().map(|r| (r * 10.0).round() / 10.0).collect::<Vec<_>>(),
+            "growth_mib_per_window": (growth * 100.0).round() / 100.0,
+        })
+    );
     Ok(())
 }
