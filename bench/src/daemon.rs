@@ -60,6 +60,25 @@ impl Daemon {
         )
     }
 
+    /// Stops this (sled, dev) site, sets `[store] cache_mib` in its config, and starts it
+    /// again on the same folder.
+    pub fn with_store_cache(
+        mut self,
+        binary: &Path,
+        log_level: &str,
+        cache_mib: u64,
+    ) -> Result<Self, String> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let site = self.dir.path().join("site");
+        let toml = site.join("site.toml");
+        let mut text = std::fs::read_to_string(&toml).map_err(|e| e.to_string())?;
+        text.push_str(&format!("\n[store]\ncache_mib = {cache_mib}\n"));
+        std::fs::write(&toml, text).map_err(|e| e.to_string())?;
+        let _ = std::fs::remove_file(site.join("client.toml"));
+        Self::start_in(binary, true, log_level, None, self.dir.clone(), "meshsignd-2")
+    }
+
     fn start_in(
         binary: &Path,
         flush: bool,

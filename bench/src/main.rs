@@ -73,6 +73,10 @@ struct Cli {
     /// `--scenario soak`: seconds per window (an RSS sample after each).
     #[arg(long, default_value_t = 30)]
     sample: u64,
+    /// `--scenario soak`: the site's `[store] cache_mib` (sled's page cache; default: the
+    /// config's default).
+    #[arg(long)]
+    store_cache_mib: Option<u64>,
     /// `pkcs11`: also sign with a key in a SoftHSM2 token (the bench makes one in a temp dir),
     /// next to the software key in the same run, and the token in-process through cryptoki.
     #[arg(long, value_enum, default_value_t = KeyBackend::Software)]
@@ -551,7 +555,10 @@ async fn run(cli: &Cli) -> Result<(), String> {
 /// window. The last line is one JSON object (`rss_mib` per window, `growth_mib_per_window`
 /// over the second half, ops, errors).
 async fn soak(cli: &Cli, binary: &std::path::Path) -> Result<(), String> {
-    let site = Daemon::start(binary, !cli.no_durable_audit, &cli.site_log, None)?;
+    let mut site = Daemon::start(binary, !cli.no_durable_audit, &cli.site_log, None)?;
+    if let Some(mib) = cli.store_cache_mib {
+        site = site.with_store_cache(binary, &cli.site_log, mib)?;
+    }
     let tokens = Tokens::new(&site.client)?;
     let signers = (cli.concurrency * 3 / 4).max(1);
     let enrollers = cli.concurrency.saturating_sub(signers).max(1);
@@ -592,6 +599,7 @@ async fn soak(cli: &Cli, binary: &std::path::Path) -> Result<(), String> {
         "{}",
         serde_json::json!({
             "scenario": "soak",
+            "store_cache_mib": cli.store_cache_mib,
             "seconds": start.elapsed().as_secs_f64().round(),
             "window_seconds": cli.sample,
             "ops": ops,
