@@ -76,7 +76,14 @@ impl Daemon {
         text.push_str(&format!("\n[store]\ncache_mib = {cache_mib}\n"));
         std::fs::write(&toml, text).map_err(|e| e.to_string())?;
         let _ = std::fs::remove_file(site.join("client.toml"));
-        Self::start_in(binary, true, log_level, None, self.dir.clone(), "meshsignd-2")
+        Self::start_in(
+            binary,
+            true,
+            log_level,
+            None,
+            self.dir.clone(),
+            "meshsignd-2",
+        )
     }
 
     fn start_in(
