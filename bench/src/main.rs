@@ -262,7 +262,7 @@ fn in_process(cli: &Cli) -> f64 {
 
 /// The SoftHSM2 key in-process through cryptoki (the site's `Pkcs11Key`), one thread per
 /// core, sessions as many as threads.
-fn in_process_pkcs11(cli: &Cli) -> Result<f64, String> {
+fn in_process_pkcs11(cli: &Cli) -> Result<(f64, f64), String> {
     use meshsign_server::custody::pkcs11::{Pkcs11Config, Pkcs11Key, Token};
     let dir = PathBuf::from(std::env::var_os(SOFTHSM_DIR).ok_or("no SoftHSM2 token")?);
     let threads = std::thread::available_parallelism()
@@ -303,7 +303,32 @@ fn in_process_pkcs11(cli: &Cli) -> Result<f64, String> {
             })
         })
         .collect();
-    Ok(handles.into_iter().filter_map(|h| h.join().ok()).sum())
+    let signs: f64 = handles.into_iter().filter_map(|h| h.join().ok()).sum();
+    // The check every token signature now passes before it leaves (issue 23): verification
+    // under the recorded public key alone, same threads, same duration.
+    let digest = [7u8; 32];
+    let sig = key.sign_digest(&digest).map_err(|e| e.to_string())?;
+    let check = std::sync::Arc::new(
+        meshsign_proto::sig::Verifier::new("ecdsa-p256-sha256", key.public_key_der())
+            .map_err(|e| e.to_string())?,
+    );
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let (sig, check) = (sig.clone(), check.clone());
+            std::thread::spawn(move || {
+                let start = Instant::now();
+                let mut n = 0u64;
+                while start.elapsed() < dur {
+                    if check.verify_digest(&digest, &sig).is_ok() {
+                        n += 1;
+                    }
+                }
+                n as f64 / start.elapsed().as_secs_f64()
+            })
+        })
+        .collect();
+    let verifies: f64 = handles.into_iter().filter_map(|h| h.join().ok()).sum();
+    Ok((signs, verifies))
 }
 
 /// A site under test and what was measured on it.
@@ -407,7 +432,7 @@ async fn run(cli: &Cli) -> Result<(), String> {
             rows: Vec::new(),
         });
     }
-    let mut inproc_hsm = Vec::new();
+    let (mut inproc_hsm, mut inproc_verify) = (Vec::new(), Vec::new());
     let bao = if cli.vs_openbao {
         Some(openbao::start().await?)
     } else {
@@ -423,7 +448,9 @@ async fn run(cli: &Cli) -> Result<(), String> {
             tokio::task::block_in_place(|| in_process(cli))
         });
         if cli.key_backend == KeyBackend::Pkcs11 {
-            inproc_hsm.push(tokio::task::block_in_place(|| in_process_pkcs11(cli))?);
+            let (signs, verifies) = tokio::task::block_in_place(|| in_process_pkcs11(cli))?;
+            inproc_hsm.push(signs);
+            inproc_verify.push(verifies);
         }
         if let Some(b) = &bao {
             let batch = matches!(cli.scenario, Scenario::Batch).then_some(cli.batch);
@@ -514,6 +541,7 @@ async fn run(cli: &Cli) -> Result<(), String> {
     if cli.key_backend == KeyBackend::Pkcs11 {
         let (soft, hsm) = (summarize(&modes[0]), summarize(&modes[modes.len() - 1]));
         let hsm_inproc = median(inproc_hsm);
+        let verify_inproc = median(inproc_verify);
         let ops = |j: &serde_json::Value| j["ops_per_sec"].as_f64().unwrap_or(0.0);
         println!(
             "{}",
@@ -523,6 +551,9 @@ async fn run(cli: &Cli) -> Result<(), String> {
                 "pkcs11_in_process_ops_per_sec": hsm_inproc.round(),
                 "pkcs11_to_software": ops(&hsm) / ops(&soft).max(1.0),
                 "pkcs11_ratio_to_its_in_process": ops(&hsm) / hsm_inproc.max(1.0),
+                "verify_in_process_ops_per_sec": verify_inproc.round(),
+                // The share of each token signature's time spent checking it.
+                "check_share_of_token_signature": hsm_inproc / verify_inproc.max(1.0),
             })
         );
     } else if cli.compare_durability {

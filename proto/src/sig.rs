@@ -7,8 +7,8 @@
 //! `ecdsa-p384-sha384`, `ed25519`, …).
 
 use aws_lc_rs::signature::{
-    ECDSA_P256_SHA256_ASN1, ECDSA_P384_SHA384_ASN1, ED25519, RSA_PKCS1_2048_8192_SHA256,
-    RSA_PSS_2048_8192_SHA256, UnparsedPublicKey, VerificationAlgorithm,
+    ECDSA_P256_SHA256_ASN1, ECDSA_P384_SHA384_ASN1, ED25519, ParsedPublicKey,
+    RSA_PKCS1_2048_8192_SHA256, RSA_PSS_2048_8192_SHA256, UnparsedPublicKey, VerificationAlgorithm,
 };
 
 /// Why a signature was not accepted.
@@ -84,6 +84,63 @@ pub fn verify_message(
         .map_err(|_| SigError::Mismatch)
 }
 
+/// One key's checker, parsed once (the site checks every signature of a token key with it;
+/// parsing the key per signature would cost a share of each check).
+pub struct Verifier {
+    algorithm: String,
+    key: ParsedPublicKey,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("algorithm", &self.algorithm)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Verifier {
+    /// The checker of `algorithm` signatures under `spki_der`.
+    pub fn new(algorithm: &str, spki_der: &[u8]) -> Result<Self, SigError> {
+        let alg: &'static dyn VerificationAlgorithm = match algorithm {
+            "ecdsa-p384-sha384" => &ECDSA_P384_SHA384_ASN1,
+            "ed25519" => &ED25519,
+            a => digest_algorithm(a).ok_or_else(|| SigError::Algorithm(a.into()))?,
+        };
+        let key = crate::der::spki_key(spki_der).ok_or(SigError::PublicKey)?;
+        Ok(Self {
+            algorithm: algorithm.to_string(),
+            key: ParsedPublicKey::new(alg, key).map_err(|_| SigError::PublicKey)?,
+        })
+    }
+
+    /// [`verify_digest`] with the parsed key.
+    pub fn verify_digest(&self, digest: &[u8; 32], sig: &[u8]) -> Result<(), SigError> {
+        if messages_only(&self.algorithm) {
+            return Err(SigError::Algorithm(self.algorithm.clone()));
+        }
+        let d = aws_lc_rs::digest::Digest::import_less_safe(digest, &aws_lc_rs::digest::SHA256)
+            .map_err(|_| SigError::Mismatch)?;
+        self.key
+            .verify_digest_sig(&d, sig)
+            .map_err(|_| SigError::Mismatch)
+    }
+
+    /// [`verify_message`] with the parsed key.
+    pub fn verify_message(&self, message: &[u8], sig: &[u8]) -> Result<(), SigError> {
+        if !messages_only(&self.algorithm) {
+            let mut d = [0u8; 32];
+            d.copy_from_slice(
+                aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, message).as_ref(),
+            );
+            return self.verify_digest(&d, sig);
+        }
+        self.key
+            .verify_sig(message, sig)
+            .map_err(|_| SigError::Mismatch)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,6 +198,24 @@ mod tests {
         ed_spki.extend_from_slice(ed.public_key().as_ref());
         verify_message("ed25519", &ed_spki, msg, ed.sign(msg).as_ref())?;
         assert!(verify_message("ed25519", &a_spki, msg, ed.sign(msg).as_ref()).is_err());
+
+        // The parsed checker agrees with the one-shot functions.
+        let v = Verifier::new("ed25519", &ed_spki)?;
+        v.verify_message(msg, ed.sign(msg).as_ref())?;
+        assert!(v.verify_message(b"other", ed.sign(msg).as_ref()).is_err());
+        let v = Verifier::new("ecdsa-p256-sha256", &a_spki)?;
+        let sig = a.sign(&rng, msg)?;
+        v.verify_message(msg, sig.as_ref())?;
+        let mut d = [0u8; 32];
+        d.copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, msg).as_ref());
+        v.verify_digest(&d, sig.as_ref())?;
+        d[1] ^= 1;
+        assert_eq!(v.verify_digest(&d, sig.as_ref()), Err(SigError::Mismatch));
+        assert!(
+            Verifier::new("ecdsa-p256-sha256", &b_spki)?
+                .verify_message(msg, sig.as_ref())
+                .is_err()
+        );
         Ok(())
     }
 }

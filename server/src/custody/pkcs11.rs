@@ -898,6 +898,8 @@ pub struct Pkcs11Key {
     id: Vec<u8>,
     algorithm: KeyAlgorithm,
     spki: Vec<u8>,
+    /// The recorded public key, parsed once: every signature is checked with it.
+    check: meshsign_proto::sig::Verifier,
     handle: Mutex<Option<(u64, ObjectHandle)>>,
 }
 
@@ -929,11 +931,14 @@ impl Pkcs11Key {
             )));
         }
         let spki = token.public_key(r, algorithm)?;
+        let check = meshsign_proto::sig::Verifier::new(algorithm.as_str(), &spki)
+            .map_err(|_| CustodyError::Crypto("the token's public key does not parse"))?;
         Ok(Self {
             token: token.clone(),
             id: hex::decode(&r.object_id).map_err(|_| CustodyError::Crypto("object id"))?,
             algorithm,
             spki,
+            check,
             handle: Mutex::new(None),
         })
     }
@@ -969,7 +974,8 @@ impl SigningBackend for Pkcs11Key {
             return Err(CustodyError::Crypto("this key signs messages, not digests"));
         }
         let sig = self.sign_raw(digest)?;
-        meshsign_proto::sig::verify_digest(self.algorithm.as_str(), &self.spki, digest, &sig)
+        self.check
+            .verify_digest(digest, &sig)
             .map_err(|_| self.mismatch())?;
         Ok(sig)
     }
@@ -994,7 +1000,8 @@ impl SigningBackend for Pkcs11Key {
                 self.sign_raw(&d)?
             }
         };
-        meshsign_proto::sig::verify_message(self.algorithm.as_str(), &self.spki, message, &sig)
+        self.check
+            .verify_message(message, &sig)
             .map_err(|_| self.mismatch())?;
         Ok(sig)
     }
