@@ -638,7 +638,7 @@ async fn a_flipped_byte_in_the_store_refuses_the_start_or_loses_nothing() {
     let (mut refused, mut intact) = (Vec::new(), 0);
     for k in 0..FLIPS {
         let copy = copies.path().join(format!("c{k}"));
-        copy_dir(&data, &copy);
+        meshsign_tests::copy_dir(&data, &copy);
         let at = used[used.len() * (2 * k + 1) / (2 * FLIPS)];
         let mut bytes = std::fs::read(copy.join("db")).unwrap();
         bytes[at] ^= 0x5a;
@@ -684,18 +684,6 @@ async fn a_flipped_byte_in_the_store_refuses_the_start_or_loses_nothing() {
 
 /// Byte flips in the flipped-store test.
 const FLIPS: usize = 60;
-
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to.join(e.file_name()));
-        } else {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
-}
 
 /// Issue 23 row 7, engine-neutral: one audit entry in the middle of the log cannot be read (a
 /// damaged page the engine's own start did not touch). The start reads the whole log and

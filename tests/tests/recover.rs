@@ -13,18 +13,6 @@ use meshsign_server::state::{SiteState, recovery};
 use meshsign_server::store::{SledKv, Store};
 use meshsign_tests::{TestSite, sign_req};
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to.join(e.file_name()));
-        } else {
-            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-        }
-    }
-}
-
 /// A site that signed a few times and stopped: (its config file, its data folder, the folder
 /// that holds them).
 async fn stopped_site() -> (PathBuf, PathBuf, Arc<tempfile::TempDir>) {
@@ -111,7 +99,7 @@ async fn recover_reports_what_the_start_does_for_every_damage() {
     let tmp = tempfile::tempdir().unwrap();
     for (i, (case, damage, other_kek, starts, names)) in cases.iter().enumerate() {
         let d = tmp.path().join(format!("case{i}"));
-        copy_dir(&data, &d);
+        meshsign_tests::copy_dir(&data, &d);
         damage(&d);
         let kek_file = if *other_kek {
             other_kek_file.clone()
