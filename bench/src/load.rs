@@ -176,7 +176,7 @@ pub async fn receipts(
             let ok = match signed {
                 Ok(r) => {
                     let r = r.into_inner();
-                    meshsign_client::evidence::receipt(&mut v, r.audit_seq, &r.audit_hash, &spki)
+                    meshsign_client::evidence::receipt(&mut v, r.audit_seq, &r.audit_entry, &spki)
                         .await
                         .is_ok()
                 }

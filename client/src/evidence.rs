@@ -35,19 +35,27 @@ pub async fn material(
     )
 }
 
-/// The receipt of audit entry `seq` with hash `hash`, checked against `audit_spki` (the
-/// site's audit key) before it is returned.
+/// The receipt of audit entry `seq` whose stored bytes `entry` the site returned to this
+/// caller with its signature (the Verification service proves inclusion by the entry's leaf
+/// hash and never serves contents), checked against `audit_spki` (the site's audit key) before
+/// it is returned.
 pub async fn receipt(
     v: &mut VerificationClient<Channel>,
     seq: u64,
-    hash: &str,
+    entry: &[u8],
     audit_spki: &[u8],
 ) -> Result<Receipt, ClientError> {
     use base64::Engine as _;
+    if entry.is_empty() {
+        return Err(ClientError::Crypto(format!(
+            "the site returned no audit entry with its signature (seq {seq}): it predates \
+             receipts by leaf hash; upgrade the site"
+        )));
+    }
     let p = v
         .get_inclusion_proof(v1::GetInclusionProofRequest {
             seq,
-            hash: hash.to_string(),
+            leaf_hash: meshsign_proto::merkle::leaf_hash(entry).to_vec(),
         })
         .await
         .map_err(|s| ClientError::rpc("GetInclusionProof", s))?
@@ -57,16 +65,16 @@ pub async fn receipt(
         tree_size: p.tree_size,
         hashes: p.hashes.iter().map(hex::encode).collect(),
         checkpoint: p.checkpoint,
-        entry: base64::engine::general_purpose::STANDARD.encode(&p.entry),
+        entry: base64::engine::general_purpose::STANDARD.encode(entry),
     };
     let key = crate::verify::audit_key_from_der(audit_spki)?;
-    let entry = receipt
+    let got = receipt
         .verify(&key, None)
         .map_err(|e| ClientError::Crypto(format!("the site's receipt does not verify: {e}")))?;
-    if entry.seq != seq || entry.hash != hash {
+    if got.seq != seq {
         return Err(ClientError::Crypto(format!(
             "the site returned a receipt for another entry ({} instead of {seq})",
-            entry.seq
+            got.seq
         )));
     }
     Ok(receipt)

@@ -124,6 +124,13 @@ impl AuditRecord {
         format!("{}-{}", self.site_region, self.seq)
     }
 
+    /// The entry as the log stores it (canonical JSON, `prev_hash` and `hash` set): what its
+    /// Merkle leaf hashes, SHA-256(0x00 || bytes).
+    pub fn entry_bytes(&self) -> Vec<u8> {
+        // Serializing plain fields cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
     /// SHA-256 of the canonical body (hex).
     pub fn body_hash(&self) -> String {
         let mut body = self.clone();

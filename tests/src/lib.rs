@@ -508,6 +508,16 @@ impl Kv for FaultyKv {
         self.check()?;
         self.inner.insert_new(t, k, v)
     }
+    fn update(
+        &self,
+        t: meshsign_server::store::Tree,
+        k: &[u8],
+        old: &[u8],
+        new: &[u8],
+    ) -> Result<bool, meshsign_server::store::StoreError> {
+        self.check()?;
+        self.inner.update(t, k, old, new)
+    }
     fn remove(
         &self,
         t: meshsign_server::store::Tree,
@@ -723,6 +733,15 @@ impl Kv for UnreadableEntryKv {
         v: &[u8],
     ) -> Result<bool, meshsign_server::store::StoreError> {
         self.inner.insert_new(t, k, v)
+    }
+    fn update(
+        &self,
+        t: meshsign_server::store::Tree,
+        k: &[u8],
+        old: &[u8],
+        new: &[u8],
+    ) -> Result<bool, meshsign_server::store::StoreError> {
+        self.inner.update(t, k, old, new)
     }
     fn remove(
         &self,

@@ -16,22 +16,28 @@ use tonic::Code;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
-async fn receipt(site: &TestSite, seq: u64, hash: &str) -> Result<Receipt, tonic::Status> {
-    let p = site
+/// A raw `GetInclusionProof` by seq and leaf hash.
+async fn proof(site: &TestSite, seq: u64, leaf: &[u8]) -> Result<v1::InclusionProof, tonic::Status> {
+    Ok(site
         .verification()
         .await
         .get_inclusion_proof(v1::GetInclusionProofRequest {
             seq,
-            hash: hash.into(),
+            leaf_hash: leaf.to_vec(),
         })
         .await?
-        .into_inner();
+        .into_inner())
+}
+
+/// The receipt of entry `seq`, whose stored bytes `entry` the Sign response returned.
+async fn receipt(site: &TestSite, seq: u64, entry: &[u8]) -> Result<Receipt, tonic::Status> {
+    let p = proof(site, seq, &meshsign_proto::merkle::leaf_hash(entry)).await?;
     Ok(Receipt {
         log_index: p.log_index,
         tree_size: p.tree_size,
         hashes: p.hashes.iter().map(hex::encode).collect(),
         checkpoint: p.checkpoint,
-        entry: B64.encode(&p.entry),
+        entry: B64.encode(entry),
     })
 }
 
@@ -54,7 +60,7 @@ async fn every_receipt_proves_against_a_signed_checkpoint_and_an_altered_entry_d
         signed.push(s.sign(sign_req("release", i)).await.unwrap().into_inner());
     }
     for r in &signed {
-        let rc = receipt(&site, r.audit_seq, &r.audit_hash).await.unwrap();
+        let rc = receipt(&site, r.audit_seq, &r.audit_entry).await.unwrap();
         let entry = rc.verify(&key, None).unwrap();
         assert_eq!(
             (entry.seq, entry.hash.as_str()),
@@ -75,7 +81,7 @@ async fn every_receipt_proves_against_a_signed_checkpoint_and_an_altered_entry_d
     }
     // One proof, altered three ways: another job in the entry, another seq, a changed hash.
     let r = &signed[7];
-    let rc = receipt(&site, r.audit_seq, &r.audit_hash).await.unwrap();
+    let rc = receipt(&site, r.audit_seq, &r.audit_entry).await.unwrap();
     let job = altered(&rc, |v| v["job_id"] = "9999".into());
     assert!(
         job.verify(&key, None).is_err(),
@@ -92,17 +98,88 @@ async fn every_receipt_proves_against_a_signed_checkpoint_and_an_altered_entry_d
     let other = TestSite::start().await;
     assert!(rc.verify(&audit_key(&other).await, None).is_err());
 
-    // Whoever does not hold the receipt gets nothing — not even whether the seq exists.
-    for (seq, hash) in [
-        (r.audit_seq, "00".repeat(32)),
-        (r.audit_seq, String::new()),
-        (0, r.audit_hash.clone()),
-        (u64::MAX, r.audit_hash.clone()),
+    // Whoever does not hold the entry gets nothing — not even whether the seq exists: not by
+    // its chain hash (which the next entry's `prev_hash` discloses), not by a wrong leaf.
+    let leaf = meshsign_proto::merkle::leaf_hash(&r.audit_entry);
+    for (seq, leaf) in [
+        (r.audit_seq, vec![0u8; 32]),
+        (r.audit_seq, Vec::new()),
+        (r.audit_seq, hex::decode(&r.audit_hash).unwrap()),
+        (r.audit_seq, leaf[..31].to_vec()),
+        (0, leaf.to_vec()),
+        (u64::MAX, leaf.to_vec()),
     ] {
-        let e = receipt(&site, seq, &hash).await.unwrap_err();
+        let e = proof(&site, seq, &leaf).await.unwrap_err();
         assert_eq!(e.code(), Code::NotFound, "{e:?}");
         assert!(e.message().starts_with("audit_entry: "), "{}", e.message());
     }
+}
+
+/// Issue 24 row 1: one receipt used to unlock the whole log (the proof reply carried the entry,
+/// whose `prev_hash` named the entry before it). Now a caller holding its own entry and every
+/// proof it can get learns nothing of another job's entries: the walk by `prev_hash` finds
+/// nothing, and a walk by the leaf hashes the proofs carry gets hashes only.
+#[tokio::test]
+async fn a_receipt_opens_no_other_entry_of_the_log() {
+    let site = TestSite::start().await;
+    // The victim: another job, whose ids must not leak.
+    let (_kv, _rv, mut victim) = site.enrolled("staging").await;
+    let mut theirs = Vec::new();
+    for i in 0..6u8 {
+        theirs.push(victim.sign(sign_req("release", i)).await.unwrap().into_inner());
+    }
+    let secrets: Vec<String> = site
+        .audit()
+        .iter()
+        .filter(|e| e.seq <= theirs.last().unwrap().audit_seq && !e.jti.is_empty())
+        .flat_map(|e| [e.jti.clone(), e.job_id.clone(), e.cert_serial.clone()])
+        .filter(|s| s.len() > 6)
+        .collect();
+    assert!(!secrets.is_empty());
+    let (_ka, _ra, mut attacker) = site.enrolled("staging").await;
+    let mine = attacker.sign(sign_req("release", 99)).await.unwrap().into_inner();
+    let own: meshsign_proto::audit::AuditRecord = serde_json::from_slice(&mine.audit_entry).unwrap();
+    assert_eq!((own.seq, own.hash.as_str()), (mine.audit_seq, mine.audit_hash.as_str()));
+
+    // By the chain: the previous entry's hash opens nothing.
+    let prev = hex::decode(&own.prev_hash).unwrap();
+    let e = proof(&site, own.seq - 1, &prev).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+
+    // By every hash any proof gives, at every seq below: replies carry hashes and notes only.
+    let own_proof = receipt(&site, mine.audit_seq, &mine.audit_entry).await.unwrap();
+    let mut known: Vec<Vec<u8>> = own_proof
+        .hashes
+        .iter()
+        .map(|h| hex::decode(h).unwrap())
+        .collect();
+    let mut answered = 0;
+    let mut i = 0;
+    while i < known.len() && i < 200 {
+        let h = known[i].clone();
+        i += 1;
+        for seq in 1..own.seq {
+            let Ok(p) = proof(&site, seq, &h).await else {
+                continue;
+            };
+            answered += 1;
+            let bytes = prost::Message::encode_to_vec(&p);
+            for s in &secrets {
+                assert!(
+                    !bytes.windows(s.len()).any(|w| w == s.as_bytes()),
+                    "a proof reply disclosed {s}"
+                );
+            }
+            for x in p.hashes {
+                if !known.contains(&x) {
+                    known.push(x);
+                }
+            }
+        }
+    }
+    // The leaf hash next to the caller's own (a proof's first hash) does prove its neighbour:
+    // that reply is hashes only, checked above.
+    assert!(answered <= 1, "{answered} proofs answered to hashes the caller learned");
 }
 
 #[tokio::test]
@@ -118,7 +195,7 @@ async fn proofs_hold_across_a_restart_and_retention() {
     for i in 0..12u8 {
         early.push(s.sign(sign_req("release", i)).await.unwrap().into_inner());
     }
-    let first = receipt(&site, early[3].audit_seq, &early[3].audit_hash)
+    let first = receipt(&site, early[3].audit_seq, &early[3].audit_entry)
         .await
         .unwrap();
     first.verify(&key, None).unwrap();
@@ -128,12 +205,12 @@ async fn proofs_hold_across_a_restart_and_retention() {
     let site = site.restart().await;
     let (_k, _r, mut s) = site.enrolled("staging").await;
     let late = s.sign(sign_req("release", 99)).await.unwrap().into_inner();
-    let again = receipt(&site, early[3].audit_seq, &early[3].audit_hash)
+    let again = receipt(&site, early[3].audit_seq, &early[3].audit_entry)
         .await
         .unwrap();
     again.verify(&key, None).unwrap();
     assert!(again.tree_size > first.tree_size);
-    receipt(&site, late.audit_seq, &late.audit_hash)
+    receipt(&site, late.audit_seq, &late.audit_entry)
         .await
         .unwrap()
         .verify(&key, None)
@@ -153,7 +230,7 @@ async fn proofs_hold_across_a_restart_and_retention() {
     assert_eq!(from, 1);
     let mut kept = 0;
     for r in early.iter().chain([&late, &fresh]) {
-        let got = receipt(&site, r.audit_seq, &r.audit_hash).await;
+        let got = receipt(&site, r.audit_seq, &r.audit_entry).await;
         if r.audit_seq <= to {
             assert_eq!(got.unwrap_err().code(), Code::NotFound);
         } else {
@@ -164,13 +241,13 @@ async fn proofs_hold_across_a_restart_and_retention() {
     assert!(kept >= 1, "something after the pruned range proves");
     // New signatures after pruning: the tree goes on over the removed range.
     let after = s.sign(sign_req("release", 100)).await.unwrap().into_inner();
-    receipt(&site, after.audit_seq, &after.audit_hash)
+    receipt(&site, after.audit_seq, &after.audit_entry)
         .await
         .unwrap()
         .verify(&key, None)
         .unwrap();
     let site = site.restart().await;
-    receipt(&site, after.audit_seq, &after.audit_hash)
+    receipt(&site, after.audit_seq, &after.audit_entry)
         .await
         .unwrap()
         .verify(&key, None)
@@ -198,10 +275,20 @@ async fn replicas_prove_what_the_other_wrote_in_one_tree() {
         let s = if i % 2 == 0 { &mut sa } else { &mut sb };
         signed.push(s.sign(sign_req("release", i)).await.unwrap().into_inner());
     }
+    // Issue 24 row 12: a receipt asked at the replica that did not write the entry, at once.
+    for i in 0..6u8 {
+        let (signer, other) = if i % 2 == 0 { (&mut sb, &a) } else { (&mut sa, &b) };
+        let r = signer.sign(sign_req("release", 100 + i)).await.unwrap().into_inner();
+        receipt(other, r.audit_seq, &r.audit_entry)
+            .await
+            .unwrap()
+            .verify(&key, None)
+            .unwrap();
+    }
     let mut roots = std::collections::BTreeMap::new();
     for r in &signed {
         for site in [&a, &b] {
-            let rc = receipt(site, r.audit_seq, &r.audit_hash).await.unwrap();
+            let rc = receipt(site, r.audit_seq, &r.audit_entry).await.unwrap();
             rc.verify(&key, None).unwrap();
             // One log: whichever replica signed a tree head of a size, the root is the same.
             let root = rc.checkpoint.lines().nth(2).unwrap().to_string();
@@ -645,7 +732,7 @@ async fn while_the_log_cannot_be_written_proofs_and_distrust_changes_are_unavail
     // The disk goes read-only before a checkpoint covers the entry: the proof needs one, so
     // it is unavailable — said as such, not as an internal error — and nothing changes.
     fail.store(true, Ordering::SeqCst);
-    let e = receipt(&site, r.audit_seq, &r.audit_hash)
+    let e = receipt(&site, r.audit_seq, &r.audit_entry)
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
@@ -664,7 +751,7 @@ async fn while_the_log_cannot_be_written_proofs_and_distrust_changes_are_unavail
 
     // Writable again: the proof is served and verifies; the refused distrust left no trace.
     fail.store(false, Ordering::SeqCst);
-    receipt(&site, r.audit_seq, &r.audit_hash)
+    receipt(&site, r.audit_seq, &r.audit_entry)
         .await
         .unwrap()
         .verify(&key, None)

@@ -604,7 +604,7 @@ impl v1::admin_server::Admin for AdminApi {
         );
         let s = &self.0;
         let t = audited_change(s, &op, "SetJwks", &r.environment, (&b, &sum), async || {
-            ops::trust::set_jwks(s, &r.environment, &r.issuer, &r.jwks_json)
+            ops::trust::set_jwks(s, &op.id, &r.environment, &r.issuer, &r.jwks_json)
         })
         .await
         .map_err(|e| status(&e))?;

@@ -183,7 +183,7 @@ impl v1::verification_server::Verification for VerificationApi {
         let proof = self
             .0
             .audit
-            .prove(r.seq, &r.hash)
+            .prove(r.seq, &r.leaf_hash)
             .await
             .map_err(|e| status(&LookupError::from(e)))?
             .ok_or_else(|| status(&LookupError::NoEntry(r.seq)))?;
@@ -192,7 +192,6 @@ impl v1::verification_server::Verification for VerificationApi {
             tree_size: proof.tree_size,
             hashes: proof.hashes.iter().map(|h| h.to_vec()).collect(),
             checkpoint: proof.checkpoint,
-            entry: proof.entry,
         }))
     }
 

@@ -136,6 +136,7 @@ impl v1::signer_server::Signer for SignerApi {
             audit_id: out.audit_id,
             audit_seq: out.audit_seq,
             audit_hash: out.audit_hash,
+            audit_entry: out.audit_entry,
         }))
     }
 
@@ -203,6 +204,7 @@ impl v1::signer_server::Signer for SignerApi {
             audit_id: out.audit_id,
             audit_seq: out.audit_seq,
             audit_hash: out.audit_hash,
+            audit_entry: out.audit_entry,
             signed_at: Some(ts(out.signed_at)),
             sha256_digest: out.digests.first().map(|d| d.to_vec()).unwrap_or_default(),
         }))
@@ -232,6 +234,7 @@ impl v1::signer_server::Signer for SignerApi {
             audit_id: out.audit_id,
             audit_seq: out.audit_seq,
             audit_hash: out.audit_hash,
+            audit_entry: out.audit_entry,
             signed_at: Some(ts(out.signed_at)),
         }))
     }

@@ -247,8 +247,6 @@ pub struct Proof {
     pub hashes: Vec<meshsign_proto::merkle::Hash>,
     /// The signed note.
     pub checkpoint: String,
-    /// The entry's stored bytes.
-    pub entry: Vec<u8>,
 }
 
 /// The newest signed tree head: the checkpoint note and the tree size it signs.
@@ -485,24 +483,28 @@ impl AuditLog {
         match self.signed_head.borrow().clone() {
             Some(h) if h.size >= seq => Ok(h),
             _ => Err(AuditError::Tree(
-                "no signed tree head covers the entry (the tree could not be built: see the                  site log)"
+                "no signed tree head covers the entry (the tree could not be built: see the site log)"
                     .into(),
             )),
         }
     }
 
-    /// The inclusion proof of entry `seq` to a signed tree head, if the entry is durable and
-    /// its hash is `hash` (who does not hold the receipt learns nothing, not even whether the
-    /// seq exists).
-    pub async fn prove(&self, seq: u64, hash: &str) -> Result<Option<Proof>, AuditError> {
-        let Some(entry) = self.entry_bytes(seq)? else {
+    /// The inclusion proof of entry `seq` to a signed tree head, if the store holds that entry
+    /// and `leaf_hash` is its Merkle leaf hash (SHA-256(0x00 || entry)). No entry holds another
+    /// entry's leaf hash, so a receipt leads to no other entry; the proof carries hashes only.
+    ///
+    /// The entry is read from the store, not bounded by this replica's head: on a shared store
+    /// another replica may have written it, and the checkpoint asked for below first brings
+    /// this replica's writer up to the store's head.
+    pub async fn prove(&self, seq: u64, leaf_hash: &[u8]) -> Result<Option<Proof>, AuditError> {
+        if seq == 0 || leaf_hash.len() != 32 {
+            return Ok(None);
+        }
+        let Some(entry) = self.store.kv().get(Tree::Audit, &seq.to_be_bytes())? else {
             return Ok(None);
         };
-        let rec: AuditRecord =
-            serde_json::from_slice(&entry).map_err(AuditError::entry("stored"))?;
-        if aws_lc_rs::constant_time::verify_slices_are_equal(rec.hash.as_bytes(), hash.as_bytes())
-            .is_err()
-        {
+        let leaf = meshsign_proto::merkle::leaf_hash(&entry);
+        if aws_lc_rs::constant_time::verify_slices_are_equal(&leaf, leaf_hash).is_err() {
             return Ok(None);
         }
         let head = self.signed_head_covering(seq).await?;
@@ -515,16 +517,7 @@ impl AuditLog {
             tree_size: head.size,
             hashes,
             checkpoint: head.note,
-            entry,
         }))
-    }
-
-    /// The stored bytes of entry `seq`, if it is durable.
-    pub fn entry_bytes(&self, seq: u64) -> Result<Option<Vec<u8>>, AuditError> {
-        if seq == 0 || seq > *self.head.borrow() {
-            return Ok(None);
-        }
-        Ok(self.store.kv().get(Tree::Audit, &seq.to_be_bytes())?)
     }
 
     /// The inclusion proof of entry `seq` in the tree of `size` entries (reads the store;

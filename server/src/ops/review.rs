@@ -15,7 +15,9 @@
 //!
 //! Every step is audited (the refusal with `review_required`, the approval, the change with
 //! "approved by … under proposal …"). Proposals live in the store, so every replica of a site
-//! sees them. Checks and updates run under the ops lock, so one approval cannot be used twice.
+//! sees them. Approving and using an approval are conditional updates of the stored proposal
+//! (compare-and-swap on its bytes), so one approval is used once across every replica — the
+//! ops lock is per process and guards nothing between replicas.
 //!
 //! Owns: proposals. Must not touch: what the reviewed operations do.
 
@@ -175,9 +177,27 @@ pub fn gate(
             ))),
             Some(approver) => {
                 let approver = approver.clone();
+                // Used up by a conditional update of the bytes read here: of two calls at two
+                // replicas (or two tasks), exactly one sees its update land.
+                let Some((stored, raw)) = site.store.get_raw::<Proposal>(Tree::Meta, &key(&p.id))?
+                else {
+                    return Err(OpsError::ReviewRequired(format!(
+                        "proposal {} is gone; the change must be proposed again",
+                        p.id
+                    )));
+                };
+                if stored.state(now) != ProposalState::Approved
+                    || stored.approver.as_deref() != Some(approver.as_str())
+                {
+                    return Err(used_up(&stored));
+                }
+                p = stored;
                 p.executed_by = Some(op.id.clone());
                 p.executed_at = Some(now);
-                save(site, &p)?;
+                if !site.store.update(Tree::Meta, &key(&p.id), &raw, &p)? {
+                    let now_stored: Option<Proposal> = site.store.get(Tree::Meta, &key(&p.id))?;
+                    return Err(used_up(now_stored.as_ref().unwrap_or(&p)));
+                }
                 tracing::info!(proposal = %p.id, %approver, executor = %op.id, "reviewed change carried out");
                 Ok(Some(p))
             }
@@ -229,9 +249,9 @@ pub fn gate(
 /// proposal and the audit detail.
 pub fn approve(site: &SiteState, op: &Operator, id: &str) -> Result<(Proposal, String), OpsError> {
     let now = site.clock.unix();
-    let mut p: Proposal = site
+    let (mut p, raw): (Proposal, _) = site
         .store
-        .get(Tree::Meta, &key(id))?
+        .get_raw(Tree::Meta, &key(id))?
         .ok_or_else(|| OpsError::NotFound(format!("proposal `{}`", bounded(id, 64))))?;
     match p.state(now) {
         ProposalState::Expired => {
@@ -264,7 +284,13 @@ pub fn approve(site: &SiteState, op: &Operator, id: &str) -> Result<(Proposal, S
     }
     p.approver = Some(op.id.clone());
     p.approved_at = Some(now);
-    save(site, &p)?;
+    if !site.store.update(Tree::Meta, &key(id), &raw, &p)? {
+        return Err(OpsError::Precondition(format!(
+            "proposal {} changed while it was being approved (another admin approved it at \
+             the same moment); see `meshsign admin review list`",
+            p.id
+        )));
+    }
     let detail = format!(
         "approved proposal {} ({}) proposed by `{}`",
         p.id,
@@ -289,6 +315,16 @@ pub fn prune(site: &SiteState) -> Result<usize, OpsError> {
         }
     }
     Ok(n)
+}
+
+/// The refusal of a call whose approval another call used first.
+fn used_up(p: &Proposal) -> OpsError {
+    OpsError::ReviewRequired(format!(
+        "proposal {} was already carried out by `{}`: one approval carries out one change; \
+         propose it again",
+        p.id,
+        p.executed_by.as_deref().unwrap_or("another call")
+    ))
 }
 
 /// The audit detail of a reviewed change: what it did, and under which approval.

@@ -66,6 +66,10 @@ fn policy_index(cfg: &SiteConfig, env: &str, issuer: &str) -> Result<(usize, usi
 
 /// Enables or disables a trust policy. Disabling refuses new enrollments from it and, unless
 /// `keep_sessions`, every sign call from certificates it minted — on open connections too.
+///
+/// A call that would not change the policy changes nothing and says so: disabling a disabled
+/// policy keeps who disabled it (it cannot take over someone else's incident response), except
+/// that it may still end the sessions a disable had kept.
 pub fn set_policy_enabled(
     site: &SiteState,
     operator: &str,
@@ -76,34 +80,63 @@ pub fn set_policy_enabled(
 ) -> Result<(TrustPolicy, String), OpsError> {
     let mut cfg = (*site.config()).clone();
     let (pi, ti) = policy_index(&cfg, env, issuer)?;
-    let key = disabled_by_key(env, issuer);
-    if enabled {
-        site.store.kv().remove(Tree::Meta, &key)?;
-    } else {
-        site.store.put(
-            Tree::Meta,
-            &key,
-            &DisabledBy {
-                operator: operator.to_string(),
-                at: site.clock.unix(),
-            },
-        )?;
-    }
+    let now = site.clock.unix();
+    let cur = cfg.environments[pi].trust_policies[ti].clone();
+    let (name, key) = (cur.name.clone(), disabled_by_key(env, issuer));
+    let change = match (cur.enabled, enabled) {
+        (true, true) => {
+            return Ok((
+                cur,
+                format!("trust policy {name} ({issuer}) already enabled; nothing changed"),
+            ));
+        }
+        (false, false) => {
+            let by: Option<DisabledBy> = site.store.get(Tree::Meta, &key)?;
+            let who = by
+                .map(|b| format!(" by `{}` at unix {}", b.operator, b.at))
+                .unwrap_or_default();
+            if !(cur.keep_sessions && !keep_sessions) {
+                return Ok((
+                    cur,
+                    format!(
+                        "trust policy {name} ({issuer}) already disabled{who}; nothing changed"
+                    ),
+                ));
+            }
+            Change::EndSessions
+        }
+        (false, true) => {
+            site.store.kv().remove(Tree::Meta, &key)?;
+            Change::Enable
+        }
+        (true, false) => {
+            site.store.put(
+                Tree::Meta,
+                &key,
+                &DisabledBy {
+                    operator: operator.to_string(),
+                    at: now,
+                },
+            )?;
+            Change::Disable
+        }
+    };
     let t = &mut cfg.environments[pi].trust_policies[ti];
     t.enabled = enabled;
     t.keep_sessions = !enabled && keep_sessions;
     let out = t.clone();
     site.save_policy_overlay(env, &cfg.environments[pi].trust_policies[ti], None)?;
+    record_change(site, env, issuer, operator, change)?;
     site.set_config(cfg);
     let detail = format!(
         "trust policy {} ({issuer}) {}",
         out.name,
-        if enabled {
-            "enabled"
-        } else if keep_sessions {
-            "disabled, sessions kept"
-        } else {
-            "disabled"
+        match change {
+            Change::Enable => "enabled",
+            Change::Disable if keep_sessions => "disabled, sessions kept",
+            Change::Disable => "disabled",
+            Change::EndSessions => "already disabled; its kept sessions end now",
+            Change::Jwks => "changed",
         }
     );
     Ok((out, detail))
@@ -120,11 +153,55 @@ fn disabled_by_key(env: &str, issuer: &str) -> Vec<u8> {
     format!("policy-disabled/{env}/{issuer}").into_bytes()
 }
 
+/// A change an operator made to a trust policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum Change {
+    Enable,
+    Disable,
+    EndSessions,
+    Jwks,
+}
+
+/// The last change made to a trust policy, by whom: an undo is an undo only while nobody else
+/// has touched the policy since.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct LastChange {
+    operator: String,
+    at: i64,
+    change: Change,
+}
+
+fn last_change_key(env: &str, issuer: &str) -> Vec<u8> {
+    format!("policy-changed/{env}/{issuer}").into_bytes()
+}
+
+fn record_change(
+    site: &SiteState,
+    env: &str,
+    issuer: &str,
+    operator: &str,
+    change: Change,
+) -> Result<(), OpsError> {
+    site.store.put(
+        Tree::Meta,
+        &last_change_key(env, issuer),
+        &LastChange {
+            operator: operator.to_string(),
+            at: site.clock.unix(),
+            change,
+        },
+    )?;
+    Ok(())
+}
+
 /// Whether re-enabling this policy *undoes the operator's own disable* within the review
 /// window — the drill's restore, or an admin taking back their own mistake — which two-person
 /// review does not cover: it only returns the policy to the state a second admin never had to
-/// agree to leave. Enabling a policy someone else disabled (an incident response), or one
-/// disabled longer ago, still needs review. Returns why, for the audit record.
+/// agree to leave. It is an undo only when this operator disabled the policy *and* made the
+/// last change to it (nobody else has disabled, ended sessions or pinned keys since). Enabling
+/// a policy someone else disabled (an incident response), or one disabled longer ago, still
+/// needs review. Returns why, for the audit record.
 pub fn undoes_own_disable(
     site: &SiteState,
     operator: &str,
@@ -137,15 +214,24 @@ pub fn undoes_own_disable(
         return Ok(None);
     }
     let by: Option<DisabledBy> = site.store.get(Tree::Meta, &disabled_by_key(env, issuer))?;
+    let last: Option<LastChange> = site.store.get(Tree::Meta, &last_change_key(env, issuer))?;
     let window = i64::try_from(cfg.review.window_seconds).unwrap_or(3600);
+    let last_is_it = |b: &DisabledBy| {
+        last.as_ref().is_some_and(|l| {
+            l.operator == operator && l.change == Change::Disable && l.at == b.at
+        })
+    };
     Ok(by
-        .filter(|b| b.operator == operator && site.clock.unix() - b.at <= window)
+        .filter(|b| {
+            b.operator == operator && site.clock.unix() - b.at <= window && last_is_it(b)
+        })
         .map(|b| format!("undoes the operator's own disable at unix {}", b.at)))
 }
 
 /// Pins a new JWKS for a policy (public keys only). A kid not in it is denied from now on.
 pub fn set_jwks(
     site: &SiteState,
+    operator: &str,
     env: &str,
     issuer: &str,
     jwks_json: &[u8],
@@ -159,6 +245,7 @@ pub fn set_jwks(
     cfg.environments[pi].trust_policies[ti].jwks = jwks;
     let out = cfg.environments[pi].trust_policies[ti].clone();
     site.save_policy_overlay(env, &cfg.environments[pi].trust_policies[ti], Some(text))?;
+    record_change(site, env, issuer, operator, Change::Jwks)?;
     site.set_config(cfg);
     Ok((
         out.clone(),

@@ -58,6 +58,8 @@ pub struct AttestOutput {
     pub audit_seq: u64,
     /// Its hash.
     pub audit_hash: String,
+    /// Its stored bytes (the receipt's leaf), for the caller alone.
+    pub audit_entry: Vec<u8>,
 }
 
 /// Checks, audits, builds and signs; see the module docs for the order.
@@ -107,6 +109,7 @@ pub async fn attest(
         public_key_der: key.record.public_key_der.clone(),
         audit_id: written.audit_id(),
         audit_seq: written.seq,
+        audit_entry: written.entry_bytes(),
         audit_hash: written.hash,
     })
 }

@@ -70,6 +70,8 @@ pub struct SignOutput {
     pub audit_seq: u64,
     /// Audit entry hash (receipt).
     pub audit_hash: String,
+    /// The audit entry's stored bytes (the receipt's leaf), for the caller alone.
+    pub audit_entry: Vec<u8>,
     /// Unix seconds.
     pub signed_at: i64,
 }
@@ -321,6 +323,7 @@ pub async fn sign(
         out.audit_id = written.audit_id();
         out.audit_seq = written.seq;
         out.audit_hash = written.hash.clone();
+        out.audit_entry = written.entry_bytes();
         out.signed_at = now;
         out
     })
@@ -452,6 +455,7 @@ async fn check_and_sign(
         audit_id: String::new(),
         audit_seq: 0,
         audit_hash: String::new(),
+        audit_entry: Vec::new(),
         signed_at: 0,
     })
 }

@@ -140,6 +140,12 @@ pub trait Kv: Send + Sync + 'static {
     fn put(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<(), StoreError>;
     /// Writes only if the key is absent; returns false if it was present (atomic).
     fn insert_new(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<bool, StoreError>;
+    /// Replaces the value only if it is still `old` byte for byte; returns false (and writes
+    /// nothing) if another writer — this process or another replica — changed or removed it
+    /// first (atomic: sled's compare-and-swap, PostgreSQL's `UPDATE … WHERE value = $old`).
+    /// What replicas must agree on (a proposal used once, a session's generation) goes
+    /// through here, never through a process lock.
+    fn update(&self, tree: Tree, key: &[u8], old: &[u8], new: &[u8]) -> Result<bool, StoreError>;
     /// Removes a key.
     fn remove(&self, tree: Tree, key: &[u8]) -> Result<(), StoreError>;
     /// All entries whose key starts with `prefix`, in key order.
@@ -299,6 +305,15 @@ impl Kv for SledKv {
         Ok(r.is_ok())
     }
 
+    fn update(&self, tree: Tree, key: &[u8], old: &[u8], new: &[u8]) -> Result<bool, StoreError> {
+        let r = self
+            .db()?
+            .tree(tree)
+            .compare_and_swap(key, Some(old), Some(new))
+            .map_err(engine)?;
+        Ok(r.is_ok())
+    }
+
     fn remove(&self, tree: Tree, key: &[u8]) -> Result<(), StoreError> {
         self.db()?
             .tree(tree)
@@ -414,6 +429,30 @@ impl Store {
     /// Encodes and writes a record.
     pub fn put<T: Serialize>(&self, tree: Tree, key: &[u8], value: &T) -> Result<(), StoreError> {
         self.kv.put(tree, key, &encode(tree, value)?)
+    }
+
+    /// Encodes `new` and writes it only if the stored bytes are still `old` (as read); false
+    /// if another writer got there first. See [`Kv::update`].
+    pub fn update<T: Serialize>(
+        &self,
+        tree: Tree,
+        key: &[u8],
+        old: &[u8],
+        new: &T,
+    ) -> Result<bool, StoreError> {
+        self.kv.update(tree, key, old, &encode(tree, new)?)
+    }
+
+    /// Reads and decodes a record, with the bytes it was decoded from (for [`Store::update`]).
+    pub fn get_raw<T: DeserializeOwned>(
+        &self,
+        tree: Tree,
+        key: &[u8],
+    ) -> Result<Option<(T, Vec<u8>)>, StoreError> {
+        match self.kv.get(tree, key)? {
+            None => Ok(None),
+            Some(v) => Ok(Some((decode(tree, &v)?, v))),
+        }
     }
 
     /// Encodes and writes a record only if the key is absent.

@@ -426,6 +426,17 @@ impl Kv for PgKv {
         })
     }
 
+    fn update(&self, tree: Tree, key: &[u8], old: &[u8], new: &[u8]) -> Result<bool, StoreError> {
+        let (key, old, new) = (key.to_vec(), old.to_vec(), new.to_vec());
+        self.run(move |c| {
+            c.execute(
+                "UPDATE kv SET value = $4 WHERE tree = $1 AND key = $2 AND value = $3",
+                &[&tree.name(), &key, &old, &new],
+            )
+            .map(|n| n == 1)
+        })
+    }
+
     fn remove(&self, tree: Tree, key: &[u8]) -> Result<(), StoreError> {
         let key = key.to_vec();
         self.run(move |c| {

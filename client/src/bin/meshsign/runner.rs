@@ -417,7 +417,7 @@ async fn fetch_receipt(
     bundle: &SigBundle,
 ) -> Result<meshsign_proto::receipt::Receipt, ClientError> {
     let receipt =
-        meshsign_client::evidence::receipt(v, r.audit_seq, &r.audit_hash, audit_spki).await?;
+        meshsign_client::evidence::receipt(v, r.audit_seq, &r.audit_entry, audit_spki).await?;
     verify::check_receipt(
         &receipt,
         &verify::audit_key_from_der(audit_spki)?,
