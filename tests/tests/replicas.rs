@@ -664,3 +664,97 @@ async fn wait_status(a: &TestSite, b: &TestSite, want: i32, within: Duration) {
         );
     }
 }
+
+/// Issue 24 row 7: with `RotateKey` under review, one approval used at two replicas at the same
+/// moment carries out one rotation — the approval is used by a conditional update — and a key
+/// version is stored by a conditional insert, so no `alias@vN` is ever made twice or
+/// overwritten: every signature verifies under a published key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_approval_rotates_once_across_replicas_and_no_key_version_is_made_twice() {
+    use meshsign_proto::v1;
+    let pg = LocalPostgres::start().unwrap();
+    let a = TestSite::start_with(
+        &format!(
+            "{}\n[review]\noperations = [\"RotateKey\"]\nwindow_seconds = 600\n",
+            store_section(&pg)
+        ),
+        None,
+    )
+    .await;
+    let b = a.replica("b").await;
+    let key = v1::KeyRef {
+        environment: "staging".into(),
+        alias: "release".into(),
+    };
+    let (mut alice_a, mut alice_b, mut bob) =
+        (a.admin().await, b.admin().await, a.second_admin().await);
+    let (k, resp, _) = a.enrolled("staging").await;
+    let (mut sa, mut sb) = (
+        a.signer_for(&k, &resp).await.unwrap(),
+        b.signer_for(&k, &resp).await.unwrap(),
+    );
+    let mut signatures = Vec::new();
+    let rounds = 8;
+    for round in 0..rounds {
+        let e = alice_a.rotate_key(key.clone()).await.unwrap_err();
+        assert!(e.message().starts_with("review_required: "), "{e:?}");
+        let at = e.message().find("proposal p-").unwrap() + "proposal ".len();
+        let id = e.message()[at..at + 18].to_string();
+        bob.approve_proposal(v1::ApproveProposalRequest { id })
+            .await
+            .unwrap();
+        let (ra, rb) = tokio::join!(
+            alice_a.rotate_key(key.clone()),
+            alice_b.rotate_key(key.clone())
+        );
+        let ok = [&ra, &rb].iter().filter(|r| r.is_ok()).count();
+        assert_eq!(ok, 1, "round {round}: {ra:?} / {rb:?}");
+        for r in [&ra, &rb] {
+            if let Err(e) = r {
+                assert!(e.message().starts_with("review_required: "), "{e:?}");
+            }
+        }
+        // A signature at each replica after the rotation (each signs with what it has loaded).
+        for s in [&mut sa, &mut sb] {
+            signatures.push(s.sign(sign_req("release", round)).await.unwrap().into_inner());
+        }
+    }
+    // Every version once (A may take up to a refresh to load B's last one); every signature
+    // verifies under the published key of its version.
+    let started = tokio::time::Instant::now();
+    let material = loop {
+        let m = a
+            .verification()
+            .await
+            .get_verification_material(v1::GetVerificationMaterialRequest {
+                environment: "staging".into(),
+                key_alias: "release".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if m.keys.len() > rounds as usize || started.elapsed() > Duration::from_secs(1) {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut ids: Vec<String> = material.keys.iter().map(|k| k.key_id.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), material.keys.len());
+    assert_eq!(material.keys.len(), rounds as usize + 1, "{ids:?}");
+    for s in &signatures {
+        let published = material
+            .keys
+            .iter()
+            .find(|k| k.key_id == s.key_id)
+            .unwrap_or_else(|| panic!("{} is not published", s.key_id));
+        assert_eq!(published.public_key_der, s.public_key_der, "{}", s.key_id);
+        let digest: [u8; 32] = s.sha256_digest.as_slice().try_into().unwrap();
+        meshsign_proto::sig::Verifier::new(&s.algorithm, &s.public_key_der)
+            .unwrap()
+            .verify_digest(&digest, &s.signature)
+            .unwrap();
+    }
+    verify_chain(&a).await;
+}

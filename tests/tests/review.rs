@@ -366,6 +366,17 @@ async fn undoing_ones_own_disable_needs_no_review_anything_else_does() {
     bob.set_trust_policy_enabled(set(false)).await.unwrap();
     let e = alice.set_trust_policy_enabled(set(true)).await.unwrap_err();
     assert!(e.message().starts_with("review_required: "), "{e:?}");
+    // Issue 24 row 2: nor by disabling it again first (a no-op that keeps who disabled it)
+    // and then "undoing her own disable".
+    alice.set_trust_policy_enabled(set(false)).await.unwrap();
+    let rec = last_of(&site, "Admin.DisableTrustPolicy");
+    assert!(
+        rec.detail.contains("already disabled by `") && rec.detail.contains("nothing changed"),
+        "{}",
+        rec.detail
+    );
+    let e = alice.set_trust_policy_enabled(set(true)).await.unwrap_err();
+    assert!(e.message().starts_with("review_required: "), "{e:?}");
     // Nor can Bob once the window has passed.
     site.clock.advance(std::time::Duration::from_secs(601));
     let e = bob.set_trust_policy_enabled(set(true)).await.unwrap_err();
@@ -383,4 +394,33 @@ async fn undoing_ones_own_disable_needs_no_review_anything_else_does() {
             .iter()
             .any(|p| p.issuer == meshsign_tests::ES_ISSUER && !p.enabled)
     );
+}
+
+/// Issue 24 row 2: an undo is an undo only while nobody else has changed the policy since the
+/// operator's own disable — here Bob ends the sessions Alice's disable kept.
+#[tokio::test]
+async fn an_undo_is_only_an_undo_while_nobody_else_changed_the_policy() {
+    let site = TestSite::start_with(REVIEW, None).await;
+    let (mut alice, mut bob) = (site.admin().await, site.second_admin().await);
+    let set = |enabled, keep_sessions| v1::SetTrustPolicyEnabledRequest {
+        environment: "production".into(),
+        issuer: meshsign_tests::ES_ISSUER.into(),
+        enabled,
+        keep_sessions,
+    };
+    alice.set_trust_policy_enabled(set(false, true)).await.unwrap();
+    bob.set_trust_policy_enabled(set(false, false)).await.unwrap();
+    let rec = last_of(&site, "Admin.DisableTrustPolicy");
+    assert!(rec.detail.contains("kept sessions end now"), "{}", rec.detail);
+    let e = alice
+        .set_trust_policy_enabled(set(true, false))
+        .await
+        .unwrap_err();
+    assert!(e.message().starts_with("review_required: "), "{e:?}");
+    // The same disable repeated changes nothing and is recorded as such.
+    let before = site.audit().len();
+    bob.set_trust_policy_enabled(set(false, false)).await.unwrap();
+    let rec = last_of(&site, "Admin.DisableTrustPolicy");
+    assert_eq!(site.audit().len(), before + 1);
+    assert!(rec.detail.contains("nothing changed"), "{}", rec.detail);
 }

@@ -65,6 +65,16 @@ pub enum CustodyError {
     /// The PKCS#11 token is gone (removed, reset, unreachable) for now.
     #[error("PKCS#11 token unavailable: {0}")]
     TokenUnavailable(String),
+    /// A key version with this number exists already (another replica made it at the same
+    /// moment): nothing was overwritten.
+    #[error(
+        "key {slot} already exists (made at the same moment elsewhere, e.g. at another replica); \
+         nothing was overwritten: run the operation again for the next version"
+    )]
+    VersionTaken {
+        /// environment/alias@vN
+        slot: String,
+    },
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -753,13 +763,21 @@ pub fn store_key(
         wrapped: Some(Wrapped { nonce, ciphertext }),
         pkcs11: None,
     };
-    store.put(
-        Tree::Keys,
-        &KeyRecord::store_key(environment, alias, version),
-        &record,
-    )?;
-    store.flush()?;
+    put_new_version(store, &record)?;
     Ok(record)
+}
+
+/// Stores a new key version's record by a conditional insert: two replicas that both chose
+/// `alias@vN` cannot both make it, and a signing key's record is never overwritten.
+fn put_new_version(store: &Store, record: &KeyRecord) -> Result<(), CustodyError> {
+    let key = KeyRecord::store_key(&record.partition, &record.alias, record.version);
+    if !store.insert_new(Tree::Keys, &key, record)? {
+        return Err(CustodyError::VersionTaken {
+            slot: format!("{}/{}@v{}", record.partition, record.alias, record.version),
+        });
+    }
+    store.flush()?;
+    Ok(())
 }
 
 /// Checks that `kek` opens the key records already in the store (all of them): a wrong KEK is
@@ -835,12 +853,7 @@ pub fn store_token_key(
         wrapped: None,
         pkcs11: Some(r),
     };
-    store.put(
-        Tree::Keys,
-        &KeyRecord::store_key(environment, alias, version),
-        &record,
-    )?;
-    store.flush()?;
+    put_new_version(store, &record)?;
     Ok(record)
 }
 

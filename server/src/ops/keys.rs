@@ -114,18 +114,24 @@ pub fn create_key_alias(
     Ok((spec, format!("created key {alias}@v1")))
 }
 
-fn next_version(site: &SiteState, env: &str, alias: &str) -> u32 {
-    site.keys()
-        .versions(env, alias)
-        .and_then(|v| v.last())
-        .map(|k| k.record.version + 1)
-        .unwrap_or(1)
+/// The next version number of `alias`, from the store (another replica may have made a version
+/// this one has not loaded yet). Two replicas may still pick the same number at the same
+/// moment: the record is stored by a conditional insert, so one of them is refused.
+fn next_version(site: &SiteState, env: &str, alias: &str) -> Result<u32, OpsError> {
+    let records: Vec<crate::custody::KeyRecord> = site
+        .store
+        .scan(Tree::Keys, format!("{env}/{alias}/").as_bytes())?;
+    Ok(records
+        .iter()
+        .map(|r| r.version)
+        .max()
+        .map_or(1, |v| v + 1))
 }
 
 /// Adds `alias@vN+1`, which signs from then on; older versions stay verifiable.
 pub fn rotate_key(site: &SiteState, env: &str, alias: &str) -> Result<(KeySpec, String), OpsError> {
     let spec = spec_of(site, env, alias)?;
-    let v = next_version(site, env, alias);
+    let v = next_version(site, env, alias)?;
     create_key(
         &site.store,
         &site.custodian,
@@ -211,7 +217,7 @@ pub fn import_key(
             backend: into,
         },
     };
-    let v = next_version(site, env, alias);
+    let v = next_version(site, env, alias)?;
     // Into the token when asked, or when the alias keeps its keys there.
     if into == crate::custody::Backend::Pkcs11 || spec.backend == crate::custody::Backend::Pkcs11 {
         let token = site.custodian.token.as_ref().ok_or_else(|| {

@@ -88,6 +88,7 @@ impl Refusal for OpsError {
                 "precondition"
             }
             OpsError::Custody(CustodyError::TokenUnavailable(_)) => "key_unavailable",
+            OpsError::Custody(CustodyError::VersionTaken { .. }) => "precondition",
             OpsError::Custody(_)
             | OpsError::Ca(_)
             | OpsError::Store(_)
@@ -112,6 +113,7 @@ impl Refusal for OpsError {
                 RefusalKind::FailedPrecondition
             }
             OpsError::Custody(CustodyError::TokenUnavailable(_)) => RefusalKind::Unavailable,
+            OpsError::Custody(CustodyError::VersionTaken { .. }) => RefusalKind::FailedPrecondition,
             OpsError::Custody(_)
             | OpsError::Ca(_)
             | OpsError::Store(_)
