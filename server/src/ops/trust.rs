@@ -95,7 +95,7 @@ pub fn set_policy_enabled(
             let who = by
                 .map(|b| format!(" by `{}` at unix {}", b.operator, b.at))
                 .unwrap_or_default();
-            if !(cur.keep_sessions && !keep_sessions) {
+            if !cur.keep_sessions || keep_sessions {
                 return Ok((
                     cur,
                     format!(
