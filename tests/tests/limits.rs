@@ -525,3 +525,32 @@ fn limits_are_validated_by_name() {
         "a dev site fits its caps instead"
     );
 }
+
+/// Issue 24 row 5: the per-certificate budget is the session's — a renewal does not reset it.
+#[tokio::test]
+async fn a_renewal_does_not_reset_the_certificate_budget() {
+    let site = TestSite::start_with(BUDGETED_KEY, None).await;
+    let (_k, enrollment, signer) = site.enrolled("production").await;
+    let mut s = meshsign_client::runner::Session { enrollment, signer };
+    for i in 0..2u8 {
+        s.sign_digest("budgeted", [i; 32], "a").await.unwrap();
+    }
+    s.renew(&site.client, 0).await.unwrap();
+    s.sign_digest("budgeted", [7; 32], "b").await.unwrap();
+    for round in 0..3 {
+        s.renew(&site.client, 0).await.unwrap();
+        let e = s
+            .sign_digest("budgeted", [8 + round; 32], "c")
+            .await
+            .unwrap_err();
+        match e {
+            meshsign_client::ClientError::Rpc { message, .. } => assert!(
+                message.starts_with(
+                    "budget: key `budgeted` allows 3 signature(s) per certificate; this certificate has 3"
+                ),
+                "{message}"
+            ),
+            other => panic!("{other}"),
+        }
+    }
+}

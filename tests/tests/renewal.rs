@@ -118,3 +118,70 @@ async fn the_session_ceiling_and_revocations_bound_renewal() {
     let rec = site.last_audit();
     assert_eq!((rec.rpc.as_str(), rec.decision.as_str()), ("Renew", "deny"));
 }
+
+/// Issue 24 row 4: a thief renews the job's generation-0 certificate first; the holder's
+/// `RevokeSelf` at job end (with generation 0) is refused `superseded` and revokes the whole
+/// session, so the thief's renewed certificate stops signing and renewing.
+#[tokio::test]
+async fn revoke_self_with_a_superseded_certificate_revokes_the_thief_s_renewal() {
+    let site = TestSite::start().await;
+    let mut holder = session(&site, "production").await;
+    let mut thief = Session {
+        enrollment: holder.enrollment.clone(),
+        signer: holder.signer.clone(),
+    };
+    thief.renew(&site.client, 0).await.unwrap();
+    thief
+        .sign_digest("release", [1; 32], "stolen")
+        .await
+        .unwrap();
+    let e = holder.revoke_self("job finished").await.unwrap_err();
+    expect_refusal(e, Code::Unauthenticated, "session_theft_suspected");
+    let rec = site.last_audit();
+    assert_eq!(
+        (rec.rpc.as_str(), rec.reason.as_str()),
+        ("RevokeSelf", "session_theft_suspected")
+    );
+    let e = thief
+        .sign_digest("release", [2; 32], "stolen")
+        .await
+        .unwrap_err();
+    expect_refusal(e, Code::Unauthenticated, "certificate_revoked");
+    let e = thief.renew(&site.client, 0).await.unwrap_err();
+    expect_refusal(e, Code::Unauthenticated, "certificate_revoked");
+}
+
+/// Issue 24 row 6: `admin revoke --serial S` with the serial an operator saw (the enrolled
+/// certificate's) reaches the session's renewed certificate too — and the renewed serial
+/// reaches the whole session as well.
+#[tokio::test]
+async fn a_serial_revocation_follows_the_session_through_renewals() {
+    let site = TestSite::start().await;
+    for revoke_first in [true, false] {
+        let mut s = session(&site, "production").await;
+        let first = s.enrollment.serial.clone();
+        s.renew(&site.client, 0).await.unwrap();
+        let second = s.enrollment.serial.clone();
+        s.sign_digest("release", [1; 32], "renewed").await.unwrap();
+        let serial = if revoke_first { first } else { second };
+        let r = site
+            .admin()
+            .await
+            .revoke(v1::RevokeRequest {
+                target: Some(Target::Serial(serial)),
+                reason: "compromised runner".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.serials.len(), 2, "{r:?}");
+        let e = s
+            .sign_digest("release", [2; 32], "after revoke")
+            .await
+            .unwrap_err();
+        expect_refusal(e, Code::Unauthenticated, "certificate_revoked");
+        let e = s.renew(&site.client, 0).await.unwrap_err();
+        expect_refusal(e, Code::Unauthenticated, "certificate_revoked");
+    }
+}

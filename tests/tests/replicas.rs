@@ -716,7 +716,12 @@ async fn one_approval_rotates_once_across_replicas_and_no_key_version_is_made_tw
         }
         // A signature at each replica after the rotation (each signs with what it has loaded).
         for s in [&mut sa, &mut sb] {
-            signatures.push(s.sign(sign_req("release", round)).await.unwrap().into_inner());
+            signatures.push(
+                s.sign(sign_req("release", round))
+                    .await
+                    .unwrap()
+                    .into_inner(),
+            );
         }
     }
     // Every version once (A may take up to a refresh to load B's last one); every signature
@@ -757,4 +762,108 @@ async fn one_approval_rotates_once_across_replicas_and_no_key_version_is_made_tw
             .unwrap();
     }
     verify_chain(&a).await;
+}
+
+/// A job's session enrolled at `a`, with the same certificate open at `b` as well.
+async fn session_at_both(
+    a: &TestSite,
+    b: &TestSite,
+) -> (
+    meshsign_client::runner::Session,
+    meshsign_client::runner::Session,
+) {
+    let (key, enrollment, on_a) = a.enrolled("staging").await;
+    let on_b = b.signer_for(&key, &enrollment).await.unwrap();
+    (
+        meshsign_client::runner::Session {
+            enrollment: enrollment.clone(),
+            signer: on_a,
+        },
+        meshsign_client::runner::Session {
+            enrollment,
+            signer: on_b,
+        },
+    )
+}
+
+fn refused_with(e: &meshsign_client::ClientError, reason: &str) -> bool {
+    matches!(e, meshsign_client::ClientError::Rpc { message, .. } if message.starts_with(&format!("{reason}: ")))
+}
+
+/// Issue 24 row 3: the same certificate renewed at replica A and replica B at once. The
+/// session's head moves by a conditional write in the database, so exactly one renewal wins
+/// (20 of 20); the loser's caller holds a copy: the session is revoked, and within a second
+/// the winner's certificate signs at neither replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewals_raced_at_two_replicas_give_one_certificate_and_revoke_the_session() {
+    let pg = LocalPostgres::start().unwrap();
+    let a = TestSite::start_with(&store_section(&pg), None).await;
+    let b = a.replica("b").await;
+    for round in 0..20 {
+        let (mut on_a, mut on_b) = session_at_both(&a, &b).await;
+        let (ra, rb) = tokio::join!(on_a.renew(&a.client, 0), on_b.renew(&b.client, 0));
+        let won = [&ra, &rb].iter().filter(|r| r.is_ok()).count();
+        assert_eq!(won, 1, "round {round}: {ra:?} / {rb:?}");
+        let lost = ra.as_ref().err().or(rb.as_ref().err()).unwrap();
+        assert!(refused_with(lost, "session_theft_suspected"), "{lost}");
+        let winner = if ra.is_ok() { &mut on_a } else { &mut on_b };
+        let started = tokio::time::Instant::now();
+        loop {
+            match winner.sign_digest("release", [round; 32], "race").await {
+                Err(e) if refused_with(&e, "certificate_revoked") => break,
+                other => {
+                    assert!(
+                        started.elapsed() < Duration::from_secs(1),
+                        "round {round}: the winner still signs after {:?}: {:?}",
+                        started.elapsed(),
+                        other.map(|_| ())
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    }
+    verify_chain(&a).await;
+}
+
+/// Issue 24 rows 3 and 9: renewed at A, then the old certificate presented at B a moment
+/// later — B reads the session's head from the database, not its cache: refused as a copy,
+/// session revoked (10 rounds). And a `RevokeSelf` acknowledged at A is enforced at B within a
+/// second (10 rounds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_one_replica_acknowledges_about_a_session_binds_the_other_within_a_second() {
+    let pg = LocalPostgres::start().unwrap();
+    let a = TestSite::start_with(&store_section(&pg), None).await;
+    let b = a.replica("b").await;
+    let mut worst = Duration::ZERO;
+    for round in 0..20u8 {
+        let (mut on_a, mut on_b) = session_at_both(&a, &b).await;
+        on_b.sign_digest("release", [round; 32], "warm")
+            .await
+            .unwrap();
+        if round % 2 == 0 {
+            on_a.renew(&a.client, 0).await.unwrap();
+            let e = on_b.renew(&b.client, 0).await.unwrap_err();
+            assert!(refused_with(&e, "session_theft_suspected"), "{e}");
+            continue;
+        }
+        on_a.revoke_self("job finished").await.unwrap();
+        let started = tokio::time::Instant::now();
+        loop {
+            match on_b.sign_digest("release", [round; 32], "after").await {
+                Err(e) if refused_with(&e, "certificate_revoked") => break,
+                other => {
+                    assert!(
+                        started.elapsed() < Duration::from_secs(1),
+                        "round {round}: B still signs after {:?}: {:?}",
+                        started.elapsed(),
+                        other.map(|_| ())
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        worst = worst.max(started.elapsed());
+    }
+    eprintln!("RevokeSelf at A enforced at B within {worst:?} (worst of 10)");
 }

@@ -408,10 +408,19 @@ async fn an_undo_is_only_an_undo_while_nobody_else_changed_the_policy() {
         enabled,
         keep_sessions,
     };
-    alice.set_trust_policy_enabled(set(false, true)).await.unwrap();
-    bob.set_trust_policy_enabled(set(false, false)).await.unwrap();
+    alice
+        .set_trust_policy_enabled(set(false, true))
+        .await
+        .unwrap();
+    bob.set_trust_policy_enabled(set(false, false))
+        .await
+        .unwrap();
     let rec = last_of(&site, "Admin.DisableTrustPolicy");
-    assert!(rec.detail.contains("kept sessions end now"), "{}", rec.detail);
+    assert!(
+        rec.detail.contains("kept sessions end now"),
+        "{}",
+        rec.detail
+    );
     let e = alice
         .set_trust_policy_enabled(set(true, false))
         .await
@@ -419,7 +428,9 @@ async fn an_undo_is_only_an_undo_while_nobody_else_changed_the_policy() {
     assert!(e.message().starts_with("review_required: "), "{e:?}");
     // The same disable repeated changes nothing and is recorded as such.
     let before = site.audit().len();
-    bob.set_trust_policy_enabled(set(false, false)).await.unwrap();
+    bob.set_trust_policy_enabled(set(false, false))
+        .await
+        .unwrap();
     let rec = last_of(&site, "Admin.DisableTrustPolicy");
     assert_eq!(site.audit().len(), before + 1);
     assert!(rec.detail.contains("nothing changed"), "{}", rec.detail);

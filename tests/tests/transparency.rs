@@ -17,7 +17,11 @@ use tonic::Code;
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
 /// A raw `GetInclusionProof` by seq and leaf hash.
-async fn proof(site: &TestSite, seq: u64, leaf: &[u8]) -> Result<v1::InclusionProof, tonic::Status> {
+async fn proof(
+    site: &TestSite,
+    seq: u64,
+    leaf: &[u8],
+) -> Result<v1::InclusionProof, tonic::Status> {
     Ok(site
         .verification()
         .await
@@ -126,7 +130,13 @@ async fn a_receipt_opens_no_other_entry_of_the_log() {
     let (_kv, _rv, mut victim) = site.enrolled("staging").await;
     let mut theirs = Vec::new();
     for i in 0..6u8 {
-        theirs.push(victim.sign(sign_req("release", i)).await.unwrap().into_inner());
+        theirs.push(
+            victim
+                .sign(sign_req("release", i))
+                .await
+                .unwrap()
+                .into_inner(),
+        );
     }
     let secrets: Vec<String> = site
         .audit()
@@ -137,9 +147,17 @@ async fn a_receipt_opens_no_other_entry_of_the_log() {
         .collect();
     assert!(!secrets.is_empty());
     let (_ka, _ra, mut attacker) = site.enrolled("staging").await;
-    let mine = attacker.sign(sign_req("release", 99)).await.unwrap().into_inner();
-    let own: meshsign_proto::audit::AuditRecord = serde_json::from_slice(&mine.audit_entry).unwrap();
-    assert_eq!((own.seq, own.hash.as_str()), (mine.audit_seq, mine.audit_hash.as_str()));
+    let mine = attacker
+        .sign(sign_req("release", 99))
+        .await
+        .unwrap()
+        .into_inner();
+    let own: meshsign_proto::audit::AuditRecord =
+        serde_json::from_slice(&mine.audit_entry).unwrap();
+    assert_eq!(
+        (own.seq, own.hash.as_str()),
+        (mine.audit_seq, mine.audit_hash.as_str())
+    );
 
     // By the chain: the previous entry's hash opens nothing.
     let prev = hex::decode(&own.prev_hash).unwrap();
@@ -147,7 +165,9 @@ async fn a_receipt_opens_no_other_entry_of_the_log() {
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
 
     // By every hash any proof gives, at every seq below: replies carry hashes and notes only.
-    let own_proof = receipt(&site, mine.audit_seq, &mine.audit_entry).await.unwrap();
+    let own_proof = receipt(&site, mine.audit_seq, &mine.audit_entry)
+        .await
+        .unwrap();
     let mut known: Vec<Vec<u8>> = own_proof
         .hashes
         .iter()
@@ -179,7 +199,10 @@ async fn a_receipt_opens_no_other_entry_of_the_log() {
     }
     // The leaf hash next to the caller's own (a proof's first hash) does prove its neighbour:
     // that reply is hashes only, checked above.
-    assert!(answered <= 1, "{answered} proofs answered to hashes the caller learned");
+    assert!(
+        answered <= 1,
+        "{answered} proofs answered to hashes the caller learned"
+    );
 }
 
 #[tokio::test]
@@ -277,8 +300,16 @@ async fn replicas_prove_what_the_other_wrote_in_one_tree() {
     }
     // Issue 24 row 12: a receipt asked at the replica that did not write the entry, at once.
     for i in 0..6u8 {
-        let (signer, other) = if i % 2 == 0 { (&mut sb, &a) } else { (&mut sa, &b) };
-        let r = signer.sign(sign_req("release", 100 + i)).await.unwrap().into_inner();
+        let (signer, other) = if i % 2 == 0 {
+            (&mut sb, &a)
+        } else {
+            (&mut sa, &b)
+        };
+        let r = signer
+            .sign(sign_req("release", 100 + i))
+            .await
+            .unwrap()
+            .into_inner();
         receipt(other, r.audit_seq, &r.audit_entry)
             .await
             .unwrap()

@@ -419,6 +419,18 @@ pub struct CertRecord {
     pub superseded: bool,
 }
 
+impl CertRecord {
+    /// The session this certificate belongs to: the serial of the session's first certificate
+    /// (records written before sessions had one name their own serial).
+    pub fn session_id(&self) -> &str {
+        if self.session.is_empty() {
+            &self.serial
+        } else {
+            &self.session
+        }
+    }
+}
+
 // === revocation rules ===
 
 /// What a revocation rule matches.
@@ -487,6 +499,10 @@ pub struct RevocationRule {
     pub operator: String,
     /// When (unix seconds).
     pub created_at: i64,
+    /// For a serial rule: the session of that certificate (its first certificate's serial),
+    /// so every certificate of the session — renewals before and after — is revoked.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub session: String,
 }
 
 impl RevocationRule {
@@ -494,16 +510,14 @@ impl RevocationRule {
     pub fn matches(&self, c: &CertRecord) -> bool {
         let issued = c.not_before + 60;
         let hit = match self.kind {
-            RevocationKind::Serial => c.serial == self.value,
+            // A serial names its session: a renewal does not escape the revocation.
+            RevocationKind::Serial => {
+                c.serial == self.value
+                    || (!self.session.is_empty() && c.session_id() == self.session)
+            }
             RevocationKind::JobId => c.claims.job_id == self.value,
             RevocationKind::Fingerprint => c.fingerprint == self.value,
-            RevocationKind::Session => {
-                (if c.session.is_empty() {
-                    &c.serial
-                } else {
-                    &c.session
-                }) == &self.value
-            }
+            RevocationKind::Session => c.session_id() == self.value,
         };
         hit && self.region.as_ref().is_none_or(|r| *r == c.region)
             && self.since.is_none_or(|s| issued >= s)

@@ -121,11 +121,7 @@ fn next_version(site: &SiteState, env: &str, alias: &str) -> Result<u32, OpsErro
     let records: Vec<crate::custody::KeyRecord> = site
         .store
         .scan(Tree::Keys, format!("{env}/{alias}/").as_bytes())?;
-    Ok(records
-        .iter()
-        .map(|r| r.version)
-        .max()
-        .map_or(1, |v| v + 1))
+    Ok(records.iter().map(|r| r.version).max().map_or(1, |v| v + 1))
 }
 
 /// Adds `alias@vN+1`, which signs from then on; older versions stay verifiable.

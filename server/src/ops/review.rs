@@ -179,7 +179,8 @@ pub fn gate(
                 let approver = approver.clone();
                 // Used up by a conditional update of the bytes read here: of two calls at two
                 // replicas (or two tasks), exactly one sees its update land.
-                let Some((stored, raw)) = site.store.get_raw::<Proposal>(Tree::Meta, &key(&p.id))?
+                let Some((stored, raw)) =
+                    site.store.get_raw::<Proposal>(Tree::Meta, &key(&p.id))?
                 else {
                     return Err(OpsError::ReviewRequired(format!(
                         "proposal {} is gone; the change must be proposed again",

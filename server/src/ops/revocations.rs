@@ -42,22 +42,32 @@ pub fn revoke(
             bounded(&r.value, 80)
         )));
     }
+    let value = if r.kind == RevocationKind::Serial {
+        r.value.to_ascii_lowercase()
+    } else {
+        r.value
+    };
+    // A serial rule reaches the whole session of that certificate (renewals before and after).
+    let session = match r.kind {
+        RevocationKind::Serial => site
+            .issuance_record(&value)?
+            .map(|c| c.session_id().to_string())
+            .unwrap_or_default(),
+        _ => String::new(),
+    };
     let rule = RevocationRule {
         id: meshsign_proto::files::random_id().map_err(|_| CustodyError::Crypto("rng"))?[..12]
             .to_string(),
         kind: r.kind,
         // Serials are compared in lowercase hex (fingerprints are validated lowercase already).
-        value: if r.kind == RevocationKind::Serial {
-            r.value.to_ascii_lowercase()
-        } else {
-            r.value
-        },
+        value,
         region: r.region.filter(|s| !s.is_empty()),
         since: r.since,
         until: r.until,
         reason: bounded(&r.reason, 200),
         operator: op.id.clone(),
         created_at: site.clock.unix(),
+        session,
     };
     site.add_revocation(rule.clone())?;
     let serials: Vec<String> = site

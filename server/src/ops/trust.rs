@@ -217,14 +217,11 @@ pub fn undoes_own_disable(
     let last: Option<LastChange> = site.store.get(Tree::Meta, &last_change_key(env, issuer))?;
     let window = i64::try_from(cfg.review.window_seconds).unwrap_or(3600);
     let last_is_it = |b: &DisabledBy| {
-        last.as_ref().is_some_and(|l| {
-            l.operator == operator && l.change == Change::Disable && l.at == b.at
-        })
+        last.as_ref()
+            .is_some_and(|l| l.operator == operator && l.change == Change::Disable && l.at == b.at)
     };
     Ok(by
-        .filter(|b| {
-            b.operator == operator && site.clock.unix() - b.at <= window && last_is_it(b)
-        })
+        .filter(|b| b.operator == operator && site.clock.unix() - b.at <= window && last_is_it(b))
         .map(|b| format!("undoes the operator's own disable at unix {}", b.at)))
 }
 

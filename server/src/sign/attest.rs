@@ -165,7 +165,7 @@ fn check(
     rec.detail = format!("predicate {predicate_type}");
     checks::digest_allow_list(spec, &input.alias, &digests)?;
     *budgeted = spec.is_some_and(|s| s.budget.is_limited());
-    checks::budget(site, caller, spec, &input.alias, digests.len())?;
+    checks::budget(site, &authorized.record, spec, &input.alias, digests.len())?;
     Ok((key, predicate_type, subjects))
 }
 

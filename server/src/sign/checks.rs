@@ -34,7 +34,8 @@ pub struct Authorized {
     /// The active version of the key.
     pub key: LoadedKey,
     config: Arc<SiteConfig>,
-    record: Arc<CertRecord>,
+    /// The caller's issuance record.
+    pub record: Arc<CertRecord>,
 }
 
 impl Authorized {
@@ -87,11 +88,7 @@ pub fn certificate(site: &SiteState, caller: &Caller) -> Result<Arc<CertRecord>,
     if record.superseded {
         return Err(SignError::Superseded {
             serial: record.serial.clone(),
-            session: if record.session.is_empty() {
-                record.serial.clone()
-            } else {
-                record.session.clone()
-            },
+            session: record.session_id().to_string(),
         });
     }
     Ok(record)
@@ -312,27 +309,37 @@ pub fn apple_cms(attrs: &[u8], now: i64) -> Result<super::apple_cms::AppleCmsFac
 }
 
 /// `rate_limited`: the job's request bucket (`[limits] sign_per_job_per_second`,
-/// `sign_per_job_burst`), keyed by environment and job id.
+/// `sign_per_job_burst`), keyed by environment and job id — or, for a provider without job
+/// ids, by the certificate's session, so a renewal does not start a fresh bucket.
 pub fn rate(site: &SiteState, caller: &Caller) -> Result<(), SignError> {
     if !site.sign_limiter.is_on() {
         return Ok(());
     }
-    let job = job_of(caller);
-    let key = (caller.id.environment.clone(), job.to_string());
+    let job = if caller.claims.job_id.is_empty() {
+        // The issuance record is cached; an unknown certificate is refused by the checks
+        // after this one, and counted by its serial until then.
+        match site.issuance_record(&caller.serial_hex) {
+            Ok(Some(r)) => r.session_id().to_string(),
+            _ => caller.serial_hex.clone(),
+        }
+    } else {
+        caller.claims.job_id.clone()
+    };
+    let key = (caller.id.environment.clone(), job);
     if site.sign_limiter.admit(&key) {
         Ok(())
     } else {
-        Err(SignError::RateLimited(bounded(job, 128)))
+        Err(SignError::RateLimited(bounded(&key.1, 128)))
     }
 }
 
-/// The job a caller's usage is counted to: its job id, or its certificate serial when the
-/// provider gave none (never pooled with other id-less jobs).
-fn job_of(caller: &Caller) -> &str {
-    if caller.claims.job_id.is_empty() {
-        &caller.serial_hex
+/// The job a session's usage is counted to: its job id, or the session when the provider gave
+/// none (never pooled with other id-less jobs, never reset by a renewal).
+fn job_of(record: &CertRecord) -> &str {
+    if record.claims.job_id.is_empty() {
+        record.session_id()
     } else {
-        &caller.claims.job_id
+        &record.claims.job_id
     }
 }
 
@@ -354,20 +361,22 @@ pub fn digest_allow_list(
     }
 }
 
-/// `budget`: counts the request's signatures against the job's and the certificate's budget
-/// for this key (every request is counted, so `admin usage` answers for any key).
+/// `budget`: counts the request's signatures against the job's and the session's budget for
+/// this key (every request is counted, so `admin usage` answers for any key). The
+/// "certificate" budget is the session's — the enrolled certificate and its renewals — so a
+/// renewal never resets it.
 pub fn budget(
     site: &SiteState,
-    caller: &Caller,
+    record: &CertRecord,
     spec: Option<&KeySpec>,
     alias: &str,
     items: usize,
 ) -> Result<(), SignError> {
     let budget = spec.map(|s| s.budget).unwrap_or_default();
     let charge = crate::state::usage::Charge {
-        environment: &caller.id.environment,
-        job_id: job_of(caller),
-        serial: &caller.serial_hex,
+        environment: &record.environment,
+        job_id: job_of(record),
+        serial: record.session_id(),
         alias,
         items: items as u64,
     };

@@ -422,7 +422,7 @@ async fn check_and_sign(
     let spec = authorized.spec(&input.alias);
     checks::digest_allow_list(spec, &input.alias, &digests)?;
     *budgeted = spec.is_some_and(|s| s.budget.is_limited());
-    checks::budget(site, caller, spec, &input.alias, digests.len())?;
+    checks::budget(site, &authorized.record, spec, &input.alias, digests.len())?;
     let backend = key.backend.clone();
     let (signatures, digests) = if let Some(m) = message {
         (vec![backend.sign_message(&m)?], digests)
@@ -482,7 +482,10 @@ pub async fn refuse_unidentified(
     }
 }
 
-/// Revokes the caller's own certificate (runner teardown), audited either way.
+/// Revokes the caller's own certificate (runner teardown), audited either way. The record is
+/// read from the store, not a cache: a certificate a renewal superseded — here or at another
+/// replica — is a copy, and its `RevokeSelf` revokes the whole session (the thief's renewed
+/// certificate with it), refused as `superseded`.
 pub async fn revoke_self(
     site: &SiteState,
     caller: &Caller,
@@ -491,12 +494,22 @@ pub async fn revoke_self(
 ) -> Result<String, SignError> {
     let result = {
         let _guard = site.ops_lock.lock().await;
-        match site.revoke_by_holder(&caller.serial_hex, reason) {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(SignError::UnknownCertificate(caller.serial_hex.clone())),
+        match site.session_holder(&caller.serial_hex) {
+            Ok(None) => Err(SignError::UnknownCertificate(caller.serial_hex.clone())),
+            Ok(Some((record, false))) => Err(SignError::Superseded {
+                serial: record.serial.clone(),
+                session: record.session_id().to_string(),
+            }),
+            Ok(Some(_)) => match site.revoke_by_holder(&caller.serial_hex, reason) {
+                Ok(_) => Ok(()),
+                Err(e) => Err(SignError::Store(e)),
+            },
             Err(e) => Err(SignError::Store(e)),
         }
     };
+    if let Err(SignError::Superseded { session, .. }) = &result {
+        revoke_session(site, session, caller).await;
+    }
     let mut rec = caller.audit_record("RevokeSelf", site.clock.unix(), peer);
     match &result {
         Ok(()) => {
@@ -591,11 +604,15 @@ fn renew_checked(
         now_unix: now,
         ttl_seconds: ttl,
     })?;
-    let session = if record.session.is_empty() {
-        record.serial.clone()
-    } else {
-        record.session.clone()
-    };
+    let session = record.session_id().to_string();
+    // The session moves on by a conditional write: a second renewal of the same certificate,
+    // at this replica or another, loses here, and its caller holds a copy.
+    if !site.advance_session(&record, &issued.serial_hex)? {
+        return Err(SignError::Superseded {
+            serial: record.serial.clone(),
+            session,
+        });
+    }
     site.record_issued(&CertRecord {
         serial: issued.serial_hex.clone(),
         environment: record.environment.clone(),
@@ -646,6 +663,7 @@ async fn revoke_session(site: &SiteState, session: &str, caller: &Caller) {
         ),
         operator: "site".into(),
         created_at: site.clock.unix(),
+        session: String::new(),
     };
     if let Err(e) = site.add_revocation(rule) {
         tracing::error!(error = %e, session, "could not revoke a session whose certificate was copied");

@@ -1,5 +1,6 @@
 //! Issuance records: written at enrollment, read by every sign-port RPC, changed only when
-//! their holder revokes them.
+//! their holder revokes them or a renewal supersedes them; and each session's head — which
+//! certificate holds it — changed only by a conditional write, so replicas agree on it.
 //!
 //! Owns: the `Certs` tree and [`CertCache`]. Must not touch: policy (what a record allows is
 //! `sign::checks`), revocation rules (`state::revocations`).
@@ -47,6 +48,20 @@ impl CertCache {
         self.generation += 1;
         self.records.remove(serial);
     }
+}
+
+/// A session's head in the store (`meta` tree, `session/<id>`): which certificate holds it.
+/// Written only by conditional updates ([`SiteState::advance_session`]).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct SessionHead {
+    /// 0 for the enrolled certificate, +1 per renewal.
+    generation: u32,
+    /// The serial of the certificate that holds the session now.
+    serial: String,
+}
+
+fn session_key(session: &str) -> Vec<u8> {
+    format!("session/{session}").into_bytes()
 }
 
 impl SiteState {
@@ -106,6 +121,52 @@ impl SiteState {
             self.changed()?;
         }
         Ok(())
+    }
+
+    /// Moves the session of `record` (its current certificate) on to `next_serial`, one
+    /// generation up, by a conditional write in the store: of two renewals of the same
+    /// certificate — at one replica or two — exactly one moves it; the other gets false (and
+    /// must treat its caller's certificate as a copy). The first renewal of a session inserts
+    /// its head; every later one compare-and-swaps it.
+    pub fn advance_session(
+        &self,
+        record: &CertRecord,
+        next_serial: &str,
+    ) -> Result<bool, StoreError> {
+        let key = session_key(record.session_id());
+        let next = SessionHead {
+            generation: record.generation.saturating_add(1),
+            serial: next_serial.to_string(),
+        };
+        match self.store.get_raw::<SessionHead>(Tree::Meta, &key)? {
+            None if record.superseded => Ok(false),
+            None => self.store.insert_new(Tree::Meta, &key, &next),
+            Some((head, raw)) => {
+                if head.serial != record.serial || head.generation != record.generation {
+                    return Ok(false);
+                }
+                self.store.update(Tree::Meta, &key, &raw, &next)
+            }
+        }
+    }
+
+    /// The issuance record of `serial` read from the store (never the cache), and whether it
+    /// still holds its session: not superseded, and the session's head (if it was ever
+    /// renewed) names it. For calls that must see a renewal made at another replica a moment
+    /// ago (`RevokeSelf`).
+    pub fn session_holder(&self, serial: &str) -> Result<Option<(CertRecord, bool)>, StoreError> {
+        let Some(record) = self
+            .store
+            .get::<CertRecord>(Tree::Certs, serial.as_bytes())?
+        else {
+            return Ok(None);
+        };
+        let head: Option<SessionHead> = self
+            .store
+            .get(Tree::Meta, &session_key(record.session_id()))?;
+        let holds = !record.superseded
+            && head.is_none_or(|h| h.serial == record.serial && h.generation == record.generation);
+        Ok(Some((record, holds)))
     }
 
     /// Every issuance record.

@@ -32,10 +32,12 @@ impl SiteState {
             .cloned()
     }
 
-    /// Stores a rule durably and puts it in force at once.
+    /// Stores a rule durably and puts it in force at once — here, and at the other replicas of
+    /// a shared store on their next refresh.
     pub fn add_revocation(&self, rule: RevocationRule) -> Result<(), StoreError> {
         self.store
             .put(Tree::Revocations, rule.id.as_bytes(), &rule)?;
+        self.changed()?;
         self.store.flush()?;
         let mut rules = (*self.revocations()).clone();
         rules.push(rule);
