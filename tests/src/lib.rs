@@ -318,6 +318,33 @@ impl TestSite {
             .unwrap()
     }
 
+    /// An Enrollment client whose connection comes from `source` (any 127.0.0.0/8 address):
+    /// for what a site does with many source addresses.
+    pub async fn enrollment_from(&self, source: std::net::IpAddr) -> EnrollmentClient<Channel> {
+        let roots = meshsign_client::transport::roots(&self.client).unwrap();
+        let tls = meshsign_client::transport::tls_config(roots, None).unwrap();
+        let target: std::net::SocketAddr = self.client.enroll_endpoint.parse().unwrap();
+        let connector = tower::service_fn(move |_: tonic::transport::Uri| {
+            let tls = tls.clone();
+            async move {
+                let socket = tokio::net::TcpSocket::new_v4()?;
+                socket.bind(std::net::SocketAddr::new(source, 0))?;
+                let tcp = socket.connect(target).await?;
+                let name = rustls_pki_types::ServerName::try_from("localhost")
+                    .map_err(std::io::Error::other)?;
+                let stream = tokio_rustls::TlsConnector::from(tls)
+                    .connect(name, tcp)
+                    .await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        });
+        let ch = tonic::transport::Endpoint::from_static("http://localhost")
+            .connect_with_connector(connector)
+            .await
+            .unwrap();
+        EnrollmentClient::new(ch)
+    }
+
     /// An Enrollment client on the enroll port (server-auth TLS).
     pub async fn enrollment(&self) -> EnrollmentClient<Channel> {
         EnrollmentClient::new(self.enroll_channel().await)

@@ -343,12 +343,14 @@ async fn every_rejection_has_its_status_and_audit_reason_and_changes_nothing() {
             case.name
         );
         assert_eq!(rec.reason, case.reason, "{}", case.name);
-        // The audit record carries the same detail as the message.
-        assert_eq!(
-            format!("{}: {}", rec.reason, rec.detail),
-            err.message(),
-            "{}",
-            case.name
+        // The audit record carries the same detail as the message (and, for a token that
+        // parsed, the token's hash and kid after it).
+        assert!(
+            format!("{}: {}", rec.reason, rec.detail).starts_with(err.message()),
+            "{}: {} / {}",
+            case.name,
+            rec.detail,
+            err.message()
         );
         assert_eq!(
             cert_count(&site),
@@ -545,4 +547,73 @@ async fn a_wall_clock_step_ahead_and_back_does_not_make_a_spent_token_usable_aga
     // Time really passing still prunes.
     site.clock.advance(std::time::Duration::from_secs(300 + 61));
     assert_eq!(site.state().prune_jti().unwrap(), 1);
+}
+
+/// Issue 24 row 10: a token whose signature does not verify attaches nothing to the job it
+/// names. Its entry carries the token's hash, `iss`, `kid` and the reason — no claim value —
+/// so no export by job id or repository finds it.
+#[tokio::test]
+async fn a_forged_token_s_claims_never_reach_the_audit_log() {
+    let site = TestSite::start().await;
+    let mut client = site.enrollment().await;
+    let forger = OidcIssuer::generate(ES_ISSUER, "es-1", JwtAlg::Es256).unwrap();
+    let mut claims = site.claims("production");
+    claims["job_id"] = "release-42".into();
+    claims["run_id"] = "release-42".into();
+    claims["repository"] = "acme/app".into();
+    claims["ref"] = "refs/heads/forged".into();
+    claims["sub"] = "repo:acme/app:ref:refs/heads/forged".into();
+    claims["jti"] = "forged-jti-1".into();
+    let token = forger.mint(&claims).unwrap();
+    let key = RunnerKey::generate().unwrap();
+    let err = client
+        .enroll(site.enroll_request("production", token.clone(), &key))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().starts_with("signature: "),
+        "{}",
+        err.message()
+    );
+    let rec = site.last_audit();
+    assert_eq!(
+        (rec.decision.as_str(), rec.reason.as_str()),
+        ("deny", "signature")
+    );
+    assert_eq!(rec.token_issuer, ES_ISSUER);
+    for (field, v) in [
+        ("job_id", &rec.job_id),
+        ("repository", &rec.repository),
+        ("ref", &rec.git_ref),
+        ("subject", &rec.subject),
+        ("jti", &rec.jti),
+    ] {
+        assert!(v.is_empty(), "{field} = {v}");
+    }
+    let sha = hex::encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        token.as_bytes(),
+    ));
+    assert!(
+        rec.detail.contains(&format!("token sha256 {sha}")),
+        "{}",
+        rec.detail
+    );
+    assert!(rec.detail.contains("kid `es-1`"), "{}", rec.detail);
+    assert!(
+        !site
+            .audit()
+            .iter()
+            .any(|e| e.job_id == "release-42" || e.repository == "acme/app"),
+        "an entry names the forged job"
+    );
+    // A verified token's claims are still recorded (the join an auditor needs).
+    let (_k, _r, _s) = site.enrolled("production").await;
+    let ok = site
+        .audit()
+        .into_iter()
+        .rev()
+        .find(|e| e.rpc == "Enroll" && e.decision == "allow")
+        .unwrap();
+    assert!(!ok.job_id.is_empty() && !ok.jti.is_empty() && !ok.repository.is_empty());
 }

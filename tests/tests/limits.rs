@@ -554,3 +554,44 @@ async fn a_renewal_does_not_reset_the_certificate_budget() {
         }
     }
 }
+
+/// Issue 24 row 11: refused enrollments from 120 source addresses (each within its own
+/// per-source bucket) cannot grow the log faster than the site-wide cap: beyond
+/// `enroll_deny_entries_burst`, refusals are counted into summary entries.
+#[tokio::test]
+async fn refusals_from_many_sources_cannot_outgrow_the_site_wide_cap() {
+    let site = TestSite::start_with(
+        "\n[limits]\nenroll_deny_entries_per_second = 5\nenroll_deny_entries_burst = 20\n",
+        None,
+    )
+    .await;
+    let before = site.audit().len();
+    let mut refused = 0;
+    for i in 0..120u8 {
+        let source = std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 1, i + 1));
+        let mut enroll = site.enrollment_from(source).await;
+        for _ in 0..2 {
+            let key = RunnerKey::generate().unwrap();
+            let req = site.enroll_request("staging", "not-a-token".into(), &key);
+            let err = enroll.enroll(req).await.unwrap_err();
+            assert!(
+                err.message().starts_with("token_malformed: "),
+                "{}",
+                err.message()
+            );
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 240);
+    // The clock did not move: the burst (20) was written one by one, the rest counted.
+    assert_eq!(site.audit().len() - before, 20);
+    let written = flush_summaries(&site).await;
+    assert!(written <= 120, "{written} summary entries");
+    let counted: u64 = summaries(&site, "token_malformed")
+        .iter()
+        .map(count_of)
+        .sum();
+    assert_eq!(counted, 220);
+    // A valid enrollment is never capped.
+    let (_k, _r, _s) = site.enrolled("staging").await;
+}

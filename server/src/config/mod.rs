@@ -485,6 +485,12 @@ pub struct Limits {
     pub enroll_per_source_per_second: u32,
     /// Enroll requests one source may make at once before the refill rate applies.
     pub enroll_per_source_burst: u32,
+    /// Refused enrollments written as entries of their own per second, site-wide (token
+    /// bucket; 0: no cap). Beyond it, refusals are counted into summary entries: no number
+    /// of source addresses grows the log faster than this.
+    pub enroll_deny_entries_per_second: u32,
+    /// Refused enrollments written one by one at once before the site-wide rate applies.
+    pub enroll_deny_entries_burst: u32,
     /// Sign-port requests per second per job (token bucket refill; 0: no limit).
     pub sign_per_job_per_second: u32,
     /// Sign-port requests one job may make at once before the refill rate applies.
@@ -508,6 +514,8 @@ impl Default for Limits {
             max_requests_in_flight: 1024,
             enroll_per_source_per_second: 20,
             enroll_per_source_burst: 200,
+            enroll_deny_entries_per_second: 50,
+            enroll_deny_entries_burst: 500,
             sign_per_job_per_second: 0,
             sign_per_job_burst: 1000,
             summary_seconds: 60,
@@ -569,6 +577,11 @@ impl Limits {
                 "sign_per_job",
                 self.sign_per_job_per_second,
                 self.sign_per_job_burst,
+            ),
+            (
+                "enroll_deny_entries",
+                self.enroll_deny_entries_per_second,
+                self.enroll_deny_entries_burst,
             ),
         ] {
             if rate > 0 && burst == 0 {

@@ -293,7 +293,22 @@ pub async fn enroll(site: &SiteState, input: EnrollInput) -> Result<EnrollOutput
             rec.cert_serial = out.serial_hex.clone();
             rec.ttl_remaining_sec = i64::try_from(out.granted_ttl_seconds).ok();
         }
-        Err(e) => crate::audit::deny(&mut rec, e, "enrollment refused"),
+        Err(e) => {
+            // Beyond the site-wide rate of refusal entries, a refusal is counted into a
+            // summary entry instead (whatever the number of source addresses); an internal
+            // fault is always recorded on its own.
+            if e.kind() != RefusalKind::Internal && !site.enroll_deny_entries.admit(&()) {
+                rec.detail.clear();
+                crate::audit::deny_quietly(&mut rec, e);
+                site.summaries.count(rec, site.clock.unix());
+                return result;
+            }
+            let token = std::mem::take(&mut rec.detail);
+            crate::audit::deny(&mut rec, e, "enrollment refused");
+            if !token.is_empty() {
+                rec.detail = format!("{}; {token}", rec.detail);
+            }
+        }
     }
     site.audit.record(rec).await.map_err(EnrollError::Audit)?;
     result
@@ -322,11 +337,13 @@ fn checks_and_issue(
     let config = site.config();
     let environment = environment(&config, input)?;
     let jwt = token_malformed(input)?;
-    record_claims(&jwt, rec);
+    record_token(&input.token, &jwt, rec);
     environment_of_token(&config, environment, &jwt)?;
     alg(&jwt)?;
     let candidates = kid(environment, &jwt)?;
     let verified = signature(candidates, &jwt)?;
+    // Only now are the claims the issuer's word: until here an entry names none of them.
+    record_claims(&jwt, rec);
     let policy = iss(verified, &jwt)?;
     // From here on the job is read the way the policy's provider writes it.
     let job = JobIdentity::map(policy.provider, &policy.claim_mappings, &jwt.claims);
@@ -380,7 +397,23 @@ fn token_malformed(input: &EnrollInput) -> Result<UnverifiedJwt, EnrollError> {
     UnverifiedJwt::decode(&input.token).map_err(EnrollError::Malformed)
 }
 
-/// Records what the token claims (unverified until the checks pass; denials say so by reason).
+/// What an entry says of a token before its signature verifies: facts about the bytes — their
+/// SHA-256, the header's `kid` — and the `iss` it names; never a claim value (a job id, a
+/// repository), which anyone can write into a token and so attach an entry to any job.
+fn record_token(token: &str, jwt: &UnverifiedJwt, rec: &mut AuditRecord) {
+    rec.token_issuer = bounded(jwt.str_claim("iss").unwrap_or_default(), CLAIM_MAX);
+    rec.detail = format!(
+        "token sha256 {}, kid `{}`",
+        hex::encode(aws_lc_rs::digest::digest(
+            &aws_lc_rs::digest::SHA256,
+            token.as_bytes()
+        )),
+        bounded(jwt.kid.as_deref().unwrap_or_default(), 64)
+    );
+}
+
+/// Records what the token claims, once its signature verified (the remaining checks may still
+/// refuse it; denials say so by reason).
 fn record_claims(jwt: &UnverifiedJwt, rec: &mut AuditRecord) {
     let claim = |name: &str| bounded(jwt.str_claim(name).unwrap_or_default(), CLAIM_MAX);
     rec.jti = claim("jti");

@@ -210,6 +210,9 @@ pub struct SiteState {
     pub enroll_limiter: crate::limits::RateLimiter<std::net::IpAddr>,
     /// Sign-port requests per job (`[limits] sign_per_job_*`).
     pub sign_limiter: crate::limits::RateLimiter<(String, String)>,
+    /// Refused enrollments written one by one, site-wide (`[limits] enroll_deny_entries_*`);
+    /// the rest are counted into summary entries.
+    pub enroll_deny_entries: crate::limits::RateLimiter<()>,
     /// Signature counts not yet in the store, per job shard; each shard's lock also serializes
     /// that shard's budget checks (read, check, count).
     pub(crate) usage: usage::Pending,
@@ -410,6 +413,11 @@ impl SiteState {
                 enroll_limiter: crate::limits::RateLimiter::new(
                     limits.enroll_per_source_per_second,
                     limits.enroll_per_source_burst,
+                    clock.clone(),
+                ),
+                enroll_deny_entries: crate::limits::RateLimiter::new(
+                    limits.enroll_deny_entries_per_second,
+                    limits.enroll_deny_entries_burst,
                     clock.clone(),
                 ),
                 sign_limiter: crate::limits::RateLimiter::new(
