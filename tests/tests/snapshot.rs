@@ -77,3 +77,110 @@ async fn a_cut_snapshot_is_refused_whole_and_leaves_the_target_untouched() {
     let e = snapshot::restore(&target, &kek, &cfg.kek_file, &bytes, &clock, open).unwrap_err();
     assert!(e.to_string().contains("already holds"), "{e}");
 }
+
+/// Rewrites the record line of `tree` whose JSON value `edit` changes, and the trailer's
+/// counts and hash to match — everything an attacker without the KEK can do — keeping the MAC
+/// or, with `mac_under`, making it under that KEK.
+fn edited(
+    bytes: &[u8],
+    tree: &str,
+    edit: impl Fn(&mut serde_json::Value) -> bool,
+    mac_under: Option<&Kek>,
+) -> Vec<u8> {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let text = std::str::from_utf8(bytes).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let (header, records, trailer) = (lines[0], &lines[1..lines.len() - 1], lines[lines.len() - 1]);
+    let mut out = format!("{header}\n");
+    let mut hasher = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    let mut changed = false;
+    for l in records {
+        let mut line: serde_json::Value = serde_json::from_str(l).unwrap();
+        let mut rewritten = l.to_string();
+        if !changed && line["tree"] == tree {
+            let mut v: serde_json::Value =
+                serde_json::from_slice(&b64.decode(line["value"].as_str().unwrap()).unwrap())
+                    .unwrap();
+            if edit(&mut v) {
+                line["value"] = b64.encode(serde_json::to_vec(&v).unwrap()).into();
+                rewritten = serde_json::to_string(&line).unwrap();
+                changed = true;
+            }
+        }
+        hasher.update(format!("{rewritten}\n").as_bytes());
+        out.push_str(&rewritten);
+        out.push('\n');
+    }
+    assert!(changed, "no {tree} record to edit");
+    let mut t: serde_json::Value = serde_json::from_str(trailer).unwrap();
+    t["sha256"] = hex::encode(hasher.finish().as_ref()).into();
+    if let Some(kek) = mac_under {
+        t["mac"] = hex::encode(aws_lc_rs::hmac::sign(
+            &kek.mac_key("snapshot"),
+            out.as_bytes(),
+        ))
+        .into();
+    }
+    out.push_str(&serde_json::to_string(&t).unwrap());
+    out.push('\n');
+    out.into_bytes()
+}
+
+/// Issue 24 row 8: a snapshot edited offline — an attacker's JWKS put into the production
+/// trust policy, hash and counts made to match — is refused by its MAC (under a key derived
+/// from the KEK), naming what failed; nothing is written. The same edit with a MAC made under
+/// the site's KEK would restore: the MAC alone refuses it.
+#[tokio::test]
+async fn a_snapshot_edited_offline_is_refused_by_its_mac() {
+    use meshsign_proto::v1;
+    let site = TestSite::start().await;
+    site.admin()
+        .await
+        .set_jwks(v1::SetJwksRequest {
+            environment: "production".into(),
+            issuer: meshsign_tests::ES_ISSUER.into(),
+            jwks_json: site.es.jwks().to_string().into_bytes(),
+        })
+        .await
+        .unwrap();
+    let (bytes, _) = site.state().snapshot().await.unwrap();
+    let cfg = SiteConfig::load(&site.site_toml).unwrap();
+    let kek = Kek::load(&cfg.kek_file, true).unwrap();
+    let clock: SharedClock = Arc::new(site.clock.clone());
+    let tmp = tempfile::tempdir().unwrap();
+    let target = tmp.path().join("restored");
+    let open = |dir: &std::path::Path| Store::open_sled(dir, 1 << 20);
+
+    let attacker = meshsign_certs_dev::OidcIssuer::generate(
+        meshsign_tests::ES_ISSUER,
+        "es-1",
+        meshsign_certs_dev::JwtAlg::Es256,
+    )
+    .unwrap();
+    let forge = |v: &mut serde_json::Value| {
+        if v.get("jwks_json").is_some_and(|j| !j.is_null()) {
+            v["jwks_json"] = attacker.jwks().to_string().into();
+            true
+        } else {
+            false
+        }
+    };
+    let forged = edited(&bytes, "policies", forge, None);
+    let e = snapshot::restore(&target, &kek, &cfg.kek_file, &forged, &clock, open).unwrap_err();
+    assert!(
+        e.to_string().contains("MAC does not verify under this KEK"),
+        "{e}"
+    );
+    assert!(!target.exists());
+    // Another KEK cannot restore the site's own snapshot either.
+    let other = tmp.path().join("other.kek");
+    Kek::generate_file(&other).unwrap();
+    let wrong = Kek::load(&other, true).unwrap();
+    let e = snapshot::restore(&target, &wrong, &other, &bytes, &clock, open).unwrap_err();
+    assert!(e.to_string().contains("MAC does not verify"), "{e}");
+    assert!(!target.exists());
+    // Control: only the MAC stood in the way.
+    let remade = edited(&bytes, "policies", forge, Some(&kek));
+    snapshot::restore(&target, &kek, &cfg.kek_file, &remade, &clock, open).unwrap();
+}

@@ -172,6 +172,17 @@ impl Kek {
         ))
     }
 
+    /// A key for HMAC-SHA256 derived from the KEK for one purpose (`label`), so the KEK itself
+    /// keys nothing but the wrapping AEAD: HMAC-SHA256(KEK, "meshsign-kek-derive-v1\0" ‖ label).
+    pub fn mac_key(&self, label: &str) -> aws_lc_rs::hmac::Key {
+        let derive = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &self.0[..]);
+        let mut ctx = aws_lc_rs::hmac::Context::with_key(&derive);
+        ctx.update(b"meshsign-kek-derive-v1\0");
+        ctx.update(label.as_bytes());
+        let derived = Zeroizing::new(ctx.sign().as_ref().to_vec());
+        aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &derived)
+    }
+
     /// Encrypts `plaintext` with a fresh random nonce; returns (nonce, ciphertext||tag).
     pub fn wrap(&self, aad: &str, plaintext: &[u8]) -> Result<(Vec<u8>, Vec<u8>), CustodyError> {
         let mut nonce = [0u8; NONCE_LEN];

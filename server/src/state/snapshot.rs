@@ -1,11 +1,20 @@
 //! Backup and restore of a site: every tree of the store, at one point of the audit log, as
 //! JSON lines. Keys stay wrapped under the KEK (the snapshot holds the same ciphertext the store
-//! does), so a snapshot is as sensitive as the data folder, no more.
+//! does), so a snapshot is as sensitive as the data folder, no more. **In clear** it holds
+//! everything else the store does: trust policies and pinned JWKS, key records' public keys
+//! and certificates, issuance records (job claims, fingerprints), revocation rules, proposals,
+//! usage counts, spent jtis and the whole audit log.
 //!
-//! Format: a header line `{"snapshot":2,"site_id",...,"audit_seq","audit_hash","marker":{…}}`,
+//! Format: a header line `{"snapshot":3,"site_id",...,"audit_seq","audit_hash","marker":{…}}`,
 //! then one line per record `{"tree":"keys","key":"<hex>","value":"<base64>"}`, then a trailer
-//! written last `{"end":1,"records":N,"trees":{"<tree>":n,…},"sha256":"<hex>"}` (every tree
-//! named, even empty ones; the hash covers every record line with its newline).
+//! written last `{"end":1,"records":N,"trees":{"<tree>":n,…},"sha256":"<hex>","mac":"<hex>"}`
+//! (every tree named, even empty ones; the hash covers every record line with its newline).
+//!
+//! **A snapshot is authenticated.** `mac` is HMAC-SHA256, under a key derived from the KEK
+//! ([`Kek::mac_key`], label `snapshot`), of every byte before the trailer (header and records).
+//! Whoever edits a snapshot offline — a JWKS of their own in a production policy, a revocation
+//! removed — cannot make the MAC without the KEK, and restore refuses it. Version-2 snapshots
+//! (no MAC) are refused.
 //!
 //! **A restore is all or nothing.** The whole snapshot is checked first (header, every line,
 //! the trailer's counts and hash, the audit log ending where the header says); it is then
@@ -100,6 +109,15 @@ struct Trailer {
     records: usize,
     trees: std::collections::BTreeMap<String, usize>,
     sha256: String,
+    mac: String,
+}
+
+/// The snapshot format this build writes and restores.
+const VERSION: u32 = 3;
+
+/// The MAC key of snapshots: derived from the KEK, never the KEK itself.
+fn mac_key(kek: &Kek) -> aws_lc_rs::hmac::Key {
+    kek.mac_key("snapshot")
 }
 
 #[derive(Serialize, Deserialize)]
@@ -137,8 +155,9 @@ impl SiteState {
             .clone()
             .ok_or(SnapshotError::NoMarker)?;
         let taken_at = self.clock.unix();
+        let key = mac_key(&self.custodian.kek);
         self.audit
-            .exclusive(move |store, seq, hash| encode(store, marker, taken_at, seq, hash))
+            .exclusive(move |store, seq, hash| encode(store, marker, taken_at, seq, hash, &key))
             .await?
     }
 }
@@ -149,9 +168,10 @@ fn encode(
     taken_at: i64,
     seq: u64,
     hash: &str,
+    mac: &aws_lc_rs::hmac::Key,
 ) -> Result<(Vec<u8>, u64), SnapshotError> {
     let header = Header {
-        snapshot: 2,
+        snapshot: VERSION,
         site_id: marker.site_id.clone(),
         taken_at,
         audit_seq: seq,
@@ -189,6 +209,7 @@ fn encode(
         records,
         trees,
         sha256: hex::encode(hasher.finish().as_ref()),
+        mac: hex::encode(aws_lc_rs::hmac::sign(mac, &out).as_ref()),
     };
     out.extend_from_slice(&serde_json::to_vec(&trailer).map_err(SnapshotError::Encode)?);
     out.push(b'\n');
@@ -202,8 +223,9 @@ struct Checked {
 }
 
 /// Checks the whole snapshot before anything is written: the header, every line, the
-/// trailer's counts and hash, every tree present, the audit log ending where the header says.
-fn check(snapshot: &[u8]) -> Result<Checked, SnapshotError> {
+/// trailer's counts, hash and MAC (under `kek`), every tree present, the audit log ending
+/// where the header says.
+fn check(snapshot: &[u8], kek: &Kek) -> Result<Checked, SnapshotError> {
     let bad = |line: usize, message: String| SnapshotError::Format { line, message };
     let Some(body) = snapshot.strip_suffix(b"\n") else {
         return Err(bad(
@@ -214,15 +236,26 @@ fn check(snapshot: &[u8]) -> Result<Checked, SnapshotError> {
     let lines: Vec<&[u8]> = body.split(|b| *b == b'\n').collect();
     let header: Header = serde_json::from_slice(lines[0])
         .map_err(|e| bad(1, format!("not a meshsign snapshot header: {e}")))?;
-    if header.snapshot != 2 {
-        return Err(bad(
-            1,
-            format!(
-                "snapshot version {} carries no trailer, so a cut copy cannot be told from a \
-                 whole one; take a new snapshot (meshsign admin snapshot)",
-                header.snapshot
-            ),
-        ));
+    match header.snapshot {
+        VERSION => {}
+        1 => {
+            return Err(bad(
+                1,
+                "snapshot version 1 carries no trailer, so a cut copy cannot be told from a \
+                 whole one; take a new snapshot (meshsign admin snapshot)"
+                    .into(),
+            ));
+        }
+        v => {
+            return Err(bad(
+                1,
+                format!(
+                    "snapshot version {v} is not authenticated (or is newer than this \
+                     meshsignd), so an edited copy cannot be told from the site's own; take a \
+                     new snapshot (meshsign admin snapshot)"
+                ),
+            ));
+        }
     }
     let n = lines.len();
     let trailer: Trailer = lines
@@ -255,6 +288,17 @@ fn check(snapshot: &[u8]) -> Result<Checked, SnapshotError> {
                 trailer.records,
                 records.len()
             ),
+        ));
+    }
+    // Every byte before the trailer, under the site's KEK.
+    let signed = &snapshot[..snapshot.len() - 1 - lines[n - 1].len()];
+    let mac = hex::decode(&trailer.mac).unwrap_or_default();
+    if aws_lc_rs::hmac::verify(&mac_key(kek), signed, &mac).is_err() {
+        return Err(bad(
+            n,
+            "the snapshot's MAC does not verify under this KEK: the snapshot was altered after \
+             it was taken, or the KEK is not the site's (check --kek-file)"
+                .into(),
         ));
     }
     for tree in Tree::ALL {
@@ -312,7 +356,7 @@ pub fn restore(
     if holds_anything {
         return Err(SnapshotError::NotEmpty(data_dir.to_path_buf()));
     }
-    let Checked { header, records } = check(snapshot)?;
+    let Checked { header, records } = check(snapshot, kek)?;
     header.marker.check_kek(kek, kek_file, data_dir)?;
     let name = data_dir
         .file_name()
