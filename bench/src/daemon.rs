@@ -15,7 +15,7 @@ pub struct Daemon {
     /// The client config it wrote (endpoints, CA, dev issuer).
     pub client: ClientConfig,
     dir: std::sync::Arc<tempfile::TempDir>,
-    postgres: Option<String>,
+    postgres: Option<(String, PathBuf)>,
 }
 
 impl Drop for Daemon {
@@ -35,12 +35,13 @@ pub fn default_binary() -> PathBuf {
 impl Daemon {
     /// Starts `binary dev` in a fresh folder on free loopback ports and waits until it serves.
     /// Its log (at `log_level`) goes to a file in that folder, as a real deployment's would.
-    /// With `postgres`, the site's state is in that database.
+    /// With `postgres` (url, CA file), the site's state is in that database, reached over TLS
+    /// checked against that CA.
     pub fn start(
         binary: &Path,
         flush: bool,
         log_level: &str,
-        postgres: Option<&str>,
+        postgres: Option<(&str, &Path)>,
     ) -> Result<Self, String> {
         let dir = std::sync::Arc::new(tempfile::tempdir().map_err(|e| e.to_string())?);
         Self::start_in(binary, flush, log_level, postgres, dir, "meshsignd")
@@ -54,7 +55,9 @@ impl Daemon {
             binary,
             true,
             log_level,
-            self.postgres.as_deref(),
+            self.postgres
+                .as_ref()
+                .map(|(u, c)| (u.as_str(), c.as_path())),
             self.dir.clone(),
             name,
         )
@@ -90,7 +93,7 @@ impl Daemon {
         binary: &Path,
         flush: bool,
         log_level: &str,
-        postgres: Option<&str>,
+        postgres: Option<(&str, &Path)>,
         dir: std::sync::Arc<tempfile::TempDir>,
         name: &str,
     ) -> Result<Self, String> {
@@ -123,8 +126,10 @@ impl Daemon {
         if !flush {
             cmd.arg("--no-audit-flush");
         }
-        if let Some(url) = postgres {
-            cmd.args(["--postgres-url", url]);
+        if let Some((url, ca_file)) = postgres {
+            cmd.args(["--postgres-url", url])
+                .arg("--postgres-ca-file")
+                .arg(ca_file);
         }
         // A SoftHSM2 token made by the bench (`--key-backend pkcs11`): the site gets a key
         // `hsm` in it (the token's config travels in SOFTHSM2_CONF, inherited).
@@ -152,7 +157,7 @@ impl Daemon {
                     child,
                     client,
                     dir,
-                    postgres: postgres.map(str::to_string),
+                    postgres: postgres.map(|(u, c)| (u.to_string(), c.to_path_buf())),
                 });
             }
             if Instant::now() > deadline {

@@ -401,7 +401,8 @@ async fn run(cli: &Cli) -> Result<(), String> {
         for replicas in [1usize, 2] {
             let pg = meshsign_certs_dev::postgres::LocalPostgres::start()
                 .map_err(|e| format!("PostgreSQL: {e}"))?;
-            let first = Daemon::start(&binary, true, &cli.site_log, Some(&pg.url()))?;
+            let (url, ca_file) = (pg.url(), pg.ca_file());
+            let first = Daemon::start(&binary, true, &cli.site_log, Some((&url, &ca_file)))?;
             let tokens = Tokens::new(&first.client)?;
             let mut sites = vec![first];
             for r in 1..replicas {

@@ -1,6 +1,8 @@
 //! A throwaway PostgreSQL cluster on loopback for tests and benchmarks: `initdb` in a temporary
 //! folder, `pg_ctl start` on a free 127.0.0.1 port, a database `meshsign` owned by the role
-//! `meshsign` (trust authentication, loopback only), removed on drop.
+//! `meshsign` (trust authentication, loopback only), removed on drop. The server speaks TLS
+//! with a certificate for `localhost` / `127.0.0.1` from a CA of its own ([`LocalPostgres::ca_file`]),
+//! so a site connects to it as to a real one (`[store] ca_file`, verify-full).
 //!
 //! The binaries come from `MESHSIGN_PG_BIN`, else the newest `/usr/lib/postgresql/<v>/bin`
 //! (Debian's layout; `.ci/run` installs the `postgresql` package when it is missing). PostgreSQL
@@ -87,6 +89,7 @@ impl LocalPostgres {
             port: free_port()?,
             run_as,
         };
+        pg.write_tls_files()?;
         pg.run(
             "initdb",
             &[
@@ -120,6 +123,46 @@ impl LocalPostgres {
         self.dir.path().join("data")
     }
 
+    /// The CA (PEM) that issued the server's certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// A site config's `[store]` section for this cluster: its url, TLS against its CA.
+    pub fn store_section(&self) -> String {
+        format!(
+            "\n[store]\nengine = \"postgres\"\nurl = \"{}\"\nca_file = \"{}\"\npool_size = 4\n",
+            self.url(),
+            self.ca_file().display()
+        )
+    }
+
+    /// A fresh CA and a server certificate for localhost, 127.0.0.1 and ::1; the key is the
+    /// server user's, mode 0600, as PostgreSQL demands.
+    fn write_tls_files(&self) -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let pki = crate::DevPki::generate("postgres.test").map_err(|e| io("TLS files", e))?;
+        std::fs::write(self.ca_file(), &pki.server_ca_pem)?;
+        let (crt, key) = (
+            self.dir.path().join("server.crt"),
+            self.dir.path().join("server.key"),
+        );
+        std::fs::write(&crt, &pki.server.cert_pem)?;
+        std::fs::write(&key, pki.server.key_pem.as_bytes())?;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
+        if let Some(user) = self.run_as {
+            let ok = Command::new("chown")
+                .arg(format!("{user}:"))
+                .args([&crt, &key])
+                .status()?
+                .success();
+            if !ok {
+                return Err(io("chown", key.display()));
+            }
+        }
+        Ok(())
+    }
+
     fn run(&self, tool: &str, args: &[&str]) -> std::io::Result<()> {
         let exe = self.bin.join(tool);
         let mut cmd = match self.run_as {
@@ -148,9 +191,10 @@ impl LocalPostgres {
     /// (Re)starts the server on the same port and data, waiting until it accepts connections.
     pub fn start_again(&self) -> std::io::Result<()> {
         let opts = format!(
-            "-k {} -p {} -c listen_addresses=127.0.0.1 -c max_connections=200",
-            self.dir.path().display(),
-            self.port
+            "-k {dir} -p {} -c listen_addresses=127.0.0.1 -c max_connections=200 -c ssl=on \
+             -c ssl_cert_file={dir}/server.crt -c ssl_key_file={dir}/server.key",
+            self.port,
+            dir = self.dir.path().display(),
         );
         self.run(
             "pg_ctl",

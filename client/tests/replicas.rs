@@ -45,7 +45,7 @@ fn start_replica(dir: &Path, pg: &LocalPostgres, name: &str) -> (Replica, [u16; 
         .replacen("127.0.0.1:7441", &format!("127.0.0.1:{}", ports[0]), 1)
         .replacen("127.0.0.1:7443", &format!("127.0.0.1:{}", ports[1]), 1)
         .replacen("127.0.0.1:7444", &format!("127.0.0.1:{}", ports[2]), 1)
-        + &format!("\n[store]\nengine = \"postgres\"\nurl = \"{}\"\n", pg.url());
+        + &pg.store_section();
     let cfg = dir.join(format!("site-{name}.toml"));
     std::fs::write(&cfg, text).unwrap();
     let child = Command::new(common::meshsignd())

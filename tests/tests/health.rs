@@ -81,11 +81,7 @@ async fn health_is_served_on_every_port_and_follows_the_audit_log() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_replica_reports_not_serving_while_postgresql_is_down() {
     let pg = meshsign_certs_dev::postgres::LocalPostgres::start().unwrap();
-    let site = TestSite::start_with(
-        &format!("\n[store]\nengine = \"postgres\"\nurl = \"{}\"\n", pg.url()),
-        None,
-    )
-    .await;
+    let site = TestSite::start_with(&pg.store_section(), None).await;
     wait_for(&site, ServingStatus::Serving).await;
     pg.stop().unwrap();
     wait_for(&site, ServingStatus::NotServing).await;

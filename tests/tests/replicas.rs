@@ -10,10 +10,7 @@ use meshsign_client::runner::RunnerKey;
 use meshsign_tests::{TestSite, sign_req};
 
 fn store_section(pg: &LocalPostgres) -> String {
-    format!(
-        "\n[store]\nengine = \"postgres\"\nurl = \"{}\"\npool_size = 4\n",
-        pg.url()
-    )
+    pg.store_section()
 }
 
 /// Opens a site from `cfg` on a thread of its own (opening blocks on the database), as
@@ -336,7 +333,7 @@ async fn replicas_starting_together_on_an_empty_database_create_one_site() {
                 .map_or(base.as_str(), |(head, _)| head)
         );
         let toml = std::fs::read_to_string(dir.path().join("site.toml")).unwrap()
-            + &format!("\n[store]\nengine = \"postgres\"\nurl = \"{url}\"\npool_size = 4\n");
+            + &pg.store_section().replace(&pg.url(), &url);
         let open = |name: &str| {
             let text = toml.replacen(
                 "data_dir = \"data\"",
@@ -392,8 +389,11 @@ async fn a_replica_refuses_an_empty_or_a_foreign_database() {
     let text = std::fs::read_to_string(&site_toml).unwrap();
     site.handle.shutdown().await;
 
-    let reopen = |url: String| {
-        let text = text.replace(&pg.url(), &url);
+    let reopen = |other: &LocalPostgres| {
+        let text = text.replace(&pg.url(), &other.url()).replace(
+            &pg.ca_file().display().to_string(),
+            &other.ca_file().display().to_string(),
+        );
         let path = site_toml.with_file_name("site-moved.toml");
         std::fs::write(&path, text).unwrap();
         let cfg = meshsign_server::config::SiteConfig::load(&path).unwrap();
@@ -401,7 +401,7 @@ async fn a_replica_refuses_an_empty_or_a_foreign_database() {
     };
     // An empty database (a wrong url, a restore gone wrong): never a new site in its place.
     let empty = LocalPostgres::start().unwrap();
-    let err = reopen(empty.url()).unwrap_err();
+    let err = reopen(&empty).unwrap_err();
     eprintln!("empty database: {err}");
     assert!(err.contains("site.json"), "names the marker: {err}");
     assert!(
@@ -413,7 +413,7 @@ async fn a_replica_refuses_an_empty_or_a_foreign_database() {
     let other_pg = LocalPostgres::start().unwrap();
     let other = TestSite::start_with(&store_section(&other_pg), None).await;
     other.handle.shutdown().await;
-    let err = reopen(other_pg.url()).unwrap_err();
+    let err = reopen(&other_pg).unwrap_err();
     eprintln!("foreign database: {err}");
     assert!(err.contains("site.json") || err.contains("KEK"), "{err}");
     // A new replica (no marker yet) whose host was given another KEK.
@@ -866,4 +866,75 @@ async fn what_one_replica_acknowledges_about_a_session_binds_the_other_within_a_
         worst = worst.max(started.elapsed());
     }
     eprintln!("RevokeSelf at A enforced at B within {worst:?} (worst of 10)");
+}
+
+/// The site's connections to PostgreSQL as the server sees them: (TLS, plaintext).
+fn site_connections(pg: &LocalPostgres) -> (i64, i64) {
+    let url = pg.url();
+    std::thread::spawn(move || {
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        let row = c
+            .query_one(
+                "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl)
+                 FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
+                 WHERE a.application_name = 'meshsignd'",
+                &[],
+            )
+            .unwrap();
+        (row.get(0), row.get(1))
+    })
+    .join()
+    .unwrap()
+}
+
+/// Issue 24 row 13: the connection to PostgreSQL carries the jti store, revocations and the
+/// audit chain. A site outside dev refuses a `[store]` without `ca_file` (unless
+/// `allow_plaintext = true`); with it, every connection is TLS (seen from the server's
+/// `pg_stat_ssl`), and a server whose certificate does not chain to that CA is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_connection_is_tls_checked_against_its_ca() {
+    let pg = LocalPostgres::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    meshsign_tests::write_site_files(dir.path());
+    let base = std::fs::read_to_string(dir.path().join("site.toml")).unwrap();
+    let load = |extra: &str| {
+        let path = dir.path().join("site-tls.toml");
+        std::fs::write(&path, format!("{base}{extra}")).unwrap();
+        meshsign_server::config::SiteConfig::load(&path)
+    };
+    // No CA and no explicit plaintext: refused by name, before any connection.
+    let plain = format!(
+        "\n[store]\nengine = \"postgres\"\nurl = \"{}\"\npool_size = 4\n",
+        pg.url()
+    );
+    let err = load(&plain).unwrap_err().to_string();
+    assert!(
+        err.contains("store.ca_file") && err.contains("allow_plaintext"),
+        "{err}"
+    );
+    // Another CA: the server's certificate is refused, nothing is read or written.
+    let stranger = LocalPostgres::start().unwrap();
+    let wrong_ca = pg.store_section().replace(
+        &pg.ca_file().display().to_string(),
+        &stranger.ca_file().display().to_string(),
+    );
+    let err = open_in_thread(load(&wrong_ca).unwrap())
+        .join()
+        .unwrap()
+        .unwrap_err();
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+    assert_eq!(site_connections(&pg).0, 0);
+    // The right CA: the site runs, over TLS only.
+    let site = TestSite::start_with(&store_section(&pg), None).await;
+    let (_k, _r, mut s) = site.enrolled("staging").await;
+    s.sign(sign_req("release", 1)).await.unwrap();
+    let (tls, clear) = site_connections(&pg);
+    assert!(tls > 0 && clear == 0, "{tls} TLS, {clear} plaintext");
+    site.handle.shutdown().await;
+    // Plaintext when the operator says so explicitly (another, empty database).
+    let plain = plain.replace(&pg.url(), &stranger.url());
+    let site = TestSite::start_with(&format!("{plain}allow_plaintext = true\n"), None).await;
+    let (_k, _r, mut s) = site.enrolled("staging").await;
+    s.sign(sign_req("release", 2)).await.unwrap();
+    assert!(site_connections(&stranger).1 > 0);
 }

@@ -280,14 +280,7 @@ async fn proofs_hold_across_a_restart_and_retention() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_prove_what_the_other_wrote_in_one_tree() {
     let pg = meshsign_certs_dev::postgres::LocalPostgres::start().unwrap();
-    let a = TestSite::start_with(
-        &format!(
-            "\n[store]\nengine = \"postgres\"\nurl = \"{}\"\npool_size = 4\n",
-            pg.url()
-        ),
-        None,
-    )
-    .await;
+    let a = TestSite::start_with(&pg.store_section(), None).await;
     let b = a.replica("b").await;
     let key = audit_key(&a).await;
     let (ka, ra, _) = a.enrolled("staging").await;

@@ -72,6 +72,10 @@ enum Command {
         /// one site (benchmarks, trying replicas out).
         #[arg(long)]
         postgres_url: Option<String>,
+        /// With `--postgres-url`: TLS to the database, its certificate checked against this CA
+        /// (PEM) and the url's host. Without it a dev site connects in clear.
+        #[arg(long, requires = "postgres_url")]
+        postgres_ca_file: Option<std::path::PathBuf>,
         /// A PKCS#11 module (e.g. /usr/lib/softhsm/libsofthsm2.so): the dev site gets a key
         /// `hsm` (ECDSA P-256) in every environment, generated in that token (benchmarks,
         /// trying HSM custody out).
@@ -211,6 +215,7 @@ async fn dispatch(command: Command) -> Result<(), String> {
             admin_port,
             no_audit_flush,
             postgres_url,
+            postgres_ca_file,
             pkcs11_module,
             pkcs11_token,
             pkcs11_pin_file,
@@ -228,6 +233,8 @@ async fn dispatch(command: Command) -> Result<(), String> {
                     password_file: None,
                     pool_size: 8,
                     statement_timeout: std::time::Duration::from_secs(5),
+                    allow_plaintext: postgres_ca_file.is_none(),
+                    ca_file: postgres_ca_file,
                 });
             }
             if let (Some(module), Some(token_label), Some(pin_file)) =

@@ -108,6 +108,10 @@ struct RawStore {
     pool_size: usize,
     #[serde(default = "default_statement_timeout_ms")]
     statement_timeout_ms: u64,
+    #[serde(default)]
+    ca_file: Option<PathBuf>,
+    #[serde(default)]
+    allow_plaintext: bool,
 }
 
 impl Default for RawStore {
@@ -119,6 +123,8 @@ impl Default for RawStore {
             password_file: None,
             pool_size: default_pool_size(),
             statement_timeout_ms: default_statement_timeout_ms(),
+            ca_file: None,
+            allow_plaintext: false,
         }
     }
 }
@@ -157,6 +163,14 @@ pub struct PostgresStore {
     /// `lock_timeout`, and by the site, which stops waiting (a stopped server answers nothing,
     /// not even a cancel). Must be shorter than `[limits] request_timeout_seconds`.
     pub statement_timeout: std::time::Duration,
+    /// CA (PEM) the database server's certificate must chain to (`[store] ca_file`): the
+    /// connection uses TLS and checks the server's name against the url's host (libpq's
+    /// `sslmode=verify-full`). The jti store, revocations and the audit chain cross it.
+    pub ca_file: Option<PathBuf>,
+    /// `[store] allow_plaintext = true`: no TLS (a database on the same host or a network
+    /// that is itself encrypted). Without it and without `ca_file`, only a dev site may
+    /// connect in clear.
+    pub allow_plaintext: bool,
 }
 
 /// Whether a connection URL carries a password (`user:password@` or a `password=` parameter).
@@ -872,7 +886,10 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
     }
     let postgres = match raw.store.engine {
         Engine::Sled => {
-            if raw.store.url.is_some() || raw.store.password_file.is_some() {
+            if raw.store.url.is_some()
+                || raw.store.password_file.is_some()
+                || raw.store.ca_file.is_some()
+            {
                 return Err(invalid("store.url", "only with engine = \"postgres\""));
             }
             None
@@ -907,11 +924,29 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
                     "from 100 to less than limits.request_timeout_seconds (in milliseconds)",
                 ));
             }
+            if raw.store.ca_file.is_some() && raw.store.allow_plaintext {
+                return Err(invalid(
+                    "store.allow_plaintext",
+                    "true contradicts store.ca_file (TLS); keep one",
+                ));
+            }
+            if raw.store.ca_file.is_none() && !raw.store.allow_plaintext && !raw.dev {
+                return Err(invalid(
+                    "store.ca_file",
+                    "is needed: the connection to PostgreSQL carries the jti store, \
+                     revocations and the audit chain, so it uses TLS with the server's \
+                     certificate checked against this CA and the url's host; set \
+                     store.allow_plaintext = true only for a database on this host or an \
+                     encrypted network",
+                ));
+            }
             Some(PostgresStore {
                 url,
                 password_file: raw.store.password_file.clone().map(&abs),
                 pool_size: raw.store.pool_size,
                 statement_timeout: std::time::Duration::from_millis(raw.store.statement_timeout_ms),
+                ca_file: raw.store.ca_file.clone().map(&abs),
+                allow_plaintext: raw.store.allow_plaintext,
             })
         }
     };

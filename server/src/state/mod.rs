@@ -315,6 +315,11 @@ impl SiteState {
                         .transpose()?,
                     pool_size: pg.pool_size,
                     statement_timeout: pg.statement_timeout,
+                    tls: pg
+                        .ca_file
+                        .as_deref()
+                        .map(crate::store::postgres::tls_from_ca_file)
+                        .transpose()?,
                 },
             )?)),
             (None, None) => Store::open_sled(
