@@ -14,6 +14,35 @@ use meshsign_server::state::snapshot;
 use meshsign_server::store::Store;
 use meshsign_tests::{TestSite, sign_req};
 
+/// What a restore of `site`'s snapshot needs: its config and KEK, its clock, and a target
+/// folder (absent) in a temporary folder of its own.
+struct Restoring {
+    cfg: SiteConfig,
+    kek: Kek,
+    clock: SharedClock,
+    tmp: tempfile::TempDir,
+    target: std::path::PathBuf,
+}
+
+fn restoring(site: &TestSite) -> Restoring {
+    let cfg = SiteConfig::load(&site.site_toml).unwrap();
+    let kek = Kek::load(&cfg.kek_file, true).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let target = tmp.path().join("restored");
+    Restoring {
+        cfg,
+        kek,
+        clock: Arc::new(site.clock.clone()),
+        tmp,
+        target,
+    }
+}
+
+/// Opens a store in a folder (what `meshsignd restore` passes).
+fn open(dir: &std::path::Path) -> Result<Store, meshsign_server::store::StoreError> {
+    Store::open_sled(dir, 1 << 20)
+}
+
 #[tokio::test]
 async fn a_cut_snapshot_is_refused_whole_and_leaves_the_target_untouched() {
     let site = TestSite::start().await;
@@ -22,12 +51,13 @@ async fn a_cut_snapshot_is_refused_whole_and_leaves_the_target_untouched() {
         s.sign(sign_req("release", i)).await.unwrap();
     }
     let (bytes, seq) = site.state().snapshot().await.unwrap();
-    let cfg = SiteConfig::load(&site.site_toml).unwrap();
-    let kek = Kek::load(&cfg.kek_file, true).unwrap();
-    let clock: SharedClock = Arc::new(site.clock.clone());
-    let tmp = tempfile::tempdir().unwrap();
-    let target = tmp.path().join("restored");
-    let open = |dir: &std::path::Path| Store::open_sled(dir, 1 << 20);
+    let Restoring {
+        cfg,
+        kek,
+        clock,
+        tmp,
+        target,
+    } = restoring(&site);
 
     let mut cuts: Vec<usize> = Vec::new();
     let mut at = 0;
@@ -145,12 +175,13 @@ async fn a_snapshot_edited_offline_is_refused_by_its_mac() {
         .await
         .unwrap();
     let (bytes, _) = site.state().snapshot().await.unwrap();
-    let cfg = SiteConfig::load(&site.site_toml).unwrap();
-    let kek = Kek::load(&cfg.kek_file, true).unwrap();
-    let clock: SharedClock = Arc::new(site.clock.clone());
-    let tmp = tempfile::tempdir().unwrap();
-    let target = tmp.path().join("restored");
-    let open = |dir: &std::path::Path| Store::open_sled(dir, 1 << 20);
+    let Restoring {
+        cfg,
+        kek,
+        clock,
+        tmp,
+        target,
+    } = restoring(&site);
 
     let attacker = meshsign_certs_dev::OidcIssuer::generate(
         meshsign_tests::ES_ISSUER,
