@@ -251,3 +251,55 @@ async fn access_patterns_match_within_a_path_segment() {
         .await
         .expect("a tag in one segment signs");
 }
+
+/// Issue 24 row 5: a generic provider whose tokens carry no job id — the job is the session
+/// (the enrolled certificate's serial), so renewals do not buy a fresh per-job budget.
+#[tokio::test]
+async fn a_job_without_an_id_keeps_its_budget_across_renewals() {
+    let site = TestSite::start_with(
+        &format!(
+            "{EXTRA}\n[[environments.signing_keys]]\nalias = \"budgeted\"\n\
+             algorithm = \"ecdsa-p256-sha256\"\naccess = {{ repositories = [\"*\"], refs = [\"*\"] }}\n\
+             max_signatures_per_job = 3\n"
+        ),
+        None,
+    )
+    .await;
+    let now = site.now();
+    let token = site
+        .es
+        .mint(&serde_json::json!({
+            "iss": GENERIC, "aud": aud(), "sub": "job", "jti": random_id().unwrap(),
+            "iat": now, "nbf": now, "exp": now + 300,
+            "project": "acme/app", "git_ref": "refs/heads/main"
+        }))
+        .unwrap();
+    let key = RunnerKey::generate().unwrap();
+    let enrollment = site
+        .enrollment()
+        .await
+        .enroll(site.enroll_request("production", token, &key))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(cert_claims(&enrollment).job_id.is_empty());
+    let signer = site.signer_for(&key, &enrollment).await.unwrap();
+    let mut s = meshsign_client::runner::Session { enrollment, signer };
+    for i in 0..3u8 {
+        s.sign_digest("budgeted", [i; 32], "a").await.unwrap();
+    }
+    for round in 0..3u8 {
+        s.renew(&site.client, 0).await.unwrap();
+        let e = s
+            .sign_digest("budgeted", [10 + round; 32], "b")
+            .await
+            .unwrap_err();
+        match e {
+            meshsign_client::ClientError::Rpc { message, .. } => assert!(
+                message.starts_with("budget: key `budgeted` allows 3 signature(s) per job"),
+                "{message}"
+            ),
+            other => panic!("{other}"),
+        }
+    }
+}
