@@ -296,6 +296,22 @@ fn cases() -> Vec<Case> {
                 c["aud"] = json!(["meshsign:production:sg", "meshsign:staging:sg"])
             }),
         },
+        // Issue 25 row 1: one token, one site — another region's audience beside ours (a
+        // GitLab `id_tokens` entry with two audiences) would buy a session at each site.
+        Case {
+            name: "aud names this site and another region's",
+            code: Code::Unauthenticated,
+            reason: "aud",
+            build: with_claims(|c, _| {
+                c["aud"] = json!(["meshsign:production:sg", "meshsign:production:tokyo"])
+            }),
+        },
+        Case {
+            name: "aud names this site and anything else",
+            code: Code::Unauthenticated,
+            reason: "aud",
+            build: with_claims(|c, _| c["aud"] = json!(["meshsign:production:sg", "https://x"])),
+        },
         Case {
             name: "not a JWS",
             code: Code::Unauthenticated,

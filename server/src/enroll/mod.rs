@@ -144,6 +144,19 @@ pub enum EnrollError {
     /// Step 3: `aud` names more than one environment of this site.
     #[error("token audiences name {0} environments of this site; a token must select one")]
     AmbiguousAudience(usize),
+    /// Step 3: `aud` names something besides this site's audience for the environment —
+    /// another region's site, another environment, anything. The `jti` store is per site (sites
+    /// share nothing), so a token valid at two sites would buy a session at each.
+    #[error(
+        "token audiences {others} are not this site's `{ours}`; a token must name this site's \
+         audience and nothing else"
+    )]
+    ForeignAudience {
+        /// This site's audience for the environment.
+        ours: String,
+        /// The other values, bounded.
+        others: String,
+    },
     /// Step 4: `iat` missing, in the future, or older than the environment allows.
     #[error("{0}")]
     IssuedAt(String),
@@ -213,7 +226,9 @@ impl Refusal for EnrollError {
             EnrollError::Signature(_) => "signature",
             EnrollError::Issuer(_) => "iss",
             EnrollError::PolicyDisabled(_) => "trust_policy_disabled",
-            EnrollError::Audience(_) | EnrollError::AmbiguousAudience(_) => "aud",
+            EnrollError::Audience(_)
+            | EnrollError::AmbiguousAudience(_)
+            | EnrollError::ForeignAudience { .. } => "aud",
             EnrollError::Lifetime { .. } => "token_lifetime",
             EnrollError::Expired { .. } => "exp",
             EnrollError::NotYetValid { .. } => "nbf",
@@ -250,6 +265,7 @@ impl Refusal for EnrollError {
             | Issuer(_)
             | Audience(_)
             | AmbiguousAudience(_)
+            | ForeignAudience { .. }
             | Expired { .. }
             | NotYetValid { .. }
             | IssuedAt(_)
@@ -526,10 +542,24 @@ fn trust_policy_disabled(policy: &TrustPolicy) -> Result<(), EnrollError> {
 
 /// `aud` (step 3): the token is for this environment's audience.
 fn aud(environment: &Environment, jwt: &UnverifiedJwt) -> Result<(), EnrollError> {
-    if jwt.audiences().contains(&environment.audience.as_str()) {
+    let auds = jwt.audiences();
+    if !auds.contains(&environment.audience.as_str()) {
+        return Err(EnrollError::Audience(environment.audience.clone()));
+    }
+    // Every value must be this site's: one token buys one site, one environment.
+    let others: Vec<String> = auds
+        .iter()
+        .filter(|a| **a != environment.audience)
+        .take(4)
+        .map(|a| format!("`{}`", bounded(a, 64)))
+        .collect();
+    if others.is_empty() {
         return Ok(());
     }
-    Err(EnrollError::Audience(environment.audience.clone()))
+    Err(EnrollError::ForeignAudience {
+        ours: environment.audience.clone(),
+        others: others.join(", "),
+    })
 }
 
 /// `exp` (step 4): present and not past (with leeway).
