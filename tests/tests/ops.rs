@@ -652,6 +652,34 @@ async fn key_lifecycle_rotate_disable_import_create() {
     meshsign_client::verify::verify_digest(&s.public_key_der, &[5; 32], &s.signature).unwrap();
     // Import is one-way: nothing returns the key; no response carries more than public material.
     assert!(!format!("{info:?}").contains("PRIVATE"));
+    // Issue 25 row 6: the same key again, under another alias (say, as an attestation key),
+    // or as a new version of its own alias: refused, naming where the site holds it.
+    for (alias, purposes) in [
+        ("vendor-attest", vec!["attestation".to_string()]),
+        ("vendor", vec![]),
+    ] {
+        let e = admin
+            .import_key(v1::ImportKeyRequest {
+                environment: "production".into(),
+                alias: alias.into(),
+                pkcs8_pem: imported.serialize_pem().into_bytes(),
+                repositories: vec!["*".into()],
+                refs: vec!["*".into()],
+                chain_pem: Vec::new(),
+                purposes,
+                backend: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        assert!(
+            e.message().starts_with(
+                "precondition: this key is already held by the site as production/vendor@v1"
+            ),
+            "{}",
+            e.message()
+        );
+    }
 
     // Create a key with a narrow access rule.
     admin

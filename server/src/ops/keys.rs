@@ -124,6 +124,21 @@ fn next_version(site: &SiteState, env: &str, alias: &str) -> Result<u32, OpsErro
     Ok(records.iter().map(|r| r.version).max().map_or(1, |v| v + 1))
 }
 
+/// Refuses a key the site already holds under any alias or version, in any environment: one key,
+/// one purpose — importing the same key twice (say, once as an `attestation` key, once as a
+/// digest key) would let it sign what the attestation-only rule keeps from it.
+fn held_elsewhere(site: &SiteState, spki: &[u8]) -> Result<(), OpsError> {
+    let records: Vec<crate::custody::KeyRecord> = site.store.scan(Tree::Keys, b"")?;
+    match records.iter().find(|r| r.public_key_der == spki) {
+        Some(r) => Err(OpsError::Precondition(format!(
+            "this key is already held by the site as {}/{}@v{}: one key serves one alias \
+             (and so one purpose); import a new key",
+            r.partition, r.alias, r.version
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Adds `alias@vN+1`, which signs from then on; older versions stay verifiable.
 pub fn rotate_key(site: &SiteState, env: &str, alias: &str) -> Result<(KeySpec, String), OpsError> {
     let spec = spec_of(site, env, alias)?;
@@ -200,6 +215,7 @@ pub fn import_key(
                 })?
         }
     };
+    held_elsewhere(site, backend.public_key_der())?;
     let spec = match existing {
         Some(s) => s,
         None => KeySpec {
