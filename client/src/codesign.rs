@@ -27,6 +27,10 @@ pub struct RemoteSigner {
     algorithm: String,
     leaf: CapturedX509Certificate,
     spki: Vec<u8>,
+    /// The first error of a signature (a refusal by the site, say): apple-codesign reports a
+    /// signer's failure as its own text, so the caller takes this back to keep its kind (a
+    /// refusal exits 3, not 1).
+    failed: std::sync::Arc<std::sync::Mutex<Option<ClientError>>>,
 }
 
 impl std::fmt::Debug for RemoteSigner {
@@ -40,6 +44,18 @@ impl std::fmt::Debug for RemoteSigner {
 
 impl RemoteSigner {
     fn sign_remote(&self, message: &[u8]) -> Result<Vec<u8>, ClientError> {
+        self.sign_checked(message).map_err(|e| {
+            // apple-codesign only carries the text on; the error itself is kept for the caller.
+            let text = ClientError::Crypto(e.to_string());
+            let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+            if failed.is_none() {
+                *failed = Some(e);
+            }
+            text
+        })
+    }
+
+    fn sign_checked(&self, message: &[u8]) -> Result<Vec<u8>, ClientError> {
         let req = v1::SignRequest {
             key_alias: self.alias.clone(),
             input: Some(v1::sign_request::Input::AppleCmsSignedAttributes(
@@ -162,6 +178,7 @@ pub async fn codesign(
         Some(p) => Some(std::fs::read_to_string(p).map_err(ClientError::io(p))?),
         None => None,
     };
+    let failed = std::sync::Arc::new(std::sync::Mutex::new(None));
     let signer = RemoteSigner {
         handle: tokio::runtime::Handle::current(),
         client,
@@ -169,8 +186,9 @@ pub async fn codesign(
         algorithm: identity.algorithm.clone(),
         leaf: leaf.clone(),
         spki: identity.public_key_der.clone(),
+        failed: failed.clone(),
     };
-    tokio::task::spawn_blocking(move || -> Result<(), ClientError> {
+    let signed = tokio::task::spawn_blocking(move || -> Result<(), ClientError> {
         let mut settings = SigningSettings::default();
         settings.set_signing_key(&signer, leaf);
         for c in chain {
@@ -204,7 +222,16 @@ pub async fn codesign(
             .map_err(|e| ClientError::Crypto(format!("codesign {}: {e}", opts.input.display())))
     })
     .await
-    .map_err(|e| ClientError::Crypto(format!("codesign task: {e}")))?
+    .map_err(|e| ClientError::Crypto(format!("codesign task: {e}")))?;
+    // A signature the site refused (or that did not verify) is that error, not apple-codesign's
+    // rewording of it.
+    match (
+        signed,
+        failed.lock().unwrap_or_else(|p| p.into_inner()).take(),
+    ) {
+        (Err(_), Some(cause)) => Err(cause),
+        (r, _) => r,
+    }
 }
 
 /// Entitlements (XML plist) from an `embedded.mobileprovision` (a CMS SignedData over a plist).

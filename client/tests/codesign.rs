@@ -451,4 +451,29 @@ fn codesign_a_macho_through_the_site_and_verify_it() {
             .unwrap();
         assert!(v.status.success(), "{f}");
     }
+
+    // Issue 25 row 9: the site refuses the signature (the key is disabled): exit 3, refused —
+    // the site's reason, not apple-codesign's rewording of it (which exited 1).
+    let o = meshsign(&[
+        "admin",
+        "key",
+        "disable",
+        "--environment",
+        "production",
+        "--alias",
+        "apple",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::write(dir.join("hello4"), &macho).unwrap();
+    let o = meshsign(&[
+        "codesign",
+        "--environment",
+        "production",
+        "--key",
+        "apple",
+        "hello4",
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("key_disabled"), "{stderr}");
 }

@@ -500,6 +500,22 @@ fn a_sigstore_bundle_matches_the_published_schema_and_openssl_verifies_its_signa
         &["--receipt", "--audit-key", "audit.pem"],
     );
     assert!(o.status.success(), "{}", stderr(&o));
+    // Issue 25 row 9: without --receipt the report names the entry the bundle's log entry
+    // names (here the same as the checked one), never "audit entry 0".
+    let checked = String::from_utf8_lossy(&o.stdout).to_string();
+    let plain = verify(&dev, "sigstore", &f, &[]);
+    assert!(plain.status.success(), "{}", stderr(&plain));
+    let plain = String::from_utf8_lossy(&plain.stdout).to_string();
+    let entry_of = |out: &str| {
+        let at = out.find("audit entry ").expect("an audit entry") + "audit entry ".len();
+        out[at..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert_ne!(entry_of(&plain), "0", "{plain}");
+    assert_eq!(entry_of(&plain), entry_of(&checked), "{plain} / {checked}");
     let wrong = dev.run(&[
         "verify",
         &f,

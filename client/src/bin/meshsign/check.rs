@@ -340,7 +340,13 @@ fn sigstore(
         key_id,
         region,
         environment,
-        audit_seq: entry.as_ref().map(|e| e.seq).unwrap_or_default(),
+        // The checked entry's seq; without --receipt, the seq the bundle's log entry names
+        // (as a native bundle's `audit_seq` is reported), never 0 for "not checked".
+        audit_seq: entry
+            .as_ref()
+            .map(|e| e.seq)
+            .or(receipt.as_ref().map(|r| r.log_index + 1))
+            .unwrap_or_default(),
         binding: entry
             .as_ref()
             .map(Binding::from_entry)
