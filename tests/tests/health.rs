@@ -155,6 +155,7 @@ async fn metrics_are_scraped_over_http_with_the_named_series_after_real_traffic(
         "meshsign_certificates_live{environment=\"production\"} 1",
         "meshsign_certificates_live{environment=\"staging\"} 1",
         "meshsign_key_rotation_due{environment=\"production\",alias=\"release\"} 0",
+        "meshsign_runner_ca_rotation_due{environment=\"production\",id=\"",
     ] {
         assert!(body.contains(series), "missing {series} in\n{body}");
     }
@@ -180,6 +181,29 @@ async fn metrics_are_scraped_over_http_with_the_named_series_after_real_traffic(
     assert!(
         body.contains("meshsign_key_rotation_due{environment=\"production\",alias=\"release\"} 1")
     );
+    // Issue 25 row 5: so is an active runner CA past [keys] runner_ca_rotation_days (30), in
+    // the metric and as ROTATE in `admin status`.
+    let due: Vec<&str> = body
+        .lines()
+        .filter(|l| l.starts_with("meshsign_runner_ca_rotation_due{environment=\"production\""))
+        .collect();
+    assert!(
+        !due.is_empty() && due.iter().all(|l| l.ends_with(" 1")),
+        "{due:?}"
+    );
+    let st = site
+        .admin()
+        .await
+        .status(meshsign_proto::v1::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let prod = st
+        .environments
+        .iter()
+        .find(|e| e.name == "production")
+        .unwrap();
+    assert!(prod.runner_cas.iter().any(|c| c.rotation_due), "{prod:?}");
     let (status, _) = http_get(addr, "/other").await;
     assert_eq!(status, "HTTP/1.1 404 Not Found");
 

@@ -435,3 +435,35 @@ async fn an_undo_is_only_an_undo_while_nobody_else_changed_the_policy() {
     assert_eq!(site.audit().len(), before + 1);
     assert!(rec.detail.contains("nothing changed"), "{}", rec.detail);
 }
+
+/// Issue 25 row 5: activating a runner CA is on the default reviewed list (the seed's band:
+/// rotation faster than thirty days with two-person review).
+#[tokio::test]
+async fn activating_a_runner_ca_needs_a_second_admin_by_default() {
+    let site = TestSite::start_with(REVIEW, None).await;
+    let (mut alice, mut bob) = (site.admin().await, site.second_admin().await);
+    alice
+        .stage_issuer(v1::EnvironmentRequest {
+            environment: "production".into(),
+        })
+        .await
+        .unwrap();
+    let activate = || v1::IssuerRef {
+        environment: "production".into(),
+        id: String::new(),
+        reason: String::new(),
+    };
+    let e = alice.activate_issuer(activate()).await.unwrap_err();
+    assert!(e.message().starts_with("review_required: "), "{e:?}");
+    bob.approve_proposal(v1::ApproveProposalRequest {
+        id: proposal_id(e.message()),
+    })
+    .await
+    .unwrap();
+    alice.activate_issuer(activate()).await.unwrap();
+    assert!(
+        last_of(&site, "Admin.ActivateIssuer")
+            .detail
+            .contains("approved by")
+    );
+}

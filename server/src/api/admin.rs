@@ -82,6 +82,16 @@ fn key_info(site: &SiteState, env: &str, spec: &KeySpec) -> v1::KeyInfo {
 }
 
 /// Whether a key version `age_seconds` old is due for rotation (`0` days: never).
+/// Whether an active runner CA is older than `[keys] runner_ca_rotation_days`.
+pub(crate) fn runner_ca_rotation_due(
+    r: &crate::ca::RunnerCaRecord,
+    now: i64,
+    cfg: &crate::config::SiteConfig,
+) -> bool {
+    r.state == crate::ca::RunnerCaState::Active
+        && rotation_due(now - r.created_at, cfg.keys.runner_ca_rotation_days)
+}
+
 pub(crate) fn rotation_due(age_seconds: i64, rotation_age_days: u64) -> bool {
     rotation_age_days > 0
         && age_seconds > i64::try_from(rotation_age_days.saturating_mul(86_400)).unwrap_or(i64::MAX)
@@ -410,7 +420,16 @@ impl v1::admin_server::Admin for AdminApi {
                 audience: e.audience.clone(),
                 runner_cas: s
                     .runner_cas(&e.name)
-                    .map(|cas| cas.trusted(now).into_iter().map(runner_ca_info).collect())
+                    .map(|cas| {
+                        cas.trusted(now)
+                            .into_iter()
+                            .map(|r| {
+                                let mut info = runner_ca_info(r);
+                                info.rotation_due = runner_ca_rotation_due(r, now, &cfg);
+                                info
+                            })
+                            .collect()
+                    })
                     .unwrap_or_default(),
                 keys: e
                     .signing_keys

@@ -168,6 +168,26 @@ pub fn render(state: &SiteState) -> String {
     }
     gauge(
         &mut out,
+        "meshsign_runner_ca_rotation_due",
+        "1 when an active runner CA is older than [keys] runner_ca_rotation_days.",
+    );
+    for env in &config.environments {
+        if let Ok(cas) = state.runner_cas(&env.name) {
+            for r in cas.trusted(now) {
+                if r.state == crate::ca::RunnerCaState::Active {
+                    let _ = writeln!(
+                        out,
+                        "meshsign_runner_ca_rotation_due{{environment=\"{}\",id=\"{}\"}} {}",
+                        label(&env.name),
+                        label(&r.id),
+                        u8::from(super::admin::runner_ca_rotation_due(r, now, &config))
+                    );
+                }
+            }
+        }
+    }
+    gauge(
+        &mut out,
         "meshsign_key_age_days",
         "Age of each signing key version.",
     );

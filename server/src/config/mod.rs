@@ -392,8 +392,9 @@ pub const REVIEWABLE_OPERATIONS: [&str; 18] = [
 #[serde(deny_unknown_fields, default)]
 pub struct Review {
     /// Operations that need approval (names from [`REVIEWABLE_OPERATIONS`]); `[]` turns review
-    /// off. Default: key import, key disable, runner-CA revoke, trust enable, JWKS set,
-    /// retention change, and removing a distrust rule (which trusts signatures again).
+    /// off. Default: key import, key disable, runner-CA activation and revocation, trust
+    /// enable, JWKS set, retention change, and removing a distrust rule (which trusts
+    /// signatures again).
     pub operations: std::collections::BTreeSet<String>,
     /// Seconds from proposal until it must be approved and carried out (default 3600).
     pub window_seconds: u64,
@@ -405,6 +406,7 @@ impl Default for Review {
             operations: [
                 "ImportKey",
                 "DisableKey",
+                "ActivateIssuer",
                 "RevokeIssuer",
                 "EnableTrustPolicy",
                 "SetJwks",
@@ -456,12 +458,17 @@ pub struct KeyPolicy {
     /// and in the `meshsign_key_rotation_due` metric (default 30: rotate faster than 30 days).
     /// `0` turns the flag off.
     pub rotation_age_days: u64,
+    /// The same for runner CAs: an active runner CA older than this is flagged (`ROTATE` in
+    /// `admin status`, the `meshsign_runner_ca_rotation_due` metric). Default 30, the seed's
+    /// band; `0` turns the flag off.
+    pub runner_ca_rotation_days: u64,
 }
 
 impl Default for KeyPolicy {
     fn default() -> Self {
         Self {
             rotation_age_days: 30,
+            runner_ca_rotation_days: 30,
         }
     }
 }

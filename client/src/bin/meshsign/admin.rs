@@ -1501,7 +1501,7 @@ fn status_json(st: &v1::SiteStatus) -> serde_json::Value {
             "name": e.name,
             "audience": e.audience,
             "runner_cas": e.runner_cas.iter().map(|c| serde_json::json!({
-                "id": c.id, "state": c.state_word(),
+                "id": c.id, "state": c.state_word(), "rotation_due": c.rotation_due,
             })).collect::<Vec<_>>(),
             "keys": e.keys.iter().map(|k| serde_json::json!({
                 "alias": k.alias, "algorithm": k.algorithm, "newest_version": k.newest_version,
@@ -1548,7 +1548,11 @@ fn status_rows(st: &v1::SiteStatus) -> Vec<Vec<String>> {
                 "runner-ca".into(),
                 c.id.clone(),
                 c.state_word(),
-                "-".into(),
+                if c.rotation_due {
+                    "older than [keys] runner_ca_rotation_days (ROTATE)".into()
+                } else {
+                    "-".into()
+                },
             ]);
         }
         for k in &e.keys {
