@@ -405,6 +405,12 @@ impl OidcIssuer {
     }
 }
 
+/// The numeric id GitHub gives the test organisation `acme` (`repository_owner_id`; GitHub's
+/// tokens carry ids as strings). Policies bind it, not the renamable name.
+pub const GITHUB_OWNER_ID: &str = "1100001";
+/// The numeric id of `acme/app` (`repository_id`).
+pub const GITHUB_REPOSITORY_ID: &str = "690000001";
+
 /// Claims shaped as GitHub Actions issues them for a job.
 #[derive(Clone, Debug)]
 pub struct GithubJob {
@@ -440,7 +446,9 @@ impl GithubJob {
             "aud": aud,
             "sub": format!("repo:{}:environment:{}", self.repository, self.environment),
             "repository": self.repository,
+            "repository_id": GITHUB_REPOSITORY_ID,
             "repository_owner": self.repository.split('/').next().unwrap_or_default(),
+            "repository_owner_id": GITHUB_OWNER_ID,
             "ref": self.git_ref,
             "environment": self.environment,
             "workflow_ref": format!("{}/.github/workflows/release.yml@{}", self.repository, self.git_ref),

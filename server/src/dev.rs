@@ -144,10 +144,11 @@ access = {{ repositories = ["*"], refs = ["*"] }}
 name = "dev"
 issuer = "{DEV_ISSUER}"
 jwks_file = "pki/{jwks}"
-bound_claims = {{ environment = "{env}" }}
+bound_claims = {{ repository_owner_id = "{owner}", environment = "{env}" }}
 "#,
             aud = audience(env, region),
             jwks = files::OIDC_JWKS,
+            owner = meshsign_certs_dev::GITHUB_OWNER_ID,
         ));
     }
     meshsign_proto::files::write_atomic(&site_toml, toml.as_bytes(), false)

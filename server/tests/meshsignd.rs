@@ -67,3 +67,69 @@ fn check_accepts_a_dev_config_and_names_the_field_of_a_bad_one() {
         assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 600"));
     }
 }
+
+/// Issue 25 row 3: no open policy. `meshsignd check` refuses a trust policy that binds no owner
+/// (naming the field and the claims to bind), and one whose owner binding is a wildcard; it
+/// accepts `allow_unbound = true` with a warning, and warns when a renamable name is bound
+/// where an id exists.
+#[test]
+fn check_refuses_an_open_trust_policy_and_warns_of_renamable_names() {
+    let tmp = tempfile::tempdir().unwrap();
+    let site = meshsign_server::dev::prepare(tmp.path()).unwrap();
+    let text = std::fs::read_to_string(&site).unwrap();
+    let owner = format!(
+        "repository_owner_id = \"{}\", ",
+        meshsign_certs_dev::GITHUB_OWNER_ID
+    );
+    assert!(text.contains(&owner), "the dev config binds the owner id");
+    let check = |name: &str, toml: String| {
+        let path = tmp.path().join(name);
+        std::fs::write(&path, toml).unwrap();
+        let out = meshsignd()
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, _, err) = check("open.toml", text.replacen(&owner, "", 1));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("trust_policies[0].bound_claims")
+            && err.contains("binds no owner")
+            && err.contains("repository_owner_id or repository_id or enterprise_id"),
+        "{err}"
+    );
+    let wildcard = owner.replace(meshsign_certs_dev::GITHUB_OWNER_ID, "*");
+    let (code, _, err) = check("wildcard.toml", text.replacen(&owner, &wildcard, 1));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("binds no owner"), "{err}");
+    let unbound = text.replacen(&owner, "", 1).replacen(
+        "jwks_file = \"pki/dev-oidc.jwks.json\"\n",
+        "jwks_file = \"pki/dev-oidc.jwks.json\"\nallow_unbound = true\n",
+        1,
+    );
+    assert_ne!(
+        unbound,
+        text.replacen(&owner, "", 1),
+        "the dev policy names its JWKS file"
+    );
+    let (code, out, err) = check("unbound.toml", unbound);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("allow_unbound = true: any job on"), "{out}");
+    let renamable = text.replacen(
+        &owner,
+        "repository_owner = \"acme\", repository_id = \"1\", ",
+        1,
+    );
+    let (code, out, err) = check("renamable.toml", renamable);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("binds `repository_owner`") && out.contains("bind the id"),
+        "{out}"
+    );
+}

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use meshsign_certs_dev::{DevPki, GithubJob, JwtAlg, OidcIssuer, random_id};
+use meshsign_certs_dev::{DevPki, GITHUB_OWNER_ID, GithubJob, JwtAlg, OidcIssuer, random_id};
 use meshsign_client::ClientConfig;
 use meshsign_client::runner::RunnerKey;
 use meshsign_proto::v1::{self, enrollment_client::EnrollmentClient, signer_client::SignerClient};
@@ -113,13 +113,14 @@ access = {{ repositories = ["acme/*"], refs = ["refs/heads/main", "refs/tags/*"]
 name = "ci"
 issuer = "{ES_ISSUER}"
 jwks_file = "pki/es.jwks.json"
-bound_claims = {{ runner_environment = "self-hosted", environment = "{env}" }}
+bound_claims = {{ repository_owner_id = "{GITHUB_OWNER_ID}", runner_environment = "self-hosted", environment = "{env}" }}
 
 [[environments.trust_policies]]
 name = "gitlab"
 issuer = "{RS_ISSUER}"
 jwks_file = "pki/rs.jwks.json"
 provider = "gitlab"
+bound_claims = {{ namespace_id = "72" }}
 "#,
             ceiling = if env == "staging" {
                 format!("max_session_seconds = {STAGING_MAX_SESSION}")

@@ -35,6 +35,7 @@ access = {{ repositories = ["acme/*"], refs = ["refs/heads/main"] }}
 name = "ci"
 issuer = "{issuer}"
 jwks_file = "jwks.json"
+bound_claims = {{ repository_owner_id = "1100001" }}
 "#
     )
 }
@@ -266,12 +267,34 @@ fn a_postgres_store_takes_no_password_in_its_url() {
         );
     }
     let ok = with(
-        "engine = \"postgres\"\nurl = \"postgresql://meshsign@db:5432/meshsign\"\npassword_file = \"pg.pass\"",
+        "engine = \"postgres\"\nurl = \"postgresql://meshsign@db:5432/meshsign\"\npassword_file = \"pg.pass\"\nca_file = \"db-ca.pem\"",
     )
     .unwrap();
     let pg = ok.postgres.expect("postgres");
     assert_eq!(pg.pool_size, 8);
     assert!(pg.password_file.unwrap().is_absolute());
+    assert!(pg.ca_file.unwrap().is_absolute());
+    // Issue 24 row 13: no CA and no explicit plaintext is refused by name; both at once too.
+    let err = with("engine = \"postgres\"\nurl = \"postgresql://meshsign@db:5432/meshsign\"")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("store.ca_file") && err.contains("allow_plaintext"),
+        "{err}"
+    );
+    let err = with(
+        "engine = \"postgres\"\nurl = \"postgresql://meshsign@db:5432/meshsign\"\nca_file = \"a.pem\"\nallow_plaintext = true",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.starts_with("store.allow_plaintext"), "{err}");
+    assert!(
+        with("engine = \"postgres\"\nurl = \"postgresql://meshsign@db:5432/meshsign\"\nallow_plaintext = true")
+            .unwrap()
+            .postgres
+            .unwrap()
+            .allow_plaintext
+    );
 }
 
 #[test]

@@ -303,3 +303,47 @@ async fn a_job_without_an_id_keeps_its_budget_across_renewals() {
         }
     }
 }
+
+/// Issue 25 row 3: a policy that binds no owner loads only with `allow_unbound = true`, and
+/// then every enrollment through it says so in its audit entry.
+#[tokio::test]
+async fn an_unbound_policy_is_named_in_every_enrollment_it_admits() {
+    let site = TestSite::start_with(
+        r#"
+[[environments.trust_policies]]
+name = "open"
+issuer = "https://ci.generic.test"
+jwks_file = "pki/es.jwks.json"
+provider = "generic"
+claim_mappings = { repository = "project", ref = "git_ref", job_id = "build" }
+allow_unbound = true
+"#,
+        None,
+    )
+    .await;
+    let now = site.now();
+    let token = site
+        .es
+        .mint(&serde_json::json!({
+            "iss": GENERIC, "aud": aud(), "sub": "job", "jti": random_id().unwrap(),
+            "iat": now, "nbf": now, "exp": now + 300,
+            "project": "acme/app", "git_ref": "refs/heads/main", "build": "b-1"
+        }))
+        .unwrap();
+    let (_resp, signed) = enroll_sign(&site, token).await;
+    signed.unwrap();
+    let enrolled = site
+        .audit()
+        .into_iter()
+        .rev()
+        .find(|e| e.rpc == "Enroll")
+        .unwrap();
+    assert_eq!(enrolled.decision, "allow");
+    assert!(
+        enrolled
+            .detail
+            .contains("trust policy `open` binds no owner (allow_unbound = true)"),
+        "{}",
+        enrolled.detail
+    );
+}

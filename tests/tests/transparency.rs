@@ -460,6 +460,7 @@ name = "buildkite"
 issuer = "https://agent.buildkite.com"
 jwks_file = "pki/es.jwks.json"
 provider = "buildkite"
+bound_claims = { organization_slug = "acme" }
 "#;
     let site = TestSite::start_with(extra, None).await;
     let (_k, _r, mut s) = site.enrolled("production").await;

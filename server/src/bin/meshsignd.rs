@@ -181,6 +181,25 @@ async fn dispatch(command: Command) -> Result<(), String> {
                     cfg.data_dir.display()
                 ),
             }
+            // Bindings that hold today but name an owner by a name someone else can take.
+            for env in &cfg.environments {
+                for t in &env.trust_policies {
+                    for (name, id) in t.renamable_bindings() {
+                        println!(
+                            "warning: {}/{}: binds `{name}` (a name that can be renamed or \
+                             re-registered) but not `{id}`: bind the id",
+                            env.name, t.name
+                        );
+                    }
+                    if t.allow_unbound {
+                        println!(
+                            "warning: {}/{}: allow_unbound = true: any job on {} that asks for \
+                             this audience enrolls",
+                            env.name, t.name, t.issuer
+                        );
+                    }
+                }
+            }
             println!(
                 "{}: ok (region {}, environments: {})",
                 config.display(),

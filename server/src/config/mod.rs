@@ -305,6 +305,8 @@ struct RawPolicy {
     claim_mappings: BTreeMap<String, String>,
     #[serde(default = "default_token_lifetime")]
     max_token_lifetime_seconds: u64,
+    #[serde(default)]
+    allow_unbound: bool,
 }
 
 /// CI job tokens live minutes (GitHub ~5–10, GitLab 5 by default); a day is the default ceiling.
@@ -788,6 +790,36 @@ pub struct TrustPolicy {
     pub claim_mappings: BTreeMap<String, String>,
     /// The longest lifetime (`exp − iat`) a token may claim.
     pub max_token_lifetime_seconds: u64,
+    /// `allow_unbound = true`: the policy binds no owner claim (see
+    /// [`crate::model::Provider::owner_claims`]) on purpose; every enrollment's audit entry
+    /// says so.
+    pub allow_unbound: bool,
+}
+
+impl TrustPolicy {
+    /// Whether a bound claim ties tokens to an owner: one of the provider's owner claims (any
+    /// bound claim for `generic`) with an exact pattern — `repository_owner_id = "*"` binds
+    /// nothing.
+    pub fn binds_owner(&self) -> bool {
+        let owners = self.provider.owner_claims();
+        self.bound_claims.iter().any(|(claim, pattern)| {
+            (owners.is_empty() || owners.contains(&claim.as_str()))
+                && !pattern.contains(['*', '?', '['])
+        })
+    }
+
+    /// Renamable owner names this policy binds where an id exists and is not bound (for
+    /// `meshsignd check`): (bound claim, id claim to bind instead).
+    pub fn renamable_bindings(&self) -> Vec<(&'static str, &'static str)> {
+        self.provider
+            .renamable_claims()
+            .iter()
+            .filter(|(name, id)| {
+                self.bound_claims.contains_key(*name) && !self.bound_claims.contains_key(*id)
+            })
+            .copied()
+            .collect()
+    }
 }
 
 /// `[pkcs11]` in the site config.
@@ -1150,7 +1182,7 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
                 }
                 _ => {}
             }
-            policies.push(TrustPolicy {
+            let policy = TrustPolicy {
                 name: pol.name,
                 issuer: pol.issuer,
                 jwks,
@@ -1160,7 +1192,29 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
                 provider: pol.provider,
                 claim_mappings: pol.claim_mappings,
                 max_token_lifetime_seconds: pol.max_token_lifetime_seconds,
-            });
+                allow_unbound: pol.allow_unbound,
+            };
+            // No open policy: without an owner bound, any repository on the issuer that asks
+            // for this (guessable) audience would enroll.
+            if !policy.binds_owner() && !policy.allow_unbound {
+                let owners = policy.provider.owner_claims();
+                return Err(invalid(
+                    tat("bound_claims"),
+                    format!(
+                        "binds no owner: with provider = \"{}\" bind {} to an exact value, or \
+                         any job on {} that asks for this audience enrolls; allow_unbound = true \
+                         if that is meant",
+                        policy.provider.as_str(),
+                        if owners.is_empty() {
+                            "at least one claim".to_string()
+                        } else {
+                            owners.join(" or ")
+                        },
+                        policy.issuer
+                    ),
+                ));
+            }
+            policies.push(policy);
         }
         environments.push(Environment {
             name: p.name,

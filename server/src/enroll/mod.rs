@@ -364,6 +364,12 @@ fn checks_and_issue(
     // From here on the job is read the way the policy's provider writes it.
     let job = JobIdentity::map(policy.provider, &policy.claim_mappings, &jwt.claims);
     record_job(&job, rec);
+    if policy.allow_unbound {
+        rec.detail = format!(
+            "{}; trust policy `{}` binds no owner (allow_unbound = true)",
+            rec.detail, policy.name
+        );
+    }
     trust_policy_disabled(policy)?;
     aud(environment, &jwt)?;
     exp(&jwt, now)?;

@@ -359,6 +359,35 @@ pub enum Provider {
 }
 
 impl Provider {
+    /// The claims that bind a token to an owner (an organisation, a project, a pipeline) by a
+    /// value nobody else can take: ids where the provider has them. A trust policy must bind one
+    /// of them exactly, or any repository on the issuer that asks for the audience enrolls.
+    /// Empty for `generic`: any exact bound claim counts.
+    pub fn owner_claims(self) -> &'static [&'static str] {
+        match self {
+            Provider::Github => &["repository_owner_id", "repository_id", "enterprise_id"],
+            Provider::Gitlab => &["namespace_id", "project_id"],
+            Provider::Buildkite => &["organization_slug", "pipeline_slug"],
+            Provider::Generic => &[],
+        }
+    }
+
+    /// Claims that name an owner by a name that can be renamed or re-registered, with the id
+    /// claim to bind instead.
+    pub fn renamable_claims(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Provider::Github => &[
+                ("repository_owner", "repository_owner_id"),
+                ("repository", "repository_id"),
+            ],
+            Provider::Gitlab => &[
+                ("namespace_path", "namespace_id"),
+                ("project_path", "project_id"),
+            ],
+            Provider::Buildkite | Provider::Generic => &[],
+        }
+    }
+
     /// The config name.
     pub fn as_str(self) -> &'static str {
         match self {
