@@ -797,14 +797,17 @@ pub struct TrustPolicy {
 }
 
 impl TrustPolicy {
-    /// Whether a bound claim ties tokens to an owner: one of the provider's owner claims (any
-    /// bound claim for `generic`) with an exact pattern — `repository_owner_id = "*"` binds
-    /// nothing.
+    /// Whether a bound claim ties tokens to an owner: one of the provider's owner claims with
+    /// an exact pattern (`repository_owner_id = "*"` binds nothing); for `generic`, whose
+    /// claims meshsign cannot know, any bound claim that is not a bare wildcard.
     pub fn binds_owner(&self) -> bool {
         let owners = self.provider.owner_claims();
         self.bound_claims.iter().any(|(claim, pattern)| {
-            (owners.is_empty() || owners.contains(&claim.as_str()))
-                && !pattern.contains(['*', '?', '['])
+            if owners.is_empty() {
+                !matches!(pattern.as_str(), "*" | "**")
+            } else {
+                owners.contains(&claim.as_str()) && !pattern.contains(['*', '?', '['])
+            }
         })
     }
 
@@ -1201,14 +1204,13 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
                 return Err(invalid(
                     tat("bound_claims"),
                     format!(
-                        "binds no owner: with provider = \"{}\" bind {} to an exact value, or \
-                         any job on {} that asks for this audience enrolls; allow_unbound = true \
-                         if that is meant",
+                        "binds no owner: with provider = \"{}\" bind {}, or any job on {} that \
+                         asks for this audience enrolls; allow_unbound = true if that is meant",
                         policy.provider.as_str(),
                         if owners.is_empty() {
-                            "at least one claim".to_string()
+                            "at least one claim (not to a bare `*`)".to_string()
                         } else {
-                            owners.join(" or ")
+                            format!("{} to an exact value", owners.join(" or "))
                         },
                         policy.issuer
                     ),
