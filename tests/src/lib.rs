@@ -441,8 +441,23 @@ impl TestSite {
 }
 
 async fn start_site(site_toml: &Path, clock: ManualClock) -> SiteHandle {
-    let cfg = SiteConfig::load(site_toml).unwrap();
-    let state = SiteState::open(cfg, Arc::new(clock)).unwrap();
+    // A store a test opened between a stop and this start (to injure it) is released when
+    // sled's own flusher thread lets go of it, a moment after the test dropped it: wait for
+    // the lock (the state we need), for up to 10 s, rather than fail on the race.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let state = loop {
+        let cfg = SiteConfig::load(site_toml).unwrap();
+        match SiteState::open(cfg, Arc::new(clock.clone())) {
+            Ok(s) => break s,
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
     api::start(Arc::new(state)).await.unwrap()
 }
 
