@@ -125,8 +125,10 @@ pub fn set_policy_enabled(
     t.enabled = enabled;
     t.keep_sessions = !enabled && keep_sessions;
     let out = t.clone();
+    // Who changed it goes first: if the change itself then fails, an undo by the previous
+    // changer is refused (fails closed) rather than wrongly allowed.
+    record_change(site, (env, issuer), operator, change, now)?;
     site.save_policy_overlay(env, &cfg.environments[pi].trust_policies[ti], None)?;
-    record_change(site, env, issuer, operator, change)?;
     site.set_config(cfg);
     let detail = format!(
         "trust policy {} ({issuer}) {}",
@@ -176,19 +178,21 @@ fn last_change_key(env: &str, issuer: &str) -> Vec<u8> {
     format!("policy-changed/{env}/{issuer}").into_bytes()
 }
 
+/// Records `operator`'s `change` of the policy at `at` (the same second a disable records in
+/// `DisabledBy`, which an undo compares).
 fn record_change(
     site: &SiteState,
-    env: &str,
-    issuer: &str,
+    (env, issuer): (&str, &str),
     operator: &str,
     change: Change,
+    at: i64,
 ) -> Result<(), OpsError> {
     site.store.put(
         Tree::Meta,
         &last_change_key(env, issuer),
         &LastChange {
             operator: operator.to_string(),
-            at: site.clock.unix(),
+            at,
             change,
         },
     )?;
@@ -241,8 +245,14 @@ pub fn set_jwks(
     let kids: Vec<String> = jwks.keys.iter().map(|k| k.kid.clone()).collect();
     cfg.environments[pi].trust_policies[ti].jwks = jwks;
     let out = cfg.environments[pi].trust_policies[ti].clone();
+    record_change(
+        site,
+        (env, issuer),
+        operator,
+        Change::Jwks,
+        site.clock.unix(),
+    )?;
     site.save_policy_overlay(env, &cfg.environments[pi].trust_policies[ti], Some(text))?;
-    record_change(site, env, issuer, operator, Change::Jwks)?;
     site.set_config(cfg);
     Ok((
         out.clone(),
