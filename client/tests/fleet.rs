@@ -174,6 +174,50 @@ fn all_sites_drill_status_trust_and_revoke_on_three_regions() {
         assert_eq!(rules[0]["job_id"], "run-7001", "{r}");
     }
 
+    // Issue 25 row 7: stage the IdP's next key fleet-wide. `jwks diff` says, per site, what a
+    // new JWKS would add and remove (changing nothing); `jwks set` pins it at every site.
+    let next = meshsign_certs_dev::OidcIssuer::generate(
+        "https://oidc.meshsign.dev",
+        "next-1",
+        meshsign_certs_dev::JwtAlg::Es256,
+    )
+    .unwrap();
+    std::fs::write(dir.join("next.jwks.json"), next.jwks().to_string()).unwrap();
+    let jwks = [
+        "--environment",
+        "production",
+        "--issuer",
+        "https://oidc.meshsign.dev",
+        "--file",
+        "next.jwks.json",
+    ];
+    let (code, json, err) =
+        admin(&[&["trust", "jwks", "diff", "--output", "json"][..], &jwks].concat());
+    assert_eq!(code, 0, "{json}{err}");
+    let rows: Vec<Value> = serde_json::from_str(&json).unwrap();
+    assert_eq!(rows.len(), 3, "{json}");
+    for r in &rows {
+        assert_eq!(r["result"]["added"], serde_json::json!(["next-1"]), "{r}");
+        assert_eq!(r["result"]["removed"].as_array().unwrap().len(), 1, "{r}");
+        assert_eq!(r["result"]["kept"], serde_json::json!([]), "{r}");
+    }
+    let (code, text, err) = admin(&[&["trust", "jwks", "set"][..], &jwks].concat());
+    assert_eq!(code, 0, "{text}{err}");
+    assert_eq!(text.matches("next-1").count(), 3, "{text}");
+    let (_, json, _) = admin(&[&["trust", "jwks", "diff", "--output", "json"][..], &jwks].concat());
+    let rows: Vec<Value> = serde_json::from_str(&json).unwrap();
+    assert!(
+        rows.iter()
+            .all(|r| r["result"]["kept"] == serde_json::json!(["next-1"])),
+        "{json}"
+    );
+    let one = out(&meshsign_in(
+        dir,
+        &dir.join("sg/client.toml"),
+        &[&["admin", "trust", "jwks", "diff"][..], &jwks].concat(),
+    ));
+    assert_eq!(one.1, "ADDED\tREMOVED\tKEPT\n-\t-\tnext-1\n", "{one:?}");
+
     // Only the fleet verbs.
     let (code, _, err) = admin(&["key", "list", "--environment", "staging"]);
     assert_eq!(code, 2, "{err}");

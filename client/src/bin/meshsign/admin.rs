@@ -301,6 +301,89 @@ pub enum JwksCommand {
         #[arg(long)]
         file: PathBuf,
     },
+    /// Compare a JWKS file with what the site pins for an issuer: the kids it would add,
+    /// remove and keep (stage the IdP's next key before it rolls; with --all-sites, at every
+    /// site). Changes nothing.
+    Diff {
+        /// Environment (partition) name, e.g. `production`.
+        #[arg(long)]
+        environment: String,
+        /// OIDC issuer URL of the trust policy (e.g. https://token.actions.githubusercontent.com).
+        #[arg(long)]
+        issuer: String,
+        /// Path of the JWKS file to compare.
+        #[arg(long)]
+        file: PathBuf,
+    },
+}
+
+/// The kids of a JWKS file (public keys only are read; nothing is checked beyond the shape).
+fn jwks_kids(file: &std::path::Path) -> Result<Vec<String>, ClientError> {
+    let bytes = std::fs::read(file).map_err(ClientError::io(file))?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ClientError::Usage(format!("{}: not JSON: {e}", file.display())))?;
+    let keys = v["keys"].as_array().ok_or_else(|| {
+        ClientError::Usage(format!(
+            "{}: not a JWKS (no \"keys\" array)",
+            file.display()
+        ))
+    })?;
+    let mut kids: Vec<String> = keys
+        .iter()
+        .filter_map(|k| k["kid"].as_str().map(str::to_string))
+        .collect();
+    kids.sort();
+    kids.dedup();
+    Ok(kids)
+}
+
+/// Kids a new JWKS would add, remove and keep.
+type KidDiff = (Vec<String>, Vec<String>, Vec<String>);
+
+/// (added, removed, kept) kids of `next` against what `policies` pin for `issuer`.
+fn jwks_diff(
+    policies: &[v1::TrustPolicyInfo],
+    issuer: &str,
+    next: &[String],
+) -> Result<KidDiff, ClientError> {
+    let pinned = policies
+        .iter()
+        .find(|p| p.issuer == issuer)
+        .map(|p| p.kids.clone())
+        .ok_or_else(|| ClientError::Config(format!("no trust policy for issuer `{issuer}`")))?;
+    let added = next
+        .iter()
+        .filter(|k| !pinned.contains(k))
+        .cloned()
+        .collect();
+    let removed = pinned
+        .iter()
+        .filter(|k| !next.contains(k))
+        .cloned()
+        .collect();
+    let kept = next
+        .iter()
+        .filter(|k| pinned.contains(k))
+        .cloned()
+        .collect();
+    Ok((added, removed, kept))
+}
+
+const JWKS_DIFF_HEADER: &[&str] = &["ADDED", "REMOVED", "KEPT"];
+
+fn jwks_diff_row(d: &KidDiff) -> Vec<String> {
+    let join = |v: &[String]| {
+        if v.is_empty() {
+            "-".to_string()
+        } else {
+            v.join(",")
+        }
+    };
+    vec![join(&d.0), join(&d.1), join(&d.2)]
+}
+
+fn jwks_diff_json(d: &KidDiff) -> serde_json::Value {
+    serde_json::json!({"added": d.0, "removed": d.1, "kept": d.2})
 }
 
 #[derive(Subcommand)]
@@ -467,7 +550,7 @@ where
 }
 
 /// Runs an admin command at every site of the fleet (`--all-sites`): drill, revoke, trust
-/// disable/enable, distrust add and status (each site signs its own distrust list). Prints one table with a SITE column (or a JSON array of
+/// disable/enable, JWKS set and diff, distrust add and status (each site signs its own distrust list). Prints one table with a SITE column (or a JSON array of
 /// `{site, region, result | error}`); fails if any site failed.
 pub async fn dispatch_fleet(
     fleet: &Fleet,
@@ -536,6 +619,62 @@ pub async fn dispatch_fleet(
                 v1::TrustPolicyInfo::HEADER,
             )
         }
+        AdminCommand::Trust {
+            command:
+                TrustCommand::Jwks {
+                    command:
+                        JwksCommand::Set {
+                            environment,
+                            issuer,
+                            file,
+                        },
+                },
+        } => {
+            let environment = environment.ok_or_else(|| {
+                ClientError::Usage(
+                    "--all-sites trust jwks set needs --environment (each site pins its own)"
+                        .into(),
+                )
+            })?;
+            let req = v1::SetJwksRequest {
+                environment,
+                issuer,
+                jwks_json: std::fs::read(&file).map_err(ClientError::io(&file))?,
+            };
+            let results =
+                each_admin(fleet, req, |mut a, r| async move { a.set_jwks(r).await }).await;
+            fleet_report(
+                fleet,
+                results,
+                format,
+                |p| (vec![p.row()], p.json()),
+                v1::TrustPolicyInfo::HEADER,
+            )
+        }
+        AdminCommand::Trust {
+            command:
+                TrustCommand::Jwks {
+                    command:
+                        JwksCommand::Diff {
+                            environment,
+                            issuer,
+                            file,
+                        },
+                },
+        } => {
+            let next = jwks_kids(&file)?;
+            let results = each_admin(fleet, (environment, issuer, next), |mut a, r| async move {
+                jwks_diff(&a.trust_policies(&r.0).await?, &r.1, &r.2)
+            })
+            .await;
+            fleet_report(
+                fleet,
+                results,
+                format,
+                |d| (vec![jwks_diff_row(d)], jwks_diff_json(d)),
+                JWKS_DIFF_HEADER,
+            )
+        }
         AdminCommand::Distrust {
             command: command @ DistrustCommand::Add { .. },
         } => {
@@ -558,8 +697,8 @@ pub async fn dispatch_fleet(
             )
         }
         _ => Err(ClientError::Usage(
-            "--all-sites works with: drill, revoke, trust disable, trust enable, distrust add, \
-             status"
+            "--all-sites works with: drill, revoke, trust disable, trust enable, trust jwks set, \
+             trust jwks diff, distrust add, status"
                 .into(),
         )),
     }
@@ -1162,6 +1301,26 @@ async fn trust(
                 )));
             }
             emit(format, &done);
+        }
+        TrustCommand::Jwks {
+            command:
+                JwksCommand::Diff {
+                    environment,
+                    issuer,
+                    file,
+                },
+        } => {
+            let d = jwks_diff(
+                &c.trust_policies(&environment).await?,
+                &issuer,
+                &jwks_kids(&file)?,
+            )?;
+            if format == Format::Json {
+                out!("{}", jwks_diff_json(&d));
+            } else {
+                out!("{}", JWKS_DIFF_HEADER.join("\t"));
+                out!("{}", jwks_diff_row(&d).join("\t"));
+            }
         }
     }
     Ok(())
