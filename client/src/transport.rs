@@ -206,12 +206,16 @@ pub async fn connect_with(
 
 /// Whether a failed call may be retried on another replica: the site was unreachable
 /// (`UNAVAILABLE`), or the connection broke during the call — tonic reports that as `UNKNOWN`
-/// "transport error" or, when the stream was reset under it, `CANCELLED` "operation was
-/// canceled" (meshsign sites never answer `CANCELLED` themselves).
+/// "transport error", `UNKNOWN` "h2 protocol error: …" (the response body was cut off: seen
+/// when a replica is killed mid-response), or, when the stream was reset under it, `CANCELLED`
+/// "operation was canceled". meshsign sites never answer `UNKNOWN` or `CANCELLED` themselves.
 pub fn is_failover(s: &tonic::Status) -> bool {
     match s.code() {
         tonic::Code::Unavailable => true,
-        tonic::Code::Unknown => s.message().starts_with("transport error"),
+        tonic::Code::Unknown => {
+            s.message().starts_with("transport error")
+                || s.message().starts_with("h2 protocol error")
+        }
         tonic::Code::Cancelled => s.message().starts_with("operation was canceled"),
         _ => false,
     }
@@ -227,4 +231,32 @@ pub fn source_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_failover;
+    use tonic::{Code, Status};
+
+    /// What tonic reports when the replica went away mid-call is retried elsewhere; what a site
+    /// answers (a refusal, an internal fault) never is.
+    #[test]
+    fn a_broken_connection_fails_over_and_a_site_s_answer_does_not() {
+        for s in [
+            Status::unavailable("connection refused"),
+            Status::unknown("transport error"),
+            Status::unknown("h2 protocol error: error reading a body from connection"),
+            Status::cancelled("operation was canceled"),
+        ] {
+            assert!(is_failover(&s), "{s:?}");
+        }
+        for s in [
+            Status::new(Code::Unauthenticated, "certificate_revoked: …"),
+            Status::internal("internal: error id 1"),
+            Status::unknown("something else"),
+            Status::cancelled("site said so"),
+        ] {
+            assert!(!is_failover(&s), "{s:?}");
+        }
+    }
 }
