@@ -265,15 +265,7 @@ async fn a_job_without_an_id_keeps_its_budget_across_renewals() {
         None,
     )
     .await;
-    let now = site.now();
-    let token = site
-        .es
-        .mint(&serde_json::json!({
-            "iss": GENERIC, "aud": aud(), "sub": "job", "jti": random_id().unwrap(),
-            "iat": now, "nbf": now, "exp": now + 300,
-            "project": "acme/app", "git_ref": "refs/heads/main"
-        }))
-        .unwrap();
+    let token = generic_token(&site, None);
     let key = RunnerKey::generate().unwrap();
     let enrollment = site
         .enrollment()
@@ -321,15 +313,7 @@ allow_unbound = true
         None,
     )
     .await;
-    let now = site.now();
-    let token = site
-        .es
-        .mint(&serde_json::json!({
-            "iss": GENERIC, "aud": aud(), "sub": "job", "jti": random_id().unwrap(),
-            "iat": now, "nbf": now, "exp": now + 300,
-            "project": "acme/app", "git_ref": "refs/heads/main", "build": "b-1"
-        }))
-        .unwrap();
+    let token = generic_token(&site, Some("b-1"));
     let (_resp, signed) = enroll_sign(&site, token).await;
     signed.unwrap();
     let enrolled = site
@@ -346,4 +330,19 @@ allow_unbound = true
         "{}",
         enrolled.detail
     );
+}
+
+/// A generic-provider token of acme/app on main (claim names as the `generic` policies map
+/// them), with `build` as its job id when given.
+fn generic_token(site: &TestSite, build: Option<&str>) -> String {
+    let now = site.now();
+    let mut claims = serde_json::json!({
+        "iss": GENERIC, "aud": aud(), "sub": "job", "jti": random_id().unwrap(),
+        "iat": now, "nbf": now, "exp": now + 300,
+        "project": "acme/app", "git_ref": "refs/heads/main"
+    });
+    if let Some(b) = build {
+        claims["build"] = b.into();
+    }
+    site.es.mint(&claims).unwrap()
 }
