@@ -420,8 +420,13 @@ pub struct GithubJob {
     pub git_ref: String,
     /// Deployment `environment`.
     pub environment: String,
-    /// `run_id` (the job id meshsign records).
+    /// `check_run_id`: the job (meshsign's job id); empty leaves the claim out, as in tokens
+    /// GitHub issued before 2025-11-13.
+    pub check_run_id: String,
+    /// `run_id`: the workflow run (meshsign's pipeline id), shared by every job of the run.
     pub run_id: String,
+    /// `run_attempt`: which attempt of the run.
+    pub run_attempt: String,
     /// `runner_environment`: `github-hosted` or `self-hosted`.
     pub runner_environment: String,
 }
@@ -433,15 +438,18 @@ impl GithubJob {
             repository: "acme/app".into(),
             git_ref: "refs/heads/main".into(),
             environment: environment.into(),
-            run_id: "1001".into(),
+            check_run_id: "1001".into(),
+            run_id: "13456789012".into(),
+            run_attempt: "1".into(),
             runner_environment: "self-hosted".into(),
         }
     }
 
-    /// The claims set: iss, aud, sub, repository, ref, environment, job_workflow_ref, run_id,
-    /// runner_environment, jti, iat, nbf, exp (token valid `ttl` seconds from `now`).
+    /// The claims set: iss, aud, sub, repository, ref, environment, job_workflow_ref,
+    /// check_run_id, run_id, run_attempt, runner_environment, jti, iat, nbf, exp (token valid
+    /// `ttl` seconds from `now`).
     pub fn claims(&self, iss: &str, aud: &str, jti: &str, now_unix: i64, ttl: i64) -> Value {
-        json!({
+        let mut claims = json!({
             "iss": iss,
             "aud": aud,
             "sub": format!("repo:{}:environment:{}", self.repository, self.environment),
@@ -456,14 +464,19 @@ impl GithubJob {
             "sha": "e0f1a2b3c4d5e6f708192a3b4c5d6e7f80912a3b",
             "workflow": "release",
             "run_id": self.run_id,
-            "run_attempt": "1",
+            "run_number": "7",
+            "run_attempt": self.run_attempt,
             "runner_environment": self.runner_environment,
             "event_name": "push",
             "jti": jti,
             "iat": now_unix,
             "nbf": now_unix,
             "exp": now_unix + ttl,
-        })
+        });
+        if !self.check_run_id.is_empty() {
+            claims["check_run_id"] = self.check_run_id.clone().into();
+        }
+        claims
     }
 }
 

@@ -185,7 +185,9 @@ fn dev_token_token_file_and_github_actions_source() {
         "ref",
         "environment",
         "job_workflow_ref",
+        "check_run_id",
         "run_id",
+        "run_attempt",
         "runner_environment",
         "jti",
         "iat",
@@ -196,7 +198,9 @@ fn dev_token_token_file_and_github_actions_source() {
     }
     assert_eq!(claims["sub"], "repo:acme/ios:environment:production");
     assert_eq!(claims["aud"], "meshsign:production:local");
-    assert_eq!(claims["run_id"], "77");
+    // The job is GitHub's check run; the run is the pipeline.
+    assert_eq!(claims["check_run_id"], "77");
+    assert_eq!(claims["run_id"], "13456789012");
 
     std::fs::write(dir.join("f"), b"x").unwrap();
     std::fs::write(dir.join("tok"), &token).unwrap();

@@ -55,7 +55,21 @@ impl Dev {
 
     /// A token of GitHub job `job` for staging, in a file.
     fn token(&self, job: &str) -> String {
-        let t = self.ok(&["dev", "token", "--environment", "staging", "--job-id", job]);
+        self.token_of_run(job, "13456789012")
+    }
+
+    /// A token of GitHub job `job` (its check run) of workflow run `run` for staging, in a file.
+    fn token_of_run(&self, job: &str, run: &str) -> String {
+        let t = self.ok(&[
+            "dev",
+            "token",
+            "--environment",
+            "staging",
+            "--job-id",
+            job,
+            "--pipeline-id",
+            run,
+        ]);
         let p = self.path(&format!(
             "token-{job}-{}",
             meshsign_certs_dev::random_id().unwrap()
@@ -285,6 +299,55 @@ fn a_distrusted_jobs_signatures_fail_in_every_format_while_another_jobs_pass() {
         &["--distrust-list", &list2, "--audit-key", &audit],
     );
     refused(&o, "runner eeee");
+
+    // By pipeline (issue 25 row 2): every job of workflow run 99001, and no job of another run.
+    let p = dev.file(
+        "pipeline.bin",
+        "made by a job of a run later found compromised",
+    );
+    let tok = dev.token_of_run("7004", "99001");
+    dev.ok(&[
+        "sign",
+        "--environment",
+        "staging",
+        "--key",
+        "release",
+        "--token-file",
+        &tok,
+        "--format",
+        "sigstore",
+        &p,
+    ]);
+    dev.ok(&[
+        "admin",
+        "distrust",
+        "add",
+        "--environment",
+        "staging",
+        "--pipeline-id",
+        "99001",
+        "--reason",
+        "poisoned cache in that run",
+    ]);
+    let list3 = dev.material("list3.json");
+    let o = verify(
+        &dev,
+        "sigstore",
+        &p,
+        &["--distrust-list", &list3, "--audit-key", &audit],
+    );
+    refused(&o, "pipeline 99001");
+    let (_, g) = &good[1];
+    assert!(
+        verify(
+            &dev,
+            "sigstore",
+            g,
+            &["--distrust-list", &list3, "--audit-key", &audit]
+        )
+        .status
+        .success()
+    );
     let (_, g) = &good[1];
     assert!(
         verify(

@@ -164,6 +164,9 @@ pub struct SiteFacts {
     /// Pipeline / run / build id.
     #[serde(default)]
     pub pipeline: String,
+    /// The attempt of a re-run pipeline (GitHub `run_attempt`), if the provider numbers them.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub run_attempt: String,
     /// The trust policy that admitted the token.
     pub trust_policy: String,
     /// Runner machine fingerprint.
@@ -179,6 +182,7 @@ impl SiteFacts {
             environment: self.environment.clone(),
             region: self.region.clone(),
             job_id: self.job_id.clone(),
+            pipeline_id: self.pipeline.clone(),
             runner_fingerprint: self.runner_fingerprint.clone(),
             key_id: self.key_id.clone(),
             time: parse_rfc3339(&self.signed_at)?,
@@ -215,6 +219,8 @@ pub struct Binding {
     pub region: String,
     /// CI job id.
     pub job_id: String,
+    /// Pipeline id (run, pipeline, build), where the provider names one.
+    pub pipeline_id: String,
     /// Runner fingerprint.
     pub runner_fingerprint: String,
     /// `alias@vN`.
@@ -232,6 +238,7 @@ impl Binding {
             environment: e.environment.clone(),
             region: e.site_region.clone(),
             job_id: e.job_id.clone(),
+            pipeline_id: e.pipeline_id.clone(),
             runner_fingerprint: e.runner_fingerprint.clone(),
             key_id: e.key_id.clone(),
             time: parse_rfc3339(&e.ts)?,

@@ -71,6 +71,9 @@ pub struct AuditRecord {
     /// The CI provider whose claims were mapped (absent on entries without a token).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub provider: String,
+    /// The pipeline id (GitHub run, GitLab pipeline, Buildkite build) of the job, if any.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pipeline_id: String,
     /// Peer address.
     pub peer: String,
     /// Ops identity (SPIFFE ID) for admin actions.
@@ -228,6 +231,7 @@ impl AuditRecord {
             &mut self.repository,
             &mut self.git_ref,
             &mut self.provider,
+            &mut self.pipeline_id,
             &mut self.peer,
             &mut self.operator,
         ] {
@@ -536,6 +540,7 @@ mod bound_tests {
             repository: worst.clone(),
             git_ref: worst.clone(),
             provider: worst.clone(),
+            pipeline_id: worst.clone(),
             peer: worst.clone(),
             operator: worst.clone(),
             detail: worst.clone(),

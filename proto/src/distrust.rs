@@ -2,7 +2,7 @@
 //! envelope (payload type [`crate::attest::DISTRUST_PAYLOAD_TYPE`]), that offline verifiers
 //! match against the facts bound to a signature ([`crate::attest::Binding`]).
 //!
-//! A rule names at least one of job, runner fingerprint, region or key version, and may bound
+//! A rule names at least one of job, pipeline, runner fingerprint, region or key version, and may bound
 //! the time of the decision to a window; every part it names must match. A rule with only a
 //! window distrusts everything the environment signed in it.
 
@@ -35,6 +35,9 @@ pub struct DistrustEntry {
     /// CI job id.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub job_id: String,
+    /// Pipeline id: every job of one run / pipeline / build.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pipeline_id: String,
     /// Runner fingerprint.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub runner_fingerprint: String,
@@ -64,6 +67,7 @@ impl DistrustEntry {
     /// Whether the rule names something to match (a window alone counts).
     pub fn is_selective(&self) -> bool {
         !(self.job_id.is_empty()
+            && self.pipeline_id.is_empty()
             && self.runner_fingerprint.is_empty()
             && self.region.is_empty()
             && self.key_id.is_empty()
@@ -76,6 +80,7 @@ impl DistrustEntry {
         let eq = |rule: &str, fact: &str| rule.is_empty() || rule == fact;
         self.is_selective()
             && eq(&self.job_id, &b.job_id)
+            && eq(&self.pipeline_id, &b.pipeline_id)
             && eq(&self.runner_fingerprint, &b.runner_fingerprint)
             && eq(&self.region, &b.region)
             && eq(&self.key_id, &b.key_id)
@@ -88,6 +93,7 @@ impl DistrustEntry {
         let mut parts = Vec::new();
         for (k, v) in [
             ("job", &self.job_id),
+            ("pipeline", &self.pipeline_id),
             ("runner", &self.runner_fingerprint),
             ("region", &self.region),
             ("key", &self.key_id),
@@ -129,6 +135,7 @@ mod tests {
             environment: "production".into(),
             region: "sg".into(),
             job_id: job.into(),
+            pipeline_id: "13456789012".into(),
             runner_fingerprint: "ab".repeat(32),
             key_id: "release@v1".into(),
             time: t,
@@ -171,6 +178,8 @@ mod tests {
         assert!(!rule(&|e| e.region = "tokyo".into()).matches(&b));
         assert!(rule(&|e| e.runner_fingerprint = "ab".repeat(32)).matches(&b));
         assert!(!rule(&|e| e.runner_fingerprint = "cd".repeat(32)).matches(&b));
+        assert!(rule(&|e| e.pipeline_id = "13456789012".into()).matches(&b));
+        assert!(!rule(&|e| e.pipeline_id = "13456789013".into()).matches(&b));
         let window = |from: i64, to: i64| {
             rule(&move |e| {
                 e.not_before = Some(from);

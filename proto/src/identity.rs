@@ -85,7 +85,8 @@ pub struct JobClaims {
     pub sub: String,
     /// Token ID (`jti`).
     pub jti: String,
-    /// CI job identifier (GitHub `run_id`/`run_attempt`, GitLab `job_id`, ...).
+    /// CI job identifier: GitHub `check_run_id` (or `<run_id>-<run_attempt>` for a token
+    /// without it), GitLab and Buildkite `job_id`.
     pub job_id: String,
     /// Repository, e.g. `acme/app`.
     pub repository: String,
@@ -97,9 +98,13 @@ pub struct JobClaims {
     /// The CI provider whose claims were mapped (`github`, `gitlab`, `buildkite`, `generic`).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub provider: String,
-    /// The pipeline (GitHub run, GitLab pipeline id, Buildkite build number).
+    /// The pipeline id (GitHub `run_id`, GitLab `pipeline_id`, Buildkite `build_id`, else its
+    /// `build_number`): what `revoke --pipeline-id` and `distrust add --pipeline-id` match.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub pipeline: String,
+    /// The attempt of a re-run pipeline (GitHub `run_attempt`), if the provider numbers them.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub run_attempt: String,
     /// The workflow or CI config that ran (GitHub `workflow_ref`, GitLab `ci_config_ref_uri`).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub workflow: String,
@@ -243,12 +248,13 @@ mod tests {
             iss: "https://token.actions.githubusercontent.com".into(),
             sub: "repo:acme/app:environment:production".into(),
             jti: "j-1".into(),
-            job_id: "42".into(),
+            job_id: "38012345678".into(),
             repository: "acme/app".into(),
             git_ref: "refs/heads/main".into(),
             trust_policy: "github".into(),
             provider: "github".into(),
-            pipeline: "42".into(),
+            pipeline: "13456789012".into(),
+            run_attempt: "2".into(),
             workflow: "acme/app/.github/workflows/release.yml@refs/heads/main".into(),
             commit: "e0f1a2b3c4d5e6f708192a3b4c5d6e7f80912a3b".into(),
         };
@@ -259,13 +265,14 @@ mod tests {
         let old = JobClaims {
             provider: String::new(),
             pipeline: String::new(),
+            run_attempt: String::new(),
             workflow: String::new(),
             commit: String::new(),
             ..c
         };
         let json = serde_json::to_string(&old).unwrap_or_default();
         assert!(
-            ["provider", "pipeline", "workflow", "commit"]
+            ["provider", "pipeline", "run_attempt", "workflow", "commit"]
                 .iter()
                 .all(|f| !json.contains(f)),
             "{json}"

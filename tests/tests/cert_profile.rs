@@ -78,7 +78,8 @@ async fn certificate_is_built_from_policy_not_from_the_csr() {
             git_ref: "refs/heads/main".into(),
             trust_policy: "ci".into(),
             provider: "github".into(),
-            pipeline: "1001".into(),
+            pipeline: "13456789012".into(),
+            run_attempt: "1".into(),
             workflow: claims["workflow_ref"].as_str().unwrap().into(),
             commit: claims["sha"].as_str().unwrap().into(),
         }

@@ -576,6 +576,7 @@ async fn a_forged_token_s_claims_never_reach_the_audit_log() {
     let mut claims = site.claims("production");
     claims["job_id"] = "release-42".into();
     claims["run_id"] = "release-42".into();
+    claims["check_run_id"] = "release-42".into();
     claims["repository"] = "acme/app".into();
     claims["ref"] = "refs/heads/forged".into();
     claims["sub"] = "repo:acme/app:ref:refs/heads/forged".into();

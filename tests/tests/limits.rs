@@ -195,8 +195,8 @@ async fn signing_budgets_hold_per_certificate_and_per_job_across_a_restart() {
 
     // The same job on a second certificate: the job budget (5) has 2 left; a batch of 3 is
     // refused whole (nothing signed, nothing counted), a batch of 2 fits.
-    let job = |c: &mut serde_json::Value, run: &str| c["run_id"] = run.into();
-    let run_id = site.claims("production")["run_id"]
+    let job = |c: &mut serde_json::Value, run: &str| c["check_run_id"] = run.into();
+    let run_id = site.claims("production")["check_run_id"]
         .as_str()
         .unwrap()
         .to_string();

@@ -255,10 +255,10 @@ async fn revocation_by_serial_job_fingerprint_and_policy_is_immediate_and_surviv
     let mut admin = site.admin().await;
     // Four runners, each with an open connection.
     let (k1, r1, mut by_serial) = site
-        .enrolled_with("production", |c| c["run_id"] = "11".into())
+        .enrolled_with("production", |c| c["check_run_id"] = "11".into())
         .await;
     let (k2, r2, mut by_job) = site
-        .enrolled_with("production", |c| c["run_id"] = "22".into())
+        .enrolled_with("production", |c| c["check_run_id"] = "22".into())
         .await;
     let fp = "cd".repeat(32);
     let (k3, r3, mut by_fp) = {
@@ -290,7 +290,7 @@ async fn revocation_by_serial_job_fingerprint_and_policy_is_immediate_and_surviv
         (key, resp, s)
     };
     let (_k5, _r5, mut bystander) = site
-        .enrolled_with("production", |c| c["run_id"] = "55".into())
+        .enrolled_with("production", |c| c["check_run_id"] = "55".into())
         .await;
     for s in [
         &mut by_serial,
@@ -965,5 +965,148 @@ async fn jwks_with_private_members_is_refused_however_it_is_spelled() {
     assert!(
         !site.audit().iter().any(|r| r.detail.contains(scalar)),
         "the private scalar is recorded nowhere"
+    );
+}
+
+/// Issue 25 row 2: for GitHub a job is its check run (`check_run_id`), a pipeline its workflow
+/// run (`run_id`). Revoking one job leaves its sibling in the same run signing; revoking the
+/// run takes out every job of it (and bars new ones) and nothing of another run. A token
+/// without `check_run_id` is the run's attempt, and its enrollment entry says so.
+#[tokio::test]
+async fn a_github_job_is_its_check_run_and_a_pipeline_its_run() {
+    let site = TestSite::start().await;
+    let mut admin = site.admin().await;
+    let job = |check_run: &'static str, run: &'static str| {
+        move |c: &mut serde_json::Value| {
+            c["check_run_id"] = check_run.into();
+            c["run_id"] = run.into();
+            c["run_attempt"] = "2".into();
+        }
+    };
+    let (_ka, ra, mut a) = site
+        .enrolled_with("production", job("38000000001", "13400000001"))
+        .await;
+    let (_kb, _rb, mut sibling) = site
+        .enrolled_with("production", job("38000000002", "13400000001"))
+        .await;
+    let (_kc, _rc, mut other_run) = site
+        .enrolled_with("production", job("38000000003", "13400000002"))
+        .await;
+
+    // The certificate carries job, pipeline and attempt; the entries name the pipeline.
+    let (_, cert) = X509Certificate::from_der(&ra.certificate_chain[0]).unwrap();
+    let oid = meshsign_proto::identity::claims_extension_oid_der();
+    let ext = cert
+        .extensions()
+        .iter()
+        .find(|e| e.oid.as_bytes() == &oid[2..])
+        .unwrap();
+    let claims = meshsign_proto::identity::JobClaims::from_extension_value(ext.value).unwrap();
+    assert_eq!(
+        (
+            claims.job_id.as_str(),
+            claims.pipeline.as_str(),
+            claims.run_attempt.as_str()
+        ),
+        ("38000000001", "13400000001", "2")
+    );
+    let enrolled = site
+        .audit()
+        .into_iter()
+        .filter(|r| r.rpc == "Enroll" && r.decision == "allow")
+        .collect::<Vec<_>>();
+    assert_eq!(enrolled.len(), 3);
+    assert_eq!(enrolled[0].job_id, "38000000001");
+    assert_eq!(enrolled[0].pipeline_id, "13400000001");
+    assert!(
+        enrolled[0].detail.contains("job_id from check_run_id"),
+        "{}",
+        enrolled[0].detail
+    );
+    for s in [&mut a, &mut sibling, &mut other_run] {
+        s.sign(sign_req("release", 1)).await.unwrap();
+    }
+    let sign = site.last_audit();
+    assert_eq!(
+        (sign.job_id.as_str(), sign.pipeline_id.as_str()),
+        ("38000000003", "13400000002")
+    );
+
+    // Revoke one job: its sibling in the same run signs on.
+    let revoke = |t: Target| v1::RevokeRequest {
+        target: Some(t),
+        reason: "leaked".into(),
+        ..Default::default()
+    };
+    let r = admin
+        .revoke(revoke(Target::JobId("38000000001".into())))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.serials, vec![ra.serial.clone()]);
+    let err = a.sign(sign_req("release", 2)).await.unwrap_err();
+    assert!(
+        err.message().starts_with("certificate_revoked: "),
+        "{}",
+        err.message()
+    );
+    sibling.sign(sign_req("release", 2)).await.unwrap();
+
+    // Revoke the run: the sibling too, and a new job of that run cannot enroll; the other run
+    // is untouched.
+    let r = admin
+        .revoke(revoke(Target::PipelineId("13400000001".into())))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.serials.len(), 2, "both jobs of the run: {:?}", r.serials);
+    let err = sibling.sign(sign_req("release", 3)).await.unwrap_err();
+    assert!(
+        err.message().starts_with("certificate_revoked: "),
+        "{}",
+        err.message()
+    );
+    other_run.sign(sign_req("release", 3)).await.unwrap();
+    let key = RunnerKey::generate().unwrap();
+    let mut claims = site.claims("production");
+    job("38000000004", "13400000001")(&mut claims);
+    let err = site
+        .enrollment()
+        .await
+        .enroll(site.enroll_request("production", site.es.mint(&claims).unwrap(), &key))
+        .await
+        .unwrap_err();
+    assert!(err.message().starts_with("revoked: "), "{}", err.message());
+    let rules = admin
+        .list_revocations(v1::ListRevocationsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .rules;
+    assert!(
+        rules
+            .iter()
+            .any(|r| r.kind_word() == "pipeline_id" && r.value == "13400000001"),
+        "{rules:?}"
+    );
+
+    // A token from before check_run_id: the job is the run's attempt, and the entry says so.
+    site.enrolled_with("production", |c| {
+        c.as_object_mut().unwrap().remove("check_run_id");
+        c["run_id"] = "13400000003".into();
+        c["run_attempt"] = "1".into();
+    })
+    .await;
+    let rec = site
+        .audit()
+        .into_iter()
+        .rfind(|r| r.rpc == "Enroll")
+        .unwrap();
+    assert_eq!(rec.job_id, "13400000003-1");
+    assert!(
+        rec.detail
+            .contains("job_id from run_id-run_attempt (no check_run_id)"),
+        "{}",
+        rec.detail
     );
 }

@@ -302,13 +302,14 @@ impl v1::admin_server::Admin for AdminApi {
         let (b, sum) = reviewed(
             &r,
             format!(
-                "distrust in `{}`: job {:?} runner {:?} region {:?} key {:?}",
-                r.environment, r.job_id, r.runner_fingerprint, r.region, r.key_id
+                "distrust in `{}`: job {:?} pipeline {:?} runner {:?} region {:?} key {:?}",
+                r.environment, r.job_id, r.pipeline_id, r.runner_fingerprint, r.region, r.key_id
             ),
         );
         let s = &self.0;
         let rule = ops::distrust::NewRule {
             job_id: r.job_id.clone(),
+            pipeline_id: r.pipeline_id.clone(),
             runner_fingerprint: r.runner_fingerprint.clone(),
             region: r.region.clone(),
             key_id: r.key_id.clone(),
@@ -352,6 +353,9 @@ impl v1::admin_server::Admin for AdminApi {
         let target = match r.target.clone() {
             Some(v1::revoke_request::Target::Serial(v)) => Some((RevocationKind::Serial, v)),
             Some(v1::revoke_request::Target::JobId(v)) => Some((RevocationKind::JobId, v)),
+            Some(v1::revoke_request::Target::PipelineId(v)) => {
+                Some((RevocationKind::PipelineId, v))
+            }
             Some(v1::revoke_request::Target::Fingerprint(v)) => {
                 Some((RevocationKind::Fingerprint, v))
             }
@@ -360,7 +364,7 @@ impl v1::admin_server::Admin for AdminApi {
         let s = &self.0;
         let (rule, serials) = audited_change(s, &op, "Revoke", "", (&b, &sum), async || {
             let (kind, value) = target.ok_or_else(|| {
-                OpsError::Invalid("give one of serial, job_id, fingerprint".into())
+                OpsError::Invalid("give one of serial, job_id, pipeline_id, fingerprint".into())
             })?;
             let input = RevokeInput {
                 kind,

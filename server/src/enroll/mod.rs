@@ -382,7 +382,7 @@ fn checks_and_issue(
     let spki = verify_csr(&input.csr_der)?;
     region(&config, input)?;
     fingerprint(input)?;
-    revoked(site, &rec.job_id, &input.fingerprint)?;
+    revoked(site, &job, &input.fingerprint)?;
     issue(
         site,
         &config,
@@ -451,7 +451,9 @@ fn record_job(job: &JobIdentity, rec: &mut AuditRecord) {
     rec.repository = job.repository.clone();
     rec.git_ref = job.git_ref.clone();
     rec.job_id = job.job_id.clone();
+    rec.pipeline_id = job.pipeline.clone();
     rec.provider = job.provider.as_str().to_string();
+    rec.detail = format!("{}; job_id from {}", rec.detail, job.job_id_source);
 }
 
 /// `environment` (step 0): the token's audience may not select another environment.
@@ -686,8 +688,8 @@ fn fingerprint(input: &EnrollInput) -> Result<(), EnrollError> {
 }
 
 /// `revoked` (step 8): no open-ended job or fingerprint revocation covers this runner.
-fn revoked(site: &SiteState, job_id: &str, fingerprint: &str) -> Result<(), EnrollError> {
-    match site.enrollment_barred(job_id, fingerprint) {
+fn revoked(site: &SiteState, job: &JobIdentity, fingerprint: &str) -> Result<(), EnrollError> {
+    match site.enrollment_barred(&job.job_id, &job.pipeline, fingerprint) {
         Some(rule) => Err(EnrollError::Revoked(format!(
             "{} ({})",
             rule.id, rule.reason
@@ -729,6 +731,7 @@ fn issue(
         trust_policy: policy.name.clone(),
         provider: job.provider.as_str().to_string(),
         pipeline: job.pipeline.clone(),
+        run_attempt: job.run_attempt.clone(),
         workflow: job.workflow.clone(),
         commit: job.commit.clone(),
     };
@@ -778,9 +781,10 @@ fn issue(
     })
 }
 
-/// The CI job id: `job_id` (GitLab), else `run_id` (GitHub Actions), else empty.
+/// The CI job id before the provider is known: `job_id` (GitLab, Buildkite), else
+/// `check_run_id`, else `run_id` (GitHub Actions), else empty.
 fn job_id(jwt: &UnverifiedJwt) -> String {
-    ["job_id", "run_id"]
+    ["job_id", "check_run_id", "run_id"]
         .iter()
         .find_map(|c| jwt.claims.get(*c).and_then(claim_as_string))
         .map(|s| bounded(&s, CLAIM_MAX))

@@ -23,10 +23,16 @@ pub struct JobIdentity {
     pub repository: String,
     /// e.g. `refs/heads/main`, `refs/tags/v1.2`.
     pub git_ref: String,
-    /// The CI job.
+    /// The CI job: GitHub `check_run_id` (a token without it: `<run_id>-<run_attempt>`),
+    /// GitLab and Buildkite `job_id`.
     pub job_id: String,
-    /// The pipeline / run / build.
+    /// Which claims `job_id` came from (the enrollment's audit entry says it).
+    pub job_id_source: &'static str,
+    /// The pipeline id: GitHub `run_id`, GitLab `pipeline_id`, Buildkite `build_id` (else its
+    /// `build_number`).
     pub pipeline: String,
+    /// The attempt of a re-run (GitHub `run_attempt`).
+    pub run_attempt: String,
     /// The deployment environment, if the provider names one.
     pub environment: String,
     /// Who started it, if the provider names it.
@@ -60,26 +66,28 @@ impl JobIdentity {
                 .unwrap_or_default()
         };
         let mut job = match provider {
-            Provider::Github => Self {
-                repository: c("repository"),
-                git_ref: c("ref"),
-                job_id: if claims.contains_key("job_id") {
-                    c("job_id")
-                } else {
-                    c("run_id")
-                },
-                pipeline: c("run_id"),
-                environment: c("environment"),
-                actor: c("actor"),
-                workflow: c("workflow_ref"),
-                commit: c("sha"),
-                ..Self::default()
-            },
+            Provider::Github => {
+                let (job_id, job_id_source) = github_job_id(&c);
+                Self {
+                    repository: c("repository"),
+                    git_ref: c("ref"),
+                    job_id,
+                    job_id_source,
+                    pipeline: c("run_id"),
+                    run_attempt: c("run_attempt"),
+                    environment: c("environment"),
+                    actor: c("actor"),
+                    workflow: c("workflow_ref"),
+                    commit: c("sha"),
+                    ..Self::default()
+                }
+            }
             Provider::Gitlab => Self {
                 repository: c("project_path"),
                 // `ref` is the bare branch or tag; `ref_path` is the refs/... form.
                 git_ref: c("ref_path"),
                 job_id: c("job_id"),
+                job_id_source: "job_id",
                 pipeline: c("pipeline_id"),
                 environment: c("environment"),
                 actor: c("user_login"),
@@ -104,7 +112,11 @@ impl JobIdentity {
                         String::new()
                     },
                     job_id: c("job_id"),
-                    pipeline: c("build_number"),
+                    job_id_source: "job_id",
+                    pipeline: match c("build_id") {
+                        id if id.is_empty() => c("build_number"),
+                        id => id,
+                    },
                     commit: c("build_commit"),
                     ..Self::default()
                 }
@@ -120,7 +132,9 @@ impl JobIdentity {
                     repository: m("repository"),
                     git_ref: m("ref"),
                     job_id: m("job_id"),
+                    job_id_source: "claim_mappings.job_id",
                     pipeline: m("pipeline"),
+                    run_attempt: m("run_attempt"),
                     environment: m("environment"),
                     actor: m("actor"),
                     workflow: m("workflow"),
@@ -140,10 +154,30 @@ impl JobIdentity {
             "ref" => &self.git_ref,
             "job_id" => &self.job_id,
             "pipeline" => &self.pipeline,
+            "run_attempt" => &self.run_attempt,
             "environment" => &self.environment,
             "actor" => &self.actor,
             _ => return None,
         })
+    }
+}
+
+/// GitHub's job: `check_run_id` names one job of one attempt (GitHub added it to job tokens
+/// on 2025-11-13). A token without it names only its run, so the job is `<run_id>-<run_attempt>`
+/// (every job of that attempt shares it, and the audit says so).
+fn github_job_id(c: &dyn Fn(&str) -> String) -> (String, &'static str) {
+    let check_run = c("check_run_id");
+    if !check_run.is_empty() {
+        return (check_run, "check_run_id");
+    }
+    let (run, attempt) = (c("run_id"), c("run_attempt"));
+    match (run.is_empty(), attempt.is_empty()) {
+        (true, _) => (String::new(), "none"),
+        (false, true) => (run, "run_id (no check_run_id, no run_attempt)"),
+        (false, false) => (
+            bounded(&format!("{run}-{attempt}"), MAX),
+            "run_id-run_attempt (no check_run_id)",
+        ),
     }
 }
 
@@ -213,5 +247,45 @@ mod tests {
             (Some("x/y"), Some("refs/heads/dev"))
         );
         assert_eq!(g.field("runner_environment"), None);
+    }
+
+    #[test]
+    fn a_github_job_is_its_check_run_and_a_run_is_its_pipeline() {
+        let none = BTreeMap::new();
+        let token = |extra: Value| {
+            let mut c = claims(serde_json::json!({
+                "repository": "acme/app", "ref": "refs/heads/main",
+                "run_id": "13456789012", "run_attempt": "2"
+            }));
+            c.extend(claims(extra));
+            JobIdentity::map(Provider::Github, &none, &c)
+        };
+        let job = token(serde_json::json!({"check_run_id": "38012345678"}));
+        assert_eq!(
+            (
+                job.job_id.as_str(),
+                job.job_id_source,
+                job.pipeline.as_str(),
+                job.run_attempt.as_str()
+            ),
+            ("38012345678", "check_run_id", "13456789012", "2")
+        );
+        // A sibling job of the same run is another job.
+        assert_ne!(
+            token(serde_json::json!({"check_run_id": "38012345679"})).job_id,
+            job.job_id
+        );
+        // Without check_run_id: the run's attempt, and the source says so.
+        let old = token(serde_json::json!({}));
+        assert_eq!(old.job_id, "13456789012-2");
+        assert_eq!(old.job_id_source, "run_id-run_attempt (no check_run_id)");
+        assert_eq!(old.pipeline, "13456789012");
+        // Buildkite's build id, when the token has one, is its pipeline id.
+        let bk = JobIdentity::map(
+            Provider::Buildkite,
+            &none,
+            &claims(serde_json::json!({"build_id": "0190-build", "build_number": 5})),
+        );
+        assert_eq!(bk.pipeline, "0190-build");
     }
 }

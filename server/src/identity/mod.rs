@@ -109,6 +109,7 @@ impl Caller {
             rpc: rpc.into(),
             environment: self.id.environment.clone(),
             job_id: self.claims.job_id.clone(),
+            pipeline_id: self.claims.pipeline.clone(),
             jti: self.claims.jti.clone(),
             token_issuer: self.claims.iss.clone(),
             subject: self.claims.sub.clone(),

@@ -345,14 +345,15 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Provider {
-    /// GitHub Actions: `repository`, `ref`, `run_id`, `environment`, `actor`.
+    /// GitHub Actions: `repository`, `ref`, `check_run_id` (the job), `run_id` (the pipeline),
+    /// `run_attempt`, `environment`, `actor`.
     #[default]
     Github,
     /// GitLab `id_tokens`: `project_path`, `ref_path`, `job_id`, `pipeline_id`, `environment`,
     /// `user_login`.
     Gitlab,
     /// Buildkite: `organization_slug`/`pipeline_slug`, `build_branch` or `build_tag`, `job_id`,
-    /// `build_number`.
+    /// `build_id` (else `build_number`).
     Buildkite,
     /// Any issuer: the policy's `claim_mappings` name the claims.
     Generic,
@@ -400,11 +401,12 @@ impl Provider {
 }
 
 /// The mapped fields of a job, by name (`claim_mappings` keys, bound claims on mapped values).
-pub const JOB_FIELDS: [&str; 6] = [
+pub const JOB_FIELDS: [&str; 7] = [
     "repository",
     "ref",
     "job_id",
     "pipeline",
+    "run_attempt",
     "environment",
     "actor",
 ];
@@ -470,6 +472,9 @@ pub enum RevocationKind {
     Serial,
     /// Every certificate minted for a CI job.
     JobId,
+    /// Every certificate minted for any job of a pipeline (GitHub run, GitLab pipeline,
+    /// Buildkite build).
+    PipelineId,
     /// Every certificate of a runner machine.
     Fingerprint,
     /// Every certificate of a job's session (enrolled and renewed).
@@ -477,11 +482,12 @@ pub enum RevocationKind {
 }
 
 impl RevocationKind {
-    /// The wire name (`serial`, `job_id`, `fingerprint`).
+    /// The wire name (`serial`, `job_id`, `pipeline_id`, `fingerprint`, `session`).
     pub fn as_str(self) -> &'static str {
         match self {
             RevocationKind::Serial => "serial",
             RevocationKind::JobId => "job_id",
+            RevocationKind::PipelineId => "pipeline_id",
             RevocationKind::Fingerprint => "fingerprint",
             RevocationKind::Session => "session",
         }
@@ -495,7 +501,9 @@ impl RevocationKind {
                     && value.len() <= 64
                     && value.bytes().all(|b| b.is_ascii_hexdigit())
             }
-            RevocationKind::JobId => !value.is_empty() && value.len() <= 256,
+            RevocationKind::JobId | RevocationKind::PipelineId => {
+                !value.is_empty() && value.len() <= 256
+            }
             RevocationKind::Fingerprint => is_valid_fingerprint(value),
             RevocationKind::Session => {
                 !value.is_empty()
@@ -514,7 +522,7 @@ pub struct RevocationRule {
     pub id: String,
     /// Kind.
     pub kind: RevocationKind,
-    /// Serial (lowercase hex), job id or fingerprint.
+    /// Serial (lowercase hex), job id, pipeline id or fingerprint.
     pub value: String,
     /// Only certificates of this region (None: any).
     pub region: Option<String>,
@@ -545,6 +553,7 @@ impl RevocationRule {
                     || (!self.session.is_empty() && c.session_id() == self.session)
             }
             RevocationKind::JobId => c.claims.job_id == self.value,
+            RevocationKind::PipelineId => c.claims.pipeline == self.value,
             RevocationKind::Fingerprint => c.fingerprint == self.value,
             RevocationKind::Session => c.session_id() == self.value,
         };
@@ -553,13 +562,20 @@ impl RevocationRule {
             && self.until.is_none_or(|u| issued <= u)
     }
 
-    /// Whether the rule also bars new enrollments of this job or runner in `region`
-    /// (open-ended job and fingerprint rules do).
-    pub fn bars_enrollment(&self, region: &str, job_id: &str, fingerprint: &str) -> bool {
+    /// Whether the rule also bars new enrollments of this job, pipeline or runner in `region`
+    /// (open-ended job, pipeline and fingerprint rules do).
+    pub fn bars_enrollment(
+        &self,
+        region: &str,
+        job_id: &str,
+        pipeline_id: &str,
+        fingerprint: &str,
+    ) -> bool {
         self.until.is_none()
             && self.region.as_ref().is_none_or(|g| g == region)
             && match self.kind {
                 RevocationKind::JobId => self.value == job_id,
+                RevocationKind::PipelineId => self.value == pipeline_id,
                 RevocationKind::Fingerprint => self.value == fingerprint,
                 RevocationKind::Serial | RevocationKind::Session => false,
             }

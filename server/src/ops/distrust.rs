@@ -30,6 +30,8 @@ pub struct Stored {
 pub struct NewRule {
     /// CI job id.
     pub job_id: String,
+    /// Pipeline id (every job of one run / pipeline / build).
+    pub pipeline_id: String,
     /// Runner fingerprint (64 lowercase hex).
     pub runner_fingerprint: String,
     /// Region.
@@ -163,6 +165,7 @@ fn validate(site: &SiteState, op: &Operator, r: NewRule) -> Result<DistrustEntry
     }
     for (name, v, max) in [
         ("job id", &r.job_id, 256),
+        ("pipeline id", &r.pipeline_id, 256),
         ("region", &r.region, 64),
         ("key id", &r.key_id, 128),
     ] {
@@ -188,6 +191,7 @@ fn validate(site: &SiteState, op: &Operator, r: NewRule) -> Result<DistrustEntry
                 .map_err(|e| OpsError::Invalid(format!("no randomness: {e}")))?
         ),
         job_id: r.job_id,
+        pipeline_id: r.pipeline_id,
         runner_fingerprint: r.runner_fingerprint,
         region: r.region,
         key_id: r.key_id,
@@ -199,7 +203,8 @@ fn validate(site: &SiteState, op: &Operator, r: NewRule) -> Result<DistrustEntry
     };
     if !entry.is_selective() {
         return invalid(
-            "name at least one of job_id, runner_fingerprint, region, key_id or a time window"
+            "name at least one of job_id, pipeline_id, runner_fingerprint, region, key_id or a \
+             time window"
                 .into(),
         );
     }

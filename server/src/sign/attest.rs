@@ -224,6 +224,7 @@ fn statement(
         commit: c.commit.clone(),
         job_id: c.job_id.clone(),
         pipeline: c.pipeline.clone(),
+        run_attempt: c.run_attempt.clone(),
         trust_policy: c.trust_policy.clone(),
         runner_fingerprint: caller.id.fingerprint.clone(),
         certificate_serial: caller.serial_hex.clone(),

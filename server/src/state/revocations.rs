@@ -23,12 +23,17 @@ impl SiteState {
             .map(|r| format!("{}: {}", r.id, r.reason))
     }
 
-    /// The rule that bars a new enrollment of this job or runner, if any.
-    pub fn enrollment_barred(&self, job_id: &str, fingerprint: &str) -> Option<RevocationRule> {
+    /// The rule that bars a new enrollment of this job, pipeline or runner, if any.
+    pub fn enrollment_barred(
+        &self,
+        job_id: &str,
+        pipeline_id: &str,
+        fingerprint: &str,
+    ) -> Option<RevocationRule> {
         let region = self.config().region.clone();
         self.revocations()
             .iter()
-            .find(|r| r.bars_enrollment(&region, job_id, fingerprint))
+            .find(|r| r.bars_enrollment(&region, job_id, pipeline_id, fingerprint))
             .cloned()
     }
 

@@ -29,9 +29,13 @@ pub enum DistrustCommand {
         /// Environment.
         #[arg(long)]
         environment: String,
-        /// Signatures of this CI job.
+        /// Signatures of this CI job (GitHub: the check run).
         #[arg(long)]
         job_id: Option<String>,
+        /// Signatures of any job of this pipeline (GitHub run_id, GitLab pipeline_id,
+        /// Buildkite build).
+        #[arg(long)]
+        pipeline_id: Option<String>,
         /// Signatures of this runner machine.
         #[arg(long)]
         fingerprint: Option<String>,
@@ -110,14 +114,19 @@ pub enum AdminCommand {
         #[command(subcommand)]
         command: IssuerCommand,
     },
-    /// Revoke certificates by serial, job or runner fingerprint (effective on the next RPC).
+    /// Revoke certificates by serial, job, pipeline or runner fingerprint (effective on the
+    /// next RPC).
     Revoke {
         /// Certificate serial (hex).
         #[arg(long, group = "target", required = true)]
         serial: Option<String>,
-        /// Every certificate of a CI job.
+        /// Every certificate of a CI job (GitHub: the check run).
         #[arg(long, group = "target")]
         job_id: Option<String>,
+        /// Every certificate of any job of a pipeline (GitHub run_id, GitLab pipeline_id,
+        /// Buildkite build).
+        #[arg(long, group = "target")]
+        pipeline_id: Option<String>,
         /// Every certificate of a runner machine.
         #[arg(long, group = "target")]
         fingerprint: Option<String>,
@@ -816,6 +825,7 @@ fn distrust_request(command: &DistrustCommand) -> Result<Option<v1::DistrustRequ
     let DistrustCommand::Add {
         environment,
         job_id,
+        pipeline_id,
         fingerprint,
         region,
         key_id,
@@ -835,6 +845,7 @@ fn distrust_request(command: &DistrustCommand) -> Result<Option<v1::DistrustRequ
         not_before: ts(since)?,
         not_after: ts(until)?,
         reason: reason.clone(),
+        pipeline_id: pipeline_id.clone().unwrap_or_default(),
     }))
 }
 
@@ -888,7 +899,7 @@ async fn distrust(
 
 impl Render for meshsign_proto::distrust::DistrustEntry {
     const HEADER: &'static [&'static str] = &[
-        "RULE", "JOB", "RUNNER", "REGION", "KEY", "FROM", "BEFORE", "REASON", "BY",
+        "RULE", "JOB", "PIPELINE", "RUNNER", "REGION", "KEY", "FROM", "BEFORE", "REASON", "BY",
     ];
     fn row(&self) -> Vec<String> {
         let t = |t: Option<i64>| {
@@ -898,6 +909,7 @@ impl Render for meshsign_proto::distrust::DistrustEntry {
         vec![
             self.id.clone(),
             dash(&self.job_id),
+            dash(&self.pipeline_id),
             dash(&self.runner_fingerprint),
             dash(&self.region),
             dash(&self.key_id),
@@ -924,6 +936,7 @@ fn revoke_request(command: &AdminCommand) -> Result<v1::RevokeRequest, ClientErr
     let AdminCommand::Revoke {
         serial,
         job_id,
+        pipeline_id,
         fingerprint,
         region,
         since,
@@ -934,13 +947,14 @@ fn revoke_request(command: &AdminCommand) -> Result<v1::RevokeRequest, ClientErr
         return Err(ClientError::Usage("not a revoke command".into()));
     };
     use v1::revoke_request::Target;
-    let target = match (serial, job_id, fingerprint) {
-        (Some(s), _, _) => Target::Serial(s.clone()),
-        (_, Some(j), _) => Target::JobId(j.clone()),
-        (_, _, Some(f)) => Target::Fingerprint(f.clone()),
+    let target = match (serial, job_id, pipeline_id, fingerprint) {
+        (Some(s), ..) => Target::Serial(s.clone()),
+        (_, Some(j), ..) => Target::JobId(j.clone()),
+        (_, _, Some(p), _) => Target::PipelineId(p.clone()),
+        (.., Some(f)) => Target::Fingerprint(f.clone()),
         _ => {
             return Err(ClientError::Config(
-                "give --serial, --job-id or --fingerprint".into(),
+                "give --serial, --job-id, --pipeline-id or --fingerprint".into(),
             ));
         }
     };

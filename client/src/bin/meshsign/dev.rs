@@ -73,15 +73,19 @@ mod with_dev {
         /// `ref` claim.
         #[arg(long = "ref", default_value = "refs/heads/main")]
         git_ref: String,
-        /// `run_id` claim (the job id).
+        /// `check_run_id` claim (the job id).
         #[arg(long, default_value = "1001")]
         job_id: String,
+        /// `run_id` claim (the pipeline id, shared by every job of the run).
+        #[arg(long, default_value = "13456789012")]
+        pipeline_id: String,
     }
     fn github_job(environment: &str, j: &JobArgs) -> GithubJob {
         let mut job = GithubJob::new(environment);
         job.repository = j.repository.clone();
         job.git_ref = j.git_ref.clone();
-        job.run_id = j.job_id.clone();
+        job.check_run_id = j.job_id.clone();
+        job.run_id = j.pipeline_id.clone();
         job
     }
 
