@@ -270,6 +270,18 @@ impl Admin {
         .await
     }
 
+    /// Proposes reloading the site config file with these bytes (named by their SHA-256); a
+    /// second admin approves it, then a SIGHUP applies exactly that file.
+    pub async fn propose_config(&mut self, file: &[u8]) -> Result<v1::ProposalInfo, ClientError> {
+        let sha = hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, file));
+        call(
+            "ProposeConfig",
+            self.0
+                .propose_config(v1::ProposeConfigRequest { config_sha256: sha }),
+        )
+        .await
+    }
+
     /// Sets how many days exported, checkpointed audit entries are kept (0: all).
     pub async fn set_audit_retention(&mut self, days: u64) -> Result<u64, ClientError> {
         Ok(call(

@@ -449,6 +449,36 @@ fn admin_verbs_drill_and_sighup_reload_against_a_dev_site() {
             "reload not applied: {err}"
         );
     }
+    // The reload is in `admin status` with its diff; a file can be proposed for review by its
+    // SHA-256 (a dev site reviews nothing, but the proposal is made the same way).
+    let (code, status, err) = run(dir, &["admin", "status", "--output", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["last_reload"]["applied"], true, "{status}");
+    assert!(
+        status["last_reload"]["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["at"] == "staging.key[release].refs" && c["widens"] == false),
+        "{status}"
+    );
+    let (code, proposal, err) = run(
+        dir,
+        &[
+            "admin",
+            "review",
+            "propose-config",
+            "--file",
+            site_toml.to_str().unwrap(),
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let proposal: serde_json::Value = serde_json::from_str(&proposal).unwrap();
+    assert_eq!(proposal["operation"], "Reload", "{proposal}");
+    assert_eq!(proposal["state"], "pending", "{proposal}");
     // A broken file is refused and the running config stays: the narrowed staging rule still
     // holds and production still signs.
     std::fs::write(&site_toml, "this is not toml").unwrap();

@@ -467,3 +467,152 @@ async fn activating_a_runner_ca_needs_a_second_admin_by_default() {
             .contains("approved by")
     );
 }
+
+/// Issue 25 row 5: a SIGHUP is a change like any other. A file that adds an issuer is refused
+/// on a site whose review covers `Reload` (the default set) — the running config stays, the
+/// audit entry carries the diff, `admin status` says so — until one admin proposes that exact
+/// file (by SHA-256) and another approves it. Another widening file is still refused; a
+/// narrowing file applies at once.
+#[tokio::test]
+async fn a_reload_that_widens_trust_applies_only_the_file_a_second_admin_approved() {
+    use meshsign_certs_dev::{JwtAlg, OidcIssuer};
+    use meshsign_client::runner::RunnerKey;
+    use meshsign_server::config::SiteConfig;
+
+    let site = TestSite::start_with(REVIEW, None).await;
+    let (mut alice, mut bob) = (site.admin().await, site.second_admin().await);
+    const NEW: &str = "https://ci.new.example";
+    let issuer = OidcIssuer::generate(NEW, "new-1", JwtAlg::Es256).unwrap();
+    std::fs::write(
+        site.dir.path().join("pki/new.jwks.json"),
+        issuer.jwks().to_string(),
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(&site.site_toml).unwrap();
+    // Appended after the last environment's tables: a trust policy of `production`.
+    let widened = format!(
+        "{text}\n[[environments.trust_policies]]\nname = \"newci\"\nissuer = \"{NEW}\"\n\
+         jwks_file = \"pki/new.jwks.json\"\n\
+         bound_claims = {{ repository_owner_id = \"{}\" }}\n",
+        meshsign_certs_dev::GITHUB_OWNER_ID
+    );
+    std::fs::write(&site.site_toml, &widened).unwrap();
+    let sha = hex::encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        widened.as_bytes(),
+    ));
+    let enroll_new = || async {
+        let mut claims = site.claims("production");
+        claims["iss"] = NEW.into();
+        let key = RunnerKey::generate().unwrap();
+        site.enrollment()
+            .await
+            .enroll(site.enroll_request("production", issuer.mint(&claims).unwrap(), &key))
+            .await
+    };
+    let reload = || async {
+        site.handle
+            .reload(SiteConfig::load(&site.site_toml).unwrap())
+            .await
+    };
+
+    // Refused: the old config runs, the audit entry names the file and the widening.
+    let e = reload().await.unwrap_err();
+    assert!(
+        e.to_string().contains("widens trust") && e.to_string().contains(&sha),
+        "{e}"
+    );
+    let rec = last_of(&site, "Admin.Reload");
+    assert_eq!(
+        (rec.decision.as_str(), rec.reason.as_str()),
+        ("deny", "review_required")
+    );
+    assert!(
+        rec.detail
+            .contains("production.policy[https://ci.new.example]")
+            && rec.detail.contains("added trust policy")
+            && rec.detail.contains(&sha),
+        "{}",
+        rec.detail
+    );
+    assert!(
+        enroll_new().await.is_err(),
+        "the new issuer is not trusted yet"
+    );
+    let st = alice
+        .status(v1::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let last = st.last_reload.clone().unwrap();
+    assert!(
+        !last.applied && last.widens && last.config_sha256 == sha,
+        "{last:?}"
+    );
+    let changes: serde_json::Value = serde_json::from_str(&last.changes_json).unwrap();
+    assert_eq!(changes[0]["widens"], true, "{changes}");
+
+    // Alice proposes the file; she cannot approve it herself; until Bob does, still refused.
+    let p = alice
+        .propose_config(v1::ProposeConfigRequest {
+            config_sha256: sha.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(p.operation, "Reload");
+    assert!(
+        p.summary
+            .contains("widens: production.policy[https://ci.new.example] added"),
+        "{}",
+        p.summary
+    );
+    let e = alice
+        .approve_proposal(v1::ApproveProposalRequest { id: p.id.clone() })
+        .await
+        .unwrap_err();
+    assert!(e.message().starts_with("review_self_approval: "), "{e:?}");
+    assert!(reload().await.is_err());
+    bob.approve_proposal(v1::ApproveProposalRequest { id: p.id.clone() })
+        .await
+        .unwrap();
+    reload().await.unwrap();
+    let rec = last_of(&site, "Admin.Reload");
+    assert_eq!(rec.decision, "allow");
+    assert!(
+        rec.detail.contains("widening approved by") && rec.detail.contains(&p.id),
+        "{}",
+        rec.detail
+    );
+    enroll_new().await.expect("the approved issuer enrolls");
+
+    // Another widening file is not covered by that approval.
+    let wider = widened.replacen(
+        r#"refs = ["refs/heads/main", "refs/tags/*"] }"#,
+        r#"refs = ["refs/heads/*", "refs/tags/*"] }"#,
+        1,
+    );
+    assert_ne!(wider, widened);
+    std::fs::write(&site.site_toml, &wider).unwrap();
+    let e = reload().await.unwrap_err();
+    assert!(e.to_string().contains(".refs"), "{e}");
+
+    // Narrowing applies at once: the new issuer's policy removed again.
+    std::fs::write(&site.site_toml, &text).unwrap();
+    reload().await.unwrap();
+    let rec = last_of(&site, "Admin.Reload");
+    assert_eq!(rec.decision, "allow");
+    assert!(
+        rec.detail.contains("removed trust policy"),
+        "{}",
+        rec.detail
+    );
+    assert!(!rec.detail.contains("approved"), "{}", rec.detail);
+    assert!(enroll_new().await.is_err());
+    let st = alice
+        .status(v1::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(st.last_reload.unwrap().applied);
+}

@@ -479,6 +479,14 @@ impl v1::admin_server::Admin for AdminApi {
                     .count(),
             )
             .unwrap_or(u32::MAX),
+            last_reload: s.last_reload().map(|r| v1::ReloadStatus {
+                at: Some(ts(r.at)),
+                applied: r.applied,
+                config_sha256: r.config_sha256.clone(),
+                message: r.message.clone(),
+                changes_json: r.changes_json.clone(),
+                widens: r.widens,
+            }),
             ..Default::default()
         };
         st.set_engine_word(if cfg.postgres.is_some() {
@@ -829,6 +837,43 @@ impl v1::admin_server::Admin for AdminApi {
         let s = &self.0;
         let p = audited(s, &op, "ApproveProposal", "", Access::Write, async || {
             ops::review::approve(s, &op, &id)
+        })
+        .await
+        .map_err(|e| status(&e))?;
+        Ok(Response::new(proposal_info(&p, s.clock.unix())))
+    }
+
+    async fn propose_config(&self, req: Request<v1::ProposeConfigRequest>) -> R<v1::ProposalInfo> {
+        let op = self.operator(&req, "ProposeConfig").await?;
+        let sha = req.into_inner().config_sha256;
+        let s = &self.0;
+        // What the approver is asked to approve: the widening this replica refused for that
+        // file, when it saw it.
+        let short: String = sha.chars().take(12).collect();
+        let summary = match s.last_reload() {
+            Some(r) if r.config_sha256 == sha && !r.applied => {
+                let changes: Vec<serde_json::Value> =
+                    serde_json::from_str(&r.changes_json).unwrap_or_default();
+                let widening: Vec<String> = changes
+                    .iter()
+                    .filter(|c| c["widens"] == true)
+                    .map(|c| {
+                        format!(
+                            "{} {}",
+                            c["at"].as_str().unwrap_or(""),
+                            c["change"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect();
+                format!(
+                    "reload config {short}…, which widens: {}",
+                    widening.join("; ")
+                )
+            }
+            _ => format!("reload config {short}… (not yet read by this replica)"),
+        };
+        let p = audited(s, &op, "ProposeConfig", "", Access::Write, async || {
+            ops::review::propose_config(s, &op, &sha, &summary)
         })
         .await
         .map_err(|e| status(&e))?;

@@ -134,6 +134,16 @@ pub fn render(state: &SiteState) -> String {
         "meshsign_revocation_rules {}",
         state.revocations().len()
     );
+    gauge(
+        &mut out,
+        "meshsign_config_reload_refused",
+        "1 while this replica's last SIGHUP reload was refused (the previous configuration runs).",
+    );
+    let _ = writeln!(
+        out,
+        "meshsign_config_reload_refused {}",
+        u8::from(state.last_reload().is_some_and(|r| !r.applied))
+    );
     let config = state.config();
     gauge(
         &mut out,

@@ -7,6 +7,8 @@
 //! Every refusal names the field path (`environments[1].audience`, ...). Unknown keys are refused.
 //! Relative paths are taken from the config file's folder. See `deploy/site.example.toml`.
 
+pub mod diff;
+
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -358,11 +360,17 @@ pub struct SiteConfig {
     pub pkcs11: Option<Pkcs11Config>,
     /// Environments (the site's partitions), in file order.
     pub environments: Vec<Environment>,
+    /// SHA-256 (hex) of the `[tls]` files when the configuration was read (empty: unreadable),
+    /// so a reload's diff can say which of them changed.
+    pub tls_sha256: TlsDigests,
+    /// SHA-256 (hex) of the file's text: what `admin review propose-config` names, so a
+    /// reload that widens trust applies only the exact file a second admin approved.
+    pub source_sha256: String,
 }
 
 /// Admin operations that two-person review may cover: every change the Admin service makes,
 /// named as in the audit log (`Admin.<name>`).
-pub const REVIEWABLE_OPERATIONS: [&str; 18] = [
+pub const REVIEWABLE_OPERATIONS: [&str; 19] = [
     "StageIssuer",
     "ActivateIssuer",
     "RetireIssuer",
@@ -381,6 +389,9 @@ pub const REVIEWABLE_OPERATIONS: [&str; 18] = [
     "Snapshot",
     "Distrust",
     "Undistrust",
+    // A SIGHUP reload whose diff widens trust (only an approved file applies; narrowing
+    // reloads never need review).
+    "Reload",
 ];
 
 /// `[review]`: which admin operations need a second admin. One admin's call of a listed
@@ -395,8 +406,8 @@ pub const REVIEWABLE_OPERATIONS: [&str; 18] = [
 pub struct Review {
     /// Operations that need approval (names from [`REVIEWABLE_OPERATIONS`]); `[]` turns review
     /// off. Default: key import, key disable, runner-CA activation and revocation, trust
-    /// enable, JWKS set, retention change, and removing a distrust rule (which trusts
-    /// signatures again).
+    /// enable, JWKS set, retention change, removing a distrust rule (which trusts signatures
+    /// again), and a reload that widens trust.
     pub operations: std::collections::BTreeSet<String>,
     /// Seconds from proposal until it must be approved and carried out (default 3600).
     pub window_seconds: u64,
@@ -414,6 +425,7 @@ impl Default for Review {
                 "SetJwks",
                 "SetAuditRetention",
                 "Undistrust",
+                "Reload",
             ]
             .into_iter()
             .map(String::from)
@@ -700,6 +712,32 @@ pub struct Listen {
     pub admin: SocketAddr,
 }
 
+/// SHA-256 (hex) of each `[tls]` file's bytes, read with the configuration.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsDigests {
+    /// Of `server_cert`.
+    pub server_cert: String,
+    /// Of `server_key` (compared, never written out).
+    pub server_key: String,
+    /// Of `admin_ca`.
+    pub admin_ca: String,
+}
+
+impl TlsDigests {
+    fn read(files: &TlsFiles) -> Self {
+        let sum = |p: &Path| {
+            std::fs::read(p)
+                .map(|b| hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &b)))
+                .unwrap_or_default()
+        };
+        Self {
+            server_cert: sum(&files.server_cert),
+            server_key: sum(&files.server_key),
+            admin_ca: sum(&files.admin_ca),
+        }
+    }
+}
+
 /// Paths of the server's TLS material.
 #[derive(Clone, Debug)]
 pub struct TlsFiles {
@@ -885,7 +923,13 @@ impl SiteConfig {
             }
             ConfigError::Schema { field, message }
         })?;
-        validate(raw, base)
+        let mut cfg = validate(raw, base)?;
+        cfg.tls_sha256 = TlsDigests::read(&cfg.tls);
+        cfg.source_sha256 = hex::encode(aws_lc_rs::digest::digest(
+            &aws_lc_rs::digest::SHA256,
+            text.as_bytes(),
+        ));
+        Ok(cfg)
     }
 }
 
@@ -1263,6 +1307,8 @@ fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
             retention_days: raw.audit.retention_days,
             flush: raw.audit.flush,
         },
+        tls_sha256: TlsDigests::default(),
+        source_sha256: String::new(),
     })
 }
 

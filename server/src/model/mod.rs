@@ -462,6 +462,25 @@ impl CertRecord {
     }
 }
 
+// === reloads ===
+
+/// What a SIGHUP reload did (`admin status`, `meshsign_config_reload_refused`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReloadOutcome {
+    /// Unix seconds.
+    pub at: i64,
+    /// Applied (else refused; the previous configuration runs).
+    pub applied: bool,
+    /// SHA-256 (hex) of the file read.
+    pub config_sha256: String,
+    /// Why it was refused, or the approval it was applied under.
+    pub message: String,
+    /// The trust-relevant changes (JSON array).
+    pub changes_json: String,
+    /// Whether a change widens trust.
+    pub widens: bool,
+}
+
 // === revocation rules ===
 
 /// What a revocation rule matches.

@@ -213,27 +213,7 @@ pub fn gate(
             ))),
         },
         None => {
-            let id = format!(
-                "p-{}",
-                &meshsign_proto::files::random_id()
-                    .map_err(|e| OpsError::Invalid(format!("randomness: {e}")))?[..16]
-            );
-            let p = Proposal {
-                id,
-                operation: operation.to_string(),
-                environment: bounded(environment, 64),
-                summary: bounded(summary, 200),
-                request_sha256: request_sha256.to_string(),
-                proposer: op.id.clone(),
-                created_at: now,
-                expires_at: now
-                    .saturating_add(i64::try_from(cfg.review.window_seconds).unwrap_or(3600)),
-                approver: None,
-                approved_at: None,
-                executed_by: None,
-                executed_at: None,
-            };
-            save(site, &p)?;
+            let p = propose(site, op, operation, environment, request_sha256, summary)?;
             Err(OpsError::ReviewRequired(format!(
                 "proposal {} created ({}); another admin approves it with \
                  `meshsign admin review approve {}` before {}, then the same command is run again",
@@ -244,6 +224,100 @@ pub fn gate(
             )))
         }
     }
+}
+
+/// Records a new proposal of `operation` by `op` (pending until another admin approves it).
+pub fn propose(
+    site: &SiteState,
+    op: &Operator,
+    operation: &str,
+    environment: &str,
+    request_sha256: &str,
+    summary: &str,
+) -> Result<Proposal, OpsError> {
+    let now = site.clock.unix();
+    let window = site.config().review.window_seconds;
+    let id = format!(
+        "p-{}",
+        &meshsign_proto::files::random_id()
+            .map_err(|e| OpsError::Invalid(format!("randomness: {e}")))?[..16]
+    );
+    let p = Proposal {
+        id,
+        operation: operation.to_string(),
+        environment: bounded(environment, 64),
+        summary: bounded(summary, 200),
+        request_sha256: request_sha256.to_string(),
+        proposer: op.id.clone(),
+        created_at: now,
+        expires_at: now.saturating_add(i64::try_from(window).unwrap_or(3600)),
+        approver: None,
+        approved_at: None,
+        executed_by: None,
+        executed_at: None,
+    };
+    save(site, &p)?;
+    Ok(p)
+}
+
+/// The review name of a SIGHUP reload.
+pub const RELOAD: &str = "Reload";
+
+/// What a config proposal binds: the file's SHA-256 (hex) under the `Reload` operation.
+pub fn config_digest(file_sha256: &str) -> String {
+    request_digest(RELOAD, file_sha256.as_bytes())
+}
+
+/// `Admin.ProposeConfig`: a proposal to apply the file with this SHA-256 on reload. Asking
+/// again while one is open returns that one.
+pub fn propose_config(
+    site: &SiteState,
+    op: &Operator,
+    file_sha256: &str,
+    summary: &str,
+) -> Result<(Proposal, String), OpsError> {
+    if file_sha256.len() != 64
+        || !file_sha256
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return Err(OpsError::Invalid(format!(
+            "config_sha256 `{}`: the SHA-256 of the file, 64 lowercase hex digits",
+            bounded(file_sha256, 80)
+        )));
+    }
+    let digest = config_digest(file_sha256);
+    let now = site.clock.unix();
+    if let Some(p) = list(site)?.into_iter().find(|p| {
+        p.operation == RELOAD
+            && p.request_sha256 == digest
+            && matches!(
+                p.state(now),
+                ProposalState::Pending | ProposalState::Approved
+            )
+    }) {
+        let detail = format!("config {file_sha256} already proposed as {}", p.id);
+        return Ok((p, detail));
+    }
+    let p = propose(site, op, RELOAD, "", &digest, summary)?;
+    let detail = format!(
+        "proposed reloading the site config with SHA-256 {file_sha256} as {} ({summary})",
+        p.id
+    );
+    Ok((p, detail))
+}
+
+/// The approval (by an admin other than its proposer, not expired) of reloading the file with
+/// this SHA-256, if there is one. It is not used up: every replica reloads its own copy of the
+/// approved file under it until it expires.
+pub fn config_approval(site: &SiteState, file_sha256: &str) -> Result<Option<Proposal>, OpsError> {
+    let digest = config_digest(file_sha256);
+    let now = site.clock.unix();
+    Ok(list(site)?.into_iter().find(|p| {
+        p.operation == RELOAD
+            && p.request_sha256 == digest
+            && p.state(now) == ProposalState::Approved
+    }))
 }
 
 /// Approves proposal `id` as `op` (Access::Write: admins only, under the ops lock). Returns the

@@ -3,19 +3,67 @@
 //! Owns: changes to trust policies and the reload rule (what may change in place).
 //! Must not touch: token verification (`enroll`), TLS (the transport reloads it).
 
-use super::OpsError;
+use super::{OpsError, review};
 use crate::config::{SiteConfig, TrustPolicy};
 use crate::custody::KeyRing;
 use crate::identity::jwt::Jwks;
+use crate::model::ReloadOutcome;
 use crate::state::SiteState;
 use crate::state::overlays::effective_config;
 use crate::store::Tree;
 
 /// Re-reads the file configuration (SIGHUP). Trust policies, key access rules, signing budgets
-/// and digest allow-lists change;
-/// identity, listeners, storage and the set of environments need a restart and are refused.
+/// and digest allow-lists change; identity, listeners, storage and the set of environments
+/// need a restart and are refused.
+///
+/// A reload is a change like any other (issue 25): the returned detail — the audit entry's —
+/// carries the file's SHA-256 and the trust-relevant diff against the running file
+/// ([`crate::config::diff`]). Where `[review]` covers `Reload` (the default set does), a diff
+/// that widens trust is refused unless a second admin approved this exact file
+/// (`Admin.ProposeConfig` + `ApproveProposal`); narrowing applies at once. Either way the
+/// outcome is kept for `admin status` and the `meshsign_config_reload_refused` metric.
 pub fn reload(site: &SiteState, file: SiteConfig) -> Result<String, OpsError> {
-    let cur = site.config();
+    let cur = site.file_config();
+    let diff = crate::config::diff::diff(&cur, &file);
+    let sha = match file.source_sha256.as_str() {
+        "" => "(not read from a file)".to_string(),
+        s => s.to_string(),
+    };
+    let mut outcome = ReloadOutcome {
+        at: site.clock.unix(),
+        applied: false,
+        config_sha256: file.source_sha256.clone(),
+        message: String::new(),
+        changes_json: diff.to_json(),
+        widens: diff.widens(),
+    };
+    let result = reload_checked(site, &cur, file, &diff);
+    match &result {
+        Ok(approval) => {
+            outcome.applied = true;
+            outcome.message = approval.clone().unwrap_or_default();
+        }
+        Err(e) => outcome.message = e.to_string(),
+    }
+    site.set_last_reload(outcome);
+    let approval = result?;
+    let detail = format!(
+        "configuration reloaded; file sha256 {sha}; {}",
+        diff.summary(700)
+    );
+    Ok(match approval {
+        Some(a) => format!("{detail}; {a}"),
+        None => detail,
+    })
+}
+
+/// The reload's checks, then the change. `Ok(Some(why))`: applied under a config approval.
+fn reload_checked(
+    site: &SiteState,
+    cur: &SiteConfig,
+    file: SiteConfig,
+    diff: &crate::config::diff::ConfigDiff,
+) -> Result<Option<String>, OpsError> {
     let names = |c: &SiteConfig| {
         c.environments
             .iter()
@@ -34,18 +82,40 @@ pub fn reload(site: &SiteState, file: SiteConfig) -> Result<String, OpsError> {
         || file.audit != cur.audit
         || file.limits != cur.limits
         || file.metrics_listen != cur.metrics_listen
-        || names(&file) != names(&cur)
+        || names(&file) != names(cur)
     {
         return Err(OpsError::Precondition(
             "trust_domain, region, data_dir, kek_file, listen, [store], [audit], [limits], [metrics] and the environment list need a restart".into(),
         ));
+    }
+    let mut approved = None;
+    if diff.widens() && site.config().review.covers(review::RELOAD) {
+        match review::config_approval(site, &file.source_sha256)? {
+            Some(p) => {
+                approved = Some(format!(
+                    "widening approved by `{}` under proposal {} (proposed by `{}`)",
+                    p.approver.as_deref().unwrap_or("?"),
+                    p.id,
+                    p.proposer
+                ));
+            }
+            None => {
+                return Err(OpsError::ReviewRequired(format!(
+                    "the file (sha256 {}) widens trust, so the running configuration stays; {}; \
+                     to apply it: `meshsign admin review propose-config --file <site.toml>`, \
+                     `review approve <id>` by another admin, then SIGHUP again",
+                    file.source_sha256,
+                    diff.summary(600)
+                )));
+            }
+        }
     }
     site.set_file_config(file.clone());
     let cfg = effective_config(file, &site.store)?;
     let keys = KeyRing::load_or_create(&cfg, &site.store, &site.custodian, site.clock.unix())?;
     site.set_keys(keys);
     site.set_config(cfg);
-    Ok("configuration reloaded".into())
+    Ok(approved)
 }
 
 fn policy_index(cfg: &SiteConfig, env: &str, issuer: &str) -> Result<(usize, usize), OpsError> {

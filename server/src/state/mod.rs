@@ -216,6 +216,8 @@ pub struct SiteState {
     /// Signature counts not yet in the store, per job shard; each shard's lock also serializes
     /// that shard's budget checks (read, check, count).
     pub(crate) usage: usage::Pending,
+    /// This replica's last SIGHUP reload (for `admin status` and the metric).
+    last_reload: RwLock<Option<Arc<crate::model::ReloadOutcome>>>,
 }
 
 impl std::fmt::Debug for SiteState {
@@ -431,6 +433,7 @@ impl SiteState {
                     clock.clone(),
                 ),
                 usage: Default::default(),
+                last_reload: RwLock::new(None),
                 wall_guard: crate::clock::WallGuard::new(&*clock),
                 clock,
                 store,
@@ -459,6 +462,21 @@ impl SiteState {
     /// The file configuration a reload brought (ops overlays are laid over it).
     pub(crate) fn set_file_config(&self, c: SiteConfig) {
         write(&self.file_config, Arc::new(c));
+    }
+
+    /// The file configuration now running (before ops overlays).
+    pub fn file_config(&self) -> Arc<SiteConfig> {
+        read(&self.file_config)
+    }
+
+    /// What this replica's last SIGHUP reload did.
+    pub fn last_reload(&self) -> Option<Arc<crate::model::ReloadOutcome>> {
+        read(&self.last_reload)
+    }
+
+    /// Records what a reload did.
+    pub(crate) fn set_last_reload(&self, r: crate::model::ReloadOutcome) {
+        write(&self.last_reload, Some(Arc::new(r)));
     }
 
     /// Tells the other replicas of a shared store that shared state changed (ops, a holder's

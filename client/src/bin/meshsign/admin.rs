@@ -212,6 +212,13 @@ pub enum ReviewCommand {
         /// The proposal id (`p-…`, printed when the change was proposed).
         id: String,
     },
+    /// Propose a site config file whose reload widens trust (named by its SHA-256); once
+    /// another admin approves it, a SIGHUP applies exactly this file.
+    ProposeConfig {
+        /// The new site.toml, byte for byte as the site will read it.
+        #[arg(long)]
+        file: std::path::PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -796,6 +803,19 @@ async fn run_at(
         AdminCommand::Review { command } => {
             match command {
                 ReviewCommand::List => emit(format, &c.proposals().await?),
+                ReviewCommand::ProposeConfig { file } => {
+                    let bytes = std::fs::read(&file).map_err(ClientError::io(&file))?;
+                    let p = c.propose_config(&bytes).await?;
+                    emit_one(format, &p);
+                    if format == Format::Table {
+                        eprintln!(
+                            "proposed; another admin runs `meshsign admin review approve {}` \
+                             before {}, then SIGHUP applies the file",
+                            p.id,
+                            when(p.expires_at)
+                        );
+                    }
+                }
                 ReviewCommand::Approve { id } => {
                     let p = c.approve(&id).await?;
                     emit_one(format, &p);
@@ -1670,6 +1690,15 @@ fn status_json(st: &v1::SiteStatus) -> serde_json::Value {
         "audit_retention_days": st.audit_retention_days,
         "reviewed_operations": st.reviewed_operations,
         "pending_proposals": st.pending_proposals,
+        "last_reload": st.last_reload.as_ref().map(|r| serde_json::json!({
+            "at": when(r.at),
+            "applied": r.applied,
+            "config_sha256": r.config_sha256,
+            "message": r.message,
+            "widens": r.widens,
+            "changes": serde_json::from_str::<serde_json::Value>(&r.changes_json)
+                .unwrap_or_default(),
+        })),
         "environments": st.environments.iter().map(|e| serde_json::json!({
             "name": e.name,
             "audience": e.audience,
@@ -1714,6 +1743,29 @@ fn status_rows(st: &v1::SiteStatus) -> Vec<Vec<String>> {
             st.pending_proposals
         ),
     ]];
+    if let Some(r) = &st.last_reload {
+        rows.push(vec![
+            "(site)".into(),
+            "reload".into(),
+            r.config_sha256.chars().take(12).collect(),
+            if r.applied {
+                "applied"
+            } else {
+                "REFUSED (previous config runs)"
+            }
+            .into(),
+            format!(
+                "at {}{}{}",
+                when(r.at),
+                if r.widens { ", widens trust" } else { "" },
+                if r.message.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", r.message)
+                }
+            ),
+        ]);
+    }
     for e in &st.environments {
         for c in &e.runner_cas {
             rows.push(vec![
