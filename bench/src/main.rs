@@ -309,7 +309,7 @@ fn in_process_pkcs11(cli: &Cli) -> Result<(f64, f64), String> {
     let digest = [7u8; 32];
     let sig = key.sign_digest(&digest).map_err(|e| e.to_string())?;
     let check = std::sync::Arc::new(
-        meshsign_proto::sig::Verifier::new("ecdsa-p256-sha256", key.public_key_der())
+        meshsign_evidence::sig::Verifier::new("ecdsa-p256-sha256", key.public_key_der())
             .map_err(|e| e.to_string())?,
     );
     let handles: Vec<_> = (0..threads)

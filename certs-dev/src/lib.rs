@@ -13,7 +13,7 @@ use std::path::Path;
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{self, EcdsaKeyPair, KeyPair as _};
 use base64::Engine as _;
-use meshsign_proto::pem_encode;
+use meshsign_evidence::pem_encode;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
@@ -226,7 +226,7 @@ pub mod files {
 
 /// Writes a file; with `secret` it is created with mode 0600.
 pub fn write_file(path: &Path, bytes: &[u8], secret: bool) -> Result<(), DevError> {
-    meshsign_proto::files::write_atomic(path, bytes, secret).map_err(|source| DevError::Io {
+    meshsign_evidence::files::write_atomic(path, bytes, secret).map_err(|source| DevError::Io {
         path: path.display().to_string(),
         source,
     })
@@ -630,5 +630,5 @@ impl Default for BuildkiteJob {
 /// A random identifier (128 bits, 32 hex characters), for `jti` values, issuer and rule ids.
 /// Fails only if the OS random number generator is unavailable (then no key could be made either).
 pub fn random_id() -> Result<String, DevError> {
-    meshsign_proto::files::random_id().map_err(|e| DevError::Crypto(e.to_string()))
+    meshsign_evidence::files::random_id().map_err(|e| DevError::Crypto(e.to_string()))
 }

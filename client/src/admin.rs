@@ -25,7 +25,7 @@ pub async fn connect(cfg: &ClientConfig) -> Result<AdminClient<Channel>, ClientE
     // entry to `MAX_ENTRY_BYTES`), so no entry can stop an export.
     Ok(
         AdminClient::new(transport::connect_to(cfg, &cfg.admin_endpoint, tls).await?)
-            .max_decoding_message_size(4 * meshsign_proto::audit::MAX_ENTRY_BYTES.max(1 << 20)),
+            .max_decoding_message_size(4 * meshsign_evidence::audit::MAX_ENTRY_BYTES.max(1 << 20)),
     )
 }
 
@@ -384,12 +384,12 @@ pub fn read_p12(
         ))
     })?;
     let pem = zeroize::Zeroizing::new(
-        meshsign_proto::pem_encode("PRIVATE KEY", chain.key().as_der()).into_bytes(),
+        meshsign_evidence::pem_encode("PRIVATE KEY", chain.key().as_der()).into_bytes(),
     );
     let chain_pem = chain
         .certs()
         .iter()
-        .map(|c| meshsign_proto::pem_encode("CERTIFICATE", c.as_der()))
+        .map(|c| meshsign_evidence::pem_encode("CERTIFICATE", c.as_der()))
         .collect::<String>();
     Ok((pem, chain_pem.into_bytes()))
 }

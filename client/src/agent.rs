@@ -114,7 +114,8 @@ fn private_dir() -> Result<PathBuf, ClientError> {
         .map(PathBuf::from)
         .filter(|p| p.is_dir())
         .unwrap_or_else(std::env::temp_dir);
-    let id = meshsign_proto::files::random_id().map_err(|e| ClientError::Crypto(e.to_string()))?;
+    let id =
+        meshsign_evidence::files::random_id().map_err(|e| ClientError::Crypto(e.to_string()))?;
     let dir = base.join(format!("meshsign-agent-{}", &id[..12]));
     let mut b = std::fs::DirBuilder::new();
     #[cfg(unix)]

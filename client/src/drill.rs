@@ -99,7 +99,7 @@ impl Prepared {
             )));
         }
         let pick = usize::from(
-            meshsign_proto::files::random_id()
+            meshsign_evidence::files::random_id()
                 .map_err(|e| ClientError::Crypto(e.to_string()))?
                 .as_bytes()
                 .first()

@@ -101,7 +101,7 @@ impl ClientError {
             message: s.message().to_string(),
             reason: s
                 .get_details_error_info()
-                .map(|i| meshsign_proto::audit::excerpt(&i.reason, 64))
+                .map(|i| meshsign_evidence::audit::excerpt(&i.reason, 64))
                 .unwrap_or_default(),
         }
     }

@@ -5,7 +5,7 @@
 //! Everything fetched here is also checked here against the audit key the same site names, so
 //! a bundle never carries a receipt that does not verify.
 
-use meshsign_proto::receipt::Receipt;
+use meshsign_evidence::receipt::Receipt;
 use meshsign_proto::v1::{self, verification_client::VerificationClient};
 use tonic::transport::Channel;
 
@@ -55,7 +55,7 @@ pub async fn receipt(
     let p = v
         .get_inclusion_proof(v1::GetInclusionProofRequest {
             seq,
-            leaf_hash: meshsign_proto::merkle::leaf_hash(entry).to_vec(),
+            leaf_hash: meshsign_evidence::merkle::leaf_hash(entry).to_vec(),
         })
         .await
         .map_err(|s| ClientError::rpc("GetInclusionProof", s))?
@@ -85,7 +85,7 @@ pub async fn distrust_list(
     v: &mut VerificationClient<Channel>,
     environment: &str,
     audit_spki: &[u8],
-) -> Result<(meshsign_proto::distrust::DistrustList, Vec<u8>), ClientError> {
+) -> Result<(meshsign_evidence::distrust::DistrustList, Vec<u8>), ClientError> {
     let r = v
         .get_distrust_list(v1::GetDistrustListRequest {
             environment: environment.to_string(),

@@ -12,8 +12,8 @@
 //!   checkpoint, `logId.keyId` SHA-256 of the audit key's SPKI.
 
 use base64::Engine as _;
-use meshsign_proto::attest::Envelope;
-use meshsign_proto::receipt::Receipt;
+use meshsign_evidence::attest::Envelope;
+use meshsign_evidence::receipt::Receipt;
 use serde::{Deserialize, Serialize};
 
 use crate::ClientError;
@@ -142,9 +142,10 @@ impl TlogEntry {
         let entry = r
             .entry_bytes()
             .map_err(|e| ClientError::Verify(e.to_string()))?;
-        let rec: meshsign_proto::audit::AuditRecord = serde_json::from_slice(&entry)
+        let rec: meshsign_evidence::audit::AuditRecord = serde_json::from_slice(&entry)
             .map_err(|e| ClientError::Verify(format!("receipt entry: {e}")))?;
-        let time = meshsign_proto::attest::parse_rfc3339(&rec.ts).map_err(ClientError::Verify)?;
+        let time =
+            meshsign_evidence::attest::parse_rfc3339(&rec.ts).map_err(ClientError::Verify)?;
         let hashes = r
             .hashes
             .iter()

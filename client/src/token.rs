@@ -110,7 +110,7 @@ impl DevMinter {
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
         let jti =
-            meshsign_proto::files::random_id().map_err(|e| ClientError::Token(e.to_string()))?;
+            meshsign_evidence::files::random_id().map_err(|e| ClientError::Token(e.to_string()))?;
         let claims = job.claims(&self.iss, audience, &jti, now, 300);
         self.issuer
             .mint(&claims)

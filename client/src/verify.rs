@@ -46,7 +46,7 @@ pub struct SigBundle {
     /// The audit receipt a third party can check: the entry, its inclusion proof and the
     /// signed checkpoint (`meshsign verify --receipt --audit-key`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub receipt: Option<meshsign_proto::receipt::Receipt>,
+    pub receipt: Option<meshsign_evidence::receipt::Receipt>,
 }
 
 impl SigBundle {
@@ -105,7 +105,7 @@ impl SigBundle {
             signature: base64::engine::general_purpose::STANDARD.encode(&r.signature),
             key_id: r.key_id.clone(),
             algorithm: r.algorithm.clone(),
-            public_key_pem: meshsign_proto::pem_encode("PUBLIC KEY", &r.public_key_der),
+            public_key_pem: meshsign_evidence::pem_encode("PUBLIC KEY", &r.public_key_der),
             audit_id: r.audit_id.clone(),
             audit_seq: r.audit_seq,
             audit_hash: r.audit_hash.clone(),
@@ -115,7 +115,7 @@ impl SigBundle {
             certificate_chain_pem: r
                 .certificate_chain
                 .iter()
-                .map(|c| meshsign_proto::pem_encode("CERTIFICATE", c))
+                .map(|c| meshsign_evidence::pem_encode("CERTIFICATE", c))
                 .collect(),
             receipt: None,
         })
@@ -164,7 +164,7 @@ pub fn verify_digest(
 
 /// Verifies a signature over a SHA-256 digest for any algorithm a site key can have: ECDSA
 /// P-256 with pure-Rust p256; RSA (PKCS#1 v1.5, PSS) with aws-lc-rs
-/// ([`meshsign_proto::sig`], the check the site runs on every token signature).
+/// ([`meshsign_evidence::sig`], the check the site runs on every token signature).
 pub fn verify_signature(
     algorithm: &str,
     spki_der: &[u8],
@@ -174,14 +174,14 @@ pub fn verify_signature(
     if algorithm == "ecdsa-p256-sha256" {
         return verify_digest(spki_der, digest, sig);
     }
-    meshsign_proto::sig::verify_digest(algorithm, spki_der, digest, sig)
+    meshsign_evidence::sig::verify_digest(algorithm, spki_der, digest, sig)
         .map_err(|e| ClientError::Verify(e.to_string()))
 }
 
 /// Whether `algorithm` signs messages only (the signature is over the message, not a SHA-256
 /// digest): ECDSA P-384 (SHA-384 of the message) and Ed25519 (pure EdDSA).
 pub fn messages_only(algorithm: &str) -> bool {
-    meshsign_proto::sig::messages_only(algorithm)
+    meshsign_evidence::sig::messages_only(algorithm)
 }
 
 /// The most a message signature covers (the site refuses longer messages).
@@ -195,8 +195,8 @@ pub fn verify_message(
     message: &[u8],
     sig: &[u8],
 ) -> Result<(), ClientError> {
-    if meshsign_proto::sig::messages_only(algorithm) {
-        return meshsign_proto::sig::verify_message(algorithm, spki_der, message, sig)
+    if meshsign_evidence::sig::messages_only(algorithm) {
+        return meshsign_evidence::sig::verify_message(algorithm, spki_der, message, sig)
             .map_err(|e| ClientError::Verify(e.to_string()));
     }
     let mut d = [0u8; 32];
@@ -263,14 +263,14 @@ pub fn audit_key_from_pem(pem: &str) -> Result<p256::ecdsa::VerifyingKey, Client
 /// signed checkpoint after it anchors it.
 pub fn verify_receipt(
     bundle: &SigBundle,
-    export: &[meshsign_proto::audit::ExportLine],
+    export: &[meshsign_evidence::audit::ExportLine],
     audit_key: &p256::ecdsa::VerifyingKey,
 ) -> Result<bool, ClientError> {
-    use meshsign_proto::audit::ExportLine;
-    meshsign_proto::audit::verify_export_from(
+    use meshsign_evidence::audit::ExportLine;
+    meshsign_evidence::audit::verify_export_from(
         export,
         audit_key,
-        meshsign_proto::audit::Start::GenesisOrCheckpoint,
+        meshsign_evidence::audit::Start::GenesisOrCheckpoint,
     )
     .map_err(|e| ClientError::Verify(e.to_string()))?;
     let entry = export
@@ -316,13 +316,13 @@ pub fn audit_key_from_der(spki: &[u8]) -> Result<p256::ecdsa::VerifyingKey, Clie
 /// checkpoint signed by `audit_key` — or the `checkpoint` given), and its entry allowed a Sign
 /// of `digest_hex` with `key_id`. Returns the entry.
 pub fn check_receipt(
-    receipt: &meshsign_proto::receipt::Receipt,
+    receipt: &meshsign_evidence::receipt::Receipt,
     audit_key: &p256::ecdsa::VerifyingKey,
     checkpoint: Option<&str>,
     digest_hex: &str,
     key_id: &str,
     rpc: &str,
-) -> Result<meshsign_proto::audit::AuditRecord, ClientError> {
+) -> Result<meshsign_evidence::audit::AuditRecord, ClientError> {
     let entry = receipt
         .verify(audit_key, checkpoint)
         .map_err(|e| ClientError::Verify(e.to_string()))?;
@@ -346,15 +346,15 @@ pub fn check_receipt(
 pub fn open_distrust_list(
     envelope_json: &[u8],
     audit_key: &p256::ecdsa::VerifyingKey,
-) -> Result<meshsign_proto::distrust::DistrustList, ClientError> {
+) -> Result<meshsign_evidence::distrust::DistrustList, ClientError> {
     use p256::ecdsa::signature::Verifier as _;
-    let env: meshsign_proto::attest::Envelope = serde_json::from_slice(envelope_json)
+    let env: meshsign_evidence::attest::Envelope = serde_json::from_slice(envelope_json)
         .map_err(|e| ClientError::Verify(format!("distrust list: not a DSSE envelope: {e}")))?;
-    if env.payload_type != meshsign_proto::attest::DISTRUST_PAYLOAD_TYPE {
+    if env.payload_type != meshsign_evidence::attest::DISTRUST_PAYLOAD_TYPE {
         return Err(ClientError::Verify(format!(
             "distrust list: payload type `{}` is not {}",
-            meshsign_proto::audit::excerpt(&env.payload_type, 80),
-            meshsign_proto::attest::DISTRUST_PAYLOAD_TYPE
+            meshsign_evidence::audit::excerpt(&env.payload_type, 80),
+            meshsign_evidence::attest::DISTRUST_PAYLOAD_TYPE
         )));
     }
     let pae = env.pae().map_err(|e| ClientError::Verify(e.to_string()))?;
@@ -402,15 +402,15 @@ pub fn algorithms_for_spki(spki: &[u8]) -> Vec<&'static str> {
 /// Opens a DSSE envelope of an in-toto statement signed by the pinned key `spki`, and checks
 /// that one of its subjects is `digest`. Returns the statement.
 pub fn open_statement(
-    envelope: &meshsign_proto::attest::Envelope,
+    envelope: &meshsign_evidence::attest::Envelope,
     spki: &[u8],
     digest: &[u8; 32],
-) -> Result<meshsign_proto::attest::Statement, ClientError> {
-    if envelope.payload_type != meshsign_proto::attest::INTOTO_PAYLOAD_TYPE {
+) -> Result<meshsign_evidence::attest::Statement, ClientError> {
+    if envelope.payload_type != meshsign_evidence::attest::INTOTO_PAYLOAD_TYPE {
         return Err(ClientError::Verify(format!(
             "DSSE payload type `{}` is not {}",
-            meshsign_proto::audit::excerpt(&envelope.payload_type, 80),
-            meshsign_proto::attest::INTOTO_PAYLOAD_TYPE
+            meshsign_evidence::audit::excerpt(&envelope.payload_type, 80),
+            meshsign_evidence::attest::INTOTO_PAYLOAD_TYPE
         )));
     }
     let pae = envelope
@@ -429,9 +429,9 @@ pub fn open_statement(
     let payload = envelope
         .payload_bytes()
         .map_err(|e| ClientError::Verify(e.to_string()))?;
-    let statement: meshsign_proto::attest::Statement = serde_json::from_slice(&payload)
+    let statement: meshsign_evidence::attest::Statement = serde_json::from_slice(&payload)
         .map_err(|e| ClientError::Verify(format!("statement: {e}")))?;
-    if statement.type_ != meshsign_proto::attest::STATEMENT_TYPE {
+    if statement.type_ != meshsign_evidence::attest::STATEMENT_TYPE {
         return Err(ClientError::Verify("not an in-toto Statement v1".into()));
     }
     let want = hex::encode(digest);
@@ -450,8 +450,8 @@ pub fn open_statement(
 /// Refuses a signature whose bound facts fall under a rule of `list` (which must be of the
 /// same site and environment).
 pub fn check_distrust(
-    list: &meshsign_proto::distrust::DistrustList,
-    binding: &meshsign_proto::attest::Binding,
+    list: &meshsign_evidence::distrust::DistrustList,
+    binding: &meshsign_evidence::attest::Binding,
 ) -> Result<(), ClientError> {
     if list.region != binding.region {
         return Err(ClientError::Verify(format!(

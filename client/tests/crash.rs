@@ -8,7 +8,7 @@ mod common;
 use common::start_dev;
 use meshsign_client::ClientConfig;
 use meshsign_client::runner::Session;
-use meshsign_proto::audit::{ExportLine, verify_export};
+use meshsign_evidence::audit::{ExportLine, verify_export};
 use meshsign_proto::v1;
 use p256::pkcs8::DecodePublicKey as _;
 

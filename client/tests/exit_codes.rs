@@ -108,7 +108,10 @@ fn fingerprint_says_its_source_and_honours_the_override() {
         .unwrap();
     assert!(out.status.success());
     let fp = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    assert!(meshsign_proto::identity::is_valid_fingerprint(&fp), "{fp}");
+    assert!(
+        meshsign_evidence::identity::is_valid_fingerprint(&fp),
+        "{fp}"
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("source: "));
     let out = Command::new(meshsign())
         .arg("fingerprint")

@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use common::{DevSite, meshsign, meshsignd, start_dev};
 use meshsign_client::ClientConfig;
 use meshsign_client::runner::Session;
-use meshsign_proto::audit::{ExportLine, verify_export};
+use meshsign_evidence::audit::{ExportLine, verify_export};
 use meshsign_proto::v1;
 use p256::pkcs8::DecodePublicKey as _;
 
@@ -121,7 +121,7 @@ async fn verified_log(dir: &Path) -> Vec<ExportLine> {
     lines
 }
 
-fn entry(lines: &[ExportLine], seq: u64) -> Option<&meshsign_proto::audit::AuditRecord> {
+fn entry(lines: &[ExportLine], seq: u64) -> Option<&meshsign_evidence::audit::AuditRecord> {
     lines.iter().find_map(|l| match l {
         ExportLine::Entry(e) if e.seq == seq => Some(e.as_ref()),
         _ => None,

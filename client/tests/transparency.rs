@@ -404,7 +404,7 @@ fn edit(path: &str, f: impl FnOnce(&mut serde_json::Value)) -> String {
 /// An audit entry (base64 of its JSON) with the job changed — and its own hash recomputed, as
 /// a forger would.
 fn forge_entry(b64: &str) -> String {
-    let mut rec: meshsign_proto::audit::AuditRecord =
+    let mut rec: meshsign_evidence::audit::AuditRecord =
         serde_json::from_slice(&B64.decode(b64).unwrap()).unwrap();
     rec.job_id = "7002".into();
     rec.hash = rec.compute_hash();

@@ -1,7 +1,7 @@
 //! The audit export parser and the offline verifier (chain, seqs, checkpoint signatures).
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use meshsign_proto::audit::{Start, parse_export, verify_export_from};
+use meshsign_evidence::audit::{Start, parse_export, verify_export_from};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {

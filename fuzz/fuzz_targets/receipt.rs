@@ -3,7 +3,7 @@
 //! itself on arbitrary positions and proofs.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use meshsign_proto::{attest, distrust, merkle, note, receipt};
+use meshsign_evidence::{attest, distrust, merkle, note, receipt};
 
 fuzz_target!(|data: &[u8]| {
     // The generator point: any valid key (signatures will not verify; the parsers and checks

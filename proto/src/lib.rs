@@ -1,21 +1,12 @@
-//! meshsign's contract and the identity wire formats both the site and the client share.
+//! meshsign's contract: the gRPC types and services and their compatibility shims. The
+//! evidence formats both sides share (identity, the audit log, receipts, statements) are in
+//! `meshsign-evidence`, which needs no transport.
 //!
 //! - [`v1`]: the generated gRPC types and services (package `meshsign.v1`).
-//! - [`identity`]: the SPIFFE ID of a runner certificate and the job-claims extension.
-//! - [`files`]: atomic file writes and random ids, for the site and the client alike.
+//! - [`compat`]: words for enums, kept in both forms for older clients.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server reflection.
 
-pub mod attest;
-pub mod audit;
 pub mod compat;
-pub mod der;
-pub mod distrust;
-pub mod files;
-pub mod identity;
-pub mod merkle;
-pub mod note;
-pub mod receipt;
-pub mod sig;
 
 /// Generated code for package `meshsign.v1`.
 #[allow(missing_docs, clippy::all)]
@@ -48,19 +39,6 @@ impl std::fmt::Debug for v1::ImportKeyRequest {
 /// Encoded `FileDescriptorSet` of the contract, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/meshsign_descriptor.bin"));
-
-/// Encodes DER as PEM with the given label (64-column base64 lines).
-pub fn pem_encode(label: &str, der: &[u8]) -> String {
-    use base64::Engine as _;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for chunk in b64.as_bytes().chunks(64) {
-        out.push_str(&String::from_utf8_lossy(chunk));
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
-}
 
 #[cfg(test)]
 mod tests {

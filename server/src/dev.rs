@@ -151,7 +151,7 @@ bound_claims = {{ repository_owner_id = "{owner}", environment = "{env}" }}
             owner = meshsign_certs_dev::GITHUB_OWNER_ID,
         ));
     }
-    meshsign_proto::files::write_atomic(&site_toml, toml.as_bytes(), false)
+    meshsign_evidence::files::write_atomic(&site_toml, toml.as_bytes(), false)
         .map_err(io(&site_toml))?;
     Ok(site_toml)
 }
@@ -196,7 +196,7 @@ key_file = "pki/{akey}"
         ));
     }
     let path = dir.join("client.toml");
-    meshsign_proto::files::write_atomic(&path, toml.as_bytes(), false).map_err(io(&path))?;
+    meshsign_evidence::files::write_atomic(&path, toml.as_bytes(), false).map_err(io(&path))?;
     Ok(path)
 }
 

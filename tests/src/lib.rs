@@ -600,7 +600,7 @@ impl Kv for FaultyKv {
 pub async fn export(
     site: &TestSite,
     req: v1::ExportAuditRequest,
-) -> Vec<meshsign_proto::audit::ExportLine> {
+) -> Vec<meshsign_evidence::audit::ExportLine> {
     let mut stream = site
         .admin()
         .await
@@ -640,7 +640,7 @@ pub fn sign_req(alias: &str, byte: u8) -> v1::SignRequest {
 
 /// Writes DER as PEM to `path`.
 pub fn write_pem(path: &Path, label: &str, der: &[u8]) {
-    std::fs::write(path, meshsign_proto::pem_encode(label, der)).unwrap();
+    std::fs::write(path, meshsign_evidence::pem_encode(label, der)).unwrap();
 }
 
 /// openssl verifies a message signature from the site: Ed25519 with `pkeyutl -rawin`, the others

@@ -133,7 +133,7 @@ async fn rsa_keys_import_rotate_and_survive_restart() {
     let site = TestSite::start_with(RSA_KEYS, None).await;
     let kp = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa3072).unwrap();
     let pkcs8 = AsDer::<aws_lc_rs::encoding::Pkcs8V1Der>::as_der(&kp).unwrap();
-    let pem = meshsign_proto::pem_encode("PRIVATE KEY", pkcs8.as_ref());
+    let pem = meshsign_evidence::pem_encode("PRIVATE KEY", pkcs8.as_ref());
     let info = site
         .admin()
         .await

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use meshsign_proto::audit::{AuditRecord, ExportLine, Start, verify_export, verify_export_from};
+use meshsign_evidence::audit::{AuditRecord, ExportLine, Start, verify_export, verify_export_from};
 use meshsign_proto::v1;
 use meshsign_tests::{FaultyKv, TestSite, audit_key, export, sign_req};
 use tonic::Code;
@@ -120,7 +120,7 @@ async fn tampering_is_detected_at_the_right_seq() {
     let e = entry_mut(&mut forged_cp, cp_seq);
     let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let cp = e.checkpoint.as_mut().unwrap();
-    let msg = meshsign_proto::audit::Checkpoint::message(
+    let msg = meshsign_evidence::audit::Checkpoint::message(
         &e.site_region,
         cp.covers_seq,
         &cp.head_hash,

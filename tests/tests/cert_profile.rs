@@ -4,7 +4,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
 use meshsign_client::runner::RunnerKey;
-use meshsign_proto::identity::{JobClaims, claims_extension_oid_der, claims_extension_oid_string};
+use meshsign_evidence::identity::{
+    JobClaims, claims_extension_oid_der, claims_extension_oid_string,
+};
 use meshsign_tests::{REGION, TRUST_DOMAIN, TTL_CAP, TestSite, openssl, write_pem};
 use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, SanType};
 use x509_parser::prelude::*;

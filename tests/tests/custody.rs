@@ -97,7 +97,7 @@ async fn no_private_key_bytes_anywhere_in_the_data_dir() {
     let mut scanned = 0;
     for (name, pkcs8) in &secrets {
         let scalar = p256::SecretKey::from_pkcs8_der(pkcs8).unwrap().to_bytes();
-        let pem = meshsign_proto::pem_encode("PRIVATE KEY", pkcs8);
+        let pem = meshsign_evidence::pem_encode("PRIVATE KEY", pkcs8);
         let b64_body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
         let needles: [&[u8]; 4] = [&scalar, pkcs8, pem.as_bytes(), b64_body.as_bytes()];
         for f in &files {

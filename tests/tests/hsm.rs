@@ -253,9 +253,11 @@ fn keys_in_a_pkcs11_token_sign_rotate_survive_restarts_and_the_token_coming_and_
             .unwrap();
         assert!(String::from_utf8_lossy(&audit_rec[0].1).contains("\"pkcs11\""));
         let lines = meshsign_tests::export(&site, v1::ExportAuditRequest::default()).await;
-        let report =
-            meshsign_proto::audit::verify_export(&lines, &meshsign_tests::audit_key(&site).await)
-                .unwrap();
+        let report = meshsign_evidence::audit::verify_export(
+            &lines,
+            &meshsign_tests::audit_key(&site).await,
+        )
+        .unwrap();
         assert!(report.checkpoints >= 1, "{report:?}");
 
         // Rotate: v2 is made in the token and signs; disable: refused.

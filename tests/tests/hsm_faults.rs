@@ -245,17 +245,22 @@ async fn body(hsm_dir: PathBuf) {
     for (digest, r) in &acked {
         assert_eq!(r.public_key_der, key_spki, "{}", r.key_id);
         assert_eq!(r.key_id, "hsm@v1");
-        meshsign_proto::sig::verify_digest("ecdsa-p256-sha256", &key_spki, digest, &r.signature)
+        meshsign_evidence::sig::verify_digest("ecdsa-p256-sha256", &key_spki, digest, &r.signature)
             .unwrap_or_else(|e| panic!("seq {}: {e}", r.audit_seq));
         assert!(
-            meshsign_proto::sig::verify_digest("ecdsa-p256-sha256", &ca_spki, digest, &r.signature)
-                .is_err()
+            meshsign_evidence::sig::verify_digest(
+                "ecdsa-p256-sha256",
+                &ca_spki,
+                digest,
+                &r.signature
+            )
+            .is_err()
         );
     }
     // Every certificate is signed by the runner CA's key.
     for der in &certs {
         let (_, cert) = X509Certificate::from_der(der).unwrap();
-        meshsign_proto::sig::verify_message(
+        meshsign_evidence::sig::verify_message(
             "ecdsa-p256-sha256",
             &ca_spki,
             cert.tbs_certificate.as_ref(),
@@ -277,7 +282,7 @@ async fn body(hsm_dir: PathBuf) {
         .expect("signing works once the token is back");
     let lines = meshsign_tests::export(&site, v1::ExportAuditRequest::default()).await;
     let report =
-        meshsign_proto::audit::verify_export(&lines, &meshsign_tests::audit_key(&site).await)
+        meshsign_evidence::audit::verify_export(&lines, &meshsign_tests::audit_key(&site).await)
             .unwrap();
     assert!(report.checkpoints > 5, "{report:?}");
     // Every acknowledged signature is in the log under its seq and hash.
@@ -285,7 +290,7 @@ async fn body(hsm_dir: PathBuf) {
         let e = lines
             .iter()
             .find_map(|l| match l {
-                meshsign_proto::audit::ExportLine::Entry(e) if e.seq == r.audit_seq => Some(e),
+                meshsign_evidence::audit::ExportLine::Entry(e) if e.seq == r.audit_seq => Some(e),
                 _ => None,
             })
             .unwrap_or_else(|| panic!("seq {} in the log", r.audit_seq));

@@ -995,13 +995,13 @@ async fn a_github_job_is_its_check_run_and_a_pipeline_its_run() {
 
     // The certificate carries job, pipeline and attempt; the entries name the pipeline.
     let (_, cert) = X509Certificate::from_der(&ra.certificate_chain[0]).unwrap();
-    let oid = meshsign_proto::identity::claims_extension_oid_der();
+    let oid = meshsign_evidence::identity::claims_extension_oid_der();
     let ext = cert
         .extensions()
         .iter()
         .find(|e| e.oid.as_bytes() == &oid[2..])
         .unwrap();
-    let claims = meshsign_proto::identity::JobClaims::from_extension_value(ext.value).unwrap();
+    let claims = meshsign_evidence::identity::JobClaims::from_extension_value(ext.value).unwrap();
     assert_eq!(
         (
             claims.job_id.as_str(),

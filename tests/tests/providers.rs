@@ -6,7 +6,7 @@
 
 use meshsign_certs_dev::{BuildkiteJob, GitlabJob, random_id};
 use meshsign_client::runner::RunnerKey;
-use meshsign_proto::identity::{JobClaims, claims_extension_oid_der};
+use meshsign_evidence::identity::{JobClaims, claims_extension_oid_der};
 use meshsign_proto::v1;
 use meshsign_tests::{REGION, RS_ISSUER, TestSite, sign_req};
 use serde_json::Value;

@@ -30,12 +30,12 @@ fn open_in_thread(
 /// Verifies the site's whole audit log offline: one chain from genesis, checkpoints signed.
 async fn verify_chain(site: &TestSite) -> u64 {
     let key = meshsign_tests::audit_key(site).await;
-    let lines: Vec<meshsign_proto::audit::ExportLine> = site
+    let lines: Vec<meshsign_evidence::audit::ExportLine> = site
         .audit()
         .into_iter()
-        .map(|r| meshsign_proto::audit::ExportLine::Entry(Box::new(r)))
+        .map(|r| meshsign_evidence::audit::ExportLine::Entry(Box::new(r)))
         .collect();
-    let report = meshsign_proto::audit::verify_export(&lines, &key).unwrap();
+    let report = meshsign_evidence::audit::verify_export(&lines, &key).unwrap();
     report.last_seq
 }
 
@@ -756,7 +756,7 @@ async fn one_approval_rotates_once_across_replicas_and_no_key_version_is_made_tw
             .unwrap_or_else(|| panic!("{} is not published", s.key_id));
         assert_eq!(published.public_key_der, s.public_key_der, "{}", s.key_id);
         let digest: [u8; 32] = s.sha256_digest.as_slice().try_into().unwrap();
-        meshsign_proto::sig::Verifier::new(&s.algorithm, &s.public_key_der)
+        meshsign_evidence::sig::Verifier::new(&s.algorithm, &s.public_key_der)
             .unwrap()
             .verify_digest(&digest, &s.signature)
             .unwrap();

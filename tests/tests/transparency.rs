@@ -8,8 +8,8 @@
 use base64::Engine as _;
 use meshsign_certs_dev::{BuildkiteJob, random_id};
 use meshsign_client::runner::RunnerKey;
-use meshsign_proto::attest::{Envelope, PREDICATE_SIGNING, PREDICATE_SLSA, SiteFacts};
-use meshsign_proto::receipt::Receipt;
+use meshsign_evidence::attest::{Envelope, PREDICATE_SIGNING, PREDICATE_SLSA, SiteFacts};
+use meshsign_evidence::receipt::Receipt;
 use meshsign_proto::v1;
 use meshsign_tests::{REGION, TestSite, audit_key, sign_req};
 use tonic::Code;
@@ -35,7 +35,7 @@ async fn proof(
 
 /// The receipt of entry `seq`, whose stored bytes `entry` the Sign response returned.
 async fn receipt(site: &TestSite, seq: u64, entry: &[u8]) -> Result<Receipt, tonic::Status> {
-    let p = proof(site, seq, &meshsign_proto::merkle::leaf_hash(entry)).await?;
+    let p = proof(site, seq, &meshsign_evidence::merkle::leaf_hash(entry)).await?;
     Ok(Receipt {
         log_index: p.log_index,
         tree_size: p.tree_size,
@@ -104,7 +104,7 @@ async fn every_receipt_proves_against_a_signed_checkpoint_and_an_altered_entry_d
 
     // Whoever does not hold the entry gets nothing — not even whether the seq exists: not by
     // its chain hash (which the next entry's `prev_hash` discloses), not by a wrong leaf.
-    let leaf = meshsign_proto::merkle::leaf_hash(&r.audit_entry);
+    let leaf = meshsign_evidence::merkle::leaf_hash(&r.audit_entry);
     for (seq, leaf) in [
         (r.audit_seq, vec![0u8; 32]),
         (r.audit_seq, Vec::new()),
@@ -152,7 +152,7 @@ async fn a_receipt_opens_no_other_entry_of_the_log() {
         .await
         .unwrap()
         .into_inner();
-    let own: meshsign_proto::audit::AuditRecord =
+    let own: meshsign_evidence::audit::AuditRecord =
         serde_json::from_slice(&mine.audit_entry).unwrap();
     assert_eq!(
         (own.seq, own.hash.as_str()),
@@ -245,7 +245,7 @@ async fn proofs_hold_across_a_restart_and_retention() {
     let (_k, _r, mut s) = site.enrolled("staging").await;
     let fresh = s.sign(sign_req("release", 98)).await.unwrap().into_inner();
     let full = meshsign_tests::export(&site, v1::ExportAuditRequest::default()).await;
-    meshsign_proto::audit::verify_export(&full, &key).unwrap();
+    meshsign_evidence::audit::verify_export(&full, &key).unwrap();
     let (from, to) = meshsign_server::ops::housekeeping::prune_audit(site.state())
         .await
         .unwrap()
@@ -324,7 +324,7 @@ async fn replicas_prove_what_the_other_wrote_in_one_tree() {
     }
 }
 
-fn facts(resp: &v1::AttestResponse) -> (Envelope, meshsign_proto::attest::Statement) {
+fn facts(resp: &v1::AttestResponse) -> (Envelope, meshsign_evidence::attest::Statement) {
     let env: Envelope = serde_json::from_slice(&resp.envelope_json).unwrap();
     let st =
         meshsign_client::verify::open_statement(&env, &resp.public_key_der, &[5u8; 32]).unwrap();
@@ -593,7 +593,7 @@ fn distrust(env: &str, job: &str) -> v1::DistrustRequest {
     }
 }
 
-async fn public_list(site: &TestSite, env: &str) -> meshsign_proto::distrust::DistrustList {
+async fn public_list(site: &TestSite, env: &str) -> meshsign_evidence::distrust::DistrustList {
     let r = site
         .verification()
         .await

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use meshsign_proto::audit::{AuditRecord, ExportLine, Omitted};
+use meshsign_evidence::audit::{AuditRecord, ExportLine, Omitted};
 use meshsign_proto::v1;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;

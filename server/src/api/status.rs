@@ -74,7 +74,7 @@ fn log_chain(e: &dyn Refusal, what: &str) {
 }
 
 fn internal(e: &dyn Refusal) -> Status {
-    let id = meshsign_proto::files::random_id()
+    let id = meshsign_evidence::files::random_id()
         .map(|id| id[..16].to_string())
         .unwrap_or_else(|_| "unavailable".into());
     tracing::error!(error_id = %id, reason = e.reason(), error = %crate::model::log_safe(&chain(e)), "internal error");

@@ -31,7 +31,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
 
-use meshsign_proto::audit::AuditRecord;
+use meshsign_evidence::audit::AuditRecord;
 
 use super::AuditError;
 
@@ -375,7 +375,7 @@ impl Journal {
         header.push(b'\n');
         // A new file renamed over the old one: a crash leaves the old journal or the new
         // header, never an empty file (which the start would take for a cut journal).
-        meshsign_proto::files::write_atomic(&self.path, &header, false)
+        meshsign_evidence::files::write_atomic(&self.path, &header, false)
             .map_err(|e| io_err(&self.path, e))?;
         self.file = OpenOptions::new()
             .read(true)

@@ -1,4 +1,4 @@
-//! The audit log's Merkle tree kept beside the chain (`meshsign_proto::merkle` has the
+//! The audit log's Merkle tree kept beside the chain (`meshsign_evidence::merkle` has the
 //! hashing): leaf `i` is entry `seq = i + 1`. The writer extends it in memory as it appends
 //! (a [`Frontier`]) and signs its root into every checkpoint as a C2SP signed note; inclusion
 //! proofs are computed from the store on request.
@@ -13,7 +13,7 @@
 //! Nodes depend only on the entries, which never change once durable, so every replica of a
 //! site computes and stores the same values.
 
-use meshsign_proto::merkle::{self, Completed, Frontier, Hash};
+use meshsign_evidence::merkle::{self, Completed, Frontier, Hash};
 
 use super::AuditError;
 use crate::store::{Store, Tree};

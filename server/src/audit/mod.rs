@@ -4,7 +4,7 @@
 //! Owns: the writer thread, the chain head, checkpoints, the journal ([`journal`]),
 //! retention, and the audit key. Must not touch: what a decision means (the use cases fill the
 //! record), the network. The format, chain and verification live in
-//! `meshsign_proto::audit`, shared with offline verifiers.
+//! `meshsign_evidence::audit`, shared with offline verifiers.
 //!
 //! **Group commit.** Callers hand entries to one writer thread; it takes every entry waiting,
 //! chains and stores them, flushes once, then answers all of them. Concurrent requests share one
@@ -29,8 +29,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use meshsign_proto::audit::AuditRecord;
-use meshsign_proto::audit::{Checkpoint, genesis};
+pub use meshsign_evidence::audit::AuditRecord;
+use meshsign_evidence::audit::{Checkpoint, genesis};
 use std::sync::mpsc;
 
 use tokio::sync::{oneshot, watch};
@@ -244,7 +244,7 @@ pub struct Proof {
     /// Entries the tree head covers.
     pub tree_size: u64,
     /// Leaf to root.
-    pub hashes: Vec<meshsign_proto::merkle::Hash>,
+    pub hashes: Vec<meshsign_evidence::merkle::Hash>,
     /// The signed note.
     pub checkpoint: String,
 }
@@ -310,9 +310,9 @@ struct Writer {
     metrics: Arc<crate::metrics::Metrics>,
     /// The Merkle tree over entries 1..=seq (None: it could not be built; checkpoints then
     /// carry no tree head, and the log says why once).
-    tree: Option<meshsign_proto::merkle::Frontier>,
+    tree: Option<meshsign_evidence::merkle::Frontier>,
     /// Subtrees completed by the batch being committed (stored once it is durable).
-    completed: Vec<meshsign_proto::merkle::Completed>,
+    completed: Vec<meshsign_evidence::merkle::Completed>,
     /// Checkpoint origin (`<trust domain>/<region>/audit`).
     origin: String,
     /// The newest durable signed tree head.
@@ -503,7 +503,7 @@ impl AuditLog {
         let Some(entry) = self.store.kv().get(Tree::Audit, &seq.to_be_bytes())? else {
             return Ok(None);
         };
-        let leaf = meshsign_proto::merkle::leaf_hash(&entry);
+        let leaf = meshsign_evidence::merkle::leaf_hash(&entry);
         if aws_lc_rs::constant_time::verify_slices_are_equal(&leaf, leaf_hash).is_err() {
             return Ok(None);
         }
@@ -526,7 +526,7 @@ impl AuditLog {
         &self,
         seq: u64,
         size: u64,
-    ) -> Result<Vec<meshsign_proto::merkle::Hash>, AuditError> {
+    ) -> Result<Vec<meshsign_evidence::merkle::Hash>, AuditError> {
         merkle::proof(&self.store, seq, size)
     }
 
@@ -705,7 +705,7 @@ pub fn log_origin(trust_domain: &str, region: &str) -> String {
 }
 
 /// The tree over the stored entries 1..=`seq`, or None (logged) if it cannot be built.
-fn load_tree(store: &Store, seq: u64) -> Option<meshsign_proto::merkle::Frontier> {
+fn load_tree(store: &Store, seq: u64) -> Option<meshsign_evidence::merkle::Frontier> {
     match merkle::frontier(store, seq) {
         Ok(f) => Some(f),
         Err(e) => {
@@ -1107,7 +1107,7 @@ impl Writer {
                     {
                         for (_, bytes) in &rows {
                             self.completed
-                                .extend(tree.push(meshsign_proto::merkle::leaf_hash(bytes)));
+                                .extend(tree.push(meshsign_evidence::merkle::leaf_hash(bytes)));
                         }
                         true
                     }
@@ -1170,7 +1170,7 @@ impl Writer {
         if let Some(tree) = &mut self.tree {
             if tree.size() + 1 == rec.seq {
                 self.completed
-                    .extend(tree.push(meshsign_proto::merkle::leaf_hash(&bytes)));
+                    .extend(tree.push(meshsign_evidence::merkle::leaf_hash(&bytes)));
             } else {
                 tracing::error!(
                     tree = tree.size(),
@@ -1216,7 +1216,7 @@ impl Writer {
             .map_err(|e| AuditError::Checkpoint(Arc::new(e)))?;
         let note = match &self.tree {
             Some(tree) if tree.size() == self.seq => {
-                let head = meshsign_proto::note::TreeHead {
+                let head = meshsign_evidence::note::TreeHead {
                     origin: self.origin.clone(),
                     size: tree.size(),
                     root: tree.root(),

@@ -16,7 +16,7 @@
 use std::sync::Arc;
 
 use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1, UnparsedPublicKey};
-use meshsign_proto::identity::{JobClaims, OidArc, RunnerId, claims_extension_oid_der, oid_der};
+use meshsign_evidence::identity::{JobClaims, OidArc, RunnerId, claims_extension_oid_der, oid_der};
 use rcgen::{
     BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
@@ -152,7 +152,7 @@ impl TokenKey {
 impl PublicKeyData for TokenKey {
     fn der_bytes(&self) -> &[u8] {
         // rcgen wants the subjectPublicKey bytes, not the SPKI.
-        meshsign_proto::der::spki_key(self.0.public_key_der()).unwrap_or_default()
+        meshsign_evidence::der::spki_key(self.0.public_key_der()).unwrap_or_default()
     }
     fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
         &rcgen::PKCS_ECDSA_P256_SHA256
@@ -287,7 +287,8 @@ impl RunnerCa {
         state: RunnerCaState,
         now_unix: i64,
     ) -> Result<Self, CaError> {
-        let id = meshsign_proto::files::random_id().map_err(|_| CustodyError::Crypto("rng"))?[..16]
+        let id = meshsign_evidence::files::random_id().map_err(|_| CustodyError::Crypto("rng"))?
+            [..16]
             .to_string();
         let mut p = CertificateParams::default();
         let mut dn = DistinguishedName::new();

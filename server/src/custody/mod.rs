@@ -157,7 +157,7 @@ impl Kek {
             .fill(&mut key[..])
             .map_err(|_| CustodyError::Crypto("rng"))?;
         let hexed = Zeroizing::new(hex::encode(&key[..]));
-        meshsign_proto::files::write_atomic(path, hexed.as_bytes(), true).map_err(|source| {
+        meshsign_evidence::files::write_atomic(path, hexed.as_bytes(), true).map_err(|source| {
             CustodyError::KekIo {
                 path: path.display().to_string(),
                 source,

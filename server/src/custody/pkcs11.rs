@@ -476,7 +476,7 @@ impl Token {
         algorithm: KeyAlgorithm,
         label: &str,
     ) -> Result<(Pkcs11Ref, Vec<u8>), CustodyError> {
-        let id = meshsign_proto::files::random_id()
+        let id = meshsign_evidence::files::random_id()
             .map_err(|_| CustodyError::Crypto("random id"))?
             .as_bytes()[..16]
             .to_vec();
@@ -544,7 +544,7 @@ impl Token {
         spki: &[u8],
         label: &str,
     ) -> Result<Pkcs11Ref, CustodyError> {
-        let id = meshsign_proto::files::random_id()
+        let id = meshsign_evidence::files::random_id()
             .map_err(|_| CustodyError::Crypto("random id"))?
             .as_bytes()[..16]
             .to_vec();
@@ -557,8 +557,8 @@ impl Token {
         let (key_type, private_parts, public_parts) = match algorithm {
             KeyAlgorithm::EcdsaP256Sha256 => {
                 // ECPrivateKey ::= SEQUENCE { version, privateKey OCTET STRING, … }
-                let fields = meshsign_proto::der::tlvs(
-                    meshsign_proto::der::tlv(&key)
+                let fields = meshsign_evidence::der::tlvs(
+                    meshsign_evidence::der::tlv(&key)
                         .map(|(_, b, _)| b)
                         .ok_or(CustodyError::Crypto("ECPrivateKey"))?,
                 )
@@ -568,7 +568,7 @@ impl Token {
                     .filter(|(tag, _)| *tag == 0x04)
                     .map(|(_, v)| zeroize::Zeroizing::new(v.to_vec()))
                     .ok_or(CustodyError::Crypto("ECPrivateKey"))?;
-                let point = meshsign_proto::der::spki_key(spki)
+                let point = meshsign_evidence::der::spki_key(spki)
                     .ok_or(CustodyError::Crypto("public key"))?;
                 (
                     KeyType::EC,
@@ -584,8 +584,8 @@ impl Token {
             }
             a if a.rsa_bits().is_some() => {
                 // RSAPrivateKey ::= SEQUENCE { version, n, e, d, p, q, dp, dq, qinv }
-                let fields = meshsign_proto::der::tlvs(
-                    meshsign_proto::der::tlv(&key)
+                let fields = meshsign_evidence::der::tlvs(
+                    meshsign_evidence::der::tlv(&key)
                         .map(|(_, b, _)| b)
                         .ok_or(CustodyError::Crypto("RSAPrivateKey"))?,
                 )
@@ -698,7 +698,7 @@ impl Token {
                 let p = point.ok_or_else(|| missing("CKA_EC_POINT"))?;
                 // CKA_EC_POINT is the DER OCTET STRING of the point (or, in some tokens, the bare
                 // point).
-                let raw = match meshsign_proto::der::tlv(&p) {
+                let raw = match meshsign_evidence::der::tlv(&p) {
                     Some((0x04, body, rest))
                         if rest.is_empty()
                             && (body.first() == Some(&0x04)
@@ -833,11 +833,11 @@ fn rsa_spki(modulus: &[u8], exponent: &[u8]) -> Vec<u8> {
 /// The private key inside a PKCS#8 `PrivateKeyInfo` (its OCTET STRING's content), zeroized on
 /// drop.
 fn private_key_of(pkcs8: &[u8]) -> Option<zeroize::Zeroizing<Vec<u8>>> {
-    let (tag, body, _) = meshsign_proto::der::tlv(pkcs8)?;
+    let (tag, body, _) = meshsign_evidence::der::tlv(pkcs8)?;
     if tag != 0x30 {
         return None;
     }
-    let fields = meshsign_proto::der::tlvs(body)?;
+    let fields = meshsign_evidence::der::tlvs(body)?;
     fields
         .get(2)
         .filter(|(tag, _)| *tag == 0x04)
@@ -899,7 +899,7 @@ pub struct Pkcs11Key {
     algorithm: KeyAlgorithm,
     spki: Vec<u8>,
     /// The recorded public key, parsed once: every signature is checked with it.
-    check: meshsign_proto::sig::Verifier,
+    check: meshsign_evidence::sig::Verifier,
     handle: Mutex<Option<(u64, ObjectHandle)>>,
 }
 
@@ -931,7 +931,7 @@ impl Pkcs11Key {
             )));
         }
         let spki = token.public_key(r, algorithm)?;
-        let check = meshsign_proto::sig::Verifier::new(algorithm.as_str(), &spki)
+        let check = meshsign_evidence::sig::Verifier::new(algorithm.as_str(), &spki)
             .map_err(|_| CustodyError::Crypto("the token's public key does not parse"))?;
         Ok(Self {
             token: token.clone(),

@@ -10,7 +10,7 @@ mod csr;
 
 pub use csr::verify_csr;
 
-use meshsign_proto::identity::{JobClaims, RunnerId, is_valid_fingerprint};
+use meshsign_evidence::identity::{JobClaims, RunnerId, is_valid_fingerprint};
 use serde_json::Value;
 
 use crate::audit::{AuditError, AuditRecord};

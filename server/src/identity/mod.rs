@@ -8,8 +8,8 @@
 pub mod claims;
 pub mod jwt;
 
-use meshsign_proto::audit::AuditRecord;
-use meshsign_proto::identity::{JobClaims, RunnerId, claims_extension_oid_der};
+use meshsign_evidence::audit::AuditRecord;
+use meshsign_evidence::identity::{JobClaims, RunnerId, claims_extension_oid_der};
 use x509_parser::prelude::*;
 
 /// Why a peer certificate is not an identity of this site.

@@ -6,7 +6,7 @@
 //! Must not touch: the store, the clock, the network, configuration files. Nothing here imports
 //! another module of this crate.
 
-use meshsign_proto::identity::{JobClaims, is_valid_fingerprint};
+use meshsign_evidence::identity::{JobClaims, is_valid_fingerprint};
 use serde::{Deserialize, Serialize};
 
 // === the refusal contract ===
@@ -49,10 +49,10 @@ pub const AUDIT_UNAVAILABLE: &str = "audit_unavailable";
 
 /// Cuts a string from the network, a file or a user to at most `max` bytes, before it
 /// reaches an audit record, a log line or a message. A longer value is kept as a prefix and the
-/// hash of the whole ([`meshsign_proto::audit::excerpt`]): recognisable, matchable against the
+/// hash of the whole ([`meshsign_evidence::audit::excerpt`]): recognisable, matchable against the
 /// original, never whole.
 pub fn bounded(s: &str, max: usize) -> String {
-    meshsign_proto::audit::excerpt(s, max.max(64))
+    meshsign_evidence::audit::excerpt(s, max.max(64))
 }
 
 /// A string from the network made safe for a text log line: control characters (newlines

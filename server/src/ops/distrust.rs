@@ -1,13 +1,13 @@
 //! After-the-fact distrust: ops add rules that make offline verifiers refuse signatures the
 //! site already made (by job, runner fingerprint, region, key version, time window), and the
 //! site publishes each environment's rules as a versioned list signed by its audit key
-//! (`meshsign_proto::distrust`). Revocation stops new signatures; distrust reaches back.
+//! (`meshsign_evidence::distrust`). Revocation stops new signatures; distrust reaches back.
 //!
 //! The list is kept per environment in [`Tree::Distrust`] with its signed form, so every
 //! replica serves the same bytes; a change writes a new version under the ops lock.
 
-use meshsign_proto::attest::{DISTRUST_PAYLOAD_TYPE, Envelope, pae};
-use meshsign_proto::distrust::{DistrustEntry, DistrustList};
+use meshsign_evidence::attest::{DISTRUST_PAYLOAD_TYPE, Envelope, pae};
+use meshsign_evidence::distrust::{DistrustEntry, DistrustList};
 use serde::{Deserialize, Serialize};
 
 use super::{OpsError, environment_exists};
@@ -156,7 +156,7 @@ fn seal(site: &SiteState, list: DistrustList) -> Result<Stored, OpsError> {
 fn validate(site: &SiteState, op: &Operator, r: NewRule) -> Result<DistrustEntry, OpsError> {
     let invalid = |m: String| Err(OpsError::Invalid(m));
     if !r.runner_fingerprint.is_empty()
-        && !meshsign_proto::identity::is_valid_fingerprint(&r.runner_fingerprint)
+        && !meshsign_evidence::identity::is_valid_fingerprint(&r.runner_fingerprint)
     {
         return invalid(format!(
             "runner fingerprint `{}`: 64 lowercase hex characters",
@@ -186,7 +186,7 @@ fn validate(site: &SiteState, op: &Operator, r: NewRule) -> Result<DistrustEntry
     let entry = DistrustEntry {
         id: format!(
             "d-{}",
-            meshsign_proto::files::random_id()
+            meshsign_evidence::files::random_id()
                 .map(|id| id[..16].to_string())
                 .map_err(|e| OpsError::Invalid(format!("no randomness: {e}")))?
         ),

@@ -367,7 +367,7 @@ pub fn key_csr(
     if subject.common_name.is_empty() {
         return Err(OpsError::Invalid("--common-name is required".into()));
     }
-    let key_bits = meshsign_proto::der::spki_key(&key.record.public_key_der)
+    let key_bits = meshsign_evidence::der::spki_key(&key.record.public_key_der)
         .ok_or_else(|| OpsError::Invalid("stored public key is not an SPKI".into()))?
         .to_vec();
     let mut params = rcgen::CertificateParams::default();
@@ -399,7 +399,7 @@ pub fn key_csr(
     let csr = params
         .serialize_request(&signer)
         .map_err(|e| OpsError::Invalid(format!("csr: {e}")))?;
-    let pem = meshsign_proto::pem_encode("CERTIFICATE REQUEST", csr.der());
+    let pem = meshsign_evidence::pem_encode("CERTIFICATE REQUEST", csr.der());
     let key_id = key.record.key_id();
     Ok((
         (key_id.clone(), pem),

@@ -239,7 +239,7 @@ pub fn propose(
     let window = site.config().review.window_seconds;
     let id = format!(
         "p-{}",
-        &meshsign_proto::files::random_id()
+        &meshsign_evidence::files::random_id()
             .map_err(|e| OpsError::Invalid(format!("randomness: {e}")))?[..16]
     );
     let p = Proposal {

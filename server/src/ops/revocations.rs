@@ -56,7 +56,7 @@ pub fn revoke(
         _ => String::new(),
     };
     let rule = RevocationRule {
-        id: meshsign_proto::files::random_id().map_err(|_| CustodyError::Crypto("rng"))?[..12]
+        id: meshsign_evidence::files::random_id().map_err(|_| CustodyError::Crypto("rng"))?[..12]
             .to_string(),
         kind: r.kind,
         // Serials are compared in lowercase hex (fingerprints are validated lowercase already).

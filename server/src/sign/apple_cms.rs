@@ -8,7 +8,7 @@
 //! produces: content type must be id-data, signingTime must be within a few minutes of now, the
 //! messageDigest (the CodeDirectory's SHA-256) must be there. The CDHashes are audited.
 
-use meshsign_proto::der::{tlv, tlvs};
+use meshsign_evidence::der::{tlv, tlvs};
 
 /// Skew tolerated on signingTime.
 pub const SIGNING_TIME_WINDOW_SECS: i64 = 300;

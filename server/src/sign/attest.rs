@@ -14,7 +14,7 @@
 //! SHA-256 of the PAE of any statement a runner made up, and nobody could tell it from one the
 //! site built ([`crate::model::purposes_for`] refuses the mix).
 
-use meshsign_proto::attest::{
+use meshsign_evidence::attest::{
     Envelope, INTOTO_PAYLOAD_TYPE, PREDICATE_SIGNING, PREDICATE_SLSA, STATEMENT_TYPE, SiteFacts,
     Statement, Subject,
 };
@@ -78,7 +78,7 @@ pub async fn attest(
     let statement = statement(site, caller, &key, &predicate_type, subjects, &written);
     // Serializing a statement of strings and numbers cannot fail.
     let payload = serde_json::to_vec(&statement).unwrap_or_default();
-    let pae = meshsign_proto::attest::pae(INTOTO_PAYLOAD_TYPE, &payload);
+    let pae = meshsign_evidence::attest::pae(INTOTO_PAYLOAD_TYPE, &payload);
     let signed = key.backend.sign_message(&pae);
     let sig = match signed {
         Ok(sig) => sig,

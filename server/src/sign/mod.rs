@@ -649,7 +649,7 @@ fn renew_checked(
 /// open connections are refused on their next RPC), audited as a suspected theft.
 async fn revoke_session(site: &SiteState, session: &str, caller: &Caller) {
     let rule = crate::model::RevocationRule {
-        id: meshsign_proto::files::random_id()
+        id: meshsign_evidence::files::random_id()
             .map(|id| id[..12].to_string())
             .unwrap_or_else(|_| "session".into()),
         kind: crate::model::RevocationKind::Session,

@@ -156,7 +156,7 @@ impl SiteMarker {
             message: e.to_string(),
         })?;
         json.push(b'\n');
-        meshsign_proto::files::write_atomic(&path, &json, false)
+        meshsign_evidence::files::write_atomic(&path, &json, false)
             .map_err(|source| MarkerError::Write { path, source })
     }
 

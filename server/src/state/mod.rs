@@ -379,7 +379,7 @@ impl SiteState {
                     // marker says it outside the store.
                     let site_id = match &identity {
                         SiteIdentity::Known(id) => id.clone(),
-                        SiteIdentity::New => meshsign_proto::files::random_id()
+                        SiteIdentity::New => meshsign_evidence::files::random_id()
                             .map_err(|_| crate::custody::CustodyError::Crypto("rng"))?,
                     };
                     store

@@ -7,7 +7,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use meshsign_proto::audit::{AuditRecord, genesis};
+use meshsign_evidence::audit::{AuditRecord, genesis};
 
 use super::marker::{self, SiteMarker};
 use crate::audit::journal::{self, JOURNAL_FILE, JournalError};
@@ -393,7 +393,7 @@ pub fn accept_loss_after(
     };
     let header =
         format!("{{\"journal\":1,\"after_seq\":{loss_seq},\"after_hash\":\"{loss_hash}\"}}\n");
-    meshsign_proto::files::write_atomic(&journal_path, header.as_bytes(), false).map_err(
+    meshsign_evidence::files::write_atomic(&journal_path, header.as_bytes(), false).map_err(
         |source| RecoverError::Io {
             path: journal_path.clone(),
             source,

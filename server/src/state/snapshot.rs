@@ -362,7 +362,7 @@ pub fn restore(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "data".into());
-    let suffix = meshsign_proto::files::random_id()
+    let suffix = meshsign_evidence::files::random_id()
         .map(|id| id[..8].to_string())
         .map_err(|e| io(data_dir)(std::io::Error::other(e.to_string())))?;
     let tmp = data_dir.with_file_name(format!(".{name}.restoring-{suffix}"));
@@ -427,7 +427,7 @@ fn build(
     let head = format!(
         "{{\"journal\":1,\"after_seq\":{restore_seq},\"after_hash\":\"{restore_hash}\"}}\n"
     );
-    meshsign_proto::files::write_atomic(&journal, head.as_bytes(), false).map_err(|source| {
+    meshsign_evidence::files::write_atomic(&journal, head.as_bytes(), false).map_err(|source| {
         SnapshotError::Io {
             path: journal.clone(),
             source,

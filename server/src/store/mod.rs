@@ -70,7 +70,7 @@ pub enum Tree {
     Certs,
     /// Seen token IDs: `sha256(iss)/jti` → expiry (unix seconds, big-endian).
     Jti,
-    /// Audit records: seq (big-endian) → [`meshsign_proto::audit::AuditRecord`].
+    /// Audit records: seq (big-endian) → [`meshsign_evidence::audit::AuditRecord`].
     Audit,
     /// Ops overlay on trust policies: `environment/policy` → [`crate::state::overlays::PolicyOverlay`].
     Policies,

@@ -9,7 +9,7 @@ use meshsign_client::drill::DrillReport;
 use meshsign_client::fleet::{Fleet, SiteResult};
 use meshsign_client::token::TokenSource;
 use meshsign_client::{ClientConfig, ClientError};
-use meshsign_proto::pem_encode;
+use meshsign_evidence::pem_encode;
 use meshsign_proto::v1;
 
 /// How commands print their data (`--output`).
@@ -792,7 +792,7 @@ async fn run_at(
         }
         AdminCommand::Snapshot { out } => {
             let bytes = c.snapshot().await?;
-            meshsign_proto::files::write_atomic(&out, &bytes, true)
+            meshsign_evidence::files::write_atomic(&out, &bytes, true)
                 .map_err(ClientError::io(&out))?;
             eprintln!("snapshot: {} bytes -> {}", bytes.len(), out.display());
             Ok(())
@@ -871,10 +871,10 @@ fn distrust_request(command: &DistrustCommand) -> Result<Option<v1::DistrustRequ
 
 /// The number of rules in a signed list as the admin port returned it (for display).
 fn rule_count(l: &v1::DistrustList) -> String {
-    serde_json::from_slice::<meshsign_proto::attest::Envelope>(&l.envelope_json)
+    serde_json::from_slice::<meshsign_evidence::attest::Envelope>(&l.envelope_json)
         .ok()
         .and_then(|e| e.payload_bytes().ok())
-        .and_then(|p| serde_json::from_slice::<meshsign_proto::distrust::DistrustList>(&p).ok())
+        .and_then(|p| serde_json::from_slice::<meshsign_evidence::distrust::DistrustList>(&p).ok())
         .map(|d| d.entries.len().to_string())
         .unwrap_or_else(|| "?".into())
 }
@@ -917,13 +917,13 @@ async fn distrust(
     Ok(())
 }
 
-impl Render for meshsign_proto::distrust::DistrustEntry {
+impl Render for meshsign_evidence::distrust::DistrustEntry {
     const HEADER: &'static [&'static str] = &[
         "RULE", "JOB", "PIPELINE", "RUNNER", "REGION", "KEY", "FROM", "BEFORE", "REASON", "BY",
     ];
     fn row(&self) -> Vec<String> {
         let t = |t: Option<i64>| {
-            t.map(meshsign_proto::attest::rfc3339)
+            t.map(meshsign_evidence::attest::rfc3339)
                 .unwrap_or_else(|| "-".into())
         };
         vec![

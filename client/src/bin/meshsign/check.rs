@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use base64::Engine as _;
 use meshsign_client::ClientError;
 use meshsign_client::verify::{self, SigBundle};
-use meshsign_proto::attest::{Binding, Envelope, SiteFacts};
+use meshsign_evidence::attest::{Binding, Envelope, SiteFacts};
 
 use super::admin::Format;
 
@@ -195,12 +195,12 @@ type ReceiptOpts<'a> = (bool, Option<&'a p256::ecdsa::VerifyingKey>, Option<&'a 
 
 /// The receipt's entry when the receipt is asked for, or needed for a distrust list.
 fn bound_entry(
-    receipt: Option<&meshsign_proto::receipt::Receipt>,
+    receipt: Option<&meshsign_evidence::receipt::Receipt>,
     (asked, key, checkpoint): ReceiptOpts<'_>,
     needed: bool,
     digest_hex: &str,
     key_id: &str,
-) -> Result<Option<meshsign_proto::audit::AuditRecord>, ClientError> {
+) -> Result<Option<meshsign_evidence::audit::AuditRecord>, ClientError> {
     if !(asked || needed) {
         return Ok(None);
     }
@@ -228,7 +228,8 @@ fn native(
     let entry = match (&a.audit_log, opts) {
         (Some(log), (true, Some(key), _)) => {
             let text = std::fs::read_to_string(log).map_err(ClientError::io(log))?;
-            let lines = meshsign_proto::audit::parse_export(&text).map_err(ClientError::Verify)?;
+            let lines =
+                meshsign_evidence::audit::parse_export(&text).map_err(ClientError::Verify)?;
             receipt = Some(verify::verify_receipt(b, &lines, key)?);
             bound_entry(
                 b.receipt.as_ref(),
@@ -284,7 +285,7 @@ fn sigstore(
     if b.media_type != meshsign_client::sigstore::MEDIA_TYPE {
         return Err(ClientError::Verify(format!(
             "media type `{}` is not {}",
-            meshsign_proto::audit::excerpt(&b.media_type, 80),
+            meshsign_evidence::audit::excerpt(&b.media_type, 80),
             meshsign_client::sigstore::MEDIA_TYPE
         )));
     }

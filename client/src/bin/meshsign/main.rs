@@ -56,7 +56,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use meshsign_client::verify;
 use meshsign_client::{ClientConfig, ClientError};
-use meshsign_proto::pem_encode;
+use meshsign_evidence::pem_encode;
 
 #[derive(Parser)]
 #[command(
@@ -386,16 +386,17 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
                 },
         } => {
             let text = std::fs::read_to_string(&file).map_err(ClientError::io(&file))?;
-            let lines = meshsign_proto::audit::parse_export(&text).map_err(ClientError::Verify)?;
+            let lines =
+                meshsign_evidence::audit::parse_export(&text).map_err(ClientError::Verify)?;
             let pem = std::fs::read_to_string(&audit_key).map_err(ClientError::io(&audit_key))?;
             let key = verify::audit_key_from_pem(&pem)?;
-            use meshsign_proto::audit::Start;
+            use meshsign_evidence::audit::Start;
             let start = if from_checkpoint {
                 Start::GenesisOrCheckpoint
             } else {
                 Start::Genesis
             };
-            let r = meshsign_proto::audit::verify_export_from(&lines, &key, start)
+            let r = meshsign_evidence::audit::verify_export_from(&lines, &key, start)
                 .map_err(|e| ClientError::Verify(e.to_string()))?;
             if cli.global.output == admin::Format::Json {
                 out!(

@@ -329,7 +329,7 @@ async fn attest_files(
     args: AttestArgs,
     format: super::admin::Format,
 ) -> Result<(), ClientError> {
-    use meshsign_proto::attest::{PREDICATE_SIGNING, PREDICATE_SLSA};
+    use meshsign_evidence::attest::{PREDICATE_SIGNING, PREDICATE_SLSA};
     let predicate = match args.predicate_type.as_str() {
         "signing" | PREDICATE_SIGNING => PREDICATE_SIGNING,
         "slsa" | PREDICATE_SLSA => PREDICATE_SLSA,
@@ -365,14 +365,14 @@ async fn attest_files(
         .and_then(|r| {
             // Checked before anything is written: the envelope verifies under the key the
             // site names and is about these files.
-            let env: meshsign_proto::attest::Envelope = serde_json::from_slice(&r.envelope_json)
+            let env: meshsign_evidence::attest::Envelope = serde_json::from_slice(&r.envelope_json)
                 .map_err(|e| ClientError::Crypto(format!("the site's envelope: {e}")))?;
             for (_, d) in &subjects {
                 verify::open_statement(&env, &r.public_key_der, d).map_err(|e| {
                     ClientError::Crypto(format!("the site's statement does not verify: {e}"))
                 })?;
             }
-            meshsign_proto::files::write_atomic(&out_path, &r.envelope_json, false)
+            meshsign_evidence::files::write_atomic(&out_path, &r.envelope_json, false)
                 .map_err(ClientError::io(&out_path))?;
             Ok(r)
         });
@@ -415,7 +415,7 @@ async fn fetch_receipt(
     audit_spki: &[u8],
     r: &v1::SignResponse,
     bundle: &SigBundle,
-) -> Result<meshsign_proto::receipt::Receipt, ClientError> {
+) -> Result<meshsign_evidence::receipt::Receipt, ClientError> {
     let receipt =
         meshsign_client::evidence::receipt(v, r.audit_seq, &r.audit_entry, audit_spki).await?;
     verify::check_receipt(
