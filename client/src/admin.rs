@@ -372,13 +372,13 @@ pub fn read_p12(
         p12_keystore::Pkcs12ImportPolicy::Strict,
     )
     .map_err(|e| {
-        ClientError::Crypto(format!(
+        ClientError::Usage(format!(
             "{}: {e} (wrong password in ${password_env}?)",
             path.display()
         ))
     })?;
     let (_, chain) = ks.private_key_chain().ok_or_else(|| {
-        ClientError::Crypto(format!(
+        ClientError::Usage(format!(
             "{}: no private key with a certificate",
             path.display()
         ))

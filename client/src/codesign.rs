@@ -75,12 +75,17 @@ impl RemoteSigner {
         digest.copy_from_slice(
             aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, message).as_ref(),
         );
-        crate::verify::verify_signature(&self.algorithm, &self.spki, &digest, &resp.signature)
-            .map_err(|e| {
-                ClientError::Crypto(format!(
-                    "the site's signature does not verify under the certificate: {e}"
-                ))
-            })?;
+        meshsign_evidence::verify::verify_signature(
+            &self.algorithm,
+            &self.spki,
+            &digest,
+            &resp.signature,
+        )
+        .map_err(|e| {
+            ClientError::Crypto(format!(
+                "the site's signature does not verify under the certificate: {e}"
+            ))
+        })?;
         Ok(resp.signature)
     }
 }
@@ -236,7 +241,7 @@ pub async fn codesign(
 
 /// Entitlements (XML plist) from an `embedded.mobileprovision` (a CMS SignedData over a plist).
 pub fn profile_entitlements(profile: &[u8]) -> Result<String, ClientError> {
-    let bad = |m: String| ClientError::Crypto(format!("embedded.mobileprovision: {m}"));
+    let bad = |m: String| ClientError::Usage(format!("embedded.mobileprovision: {m}"));
     let sd = cryptographic_message_syntax::SignedData::parse_ber(profile)
         .map_err(|e| bad(e.to_string()))?;
     let content = sd

@@ -44,7 +44,7 @@ pub enum ClientError {
     /// Getting a token failed.
     #[error("token: {0}")]
     Token(String),
-    /// Local crypto failed, or a response did not verify.
+    /// A local fault: key generation, TLS setup, encoding (never "did not verify").
     #[error("crypto: {0}")]
     Crypto(String),
     /// Offline verification failed.
@@ -67,6 +67,19 @@ pub mod exit {
     /// The change needs a second admin (two-person review): it was proposed, nothing changed
     /// yet; another admin runs `meshsign admin review approve ID`, then the command is repeated.
     pub const PROPOSED: u8 = 5;
+    /// A local fault: a file that exists could not be read or written, TLS or key setup failed.
+    pub const LOCAL_FAULT: u8 = 6;
+}
+
+impl From<meshsign_evidence::verify::VerifyError> for ClientError {
+    fn from(e: meshsign_evidence::verify::VerifyError) -> Self {
+        use meshsign_evidence::verify::VerifyError;
+        match e {
+            VerifyError::Failed(m) => ClientError::Verify(m),
+            VerifyError::Io { path, source } => ClientError::Io { path, source },
+            VerifyError::Input(m) => ClientError::Usage(m),
+        }
+    }
 }
 
 impl ClientError {
@@ -75,10 +88,21 @@ impl ClientError {
         use tonic::Code;
         match self {
             ClientError::ChildExit(code) => *code,
-            ClientError::Verify(_) | ClientError::Crypto(_) => exit::VERIFY_FAILED,
-            ClientError::Usage(_) | ClientError::Config(_) | ClientError::Io { .. } => exit::USAGE,
+            ClientError::Verify(_) => exit::VERIFY_FAILED,
+            ClientError::Crypto(_) => exit::LOCAL_FAULT,
+            ClientError::Usage(_) | ClientError::Config(_) => exit::USAGE,
+            // A path that is not there (or not a file) is the caller's; a file that is there
+            // and cannot be read or written is a local fault.
+            ClientError::Io { source, .. } => match source.kind() {
+                std::io::ErrorKind::NotFound
+                | std::io::ErrorKind::InvalidInput
+                | std::io::ErrorKind::IsADirectory => exit::USAGE,
+                _ => exit::LOCAL_FAULT,
+            },
             ClientError::Connect { .. } | ClientError::Token(_) => exit::UNAVAILABLE,
             ClientError::Rpc { reason, .. } if reason == "REVIEW_REQUIRED" => exit::PROPOSED,
+            // A job out of budget stays out of budget: retrying never helps.
+            ClientError::Rpc { reason, .. } if reason == "BUDGET" => exit::REFUSED,
             ClientError::Rpc { code, .. } => match code {
                 Code::Unavailable
                 | Code::DeadlineExceeded
@@ -111,6 +135,58 @@ impl ClientError {
         move |source| ClientError::Io {
             path: path.display().to_string(),
             source,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rpc(code: tonic::Code, reason: &str) -> ClientError {
+        ClientError::Rpc {
+            rpc: "Sign",
+            code,
+            message: String::new(),
+            reason: reason.into(),
+        }
+    }
+
+    fn io(kind: std::io::ErrorKind) -> ClientError {
+        ClientError::Io {
+            path: "f".into(),
+            source: kind.into(),
+        }
+    }
+
+    /// DESIGN's contract: 0 ok, 1 verification failed, 2 usage, 3 refused (budget too), 4
+    /// unavailable, 5 review required, 6 local fault.
+    #[test]
+    fn every_error_has_the_exit_code_of_the_contract() {
+        use std::io::ErrorKind;
+        use tonic::Code;
+        for (e, want) in [
+            (ClientError::Verify("x".into()), exit::VERIFY_FAILED),
+            (ClientError::Usage("x".into()), exit::USAGE),
+            (ClientError::Config("x".into()), exit::USAGE),
+            (io(ErrorKind::NotFound), exit::USAGE),
+            (io(ErrorKind::PermissionDenied), exit::LOCAL_FAULT),
+            (ClientError::Crypto("tls".into()), exit::LOCAL_FAULT),
+            (rpc(Code::PermissionDenied, "KEY_ACCESS"), exit::REFUSED),
+            // Out of budget: the same code as a rate limit, but a retry never helps.
+            (rpc(Code::ResourceExhausted, "BUDGET"), exit::REFUSED),
+            (
+                rpc(Code::ResourceExhausted, "RATE_LIMITED"),
+                exit::UNAVAILABLE,
+            ),
+            (rpc(Code::Unavailable, "KEY_UNAVAILABLE"), exit::UNAVAILABLE),
+            (
+                rpc(Code::FailedPrecondition, "REVIEW_REQUIRED"),
+                exit::PROPOSED,
+            ),
+            (ClientError::Token("x".into()), exit::UNAVAILABLE),
+        ] {
+            assert_eq!(e.exit_code(), want, "{e:?}");
         }
     }
 }

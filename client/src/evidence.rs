@@ -67,12 +67,12 @@ pub async fn receipt(
         checkpoint: p.checkpoint,
         entry: base64::engine::general_purpose::STANDARD.encode(entry),
     };
-    let key = crate::verify::audit_key_from_der(audit_spki)?;
+    let key = meshsign_evidence::verify::audit_key_from_der(audit_spki)?;
     let got = receipt
         .verify(&key, None)
-        .map_err(|e| ClientError::Crypto(format!("the site's receipt does not verify: {e}")))?;
+        .map_err(|e| ClientError::Verify(format!("the site's receipt does not verify: {e}")))?;
     if got.seq != seq {
-        return Err(ClientError::Crypto(format!(
+        return Err(ClientError::Verify(format!(
             "the site returned a receipt for another entry ({} instead of {seq})",
             got.seq
         )));
@@ -93,8 +93,94 @@ pub async fn distrust_list(
         .await
         .map_err(|s| ClientError::rpc("GetDistrustList", s))?
         .into_inner();
-    let key = crate::verify::audit_key_from_der(audit_spki)?;
-    let list = crate::verify::open_distrust_list(&r.envelope_json, &key)
-        .map_err(|e| ClientError::Crypto(format!("the site's distrust list: {e}")))?;
+    let key = meshsign_evidence::verify::audit_key_from_der(audit_spki)?;
+    let list = meshsign_evidence::verify::open_distrust_list(&r.envelope_json, &key)
+        .map_err(|e| ClientError::Verify(format!("the site's distrust list: {e}")))?;
     Ok((list, r.envelope_json))
+}
+
+// === native bundles from Sign responses ===
+
+use base64::Engine as _;
+use meshsign_evidence::verify::SigBundle;
+
+/// The bundle for a Sign response over `digest` of the artifact `name`, by a session in
+/// `region`/`environment`. Checks first that the signature verifies under the returned key.
+pub fn bundle_from_response(
+    r: &meshsign_proto::v1::SignResponse,
+    name: &str,
+    digest: &[u8; 32],
+    region: &str,
+    environment: &str,
+) -> Result<SigBundle, ClientError> {
+    bundle_from_signed(r, name, (digest, None), region, environment)
+}
+
+/// [`bundle_from_response`] for a message signature (`message`: the bytes signed).
+pub fn bundle_from_message_response(
+    r: &meshsign_proto::v1::SignResponse,
+    name: &str,
+    message: &[u8],
+    region: &str,
+    environment: &str,
+) -> Result<SigBundle, ClientError> {
+    let mut d = [0u8; 32];
+    d.copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, message).as_ref());
+    bundle_from_signed(r, name, (&d, Some(message)), region, environment)
+}
+
+fn bundle_from_signed(
+    r: &meshsign_proto::v1::SignResponse,
+    name: &str,
+    (digest, message): (&[u8; 32], Option<&[u8]>),
+    region: &str,
+    environment: &str,
+) -> Result<SigBundle, ClientError> {
+    match message {
+        Some(m) => meshsign_evidence::verify::verify_message(
+            &r.algorithm,
+            &r.public_key_der,
+            m,
+            &r.signature,
+        ),
+        None => meshsign_evidence::verify::verify_signature(
+            &r.algorithm,
+            &r.public_key_der,
+            digest,
+            &r.signature,
+        ),
+    }
+    .map_err(|e| {
+        ClientError::Verify(format!(
+            "site returned a signature that does not verify: {e}"
+        ))
+    })?;
+    let signed_at = r
+        .signed_at
+        .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t.seconds).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default();
+    Ok(SigBundle {
+        artifact: name.to_string(),
+        digest_sha256: hex::encode(digest),
+        signature: base64::engine::general_purpose::STANDARD.encode(&r.signature),
+        key_id: r.key_id.clone(),
+        algorithm: r.algorithm.clone(),
+        public_key_pem: meshsign_evidence::pem_encode("PUBLIC KEY", &r.public_key_der),
+        audit_id: r.audit_id.clone(),
+        audit_seq: r.audit_seq,
+        audit_hash: r.audit_hash.clone(),
+        region: region.to_string(),
+        environment: environment.to_string(),
+        signed_at,
+        certificate_chain_pem: r
+            .certificate_chain
+            .iter()
+            .map(|c| meshsign_evidence::pem_encode("CERTIFICATE", c))
+            .collect(),
+        receipt: None,
+    })
 }

@@ -1,6 +1,7 @@
 //! meshsign client: a typed API over the site's RPCs and the pieces of the `meshsign` CLI.
 //!
-//! The client never depends on the server crate; it shares only `meshsign-proto`. A runner key is
+//! The client never depends on the server crate; it shares only `meshsign-proto` (the contract) and `meshsign-evidence`
+//! (formats and offline verification). A runner key is
 //! made in memory ([`runner::RunnerKey`]), sent as a CSR, and neither it nor the certificate ever
 //! touches the disk.
 
@@ -15,10 +16,8 @@ pub mod evidence;
 pub mod fleet;
 pub mod preflight;
 pub mod runner;
-pub mod sigstore;
 pub mod token;
 pub mod transport;
-pub mod verify;
 
 pub use config::ClientConfig;
 pub use error::ClientError;

@@ -687,7 +687,8 @@ fn p12_code_signing_identity_imports_one_way() {
         .env("MESHSIGN_P12_PASSWORD", "wrong")
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    // A wrong password is the caller's input (2), not a failed verification (1).
+    assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("wrong password"));
 
     // Signing with it: the signature verifies under the .p12's certificate.

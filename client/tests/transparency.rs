@@ -648,7 +648,7 @@ fn a_dsse_statement_verifies_with_securesystemslib() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let printed = String::from_utf8_lossy(&o.stdout).into_owned();
-    let digest = hex::encode(meshsign_client::verify::sha256_file(Path::new(&f)).unwrap());
+    let digest = hex::encode(meshsign_evidence::verify::sha256_file(Path::new(&f)).unwrap());
     assert!(printed.starts_with(&format!("{digest} 7001 ")), "{printed}");
     let o = verify(&dev, "dsse", &f, &["--output", "json"]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -718,7 +718,7 @@ fn a_receipt_verifies_with_only_the_bundle_and_a_checkpoint() {
     let sb = bundle_of(&s, "sigstore");
     let o = python(RECEIPT_CHECK, &[&sb, &audit]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let digest = hex::encode(meshsign_client::verify::sha256_file(Path::new(&s)).unwrap());
+    let digest = hex::encode(meshsign_evidence::verify::sha256_file(Path::new(&s)).unwrap());
     assert!(
         String::from_utf8_lossy(&o.stdout).contains(&format!(" 7001 {digest}")),
         "{}",

@@ -11,6 +11,7 @@
 
 pub mod attest;
 pub mod audit;
+pub mod bundle;
 pub mod der;
 pub mod distrust;
 pub mod files;
@@ -19,6 +20,7 @@ pub mod merkle;
 pub mod note;
 pub mod receipt;
 pub mod sig;
+pub mod verify;
 
 /// Encodes DER as PEM with the given label (64-column base64 lines).
 pub fn pem_encode(label: &str, der: &[u8]) -> String {

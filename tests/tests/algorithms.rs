@@ -78,7 +78,7 @@ async fn ecdsa_rsa_pkcs1_and_pss_signatures_verify_with_openssl() {
         let (ok, out) = openssl(&args);
         assert!(ok, "{alias} ({alg}): {out}");
         // The client's offline verifier agrees, and refuses another digest.
-        meshsign_client::verify::verify_signature(
+        meshsign_evidence::verify::verify_signature(
             alg,
             &r.public_key_der,
             &sha256(&data),
@@ -86,7 +86,7 @@ async fn ecdsa_rsa_pkcs1_and_pss_signatures_verify_with_openssl() {
         )
         .unwrap();
         assert!(
-            meshsign_client::verify::verify_signature(
+            meshsign_evidence::verify::verify_signature(
                 alg,
                 &r.public_key_der,
                 &sha256(b"x"),
@@ -176,7 +176,7 @@ async fn rsa_keys_import_rotate_and_survive_restart() {
             .unwrap()
             .into_inner();
         assert_eq!((r.algorithm.as_str(), r.signature.len()), (alg, len));
-        meshsign_client::verify::verify_signature(alg, &r.public_key_der, &[2; 32], &r.signature)
+        meshsign_evidence::verify::verify_signature(alg, &r.public_key_der, &[2; 32], &r.signature)
             .unwrap();
     }
     let r = signer
@@ -558,10 +558,10 @@ async fn ed25519_and_p384_sign_messages_and_openssl_verifies() {
             assert_eq!(r.signature.len(), 64);
         }
         meshsign_tests::openssl_verifies_message(dir, &r, &file);
-        meshsign_client::verify::verify_message(alg, &r.public_key_der, &message, &r.signature)
+        meshsign_evidence::verify::verify_message(alg, &r.public_key_der, &message, &r.signature)
             .unwrap();
         assert!(
-            meshsign_client::verify::verify_message(
+            meshsign_evidence::verify::verify_message(
                 alg,
                 &r.public_key_der,
                 b"another message",

@@ -254,7 +254,7 @@ async fn receipts_bind_a_signature_to_its_entry() {
     }
     let key = audit_key(&site).await;
     let lines = export(&site, v1::ExportAuditRequest::default()).await;
-    let bundle = meshsign_client::verify::SigBundle {
+    let bundle = meshsign_evidence::verify::SigBundle {
         artifact: "t".into(),
         digest_sha256: hex::encode([9u8; 32]),
         signature: String::new(),
@@ -271,15 +271,15 @@ async fn receipts_bind_a_signature_to_its_entry() {
         receipt: None,
     };
     assert!(
-        meshsign_client::verify::verify_receipt(&bundle, &lines, &key).unwrap(),
+        meshsign_evidence::verify::verify_receipt(&bundle, &lines, &key).unwrap(),
         "anchored by a checkpoint"
     );
     let mut wrong = bundle.clone();
     wrong.digest_sha256 = hex::encode([8u8; 32]);
-    assert!(meshsign_client::verify::verify_receipt(&wrong, &lines, &key).is_err());
+    assert!(meshsign_evidence::verify::verify_receipt(&wrong, &lines, &key).is_err());
     let mut wrong = bundle;
     wrong.audit_hash = "00".repeat(32);
-    assert!(meshsign_client::verify::verify_receipt(&wrong, &lines, &key).is_err());
+    assert!(meshsign_evidence::verify::verify_receipt(&wrong, &lines, &key).is_err());
 }
 
 #[tokio::test]

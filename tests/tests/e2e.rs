@@ -2,7 +2,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
-use meshsign_client::verify::verify_digest;
+use meshsign_evidence::verify::verify_digest;
 use meshsign_proto::v1;
 use meshsign_tests::{TestSite, openssl, write_pem};
 

@@ -649,7 +649,7 @@ async fn key_lifecycle_rotate_disable_import_create() {
         .unwrap()
         .into_inner();
     assert_eq!(s.public_key_der, imported.subject_public_key_info());
-    meshsign_client::verify::verify_digest(&s.public_key_der, &[5; 32], &s.signature).unwrap();
+    meshsign_evidence::verify::verify_digest(&s.public_key_der, &[5; 32], &s.signature).unwrap();
     // Import is one-way: nothing returns the key; no response carries more than public material.
     assert!(!format!("{info:?}").contains("PRIVATE"));
     // Issue 25 row 6: the same key again, under another alias (say, as an attestation key),

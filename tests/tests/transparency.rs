@@ -327,7 +327,7 @@ async fn replicas_prove_what_the_other_wrote_in_one_tree() {
 fn facts(resp: &v1::AttestResponse) -> (Envelope, meshsign_evidence::attest::Statement) {
     let env: Envelope = serde_json::from_slice(&resp.envelope_json).unwrap();
     let st =
-        meshsign_client::verify::open_statement(&env, &resp.public_key_der, &[5u8; 32]).unwrap();
+        meshsign_evidence::verify::open_statement(&env, &resp.public_key_der, &[5u8; 32]).unwrap();
     (env, st)
 }
 
@@ -604,7 +604,7 @@ async fn public_list(site: &TestSite, env: &str) -> meshsign_evidence::distrust:
         .unwrap()
         .into_inner();
     let list =
-        meshsign_client::verify::open_distrust_list(&r.envelope_json, &audit_key(site).await)
+        meshsign_evidence::verify::open_distrust_list(&r.envelope_json, &audit_key(site).await)
             .unwrap();
     assert_eq!(list.version, r.version);
     list

@@ -54,9 +54,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use meshsign_client::verify;
 use meshsign_client::{ClientConfig, ClientError};
 use meshsign_evidence::pem_encode;
+use meshsign_evidence::verify;
 
 #[derive(Parser)]
 #[command(
@@ -65,8 +65,10 @@ use meshsign_evidence::pem_encode;
     about = "meshsign runner and verifier CLI",
     after_help = "Exit codes: 0 ok; 1 verification failed; 2 usage (flags, config, input files); \
                   3 refused by the site's policy; 4 site or token source unavailable, or no answer \
-                  within the timeout; 5 proposed: the change needs a second admin's approval \
-                  (meshsign admin review approve ID), then the same command again."
+                  within the timeout (retry may help; a budget refusal is 3: retrying never \
+                  helps); 5 proposed: the change needs a second admin's approval (meshsign \
+                  admin review approve ID), then the same command again; 6 local fault (a file \
+                  that is there cannot be read or written, TLS or key setup failed)."
 )]
 struct Cli {
     #[command(flatten)]

@@ -10,8 +10,8 @@ use meshsign_client::runner::{EnrollParams, Session, local_fingerprint};
 use meshsign_client::token::{self, TokenSource};
 #[cfg(feature = "codesign")]
 use meshsign_client::transport;
-use meshsign_client::verify::{self, SigBundle};
 use meshsign_client::{ClientConfig, ClientError};
+use meshsign_evidence::verify::{self, SigBundle};
 use meshsign_proto::v1;
 #[cfg(feature = "codesign")]
 use meshsign_proto::v1::verification_client::VerificationClient;
@@ -366,10 +366,10 @@ async fn attest_files(
             // Checked before anything is written: the envelope verifies under the key the
             // site names and is about these files.
             let env: meshsign_evidence::attest::Envelope = serde_json::from_slice(&r.envelope_json)
-                .map_err(|e| ClientError::Crypto(format!("the site's envelope: {e}")))?;
+                .map_err(|e| ClientError::Verify(format!("the site's envelope: {e}")))?;
             for (_, d) in &subjects {
                 verify::open_statement(&env, &r.public_key_der, d).map_err(|e| {
-                    ClientError::Crypto(format!("the site's statement does not verify: {e}"))
+                    ClientError::Verify(format!("the site's statement does not verify: {e}"))
                 })?;
             }
             meshsign_evidence::files::write_atomic(&out_path, &r.envelope_json, false)
@@ -426,7 +426,7 @@ async fn fetch_receipt(
         &bundle.key_id,
         "Sign",
     )
-    .map_err(|e| ClientError::Crypto(format!("the site's receipt: {e}")))?;
+    .map_err(|e| ClientError::Verify(format!("the site's receipt: {e}")))?;
     Ok(receipt)
 }
 
@@ -475,7 +475,7 @@ async fn sign_files(
             let r = session
                 .sign_message(&args.runner.key, &message, &name)
                 .await?;
-            let b = SigBundle::from_message_response(
+            let b = meshsign_client::evidence::bundle_from_message_response(
                 &r,
                 &name,
                 &message,
@@ -485,7 +485,7 @@ async fn sign_files(
             (r, b)
         } else {
             let r = session.sign_digest(&args.runner.key, digest, &name).await?;
-            let b = SigBundle::from_response(
+            let b = meshsign_client::evidence::bundle_from_response(
                 &r,
                 &name,
                 &digest,
@@ -516,9 +516,14 @@ async fn sign_files(
                 ));
             };
             let hint = format!("{}/{}/{}", bundle.region, bundle.environment, bundle.key_id);
-            let tlog = meshsign_client::sigstore::TlogEntry::from_receipt(&receipt, &spki)?;
-            let sb =
-                meshsign_client::sigstore::Bundle::message(hint, &digest, &r.signature, Some(tlog));
+            let tlog =
+                meshsign_evidence::bundle::sigstore::TlogEntry::from_receipt(&receipt, &spki)?;
+            let sb = meshsign_evidence::bundle::sigstore::Bundle::message(
+                hint,
+                &digest,
+                &r.signature,
+                Some(tlog),
+            );
             let path = super::sibling(file, ".sigstore.json");
             let json =
                 serde_json::to_vec_pretty(&sb).map_err(|e| ClientError::Crypto(e.to_string()))?;

@@ -1,4 +1,7 @@
-//! Signature bundles (`FILE.sig.json`) and offline verification with pure-Rust p256.
+//! Offline verification: signatures (P-256 with pure-Rust p256; RSA, P-384 and Ed25519 with
+//! aws-lc-rs), native bundles, receipts, distrust lists and DSSE statements. One typed error,
+//! [`VerifyError`]: `Failed` is "does not verify" (the CLI's exit 1); `Io` and `Input` are the
+//! verifier's inputs (exit 2 and 6 there).
 
 use std::io::Read as _;
 use std::path::Path;
@@ -7,128 +10,48 @@ use base64::Engine as _;
 use p256::ecdsa::signature::hazmat::PrehashVerifier as _;
 use p256::ecdsa::{DerSignature, VerifyingKey};
 use p256::pkcs8::DecodePublicKey as _;
-use serde::{Deserialize, Serialize};
 
-use crate::ClientError;
+pub mod bundle;
 
-/// What `meshsign sign` writes next to each file as `FILE.sig.json`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct SigBundle {
-    /// File name as signed.
-    pub artifact: String,
-    /// SHA-256 of the file, hex.
-    pub digest_sha256: String,
-    /// Signature, base64 (DER for ECDSA); the same bytes as `FILE.sig`.
-    pub signature: String,
-    /// `alias@vN`.
-    pub key_id: String,
-    /// e.g. `ecdsa-p256-sha256`.
-    pub algorithm: String,
-    /// The signing key, SPKI PEM.
-    pub public_key_pem: String,
-    /// Audit record id at the site.
-    pub audit_id: String,
-    /// Receipt: the audit entry's seq.
-    #[serde(default)]
-    pub audit_seq: u64,
-    /// Receipt: the audit entry's hash.
-    #[serde(default)]
-    pub audit_hash: String,
-    /// Site region.
-    pub region: String,
-    /// Partition.
-    pub environment: String,
-    /// RFC 3339.
-    pub signed_at: String,
-    /// The key's certificate chain, PEM, if it has one.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub certificate_chain_pem: Vec<String>,
-    /// The audit receipt a third party can check: the entry, its inclusion proof and the
-    /// signed checkpoint (`meshsign verify --receipt --audit-key`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub receipt: Option<meshsign_evidence::receipt::Receipt>,
+pub use crate::bundle::native::SigBundle;
+
+/// Why a verification did not pass.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// The evidence does not verify (a signature, a digest, a proof, a binding).
+    #[error("{0}")]
+    Failed(String),
+    /// An input file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An input that can never verify as given (too large a message, …).
+    #[error("{0}")]
+    Input(String),
 }
 
-impl SigBundle {
-    /// The bundle for a Sign response over `digest` of the artifact `name`, by a session in
-    /// `region`/`environment`. Checks first that the signature verifies under the returned key.
-    pub fn from_response(
-        r: &meshsign_proto::v1::SignResponse,
-        name: &str,
-        digest: &[u8; 32],
-        region: &str,
-        environment: &str,
-    ) -> Result<Self, ClientError> {
-        Self::from_signed(r, name, (digest, None), region, environment)
-    }
-
-    /// [`SigBundle::from_response`] for a message signature (`message`: the bytes signed).
-    pub fn from_message_response(
-        r: &meshsign_proto::v1::SignResponse,
-        name: &str,
-        message: &[u8],
-        region: &str,
-        environment: &str,
-    ) -> Result<Self, ClientError> {
-        let mut d = [0u8; 32];
-        d.copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, message).as_ref());
-        Self::from_signed(r, name, (&d, Some(message)), region, environment)
-    }
-
-    fn from_signed(
-        r: &meshsign_proto::v1::SignResponse,
-        name: &str,
-        (digest, message): (&[u8; 32], Option<&[u8]>),
-        region: &str,
-        environment: &str,
-    ) -> Result<Self, ClientError> {
-        match message {
-            Some(m) => verify_message(&r.algorithm, &r.public_key_der, m, &r.signature),
-            None => verify_signature(&r.algorithm, &r.public_key_der, digest, &r.signature),
+impl VerifyError {
+    /// A mapper for I/O errors on `path`.
+    pub fn io(path: &Path) -> impl FnOnce(std::io::Error) -> VerifyError + '_ {
+        move |source| VerifyError::Io {
+            path: path.display().to_string(),
+            source,
         }
-        .map_err(|e| {
-            ClientError::Crypto(format!(
-                "site returned a signature that does not verify: {e}"
-            ))
-        })?;
-        let signed_at = r
-            .signed_at
-            .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t.seconds).ok())
-            .and_then(|t| {
-                t.format(&time::format_description::well_known::Rfc3339)
-                    .ok()
-            })
-            .unwrap_or_default();
-        Ok(Self {
-            artifact: name.to_string(),
-            digest_sha256: hex::encode(digest),
-            signature: base64::engine::general_purpose::STANDARD.encode(&r.signature),
-            key_id: r.key_id.clone(),
-            algorithm: r.algorithm.clone(),
-            public_key_pem: meshsign_evidence::pem_encode("PUBLIC KEY", &r.public_key_der),
-            audit_id: r.audit_id.clone(),
-            audit_seq: r.audit_seq,
-            audit_hash: r.audit_hash.clone(),
-            region: region.to_string(),
-            environment: environment.to_string(),
-            signed_at,
-            certificate_chain_pem: r
-                .certificate_chain
-                .iter()
-                .map(|c| meshsign_evidence::pem_encode("CERTIFICATE", c))
-                .collect(),
-            receipt: None,
-        })
     }
 }
 
 /// SHA-256 of a file, streamed (any size).
-pub fn sha256_file(path: &Path) -> Result<[u8; 32], ClientError> {
-    let mut f = std::fs::File::open(path).map_err(ClientError::io(path))?;
+pub fn sha256_file(path: &Path) -> Result<[u8; 32], VerifyError> {
+    let mut f = std::fs::File::open(path).map_err(VerifyError::io(path))?;
     let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     let mut buf = vec![0u8; 1 << 16];
     loop {
-        let n = f.read(&mut buf).map_err(ClientError::io(path))?;
+        let n = f.read(&mut buf).map_err(VerifyError::io(path))?;
         if n == 0 {
             break;
         }
@@ -140,12 +63,12 @@ pub fn sha256_file(path: &Path) -> Result<[u8; 32], ClientError> {
 }
 
 /// SPKI DER from a PEM public key.
-pub fn spki_from_pem(pem: &str) -> Result<Vec<u8>, ClientError> {
+pub fn spki_from_pem(pem: &str) -> Result<Vec<u8>, VerifyError> {
     use rustls_pki_types::SubjectPublicKeyInfoDer;
     use rustls_pki_types::pem::PemObject as _;
     SubjectPublicKeyInfoDer::from_pem_slice(pem.as_bytes())
         .map(|k| k.to_vec())
-        .map_err(|e| ClientError::Verify(format!("public key PEM: {e}")))
+        .map_err(|e| VerifyError::Failed(format!("public key PEM: {e}")))
 }
 
 /// Verifies a DER ECDSA P-256 signature over a SHA-256 digest with an SPKI public key.
@@ -153,35 +76,35 @@ pub fn verify_digest(
     spki_der: &[u8],
     digest: &[u8; 32],
     sig_der: &[u8],
-) -> Result<(), ClientError> {
+) -> Result<(), VerifyError> {
     let vk = VerifyingKey::from_public_key_der(spki_der)
-        .map_err(|e| ClientError::Verify(format!("public key: {e}")))?;
+        .map_err(|e| VerifyError::Failed(format!("public key: {e}")))?;
     let sig = DerSignature::try_from(sig_der)
-        .map_err(|e| ClientError::Verify(format!("signature encoding: {e}")))?;
+        .map_err(|e| VerifyError::Failed(format!("signature encoding: {e}")))?;
     vk.verify_prehash(digest, &sig)
-        .map_err(|_| ClientError::Verify("signature does not match".into()))
+        .map_err(|_| VerifyError::Failed("signature does not match".into()))
 }
 
 /// Verifies a signature over a SHA-256 digest for any algorithm a site key can have: ECDSA
 /// P-256 with pure-Rust p256; RSA (PKCS#1 v1.5, PSS) with aws-lc-rs
-/// ([`meshsign_evidence::sig`], the check the site runs on every token signature).
+/// ([`crate::sig`], the check the site runs on every token signature).
 pub fn verify_signature(
     algorithm: &str,
     spki_der: &[u8],
     digest: &[u8; 32],
     sig: &[u8],
-) -> Result<(), ClientError> {
+) -> Result<(), VerifyError> {
     if algorithm == "ecdsa-p256-sha256" {
         return verify_digest(spki_der, digest, sig);
     }
-    meshsign_evidence::sig::verify_digest(algorithm, spki_der, digest, sig)
-        .map_err(|e| ClientError::Verify(e.to_string()))
+    crate::sig::verify_digest(algorithm, spki_der, digest, sig)
+        .map_err(|e| VerifyError::Failed(e.to_string()))
 }
 
 /// Whether `algorithm` signs messages only (the signature is over the message, not a SHA-256
 /// digest): ECDSA P-384 (SHA-384 of the message) and Ed25519 (pure EdDSA).
 pub fn messages_only(algorithm: &str) -> bool {
-    meshsign_evidence::sig::messages_only(algorithm)
+    crate::sig::messages_only(algorithm)
 }
 
 /// The most a message signature covers (the site refuses longer messages).
@@ -194,10 +117,10 @@ pub fn verify_message(
     spki_der: &[u8],
     message: &[u8],
     sig: &[u8],
-) -> Result<(), ClientError> {
-    if meshsign_evidence::sig::messages_only(algorithm) {
-        return meshsign_evidence::sig::verify_message(algorithm, spki_der, message, sig)
-            .map_err(|e| ClientError::Verify(e.to_string()));
+) -> Result<(), VerifyError> {
+    if crate::sig::messages_only(algorithm) {
+        return crate::sig::verify_message(algorithm, spki_der, message, sig)
+            .map_err(|e| VerifyError::Failed(e.to_string()));
     }
     let mut d = [0u8; 32];
     d.copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, message).as_ref());
@@ -210,10 +133,10 @@ pub fn verify_file(
     file: &Path,
     bundle: &SigBundle,
     pinned_spki: Option<&[u8]>,
-) -> Result<(), ClientError> {
+) -> Result<(), VerifyError> {
     let digest = sha256_file(file)?;
     if hex::encode(digest) != bundle.digest_sha256 {
-        return Err(ClientError::Verify(format!(
+        return Err(VerifyError::Failed(format!(
             "{} does not match the signed digest (file changed?)",
             file.display()
         )));
@@ -222,13 +145,13 @@ pub fn verify_file(
     if let Some(pin) = pinned_spki
         && pin != spki.as_slice()
     {
-        return Err(ClientError::Verify(
+        return Err(VerifyError::Failed(
             "bundle key is not the pinned public key".into(),
         ));
     }
     let sig = base64::engine::general_purpose::STANDARD
         .decode(&bundle.signature)
-        .map_err(|_| ClientError::Verify("signature is not base64".into()))?;
+        .map_err(|_| VerifyError::Failed("signature is not base64".into()))?;
     if messages_only(&bundle.algorithm) {
         // The signature is over the file's bytes (a message of at most 4 KiB).
         let message = read_message(file)?;
@@ -238,24 +161,24 @@ pub fn verify_file(
 }
 
 /// A file's bytes as a message to sign or verify (refused above [`MAX_MESSAGE_BYTES`]).
-pub fn read_message(file: &Path) -> Result<Vec<u8>, ClientError> {
+pub fn read_message(file: &Path) -> Result<Vec<u8>, VerifyError> {
     let len = std::fs::metadata(file)
-        .map_err(ClientError::io(file))?
+        .map_err(VerifyError::io(file))?
         .len();
     if len > MAX_MESSAGE_BYTES as u64 {
-        return Err(ClientError::Usage(format!(
+        return Err(VerifyError::Input(format!(
             "{}: {len} bytes; a message signature covers at most {MAX_MESSAGE_BYTES} bytes \
              (sign a digest with a P-256 or RSA key instead)",
             file.display()
         )));
     }
-    std::fs::read(file).map_err(ClientError::io(file))
+    std::fs::read(file).map_err(VerifyError::io(file))
 }
 
 /// Reads an audit public key (SPKI PEM).
-pub fn audit_key_from_pem(pem: &str) -> Result<p256::ecdsa::VerifyingKey, ClientError> {
+pub fn audit_key_from_pem(pem: &str) -> Result<p256::ecdsa::VerifyingKey, VerifyError> {
     VerifyingKey::from_public_key_der(&spki_from_pem(pem)?)
-        .map_err(|e| ClientError::Verify(format!("audit key: {e}")))
+        .map_err(|e| VerifyError::Failed(format!("audit key: {e}")))
 }
 
 /// Checks that `bundle`'s signature is recorded in a verified audit export: the entry named by
@@ -263,16 +186,12 @@ pub fn audit_key_from_pem(pem: &str) -> Result<p256::ecdsa::VerifyingKey, Client
 /// signed checkpoint after it anchors it.
 pub fn verify_receipt(
     bundle: &SigBundle,
-    export: &[meshsign_evidence::audit::ExportLine],
+    export: &[crate::audit::ExportLine],
     audit_key: &p256::ecdsa::VerifyingKey,
-) -> Result<bool, ClientError> {
-    use meshsign_evidence::audit::ExportLine;
-    meshsign_evidence::audit::verify_export_from(
-        export,
-        audit_key,
-        meshsign_evidence::audit::Start::GenesisOrCheckpoint,
-    )
-    .map_err(|e| ClientError::Verify(e.to_string()))?;
+) -> Result<bool, VerifyError> {
+    use crate::audit::ExportLine;
+    crate::audit::verify_export_from(export, audit_key, crate::audit::Start::GenesisOrCheckpoint)
+        .map_err(|e| VerifyError::Failed(e.to_string()))?;
     let entry = export
         .iter()
         .find_map(|l| match l {
@@ -280,13 +199,13 @@ pub fn verify_receipt(
             _ => None,
         })
         .ok_or_else(|| {
-            ClientError::Verify(format!(
+            VerifyError::Failed(format!(
                 "audit entry {} is not in the export",
                 bundle.audit_seq
             ))
         })?;
     if entry.hash != bundle.audit_hash {
-        return Err(ClientError::Verify(format!(
+        return Err(VerifyError::Failed(format!(
             "audit entry {} has another hash than the receipt",
             entry.seq
         )));
@@ -295,7 +214,7 @@ pub fn verify_receipt(
         || entry.digest != bundle.digest_sha256
         || entry.key_id != bundle.key_id
     {
-        return Err(ClientError::Verify(format!(
+        return Err(VerifyError::Failed(format!(
             "audit entry {} does not record this signature",
             entry.seq
         )));
@@ -307,33 +226,33 @@ pub fn verify_receipt(
 }
 
 /// Reads an audit public key (SPKI DER).
-pub fn audit_key_from_der(spki: &[u8]) -> Result<p256::ecdsa::VerifyingKey, ClientError> {
+pub fn audit_key_from_der(spki: &[u8]) -> Result<p256::ecdsa::VerifyingKey, VerifyError> {
     VerifyingKey::from_public_key_der(spki)
-        .map_err(|e| ClientError::Verify(format!("audit key: {e}")))
+        .map_err(|e| VerifyError::Failed(format!("audit key: {e}")))
 }
 
 /// Checks that a receipt proves *this* signature: the receipt verifies (entry, inclusion proof,
 /// checkpoint signed by `audit_key` — or the `checkpoint` given), and its entry allowed a Sign
 /// of `digest_hex` with `key_id`. Returns the entry.
 pub fn check_receipt(
-    receipt: &meshsign_evidence::receipt::Receipt,
+    receipt: &crate::receipt::Receipt,
     audit_key: &p256::ecdsa::VerifyingKey,
     checkpoint: Option<&str>,
     digest_hex: &str,
     key_id: &str,
     rpc: &str,
-) -> Result<meshsign_evidence::audit::AuditRecord, ClientError> {
+) -> Result<crate::audit::AuditRecord, VerifyError> {
     let entry = receipt
         .verify(audit_key, checkpoint)
-        .map_err(|e| ClientError::Verify(e.to_string()))?;
+        .map_err(|e| VerifyError::Failed(e.to_string()))?;
     if entry.decision != "allow" || entry.rpc != rpc {
-        return Err(ClientError::Verify(format!(
+        return Err(VerifyError::Failed(format!(
             "receipt: audit entry {} is a {} {} ({}), not an allowed {rpc}",
             entry.seq, entry.rpc, entry.decision, entry.reason
         )));
     }
     if entry.digest != digest_hex || entry.key_id != key_id {
-        return Err(ClientError::Verify(format!(
+        return Err(VerifyError::Failed(format!(
             "receipt: audit entry {} records {} with {}, not this signature ({digest_hex} with \
              {key_id})",
             entry.seq, entry.digest, entry.key_id
@@ -346,33 +265,33 @@ pub fn check_receipt(
 pub fn open_distrust_list(
     envelope_json: &[u8],
     audit_key: &p256::ecdsa::VerifyingKey,
-) -> Result<meshsign_evidence::distrust::DistrustList, ClientError> {
+) -> Result<crate::distrust::DistrustList, VerifyError> {
     use p256::ecdsa::signature::Verifier as _;
-    let env: meshsign_evidence::attest::Envelope = serde_json::from_slice(envelope_json)
-        .map_err(|e| ClientError::Verify(format!("distrust list: not a DSSE envelope: {e}")))?;
-    if env.payload_type != meshsign_evidence::attest::DISTRUST_PAYLOAD_TYPE {
-        return Err(ClientError::Verify(format!(
+    let env: crate::attest::Envelope = serde_json::from_slice(envelope_json)
+        .map_err(|e| VerifyError::Failed(format!("distrust list: not a DSSE envelope: {e}")))?;
+    if env.payload_type != crate::attest::DISTRUST_PAYLOAD_TYPE {
+        return Err(VerifyError::Failed(format!(
             "distrust list: payload type `{}` is not {}",
-            meshsign_evidence::audit::excerpt(&env.payload_type, 80),
-            meshsign_evidence::attest::DISTRUST_PAYLOAD_TYPE
+            crate::audit::excerpt(&env.payload_type, 80),
+            crate::attest::DISTRUST_PAYLOAD_TYPE
         )));
     }
-    let pae = env.pae().map_err(|e| ClientError::Verify(e.to_string()))?;
+    let pae = env.pae().map_err(|e| VerifyError::Failed(e.to_string()))?;
     let signed = env.signature_bytes().iter().any(|s| {
         DerSignature::try_from(s.as_slice())
             .map(|sig| audit_key.verify(&pae, &sig).is_ok())
             .unwrap_or(false)
     });
     if !signed {
-        return Err(ClientError::Verify(
+        return Err(VerifyError::Failed(
             "distrust list: not signed by the audit key".into(),
         ));
     }
     serde_json::from_slice(
         &env.payload_bytes()
-            .map_err(|e| ClientError::Verify(e.to_string()))?,
+            .map_err(|e| VerifyError::Failed(e.to_string()))?,
     )
-    .map_err(|e| ClientError::Verify(format!("distrust list: {e}")))
+    .map_err(|e| VerifyError::Failed(format!("distrust list: {e}")))
 }
 
 /// The algorithms a site key with this SPKI can have (RSA: PKCS#1 v1.5 and PSS).
@@ -402,37 +321,37 @@ pub fn algorithms_for_spki(spki: &[u8]) -> Vec<&'static str> {
 /// Opens a DSSE envelope of an in-toto statement signed by the pinned key `spki`, and checks
 /// that one of its subjects is `digest`. Returns the statement.
 pub fn open_statement(
-    envelope: &meshsign_evidence::attest::Envelope,
+    envelope: &crate::attest::Envelope,
     spki: &[u8],
     digest: &[u8; 32],
-) -> Result<meshsign_evidence::attest::Statement, ClientError> {
-    if envelope.payload_type != meshsign_evidence::attest::INTOTO_PAYLOAD_TYPE {
-        return Err(ClientError::Verify(format!(
+) -> Result<crate::attest::Statement, VerifyError> {
+    if envelope.payload_type != crate::attest::INTOTO_PAYLOAD_TYPE {
+        return Err(VerifyError::Failed(format!(
             "DSSE payload type `{}` is not {}",
-            meshsign_evidence::audit::excerpt(&envelope.payload_type, 80),
-            meshsign_evidence::attest::INTOTO_PAYLOAD_TYPE
+            crate::audit::excerpt(&envelope.payload_type, 80),
+            crate::attest::INTOTO_PAYLOAD_TYPE
         )));
     }
     let pae = envelope
         .pae()
-        .map_err(|e| ClientError::Verify(e.to_string()))?;
+        .map_err(|e| VerifyError::Failed(e.to_string()))?;
     let signed = envelope.signature_bytes().iter().any(|sig| {
         algorithms_for_spki(spki)
             .iter()
             .any(|alg| verify_message(alg, spki, &pae, sig).is_ok())
     });
     if !signed {
-        return Err(ClientError::Verify(
+        return Err(VerifyError::Failed(
             "the statement is not signed by the pinned key".into(),
         ));
     }
     let payload = envelope
         .payload_bytes()
-        .map_err(|e| ClientError::Verify(e.to_string()))?;
-    let statement: meshsign_evidence::attest::Statement = serde_json::from_slice(&payload)
-        .map_err(|e| ClientError::Verify(format!("statement: {e}")))?;
-    if statement.type_ != meshsign_evidence::attest::STATEMENT_TYPE {
-        return Err(ClientError::Verify("not an in-toto Statement v1".into()));
+        .map_err(|e| VerifyError::Failed(e.to_string()))?;
+    let statement: crate::attest::Statement = serde_json::from_slice(&payload)
+        .map_err(|e| VerifyError::Failed(format!("statement: {e}")))?;
+    if statement.type_ != crate::attest::STATEMENT_TYPE {
+        return Err(VerifyError::Failed("not an in-toto Statement v1".into()));
     }
     let want = hex::encode(digest);
     if !statement
@@ -440,7 +359,7 @@ pub fn open_statement(
         .iter()
         .any(|s| s.digest.get("sha256") == Some(&want))
     {
-        return Err(ClientError::Verify(format!(
+        return Err(VerifyError::Failed(format!(
             "the statement is not about this file (sha256 {want})"
         )));
     }
@@ -450,18 +369,18 @@ pub fn open_statement(
 /// Refuses a signature whose bound facts fall under a rule of `list` (which must be of the
 /// same site and environment).
 pub fn check_distrust(
-    list: &meshsign_evidence::distrust::DistrustList,
-    binding: &meshsign_evidence::attest::Binding,
-) -> Result<(), ClientError> {
+    list: &crate::distrust::DistrustList,
+    binding: &crate::attest::Binding,
+) -> Result<(), VerifyError> {
     if list.region != binding.region {
-        return Err(ClientError::Verify(format!(
+        return Err(VerifyError::Failed(format!(
             "the distrust list is of the site in `{}`; the signature was made in `{}`",
             list.region, binding.region
         )));
     }
-    match list.matching(binding).map_err(ClientError::Verify)? {
+    match list.matching(binding).map_err(VerifyError::Failed)? {
         None => Ok(()),
-        Some(rule) => Err(ClientError::Verify(format!(
+        Some(rule) => Err(VerifyError::Failed(format!(
             "distrusted: rule {} ({}{}) of distrust list version {} matches this signature \
              (job {}, runner {}, key {}, audit entry {})",
             rule.id,

@@ -11,12 +11,12 @@
 //!   is the audit entry of this signature, `inclusionProof` its Merkle proof with the signed
 //!   checkpoint, `logId.keyId` SHA-256 of the audit key's SPKI.
 
+use crate::attest::Envelope;
+use crate::receipt::Receipt;
 use base64::Engine as _;
-use meshsign_evidence::attest::Envelope;
-use meshsign_evidence::receipt::Receipt;
 use serde::{Deserialize, Serialize};
 
-use crate::ClientError;
+use crate::verify::VerifyError;
 
 /// The bundle media type.
 pub const MEDIA_TYPE: &str = "application/vnd.dev.sigstore.bundle.v0.3+json";
@@ -138,20 +138,19 @@ pub struct Checkpoint {
 
 impl TlogEntry {
     /// A receipt as a log entry; `audit_spki` is the audit key (for `logId`).
-    pub fn from_receipt(r: &Receipt, audit_spki: &[u8]) -> Result<Self, ClientError> {
+    pub fn from_receipt(r: &Receipt, audit_spki: &[u8]) -> Result<Self, VerifyError> {
         let entry = r
             .entry_bytes()
-            .map_err(|e| ClientError::Verify(e.to_string()))?;
-        let rec: meshsign_evidence::audit::AuditRecord = serde_json::from_slice(&entry)
-            .map_err(|e| ClientError::Verify(format!("receipt entry: {e}")))?;
-        let time =
-            meshsign_evidence::attest::parse_rfc3339(&rec.ts).map_err(ClientError::Verify)?;
+            .map_err(|e| VerifyError::Failed(e.to_string()))?;
+        let rec: crate::audit::AuditRecord = serde_json::from_slice(&entry)
+            .map_err(|e| VerifyError::Failed(format!("receipt entry: {e}")))?;
+        let time = crate::attest::parse_rfc3339(&rec.ts).map_err(VerifyError::Failed)?;
         let hashes = r
             .hashes
             .iter()
             .map(|h| hex::decode(h).map(|b| B64.encode(b)))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| ClientError::Verify("receipt hash is not hex".into()))?;
+            .map_err(|_| VerifyError::Failed("receipt hash is not hex".into()))?;
         let root = root_of_note(&r.checkpoint)?;
         Ok(Self {
             log_index: r.log_index.to_string(),
@@ -180,8 +179,8 @@ impl TlogEntry {
     }
 
     /// The receipt this entry carries (checked by [`Receipt::verify`], not here).
-    pub fn to_receipt(&self) -> Result<Receipt, ClientError> {
-        let bad = |m: &str| ClientError::Verify(format!("bundle tlog entry: {m}"));
+    pub fn to_receipt(&self) -> Result<Receipt, VerifyError> {
+        let bad = |m: &str| VerifyError::Failed(format!("bundle tlog entry: {m}"));
         let p = &self.inclusion_proof;
         if self.kind_version.kind != ENTRY_KIND {
             return Err(bad("not a meshsign audit entry"));
@@ -205,12 +204,12 @@ impl TlogEntry {
 }
 
 /// The root hash line of a checkpoint note (unverified: for the bundle's `rootHash` copy).
-fn root_of_note(note: &str) -> Result<Vec<u8>, ClientError> {
+fn root_of_note(note: &str) -> Result<Vec<u8>, VerifyError> {
     note.lines()
         .nth(2)
         .and_then(|l| B64.decode(l).ok())
         .filter(|r| r.len() == 32)
-        .ok_or_else(|| ClientError::Verify("checkpoint has no root hash line".into()))
+        .ok_or_else(|| VerifyError::Failed("checkpoint has no root hash line".into()))
 }
 
 impl Bundle {
@@ -239,7 +238,7 @@ impl Bundle {
     }
 
     /// The receipt of the bundle's (first) log entry, if it has one.
-    pub fn receipt(&self) -> Result<Option<Receipt>, ClientError> {
+    pub fn receipt(&self) -> Result<Option<Receipt>, VerifyError> {
         self.verification_material
             .tlog_entries
             .first()
@@ -253,7 +252,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_receipt_survives_the_round_trip_through_a_log_entry() -> Result<(), ClientError> {
+    fn a_receipt_survives_the_round_trip_through_a_log_entry() -> Result<(), VerifyError> {
         let entry = br#"{"seq":3}"#;
         let r = Receipt {
             log_index: 2,

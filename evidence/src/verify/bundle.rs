@@ -1,0 +1,267 @@
+//! One check of a signed artifact against its bundle, whatever the format (what `meshsign
+//! verify` runs):
+//!
+//! | format | signature checked with | facts bound by |
+//! | --- | --- | --- |
+//! | native `FILE.sig.json` | the bundle's key, or the pinned key | the receipt inside |
+//! | Sigstore `FILE.sigstore.json` | the pinned key (the bundle has a hint only) | its tlog entry (the receipt) |
+//! | DSSE `FILE.intoto.json` | the pinned key | the statement itself (site-built, signed) |
+//!
+//! A distrust list needs the binding: a signature whose job, runner, region, key and time
+//! cannot be read from something the site signed is refused by [`check_distrust`], so
+//! stripping the receipt does not get a distrusted signature past the list.
+
+use std::path::Path;
+
+use base64::Engine as _;
+
+use super::{SigBundle, VerifyError};
+use crate::attest::{Binding, Envelope, SiteFacts};
+use crate::verify;
+
+/// What to check besides the signature.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options<'a> {
+    /// The key the signature must be under (SPKI DER); Sigstore and DSSE bundles need it.
+    pub pin: Option<&'a [u8]>,
+    /// Check the audit receipt (needs `audit_key`).
+    pub receipt: bool,
+    /// The site's audit key.
+    pub audit_key: Option<&'a p256::ecdsa::VerifyingKey>,
+    /// A checkpoint (C2SP note) to prove the receipt against instead of the bundle's.
+    pub checkpoint: Option<&'a str>,
+    /// An exported audit log to find a native bundle's entry in (with `receipt`).
+    pub audit_log: Option<&'a [crate::audit::ExportLine]>,
+    /// The binding is needed (a distrust list will be checked).
+    pub need_binding: bool,
+}
+
+/// What was checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checked {
+    /// `native`, `sigstore` or `dsse`.
+    pub format: &'static str,
+    /// `alias@vN`.
+    pub key_id: String,
+    /// Site region.
+    pub region: String,
+    /// Environment.
+    pub environment: String,
+    /// The audit entry the signature names.
+    pub audit_seq: u64,
+    /// The facts the site signed about the signature (receipt entry or statement).
+    pub binding: Option<Binding>,
+    /// `Some(under a signed checkpoint)` when the receipt was checked.
+    pub receipt: Option<bool>,
+}
+
+/// Checks `file` against `bundle_json` (any of the three formats, told from the content).
+pub fn bundle(file: &Path, bundle_json: &[u8], o: &Options<'_>) -> Result<Checked, VerifyError> {
+    let bad = |e: serde_json::Error| VerifyError::Failed(format!("bundle: {e}"));
+    let value: serde_json::Value = serde_json::from_slice(bundle_json).map_err(bad)?;
+    let opts = (o.receipt, o.audit_key, o.checkpoint);
+    if value.get("mediaType").is_some() {
+        let b: crate::bundle::sigstore::Bundle = serde_json::from_value(value).map_err(bad)?;
+        sigstore(file, &b, o.pin, opts, o.need_binding)
+    } else if value.get("payloadType").is_some() {
+        let env: Envelope = serde_json::from_value(value).map_err(bad)?;
+        if o.receipt {
+            return Err(VerifyError::Input(
+                "a DSSE envelope carries no receipt (the statement names its audit entry); \
+                 --receipt applies to native and Sigstore bundles"
+                    .into(),
+            ));
+        }
+        dsse(file, &env, o.pin)
+    } else {
+        let b: SigBundle = serde_json::from_value(value).map_err(bad)?;
+        native(file, &b, o, opts)
+    }
+}
+
+type ReceiptOpts<'a> = (bool, Option<&'a p256::ecdsa::VerifyingKey>, Option<&'a str>);
+
+/// The receipt's entry when the receipt is asked for, or needed for a distrust list.
+fn bound_entry(
+    receipt: Option<&crate::receipt::Receipt>,
+    (asked, key, checkpoint): ReceiptOpts<'_>,
+    needed: bool,
+    digest_hex: &str,
+    key_id: &str,
+) -> Result<Option<crate::audit::AuditRecord>, VerifyError> {
+    if !(asked || needed) {
+        return Ok(None);
+    }
+    let (Some(receipt), Some(key)) = (receipt, key) else {
+        return if asked {
+            Err(VerifyError::Failed(
+                "the bundle carries no audit receipt".into(),
+            ))
+        } else {
+            Ok(None)
+        };
+    };
+    Ok(Some(verify::check_receipt(
+        receipt, key, checkpoint, digest_hex, key_id, "Sign",
+    )?))
+}
+
+fn native(
+    file: &Path,
+    b: &SigBundle,
+    o: &Options<'_>,
+    opts: ReceiptOpts<'_>,
+) -> Result<Checked, VerifyError> {
+    let (pin, needed) = (o.pin, o.need_binding);
+    verify::verify_file(file, b, pin)?;
+    let mut receipt = None;
+    let entry = match (o.audit_log, opts) {
+        (Some(lines), (true, Some(key), _)) => {
+            receipt = Some(verify::verify_receipt(b, lines, key)?);
+            bound_entry(
+                b.receipt.as_ref(),
+                (false, opts.1, opts.2),
+                needed,
+                &b.digest_sha256,
+                &b.key_id,
+            )?
+        }
+        _ => {
+            let e = bound_entry(
+                b.receipt.as_ref(),
+                opts,
+                needed,
+                &b.digest_sha256,
+                &b.key_id,
+            )?;
+            if opts.0 {
+                receipt = Some(true);
+            }
+            e
+        }
+    };
+    Ok(Checked {
+        format: "native",
+        key_id: b.key_id.clone(),
+        region: b.region.clone(),
+        environment: b.environment.clone(),
+        audit_seq: b.audit_seq,
+        binding: entry
+            .as_ref()
+            .map(Binding::from_entry)
+            .transpose()
+            .map_err(VerifyError::Failed)?,
+        receipt,
+    })
+}
+
+fn sigstore(
+    file: &Path,
+    b: &crate::bundle::sigstore::Bundle,
+    pin: Option<&[u8]>,
+    opts: ReceiptOpts<'_>,
+    needed: bool,
+) -> Result<Checked, VerifyError> {
+    let spki = pin.ok_or_else(|| {
+        VerifyError::Input(
+            "a Sigstore bundle names its key only by hint: give the key with --public-key \
+             (meshsign verification-material)"
+                .into(),
+        )
+    })?;
+    if b.media_type != crate::bundle::sigstore::MEDIA_TYPE {
+        return Err(VerifyError::Failed(format!(
+            "media type `{}` is not {}",
+            crate::audit::excerpt(&b.media_type, 80),
+            crate::bundle::sigstore::MEDIA_TYPE
+        )));
+    }
+    let ms = b
+        .message_signature
+        .as_ref()
+        .ok_or_else(|| VerifyError::Failed("the bundle has no messageSignature".into()))?;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let digest = verify::sha256_file(file)?;
+    if ms.message_digest.algorithm != "SHA2_256"
+        || b64.decode(&ms.message_digest.digest).ok().as_deref() != Some(&digest[..])
+    {
+        return Err(VerifyError::Failed(format!(
+            "{} does not match the signed digest (file changed?)",
+            file.display()
+        )));
+    }
+    let sig = b64
+        .decode(&ms.signature)
+        .map_err(|_| VerifyError::Failed("signature is not base64".into()))?;
+    let algs = verify::algorithms_for_spki(spki);
+    let ok = algs.iter().any(|alg| {
+        if verify::messages_only(alg) {
+            verify::read_message(file)
+                .map(|m| verify::verify_message(alg, spki, &m, &sig).is_ok())
+                .unwrap_or(false)
+        } else {
+            verify::verify_signature(alg, spki, &digest, &sig).is_ok()
+        }
+    });
+    if !ok {
+        return Err(VerifyError::Failed(
+            "signature does not match the pinned key".into(),
+        ));
+    }
+    let hint = &b.verification_material.public_key.hint;
+    let mut parts = hint.splitn(3, '/');
+    let (region, environment, key_id) = (
+        parts.next().unwrap_or_default().to_string(),
+        parts.next().unwrap_or_default().to_string(),
+        parts.next().unwrap_or_default().to_string(),
+    );
+    let receipt = b.receipt()?;
+    let entry = bound_entry(
+        receipt.as_ref(),
+        opts,
+        needed,
+        &hex::encode(digest),
+        &key_id,
+    )?;
+    Ok(Checked {
+        format: "sigstore",
+        key_id,
+        region,
+        environment,
+        // The checked entry's seq; without --receipt, the seq the bundle's log entry names
+        // (as a native bundle's `audit_seq` is reported), never 0 for "not checked".
+        audit_seq: entry
+            .as_ref()
+            .map(|e| e.seq)
+            .or(receipt.as_ref().map(|r| r.log_index + 1))
+            .unwrap_or_default(),
+        binding: entry
+            .as_ref()
+            .map(Binding::from_entry)
+            .transpose()
+            .map_err(VerifyError::Failed)?,
+        receipt: opts.0.then_some(true),
+    })
+}
+
+fn dsse(file: &Path, env: &Envelope, pin: Option<&[u8]>) -> Result<Checked, VerifyError> {
+    let spki = pin.ok_or_else(|| {
+        VerifyError::Input(
+            "a DSSE envelope does not carry its key: give the attestation key with --public-key \
+             (meshsign verification-material)"
+                .into(),
+        )
+    })?;
+    let digest = verify::sha256_file(file)?;
+    let statement = verify::open_statement(env, spki, &digest)?;
+    let facts = SiteFacts::from_statement(&statement).map_err(VerifyError::Failed)?;
+    Ok(Checked {
+        format: "dsse",
+        key_id: facts.key_id.clone(),
+        region: facts.region.clone(),
+        environment: facts.environment.clone(),
+        audit_seq: facts.audit_seq,
+        binding: Some(facts.binding().map_err(VerifyError::Failed)?),
+        receipt: None,
+    })
+}
