@@ -84,7 +84,13 @@ pub struct AdminIdentity {
 impl ClientConfig {
     /// Reads a config file.
     pub fn load(path: &Path) -> Result<Self, ClientError> {
-        let text = std::fs::read_to_string(path).map_err(ClientError::io(path))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ClientError::Config(format!(
+                "client config {}: {e}; give the right file with --config or MESHSIGN_CONFIG \
+                 (`meshsignd dev` writes one next to its site.toml)",
+                path.display()
+            ))
+        })?;
         let mut cfg: ClientConfig = toml::from_str(&text)
             .map_err(|e| ClientError::Config(format!("{}: {e}", path.display())))?;
         let base = path.parent().unwrap_or(Path::new("."));

@@ -196,12 +196,30 @@ pub async fn connect_with(
             Ok::<_, std::io::Error>(TokioIo::new(stream))
         }
     });
-    Endpoint::from(uri)
-        .connect_timeout(timeouts.connect)
-        .timeout(timeouts.rpc)
-        .connect_with_connector(connector)
-        .await
-        .map_err(|e| err(source_chain(&e)))
+    // A site that is starting or restarting refuses for a moment: retry with backoff until
+    // the connect timeout is spent, then say what failed and what to check.
+    let deadline = tokio::time::Instant::now() + timeouts.connect;
+    let mut backoff = std::time::Duration::from_millis(100);
+    loop {
+        match Endpoint::from(uri.clone())
+            .connect_timeout(timeouts.connect)
+            .timeout(timeouts.rpc)
+            .connect_with_connector(connector.clone())
+            .await
+        {
+            Ok(ch) => return Ok(ch),
+            Err(e) => {
+                let chain = source_chain(&e);
+                let refused = chain.contains("Connection refused");
+                if !refused || tokio::time::Instant::now() + backoff >= deadline {
+                    let hint = connect_hint(&chain);
+                    return Err(err(format!("{chain}{hint}")));
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(2));
+            }
+        }
+    }
 }
 
 /// Whether a failed call may be retried on another replica: the site was unreachable
@@ -221,16 +239,35 @@ pub fn is_failover(s: &tonic::Status) -> bool {
     }
 }
 
-/// The error and its causes, joined, so TLS alerts are visible.
+/// The error and its causes, joined, so TLS alerts are visible; a cause that repeats what is
+/// already said (an I/O error wrapping itself) is said once.
 pub fn source_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        let text = c.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
         cur = c.source();
     }
     s
+}
+
+/// What to do about a failed connection, for the message.
+fn connect_hint(chain: &str) -> &'static str {
+    if chain.contains("Connection refused") || chain.contains("connection refused") {
+        "; is meshsignd running there? check `endpoints` in client.toml (or --config)"
+    } else if chain.contains("no TLS handshake within") || chain.contains("timed out") {
+        "; the site did not answer in time: check the address and the network, or raise \
+         --connect-timeout"
+    } else if chain.contains("certificate") || chain.contains("UnknownIssuer") {
+        "; the site's certificate does not chain to `ca_file` in client.toml or does not name \
+         `server_name`"
+    } else {
+        ""
+    }
 }
 
 #[cfg(test)]

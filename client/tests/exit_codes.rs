@@ -62,10 +62,34 @@ fn usage_refusal_and_an_unanswering_site_have_their_exit_codes() {
         "no enrollment for a usage error"
     );
 
-    // A key the job may not use: refused by policy (3), and the first error is the one shown.
+    // A key that is not there: refused (3) before the token is spent, and a near miss names
+    // the alias meant (issue 26).
     let (code, err, _) = sign(&["--environment", "staging", "--key", "nope", "a.txt"]);
     assert_eq!(code, Some(3), "{err}");
-    assert!(err.contains("key_not_in_partition: "), "{err}");
+    assert!(
+        err.contains("no key `nope` in environment `staging`") && err.contains("not spent"),
+        "{err}"
+    );
+    let (code, err, _) = sign(&["--environment", "staging", "--key", "relase", "a.txt"]);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("did you mean `release`?"), "{err}");
+    assert_eq!(
+        enrollments(tmp.path(), &cfg),
+        before,
+        "no enrollment for a key that is not there"
+    );
+    // With --output json the error is JSON on stdout too.
+    let out = Command::new(meshsign())
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--output", "json", "sign", "--environment", "staging"])
+        .args(["--key", "relase", "a.txt"])
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["error"]["exit_code"], 3, "{v}");
+    assert_eq!(v["error"]["reason"], "KEY", "{v}");
 
     // A suspended site: unavailable (4) within the timeout, not a hung job.
     let pid = site.0.id().to_string();
@@ -512,4 +536,76 @@ fn a_closed_stdout_is_not_a_panic() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
         assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
     }
+}
+
+/// Issue 26: the mistakes a new user makes get a message that names the file or endpoint and
+/// the next step.
+#[test]
+fn a_new_user_s_mistakes_name_the_next_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(meshsign())
+            .args(args)
+            .env_remove("MESHSIGN_CONFIG")
+            .current_dir(tmp.path())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // A wrong config path: usage (2), and it says it is the client config.
+    let (code, err) = run(&["--config", "nope.toml", "admin", "status"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("client config nope.toml") && err.contains("--config"),
+        "{err}"
+    );
+    // Nothing listening: unavailable (4) after retrying within the connect timeout, the cause
+    // said once, and what to check.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let site_dir = tmp.path().join("site");
+    let site = start_dev(&site_dir);
+    let text = std::fs::read_to_string(site_dir.join("client.toml")).unwrap();
+    drop(site);
+    let moved = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("enroll_endpoint") {
+                format!("enroll_endpoint = \"127.0.0.1:{port}\"")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(site_dir.join("down.toml"), moved).unwrap();
+    let started = Instant::now();
+    let (code, err) = run(&[
+        "--config",
+        site_dir.join("down.toml").to_str().unwrap(),
+        "--connect-timeout",
+        "2",
+        "verification-material",
+        "--environment",
+        "staging",
+        "--audit-key",
+    ]);
+    assert_eq!(code, Some(4), "{err}");
+    assert!(err.contains("is meshsignd running"), "{err}");
+    assert_eq!(err.matches("Connection refused").count(), 1, "{err}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(700),
+        "retried with backoff before giving up: {:?}",
+        started.elapsed()
+    );
+    // `meshsign man DIR`, as the help says.
+    let (code, err) = run(&["man", tmp.path().join("man").to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(tmp.path().join("man/meshsign.1").exists());
 }

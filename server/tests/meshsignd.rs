@@ -133,3 +133,24 @@ fn check_refuses_an_open_trust_policy_and_warns_of_renamable_names() {
         "{out}"
     );
 }
+
+/// Issue 26: the daemon has man pages and completions, like the CLI.
+#[test]
+fn meshsignd_writes_man_pages_and_shell_completions() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = meshsignd().args(["man"]).arg(dir.path()).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for page in ["meshsignd.1", "meshsignd-serve.1", "meshsignd-recover.1"] {
+        let text = std::fs::read_to_string(dir.path().join(page)).unwrap();
+        assert!(text.contains(".TH"), "{page} is a man page");
+    }
+    let out = meshsignd().args(["completions", "bash"]).output().unwrap();
+    assert!(out.status.success());
+    let script = String::from_utf8_lossy(&out.stdout);
+    assert!(script.contains("complete -F _meshsignd"), "{script}");
+    assert!(script.contains("serve") && script.contains("recover"));
+}

@@ -22,12 +22,15 @@ pub enum LookupError {
     #[error("no environment `{0}`")]
     NoEnvironment(String),
     /// The key does not exist in the environment.
-    #[error("no key `{alias}` in environment `{environment}`")]
+    #[error("no key `{alias}` in environment `{environment}`{suggestion}")]
     NoKey {
         /// Alias.
         alias: String,
         /// Environment.
         environment: String,
+        /// `; did you mean `release`?` when an alias of the environment is one or two edits
+        /// away (aliases are public: their keys are served here), else empty.
+        suggestion: String,
     },
     /// No durable audit entry has this seq and hash.
     #[error("no audit entry {0} with that hash")]
@@ -59,10 +62,19 @@ impl Refusal for LookupError {
     }
 }
 
-fn no_key(r: &v1::GetVerificationMaterialRequest) -> Status {
+fn no_key(r: &v1::GetVerificationMaterialRequest, ring: &crate::custody::KeyRing) -> Status {
+    let nearest = ring
+        .all()
+        .filter(|((env, _), _)| *env == r.environment)
+        .map(|((_, alias), _)| (crate::model::edit_distance(alias, &r.key_alias), alias))
+        .filter(|(d, _)| *d <= 2)
+        .min();
     status(&LookupError::NoKey {
         alias: bounded(&r.key_alias, 64),
         environment: bounded(&r.environment, 64),
+        suggestion: nearest
+            .map(|(_, a)| format!("; did you mean `{a}`?"))
+            .unwrap_or_default(),
     })
 }
 
@@ -129,7 +141,7 @@ impl v1::verification_server::Verification for VerificationApi {
         let ring = self.0.keys();
         let key = ring
             .active(&r.environment, &r.key_alias)
-            .ok_or_else(|| no_key(&r))?;
+            .ok_or_else(|| no_key(&r, &ring))?;
         Ok(Response::new(v1::SigningIdentity {
             key_id: key.record.key_id(),
             algorithm: key.record.algorithm.as_str().to_string(),
@@ -156,7 +168,7 @@ impl v1::verification_server::Verification for VerificationApi {
         } else {
             let versions = ring
                 .versions(&r.environment, &r.key_alias)
-                .ok_or_else(|| no_key(&r))?;
+                .ok_or_else(|| no_key(&r, &ring))?;
             let last = versions.len().saturating_sub(1);
             versions
                 .iter()

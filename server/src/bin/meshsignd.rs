@@ -125,6 +125,17 @@ enum Command {
         #[arg(long, env = "MESHSIGN_SITE_CONFIG")]
         config: PathBuf,
     },
+    /// Print a shell completion script (`meshsignd completions bash > /etc/bash_completion.d/meshsignd`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (meshsignd.1 and one per subcommand) into DIR (default: here).
+    Man {
+        /// Where to write them.
+        #[arg(value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 fn init_logs(format: LogFormat) {
@@ -165,6 +176,25 @@ fn main() -> ExitCode {
 
 async fn dispatch(command: Command) -> Result<(), String> {
     match command {
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "meshsignd",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Man { dir } => {
+            use clap::CommandFactory as _;
+            let dir = dir.unwrap_or_else(|| PathBuf::from("."));
+            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), &dir)
+                .map_err(|e| format!("{}: {e}", dir.display()))?;
+            eprintln!("man pages written to {}", dir.display());
+            Ok(())
+        }
         Command::Check { config } => {
             let cfg =
                 SiteConfig::load(&config).map_err(|e| format!("{}: {e}", config.display()))?;

@@ -118,7 +118,11 @@ pub enum EnrollError {
     #[error("token is not for audience `{0}`")]
     Audience(String),
     /// Step 4: expired.
-    #[error("token expired at {exp} (now {now}, leeway {LEEWAY_SECONDS}s)")]
+    #[error(
+        "token expired at {} ({} ago; leeway {LEEWAY_SECONDS} s)",
+        crate::model::when(*exp),
+        crate::model::span(now - exp)
+    )]
     Expired {
         /// `exp`.
         exp: i64,
@@ -126,7 +130,11 @@ pub enum EnrollError {
         now: i64,
     },
     /// Step 4: not yet valid.
-    #[error("token not valid before {nbf} (now {now})")]
+    #[error(
+        "token not valid before {} (in {})",
+        crate::model::when(*nbf),
+        crate::model::span(nbf - now)
+    )]
     NotYetValid {
         /// `nbf`.
         nbf: i64,

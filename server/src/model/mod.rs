@@ -47,6 +47,45 @@ pub const INTERNAL: &str = "internal";
 /// The audit reason when the audit log cannot be written (then nothing is returned).
 pub const AUDIT_UNAVAILABLE: &str = "audit_unavailable";
 
+/// Levenshtein distance of two short names (for "did you mean"); inputs are bounded first.
+pub fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b): (Vec<char>, Vec<char>) =
+        (a.chars().take(64).collect(), b.chars().take(64).collect());
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// Unix seconds as RFC 3339 (what people read in a refusal, not epoch numbers).
+pub fn when(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("unix {unix}"))
+}
+
+/// A span of seconds as people read it: `42 s`, `5 min 3 s`, `2 h 10 min`, `3 d 4 h`.
+pub fn span(seconds: i64) -> String {
+    let s = seconds.unsigned_abs();
+    match s {
+        0..60 => format!("{s} s"),
+        60..3600 => format!("{} min {} s", s / 60, s % 60),
+        3600..86_400 => format!("{} h {} min", s / 3600, (s % 3600) / 60),
+        _ => format!("{} d {} h", s / 86_400, (s % 86_400) / 3600),
+    }
+}
+
 /// Cuts a string from the network, a file or a user to at most `max` bytes, before it
 /// reaches an audit record, a log line or a message. A longer value is kept as a prefix and the
 /// hash of the whole ([`meshsign_evidence::audit::excerpt`]): recognisable, matchable against the

@@ -416,12 +416,4 @@ pub fn annotate(detail: String, approval: Option<&Proposal>) -> String {
     }
 }
 
-fn rfc3339(t: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(t)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| t.to_string())
-}
+use crate::model::when as rfc3339;

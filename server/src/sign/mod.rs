@@ -126,7 +126,11 @@ pub enum SignError {
         reason: String,
     },
     /// Expired since the connection was opened.
-    #[error("expired at {not_after} (now {now})")]
+    #[error(
+        "expired at {} ({} ago)",
+        crate::model::when(*not_after),
+        crate::model::span(now - not_after)
+    )]
     Expired {
         /// not_after.
         not_after: i64,

@@ -163,9 +163,12 @@ enum Command {
     },
     /// Write man pages (meshsign.1 and one per subcommand) into DIR.
     Man {
-        /// Where to write them.
-        #[arg(long, default_value = ".")]
-        out_dir: PathBuf,
+        /// Where to write them (default: the current folder).
+        #[arg(value_name = "DIR", conflicts_with = "out_dir")]
+        dir: Option<PathBuf>,
+        /// The same as DIR.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
     },
     /// Fail a runner's registration if long-lived secrets sit on it: scans PATHS (default:
     /// $HOME) and the environment; prints path, line and kind, never the secret; exit 1 on a
@@ -243,15 +246,43 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let json = cli.global.output == admin::Format::Json;
     match rt.block_on(dispatch(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         // `meshsign exec` passes its command's status on, saying nothing of its own.
         Err(ClientError::ChildExit(code)) => ExitCode::from(code),
         Err(e) => {
             eprintln!("meshsign: {e}");
+            if json {
+                // A script that asked for JSON gets its error as JSON too, on stdout.
+                out!("{}", error_json(&e));
+            }
             ExitCode::from(e.exit_code())
         }
     }
+}
+
+/// `{"error": {"message", "exit_code", "kind", "reason"}}` for `--output json`.
+fn error_json(e: &ClientError) -> serde_json::Value {
+    let (kind, reason) = match e {
+        ClientError::Usage(_) => ("usage", String::new()),
+        ClientError::ChildExit(_) => ("child_exit", String::new()),
+        ClientError::Config(_) => ("config", String::new()),
+        ClientError::Io { .. } => ("io", String::new()),
+        ClientError::Connect { .. } => ("connect", String::new()),
+        ClientError::Rpc { reason, .. } => ("refused", reason.clone()),
+        ClientError::Token(_) => ("token", String::new()),
+        ClientError::Crypto(_) => ("local_fault", String::new()),
+        ClientError::Verify(_) => ("verify", String::new()),
+    };
+    serde_json::json!({
+        "error": {
+            "message": e.to_string(),
+            "exit_code": e.exit_code(),
+            "kind": kind,
+            "reason": reason,
+        }
+    })
 }
 
 fn load_config(global: &Global) -> Result<ClientConfig, ClientError> {
@@ -358,7 +389,8 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
                 _ => Ok(()),
             }
         }
-        Command::Man { out_dir } => {
+        Command::Man { dir, out_dir } => {
+            let out_dir = dir.or(out_dir).unwrap_or_else(|| PathBuf::from("."));
             use clap::CommandFactory as _;
             std::fs::create_dir_all(&out_dir).map_err(ClientError::io(&out_dir))?;
             clap_mangen::generate_to(Cli::command(), &out_dir)

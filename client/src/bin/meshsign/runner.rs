@@ -208,6 +208,35 @@ async fn finish(session: &mut Session, result: Result<(), ClientError>) -> Resul
     }
 }
 
+/// A key that is not there would be found only after the job's one-time token was spent: ask
+/// the site's public Verification service first (its refusal names the nearest alias). With a
+/// job agent the token is already spent, so there is nothing to save.
+async fn key_exists(
+    cfg: &ClientConfig,
+    args: &SessionArgs,
+    alias: &str,
+) -> Result<(), ClientError> {
+    if std::env::var_os(agent::SOCK_VAR).is_some() {
+        return Ok(());
+    }
+    let mut v = meshsign_client::evidence::client(cfg).await?;
+    match meshsign_client::evidence::material(&mut v, &args.environment, alias).await {
+        Ok(_) => Ok(()),
+        Err(ClientError::Rpc {
+            rpc,
+            code,
+            message,
+            reason,
+        }) => Err(ClientError::Rpc {
+            rpc,
+            code,
+            message: format!("{message} (nothing was enrolled; the token is not spent)"),
+            reason,
+        }),
+        Err(e) => Err(e),
+    }
+}
+
 /// `meshsign sign`. Every input is read (and hashed) before the job's token is spent.
 pub async fn sign(
     cfg: &ClientConfig,
@@ -242,6 +271,7 @@ pub async fn sign(
         };
         return attest_files(cfg, attest, format).await;
     }
+    key_exists(cfg, &args.runner.session, &args.runner.key).await?;
     let (mut session, own) = open_session(cfg, &args.runner.session).await?;
     let result = sign_files(cfg, &mut session, &args, &digests, format).await;
     if own {
@@ -358,6 +388,7 @@ async fn attest_files(
         (None, Some(f)) => super::sibling(f, ".intoto.json"),
         (None, None) => return Err(ClientError::Usage("no files".into())),
     };
+    key_exists(cfg, &args.runner.session, &args.runner.key).await?;
     let (mut session, own) = open_session(cfg, &args.runner.session).await?;
     let result = session
         .attest(&args.runner.key, &subjects, predicate)
