@@ -151,23 +151,30 @@ async fn open_session(
     Ok((Session { enrollment, signer }, false))
 }
 
+/// Where the job's token comes from (nothing is fetched yet).
+fn token_source(cfg: &ClientConfig, args: &SessionArgs) -> Result<TokenSource, ClientError> {
+    Ok(
+        match (&args.token_file, &args.token_env, &args.token_source) {
+            (Some(f), _, _) => TokenSource::File(f.clone()),
+            (_, Some(v), _) => TokenSource::Env(v.clone()),
+            (_, _, Some(s)) => match s.as_str() {
+                "gitlab" => TokenSource::Gitlab(args.id_token_var.clone()),
+                "buildkite" => TokenSource::Buildkite,
+                "auto" => token::detect(|v| std::env::var(v).ok()).ok_or_else(|| {
+                    ClientError::Usage(
+                        "--token-source auto: not in GitHub Actions, GitLab CI or Buildkite".into(),
+                    )
+                })?,
+                _ => TokenSource::GithubActions,
+            },
+            _ => super::dev::fallback_token_source(cfg, &args.environment)?,
+        },
+    )
+}
+
 /// Obtains the job's token, makes a key in memory and enrolls.
 pub async fn start_session(cfg: &ClientConfig, args: &SessionArgs) -> Result<Session, ClientError> {
-    let source = match (&args.token_file, &args.token_env, &args.token_source) {
-        (Some(f), _, _) => TokenSource::File(f.clone()),
-        (_, Some(v), _) => TokenSource::Env(v.clone()),
-        (_, _, Some(s)) => match s.as_str() {
-            "gitlab" => TokenSource::Gitlab(args.id_token_var.clone()),
-            "buildkite" => TokenSource::Buildkite,
-            "auto" => token::detect(|v| std::env::var(v).ok()).ok_or_else(|| {
-                ClientError::Usage(
-                    "--token-source auto: not in GitHub Actions, GitLab CI or Buildkite".into(),
-                )
-            })?,
-            _ => TokenSource::GithubActions,
-        },
-        _ => super::dev::fallback_token_source(cfg, &args.environment)?,
-    };
+    let source = token_source(cfg, args)?;
     let aud = cfg.audience(&args.environment)?;
     let mut cfg = cfg.clone();
     if let Some(ca) = &args.ca_file {
@@ -219,6 +226,10 @@ async fn key_exists(
     if std::env::var_os(agent::SOCK_VAR).is_some() {
         return Ok(());
     }
+    // What the command itself lacks (a token source, the environment's audience) is said
+    // first, before anything goes over the network.
+    token_source(cfg, args)?;
+    cfg.audience(&args.environment)?;
     let mut v = meshsign_client::evidence::client(cfg).await?;
     match meshsign_client::evidence::material(&mut v, &args.environment, alias).await {
         Ok(_) => Ok(()),
