@@ -831,3 +831,17 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Waits until `ready` holds — an observable state (a count of open connections, a record, a
+/// port) — checking every 10 ms, and fails naming `what` after `within`. Tests wait on this,
+/// never on a fixed sleep.
+pub async fn wait_until(what: &str, within: std::time::Duration, mut ready: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !ready() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "waited {within:?} for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}

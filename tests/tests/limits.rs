@@ -9,7 +9,7 @@ use std::time::Duration;
 use meshsign_client::runner::RunnerKey;
 use meshsign_proto::v1;
 use meshsign_server::audit::AuditRecord;
-use meshsign_tests::{TestSite, sign_req};
+use meshsign_tests::{TestSite, sign_req, wait_until};
 use tokio::io::AsyncReadExt as _;
 use tonic::Code;
 
@@ -330,7 +330,9 @@ async fn connections_are_capped_per_source_and_per_listener() {
     for _ in 0..8 {
         held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let handle = &site.handle;
+    let open = |n: u32| move || handle.open_connections("enroll") == n;
+    wait_until("8 held connections", Duration::from_secs(5), open(8)).await;
     // The ninth from the same source is closed at once, before any TLS.
     let mut ninth = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut buf = [0u8; 1];
@@ -343,7 +345,7 @@ async fn connections_are_capped_per_source_and_per_listener() {
     let (_k, _r, mut signer) = {
         drop(held.pop());
         drop(held.pop());
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        wait_until("6 held connections", Duration::from_secs(5), open(6)).await;
         site.enrolled("staging").await
     };
     signer.sign(sign_req("release", 1)).await.unwrap();
@@ -357,12 +359,12 @@ async fn connections_are_capped_per_source_and_per_listener() {
             others.push(s);
         }
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_until("a full listener", Duration::from_secs(5), open(12)).await;
     let err = tls_from(&site, "127.0.2.1", addr).await;
     assert!(err.is_err(), "the listener is full");
     drop(held);
     drop(others);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_until("every connection closed", Duration::from_secs(5), open(0)).await;
     tls_from(&site, "127.0.0.1", addr).await.unwrap();
 
     flush_summaries(&site).await;
@@ -464,7 +466,13 @@ async fn refused_handshakes_are_counted_into_summary_entries() {
             let _ = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
         }
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A refused handshake is counted before its connection closes.
+    wait_until(
+        "the refused connections closed",
+        Duration::from_secs(5),
+        || site.handle.open_connections("sign") == 0,
+    )
+    .await;
     flush_summaries(&site).await;
     let s = summaries(&site, "handshake");
     assert_eq!(s.len(), 2, "one entry per distinct refusal: {s:?}");

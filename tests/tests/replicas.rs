@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use meshsign_certs_dev::postgres::LocalPostgres;
 use meshsign_client::runner::RunnerKey;
-use meshsign_tests::{TestSite, sign_req};
+use meshsign_tests::{TestSite, sign_req, wait_until};
 
 fn store_section(pg: &LocalPostgres) -> String {
     pg.store_section()
@@ -190,10 +190,35 @@ async fn while_postgres_is_down_decisions_are_unavailable_and_resume_without_a_r
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_until(
+        "20 signatures before the stop",
+        Duration::from_secs(10),
+        || {
+            outcomes
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|r| r.is_ok())
+                .count()
+                >= 20
+        },
+    )
+    .await;
     pg.stop().unwrap();
     let down_from = outcomes.lock().unwrap().len();
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Down until every client has been refused at least once (each says why, below).
+    wait_until(
+        "refusals while PostgreSQL is down",
+        Duration::from_secs(10),
+        || {
+            outcomes.lock().unwrap()[down_from..]
+                .iter()
+                .filter(|r| r.is_err())
+                .count()
+                >= 4
+        },
+    )
+    .await;
     let down_to = outcomes.lock().unwrap().len();
     pg.start_again().unwrap();
     // Back without a restart: every client signs again.
@@ -294,7 +319,16 @@ async fn a_revocation_through_one_replica_is_enforced_by_the_other_within_a_seco
         })
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // B has picked the change up (its next poll of the shared generation, ≤ 250 ms).
+    let b_state = b.state().clone();
+    wait_until("B to load A's disable", Duration::from_secs(5), || {
+        b_state.config().environment("staging").is_some_and(|e| {
+            e.trust_policies
+                .iter()
+                .any(|t| t.issuer == meshsign_tests::ES_ISSUER && !t.enabled)
+        })
+    })
+    .await;
     let k = RunnerKey::generate().unwrap();
     let err = b
         .enrollment()

@@ -9,6 +9,7 @@
 //! [`signer`], [`admin`]) → use case → state → audit/ca/custody → back up with its answer.
 
 pub mod admin;
+pub mod connections;
 pub mod enrollment;
 mod export;
 pub mod metrics;

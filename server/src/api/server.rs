@@ -13,10 +13,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use super::connections::ConnectionLimiter;
 use super::tls::{self, ListenerTls, TlsError};
 use crate::config::SiteConfig;
 use crate::identity::Operator;
-use crate::limits::ConnectionLimiter;
 use crate::ops::{self, Access, OpsError};
 use crate::state::SiteState;
 
@@ -70,6 +70,8 @@ pub struct SiteHandle {
     listeners: JoinSet<(&'static str, Result<(), tonic::transport::Error>)>,
     keeper: tokio::task::JoinHandle<()>,
     metrics_task: Option<tokio::task::JoinHandle<()>>,
+    /// Each listener's open-connection counter (enroll, sign, admin).
+    connections: [(&'static str, ConnectionLimiter); 3],
 }
 
 impl std::fmt::Debug for SiteHandle {
@@ -83,6 +85,15 @@ impl std::fmt::Debug for SiteHandle {
 }
 
 impl SiteHandle {
+    /// Connections a listener (`enroll`, `sign`, `admin`) holds open now: what tests wait on
+    /// instead of sleeping.
+    pub fn open_connections(&self, port: &str) -> u32 {
+        self.connections
+            .iter()
+            .find(|(p, _)| *p == port)
+            .map_or(0, |(_, c)| c.open())
+    }
+
     /// Stops the listeners and waits for them, then stops the audit writer, saves the
     /// in-memory signature counts and flushes.
     pub async fn shutdown(mut self) {
@@ -288,14 +299,26 @@ pub async fn start(state: Arc<SiteState>) -> Result<SiteHandle, StartError> {
     let routers = super::routers(state.clone())?;
     let health = routers.health.clone();
     let limits = config.limits;
+    let counters = ["enroll", "sign", "admin"].map(|port| {
+        (
+            port,
+            ConnectionLimiter::new(limits.max_connections, limits.max_connections_per_source),
+        )
+    });
     let admission = |port: &'static str| {
         let counted = state.clone();
         tls::Admission {
             port,
-            connections: ConnectionLimiter::new(
-                limits.max_connections,
-                limits.max_connections_per_source,
-            ),
+            connections: counters
+                .iter()
+                .find(|(p, _)| *p == port)
+                .map(|(_, c)| c.clone())
+                .unwrap_or_else(|| {
+                    ConnectionLimiter::new(
+                        limits.max_connections,
+                        limits.max_connections_per_source,
+                    )
+                }),
             handshake_timeout: Duration::from_secs(limits.handshake_timeout_seconds),
             first_request_timeout: Duration::from_secs(limits.first_request_timeout_seconds),
             refused: Arc::new(move |reason, peer, detail| {
@@ -372,6 +395,7 @@ pub async fn start(state: Arc<SiteState>) -> Result<SiteHandle, StartError> {
         listeners,
         keeper,
         metrics_task,
+        connections: counters,
     })
 }
 

@@ -32,9 +32,9 @@ use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
+use super::connections::{ConnectionLimiter, ConnectionPermit};
 use crate::clock::{RustlsTime, SharedClock};
 use crate::config::TlsFiles;
-use crate::limits::{ConnectionLimiter, ConnectionPermit};
 
 /// TLS setup failures.
 #[derive(Debug, thiserror::Error)]
