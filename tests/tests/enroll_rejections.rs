@@ -540,7 +540,7 @@ async fn a_wall_clock_step_ahead_and_back_does_not_make_a_spent_token_usable_aga
     assert_eq!(steps.len(), 1, "{steps:?}");
     assert!(steps[0].detail.contains("+86400 s"), "{}", steps[0].detail);
     let mut metrics = String::new();
-    site.state().audit.metrics.render(&mut metrics);
+    site.state().metrics.render(&mut metrics);
     assert!(
         metrics.contains("meshsign_clock_steps_total 1"),
         "{metrics}"

@@ -412,7 +412,6 @@ impl v1::admin_server::Admin for AdminApi {
         let cfg = s.config();
         let keys = s.keys();
         let last = s
-            .audit
             .metrics
             .last_checkpoint_unix
             .load(std::sync::atomic::Ordering::Relaxed);

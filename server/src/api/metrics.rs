@@ -49,7 +49,6 @@ const LIVE_CACHE: Duration = Duration::from_secs(30);
 /// renewal, or a revocation rule), counted from the store at most every [`LIVE_CACHE`].
 fn live_certificates(state: &SiteState, now: i64) -> Vec<(String, u64)> {
     let mut cache = state
-        .audit
         .metrics
         .live_certificates
         .lock()
@@ -85,7 +84,7 @@ fn live_certificates(state: &SiteState, now: i64) -> Vec<(String, u64)> {
 pub fn render(state: &SiteState) -> String {
     let now = state.clock.unix();
     let mut out = String::with_capacity(8192);
-    state.audit.metrics.render(&mut out);
+    state.metrics.render(&mut out);
     let gauge = |out: &mut String, name: &str, help: &str| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
     };
@@ -105,7 +104,6 @@ pub fn render(state: &SiteState) -> String {
         "Seconds since this process signed its last audit checkpoint (-1: none yet).",
     );
     let last = state
-        .audit
         .metrics
         .last_checkpoint_unix
         .load(std::sync::atomic::Ordering::Relaxed);

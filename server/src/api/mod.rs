@@ -201,7 +201,7 @@ pub fn routers(state: Arc<SiteState>) -> Result<Routers, tonic_reflection::serve
                 port,
                 limits.max_requests_in_flight,
                 on_shed,
-                state.audit.metrics.clone(),
+                state.metrics.clone(),
             ))
     };
     let timeout = Duration::from_secs(limits.request_timeout_seconds);

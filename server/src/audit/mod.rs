@@ -261,8 +261,6 @@ pub struct SignedHead {
 /// Appends entries through the group-commit writer.
 #[derive(Clone)]
 pub struct AuditLog {
-    /// Decision counters and audit gauges for Prometheus.
-    pub metrics: Arc<crate::metrics::Metrics>,
     failing: Arc<std::sync::atomic::AtomicBool>,
     tx: mpsc::Sender<Msg>,
     store: Store,
@@ -324,13 +322,14 @@ struct Writer {
 impl AuditLog {
     /// Opens the log and starts the writer thread. With a `journal` path, entries a crash left
     /// only in the journal are first written back into the store; the chain then continues from
-    /// the last stored entry.
+    /// the last stored entry. The writer counts into `metrics`, the site's registry (the
+    /// state makes it; the log only counts into it).
     pub fn open(
         store: Store,
         clock: SharedClock,
         (region, origin): (&str, &str),
         key: AuditKey,
-        settings: AuditSettings,
+        (settings, metrics): (AuditSettings, Arc<crate::metrics::Metrics>),
         journal: Option<JournalAt<'_>>,
     ) -> Result<Self, AuditError> {
         if store.kv().chain().is_none()
@@ -418,7 +417,6 @@ impl AuditLog {
             j.clear(seq, &hash)?;
         }
         let failing: Arc<std::sync::atomic::AtomicBool> = Arc::default();
-        let metrics: Arc<crate::metrics::Metrics> = Arc::default();
         let tree = load_tree(&store, seq);
         let (signed_tx, signed_rx) = watch::channel(initial_head);
         let (head_tx, head_rx) = watch::channel(seq);
@@ -439,7 +437,7 @@ impl AuditLog {
             chain_pending: Vec::new(),
             shared: store.kv().chain().is_some(),
             failing: failing.clone(),
-            metrics: metrics.clone(),
+            metrics,
             tree,
             completed: Vec::new(),
             origin: origin.to_string(),
@@ -451,7 +449,6 @@ impl AuditLog {
             .spawn(move || writer.commit_loop(rx))
             .map_err(|e| AuditError::Thread(Arc::new(e)))?;
         Ok(Self {
-            metrics,
             failing,
             tx,
             store,

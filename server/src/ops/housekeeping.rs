@@ -54,8 +54,7 @@ async fn watch_wall_clock(site: &SiteState) {
         crate::enroll::LEEWAY_SECONDS
     );
     tracing::error!(offset_seconds = offset, "wall clock stepped: {detail}");
-    site.audit
-        .metrics
+    site.metrics
         .clock_steps
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let rec = AuditRecord {

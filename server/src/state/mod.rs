@@ -188,6 +188,9 @@ pub struct SiteState {
     pub store: Store,
     /// Audit log.
     pub audit: AuditLog,
+    /// The site's Prometheus registry: decisions, refusals, latencies, audit gauges (the audit
+    /// log, the listeners and housekeeping count into it; `api::metrics` renders it).
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// The KEK (ops wrap new keys under it) and the PKCS#11 token, if any.
     pub(crate) custodian: crate::custody::Custodian,
     keys: RwLock<Arc<KeyRing>>,
@@ -400,12 +403,13 @@ impl SiteState {
             let journal_must_exist = marker.as_ref().is_some_and(|m| !m.holds.is_empty());
             let marker = record_holdings(marker, &store, &data_dir)?;
             let origin = crate::audit::log_origin(&config.trust_domain, &config.region);
+            let metrics: Arc<crate::metrics::Metrics> = Arc::default();
             let audit = AuditLog::open(
                 store.clone(),
                 clock.clone(),
                 (&config.region, &origin),
                 audit_key,
-                settings,
+                (settings, metrics.clone()),
                 (!shared).then_some(JournalAt {
                     path: &journal,
                     must_exist: journal_must_exist,
@@ -416,7 +420,8 @@ impl SiteState {
                 config: RwLock::new(Arc::new(config)),
                 file_config: RwLock::new(file_snapshot),
                 seen_generation: std::sync::Mutex::new(seen_generation),
-                summaries: crate::audit::summary::Summaries::new(audit.metrics.clone()),
+                summaries: crate::audit::summary::Summaries::new(metrics.clone()),
+                metrics,
                 enroll_limiter: crate::limits::RateLimiter::new(
                     limits.enroll_per_source_per_second,
                     limits.enroll_per_source_burst,
