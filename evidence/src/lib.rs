@@ -14,6 +14,7 @@ pub mod audit;
 pub mod bundle;
 pub mod der;
 pub mod distrust;
+pub mod error;
 pub mod files;
 pub mod identity;
 pub mod merkle;

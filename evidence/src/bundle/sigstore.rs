@@ -16,7 +16,7 @@ use crate::receipt::Receipt;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
-use crate::verify::VerifyError;
+use crate::error::VerifyError;
 
 /// The bundle media type.
 pub const MEDIA_TYPE: &str = "application/vnd.dev.sigstore.bundle.v0.3+json";
