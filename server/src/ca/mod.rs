@@ -13,6 +13,8 @@
 //! the signer swaps the real OID into the to-be-signed bytes before signing; the same swap is then
 //! made in the output. Both are checked to occur exactly once, and the result is verified.
 
+pub mod csr;
+
 use std::sync::Arc;
 
 use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1, UnparsedPublicKey};

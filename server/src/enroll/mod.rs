@@ -6,22 +6,19 @@
 //! the `jti` is claimed atomically only at the last step, just before the certificate is
 //! minted. Must not touch: tonic, TLS, proto messages (`api` converts).
 
-mod csr;
-
-pub use csr::verify_csr;
+pub use crate::ca::csr::verify_csr;
 
 use meshsign_evidence::identity::{JobClaims, RunnerId, is_valid_fingerprint};
 use serde_json::Value;
 
 use crate::audit::{AuditError, AuditRecord};
-use crate::ca::{CaError, CertRequest};
+use crate::ca::CaError;
 use crate::config::{Environment, SiteConfig, TrustPolicy};
 use crate::custody::CustodyError;
 use crate::identity::claims::JobIdentity;
 use crate::identity::jwt::UnverifiedJwt;
-use crate::model::{
-    AUDIT_UNAVAILABLE, CertRecord, INTERNAL, Refusal, RefusalKind, bounded, glob_match,
-};
+use crate::model::{AUDIT_UNAVAILABLE, INTERNAL, Refusal, RefusalKind, bounded, glob_match};
+use crate::state::issuance::Session;
 use crate::state::{SiteState, StateError};
 use crate::store::StoreError;
 
@@ -61,26 +58,8 @@ impl std::fmt::Debug for EnrollInput {
     }
 }
 
-/// A minted runner certificate.
-#[derive(Clone, Debug)]
-pub struct EnrollOutput {
-    /// Leaf, then the issuing runner CA (DER).
-    pub chain: Vec<Vec<u8>>,
-    /// Serial, hex.
-    pub serial_hex: String,
-    /// not_after, unix seconds.
-    pub not_after: i64,
-    /// Granted lifetime in seconds.
-    pub granted_ttl_seconds: u64,
-    /// SPIFFE URI.
-    pub spiffe_id: String,
-    /// Environment.
-    pub environment: String,
-    /// Site region.
-    pub region: String,
-    /// Every runner CA the sign port trusts for this environment (DER).
-    pub trusted_runner_cas: Vec<Vec<u8>>,
-}
+/// What an enrollment hands out (the same as a renewal: [`crate::state::issuance::Issued`]).
+pub use crate::state::issuance::Issued as EnrollOutput;
 
 /// Why an enrollment was refused. `Display` is the detail; [`Refusal::reason`] the check.
 #[derive(Debug, thiserror::Error)]
@@ -220,6 +199,32 @@ pub enum EnrollError {
     /// The audit record could not be written, so nothing is returned.
     #[error("the audit log cannot be written; nothing was issued")]
     Audit(#[source] AuditError),
+}
+
+impl From<crate::ca::csr::CsrError> for EnrollError {
+    fn from(e: crate::ca::csr::CsrError) -> Self {
+        match e {
+            crate::ca::csr::CsrError::Invalid(m) => EnrollError::Csr(m),
+            crate::ca::csr::CsrError::NotP256 => EnrollError::CsrKey,
+        }
+    }
+}
+
+impl From<crate::state::issuance::MintError> for EnrollError {
+    fn from(e: crate::state::issuance::MintError) -> Self {
+        use crate::state::issuance::MintError;
+        match e {
+            MintError::Ca(e) => EnrollError::Issue(e),
+            MintError::Store(e) => EnrollError::Store(e),
+            MintError::State(e) => EnrollError::State(e),
+            // A first certificate starts its own session: nothing can supersede it.
+            MintError::Superseded { serial, .. } => {
+                EnrollError::State(crate::state::StateError::Invariant(format!(
+                    "a new session's certificate {serial} was superseded"
+                )))
+            }
+        }
+    }
 }
 
 impl Refusal for EnrollError {
@@ -749,44 +754,7 @@ fn issue(
         region: config.region.clone(),
         fingerprint: input.fingerprint.clone(),
     };
-    let runner_cas = site.runner_cas(&environment.name)?;
-    let ca = &runner_cas.active;
-    let issued = ca.issue(&CertRequest {
-        id: id.clone(),
-        claims: claims.clone(),
-        public_key_spki: spki,
-        now_unix: now,
-        ttl_seconds: ttl,
-    })?;
-    site.record_issued(&CertRecord {
-        serial: issued.serial_hex.clone(),
-        environment: environment.name.clone(),
-        region: config.region.clone(),
-        fingerprint: input.fingerprint.clone(),
-        claims,
-        issuer_id: ca.record.id.clone(),
-        not_before: issued.not_before,
-        not_after: issued.not_after,
-        revoked: None,
-        session: issued.serial_hex.clone(),
-        session_start: now,
-        generation: 0,
-        superseded: false,
-    })?;
-    Ok(EnrollOutput {
-        chain: vec![issued.der, ca.record.cert_der.clone()],
-        serial_hex: issued.serial_hex,
-        not_after: issued.not_after,
-        granted_ttl_seconds: ttl,
-        spiffe_id: id.to_uri(),
-        environment: environment.name.clone(),
-        region: config.region.clone(),
-        trusted_runner_cas: runner_cas
-            .trusted(now)
-            .into_iter()
-            .map(|r| r.cert_der.clone())
-            .collect(),
-    })
+    Ok(site.issue((id, claims, spki), ttl, Session::New)?)
 }
 
 /// The CI job id before the provider is known: `job_id` (GitLab, Buildkite), else

@@ -15,6 +15,7 @@ use crate::custody::CustodyError;
 use crate::identity::{Caller, IdentityError};
 use crate::model::{AUDIT_UNAVAILABLE, INTERNAL, Refusal, RefusalKind, bounded};
 use crate::state::SiteState;
+use crate::state::issuance::{Issued, MintError, Session};
 use crate::store::StoreError;
 
 /// What to sign.
@@ -545,7 +546,7 @@ pub async fn renew(
     site: &SiteState,
     caller: &Caller,
     input: RenewInput,
-) -> Result<crate::enroll::EnrollOutput, SignError> {
+) -> Result<Issued, SignError> {
     let now = site.clock.unix();
     let mut rec = caller.audit_record("Renew", now, &input.peer);
     let result = {
@@ -573,8 +574,7 @@ fn renew_checked(
     caller: &Caller,
     input: &RenewInput,
     now: i64,
-) -> Result<crate::enroll::EnrollOutput, SignError> {
-    use crate::model::CertRecord;
+) -> Result<Issued, SignError> {
     let record = checks::renewable(site, caller)?;
     let config = site.config();
     let env = config
@@ -593,59 +593,25 @@ fn renew_checked(
         });
     }
     let spki =
-        crate::enroll::verify_csr(&input.csr_der).map_err(|e| SignError::Csr(e.to_string()))?;
+        crate::ca::csr::verify_csr(&input.csr_der).map_err(|e| SignError::Csr(e.to_string()))?;
     let cap = match input.requested_ttl_seconds {
         0 => env.max_ttl_seconds,
         r => r.min(env.max_ttl_seconds),
     };
     let ttl = cap.min(u64::try_from(end - now).unwrap_or(0)).max(1);
-    let runner_cas = site.runner_cas(&record.environment)?;
-    let ca = &runner_cas.active;
-    let issued = ca.issue(&crate::ca::CertRequest {
-        id: caller.id.clone(),
-        claims: record.claims.clone(),
-        public_key_spki: spki,
-        now_unix: now,
-        ttl_seconds: ttl,
-    })?;
-    let session = record.session_id().to_string();
-    // The session moves on by a conditional write: a second renewal of the same certificate,
-    // at this replica or another, loses here, and its caller holds a copy.
-    if !site.advance_session(&record, &issued.serial_hex)? {
-        return Err(SignError::Superseded {
-            serial: record.serial.clone(),
-            session,
-        });
-    }
-    site.record_issued(&CertRecord {
-        serial: issued.serial_hex.clone(),
-        environment: record.environment.clone(),
-        region: record.region.clone(),
-        fingerprint: record.fingerprint.clone(),
-        claims: record.claims.clone(),
-        issuer_id: ca.record.id.clone(),
-        not_before: issued.not_before,
-        not_after: issued.not_after,
-        revoked: None,
-        session,
-        session_start: start,
-        generation: record.generation + 1,
-        superseded: false,
-    })?;
-    site.supersede(&record.serial)?;
-    Ok(crate::enroll::EnrollOutput {
-        chain: vec![issued.der, ca.record.cert_der.clone()],
-        serial_hex: issued.serial_hex,
-        not_after: issued.not_after,
-        granted_ttl_seconds: ttl,
-        spiffe_id: caller.id.to_uri(),
-        environment: record.environment.clone(),
-        region: record.region.clone(),
-        trusted_runner_cas: runner_cas
-            .trusted(now)
-            .into_iter()
-            .map(|r| r.cert_der.clone())
-            .collect(),
+    site.issue(
+        (caller.id.clone(), record.claims.clone(), spki),
+        ttl,
+        Session::Renewal {
+            current: &record,
+            start,
+        },
+    )
+    .map_err(|e| match e {
+        MintError::Superseded { serial, session } => SignError::Superseded { serial, session },
+        MintError::Ca(e) => SignError::Issue(e),
+        MintError::Store(e) => SignError::Store(e),
+        MintError::State(e) => SignError::State(e),
     })
 }
 

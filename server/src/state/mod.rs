@@ -8,6 +8,7 @@
 //! hear when the trusted runner CAs change), and no use case (`enroll`, `sign`, `ops`).
 
 pub mod certs;
+pub mod issuance;
 pub mod jti;
 pub mod marker;
 pub mod overlays;
@@ -57,6 +58,9 @@ pub enum StateError {
     /// The environment has no runner CA (it is not configured).
     #[error("no runner CA for environment `{0}`")]
     NoRunnerCa(String),
+    /// Something that cannot happen did (a fault of the site, logged under an error id).
+    #[error("invariant broken: {0}")]
+    Invariant(String),
     /// The signing pool's threads could not be started.
     #[error("cannot start the signing pool: {0}")]
     Pool(#[source] std::io::Error),
