@@ -1214,6 +1214,7 @@ async fn audit(
             }
             // Always JSON lines: the export format is the verifiable one.
             let mut stream = c.export_audit(req).await?;
+            crate::WROTE_STDOUT.store(true, std::sync::atomic::Ordering::Relaxed);
             let mut out = std::io::stdout().lock();
             let stdout = |source| ClientError::Io {
                 path: "stdout".into(),

@@ -20,16 +20,22 @@
 macro_rules! out {
     ($($t:tt)*) => {{
         use std::io::Write as _;
+        $crate::WROTE_STDOUT.store(true, std::sync::atomic::Ordering::Relaxed);
         if let Err(e) = writeln!(std::io::stdout().lock(), $($t)*) {
             $crate::stdout_failed(e);
         }
     }};
 }
 
+/// Whether the command printed anything on stdout: an error is then not added there as JSON
+/// (a report that already went out — a fleet's rows — stays one JSON document).
+static WROTE_STDOUT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// `print!` (no newline added) with the same handling as [`out!`].
 macro_rules! out_raw {
     ($($t:tt)*) => {{
         use std::io::Write as _;
+        $crate::WROTE_STDOUT.store(true, std::sync::atomic::Ordering::Relaxed);
         if let Err(e) = write!(std::io::stdout().lock(), $($t)*) {
             $crate::stdout_failed(e);
         }
@@ -253,8 +259,9 @@ fn main() -> ExitCode {
         Err(ClientError::ChildExit(code)) => ExitCode::from(code),
         Err(e) => {
             eprintln!("meshsign: {e}");
-            if json {
-                // A script that asked for JSON gets its error as JSON too, on stdout.
+            if json && !WROTE_STDOUT.load(std::sync::atomic::Ordering::Relaxed) {
+                // A script that asked for JSON gets its error as JSON too, on stdout (unless
+                // the command already printed its report there).
                 out!("{}", error_json(&e));
             }
             ExitCode::from(e.exit_code())

@@ -666,6 +666,7 @@ async fn agent_serve_inner(cfg: &ClientConfig, args: SessionArgs) -> Result<(), 
     );
     let mut agent = agent::Agent::start(session, cfg).await?;
     {
+        crate::WROTE_STDOUT.store(true, std::sync::atomic::Ordering::Relaxed);
         let mut out = std::io::stdout().lock();
         let lines = format!(
             "{}={}\n{}={}\n{}={}\n",
