@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use meshsign_certs_dev::GithubJob;
-use meshsign_client::runner::{EnrollParams, RunnerKey, Session};
-use meshsign_client::token::DevMinter;
-use meshsign_client::{ClientConfig, transport};
+use meshsign_client::session::token::DevMinter;
+use meshsign_client::session::{EnrollParams, RunnerKey, Session};
+use meshsign_client::{ClientConfig, net as transport};
 use meshsign_proto::v1::{self, enrollment_client::EnrollmentClient};
 
 /// The environment every benchmark runner enrolls in (a dev site has `staging` and this).
@@ -155,10 +155,10 @@ pub async fn receipts(
     key: &'static str,
     duration: Duration,
 ) -> Result<Window, String> {
-    let mut v = meshsign_client::evidence::client(cfg)
+    let mut v = meshsign_client::site::verification::client(cfg)
         .await
         .map_err(|e| e.to_string())?;
-    let spki = meshsign_client::evidence::material(&mut v, ENVIRONMENT, key)
+    let spki = meshsign_client::site::verification::material(&mut v, ENVIRONMENT, key)
         .await
         .map_err(|e| e.to_string())?
         .audit_public_key_der;
@@ -176,9 +176,14 @@ pub async fn receipts(
             let ok = match signed {
                 Ok(r) => {
                     let r = r.into_inner();
-                    meshsign_client::evidence::receipt(&mut v, r.audit_seq, &r.audit_entry, &spki)
-                        .await
-                        .is_ok()
+                    meshsign_client::site::verification::receipt(
+                        &mut v,
+                        r.audit_seq,
+                        &r.audit_entry,
+                        &spki,
+                    )
+                    .await
+                    .is_ok()
                 }
                 Err(_) => false,
             };

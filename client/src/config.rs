@@ -45,7 +45,7 @@ pub struct ClientConfig {
     #[serde(default)]
     pub rpc_timeout_seconds: Option<u64>,
     /// Other sites of the fleet (name → path of that site's client config), for
-    /// `meshsign admin --all-sites` (see [`crate::fleet`]). This file's own site is not in
+    /// `meshsign admin --all-sites` (see [`crate::usecase::fleet`]). This file's own site is not in
     /// the fleet unless it is listed too.
     #[serde(default)]
     pub sites: BTreeMap<String, PathBuf>,

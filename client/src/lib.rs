@@ -1,23 +1,27 @@
-//! meshsign client: a typed API over the site's RPCs and the pieces of the `meshsign` CLI.
+//! meshsign client: a typed API over the site's RPCs and the use cases of the `meshsign` CLI.
 //!
-//! The client never depends on the server crate; it shares only `meshsign-proto` (the contract) and `meshsign-evidence`
-//! (formats and offline verification). A runner key is
-//! made in memory ([`runner::RunnerKey`]), sent as a CSR, and neither it nor the certificate ever
-//! touches the disk.
+//! The client never depends on the server crate; it shares only `meshsign-proto` (the contract)
+//! and `meshsign-evidence` (formats and offline verification). It is built in layers whose
+//! arrows point down only (`.ci/layers` checks it):
+//!
+//! | layer | holds |
+//! | --- | --- |
+//! | [`usecase`] | what a command does: sign, attest, codesign, agent, drill, fleet, preflight, verify |
+//! | [`site`] | typed clients of one site's services: [`site::admin`], [`site::verification`] |
+//! | [`session`] | a job's credentials: runner key, token sources, enrollment, renewal |
+//! | [`net`] | TLS, channels, failover between a site's endpoints |
+//! | [`config`], [`error`] | the client file and the error every layer returns |
+//!
+//! The `meshsign` binary only parses arguments, calls one use case and renders its result. A
+//! runner key is made in memory ([`session::RunnerKey`]), sent as a CSR, and neither it nor the
+//! certificate ever touches the disk.
 
-pub mod admin;
-pub mod agent;
-#[cfg(feature = "codesign")]
-pub mod codesign;
 pub mod config;
-pub mod drill;
 pub mod error;
-pub mod evidence;
-pub mod fleet;
-pub mod preflight;
-pub mod runner;
-pub mod token;
-pub mod transport;
+pub mod net;
+pub mod session;
+pub mod site;
+pub mod usecase;
 
 pub use config::ClientConfig;
 pub use error::ClientError;

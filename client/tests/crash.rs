@@ -7,7 +7,7 @@ mod common;
 
 use common::start_dev;
 use meshsign_client::ClientConfig;
-use meshsign_client::runner::Session;
+use meshsign_client::session::Session;
 use meshsign_evidence::audit::{ExportLine, verify_export};
 use meshsign_proto::v1;
 use p256::pkcs8::DecodePublicKey as _;
@@ -31,7 +31,7 @@ async fn sigkill_mid_load_loses_no_acknowledged_audit_entry() {
     // Restart on the same data; export and verify offline.
     let _site = start_dev(&site_dir);
     let cfg = ClientConfig::load(&site_dir.join("client.toml")).unwrap();
-    let mut admin = meshsign_client::admin::connect(&cfg).await.unwrap();
+    let mut admin = meshsign_client::site::admin::connect(&cfg).await.unwrap();
     let key = admin
         .get_audit_public_key(v1::GetAuditPublicKeyRequest {})
         .await

@@ -183,12 +183,10 @@ async fn attacker_strings_cannot_forge_a_log_line() {
         let log = tmp.path().join(format!("site.{format}.log"));
         let site = common::start_dev_with_format(&dir, Some(&log), format);
         let cfg = meshsign_client::ClientConfig::load(&dir.join("client.toml")).unwrap();
-        let tls = meshsign_client::transport::tls_config(
-            meshsign_client::transport::roots(&cfg).unwrap(),
-            None,
-        )
-        .unwrap();
-        let ch = meshsign_client::transport::connect_to(&cfg, &cfg.enroll_endpoint, tls)
+        let tls =
+            meshsign_client::net::tls_config(meshsign_client::net::roots(&cfg).unwrap(), None)
+                .unwrap();
+        let ch = meshsign_client::net::connect_to(&cfg, &cfg.enroll_endpoint, tls)
             .await
             .unwrap();
         // An unauthenticated Enroll whose environment carries a newline and a fake log line.
@@ -228,7 +226,7 @@ async fn a_connection_that_sends_nothing_after_the_handshake_is_closed() {
     let _site = common::start_dev(&dir);
     let cfg = meshsign_client::ClientConfig::load(&dir.join("client.toml")).unwrap();
     let addr = endpoint(&dir, "enroll_endpoint");
-    let roots = meshsign_client::transport::roots(&cfg).unwrap();
+    let roots = meshsign_client::net::roots(&cfg).unwrap();
     let tls = rustls::ClientConfig::builder()
         .with_root_certificates(roots)
         .with_no_client_auth();
@@ -303,7 +301,7 @@ async fn streams_with_partial_bodies_cannot_grow_the_site_s_memory() {
     let pid = site.0.id();
     let cfg = meshsign_client::ClientConfig::load(&dir.join("client.toml")).unwrap();
     let addr = endpoint(&dir, "enroll_endpoint");
-    let roots = meshsign_client::transport::roots(&cfg).unwrap();
+    let roots = meshsign_client::net::roots(&cfg).unwrap();
     let mut tls = rustls::ClientConfig::builder()
         .with_root_certificates(roots)
         .with_no_client_auth();

@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 
 use common::{DevSite, meshsign, meshsignd, start_dev};
 use meshsign_client::ClientConfig;
-use meshsign_client::runner::Session;
+use meshsign_client::session::Session;
 use meshsign_evidence::audit::{ExportLine, verify_export};
 use meshsign_proto::v1;
 use p256::pkcs8::DecodePublicKey as _;
@@ -35,12 +35,9 @@ async fn killed_under_load(dir: &Path) -> (Receipts, Vec<u8>) {
 }
 
 async fn public_key(cfg: &ClientConfig) -> Vec<u8> {
-    let tls = meshsign_client::transport::tls_config(
-        meshsign_client::transport::roots(cfg).unwrap(),
-        None,
-    )
-    .unwrap();
-    let ch = meshsign_client::transport::connect(&cfg.enroll_endpoint, &cfg.server_name, tls)
+    let tls =
+        meshsign_client::net::tls_config(meshsign_client::net::roots(cfg).unwrap(), None).unwrap();
+    let ch = meshsign_client::net::connect(&cfg.enroll_endpoint, &cfg.server_name, tls)
         .await
         .unwrap();
     v1::verification_client::VerificationClient::new(ch)
@@ -106,7 +103,9 @@ fn try_start(dir: &Path) -> Result<DevSite, String> {
 /// The running site's audit log, verified offline from its genesis.
 async fn verified_log(dir: &Path) -> Vec<ExportLine> {
     let cfg = ClientConfig::load(&dir.join("client.toml")).unwrap();
-    let mut admin = meshsign_client::admin::Admin::connect(&cfg).await.unwrap();
+    let mut admin = meshsign_client::site::admin::Admin::connect(&cfg)
+        .await
+        .unwrap();
     let key = admin.audit_public_key().await.unwrap();
     let key = p256::ecdsa::VerifyingKey::from_public_key_der(&key.public_key_der).unwrap();
     let mut stream = admin
@@ -573,7 +572,9 @@ async fn a_full_disk_refuses_writes_serves_reads_and_recovers_without_a_restart(
     }
     // Reads go on: verification material and the audit export.
     assert!(!public_key(&cfg).await.is_empty());
-    let mut admin = meshsign_client::admin::Admin::connect(&cfg).await.unwrap();
+    let mut admin = meshsign_client::site::admin::Admin::connect(&cfg)
+        .await
+        .unwrap();
     let mut stream = admin
         .export_audit(v1::ExportAuditRequest::default())
         .await

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use meshsign_certs_dev::{DevPki, GITHUB_OWNER_ID, GithubJob, JwtAlg, OidcIssuer, random_id};
 use meshsign_client::ClientConfig;
-use meshsign_client::runner::RunnerKey;
+use meshsign_client::session::RunnerKey;
 use meshsign_proto::v1::{self, enrollment_client::EnrollmentClient, signer_client::SignerClient};
 use meshsign_server::api::{self, SiteHandle};
 use meshsign_server::audit::AuditRecord;
@@ -312,9 +312,9 @@ impl TestSite {
 
     /// A channel to the enroll port (server-auth TLS, the site's CA pinned).
     pub async fn enroll_channel(&self) -> Channel {
-        let roots = meshsign_client::transport::roots(&self.client).unwrap();
-        let tls = meshsign_client::transport::tls_config(roots, None).unwrap();
-        meshsign_client::transport::connect(&self.client.enroll_endpoint, "localhost", tls)
+        let roots = meshsign_client::net::roots(&self.client).unwrap();
+        let tls = meshsign_client::net::tls_config(roots, None).unwrap();
+        meshsign_client::net::connect(&self.client.enroll_endpoint, "localhost", tls)
             .await
             .unwrap()
     }
@@ -322,8 +322,8 @@ impl TestSite {
     /// An Enrollment client whose connection comes from `source` (any 127.0.0.0/8 address):
     /// for what a site does with many source addresses.
     pub async fn enrollment_from(&self, source: std::net::IpAddr) -> EnrollmentClient<Channel> {
-        let roots = meshsign_client::transport::roots(&self.client).unwrap();
-        let tls = meshsign_client::transport::tls_config(roots, None).unwrap();
+        let roots = meshsign_client::net::roots(&self.client).unwrap();
+        let tls = meshsign_client::net::tls_config(roots, None).unwrap();
         let target: std::net::SocketAddr = self.client.enroll_endpoint.parse().unwrap();
         let connector = tower::service_fn(move |_: tonic::transport::Uri| {
             let tls = tls.clone();
@@ -365,7 +365,7 @@ impl TestSite {
             .await
             .unwrap()
             .into_inner();
-        let signer = meshsign_client::runner::Session::connect_signer(&self.client, &key, &resp)
+        let signer = meshsign_client::session::Session::connect_signer(&self.client, &key, &resp)
             .await
             .unwrap();
         (key, resp, signer)
@@ -373,7 +373,9 @@ impl TestSite {
 
     /// An Admin client with the admin certificate.
     pub async fn admin(&self) -> v1::admin_client::AdminClient<Channel> {
-        meshsign_client::admin::connect(&self.client).await.unwrap()
+        meshsign_client::site::admin::connect(&self.client)
+            .await
+            .unwrap()
     }
 
     /// An Admin client with the read-only auditor certificate.
@@ -394,7 +396,7 @@ impl TestSite {
             cert_file: pki.join(format!("{name}.pem")),
             key_file: pki.join(format!("{name}.key.pem")),
         });
-        meshsign_client::admin::connect(&cfg).await.unwrap()
+        meshsign_client::site::admin::connect(&cfg).await.unwrap()
     }
 
     /// A sign-port client for an enrolled key (a new connection).
@@ -403,7 +405,7 @@ impl TestSite {
         key: &RunnerKey,
         resp: &v1::EnrollResponse,
     ) -> Result<SignerClient<Channel>, String> {
-        meshsign_client::runner::Session::connect_signer(&self.client, key, resp)
+        meshsign_client::session::Session::connect_signer(&self.client, key, resp)
             .await
             .map_err(|e| e.to_string())
     }

@@ -313,7 +313,7 @@ async fn no_signature_without_a_durable_audit_record() {
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
     // Enrollment too.
-    let key = meshsign_client::runner::RunnerKey::generate().unwrap();
+    let key = meshsign_client::session::RunnerKey::generate().unwrap();
     let err = site
         .enrollment()
         .await

@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
-use meshsign_client::runner::RunnerKey;
+use meshsign_client::session::RunnerKey;
 use meshsign_evidence::identity::{
     JobClaims, claims_extension_oid_der, claims_extension_oid_string,
 };

@@ -165,7 +165,7 @@ async fn sign_batch_of_1000_all_verify() {
 #[tokio::test]
 async fn rs256_tokens_enroll_and_verification_material_is_public() {
     let site = TestSite::start().await;
-    let key = meshsign_client::runner::RunnerKey::generate().unwrap();
+    let key = meshsign_client::session::RunnerKey::generate().unwrap();
     let claims = site.gitlab_claims("staging");
     let token = site.rs.mint(&claims).unwrap();
     let resp = site

@@ -5,7 +5,7 @@
 
 use base64::Engine as _;
 use meshsign_certs_dev::{JwtAlg, OidcIssuer};
-use meshsign_client::runner::RunnerKey;
+use meshsign_client::session::RunnerKey;
 use meshsign_proto::v1;
 use meshsign_server::store::Tree;
 use meshsign_tests::{ES_ISSUER, TTL_CAP, TestSite};

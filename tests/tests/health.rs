@@ -47,11 +47,11 @@ async fn health_is_served_on_every_port_and_follows_the_audit_log() {
     wait_for(&site, ServingStatus::Serving).await;
     // Every port answers, for the overall status and for its services.
     let (key, resp, mut signer) = site.enrolled("production").await;
-    let sign_channel = meshsign_client::transport::connect(
+    let sign_channel = meshsign_client::net::connect(
         &site.client.sign_endpoint,
         "localhost",
-        meshsign_client::transport::tls_config(
-            meshsign_client::transport::roots(&site.client).unwrap(),
+        meshsign_client::net::tls_config(
+            meshsign_client::net::roots(&site.client).unwrap(),
             Some(key.identity(&resp)),
         )
         .unwrap(),
@@ -119,7 +119,7 @@ async fn metrics_are_scraped_over_http_with_the_named_series_after_real_traffic(
     signer.sign(sign_req("release", 1)).await.unwrap();
     let _ = signer.sign(sign_req("prod-only-missing", 1)).await;
     // One renewal that works, then (the job revoked) one that fails.
-    let mut session = meshsign_client::runner::Session {
+    let mut session = meshsign_client::session::Session {
         enrollment,
         signer: signer.clone(),
     };
@@ -128,7 +128,7 @@ async fn metrics_are_scraped_over_http_with_the_named_series_after_real_traffic(
     let _staging = site.enrolled("staging").await;
     let mut enroll = site.enrollment().await;
     for _ in 0..4 {
-        let key = meshsign_client::runner::RunnerKey::generate().unwrap();
+        let key = meshsign_client::session::RunnerKey::generate().unwrap();
         let _ = enroll
             .enroll(site.enroll_request("production", "x".into(), &key))
             .await;

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use meshsign_certs_dev::softhsm::MODULE;
-use meshsign_client::runner::RunnerKey;
+use meshsign_client::session::RunnerKey;
 use meshsign_proto::v1::{self, sign_request::Input};
 use meshsign_tests::TestSite;
 use tonic::Code;

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use meshsign_client::runner::RunnerKey;
+use meshsign_client::session::RunnerKey;
 use meshsign_proto::v1;
 use meshsign_server::audit::AuditRecord;
 use meshsign_tests::{TestSite, sign_req, wait_until};
@@ -309,8 +309,8 @@ async fn tls_from(
     let sock = tokio::net::TcpSocket::new_v4()?;
     sock.bind(format!("{source}:0").parse().unwrap())?;
     let tcp = sock.connect(addr).await?;
-    let roots = meshsign_client::transport::roots(&site.client).unwrap();
-    let tls = meshsign_client::transport::tls_config(roots, None).unwrap();
+    let roots = meshsign_client::net::roots(&site.client).unwrap();
+    let tls = meshsign_client::net::tls_config(roots, None).unwrap();
     let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
     tokio_rustls::TlsConnector::from(tls)
         .connect(name, tcp)
@@ -448,10 +448,10 @@ async fn refused_handshakes_are_counted_into_summary_entries() {
         let tcp = tokio::net::TcpStream::connect(site.handle.sign_addr)
             .await
             .unwrap();
-        let roots = meshsign_client::transport::roots(&site.client).unwrap();
-        let tls = meshsign_client::transport::tls_config(
+        let roots = meshsign_client::net::roots(&site.client).unwrap();
+        let tls = meshsign_client::net::tls_config(
             roots,
-            Some(meshsign_client::transport::ClientIdentity {
+            Some(meshsign_client::net::ClientIdentity {
                 chain: vec![leaf.clone().into()],
                 key: rustls_pki_types::PrivateKeyDer::Pkcs8(key.clone().into()),
             }),
@@ -539,7 +539,7 @@ fn limits_are_validated_by_name() {
 async fn a_renewal_does_not_reset_the_certificate_budget() {
     let site = TestSite::start_with(BUDGETED_KEY, None).await;
     let (_k, enrollment, signer) = site.enrolled("production").await;
-    let mut s = meshsign_client::runner::Session { enrollment, signer };
+    let mut s = meshsign_client::session::Session { enrollment, signer };
     for i in 0..2u8 {
         s.sign_digest("budgeted", [i; 32], "a").await.unwrap();
     }

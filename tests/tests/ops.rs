@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use meshsign_certs_dev::{JwtAlg, OidcIssuer};
-use meshsign_client::runner::RunnerKey;
+use meshsign_client::session::RunnerKey;
 use meshsign_proto::v1::{self, revoke_request::Target};
 use meshsign_tests::{ES_ISSUER, TestSite, sign_req};
 use rcgen::PublicKeyData as _;
@@ -426,15 +426,13 @@ async fn admin_port_refuses_runner_certificates_and_auditors_cannot_change_anyth
         .await
         .unwrap()
         .into_inner();
-    let tls = meshsign_client::transport::tls_config(
-        meshsign_client::transport::roots(&site.client).unwrap(),
+    let tls = meshsign_client::net::tls_config(
+        meshsign_client::net::roots(&site.client).unwrap(),
         Some(key.identity(&resp)),
     )
     .unwrap();
     let refused =
-        match meshsign_client::transport::connect(&site.client.admin_endpoint, "localhost", tls)
-            .await
-        {
+        match meshsign_client::net::connect(&site.client.admin_endpoint, "localhost", tls).await {
             Err(e) => e.to_string(),
             Ok(ch) => format!(
                 "{:?}",
@@ -858,7 +856,7 @@ async fn an_admin_call_whose_certificate_names_no_operator_is_refused_and_audite
         cert_file: other_dir.join("admin.pem"),
         key_file: other_dir.join("admin.key.pem"),
     });
-    let mut foreign = meshsign_client::admin::connect(&cfg).await.unwrap();
+    let mut foreign = meshsign_client::site::admin::connect(&cfg).await.unwrap();
     let before = site.audit().len();
     for _ in 0..3 {
         let err = foreign

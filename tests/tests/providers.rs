@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
 use meshsign_certs_dev::{BuildkiteJob, GitlabJob, random_id};
-use meshsign_client::runner::RunnerKey;
+use meshsign_client::session::RunnerKey;
 use meshsign_evidence::identity::{JobClaims, claims_extension_oid_der};
 use meshsign_proto::v1;
 use meshsign_tests::{REGION, RS_ISSUER, TestSite, sign_req};
@@ -276,7 +276,7 @@ async fn a_job_without_an_id_keeps_its_budget_across_renewals() {
         .into_inner();
     assert!(cert_claims(&enrollment).job_id.is_empty());
     let signer = site.signer_for(&key, &enrollment).await.unwrap();
-    let mut s = meshsign_client::runner::Session { enrollment, signer };
+    let mut s = meshsign_client::session::Session { enrollment, signer };
     for i in 0..3u8 {
         s.sign_digest("budgeted", [i; 32], "a").await.unwrap();
     }

@@ -2,7 +2,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
-use meshsign_client::transport::{self, ClientIdentity};
+use meshsign_client::net::{self as transport, ClientIdentity};
 use meshsign_tests::TestSite;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -66,7 +66,7 @@ async fn every_port_lists_its_services() {
         "Signer is only on the sign port"
     );
 
-    let rk = meshsign_client::runner::RunnerKey::generate().unwrap();
+    let rk = meshsign_client::session::RunnerKey::generate().unwrap();
     let req = site.enroll_request("staging", site.token("staging"), &rk);
     let er = site
         .enrollment()

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use meshsign_client::runner::Session;
+use meshsign_client::session::Session;
 use meshsign_proto::v1::{self, revoke_request::Target};
 use meshsign_tests::{STAGING_MAX_SESSION, TTL_CAP, TestSite, sign_req};
 use tonic::Code;

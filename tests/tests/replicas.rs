@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use meshsign_certs_dev::postgres::LocalPostgres;
-use meshsign_client::runner::RunnerKey;
+use meshsign_client::session::RunnerKey;
 use meshsign_tests::{TestSite, sign_req, wait_until};
 
 fn store_section(pg: &LocalPostgres) -> String {
@@ -469,7 +469,7 @@ async fn a_replica_refuses_an_empty_or_a_foreign_database() {
 async fn a_snapshot_of_one_replica_is_refused_with_the_database_s_own_tools_named() {
     let pg = LocalPostgres::start().unwrap();
     let site = TestSite::start_with(&store_section(&pg), None).await;
-    let err = meshsign_client::admin::Admin::connect(&site.client)
+    let err = meshsign_client::site::admin::Admin::connect(&site.client)
         .await
         .unwrap()
         .snapshot()
@@ -488,7 +488,7 @@ async fn an_export_following_one_replica_streams_what_the_other_writes() {
     let pg = LocalPostgres::start().unwrap();
     let a = TestSite::start_with(&store_section(&pg), None).await;
     let b = a.replica("b").await;
-    let mut follow = meshsign_client::admin::Admin::connect(&b.client)
+    let mut follow = meshsign_client::site::admin::Admin::connect(&b.client)
         .await
         .unwrap()
         .export_audit(meshsign_proto::v1::ExportAuditRequest {
@@ -803,17 +803,17 @@ async fn session_at_both(
     a: &TestSite,
     b: &TestSite,
 ) -> (
-    meshsign_client::runner::Session,
-    meshsign_client::runner::Session,
+    meshsign_client::session::Session,
+    meshsign_client::session::Session,
 ) {
     let (key, enrollment, on_a) = a.enrolled("staging").await;
     let on_b = b.signer_for(&key, &enrollment).await.unwrap();
     (
-        meshsign_client::runner::Session {
+        meshsign_client::session::Session {
             enrollment: enrollment.clone(),
             signer: on_a,
         },
-        meshsign_client::runner::Session {
+        meshsign_client::session::Session {
             enrollment,
             signer: on_b,
         },
@@ -827,7 +827,7 @@ fn refused_with(e: &meshsign_client::ClientError, reason: &str) -> bool {
 /// Signs with `s` until it is refused `certificate_revoked` — which must happen within a second
 /// (a replica learns of another's change on its next refresh) — and returns how long it took.
 /// Each try is a real Sign, so the wait is on the outcome, polled every 20 ms.
-async fn revoked_within_a_second(s: &mut meshsign_client::runner::Session, round: u8) -> Duration {
+async fn revoked_within_a_second(s: &mut meshsign_client::session::Session, round: u8) -> Duration {
     let started = tokio::time::Instant::now();
     loop {
         match s.sign_digest("release", [round; 32], "after").await {

@@ -314,7 +314,7 @@ async fn refusals_carry_an_error_info_with_their_reason() {
         assert_eq!(info.reason, lead.to_ascii_uppercase(), "{e:?}");
         assert_eq!(info.domain, "meshsign.dev");
     };
-    let runner = meshsign_client::runner::RunnerKey::generate().unwrap();
+    let runner = meshsign_client::session::RunnerKey::generate().unwrap();
     check(
         site.enrollment()
             .await
@@ -476,7 +476,7 @@ async fn activating_a_runner_ca_needs_a_second_admin_by_default() {
 #[tokio::test]
 async fn a_reload_that_widens_trust_applies_only_the_file_a_second_admin_approved() {
     use meshsign_certs_dev::{JwtAlg, OidcIssuer};
-    use meshsign_client::runner::RunnerKey;
+    use meshsign_client::session::RunnerKey;
     use meshsign_server::config::SiteConfig;
 
     let site = TestSite::start_with(REVIEW, None).await;

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use meshsign_client::runner::RunnerKey;
-use meshsign_client::transport::{self, ClientIdentity};
+use meshsign_client::net::{self as transport, ClientIdentity};
+use meshsign_client::session::RunnerKey;
 use meshsign_proto::v1::{self, sign_request::Input, signer_client::SignerClient};
 use meshsign_tests::TestSite;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -102,7 +102,7 @@ async fn certificate_that_expires_on_an_open_connection_is_refused_on_the_next_r
         .map(|c| CertificateDer::from(c.clone()))
         .collect::<Vec<_>>();
     assert_eq!(chain.len(), 2);
-    let mut signer = meshsign_client::runner::Session::connect_signer(&site.client, &key, &resp)
+    let mut signer = meshsign_client::session::Session::connect_signer(&site.client, &key, &resp)
         .await
         .unwrap();
     signer
@@ -267,7 +267,7 @@ async fn key_access_rule_is_checked_against_the_callers_ref() {
         .await
         .unwrap()
         .into_inner();
-    let mut signer = meshsign_client::runner::Session::connect_signer(&site.client, &key, &resp)
+    let mut signer = meshsign_client::session::Session::connect_signer(&site.client, &key, &resp)
         .await
         .unwrap();
     let err = signer

@@ -7,7 +7,7 @@
 
 use base64::Engine as _;
 use meshsign_certs_dev::{BuildkiteJob, random_id};
-use meshsign_client::runner::RunnerKey;
+use meshsign_client::session::RunnerKey;
 use meshsign_evidence::attest::{Envelope, PREDICATE_SIGNING, PREDICATE_SLSA, SiteFacts};
 use meshsign_evidence::receipt::Receipt;
 use meshsign_proto::v1;

@@ -184,8 +184,8 @@ pub async fn dev_session(
     cfg: &meshsign_client::ClientConfig,
     env: &str,
     fingerprint: &str,
-) -> meshsign_client::runner::Session {
-    use meshsign_client::token::{self, TokenSource};
+) -> meshsign_client::session::Session {
+    use meshsign_client::session::token::{self, TokenSource};
     let tok = token::obtain(
         &TokenSource::Dev(meshsign_certs_dev::GithubJob::new(env)),
         cfg,
@@ -193,14 +193,14 @@ pub async fn dev_session(
     )
     .await
     .unwrap();
-    let params = meshsign_client::runner::EnrollParams {
+    let params = meshsign_client::session::EnrollParams {
         environment: env.into(),
         token: tok.to_string(),
         fingerprint: fingerprint.into(),
         requested_ttl_seconds: 0,
         region: None,
     };
-    meshsign_client::runner::Session::start(cfg, &params)
+    meshsign_client::session::Session::start(cfg, &params)
         .await
         .unwrap()
 }

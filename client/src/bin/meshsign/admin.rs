@@ -4,10 +4,10 @@
 use std::path::PathBuf;
 
 use clap::Subcommand;
-use meshsign_client::admin::{Admin, parse_time};
-use meshsign_client::drill::DrillReport;
-use meshsign_client::fleet::{Fleet, SiteResult};
-use meshsign_client::token::TokenSource;
+use meshsign_client::session::token::TokenSource;
+use meshsign_client::site::admin::{Admin, parse_time};
+use meshsign_client::usecase::drill::DrillReport;
+use meshsign_client::usecase::fleet::{Fleet, SiteResult};
 use meshsign_client::{ClientConfig, ClientError};
 use meshsign_evidence::pem_encode;
 use meshsign_proto::v1;
@@ -538,8 +538,13 @@ pub async fn dispatch(
             token_source,
         } => {
             let source = drill_source(&environment, token_source.is_some())?;
-            let r = meshsign_client::drill::exercise(cfg, &environment, issuer.as_deref(), &source)
-                .await;
+            let r = meshsign_client::usecase::drill::exercise(
+                cfg,
+                &environment,
+                issuer.as_deref(),
+                &source,
+            )
+            .await;
             report_drills(vec![(cfg.region.clone(), r)], format, max_ms, false)
         }
         command => {
@@ -838,7 +843,7 @@ async fn run_at(
 fn distrust_request(command: &DistrustCommand) -> Result<Option<v1::DistrustRequest>, ClientError> {
     let ts = |t: &Option<String>| -> Result<Option<prost_types::Timestamp>, ClientError> {
         Ok(t.as_deref()
-            .map(meshsign_client::admin::parse_time)
+            .map(meshsign_client::site::admin::parse_time)
             .transpose()?
             .map(|seconds| prost_types::Timestamp { seconds, nanos: 0 }))
     };
@@ -902,11 +907,12 @@ async fn distrust(
         DistrustCommand::List { .. } => {}
     }
     // What anyone gets: the signed list, checked against the site's audit key.
-    let mut v = meshsign_client::evidence::client(cfg).await?;
-    let spki = meshsign_client::evidence::material(&mut v, &environment, "")
+    let mut v = meshsign_client::site::verification::client(cfg).await?;
+    let spki = meshsign_client::site::verification::material(&mut v, &environment, "")
         .await?
         .audit_public_key_der;
-    let (list, _) = meshsign_client::evidence::distrust_list(&mut v, &environment, &spki).await?;
+    let (list, _) =
+        meshsign_client::site::verification::distrust_list(&mut v, &environment, &spki).await?;
     if format == Format::Table {
         eprintln!(
             "distrust list of `{}` at `{}`: version {}",
@@ -1406,7 +1412,7 @@ async fn keys(c: &mut Admin, command: KeyCommand, format: Format) -> Result<(), 
             backend,
         } => {
             let (pem, chain_pem) = match (&file, &p12) {
-                (_, Some(p12)) => meshsign_client::admin::read_p12(p12, &password_env)?,
+                (_, Some(p12)) => meshsign_client::site::admin::read_p12(p12, &password_env)?,
                 (Some(file), None) => {
                     let pem = zeroize::Zeroizing::new(
                         std::fs::read(file).map_err(ClientError::io(file))?,

@@ -2,7 +2,7 @@
 //! and the dev issuer as the token source of a runner verb when none is given. A build without
 //! the feature has neither: a runner must name its token source.
 
-use meshsign_client::token::TokenSource;
+use meshsign_client::session::token::TokenSource;
 use meshsign_client::{ClientConfig, ClientError};
 
 /// The token source when a runner verb names none: the dev issuer of a dev site's client
@@ -50,7 +50,7 @@ pub use with_dev::*;
 mod with_dev {
     use clap::{Args, Subcommand};
     use meshsign_certs_dev::GithubJob;
-    use meshsign_client::token;
+    use meshsign_client::session::token;
     use meshsign_client::{ClientConfig, ClientError};
 
     #[derive(Subcommand)]

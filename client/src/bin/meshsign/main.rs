@@ -334,8 +334,10 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
                 paths
             };
             let env: Vec<(String, String)> = std::env::vars().collect();
-            let (findings, errors) =
-                meshsign_client::preflight::scan(&paths, (!no_env).then_some(env.as_slice()));
+            let (findings, errors) = meshsign_client::usecase::preflight::scan(
+                &paths,
+                (!no_env).then_some(env.as_slice()),
+            );
             for e in &errors {
                 eprintln!("preflight: cannot read {e}");
             }
@@ -406,7 +408,7 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
             Ok(())
         }
         Command::Fingerprint => {
-            let (fp, source) = meshsign_client::runner::fingerprint();
+            let (fp, source) = meshsign_client::session::fingerprint();
             if cli.global.output == admin::Format::Json {
                 out!(
                     "{}",
@@ -474,8 +476,8 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
             distrust_list,
         } => {
             let cfg = load_config(&cli.global)?;
-            let mut v = meshsign_client::evidence::client(&cfg).await?;
-            let resp = meshsign_client::evidence::material(
+            let mut v = meshsign_client::site::verification::client(&cfg).await?;
+            let resp = meshsign_client::site::verification::material(
                 &mut v,
                 &environment,
                 key.as_deref().unwrap_or_default(),
@@ -485,9 +487,12 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
                 // Every answer names the audit key (without --key, only the audit key).
                 let spki = resp?.audit_public_key_der;
                 if distrust_list {
-                    let (list, envelope) =
-                        meshsign_client::evidence::distrust_list(&mut v, &environment, &spki)
-                            .await?;
+                    let (list, envelope) = meshsign_client::site::verification::distrust_list(
+                        &mut v,
+                        &environment,
+                        &spki,
+                    )
+                    .await?;
                     eprintln!(
                         "distrust list of `{}` at `{}`: version {}, {} rule(s)",
                         list.environment,
@@ -543,7 +548,7 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
             let path = cli.global.config.as_deref().ok_or_else(|| {
                 ClientError::Config("--all-sites needs --config (a file with [sites])".into())
             })?;
-            let mut fleet = meshsign_client::fleet::Fleet::load(path)?;
+            let mut fleet = meshsign_client::usecase::fleet::Fleet::load(path)?;
             for (_, cfg) in &mut fleet.sites {
                 apply_timeouts(&cli.global, cfg);
             }

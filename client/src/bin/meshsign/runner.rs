@@ -5,11 +5,11 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use meshsign_client::agent;
-use meshsign_client::runner::{EnrollParams, Session, local_fingerprint};
-use meshsign_client::token::{self, TokenSource};
 #[cfg(feature = "codesign")]
-use meshsign_client::transport;
+use meshsign_client::net as transport;
+use meshsign_client::session::token::{self, TokenSource};
+use meshsign_client::session::{EnrollParams, Session, local_fingerprint};
+use meshsign_client::usecase::agent;
 use meshsign_client::{ClientConfig, ClientError};
 use meshsign_evidence::verify::{self, SigBundle};
 use meshsign_proto::v1;
@@ -230,8 +230,8 @@ async fn key_exists(
     // first, before anything goes over the network.
     token_source(cfg, args)?;
     cfg.audience(&args.environment)?;
-    let mut v = meshsign_client::evidence::client(cfg).await?;
-    match meshsign_client::evidence::material(&mut v, &args.environment, alias).await {
+    let mut v = meshsign_client::site::verification::client(cfg).await?;
+    match meshsign_client::site::verification::material(&mut v, &args.environment, alias).await {
         Ok(_) => Ok(()),
         Err(ClientError::Rpc {
             rpc,
@@ -322,7 +322,7 @@ pub async fn codesign(
         )));
     }
     let (mut session, own) = open_session(cfg, &args.runner.session).await?;
-    let opts = meshsign_client::codesign::CodesignOptions {
+    let opts = meshsign_client::usecase::codesign::CodesignOptions {
         alias: args.runner.key.clone(),
         input: args.input.clone(),
         output: args.output.clone(),
@@ -330,7 +330,8 @@ pub async fn codesign(
         runtime: args.runtime,
         timestamp_url: args.timestamp_url.clone().filter(|u| u != "none"),
     };
-    let result = meshsign_client::codesign::codesign(session.signer.clone(), identity, opts).await;
+    let result =
+        meshsign_client::usecase::codesign::codesign(session.signer.clone(), identity, opts).await;
     if own {
         finish(&mut session, result).await?;
     } else {
@@ -459,7 +460,8 @@ async fn fetch_receipt(
     bundle: &SigBundle,
 ) -> Result<meshsign_evidence::receipt::Receipt, ClientError> {
     let receipt =
-        meshsign_client::evidence::receipt(v, r.audit_seq, &r.audit_entry, audit_spki).await?;
+        meshsign_client::site::verification::receipt(v, r.audit_seq, &r.audit_entry, audit_spki)
+            .await?;
     verify::check_receipt(
         &receipt,
         &verify::audit_key_from_der(audit_spki)?,
@@ -480,8 +482,8 @@ async fn sign_files(
     format: super::admin::Format,
 ) -> Result<(), ClientError> {
     // The site's audit key, to check each receipt before it goes into a bundle.
-    let mut verification = match meshsign_client::evidence::client(cfg).await {
-        Ok(mut v) => match meshsign_client::evidence::material(
+    let mut verification = match meshsign_client::site::verification::client(cfg).await {
+        Ok(mut v) => match meshsign_client::site::verification::material(
             &mut v,
             &session.enrollment.environment,
             &args.runner.key,
@@ -517,7 +519,7 @@ async fn sign_files(
             let r = session
                 .sign_message(&args.runner.key, &message, &name)
                 .await?;
-            let b = meshsign_client::evidence::bundle_from_message_response(
+            let b = meshsign_client::site::verification::bundle_from_message_response(
                 &r,
                 &name,
                 &message,
@@ -527,7 +529,7 @@ async fn sign_files(
             (r, b)
         } else {
             let r = session.sign_digest(&args.runner.key, digest, &name).await?;
-            let b = meshsign_client::evidence::bundle_from_response(
+            let b = meshsign_client::site::verification::bundle_from_response(
                 &r,
                 &name,
                 &digest,

@@ -1,4 +1,7 @@
-//! The runner side: a P-256 key in memory, enrollment, and signing over mutual TLS.
+//! A job's credentials: a P-256 runner key in memory, enrollment, renewal, and signing over
+//! mutual TLS; where the job's OIDC token comes from is [`token`].
+
+pub mod token;
 
 use meshsign_proto::v1::{self, enrollment_client::EnrollmentClient, signer_client::SignerClient};
 use rcgen::{CertificateParams, KeyPair};
@@ -6,7 +9,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
-use crate::transport::{self, ClientIdentity};
+use crate::net::{self, ClientIdentity};
 use crate::{ClientConfig, ClientError};
 
 /// A runner's P-256 key. Made in memory; never written anywhere; zeroized on drop.
@@ -176,8 +179,8 @@ pub async fn enroll(
     key: &RunnerKey,
     p: &EnrollParams,
 ) -> Result<v1::EnrollResponse, ClientError> {
-    let tls = transport::tls_config(transport::roots(cfg)?, None)?;
-    let ch = transport::connect_to(cfg, &cfg.enroll_endpoint, tls).await?;
+    let tls = net::tls_config(net::roots(cfg)?, None)?;
+    let ch = net::connect_to(cfg, &cfg.enroll_endpoint, tls).await?;
     let req = v1::EnrollRequest {
         token: p.token.clone(),
         csr_der: key.csr_der()?,
@@ -217,8 +220,8 @@ impl Session {
         key: &RunnerKey,
         enrollment: &v1::EnrollResponse,
     ) -> Result<SignerClient<Channel>, ClientError> {
-        let tls = transport::tls_config(transport::roots(cfg)?, Some(key.identity(enrollment)))?;
-        let ch = transport::connect_to(cfg, &cfg.sign_endpoint, tls).await?;
+        let tls = net::tls_config(net::roots(cfg)?, Some(key.identity(enrollment)))?;
+        let ch = net::connect_to(cfg, &cfg.sign_endpoint, tls).await?;
         Ok(SignerClient::new(ch))
     }
 
@@ -294,13 +297,13 @@ impl Session {
         };
         // A replica that went away fails the call in flight (UNAVAILABLE, or a transport
         // error / CANCELLED when the connection broke mid-call); the channel then reconnects
-        // to another replica of the site (see `transport::connect_with`) — which may take a
+        // to another replica of the site (see `net::connect_with`) — which may take a
         // moment to notice — so retry a few times with a short backoff. Signing the same input
         // twice is harmless: at worst the audit log has two entries for it.
         let mut out = self.signer.sign(req.clone()).await;
         for backoff_ms in [50, 200, 800] {
             match &out {
-                Err(s) if transport::is_failover(s) => {
+                Err(s) if net::is_failover(s) => {
                     tokio::time::sleep(std::time::Duration::from_millis(backoff_ms)).await;
                     out = self.signer.sign(req.clone()).await;
                 }

@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::drill::{DrillReport, Prepared};
-use crate::token::TokenSource;
+use crate::session::token::TokenSource;
+use crate::usecase::drill::{DrillReport, Prepared};
 use crate::{ClientConfig, ClientError};
 
 /// The sites of a fleet, in name order.

@@ -18,7 +18,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Request, Response, Status};
 
 use crate::ClientError;
-use crate::runner::Session;
+use crate::session::Session;
 
 /// The variable that names the agent's socket.
 pub const SOCK_VAR: &str = "MESHSIGN_AGENT_SOCK";
@@ -324,7 +324,7 @@ pub async fn connect(path: &Path) -> Result<SignerClient<Channel>, ClientError> 
         .await
         .map_err(|e| ClientError::Connect {
             endpoint: path.display().to_string(),
-            message: crate::transport::source_chain(&e),
+            message: crate::net::source_chain(&e),
         })?;
     Ok(SignerClient::new(channel))
 }

@@ -6,7 +6,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls_pki_types::pem::PemObject as _;
 use tonic::transport::Channel;
 
-use crate::transport::{self, ClientIdentity};
+use crate::net::{self, ClientIdentity};
 use crate::{ClientConfig, ClientError};
 
 /// Connects to the admin port presenting the configured ops certificate.
@@ -20,11 +20,11 @@ pub async fn connect(cfg: &ClientConfig) -> Result<AdminClient<Channel>, ClientE
         .map_err(|e| ClientError::Config(format!("{}: {e}", a.cert_file.display())))?;
     let key = PrivateKeyDer::from_pem_file(&a.key_file)
         .map_err(|e| ClientError::Config(format!("{}: {e}", a.key_file.display())))?;
-    let tls = transport::tls_config(transport::roots(cfg)?, Some(ClientIdentity { chain, key }))?;
+    let tls = net::tls_config(net::roots(cfg)?, Some(ClientIdentity { chain, key }))?;
     // Room for the largest possible audit entry in one export line (the site bounds every
     // entry to `MAX_ENTRY_BYTES`), so no entry can stop an export.
     Ok(
-        AdminClient::new(transport::connect_to(cfg, &cfg.admin_endpoint, tls).await?)
+        AdminClient::new(net::connect_to(cfg, &cfg.admin_endpoint, tls).await?)
             .max_decoding_message_size(4 * meshsign_evidence::audit::MAX_ENTRY_BYTES.max(1 << 20)),
     )
 }

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use meshsign_proto::v1;
 use tonic::Code;
 
-use crate::runner::{EnrollParams, Session, local_fingerprint};
-use crate::token::{self, TokenSource};
+use crate::session::token::{self, TokenSource};
+use crate::session::{EnrollParams, Session, local_fingerprint};
 use crate::{ClientConfig, ClientError};
 
 /// What the drill measured.
@@ -53,7 +53,7 @@ pub async fn exercise(
 pub struct Prepared {
     cfg: ClientConfig,
     environment: String,
-    admin: crate::admin::Admin,
+    admin: crate::site::admin::Admin,
     policy: v1::TrustPolicyInfo,
     session: Session,
     key_alias: String,
@@ -77,7 +77,7 @@ impl Prepared {
         issuer: Option<&str>,
         source: &TokenSource,
     ) -> Result<Self, ClientError> {
-        let mut admin = crate::admin::Admin::connect(cfg).await?;
+        let mut admin = crate::site::admin::Admin::connect(cfg).await?;
         let policies = admin.trust_policies(environment).await?;
         // The dev issuer can mint only for its own policy; a CI source for any.
         let mintable = |p: &&v1::TrustPolicyInfo| -> bool {
@@ -144,50 +144,47 @@ impl Prepared {
         let t0 = Instant::now();
         self.admin.set_trust_policy_enabled(set(false)).await?;
         let (session, key_alias, second) = (&mut self.session, &self.key_alias, &self.second);
-        let outcome =
-            async {
-                let sign_refused_after = loop {
-                    match session.sign_digest(key_alias, [1u8; 32], "drill").await {
-                        Err(ClientError::Rpc {
-                            code: Code::PermissionDenied,
-                            ..
-                        }) => break t0.elapsed(),
-                        Err(e) => return Err(e),
-                        Ok(_) if t0.elapsed() > Duration::from_secs(5) => {
-                            return Err(ClientError::Verify(
-                                "sign calls were still served 5 s after disabling".into(),
-                            ));
-                        }
-                        Ok(_) => continue,
+        let outcome = async {
+            let sign_refused_after = loop {
+                match session.sign_digest(key_alias, [1u8; 32], "drill").await {
+                    Err(ClientError::Rpc {
+                        code: Code::PermissionDenied,
+                        ..
+                    }) => break t0.elapsed(),
+                    Err(e) => return Err(e),
+                    Ok(_) if t0.elapsed() > Duration::from_secs(5) => {
+                        return Err(ClientError::Verify(
+                            "sign calls were still served 5 s after disabling".into(),
+                        ));
+                    }
+                    Ok(_) => continue,
+                }
+            };
+            let key = crate::session::RunnerKey::generate()?;
+            let enroll_refused_after =
+                match crate::session::enroll(cfg, &key, &params(environment, second.clone())).await
+                {
+                    Err(ClientError::Rpc {
+                        code: Code::PermissionDenied,
+                        ..
+                    }) => t0.elapsed(),
+                    Err(e) => return Err(e),
+                    Ok(_) => {
+                        return Err(ClientError::Verify(
+                            "a new enrollment was admitted while the policy was disabled".into(),
+                        ));
                     }
                 };
-                let key = crate::runner::RunnerKey::generate()?;
-                let enroll_refused_after =
-                    match crate::runner::enroll(cfg, &key, &params(environment, second.clone()))
-                        .await
-                    {
-                        Err(ClientError::Rpc {
-                            code: Code::PermissionDenied,
-                            ..
-                        }) => t0.elapsed(),
-                        Err(e) => return Err(e),
-                        Ok(_) => {
-                            return Err(ClientError::Verify(
-                                "a new enrollment was admitted while the policy was disabled"
-                                    .into(),
-                            ));
-                        }
-                    };
-                Ok((sign_refused_after, enroll_refused_after))
-            }
-            .await;
+            Ok((sign_refused_after, enroll_refused_after))
+        }
+        .await;
         // Always restore.
         self.admin.set_trust_policy_enabled(set(true)).await?;
         let (sign_refused_after, enroll_refused_after) = outcome?;
         // The refused token was not consumed: enrollment with it works again.
-        let restored = crate::runner::enroll(
+        let restored = crate::session::enroll(
             cfg,
-            &crate::runner::RunnerKey::generate()?,
+            &crate::session::RunnerKey::generate()?,
             &params(environment, self.second.clone()),
         )
         .await
@@ -213,7 +210,7 @@ fn params(environment: &str, token: String) -> EnrollParams {
 }
 
 async fn first_key(
-    admin: &mut crate::admin::Admin,
+    admin: &mut crate::site::admin::Admin,
     environment: &str,
 ) -> Result<String, ClientError> {
     let keys = admin.keys(environment).await?;

@@ -9,12 +9,13 @@ use meshsign_evidence::receipt::Receipt;
 use meshsign_proto::v1::{self, verification_client::VerificationClient};
 use tonic::transport::Channel;
 
-use crate::{ClientConfig, ClientError, transport};
+use crate::net;
+use crate::{ClientConfig, ClientError};
 
 /// A Verification client on the config's enroll endpoint.
 pub async fn client(cfg: &ClientConfig) -> Result<VerificationClient<Channel>, ClientError> {
-    let tls = transport::tls_config(transport::roots(cfg)?, None)?;
-    let ch = transport::connect_to(cfg, &cfg.enroll_endpoint, tls).await?;
+    let tls = net::tls_config(net::roots(cfg)?, None)?;
+    let ch = net::connect_to(cfg, &cfg.enroll_endpoint, tls).await?;
     Ok(VerificationClient::new(ch))
 }
 

@@ -1,0 +1,9 @@
+//! What each `meshsign` command does, without parsing or printing: the binary turns arguments
+//! into the options here and renders what comes back.
+
+pub mod agent;
+#[cfg(feature = "codesign")]
+pub mod codesign;
+pub mod drill;
+pub mod fleet;
+pub mod preflight;
