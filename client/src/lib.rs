@@ -10,7 +10,7 @@
 //! | [`site`] | typed clients of one site's services: [`site::admin`], [`site::verification`] |
 //! | [`session`] | a job's credentials: runner key, token sources, enrollment, renewal |
 //! | [`net`] | TLS, channels, failover between a site's endpoints |
-//! | [`config`], [`error`] | the client file and the error every layer returns |
+//! | [`config`], [`error`], [`notes`] | the client file, the error every layer returns, notes on stderr |
 //!
 //! The `meshsign` binary only parses arguments, calls one use case and renders its result. A
 //! runner key is made in memory ([`session::RunnerKey`]), sent as a CSR, and neither it nor the
@@ -19,6 +19,7 @@
 pub mod config;
 pub mod error;
 pub mod net;
+pub mod notes;
 pub mod session;
 pub mod site;
 pub mod usecase;

@@ -1,6 +1,7 @@
 //! A job's credentials: a P-256 runner key in memory, enrollment, renewal, and signing over
 //! mutual TLS; where the job's OIDC token comes from is [`token`].
 
+pub mod job;
 pub mod token;
 
 use meshsign_proto::v1::{self, enrollment_client::EnrollmentClient, signer_client::SignerClient};

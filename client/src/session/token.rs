@@ -427,3 +427,34 @@ mod tests {
         );
     }
 }
+
+/// The token source when a runner verb names none: the dev issuer of a dev site's client
+/// config (dev builds only); otherwise a usage error naming the choices.
+pub fn fallback_source(cfg: &ClientConfig, environment: &str) -> Result<TokenSource, ClientError> {
+    #[cfg(feature = "dev")]
+    if cfg.dev_issuer.is_some() {
+        return Ok(TokenSource::Dev(GithubJob::new(environment)));
+    }
+    let _ = (cfg, environment);
+    Err(ClientError::Usage(format!(
+        "no token source: give --token-file, --token-env or --token-source github-actions{}",
+        if cfg!(feature = "dev") {
+            ""
+        } else {
+            " (this build has no dev issuer)"
+        }
+    )))
+}
+
+/// The token source of a drill that names none: the dev issuer (dev builds only).
+pub fn drill_source(environment: &str) -> Result<TokenSource, ClientError> {
+    #[cfg(feature = "dev")]
+    return Ok(TokenSource::Dev(GithubJob::new(environment)));
+    #[cfg(not(feature = "dev"))]
+    {
+        let _ = environment;
+        Err(ClientError::Token(
+            "give --token-source github-actions (this build has no dev issuer)".into(),
+        ))
+    }
+}

@@ -12,8 +12,11 @@ use tonic::transport::Channel;
 use crate::net;
 use crate::{ClientConfig, ClientError};
 
+/// A client of the site's public Verification service.
+pub type Client = VerificationClient<Channel>;
+
 /// A Verification client on the config's enroll endpoint.
-pub async fn client(cfg: &ClientConfig) -> Result<VerificationClient<Channel>, ClientError> {
+pub async fn client(cfg: &ClientConfig) -> Result<Client, ClientError> {
     let tls = net::tls_config(net::roots(cfg)?, None)?;
     let ch = net::connect_to(cfg, &cfg.enroll_endpoint, tls).await?;
     Ok(VerificationClient::new(ch))
@@ -34,6 +37,21 @@ pub async fn material(
         .map_err(|s| ClientError::rpc("GetVerificationMaterial", s))?
         .into_inner(),
     )
+}
+
+/// The Apple signing identity (certificate chain) of a key.
+pub async fn signing_identity(
+    v: &mut Client,
+    environment: &str,
+    alias: &str,
+) -> Result<v1::SigningIdentity, ClientError> {
+    Ok(v.get_signing_identity(v1::GetVerificationMaterialRequest {
+        environment: environment.to_string(),
+        key_alias: alias.to_string(),
+    })
+    .await
+    .map_err(|s| ClientError::rpc("GetSigningIdentity", s))?
+    .into_inner())
 }
 
 /// The receipt of audit entry `seq` whose stored bytes `entry` the site returned to this

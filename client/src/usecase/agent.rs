@@ -11,21 +11,15 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use meshsign_proto::v1::{self, signer_client::SignerClient, signer_server};
+use meshsign_proto::v1::{self, signer_server};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Request, Response, Status};
 
 use crate::ClientError;
 use crate::session::Session;
 
-/// The variable that names the agent's socket.
-pub const SOCK_VAR: &str = "MESHSIGN_AGENT_SOCK";
-/// The variable that names the agent's environment.
-pub const ENV_VAR: &str = "MESHSIGN_AGENT_ENVIRONMENT";
-/// The variable that names the agent's region.
-pub const REGION_VAR: &str = "MESHSIGN_AGENT_REGION";
+pub use crate::session::job::{ENV_VAR, REGION_VAR, SOCK_VAR, connect_agent as connect};
 
 /// A running agent.
 pub struct Agent {
@@ -309,22 +303,124 @@ fn async_stream_of(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-/// A Signer client over the agent's socket at `path`.
-pub async fn connect(path: &Path) -> Result<SignerClient<Channel>, ClientError> {
-    let path: Arc<PathBuf> = Arc::new(path.to_path_buf());
-    let p = path.clone();
-    let channel = Endpoint::from_static("http://meshsign-agent")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let p = p.clone();
-            async move {
-                let s = UnixStream::connect(p.as_path()).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+/// `meshsign exec`: enroll once, serve the job agent, run `command` with [`SOCK_VAR`], then
+/// revoke and return `command`'s exit status.
+pub async fn exec(
+    cfg: &crate::ClientConfig,
+    job: &crate::session::job::JobOptions,
+    command: &[String],
+) -> Result<u8, ClientError> {
+    let (program, rest) = command
+        .split_first()
+        .ok_or_else(|| ClientError::Usage("give the command after --".into()))?;
+    let session = crate::session::job::start(cfg, job).await?;
+    let vars = variables_of(&session);
+    let agent = Agent::start(session, cfg).await?;
+    let status = tokio::process::Command::new(program)
+        .args(rest)
+        .env(SOCK_VAR, agent.socket())
+        .envs(vars.iter().skip(1).map(|(k, v)| (*k, v)))
+        .status()
+        .await;
+    let finished = agent.finish("job finished").await;
+    let status = status.map_err(|e| ClientError::Usage(format!("{program}: {e}")))?;
+    if let Err(e) = finished {
+        crate::notes::note(&format!(
+            "warning: revoking the job's certificate failed: {e}"
+        ));
+        if status.success() {
+            return Err(e);
+        }
+    }
+    Ok(status
+        .code()
+        .and_then(|c| u8::try_from(c).ok())
+        .unwrap_or(1))
+}
+
+/// The variables a job's later steps need, the socket's first (its value filled in by the
+/// caller once the agent serves).
+fn variables_of(session: &Session) -> [(&'static str, String); 3] {
+    [
+        (SOCK_VAR, String::new()),
+        (ENV_VAR, session.enrollment.environment.clone()),
+        (REGION_VAR, session.enrollment.region.clone()),
+    ]
+}
+
+/// `meshsign agent serve` (what `agent start` runs in the background): enroll, hand the
+/// variables for the job's later steps to `announce`, serve until `agent stop`.
+pub async fn serve(
+    cfg: &crate::ClientConfig,
+    job: &crate::session::job::JobOptions,
+    announce: impl FnOnce(&[(&'static str, String)]) -> Result<(), ClientError>,
+) -> Result<(), ClientError> {
+    let session = crate::session::job::start(cfg, job).await?;
+    let mut vars = variables_of(&session);
+    let mut agent = Agent::start(session, cfg).await?;
+    vars[0].1 = agent.socket().display().to_string();
+    announce(&vars)?;
+    agent.stopped().await;
+    agent.finish("job finished").await
+}
+
+/// `meshsign agent start`: runs `meshsign GLOBAL… agent serve ARGS…` in the background and
+/// hands each of its variable lines to `line` once it serves.
+pub async fn start_background(
+    global: &[std::ffi::OsString],
+    args: &[std::ffi::OsString],
+    mut line: impl FnMut(&str),
+) -> Result<(), ClientError> {
+    use tokio::io::AsyncBufReadExt as _;
+    let me = std::env::current_exe().map_err(|e| ClientError::Usage(e.to_string()))?;
+    let mut child = tokio::process::Command::new(me)
+        .args(global)
+        .args(["agent", "serve"])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        // The agent outlives this command: it must not hold the caller's output open (a CI
+        // step waits for it). Its own failures before serving come back on stdout.
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(false)
+        .spawn()
+        .map_err(|e| ClientError::Usage(format!("cannot start the agent: {e}")))?;
+    let out = child
+        .stdout
+        .take()
+        .ok_or_else(|| ClientError::Usage("the agent has no stdout".into()))?;
+    let mut lines = tokio::io::BufReader::new(out).lines();
+    for _ in 0..3 {
+        match lines.next_line().await {
+            Ok(Some(l)) => match l.strip_prefix("error: ") {
+                Some(e) => {
+                    return Err(ClientError::Usage(format!("the agent did not start: {e}")));
+                }
+                None => line(&l),
+            },
+            _ => {
+                let status = child.wait().await.ok();
+                return Err(ClientError::Usage(format!(
+                    "the agent stopped before it served ({status:?}); see its message above"
+                )));
             }
-        }))
+        }
+    }
+    Ok(())
+}
+
+/// `meshsign agent stop`: revokes the agent's certificate (which stops it); returns the
+/// certificate's serial.
+pub async fn stop() -> Result<String, ClientError> {
+    let sock = std::env::var_os(SOCK_VAR)
+        .ok_or_else(|| ClientError::Usage(format!("{SOCK_VAR} is not set")))?;
+    Ok(connect(Path::new(&sock))
+        .await?
+        .revoke_self(v1::RevokeSelfRequest {
+            reason: "job finished".into(),
+        })
         .await
-        .map_err(|e| ClientError::Connect {
-            endpoint: path.display().to_string(),
-            message: crate::net::source_chain(&e),
-        })?;
-    Ok(SignerClient::new(channel))
+        .map_err(|s| ClientError::rpc("RevokeSelf", s))?
+        .into_inner()
+        .serial)
 }

@@ -158,6 +158,35 @@ pub struct CodesignOptions {
     pub timestamp_url: Option<String>,
 }
 
+/// `meshsign codesign`: checks the input and the key's identity at the site's public
+/// Verification service before the job's token is spent, then signs in the job's session.
+pub async fn run(
+    cfg: &crate::ClientConfig,
+    job: &crate::session::job::JobOptions,
+    opts: CodesignOptions,
+) -> Result<(), ClientError> {
+    if !opts.input.exists() {
+        return Err(ClientError::Usage(format!(
+            "{}: no such file or bundle (nothing was enrolled; the token is not spent)",
+            opts.input.display()
+        )));
+    }
+    let mut v = crate::site::verification::client(cfg).await?;
+    let identity =
+        crate::site::verification::signing_identity(&mut v, &job.environment, &opts.alias).await?;
+    if identity.certificate_chain.is_empty() {
+        return Err(ClientError::Usage(format!(
+            "key `{}` has no certificate, so it makes no Apple signatures: attach one with \
+             `meshsign admin key set-certificate` (nothing was enrolled; the token is not spent)",
+            opts.alias
+        )));
+    }
+    crate::session::job::with_session(cfg, job, async |session: &mut crate::session::Session| {
+        codesign(session.signer.clone(), identity, opts).await
+    })
+    .await
+}
+
 /// Signs `opts.input` with the identity of `opts.alias`, through `client` (an enrolled session).
 pub async fn codesign(
     client: SignerClient<Channel>,

@@ -2,8 +2,11 @@
 //! into the options here and renders what comes back.
 
 pub mod agent;
+pub mod attest;
 #[cfg(feature = "codesign")]
 pub mod codesign;
 pub mod drill;
 pub mod fleet;
 pub mod preflight;
+pub mod sign;
+pub mod verify;

@@ -1,47 +1,5 @@
-//! Dev-site helpers, only in builds with the `dev` feature (the default): `meshsign dev token`
-//! and the dev issuer as the token source of a runner verb when none is given. A build without
-//! the feature has neither: a runner must name its token source.
-
-use meshsign_client::session::token::TokenSource;
-use meshsign_client::{ClientConfig, ClientError};
-
-/// The token source when a runner verb names none: the dev issuer of a dev site's client
-/// config (dev builds only).
-pub fn fallback_token_source(
-    cfg: &ClientConfig,
-    environment: &str,
-) -> Result<TokenSource, ClientError> {
-    #[cfg(feature = "dev")]
-    if cfg.dev_issuer.is_some() {
-        return Ok(TokenSource::Dev(meshsign_certs_dev::GithubJob::new(
-            environment,
-        )));
-    }
-    let _ = (cfg, environment);
-    Err(ClientError::Usage(format!(
-        "no token source: give --token-file, --token-env or --token-source github-actions{}",
-        if cfg!(feature = "dev") {
-            ""
-        } else {
-            " (this build has no dev issuer)"
-        }
-    )))
-}
-
-/// The token source of a drill that does not name one: the dev issuer (dev builds only).
-pub fn default_token_source(environment: &str) -> Result<TokenSource, ClientError> {
-    #[cfg(feature = "dev")]
-    return Ok(TokenSource::Dev(meshsign_certs_dev::GithubJob::new(
-        environment,
-    )));
-    #[cfg(not(feature = "dev"))]
-    {
-        let _ = environment;
-        Err(ClientError::Token(
-            "give --token-source github-actions (this build has no dev issuer)".into(),
-        ))
-    }
-}
+//! `meshsign dev token`, only in builds with the `dev` feature (the default). The dev issuer as
+//! the token source of a runner verb that names none is [`meshsign_client::session::token`].
 
 #[cfg(feature = "dev")]
 pub use with_dev::*;

@@ -43,8 +43,8 @@ macro_rules! out_raw {
 }
 
 mod admin;
-mod check;
 mod dev;
+mod render;
 mod runner;
 
 /// Ends the process after a failed write to stdout (see [`out!`]).
@@ -56,7 +56,7 @@ fn stdout_failed(e: std::io::Error) -> ! {
     std::process::exit(i32::from(meshsign_client::error::exit::USAGE));
 }
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -118,7 +118,7 @@ enum Command {
     Codesign(runner::CodesignArgs),
     /// Verify FILE against its signature bundle offline (native, Sigstore or DSSE), optionally
     /// its audit receipt and a distrust list; exit 1 on mismatch.
-    Verify(check::VerifyArgs),
+    Verify(runner::VerifyArgs),
     /// Enroll and have the site sign an in-toto statement about files (DSSE), whose predicate
     /// it builds from what it verified about this job.
     Attest(runner::AttestArgs),
@@ -312,13 +312,6 @@ fn apply_timeouts(global: &Global, cfg: &mut ClientConfig) {
     }
 }
 
-/// `FILE` + `ext` (`FILE.sig`, `FILE.sig.json`).
-fn sibling(file: &Path, ext: &str) -> PathBuf {
-    let mut s = file.as_os_str().to_owned();
-    s.push(ext);
-    PathBuf::from(s)
-}
-
 async fn dispatch(cli: Cli) -> Result<(), ClientError> {
     match cli.command {
         Command::Preflight {
@@ -369,15 +362,7 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
         }
         Command::Agent {
             command: AgentCommand::Start { .. },
-        } => {
-            // Re-run with the same arguments, `start` replaced by `serve`, in the background.
-            let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-            let at = args.iter().position(|a| a == "start").unwrap_or(args.len());
-            let (before, after) = args.split_at(at);
-            let global: Vec<std::ffi::OsString> =
-                before.iter().filter(|a| *a != "agent").cloned().collect();
-            runner::agent_start(&global, after.get(1..).unwrap_or_default()).await
-        }
+        } => runner::agent_start().await,
         Command::Agent {
             command: AgentCommand::Serve { session },
         } => runner::agent_serve(&load_config(&cli.global)?, session).await,
@@ -465,7 +450,7 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
             }
             Ok(())
         }
-        Command::Verify(args) => check::run(args, cli.global.output),
+        Command::Verify(args) => runner::verify(args, cli.global.output),
         Command::Attest(args) => {
             runner::attest(&load_config(&cli.global)?, args, cli.global.output).await
         }

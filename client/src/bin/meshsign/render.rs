@@ -1,0 +1,477 @@
+//! How the CLI shows results: a tab-separated table (header, one row per item) or JSON, on
+//! stdout through [`out!`]. Nothing here talks to a site.
+
+use std::path::Path;
+
+use meshsign_client::usecase::{attest::Attested, sign::Signed, verify::Verified};
+use meshsign_evidence::pem_encode;
+use meshsign_proto::v1;
+
+use super::admin::Format;
+
+/// One line per signed file, as each one is written (JSON: one object per line).
+pub fn signed(s: &Signed, format: Format) {
+    if format == Format::Json {
+        out!(
+            "{}",
+            serde_json::json!({
+                "file": s.file.display().to_string(),
+                "key_id": s.key_id,
+                "audit_id": s.audit_id,
+                "audit_seq": s.audit_seq,
+                "signature": s.signature.display().to_string(),
+                "bundle": s.bundle.display().to_string(),
+            })
+        );
+    } else {
+        out!(
+            "{}: signed with {} (audit {}) -> {}",
+            s.file.display(),
+            s.key_id,
+            s.audit_id,
+            s.signature.display()
+        );
+    }
+}
+
+/// The statement `meshsign attest` wrote.
+pub fn attested(a: &Attested, format: Format) {
+    if format == Format::Json {
+        let subjects: Vec<_> = a
+            .subjects
+            .iter()
+            .map(|(n, d)| serde_json::json!({"name": n, "sha256": hex::encode(d)}))
+            .collect();
+        out!(
+            "{}",
+            serde_json::json!({
+                "envelope": a.envelope.display().to_string(), "key_id": a.key_id,
+                "predicate_type": a.predicate_type, "audit_id": a.audit_id,
+                "audit_seq": a.audit_seq, "subjects": subjects,
+            })
+        );
+    } else {
+        out!(
+            "{}: {} subject(s), {}, signed with {} (audit {})",
+            a.envelope.display(),
+            a.subjects.len(),
+            a.predicate_type,
+            a.key_id,
+            a.audit_id
+        );
+    }
+}
+
+/// What `meshsign codesign` signed.
+#[cfg(feature = "codesign")]
+pub fn codesigned(file: &str, key: &str, environment: &str, format: Format) {
+    if format == Format::Json {
+        out!(
+            "{}",
+            serde_json::json!({ "file": file, "key": key, "environment": environment })
+        );
+    } else {
+        out!("{file}: signed with {key} ({environment})");
+    }
+}
+
+/// What `meshsign verify` found.
+pub fn verified(file: &Path, v: &Verified, format: Format) {
+    let (c, file) = (&v.checked, file.display().to_string());
+    if format == Format::Json {
+        out!(
+            "{}",
+            serde_json::json!({
+                "file": file, "ok": true, "format": c.format, "key_id": c.key_id,
+                "region": c.region, "environment": c.environment,
+                "audit_seq": c.audit_seq, "key_pinned": v.pinned,
+                "receipt": c.receipt.map(|a| serde_json::json!({"ok": true, "under_signed_checkpoint": a})),
+                "binding": c.binding,
+                "distrust_list_version": v.distrust_list_version,
+            })
+        );
+    } else {
+        out!(
+            "{file}: OK ({} in {}/{}, {}, audit entry {})",
+            c.key_id,
+            c.region,
+            c.environment,
+            c.format,
+            c.audit_seq
+        );
+        if let Some(anchored) = c.receipt {
+            let under = if anchored {
+                ", under a signed checkpoint"
+            } else {
+                ", not yet under a signed checkpoint"
+            };
+            out!("{file}: receipt OK (audit entry {}{under})", c.audit_seq);
+        }
+        if let Some(v) = v.distrust_list_version {
+            out!("{file}: not distrusted (distrust list version {v})");
+        }
+    }
+    if !v.pinned {
+        eprintln!(
+            "note: the key was taken from the bundle; pin it with --public-key (see verification-material)"
+        );
+    }
+}
+
+pub fn when(t: Option<prost_types::Timestamp>) -> String {
+    t.and_then(|t| time::OffsetDateTime::from_unix_timestamp(t.seconds).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| "-".into())
+}
+
+pub fn print_json(v: &serde_json::Value) {
+    out!("{v}");
+}
+
+/// What an admin listing prints: a header, one tab-separated row per item, or JSON.
+pub trait Render {
+    /// Column names (upper case).
+    const HEADER: &'static [&'static str];
+    /// One row, as many cells as [`Render::HEADER`].
+    fn row(&self) -> Vec<String>;
+    /// The item as JSON.
+    fn json(&self) -> serde_json::Value;
+}
+
+/// Prints a listing: a header and rows, or a JSON array.
+pub fn emit<T: Render>(format: Format, items: &[T]) {
+    match format {
+        Format::Json => print_json(&serde_json::Value::Array(
+            items.iter().map(Render::json).collect(),
+        )),
+        Format::Table => {
+            out!("{}", T::HEADER.join("\t"));
+            for i in items {
+                out!("{}", i.row().join("\t"));
+            }
+        }
+    }
+}
+
+/// Prints one item: a header and its row, or a JSON object.
+pub fn emit_one<T: Render>(format: Format, item: &T) {
+    match format {
+        Format::Json => print_json(&item.json()),
+        Format::Table => emit(format, std::slice::from_ref(item)),
+    }
+}
+
+pub fn dash(s: &str) -> String {
+    if s.is_empty() { "-".into() } else { s.into() }
+}
+
+impl Render for v1::IssuerInfo {
+    const HEADER: &'static [&'static str] = &[
+        "ENVIRONMENT",
+        "RUNNER CA",
+        "STATE",
+        "CREATED",
+        "RETIRE AFTER",
+    ];
+    fn row(&self) -> Vec<String> {
+        vec![
+            self.environment.clone(),
+            self.id.clone(),
+            self.state_word(),
+            when(self.created_at),
+            when(self.retire_after),
+        ]
+    }
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "environment": self.environment, "id": self.id, "state": self.state_word(),
+            "created_at": when(self.created_at),
+            "retire_after": self.retire_after.map(|t| when(Some(t))),
+            "certificate_pem": pem_encode("CERTIFICATE", &self.certificate_der),
+        })
+    }
+}
+
+pub fn policy_state(p: &v1::TrustPolicyInfo) -> &'static str {
+    if p.enabled {
+        "enabled"
+    } else if p.keep_sessions {
+        "disabled (sessions kept)"
+    } else {
+        "disabled"
+    }
+}
+
+impl Render for v1::TrustPolicyInfo {
+    const HEADER: &'static [&'static str] = &["ENVIRONMENT", "POLICY", "ISSUER", "STATE", "KIDS"];
+    fn row(&self) -> Vec<String> {
+        vec![
+            self.environment.clone(),
+            self.name.clone(),
+            self.issuer.clone(),
+            policy_state(self).into(),
+            dash(&self.kids.join(",")),
+        ]
+    }
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "environment": self.environment, "name": self.name, "issuer": self.issuer,
+            "enabled": self.enabled, "keep_sessions": self.keep_sessions, "kids": self.kids,
+            "bound_claims": self.bound_claims,
+        })
+    }
+}
+
+impl Render for v1::KeyInfo {
+    const HEADER: &'static [&'static str] = &[
+        "ENVIRONMENT",
+        "KEY",
+        "ALGORITHM",
+        "STATE",
+        "VERSIONS (* = SIGNS)",
+        "REPOSITORIES",
+        "REFS",
+    ];
+    fn row(&self) -> Vec<String> {
+        let versions: Vec<String> = self
+            .versions
+            .iter()
+            .map(|v| format!("{}{}", v.key_id, if v.active { "*" } else { "" }))
+            .collect();
+        vec![
+            self.environment.clone(),
+            self.alias.clone(),
+            self.algorithm.clone(),
+            if self.disabled { "disabled" } else { "enabled" }.into(),
+            versions.join(","),
+            dash(&self.repositories.join(",")),
+            dash(&self.refs.join(",")),
+        ]
+    }
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "environment": self.environment, "alias": self.alias, "algorithm": self.algorithm,
+            "disabled": self.disabled, "repositories": self.repositories, "refs": self.refs,
+            "backend": self.backend,
+            "versions": self.versions.iter().map(|v| serde_json::json!({
+                "key_id": v.key_id, "algorithm": v.algorithm, "active": v.active,
+                "public_key_pem": pem_encode("PUBLIC KEY", &v.public_key_der),
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+impl Render for v1::RevocationRule {
+    const HEADER: &'static [&'static str] =
+        &["RULE", "KIND", "VALUE", "REGION", "OPERATOR", "REASON"];
+    fn row(&self) -> Vec<String> {
+        vec![
+            self.id.clone(),
+            self.kind_word(),
+            self.value.clone(),
+            dash(&self.region),
+            self.operator.clone(),
+            self.reason.clone(),
+        ]
+    }
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "id": self.id, "kind": self.kind_word(), "value": self.value, "region": self.region,
+            "since": self.since, "until": self.until, "reason": self.reason,
+            "operator": self.operator, "created_at": when(self.created_at),
+        })
+    }
+}
+
+impl Render for v1::ProposalInfo {
+    const HEADER: &'static [&'static str] = &[
+        "PROPOSAL",
+        "STATE",
+        "OPERATION",
+        "ENVIRONMENT",
+        "SUMMARY",
+        "PROPOSER",
+        "APPROVER",
+        "EXPIRES",
+    ];
+    fn row(&self) -> Vec<String> {
+        vec![
+            self.id.clone(),
+            self.state().word(),
+            self.operation.clone(),
+            dash(&self.environment),
+            self.summary.clone(),
+            self.proposer.clone(),
+            dash(&self.approver),
+            when(self.expires_at),
+        ]
+    }
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "id": self.id, "state": self.state().word(), "operation": self.operation,
+            "environment": self.environment, "summary": self.summary,
+            "proposer": self.proposer, "approver": self.approver,
+            "executed_by": self.executed_by, "created_at": when(self.created_at),
+            "expires_at": when(self.expires_at), "request_sha256": self.request_sha256,
+        })
+    }
+}
+
+pub fn status_json(st: &v1::SiteStatus) -> serde_json::Value {
+    serde_json::json!({
+        "region": st.region,
+        "store_engine": st.engine_word(),
+        "writable": st.writable,
+        "audit_head_seq": st.audit_head_seq,
+        "last_checkpoint_age_seconds": st.last_checkpoint_age_seconds,
+        "revocation_rules": st.revocation_rules,
+        "audit_retention_days": st.audit_retention_days,
+        "reviewed_operations": st.reviewed_operations,
+        "pending_proposals": st.pending_proposals,
+        "last_reload": st.last_reload.as_ref().map(|r| serde_json::json!({
+            "at": when(r.at),
+            "applied": r.applied,
+            "config_sha256": r.config_sha256,
+            "message": r.message,
+            "widens": r.widens,
+            "changes": serde_json::from_str::<serde_json::Value>(&r.changes_json)
+                .unwrap_or_default(),
+        })),
+        "environments": st.environments.iter().map(|e| serde_json::json!({
+            "name": e.name,
+            "audience": e.audience,
+            "runner_cas": e.runner_cas.iter().map(|c| serde_json::json!({
+                "id": c.id, "state": c.state_word(), "rotation_due": c.rotation_due,
+            })).collect::<Vec<_>>(),
+            "keys": e.keys.iter().map(|k| serde_json::json!({
+                "alias": k.alias, "algorithm": k.algorithm, "newest_version": k.newest_version,
+                "newest_age_days": k.newest_age_days, "disabled": k.disabled,
+                "rotation_due": k.rotation_due,
+            })).collect::<Vec<_>>(),
+            "trust_policies": e.trust_policies.iter().map(|t| serde_json::json!({
+                "name": t.name, "issuer": t.issuer, "enabled": t.enabled,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+pub const STATUS_HEADER: &[&str] = &["ENVIRONMENT", "KIND", "NAME", "STATE", "DETAIL"];
+
+/// The site line and one row per runner CA, key and trust policy (under [`STATUS_HEADER`]).
+pub fn status_rows(st: &v1::SiteStatus) -> Vec<Vec<String>> {
+    let mut rows = vec![vec![
+        "(site)".into(),
+        "site".into(),
+        st.engine_word(),
+        if st.writable {
+            "writable"
+        } else {
+            "NOT WRITABLE (decisions refused)"
+        }
+        .into(),
+        format!(
+            "audit head {}, last checkpoint {}, {} revocation rule(s), {} pending proposal(s)",
+            st.audit_head_seq,
+            if st.last_checkpoint_age_seconds < 0 {
+                "none yet".to_string()
+            } else {
+                format!("{} s ago", st.last_checkpoint_age_seconds)
+            },
+            st.revocation_rules,
+            st.pending_proposals
+        ),
+    ]];
+    if let Some(r) = &st.last_reload {
+        rows.push(vec![
+            "(site)".into(),
+            "reload".into(),
+            r.config_sha256.chars().take(12).collect(),
+            if r.applied {
+                "applied"
+            } else {
+                "REFUSED (previous config runs)"
+            }
+            .into(),
+            format!(
+                "at {}{}{}",
+                when(r.at),
+                if r.widens { ", widens trust" } else { "" },
+                if r.message.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", r.message)
+                }
+            ),
+        ]);
+    }
+    for e in &st.environments {
+        for c in &e.runner_cas {
+            rows.push(vec![
+                e.name.clone(),
+                "runner-ca".into(),
+                c.id.clone(),
+                c.state_word(),
+                if c.rotation_due {
+                    "older than [keys] runner_ca_rotation_days (ROTATE)".into()
+                } else {
+                    "-".into()
+                },
+            ]);
+        }
+        for k in &e.keys {
+            rows.push(vec![
+                e.name.clone(),
+                "key".into(),
+                format!("{}@v{}", k.alias, k.newest_version),
+                if k.disabled { "disabled" } else { "active" }.into(),
+                format!(
+                    "{} days old{}, {}",
+                    k.newest_age_days.floor(),
+                    if k.rotation_due { " (ROTATE)" } else { "" },
+                    k.algorithm
+                ),
+            ]);
+        }
+        for t in &e.trust_policies {
+            rows.push(vec![
+                e.name.clone(),
+                "trust-policy".into(),
+                t.name.clone(),
+                if t.enabled { "enabled" } else { "disabled" }.into(),
+                t.issuer.clone(),
+            ]);
+        }
+    }
+    rows
+}
+
+pub fn print_status(st: &v1::SiteStatus) {
+    out!(
+        "site {}  store {}  {}  audit head {}  retention {}  two-person review: {}",
+        st.region,
+        st.engine_word(),
+        if st.writable {
+            "WRITABLE"
+        } else {
+            "NOT WRITABLE (decisions refused)"
+        },
+        st.audit_head_seq,
+        if st.audit_retention_days == 0 {
+            "all kept".to_string()
+        } else {
+            format!("{} days", st.audit_retention_days)
+        },
+        if st.reviewed_operations.is_empty() {
+            "off".to_string()
+        } else {
+            st.reviewed_operations.join(",")
+        }
+    );
+    out!("{}", STATUS_HEADER.join("\t"));
+    for row in status_rows(st) {
+        out!("{}", row.join("\t"));
+    }
+}

@@ -1,0 +1,94 @@
+//! `meshsign attest` (and `meshsign sign --format dsse`): one in-toto statement about every
+//! file, built and signed by the site; checked (it verifies under the key the site names and
+//! is about these files) before it is written.
+
+use std::path::PathBuf;
+
+use meshsign_evidence::attest::{Envelope, PREDICATE_SIGNING, PREDICATE_SLSA};
+use meshsign_evidence::verify;
+
+use super::sign::{file_name, key_exists, require_file, sibling};
+use crate::session::Session;
+use crate::session::job::{self, JobOptions};
+use crate::{ClientConfig, ClientError};
+
+/// What to attest.
+#[derive(Clone, Debug)]
+pub struct AttestOptions {
+    /// The job's session.
+    pub job: JobOptions,
+    /// The key alias (an `attestation` key).
+    pub key: String,
+    /// `signing`, `slsa`, or either predicate type URI.
+    pub predicate_type: String,
+    /// Where to write the envelope (None: FIRST_FILE.intoto.json).
+    pub bundle: Option<PathBuf>,
+    /// The statement's subjects.
+    pub files: Vec<PathBuf>,
+}
+
+/// The statement the site signed and where it was written.
+#[derive(Clone, Debug)]
+pub struct Attested {
+    /// The envelope's path.
+    pub envelope: PathBuf,
+    /// The predicate type.
+    pub predicate_type: &'static str,
+    /// The key version that signed.
+    pub key_id: String,
+    /// The audit record's id.
+    pub audit_id: String,
+    /// The audit record's sequence number.
+    pub audit_seq: u64,
+    /// Each subject's name and SHA-256.
+    pub subjects: Vec<(String, [u8; 32])>,
+}
+
+/// The predicate type URI `name` stands for.
+fn predicate(name: &str) -> Result<&'static str, ClientError> {
+    match name {
+        "signing" | PREDICATE_SIGNING => Ok(PREDICATE_SIGNING),
+        "slsa" | PREDICATE_SLSA => Ok(PREDICATE_SLSA),
+        other => Err(ClientError::Usage(format!(
+            "--predicate-type `{other}`: signing, slsa, {PREDICATE_SIGNING} or {PREDICATE_SLSA}"
+        ))),
+    }
+}
+
+/// Has the site build and sign the statement, checks it, writes it.
+pub async fn attest(cfg: &ClientConfig, opts: &AttestOptions) -> Result<Attested, ClientError> {
+    let predicate_type = predicate(&opts.predicate_type)?;
+    let mut subjects = Vec::with_capacity(opts.files.len());
+    for file in &opts.files {
+        require_file(file)?;
+        subjects.push((file_name(file), verify::sha256_file(file)?));
+    }
+    let envelope = match (&opts.bundle, opts.files.first()) {
+        (Some(p), _) => p.clone(),
+        (None, Some(f)) => sibling(f, ".intoto.json"),
+        (None, None) => return Err(ClientError::Usage("no files".into())),
+    };
+    key_exists(cfg, &opts.job, &opts.key).await?;
+    let r = job::with_session(cfg, &opts.job, async |session: &mut Session| {
+        let r = session.attest(&opts.key, &subjects, predicate_type).await?;
+        let env: Envelope = serde_json::from_slice(&r.envelope_json)
+            .map_err(|e| ClientError::Verify(format!("the site's envelope: {e}")))?;
+        for (_, d) in &subjects {
+            verify::open_statement(&env, &r.public_key_der, d).map_err(|e| {
+                ClientError::Verify(format!("the site's statement does not verify: {e}"))
+            })?;
+        }
+        meshsign_evidence::files::write_atomic(&envelope, &r.envelope_json, false)
+            .map_err(ClientError::io(&envelope))?;
+        Ok(r)
+    })
+    .await?;
+    Ok(Attested {
+        envelope,
+        predicate_type,
+        key_id: r.key_id,
+        audit_id: r.audit_id,
+        audit_seq: r.audit_seq,
+        subjects,
+    })
+}

@@ -1,0 +1,286 @@
+//! `meshsign sign`: every input is read and hashed before the job's token is spent; the key is
+//! looked up at the site's public Verification service first; each signature is checked (it
+//! verifies under the returned key, its receipt under the site's audit key) before anything is
+//! written.
+
+use std::path::{Path, PathBuf};
+
+use meshsign_evidence::verify::{self, SigBundle};
+use meshsign_proto::v1;
+use tonic::transport::Channel;
+
+use crate::session::Session;
+use crate::session::job::{self, JobOptions};
+use crate::site::verification;
+use crate::{ClientConfig, ClientError};
+
+/// The signature formats of `meshsign sign`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SigFormat {
+    /// meshsign's FILE.sig + FILE.sig.json.
+    Native,
+    /// A Sigstore bundle v0.3 (FILE.sigstore.json).
+    Sigstore,
+    /// A DSSE envelope of an in-toto statement (FILE.intoto.json).
+    Dsse,
+}
+
+/// What to sign, with which key, in which job.
+#[derive(Clone, Debug)]
+pub struct SignOptions {
+    /// The job's session.
+    pub job: JobOptions,
+    /// The key alias.
+    pub key: String,
+    /// The files.
+    pub files: Vec<PathBuf>,
+    /// Sign each file's bytes as a message (at most 4 KiB) instead of its SHA-256.
+    pub message: bool,
+    /// What to write.
+    pub format: SigFormat,
+}
+
+/// One signed file: what was written and where the decision is in the site's audit log.
+#[derive(Clone, Debug)]
+pub struct Signed {
+    /// The input.
+    pub file: PathBuf,
+    /// The key version that signed.
+    pub key_id: String,
+    /// The audit record's id.
+    pub audit_id: String,
+    /// The audit record's sequence number.
+    pub audit_seq: u64,
+    /// The signature (FILE.sig; for Sigstore, the bundle).
+    pub signature: PathBuf,
+    /// The bundle.
+    pub bundle: PathBuf,
+}
+
+/// `FILE` + `ext` (`FILE.sig`, `FILE.sig.json`).
+pub fn sibling(file: &Path, ext: &str) -> PathBuf {
+    let mut s = file.as_os_str().to_owned();
+    s.push(ext);
+    PathBuf::from(s)
+}
+
+/// A file's name as a statement or the audit names it.
+pub(crate) fn file_name(file: &Path) -> String {
+    file.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Refuses a missing input before anything is enrolled.
+pub(crate) fn require_file(file: &Path) -> Result<(), ClientError> {
+    if file.is_file() {
+        return Ok(());
+    }
+    Err(ClientError::Usage(format!(
+        "{}: no such file (nothing was enrolled; the token is not spent)",
+        file.display()
+    )))
+}
+
+/// A key that is not there would be found only after the job's one-time token was spent: ask
+/// the site's public Verification service first (its refusal names the nearest alias). With a
+/// job agent the token is already spent, so there is nothing to save.
+pub async fn key_exists(
+    cfg: &ClientConfig,
+    job: &JobOptions,
+    alias: &str,
+) -> Result<(), ClientError> {
+    if job::agent_serves() {
+        return Ok(());
+    }
+    // What the command itself lacks (a token source, the environment's audience) is said
+    // first, before anything goes over the network.
+    job::token_source(cfg, job)?;
+    cfg.audience(&job.environment)?;
+    let mut v = verification::client(cfg).await?;
+    match verification::material(&mut v, &job.environment, alias).await {
+        Ok(_) => Ok(()),
+        Err(ClientError::Rpc {
+            rpc,
+            code,
+            message,
+            reason,
+        }) => Err(ClientError::Rpc {
+            rpc,
+            code,
+            message: format!("{message} (nothing was enrolled; the token is not spent)"),
+            reason,
+        }),
+        Err(e) => Err(e),
+    }
+}
+
+/// Signs every file of `opts` (DSSE: see [`super::attest`]), calling `signed` as each one is
+/// written.
+pub async fn sign(
+    cfg: &ClientConfig,
+    opts: &SignOptions,
+    mut signed: impl FnMut(&Signed),
+) -> Result<(), ClientError> {
+    let mut digests = Vec::with_capacity(opts.files.len());
+    for file in &opts.files {
+        require_file(file)?;
+        digests.push(verify::sha256_file(file)?);
+        if opts.message {
+            verify::read_message(file)?;
+        }
+    }
+    key_exists(cfg, &opts.job, &opts.key).await?;
+    job::with_session(cfg, &opts.job, async |session: &mut Session| {
+        let mut site = SiteEvidence::open(cfg, session, opts).await?;
+        for (file, digest) in opts.files.iter().zip(&digests) {
+            signed(&sign_one(session, &mut site, opts, file, digest).await?);
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// The site's Verification service and audit key, to check each receipt before it goes into
+/// a bundle; or why there is none (a native bundle is then written without its receipt).
+struct SiteEvidence(Result<(verification::Client, Vec<u8>), ClientError>);
+
+impl SiteEvidence {
+    async fn open(
+        cfg: &ClientConfig,
+        session: &Session,
+        opts: &SignOptions,
+    ) -> Result<Self, ClientError> {
+        let verification = match verification::client(cfg).await {
+            Ok(mut v) => verification::material(&mut v, &session.enrollment.environment, &opts.key)
+                .await
+                .map(|m| (v, m.audit_public_key_der)),
+            Err(e) => Err(e),
+        };
+        match (&verification, opts.format) {
+            (Err(e), SigFormat::Sigstore) => {
+                return Err(ClientError::Usage(format!(
+                    "--format sigstore needs the site's audit receipts: {e}"
+                )));
+            }
+            (Err(e), _) => crate::notes::note(&format!(
+                "warning: the bundles will carry no audit receipt (the site's verification \
+                 service: {e})"
+            )),
+            _ => {}
+        }
+        Ok(Self(verification))
+    }
+
+    /// The receipt of `r`, checked; None (with a warning) when a native bundle goes without.
+    async fn receipt(
+        &mut self,
+        file: &Path,
+        r: &v1::SignResponse,
+        bundle: &SigBundle,
+        format: SigFormat,
+    ) -> Result<Option<(meshsign_evidence::receipt::Receipt, Vec<u8>)>, ClientError> {
+        let Ok((v, spki)) = &mut self.0 else {
+            return Ok(None);
+        };
+        match fetch_receipt(v, spki, r, bundle).await {
+            Ok(receipt) => Ok(Some((receipt, spki.clone()))),
+            Err(e) if format == SigFormat::Native => {
+                crate::notes::note(&format!(
+                    "warning: {}: no audit receipt in the bundle: {e}",
+                    file.display()
+                ));
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The receipt of a Sign response from the site's Verification service, checked against its
+/// audit key and against the signature it is for.
+async fn fetch_receipt(
+    v: &mut v1::verification_client::VerificationClient<Channel>,
+    audit_spki: &[u8],
+    r: &v1::SignResponse,
+    bundle: &SigBundle,
+) -> Result<meshsign_evidence::receipt::Receipt, ClientError> {
+    let receipt = verification::receipt(v, r.audit_seq, &r.audit_entry, audit_spki).await?;
+    verify::check_receipt(
+        &receipt,
+        &verify::audit_key_from_der(audit_spki)?,
+        None,
+        &bundle.digest_sha256,
+        &bundle.key_id,
+        "Sign",
+    )
+    .map_err(|e| ClientError::Verify(format!("the site's receipt: {e}")))?;
+    Ok(receipt)
+}
+
+/// Signs one file and writes its signature and bundle.
+async fn sign_one(
+    session: &mut Session,
+    site: &mut SiteEvidence,
+    opts: &SignOptions,
+    file: &Path,
+    digest: &[u8; 32],
+) -> Result<Signed, ClientError> {
+    let name = file_name(file);
+    let (region, environment) = (
+        session.enrollment.region.clone(),
+        session.enrollment.environment.clone(),
+    );
+    // Checked (the signature verifies under the returned key) before anything is written.
+    let (r, mut bundle) = if opts.message {
+        let message = verify::read_message(file)?;
+        let r = session.sign_message(&opts.key, &message, &name).await?;
+        let b =
+            verification::bundle_from_message_response(&r, &name, &message, &region, &environment)?;
+        (r, b)
+    } else {
+        let r = session.sign_digest(&opts.key, *digest, &name).await?;
+        let b = verification::bundle_from_response(&r, &name, digest, &region, &environment)?;
+        (r, b)
+    };
+    let receipt = site.receipt(file, &r, &bundle, opts.format).await?;
+    let (signature, bundle_path) = if opts.format == SigFormat::Sigstore {
+        let Some((receipt, spki)) = receipt else {
+            return Err(ClientError::Usage(
+                "--format sigstore needs the site's audit receipt".into(),
+            ));
+        };
+        let hint = format!("{}/{}/{}", bundle.region, bundle.environment, bundle.key_id);
+        let tlog = meshsign_evidence::bundle::sigstore::TlogEntry::from_receipt(&receipt, &spki)?;
+        let sb = meshsign_evidence::bundle::sigstore::Bundle::message(
+            hint,
+            digest,
+            &r.signature,
+            Some(tlog),
+        );
+        let path = sibling(file, ".sigstore.json");
+        write_json(&path, &sb)?;
+        (path.clone(), path)
+    } else {
+        bundle.receipt = receipt.map(|(r, _)| r);
+        let sig_path = sibling(file, ".sig");
+        let json_path = sibling(file, ".sig.json");
+        std::fs::write(&sig_path, &r.signature).map_err(ClientError::io(&sig_path))?;
+        write_json(&json_path, &bundle)?;
+        (sig_path, json_path)
+    };
+    Ok(Signed {
+        file: file.to_path_buf(),
+        key_id: r.key_id,
+        audit_id: r.audit_id,
+        audit_seq: r.audit_seq,
+        signature,
+        bundle: bundle_path,
+    })
+}
+
+/// Writes `value` as pretty JSON to `path`.
+pub(crate) fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<(), ClientError> {
+    let json = serde_json::to_vec_pretty(value).map_err(|e| ClientError::Crypto(e.to_string()))?;
+    std::fs::write(path, json).map_err(ClientError::io(path))
+}
