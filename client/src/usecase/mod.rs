@@ -1,6 +1,7 @@
 //! What each `meshsign` command does, without parsing or printing: the binary turns arguments
 //! into the options here and renders what comes back.
 
+pub mod admin;
 pub mod agent;
 pub mod attest;
 #[cfg(feature = "codesign")]

@@ -106,7 +106,7 @@ struct Global {
         value_enum,
         default_value_t
     )]
-    output: admin::Format,
+    output: render::Format,
 }
 
 #[derive(Subcommand)]
@@ -201,7 +201,7 @@ enum Command {
         #[arg(long)]
         all_sites: bool,
         #[command(subcommand)]
-        command: admin::AdminCommand,
+        command: meshsign_client::usecase::admin::AdminCommand,
     },
 }
 
@@ -252,7 +252,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let json = cli.global.output == admin::Format::Json;
+    let json = cli.global.output == render::Format::Json;
     match rt.block_on(dispatch(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         // `meshsign exec` passes its command's status on, saying nothing of its own.
@@ -334,7 +334,7 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
             for e in &errors {
                 eprintln!("preflight: cannot read {e}");
             }
-            if json || cli.global.output == admin::Format::Json {
+            if json || cli.global.output == render::Format::Json {
                 let text = serde_json::to_string_pretty(&findings)
                     .map_err(|e| ClientError::Crypto(e.to_string()))?;
                 out!("{text}");
@@ -394,7 +394,7 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
         }
         Command::Fingerprint => {
             let (fp, source) = meshsign_client::session::fingerprint();
-            if cli.global.output == admin::Format::Json {
+            if cli.global.output == render::Format::Json {
                 out!(
                     "{}",
                     serde_json::json!({ "fingerprint": fp, "source": source.to_string() })
@@ -426,7 +426,7 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
             };
             let r = meshsign_evidence::audit::verify_export_from(&lines, &key, start)
                 .map_err(|e| ClientError::Verify(e.to_string()))?;
-            if cli.global.output == admin::Format::Json {
+            if cli.global.output == render::Format::Json {
                 out!(
                     "{}",
                     serde_json::json!({
@@ -492,7 +492,7 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
                 return Ok(());
             }
             let resp = resp?;
-            if cli.global.output == admin::Format::Json {
+            if cli.global.output == render::Format::Json {
                 let keys: Vec<serde_json::Value> = resp
                     .keys
                     .iter()
@@ -537,12 +537,17 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
             for (_, cfg) in &mut fleet.sites {
                 apply_timeouts(&cli.global, cfg);
             }
-            admin::dispatch_fleet(&fleet, command, cli.global.output).await
+            let out = meshsign_client::usecase::admin::run_fleet(&fleet, command).await?;
+            admin::render_fleet(&fleet, out, cli.global.output)
         }
         Command::Admin {
             all_sites: false,
             command,
-        } => admin::dispatch(&load_config(&cli.global)?, command, cli.global.output).await,
+        } => {
+            let out =
+                meshsign_client::usecase::admin::run(&load_config(&cli.global)?, command).await?;
+            admin::render(out, cli.global.output).await
+        }
     }
 }
 

@@ -7,7 +7,15 @@ use meshsign_client::usecase::{attest::Attested, sign::Signed, verify::Verified}
 use meshsign_evidence::pem_encode;
 use meshsign_proto::v1;
 
-use super::admin::Format;
+/// How commands print their data (`--output`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// A header line, then tab-separated rows.
+    #[default]
+    Table,
+    /// JSON (an array for listings, an object for one item).
+    Json,
+}
 
 /// One line per signed file, as each one is written (JSON: one object per line).
 pub fn signed(s: &Signed, format: Format) {

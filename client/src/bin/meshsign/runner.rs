@@ -8,7 +8,7 @@ use meshsign_client::session::job::{JobOptions, TokenChoice};
 use meshsign_client::usecase::{agent, attest, sign, verify};
 use meshsign_client::{ClientConfig, ClientError};
 
-use super::admin::Format;
+use super::render::Format;
 
 /// `meshsign codesign` arguments.
 #[cfg(feature = "codesign")]
