@@ -69,6 +69,14 @@ pub mod exit {
     pub const PROPOSED: u8 = 5;
     /// A local fault: a file that exists could not be read or written, TLS or key setup failed.
     pub const LOCAL_FAULT: u8 = 6;
+
+    /// The contract above in one sentence, as `meshsign --help` ends.
+    pub const HELP: &str = "Exit codes: 0 ok; 1 verification failed; 2 usage (flags, config, \
+        input files); 3 refused by the site's policy; 4 site or token source unavailable, or no \
+        answer within the timeout (retry may help; a budget refusal is 3: retrying never helps); \
+        5 proposed: the change needs a second admin's approval (meshsign admin review approve \
+        ID), then the same command again; 6 local fault (a file that is there cannot be read or \
+        written, TLS or key setup failed).";
 }
 
 impl From<meshsign_evidence::verify::VerifyError> for ClientError {
@@ -83,6 +91,30 @@ impl From<meshsign_evidence::verify::VerifyError> for ClientError {
 }
 
 impl ClientError {
+    /// The kind of failure, as `--output json` names it: usage, child_exit, config, io,
+    /// connect, refused, token, local_fault, verify.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientError::Usage(_) => "usage",
+            ClientError::ChildExit(_) => "child_exit",
+            ClientError::Config(_) => "config",
+            ClientError::Io { .. } => "io",
+            ClientError::Connect { .. } => "connect",
+            ClientError::Rpc { .. } => "refused",
+            ClientError::Token(_) => "token",
+            ClientError::Crypto(_) => "local_fault",
+            ClientError::Verify(_) => "verify",
+        }
+    }
+
+    /// The site's reason for a refusal (its `ErrorInfo` reason), else empty.
+    pub fn reason(&self) -> &str {
+        match self {
+            ClientError::Rpc { reason, .. } => reason,
+            _ => "",
+        }
+    }
+
     /// The exit code for this error (see [`exit`]).
     pub fn exit_code(&self) -> u8 {
         use tonic::Code;

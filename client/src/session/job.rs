@@ -20,56 +20,54 @@ pub const ENV_VAR: &str = "MESHSIGN_AGENT_ENVIRONMENT";
 /// The variable that names the job agent's region.
 pub const REGION_VAR: &str = "MESHSIGN_AGENT_REGION";
 
-/// Where the job's OIDC token comes from, as the command line names it.
-#[derive(Clone, Debug, Default)]
-pub enum TokenChoice {
-    /// A file holding the token.
-    File(PathBuf),
-    /// An environment variable holding the token.
-    Env(String),
-    /// GitHub Actions' token endpoint.
-    GithubActions,
-    /// GitLab's `id_tokens` entry in this variable.
-    Gitlab(String),
-    /// `buildkite-agent oidc request-token`.
-    Buildkite,
-    /// Whichever CI this process runs in.
-    Auto,
-    /// Nothing named: a dev site's issuer (dev builds), else a usage error.
-    #[default]
-    Unnamed,
-}
-
-/// How a job enrolls: its environment, token, certificate lifetime and fingerprint.
-#[derive(Clone, Debug)]
+/// How a job enrolls: its environment, token source, certificate lifetime and fingerprint
+/// (the runner verbs' shared arguments: `sign`, `attest`, `codesign`, `exec`, `agent start`).
+#[derive(clap::Args, Clone, Debug)]
 pub struct JobOptions {
-    /// The environment the job signs in.
+    /// Environment this job signs in.
+    #[arg(long)]
     pub environment: String,
-    /// Where its token comes from.
-    pub token: TokenChoice,
-    /// Extra CA certificates (PEM) for GitHub's token endpoint.
-    pub token_ca_file: Option<PathBuf>,
-    /// Requested certificate lifetime in seconds (0: the environment's cap).
-    pub ttl_seconds: u32,
-    /// The runner fingerprint (None: derived from this machine).
+    /// Read the OIDC token from this file.
+    #[arg(long, group = "tok")]
+    pub token_file: Option<PathBuf>,
+    /// Read the OIDC token from this environment variable.
+    #[arg(long, group = "tok")]
+    pub token_env: Option<String>,
+    /// Fetch the OIDC token from the CI: github-actions, gitlab (the job's id_token in
+    /// --id-token-var), buildkite (buildkite-agent oidc request-token), or auto (detect).
+    #[arg(long, group = "tok", value_parser = ["github-actions", "gitlab", "buildkite", "auto"])]
+    pub token_source: Option<String>,
+    /// For --token-source github-actions: extra CA certificates (PEM) for the token endpoint.
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+    /// For --token-source gitlab: the variable that holds the job's id_token.
+    #[arg(long, default_value = "MESHSIGN_ID_TOKEN")]
+    pub id_token_var: String,
+    /// Requested certificate lifetime in seconds (0 = the environment's cap).
+    #[arg(long, default_value_t = 0)]
+    pub ttl: u32,
+    /// Runner fingerprint (default: derived from this machine).
+    #[arg(long)]
     pub fingerprint: Option<String>,
 }
 
 /// The token source of `job` (nothing is fetched yet).
 pub fn token_source(cfg: &ClientConfig, job: &JobOptions) -> Result<TokenSource, ClientError> {
-    Ok(match &job.token {
-        TokenChoice::File(f) => TokenSource::File(f.clone()),
-        TokenChoice::Env(v) => TokenSource::Env(v.clone()),
-        TokenChoice::GithubActions => TokenSource::GithubActions,
-        TokenChoice::Gitlab(var) => TokenSource::Gitlab(var.clone()),
-        TokenChoice::Buildkite => TokenSource::Buildkite,
-        TokenChoice::Auto => token::detect(|v| std::env::var(v).ok()).ok_or_else(|| {
-            ClientError::Usage(
-                "--token-source auto: not in GitHub Actions, GitLab CI or Buildkite".into(),
-            )
-        })?,
-        TokenChoice::Unnamed => token::fallback_source(cfg, &job.environment)?,
-    })
+    Ok(
+        match (&job.token_file, &job.token_env, job.token_source.as_deref()) {
+            (Some(f), _, _) => TokenSource::File(f.clone()),
+            (_, Some(v), _) => TokenSource::Env(v.clone()),
+            (_, _, Some("gitlab")) => TokenSource::Gitlab(job.id_token_var.clone()),
+            (_, _, Some("buildkite")) => TokenSource::Buildkite,
+            (_, _, Some("auto")) => token::detect(|v| std::env::var(v).ok()).ok_or_else(|| {
+                ClientError::Usage(
+                    "--token-source auto: not in GitHub Actions, GitLab CI or Buildkite".into(),
+                )
+            })?,
+            (_, _, Some(_)) => TokenSource::GithubActions,
+            _ => token::fallback_source(cfg, &job.environment)?,
+        },
+    )
 }
 
 /// Obtains the job's token, makes a key in memory and enrolls.
@@ -77,7 +75,7 @@ pub async fn start(cfg: &ClientConfig, job: &JobOptions) -> Result<Session, Clie
     let source = token_source(cfg, job)?;
     let aud = cfg.audience(&job.environment)?;
     let mut cfg = cfg.clone();
-    if let Some(ca) = &job.token_ca_file {
+    if let Some(ca) = &job.ca_file {
         cfg.token_ca_file = Some(ca.clone());
     }
     let tok = token::obtain(&source, &cfg, aud).await?;
@@ -85,7 +83,7 @@ pub async fn start(cfg: &ClientConfig, job: &JobOptions) -> Result<Session, Clie
         environment: job.environment.clone(),
         token: tok.to_string(),
         fingerprint: job.fingerprint.clone().unwrap_or_else(local_fingerprint),
-        requested_ttl_seconds: job.ttl_seconds,
+        requested_ttl_seconds: job.ttl,
         region: None,
     };
     drop(tok);

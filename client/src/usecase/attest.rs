@@ -12,19 +12,46 @@ use crate::session::Session;
 use crate::session::job::{self, JobOptions};
 use crate::{ClientConfig, ClientError};
 
-/// What to attest.
-#[derive(Clone, Debug)]
+/// What to attest (`meshsign attest`'s arguments).
+#[derive(clap::Args, Clone, Debug)]
 pub struct AttestOptions {
-    /// The job's session.
+    /// How the job enrolls.
+    #[command(flatten)]
     pub job: JobOptions,
-    /// The key alias (an `attestation` key).
+    /// Key alias.
+    #[arg(long)]
     pub key: String,
-    /// `signing`, `slsa`, or either predicate type URI.
+    /// The predicate: `signing` (what the site verified about the job; the default), `slsa`
+    /// (SLSA provenance v1; GitHub and GitLab jobs), or a predicate type URI of either.
+    #[arg(long, default_value = "signing")]
     pub predicate_type: String,
-    /// Where to write the envelope (None: FIRST_FILE.intoto.json).
+    /// Where to write the DSSE envelope (default: FIRST_FILE.intoto.json).
+    #[arg(long)]
     pub bundle: Option<PathBuf>,
-    /// The statement's subjects.
+    /// The artifacts (the statement's subjects).
+    #[arg(required = true)]
     pub files: Vec<PathBuf>,
+}
+
+impl AttestOptions {
+    /// `meshsign sign --format dsse`: a statement about each file with the `signing`
+    /// predicate, refused with `--message` (a statement is about digests).
+    pub fn from_sign(s: super::sign::SignOptions) -> Result<Self, ClientError> {
+        if s.message {
+            return Err(ClientError::Usage(
+                "--format dsse makes a statement about each file's SHA-256; --message does not \
+                 apply (nothing was enrolled; the token is not spent)"
+                    .into(),
+            ));
+        }
+        Ok(Self {
+            job: s.job,
+            key: s.key,
+            predicate_type: "signing".into(),
+            bundle: None,
+            files: s.files,
+        })
+    }
 }
 
 /// The statement the site signed and where it was written.

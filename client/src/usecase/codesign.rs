@@ -158,6 +158,44 @@ pub struct CodesignOptions {
     pub timestamp_url: Option<String>,
 }
 
+/// `meshsign codesign`'s arguments.
+#[derive(clap::Args, Clone, Debug)]
+pub struct CodesignArgs {
+    /// How the job enrolls.
+    #[command(flatten)]
+    pub job: crate::session::job::JobOptions,
+    /// Key alias.
+    #[arg(long)]
+    pub key: String,
+    /// Entitlements plist (XML).
+    #[arg(long)]
+    pub entitlements: Option<PathBuf>,
+    /// Enable the hardened runtime.
+    #[arg(long)]
+    pub runtime: bool,
+    /// RFC 3161 time-stamp server, or `none` (the default: no time stamp).
+    #[arg(long)]
+    pub timestamp_url: Option<String>,
+    /// Mach-O (thin or universal), .app bundle or .dmg.
+    pub input: PathBuf,
+    /// Output (default: sign in place).
+    pub output: Option<PathBuf>,
+}
+
+impl CodesignArgs {
+    /// The options of [`codesign`].
+    pub fn options(&self) -> CodesignOptions {
+        CodesignOptions {
+            alias: self.key.clone(),
+            input: self.input.clone(),
+            output: self.output.clone(),
+            entitlements: self.entitlements.clone(),
+            runtime: self.runtime,
+            timestamp_url: self.timestamp_url.clone().filter(|u| u != "none"),
+        }
+    }
+}
+
 /// `meshsign codesign`: checks the input and the key's identity at the site's public
 /// Verification service before the job's token is spent, then signs in the job's session.
 pub async fn run(

@@ -31,6 +31,23 @@ impl DrillReport {
     pub fn worst(&self) -> Duration {
         self.sign_refused_after.max(self.enroll_refused_after)
     }
+
+    /// Whether both refusals came within `bound` and the policy was restored.
+    pub fn passed(&self, bound: Duration) -> bool {
+        self.worst() <= bound && self.restored
+    }
+}
+
+/// The verdict of a drill at several sites: the sites (`bad`) that failed, were slower than
+/// `max_ms` or did not recover fail it.
+pub fn verdict(bad: &[String], max_ms: u64) -> Result<(), ClientError> {
+    if bad.is_empty() {
+        return Ok(());
+    }
+    Err(ClientError::Verify(format!(
+        "drill failed at {} (bound {max_ms} ms; a failed site's policy is re-enabled)",
+        bad.join(", ")
+    )))
 }
 
 /// Runs the drill in `environment` against the policy of `issuer` (or a random enabled one whose

@@ -135,3 +135,28 @@ impl Fleet {
         .await
     }
 }
+
+/// The error a fleet command exits with: the first failure's (so its exit code), naming
+/// every failed site.
+pub fn failure<T>(failed: &[String], results: &[SiteResult<T>]) -> ClientError {
+    let first = results.iter().find_map(|(_, r)| r.as_ref().err());
+    let names = failed.join(", ");
+    match first {
+        Some(ClientError::Rpc {
+            rpc,
+            code,
+            message,
+            reason,
+        }) => ClientError::Rpc {
+            rpc,
+            code: *code,
+            message: format!("{message} (failed at: {names})"),
+            reason: reason.clone(),
+        },
+        Some(ClientError::Connect { endpoint, message }) => ClientError::Connect {
+            endpoint: endpoint.clone(),
+            message: format!("{message} (failed at: {names})"),
+        },
+        _ => ClientError::Verify(format!("failed at: {names}")),
+    }
+}

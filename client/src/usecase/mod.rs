@@ -6,8 +6,11 @@ pub mod agent;
 pub mod attest;
 #[cfg(feature = "codesign")]
 pub mod codesign;
+#[cfg(feature = "dev")]
+pub mod dev;
 pub mod drill;
 pub mod fleet;
+pub mod material;
 pub mod preflight;
 pub mod sign;
 pub mod verify;

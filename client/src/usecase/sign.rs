@@ -15,7 +15,7 @@ use crate::site::verification;
 use crate::{ClientConfig, ClientError};
 
 /// The signature formats of `meshsign sign`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum SigFormat {
     /// meshsign's FILE.sig + FILE.sig.json.
     Native,
@@ -25,18 +25,27 @@ pub enum SigFormat {
     Dsse,
 }
 
-/// What to sign, with which key, in which job.
-#[derive(Clone, Debug)]
+/// What to sign, with which key, in which job (`meshsign sign`'s arguments).
+#[derive(clap::Args, Clone, Debug)]
 pub struct SignOptions {
-    /// The job's session.
+    /// How the job enrolls.
+    #[command(flatten)]
     pub job: JobOptions,
-    /// The key alias.
+    /// Key alias.
+    #[arg(long)]
     pub key: String,
-    /// The files.
+    /// Files to sign.
+    #[arg(required = true)]
     pub files: Vec<PathBuf>,
-    /// Sign each file's bytes as a message (at most 4 KiB) instead of its SHA-256.
+    /// Sign each file's bytes as a message (at most 4 KiB; purpose `message`) instead of its
+    /// SHA-256 digest — what P-384 and Ed25519 keys sign.
+    #[arg(long)]
     pub message: bool,
-    /// What to write.
+    /// What to write: `native` (FILE.sig and FILE.sig.json, with the audit receipt when the
+    /// site gives one), `sigstore` (FILE.sigstore.json: a Sigstore bundle v0.3 whose log entry
+    /// is the site's audit receipt), or `dsse` (FILE.intoto.json: an in-toto statement the site
+    /// builds, signed by an `attestation` key — as `meshsign attest`).
+    #[arg(long, value_enum, default_value_t = SigFormat::Native)]
     pub format: SigFormat,
 }
 
@@ -115,13 +124,18 @@ pub async fn key_exists(
     }
 }
 
-/// Signs every file of `opts` (DSSE: see [`super::attest`]), calling `signed` as each one is
-/// written.
+/// Signs every file of `opts`, calling `signed` as each one is written. DSSE is
+/// [`super::attest`]'s: the bin sends `--format dsse` there.
 pub async fn sign(
     cfg: &ClientConfig,
     opts: &SignOptions,
     mut signed: impl FnMut(&Signed),
 ) -> Result<(), ClientError> {
+    if opts.format == SigFormat::Dsse {
+        return Err(ClientError::Usage(
+            "--format dsse: a statement, see attest".into(),
+        ));
+    }
     let mut digests = Vec::with_capacity(opts.files.len());
     for file in &opts.files {
         require_file(file)?;

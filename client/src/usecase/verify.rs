@@ -9,25 +9,37 @@ use meshsign_evidence::verify::{self, bundle::Checked};
 use super::sign::sibling;
 use crate::ClientError;
 
-/// What to verify, against what.
-#[derive(Clone, Debug, Default)]
+/// What to verify, against what (`meshsign verify`'s arguments).
+#[derive(clap::Args, Clone, Debug, Default)]
 pub struct VerifyOptions {
     /// The file.
     pub file: PathBuf,
-    /// Also check the signature's audit receipt.
+    /// Also check the signature's audit receipt: the one in the bundle (with --audit-key), or
+    /// against an exported audit log (with --audit-log and --audit-key).
+    #[arg(long, requires = "audit_key")]
     pub receipt: bool,
-    /// An audit export (JSON lines) to check the receipt against.
+    /// Audit export (JSON lines) for --receipt.
+    #[arg(long)]
     pub audit_log: Option<PathBuf>,
-    /// The site's audit public key (PEM).
+    /// The site's audit public key (PEM; `verification-material --audit-key`), for --receipt
+    /// and --distrust-list.
+    #[arg(long)]
     pub audit_key: Option<PathBuf>,
-    /// A checkpoint (C2SP signed note) to prove the receipt against.
+    /// A checkpoint (C2SP signed note) to prove the receipt against instead of the one the
+    /// bundle carries; it must be of the same tree size.
+    #[arg(long, requires = "receipt")]
     pub checkpoint: Option<PathBuf>,
-    /// A signed distrust list to check the signature's job against.
+    /// Refuse the signature if a rule of this signed distrust list (`verification-material
+    /// --distrust-list`) matches it; needs --audit-key, and a signature bound to its job.
+    #[arg(long, requires = "audit_key")]
     pub distrust_list: Option<PathBuf>,
-    /// The bundle (None: FILE.sig.json, FILE.sigstore.json or FILE.intoto.json, the first that
-    /// exists).
+    /// Signature bundle (default: FILE.sig.json, FILE.sigstore.json or FILE.intoto.json,
+    /// the first that exists).
+    #[arg(long)]
     pub bundle: Option<PathBuf>,
-    /// A public key (PEM) the signature must be under.
+    /// Require this public key (PEM, from verification-material); needed for Sigstore and
+    /// DSSE bundles, which do not carry the key.
+    #[arg(long)]
     pub public_key: Option<PathBuf>,
 }
 
@@ -120,4 +132,35 @@ pub fn verify(o: &VerifyOptions) -> Result<Verified, ClientError> {
         pinned: pin.is_some(),
         distrust_list_version,
     })
+}
+
+/// `meshsign audit verify`'s arguments.
+#[derive(clap::Args, Clone, Debug)]
+pub struct AuditVerifyArgs {
+    /// Export (JSON lines).
+    pub file: PathBuf,
+    /// The site's audit public key (PEM, from `meshsign admin audit public-key`).
+    #[arg(long)]
+    pub audit_key: PathBuf,
+    /// Accept a log that starts mid-chain at a signed checkpoint (a log retained after
+    /// pruning, or an export `--since` a checkpoint). Without it the log must start at seq 1.
+    #[arg(long)]
+    pub from_checkpoint: bool,
+}
+
+/// Checks an audit export's chain and checkpoint signatures; names the first bad seq.
+pub fn audit_export(
+    a: &AuditVerifyArgs,
+) -> Result<meshsign_evidence::audit::VerifyReport, ClientError> {
+    use meshsign_evidence::audit::{Start, parse_export, verify_export_from};
+    let text = std::fs::read_to_string(&a.file).map_err(ClientError::io(&a.file))?;
+    let lines = parse_export(&text).map_err(ClientError::Verify)?;
+    let pem = std::fs::read_to_string(&a.audit_key).map_err(ClientError::io(&a.audit_key))?;
+    let key = verify::audit_key_from_pem(&pem)?;
+    let start = if a.from_checkpoint {
+        Start::GenesisOrCheckpoint
+    } else {
+        Start::Genesis
+    };
+    verify_export_from(&lines, &key, start).map_err(|e| ClientError::Verify(e.to_string()))
 }

@@ -308,32 +308,7 @@ fn fleet_report(
     if failed.is_empty() {
         Ok(())
     } else {
-        Err(fleet_failure(&failed, &results))
-    }
-}
-
-/// The error a fleet command exits with: the first failure's (so its exit code), naming
-/// every failed site.
-fn fleet_failure<T>(failed: &[String], results: &[SiteResult<T>]) -> ClientError {
-    let first = results.iter().find_map(|(_, r)| r.as_ref().err());
-    let names = failed.join(", ");
-    match first {
-        Some(ClientError::Rpc {
-            rpc,
-            code,
-            message,
-            reason,
-        }) => ClientError::Rpc {
-            rpc,
-            code: *code,
-            message: format!("{message} (failed at: {names})"),
-            reason: reason.clone(),
-        },
-        Some(ClientError::Connect { endpoint, message }) => ClientError::Connect {
-            endpoint: endpoint.clone(),
-            message: format!("{message} (failed at: {names})"),
-        },
-        _ => ClientError::Verify(format!("failed at: {names}")),
+        Err(meshsign_client::usecase::fleet::failure(&failed, &results))
     }
 }
 
@@ -358,16 +333,13 @@ fn report_drills(
     let mut bad = Vec::new();
     let mut json = Vec::new();
     if format == Format::Table {
-        out!(
-            "{}{}",
-            if fleet { "SITE\t" } else { "REGION\t" },
-            DRILL_HEADER.join("\t")
-        );
+        let first = if fleet { "SITE" } else { "REGION" };
+        out!("{first}\t{}", DRILL_HEADER.join("\t"));
     }
     for (site, r) in &results {
         match r {
             Ok(d) => {
-                let ok = d.worst() <= bound && d.restored;
+                let ok = d.passed(bound);
                 if !ok {
                     bad.push(site.clone());
                 }
@@ -402,12 +374,5 @@ fn report_drills(
     if format == Format::Json {
         print_json(&serde_json::Value::Array(json));
     }
-    if bad.is_empty() {
-        Ok(())
-    } else {
-        Err(ClientError::Verify(format!(
-            "drill failed at {} (bound {max_ms} ms; a failed site's policy is re-enabled)",
-            bad.join(", ")
-        )))
-    }
+    meshsign_client::usecase::drill::verdict(&bad, max_ms)
 }

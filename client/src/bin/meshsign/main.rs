@@ -5,33 +5,20 @@
 //!   bundle, or a DSSE statement: `--format`).
 //! - `meshsign attest --environment E --key ALIAS FILE...`: an in-toto statement the site builds.
 //! - `meshsign verify FILE`: offline verification (exit 1 on mismatch), with receipts and
-//!   distrust lists ([`check`]).
+//!   distrust lists.
 //! - `meshsign verification-material --environment E --key ALIAS`: the key's public versions
 //!   (`--audit-key`, `--distrust-list`: the site's audit key, the signed distrust list).
 //! - `meshsign dev token --environment E`: a token from a dev site's issuer (dev builds).
 //! - `meshsign admin …`: ops verbs on the admin port ([`admin`]).
 //!
-//! One module per command group: [`runner`] (sign, codesign, attest), [`check`] (verify),
-//! [`admin`], [`dev`]; audit verify and verification-material are here.
+//! The bin only parses arguments, calls one use case of [`meshsign_client::usecase`] and
+//! renders what comes back: [`runner`] (the runner verbs and verify), [`admin`] (what a site
+//! answered an admin verb), [`render`] (tables, JSON, PEM). No function here is over 80 lines
+//! and the bin stays under 1,500 (`.ci/layers` checks both).
 
-/// `println!` for command output: when the reader has closed stdout (`meshsign … | head`)
+/// `print!` for command output: when the reader has closed stdout (`meshsign … | head`)
 /// the process ends quietly with exit 0 instead of panicking; another write error ends it with
 /// exit 2 and a message.
-macro_rules! out {
-    ($($t:tt)*) => {{
-        use std::io::Write as _;
-        $crate::WROTE_STDOUT.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Err(e) = writeln!(std::io::stdout().lock(), $($t)*) {
-            $crate::stdout_failed(e);
-        }
-    }};
-}
-
-/// Whether the command printed anything on stdout: an error is then not added there as JSON
-/// (a report that already went out — a fleet's rows — stays one JSON document).
-static WROTE_STDOUT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// `print!` (no newline added) with the same handling as [`out!`].
 macro_rules! out_raw {
     ($($t:tt)*) => {{
         use std::io::Write as _;
@@ -42,8 +29,16 @@ macro_rules! out_raw {
     }};
 }
 
+/// `println!` with the handling of [`out_raw!`].
+macro_rules! out {
+    ($($t:tt)*) => { out_raw!("{}\n", format_args!($($t)*)) };
+}
+
+/// Whether the command printed anything on stdout: an error is then not added there as JSON
+/// (a report that already went out — a fleet's rows — stays one JSON document).
+static WROTE_STDOUT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 mod admin;
-mod dev;
 mod render;
 mod runner;
 
@@ -60,21 +55,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use meshsign_client::{ClientConfig, ClientError};
-use meshsign_evidence::pem_encode;
-use meshsign_evidence::verify;
+use meshsign_client::{ClientConfig, ClientError, usecase};
 
 #[derive(Parser)]
 #[command(
     name = "meshsign",
     version,
     about = "meshsign runner and verifier CLI",
-    after_help = "Exit codes: 0 ok; 1 verification failed; 2 usage (flags, config, input files); \
-                  3 refused by the site's policy; 4 site or token source unavailable, or no answer \
-                  within the timeout (retry may help; a budget refusal is 3: retrying never \
-                  helps); 5 proposed: the change needs a second admin's approval (meshsign \
-                  admin review approve ID), then the same command again; 6 local fault (a file \
-                  that is there cannot be read or written, TLS or key setup failed)."
+    after_help = meshsign_client::error::exit::HELP
 )]
 struct Cli {
     #[command(flatten)]
@@ -112,45 +100,31 @@ struct Global {
 #[derive(Subcommand)]
 enum Command {
     /// Enroll with the job's OIDC token and sign files with a site key.
-    Sign(runner::SignArgs),
+    Sign(usecase::sign::SignOptions),
     /// Apple code signature (Mach-O, .app, .dmg) made on this machine, signed by the site.
     #[cfg(feature = "codesign")]
-    Codesign(runner::CodesignArgs),
+    Codesign(usecase::codesign::CodesignArgs),
     /// Verify FILE against its signature bundle offline (native, Sigstore or DSSE), optionally
     /// its audit receipt and a distrust list; exit 1 on mismatch.
-    Verify(runner::VerifyArgs),
+    Verify(usecase::verify::VerifyOptions),
     /// Enroll and have the site sign an in-toto statement about files (DSSE), whose predicate
     /// it builds from what it verified about this job.
-    Attest(runner::AttestArgs),
+    Attest(usecase::attest::AttestOptions),
     /// Print every version of a key's public key as PEM; or the site's audit key; or an
     /// environment's signed distrust list.
-    VerificationMaterial {
-        /// Environment.
-        #[arg(long)]
-        environment: String,
-        /// Key alias.
-        #[arg(long, required_unless_present_any = ["audit_key", "distrust_list"])]
-        key: Option<String>,
-        /// Print the site's audit public key (PEM), which signs checkpoints and distrust lists.
-        #[arg(long, conflicts_with = "distrust_list")]
-        audit_key: bool,
-        /// Print the environment's distrust list (a DSSE envelope signed by the audit key, as
-        /// `verify --distrust-list` reads it).
-        #[arg(long)]
-        distrust_list: bool,
-    },
+    VerificationMaterial(usecase::material::MaterialArgs),
     /// Dev-site helpers.
     #[cfg(feature = "dev")]
     Dev {
         #[command(subcommand)]
-        command: dev::DevCommand,
+        command: usecase::dev::DevCommand,
     },
     /// Enroll once and run COMMAND with a job agent: every `meshsign sign`/`codesign` inside
     /// it uses that one enrollment; the certificate is revoked when COMMAND exits, and
     /// meshsign exits with COMMAND's status.
     Exec {
         #[command(flatten)]
-        session: runner::SessionArgs,
+        session: meshsign_client::session::job::JobOptions,
         /// The command and its arguments (after `--`).
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -201,7 +175,7 @@ enum Command {
         #[arg(long)]
         all_sites: bool,
         #[command(subcommand)]
-        command: meshsign_client::usecase::admin::AdminCommand,
+        command: usecase::admin::AdminCommand,
     },
 }
 
@@ -211,7 +185,7 @@ enum AgentCommand {
     /// and region) for the job's later steps (`>> $GITHUB_ENV`, or `export` them).
     Start {
         #[command(flatten)]
-        session: runner::SessionArgs,
+        session: meshsign_client::session::job::JobOptions,
     },
     /// Revoke the agent's certificate and stop it (uses MESHSIGN_AGENT_SOCK).
     Stop,
@@ -219,24 +193,14 @@ enum AgentCommand {
     #[command(hide = true)]
     Serve {
         #[command(flatten)]
-        session: runner::SessionArgs,
+        session: meshsign_client::session::job::JobOptions,
     },
 }
 
 #[derive(Subcommand)]
 enum AuditCommand {
     /// Verify an audit export's chain and checkpoint signatures; names the first bad seq.
-    Verify {
-        /// Export (JSON lines).
-        file: PathBuf,
-        /// The site's audit public key (PEM, from `meshsign admin audit public-key`).
-        #[arg(long)]
-        audit_key: PathBuf,
-        /// Accept a log that starts mid-chain at a signed checkpoint (a log retained after
-        /// pruning, or an export `--since` a checkpoint). Without it the log must start at seq 1.
-        #[arg(long)]
-        from_checkpoint: bool,
-    },
+    Verify(usecase::verify::AuditVerifyArgs),
 }
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -271,23 +235,12 @@ fn main() -> ExitCode {
 
 /// `{"error": {"message", "exit_code", "kind", "reason"}}` for `--output json`.
 fn error_json(e: &ClientError) -> serde_json::Value {
-    let (kind, reason) = match e {
-        ClientError::Usage(_) => ("usage", String::new()),
-        ClientError::ChildExit(_) => ("child_exit", String::new()),
-        ClientError::Config(_) => ("config", String::new()),
-        ClientError::Io { .. } => ("io", String::new()),
-        ClientError::Connect { .. } => ("connect", String::new()),
-        ClientError::Rpc { reason, .. } => ("refused", reason.clone()),
-        ClientError::Token(_) => ("token", String::new()),
-        ClientError::Crypto(_) => ("local_fault", String::new()),
-        ClientError::Verify(_) => ("verify", String::new()),
-    };
     serde_json::json!({
         "error": {
             "message": e.to_string(),
             "exit_code": e.exit_code(),
-            "kind": kind,
-            "reason": reason,
+            "kind": e.kind(),
+            "reason": e.reason(),
         }
     })
 }
@@ -312,243 +265,119 @@ fn apply_timeouts(global: &Global, cfg: &mut ClientConfig) {
     }
 }
 
+/// Runs the command: one use case, then its rendering.
 async fn dispatch(cli: Cli) -> Result<(), ClientError> {
+    let (global, format) = (&cli.global, cli.global.output);
     match cli.command {
         Command::Preflight {
             paths,
             json,
             no_env,
         } => {
-            let paths = if paths.is_empty() {
-                vec![PathBuf::from(std::env::var("HOME").map_err(|_| {
-                    ClientError::Usage("no PATHS given and $HOME is not set".into())
-                })?)]
-            } else {
-                paths
-            };
-            let env: Vec<(String, String)> = std::env::vars().collect();
-            let (findings, errors) = meshsign_client::usecase::preflight::scan(
-                &paths,
-                (!no_env).then_some(env.as_slice()),
-            );
-            for e in &errors {
-                eprintln!("preflight: cannot read {e}");
-            }
-            if json || cli.global.output == render::Format::Json {
-                let text = serde_json::to_string_pretty(&findings)
-                    .map_err(|e| ClientError::Crypto(e.to_string()))?;
-                out!("{text}");
-            } else {
-                for f in &findings {
-                    out!("{}:{}: {}", f.path, f.line, f.kind);
-                }
-            }
-            if findings.is_empty() {
-                eprintln!("preflight: no long-lived secret found");
-                Ok(())
-            } else {
-                Err(ClientError::Verify(format!(
-                    "preflight: {} long-lived secret(s) on this runner (see above)",
-                    findings.len()
-                )))
-            }
+            let (findings, errors) = usecase::preflight::run(paths, no_env)?;
+            let format = if json { render::Format::Json } else { format };
+            render::preflight(&findings, &errors, format)
         }
         Command::Exec { session, command } => {
-            let code = runner::exec(&load_config(&cli.global)?, session, command).await?;
-            if code != 0 {
-                return Err(ClientError::ChildExit(code));
-            }
-            Ok(())
-        }
-        Command::Agent {
-            command: AgentCommand::Start { .. },
-        } => runner::agent_start().await,
-        Command::Agent {
-            command: AgentCommand::Serve { session },
-        } => runner::agent_serve(&load_config(&cli.global)?, session).await,
-        Command::Agent {
-            command: AgentCommand::Stop,
-        } => runner::agent_stop().await,
-        Command::Completions { shell } => {
-            use clap::CommandFactory as _;
-            // Into memory first: clap_complete panics on a write error (a closed pipe), and no
-            // input may make meshsign panic.
-            let mut script = Vec::new();
-            clap_complete::generate(shell, &mut Cli::command(), "meshsign", &mut script);
-            use std::io::Write as _;
-            match std::io::stdout().write_all(&script) {
-                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-                    Err(ClientError::io(std::path::Path::new("(stdout)"))(e))
-                }
-                _ => Ok(()),
+            match usecase::agent::exec(&load_config(global)?, &session, &command).await? {
+                0 => Ok(()),
+                code => Err(ClientError::ChildExit(code)),
             }
         }
-        Command::Man { dir, out_dir } => {
-            let out_dir = dir.or(out_dir).unwrap_or_else(|| PathBuf::from("."));
-            use clap::CommandFactory as _;
-            std::fs::create_dir_all(&out_dir).map_err(ClientError::io(&out_dir))?;
-            clap_mangen::generate_to(Cli::command(), &out_dir)
-                .map_err(ClientError::io(&out_dir))?;
-            eprintln!("man pages written to {}", out_dir.display());
-            Ok(())
-        }
+        Command::Agent { command } => match command {
+            AgentCommand::Start { .. } => runner::agent_start().await,
+            AgentCommand::Serve { session } => {
+                runner::agent_serve(&load_config(global)?, session).await
+            }
+            AgentCommand::Stop => runner::agent_stop().await,
+        },
+        Command::Completions { shell } => completions(shell),
+        Command::Man { dir, out_dir } => man(dir.or(out_dir).unwrap_or_else(|| ".".into())),
         Command::Fingerprint => {
             let (fp, source) = meshsign_client::session::fingerprint();
-            if cli.global.output == render::Format::Json {
-                out!(
-                    "{}",
-                    serde_json::json!({ "fingerprint": fp, "source": source.to_string() })
-                );
-            } else {
-                out!("{fp}");
-                eprintln!("source: {source}");
-            }
+            render::fingerprint(&fp, &source.to_string(), format);
             Ok(())
         }
         Command::Audit {
-            command:
-                AuditCommand::Verify {
-                    file,
-                    audit_key,
-                    from_checkpoint,
-                },
+            command: AuditCommand::Verify(args),
         } => {
-            let text = std::fs::read_to_string(&file).map_err(ClientError::io(&file))?;
-            let lines =
-                meshsign_evidence::audit::parse_export(&text).map_err(ClientError::Verify)?;
-            let pem = std::fs::read_to_string(&audit_key).map_err(ClientError::io(&audit_key))?;
-            let key = verify::audit_key_from_pem(&pem)?;
-            use meshsign_evidence::audit::Start;
-            let start = if from_checkpoint {
-                Start::GenesisOrCheckpoint
-            } else {
-                Start::Genesis
-            };
-            let r = meshsign_evidence::audit::verify_export_from(&lines, &key, start)
-                .map_err(|e| ClientError::Verify(e.to_string()))?;
-            if cli.global.output == render::Format::Json {
-                out!(
-                    "{}",
-                    serde_json::json!({
-                        "file": file.display().to_string(), "ok": true,
-                        "first_seq": r.first_seq, "last_seq": r.last_seq, "entries": r.entries,
-                        "omitted": r.omitted, "checkpoints": r.checkpoints,
-                        "after_last_checkpoint": r.unanchored,
-                    })
-                );
-            } else {
-                out!(
-                    "{}: OK — seq {}..{}: {} entries, {} omitted, {} signed checkpoints, {} after the last checkpoint",
-                    file.display(),
-                    r.first_seq,
-                    r.last_seq,
-                    r.entries,
-                    r.omitted,
-                    r.checkpoints,
-                    r.unanchored
-                );
-            }
+            let report = usecase::verify::audit_export(&args)?;
+            render::audit_verified(&args.file, &report, format);
             Ok(())
         }
-        Command::Verify(args) => runner::verify(args, cli.global.output),
-        Command::Attest(args) => {
-            runner::attest(&load_config(&cli.global)?, args, cli.global.output).await
-        }
-        Command::VerificationMaterial {
-            environment,
-            key,
-            audit_key,
-            distrust_list,
-        } => {
-            let cfg = load_config(&cli.global)?;
-            let mut v = meshsign_client::site::verification::client(&cfg).await?;
-            let resp = meshsign_client::site::verification::material(
-                &mut v,
-                &environment,
-                key.as_deref().unwrap_or_default(),
-            )
-            .await;
-            if audit_key || distrust_list {
-                // Every answer names the audit key (without --key, only the audit key).
-                let spki = resp?.audit_public_key_der;
-                if distrust_list {
-                    let (list, envelope) = meshsign_client::site::verification::distrust_list(
-                        &mut v,
-                        &environment,
-                        &spki,
-                    )
-                    .await?;
-                    eprintln!(
-                        "distrust list of `{}` at `{}`: version {}, {} rule(s)",
-                        list.environment,
-                        list.region,
-                        list.version,
-                        list.entries.len()
-                    );
-                    out!("{}", String::from_utf8_lossy(&envelope));
-                } else {
-                    out_raw!("{}", pem_encode("PUBLIC KEY", &spki));
-                }
-                return Ok(());
-            }
-            let resp = resp?;
-            if cli.global.output == render::Format::Json {
-                let keys: Vec<serde_json::Value> = resp
-                    .keys
-                    .iter()
-                    .map(|k| {
-                        serde_json::json!({
-                            "key_id": k.key_id, "algorithm": k.algorithm, "active": k.active,
-                            "public_key_pem": pem_encode("PUBLIC KEY", &k.public_key_der),
-                        })
-                    })
-                    .collect();
-                out!("{}", serde_json::Value::Array(keys));
-                return Ok(());
-            }
-            for k in resp.keys {
-                out!(
-                    "# {} {}{}",
-                    k.key_id,
-                    k.algorithm,
-                    if k.active { " (active)" } else { "" }
-                );
-                out_raw!("{}", pem_encode("PUBLIC KEY", &k.public_key_der));
-            }
+        Command::Verify(args) => runner::verify(args, format),
+        Command::Attest(args) => runner::attest(&load_config(global)?, args, format).await,
+        Command::VerificationMaterial(args) => {
+            let m = usecase::material::fetch(&load_config(global)?, &args).await?;
+            render::material(&m, format);
             Ok(())
         }
         #[cfg(feature = "dev")]
-        Command::Dev { command } => dev::dispatch(&load_config(&cli.global)?, command),
-        Command::Sign(args) => {
-            runner::sign(&load_config(&cli.global)?, args, cli.global.output).await
+        Command::Dev { command } => {
+            out!(
+                "{}",
+                usecase::dev::run(&load_config(global)?, command)?.as_str()
+            );
+            Ok(())
         }
+        Command::Sign(args) => runner::sign(&load_config(global)?, args, format).await,
         #[cfg(feature = "codesign")]
-        Command::Codesign(args) => {
-            runner::codesign(&load_config(&cli.global)?, args, cli.global.output).await
-        }
+        Command::Codesign(args) => runner::codesign(&load_config(global)?, args, format).await,
         Command::Admin {
             all_sites: true,
             command,
         } => {
-            let path = cli.global.config.as_deref().ok_or_else(|| {
-                ClientError::Config("--all-sites needs --config (a file with [sites])".into())
-            })?;
-            let mut fleet = meshsign_client::usecase::fleet::Fleet::load(path)?;
-            for (_, cfg) in &mut fleet.sites {
-                apply_timeouts(&cli.global, cfg);
-            }
-            let out = meshsign_client::usecase::admin::run_fleet(&fleet, command).await?;
-            admin::render_fleet(&fleet, out, cli.global.output)
+            let fleet = load_fleet(global)?;
+            let out = usecase::admin::run_fleet(&fleet, command).await?;
+            admin::render_fleet(&fleet, out, format)
         }
         Command::Admin {
             all_sites: false,
             command,
         } => {
-            let out =
-                meshsign_client::usecase::admin::run(&load_config(&cli.global)?, command).await?;
-            admin::render(out, cli.global.output).await
+            admin::render(
+                usecase::admin::run(&load_config(global)?, command).await?,
+                format,
+            )
+            .await
         }
     }
+}
+
+/// The fleet of `--all-sites`: every site named in the config's `[sites]`.
+fn load_fleet(global: &Global) -> Result<usecase::fleet::Fleet, ClientError> {
+    let path = global.config.as_deref().ok_or_else(|| {
+        ClientError::Config("--all-sites needs --config (a file with [sites])".into())
+    })?;
+    let mut fleet = usecase::fleet::Fleet::load(path)?;
+    for (_, cfg) in &mut fleet.sites {
+        apply_timeouts(global, cfg);
+    }
+    Ok(fleet)
+}
+
+/// `meshsign completions SHELL`. Made in memory first: clap_complete panics on a write error
+/// (a closed pipe), and no input may make meshsign panic.
+fn completions(shell: clap_complete::Shell) -> Result<(), ClientError> {
+    use clap::CommandFactory as _;
+    use std::io::Write as _;
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "meshsign", &mut script);
+    match std::io::stdout().write_all(&script) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(ClientError::io(std::path::Path::new("(stdout)"))(e))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// `meshsign man DIR`: meshsign.1 and one page per subcommand.
+fn man(out_dir: PathBuf) -> Result<(), ClientError> {
+    use clap::CommandFactory as _;
+    std::fs::create_dir_all(&out_dir).map_err(ClientError::io(&out_dir))?;
+    clap_mangen::generate_to(Cli::command(), &out_dir).map_err(ClientError::io(&out_dir))?;
+    eprintln!("man pages written to {}", out_dir.display());
+    Ok(())
 }
 
 #[cfg(test)]
@@ -585,51 +414,15 @@ mod tests {
     #[test]
     fn global_flags_parse_with_every_subcommand() {
         use clap::Parser as _;
-        for args in [
-            &["meshsign", "--output", "json", "fingerprint"][..],
-            &[
-                "meshsign",
-                "codesign",
-                "--environment",
-                "e",
-                "--key",
-                "k",
-                "in",
-                "out",
-            ],
-            &[
-                "meshsign",
-                "codesign",
-                "--environment",
-                "e",
-                "--key",
-                "k",
-                "in",
-                "out",
-                "--output",
-                "json",
-            ],
-            &[
-                "meshsign",
-                "sign",
-                "--environment",
-                "e",
-                "--key",
-                "k",
-                "f",
-                "--output",
-                "json",
-            ],
-            &[
-                "meshsign",
-                "admin",
-                "--all-sites",
-                "status",
-                "--output",
-                "json",
-            ],
+        for line in [
+            "meshsign --output json fingerprint",
+            "meshsign codesign --environment e --key k in out",
+            "meshsign codesign --environment e --key k in out --output json",
+            "meshsign sign --environment e --key k f --output json",
+            "meshsign admin --all-sites status --output json",
         ] {
-            let cli = super::Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            let args = line.split_whitespace();
+            let cli = super::Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{line}: {e}"));
             let _ = cli.global.output;
         }
     }

@@ -3,6 +3,8 @@
 
 use std::path::Path;
 
+use meshsign_client::ClientError;
+use meshsign_client::usecase::material::Material;
 use meshsign_client::usecase::{attest::Attested, sign::Signed, verify::Verified};
 use meshsign_evidence::pem_encode;
 use meshsign_proto::v1;
@@ -83,6 +85,109 @@ pub fn codesigned(file: &str, key: &str, environment: &str, format: Format) {
     }
 }
 
+/// `meshsign preflight`'s findings (path, line, kind; never the secret); exit 1 on any.
+pub fn preflight(
+    findings: &[meshsign_client::usecase::preflight::Finding],
+    errors: &[String],
+    format: Format,
+) -> Result<(), ClientError> {
+    for e in errors {
+        eprintln!("preflight: cannot read {e}");
+    }
+    if format == Format::Json {
+        let text = serde_json::to_string_pretty(findings).unwrap_or_default();
+        out!("{text}");
+    } else {
+        for f in findings {
+            out!("{}:{}: {}", f.path, f.line, f.kind);
+        }
+    }
+    if findings.is_empty() {
+        eprintln!("preflight: no long-lived secret found");
+        return Ok(());
+    }
+    Err(ClientError::Verify(format!(
+        "preflight: {} long-lived secret(s) on this runner (see above)",
+        findings.len()
+    )))
+}
+
+/// `meshsign fingerprint`.
+pub fn fingerprint(fp: &str, source: &str, format: Format) {
+    if format == Format::Json {
+        out!(
+            "{}",
+            serde_json::json!({ "fingerprint": fp, "source": source })
+        );
+    } else {
+        out!("{fp}");
+        eprintln!("source: {source}");
+    }
+}
+
+/// `meshsign audit verify`.
+pub fn audit_verified(file: &Path, r: &meshsign_evidence::audit::VerifyReport, format: Format) {
+    if format == Format::Json {
+        out!(
+            "{}",
+            serde_json::json!({
+                "file": file.display().to_string(), "ok": true,
+                "first_seq": r.first_seq, "last_seq": r.last_seq, "entries": r.entries,
+                "omitted": r.omitted, "checkpoints": r.checkpoints,
+                "after_last_checkpoint": r.unanchored,
+            })
+        );
+    } else {
+        out!(
+            "{}: OK — seq {}..{}: {} entries, {} omitted, {} signed checkpoints, {} after the last checkpoint",
+            file.display(),
+            r.first_seq,
+            r.last_seq,
+            r.entries,
+            r.omitted,
+            r.checkpoints,
+            r.unanchored
+        );
+    }
+}
+
+/// `meshsign verification-material`: PEM (keys with a `#` line each), or the distrust list's
+/// envelope as the site signed it.
+pub fn material(m: &Material, format: Format) {
+    match m {
+        Material::DistrustList(list, envelope) => {
+            eprintln!(
+                "distrust list of `{}` at `{}`: version {}, {} rule(s)",
+                list.environment,
+                list.region,
+                list.version,
+                list.entries.len()
+            );
+            out!("{}", String::from_utf8_lossy(envelope));
+        }
+        Material::AuditKey(spki) => out_raw!("{}", pem_encode("PUBLIC KEY", spki)),
+        Material::Keys(keys) if format == Format::Json => {
+            let keys: Vec<serde_json::Value> = keys
+                .iter()
+                .map(|k| {
+                    serde_json::json!({
+                        "key_id": k.key_id, "algorithm": k.algorithm, "active": k.active,
+                        "public_key_pem": pem_encode("PUBLIC KEY", &k.public_key_der),
+                    })
+                })
+                .collect();
+            out!("{}", serde_json::Value::Array(keys));
+        }
+        Material::Keys(keys) => {
+            for k in keys {
+                let active = if k.active { " (active)" } else { "" };
+                out!("# {} {}{active}", k.key_id, k.algorithm);
+                out_raw!("{}", pem_encode("PUBLIC KEY", &k.public_key_der));
+            }
+        }
+    }
+}
+
 /// What `meshsign verify` found.
 pub fn verified(file: &Path, v: &Verified, format: Format) {
     let (c, file) = (&v.checked, file.display().to_string());
@@ -126,15 +231,15 @@ pub fn verified(file: &Path, v: &Verified, format: Format) {
     }
 }
 
+/// A time as RFC 3339, or `-` when there is none.
 pub fn when(t: Option<prost_types::Timestamp>) -> String {
-    t.and_then(|t| time::OffsetDateTime::from_unix_timestamp(t.seconds).ok())
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| "-".into())
+    dash(
+        &t.map(|t| meshsign_evidence::attest::rfc3339(t.seconds))
+            .unwrap_or_default(),
+    )
 }
 
+/// One JSON document on stdout.
 pub fn print_json(v: &serde_json::Value) {
     out!("{v}");
 }
@@ -172,6 +277,7 @@ pub fn emit_one<T: Render>(format: Format, item: &T) {
     }
 }
 
+/// `-` for an empty cell.
 pub fn dash(s: &str) -> String {
     if s.is_empty() { "-".into() } else { s.into() }
 }
@@ -328,6 +434,7 @@ impl Render for v1::ProposalInfo {
     }
 }
 
+/// `admin status` as JSON.
 pub fn status_json(st: &v1::SiteStatus) -> serde_json::Value {
     serde_json::json!({
         "region": st.region,
@@ -366,6 +473,7 @@ pub fn status_json(st: &v1::SiteStatus) -> serde_json::Value {
     })
 }
 
+/// The columns of `admin status`.
 pub const STATUS_HEADER: &[&str] = &["ENVIRONMENT", "KIND", "NAME", "STATE", "DETAIL"];
 
 /// The site line and one row per runner CA, key and trust policy (under [`STATUS_HEADER`]).
@@ -416,46 +524,54 @@ pub fn status_rows(st: &v1::SiteStatus) -> Vec<Vec<String>> {
         ]);
     }
     for e in &st.environments {
-        for c in &e.runner_cas {
-            rows.push(vec![
-                e.name.clone(),
-                "runner-ca".into(),
-                c.id.clone(),
-                c.state_word(),
-                if c.rotation_due {
-                    "older than [keys] runner_ca_rotation_days (ROTATE)".into()
-                } else {
-                    "-".into()
-                },
-            ]);
-        }
-        for k in &e.keys {
-            rows.push(vec![
-                e.name.clone(),
-                "key".into(),
-                format!("{}@v{}", k.alias, k.newest_version),
-                if k.disabled { "disabled" } else { "active" }.into(),
-                format!(
-                    "{} days old{}, {}",
-                    k.newest_age_days.floor(),
-                    if k.rotation_due { " (ROTATE)" } else { "" },
-                    k.algorithm
-                ),
-            ]);
-        }
-        for t in &e.trust_policies {
-            rows.push(vec![
-                e.name.clone(),
-                "trust-policy".into(),
-                t.name.clone(),
-                if t.enabled { "enabled" } else { "disabled" }.into(),
-                t.issuer.clone(),
-            ]);
-        }
+        rows.extend(environment_rows(e));
     }
     rows
 }
 
+/// One row per runner CA, key and trust policy of an environment.
+fn environment_rows(e: &v1::EnvironmentStatus) -> Vec<Vec<String>> {
+    let mut rows = Vec::new();
+    for c in &e.runner_cas {
+        rows.push(vec![
+            e.name.clone(),
+            "runner-ca".into(),
+            c.id.clone(),
+            c.state_word(),
+            if c.rotation_due {
+                "older than [keys] runner_ca_rotation_days (ROTATE)".into()
+            } else {
+                "-".into()
+            },
+        ]);
+    }
+    for k in &e.keys {
+        rows.push(vec![
+            e.name.clone(),
+            "key".into(),
+            format!("{}@v{}", k.alias, k.newest_version),
+            if k.disabled { "disabled" } else { "active" }.into(),
+            format!(
+                "{} days old{}, {}",
+                k.newest_age_days.floor(),
+                if k.rotation_due { " (ROTATE)" } else { "" },
+                k.algorithm
+            ),
+        ]);
+    }
+    for t in &e.trust_policies {
+        rows.push(vec![
+            e.name.clone(),
+            "trust-policy".into(),
+            t.name.clone(),
+            if t.enabled { "enabled" } else { "disabled" }.into(),
+            t.issuer.clone(),
+        ]);
+    }
+    rows
+}
+
+/// `admin status` as a table, under a summary line of the site.
 pub fn print_status(st: &v1::SiteStatus) {
     out!(
         "site {}  store {}  {}  audit head {}  retention {}  two-person review: {}",
