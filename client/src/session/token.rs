@@ -400,34 +400,6 @@ where
     Ok(body.to_vec())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn no_proxy_names_hosts_suffixes_and_everything() {
-        let env = |no: &'static str| {
-            move |n: &str| match n {
-                "https_proxy" => Some("http://proxy.corp:3128".to_string()),
-                "no_proxy" => Some(no.to_string()),
-                _ => None,
-            }
-        };
-        assert_eq!(
-            proxy_for("github.example.com", true, env("")),
-            Some(("proxy.corp".to_string(), 3128))
-        );
-        assert_eq!(proxy_for("ghe.corp.test", true, env(".corp.test")), None);
-        assert_eq!(proxy_for("corp.test", true, env("corp.test")), None);
-        assert_eq!(proxy_for("anything", true, env("*")), None);
-        assert_eq!(
-            proxy_for("plain.test", false, env("")),
-            None,
-            "http_proxy unset"
-        );
-    }
-}
-
 /// The token source when a runner verb names none: the dev issuer of a dev site's client
 /// config (dev builds only); otherwise a usage error naming the choices.
 pub fn fallback_source(cfg: &ClientConfig, environment: &str) -> Result<TokenSource, ClientError> {
@@ -456,5 +428,33 @@ pub fn drill_source(environment: &str) -> Result<TokenSource, ClientError> {
         Err(ClientError::Token(
             "give --token-source github-actions (this build has no dev issuer)".into(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_proxy_names_hosts_suffixes_and_everything() {
+        let env = |no: &'static str| {
+            move |n: &str| match n {
+                "https_proxy" => Some("http://proxy.corp:3128".to_string()),
+                "no_proxy" => Some(no.to_string()),
+                _ => None,
+            }
+        };
+        assert_eq!(
+            proxy_for("github.example.com", true, env("")),
+            Some(("proxy.corp".to_string(), 3128))
+        );
+        assert_eq!(proxy_for("ghe.corp.test", true, env(".corp.test")), None);
+        assert_eq!(proxy_for("corp.test", true, env("corp.test")), None);
+        assert_eq!(proxy_for("anything", true, env("*")), None);
+        assert_eq!(
+            proxy_for("plain.test", false, env("")),
+            None,
+            "http_proxy unset"
+        );
     }
 }

@@ -364,14 +364,16 @@ pub async fn serve(
     agent.finish("job finished").await
 }
 
-/// `meshsign agent start`: runs `meshsign GLOBAL… agent serve ARGS…` in the background and
-/// hands each of its variable lines to `line` once it serves.
-pub async fn start_background(
-    global: &[std::ffi::OsString],
-    args: &[std::ffi::OsString],
-    mut line: impl FnMut(&str),
-) -> Result<(), ClientError> {
+/// `meshsign agent start`: runs this process's own command line again in the background,
+/// `agent start` replaced by `agent serve`, and hands each of its variable lines to `line` once
+/// it serves.
+pub async fn start_background(mut line: impl FnMut(&str)) -> Result<(), ClientError> {
     use tokio::io::AsyncBufReadExt as _;
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let at = argv.iter().position(|a| a == "start").unwrap_or(argv.len());
+    let (before, after) = argv.split_at(at);
+    let global: Vec<&std::ffi::OsString> = before.iter().filter(|a| *a != "agent").collect();
+    let args = after.get(1..).unwrap_or_default();
     let me = std::env::current_exe().map_err(|e| ClientError::Usage(e.to_string()))?;
     let mut child = tokio::process::Command::new(me)
         .args(global)

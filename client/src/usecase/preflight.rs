@@ -253,6 +253,20 @@ pub fn scan(paths: &[PathBuf], env: Option<&[(String, String)]>) -> (Vec<Finding
     (out, errors)
 }
 
+/// `meshsign preflight`: scans `paths` (none: `$HOME`) and, unless `no_env`, this process's
+/// environment. Returns the findings and what could not be read.
+pub fn run(paths: Vec<PathBuf>, no_env: bool) -> Result<(Vec<Finding>, Vec<String>), ClientError> {
+    let paths = if paths.is_empty() {
+        vec![PathBuf::from(std::env::var("HOME").map_err(|_| {
+            ClientError::Usage("no PATHS given and $HOME is not set".into())
+        })?)]
+    } else {
+        paths
+    };
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    Ok(scan(&paths, (!no_env).then_some(env.as_slice())))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,18 +283,4 @@ mod tests {
         );
         assert!(tokens_in("AKIAlowercaseisnotakey").is_empty());
     }
-}
-
-/// `meshsign preflight`: scans `paths` (none: `$HOME`) and, unless `no_env`, this process's
-/// environment. Returns the findings and what could not be read.
-pub fn run(paths: Vec<PathBuf>, no_env: bool) -> Result<(Vec<Finding>, Vec<String>), ClientError> {
-    let paths = if paths.is_empty() {
-        vec![PathBuf::from(std::env::var("HOME").map_err(|_| {
-            ClientError::Usage("no PATHS given and $HOME is not set".into())
-        })?)]
-    } else {
-        paths
-    };
-    let env: Vec<(String, String)> = std::env::vars().collect();
-    Ok(scan(&paths, (!no_env).then_some(env.as_slice())))
 }

@@ -14,17 +14,19 @@ use super::render::*;
 /// Prints what one site answered.
 pub async fn render(output: Output, format: Format) -> Result<(), ClientError> {
     match output {
-        Output::Drills { results, max_ms } => report_drills(results, format, max_ms, false),
-        Output::Fleet(_) => Err(ClientError::Usage("a fleet report needs its fleet".into())),
-        Output::Export(stream, follow) => export(stream, follow).await,
-        Output::Issuers(l) => Ok(emit(format, &l)),
-        Output::Policies(l) => Ok(emit(format, &l)),
-        Output::Keys(l) => Ok(emit(format, &l)),
-        Output::Revocations(l) => Ok(emit(format, &l)),
-        Output::Proposals(l) => Ok(emit(format, &l)),
-        Output::Issuer(i) => Ok(emit_one(format, &i)),
-        Output::Policy(p) => Ok(emit_one(format, &p)),
-        Output::Key(k) => Ok(emit_one(format, &k)),
+        Output::Drills { results, max_ms } => return report_drills(results, format, max_ms, false),
+        Output::Fleet(_) => {
+            return Err(ClientError::Usage("a fleet report needs its fleet".into()));
+        }
+        Output::Export(stream, follow) => return export(stream, follow).await,
+        Output::Issuers(l) => emit(format, &l),
+        Output::Policies(l) => emit(format, &l),
+        Output::Keys(l) => emit(format, &l),
+        Output::Revocations(l) => emit(format, &l),
+        Output::Proposals(l) => emit(format, &l),
+        Output::Issuer(i) => emit_one(format, &i),
+        Output::Policy(p) => emit_one(format, &p),
+        Output::Key(k) => emit_one(format, &k),
         Output::Distrust(list) => {
             if format == Format::Table {
                 eprintln!(
@@ -32,10 +34,11 @@ pub async fn render(output: Output, format: Format) -> Result<(), ClientError> {
                     list.environment, list.region, list.version
                 );
             }
-            Ok(emit(format, &list.entries))
+            emit(format, &list.entries);
         }
-        other => Ok(single(&other, format)),
+        other => single(&other, format),
     }
+    Ok(())
 }
 
 /// Prints what every site of the fleet answered; fails if any site failed.
@@ -43,7 +46,10 @@ pub fn render_fleet(fleet: &Fleet, output: Output, format: Format) -> Result<(),
     match output {
         Output::Drills { results, max_ms } => report_drills(results, format, max_ms, true),
         Output::Fleet(results) => fleet_report(fleet, results, format),
-        other => Ok(single(&other, format)),
+        other => {
+            single(&other, format);
+            Ok(())
+        }
     }
 }
 

@@ -71,14 +71,9 @@ pub async fn agent_serve(cfg: &ClientConfig, args: JobOptions) -> Result<(), Cli
     result
 }
 
-/// `meshsign agent start`: the same arguments, `start` replaced by `serve`, in the background.
+/// `meshsign agent start`: prints the agent's variables once it serves.
 pub async fn agent_start() -> Result<(), ClientError> {
-    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-    let at = args.iter().position(|a| a == "start").unwrap_or(args.len());
-    let (before, after) = args.split_at(at);
-    let global: Vec<std::ffi::OsString> =
-        before.iter().filter(|a| *a != "agent").cloned().collect();
-    agent::start_background(&global, after.get(1..).unwrap_or_default(), |l| out!("{l}")).await
+    agent::start_background(|l| out!("{l}")).await
 }
 
 /// `meshsign agent stop`.
