@@ -62,7 +62,7 @@ impl Refusal for LookupError {
     }
 }
 
-fn no_key(r: &v1::GetVerificationMaterialRequest, ring: &crate::custody::KeyRing) -> Status {
+fn no_key(r: &v1::GetVerificationMaterialRequest, ring: &crate::state::keyring::KeyRing) -> Status {
     let nearest = ring
         .all()
         .filter(|((env, _), _)| *env == r.environment)

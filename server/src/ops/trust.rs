@@ -5,10 +5,10 @@
 
 use super::{OpsError, review};
 use crate::config::{SiteConfig, TrustPolicy};
-use crate::custody::KeyRing;
 use crate::identity::jwt::Jwks;
 use crate::model::ReloadOutcome;
 use crate::state::SiteState;
+use crate::state::keyring::KeyRing;
 use crate::state::overlays::effective_config;
 use crate::store::Tree;
 

@@ -10,6 +10,7 @@
 pub mod certs;
 pub mod issuance;
 pub mod jti;
+pub mod keyring;
 pub mod marker;
 pub mod overlays;
 pub mod recovery;
@@ -27,9 +28,10 @@ use crate::ca::{CaError, RunnerCas};
 use crate::clock::SharedClock;
 use crate::config::SiteConfig;
 use crate::custody::pool::SigningPool;
-use crate::custody::{CustodyError, Kek, KeyRing};
+use crate::custody::{CustodyError, Kek};
 use crate::model::RevocationRule;
 use crate::store::{Store, StoreError, Tree};
+use keyring::KeyRing;
 use marker::{MarkerError, SiteMarker};
 
 /// Failures opening or changing the site's state.
