@@ -1,0 +1,249 @@
+//! Start-up and recovery of the log: what a crash left in the journal is written back (or
+//! refused with the file and the fix), the store's durable point, entries that record a loss.
+
+use super::*;
+
+/// The tree over the stored entries 1..=`seq`, or None (logged) if it cannot be built.
+pub(super) fn load_tree(store: &Store, seq: u64) -> Option<meshsign_evidence::merkle::Frontier> {
+    match merkle::frontier(store, seq) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            tracing::error!(error = %e, "the audit log's Merkle tree cannot be built: checkpoints will carry no signed tree head and receipts cannot be proven");
+            None
+        }
+    }
+}
+
+/// Where the journal is, and whether it must already exist (a site created with one).
+#[derive(Clone, Copy, Debug)]
+pub struct JournalAt<'a> {
+    /// The file.
+    pub path: &'a std::path::Path,
+    /// A missing file is refused (the site exists) rather than created (a new site).
+    pub must_exist: bool,
+}
+
+/// Writes the journal's intact entries that the store lacks back into it (flushed), after
+/// checking that the two agree: the store holds everything the journal's header says it
+/// durably held, and every entry both hold is the same. Returns how many were restored.
+pub(super) fn restore_from_journal(
+    store: &Store,
+    path: &std::path::Path,
+    recovered: &journal::Recovered,
+    existed: bool,
+) -> Result<usize, AuditError> {
+    let missing = plan_restore(store, path, recovered, existed)?;
+    for (rec, bytes) in &missing {
+        store.kv().put(Tree::Audit, &rec.seq.to_be_bytes(), bytes)?;
+    }
+    store.flush()?;
+    Ok(missing.len())
+}
+
+/// Checks the journal at `path` against the store as a start would (without writing): present
+/// when it must be, every line intact, consistent with the store. `meshsignd recover` reports
+/// with it.
+pub fn check_journal(
+    path: &std::path::Path,
+    must_exist: bool,
+    store: &Store,
+) -> Result<(), AuditError> {
+    let text = match std::fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if must_exist {
+                return Err(AuditError::JournalState(journal::JournalError::Missing {
+                    path: path.to_path_buf(),
+                    dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+                }));
+            }
+            return Ok(());
+        }
+        Err(e) => {
+            return Err(AuditError::Journal {
+                path: path.to_path_buf(),
+                source: Arc::new(e),
+            });
+        }
+    };
+    let recovered = journal::parse(path, &text).map_err(AuditError::JournalState)?;
+    plan_restore(store, path, &recovered, true).map(|_| ())
+}
+
+/// The journal's entries the store lacks, after checking that the two agree (see
+/// [`restore_from_journal`]); writes nothing.
+pub(super) fn plan_restore<'r>(
+    store: &Store,
+    path: &std::path::Path,
+    recovered: &'r journal::Recovered,
+    existed: bool,
+) -> Result<Vec<&'r journal::JournalEntry>, AuditError> {
+    let stored = |seq: u64| -> Result<Option<AuditRecord>, AuditError> {
+        match store.kv().get(Tree::Audit, &seq.to_be_bytes())? {
+            Some(v) => Ok(Some(
+                serde_json::from_slice(&v).map_err(AuditError::entry("stored"))?,
+            )),
+            None => Ok(None),
+        }
+    };
+    let head = match store.kv().last(Tree::Audit)? {
+        Some((_, v)) => {
+            let r: AuditRecord =
+                serde_json::from_slice(&v).map_err(AuditError::entry("last stored"))?;
+            (r.seq, r.hash)
+        }
+        None => (0, genesis()),
+    };
+    let conflict = |seq: u64, what: String| {
+        AuditError::JournalState(journal::JournalError::conflict(path, seq, what))
+    };
+    if existed {
+        journal::check_against_store(path, recovered, head.0, store_durable_through(store)?)
+            .map_err(AuditError::JournalState)?;
+    }
+    if let Some((base_seq, base_hash)) = &recovered.base
+        && *base_seq > 0
+    {
+        match stored(*base_seq)? {
+            Some(r) if r.hash == *base_hash => {}
+            Some(_) => {
+                return Err(conflict(
+                    *base_seq,
+                    "is a different entry in the store than the journal says".into(),
+                ));
+            }
+            None => {
+                return Err(AuditError::JournalState(
+                    journal::JournalError::store_behind(path, *base_seq, head.0),
+                ));
+            }
+        }
+    }
+    let mut missing = Vec::new();
+    let (mut last_seq, mut last_hash) = head;
+    for entry in &recovered.entries {
+        let rec = &entry.0;
+        if rec.seq <= head.0 {
+            match stored(rec.seq)? {
+                Some(r) if r.hash == rec.hash => continue,
+                _ => {
+                    return Err(conflict(
+                        rec.seq,
+                        "differs from the store's entry with the same seq".into(),
+                    ));
+                }
+            }
+        }
+        if rec.seq != last_seq + 1 || rec.prev_hash != last_hash {
+            return Err(conflict(
+                rec.seq,
+                format!("does not continue the store's log (which ends at seq {last_seq})"),
+            ));
+        }
+        (last_seq, last_hash) = (rec.seq, rec.hash.clone());
+        missing.push(entry);
+    }
+    Ok(missing)
+}
+
+/// Reads every stored entry of the audit log once, in order: the engine checks each page as it
+/// reads it (sled: a checksum per record), so a damaged page is found at start — naming where
+/// the readable log ends — not by an export months later while the site kept signing. Keys
+/// must follow each other without a gap (retention removes only from the front). Returns how
+/// many entries were read. O(entries) reads at start; not done on a shared database.
+pub fn check_readable(store: &Store, dir: &std::path::Path) -> Result<u64, AuditError> {
+    const CHUNK: usize = 8192;
+    let unreadable = |after: u64, cause: String| AuditError::Unreadable {
+        dir: dir.display().to_string(),
+        after,
+        cause,
+    };
+    let (mut next, mut last, mut count) = (0u64, None::<u64>, 0u64);
+    // After a chunk fails to read, one entry at a time through it, to name where the log stops.
+    let mut single = 0usize;
+    loop {
+        let limit = if single > 0 { 1 } else { CHUNK };
+        let rows = match store
+            .kv()
+            .scan_range(Tree::Audit, &next.to_be_bytes(), limit)
+        {
+            Ok(rows) => rows,
+            Err(e) if single > 0 => return Err(unreadable(last.unwrap_or(0), e.to_string())),
+            Err(_) => {
+                single = CHUNK;
+                continue;
+            }
+        };
+        single = single.saturating_sub(1);
+        for (k, _) in &rows {
+            let seq = <[u8; 8]>::try_from(k.as_slice())
+                .map(u64::from_be_bytes)
+                .map_err(|_| {
+                    unreadable(
+                        last.unwrap_or(0),
+                        format!("a key of {} bytes is not a seq", k.len()),
+                    )
+                })?;
+            if let Some(prev) = last
+                && seq != prev + 1
+            {
+                return Err(unreadable(
+                    prev,
+                    format!("the next stored entry is seq {seq}"),
+                ));
+            }
+            last = Some(seq);
+            count += 1;
+        }
+        match last {
+            Some(l) if !rows.is_empty() => next = l + 1,
+            _ => return Ok(count),
+        }
+    }
+}
+
+/// Where the store records the last seq a store flush made durable (a batch that went to the
+/// store, not the journal): written with the batch, so it is durable exactly when the batch is.
+pub(super) const STORE_DURABLE_KEY: &[u8] = b"audit/store_durable_through";
+
+/// The last seq a store flush made durable (0: none recorded).
+pub fn store_durable_through(store: &Store) -> Result<u64, StoreError> {
+    Ok(store
+        .kv()
+        .get(Tree::Meta, STORE_DURABLE_KEY)?
+        .and_then(|v| v.as_slice().try_into().ok().map(u64::from_be_bytes))
+        .unwrap_or(0))
+}
+
+/// An entry that records a loss of audit entries (start-up recovery, `meshsignd recover`).
+pub fn loss_record(seq: u64, detail: &str) -> AuditRecord {
+    AuditRecord {
+        seq,
+        rpc: "AuditRecovery".into(),
+        decision: "allow".into(),
+        reason: "loss_recorded".into(),
+        environment: "(site)".into(),
+        detail: detail.to_string(),
+        ..Default::default()
+    }
+}
+
+/// Chains `rec` after `prev_hash` at its seq and stores it (not flushed); returns (seq, hash).
+/// For start-up and offline recovery only, before any writer runs.
+pub fn append_direct(
+    store: &Store,
+    region: &str,
+    clock: &SharedClock,
+    prev_hash: &str,
+    mut rec: AuditRecord,
+) -> Result<(u64, String), AuditError> {
+    rec.ts = ::time::OffsetDateTime::from(clock.now())
+        .format(&::time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    rec.site_region = region.to_string();
+    let bytes = rec.seal(prev_hash);
+    store
+        .kv()
+        .put(Tree::Audit, &rec.seq.to_be_bytes(), &bytes)?;
+    Ok((rec.seq, rec.hash))
+}
