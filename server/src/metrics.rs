@@ -81,6 +81,8 @@ pub struct Metrics {
     issued: Labeled,
     renewals: Labeled,
     latency: [Histogram; 3],
+    /// Requests each listener is serving now (what load shedding counts).
+    in_flight: [AtomicI64; 3],
     /// Unix seconds of the last signed checkpoint (0: none yet in this process).
     pub last_checkpoint_unix: AtomicI64,
     /// Bytes in the audit journal.
@@ -170,6 +172,16 @@ impl Metrics {
             .add(vec![rpc.into(), reason.into()], 1);
     }
 
+    /// A request on `port` started (+1) or was answered (-1).
+    pub fn in_flight_add(&self, port: Port, delta: i64) {
+        self.in_flight[port.index()].fetch_add(delta, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Requests `port` is serving now: what tests wait on instead of sleeping.
+    pub fn in_flight(&self, port: Port) -> i64 {
+        self.in_flight[port.index()].load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// How long one request on `port` took.
     pub fn request(&self, port: Port, took: Duration) {
         self.latency[port.index()].observe(took);
@@ -247,6 +259,18 @@ impl Metrics {
                 out,
                 "meshsign_request_duration_seconds_bucket{{port=\"{p}\",le=\"+Inf\"}} {count}\nmeshsign_request_duration_seconds_sum{{port=\"{p}\"}} {}\nmeshsign_request_duration_seconds_count{{port=\"{p}\"}} {count}",
                 h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP meshsign_requests_in_flight Requests each listener is serving now (load shedding refuses beyond [limits] max_requests_in_flight).\n# TYPE meshsign_requests_in_flight gauge"
+        );
+        for port in [Port::Enroll, Port::Sign, Port::Admin] {
+            let _ = writeln!(
+                out,
+                "meshsign_requests_in_flight{{port=\"{}\"}} {}",
+                port.as_str(),
+                self.in_flight(port)
             );
         }
         let _ = writeln!(

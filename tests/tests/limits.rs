@@ -397,7 +397,13 @@ async fn requests_beyond_the_in_flight_limit_are_shed_with_resource_exhausted() 
     held_rx.await.unwrap();
     let mut first = signer.clone();
     let first = tokio::spawn(async move { first.sign(sign_req("release", 1)).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let metrics = site.state().metrics.clone();
+    meshsign_tests::wait_until(
+        "the first request holds the sign port's place",
+        Duration::from_secs(5),
+        || metrics.in_flight(meshsign_server::metrics::Port::Sign) == 1,
+    )
+    .await;
     let mut second = signer.clone();
     let err = second.sign(sign_req("release", 2)).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);

@@ -78,6 +78,27 @@ impl<S> tower_layer::Layer<S> for ShedLayer {
     }
 }
 
+/// One request counted in `meshsign_requests_in_flight` until it is answered or dropped (a
+/// cancelled request's future is dropped without finishing).
+struct InFlight(Arc<crate::metrics::Metrics>, Option<crate::metrics::Port>);
+
+impl InFlight {
+    fn start(metrics: Arc<crate::metrics::Metrics>, port: Option<crate::metrics::Port>) -> Self {
+        if let Some(p) = port {
+            metrics.in_flight_add(p, 1);
+        }
+        Self(metrics, port)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(p) = self.1 {
+            self.0.in_flight_add(p, -1);
+        }
+    }
+}
+
 /// [`ShedLayer`]'s service.
 #[derive(Clone)]
 pub struct Shed<S> {
@@ -112,11 +133,14 @@ where
             Ok(permit) => {
                 let fut = self.inner.call(req);
                 let (metrics, port) = (self.layer.metrics.clone(), self.layer.port);
+                let port = crate::metrics::Port::parse(port);
+                let counted = InFlight::start(metrics.clone(), port);
                 let started = std::time::Instant::now();
                 Box::pin(async move {
                     let out = fut.await;
                     drop(permit);
-                    if let Some(p) = crate::metrics::Port::parse(port) {
+                    drop(counted);
+                    if let Some(p) = port {
                         metrics.request(p, started.elapsed());
                     }
                     out
