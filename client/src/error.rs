@@ -1,5 +1,7 @@
 //! The client's error enum.
 
+use meshsign_evidence::reason::Reason;
+
 /// Client failures; the CLI prints them and exits non-zero.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -132,9 +134,17 @@ impl ClientError {
                 _ => exit::LOCAL_FAULT,
             },
             ClientError::Connect { .. } | ClientError::Token(_) => exit::UNAVAILABLE,
-            ClientError::Rpc { reason, .. } if reason == "REVIEW_REQUIRED" => exit::PROPOSED,
+            ClientError::Rpc { reason, .. }
+                if Reason::from_error_info(reason) == Some(Reason::ReviewRequired) =>
+            {
+                exit::PROPOSED
+            }
             // A job out of budget stays out of budget: retrying never helps.
-            ClientError::Rpc { reason, .. } if reason == "BUDGET" => exit::REFUSED,
+            ClientError::Rpc { reason, .. }
+                if Reason::from_error_info(reason) == Some(Reason::Budget) =>
+            {
+                exit::REFUSED
+            }
             ClientError::Rpc { code, .. } => match code {
                 Code::Unavailable
                 | Code::DeadlineExceeded

@@ -19,6 +19,7 @@ pub mod files;
 pub mod identity;
 pub mod merkle;
 pub mod note;
+pub mod reason;
 pub mod receipt;
 pub mod sig;
 pub mod verify;

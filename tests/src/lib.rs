@@ -432,11 +432,22 @@ impl TestSite {
     }
 
     /// Every audit record so far.
+    /// Every audit record; each one's reason is a word of the vocabulary
+    /// (`meshsign_evidence::reason::Reason`), checked here for every test that reads the log.
     pub fn audit(&self) -> Vec<AuditRecord> {
-        self.state().audit.all().unwrap()
+        let all = self.state().audit.all().unwrap();
+        for r in &all {
+            assert!(
+                r.reason.is_empty()
+                    || meshsign_evidence::reason::Reason::parse(&r.reason).is_some(),
+                "audit seq {}: reason `{}` is not in the vocabulary",
+                r.seq,
+                r.reason
+            );
+        }
+        all
     }
 
-    /// The newest audit record.
     /// The last decision in the audit log: periodic checkpoints (housekeeping the site writes
     /// on its own clock, at any moment) are passed over, so a test that caused a decision
     /// reads that decision whatever the checkpoint ticker did meanwhile.

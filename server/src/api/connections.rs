@@ -20,9 +20,10 @@ pub enum ConnectionRefusal {
 impl ConnectionRefusal {
     /// The summary audit reason.
     pub fn reason(self) -> &'static str {
+        use crate::model::Reason;
         match self {
-            ConnectionRefusal::ListenerFull => "connection_limit",
-            ConnectionRefusal::SourceFull => "connection_limit_source",
+            ConnectionRefusal::ListenerFull => Reason::ConnectionLimit.as_str(),
+            ConnectionRefusal::SourceFull => Reason::ConnectionLimitSource.as_str(),
         }
     }
 }

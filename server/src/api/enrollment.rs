@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status};
 use super::status::status;
 use super::{peer, runner_ca_info, verification_key};
 use crate::enroll::{self, EnrollInput};
+use crate::model::Reason;
 use crate::model::{Refusal, RefusalKind, bounded};
 use crate::state::SiteState;
 
@@ -41,15 +42,15 @@ pub enum LookupError {
 }
 
 impl Refusal for LookupError {
-    fn reason(&self) -> &'static str {
+    fn reason(&self) -> Reason {
         match self {
-            LookupError::NoEnvironment(_) => "environment",
-            LookupError::NoKey { .. } => "key",
-            LookupError::NoEntry(_) => "audit_entry",
-            LookupError::Audit(crate::audit::AuditError::Tree(_)) => crate::model::INTERNAL,
+            LookupError::NoEnvironment(_) => Reason::Environment,
+            LookupError::NoKey { .. } => Reason::Key,
+            LookupError::NoEntry(_) => Reason::AuditEntry,
+            LookupError::Audit(crate::audit::AuditError::Tree(_)) => crate::model::Reason::Internal,
             // The log cannot take the checkpoint the proof needs (a full disk, a store gone):
             // unavailable until it can, as for every other decision.
-            LookupError::Audit(_) => crate::model::AUDIT_UNAVAILABLE,
+            LookupError::Audit(_) => crate::model::Reason::AuditUnavailable,
         }
     }
 

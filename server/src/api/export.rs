@@ -12,7 +12,8 @@ use tonic::Status;
 
 use super::status::status;
 use crate::audit::AuditError;
-use crate::model::{INTERNAL, Refusal, RefusalKind};
+use crate::model::Reason;
+use crate::model::{Refusal, RefusalKind};
 use crate::state::SiteState;
 
 /// Why an export stopped (internal faults: logged under an error id).
@@ -25,8 +26,8 @@ enum ExportError {
 }
 
 impl Refusal for ExportError {
-    fn reason(&self) -> &'static str {
-        INTERNAL
+    fn reason(&self) -> Reason {
+        Reason::Internal
     }
 
     fn kind(&self) -> RefusalKind {

@@ -186,7 +186,7 @@ pub fn routers(state: Arc<SiteState>) -> Result<Routers, tonic_reflection::serve
         let on_shed: shed::OnShed = Arc::new(move |refusal, peer| {
             count_refusal(
                 &counted,
-                refusal.reason(),
+                refusal.reason().as_str(),
                 peer.map(|p| p.to_string()).unwrap_or_default(),
                 refusal.to_string(),
             )

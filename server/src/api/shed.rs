@@ -13,6 +13,7 @@ use tokio::sync::Semaphore;
 use tonic::codegen::{Service, http};
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
+use crate::model::Reason;
 use crate::model::{Refusal, RefusalKind};
 
 /// The refusal of a shed request.
@@ -26,8 +27,8 @@ pub struct Overloaded {
 }
 
 impl Refusal for Overloaded {
-    fn reason(&self) -> &'static str {
-        "overloaded"
+    fn reason(&self) -> Reason {
+        Reason::Overloaded
     }
 
     fn kind(&self) -> RefusalKind {

@@ -52,7 +52,7 @@ pub fn status(e: &dyn Refusal) -> Status {
     };
     with_reason(
         code,
-        e.reason(),
+        e.reason().as_str(),
         format!("{}: {}", e.reason(), bounded(&e.to_string(), MAX_DETAIL)),
     )
 }
@@ -70,14 +70,14 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 fn log_chain(e: &dyn Refusal, what: &str) {
-    tracing::warn!(reason = e.reason(), error = %crate::model::log_safe(&chain(e)), "{what}");
+    tracing::warn!(reason = e.reason().as_str(), error = %crate::model::log_safe(&chain(e)), "{what}");
 }
 
 fn internal(e: &dyn Refusal) -> Status {
     let id = meshsign_evidence::files::random_id()
         .map(|id| id[..16].to_string())
         .unwrap_or_else(|_| "unavailable".into());
-    tracing::error!(error_id = %id, reason = e.reason(), error = %crate::model::log_safe(&chain(e)), "internal error");
+    tracing::error!(error_id = %id, reason = e.reason().as_str(), error = %crate::model::log_safe(&chain(e)), "internal error");
     with_reason(
         Code::Internal,
         INTERNAL,
@@ -88,6 +88,7 @@ fn internal(e: &dyn Refusal) -> Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Reason;
 
     #[derive(Debug, thiserror::Error)]
     enum Demo {
@@ -98,10 +99,10 @@ mod tests {
     }
 
     impl Refusal for Demo {
-        fn reason(&self) -> &'static str {
+        fn reason(&self) -> Reason {
             match self {
-                Demo::Refused => "trust_policy_disabled",
-                Demo::Fault(_) => INTERNAL,
+                Demo::Refused => Reason::TrustPolicyDisabled,
+                Demo::Fault(_) => Reason::Internal,
             }
         }
         fn kind(&self) -> RefusalKind {
@@ -118,8 +119,8 @@ mod tests {
         #[error("no key `{0}`")]
         struct Long(String);
         impl Refusal for Long {
-            fn reason(&self) -> &'static str {
-                "not_found"
+            fn reason(&self) -> Reason {
+                Reason::NotFound
             }
             fn kind(&self) -> RefusalKind {
                 RefusalKind::NotFound

@@ -120,12 +120,12 @@ impl From<StoreError> for AuditError {
 /// record: the transport logs it in full under an error id it also returns to the client.
 pub fn deny(rec: &mut AuditRecord, e: &dyn Refusal, what: &'static str) {
     rec.decision = "deny".into();
-    rec.reason = e.reason().into();
+    rec.reason = e.reason().as_str().into();
     if e.kind() == RefusalKind::Internal {
         rec.detail = "internal error (the site log has it)".into();
     } else {
         rec.detail = bounded(&e.to_string(), 300);
-        tracing::info!(rpc = %rec.rpc, reason = e.reason(), detail = %log_safe(&rec.detail), "{what}");
+        tracing::info!(rpc = %rec.rpc, reason = e.reason().as_str(), detail = %log_safe(&rec.detail), "{what}");
     }
 }
 
@@ -133,7 +133,7 @@ pub fn deny(rec: &mut AuditRecord, e: &dyn Refusal, what: &'static str) {
 /// first of its kind): a flood must not become a flood of log lines either.
 pub fn deny_quietly(rec: &mut AuditRecord, e: &dyn Refusal) {
     rec.decision = "deny".into();
-    rec.reason = e.reason().into();
+    rec.reason = e.reason().as_str().into();
     rec.detail = bounded(&e.to_string(), 300);
 }
 

@@ -221,7 +221,7 @@ pub fn loss_record(seq: u64, detail: &str) -> AuditRecord {
         seq,
         rpc: "AuditRecovery".into(),
         decision: "allow".into(),
-        reason: "loss_recorded".into(),
+        reason: crate::model::Reason::LossRecorded.as_str().into(),
         environment: "(site)".into(),
         detail: detail.to_string(),
         ..Default::default()

@@ -373,7 +373,7 @@ impl Writer {
         let rec = AuditRecord {
             rpc: "Checkpoint".into(),
             decision: "allow".into(),
-            reason: "checkpoint".into(),
+            reason: crate::model::Reason::Checkpoint.as_str().into(),
             environment: "(site)".into(),
             key_id: self.key.key_id.clone(),
             checkpoint: Some(Checkpoint {

@@ -17,7 +17,7 @@ use crate::config::{Environment, SiteConfig, TrustPolicy};
 use crate::custody::CustodyError;
 use crate::identity::claims::JobIdentity;
 use crate::identity::jwt::UnverifiedJwt;
-use crate::model::{AUDIT_UNAVAILABLE, INTERNAL, Refusal, RefusalKind, bounded, glob_match};
+use crate::model::{Reason, Refusal, RefusalKind, bounded, glob_match};
 use crate::state::issuance::Session;
 use crate::state::{SiteState, StateError};
 use crate::store::StoreError;
@@ -228,38 +228,40 @@ impl From<crate::state::issuance::MintError> for EnrollError {
 }
 
 impl Refusal for EnrollError {
-    fn reason(&self) -> &'static str {
+    fn reason(&self) -> Reason {
         match self {
             EnrollError::UnknownEnvironment(_) | EnrollError::EnvironmentMismatch { .. } => {
-                "environment"
+                Reason::Environment
             }
-            EnrollError::Malformed(_) => "token_malformed",
-            EnrollError::Algorithm(_) => "alg",
-            EnrollError::UnknownKid(_) => "kid",
-            EnrollError::Signature(_) => "signature",
-            EnrollError::Issuer(_) => "iss",
-            EnrollError::PolicyDisabled(_) => "trust_policy_disabled",
+            EnrollError::Malformed(_) => Reason::TokenMalformed,
+            EnrollError::Algorithm(_) => Reason::Alg,
+            EnrollError::UnknownKid(_) => Reason::Kid,
+            EnrollError::Signature(_) => Reason::Signature,
+            EnrollError::Issuer(_) => Reason::Iss,
+            EnrollError::PolicyDisabled(_) => Reason::TrustPolicyDisabled,
             EnrollError::Audience(_)
             | EnrollError::AmbiguousAudience(_)
-            | EnrollError::ForeignAudience { .. } => "aud",
-            EnrollError::Lifetime { .. } => "token_lifetime",
-            EnrollError::Expired { .. } => "exp",
-            EnrollError::NotYetValid { .. } => "nbf",
-            EnrollError::IssuedAt(_) => "iat",
-            EnrollError::MissingJti => "jti",
-            EnrollError::Replay(_) => "jti_replay",
-            EnrollError::BoundClaim { .. } => "bound_claim",
-            EnrollError::Csr(_) => "csr",
-            EnrollError::CsrKey => "csr_key",
-            EnrollError::Region { .. } => "region",
-            EnrollError::Fingerprint => "fingerprint",
-            EnrollError::Revoked(_) => "revoked",
-            EnrollError::RateLimited(_) => "rate_limited",
+            | EnrollError::ForeignAudience { .. } => Reason::Aud,
+            EnrollError::Lifetime { .. } => Reason::TokenLifetime,
+            EnrollError::Expired { .. } => Reason::Exp,
+            EnrollError::NotYetValid { .. } => Reason::Nbf,
+            EnrollError::IssuedAt(_) => Reason::Iat,
+            EnrollError::MissingJti => Reason::Jti,
+            EnrollError::Replay(_) => Reason::JtiReplay,
+            EnrollError::BoundClaim { .. } => Reason::BoundClaim,
+            EnrollError::Csr(_) => Reason::Csr,
+            EnrollError::CsrKey => Reason::CsrKey,
+            EnrollError::Region { .. } => Reason::Region,
+            EnrollError::Fingerprint => Reason::Fingerprint,
+            EnrollError::Revoked(_) => Reason::Revoked,
+            EnrollError::RateLimited(_) => Reason::RateLimited,
             EnrollError::Issue(CaError::Custody(CustodyError::TokenUnavailable(_))) => {
-                "key_unavailable"
+                Reason::KeyUnavailable
             }
-            EnrollError::Issue(_) | EnrollError::Store(_) | EnrollError::State(_) => INTERNAL,
-            EnrollError::Audit(_) => AUDIT_UNAVAILABLE,
+            EnrollError::Issue(_) | EnrollError::Store(_) | EnrollError::State(_) => {
+                Reason::Internal
+            }
+            EnrollError::Audit(_) => Reason::AuditUnavailable,
         }
     }
 
@@ -318,7 +320,7 @@ pub async fn enroll(site: &SiteState, input: EnrollInput) -> Result<EnrollOutput
     match &result {
         Ok(out) => {
             rec.decision = "allow".into();
-            rec.reason = "ok".into();
+            rec.reason = Reason::Ok.as_str().into();
             rec.cert_serial = out.serial_hex.clone();
             rec.ttl_remaining_sec = i64::try_from(out.granted_ttl_seconds).ok();
         }

@@ -32,20 +32,22 @@ pub enum RefusalKind {
     Internal,
 }
 
+pub use meshsign_evidence::reason::Reason;
+
 /// An error that refuses a request. Each variant has exactly one reason string: the status
 /// message is `"{reason}: {detail}"` (detail = the error's `Display`), the audit record's
 /// `reason` is the same string and its `detail` the same text, and the log line carries both.
 pub trait Refusal: std::error::Error + Send + Sync + 'static {
     /// The audit reason: the name of the check that failed.
-    fn reason(&self) -> &'static str;
+    fn reason(&self) -> Reason;
     /// How the refusal maps to a status.
     fn kind(&self) -> RefusalKind;
 }
 
 /// The audit reason of internal faults (the detail is in the log, under an error id).
-pub const INTERNAL: &str = "internal";
+pub const INTERNAL: &str = Reason::Internal.as_str();
 /// The audit reason when the audit log cannot be written (then nothing is returned).
-pub const AUDIT_UNAVAILABLE: &str = "audit_unavailable";
+pub const AUDIT_UNAVAILABLE: &str = Reason::AuditUnavailable.as_str();
 
 /// Levenshtein distance of two short names (for "did you mean"); inputs are bounded first.
 pub fn edit_distance(a: &str, b: &str) -> usize {

@@ -60,7 +60,7 @@ async fn watch_wall_clock(site: &SiteState) {
     let rec = AuditRecord {
         rpc: "ClockStep".into(),
         decision: "allow".into(),
-        reason: "clock_step".into(),
+        reason: crate::model::Reason::ClockStep.as_str().into(),
         environment: "(site)".into(),
         detail,
         ..Default::default()

@@ -19,7 +19,7 @@ use crate::audit::{AuditError, AuditRecord};
 use crate::ca::CaError;
 use crate::custody::CustodyError;
 use crate::identity::{IdentityError, Operator, Role};
-use crate::model::{AUDIT_UNAVAILABLE, INTERNAL, Refusal, RefusalKind, bounded};
+use crate::model::{Reason, Refusal, RefusalKind, bounded};
 use crate::state::{SiteState, StateError};
 use crate::store::StoreError;
 
@@ -74,27 +74,27 @@ pub enum OpsError {
 }
 
 impl Refusal for OpsError {
-    fn reason(&self) -> &'static str {
+    fn reason(&self) -> Reason {
         match self {
-            OpsError::Identity(_) => "operator",
-            OpsError::Forbidden { .. } => "role",
-            OpsError::NotFound(_) => "not_found",
-            OpsError::Invalid(_) => "invalid",
-            OpsError::ReviewRequired(_) => "review_required",
-            OpsError::SelfApproval(_) => "review_self_approval",
-            OpsError::ReviewExpired(_) => "review_expired",
+            OpsError::Identity(_) => Reason::Operator,
+            OpsError::Forbidden { .. } => Reason::Role,
+            OpsError::NotFound(_) => Reason::NotFound,
+            OpsError::Invalid(_) => Reason::Invalid,
+            OpsError::ReviewRequired(_) => Reason::ReviewRequired,
+            OpsError::SelfApproval(_) => Reason::ReviewSelfApproval,
+            OpsError::ReviewExpired(_) => Reason::ReviewExpired,
             OpsError::Precondition(_)
             | OpsError::Snapshot(crate::state::snapshot::SnapshotError::SharedStore) => {
-                "precondition"
+                Reason::Precondition
             }
-            OpsError::Custody(CustodyError::TokenUnavailable(_)) => "key_unavailable",
-            OpsError::Custody(CustodyError::VersionTaken { .. }) => "precondition",
+            OpsError::Custody(CustodyError::TokenUnavailable(_)) => Reason::KeyUnavailable,
+            OpsError::Custody(CustodyError::VersionTaken { .. }) => Reason::Precondition,
             OpsError::Custody(_)
             | OpsError::Ca(_)
             | OpsError::Store(_)
             | OpsError::State(_)
-            | OpsError::Snapshot(_) => INTERNAL,
-            OpsError::Audit(_) => AUDIT_UNAVAILABLE,
+            | OpsError::Snapshot(_) => Reason::Internal,
+            OpsError::Audit(_) => Reason::AuditUnavailable,
         }
     }
 
@@ -169,7 +169,7 @@ pub async fn audited<T>(
     match &result {
         Ok((_, detail)) => {
             rec.decision = "allow".into();
-            rec.reason = "ok".into();
+            rec.reason = Reason::Ok.as_str().into();
             rec.detail = detail.clone();
         }
         Err(e) => crate::audit::deny(&mut rec, e, "admin action refused"),

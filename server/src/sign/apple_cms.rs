@@ -35,12 +35,12 @@ pub struct AppleCmsFacts {
 #[error("{check}: {message}")]
 pub struct AppleCmsError {
     /// The failed check (audit reason).
-    pub check: &'static str,
+    pub check: crate::model::Reason,
     /// What is wrong.
     pub message: String,
 }
 
-fn err(check: &'static str, message: impl Into<String>) -> AppleCmsError {
+fn err(check: crate::model::Reason, message: impl Into<String>) -> AppleCmsError {
     AppleCmsError {
         check,
         message: message.into(),
@@ -51,7 +51,7 @@ fn err(check: &'static str, message: impl Into<String>) -> AppleCmsError {
 pub fn check(der: &[u8], now_unix: i64) -> Result<AppleCmsFacts, AppleCmsError> {
     let malformed = || {
         err(
-            "apple_cms",
+            crate::model::Reason::AppleCms,
             "signed attributes are not a DER SET OF Attribute",
         )
     };
@@ -75,7 +75,10 @@ pub fn check(der: &[u8], now_unix: i64) -> Result<AppleCmsFacts, AppleCmsError> 
         // signing-time carry exactly one value. Otherwise the hash audited here may not be the
         // one Apple's verifier reads.
         if seen.contains(oid) {
-            return Err(err("apple_cms", "an attribute type appears twice"));
+            return Err(err(
+                crate::model::Reason::AppleCms,
+                "an attribute type appears twice",
+            ));
         }
         seen.push(oid);
         if matches!(
@@ -84,7 +87,7 @@ pub fn check(der: &[u8], now_unix: i64) -> Result<AppleCmsFacts, AppleCmsError> 
         ) && values.len() != 1
         {
             return Err(err(
-                "apple_cms",
+                crate::model::Reason::AppleCms,
                 "content-type, message-digest and signing-time take exactly one value",
             ));
         }
@@ -110,25 +113,40 @@ pub fn check(der: &[u8], now_unix: i64) -> Result<AppleCmsFacts, AppleCmsError> 
         Some((0x06, OID_ID_DATA)) => {}
         Some(_) => {
             return Err(err(
-                "content_type",
+                crate::model::Reason::ContentType,
                 "content type must be id-data (1.2.840.113549.1.7.1)",
             ));
         }
-        None => return Err(err("content_type", "no content-type attribute")),
+        None => {
+            return Err(err(
+                crate::model::Reason::ContentType,
+                "no content-type attribute",
+            ));
+        }
     }
     let code_directory_hash = match message_digest {
         Some((0x04, d)) if d.len() == 32 => hex::encode(d),
-        _ => return Err(err("apple_cms", "messageDigest must be a 32-byte SHA-256")),
+        _ => {
+            return Err(err(
+                crate::model::Reason::AppleCms,
+                "messageDigest must be a 32-byte SHA-256",
+            ));
+        }
     };
     let t = match signing_time {
         Some((0x17, s)) => parse_time(s, false),
         Some((0x18, s)) => parse_time(s, true),
         _ => None,
     }
-    .ok_or_else(|| err("signing_time", "no valid signingTime attribute"))?;
+    .ok_or_else(|| {
+        err(
+            crate::model::Reason::SigningTime,
+            "no valid signingTime attribute",
+        )
+    })?;
     if (t - now_unix).abs() > SIGNING_TIME_WINDOW_SECS {
         return Err(err(
-            "signing_time",
+            crate::model::Reason::SigningTime,
             format!(
                 "signingTime is {}s from now (at most {SIGNING_TIME_WINDOW_SECS}s)",
                 t - now_unix

@@ -22,7 +22,7 @@ use meshsign_evidence::attest::{
 use super::{SignError, checks};
 use crate::audit::AuditRecord;
 use crate::identity::Caller;
-use crate::model::{Purpose, bounded};
+use crate::model::{Purpose, Reason, bounded};
 use crate::state::SiteState;
 
 /// Most subjects in one statement.
@@ -131,7 +131,7 @@ fn check(
     checks::purpose_is(spec, &input.alias, Purpose::Attestation)?;
     if input.subjects.is_empty() || input.subjects.len() > MAX_SUBJECTS {
         return Err(SignError::input(
-            "subjects",
+            Reason::Subjects,
             format!(
                 "{} subjects; a statement has 1 to {MAX_SUBJECTS}",
                 input.subjects.len()
@@ -142,7 +142,7 @@ fn check(
     for (name, d) in &input.subjects {
         if name.is_empty() || name.len() > 256 || name.chars().any(char::is_control) {
             return Err(SignError::input(
-                "subjects",
+                Reason::Subjects,
                 format!(
                     "subject name `{}`: 1 to 256 bytes, no control characters",
                     bounded(name, 64)
@@ -178,7 +178,7 @@ fn predicate_type(caller: &Caller, requested: &str) -> Result<String, SignError>
             let c = &caller.claims;
             if c.workflow.is_empty() || c.commit.is_empty() || c.repository.is_empty() {
                 return Err(SignError::input(
-                    "predicate_type",
+                    Reason::PredicateType,
                     format!(
                         "SLSA provenance needs the job's repository, workflow and commit; the \
                          `{}` token of this job did not give them all (GitHub and GitLab do)",
@@ -189,7 +189,7 @@ fn predicate_type(caller: &Caller, requested: &str) -> Result<String, SignError>
             Ok(PREDICATE_SLSA.into())
         }
         other => Err(SignError::input(
-            "predicate_type",
+            Reason::PredicateType,
             format!(
                 "`{}` is not a predicate the site builds ({PREDICATE_SIGNING}, {PREDICATE_SLSA})",
                 bounded(other, 128)

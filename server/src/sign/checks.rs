@@ -19,7 +19,7 @@ use super::{Payload, SignError};
 use crate::config::{KeySpec, SiteConfig};
 use crate::custody::LoadedKey;
 use crate::identity::Caller;
-use crate::model::{CertRecord, Purpose, bounded};
+use crate::model::{CertRecord, Purpose, Reason, bounded};
 use crate::state::SiteState;
 
 /// Largest message the site hashes itself.
@@ -249,7 +249,7 @@ pub fn purpose_is(spec: Option<&KeySpec>, alias: &str, purpose: Purpose) -> Resu
 pub fn input(payload: &Payload) -> Result<(), SignError> {
     if matches!(payload, Payload::Missing) {
         return Err(SignError::input(
-            "input",
+            Reason::Input,
             "give exactly one of sha256_digest, message or apple_cms_signed_attributes",
         ));
     }
@@ -260,7 +260,7 @@ pub fn input(payload: &Payload) -> Result<(), SignError> {
 pub fn digest_len(d: &[u8]) -> Result<[u8; 32], SignError> {
     d.try_into().map_err(|_| {
         SignError::input(
-            "digest",
+            Reason::Digest,
             format!("a SHA-256 digest is 32 bytes, got {}", d.len()),
         )
     })
@@ -270,7 +270,7 @@ pub fn digest_len(d: &[u8]) -> Result<[u8; 32], SignError> {
 pub fn message(m: &[u8]) -> Result<[u8; 32], SignError> {
     if m.len() > MAX_MESSAGE_BYTES {
         return Err(SignError::input(
-            "message",
+            Reason::Message,
             format!(
                 "{} bytes exceeds {MAX_MESSAGE_BYTES}; send its SHA-256 digest",
                 m.len()
@@ -286,7 +286,7 @@ pub fn message(m: &[u8]) -> Result<[u8; 32], SignError> {
 pub fn batch(b: &[Vec<u8>]) -> Result<Vec<[u8; 32]>, SignError> {
     if b.is_empty() || b.len() > MAX_BATCH {
         return Err(SignError::input(
-            "batch",
+            Reason::Batch,
             format!("1 to {MAX_BATCH} digests per batch, got {}", b.len()),
         ));
     }
@@ -298,7 +298,7 @@ pub fn batch(b: &[Vec<u8>]) -> Result<Vec<[u8; 32]>, SignError> {
 pub fn apple_cms(attrs: &[u8], now: i64) -> Result<super::apple_cms::AppleCmsFacts, SignError> {
     if attrs.len() > MAX_MESSAGE_BYTES {
         return Err(SignError::input(
-            "apple_cms",
+            Reason::AppleCms,
             format!("{} bytes exceeds {MAX_MESSAGE_BYTES}", attrs.len()),
         ));
     }

@@ -13,7 +13,7 @@ pub mod checks;
 use crate::audit::{AuditError, AuditRecord};
 use crate::custody::CustodyError;
 use crate::identity::{Caller, IdentityError};
-use crate::model::{AUDIT_UNAVAILABLE, INTERNAL, Refusal, RefusalKind, bounded};
+use crate::model::{Reason, Refusal, RefusalKind, bounded};
 use crate::state::SiteState;
 use crate::state::issuance::{Issued, MintError, Session};
 use crate::store::StoreError;
@@ -195,7 +195,7 @@ pub enum SignError {
     #[error("{message}")]
     Input {
         /// Check name (the audit reason).
-        check: &'static str,
+        check: Reason,
         /// What is wrong.
         message: String,
     },
@@ -240,7 +240,7 @@ pub enum SignError {
 
 impl SignError {
     /// A malformed-input refusal with its check name.
-    pub fn input(check: &'static str, message: impl Into<String>) -> Self {
+    pub fn input(check: Reason, message: impl Into<String>) -> Self {
         SignError::Input {
             check,
             message: message.into(),
@@ -249,34 +249,34 @@ impl SignError {
 }
 
 impl Refusal for SignError {
-    fn reason(&self) -> &'static str {
+    fn reason(&self) -> Reason {
         match self {
             SignError::Identity(_)
             | SignError::BadCertificate(_)
-            | SignError::UnknownCertificate(_) => "certificate",
-            SignError::Revoked { .. } => "certificate_revoked",
-            SignError::Superseded { .. } => "session_theft_suspected",
-            SignError::SessionCeiling { .. } => "session_ceiling",
-            SignError::Csr(_) => "csr",
-            SignError::Expired { .. } => "certificate_expired",
-            SignError::Region { .. } => "region",
-            SignError::IssuerUntrusted(_) => "issuer_untrusted",
-            SignError::PolicyDisabled(_) => "trust_policy_disabled",
-            SignError::KeyNotInEnvironment { .. } => "key_not_in_partition",
-            SignError::KeyDisabled(_) => "key_disabled",
-            SignError::Access { .. } => "key_access",
-            SignError::Algorithm { .. } => "algorithm",
-            SignError::Purpose { .. } => "purpose",
-            SignError::Input { check, .. } => check,
-            SignError::RateLimited(_) => "rate_limited",
-            SignError::Budget { .. } => "budget",
-            SignError::DigestNotAllowed { .. } => "digest_allow_list",
-            SignError::Custody(CustodyError::TokenUnavailable(_)) => "key_unavailable",
+            | SignError::UnknownCertificate(_) => Reason::Certificate,
+            SignError::Revoked { .. } => Reason::CertificateRevoked,
+            SignError::Superseded { .. } => Reason::SessionTheftSuspected,
+            SignError::SessionCeiling { .. } => Reason::SessionCeiling,
+            SignError::Csr(_) => Reason::Csr,
+            SignError::Expired { .. } => Reason::CertificateExpired,
+            SignError::Region { .. } => Reason::Region,
+            SignError::IssuerUntrusted(_) => Reason::IssuerUntrusted,
+            SignError::PolicyDisabled(_) => Reason::TrustPolicyDisabled,
+            SignError::KeyNotInEnvironment { .. } => Reason::KeyNotInPartition,
+            SignError::KeyDisabled(_) => Reason::KeyDisabled,
+            SignError::Access { .. } => Reason::KeyAccess,
+            SignError::Algorithm { .. } => Reason::Algorithm,
+            SignError::Purpose { .. } => Reason::Purpose,
+            SignError::Input { check, .. } => *check,
+            SignError::RateLimited(_) => Reason::RateLimited,
+            SignError::Budget { .. } => Reason::Budget,
+            SignError::DigestNotAllowed { .. } => Reason::DigestAllowList,
+            SignError::Custody(CustodyError::TokenUnavailable(_)) => Reason::KeyUnavailable,
             SignError::Custody(_)
             | SignError::Store(_)
             | SignError::Issue(_)
-            | SignError::State(_) => INTERNAL,
-            SignError::Audit(_) => AUDIT_UNAVAILABLE,
+            | SignError::State(_) => Reason::Internal,
+            SignError::Audit(_) => Reason::AuditUnavailable,
         }
     }
 
@@ -368,7 +368,7 @@ pub(crate) async fn record_decision<T>(
     match result {
         Ok(_) => {
             rec.decision = "allow".into();
-            rec.reason = "ok".into();
+            rec.reason = Reason::Ok.as_str().into();
         }
         Err(e) => crate::audit::deny(&mut rec, e, what),
     }
@@ -519,7 +519,7 @@ pub async fn revoke_self(
     match &result {
         Ok(()) => {
             rec.decision = "allow".into();
-            rec.reason = "ok".into();
+            rec.reason = Reason::Ok.as_str().into();
             rec.detail = bounded(reason, 200);
         }
         Err(e) => crate::audit::deny(&mut rec, e, "revoke-self refused"),
@@ -559,7 +559,7 @@ pub async fn renew(
     match &result {
         Ok(out) => {
             rec.decision = "allow".into();
-            rec.reason = "ok".into();
+            rec.reason = Reason::Ok.as_str().into();
             rec.detail = format!("renewed serial {} as {}", caller.serial_hex, out.serial_hex);
             rec.ttl_remaining_sec = i64::try_from(out.granted_ttl_seconds).ok();
         }
