@@ -91,6 +91,10 @@ reasons! {
     ConnectionLimit = "connection_limit",
     /// This source holds its maximum of connections.
     ConnectionLimitSource = "connection_limit_source",
+    /// The TLS handshake failed (no or a foreign client certificate, a protocol error).
+    Handshake = "handshake",
+    /// The TLS handshake did not complete in time.
+    HandshakeTimeout = "handshake_timeout",
     /// The key is unknown in this environment.
     Key = "key",
     /// The audit entry asked for is not there.

@@ -19,11 +19,11 @@ pub enum ConnectionRefusal {
 
 impl ConnectionRefusal {
     /// The summary audit reason.
-    pub fn reason(self) -> &'static str {
+    pub fn reason(self) -> crate::model::Reason {
         use crate::model::Reason;
         match self {
-            ConnectionRefusal::ListenerFull => Reason::ConnectionLimit.as_str(),
-            ConnectionRefusal::SourceFull => Reason::ConnectionLimitSource.as_str(),
+            ConnectionRefusal::ListenerFull => Reason::ConnectionLimit,
+            ConnectionRefusal::SourceFull => Reason::ConnectionLimitSource,
         }
     }
 }

@@ -153,11 +153,15 @@ pub const SERVICES: [&str; 4] = [
 ];
 
 /// A summary-audit record for a refusal made before any caller is known.
-fn transport_refusal(reason: &str, peer: String, detail: String) -> crate::audit::AuditRecord {
+fn transport_refusal(
+    reason: crate::model::Reason,
+    peer: String,
+    detail: String,
+) -> crate::audit::AuditRecord {
     crate::audit::AuditRecord {
         rpc: "Connect".into(),
         decision: "deny".into(),
-        reason: reason.into(),
+        reason: reason.as_str().into(),
         environment: "(site)".into(),
         peer,
         detail,
@@ -166,7 +170,12 @@ fn transport_refusal(reason: &str, peer: String, detail: String) -> crate::audit
 }
 
 /// Counts a refused connection or handshake on `state`'s summaries.
-pub(crate) fn count_refusal(state: &SiteState, reason: &str, peer: String, detail: String) {
+pub(crate) fn count_refusal(
+    state: &SiteState,
+    reason: crate::model::Reason,
+    peer: String,
+    detail: String,
+) {
     state
         .summaries
         .count(transport_refusal(reason, peer, detail), state.clock.unix());
@@ -186,7 +195,7 @@ pub fn routers(state: Arc<SiteState>) -> Result<Routers, tonic_reflection::serve
         let on_shed: shed::OnShed = Arc::new(move |refusal, peer| {
             count_refusal(
                 &counted,
-                refusal.reason().as_str(),
+                refusal.reason(),
                 peer.map(|p| p.to_string()).unwrap_or_default(),
                 refusal.to_string(),
             )

@@ -382,7 +382,7 @@ pub struct Admission {
     /// Time to send the first bytes after it.
     pub first_request_timeout: Duration,
     /// Counts a refused connection: (reason, peer, detail).
-    pub refused: Arc<dyn Fn(&'static str, SocketAddr, String) + Send + Sync>,
+    pub refused: Arc<dyn Fn(crate::model::Reason, SocketAddr, String) + Send + Sync>,
 }
 
 /// Accepts TCP connections, admits each under the listener's caps (a connection over a cap is
@@ -442,12 +442,12 @@ pub fn incoming(
                         let _ = tx.send(Ok(stream)).await;
                     }
                     Ok(Err(e)) => (admission.refused)(
-                        "handshake",
+                        crate::model::Reason::Handshake,
                         peer,
                         format!("{} port: {}", admission.port, handshake_reason(&e)),
                     ),
                     Err(_) => (admission.refused)(
-                        "handshake_timeout",
+                        crate::model::Reason::HandshakeTimeout,
                         peer,
                         format!(
                             "{} port: no TLS handshake within {:?}",
