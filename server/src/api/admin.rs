@@ -1,6 +1,8 @@
 //! The Admin service (admin port): proto ⇄ `ops`. The operator comes from the peer certificate
-//! (`spiffe://<td>/ops/<role>/<name>`); `ops::audited` checks the role and audits the action. A
-//! call whose certificate names no operator is refused and audited too.
+//! (`spiffe://<td>/ops/<role>/<name>`); every handler goes through one wrapper ([`AdminApi::call`])
+//! into `ops::admin`, which takes the RPC's role and review rule from the table
+//! ([`crate::model::admin::ADMIN_RPCS`]), checks them and audits the action. A call whose
+//! certificate names no operator is refused and audited too.
 //!
 //! Owns: proto ⇄ typed conversion for the Admin service. Must not touch: ops policy.
 
@@ -13,9 +15,10 @@ use super::status::status;
 use super::{peer, runner_ca_info, ts};
 use crate::config::{KeySpec, TrustPolicy};
 use crate::identity::{IdentityError, Operator};
+use crate::model::admin::{Review, admin_rpc};
 use crate::model::{RevocationKind, RevocationRule};
 use crate::ops::revocations::RevokeInput;
-use crate::ops::{self, Access, OpsError, audited, audited_change, audited_change_unless};
+use crate::ops::{self, OpsError};
 use crate::state::SiteState;
 
 /// The Admin service.
@@ -43,6 +46,59 @@ impl AdminApi {
             ))),
         }
     }
+
+    /// The one admin wrapper: names the operator from the peer certificate, then runs `f`
+    /// through [`ops::admin`] under the rule the table gives `rpc` (role, lock, review, audit).
+    /// `summary` says what a change does, for an approver (reads have none).
+    async fn call<M: prost::Message, T>(
+        &self,
+        req: &Request<M>,
+        rpc: &'static str,
+        environment: &str,
+        summary: impl FnOnce(&M) -> String,
+        f: impl AsyncFnOnce(&Operator) -> Result<(T, String), OpsError>,
+    ) -> Result<T, Status> {
+        self.call_unless(req, rpc, environment, summary, |_| Ok(None), f)
+            .await
+    }
+
+    /// [`Self::call`] with an exemption from review, checked under the ops lock.
+    async fn call_unless<M: prost::Message, T>(
+        &self,
+        req: &Request<M>,
+        rpc: &'static str,
+        environment: &str,
+        summary: impl FnOnce(&M) -> String,
+        exempt: impl FnOnce(&Operator) -> Result<Option<String>, OpsError>,
+        f: impl AsyncFnOnce(&Operator) -> Result<(T, String), OpsError>,
+    ) -> Result<T, Status> {
+        let op = self.operator(req, rpc).await?;
+        let reviewed = admin_rpc(rpc).is_some_and(|r| r.review == Review::Request);
+        // Zeroized after use: an import carries a private key.
+        let (request, summary) = match reviewed {
+            true => (
+                zeroize::Zeroizing::new(req.get_ref().encode_to_vec()),
+                summary(req.get_ref()),
+            ),
+            false => (zeroize::Zeroizing::new(Vec::new()), String::new()),
+        };
+        ops::admin(
+            &self.0,
+            &op,
+            rpc,
+            environment,
+            (&request, &summary),
+            || exempt(&op),
+            async || f(&op).await,
+        )
+        .await
+        .map_err(|e| status(&e))
+    }
+}
+
+/// The summary of a call review never covers: none.
+fn no_summary<M>(_: &M) -> String {
+    String::new()
 }
 
 fn policy_info(env: &str, t: &TrustPolicy) -> v1::TrustPolicyInfo {
@@ -115,12 +171,6 @@ fn rule_info(r: &RevocationRule) -> v1::RevocationRule {
 
 type R<T> = Result<Response<T>, Status>;
 
-/// A change request's protobuf encoding (zeroized after use: an import carries a private key)
-/// and what it does in words, for two-person review.
-fn reviewed<M: prost::Message>(r: &M, summary: String) -> (zeroize::Zeroizing<Vec<u8>>, String) {
-    (zeroize::Zeroizing::new(r.encode_to_vec()), summary)
-}
-
 fn proposal_info(p: &ops::review::Proposal, now: i64) -> v1::ProposalInfo {
     v1::ProposalInfo {
         id: p.id.clone(),
@@ -154,16 +204,15 @@ impl v1::admin_server::Admin for AdminApi {
     type SnapshotStream = SnapshotStream;
 
     async fn snapshot(&self, req: Request<v1::SnapshotRequest>) -> R<Self::SnapshotStream> {
-        let op = self.operator(&req, "Snapshot").await?;
         let s = &self.0;
-        let (b, sum) = reviewed(req.get_ref(), "snapshot of the site".into());
-        let bytes = audited_change(s, &op, "Snapshot", "", (&b, &sum), async || {
-            let (bytes, seq) = s.snapshot().await?;
-            let detail = format!("snapshot through audit seq {seq}, {} bytes", bytes.len());
-            Ok((bytes, detail))
-        })
-        .await
-        .map_err(|e| status(&e))?;
+        let summary = |_: &_| "snapshot of the site".into();
+        let bytes = self
+            .call(&req, "Snapshot", "", summary, async |_| {
+                let (bytes, seq) = s.snapshot().await?;
+                let detail = format!("snapshot through audit seq {seq}, {} bytes", bytes.len());
+                Ok((bytes, detail))
+            })
+            .await?;
         let chunks: Vec<Result<v1::SnapshotChunk, Status>> = bytes
             .chunks(SNAPSHOT_CHUNK)
             .map(|c| Ok(v1::SnapshotChunk { data: c.to_vec() }))
@@ -175,13 +224,12 @@ impl v1::admin_server::Admin for AdminApi {
         &self,
         req: Request<v1::GetAuditPublicKeyRequest>,
     ) -> R<v1::AuditPublicKey> {
-        let op = self.operator(&req, "GetAuditPublicKey").await?;
         let s = &self.0;
-        let (key_id, der) = audited(s, &op, "GetAuditPublicKey", "", Access::Read, async || {
-            Ok((s.audit.public_key(), String::new()))
-        })
-        .await
-        .map_err(|e| status(&e))?;
+        let (key_id, der) = self
+            .call(&req, "GetAuditPublicKey", "", no_summary, async |_| {
+                Ok((s.audit.public_key(), String::new()))
+            })
+            .await?;
         Ok(Response::new(v1::AuditPublicKey {
             key_id,
             public_key_der: der,
@@ -192,121 +240,94 @@ impl v1::admin_server::Admin for AdminApi {
         &self,
         req: Request<v1::ExportAuditRequest>,
     ) -> R<Self::ExportAuditStream> {
-        let op = self.operator(&req, "ExportAudit").await?;
-        let r = req.into_inner();
-        let s = self.0.clone();
+        let r = req.get_ref();
         let detail = format!(
             "export since_seq={} since_time={} follow={}",
             r.since_seq, r.since_time, r.follow
         );
-        audited(
-            &s,
-            &op,
+        self.call(
+            &req,
             "ExportAudit",
             &r.environment,
-            Access::Read,
-            async || Ok(((), detail.clone())),
+            no_summary,
+            async |_| Ok(((), detail)),
         )
-        .await
-        .map_err(|e| status(&e))?;
-        Ok(Response::new(Box::pin(super::export::stream(s, r))))
+        .await?;
+        let stream = super::export::stream(self.0.clone(), req.into_inner());
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn list_issuers(
         &self,
         req: Request<v1::EnvironmentRequest>,
     ) -> R<v1::ListIssuersResponse> {
-        let op = self.operator(&req, "ListIssuers").await?;
-        let env = req.into_inner().environment;
-        let s = &self.0;
-        let out = audited(s, &op, "ListIssuers", &env, Access::Read, async || {
-            Ok((ops::runner_cas::list(s, &env)?, String::new()))
-        })
-        .await
-        .map_err(|e| status(&e))?;
+        let (s, env) = (&self.0, &req.get_ref().environment);
+        let out = self
+            .call(&req, "ListIssuers", env, no_summary, async |_| {
+                Ok((ops::runner_cas::list(s, env)?, String::new()))
+            })
+            .await?;
         Ok(Response::new(v1::ListIssuersResponse {
             issuers: out.iter().map(runner_ca_info).collect(),
         }))
     }
 
     async fn stage_issuer(&self, req: Request<v1::EnvironmentRequest>) -> R<v1::IssuerInfo> {
-        let op = self.operator(&req, "StageIssuer").await?;
-        let (b, sum) = reviewed(req.get_ref(), "stage a new runner CA".into());
-        let env = req.into_inner().environment;
-        let s = &self.0;
-        let r = audited_change(s, &op, "StageIssuer", &env, (&b, &sum), async || {
-            ops::runner_cas::stage(s, &env)
-        })
-        .await
-        .map_err(|e| status(&e))?;
+        let (s, env) = (&self.0, &req.get_ref().environment);
+        let summary = |_: &_| "stage a new runner CA".into();
+        let r = self
+            .call(&req, "StageIssuer", env, summary, async |_| {
+                ops::runner_cas::stage(s, env)
+            })
+            .await?;
         Ok(Response::new(runner_ca_info(&r)))
     }
 
     async fn activate_issuer(&self, req: Request<v1::IssuerRef>) -> R<v1::IssuerInfo> {
-        let op = self.operator(&req, "ActivateIssuer").await?;
-        let r = req.into_inner();
-        let (b, sum) = reviewed(&r, format!("activate runner CA `{}`", r.id));
-        let s = &self.0;
-        let out = audited_change(
-            s,
-            &op,
-            "ActivateIssuer",
-            &r.environment,
-            (&b, &sum),
-            async || ops::runner_cas::activate(s, &r.environment, &r.id),
-        )
-        .await
-        .map_err(|e| status(&e))?;
+        let (s, r) = (&self.0, req.get_ref());
+        let summary = |r: &v1::IssuerRef| format!("activate runner CA `{}`", r.id);
+        let out = self
+            .call(
+                &req,
+                "ActivateIssuer",
+                &r.environment,
+                summary,
+                async |_| ops::runner_cas::activate(s, &r.environment, &r.id),
+            )
+            .await?;
         Ok(Response::new(runner_ca_info(&out)))
     }
 
     async fn retire_issuer(&self, req: Request<v1::IssuerRef>) -> R<v1::IssuerInfo> {
-        let op = self.operator(&req, "RetireIssuer").await?;
-        let r = req.into_inner();
-        let (b, sum) = reviewed(&r, format!("retire runner CA `{}`", r.id));
-        let s = &self.0;
-        let out = audited_change(
-            s,
-            &op,
-            "RetireIssuer",
-            &r.environment,
-            (&b, &sum),
-            async || ops::runner_cas::retire(s, &r.environment, &r.id),
-        )
-        .await
-        .map_err(|e| status(&e))?;
+        let (s, r) = (&self.0, req.get_ref());
+        let summary = |r: &v1::IssuerRef| format!("retire runner CA `{}`", r.id);
+        let out = self
+            .call(&req, "RetireIssuer", &r.environment, summary, async |_| {
+                ops::runner_cas::retire(s, &r.environment, &r.id)
+            })
+            .await?;
         Ok(Response::new(runner_ca_info(&out)))
     }
 
     async fn revoke_issuer(&self, req: Request<v1::IssuerRef>) -> R<v1::IssuerInfo> {
-        let op = self.operator(&req, "RevokeIssuer").await?;
-        let r = req.into_inner();
-        let (b, sum) = reviewed(&r, format!("revoke runner CA `{}`", r.id));
-        let s = &self.0;
-        let out = audited_change(
-            s,
-            &op,
-            "RevokeIssuer",
-            &r.environment,
-            (&b, &sum),
-            async || ops::runner_cas::revoke(s, &r.environment, &r.id, &r.reason),
-        )
-        .await
-        .map_err(|e| status(&e))?;
+        let (s, r) = (&self.0, req.get_ref());
+        let summary = |r: &v1::IssuerRef| format!("revoke runner CA `{}`", r.id);
+        let out = self
+            .call(&req, "RevokeIssuer", &r.environment, summary, async |_| {
+                ops::runner_cas::revoke(s, &r.environment, &r.id, &r.reason)
+            })
+            .await?;
         Ok(Response::new(runner_ca_info(&out)))
     }
 
     async fn distrust(&self, req: Request<v1::DistrustRequest>) -> R<v1::DistrustList> {
-        let op = self.operator(&req, "Distrust").await?;
-        let r = req.into_inner();
-        let (b, sum) = reviewed(
-            &r,
+        let (s, r) = (&self.0, req.get_ref());
+        let summary = |r: &v1::DistrustRequest| {
             format!(
                 "distrust in `{}`: job {:?} pipeline {:?} runner {:?} region {:?} key {:?}",
                 r.environment, r.job_id, r.pipeline_id, r.runner_fingerprint, r.region, r.key_id
-            ),
-        );
-        let s = &self.0;
+            )
+        };
         let rule = ops::distrust::NewRule {
             job_id: r.job_id.clone(),
             pipeline_id: r.pipeline_id.clone(),
@@ -317,39 +338,31 @@ impl v1::admin_server::Admin for AdminApi {
             not_after: r.not_after.map(|t| t.seconds),
             reason: r.reason.clone(),
         };
-        let out = audited_change(s, &op, "Distrust", &r.environment, (&b, &sum), async || {
-            ops::distrust::add(s, &op, &r.environment, rule)
-        })
-        .await
-        .map_err(|e| status(&e))?;
+        let out = self
+            .call(&req, "Distrust", &r.environment, summary, async |op| {
+                ops::distrust::add(s, op, &r.environment, rule)
+            })
+            .await?;
         Ok(Response::new(super::distrust_list(out)))
     }
 
     async fn undistrust(&self, req: Request<v1::UndistrustRequest>) -> R<v1::DistrustList> {
-        let op = self.operator(&req, "Undistrust").await?;
-        let r = req.into_inner();
-        let (b, sum) = reviewed(
-            &r,
-            format!("remove distrust rule `{}` in `{}`", r.id, r.environment),
-        );
-        let s = &self.0;
-        let out = audited_change(
-            s,
-            &op,
-            "Undistrust",
-            &r.environment,
-            (&b, &sum),
-            async || ops::distrust::remove(s, &r.environment, &r.id),
-        )
-        .await
-        .map_err(|e| status(&e))?;
+        let (s, r) = (&self.0, req.get_ref());
+        let summary = |r: &v1::UndistrustRequest| {
+            format!("remove distrust rule `{}` in `{}`", r.id, r.environment)
+        };
+        let out = self
+            .call(&req, "Undistrust", &r.environment, summary, async |_| {
+                ops::distrust::remove(s, &r.environment, &r.id)
+            })
+            .await?;
         Ok(Response::new(super::distrust_list(out)))
     }
 
     async fn revoke(&self, req: Request<v1::RevokeRequest>) -> R<v1::RevokeResponse> {
-        let op = self.operator(&req, "Revoke").await?;
-        let r = req.into_inner();
-        let (b, sum) = reviewed(&r, format!("revoke {:?} region={:?}", r.target, r.region));
+        let (s, r) = (&self.0, req.get_ref());
+        let summary =
+            |r: &v1::RevokeRequest| format!("revoke {:?} region={:?}", r.target, r.region);
         let target = match r.target.clone() {
             Some(v1::revoke_request::Target::Serial(v)) => Some((RevocationKind::Serial, v)),
             Some(v1::revoke_request::Target::JobId(v)) => Some((RevocationKind::JobId, v)),
@@ -361,23 +374,22 @@ impl v1::admin_server::Admin for AdminApi {
             }
             None => None,
         };
-        let s = &self.0;
-        let (rule, serials) = audited_change(s, &op, "Revoke", "", (&b, &sum), async || {
-            let (kind, value) = target.ok_or_else(|| {
-                OpsError::Invalid("give one of serial, job_id, pipeline_id, fingerprint".into())
-            })?;
-            let input = RevokeInput {
-                kind,
-                value,
-                region: Some(r.region.clone()),
-                since: (r.since != 0).then_some(r.since),
-                until: (r.until != 0).then_some(r.until),
-                reason: r.reason.clone(),
-            };
-            ops::revocations::revoke(s, &op, input)
-        })
-        .await
-        .map_err(|e| status(&e))?;
+        let (rule, serials) = self
+            .call(&req, "Revoke", "", summary, async |op| {
+                let (kind, value) = target.ok_or_else(|| {
+                    OpsError::Invalid("give one of serial, job_id, pipeline_id, fingerprint".into())
+                })?;
+                let input = RevokeInput {
+                    kind,
+                    value,
+                    region: Some(r.region.clone()),
+                    since: (r.since != 0).then_some(r.since),
+                    until: (r.until != 0).then_some(r.until),
+                    reason: r.reason.clone(),
+                };
+                ops::revocations::revoke(s, op, input)
+            })
+            .await?;
         Ok(Response::new(v1::RevokeResponse {
             serials,
             rule_id: rule.id,
@@ -388,136 +400,45 @@ impl v1::admin_server::Admin for AdminApi {
         &self,
         req: Request<v1::ListRevocationsRequest>,
     ) -> R<v1::ListRevocationsResponse> {
-        let op = self.operator(&req, "ListRevocations").await?;
         let s = &self.0;
-        let rules = audited(s, &op, "ListRevocations", "", Access::Read, async || {
-            Ok((s.revocations(), String::new()))
-        })
-        .await
-        .map_err(|e| status(&e))?;
+        let rules = self
+            .call(&req, "ListRevocations", "", no_summary, async |_| {
+                Ok((s.revocations(), String::new()))
+            })
+            .await?;
         Ok(Response::new(v1::ListRevocationsResponse {
             rules: rules.iter().map(rule_info).collect(),
         }))
     }
 
     async fn status(&self, req: Request<v1::StatusRequest>) -> R<v1::SiteStatus> {
-        let op = self.operator(&req, "Status").await?;
         let s = &self.0;
-        audited(s, &op, "Status", "", Access::Read, async || {
+        self.call(&req, "Status", "", no_summary, async |_| {
             Ok(((), String::new()))
         })
-        .await
-        .map_err(|e| status(&e))?;
-        let now = s.clock.unix();
-        let cfg = s.config();
-        let keys = s.keys();
-        let last = s
-            .metrics
-            .last_checkpoint_unix
-            .load(std::sync::atomic::Ordering::Relaxed);
-        let environments = cfg
-            .environments
-            .iter()
-            .map(|e| v1::EnvironmentStatus {
-                name: e.name.clone(),
-                audience: e.audience.clone(),
-                runner_cas: s
-                    .runner_cas(&e.name)
-                    .map(|cas| {
-                        cas.trusted(now)
-                            .into_iter()
-                            .map(|r| {
-                                let mut info = runner_ca_info(r);
-                                info.rotation_due = runner_ca_rotation_due(r, now, &cfg);
-                                info
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-                keys: e
-                    .signing_keys
-                    .iter()
-                    .map(|k| {
-                        let newest = keys
-                            .versions(&e.name, &k.alias)
-                            .and_then(|v| v.last())
-                            .map(|v| (v.record.version, v.record.created_at));
-                        v1::KeyStatus {
-                            alias: k.alias.clone(),
-                            algorithm: k.algorithm.as_str().to_string(),
-                            newest_version: newest.map_or(0, |n| n.0),
-                            newest_age_days: newest.map_or(0.0, |n| (now - n.1) as f64 / 86_400.0),
-                            disabled: k.disabled,
-                            rotation_due: newest.is_some_and(|n| {
-                                rotation_due(now - n.1, cfg.keys.rotation_age_days)
-                            }),
-                        }
-                    })
-                    .collect(),
-                trust_policies: e
-                    .trust_policies
-                    .iter()
-                    .map(|t| policy_info(&e.name, t))
-                    .collect(),
-            })
-            .collect();
-        let mut st = v1::SiteStatus {
-            region: cfg.region.clone(),
-            writable: !s.audit.is_failing(),
-            audit_head_seq: *s.audit.head().borrow(),
-            last_checkpoint_age_seconds: if last > 0 { now - last } else { -1 },
-            revocation_rules: u32::try_from(s.revocations().len()).unwrap_or(u32::MAX),
-            environments,
-            audit_retention_days: ops::housekeeping::retention_days(s).map_err(|e| status(&e))?,
-            reviewed_operations: cfg.review.operations.iter().cloned().collect(),
-            pending_proposals: u32::try_from(
-                ops::review::list(s)
-                    .map_err(|e| status(&e))?
-                    .iter()
-                    .filter(|p| p.state(now) == ops::review::ProposalState::Pending)
-                    .count(),
-            )
-            .unwrap_or(u32::MAX),
-            last_reload: s.last_reload().map(|r| v1::ReloadStatus {
-                at: Some(ts(r.at)),
-                applied: r.applied,
-                config_sha256: r.config_sha256.clone(),
-                message: r.message.clone(),
-                changes_json: r.changes_json.clone(),
-                widens: r.widens,
-            }),
-            ..Default::default()
-        };
-        st.set_engine_word(if cfg.postgres.is_some() {
-            "postgres"
-        } else {
-            "sled"
-        });
-        Ok(Response::new(st))
+        .await?;
+        site_status(s).map(Response::new)
     }
 
     async fn get_job_usage(&self, req: Request<v1::JobUsageRequest>) -> R<v1::JobUsage> {
-        let op = self.operator(&req, "GetJobUsage").await?;
-        let s = &self.0;
-        let r = req.into_inner();
-        let (usage, budgets) = audited(
-            s,
-            &op,
-            "GetJobUsage",
-            &r.environment,
-            Access::Read,
-            async || {
-                Ok((
-                    ops::keys::job_usage(s, &r.environment, &r.job_id)?,
-                    String::new(),
-                ))
-            },
-        )
-        .await
-        .map_err(|e| status(&e))?;
+        let (s, r) = (&self.0, req.get_ref());
+        let (usage, budgets) = self
+            .call(
+                &req,
+                "GetJobUsage",
+                &r.environment,
+                no_summary,
+                async |_| {
+                    Ok((
+                        ops::keys::job_usage(s, &r.environment, &r.job_id)?,
+                        String::new(),
+                    ))
+                },
+            )
+            .await?;
         Ok(Response::new(v1::JobUsage {
-            environment: r.environment,
-            job_id: r.job_id,
+            environment: r.environment.clone(),
+            job_id: r.job_id.clone(),
             keys: usage
                 .keys
                 .into_iter()
@@ -539,30 +460,21 @@ impl v1::admin_server::Admin for AdminApi {
         &self,
         req: Request<v1::EnvironmentRequest>,
     ) -> R<v1::ListTrustPoliciesResponse> {
-        let op = self.operator(&req, "ListTrustPolicies").await?;
-        let env = req.into_inner().environment;
-        let s = &self.0;
-        let cfg = audited(
-            s,
-            &op,
-            "ListTrustPolicies",
-            &env,
-            Access::Read,
-            async || {
+        let (s, env) = (&self.0, &req.get_ref().environment);
+        let cfg = self
+            .call(&req, "ListTrustPolicies", env, no_summary, async |_| {
                 let cfg = s.config();
-                cfg.environment(&env)
+                cfg.environment(env)
                     .ok_or_else(|| OpsError::NotFound(format!("environment `{env}`")))?;
                 Ok((cfg, String::new()))
-            },
-        )
-        .await
-        .map_err(|e| status(&e))?;
+            })
+            .await?;
         let policies = cfg
-            .environment(&env)
+            .environment(env)
             .map(|p| {
                 p.trust_policies
                     .iter()
-                    .map(|t| policy_info(&env, t))
+                    .map(|t| policy_info(env, t))
                     .collect()
             })
             .unwrap_or_default();
@@ -573,16 +485,13 @@ impl v1::admin_server::Admin for AdminApi {
         &self,
         req: Request<v1::SetTrustPolicyEnabledRequest>,
     ) -> R<v1::TrustPolicyInfo> {
-        let op = self.operator(&req, "SetTrustPolicyEnabled").await?;
-        let r = req.into_inner();
-        let s = &self.0;
+        let (s, r) = (&self.0, req.get_ref());
         let rpc = if r.enabled {
             "EnableTrustPolicy"
         } else {
             "DisableTrustPolicy"
         };
-        let (b, sum) = reviewed(
-            &r,
+        let summary = |r: &v1::SetTrustPolicyEnabledRequest| {
             format!(
                 "{} trust policy of issuer `{}`{}",
                 if r.enabled { "enable" } else { "disable" },
@@ -592,20 +501,15 @@ impl v1::admin_server::Admin for AdminApi {
                 } else {
                     ""
                 }
-            ),
-        );
-        let exempt = || match r.enabled {
+            )
+        };
+        // Re-enabling a policy one disabled oneself needs no second admin.
+        let exempt = |op: &Operator| match r.enabled {
             true => ops::trust::undoes_own_disable(s, &op.id, &r.environment, &r.issuer),
             false => Ok(None),
         };
-        let t = audited_change_unless(
-            s,
-            &op,
-            rpc,
-            &r.environment,
-            (&b, &sum),
-            exempt,
-            async || {
+        let t = self
+            .call_unless(&req, rpc, &r.environment, summary, exempt, async |op| {
                 ops::trust::set_policy_enabled(
                     s,
                     &op.id,
@@ -614,59 +518,46 @@ impl v1::admin_server::Admin for AdminApi {
                     r.enabled,
                     r.keep_sessions,
                 )
-            },
-        )
-        .await
-        .map_err(|e| status(&e))?;
+            })
+            .await?;
         Ok(Response::new(policy_info(&r.environment, &t)))
     }
 
     async fn set_jwks(&self, req: Request<v1::SetJwksRequest>) -> R<v1::TrustPolicyInfo> {
-        let op = self.operator(&req, "SetJwks").await?;
-        let r = req.into_inner();
-        let (b, sum) = reviewed(
-            &r,
+        let (s, r) = (&self.0, req.get_ref());
+        let summary = |r: &v1::SetJwksRequest| {
             format!(
                 "pin a new JWKS ({} bytes) for issuer `{}`",
                 r.jwks_json.len(),
                 r.issuer
-            ),
-        );
-        let s = &self.0;
-        let t = audited_change(s, &op, "SetJwks", &r.environment, (&b, &sum), async || {
-            ops::trust::set_jwks(s, &op.id, &r.environment, &r.issuer, &r.jwks_json)
-        })
-        .await
-        .map_err(|e| status(&e))?;
+            )
+        };
+        let t = self
+            .call(&req, "SetJwks", &r.environment, summary, async |op| {
+                ops::trust::set_jwks(s, &op.id, &r.environment, &r.issuer, &r.jwks_json)
+            })
+            .await?;
         Ok(Response::new(policy_info(&r.environment, &t)))
     }
 
     async fn list_keys(&self, req: Request<v1::EnvironmentRequest>) -> R<v1::ListKeysResponse> {
-        let op = self.operator(&req, "ListKeys").await?;
-        let env = req.into_inner().environment;
-        let s = &self.0;
-        let specs = audited(s, &op, "ListKeys", &env, Access::Read, async || {
-            Ok((ops::keys::list_keys(s, &env)?, String::new()))
-        })
-        .await
-        .map_err(|e| status(&e))?;
+        let (s, env) = (&self.0, &req.get_ref().environment);
+        let specs = self
+            .call(&req, "ListKeys", env, no_summary, async |_| {
+                Ok((ops::keys::list_keys(s, env)?, String::new()))
+            })
+            .await?;
         Ok(Response::new(v1::ListKeysResponse {
-            keys: specs.iter().map(|k| key_info(s, &env, k)).collect(),
+            keys: specs.iter().map(|k| key_info(s, env, k)).collect(),
         }))
     }
 
     async fn create_key(&self, req: Request<v1::CreateKeyRequest>) -> R<v1::KeyInfo> {
-        let op = self.operator(&req, "CreateKey").await?;
-        let r = req.into_inner();
-        let (b, sum) = reviewed(&r, format!("create key `{}` ({})", r.alias, r.algorithm));
-        let s = &self.0;
-        let spec = audited_change(
-            s,
-            &op,
-            "CreateKey",
-            &r.environment,
-            (&b, &sum),
-            async || {
+        let (s, r) = (&self.0, req.get_ref());
+        let summary =
+            |r: &v1::CreateKeyRequest| format!("create key `{}` ({})", r.alias, r.algorithm);
+        let spec = self
+            .call(&req, "CreateKey", &r.environment, summary, async |_| {
                 ops::keys::create_key_alias(
                     s,
                     &r.environment,
@@ -676,73 +567,48 @@ impl v1::admin_server::Admin for AdminApi {
                     &r.purposes,
                     &r.backend,
                 )
-            },
-        )
-        .await
-        .map_err(|e| status(&e))?;
+            })
+            .await?;
         Ok(Response::new(key_info(s, &r.environment, &spec)))
     }
 
     async fn rotate_key(&self, req: Request<v1::KeyRef>) -> R<v1::KeyInfo> {
-        let op = self.operator(&req, "RotateKey").await?;
-        let r = req.into_inner();
-        let (b, sum) = reviewed(&r, format!("rotate key `{}`", r.alias));
-        let s = &self.0;
-        let spec = audited_change(
-            s,
-            &op,
-            "RotateKey",
-            &r.environment,
-            (&b, &sum),
-            async || ops::keys::rotate_key(s, &r.environment, &r.alias),
-        )
-        .await
-        .map_err(|e| status(&e))?;
+        let (s, r) = (&self.0, req.get_ref());
+        let summary = |r: &v1::KeyRef| format!("rotate key `{}`", r.alias);
+        let spec = self
+            .call(&req, "RotateKey", &r.environment, summary, async |_| {
+                ops::keys::rotate_key(s, &r.environment, &r.alias)
+            })
+            .await?;
         Ok(Response::new(key_info(s, &r.environment, &spec)))
     }
 
     async fn disable_key(&self, req: Request<v1::KeyRef>) -> R<v1::KeyInfo> {
-        let op = self.operator(&req, "DisableKey").await?;
-        let r = req.into_inner();
-        let (b, sum) = reviewed(&r, format!("disable key `{}`", r.alias));
-        let s = &self.0;
-        let spec = audited_change(
-            s,
-            &op,
-            "DisableKey",
-            &r.environment,
-            (&b, &sum),
-            async || ops::keys::disable_key(s, &r.environment, &r.alias),
-        )
-        .await
-        .map_err(|e| status(&e))?;
+        let (s, r) = (&self.0, req.get_ref());
+        let summary = |r: &v1::KeyRef| format!("disable key `{}`", r.alias);
+        let spec = self
+            .call(&req, "DisableKey", &r.environment, summary, async |_| {
+                ops::keys::disable_key(s, &r.environment, &r.alias)
+            })
+            .await?;
         Ok(Response::new(key_info(s, &r.environment, &spec)))
     }
 
     async fn create_key_csr(&self, req: Request<v1::KeyCsrRequest>) -> R<v1::KeyCsr> {
-        let op = self.operator(&req, "CreateKeyCsr").await?;
-        let r = req.into_inner();
-        let (b, sum) = reviewed(
-            &r,
-            format!("CSR for key `{}` (CN {})", r.alias, r.common_name),
-        );
-        let s = &self.0;
+        let (s, r) = (&self.0, req.get_ref());
+        let summary =
+            |r: &v1::KeyCsrRequest| format!("CSR for key `{}` (CN {})", r.alias, r.common_name);
         let subject = ops::keys::CsrSubject {
             common_name: r.common_name.clone(),
             email: r.email.clone(),
             organization: r.organization.clone(),
             country: r.country.clone(),
         };
-        let (key_id, csr_pem) = audited_change(
-            s,
-            &op,
-            "CreateKeyCsr",
-            &r.environment,
-            (&b, &sum),
-            async || ops::keys::key_csr(s, &r.environment, &r.alias, &subject),
-        )
-        .await
-        .map_err(|e| status(&e))?;
+        let (key_id, csr_pem) = self
+            .call(&req, "CreateKeyCsr", &r.environment, summary, async |_| {
+                ops::keys::key_csr(s, &r.environment, &r.alias, &subject)
+            })
+            .await?;
         Ok(Response::new(v1::KeyCsr { key_id, csr_pem }))
     }
 
@@ -750,77 +616,65 @@ impl v1::admin_server::Admin for AdminApi {
         &self,
         req: Request<v1::SetKeyCertificateRequest>,
     ) -> R<v1::KeyInfo> {
-        let op = self.operator(&req, "SetKeyCertificate").await?;
-        let r = req.into_inner();
-        let (b, sum) = reviewed(
-            &r,
-            format!("attach a certificate chain to key `{}`", r.alias),
-        );
-        let s = &self.0;
-        let spec = audited_change(
-            s,
-            &op,
-            "SetKeyCertificate",
-            &r.environment,
-            (&b, &sum),
-            async || ops::keys::set_key_certificate(s, &r.environment, &r.alias, &r.chain_pem),
-        )
-        .await
-        .map_err(|e| status(&e))?;
+        let (s, r) = (&self.0, req.get_ref());
+        let summary = |r: &v1::SetKeyCertificateRequest| {
+            format!("attach a certificate chain to key `{}`", r.alias)
+        };
+        let spec = self
+            .call(
+                &req,
+                "SetKeyCertificate",
+                &r.environment,
+                summary,
+                async |_| ops::keys::set_key_certificate(s, &r.environment, &r.alias, &r.chain_pem),
+            )
+            .await?;
         Ok(Response::new(key_info(s, &r.environment, &spec)))
     }
 
     async fn import_key(&self, req: Request<v1::ImportKeyRequest>) -> R<v1::KeyInfo> {
-        let op = self.operator(&req, "ImportKey").await?;
-        let r = req.into_inner();
-        // The digest covers the key: an approval is for this key, not any key under the alias.
-        let (b, sum) = reviewed(
-            &r,
+        let (s, r) = (&self.0, req.get_ref());
+        let key_sha256 = hex::encode(aws_lc_rs::digest::digest(
+            &aws_lc_rs::digest::SHA256,
+            &r.pkcs8_pem,
+        ));
+        // The request's digest (which a proposal binds) covers the key: an approval is for this
+        // key, not any key under the alias; the summary names it by its SHA-256.
+        let summary = |r: &v1::ImportKeyRequest| {
             format!(
-                "import a key as `{}` (private key sha256 {})",
-                r.alias,
-                hex::encode(aws_lc_rs::digest::digest(
-                    &aws_lc_rs::digest::SHA256,
-                    &r.pkcs8_pem
-                ))
-            ),
-        );
-        let pem = zeroize::Zeroizing::new(r.pkcs8_pem);
-        let s = &self.0;
-        let spec = audited_change(
-            s,
-            &op,
-            "ImportKey",
-            &r.environment,
-            (&b, &sum),
-            async || {
+                "import a key as `{}` (private key sha256 {key_sha256})",
+                r.alias
+            )
+        };
+        let spec = self
+            .call(&req, "ImportKey", &r.environment, summary, async |_| {
                 ops::keys::import_key(
                     s,
                     &r.environment,
                     &r.alias,
-                    (&pem, &r.chain_pem),
+                    (&r.pkcs8_pem, &r.chain_pem),
                     (r.repositories.clone(), r.refs.clone()),
                     &r.purposes,
                     &r.backend,
                 )
-            },
-        )
-        .await
-        .map_err(|e| status(&e))?;
-        Ok(Response::new(key_info(s, &r.environment, &spec)))
+            })
+            .await;
+        // The key is zeroized once handled, refused or not.
+        let environment = r.environment.clone();
+        drop(zeroize::Zeroizing::new(req.into_inner().pkcs8_pem));
+        Ok(Response::new(key_info(s, &environment, &spec?)))
     }
 
     async fn list_proposals(
         &self,
         req: Request<v1::ListProposalsRequest>,
     ) -> R<v1::ListProposalsResponse> {
-        let op = self.operator(&req, "ListProposals").await?;
         let s = &self.0;
-        let all = audited(s, &op, "ListProposals", "", Access::Read, async || {
-            Ok((ops::review::list(s)?, String::new()))
-        })
-        .await
-        .map_err(|e| status(&e))?;
+        let all = self
+            .call(&req, "ListProposals", "", no_summary, async |_| {
+                Ok((ops::review::list(s)?, String::new()))
+            })
+            .await?;
         let now = s.clock.unix();
         Ok(Response::new(v1::ListProposalsResponse {
             proposals: all.iter().map(|p| proposal_info(p, now)).collect(),
@@ -831,51 +685,23 @@ impl v1::admin_server::Admin for AdminApi {
         &self,
         req: Request<v1::ApproveProposalRequest>,
     ) -> R<v1::ProposalInfo> {
-        let op = self.operator(&req, "ApproveProposal").await?;
-        let id = req.into_inner().id;
-        let s = &self.0;
-        let p = audited(s, &op, "ApproveProposal", "", Access::Write, async || {
-            ops::review::approve(s, &op, &id)
-        })
-        .await
-        .map_err(|e| status(&e))?;
+        let (s, id) = (&self.0, &req.get_ref().id);
+        let p = self
+            .call(&req, "ApproveProposal", "", no_summary, async |op| {
+                ops::review::approve(s, op, id)
+            })
+            .await?;
         Ok(Response::new(proposal_info(&p, s.clock.unix())))
     }
 
     async fn propose_config(&self, req: Request<v1::ProposeConfigRequest>) -> R<v1::ProposalInfo> {
-        let op = self.operator(&req, "ProposeConfig").await?;
-        let sha = req.into_inner().config_sha256;
-        let s = &self.0;
-        // What the approver is asked to approve: the widening this replica refused for that
-        // file, when it saw it.
-        let short: String = sha.chars().take(12).collect();
-        let summary = match s.last_reload() {
-            Some(r) if r.config_sha256 == sha && !r.applied => {
-                let changes: Vec<serde_json::Value> =
-                    serde_json::from_str(&r.changes_json).unwrap_or_default();
-                let widening: Vec<String> = changes
-                    .iter()
-                    .filter(|c| c["widens"] == true)
-                    .map(|c| {
-                        format!(
-                            "{} {}",
-                            c["at"].as_str().unwrap_or(""),
-                            c["change"].as_str().unwrap_or("")
-                        )
-                    })
-                    .collect();
-                format!(
-                    "reload config {short}…, which widens: {}",
-                    widening.join("; ")
-                )
-            }
-            _ => format!("reload config {short}… (not yet read by this replica)"),
-        };
-        let p = audited(s, &op, "ProposeConfig", "", Access::Write, async || {
-            ops::review::propose_config(s, &op, &sha, &summary)
-        })
-        .await
-        .map_err(|e| status(&e))?;
+        let (s, sha) = (&self.0, &req.get_ref().config_sha256);
+        let summary = config_proposal_summary(s, sha);
+        let p = self
+            .call(&req, "ProposeConfig", "", no_summary, async |op| {
+                ops::review::propose_config(s, op, sha, &summary)
+            })
+            .await?;
         Ok(Response::new(proposal_info(&p, s.clock.unix())))
     }
 
@@ -883,18 +709,172 @@ impl v1::admin_server::Admin for AdminApi {
         &self,
         req: Request<v1::SetAuditRetentionRequest>,
     ) -> R<v1::SetAuditRetentionResponse> {
-        let op = self.operator(&req, "SetAuditRetention").await?;
-        let r = req.into_inner();
-        let (b, sum) = reviewed(&r, format!("keep audit entries {} days", r.retention_days));
-        let s = &self.0;
-        let retention_days =
-            audited_change(s, &op, "SetAuditRetention", "", (&b, &sum), async || {
-                ops::housekeeping::set_retention(s, r.retention_days)
+        let (s, days) = (&self.0, req.get_ref().retention_days);
+        let summary = |_: &_| format!("keep audit entries {days} days");
+        let retention_days = self
+            .call(&req, "SetAuditRetention", "", summary, async |_| {
+                ops::housekeeping::set_retention(s, days)
             })
-            .await
-            .map_err(|e| status(&e))?;
+            .await?;
         Ok(Response::new(v1::SetAuditRetentionResponse {
             retention_days,
         }))
+    }
+}
+
+/// The site's status (after the `Status` call was authorized and audited).
+fn site_status(s: &SiteState) -> Result<v1::SiteStatus, Status> {
+    let now = s.clock.unix();
+    let cfg = s.config();
+    let keys = s.keys();
+    let last = s
+        .metrics
+        .last_checkpoint_unix
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let environments = cfg
+        .environments
+        .iter()
+        .map(|e| v1::EnvironmentStatus {
+            name: e.name.clone(),
+            audience: e.audience.clone(),
+            runner_cas: s
+                .runner_cas(&e.name)
+                .map(|cas| {
+                    cas.trusted(now)
+                        .into_iter()
+                        .map(|r| {
+                            let mut info = runner_ca_info(r);
+                            info.rotation_due = runner_ca_rotation_due(r, now, &cfg);
+                            info
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            keys: e
+                .signing_keys
+                .iter()
+                .map(|k| {
+                    let newest = keys
+                        .versions(&e.name, &k.alias)
+                        .and_then(|v| v.last())
+                        .map(|v| (v.record.version, v.record.created_at));
+                    v1::KeyStatus {
+                        alias: k.alias.clone(),
+                        algorithm: k.algorithm.as_str().to_string(),
+                        newest_version: newest.map_or(0, |n| n.0),
+                        newest_age_days: newest.map_or(0.0, |n| (now - n.1) as f64 / 86_400.0),
+                        disabled: k.disabled,
+                        rotation_due: newest
+                            .is_some_and(|n| rotation_due(now - n.1, cfg.keys.rotation_age_days)),
+                    }
+                })
+                .collect(),
+            trust_policies: e
+                .trust_policies
+                .iter()
+                .map(|t| policy_info(&e.name, t))
+                .collect(),
+        })
+        .collect();
+    let mut st = v1::SiteStatus {
+        region: cfg.region.clone(),
+        writable: !s.audit.is_failing(),
+        audit_head_seq: *s.audit.head().borrow(),
+        last_checkpoint_age_seconds: if last > 0 { now - last } else { -1 },
+        revocation_rules: u32::try_from(s.revocations().len()).unwrap_or(u32::MAX),
+        environments,
+        audit_retention_days: ops::housekeeping::retention_days(s).map_err(|e| status(&e))?,
+        reviewed_operations: cfg.review.operations.iter().cloned().collect(),
+        pending_proposals: u32::try_from(
+            ops::review::list(s)
+                .map_err(|e| status(&e))?
+                .iter()
+                .filter(|p| p.state(now) == ops::review::ProposalState::Pending)
+                .count(),
+        )
+        .unwrap_or(u32::MAX),
+        last_reload: s.last_reload().map(|r| v1::ReloadStatus {
+            at: Some(ts(r.at)),
+            applied: r.applied,
+            config_sha256: r.config_sha256.clone(),
+            message: r.message.clone(),
+            changes_json: r.changes_json.clone(),
+            widens: r.widens,
+        }),
+        ..Default::default()
+    };
+    st.set_engine_word(if cfg.postgres.is_some() {
+        "postgres"
+    } else {
+        "sled"
+    });
+    Ok(st)
+}
+
+/// What an approver of a config proposal is asked to approve: the widening this replica
+/// refused for that file, when it saw it.
+fn config_proposal_summary(s: &SiteState, sha: &str) -> String {
+    let short: String = sha.chars().take(12).collect();
+    match s.last_reload() {
+        Some(r) if r.config_sha256 == sha && !r.applied => {
+            let changes: Vec<serde_json::Value> =
+                serde_json::from_str(&r.changes_json).unwrap_or_default();
+            let widening: Vec<String> = changes
+                .iter()
+                .filter(|c| c["widens"] == true)
+                .map(|c| {
+                    format!(
+                        "{} {}",
+                        c["at"].as_str().unwrap_or(""),
+                        c["change"].as_str().unwrap_or("")
+                    )
+                })
+                .collect();
+            format!(
+                "reload config {short}…, which widens: {}",
+                widening.join("; ")
+            )
+        }
+        _ => format!("reload config {short}… (not yet read by this replica)"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::model::admin::{ADMIN_RPCS, admin_rpc};
+    use prost::Message as _;
+
+    /// The table and the contract name the same operations: every Admin RPC has a rule, and
+    /// every rule is an RPC (or one of the names an RPC is audited as, or the SIGHUP reload).
+    #[test]
+    fn every_admin_rpc_has_one_rule_in_the_table() -> Result<(), Box<dyn std::error::Error>> {
+        let fds = prost_types::FileDescriptorSet::decode(meshsign_proto::FILE_DESCRIPTOR_SET)?;
+        let admin = fds
+            .file
+            .iter()
+            .filter(|f| f.package() == "meshsign.v1")
+            .flat_map(|f| f.service.iter())
+            .find(|s| s.name() == "Admin")
+            .ok_or("no Admin service in the contract")?;
+        let methods: Vec<&str> = admin.method.iter().map(|m| m.name()).collect();
+        fn audited_as(m: &str) -> Vec<&str> {
+            match m {
+                "SetTrustPolicyEnabled" => vec!["EnableTrustPolicy", "DisableTrustPolicy"],
+                m => vec![m],
+            }
+        }
+        for m in &methods {
+            for name in audited_as(m) {
+                assert!(admin_rpc(name).is_some(), "Admin.{name} has no rule");
+            }
+        }
+        for r in ADMIN_RPCS {
+            assert!(
+                r.name == "Reload" || methods.iter().any(|m| audited_as(m).contains(&r.name)),
+                "rule {} is no Admin RPC",
+                r.name
+            );
+        }
+        Ok(())
     }
 }

@@ -17,7 +17,7 @@ use super::connections::ConnectionLimiter;
 use super::tls::{self, ListenerTls, TlsError};
 use crate::config::SiteConfig;
 use crate::identity::Operator;
-use crate::ops::{self, Access, OpsError};
+use crate::ops::{self, OpsError};
 use crate::state::SiteState;
 
 /// How often a site whose writes fail tries to make its store writable again.
@@ -142,16 +142,27 @@ impl SiteHandle {
         let state = &self.state;
         let op = Operator::local("SIGHUP");
         let tls = self.tls.clone();
-        ops::audited(state, &op, "Reload", "", Access::Write, async || {
-            // TLS first: nothing changes unless every file of the new `[tls]` loads.
-            let staged = ListenerTls::load(&file.tls, &state.runner_roots(), state.clock.clone())
-                .map_err(|e| OpsError::Invalid(format!("tls: {e}")))?;
-            drop(staged);
-            let detail = ops::trust::reload(state, file.clone())?;
-            tls.reload(&file.tls, &state.runner_roots())
-                .map_err(|e| OpsError::Invalid(format!("tls: {e}")))?;
-            Ok(((), format!("{detail}; [tls] re-read")))
-        })
+        // Review of a reload is by the file (ops::trust::reload checks its approval).
+        let no_exemption = || Ok(None);
+        ops::admin(
+            state,
+            &op,
+            "Reload",
+            "",
+            (&[], ""),
+            no_exemption,
+            async || {
+                // TLS first: nothing changes unless every file of the new `[tls]` loads.
+                let staged =
+                    ListenerTls::load(&file.tls, &state.runner_roots(), state.clock.clone())
+                        .map_err(|e| OpsError::Invalid(format!("tls: {e}")))?;
+                drop(staged);
+                let detail = ops::trust::reload(state, file.clone())?;
+                tls.reload(&file.tls, &state.runner_roots())
+                    .map_err(|e| OpsError::Invalid(format!("tls: {e}")))?;
+                Ok(((), format!("{detail}; [tls] re-read")))
+            },
+        )
         .await
     }
 }

@@ -8,6 +8,7 @@
 //! Relative paths are taken from the config file's folder. See `deploy/site.example.toml`.
 
 pub mod diff;
+mod validate;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
@@ -16,9 +17,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::identity::jwt::Jwks;
-use crate::model::{
-    AccessRule, JOB_FIELDS, KeyAlgorithm, NAME_RULE, Provider, Purpose, default_purposes, is_name,
-};
+use crate::model::{AccessRule, KeyAlgorithm, Provider, Purpose, default_purposes};
 
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
@@ -368,32 +367,6 @@ pub struct SiteConfig {
     pub source_sha256: String,
 }
 
-/// Admin operations that two-person review may cover: every change the Admin service makes,
-/// named as in the audit log (`Admin.<name>`).
-pub const REVIEWABLE_OPERATIONS: [&str; 19] = [
-    "StageIssuer",
-    "ActivateIssuer",
-    "RetireIssuer",
-    "RevokeIssuer",
-    "Revoke",
-    "DisableTrustPolicy",
-    "EnableTrustPolicy",
-    "SetJwks",
-    "CreateKey",
-    "RotateKey",
-    "DisableKey",
-    "ImportKey",
-    "CreateKeyCsr",
-    "SetKeyCertificate",
-    "SetAuditRetention",
-    "Snapshot",
-    "Distrust",
-    "Undistrust",
-    // A SIGHUP reload whose diff widens trust (only an approved file applies; narrowing
-    // reloads never need review).
-    "Reload",
-];
-
 /// `[review]`: which admin operations need a second admin. One admin's call of a listed
 /// operation only *proposes* it (the call is refused with `review_required` and the proposal
 /// id); a different admin approves the proposal (`Admin.ApproveProposal`) within
@@ -404,7 +377,7 @@ pub const REVIEWABLE_OPERATIONS: [&str; 19] = [
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Review {
-    /// Operations that need approval (names from [`REVIEWABLE_OPERATIONS`]); `[]` turns review
+    /// Operations that need approval (names from [`crate::model::admin::ADMIN_RPCS`] that are reviewable); `[]` turns review
     /// off. Default: key import, key disable, runner-CA activation and revocation, trust
     /// enable, JWKS set, retention change, removing a distrust rule (which trusts signatures
     /// again), and a reload that widens trust.
@@ -443,13 +416,15 @@ impl Review {
 
     fn validate(&self) -> Result<(), ConfigError> {
         for op in &self.operations {
-            if !REVIEWABLE_OPERATIONS.contains(&op.as_str()) {
+            if !crate::model::admin::reviewable().any(|r| r == op) {
                 return Err(invalid(
                     "review.operations",
                     format!(
                         "`{}` is not an admin change that review can cover (known: {})",
                         crate::model::bounded(op, 64),
-                        REVIEWABLE_OPERATIONS.join(", ")
+                        crate::model::admin::reviewable()
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                 ));
             }
@@ -923,7 +898,7 @@ impl SiteConfig {
             }
             ConfigError::Schema { field, message }
         })?;
-        let mut cfg = validate(raw, base)?;
+        let mut cfg = validate::site(raw, base)?;
         cfg.tls_sha256 = TlsDigests::read(&cfg.tls);
         cfg.source_sha256 = hex::encode(aws_lc_rs::digest::digest(
             &aws_lc_rs::digest::SHA256,
@@ -931,385 +906,6 @@ impl SiteConfig {
         ));
         Ok(cfg)
     }
-}
-
-fn validate(raw: RawSite, base: &Path) -> Result<SiteConfig, ConfigError> {
-    let abs = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
-    if raw.trust_domain.is_empty()
-        || !raw
-            .trust_domain
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
-    {
-        return Err(invalid("trust_domain", "must be a lowercase DNS name"));
-    }
-    if !is_name(&raw.region) {
-        return Err(invalid("region", format!("must be {NAME_RULE}")));
-    }
-    let l = &raw.listen;
-    let clash = |a: SocketAddr, b: SocketAddr| a == b && a.port() != 0;
-    if clash(l.enroll, l.sign) || clash(l.sign, l.admin) || clash(l.enroll, l.admin) {
-        return Err(invalid(
-            "listen",
-            "enroll, sign and admin need distinct addresses",
-        ));
-    }
-    if raw.audit.checkpoint_every == 0 || raw.audit.checkpoint_seconds == 0 {
-        return Err(invalid(
-            "audit",
-            "checkpoint_every and checkpoint_seconds must be positive",
-        ));
-    }
-    raw.limits.validate()?;
-    raw.review.validate()?;
-    let raw_pkcs11 = raw.pkcs11.clone().map(|mut p| {
-        p.module = abs(p.module);
-        p.pin_file = abs(p.pin_file);
-        p
-    });
-    if raw.store.cache_mib == 0 {
-        return Err(invalid("store.cache_mib", "must be positive"));
-    }
-    let postgres = match raw.store.engine {
-        Engine::Sled => {
-            if raw.store.url.is_some()
-                || raw.store.password_file.is_some()
-                || raw.store.ca_file.is_some()
-            {
-                return Err(invalid("store.url", "only with engine = \"postgres\""));
-            }
-            None
-        }
-        Engine::Postgres => {
-            let url = raw
-                .store
-                .url
-                .clone()
-                .ok_or_else(|| invalid("store.url", "engine = \"postgres\" needs a url"))?;
-            if !(url.starts_with("postgresql://") || url.starts_with("postgres://")) {
-                return Err(invalid(
-                    "store.url",
-                    "must be postgresql://USER@HOST:PORT/DB",
-                ));
-            }
-            if url_has_password(&url) {
-                return Err(invalid(
-                    "store.url",
-                    "must not contain a password (it would be in the config and the logs); \
-                     put it in a file named by store.password_file",
-                ));
-            }
-            if raw.store.pool_size == 0 || raw.store.pool_size > 256 {
-                return Err(invalid("store.pool_size", "1 to 256"));
-            }
-            let request_ms = raw.limits.request_timeout_seconds.saturating_mul(1000);
-            if raw.store.statement_timeout_ms < 100 || raw.store.statement_timeout_ms >= request_ms
-            {
-                return Err(invalid(
-                    "store.statement_timeout_ms",
-                    "from 100 to less than limits.request_timeout_seconds (in milliseconds)",
-                ));
-            }
-            if raw.store.ca_file.is_some() && raw.store.allow_plaintext {
-                return Err(invalid(
-                    "store.allow_plaintext",
-                    "true contradicts store.ca_file (TLS); keep one",
-                ));
-            }
-            if raw.store.ca_file.is_none() && !raw.store.allow_plaintext && !raw.dev {
-                return Err(invalid(
-                    "store.ca_file",
-                    "is needed: the connection to PostgreSQL carries the jti store, \
-                     revocations and the audit chain, so it uses TLS with the server's \
-                     certificate checked against this CA and the url's host; set \
-                     store.allow_plaintext = true only for a database on this host or an \
-                     encrypted network",
-                ));
-            }
-            Some(PostgresStore {
-                url,
-                password_file: raw.store.password_file.clone().map(&abs),
-                pool_size: raw.store.pool_size,
-                statement_timeout: std::time::Duration::from_millis(raw.store.statement_timeout_ms),
-                ca_file: raw.store.ca_file.clone().map(&abs),
-                allow_plaintext: raw.store.allow_plaintext,
-            })
-        }
-    };
-    if !raw.audit.flush && !raw.dev {
-        return Err(invalid(
-            "audit.flush",
-            "false (acknowledged entries may be lost on a crash) is a benchmark setting, \
-             refused unless dev = true",
-        ));
-    }
-    if raw.environments.is_empty() {
-        return Err(invalid(
-            "environments",
-            "at least one environment is required",
-        ));
-    }
-    let mut names = HashSet::new();
-    let mut audiences: BTreeMap<String, usize> = BTreeMap::new();
-    let mut environments = Vec::new();
-    for (i, p) in raw.environments.into_iter().enumerate() {
-        let at = |f: &str| format!("environments[{i}].{f}");
-        if !is_name(&p.name) {
-            return Err(invalid(at("name"), format!("must be {NAME_RULE}")));
-        }
-        if !names.insert(p.name.clone()) {
-            return Err(invalid(
-                at("name"),
-                format!("environment `{}` is defined twice", p.name),
-            ));
-        }
-        if p.audience.is_empty() {
-            return Err(invalid(at("audience"), "must not be empty"));
-        }
-        if let Some(prev) = audiences.insert(p.audience.clone(), i) {
-            return Err(invalid(
-                at("audience"),
-                format!(
-                    "`{}` is already the audience of environments[{prev}]",
-                    p.audience
-                ),
-            ));
-        }
-        if p.build_p95_seconds == 0 {
-            return Err(invalid(at("build_p95_seconds"), "must be positive"));
-        }
-        let cap = Environment::ttl_cap(p.build_p95_seconds);
-        let max_ttl = p.max_ttl_seconds.unwrap_or(cap);
-        if max_ttl > cap {
-            return Err(invalid(
-                at("max_ttl_seconds"),
-                format!("{max_ttl} exceeds the cap 1.5 × build_p95 + 600 = {cap}"),
-            ));
-        }
-        if max_ttl < 60 {
-            return Err(invalid(at("max_ttl_seconds"), "must be at least 60"));
-        }
-        let mut keys: Vec<KeySpec> = Vec::new();
-        for (k, key) in p.signing_keys.into_iter().enumerate() {
-            let kat = |f: &str| at(&format!("signing_keys[{k}].{f}"));
-            if !is_name(&key.alias) {
-                return Err(invalid(kat("alias"), format!("must be {NAME_RULE}")));
-            }
-            if keys.iter().any(|x| x.alias == key.alias) {
-                return Err(invalid(
-                    kat("alias"),
-                    format!("`{}` is defined twice", key.alias),
-                ));
-            }
-            let algorithm = KeyAlgorithm::parse(&key.algorithm).ok_or_else(|| {
-                invalid(
-                    kat("algorithm"),
-                    format!(
-                        "unsupported `{}` (supported: ecdsa-p256-sha256, ecdsa-p384-sha384, ed25519, rsa-{{2048,3072,4096}}-{{pkcs1,pss}}-sha256)",
-                        key.algorithm
-                    ),
-                )
-            })?;
-            let access = AccessRule::new(key.access.repositories, key.access.refs)
-                .map_err(|(list, m)| invalid(kat(&format!("access.{list}")), m))?;
-            let budget = Budget {
-                per_job: key.max_signatures_per_job.or(p.max_signatures_per_job),
-                per_certificate: key
-                    .max_signatures_per_certificate
-                    .or(p.max_signatures_per_certificate),
-            };
-            let allowed_digests = key
-                .digest_allow_list
-                .map(|f| DigestAllowList::load(abs(f)))
-                .transpose()
-                .map_err(|m| invalid(kat("digest_allow_list"), m))?;
-            let purposes = if key.purposes.is_empty() {
-                default_purposes()
-            } else {
-                key.purposes
-            };
-            let purposes = crate::model::purposes_for(algorithm, purposes)
-                .map_err(|m| invalid(kat("purposes"), m))?;
-            if allowed_digests.is_some() && purposes.contains(&Purpose::AppleCms) {
-                return Err(invalid(
-                    kat("digest_allow_list"),
-                    "an allow-list names artifact digests; a key with one may not have purpose \
-                     apple-cms (its input is CMS attributes, not an artifact digest)",
-                ));
-            }
-            if key.backend == crate::model::KeyBackend::Pkcs11 && raw_pkcs11.is_none() {
-                return Err(invalid(
-                    kat("backend"),
-                    "pkcs11 needs a [pkcs11] table (module, token_label, pin_file)",
-                ));
-            }
-            keys.push(KeySpec {
-                budget,
-                allowed_digests,
-                purposes,
-                alias: key.alias,
-                algorithm,
-                access,
-                disabled: false,
-                backend: key.backend,
-            });
-        }
-        let mut policies: Vec<TrustPolicy> = Vec::new();
-        for (t, pol) in p.trust_policies.into_iter().enumerate() {
-            let tat = |f: &str| at(&format!("trust_policies[{t}].{f}"));
-            if !is_name(&pol.name) {
-                return Err(invalid(tat("name"), format!("must be {NAME_RULE}")));
-            }
-            if policies.iter().any(|x| x.name == pol.name) {
-                return Err(invalid(
-                    tat("name"),
-                    format!("`{}` is defined twice", pol.name),
-                ));
-            }
-            if policies.iter().any(|x| x.issuer == pol.issuer) {
-                return Err(invalid(
-                    tat("issuer"),
-                    "another policy of this environment has this issuer",
-                ));
-            }
-            if pol.issuer.contains('*') {
-                return Err(invalid(
-                    tat("issuer"),
-                    "wildcards are not allowed; name the exact issuer URL",
-                ));
-            }
-            let https = pol.issuer.starts_with("https://") && pol.issuer.len() > "https://".len();
-            let http_dev = raw.dev && pol.issuer.starts_with("http://");
-            if !https && !http_dev {
-                return Err(invalid(tat("issuer"), "must be an https:// URL"));
-            }
-            let jwks_path = abs(pol.jwks_file);
-            let bytes = std::fs::read(&jwks_path)
-                .map_err(|e| invalid(tat("jwks_file"), format!("{}: {e}", jwks_path.display())))?;
-            let jwks = Jwks::parse(&bytes)
-                .map_err(|e| invalid(tat("jwks_file"), format!("{}: {e}", jwks_path.display())))?;
-            for (claim, pattern) in &pol.bound_claims {
-                if pattern.is_empty() {
-                    return Err(invalid(
-                        tat(&format!("bound_claims.{claim}")),
-                        "must not be empty",
-                    ));
-                }
-            }
-            match pol.provider {
-                Provider::Generic => {
-                    for need in ["repository", "ref"] {
-                        if !pol.claim_mappings.contains_key(need) {
-                            return Err(invalid(
-                                tat(&format!("claim_mappings.{need}")),
-                                "a generic provider names the claim that holds it",
-                            ));
-                        }
-                    }
-                    for (field, claim) in &pol.claim_mappings {
-                        if !JOB_FIELDS.contains(&field.as_str()) {
-                            return Err(invalid(
-                                tat(&format!("claim_mappings.{field}")),
-                                format!("not a mapped field (one of {})", JOB_FIELDS.join(", ")),
-                            ));
-                        }
-                        if claim.is_empty() {
-                            return Err(invalid(
-                                tat(&format!("claim_mappings.{field}")),
-                                "must name a claim",
-                            ));
-                        }
-                    }
-                }
-                _ if !pol.claim_mappings.is_empty() => {
-                    return Err(invalid(
-                        tat("claim_mappings"),
-                        "only for provider = \"generic\" (the others have fixed mappings)",
-                    ));
-                }
-                _ => {}
-            }
-            let policy = TrustPolicy {
-                name: pol.name,
-                issuer: pol.issuer,
-                jwks,
-                enabled: pol.enabled,
-                keep_sessions: false,
-                bound_claims: pol.bound_claims,
-                provider: pol.provider,
-                claim_mappings: pol.claim_mappings,
-                max_token_lifetime_seconds: pol.max_token_lifetime_seconds,
-                allow_unbound: pol.allow_unbound,
-            };
-            // No open policy: without an owner bound, any repository on the issuer that asks
-            // for this (guessable) audience would enroll.
-            if !policy.binds_owner() && !policy.allow_unbound {
-                let owners = policy.provider.owner_claims();
-                return Err(invalid(
-                    tat("bound_claims"),
-                    format!(
-                        "binds no owner: with provider = \"{}\" bind {}, or any job on {} that \
-                         asks for this audience enrolls; allow_unbound = true if that is meant",
-                        policy.provider.as_str(),
-                        if owners.is_empty() {
-                            "at least one claim (not to a bare `*`)".to_string()
-                        } else {
-                            format!("{} to an exact value", owners.join(" or "))
-                        },
-                        policy.issuer
-                    ),
-                ));
-            }
-            policies.push(policy);
-        }
-        environments.push(Environment {
-            name: p.name,
-            audience: p.audience,
-            build_p95_seconds: p.build_p95_seconds,
-            max_ttl_seconds: max_ttl,
-            max_token_age_seconds: p.max_token_age_seconds,
-            max_session_seconds: p.max_session_seconds.unwrap_or(86_400).max(max_ttl),
-            budget: Budget {
-                per_job: p.max_signatures_per_job,
-                per_certificate: p.max_signatures_per_certificate,
-            },
-            signing_keys: keys,
-            trust_policies: policies,
-        });
-    }
-    Ok(SiteConfig {
-        trust_domain: raw.trust_domain,
-        region: raw.region,
-        data_dir: abs(raw.data_dir),
-        kek_file: abs(raw.kek_file),
-        dev: raw.dev,
-        listen: Listen {
-            enroll: l.enroll,
-            sign: l.sign,
-            admin: l.admin,
-        },
-        tls: TlsFiles {
-            server_cert: abs(raw.tls.server_cert),
-            server_key: abs(raw.tls.server_key),
-            admin_ca: abs(raw.tls.admin_ca),
-        },
-        environments,
-        limits: raw.limits,
-        review: raw.review,
-        keys: raw.keys,
-        pkcs11: raw_pkcs11,
-        metrics_listen: raw.metrics.listen,
-        store_cache_mib: raw.store.cache_mib,
-        postgres,
-        audit: AuditConfig {
-            checkpoint_every: raw.audit.checkpoint_every,
-            checkpoint_seconds: raw.audit.checkpoint_seconds,
-            retention_days: raw.audit.retention_days,
-            flush: raw.audit.flush,
-        },
-        tls_sha256: TlsDigests::default(),
-        source_sha256: String::new(),
-    })
 }
 
 impl SiteConfig {

@@ -6,6 +6,8 @@
 //! Must not touch: the store, the clock, the network, configuration files. Nothing here imports
 //! another module of this crate.
 
+pub mod admin;
+
 use meshsign_evidence::identity::{JobClaims, is_valid_fingerprint};
 use serde::{Deserialize, Serialize};
 

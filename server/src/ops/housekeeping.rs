@@ -96,7 +96,7 @@ pub fn retention_days(site: &SiteState) -> Result<u64, OpsError> {
         .unwrap_or(site.config().audit.retention_days))
 }
 
-/// Sets the retention (a change: call it through `audited_change`).
+/// Sets the retention (a change: call it through [`super::admin`]).
 pub fn set_retention(site: &SiteState, days: u64) -> Result<(u64, String), OpsError> {
     if days > 36_500 {
         return Err(OpsError::Invalid(

@@ -1,6 +1,6 @@
 //! Ops: runner-CA lifecycle, revocation, trust policies, keys, reload and housekeeping —
 //! typed, transport-free. Each submodule owns one noun; this module owns [`OpsError`] and
-//! [`audited`], the one door every admin action goes through.
+//! [`admin`], the one door every admin action goes through.
 //!
 //! Every change is checked against the operator's role, audited with the operator's identity,
 //! made durable, and swapped into the running site without a restart. What ops change lives in
@@ -124,20 +124,61 @@ impl Refusal for OpsError {
     }
 }
 
-/// Whether an admin action reads or changes the site.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Access {
-    /// A read: auditors may do it; runs without the ops lock.
-    Read,
-    /// A change: admins only; runs under the ops lock.
-    Write,
+pub use crate::model::admin::Access;
+use crate::model::admin::{Review, admin_rpc};
+
+/// What a change asks for, for two-person review: the exact request's encoding (its SHA-256 is
+/// what a proposal binds) and what it does in words, without secrets.
+pub type Change<'a> = (&'a [u8], &'a str);
+
+/// The one door every admin action goes through. The operation's rule comes from the table
+/// ([`crate::model::admin::ADMIN_RPCS`]): a change needs the admin role and runs under the ops
+/// lock; where `[review]` covers a [`Review::Request`] operation it runs only under another
+/// admin's approval of this exact `request` — unless `exempt`, checked under the lock, names a
+/// reason, which the record then says. Every call is audited, reads included, with the
+/// operator's identity; a change whose record cannot be written is reported as failed (the
+/// record of the attempt is what matters to an auditor).
+pub async fn admin<T>(
+    site: &SiteState,
+    op: &Operator,
+    rpc: &'static str,
+    environment: &str,
+    (request, summary): Change<'_>,
+    exempt: impl FnOnce() -> Result<Option<String>, OpsError>,
+    f: impl AsyncFnOnce() -> Result<(T, String), OpsError>,
+) -> Result<T, OpsError> {
+    let Some(rule) = admin_rpc(rpc) else {
+        return Err(OpsError::Invalid(format!(
+            "`{rpc}` is not an admin operation"
+        )));
+    };
+    if rule.review != Review::Request {
+        return audited(site, op, rpc, environment, rule.access, f).await;
+    }
+    let digest = review::request_digest(rpc, request);
+    audited(site, op, rpc, environment, rule.access, async || {
+        let (approval, why) = match exempt()? {
+            Some(why) if site.config().review.covers(rpc) => (None, Some(why)),
+            _ => (
+                review::gate(site, op, rpc, environment, &digest, summary)?,
+                None,
+            ),
+        };
+        let (v, detail) = f().await?;
+        let detail = review::annotate(detail, approval.as_ref());
+        Ok((
+            v,
+            match why {
+                Some(why) => format!("{detail}; no review: {why}"),
+                None => detail,
+            },
+        ))
+    })
+    .await
 }
 
-/// Checks the role, runs an ops action (changes under the ops lock), and audits it either way,
-/// reads included: the record names the operator. The audit record is written after the
-/// change; a change whose record cannot be written is reported as failed (the record of the
-/// attempt is what matters to an auditor).
-pub async fn audited<T>(
+/// Checks the role, runs the action (changes under the ops lock) and audits it either way.
+async fn audited<T>(
     site: &SiteState,
     op: &Operator,
     rpc: &'static str,
@@ -189,54 +230,6 @@ pub async fn audited<T>(
         Err(e) => return Err(OpsError::Audit(e)),
     }
     result.map(|(t, _)| t)
-}
-
-/// [`audited`] for a change (`Access::Write`) that two-person review may cover: `request` is
-/// the exact request (its SHA-256 is what a proposal binds), `summary` says what it does
-/// without secrets. When `[review]` covers `rpc`, the change runs only under an approval by
-/// another admin (see [`review`]), and its audit record names the approval.
-pub async fn audited_change<T>(
-    site: &SiteState,
-    op: &Operator,
-    rpc: &'static str,
-    environment: &str,
-    request: (&[u8], &str),
-    f: impl AsyncFnOnce() -> Result<(T, String), OpsError>,
-) -> Result<T, OpsError> {
-    audited_change_unless(site, op, rpc, environment, request, || Ok(None), f).await
-}
-
-/// [`audited_change`] with an exemption checked under the ops lock: when `exempt` names a
-/// reason, the change needs no second admin and its audit record says why.
-pub async fn audited_change_unless<T>(
-    site: &SiteState,
-    op: &Operator,
-    rpc: &'static str,
-    environment: &str,
-    (request, summary): (&[u8], &str),
-    exempt: impl FnOnce() -> Result<Option<String>, OpsError>,
-    f: impl AsyncFnOnce() -> Result<(T, String), OpsError>,
-) -> Result<T, OpsError> {
-    let digest = review::request_digest(rpc, request);
-    audited(site, op, rpc, environment, Access::Write, async || {
-        let (approval, why) = match exempt()? {
-            Some(why) if site.config().review.covers(rpc) => (None, Some(why)),
-            _ => (
-                review::gate(site, op, rpc, environment, &digest, summary)?,
-                None,
-            ),
-        };
-        let (v, detail) = f().await?;
-        let detail = review::annotate(detail, approval.as_ref());
-        Ok((
-            v,
-            match why {
-                Some(why) => format!("{detail}; no review: {why}"),
-                None => detail,
-            },
-        ))
-    })
-    .await
 }
 
 /// Counts an admin call refused before an operator could be named (its certificate is not an
