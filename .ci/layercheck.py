@@ -8,6 +8,8 @@ Usage: layercheck.py SRC_DIR LAYER [LAYER...]
   its own layer and the layers below it, never one above ("no import back up").
 Usage: layercheck.py --bin BIN_DIR MAX_LINES MAX_FN_LINES
   A binary stays thin: at most MAX_LINES lines in all, no function over MAX_FN_LINES lines.
+Usage: layercheck.py --forbid DIR REGEX WHY
+  No code under DIR (comments and unit tests aside) matches REGEX; WHY says which rule.
 Exit 1 on any breach, naming it."""
 import os, re, sys
 
@@ -105,7 +107,21 @@ def check_layers(src, layers):
     return 1 if bad else 0
 
 
+def check_forbid(d, pattern, why):
+    bad = []
+    for f in rust_files(d):
+        for i, line in enumerate(code_of(f).split("\n"), 1):
+            if re.search(pattern, line):
+                bad.append(f"{f}:{i}: {line.strip()}  ({why})")
+    for b in bad:
+        print(b)
+    print(f"{d}: {len(bad)} breach(es) of: {why}")
+    return 1 if bad else 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--forbid":
+        sys.exit(check_forbid(sys.argv[2], sys.argv[3], sys.argv[4]))
     if sys.argv[1] == "--bin":
         sys.exit(check_bin(sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
     sys.exit(check_layers(sys.argv[1], sys.argv[2:]))

@@ -14,7 +14,6 @@ use super::{OpsError, environment_exists};
 use crate::identity::Operator;
 use crate::model::bounded;
 use crate::state::SiteState;
-use crate::store::Tree;
 
 /// What the store holds per environment: the list and its signed envelope (JSON).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -49,16 +48,8 @@ pub struct NewRule {
 /// The environment's current list (version 0, empty, the first time it is asked for).
 pub fn current(site: &SiteState, environment: &str) -> Result<Stored, OpsError> {
     environment_exists(site, environment)?;
-    if let Some(v) = site
-        .store
-        .kv()
-        .get(Tree::Distrust, environment.as_bytes())?
-    {
-        return serde_json::from_slice(&v).map_err(|e| {
-            OpsError::Invalid(format!(
-                "stored distrust list of `{environment}` does not parse: {e}"
-            ))
-        });
+    if let Some(stored) = site.distrust_list(environment)? {
+        return Ok(stored);
     }
     let stored = seal(
         site,
@@ -72,12 +63,7 @@ pub fn current(site: &SiteState, environment: &str) -> Result<Stored, OpsError> 
     )?;
     // Kept, so every later read (and every replica) serves the same version-0 bytes; if the
     // store cannot take it now, the signed list is still served.
-    if let Ok(bytes) = serde_json::to_vec(&stored) {
-        let _ = site
-            .store
-            .kv()
-            .put(Tree::Distrust, environment.as_bytes(), &bytes);
-    }
+    let _ = site.put_distrust_list(environment, &stored);
     Ok(stored)
 }
 
@@ -130,11 +116,7 @@ fn publish(
     list.issued_at = site.clock.unix();
     list.region = site.config().region.clone();
     let stored = seal(site, list)?;
-    let bytes = serde_json::to_vec(&stored)
-        .map_err(|e| OpsError::Invalid(format!("distrust list does not encode: {e}")))?;
-    site.store
-        .kv()
-        .put(Tree::Distrust, environment.as_bytes(), &bytes)?;
+    site.put_distrust_list(environment, &stored)?;
     Ok(stored)
 }
 

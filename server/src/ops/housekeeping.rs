@@ -7,7 +7,7 @@ use super::{OpsError, runner_cas};
 use crate::audit::AuditRecord;
 use crate::ca::{RunnerCaRecord, RunnerCaState};
 use crate::state::SiteState;
-use crate::store::Tree;
+use crate::state::records::Meta;
 
 /// One pass of every duty; failures are logged, not fatal.
 pub async fn run_once(site: &SiteState) {
@@ -84,15 +84,11 @@ pub async fn repair_storage(site: &SiteState) {
     }
 }
 
-/// Where an ops-set retention overrides `[audit] retention_days`.
-const RETENTION_KEY: &[u8] = b"audit/retention_days";
-
 /// Days audit entries are kept once exported and checkpointed: what ops set
 /// (`Admin.SetAuditRetention`), else `[audit] retention_days`.
 pub fn retention_days(site: &SiteState) -> Result<u64, OpsError> {
     Ok(site
-        .store
-        .get::<u64>(Tree::Meta, RETENTION_KEY)?
+        .meta::<u64>(Meta::AuditRetention, "")?
         .unwrap_or(site.config().audit.retention_days))
 }
 
@@ -104,7 +100,7 @@ pub fn set_retention(site: &SiteState, days: u64) -> Result<(u64, String), OpsEr
         ));
     }
     let before = retention_days(site)?;
-    site.store.put(Tree::Meta, RETENTION_KEY, &days)?;
+    site.put_meta(Meta::AuditRetention, "", &days)?;
     Ok((
         days,
         format!("audit retention {before} -> {days} days (0: keep all)"),

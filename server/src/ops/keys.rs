@@ -8,16 +8,12 @@ use x509_parser::prelude::*;
 
 use super::{OpsError, environment_exists};
 use crate::config::KeySpec;
-use crate::custody::{backend_from_pkcs8, create_key, store_key};
+use crate::custody::backend_from_pkcs8;
 use crate::model::{AccessRule, KeyAlgorithm, NAME_RULE, Purpose, bounded, is_name};
 use crate::state::SiteState;
-use crate::store::Tree;
 
 fn reload_alias(site: &SiteState, env: &str, alias: &str) -> Result<(), OpsError> {
-    let mut ring = (*site.keys()).clone();
-    ring.reload_alias(&site.store, &site.custodian, env, alias)?;
-    site.set_keys(ring);
-    Ok(())
+    Ok(site.reload_key_alias(env, alias)?)
 }
 
 fn parse_purposes(names: &[String]) -> Result<Vec<Purpose>, OpsError> {
@@ -100,15 +96,7 @@ pub fn create_key_alias(
         allowed_digests: None,
         backend,
     };
-    create_key(
-        &site.store,
-        &site.custodian,
-        env,
-        alias,
-        (algorithm, backend),
-        1,
-        site.clock.unix(),
-    )?;
+    site.create_key_version((env, alias, 1), (algorithm, backend))?;
     add_spec(site, env, spec.clone())?;
     reload_alias(site, env, alias)?;
     Ok((spec, format!("created key {alias}@v1")))
@@ -118,9 +106,7 @@ pub fn create_key_alias(
 /// this one has not loaded yet). Two replicas may still pick the same number at the same
 /// moment: the record is stored by a conditional insert, so one of them is refused.
 fn next_version(site: &SiteState, env: &str, alias: &str) -> Result<u32, OpsError> {
-    let records: Vec<crate::custody::KeyRecord> = site
-        .store
-        .scan(Tree::Keys, format!("{env}/{alias}/").as_bytes())?;
+    let records = site.key_records(Some((env, alias)))?;
     Ok(records.iter().map(|r| r.version).max().map_or(1, |v| v + 1))
 }
 
@@ -128,7 +114,7 @@ fn next_version(site: &SiteState, env: &str, alias: &str) -> Result<u32, OpsErro
 /// one purpose — importing the same key twice (say, once as an `attestation` key, once as a
 /// digest key) would let it sign what the attestation-only rule keeps from it.
 fn held_elsewhere(site: &SiteState, spki: &[u8]) -> Result<(), OpsError> {
-    let records: Vec<crate::custody::KeyRecord> = site.store.scan(Tree::Keys, b"")?;
+    let records = site.key_records(None)?;
     match records.iter().find(|r| r.public_key_der == spki) {
         Some(r) => Err(OpsError::Precondition(format!(
             "this key is already held by the site as {}/{}@v{}: one key serves one alias \
@@ -143,15 +129,7 @@ fn held_elsewhere(site: &SiteState, spki: &[u8]) -> Result<(), OpsError> {
 pub fn rotate_key(site: &SiteState, env: &str, alias: &str) -> Result<(KeySpec, String), OpsError> {
     let spec = spec_of(site, env, alias)?;
     let v = next_version(site, env, alias)?;
-    create_key(
-        &site.store,
-        &site.custodian,
-        env,
-        alias,
-        (spec.algorithm, spec.backend),
-        v,
-        site.clock.unix(),
-    )?;
+    site.create_key_version((env, alias, v), (spec.algorithm, spec.backend))?;
     reload_alias(site, env, alias)?;
     Ok((spec, format!("rotated {alias} to v{v}")))
 }
@@ -241,25 +219,14 @@ pub fn import_key(
             backend.public_key_der(),
             &crate::custody::token_label(env, alias, v),
         )?;
-        crate::custody::store_token_key(
-            &site.store,
+        site.store_token_key(
             (env, alias, v),
             backend.algorithm(),
             r,
             backend.public_key_der().to_vec(),
-            site.clock.unix(),
         )?;
     } else {
-        store_key(
-            &site.store,
-            &site.custodian.kek,
-            env,
-            alias,
-            v,
-            &*backend,
-            pkcs8,
-            site.clock.unix(),
-        )?;
+        site.store_imported_key((env, alias, v), &*backend, pkcs8)?;
     }
     add_spec(site, env, spec.clone())?;
     reload_alias(site, env, alias)?;
@@ -444,12 +411,7 @@ pub fn set_key_certificate(
     let subject = cert.subject().to_string();
     let mut record = (*key.record).clone();
     record.certificate_chain = chain.clone();
-    site.store.put(
-        Tree::Keys,
-        &crate::custody::KeyRecord::store_key_of(&record),
-        &record,
-    )?;
-    site.store.flush()?;
+    site.save_key_record(&record)?;
     reload_alias(site, env, alias)?;
     let detail = format!("certificate for {} (subject {subject})", record.key_id());
     Ok((spec, detail))

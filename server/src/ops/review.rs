@@ -27,11 +27,9 @@ use super::OpsError;
 use crate::identity::Operator;
 use crate::model::bounded;
 use crate::state::SiteState;
-use crate::store::Tree;
+use crate::state::records::Meta;
 
 /// Key prefix of proposals in the `meta` tree.
-const PREFIX: &str = "proposal/";
-
 /// Proposals kept after they expired or were used, for `admin review list`.
 const KEEP_SECONDS: i64 = 7 * 86_400;
 
@@ -128,17 +126,13 @@ pub fn request_digest(operation: &str, request: &[u8]) -> String {
     hex::encode(h.finish())
 }
 
-fn key(id: &str) -> Vec<u8> {
-    format!("{PREFIX}{id}").into_bytes()
-}
-
 fn save(site: &SiteState, p: &Proposal) -> Result<(), OpsError> {
-    Ok(site.store.put(Tree::Meta, &key(&p.id), p)?)
+    Ok(site.put_meta(Meta::Proposal, &p.id, p)?)
 }
 
 /// Every proposal, newest first.
 pub fn list(site: &SiteState) -> Result<Vec<Proposal>, OpsError> {
-    let mut all: Vec<Proposal> = site.store.scan(Tree::Meta, PREFIX.as_bytes())?;
+    let mut all: Vec<Proposal> = site.metas(Meta::Proposal)?;
     all.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
     Ok(all)
 }
@@ -179,9 +173,7 @@ pub fn gate(
                 let approver = approver.clone();
                 // Used up by a conditional update of the bytes read here: of two calls at two
                 // replicas (or two tasks), exactly one sees its update land.
-                let Some((stored, raw)) =
-                    site.store.get_raw::<Proposal>(Tree::Meta, &key(&p.id))?
-                else {
+                let Some((stored, raw)) = site.meta_raw::<Proposal>(Meta::Proposal, &p.id)? else {
                     return Err(OpsError::ReviewRequired(format!(
                         "proposal {} is gone; the change must be proposed again",
                         p.id
@@ -195,8 +187,8 @@ pub fn gate(
                 p = stored;
                 p.executed_by = Some(op.id.clone());
                 p.executed_at = Some(now);
-                if !site.store.update(Tree::Meta, &key(&p.id), &raw, &p)? {
-                    let now_stored: Option<Proposal> = site.store.get(Tree::Meta, &key(&p.id))?;
+                if !site.update_meta(Meta::Proposal, &p.id, &raw, &p)? {
+                    let now_stored: Option<Proposal> = site.meta(Meta::Proposal, &p.id)?;
                     return Err(used_up(now_stored.as_ref().unwrap_or(&p)));
                 }
                 tracing::info!(proposal = %p.id, %approver, executor = %op.id, "reviewed change carried out");
@@ -325,8 +317,7 @@ pub fn config_approval(site: &SiteState, file_sha256: &str) -> Result<Option<Pro
 pub fn approve(site: &SiteState, op: &Operator, id: &str) -> Result<(Proposal, String), OpsError> {
     let now = site.clock.unix();
     let (mut p, raw): (Proposal, _) = site
-        .store
-        .get_raw(Tree::Meta, &key(id))?
+        .meta_raw(Meta::Proposal, id)?
         .ok_or_else(|| OpsError::NotFound(format!("proposal `{}`", bounded(id, 64))))?;
     match p.state(now) {
         ProposalState::Expired => {
@@ -359,7 +350,7 @@ pub fn approve(site: &SiteState, op: &Operator, id: &str) -> Result<(Proposal, S
     }
     p.approver = Some(op.id.clone());
     p.approved_at = Some(now);
-    if !site.store.update(Tree::Meta, &key(id), &raw, &p)? {
+    if !site.update_meta(Meta::Proposal, id, &raw, &p)? {
         return Err(OpsError::Precondition(format!(
             "proposal {} changed while it was being approved (another admin approved it at \
              the same moment); see `meshsign admin review list`",
@@ -385,7 +376,7 @@ pub fn prune(site: &SiteState) -> Result<usize, OpsError> {
             && p.state(now) != ProposalState::Approved
             && now - done > KEEP_SECONDS
         {
-            site.store.kv().remove(Tree::Meta, &key(&p.id))?;
+            site.remove_meta(Meta::Proposal, &p.id)?;
             n += 1;
         }
     }

@@ -4,14 +4,11 @@
 //! tells the transport when the trusted set changes).
 
 use super::{OpsError, environment_exists};
-use crate::ca::{RunnerCa, RunnerCaRecord, RunnerCaState};
+use crate::ca::{RunnerCaRecord, RunnerCaState};
 use crate::state::SiteState;
-use crate::store::Tree;
 
 pub(super) fn save_issuer(site: &SiteState, rec: &RunnerCaRecord) -> Result<(), OpsError> {
-    site.store.put(Tree::RunnerCas, &rec.store_key(), rec)?;
-    site.store.flush()?;
-    Ok(())
+    Ok(site.save_runner_ca(rec)?)
 }
 
 /// Every runner CA of a environment, oldest first.
@@ -37,16 +34,7 @@ pub fn stage(site: &SiteState, env: &str) -> Result<(RunnerCaRecord, String), Op
             "an issuer is already staged; activate or retire it first".into(),
         ));
     }
-    let cfg = site.config();
-    let ca = RunnerCa::create(
-        &site.store,
-        &site.custodian,
-        &cfg.trust_domain,
-        &cfg.region,
-        env,
-        RunnerCaState::Staged,
-        site.clock.unix(),
-    )?;
+    let ca = site.create_runner_ca(env, RunnerCaState::Staged)?;
     site.reload_runner_cas(env)?;
     let detail = format!("staged issuer {}", ca.record.id);
     Ok((ca.record, detail))
@@ -156,16 +144,7 @@ pub fn revoke(
     save_issuer(site, &rec)?;
     let mut detail = format!("revoked issuer {id}: {reason}");
     if was_active {
-        let cfg = site.config();
-        let ca = RunnerCa::create(
-            &site.store,
-            &site.custodian,
-            &cfg.trust_domain,
-            &cfg.region,
-            env,
-            RunnerCaState::Active,
-            site.clock.unix(),
-        )?;
+        let ca = site.create_runner_ca(env, RunnerCaState::Active)?;
         detail.push_str(&format!("; activated new issuer {}", ca.record.id));
     }
     site.reload_runner_cas(env)?;

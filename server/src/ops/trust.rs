@@ -8,9 +8,7 @@ use crate::config::{SiteConfig, TrustPolicy};
 use crate::identity::jwt::Jwks;
 use crate::model::ReloadOutcome;
 use crate::state::SiteState;
-use crate::state::keyring::KeyRing;
-use crate::state::overlays::effective_config;
-use crate::store::Tree;
+use crate::state::records::Meta;
 
 /// Re-reads the file configuration (SIGHUP). Trust policies, key access rules, signing budgets
 /// and digest allow-lists change; identity, listeners, storage and the set of environments
@@ -111,8 +109,7 @@ fn reload_checked(
         }
     }
     site.set_file_config(file.clone());
-    let cfg = effective_config(file, &site.store)?;
-    let keys = KeyRing::load_or_create(&cfg, &site.store, &site.custodian, site.clock.unix())?;
+    let (cfg, keys) = site.load_over(file)?;
     site.set_keys(keys);
     site.set_config(cfg);
     Ok(approved)
@@ -152,7 +149,7 @@ pub fn set_policy_enabled(
     let (pi, ti) = policy_index(&cfg, env, issuer)?;
     let now = site.clock.unix();
     let cur = cfg.environments[pi].trust_policies[ti].clone();
-    let (name, key) = (cur.name.clone(), disabled_by_key(env, issuer));
+    let (name, id) = (cur.name.clone(), policy_id(env, issuer));
     let change = match (cur.enabled, enabled) {
         (true, true) => {
             return Ok((
@@ -161,7 +158,7 @@ pub fn set_policy_enabled(
             ));
         }
         (false, false) => {
-            let by: Option<DisabledBy> = site.store.get(Tree::Meta, &key)?;
+            let by: Option<DisabledBy> = site.meta(Meta::PolicyDisabledBy, &id)?;
             let who = by
                 .map(|b| format!(" by `{}` at unix {}", b.operator, b.at))
                 .unwrap_or_default();
@@ -176,13 +173,13 @@ pub fn set_policy_enabled(
             Change::EndSessions
         }
         (false, true) => {
-            site.store.kv().remove(Tree::Meta, &key)?;
+            site.remove_meta(Meta::PolicyDisabledBy, &id)?;
             Change::Enable
         }
         (true, false) => {
-            site.store.put(
-                Tree::Meta,
-                &key,
+            site.put_meta(
+                Meta::PolicyDisabledBy,
+                &id,
                 &DisabledBy {
                     operator: operator.to_string(),
                     at: now,
@@ -221,8 +218,9 @@ struct DisabledBy {
     at: i64,
 }
 
-fn disabled_by_key(env: &str, issuer: &str) -> Vec<u8> {
-    format!("policy-disabled/{env}/{issuer}").into_bytes()
+/// The id policy marks are kept under.
+fn policy_id(env: &str, issuer: &str) -> String {
+    format!("{env}/{issuer}")
 }
 
 /// A change an operator made to a trust policy.
@@ -244,10 +242,6 @@ struct LastChange {
     change: Change,
 }
 
-fn last_change_key(env: &str, issuer: &str) -> Vec<u8> {
-    format!("policy-changed/{env}/{issuer}").into_bytes()
-}
-
 /// Records `operator`'s `change` of the policy at `at` (the same second a disable records in
 /// `DisabledBy`, which an undo compares).
 fn record_change(
@@ -257,9 +251,9 @@ fn record_change(
     change: Change,
     at: i64,
 ) -> Result<(), OpsError> {
-    site.store.put(
-        Tree::Meta,
-        &last_change_key(env, issuer),
+    site.put_meta(
+        Meta::PolicyLastChange,
+        &policy_id(env, issuer),
         &LastChange {
             operator: operator.to_string(),
             at,
@@ -287,8 +281,9 @@ pub fn undoes_own_disable(
     if cfg.environments[pi].trust_policies[ti].enabled {
         return Ok(None);
     }
-    let by: Option<DisabledBy> = site.store.get(Tree::Meta, &disabled_by_key(env, issuer))?;
-    let last: Option<LastChange> = site.store.get(Tree::Meta, &last_change_key(env, issuer))?;
+    let id = policy_id(env, issuer);
+    let by: Option<DisabledBy> = site.meta(Meta::PolicyDisabledBy, &id)?;
+    let last: Option<LastChange> = site.meta(Meta::PolicyLastChange, &id)?;
     let window = i64::try_from(cfg.review.window_seconds).unwrap_or(3600);
     let last_is_it = |b: &DisabledBy| {
         last.as_ref()

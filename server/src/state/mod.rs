@@ -13,6 +13,7 @@ pub mod jti;
 pub mod keyring;
 pub mod marker;
 pub mod overlays;
+pub mod records;
 pub mod recovery;
 pub mod revocations;
 pub mod snapshot;
