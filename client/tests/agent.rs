@@ -226,14 +226,9 @@ fn agent_start_serves_separate_steps_until_agent_stop() {
         .unwrap()
         .1
         .clone();
-    let mut gone = false;
-    for _ in 0..50 {
-        if !Path::new(&sock).exists() {
-            gone = true;
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    let gone = common::wait_until(std::time::Duration::from_secs(5), || {
+        !Path::new(&sock).exists()
+    });
     assert!(gone, "the agent removed its socket");
 }
 

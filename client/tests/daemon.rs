@@ -6,8 +6,8 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use common::{openssl, start_dev_logging};
 
@@ -64,18 +64,6 @@ fn signal(pid: u32, sig: &str) {
     assert!(ok.success(), "kill {sig} {pid}");
 }
 
-/// Polls `f` until it returns true or `limit` passes.
-fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
-}
-
 #[test]
 fn sighup_rereads_the_server_certificate_and_a_broken_tls_section_is_refused_by_name() {
     let tmp = tempfile::tempdir().unwrap();
@@ -109,7 +97,7 @@ fn sighup_rereads_the_server_certificate_and_a_broken_tls_section_is_refused_by_
     assert_ne!(before, after);
     signal(pid, "-HUP");
     assert!(
-        eventually(Duration::from_secs(15), || served_fingerprint(
+        common::wait_until(Duration::from_secs(15), || served_fingerprint(
             tmp.path(),
             &enroll
         ) == after),
@@ -131,7 +119,7 @@ fn sighup_rereads_the_server_certificate_and_a_broken_tls_section_is_refused_by_
     .unwrap();
     signal(pid, "-HUP");
     assert!(
-        eventually(Duration::from_secs(15), || std::fs::read_to_string(&log)
+        common::wait_until(Duration::from_secs(15), || std::fs::read_to_string(&log)
             .unwrap()
             .contains("missing.key.pem")),
         "the refusal names the file"
@@ -162,7 +150,7 @@ fn a_stop_signal_during_a_reload_is_not_lost() {
     signal(pid, "-TERM");
     let mut status = None;
     assert!(
-        eventually(Duration::from_secs(20), || {
+        common::wait_until(Duration::from_secs(20), || {
             status = site.0.try_wait().unwrap();
             status.is_some()
         }),
@@ -388,8 +376,19 @@ async fn streams_with_partial_bodies_cannot_grow_the_site_s_memory() {
         }
         drivers.push(driver);
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let during = rss_kib(pid);
+    // Measured once the site has taken in what the attack sent: its RSS stops growing (no
+    // rise over ten readings 20 ms apart, within 10 s). The wait yields, so the attack's
+    // connection drivers keep sending meanwhile.
+    let mut during = rss_kib(pid);
+    let (mut steady, deadline) = (0, std::time::Instant::now() + Duration::from_secs(10));
+    while steady < 10 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = rss_kib(pid);
+        steady = if now > during { 0 } else { steady + 1 };
+        during = during.max(now);
+    }
+    let settled = steady >= 10;
+    assert!(settled, "the site's RSS kept growing under the attack");
     // The legitimate client is served while the attack holds its connections.
     assert!(
         legit().status.success(),
@@ -463,22 +462,9 @@ fn meshsignd_notifies_the_service_manager() {
     let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
-    let mut child = Command::new(common::meshsignd())
-        .args(["dev", "--data-dir"])
-        .arg(tmp.path().join("dev"))
-        .args([
-            "--enroll-port",
-            "0",
-            "--sign-port",
-            "0",
-            "--admin-port",
-            "0",
-        ])
+    let mut child = common::Meshsignd::dev(&tmp.path().join("dev"))
         .env("NOTIFY_SOCKET", &sock_path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .spawn();
     let next = || {
         let mut buf = [0u8; 256];
         let n = sock.recv(&mut buf).expect("a notification");

@@ -7,11 +7,10 @@
 
 mod common;
 
-use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use common::{DevSite, meshsign, meshsignd, start_dev};
+use common::{DevSite, Meshsignd, meshsign, meshsignd, start_dev};
 use meshsign_client::ClientConfig;
 use meshsign_client::session::Session;
 use meshsign_evidence::audit::{ExportLine, verify_export};
@@ -64,40 +63,13 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-/// Starts `meshsignd dev` on `dir`: the running site, or what it printed when it refused.
+/// Starts `meshsignd dev` on `dir` (text logs to `DIR.stderr`): the running site, or what it
+/// printed when it refused.
 fn try_start(dir: &Path) -> Result<DevSite, String> {
-    let err = dir.with_extension("stderr");
-    let mut child = Command::new(meshsignd())
-        .args(["dev", "--data-dir"])
-        .arg(dir)
-        .args([
-            "--enroll-port",
-            "0",
-            "--sign-port",
-            "0",
-            "--admin-port",
-            "0",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(std::fs::File::create(&err).unwrap()))
-        .spawn()
-        .unwrap();
-    let out = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(out).lines();
-    loop {
-        match lines.next() {
-            Some(Ok(l)) if l.contains("DEV site is up") => {
-                std::thread::spawn(move || for _ in lines {});
-                return Ok(DevSite(child));
-            }
-            Some(_) => {}
-            None => {
-                let status = child.wait().unwrap();
-                assert!(!status.success(), "a refused start exits non-zero");
-                return Err(std::fs::read_to_string(&err).unwrap());
-            }
-        }
-    }
+    Meshsignd::dev(dir)
+        .format("text")
+        .log(&dir.with_extension("stderr"))
+        .try_start()
 }
 
 /// The running site's audit log, verified offline from its genesis.

@@ -6,20 +6,10 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use meshsign_certs_dev::postgres::LocalPostgres;
-
-struct Replica(Child);
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Three distinct free ports: the listeners are held together while the ports are read, so the
 /// kernel cannot hand the same one out twice (it did, once, when they were picked one by one).
@@ -33,7 +23,7 @@ fn free_ports() -> [u16; 3] {
 
 /// Writes `site-NAME.toml` (the dev site's config on PostgreSQL, its own ports and data folder)
 /// and starts `meshsignd serve` on it; returns the process and its (enroll, sign, admin) ports.
-fn start_replica(dir: &Path, pg: &LocalPostgres, name: &str) -> (Replica, [u16; 3]) {
+fn start_replica(dir: &Path, pg: &LocalPostgres, name: &str) -> (common::DevSite, [u16; 3]) {
     let base = std::fs::read_to_string(dir.join("site.toml")).unwrap();
     let ports = free_ports();
     let text = base
@@ -48,25 +38,10 @@ fn start_replica(dir: &Path, pg: &LocalPostgres, name: &str) -> (Replica, [u16; 
         + &pg.store_section();
     let cfg = dir.join(format!("site-{name}.toml"));
     std::fs::write(&cfg, text).unwrap();
-    let child = Command::new(common::meshsignd())
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(
-            std::fs::File::create(dir.join(format!("{name}.log"))).unwrap(),
-        ))
-        .spawn()
-        .unwrap();
-    let replica = Replica(child);
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", ports[2])).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "replica {name} did not start: {}",
-            std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let replica = common::Meshsignd::serve(&cfg, ports[2])
+        .log(&dir.join(format!("{name}.log")))
+        .try_start()
+        .unwrap_or_else(|e| panic!("replica {name} did not start: {e}"));
     (replica, ports)
 }
 

@@ -5,6 +5,7 @@
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 pub fn meshsign() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_meshsign"))
@@ -20,7 +21,7 @@ pub fn meshsignd() -> PathBuf {
     p
 }
 
-/// A `meshsignd dev` process, killed on drop.
+/// A `meshsignd` process, killed on drop.
 pub struct DevSite(pub Child);
 
 impl Drop for DevSite {
@@ -30,9 +31,194 @@ impl Drop for DevSite {
     }
 }
 
+/// The one way tests start `meshsignd`: `dev` on free loopback ports or `serve` with a config,
+/// logs to a file or nowhere, extra arguments and environment; [`Meshsignd::start`] waits for
+/// the process to say it is up (never a sleep), [`Meshsignd::try_start`] returns what it wrote
+/// when it refused to start.
+pub struct Meshsignd {
+    args: Vec<std::ffi::OsString>,
+    format: String,
+    env: Vec<(String, std::ffi::OsString)>,
+    log: Option<PathBuf>,
+    /// Where `serve` listens for admin calls: up once it accepts a connection there.
+    serve_admin_port: Option<u16>,
+}
+
+impl Meshsignd {
+    fn new(args: Vec<std::ffi::OsString>, serve_admin_port: Option<u16>) -> Self {
+        Self {
+            args,
+            format: "json".into(),
+            env: Vec::new(),
+            log: None,
+            serve_admin_port,
+        }
+    }
+
+    /// `meshsignd dev --data-dir DIR` on free loopback ports.
+    pub fn dev(dir: &Path) -> Self {
+        let mut args: Vec<std::ffi::OsString> = vec!["dev".into(), "--data-dir".into()];
+        args.push(dir.into());
+        for port in ["--enroll-port", "--sign-port", "--admin-port"] {
+            args.extend([port.into(), "0".into()]);
+        }
+        Self::new(args, None)
+    }
+
+    /// `meshsignd serve --config CONFIG`, up when `admin_port` accepts a connection.
+    pub fn serve(config: &Path, admin_port: u16) -> Self {
+        Self::new(
+            vec!["serve".into(), "--config".into(), config.into()],
+            Some(admin_port),
+        )
+    }
+
+    /// The log format (`json` unless named).
+    pub fn format(mut self, format: &str) -> Self {
+        self.format = format.into();
+        self
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(meshsignd());
+        cmd.args(["--log-format", &self.format]).args(&self.args);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd
+    }
+
+    /// Extra arguments.
+    pub fn args(mut self, extra: &[&str]) -> Self {
+        self.args.extend(extra.iter().map(Into::into));
+        self
+    }
+
+    /// An environment variable.
+    pub fn env(mut self, k: &str, v: impl AsRef<std::ffi::OsStr>) -> Self {
+        self.env.push((k.into(), v.as_ref().to_owned()));
+        self
+    }
+
+    /// Writes the process's stderr (its log) to `path`.
+    pub fn log(mut self, path: &Path) -> Self {
+        self.log = Some(path.to_path_buf());
+        self
+    }
+
+    /// Starts it without waiting (a test that watches the process itself, e.g. its
+    /// service-manager notifications); stdout and stderr go nowhere unless logged.
+    pub fn spawn(self) -> Child {
+        self.command()
+            .stdout(Stdio::null())
+            .stderr(match &self.log {
+                Some(p) => Stdio::from(std::fs::File::create(p).unwrap()),
+                None => Stdio::null(),
+            })
+            .spawn()
+            .unwrap()
+    }
+
+    /// Starts it and waits until it is up; fails the test, with its log, if it is not.
+    pub fn start(self) -> DevSite {
+        match self.try_start() {
+            Ok(site) => site,
+            Err(e) => panic!("meshsignd did not start: {e}"),
+        }
+    }
+
+    /// Starts it: the running process once it is up, or what it wrote (its log, else the
+    /// exit status) when it exited first.
+    pub fn try_start(self) -> Result<DevSite, String> {
+        let mut child = self
+            .command()
+            .stdout(Stdio::piped())
+            .stderr(match &self.log {
+                Some(p) => Stdio::from(std::fs::File::create(p).unwrap()),
+                None => Stdio::piped(),
+            })
+            .spawn()
+            .unwrap();
+        // What it wrote: its log file, or its stderr kept (the first 64 KiB) by a thread that
+        // drains it so the child never blocks on a full pipe.
+        let kept = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        if let Some(err) = child.stderr.take() {
+            let kept = kept.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(err).lines().map_while(Result::ok) {
+                    let mut k = kept.lock().unwrap();
+                    if k.len() < 64 * 1024 {
+                        k.push_str(&line);
+                        k.push('\n');
+                    }
+                }
+            });
+        }
+        let log = self.log.clone();
+        let refused = |child: &mut Child| {
+            let status = child.wait().unwrap();
+            assert!(!status.success(), "a refused start exits non-zero");
+            // The stderr thread ends with the process; give it the pipe's last lines.
+            let written = match &log {
+                Some(p) => std::fs::read_to_string(p).unwrap_or_default(),
+                None => {
+                    wait_until(Duration::from_secs(2), || {
+                        std::sync::Arc::strong_count(&kept) == 1
+                    });
+                    kept.lock().unwrap().clone()
+                }
+            };
+            Err(if written.is_empty() {
+                status.to_string()
+            } else {
+                written
+            })
+        };
+        let out = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(out).lines();
+        if let Some(port) = self.serve_admin_port {
+            std::thread::spawn(move || for _ in lines {});
+            let up = wait_until(Duration::from_secs(30), || {
+                matches!(child.try_wait(), Ok(Some(_)))
+                    || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            });
+            return match child.try_wait() {
+                Ok(Some(_)) => refused(&mut child),
+                _ if up => Ok(DevSite(child)),
+                _ => Err("not up after 30 s".into()),
+            };
+        }
+        loop {
+            match lines.next() {
+                Some(Ok(l)) if l.contains("DEV site is up") => {
+                    // Keep draining stdout so the child never blocks on a full pipe.
+                    std::thread::spawn(move || for _ in lines {});
+                    return Ok(DevSite(child));
+                }
+                Some(_) => {}
+                None => return refused(&mut child),
+            }
+        }
+    }
+}
+
+/// Polls `cond` until it holds or `limit` passes; whether it held.
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Starts `meshsignd dev` on free loopback ports and waits for its "is up" line (no sleeping).
 pub fn start_dev(dir: &Path) -> DevSite {
-    start_dev_logging(dir, None)
+    Meshsignd::dev(dir).start()
 }
 
 /// [`start_dev`] with JSON logs written to `log` (stderr otherwise discarded).
@@ -47,79 +233,33 @@ pub fn start_dev_with_format(dir: &Path, log: Option<&Path>, format: &str) -> De
 
 /// A dev site of `region` (its folder is made for that region on first start).
 pub fn start_dev_region(dir: &Path, region: &str) -> DevSite {
-    start_dev_args(dir, None, "json", &["--region", region])
+    Meshsignd::dev(dir).args(&["--region", region]).start()
 }
 
 /// [`start_dev_with_format`] with extra `meshsignd dev` arguments.
 pub fn start_dev_args(dir: &Path, log: Option<&Path>, format: &str, extra: &[&str]) -> DevSite {
-    start_dev_env(dir, log, format, extra, &[])
+    let mut d = Meshsignd::dev(dir).format(format).args(extra);
+    if let Some(log) = log {
+        d = d.log(log);
+    }
+    d.start()
 }
 
 /// A dev site whose `hsm` keys live in a SoftHSM2 token made in `hsm_dir`.
 pub fn start_dev_hsm(dir: &Path, hsm_dir: &Path) -> DevSite {
     let conf = meshsign_certs_dev::softhsm::token(hsm_dir, "meshsign-test").unwrap();
     let pin = hsm_dir.join("pin");
-    start_dev_env(
-        dir,
-        None,
-        "json",
-        &[
+    Meshsignd::dev(dir)
+        .args(&[
             "--pkcs11-module",
             meshsign_certs_dev::softhsm::MODULE,
             "--pkcs11-token",
             "meshsign-test",
             "--pkcs11-pin-file",
             pin.to_str().unwrap(),
-        ],
-        &[("SOFTHSM2_CONF", conf.as_path())],
-    )
-}
-
-/// [`start_dev_args`] with extra environment variables for `meshsignd`.
-pub fn start_dev_env(
-    dir: &Path,
-    log: Option<&Path>,
-    format: &str,
-    extra: &[&str],
-    env: &[(&str, &Path)],
-) -> DevSite {
-    let mut cmd = Command::new(meshsignd());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd
-        .args(["--log-format", format, "dev", "--data-dir"])
-        .arg(dir)
-        .args(extra)
-        .args([
-            "--enroll-port",
-            "0",
-            "--sign-port",
-            "0",
-            "--admin-port",
-            "0",
         ])
-        .stdout(Stdio::piped())
-        .stderr(match log {
-            Some(p) => Stdio::from(std::fs::File::create(p).unwrap()),
-            None => Stdio::null(),
-        })
-        .spawn()
-        .unwrap();
-    let out = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(out).lines();
-    loop {
-        let line = lines
-            .next()
-            .expect("meshsignd dev exited before it was up")
-            .unwrap();
-        if line.contains("DEV site is up") {
-            break;
-        }
-    }
-    // Keep draining stdout so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    DevSite(child)
+        .env("SOFTHSM2_CONF", conf.as_path())
+        .start()
 }
 
 /// Runs `openssl` in `dir`, fails the test with its stderr if it fails, returns its stdout.
