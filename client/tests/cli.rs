@@ -428,13 +428,7 @@ fn admin_verbs_drill_and_sighup_reload_against_a_dev_site() {
     assert_ne!(narrowed, text);
     std::fs::write(&site_toml, narrowed).unwrap();
     let pid = site.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    common::signal(&pid, "-HUP");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         let (code, _, err) = run(
@@ -482,13 +476,7 @@ fn admin_verbs_drill_and_sighup_reload_against_a_dev_site() {
     // A broken file is refused and the running config stays: the narrowed staging rule still
     // holds and production still signs.
     std::fs::write(&site_toml, "this is not toml").unwrap();
-    assert!(
-        Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    common::signal(&pid, "-HUP");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while !std::fs::read_to_string(&log)
         .unwrap()

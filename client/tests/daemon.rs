@@ -56,14 +56,6 @@ fn file_fingerprint(dir: &Path, file: &str) -> String {
     .to_string()
 }
 
-fn signal(pid: u32, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success(), "kill {sig} {pid}");
-}
-
 #[test]
 fn sighup_rereads_the_server_certificate_and_a_broken_tls_section_is_refused_by_name() {
     let tmp = tempfile::tempdir().unwrap();
@@ -95,7 +87,7 @@ fn sighup_rereads_the_server_certificate_and_a_broken_tls_section_is_refused_by_
     }
     let after = file_fingerprint(&dir, "pki/server.pem");
     assert_ne!(before, after);
-    signal(pid, "-HUP");
+    common::signal(&pid, "-HUP");
     assert!(
         common::wait_until(Duration::from_secs(15), || served_fingerprint(
             tmp.path(),
@@ -117,7 +109,7 @@ fn sighup_rereads_the_server_certificate_and_a_broken_tls_section_is_refused_by_
         text.replace("pki/server.key.pem", "pki/missing.key.pem"),
     )
     .unwrap();
-    signal(pid, "-HUP");
+    common::signal(&pid, "-HUP");
     assert!(
         common::wait_until(Duration::from_secs(15), || std::fs::read_to_string(&log)
             .unwrap()
@@ -145,9 +137,9 @@ fn a_stop_signal_during_a_reload_is_not_lost() {
     let pid = site.0.id();
     // Back to back: the SIGTERM arrives while a SIGHUP reload runs.
     for _ in 0..3 {
-        signal(pid, "-HUP");
+        common::signal(&pid, "-HUP");
     }
-    signal(pid, "-TERM");
+    common::signal(&pid, "-TERM");
     let mut status = None;
     assert!(
         common::wait_until(Duration::from_secs(20), || {
@@ -472,22 +464,10 @@ fn meshsignd_notifies_the_service_manager() {
     };
     assert!(next().starts_with("READY=1"));
     let pid = child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    common::signal(&pid, "-HUP");
     assert_eq!(next(), "RELOADING=1");
     assert!(next().starts_with("READY=1"));
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    common::signal(&pid, "-TERM");
     assert_eq!(next(), "STOPPING=1");
     assert!(child.wait().unwrap().success());
 }

@@ -93,21 +93,9 @@ fn usage_refusal_and_an_unanswering_site_have_their_exit_codes() {
 
     // A suspended site: unavailable (4) within the timeout, not a hung job.
     let pid = site.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-STOP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    common::signal(&pid, "-STOP");
     let (code, err, took) = sign(&["--environment", "staging", "--key", "release", "a.txt"]);
-    assert!(
-        Command::new("kill")
-            .args(["-CONT", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    common::signal(&pid, "-CONT");
     assert_eq!(code, Some(4), "{err}");
     assert!(took < Duration::from_secs(10), "gave up after {took:?}");
 

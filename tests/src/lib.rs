@@ -410,6 +410,24 @@ impl TestSite {
             .map_err(|e| e.to_string())
     }
 
+    /// Enrolls `key` with `req` (which must be accepted) and connects a signer with the
+    /// certificate.
+    pub async fn enroll_signed(
+        &self,
+        key: &RunnerKey,
+        req: v1::EnrollRequest,
+    ) -> (v1::EnrollResponse, SignerClient<Channel>) {
+        let resp = self
+            .enrollment()
+            .await
+            .enroll(req)
+            .await
+            .unwrap()
+            .into_inner();
+        let signer = self.signer_for(key, &resp).await.unwrap();
+        (resp, signer)
+    }
+
     /// Enrolls in `env` with claims changed by `f`.
     pub async fn enrolled_with(
         &self,
@@ -420,14 +438,7 @@ impl TestSite {
         let mut claims = self.claims(env);
         f(&mut claims);
         let req = self.enroll_request(env, self.es.mint(&claims).unwrap(), &key);
-        let resp = self
-            .enrollment()
-            .await
-            .enroll(req)
-            .await
-            .unwrap()
-            .into_inner();
-        let signer = self.signer_for(&key, &resp).await.unwrap();
+        let (resp, signer) = self.enroll_signed(&key, req).await;
         (key, resp, signer)
     }
 

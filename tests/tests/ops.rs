@@ -265,28 +265,14 @@ async fn revocation_by_serial_job_fingerprint_and_policy_is_immediate_and_surviv
         let key = RunnerKey::generate().unwrap();
         let mut req = site.enroll_request("production", site.token("production"), &key);
         req.runner_fingerprint = fp.clone();
-        let resp = site
-            .enrollment()
-            .await
-            .enroll(req)
-            .await
-            .unwrap()
-            .into_inner();
-        let s = site.signer_for(&key, &resp).await.unwrap();
+        let (resp, s) = site.enroll_signed(&key, req).await;
         (key, resp, s)
     };
     let rs_claims = site.gitlab_claims("production");
     let (k4, r4, mut by_policy) = {
         let key = RunnerKey::generate().unwrap();
         let req = site.enroll_request("production", site.rs.mint(&rs_claims).unwrap(), &key);
-        let resp = site
-            .enrollment()
-            .await
-            .enroll(req)
-            .await
-            .unwrap()
-            .into_inner();
-        let s = site.signer_for(&key, &resp).await.unwrap();
+        let (resp, s) = site.enroll_signed(&key, req).await;
         (key, resp, s)
     };
     let (_k5, _r5, mut bystander) = site

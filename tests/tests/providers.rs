@@ -39,14 +39,9 @@ async fn enroll_sign(
     token: String,
 ) -> (v1::EnrollResponse, Result<v1::SignResponse, tonic::Status>) {
     let key = RunnerKey::generate().unwrap();
-    let resp = site
-        .enrollment()
-        .await
-        .enroll(site.enroll_request("production", token, &key))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut s = site.signer_for(&key, &resp).await.unwrap();
+    let (resp, mut s) = site
+        .enroll_signed(&key, site.enroll_request("production", token, &key))
+        .await;
     let signed = s.sign(sign_req("release", 7)).await.map(|r| r.into_inner());
     (resp, signed)
 }

@@ -545,14 +545,12 @@ bound_claims = { organization_slug = "acme" }
         300,
     );
     let key = RunnerKey::generate().unwrap();
-    let resp = site
-        .enrollment()
-        .await
-        .enroll(site.enroll_request("production", site.es.mint(&bk).unwrap(), &key))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut b = site.signer_for(&key, &resp).await.unwrap();
+    let (_, mut b) = site
+        .enroll_signed(
+            &key,
+            site.enroll_request("production", site.es.mint(&bk).unwrap(), &key),
+        )
+        .await;
     let e = b
         .attest(attest_req("attest", PREDICATE_SLSA))
         .await

@@ -202,6 +202,15 @@ impl Meshsignd {
     }
 }
 
+/// Sends `sig` (`-HUP`, `-TERM`, `-STOP`…) to process `pid`; fails the test if `kill` does.
+pub fn signal(pid: impl std::fmt::Display, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success(), "kill {sig} {pid}");
+}
+
 /// Polls `cond` until it holds or `limit` passes; whether it held.
 pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = std::time::Instant::now() + limit;
