@@ -87,7 +87,7 @@ fn sighup_rereads_the_server_certificate_and_a_broken_tls_section_is_refused_by_
     }
     let after = file_fingerprint(&dir, "pki/server.pem");
     assert_ne!(before, after);
-    common::signal(&pid, "-HUP");
+    common::signal(pid, "-HUP");
     assert!(
         common::wait_until(Duration::from_secs(15), || served_fingerprint(
             tmp.path(),
@@ -109,7 +109,7 @@ fn sighup_rereads_the_server_certificate_and_a_broken_tls_section_is_refused_by_
         text.replace("pki/server.key.pem", "pki/missing.key.pem"),
     )
     .unwrap();
-    common::signal(&pid, "-HUP");
+    common::signal(pid, "-HUP");
     assert!(
         common::wait_until(Duration::from_secs(15), || std::fs::read_to_string(&log)
             .unwrap()
@@ -137,9 +137,9 @@ fn a_stop_signal_during_a_reload_is_not_lost() {
     let pid = site.0.id();
     // Back to back: the SIGTERM arrives while a SIGHUP reload runs.
     for _ in 0..3 {
-        common::signal(&pid, "-HUP");
+        common::signal(pid, "-HUP");
     }
-    common::signal(&pid, "-TERM");
+    common::signal(pid, "-TERM");
     let mut status = None;
     assert!(
         common::wait_until(Duration::from_secs(20), || {

@@ -358,16 +358,7 @@ impl TestSite {
     ) -> (RunnerKey, v1::EnrollResponse, SignerClient<Channel>) {
         let key = RunnerKey::generate().unwrap();
         let req = self.enroll_request(env, self.token(env), &key);
-        let resp = self
-            .enrollment()
-            .await
-            .enroll(req)
-            .await
-            .unwrap()
-            .into_inner();
-        let signer = meshsign_client::session::Session::connect_signer(&self.client, &key, &resp)
-            .await
-            .unwrap();
+        let (resp, signer) = self.enroll_signed(&key, req).await;
         (key, resp, signer)
     }
 
@@ -410,6 +401,16 @@ impl TestSite {
             .map_err(|e| e.to_string())
     }
 
+    /// Enrolls with `req`, which must be accepted.
+    pub async fn enroll_ok(&self, req: v1::EnrollRequest) -> v1::EnrollResponse {
+        self.enrollment()
+            .await
+            .enroll(req)
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
     /// Enrolls `key` with `req` (which must be accepted) and connects a signer with the
     /// certificate.
     pub async fn enroll_signed(
@@ -417,13 +418,7 @@ impl TestSite {
         key: &RunnerKey,
         req: v1::EnrollRequest,
     ) -> (v1::EnrollResponse, SignerClient<Channel>) {
-        let resp = self
-            .enrollment()
-            .await
-            .enroll(req)
-            .await
-            .unwrap()
-            .into_inner();
+        let resp = self.enroll_ok(req).await;
         let signer = self.signer_for(key, &resp).await.unwrap();
         (resp, signer)
     }

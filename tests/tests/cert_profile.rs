@@ -35,13 +35,7 @@ async fn certificate_is_built_from_policy_not_from_the_csr() {
     let mut req = site.enroll_request("production", token, &RunnerKey::generate().unwrap());
     req.csr_der = csr;
     req.requested_ttl_seconds = 1_000_000;
-    let resp = site
-        .enrollment()
-        .await
-        .enroll(req)
-        .await
-        .unwrap()
-        .into_inner();
+    let resp = site.enroll_ok(req).await;
     let leaf_der = &resp.certificate_chain[0];
     let (_, cert) = X509Certificate::from_der(leaf_der).unwrap();
 

@@ -169,12 +169,8 @@ async fn rs256_tokens_enroll_and_verification_material_is_public() {
     let claims = site.gitlab_claims("staging");
     let token = site.rs.mint(&claims).unwrap();
     let resp = site
-        .enrollment()
-        .await
-        .enroll(site.enroll_request("staging", token, &key))
-        .await
-        .unwrap()
-        .into_inner();
+        .enroll_ok(site.enroll_request("staging", token, &key))
+        .await;
     assert_eq!(resp.environment, "staging");
 
     // Verification material: on the enroll port, no client certificate.

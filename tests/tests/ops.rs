@@ -406,12 +406,8 @@ async fn admin_port_refuses_runner_certificates_and_auditors_cannot_change_anyth
     // A runner certificate on the admin port: refused at the handshake.
     let key = RunnerKey::generate().unwrap();
     let resp = site
-        .enrollment()
-        .await
-        .enroll(site.enroll_request("staging", site.token("staging"), &key))
-        .await
-        .unwrap()
-        .into_inner();
+        .enroll_ok(site.enroll_request("staging", site.token("staging"), &key))
+        .await;
     let tls = meshsign_client::net::tls_config(
         meshsign_client::net::roots(&site.client).unwrap(),
         Some(key.identity(&resp)),

@@ -68,13 +68,7 @@ async fn every_port_lists_its_services() {
 
     let rk = meshsign_client::session::RunnerKey::generate().unwrap();
     let req = site.enroll_request("staging", site.token("staging"), &rk);
-    let er = site
-        .enrollment()
-        .await
-        .enroll(req)
-        .await
-        .unwrap()
-        .into_inner();
+    let er = site.enroll_ok(req).await;
     let sign = list(&site, &site.client.sign_endpoint, Some(rk.identity(&er)))
         .await
         .unwrap();

@@ -89,13 +89,7 @@ async fn certificate_that_expires_on_an_open_connection_is_refused_on_the_next_r
     let key = RunnerKey::generate().unwrap();
     let mut req = site.enroll_request("production", site.token("production"), &key);
     req.requested_ttl_seconds = 600;
-    let resp = site
-        .enrollment()
-        .await
-        .enroll(req)
-        .await
-        .unwrap()
-        .into_inner();
+    let resp = site.enroll_ok(req).await;
     let chain = resp
         .certificate_chain
         .iter()
@@ -260,13 +254,7 @@ async fn key_access_rule_is_checked_against_the_callers_ref() {
     let mut claims = site.claims("production");
     claims["ref"] = "refs/heads/feature-x".into();
     let req = site.enroll_request("production", site.es.mint(&claims).unwrap(), &key);
-    let resp = site
-        .enrollment()
-        .await
-        .enroll(req)
-        .await
-        .unwrap()
-        .into_inner();
+    let resp = site.enroll_ok(req).await;
     let mut signer = meshsign_client::session::Session::connect_signer(&site.client, &key, &resp)
         .await
         .unwrap();

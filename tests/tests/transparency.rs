@@ -423,16 +423,12 @@ async fn statements_are_built_from_verified_facts_and_name_their_audit_entry() {
     // And for a GitLab job: its CI config and commit.
     let key = RunnerKey::generate().unwrap();
     let gl = site
-        .enrollment()
-        .await
-        .enroll(site.enroll_request(
+        .enroll_ok(site.enroll_request(
             "production",
             site.rs.mint(&site.gitlab_claims("production")).unwrap(),
             &key,
         ))
-        .await
-        .unwrap()
-        .into_inner();
+        .await;
     let mut g = site.signer_for(&key, &gl).await.unwrap();
     let glr = g
         .attest(attest_req("attest", PREDICATE_SLSA))
