@@ -4,14 +4,24 @@
 //! `spiffe://<trust_domain>/runner/<environment>/<region>/<fingerprint>`, and a non-critical
 //! extension carrying the job claims the certificate was minted from.
 //!
-//! The claims extension's OID sits under the `2.25` UUID arc (ITU-T X.667), so it needs no
-//! registration: `2.25.<CLAIMS_EXTENSION_UUID as a decimal integer>`. Its value is a DER
-//! `UTF8String` holding compact JSON of [`JobClaims`], readable by `openssl x509 -text`.
+//! The claims extension's OID is [`CLAIMS_EXTENSION_OID`], `1.3.9999.4717.1.1`: every arc fits
+//! in 31 bits, so every X.509 stack parses it (Go's `encoding/asn1` refuses arcs beyond 63
+//! bits, and refused the whole certificate under the earlier `2.25.<UUID>` OID, whose one arc
+//! is 128 bits). It is a private arc, as Teleport's `1.3.9999.1.*` extensions are, not a
+//! registered one: meshsign has no IANA Private Enterprise Number yet; when it has one, new
+//! certificates move under it and readers accept this OID too. Readers accept the earlier
+//! [`LEGACY_CLAIMS_EXTENSION_UUID`] OID as well, so certificates issued before keep verifying
+//! where they are used (they live minutes). Its value is a DER `UTF8String` holding compact
+//! JSON of [`JobClaims`], readable by `openssl x509 -text`.
 
 use serde::{Deserialize, Serialize};
 
-/// The UUID under `2.25` naming the job-claims extension.
-pub const CLAIMS_EXTENSION_UUID: u128 = 0xc4b2f3a1_6e0d_4f8a_9b1e_5d2c7a9e3f60;
+/// The arcs of the job-claims extension's OID, `1.3.9999.4717.1.1` (claims, version 1).
+pub const CLAIMS_EXTENSION_OID: [u64; 6] = [1, 3, 9999, 4717, 1, 1];
+
+/// The UUID under `2.25` that named the job-claims extension in certificates issued before
+/// [`CLAIMS_EXTENSION_OID`]; still read, never written.
+pub const LEGACY_CLAIMS_EXTENSION_UUID: u128 = 0xc4b2f3a1_6e0d_4f8a_9b1e_5d2c7a9e3f60;
 
 /// Errors decoding the identity formats.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -141,15 +151,34 @@ impl JobClaims {
 
 /// DER encoding (tag, length, content) of the claims extension OID.
 pub fn claims_extension_oid_der() -> Vec<u8> {
+    let [a, b, rest @ ..] = CLAIMS_EXTENSION_OID;
+    let mut arcs = vec![OidArc::Small(a * 40 + b)];
+    arcs.extend(rest.iter().map(|&v| OidArc::Small(v)));
+    oid_der(&arcs)
+}
+
+/// DER encoding of the earlier claims extension OID, `2.25.<LEGACY_CLAIMS_EXTENSION_UUID>`.
+pub fn legacy_claims_extension_oid_der() -> Vec<u8> {
     oid_der(&[
         OidArc::Small(2 * 40 + 25),
-        OidArc::Big(CLAIMS_EXTENSION_UUID),
+        OidArc::Big(LEGACY_CLAIMS_EXTENSION_UUID),
     ])
 }
 
-/// Dotted form of the claims extension OID, `2.25.<decimal>`.
+/// Whether an extension's OID (its DER content, without tag and length) names the claims
+/// extension: the current OID, or the earlier one certificates issued before carry.
+pub fn is_claims_extension_oid(content: &[u8]) -> bool {
+    content == &claims_extension_oid_der()[2..]
+        || content == &legacy_claims_extension_oid_der()[2..]
+}
+
+/// Dotted form of the claims extension OID, `1.3.9999.4717.1.1`.
 pub fn claims_extension_oid_string() -> String {
-    format!("2.25.{CLAIMS_EXTENSION_UUID}")
+    CLAIMS_EXTENSION_OID
+        .iter()
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 /// One arc of an OID for [`oid_der`]; the first entry is the combined first two arcs.
@@ -302,6 +331,13 @@ mod tests {
         let claims = claims_extension_oid_der();
         assert_eq!(claims[0], 0x06);
         assert_eq!(usize::from(claims[1]), claims.len() - 2);
-        assert_eq!(claims[2], 105); // 2.25
+        assert_eq!(claims[2], 43); // 1.3
+        // Every arc fits in 31 bits: what Go's encoding/asn1 (and every other stack) parses.
+        assert!(CLAIMS_EXTENSION_OID.iter().all(|&a| a < 1 << 31));
+        assert_eq!(claims_extension_oid_string(), "1.3.9999.4717.1.1");
+        let legacy = legacy_claims_extension_oid_der();
+        assert_eq!(legacy[2], 105); // 2.25
+        assert!(is_claims_extension_oid(&claims[2..]) && is_claims_extension_oid(&legacy[2..]));
+        assert!(!is_claims_extension_oid(&claims[3..]));
     }
 }

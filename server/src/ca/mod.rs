@@ -8,17 +8,18 @@
 //! Certificates are built from policy only (DESIGN.md "Runner certificate profile"); nothing the
 //! CSR asks for is copied. Every issued certificate is re-parsed and checked before it leaves.
 //!
-//! The claims extension's OID is a `2.25.<UUID>` arc, which needs 128 bits; rcgen only writes
-//! OID arcs that fit a u64. So the certificate is built with a same-length placeholder OID and
-//! the signer swaps the real OID into the to-be-signed bytes before signing; the same swap is then
-//! made in the output. Both are checked to occur exactly once, and the result is verified.
+//! The claims extension's OID (`meshsign_evidence::identity::CLAIMS_EXTENSION_OID`) has arcs
+//! that fit in 31 bits, so rcgen writes it as it is (the earlier `2.25.<UUID>` OID needed a
+//! placeholder swapped in before signing, and Go could not parse the result).
 
 pub mod csr;
 
 use std::sync::Arc;
 
 use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1, UnparsedPublicKey};
-use meshsign_evidence::identity::{JobClaims, OidArc, RunnerId, claims_extension_oid_der, oid_der};
+use meshsign_evidence::identity::{
+    CLAIMS_EXTENSION_OID, JobClaims, RunnerId, claims_extension_oid_der,
+};
 use rcgen::{
     BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
@@ -217,55 +218,6 @@ pub struct IssuedCert {
     pub not_after: i64,
 }
 
-/// Placeholder OID (`2.25.<u64>.<u64>`) with the same DER length as the claims OID.
-fn placeholder_oid() -> (Vec<u64>, Vec<u8>) {
-    let arcs = [2u64, 25, 0xFEED_FACE_CAFE_BEEF, 0x5EED_FACE_CAFE_F00D];
-    let der = oid_der(&[
-        OidArc::Small(105),
-        OidArc::Small(arcs[2]),
-        OidArc::Small(arcs[3]),
-    ]);
-    (arcs.to_vec(), der)
-}
-
-fn replace_once(haystack: &[u8], from: &[u8], to: &[u8]) -> Option<Vec<u8>> {
-    let mut hits = haystack
-        .windows(from.len())
-        .enumerate()
-        .filter(|(_, w)| *w == from)
-        .map(|(i, _)| i);
-    let at = hits.next()?;
-    if hits.next().is_some() || from.len() != to.len() {
-        return None;
-    }
-    let mut out = haystack.to_vec();
-    out[at..at + to.len()].copy_from_slice(to);
-    Some(out)
-}
-
-/// Signs the to-be-signed bytes after swapping the placeholder OID for the real one.
-struct OidSwappingSigner<'a> {
-    inner: &'a dyn SigningKey,
-    from: &'a [u8],
-    to: &'a [u8],
-}
-
-impl PublicKeyData for OidSwappingSigner<'_> {
-    fn der_bytes(&self) -> &[u8] {
-        self.inner.der_bytes()
-    }
-    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
-        PublicKeyData::algorithm(self.inner)
-    }
-}
-
-impl SigningKey for OidSwappingSigner<'_> {
-    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
-        let patched = replace_once(msg, self.from, self.to).ok_or(rcgen::Error::RemoteKeyError)?;
-        self.inner.sign(&patched)
-    }
-}
-
 /// The CSR's public key, handed to rcgen.
 struct CsrKey(Vec<u8>);
 
@@ -427,20 +379,14 @@ impl RunnerCa {
         p.not_before = unix_to_time(not_before);
         p.not_after = unix_to_time(not_after);
         p.serial_number = Some(SerialNumber::from_slice(&serial));
-        let (placeholder_arcs, placeholder_der) = placeholder_oid();
-        let real_der = claims_extension_oid_der();
         p.custom_extensions = vec![CustomExtension::from_oid_content(
-            &placeholder_arcs,
+            &CLAIMS_EXTENSION_OID,
             req.claims.to_extension_value(),
         )];
-
-        let signer = OidSwappingSigner {
-            inner: self.key.signer(),
-            from: &placeholder_der,
-            to: &real_der,
-        };
-        let issuer =
-            rcgen::Issuer::from_ca_cert_der(&self.record.cert_der.as_slice().into(), &signer)?;
+        let issuer = rcgen::Issuer::from_ca_cert_der(
+            &self.record.cert_der.as_slice().into(),
+            self.key.signer(),
+        )?;
         let cert = p
             .signed_by(&CsrKey(spki_key_bytes(&req.public_key_spki)?), &issuer)
             .map_err(|e| match (&e, &self.key) {
@@ -454,8 +400,7 @@ impl RunnerCa {
                 }
                 _ => e.into(),
             })?;
-        let der = replace_once(cert.der(), &placeholder_der, &real_der)
-            .ok_or_else(|| CaError::SelfCheck("placeholder OID not found exactly once".into()))?;
+        let der = cert.der().to_vec();
         self.check_issued(&der, req, &serial, not_before, not_after)?;
         Ok(IssuedCert {
             der,

@@ -9,7 +9,7 @@ pub mod claims;
 pub mod jwt;
 
 use meshsign_evidence::audit::AuditRecord;
-use meshsign_evidence::identity::{JobClaims, RunnerId, claims_extension_oid_der};
+use meshsign_evidence::identity::{JobClaims, RunnerId, is_claims_extension_oid};
 use x509_parser::prelude::*;
 
 /// Why a peer certificate is not an identity of this site.
@@ -87,11 +87,10 @@ impl Caller {
         if id.trust_domain != trust_domain {
             return Err(malformed("foreign trust domain"));
         }
-        let oid = claims_extension_oid_der();
         let ext = cert
             .extensions()
             .iter()
-            .find(|e| e.oid.as_bytes() == &oid[2..])
+            .find(|e| is_claims_extension_oid(e.oid.as_bytes()))
             .ok_or_else(|| malformed("no claims extension"))?;
         let claims =
             JobClaims::from_extension_value(ext.value).map_err(|e| malformed(e.to_string()))?;
