@@ -82,10 +82,58 @@ pub struct AuditRecord {
     pub detail: String,
     /// Set on checkpoint entries.
     pub checkpoint: Option<Checkpoint>,
+    /// The transparency-log leaves this decision added, one per signature the site made
+    /// ([`crate::rekor`]): the entry names them, so the chain covers the transparency log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tlog: Option<TlogLeaves>,
     /// Hash of the previous entry (hex).
     pub prev_hash: String,
     /// This entry's hash (hex).
     pub hash: String,
+}
+
+/// Leaves of the transparency log written by one decision: `index`, `index + 1`, ….
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlogLeaves {
+    /// The first leaf's index.
+    pub index: u64,
+    /// The leaf hashes (`SHA-256(0x00 ‖ body)`, 32 bytes each), concatenated, base64.
+    pub leaves: String,
+}
+
+impl TlogLeaves {
+    /// Most leaves one entry names (a SignBatch of 1,000 digests takes 43 KB of the entry).
+    pub const MAX: usize = 1000;
+
+    /// Names `leaves` from `index` on.
+    pub fn new(index: u64, leaves: &[crate::merkle::Hash]) -> Self {
+        use base64::Engine as _;
+        Self {
+            index,
+            leaves: base64::engine::general_purpose::STANDARD.encode(leaves.concat()),
+        }
+    }
+
+    /// The leaf hashes (none if the field is malformed).
+    pub fn hashes(&self) -> Option<Vec<crate::merkle::Hash>> {
+        use base64::Engine as _;
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(&self.leaves)
+            .ok()?;
+        if raw.len() % 32 != 0 || raw.len() / 32 > Self::MAX {
+            return None;
+        }
+        raw.chunks(32)
+            .map(|c| crate::merkle::Hash::try_from(c).ok())
+            .collect()
+    }
+
+    /// The log's size after these leaves (none if malformed).
+    pub fn end(&self) -> Option<u64> {
+        let n = self.hashes()?.len() as u64;
+        self.index.checked_add(n)
+    }
 }
 
 /// A signed statement of the chain head.
@@ -106,6 +154,10 @@ pub struct Checkpoint {
     /// the same key ([`crate::note`]); absent on checkpoints written before the tree existed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// The transparency log's tree head at this checkpoint, a C2SP signed note (origin
+    /// `<trust domain>/<region>/log`) signed by the same key; absent before the log existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_note: Option<String>,
 }
 
 impl Checkpoint {

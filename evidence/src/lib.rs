@@ -7,6 +7,7 @@
 //!   (atomic writes, random ids), [`sig`] (signature checks with a recorded public key).
 //! - The log: [`audit`] (entries, the hash chain, exports and their verifier), [`merkle`]
 //!   (RFC 9162 tree and proofs), [`note`] (C2SP signed notes), [`receipt`].
+//! - The transparency log: [`rekor`] (Rekor-shaped bodies and signed entry timestamps).
 //! - Statements: [`attest`] (DSSE / in-toto), [`distrust`] (signed distrust lists).
 
 pub mod attest;
@@ -21,6 +22,7 @@ pub mod merkle;
 pub mod note;
 pub mod reason;
 pub mod receipt;
+pub mod rekor;
 pub mod sig;
 pub mod verify;
 

@@ -284,6 +284,63 @@ impl Session {
             .into_inner())
     }
 
+    /// Signs up to the site's batch limit of SHA-256 digests in one SignBatch call; the answer
+    /// is split into one Sign response per digest (same key, audit entry and time; each with
+    /// its own signature and transparency-log entry).
+    pub async fn sign_batch(
+        &mut self,
+        alias: &str,
+        digests: &[[u8; 32]],
+        artifact: &str,
+    ) -> Result<Vec<v1::SignResponse>, ClientError> {
+        let req = v1::SignBatchRequest {
+            key_alias: alias.to_string(),
+            sha256_digests: digests.iter().map(|d| d.to_vec()).collect(),
+            artifact_name: artifact.to_string(),
+            algorithm: String::new(),
+        };
+        let mut out = self.signer.sign_batch(req.clone()).await;
+        for backoff_ms in [50, 200, 800] {
+            match &out {
+                Err(s) if net::is_failover(s) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(backoff_ms)).await;
+                    out = self.signer.sign_batch(req.clone()).await;
+                }
+                _ => break,
+            }
+        }
+        let b = out
+            .map_err(|s| ClientError::rpc("SignBatch", s))?
+            .into_inner();
+        if b.signatures.len() != digests.len() || b.transparency_entries.len() != digests.len() {
+            return Err(ClientError::Verify(format!(
+                "the site answered {} digests with {} signatures and {} log entries",
+                digests.len(),
+                b.signatures.len(),
+                b.transparency_entries.len()
+            )));
+        }
+        Ok(b.signatures
+            .into_iter()
+            .zip(b.transparency_entries)
+            .zip(digests)
+            .map(|((signature, entry), d)| v1::SignResponse {
+                signature,
+                algorithm: b.algorithm.clone(),
+                key_id: b.key_id.clone(),
+                public_key_der: b.public_key_der.clone(),
+                certificate_chain: b.certificate_chain.clone(),
+                audit_id: b.audit_id.clone(),
+                signed_at: b.signed_at,
+                sha256_digest: d.to_vec(),
+                audit_seq: b.audit_seq,
+                audit_hash: b.audit_hash.clone(),
+                audit_entry: Vec::new(),
+                transparency_entry: Some(entry),
+            })
+            .collect())
+    }
+
     async fn sign(
         &mut self,
         alias: &str,

@@ -99,6 +99,84 @@ pub async fn receipt(
     Ok(receipt)
 }
 
+/// The Sigstore bundle (v0.1: the log entry with its signed entry timestamp) of a Sign
+/// response whose signature was checked ([`bundle_from_response`]): the SET must verify under
+/// the site's audit key and the entry's body must be this signature, digest and key.
+pub fn sigstore_bundle(
+    r: &v1::SignResponse,
+    hint: String,
+    digest: &[u8; 32],
+    audit_spki: &[u8],
+) -> Result<meshsign_evidence::bundle::sigstore::Bundle, ClientError> {
+    use meshsign_evidence::bundle::sigstore::{Bundle, TlogEntry};
+    let t = r.transparency_entry.as_ref().ok_or_else(|| {
+        ClientError::Crypto(
+            "the site returned no transparency-log entry with its signature: it predates \
+             Sigstore-verifiable bundles; upgrade the site"
+                .into(),
+        )
+    })?;
+    let entry = meshsign_evidence::rekor::LogEntry {
+        log_index: t.log_index,
+        integrated_time: t.integrated_time,
+        body: t.canonicalized_body.clone(),
+        set: t.signed_entry_timestamp.clone(),
+    };
+    let key = meshsign_evidence::verify::audit_key_from_der(audit_spki)?;
+    let tlog = TlogEntry::from_log_entry(&entry, &meshsign_evidence::rekor::log_id(audit_spki))?;
+    let b = Bundle::message(hint, digest, &r.signature, Some(tlog));
+    let (facts, _) = b.verification_material.tlog_entries[0]
+        .verify_transparency(&key, None)
+        .map_err(|e| ClientError::Verify(format!("the site's log entry: {e}")))?;
+    if facts.digest != digest[..]
+        || facts.signature != r.signature
+        || facts.spki_der != r.public_key_der
+    {
+        return Err(ClientError::Verify(
+            "the site's log entry is of another signature, digest or key".into(),
+        ));
+    }
+    Ok(b)
+}
+
+/// Adds the inclusion proof of `bundle`'s log entry (asked of the site, checked against its
+/// audit key), making it a v0.3 bundle. A bundle that has its proof is left as it is.
+pub async fn add_log_proof(
+    v: &mut VerificationClient<Channel>,
+    bundle: &mut meshsign_evidence::bundle::sigstore::Bundle,
+    audit_spki: &[u8],
+) -> Result<bool, ClientError> {
+    let Some(t) = bundle.verification_material.tlog_entries.first() else {
+        return Err(ClientError::Verify("the bundle has no log entry".into()));
+    };
+    if t.inclusion_proof.is_some() {
+        return Ok(false);
+    }
+    let e = t.log_entry()?;
+    let p = v
+        .get_log_inclusion_proof(v1::GetLogInclusionProofRequest {
+            log_index: e.log_index,
+            leaf_hash: meshsign_evidence::merkle::leaf_hash(&e.body).to_vec(),
+        })
+        .await
+        .map_err(|s| ClientError::rpc("GetLogInclusionProof", s))?
+        .into_inner();
+    let hashes = p
+        .hashes
+        .iter()
+        .map(|h| meshsign_evidence::merkle::Hash::try_from(h.as_slice()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| {
+            ClientError::Verify("the site's proof has a hash that is not 32 bytes".into())
+        })?;
+    bundle.add_proof(p.tree_size, &hashes, &p.checkpoint)?;
+    let key = meshsign_evidence::verify::audit_key_from_der(audit_spki)?;
+    bundle.verification_material.tlog_entries[0]
+        .verify_transparency(&key, None)
+        .map_err(|e| ClientError::Verify(format!("the site's inclusion proof: {e}")))?;
+    Ok(true)
+}
+
 /// An environment's signed distrust list (envelope JSON), checked against the audit key.
 pub async fn distrust_list(
     v: &mut VerificationClient<Channel>,

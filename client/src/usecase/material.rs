@@ -14,7 +14,7 @@ pub struct MaterialArgs {
     #[arg(long)]
     pub environment: String,
     /// Key alias.
-    #[arg(long, required_unless_present_any = ["audit_key", "distrust_list"])]
+    #[arg(long, required_unless_present_any = ["audit_key", "distrust_list", "trusted_root"])]
     pub key: Option<String>,
     /// Print the site's audit public key (PEM), which signs checkpoints and distrust lists.
     #[arg(long, conflicts_with = "distrust_list")]
@@ -23,6 +23,12 @@ pub struct MaterialArgs {
     /// `verify --distrust-list` reads it).
     #[arg(long)]
     pub distrust_list: bool,
+    /// Print a Sigstore trusted root (`trusted_root.json`, TrustedRoot v0.1) naming the site's
+    /// transparency log (its key, log id, base URL and validity), for Sigstore verifiers; the
+    /// signing keys go to the verifier by their bundle hints (`<region>/<environment>/<key id>`,
+    /// printed with `--key K --output json`).
+    #[arg(long, conflicts_with_all = ["distrust_list", "audit_key"])]
+    pub trusted_root: bool,
 }
 
 /// What the site gave.
@@ -33,6 +39,40 @@ pub enum Material {
     AuditKey(Vec<u8>),
     /// The distrust list (checked) and its envelope as the site signed it.
     DistrustList(meshsign_evidence::distrust::DistrustList, Vec<u8>),
+    /// A Sigstore trusted root (JSON).
+    TrustedRoot(serde_json::Value),
+}
+
+/// The Sigstore `TrustedRoot` (v0.1, proto3 JSON) of a site's transparency log: the audit key
+/// as the log's key (`PKIX_ECDSA_P256_SHA_256`), its log id, and a base URL that contains the
+/// log's checkpoint origin (Sigstore verifiers match a checkpoint's signer name against it).
+/// Valid from the oldest key version the answer names (no signature of the environment is
+/// older), else from the epoch.
+pub fn trusted_root(resp: &v1::GetVerificationMaterialResponse) -> serde_json::Value {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let start = resp
+        .keys
+        .iter()
+        .filter_map(|k| k.created_at.map(|t| t.seconds))
+        .min()
+        .unwrap_or(0);
+    serde_json::json!({
+        "mediaType": "application/vnd.dev.sigstore.trustedroot+json;version=0.1",
+        "tlogs": [{
+            "baseUrl": format!("https://{}", resp.transparency_log_origin),
+            "hashAlgorithm": "SHA2_256",
+            "publicKey": {
+                "rawBytes": b64.encode(&resp.audit_public_key_der),
+                "keyDetails": "PKIX_ECDSA_P256_SHA_256",
+                "validFor": { "start": meshsign_evidence::attest::rfc3339(start) },
+            },
+            "logId": { "keyId": b64.encode(meshsign_evidence::rekor::log_id(&resp.audit_public_key_der)) },
+        }],
+        "certificateAuthorities": [],
+        "ctlogs": [],
+        "timestampAuthorities": [],
+    })
 }
 
 /// Fetches what `args` asks for.
@@ -49,6 +89,9 @@ pub async fn fetch(cfg: &ClientConfig, args: &MaterialArgs) -> Result<Material, 
     }
     if args.audit_key {
         return Ok(Material::AuditKey(resp.audit_public_key_der));
+    }
+    if args.trusted_root {
+        return Ok(Material::TrustedRoot(trusted_root(&resp)));
     }
     Ok(Material::Keys(resp.keys))
 }

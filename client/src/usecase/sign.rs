@@ -47,7 +47,16 @@ pub struct SignOptions {
     /// builds, signed by an `attestation` key — as `meshsign attest`).
     #[arg(long, value_enum, default_value_t = SigFormat::Native)]
     pub format: SigFormat,
+    /// With `--format sigstore`: wait for the inclusion proofs (the site's next checkpoint)
+    /// and write v0.3 bundles. Without it the bundles carry the log's signed entry timestamp
+    /// (v0.1, which Sigstore verifiers accept as it is); `meshsign receipt fetch` adds the
+    /// proofs later.
+    #[arg(long)]
+    pub wait_proof: bool,
 }
+
+/// Most digests in one SignBatch call (the site's limit).
+pub const BATCH: usize = 1000;
 
 /// One signed file: what was written and where the decision is in the site's audit log.
 #[derive(Clone, Debug)]
@@ -144,15 +153,162 @@ pub async fn sign(
             verify::read_message(file)?;
         }
     }
+    if opts.wait_proof && opts.format != SigFormat::Sigstore {
+        return Err(ClientError::Usage(
+            "--wait-proof applies to --format sigstore".into(),
+        ));
+    }
     key_exists(cfg, &opts.job, &opts.key).await?;
     job::with_session(cfg, &opts.job, async |session: &mut Session| {
         let mut site = SiteEvidence::open(cfg, session, opts).await?;
+        if opts.format == SigFormat::Sigstore {
+            return sign_sigstore(session, &mut site, opts, &digests, &mut signed).await;
+        }
         for (file, digest) in opts.files.iter().zip(&digests) {
             signed(&sign_one(session, &mut site, opts, file, digest).await?);
         }
         Ok(())
     })
     .await
+}
+
+/// `--format sigstore`: digests in SignBatch calls (a message, or one file, in a Sign call),
+/// each signature checked with its log entry (SET under the audit key, the body this
+/// signature) and written as a v0.1 bundle; with `--wait-proof`, the proofs are added (one
+/// checkpoint covers them all: the newest entry is asked for first) and the bundles are v0.3.
+async fn sign_sigstore(
+    session: &mut Session,
+    site: &mut SiteEvidence,
+    opts: &SignOptions,
+    digests: &[[u8; 32]],
+    signed: &mut impl FnMut(&Signed),
+) -> Result<(), ClientError> {
+    let (v, spki) = site.0.as_mut().map_err(|e| {
+        ClientError::Usage(format!("--format sigstore needs the site's audit key: {e}"))
+    })?;
+    let mut responses = Vec::with_capacity(opts.files.len());
+    if opts.message || opts.files.len() == 1 {
+        for (file, digest) in opts.files.iter().zip(digests) {
+            let name = file_name(file);
+            let r = if opts.message {
+                let m = verify::read_message(file)?;
+                session.sign_message(&opts.key, &m, &name).await?
+            } else {
+                session.sign_digest(&opts.key, *digest, &name).await?
+            };
+            responses.push(r);
+        }
+    } else {
+        for (files, chunk) in opts.files.chunks(BATCH).zip(digests.chunks(BATCH)) {
+            let name = match files {
+                [one] => file_name(one),
+                [first, rest @ ..] => format!("{} and {} more", file_name(first), rest.len()),
+                [] => String::new(),
+            };
+            responses.extend(session.sign_batch(&opts.key, chunk, &name).await?);
+        }
+    }
+    let (region, environment) = (
+        session.enrollment.region.clone(),
+        session.enrollment.environment.clone(),
+    );
+    let mut written = Vec::with_capacity(responses.len());
+    for ((file, digest), r) in opts.files.iter().zip(digests).zip(&responses) {
+        let name = file_name(file);
+        // The signature verifies under the returned key before anything is written.
+        if opts.message {
+            let m = verify::read_message(file)?;
+            verification::bundle_from_message_response(r, &name, &m, &region, &environment)?;
+        } else {
+            verification::bundle_from_response(r, &name, digest, &region, &environment)?;
+        }
+        let hint = format!("{region}/{environment}/{}", r.key_id);
+        let bundle = verification::sigstore_bundle(r, hint, digest, spki)?;
+        let path = sibling(file, ".sigstore.json");
+        write_json(&path, &bundle)?;
+        written.push((path, bundle));
+    }
+    if opts.wait_proof {
+        for (path, bundle) in written.iter_mut().rev() {
+            verification::add_log_proof(v, bundle, spki).await?;
+            write_json(path, bundle)?;
+        }
+    }
+    for ((file, r), (path, _)) in opts.files.iter().zip(responses).zip(written) {
+        signed(&Signed {
+            file: file.clone(),
+            key_id: r.key_id,
+            audit_id: r.audit_id,
+            audit_seq: r.audit_seq,
+            signature: path.clone(),
+            bundle: path,
+        });
+    }
+    Ok(())
+}
+
+/// `meshsign receipt fetch`: adds the inclusion proof to each Sigstore bundle that lacks one
+/// (FILE.sigstore.json, or the bundle itself), checked against the site's audit key, making
+/// it v0.3. Returns each bundle's path and whether it changed.
+pub async fn fetch_proofs(
+    cfg: &ClientConfig,
+    files: &[PathBuf],
+) -> Result<Vec<(PathBuf, bool)>, ClientError> {
+    let mut v = verification::client(cfg).await?;
+    let mut out = Vec::with_capacity(files.len());
+    let mut keys: std::collections::BTreeMap<String, Vec<u8>> = Default::default();
+    // Newest entries first: the checkpoint one of them may need covers the rest.
+    let mut bundles = Vec::with_capacity(files.len());
+    for file in files {
+        let path = if file.to_string_lossy().ends_with(".sigstore.json") {
+            file.clone()
+        } else {
+            sibling(file, ".sigstore.json")
+        };
+        let text = std::fs::read(&path).map_err(ClientError::io(&path))?;
+        let b: meshsign_evidence::bundle::sigstore::Bundle = serde_json::from_slice(&text)
+            .map_err(|e| {
+                ClientError::Verify(format!("{}: not a Sigstore bundle: {e}", path.display()))
+            })?;
+        let index = b
+            .verification_material
+            .tlog_entries
+            .first()
+            .and_then(|t| t.log_index.parse::<u64>().ok())
+            .unwrap_or_default();
+        bundles.push((index, path, b));
+    }
+    bundles.sort_by(|a, b| b.0.cmp(&a.0));
+    for (_, path, mut b) in bundles {
+        let environment = b
+            .verification_material
+            .public_key
+            .hint
+            .split('/')
+            .nth(1)
+            .unwrap_or_default()
+            .to_string();
+        let spki = match keys.get(&environment) {
+            Some(k) => k.clone(),
+            None => {
+                let m = verification::material(&mut v, &environment, "").await?;
+                keys.insert(environment, m.audit_public_key_der.clone());
+                m.audit_public_key_der
+            }
+        };
+        let changed = verification::add_log_proof(&mut v, &mut b, &spki)
+            .await
+            .map_err(|e| match e {
+                ClientError::Verify(m) => ClientError::Verify(format!("{}: {m}", path.display())),
+                other => other,
+            })?;
+        if changed {
+            write_json(&path, &b)?;
+        }
+        out.push((path, changed));
+    }
+    out.reverse();
+    Ok(out)
 }
 
 /// The site's Verification service and audit key, to check each receipt before it goes into

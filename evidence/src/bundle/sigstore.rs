@@ -7,9 +7,17 @@
 //!   is pinned by the verifier (`meshsign verification-material`), as Sigstore's public-key
 //!   bundles intend;
 //! - `messageSignature` (digest and signature over the artifact) or `dsseEnvelope`;
-//! - one `tlogEntries` item: the site's audit log as the transparency log — `canonicalizedBody`
-//!   is the audit entry of this signature, `inclusionProof` its Merkle proof with the signed
-//!   checkpoint, `logId.keyId` SHA-256 of the audit key's SPKI.
+//! - one `tlogEntries` item: the signature's entry in the site's transparency log
+//!   ([`crate::rekor`]): `canonicalizedBody` a `hashedrekord` (or `dsse`) `0.0.1` body,
+//!   `inclusionPromise` its signed entry timestamp, and — once a checkpoint covers it —
+//!   `inclusionProof` with the signed checkpoint; `logId.keyId` is SHA-256 of the audit key's
+//!   SPKI (the site's audit key signs the log).
+//!
+//! A bundle written as the site answers carries the promise only: it is a v0.1 bundle
+//! ([`MEDIA_TYPE_V01`]), which Sigstore verifiers accept with a SET alone, while v0.3 requires
+//! an inclusion proof. Adding the proof ([`Bundle::add_proof`]) makes it v0.3 ([`MEDIA_TYPE`]).
+//! Bundles of earlier meshsign versions carry the audit entry itself (kind
+//! [`ENTRY_KIND`]); they are still read.
 
 use crate::attest::Envelope;
 use crate::receipt::Receipt;
@@ -18,8 +26,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::VerifyError;
 
-/// The bundle media type.
+/// The bundle media type (v0.3: every log entry has an inclusion proof).
 pub const MEDIA_TYPE: &str = "application/vnd.dev.sigstore.bundle.v0.3+json";
+/// The v0.1 media type: log entries with a signed entry timestamp (SET), proof optional.
+pub const MEDIA_TYPE_V01: &str = "application/vnd.dev.sigstore.bundle+json;version=0.1";
 /// `kindVersion.kind` of a meshsign audit entry.
 pub const ENTRY_KIND: &str = "meshsign-audit-entry";
 
@@ -90,10 +100,22 @@ pub struct TlogEntry {
     pub kind_version: KindVersion,
     /// Unix seconds the entry was written (int64 as a string).
     pub integrated_time: String,
+    /// The signed entry timestamp.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inclusion_promise: Option<InclusionPromise>,
     /// The Merkle proof and the signed checkpoint.
-    pub inclusion_proof: InclusionProof,
-    /// Base64 of the audit entry's canonical JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inclusion_proof: Option<InclusionProof>,
+    /// Base64 of the body's canonical JSON.
     pub canonicalized_body: String,
+}
+
+/// `dev.sigstore.rekor.v1.InclusionPromise`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct InclusionPromise {
+    /// Base64 SET (DER signature).
+    pub signed_entry_timestamp: String,
 }
 
 /// `dev.sigstore.common.v1.LogId`.
@@ -165,7 +187,8 @@ impl TlogEntry {
                 version: "1".into(),
             },
             integrated_time: time.to_string(),
-            inclusion_proof: InclusionProof {
+            inclusion_promise: None,
+            inclusion_proof: Some(InclusionProof {
                 log_index: r.log_index.to_string(),
                 root_hash: B64.encode(root),
                 tree_size: r.tree_size.to_string(),
@@ -173,18 +196,130 @@ impl TlogEntry {
                 checkpoint: Checkpoint {
                     envelope: r.checkpoint.clone(),
                 },
-            },
+            }),
             canonicalized_body: B64.encode(&entry),
         })
+    }
+
+    /// A transparency-log entry as the site returned it (the SET, no proof yet).
+    pub fn from_log_entry(e: &crate::rekor::LogEntry, log_id: &[u8]) -> Result<Self, VerifyError> {
+        let facts =
+            crate::rekor::body_facts(&e.body).map_err(|x| VerifyError::Failed(x.to_string()))?;
+        Ok(Self {
+            log_index: e.log_index.to_string(),
+            log_id: LogId {
+                key_id: B64.encode(log_id),
+            },
+            kind_version: KindVersion {
+                kind: facts.kind,
+                version: "0.0.1".into(),
+            },
+            integrated_time: e.integrated_time.to_string(),
+            inclusion_promise: Some(InclusionPromise {
+                signed_entry_timestamp: B64.encode(&e.set),
+            }),
+            inclusion_proof: None,
+            canonicalized_body: B64.encode(&e.body),
+        })
+    }
+
+    /// The entry as the site returned it, if it is a transparency-log entry with a SET.
+    pub fn log_entry(&self) -> Result<crate::rekor::LogEntry, VerifyError> {
+        let bad = |m: &str| VerifyError::Failed(format!("bundle tlog entry: {m}"));
+        Ok(crate::rekor::LogEntry {
+            log_index: self.log_index.parse().map_err(|_| bad("logIndex"))?,
+            integrated_time: self
+                .integrated_time
+                .parse()
+                .map_err(|_| bad("integratedTime"))?,
+            body: B64
+                .decode(&self.canonicalized_body)
+                .map_err(|_| bad("canonicalizedBody is not base64"))?,
+            set: match &self.inclusion_promise {
+                Some(p) => B64
+                    .decode(&p.signed_entry_timestamp)
+                    .map_err(|_| bad("signedEntryTimestamp is not base64"))?,
+                None => Vec::new(),
+            },
+        })
+    }
+
+    /// Whether this is an entry of the site's transparency log (not an audit entry).
+    pub fn is_transparency(&self) -> bool {
+        self.kind_version.kind != ENTRY_KIND
+    }
+
+    /// Checks the entry with the log (audit) key: the SET if there is one, the inclusion
+    /// proof if there is one (to `checkpoint` instead of the bundle's, if given), and that at
+    /// least one of them is there. Returns the body's facts (what was signed, by which key)
+    /// and whether a proof was checked.
+    pub fn verify_transparency(
+        &self,
+        log_key: &p256::ecdsa::VerifyingKey,
+        checkpoint: Option<&str>,
+    ) -> Result<(crate::rekor::BodyFacts, bool), VerifyError> {
+        let fail = |m: String| VerifyError::Failed(format!("bundle tlog entry: {m}"));
+        let e = self.log_entry()?;
+        let facts = crate::rekor::body_facts(&e.body).map_err(|x| fail(x.to_string()))?;
+        if (facts.kind.as_str(), self.kind_version.version.as_str())
+            != (self.kind_version.kind.as_str(), "0.0.1")
+        {
+            return Err(fail("kindVersion does not match the body".into()));
+        }
+        if self.inclusion_promise.is_none() && self.inclusion_proof.is_none() {
+            return Err(fail(
+                "neither a signed entry timestamp nor an inclusion proof".into(),
+            ));
+        }
+        if self.inclusion_promise.is_some() {
+            e.verify_set(log_key).map_err(|x| fail(x.to_string()))?;
+        }
+        let Some(p) = &self.inclusion_proof else {
+            return Ok((facts, false));
+        };
+        if p.log_index != self.log_index {
+            return Err(fail("the proof is for another index".into()));
+        }
+        let note = checkpoint.unwrap_or(&p.checkpoint.envelope);
+        let head = crate::note::open(note, log_key, None).map_err(|x| fail(x.to_string()))?;
+        let size: u64 = p.tree_size.parse().map_err(|_| fail("treeSize".into()))?;
+        if head.size != size {
+            return Err(fail(format!(
+                "the proof is for a log of {size} entries, the checkpoint for {}",
+                head.size
+            )));
+        }
+        let hashes = p
+            .hashes
+            .iter()
+            .map(|h| {
+                B64.decode(h)
+                    .ok()
+                    .and_then(|v| crate::merkle::Hash::try_from(v).ok())
+            })
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| fail("a proof hash is not 32 bytes of base64".into()))?;
+        crate::merkle::verify_inclusion(
+            e.log_index,
+            size,
+            &crate::merkle::leaf_hash(&e.body),
+            &hashes,
+            &head.root,
+        )
+        .map_err(|x| fail(x.to_string()))?;
+        Ok((facts, true))
     }
 
     /// The receipt this entry carries (checked by [`Receipt::verify`], not here).
     pub fn to_receipt(&self) -> Result<Receipt, VerifyError> {
         let bad = |m: &str| VerifyError::Failed(format!("bundle tlog entry: {m}"));
-        let p = &self.inclusion_proof;
         if self.kind_version.kind != ENTRY_KIND {
             return Err(bad("not a meshsign audit entry"));
         }
+        let p = self
+            .inclusion_proof
+            .as_ref()
+            .ok_or_else(|| bad("an audit entry without its proof"))?;
         if p.log_index != self.log_index {
             return Err(bad("the proof is for another index"));
         }
@@ -220,8 +355,9 @@ impl Bundle {
         signature: &[u8],
         tlog: Option<TlogEntry>,
     ) -> Self {
+        let proven = tlog.as_ref().is_some_and(|t| t.inclusion_proof.is_some());
         Self {
-            media_type: MEDIA_TYPE.into(),
+            media_type: if proven { MEDIA_TYPE } else { MEDIA_TYPE_V01 }.into(),
             verification_material: VerificationMaterial {
                 public_key: PublicKeyIdentifier { hint },
                 tlog_entries: tlog.into_iter().collect(),
@@ -237,13 +373,49 @@ impl Bundle {
         }
     }
 
-    /// The receipt of the bundle's (first) log entry, if it has one.
+    /// The receipt of the bundle's (first) log entry, if it is an audit entry (a bundle of
+    /// an earlier meshsign version).
     pub fn receipt(&self) -> Result<Option<Receipt>, VerifyError> {
         self.verification_material
             .tlog_entries
             .first()
+            .filter(|t| !t.is_transparency())
             .map(TlogEntry::to_receipt)
             .transpose()
+    }
+
+    /// Adds the inclusion proof of the (first) log entry; with every entry proven, the bundle
+    /// becomes v0.3.
+    pub fn add_proof(
+        &mut self,
+        tree_size: u64,
+        hashes: &[crate::merkle::Hash],
+        checkpoint: &str,
+    ) -> Result<(), VerifyError> {
+        let root = root_of_note(checkpoint)?;
+        let t = self
+            .verification_material
+            .tlog_entries
+            .first_mut()
+            .ok_or_else(|| VerifyError::Failed("the bundle has no log entry".into()))?;
+        t.inclusion_proof = Some(InclusionProof {
+            log_index: t.log_index.clone(),
+            root_hash: B64.encode(root),
+            tree_size: tree_size.to_string(),
+            hashes: hashes.iter().map(|h| B64.encode(h)).collect(),
+            checkpoint: Checkpoint {
+                envelope: checkpoint.to_string(),
+            },
+        });
+        if self
+            .verification_material
+            .tlog_entries
+            .iter()
+            .all(|t| t.inclusion_proof.is_some())
+        {
+            self.media_type = MEDIA_TYPE.into();
+        }
+        Ok(())
     }
 }
 
@@ -271,7 +443,8 @@ mod tests {
                 version: "1".into(),
             },
             integrated_time: "0".into(),
-            inclusion_proof: InclusionProof {
+            inclusion_promise: None,
+            inclusion_proof: Some(InclusionProof {
                 log_index: "2".into(),
                 root_hash: B64.encode([1u8; 32]),
                 tree_size: "5".into(),
@@ -279,7 +452,7 @@ mod tests {
                 checkpoint: Checkpoint {
                     envelope: r.checkpoint.clone(),
                 },
-            },
+            }),
             canonicalized_body: r.entry.clone(),
         };
         assert_eq!(t.to_receipt()?, r);

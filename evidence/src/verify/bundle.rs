@@ -169,11 +169,11 @@ fn sigstore(
                 .into(),
         )
     })?;
-    if b.media_type != crate::bundle::sigstore::MEDIA_TYPE {
+    use crate::bundle::sigstore::{MEDIA_TYPE, MEDIA_TYPE_V01};
+    if b.media_type != MEDIA_TYPE && b.media_type != MEDIA_TYPE_V01 {
         return Err(VerifyError::Failed(format!(
-            "media type `{}` is not {}",
+            "media type `{}` is neither {MEDIA_TYPE} nor {MEDIA_TYPE_V01}",
             crate::audit::excerpt(&b.media_type, 80),
-            crate::bundle::sigstore::MEDIA_TYPE
         )));
     }
     let ms = b
@@ -215,6 +215,20 @@ fn sigstore(
         parts.next().unwrap_or_default().to_string(),
         parts.next().unwrap_or_default().to_string(),
     );
+    if let Some(t) = b
+        .verification_material
+        .tlog_entries
+        .first()
+        .filter(|t| t.is_transparency())
+    {
+        return sigstore_transparency(
+            t,
+            b,
+            (&digest, &sig, spki),
+            opts,
+            (region, environment, key_id),
+        );
+    }
     let receipt = b.receipt()?;
     let entry = bound_entry(
         receipt.as_ref(),
@@ -241,6 +255,51 @@ fn sigstore(
             .transpose()
             .map_err(VerifyError::Failed)?,
         receipt: opts.0.then_some(true),
+    })
+}
+
+/// A Sigstore bundle whose log entry is in the site's transparency log: the body must be this
+/// signature (digest, signature bytes, the pinned key); with `--receipt`, the SET and — if the
+/// bundle has one — the inclusion proof are checked with the audit key. The body names no
+/// job: such a bundle has no binding for a distrust list.
+fn sigstore_transparency(
+    t: &crate::bundle::sigstore::TlogEntry,
+    b: &crate::bundle::sigstore::Bundle,
+    (digest, sig, spki): (&[u8; 32], &[u8], &[u8]),
+    (asked, key, checkpoint): ReceiptOpts<'_>,
+    (region, environment, key_id): (String, String, String),
+) -> Result<Checked, VerifyError> {
+    let fail = |m: &str| VerifyError::Failed(format!("bundle tlog entry: {m}"));
+    if b.media_type == crate::bundle::sigstore::MEDIA_TYPE && t.inclusion_proof.is_none() {
+        return Err(fail("a v0.3 bundle's entry has no inclusion proof"));
+    }
+    let e = t.log_entry()?;
+    let facts = crate::rekor::body_facts(&e.body).map_err(|x| fail(&x.to_string()))?;
+    if facts.digest != digest[..] {
+        return Err(fail("the body is of another digest"));
+    }
+    if facts.signature != sig {
+        return Err(fail("the body is of another signature"));
+    }
+    if facts.spki_der != spki {
+        return Err(fail("the body names another key than the pinned one"));
+    }
+    let mut receipt = None;
+    if asked {
+        let key = key.ok_or_else(|| {
+            VerifyError::Input("--receipt needs the site's audit key (--audit-key)".into())
+        })?;
+        t.verify_transparency(key, checkpoint)?;
+        receipt = Some(true);
+    }
+    Ok(Checked {
+        format: "sigstore",
+        key_id,
+        region,
+        environment,
+        audit_seq: 0,
+        binding: None,
+        receipt,
     })
 }
 

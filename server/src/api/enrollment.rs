@@ -36,6 +36,9 @@ pub enum LookupError {
     /// No durable audit entry has this seq and hash.
     #[error("no audit entry {0} with that hash")]
     NoEntry(u64),
+    /// The transparency log has no leaf at this index with that hash.
+    #[error("no transparency-log entry {0} with that leaf hash")]
+    NoLogEntry(u64),
     /// The proof could not be made (internal).
     #[error("{0}")]
     Audit(#[from] crate::audit::AuditError),
@@ -46,7 +49,7 @@ impl Refusal for LookupError {
         match self {
             LookupError::NoEnvironment(_) => Reason::Environment,
             LookupError::NoKey { .. } => Reason::Key,
-            LookupError::NoEntry(_) => Reason::AuditEntry,
+            LookupError::NoEntry(_) | LookupError::NoLogEntry(_) => Reason::AuditEntry,
             LookupError::Audit(crate::audit::AuditError::Tree(_)) => crate::model::Reason::Internal,
             // The log cannot take the checkpoint the proof needs (a full disk, a store gone):
             // unavailable until it can, as for every other decision.
@@ -185,6 +188,7 @@ impl v1::verification_server::Verification for VerificationApi {
             audit_public_key_der,
             audit_key_id,
             log_origin: self.0.audit.origin().to_string(),
+            transparency_log_origin: self.0.audit.transparency_origin().to_string(),
         }))
     }
 
@@ -202,6 +206,26 @@ impl v1::verification_server::Verification for VerificationApi {
             .ok_or_else(|| status(&LookupError::NoEntry(r.seq)))?;
         Ok(Response::new(v1::InclusionProof {
             log_index: r.seq - 1,
+            tree_size: proof.tree_size,
+            hashes: proof.hashes.iter().map(|h| h.to_vec()).collect(),
+            checkpoint: proof.checkpoint,
+        }))
+    }
+
+    async fn get_log_inclusion_proof(
+        &self,
+        req: Request<v1::GetLogInclusionProofRequest>,
+    ) -> Result<Response<v1::InclusionProof>, Status> {
+        let r = req.into_inner();
+        let proof = self
+            .0
+            .audit
+            .prove_transparency(r.log_index, &r.leaf_hash)
+            .await
+            .map_err(|e| status(&LookupError::from(e)))?
+            .ok_or_else(|| status(&LookupError::NoLogEntry(r.log_index)))?;
+        Ok(Response::new(v1::InclusionProof {
+            log_index: r.log_index,
             tree_size: proof.tree_size,
             hashes: proof.hashes.iter().map(|h| h.to_vec()).collect(),
             checkpoint: proof.checkpoint,

@@ -92,6 +92,11 @@ impl SignerApi {
         }
     }
 
+    /// The transparency log's id (SHA-256 of the audit key's SPKI).
+    fn log_id(&self) -> [u8; 32] {
+        meshsign_evidence::rekor::log_id(self.0.audit.key().backend.public_key_der())
+    }
+
     async fn sign(
         &self,
         caller: Result<Arc<Caller>, IdentityError>,
@@ -195,6 +200,7 @@ impl v1::signer_server::Signer for SignerApi {
             peer,
         };
         let mut out = self.sign(caller, input).await?;
+        let log_id = self.log_id();
         Ok(Response::new(v1::SignResponse {
             signature: out.signatures.pop().unwrap_or_default(),
             algorithm: out.algorithm.to_string(),
@@ -207,6 +213,10 @@ impl v1::signer_server::Signer for SignerApi {
             audit_entry: out.audit_entry,
             signed_at: Some(ts(out.signed_at)),
             sha256_digest: out.digests.first().map(|d| d.to_vec()).unwrap_or_default(),
+            transparency_entry: out
+                .transparency
+                .pop()
+                .map(|e| transparency_entry(e, &log_id)),
         }))
     }
 
@@ -225,7 +235,13 @@ impl v1::signer_server::Signer for SignerApi {
             peer,
         };
         let out = self.sign(caller, input).await?;
+        let log_id = self.log_id();
         Ok(Response::new(v1::SignBatchResponse {
+            transparency_entries: out
+                .transparency
+                .into_iter()
+                .map(|e| transparency_entry(e, &log_id))
+                .collect(),
             signatures: out.signatures,
             algorithm: out.algorithm.to_string(),
             key_id: out.key_id,
@@ -237,5 +253,19 @@ impl v1::signer_server::Signer for SignerApi {
             audit_entry: out.audit_entry,
             signed_at: Some(ts(out.signed_at)),
         }))
+    }
+}
+
+/// A transparency-log entry on the wire.
+fn transparency_entry(
+    e: meshsign_evidence::rekor::LogEntry,
+    log_id: &[u8; 32],
+) -> v1::TransparencyEntry {
+    v1::TransparencyEntry {
+        log_index: e.log_index,
+        integrated_time: e.integrated_time,
+        canonicalized_body: e.body,
+        signed_entry_timestamp: e.set,
+        log_id: log_id.to_vec(),
     }
 }

@@ -12,6 +12,13 @@
 //!
 //! Nodes depend only on the entries, which never change once durable, so every replica of a
 //! site computes and stores the same values.
+//!
+//! **The transparency log** ([`Log::Transparency`], `meshsign_evidence::rekor`) is a second
+//! tree in the same store tree, its keys prefixed with `T`: leaf `i` is the `i`-th Rekor body
+//! the site wrote. Its leaf hashes are named by the audit entries that added them
+//! (`AuditRecord::tlog`) and stored as level-0 nodes with the batch; every level of it is
+//! stored (a proof reads O(log n) values), and a lost level-0 node is written back from its
+//! audit entry (start, journal restore, a replica catching up).
 
 use meshsign_evidence::merkle::{self, Completed, Frontier, Hash};
 
@@ -21,11 +28,51 @@ use crate::store::{Store, Tree};
 /// Perfect subtrees of this many levels (16 leaves) or more are stored.
 pub const STORED_LEVEL: u32 = 4;
 
-fn key(level: u32, index: u64) -> [u8; 9] {
-    let mut k = [0u8; 9];
-    k[0] = u8::try_from(level).unwrap_or(u8::MAX);
-    k[1..].copy_from_slice(&index.to_be_bytes());
+/// Which of the site's two trees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Log {
+    /// The audit log: leaf `i` is entry `seq = i + 1`.
+    Audit,
+    /// The transparency log: leaf `i` is the `i`-th Rekor body; leaves are stored nodes.
+    Transparency,
+}
+
+impl Log {
+    /// The lowest level stored.
+    fn stored_from(self) -> u32 {
+        match self {
+            Log::Audit => STORED_LEVEL,
+            Log::Transparency => 0,
+        }
+    }
+}
+
+fn key(log: Log, level: u32, index: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(10);
+    if log == Log::Transparency {
+        k.push(b'T');
+    }
+    k.push(u8::try_from(level).unwrap_or(u8::MAX));
+    k.extend_from_slice(&index.to_be_bytes());
     k
+}
+
+/// The transparency log's leaf `index`, if stored.
+pub fn log_leaf(store: &Store, index: u64) -> Result<Option<Hash>, AuditError> {
+    Ok(store
+        .kv()
+        .get(Tree::Merkle, &key(Log::Transparency, 0, index))?
+        .and_then(|v| Hash::try_from(v.as_slice()).ok()))
+}
+
+/// Stores the transparency log's leaves from `index` on (level-0 nodes).
+pub fn put_log_leaves(store: &Store, index: u64, leaves: &[Hash]) -> Result<(), AuditError> {
+    for (i, leaf) in (index..).zip(leaves) {
+        store
+            .kv()
+            .put(Tree::Merkle, &key(Log::Transparency, 0, i), leaf)?;
+    }
+    Ok(())
 }
 
 /// Why a node could not be had.
@@ -37,12 +84,17 @@ fn missing(seq: u64) -> AuditError {
 }
 
 /// The hash of the perfect subtree (level, index), from the store or computed (and stored).
-pub fn perfect(store: &Store, level: u32, index: u64) -> Result<Hash, AuditError> {
-    if let Some(v) = store.kv().get(Tree::Merkle, &key(level, index))? {
+pub fn perfect(store: &Store, log: Log, level: u32, index: u64) -> Result<Hash, AuditError> {
+    if let Some(v) = store.kv().get(Tree::Merkle, &key(log, level, index))? {
         return Hash::try_from(v.as_slice())
             .map_err(|_| AuditError::Tree(format!("tree node {level}/{index} is not 32 bytes")));
     }
-    let h = if level == 0 {
+    let h = if level == 0 && log == Log::Transparency {
+        return Err(AuditError::Tree(format!(
+            "transparency leaf {index} is not in the store (its audit entry names it: restart \
+             the site to write it back)"
+        )));
+    } else if level == 0 {
         let seq = index + 1;
         let bytes = store
             .kv()
@@ -50,37 +102,35 @@ pub fn perfect(store: &Store, level: u32, index: u64) -> Result<Hash, AuditError
             .ok_or_else(|| missing(seq))?;
         merkle::leaf_hash(&bytes)
     } else {
-        let l = perfect(store, level - 1, 2 * index)?;
-        let r = perfect(store, level - 1, 2 * index + 1)?;
+        let l = perfect(store, log, level - 1, 2 * index)?;
+        let r = perfect(store, log, level - 1, 2 * index + 1)?;
         merkle::node_hash(&l, &r)
     };
-    if level >= STORED_LEVEL {
-        store.kv().put(Tree::Merkle, &key(level, index), &h)?;
+    if level >= log.stored_from() {
+        store.kv().put(Tree::Merkle, &key(log, level, index), &h)?;
     }
     Ok(h)
 }
 
-/// The frontier of the tree over entries `1..=size` (read from the store).
-pub fn frontier(store: &Store, size: u64) -> Result<Frontier, AuditError> {
+/// The frontier of the tree over leaves `0..size` (read from the store).
+pub fn frontier(store: &Store, log: Log, size: u64) -> Result<Frontier, AuditError> {
     let nodes = merkle::decomposition(size)
         .into_iter()
-        .map(|(level, index)| perfect(store, level, index).map(|h| (level, h)))
+        .map(|(level, index)| perfect(store, log, level, index).map(|h| (level, h)))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Frontier::from_nodes(size, nodes))
 }
 
-/// The inclusion proof of entry `seq` in the tree of `size` entries.
-pub fn proof(store: &Store, seq: u64, size: u64) -> Result<Vec<Hash>, AuditError> {
-    merkle::inclusion_proof(seq - 1, size, &mut |level, index| {
-        perfect(store, level, index)
-    })
+/// The inclusion proof of leaf `index` in the tree of `size` leaves.
+pub fn proof(store: &Store, log: Log, index: u64, size: u64) -> Result<Vec<Hash>, AuditError> {
+    merkle::inclusion_proof(index, size, &mut |level, i| perfect(store, log, level, i))
 }
 
-/// Stores subtrees an append completed (once their entries are durable).
-pub fn store_completed(store: &Store, nodes: &[Completed]) -> Result<(), AuditError> {
+/// Stores subtrees an append completed (once their leaves are durable).
+pub fn store_completed(store: &Store, log: Log, nodes: &[Completed]) -> Result<(), AuditError> {
     for (level, index, h) in nodes {
-        if *level >= STORED_LEVEL {
-            store.kv().put(Tree::Merkle, &key(*level, *index), h)?;
+        if *level >= log.stored_from() {
+            store.kv().put(Tree::Merkle, &key(log, *level, *index), h)?;
         }
     }
     Ok(())
@@ -90,8 +140,10 @@ pub fn store_completed(store: &Store, nodes: &[Completed]) -> Result<(), AuditEr
 /// decomposition, whatever its level — the only nodes over them a later proof can need.
 pub fn keep_for_prune(store: &Store, size: u64) -> Result<(), AuditError> {
     for (level, index) in merkle::decomposition(size) {
-        let h = perfect(store, level, index)?;
-        store.kv().put(Tree::Merkle, &key(level, index), &h)?;
+        let h = perfect(store, Log::Audit, level, index)?;
+        store
+            .kv()
+            .put(Tree::Merkle, &key(Log::Audit, level, index), &h)?;
     }
     Ok(())
 }

@@ -39,13 +39,14 @@ pub mod journal;
 pub mod merkle;
 mod restore;
 pub mod summary;
+mod tlog;
 mod writer;
 
 pub use restore::{
     JournalAt, append_direct, check_journal, check_readable, loss_record, store_durable_through,
 };
 use restore::{STORE_DURABLE_KEY, load_tree, restore_from_journal};
-use writer::{Exclusive, Msg, Scope, Writer};
+use writer::{Cover, Exclusive, Msg, Scope, Writer};
 
 use crate::clock::SharedClock;
 use crate::custody::{CustodyError, SigningBackend};
@@ -242,6 +243,8 @@ pub struct AuditLog {
     key: AuditKey,
     origin: String,
     signed_head: watch::Receiver<Option<SignedHead>>,
+    log_origin: String,
+    signed_log_head: watch::Receiver<Option<SignedHead>>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -260,7 +263,7 @@ impl AuditLog {
     pub fn open(
         store: Store,
         clock: SharedClock,
-        (region, origin): (&str, &str),
+        (region, trust_domain): (&str, &str),
         key: AuditKey,
         (settings, metrics): (AuditSettings, Arc<crate::metrics::Metrics>),
         journal: Option<JournalAt<'_>>,
@@ -296,7 +299,10 @@ impl AuditLog {
             }
             None => None,
         };
+        let origin = log_origin(trust_domain, region);
+        let tlog_origin = meshsign_evidence::rekor::origin(trust_domain, region);
         let mut initial_head = None;
+        let mut initial_log_head = None;
         let (mut seq, mut hash, since_checkpoint) = match store.kv().last(Tree::Audit)? {
             Some((_, v)) => {
                 let last: AuditRecord =
@@ -306,6 +312,15 @@ impl AuditLog {
                 {
                     initial_head = Some(SignedHead {
                         size: cp.covers_seq,
+                        note: note.clone(),
+                    });
+                }
+                if let Some(cp) = &last.checkpoint
+                    && let Some(note) = &cp.log_note
+                    && let Some(size) = note.lines().nth(1).and_then(|l| l.parse().ok())
+                {
+                    initial_log_head = Some(SignedHead {
+                        size,
                         note: note.clone(),
                     });
                 }
@@ -352,6 +367,15 @@ impl AuditLog {
         let failing: Arc<std::sync::atomic::AtomicBool> = Arc::default();
         let tree = load_tree(&store, seq);
         let (signed_tx, signed_rx) = watch::channel(initial_head);
+        let (signed_log_tx, signed_log_rx) = watch::channel(initial_log_head);
+        let log = tlog::Transparency {
+            tree: tlog::load(&store, seq),
+            completed: Vec::new(),
+            rows: Vec::new(),
+            origin: tlog_origin.clone(),
+            signed: signed_log_tx,
+            pending_head: None,
+        };
         let (head_tx, head_rx) = watch::channel(seq);
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
@@ -376,6 +400,7 @@ impl AuditLog {
             origin: origin.to_string(),
             signed_head: signed_tx,
             pending_head: None,
+            log,
         };
         std::thread::Builder::new()
             .name("audit-writer".into())
@@ -387,8 +412,10 @@ impl AuditLog {
             store,
             head: head_rx,
             key,
-            origin: origin.to_string(),
+            origin,
             signed_head: signed_rx,
+            log_origin: tlog_origin,
+            signed_log_head: signed_log_rx,
         })
     }
 
@@ -407,7 +434,7 @@ impl AuditLog {
         }
         let (tx, rx) = oneshot::channel();
         self.tx
-            .send(Msg::Checkpoint(seq, tx))
+            .send(Msg::Checkpoint(Cover::Audit(seq), tx))
             .map_err(|_| AuditError::Stopped)?;
         rx.await.map_err(|_| AuditError::Stopped)??;
         match self.signed_head.borrow().clone() {
@@ -457,7 +484,66 @@ impl AuditLog {
         seq: u64,
         size: u64,
     ) -> Result<Vec<meshsign_evidence::merkle::Hash>, AuditError> {
-        merkle::proof(&self.store, seq, size)
+        merkle::proof(&self.store, merkle::Log::Audit, seq - 1, size)
+    }
+
+    /// The transparency log's checkpoint origin (`<trust domain>/<region>/log`).
+    pub fn transparency_origin(&self) -> &str {
+        &self.log_origin
+    }
+
+    /// The inclusion proof of transparency leaf `index`, if the log holds it and `leaf_hash`
+    /// is its leaf hash, to the newest signed tree head of the log — or, if that does not
+    /// cover it yet, a checkpoint made now (as for audit receipts: requests queued behind one
+    /// checkpoint share it). Signing never asks for one.
+    pub async fn prove_transparency(
+        &self,
+        index: u64,
+        leaf_hash: &[u8],
+    ) -> Result<Option<Proof>, AuditError> {
+        let store = self.store.clone();
+        let stored = tokio::task::spawn_blocking(move || merkle::log_leaf(&store, index))
+            .await
+            .map_err(|e| AuditError::Tree(format!("proof task: {e}")))??;
+        let Some(leaf) = stored else {
+            return Ok(None);
+        };
+        if leaf_hash.len() != 32
+            || aws_lc_rs::constant_time::verify_slices_are_equal(&leaf, leaf_hash).is_err()
+        {
+            return Ok(None);
+        }
+        let covering = |h: &Option<SignedHead>| h.clone().filter(|h| h.size > index);
+        let current = covering(&self.signed_log_head.borrow());
+        let head = match current {
+            Some(h) => h,
+            None => {
+                let (tx, rx) = oneshot::channel();
+                self.tx
+                    .send(Msg::Checkpoint(Cover::Log(index + 1), tx))
+                    .map_err(|_| AuditError::Stopped)?;
+                rx.await.map_err(|_| AuditError::Stopped)??;
+                let after = covering(&self.signed_log_head.borrow());
+                after.ok_or_else(|| {
+                    AuditError::Tree(
+                        "no signed head of the transparency log covers the leaf (see the site log)"
+                            .into(),
+                    )
+                })?
+            }
+        };
+        let store = self.store.clone();
+        let size = head.size;
+        let hashes = tokio::task::spawn_blocking(move || {
+            merkle::proof(&store, merkle::Log::Transparency, index, size)
+        })
+        .await
+        .map_err(|e| AuditError::Tree(format!("proof task: {e}")))??;
+        Ok(Some(Proof {
+            tree_size: head.size,
+            hashes,
+            checkpoint: head.note,
+        }))
     }
 
     /// The public audit key (id, SPKI DER).

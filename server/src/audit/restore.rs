@@ -5,7 +5,7 @@ use super::*;
 
 /// The tree over the stored entries 1..=`seq`, or None (logged) if it cannot be built.
 pub(super) fn load_tree(store: &Store, seq: u64) -> Option<meshsign_evidence::merkle::Frontier> {
-    match merkle::frontier(store, seq) {
+    match merkle::frontier(store, merkle::Log::Audit, seq) {
         Ok(f) => Some(f),
         Err(e) => {
             tracing::error!(error = %e, "the audit log's Merkle tree cannot be built: checkpoints will carry no signed tree head and receipts cannot be proven");
@@ -35,6 +35,12 @@ pub(super) fn restore_from_journal(
     let missing = plan_restore(store, path, recovered, existed)?;
     for (rec, bytes) in &missing {
         store.kv().put(Tree::Audit, &rec.seq.to_be_bytes(), bytes)?;
+        // The transparency leaves it names, which only the journal may have kept.
+        if let Some(t) = &rec.tlog
+            && let Some(h) = t.hashes()
+        {
+            merkle::put_log_leaves(store, t.index, &h)?;
+        }
     }
     store.flush()?;
     Ok(missing.len())

@@ -2,6 +2,7 @@
 //! Merkle tree, checkpoints, and makes each batch durable (journal, store, or a database
 //! transaction for a shared chain) before anyone is answered.
 
+use super::merkle::Log;
 use super::*;
 
 pub(super) type Reply = oneshot::Sender<Result<AuditRecord, AuditError>>;
@@ -33,9 +34,18 @@ pub(super) enum Msg {
     Entry(Box<AuditRecord>, Scope, Reply),
     Exclusive(Exclusive),
     Repair(oneshot::Sender<Result<bool, AuditError>>),
-    /// Checkpoint now unless a signed tree head already covers this seq.
-    Checkpoint(u64, oneshot::Sender<Result<(), AuditError>>),
+    /// Checkpoint now unless a signed tree head already covers this.
+    Checkpoint(Cover, oneshot::Sender<Result<(), AuditError>>),
     Stop(oneshot::Sender<()>),
+}
+
+/// What a checkpoint asked for must cover.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Cover {
+    /// Audit entry `seq`.
+    Audit(u64),
+    /// Transparency leaves `0..size`.
+    Log(u64),
 }
 
 pub(super) struct Writer {
@@ -77,6 +87,8 @@ pub(super) struct Writer {
     pub(super) signed_head: watch::Sender<Option<SignedHead>>,
     /// A tree head signed in the batch being committed.
     pub(super) pending_head: Option<SignedHead>,
+    /// The transparency log.
+    pub(super) log: super::tlog::Transparency,
 }
 
 impl Writer {
@@ -99,8 +111,8 @@ impl Writer {
                     let _ = reply.send(self.repair());
                     continue;
                 }
-                Ok(Msg::Checkpoint(seq, reply)) => {
-                    let _ = reply.send(self.checkpoint_now(seq));
+                Ok(Msg::Checkpoint(cover, reply)) => {
+                    let _ = reply.send(self.checkpoint_now(cover));
                     continue;
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
@@ -134,8 +146,8 @@ impl Writer {
                         repair = Some(reply);
                         break;
                     }
-                    Ok(Msg::Checkpoint(seq, reply)) => {
-                        checkpoint_now = Some((seq, reply));
+                    Ok(Msg::Checkpoint(cover, reply)) => {
+                        checkpoint_now = Some((cover, reply));
                         break;
                     }
                     Err(_) => break,
@@ -157,8 +169,8 @@ impl Writer {
             if let Some(reply) = repair.take() {
                 let _ = reply.send(self.repair());
             }
-            if let Some((seq, reply)) = checkpoint_now.take() {
-                let _ = reply.send(self.checkpoint_now(seq));
+            if let Some((cover, reply)) = checkpoint_now.take() {
+                let _ = reply.send(self.checkpoint_now(cover));
             }
             if let Some(done) = stop {
                 return self.finish(done);
@@ -207,6 +219,7 @@ impl Writer {
             );
             (self.seq, self.hash) = (seq, hash);
             self.tree = load_tree(&self.store, self.seq);
+            self.log.tree = super::tlog::load(&self.store, self.seq);
         }
         if let Some(j) = &mut self.journal {
             j.clear(self.seq, &self.hash)?;
@@ -235,9 +248,20 @@ impl Writer {
                                 k.as_slice() == seq.to_be_bytes().as_slice()
                             }) =>
                     {
+                        let mut log_ok = true;
                         for (_, bytes) in &rows {
                             self.completed
                                 .extend(tree.push(meshsign_evidence::merkle::leaf_hash(bytes)));
+                            let taken = serde_json::from_slice::<AuditRecord>(bytes)
+                                .map_err(AuditError::entry("another replica's"))
+                                .and_then(|rec| self.log.take_in(&self.store, &rec));
+                            if let Err(e) = taken {
+                                tracing::warn!(error = %e, "transparency tree rebuilt after catching up");
+                                log_ok = false;
+                            }
+                        }
+                        if !log_ok {
+                            self.log.tree = super::tlog::load(&self.store, self.seq);
                         }
                         true
                     }
@@ -248,6 +272,7 @@ impl Writer {
         };
         if !extended {
             self.tree = load_tree(&self.store, self.seq);
+            self.log.tree = super::tlog::load(&self.store, self.seq);
         }
     }
 
@@ -255,9 +280,20 @@ impl Writer {
     /// it (requests that queued behind one checkpoint are answered by it). Made durable like a
     /// signing entry (the journal), not with a store flush: on-demand checkpoints follow the
     /// rate of receipts, the periodic ones move everything into the store.
-    pub(super) fn checkpoint_now(&mut self, seq: u64) -> Result<(), AuditError> {
-        let known = self.signed_head.borrow().as_ref().map(|h| h.size);
-        if known.is_some_and(|size| size >= seq) || self.tree.is_none() {
+    pub(super) fn checkpoint_now(&mut self, cover: Cover) -> Result<(), AuditError> {
+        let (known, want, tree) = match cover {
+            Cover::Audit(seq) => (
+                self.signed_head.borrow().as_ref().map(|h| h.size),
+                seq,
+                self.tree.is_some(),
+            ),
+            Cover::Log(size) => (
+                self.log.signed.borrow().as_ref().map(|h| h.size),
+                size,
+                self.log.tree.is_some(),
+            ),
+        };
+        if known.is_some_and(|size| size >= want) || !tree {
             return Ok(());
         }
         // With nothing new but no signed head known (a start right after a checkpoint of an
@@ -292,6 +328,9 @@ impl Writer {
     }
 
     pub(super) fn append(&mut self, mut rec: AuditRecord) -> Result<AuditRecord, AuditError> {
+        if let Some(t) = rec.tlog.as_mut() {
+            self.log.assign(t)?;
+        }
         rec.seq = self.seq + 1;
         rec.ts = self.now_rfc3339();
         rec.site_region = self.region.clone();
@@ -351,17 +390,7 @@ impl Writer {
                     size: tree.size(),
                     root: tree.root(),
                 };
-                let text = head.text();
-                let mut d = [0u8; 32];
-                d.copy_from_slice(
-                    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, text.as_bytes()).as_ref(),
-                );
-                let nsig = self
-                    .key
-                    .backend
-                    .sign_digest(&d)
-                    .map_err(|e| AuditError::Checkpoint(Arc::new(e)))?;
-                let note = head.note(self.key.backend.public_key_der(), &nsig);
+                let note = self.sign_note(&head)?;
                 self.pending_head = Some(SignedHead {
                     size: head.size,
                     note: note.clone(),
@@ -369,6 +398,22 @@ impl Writer {
                 Some(note)
             }
             _ => None,
+        };
+        let log_note = match &self.log.tree {
+            Some(tree) => {
+                let head = meshsign_evidence::note::TreeHead {
+                    origin: self.log.origin.clone(),
+                    size: tree.size(),
+                    root: tree.root(),
+                };
+                let note = self.sign_note(&head)?;
+                self.log.pending_head = Some(SignedHead {
+                    size: head.size,
+                    note: note.clone(),
+                });
+                Some(note)
+            }
+            None => None,
         };
         let rec = AuditRecord {
             rpc: "Checkpoint".into(),
@@ -383,6 +428,7 @@ impl Writer {
                 key_id: self.key.key_id.clone(),
                 signature: hex::encode(sig),
                 note,
+                log_note,
             }),
             ..Default::default()
         };
@@ -392,6 +438,20 @@ impl Writer {
             .last_checkpoint_unix
             .store(time, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// A tree head as a C2SP signed note, signed by the audit key.
+    fn sign_note(&self, head: &meshsign_evidence::note::TreeHead) -> Result<String, AuditError> {
+        let mut d = [0u8; 32];
+        d.copy_from_slice(
+            aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, head.text().as_bytes()).as_ref(),
+        );
+        let sig = self
+            .key
+            .backend
+            .sign_digest(&d)
+            .map_err(|e| AuditError::Checkpoint(Arc::new(e)))?;
+        Ok(head.note(self.key.backend.public_key_der(), &sig))
     }
 
     /// Puts the batch's entries into the store (not flushed).
@@ -429,6 +489,9 @@ impl Writer {
     /// not), else by flushing the store (which then holds everything, so the journal is
     /// emptied). Without `durable`, the entries are only stored.
     pub(super) fn make_durable(&mut self, store_scope: bool) -> Result<(), AuditError> {
+        // The leaves first: whatever makes the entries durable takes them along (or, for a
+        // shared chain, they precede the commit that names them).
+        self.log.put_rows(&self.store)?;
         if let Some(chain) = self.store.kv().chain() {
             return Ok(chain.commit(&self.chain_pending, (self.seq, &self.hash))?);
         }
@@ -484,10 +547,14 @@ impl Writer {
         let (saved_seq, saved_hash, saved_since) =
             (self.seq, self.hash.clone(), self.since_checkpoint);
         let saved_tree = self.tree.clone();
+        let saved_log = self.log.tree.clone();
         self.pending.clear();
         self.chain_pending.clear();
         self.completed.clear();
         self.pending_head = None;
+        self.log.rows.clear();
+        self.log.completed.clear();
+        self.log.pending_head = None;
         let mut store_scope = false;
         let mut written = Vec::with_capacity(batch.len());
         let mut result: Result<(), AuditError> = Ok(());
@@ -545,13 +612,23 @@ impl Writer {
         match &result {
             Ok(()) => {
                 let _ = self.head.send(self.seq);
-                if let Err(e) = merkle::store_completed(&self.store, &self.completed) {
+                if let Err(e) = merkle::store_completed(&self.store, Log::Audit, &self.completed) {
                     // Only a cache: a missing node is recomputed when a proof needs it.
                     tracing::warn!(error = %e, "audit Merkle nodes not stored");
                 }
                 self.completed.clear();
                 if let Some(h) = self.pending_head.take() {
                     let _ = self.signed_head.send(Some(h));
+                }
+                if let Err(e) =
+                    merkle::store_completed(&self.store, Log::Transparency, &self.log.completed)
+                {
+                    tracing::warn!(error = %e, "transparency Merkle nodes not stored");
+                }
+                self.log.completed.clear();
+                self.log.rows.clear();
+                if let Some(h) = self.log.pending_head.take() {
+                    let _ = self.log.signed.send(Some(h));
                 }
                 if let Some(j) = &self.journal {
                     self.metrics
@@ -581,6 +658,10 @@ impl Writer {
                 self.tree = saved_tree;
                 self.completed.clear();
                 self.pending_head = None;
+                self.log.tree = saved_log;
+                self.log.rows.clear();
+                self.log.completed.clear();
+                self.log.pending_head = None;
                 for reply in replies {
                     let _ = reply.send(Err(e.clone()));
                 }

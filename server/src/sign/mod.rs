@@ -75,6 +75,9 @@ pub struct SignOutput {
     pub audit_entry: Vec<u8>,
     /// Unix seconds.
     pub signed_at: i64,
+    /// One transparency-log entry per signature (bodies first; index, time and SET once the
+    /// audit entry naming them is durable).
+    pub transparency: Vec<meshsign_evidence::rekor::LogEntry>,
 }
 
 /// Why a sign-port request was refused. `Display` is the detail; [`Refusal::reason`] names the
@@ -324,14 +327,28 @@ pub async fn sign(
         revoke_session(site, session, caller).await;
     }
     let written = record_decision(site, rec, &result, budgeted, "sign refused").await?;
-    result.map(|mut out| {
-        out.audit_id = written.audit_id();
-        out.audit_seq = written.seq;
-        out.audit_hash = written.hash.clone();
-        out.audit_entry = written.entry_bytes();
-        out.signed_at = now;
-        out
-    })
+    let mut out = result?;
+    out.audit_id = written.audit_id();
+    out.audit_seq = written.seq;
+    out.audit_hash = written.hash.clone();
+    out.audit_entry = written.entry_bytes();
+    out.signed_at = now;
+    let bodies = out
+        .transparency
+        .drain(..)
+        .map(|e| e.body)
+        .collect::<Vec<_>>();
+    let key = site.audit.key().clone();
+    out.transparency = if bodies.len() <= 8 {
+        key.promises(&written, bodies)
+    } else {
+        site.signing_pool
+            .submit(move || key.promises(&written, bodies))
+            .await
+            .map_err(|_| CustodyError::Crypto("signing pool"))?
+    }
+    .map_err(SignError::Audit)?;
+    Ok(out)
 }
 
 /// `rate_limited`, before any other check: a request over the job's rate is counted into one
@@ -450,7 +467,23 @@ async fn check_and_sign(
             .await
             .map_err(|_| CustodyError::Crypto("signing pool"))??
     };
+    // The transparency log's leaves: what the audit entry names and the log proves.
+    let spki = &key.record.public_key_der;
+    let transparency: Vec<_> = signatures
+        .iter()
+        .zip(&digests)
+        .map(|(sig, d)| meshsign_evidence::rekor::LogEntry {
+            body: meshsign_evidence::rekor::hashedrekord(d, sig, spki),
+            ..Default::default()
+        })
+        .collect();
+    let leaves: Vec<_> = transparency
+        .iter()
+        .map(|e| meshsign_evidence::merkle::leaf_hash(&e.body))
+        .collect();
+    rec.tlog = Some(meshsign_evidence::audit::TlogLeaves::new(0, &leaves));
     Ok(SignOutput {
+        transparency,
         signatures,
         digests,
         algorithm: key.backend.algorithm().as_str(),

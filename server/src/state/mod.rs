@@ -409,12 +409,11 @@ impl SiteState {
             }
             let journal_must_exist = marker.as_ref().is_some_and(|m| !m.holds.is_empty());
             let marker = record_holdings(marker, &store, &data_dir)?;
-            let origin = crate::audit::log_origin(&config.trust_domain, &config.region);
             let metrics: Arc<crate::metrics::Metrics> = Arc::default();
             let audit = AuditLog::open(
                 store.clone(),
                 clock.clone(),
-                (&config.region, &origin),
+                (&config.region, &config.trust_domain),
                 audit_key,
                 (settings, metrics.clone()),
                 (!shared).then_some(JournalAt {

@@ -163,6 +163,11 @@ enum Command {
         #[arg(long)]
         no_env: bool,
     },
+    /// Sigstore bundles' inclusion proofs.
+    Receipt {
+        #[command(subcommand)]
+        command: ReceiptCommand,
+    },
     /// Offline audit checks.
     Audit {
         #[command(subcommand)]
@@ -194,6 +199,18 @@ enum AgentCommand {
     Serve {
         #[command(flatten)]
         session: meshsign_client::session::job::JobOptions,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReceiptCommand {
+    /// Add the inclusion proof to each FILE's Sigstore bundle (FILE.sigstore.json, or the
+    /// bundle itself) that has only its signed entry timestamp, checked against the site's
+    /// audit key: the bundle becomes v0.3. Bundles that have their proof are left alone.
+    Fetch {
+        /// Signed files or their bundles.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
     },
 }
 
@@ -306,6 +323,13 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
             Ok(())
         }
         Command::Verify(args) => runner::verify(args, format),
+        Command::Receipt {
+            command: ReceiptCommand::Fetch { files },
+        } => {
+            let done = usecase::sign::fetch_proofs(&load_config(global)?, &files).await?;
+            render::proofs_fetched(&done, format);
+            Ok(())
+        }
         Command::Attest(args) => runner::attest(&load_config(global)?, args, format).await,
         Command::VerificationMaterial(args) => {
             let m = usecase::material::fetch(&load_config(global)?, &args).await?;

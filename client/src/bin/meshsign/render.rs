@@ -166,6 +166,9 @@ pub fn material(m: &Material, format: Format) {
             out!("{}", String::from_utf8_lossy(envelope));
         }
         Material::AuditKey(spki) => out_raw!("{}", pem_encode("PUBLIC KEY", spki)),
+        Material::TrustedRoot(root) => {
+            out!("{}", serde_json::to_string_pretty(root).unwrap_or_default())
+        }
         Material::Keys(keys) if format == Format::Json => {
             let keys: Vec<serde_json::Value> = keys
                 .iter()
@@ -597,5 +600,25 @@ pub fn print_status(st: &v1::SiteStatus) {
     out!("{}", STATUS_HEADER.join("\t"));
     for row in status_rows(st) {
         out!("{}", row.join("\t"));
+    }
+}
+
+/// `meshsign receipt fetch`: each bundle and whether its proof was added.
+pub fn proofs_fetched(done: &[(std::path::PathBuf, bool)], format: Format) {
+    if format == Format::Json {
+        let rows: Vec<serde_json::Value> = done
+            .iter()
+            .map(|(p, added)| serde_json::json!({"bundle": p.display().to_string(), "proof_added": added}))
+            .collect();
+        out!("{}", serde_json::Value::Array(rows));
+        return;
+    }
+    out!("bundle\tproof");
+    for (p, added) in done {
+        out!(
+            "{}\t{}",
+            p.display(),
+            if *added { "added" } else { "already there" }
+        );
     }
 }

@@ -1,0 +1,197 @@
+//! Rekor-shaped transparency entries: what the site's transparency log holds for every
+//! signature it makes, in the forms Sigstore verifiers (sigstore-js, sigstore-go,
+//! sigstore-python) check without knowing meshsign.
+//!
+//! - **Bodies** (the log's leaves, `canonicalizedBody` in a bundle): `hashedrekord` `0.0.1` for
+//!   a digest or message signature, `dsse` `0.0.1` for a DSSE envelope, as Rekor's types
+//!   define them (`pkg/types/hashedrekord/v0.0.1`, `pkg/types/dsse/v0.0.1`), in canonical JSON
+//!   (RFC 8785: keys sorted, no whitespace). Every value is hex or base64, so no string needs
+//!   escaping. The public key is `base64(PEM)`, as Rekor stores it.
+//! - **The signed entry timestamp** (SET, a bundle's `inclusionPromise`): the log key's ECDSA
+//!   P-256 / SHA-256 (DER) signature over the canonical JSON
+//!   `{"body":<base64 body>,"integratedTime":<unix s>,"logID":<hex log id>,"logIndex":<n>}`,
+//!   as Rekor signs it (`pkg/api/entries.go`). The log id is SHA-256 of the log key's SPKI.
+//!
+//! The leaf hash of a body is RFC 9162's `SHA-256(0x00 ‖ body)` ([`crate::merkle::leaf_hash`]);
+//! checkpoints of the log are C2SP notes ([`crate::note`]) with the origin
+//! `<trust domain>/<region>/log`.
+
+use base64::Engine as _;
+use sha2::{Digest as _, Sha256};
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+/// `kindVersion` of a digest or message signature's entry.
+pub const HASHEDREKORD: (&str, &str) = ("hashedrekord", "0.0.1");
+/// `kindVersion` of a DSSE envelope's entry.
+pub const DSSE: (&str, &str) = ("dsse", "0.0.1");
+
+/// The transparency log's origin (checkpoint name) for a site: `<trust domain>/<region>/log`.
+/// A Sigstore trusted root names the log with a `baseUrl` that contains it.
+pub fn origin(trust_domain: &str, region: &str) -> String {
+    format!("{trust_domain}/{region}/log")
+}
+
+/// `base64(PEM)` of a SubjectPublicKeyInfo, as Rekor bodies carry keys.
+fn key_content(spki_der: &[u8]) -> String {
+    B64.encode(crate::pem_encode("PUBLIC KEY", spki_der))
+}
+
+/// The `hashedrekord` `0.0.1` body of a signature over a SHA-256 digest (for a message
+/// signature, the SHA-256 of the message).
+pub fn hashedrekord(digest: &[u8; 32], signature: &[u8], spki_der: &[u8]) -> Vec<u8> {
+    format!(
+        r#"{{"apiVersion":"0.0.1","kind":"hashedrekord","spec":{{"data":{{"hash":{{"algorithm":"sha256","value":"{}"}}}},"signature":{{"content":"{}","publicKey":{{"content":"{}"}}}}}}}}"#,
+        hex::encode(digest),
+        B64.encode(signature),
+        key_content(spki_der)
+    )
+    .into_bytes()
+}
+
+/// The `dsse` `0.0.1` body of a one-signature DSSE envelope: `envelope_json` is the envelope
+/// as the bundle carries it (its SHA-256 is `envelopeHash`), `payload` the decoded payload.
+pub fn dsse(envelope_json: &[u8], payload: &[u8], signature: &[u8], spki_der: &[u8]) -> Vec<u8> {
+    format!(
+        r#"{{"apiVersion":"0.0.1","kind":"dsse","spec":{{"envelopeHash":{{"algorithm":"sha256","value":"{}"}},"payloadHash":{{"algorithm":"sha256","value":"{}"}},"signatures":[{{"signature":"{}","verifier":"{}"}}]}}}}"#,
+        hex::encode(Sha256::digest(envelope_json)),
+        hex::encode(Sha256::digest(payload)),
+        B64.encode(signature),
+        key_content(spki_der)
+    )
+    .into_bytes()
+}
+
+/// The log id: SHA-256 of the log key's SubjectPublicKeyInfo.
+pub fn log_id(log_spki_der: &[u8]) -> [u8; 32] {
+    Sha256::digest(log_spki_der).into()
+}
+
+/// The bytes a SET signs (canonical JSON, keys in RFC 8785 order).
+pub fn set_payload(
+    body: &[u8],
+    integrated_time: i64,
+    log_id: &[u8; 32],
+    log_index: u64,
+) -> Vec<u8> {
+    format!(
+        r#"{{"body":"{}","integratedTime":{integrated_time},"logID":"{}","logIndex":{log_index}}}"#,
+        B64.encode(body),
+        hex::encode(log_id)
+    )
+    .into_bytes()
+}
+
+/// One entry of the transparency log as the site returns it with a signature.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LogEntry {
+    /// Leaf index in the log.
+    pub log_index: u64,
+    /// Unix seconds the site integrated the entry (its audit entry's time).
+    pub integrated_time: i64,
+    /// The canonical body (the leaf).
+    pub body: Vec<u8>,
+    /// The signed entry timestamp (DER).
+    pub set: Vec<u8>,
+}
+
+/// Why an entry does not hold.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("transparency entry: {0}")]
+pub struct EntryError(pub String);
+
+impl LogEntry {
+    /// Checks the SET with the log key.
+    pub fn verify_set(&self, log_key: &p256::ecdsa::VerifyingKey) -> Result<(), EntryError> {
+        use p256::ecdsa::signature::Verifier as _;
+        let spki = p256::pkcs8::EncodePublicKey::to_public_key_der(log_key)
+            .map_err(|_| EntryError("the log key does not encode".into()))?;
+        let msg = set_payload(
+            &self.body,
+            self.integrated_time,
+            &log_id(spki.as_bytes()),
+            self.log_index,
+        );
+        let sig = p256::ecdsa::DerSignature::from_bytes(&self.set)
+            .map_err(|_| EntryError("the signed entry timestamp is not a DER signature".into()))?;
+        log_key.verify(&msg, &sig).map_err(|_| {
+            EntryError("the signed entry timestamp does not verify with the log key".into())
+        })
+    }
+}
+
+/// What a body says was signed, read back for the checks that tie it to a bundle.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BodyFacts {
+    /// `hashedrekord` or `dsse`.
+    pub kind: String,
+    /// `spec.data.hash.value` (hashedrekord) or `spec.payloadHash.value` (dsse), decoded.
+    pub digest: Vec<u8>,
+    /// The one signature, decoded.
+    pub signature: Vec<u8>,
+    /// The key's SPKI (DER), decoded from the PEM.
+    pub spki_der: Vec<u8>,
+}
+
+/// Parses a body of either kind this log writes.
+pub fn body_facts(body: &[u8]) -> Result<BodyFacts, EntryError> {
+    let bad = |m: &str| EntryError(m.into());
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|_| bad("the body is not JSON"))?;
+    let s = |p: &str| v.pointer(p).and_then(|x| x.as_str());
+    let (kind, version) = (s("/kind").unwrap_or(""), s("/apiVersion").unwrap_or(""));
+    let (digest, sig, key) = match (kind, version) {
+        ("hashedrekord", "0.0.1") => (
+            s("/spec/data/hash/value"),
+            s("/spec/signature/content"),
+            s("/spec/signature/publicKey/content"),
+        ),
+        ("dsse", "0.0.1") => (
+            s("/spec/payloadHash/value"),
+            s("/spec/signatures/0/signature"),
+            s("/spec/signatures/0/verifier"),
+        ),
+        _ => return Err(bad("the body is neither hashedrekord 0.0.1 nor dsse 0.0.1")),
+    };
+    let digest =
+        hex::decode(digest.unwrap_or("")).map_err(|_| bad("the body's hash is not hex"))?;
+    let signature = B64
+        .decode(sig.unwrap_or(""))
+        .map_err(|_| bad("the body's signature is not base64"))?;
+    let pem = B64
+        .decode(key.unwrap_or(""))
+        .map_err(|_| bad("the body's key is not base64"))?;
+    let pem = String::from_utf8(pem).map_err(|_| bad("the body's key is not PEM"))?;
+    let spki_der =
+        crate::verify::spki_from_pem(&pem).map_err(|_| bad("the body's key is not PEM"))?;
+    Ok(BodyFacts {
+        kind: kind.into(),
+        digest,
+        signature,
+        spki_der,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_are_canonical_json_that_reads_back() -> Result<(), EntryError> {
+        let spki = [0x30u8, 0x03, 0x02, 0x01, 0x00];
+        let body = hashedrekord(&[7; 32], b"sig", &spki);
+        let v: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|_| EntryError("json".into()))?;
+        // serde_json's Value keeps keys sorted: re-encoding gives the same bytes.
+        assert_eq!(serde_json::to_vec(&v).ok(), Some(body.clone()));
+        let dsse_body = dsse(b"{}", b"payload", b"sig", &spki);
+        let w: serde_json::Value =
+            serde_json::from_slice(&dsse_body).map_err(|_| EntryError("json".into()))?;
+        assert_eq!(serde_json::to_vec(&w).ok(), Some(dsse_body));
+        let payload = set_payload(&body, 5, &[1; 32], 9);
+        let p: serde_json::Value =
+            serde_json::from_slice(&payload).map_err(|_| EntryError("json".into()))?;
+        assert_eq!(serde_json::to_vec(&p).ok(), Some(payload));
+        Ok(())
+    }
+}

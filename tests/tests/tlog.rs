@@ -1,0 +1,321 @@
+//! The transparency log (issue 27, build points 1–2), at the RPC level against real sites:
+//! every signature comes back with a Rekor-shaped entry and a signed entry timestamp that
+//! verify at once; the audit entry names the leaf; an inclusion proof to a C2SP checkpoint of
+//! the log follows from `GetLogInclusionProof`; signing never makes a checkpoint; proofs hold
+//! across a restart, retention and two replicas of one log. Sigstore's own verifier
+//! (sigstore-js) checks the bundles in `client/tests/sigstore_js.rs`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
+
+use meshsign_evidence::audit::AuditRecord;
+use meshsign_evidence::merkle::{Hash, leaf_hash, verify_inclusion};
+use meshsign_evidence::rekor::{self, LogEntry};
+use meshsign_proto::v1;
+use meshsign_tests::{REGION, TestSite, audit_key, sign_req};
+use tonic::Code;
+
+fn entry(t: &v1::TransparencyEntry) -> LogEntry {
+    LogEntry {
+        log_index: t.log_index,
+        integrated_time: t.integrated_time,
+        body: t.canonicalized_body.clone(),
+        set: t.signed_entry_timestamp.clone(),
+    }
+}
+
+async fn log_proof(
+    site: &TestSite,
+    index: u64,
+    leaf: &[u8],
+) -> Result<v1::InclusionProof, tonic::Status> {
+    Ok(site
+        .verification()
+        .await
+        .get_log_inclusion_proof(v1::GetLogInclusionProofRequest {
+            log_index: index,
+            leaf_hash: leaf.to_vec(),
+        })
+        .await?
+        .into_inner())
+}
+
+/// Proves `body` at `index` with the site's answer, checking the checkpoint with `key`;
+/// returns (tree size, root).
+async fn prove(
+    site: &TestSite,
+    key: &p256::ecdsa::VerifyingKey,
+    index: u64,
+    body: &[u8],
+) -> (u64, Hash) {
+    let leaf = leaf_hash(body);
+    let p = log_proof(site, index, &leaf).await.unwrap();
+    let origin = format!("meshsign.test/{REGION}/log");
+    let head = meshsign_evidence::note::open(&p.checkpoint, key, Some(&origin)).unwrap();
+    assert_eq!(head.size, p.tree_size);
+    let hashes: Vec<Hash> = p
+        .hashes
+        .iter()
+        .map(|h| Hash::try_from(h.as_slice()).unwrap())
+        .collect();
+    verify_inclusion(index, p.tree_size, &leaf, &hashes, &head.root).unwrap();
+    (head.size, head.root)
+}
+
+#[tokio::test]
+async fn every_signature_has_a_log_entry_with_a_set_and_a_proof_follows() {
+    let site = TestSite::start().await;
+    let key = audit_key(&site).await;
+    let (_k, _r, mut s) = site.enrolled("staging").await;
+    let checkpoints = |site: &TestSite| {
+        site.audit()
+            .iter()
+            .filter(|e| e.rpc == "Checkpoint")
+            .count()
+    };
+    let before = checkpoints(&site);
+    let mut got = Vec::new();
+    for i in 0..20u8 {
+        got.push(s.sign(sign_req("release", i)).await.unwrap().into_inner());
+    }
+    // Signing makes no checkpoint: the SET is the promise.
+    assert_eq!(checkpoints(&site), before);
+    let spki = {
+        use p256::pkcs8::EncodePublicKey as _;
+        key.to_public_key_der().unwrap().into_vec()
+    };
+    let mut indices = Vec::new();
+    for r in &got {
+        let t = r.transparency_entry.as_ref().expect("a log entry");
+        assert_eq!(t.log_id, rekor::log_id(&spki).to_vec());
+        let e = entry(t);
+        e.verify_set(&key).unwrap();
+        // The body is what was signed: digest, signature, key.
+        let facts = rekor::body_facts(&e.body).unwrap();
+        assert_eq!(facts.kind, "hashedrekord");
+        assert_eq!(facts.digest, r.sha256_digest);
+        assert_eq!(facts.signature, r.signature);
+        assert_eq!(facts.spki_der, r.public_key_der);
+        // The audit entry names the leaf at its index; the SET's time is the entry's.
+        let audit: AuditRecord = serde_json::from_slice(&r.audit_entry).unwrap();
+        let named = audit.tlog.as_ref().expect("the entry names its leaf");
+        assert_eq!(named.index, e.log_index);
+        assert_eq!(named.hashes().unwrap(), vec![leaf_hash(&e.body)]);
+        assert_eq!(
+            meshsign_evidence::attest::parse_rfc3339(&audit.ts).unwrap(),
+            e.integrated_time
+        );
+        // Altered in any part, the SET fails.
+        for f in [
+            |e: &mut LogEntry| e.log_index += 1,
+            |e: &mut LogEntry| e.integrated_time += 1,
+            |e: &mut LogEntry| e.body[20] ^= 1,
+            |e: &mut LogEntry| {
+                let n = e.set.len() - 1;
+                e.set[n] ^= 1
+            },
+        ] {
+            let mut bad = e.clone();
+            f(&mut bad);
+            assert!(bad.verify_set(&key).is_err());
+        }
+        indices.push(e.log_index);
+    }
+    assert!(indices.windows(2).all(|w| w[1] == w[0] + 1), "{indices:?}");
+
+    // A batch: one entry per signature, in order, under one audit entry.
+    let batch = s
+        .sign_batch(v1::SignBatchRequest {
+            key_alias: "release".into(),
+            sha256_digests: (0..12u8).map(|i| vec![100 + i; 32]).collect(),
+            artifact_name: "b".into(),
+            algorithm: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(batch.transparency_entries.len(), 12);
+    for (i, (t, sig)) in batch
+        .transparency_entries
+        .iter()
+        .zip(&batch.signatures)
+        .enumerate()
+    {
+        let e = entry(t);
+        e.verify_set(&key).unwrap();
+        assert_eq!(e.log_index, indices[19] + 1 + i as u64);
+        let facts = rekor::body_facts(&e.body).unwrap();
+        assert_eq!(facts.signature, *sig);
+        assert_eq!(facts.digest, vec![100 + i as u8; 32]);
+    }
+
+    // Proofs: every entry proves against a checkpoint of the log, signed by the audit key.
+    let mut roots = std::collections::BTreeMap::new();
+    for t in got
+        .iter()
+        .filter_map(|r| r.transparency_entry.as_ref())
+        .chain(&batch.transparency_entries)
+    {
+        let (size, root) = prove(&site, &key, t.log_index, &t.canonicalized_body).await;
+        assert_eq!(*roots.entry(size).or_insert(root), root);
+    }
+    // The log's checkpoints are in the audit chain too.
+    let last = log_proof(
+        &site,
+        indices[0],
+        &leaf_hash(
+            &got[0]
+                .transparency_entry
+                .as_ref()
+                .unwrap()
+                .canonicalized_body,
+        ),
+    )
+    .await
+    .unwrap();
+    assert!(site.audit().iter().any(|e| {
+        e.checkpoint.as_ref().and_then(|c| c.log_note.as_deref()) == Some(last.checkpoint.as_str())
+    }));
+
+    // Whoever does not hold the body learns nothing: a wrong or short leaf, an index past
+    // the end.
+    let body = &got[3]
+        .transparency_entry
+        .as_ref()
+        .unwrap()
+        .canonicalized_body;
+    for (index, leaf) in [
+        (indices[3], vec![0u8; 32]),
+        (indices[3], leaf_hash(body)[..31].to_vec()),
+        (indices[4], leaf_hash(body).to_vec()),
+        (u64::MAX, leaf_hash(body).to_vec()),
+    ] {
+        let e = log_proof(&site, index, &leaf).await.unwrap_err();
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
+        assert!(e.message().starts_with("audit_entry: "), "{}", e.message());
+    }
+}
+
+#[tokio::test]
+async fn log_proofs_hold_across_a_restart_and_retention() {
+    let site = TestSite::start_with(
+        "\n[audit]\ncheckpoint_every = 5\nretention_days = 1\n",
+        None,
+    )
+    .await;
+    let key = audit_key(&site).await;
+    let (_k, _r, mut s) = site.enrolled("staging").await;
+    let mut early = Vec::new();
+    for i in 0..12u8 {
+        let r = s.sign(sign_req("release", i)).await.unwrap().into_inner();
+        early.push(r.transparency_entry.unwrap());
+    }
+    let (size0, _) = prove(
+        &site,
+        &key,
+        early[3].log_index,
+        &early[3].canonicalized_body,
+    )
+    .await;
+
+    // After a restart the log goes on from where it was (no index reused) and old entries
+    // prove against new checkpoints.
+    let site = site.restart().await;
+    let (_k, _r, mut s) = site.enrolled("staging").await;
+    let late = s
+        .sign(sign_req("release", 99))
+        .await
+        .unwrap()
+        .into_inner()
+        .transparency_entry
+        .unwrap();
+    assert_eq!(late.log_index, early[11].log_index + 1);
+    let (size1, _) = prove(
+        &site,
+        &key,
+        early[3].log_index,
+        &early[3].canonicalized_body,
+    )
+    .await;
+    assert!(size1 > size0);
+    prove(&site, &key, late.log_index, &late.canonicalized_body).await;
+
+    // Retention removes old audit entries; the log's leaves stay provable.
+    site.clock
+        .advance(std::time::Duration::from_secs(2 * 86400));
+    let (_k, _r, mut s) = site.enrolled("staging").await;
+    s.sign(sign_req("release", 98)).await.unwrap();
+    meshsign_tests::export(&site, v1::ExportAuditRequest::default()).await;
+    meshsign_server::ops::housekeeping::prune_audit(site.state())
+        .await
+        .unwrap()
+        .expect("pruned");
+    for t in early.iter().chain([&late]) {
+        prove(&site, &key, t.log_index, &t.canonicalized_body).await;
+    }
+    let after = s
+        .sign(sign_req("release", 100))
+        .await
+        .unwrap()
+        .into_inner()
+        .transparency_entry
+        .unwrap();
+    let site = site.restart().await;
+    prove(&site, &key, after.log_index, &after.canonicalized_body).await;
+    prove(
+        &site,
+        &key,
+        early[0].log_index,
+        &early[0].canonicalized_body,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_one_log_and_prove_what_the_other_wrote() {
+    let pg = meshsign_certs_dev::postgres::LocalPostgres::start().unwrap();
+    let a = TestSite::start_with(&pg.store_section(), None).await;
+    let b = a.replica("b").await;
+    let key = audit_key(&a).await;
+    let (ka, ra, _) = a.enrolled("staging").await;
+    let mut sa = a.signer_for(&ka, &ra).await.unwrap();
+    let mut sb = b.signer_for(&ka, &ra).await.unwrap();
+    // Concurrent signing at both replicas: every index is given once.
+    let (xs, ys) = tokio::join!(
+        async {
+            let mut v = Vec::new();
+            for i in 0..15u8 {
+                v.push(sa.sign(sign_req("release", i)).await.unwrap().into_inner());
+            }
+            v
+        },
+        async {
+            let mut v = Vec::new();
+            for i in 0..15u8 {
+                v.push(
+                    sb.sign(sign_req("release", 50 + i))
+                        .await
+                        .unwrap()
+                        .into_inner(),
+                );
+            }
+            v
+        }
+    );
+    let entries: Vec<_> = xs
+        .iter()
+        .chain(&ys)
+        .map(|r| r.transparency_entry.clone().unwrap())
+        .collect();
+    let mut indices: Vec<u64> = entries.iter().map(|t| t.log_index).collect();
+    indices.sort_unstable();
+    let first = indices[0];
+    assert_eq!(indices, (first..first + 30).collect::<Vec<_>>());
+    let mut roots = std::collections::BTreeMap::new();
+    for t in &entries {
+        entry(t).verify_set(&key).unwrap();
+        for site in [&a, &b] {
+            let (size, root) = prove(site, &key, t.log_index, &t.canonicalized_body).await;
+            assert_eq!(*roots.entry(size).or_insert(root), root);
+        }
+    }
+}
