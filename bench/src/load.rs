@@ -147,12 +147,15 @@ pub async fn sign_keeping(
     .await
 }
 
-/// Sign, then fetch and check the signature's receipt (inclusion proof to a signed checkpoint),
-/// from every session for `duration`. One op = one checked receipt.
-pub async fn receipts(
+/// What `meshsign sign --format sigstore` does per file: Sign, then the bundle built and
+/// checked (the SET under the audit key, the body this signature), from every session for
+/// `duration`. One op = one checked bundle. With `batch` > 1, SignBatch of `batch` digests and
+/// one bundle per signature (what it does for several files); ops = bundles.
+pub async fn bundles(
     cfg: &ClientConfig,
     sessions: Vec<Session>,
     key: &'static str,
+    batch: usize,
     duration: Duration,
 ) -> Result<Window, String> {
     let mut v = meshsign_client::site::verification::client(cfg)
@@ -163,34 +166,42 @@ pub async fn receipts(
         .map_err(|e| e.to_string())?
         .audit_public_key_der;
     let spki = Arc::new(spki);
-    let workers: Vec<_> = sessions
-        .into_iter()
-        .map(|s| (s, v.clone(), spki.clone()))
-        .collect();
-    Ok(window(
-        workers,
-        duration,
-        move |(mut s, mut v, spki), i| async move {
-            let digest = vec![(i % 251) as u8; 32];
-            let signed = s.signer.sign(sign_request(key, digest)).await;
-            let ok = match signed {
-                Ok(r) => {
-                    let r = r.into_inner();
-                    meshsign_client::site::verification::receipt(
-                        &mut v,
-                        r.audit_seq,
-                        &r.audit_entry,
-                        &spki,
-                    )
+    let workers: Vec<_> = sessions.into_iter().map(|s| (s, spki.clone())).collect();
+    Ok(
+        window(workers, duration, move |(mut s, spki), i| async move {
+            let digests: Vec<[u8; 32]> = (0..batch).map(|j| [((i + j) % 251) as u8; 32]).collect();
+            let responses = if batch == 1 {
+                s.signer
+                    .sign(sign_request(key, digests[0].to_vec()))
                     .await
-                    .is_ok()
-                }
-                Err(_) => false,
+                    .map(|r| vec![r.into_inner()])
+                    .map_err(|e| e.to_string())
+            } else {
+                s.sign_batch(key, &digests, "bench")
+                    .await
+                    .map_err(|e| e.to_string())
             };
-            ((s, v, spki), u64::from(ok))
-        },
+            let ok = match responses {
+                Ok(rs) => rs
+                    .iter()
+                    .zip(&digests)
+                    .filter(|(r, d)| {
+                        let hint = format!("bench/{ENVIRONMENT}/{}", r.key_id);
+                        meshsign_client::site::verification::sigstore_bundle(r, hint, d, &spki)
+                            .and_then(|b| {
+                                serde_json::to_vec(&b).map_err(|e| {
+                                    meshsign_client::ClientError::Crypto(e.to_string())
+                                })
+                            })
+                            .is_ok()
+                    })
+                    .count() as u64,
+                Err(_) => 0,
+            };
+            ((s, spki), ok)
+        })
+        .await,
     )
-    .await)
 }
 
 /// Enrollment load: every call is a new TLS connection, a new token and a new key + CSR.

@@ -122,6 +122,9 @@ enum Store {
     Postgres,
 }
 
+/// Files per SignBatch call in `--scenario receipt`'s batched window (the 100 files).
+const FILES_PER_CALL: usize = 100;
+
 #[derive(Clone, Copy, ValueEnum, Debug)]
 enum Scenario {
     /// Unary Sign of a SHA-256 digest.
@@ -130,8 +133,9 @@ enum Scenario {
     Batch,
     /// Enroll: a new TLS connection, a new token and a new CSR each time.
     Enroll,
-    /// Unary Sign, then its receipt (GetInclusionProof, checked against the audit key): what
-    /// `meshsign sign` does for each file. Each run also measures plain Sign on the same site.
+    /// Unary Sign with its Sigstore bundle (the SET checked against the audit key): what
+    /// `meshsign sign --format sigstore` does for one file. Each run also measures plain Sign,
+    /// and 100 files at once (SignBatch of 100, one checked bundle each), on the same site.
     Receipt,
     /// A soak: `--concurrency` clients (three in four sign, the rest enroll) for `--duration` seconds in windows of `--sample` seconds; the site's RSS after
     /// each window, and the growth per window over the second half (does it level?).
@@ -154,6 +158,8 @@ struct Measured {
     db_cpu: Option<f64>,
     /// `--scenario receipt`: plain Sign ops/s on the same site in the same run.
     sign_ops_per_sec: Option<f64>,
+    /// `--scenario receipt`: bundles/s when 100 files go in one SignBatch, same run.
+    batched_ops_per_sec: Option<f64>,
 }
 
 fn pct(sorted: &[Duration], p: f64) -> f64 {
@@ -200,17 +206,21 @@ async fn service(
     let cpu = || -> Option<f64> { sites.iter().map(Daemon::cpu_seconds).sum() };
     let db_cpu = || db.and_then(|d| d.cpu_seconds(daemon::clock_ticks()));
     let mut sign_ops_per_sec = None;
+    let mut batched_ops_per_sec = None;
     if matches!(cli.scenario, Scenario::Receipt) {
-        // The baseline first, on sessions of its own: plain Sign.
+        // The baselines first, on sessions of their own: plain Sign, and 100 files per call.
         let n = sessions.len();
         let again = load::sessions(&sites[0].client, tokens, n).await?;
         let b = load::sign(again, SignLoad::Sign, key, dur).await;
         sign_ops_per_sec = Some(b.ops as f64 / b.seconds);
+        let again = load::sessions(&sites[0].client, tokens, n).await?;
+        let b = load::bundles(&sites[0].client, again, key, FILES_PER_CALL, dur).await?;
+        batched_ops_per_sec = Some(b.ops as f64 / b.seconds);
     }
     let (s0, c0, d0) = (cpu(), daemon::own_cpu_seconds(), db_cpu());
     let w: Window = match (what, &cli.scenario) {
         (Some(_), Scenario::Receipt) => {
-            load::receipts(&sites[0].client, sessions, key, dur).await?
+            load::bundles(&sites[0].client, sessions, key, 1, dur).await?
         }
         (Some(what), _) => load::sign(sessions, what, key, dur).await,
         (None, _) => load::enroll(&sites[0].client, tokens, cli.concurrency, dur).await?,
@@ -227,6 +237,7 @@ async fn service(
         client_cpu: per_1000(c0, c1, w.ops),
         db_cpu: per_1000(d0, d1, w.ops),
         sign_ops_per_sec,
+        batched_ops_per_sec,
     })
 }
 
@@ -527,6 +538,9 @@ async fn run(cli: &Cli) -> Result<(), String> {
             let sign = opt_median(rs.iter().map(|m| m.sign_ops_per_sec)).unwrap_or(0.0);
             j["sign_ops_per_sec"] = sign.round().into();
             j["receipt_to_sign"] = (ops / sign.max(1.0)).into();
+            let batched = opt_median(rs.iter().map(|m| m.batched_ops_per_sec)).unwrap_or(0.0);
+            j["files_batched_per_sec"] = batched.round().into();
+            j["batched_to_single"] = (batched / ops.max(1.0)).into();
         }
         if matches!(cli.scenario, Scenario::Enroll) {
             // Every run enrolled on the same site.

@@ -234,9 +234,10 @@ pub const MAX_FIELD_BYTES: usize = 256;
 /// Longest `detail`, in bytes.
 pub const MAX_DETAIL_BYTES: usize = 1024;
 /// Largest encoded entry: 21 text fields at [`MAX_FIELD_BYTES`], the detail, the checkpoint,
-/// numbers and names, each character escaped by JSON at worst as `\u00XX` (6 bytes). A client
-/// that receives exports sets its message limit above this, so no entry can stop an export.
-pub const MAX_ENTRY_BYTES: usize = 64 * 1024;
+/// numbers and names, each character escaped by JSON at worst as `\u00XX` (6 bytes), and up
+/// to [`TlogLeaves::MAX`] transparency leaves (43 KB of base64). A client that receives
+/// exports sets its message limit above this, so no entry can stop an export.
+pub const MAX_ENTRY_BYTES: usize = 128 * 1024;
 
 /// `s` if it is at most `max` bytes; otherwise its longest prefix that leaves room for a
 /// marker, then `…[sha256:<first 16 hex of SHA-256(s)>,<len> bytes]`. What an entry, a log line
@@ -297,6 +298,18 @@ impl AuditRecord {
             if let Some(n) = c.note.as_mut() {
                 cut(n, MAX_DETAIL_BYTES);
             }
+            if let Some(n) = c.log_note.as_mut() {
+                cut(n, MAX_DETAIL_BYTES);
+            }
+        }
+        // Leaves come from the site's own hashing, never from a caller; a malformed or
+        // oversized list is dropped whole (the writer refuses such an entry before this).
+        if self
+            .tlog
+            .as_ref()
+            .is_some_and(|t| t.leaves.len() > TlogLeaves::MAX.div_ceil(3) * 4 * 32)
+        {
+            self.tlog = None;
         }
     }
 }
@@ -596,6 +609,10 @@ mod bound_tests {
             peer: worst.clone(),
             operator: worst.clone(),
             detail: worst.clone(),
+            tlog: Some(TlogLeaves::new(
+                u64::MAX,
+                &vec![[0xff; 32]; TlogLeaves::MAX],
+            )),
             checkpoint: Some(Checkpoint {
                 covers_seq: u64::MAX,
                 head_hash: worst.clone(),
@@ -603,6 +620,7 @@ mod bound_tests {
                 key_id: worst.clone(),
                 signature: worst.clone(),
                 note: Some(worst.clone()),
+                log_note: Some(worst.clone()),
             }),
             seq: u64::MAX,
             prev_hash: String::new(),

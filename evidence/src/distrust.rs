@@ -5,6 +5,14 @@
 //! A rule names at least one of job, pipeline, runner fingerprint, region or key version, and may bound
 //! the time of the decision to a window; every part it names must match. A rule with only a
 //! window distrusts everything the environment signed in it.
+//!
+//! **Bundles that carry no job facts.** A Sigstore bundle's log entry discloses only what was
+//! signed, by which key, when and at which site ([`LogFacts`]). So the site resolves each rule
+//! that names a job, pipeline or runner to the transparency-log leaves of the signatures it
+//! matches when it issues the list (`log_leaves`), and a key version to its key
+//! (`key_spki_sha256`); a verifier matches a bundle by its leaf, key, time and site
+//! ([`DistrustEntry::matches_log`]). A version of the list covers what was signed before it
+//! was issued: a job or runner still running is also revoked (`admin revoke`).
 
 use serde::{Deserialize, Serialize};
 
@@ -61,6 +69,31 @@ pub struct DistrustEntry {
     /// Operator who added it.
     #[serde(default)]
     pub added_by: String,
+    /// The transparency-log leaf hashes (hex) of the signatures this rule matched when the
+    /// site issued the list (rules naming a job, pipeline or runner).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub log_leaves: Vec<String>,
+    /// SHA-256 (hex) of the SubjectPublicKeyInfo of `key_id` (rules naming a key version).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub key_spki_sha256: String,
+}
+
+/// What a transparency-log entry tells a distrust list (after its SET verified): the leaf, the
+/// key, the time and the site and environment of the bundle.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LogFacts {
+    /// The leaf hash (hex).
+    pub leaf: String,
+    /// SHA-256 (hex) of the signing key's SubjectPublicKeyInfo.
+    pub key_spki_sha256: String,
+    /// The entry's integrated time (unix seconds).
+    pub time: i64,
+    /// Region (from the bundle's key hint; the list's signature says which site).
+    pub region: String,
+    /// Environment (from the bundle's key hint).
+    pub environment: String,
+    /// The log index.
+    pub log_index: u64,
 }
 
 impl DistrustEntry {
@@ -86,6 +119,20 @@ impl DistrustEntry {
             && eq(&self.key_id, &b.key_id)
             && self.not_before.is_none_or(|t| b.time >= t)
             && self.not_after.is_none_or(|t| b.time < t)
+    }
+
+    /// Whether the transparency-log entry with these facts falls under the rule: a rule naming
+    /// a job, pipeline or runner matches the leaves it was resolved to; a key version, its key.
+    pub fn matches_log(&self, f: &LogFacts) -> bool {
+        let names_job = !(self.job_id.is_empty()
+            && self.pipeline_id.is_empty()
+            && self.runner_fingerprint.is_empty());
+        self.is_selective()
+            && (!names_job || self.log_leaves.contains(&f.leaf))
+            && (self.key_id.is_empty() || self.key_spki_sha256 == f.key_spki_sha256)
+            && (self.region.is_empty() || self.region == f.region)
+            && self.not_before.is_none_or(|t| f.time >= t)
+            && self.not_after.is_none_or(|t| f.time < t)
     }
 
     /// What the rule selects, in a few words.
@@ -123,6 +170,17 @@ impl DistrustList {
             ));
         }
         Ok(self.entries.iter().find(|e| e.matches(b)))
+    }
+
+    /// [`DistrustList::matching`] for a transparency-log entry.
+    pub fn matching_log(&self, f: &LogFacts) -> Result<Option<&DistrustEntry>, String> {
+        if self.environment != f.environment {
+            return Err(format!(
+                "the distrust list is for environment `{}`; the signature was made in `{}`",
+                self.environment, f.environment
+            ));
+        }
+        Ok(self.entries.iter().find(|e| e.matches_log(f)))
     }
 }
 

@@ -166,6 +166,105 @@ pub fn range<E>(
     Ok(node_hash(&left, &right))
 }
 
+/// The consistency proof from the tree of `first` leaves to the tree of `second` leaves
+/// (RFC 9162 §2.1.4.1), `0 < first <= second`, from a function giving the hash of the perfect
+/// subtree (level, index).
+pub fn consistency_proof<E>(
+    first: u64,
+    second: u64,
+    perfect: &mut impl FnMut(u32, u64) -> Result<Hash, E>,
+) -> Result<Vec<Hash>, E> {
+    let mut out = Vec::new();
+    if first > 0 && first < second {
+        subproof(first, 0, second, true, perfect, &mut out)?;
+    }
+    Ok(out)
+}
+
+fn subproof<E>(
+    m: u64,
+    start: u64,
+    n: u64,
+    whole: bool,
+    perfect: &mut impl FnMut(u32, u64) -> Result<Hash, E>,
+    out: &mut Vec<Hash>,
+) -> Result<(), E> {
+    if m == n {
+        if !whole {
+            out.push(range(start, n, perfect)?);
+        }
+        return Ok(());
+    }
+    let k = split(n);
+    if m <= k {
+        subproof(m, start, k, whole, perfect, out)?;
+        out.push(range(start + k, n - k, perfect)?);
+    } else {
+        subproof(m - k, start + k, n - k, false, perfect, out)?;
+        out.push(range(start, k, perfect)?);
+    }
+    Ok(())
+}
+
+/// Verifies that the tree of `second` leaves with root `second_root` extends the tree of
+/// `first` leaves with root `first_root` (RFC 9162 §2.1.4.2): nothing the first held was
+/// changed or removed.
+pub fn verify_consistency(
+    first: u64,
+    second: u64,
+    first_root: &Hash,
+    second_root: &Hash,
+    proof: &[Hash],
+) -> Result<(), ProofError> {
+    let bad = ProofError::Consistency;
+    if first == 0 || first > second {
+        return Err(bad);
+    }
+    if first == second {
+        return if proof.is_empty() && first_root == second_root {
+            Ok(())
+        } else {
+            Err(bad)
+        };
+    }
+    let mut path: Vec<Hash> = Vec::with_capacity(proof.len() + 1);
+    if first.is_power_of_two() {
+        path.push(*first_root);
+    }
+    path.extend_from_slice(proof);
+    let Some((&head, rest)) = path.split_first() else {
+        return Err(bad);
+    };
+    let (mut fn_, mut sn) = (first - 1, second - 1);
+    while fn_ & 1 == 1 {
+        fn_ >>= 1;
+        sn >>= 1;
+    }
+    let (mut fr, mut sr) = (head, head);
+    for c in rest {
+        if sn == 0 {
+            return Err(bad);
+        }
+        if fn_ & 1 == 1 || fn_ == sn {
+            fr = node_hash(c, &fr);
+            sr = node_hash(c, &sr);
+            while fn_ & 1 == 0 && fn_ != 0 {
+                fn_ >>= 1;
+                sn >>= 1;
+            }
+        } else {
+            sr = node_hash(&sr, c);
+        }
+        fn_ >>= 1;
+        sn >>= 1;
+    }
+    if sn == 0 && &fr == first_root && &sr == second_root {
+        Ok(())
+    } else {
+        Err(bad)
+    }
+}
+
 /// Why an inclusion proof does not hold.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProofError {
@@ -192,6 +291,9 @@ pub enum ProofError {
     /// The proof leads to another root.
     #[error("the proof leads to another root than the checkpoint's")]
     Root,
+    /// The later tree does not extend the earlier one (or the proof is not for them).
+    #[error("the consistency proof does not show that the later tree extends the earlier one")]
+    Consistency,
 }
 
 /// Verifies that `leaf` is leaf `index` of the tree of `size` leaves whose root is `root`
@@ -266,6 +368,39 @@ pub fn proof_len(index: u64, size: u64) -> usize {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn consistency_proofs_hold_for_every_pair_of_sizes_and_fail_when_altered() {
+        let leaves: Vec<Hash> = (0u8..41).map(|i| leaf_hash(&[i])).collect();
+        let mut perfect = |level: u32, index: u64| -> Result<Hash, ()> {
+            let (a, b) = ((index << level) as usize, ((index + 1) << level) as usize);
+            Ok(root_of(&leaves[a..b]))
+        };
+        for n in 1..=41u64 {
+            let second = root_of(&leaves[..n as usize]);
+            for m in 1..=n {
+                let first = root_of(&leaves[..m as usize]);
+                let proof = consistency_proof(m, n, &mut perfect).unwrap_or_default();
+                assert_eq!(
+                    verify_consistency(m, n, &first, &second, &proof),
+                    Ok(()),
+                    "{m} -> {n}"
+                );
+                if m < n {
+                    // Another first tree (one leaf changed) is not extended by the second.
+                    let mut other = leaves[..m as usize].to_vec();
+                    other[0] = leaf_hash(b"rewritten");
+                    assert!(verify_consistency(m, n, &root_of(&other), &second, &proof).is_err());
+                    if let Some(h) = proof.first() {
+                        let mut bent = proof.clone();
+                        bent[0] = node_hash(h, h);
+                        assert!(verify_consistency(m, n, &first, &second, &bent).is_err());
+                    }
+                }
+            }
+        }
+    }
+
     use super::*;
 
     fn leaves(n: usize) -> Vec<Hash> {

@@ -162,8 +162,13 @@ pub fn body_facts(body: &[u8]) -> Result<BodyFacts, EntryError> {
         .decode(key.unwrap_or(""))
         .map_err(|_| bad("the body's key is not base64"))?;
     let pem = String::from_utf8(pem).map_err(|_| bad("the body's key is not PEM"))?;
-    let spki_der =
-        crate::verify::spki_from_pem(&pem).map_err(|_| bad("the body's key is not PEM"))?;
+    let spki_der = {
+        use rustls_pki_types::SubjectPublicKeyInfoDer;
+        use rustls_pki_types::pem::PemObject as _;
+        SubjectPublicKeyInfoDer::from_pem_slice(pem.as_bytes())
+            .map(|k| k.to_vec())
+            .map_err(|_| bad("the body's key is not PEM"))?
+    };
     Ok(BodyFacts {
         kind: kind.into(),
         digest,

@@ -319,3 +319,116 @@ async fn replicas_share_one_log_and_prove_what_the_other_wrote() {
         }
     }
 }
+
+/// `GetConsistencyProof` between the checkpoints of `origin` whose notes are `old` and `new`,
+/// checked; returns the sizes.
+async fn consistent(
+    site: &TestSite,
+    key: &p256::ecdsa::VerifyingKey,
+    old: &str,
+    new: &str,
+) -> (u64, u64) {
+    let (a, b) = (
+        meshsign_evidence::note::open(old, key, None).unwrap(),
+        meshsign_evidence::note::open(new, key, None).unwrap(),
+    );
+    let p = site
+        .verification()
+        .await
+        .get_consistency_proof(v1::GetConsistencyProofRequest {
+            origin: a.origin.clone(),
+            first_size: a.size,
+            second_size: b.size,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let hashes: Vec<Hash> = p
+        .hashes
+        .iter()
+        .map(|h| Hash::try_from(h.as_slice()).unwrap())
+        .collect();
+    meshsign_evidence::merkle::verify_consistency(a.size, b.size, &a.root, &b.root, &hashes)
+        .unwrap();
+    // A rewritten earlier tree (another root at that size) is not extended by the later one.
+    let mut other = a.root;
+    other[0] ^= 1;
+    assert!(
+        meshsign_evidence::merkle::verify_consistency(a.size, b.size, &other, &b.root, &hashes)
+            .is_err()
+    );
+    (a.size, b.size)
+}
+
+#[tokio::test]
+async fn a_witness_checks_that_both_logs_only_grow() {
+    let site = TestSite::start_with("\n[audit]\ncheckpoint_every = 5\n", None).await;
+    let key = audit_key(&site).await;
+    let (_k, _r, mut s) = site.enrolled("staging").await;
+    let sign = async |s: &mut v1::signer_client::SignerClient<tonic::transport::Channel>, i: u8| {
+        s.sign(sign_req("release", i)).await.unwrap().into_inner()
+    };
+    let first = sign(&mut s, 1).await;
+    let t = first.transparency_entry.clone().unwrap();
+    let old_log = log_proof(&site, t.log_index, &leaf_hash(&t.canonicalized_body))
+        .await
+        .unwrap()
+        .checkpoint;
+    let old_audit = site
+        .verification()
+        .await
+        .get_inclusion_proof(v1::GetInclusionProofRequest {
+            seq: first.audit_seq,
+            leaf_hash: leaf_hash(&first.audit_entry).to_vec(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .checkpoint;
+    let mut last = first;
+    for i in 2..20u8 {
+        last = sign(&mut s, i).await;
+    }
+    let t = last.transparency_entry.clone().unwrap();
+    let new_log = log_proof(&site, t.log_index, &leaf_hash(&t.canonicalized_body))
+        .await
+        .unwrap()
+        .checkpoint;
+    let new_audit = site
+        .verification()
+        .await
+        .get_inclusion_proof(v1::GetInclusionProofRequest {
+            seq: last.audit_seq,
+            leaf_hash: leaf_hash(&last.audit_entry).to_vec(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .checkpoint;
+    let (a, b) = consistent(&site, &key, &old_log, &new_log).await;
+    assert!(a < b, "{a} {b}");
+    let (a, b) = consistent(&site, &key, &old_audit, &new_audit).await;
+    assert!(a < b, "{a} {b}");
+
+    // Sizes past the newest signed head, an empty first tree, a log of another name: nothing.
+    let head = meshsign_evidence::note::open(&new_log, &key, None).unwrap();
+    for (origin, first, second) in [
+        (head.origin.clone(), 1, head.size + 1000),
+        (head.origin.clone(), 0, head.size),
+        (head.origin.clone(), head.size, 1),
+        ("meshsign.test/elsewhere/log".to_string(), 1, head.size),
+    ] {
+        let e = site
+            .verification()
+            .await
+            .get_consistency_proof(v1::GetConsistencyProofRequest {
+                origin,
+                first_size: first,
+                second_size: second,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
+        assert!(e.message().starts_with("audit_entry: "), "{}", e.message());
+    }
+}

@@ -177,6 +177,30 @@ pub async fn add_log_proof(
     Ok(true)
 }
 
+/// The consistency proof between two sizes of the log of `origin` (unchecked: the caller
+/// checks it against the two checkpoints it holds).
+pub async fn consistency(
+    v: &mut VerificationClient<Channel>,
+    origin: &str,
+    first: u64,
+    second: u64,
+) -> Result<Vec<meshsign_evidence::merkle::Hash>, ClientError> {
+    let p = v
+        .get_consistency_proof(v1::GetConsistencyProofRequest {
+            origin: origin.to_string(),
+            first_size: first,
+            second_size: second,
+        })
+        .await
+        .map_err(|s| ClientError::rpc("GetConsistencyProof", s))?
+        .into_inner();
+    p.hashes
+        .iter()
+        .map(|h| meshsign_evidence::merkle::Hash::try_from(h.as_slice()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| ClientError::Verify("the site's proof has a hash that is not 32 bytes".into()))
+}
+
 /// An environment's signed distrust list (envelope JSON), checked against the audit key.
 pub async fn distrust_list(
     v: &mut VerificationClient<Channel>,

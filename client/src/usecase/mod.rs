@@ -13,4 +13,5 @@ pub mod fleet;
 pub mod material;
 pub mod preflight;
 pub mod sign;
+pub mod status;
 pub mod verify;

@@ -259,7 +259,7 @@ pub async fn fetch_proofs(
     let mut keys: std::collections::BTreeMap<String, Vec<u8>> = Default::default();
     // Newest entries first: the checkpoint one of them may need covers the rest.
     let mut bundles = Vec::with_capacity(files.len());
-    for file in files {
+    for (position, file) in files.iter().enumerate() {
         let path = if file.to_string_lossy().ends_with(".sigstore.json") {
             file.clone()
         } else {
@@ -276,10 +276,10 @@ pub async fn fetch_proofs(
             .first()
             .and_then(|t| t.log_index.parse::<u64>().ok())
             .unwrap_or_default();
-        bundles.push((index, path, b));
+        bundles.push((index, position, path, b));
     }
-    bundles.sort_by(|a, b| b.0.cmp(&a.0));
-    for (_, path, mut b) in bundles {
+    bundles.sort_by_key(|b| std::cmp::Reverse(b.0));
+    for (_, position, path, mut b) in bundles {
         let environment = b
             .verification_material
             .public_key
@@ -305,10 +305,11 @@ pub async fn fetch_proofs(
         if changed {
             write_json(&path, &b)?;
         }
-        out.push((path, changed));
+        out.push((position, path, changed));
     }
-    out.reverse();
-    Ok(out)
+    // In the order given.
+    out.sort_by_key(|o| o.0);
+    Ok(out.into_iter().map(|(_, p, c)| (p, c)).collect())
 }
 
 /// The site's Verification service and audit key, to check each receipt before it goes into

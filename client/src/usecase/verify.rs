@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use meshsign_evidence::verify::{self, bundle::Checked};
 
 use super::sign::sibling;
-use crate::ClientError;
+use crate::{ClientConfig, ClientError};
 
 /// What to verify, against what (`meshsign verify`'s arguments).
 #[derive(clap::Args, Clone, Debug, Default)]
@@ -117,14 +117,18 @@ pub fn verify(o: &VerifyOptions) -> Result<Verified, ClientError> {
     let mut distrust_list_version = None;
     if let (Some(list_path), Some(key)) = (&o.distrust_list, &audit_key) {
         let list = verify::open_distrust_list(&read(list_path)?, key)?;
-        let binding = checked.binding.as_ref().ok_or_else(|| {
-            ClientError::Verify(
-                "the signature is not bound to a job: it has no receipt or statement signed by \
-                 the site, so it cannot be checked against a distrust list"
-                    .into(),
-            )
-        })?;
-        verify::check_distrust(&list, binding)?;
+        match (&checked.binding, &checked.log) {
+            (Some(binding), _) => verify::check_distrust(&list, binding)?,
+            (None, Some(log)) => verify::check_distrust_log(&list, log)?,
+            (None, None) => {
+                return Err(ClientError::Verify(
+                    "the signature is not bound to a job: it has no receipt, log entry or \
+                     statement signed by the site, so it cannot be checked against a distrust \
+                     list"
+                        .into(),
+                ));
+            }
+        }
         distrust_list_version = Some(list.version);
     }
     Ok(Verified {
@@ -163,4 +167,77 @@ pub fn audit_export(
         Start::Genesis
     };
     verify_export_from(&lines, &key, start).map_err(|e| ClientError::Verify(e.to_string()))
+}
+
+/// `meshsign audit consistency`'s arguments.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ConsistencyArgs {
+    /// The earlier checkpoint (a C2SP signed note of the site's audit or transparency log).
+    pub old: PathBuf,
+    /// The later checkpoint of the same log.
+    pub new: PathBuf,
+    /// The site's audit public key (PEM), which signs both logs' checkpoints.
+    #[arg(long)]
+    pub audit_key: PathBuf,
+}
+
+/// What `meshsign audit consistency` showed: the log and the two sizes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Consistent {
+    /// The checkpoints' origin.
+    pub origin: String,
+    /// The earlier size.
+    pub old_size: u64,
+    /// The later size.
+    pub new_size: u64,
+}
+
+/// Checks that the later checkpoint's tree extends the earlier one's (RFC 9162 consistency):
+/// both notes are opened with the audit key and must name the same log; the proof is asked of
+/// the site and checked here, so the site is trusted for nothing.
+pub async fn consistency(
+    cfg: &ClientConfig,
+    a: &ConsistencyArgs,
+) -> Result<Consistent, ClientError> {
+    let pem = std::fs::read_to_string(&a.audit_key).map_err(ClientError::io(&a.audit_key))?;
+    let key = verify::audit_key_from_pem(&pem)?;
+    let open = |p: &PathBuf| -> Result<meshsign_evidence::note::TreeHead, ClientError> {
+        let text = std::fs::read_to_string(p).map_err(ClientError::io(p))?;
+        meshsign_evidence::note::open(&text, &key, None)
+            .map_err(|e| ClientError::Verify(format!("{}: {e}", p.display())))
+    };
+    let (old, new) = (open(&a.old)?, open(&a.new)?);
+    if old.origin != new.origin {
+        return Err(ClientError::Verify(format!(
+            "the checkpoints are of two logs (`{}`, `{}`)",
+            old.origin, new.origin
+        )));
+    }
+    if old.size > new.size {
+        return Err(ClientError::Usage(format!(
+            "{} is the later checkpoint ({} entries, {} in {}): give the earlier one first",
+            a.old.display(),
+            old.size,
+            new.size,
+            a.new.display()
+        )));
+    }
+    let proof = if old.size == new.size {
+        Vec::new()
+    } else {
+        let mut v = crate::site::verification::client(cfg).await?;
+        crate::site::verification::consistency(&mut v, &old.origin, old.size, new.size).await?
+    };
+    meshsign_evidence::merkle::verify_consistency(old.size, new.size, &old.root, &new.root, &proof)
+        .map_err(|e| {
+            ClientError::Verify(format!(
+                "{} entries of `{}` were rewritten or removed: {e}",
+                old.size, old.origin
+            ))
+        })?;
+    Ok(Consistent {
+        origin: old.origin,
+        old_size: old.size,
+        new_size: new.size,
+    })
 }

@@ -282,6 +282,12 @@ impl TlogEntry {
         }
         let note = checkpoint.unwrap_or(&p.checkpoint.envelope);
         let head = crate::note::open(note, log_key, None).map_err(|x| fail(x.to_string()))?;
+        if checkpoint.is_none() && B64.decode(&p.root_hash).ok().as_deref() != Some(&head.root[..])
+        {
+            return Err(fail(
+                "the proof's rootHash is not the checkpoint's root".into(),
+            ));
+        }
         let size: u64 = p.tree_size.parse().map_err(|_| fail("treeSize".into()))?;
         if head.size != size {
             return Err(fail(format!(

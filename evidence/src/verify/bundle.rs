@@ -14,6 +14,7 @@
 use std::path::Path;
 
 use base64::Engine as _;
+use sha2::Digest as _;
 
 use super::{SigBundle, VerifyError};
 use crate::attest::{Binding, Envelope, SiteFacts};
@@ -53,6 +54,11 @@ pub struct Checked {
     pub binding: Option<Binding>,
     /// `Some(under a signed checkpoint)` when the receipt was checked.
     pub receipt: Option<bool>,
+    /// A Sigstore bundle's transparency-log entry, checked (SET) when a distrust list is to
+    /// be checked or `--receipt` was asked: what a distrust list matches it by.
+    pub log: Option<crate::distrust::LogFacts>,
+    /// The transparency-log index a Sigstore bundle's entry names (checked or not).
+    pub log_index: Option<u64>,
 }
 
 /// Checks `file` against `bundle_json` (any of the three formats, told from the content).
@@ -152,6 +158,8 @@ fn native(
             .transpose()
             .map_err(VerifyError::Failed)?,
         receipt,
+        log: None,
+        log_index: None,
     })
 }
 
@@ -226,6 +234,7 @@ fn sigstore(
             b,
             (&digest, &sig, spki),
             opts,
+            needed,
             (region, environment, key_id),
         );
     }
@@ -255,6 +264,8 @@ fn sigstore(
             .transpose()
             .map_err(VerifyError::Failed)?,
         receipt: opts.0.then_some(true),
+        log: None,
+        log_index: None,
     })
 }
 
@@ -267,6 +278,7 @@ fn sigstore_transparency(
     b: &crate::bundle::sigstore::Bundle,
     (digest, sig, spki): (&[u8; 32], &[u8], &[u8]),
     (asked, key, checkpoint): ReceiptOpts<'_>,
+    needed: bool,
     (region, environment, key_id): (String, String, String),
 ) -> Result<Checked, VerifyError> {
     let fail = |m: &str| VerifyError::Failed(format!("bundle tlog entry: {m}"));
@@ -285,12 +297,23 @@ fn sigstore_transparency(
         return Err(fail("the body names another key than the pinned one"));
     }
     let mut receipt = None;
-    if asked {
+    let mut log = None;
+    if asked || needed {
         let key = key.ok_or_else(|| {
-            VerifyError::Input("--receipt needs the site's audit key (--audit-key)".into())
+            VerifyError::Input(
+                "the log entry is checked with the site's audit key: give --audit-key".into(),
+            )
         })?;
-        t.verify_transparency(key, checkpoint)?;
-        receipt = Some(true);
+        let (_, proven) = t.verify_transparency(key, checkpoint)?;
+        receipt = asked.then_some(proven);
+        log = Some(crate::distrust::LogFacts {
+            leaf: hex::encode(crate::merkle::leaf_hash(&e.body)),
+            key_spki_sha256: hex::encode(sha2::Sha256::digest(spki)),
+            time: e.integrated_time,
+            region: region.clone(),
+            environment: environment.clone(),
+            log_index: e.log_index,
+        });
     }
     Ok(Checked {
         format: "sigstore",
@@ -300,6 +323,8 @@ fn sigstore_transparency(
         audit_seq: 0,
         binding: None,
         receipt,
+        log,
+        log_index: Some(e.log_index),
     })
 }
 
@@ -322,5 +347,7 @@ fn dsse(file: &Path, env: &Envelope, pin: Option<&[u8]>) -> Result<Checked, Veri
         audit_seq: facts.audit_seq,
         binding: Some(facts.binding().map_err(VerifyError::Failed)?),
         receipt: None,
+        log: None,
+        log_index: None,
     })
 }

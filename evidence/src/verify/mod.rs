@@ -338,6 +338,36 @@ pub fn open_statement(
     Ok(statement)
 }
 
+/// Refuses a signature whose transparency-log entry falls under a rule of `list` (which must
+/// be of the same site and environment); the entry's SET must have been verified.
+pub fn check_distrust_log(
+    list: &crate::distrust::DistrustList,
+    f: &crate::distrust::LogFacts,
+) -> Result<(), VerifyError> {
+    if list.region != f.region {
+        return Err(VerifyError::Failed(format!(
+            "the distrust list is of the site in `{}`; the signature was made in `{}`",
+            list.region, f.region
+        )));
+    }
+    match list.matching_log(f).map_err(VerifyError::Failed)? {
+        None => Ok(()),
+        Some(rule) => Err(VerifyError::Failed(format!(
+            "distrusted: rule {} ({}{}) of distrust list version {} matches this signature \
+             (transparency-log entry {})",
+            rule.id,
+            rule.describe(),
+            if rule.reason.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", rule.reason)
+            },
+            list.version,
+            f.log_index
+        ))),
+    }
+}
+
 /// Refuses a signature whose bound facts fall under a rule of `list` (which must be of the
 /// same site and environment).
 pub fn check_distrust(

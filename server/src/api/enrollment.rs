@@ -36,6 +36,9 @@ pub enum LookupError {
     /// No durable audit entry has this seq and hash.
     #[error("no audit entry {0} with that hash")]
     NoEntry(u64),
+    /// No log of that origin, or no signed tree head of that size.
+    #[error("no log `{0}` with signed tree heads of those sizes")]
+    NoSizes(String),
     /// The transparency log has no leaf at this index with that hash.
     #[error("no transparency-log entry {0} with that leaf hash")]
     NoLogEntry(u64),
@@ -49,7 +52,9 @@ impl Refusal for LookupError {
         match self {
             LookupError::NoEnvironment(_) => Reason::Environment,
             LookupError::NoKey { .. } => Reason::Key,
-            LookupError::NoEntry(_) | LookupError::NoLogEntry(_) => Reason::AuditEntry,
+            LookupError::NoEntry(_) | LookupError::NoLogEntry(_) | LookupError::NoSizes(_) => {
+                Reason::AuditEntry
+            }
             LookupError::Audit(crate::audit::AuditError::Tree(_)) => crate::model::Reason::Internal,
             // The log cannot take the checkpoint the proof needs (a full disk, a store gone):
             // unavailable until it can, as for every other decision.
@@ -229,6 +234,23 @@ impl v1::verification_server::Verification for VerificationApi {
             tree_size: proof.tree_size,
             hashes: proof.hashes.iter().map(|h| h.to_vec()).collect(),
             checkpoint: proof.checkpoint,
+        }))
+    }
+
+    async fn get_consistency_proof(
+        &self,
+        req: Request<v1::GetConsistencyProofRequest>,
+    ) -> Result<Response<v1::ConsistencyProof>, Status> {
+        let r = req.into_inner();
+        let hashes = self
+            .0
+            .audit
+            .consistency(&r.origin, r.first_size, r.second_size)
+            .await
+            .map_err(|e| status(&LookupError::from(e)))?
+            .ok_or_else(|| status(&LookupError::NoSizes(bounded(&r.origin, 128))))?;
+        Ok(Response::new(v1::ConsistencyProof {
+            hashes: hashes.iter().map(|h| h.to_vec()).collect(),
         }))
     }
 

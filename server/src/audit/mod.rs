@@ -487,6 +487,42 @@ impl AuditLog {
         merkle::proof(&self.store, merkle::Log::Audit, seq - 1, size)
     }
 
+    /// The consistency proof from size `first` to size `second` of the log whose checkpoints
+    /// carry `origin` — None if no such log, or `second` is past its newest signed tree head,
+    /// or `first` is not in `1..=second`.
+    pub async fn consistency(
+        &self,
+        origin: &str,
+        first: u64,
+        second: u64,
+    ) -> Result<Option<Vec<meshsign_evidence::merkle::Hash>>, AuditError> {
+        let (log, head) = if origin == self.origin {
+            (
+                merkle::Log::Audit,
+                self.signed_head.borrow().as_ref().map(|h| h.size),
+            )
+        } else if origin == self.log_origin {
+            (
+                merkle::Log::Transparency,
+                self.signed_log_head.borrow().as_ref().map(|h| h.size),
+            )
+        } else {
+            return Ok(None);
+        };
+        if first == 0 || first > second || head.is_none_or(|h| second > h) {
+            return Ok(None);
+        }
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            meshsign_evidence::merkle::consistency_proof(first, second, &mut |level, index| {
+                merkle::perfect(&store, log, level, index)
+            })
+        })
+        .await
+        .map_err(|e| AuditError::Tree(format!("proof task: {e}")))?
+        .map(Some)
+    }
+
     /// The transparency log's checkpoint origin (`<trust domain>/<region>/log`).
     pub fn transparency_origin(&self) -> &str {
         &self.log_origin

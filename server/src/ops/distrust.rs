@@ -115,9 +115,70 @@ fn publish(
     list.version += 1;
     list.issued_at = site.clock.unix();
     list.region = site.config().region.clone();
+    resolve(site, environment, &mut list)?;
     let stored = seal(site, list)?;
     site.put_distrust_list(environment, &stored)?;
     Ok(stored)
+}
+
+/// Resolves each rule to what a Sigstore bundle's log entry discloses (see
+/// `meshsign_evidence::distrust`): a rule naming a job, pipeline or runner to the
+/// transparency-log leaves of the signatures it matches in the audit log as it is now, a key
+/// version to its key. One pass over the stored log per list change (an ops action, not a
+/// request path); entries removed by retention are not resolved.
+fn resolve(site: &SiteState, environment: &str, list: &mut DistrustList) -> Result<(), OpsError> {
+    let names_job = |r: &meshsign_evidence::distrust::DistrustEntry| {
+        !(r.job_id.is_empty() && r.pipeline_id.is_empty() && r.runner_fingerprint.is_empty())
+    };
+    for rule in &mut list.entries {
+        rule.log_leaves.clear();
+        rule.key_spki_sha256.clear();
+        if rule.key_id.is_empty() {
+            continue;
+        }
+        let alias = rule.key_id.split('@').next().unwrap_or_default();
+        if let Some(k) = site
+            .key_records(Some((environment, alias)))?
+            .into_iter()
+            .find(|k| k.key_id() == rule.key_id)
+        {
+            rule.key_spki_sha256 = hex::encode(aws_lc_rs::digest::digest(
+                &aws_lc_rs::digest::SHA256,
+                &k.public_key_der,
+            ));
+        }
+    }
+    if !list.entries.iter().any(names_job) {
+        return Ok(());
+    }
+    let mut from = 1;
+    loop {
+        let batch = site.audit.range(from, 4096).map_err(OpsError::Audit)?;
+        let Some(last) = batch.last() else {
+            break;
+        };
+        from = last.seq + 1;
+        for e in &batch {
+            let Some(t) = &e.tlog else {
+                continue;
+            };
+            if e.environment != environment || e.decision != "allow" {
+                continue;
+            }
+            let (Ok(b), Some(leaves)) = (
+                meshsign_evidence::attest::Binding::from_entry(e),
+                t.hashes(),
+            ) else {
+                continue;
+            };
+            for rule in list.entries.iter_mut().filter(|r| names_job(r)) {
+                if rule.matches(&b) {
+                    rule.log_leaves.extend(leaves.iter().map(hex::encode));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Signs the list with the audit key (DSSE over its JSON).
@@ -182,6 +243,8 @@ fn validate(site: &SiteState, op: &Operator, r: NewRule) -> Result<DistrustEntry
         reason: bounded(&r.reason, 256),
         added_at: site.clock.unix(),
         added_by: op.id.clone(),
+        log_leaves: Vec::new(),
+        key_spki_sha256: String::new(),
     };
     if !entry.is_selective() {
         return invalid(

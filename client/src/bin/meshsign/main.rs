@@ -218,6 +218,9 @@ enum ReceiptCommand {
 enum AuditCommand {
     /// Verify an audit export's chain and checkpoint signatures; names the first bad seq.
     Verify(usecase::verify::AuditVerifyArgs),
+    /// Check that the later of two checkpoints (C2SP notes of the site's audit or transparency
+    /// log) extends the earlier one: nothing logged was rewritten or removed. Exit 1 if not.
+    Consistency(usecase::verify::ConsistencyArgs),
 }
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -322,14 +325,13 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
             render::audit_verified(&args.file, &report, format);
             Ok(())
         }
+        Command::Audit {
+            command: AuditCommand::Consistency(args),
+        } => runner::consistency(&load_config(global)?, args, format).await,
         Command::Verify(args) => runner::verify(args, format),
         Command::Receipt {
             command: ReceiptCommand::Fetch { files },
-        } => {
-            let done = usecase::sign::fetch_proofs(&load_config(global)?, &files).await?;
-            render::proofs_fetched(&done, format);
-            Ok(())
-        }
+        } => runner::fetch_proofs(&load_config(global)?, &files, format).await,
         Command::Attest(args) => runner::attest(&load_config(global)?, args, format).await,
         Command::VerificationMaterial(args) => {
             let m = usecase::material::fetch(&load_config(global)?, &args).await?;

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use meshsign_client::ClientError;
 use meshsign_client::usecase::material::Material;
+pub use meshsign_client::usecase::status::{STATUS_HEADER, dash, status_json, status_rows, when};
 use meshsign_client::usecase::{attest::Attested, sign::Signed, verify::Verified};
 use meshsign_evidence::pem_encode;
 use meshsign_proto::v1;
@@ -200,28 +201,31 @@ pub fn verified(file: &Path, v: &Verified, format: Format) {
             serde_json::json!({
                 "file": file, "ok": true, "format": c.format, "key_id": c.key_id,
                 "region": c.region, "environment": c.environment,
-                "audit_seq": c.audit_seq, "key_pinned": v.pinned,
+                "audit_seq": c.audit_seq, "log_index": c.log_index, "key_pinned": v.pinned,
                 "receipt": c.receipt.map(|a| serde_json::json!({"ok": true, "under_signed_checkpoint": a})),
                 "binding": c.binding,
                 "distrust_list_version": v.distrust_list_version,
             })
         );
     } else {
+        let entry = match c.log_index {
+            Some(i) => format!("transparency-log entry {i}"),
+            None => format!("audit entry {}", c.audit_seq),
+        };
         out!(
-            "{file}: OK ({} in {}/{}, {}, audit entry {})",
+            "{file}: OK ({} in {}/{}, {}, {entry})",
             c.key_id,
             c.region,
             c.environment,
             c.format,
-            c.audit_seq
         );
         if let Some(anchored) = c.receipt {
-            let under = if anchored {
-                ", under a signed checkpoint"
-            } else {
-                ", not yet under a signed checkpoint"
+            let under = match (anchored, c.log_index.is_some()) {
+                (true, _) => ", under a signed checkpoint",
+                (false, true) => ", its signed entry timestamp; no inclusion proof yet",
+                (false, false) => ", not yet under a signed checkpoint",
             };
-            out!("{file}: receipt OK (audit entry {}{under})", c.audit_seq);
+            out!("{file}: receipt OK ({entry}{under})");
         }
         if let Some(v) = v.distrust_list_version {
             out!("{file}: not distrusted (distrust list version {v})");
@@ -234,12 +238,12 @@ pub fn verified(file: &Path, v: &Verified, format: Format) {
     }
 }
 
-/// A time as RFC 3339, or `-` when there is none.
-pub fn when(t: Option<prost_types::Timestamp>) -> String {
-    dash(
-        &t.map(|t| meshsign_evidence::attest::rfc3339(t.seconds))
-            .unwrap_or_default(),
-    )
+/// `json` in JSON format, else the line `table` gives.
+pub fn print_json_or(format: Format, json: serde_json::Value, table: impl FnOnce() -> String) {
+    match format {
+        Format::Json => print_json(&json),
+        Format::Table => out!("{}", table()),
+    }
 }
 
 /// One JSON document on stdout.
@@ -278,11 +282,6 @@ pub fn emit_one<T: Render>(format: Format, item: &T) {
         Format::Json => print_json(&item.json()),
         Format::Table => emit(format, std::slice::from_ref(item)),
     }
-}
-
-/// `-` for an empty cell.
-pub fn dash(s: &str) -> String {
-    if s.is_empty() { "-".into() } else { s.into() }
 }
 
 impl Render for v1::IssuerInfo {
@@ -437,143 +436,6 @@ impl Render for v1::ProposalInfo {
     }
 }
 
-/// `admin status` as JSON.
-pub fn status_json(st: &v1::SiteStatus) -> serde_json::Value {
-    serde_json::json!({
-        "region": st.region,
-        "store_engine": st.engine_word(),
-        "writable": st.writable,
-        "audit_head_seq": st.audit_head_seq,
-        "last_checkpoint_age_seconds": st.last_checkpoint_age_seconds,
-        "revocation_rules": st.revocation_rules,
-        "audit_retention_days": st.audit_retention_days,
-        "reviewed_operations": st.reviewed_operations,
-        "pending_proposals": st.pending_proposals,
-        "last_reload": st.last_reload.as_ref().map(|r| serde_json::json!({
-            "at": when(r.at),
-            "applied": r.applied,
-            "config_sha256": r.config_sha256,
-            "message": r.message,
-            "widens": r.widens,
-            "changes": serde_json::from_str::<serde_json::Value>(&r.changes_json)
-                .unwrap_or_default(),
-        })),
-        "environments": st.environments.iter().map(|e| serde_json::json!({
-            "name": e.name,
-            "audience": e.audience,
-            "runner_cas": e.runner_cas.iter().map(|c| serde_json::json!({
-                "id": c.id, "state": c.state_word(), "rotation_due": c.rotation_due,
-            })).collect::<Vec<_>>(),
-            "keys": e.keys.iter().map(|k| serde_json::json!({
-                "alias": k.alias, "algorithm": k.algorithm, "newest_version": k.newest_version,
-                "newest_age_days": k.newest_age_days, "disabled": k.disabled,
-                "rotation_due": k.rotation_due,
-            })).collect::<Vec<_>>(),
-            "trust_policies": e.trust_policies.iter().map(|t| serde_json::json!({
-                "name": t.name, "issuer": t.issuer, "enabled": t.enabled,
-            })).collect::<Vec<_>>(),
-        })).collect::<Vec<_>>(),
-    })
-}
-
-/// The columns of `admin status`.
-pub const STATUS_HEADER: &[&str] = &["ENVIRONMENT", "KIND", "NAME", "STATE", "DETAIL"];
-
-/// The site line and one row per runner CA, key and trust policy (under [`STATUS_HEADER`]).
-pub fn status_rows(st: &v1::SiteStatus) -> Vec<Vec<String>> {
-    let mut rows = vec![vec![
-        "(site)".into(),
-        "site".into(),
-        st.engine_word(),
-        if st.writable {
-            "writable"
-        } else {
-            "NOT WRITABLE (decisions refused)"
-        }
-        .into(),
-        format!(
-            "audit head {}, last checkpoint {}, {} revocation rule(s), {} pending proposal(s)",
-            st.audit_head_seq,
-            if st.last_checkpoint_age_seconds < 0 {
-                "none yet".to_string()
-            } else {
-                format!("{} s ago", st.last_checkpoint_age_seconds)
-            },
-            st.revocation_rules,
-            st.pending_proposals
-        ),
-    ]];
-    if let Some(r) = &st.last_reload {
-        rows.push(vec![
-            "(site)".into(),
-            "reload".into(),
-            r.config_sha256.chars().take(12).collect(),
-            if r.applied {
-                "applied"
-            } else {
-                "REFUSED (previous config runs)"
-            }
-            .into(),
-            format!(
-                "at {}{}{}",
-                when(r.at),
-                if r.widens { ", widens trust" } else { "" },
-                if r.message.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {}", r.message)
-                }
-            ),
-        ]);
-    }
-    for e in &st.environments {
-        rows.extend(environment_rows(e));
-    }
-    rows
-}
-
-/// One row per runner CA, key and trust policy of an environment.
-fn environment_rows(e: &v1::EnvironmentStatus) -> Vec<Vec<String>> {
-    let mut rows = Vec::new();
-    for c in &e.runner_cas {
-        rows.push(vec![
-            e.name.clone(),
-            "runner-ca".into(),
-            c.id.clone(),
-            c.state_word(),
-            if c.rotation_due {
-                "older than [keys] runner_ca_rotation_days (ROTATE)".into()
-            } else {
-                "-".into()
-            },
-        ]);
-    }
-    for k in &e.keys {
-        rows.push(vec![
-            e.name.clone(),
-            "key".into(),
-            format!("{}@v{}", k.alias, k.newest_version),
-            if k.disabled { "disabled" } else { "active" }.into(),
-            format!(
-                "{} days old{}, {}",
-                k.newest_age_days.floor(),
-                if k.rotation_due { " (ROTATE)" } else { "" },
-                k.algorithm
-            ),
-        ]);
-    }
-    for t in &e.trust_policies {
-        rows.push(vec![
-            e.name.clone(),
-            "trust-policy".into(),
-            t.name.clone(),
-            if t.enabled { "enabled" } else { "disabled" }.into(),
-            t.issuer.clone(),
-        ]);
-    }
-    rows
-}
-
 /// `admin status` as a table, under a summary line of the site.
 pub fn print_status(st: &v1::SiteStatus) {
     out!(
@@ -603,22 +465,14 @@ pub fn print_status(st: &v1::SiteStatus) {
     }
 }
 
-/// `meshsign receipt fetch`: each bundle and whether its proof was added.
-pub fn proofs_fetched(done: &[(std::path::PathBuf, bool)], format: Format) {
-    if format == Format::Json {
-        let rows: Vec<serde_json::Value> = done
-            .iter()
-            .map(|(p, added)| serde_json::json!({"bundle": p.display().to_string(), "proof_added": added}))
-            .collect();
-        out!("{}", serde_json::Value::Array(rows));
-        return;
+/// `meshsign receipt fetch`: a bundle and whether its proof was added.
+impl Render for (std::path::PathBuf, bool) {
+    const HEADER: &'static [&'static str] = &["BUNDLE", "PROOF"];
+    fn row(&self) -> Vec<String> {
+        let added = if self.1 { "added" } else { "already there" };
+        vec![self.0.display().to_string(), added.into()]
     }
-    out!("bundle\tproof");
-    for (p, added) in done {
-        out!(
-            "{}\t{}",
-            p.display(),
-            if *added { "added" } else { "already there" }
-        );
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({"bundle": self.0.display().to_string(), "proof_added": self.1})
     }
 }

@@ -21,6 +21,36 @@ pub async fn sign(
     sign::sign(cfg, &args, |s| render::signed(s, format)).await
 }
 
+/// `meshsign receipt fetch`.
+pub async fn fetch_proofs(
+    cfg: &ClientConfig,
+    files: &[std::path::PathBuf],
+    format: Format,
+) -> Result<(), ClientError> {
+    render::emit(format, &sign::fetch_proofs(cfg, files).await?);
+    Ok(())
+}
+
+/// `meshsign audit consistency`.
+pub async fn consistency(
+    cfg: &ClientConfig,
+    args: meshsign_client::usecase::verify::ConsistencyArgs,
+    format: Format,
+) -> Result<(), ClientError> {
+    let c = meshsign_client::usecase::verify::consistency(cfg, &args).await?;
+    render::print_json_or(
+        format,
+        serde_json::json!({"origin": c.origin, "old_size": c.old_size, "new_size": c.new_size, "consistent": true}),
+        || {
+            format!(
+                "{}: consistent — {} entries extended to {}",
+                c.origin, c.old_size, c.new_size
+            )
+        },
+    );
+    Ok(())
+}
+
 /// `meshsign attest`.
 pub async fn attest(
     cfg: &ClientConfig,
