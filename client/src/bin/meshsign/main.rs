@@ -320,11 +320,7 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
         }
         Command::Audit {
             command: AuditCommand::Verify(args),
-        } => {
-            let report = usecase::verify::audit_export(&args)?;
-            render::audit_verified(&args.file, &report, format);
-            Ok(())
-        }
+        } => runner::audit_verify(&args, format),
         Command::Audit {
             command: AuditCommand::Consistency(args),
         } => runner::consistency(&load_config(global)?, args, format).await,

@@ -31,6 +31,16 @@ pub async fn fetch_proofs(
     Ok(())
 }
 
+/// `meshsign audit verify`.
+pub fn audit_verify(
+    args: &meshsign_client::usecase::verify::AuditVerifyArgs,
+    format: Format,
+) -> Result<(), ClientError> {
+    let report = meshsign_client::usecase::verify::audit_export(args)?;
+    render::audit_verified(&args.file, &report, format);
+    Ok(())
+}
+
 /// `meshsign audit consistency`.
 pub async fn consistency(
     cfg: &ClientConfig,
