@@ -169,7 +169,7 @@ fn sigstore_js_verifies_the_bundles_with_its_default_thresholds_and_refuses_an_a
     let keys = dir.path().join("keys.json");
     std::fs::write(
         &keys,
-        serde_json::json!({ hint: B64.encode(&der) }).to_string(),
+        serde_json::json!({ hint.clone(): B64.encode(&der) }).to_string(),
     )
     .unwrap();
 
@@ -342,6 +342,82 @@ fn sigstore_js_verifies_the_bundles_with_its_default_thresholds_and_refuses_an_a
         sigstore_js(&root, &keys, &bundle(&late), &late),
         Ok("application/vnd.dev.sigstore.bundle.v0.3+json".into())
     );
+
+    // An attestation: the statement the site built, as a Sigstore bundle with its `dsse`
+    // log entry, verified by sigstore-js under the attestation key's hint; then upgraded.
+    let out = ok(
+        "attest",
+        run(&[
+            "attest",
+            "--environment",
+            "staging",
+            "--key",
+            "attest",
+            "--token-file",
+            token("token-3").to_str().unwrap(),
+            names[0],
+            names[1],
+        ]),
+    );
+    let att_bundle = dir.path().join("artifact-0.bin.intoto.sigstore.json");
+    assert!(out.contains("Sigstore bundle"), "{out}");
+    let att: serde_json::Value = serde_json::from_str(&ok(
+        "attest key",
+        run(&[
+            "verification-material",
+            "--environment",
+            "staging",
+            "--key",
+            "attest",
+            "--output",
+            "json",
+        ]),
+    ))
+    .unwrap();
+    let att_der =
+        meshsign_evidence::verify::spki_from_pem(att[0]["public_key_pem"].as_str().unwrap())
+            .unwrap();
+    let both = dir.path().join("keys-both.json");
+    std::fs::write(
+        &both,
+        serde_json::json!({
+            hint.clone(): B64.encode(&der),
+            format!("local/staging/{}", att[0]["key_id"].as_str().unwrap()): B64.encode(&att_der),
+        })
+        .to_string(),
+    )
+    .unwrap();
+    assert_eq!(
+        sigstore_js(&root, &both, &att_bundle, &files[0]),
+        Ok("application/vnd.dev.sigstore.bundle+json;version=0.1".into())
+    );
+    let bad = altered(&att_bundle, "att-payload", |v| flip(v, "/dsseEnvelope/payload", 30));
+    assert!(sigstore_js(&root, &both, &bad, &files[0]).is_err());
+    ok(
+        "receipt fetch (attestation)",
+        run(&["receipt", "fetch", att_bundle.to_str().unwrap()]),
+    );
+    assert_eq!(
+        sigstore_js(&root, &both, &att_bundle, &files[0]),
+        Ok("application/vnd.dev.sigstore.bundle.v0.3+json".into())
+    );
+    let att_pem = dir.path().join("attest.pem");
+    std::fs::write(&att_pem, att[0]["public_key_pem"].as_str().unwrap()).unwrap();
+    let report = ok(
+        "verify attestation bundle",
+        run(&[
+            "verify",
+            names[1],
+            "--bundle",
+            att_bundle.to_str().unwrap(),
+            "--public-key",
+            att_pem.to_str().unwrap(),
+            "--receipt",
+            "--audit-key",
+            audit.to_str().unwrap(),
+        ]),
+    );
+    assert!(report.contains("under a signed checkpoint"), "{report}");
 
     // A witness with the two checkpoints the bundles carry: the later log extends the earlier.
     let note_of = |b: &Path, name: &str| {

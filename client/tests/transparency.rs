@@ -623,11 +623,13 @@ from securesystemslib.signer import SSlibKey
 from securesystemslib.exceptions import VerificationError
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 envelope = Envelope.from_dict(json.load(open(sys.argv[1])))
+# The keyid is securesystemslib's own for the key (not one read from the envelope): the
+# envelope's signature must carry it.
 key = SSlibKey.from_crypto(
     load_pem_public_key(open(sys.argv[2], "rb").read()),
-    keyid=envelope.signatures[next(iter(envelope.signatures))].keyid,
     scheme="ecdsa-sha2-nistp256",
 )
+assert key.keyid in envelope.signatures, (key.keyid, list(envelope.signatures))
 envelope.verify([key], 1)
 statement = json.loads(envelope.payload)
 assert statement["_type"] == "https://in-toto.io/Statement/v1"

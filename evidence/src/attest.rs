@@ -36,11 +36,43 @@ pub struct Envelope {
 /// One DSSE signature.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct EnvelopeSignature {
-    /// Key hint: the site key's `alias@vN` (or the audit key's id).
+    /// Key hint: for a statement, the keyid securesystemslib computes for the site key
+    /// ([`sslib_keyid`]); for a distrust list, the audit key's id.
     #[serde(default)]
     pub keyid: String,
     /// Base64 of the signature.
     pub sig: String,
+}
+
+/// The keyid securesystemslib (and in-toto, sigstore-python's DSSE tooling) computes for a
+/// key: SHA-256 (hex) of the OLPC canonical JSON of `{"keytype", "keyval": {"public"},
+/// "scheme"}`, where `public` is the PEM SubjectPublicKeyInfo (Ed25519: the raw key, hex).
+/// None for an algorithm it has no scheme for.
+pub fn sslib_keyid(algorithm: &str, spki_der: &[u8]) -> Option<String> {
+    use sha2::Digest as _;
+    let pem = || crate::pem_encode("PUBLIC KEY", spki_der);
+    let (keytype, scheme, public) = match algorithm {
+        "ecdsa-p256-sha256" => ("ecdsa", "ecdsa-sha2-nistp256", pem()),
+        "ecdsa-p384-sha384" => ("ecdsa", "ecdsa-sha2-nistp384", pem()),
+        "ed25519" => (
+            "ed25519",
+            "ed25519",
+            hex::encode(spki_der.get(spki_der.len().checked_sub(32)?..)?),
+        ),
+        a if a.starts_with("rsa-") && a.ends_with("-pss-sha256") => {
+            ("rsa", "rsassa-pss-sha256", pem())
+        }
+        a if a.starts_with("rsa-") && a.ends_with("-pkcs1-sha256") => {
+            ("rsa", "rsa-pkcs1v15-sha256", pem())
+        }
+        _ => return None,
+    };
+    // OLPC canonical JSON: keys sorted, no whitespace, only `\` and `"` escaped (a PEM has
+    // neither; its newlines stay raw).
+    let canonical = format!(
+        r#"{{"keytype":"{keytype}","keyval":{{"public":"{public}"}},"scheme":"{scheme}"}}"#
+    );
+    Some(hex::encode(sha2::Sha256::digest(canonical.as_bytes())))
 }
 
 /// DSSE pre-authentication encoding: `"DSSEv1" SP LEN(type) SP type SP LEN(body) SP body`.

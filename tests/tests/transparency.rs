@@ -353,7 +353,24 @@ async fn statements_are_built_from_verified_facts_and_name_their_audit_entry() {
         .into_inner();
     let (env, st) = facts(&resp);
     assert_eq!(env.payload_type, "application/vnd.in-toto+json");
-    assert_eq!(env.signatures[0].keyid, "attest@v1");
+    // The keyid securesystemslib computes for the key (client/tests/transparency.rs checks
+    // it with securesystemslib itself).
+    assert_eq!(
+        Some(env.signatures[0].keyid.clone()),
+        meshsign_evidence::attest::sslib_keyid(&resp.algorithm, &resp.public_key_der)
+    );
+    // The envelope is in the transparency log, named by an entry after the statement's own.
+    let t = resp.transparency_entry.as_ref().unwrap();
+    let logged = site
+        .audit()
+        .into_iter()
+        .find(|r| r.tlog.as_ref().is_some_and(|l| l.index == t.log_index))
+        .unwrap();
+    assert!(logged.seq > resp.audit_seq);
+    assert_eq!(
+        meshsign_evidence::rekor::body_facts(&t.canonicalized_body).unwrap().kind,
+        "dsse"
+    );
     assert_eq!(st.predicate_type, PREDICATE_SIGNING);
     assert_eq!(st.subject[0].name, "app.tar.gz");
     let f = SiteFacts::from_statement(&st).unwrap();

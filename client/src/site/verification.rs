@@ -139,6 +139,47 @@ pub fn sigstore_bundle(
     Ok(b)
 }
 
+/// The Sigstore bundle (v0.1) of an attestation: the envelope the site signed and its `dsse`
+/// log entry, whose SET must verify under the site's audit key and whose body must be this
+/// envelope's payload, signature and key.
+pub async fn sigstore_dsse_bundle(
+    cfg: &ClientConfig,
+    r: &v1::AttestResponse,
+    envelope: meshsign_evidence::attest::Envelope,
+    hint: String,
+) -> Result<meshsign_evidence::bundle::sigstore::Bundle, ClientError> {
+    use meshsign_evidence::bundle::sigstore::{Bundle, TlogEntry};
+    let t = r.transparency_entry.as_ref().ok_or_else(|| {
+        ClientError::Crypto(
+            "the site returned no transparency-log entry with the statement: upgrade the site"
+                .into(),
+        )
+    })?;
+    let mut v = client(cfg).await?;
+    let spki = material(&mut v, &hint_environment(&hint), "")
+        .await?
+        .audit_public_key_der;
+    let entry = meshsign_evidence::rekor::LogEntry {
+        log_index: t.log_index,
+        integrated_time: t.integrated_time,
+        body: t.canonicalized_body.clone(),
+        set: t.signed_entry_timestamp.clone(),
+    };
+    let tlog = TlogEntry::from_log_entry(&entry, &meshsign_evidence::rekor::log_id(&spki))?;
+    let b = Bundle::dsse(hint, envelope, tlog);
+    let key = meshsign_evidence::verify::audit_key_from_der(&spki)?;
+    b.verification_material.tlog_entries[0]
+        .verify_transparency(&key, None)
+        .and_then(|_| b.entry_binds(&r.public_key_der))
+        .map_err(|e| ClientError::Verify(format!("the site's log entry: {e}")))?;
+    Ok(b)
+}
+
+/// The environment a key hint (`<region>/<environment>/<alias@vN>`) names.
+pub fn hint_environment(hint: &str) -> String {
+    hint.split('/').nth(1).unwrap_or_default().to_string()
+}
+
 /// Adds the inclusion proof of `bundle`'s log entry (asked of the site, checked against its
 /// audit key), making it a v0.3 bundle. A bundle that has its proof is left as it is.
 pub async fn add_log_proof(

@@ -59,6 +59,8 @@ impl AttestOptions {
 pub struct Attested {
     /// The envelope's path.
     pub envelope: PathBuf,
+    /// The Sigstore bundle's path (the envelope and its transparency-log entry).
+    pub bundle: PathBuf,
     /// The predicate type.
     pub predicate_type: &'static str,
     /// The key version that signed.
@@ -95,6 +97,10 @@ pub async fn attest(cfg: &ClientConfig, opts: &AttestOptions) -> Result<Attested
         (None, Some(f)) => sibling(f, ".intoto.json"),
         (None, None) => return Err(ClientError::Usage("no files".into())),
     };
+    let bundle = match envelope.to_string_lossy().strip_suffix(".json") {
+        Some(stem) => PathBuf::from(format!("{stem}.sigstore.json")),
+        None => sibling(&envelope, ".sigstore.json"),
+    };
     key_exists(cfg, &opts.job, &opts.key).await?;
     let r = job::with_session(cfg, &opts.job, async |session: &mut Session| {
         let r = session.attest(&opts.key, &subjects, predicate_type).await?;
@@ -105,13 +111,20 @@ pub async fn attest(cfg: &ClientConfig, opts: &AttestOptions) -> Result<Attested
                 ClientError::Verify(format!("the site's statement does not verify: {e}"))
             })?;
         }
+        let hint = format!(
+            "{}/{}/{}",
+            session.enrollment.region, session.enrollment.environment, r.key_id
+        );
+        let sb = crate::site::verification::sigstore_dsse_bundle(cfg, &r, env, hint).await?;
         meshsign_evidence::files::write_atomic(&envelope, &r.envelope_json, false)
             .map_err(ClientError::io(&envelope))?;
+        super::sign::write_json(&bundle, &sb)?;
         Ok(r)
     })
     .await?;
     Ok(Attested {
         envelope,
+        bundle,
         predicate_type,
         key_id: r.key_id,
         audit_id: r.audit_id,

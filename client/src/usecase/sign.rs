@@ -280,14 +280,7 @@ pub async fn fetch_proofs(
     }
     bundles.sort_by_key(|b| std::cmp::Reverse(b.0));
     for (_, position, path, mut b) in bundles {
-        let environment = b
-            .verification_material
-            .public_key
-            .hint
-            .split('/')
-            .nth(1)
-            .unwrap_or_default()
-            .to_string();
+        let environment = verification::hint_environment(&b.verification_material.public_key.hint);
         let spki = match keys.get(&environment) {
             Some(k) => k.clone(),
             None => {

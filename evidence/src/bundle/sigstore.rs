@@ -379,6 +379,64 @@ impl Bundle {
         }
     }
 
+    /// A bundle of a DSSE envelope (an attestation) and its log entry.
+    pub fn dsse(hint: String, envelope: Envelope, tlog: TlogEntry) -> Self {
+        let proven = tlog.inclusion_proof.is_some();
+        Self {
+            media_type: if proven { MEDIA_TYPE } else { MEDIA_TYPE_V01 }.into(),
+            verification_material: VerificationMaterial {
+                public_key: PublicKeyIdentifier { hint },
+                tlog_entries: vec![tlog],
+            },
+            message_signature: None,
+            dsse_envelope: Some(envelope),
+        }
+    }
+
+    /// Checks that the (first) log entry is of this bundle's content: for a message
+    /// signature, its digest and signature; for a DSSE envelope, its payload's SHA-256 and its
+    /// one signature; and in both, the key `spki`. Returns the entry's facts.
+    pub fn entry_binds(&self, spki: &[u8]) -> Result<crate::rekor::BodyFacts, VerifyError> {
+        use sha2::Digest as _;
+        let fail = |m: &str| VerifyError::Failed(format!("bundle tlog entry: {m}"));
+        let t = self
+            .verification_material
+            .tlog_entries
+            .first()
+            .ok_or_else(|| fail("the bundle has no log entry"))?;
+        let facts =
+            crate::rekor::body_facts(&t.log_entry()?.body).map_err(|e| fail(&e.to_string()))?;
+        let (digest, sig) = match (&self.message_signature, &self.dsse_envelope) {
+            (Some(ms), None) => (
+                B64.decode(&ms.message_digest.digest).unwrap_or_default(),
+                B64.decode(&ms.signature).unwrap_or_default(),
+            ),
+            (None, Some(env)) => {
+                let payload = env.payload_bytes().map_err(|e| fail(&e.to_string()))?;
+                let sigs = env.signature_bytes();
+                let [one] = sigs.as_slice() else {
+                    return Err(fail("the envelope must have exactly one signature"));
+                };
+                (sha2::Sha256::digest(&payload).to_vec(), one.clone())
+            }
+            _ => {
+                return Err(fail(
+                    "the bundle must have a messageSignature or a dsseEnvelope",
+                ));
+            }
+        };
+        if facts.digest != digest {
+            return Err(fail("the body is of another digest"));
+        }
+        if facts.signature != sig {
+            return Err(fail("the body is of another signature"));
+        }
+        if facts.spki_der != spki {
+            return Err(fail("the body names another key than the pinned one"));
+        }
+        Ok(facts)
+    }
+
     /// The receipt of the bundle's (first) log entry, if it is an audit entry (a bundle of
     /// an earlier meshsign version).
     pub fn receipt(&self) -> Result<Option<Receipt>, VerifyError> {

@@ -142,6 +142,7 @@ impl v1::signer_server::Signer for SignerApi {
             audit_seq: out.audit_seq,
             audit_hash: out.audit_hash,
             audit_entry: out.audit_entry,
+            transparency_entry: Some(transparency_entry(out.transparency, &self.log_id())),
         }))
     }
 

@@ -60,6 +60,8 @@ pub struct AttestOutput {
     pub audit_hash: String,
     /// Its stored bytes (the receipt's leaf), for the caller alone.
     pub audit_entry: Vec<u8>,
+    /// The envelope's entry in the transparency log (`dsse` 0.0.1) with its SET.
+    pub transparency: meshsign_evidence::rekor::LogEntry,
 }
 
 /// Checks, audits, builds and signs; see the module docs for the order.
@@ -101,9 +103,42 @@ pub async fn attest(
             return Err(e);
         }
     };
-    let envelope = Envelope::new(INTOTO_PAYLOAD_TYPE, &payload, &key.record.key_id(), &sig);
+    let algorithm = key.backend.algorithm().as_str();
+    let spki = &key.record.public_key_der;
+    let keyid = meshsign_evidence::attest::sslib_keyid(algorithm, spki)
+        .unwrap_or_else(|| key.record.key_id());
+    let envelope = Envelope::new(INTOTO_PAYLOAD_TYPE, &payload, &keyid, &sig);
+    let envelope_json = serde_json::to_vec(&envelope).unwrap_or_default();
+    // The statement is signed after its own entry (it names it): a second entry names the
+    // envelope's transparency leaf, and the SET follows it.
+    let body = meshsign_evidence::rekor::dsse(&envelope_json, &payload, &sig, spki);
+    let mut logged = caller.audit_record("Attest", now, &input.peer);
+    logged.key_id = written.key_id.clone();
+    logged.decision = "allow".into();
+    logged.reason = crate::model::Reason::Ok.as_str().into();
+    logged.detail = format!(
+        "the statement of audit entry {} in the transparency log",
+        written.seq
+    );
+    logged.tlog = Some(meshsign_evidence::audit::TlogLeaves::new(
+        0,
+        &[meshsign_evidence::merkle::leaf_hash(&body)],
+    ));
+    let logged = site
+        .audit
+        .record_sign(logged)
+        .await
+        .map_err(SignError::Audit)?;
+    let transparency = site
+        .audit
+        .key()
+        .promises(&logged, vec![body])
+        .map_err(SignError::Audit)?
+        .pop()
+        .unwrap_or_default();
     Ok(AttestOutput {
-        envelope_json: serde_json::to_vec(&envelope).unwrap_or_default(),
+        transparency,
+        envelope_json,
         key_id: key.record.key_id(),
         algorithm: key.backend.algorithm().as_str(),
         public_key_der: key.record.public_key_der.clone(),

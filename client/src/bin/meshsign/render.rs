@@ -56,19 +56,21 @@ pub fn attested(a: &Attested, format: Format) {
         out!(
             "{}",
             serde_json::json!({
-                "envelope": a.envelope.display().to_string(), "key_id": a.key_id,
+                "envelope": a.envelope.display().to_string(),
+                "bundle": a.bundle.display().to_string(), "key_id": a.key_id,
                 "predicate_type": a.predicate_type, "audit_id": a.audit_id,
                 "audit_seq": a.audit_seq, "subjects": subjects,
             })
         );
     } else {
         out!(
-            "{}: {} subject(s), {}, signed with {} (audit {})",
+            "{}: {} subject(s), {}, signed with {} (audit {}); Sigstore bundle {}",
             a.envelope.display(),
             a.subjects.len(),
             a.predicate_type,
             a.key_id,
-            a.audit_id
+            a.audit_id,
+            a.bundle.display()
         );
     }
 }
