@@ -486,6 +486,20 @@ fn stripping_or_editing_the_job_binding_fails_verification() {
     assert!(check("native", native, &stripped, "stripped").contains("not bound to a job"));
     let forged = edit(&b, forge_native_entry);
     assert!(check("native", native, &forged, "job edited").contains("another root"));
+    // Issue 27's forgery: the distrusted job's signature with the receipt (and key id) of
+    // another job's signature over the same bytes. The receipt names that other signature.
+    let twin = dev.file("twin-native.bin", "artifact native");
+    sign_as(&dev, "7002", "native", &twin);
+    let other: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bundle_of(&twin, "native")).unwrap()).unwrap();
+    let swapped = edit(&b, |v| {
+        v["receipt"] = other["receipt"].clone();
+        v["key_id"] = other["key_id"].clone();
+        v["audit_seq"] = other["audit_seq"].clone();
+        v["audit_hash"] = other["audit_hash"].clone();
+    });
+    let why = check("native", native, &swapped, "receipt swapped");
+    assert!(why.contains("another signature or key"), "{why}");
 
     let (_, sig) = &signed[1];
     let b = bundle_of(sig, "sigstore");

@@ -146,6 +146,9 @@ fn native(
             e
         }
     };
+    if let Some(e) = &entry {
+        names_signature(e, b)?;
+    }
     Ok(Checked {
         format: "native",
         key_id: b.key_id.clone(),
@@ -161,6 +164,37 @@ fn native(
         log: None,
         log_index: None,
     })
+}
+
+/// The receipt's entry must name this very signature: its transparency leaf (the
+/// `hashedrekord` body of the bundle's digest, signature and key) is among the leaves the entry
+/// names. A receipt of another signature over the same digest — or by another key — does not.
+fn names_signature(e: &crate::audit::AuditRecord, b: &SigBundle) -> Result<(), VerifyError> {
+    let fail = |m: &str| VerifyError::Failed(format!("receipt: {m}"));
+    let leaves = e.tlog.as_ref().and_then(|t| t.hashes()).ok_or_else(|| {
+        fail(
+            "its entry names no transparency leaf, so it does not say which signature it is \
+             for (an entry from before meshsign wrote them): fetch the bundle's receipt again \
+             or verify against the audit log (--audit-log)",
+        )
+    })?;
+    let spki = verify::spki_from_pem(&b.public_key_pem)?;
+    let sig = base64::engine::general_purpose::STANDARD
+        .decode(&b.signature)
+        .map_err(|_| fail("the bundle's signature is not base64"))?;
+    let digest: [u8; 32] = hex::decode(&b.digest_sha256)
+        .ok()
+        .and_then(|d| d.try_into().ok())
+        .ok_or_else(|| fail("the bundle's digest is not 32 bytes of hex"))?;
+    let leaf = crate::merkle::leaf_hash(&crate::rekor::hashedrekord(&digest, &sig, &spki));
+    if !leaves.contains(&leaf) {
+        return Err(fail(&format!(
+            "audit entry {} is of another signature or key than this bundle's (it names no \
+             transparency leaf of this signature by {})",
+            e.seq, b.key_id
+        )));
+    }
+    Ok(())
 }
 
 fn sigstore(
