@@ -391,7 +391,9 @@ fn sigstore_js_verifies_the_bundles_with_its_default_thresholds_and_refuses_an_a
         sigstore_js(&root, &both, &att_bundle, &files[0]),
         Ok("application/vnd.dev.sigstore.bundle+json;version=0.1".into())
     );
-    let bad = altered(&att_bundle, "att-payload", |v| flip(v, "/dsseEnvelope/payload", 30));
+    let bad = altered(&att_bundle, "att-payload", |v| {
+        flip(v, "/dsseEnvelope/payload", 30)
+    });
     assert!(sigstore_js(&root, &both, &bad, &files[0]).is_err());
     ok(
         "receipt fetch (attestation)",

@@ -231,6 +231,22 @@ fn a_distrusted_jobs_signatures_fail_in_every_format_while_another_jobs_pass() {
         "runner compromised",
     ]);
     let list1 = dev.material("list1.json");
+    // The older, empty list no longer passes where version 1 is required.
+    let (_, b0) = &bad[0];
+    let o = verify(
+        &dev,
+        "native",
+        b0,
+        &[
+            "--distrust-list",
+            &list0,
+            "--audit-key",
+            &dev.path("audit.pem").display().to_string(),
+            "--min-list-version",
+            "1",
+        ],
+    );
+    refused(&o, "older than the version 1 required");
     for (format, f) in &bad {
         let o = verify(
             &dev,

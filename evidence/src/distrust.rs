@@ -28,8 +28,13 @@ pub struct DistrustList {
     pub region: String,
     /// Partition the rules apply to.
     pub environment: String,
-    /// Unix seconds of this version.
+    /// Unix seconds this version was issued (or last re-issued unchanged).
     pub issued_at: i64,
+    /// Unix seconds after which the list says nothing: a verifier refuses it then. The site
+    /// re-issues an unchanged list (same version) before it expires. Absent on lists of
+    /// earlier versions of the site.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<i64>,
     /// The rules.
     pub entries: Vec<DistrustEntry>,
 }
@@ -159,7 +164,50 @@ impl DistrustEntry {
     }
 }
 
+/// What a verifier demands of a distrust list besides its signature.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Freshness {
+    /// Now (unix seconds): a list that expired before is refused.
+    pub now: i64,
+    /// Refuse a list older than this version (one known to have distrusted something).
+    pub min_version: Option<u64>,
+    /// Refuse a list issued more than this many seconds before `now`.
+    pub max_age: Option<i64>,
+}
+
 impl DistrustList {
+    /// Whether the list is fresh enough for `f`; the error says what is stale and the fix.
+    pub fn check_fresh(&self, f: &Freshness) -> Result<(), String> {
+        let fetch = "fetch the current one (meshsign verification-material --distrust-list)";
+        if let Some(exp) = self.expires
+            && f.now >= exp
+        {
+            return Err(format!(
+                "distrust list version {} expired at {}: {fetch}",
+                self.version,
+                crate::attest::rfc3339(exp)
+            ));
+        }
+        if let Some(min) = f.min_version
+            && self.version < min
+        {
+            return Err(format!(
+                "distrust list version {} is older than the version {min} required: {fetch}",
+                self.version
+            ));
+        }
+        if let Some(max) = f.max_age
+            && f.now.saturating_sub(self.issued_at) > max
+        {
+            return Err(format!(
+                "distrust list version {} was issued at {}, more than {max} s ago: {fetch}",
+                self.version,
+                crate::attest::rfc3339(self.issued_at)
+            ));
+        }
+        Ok(())
+    }
+
     /// The first rule the signature falls under. The list must be for the signature's
     /// environment (a list of another environment says nothing about it: an error).
     pub fn matching(&self, b: &Binding) -> Result<Option<&DistrustEntry>, String> {
@@ -186,6 +234,51 @@ impl DistrustList {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_stale_list_is_refused_for_what_makes_it_stale() {
+        let list = DistrustList {
+            version: 1,
+            issued_at: 1_000,
+            expires: Some(2_000),
+            ..Default::default()
+        };
+        let at = |now| Freshness {
+            now,
+            ..Default::default()
+        };
+        assert_eq!(list.check_fresh(&at(1_500)), Ok(()));
+        assert!(
+            list.check_fresh(&at(2_000))
+                .unwrap_err()
+                .contains("expired")
+        );
+        let min = Freshness {
+            min_version: Some(2),
+            ..at(1_500)
+        };
+        assert!(
+            list.check_fresh(&min)
+                .unwrap_err()
+                .contains("older than the version 2")
+        );
+        let age = Freshness {
+            max_age: Some(100),
+            ..at(1_500)
+        };
+        assert!(
+            list.check_fresh(&age)
+                .unwrap_err()
+                .contains("more than 100 s ago")
+        );
+        // A list of an earlier site version (no expiry) passes unless a demand says otherwise.
+        let old = DistrustList {
+            expires: None,
+            ..list
+        };
+        assert_eq!(old.check_fresh(&at(1 << 40)), Ok(()));
+    }
+
     use super::*;
 
     fn binding(job: &str, t: i64) -> Binding {

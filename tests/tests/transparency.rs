@@ -368,7 +368,9 @@ async fn statements_are_built_from_verified_facts_and_name_their_audit_entry() {
         .unwrap();
     assert!(logged.seq > resp.audit_seq);
     assert_eq!(
-        meshsign_evidence::rekor::body_facts(&t.canonicalized_body).unwrap().kind,
+        meshsign_evidence::rekor::body_facts(&t.canonicalized_body)
+            .unwrap()
+            .kind,
         "dsse"
     );
     assert_eq!(st.predicate_type, PREDICATE_SIGNING);
@@ -657,6 +659,22 @@ async fn distrust_lists_are_signed_versioned_per_environment_and_audited() {
     assert_eq!(list.entries[0].job_id, "7001");
     assert_eq!(list.entries[1].runner_fingerprint, fp);
     assert!(list.entries[0].added_by.ends_with("/ops/admin/dev"));
+    // Issued with an expiry; past half of it, the unchanged list is re-issued (same version,
+    // same rules, a later expiry) so a served list never expires.
+    let expires = list.expires.expect("an expiry");
+    assert_eq!(
+        expires - list.issued_at,
+        meshsign_server::ops::distrust::LIST_VALIDITY_SECS
+    );
+    site.clock.advance(std::time::Duration::from_secs(
+        u64::try_from(meshsign_server::ops::distrust::LIST_VALIDITY_SECS).unwrap() / 2 + 60,
+    ));
+    let again = public_list(&site, "production").await;
+    assert_eq!(
+        (again.version, again.entries.clone()),
+        (2, list.entries.clone())
+    );
+    assert!(again.expires.unwrap() > expires);
     // Partitioned: staging's list is untouched.
     assert_eq!(public_list(&site, "staging").await.version, 0);
     let rec = site

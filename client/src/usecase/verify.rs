@@ -33,6 +33,13 @@ pub struct VerifyOptions {
     /// --distrust-list`) matches it; needs --audit-key, and a signature bound to its job.
     #[arg(long, requires = "audit_key")]
     pub distrust_list: Option<PathBuf>,
+    /// Refuse a distrust list older than this version (one you know distrusted something).
+    #[arg(long, requires = "distrust_list")]
+    pub min_list_version: Option<u64>,
+    /// Refuse a distrust list issued more than this many seconds ago (an expired list is
+    /// always refused).
+    #[arg(long, requires = "distrust_list")]
+    pub max_list_age: Option<i64>,
     /// Signature bundle (default: FILE.sig.json, FILE.sigstore.json or FILE.intoto.json,
     /// the first that exists).
     #[arg(long)]
@@ -117,6 +124,16 @@ pub fn verify(o: &VerifyOptions) -> Result<Verified, ClientError> {
     let mut distrust_list_version = None;
     if let (Some(list_path), Some(key)) = (&o.distrust_list, &audit_key) {
         let list = verify::open_distrust_list(&read(list_path)?, key)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+            .unwrap_or_default();
+        list.check_fresh(&meshsign_evidence::distrust::Freshness {
+            now,
+            min_version: o.min_list_version,
+            max_age: o.max_list_age,
+        })
+        .map_err(ClientError::Verify)?;
         match (&checked.binding, &checked.log) {
             (Some(binding), _) => verify::check_distrust(&list, binding)?,
             (None, Some(log)) => verify::check_distrust_log(&list, log)?,

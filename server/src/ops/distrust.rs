@@ -45,11 +45,30 @@ pub struct NewRule {
     pub reason: String,
 }
 
-/// The environment's current list (version 0, empty, the first time it is asked for).
+/// How long a list is valid after it is issued. An unchanged list is re-issued (same
+/// version, new `issued_at` and `expires`) when it is asked for past half of this.
+pub const LIST_VALIDITY_SECS: i64 = 7 * 86_400;
+
+/// The environment's current list (version 0, empty, the first time it is asked for); an
+/// unchanged list past half its validity is re-issued first, so a served list never expires.
 pub fn current(site: &SiteState, environment: &str) -> Result<Stored, OpsError> {
     environment_exists(site, environment)?;
-    if let Some(stored) = site.distrust_list(environment)? {
-        return Ok(stored);
+    let now = site.clock.unix();
+    if let Some(stored) = site.distrust_list::<Stored>(environment)? {
+        let fresh = stored
+            .list
+            .expires
+            .is_some_and(|exp| exp - now > LIST_VALIDITY_SECS / 2);
+        if fresh {
+            return Ok(stored);
+        }
+        let mut list = stored.list;
+        list.issued_at = now;
+        list.expires = Some(now + LIST_VALIDITY_SECS);
+        let again = seal(site, list)?;
+        // As for version 0 below: if the store cannot take it, the signed list is still served.
+        let _ = site.put_distrust_list(environment, &again);
+        return Ok(again);
     }
     let stored = seal(
         site,
@@ -57,7 +76,8 @@ pub fn current(site: &SiteState, environment: &str) -> Result<Stored, OpsError> 
             version: 0,
             region: site.config().region.clone(),
             environment: environment.to_string(),
-            issued_at: site.clock.unix(),
+            issued_at: now,
+            expires: Some(now + LIST_VALIDITY_SECS),
             entries: Vec::new(),
         },
     )?;
@@ -114,6 +134,7 @@ fn publish(
 ) -> Result<Stored, OpsError> {
     list.version += 1;
     list.issued_at = site.clock.unix();
+    list.expires = Some(list.issued_at + LIST_VALIDITY_SECS);
     list.region = site.config().region.clone();
     resolve(site, environment, &mut list)?;
     let stored = seal(site, list)?;
