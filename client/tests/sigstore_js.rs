@@ -403,8 +403,9 @@ fn sigstore_js_verifies_the_bundles_with_its_default_thresholds_and_refuses_an_a
         sigstore_js(&root, &both, &att_bundle, &files[0]),
         Ok("application/vnd.dev.sigstore.bundle.v0.3+json".into())
     );
-    let att_pem = dir.path().join("attest.pem");
-    std::fs::write(&att_pem, att[0]["public_key_pem"].as_str().unwrap()).unwrap();
+    // A statement's key is pinned with its purposes (the material JSON).
+    let att_pem = dir.path().join("attest.json");
+    std::fs::write(&att_pem, att.to_string()).unwrap();
     let report = ok(
         "verify attestation bundle",
         run(&[

@@ -109,6 +109,17 @@ impl Dev {
                 .map(|l| format!("{l}\n"))
                 .collect();
             std::fs::write(self.path(&format!("{key}.pem")), pem).unwrap();
+            // The same with each version's purposes, which a statement's check needs.
+            let json = self.ok(&[
+                "verification-material",
+                "--environment",
+                "staging",
+                "--key",
+                key,
+                "--output",
+                "json",
+            ]);
+            std::fs::write(self.path(&format!("{key}.json")), json).unwrap();
         }
         let list = self.ok(&[
             "verification-material",
@@ -150,7 +161,9 @@ fn verify(dev: &Dev, format: &str, file: &str, extra: &[&str]) -> Output {
     } else {
         "release"
     };
-    let pem = dev.path(&format!("{key}.pem")).display().to_string();
+    // A statement needs the key with its purpose (the material JSON); signatures take PEM.
+    let ext = if format == "dsse" { "json" } else { "pem" };
+    let pem = dev.path(&format!("{key}.{ext}")).display().to_string();
     let mut args = vec!["verify", file, "--public-key", pem.as_str()];
     args.extend_from_slice(extra);
     dev.run(&args)
@@ -545,6 +558,53 @@ fn stripping_or_editing_the_job_binding_fails_verification() {
     assert!(check("dsse", d, &forged, "job edited").contains("not signed by the pinned key"));
     let stripped = edit(&b, |v| v["signatures"] = serde_json::json!([]));
     check("dsse", d, &stripped, "unsigned");
+}
+
+#[test]
+fn a_statement_under_a_digest_key_is_not_the_sites() {
+    let dev = Dev::start();
+    let f = dev.file("app.bin", "an artifact");
+    // A runner writes its own statement and has the digest key sign SHA-256 of its PAE: an
+    // ECDSA P-256 signature over the PAE, i.e. a valid DSSE signature under `release`.
+    let digest = hex::encode(meshsign_evidence::verify::sha256_file(Path::new(&f)).unwrap());
+    let statement = serde_json::json!({
+        "_type": "https://in-toto.io/Statement/v1",
+        "subject": [{"name": "app.bin", "digest": {"sha256": digest}}],
+        "predicateType": "https://meshsign.dev/attestation/signing/v1",
+        "predicate": {"meshsign": {"jobId": "made-up"}},
+    })
+    .to_string();
+    let pae = meshsign_evidence::attest::pae("application/vnd.in-toto+json", statement.as_bytes());
+    let pae_file = dev.path("statement.pae");
+    std::fs::write(&pae_file, &pae).unwrap();
+    sign_as(&dev, "7001", "native", pae_file.to_str().unwrap());
+    dev.material("list.json");
+    let sig = std::fs::read(dev.path("statement.pae.sig")).unwrap();
+    let envelope = serde_json::json!({
+        "payload": B64.encode(statement.as_bytes()),
+        "payloadType": "application/vnd.in-toto+json",
+        "signatures": [{"keyid": "", "sig": B64.encode(sig)}],
+    });
+    let env = dev.file("app.bin.intoto.json", &envelope.to_string());
+    // Pinned with its purposes: refused, naming what the key signs.
+    let release = dev.path("release.json").display().to_string();
+    let o = dev.run(&["verify", &f, "--bundle", &env, "--public-key", &release]);
+    refused(&o, "signs digest, message, not statements");
+    // Pinned by PEM alone, nothing says the key is an attestation key: refused too.
+    let pem = dev.path("release.pem").display().to_string();
+    let o = dev.run(&["verify", &f, "--bundle", &env, "--public-key", &pem]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("attestation key"), "{}", stderr(&o));
+    // The site's own statement under the attestation key passes, naming the version used.
+    let g = dev.file("good.bin", "another artifact");
+    sign_as(&dev, "7001", "dsse", &g);
+    let o = verify(&dev, "dsse", &g, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("verified under the pinned attest@v1"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
 }
 
 const SCHEMA_CHECK: &str = r#"

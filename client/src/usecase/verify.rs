@@ -44,8 +44,10 @@ pub struct VerifyOptions {
     /// the first that exists).
     #[arg(long)]
     pub bundle: Option<PathBuf>,
-    /// Require this public key (PEM, from verification-material); needed for Sigstore and
-    /// DSSE bundles, which do not carry the key.
+    /// Require this public key: PEM, or the JSON of `verification-material --key K --output
+    /// json` (every version, with what it signs); needed for Sigstore and DSSE bundles, which
+    /// do not carry the key. A statement needs the JSON: it verifies only under a key whose
+    /// purpose is attestation.
     #[arg(long)]
     pub public_key: Option<PathBuf>,
 }
@@ -57,6 +59,8 @@ pub struct Verified {
     pub checked: Checked,
     /// Whether the key was pinned (`--public-key`) rather than taken from the bundle.
     pub pinned: bool,
+    /// The key version the signature verified under, when the pin named versions.
+    pub pinned_key_id: Option<String>,
     /// The version of the distrust list the signature was checked against.
     pub distrust_list_version: Option<u64>,
 }
@@ -83,12 +87,51 @@ fn bundle_path(o: &VerifyOptions) -> PathBuf {
     }
 }
 
+/// One pinned key version.
+struct Pinned {
+    spki: Vec<u8>,
+    key_id: Option<String>,
+    purposes: Option<Vec<String>>,
+}
+
+/// `--public-key`: a PEM key, or the JSON `verification-material --key K --output json` prints
+/// (each version's `key_id`, `public_key_pem` and `purposes`), oldest first.
+fn pinned_keys(text: &str) -> Result<Vec<Pinned>, ClientError> {
+    if !text.trim_start().starts_with('[') {
+        return Ok(vec![Pinned {
+            spki: verify::spki_from_pem(text)?,
+            key_id: None,
+            purposes: None,
+        }]);
+    }
+    let bad = |m: &str| ClientError::Usage(format!("--public-key: {m}"));
+    let versions: Vec<serde_json::Value> = serde_json::from_str(text)
+        .map_err(|e| bad(&format!("not PEM and not verification-material JSON: {e}")))?;
+    versions
+        .iter()
+        .map(|v| {
+            let pem = v["public_key_pem"]
+                .as_str()
+                .ok_or_else(|| bad("a version without public_key_pem"))?;
+            Ok(Pinned {
+                spki: verify::spki_from_pem(pem)?,
+                key_id: v["key_id"].as_str().map(String::from),
+                purposes: v["purposes"].as_array().map(|a| {
+                    a.iter()
+                        .filter_map(|p| p.as_str().map(String::from))
+                        .collect()
+                }),
+            })
+        })
+        .collect()
+}
+
 /// Runs the check; any failure is [`ClientError::Verify`] (exit 1) or a read error.
 pub fn verify(o: &VerifyOptions) -> Result<Verified, ClientError> {
     let bundle_path = bundle_path(o);
     let text = read(&bundle_path)?;
-    let pin = read_text(&o.public_key)?
-        .map(|pem| verify::spki_from_pem(&pem))
+    let pins = read_text(&o.public_key)?
+        .map(|text| pinned_keys(&text))
         .transpose()?;
     let audit_key = read_text(&o.audit_key)?
         .map(|pem| verify::audit_key_from_pem(&pem))
@@ -101,18 +144,51 @@ pub fn verify(o: &VerifyOptions) -> Result<Verified, ClientError> {
         }
         None => None,
     };
-    let checked = verify::bundle::bundle(
-        &o.file,
-        &text,
-        &verify::bundle::Options {
-            pin: pin.as_deref(),
-            receipt: o.receipt,
-            audit_key: audit_key.as_ref(),
-            checkpoint: checkpoint.as_deref(),
-            audit_log: audit_log.as_deref(),
-            need_binding: o.distrust_list.is_some(),
-        },
-    )
+    fn options<'a>(
+        pin: Option<&'a Pinned>,
+        rest: verify::bundle::Options<'a>,
+    ) -> verify::bundle::Options<'a> {
+        verify::bundle::Options {
+            pin: pin.map(|p| p.spki.as_slice()),
+            pin_purposes: pin.and_then(|p| p.purposes.as_deref()),
+            ..rest
+        }
+    }
+    let rest = verify::bundle::Options {
+        pin: None,
+        pin_purposes: None,
+        receipt: o.receipt,
+        audit_key: audit_key.as_ref(),
+        checkpoint: checkpoint.as_deref(),
+        audit_log: audit_log.as_deref(),
+        need_binding: o.distrust_list.is_some(),
+    };
+    // Under each pinned version in turn (newest first): the first that holds is the one used.
+    let mut pinned_key_id = None;
+    let checked = match pins.as_deref() {
+        None | Some([]) => verify::bundle::bundle(&o.file, &text, &rest),
+        Some(pins) => {
+            let mut first_err = None;
+            let mut found = None;
+            for p in pins.iter().rev() {
+                match verify::bundle::bundle(&o.file, &text, &options(Some(p), rest)) {
+                    Ok(c) => {
+                        pinned_key_id = p.key_id.clone();
+                        found = Some(c);
+                        break;
+                    }
+                    Err(e) => {
+                        first_err.get_or_insert(e);
+                    }
+                }
+            }
+            found.ok_or_else(|| {
+                first_err.unwrap_or_else(|| {
+                    meshsign_evidence::error::VerifyError::Input("no key pinned".into())
+                })
+            })
+        }
+    }
     .map_err(|e| match ClientError::from(e) {
         ClientError::Verify(m) if m.starts_with("bundle: ") => ClientError::Verify(format!(
             "{}: {}",
@@ -150,7 +226,8 @@ pub fn verify(o: &VerifyOptions) -> Result<Verified, ClientError> {
     }
     Ok(Verified {
         checked,
-        pinned: pin.is_some(),
+        pinned: pins.is_some(),
+        pinned_key_id,
         distrust_list_version,
     })
 }

@@ -25,6 +25,9 @@ use crate::verify;
 pub struct Options<'a> {
     /// The key the signature must be under (SPKI DER); Sigstore and DSSE bundles need it.
     pub pin: Option<&'a [u8]>,
+    /// What the pinned key signs, when the pin came with its verification material: a
+    /// statement must be under an `attestation` key.
+    pub pin_purposes: Option<&'a [String]>,
     /// Check the audit receipt (needs `audit_key`).
     pub receipt: bool,
     /// The site's audit key.
@@ -68,7 +71,7 @@ pub fn bundle(file: &Path, bundle_json: &[u8], o: &Options<'_>) -> Result<Checke
     let opts = (o.receipt, o.audit_key, o.checkpoint);
     if value.get("mediaType").is_some() {
         let b: crate::bundle::sigstore::Bundle = serde_json::from_value(value).map_err(bad)?;
-        sigstore(file, &b, o.pin, opts, o.need_binding)
+        sigstore(file, &b, (o.pin, o.pin_purposes), opts, o.need_binding)
     } else if value.get("payloadType").is_some() {
         let env: Envelope = serde_json::from_value(value).map_err(bad)?;
         if o.receipt {
@@ -78,7 +81,7 @@ pub fn bundle(file: &Path, bundle_json: &[u8], o: &Options<'_>) -> Result<Checke
                     .into(),
             ));
         }
-        dsse(file, &env, o.pin)
+        dsse(file, &env, o.pin, o.pin_purposes)
     } else {
         let b: SigBundle = serde_json::from_value(value).map_err(bad)?;
         native(file, &b, o, opts)
@@ -200,7 +203,7 @@ fn names_signature(e: &crate::audit::AuditRecord, b: &SigBundle) -> Result<(), V
 fn sigstore(
     file: &Path,
     b: &crate::bundle::sigstore::Bundle,
-    pin: Option<&[u8]>,
+    (pin, purposes): (Option<&[u8]>, Option<&[String]>),
     opts: ReceiptOpts<'_>,
     needed: bool,
 ) -> Result<Checked, VerifyError> {
@@ -219,7 +222,7 @@ fn sigstore(
         )));
     }
     if let Some(env) = &b.dsse_envelope {
-        return sigstore_dsse(file, b, env, spki, opts, needed);
+        return sigstore_dsse(file, b, env, (spki, purposes), opts, needed);
     }
     let ms = b
         .message_signature
@@ -366,11 +369,11 @@ fn sigstore_dsse(
     file: &Path,
     b: &crate::bundle::sigstore::Bundle,
     env: &Envelope,
-    spki: &[u8],
+    (spki, purposes): (&[u8], Option<&[String]>),
     (asked, key, checkpoint): ReceiptOpts<'_>,
     needed: bool,
 ) -> Result<Checked, VerifyError> {
-    let mut checked = dsse(file, env, Some(spki))?;
+    let mut checked = dsse(file, env, Some(spki), purposes)?;
     checked.format = "sigstore";
     let t = b
         .verification_material
@@ -392,7 +395,36 @@ fn sigstore_dsse(
     Ok(checked)
 }
 
-fn dsse(file: &Path, env: &Envelope, pin: Option<&[u8]>) -> Result<Checked, VerifyError> {
+/// A statement is the site's word only under a key whose one purpose is `attestation`: a
+/// digest or message key can be made to sign the PAE of a statement a runner wrote.
+fn attestation_key(purposes: Option<&[String]>) -> Result<(), VerifyError> {
+    match purposes {
+        Some(p) if p.iter().any(|x| x == "attestation") => Ok(()),
+        Some(p) => Err(VerifyError::Failed(format!(
+            "the pinned key signs {}, not statements (purpose attestation): a statement under \
+             it is not the site's",
+            if p.is_empty() {
+                "nothing".to_string()
+            } else {
+                p.join(", ")
+            }
+        ))),
+        None => Err(VerifyError::Input(
+            "a statement is the site's word only under an attestation key: pin the key with the \
+             JSON of `meshsign verification-material --key K --output json`, which says its \
+             purpose"
+                .into(),
+        )),
+    }
+}
+
+fn dsse(
+    file: &Path,
+    env: &Envelope,
+    pin: Option<&[u8]>,
+    purposes: Option<&[String]>,
+) -> Result<Checked, VerifyError> {
+    attestation_key(purposes)?;
     let spki = pin.ok_or_else(|| {
         VerifyError::Input(
             "a DSSE envelope does not carry its key: give the attestation key with --public-key \

@@ -124,7 +124,7 @@ fn key_info(site: &SiteState, env: &str, spec: &KeySpec) -> v1::KeyInfo {
         versions: versions
             .iter()
             .enumerate()
-            .map(|(i, k)| super::verification_key(k, i == last && !spec.disabled))
+            .map(|(i, k)| super::verification_key(k, i == last && !spec.disabled, &spec.purposes))
             .collect(),
         disabled: spec.disabled,
         repositories: spec.access.repositories.clone(),

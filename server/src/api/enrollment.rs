@@ -179,10 +179,17 @@ impl v1::verification_server::Verification for VerificationApi {
                 .versions(&r.environment, &r.key_alias)
                 .ok_or_else(|| no_key(&r, &ring))?;
             let last = versions.len().saturating_sub(1);
+            let purposes = self
+                .0
+                .config()
+                .environment(&r.environment)
+                .and_then(|e| e.key(&r.key_alias))
+                .map(|k| k.purposes.clone())
+                .unwrap_or_default();
             versions
                 .iter()
                 .enumerate()
-                .map(|(i, k)| verification_key(k, i == last))
+                .map(|(i, k)| verification_key(k, i == last, &purposes))
                 .collect()
         };
         let (audit_key_id, audit_public_key_der) = self.0.audit.public_key();

@@ -70,8 +70,13 @@ fn distrust_list(s: crate::ops::distrust::Stored) -> v1::DistrustList {
     }
 }
 
-fn verification_key(k: &crate::custody::LoadedKey, active: bool) -> v1::VerificationKey {
+fn verification_key(
+    k: &crate::custody::LoadedKey,
+    active: bool,
+    purposes: &[crate::model::Purpose],
+) -> v1::VerificationKey {
     v1::VerificationKey {
+        purposes: purposes.iter().map(|p| p.as_str().to_string()).collect(),
         key_id: k.record.key_id(),
         algorithm: k.record.algorithm.as_str().to_string(),
         public_key_der: k.record.public_key_der.clone(),

@@ -178,6 +178,7 @@ pub fn material(m: &Material, format: Format) {
                 .map(|k| {
                     serde_json::json!({
                         "key_id": k.key_id, "algorithm": k.algorithm, "active": k.active,
+                        "purposes": k.purposes,
                         "public_key_pem": pem_encode("PUBLIC KEY", &k.public_key_der),
                     })
                 })
@@ -204,6 +205,7 @@ pub fn verified(file: &Path, v: &Verified, format: Format) {
                 "file": file, "ok": true, "format": c.format, "key_id": c.key_id,
                 "region": c.region, "environment": c.environment,
                 "audit_seq": c.audit_seq, "log_index": c.log_index, "key_pinned": v.pinned,
+                "pinned_key_id": v.pinned_key_id,
                 "receipt": c.receipt.map(|a| serde_json::json!({"ok": true, "under_signed_checkpoint": a})),
                 "binding": c.binding,
                 "distrust_list_version": v.distrust_list_version,
@@ -228,6 +230,9 @@ pub fn verified(file: &Path, v: &Verified, format: Format) {
                 (false, false) => ", not yet under a signed checkpoint",
             };
             out!("{file}: receipt OK ({entry}{under})");
+        }
+        if let Some(k) = &v.pinned_key_id {
+            out!("{file}: verified under the pinned {k}");
         }
         if let Some(v) = v.distrust_list_version {
             out!("{file}: not distrusted (distrust list version {v})");
