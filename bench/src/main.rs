@@ -135,7 +135,8 @@ enum Scenario {
     Enroll,
     /// Unary Sign with its Sigstore bundle (the SET checked against the audit key): what
     /// `meshsign sign --format sigstore` does for one file. Each run also measures plain Sign,
-    /// and 100 files at once (SignBatch of 100, one checked bundle each), on the same site.
+    /// and one client writing bundles one call per file against 100 files per SignBatch
+    /// (`batched_to_single`), on the same site.
     Receipt,
     /// A soak: `--concurrency` clients (three in four sign, the rest enroll) for `--duration` seconds in windows of `--sample` seconds; the site's RSS after
     /// each window, and the growth per window over the second half (does it level?).
@@ -158,7 +159,10 @@ struct Measured {
     db_cpu: Option<f64>,
     /// `--scenario receipt`: plain Sign ops/s on the same site in the same run.
     sign_ops_per_sec: Option<f64>,
-    /// `--scenario receipt`: bundles/s when 100 files go in one SignBatch, same run.
+    /// `--scenario receipt`: one client (one `meshsign sign`) writing bundles of 100 files —
+    /// one Sign call per file, then 100 files per SignBatch — bundles/s, same run.
+    one_by_one_ops_per_sec: Option<f64>,
+    /// See `one_by_one_ops_per_sec`.
     batched_ops_per_sec: Option<f64>,
 }
 
@@ -206,16 +210,22 @@ async fn service(
     let cpu = || -> Option<f64> { sites.iter().map(Daemon::cpu_seconds).sum() };
     let db_cpu = || db.and_then(|d| d.cpu_seconds(daemon::clock_ticks()));
     let mut sign_ops_per_sec = None;
-    let mut batched_ops_per_sec = None;
+    let (mut one_by_one_ops_per_sec, mut batched_ops_per_sec) = (None, None);
     if matches!(cli.scenario, Scenario::Receipt) {
-        // The baselines first, on sessions of their own: plain Sign, and 100 files per call.
+        // The baseline first, on sessions of its own: plain Sign.
         let n = sessions.len();
         let again = load::sessions(&sites[0].client, tokens, n).await?;
         let b = load::sign(again, SignLoad::Sign, key, dur).await;
         sign_ops_per_sec = Some(b.ops as f64 / b.seconds);
-        let again = load::sessions(&sites[0].client, tokens, n).await?;
-        let b = load::bundles(&sites[0].client, again, key, FILES_PER_CALL, dur).await?;
-        batched_ops_per_sec = Some(b.ops as f64 / b.seconds);
+        // One `meshsign sign` of many files: a call per file, then 100 files per call.
+        for (files, out) in [
+            (1, &mut one_by_one_ops_per_sec),
+            (FILES_PER_CALL, &mut batched_ops_per_sec),
+        ] {
+            let one = load::sessions(&sites[0].client, tokens, 1).await?;
+            let b = load::bundles(&sites[0].client, one, key, files, dur).await?;
+            *out = Some(b.ops as f64 / b.seconds);
+        }
     }
     let (s0, c0, d0) = (cpu(), daemon::own_cpu_seconds(), db_cpu());
     let w: Window = match (what, &cli.scenario) {
@@ -237,6 +247,7 @@ async fn service(
         client_cpu: per_1000(c0, c1, w.ops),
         db_cpu: per_1000(d0, d1, w.ops),
         sign_ops_per_sec,
+        one_by_one_ops_per_sec,
         batched_ops_per_sec,
     })
 }
@@ -538,9 +549,11 @@ async fn run(cli: &Cli) -> Result<(), String> {
             let sign = opt_median(rs.iter().map(|m| m.sign_ops_per_sec)).unwrap_or(0.0);
             j["sign_ops_per_sec"] = sign.round().into();
             j["receipt_to_sign"] = (ops / sign.max(1.0)).into();
+            let single = opt_median(rs.iter().map(|m| m.one_by_one_ops_per_sec)).unwrap_or(0.0);
             let batched = opt_median(rs.iter().map(|m| m.batched_ops_per_sec)).unwrap_or(0.0);
-            j["files_batched_per_sec"] = batched.round().into();
-            j["batched_to_single"] = (batched / ops.max(1.0)).into();
+            j["one_client_files_one_by_one_per_sec"] = single.round().into();
+            j["one_client_files_batched_per_sec"] = batched.round().into();
+            j["batched_to_single"] = (batched / single.max(1.0)).into();
         }
         if matches!(cli.scenario, Scenario::Enroll) {
             // Every run enrolled on the same site.

@@ -101,9 +101,8 @@ pub struct LogEntry {
 pub struct EntryError(pub String);
 
 impl LogEntry {
-    /// Checks the SET with the log key.
+    /// Checks the SET with the log key (aws-lc's ECDSA: a verifier checks one per bundle).
     pub fn verify_set(&self, log_key: &p256::ecdsa::VerifyingKey) -> Result<(), EntryError> {
-        use p256::ecdsa::signature::Verifier as _;
         let spki = p256::pkcs8::EncodePublicKey::to_public_key_der(log_key)
             .map_err(|_| EntryError("the log key does not encode".into()))?;
         let msg = set_payload(
@@ -112,9 +111,13 @@ impl LogEntry {
             &log_id(spki.as_bytes()),
             self.log_index,
         );
-        let sig = p256::ecdsa::DerSignature::from_bytes(&self.set)
-            .map_err(|_| EntryError("the signed entry timestamp is not a DER signature".into()))?;
-        log_key.verify(&msg, &sig).map_err(|_| {
+        let point = log_key.to_sec1_point(false);
+        aws_lc_rs::signature::UnparsedPublicKey::new(
+            &aws_lc_rs::signature::ECDSA_P256_SHA256_ASN1,
+            point.as_bytes(),
+        )
+        .verify(&msg, &self.set)
+        .map_err(|_| {
             EntryError("the signed entry timestamp does not verify with the log key".into())
         })
     }

@@ -16,9 +16,10 @@
 //! **The transparency log** ([`Log::Transparency`], `meshsign_evidence::rekor`) is a second
 //! tree in the same store tree, its keys prefixed with `T`: leaf `i` is the `i`-th Rekor body
 //! the site wrote. Its leaf hashes are named by the audit entries that added them
-//! (`AuditRecord::tlog`) and stored as level-0 nodes with the batch; every level of it is
-//! stored (a proof reads O(log n) values), and a lost level-0 node is written back from its
-//! audit entry (start, journal restore, a replica catching up).
+//! (`AuditRecord::tlog`) and stored as level-0 nodes with the batch (the leaves written by an
+//! append are its only level-0 puts; levels 1–3 are recomputed like the audit tree's), and a
+//! lost level-0 node is written back from its audit entry (start, journal restore, a replica
+//! catching up).
 
 use meshsign_evidence::merkle::{self, Completed, Frontier, Hash};
 
@@ -38,12 +39,10 @@ pub enum Log {
 }
 
 impl Log {
-    /// The lowest level stored.
-    fn stored_from(self) -> u32 {
-        match self {
-            Log::Audit => STORED_LEVEL,
-            Log::Transparency => 0,
-        }
+    /// Whether nodes of `level` are stored: perfect subtrees of [`STORED_LEVEL`] levels or
+    /// more, and the transparency log's leaves (nothing else holds them but the audit entries).
+    fn stores(self, level: u32) -> bool {
+        level >= STORED_LEVEL || (self == Log::Transparency && level == 0)
     }
 }
 
@@ -106,7 +105,7 @@ pub fn perfect(store: &Store, log: Log, level: u32, index: u64) -> Result<Hash, 
         let r = perfect(store, log, level - 1, 2 * index + 1)?;
         merkle::node_hash(&l, &r)
     };
-    if level >= log.stored_from() {
+    if log.stores(level) {
         store.kv().put(Tree::Merkle, &key(log, level, index), &h)?;
     }
     Ok(h)
@@ -129,7 +128,7 @@ pub fn proof(store: &Store, log: Log, index: u64, size: u64) -> Result<Vec<Hash>
 /// Stores subtrees an append completed (once their leaves are durable).
 pub fn store_completed(store: &Store, log: Log, nodes: &[Completed]) -> Result<(), AuditError> {
     for (level, index, h) in nodes {
-        if *level >= log.stored_from() {
+        if *level >= STORED_LEVEL {
             store.kv().put(Tree::Merkle, &key(log, *level, *index), h)?;
         }
     }

@@ -356,17 +356,22 @@ impl Writer {
         // The same fields as a log event (never tokens or payloads: jti and digests only);
         // strings that came from the network are escaped, so none can forge a log line.
         let f = |s: &str| crate::model::log_safe(s).into_owned();
-        tracing::info!(
-            target: "meshsign::audit",
-            seq = rec.seq, rpc = %f(&rec.rpc), decision = %rec.decision, reason = %rec.reason,
-            environment = %f(&rec.environment), job_id = %f(&rec.job_id), jti = %f(&rec.jti),
-            token_issuer = %f(&rec.token_issuer), subject = %f(&rec.subject),
-            runner_fingerprint = %f(&rec.runner_fingerprint), cert_serial = %rec.cert_serial,
-            ttl_remaining_sec = rec.ttl_remaining_sec, key_id = %f(&rec.key_id), digest = %rec.digest,
-            items = rec.items, repository = %f(&rec.repository), git_ref = %f(&rec.git_ref),
-            provider = %rec.provider, peer = %rec.peer, operator = %f(&rec.operator),
-            detail = %f(&rec.detail), hash = %rec.hash,
-        );
+        // Allowed signatures — the bulk of a busy site's entries, all in the audit log — are
+        // logged only with `meshsign::audit=debug`; every other decision at info.
+        let routine = rec.decision == "allow" && matches!(rec.rpc.as_str(), "Sign" | "SignBatch");
+        if !routine || tracing::enabled!(target: "meshsign::audit", tracing::Level::DEBUG) {
+            tracing::info!(
+                target: "meshsign::audit",
+                seq = rec.seq, rpc = %f(&rec.rpc), decision = %rec.decision, reason = %rec.reason,
+                environment = %f(&rec.environment), job_id = %f(&rec.job_id), jti = %f(&rec.jti),
+                token_issuer = %f(&rec.token_issuer), subject = %f(&rec.subject),
+                runner_fingerprint = %f(&rec.runner_fingerprint), cert_serial = %rec.cert_serial,
+                ttl_remaining_sec = rec.ttl_remaining_sec, key_id = %f(&rec.key_id), digest = %rec.digest,
+                items = rec.items, repository = %f(&rec.repository), git_ref = %f(&rec.git_ref),
+                provider = %rec.provider, peer = %rec.peer, operator = %f(&rec.operator),
+                detail = %f(&rec.detail), hash = %rec.hash,
+            );
+        }
         self.seq = rec.seq;
         self.hash = rec.hash.clone();
         Ok(rec)
