@@ -343,6 +343,31 @@ fn sigstore_js_verifies_the_bundles_with_its_default_thresholds_and_refuses_an_a
         Ok("application/vnd.dev.sigstore.bundle.v0.3+json".into())
     );
 
+    // A message signature (the key signs the file's bytes, at most 4 KiB): its bundle too.
+    let msg = dir.path().join("release-notes.txt");
+    std::fs::write(&msg, "release notes, signed as a message").unwrap();
+    ok(
+        "sign --message",
+        run(&[
+            "sign",
+            "--environment",
+            "staging",
+            "--key",
+            "release",
+            "--token-file",
+            token("token-msg").to_str().unwrap(),
+            "--format",
+            "sigstore",
+            "--message",
+            msg.to_str().unwrap(),
+        ]),
+    );
+    assert_eq!(
+        sigstore_js(&root, &keys, &bundle(&msg), &msg),
+        Ok("application/vnd.dev.sigstore.bundle+json;version=0.1".into())
+    );
+    assert!(sigstore_js(&root, &keys, &bundle(&msg), &files[0]).is_err());
+
     // An attestation: the statement the site built, as a Sigstore bundle with its `dsse`
     // log entry, verified by sigstore-js under the attestation key's hint; then upgraded.
     let out = ok(
