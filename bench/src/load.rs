@@ -165,7 +165,8 @@ pub async fn bundles(
         .await
         .map_err(|e| e.to_string())?
         .audit_public_key_der;
-    let spki = Arc::new(spki);
+    let spki =
+        Arc::new(meshsign_client::site::verification::log_key(&spki).map_err(|e| e.to_string())?);
     let workers: Vec<_> = sessions.into_iter().map(|s| (s, spki.clone())).collect();
     Ok(
         window(workers, duration, move |(mut s, spki), i| async move {

@@ -100,21 +100,39 @@ pub struct LogEntry {
 #[error("transparency entry: {0}")]
 pub struct EntryError(pub String);
 
-impl LogEntry {
-    /// Checks the SET with the log key (aws-lc's ECDSA: a verifier checks one per bundle).
-    pub fn verify_set(&self, log_key: &p256::ecdsa::VerifyingKey) -> Result<(), EntryError> {
+/// A log key ready to check many SETs: its id and its point (parsed once).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogKey {
+    /// SHA-256 of the SPKI.
+    pub id: [u8; 32],
+    point: Vec<u8>,
+}
+
+impl LogKey {
+    /// From the log (audit) key.
+    pub fn new(log_key: &p256::ecdsa::VerifyingKey) -> Result<Self, EntryError> {
         let spki = p256::pkcs8::EncodePublicKey::to_public_key_der(log_key)
             .map_err(|_| EntryError("the log key does not encode".into()))?;
-        let msg = set_payload(
-            &self.body,
-            self.integrated_time,
-            &log_id(spki.as_bytes()),
-            self.log_index,
-        );
-        let point = log_key.to_sec1_point(false);
+        Ok(Self {
+            id: log_id(spki.as_bytes()),
+            point: log_key.to_sec1_point(false).as_bytes().to_vec(),
+        })
+    }
+}
+
+impl LogEntry {
+    /// Checks the SET with the log key.
+    pub fn verify_set(&self, log_key: &p256::ecdsa::VerifyingKey) -> Result<(), EntryError> {
+        self.verify_set_with(&LogKey::new(log_key)?)
+    }
+
+    /// [`LogEntry::verify_set`] with a key parsed once (aws-lc's ECDSA: a client checks one
+    /// SET per file it signs).
+    pub fn verify_set_with(&self, key: &LogKey) -> Result<(), EntryError> {
+        let msg = set_payload(&self.body, self.integrated_time, &key.id, self.log_index);
         aws_lc_rs::signature::UnparsedPublicKey::new(
             &aws_lc_rs::signature::ECDSA_P256_SHA256_ASN1,
-            point.as_bytes(),
+            &key.point,
         )
         .verify(&msg, &self.set)
         .map_err(|_| {

@@ -106,7 +106,7 @@ pub fn sigstore_bundle(
     r: &v1::SignResponse,
     hint: String,
     digest: &[u8; 32],
-    audit_spki: &[u8],
+    log_key: &meshsign_evidence::rekor::LogKey,
 ) -> Result<meshsign_evidence::bundle::sigstore::Bundle, ClientError> {
     use meshsign_evidence::bundle::sigstore::{Bundle, TlogEntry};
     let t = r.transparency_entry.as_ref().ok_or_else(|| {
@@ -122,12 +122,14 @@ pub fn sigstore_bundle(
         body: t.canonicalized_body.clone(),
         set: t.signed_entry_timestamp.clone(),
     };
-    let key = meshsign_evidence::verify::audit_key_from_der(audit_spki)?;
-    let tlog = TlogEntry::from_log_entry(&entry, &meshsign_evidence::rekor::log_id(audit_spki))?;
+    let bad = |e: String| ClientError::Verify(format!("the site's log entry: {e}"));
+    entry
+        .verify_set_with(log_key)
+        .map_err(|e| bad(e.to_string()))?;
+    let facts =
+        meshsign_evidence::rekor::body_facts(&entry.body).map_err(|e| bad(e.to_string()))?;
+    let tlog = TlogEntry::from_checked(&entry, &log_key.id, facts.kind.clone());
     let b = Bundle::message(hint, digest, &r.signature, Some(tlog));
-    let (facts, _) = b.verification_material.tlog_entries[0]
-        .verify_transparency(&key, None)
-        .map_err(|e| ClientError::Verify(format!("the site's log entry: {e}")))?;
     if facts.digest != digest[..]
         || facts.signature != r.signature
         || facts.spki_der != r.public_key_der
@@ -178,6 +180,12 @@ pub async fn sigstore_dsse_bundle(
 /// The environment a key hint (`<region>/<environment>/<alias@vN>`) names.
 pub fn hint_environment(hint: &str) -> String {
     hint.split('/').nth(1).unwrap_or_default().to_string()
+}
+
+/// The site's log key from its audit key (SPKI DER), parsed once for many SETs.
+pub fn log_key(audit_spki: &[u8]) -> Result<meshsign_evidence::rekor::LogKey, ClientError> {
+    let key = meshsign_evidence::verify::audit_key_from_der(audit_spki)?;
+    meshsign_evidence::rekor::LogKey::new(&key).map_err(|e| ClientError::Verify(e.to_string()))
 }
 
 /// Adds the inclusion proof of `bundle`'s log entry (asked of the site, checked against its

@@ -212,6 +212,7 @@ async fn sign_sigstore(
         session.enrollment.region.clone(),
         session.enrollment.environment.clone(),
     );
+    let log_key = verification::log_key(spki)?;
     let mut written = Vec::with_capacity(responses.len());
     for ((file, digest), r) in opts.files.iter().zip(digests).zip(&responses) {
         let name = file_name(file);
@@ -223,7 +224,7 @@ async fn sign_sigstore(
             verification::bundle_from_response(r, &name, digest, &region, &environment)?;
         }
         let hint = format!("{region}/{environment}/{}", r.key_id);
-        let bundle = verification::sigstore_bundle(r, hint, digest, spki)?;
+        let bundle = verification::sigstore_bundle(r, hint, digest, &log_key)?;
         let path = sibling(file, ".sigstore.json");
         write_json(&path, &bundle)?;
         written.push((path, bundle));

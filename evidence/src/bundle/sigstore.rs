@@ -205,13 +205,18 @@ impl TlogEntry {
     pub fn from_log_entry(e: &crate::rekor::LogEntry, log_id: &[u8]) -> Result<Self, VerifyError> {
         let facts =
             crate::rekor::body_facts(&e.body).map_err(|x| VerifyError::Failed(x.to_string()))?;
-        Ok(Self {
+        Ok(Self::from_checked(e, log_id, facts.kind))
+    }
+
+    /// [`TlogEntry::from_log_entry`] for a body already read (`kind` from its facts).
+    pub fn from_checked(e: &crate::rekor::LogEntry, log_id: &[u8], kind: String) -> Self {
+        Self {
             log_index: e.log_index.to_string(),
             log_id: LogId {
                 key_id: B64.encode(log_id),
             },
             kind_version: KindVersion {
-                kind: facts.kind,
+                kind,
                 version: "0.0.1".into(),
             },
             integrated_time: e.integrated_time.to_string(),
@@ -220,7 +225,7 @@ impl TlogEntry {
             }),
             inclusion_proof: None,
             canonicalized_body: B64.encode(&e.body),
-        })
+        }
     }
 
     /// The entry as the site returned it, if it is a transparency-log entry with a SET.
