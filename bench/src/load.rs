@@ -183,10 +183,9 @@ pub async fn bundles(
                     .map_err(|e| e.to_string())
             };
             let ok = match responses {
-                Ok(rs) => rs
-                    .iter()
-                    .zip(&digests)
-                    .filter(|(r, d)| {
+                Ok(rs) => {
+                    let work: Vec<_> = rs.iter().zip(&digests).collect();
+                    meshsign_client::site::verification::par_map(&work, |(r, d)| {
                         let hint = format!("bench/{ENVIRONMENT}/{}", r.key_id);
                         meshsign_client::site::verification::sigstore_bundle(r, hint, d, &spki)
                             .and_then(|b| {
@@ -196,7 +195,10 @@ pub async fn bundles(
                             })
                             .is_ok()
                     })
-                    .count() as u64,
+                    .into_iter()
+                    .filter(|ok| *ok)
+                    .count() as u64
+                }
                 Err(_) => 0,
             };
             ((s, spki), ok)
