@@ -186,10 +186,17 @@ pub fn hint_environment(hint: &str) -> String {
 /// signatures and SETs of a batch's files takes (one ECDSA verification each) spread over the
 /// machine's cores.
 pub fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(16);
-    if items.len() < 16 || threads < 2 {
+    // Read once: the standard library reads the cgroup's quota files on every call.
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    if items.len() < 16 {
+        return items.iter().map(&f).collect();
+    }
+    let threads = *THREADS.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(16)
+    });
+    if threads < 2 {
         return items.iter().map(&f).collect();
     }
     let chunk = items.len().div_ceil(threads);
