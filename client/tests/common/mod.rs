@@ -7,6 +7,18 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+/// The stdout of a command that must have succeeded (the assertion names `what` and shows
+/// both streams).
+pub fn ok(what: &str, o: std::process::Output) -> String {
+    assert!(
+        o.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
 pub fn meshsign() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_meshsign"))
 }

@@ -344,27 +344,14 @@ pub fn check_distrust_log(
     list: &crate::distrust::DistrustList,
     f: &crate::distrust::LogFacts,
 ) -> Result<(), VerifyError> {
-    if list.region != f.region {
-        return Err(VerifyError::Failed(format!(
-            "the distrust list is of the site in `{}`; the signature was made in `{}`",
-            list.region, f.region
-        )));
-    }
+    same_site(list, &f.region)?;
     match list.matching_log(f).map_err(VerifyError::Failed)? {
         None => Ok(()),
-        Some(rule) => Err(VerifyError::Failed(format!(
-            "distrusted: rule {} ({}{}) of distrust list version {} matches this signature \
-             (transparency-log entry {})",
-            rule.id,
-            rule.describe(),
-            if rule.reason.is_empty() {
-                String::new()
-            } else {
-                format!("; {}", rule.reason)
-            },
-            list.version,
-            f.log_index
-        ))),
+        Some(rule) => Err(distrusted(
+            list,
+            rule,
+            &format!("transparency-log entry {}", f.log_index),
+        )),
     }
 }
 
@@ -374,29 +361,45 @@ pub fn check_distrust(
     list: &crate::distrust::DistrustList,
     binding: &crate::attest::Binding,
 ) -> Result<(), VerifyError> {
-    if list.region != binding.region {
-        return Err(VerifyError::Failed(format!(
-            "the distrust list is of the site in `{}`; the signature was made in `{}`",
-            list.region, binding.region
-        )));
-    }
+    same_site(list, &binding.region)?;
     match list.matching(binding).map_err(VerifyError::Failed)? {
         None => Ok(()),
-        Some(rule) => Err(VerifyError::Failed(format!(
-            "distrusted: rule {} ({}{}) of distrust list version {} matches this signature \
-             (job {}, runner {}, key {}, audit entry {})",
-            rule.id,
-            rule.describe(),
-            if rule.reason.is_empty() {
-                String::new()
-            } else {
-                format!("; {}", rule.reason)
-            },
-            list.version,
-            binding.job_id,
-            binding.runner_fingerprint,
-            binding.key_id,
-            binding.audit_seq
-        ))),
+        Some(rule) => Err(distrusted(
+            list,
+            rule,
+            &format!(
+                "job {}, runner {}, key {}, audit entry {}",
+                binding.job_id, binding.runner_fingerprint, binding.key_id, binding.audit_seq
+            ),
+        )),
     }
+}
+
+fn same_site(list: &crate::distrust::DistrustList, region: &str) -> Result<(), VerifyError> {
+    if list.region != region {
+        return Err(VerifyError::Failed(format!(
+            "the distrust list is of the site in `{}`; the signature was made in `{region}`",
+            list.region
+        )));
+    }
+    Ok(())
+}
+
+/// "distrusted: rule … matches this signature (what)".
+fn distrusted(
+    list: &crate::distrust::DistrustList,
+    rule: &crate::distrust::DistrustEntry,
+    what: &str,
+) -> VerifyError {
+    VerifyError::Failed(format!(
+        "distrusted: rule {} ({}{}) of distrust list version {} matches this signature ({what})",
+        rule.id,
+        rule.describe(),
+        if rule.reason.is_empty() {
+            String::new()
+        } else {
+            format!("; {}", rule.reason)
+        },
+        list.version,
+    ))
 }

@@ -427,23 +427,31 @@ impl AuditLog {
     /// A signed tree head covering entry `seq`: the newest one, or — if it does not reach
     /// `seq` yet — a checkpoint made now.
     pub async fn signed_head_covering(&self, seq: u64) -> Result<SignedHead, AuditError> {
-        if let Some(h) = self.signed_head.borrow().clone()
-            && h.size >= seq
-        {
+        self.head_covering(Cover::Audit(seq)).await
+    }
+
+    /// The newest signed head of the log `cover` names if it covers what `cover` asks for,
+    /// else one made now (requests queued behind one checkpoint share it).
+    async fn head_covering(&self, cover: Cover) -> Result<SignedHead, AuditError> {
+        let (heads, want) = match cover {
+            Cover::Audit(seq) => (&self.signed_head, seq),
+            Cover::Log(size) => (&self.signed_log_head, size),
+        };
+        let covering = || heads.borrow().clone().filter(|h| h.size >= want);
+        if let Some(h) = covering() {
             return Ok(h);
         }
         let (tx, rx) = oneshot::channel();
         self.tx
-            .send(Msg::Checkpoint(Cover::Audit(seq), tx))
+            .send(Msg::Checkpoint(cover, tx))
             .map_err(|_| AuditError::Stopped)?;
         rx.await.map_err(|_| AuditError::Stopped)??;
-        match self.signed_head.borrow().clone() {
-            Some(h) if h.size >= seq => Ok(h),
-            _ => Err(AuditError::Tree(
+        covering().ok_or_else(|| {
+            AuditError::Tree(
                 "no signed tree head covers the entry (the tree could not be built: see the site log)"
                     .into(),
-            )),
-        }
+            )
+        })
     }
 
     /// The inclusion proof of entry `seq` to a signed tree head, if the store holds that entry
@@ -549,25 +557,7 @@ impl AuditLog {
         {
             return Ok(None);
         }
-        let covering = |h: &Option<SignedHead>| h.clone().filter(|h| h.size > index);
-        let current = covering(&self.signed_log_head.borrow());
-        let head = match current {
-            Some(h) => h,
-            None => {
-                let (tx, rx) = oneshot::channel();
-                self.tx
-                    .send(Msg::Checkpoint(Cover::Log(index + 1), tx))
-                    .map_err(|_| AuditError::Stopped)?;
-                rx.await.map_err(|_| AuditError::Stopped)??;
-                let after = covering(&self.signed_log_head.borrow());
-                after.ok_or_else(|| {
-                    AuditError::Tree(
-                        "no signed head of the transparency log covers the leaf (see the site log)"
-                            .into(),
-                    )
-                })?
-            }
-        };
+        let head = self.head_covering(Cover::Log(index + 1)).await?;
         let store = self.store.clone();
         let size = head.size;
         let hashes = tokio::task::spawn_blocking(move || {
