@@ -71,7 +71,9 @@ fn exec_enrolls_once_for_every_step_and_revokes_at_the_end() {
         "one enrollment for the whole job: {new:?}"
     );
     assert_eq!(count(new, "Sign"), 4);
-    assert_eq!(count(new, "Attest"), 1, "statements through the agent too");
+    // One statement: its decision, and the entry naming its transparency-log leaf (issue 27).
+    assert_eq!(count(new, "Attest"), 2, "statements through the agent too");
+    assert!(tmp.path().join("b.intoto.sigstore.json").exists());
     assert_eq!(count(new, "RevokeSelf"), 1, "revoked at the end");
     assert!(tmp.path().join("a.sigstore.json").exists());
     assert!(tmp.path().join("b.intoto.json").exists());
