@@ -294,12 +294,33 @@ impl LocalPostgres {
         if pids.is_empty() {
             return Err(std::io::Error::other("the server is not running"));
         }
-        let status = std::process::Command::new("kill")
-            .arg(format!("-{signal}"))
-            .args(pids.iter().map(u32::to_string))
-            .status()?;
-        if !status.success() {
-            return Err(std::io::Error::other(format!("kill -{signal}: {status}")));
+        let kill = |pids: &[u32]| -> std::io::Result<()> {
+            let status = std::process::Command::new("kill")
+                .arg(format!("-{signal}"))
+                .args(pids.iter().map(u32::to_string))
+                .status()?;
+            if !status.success() {
+                return Err(std::io::Error::other(format!("kill -{signal}: {status}")));
+            }
+            Ok(())
+        };
+        kill(&pids)?;
+        // A backend forked between listing the children and signalling the postmaster was
+        // not listed: list again until no new child shows up (the postmaster, stopped, forks
+        // no more). Without this a reconnecting client's fresh backend kept answering.
+        let mut seen = pids;
+        for _ in 0..20 {
+            let new: Vec<u32> = self
+                .pids()
+                .into_iter()
+                .filter(|p| !seen.contains(p))
+                .collect();
+            if new.is_empty() {
+                break;
+            }
+            // A child that exited in between is no error.
+            let _ = kill(&new);
+            seen.extend(new);
         }
         Ok(())
     }
