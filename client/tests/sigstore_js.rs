@@ -226,7 +226,7 @@ fn sigstore_js_verifies_the_bundles_with_its_default_thresholds_and_refuses_an_a
     }
     // A checkpoint signed by another key (another site's log) fails too.
     let other = tempfile::tempdir().unwrap();
-    let _other_site = start_dev(&other.path().join("site"));
+    let other_site = start_dev(&other.path().join("site"));
     let other_root = other.path().join("trusted_root.json");
     std::fs::write(
         &other_root,
@@ -246,6 +246,54 @@ fn sigstore_js_verifies_the_bundles_with_its_default_thresholds_and_refuses_an_a
     )
     .unwrap();
     assert!(sigstore_js(&other_root, &keys, &v03, &files[0]).is_err());
+
+    // `--trusted-root --fleet`: one root naming both sites' logs verifies this site's bundle
+    // (the other site's log alone did not); a fleet with a site down is refused, naming it.
+    let fleet_toml = dir.path().join("fleet.toml");
+    std::fs::write(
+        &fleet_toml,
+        format!(
+            "[sites]\nhere = {:?}\nthere = {:?}\n",
+            cfg.to_str().unwrap(),
+            other.path().join("site/client.toml").to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let fleet_material = |toml: &Path| {
+        meshsign_in(
+            dir.path(),
+            toml,
+            &[
+                "verification-material",
+                "--environment",
+                "staging",
+                "--trusted-root",
+                "--fleet",
+            ],
+        )
+    };
+    let fleet_root = dir.path().join("fleet_root.json");
+    std::fs::write(&fleet_root, ok("fleet root", fleet_material(&fleet_toml))).unwrap();
+    let merged: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&fleet_root).unwrap()).unwrap();
+    let one: serde_json::Value = serde_json::from_slice(&std::fs::read(&root).unwrap()).unwrap();
+    let theirs: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&other_root).unwrap()).unwrap();
+    assert_eq!(
+        merged["tlogs"],
+        serde_json::json!([one["tlogs"][0], theirs["tlogs"][0]]),
+        "both sites' logs, in site order"
+    );
+    assert_eq!(
+        sigstore_js(&fleet_root, &keys, &v03, &files[0]),
+        Ok("application/vnd.dev.sigstore.bundle.v0.3+json".into())
+    );
+    drop(other_site);
+    let o = fleet_material(&fleet_toml);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(4), "{err}");
+    assert!(err.contains("there"), "names the site that failed: {err}");
+    assert!(o.stdout.is_empty(), "no partial root");
 
     // meshsign's own verifier agrees: the log entry checks under the audit key.
     let audit = dir.path().join("audit.pem");

@@ -41,7 +41,7 @@ impl Fleet {
             .map_err(|e| ClientError::Config(format!("{}: {e}", path.display())))?;
         let Some(sites) = table.get("sites") else {
             return Err(ClientError::Config(format!(
-                "{}: --all-sites needs a [sites] table naming each site's client config \
+                "{}: --all-sites and --fleet need a [sites] table naming each site's client config \
                  (e.g. sg = \"sg/client.toml\")",
                 path.display()
             )));

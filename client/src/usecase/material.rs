@@ -5,6 +5,7 @@
 use meshsign_proto::v1;
 
 use crate::site::verification;
+use crate::usecase::fleet::{self, Fleet};
 use crate::{ClientConfig, ClientError};
 
 /// `meshsign verification-material`'s arguments.
@@ -29,6 +30,12 @@ pub struct MaterialArgs {
     /// printed with `--key K --output json`).
     #[arg(long, conflicts_with_all = ["distrust_list", "audit_key"])]
     pub trusted_root: bool,
+    /// With --trusted-root: one trusted root naming every region's transparency log (each
+    /// site of the `[sites]` table in --config), so one verifier checks bundles from any
+    /// region. Refused if a site does not answer: a root missing a region would fail that
+    /// region's bundles later, far from the cause.
+    #[arg(long, requires = "trusted_root")]
+    pub fleet: bool,
 }
 
 /// What the site gave.
@@ -49,6 +56,22 @@ pub enum Material {
 /// Valid from the oldest key version the answer names (no signature of the environment is
 /// older), else from the epoch.
 pub fn trusted_root(resp: &v1::GetVerificationMaterialResponse) -> serde_json::Value {
+    root_of(vec![tlog(resp)])
+}
+
+/// A `TrustedRoot` naming `tlogs` (and no CA, CT log or TSA: every key is pinned).
+fn root_of(tlogs: Vec<serde_json::Value>) -> serde_json::Value {
+    serde_json::json!({
+        "mediaType": "application/vnd.dev.sigstore.trustedroot+json;version=0.1",
+        "tlogs": tlogs,
+        "certificateAuthorities": [],
+        "ctlogs": [],
+        "timestampAuthorities": [],
+    })
+}
+
+/// A site's transparency log as a `TrustedRoot`'s `tlogs` element.
+fn tlog(resp: &v1::GetVerificationMaterialResponse) -> serde_json::Value {
     use base64::Engine as _;
     let b64 = base64::engine::general_purpose::STANDARD;
     let start = resp
@@ -58,21 +81,51 @@ pub fn trusted_root(resp: &v1::GetVerificationMaterialResponse) -> serde_json::V
         .min()
         .unwrap_or(0);
     serde_json::json!({
-        "mediaType": "application/vnd.dev.sigstore.trustedroot+json;version=0.1",
-        "tlogs": [{
-            "baseUrl": format!("https://{}", resp.transparency_log_origin),
-            "hashAlgorithm": "SHA2_256",
-            "publicKey": {
-                "rawBytes": b64.encode(&resp.audit_public_key_der),
-                "keyDetails": "PKIX_ECDSA_P256_SHA_256",
-                "validFor": { "start": meshsign_evidence::attest::rfc3339(start) },
-            },
-            "logId": { "keyId": b64.encode(meshsign_evidence::rekor::log_id(&resp.audit_public_key_der)) },
-        }],
-        "certificateAuthorities": [],
-        "ctlogs": [],
-        "timestampAuthorities": [],
+        "baseUrl": format!("https://{}", resp.transparency_log_origin),
+        "hashAlgorithm": "SHA2_256",
+        "publicKey": {
+            "rawBytes": b64.encode(&resp.audit_public_key_der),
+            "keyDetails": "PKIX_ECDSA_P256_SHA_256",
+            "validFor": { "start": meshsign_evidence::attest::rfc3339(start) },
+        },
+        "logId": { "keyId": b64.encode(meshsign_evidence::rekor::log_id(&resp.audit_public_key_der)) },
     })
+}
+
+/// `--trusted-root --fleet`: every site's transparency log in one trusted root, in site order.
+/// Refused, naming the sites, if any site does not answer; two sites naming one log (one
+/// site listed twice) give one entry.
+pub async fn fleet_trusted_root(
+    fleet: &Fleet,
+    args: &MaterialArgs,
+) -> Result<serde_json::Value, ClientError> {
+    let environment = args.environment.clone();
+    let key = args.key.clone().unwrap_or_default();
+    let results = fleet
+        .each(|cfg| {
+            let (environment, key) = (environment.clone(), key.clone());
+            async move {
+                let mut v = verification::client(&cfg).await?;
+                verification::material(&mut v, &environment, &key).await
+            }
+        })
+        .await;
+    let failed: Vec<String> = results
+        .iter()
+        .filter(|(_, r)| r.is_err())
+        .map(|(name, _)| name.clone())
+        .collect();
+    if !failed.is_empty() {
+        return Err(fleet::failure(&failed, &results));
+    }
+    let mut tlogs: Vec<serde_json::Value> = Vec::new();
+    for (_, resp) in results {
+        let one = tlog(&resp?);
+        if !tlogs.iter().any(|t| t["logId"] == one["logId"]) {
+            tlogs.push(one);
+        }
+    }
+    Ok(root_of(tlogs))
 }
 
 /// Fetches what `args` asks for.

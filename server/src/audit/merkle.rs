@@ -16,10 +16,12 @@
 //! **The transparency log** ([`Log::Transparency`], `meshsign_evidence::rekor`) is a second
 //! tree in the same store tree, its keys prefixed with `T`: leaf `i` is the `i`-th Rekor body
 //! the site wrote. Its leaf hashes are named by the audit entries that added them
-//! (`AuditRecord::tlog`) and stored as level-0 nodes with the batch (the leaves written by an
-//! append are its only level-0 puts; levels 1–3 are recomputed like the audit tree's), and a
-//! lost level-0 node is written back from its audit entry (start, journal restore, a replica
-//! catching up).
+//! (`AuditRecord::tlog`) and stored with the batch, [`LEAVES_PER_ROW`] to a row (the leaves
+//! under one stored level-4 node; a row is merged by compare-and-swap, so a batch of n
+//! signatures writes about n/16 rows, not n); levels 1–3 are recomputed like the audit
+//! tree's, and a lost leaf is written back from its audit entry (start, journal restore, a
+//! replica catching up). Sites from before the rows stored one leaf per key (level 0): those
+//! are still read.
 
 use meshsign_evidence::merkle::{self, Completed, Frontier, Hash};
 
@@ -38,12 +40,36 @@ pub enum Log {
     Transparency,
 }
 
-impl Log {
-    /// Whether nodes of `level` are stored: perfect subtrees of [`STORED_LEVEL`] levels or
-    /// more, and the transparency log's leaves (nothing else holds them but the audit entries).
-    fn stores(self, level: u32) -> bool {
-        level >= STORED_LEVEL || (self == Log::Transparency && level == 0)
+/// Transparency leaves per stored row: the 16 leaves under one stored level-4 node.
+pub const LEAVES_PER_ROW: u64 = 1 << STORED_LEVEL;
+
+/// A leaf row: a big-endian bitmap of the slots present, then [`LEAVES_PER_ROW`] 32-byte slots.
+const ROW_BYTES: usize = 2 + LEAVES_PER_ROW as usize * 32;
+
+/// The level byte of leaf rows (tree levels are 0–63).
+const ROW_MARK: u8 = 0xFE;
+
+/// How often a row merge is tried again when another writer changed the row in between.
+const ROW_RETRIES: usize = 16;
+
+fn row_key(row: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(10);
+    k.push(b'T');
+    k.push(ROW_MARK);
+    k.extend_from_slice(&row.to_be_bytes());
+    k
+}
+
+/// The leaf in `slot` of a stored row, if the row has it.
+fn row_slot(row: &[u8], slot: usize) -> Option<Hash> {
+    if row.len() != ROW_BYTES {
+        return None;
     }
+    let bits = u16::from_be_bytes([row[0], row[1]]);
+    if bits & (1 << slot) == 0 {
+        return None;
+    }
+    Hash::try_from(&row[2 + slot * 32..2 + (slot + 1) * 32]).ok()
 }
 
 fn key(log: Log, level: u32, index: u64) -> Vec<u8> {
@@ -58,20 +84,62 @@ fn key(log: Log, level: u32, index: u64) -> Vec<u8> {
 
 /// The transparency log's leaf `index`, if stored.
 pub fn log_leaf(store: &Store, index: u64) -> Result<Option<Hash>, AuditError> {
+    let slot = (index % LEAVES_PER_ROW) as usize;
+    if let Some(row) = store
+        .kv()
+        .get(Tree::Merkle, &row_key(index / LEAVES_PER_ROW))?
+        && let Some(h) = row_slot(&row, slot)
+    {
+        return Ok(Some(h));
+    }
+    // One leaf per key, as sites stored them before the rows.
     Ok(store
         .kv()
         .get(Tree::Merkle, &key(Log::Transparency, 0, index))?
         .and_then(|v| Hash::try_from(v.as_slice()).ok()))
 }
 
-/// Stores the transparency log's leaves from `index` on (level-0 nodes).
+/// Stores the transparency log's leaves from `index` on, merged into their rows.
 pub fn put_log_leaves(store: &Store, index: u64, leaves: &[Hash]) -> Result<(), AuditError> {
-    for (i, leaf) in (index..).zip(leaves) {
-        store
-            .kv()
-            .put(Tree::Merkle, &key(Log::Transparency, 0, i), leaf)?;
+    let mut done = 0;
+    while done < leaves.len() {
+        let at = index + done as u64;
+        let first = (at % LEAVES_PER_ROW) as usize;
+        let n = (LEAVES_PER_ROW as usize - first).min(leaves.len() - done);
+        put_row(store, at / LEAVES_PER_ROW, first, &leaves[done..done + n])?;
+        done += n;
     }
     Ok(())
+}
+
+/// Sets `leaves` into row `row` from slot `first` on, keeping the slots others set: a
+/// compare-and-swap, so two writers (a replica catching up, another appending) lose nothing.
+fn put_row(store: &Store, row: u64, first: usize, leaves: &[Hash]) -> Result<(), AuditError> {
+    let k = row_key(row);
+    for _ in 0..ROW_RETRIES {
+        let old = store.kv().get(Tree::Merkle, &k)?;
+        let mut new = match &old {
+            Some(v) if v.len() == ROW_BYTES => v.clone(),
+            _ => vec![0; ROW_BYTES],
+        };
+        let mut bits = u16::from_be_bytes([new[0], new[1]]);
+        for (slot, leaf) in (first..).zip(leaves) {
+            new[2 + slot * 32..2 + (slot + 1) * 32].copy_from_slice(leaf);
+            bits |= 1 << slot;
+        }
+        new[..2].copy_from_slice(&bits.to_be_bytes());
+        let stored = match &old {
+            Some(o) if *o == new => true,
+            Some(o) => store.kv().update(Tree::Merkle, &k, o, &new)?,
+            None => store.kv().insert_new(Tree::Merkle, &k, &new)?,
+        };
+        if stored {
+            return Ok(());
+        }
+    }
+    Err(AuditError::Tree(format!(
+        "transparency leaf row {row} kept changing while it was written ({ROW_RETRIES} tries)"
+    )))
 }
 
 /// Why a node could not be had.
@@ -84,16 +152,19 @@ fn missing(seq: u64) -> AuditError {
 
 /// The hash of the perfect subtree (level, index), from the store or computed (and stored).
 pub fn perfect(store: &Store, log: Log, level: u32, index: u64) -> Result<Hash, AuditError> {
+    if level == 0 && log == Log::Transparency {
+        return log_leaf(store, index)?.ok_or_else(|| {
+            AuditError::Tree(format!(
+                "transparency leaf {index} is not in the store (its audit entry names it: \
+                 restart the site to write it back)"
+            ))
+        });
+    }
     if let Some(v) = store.kv().get(Tree::Merkle, &key(log, level, index))? {
         return Hash::try_from(v.as_slice())
             .map_err(|_| AuditError::Tree(format!("tree node {level}/{index} is not 32 bytes")));
     }
-    let h = if level == 0 && log == Log::Transparency {
-        return Err(AuditError::Tree(format!(
-            "transparency leaf {index} is not in the store (its audit entry names it: restart \
-             the site to write it back)"
-        )));
-    } else if level == 0 {
+    let h = if level == 0 {
         let seq = index + 1;
         let bytes = store
             .kv()
@@ -105,7 +176,7 @@ pub fn perfect(store: &Store, log: Log, level: u32, index: u64) -> Result<Hash, 
         let r = perfect(store, log, level - 1, 2 * index + 1)?;
         merkle::node_hash(&l, &r)
     };
-    if log.stores(level) {
+    if level >= STORED_LEVEL {
         store.kv().put(Tree::Merkle, &key(log, level, index), &h)?;
     }
     Ok(h)
@@ -145,4 +216,89 @@ pub fn keep_for_prune(store: &Store, size: u64) -> Result<(), AuditError> {
             .put(Tree::Merkle, &key(Log::Audit, level, index), &h)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leaf(i: u64) -> Hash {
+        merkle::leaf_hash(&i.to_be_bytes())
+    }
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open_sled(dir.path(), 1 << 20).expect("sled");
+        (dir, store)
+    }
+
+    #[test]
+    fn a_batch_writes_a_row_per_sixteen_leaves_and_reads_back() {
+        let (_d, store) = store();
+        // 5 leaves, then 100 starting mid-row: rows 0..=6 (105 leaves).
+        let first: Vec<Hash> = (0..5).map(leaf).collect();
+        put_log_leaves(&store, 0, &first).unwrap();
+        let more: Vec<Hash> = (5..105).map(leaf).collect();
+        put_log_leaves(&store, 5, &more).unwrap();
+        let rows = store
+            .kv()
+            .scan_prefix(Tree::Merkle, &[b'T', ROW_MARK])
+            .unwrap();
+        assert_eq!(rows.len(), 7, "105 leaves in rows of 16");
+        for i in 0..105 {
+            assert_eq!(log_leaf(&store, i).unwrap(), Some(leaf(i)), "leaf {i}");
+        }
+        assert_eq!(log_leaf(&store, 105).unwrap(), None);
+        // The tree over them is the one computed in memory.
+        let mut f = Frontier::default();
+        for i in 0..105 {
+            f.push(leaf(i));
+        }
+        let stored = frontier(&store, Log::Transparency, 105).unwrap();
+        assert_eq!(stored.root(), f.root());
+    }
+
+    #[test]
+    fn writers_of_one_row_keep_each_others_leaves() {
+        let (_d, store) = store();
+        let store = std::sync::Arc::new(store);
+        // Two threads fill alternate slots of the same rows at once (a replica catching up
+        // while another appends): every slot survives.
+        let handles: Vec<_> = (0..2u64)
+            .map(|parity| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    for i in (parity..64).step_by(2) {
+                        put_log_leaves(&store, i, &[leaf(i)]).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        for i in 0..64 {
+            assert_eq!(log_leaf(&store, i).unwrap(), Some(leaf(i)), "leaf {i}");
+        }
+    }
+
+    #[test]
+    fn leaves_stored_one_per_key_before_the_rows_are_still_read() {
+        let (_d, store) = store();
+        for i in 0..3 {
+            store
+                .kv()
+                .put(Tree::Merkle, &key(Log::Transparency, 0, i), &leaf(i))
+                .unwrap();
+        }
+        put_log_leaves(&store, 3, &[leaf(3)]).unwrap();
+        for i in 0..4 {
+            assert_eq!(log_leaf(&store, i).unwrap(), Some(leaf(i)), "leaf {i}");
+        }
+        // A damaged row is no leaf, and the next write replaces it.
+        store.kv().put(Tree::Merkle, &row_key(1), b"short").unwrap();
+        assert_eq!(log_leaf(&store, 16).unwrap(), None);
+        put_log_leaves(&store, 16, &[leaf(16)]).unwrap();
+        assert_eq!(log_leaf(&store, 16).unwrap(), Some(leaf(16)));
+    }
 }

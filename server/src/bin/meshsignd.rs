@@ -22,6 +22,12 @@ use meshsign_server::dev;
 use meshsign_server::state::SiteState;
 use meshsign_server::state::marker::SiteMarker;
 
+/// mimalloc: per-request buffers (h2 frames, prost messages, audit JSON) cost about half the
+/// CPU they cost in glibc's allocator (BENCHMARKS.md, issue 27). Only Rust's allocations go
+/// through it; a PKCS#11 module keeps its own.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "meshsignd",

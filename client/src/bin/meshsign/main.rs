@@ -329,6 +329,11 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
             command: ReceiptCommand::Fetch { files },
         } => runner::fetch_proofs(&load_config(global)?, &files, format).await,
         Command::Attest(args) => runner::attest(&load_config(global)?, args, format).await,
+        Command::VerificationMaterial(args) if args.fleet => {
+            let root = usecase::material::fleet_trusted_root(&load_fleet(global)?, &args).await?;
+            render::material(&usecase::material::Material::TrustedRoot(root), format);
+            Ok(())
+        }
         Command::VerificationMaterial(args) => {
             let m = usecase::material::fetch(&load_config(global)?, &args).await?;
             render::material(&m, format);
@@ -369,7 +374,7 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
 /// The fleet of `--all-sites`: every site named in the config's `[sites]`.
 fn load_fleet(global: &Global) -> Result<usecase::fleet::Fleet, ClientError> {
     let path = global.config.as_deref().ok_or_else(|| {
-        ClientError::Config("--all-sites needs --config (a file with [sites])".into())
+        ClientError::Config("--all-sites and --fleet need --config (a file with [sites])".into())
     })?;
     let mut fleet = usecase::fleet::Fleet::load(path)?;
     for (_, cfg) in &mut fleet.sites {
