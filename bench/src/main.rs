@@ -159,6 +159,9 @@ struct Measured {
     db_cpu: Option<f64>,
     /// `--scenario receipt`: plain Sign ops/s on the same site in the same run.
     sign_ops_per_sec: Option<f64>,
+    /// `--scenario receipt`: server CPU seconds per 1,000 plain Signs in that window (the
+    /// site's cost per op with and without the client building bundles, side by side).
+    sign_server_cpu: Option<f64>,
     /// `--scenario receipt`: one client (one `meshsign sign`) writing bundles of 100 files —
     /// one Sign call per file, then 100 files per SignBatch — bundles/s, same run.
     one_by_one_ops_per_sec: Option<f64>,
@@ -209,14 +212,16 @@ async fn service(
     }
     let cpu = || -> Option<f64> { sites.iter().map(Daemon::cpu_seconds).sum() };
     let db_cpu = || db.and_then(|d| d.cpu_seconds(daemon::clock_ticks()));
-    let mut sign_ops_per_sec = None;
+    let (mut sign_ops_per_sec, mut sign_server_cpu) = (None, None);
     let (mut one_by_one_ops_per_sec, mut batched_ops_per_sec) = (None, None);
     if matches!(cli.scenario, Scenario::Receipt) {
         // The baseline first, on sessions of its own: plain Sign.
         let n = sessions.len();
         let again = load::sessions(&sites[0].client, tokens, n).await?;
+        let s0 = cpu();
         let b = load::sign(again, SignLoad::Sign, key, dur).await;
         sign_ops_per_sec = Some(b.ops as f64 / b.seconds);
+        sign_server_cpu = per_1000(s0, cpu(), b.ops);
         // One `meshsign sign` of many files: a call per file, then 100 files per call.
         for (files, out) in [
             (1, &mut one_by_one_ops_per_sec),
@@ -247,6 +252,7 @@ async fn service(
         client_cpu: per_1000(c0, c1, w.ops),
         db_cpu: per_1000(d0, d1, w.ops),
         sign_ops_per_sec,
+        sign_server_cpu,
         one_by_one_ops_per_sec,
         batched_ops_per_sec,
     })
@@ -549,6 +555,8 @@ async fn run(cli: &Cli) -> Result<(), String> {
             let sign = opt_median(rs.iter().map(|m| m.sign_ops_per_sec)).unwrap_or(0.0);
             j["sign_ops_per_sec"] = sign.round().into();
             j["receipt_to_sign"] = (ops / sign.max(1.0)).into();
+            j["sign_server_cpu_s_per_1000_ops"] =
+                opt_median(rs.iter().map(|m| m.sign_server_cpu)).into();
             let single = opt_median(rs.iter().map(|m| m.one_by_one_ops_per_sec)).unwrap_or(0.0);
             let batched = opt_median(rs.iter().map(|m| m.batched_ops_per_sec)).unwrap_or(0.0);
             j["one_client_files_one_by_one_per_sec"] = single.round().into();

@@ -100,22 +100,47 @@ pub struct LogEntry {
 #[error("transparency entry: {0}")]
 pub struct EntryError(pub String);
 
-/// A log key ready to check many SETs: its id and its point (parsed once).
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A log key ready to check many SETs: its id and its point, parsed once (a client checks
+/// one SET per file it signs; parsing the point per check cost a share of each).
+#[derive(Clone)]
 pub struct LogKey {
     /// SHA-256 of the SPKI.
     pub id: [u8; 32],
     point: Vec<u8>,
+    parsed: std::sync::Arc<aws_lc_rs::signature::ParsedPublicKey>,
 }
+
+impl std::fmt::Debug for LogKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogKey")
+            .field("id", &hex::encode(self.id))
+            .finish_non_exhaustive()
+    }
+}
+
+impl PartialEq for LogKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id && self.point == other.point
+    }
+}
+
+impl Eq for LogKey {}
 
 impl LogKey {
     /// From the log (audit) key.
     pub fn new(log_key: &p256::ecdsa::VerifyingKey) -> Result<Self, EntryError> {
         let spki = p256::pkcs8::EncodePublicKey::to_public_key_der(log_key)
             .map_err(|_| EntryError("the log key does not encode".into()))?;
+        let point = log_key.to_sec1_point(false).as_bytes().to_vec();
+        let parsed = aws_lc_rs::signature::ParsedPublicKey::new(
+            &aws_lc_rs::signature::ECDSA_P256_SHA256_ASN1,
+            &point,
+        )
+        .map_err(|_| EntryError("the log key is not a P-256 point".into()))?;
         Ok(Self {
             id: log_id(spki.as_bytes()),
-            point: log_key.to_sec1_point(false).as_bytes().to_vec(),
+            point,
+            parsed: std::sync::Arc::new(parsed),
         })
     }
 }
@@ -130,12 +155,7 @@ impl LogEntry {
     /// SET per file it signs).
     pub fn verify_set_with(&self, key: &LogKey) -> Result<(), EntryError> {
         let msg = set_payload(&self.body, self.integrated_time, &key.id, self.log_index);
-        aws_lc_rs::signature::UnparsedPublicKey::new(
-            &aws_lc_rs::signature::ECDSA_P256_SHA256_ASN1,
-            &key.point,
-        )
-        .verify(&msg, &self.set)
-        .map_err(|_| {
+        key.parsed.verify_sig(&msg, &self.set).map_err(|_| {
             EntryError("the signed entry timestamp does not verify with the log key".into())
         })
     }

@@ -146,41 +146,70 @@ pub(super) fn load(store: &Store, seq: u64) -> Option<Frontier> {
     }
 }
 
+/// Where a decision's leaves landed: what each of their SETs signs besides the body.
+#[derive(Clone, Copy, Debug)]
+pub struct Promised {
+    /// The entry's time (the SET's `integratedTime`).
+    pub time: i64,
+    /// The log's id (SHA-256 of the audit key's SPKI).
+    pub log_id: [u8; 32],
+    /// The index of the decision's first leaf.
+    pub first: u64,
+}
+
 impl super::AuditKey {
-    /// The signed entry timestamps of the leaves `written` named, one per body (in order):
-    /// each the audit key's signature over the body, the entry's time, the log id and the
-    /// leaf's index, as Rekor signs its SETs. Call off the runtime for many bodies.
+    /// What the SETs of the leaves `written` named sign (None: it named none).
+    pub fn promised(&self, written: &AuditRecord) -> Result<Option<Promised>, AuditError> {
+        let Some(t) = &written.tlog else {
+            return Ok(None);
+        };
+        Ok(Some(Promised {
+            time: meshsign_evidence::attest::parse_rfc3339(&written.ts)
+                .map_err(AuditError::Tree)?,
+            log_id: meshsign_evidence::rekor::log_id(self.backend.public_key_der()),
+            first: t.index,
+        }))
+    }
+
+    /// The signed entry timestamp of the decision's leaf `offset` (its `offset`-th body): the
+    /// audit key's signature over the body, the entry's time, the log id and the leaf's index,
+    /// as Rekor signs its SETs.
+    pub fn promise(
+        &self,
+        at: &Promised,
+        offset: u64,
+        body: Vec<u8>,
+    ) -> Result<meshsign_evidence::rekor::LogEntry, AuditError> {
+        use meshsign_evidence::rekor;
+        let index = at.first + offset;
+        let msg = rekor::set_payload(&body, at.time, &at.log_id, index);
+        let mut d = [0u8; 32];
+        d.copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &msg).as_ref());
+        let set = self
+            .backend
+            .sign_digest(&d)
+            .map_err(|e| AuditError::Checkpoint(std::sync::Arc::new(e)))?;
+        Ok(rekor::LogEntry {
+            log_index: index,
+            integrated_time: at.time,
+            body,
+            set,
+        })
+    }
+
+    /// The SETs of the leaves `written` named, one per body (in order); see [`Self::promise`].
+    /// For many bodies, spread [`Self::promise`] over the signing pool instead.
     pub fn promises(
         &self,
         written: &AuditRecord,
         bodies: Vec<Vec<u8>>,
     ) -> Result<Vec<meshsign_evidence::rekor::LogEntry>, AuditError> {
-        use meshsign_evidence::rekor;
-        let Some(t) = &written.tlog else {
+        let Some(at) = self.promised(written)? else {
             return Ok(Vec::new());
         };
-        let time =
-            meshsign_evidence::attest::parse_rfc3339(&written.ts).map_err(AuditError::Tree)?;
-        let log_id = rekor::log_id(self.backend.public_key_der());
-        (t.index..)
+        (0..)
             .zip(bodies)
-            .map(|(index, body)| {
-                let msg = rekor::set_payload(&body, time, &log_id, index);
-                let mut d = [0u8; 32];
-                d.copy_from_slice(
-                    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &msg).as_ref(),
-                );
-                let set = self
-                    .backend
-                    .sign_digest(&d)
-                    .map_err(|e| AuditError::Checkpoint(std::sync::Arc::new(e)))?;
-                Ok(rekor::LogEntry {
-                    log_index: index,
-                    integrated_time: time,
-                    body,
-                    set,
-                })
-            })
+            .map(|(offset, body)| self.promise(&at, offset, body))
             .collect()
     }
 }

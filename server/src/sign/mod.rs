@@ -341,11 +341,16 @@ pub async fn sign(
     let key = site.audit.key().clone();
     out.transparency = if bodies.len() <= 8 {
         key.promises(&written, bodies)
-    } else {
+    } else if let Some(at) = key.promised(&written).map_err(SignError::Audit)? {
+        // A batch's SETs on every core of the signing pool.
         site.signing_pool
-            .submit(move || key.promises(&written, bodies))
+            .map((0..).zip(bodies).collect(), move |(offset, body)| {
+                key.promise(&at, offset, body)
+            })
             .await
             .map_err(|_| CustodyError::Crypto("signing pool"))?
+    } else {
+        Ok(Vec::new())
     }
     .map_err(SignError::Audit)?;
     Ok(out)
@@ -455,17 +460,13 @@ async fn check_and_sign(
             .collect::<Result<Vec<_>, _>>()?;
         (sigs, digests)
     } else {
-        // A batch takes milliseconds: off the runtime, on the per-core signing pool.
-        site.signing_pool
-            .submit(move || {
-                let sigs = digests
-                    .iter()
-                    .map(|d| backend.sign_digest(d))
-                    .collect::<Result<Vec<_>, _>>();
-                sigs.map(|s| (s, digests))
-            })
+        // A batch takes milliseconds: off the runtime, on every core of the signing pool.
+        let sigs = site
+            .signing_pool
+            .map(digests.clone(), move |d| backend.sign_digest(&d))
             .await
-            .map_err(|_| CustodyError::Crypto("signing pool"))??
+            .map_err(|_| CustodyError::Crypto("signing pool"))??;
+        (sigs, digests)
     };
     // The transparency log's leaves: what the audit entry names and the log proves.
     let spki = &key.record.public_key_der;
