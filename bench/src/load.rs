@@ -187,13 +187,17 @@ pub async fn bundles(
                     let work: Vec<_> = rs.iter().zip(&digests).collect();
                     meshsign_client::site::verification::par_map(&work, |(r, d)| {
                         let hint = format!("bench/{ENVIRONMENT}/{}", r.key_id);
-                        meshsign_client::site::verification::sigstore_bundle(r, hint, d, &spki)
-                            .and_then(|b| {
-                                serde_json::to_vec(&b).map_err(|e| {
-                                    meshsign_client::ClientError::Crypto(e.to_string())
-                                })
-                            })
-                            .is_ok()
+                        meshsign_client::site::verification::sigstore_bundle(
+                            r,
+                            hint,
+                            (meshsign_evidence::rekor::BodyHash::Sha256, &d[..]),
+                            &spki,
+                        )
+                        .and_then(|b| {
+                            serde_json::to_vec(&b)
+                                .map_err(|e| meshsign_client::ClientError::Crypto(e.to_string()))
+                        })
+                        .is_ok()
                     })
                     .into_iter()
                     .filter(|ok| *ok)

@@ -406,6 +406,97 @@ fn sigstore_js_verifies_the_bundles_with_its_default_thresholds_and_refuses_an_a
     );
     assert!(sigstore_js(&root, &keys, &bundle(&msg), &files[0]).is_err());
 
+    // A P-384 key's message: it signs SHA-384 of the message, so the bundle's messageDigest
+    // and the log entry's hashedrekord name SHA-384 — and sigstore-js, which hashes the
+    // artifact with the bundle's algorithm, verifies it.
+    ok(
+        "p384 key",
+        run(&[
+            "admin",
+            "key",
+            "create",
+            "--environment",
+            "staging",
+            "--alias",
+            "p384",
+            "--algorithm",
+            "ecdsa-p384-sha384",
+            "--repository",
+            "*",
+            "--ref",
+            "*",
+        ]),
+    );
+    let notes = dir.path().join("notes-384.txt");
+    std::fs::write(&notes, "release notes, signed by a P-384 key").unwrap();
+    ok(
+        "sign --message (P-384)",
+        run(&[
+            "sign",
+            "--environment",
+            "staging",
+            "--key",
+            "p384",
+            "--token-file",
+            token("token-384").to_str().unwrap(),
+            "--format",
+            "sigstore",
+            "--message",
+            notes.to_str().unwrap(),
+        ]),
+    );
+    let p384: serde_json::Value = serde_json::from_str(&ok(
+        "p384 material",
+        run(&[
+            "verification-material",
+            "--environment",
+            "staging",
+            "--key",
+            "p384",
+            "--output",
+            "json",
+        ]),
+    ))
+    .unwrap();
+    let p384_der =
+        meshsign_evidence::verify::spki_from_pem(p384[0]["public_key_pem"].as_str().unwrap())
+            .unwrap();
+    let p384_keys = dir.path().join("keys-384.json");
+    std::fs::write(
+        &p384_keys,
+        serde_json::json!({
+            format!("local/staging/{}", p384[0]["key_id"].as_str().unwrap()): B64.encode(&p384_der),
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let b384: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(bundle(&notes)).unwrap()).unwrap();
+    assert_eq!(
+        b384["messageSignature"]["messageDigest"]["algorithm"],
+        "SHA2_384"
+    );
+    assert_eq!(
+        sigstore_js(&root, &p384_keys, &bundle(&notes), &notes),
+        Ok("application/vnd.dev.sigstore.bundle+json;version=0.1".into())
+    );
+    assert!(sigstore_js(&root, &p384_keys, &bundle(&notes), &msg).is_err());
+    let p384_pem = dir.path().join("p384.pem");
+    std::fs::write(&p384_pem, p384[0]["public_key_pem"].as_str().unwrap()).unwrap();
+    let report = ok(
+        "verify P-384 bundle",
+        run(&[
+            "verify",
+            notes.to_str().unwrap(),
+            "--public-key",
+            p384_pem.to_str().unwrap(),
+            "--receipt",
+            "--audit-key",
+            audit.to_str().unwrap(),
+        ]),
+    );
+    assert!(report.contains("OK"), "{report}");
+
     // An attestation: the statement the site built, as a Sigstore bundle with its `dsse`
     // log entry, verified by sigstore-js under the attestation key's hint; then upgraded.
     let out = ok(

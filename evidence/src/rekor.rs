@@ -37,11 +37,76 @@ fn key_content(spki_der: &[u8]) -> String {
     B64.encode(crate::pem_encode("PUBLIC KEY", spki_der))
 }
 
+/// The hash a `hashedrekord` body (and a bundle's `messageDigest`) names: the one the
+/// signature was made over, so a verifier that knows only the body's hash checks it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BodyHash {
+    /// SHA-256: digest keys, and messages signed by P-256, RSA (and Ed25519, whose pure
+    /// signature no hash names; see docs/design-notes.md).
+    #[default]
+    Sha256,
+    /// SHA-384: messages signed by P-384 keys (`ecdsa-p384-sha384` signs SHA-384 of them).
+    Sha384,
+}
+
+impl BodyHash {
+    /// The hash a message signature of key algorithm `algorithm` is over.
+    pub fn for_algorithm(algorithm: &str) -> Self {
+        if algorithm == "ecdsa-p384-sha384" {
+            Self::Sha384
+        } else {
+            Self::Sha256
+        }
+    }
+
+    /// Rekor's name (`spec.data.hash.algorithm`).
+    pub fn rekor(self) -> &'static str {
+        match self {
+            Self::Sha256 => "sha256",
+            Self::Sha384 => "sha384",
+        }
+    }
+
+    /// Sigstore's `HashAlgorithm` name (a bundle's `messageDigest.algorithm`).
+    pub fn sigstore(self) -> &'static str {
+        match self {
+            Self::Sha256 => "SHA2_256",
+            Self::Sha384 => "SHA2_384",
+        }
+    }
+
+    /// From Sigstore's name.
+    pub fn from_sigstore(name: &str) -> Option<Self> {
+        [Self::Sha256, Self::Sha384]
+            .into_iter()
+            .find(|h| h.sigstore() == name)
+    }
+
+    /// The hash of `message`.
+    pub fn of(self, message: &[u8]) -> Vec<u8> {
+        match self {
+            Self::Sha256 => Sha256::digest(message).to_vec(),
+            Self::Sha384 => sha2::Sha384::digest(message).to_vec(),
+        }
+    }
+}
+
 /// The `hashedrekord` `0.0.1` body of a signature over a SHA-256 digest (for a message
 /// signature, the SHA-256 of the message).
 pub fn hashedrekord(digest: &[u8; 32], signature: &[u8], spki_der: &[u8]) -> Vec<u8> {
+    hashedrekord_with(BodyHash::Sha256, digest, signature, spki_der)
+}
+
+/// The `hashedrekord` `0.0.1` body of a signature over `digest`, a `hash` hash.
+pub fn hashedrekord_with(
+    hash: BodyHash,
+    digest: &[u8],
+    signature: &[u8],
+    spki_der: &[u8],
+) -> Vec<u8> {
     format!(
-        r#"{{"apiVersion":"0.0.1","kind":"hashedrekord","spec":{{"data":{{"hash":{{"algorithm":"sha256","value":"{}"}}}},"signature":{{"content":"{}","publicKey":{{"content":"{}"}}}}}}}}"#,
+        r#"{{"apiVersion":"0.0.1","kind":"hashedrekord","spec":{{"data":{{"hash":{{"algorithm":"{}","value":"{}"}}}},"signature":{{"content":"{}","publicKey":{{"content":"{}"}}}}}}}}"#,
+        hash.rekor(),
         hex::encode(digest),
         B64.encode(signature),
         key_content(spki_der)
@@ -168,6 +233,8 @@ pub struct BodyFacts {
     pub kind: String,
     /// `spec.data.hash.value` (hashedrekord) or `spec.payloadHash.value` (dsse), decoded.
     pub digest: Vec<u8>,
+    /// Which hash `digest` is (a dsse body's payload hash is SHA-256).
+    pub hash: BodyHash,
     /// The one signature, decoded.
     pub signature: Vec<u8>,
     /// The key's SPKI (DER), decoded from the PEM.
@@ -194,8 +261,20 @@ pub fn body_facts(body: &[u8]) -> Result<BodyFacts, EntryError> {
         ),
         _ => return Err(bad("the body is neither hashedrekord 0.0.1 nor dsse 0.0.1")),
     };
+    let hash = match s("/spec/data/hash/algorithm").or(s("/spec/payloadHash/algorithm")) {
+        Some("sha256") => BodyHash::Sha256,
+        Some("sha384") => BodyHash::Sha384,
+        _ => return Err(bad("the body's hash is neither sha256 nor sha384")),
+    };
     let digest =
         hex::decode(digest.unwrap_or("")).map_err(|_| bad("the body's hash is not hex"))?;
+    let want = match hash {
+        BodyHash::Sha256 => 32,
+        BodyHash::Sha384 => 48,
+    };
+    if digest.len() != want {
+        return Err(bad("the body's hash is not as long as its algorithm's"));
+    }
     let signature = B64
         .decode(sig.unwrap_or(""))
         .map_err(|_| bad("the body's signature is not base64"))?;
@@ -213,6 +292,7 @@ pub fn body_facts(body: &[u8]) -> Result<BodyFacts, EntryError> {
     Ok(BodyFacts {
         kind: kind.into(),
         digest,
+        hash,
         signature,
         spki_der,
     })
@@ -239,5 +319,29 @@ mod tests {
             serde_json::from_slice(&payload).map_err(|_| EntryError("json".into()))?;
         assert_eq!(serde_json::to_vec(&p).ok(), Some(payload));
         Ok(())
+    }
+
+    #[test]
+    fn a_sha384_body_reads_back_as_sha384_and_a_short_hash_is_refused() {
+        // A real key, so the PEM parses back.
+        let spki = p256::pkcs8::EncodePublicKey::to_public_key_der(
+            p256::ecdsa::SigningKey::from_slice(&[1; 32])
+                .expect("key")
+                .verifying_key(),
+        )
+        .expect("spki");
+        let d384 = BodyHash::Sha384.of(b"notes");
+        assert_eq!(d384.len(), 48);
+        let body = hashedrekord_with(BodyHash::Sha384, &d384, b"sig", spki.as_bytes());
+        let facts = body_facts(&body).expect("facts");
+        assert_eq!((facts.hash, facts.digest), (BodyHash::Sha384, d384));
+        assert_eq!(
+            BodyHash::from_sigstore(BodyHash::for_algorithm("ecdsa-p384-sha384").sigstore()),
+            Some(BodyHash::Sha384)
+        );
+        assert_eq!(BodyHash::for_algorithm("ed25519"), BodyHash::Sha256);
+        // A body that says sha384 but carries 32 bytes is refused.
+        let short = hashedrekord_with(BodyHash::Sha384, &[7; 32], b"sig", spki.as_bytes());
+        assert!(body_facts(&short).is_err());
     }
 }

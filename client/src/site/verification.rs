@@ -101,11 +101,12 @@ pub async fn receipt(
 
 /// The Sigstore bundle (v0.1: the log entry with its signed entry timestamp) of a Sign
 /// response whose signature was checked ([`bundle_from_response`]): the SET must verify under
-/// the site's audit key and the entry's body must be this signature, digest and key.
+/// the site's audit key and the entry's body must be this signature, digest and key. `digest`
+/// is what the signature is over: the file's SHA-256, or SHA-384 of a P-384 key's message.
 pub fn sigstore_bundle(
     r: &v1::SignResponse,
     hint: String,
-    digest: &[u8; 32],
+    (hash, digest): (meshsign_evidence::rekor::BodyHash, &[u8]),
     log_key: &meshsign_evidence::rekor::LogKey,
 ) -> Result<meshsign_evidence::bundle::sigstore::Bundle, ClientError> {
     use meshsign_evidence::bundle::sigstore::{Bundle, TlogEntry};
@@ -129,8 +130,9 @@ pub fn sigstore_bundle(
     let facts =
         meshsign_evidence::rekor::body_facts(&entry.body).map_err(|e| bad(e.to_string()))?;
     let tlog = TlogEntry::from_checked(&entry, &log_key.id, facts.kind.clone());
-    let b = Bundle::message(hint, digest, &r.signature, Some(tlog));
-    if facts.digest != digest[..]
+    let b = Bundle::message(hint, (hash, digest), &r.signature, Some(tlog));
+    if facts.digest != digest
+        || facts.hash != hash
         || facts.signature != r.signature
         || facts.spki_der != r.public_key_der
     {

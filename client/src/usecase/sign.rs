@@ -218,14 +218,17 @@ async fn sign_sigstore(
     let work: Vec<_> = opts.files.iter().zip(digests).zip(&responses).collect();
     let bundles = verification::par_map(&work, |((file, digest), r)| {
         let name = file_name(file);
-        if opts.message {
+        let signed = if opts.message {
             let m = verify::read_message(file)?;
             verification::bundle_from_message_response(r, &name, &m, &region, &environment)?;
+            let hash = meshsign_evidence::rekor::BodyHash::for_algorithm(&r.algorithm);
+            (hash, hash.of(&m))
         } else {
             verification::bundle_from_response(r, &name, digest, &region, &environment)?;
-        }
+            (meshsign_evidence::rekor::BodyHash::Sha256, digest.to_vec())
+        };
         let hint = format!("{region}/{environment}/{}", r.key_id);
-        verification::sigstore_bundle(r, hint, digest, &log_key)
+        verification::sigstore_bundle(r, hint, (signed.0, &signed.1), &log_key)
     });
     let mut written = Vec::with_capacity(responses.len());
     for (file, bundle) in opts.files.iter().zip(bundles) {
@@ -424,7 +427,7 @@ async fn sign_one(
         let tlog = meshsign_evidence::bundle::sigstore::TlogEntry::from_receipt(&receipt, &spki)?;
         let sb = meshsign_evidence::bundle::sigstore::Bundle::message(
             hint,
-            digest,
+            (meshsign_evidence::rekor::BodyHash::Sha256, digest),
             &r.signature,
             Some(tlog),
         );

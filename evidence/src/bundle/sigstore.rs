@@ -82,7 +82,7 @@ pub struct MessageSignature {
 /// `dev.sigstore.common.v1.HashOutput`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct HashOutput {
-    /// `SHA2_256`.
+    /// `SHA2_256`, or `SHA2_384` for a P-384 key's message.
     pub algorithm: String,
     /// Base64 digest.
     pub digest: String,
@@ -359,10 +359,11 @@ fn root_of_note(note: &str) -> Result<Vec<u8>, VerifyError> {
 }
 
 impl Bundle {
-    /// A bundle of a message signature.
+    /// A bundle of a message signature over `digest`, a `hash` hash (SHA-384 for a P-384
+    /// key's message: what it signed, so a Sigstore verifier hashes the artifact the same way).
     pub fn message(
         hint: String,
-        digest: &[u8; 32],
+        (hash, digest): (crate::rekor::BodyHash, &[u8]),
         signature: &[u8],
         tlog: Option<TlogEntry>,
     ) -> Self {
@@ -375,7 +376,7 @@ impl Bundle {
             },
             message_signature: Some(MessageSignature {
                 message_digest: HashOutput {
-                    algorithm: "SHA2_256".into(),
+                    algorithm: hash.sigstore().into(),
                     digest: B64.encode(digest),
                 },
                 signature: B64.encode(signature),
@@ -432,6 +433,14 @@ impl Bundle {
         };
         if facts.digest != digest {
             return Err(fail("the body is of another digest"));
+        }
+        if let Some(ms) = &self.message_signature
+            && crate::rekor::BodyHash::from_sigstore(&ms.message_digest.algorithm)
+                != Some(facts.hash)
+        {
+            return Err(fail(
+                "the body names another hash algorithm than the bundle",
+            ));
         }
         if facts.signature != sig {
             return Err(fail("the body is of another signature"));

@@ -150,7 +150,7 @@ fn native(
         }
     };
     if let Some(e) = &entry {
-        names_signature(e, b)?;
+        names_signature(e, b, file)?;
     }
     Ok(Checked {
         format: "native",
@@ -172,7 +172,11 @@ fn native(
 /// The receipt's entry must name this very signature: its transparency leaf (the
 /// `hashedrekord` body of the bundle's digest, signature and key) is among the leaves the entry
 /// names. A receipt of another signature over the same digest — or by another key — does not.
-fn names_signature(e: &crate::audit::AuditRecord, b: &SigBundle) -> Result<(), VerifyError> {
+fn names_signature(
+    e: &crate::audit::AuditRecord,
+    b: &SigBundle,
+    file: &Path,
+) -> Result<(), VerifyError> {
     let fail = |m: &str| VerifyError::Failed(format!("receipt: {m}"));
     let leaves = e.tlog.as_ref().and_then(|t| t.hashes()).ok_or_else(|| {
         fail(
@@ -189,7 +193,17 @@ fn names_signature(e: &crate::audit::AuditRecord, b: &SigBundle) -> Result<(), V
         .ok()
         .and_then(|d| d.try_into().ok())
         .ok_or_else(|| fail("the bundle's digest is not 32 bytes of hex"))?;
-    let leaf = crate::merkle::leaf_hash(&crate::rekor::hashedrekord(&digest, &sig, &spki));
+    // A P-384 key's message signature is logged under the SHA-384 of the message.
+    let body = match crate::rekor::BodyHash::for_algorithm(&b.algorithm) {
+        crate::rekor::BodyHash::Sha384 => crate::rekor::hashedrekord_with(
+            crate::rekor::BodyHash::Sha384,
+            &crate::rekor::BodyHash::Sha384.of(&verify::read_message(file)?),
+            &sig,
+            &spki,
+        ),
+        crate::rekor::BodyHash::Sha256 => crate::rekor::hashedrekord(&digest, &sig, &spki),
+    };
+    let leaf = crate::merkle::leaf_hash(&body);
     if !leaves.contains(&leaf) {
         return Err(fail(&format!(
             "audit entry {} is of another signature or key than this bundle's (it names no \
@@ -230,9 +244,13 @@ fn sigstore(
         .ok_or_else(|| VerifyError::Failed("the bundle has no messageSignature".into()))?;
     let b64 = base64::engine::general_purpose::STANDARD;
     let digest = verify::sha256_file(file)?;
-    if ms.message_digest.algorithm != "SHA2_256"
-        || b64.decode(&ms.message_digest.digest).ok().as_deref() != Some(&digest[..])
-    {
+    // SHA-256 of the file, or SHA-384 of it for a P-384 key's message bundle.
+    let named = match crate::rekor::BodyHash::from_sigstore(&ms.message_digest.algorithm) {
+        Some(crate::rekor::BodyHash::Sha256) => Some(digest.to_vec()),
+        Some(h @ crate::rekor::BodyHash::Sha384) => Some(h.of(&verify::read_message(file)?)),
+        None => None,
+    };
+    if named.is_none() || b64.decode(&ms.message_digest.digest).ok() != named {
         return Err(VerifyError::Failed(format!(
             "{} does not match the signed digest (file changed?)",
             file.display()

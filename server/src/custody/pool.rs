@@ -110,7 +110,12 @@ impl SigningPool {
                 break;
             }
             let f = f.clone();
-            queued.push(self.enqueue(move || chunk.into_iter().map(|i| f(i)).collect::<Result<Vec<O>, E>>())?);
+            queued.push(self.enqueue(move || {
+                chunk
+                    .into_iter()
+                    .map(|i| f(i))
+                    .collect::<Result<Vec<O>, E>>()
+            })?);
         }
         let mut out = Vec::new();
         for rx in queued {
@@ -147,11 +152,7 @@ mod tests {
         assert!(threads.len() > 1, "chunks ran on {threads:?}");
         let err = pool
             .map((0..100u32).collect(), |i| {
-                if i == 40 || i == 90 {
-                    Err(i)
-                } else {
-                    Ok(i)
-                }
+                if i == 40 || i == 90 { Err(i) } else { Ok(i) }
             })
             .await
             .unwrap();

@@ -451,6 +451,14 @@ async fn check_and_sign(
     *budgeted = spec.is_some_and(|s| s.budget.is_limited());
     checks::budget(site, &authorized.record, spec, &input.alias, digests.len())?;
     let backend = key.backend.clone();
+    // A P-384 key signs SHA-384 of the message: its log entry names that hash, so a Sigstore
+    // verifier checks the signature over the artifact the way it was made.
+    let body_hash = match (&message, key.backend.algorithm()) {
+        (Some(m), crate::model::KeyAlgorithm::EcdsaP384Sha384) => {
+            Some(meshsign_evidence::rekor::BodyHash::Sha384.of(m))
+        }
+        _ => None,
+    };
     let (signatures, digests) = if let Some(m) = message {
         (vec![backend.sign_message(&m)?], digests)
     } else if digests.len() <= 8 {
@@ -474,7 +482,15 @@ async fn check_and_sign(
         .iter()
         .zip(&digests)
         .map(|(sig, d)| meshsign_evidence::rekor::LogEntry {
-            body: meshsign_evidence::rekor::hashedrekord(d, sig, spki),
+            body: match &body_hash {
+                Some(h) => meshsign_evidence::rekor::hashedrekord_with(
+                    meshsign_evidence::rekor::BodyHash::Sha384,
+                    h,
+                    sig,
+                    spki,
+                ),
+                None => meshsign_evidence::rekor::hashedrekord(d, sig, spki),
+            },
             ..Default::default()
         })
         .collect();
