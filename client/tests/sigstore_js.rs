@@ -163,6 +163,18 @@ fn sigstore_js_verifies_the_bundles_with_its_default_thresholds_and_refuses_an_a
     )
     .unwrap();
 
+    // Sigstore's own types (sigstore_protobuf_specs, proto3 JSON: unknown fields refused)
+    // read every bundle and the trusted root back.
+    use sigstore_protobuf_specs::dev::sigstore::{bundle::v1 as sb, trustroot::v1 as tr};
+    for f in &files {
+        let read: Result<sb::Bundle, _> =
+            serde_json::from_slice(&std::fs::read(bundle(f)).unwrap());
+        let read = read.unwrap_or_else(|e| panic!("{}: {e}", bundle(f).display()));
+        assert_eq!(read.verification_material.unwrap().tlog_entries.len(), 1);
+    }
+    let read: tr::TrustedRoot = serde_json::from_slice(&std::fs::read(&root).unwrap()).unwrap();
+    assert_eq!(read.tlogs.len(), 1);
+
     // As written: v0.1 bundles (the SET), verified at once.
     for f in &files {
         assert_eq!(

@@ -3,6 +3,7 @@
 //! signed distrust list (checked against the audit key before it is handed on).
 
 use meshsign_proto::v1;
+use sigstore_protobuf_specs::dev::sigstore::{common::v1 as common, trustroot::v1 as trustroot};
 
 use crate::site::verification;
 use crate::usecase::fleet::{self, Fleet};
@@ -54,42 +55,50 @@ pub enum Material {
 /// as the log's key (`PKIX_ECDSA_P256_SHA_256`), its log id, and a base URL that contains the
 /// log's checkpoint origin (Sigstore verifiers match a checkpoint's signer name against it).
 /// Valid from the oldest key version the answer names (no signature of the environment is
-/// older), else from the epoch.
+/// older), else from the epoch. Built from Sigstore's own types (`sigstore_protobuf_specs`),
+/// encoded by their proto3 JSON mapping.
 pub fn trusted_root(resp: &v1::GetVerificationMaterialResponse) -> serde_json::Value {
     root_of(vec![tlog(resp)])
 }
 
 /// A `TrustedRoot` naming `tlogs` (and no CA, CT log or TSA: every key is pinned).
-fn root_of(tlogs: Vec<serde_json::Value>) -> serde_json::Value {
-    serde_json::json!({
-        "mediaType": "application/vnd.dev.sigstore.trustedroot+json;version=0.1",
-        "tlogs": tlogs,
-        "certificateAuthorities": [],
-        "ctlogs": [],
-        "timestampAuthorities": [],
-    })
+fn root_of(tlogs: Vec<trustroot::TransparencyLogInstance>) -> serde_json::Value {
+    let root = trustroot::TrustedRoot {
+        media_type: "application/vnd.dev.sigstore.trustedroot+json;version=0.1".into(),
+        tlogs,
+        ..Default::default()
+    };
+    // Plain fields: encoding cannot fail.
+    serde_json::to_value(&root).unwrap_or_default()
 }
 
 /// A site's transparency log as a `TrustedRoot`'s `tlogs` element.
-fn tlog(resp: &v1::GetVerificationMaterialResponse) -> serde_json::Value {
-    use base64::Engine as _;
-    let b64 = base64::engine::general_purpose::STANDARD;
+fn tlog(resp: &v1::GetVerificationMaterialResponse) -> trustroot::TransparencyLogInstance {
     let start = resp
         .keys
         .iter()
         .filter_map(|k| k.created_at.map(|t| t.seconds))
         .min()
         .unwrap_or(0);
-    serde_json::json!({
-        "baseUrl": format!("https://{}", resp.transparency_log_origin),
-        "hashAlgorithm": "SHA2_256",
-        "publicKey": {
-            "rawBytes": b64.encode(&resp.audit_public_key_der),
-            "keyDetails": "PKIX_ECDSA_P256_SHA_256",
-            "validFor": { "start": meshsign_evidence::attest::rfc3339(start) },
-        },
-        "logId": { "keyId": b64.encode(meshsign_evidence::rekor::log_id(&resp.audit_public_key_der)) },
-    })
+    trustroot::TransparencyLogInstance {
+        base_url: format!("https://{}", resp.transparency_log_origin),
+        hash_algorithm: common::HashAlgorithm::Sha2256 as i32,
+        public_key: Some(common::PublicKey {
+            raw_bytes: Some(resp.audit_public_key_der.clone()),
+            key_details: common::PublicKeyDetails::PkixEcdsaP256Sha256 as i32,
+            valid_for: Some(common::TimeRange {
+                start: Some(prost_types::Timestamp {
+                    seconds: start,
+                    nanos: 0,
+                }),
+                end: None,
+            }),
+        }),
+        log_id: Some(common::LogId {
+            key_id: meshsign_evidence::rekor::log_id(&resp.audit_public_key_der).to_vec(),
+        }),
+        ..Default::default()
+    }
 }
 
 /// `--trusted-root --fleet`: every site's transparency log in one trusted root, in site order.
@@ -118,10 +127,10 @@ pub async fn fleet_trusted_root(
     if !failed.is_empty() {
         return Err(fleet::failure(&failed, &results));
     }
-    let mut tlogs: Vec<serde_json::Value> = Vec::new();
+    let mut tlogs: Vec<trustroot::TransparencyLogInstance> = Vec::new();
     for (_, resp) in results {
         let one = tlog(&resp?);
-        if !tlogs.iter().any(|t| t["logId"] == one["logId"]) {
+        if !tlogs.iter().any(|t| t.log_id == one.log_id) {
             tlogs.push(one);
         }
     }
@@ -147,4 +156,36 @@ pub async fn fetch(cfg: &ClientConfig, args: &MaterialArgs) -> Result<Material, 
         return Ok(Material::TrustedRoot(trusted_root(&resp)));
     }
     Ok(Material::Keys(resp.keys))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_trusted_root_is_sigstores_json_with_the_log_id_of_the_audit_key() {
+        let spki = vec![0x30, 0x59, 1, 2, 3];
+        let resp = v1::GetVerificationMaterialResponse {
+            audit_public_key_der: spki.clone(),
+            transparency_log_origin: "example.org/sg/log".into(),
+            ..Default::default()
+        };
+        let root = trusted_root(&resp);
+        assert_eq!(
+            root["mediaType"],
+            "application/vnd.dev.sigstore.trustedroot+json;version=0.1"
+        );
+        let t = &root["tlogs"][0];
+        assert_eq!(t["baseUrl"], "https://example.org/sg/log");
+        assert_eq!(t["hashAlgorithm"], "SHA2_256");
+        assert_eq!(t["publicKey"]["keyDetails"], "PKIX_ECDSA_P256_SHA_256");
+        assert_eq!(t["publicKey"]["validFor"]["start"], "1970-01-01T00:00:00Z");
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        assert_eq!(t["publicKey"]["rawBytes"], b64.encode(&spki));
+        assert_eq!(
+            t["logId"]["keyId"],
+            b64.encode(meshsign_evidence::rekor::log_id(&spki))
+        );
+    }
 }

@@ -329,16 +329,7 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
             command: ReceiptCommand::Fetch { files },
         } => runner::fetch_proofs(&load_config(global)?, &files, format).await,
         Command::Attest(args) => runner::attest(&load_config(global)?, args, format).await,
-        Command::VerificationMaterial(args) if args.fleet => {
-            let root = usecase::material::fleet_trusted_root(&load_fleet(global)?, &args).await?;
-            render::material(&usecase::material::Material::TrustedRoot(root), format);
-            Ok(())
-        }
-        Command::VerificationMaterial(args) => {
-            let m = usecase::material::fetch(&load_config(global)?, &args).await?;
-            render::material(&m, format);
-            Ok(())
-        }
+        Command::VerificationMaterial(args) => material(global, &args, format).await,
         #[cfg(feature = "dev")]
         Command::Dev { command } => {
             out!(
@@ -369,6 +360,23 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
             .await
         }
     }
+}
+
+/// `meshsign verification-material`: at one site, or (`--trusted-root --fleet`) one trusted
+/// root of every site's log.
+async fn material(
+    global: &Global,
+    args: &usecase::material::MaterialArgs,
+    format: render::Format,
+) -> Result<(), ClientError> {
+    let m = if args.fleet {
+        let root = usecase::material::fleet_trusted_root(&load_fleet(global)?, args).await?;
+        usecase::material::Material::TrustedRoot(root)
+    } else {
+        usecase::material::fetch(&load_config(global)?, args).await?
+    };
+    render::material(&m, format);
+    Ok(())
 }
 
 /// The fleet of `--all-sites`: every site named in the config's `[sites]`.
