@@ -128,21 +128,29 @@ fn sigstore_js_verifies_the_bundles_with_its_default_thresholds_and_refuses_an_a
         ),
     )
     .unwrap();
-    let material: serde_json::Value = serde_json::from_str(&ok(
-        "key",
-        run(&[
-            "verification-material",
-            "--environment",
-            "staging",
-            "--key",
-            "release",
-            "--output",
-            "json",
-        ]),
-    ))
-    .unwrap();
+    // A key's versions as `verification-material --output json` prints them, and the newest's
+    // SPKI (DER).
+    let material_of = |alias: &str| {
+        let m: serde_json::Value = serde_json::from_str(&ok(
+            "key material",
+            run(&[
+                "verification-material",
+                "--environment",
+                "staging",
+                "--key",
+                alias,
+                "--output",
+                "json",
+            ]),
+        ))
+        .unwrap();
+        let der =
+            meshsign_evidence::verify::spki_from_pem(m[0]["public_key_pem"].as_str().unwrap())
+                .unwrap();
+        (m, der)
+    };
+    let (material, der) = material_of("release");
     let pem = material[0]["public_key_pem"].as_str().unwrap();
-    let der = meshsign_evidence::verify::spki_from_pem(pem).unwrap();
     let bundle = |f: &Path| meshsign_client::usecase::sign::sibling(f, ".sigstore.json");
     let hint = {
         let b: serde_json::Value =
@@ -457,22 +465,7 @@ fn sigstore_js_verifies_the_bundles_with_its_default_thresholds_and_refuses_an_a
             notes.to_str().unwrap(),
         ]),
     );
-    let p384: serde_json::Value = serde_json::from_str(&ok(
-        "p384 material",
-        run(&[
-            "verification-material",
-            "--environment",
-            "staging",
-            "--key",
-            "p384",
-            "--output",
-            "json",
-        ]),
-    ))
-    .unwrap();
-    let p384_der =
-        meshsign_evidence::verify::spki_from_pem(p384[0]["public_key_pem"].as_str().unwrap())
-            .unwrap();
+    let (p384, p384_der) = material_of("p384");
     let p384_keys = dir.path().join("keys-384.json");
     std::fs::write(
         &p384_keys,
@@ -527,22 +520,7 @@ fn sigstore_js_verifies_the_bundles_with_its_default_thresholds_and_refuses_an_a
     );
     let att_bundle = dir.path().join("artifact-0.bin.intoto.sigstore.json");
     assert!(out.contains("Sigstore bundle"), "{out}");
-    let att: serde_json::Value = serde_json::from_str(&ok(
-        "attest key",
-        run(&[
-            "verification-material",
-            "--environment",
-            "staging",
-            "--key",
-            "attest",
-            "--output",
-            "json",
-        ]),
-    ))
-    .unwrap();
-    let att_der =
-        meshsign_evidence::verify::spki_from_pem(att[0]["public_key_pem"].as_str().unwrap())
-            .unwrap();
+    let (att, att_der) = material_of("attest");
     let both = dir.path().join("keys-both.json");
     std::fs::write(
         &both,
