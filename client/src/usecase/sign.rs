@@ -416,32 +416,16 @@ async fn sign_one(
         let b = verification::bundle_from_response(&r, &name, digest, &region, &environment)?;
         (r, b)
     };
-    let receipt = site.receipt(file, &r, &bundle, opts.format).await?;
-    let (signature, bundle_path) = if opts.format == SigFormat::Sigstore {
-        let Some((receipt, spki)) = receipt else {
-            return Err(ClientError::Usage(
-                "--format sigstore needs the site's audit receipt".into(),
-            ));
-        };
-        let hint = format!("{}/{}/{}", bundle.region, bundle.environment, bundle.key_id);
-        let tlog = meshsign_evidence::bundle::sigstore::TlogEntry::from_receipt(&receipt, &spki)?;
-        let sb = meshsign_evidence::bundle::sigstore::Bundle::message(
-            hint,
-            (meshsign_evidence::rekor::BodyHash::Sha256, digest),
-            &r.signature,
-            Some(tlog),
-        );
-        let path = sibling(file, ".sigstore.json");
-        write_json(&path, &sb)?;
-        (path.clone(), path)
-    } else {
-        bundle.receipt = receipt.map(|(r, _)| r);
-        let sig_path = sibling(file, ".sig");
-        let json_path = sibling(file, ".sig.json");
-        std::fs::write(&sig_path, &r.signature).map_err(ClientError::io(&sig_path))?;
-        write_json(&json_path, &bundle)?;
-        (sig_path, json_path)
-    };
+    // `--format sigstore` never comes here (see `sign_sigstore`).
+    bundle.receipt = site
+        .receipt(file, &r, &bundle, opts.format)
+        .await?
+        .map(|(r, _)| r);
+    let sig_path = sibling(file, ".sig");
+    let json_path = sibling(file, ".sig.json");
+    std::fs::write(&sig_path, &r.signature).map_err(ClientError::io(&sig_path))?;
+    write_json(&json_path, &bundle)?;
+    let (signature, bundle_path) = (sig_path, json_path);
     Ok(Signed {
         file: file.to_path_buf(),
         key_id: r.key_id,
