@@ -14,6 +14,7 @@ pub mod attest;
 pub mod audit;
 pub mod bundle;
 pub mod der;
+pub mod device;
 pub mod distrust;
 pub mod error;
 pub mod files;
