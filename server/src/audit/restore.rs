@@ -110,6 +110,13 @@ pub(super) fn plan_restore<'r>(
     if let Some((base_seq, base_hash)) = &recovered.base
         && *base_seq > 0
     {
+        // The store's last entry must be at least the journal's base: a damaged index can
+        // still find the base entry by key while the log, read from its end, stops earlier.
+        if head.0 < *base_seq {
+            return Err(AuditError::JournalState(
+                journal::JournalError::store_behind(path, *base_seq, head.0),
+            ));
+        }
         match stored(*base_seq)? {
             Some(r) if r.hash == *base_hash => {}
             Some(_) => {
@@ -155,8 +162,10 @@ pub(super) fn plan_restore<'r>(
 /// Reads every stored entry of the audit log once, in order: the engine checks each page as it
 /// reads it (sled: a checksum per record), so a damaged page is found at start — naming where
 /// the readable log ends — not by an export months later while the site kept signing. Keys
-/// must follow each other without a gap (retention removes only from the front). Returns how
-/// many entries were read. O(entries) reads at start; not done on a shared database.
+/// must follow each other without a gap (retention removes only from the front), and the read
+/// must reach the last key the engine finds from the other end (a damaged index once ended a
+/// forward read at seq 133 of 302 while the last entry still read). Returns how many entries
+/// were read. O(entries) reads at start; not done on a shared database.
 pub fn check_readable(store: &Store, dir: &std::path::Path) -> Result<u64, AuditError> {
     const CHUNK: usize = 8192;
     let unreadable = |after: u64, cause: String| AuditError::Unreadable {
@@ -202,10 +211,29 @@ pub fn check_readable(store: &Store, dir: &std::path::Path) -> Result<u64, Audit
             count += 1;
         }
         match last {
-            Some(l) if !rows.is_empty() => next = l + 1,
-            _ => return Ok(count),
+            // A short chunk is the end of the log as an in-order read sees it; reading on from
+            // a new seek could step over a broken link that every full scan (an export, a
+            // replica's catch-up) would stop at.
+            Some(l) if rows.len() == limit => next = l + 1,
+            _ => break,
         }
     }
+    // The engine's last key, found from the other end: a damaged index can end a forward
+    // read early while point reads (the journal's check among them) still find the later
+    // entries. Then the forward read did not read the whole log.
+    if let Some((k, _)) = store
+        .kv()
+        .last(Tree::Audit)
+        .map_err(|e| unreadable(last.unwrap_or(0), e.to_string()))?
+        && let Ok(head) = <[u8; 8]>::try_from(k.as_slice()).map(u64::from_be_bytes)
+        && Some(head) > last
+    {
+        return Err(unreadable(
+            last.unwrap_or(0),
+            format!("the log's last entry is seq {head}, but reading it in order stops there"),
+        ));
+    }
+    Ok(count)
 }
 
 /// Where the store records the last seq a store flush made durable (a batch that went to the
