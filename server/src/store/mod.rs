@@ -259,11 +259,27 @@ impl SledKv {
 
 impl SledInner {
     fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(cache_bytes)
-            .open()
-            .map_err(engine)?;
+        // sled releases its file lock when the last handle of a database is gone, which its
+        // own background threads may hold a moment after this process dropped it (a refused
+        // start, `recover`, then a start). Retried for up to a second; another process that
+        // holds the folder keeps it and the error says so.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        let db = loop {
+            match sled::Config::new()
+                .path(dir)
+                .cache_capacity(cache_bytes)
+                .open()
+            {
+                Err(sled::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::Other
+                        && e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other.map_err(engine)?,
+            }
+        };
         let t = |t: Tree| db.open_tree(t.name()).map_err(engine);
         // One sled tree per `Tree`, in `Tree::ALL` order (which is the enum's: tested).
         let trees = Tree::ALL
