@@ -80,6 +80,7 @@ pub async fn sessions(
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         let params = EnrollParams {
+            device: None,
             environment: ENVIRONMENT.into(),
             token: tokens.mint()?,
             fingerprint: fingerprint(i),
@@ -246,6 +247,7 @@ async fn enroll_once(
         region: cfg.region.clone(),
         requested_ttl_seconds: 0,
         environment: ENVIRONMENT.into(),
+        device_proof: None,
     };
     EnrollmentClient::new(ch)
         .enroll(req)

@@ -49,6 +49,20 @@ pub struct ClientConfig {
     /// the fleet unless it is listed too.
     #[serde(default)]
     pub sites: BTreeMap<String, PathBuf>,
+    /// This runner instance (device key).
+    #[serde(default)]
+    pub runner: RunnerSection,
+}
+
+/// `[runner]`: this runner instance's device key.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunnerSection {
+    /// The descriptor `meshsign runner init` wrote (`device.json`). When set (or when
+    /// `MESHSIGN_DEVICE_KEY` is), enrollments and renewals carry the device key's proof and
+    /// the runner fingerprint is the key's.
+    #[serde(default)]
+    pub device_key: Option<PathBuf>,
 }
 
 /// One environment (partition) of the site.
@@ -106,6 +120,9 @@ impl ClientConfig {
         if let Some(a) = cfg.admin.as_mut() {
             abs(&mut a.cert_file);
             abs(&mut a.key_file);
+        }
+        if let Some(d) = cfg.runner.device_key.as_mut() {
+            abs(d);
         }
         Ok(cfg)
     }

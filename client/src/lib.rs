@@ -17,6 +17,7 @@
 //! certificate ever touches the disk.
 
 pub mod config;
+pub mod device;
 pub mod error;
 pub mod net;
 pub mod notes;

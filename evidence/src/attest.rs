@@ -201,8 +201,14 @@ pub struct SiteFacts {
     pub run_attempt: String,
     /// The trust policy that admitted the token.
     pub trust_policy: String,
-    /// Runner machine fingerprint.
+    /// Runner fingerprint.
     pub runner_fingerprint: String,
+    /// How the site established the fingerprint: `tpm`, `pkcs11` or `file` when a device key
+    /// registered at the site proved possession at enrollment; `claimed` when it is only the
+    /// runner's word (not a fact the site verified). Absent in statements made before device
+    /// keys: read as `claimed`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub runner_proof: String,
     /// Runner certificate serial (hex).
     pub certificate_serial: String,
 }

@@ -109,12 +109,13 @@ impl EnrollTranscript<'_> {
     }
 }
 
-/// What a renewal's proof signs: the session, the new CSR key and the current certificate's
-/// end (so a proof is for one renewal of one session).
+/// What a renewal's proof signs: the current certificate's serial and end, and the new CSR
+/// key (so a proof is for one renewal of one certificate: a certificate is renewed once, the
+/// store's session generation makes sure of it).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RenewTranscript<'a> {
-    /// The session id the current certificate names.
-    pub session: &'a str,
+    /// The current certificate's serial (lowercase hex).
+    pub serial: &'a str,
     /// The SPKI (DER) of the new key.
     pub csr_spki_der: &'a [u8],
     /// The current certificate's `notAfter` (Unix seconds).
@@ -125,7 +126,7 @@ impl RenewTranscript<'_> {
     /// The bytes the device key signs.
     pub fn bytes(&self) -> Result<Vec<u8>, ProofError> {
         let mut out = RENEW_DOMAIN.as_bytes().to_vec();
-        line(&mut out, "session", self.session)?;
+        line(&mut out, "serial", self.serial)?;
         line(
             &mut out,
             "csr key",
@@ -297,7 +298,7 @@ mod tests {
         );
         // A renewal proof is not an enrollment proof (domain separation).
         let r = RenewTranscript {
-            session: "a1b2",
+            serial: "a1b2",
             csr_spki_der: &csr,
             not_after: 1_800_000_000,
         };

@@ -121,6 +121,18 @@ pub struct JobClaims {
     /// The source commit (GitHub and GitLab `sha`, Buildkite `build_commit`).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub commit: String,
+    /// How the runner fingerprint was established: `tpm`, `pkcs11` or `file` (a device key
+    /// registered at the site proved possession at enrollment), or `claimed` (the runner's
+    /// word). Empty in certificates issued before device keys existed: read it as `claimed`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub runner_proof: String,
+}
+
+impl JobClaims {
+    /// Whether the fingerprint was proven by a registered device key (not merely claimed).
+    pub fn fingerprint_proven(&self) -> bool {
+        matches!(self.runner_proof.as_str(), "tpm" | "pkcs11" | "file")
+    }
 }
 
 impl JobClaims {
@@ -286,7 +298,9 @@ mod tests {
             run_attempt: "2".into(),
             workflow: "acme/app/.github/workflows/release.yml@refs/heads/main".into(),
             commit: "e0f1a2b3c4d5e6f708192a3b4c5d6e7f80912a3b".into(),
+            runner_proof: "tpm".into(),
         };
+        assert!(c.fingerprint_proven());
         let der = c.to_extension_value();
         assert_eq!(JobClaims::from_extension_value(&der), Ok(c.clone()));
         // A certificate from before providers (no provider, pipeline, workflow or commit)
@@ -297,11 +311,13 @@ mod tests {
             run_attempt: String::new(),
             workflow: String::new(),
             commit: String::new(),
+            runner_proof: String::new(),
             ..c
         };
+        assert!(!old.fingerprint_proven(), "no runner_proof reads as claimed");
         let json = serde_json::to_string(&old).unwrap_or_default();
         assert!(
-            ["provider", "pipeline", "run_attempt", "workflow", "commit"]
+            ["provider", "pipeline", "run_attempt", "workflow", "commit", "runner_proof"]
                 .iter()
                 .all(|f| !json.contains(f)),
             "{json}"

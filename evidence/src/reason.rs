@@ -83,6 +83,14 @@ reasons! {
     Fingerprint = "fingerprint",
     /// The job, pipeline, runner or certificate is revoked.
     Revoked = "revoked",
+    /// The environment requires a registered device key and this one is not registered here.
+    RunnerUnregistered = "runner_unregistered",
+    /// The runner's device key was retired from this site's registry.
+    RunnerRetired = "runner_retired",
+    /// The device key's backend is not one the environment accepts.
+    RunnerBackend = "runner_backend",
+    /// The proof of possession is missing or does not verify with the registered device key.
+    RunnerProof = "runner_proof",
     /// Too many requests from this caller: retry later.
     RateLimited = "rate_limited",
     /// The site is serving its maximum of requests on this port: retry shortly.

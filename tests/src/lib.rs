@@ -302,6 +302,7 @@ impl TestSite {
             region: REGION.into(),
             requested_ttl_seconds: 0,
             environment: env.into(),
+            device_proof: None,
         }
     }
 

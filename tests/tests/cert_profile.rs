@@ -78,6 +78,7 @@ async fn certificate_is_built_from_policy_not_from_the_csr() {
             run_attempt: "1".into(),
             workflow: claims["workflow_ref"].as_str().unwrap().into(),
             commit: claims["sha"].as_str().unwrap().into(),
+            runner_proof: "claimed".into(),
         }
     );
 

@@ -122,6 +122,7 @@ async fn metrics_are_scraped_over_http_with_the_named_series_after_real_traffic(
     let mut session = meshsign_client::session::Session {
         enrollment,
         signer: signer.clone(),
+        device: None,
     };
     session.renew(&site.client, 0).await.unwrap();
     let job = site.last_audit().job_id;

@@ -545,7 +545,11 @@ fn limits_are_validated_by_name() {
 async fn a_renewal_does_not_reset_the_certificate_budget() {
     let site = TestSite::start_with(BUDGETED_KEY, None).await;
     let (_k, enrollment, signer) = site.enrolled("production").await;
-    let mut s = meshsign_client::session::Session { enrollment, signer };
+    let mut s = meshsign_client::session::Session {
+        enrollment,
+        signer,
+        device: None,
+    };
     for i in 0..2u8 {
         s.sign_digest("budgeted", [i; 32], "a").await.unwrap();
     }

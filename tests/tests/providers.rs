@@ -267,7 +267,11 @@ async fn a_job_without_an_id_keeps_its_budget_across_renewals() {
         .await;
     assert!(cert_claims(&enrollment).job_id.is_empty());
     let signer = site.signer_for(&key, &enrollment).await.unwrap();
-    let mut s = meshsign_client::session::Session { enrollment, signer };
+    let mut s = meshsign_client::session::Session {
+        enrollment,
+        signer,
+        device: None,
+    };
     for i in 0..3u8 {
         s.sign_digest("budgeted", [i; 32], "a").await.unwrap();
     }

@@ -13,7 +13,11 @@ use tonic::Code;
 
 async fn session(site: &TestSite, env: &str) -> Session {
     let (_key, enrollment, signer) = site.enrolled(env).await;
-    Session { enrollment, signer }
+    Session {
+        enrollment,
+        signer,
+        device: None,
+    }
 }
 
 fn expect_refusal(e: meshsign_client::ClientError, code: Code, reason: &str) {
@@ -129,6 +133,7 @@ async fn revoke_self_with_a_superseded_certificate_revokes_the_thief_s_renewal()
     let mut thief = Session {
         enrollment: holder.enrollment.clone(),
         signer: holder.signer.clone(),
+        device: None,
     };
     thief.renew(&site.client, 0).await.unwrap();
     thief

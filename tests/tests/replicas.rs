@@ -812,10 +812,12 @@ async fn session_at_both(
         meshsign_client::session::Session {
             enrollment: enrollment.clone(),
             signer: on_a,
+            device: None,
         },
         meshsign_client::session::Session {
             enrollment,
             signer: on_b,
+            device: None,
         },
     )
 }

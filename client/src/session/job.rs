@@ -78,11 +78,20 @@ pub async fn start(cfg: &ClientConfig, job: &JobOptions) -> Result<Session, Clie
     if let Some(ca) = &job.ca_file {
         cfg.token_ca_file = Some(ca.clone());
     }
+    // The device key is opened (and a file key's mode checked) before the token is spent.
+    let device =
+        crate::device::DeviceKey::configured(cfg.runner.device_key.as_deref())?.map(Arc::new);
     let tok = token::obtain(&source, &cfg, aud).await?;
+    let fingerprint = match (&job.fingerprint, &device) {
+        (Some(f), _) => f.clone(),
+        (None, Some(d)) => d.fingerprint(),
+        (None, None) => local_fingerprint(),
+    };
     let params = EnrollParams {
+        device,
         environment: job.environment.clone(),
         token: tok.to_string(),
-        fingerprint: job.fingerprint.clone().unwrap_or_else(local_fingerprint),
+        fingerprint,
         requested_ttl_seconds: job.ttl,
         region: None,
     };
@@ -121,7 +130,14 @@ pub async fn open(cfg: &ClientConfig, job: &JobOptions) -> Result<(Session, bool
         region: std::env::var(REGION_VAR).unwrap_or_else(|_| cfg.region.clone()),
         ..Default::default()
     };
-    Ok((Session { enrollment, signer }, false))
+    Ok((
+        Session {
+            enrollment,
+            signer,
+            device: None,
+        },
+        false,
+    ))
 }
 
 /// Ends a command's own session: its certificate is revoked, so a finished job leaves no live

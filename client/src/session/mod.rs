@@ -30,6 +30,12 @@ impl RunnerKey {
             .map_err(|e| ClientError::Crypto(e.to_string()))
     }
 
+    /// The public key (SPKI DER).
+    pub fn spki_der(&self) -> Vec<u8> {
+        use rcgen::PublicKeyData as _;
+        self.0.subject_public_key_info()
+    }
+
     /// A PKCS#10 CSR for this key. The site ignores everything in it but the key.
     pub fn csr_der(&self) -> Result<Vec<u8>, ClientError> {
         let csr = CertificateParams::default()
@@ -153,6 +159,9 @@ mod fingerprint_tests {
 /// What to enroll with.
 #[derive(Clone)]
 pub struct EnrollParams {
+    /// This runner instance's device key, if it has one: the enrollment then carries its
+    /// proof of possession and the fingerprint is the key's.
+    pub device: Option<std::sync::Arc<crate::device::DeviceKey>>,
     /// Environment the runner expects.
     pub environment: String,
     /// OIDC token.
@@ -182,19 +191,51 @@ pub async fn enroll(
 ) -> Result<v1::EnrollResponse, ClientError> {
     let tls = net::tls_config(net::roots(cfg)?, None)?;
     let ch = net::connect_to(cfg, &cfg.enroll_endpoint, tls).await?;
+    let region = p.region.clone().unwrap_or_else(|| cfg.region.clone());
+    let device_proof = match &p.device {
+        Some(d) => Some(enroll_proof(d, key, p, &region)?),
+        None => None,
+    };
     let req = v1::EnrollRequest {
         token: p.token.clone(),
         csr_der: key.csr_der()?,
         runner_fingerprint: p.fingerprint.clone(),
-        region: p.region.clone().unwrap_or_else(|| cfg.region.clone()),
+        region,
         requested_ttl_seconds: p.requested_ttl_seconds,
         environment: p.environment.clone(),
+        device_proof,
     };
     let resp = EnrollmentClient::new(ch)
         .enroll(req)
         .await
         .map_err(|s| ClientError::rpc("Enroll", s))?;
     Ok(resp.into_inner())
+}
+
+/// The device key's proof for an enrollment: its signature over the token's audience, `jti`
+/// and `exp`, the CSR key, the region and the environment (`meshsign_evidence::device`).
+fn enroll_proof(
+    device: &crate::device::DeviceKey,
+    key: &RunnerKey,
+    p: &EnrollParams,
+    region: &str,
+) -> Result<v1::DeviceProof, ClientError> {
+    let facts = token::facts(&p.token)?;
+    let spki = key.spki_der();
+    let transcript = meshsign_evidence::device::EnrollTranscript {
+        audience: &facts.audience,
+        jti: &facts.jti,
+        exp: facts.exp,
+        csr_spki_der: &spki,
+        region,
+        environment: &p.environment,
+    }
+    .bytes()
+    .map_err(|e| ClientError::Token(format!("cannot bind this token to the device key: {e}")))?;
+    Ok(v1::DeviceProof {
+        spki: device.spki().to_vec(),
+        signature: device.sign(&transcript)?,
+    })
 }
 
 /// An enrolled runner: its certificate, key and a sign-port channel, all in memory.
@@ -204,6 +245,8 @@ pub struct Session {
     pub enrollment: v1::EnrollResponse,
     /// Signer client on the sign port.
     pub signer: SignerClient<Channel>,
+    /// The device key it enrolled with (renewals prove it again).
+    pub device: Option<std::sync::Arc<crate::device::DeviceKey>>,
 }
 
 impl Session {
@@ -212,7 +255,11 @@ impl Session {
         let key = RunnerKey::generate()?;
         let enrollment = enroll(cfg, &key, p).await?;
         let signer = Self::connect_signer(cfg, &key, &enrollment).await?;
-        Ok(Self { enrollment, signer })
+        Ok(Self {
+            enrollment,
+            signer,
+            device: p.device.clone(),
+        })
     }
 
     /// Opens a sign-port channel presenting `enrollment`'s certificate with `key`.
@@ -376,11 +423,29 @@ impl Session {
     /// it. The old certificate is superseded at the site and must not be used again.
     pub async fn renew(&mut self, cfg: &ClientConfig, ttl_seconds: u32) -> Result<(), ClientError> {
         let key = RunnerKey::generate()?;
+        let device_proof = match &self.device {
+            Some(d) => {
+                let spki = key.spki_der();
+                let transcript = meshsign_evidence::device::RenewTranscript {
+                    serial: &self.enrollment.serial,
+                    csr_spki_der: &spki,
+                    not_after: self.enrollment.not_after.map_or(0, |t| t.seconds),
+                }
+                .bytes()
+                .map_err(|e| ClientError::Crypto(format!("renewal transcript: {e}")))?;
+                Some(v1::DeviceProof {
+                    spki: d.spki().to_vec(),
+                    signature: d.sign(&transcript)?,
+                })
+            }
+            None => None,
+        };
         let enrollment = self
             .signer
             .renew(v1::RenewRequest {
                 csr_der: key.csr_der()?,
                 requested_ttl_seconds: ttl_seconds,
+                device_proof,
             })
             .await
             .map_err(|s| ClientError::rpc("Renew", s))?

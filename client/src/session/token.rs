@@ -458,3 +458,45 @@ mod tests {
         );
     }
 }
+
+/// What a device key's enrollment proof binds of the job's token: its audience, `jti` and
+/// `exp`, read from the payload as the site will read it once it has verified the signature
+/// (the runner does not verify its own CI's token; a forged one fails at the site anyway).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenFacts {
+    /// `aud` (a one-element array is read as its element).
+    pub audience: String,
+    /// `jti`.
+    pub jti: String,
+    /// `exp`.
+    pub exp: i64,
+}
+
+/// The [`TokenFacts`] of a compact JWS.
+pub fn facts(token: &str) -> Result<TokenFacts, ClientError> {
+    use base64::Engine as _;
+    let bad = |what: &str| ClientError::Token(format!("the job token {what}"));
+    let payload = token
+        .split('.')
+        .nth(1)
+        .ok_or_else(|| bad("is not a compact JWS"))?;
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .map_err(|_| bad("payload is not base64url"))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&json).map_err(|_| bad("payload is not JSON"))?;
+    let audience = match &v["aud"] {
+        serde_json::Value::String(a) => a.clone(),
+        serde_json::Value::Array(a) if a.len() == 1 => a[0]
+            .as_str()
+            .ok_or_else(|| bad("aud is not a string"))?
+            .to_string(),
+        _ => return Err(bad("names no single audience (aud)")),
+    };
+    let jti = v["jti"]
+        .as_str()
+        .ok_or_else(|| bad("has no jti"))?
+        .to_string();
+    let exp = v["exp"].as_i64().ok_or_else(|| bad("has no exp"))?;
+    Ok(TokenFacts { audience, jti, exp })
+}

@@ -195,6 +195,37 @@ impl Admin {
         .rules)
     }
 
+    /// Registers a runner's signed registration request (`meshsign runner init`).
+    pub async fn register_runner(
+        &mut self,
+        req: v1::RegisterRunnerRequest,
+    ) -> Result<v1::RunnerInfo, ClientError> {
+        call("RegisterRunner", self.0.register_runner(req)).await
+    }
+
+    /// Every registered runner.
+    pub async fn runners(&mut self) -> Result<Vec<v1::RunnerInfo>, ClientError> {
+        Ok(call(
+            "ListRunners",
+            self.0.list_runners(v1::ListRunnersRequest {}),
+        )
+        .await?
+        .runners)
+    }
+
+    /// One runner; `RetireRunner` / `RevokeRunner` with `change` (and the reason in `r`).
+    pub async fn runner(
+        &mut self,
+        r: v1::RunnerRef,
+        change: Option<bool>,
+    ) -> Result<v1::RunnerInfo, ClientError> {
+        match change {
+            None => call("GetRunner", self.0.get_runner(r)).await,
+            Some(false) => call("RetireRunner", self.0.retire_runner(r)).await,
+            Some(true) => call("RevokeRunner", self.0.revoke_runner(r)).await,
+        }
+    }
+
     /// The site at a glance (runner CAs, keys and ages, policies, audit head, writability).
     pub async fn status(&mut self) -> Result<v1::SiteStatus, ClientError> {
         call("Status", self.0.status(v1::StatusRequest {})).await

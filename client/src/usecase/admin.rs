@@ -97,9 +97,56 @@ pub enum AdminAuditCommand {
     },
 }
 
+/// `admin runner`: the site's registry of runner device keys (issue 28).
+#[derive(Subcommand, Clone)]
+pub enum RunnerAdminCommand {
+    /// Register the signed request `meshsign runner init` printed (checks its signature).
+    Register {
+        /// The request (JSON).
+        #[arg(long)]
+        request: PathBuf,
+        /// Environments it may enroll in (repeat; default: every environment).
+        #[arg(long)]
+        environment: Vec<String>,
+        /// Labels for operators (asset tag, pool; repeat).
+        #[arg(long)]
+        label: Vec<String>,
+    },
+    /// Every registered runner.
+    List,
+    /// One runner (its keys, EK, state).
+    Show {
+        /// The runner fingerprint.
+        fingerprint: String,
+    },
+    /// No new enrollments or renewals; its live certificates run out.
+    Retire {
+        /// The runner fingerprint.
+        fingerprint: String,
+        /// Why (recorded).
+        #[arg(long)]
+        reason: String,
+    },
+    /// No new enrollments or renewals, and its live certificates are refused on their next
+    /// call.
+    Revoke {
+        /// The runner fingerprint.
+        fingerprint: String,
+        /// Why (recorded).
+        #[arg(long)]
+        reason: String,
+    },
+}
+
 /// `meshsign admin` verbs.
 #[derive(Subcommand)]
 pub enum AdminCommand {
+    /// The runner registry: register, list, show, retire, revoke.
+    Runner {
+        #[command(subcommand)]
+        /// The subcommand.
+        command: RunnerAdminCommand,
+    },
     /// The audit log: public key, export.
     Audit {
         #[command(subcommand)]
@@ -667,6 +714,10 @@ pub enum Output {
     AuditKey(v1::AuditPublicKey),
     /// `audit retention`: the retention in days.
     Retention(u64),
+    /// Registered runners.
+    Runners(Vec<v1::RunnerInfo>),
+    /// One runner.
+    Runner(v1::RunnerInfo),
     /// `audit export`: the stream of JSON lines, and whether it follows new entries.
     Export(tonic::Streaming<v1::ExportLine>, bool),
     /// A command run with `--all-sites`: each site's answer (or error), by site name.
@@ -692,6 +743,7 @@ pub async fn run(cfg: &ClientConfig, command: AdminCommand) -> Result<Output, Cl
     let mut c = Admin::connect(cfg).await?;
     Ok(match command {
         AdminCommand::Audit { command } => audit(&mut c, command).await?,
+        AdminCommand::Runner { command } => runner(c, command).await?,
         AdminCommand::Issuer { command } => issuer(&mut c, command).await?,
         AdminCommand::Revoke { .. } => Output::Revoked(c.revoke(revoke_request(&command)?).await?),
         AdminCommand::Revocations => Output::Revocations(c.revocations().await?),
@@ -740,7 +792,89 @@ where
 
 /// The commands `--all-sites` runs.
 pub const FLEET_COMMANDS: &str = "drill, revoke, trust disable, trust enable, trust jwks set, \
-                                  trust jwks diff, distrust add, status";
+                                  trust jwks diff, distrust add, status, runner";
+
+/// The columns of `admin runner list|show`.
+pub const RUNNER_HEADER: &[&str] = &[
+    "FINGERPRINT",
+    "BACKEND",
+    "STATE",
+    "HOST",
+    "INSTANCE",
+    "USER",
+    "ENVIRONMENTS",
+];
+
+/// A runner's row under [`RUNNER_HEADER`].
+pub fn runner_row(r: &v1::RunnerInfo) -> Vec<String> {
+    let envs = match r.environments.is_empty() {
+        true => "(all)".to_string(),
+        false => r.environments.join(","),
+    };
+    [
+        &r.fingerprint,
+        &r.backend,
+        &r.state,
+        &r.hostname,
+        &r.instance,
+        &r.os_user,
+        &envs,
+    ]
+    .map(|s| s.to_string())
+    .to_vec()
+}
+
+/// A runner as JSON (keys base64).
+pub fn runner_json(r: &v1::RunnerInfo) -> serde_json::Value {
+    use base64::Engine as _;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    serde_json::json!({
+        "fingerprint": r.fingerprint, "backend": r.backend, "state": r.state,
+        "hostname": r.hostname, "instance": r.instance, "os_user": r.os_user,
+        "environments": r.environments, "labels": r.labels, "reason": r.reason,
+        "registered_by": r.registered_by, "registered_at": r.registered_at.map(|t| t.seconds),
+        "changed_by": r.changed_by, "changed_at": r.changed_at.map(|t| t.seconds),
+        "spki": b64(&r.spki), "ek_pub": b64(&r.ek_pub), "ek_cert": b64(&r.ek_cert),
+    })
+}
+
+/// `admin runner …` at one site.
+async fn runner(mut c: Admin, command: RunnerAdminCommand) -> Result<Output, ClientError> {
+    use RunnerAdminCommand as R;
+    let at = |fingerprint: String, reason: String| v1::RunnerRef {
+        fingerprint,
+        reason,
+    };
+    Ok(match command {
+        R::Register {
+            request,
+            environment,
+            label,
+        } => {
+            let bytes = std::fs::read(&request).map_err(ClientError::io(&request))?;
+            Output::Runner(
+                c.register_runner(v1::RegisterRunnerRequest {
+                    request: bytes,
+                    environments: environment,
+                    labels: label,
+                })
+                .await?,
+            )
+        }
+        R::List => Output::Runners(c.runners().await?),
+        R::Show { fingerprint } => {
+            Output::Runner(c.runner(at(fingerprint, String::new()), None).await?)
+        }
+        R::Retire {
+            fingerprint,
+            reason,
+        } => Output::Runner(c.runner(at(fingerprint, reason), Some(false)).await?),
+        R::Revoke {
+            fingerprint,
+            reason,
+        } => Output::Runner(c.runner(at(fingerprint, reason), Some(true)).await?),
+    })
+}
 
 /// Runs an admin command at every site of the fleet (`--all-sites`), each site answering for
 /// itself (each signs its own distrust list): one result per site.
@@ -757,6 +891,9 @@ pub async fn run_fleet(fleet: &Fleet, command: AdminCommand) -> Result<Output, C
             let source = drill_source(&environment, token_source.is_some())?;
             let results = fleet.drill(&environment, issuer.as_deref(), &source).await;
             return Ok(Output::Drills { results, max_ms });
+        }
+        A::Runner { command } => {
+            each_admin(fleet, command, |a, c| async move { runner(a, c).await }).await
         }
         A::Status => {
             each_admin(fleet, (), |mut a, ()| async move {

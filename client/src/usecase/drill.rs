@@ -218,6 +218,7 @@ impl Prepared {
 
 fn params(environment: &str, token: String) -> EnrollParams {
     EnrollParams {
+        device: None,
         environment: environment.into(),
         token,
         fingerprint: local_fingerprint(),

@@ -8,6 +8,7 @@ pub mod attest;
 pub mod codesign;
 #[cfg(feature = "dev")]
 pub mod dev;
+pub mod device;
 pub mod drill;
 pub mod fleet;
 pub mod material;

@@ -355,6 +355,7 @@ pub async fn dev_session(
     .await
     .unwrap();
     let params = meshsign_client::session::EnrollParams {
+        device: None,
         environment: env.into(),
         token: tok.to_string(),
         fingerprint: fingerprint.into(),

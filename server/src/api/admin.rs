@@ -720,6 +720,100 @@ impl v1::admin_server::Admin for AdminApi {
             retention_days,
         }))
     }
+
+    async fn register_runner(&self, req: Request<v1::RegisterRunnerRequest>) -> R<v1::RunnerInfo> {
+        let (s, r) = (&self.0, req.get_ref());
+        let summary = |r: &v1::RegisterRunnerRequest| {
+            format!(
+                "register the runner of request sha256 {} for {:?} labels {:?}",
+                hex::encode(aws_lc_rs::digest::digest(
+                    &aws_lc_rs::digest::SHA256,
+                    &r.request
+                )),
+                r.environments,
+                r.labels
+            )
+        };
+        let rec = self
+            .call(&req, "RegisterRunner", "", summary, async |op| {
+                let input = ops::runners::RegisterInput {
+                    request: r.request.clone(),
+                    environments: r.environments.clone(),
+                    labels: r.labels.clone(),
+                };
+                ops::runners::register(s, op, input)
+            })
+            .await?;
+        Ok(Response::new(runner_info(&rec)))
+    }
+
+    async fn list_runners(
+        &self,
+        req: Request<v1::ListRunnersRequest>,
+    ) -> R<v1::ListRunnersResponse> {
+        let s = &self.0;
+        let runners = self
+            .call(&req, "ListRunners", "", no_summary, async |_| {
+                Ok((ops::runners::list(s)?, String::new()))
+            })
+            .await?;
+        Ok(Response::new(v1::ListRunnersResponse {
+            runners: runners.iter().map(runner_info).collect(),
+        }))
+    }
+
+    async fn get_runner(&self, req: Request<v1::RunnerRef>) -> R<v1::RunnerInfo> {
+        let (s, r) = (&self.0, req.get_ref());
+        let rec = self
+            .call(&req, "GetRunner", "", no_summary, async |_| {
+                Ok((ops::runners::get(s, &r.fingerprint)?, String::new()))
+            })
+            .await?;
+        Ok(Response::new(runner_info(&rec)))
+    }
+
+    async fn retire_runner(&self, req: Request<v1::RunnerRef>) -> R<v1::RunnerInfo> {
+        let (s, r) = (&self.0, req.get_ref());
+        let summary = |r: &v1::RunnerRef| format!("retire runner {} ({})", r.fingerprint, r.reason);
+        let rec = self
+            .call(&req, "RetireRunner", "", summary, async |op| {
+                ops::runners::retire(s, op, &r.fingerprint, &r.reason)
+            })
+            .await?;
+        Ok(Response::new(runner_info(&rec)))
+    }
+
+    async fn revoke_runner(&self, req: Request<v1::RunnerRef>) -> R<v1::RunnerInfo> {
+        let (s, r) = (&self.0, req.get_ref());
+        let summary = |r: &v1::RunnerRef| format!("revoke runner {} ({})", r.fingerprint, r.reason);
+        let rec = self
+            .call(&req, "RevokeRunner", "", summary, async |op| {
+                ops::runners::revoke_runner(s, op, &r.fingerprint, &r.reason)
+            })
+            .await?;
+        Ok(Response::new(runner_info(&rec)))
+    }
+}
+
+fn runner_info(r: &crate::model::runner::RunnerRecord) -> v1::RunnerInfo {
+    v1::RunnerInfo {
+        fingerprint: r.fingerprint.clone(),
+        backend: r.backend.as_str().into(),
+        hostname: r.hostname.clone(),
+        instance: r.instance.clone(),
+        os_user: r.os_user.clone(),
+        state: r.state.as_str().into(),
+        environments: r.environments.clone(),
+        labels: r.labels.clone(),
+        registered_at: Some(ts(r.registered_at)),
+        registered_by: r.registered_by.clone(),
+        changed_at: Some(ts(r.changed_at)),
+        changed_by: r.changed_by.clone(),
+        reason: r.reason.clone(),
+        spki: r.spki_der(),
+        ek_pub: hex::decode(&r.ek_pub).unwrap_or_default(),
+        ek_cert: hex::decode(&r.ek_cert).unwrap_or_default(),
+    }
 }
 
 /// The site's status (after the `Status` call was authorized and audited).

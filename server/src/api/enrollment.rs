@@ -128,6 +128,10 @@ impl v1::enrollment_server::Enrollment for EnrollmentApi {
             requested_ttl_seconds: u64::from(r.requested_ttl_seconds),
             environment: r.environment,
             peer,
+            device_proof: r.device_proof.map(|p| crate::state::runners::DeviceProof {
+                spki: p.spki,
+                signature: p.signature,
+            }),
         };
         let out = enroll::enroll(&self.0, input)
             .await

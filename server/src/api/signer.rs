@@ -173,6 +173,10 @@ impl v1::signer_server::Signer for SignerApi {
                 csr_der: r.csr_der,
                 requested_ttl_seconds: u64::from(r.requested_ttl_seconds),
                 peer,
+                device_proof: r.device_proof.map(|p| crate::state::runners::DeviceProof {
+                    spki: p.spki,
+                    signature: p.signature,
+                }),
             },
         )
         .await

@@ -220,6 +220,15 @@ fn environment(d: &mut ConfigDiff, o: &Environment, n: &Environment) {
         raised,
     );
     d.value(format!("{e}.budget"), &o.budget, &n.budget, budget_widens);
+    d.value(format!("{e}.runners"), &o.runners, &n.runners, |_, n| {
+        *n == crate::config::RunnerMode::Claimed
+    });
+    d.value(
+        format!("{e}.runner_backends"),
+        &o.runner_backends,
+        &n.runner_backends,
+        |o, n| n.iter().any(|b| !o.contains(b)),
+    );
     for np in &n.trust_policies {
         let at = format!("{e}.policy[{}]", np.issuer);
         match o.trust_policies.iter().find(|p| p.issuer == np.issuer) {

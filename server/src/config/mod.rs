@@ -259,6 +259,10 @@ struct RawEnvironment {
     signing_keys: Vec<RawKey>,
     #[serde(default)]
     trust_policies: Vec<RawPolicy>,
+    #[serde(default)]
+    runners: RunnerMode,
+    #[serde(default)]
+    runner_backends: Option<Vec<meshsign_evidence::device::Backend>>,
 }
 
 fn default_token_age() -> u64 {
@@ -745,6 +749,34 @@ pub struct Environment {
     pub signing_keys: Vec<KeySpec>,
     /// Trusted OIDC issuers.
     pub trust_policies: Vec<TrustPolicy>,
+    /// Whether a runner's fingerprint must be proven by a registered device key.
+    pub runners: RunnerMode,
+    /// The device-key backends accepted in `registered` mode (default: all three).
+    pub runner_backends: Vec<meshsign_evidence::device::Backend>,
+}
+
+/// How an environment establishes a runner's fingerprint (`runners = …`; issue 28).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunnerMode {
+    /// The runner's word (`runner_fingerprint` as sent): dev sites and the quick start. The
+    /// default, so that a site configured before device keys keeps enrolling its runners;
+    /// `meshsignd serve` warns about every such environment.
+    #[default]
+    Claimed,
+    /// A device key registered at this site (`admin runner register`) must prove possession
+    /// at every enrollment and renewal; the fingerprint is SHA-256 of its SPKI.
+    Registered,
+}
+
+impl RunnerMode {
+    /// The word in configs and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunnerMode::Claimed => "claimed",
+            RunnerMode::Registered => "registered",
+        }
+    }
 }
 
 impl Environment {

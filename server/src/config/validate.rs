@@ -368,6 +368,12 @@ impl TryFrom<In<'_, RawEnvironment>> for Environment {
             }
             policies.push(policy);
         }
+        if p.runner_backends.as_ref().is_some_and(Vec::is_empty) {
+            return Err(invalid(
+                s.at("runner_backends"),
+                "must name at least one of tpm, pkcs11, file (or be left out for all three)",
+            ));
+        }
         let p = s.raw;
         Ok(Environment {
             name: p.name,
@@ -379,6 +385,11 @@ impl TryFrom<In<'_, RawEnvironment>> for Environment {
             budget,
             signing_keys: keys,
             trust_policies: policies,
+            runners: p.runners,
+            runner_backends: p.runner_backends.unwrap_or_else(|| {
+                use meshsign_evidence::device::Backend;
+                vec![Backend::Tpm, Backend::Pkcs11, Backend::File]
+            }),
         })
     }
 }

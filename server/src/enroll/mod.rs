@@ -13,12 +13,13 @@ use serde_json::Value;
 
 use crate::audit::{AuditError, AuditRecord};
 use crate::ca::CaError;
-use crate::config::{Environment, SiteConfig, TrustPolicy};
+use crate::config::{Environment, RunnerMode, SiteConfig, TrustPolicy};
 use crate::custody::CustodyError;
 use crate::identity::claims::JobIdentity;
 use crate::identity::jwt::UnverifiedJwt;
 use crate::model::{Reason, Refusal, RefusalKind, bounded, glob_match};
 use crate::state::issuance::Session;
+use crate::state::runners::{DeviceError, DeviceProof};
 use crate::state::{SiteState, StateError};
 use crate::store::StoreError;
 
@@ -46,6 +47,8 @@ pub struct EnrollInput {
     pub environment: String,
     /// Peer address, for audit.
     pub peer: String,
+    /// The device key's proof of possession, if the runner has a device key.
+    pub device_proof: Option<DeviceProof>,
 }
 
 impl std::fmt::Debug for EnrollInput {
@@ -183,6 +186,9 @@ pub enum EnrollError {
     /// Step 8: an ops revocation rule covers this job or runner.
     #[error("{0}")]
     Revoked(String),
+    /// Step 8: the device key's proof (environments with `runners = "registered"`).
+    #[error("{0}")]
+    Device(#[from] DeviceError),
     /// Step 0: this source address has spent its enroll budget (`[limits]
     /// enroll_per_source_*`). Counted into a summary entry, not written one by one.
     #[error("too many enrollments from {0}; retry later")]
@@ -254,6 +260,7 @@ impl Refusal for EnrollError {
             EnrollError::Region { .. } => Reason::Region,
             EnrollError::Fingerprint => Reason::Fingerprint,
             EnrollError::Revoked(_) => Reason::Revoked,
+            EnrollError::Device(e) => e.reason(),
             EnrollError::RateLimited(_) => Reason::RateLimited,
             EnrollError::Issue(CaError::Custody(CustodyError::TokenUnavailable(_))) => {
                 Reason::KeyUnavailable
@@ -288,6 +295,7 @@ impl Refusal for EnrollError {
             | MissingJti
             | Replay(_) => RefusalKind::Unauthenticated,
             Region { .. } => RefusalKind::FailedPrecondition,
+            Device(e) => e.kind(),
             Audit(_) | Issue(CaError::Custody(CustodyError::TokenUnavailable(_))) => {
                 RefusalKind::Unavailable
             }
@@ -396,18 +404,17 @@ fn checks_and_issue(
     bound_claim(policy, &job, &jwt)?;
     let spki = verify_csr(&input.csr_der)?;
     region(&config, input)?;
-    fingerprint(input)?;
-    revoked(site, &job, &input.fingerprint)?;
+    let runner = runner(site, &config, environment, (&jwt, jti), &spki, input, rec)?;
+    revoked(site, &job, &runner.0)?;
     issue(
         site,
-        &config,
-        environment,
-        policy,
+        (&config, environment, policy),
         &jwt,
         jti,
         spki,
         input,
         &job,
+        runner,
     )
 }
 
@@ -702,6 +709,47 @@ fn fingerprint(input: &EnrollInput) -> Result<(), EnrollError> {
     Err(EnrollError::Fingerprint)
 }
 
+/// `fingerprint`, then `runner_*` (step 8): the runner's fingerprint and how it was
+/// established. Where the environment has `runners = "claimed"` it is the runner's word (only
+/// its form is checked); where `registered`, the device key's proof over the enrollment
+/// transcript (docs/design-notes.md, "Runner device keys") decides it
+/// ([`SiteState::check_device_proof`]). Returns the fingerprint and the certificate's
+/// `runner_proof` claim.
+fn runner(
+    site: &SiteState,
+    config: &SiteConfig,
+    environment: &Environment,
+    (jwt, jti): (&UnverifiedJwt, &str),
+    csr_spki: &[u8],
+    input: &EnrollInput,
+    rec: &mut AuditRecord,
+) -> Result<(String, &'static str), EnrollError> {
+    if environment.runners == RunnerMode::Claimed {
+        fingerprint(input)?;
+        return Ok((input.fingerprint.clone(), "claimed"));
+    }
+    if let Some(p) = input.device_proof.as_ref().filter(|p| !p.spki.is_empty()) {
+        rec.runner_fingerprint = meshsign_evidence::device::fingerprint(&p.spki);
+    }
+    let transcript = meshsign_evidence::device::EnrollTranscript {
+        audience: &environment.audience,
+        jti,
+        exp: jwt.time_claim("exp").unwrap_or_default(),
+        csr_spki_der: csr_spki,
+        region: &config.region,
+        environment: &environment.name,
+    }
+    .bytes()
+    .map_err(|e| DeviceError::Proof(format!("the enrollment transcript: {e}")))?;
+    let (fingerprint, backend) = site.check_device_proof(
+        environment,
+        input.device_proof.as_ref(),
+        &input.fingerprint,
+        &transcript,
+    )?;
+    Ok((fingerprint, backend.as_str()))
+}
+
 /// `revoked` (step 8): no open-ended job or fingerprint revocation covers this runner.
 fn revoked(site: &SiteState, job: &JobIdentity, fingerprint: &str) -> Result<(), EnrollError> {
     match site.enrollment_barred(&job.job_id, &job.pipeline, fingerprint) {
@@ -717,14 +765,13 @@ fn revoked(site: &SiteState, job: &JobIdentity, fingerprint: &str) -> Result<(),
 #[allow(clippy::too_many_arguments)]
 fn issue(
     site: &SiteState,
-    config: &SiteConfig,
-    environment: &Environment,
-    policy: &TrustPolicy,
+    (config, environment, policy): (&SiteConfig, &Environment, &TrustPolicy),
     jwt: &UnverifiedJwt,
     jti: &str,
     spki: Vec<u8>,
     input: &EnrollInput,
     job: &JobIdentity,
+    (fingerprint, runner_proof): (String, &'static str),
 ) -> Result<EnrollOutput, EnrollError> {
     let now = site.clock.unix();
     let iss = jwt.str_claim("iss").unwrap_or_default();
@@ -749,12 +796,13 @@ fn issue(
         run_attempt: job.run_attempt.clone(),
         workflow: job.workflow.clone(),
         commit: job.commit.clone(),
+        runner_proof: runner_proof.to_string(),
     };
     let id = RunnerId {
         trust_domain: config.trust_domain.clone(),
         environment: environment.name.clone(),
         region: config.region.clone(),
-        fingerprint: input.fingerprint.clone(),
+        fingerprint,
     };
     Ok(site.issue((id, claims, spki), ttl, Session::New)?)
 }

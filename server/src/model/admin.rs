@@ -66,7 +66,7 @@ const fn unreviewed_change(name: &'static str) -> AdminRpc {
 /// Every admin operation. `SetTrustPolicyEnabled` is audited (and reviewed) as
 /// `EnableTrustPolicy` or `DisableTrustPolicy`; `Reload` is a SIGHUP, reviewed by the approved
 /// file's SHA-256 (a reload that only narrows trust never needs review).
-pub const ADMIN_RPCS: [AdminRpc; 30] = [
+pub const ADMIN_RPCS: [AdminRpc; 35] = [
     change("Snapshot"),
     read("GetAuditPublicKey"),
     read("ExportAudit"),
@@ -96,6 +96,11 @@ pub const ADMIN_RPCS: [AdminRpc; 30] = [
     unreviewed_change("ApproveProposal"),
     unreviewed_change("ProposeConfig"),
     change("SetAuditRetention"),
+    change("RegisterRunner"),
+    read("ListRunners"),
+    read("GetRunner"),
+    change("RetireRunner"),
+    change("RevokeRunner"),
     AdminRpc {
         name: "Reload",
         access: Access::Write,

@@ -7,6 +7,7 @@
 //! another module of this crate.
 
 pub mod admin;
+pub mod runner;
 
 use meshsign_evidence::identity::{JobClaims, is_valid_fingerprint};
 use serde::{Deserialize, Serialize};

@@ -13,6 +13,7 @@ pub mod keys;
 pub mod review;
 pub mod revocations;
 pub mod runner_cas;
+pub mod runners;
 pub mod trust;
 
 use crate::audit::{AuditError, AuditRecord};

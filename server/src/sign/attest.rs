@@ -262,6 +262,11 @@ fn statement(
         run_attempt: c.run_attempt.clone(),
         trust_policy: c.trust_policy.clone(),
         runner_fingerprint: caller.id.fingerprint.clone(),
+        runner_proof: if c.fingerprint_proven() {
+            c.runner_proof.clone()
+        } else {
+            "claimed".into()
+        },
         certificate_serial: caller.serial_hex.clone(),
     };
     let facts_json = serde_json::to_value(&facts).unwrap_or_default();

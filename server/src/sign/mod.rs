@@ -112,6 +112,10 @@ pub enum SignError {
     /// The renewal's CSR is not acceptable.
     #[error("{0}")]
     Csr(String),
+    /// The renewal's device-key proof is refused (a session enrolled with a device key, or
+    /// an environment with `runners = "registered"`).
+    #[error("{0}")]
+    Device(#[from] crate::state::runners::DeviceError),
     /// Issuing the renewed certificate failed (internal).
     #[error("issuance failed: {0}")]
     Issue(#[from] crate::ca::CaError),
@@ -261,6 +265,7 @@ impl Refusal for SignError {
             SignError::Superseded { .. } => Reason::SessionTheftSuspected,
             SignError::SessionCeiling { .. } => Reason::SessionCeiling,
             SignError::Csr(_) => Reason::Csr,
+            SignError::Device(e) => e.reason(),
             SignError::Expired { .. } => Reason::CertificateExpired,
             SignError::Region { .. } => Reason::Region,
             SignError::IssuerUntrusted(_) => Reason::IssuerUntrusted,
@@ -294,6 +299,7 @@ impl Refusal for SignError {
             | Superseded { .. } => RefusalKind::Unauthenticated,
             SessionCeiling { .. } => RefusalKind::PermissionDenied,
             Csr(_) => RefusalKind::InvalidArgument,
+            Device(e) => e.kind(),
             Issue(_) | State(_) => RefusalKind::Internal,
             Region { .. } => RefusalKind::FailedPrecondition,
             IssuerUntrusted(_)
@@ -587,6 +593,8 @@ pub struct RenewInput {
     pub requested_ttl_seconds: u64,
     /// Peer address.
     pub peer: String,
+    /// The device key's proof over the renewal transcript.
+    pub device_proof: Option<crate::state::runners::DeviceProof>,
 }
 
 /// Renews the caller's session: checks, a new certificate on the CSR's key with the same
@@ -644,13 +652,34 @@ fn renew_checked(
     }
     let spki =
         crate::ca::csr::verify_csr(&input.csr_der).map_err(|e| SignError::Csr(e.to_string()))?;
+    let mut claims = record.claims.clone();
+    // A session enrolled with a device key proves it again; so does every session of an
+    // environment that now requires registered runners.
+    if claims.fingerprint_proven() || env.runners == crate::config::RunnerMode::Registered {
+        let transcript = meshsign_evidence::device::RenewTranscript {
+            serial: &caller.serial_hex,
+            csr_spki_der: &spki,
+            not_after: caller.not_after,
+        }
+        .bytes()
+        .map_err(|e| {
+            crate::state::runners::DeviceError::Proof(format!("the renewal transcript: {e}"))
+        })?;
+        let (_, backend) = site.check_device_proof(
+            env,
+            input.device_proof.as_ref(),
+            &caller.id.fingerprint,
+            &transcript,
+        )?;
+        claims.runner_proof = backend.as_str().to_string();
+    }
     let cap = match input.requested_ttl_seconds {
         0 => env.max_ttl_seconds,
         r => r.min(env.max_ttl_seconds),
     };
     let ttl = cap.min(u64::try_from(end - now).unwrap_or(0)).max(1);
     site.issue(
-        (caller.id.clone(), record.claims.clone(), spki),
+        (caller.id.clone(), claims, spki),
         ttl,
         Session::Renewal {
             current: &record,

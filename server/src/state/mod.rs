@@ -16,6 +16,7 @@ pub mod overlays;
 pub mod records;
 pub mod recovery;
 pub mod revocations;
+pub mod runners;
 pub mod snapshot;
 pub mod usage;
 

@@ -22,6 +22,8 @@ pub enum Meta {
     PolicyLastChange,
     /// The audit retention an admin set (one record, id `""`).
     AuditRetention,
+    /// A registered runner (device key), by fingerprint.
+    Runner,
 }
 
 impl Meta {
@@ -31,6 +33,7 @@ impl Meta {
             Meta::PolicyDisabledBy => "policy-disabled/",
             Meta::PolicyLastChange => "policy-changed/",
             Meta::AuditRetention => "audit/retention_days",
+            Meta::Runner => "runner/",
         }
     }
 
@@ -75,6 +78,17 @@ impl SiteState {
         v: &T,
     ) -> Result<bool, StoreError> {
         self.store.update(Tree::Meta, &kind.key(id), old, v)
+    }
+
+    /// Writes a meta record only if none is stored under its id (the store's conditional
+    /// insert); false if one is.
+    pub fn insert_meta<T: Serialize>(
+        &self,
+        kind: Meta,
+        id: &str,
+        v: &T,
+    ) -> Result<bool, StoreError> {
+        self.store.insert_new(Tree::Meta, &kind.key(id), v)
     }
 
     /// Removes a meta record.

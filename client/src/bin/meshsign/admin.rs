@@ -23,6 +23,8 @@ pub async fn render(output: Output, format: Format) -> Result<(), ClientError> {
         Output::Policies(l) => emit(format, &l),
         Output::Keys(l) => emit(format, &l),
         Output::Revocations(l) => emit(format, &l),
+        Output::Runners(l) => emit(format, &l),
+        Output::Runner(r) => emit_one(format, &r),
         Output::Proposals(l) => emit(format, &l),
         Output::Issuer(i) => emit_one(format, &i),
         Output::Policy(p) => emit_one(format, &p),

@@ -134,8 +134,13 @@ enum Command {
         #[command(subcommand)]
         command: AgentCommand,
     },
-    /// Print this machine's runner fingerprint and where it came from.
+    /// Print this runner's fingerprint and where it came from (its device key, if it has one).
     Fingerprint,
+    /// This runner instance's device key.
+    Runner {
+        #[command(subcommand)]
+        command: RunnerCommand,
+    },
     /// Print a shell completion script (`meshsign completions bash > /etc/bash_completion.d/meshsign`).
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -200,6 +205,13 @@ enum AgentCommand {
         #[command(flatten)]
         session: meshsign_client::session::job::JobOptions,
     },
+}
+
+#[derive(Subcommand)]
+enum RunnerCommand {
+    /// Make a device key (never leaves its TPM or token) and print its signed registration
+    /// request (also written to DIR/registration.json) for `meshsign admin runner register`.
+    Init(usecase::device::InitArgs),
 }
 
 #[derive(Subcommand)]
@@ -294,6 +306,9 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
             json,
             no_env,
         } => {
+            if let Some(w) = usecase::device::missing_warning(global.config.as_deref()) {
+                eprintln!("meshsign: warning: {w}");
+            }
             let (findings, errors) = usecase::preflight::run(paths, no_env)?;
             let format = if json { render::Format::Json } else { format };
             render::preflight(&findings, &errors, format)
@@ -314,8 +329,14 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
         Command::Completions { shell } => completions(shell),
         Command::Man { dir, out_dir } => man(dir.or(out_dir).unwrap_or_else(|| ".".into())),
         Command::Fingerprint => {
-            let (fp, source) = meshsign_client::session::fingerprint();
-            render::fingerprint(&fp, &source.to_string(), format);
+            let (fp, source) = usecase::device::fingerprint(global.config.as_deref())?;
+            render::fingerprint(&fp, &source, format);
+            Ok(())
+        }
+        Command::Runner {
+            command: RunnerCommand::Init(args),
+        } => {
+            render::print_json(&usecase::device::init(&args)?);
             Ok(())
         }
         Command::Audit {

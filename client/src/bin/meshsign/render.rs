@@ -409,6 +409,16 @@ impl Render for v1::RevocationRule {
     }
 }
 
+impl Render for v1::RunnerInfo {
+    const HEADER: &'static [&'static str] = meshsign_client::usecase::admin::RUNNER_HEADER;
+    fn row(&self) -> Vec<String> {
+        meshsign_client::usecase::admin::runner_row(self)
+    }
+    fn json(&self) -> serde_json::Value {
+        meshsign_client::usecase::admin::runner_json(self)
+    }
+}
+
 impl Render for v1::ProposalInfo {
     const HEADER: &'static [&'static str] = &[
         "PROPOSAL",
