@@ -314,12 +314,22 @@ mod tests {
             runner_proof: String::new(),
             ..c
         };
-        assert!(!old.fingerprint_proven(), "no runner_proof reads as claimed");
+        assert!(
+            !old.fingerprint_proven(),
+            "no runner_proof reads as claimed"
+        );
         let json = serde_json::to_string(&old).unwrap_or_default();
         assert!(
-            ["provider", "pipeline", "run_attempt", "workflow", "commit", "runner_proof"]
-                .iter()
-                .all(|f| !json.contains(f)),
+            [
+                "provider",
+                "pipeline",
+                "run_attempt",
+                "workflow",
+                "commit",
+                "runner_proof"
+            ]
+            .iter()
+            .all(|f| !json.contains(f)),
             "{json}"
         );
         assert_eq!(

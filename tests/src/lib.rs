@@ -143,6 +143,13 @@ access = { repositories = ["*"], refs = ["*"] }
     (es, rs)
 }
 
+/// `text` (a test site.toml) with `lines` added to environment `env`'s table.
+pub fn in_environment(text: &str, env: &str, lines: &str) -> String {
+    let at = format!("name = \"{env}\"\n");
+    assert!(text.contains(&at), "no environment {env}");
+    text.replacen(&at, &format!("{at}{lines}\n"), 1)
+}
+
 impl TestSite {
     /// Starts a fresh site.
     pub async fn start() -> Self {
@@ -167,15 +174,34 @@ impl TestSite {
         wrap: Option<&dyn Fn(SledKv) -> Arc<dyn Kv>>,
         settings: meshsign_server::audit::AuditSettings,
     ) -> Self {
+        Self::start_edited(
+            &|text: String| {
+                let mut text = if extra.contains("[review]") {
+                    text.replacen(REVIEW_OFF, "\n", 1)
+                } else {
+                    text
+                };
+                text.push_str(extra);
+                text
+            },
+            wrap,
+            settings,
+        )
+        .await
+    }
+
+    /// A fresh site whose site.toml is `edit`ed first (a setting inside an environment's
+    /// table, which `extra` cannot reach: see [`in_environment`]).
+    pub async fn start_edited(
+        edit: &dyn Fn(String) -> String,
+        wrap: Option<&dyn Fn(SledKv) -> Arc<dyn Kv>>,
+        settings: meshsign_server::audit::AuditSettings,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (es, rs) = write_site_files(dir.path());
         let site_toml = dir.path().join("site.toml");
-        let mut text = std::fs::read_to_string(&site_toml).unwrap();
-        if extra.contains("[review]") {
-            text = text.replacen(REVIEW_OFF, "\n", 1);
-        }
-        text.push_str(extra);
-        std::fs::write(&site_toml, text).unwrap();
+        let text = std::fs::read_to_string(&site_toml).unwrap();
+        std::fs::write(&site_toml, edit(text)).unwrap();
         let clock = ManualClock::new();
         let cfg = SiteConfig::load(&site_toml).unwrap();
         std::fs::create_dir_all(&cfg.data_dir).unwrap();
