@@ -6,6 +6,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
+pub mod runners;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 

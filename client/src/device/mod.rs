@@ -72,8 +72,8 @@ pub struct InitOptions {
     pub dir: PathBuf,
     /// The runner instance's name (default: the host name).
     pub instance: String,
-    /// PKCS#11: the module, the token's label.
-    pub pkcs11: Option<(PathBuf, String)>,
+    /// PKCS#11: the module, the token's label, and a PIN file (else `MESHSIGN_DEVICE_PIN`).
+    pub pkcs11: Option<(PathBuf, String, Option<PathBuf>)>,
     /// TPM: the TCTI (default: tpm2-tools' own) and the persistent handle to use.
     pub tpm: Option<(Option<String>, u32)>,
 }
@@ -128,13 +128,11 @@ impl DeviceKey {
         let (descriptor, ek) = match opts.backend {
             Backend::File => (file::init(&opts.dir)?, tpm::Ek::default()),
             Backend::Pkcs11 => {
-                let (module, token) = opts.pkcs11.clone().ok_or_else(|| {
+                let (module, token, pin_file) = opts.pkcs11.clone().ok_or_else(|| {
                     ClientError::Usage("--backend pkcs11 needs --pkcs11-module and --token".into())
                 })?;
-                (
-                    pkcs11::init(&module, &token, &opts.instance)?,
-                    tpm::Ek::default(),
-                )
+                let d = pkcs11::init(&module, &token, pin_file.as_deref(), &opts.instance)?;
+                (d, tpm::Ek::default())
             }
             Backend::Tpm => {
                 let (tcti, handle) = opts.tpm.clone().unwrap_or((None, tpm::DEFAULT_HANDLE));

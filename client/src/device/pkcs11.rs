@@ -29,13 +29,35 @@ pub struct Pkcs11Location {
     pub token: String,
     /// The key's CKA_ID (hex).
     pub id: String,
+    /// A file holding the user PIN (mode 0600), for runners without an interactive user;
+    /// else the PIN comes from `MESHSIGN_DEVICE_PIN`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin_file: Option<PathBuf>,
 }
 
 fn p11(what: &'static str) -> impl Fn(P11Error) -> ClientError {
     move |e| ClientError::Crypto(format!("PKCS#11 {what}: {e}"))
 }
 
-fn session(module: &Path, token: &str) -> Result<(Pkcs11, Session), ClientError> {
+fn pin(token: &str, pin_file: Option<&Path>) -> Result<String, ClientError> {
+    match pin_file {
+        Some(p) => Ok(std::fs::read_to_string(p)
+            .map_err(ClientError::io(p))?
+            .trim_end_matches(['\r', '\n'])
+            .to_string()),
+        None => std::env::var(PIN_ENV).map_err(|_| {
+            ClientError::Usage(format!(
+                "the device key is in PKCS#11 token `{token}`: set {PIN_ENV} to its user PIN"
+            ))
+        }),
+    }
+}
+
+fn session(
+    module: &Path,
+    token: &str,
+    pin_file: Option<&Path>,
+) -> Result<(Pkcs11, Session), ClientError> {
     let ctx = Pkcs11::new(module).map_err(|e| {
         ClientError::Config(format!(
             "{}: cannot load the PKCS#11 module: {e}",
@@ -60,24 +82,26 @@ fn session(module: &Path, token: &str) -> Result<(Pkcs11, Session), ClientError>
                 module.display()
             ))
         })?;
-    let pin = std::env::var(PIN_ENV).map_err(|_| {
-        ClientError::Usage(format!(
-            "the device key is in PKCS#11 token `{token}`: set {PIN_ENV} to its user PIN"
-        ))
-    })?;
+    let pin = pin(token, pin_file)?;
     let s = ctx.open_rw_session(slot).map_err(p11("C_OpenSession"))?;
     match s.login(UserType::User, Some(&AuthPin::new(pin.into()))) {
         Ok(()) | Err(P11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok((ctx, s)),
         Err(P11Error::Pkcs11(RvError::PinIncorrect, _)) => Err(ClientError::Usage(format!(
-            "token `{token}`: {PIN_ENV} is not its user PIN"
+            "token `{token}`: the PIN ({}) is not its user PIN",
+            pin_file.map_or(PIN_ENV.to_string(), |p| p.display().to_string())
         ))),
         Err(e) => Err(p11("C_Login")(e)),
     }
 }
 
 /// Generates the key pair in the token (private: sensitive, not extractable, sign only).
-pub(super) fn init(module: &Path, token: &str, instance: &str) -> Result<Descriptor, ClientError> {
-    let (_ctx, s) = session(module, token)?;
+pub(super) fn init(
+    module: &Path,
+    token: &str,
+    pin_file: Option<&Path>,
+    instance: &str,
+) -> Result<Descriptor, ClientError> {
+    let (_ctx, s) = session(module, token, pin_file)?;
     let id = hex::decode(
         meshsign_evidence::files::random_id().map_err(|e| ClientError::Crypto(e.to_string()))?,
     )
@@ -128,6 +152,7 @@ pub(super) fn init(module: &Path, token: &str, instance: &str) -> Result<Descrip
             module: module.to_path_buf(),
             token: token.to_string(),
             id: hex::encode(id),
+            pin_file: pin_file.map(Path::to_path_buf),
         }),
         tpm: None,
     })
@@ -135,7 +160,7 @@ pub(super) fn init(module: &Path, token: &str, instance: &str) -> Result<Descrip
 
 /// Signs SHA-256 of `message` with CKM_ECDSA in the token.
 pub(super) fn sign(at: &Pkcs11Location, message: &[u8]) -> Result<Vec<u8>, ClientError> {
-    let (_ctx, s) = session(&at.module, &at.token)?;
+    let (_ctx, s) = session(&at.module, &at.token, at.pin_file.as_deref())?;
     let id = hex::decode(&at.id)
         .map_err(|_| ClientError::Config(format!("pkcs11 id `{}` is not hex", at.id)))?;
     let key = s

@@ -26,9 +26,13 @@ pub struct InitArgs {
     /// pkcs11: the PKCS#11 module.
     #[arg(long)]
     pub pkcs11_module: Option<PathBuf>,
-    /// pkcs11: the token's label (its user PIN comes from MESHSIGN_DEVICE_PIN).
+    /// pkcs11: the token's label.
     #[arg(long)]
     pub token: Option<String>,
+    /// pkcs11: a file (0600) holding the token's user PIN, kept in device.json for later use;
+    /// without it the PIN comes from MESHSIGN_DEVICE_PIN each time.
+    #[arg(long)]
+    pub pin_file: Option<PathBuf>,
     /// tpm: the TCTI (default: tpm2-tools' own, or TPM2TOOLS_TCTI).
     #[arg(long)]
     pub tcti: Option<String>,
@@ -61,7 +65,11 @@ pub fn init(args: &InitArgs) -> Result<serde_json::Value, ClientError> {
             .instance
             .clone()
             .unwrap_or_else(crate::device::hostname),
-        pkcs11: args.pkcs11_module.clone().zip(args.token.clone()),
+        pkcs11: args
+            .pkcs11_module
+            .clone()
+            .zip(args.token.clone())
+            .map(|(m, t)| (m, t, args.pin_file.clone())),
         tpm: Some((args.tcti.clone(), handle)),
     };
     let (key, signed) = DeviceKey::init(&opts)?;
