@@ -969,3 +969,78 @@ async fn the_database_connection_is_tls_checked_against_its_ca() {
     s.sign(sign_req("release", 2)).await.unwrap();
     assert!(site_connections(&stranger).1 > 0);
 }
+
+/// Issue 28: the runner registry is the store's. Registrations of one request raced at two
+/// replicas give exactly one record (a conditional insert); a retirement and a revocation raced
+/// end revoked every time (compare-and-swap: revoked is final, neither change is lost); what
+/// one replica registered enrolls at the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runner_registry_raced_at_two_replicas_keeps_one_record_and_no_lost_change() {
+    use meshsign_proto::v1;
+    use meshsign_tests::runners::{device, proof, register, request};
+    let pg = LocalPostgres::start().unwrap();
+    let section = store_section(&pg);
+    let a = TestSite::start_edited(
+        &move |t: String| {
+            let t = meshsign_tests::in_environment(&t, "production", "runners = \"registered\"");
+            format!("{t}{section}")
+        },
+        None,
+        meshsign_server::audit::AuditSettings::default(),
+    )
+    .await;
+    let b = a.replica("b").await;
+    let tmp = tempfile::tempdir().unwrap();
+    for round in 0..8 {
+        let (dev, json) = device(tmp.path(), &format!("mac-{round}"));
+        let (ra, rb) = tokio::join!(register(&a, &json, &[]), register(&b, &json, &[]));
+        let oks = [&ra, &rb].iter().filter(|r| r.is_ok()).count();
+        assert_eq!(oks, 1, "round {round}: {ra:?} / {rb:?}");
+        let lost = if ra.is_ok() { rb } else { ra }.unwrap_err();
+        assert_eq!(
+            lost.code(),
+            tonic::Code::FailedPrecondition,
+            "{}",
+            lost.message()
+        );
+
+        // Registered through one replica, it enrolls through the other (both ways).
+        let (enrolling, other) = if round % 2 == 0 { (&b, &a) } else { (&a, &b) };
+        let key = RunnerKey::generate().unwrap();
+        let tok = enrolling.token("production");
+        let req = request(
+            enrolling,
+            &key,
+            tok.clone(),
+            Some(proof(&dev, &tok, &key, "production")),
+        );
+        enrolling.enroll_ok(req).await;
+
+        let at = |reason: &str| v1::RunnerRef {
+            fingerprint: dev.fingerprint(),
+            reason: reason.into(),
+        };
+        let (mut admin_a, mut admin_b) = (enrolling.admin().await, other.admin().await);
+        let (retired, revoked) = tokio::join!(
+            admin_a.retire_runner(at("replaced")),
+            admin_b.revoke_runner(at("stolen"))
+        );
+        assert!(
+            revoked.is_ok(),
+            "round {round}: {revoked:?} (retired: {retired:?})"
+        );
+        let state = |s: &TestSite| {
+            s.state()
+                .registered_runner(&dev.fingerprint())
+                .unwrap()
+                .unwrap()
+                .state
+        };
+        assert_eq!(
+            state(&a),
+            meshsign_server::model::runner::RunnerState::Revoked,
+            "round {round}"
+        );
+        assert_eq!(state(&b), state(&a));
+    }
+}
