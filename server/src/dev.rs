@@ -128,6 +128,9 @@ admin_ca = "pki/{}"
 name = "{env}"
 audience = "{aud}"
 build_p95_seconds = 1200
+# A dev site takes a runner's word for its fingerprint; a production site sets "registered"
+# (device keys: `meshsign runner init`, `meshsign admin runner register`).
+runners = "claimed"
 
 [[environments.signing_keys]]
 alias = "release"
