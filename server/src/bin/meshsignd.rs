@@ -402,6 +402,20 @@ fn recover(
 
 async fn start(mut cfg: SiteConfig) -> Result<SiteHandle, String> {
     meshsign_server::api::server::fit_descriptors(&mut cfg)?;
+    if !cfg.dev {
+        for e in cfg
+            .environments
+            .iter()
+            .filter(|e| e.runners == meshsign_server::config::RunnerMode::Claimed)
+        {
+            tracing::warn!(
+                environment = %e.name,
+                "runners = \"claimed\": this environment takes each runner's word for its \
+                 fingerprint; set runners = \"registered\" and register device keys \
+                 (`meshsign admin runner register`)"
+            );
+        }
+    }
     let data_dir = cfg.data_dir.clone();
     let state = tokio::task::spawn_blocking(move || SiteState::open(cfg, Arc::new(SystemClock)))
         .await
