@@ -89,6 +89,70 @@ impl Daemon {
         )
     }
 
+    /// Stops this (sled, dev) site, makes its production environment accept registered
+    /// runners only (issue 28), starts it again on the same folder, and registers `n` file
+    /// device keys (made in `keys`) through its admin port; returns them.
+    pub async fn with_registered_runners(
+        mut self,
+        binary: &Path,
+        log_level: &str,
+        keys: &Path,
+        n: usize,
+    ) -> Result<
+        (
+            Self,
+            Vec<std::sync::Arc<meshsign_client::device::DeviceKey>>,
+        ),
+        String,
+    > {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let site = self.dir.path().join("site");
+        let toml = site.join("site.toml");
+        let text = std::fs::read_to_string(&toml).map_err(|e| e.to_string())?;
+        let at = text
+            .find("name = \"production\"")
+            .ok_or("no production environment in the dev config")?;
+        let (head, tail) = text.split_at(at);
+        let tail = tail.replacen("runners = \"claimed\"", "runners = \"registered\"", 1);
+        std::fs::write(&toml, format!("{head}{tail}")).map_err(|e| e.to_string())?;
+        let _ = std::fs::remove_file(site.join("client.toml"));
+        let daemon = Self::start_in(
+            binary,
+            true,
+            log_level,
+            None,
+            self.dir.clone(),
+            "registered",
+        )?;
+        let mut admin = meshsign_client::site::admin::Admin::connect(&daemon.client)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut devices = Vec::with_capacity(n);
+        for i in 0..n {
+            let (dev, signed) =
+                meshsign_client::device::DeviceKey::init(&meshsign_client::device::InitOptions {
+                    backend: meshsign_evidence::device::Backend::File,
+                    dir: keys.join(format!("runner-{i}")),
+                    instance: format!("bench-{i}"),
+                    pkcs11: None,
+                    tpm: None,
+                })
+                .map_err(|e| e.to_string())?;
+            let request = serde_json::to_vec(&signed).map_err(|e| e.to_string())?;
+            admin
+                .register_runner(meshsign_proto::v1::RegisterRunnerRequest {
+                    request,
+                    environments: vec![],
+                    labels: vec![],
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            devices.push(std::sync::Arc::new(dev));
+        }
+        Ok((daemon, devices))
+    }
+
     fn start_in(
         binary: &Path,
         flush: bool,

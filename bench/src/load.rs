@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use meshsign_certs_dev::GithubJob;
+use meshsign_client::device::DeviceKey;
 use meshsign_client::session::token::DevMinter;
 use meshsign_client::session::{EnrollParams, RunnerKey, Session};
 use meshsign_client::{ClientConfig, net as transport};
@@ -230,25 +231,61 @@ pub async fn enroll(
     .await)
 }
 
+/// Enrollment load with a device key per worker (an environment with `runners =
+/// "registered"`): each call also signs the device key's proof, as `meshsign` does.
+pub async fn enroll_proven(
+    cfg: &ClientConfig,
+    tokens: &Tokens,
+    devices: &[Arc<DeviceKey>],
+    duration: Duration,
+) -> Result<Window, String> {
+    let tls = transport::tls_config(transport::roots(cfg).map_err(|e| e.to_string())?, None)
+        .map_err(|e| e.to_string())?;
+    let workers: Vec<_> = devices
+        .iter()
+        .map(|d| Arc::new((cfg.clone(), tokens.clone(), tls.clone(), d.clone())))
+        .collect();
+    Ok(window(workers, duration, |ctx, i| async move {
+        let ok = enroll_with(&ctx.0, &ctx.1, ctx.2.clone(), i, Some(ctx.3.clone()))
+            .await
+            .is_ok();
+        (ctx, u64::from(ok))
+    })
+    .await)
+}
+
 async fn enroll_once(
     cfg: &ClientConfig,
     tokens: &Tokens,
     tls: Arc<rustls::ClientConfig>,
     i: usize,
 ) -> Result<(), String> {
+    enroll_with(cfg, tokens, tls, i, None).await
+}
+
+async fn enroll_with(
+    cfg: &ClientConfig,
+    tokens: &Tokens,
+    tls: Arc<rustls::ClientConfig>,
+    i: usize,
+    device: Option<Arc<DeviceKey>>,
+) -> Result<(), String> {
     let key = RunnerKey::generate().map_err(|e| e.to_string())?;
     let ch = transport::connect(&cfg.enroll_endpoint, &cfg.server_name, tls)
         .await
         .map_err(|e| e.to_string())?;
-    let req = v1::EnrollRequest {
-        token: tokens.mint()?,
-        csr_der: key.csr_der().map_err(|e| e.to_string())?,
-        runner_fingerprint: fingerprint(i),
-        region: cfg.region.clone(),
-        requested_ttl_seconds: 0,
+    let params = EnrollParams {
+        fingerprint: device
+            .as_ref()
+            .map_or_else(|| fingerprint(i), |d| d.fingerprint()),
+        device,
         environment: ENVIRONMENT.into(),
-        device_proof: None,
+        token: tokens.mint()?,
+        requested_ttl_seconds: 0,
+        region: None,
     };
+    let req =
+        meshsign_client::session::enroll_request(cfg, &key, &params).map_err(|e| e.to_string())?;
     EnrollmentClient::new(ch)
         .enroll(req)
         .await

@@ -60,6 +60,11 @@ struct Cli {
     /// Also drive OpenBao's transit engine (`bao server -dev` on 127.0.0.1) in the same run.
     #[arg(long)]
     vs_openbao: bool,
+    /// `--scenario enroll`: also enroll with device-key proofs (issue 28) on a second site
+    /// whose production environment accepts registered runners only (one file device key per
+    /// connection, registered first), in the same run; prints `proven_to_claimed`.
+    #[arg(long)]
+    device_proofs: bool,
     /// The site binary (default: `meshsignd` next to this one).
     #[arg(long)]
     meshsignd: Option<PathBuf>,
@@ -190,11 +195,10 @@ fn per_1000(before: Option<f64>, after: Option<f64>, ops: u64) -> Option<f64> {
 /// for `--duration` while reading the server's and our own CPU time.
 async fn service(
     cli: &Cli,
-    hsm: bool,
-    sites: &[Daemon],
-    tokens: &Tokens,
+    mode: &Mode,
     db: Option<&meshsign_certs_dev::postgres::LocalPostgres>,
 ) -> Result<Measured, String> {
+    let (hsm, sites, tokens) = (mode.hsm, &mode.sites[..], &mode.tokens);
     let what = match cli.scenario {
         Scenario::Sign | Scenario::Receipt => Some(SignLoad::Sign),
         Scenario::Batch => Some(SignLoad::Batch(cli.batch)),
@@ -238,6 +242,9 @@ async fn service(
             load::bundles(&sites[0].client, sessions, key, 1, dur).await?
         }
         (Some(what), _) => load::sign(sessions, what, key, dur).await,
+        (None, _) if !mode.devices.is_empty() => {
+            load::enroll_proven(&sites[0].client, tokens, &mode.devices, dur).await?
+        }
         (None, _) => load::enroll(&sites[0].client, tokens, cli.concurrency, dur).await?,
     };
     let (s1, c1, d1) = (cpu(), daemon::own_cpu_seconds(), db_cpu());
@@ -372,6 +379,8 @@ struct Mode {
     db: Option<meshsign_certs_dev::postgres::LocalPostgres>,
     tokens: Tokens,
     rows: Vec<Measured>,
+    /// Registered device keys, one per connection (`--device-proofs`).
+    devices: Vec<std::sync::Arc<meshsign_client::device::DeviceKey>>,
 }
 
 fn opt_median(v: impl Iterator<Item = Option<f64>>) -> Option<f64> {
@@ -422,6 +431,7 @@ async fn run(cli: &Cli) -> Result<(), String> {
             db: None,
             tokens,
             rows: Vec::new(),
+            devices: Vec::new(),
         });
     }
     // PostgreSQL: one cluster per site (one replica, then two), each started here on loopback.
@@ -445,6 +455,7 @@ async fn run(cli: &Cli) -> Result<(), String> {
                 db: Some(pg),
                 tokens,
                 rows: Vec::new(),
+                devices: Vec::new(),
             });
         }
     }
@@ -459,6 +470,25 @@ async fn run(cli: &Cli) -> Result<(), String> {
             db: None,
             tokens,
             rows: Vec::new(),
+            devices: Vec::new(),
+        });
+    }
+    let keys = tempfile::tempdir().map_err(|e| e.to_string())?;
+    if cli.device_proofs {
+        let site = Daemon::start(&binary, !cli.no_durable_audit, &cli.site_log, None)?;
+        let (site, devices) = site
+            .with_registered_runners(&binary, &cli.site_log, keys.path(), cli.concurrency)
+            .await?;
+        let tokens = Tokens::new(&site.client)?;
+        modes.push(Mode {
+            hsm: false,
+            durable: !cli.no_durable_audit,
+            store: "sled",
+            sites: vec![site],
+            db: None,
+            tokens,
+            rows: Vec::new(),
+            devices,
         });
     }
     let (mut inproc_hsm, mut inproc_verify) = (Vec::new(), Vec::new());
@@ -502,12 +532,16 @@ async fn run(cli: &Cli) -> Result<(), String> {
         };
         for i in order {
             let mode = &mut modes[i];
-            let m = service(cli, mode.hsm, &mode.sites, &mode.tokens, mode.db.as_ref()).await?;
+            let m = service(cli, mode, mode.db.as_ref()).await?;
             eprintln!(
                 "run {run}: {:?}{} {} x{} durable={} c={} {:.0} ops/s p50 {:.2} ms p99 {:.2} ms \
                  errors {} server {:.3} / client {:.3} CPU s per 1000 ops (in-process {:.0}/s)",
                 cli.scenario,
-                if mode.hsm { " [pkcs11 key]" } else { "" },
+                match (mode.hsm, mode.devices.is_empty()) {
+                    (true, _) => " [pkcs11 key]",
+                    (false, false) => " [device proofs]",
+                    _ => "",
+                },
                 mode.store,
                 mode.sites.len(),
                 mode.durable,
@@ -611,6 +645,17 @@ async fn run(cli: &Cli) -> Result<(), String> {
             })
             .collect();
         println!("{}", serde_json::json!({ "stores": with_ratio }));
+    } else if cli.device_proofs {
+        let (claimed, proven) = (summarize(&modes[0]), summarize(&modes[modes.len() - 1]));
+        let ops = |j: &serde_json::Value| j["ops_per_sec"].as_f64().unwrap_or(0.0);
+        println!(
+            "{}",
+            serde_json::json!({
+                "claimed": claimed,
+                "proven": proven,
+                "proven_to_claimed": ops(&proven) / ops(&claimed).max(1.0),
+            })
+        );
     } else if let Some(m) = modes.first() {
         println!("{}", summarize(m));
     }

@@ -191,12 +191,27 @@ pub async fn enroll(
 ) -> Result<v1::EnrollResponse, ClientError> {
     let tls = net::tls_config(net::roots(cfg)?, None)?;
     let ch = net::connect_to(cfg, &cfg.enroll_endpoint, tls).await?;
+    let req = enroll_request(cfg, key, p)?;
+    let resp = EnrollmentClient::new(ch)
+        .enroll(req)
+        .await
+        .map_err(|s| ClientError::rpc("Enroll", s))?;
+    Ok(resp.into_inner())
+}
+
+/// The Enroll request for `key` (a CSR) with `p`'s token, and the device key's proof when
+/// `p` has a device key.
+pub fn enroll_request(
+    cfg: &ClientConfig,
+    key: &RunnerKey,
+    p: &EnrollParams,
+) -> Result<v1::EnrollRequest, ClientError> {
     let region = p.region.clone().unwrap_or_else(|| cfg.region.clone());
     let device_proof = match &p.device {
         Some(d) => Some(enroll_proof(d, key, p, &region)?),
         None => None,
     };
-    let req = v1::EnrollRequest {
+    Ok(v1::EnrollRequest {
         token: p.token.clone(),
         csr_der: key.csr_der()?,
         runner_fingerprint: p.fingerprint.clone(),
@@ -204,12 +219,7 @@ pub async fn enroll(
         requested_ttl_seconds: p.requested_ttl_seconds,
         environment: p.environment.clone(),
         device_proof,
-    };
-    let resp = EnrollmentClient::new(ch)
-        .enroll(req)
-        .await
-        .map_err(|s| ClientError::rpc("Enroll", s))?;
-    Ok(resp.into_inner())
+    })
 }
 
 /// The device key's proof for an enrollment: its signature over the token's audience, `jti`

@@ -402,6 +402,7 @@ impl Default for Review {
                 "SetJwks",
                 "SetAuditRetention",
                 "Undistrust",
+                "RegisterRunner",
                 "Reload",
             ]
             .into_iter()
