@@ -121,10 +121,76 @@ async fn a_proof_binds_the_token_the_csr_key_and_the_fingerprint() {
     assert_eq!(site.last_audit().runner_fingerprint, fp);
     signer.sign(sign_req("release", 1)).await.unwrap();
 
+    // The statement the site makes lists the fingerprint as proven by a file key.
+    assert_eq!(runner_proof_of_statement(&mut signer).await, "file");
+
     // Staging keeps `claimed`: a runner without a device key still enrolls there, and its
-    // certificate says the fingerprint is only claimed.
-    let (_, staging, _) = site.enrolled("staging").await;
+    // certificate and statements say the fingerprint is only claimed.
+    let (_, staging, mut claimed) = site.enrolled("staging").await;
     assert_eq!(claims_of(&staging).runner_proof, "claimed");
+    assert_eq!(runner_proof_of_statement(&mut claimed).await, "claimed");
+}
+
+/// `runnerProof` of the in-toto statement the site builds for this runner.
+async fn runner_proof_of_statement(
+    signer: &mut v1::signer_client::SignerClient<tonic::transport::Channel>,
+) -> String {
+    let resp = signer
+        .attest(v1::AttestRequest {
+            key_alias: "attest".into(),
+            subjects: vec![v1::AttestSubject {
+                name: "app.tar.gz".into(),
+                sha256_digest: vec![5u8; 32],
+            }],
+            predicate_type: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let env: meshsign_evidence::attest::Envelope =
+        serde_json::from_slice(&resp.envelope_json).unwrap();
+    let st: serde_json::Value = serde_json::from_slice(&env.payload_bytes().unwrap()).unwrap();
+    st["predicate"]["runnerProof"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn a_malformed_or_forged_registration_request_is_refused_and_changes_nothing() {
+    let site = registered_site(None).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, request_json) = device(tmp.path(), "mac-1");
+    let mut v: serde_json::Value = serde_json::from_slice(&request_json).unwrap();
+    // Another hostname under the same signature.
+    v["request"]["hostname"] = "someone-else".into();
+    let forged = serde_json::to_vec(&v).unwrap();
+    let mut extra = v.clone();
+    extra["request"]["admin"] = true.into();
+    for (bad, what) in [
+        (b"not json".to_vec(), "not a registration request"),
+        (forged, "does not hold"),
+        (
+            serde_json::to_vec(&extra).unwrap(),
+            "not a registration request",
+        ),
+        (vec![b' '; 20_000], "bytes; at most"),
+    ] {
+        let e = register(&site, &bad, &[]).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+        assert!(e.message().starts_with("invalid: "), "{}", e.message());
+        assert!(e.message().contains(what), "{what}: {}", e.message());
+    }
+    let e = register(&site, &request_json, &["nowhere"])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{}", e.message());
+    let listed = site
+        .admin()
+        .await
+        .list_runners(v1::ListRunnersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .runners;
+    assert!(listed.is_empty(), "{listed:?}");
 }
 
 #[tokio::test]
