@@ -325,3 +325,51 @@ fn two_person_review_from_the_cli() {
         "{text}"
     );
 }
+
+/// Issue 28: one runner registered, listed and revoked at every region at once; each site
+/// keeps its own registry.
+#[test]
+fn all_sites_register_list_and_revoke_a_runner() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let _sites = fleet(dir);
+    let fleet_toml = dir.join("fleet.toml");
+    let (code, _, err) = out(&meshsign_in(
+        dir,
+        &dir.join("sg/client.toml"),
+        &["runner", "init", "--backend", "file", "--dir", "runner"],
+    ));
+    assert_eq!(code, 0, "{err}");
+    let admin = |args: &[&str]| {
+        let mut a = vec!["admin", "--all-sites"];
+        a.extend_from_slice(args);
+        out(&meshsign_in(dir, &fleet_toml, &a))
+    };
+    let (code, text, err) = admin(&[
+        "runner",
+        "register",
+        "--request",
+        "runner/registration.json",
+    ]);
+    assert_eq!(code, 0, "{text}{err}");
+    let (code, json, err) = admin(&["runner", "list", "--output", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<Value> = serde_json::from_str(&json).unwrap();
+    assert_eq!(rows.len(), REGIONS.len(), "{json}");
+    let fp = rows[0]["result"][0]["fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for r in &rows {
+        assert_eq!(r["result"][0]["fingerprint"], fp.as_str(), "{r}");
+        assert_eq!(r["result"][0]["state"], "registered", "{r}");
+    }
+    let (code, text, err) = admin(&["runner", "revoke", &fp, "--reason", "stolen"]);
+    assert_eq!(code, 0, "{text}{err}");
+    for r in REGIONS {
+        assert!(
+            text.contains(&format!("{r}\t{r}\t{fp}\tfile\trevoked")),
+            "{text}"
+        );
+    }
+}

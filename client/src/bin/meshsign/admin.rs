@@ -111,6 +111,12 @@ fn table(o: &Output) -> (&'static [&'static str], Vec<Vec<String>>, serde_json::
         Output::Revoked(r) => (REVOKE_HEADER, vec![revoke_row(r)], revoke_json(r)),
         Output::Policy(p) => one(p),
         Output::Issuer(i) => one(i),
+        Output::Runner(r) => one(r),
+        Output::Runners(l) => (
+            v1::RunnerInfo::HEADER,
+            l.iter().map(Render::row).collect(),
+            l.iter().map(Render::json).collect(),
+        ),
         Output::Key(k) => one(k),
         Output::Proposed(p) | Output::Approved(p) => one(p),
         Output::JwksDiff(d) => (JWKS_DIFF_HEADER, vec![jwks_diff_row(d)], jwks_diff_json(d)),
