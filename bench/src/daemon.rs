@@ -66,34 +66,48 @@ impl Daemon {
     /// Stops this (sled, dev) site, sets `[store] cache_mib` in its config, and starts it
     /// again on the same folder.
     pub fn with_store_cache(
-        mut self,
+        self,
         binary: &Path,
         log_level: &str,
         cache_mib: u64,
+    ) -> Result<Self, String> {
+        self.restarted(binary, log_level, "meshsignd-2", |text| {
+            format!("{text}\n[store]\ncache_mib = {cache_mib}\n")
+        })
+    }
+
+    /// Stops this (sled, dev) site, lifts the per-source enroll rate limit (one load
+    /// generator is one source: the limit would measure itself), and starts it again.
+    pub fn with_enroll_unlimited(self, binary: &Path, log_level: &str) -> Result<Self, String> {
+        self.restarted(binary, log_level, "meshsignd-unlimited", |text| {
+            format!("{text}\n[limits]\nenroll_per_source_per_second = 0\n")
+        })
+    }
+
+    /// Stops this (sled, dev) site, edits its site.toml, and starts it again on the same
+    /// folder (its log in `name.log`).
+    fn restarted(
+        mut self,
+        binary: &Path,
+        log_level: &str,
+        name: &str,
+        edit: impl FnOnce(String) -> String,
     ) -> Result<Self, String> {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let site = self.dir.path().join("site");
         let toml = site.join("site.toml");
-        let mut text = std::fs::read_to_string(&toml).map_err(|e| e.to_string())?;
-        text.push_str(&format!("\n[store]\ncache_mib = {cache_mib}\n"));
-        std::fs::write(&toml, text).map_err(|e| e.to_string())?;
+        let text = std::fs::read_to_string(&toml).map_err(|e| e.to_string())?;
+        std::fs::write(&toml, edit(text)).map_err(|e| e.to_string())?;
         let _ = std::fs::remove_file(site.join("client.toml"));
-        Self::start_in(
-            binary,
-            true,
-            log_level,
-            None,
-            self.dir.clone(),
-            "meshsignd-2",
-        )
+        Self::start_in(binary, true, log_level, None, self.dir.clone(), name)
     }
 
     /// Stops this (sled, dev) site, makes its production environment accept registered
     /// runners only (issue 28), starts it again on the same folder, and registers `n` file
     /// device keys (made in `keys`) through its admin port; returns them.
     pub async fn with_registered_runners(
-        mut self,
+        self,
         binary: &Path,
         log_level: &str,
         keys: &Path,
@@ -105,26 +119,17 @@ impl Daemon {
         ),
         String,
     > {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let site = self.dir.path().join("site");
-        let toml = site.join("site.toml");
-        let text = std::fs::read_to_string(&toml).map_err(|e| e.to_string())?;
-        let at = text
-            .find("name = \"production\"")
-            .ok_or("no production environment in the dev config")?;
-        let (head, tail) = text.split_at(at);
-        let tail = tail.replacen("runners = \"claimed\"", "runners = \"registered\"", 1);
-        std::fs::write(&toml, format!("{head}{tail}")).map_err(|e| e.to_string())?;
-        let _ = std::fs::remove_file(site.join("client.toml"));
-        let daemon = Self::start_in(
-            binary,
-            true,
-            log_level,
-            None,
-            self.dir.clone(),
-            "registered",
-        )?;
+        let daemon = self.restarted(binary, log_level, "registered", |text| {
+            match text.find("name = \"production\"") {
+                Some(at) => {
+                    let (head, tail) = text.split_at(at);
+                    let tail =
+                        tail.replacen("runners = \"claimed\"", "runners = \"registered\"", 1);
+                    format!("{head}{tail}")
+                }
+                None => text,
+            }
+        })?;
         let mut admin = meshsign_client::site::admin::Admin::connect(&daemon.client)
             .await
             .map_err(|e| e.to_string())?;

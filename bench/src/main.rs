@@ -421,7 +421,10 @@ async fn run(cli: &Cli) -> Result<(), String> {
     // RSS reported after an enroll benchmark is after all of them).
     let mut modes = Vec::new();
     for durable in durabilities {
-        let site = Daemon::start(&binary, durable, &cli.site_log, None)?;
+        let mut site = Daemon::start(&binary, durable, &cli.site_log, None)?;
+        if matches!(cli.scenario, Scenario::Enroll) {
+            site = site.with_enroll_unlimited(&binary, &cli.site_log)?;
+        }
         let tokens = Tokens::new(&site.client)?;
         modes.push(Mode {
             hsm: false,
@@ -475,7 +478,8 @@ async fn run(cli: &Cli) -> Result<(), String> {
     }
     let keys = tempfile::tempdir().map_err(|e| e.to_string())?;
     if cli.device_proofs {
-        let site = Daemon::start(&binary, !cli.no_durable_audit, &cli.site_log, None)?;
+        let site = Daemon::start(&binary, !cli.no_durable_audit, &cli.site_log, None)?
+            .with_enroll_unlimited(&binary, &cli.site_log)?;
         let (site, devices) = site
             .with_registered_runners(&binary, &cli.site_log, keys.path(), cli.concurrency)
             .await?;

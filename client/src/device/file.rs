@@ -4,7 +4,6 @@
 
 use std::path::Path;
 
-use p256::ecdsa::signature::Signer as _;
 use p256::pkcs8::{DecodePrivateKey as _, EncodePublicKey as _};
 use zeroize::Zeroizing;
 
@@ -77,8 +76,28 @@ pub(super) fn check(path: &Path, spki: &[u8]) -> Result<(), ClientError> {
     Ok(())
 }
 
-/// Signs with the file's key.
-pub(super) fn sign(path: &Path, message: &[u8]) -> Result<Vec<u8>, ClientError> {
-    let sig: p256::ecdsa::DerSignature = load(path)?.sign(message);
-    Ok(sig.as_bytes().to_vec())
+/// The file's key, loaded for signing (aws-lc: the proof is on every enrollment's path). The
+/// key was checked against the descriptor's public key by [`check`].
+pub(super) fn open(path: &Path) -> Result<aws_lc_rs::signature::EcdsaKeyPair, ClientError> {
+    let der = Zeroizing::new(std::fs::read(path).map_err(ClientError::io(path))?);
+    aws_lc_rs::signature::EcdsaKeyPair::from_pkcs8(
+        &aws_lc_rs::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+        &der,
+    )
+    .map_err(|_| {
+        ClientError::Config(format!(
+            "{}: not a P-256 PKCS#8 key (make one with `meshsign runner init --backend file`)",
+            path.display()
+        ))
+    })
+}
+
+/// Signs with the loaded key (ECDSA P-256/SHA-256, DER).
+pub(super) fn sign(
+    key: &aws_lc_rs::signature::EcdsaKeyPair,
+    message: &[u8],
+) -> Result<Vec<u8>, ClientError> {
+    key.sign(&aws_lc_rs::rand::SystemRandom::new(), message)
+        .map(|s| s.as_ref().to_vec())
+        .map_err(|_| ClientError::Crypto("the device key could not sign".into()))
 }

@@ -56,11 +56,22 @@ pub struct Descriptor {
 }
 
 /// A device key, ready to sign proofs.
-#[derive(Debug)]
 pub struct DeviceKey {
     descriptor: Descriptor,
     spki: Vec<u8>,
     path: PathBuf,
+    /// The file backend's key, loaded once (its file was checked against `spki`).
+    file_key: Option<aws_lc_rs::signature::EcdsaKeyPair>,
+}
+
+impl std::fmt::Debug for DeviceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceKey")
+            .field("backend", &self.descriptor.backend)
+            .field("fingerprint", &self.fingerprint())
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What `meshsign runner init` is asked for.
@@ -92,13 +103,16 @@ impl DeviceKey {
         let spki = B64
             .decode(&descriptor.spki)
             .map_err(|_| ClientError::Config(format!("{}: spki is not base64", path.display())))?;
-        let key = Self {
+        let mut key = Self {
             descriptor,
             spki,
             path: path.to_path_buf(),
+            file_key: None,
         };
         if key.descriptor.backend == Backend::File {
-            file::check(key.file_path()?, &key.spki)?;
+            let file = key.file_path()?.to_path_buf();
+            file::check(&file, &key.spki)?;
+            key.file_key = Some(file::open(&file)?);
         }
         Ok(key)
     }
@@ -189,19 +203,25 @@ impl DeviceKey {
         })
     }
 
-    /// Signs `message` (ECDSA P-256/SHA-256, DER) in the backend, and checks the signature
-    /// against the recorded public key before it is used (a token that swapped keys fails
-    /// here, not at the site).
+    /// Signs `message` (ECDSA P-256/SHA-256, DER) in the backend. A token's or a TPM's
+    /// signature is checked against the recorded public key before it is used (a token that
+    /// swapped keys fails here, not at the site); a file key was checked when it was opened.
     pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, ClientError> {
-        let signature = match self.descriptor.backend {
-            Backend::File => file::sign(self.file_path()?, message)?,
-            Backend::Pkcs11 => {
+        let signature = match (self.descriptor.backend, &self.file_key) {
+            (Backend::File, Some(key)) => return file::sign(key, message),
+            (Backend::File, None) => {
+                return Err(ClientError::Config(format!(
+                    "{}: the file key was not opened",
+                    self.path.display()
+                )));
+            }
+            (Backend::Pkcs11, _) => {
                 let at = self.descriptor.pkcs11.as_ref().ok_or_else(|| {
                     ClientError::Config(format!("{}: no pkcs11 location", self.path.display()))
                 })?;
                 pkcs11::sign(at, message)?
             }
-            Backend::Tpm => {
+            (Backend::Tpm, _) => {
                 let at = self.descriptor.tpm.as_ref().ok_or_else(|| {
                     ClientError::Config(format!("{}: no tpm location", self.path.display()))
                 })?;
