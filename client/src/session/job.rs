@@ -46,7 +46,8 @@ pub struct JobOptions {
     /// Requested certificate lifetime in seconds (0 = the environment's cap).
     #[arg(long, default_value_t = 0)]
     pub ttl: u32,
-    /// Runner fingerprint (default: derived from this machine).
+    /// Runner fingerprint (default: the device key's, if `[runner] device_key` names one;
+    /// else one derived from this machine, which a registered environment refuses).
     #[arg(long)]
     pub fingerprint: Option<String>,
 }

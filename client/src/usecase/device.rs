@@ -116,6 +116,14 @@ pub fn fingerprint(config: Option<&Path>) -> Result<(String, String), ClientErro
     ))
 }
 
+/// `meshsign preflight`'s warning (on stderr, not a finding) for a runner without a usable
+/// device key.
+pub fn warn_if_missing(config: Option<&Path>) {
+    if let Some(w) = missing_warning(config) {
+        crate::notes::note(&format!("warning: {w}"));
+    }
+}
+
 /// The warning `meshsign preflight` gives a runner without a device key.
 pub fn missing_warning(config: Option<&Path>) -> Option<String> {
     match configured(config) {

@@ -306,9 +306,7 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
             json,
             no_env,
         } => {
-            if let Some(w) = usecase::device::missing_warning(global.config.as_deref()) {
-                eprintln!("meshsign: warning: {w}");
-            }
+            usecase::device::warn_if_missing(global.config.as_deref());
             let (findings, errors) = usecase::preflight::run(paths, no_env)?;
             let format = if json { render::Format::Json } else { format };
             render::preflight(&findings, &errors, format)
@@ -335,10 +333,7 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
         }
         Command::Runner {
             command: RunnerCommand::Init(args),
-        } => {
-            render::print_json(&usecase::device::init(&args)?);
-            Ok(())
-        }
+        } => usecase::device::init(&args).map(|v| render::print_json(&v)),
         Command::Audit {
             command: AuditCommand::Verify(args),
         } => runner::audit_verify(&args, format),
