@@ -167,6 +167,10 @@ reasons! {
     PredicateType = "predicate_type",
     /// The statement's subjects are missing, too many or malformed.
     Subjects = "subjects",
+    /// An App Store Connect token asked for a scope the key's policy does not allow.
+    AscScope = "asc_scope",
+    /// An App Store Connect token asked to live longer than Apple's 20 minutes.
+    AscTtl = "asc_ttl",
     /// A signed checkpoint (housekeeping).
     Checkpoint = "checkpoint",
     /// The wall clock stepped more than the token leeway (housekeeping).

@@ -341,6 +341,27 @@ impl Session {
             .into_inner())
     }
 
+    /// An App Store Connect API token minted by the site with the `asc-api` key `alias`
+    /// (`scopes` a subset of the key's, empty for its own; `ttl_seconds` 0 for 1200).
+    pub async fn asc_token(
+        &mut self,
+        alias: &str,
+        scopes: &[String],
+        ttl_seconds: u32,
+    ) -> Result<v1::AscTokenResponse, ClientError> {
+        let req = v1::AscTokenRequest {
+            key_alias: alias.to_string(),
+            scopes: scopes.to_vec(),
+            ttl_seconds,
+        };
+        Ok(self
+            .signer
+            .asc_token(req)
+            .await
+            .map_err(|s| ClientError::rpc("AscToken", s))?
+            .into_inner())
+    }
+
     /// Signs up to the site's batch limit of SHA-256 digests in one SignBatch call; the answer
     /// is split into one Sign response per digest (same key, audit entry and time; each with
     /// its own signature and transparency-log entry).

@@ -97,6 +97,24 @@ pub enum AdminAuditCommand {
     },
 }
 
+/// `admin key import --purpose asc-api`: the App Store Connect key's identity (issue 29).
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct AscKeyArgs {
+    /// Apple's key id (the KID of AuthKey_KID.p8).
+    #[arg(long)]
+    pub asc_key_id: Option<String>,
+    /// The team's issuer id (App Store Connect, Users and Access, Integrations).
+    #[arg(long, conflicts_with = "asc_individual")]
+    pub asc_issuer_id: Option<String>,
+    /// An individual key (tokens carry `sub: "user"` instead of an issuer).
+    #[arg(long)]
+    pub asc_individual: bool,
+    /// A scope its tokens may carry, e.g. "GET /notary/v2/submissions" (repeat; none:
+    /// unrestricted, the key's whole role).
+    #[arg(long = "asc-scope")]
+    pub asc_scopes: Vec<String>,
+}
+
 /// `admin runner`: the site's registry of runner device keys (issue 28).
 #[derive(Subcommand, Clone)]
 pub enum RunnerAdminCommand {
@@ -467,13 +485,17 @@ pub enum KeyCommand {
         #[arg(long = "ref")]
         refs: Vec<String>,
         /// What it may sign (repeat): digest, message, apple-cms, attestation (alone: statements
-        /// the site builds). Default: digest, message.
+        /// the site builds), asc-api (alone: an App Store Connect AuthKey_KID.p8, which mints
+        /// `meshsign asc-token` tokens). Default: digest, message.
         #[arg(long = "purpose")]
         purposes: Vec<String>,
         /// Where the key goes: software (wrapped under the KEK in the store) or pkcs11 (into the
         /// site's [pkcs11] token, sensitive and not extractable).
         #[arg(long, default_value = "software", value_parser = ["software", "pkcs11"])]
         backend: String,
+        /// An asc-api key's App Store Connect identity.
+        #[command(flatten)]
+        asc: AscKeyArgs,
     },
     /// Print a CSR signed by the key (for Apple or another CA); the key stays in the site.
     Csr {
@@ -1222,6 +1244,7 @@ fn import_request(command: KeyCommand) -> Result<v1::ImportKeyRequest, ClientErr
         refs,
         purposes,
         backend,
+        asc,
     } = command
     else {
         return Err(ClientError::Usage("not a key import".into()));
@@ -1247,6 +1270,10 @@ fn import_request(command: KeyCommand) -> Result<v1::ImportKeyRequest, ClientErr
         chain_pem,
         purposes,
         backend,
+        asc_key_id: asc.asc_key_id.unwrap_or_default(),
+        asc_issuer_id: asc.asc_issuer_id.unwrap_or_default(),
+        asc_individual: asc.asc_individual,
+        asc_scopes: asc.asc_scopes,
     })
 }
 

@@ -77,6 +77,14 @@ impl signer_server::Signer for Forward {
         session.signer.clone().attest(req.into_inner()).await
     }
 
+    async fn asc_token(
+        &self,
+        req: Request<v1::AscTokenRequest>,
+    ) -> Result<Response<v1::AscTokenResponse>, Status> {
+        let session = self.session.read().await;
+        session.signer.clone().asc_token(req.into_inner()).await
+    }
+
     async fn renew(
         &self,
         _req: Request<v1::RenewRequest>,

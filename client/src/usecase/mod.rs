@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod asc;
 pub mod attest;
 #[cfg(feature = "codesign")]
 pub mod codesign;

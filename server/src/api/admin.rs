@@ -656,6 +656,12 @@ impl v1::admin_server::Admin for AdminApi {
                     (r.repositories.clone(), r.refs.clone()),
                     &r.purposes,
                     &r.backend,
+                    &ops::keys::AscInput {
+                        key_id: r.asc_key_id.clone(),
+                        issuer_id: r.asc_issuer_id.clone(),
+                        individual: r.asc_individual,
+                        scopes: r.asc_scopes.clone(),
+                    },
                 )
             })
             .await;

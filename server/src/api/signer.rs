@@ -113,6 +113,31 @@ impl SignerApi {
 
 #[tonic::async_trait]
 impl v1::signer_server::Signer for SignerApi {
+    async fn asc_token(
+        &self,
+        req: Request<v1::AscTokenRequest>,
+    ) -> Result<Response<v1::AscTokenResponse>, Status> {
+        let peer = peer(&req);
+        let caller = self.identified(&req, "AscToken", &peer).await?;
+        let r = req.into_inner();
+        let input = sign::asc::AscTokenInput {
+            alias: r.key_alias,
+            scopes: r.scopes,
+            ttl_seconds: u64::from(r.ttl_seconds),
+            peer,
+        };
+        let out = sign::asc::asc_token(&self.0, &caller, input)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(v1::AscTokenResponse {
+            token: out.token,
+            expires_at: Some(ts(out.expires_at)),
+            scopes: out.scopes,
+            key_id: out.key_id,
+            audit_id: out.audit_id,
+        }))
+    }
+
     async fn attest(
         &self,
         req: Request<v1::AttestRequest>,

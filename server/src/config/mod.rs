@@ -285,6 +285,14 @@ struct RawKey {
     digest_allow_list: Option<PathBuf>,
     #[serde(default)]
     backend: crate::model::KeyBackend,
+    #[serde(default)]
+    asc_key_id: Option<String>,
+    #[serde(default)]
+    asc_issuer_id: Option<String>,
+    #[serde(default)]
+    asc_individual: bool,
+    #[serde(default)]
+    asc_scopes: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -811,6 +819,8 @@ pub struct KeySpec {
     pub allowed_digests: Option<DigestAllowList>,
     /// Where its new versions are generated (`backend = "pkcs11"`: in the `[pkcs11]` token).
     pub backend: crate::model::KeyBackend,
+    /// An `asc-api` key's App Store Connect identity (key id, issuer, allowed scopes).
+    pub asc: Option<crate::model::AscIdentity>,
 }
 
 /// One trusted OIDC issuer of a environment.

@@ -446,6 +446,30 @@ impl TryFrom<In<'_, (&RawKey, Budget)>> for KeySpec {
                 "pkcs11 needs a [pkcs11] table (module, token_label, pin_file)",
             ));
         }
+        let asc = match (&key.asc_key_id, purposes.contains(&Purpose::AscApi)) {
+            (Some(kid), true) => Some(
+                crate::model::AscIdentity::new(
+                    kid,
+                    key.asc_issuer_id.as_deref(),
+                    key.asc_individual,
+                    key.asc_scopes.clone(),
+                )
+                .map_err(|m| invalid(s.at("asc_key_id"), m))?,
+            ),
+            (None, true) => {
+                return Err(invalid(
+                    s.at("asc_key_id"),
+                    "an asc-api key needs asc_key_id and asc_issuer_id (or asc_individual = true)",
+                ));
+            }
+            (Some(_), false) => {
+                return Err(invalid(
+                    s.at("asc_key_id"),
+                    "only a key with purposes = [\"asc-api\"] has an App Store Connect identity",
+                ));
+            }
+            (None, false) => None,
+        };
         Ok(KeySpec {
             budget,
             allowed_digests,
@@ -455,6 +479,7 @@ impl TryFrom<In<'_, (&RawKey, Budget)>> for KeySpec {
             access,
             disabled: false,
             backend: key.backend,
+            asc,
         })
     }
 }

@@ -121,6 +121,99 @@ pub fn is_name(s: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
+/// An App Store Connect API key's identity, as Apple's token names it (issue 29): the key id
+/// (the JWT header's `kid`), the issuer id (`iss`) of a team key or none for an individual key
+/// (`sub: "user"`), and the scopes its tokens may carry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AscIdentity {
+    /// Apple's key id (`AuthKey_<KID>.p8`): 1 to 32 uppercase letters and digits.
+    pub key_id: String,
+    /// The team's issuer id (a UUID); `None` for an individual key.
+    pub issuer_id: Option<String>,
+    /// The scopes (`"GET /notary/v2/submissions"`) a token may carry; a runner may ask for a
+    /// subset. Empty: unrestricted — the token carries what the runner asks, or no scope
+    /// claim (the key's whole role).
+    #[serde(default)]
+    pub scopes: Vec<String>,
+}
+
+/// The most scopes a key or a token may name, and the longest scope.
+pub const ASC_MAX_SCOPES: usize = 32;
+const ASC_MAX_SCOPE_LEN: usize = 256;
+
+impl AscIdentity {
+    /// Checks and builds an identity: exactly one of an issuer id and `individual`.
+    pub fn new(
+        key_id: &str,
+        issuer_id: Option<&str>,
+        individual: bool,
+        scopes: Vec<String>,
+    ) -> Result<Self, String> {
+        if key_id.is_empty()
+            || key_id.len() > 32
+            || !key_id
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+        {
+            return Err(format!(
+                "asc key id `{}`: 1 to 32 uppercase letters and digits (the KID in AuthKey_KID.p8)",
+                bounded(key_id, 40)
+            ));
+        }
+        let issuer_id = match (issuer_id.filter(|s| !s.is_empty()), individual) {
+            (Some(_), true) | (None, false) => {
+                return Err(
+                    "give the team key's issuer id (asc_issuer_id) or mark it individual                      (asc_individual), not both"
+                        .into(),
+                );
+            }
+            (Some(i), false) => {
+                if !is_uuid(i) {
+                    return Err(format!("asc issuer id `{}` is not a UUID", bounded(i, 40)));
+                }
+                Some(i.to_ascii_lowercase())
+            }
+            (None, true) => None,
+        };
+        check_asc_scopes(&scopes)?;
+        Ok(Self {
+            key_id: key_id.to_string(),
+            issuer_id,
+            scopes,
+        })
+    }
+}
+
+/// Scopes are `METHOD /path` (printable, no control characters), at most [`ASC_MAX_SCOPES`].
+pub fn check_asc_scopes(scopes: &[String]) -> Result<(), String> {
+    if scopes.len() > ASC_MAX_SCOPES {
+        return Err(format!("at most {ASC_MAX_SCOPES} scopes"));
+    }
+    for s in scopes {
+        let ok = s.len() <= ASC_MAX_SCOPE_LEN
+            && !s.chars().any(char::is_control)
+            && s.split_once(' ').is_some_and(|(m, p)| {
+                !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase()) && p.starts_with('/')
+            });
+        if !ok {
+            return Err(format!(
+                "scope `{}` is not `METHOD /path` (e.g. `GET /notary/v2/submissions`)",
+                bounded(s, 80)
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn is_uuid(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('-').collect();
+    parts.len() == 5
+        && parts
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(p, n)| p.len() == n && p.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 /// What a key signs: `digest` and `message` by default; `apple-cms` must be given explicitly.
 pub fn default_purposes() -> Vec<Purpose> {
     vec![Purpose::Digest, Purpose::Message]
@@ -140,15 +233,20 @@ pub enum Purpose {
     /// In-toto statements the site builds itself (`Signer.Attest`). Exclusive: a key that also
     /// signed digests or messages would sign the PAE of a statement a runner made up.
     Attestation,
+    /// App Store Connect API tokens the site builds itself (`Signer.AscToken`, issue 29): an
+    /// Apple `.p8` key. Exclusive: a key that signed digests or messages would sign any JWT a
+    /// runner wrote.
+    AscApi,
 }
 
 impl Purpose {
     /// Every purpose.
-    pub const ALL: [Purpose; 4] = [
+    pub const ALL: [Purpose; 5] = [
         Purpose::Digest,
         Purpose::Message,
         Purpose::AppleCms,
         Purpose::Attestation,
+        Purpose::AscApi,
     ];
 
     /// Parses a config/RPC name.
@@ -166,7 +264,7 @@ impl Purpose {
             .map(|n| {
                 Self::parse(n).ok_or_else(|| {
                     format!(
-                        "purpose `{}` (digest, message, apple-cms, attestation)",
+                        "purpose `{}` (digest, message, apple-cms, attestation, asc-api)",
                         bounded(n, 64)
                     )
                 })
@@ -181,6 +279,7 @@ impl Purpose {
             Purpose::Message => "message",
             Purpose::AppleCms => "apple-cms",
             Purpose::Attestation => "attestation",
+            Purpose::AscApi => "asc-api",
         }
     }
 }
@@ -652,6 +751,20 @@ pub fn purposes_for(
     algorithm: KeyAlgorithm,
     purposes: Vec<Purpose>,
 ) -> Result<Vec<Purpose>, String> {
+    if let Some(p) = purposes.iter().find(|p| matches!(p, Purpose::AscApi)) {
+        if purposes.len() > 1 {
+            return Err(format!(
+                "an `{}` key mints only the App Store Connect tokens the site builds and has no \
+                 other purpose: a key that also signed digests or messages would sign any token \
+                 a runner wrote",
+                p.as_str()
+            ));
+        }
+        if algorithm != KeyAlgorithm::EcdsaP256Sha256 {
+            return Err("an `asc-api` key is an Apple .p8 key: ecdsa-p256-sha256".into());
+        }
+        return Ok(purposes);
+    }
     if purposes.contains(&Purpose::Attestation) {
         if purposes.len() > 1 {
             return Err("an `attestation` key signs only the statements the site builds and has                  no other purpose: a key that also signed digests or messages would sign the                  DSSE PAE of a statement a runner made up"

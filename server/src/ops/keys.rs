@@ -85,6 +85,13 @@ pub fn create_key_alias(
     }
     let algorithm = KeyAlgorithm::parse(algorithm)
         .ok_or_else(|| OpsError::Invalid(format!("unsupported algorithm `{algorithm}`")))?;
+    if parse_purposes(purposes)?.contains(&Purpose::AscApi) {
+        return Err(OpsError::Invalid(
+            "an asc-api key is made by Apple: import its AuthKey_KID.p8 with `meshsign admin \
+             key import --purpose asc-api --asc-key-id KID …`"
+                .into(),
+        ));
+    }
     let spec = KeySpec {
         alias: alias.to_string(),
         algorithm,
@@ -95,6 +102,7 @@ pub fn create_key_alias(
         budget: environment_budget(site, env),
         allowed_digests: None,
         backend,
+        asc: None,
     };
     site.create_key_version((env, alias, 1), (algorithm, backend))?;
     add_spec(site, env, spec.clone())?;
@@ -148,6 +156,7 @@ pub fn disable_key(
 
 /// Imports a PKCS#8 PEM key (P-256 or RSA) as a new version of `alias` (or its v1), with an
 /// optional certificate chain. One-way: nothing returns it.
+#[allow(clippy::too_many_arguments)]
 pub fn import_key(
     site: &SiteState,
     env: &str,
@@ -156,6 +165,7 @@ pub fn import_key(
     access: (Vec<String>, Vec<String>),
     purposes: &[String],
     into: &str,
+    asc: &AscInput,
 ) -> Result<(KeySpec, String), OpsError> {
     use rustls_pki_types::PrivatePkcs8KeyDer;
     let into = crate::custody::Backend::parse(into).ok_or_else(|| {
@@ -196,16 +206,23 @@ pub fn import_key(
     held_elsewhere(site, backend.public_key_der())?;
     let spec = match existing {
         Some(s) => s,
-        None => KeySpec {
-            alias: alias.to_string(),
-            algorithm: backend.algorithm(),
-            access: access_rule(access.0, access.1)?,
-            disabled: false,
-            purposes: parse_purposes(purposes)?,
-            budget: environment_budget(site, env),
-            allowed_digests: None,
-            backend: into,
-        },
+        None => {
+            let purposes =
+                crate::model::purposes_for(backend.algorithm(), parse_purposes(purposes)?)
+                    .map_err(OpsError::Invalid)?;
+            let asc = asc.identity(purposes.contains(&Purpose::AscApi))?;
+            KeySpec {
+                alias: alias.to_string(),
+                algorithm: backend.algorithm(),
+                access: access_rule(access.0, access.1)?,
+                disabled: false,
+                purposes,
+                budget: environment_budget(site, env),
+                allowed_digests: None,
+                backend: into,
+                asc,
+            }
+        }
     };
     let v = next_version(site, env, alias)?;
     // Into the token when asked, or when the alias keeps its keys there.
@@ -244,6 +261,45 @@ pub fn import_key(
             }
         ),
     ))
+}
+
+/// The App Store Connect identity an import names (`--asc-key-id`, `--asc-issuer-id` or
+/// `--asc-individual`, `--asc-scope`).
+#[derive(Clone, Debug, Default)]
+pub struct AscInput {
+    /// Apple's key id (empty: none given).
+    pub key_id: String,
+    /// The team's issuer id.
+    pub issuer_id: String,
+    /// An individual key (`sub: "user"`).
+    pub individual: bool,
+    /// The scopes its tokens may carry (empty: unrestricted).
+    pub scopes: Vec<String>,
+}
+
+impl AscInput {
+    /// The identity of a new `asc-api` alias (`is_asc`), which needs one; any other key may
+    /// not name one.
+    fn identity(&self, is_asc: bool) -> Result<Option<crate::model::AscIdentity>, OpsError> {
+        match (self.key_id.is_empty(), is_asc) {
+            (true, false) => Ok(None),
+            (true, true) => Err(OpsError::Invalid(
+                "an asc-api key needs --asc-key-id and --asc-issuer-id (or --asc-individual)"
+                    .into(),
+            )),
+            (false, false) => Err(OpsError::Invalid(
+                "--asc-key-id is for a key imported with --purpose asc-api".into(),
+            )),
+            (false, true) => crate::model::AscIdentity::new(
+                &self.key_id,
+                Some(self.issuer_id.as_str()),
+                self.individual,
+                self.scopes.clone(),
+            )
+            .map(Some)
+            .map_err(OpsError::Invalid),
+        }
+    }
 }
 
 /// Every key spec of a environment.

@@ -7,6 +7,7 @@
 //! Must not touch: tonic, TLS, proto messages (`api` converts), the store directly.
 
 pub mod apple_cms;
+pub mod asc;
 pub mod attest;
 pub mod checks;
 

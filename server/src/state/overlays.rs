@@ -38,6 +38,9 @@ pub struct KeyMeta {
     /// Where new versions are generated (used when the alias is not in the file).
     #[serde(default)]
     pub backend: crate::custody::Backend,
+    /// An imported App Store Connect key's identity (used when the alias is not in the file).
+    #[serde(default)]
+    pub asc: Option<crate::model::AscIdentity>,
 }
 
 fn policy_key(environment: &str, policy: &str) -> String {
@@ -78,6 +81,7 @@ pub fn effective_config(mut cfg: SiteConfig, store: &Store) -> Result<SiteConfig
                     budget: p.budget,
                     allowed_digests: None,
                     backend: meta.backend,
+                    asc: meta.asc,
                 }),
             }
         }
@@ -112,6 +116,7 @@ impl SiteState {
             disabled: spec.disabled,
             purposes: spec.purposes.clone(),
             backend: spec.backend,
+            asc: spec.asc.clone(),
         };
         self.store.put(
             Tree::KeyMeta,

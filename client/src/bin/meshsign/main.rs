@@ -107,6 +107,8 @@ enum Command {
     /// Verify FILE against its signature bundle offline (native, Sigstore or DSSE), optionally
     /// its audit receipt and a distrust list; exit 1 on mismatch.
     Verify(usecase::verify::VerifyOptions),
+    /// An App Store Connect API token for this job, minted by the site (the .p8 stays there).
+    AscToken(usecase::asc::AscTokenOptions),
     /// Enroll and have the site sign an in-toto statement about files (DSSE), whose predicate
     /// it builds from what it verified about this job.
     Attest(usecase::attest::AttestOptions),
@@ -326,11 +328,7 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
         },
         Command::Completions { shell } => completions(shell),
         Command::Man { dir, out_dir } => man(dir.or(out_dir).unwrap_or_else(|| ".".into())),
-        Command::Fingerprint => {
-            let (fp, source) = usecase::device::fingerprint(global.config.as_deref())?;
-            render::fingerprint(&fp, &source, format);
-            Ok(())
-        }
+        Command::Fingerprint => runner::fingerprint(global.config.as_deref(), format),
         Command::Runner {
             command: RunnerCommand::Init(args),
         } => usecase::device::init(&args).map(|v| render::print_json(&v)),
@@ -345,6 +343,7 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
             command: ReceiptCommand::Fetch { files },
         } => runner::fetch_proofs(&load_config(global)?, &files, format).await,
         Command::Attest(args) => runner::attest(&load_config(global)?, args, format).await,
+        Command::AscToken(o) => runner::asc_token(&load_config(global)?, &o).await,
         Command::VerificationMaterial(args) => material(global, &args, format).await,
         #[cfg(feature = "dev")]
         Command::Dev { command } => {

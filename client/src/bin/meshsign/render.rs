@@ -115,19 +115,6 @@ pub fn preflight(
     )))
 }
 
-/// `meshsign fingerprint`.
-pub fn fingerprint(fp: &str, source: &str, format: Format) {
-    if format == Format::Json {
-        out!(
-            "{}",
-            serde_json::json!({ "fingerprint": fp, "source": source })
-        );
-    } else {
-        out!("{fp}");
-        eprintln!("source: {source}");
-    }
-}
-
 /// `meshsign audit verify`.
 pub fn audit_verified(file: &Path, r: &meshsign_evidence::audit::VerifyReport, format: Format) {
     if format == Format::Json {

@@ -4,7 +4,7 @@
 
 use meshsign_client::session::job::JobOptions;
 use meshsign_client::usecase::sign::{SigFormat, SignOptions};
-use meshsign_client::usecase::{agent, attest, sign, verify};
+use meshsign_client::usecase::{self, agent, attest, sign, verify};
 use meshsign_client::{ClientConfig, ClientError};
 
 use super::render::{self, Format};
@@ -120,5 +120,25 @@ pub async fn agent_start() -> Result<(), ClientError> {
 pub async fn agent_stop() -> Result<(), ClientError> {
     let serial = agent::stop().await?;
     eprintln!("agent stopped; certificate {serial} revoked");
+    Ok(())
+}
+
+/// `meshsign fingerprint`: the device key's, else the machine's (claimed).
+pub fn fingerprint(config: Option<&std::path::Path>, format: Format) -> Result<(), ClientError> {
+    let (fp, source) = usecase::device::fingerprint(config)?;
+    let json = serde_json::json!({ "fingerprint": fp, "source": source });
+    render::print_json_or(format, json, || {
+        eprintln!("source: {source}");
+        fp.clone()
+    });
+    Ok(())
+}
+
+/// `meshsign asc-token`: the token alone on stdout, as `--format` asks.
+pub async fn asc_token(
+    cfg: &ClientConfig,
+    o: &usecase::asc::AscTokenOptions,
+) -> Result<(), ClientError> {
+    out!("{}", usecase::asc::asc_token(cfg, o).await?);
     Ok(())
 }
