@@ -43,7 +43,8 @@ pub struct JobOptions {
     /// For --token-source gitlab: the variable that holds the job's id_token.
     #[arg(long, default_value = "MESHSIGN_ID_TOKEN")]
     pub id_token_var: String,
-    /// Requested certificate lifetime in seconds (0 = the environment's cap).
+    /// Requested certificate lifetime in seconds (0 = the environment's cap; for asc-token,
+    /// the token's lifetime, at most 1200).
     #[arg(long, default_value_t = 0)]
     pub ttl: u32,
     /// Runner fingerprint (default: the device key's, if `[runner] device_key` names one;

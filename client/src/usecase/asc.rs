@@ -5,7 +5,9 @@
 use crate::session::job::{self, JobOptions};
 use crate::{ClientConfig, ClientError};
 
-/// `meshsign asc-token`.
+/// `meshsign asc-token`. Its `--ttl` (the job flags' lifetime) is the token's lifetime here:
+/// at most 1200 s, Apple's limit, and 1200 when not given; the job's own short session uses
+/// the environment's certificate lifetime and is revoked as soon as the token is out.
 #[derive(clap::Args, Clone, Debug)]
 pub struct AscTokenOptions {
     /// How the job enrolls (or the job agent's session, when one serves this job).
@@ -18,9 +20,6 @@ pub struct AscTokenOptions {
     /// the key's own scopes).
     #[arg(long = "scope")]
     pub scopes: Vec<String>,
-    /// Lifetime in seconds (at most 1200, Apple's limit; default 1200).
-    #[arg(long, default_value_t = 0)]
-    pub ttl: u32,
     /// jwt (the token alone), header (`Authorization: Bearer …`), or env
     /// (`MESHSIGN_ASC_TOKEN=…`, `MESHSIGN_ASC_TOKEN_EXPIRES=…` for $GITHUB_ENV).
     #[arg(long, default_value = "jwt", value_parser = ["jwt", "header", "env"])]
@@ -29,8 +28,10 @@ pub struct AscTokenOptions {
 
 /// Mints the token and renders it as `--format` asks (the token is the only output).
 pub async fn asc_token(cfg: &ClientConfig, o: &AscTokenOptions) -> Result<String, ClientError> {
-    let (mut session, own) = job::open(cfg, &o.job).await?;
-    let result = session.asc_token(&o.key, &o.scopes, o.ttl).await;
+    let mut job = o.job.clone();
+    let ttl = std::mem::take(&mut job.ttl);
+    let (mut session, own) = job::open(cfg, &job).await?;
+    let result = session.asc_token(&o.key, &o.scopes, ttl).await;
     let t = if own {
         job::finish(&mut session, result).await?
     } else {

@@ -454,6 +454,7 @@ mod tests {
                 walk(sub, &format!("{path} {}", sub.get_name()), missing);
             }
         }
+        super::Cli::command().debug_assert(); // every subcommand's ids unique (asc-token --ttl)
         let mut missing = Vec::new();
         walk(&super::Cli::command(), "meshsign", &mut missing);
         assert!(missing.is_empty(), "no help text:\n{}", missing.join("\n"));
