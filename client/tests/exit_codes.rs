@@ -159,7 +159,7 @@ fn preflight_finds_each_kind_of_secret_and_passes_a_clean_tree() {
         "aws.ini",
         format!(
             "[default]\naws_access_key_id = {}{}\naws_secret_access_key = zz\n",
-            "AKIA", "IOSFODNN7EXAMPLE"
+            "AKIA", "Q2W3E4R5T6Y7U8I9"
         ),
     );
     w(

@@ -146,6 +146,7 @@ async fn rsa_keys_import_rotate_and_survive_restart() {
             chain_pem: Vec::new(),
             purposes: vec![],
             backend: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()

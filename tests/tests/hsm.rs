@@ -328,6 +328,7 @@ fn keys_in_a_pkcs11_token_sign_rotate_survive_restarts_and_the_token_coming_and_
                     chain_pem: Vec::new(),
                     purposes: Vec::new(),
                     backend: "pkcs11".into(),
+                    ..Default::default()
                 })
                 .await
                 .unwrap_or_else(|e| panic!("{alias}: {e:?}"));

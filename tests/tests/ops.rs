@@ -618,6 +618,7 @@ async fn key_lifecycle_rotate_disable_import_create() {
             chain_pem: Vec::new(),
             purposes: vec![],
             backend: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -648,6 +649,7 @@ async fn key_lifecycle_rotate_disable_import_create() {
                 chain_pem: Vec::new(),
                 purposes,
                 backend: String::new(),
+                ..Default::default()
             })
             .await
             .unwrap_err();

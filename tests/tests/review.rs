@@ -243,6 +243,7 @@ async fn a_key_import_under_review_stores_no_copy_of_the_key() {
         chain_pem: Vec::new(),
         purposes: Vec::new(),
         backend: String::new(),
+        ..Default::default()
     };
     let e = alice.import_key(import()).await.unwrap_err();
     assert!(e.message().starts_with("review_required: "));

@@ -158,18 +158,9 @@ enum Command {
         out_dir: Option<PathBuf>,
     },
     /// Fail a runner's registration if long-lived secrets sit on it: scans PATHS (default:
-    /// $HOME) and the environment; prints path, line and kind, never the secret; exit 1 on a
-    /// finding.
-    Preflight {
-        /// Files or folders to scan.
-        paths: Vec<PathBuf>,
-        /// Print the findings as JSON (the same as --output json).
-        #[arg(long)]
-        json: bool,
-        /// Do not scan the environment.
-        #[arg(long)]
-        no_env: bool,
-    },
+    /// $HOME), the environment and (macOS) the keychains; prints path, line, kind and a
+    /// finding fingerprint, never the secret; exit 1 on a finding.
+    Preflight(usecase::preflight::PreflightArgs),
     /// Sigstore bundles' inclusion proofs.
     Receipt {
         #[command(subcommand)]
@@ -303,14 +294,14 @@ fn apply_timeouts(global: &Global, cfg: &mut ClientConfig) {
 async fn dispatch(cli: Cli) -> Result<(), ClientError> {
     let (global, format) = (&cli.global, cli.global.output);
     match cli.command {
-        Command::Preflight {
-            paths,
-            json,
-            no_env,
-        } => {
+        Command::Preflight(args) => {
             usecase::device::warn_if_missing(global.config.as_deref());
-            let (findings, errors) = usecase::preflight::run(paths, no_env)?;
-            let format = if json { render::Format::Json } else { format };
+            let (findings, errors) = usecase::preflight::run(&args)?;
+            let format = if args.json {
+                render::Format::Json
+            } else {
+                format
+            };
             render::preflight(&findings, &errors, format)
         }
         Command::Exec { session, command } => {

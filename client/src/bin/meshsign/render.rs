@@ -102,7 +102,13 @@ pub fn preflight(
         out!("{text}");
     } else {
         for f in findings {
-            out!("{}:{}: {}", f.path, f.line, f.kind);
+            out!(
+                "{}:{}: {} (fingerprint {})",
+                f.path,
+                f.line,
+                f.kind,
+                f.fingerprint
+            );
         }
     }
     if findings.is_empty() {
