@@ -424,7 +424,7 @@ pub async fn start_background(mut line: impl FnMut(&str)) -> Result<(), ClientEr
 pub async fn stop() -> Result<String, ClientError> {
     let sock = std::env::var_os(SOCK_VAR)
         .ok_or_else(|| ClientError::Usage(format!("{SOCK_VAR} is not set")))?;
-    Ok(connect(Path::new(&sock))
+    let serial = connect(Path::new(&sock))
         .await?
         .revoke_self(v1::RevokeSelfRequest {
             reason: "job finished".into(),
@@ -432,5 +432,14 @@ pub async fn stop() -> Result<String, ClientError> {
         .await
         .map_err(|s| ClientError::rpc("RevokeSelf", s))?
         .into_inner()
-        .serial)
+        .serial;
+    // The agent removes its socket as it exits: wait for that (briefly), so a teardown hook
+    // that returns leaves no socket behind.
+    for _ in 0..100 {
+        if !Path::new(&sock).exists() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    Ok(serial)
 }
