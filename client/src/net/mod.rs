@@ -1,6 +1,8 @@
 //! gRPC channels over our own rustls client config: TLS 1.3, ALPN h2, aws-lc-rs, the site's CA
 //! pinned, and (for the sign and admin ports) a client certificate held in memory.
 
+pub mod http;
+
 use std::sync::Arc;
 
 use hyper_util::rt::TokioIo;

@@ -3,9 +3,6 @@
 
 use std::path::PathBuf;
 
-use http_body_util::{BodyExt as _, Empty};
-use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
 #[cfg(feature = "dev")]
 use meshsign_certs_dev::{GithubJob, OidcIssuer};
 use zeroize::Zeroizing;
@@ -228,176 +225,31 @@ fn percent_encode(s: &str) -> String {
         .collect()
 }
 
-/// A minimal HTTP/1.1 GET (https with the webpki roots, or http) returning the body.
-/// The proxy for `host` from `https_proxy` / `http_proxy` (either case), unless `no_proxy`
-/// names the host (exactly, as a domain suffix, or `*`).
-fn proxy_for(
-    host: &str,
-    https: bool,
-    var: impl Fn(&str) -> Option<String>,
-) -> Option<(String, u16)> {
-    let no_proxy = var("no_proxy")
-        .or_else(|| var("NO_PROXY"))
-        .unwrap_or_default();
-    for entry in no_proxy.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-        let e = entry.trim_start_matches('.');
-        if entry == "*" || host == e || host.ends_with(&format!(".{e}")) {
-            return None;
-        }
-    }
-    let names = if https {
-        ["https_proxy", "HTTPS_PROXY"]
-    } else {
-        ["http_proxy", "HTTP_PROXY"]
-    };
-    let url = names
-        .iter()
-        .find_map(|n| var(n))
-        .filter(|u| !u.is_empty())?;
-    let uri: hyper::Uri = url.parse().ok()?;
-    Some((uri.host()?.to_string(), uri.port_u16().unwrap_or(80)))
-}
-
-/// A TCP stream to `host:port`, through an HTTP CONNECT tunnel when a proxy applies.
-async fn open(host: &str, port: u16, https: bool) -> Result<tokio::net::TcpStream, ClientError> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let terr = |m: String| ClientError::Token(m);
-    let Some((phost, pport)) = proxy_for(host, https, |n| std::env::var(n).ok()) else {
-        return tokio::net::TcpStream::connect((host, port))
-            .await
-            .map_err(|e| terr(format!("connect {host}: {e}")));
-    };
-    let mut tcp = tokio::net::TcpStream::connect((phost.as_str(), pport))
-        .await
-        .map_err(|e| terr(format!("connect proxy {phost}:{pport}: {e}")))?;
-    let req = format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n");
-    tcp.write_all(req.as_bytes())
-        .await
-        .map_err(|e| terr(format!("proxy {phost}: {e}")))?;
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if head.len() > 8192
-            || tcp
-                .read(&mut byte)
-                .await
-                .map_err(|e| terr(format!("proxy {phost}: {e}")))?
-                == 0
-        {
-            return Err(terr(format!("proxy {phost}: no answer to CONNECT")));
-        }
-        head.push(byte[0]);
-    }
-    let status = String::from_utf8_lossy(&head);
-    let first = status.lines().next().unwrap_or_default().to_string();
-    if first.split_whitespace().nth(1) != Some("200") {
-        return Err(terr(format!("proxy {phost} refused CONNECT: {first}")));
-    }
-    Ok(tcp)
-}
-
-/// Roots for the token endpoint: the bundled web roots, the system's bundle
-/// (`SSL_CERT_FILE`, else `/etc/ssl/certs/ca-certificates.crt`), and `ca_file` (a corporate CA
-/// of a GitHub Enterprise Server).
-fn token_roots(ca_file: Option<&std::path::Path>) -> Result<rustls::RootCertStore, ClientError> {
-    use rustls_pki_types::pem::PemObject as _;
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    let system = std::env::var_os("SSL_CERT_FILE")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| "/etc/ssl/certs/ca-certificates.crt".into());
-    if let Ok(iter) = rustls_pki_types::CertificateDer::pem_file_iter(&system) {
-        for c in iter.flatten() {
-            let _ = roots.add(c);
-        }
-    }
-    if let Some(p) = ca_file {
-        let certs = rustls_pki_types::CertificateDer::pem_file_iter(p)
-            .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| ClientError::Config(format!("{}: {e}", p.display())))?;
-        if certs.is_empty() {
-            return Err(ClientError::Config(format!(
-                "{}: no certificates",
-                p.display()
-            )));
-        }
-        for c in certs {
-            roots
-                .add(c)
-                .map_err(|e| ClientError::Config(format!("{}: {e}", p.display())))?;
-        }
-    }
-    Ok(roots)
-}
-
+/// GET `url` with a bearer (GitHub Actions' token endpoint), through the proxy the
+/// environment names, trusting the system's roots and `ca_file`.
 async fn http_get(
     url: &str,
     bearer: &str,
     ca_file: Option<&std::path::Path>,
 ) -> Result<Vec<u8>, ClientError> {
-    let terr = |m: String| ClientError::Token(m);
-    let uri: hyper::Uri = url
-        .parse()
-        .map_err(|_| terr(format!("bad token URL {url}")))?;
-    let host = uri
-        .host()
-        .ok_or_else(|| terr("token URL has no host".into()))?
-        .to_string();
-    let https = uri.scheme_str() == Some("https");
-    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let tcp = open(&host, port, https).await?;
-    let req = hyper::Request::get(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
-        .header(hyper::header::HOST, host.as_str())
-        .header(hyper::header::AUTHORIZATION, format!("bearer {bearer}"))
-        .header(hyper::header::ACCEPT, "application/json")
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| terr(e.to_string()))?;
-    let resp = if https {
-        let roots = token_roots(ca_file)?;
-        let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| terr(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        let name = rustls::pki_types::ServerName::try_from(host.clone())
-            .map_err(|e| terr(e.to_string()))?;
-        let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
-            .connect(name, tcp)
-            .await
-            .map_err(|e| terr(format!("TLS to {host}: {e}")))?;
-        send(TokioIo::new(tls), req).await?
-    } else {
-        send(TokioIo::new(tcp), req).await?
-    };
-    Ok(resp)
-}
-
-async fn send<T>(io: T, req: hyper::Request<Empty<Bytes>>) -> Result<Vec<u8>, ClientError>
-where
-    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let terr = |m: String| ClientError::Token(m);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-        .await
-        .map_err(|e| terr(e.to_string()))?;
-    tokio::spawn(conn);
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| terr(e.to_string()))?;
-    let status = resp.status();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| terr(e.to_string()))?
-        .to_bytes();
-    if !status.is_success() {
-        return Err(terr(format!("token endpoint answered {status}")));
+    let auth = format!("bearer {bearer}");
+    let (status, body) = crate::net::http::request(
+        crate::net::http::Request {
+            method: "GET",
+            url,
+            headers: &[("authorization", &auth), ("accept", "application/json")],
+            body: Vec::new(),
+        },
+        ca_file,
+    )
+    .await
+    .map_err(ClientError::Token)?;
+    if !(200..300).contains(&status) {
+        return Err(ClientError::Token(format!(
+            "token endpoint answered {status}"
+        )));
     }
-    Ok(body.to_vec())
+    Ok(body)
 }
 
 /// The token source when a runner verb names none: the dev issuer of a dev site's client
@@ -445,14 +297,23 @@ mod tests {
             }
         };
         assert_eq!(
-            proxy_for("github.example.com", true, env("")),
+            crate::net::http::proxy_for("github.example.com", true, env("")),
             Some(("proxy.corp".to_string(), 3128))
         );
-        assert_eq!(proxy_for("ghe.corp.test", true, env(".corp.test")), None);
-        assert_eq!(proxy_for("corp.test", true, env("corp.test")), None);
-        assert_eq!(proxy_for("anything", true, env("*")), None);
         assert_eq!(
-            proxy_for("plain.test", false, env("")),
+            crate::net::http::proxy_for("ghe.corp.test", true, env(".corp.test")),
+            None
+        );
+        assert_eq!(
+            crate::net::http::proxy_for("corp.test", true, env("corp.test")),
+            None
+        );
+        assert_eq!(
+            crate::net::http::proxy_for("anything", true, env("*")),
+            None
+        );
+        assert_eq!(
+            crate::net::http::proxy_for("plain.test", false, env("")),
             None,
             "http_proxy unset"
         );
