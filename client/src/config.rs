@@ -127,6 +127,30 @@ impl ClientConfig {
         Ok(cfg)
     }
 
+    /// The config `--config` (or `MESHSIGN_CONFIG`) names, with the command line's
+    /// `--connect-timeout` and `--timeout` over its own.
+    pub fn load_with(
+        path: Option<&Path>,
+        timeouts: (Option<u64>, Option<u64>),
+    ) -> Result<Self, ClientError> {
+        let p = path.ok_or_else(|| {
+            ClientError::Usage("give --config FILE or set MESHSIGN_CONFIG".into())
+        })?;
+        let mut cfg = Self::load(p)?;
+        cfg.set_timeouts(timeouts);
+        Ok(cfg)
+    }
+
+    /// `--connect-timeout` and `--timeout` (when given) over the config's.
+    pub fn set_timeouts(&mut self, (connect, rpc): (Option<u64>, Option<u64>)) {
+        if connect.is_some() {
+            self.connect_timeout_seconds = connect;
+        }
+        if rpc.is_some() {
+            self.rpc_timeout_seconds = rpc;
+        }
+    }
+
     /// The audience of an environment.
     pub fn audience(&self, environment: &str) -> Result<&str, ClientError> {
         self.environments

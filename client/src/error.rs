@@ -109,6 +109,18 @@ impl ClientError {
         }
     }
 
+    /// `{"error": {"message", "exit_code", "kind", "reason"}}`: what `--output json` prints.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "error": {
+                "message": self.to_string(),
+                "exit_code": self.exit_code(),
+                "kind": self.kind(),
+                "reason": self.reason(),
+            }
+        })
+    }
+
     /// The site's reason for a refusal (its `ErrorInfo` reason), else empty.
     pub fn reason(&self) -> &str {
         match self {

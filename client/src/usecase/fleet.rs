@@ -33,6 +33,23 @@ pub struct Fleet {
 pub type SiteResult<T> = (String, Result<T, ClientError>);
 
 impl Fleet {
+    /// The fleet `--config` names, with the command line's timeouts over every site's.
+    pub fn load_with(
+        path: Option<&Path>,
+        timeouts: (Option<u64>, Option<u64>),
+    ) -> Result<Self, ClientError> {
+        let path = path.ok_or_else(|| {
+            ClientError::Config(
+                "--all-sites and --fleet need --config (a file with [sites])".into(),
+            )
+        })?;
+        let mut fleet = Self::load(path)?;
+        for (_, cfg) in &mut fleet.sites {
+            cfg.set_timeouts(timeouts);
+        }
+        Ok(fleet)
+    }
+
     /// Reads the `[sites]` table of `path` and every client config it names. A file without
     /// `[sites]` is refused with what to add.
     pub fn load(path: &Path) -> Result<Self, ClientError> {

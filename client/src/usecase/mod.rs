@@ -13,6 +13,7 @@ pub mod device;
 pub mod drill;
 pub mod fleet;
 pub mod material;
+pub mod notarize;
 pub mod preflight;
 pub mod sign;
 pub mod status;

@@ -109,6 +109,8 @@ enum Command {
     Verify(usecase::verify::VerifyOptions),
     /// An App Store Connect API token for this job, minted by the site (the .p8 stays there).
     AscToken(usecase::asc::AscTokenOptions),
+    /// Notarize an archive with Apple's Notary API, with tokens the site mints (no .p8 here).
+    Notarize(usecase::notarize::NotarizeOptions),
     /// Enroll and have the site sign an in-toto statement about files (DSSE), whose predicate
     /// it builds from what it verified about this job.
     Attest(usecase::attest::AttestOptions),
@@ -251,43 +253,18 @@ fn main() -> ExitCode {
             if json && !WROTE_STDOUT.load(std::sync::atomic::Ordering::Relaxed) {
                 // A script that asked for JSON gets its error as JSON too, on stdout (unless
                 // the command already printed its report there).
-                out!("{}", error_json(&e));
+                out!("{}", e.json());
             }
             ExitCode::from(e.exit_code())
         }
     }
 }
 
-/// `{"error": {"message", "exit_code", "kind", "reason"}}` for `--output json`.
-fn error_json(e: &ClientError) -> serde_json::Value {
-    serde_json::json!({
-        "error": {
-            "message": e.to_string(),
-            "exit_code": e.exit_code(),
-            "kind": e.kind(),
-            "reason": e.reason(),
-        }
-    })
-}
-
 fn load_config(global: &Global) -> Result<ClientConfig, ClientError> {
-    let p = global
-        .config
-        .as_ref()
-        .ok_or_else(|| ClientError::Usage("give --config FILE or set MESHSIGN_CONFIG".into()))?;
-    let mut cfg = ClientConfig::load(p)?;
-    apply_timeouts(global, &mut cfg);
-    Ok(cfg)
-}
-
-/// `--connect-timeout` and `--timeout` over the config's.
-fn apply_timeouts(global: &Global, cfg: &mut ClientConfig) {
-    if let Some(s) = global.connect_timeout {
-        cfg.connect_timeout_seconds = Some(s);
-    }
-    if let Some(s) = global.timeout {
-        cfg.rpc_timeout_seconds = Some(s);
-    }
+    ClientConfig::load_with(
+        global.config.as_deref(),
+        (global.connect_timeout, global.timeout),
+    )
 }
 
 /// Runs the command: one use case, then its rendering.
@@ -335,6 +312,7 @@ async fn dispatch(cli: Cli) -> Result<(), ClientError> {
         } => runner::fetch_proofs(&load_config(global)?, &files, format).await,
         Command::Attest(args) => runner::attest(&load_config(global)?, args, format).await,
         Command::AscToken(o) => runner::asc_token(&load_config(global)?, &o).await,
+        Command::Notarize(o) => runner::notarize(&load_config(global)?, &o, format).await,
         Command::VerificationMaterial(args) => material(global, &args, format).await,
         #[cfg(feature = "dev")]
         Command::Dev { command } => {
@@ -387,14 +365,8 @@ async fn material(
 
 /// The fleet of `--all-sites`: every site named in the config's `[sites]`.
 fn load_fleet(global: &Global) -> Result<usecase::fleet::Fleet, ClientError> {
-    let path = global.config.as_deref().ok_or_else(|| {
-        ClientError::Config("--all-sites and --fleet need --config (a file with [sites])".into())
-    })?;
-    let mut fleet = usecase::fleet::Fleet::load(path)?;
-    for (_, cfg) in &mut fleet.sites {
-        apply_timeouts(global, cfg);
-    }
-    Ok(fleet)
+    let timeouts = (global.connect_timeout, global.timeout);
+    usecase::fleet::Fleet::load_with(global.config.as_deref(), timeouts)
 }
 
 /// `meshsign completions SHELL`. Made in memory first: clap_complete panics on a write error

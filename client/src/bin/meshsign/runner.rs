@@ -142,3 +142,25 @@ pub async fn asc_token(
     out!("{}", usecase::asc::asc_token(cfg, o).await?);
     Ok(())
 }
+
+/// `meshsign notarize`: the submission, and with `--wait` the verdict and the log's issues;
+/// exit 1 unless Apple accepted it.
+pub async fn notarize(
+    cfg: &ClientConfig,
+    o: &usecase::notarize::NotarizeOptions,
+    format: Format,
+) -> Result<(), ClientError> {
+    let n = usecase::notarize::notarize(cfg, o).await?;
+    let json = serde_json::to_value(&n).unwrap_or_default();
+    render::print_json_or(format, json, || {
+        let mut t = format!("{}\t{}", n.id, n.status);
+        for i in &n.issues {
+            t.push_str(&format!("\n{i}"));
+        }
+        t
+    });
+    match (o.wait, n.status.as_str()) {
+        (false, _) | (true, "Accepted") => Ok(()),
+        (true, s) => Err(ClientError::Verify(format!("Apple's notary service: {s}"))),
+    }
+}
