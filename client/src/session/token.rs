@@ -285,8 +285,6 @@ pub fn drill_source(environment: &str) -> Result<TokenSource, ClientError> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
     #[test]
     fn no_proxy_names_hosts_suffixes_and_everything() {
         let env = |no: &'static str| {

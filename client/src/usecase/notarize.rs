@@ -360,8 +360,6 @@ fn sigv4(
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
     /// AWS's published example: the signing key and signature of "GET Object" from the S3
     /// SigV4 documentation would need their exact headers; here the derivation chain is
     /// checked against AWS's documented signing-key example (IAM "Deriving the signing key").
