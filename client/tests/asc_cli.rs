@@ -14,20 +14,6 @@ fn a_job_gets_an_app_store_connect_token_in_each_format() {
     let dir = tmp.path();
     let _site = start_dev(&dir.join("site"));
     let cfg = dir.join("site/client.toml");
-    let p8 = dir.join("AuthKey_ABC123DEFG.p8");
-    let out = std::process::Command::new("openssl")
-        .args([
-            "genpkey",
-            "-algorithm",
-            "EC",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-out",
-        ])
-        .arg(&p8)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
     let run = |args: &[&str]| {
         let o = meshsign_in(dir, &cfg, args);
         (
@@ -36,30 +22,7 @@ fn a_job_gets_an_app_store_connect_token_in_each_format() {
             String::from_utf8_lossy(&o.stderr).into_owned(),
         )
     };
-    let (code, _, err) = run(&[
-        "admin",
-        "key",
-        "import",
-        "--environment",
-        "staging",
-        "--alias",
-        "asc",
-        "--file",
-        p8.to_str().unwrap(),
-        "--repository",
-        "*",
-        "--ref",
-        "*",
-        "--purpose",
-        "asc-api",
-        "--asc-key-id",
-        "ABC123DEFG",
-        "--asc-issuer-id",
-        "57246542-96fe-1a63-e053-0824d011072a",
-        "--asc-scope",
-        "GET /notary/v2/submissions",
-    ]);
-    assert_eq!(code, 0, "{err}");
+    common::import_asc_key(dir, &cfg, &["--asc-scope", "GET /notary/v2/submissions"]);
     let (code, jwt, err) = run(&["asc-token", "--environment", "staging", "--key", "asc"]);
     assert_eq!(code, 0, "{err}");
     let jwt = jwt.trim();

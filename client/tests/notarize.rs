@@ -13,7 +13,7 @@ use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 
 use base64::Engine as _;
-use common::{meshsign_in, start_dev};
+use common::start_dev;
 
 /// One request the stand-in saw.
 #[derive(Clone, Debug)]
@@ -142,46 +142,7 @@ fn read_request<S: std::io::Read>(s: &mut S) -> Option<Seen> {
 
 fn setup(dir: &std::path::Path) -> std::path::PathBuf {
     let cfg = dir.join("site/client.toml");
-    let p8 = dir.join("AuthKey_ABC123DEFG.p8");
-    let out = std::process::Command::new("openssl")
-        .args([
-            "genpkey",
-            "-algorithm",
-            "EC",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-out",
-        ])
-        .arg(&p8)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let o = meshsign_in(
-        dir,
-        &cfg,
-        &[
-            "admin",
-            "key",
-            "import",
-            "--environment",
-            "staging",
-            "--alias",
-            "asc",
-            "--file",
-            p8.to_str().unwrap(),
-            "--repository",
-            "*",
-            "--ref",
-            "*",
-            "--purpose",
-            "asc-api",
-            "--asc-key-id",
-            "ABC123DEFG",
-            "--asc-issuer-id",
-            "57246542-96fe-1a63-e053-0824d011072a",
-        ],
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::import_asc_key(dir, &cfg, &[]);
     std::fs::write(dir.join("App.zip"), b"PK\x03\x04 an archive to notarize").unwrap();
     cfg
 }

@@ -438,3 +438,51 @@ pub fn meshsign_in(dir: &Path, cfg: &Path, args: &[&str]) -> std::process::Outpu
         .output()
         .unwrap()
 }
+
+/// An App Store Connect key as Apple hands it out (`AuthKey_ABC123DEFG.p8`, made by openssl),
+/// imported into environment `staging` of the dev site as `asc` (purpose asc-api) with
+/// `extra` arguments (`--asc-scope …`).
+#[allow(dead_code)] // not every test binary imports one
+pub fn import_asc_key(dir: &Path, cfg: &Path, extra: &[&str]) {
+    let p8 = dir.join("AuthKey_ABC123DEFG.p8");
+    let out = Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+        ])
+        .arg(&p8)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let mut args = vec![
+        "admin",
+        "key",
+        "import",
+        "--environment",
+        "staging",
+        "--alias",
+        "asc",
+        "--file",
+    ];
+    let file = p8.display().to_string();
+    args.push(&file);
+    args.extend([
+        "--repository",
+        "*",
+        "--ref",
+        "*",
+        "--purpose",
+        "asc-api",
+        "--asc-key-id",
+        "ABC123DEFG",
+        "--asc-issuer-id",
+        "57246542-96fe-1a63-e053-0824d011072a",
+    ]);
+    args.extend(extra);
+    let o = meshsign_in(dir, cfg, &args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}

@@ -83,21 +83,8 @@ pub async fn asc_token(
         Ok(t) => t,
         Err(e) => {
             // The allow entry is written; say that no token left.
-            let mut failed = caller.audit_record("AscToken", now, &input.peer);
-            failed.key_id = written.key_id.clone();
-            crate::audit::deny(&mut failed, &e, "asc token refused");
-            failed.detail = bounded(
-                &format!(
-                    "the token of audit entry {} was not signed: {}",
-                    written.seq, failed.detail
-                ),
-                300,
-            );
-            site.audit
-                .record_sign(failed)
-                .await
-                .map_err(SignError::Audit)?;
-            return Err(e);
+            let what = ("AscToken", "asc token refused", input.peer.as_str());
+            return Err(super::record_unsigned(site, caller, what, &written, e).await);
         }
     };
     Ok(AscTokenOutput {

@@ -85,22 +85,15 @@ pub async fn attest(
     let sig = match signed {
         Ok(sig) => sig,
         Err(e) => {
-            let e = SignError::Custody(e);
-            let mut failed = caller.audit_record("Attest", now, &input.peer);
-            failed.key_id = written.key_id.clone();
-            crate::audit::deny(&mut failed, &e, "attest refused");
-            failed.detail = bounded(
-                &format!(
-                    "the statement of audit entry {} was not signed: {}",
-                    written.seq, failed.detail
-                ),
-                300,
-            );
-            site.audit
-                .record_sign(failed)
-                .await
-                .map_err(SignError::Audit)?;
-            return Err(e);
+            let what = ("Attest", "attest refused", input.peer.as_str());
+            return Err(super::record_unsigned(
+                site,
+                caller,
+                what,
+                &written,
+                SignError::Custody(e),
+            )
+            .await);
         }
     };
     let algorithm = key.backend.algorithm().as_str();

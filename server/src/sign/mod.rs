@@ -384,6 +384,37 @@ pub(crate) fn within_rate(
     Err(e)
 }
 
+/// After an allowed decision's entry (`written`) was made durable, the signature itself failed
+/// (a token went away): records that nothing left for that entry, and returns the error.
+pub(crate) async fn record_unsigned(
+    site: &SiteState,
+    caller: &Caller,
+    (rpc, what, peer): (&str, &'static str, &str),
+    written: &AuditRecord,
+    e: SignError,
+) -> SignError {
+    let mut failed = caller.audit_record(rpc, site.clock.unix(), peer);
+    failed.key_id = written.key_id.clone();
+    crate::audit::deny(&mut failed, &e, what);
+    failed.detail = bounded(
+        &format!(
+            "the {} of audit entry {} was not signed: {}",
+            if rpc == "Attest" {
+                "statement"
+            } else {
+                "token"
+            },
+            written.seq,
+            failed.detail
+        ),
+        300,
+    );
+    match site.audit.record_sign(failed).await {
+        Ok(_) => e,
+        Err(a) => SignError::Audit(a),
+    }
+}
+
 /// Writes a decision's entry — allow, or the refusal (logged as `what`) — and returns it once
 /// durable. A budget count is a store write: with a budget, the entry is written with a store
 /// flush so the count is durable before the signature leaves.
