@@ -285,14 +285,6 @@ struct RawKey {
     digest_allow_list: Option<PathBuf>,
     #[serde(default)]
     backend: crate::model::KeyBackend,
-    #[serde(default)]
-    asc_key_id: Option<String>,
-    #[serde(default)]
-    asc_issuer_id: Option<String>,
-    #[serde(default)]
-    asc_individual: bool,
-    #[serde(default)]
-    asc_scopes: Vec<String>,
 }
 
 #[derive(Deserialize)]
