@@ -304,3 +304,58 @@ async fn tokens_count_against_the_key_s_budget_and_a_config_cannot_declare_an_as
         .to_string();
     assert!(e.contains("purposes") && e.contains("admin key"), "{e}");
 }
+
+const HSM_TEST: &str = "an_asc_key_imported_into_the_pkcs11_token_mints_tokens_pyjwt_verifies";
+
+/// The `.p8` can go into the site's PKCS#11 token (`--backend pkcs11`): sensitive, not
+/// extractable, no copy kept in the site; its tokens verify the same.
+#[test]
+fn an_asc_key_imported_into_the_pkcs11_token_mints_tokens_pyjwt_verifies() {
+    let Some(hsm_dir) = meshsign_tests::in_softhsm_child(HSM_TEST, "asc-token") else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let pkcs11 = format!(
+            "\n[pkcs11]\nmodule = \"{}\"\ntoken_label = \"asc-token\"\npin_file = \"{}\"\n",
+            meshsign_certs_dev::softhsm::MODULE,
+            hsm_dir.join("pin").display()
+        );
+        let site = TestSite::start_with(&pkcs11, None).await;
+        let tmp = tempfile::tempdir().unwrap();
+        let (pem, public) = p8(tmp.path(), KID);
+        let info = site
+            .admin()
+            .await
+            .import_key(v1::ImportKeyRequest {
+                environment: "production".into(),
+                alias: "asc".into(),
+                pkcs8_pem: pem,
+                repositories: vec!["*".into()],
+                refs: vec!["*".into()],
+                purposes: vec!["asc-api".into()],
+                backend: "pkcs11".into(),
+                asc_key_id: KID.into(),
+                asc_issuer_id: ISSUER.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(info.alias, "asc");
+        let (_k, _r, mut signer) = site.enrolled("production").await;
+        let t = signer
+            .asc_token(v1::AscTokenRequest {
+                key_alias: "asc".into(),
+                scopes: vec![],
+                ttl_seconds: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let v = pyjwt(&t.token, &public);
+        assert_eq!(v["header"]["kid"], KID);
+        assert_eq!(v["claims"]["iss"], ISSUER);
+    });
+    meshsign_tests::softhsm_child_done(&hsm_dir);
+}
