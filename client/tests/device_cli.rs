@@ -9,7 +9,7 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{meshsign, start_dev};
 
@@ -98,15 +98,14 @@ fn a_runner_with_a_registered_device_key_signs_where_claimed_fingerprints_are_re
     std::fs::write(&site_toml, narrowed).unwrap();
     common::signal(site.0.id(), "-HUP");
     let sign = ["sign", "--environment", "staging", "--key", "release", "f"];
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let err = loop {
-        let (code, _, err) = run(dir, &plain, &sign);
-        if code == 3 && err.contains("runner_proof") {
-            break err;
-        }
-        assert!(Instant::now() < deadline, "reload not applied: {err}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    // The reload is applied when a claimed fingerprint is refused.
+    let mut err = String::new();
+    let applied = common::wait_until(Duration::from_secs(10), || {
+        let (code, _, e) = run(dir, &plain, &sign);
+        err = e;
+        code == 3 && err.contains("runner_proof")
+    });
+    assert!(applied, "reload not applied: {err}");
     assert!(err.contains("meshsign runner init"), "{err}");
 
     // With the key, but unregistered: refused by name.

@@ -51,16 +51,20 @@ fn ok(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-/// A dev token for `env`, and GitHub's token endpoint serving it once on loopback.
-fn github_endpoint(dir: &Path, cfg: &Path) -> (String, std::thread::JoinHandle<()>) {
+/// A staging token from the dev site's issuer.
+fn dev_token(cfg: &Path) -> String {
     let out = Command::new(meshsign())
         .arg("--config")
         .arg(cfg)
         .args(["dev", "token", "--environment", "staging"])
-        .current_dir(dir)
         .output()
         .unwrap();
-    let token = ok(&out).trim().to_string();
+    ok(&out).trim().to_string()
+}
+
+/// A dev token for `env`, and GitHub's token endpoint serving it once on loopback.
+fn github_endpoint(cfg: &Path) -> (String, std::thread::JoinHandle<()>) {
+    let token = dev_token(cfg);
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!(
         "http://127.0.0.1:{}/token?api-version=2.0",
@@ -108,7 +112,7 @@ fn github_runner_hooks_start_the_agent_before_the_steps_and_stop_it_after() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("no OIDC token"));
     assert_eq!(std::fs::read_to_string(&github_env).unwrap(), "");
 
-    let (url, server) = github_endpoint(dir, &cfg);
+    let (url, server) = github_endpoint(&cfg);
     let mut env = base.clone();
     env.push(("ACTIONS_ID_TOKEN_REQUEST_URL", url));
     env.push(("ACTIONS_ID_TOKEN_REQUEST_TOKEN", "request-bearer".into()));
@@ -171,13 +175,7 @@ fn gitlab_pre_and_post_build_scripts_wrap_the_job_script() {
     let _site = start_dev(&dir.join("site"));
     let cfg = dir.join("site/client.toml");
     std::fs::write(dir.join("f"), b"artifact").unwrap();
-    let out = Command::new(meshsign())
-        .arg("--config")
-        .arg(&cfg)
-        .args(["dev", "token", "--environment", "staging"])
-        .output()
-        .unwrap();
-    let token = ok(&out).trim().to_string();
+    let token = dev_token(&cfg);
     // What GitLab runs: pre_build_script, the job's script, post_build_script, in one shell.
     let script = format!(
         ". {pre}\nsock=\"$MESHSIGN_AGENT_SOCK\"\ntest -S \"$sock\"\n\

@@ -16,7 +16,7 @@ use super::{peer, runner_ca_info, ts};
 use crate::config::{KeySpec, TrustPolicy};
 use crate::identity::{IdentityError, Operator};
 use crate::model::admin::{Review, admin_rpc};
-use crate::model::{RevocationKind, RevocationRule};
+use crate::model::{RevocationKind, RevocationRule, bounded};
 use crate::ops::revocations::RevokeInput;
 use crate::ops::{self, OpsError};
 use crate::state::SiteState;
@@ -731,13 +731,13 @@ impl v1::admin_server::Admin for AdminApi {
         let (s, r) = (&self.0, req.get_ref());
         let summary = |r: &v1::RegisterRunnerRequest| {
             format!(
-                "register the runner of request sha256 {} for {:?} labels {:?}",
+                "register the runner of request sha256 {} for [{}] labels [{}]",
                 hex::encode(aws_lc_rs::digest::digest(
                     &aws_lc_rs::digest::SHA256,
                     &r.request
                 )),
-                r.environments,
-                r.labels
+                bounded(&r.environments.join(", "), 300),
+                bounded(&r.labels.join(", "), 300)
             )
         };
         let rec = self
@@ -780,7 +780,13 @@ impl v1::admin_server::Admin for AdminApi {
 
     async fn retire_runner(&self, req: Request<v1::RunnerRef>) -> R<v1::RunnerInfo> {
         let (s, r) = (&self.0, req.get_ref());
-        let summary = |r: &v1::RunnerRef| format!("retire runner {} ({})", r.fingerprint, r.reason);
+        let summary = |r: &v1::RunnerRef| {
+            format!(
+                "retire runner {} ({})",
+                bounded(&r.fingerprint, 64),
+                bounded(&r.reason, 200)
+            )
+        };
         let rec = self
             .call(&req, "RetireRunner", "", summary, async |op| {
                 ops::runners::retire(s, op, &r.fingerprint, &r.reason)
@@ -791,7 +797,13 @@ impl v1::admin_server::Admin for AdminApi {
 
     async fn revoke_runner(&self, req: Request<v1::RunnerRef>) -> R<v1::RunnerInfo> {
         let (s, r) = (&self.0, req.get_ref());
-        let summary = |r: &v1::RunnerRef| format!("revoke runner {} ({})", r.fingerprint, r.reason);
+        let summary = |r: &v1::RunnerRef| {
+            format!(
+                "revoke runner {} ({})",
+                bounded(&r.fingerprint, 64),
+                bounded(&r.reason, 200)
+            )
+        };
         let rec = self
             .call(&req, "RevokeRunner", "", summary, async |op| {
                 ops::runners::revoke_runner(s, op, &r.fingerprint, &r.reason)
