@@ -580,16 +580,36 @@ impl AuditLog {
     /// Appends an entry (seq, ts, region and chain are filled in) and waits until it — and
     /// every write the request made to the store before it — is durable.
     pub async fn record(&self, rec: AuditRecord) -> Result<AuditRecord, AuditError> {
-        self.send(rec, Scope::Store).await
+        Ok(self.send(rec, Scope::Store).await?.0)
     }
 
     /// [`AuditLog::record`] for a decision that wrote nothing else to the store (signing
     /// requests): only the entry must be durable, which the journal does without a store flush.
     pub async fn record_sign(&self, rec: AuditRecord) -> Result<AuditRecord, AuditError> {
-        self.send(rec, Scope::Entry).await
+        Ok(self.send(rec, Scope::Entry).await?.0)
     }
 
-    async fn send(&self, rec: AuditRecord, scope: Scope) -> Result<AuditRecord, AuditError> {
+    /// [`AuditLog::record`] (`store_scope`) or [`AuditLog::record_sign`], returning with the
+    /// entry its stored bytes (canonical JSON), as the writer made them: a response that
+    /// carries the entry does not encode it again.
+    pub async fn record_sealed(
+        &self,
+        rec: AuditRecord,
+        store_scope: bool,
+    ) -> Result<(AuditRecord, Vec<u8>), AuditError> {
+        let scope = if store_scope {
+            Scope::Store
+        } else {
+            Scope::Entry
+        };
+        self.send(rec, scope).await
+    }
+
+    async fn send(
+        &self,
+        rec: AuditRecord,
+        scope: Scope,
+    ) -> Result<(AuditRecord, Vec<u8>), AuditError> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Msg::Entry(Box::new(rec), scope, reply))

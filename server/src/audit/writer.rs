@@ -5,7 +5,8 @@
 use super::merkle::Log;
 use super::*;
 
-pub(super) type Reply = oneshot::Sender<Result<AuditRecord, AuditError>>;
+/// The entry as chained, and its stored bytes (so no caller encodes it a second time).
+pub(super) type Reply = oneshot::Sender<Result<(AuditRecord, Vec<u8>), AuditError>>;
 
 /// What must be durable before an entry is acknowledged.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -613,7 +614,11 @@ impl Writer {
             chain.rollback();
         }
         self.pending.clear();
-        self.chain_pending.clear();
+        // The stored bytes go back with each entry (checkpoints' entries, which nobody asked
+        // for, are skipped by seq).
+        let mut sealed = std::mem::take(&mut self.chain_pending)
+            .into_iter()
+            .peekable();
         match &result {
             Ok(()) => {
                 let _ = self.head.send(self.seq);
@@ -645,7 +650,14 @@ impl Writer {
                         .decision(&rec.rpc, &rec.environment, &rec.decision, &rec.reason);
                 }
                 for (reply, rec) in replies.into_iter().zip(written) {
-                    let _ = reply.send(Ok(rec));
+                    let bytes = loop {
+                        match sealed.next_if(|(seq, _)| *seq <= rec.seq) {
+                            Some((seq, bytes)) if seq == rec.seq => break bytes,
+                            Some(_) => continue,
+                            None => break rec.entry_bytes(),
+                        }
+                    };
+                    let _ = reply.send(Ok((rec, bytes)));
                 }
             }
             Err(e) => {

@@ -75,7 +75,7 @@ pub async fn asc_token(
             crate::model::when(now.saturating_add(i64::try_from(*ttl).unwrap_or(0)))
         );
     }
-    let written =
+    let (written, _) =
         super::record_decision(site, rec, &checked, budgeted, "asc token refused").await?;
     let (key, id, scopes, ttl) = checked?;
     let exp = now.saturating_add(i64::try_from(ttl).unwrap_or(0));

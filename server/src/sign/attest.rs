@@ -75,7 +75,8 @@ pub async fn attest(
     super::within_rate(site, caller, &rec, &input.alias, now)?;
     let mut budgeted = false;
     let checked = check(site, caller, &input, &mut rec, &mut budgeted);
-    let written = super::record_decision(site, rec, &checked, budgeted, "attest refused").await?;
+    let (written, entry) =
+        super::record_decision(site, rec, &checked, budgeted, "attest refused").await?;
     let (key, predicate_type, subjects) = checked?;
     let statement = statement(site, caller, &key, &predicate_type, subjects, &written);
     // Serializing a statement of strings and numbers cannot fail.
@@ -137,7 +138,7 @@ pub async fn attest(
         public_key_der: key.record.public_key_der.clone(),
         audit_id: written.audit_id(),
         audit_seq: written.seq,
-        audit_entry: written.entry_bytes(),
+        audit_entry: entry,
         audit_hash: written.hash,
     })
 }

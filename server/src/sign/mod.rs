@@ -333,12 +333,12 @@ pub async fn sign(
     if let Err(SignError::Superseded { session, .. }) = &result {
         revoke_session(site, session, caller).await;
     }
-    let written = record_decision(site, rec, &result, budgeted, "sign refused").await?;
+    let (written, entry) = record_decision(site, rec, &result, budgeted, "sign refused").await?;
     let mut out = result?;
     out.audit_id = written.audit_id();
     out.audit_seq = written.seq;
     out.audit_hash = written.hash.clone();
-    out.audit_entry = written.entry_bytes();
+    out.audit_entry = entry;
     out.signed_at = now;
     let bodies = out
         .transparency
@@ -415,16 +415,16 @@ pub(crate) async fn record_unsigned(
     }
 }
 
-/// Writes a decision's entry — allow, or the refusal (logged as `what`) — and returns it once
-/// durable. A budget count is a store write: with a budget, the entry is written with a store
-/// flush so the count is durable before the signature leaves.
+/// Writes a decision's entry — allow, or the refusal (logged as `what`) — and returns it, with
+/// its stored bytes, once durable. A budget count is a store write: with a budget, the entry is
+/// written with a store flush so the count is durable before the signature leaves.
 pub(crate) async fn record_decision<T>(
     site: &SiteState,
     mut rec: AuditRecord,
     result: &Result<T, SignError>,
     budgeted: bool,
     what: &'static str,
-) -> Result<AuditRecord, SignError> {
+) -> Result<(AuditRecord, Vec<u8>), SignError> {
     match result {
         Ok(_) => {
             rec.decision = "allow".into();
@@ -432,12 +432,10 @@ pub(crate) async fn record_decision<T>(
         }
         Err(e) => crate::audit::deny(&mut rec, e, what),
     }
-    if budgeted {
-        site.audit.record(rec).await
-    } else {
-        site.audit.record_sign(rec).await
-    }
-    .map_err(SignError::Audit)
+    site.audit
+        .record_sealed(rec, budgeted)
+        .await
+        .map_err(SignError::Audit)
 }
 
 async fn check_and_sign(
