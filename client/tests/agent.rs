@@ -232,6 +232,30 @@ fn agent_start_serves_separate_steps_until_agent_stop() {
         !Path::new(&sock).exists()
     });
     assert!(gone, "the agent removed its socket");
+    // A step that still has the variable is told the agent is gone and what to do — once, not
+    // as a repeated transport error — and is not enrolled behind the operator's back.
+    let o = Command::new(&me)
+        .arg("--config")
+        .arg(&cfg)
+        .args(["sign", "--environment", "staging", "--key", "release", "x"])
+        .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(4), "{err}");
+    assert!(err.contains("the job agent is gone"), "{err}");
+    assert!(err.contains("meshsign agent start"), "{err}");
+    assert!(!err.contains("transport error"), "{err}");
+    assert_eq!(err.matches("os error").count(), 0, "{err}");
+    let later = audit_rpcs(tmp.path(), &cfg);
+    for rpc in ["Enroll", "Sign"] {
+        assert_eq!(
+            count(&later, rpc),
+            count(&after, rpc),
+            "no {rpc} reached the site"
+        );
+    }
 }
 
 #[test]

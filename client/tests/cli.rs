@@ -758,11 +758,13 @@ fn the_ci_templates_parse_and_call_commands_that_exist() {
             // A command may follow a shell prefix (`sh -c '`, `cd build &&`): take each
             // `meshsign ` occurrence.
             for (i, _) in line.match_indices("meshsign ") {
-                // A command starts the line, or follows `'` (sh -c '…'), `&& ` or `| `; prose
-                // ("the region's meshsign site") does not count.
+                // A command starts the line, or follows `'` (sh -c '…'), `&& `, `| ` or `-- `
+                // (`meshsign exec … -- meshsign sign …`); prose ("the region's meshsign site")
+                // does not count.
                 let before = line[..i].trim_end_matches(' ');
                 if !(before.trim().is_empty()
                     || before.ends_with('\'')
+                    || before.ends_with("--")
                     || before.ends_with("&&")
                     || before.ends_with('|'))
                 {

@@ -181,8 +181,21 @@ where
     }
 }
 
-/// A Signer client over the job agent's socket at `path`.
+/// A Signer client over the job agent's socket at `path`. A socket that is not there, or that
+/// nobody listens on (an agent that stopped, a `MESHSIGN_AGENT_SOCK` left in the environment),
+/// is named as a gone agent with what to do, not as a transport error.
 pub async fn connect_agent(path: &Path) -> Result<SignerClient<Channel>, ClientError> {
+    let gone = |why: &str| ClientError::Connect {
+        endpoint: path.display().to_string(),
+        message: format!(
+            "the job agent is gone ({why}): {SOCK_VAR} names the socket of an agent that has \
+             stopped; start one with `meshsign agent start …` and use the {SOCK_VAR} it prints, \
+             or unset {SOCK_VAR} so that this command enrolls on its own"
+        ),
+    };
+    if !path.exists() {
+        return Err(gone("no socket there"));
+    }
     let path: Arc<PathBuf> = Arc::new(path.to_path_buf());
     let p = path.clone();
     let channel = Endpoint::from_static("http://meshsign-agent")
@@ -194,9 +207,16 @@ pub async fn connect_agent(path: &Path) -> Result<SignerClient<Channel>, ClientE
             }
         }))
         .await
-        .map_err(|e| ClientError::Connect {
-            endpoint: path.display().to_string(),
-            message: crate::net::source_chain(&e),
+        .map_err(|e| {
+            let chain = crate::net::source_chain(&e);
+            if chain.contains("os error 111") || chain.contains("os error 2)") {
+                gone("nobody listens on its socket")
+            } else {
+                ClientError::Connect {
+                    endpoint: path.display().to_string(),
+                    message: chain,
+                }
+            }
         })?;
     Ok(SignerClient::new(channel))
 }

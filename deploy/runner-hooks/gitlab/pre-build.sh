@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # GitLab Runner, config.toml of a Mac (shell executor) runner:
 #   [[runners]]
 #     pre_build_script = ". /opt/meshsign/hooks/gitlab/pre-build.sh"
