@@ -208,4 +208,29 @@ fn a_go_client_enrolls_signs_and_reads_the_claims_of_its_runner_certificate() {
         ],
     );
     assert!(v.contains("Verified OK"), "{v}");
+
+    // A refusal read by grpcurl: reflection serves google.rpc.ErrorInfo, so grpcurl prints the
+    // reason and domain of the status detail (it said `google.rpc.ErrorInfo is not recognized`).
+    let body =
+        serde_json::json!({"key_alias": "no-such-key", "sha256_digest": b64(digest.as_ref())});
+    let refused = grpcurl(
+        &dir,
+        "sign_endpoint",
+        Some((&cert, &work.join("runner.key"))),
+        &body.to_string(),
+        "meshsign.v1.Signer/Sign",
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&refused.stdout),
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(!refused.status.success(), "{text}");
+    assert!(!text.contains("not recognized"), "{text}");
+    assert!(text.contains("google.rpc.ErrorInfo"), "{text}");
+    assert!(
+        text.contains(r#""reason":"KEY_NOT_IN_PARTITION""#),
+        "{text}"
+    );
+    assert!(text.contains(r#""domain":"meshsign.dev""#), "{text}");
 }

@@ -117,7 +117,9 @@ pub struct Routers {
 /// One port's router, behind its load shedding.
 pub type PortRouter = Router<tower_layer::Stack<shed::ShedLayer, tower_layer::Identity>>;
 
-/// Adds reflection (v1 and v1alpha), listing only the services this port serves.
+/// Adds reflection (v1 and v1alpha), listing only the services this port serves. The
+/// `google.rpc` error-details types are served too, so a tool that resolves a status detail by
+/// reflection (grpcurl) prints the `ErrorInfo` reason of a refusal.
 fn with_reflection(
     router: PortRouter,
     services: &[&str],
@@ -126,6 +128,7 @@ fn with_reflection(
         let mut b = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(meshsign_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
             .with_service_name(HEALTH_SERVICE)
             .with_service_name("grpc.reflection.v1.ServerReflection")
             .with_service_name("grpc.reflection.v1alpha.ServerReflection");
