@@ -145,9 +145,14 @@ async fn metrics_are_scraped_over_http_with_the_named_series_after_real_traffic(
         "meshsign_audit_head_seq ",
         "meshsign_audit_writable 1",
         "meshsign_revocation_rules 0",
-        "meshsign_server_certificate_expiry_days ",
-        "meshsign_runner_ca_expiry_days{environment=\"staging\"",
-        "meshsign_key_age_days{environment=\"production\",alias=\"release\",version=\"1\"}",
+        "meshsign_server_certificate_expiry_timestamp_seconds ",
+        "meshsign_runner_ca_expiry_timestamp_seconds{environment=\"staging\"",
+        "meshsign_key_created_timestamp_seconds{environment=\"production\",alias=\"release\",version=\"1\"}",
+        "meshsign_build_info{version=\"",
+        "process_cpu_seconds_total ",
+        "process_resident_memory_bytes ",
+        "process_open_fds ",
+        "process_start_time_seconds ",
         "meshsign_limit{name=\"max_connections\"} 1024",
         "meshsign_certificates_issued_total{environment=\"production\",rpc=\"Enroll\"} 1",
         "meshsign_certificates_issued_total{environment=\"production\",rpc=\"Renew\"} 1",
@@ -207,6 +212,38 @@ async fn metrics_are_scraped_over_http_with_the_named_series_after_real_traffic(
     assert!(prod.runner_cas.iter().any(|c| c.rotation_due), "{prod:?}");
     let (status, _) = http_get(addr, "/other").await;
     assert_eq!(status, "HTTP/1.1 404 Not Found");
+    // Liveness and readiness on the metrics listener (the audit log takes writes: ready).
+    for path in ["/healthz", "/readyz"] {
+        let (status, text) = http_get(addr, path).await;
+        assert_eq!(status, "HTTP/1.1 200 OK", "{path}: {text}");
+    }
+
+    // Prometheus' own linter on the scrape after real traffic (sign, refusals, renewals):
+    // base units, no negative sentinels, names by the conventions (`promtool check metrics`).
+    let promtool = |args: &[&str], stdin: Option<&str>| {
+        use std::io::Write as _;
+        let mut c = std::process::Command::new("promtool")
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("promtool (Debian prometheus) is installed by .ci/run");
+        if let Some(text) = stdin {
+            c.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+        }
+        let o = c.wait_with_output().unwrap();
+        (
+            o.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        )
+    };
+    let (code, said) = promtool(&["check", "metrics"], Some(&body));
+    assert_eq!(code, Some(0), "promtool check metrics:\n{said}");
 
     // The shipped alert rules parse, and every series they name is one the site exposes.
     let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -237,4 +274,6 @@ async fn metrics_are_scraped_over_http_with_the_named_series_after_real_traffic(
         }
     }
     assert!(named >= 9, "{exprs}");
+    let (code, said) = promtool(&["check", "rules", rules.to_str().unwrap()], None);
+    assert_eq!(code, Some(0), "promtool check rules:\n{said}");
 }

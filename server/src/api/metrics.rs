@@ -1,7 +1,9 @@
 //! `GET /metrics` for Prometheus on its own listener (`[metrics] listen`, off when absent): the
 //! counters of `crate::metrics`, plus gauges read from the state at scrape time — audit head
-//! and checkpoint age, revocation rules, days until the server certificate and each runner CA
-//! expire, key ages, and the configured limits.
+//! and last checkpoint, revocation rules, when the server certificate and each runner CA
+//! expire and when each key was made (base units: `*_timestamp_seconds`), the configured
+//! limits, `meshsign_build_info` and the standard `process_*` series. `/healthz` (live) and
+//! `/readyz` (the audit log takes writes) answer on the same listener.
 //!
 //! Owns: the HTTP listener and the gauges. Must not touch: anything a scrape could change. The
 //! listener is plain HTTP/1.1 and unauthenticated (what Prometheus expects): bind it to loopback
@@ -26,11 +28,108 @@ use crate::state::SiteState;
 /// Connections the metrics listener serves at once.
 const MAX_CONNECTIONS: usize = 16;
 
-/// Days from `now` until a certificate's notAfter (negative once expired).
-fn days_left(cert_der: &[u8], now: i64) -> Option<f64> {
+/// A certificate's notAfter, Unix seconds (Prometheus' base unit for "when": alert rules
+/// subtract `time()`).
+fn not_after(cert_der: &[u8]) -> Option<i64> {
     use x509_parser::prelude::*;
     let (_, cert) = X509Certificate::from_der(cert_der).ok()?;
-    Some((cert.validity().not_after.timestamp() - now) as f64 / 86_400.0)
+    Some(cert.validity().not_after.timestamp())
+}
+
+/// The build: `meshsign_build_info{version,commit} 1` (commit from `git` at build time, or
+/// `MESHSIGN_COMMIT`; `unknown` when built outside a checkout).
+fn build_info(out: &mut String) {
+    let _ = writeln!(
+        out,
+        "# HELP meshsign_build_info The meshsignd build: version and commit.\n# TYPE meshsign_build_info gauge\nmeshsign_build_info{{version=\"{}\",commit=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION"),
+        label(env!("MESHSIGN_COMMIT"))
+    );
+}
+
+/// The standard `process_*` series (as the Prometheus client libraries export them), read from
+/// `/proc/self` at scrape time; nothing where there is no procfs.
+fn process_metrics(out: &mut String) {
+    // /proc reports CPU times in USER_HZ ticks, 100 per second on Linux.
+    const TICKS: f64 = 100.0;
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return;
+    };
+    // Fields after the command name (which may hold spaces): state is field 3.
+    let f: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let field = |n: usize| f.get(n - 3).and_then(|v| v.parse::<f64>().ok());
+    let mut series = |name: &str, kind: &str, help: &str, v: Option<f64>| {
+        if let Some(v) = v {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
+        }
+    };
+    series(
+        "process_cpu_seconds_total",
+        "counter",
+        "Total user and system CPU time spent in seconds.",
+        field(14).zip(field(15)).map(|(u, s)| (u + s) / TICKS),
+    );
+    let kib = |key: &str| {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix(key))?
+            .split_whitespace()
+            .next()?
+            .parse::<f64>()
+            .ok()
+            .map(|k| k * 1024.0)
+    };
+    series(
+        "process_resident_memory_bytes",
+        "gauge",
+        "Resident memory size in bytes.",
+        kib("VmRSS:"),
+    );
+    series(
+        "process_virtual_memory_bytes",
+        "gauge",
+        "Virtual memory size in bytes.",
+        field(23),
+    );
+    let boot = std::fs::read_to_string("/proc/stat").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("btime "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    });
+    series(
+        "process_start_time_seconds",
+        "gauge",
+        "Start time of the process since unix epoch in seconds.",
+        boot.zip(field(22)).map(|(b, t)| b + t / TICKS),
+    );
+    series(
+        "process_open_fds",
+        "gauge",
+        "Number of open file descriptors.",
+        std::fs::read_dir("/proc/self/fd")
+            .ok()
+            .map(|d| d.count() as f64),
+    );
+    let max_fds = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Max open files"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        });
+    series(
+        "process_max_fds",
+        "gauge",
+        "Maximum number of open file descriptors.",
+        max_fds,
+    );
 }
 
 fn label(v: &str) -> String {
@@ -100,18 +199,19 @@ pub fn render(state: &SiteState) -> String {
     );
     gauge(
         &mut out,
-        "meshsign_audit_last_checkpoint_age_seconds",
-        "Seconds since this process signed its last audit checkpoint (-1: none yet).",
+        "meshsign_audit_last_checkpoint_timestamp_seconds",
+        "When this process signed its last audit checkpoint (Unix seconds; absent until the first).",
     );
     let last = state
         .metrics
         .last_checkpoint_unix
         .load(std::sync::atomic::Ordering::Relaxed);
-    let _ = writeln!(
-        out,
-        "meshsign_audit_last_checkpoint_age_seconds {}",
-        if last > 0 { now - last } else { -1 }
-    );
+    if last > 0 {
+        let _ = writeln!(
+            out,
+            "meshsign_audit_last_checkpoint_timestamp_seconds {last}"
+        );
+    }
     gauge(
         &mut out,
         "meshsign_audit_writable",
@@ -145,27 +245,30 @@ pub fn render(state: &SiteState) -> String {
     let config = state.config();
     gauge(
         &mut out,
-        "meshsign_server_certificate_expiry_days",
-        "Days until the site's TLS server certificate expires.",
+        "meshsign_server_certificate_expiry_timestamp_seconds",
+        "When the site's TLS server certificate expires (notAfter, Unix seconds).",
     );
-    if let Some(days) = crate::api::tls::read_certs(&config.tls.server_cert)
+    if let Some(at) = crate::api::tls::read_certs(&config.tls.server_cert)
         .ok()
-        .and_then(|c| c.first().and_then(|leaf| days_left(leaf, now)))
+        .and_then(|c| c.first().and_then(|leaf| not_after(leaf)))
     {
-        let _ = writeln!(out, "meshsign_server_certificate_expiry_days {days:.3}");
+        let _ = writeln!(
+            out,
+            "meshsign_server_certificate_expiry_timestamp_seconds {at}"
+        );
     }
     gauge(
         &mut out,
-        "meshsign_runner_ca_expiry_days",
-        "Days until each trusted runner CA expires.",
+        "meshsign_runner_ca_expiry_timestamp_seconds",
+        "When each trusted runner CA expires (notAfter, Unix seconds).",
     );
     for env in &config.environments {
         if let Ok(cas) = state.runner_cas(&env.name) {
             for r in cas.trusted(now) {
-                if let Some(days) = days_left(&r.cert_der, now) {
+                if let Some(at) = not_after(&r.cert_der) {
                     let _ = writeln!(
                         out,
-                        "meshsign_runner_ca_expiry_days{{environment=\"{}\",id=\"{}\",state=\"{}\"}} {days:.3}",
+                        "meshsign_runner_ca_expiry_timestamp_seconds{{environment=\"{}\",id=\"{}\",state=\"{}\"}} {at}",
                         label(&env.name),
                         label(&r.id),
                         r.state.as_str()
@@ -196,19 +299,19 @@ pub fn render(state: &SiteState) -> String {
     }
     gauge(
         &mut out,
-        "meshsign_key_age_days",
-        "Age of each signing key version.",
+        "meshsign_key_created_timestamp_seconds",
+        "When each signing key version was made or imported (Unix seconds).",
     );
     let keys = state.keys();
     for ((env, alias), versions) in keys.all() {
         for k in versions {
             let _ = writeln!(
                 out,
-                "meshsign_key_age_days{{environment=\"{}\",alias=\"{}\",version=\"{}\"}} {:.3}",
+                "meshsign_key_created_timestamp_seconds{{environment=\"{}\",alias=\"{}\",version=\"{}\"}} {}",
                 label(env),
                 label(alias),
                 k.record.version,
-                (now - k.record.created_at) as f64 / 86_400.0
+                k.record.created_at
             );
         }
     }
@@ -234,20 +337,20 @@ pub fn render(state: &SiteState) -> String {
     }
     gauge(
         &mut out,
-        "meshsign_signing_certificate_expiry_days",
-        "Days until the certificate of a key version that has one (an Apple Developer ID identity, a vendor certificate) expires.",
+        "meshsign_signing_certificate_expiry_timestamp_seconds",
+        "When the certificate of a key version that has one (an Apple Developer ID identity, a vendor certificate) expires (notAfter, Unix seconds).",
     );
     for ((env, alias), versions) in keys.all() {
         for k in versions {
-            if let Some(days) = k
+            if let Some(at) = k
                 .record
                 .certificate_chain
                 .first()
-                .and_then(|leaf| days_left(leaf, now))
+                .and_then(|leaf| not_after(leaf))
             {
                 let _ = writeln!(
                     out,
-                    "meshsign_signing_certificate_expiry_days{{environment=\"{}\",alias=\"{}\",version=\"{}\"}} {days:.3}",
+                    "meshsign_signing_certificate_expiry_timestamp_seconds{{environment=\"{}\",alias=\"{}\",version=\"{}\"}} {at}",
                     label(env),
                     label(alias),
                     k.record.version
@@ -290,6 +393,8 @@ pub fn render(state: &SiteState) -> String {
     ] {
         let _ = writeln!(out, "meshsign_limit{{name=\"{name}\"}} {v}");
     }
+    build_info(&mut out);
+    process_metrics(&mut out);
     out
 }
 
@@ -297,7 +402,26 @@ async fn handle(
     req: Request<hyper::body::Incoming>,
     state: Arc<SiteState>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let ok = req.method() == hyper::Method::GET && req.uri().path() == "/metrics";
+    let get = req.method() == hyper::Method::GET;
+    let path = req.uri().path();
+    if get && (path == "/healthz" || path == "/readyz") {
+        // Live while this listener answers; ready while decisions can be recorded.
+        let ready = path == "/healthz" || !state.audit.is_failing();
+        let (status, body) = if ready {
+            (StatusCode::OK, "ok\n")
+        } else {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: the audit log takes no writes\n",
+            )
+        };
+        let response = Response::builder()
+            .status(status)
+            .header("content-type", "text/plain; charset=utf-8")
+            .body(Full::new(Bytes::from_static(body.as_bytes())));
+        return Ok(response.unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))));
+    }
+    let ok = get && path == "/metrics";
     let response = if ok {
         let body = tokio::task::spawn_blocking(move || render(&state))
             .await
@@ -308,7 +432,9 @@ async fn handle(
     } else {
         Response::builder()
             .status(StatusCode::NOT_FOUND)
-            .body(Full::new(Bytes::from_static(b"GET /metrics\n")))
+            .body(Full::new(Bytes::from_static(
+                b"GET /metrics, /healthz or /readyz\n",
+            )))
     };
     Ok(response.unwrap_or_else(|_| Response::new(Full::new(Bytes::new()))))
 }
