@@ -68,6 +68,131 @@ impl Histogram {
         self.sum_micros
             .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
     }
+
+    /// The buckets, sum and count of series `name` with `labels` (already escaped).
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        for (i, le) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels},le=\"{le}\"}} {}",
+                self.buckets[i].load(Ordering::Relaxed)
+            );
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels},le=\"+Inf\"}} {count}\n{name}_sum{{{labels}}} {}\n{name}_count{{{labels}}} {count}",
+            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
+    }
+}
+
+/// gRPC status codes by number, named as `codes.Code.String()` in grpc-go (what
+/// go-grpc-prometheus puts in `grpc_code`, so stock dashboards match).
+pub const GRPC_CODES: [&str; 17] = [
+    "OK",
+    "Canceled",
+    "Unknown",
+    "InvalidArgument",
+    "DeadlineExceeded",
+    "NotFound",
+    "AlreadyExists",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "FailedPrecondition",
+    "Aborted",
+    "OutOfRange",
+    "Unimplemented",
+    "Internal",
+    "Unavailable",
+    "DataLoss",
+    "Unauthenticated",
+];
+
+/// One gRPC method the site serves, as go-grpc-prometheus labels it.
+#[derive(Debug, Clone)]
+pub struct RpcMethod {
+    /// Fully qualified service (`meshsign.v1.Signer`).
+    pub service: String,
+    /// Method (`Sign`).
+    pub method: String,
+    /// `unary`, `client_stream`, `server_stream` or `bidi_stream`.
+    pub kind: &'static str,
+}
+
+/// Every method the site serves, from the descriptors it was built with (meshsign's own,
+/// gRPC health and reflection), and one last entry, `unknown`, for any other path: the label
+/// values of the per-RPC series come from this table, never from the request.
+static RPC_TABLE: std::sync::LazyLock<Vec<RpcMethod>> = std::sync::LazyLock::new(|| {
+    use prost::Message as _;
+    let mut out = Vec::new();
+    for fds in [
+        meshsign_proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ] {
+        let Ok(set) = prost_types::FileDescriptorSet::decode(fds) else {
+            continue;
+        };
+        for file in set.file {
+            for service in &file.service {
+                for m in &service.method {
+                    let kind = match (m.client_streaming(), m.server_streaming()) {
+                        (false, false) => "unary",
+                        (true, false) => "client_stream",
+                        (false, true) => "server_stream",
+                        (true, true) => "bidi_stream",
+                    };
+                    out.push(RpcMethod {
+                        service: format!("{}.{}", file.package(), service.name()),
+                        method: m.name().to_string(),
+                        kind,
+                    });
+                }
+            }
+        }
+    }
+    out.push(RpcMethod {
+        service: "unknown".into(),
+        method: "unknown".into(),
+        kind: "unknown",
+    });
+    out
+});
+
+/// The index in [`RPC_TABLE`] of a request path (`/meshsign.v1.Signer/Sign`).
+pub fn rpc_index(path: &str) -> usize {
+    static BY_PATH: std::sync::LazyLock<std::collections::HashMap<String, usize>> =
+        std::sync::LazyLock::new(|| {
+            RPC_TABLE
+                .iter()
+                .enumerate()
+                .map(|(i, m)| (format!("/{}/{}", m.service, m.method), i))
+                .collect()
+        });
+    BY_PATH
+        .get(path)
+        .copied()
+        .unwrap_or(RPC_TABLE.len().saturating_sub(1))
+}
+
+/// Per-method counts: started, handled by code, handling time.
+#[derive(Debug, Default)]
+struct RpcCounts {
+    started: AtomicU64,
+    handled: [AtomicU64; GRPC_CODES.len()],
+    seconds: Histogram,
+}
+
+/// [`RpcCounts`] for every entry of [`RPC_TABLE`].
+#[derive(Debug)]
+struct RpcStats(Vec<RpcCounts>);
+
+impl Default for RpcStats {
+    fn default() -> Self {
+        Self((0..RPC_TABLE.len()).map(|_| RpcCounts::default()).collect())
+    }
 }
 
 /// Live certificates per environment, and when they were counted.
@@ -80,7 +205,9 @@ pub struct Metrics {
     counted_refusals: Labeled,
     issued: Labeled,
     renewals: Labeled,
+    abandoned: Labeled,
     latency: [Histogram; 3],
+    rpcs: RpcStats,
     /// Requests each listener is serving now (what load shedding counts).
     in_flight: [AtomicI64; 3],
     /// Unix seconds of the last signed checkpoint (0: none yet in this process).
@@ -166,6 +293,20 @@ impl Metrics {
         );
     }
 
+    /// A session of `environment` was abandoned (`state::sessions`), counted by this replica.
+    pub fn session_abandoned(&self, environment: &str) {
+        self.abandoned.add(vec![environment.into()], 1);
+    }
+
+    /// Sessions of `environment` this replica counted as abandoned.
+    pub fn sessions_abandoned(&self, environment: &str) -> u64 {
+        self.abandoned
+            .snapshot()
+            .get(&vec![environment.to_string()])
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// A refusal counted into a summary entry (rate limits, shedding, handshakes).
     pub fn counted_refusal(&self, rpc: &str, reason: &str) {
         self.counted_refusals
@@ -187,8 +328,83 @@ impl Metrics {
         self.latency[port.index()].observe(took);
     }
 
+    /// A gRPC call to method `rpc` (from [`rpc_index`]) started.
+    pub fn rpc_started(&self, rpc: usize) {
+        if let Some(c) = self.rpcs.0.get(rpc) {
+            c.started.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A gRPC call to method `rpc` ended with status `code` (its number) after `took`.
+    pub fn rpc_handled(&self, rpc: usize, code: i32, took: Duration) {
+        if let Some(c) = self.rpcs.0.get(rpc) {
+            let code = usize::try_from(code)
+                .ok()
+                .filter(|c| *c < GRPC_CODES.len())
+                .unwrap_or(2); // Unknown
+            c.handled[code].fetch_add(1, Ordering::Relaxed);
+            c.seconds.observe(took);
+        }
+    }
+
+    /// The per-RPC series under go-grpc-prometheus' names: `grpc_server_started_total`,
+    /// `grpc_server_handled_total` (with `grpc_code`) and the `grpc_server_handling_seconds`
+    /// histogram, for every method called at least once.
+    fn render_rpcs(&self, out: &mut String) {
+        let called: Vec<(&RpcMethod, &RpcCounts)> = RPC_TABLE
+            .iter()
+            .zip(self.rpcs.0.iter())
+            .filter(|(_, c)| c.started.load(Ordering::Relaxed) > 0)
+            .collect();
+        let labels = |m: &RpcMethod| {
+            format!(
+                "grpc_type=\"{}\",grpc_service=\"{}\",grpc_method=\"{}\"",
+                m.kind,
+                label(&m.service),
+                label(&m.method)
+            )
+        };
+        let _ = writeln!(
+            out,
+            "# HELP grpc_server_started_total Total number of RPCs started on the server.\n# TYPE grpc_server_started_total counter"
+        );
+        for (m, c) in &called {
+            let _ = writeln!(
+                out,
+                "grpc_server_started_total{{{}}} {}",
+                labels(m),
+                c.started.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP grpc_server_handled_total Total number of RPCs completed on the server, regardless of success or failure.\n# TYPE grpc_server_handled_total counter"
+        );
+        for (m, c) in &called {
+            for (code, n) in GRPC_CODES.iter().zip(c.handled.iter()) {
+                let n = n.load(Ordering::Relaxed);
+                if n > 0 {
+                    let _ = writeln!(
+                        out,
+                        "grpc_server_handled_total{{{},grpc_code=\"{code}\"}} {n}",
+                        labels(m)
+                    );
+                }
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP grpc_server_handling_seconds Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.\n# TYPE grpc_server_handling_seconds histogram"
+        );
+        for (m, c) in &called {
+            c.seconds
+                .render(out, "grpc_server_handling_seconds", &labels(m));
+        }
+    }
+
     /// The counters and histograms in Prometheus' text format (gauges are added by the caller).
     pub fn render(&self, out: &mut String) {
+        self.render_rpcs(out);
         let _ = writeln!(
             out,
             "# HELP meshsign_decisions_total Decisions written to the audit log, by RPC, environment, decision and reason.\n# TYPE meshsign_decisions_total counter"
@@ -245,20 +461,10 @@ impl Metrics {
             "# HELP meshsign_request_duration_seconds Time to answer a request, by port.\n# TYPE meshsign_request_duration_seconds histogram"
         );
         for port in [Port::Enroll, Port::Sign, Port::Admin] {
-            let h = &self.latency[port.index()];
-            let p = port.as_str();
-            for (i, le) in BUCKETS.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "meshsign_request_duration_seconds_bucket{{port=\"{p}\",le=\"{le}\"}} {}",
-                    h.buckets[i].load(Ordering::Relaxed)
-                );
-            }
-            let count = h.count.load(Ordering::Relaxed);
-            let _ = writeln!(
+            self.latency[port.index()].render(
                 out,
-                "meshsign_request_duration_seconds_bucket{{port=\"{p}\",le=\"+Inf\"}} {count}\nmeshsign_request_duration_seconds_sum{{port=\"{p}\"}} {}\nmeshsign_request_duration_seconds_count{{port=\"{p}\"}} {count}",
-                h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+                "meshsign_request_duration_seconds",
+                &format!("port=\"{}\"", port.as_str()),
             );
         }
         let _ = writeln!(

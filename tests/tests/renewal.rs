@@ -190,3 +190,85 @@ async fn a_serial_revocation_follows_the_session_through_renewals() {
         expect_refusal(e, Code::Unauthenticated, "certificate_revoked");
     }
 }
+
+/// Issue 31 item 2: a session that stops renewing — its certificate expires neither renewed nor
+/// revoked by its job — is counted as abandoned once, at the site, and shown in `admin status`
+/// for the last hour; sessions that renewed or ended with `RevokeSelf` are not.
+#[tokio::test]
+async fn a_session_that_stops_renewing_is_counted_abandoned_once_and_shown_in_status() {
+    let site = TestSite::start().await;
+    let mut cut_off = session(&site, "production").await; // renews once, then is cut off
+    let never = session(&site, "production").await; // never renews, never says goodbye
+    let mut finished = session(&site, "production").await; // ends with RevokeSelf
+    let mut renewed = session(&site, "staging").await; // renews, then ends with RevokeSelf
+    cut_off.renew(&site.client, 0).await.unwrap();
+    finished.revoke_self("job finished").await.unwrap();
+    renewed.renew(&site.client, 0).await.unwrap();
+    renewed.revoke_self("job finished").await.unwrap();
+    let state = site.state();
+    // Nothing is due while the certificates are valid.
+    let sweep = state.sweep_abandoned(512).unwrap();
+    assert_eq!((sweep.looked_at, sweep.abandoned.len()), (0, 0));
+
+    site.clock.advance(Duration::from_secs(TTL_CAP + 60));
+    // In bounded steps: one due certificate per pass here, the rest wait for the next.
+    let first = state.sweep_abandoned(1).unwrap();
+    assert_eq!(first.looked_at, 1);
+    let rest = state.sweep_abandoned(512).unwrap();
+    // Six certificates were issued; every one is looked at once.
+    assert_eq!(first.looked_at + rest.looked_at, 6);
+    let mut got: Vec<String> = first
+        .abandoned
+        .into_iter()
+        .chain(rest.abandoned)
+        .map(|(env, serial)| {
+            assert_eq!(env, "production");
+            serial
+        })
+        .collect();
+    got.sort();
+    let mut want = vec![
+        cut_off.enrollment.serial.clone(),
+        never.enrollment.serial.clone(),
+    ];
+    want.sort();
+    assert_eq!(
+        got, want,
+        "the cut-off session's renewed certificate, and the silent one"
+    );
+    // Counted once: a later pass finds nothing.
+    assert_eq!(state.sweep_abandoned(512).unwrap().looked_at, 0);
+    assert_eq!(state.metrics.sessions_abandoned("production"), 2);
+    assert_eq!(state.metrics.sessions_abandoned("staging"), 0);
+
+    // `admin status`: the last hour's count per environment, in the table too.
+    let status = async || {
+        site.admin()
+            .await
+            .status(v1::StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    let st = status().await;
+    let count = |st: &v1::SiteStatus, env: &str| {
+        st.environments
+            .iter()
+            .find(|e| e.name == env)
+            .unwrap()
+            .sessions_abandoned_last_hour
+    };
+    assert_eq!((count(&st, "production"), count(&st, "staging")), (2, 0));
+    let rows = meshsign_client::usecase::status::status_rows(&st);
+    assert!(
+        rows.iter().any(|r| r[0] == "production"
+            && r[1] == "sessions"
+            && r[3] == "2 in the last hour"
+            && r[4].contains("MeshsignSessionsAbandoned")),
+        "{rows:?}"
+    );
+    // An hour on, they left the window (the counter keeps them).
+    site.clock.advance(Duration::from_secs(3600));
+    assert_eq!(count(&status().await, "production"), 0);
+    assert_eq!(state.metrics.sessions_abandoned("production"), 2);
+}

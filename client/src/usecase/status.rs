@@ -40,6 +40,7 @@ pub fn status_json(st: &v1::SiteStatus) -> serde_json::Value {
         "environments": st.environments.iter().map(|e| serde_json::json!({
             "name": e.name,
             "audience": e.audience,
+            "sessions_abandoned_last_hour": e.sessions_abandoned_last_hour,
             "runner_cas": e.runner_cas.iter().map(|c| serde_json::json!({
                 "id": c.id, "state": c.state_word(), "rotation_due": c.rotation_due,
             })).collect::<Vec<_>>(),
@@ -111,9 +112,19 @@ pub fn status_rows(st: &v1::SiteStatus) -> Vec<Vec<String>> {
     rows
 }
 
-/// One row per runner CA, key and trust policy of an environment.
+/// One row for the environment's sessions, then one per runner CA, key and trust policy.
 fn environment_rows(e: &v1::EnvironmentStatus) -> Vec<Vec<String>> {
-    let mut rows = Vec::new();
+    let mut rows = vec![vec![
+        e.name.clone(),
+        "sessions".into(),
+        "abandoned".into(),
+        format!("{} in the last hour", e.sessions_abandoned_last_hour),
+        if e.sessions_abandoned_last_hour > 0 {
+            "expired neither renewed nor revoked by the job: runners cut off from the site? (alert MeshsignSessionsAbandoned)".into()
+        } else {
+            "-".into()
+        },
+    ]];
     for c in &e.runner_cas {
         rows.push(vec![
             e.name.clone(),

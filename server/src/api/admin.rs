@@ -843,10 +843,14 @@ fn site_status(s: &SiteState) -> Result<v1::SiteStatus, Status> {
         .metrics
         .last_checkpoint_unix
         .load(std::sync::atomic::Ordering::Relaxed);
+    let abandoned = s
+        .abandoned_since(now - 3600, 100_000)
+        .map_err(|e| status(&OpsError::from(e)))?;
     let environments = cfg
         .environments
         .iter()
         .map(|e| v1::EnvironmentStatus {
+            sessions_abandoned_last_hour: abandoned.get(&e.name).copied().unwrap_or(0),
             name: e.name.clone(),
             audience: e.audience.clone(),
             runner_cas: s

@@ -370,6 +370,18 @@ pub fn render(state: &SiteState) -> String {
             label(&env)
         );
     }
+    let _ = writeln!(
+        out,
+        "# HELP meshsign_sessions_abandoned_total Sessions whose certificate expired neither renewed nor revoked by its holder (the runner stopped renewing and never said goodbye), counted once per site by the replica that found them.\n# TYPE meshsign_sessions_abandoned_total counter"
+    );
+    for env in &config.environments {
+        let _ = writeln!(
+            out,
+            "meshsign_sessions_abandoned_total{{environment=\"{}\"}} {}",
+            label(&env.name),
+            state.metrics.sessions_abandoned(&env.name)
+        );
+    }
     gauge(&mut out, "meshsign_limit", "Configured limits ([limits]).");
     let l = config.limits;
     for (name, v) in [
@@ -398,6 +410,65 @@ pub fn render(state: &SiteState) -> String {
     out
 }
 
+/// The content type of OpenMetrics 1.0 text.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Whether a scraper asked for OpenMetrics (Prometheus sends
+/// `Accept: application/openmetrics-text;version=1.0.0,…;q=0.5,text/plain;version=0.0.4;…`).
+fn wants_openmetrics(accept: Option<&hyper::header::HeaderValue>) -> bool {
+    accept.and_then(|v| v.to_str().ok()).is_some_and(|v| {
+        v.split(',').any(|part| {
+            let mut params = part.split(';').map(str::trim);
+            params.next() == Some("application/openmetrics-text")
+                && !params.any(|p| p.replace(' ', "") == "q=0")
+        })
+    })
+}
+
+/// The 0.0.4 text of [`render`] as OpenMetrics 1.0: a counter's family is named without its
+/// `_total` (its samples keep it), a `*_info` gauge is an `info` family, and the text ends with
+/// `# EOF`. Samples are unchanged.
+pub fn openmetrics(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 16);
+    let mut kinds = std::collections::HashMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ")
+            && let Some((name, kind)) = rest.split_once(' ')
+        {
+            kinds.insert(name, kind);
+        }
+    }
+    fn family<'a>(
+        kinds: &std::collections::HashMap<&str, &str>,
+        name: &'a str,
+    ) -> (&'a str, &'static str) {
+        match kinds.get(name).copied() {
+            Some("counter") => (name.strip_suffix("_total").unwrap_or(name), "counter"),
+            Some("gauge") if name.ends_with("_info") => {
+                (name.strip_suffix("_info").unwrap_or(name), "info")
+            }
+            Some("histogram") => (name, "histogram"),
+            Some("gauge") => (name, "gauge"),
+            _ => (name, "unknown"),
+        }
+    }
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
+            let _ = writeln!(out, "# HELP {} {help}", family(&kinds, name).0);
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let name = rest.split_once(' ').map_or(rest, |(n, _)| n);
+            let (name, kind) = family(&kinds, name);
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+        } else if !line.is_empty() {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out.push_str("# EOF\n");
+    out
+}
+
 async fn handle(
     req: Request<hyper::body::Incoming>,
     state: Arc<SiteState>,
@@ -423,11 +494,17 @@ async fn handle(
     }
     let ok = get && path == "/metrics";
     let response = if ok {
+        let open = wants_openmetrics(req.headers().get(hyper::header::ACCEPT));
         let body = tokio::task::spawn_blocking(move || render(&state))
             .await
             .unwrap_or_default();
+        let (body, kind) = if open {
+            (openmetrics(&body), OPENMETRICS)
+        } else {
+            (body, "text/plain; version=0.0.4; charset=utf-8")
+        };
         Response::builder()
-            .header("content-type", "text/plain; version=0.0.4")
+            .header("content-type", kind)
             .body(Full::new(Bytes::from(body)))
     } else {
         Response::builder()

@@ -130,13 +130,15 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let rpc = crate::metrics::rpc_index(req.uri().path());
+        let metrics = self.layer.metrics.clone();
+        metrics.rpc_started(rpc);
+        let started = std::time::Instant::now();
         match self.layer.in_flight.clone().try_acquire_owned() {
             Ok(permit) => {
                 let fut = self.inner.call(req);
-                let (metrics, port) = (self.layer.metrics.clone(), self.layer.port);
-                let port = crate::metrics::Port::parse(port);
+                let port = crate::metrics::Port::parse(self.layer.port);
                 let counted = InFlight::start(metrics.clone(), port);
-                let started = std::time::Instant::now();
                 Box::pin(async move {
                     let out = fut.await;
                     drop(permit);
@@ -144,7 +146,7 @@ where
                     if let Some(p) = port {
                         metrics.request(p, started.elapsed());
                     }
-                    out
+                    out.map(|response| Handled::watch(response, metrics, rpc, started))
                 })
             }
             Err(_) => {
@@ -154,8 +156,97 @@ where
                 };
                 (self.layer.on_shed)(&refusal, peer_of(&req));
                 let response = super::status::status(&refusal).into_http();
+                let response = Handled::watch(response, metrics, rpc, started);
                 Box::pin(async move { Ok(response) })
             }
         }
+    }
+}
+
+/// Counts a call as handled (`grpc_server_handled_total`, `grpc_server_handling_seconds`) once
+/// its status is known: from the response headers (a trailers-only answer, as every refusal
+/// is), else from the trailers at the end of the body; a body dropped before its trailers (the
+/// client went away) counts as `Canceled`, one that ends without them as `Unknown`.
+struct Handled {
+    inner: tonic::body::Body,
+    metrics: Arc<crate::metrics::Metrics>,
+    rpc: usize,
+    started: std::time::Instant,
+    done: bool,
+}
+
+/// The `grpc-status` of a header map, if it carries one.
+fn grpc_status(headers: &http::HeaderMap) -> Option<i32> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+impl Handled {
+    fn watch(
+        response: http::Response<tonic::body::Body>,
+        metrics: Arc<crate::metrics::Metrics>,
+        rpc: usize,
+        started: std::time::Instant,
+    ) -> http::Response<tonic::body::Body> {
+        if let Some(code) = grpc_status(response.headers()) {
+            metrics.rpc_handled(rpc, code, started.elapsed());
+            return response;
+        }
+        response.map(|inner| {
+            tonic::body::Body::new(Handled {
+                inner,
+                metrics,
+                rpc,
+                started,
+                done: false,
+            })
+        })
+    }
+
+    fn finish(&mut self, code: i32) {
+        if !self.done {
+            self.done = true;
+            self.metrics
+                .rpc_handled(self.rpc, code, self.started.elapsed());
+        }
+    }
+}
+
+impl Drop for Handled {
+    fn drop(&mut self) {
+        self.finish(tonic::Code::Cancelled as i32);
+    }
+}
+
+impl hyper::body::Body for Handled {
+    type Data = hyper::body::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(code) = frame.trailers_ref().and_then(grpc_status) {
+                    self.finish(code);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => self.finish(tonic::Code::Internal as i32),
+            Poll::Ready(None) => self.finish(tonic::Code::Unknown as i32),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }

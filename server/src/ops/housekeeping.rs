@@ -1,5 +1,6 @@
-//! Housekeeping every few seconds: prune the replay store, retire runner CAs whose last
-//! certificate expired, apply audit retention, drop old review proposals.
+//! Housekeeping every few seconds: prune the replay store, count sessions that expired
+//! unrenewed and unrevoked (`state::sessions`), retire runner CAs whose last certificate
+//! expired, apply audit retention, drop old review proposals.
 //!
 //! Owns: the periodic duties. Must not touch: the timer (the transport's start-up runs it).
 
@@ -14,6 +15,9 @@ pub async fn run_once(site: &SiteState) {
     watch_wall_clock(site).await;
     if let Err(e) = site.prune_jti() {
         tracing::warn!(error = %e, "replay-store pruning failed");
+    }
+    if let Err(e) = site.sweep_abandoned(crate::state::sessions::SWEEP_BATCH) {
+        tracing::warn!(error = %e, "counting abandoned sessions failed; the next pass retries");
     }
     if let Err(e) = retire_expired(site).await {
         tracing::warn!(error = %e, "retiring expired runner CAs failed");

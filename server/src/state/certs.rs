@@ -87,10 +87,13 @@ impl SiteState {
         Ok(Some(record))
     }
 
-    /// Records a newly issued certificate (made durable with its audit entry).
+    /// Records a newly issued certificate (made durable with its audit entry) and watches it
+    /// until its notAfter (`state::sessions`: a session that ends unrenewed and unrevoked is
+    /// counted as abandoned).
     pub fn record_issued(&self, record: &CertRecord) -> Result<(), StoreError> {
         self.store
-            .put(Tree::Certs, record.serial.as_bytes(), record)
+            .put(Tree::Certs, record.serial.as_bytes(), record)?;
+        self.watch_expiry(record)
     }
 
     /// Marks a certificate revoked by its holder; false if this site never issued it.

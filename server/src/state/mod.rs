@@ -17,6 +17,7 @@ pub mod records;
 pub mod recovery;
 pub mod revocations;
 pub mod runners;
+pub mod sessions;
 pub mod snapshot;
 pub mod usage;
 

@@ -1,0 +1,158 @@
+//! Sessions that end badly (issue 31): a session whose current certificate reaches its
+//! notAfter neither renewed (superseded) nor revoked — by its holder (`RevokeSelf`) or a
+//! revocation rule — was abandoned: the runner stopped renewing (cut off from its site, killed,
+//! out of time) and never said goodbye. Every abandoned session is counted once per site
+//! (`meshsign_sessions_abandoned_total{environment}`, alert `MeshsignSessionsAbandoned`) and
+//! shown in `admin status` for the last hour.
+//!
+//! Owns: the `due/` and `abandoned/` keys of the `meta` tree. Must not touch: the issuance
+//! records (read only here), the metrics' rendering.
+//!
+//! How it stays cheap and exact across replicas:
+//! - each issuance writes `due/<notAfter>/<serial>` (notAfter as 16 hex digits, so keys sort by
+//!   time); housekeeping reads them in notAfter order from the start and stops at the first one
+//!   still valid, in bounded steps — never a scan of all issuance records;
+//! - a due certificate that was abandoned is claimed by inserting `abandoned/<notAfter>/<serial>`
+//!   if absent (a conditional write in the store): of two replicas sweeping at once, exactly
+//!   one counts it. The `due/` key is removed after, so a crash between the two steps is
+//!   retried and finds the claim;
+//! - `abandoned/` keys older than [`KEEP_ABANDONED_SECONDS`] are pruned the same way.
+
+use std::collections::BTreeMap;
+
+use super::SiteState;
+use crate::model::CertRecord;
+use crate::store::{StoreError, Tree};
+
+/// Due certificates looked at per housekeeping pass (the rest wait for the next pass).
+pub const SWEEP_BATCH: usize = 512;
+
+/// How long the claim of an abandoned session is kept (what `admin status` can count from).
+pub const KEEP_ABANDONED_SECONDS: i64 = 7 * 86_400;
+
+const DUE: &str = "due/";
+const ABANDONED: &str = "abandoned/";
+
+fn timed_key(prefix: &str, at: i64, serial: &str) -> Vec<u8> {
+    format!("{prefix}{:016x}/{serial}", at.max(0)).into_bytes()
+}
+
+/// (time, serial) of a `prefix<time>/<serial>` key.
+fn parse_timed(prefix: &str, key: &[u8]) -> Option<(i64, String)> {
+    let rest = std::str::from_utf8(key).ok()?.strip_prefix(prefix)?;
+    let (at, serial) = rest.split_once('/')?;
+    Some((i64::from_str_radix(at, 16).ok()?, serial.to_string()))
+}
+
+/// What one sweep found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Sweep {
+    /// Due certificates looked at.
+    pub looked_at: usize,
+    /// Sessions this replica counted as abandoned (environment, serial).
+    pub abandoned: Vec<(String, String)>,
+}
+
+impl SiteState {
+    /// Watches the certificate `record` until its notAfter (called when it is issued).
+    pub(crate) fn watch_expiry(&self, record: &CertRecord) -> Result<(), StoreError> {
+        self.store.kv().put(
+            Tree::Meta,
+            &timed_key(DUE, record.not_after, &record.serial),
+            record.environment.as_bytes(),
+        )
+    }
+
+    /// Looks at certificates whose notAfter has passed (at most `batch`), counts the
+    /// abandoned sessions among them this replica is first to claim, and forgets the rest.
+    pub fn sweep_abandoned(&self, batch: usize) -> Result<Sweep, StoreError> {
+        let now = self.clock.unix();
+        let kv = self.store.kv();
+        let mut sweep = Sweep::default();
+        let rules = self.revocations();
+        for (key, _) in kv.scan_range(Tree::Meta, DUE.as_bytes(), batch)? {
+            let Some((not_after, serial)) = parse_timed(DUE, &key) else {
+                break; // past the `due/` keys
+            };
+            if not_after > now {
+                break;
+            }
+            sweep.looked_at += 1;
+            let record = self
+                .store
+                .get::<CertRecord>(Tree::Certs, serial.as_bytes())?;
+            let abandoned = record.filter(|r| {
+                r.revoked.is_none() && !r.superseded && !rules.iter().any(|rule| rule.matches(r))
+            });
+            if let Some(r) = abandoned {
+                let claim = timed_key(ABANDONED, not_after, &serial);
+                if kv.insert_new(Tree::Meta, &claim, r.environment.as_bytes())? {
+                    self.metrics.session_abandoned(&r.environment);
+                    tracing::warn!(
+                        environment = %r.environment,
+                        job_id = %crate::model::bounded(&r.claims.job_id, 128),
+                        serial = %r.serial,
+                        session = %r.session_id(),
+                        fingerprint = %r.fingerprint,
+                        "session abandoned: its certificate expired neither renewed nor revoked by its holder"
+                    );
+                    sweep
+                        .abandoned
+                        .push((r.environment.clone(), r.serial.clone()));
+                }
+            }
+            kv.remove(Tree::Meta, &key)?;
+        }
+        self.prune_abandoned(now - KEEP_ABANDONED_SECONDS, batch)?;
+        Ok(sweep)
+    }
+
+    /// Removes claims older than `before` (at most `batch`).
+    fn prune_abandoned(&self, before: i64, batch: usize) -> Result<(), StoreError> {
+        let kv = self.store.kv();
+        for (key, _) in kv.scan_range(Tree::Meta, ABANDONED.as_bytes(), batch)? {
+            match parse_timed(ABANDONED, &key) {
+                Some((at, _)) if at < before => kv.remove(Tree::Meta, &key)?,
+                _ => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// Sessions abandoned per environment whose certificate expired at `since` or later (from
+    /// the store: every replica's), counting at most `limit`.
+    pub fn abandoned_since(
+        &self,
+        since: i64,
+        limit: usize,
+    ) -> Result<BTreeMap<String, u32>, StoreError> {
+        let mut out = BTreeMap::new();
+        let from = timed_key(ABANDONED, since, "");
+        for (key, env) in self.store.kv().scan_range(Tree::Meta, &from, limit)? {
+            if parse_timed(ABANDONED, &key).is_none() {
+                break;
+            }
+            *out.entry(String::from_utf8_lossy(&env).into_owned())
+                .or_insert(0u32) += 1;
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_sort_by_time_and_parse_back() {
+        let a = timed_key(DUE, 1_700_000_000, "ab01");
+        let b = timed_key(DUE, 1_800_000_000, "00");
+        assert!(a < b);
+        assert_eq!(
+            parse_timed(DUE, &a),
+            Some((1_700_000_000, "ab01".to_string()))
+        );
+        assert_eq!(parse_timed(DUE, b"dux/1/2"), None);
+        assert_eq!(parse_timed(ABANDONED, &a), None);
+    }
+}
