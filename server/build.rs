@@ -2,8 +2,13 @@
 //! when set (a release build outside a checkout), else `git rev-parse`, else `unknown`.
 fn main() {
     println!("cargo:rerun-if-env-changed=MESHSIGN_COMMIT");
-    println!("cargo:rerun-if-changed=../.git/HEAD");
-    println!("cargo:rerun-if-changed=../.git/refs/heads");
+    // Only paths that exist: cargo reruns a script whose watched path is missing on every build
+    // (a container build's context has no .git).
+    for watched in ["../.git/HEAD", "../.git/refs/heads", "../.git/packed-refs"] {
+        if std::path::Path::new(watched).exists() {
+            println!("cargo:rerun-if-changed={watched}");
+        }
+    }
     let commit = std::env::var("MESHSIGN_COMMIT").ok().or_else(|| {
         std::process::Command::new("git")
             .args(["rev-parse", "--short=12", "HEAD"])
