@@ -248,6 +248,27 @@ fn agent_start_serves_separate_steps_until_agent_stop() {
     assert!(err.contains("meshsign agent start"), "{err}");
     assert!(!err.contains("transport error"), "{err}");
     assert_eq!(err.matches("os error").count(), 0, "{err}");
+    // A killed agent leaves its socket file behind with nobody listening: the same answer
+    // (found by the connection's error kind, refused, not by its text).
+    let left = tmp.path().join("killed-agent.sock");
+    drop(std::os::unix::net::UnixListener::bind(&left).unwrap());
+    assert!(left.exists());
+    let o = Command::new(&me)
+        .arg("--config")
+        .arg(&cfg)
+        .args(["sign", "--environment", "staging", "--key", "release", "x"])
+        .envs(vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("MESHSIGN_AGENT_SOCK", &left)
+        .current_dir(tmp.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(4), "{err}");
+    assert!(
+        err.contains("the job agent is gone (nobody listens on its socket)"),
+        "{err}"
+    );
+    assert_eq!(err.matches("os error").count(), 0, "{err}");
     let later = audit_rpcs(tmp.path(), &cfg);
     for rpc in ["Enroll", "Sign"] {
         assert_eq!(

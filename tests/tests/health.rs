@@ -43,7 +43,8 @@ async fn health_is_served_on_every_port_and_follows_the_audit_log() {
     let f = fail.clone();
     let wrap =
         move |kv| -> Arc<dyn meshsign_server::store::Kv> { Arc::new(FaultyKv::new(kv, f.clone())) };
-    let site = TestSite::start_with("", Some(&wrap)).await;
+    let site = TestSite::start_with("\n[metrics]\nlisten = \"127.0.0.1:0\"\n", Some(&wrap)).await;
+    let metrics = site.handle.metrics_addr.expect("metrics listener");
     wait_for(&site, ServingStatus::Serving).await;
     // Every port answers, for the overall status and for its services.
     let (key, resp, mut signer) = site.enrolled("production").await;
@@ -72,9 +73,15 @@ async fn health_is_served_on_every_port_and_follows_the_audit_log() {
     assert!(signer.sign(sign_req("release", 1)).await.is_err());
     let took = wait_for(&site, ServingStatus::NotServing).await;
     assert!(took < Duration::from_secs(2), "{took:?}");
+    // The metrics listener says the same to an HTTP probe: live, not ready.
+    let (status, body) = http_get(metrics, "/readyz").await;
+    assert_eq!(status, "HTTP/1.1 503 Service Unavailable", "{body}");
+    assert!(body.contains("the audit log takes no writes"), "{body}");
+    assert_eq!(http_get(metrics, "/healthz").await.0, "HTTP/1.1 200 OK");
     // Writes work again: the site repairs itself and serves.
     fail.store(false, Ordering::SeqCst);
     wait_for(&site, ServingStatus::Serving).await;
+    assert_eq!(http_get(metrics, "/readyz").await.0, "HTTP/1.1 200 OK");
     signer.sign(sign_req("release", 2)).await.unwrap();
 }
 

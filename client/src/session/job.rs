@@ -208,14 +208,24 @@ pub async fn connect_agent(path: &Path) -> Result<SignerClient<Channel>, ClientE
         }))
         .await
         .map_err(|e| {
-            let chain = crate::net::source_chain(&e);
-            if chain.contains("os error 111") || chain.contains("os error 2)") {
-                gone("nobody listens on its socket")
-            } else {
-                ClientError::Connect {
-                    endpoint: path.display().to_string(),
-                    message: chain,
+            // The connector's own io::Error, found in the chain by its kind (not by its text).
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            let mut kind = None;
+            while let Some(err) = source {
+                if let Some(io) = err.downcast_ref::<std::io::Error>() {
+                    kind = Some(io.kind());
+                    break;
                 }
+                source = err.source();
+            }
+            match kind {
+                Some(std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound) => {
+                    gone("nobody listens on its socket")
+                }
+                _ => ClientError::Connect {
+                    endpoint: path.display().to_string(),
+                    message: crate::net::source_chain(&e),
+                },
             }
         })?;
     Ok(SignerClient::new(channel))
