@@ -63,6 +63,16 @@ impl Daemon {
         )
     }
 
+    /// Stops this (sled, dev) site and keeps its folder, for work on its data while it is down
+    /// (`--scenario scale` loads it) and a measured start after.
+    pub fn stop(mut self) -> Stopped {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        Stopped {
+            dir: self.dir.clone(),
+        }
+    }
+
     /// Stops this (sled, dev) site, sets `[store] cache_mib` in its config, and starts it
     /// again on the same folder.
     pub fn with_store_cache(
@@ -233,7 +243,7 @@ impl Daemon {
                 let _ = child.kill();
                 return Err("meshsignd did not start within 60 s".into());
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -254,9 +264,56 @@ impl Daemon {
     }
 }
 
+/// A stopped (sled, dev) site's folder.
+pub struct Stopped {
+    dir: std::sync::Arc<tempfile::TempDir>,
+}
+
+impl Stopped {
+    /// The site folder (`site.toml`, `data/`, the dev PKI).
+    pub fn site_dir(&self) -> PathBuf {
+        self.dir.path().join("site")
+    }
+
+    /// Edits its site.toml and starts it; returns the site and the time from spawning
+    /// `meshsignd` to its serving on all ports (`client.toml` is written once they are bound).
+    pub fn start(
+        self,
+        binary: &Path,
+        log_level: &str,
+        name: &str,
+        edit: impl FnOnce(String) -> String,
+    ) -> Result<(Daemon, Duration), String> {
+        let site = self.site_dir();
+        let toml = site.join("site.toml");
+        let text = std::fs::read_to_string(&toml).map_err(|e| e.to_string())?;
+        std::fs::write(&toml, edit(text)).map_err(|e| e.to_string())?;
+        let _ = std::fs::remove_file(site.join("client.toml"));
+        let t = Instant::now();
+        let d = Daemon::start_in(binary, true, log_level, None, self.dir, name)?;
+        Ok((d, t.elapsed()))
+    }
+}
+
 /// This process's CPU time so far (the load generator's cost).
 pub fn own_cpu_seconds() -> Option<f64> {
     cpu_seconds_of("/proc/self/stat")
+}
+
+/// CPU seconds of process `pid` and all its descendants (live ones: `/proc/<pid>/task/*/children`).
+pub fn tree_cpu_seconds(pid: u32) -> Option<f64> {
+    let mut total = cpu_seconds_of(&format!("/proc/{pid}/stat"))?;
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    for task in tasks.flatten() {
+        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        for child in children
+            .split_whitespace()
+            .filter_map(|c| c.parse::<u32>().ok())
+        {
+            total += tree_cpu_seconds(child).unwrap_or(0.0);
+        }
+    }
+    Some(total)
 }
 
 /// utime + stime from a `/proc/<pid>/stat` file, in seconds.

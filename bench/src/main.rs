@@ -12,6 +12,7 @@
 //! ./target/release/meshsign-bench --scenario batch --key-backend pkcs11 --runs 3
 //! ./target/release/meshsign-bench --scenario receipt --concurrency 64 --runs 3
 //! ./target/release/meshsign-bench --scenario soak --concurrency 8 --duration 300
+//! ./target/release/meshsign-bench --scenario scale --entries 1000000 --certs 100000 --runs 3
 //! ```
 
 use std::path::PathBuf;
@@ -22,6 +23,7 @@ use clap::{Parser, ValueEnum};
 mod daemon;
 mod load;
 mod openbao;
+mod scale;
 
 use daemon::Daemon;
 use load::{SignLoad, Tokens, Window};
@@ -75,6 +77,12 @@ struct Cli {
     /// loopback), with one replica and with two, next to the sled site in the same run.
     #[arg(long, value_enum, default_value_t = Store::Sled)]
     store: Store,
+    /// `--scenario scale`: audit entries in the loaded site.
+    #[arg(long, default_value_t = 100_000)]
+    entries: u64,
+    /// `--scenario scale`: certificate records in the loaded site.
+    #[arg(long, default_value_t = 10_000)]
+    certs: u64,
     /// `--scenario soak`: seconds per window (an RSS sample after each).
     #[arg(long, default_value_t = 30)]
     sample: u64,
@@ -143,6 +151,11 @@ enum Scenario {
     /// and one client writing bundles one call per file against 100 files per SignBatch
     /// (`batched_to_single`), on the same site.
     Receipt,
+    /// A site after a year (issue 30): `--entries` audit entries and `--certs` certificates
+    /// loaded through the site's own store and audit code, measured against a 10⁴-entry site
+    /// and a fresh one in the same run (start-up, RSS, Sign, proofs, export, verify, snapshot,
+    /// restore, scrape, disk).
+    Scale,
     /// A soak: `--concurrency` clients (three in four sign, the rest enroll) for `--duration` seconds in windows of `--sample` seconds; the site's RSS after
     /// each window, and the growth per window over the second half (does it level?).
     Soak,
@@ -202,7 +215,7 @@ async fn service(
     let what = match cli.scenario {
         Scenario::Sign | Scenario::Receipt => Some(SignLoad::Sign),
         Scenario::Batch => Some(SignLoad::Batch(cli.batch)),
-        Scenario::Enroll | Scenario::Soak => None,
+        Scenario::Enroll | Scenario::Soak | Scenario::Scale => None,
     };
     let dur = Duration::from_secs(cli.duration);
     // The runners are spread evenly over the replicas.
@@ -412,6 +425,20 @@ async fn run(cli: &Cli) -> Result<(), String> {
     if matches!(cli.scenario, Scenario::Soak) {
         return soak(cli, &binary).await;
     }
+    if matches!(cli.scenario, Scenario::Scale) {
+        let json = scale::run(&scale::ScaleArgs {
+            entries: cli.entries,
+            certs: cli.certs,
+            duration: cli.duration,
+            runs: cli.runs,
+            concurrency: cli.concurrency,
+            binary,
+            log_level: cli.site_log.clone(),
+        })
+        .await?;
+        println!("{json}");
+        return Ok(());
+    }
     let durabilities: Vec<bool> = if cli.compare_durability {
         vec![true, false]
     } else {
@@ -504,6 +531,7 @@ async fn run(cli: &Cli) -> Result<(), String> {
     let mut inproc = Vec::new();
     let mut bao_ops = Vec::new();
     let mut bao_p99 = Vec::new();
+    let mut bao_cpu = Vec::new();
     for run in 0..cli.runs {
         inproc.push(if cli.no_in_process {
             0.0
@@ -517,16 +545,23 @@ async fn run(cli: &Cli) -> Result<(), String> {
         }
         if let Some(b) = &bao {
             let batch = matches!(cli.scenario, Scenario::Batch).then_some(cli.batch);
+            // OpenBao's own CPU over the same window (issue 30): CPU per signature side by
+            // side with the site's, in one run.
+            let (cpu0, t0) = (b.cpu_seconds(), Instant::now());
             let (ops, lat) =
                 openbao::load(b, cli.concurrency, Duration::from_secs(cli.duration), batch).await;
+            let signed = (ops * t0.elapsed().as_secs_f64()).round() as u64;
+            let cpu = per_1000(cpu0, b.cpu_seconds(), signed);
             eprintln!(
-                "run {run}: openbao transit {:?} c={} {ops:.0} ops/s p99 {:.2} ms",
+                "run {run}: openbao transit {:?} c={} {ops:.0} ops/s p99 {:.2} ms server {:.3} CPU s per 1000 ops",
                 cli.scenario,
                 cli.concurrency,
-                pct(&lat, 0.99)
+                pct(&lat, 0.99),
+                cpu.unwrap_or(f64::NAN)
             );
             bao_ops.push(ops);
             bao_p99.push(pct(&lat, 0.99));
+            bao_cpu.push(cpu);
         }
         // Alternate the order so neither setting always runs on a warmer machine.
         let order: Vec<usize> = if run % 2 == 0 {
@@ -564,6 +599,7 @@ async fn run(cli: &Cli) -> Result<(), String> {
     let in_process_ops = median(inproc);
     let openbao_ops = (!bao_ops.is_empty()).then(|| median(bao_ops.clone()));
     let openbao_p99 = (!bao_p99.is_empty()).then(|| median(bao_p99.clone()));
+    let openbao_cpu = opt_median(bao_cpu.iter().copied());
     let summarize = |mode: &Mode| {
         let rs = &mode.rows;
         let ops = median(rs.iter().map(|m| m.ops_per_sec).collect());
@@ -609,6 +645,12 @@ async fn run(cli: &Cli) -> Result<(), String> {
             j["openbao_ops_per_sec"] = b.round().into();
             j["openbao_p99_ms"] = openbao_p99.unwrap_or(0.0).into();
             j["ratio_to_openbao"] = (ops / b.max(1.0)).into();
+            j["openbao_server_cpu_s_per_1000_ops"] = openbao_cpu.into();
+            // CPU per signature, the site's over OpenBao's, measured in the same run.
+            j["server_cpu_ratio_to_openbao"] = opt_median(rs.iter().map(|m| m.server_cpu))
+                .zip(openbao_cpu)
+                .map(|(m, b)| m / b.max(1e-9))
+                .into();
         }
         j
     };

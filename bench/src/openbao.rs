@@ -144,6 +144,14 @@ pub async fn start() -> Result<Bao, String> {
     Ok(bao)
 }
 
+impl Bao {
+    /// OpenBao's CPU time so far (user + system, seconds), over its process and every
+    /// descendant (`bao` from PyPI may be a launcher around the server process).
+    pub fn cpu_seconds(&self) -> Option<f64> {
+        crate::daemon::tree_cpu_seconds(self.child.id())
+    }
+}
+
 /// ops/s (signatures/s) and sorted latencies of transit sign at `concurrency` for `duration`.
 pub async fn load(
     bao: &Bao,

@@ -557,17 +557,33 @@ pub fn openssl(args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
-/// A storage engine that fails every write while `fail` is set (a disk gone read-only).
+/// A storage engine that fails every write while `fail` is set (a disk gone read-only), and
+/// counts the reads of the whole issuance history (`scan_prefix` of the `Certs` tree).
 pub struct FaultyKv {
     inner: SledKv,
     /// Set to make writes and flushes fail.
     pub fail: Arc<std::sync::atomic::AtomicBool>,
+    /// Scans of the `Certs` tree so far.
+    pub cert_scans: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl FaultyKv {
     /// Wraps sled.
     pub fn new(inner: SledKv, fail: Arc<std::sync::atomic::AtomicBool>) -> Self {
-        Self { inner, fail }
+        Self::counting(inner, fail, Arc::default())
+    }
+
+    /// Wraps sled, counting scans of the `Certs` tree into `cert_scans`.
+    pub fn counting(
+        inner: SledKv,
+        fail: Arc<std::sync::atomic::AtomicBool>,
+        cert_scans: Arc<std::sync::atomic::AtomicUsize>,
+    ) -> Self {
+        Self {
+            inner,
+            fail,
+            cert_scans,
+        }
     }
 
     fn check(&self) -> Result<(), meshsign_server::store::StoreError> {
@@ -629,6 +645,10 @@ impl Kv for FaultyKv {
         t: meshsign_server::store::Tree,
         p: &[u8],
     ) -> Result<Vec<meshsign_server::store::Entry>, meshsign_server::store::StoreError> {
+        if t == meshsign_server::store::Tree::Certs {
+            self.cert_scans
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
         self.inner.scan_prefix(t, p)
     }
     fn scan_range(

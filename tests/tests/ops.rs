@@ -1092,3 +1092,89 @@ async fn a_github_job_is_its_check_run_and_a_pipeline_its_run() {
         rec.detail
     );
 }
+
+/// Issue 30: a scrape, a revocation and the abandoned-session sweep read the expiry index (the
+/// live certificates), never the whole issuance history; a store written before the index has
+/// it built once, at its first start, and counts right after.
+#[tokio::test]
+async fn live_certificates_come_from_the_expiry_index_not_the_history() {
+    let scans = Arc::new(AtomicUsize::new(0));
+    let counted = scans.clone();
+    let wrap = move |kv| -> Arc<dyn meshsign_server::store::Kv> {
+        Arc::new(meshsign_tests::FaultyKv::counting(
+            kv,
+            Arc::new(AtomicBool::new(false)),
+            counted.clone(),
+        ))
+    };
+    let site = TestSite::start_with("\n[metrics]\nlisten = \"127.0.0.1:0\"\n", Some(&wrap)).await;
+    let at_start = scans.load(Ordering::SeqCst);
+    assert!(at_start <= 1, "a new store indexes once: {at_start}");
+    let mut serials = Vec::new();
+    for _ in 0..3 {
+        let (_k, resp, _s) = site.enrolled("production").await;
+        serials.push(resp.serial);
+    }
+    let live = |site: &TestSite| {
+        site.state()
+            .live_certificates()
+            .unwrap()
+            .into_iter()
+            .map(|c| c.serial)
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    assert_eq!(live(&site), serials.iter().cloned().collect());
+    // A scrape (meshsign_certificates_live), a revocation (its matches), a sweep.
+    let addr = site.handle.metrics_addr.unwrap();
+    let body = {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut s = String::new();
+        tcp.read_to_string(&mut s).await.unwrap();
+        s
+    };
+    assert!(
+        body.contains("meshsign_certificates_live{environment=\"production\"} 3"),
+        "{body}"
+    );
+    site.admin()
+        .await
+        .revoke(v1::RevokeRequest {
+            target: Some(Target::Serial(serials[0].clone())),
+            reason: "test".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    site.state().sweep_abandoned(512).unwrap();
+    assert_eq!(
+        scans.load(Ordering::SeqCst),
+        at_start,
+        "no read of every issuance record after the start"
+    );
+
+    // A store from before the index: its due/ keys and marker removed while the site is down.
+    let site = site
+        .restart_with(|data| {
+            use meshsign_server::store::{Kv as _, Tree};
+            let kv = meshsign_server::store::SledKv::open(data).unwrap();
+            let due = kv.scan_prefix(Tree::Meta, b"due/").unwrap();
+            assert_eq!(due.len(), 3);
+            for (k, _) in due {
+                kv.remove(Tree::Meta, &k).unwrap();
+            }
+            kv.remove(Tree::Meta, b"index/due-v1").unwrap();
+            kv.flush().unwrap();
+        })
+        .await;
+    // Rebuilt at the start: all three again (a revocation rule is applied by its readers).
+    assert_eq!(live(&site), serials.iter().cloned().collect());
+    // And the sweep works from it: at expiry the two unrevoked sessions are abandoned.
+    site.clock
+        .advance(Duration::from_secs(meshsign_tests::TTL_CAP + 60));
+    let sweep = site.state().sweep_abandoned(512).unwrap();
+    assert_eq!((sweep.looked_at, sweep.abandoned.len()), (3, 2));
+}

@@ -143,7 +143,8 @@ fn label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// How long a count of live certificates is reused: counting reads every issuance record.
+/// How long a count of live certificates is reused: counting reads each live certificate's
+/// record (from the expiry index: the live population, not every certificate ever issued).
 const LIVE_CACHE: Duration = Duration::from_secs(30);
 
 /// Certificates per environment that are neither expired nor revoked (by their holder, a
@@ -159,7 +160,7 @@ fn live_certificates(state: &SiteState, now: i64) -> Vec<(String, u64)> {
     {
         return v.clone();
     }
-    let Ok(all) = state.issued_certificates() else {
+    let Ok(all) = state.live_certificates() else {
         return cache.as_ref().map(|(_, v)| v.clone()).unwrap_or_default();
     };
     let rules = state.revocations();

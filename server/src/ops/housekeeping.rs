@@ -16,8 +16,17 @@ pub async fn run_once(site: &SiteState) {
     if let Err(e) = site.prune_jti() {
         tracing::warn!(error = %e, "replay-store pruning failed");
     }
-    if let Err(e) = site.sweep_abandoned(crate::state::sessions::SWEEP_BATCH) {
-        tracing::warn!(error = %e, "counting abandoned sessions failed; the next pass retries");
+    // Expired certificates in bounded steps, yielding between them: up to
+    // SWEEP_BATCHES × SWEEP_BATCH per pass keeps up with any fleet's issuance rate.
+    for _ in 0..crate::state::sessions::SWEEP_BATCHES {
+        match site.sweep_abandoned(crate::state::sessions::SWEEP_BATCH) {
+            Ok(s) if s.looked_at < crate::state::sessions::SWEEP_BATCH => break,
+            Ok(_) => tokio::task::yield_now().await,
+            Err(e) => {
+                tracing::warn!(error = %e, "counting abandoned sessions failed; the next pass retries");
+                break;
+            }
+        }
     }
     if let Err(e) = retire_expired(site).await {
         tracing::warn!(error = %e, "retiring expired runner CAs failed");

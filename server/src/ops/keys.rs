@@ -2,8 +2,6 @@
 //!
 //! Owns: key lifecycle changes. Must not touch: signing requests (`sign`), wrapping (`custody`).
 
-use std::collections::BTreeMap;
-
 use x509_parser::prelude::*;
 
 use super::{OpsError, environment_exists};
@@ -310,15 +308,6 @@ pub fn list_keys(site: &SiteState, env: &str) -> Result<Vec<KeySpec>, OpsError> 
         .environment(env)
         .map(|p| p.signing_keys.clone())
         .unwrap_or_default())
-}
-
-/// Per-issuer counts for listings: issuer id → certificates issued.
-pub fn issued_counts(site: &SiteState) -> Result<BTreeMap<String, usize>, OpsError> {
-    let mut m = BTreeMap::new();
-    for c in site.issued_certificates()? {
-        *m.entry(c.issuer_id).or_insert(0) += 1;
-    }
-    Ok(m)
 }
 
 // === signing identities (certificates on site-held keys) ===

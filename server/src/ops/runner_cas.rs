@@ -40,10 +40,11 @@ pub fn stage(site: &SiteState, env: &str) -> Result<(RunnerCaRecord, String), Op
     Ok((ca.record, detail))
 }
 
-/// The latest `not_after` of the certificates an issuer minted (now if none).
+/// The latest `not_after` of the unexpired certificates an issuer minted (now if none: expired
+/// ones need no trust), from the expiry index.
 fn last_expiry(site: &SiteState, issuer_id: &str) -> Result<i64, OpsError> {
     Ok(site
-        .issued_certificates()?
+        .unexpired_certificates()?
         .iter()
         .filter(|c| c.issuer_id == issuer_id)
         .map(|c| c.not_after)

@@ -172,7 +172,8 @@ impl SiteState {
         Ok(Some((record, holds)))
     }
 
-    /// Every issuance record.
+    /// Every issuance record: a read of the site's whole history (snapshots, tests); requests
+    /// and scrapes read the expiry index instead (`state::sessions`).
     pub fn issued_certificates(&self) -> Result<Vec<CertRecord>, StoreError> {
         self.store.scan(Tree::Certs, b"")
     }

@@ -424,7 +424,7 @@ impl SiteState {
                 }),
             )?;
             let limits = config.limits;
-            Ok(Self {
+            let site = Self {
                 config: RwLock::new(Arc::new(config)),
                 file_config: RwLock::new(file_snapshot),
                 seen_generation: std::sync::Mutex::new(seen_generation),
@@ -461,7 +461,16 @@ impl SiteState {
                 cert_cache: std::sync::Mutex::default(),
                 marker: std::sync::Mutex::new(marker),
                 data_dir,
-            })
+            };
+            // Once per store: the expiry index of certificates issued before it existed.
+            let indexed = site.ensure_due_index()?;
+            if indexed > 0 {
+                tracing::info!(
+                    certificates = indexed,
+                    "expiry index built for the live certificates of an older store"
+                );
+            }
+            Ok(site)
         })();
         startup.kv().end_startup();
         opened

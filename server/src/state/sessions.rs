@@ -17,6 +17,13 @@
 //!   one counts it. The `due/` key is removed after, so a crash between the two steps is
 //!   retried and finds the claim;
 //! - `abandoned/` keys older than [`KEEP_ABANDONED_SECONDS`] are pruned the same way.
+//!
+//! The same `due/` keys name every live certificate (issue 30): the ones whose notAfter is still
+//! ahead. What needs live certificates — `meshsign_certificates_live`, the matches a new
+//! revocation reports, when a retiring runner CA's last certificate ends — reads those
+//! ([`SiteState::live_certificates`]): a cost in the live population, never in the history of
+//! every certificate the site issued. A store written before the index existed gets it once, at
+//! the first start ([`SiteState::ensure_due_index`]).
 
 use std::collections::BTreeMap;
 
@@ -24,13 +31,21 @@ use super::SiteState;
 use crate::model::CertRecord;
 use crate::store::{StoreError, Tree};
 
-/// Due certificates looked at per housekeeping pass (the rest wait for the next pass).
+/// Due certificates looked at per step of a housekeeping pass.
 pub const SWEEP_BATCH: usize = 512;
+
+/// Steps per housekeeping pass (every 10 s): up to 4,096 expired certificates a pass, about
+/// 400 a second; the rest wait for the next pass.
+pub const SWEEP_BATCHES: usize = 8;
 
 /// How long the claim of an abandoned session is kept (what `admin status` can count from).
 pub const KEEP_ABANDONED_SECONDS: i64 = 7 * 86_400;
 
 const DUE: &str = "due/";
+/// `meta` key set once every issuance record has its `due/` key (a store from before the index).
+const DUE_INDEX_BUILT: &[u8] = b"index/due-v1";
+/// Most live certificates read at once (far above any fleet's; a guard, not a limit in use).
+const MAX_LIVE: usize = 4_000_000;
 const ABANDONED: &str = "abandoned/";
 
 fn timed_key(prefix: &str, at: i64, serial: &str) -> Vec<u8> {
@@ -105,6 +120,57 @@ impl SiteState {
         }
         self.prune_abandoned(now - KEEP_ABANDONED_SECONDS, batch)?;
         Ok(sweep)
+    }
+
+    /// Every certificate whose notAfter is ahead and that neither a renewal superseded nor its
+    /// holder revoked (revocation rules are the caller's to apply), from the `due/` index.
+    pub fn live_certificates(&self) -> Result<Vec<CertRecord>, StoreError> {
+        let mut all = self.unexpired_certificates()?;
+        all.retain(|r| r.revoked.is_none() && !r.superseded);
+        Ok(all)
+    }
+
+    /// Every certificate whose notAfter is ahead, superseded and revoked ones included (they
+    /// still pass a TLS handshake until then), from the `due/` index.
+    pub fn unexpired_certificates(&self) -> Result<Vec<CertRecord>, StoreError> {
+        let now = self.clock.unix();
+        let from = timed_key(DUE, now.saturating_add(1), "");
+        let mut out = Vec::new();
+        for (key, _) in self.store.kv().scan_range(Tree::Meta, &from, MAX_LIVE)? {
+            let Some((_, serial)) = parse_timed(DUE, &key) else {
+                break;
+            };
+            if let Some(r) = self
+                .store
+                .get::<CertRecord>(Tree::Certs, serial.as_bytes())?
+            {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes the `due/` key of every certificate still valid, once, for a store written before
+    /// the index existed (the one full read of the issuance records, at the first start of
+    /// this version; later starts read one key). Idempotent: replicas may both do it.
+    pub fn ensure_due_index(&self) -> Result<usize, StoreError> {
+        let kv = self.store.kv();
+        if kv.get(Tree::Meta, DUE_INDEX_BUILT)?.is_some() {
+            return Ok(0);
+        }
+        let now = self.clock.unix();
+        let mut n = 0;
+        for (_, raw) in kv.scan_prefix(Tree::Certs, b"")? {
+            let Ok(r) = serde_json::from_slice::<CertRecord>(&raw) else {
+                continue; // a record this version cannot read is reported where it is read
+            };
+            if r.not_after > now {
+                self.watch_expiry(&r)?;
+                n += 1;
+            }
+        }
+        kv.put(Tree::Meta, DUE_INDEX_BUILT, b"1")?;
+        Ok(n)
     }
 
     /// Removes claims older than `before` (at most `batch`).

@@ -1,0 +1,553 @@
+//! `--scenario scale` (issue 30): what a site costs after a year, measured on sites whose state
+//! is built quickly through the site's own code — the store and the audit writer, in-process,
+//! while the site is stopped — rather than through the network:
+//!
+//! - a **small** site (10⁴ entries), the base of `rss_ratio_to_small`;
+//! - the **big** site (`--entries`, `--certs`);
+//! - a **fresh** site, the base of `sign_ratio_to_fresh` (its Sign windows alternate with the big
+//!   site's, `--runs` each, medians).
+//!
+//! On the small and the big site: time from starting `meshsignd` to serving, RSS at rest and
+//! under Sign load, the metrics scrape, `GetInclusionProof` p50/p99 over entries spread through
+//! the log, `admin audit export` and `meshsign audit verify` rates, snapshot and restore time,
+//! disk bytes per entry. The last line printed is one JSON object.
+//!
+//! The loaded history is a year's shape: per enrollment one `Enroll` entry and one certificate
+//! record (all but the last few hundred expired and ended by their job, as `RevokeSelf` leaves
+//! them), the rest `Sign` entries each naming its transparency leaf, as a real Sign does.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meshsign_evidence::audit::{AuditRecord, TlogLeaves};
+use meshsign_evidence::identity::JobClaims;
+use meshsign_server::model::CertRecord;
+use meshsign_server::state::SiteState;
+
+use crate::daemon::Daemon;
+use crate::load::{self, SignLoad, Tokens};
+
+/// What `--scenario scale` needs from the command line.
+pub struct ScaleArgs {
+    /// Audit entries in the big site.
+    pub entries: u64,
+    /// Certificate records in the big site.
+    pub certs: u64,
+    /// Seconds per Sign window.
+    pub duration: u64,
+    /// Sign windows per site (medians).
+    pub runs: usize,
+    /// Concurrent Sign connections.
+    pub concurrency: usize,
+    /// The site binary.
+    pub binary: PathBuf,
+    /// The site's log level.
+    pub log_level: String,
+}
+
+/// Entries of the small site.
+const SMALL_ENTRIES: u64 = 10_000;
+/// Certificates still valid at the end of the load (the rest expired and were ended).
+const LIVE_CERTS: u64 = 500;
+/// Audit entries in flight at once while loading (the writer commits them in groups).
+const LOAD_IN_FLIGHT: usize = 1024;
+/// Inclusion proofs asked of each site.
+const PROOFS: usize = 2000;
+
+/// Figures of one loaded site.
+#[derive(Debug, Default)]
+struct SiteFigures {
+    entries: u64,
+    load_s: f64,
+    startup_s: f64,
+    rss_rest_mib: f64,
+    rss_load_mib: f64,
+    scrape_ms: f64,
+    proof_p50_ms: f64,
+    proof_p99_ms: f64,
+    export_per_s: f64,
+    verify_per_s: f64,
+    snapshot_s: f64,
+    restore_s: f64,
+    disk_bytes_per_entry: f64,
+    sign_ops: Vec<f64>,
+    sign_cpu: Vec<f64>,
+}
+
+fn hex32(seed: u64, tag: &str) -> String {
+    hex::encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        format!("{tag}-{seed}").as_bytes(),
+    ))
+}
+
+fn claims(i: u64) -> JobClaims {
+    JobClaims {
+        iss: "https://token.actions.githubusercontent.com".into(),
+        sub: "repo:acme/app:environment:production".into(),
+        jti: hex32(i, "jti")[..32].to_string(),
+        job_id: format!("{}", 30_000_000_000u64 + i),
+        repository: "acme/app".into(),
+        git_ref: "refs/heads/main".into(),
+        trust_policy: "github-release".into(),
+        provider: "github".into(),
+        pipeline: format!("{}", 13_000_000_000u64 + i / 4),
+        run_attempt: "1".into(),
+        workflow: "acme/app/.github/workflows/release.yml@refs/heads/main".into(),
+        commit: hex32(i, "sha")[..40].to_string(),
+        runner_proof: "file".into(),
+    }
+}
+
+/// A decision record as the site writes it (seq, time and hashes are the writer's).
+fn entry(i: u64, enroll: bool, job: &JobClaims, serial: &str, fingerprint: &str) -> AuditRecord {
+    let mut r = AuditRecord {
+        rpc: if enroll { "Enroll" } else { "Sign" }.into(),
+        decision: "allow".into(),
+        reason: "ok".into(),
+        environment: load::ENVIRONMENT.into(),
+        job_id: job.job_id.clone(),
+        jti: job.jti.clone(),
+        token_issuer: job.iss.clone(),
+        subject: job.sub.clone(),
+        runner_fingerprint: fingerprint.into(),
+        cert_serial: serial.into(),
+        repository: job.repository.clone(),
+        git_ref: job.git_ref.clone(),
+        provider: job.provider.clone(),
+        pipeline_id: job.pipeline.clone(),
+        peer: format!(
+            "10.20.{}.{}:{}",
+            (i >> 8) & 255,
+            i & 255,
+            40_000 + i % 20_000
+        ),
+        ..Default::default()
+    };
+    if !enroll {
+        r.ttl_remaining_sec = Some(600);
+        r.key_id = "release@v1".into();
+        r.digest = hex32(i, "artifact");
+        r.items = 1;
+        r.artifact = format!("app-1.{}.{}.ipa", i / 1000, i % 1000);
+        let leaf = meshsign_evidence::merkle::leaf_hash(r.digest.as_bytes());
+        r.tlog = Some(TlogLeaves::new(0, &[leaf]));
+    }
+    r
+}
+
+/// Writes `entries` audit entries and `certs` certificate records into the stopped site at
+/// `site_dir` through its own store and audit code.
+async fn load_site(site_dir: &Path, entries: u64, certs: u64) -> Result<f64, String> {
+    let cfg = meshsign_server::config::SiteConfig::load(&site_dir.join("site.toml"))
+        .map_err(|e| e.to_string())?;
+    let state = tokio::task::block_in_place(|| {
+        SiteState::open(cfg, Arc::new(meshsign_server::clock::SystemClock))
+    })
+    .map_err(|e| e.to_string())?;
+    let state = Arc::new(state);
+    let started = Instant::now();
+    let now = state.clock.unix();
+    let issuer = state
+        .runner_cas(load::ENVIRONMENT)
+        .map_err(|e| e.to_string())?
+        .active
+        .record
+        .id
+        .clone();
+    let certs = certs.max(1).min(entries.max(1));
+    let signs_per_cert = entries.saturating_sub(certs) / certs;
+    let year = 365 * 86_400;
+    let mut set = tokio::task::JoinSet::new();
+    let mut written = 0u64;
+    for c in 0..certs {
+        let job = claims(c);
+        let serial = hex32(c, "serial")[..32].to_string();
+        let fingerprint = hex32(c % 300, "runner");
+        // Spread over the past year; the last LIVE_CERTS are valid now and still held.
+        let live = c + LIVE_CERTS >= certs;
+        let not_before = if live {
+            now - 60
+        } else {
+            now - year + (c as i64 * year / certs as i64)
+        };
+        let record = CertRecord {
+            serial: serial.clone(),
+            environment: load::ENVIRONMENT.into(),
+            region: state.config().region.clone(),
+            fingerprint: fingerprint.clone(),
+            claims: job.clone(),
+            issuer_id: issuer.clone(),
+            not_before,
+            not_after: not_before + 900,
+            revoked: (!live).then(|| "revoked by its holder: job finished".to_string()),
+            session: String::new(),
+            session_start: not_before,
+            generation: 0,
+            superseded: false,
+        };
+        state.record_issued(&record).map_err(|e| e.to_string())?;
+        let n = if c + 1 == certs {
+            entries.saturating_sub(written)
+        } else {
+            1 + signs_per_cert
+        };
+        for k in 0..n {
+            let rec = entry(written + k, k == 0, &job, &serial, &fingerprint);
+            let s = state.clone();
+            set.spawn(async move { s.audit.record_sign(rec).await.map(|_| ()) });
+            if set.len() >= LOAD_IN_FLIGHT {
+                while let Some(r) = set.join_next().await {
+                    r.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+                    if set.len() < LOAD_IN_FLIGHT / 2 {
+                        break;
+                    }
+                }
+            }
+        }
+        written += n;
+    }
+    while let Some(r) = set.join_next().await {
+        r.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+    }
+    // What housekeeping did over the year: the expired certificates left the expiry index.
+    while state
+        .sweep_abandoned(65_536)
+        .map_err(|e| e.to_string())?
+        .looked_at
+        > 0
+    {}
+    let took = started.elapsed().as_secs_f64();
+    state.audit.stop().await;
+    state.store.flush().map_err(|e| e.to_string())?;
+    drop(state);
+    Ok(written as f64 / took)
+}
+
+fn du(path: &Path) -> u64 {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    if meta.is_dir() {
+        std::fs::read_dir(path)
+            .map(|d| d.flatten().map(|e| du(&e.path())).sum())
+            .unwrap_or(0)
+    } else {
+        meta.len()
+    }
+}
+
+/// `GET /metrics` on `addr`; the time to the whole answer.
+async fn scrape(addr: std::net::SocketAddr) -> Result<Duration, String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let t = Instant::now();
+    let mut tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut body = Vec::new();
+    tcp.read_to_end(&mut body)
+        .await
+        .map_err(|e| e.to_string())?;
+    if !body.starts_with(b"HTTP/1.1 200") {
+        return Err("the metrics listener did not answer 200".into());
+    }
+    Ok(t.elapsed())
+}
+
+fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| e.to_string())
+}
+
+/// Exports the whole log (entries/s), keeps a spread sample of its lines for proofs, verifies
+/// the export as `meshsign audit verify` does (entries/s).
+async fn export_and_verify(
+    d: &Daemon,
+    work: &Path,
+    f: &mut SiteFigures,
+) -> Result<Vec<String>, String> {
+    let mut admin = meshsign_client::site::admin::Admin::connect(&d.client)
+        .await
+        .map_err(|e| e.to_string())?;
+    let t = Instant::now();
+    let mut stream = admin
+        .export_audit(meshsign_proto::v1::ExportAuditRequest::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let file = work.join("export.jsonl");
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&file).map_err(|e| e.to_string())?);
+    let (mut n, mut lines) = (0u64, Vec::new());
+    let every = (f.entries / PROOFS as u64).max(1);
+    while let Some(line) = stream.message().await.map_err(|e| e.to_string())? {
+        use std::io::Write as _;
+        n += 1;
+        out.write_all(line.json.as_bytes())
+            .and_then(|()| out.write_all(b"\n"))
+            .map_err(|e| e.to_string())?;
+        if n % every == 0 && line.json.contains("\"rpc\":\"Sign\"") {
+            lines.push(line.json);
+        }
+    }
+    drop(out);
+    f.export_per_s = n as f64 / t.elapsed().as_secs_f64();
+    let key = admin.audit_public_key().await.map_err(|e| e.to_string())?;
+    let pem = {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&key.public_key_der);
+        let body: Vec<&str> = b64
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).unwrap_or(""))
+            .collect();
+        format!(
+            "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+            body.join("\n")
+        )
+    };
+    let pem_file = work.join("audit.pem");
+    std::fs::write(&pem_file, pem).map_err(|e| e.to_string())?;
+    let t = Instant::now();
+    let report = meshsign_client::usecase::verify::audit_export(
+        &meshsign_client::usecase::verify::AuditVerifyArgs {
+            file: file.clone(),
+            audit_key: pem_file,
+            from_checkpoint: false,
+        },
+    )
+    .map_err(|e| format!("audit verify: {e}"))?;
+    f.verify_per_s = n as f64 / t.elapsed().as_secs_f64();
+    let _ = report;
+    let _ = std::fs::remove_file(&file);
+    Ok(lines)
+}
+
+/// `GetInclusionProof` for each sampled entry: p50 and p99 in ms.
+async fn proofs(d: &Daemon, lines: &[String], f: &mut SiteFigures) -> Result<(), String> {
+    let mut v = meshsign_client::site::verification::client(&d.client)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut took = Vec::with_capacity(lines.len());
+    for line in lines {
+        let seq = serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|j| j["seq"].as_u64())
+            .ok_or("an export line without seq")?;
+        let t = Instant::now();
+        v.get_inclusion_proof(meshsign_proto::v1::GetInclusionProofRequest {
+            seq,
+            leaf_hash: meshsign_evidence::merkle::leaf_hash(line.as_bytes()).to_vec(),
+        })
+        .await
+        .map_err(|s| format!("GetInclusionProof({seq}): {}", s.message()))?;
+        took.push(t.elapsed());
+    }
+    took.sort();
+    f.proof_p50_ms = crate::pct(&took, 0.5);
+    f.proof_p99_ms = crate::pct(&took, 0.99);
+    Ok(())
+}
+
+/// Snapshot over the admin port, then `meshsignd restore` of it into an empty folder.
+async fn snapshot_restore(
+    d: &Daemon,
+    site_dir: &Path,
+    binary: &Path,
+    f: &mut SiteFigures,
+) -> Result<(), String> {
+    let mut admin = meshsign_client::site::admin::Admin::connect(&d.client)
+        .await
+        .map_err(|e| e.to_string())?;
+    let t = Instant::now();
+    let snap = admin.snapshot().await.map_err(|e| e.to_string())?;
+    f.snapshot_s = t.elapsed().as_secs_f64();
+    let file = site_dir.join("bench.snapshot");
+    std::fs::write(&file, &snap).map_err(|e| e.to_string())?;
+    drop(snap);
+    let toml = std::fs::read_to_string(site_dir.join("site.toml")).map_err(|e| e.to_string())?;
+    let restored = site_dir.join("site-restore.toml");
+    std::fs::write(
+        &restored,
+        toml.replacen("data_dir = \"data\"", "data_dir = \"data-restore\"", 1),
+    )
+    .map_err(|e| e.to_string())?;
+    let t = Instant::now();
+    let out = std::process::Command::new(binary)
+        .arg("restore")
+        .arg("--config")
+        .arg(&restored)
+        .arg(&file)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!(
+            "meshsignd restore: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    f.restore_s = t.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(&file);
+    let _ = std::fs::remove_dir_all(site_dir.join("data-restore"));
+    Ok(())
+}
+
+/// One Sign window on `d`: (ops/s, server CPU s per 1,000 Signs); also updates the peak RSS.
+async fn sign_window(
+    d: &Daemon,
+    a: &ScaleArgs,
+    tokens: &Tokens,
+) -> Result<(f64, f64, f64), String> {
+    let sessions = load::sessions(&d.client, tokens, a.concurrency).await?;
+    let c0 = d.cpu_seconds();
+    let w = load::sign(
+        sessions,
+        SignLoad::Sign,
+        load::KEY,
+        Duration::from_secs(a.duration),
+    )
+    .await;
+    let cpu = crate::per_1000(c0, d.cpu_seconds(), w.ops).unwrap_or(0.0);
+    let peak = d.rss_mib().map_or(0.0, |r| r.0);
+    Ok((w.ops as f64 / w.seconds, cpu, peak))
+}
+
+/// Starts a site, stops it, loads `entries`/`certs` into it, and starts it again with a
+/// metrics listener: the measured start. Then everything but the Sign windows.
+async fn loaded_site(
+    a: &ScaleArgs,
+    entries: u64,
+    certs: u64,
+    name: &str,
+) -> Result<(Daemon, SiteFigures, std::net::SocketAddr), String> {
+    let first = Daemon::start(&a.binary, true, &a.log_level, None)?;
+    let stopped = first.stop();
+    let site_dir = stopped.site_dir();
+    eprintln!("scale: loading {entries} entries and {certs} certificates into the {name} site…");
+    let mut f = SiteFigures {
+        entries,
+        ..Default::default()
+    };
+    let rate = load_site(&site_dir, entries, certs).await?;
+    f.load_s = entries as f64 / rate.max(1.0);
+    let port = free_port()?;
+    let metrics: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let (d, startup) = stopped.start(&a.binary, &a.log_level, name, |text| {
+        format!("{text}\n[metrics]\nlisten = \"{metrics}\"\n")
+    })?;
+    f.startup_s = startup.as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    f.rss_rest_mib = d.rss_mib().map_or(0.0, |r| r.1);
+    // The first scrape counts live certificates; the figure is the slower of two.
+    let s1 = scrape(metrics).await?;
+    let s2 = scrape(metrics).await?;
+    f.scrape_ms = s1.max(s2).as_secs_f64() * 1000.0;
+    let work = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let lines = export_and_verify(&d, work.path(), &mut f).await?;
+    proofs(&d, &lines, &mut f).await?;
+    snapshot_restore(&d, &site_dir, &a.binary, &mut f).await?;
+    f.disk_bytes_per_entry = du(&site_dir.join("data")) as f64 / entries.max(1) as f64;
+    Ok((d, f, metrics))
+}
+
+/// The scenario; returns the JSON printed last.
+pub async fn run(a: &ScaleArgs) -> Result<serde_json::Value, String> {
+    let (small, mut fs, _) = loaded_site(a, SMALL_ENTRIES, 1000.min(a.certs), "small").await?;
+    let (big, mut fb, _) = loaded_site(a, a.entries, a.certs, "big").await?;
+    let fresh = Daemon::start(&a.binary, true, &a.log_level, None)?;
+    let tokens = Tokens::new(&fresh.client)?;
+    let (mut fresh_ops, mut fresh_cpu) = (Vec::new(), Vec::new());
+    for run in 0..a.runs.max(1) {
+        // Alternate the order, so neither site always runs on a warmer machine.
+        let order: [(&Daemon, bool); 2] = if run % 2 == 0 {
+            [(&fresh, true), (&big, false)]
+        } else {
+            [(&big, false), (&fresh, true)]
+        };
+        for (d, is_fresh) in order {
+            let tokens = if is_fresh {
+                tokens.clone()
+            } else {
+                Tokens::new(&d.client)?
+            };
+            let (ops, cpu, peak) = sign_window(d, a, &tokens).await?;
+            if is_fresh {
+                fresh_ops.push(ops);
+                fresh_cpu.push(cpu);
+            } else {
+                fb.sign_ops.push(ops);
+                fb.sign_cpu.push(cpu);
+                fb.rss_load_mib = fb.rss_load_mib.max(peak);
+            }
+        }
+    }
+    let (_, _, peak) = sign_window(&small, a, &Tokens::new(&small.client)?).await?;
+    fs.rss_load_mib = peak;
+    let med = |v: &[f64]| crate::median(v.to_vec());
+    let row = |name: &str, f: &SiteFigures| {
+        println!(
+            "{name:>6} {:>10} entries: load {:.0} s, start {:.2} s, RSS rest {:.1} MiB / load {:.1} MiB, scrape {:.1} ms, proof p50 {:.2} ms p99 {:.2} ms, export {:.0}/s, verify {:.0}/s, snapshot {:.2} s, restore {:.2} s, {:.0} B/entry",
+            f.entries,
+            f.load_s,
+            f.startup_s,
+            f.rss_rest_mib,
+            f.rss_load_mib,
+            f.scrape_ms,
+            f.proof_p50_ms,
+            f.proof_p99_ms,
+            f.export_per_s,
+            f.verify_per_s,
+            f.snapshot_s,
+            f.restore_s,
+            f.disk_bytes_per_entry
+        );
+    };
+    row("small", &fs);
+    row("big", &fb);
+    let (big_ops, fresh_o) = (med(&fb.sign_ops), med(&fresh_ops));
+    println!(
+        "  Sign @{}: big {:.0}/s ({:.3} s CPU/1k), fresh {:.0}/s ({:.3} s CPU/1k), ratio {:.2} (medians of {})",
+        a.concurrency,
+        big_ops,
+        med(&fb.sign_cpu),
+        fresh_o,
+        med(&fresh_cpu),
+        big_ops / fresh_o.max(1e-9),
+        a.runs.max(1)
+    );
+    Ok(serde_json::json!({
+        "scenario": "scale",
+        "store": "sled",
+        "entries": fb.entries,
+        "certs": a.certs,
+        "load_entries_per_s": fb.entries as f64 / fb.load_s.max(1e-9),
+        "startup_s": fb.startup_s,
+        "startup_small_s": fs.startup_s,
+        "rss_rest_mib": fb.rss_rest_mib,
+        "rss_rest_small_mib": fs.rss_rest_mib,
+        "rss_ratio_to_small": fb.rss_rest_mib / fs.rss_rest_mib.max(1e-9),
+        "rss_load_mib": fb.rss_load_mib,
+        "sign_ops_per_s": big_ops,
+        "fresh_sign_ops_per_s": fresh_o,
+        "sign_ratio_to_fresh": big_ops / fresh_o.max(1e-9),
+        "server_cpu_s_per_1000": med(&fb.sign_cpu),
+        "fresh_server_cpu_s_per_1000": med(&fresh_cpu),
+        "proof_p50_ms": fb.proof_p50_ms,
+        "proof_p99_ms": fb.proof_p99_ms,
+        "proof_p99_small_ms": fs.proof_p99_ms,
+        "export_entries_per_s": fb.export_per_s,
+        "verify_entries_per_s": fb.verify_per_s,
+        "snapshot_s": fb.snapshot_s,
+        "snapshot_small_s": fs.snapshot_s,
+        "restore_s": fb.restore_s,
+        "restore_small_s": fs.restore_s,
+        "scrape_ms": fb.scrape_ms,
+        "scrape_small_ms": fs.scrape_ms,
+        "disk_bytes_per_entry": fb.disk_bytes_per_entry,
+        "runs": a.runs.max(1),
+    }))
+}
