@@ -434,6 +434,16 @@ async fn loaded_site(
     };
     let rate = load_site(&site_dir, entries, certs).await?;
     f.load_s = entries as f64 / rate.max(1.0);
+    // For profiling a start by hand: a copy of the loaded site, kept.
+    if let Some(keep) = std::env::var_os("MESHSIGN_BENCH_KEEP_SITE")
+        && name == "big"
+    {
+        let _ = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(&site_dir)
+            .arg(&keep)
+            .status();
+    }
     let port = free_port()?;
     let metrics: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
     let (d, startup) = stopped.start(&a.binary, &a.log_level, name, |text| {
