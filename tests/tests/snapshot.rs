@@ -215,3 +215,59 @@ async fn a_snapshot_edited_offline_is_refused_by_its_mac() {
     let remade = edited(&bytes, "policies", forge, Some(&kek));
     snapshot::restore(&target, &kek, &cfg.kek_file, &remade, &clock, open).unwrap();
 }
+
+/// Issue 30: the admin port streams a snapshot written page by page to a file in the data
+/// folder (never the whole site in memory); a tree larger than one page comes back whole, the
+/// streamed bytes restore, and the file is gone once the stream ends.
+#[tokio::test]
+async fn a_snapshot_streams_from_a_file_page_by_page_and_restores() {
+    use meshsign_server::store::Tree;
+    let site = TestSite::start().await;
+    let (_k, _r, mut s) = site.enrolled("production").await;
+    s.sign(sign_req("release", 1)).await.unwrap();
+    // More usage records than one page of the snapshot's reads (4,096).
+    let kv = site.state().store.kv();
+    for i in 0..9_000u32 {
+        kv.put(
+            Tree::Usage,
+            format!("bench/{i:05}").as_bytes(),
+            &i.to_be_bytes(),
+        )
+        .unwrap();
+    }
+    let mut stream = site
+        .admin()
+        .await
+        .snapshot(meshsign_proto::v1::SnapshotRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let mut bytes = Vec::new();
+    let mut chunks = 0;
+    while let Some(c) = stream.message().await.unwrap() {
+        assert!(c.data.len() <= 64 * 1024);
+        bytes.extend_from_slice(&c.data);
+        chunks += 1;
+    }
+    assert!(chunks > 1, "streamed in chunks: {chunks}");
+    let data_dir = SiteConfig::load(&site.site_toml).unwrap().data_dir;
+    let left: Vec<_> = std::fs::read_dir(&data_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".snapshot-"))
+        .collect();
+    assert!(left.is_empty(), "snapshot files left behind: {left:?}");
+    let Restoring {
+        kek,
+        clock,
+        target,
+        cfg,
+        tmp: _tmp,
+    } = restoring(&site);
+    snapshot::restore(&target, &kek, &cfg.kek_file, &bytes, &clock, open).unwrap();
+    let restored = open(&target).unwrap();
+    let usage = restored.kv().scan_prefix(Tree::Usage, b"bench/").unwrap();
+    assert_eq!(usage.len(), 9_000);
+    assert_eq!(usage[8_999].1, 8_999u32.to_be_bytes().to_vec());
+}

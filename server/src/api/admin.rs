@@ -206,18 +206,54 @@ impl v1::admin_server::Admin for AdminApi {
     async fn snapshot(&self, req: Request<v1::SnapshotRequest>) -> R<Self::SnapshotStream> {
         let s = &self.0;
         let summary = |_: &_| "snapshot of the site".into();
-        let bytes = self
+        let file = self
             .call(&req, "Snapshot", "", summary, async |_| {
-                let (bytes, seq) = s.snapshot().await?;
-                let detail = format!("snapshot through audit seq {seq}, {} bytes", bytes.len());
-                Ok((bytes, detail))
+                let file = s.snapshot_to_file().await?;
+                let detail = format!(
+                    "snapshot through audit seq {}, {} bytes",
+                    file.seq, file.len
+                );
+                Ok((file, detail))
             })
             .await?;
-        let chunks: Vec<Result<v1::SnapshotChunk, Status>> = bytes
-            .chunks(SNAPSHOT_CHUNK)
-            .map(|c| Ok(v1::SnapshotChunk { data: c.to_vec() }))
-            .collect();
-        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+        // Streamed from the file a chunk at a time (never the whole snapshot in memory); the
+        // file is removed when the stream ends or the caller goes away.
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            use std::io::Read as _;
+            let failed = |source| {
+                let e = crate::state::snapshot::SnapshotError::Io {
+                    path: file.path().to_path_buf(),
+                    source,
+                };
+                Err(status(&OpsError::from(e)))
+            };
+            let mut f = match std::fs::File::open(file.path()) {
+                Ok(f) => f,
+                Err(e) => {
+                    let _ = tx.blocking_send(failed(e));
+                    return;
+                }
+            };
+            loop {
+                let mut data = vec![0u8; SNAPSHOT_CHUNK];
+                let n = match f.read(&mut data) {
+                    Ok(0) => return,
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = tx.blocking_send(failed(e));
+                        return;
+                    }
+                };
+                data.truncate(n);
+                if tx.blocking_send(Ok(v1::SnapshotChunk { data })).is_err() {
+                    return; // the caller went away
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn get_audit_public_key(
