@@ -21,6 +21,7 @@ pub mod files;
 pub mod identity;
 pub mod merkle;
 pub mod note;
+pub mod par;
 pub mod reason;
 pub mod receipt;
 pub mod rekor;
