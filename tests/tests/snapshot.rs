@@ -235,21 +235,25 @@ async fn a_snapshot_streams_from_a_file_page_by_page_and_restores() {
         )
         .unwrap();
     }
-    let mut stream = site
-        .admin()
-        .await
-        .snapshot(meshsign_proto::v1::SnapshotRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let mut bytes = Vec::new();
-    let mut chunks = 0;
-    while let Some(c) = stream.message().await.unwrap() {
-        assert!(c.data.len() <= 64 * 1024);
-        bytes.extend_from_slice(&c.data);
-        chunks += 1;
-    }
-    assert!(chunks > 1, "streamed in chunks: {chunks}");
+    let take = async || {
+        let mut stream = site
+            .admin()
+            .await
+            .snapshot(meshsign_proto::v1::SnapshotRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let (mut bytes, mut chunks) = (Vec::new(), 0);
+        while let Some(c) = stream.message().await.unwrap() {
+            assert!(c.data.len() <= 64 * 1024);
+            bytes.extend_from_slice(&c.data);
+            chunks += 1;
+        }
+        assert!(chunks > 1, "streamed in chunks: {chunks}");
+        bytes
+    };
+    // Two at once (each clears what a crash left: neither loses the other's file).
+    let (bytes, other) = tokio::join!(take(), take());
     let data_dir = SiteConfig::load(&site.site_toml).unwrap().data_dir;
     let left: Vec<_> = std::fs::read_dir(&data_dir)
         .unwrap()
@@ -265,6 +269,8 @@ async fn a_snapshot_streams_from_a_file_page_by_page_and_restores() {
         cfg,
         tmp: _tmp,
     } = restoring(&site);
+    let second = target.with_file_name("restored-second");
+    snapshot::restore(&second, &kek, &cfg.kek_file, &other, &clock, open).unwrap();
     snapshot::restore(&target, &kek, &cfg.kek_file, &bytes, &clock, open).unwrap();
     let restored = open(&target).unwrap();
     let usage = restored.kv().scan_prefix(Tree::Usage, b"bench/").unwrap();

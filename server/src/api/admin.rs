@@ -220,28 +220,13 @@ impl v1::admin_server::Admin for AdminApi {
         // file is removed when the stream ends or the caller goes away.
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
-            use std::io::Read as _;
-            let failed = |source| {
-                let e = crate::state::snapshot::SnapshotError::Io {
-                    path: file.path().to_path_buf(),
-                    source,
-                };
-                Err(status(&OpsError::from(e)))
-            };
-            let mut f = match std::fs::File::open(file.path()) {
-                Ok(f) => f,
-                Err(e) => {
-                    let _ = tx.blocking_send(failed(e));
-                    return;
-                }
-            };
             loop {
                 let mut data = vec![0u8; SNAPSHOT_CHUNK];
-                let n = match f.read(&mut data) {
+                let n = match file.read_some(&mut data) {
                     Ok(0) => return,
                     Ok(n) => n,
                     Err(e) => {
-                        let _ = tx.blocking_send(failed(e));
+                        let _ = tx.blocking_send(Err(status(&OpsError::from(e))));
                         return;
                     }
                 };

@@ -103,12 +103,14 @@ impl SiteState {
                 let claim = timed_key(ABANDONED, not_after, &serial);
                 if kv.insert_new(Tree::Meta, &claim, r.environment.as_bytes())? {
                     self.metrics.session_abandoned(&r.environment);
+                    // The job id came from a token: bounded and escaped for the log line.
+                    let job_id = crate::model::bounded(&r.claims.job_id, 128);
                     tracing::warn!(
-                        environment = %r.environment,
-                        job_id = %crate::model::bounded(&r.claims.job_id, 128),
+                        environment = %crate::model::log_safe(&r.environment),
+                        job_id = %crate::model::log_safe(&job_id),
                         serial = %r.serial,
-                        session = %r.session_id(),
-                        fingerprint = %r.fingerprint,
+                        session = %crate::model::log_safe(r.session_id()),
+                        fingerprint = %crate::model::log_safe(&r.fingerprint),
                         "session abandoned: its certificate expired neither renewed nor revoked by its holder"
                     );
                     sweep

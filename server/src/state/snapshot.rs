@@ -144,9 +144,12 @@ pub struct Restored {
 /// A snapshot written to a file in the data folder (mode 0600), removed when dropped: what the
 /// admin port streams, so the site never holds a snapshot in memory (issue 30: at 10⁶ entries
 /// the in-memory snapshot peaked at 3.4 GiB).
+/// The file is held open from the moment it is written, so it is read whole even if it is
+/// unlinked meanwhile (another snapshot clearing what a crash left).
 #[derive(Debug)]
 pub struct SnapshotFile {
     path: PathBuf,
+    file: std::fs::File,
     /// Its size in bytes.
     pub len: u64,
     /// The audit seq it runs through.
@@ -154,17 +157,30 @@ pub struct SnapshotFile {
 }
 
 impl SnapshotFile {
-    /// The file.
+    /// The file's name (for messages).
     pub fn path(&self) -> &std::path::Path {
         &self.path
     }
 
-    /// The whole snapshot (tests and small sites).
-    pub fn read(&self) -> Result<Vec<u8>, SnapshotError> {
-        std::fs::read(&self.path).map_err(|source| SnapshotError::Io {
+    /// Reads the next piece into `buf` (0: the end).
+    pub fn read_some(&self, buf: &mut [u8]) -> Result<usize, SnapshotError> {
+        use std::io::Read as _;
+        (&self.file).read(buf).map_err(|source| SnapshotError::Io {
             path: self.path.clone(),
             source,
         })
+    }
+
+    /// The whole snapshot (tests and small sites).
+    pub fn read(&self) -> Result<Vec<u8>, SnapshotError> {
+        let mut out = Vec::with_capacity(usize::try_from(self.len).unwrap_or(0));
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match self.read_some(&mut buf)? {
+                0 => return Ok(out),
+                n => out.extend_from_slice(&buf[..n]),
+            }
+        }
     }
 }
 
@@ -214,9 +230,11 @@ impl SiteState {
                 }
             }
         }
+        static TAKEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let path = self.data_dir.join(format!(
-            "{SNAPSHOT_FILE_PREFIX}{taken_at}-{}.tmp",
-            std::process::id()
+            "{SNAPSHOT_FILE_PREFIX}{taken_at}-{}-{}.tmp",
+            std::process::id(),
+            TAKEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         let target = path.clone();
         let (len, seq) = self
@@ -225,7 +243,23 @@ impl SiteState {
                 encode(store, marker, taken_at, seq, hash, &key, &target).map(|len| (len, seq))
             })
             .await??;
-        Ok(SnapshotFile { path, len, seq })
+        let file = std::fs::File::open(&path).map_err(|source| SnapshotError::Io {
+            path: path.clone(),
+            source,
+        });
+        let file = match file {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(e);
+            }
+        };
+        Ok(SnapshotFile {
+            path,
+            file,
+            len,
+            seq,
+        })
     }
 }
 
