@@ -83,7 +83,7 @@ impl LocalPostgres {
                 return Err(io("chown", dir.path().display()));
             }
         }
-        let pg = Self {
+        let mut pg = Self {
             dir,
             bin,
             port: free_port()?,
@@ -103,7 +103,23 @@ impl LocalPostgres {
                 "--no-sync",
             ],
         )?;
-        pg.start_again()?;
+        // The port was free when picked, but anything on the machine (a parallel test's
+        // listener on port 0) may take it before PostgreSQL binds it: then a new port, a few
+        // times. Any other failure is returned with the server's log.
+        let mut attempt = 0;
+        while let Err(e) = pg.start_again() {
+            let log = std::fs::read_to_string(pg.dir.path().join("log")).unwrap_or_default();
+            attempt += 1;
+            if attempt < 5 && log.contains("could not bind") {
+                pg.port = free_port()?;
+                continue;
+            }
+            let tail: Vec<&str> = log.lines().rev().take(10).collect();
+            return Err(std::io::Error::other(format!(
+                "{e}\nserver log (last lines):\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )));
+        }
         pg.run(
             "createdb",
             &[
