@@ -212,6 +212,7 @@ impl TestSite {
             checkpoint_every: cfg.audit.checkpoint_every,
             checkpoint_interval: std::time::Duration::from_secs(cfg.audit.checkpoint_seconds),
             durable: settings.durable,
+            ..Default::default()
         };
         let state = SiteState::open_with(cfg, Arc::new(clock.clone()), settings, kv).unwrap();
         let handle = api::start(Arc::new(state)).await.unwrap();

@@ -432,7 +432,8 @@ async fn signatures_acknowledged_through_the_journal_survive_a_lost_store_tail()
             // journal has them plus half of a fourth line.
             let kv = meshsign_server::store::SledKv::open(data).unwrap();
             use meshsign_server::store::{Kv, Tree};
-            for (seq, _) in &receipts {
+            // (From the end: the log is cut, it has no holes.)
+            for (seq, _) in receipts.iter().rev() {
                 kv.remove(Tree::Audit, &seq.to_be_bytes()).unwrap();
             }
             kv.flush().unwrap();
@@ -603,10 +604,12 @@ async fn a_crash_between_a_store_flush_and_emptying_the_journal_is_not_a_cut_jou
     .unwrap();
 }
 
-/// Issue 23 row 7: one byte flipped in the store's file of a running site (24 places spread
-/// over it, each on its own copy, as a kill -9 leaves it). Each copy either refuses to start — naming where the readable audit log ends when
-/// it is the log that is damaged — or starts with every acknowledged entry readable. Before,
-/// a damaged audit page let the site start and sign; only a later full export failed.
+/// Issue 23 row 7: one byte flipped in the store's files of a running site ([`FLIPS`] places
+/// spread over sled's file and the audit segments, each on its own copy, as a kill -9 leaves
+/// it). Each copy either refuses to start — naming the damaged file, or where the readable
+/// audit log ends — or starts and either finds the damage in its background read of the log
+/// (and refuses writes) or holds every acknowledged entry readable. Before, a damaged audit
+/// page let the site start and sign; only a later full export failed.
 #[tokio::test]
 async fn a_flipped_byte_in_the_store_refuses_the_start_or_loses_nothing() {
     let site = TestSite::start().await;
@@ -625,24 +628,40 @@ async fn a_flipped_byte_in_the_store_refuses_the_start_or_loses_nothing() {
     site.state().store.flush().unwrap();
     let (clock, site_toml) = (site.clock.clone(), site.site_toml.clone());
     let data = site.dir.path().join("data");
-    let db = data.join("db");
-    // Flips land where the file holds data (sled preallocates zeroed segments).
-    let used: Vec<usize> = std::fs::read(&db)
-        .unwrap()
+    // The store's files: sled's, and the audit log's segments beside it. Flips land where a
+    // file holds data (sled preallocates zeroed segments), alternating between the two.
+    let mut files = vec![std::path::PathBuf::from("db")];
+    for e in std::fs::read_dir(data.join("audit")).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        if name.ends_with(".seg") {
+            files.push(std::path::Path::new("audit").join(name));
+        }
+    }
+    let used: Vec<Vec<usize>> = files
         .iter()
-        .enumerate()
-        .filter(|(_, b)| **b != 0)
-        .map(|(i, _)| i)
+        .map(|f| {
+            std::fs::read(data.join(f))
+                .unwrap()
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| **b != 0)
+                .map(|(i, _)| i)
+                .collect()
+        })
         .collect();
     let copies = tempfile::tempdir().unwrap();
     let (mut refused, mut intact) = (Vec::new(), 0);
     for k in 0..FLIPS {
         let copy = copies.path().join(format!("c{k}"));
         meshsign_tests::copy_dir(&data, &copy);
-        let at = used[used.len() * (2 * k + 1) / (2 * FLIPS)];
-        let mut bytes = std::fs::read(copy.join("db")).unwrap();
+        let file = k % files.len();
+        let (k, n) = (k / files.len(), FLIPS / files.len());
+        let at = used[file][used[file].len() * (2 * k + 1) / (2 * n)];
+        let target = copy.join(&files[file]);
+        let mut bytes = std::fs::read(&target).unwrap();
         bytes[at] ^= 0x5a;
-        std::fs::write(copy.join("db"), bytes).unwrap();
+        std::fs::write(&target, bytes).unwrap();
+        let at = format!("{} byte {at}", files[file].display());
         let mut cfg = meshsign_server::config::SiteConfig::load(&site_toml).unwrap();
         cfg.data_dir = copy.clone();
         match meshsign_server::state::SiteState::open(cfg, Arc::new(clock.clone())) {
@@ -658,14 +677,27 @@ async fn a_flipped_byte_in_the_store_refuses_the_start_or_loses_nothing() {
             }
             Ok(state) => {
                 let handle = meshsign_server::api::start(Arc::new(state)).await.unwrap();
+                // A start reads the newest entries; the rest is read in the background, and
+                // what that finds stops the site's writes.
+                if let Err(e) = handle.state.audit.read_through().await {
+                    let msg = e.to_string();
+                    assert!(
+                        msg.contains("past seq") && msg.contains("meshsignd recover"),
+                        "{msg}"
+                    );
+                    assert!(handle.state.audit.is_failing());
+                    handle.shutdown().await;
+                    refused.push(format!("after the start: {msg}"));
+                    continue;
+                }
                 let all = handle
                     .state
                     .audit
                     .all()
-                    .unwrap_or_else(|e| panic!("byte {at}: the site started, then: {e}"));
+                    .unwrap_or_else(|e| panic!("{at}: the site started, then: {e}"));
                 for (seq, hash) in &receipts {
                     let e = all.iter().find(|e| e.seq == *seq);
-                    assert_eq!(e.map(|e| &e.hash), Some(hash), "byte {at}: seq {seq}");
+                    assert_eq!(e.map(|e| &e.hash), Some(hash), "{at}: seq {seq}");
                 }
                 handle.shutdown().await;
                 intact += 1;
@@ -732,6 +764,100 @@ async fn an_unreadable_audit_page_refuses_the_start_naming_the_seq() {
         "{msg}"
     );
     drop(dir);
+}
+
+/// Issue 30 (start-up flat in the log's size) meeting issue 23 row 7: a start reads only the
+/// newest entries before it serves, and the whole log in the background. An unreadable entry
+/// older than that lets the site start; the background read then finds it, names where the
+/// readable log ends, and from then on every audited call — a Sign among them — is refused and
+/// the site reports itself not ready. Without the background read the site would sign on over
+/// a damaged log; without the bounded start, a start reads every entry (O(n)).
+#[tokio::test]
+async fn an_unreadable_old_audit_page_is_found_after_the_start_and_stops_signing() {
+    let site = TestSite::start().await;
+    let (key, resp, mut s) = site.enrolled("production").await;
+    let mut last = 0;
+    for i in 0..20 {
+        last = s
+            .sign(sign_req("release", i))
+            .await
+            .unwrap()
+            .into_inner()
+            .audit_seq;
+    }
+    drop(s);
+    let TestSite {
+        dir,
+        handle,
+        clock,
+        es,
+        rs,
+        site_toml,
+        ..
+    } = site;
+    handle.shutdown().await;
+    let damaged = 3;
+    assert!(last > damaged + 10);
+    let cfg = meshsign_server::config::SiteConfig::load(&site_toml).unwrap();
+    let kv = meshsign_tests::UnreadableEntryKv::new(
+        meshsign_server::store::SledKv::open(&cfg.data_dir).unwrap(),
+        damaged,
+    );
+    let settings = meshsign_server::audit::AuditSettings {
+        start_check_entries: 5,
+        ..Default::default()
+    };
+    let state = meshsign_server::state::SiteState::open_with(
+        cfg,
+        Arc::new(clock.clone()),
+        settings,
+        Some(Arc::new(kv)),
+    )
+    .expect("the newest entries read: the site starts");
+    let handle = meshsign_server::api::start(Arc::new(state)).await.unwrap();
+    let e = handle
+        .state
+        .audit
+        .read_through()
+        .await
+        .expect_err("the background read finds the damaged entry");
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&format!("cannot be read past seq {}", damaged - 1))
+            && msg.contains("Read corrupted data")
+            && msg.contains("meshsignd recover"),
+        "{msg}"
+    );
+    assert!(
+        handle.state.audit.is_failing(),
+        "the site reports itself not ready"
+    );
+    let site = TestSite {
+        client: meshsign_tests::client_config(dir.path(), &handle),
+        dir,
+        handle,
+        clock,
+        es,
+        rs,
+        site_toml,
+    };
+    let head = *site.state().audit.head().borrow();
+    let mut s = site.signer_for(&key, &resp).await.unwrap();
+    let refused = s
+        .sign(sign_req("release", 99))
+        .await
+        .expect_err("no signature over a damaged log");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().starts_with("audit_unavailable:"),
+        "{refused:?}"
+    );
+    assert_eq!(
+        *site.state().audit.head().borrow(),
+        head,
+        "nothing was appended"
+    );
+    site.handle.shutdown().await;
 }
 
 /// Each response carries its own entry's stored bytes, as the writer chained them (the

@@ -156,6 +156,9 @@ pub struct AuditSettings {
     pub checkpoint_interval: Duration,
     /// Flush before answering (true outside benchmarks).
     pub durable: bool,
+    /// How many of the newest stored entries a start reads before it serves; the rest of the
+    /// log is read in the background (see [`AuditLog::read_through`]).
+    pub start_check_entries: u64,
 }
 
 impl Default for AuditSettings {
@@ -164,6 +167,7 @@ impl Default for AuditSettings {
             checkpoint_every: 1000,
             checkpoint_interval: Duration::from_secs(10),
             durable: true,
+            start_check_entries: 8192,
         }
     }
 }
@@ -233,9 +237,80 @@ pub struct SignedHead {
     pub note: String,
 }
 
+/// The background read of the whole stored log that a start leaves to after it serves (see
+/// [`restore::check_readable`]): what it finds damaged stops every append, and the site reports
+/// itself not ready, until an operator restores or recovers the store.
+#[derive(Clone)]
+struct Scrub {
+    /// None while it reads; then how many entries it read, or what it found.
+    done: watch::Receiver<Option<Result<u64, AuditError>>>,
+    /// Set by [`AuditLog::stop`].
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    /// Set when it found damage: appends are refused with the error in `done`.
+    damaged: Arc<std::sync::atomic::AtomicBool>,
+    thread: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+impl Scrub {
+    /// Starts the read of the log in `dir`'s store; None: nothing to read (a shared database,
+    /// or no journal), reported as done at once.
+    fn start(store: &Store, dir: Option<std::path::PathBuf>) -> Result<Self, AuditError> {
+        let (tx, done) = watch::channel(None);
+        let scrub = Self {
+            done,
+            stop: Arc::default(),
+            damaged: Arc::default(),
+            thread: Arc::default(),
+        };
+        let Some(dir) = dir else {
+            let _ = tx.send(Some(Ok(0)));
+            return Ok(scrub);
+        };
+        let (store, stop, damaged) = (store.clone(), scrub.stop.clone(), scrub.damaged.clone());
+        let thread = std::thread::Builder::new()
+            .name("audit-scrub".into())
+            .spawn(move || {
+                let began = std::time::Instant::now();
+                let result = restore::scrub(&store, &dir, &stop);
+                match &result {
+                    Ok(n) if !stop.load(std::sync::atomic::Ordering::Relaxed) => {
+                        tracing::info!(
+                            entries = n,
+                            seconds = began.elapsed().as_secs_f64(),
+                            "audit log read through: every stored entry is readable"
+                        );
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        damaged.store(true, std::sync::atomic::Ordering::SeqCst);
+                        tracing::error!(error = %e, "audit log damaged: signing and every other audited call are refused from now on");
+                    }
+                }
+                let _ = tx.send(Some(result));
+            })
+            .map_err(|e| AuditError::Thread(Arc::new(e)))?;
+        if let Ok(mut t) = scrub.thread.lock() {
+            *t = Some(thread);
+        }
+        Ok(scrub)
+    }
+
+    /// The damage it found, if any.
+    fn damage(&self) -> Option<AuditError> {
+        if !self.damaged.load(std::sync::atomic::Ordering::SeqCst) {
+            return None;
+        }
+        match &*self.done.borrow() {
+            Some(Err(e)) => Some(e.clone()),
+            _ => None,
+        }
+    }
+}
+
 /// Appends entries through the group-commit writer.
 #[derive(Clone)]
 pub struct AuditLog {
+    scrub: Scrub,
     failing: Arc<std::sync::atomic::AtomicBool>,
     tx: mpsc::Sender<Msg>,
     store: Store,
@@ -268,11 +343,17 @@ impl AuditLog {
         (settings, metrics): (AuditSettings, Arc<crate::metrics::Metrics>),
         journal: Option<JournalAt<'_>>,
     ) -> Result<Self, AuditError> {
-        if store.kv().chain().is_none()
-            && let Some(at) = &journal
-        {
-            check_readable(&store, at.path.parent().unwrap_or(at.path))?;
-        }
+        // The newest entries are read before the site serves (a crash damages what was
+        // written last); the whole log is read in the background once the writer runs.
+        let scrub_dir = match (&journal, store.kv().chain()) {
+            (Some(at), None) => {
+                let dir = at.path.parent().unwrap_or(at.path).to_path_buf();
+                restore::ReadThrough::tail(&store, &dir, settings.start_check_entries)?
+                    .run(&store, &mut || true)?;
+                Some(dir)
+            }
+            _ => None,
+        };
         let mut torn = None;
         let mut journal_end = None;
         let journal = match journal {
@@ -406,7 +487,9 @@ impl AuditLog {
             .name("audit-writer".into())
             .spawn(move || writer.commit_loop(rx))
             .map_err(|e| AuditError::Thread(Arc::new(e)))?;
+        let scrub = Scrub::start(&store, scrub_dir)?;
         Ok(Self {
+            scrub,
             failing,
             tx,
             store,
@@ -610,6 +693,9 @@ impl AuditLog {
         rec: AuditRecord,
         scope: Scope,
     ) -> Result<(AuditRecord, Vec<u8>), AuditError> {
+        if let Some(e) = self.scrub.damage() {
+            return Err(e);
+        }
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Msg::Entry(Box::new(rec), scope, reply))
@@ -634,9 +720,11 @@ impl AuditLog {
         rx.await.map_err(|_| AuditError::Stopped)
     }
 
-    /// Whether the last commit failed (writes are refused until a repair or a commit works).
+    /// Whether the last commit failed (writes are refused until a repair or a commit works),
+    /// or the background read found the stored log damaged (refused until a restore).
     pub fn is_failing(&self) -> bool {
         self.failing.load(std::sync::atomic::Ordering::SeqCst)
+            || self.scrub.damaged.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Tries to make the log writable again after failed writes (see the writer's `repair`);
@@ -649,12 +737,33 @@ impl AuditLog {
         rx.await.map_err(|_| AuditError::Stopped)?
     }
 
-    /// Stops the writer after what is queued (shutdown); later records fail with `Stopped`.
+    /// Stops the writer after what is queued (shutdown), and the background read of the log;
+    /// later records fail with `Stopped`.
     pub async fn stop(&self) {
+        self.scrub
+            .stop
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let thread = self.scrub.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(t) = thread {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Msg::Stop(tx)).is_ok() {
             let _ = rx.await;
         }
+    }
+
+    /// Waits for the background read of the whole stored log that each start makes (see
+    /// [`check_readable`]) and returns how many entries it read, or the damage it found — which
+    /// also refuses every append from then on and makes [`AuditLog::is_failing`] true. A
+    /// shared database's log is not read (its engine checks pages itself): `Ok(0)`.
+    pub async fn read_through(&self) -> Result<u64, AuditError> {
+        let mut rx = self.scrub.done.clone();
+        let done = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| AuditError::Stopped)?;
+        done.clone().unwrap_or(Err(AuditError::Stopped))
     }
 
     /// Every entry in seq order (tests, small exports).

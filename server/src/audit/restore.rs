@@ -35,7 +35,11 @@ pub(super) fn restore_from_journal(
     let missing = plan_restore(store, path, recovered, existed)?;
     for (rec, bytes) in &missing {
         store.kv().put(Tree::Audit, &rec.seq.to_be_bytes(), bytes)?;
-        // The transparency leaves it names, which only the journal may have kept.
+    }
+    // The transparency leaves every journal entry names: the journal holds exactly what was
+    // written since the last store flush, and on an embedded site the entries (segment files,
+    // written at once) can outlive the leaves (sled, flushed later) in a crash.
+    for (rec, _) in &recovered.entries {
         if let Some(t) = &rec.tlog
             && let Some(h) = t.hashes()
         {
@@ -160,80 +164,179 @@ pub(super) fn plan_restore<'r>(
 }
 
 /// Reads every stored entry of the audit log once, in order: the engine checks each page as it
-/// reads it (sled: a checksum per record), so a damaged page is found at start — naming where
-/// the readable log ends — not by an export months later while the site kept signing. Keys
-/// must follow each other without a gap (retention removes only from the front), and the read
-/// must reach the last key the engine finds from the other end (a damaged index once ended a
-/// forward read at seq 133 of 302 while the last entry still read). Returns how many entries
-/// were read. O(entries) reads at start; not done on a shared database.
+/// reads it (sled: a checksum per record), so a damaged page is found — naming where the
+/// readable log ends — not by an export months later while the site kept signing. Keys must
+/// follow each other without a gap (retention removes only from the front), and the read must
+/// reach the last key the engine finds from the other end (a damaged index once ended a forward
+/// read at seq 133 of 302 while the last entry still read). Returns how many entries were read.
+/// O(entries): `meshsignd recover` runs it whole; a start reads only the tail with it
+/// ([`ReadThrough::tail`]) and the rest in the background ([`scrub`]).
 pub fn check_readable(store: &Store, dir: &std::path::Path) -> Result<u64, AuditError> {
-    const CHUNK: usize = 8192;
-    let unreadable = |after: u64, cause: String| AuditError::Unreadable {
-        dir: dir.display().to_string(),
-        after,
-        cause,
-    };
-    let (mut next, mut last, mut count) = (0u64, None::<u64>, 0u64);
-    // After a chunk fails to read, one entry at a time through it, to name where the log stops.
-    let mut single = 0usize;
-    loop {
-        let limit = if single > 0 { 1 } else { CHUNK };
-        let rows = match store
-            .kv()
-            .scan_range(Tree::Audit, &next.to_be_bytes(), limit)
-        {
-            Ok(rows) => rows,
-            Err(e) if single > 0 => return Err(unreadable(last.unwrap_or(0), e.to_string())),
-            Err(_) => {
-                single = CHUNK;
-                continue;
-            }
+    ReadThrough::from(store, dir, 0, false)?.run(store, &mut || true)
+}
+
+/// Entries read per step of a [`ReadThrough`].
+const READ_CHUNK: usize = 8192;
+
+/// A read of the stored audit log from one seq to the last entry stored when it began, a chunk
+/// at a time (see [`check_readable`]).
+pub(super) struct ReadThrough {
+    dir: String,
+    next: u64,
+    last: Option<u64>,
+    count: u64,
+    /// The engine's last key when the read began, found from the other end.
+    end: Option<u64>,
+    /// Entries may be removed from the front while it reads (retention on a serving site).
+    concurrent_prune: bool,
+}
+
+impl ReadThrough {
+    /// A read from `from` to the last stored entry (see [`check_readable`]).
+    pub(super) fn from(
+        store: &Store,
+        dir: &std::path::Path,
+        from: u64,
+        concurrent_prune: bool,
+    ) -> Result<Self, AuditError> {
+        let mut r = Self {
+            dir: dir.display().to_string(),
+            next: from,
+            last: None,
+            count: 0,
+            end: None,
+            concurrent_prune,
         };
-        single = single.saturating_sub(1);
-        for (k, _) in &rows {
-            let seq = <[u8; 8]>::try_from(k.as_slice())
+        r.end = match store.kv().last(Tree::Audit) {
+            Ok(Some((k, _))) => <[u8; 8]>::try_from(k.as_slice())
                 .map(u64::from_be_bytes)
-                .map_err(|_| {
-                    unreadable(
-                        last.unwrap_or(0),
-                        format!("a key of {} bytes is not a seq", k.len()),
-                    )
-                })?;
-            if let Some(prev) = last
-                && seq != prev + 1
+                .ok(),
+            Ok(None) => None,
+            Err(e) => return Err(r.unreadable(e.to_string())),
+        };
+        Ok(r)
+    }
+
+    /// A read of the last `n` entries (a start's synchronous check: what a crash may have left
+    /// damaged is what was written last).
+    pub(super) fn tail(store: &Store, dir: &std::path::Path, n: u64) -> Result<Self, AuditError> {
+        let mut r = Self::from(store, dir, 0, false)?;
+        r.next = r
+            .end
+            .map_or(0, |end| end.saturating_sub(n.saturating_sub(1)));
+        Ok(r)
+    }
+
+    fn unreadable(&self, cause: String) -> AuditError {
+        AuditError::Unreadable {
+            dir: self.dir.clone(),
+            after: self.last.unwrap_or(self.next.saturating_sub(1)),
+            cause,
+        }
+    }
+
+    /// Reads chunk after chunk; `pace` runs between two and stops the read (returning the
+    /// count so far) when it returns false.
+    pub(super) fn run(
+        mut self,
+        store: &Store,
+        pace: &mut dyn FnMut() -> bool,
+    ) -> Result<u64, AuditError> {
+        // After a chunk fails to read, one entry at a time through it, to name where it stops.
+        let mut single = 0usize;
+        loop {
+            let limit = if single > 0 { 1 } else { READ_CHUNK };
+            let rows = match store
+                .kv()
+                .scan_range(Tree::Audit, &self.next.to_be_bytes(), limit)
             {
-                return Err(unreadable(
-                    prev,
-                    format!("the next stored entry is seq {seq}"),
-                ));
+                Ok(rows) => rows,
+                Err(e) if single > 0 => return Err(self.unreadable(e.to_string())),
+                Err(_) => {
+                    single = READ_CHUNK;
+                    continue;
+                }
+            };
+            single = single.saturating_sub(1);
+            for (k, _) in &rows {
+                let seq = <[u8; 8]>::try_from(k.as_slice())
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| {
+                        self.unreadable(format!("a key of {} bytes is not a seq", k.len()))
+                    })?;
+                if let Some(prev) = self.last
+                    && seq != prev + 1
+                    && !self.pruned_meanwhile(store, prev)?
+                {
+                    return Err(self.unreadable(format!("the next stored entry is seq {seq}")));
+                }
+                self.last = Some(seq);
+                self.count += 1;
             }
-            last = Some(seq);
-            count += 1;
+            match self.last {
+                // A short chunk is the end of the log as an in-order read sees it; reading on
+                // from a new seek could step over a broken link that every full scan (an
+                // export, a replica's catch-up) would stop at.
+                Some(l) if rows.len() == limit && self.end.is_none_or(|end| l < end) => {
+                    self.next = l + 1;
+                }
+                _ => break,
+            }
+            if single == 0 && !pace() {
+                return Ok(self.count);
+            }
         }
-        match last {
-            // A short chunk is the end of the log as an in-order read sees it; reading on from
-            // a new seek could step over a broken link that every full scan (an export, a
-            // replica's catch-up) would stop at.
-            Some(l) if rows.len() == limit => next = l + 1,
-            _ => break,
+        // The engine's last key, found from the other end: a damaged index can end a forward
+        // read early while point reads (the journal's check among them) still find the later
+        // entries. Then the forward read did not read the whole log.
+        if let Some(end) = self.end
+            && Some(end) > self.last
+        {
+            return Err(self.unreadable(format!(
+                "the log's last entry is seq {end}, but reading it in order stops there"
+            )));
+        }
+        Ok(self.count)
+    }
+
+    /// A gap after `prev` that retention made while the read went on: retention removes from
+    /// the front in seq order, so `prev` is gone too. A gap below entries still there is damage.
+    fn pruned_meanwhile(&self, store: &Store, prev: u64) -> Result<bool, AuditError> {
+        if !self.concurrent_prune {
+            return Ok(false);
+        }
+        match store.kv().get(Tree::Audit, &prev.to_be_bytes()) {
+            Ok(found) => Ok(found.is_none()),
+            Err(e) => Err(self.unreadable(e.to_string())),
         }
     }
-    // The engine's last key, found from the other end: a damaged index can end a forward
-    // read early while point reads (the journal's check among them) still find the later
-    // entries. Then the forward read did not read the whole log.
-    if let Some((k, _)) = store
-        .kv()
-        .last(Tree::Audit)
-        .map_err(|e| unreadable(last.unwrap_or(0), e.to_string()))?
-        && let Ok(head) = <[u8; 8]>::try_from(k.as_slice()).map(u64::from_be_bytes)
-        && Some(head) > last
-    {
-        return Err(unreadable(
-            last.unwrap_or(0),
-            format!("the log's last entry is seq {head}, but reading it in order stops there"),
-        ));
-    }
-    Ok(count)
+}
+
+/// A serving site's read of its whole stored log (see [`check_readable`]), in the background:
+/// at most half of one core (it rests as long as each chunk took), stopping when `stop` is
+/// set. Signing goes on while it reads; what it finds damaged stops signing (the caller
+/// records the error where every append sees it).
+pub(super) fn scrub(
+    store: &Store,
+    dir: &std::path::Path,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<u64, AuditError> {
+    let read = ReadThrough::from(store, dir, 0, true)?;
+    let mut started = std::time::Instant::now();
+    read.run(store, &mut || {
+        let took = started.elapsed();
+        let mut rest = took;
+        while !rest.is_zero() {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return false;
+            }
+            let step = rest.min(Duration::from_millis(20));
+            std::thread::sleep(step);
+            rest -= step;
+        }
+        started = std::time::Instant::now();
+        !stop.load(std::sync::atomic::Ordering::Relaxed)
+    })
 }
 
 /// Where the store records the last seq a store flush made durable (a batch that went to the

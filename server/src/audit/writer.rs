@@ -481,7 +481,8 @@ impl Writer {
         {
             tracing::warn!(error = %e, "the store-durable mark could not be taken back");
         }
-        for seq in head + 1..=upto {
+        // From the end: the log is cut back, never holed.
+        for seq in (head + 1..=upto).rev() {
             if let Err(e) = self.store.kv().remove(Tree::Audit, &seq.to_be_bytes()) {
                 tracing::error!(seq, error = %e, "a failed audit batch's entry could not be taken back; the store is repaired before the next write");
                 self.failing

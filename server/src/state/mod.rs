@@ -284,6 +284,7 @@ impl SiteState {
             checkpoint_every: file_config.audit.checkpoint_every,
             checkpoint_interval: Duration::from_secs(file_config.audit.checkpoint_seconds),
             durable: file_config.audit.flush,
+            ..Default::default()
         };
         Self::open_with(file_config, clock, settings, None)
     }

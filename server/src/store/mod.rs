@@ -13,6 +13,7 @@ use std::sync::Arc;
 use serde::{Serialize, de::DeserializeOwned};
 
 pub mod postgres;
+pub mod segments;
 pub use postgres::{PgKv, PgSettings};
 
 /// Storage failures.
@@ -212,10 +213,15 @@ pub trait SharedChain: Send + Sync {
 /// [`Kv`] on sled 0.34. The database is held behind a lock so that it can be reopened in place
 /// after an I/O error (sled keeps the first I/O error — a full disk — and fails every later
 /// write until it is reopened); see [`Kv::recover`].
+///
+/// The audit log ([`Tree::Audit`]) is not in sled: it is kept in append-only segment files in
+/// `<dir>/audit` ([`segments`]), so that neither a start nor the resident memory grows with it.
+/// A store whose audit entries are still in sled (a site from before) has them moved at open.
 pub struct SledKv {
     dir: std::path::PathBuf,
     cache_bytes: u64,
     inner: std::sync::RwLock<Option<Arc<SledInner>>>,
+    audit: segments::SegmentLog,
 }
 
 struct SledInner {
@@ -239,10 +245,13 @@ impl SledKv {
     /// Opens (or creates) the database in `dir` with a page cache of `cache_bytes`.
     pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
         let inner = SledInner::open(dir, cache_bytes)?;
+        let audit = segments::SegmentLog::open(&segments::dir_of(dir))?;
+        move_audit_out_of_sled(&inner, &audit)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             cache_bytes,
             inner: std::sync::RwLock::new(Some(Arc::new(inner))),
+            audit,
         })
     }
 
@@ -294,8 +303,38 @@ impl SledInner {
     }
 }
 
+/// Moves audit entries a store from before kept in sled into the segment log, then empties
+/// sled's tree. Idempotent: a crash part way leaves both, and the next open goes on from the
+/// segment log's last entry (entries both hold must be the same).
+fn move_audit_out_of_sled(
+    inner: &SledInner,
+    audit: &segments::SegmentLog,
+) -> Result<(), StoreError> {
+    let tree = inner.tree(Tree::Audit);
+    if tree.is_empty() {
+        return Ok(());
+    }
+    let mut moved = 0u64;
+    for row in tree.iter() {
+        let (k, v) = row.map_err(engine)?;
+        audit.put(&k, &v)?;
+        moved += 1;
+    }
+    audit.flush()?;
+    tree.clear().map_err(engine)?;
+    inner.db.flush().map_err(engine)?;
+    tracing::info!(
+        entries = moved,
+        "audit entries moved from sled into the audit segment log"
+    );
+    Ok(())
+}
+
 impl Kv for SledKv {
     fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if tree == Tree::Audit {
+            return self.audit.get(key);
+        }
         Ok(self
             .db()?
             .tree(tree)
@@ -305,6 +344,9 @@ impl Kv for SledKv {
     }
 
     fn put(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        if tree == Tree::Audit {
+            return self.audit.put(key, value);
+        }
         self.db()?
             .tree(tree)
             .insert(key, value)
@@ -313,6 +355,12 @@ impl Kv for SledKv {
     }
 
     fn insert_new(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<bool, StoreError> {
+        if tree == Tree::Audit {
+            if self.audit.get(key)?.is_some() {
+                return Ok(false);
+            }
+            return self.audit.put(key, value).map(|()| true);
+        }
         let r = self
             .db()?
             .tree(tree)
@@ -322,6 +370,12 @@ impl Kv for SledKv {
     }
 
     fn update(&self, tree: Tree, key: &[u8], old: &[u8], new: &[u8]) -> Result<bool, StoreError> {
+        if tree == Tree::Audit {
+            if self.audit.get(key)?.as_deref() != Some(old) {
+                return Ok(false);
+            }
+            return self.audit.put(key, new).map(|()| true);
+        }
         let r = self
             .db()?
             .tree(tree)
@@ -331,6 +385,9 @@ impl Kv for SledKv {
     }
 
     fn remove(&self, tree: Tree, key: &[u8]) -> Result<(), StoreError> {
+        if tree == Tree::Audit {
+            return self.audit.remove(key);
+        }
         self.db()?
             .tree(tree)
             .remove(key)
@@ -339,6 +396,11 @@ impl Kv for SledKv {
     }
 
     fn scan_prefix(&self, tree: Tree, prefix: &[u8]) -> Result<Vec<Entry>, StoreError> {
+        if tree == Tree::Audit {
+            let mut rows = self.audit.range(0, usize::MAX)?;
+            rows.retain(|(k, _)| k.starts_with(prefix));
+            return Ok(rows);
+        }
         self.db()?
             .tree(tree)
             .scan_prefix(prefix)
@@ -347,6 +409,17 @@ impl Kv for SledKv {
     }
 
     fn scan_range(&self, tree: Tree, from: &[u8], limit: usize) -> Result<Vec<Entry>, StoreError> {
+        if tree == Tree::Audit {
+            // Keys are big-endian seqs: the first seq ≥ `from` in byte order.
+            let mut be = [0u8; 8];
+            let n = from.len().min(8);
+            be[..n].copy_from_slice(&from[..n]);
+            let mut seq = u64::from_be_bytes(be);
+            if from.len() > 8 {
+                seq = seq.saturating_add(1);
+            }
+            return self.audit.range(seq, limit);
+        }
         self.db()?
             .tree(tree)
             .range(from..)
@@ -356,6 +429,9 @@ impl Kv for SledKv {
     }
 
     fn last(&self, tree: Tree) -> Result<Option<Entry>, StoreError> {
+        if tree == Tree::Audit {
+            return self.audit.last();
+        }
         Ok(self
             .db()?
             .tree(tree)
@@ -365,6 +441,9 @@ impl Kv for SledKv {
     }
 
     fn flush(&self) -> Result<(), StoreError> {
+        // The entries first: what sled records about them (the durable point, the tree's
+        // nodes) must never be durable before they are.
+        self.audit.flush()?;
         self.db()?.db.flush().map_err(engine).map(|_| ())
     }
 
@@ -372,6 +451,7 @@ impl Kv for SledKv {
         // Reopen only once the disk takes writes again: a reopen that fails would leave no
         // store at all (and reads work on the old one meanwhile).
         probe_writable(&self.dir)?;
+        self.audit.recover()?;
         let mut guard = self.inner.write().unwrap_or_else(|p| p.into_inner());
         if let Some(mut old) = guard.take() {
             // Calls in flight hold a clone for one call each; wait for them, then close sled
@@ -577,7 +657,48 @@ pub mod hex_list {
 
 #[cfg(test)]
 mod tests {
-    use super::Tree;
+    use super::{Kv, SledKv, Tree};
+
+    /// A store from before kept its audit entries in sled: they move into the segment log at
+    /// open, sled's tree is emptied, and a crash between the two (both hold them) is gone on
+    /// with, not doubled.
+    #[test]
+    fn audit_entries_kept_in_sled_move_into_the_segment_log_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let put_in_sled = |from: u64, to: u64| {
+            let db = sled::open(dir.path()).unwrap();
+            let tree = db.open_tree(Tree::Audit.name()).unwrap();
+            for seq in from..=to {
+                tree.insert(seq.to_be_bytes(), format!("entry {seq}").as_bytes())
+                    .unwrap();
+            }
+            db.flush().unwrap();
+        };
+        put_in_sled(1, 500);
+        let kv = SledKv::open(dir.path()).unwrap();
+        assert_eq!(
+            kv.get(Tree::Audit, &7u64.to_be_bytes()).unwrap(),
+            Some(b"entry 7".to_vec())
+        );
+        assert_eq!(
+            kv.scan_range(Tree::Audit, b"", usize::MAX).unwrap().len(),
+            500
+        );
+        assert!(kv.db().unwrap().tree(Tree::Audit).is_empty());
+        drop(kv);
+        // As a crash part way leaves it: sled holds entries the segment log holds too.
+        put_in_sled(400, 520);
+        let kv = SledKv::open(dir.path()).unwrap();
+        let all = kv.scan_range(Tree::Audit, b"", usize::MAX).unwrap();
+        assert_eq!(all.len(), 520);
+        assert_eq!(all[519].1, b"entry 520".to_vec());
+        assert!(
+            dir.path()
+                .join("audit")
+                .join("00000000000000000001.seg")
+                .exists()
+        );
+    }
 
     #[test]
     fn every_tree_is_listed_in_enum_order_with_its_own_name() {
