@@ -211,13 +211,14 @@ async fn load_site(site_dir: &Path, entries: u64, certs: u64) -> Result<f64, Str
     while let Some(r) = set.join_next().await {
         r.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
     }
-    // What housekeeping did over the year: the expired certificates left the expiry index.
-    while state
-        .sweep_abandoned(65_536)
-        .map_err(|e| e.to_string())?
-        .looked_at
-        > 0
-    {}
+    // What housekeeping did over the year: the expired certificates left the expiry index,
+    // and the records of those expired for longer than the retention period were removed.
+    loop {
+        let s = state.sweep_abandoned(65_536).map_err(|e| e.to_string())?;
+        if s.looked_at == 0 && s.records_removed == 0 {
+            break;
+        }
+    }
     let took = started.elapsed().as_secs_f64();
     state.audit.stop().await;
     state.store.flush().map_err(|e| e.to_string())?;

@@ -194,6 +194,90 @@ async fn a_serial_revocation_follows_the_session_through_renewals() {
 /// Issue 31 item 2: a session that stops renewing — its certificate expires neither renewed nor
 /// revoked by its job — is counted as abandoned once, at the site, and shown in `admin status`
 /// for the last hour; sessions that renewed or ended with `RevokeSelf` are not.
+/// Issue 30: issuance records are not kept forever. Once a certificate's notAfter is
+/// `KEEP_EXPIRED_RECORDS_SECONDS` behind, the housekeeping sweep removes its record and the head
+/// of its session, in bounded steps; records of certificates still valid, or expired more
+/// recently, stay. Without it a site's store grows by every certificate it ever issued.
+#[tokio::test]
+async fn issuance_records_are_removed_a_retention_period_after_their_certificates_expire() {
+    use meshsign_server::state::sessions::KEEP_EXPIRED_RECORDS_SECONDS;
+    use meshsign_server::store::Tree;
+    let site = TestSite::start().await;
+    let mut renewed = session(&site, "production").await;
+    let old = session(&site, "staging").await;
+    let first = renewed.enrollment.serial.clone();
+    renewed.renew(&site.client, 0).await.unwrap();
+    let state = site.state();
+    let current = renewed.enrollment.serial.clone();
+    assert_ne!(
+        first, current,
+        "the renewal is the session's current certificate"
+    );
+    let head_key = |serial: &str| {
+        let r = state.issuance_record(serial).unwrap().unwrap();
+        format!("session/{}", r.session_id()).into_bytes()
+    };
+    let session_head = head_key(&current);
+    assert!(
+        state
+            .store
+            .kv()
+            .get(Tree::Meta, &session_head)
+            .unwrap()
+            .is_some()
+    );
+    site.clock.advance(Duration::from_secs(TTL_CAP + 60));
+    // Expired, but within the retention period: swept, kept.
+    while state.sweep_abandoned(2).unwrap().looked_at > 0 {}
+    let young = session(&site, "production").await; // issued now: stays
+    assert!(
+        state
+            .issuance_record(&old.enrollment.serial)
+            .unwrap()
+            .is_some()
+    );
+    site.clock
+        .advance(Duration::from_secs(KEEP_EXPIRED_RECORDS_SECONDS as u64));
+    // In bounded steps: two records per sweep here.
+    let mut removed = Vec::new();
+    loop {
+        let s = state.sweep_abandoned(2).unwrap();
+        assert!(s.records_removed <= 2);
+        if s.records_removed == 0 && s.looked_at == 0 {
+            break;
+        }
+        removed.push(s.records_removed);
+    }
+    assert_eq!(
+        removed.iter().sum::<usize>(),
+        3,
+        "{removed:?}: three expired certificates"
+    );
+    for serial in [&first, &current, &old.enrollment.serial] {
+        assert!(
+            state.issuance_record(serial).unwrap().is_none(),
+            "{serial} removed"
+        );
+    }
+    assert!(
+        state
+            .store
+            .kv()
+            .get(Tree::Meta, &session_head)
+            .unwrap()
+            .is_none(),
+        "the session's head went with its last certificate"
+    );
+    // The young certificate is expired by now too, but its record is within the period.
+    assert!(
+        state
+            .issuance_record(&young.enrollment.serial)
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(state.issued_certificates().unwrap().len(), 1);
+}
+
 #[tokio::test]
 async fn a_session_that_stops_renewing_is_counted_abandoned_once_and_shown_in_status() {
     let site = TestSite::start().await;

@@ -172,6 +172,24 @@ impl SiteState {
         Ok(Some((record, holds)))
     }
 
+    /// Removes the head of `record`'s session if it names `record` (its last certificate). For
+    /// records long expired only: nothing can move such a head any more (a renewal needs the
+    /// certificate it names to be valid), so no other writer races the removal.
+    pub(super) fn forget_session_head(&self, record: &CertRecord) -> Result<(), StoreError> {
+        let key = session_key(record.session_id());
+        if let Some(head) = self.store.get::<SessionHead>(Tree::Meta, &key)?
+            && head.serial == record.serial
+        {
+            self.store.kv().remove(Tree::Meta, &key)?;
+        }
+        Ok(())
+    }
+
+    /// Drops `serial` from the issuance-record cache (its record was removed).
+    pub(super) fn forget_cached(&self, serial: &str) {
+        self.cert_cache().invalidate(serial);
+    }
+
     /// Every issuance record: a read of the site's whole history (snapshots, tests); requests
     /// and scrapes read the expiry index instead (`state::sessions`).
     pub fn issued_certificates(&self) -> Result<Vec<CertRecord>, StoreError> {

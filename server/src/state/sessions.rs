@@ -18,6 +18,13 @@
 //!   retried and finds the claim;
 //! - `abandoned/` keys older than [`KEEP_ABANDONED_SECONDS`] are pruned the same way.
 //!
+//! Issuance records are not kept forever (issue 30: at a million certificates they were most of
+//! the store). A swept certificate's `due/` key becomes `expired/<notAfter>/<serial>`, and once
+//! its notAfter is [`KEEP_EXPIRED_RECORDS_SECONDS`] behind, the same bounded steps remove its
+//! record (and its session's head, if it names it). Nothing needs it by then: an expired
+//! certificate fails the TLS handshake before any record is read, and the audit log keeps
+//! every issuance (its `Enroll`/`Renew` entry names serial, job, fingerprint and claims).
+//!
 //! The same `due/` keys name every live certificate (issue 30): the ones whose notAfter is still
 //! ahead. What needs live certificates — `meshsign_certificates_live`, the matches a new
 //! revocation reports, when a retiring runner CA's last certificate ends — reads those
@@ -41,12 +48,21 @@ pub const SWEEP_BATCHES: usize = 8;
 /// How long the claim of an abandoned session is kept (what `admin status` can count from).
 pub const KEEP_ABANDONED_SECONDS: i64 = 7 * 86_400;
 
+/// How long an issuance record is kept after its certificate's notAfter (see the module docs).
+pub const KEEP_EXPIRED_RECORDS_SECONDS: i64 = 30 * 86_400;
+
+const EXPIRED: &str = "expired/";
+
 const DUE: &str = "due/";
 /// `meta` key set once every issuance record has its `due/` key (a store from before the index).
 const DUE_INDEX_BUILT: &[u8] = b"index/due-v1";
 /// Most live certificates read at once (far above any fleet's; a guard, not a limit in use).
 const MAX_LIVE: usize = 4_000_000;
 const ABANDONED: &str = "abandoned/";
+
+fn value_or_empty(v: Option<Vec<u8>>) -> Vec<u8> {
+    v.unwrap_or_default()
+}
 
 fn timed_key(prefix: &str, at: i64, serial: &str) -> Vec<u8> {
     format!("{prefix}{:016x}/{serial}", at.max(0)).into_bytes()
@@ -66,6 +82,8 @@ pub struct Sweep {
     pub looked_at: usize,
     /// Sessions this replica counted as abandoned (environment, serial).
     pub abandoned: Vec<(String, String)>,
+    /// Issuance records removed, their certificates [`KEEP_EXPIRED_RECORDS_SECONDS`] expired.
+    pub records_removed: usize,
 }
 
 impl SiteState {
@@ -118,10 +136,44 @@ impl SiteState {
                         .push((r.environment.clone(), r.serial.clone()));
                 }
             }
+            // Watched on until its record is removed (a crash between the two: swept again).
+            kv.put(
+                Tree::Meta,
+                &timed_key(EXPIRED, not_after, &serial),
+                &value_or_empty(kv.get(Tree::Meta, &key)?),
+            )?;
             kv.remove(Tree::Meta, &key)?;
         }
         self.prune_abandoned(now - KEEP_ABANDONED_SECONDS, batch)?;
+        sweep.records_removed =
+            self.prune_expired_records(now - KEEP_EXPIRED_RECORDS_SECONDS, batch)?;
         Ok(sweep)
+    }
+
+    /// Removes the issuance records (and the session heads naming them) of certificates whose
+    /// notAfter is before `before` (at most `batch`); returns how many.
+    pub fn prune_expired_records(&self, before: i64, batch: usize) -> Result<usize, StoreError> {
+        let kv = self.store.kv();
+        let mut removed = 0;
+        for (key, _) in kv.scan_range(Tree::Meta, EXPIRED.as_bytes(), batch)? {
+            let Some((at, serial)) = parse_timed(EXPIRED, &key) else {
+                break; // past the `expired/` keys
+            };
+            if at >= before {
+                break;
+            }
+            if let Some(r) = self
+                .store
+                .get::<CertRecord>(Tree::Certs, serial.as_bytes())?
+            {
+                self.forget_session_head(&r)?;
+                kv.remove(Tree::Certs, serial.as_bytes())?;
+                self.forget_cached(&serial);
+                removed += 1;
+            }
+            kv.remove(Tree::Meta, &key)?;
+        }
+        Ok(removed)
     }
 
     /// Every certificate whose notAfter is ahead and that neither a renewal superseded nor its
