@@ -669,27 +669,8 @@ impl Inner {
         self.file.sync_all().map_err(|e| io(&self.active.path, e))?;
         write_index(&self.active, &self.offsets)?;
         let first = self.active.first + self.active.count;
-        let path = segment_path(dir, first);
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .map_err(|e| io(&path, e))?;
-        let old = std::mem::replace(
-            &mut self.active,
-            Segment {
-                first,
-                count: 0,
-                path,
-            },
-        );
+        let old = self.open_new_segment(dir, first)?;
         self.sealed.push(old);
-        self.file = Arc::new(file);
-        self.offsets.clear();
-        self.len = 0;
-        self.dir_dirty = true;
         Ok(())
     }
 
@@ -702,7 +683,19 @@ impl Inner {
             let _ = std::fs::remove_file(s.idx_path());
             let _ = std::fs::remove_file(&s.path);
         }
-        let path = segment_path(dir, seq);
+        let old = self.open_new_segment(dir, seq)?;
+        // The new segment may have the old one's name (it started at the same seq): then the
+        // file just made is the one to keep.
+        if old.path != self.active.path {
+            let _ = std::fs::remove_file(&old.path);
+        }
+        Ok(())
+    }
+
+    /// Makes a new, empty segment starting at `first` the open one; returns the one it
+    /// replaced (the caller seals or deletes it).
+    fn open_new_segment(&mut self, dir: &Path, first: u64) -> Result<Segment, StoreError> {
+        let path = segment_path(dir, first);
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -710,17 +703,18 @@ impl Inner {
             .truncate(true)
             .open(&path)
             .map_err(|e| io(&path, e))?;
-        let _ = std::fs::remove_file(&self.active.path);
-        self.active = Segment {
-            first: seq,
-            count: 0,
-            path,
-        };
         self.file = Arc::new(file);
         self.offsets.clear();
         self.len = 0;
         self.dir_dirty = true;
-        Ok(())
+        Ok(std::mem::replace(
+            &mut self.active,
+            Segment {
+                first,
+                count: 0,
+                path,
+            },
+        ))
     }
 
     /// Cuts the last record off.
@@ -851,6 +845,32 @@ mod tests {
         assert_eq!(log.last().unwrap().unwrap().0, k(99).to_vec());
         log.put(&k(100), b"again").unwrap();
         assert_eq!(log.get(&k(100)).unwrap(), Some(b"again".to_vec()));
+    }
+
+    /// A log whose every entry is below the floor while a sealed segment is still on disk (its
+    /// deletion failed after retention moved the floor), written again at the empty open
+    /// segment's first seq: the new file has the old one's name and must be the one kept
+    /// (before the fold into `open_new_segment`, it was deleted right after it was made).
+    #[test]
+    fn an_emptied_log_restarts_in_a_file_it_keeps() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SegmentLog::open(dir.path()).unwrap();
+        for seq in 1..=10 {
+            log.put(&k(seq), &value(seq)).unwrap();
+        }
+        log.lock().unwrap().seal(dir.path()).unwrap();
+        log.flush().unwrap();
+        drop(log);
+        std::fs::write(dir.path().join("floor"), 11u64.to_le_bytes()).unwrap();
+        let log = SegmentLog::open(dir.path()).unwrap();
+        assert!(log.last().unwrap().is_none());
+        log.put(&k(11), &value(11)).unwrap();
+        log.put(&k(12), &value(12)).unwrap();
+        log.flush().unwrap();
+        drop(log);
+        let log = SegmentLog::open(dir.path()).unwrap();
+        assert_eq!(log.range(0, 10).unwrap().len(), 2);
+        assert_eq!(log.get(&k(12)).unwrap(), Some(value(12)));
     }
 
     #[test]
