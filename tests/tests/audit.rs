@@ -805,6 +805,7 @@ async fn an_unreadable_old_audit_page_is_found_after_the_start_and_stops_signing
     );
     let settings = meshsign_server::audit::AuditSettings {
         start_check_entries: 5,
+        checkpoint_interval: std::time::Duration::from_millis(100),
         ..Default::default()
     };
     let state = meshsign_server::state::SiteState::open_with(
@@ -852,6 +853,16 @@ async fn an_unreadable_old_audit_page_is_found_after_the_start_and_stops_signing
         refused.message().starts_with("audit_unavailable:"),
         "{refused:?}"
     );
+    // Nor is a checkpoint made over it: asked for one (as a receipt would), the writer refuses
+    // with the same reason; and the periodic checkpoint, due now, writes nothing either.
+    let e = site
+        .state()
+        .audit
+        .signed_head_covering(head + 1)
+        .await
+        .expect_err("no checkpoint over a damaged log");
+    assert!(e.to_string().contains("cannot be read past seq"), "{e}");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert_eq!(
         *site.state().audit.head().borrow(),
         head,

@@ -246,20 +246,25 @@ struct Scrub {
     done: watch::Receiver<Option<Result<u64, AuditError>>>,
     /// Set by [`AuditLog::stop`].
     stop: Arc<std::sync::atomic::AtomicBool>,
-    /// Set when it found damage: appends are refused with the error in `done`.
-    damaged: Arc<std::sync::atomic::AtomicBool>,
+    /// What it found damaged, set before `done` is: the writer refuses every commit (entries
+    /// and checkpoints alike) once it is set, so nothing queued before it lands after it.
+    damaged: Damage,
     thread: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 impl Scrub {
     /// Starts the read of the log in `dir`'s store; None: nothing to read (a shared database,
     /// or no journal), reported as done at once.
-    fn start(store: &Store, dir: Option<std::path::PathBuf>) -> Result<Self, AuditError> {
+    fn start(
+        store: &Store,
+        dir: Option<std::path::PathBuf>,
+        damaged: Damage,
+    ) -> Result<Self, AuditError> {
         let (tx, done) = watch::channel(None);
         let scrub = Self {
             done,
             stop: Arc::default(),
-            damaged: Arc::default(),
+            damaged,
             thread: Arc::default(),
         };
         let Some(dir) = dir else {
@@ -282,7 +287,7 @@ impl Scrub {
                     }
                     Ok(_) => {}
                     Err(e) => {
-                        damaged.store(true, std::sync::atomic::Ordering::SeqCst);
+                        let _ = damaged.set(e.clone());
                         tracing::error!(error = %e, "audit log damaged: signing and every other audited call are refused from now on");
                     }
                 }
@@ -297,15 +302,13 @@ impl Scrub {
 
     /// The damage it found, if any.
     fn damage(&self) -> Option<AuditError> {
-        if !self.damaged.load(std::sync::atomic::Ordering::SeqCst) {
-            return None;
-        }
-        match &*self.done.borrow() {
-            Some(Err(e)) => Some(e.clone()),
-            _ => None,
-        }
+        self.damaged.get().cloned()
     }
 }
+
+/// Damage the background read found in the stored log, shared by it, [`AuditLog`] and the
+/// writer: set once, never cleared (a restore or `meshsignd recover` starts a new process).
+pub(super) type Damage = Arc<std::sync::OnceLock<AuditError>>;
 
 /// Appends entries through the group-commit writer.
 #[derive(Clone)]
@@ -446,6 +449,7 @@ impl AuditLog {
             j.clear(seq, &hash)?;
         }
         let failing: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+        let damaged: Damage = Arc::default();
         let tree = load_tree(&store, seq);
         let (signed_tx, signed_rx) = watch::channel(initial_head);
         let (signed_log_tx, signed_log_rx) = watch::channel(initial_log_head);
@@ -475,6 +479,7 @@ impl AuditLog {
             chain_pending: Vec::new(),
             shared: store.kv().chain().is_some(),
             failing: failing.clone(),
+            damaged: damaged.clone(),
             metrics,
             tree,
             completed: Vec::new(),
@@ -487,7 +492,7 @@ impl AuditLog {
             .name("audit-writer".into())
             .spawn(move || writer.commit_loop(rx))
             .map_err(|e| AuditError::Thread(Arc::new(e)))?;
-        let scrub = Scrub::start(&store, scrub_dir)?;
+        let scrub = Scrub::start(&store, scrub_dir, damaged)?;
         Ok(Self {
             scrub,
             failing,
@@ -723,8 +728,7 @@ impl AuditLog {
     /// Whether the last commit failed (writes are refused until a repair or a commit works),
     /// or the background read found the stored log damaged (refused until a restore).
     pub fn is_failing(&self) -> bool {
-        self.failing.load(std::sync::atomic::Ordering::SeqCst)
-            || self.scrub.damaged.load(std::sync::atomic::Ordering::SeqCst)
+        self.failing.load(std::sync::atomic::Ordering::SeqCst) || self.scrub.damaged.get().is_some()
     }
 
     /// Tries to make the log writable again after failed writes (see the writer's `repair`);

@@ -76,6 +76,10 @@ pub(super) struct Writer {
     pub(super) shared: bool,
     /// Set while commits fail (a full or broken disk); cleared by a commit or a repair.
     pub(super) failing: Arc<std::sync::atomic::AtomicBool>,
+    /// Set by the background read when the stored log is damaged: from then on no commit
+    /// writes anything (checked here, not only where entries are sent, so an entry queued
+    /// before the damage was found, or a periodic checkpoint, does not land after it).
+    pub(super) damaged: super::Damage,
     pub(super) metrics: Arc<crate::metrics::Metrics>,
     /// The Merkle tree over entries 1..=seq (None: it could not be built; checkpoints then
     /// carry no tree head, and the log says why once).
@@ -282,6 +286,9 @@ impl Writer {
     /// signing entry (the journal), not with a store flush: on-demand checkpoints follow the
     /// rate of receipts, the periodic ones move everything into the store.
     pub(super) fn checkpoint_now(&mut self, cover: Cover) -> Result<(), AuditError> {
+        if let Some(e) = self.damaged.get() {
+            return Err(e.clone());
+        }
         let (known, want, tree) = match cover {
             Cover::Audit(seq) => (
                 self.signed_head.borrow().as_ref().map(|h| h.size),
@@ -551,6 +558,14 @@ impl Writer {
         batch: Vec<(AuditRecord, Scope, Reply)>,
         checkpointing: Checkpointing,
     ) -> Result<(), AuditError> {
+        if let Some(e) = self.damaged.get() {
+            // Nothing is written over a damaged log; `is_failing` already reports it, and the
+            // scrub logged it once (a commit that writes nothing is not a new failure).
+            for (_, _, reply) in batch {
+                let _ = reply.send(Err(e.clone()));
+            }
+            return Ok(());
+        }
         let (saved_seq, saved_hash, saved_since) =
             (self.seq, self.hash.clone(), self.since_checkpoint);
         let saved_tree = self.tree.clone();
