@@ -28,8 +28,9 @@ use meshsign_evidence::merkle::{self, Completed, Frontier, Hash};
 use super::AuditError;
 use crate::store::{Store, Tree};
 
-/// Perfect subtrees of this many levels (16 leaves) or more are stored.
-pub const STORED_LEVEL: u32 = 4;
+/// Perfect subtrees of this many levels (16 leaves) or more are stored (on an embedded site,
+/// in the node files: [`crate::store::slots`]).
+pub const STORED_LEVEL: u32 = crate::store::slots::DENSE_LEVEL as u32;
 
 /// Which of the site's two trees.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,13 +42,13 @@ pub enum Log {
 }
 
 /// Transparency leaves per stored row: the 16 leaves under one stored level-4 node.
-pub const LEAVES_PER_ROW: u64 = 1 << STORED_LEVEL;
+pub const LEAVES_PER_ROW: u64 = crate::store::slots::LEAVES_PER_ROW;
 
 /// A leaf row: a big-endian bitmap of the slots present, then [`LEAVES_PER_ROW`] 32-byte slots.
-const ROW_BYTES: usize = 2 + LEAVES_PER_ROW as usize * 32;
+const ROW_BYTES: usize = crate::store::slots::ROW_BYTES;
 
 /// The level byte of leaf rows (tree levels are 0–63).
-const ROW_MARK: u8 = 0xFE;
+const ROW_MARK: u8 = crate::store::slots::ROW_MARK;
 
 /// How often a row merge is tried again when another writer changed the row in between.
 const ROW_RETRIES: usize = 16;
@@ -295,10 +296,34 @@ mod tests {
         for i in 0..4 {
             assert_eq!(log_leaf(&store, i).unwrap(), Some(leaf(i)), "leaf {i}");
         }
-        // A damaged row is no leaf, and the next write replaces it.
-        store.kv().put(Tree::Merkle, &row_key(1), b"short").unwrap();
+    }
+
+    /// A damaged leaf (a flipped byte in its slot) is no leaf: the proof path says which leaf
+    /// is missing, and the next write of it (a restart writes it back from its audit entry)
+    /// puts it back.
+    #[test]
+    fn a_damaged_leaf_reads_as_missing_and_is_written_again() {
+        let (dir, store) = store();
+        let leaves: Vec<Hash> = (0..32).map(leaf).collect();
+        put_log_leaves(&store, 0, &leaves).unwrap();
+        store.flush().unwrap();
+        let path = crate::store::slots::dir_of(dir.path()).join("log-leaves.slots");
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[16 * 36 + 3] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
         assert_eq!(log_leaf(&store, 16).unwrap(), None);
+        assert_eq!(log_leaf(&store, 17).unwrap(), Some(leaf(17)));
+        let e = frontier(&store, Log::Transparency, 32).unwrap_err();
+        assert!(e.to_string().contains("transparency leaf 16"), "{e}");
         put_log_leaves(&store, 16, &[leaf(16)]).unwrap();
         assert_eq!(log_leaf(&store, 16).unwrap(), Some(leaf(16)));
+        let mut f = Frontier::default();
+        for l in &leaves {
+            f.push(*l);
+        }
+        assert_eq!(
+            frontier(&store, Log::Transparency, 32).unwrap().root(),
+            f.root()
+        );
     }
 }

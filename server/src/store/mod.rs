@@ -14,6 +14,7 @@ use serde::{Serialize, de::DeserializeOwned};
 
 pub mod postgres;
 pub mod segments;
+pub mod slots;
 pub use postgres::{PgKv, PgSettings};
 
 /// Storage failures.
@@ -217,11 +218,28 @@ pub trait SharedChain: Send + Sync {
 /// The audit log ([`Tree::Audit`]) is not in sled: it is kept in append-only segment files in
 /// `<dir>/audit` ([`segments`]), so that neither a start nor the resident memory grows with it.
 /// A store whose audit entries are still in sled (a site from before) has them moved at open.
+///
+/// Likewise the Merkle trees' nodes and the transparency leaves ([`Tree::Merkle`] keys that
+/// [`slots::holds`]) are kept in fixed-slot files in `<dir>/merkle` ([`slots`]): written once
+/// where their (level, index) puts them, with nothing for sled to log, rewrite or replay.
 pub struct SledKv {
     dir: std::path::PathBuf,
     cache_bytes: u64,
     inner: std::sync::RwLock<Option<Arc<SledInner>>>,
     audit: segments::SegmentLog,
+    nodes: slots::NodeFiles,
+}
+
+/// Merges two key-ordered lists (keys are in one or the other), keeping the first `limit`.
+fn merge_sorted(mut a: Vec<Entry>, b: Vec<Entry>, limit: usize) -> Vec<Entry> {
+    if b.is_empty() {
+        a.truncate(limit);
+        return a;
+    }
+    a.extend(b);
+    a.sort_by(|x, y| x.0.cmp(&y.0));
+    a.truncate(limit);
+    a
 }
 
 struct SledInner {
@@ -247,11 +265,14 @@ impl SledKv {
         let inner = SledInner::open(dir, cache_bytes)?;
         let audit = segments::SegmentLog::open(&segments::dir_of(dir))?;
         move_audit_out_of_sled(&inner, &audit)?;
+        let nodes = slots::NodeFiles::open(&slots::dir_of(dir));
+        move_nodes_out_of_sled(&inner, &nodes)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             cache_bytes,
             inner: std::sync::RwLock::new(Some(Arc::new(inner))),
             audit,
+            nodes,
         })
     }
 
@@ -330,10 +351,56 @@ fn move_audit_out_of_sled(
     Ok(())
 }
 
+/// Moves the Merkle nodes and transparency leaves a store from before kept in sled into the
+/// node files, then takes them out of sled. Idempotent (the files are written before sled
+/// forgets them; writing a node again writes the same bytes). A value of the wrong size is
+/// dropped: nodes are derived from the audit log, and what is missing is recomputed or
+/// written back.
+fn move_nodes_out_of_sled(inner: &SledInner, nodes: &slots::NodeFiles) -> Result<(), StoreError> {
+    let tree = inner.tree(Tree::Merkle);
+    let mut moved = 0u64;
+    let mut dropped = 0u64;
+    let mut batch = sled::Batch::default();
+    for row in tree.iter() {
+        let (k, v) = row.map_err(engine)?;
+        if !slots::holds(&k) {
+            continue;
+        }
+        match nodes.put(&k, &v) {
+            Ok(()) => moved += 1,
+            Err(StoreError::Engine(_)) => dropped += 1,
+            Err(e) => return Err(e),
+        }
+        batch.remove(k);
+    }
+    if moved + dropped == 0 {
+        return Ok(());
+    }
+    nodes.flush()?;
+    tree.apply_batch(batch).map_err(engine)?;
+    inner.db.flush().map_err(engine)?;
+    tracing::info!(
+        moved,
+        dropped,
+        "Merkle nodes and transparency leaves moved from sled into the node files"
+    );
+    Ok(())
+}
+
+impl SledKv {
+    /// Whether `key` of `tree` is kept in the node files.
+    fn in_nodes(tree: Tree, key: &[u8]) -> bool {
+        tree == Tree::Merkle && slots::holds(key)
+    }
+}
+
 impl Kv for SledKv {
     fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         if tree == Tree::Audit {
             return self.audit.get(key);
+        }
+        if Self::in_nodes(tree, key) {
+            return self.nodes.get(key);
         }
         Ok(self
             .db()?
@@ -346,6 +413,9 @@ impl Kv for SledKv {
     fn put(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         if tree == Tree::Audit {
             return self.audit.put(key, value);
+        }
+        if Self::in_nodes(tree, key) {
+            return self.nodes.put(key, value);
         }
         self.db()?
             .tree(tree)
@@ -360,6 +430,9 @@ impl Kv for SledKv {
                 return Ok(false);
             }
             return self.audit.put(key, value).map(|()| true);
+        }
+        if Self::in_nodes(tree, key) {
+            return self.nodes.insert_new(key, value);
         }
         let r = self
             .db()?
@@ -376,6 +449,9 @@ impl Kv for SledKv {
             }
             return self.audit.put(key, new).map(|()| true);
         }
+        if Self::in_nodes(tree, key) {
+            return self.nodes.update(key, old, new);
+        }
         let r = self
             .db()?
             .tree(tree)
@@ -387,6 +463,9 @@ impl Kv for SledKv {
     fn remove(&self, tree: Tree, key: &[u8]) -> Result<(), StoreError> {
         if tree == Tree::Audit {
             return self.audit.remove(key);
+        }
+        if Self::in_nodes(tree, key) {
+            return self.nodes.remove(key);
         }
         self.db()?
             .tree(tree)
@@ -401,11 +480,17 @@ impl Kv for SledKv {
             rows.retain(|(k, _)| k.starts_with(prefix));
             return Ok(rows);
         }
-        self.db()?
+        let in_sled = self
+            .db()?
             .tree(tree)
             .scan_prefix(prefix)
             .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(engine))
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        if tree != Tree::Merkle {
+            return Ok(in_sled);
+        }
+        let in_files = self.nodes.scan(prefix, prefix, usize::MAX)?;
+        Ok(merge_sorted(in_sled, in_files, usize::MAX))
     }
 
     fn scan_range(&self, tree: Tree, from: &[u8], limit: usize) -> Result<Vec<Entry>, StoreError> {
@@ -420,30 +505,44 @@ impl Kv for SledKv {
             }
             return self.audit.range(seq, limit);
         }
-        self.db()?
+        let in_sled = self
+            .db()?
             .tree(tree)
             .range(from..)
             .take(limit)
             .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(engine))
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?;
+        if tree != Tree::Merkle {
+            return Ok(in_sled);
+        }
+        let in_files = self.nodes.scan(from, b"", limit)?;
+        Ok(merge_sorted(in_sled, in_files, limit))
     }
 
     fn last(&self, tree: Tree) -> Result<Option<Entry>, StoreError> {
         if tree == Tree::Audit {
             return self.audit.last();
         }
-        Ok(self
+        let in_sled = self
             .db()?
             .tree(tree)
             .last()
             .map_err(engine)?
-            .map(|(k, v)| (k.to_vec(), v.to_vec())))
+            .map(|(k, v)| (k.to_vec(), v.to_vec()));
+        if tree != Tree::Merkle {
+            return Ok(in_sled);
+        }
+        Ok(match (in_sled, self.nodes.last()?) {
+            (Some(a), Some(b)) => Some(if a.0 > b.0 { a } else { b }),
+            (a, b) => a.or(b),
+        })
     }
 
     fn flush(&self) -> Result<(), StoreError> {
         // The entries first: what sled records about them (the durable point, the tree's
         // nodes) must never be durable before they are.
         self.audit.flush()?;
+        self.nodes.flush()?;
         self.db()?.db.flush().map_err(engine).map(|_| ())
     }
 
@@ -698,6 +797,72 @@ mod tests {
                 .join("00000000000000000001.seg")
                 .exists()
         );
+    }
+
+    /// A store from before kept its Merkle nodes and transparency leaves in sled: at open the
+    /// ones the node files hold move there (rows, old one-leaf keys, dense levels), the rest
+    /// (low audit levels) stay in sled, reads and scans see the same keys and values as before,
+    /// and a second open finds nothing to move.
+    #[test]
+    fn merkle_nodes_kept_in_sled_move_into_the_node_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = |p: &[u8], i: u64| [p, &i.to_be_bytes()[..]].concat();
+        let mut row = vec![0u8; super::slots::ROW_BYTES];
+        row[..2].copy_from_slice(&1u16.to_be_bytes());
+        row[2..34].copy_from_slice(&[7; 32]);
+        let old: Vec<(Vec<u8>, Vec<u8>)> = vec![
+            (key(&[2], 5), vec![2; 32]),
+            (key(&[4], 0), vec![4; 32]),
+            (key(&[4], 3), vec![5; 32]),
+            (key(&[20], 0), vec![20; 32]),
+            (key(b"T\x04", 1), vec![9; 32]),
+            (key(b"T\xFE", 2), row.clone()),
+        ];
+        {
+            let db = sled::open(dir.path()).unwrap();
+            let tree = db.open_tree(Tree::Merkle.name()).unwrap();
+            for (k, v) in &old {
+                tree.insert(k, v.as_slice()).unwrap();
+            }
+            // An old one-leaf key in row 2's slot 1.
+            tree.insert(key(b"T\x00", 33), &[8; 32]).unwrap();
+            db.flush().unwrap();
+        }
+        let kv = SledKv::open(dir.path()).unwrap();
+        let sled_keys: Vec<Vec<u8>> = kv
+            .db()
+            .unwrap()
+            .tree(Tree::Merkle)
+            .iter()
+            .map(|r| r.unwrap().0.to_vec())
+            .collect();
+        assert_eq!(sled_keys, vec![key(&[2], 5)], "only the low level stays in sled");
+        let mut merged = row.clone();
+        merged[..2].copy_from_slice(&3u16.to_be_bytes());
+        merged[34..66].copy_from_slice(&[8; 32]);
+        let mut want = old.clone();
+        want[5].1 = merged;
+        assert_eq!(kv.scan_range(Tree::Merkle, b"", usize::MAX).unwrap(), want);
+        assert_eq!(kv.get(Tree::Merkle, &key(&[4], 3)).unwrap(), Some(vec![5; 32]));
+        assert_eq!(kv.last(Tree::Merkle).unwrap(), want.last().cloned());
+        // Paged as a snapshot pages: every key once.
+        let mut paged = Vec::new();
+        let mut from = Vec::new();
+        loop {
+            let page = kv.scan_range(Tree::Merkle, &from, 2).unwrap();
+            paged.extend(page.iter().cloned());
+            match page.last() {
+                Some((k, _)) if page.len() == 2 => {
+                    from = k.clone();
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
+        assert_eq!(paged, want);
+        drop(kv);
+        let kv = SledKv::open(dir.path()).unwrap();
+        assert_eq!(kv.scan_range(Tree::Merkle, b"", usize::MAX).unwrap(), want);
     }
 
     #[test]
