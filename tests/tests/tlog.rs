@@ -432,3 +432,46 @@ async fn a_witness_checks_that_both_logs_only_grow() {
         assert!(e.message().starts_with("audit_entry: "), "{}", e.message());
     }
 }
+
+/// A transparency leaf whose slot is found damaged (a flipped byte in
+/// `merkle/log-leaves.slots`) is read as missing and written back from the audit entry that
+/// added it — found by a binary search over the log — so its proof, and its neighbours'
+/// (which need it as a sibling), still verify, and the file holds the leaf again. Without the
+/// write-back the proof fails until nothing can bring the leaf back.
+#[tokio::test]
+async fn a_damaged_leaf_is_written_back_from_the_audit_entry_that_added_it() {
+    let site = TestSite::start().await;
+    let key = audit_key(&site).await;
+    let (_k, _r, mut s) = site.enrolled("staging").await;
+    let mut got = Vec::new();
+    for i in 0..40u8 {
+        let r = s.sign(sign_req("release", i)).await.unwrap().into_inner();
+        got.push(r.transparency_entry.unwrap());
+    }
+    let data_dir = meshsign_server::config::SiteConfig::load(&site.site_toml)
+        .unwrap()
+        .data_dir;
+    let path = meshsign_server::store::slots::dir_of(&data_dir).join("log-leaves.slots");
+    let before = std::fs::read(&path).unwrap();
+    let damaged = &got[21];
+    let at = usize::try_from(damaged.log_index).unwrap() * 36 + 3;
+    let mut bytes = before.clone();
+    bytes[at] ^= 0x10;
+    std::fs::write(&path, &bytes).unwrap();
+    // A neighbour first: its proof needs the damaged leaf as a sibling.
+    let neighbour = &got[20];
+    prove(
+        &site,
+        &key,
+        neighbour.log_index,
+        &neighbour.canonicalized_body,
+    )
+    .await;
+    prove(&site, &key, damaged.log_index, &damaged.canonicalized_body).await;
+    let after = std::fs::read(&path).unwrap();
+    assert_eq!(
+        after[at - 3..at + 33],
+        before[at - 3..at + 33],
+        "the slot holds the leaf again"
+    );
+}

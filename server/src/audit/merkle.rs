@@ -143,6 +143,65 @@ fn put_row(store: &Store, row: u64, first: usize, leaves: &[Hash]) -> Result<(),
     )))
 }
 
+/// Audit entries looked at past a probe for the next one that added transparency leaves.
+const LEAF_SEARCH_AHEAD: usize = 256;
+
+/// Writes back transparency leaf `index` (lost, or its slot found damaged) from the audit
+/// entry that added it — the record the leaves are derived from — with the other leaves that
+/// entry names; None if no stored entry names it. The entries' first leaf indices grow with
+/// their seqs, so the entry is found by a binary search over seqs: O(log n) reads.
+fn write_back_leaf(store: &Store, index: u64) -> Result<Option<Hash>, AuditError> {
+    use meshsign_evidence::audit::{AuditRecord, TlogLeaves};
+    let kv = store.kv();
+    let seq_of = |k: &[u8]| <[u8; 8]>::try_from(k).map(u64::from_be_bytes).ok();
+    let (Some(lo), Some(hi)) = (
+        kv.scan_range(Tree::Audit, b"", 1)?
+            .first()
+            .and_then(|(k, _)| seq_of(k)),
+        kv.last(Tree::Audit)?.and_then(|(k, _)| seq_of(&k)),
+    ) else {
+        return Ok(None);
+    };
+    // The first entry at or after `seq` (within the look-ahead) that added leaves.
+    let next = |seq: u64| -> Result<Option<TlogLeaves>, AuditError> {
+        for (_, v) in kv.scan_range(Tree::Audit, &seq.to_be_bytes(), LEAF_SEARCH_AHEAD)? {
+            let rec: AuditRecord =
+                serde_json::from_slice(&v).map_err(AuditError::entry("stored"))?;
+            if rec.tlog.is_some() {
+                return Ok(rec.tlog);
+            }
+        }
+        Ok(None)
+    };
+    // The last seq whose next leaf-adding entry starts at or before `index`.
+    let (mut lo, mut hi) = (lo, hi);
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        match next(mid)? {
+            Some(t) if t.index <= index => lo = mid,
+            _ => hi = mid - 1,
+        }
+    }
+    let Some(t) = next(lo)? else {
+        return Ok(None);
+    };
+    let Some(hashes) = t.hashes() else {
+        return Ok(None);
+    };
+    let Some(h) = index
+        .checked_sub(t.index)
+        .and_then(|off| hashes.get(usize::try_from(off).ok()?).copied())
+    else {
+        return Ok(None);
+    };
+    put_log_leaves(store, t.index, &hashes)?;
+    tracing::warn!(
+        leaf = index,
+        "transparency leaf missing from the store, written back from the audit entry naming it"
+    );
+    Ok(Some(h))
+}
+
 /// Why a node could not be had.
 fn missing(seq: u64) -> AuditError {
     AuditError::Tree(format!(
@@ -154,10 +213,13 @@ fn missing(seq: u64) -> AuditError {
 /// The hash of the perfect subtree (level, index), from the store or computed (and stored).
 pub fn perfect(store: &Store, log: Log, level: u32, index: u64) -> Result<Hash, AuditError> {
     if level == 0 && log == Log::Transparency {
-        return log_leaf(store, index)?.ok_or_else(|| {
+        if let Some(h) = log_leaf(store, index)? {
+            return Ok(h);
+        }
+        return write_back_leaf(store, index)?.ok_or_else(|| {
             AuditError::Tree(format!(
-                "transparency leaf {index} is not in the store (its audit entry names it: \
-                 restart the site to write it back)"
+                "transparency leaf {index} is not in the store, and no stored audit entry names \
+                 it (removed by retention?)"
             ))
         });
     }

@@ -836,14 +836,21 @@ mod tests {
             .iter()
             .map(|r| r.unwrap().0.to_vec())
             .collect();
-        assert_eq!(sled_keys, vec![key(&[2], 5)], "only the low level stays in sled");
+        assert_eq!(
+            sled_keys,
+            vec![key(&[2], 5)],
+            "only the low level stays in sled"
+        );
         let mut merged = row.clone();
         merged[..2].copy_from_slice(&3u16.to_be_bytes());
         merged[34..66].copy_from_slice(&[8; 32]);
         let mut want = old.clone();
         want[5].1 = merged;
         assert_eq!(kv.scan_range(Tree::Merkle, b"", usize::MAX).unwrap(), want);
-        assert_eq!(kv.get(Tree::Merkle, &key(&[4], 3)).unwrap(), Some(vec![5; 32]));
+        assert_eq!(
+            kv.get(Tree::Merkle, &key(&[4], 3)).unwrap(),
+            Some(vec![5; 32])
+        );
         assert_eq!(kv.last(Tree::Merkle).unwrap(), want.last().cloned());
         // Paged as a snapshot pages: every key once.
         let mut paged = Vec::new();

@@ -59,6 +59,10 @@ const MAX_LEVEL: u8 = 63;
 /// Bytes per slot: hash and CRC.
 const SLOT: usize = 36;
 
+/// The furthest offset a slot is read or written at (2⁶², past any real tree; a file
+/// offset is signed).
+const MAX_OFFSET: u64 = 1 << 62;
+
 /// Slots read at a time by a scan.
 const SCAN_CHUNK: u64 = 4096;
 
@@ -146,9 +150,7 @@ fn route(key: &[u8]) -> Option<Place> {
             match *l {
                 0 => Some(Place::One(FileId::Leaves, i)),
                 ROW_MARK => Some(Place::Row(i)),
-                l if (DENSE_LEVEL..=MAX_LEVEL).contains(&l) => {
-                    Some(Place::One(FileId::Log(l), i))
-                }
+                l if (DENSE_LEVEL..=MAX_LEVEL).contains(&l) => Some(Place::One(FileId::Log(l), i)),
                 _ => None,
             }
         }
@@ -209,12 +211,7 @@ impl NodeFiles {
 
     /// The open file `id`; None if it does not exist and `create` is false.
     fn file(&self, id: FileId, create: bool) -> Result<Option<Arc<File>>, StoreError> {
-        if let Some(f) = self
-            .open
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&id)
-        {
+        if let Some(f) = self.open.read().unwrap_or_else(|p| p.into_inner()).get(&id) {
             return Ok(Some(f.clone()));
         }
         let path = self.dir.join(id.name());
@@ -259,9 +256,15 @@ impl NodeFiles {
         let Some(f) = self.file(id, false)? else {
             return Ok(out);
         };
+        // Past what a file can hold (a hostile index): absent, as past the end.
+        let Some(at) = first
+            .checked_mul(SLOT as u64)
+            .filter(|&at| at <= MAX_OFFSET)
+        else {
+            return Ok(out);
+        };
         let mut buf = vec![0u8; n * SLOT];
         let mut got = 0;
-        let at = first.saturating_mul(SLOT as u64);
         while got < buf.len() {
             match f.read_at(&mut buf[got..], at + got as u64) {
                 Ok(0) => break,
@@ -304,8 +307,15 @@ impl NodeFiles {
                 slot[32..].copy_from_slice(&crc(id, first + i as u64, h).to_le_bytes());
             }
         }
-        f.write_all_at(&buf, first.saturating_mul(SLOT as u64))
-            .map_err(self.io(id))?;
+        let at = first
+            .checked_mul(SLOT as u64)
+            .filter(|&at| at <= MAX_OFFSET)
+            .ok_or_else(|| {
+                StoreError::Engine(
+                    format!("slot {first} of {} is past what a file holds", id.name()).into(),
+                )
+            })?;
+        f.write_all_at(&buf, at).map_err(self.io(id))?;
         self.dirty
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -351,7 +361,11 @@ impl NodeFiles {
     fn put_locked(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         match route(key) {
             None => Err(StoreError::Engine(
-                format!("merkle key {} is not kept in the node files", hex::encode(key)).into(),
+                format!(
+                    "merkle key {} is not kept in the node files",
+                    hex::encode(key)
+                )
+                .into(),
             )),
             Some(Place::One(id, i)) => {
                 let h: Hash = value
@@ -482,11 +496,7 @@ impl NodeFiles {
             let mut end = keys;
             while end > 0 {
                 let n = SCAN_CHUNK.min(end);
-                let read = self.read(
-                    id,
-                    (end - n) * per,
-                    usize::try_from(n * per).unwrap_or(0),
-                )?;
+                let read = self.read(id, (end - n) * per, usize::try_from(n * per).unwrap_or(0))?;
                 for (j, chunk) in read.chunks(per as usize).enumerate().rev() {
                     let value = if id == FileId::Leaves {
                         Self::row_value(chunk)
@@ -507,9 +517,10 @@ impl NodeFiles {
 
     /// Makes every write so far durable.
     pub fn flush(&self) -> Result<(), StoreError> {
-        let ids: Vec<FileId> = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()))
-            .into_iter()
-            .collect();
+        let ids: Vec<FileId> =
+            std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()))
+                .into_iter()
+                .collect();
         for (n, id) in ids.iter().enumerate() {
             let synced = match self.file(*id, false)? {
                 Some(f) => f.sync_data().map_err(self.io(*id)),
@@ -578,6 +589,9 @@ mod tests {
         assert_eq!(files.get(&node_key(4, 1000)).unwrap(), Some(h(41).to_vec()));
         assert_eq!(files.get(&node_key(4, 999)).unwrap(), None, "a hole");
         assert_eq!(files.get(&node_key(4, 5000)).unwrap(), None, "past the end");
+        assert_eq!(files.get(&node_key(4, u64::MAX)).unwrap(), None);
+        assert_eq!(files.get(&log_key(ROW_MARK, u64::MAX)).unwrap(), None);
+        assert!(files.put(&node_key(4, u64::MAX), &h(1)).is_err());
         assert!(files.put(&node_key(4, 1), b"short").is_err());
         // Leaves: one old one-leaf key, then a row setting two other slots of row 0.
         files.put(&log_key(0, 1), &h(1)).unwrap();
@@ -621,9 +635,14 @@ mod tests {
             .map(|(k, _)| k)
             .collect();
         assert_eq!(next, want[1..3].to_vec());
-        let rows = files.scan(b"", &[LOG_PREFIX, ROW_MARK], usize::MAX).unwrap();
+        let rows = files
+            .scan(b"", &[LOG_PREFIX, ROW_MARK], usize::MAX)
+            .unwrap();
         assert_eq!(rows.len(), 2);
-        assert_eq!(files.last().unwrap().map(|(k, _)| k), Some(log_key(ROW_MARK, 3)));
+        assert_eq!(
+            files.last().unwrap().map(|(k, _)| k),
+            Some(log_key(ROW_MARK, 3))
+        );
         // A flipped byte: the slot reads as absent; the next write puts it back.
         files.flush().unwrap();
         let path = dir.path().join("audit-04.slots");
