@@ -453,13 +453,16 @@ async fn a_damaged_leaf_is_written_back_from_the_audit_entry_that_added_it() {
         .data_dir;
     let path = meshsign_server::store::slots::dir_of(&data_dir).join("log-leaves.slots");
     let before = std::fs::read(&path).unwrap();
-    let damaged = &got[21];
-    let at = usize::try_from(damaged.log_index).unwrap() * 36 + 3;
+    // Two leaves damaged: one proved itself, one a sibling of the leaf proved.
+    let (damaged, sibling) = (&got[21], &got[30]);
+    let neighbour = &got[31];
+    assert_eq!(sibling.log_index ^ 1, neighbour.log_index);
+    let at = |e: &v1::TransparencyEntry| usize::try_from(e.log_index).unwrap() * 36 + 3;
     let mut bytes = before.clone();
-    bytes[at] ^= 0x10;
+    bytes[at(damaged)] ^= 0x10;
+    bytes[at(sibling)] ^= 0x10;
     std::fs::write(&path, &bytes).unwrap();
-    // A neighbour first: its proof needs the damaged leaf as a sibling.
-    let neighbour = &got[20];
+    prove(&site, &key, damaged.log_index, &damaged.canonicalized_body).await;
     prove(
         &site,
         &key,
@@ -467,11 +470,14 @@ async fn a_damaged_leaf_is_written_back_from_the_audit_entry_that_added_it() {
         &neighbour.canonicalized_body,
     )
     .await;
-    prove(&site, &key, damaged.log_index, &damaged.canonicalized_body).await;
     let after = std::fs::read(&path).unwrap();
-    assert_eq!(
-        after[at - 3..at + 33],
-        before[at - 3..at + 33],
-        "the slot holds the leaf again"
-    );
+    for e in [damaged, sibling] {
+        let at = at(e);
+        assert_eq!(
+            after[at - 3..at + 33],
+            before[at - 3..at + 33],
+            "the slot of leaf {} holds it again",
+            e.log_index
+        );
+    }
 }

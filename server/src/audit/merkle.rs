@@ -100,6 +100,15 @@ pub fn log_leaf(store: &Store, index: u64) -> Result<Option<Hash>, AuditError> {
         .and_then(|v| Hash::try_from(v.as_slice()).ok()))
 }
 
+/// The transparency log's leaf `index`: stored, or written back from the audit entry that
+/// added it if its slot is lost or damaged; None if no stored entry names it.
+pub fn log_leaf_or_write_back(store: &Store, index: u64) -> Result<Option<Hash>, AuditError> {
+    match log_leaf(store, index)? {
+        Some(h) => Ok(Some(h)),
+        None => write_back_leaf(store, index),
+    }
+}
+
 /// Stores the transparency log's leaves from `index` on, merged into their rows.
 pub fn put_log_leaves(store: &Store, index: u64, leaves: &[Hash]) -> Result<(), AuditError> {
     let mut done = 0;
@@ -213,10 +222,7 @@ fn missing(seq: u64) -> AuditError {
 /// The hash of the perfect subtree (level, index), from the store or computed (and stored).
 pub fn perfect(store: &Store, log: Log, level: u32, index: u64) -> Result<Hash, AuditError> {
     if level == 0 && log == Log::Transparency {
-        if let Some(h) = log_leaf(store, index)? {
-            return Ok(h);
-        }
-        return write_back_leaf(store, index)?.ok_or_else(|| {
+        return log_leaf_or_write_back(store, index)?.ok_or_else(|| {
             AuditError::Tree(format!(
                 "transparency leaf {index} is not in the store, and no stored audit entry names \
                  it (removed by retention?)"

@@ -634,9 +634,10 @@ impl AuditLog {
         leaf_hash: &[u8],
     ) -> Result<Option<Proof>, AuditError> {
         let store = self.store.clone();
-        let stored = tokio::task::spawn_blocking(move || merkle::log_leaf(&store, index))
-            .await
-            .map_err(|e| AuditError::Tree(format!("proof task: {e}")))??;
+        let stored =
+            tokio::task::spawn_blocking(move || merkle::log_leaf_or_write_back(&store, index))
+                .await
+                .map_err(|e| AuditError::Tree(format!("proof task: {e}")))??;
         let Some(leaf) = stored else {
             return Ok(None);
         };
