@@ -409,6 +409,100 @@ pub fn verify_export_from(
     audit_key: &p256::ecdsa::VerifyingKey,
     start: Start,
 ) -> Result<VerifyReport, VerifyError> {
+    // Each entry's hash depends on its content alone: computed on every core first; the
+    // chain, the order and the checkpoints are then checked in one pass.
+    let computed = crate::par::par_map(lines, |line| match line {
+        ExportLine::Entry(e) => Some(e.compute_hash()),
+        ExportLine::Omitted(_) => None,
+    });
+    verify_lines(lines, &computed, audit_key, start)
+}
+
+/// Parses an export's text and verifies it as [`verify_export_from`] does, faster: a line that
+/// is the writer's own encoding of its entry (every line a site exports) is hashed from its
+/// bytes, with no re-encoding — the body is the line with `prev_hash` and `hash` emptied
+/// ([`AuditRecord::seal`]). That hash is used only when it is the line's `hash` (then the
+/// line's bytes are the ones the chain committed); any other line has its content hashed, as
+/// before, so what verifies is the same.
+pub fn verify_export_text(
+    text: &str,
+    audit_key: &p256::ecdsa::VerifyingKey,
+    start: Start,
+) -> Result<VerifyReport, ExportTextError> {
+    let raw: Vec<(usize, &str)> = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .collect();
+    let parsed = crate::par::par_map(&raw, |(i, l)| -> Result<_, ExportTextError> {
+        let line: ExportLine = serde_json::from_str(l)
+            .map_err(|e| ExportTextError::Parse(format!("line {}: {e}", i + 1)))?;
+        let computed = match &line {
+            ExportLine::Entry(e) => Some(
+                raw_body_hash(l)
+                    .map(|b| chain(&e.prev_hash, &b))
+                    .filter(|h| *h == e.hash)
+                    .unwrap_or_else(|| e.compute_hash()),
+            ),
+            ExportLine::Omitted(_) => None,
+        };
+        Ok((line, computed))
+    });
+    let mut lines = Vec::with_capacity(parsed.len());
+    let mut computed = Vec::with_capacity(parsed.len());
+    for p in parsed {
+        let (l, c) = p?;
+        lines.push(l);
+        computed.push(c);
+    }
+    Ok(verify_lines(&lines, &computed, audit_key, start)?)
+}
+
+/// Why [`verify_export_text`] refused an export.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExportTextError {
+    /// A line is not an export line (the message names its 1-based number), as
+    /// [`parse_export`] says.
+    #[error("{0}")]
+    Parse(String),
+    /// The lines do not verify.
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
+}
+
+/// The body hash (hex) of an exported line that ends as the writer encodes an entry:
+/// `…,"prev_hash":"<64 hex>","hash":"<64 hex>"}`; None for any other line.
+fn raw_body_hash(line: &str) -> Option<String> {
+    const PREV: &[u8] = br#""prev_hash":""#;
+    const MID: &[u8] = br#"","hash":""#;
+    const END: &[u8] = br#""}"#;
+    const TAIL: &[u8] = br#""prev_hash":"","hash":""}"#;
+    let b = line.as_bytes();
+    let tail_len = PREV.len() + 64 + MID.len() + 64 + END.len();
+    let head_len = b.len().checked_sub(tail_len)?;
+    let (head, tail) = b.split_at(head_len);
+    let (p, rest) = tail.split_at(PREV.len());
+    let (h1, rest) = rest.split_at(64);
+    let (m, rest) = rest.split_at(MID.len());
+    let (h2, e) = rest.split_at(64);
+    let hex = |h: &[u8]| h.iter().all(u8::is_ascii_hexdigit);
+    if p != PREV || m != MID || e != END || !hex(h1) || !hex(h2) {
+        return None;
+    }
+    let mut d = Sha256::new();
+    d.update(head);
+    d.update(TAIL);
+    Some(hex::encode(d.finalize()))
+}
+
+/// The checks of an export whose entries' hashes (`computed`, one per line, None for an
+/// omitted line) were computed already.
+fn verify_lines(
+    lines: &[ExportLine],
+    computed: &[Option<String>],
+    audit_key: &p256::ecdsa::VerifyingKey,
+    start: Start,
+) -> Result<VerifyReport, VerifyError> {
     use p256::ecdsa::signature::Verifier as _;
     let Some(first) = lines.first() else {
         return Err(VerifyError {
@@ -449,17 +543,11 @@ pub fn verify_export_from(
             Start::GenesisOrCheckpoint => {}
         }
     }
-    // Each entry's body hash depends on its content alone: computed on every core first; the
-    // chain, the order and the checkpoints are then checked in one pass.
-    let body_hashes = crate::par::par_map(lines, |line| match line {
-        ExportLine::Entry(e) => Some(e.body_hash()),
-        ExportLine::Omitted(_) => None,
-    });
     let mut report = VerifyReport::default();
     let mut running: Option<String> = None;
     let mut expected_seq: Option<u64> = None;
     let mut since_checkpoint = 0u64;
-    for (line, body_hash) in lines.iter().zip(body_hashes) {
+    for (line, computed) in lines.iter().zip(computed) {
         let seq = line.seq();
         let bad = |reason: String| VerifyError { seq, reason };
         if let Some(exp) = expected_seq
@@ -488,7 +576,7 @@ pub fn verify_export_from(
                 if e.prev_hash != prev {
                     return Err(bad("prev_hash does not match the previous entry".into()));
                 }
-                let computed = chain(&e.prev_hash, &body_hash.unwrap_or_default());
+                let computed = computed.clone().unwrap_or_default();
                 if computed != e.hash {
                     return Err(bad("hash does not match the entry's content".into()));
                 }
@@ -574,6 +662,73 @@ mod tests {
             assert_eq!(Some(json), serde_json::to_vec(&rec).ok(), "entry {i}");
             prev = rec.hash.clone();
         }
+    }
+
+    /// The text path hashes the writer's lines from their bytes and agrees with the content
+    /// path on everything: an export verifies; a line re-encoded another way (its fields in
+    /// another order) still verifies through its content; an edited line fails at its seq;
+    /// a line that is no JSON is named by its number.
+    #[test]
+    fn verifying_the_text_agrees_with_verifying_the_parsed_lines() {
+        let key = p256::ecdsa::SigningKey::from_slice(&[5; 32]).expect("scalar");
+        let vk = *key.verifying_key();
+        let mut prev = genesis();
+        let mut lines = Vec::new();
+        for i in 0..40u64 {
+            let mut rec = AuditRecord {
+                seq: i + 1,
+                ts: "2026-12-05T00:00:00Z".into(),
+                rpc: "Sign".into(),
+                detail: format!("entry {i} \"quoted\" ünï"),
+                ..Default::default()
+            };
+            let json = rec.seal(&prev);
+            prev = rec.hash.clone();
+            lines.push(String::from_utf8(json).unwrap());
+        }
+        let text = lines.join("\n");
+        let parsed = parse_export(&text).unwrap();
+        let want = verify_export_from(&parsed, &vk, Start::Genesis).unwrap();
+        assert_eq!(
+            verify_export_text(&text, &vk, Start::Genesis).unwrap(),
+            want
+        );
+        assert!(raw_body_hash(&lines[3]).is_some());
+        // Line 6 re-encoded with its fields in another order: same content, other bytes.
+        let mut reordered = lines.clone();
+        let v: serde_json::Value = serde_json::from_str(&lines[5]).unwrap();
+        let mut fields: Vec<(String, serde_json::Value)> =
+            v.as_object().unwrap().clone().into_iter().collect();
+        fields.reverse();
+        let body: Vec<String> = fields
+            .iter()
+            .map(|(k, v)| format!("{}:{}", serde_json::to_string(k).unwrap(), v))
+            .collect();
+        reordered[5] = format!("{{{}}}", body.join(","));
+        assert!(raw_body_hash(&reordered[5]).is_none());
+        assert_eq!(
+            verify_export_text(&reordered.join("\n"), &vk, Start::Genesis).unwrap(),
+            want
+        );
+        // An edited detail in line 9: refused at seq 9, as the content path refuses it.
+        let mut edited = lines.clone();
+        edited[8] = edited[8].replace("entry 8", "entry X");
+        let e = verify_export_text(&edited.join("\n"), &vk, Start::Genesis).unwrap_err();
+        let ExportTextError::Verify(e) = e else {
+            panic!("{e}")
+        };
+        assert_eq!(e.seq, 9);
+        let from_parsed = verify_export_from(
+            &parse_export(&edited.join("\n")).unwrap(),
+            &vk,
+            Start::Genesis,
+        )
+        .unwrap_err();
+        assert_eq!(e, from_parsed);
+        let mut broken = lines.clone();
+        broken[2] = "{not json".into();
+        let e = verify_export_text(&broken.join("\n"), &vk, Start::Genesis).unwrap_err();
+        assert!(e.to_string().starts_with("line 3: "), "{e}");
     }
 }
 

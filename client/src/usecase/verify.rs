@@ -250,9 +250,8 @@ pub struct AuditVerifyArgs {
 pub fn audit_export(
     a: &AuditVerifyArgs,
 ) -> Result<meshsign_evidence::audit::VerifyReport, ClientError> {
-    use meshsign_evidence::audit::{Start, parse_export, verify_export_from};
+    use meshsign_evidence::audit::{Start, verify_export_text};
     let text = std::fs::read_to_string(&a.file).map_err(ClientError::io(&a.file))?;
-    let lines = parse_export(&text).map_err(ClientError::Verify)?;
     let pem = std::fs::read_to_string(&a.audit_key).map_err(ClientError::io(&a.audit_key))?;
     let key = verify::audit_key_from_pem(&pem)?;
     let start = if a.from_checkpoint {
@@ -260,7 +259,7 @@ pub fn audit_export(
     } else {
         Start::Genesis
     };
-    verify_export_from(&lines, &key, start).map_err(|e| ClientError::Verify(e.to_string()))
+    verify_export_text(&text, &key, start).map_err(|e| ClientError::Verify(e.to_string()))
 }
 
 /// `meshsign audit consistency`'s arguments.
