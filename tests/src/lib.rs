@@ -792,20 +792,38 @@ pub fn softhsm_child_done(hsm_dir: &Path) {
 
 /// A storage engine whose audit entry `seq` cannot be read (a damaged page: the engine's
 /// checksum fails when the page is read, as sled's "Read corrupted data at file offset …").
-/// Everything else reads and writes as sled does.
+/// Everything else reads and writes as sled does. It also counts the reads of the audit log
+/// (gets, scans, `last`), to show what a request made the site read.
 pub struct UnreadableEntryKv {
     inner: SledKv,
     seq: u64,
+    audit_reads: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl UnreadableEntryKv {
-    /// Wraps sled; audit entry `seq` is unreadable.
+    /// Wraps sled; audit entry `seq` is unreadable (0: none, seqs start at 1).
     pub fn new(inner: SledKv, seq: u64) -> Self {
-        Self { inner, seq }
+        Self {
+            inner,
+            seq,
+            audit_reads: Arc::default(),
+        }
+    }
+
+    /// The count of audit log reads, shared with the caller.
+    pub fn audit_reads(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.audit_reads.clone()
     }
 
     fn damaged(&self, t: meshsign_server::store::Tree, k: &[u8]) -> bool {
         t == meshsign_server::store::Tree::Audit && k == self.seq.to_be_bytes().as_slice()
+    }
+
+    fn count(&self, t: meshsign_server::store::Tree) {
+        if t == meshsign_server::store::Tree::Audit {
+            self.audit_reads
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 
     fn read_error() -> meshsign_server::store::StoreError {
@@ -819,6 +837,7 @@ impl UnreadableEntryKv {
         t: meshsign_server::store::Tree,
         rows: Vec<meshsign_server::store::Entry>,
     ) -> Result<Vec<meshsign_server::store::Entry>, meshsign_server::store::StoreError> {
+        self.count(t);
         if rows.iter().any(|(k, _)| self.damaged(t, k)) {
             return Err(Self::read_error());
         }
@@ -832,6 +851,7 @@ impl Kv for UnreadableEntryKv {
         t: meshsign_server::store::Tree,
         k: &[u8],
     ) -> Result<Option<Vec<u8>>, meshsign_server::store::StoreError> {
+        self.count(t);
         if self.damaged(t, k) {
             return Err(Self::read_error());
         }
@@ -888,6 +908,7 @@ impl Kv for UnreadableEntryKv {
         &self,
         t: meshsign_server::store::Tree,
     ) -> Result<Option<meshsign_server::store::Entry>, meshsign_server::store::StoreError> {
+        self.count(t);
         self.inner.last(t)
     }
     fn flush(&self) -> Result<(), meshsign_server::store::StoreError> {

@@ -7,6 +7,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
+use std::sync::Arc;
+
 use meshsign_evidence::audit::AuditRecord;
 use meshsign_evidence::merkle::{Hash, leaf_hash, verify_inclusion};
 use meshsign_evidence::rekor::{self, LogEntry};
@@ -480,4 +482,56 @@ async fn a_damaged_leaf_is_written_back_from_the_audit_entry_that_added_it() {
             e.log_index
         );
     }
+}
+
+/// The inclusion proof call is public (no client certificate): an index the log does not hold
+/// — past its end — is answered NotFound without a search of the audit log for the entry that
+/// would have added it (that write-back is for a stored leaf found damaged, below the log's
+/// size). Without the bound, each such request cost the site O(log n) scans of up to 256
+/// decoded entries, as the reads counted here showed.
+#[tokio::test]
+async fn an_index_past_the_end_of_the_log_reads_no_audit_entry() {
+    let reads = std::sync::Mutex::new(None);
+    let wrap = |kv: meshsign_server::store::SledKv| -> Arc<dyn meshsign_server::store::Kv> {
+        let kv = meshsign_tests::UnreadableEntryKv::new(kv, 0);
+        *reads.lock().unwrap() = Some(kv.audit_reads());
+        Arc::new(kv)
+    };
+    let site = TestSite::start_with("", Some(&wrap)).await;
+    let reads = reads.lock().unwrap().take().unwrap();
+    let key = audit_key(&site).await;
+    let (_k, _r, mut s) = site.enrolled("staging").await;
+    let mut got = Vec::new();
+    for i in 0..20u8 {
+        let r = s.sign(sign_req("release", i)).await.unwrap().into_inner();
+        got.push(r.transparency_entry.unwrap());
+    }
+    let last = got.last().unwrap();
+    // A proof of a leaf the log holds works (and makes the checkpoint that covers it).
+    prove(&site, &key, last.log_index, &last.canonicalized_body).await;
+    let leaf = leaf_hash(&last.canonicalized_body);
+    let count = || reads.load(std::sync::atomic::Ordering::SeqCst);
+    let before = count();
+    for index in [
+        last.log_index + 1,
+        last.log_index + 2,
+        last.log_index + 1000,
+        1 << 40,
+        u64::MAX,
+    ] {
+        for _ in 0..10 {
+            let e = log_proof(&site, index, &leaf).await.unwrap_err();
+            assert_eq!(e.code(), Code::NotFound, "{e:?}");
+        }
+    }
+    assert_eq!(
+        count(),
+        before,
+        "50 requests past the end of the log read the audit log"
+    );
+    // The bound is the log's size, not a signed head: a leaf just added and not yet
+    // checkpointed is still proved (a checkpoint is made for it).
+    let r = s.sign(sign_req("release", 99)).await.unwrap().into_inner();
+    let t = r.transparency_entry.unwrap();
+    prove(&site, &key, t.log_index, &t.canonicalized_body).await;
 }

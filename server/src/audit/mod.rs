@@ -323,6 +323,8 @@ pub struct AuditLog {
     signed_head: watch::Receiver<Option<SignedHead>>,
     log_origin: String,
     signed_log_head: watch::Receiver<Option<SignedHead>>,
+    /// The transparency log's durable size as the writer knows it.
+    log_size: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -460,7 +462,10 @@ impl AuditLog {
             origin: tlog_origin.clone(),
             signed: signed_log_tx,
             pending_head: None,
+            size: Arc::default(),
         };
+        log.publish();
+        let log_size = log.size.clone();
         let (head_tx, head_rx) = watch::channel(seq);
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
@@ -504,6 +509,7 @@ impl AuditLog {
             signed_head: signed_rx,
             log_origin: tlog_origin,
             signed_log_head: signed_log_rx,
+            log_size,
         })
     }
 
@@ -633,11 +639,19 @@ impl AuditLog {
         index: u64,
         leaf_hash: &[u8],
     ) -> Result<Option<Proof>, AuditError> {
+        // Only a leaf the log holds is written back if missing: an index past the end (this is
+        // a public, unauthenticated call) is answered without searching the audit log.
+        let size = self.log_size.load(std::sync::atomic::Ordering::Acquire);
         let store = self.store.clone();
-        let stored =
-            tokio::task::spawn_blocking(move || merkle::log_leaf_or_write_back(&store, index))
-                .await
-                .map_err(|e| AuditError::Tree(format!("proof task: {e}")))??;
+        let stored = tokio::task::spawn_blocking(move || {
+            if index < size {
+                merkle::log_leaf_or_write_back(&store, index)
+            } else {
+                merkle::log_leaf(&store, index)
+            }
+        })
+        .await
+        .map_err(|e| AuditError::Tree(format!("proof task: {e}")))??;
         let Some(leaf) = stored else {
             return Ok(None);
         };

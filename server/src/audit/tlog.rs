@@ -33,9 +33,20 @@ pub(super) struct Transparency {
     pub(super) signed: tokio::sync::watch::Sender<Option<SignedHead>>,
     /// A tree head signed in the batch being committed.
     pub(super) pending_head: Option<SignedHead>,
+    /// The number of leaves durable in this site's view (published after each commit): the
+    /// bound below which a missing leaf is worth writing back from the audit log.
+    pub(super) size: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Transparency {
+    /// Publishes the tree's size as durable (after a commit, or the tree's load).
+    pub(super) fn publish(&self) {
+        if let Some(tree) = &self.tree {
+            self.size
+                .store(tree.size(), std::sync::atomic::Ordering::Release);
+        }
+    }
+
     /// Gives `leaves` their indices (the next ones) and adds them to the tree.
     pub(super) fn assign(&mut self, leaves: &mut TlogLeaves) -> Result<(), AuditError> {
         let hashes = leaves.hashes().ok_or_else(|| {

@@ -653,6 +653,7 @@ impl Writer {
                 }
                 self.log.completed.clear();
                 self.log.rows.clear();
+                self.log.publish();
                 if let Some(h) = self.log.pending_head.take() {
                     let _ = self.log.signed.send(Some(h));
                 }
