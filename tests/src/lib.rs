@@ -792,12 +792,14 @@ pub fn softhsm_child_done(hsm_dir: &Path) {
 
 /// A storage engine whose audit entry `seq` cannot be read (a damaged page: the engine's
 /// checksum fails when the page is read, as sled's "Read corrupted data at file offset …").
-/// Everything else reads and writes as sled does. It also counts the reads of the audit log
-/// (gets, scans, `last`), to show what a request made the site read.
+/// Everything else reads and writes as sled does. It also counts the records read from one
+/// tree (the audit log unless told: a get or `last` counts one, a scan each row it returns), to
+/// show what a request made the site read.
 pub struct UnreadableEntryKv {
     inner: SledKv,
     seq: u64,
-    audit_reads: Arc<std::sync::atomic::AtomicU64>,
+    counted: meshsign_server::store::Tree,
+    reads: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl UnreadableEntryKv {
@@ -806,23 +808,30 @@ impl UnreadableEntryKv {
         Self {
             inner,
             seq,
-            audit_reads: Arc::default(),
+            counted: meshsign_server::store::Tree::Audit,
+            reads: Arc::default(),
         }
     }
 
-    /// The count of audit log reads, shared with the caller.
-    pub fn audit_reads(&self) -> Arc<std::sync::atomic::AtomicU64> {
-        self.audit_reads.clone()
+    /// Counts the reads of `tree` instead of the audit log's.
+    pub fn counting(mut self, tree: meshsign_server::store::Tree) -> Self {
+        self.counted = tree;
+        self
+    }
+
+    /// The count of records read from the counted tree, shared with the caller.
+    pub fn reads(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.reads.clone()
     }
 
     fn damaged(&self, t: meshsign_server::store::Tree, k: &[u8]) -> bool {
         t == meshsign_server::store::Tree::Audit && k == self.seq.to_be_bytes().as_slice()
     }
 
-    fn count(&self, t: meshsign_server::store::Tree) {
-        if t == meshsign_server::store::Tree::Audit {
-            self.audit_reads
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    fn count(&self, t: meshsign_server::store::Tree, n: usize) {
+        if t == self.counted {
+            self.reads
+                .fetch_add(n as u64, std::sync::atomic::Ordering::SeqCst);
         }
     }
 
@@ -837,7 +846,7 @@ impl UnreadableEntryKv {
         t: meshsign_server::store::Tree,
         rows: Vec<meshsign_server::store::Entry>,
     ) -> Result<Vec<meshsign_server::store::Entry>, meshsign_server::store::StoreError> {
-        self.count(t);
+        self.count(t, rows.len());
         if rows.iter().any(|(k, _)| self.damaged(t, k)) {
             return Err(Self::read_error());
         }
@@ -851,7 +860,7 @@ impl Kv for UnreadableEntryKv {
         t: meshsign_server::store::Tree,
         k: &[u8],
     ) -> Result<Option<Vec<u8>>, meshsign_server::store::StoreError> {
-        self.count(t);
+        self.count(t, 1);
         if self.damaged(t, k) {
             return Err(Self::read_error());
         }
@@ -908,7 +917,7 @@ impl Kv for UnreadableEntryKv {
         &self,
         t: meshsign_server::store::Tree,
     ) -> Result<Option<meshsign_server::store::Entry>, meshsign_server::store::StoreError> {
-        self.count(t);
+        self.count(t, 1);
         self.inner.last(t)
     }
     fn flush(&self) -> Result<(), meshsign_server::store::StoreError> {

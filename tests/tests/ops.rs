@@ -1178,3 +1178,47 @@ async fn live_certificates_come_from_the_expiry_index_not_the_history() {
     let sweep = site.state().sweep_abandoned(512).unwrap();
     assert_eq!((sweep.looked_at, sweep.abandoned.len()), (3, 2));
 }
+
+/// Issue 30: the `expired/` keys of the certificates swept in the last 30 days (records are
+/// kept that long) sort right after the `due/` keys of the live ones. Counting the live
+/// certificates (a scrape, a revocation's matches) reads the `due/` keys in pages and stops at
+/// the first other key, so it reads about the live population, not the month's history: before
+/// the pages, one scan read every key after the first `due/` one.
+#[tokio::test]
+async fn counting_live_certificates_does_not_read_the_expired_keys_after_them() {
+    use meshsign_server::store::Tree;
+    let reads = std::sync::Mutex::new(None);
+    let wrap = |kv: meshsign_server::store::SledKv| -> Arc<dyn meshsign_server::store::Kv> {
+        let kv = meshsign_tests::UnreadableEntryKv::new(kv, 0).counting(Tree::Meta);
+        *reads.lock().unwrap() = Some(kv.reads());
+        Arc::new(kv)
+    };
+    let site = TestSite::start_with("", Some(&wrap)).await;
+    let reads = reads.lock().unwrap().take().unwrap();
+    let mut serials = std::collections::BTreeSet::new();
+    for _ in 0..3 {
+        let (_k, resp, _s) = site.enrolled("production").await;
+        serials.insert(resp.serial);
+    }
+    // A month of swept certificates, as the sweep leaves their keys.
+    let kv = site.state().store.kv();
+    let now = site.state().clock.unix();
+    for i in 0..5_000i64 {
+        let key = format!("expired/{:016x}/{:032x}", now - 86_400 + i, i);
+        kv.put(Tree::Meta, key.as_bytes(), b"").unwrap();
+    }
+    let before = reads.load(Ordering::SeqCst);
+    let live: std::collections::BTreeSet<_> = site
+        .state()
+        .live_certificates()
+        .unwrap()
+        .into_iter()
+        .map(|c| c.serial)
+        .collect();
+    assert_eq!(live, serials);
+    let read = reads.load(Ordering::SeqCst) - before;
+    assert!(
+        read <= 600,
+        "counting 3 live certificates read {read} meta keys (5,000 expired ones follow them)"
+    );
+}

@@ -494,7 +494,7 @@ async fn an_index_past_the_end_of_the_log_reads_no_audit_entry() {
     let reads = std::sync::Mutex::new(None);
     let wrap = |kv: meshsign_server::store::SledKv| -> Arc<dyn meshsign_server::store::Kv> {
         let kv = meshsign_tests::UnreadableEntryKv::new(kv, 0);
-        *reads.lock().unwrap() = Some(kv.audit_reads());
+        *reads.lock().unwrap() = Some(kv.reads());
         Arc::new(kv)
     };
     let site = TestSite::start_with("", Some(&wrap)).await;

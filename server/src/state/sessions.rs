@@ -58,6 +58,8 @@ const DUE: &str = "due/";
 const DUE_INDEX_BUILT: &[u8] = b"index/due-v1";
 /// Most live certificates read at once (far above any fleet's; a guard, not a limit in use).
 const MAX_LIVE: usize = 4_000_000;
+/// `due/` keys read per page by [`SiteState::unexpired_certificates`].
+const LIVE_PAGE: usize = 512;
 const ABANDONED: &str = "abandoned/";
 
 fn value_or_empty(v: Option<Vec<u8>>) -> Vec<u8> {
@@ -188,17 +190,30 @@ impl SiteState {
     /// still pass a TLS handshake until then), from the `due/` index.
     pub fn unexpired_certificates(&self) -> Result<Vec<CertRecord>, StoreError> {
         let now = self.clock.unix();
-        let from = timed_key(DUE, now.saturating_add(1), "");
+        let mut from = timed_key(DUE, now.saturating_add(1), "");
         let mut out = Vec::new();
-        for (key, _) in self.store.kv().scan_range(Tree::Meta, &from, MAX_LIVE)? {
-            let Some((_, serial)) = parse_timed(DUE, &key) else {
-                break;
-            };
-            if let Some(r) = self
-                .store
-                .get::<CertRecord>(Tree::Certs, serial.as_bytes())?
-            {
-                out.push(r);
+        // In pages: the keys after the last `due/` one (`expired/`, kept for weeks) are not
+        // read past the first.
+        while out.len() < MAX_LIVE {
+            let page = self.store.kv().scan_range(Tree::Meta, &from, LIVE_PAGE)?;
+            let full = page.len() == LIVE_PAGE;
+            for (key, _) in &page {
+                let Some((_, serial)) = parse_timed(DUE, key) else {
+                    return Ok(out);
+                };
+                if let Some(r) = self
+                    .store
+                    .get::<CertRecord>(Tree::Certs, serial.as_bytes())?
+                {
+                    out.push(r);
+                }
+            }
+            match page.last() {
+                Some((last, _)) if full => {
+                    from = last.clone();
+                    from.push(0);
+                }
+                _ => break,
             }
         }
         Ok(out)
