@@ -415,7 +415,12 @@ pub fn verify_export_from(
         ExportLine::Entry(e) => Some(e.compute_hash()),
         ExportLine::Omitted(_) => None,
     });
-    verify_lines(lines, &computed, audit_key, start)
+    let views: Vec<_> = lines
+        .iter()
+        .zip(&computed)
+        .map(|(l, c)| (View::of(l), c.as_deref()))
+        .collect();
+    verify_lines(&views, audit_key, start)
 }
 
 /// Parses an export's text and verifies it as [`verify_export_from`] does, faster: a line that
@@ -429,33 +434,189 @@ pub fn verify_export_text(
     audit_key: &p256::ecdsa::VerifyingKey,
     start: Start,
 ) -> Result<VerifyReport, ExportTextError> {
+    verify_export_reader(text.as_bytes(), audit_key, start)
+}
+
+/// Bytes of an export read (and its lines checked) at once by [`verify_export_reader`].
+const READ_CHUNK: usize = 8 << 20;
+
+/// The longest line [`verify_export_reader`] takes (a site's entries are far shorter).
+const MAX_LINE: usize = 64 << 20;
+
+/// [`verify_export_text`] over an export read from `r` in chunks of whole lines: the memory
+/// of one chunk, whatever the export's size (a year of a site's log is tens of GB).
+pub fn verify_export_reader(
+    r: impl std::io::Read,
+    audit_key: &p256::ecdsa::VerifyingKey,
+    start: Start,
+) -> Result<VerifyReport, ExportTextError> {
+    verify_in_chunks(r, audit_key, start, READ_CHUNK)
+}
+
+/// [`verify_export_reader`], reading `chunk` bytes at a time.
+fn verify_in_chunks(
+    mut r: impl std::io::Read,
+    audit_key: &p256::ecdsa::VerifyingKey,
+    start: Start,
+    chunk: usize,
+) -> Result<VerifyReport, ExportTextError> {
+    let mut check = ChainCheck::new(audit_key, start);
+    let mut buf: Vec<u8> = Vec::with_capacity(chunk * 2);
+    let mut lines_before = 0usize;
+    let mut eof = false;
+    while !eof {
+        let old = buf.len();
+        buf.resize(old + chunk, 0);
+        let mut n = 0;
+        while old + n < buf.len() {
+            match r.read(&mut buf[old + n..]) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(ExportTextError::Read(e.to_string())),
+            }
+        }
+        buf.truncate(old + n);
+        let end = if eof {
+            buf.len()
+        } else {
+            match buf.iter().rposition(|&b| b == b'\n') {
+                Some(i) => i + 1,
+                None if buf.len() > MAX_LINE => {
+                    return Err(ExportTextError::Parse(format!(
+                        "line {}: longer than {MAX_LINE} bytes",
+                        lines_before + 1
+                    )));
+                }
+                None => continue,
+            }
+        };
+        let text = std::str::from_utf8(&buf[..end]).map_err(|e| {
+            let line = buf[..e.valid_up_to()]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count();
+            ExportTextError::Parse(format!("line {}: not UTF-8", lines_before + line + 1))
+        })?;
+        lines_before = check_text(&mut check, text, lines_before)?;
+        buf.drain(..end);
+    }
+    Ok(check.finish()?)
+}
+
+/// Parses and hashes the lines of `text` (whole lines; `lines_before` lines came before it)
+/// on every core, then checks them in order; returns the count of lines read so far.
+fn check_text(
+    check: &mut ChainCheck<'_>,
+    text: &str,
+    lines_before: usize,
+) -> Result<usize, ExportTextError> {
+    let mut count = 0;
     let raw: Vec<(usize, &str)> = text
         .lines()
         .enumerate()
+        .inspect(|(i, _)| count = i + 1)
         .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| (lines_before + i, l))
         .collect();
     let parsed = crate::par::par_map(&raw, |(i, l)| -> Result<_, ExportTextError> {
+        // The writer's own line: only what the chain checks read is parsed (the rest of the
+        // line is committed by its hash, checked here).
+        if let Some(body) = raw_body_hash(l)
+            && let Ok(link) = serde_json::from_str::<Link>(l)
+            && chain(&link.prev_hash, &body) == link.hash
+        {
+            return Ok(Parsed::Link(link));
+        }
         let line: ExportLine = serde_json::from_str(l)
             .map_err(|e| ExportTextError::Parse(format!("line {}: {e}", i + 1)))?;
         let computed = match &line {
-            ExportLine::Entry(e) => Some(
-                raw_body_hash(l)
-                    .map(|b| chain(&e.prev_hash, &b))
-                    .filter(|h| *h == e.hash)
-                    .unwrap_or_else(|| e.compute_hash()),
-            ),
+            ExportLine::Entry(e) => Some(e.compute_hash()),
             ExportLine::Omitted(_) => None,
         };
-        Ok((line, computed))
+        Ok(Parsed::Line(line, computed))
     });
-    let mut lines = Vec::with_capacity(parsed.len());
-    let mut computed = Vec::with_capacity(parsed.len());
-    for p in parsed {
-        let (l, c) = p?;
-        lines.push(l);
-        computed.push(c);
+    for p in &parsed {
+        match p {
+            Ok(Parsed::Link(l)) => check.next(&l.view(), Some(l.hash.as_str()))?,
+            Ok(Parsed::Line(line, computed)) => check.next(&View::of(line), computed.as_deref())?,
+            Err(e) => return Err(e.clone()),
+        }
     }
-    Ok(verify_lines(&lines, &computed, audit_key, start)?)
+    Ok(lines_before + count)
+}
+
+/// A line of [`verify_export_text`], parsed.
+enum Parsed {
+    /// The writer's encoding of an entry, its hash checked: what the chain checks read.
+    Link(Link),
+    /// Any other line, and its entry's hash computed from its content.
+    Line(ExportLine, Option<String>),
+}
+
+/// What the chain checks read of an entry (serde skips the other fields without keeping
+/// them): parsed only from a line whose bytes are shown to be the ones its hash commits.
+#[derive(Deserialize)]
+struct Link {
+    seq: u64,
+    site_region: String,
+    #[serde(default)]
+    checkpoint: Option<Checkpoint>,
+    prev_hash: String,
+    hash: String,
+}
+
+impl Link {
+    fn view(&self) -> View<'_> {
+        View::Entry(EntryView {
+            seq: self.seq,
+            site_region: &self.site_region,
+            checkpoint: self.checkpoint.as_ref(),
+            prev_hash: &self.prev_hash,
+            hash: &self.hash,
+        })
+    }
+}
+
+/// A line as the chain checks see it.
+#[derive(Clone, Copy)]
+enum View<'a> {
+    Omitted(&'a Omitted),
+    Entry(EntryView<'a>),
+}
+
+#[derive(Clone, Copy)]
+struct EntryView<'a> {
+    seq: u64,
+    site_region: &'a str,
+    checkpoint: Option<&'a Checkpoint>,
+    prev_hash: &'a str,
+    hash: &'a str,
+}
+
+impl<'a> View<'a> {
+    fn of(line: &'a ExportLine) -> Self {
+        match line {
+            ExportLine::Omitted(o) => View::Omitted(o),
+            ExportLine::Entry(e) => View::Entry(EntryView {
+                seq: e.seq,
+                site_region: &e.site_region,
+                checkpoint: e.checkpoint.as_ref(),
+                prev_hash: &e.prev_hash,
+                hash: &e.hash,
+            }),
+        }
+    }
+
+    fn seq(&self) -> u64 {
+        match self {
+            View::Omitted(o) => o.seq,
+            View::Entry(e) => e.seq,
+        }
+    }
 }
 
 /// Why [`verify_export_text`] refused an export.
@@ -468,6 +629,9 @@ pub enum ExportTextError {
     /// The lines do not verify.
     #[error(transparent)]
     Verify(#[from] VerifyError),
+    /// The export could not be read.
+    #[error("reading the export: {0}")]
+    Read(String),
 }
 
 /// The body hash (hex) of an exported line that ends as the writer encodes an entry:
@@ -495,92 +659,121 @@ fn raw_body_hash(line: &str) -> Option<String> {
     Some(hex::encode(d.finalize()))
 }
 
-/// The checks of an export whose entries' hashes (`computed`, one per line, None for an
-/// omitted line) were computed already.
+/// The checks of an export whose lines come with their entries' hashes computed already
+/// (None for an omitted line).
 fn verify_lines(
-    lines: &[ExportLine],
-    computed: &[Option<String>],
+    lines: &[(View<'_>, Option<&str>)],
     audit_key: &p256::ecdsa::VerifyingKey,
     start: Start,
 ) -> Result<VerifyReport, VerifyError> {
-    use p256::ecdsa::signature::Verifier as _;
-    let Some(first) = lines.first() else {
-        return Err(VerifyError {
-            seq: 0,
-            reason: "the log is empty: there is nothing to verify".into(),
-        });
-    };
-    let at_genesis = match first {
-        ExportLine::Entry(e) => e.seq == 1 && e.prev_hash == genesis(),
-        ExportLine::Omitted(o) => o.seq == 1 && o.prev_hash.as_deref() == Some(&genesis()),
-    };
-    if !at_genesis {
-        let at_checkpoint = matches!(first, ExportLine::Entry(e) if e.checkpoint.is_some());
-        match start {
-            Start::Genesis => {
-                return Err(VerifyError {
-                    seq: first.seq(),
-                    reason: format!(
-                        "the log starts mid-chain at seq {}{}",
-                        first.seq(),
-                        if at_checkpoint {
-                            " (a signed checkpoint: verify it with --from-checkpoint)"
-                        } else {
-                            " (not at a signed checkpoint, so nothing anchors its start)"
-                        }
-                    ),
-                });
-            }
-            Start::GenesisOrCheckpoint if !at_checkpoint => {
-                return Err(VerifyError {
-                    seq: first.seq(),
-                    reason: format!(
-                        "the log starts mid-chain at seq {}, which is not a signed checkpoint",
-                        first.seq()
-                    ),
-                });
-            }
-            Start::GenesisOrCheckpoint => {}
+    let mut check = ChainCheck::new(audit_key, start);
+    for (line, computed) in lines {
+        check.next(line, *computed)?;
+    }
+    check.finish()
+}
+
+/// The checks of an export, one line after the other in order (what carries from line to line
+/// is the running chain hash, the next seq and the count since the last checkpoint): an export
+/// of any size is checked with the memory of one chunk of lines.
+struct ChainCheck<'k> {
+    audit_key: &'k p256::ecdsa::VerifyingKey,
+    start: Start,
+    report: VerifyReport,
+    running: Option<String>,
+    expected_seq: Option<u64>,
+    since_checkpoint: u64,
+}
+
+impl<'k> ChainCheck<'k> {
+    fn new(audit_key: &'k p256::ecdsa::VerifyingKey, start: Start) -> Self {
+        Self {
+            audit_key,
+            start,
+            report: VerifyReport::default(),
+            running: None,
+            expected_seq: None,
+            since_checkpoint: 0,
         }
     }
-    let mut report = VerifyReport::default();
-    let mut running: Option<String> = None;
-    let mut expected_seq: Option<u64> = None;
-    let mut since_checkpoint = 0u64;
-    for (line, computed) in lines.iter().zip(computed) {
+
+    /// Where the export may start (checked on its first line).
+    fn check_start(&self, first: &View<'_>) -> Result<(), VerifyError> {
+        let at_genesis = match first {
+            View::Entry(e) => e.seq == 1 && e.prev_hash == genesis(),
+            View::Omitted(o) => o.seq == 1 && o.prev_hash.as_deref() == Some(&genesis()),
+        };
+        if at_genesis {
+            return Ok(());
+        }
+        let at_checkpoint = matches!(first, View::Entry(e) if e.checkpoint.is_some());
+        match self.start {
+            Start::Genesis => Err(VerifyError {
+                seq: first.seq(),
+                reason: format!(
+                    "the log starts mid-chain at seq {}{}",
+                    first.seq(),
+                    if at_checkpoint {
+                        " (a signed checkpoint: verify it with --from-checkpoint)"
+                    } else {
+                        " (not at a signed checkpoint, so nothing anchors its start)"
+                    }
+                ),
+            }),
+            Start::GenesisOrCheckpoint if !at_checkpoint => Err(VerifyError {
+                seq: first.seq(),
+                reason: format!(
+                    "the log starts mid-chain at seq {}, which is not a signed checkpoint",
+                    first.seq()
+                ),
+            }),
+            Start::GenesisOrCheckpoint => Ok(()),
+        }
+    }
+
+    /// Checks the next line.
+    fn next(&mut self, line: &View<'_>, computed: Option<&str>) -> Result<(), VerifyError> {
+        use p256::ecdsa::signature::Verifier as _;
         let seq = line.seq();
         let bad = |reason: String| VerifyError { seq, reason };
-        if let Some(exp) = expected_seq
-            && seq != exp
-        {
-            return Err(VerifyError {
-                seq: if seq > exp { exp } else { seq },
-                reason: if seq > exp {
-                    format!("entry {exp} is missing (next line is {seq})")
-                } else {
-                    format!("duplicate or out of order: expected {exp}, found {seq}")
-                },
-            });
+        match self.expected_seq {
+            None => self.check_start(line)?,
+            Some(exp) if seq != exp => {
+                return Err(VerifyError {
+                    seq: if seq > exp { exp } else { seq },
+                    reason: if seq > exp {
+                        format!("entry {exp} is missing (next line is {seq})")
+                    } else {
+                        format!("duplicate or out of order: expected {exp}, found {seq}")
+                    },
+                });
+            }
+            Some(_) => {}
         }
         match line {
-            ExportLine::Omitted(o) => {
-                let prev = running
-                    .clone()
+            View::Omitted(o) => {
+                let prev = self
+                    .running
+                    .take()
                     .or_else(|| o.prev_hash.clone())
                     .ok_or_else(|| bad("the first line needs the chain hash before it".into()))?;
-                running = Some(chain(&prev, &o.body_hash));
-                report.omitted += 1;
+                self.running = Some(chain(&prev, &o.body_hash));
+                self.report.omitted += 1;
+                self.since_checkpoint += 1;
             }
-            ExportLine::Entry(e) => {
-                let prev = running.clone().unwrap_or_else(|| e.prev_hash.clone());
+            View::Entry(e) => {
+                let prev = self
+                    .running
+                    .take()
+                    .unwrap_or_else(|| e.prev_hash.to_string());
                 if e.prev_hash != prev {
                     return Err(bad("prev_hash does not match the previous entry".into()));
                 }
-                let computed = computed.clone().unwrap_or_default();
+                let computed = computed.unwrap_or_default();
                 if computed != e.hash {
                     return Err(bad("hash does not match the entry's content".into()));
                 }
-                if let Some(cp) = &e.checkpoint {
+                if let Some(cp) = e.checkpoint {
                     if cp.covers_seq + 1 != seq || cp.head_hash != prev {
                         return Err(bad(
                             "checkpoint does not cover the chain head before it".into()
@@ -591,30 +784,38 @@ fn verify_lines(
                         .and_then(|d| p256::ecdsa::DerSignature::try_from(d.as_slice()).ok())
                         .ok_or_else(|| bad("checkpoint signature is malformed".into()))?;
                     let msg =
-                        Checkpoint::message(&e.site_region, cp.covers_seq, &cp.head_hash, cp.time);
-                    audit_key
+                        Checkpoint::message(e.site_region, cp.covers_seq, &cp.head_hash, cp.time);
+                    self.audit_key
                         .verify(&msg, &sig)
                         .map_err(|_| bad("checkpoint signature does not verify".into()))?;
-                    report.checkpoints += 1;
-                    since_checkpoint = 0;
+                    self.report.checkpoints += 1;
+                    self.since_checkpoint = 0;
                 } else {
-                    since_checkpoint += 1;
+                    self.since_checkpoint += 1;
                 }
-                running = Some(computed);
-                report.entries += 1;
+                self.running = Some(computed.to_string());
+                self.report.entries += 1;
             }
         }
-        if matches!(line, ExportLine::Omitted(_)) {
-            since_checkpoint += 1;
+        if self.expected_seq.is_none() {
+            self.report.first_seq = seq;
         }
-        if expected_seq.is_none() {
-            report.first_seq = seq;
-        }
-        report.last_seq = seq;
-        expected_seq = Some(seq + 1);
+        self.report.last_seq = seq;
+        self.expected_seq = Some(seq + 1);
+        Ok(())
     }
-    report.unanchored = since_checkpoint;
-    Ok(report)
+
+    /// The report, once every line was checked.
+    fn finish(mut self) -> Result<VerifyReport, VerifyError> {
+        if self.expected_seq.is_none() {
+            return Err(VerifyError {
+                seq: 0,
+                reason: "the log is empty: there is nothing to verify".into(),
+            });
+        }
+        self.report.unanchored = self.since_checkpoint;
+        Ok(self.report)
+    }
 }
 
 /// Parses JSON lines into export lines; the error names the 1-based line number.
@@ -729,6 +930,85 @@ mod tests {
         broken[2] = "{not json".into();
         let e = verify_export_text(&broken.join("\n"), &vk, Start::Genesis).unwrap_err();
         assert!(e.to_string().starts_with("line 3: "), "{e}");
+    }
+
+    /// A reader that hands out at most `max` bytes a call, and is interrupted every 3rd call.
+    struct Trickle<'a> {
+        bytes: &'a [u8],
+        max: usize,
+        calls: usize,
+    }
+
+    impl std::io::Read for Trickle<'_> {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            self.calls += 1;
+            if self.calls.is_multiple_of(3) {
+                return Err(std::io::ErrorKind::Interrupted.into());
+            }
+            let n = self.max.min(out.len()).min(self.bytes.len());
+            out[..n].copy_from_slice(&self.bytes[..n]);
+            self.bytes = &self.bytes[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn an_export_read_in_chunks_verifies_as_the_whole_text_does() {
+        let key = p256::ecdsa::SigningKey::from_slice(&[6; 32]).expect("scalar");
+        let vk = *key.verifying_key();
+        let mut prev = genesis();
+        let mut lines = Vec::new();
+        for i in 0..30u64 {
+            let mut rec = AuditRecord {
+                seq: i + 1,
+                rpc: "Sign".into(),
+                detail: "ü".repeat(usize::try_from(i).unwrap() * 7),
+                ..Default::default()
+            };
+            let json = rec.seal(&prev);
+            prev = rec.hash.clone();
+            lines.push(String::from_utf8(json).unwrap());
+        }
+        // Blank lines and a CRLF are read as the whole text reads them.
+        lines.insert(10, String::new());
+        lines[20].push('\r');
+        let text = lines.join("\n") + "\n";
+        let want = verify_export_text(&text, &vk, Start::Genesis).unwrap();
+        assert_eq!(want.entries, 30);
+        let mut edited = lines.clone();
+        edited[25] = edited[25].replace("\"Sign\"", "\"Sigm\"");
+        let edited = edited.join("\n");
+        let mut broken = lines.clone();
+        broken[27] = "{not json".into();
+        let broken = broken.join("\n");
+        // Chunks shorter than a line, cutting a character, and longer than the whole export.
+        for chunk in [1, 5, 64, 700, 1 << 20] {
+            for max in [1, 3, 4096] {
+                let read = |t: &str| {
+                    let r = Trickle {
+                        bytes: t.as_bytes(),
+                        max,
+                        calls: 0,
+                    };
+                    verify_in_chunks(r, &vk, Start::Genesis, chunk)
+                };
+                assert_eq!(read(&text).unwrap(), want, "chunk {chunk}, max {max}");
+                let e = read(&edited).unwrap_err();
+                assert_eq!(
+                    e,
+                    verify_export_text(&edited, &vk, Start::Genesis).unwrap_err()
+                );
+                assert!(e.to_string().contains("at seq 25"), "{e}");
+                let e = read(&broken).unwrap_err();
+                assert!(e.to_string().starts_with("line 28: "), "{e}");
+            }
+        }
+        // Not UTF-8: named by its line.
+        let mut bad = text.clone().into_bytes();
+        let at = text.find("\"seq\":5,").unwrap();
+        bad[at] = 0xFF;
+        let e = verify_export_reader(bad.as_slice(), &vk, Start::Genesis).unwrap_err();
+        assert_eq!(e.to_string(), "line 5: not UTF-8");
     }
 }
 

@@ -250,8 +250,9 @@ pub struct AuditVerifyArgs {
 pub fn audit_export(
     a: &AuditVerifyArgs,
 ) -> Result<meshsign_evidence::audit::VerifyReport, ClientError> {
-    use meshsign_evidence::audit::{Start, verify_export_text};
-    let text = std::fs::read_to_string(&a.file).map_err(ClientError::io(&a.file))?;
+    use meshsign_evidence::audit::{ExportTextError, Start, verify_export_reader};
+    // Read in chunks, never whole: a year of a site's log is tens of GB.
+    let file = std::fs::File::open(&a.file).map_err(ClientError::io(&a.file))?;
     let pem = std::fs::read_to_string(&a.audit_key).map_err(ClientError::io(&a.audit_key))?;
     let key = verify::audit_key_from_pem(&pem)?;
     let start = if a.from_checkpoint {
@@ -259,7 +260,10 @@ pub fn audit_export(
     } else {
         Start::Genesis
     };
-    verify_export_text(&text, &key, start).map_err(|e| ClientError::Verify(e.to_string()))
+    verify_export_reader(file, &key, start).map_err(|e| match e {
+        ExportTextError::Read(why) => ClientError::Verify(format!("{}: {why}", a.file.display())),
+        e => ClientError::Verify(e.to_string()),
+    })
 }
 
 /// `meshsign audit consistency`'s arguments.
