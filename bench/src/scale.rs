@@ -142,13 +142,16 @@ fn entry(i: u64, enroll: bool, job: &JobClaims, serial: &str, fingerprint: &str)
 async fn load_site(site_dir: &Path, entries: u64, certs: u64) -> Result<f64, String> {
     let cfg = meshsign_server::config::SiteConfig::load(&site_dir.join("site.toml"))
         .map_err(|e| e.to_string())?;
-    let state = tokio::task::block_in_place(|| {
-        SiteState::open(cfg, Arc::new(meshsign_server::clock::SystemClock))
-    })
-    .map_err(|e| e.to_string())?;
+    // The site's clock walks through the year as the history is written, so housekeeping
+    // runs as it would have (below); it ends at the wall clock's now.
+    let clock = meshsign_server::clock::ManualClock::new();
+    let year = 365 * 86_400;
+    clock.step(-year);
+    let state = tokio::task::block_in_place(|| SiteState::open(cfg, Arc::new(clock.clone())))
+        .map_err(|e| e.to_string())?;
     let state = Arc::new(state);
     let started = Instant::now();
-    let now = state.clock.unix();
+    let now = state.clock.unix() + year;
     let issuer = state
         .runner_cas(load::ENVIRONMENT)
         .map_err(|e| e.to_string())?
@@ -158,7 +161,6 @@ async fn load_site(site_dir: &Path, entries: u64, certs: u64) -> Result<f64, Str
         .clone();
     let certs = certs.max(1).min(entries.max(1));
     let signs_per_cert = entries.saturating_sub(certs) / certs;
-    let year = 365 * 86_400;
     let mut set = tokio::task::JoinSet::new();
     let mut written = 0u64;
     for c in 0..certs {
@@ -172,6 +174,18 @@ async fn load_site(site_dir: &Path, entries: u64, certs: u64) -> Result<f64, Str
         } else {
             now - year + (c as i64 * year / certs as i64)
         };
+        // Time passes up to this issuance; every SWEEP_EVERY certificates, housekeeping does
+        // what its passes over that stretch of the year did (expired certificates leave the
+        // expiry index, records expired longer than the retention period are removed), so
+        // the store holds what a site this old holds, its pages reused as a running site
+        // reuses them, not a year of records removed at once.
+        let behind = not_before - state.clock.unix();
+        if behind > 0 {
+            clock.advance(Duration::from_secs(behind.unsigned_abs()));
+        }
+        if c % SWEEP_EVERY == 0 {
+            sweep_all(&state)?;
+        }
         let record = CertRecord {
             serial: serial.clone(),
             environment: load::ENVIRONMENT.into(),
@@ -211,19 +225,32 @@ async fn load_site(site_dir: &Path, entries: u64, certs: u64) -> Result<f64, Str
     while let Some(r) = set.join_next().await {
         r.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
     }
-    // What housekeeping did over the year: the expired certificates left the expiry index,
-    // and the records of those expired for longer than the retention period were removed.
-    loop {
-        let s = state.sweep_abandoned(65_536).map_err(|e| e.to_string())?;
-        if s.looked_at == 0 && s.records_removed == 0 {
-            break;
-        }
+    let behind = now - state.clock.unix();
+    if behind > 0 {
+        clock.advance(Duration::from_secs(behind.unsigned_abs()));
     }
+    sweep_all(&state)?;
     let took = started.elapsed().as_secs_f64();
     state.audit.stop().await;
     state.store.flush().map_err(|e| e.to_string())?;
     drop(state);
     Ok(written as f64 / took)
+}
+
+/// Certificates written between two housekeeping sweeps of the loader.
+const SWEEP_EVERY: u64 = 1024;
+
+/// Housekeeping's sweep of expired certificates, run until nothing is left to do at the
+/// site's current time.
+fn sweep_all(state: &SiteState) -> Result<(), String> {
+    loop {
+        let s = state
+            .sweep_abandoned(meshsign_server::state::sessions::SWEEP_BATCH * 8)
+            .map_err(|e| e.to_string())?;
+        if s.looked_at == 0 && s.records_removed == 0 {
+            return Ok(());
+        }
+    }
 }
 
 fn du(path: &Path) -> u64 {
