@@ -800,6 +800,62 @@ pub struct UnreadableEntryKv {
     seq: u64,
     counted: meshsign_server::store::Tree,
     reads: Arc<std::sync::atomic::AtomicU64>,
+    gate: Option<Arc<ScanGate>>,
+}
+
+/// Holds every scan of one tree, once armed, until opened: a whole-tree read (a snapshot's)
+/// caught part way, deterministically.
+pub struct ScanGate {
+    tree: meshsign_server::store::Tree,
+    /// (armed, a scan waits or waited at it)
+    state: std::sync::Mutex<(bool, bool)>,
+    changed: std::sync::Condvar,
+}
+
+impl ScanGate {
+    /// A gate on scans of `tree`, open until armed.
+    pub fn new(tree: meshsign_server::store::Tree) -> Arc<Self> {
+        Arc::new(Self {
+            tree,
+            state: std::sync::Mutex::new((false, false)),
+            changed: std::sync::Condvar::new(),
+        })
+    }
+
+    /// From now on, scans of the tree wait.
+    pub fn arm(&self) {
+        self.state.lock().unwrap().0 = true;
+    }
+
+    /// Lets every waiting and later scan through.
+    pub fn open(&self) {
+        self.state.lock().unwrap().0 = false;
+        self.changed.notify_all();
+    }
+
+    /// Blocks until a scan reached the armed gate (or `timeout`); whether one did.
+    pub fn wait_reached(&self, timeout: std::time::Duration) -> bool {
+        let s = self.state.lock().unwrap();
+        let (s, _) = self
+            .changed
+            .wait_timeout_while(s, timeout, |s| !s.1)
+            .unwrap();
+        s.1
+    }
+
+    fn pass(&self, t: meshsign_server::store::Tree) {
+        if t != self.tree {
+            return;
+        }
+        let mut s = self.state.lock().unwrap();
+        if s.0 {
+            s.1 = true;
+            self.changed.notify_all();
+        }
+        while s.0 {
+            s = self.changed.wait(s).unwrap();
+        }
+    }
 }
 
 impl UnreadableEntryKv {
@@ -810,7 +866,14 @@ impl UnreadableEntryKv {
             seq,
             counted: meshsign_server::store::Tree::Audit,
             reads: Arc::default(),
+            gate: None,
         }
+    }
+
+    /// Scans pass `gate` first.
+    pub fn gated(mut self, gate: Arc<ScanGate>) -> Self {
+        self.gate = Some(gate);
+        self
     }
 
     /// Counts the reads of `tree` instead of the audit log's.
@@ -846,6 +909,9 @@ impl UnreadableEntryKv {
         t: meshsign_server::store::Tree,
         rows: Vec<meshsign_server::store::Entry>,
     ) -> Result<Vec<meshsign_server::store::Entry>, meshsign_server::store::StoreError> {
+        if let Some(g) = &self.gate {
+            g.pass(t);
+        }
         self.count(t, rows.len());
         if rows.iter().any(|(k, _)| self.damaged(t, k)) {
             return Err(Self::read_error());

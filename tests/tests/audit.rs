@@ -364,6 +364,18 @@ async fn retention_prunes_only_what_was_exported_and_checkpointed() {
     let key = audit_key(&site).await;
     let full = export(&site, v1::ExportAuditRequest::default()).await;
     verify_export(&full, &key).unwrap();
+    // Exported and old enough, but a snapshot is reading the log: nothing goes until it is
+    // done (the next housekeeping pass prunes).
+    let held = site.audit().len();
+    let hold = site.state().audit.hold_front();
+    assert_eq!(
+        meshsign_server::ops::housekeeping::prune_audit(site.state())
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(site.audit().len(), held, "nothing pruned while held");
+    drop(hold);
     let (from, to) = meshsign_server::ops::housekeeping::prune_audit(site.state())
         .await
         .unwrap()

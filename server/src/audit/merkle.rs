@@ -83,6 +83,47 @@ fn key(log: Log, level: u32, index: u64) -> Vec<u8> {
     k
 }
 
+/// A stored `Tree::Merkle` record as it was when the audit log ended at `audit_size` entries
+/// and the transparency log at `log_size` leaves: None for a node over a leaf past either end,
+/// a leaf row with its later slots cleared, anything else as it is. A snapshot reads the nodes
+/// after the writer went on; what it keeps is what the log it took determines.
+pub fn node_at(key: &[u8], value: &[u8], audit_size: u64, log_size: u64) -> Option<Vec<u8>> {
+    let index = |b: &[u8]| <[u8; 8]>::try_from(b).ok().map(u64::from_be_bytes);
+    // A perfect subtree (level, index) is complete once leaf (index + 1)·2^level − 1 is in.
+    let within = |level: u8, i: u64, size: u64| {
+        (i.checked_add(1))
+            .and_then(|n| n.checked_mul(1u64.checked_shl(u32::from(level))?))
+            .is_some_and(|end| end <= size)
+    };
+    match key {
+        [b'T', level, rest @ ..] if rest.len() == 8 => {
+            let i = index(rest)?;
+            if *level == ROW_MARK {
+                let first = i.checked_mul(LEAVES_PER_ROW)?;
+                if first >= log_size {
+                    return None;
+                }
+                let keep = usize::try_from((log_size - first).min(LEAVES_PER_ROW)).ok()?;
+                if keep == LEAVES_PER_ROW as usize || value.len() != ROW_BYTES {
+                    return Some(value.to_vec());
+                }
+                let mut row = value.to_vec();
+                let bits = u16::from_be_bytes([row[0], row[1]]) & ((1u16 << keep) - 1);
+                row[..2].copy_from_slice(&bits.to_be_bytes());
+                row[2 + keep * 32..].fill(0);
+                Some(row)
+            } else {
+                within(*level, i, log_size).then(|| value.to_vec())
+            }
+        }
+        [level, rest @ ..] if rest.len() == 8 => {
+            let i = index(rest)?;
+            within(*level, i, audit_size).then(|| value.to_vec())
+        }
+        _ => Some(value.to_vec()),
+    }
+}
+
 /// The transparency log's leaf `index`, if stored.
 pub fn log_leaf(store: &Store, index: u64) -> Result<Option<Hash>, AuditError> {
     let slot = (index % LEAVES_PER_ROW) as usize;
@@ -369,6 +410,36 @@ mod tests {
     /// A damaged leaf (a flipped byte in its slot) is no leaf: the proof path says which leaf
     /// is missing, and the next write of it (a restart writes it back from its audit entry)
     /// puts it back.
+    /// What a snapshot keeps of the nodes it reads after the writer went on: those the log
+    /// through its head determines.
+    #[test]
+    fn nodes_past_the_ends_are_left_out_and_the_last_row_is_cut() {
+        let v = [7u8; 32];
+        // Audit tree at 48 entries: level 4 nodes 0..3 are complete, node 3 is not.
+        assert!(node_at(&key(Log::Audit, 4, 2), &v, 48, 0).is_some());
+        assert!(node_at(&key(Log::Audit, 4, 3), &v, 48, 0).is_none());
+        assert!(node_at(&key(Log::Audit, 5, 1), &v, 48, 0).is_none());
+        assert!(node_at(&key(Log::Audit, 63, u64::MAX), &v, u64::MAX, 0).is_none());
+        // Transparency tree at 21 leaves: row 0 whole, row 1 cut to 5 slots, row 2 out.
+        assert!(node_at(&key(Log::Transparency, 4, 0), &v, 0, 21).is_some());
+        assert!(node_at(&key(Log::Transparency, 4, 1), &v, 0, 21).is_none());
+        assert!(node_at(&key(Log::Transparency, 0, 20), &v, 0, 21).is_some());
+        assert!(node_at(&key(Log::Transparency, 0, 21), &v, 0, 21).is_none());
+        let mut row = vec![0u8; ROW_BYTES];
+        row[..2].copy_from_slice(&u16::MAX.to_be_bytes());
+        row[2..].fill(9);
+        assert_eq!(node_at(&row_key(0), &row, 0, 21), Some(row.clone()));
+        let cut = node_at(&row_key(1), &row, 0, 21).unwrap();
+        assert_eq!(u16::from_be_bytes([cut[0], cut[1]]), 0b1_1111);
+        assert!(cut[2..2 + 5 * 32].iter().all(|b| *b == 9));
+        assert!(cut[2 + 5 * 32..].iter().all(|b| *b == 0));
+        assert_eq!(row_slot(&cut, 4), Some([9; 32]));
+        assert_eq!(row_slot(&cut, 5), None);
+        assert!(node_at(&row_key(2), &row, 0, 21).is_none());
+        // Keys of another shape are kept as they are.
+        assert_eq!(node_at(b"other", &v, 0, 0), Some(v.to_vec()));
+    }
+
     #[test]
     fn a_damaged_leaf_reads_as_missing_and_is_written_again() {
         let (dir, store) = store();

@@ -325,6 +325,45 @@ pub struct AuditLog {
     signed_log_head: watch::Receiver<Option<SignedHead>>,
     /// The transparency log's durable size as the writer knows it.
     log_size: Arc<std::sync::atomic::AtomicU64>,
+    /// Readers of the whole log (snapshots) against retention's removals from its front.
+    front: Arc<Front>,
+}
+
+/// Who may change the front of the log: retention removes entries from it, a snapshot reads
+/// the log from it after the writer went on. A removal waits for no reader (it is skipped,
+/// and the next housekeeping pass tries again); a reader waits for a removal under way.
+#[derive(Default)]
+struct Front {
+    /// (readers holding the front, a removal under way)
+    state: std::sync::Mutex<(usize, bool)>,
+    changed: std::sync::Condvar,
+}
+
+impl Front {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, bool)> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// While held (see [`AuditLog::hold_front`]), retention removes no entry.
+pub struct FrontHold(Arc<Front>);
+
+impl Drop for FrontHold {
+    fn drop(&mut self) {
+        let mut s = self.0.lock();
+        s.0 = s.0.saturating_sub(1);
+        self.0.changed.notify_all();
+    }
+}
+
+/// A removal from the front under way (see [`AuditLog::prune`]).
+struct Pruning(Arc<Front>);
+
+impl Drop for Pruning {
+    fn drop(&mut self) {
+        self.0.lock().1 = false;
+        self.0.changed.notify_all();
+    }
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -510,6 +549,7 @@ impl AuditLog {
             log_origin: tlog_origin,
             signed_log_head: signed_log_rx,
             log_size,
+            front: Arc::default(),
         })
     }
 
@@ -833,6 +873,15 @@ impl AuditLog {
         now_unix: i64,
         max_age_secs: i64,
     ) -> Result<Option<(u64, u64)>, AuditError> {
+        let _pruning = {
+            let mut s = self.front.lock();
+            if s.0 > 0 {
+                tracing::debug!("audit retention waits: a snapshot is reading the log");
+                return Ok(None);
+            }
+            s.1 = true;
+            Pruning(self.front.clone())
+        };
         let exported = self.exported_through()?;
         let first = match self.range(0, 1)?.first() {
             Some(r) => r.seq,
@@ -875,6 +924,21 @@ impl AuditLog {
         Ok(Some((first, keep_from - 1)))
     }
 
+    /// Holds the front of the log: until the hold is dropped, retention removes nothing (a
+    /// snapshot reads the log after the writer went on). Blocks while a removal is under way.
+    pub fn hold_front(&self) -> FrontHold {
+        let mut s = self.front.lock();
+        while s.1 {
+            s = self
+                .front
+                .changed
+                .wait(s)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        s.0 += 1;
+        FrontHold(self.front.clone())
+    }
+
     /// Watches the seq of the newest durable entry.
     pub fn head(&self) -> watch::Receiver<u64> {
         self.head.clone()
@@ -887,6 +951,11 @@ impl AuditLog {
             self.key.backend.public_key_der().to_vec(),
         )
     }
+}
+
+/// The transparency log's size at audit entry `seq` (the leaves the entries through it added).
+pub fn transparency_size_at(store: &Store, seq: u64) -> Result<u64, AuditError> {
+    Ok(tlog::size_at(store, seq)?.0)
 }
 
 /// The checkpoints' origin: `<trust domain>/<region>/audit`.

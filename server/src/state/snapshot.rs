@@ -23,8 +23,16 @@
 //! or a failure on the way, leaves the target as it was. Version-1 snapshots (no trailer) are
 //! refused: a cut copy of one cannot be told from a whole one.
 //!
-//! Owns: the format, taking a snapshot (on the audit writer, between commits) and restoring one
-//! into an empty data folder. Must not touch: a running site's folder (restore refuses a
+//! **Taking one holds the audit writer only for the site's state.** On the writer, between
+//! commits, the header (the head seq and hash) and every tree but the log's own are written
+//! (the site's state now: small whatever the log's size). The writer then goes on, and the
+//! entries through the head are read, with the Merkle nodes and transparency leaves they
+//! determine ([`crate::audit::merkle::node_at`]: nodes past the head left out, the last leaf
+//! row cut). Those never change once durable; retention removes none of them meanwhile
+//! ([`crate::audit::AuditLog::hold_front`]). Before, the whole read ran on the writer and
+//! every audited call waited for it (6.7 s at 10⁶ entries).
+//!
+//! Owns: the format, taking a snapshot and restoring one into an empty data folder. Must not touch: a running site's folder (restore refuses a
 //! folder that holds anything).
 
 use std::path::{Path, PathBuf};
@@ -198,8 +206,8 @@ const SNAPSHOT_FILE_PREFIX: &str = ".snapshot-";
 const SNAPSHOT_PAGE: usize = 4096;
 
 impl SiteState {
-    /// A consistent snapshot, taken on the audit writer between commits. Call it under the ops
-    /// lock (an `ops::audited` write), so no ops change runs meanwhile.
+    /// A consistent snapshot at one point of the audit log (see the module docs). Call it
+    /// under the ops lock (an `ops::audited` write), so no ops change runs meanwhile.
     pub async fn snapshot(&self) -> Result<(Vec<u8>, u64), SnapshotError> {
         let file = self.snapshot_to_file().await?;
         Ok((file.read()?, file.seq))
@@ -236,13 +244,56 @@ impl SiteState {
             std::process::id(),
             TAKEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
+        // Retention removes nothing from the front of the log until the snapshot has read it.
+        let audit = self.audit.clone();
+        let hold = tokio::task::spawn_blocking(move || audit.hold_front())
+            .await
+            .map_err(|e| SnapshotError::Audit(AuditError::Tree(format!("snapshot task: {e}"))))?;
+        // On the writer, between commits: the head and every tree but the log's own (the
+        // site's state now: small). The writer then goes on while the entries through the
+        // head, and the tree nodes they determine, are read (they do not change once durable).
         let target = path.clone();
-        let (len, seq) = self
+        let begun = self
             .audit
             .exclusive(move |store, seq, hash| {
-                encode(store, marker, taken_at, seq, hash, &key, &target).map(|len| (len, seq))
+                let mut enc = Encoder::create(&target, &key)?;
+                enc.header(marker, taken_at, seq, hash)?;
+                for tree in Tree::ALL {
+                    if !matches!(tree, Tree::Audit | Tree::Merkle) {
+                        enc.tree(store, tree, |_, v| Some(v.to_vec()))?;
+                    }
+                }
+                let log_size = crate::audit::transparency_size_at(store, seq)?;
+                Ok::<_, SnapshotError>((enc, seq, log_size))
             })
-            .await??;
+            .await
+            .map_err(SnapshotError::from)
+            .and_then(|r| r);
+        let store = self.store.clone();
+        let written = match begun {
+            Ok((mut enc, seq, log_size)) => tokio::task::spawn_blocking(move || {
+                let _hold = hold;
+                let seq_key = seq.to_be_bytes();
+                enc.tree(&store, Tree::Audit, |k, v| {
+                    (k <= seq_key.as_slice()).then(|| v.to_vec())
+                })?;
+                enc.tree(&store, Tree::Merkle, |k, v| {
+                    crate::audit::merkle::node_at(k, v, seq, log_size)
+                })?;
+                enc.finish().map(|len| (len, seq))
+            })
+            .await
+            .map_err(|e| SnapshotError::Audit(AuditError::Tree(format!("snapshot task: {e}"))))
+            .and_then(|r| r),
+            Err(e) => Err(e),
+        };
+        let (len, seq) = match written {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(e);
+            }
+        };
         let file = std::fs::File::open(&path).map_err(|source| SnapshotError::Io {
             path: path.clone(),
             source,
@@ -285,60 +336,78 @@ impl Out {
     }
 }
 
-fn encode(
-    store: &Store,
-    marker: SiteMarker,
-    taken_at: i64,
-    seq: u64,
-    hash: &str,
-    mac: &aws_lc_rs::hmac::Key,
-    path: &std::path::Path,
-) -> Result<u64, SnapshotError> {
-    use std::io::Write as _;
-    let io = |source| SnapshotError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let file = {
-        let mut o = std::fs::OpenOptions::new();
-        o.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
-        o.open(path).map_err(io)?
-    };
-    let mut out = Out {
-        file: std::io::BufWriter::with_capacity(1 << 20, file),
-        path: path.to_path_buf(),
-        mac: aws_lc_rs::hmac::Context::with_key(mac),
-        len: 0,
-    };
-    let header = Header {
-        snapshot: VERSION,
-        site_id: marker.site_id.clone(),
-        taken_at,
-        audit_seq: seq,
-        audit_hash: hash.to_string(),
-        marker,
-    };
-    let mut first = serde_json::to_vec(&header).map_err(SnapshotError::Encode)?;
-    first.push(b'\n');
-    out.write(&first)?;
-    let b64 = base64::engine::general_purpose::STANDARD;
-    let mut hasher = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-    let mut trees = std::collections::BTreeMap::new();
-    let mut records = 0;
-    for tree in Tree::ALL {
-        let count = trees.entry(tree.name().to_string()).or_insert(0);
-        // A page at a time: the next page starts just after the last key read.
+/// A snapshot being written: the file, its MAC and hash so far, the records per tree.
+struct Encoder {
+    out: Out,
+    hasher: aws_lc_rs::digest::Context,
+    trees: std::collections::BTreeMap<String, usize>,
+    records: usize,
+}
+
+impl Encoder {
+    /// Creates the file (new, owner-only).
+    fn create(path: &Path, mac: &aws_lc_rs::hmac::Key) -> Result<Self, SnapshotError> {
+        let file = {
+            let mut o = std::fs::OpenOptions::new();
+            o.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+            o.open(path).map_err(|source| SnapshotError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?
+        };
+        Ok(Self {
+            out: Out {
+                file: std::io::BufWriter::with_capacity(1 << 20, file),
+                path: path.to_path_buf(),
+                mac: aws_lc_rs::hmac::Context::with_key(mac),
+                len: 0,
+            },
+            hasher: aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256),
+            trees: std::collections::BTreeMap::new(),
+            records: 0,
+        })
+    }
+
+    fn header(
+        &mut self,
+        marker: SiteMarker,
+        taken_at: i64,
+        seq: u64,
+        hash: &str,
+    ) -> Result<(), SnapshotError> {
+        let header = Header {
+            snapshot: VERSION,
+            site_id: marker.site_id.clone(),
+            taken_at,
+            audit_seq: seq,
+            audit_hash: hash.to_string(),
+            marker,
+        };
+        let mut first = serde_json::to_vec(&header).map_err(SnapshotError::Encode)?;
+        first.push(b'\n');
+        self.out.write(&first)
+    }
+
+    /// Every record of `tree` that `keep` keeps (with the value it gives), a page at a time:
+    /// the next page starts just after the last key read.
+    fn tree(
+        &mut self,
+        store: &Store,
+        tree: Tree,
+        keep: impl Fn(&[u8], &[u8]) -> Option<Vec<u8>>,
+    ) -> Result<(), SnapshotError> {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let count = self.trees.entry(tree.name().to_string()).or_insert(0);
         let mut from = Vec::new();
         loop {
             let page = store.kv().scan_range(tree, &from, SNAPSHOT_PAGE)?;
             let full = page.len() == SNAPSHOT_PAGE;
             for (k, v) in &page {
-                // The audit log is taken through the head the writer knows, nothing after it.
-                if tree == Tree::Audit && k.as_slice() > seq.to_be_bytes().as_slice() {
+                let Some(v) = keep(k, v) else {
                     continue;
-                }
+                };
                 let line = Line {
                     tree: tree.name().to_string(),
                     key: hex::encode(k),
@@ -346,37 +415,58 @@ fn encode(
                 };
                 let mut bytes = serde_json::to_vec(&line).map_err(SnapshotError::Encode)?;
                 bytes.push(b'\n');
-                hasher.update(&bytes);
-                out.write(&bytes)?;
+                self.hasher.update(&bytes);
+                self.out.write(&bytes)?;
                 *count += 1;
-                records += 1;
+                self.records += 1;
             }
             match page.last() {
                 Some((k, _)) if full => {
                     from = k.clone();
                     from.push(0);
                 }
-                _ => break,
+                _ => return Ok(()),
             }
         }
     }
-    // The MAC covers everything before the trailer, which carries it.
-    let Out {
-        mut file, mac, len, ..
-    } = out;
-    let trailer = Trailer {
-        end: 1,
-        records,
-        trees,
-        sha256: hex::encode(hasher.finish().as_ref()),
-        mac: hex::encode(mac.sign().as_ref()),
-    };
-    let mut last = serde_json::to_vec(&trailer).map_err(SnapshotError::Encode)?;
-    last.push(b'\n');
-    file.write_all(&last).map_err(io)?;
-    let file = file.into_inner().map_err(|e| io(e.into_error()))?;
-    file.sync_all().map_err(io)?;
-    Ok(len + last.len() as u64)
+
+    /// The trailer (the MAC covers everything before it), then the file made durable; returns
+    /// the snapshot's length.
+    fn finish(self) -> Result<u64, SnapshotError> {
+        use std::io::Write as _;
+        let Encoder {
+            out,
+            hasher,
+            mut trees,
+            records,
+        } = self;
+        let Out {
+            mut file,
+            mac,
+            len,
+            path,
+        } = out;
+        let io = |source| SnapshotError::Io {
+            path: path.clone(),
+            source,
+        };
+        for tree in Tree::ALL {
+            trees.entry(tree.name().to_string()).or_insert(0);
+        }
+        let trailer = Trailer {
+            end: 1,
+            records,
+            trees,
+            sha256: hex::encode(hasher.finish().as_ref()),
+            mac: hex::encode(mac.sign().as_ref()),
+        };
+        let mut last = serde_json::to_vec(&trailer).map_err(SnapshotError::Encode)?;
+        last.push(b'\n');
+        file.write_all(&last).map_err(io)?;
+        let file = file.into_inner().map_err(|e| io(e.into_error()))?;
+        file.sync_all().map_err(io)?;
+        Ok(len + last.len() as u64)
+    }
 }
 
 /// A snapshot checked whole: its header and its records.
