@@ -434,6 +434,7 @@ async fn run(cli: &Cli) -> Result<(), String> {
             concurrency: cli.concurrency,
             binary,
             log_level: cli.site_log.clone(),
+            postgres: cli.store == Store::Postgres,
         })
         .await?;
         println!("{json}");

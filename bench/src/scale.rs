@@ -44,6 +44,9 @@ pub struct ScaleArgs {
     pub binary: PathBuf,
     /// The site's log level.
     pub log_level: String,
+    /// The three sites (small, big, fresh) on PostgreSQL, a cluster each started here on
+    /// loopback, instead of sled.
+    pub postgres: bool,
 }
 
 /// Entries of the small site.
@@ -471,8 +474,15 @@ async fn loaded_site(
     entries: u64,
     certs: u64,
     name: &str,
+    pg: Option<&meshsign_certs_dev::postgres::LocalPostgres>,
 ) -> Result<(Daemon, SiteFigures, std::net::SocketAddr), String> {
-    let first = Daemon::start(&a.binary, true, &a.log_level, None)?;
+    let db = pg.map(|p| (p.url(), p.ca_file()));
+    let first = Daemon::start(
+        &a.binary,
+        true,
+        &a.log_level,
+        db.as_ref().map(|(u, c)| (u.as_str(), c.as_path())),
+    )?;
     let stopped = first.stop();
     let site_dir = stopped.site_dir();
     eprintln!("scale: loading {entries} entries and {certs} certificates into the {name} site…");
@@ -507,18 +517,38 @@ async fn loaded_site(
     let work = tempfile::tempdir().map_err(|e| e.to_string())?;
     let lines = export_and_verify(&d, work.path(), &mut f).await?;
     proofs(&d, &lines, &mut f).await?;
-    if export_max() == u64::MAX {
+    // A site on PostgreSQL refuses snapshots (the database's own backups are the way).
+    if export_max() == u64::MAX && pg.is_none() {
         snapshot_restore(&d, &site_dir, &a.binary, &mut f).await?;
     }
-    f.disk_bytes_per_entry = du(&site_dir.join("data")) as f64 / entries.max(1) as f64;
+    let disk = du(&site_dir.join("data")) + pg.map_or(0, |p| du(&p.path().join("data")));
+    f.disk_bytes_per_entry = disk as f64 / entries.max(1) as f64;
     Ok((d, f, metrics))
 }
 
 /// The scenario; returns the JSON printed last.
 pub async fn run(a: &ScaleArgs) -> Result<serde_json::Value, String> {
-    let (small, mut fs, _) = loaded_site(a, SMALL_ENTRIES, 1000.min(a.certs), "small").await?;
-    let (big, mut fb, _) = loaded_site(a, a.entries, a.certs, "big").await?;
-    let fresh = Daemon::start(&a.binary, true, &a.log_level, None)?;
+    // On PostgreSQL: a cluster per site, so the fresh site's database is as fresh as it is.
+    let clusters = if a.postgres {
+        let start = || {
+            meshsign_certs_dev::postgres::LocalPostgres::start()
+                .map_err(|e| format!("PostgreSQL: {e}"))
+        };
+        Some([start()?, start()?, start()?])
+    } else {
+        None
+    };
+    let pg = |i: usize| clusters.as_ref().map(|c| &c[i]);
+    let (small, mut fs, _) =
+        loaded_site(a, SMALL_ENTRIES, 1000.min(a.certs), "small", pg(0)).await?;
+    let (big, mut fb, _) = loaded_site(a, a.entries, a.certs, "big", pg(1)).await?;
+    let fresh_db = pg(2).map(|p| (p.url(), p.ca_file()));
+    let fresh = Daemon::start(
+        &a.binary,
+        true,
+        &a.log_level,
+        fresh_db.as_ref().map(|(u, c)| (u.as_str(), c.as_path())),
+    )?;
     let tokens = Tokens::new(&fresh.client)?;
     let (mut fresh_ops, mut fresh_cpu) = (Vec::new(), Vec::new());
     for run in 0..a.runs.max(1) {
@@ -581,7 +611,7 @@ pub async fn run(a: &ScaleArgs) -> Result<serde_json::Value, String> {
     );
     Ok(serde_json::json!({
         "scenario": "scale",
-        "store": "sled",
+        "store": if a.postgres { "postgres" } else { "sled" },
         "entries": fb.entries,
         "certs": a.certs,
         "load_entries_per_s": fb.entries as f64 / fb.load_s.max(1e-9),

@@ -281,6 +281,12 @@ pub fn perfect(store: &Store, log: Log, level: u32, index: u64) -> Result<Hash, 
             .get(Tree::Audit, &seq.to_be_bytes())?
             .ok_or_else(|| missing(seq))?;
         merkle::leaf_hash(&bytes)
+    } else if let Some(h) = (log == Log::Audit && level < STORED_LEVEL)
+        .then(|| audit_block(store, level, index))
+        .transpose()?
+        .flatten()
+    {
+        h
     } else {
         let l = perfect(store, log, level - 1, 2 * index)?;
         let r = perfect(store, log, level - 1, 2 * index + 1)?;
@@ -290,6 +296,29 @@ pub fn perfect(store: &Store, log: Log, level: u32, index: u64) -> Result<Hash, 
         store.kv().put(Tree::Merkle, &key(log, level, index), &h)?;
     }
     Ok(h)
+}
+
+/// The audit subtree (level, index) below the stored levels, from one read of its 2^level
+/// entries (a proof's siblings below level 4 are the 15 other entries of a block of 16: four
+/// reads, not fifteen); None if any of them is not stored (then the caller goes down the tree).
+fn audit_block(store: &Store, level: u32, index: u64) -> Result<Option<Hash>, AuditError> {
+    let n = 1usize << level;
+    let Some(first) = index.checked_mul(n as u64).and_then(|i| i.checked_add(1)) else {
+        return Ok(None);
+    };
+    let rows = store
+        .kv()
+        .scan_range(Tree::Audit, &first.to_be_bytes(), n)?;
+    let whole = rows.len() == n
+        && rows
+            .iter()
+            .zip(first..)
+            .all(|((k, _), seq)| k.as_slice() == seq.to_be_bytes().as_slice());
+    if !whole {
+        return Ok(None);
+    }
+    let leaves: Vec<Hash> = rows.iter().map(|(_, v)| merkle::leaf_hash(v)).collect();
+    Ok(Some(merkle::root_of(&leaves)))
 }
 
 /// The frontier of the tree over leaves `0..size` (read from the store).
