@@ -70,6 +70,7 @@ impl Daemon {
         let _ = self.child.wait();
         Stopped {
             dir: self.dir.clone(),
+            postgres: self.postgres.clone(),
         }
     }
 
@@ -264,15 +265,23 @@ impl Daemon {
     }
 }
 
-/// A stopped (sled, dev) site's folder.
+/// A stopped dev site's folder (and its database, for a site on PostgreSQL).
 pub struct Stopped {
     dir: std::sync::Arc<tempfile::TempDir>,
+    postgres: Option<(String, PathBuf)>,
 }
 
 impl Stopped {
     /// The site folder (`site.toml`, `data/`, the dev PKI).
     pub fn site_dir(&self) -> PathBuf {
         self.dir.path().join("site")
+    }
+
+    /// Its database (url, CA file), for a site on PostgreSQL.
+    pub fn postgres(&self) -> Option<(&str, &Path)> {
+        self.postgres
+            .as_ref()
+            .map(|(u, c)| (u.as_str(), c.as_path()))
     }
 
     /// Edits its site.toml and starts it; returns the site and the time from spawning
@@ -290,7 +299,9 @@ impl Stopped {
         std::fs::write(&toml, edit(text)).map_err(|e| e.to_string())?;
         let _ = std::fs::remove_file(site.join("client.toml"));
         let t = Instant::now();
-        let d = Daemon::start_in(binary, true, log_level, None, self.dir, name)?;
+        let db = self.postgres.clone();
+        let db = db.as_ref().map(|(u, c)| (u.as_str(), c.as_path()));
+        let d = Daemon::start_in(binary, true, log_level, db, self.dir, name)?;
         Ok((d, t.elapsed()))
     }
 }

@@ -142,9 +142,25 @@ fn entry(i: u64, enroll: bool, job: &JobClaims, serial: &str, fingerprint: &str)
 
 /// Writes `entries` audit entries and `certs` certificate records into the stopped site at
 /// `site_dir` through its own store and audit code.
-async fn load_site(site_dir: &Path, entries: u64, certs: u64) -> Result<f64, String> {
-    let cfg = meshsign_server::config::SiteConfig::load(&site_dir.join("site.toml"))
+async fn load_site(
+    site_dir: &Path,
+    entries: u64,
+    certs: u64,
+    postgres: Option<(&str, &Path)>,
+) -> Result<f64, String> {
+    let mut cfg = meshsign_server::config::SiteConfig::load(&site_dir.join("site.toml"))
         .map_err(|e| e.to_string())?;
+    // As `meshsignd dev --postgres-url` sets it.
+    if let Some((url, ca_file)) = postgres {
+        cfg.postgres = Some(meshsign_server::config::PostgresStore {
+            url: url.to_string(),
+            password_file: None,
+            pool_size: 8,
+            statement_timeout: Duration::from_secs(5),
+            allow_plaintext: false,
+            ca_file: Some(ca_file.to_path_buf()),
+        });
+    }
     // The site's clock walks through the year as the history is written, so housekeeping
     // runs as it would have (below); it ends at the wall clock's now.
     let clock = meshsign_server::clock::ManualClock::new();
@@ -490,7 +506,7 @@ async fn loaded_site(
         entries,
         ..Default::default()
     };
-    let rate = load_site(&site_dir, entries, certs).await?;
+    let rate = load_site(&site_dir, entries, certs, stopped.postgres()).await?;
     f.load_s = entries as f64 / rate.max(1.0);
     // For profiling a start by hand: a copy of the loaded site, kept.
     if let Some(keep) = std::env::var_os("MESHSIGN_BENCH_KEEP_SITE")
