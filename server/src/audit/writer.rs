@@ -259,7 +259,7 @@ impl Writer {
                                 .extend(tree.push(meshsign_evidence::merkle::leaf_hash(bytes)));
                             let taken = serde_json::from_slice::<AuditRecord>(bytes)
                                 .map_err(AuditError::entry("another replica's"))
-                                .and_then(|rec| self.log.take_in(&self.store, &rec));
+                                .and_then(|rec| self.log.take_in(&rec));
                             if let Err(e) = taken {
                                 tracing::warn!(error = %e, "transparency tree rebuilt after catching up");
                                 log_ok = false;
