@@ -369,6 +369,21 @@ pub async fn start(state: Arc<SiteState>) -> Result<SiteHandle, StartError> {
     // writes resume by themselves soon after space returns.
     let keeper_state = state.clone();
     let mut krx = rx.clone();
+    // Health on a task of its own: housekeeping, a refresh or a summary can each wait for
+    // several store calls (each up to the statement timeout while a database is away), and
+    // must not hold back the status a load balancer steers by.
+    let health_state = state.clone();
+    let mut hrx = rx.clone();
+    let health_task = tokio::spawn(async move {
+        let mut health_tick = tokio::time::interval(HEALTH_EVERY);
+        let mut serving = None;
+        loop {
+            tokio::select! {
+                _ = health_tick.tick() => watch_health(&health_state, &health, &mut serving).await,
+                _ = hrx.changed() => break,
+            }
+        }
+    });
     // Summary entries (counted refusals) every `summary_seconds`, and once more on shutdown.
     let keeper = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(10));
@@ -379,11 +394,8 @@ pub async fn start(state: Arc<SiteState>) -> Result<SiteHandle, StartError> {
         let mut summary = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         let mut replicas = tokio::time::interval(REFRESH_EVERY);
         let shared = keeper_state.store.kv().chain().is_some();
-        let mut health_tick = tokio::time::interval(HEALTH_EVERY);
-        let mut serving = None;
         loop {
             tokio::select! {
-                _ = health_tick.tick() => watch_health(&keeper_state, &health, &mut serving).await,
                 _ = replicas.tick(), if shared => refresh(&keeper_state).await,
                 _ = tick.tick() => ops::housekeeping::run_once(&keeper_state).await,
                 _ = repair.tick() => ops::housekeeping::repair_storage(&keeper_state).await,
@@ -392,6 +404,7 @@ pub async fn start(state: Arc<SiteState>) -> Result<SiteHandle, StartError> {
             }
         }
         write_summaries(&keeper_state).await;
+        let _ = health_task.await;
     });
 
     tracing::info!(%enroll_addr, %sign_addr, %admin_addr, metrics = ?metrics_addr, region = %config.region, "meshsign site serving");
