@@ -800,6 +800,7 @@ pub struct UnreadableEntryKv {
     seq: u64,
     counted: meshsign_server::store::Tree,
     reads: Arc<std::sync::atomic::AtomicU64>,
+    calls: Arc<std::sync::atomic::AtomicU64>,
     gate: Option<Arc<ScanGate>>,
 }
 
@@ -866,6 +867,7 @@ impl UnreadableEntryKv {
             seq,
             counted: meshsign_server::store::Tree::Audit,
             reads: Arc::default(),
+            calls: Arc::default(),
             gate: None,
         }
     }
@@ -885,6 +887,16 @@ impl UnreadableEntryKv {
     /// The count of records read from the counted tree, shared with the caller.
     pub fn reads(&self) -> Arc<std::sync::atomic::AtomicU64> {
         self.reads.clone()
+    }
+
+    /// The count of read calls made to the store, any tree (a get, a `get_many`, a scan or a
+    /// `last` each count one: on a database, one round trip each).
+    pub fn calls(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.calls.clone()
+    }
+
+    fn call(&self) {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn damaged(&self, t: meshsign_server::store::Tree, k: &[u8]) -> bool {
@@ -912,6 +924,7 @@ impl UnreadableEntryKv {
         if let Some(g) = &self.gate {
             g.pass(t);
         }
+        self.call();
         self.count(t, rows.len());
         if rows.iter().any(|(k, _)| self.damaged(t, k)) {
             return Err(Self::read_error());
@@ -926,11 +939,24 @@ impl Kv for UnreadableEntryKv {
         t: meshsign_server::store::Tree,
         k: &[u8],
     ) -> Result<Option<Vec<u8>>, meshsign_server::store::StoreError> {
+        self.call();
         self.count(t, 1);
         if self.damaged(t, k) {
             return Err(Self::read_error());
         }
         self.inner.get(t, k)
+    }
+    fn get_many(
+        &self,
+        t: meshsign_server::store::Tree,
+        keys: &[Vec<u8>],
+    ) -> Result<Vec<Option<Vec<u8>>>, meshsign_server::store::StoreError> {
+        self.call();
+        self.count(t, keys.len());
+        if keys.iter().any(|k| self.damaged(t, k)) {
+            return Err(Self::read_error());
+        }
+        keys.iter().map(|k| self.inner.get(t, k)).collect()
     }
     fn put(
         &self,
@@ -983,6 +1009,7 @@ impl Kv for UnreadableEntryKv {
         &self,
         t: meshsign_server::store::Tree,
     ) -> Result<Option<meshsign_server::store::Entry>, meshsign_server::store::StoreError> {
+        self.call();
         self.count(t, 1);
         self.inner.last(t)
     }

@@ -655,14 +655,10 @@ impl AuditLog {
             return Ok(None);
         }
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || {
-            meshsign_evidence::merkle::consistency_proof(first, second, &mut |level, index| {
-                merkle::perfect(&store, log, level, index)
-            })
-        })
-        .await
-        .map_err(|e| AuditError::Tree(format!("proof task: {e}")))?
-        .map(Some)
+        tokio::task::spawn_blocking(move || merkle::consistency(&store, log, first, second))
+            .await
+            .map_err(|e| AuditError::Tree(format!("proof task: {e}")))?
+            .map(Some)
     }
 
     /// The transparency log's checkpoint origin (`<trust domain>/<region>/log`).

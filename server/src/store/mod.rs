@@ -138,6 +138,11 @@ pub type Entry = (Vec<u8>, Vec<u8>);
 pub trait Kv: Send + Sync + 'static {
     /// Reads a value.
     fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Reads several values of one tree, in the order of `keys` (None for an absent key): one
+    /// round trip on a database (the nodes of an inclusion proof), a get per key by default.
+    fn get_many(&self, tree: Tree, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        keys.iter().map(|k| self.get(tree, k)).collect()
+    }
     /// Writes a value.
     fn put(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<(), StoreError>;
     /// Writes only if the key is absent; returns false if it was present (atomic).

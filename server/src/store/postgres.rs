@@ -458,6 +458,25 @@ impl Kv for PgKv {
         })
     }
 
+    /// One statement for all of `keys`.
+    fn get_many(&self, tree: Tree, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        if keys.len() < 2 {
+            return keys.iter().map(|k| self.get(tree, k)).collect();
+        }
+        let want = keys.to_vec();
+        let found: std::collections::HashMap<Vec<u8>, Vec<u8>> = self
+            .run(move |c| {
+                c.query(
+                    "SELECT key, value FROM kv WHERE tree = $1 AND key = ANY($2)",
+                    &[&tree.name(), &want],
+                )
+                .map(entries)
+            })?
+            .into_iter()
+            .collect();
+        Ok(keys.iter().map(|k| found.get(k).cloned()).collect())
+    }
+
     fn put(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         let (key, value) = (key.to_vec(), value.to_vec());
         self.run(move |c| {
