@@ -90,15 +90,6 @@ fn start_seq(site: &SiteState, q: &v1::ExportAuditRequest) -> Result<u64, Status
     }
 }
 
-/// Reads up to [`PAGE`] entries from `from` on a blocking thread.
-fn read_page(
-    site: &Arc<SiteState>,
-    from: u64,
-) -> tokio::task::JoinHandle<Result<Vec<AuditRecord>, AuditError>> {
-    let site = site.clone();
-    tokio::task::spawn_blocking(move || site.audit.range(from, PAGE))
-}
-
 /// The export as a stream; with `follow`, it waits for new entries until the client goes away.
 pub fn stream(
     site: Arc<SiteState>,
@@ -126,18 +117,8 @@ pub fn stream(
         // commit), and other replicas add entries this replica's head does not see: read up to
         // the end, and look again every half second when following.
         let shared = site.store.kv().chain().is_some();
-        // The page after the one being sent, read meanwhile (off the runtime): on a database
-        // each page is a round trip, hidden behind the encoding and sending of the last.
-        let mut ahead: Option<(u64, tokio::task::JoinHandle<_>)> = None;
         loop {
-            let read = match ahead.take() {
-                Some((from, pending)) if from == next => pending.await,
-                _ => read_page(&site, next).await,
-            };
-            let page = match read
-                .map_err(|e| AuditError::Tree(format!("export task: {e}")))
-                .and_then(|r| r)
-            {
+            let page = match site.audit.range(next, PAGE) {
                 Ok(p) => p,
                 Err(e) => {
                     let _ = tx.send(Err(status(&ExportError::from(e)))).await;
@@ -145,12 +126,6 @@ pub fn stream(
                 }
             };
             let durable = if shared { u64::MAX } else { *head.borrow() };
-            if page.len() == PAGE
-                && let Some(last) = page.last().filter(|r| r.seq <= durable)
-            {
-                let from = last.seq + 1;
-                ahead = Some((from, read_page(&site, from)));
-            }
             let mut sent = false;
             for r in page.into_iter().take_while(|r| r.seq <= durable) {
                 next = r.seq + 1;
