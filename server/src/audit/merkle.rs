@@ -332,17 +332,7 @@ pub fn frontier(store: &Store, log: Log, size: u64) -> Result<Frontier, AuditErr
 
 /// The inclusion proof of leaf `index` in the tree of `size` leaves.
 pub fn proof(store: &Store, log: Log, index: u64, size: u64) -> Result<Vec<Hash>, AuditError> {
-    let mut wanted = Vec::new();
-    merkle::inclusion_proof::<std::convert::Infallible>(index, size, &mut |level, i| {
-        wanted.push((level, i));
-        Ok([0; 32])
-    })
-    .unwrap_or_default();
-    let known = prefetch(store, log, &wanted)?;
-    merkle::inclusion_proof(index, size, &mut |level, i| match known.get(&(level, i)) {
-        Some(h) => Ok(*h),
-        None => perfect(store, log, level, i),
-    })
+    read_ahead(store, log, |get| merkle::inclusion_proof(index, size, get))
 }
 
 /// The consistency proof from the tree of `first` leaves to the tree of `second`.
@@ -352,21 +342,34 @@ pub fn consistency(
     first: u64,
     second: u64,
 ) -> Result<Vec<Hash>, AuditError> {
+    read_ahead(store, log, |get| {
+        merkle::consistency_proof(first, second, get)
+    })
+}
+
+/// A node getter as the proof walks of `meshsign_evidence::merkle` take it.
+type Get<'a> = &'a mut dyn FnMut(u32, u64) -> Result<Hash, AuditError>;
+
+/// Runs `walk` (a proof) twice: first only to learn the subtrees it names, which are then read
+/// in a few calls ([`prefetch`]); then for real, from what was read or else [`perfect`].
+fn read_ahead(
+    store: &Store,
+    log: Log,
+    walk: impl Fn(&mut Get<'_>) -> Result<Vec<Hash>, AuditError>,
+) -> Result<Vec<Hash>, AuditError> {
     let mut wanted = Vec::new();
-    merkle::consistency_proof::<std::convert::Infallible>(first, second, &mut |level, i| {
+    let mut learn = |level: u32, i: u64| -> Result<Hash, AuditError> {
         wanted.push((level, i));
         Ok([0; 32])
-    })
-    .unwrap_or_default();
+    };
+    // This getter cannot fail, nor can the walk with it.
+    let _ = walk(&mut (&mut learn as Get<'_>));
     let known = prefetch(store, log, &wanted)?;
-    merkle::consistency_proof(
-        first,
-        second,
-        &mut |level, i| match known.get(&(level, i)) {
-            Some(h) => Ok(*h),
-            None => perfect(store, log, level, i),
-        },
-    )
+    let mut get = |level: u32, i: u64| match known.get(&(level, i)) {
+        Some(h) => Ok(*h),
+        None => perfect(store, log, level, i),
+    };
+    walk(&mut (&mut get as Get<'_>))
 }
 
 /// The subtrees `wanted` (a proof's: O(log n) of them) read in a few store calls instead of
