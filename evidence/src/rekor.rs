@@ -226,6 +226,36 @@ impl LogEntry {
     }
 }
 
+impl LogEntry {
+    /// Checks, without the log key, that the SET is one DER `ECDSA-Sig-Value`
+    /// (`SEQUENCE { INTEGER r, INTEGER s }`, each of at most 33 bytes, as P-256 gives) and
+    /// nothing else: what a writer can check of a promise it does not verify (see
+    /// `meshsign_client::site::verification::sigstore_bundle`).
+    pub fn check_set_shape(&self) -> Result<(), EntryError> {
+        let bad = || EntryError("the signed entry timestamp is not a DER ECDSA signature".into());
+        let int = |b: &[u8]| -> Option<usize> {
+            match b {
+                [0x02, len, rest @ ..]
+                    if (1..=33).contains(len) && rest.len() >= usize::from(*len) =>
+                {
+                    Some(2 + usize::from(*len))
+                }
+                _ => None,
+            }
+        };
+        let body = match self.set.as_slice() {
+            [0x30, len, rest @ ..] if usize::from(*len) == rest.len() && *len < 0x80 => rest,
+            _ => return Err(bad()),
+        };
+        let r = int(body).ok_or_else(bad)?;
+        let s = int(&body[r..]).ok_or_else(bad)?;
+        if r + s != body.len() {
+            return Err(bad());
+        }
+        Ok(())
+    }
+}
+
 /// What a body says was signed, read back for the checks that tie it to a bundle.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BodyFacts {
@@ -343,5 +373,50 @@ mod tests {
         // A body that says sha384 but carries 32 bytes is refused.
         let short = hashedrekord_with(BodyHash::Sha384, &[7; 32], b"sig", spki.as_bytes());
         assert!(body_facts(&short).is_err());
+    }
+
+    #[test]
+    fn a_set_of_the_wrong_shape_is_refused_without_the_key() {
+        use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair};
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let key = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING).expect("key");
+        let entry = |set: Vec<u8>| LogEntry {
+            set,
+            ..LogEntry::default()
+        };
+        // Real P-256 signatures (r and s of 32 or 33 bytes, sometimes fewer) pass.
+        for i in 0..64u8 {
+            let sig = key.sign(&rng, &[i]).expect("sign").as_ref().to_vec();
+            assert_eq!(entry(sig.clone()).check_set_shape(), Ok(()), "{sig:02x?}");
+            // Cut short, one byte more, another tag, a third integer: refused.
+            assert!(
+                entry(sig[..sig.len() - 1].to_vec())
+                    .check_set_shape()
+                    .is_err()
+            );
+            let mut longer = sig.clone();
+            longer.push(0);
+            assert!(entry(longer).check_set_shape().is_err());
+            let mut tag = sig.clone();
+            tag[0] = 0x31;
+            assert!(entry(tag).check_set_shape().is_err());
+            let mut three = sig.clone();
+            three.extend_from_slice(&[0x02, 0x01, 0x01]);
+            three[1] += 3;
+            assert!(entry(three).check_set_shape().is_err());
+        }
+        for bad in [
+            vec![],
+            vec![0x30, 0x00],
+            vec![0x30, 0x02, 0x02, 0x00],
+            b"sig".to_vec(),
+        ] {
+            assert!(entry(bad).check_set_shape().is_err());
+        }
+        // An integer longer than P-256's is refused.
+        let mut wide = vec![0x30, 38, 0x02, 34];
+        wide.extend_from_slice(&[1; 34]);
+        wide.extend_from_slice(&[0x02, 0x00]);
+        assert!(entry(wide).check_set_shape().is_err());
     }
 }

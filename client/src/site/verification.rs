@@ -100,9 +100,18 @@ pub async fn receipt(
 }
 
 /// The Sigstore bundle (v0.1: the log entry with its signed entry timestamp) of a Sign
-/// response whose signature was checked ([`bundle_from_response`]): the SET must verify under
-/// the site's audit key and the entry's body must be this signature, digest and key. `digest`
-/// is what the signature is over: the file's SHA-256, or SHA-384 of a P-384 key's message.
+/// response whose signature was checked ([`bundle_from_response`]): the entry's body must be
+/// this signature, digest and key, and its SET a well-formed ECDSA signature. `digest` is
+/// what the signature is over: the file's SHA-256, or SHA-384 of a P-384 key's message.
+///
+/// The SET's signature itself is not verified here. The audit key it would be checked against
+/// comes from the same site over the same channel, so at write time the check could only
+/// find a fault of the site itself, at one ECDSA verification per file (on a 2-core host the
+/// largest client cost of `meshsign sign`, and Sigstore's own signer, sigstore-js's
+/// `RekorWitness`, packs the log's answer unchecked too). Every verifier checks it against the
+/// trusted root (`meshsign verify`, sigstore-js, sigstore-go), and `--wait-proof` /
+/// `meshsign receipt fetch` check each bundle's SET and inclusion proof ([`add_log_proof`]).
+/// See docs/design-notes.md, "What `meshsign sign` checks before it writes a bundle".
 pub fn sigstore_bundle(
     r: &v1::SignResponse,
     hint: String,
@@ -124,9 +133,14 @@ pub fn sigstore_bundle(
         set: t.signed_entry_timestamp.clone(),
     };
     let bad = |e: String| ClientError::Verify(format!("the site's log entry: {e}"));
-    entry
-        .verify_set_with(log_key)
-        .map_err(|e| bad(e.to_string()))?;
+    if t.log_id != log_key.id {
+        return Err(bad(
+            "its SET names another log key than the site's audit key (was the audit key \
+             rotated during the run? sign again)"
+                .into(),
+        ));
+    }
+    entry.check_set_shape().map_err(|e| bad(e.to_string()))?;
     let facts =
         meshsign_evidence::rekor::body_facts(&entry.body).map_err(|e| bad(e.to_string()))?;
     let tlog = TlogEntry::from_checked(&entry, &log_key.id, facts.kind.clone());
@@ -359,4 +373,98 @@ fn bundle_from_signed(
             .collect(),
         receipt: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair as _};
+    use meshsign_evidence::rekor::{self, BodyHash};
+
+    /// SubjectPublicKeyInfo of a P-256 point.
+    fn spki(k: &EcdsaKeyPair) -> Vec<u8> {
+        let mut der = hex::decode("3059301306072a8648ce3d020106082a8648ce3d030107034200").unwrap();
+        der.extend_from_slice(k.public_key().as_ref());
+        der
+    }
+
+    /// A Sign response as a site makes it: the signature by `signer`, its hashedrekord body
+    /// and a SET by `log`, naming `log_id`.
+    fn response(signer: &EcdsaKeyPair, log: &EcdsaKeyPair, log_id: [u8; 32]) -> v1::SignResponse {
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let digest = [7u8; 32];
+        let signature = signer.sign(&rng, &digest).unwrap().as_ref().to_vec();
+        let body = rekor::hashedrekord(&digest, &signature, &spki(signer));
+        let set = log
+            .sign(&rng, &rekor::set_payload(&body, 1_700_000_000, &log_id, 41))
+            .unwrap()
+            .as_ref()
+            .to_vec();
+        v1::SignResponse {
+            signature,
+            public_key_der: spki(signer),
+            transparency_entry: Some(v1::TransparencyEntry {
+                log_index: 41,
+                integrated_time: 1_700_000_000,
+                canonicalized_body: body,
+                signed_entry_timestamp: set,
+                log_id: log_id.to_vec(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_bundle_is_written_only_for_an_entry_bound_to_its_signature_and_log() {
+        let new_key = || EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING).unwrap();
+        let (signer, log, other) = (new_key(), new_key(), new_key());
+        let log_key = log_key(&spki(&log)).unwrap();
+        let digest = (BodyHash::Sha256, &[7u8; 32][..]);
+        let bundle = |r: &v1::SignResponse| sigstore_bundle(r, "r/e/k@v1".into(), digest, &log_key);
+        let good = response(&signer, &log, log_key.id);
+        let b = bundle(&good).unwrap();
+        // What the writer did not check, the verifier does: the SET verifies with the log key.
+        let audit = meshsign_evidence::verify::audit_key_from_der(&spki(&log)).unwrap();
+        let (facts, proved) = b.verification_material.tlog_entries[0]
+            .verify_transparency(&audit, None)
+            .unwrap();
+        assert_eq!((facts.signature, proved), (good.signature.clone(), false));
+
+        // A body of another signature: refused.
+        let mut r = good.clone();
+        r.signature = response(&signer, &log, log_key.id).signature;
+        assert!(
+            bundle(&r)
+                .unwrap_err()
+                .to_string()
+                .contains("another signature")
+        );
+        // A SET that names another log: refused before anything is written.
+        let r = response(&signer, &other, [9; 32]);
+        assert!(
+            bundle(&r)
+                .unwrap_err()
+                .to_string()
+                .contains("another log key")
+        );
+        // A SET cut short: refused.
+        let mut r = good.clone();
+        if let Some(t) = r.transparency_entry.as_mut() {
+            t.signed_entry_timestamp.pop();
+        }
+        assert!(
+            bundle(&r)
+                .unwrap_err()
+                .to_string()
+                .contains("not a DER ECDSA")
+        );
+        // A well-formed SET by another key under the right log id is written (the writer does
+        // not hold a key the site did not give it) and every verifier refuses it.
+        let r = response(&signer, &other, log_key.id);
+        let forged = bundle(&r).unwrap();
+        let err = forged.verification_material.tlog_entries[0]
+            .verify_transparency(&audit, None)
+            .unwrap_err();
+        assert!(err.to_string().contains("signed entry timestamp"), "{err}");
+    }
 }
