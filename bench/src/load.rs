@@ -150,7 +150,8 @@ pub async fn sign_keeping(
 }
 
 /// What `meshsign sign --format sigstore` does per file: Sign, then the bundle built and
-/// checked (the SET under the audit key, the body this signature), from every session for
+/// checked as `sigstore_bundle` checks it (the body this signature, digest and key; the SET
+/// naming the audit key's log and well formed), from every session for
 /// `duration`. One op = one checked bundle. With `batch` > 1, SignBatch of `batch` digests and
 /// one bundle per signature (what it does for several files); ops = bundles.
 pub async fn bundles(

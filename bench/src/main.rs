@@ -146,7 +146,7 @@ enum Scenario {
     Batch,
     /// Enroll: a new TLS connection, a new token and a new CSR each time.
     Enroll,
-    /// Unary Sign with its Sigstore bundle (the SET checked against the audit key): what
+    /// Unary Sign with its Sigstore bundle (built and checked as `meshsign sign` does): what
     /// `meshsign sign --format sigstore` does for one file. Each run also measures plain Sign,
     /// and one client writing bundles one call per file against 100 files per SignBatch
     /// (`batched_to_single`), on the same site.
