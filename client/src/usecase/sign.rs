@@ -213,8 +213,9 @@ async fn sign_sigstore(
         session.enrollment.environment.clone(),
     );
     let log_key = verification::log_key(spki)?;
-    // Every signature verifies under the returned key, and every SET under the audit key,
-    // before anything is written (one thread per core: two ECDSA checks per file).
+    // Every signature verifies under the returned key and every log entry is bound to it
+    // (`sigstore_bundle`: body, log id, SET shape) before anything is written (one thread per
+    // core). The SETs' signatures are for verifiers and `--wait-proof` to check.
     let work: Vec<_> = opts.files.iter().zip(digests).zip(&responses).collect();
     let bundles = verification::par_map(&work, |((file, digest), r)| {
         let name = file_name(file);
