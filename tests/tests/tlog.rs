@@ -608,9 +608,10 @@ async fn a_proof_reads_the_store_a_few_times_whatever_the_size_of_the_log() {
         most_log = most_log.max(count() - before);
     }
     eprintln!("report: store reads per proof: audit log {most_audit}, transparency log {most_log}");
-    // Audit: the entry itself, the stored nodes, the ≤ 2 blocks of 16 the low siblings are in.
+    // Audit: the stored nodes, the ≤ 2 blocks of 16 the low siblings are in — the entry
+    // itself (its leaf hash checked) is read in its own block's scan.
     assert!(
-        most_audit <= 4,
+        most_audit <= 3,
         "an audit proof made {most_audit} store reads"
     );
     // Transparency: the leaf's row, then the stored nodes and the ≤ 2 rows of the low siblings.

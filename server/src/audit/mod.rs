@@ -599,6 +599,23 @@ impl AuditLog {
         if seq == 0 || leaf_hash.len() != 32 {
             return Ok(None);
         }
+        // A head this replica signed covers the entry (a receipt asked for after the next
+        // checkpoint, the usual case): the entry is read in the same store call as the block
+        // of its proof, off the runtime.
+        let covering = self.signed_head.borrow().clone().filter(|h| h.size >= seq);
+        if let Some(head) = covering {
+            let (store, leaf) = (self.store.clone(), leaf_hash.to_vec());
+            let hashes = tokio::task::spawn_blocking(move || {
+                merkle::proof_if_leaf(&store, merkle::Log::Audit, seq - 1, head.size, &leaf)
+            })
+            .await
+            .map_err(|e| AuditError::Tree(format!("proof task: {e}")))??;
+            return Ok(hashes.map(|hashes| Proof {
+                tree_size: head.size,
+                hashes,
+                checkpoint: head.note,
+            }));
+        }
         let Some(entry) = self.store.kv().get(Tree::Audit, &seq.to_be_bytes())? else {
             return Ok(None);
         };
