@@ -197,16 +197,18 @@ impl SiteState {
         while out.len() < MAX_LIVE {
             let page = self.store.kv().scan_range(Tree::Meta, &from, LIVE_PAGE)?;
             let full = page.len() == LIVE_PAGE;
-            for (key, _) in &page {
-                let Some((_, serial)) = parse_timed(DUE, key) else {
-                    return Ok(out);
-                };
-                if let Some(r) = self
-                    .store
-                    .get::<CertRecord>(Tree::Certs, serial.as_bytes())?
-                {
-                    out.push(r);
-                }
+            // The page's records in one store call (on a database, one round trip instead of
+            // one per certificate: the scrape's cost on PostgreSQL).
+            let serials: Vec<Vec<u8>> = page
+                .iter()
+                .map_while(|(key, _)| parse_timed(DUE, key))
+                .map(|(_, serial)| serial.as_bytes().to_vec())
+                .collect();
+            let past_index = serials.len() < page.len();
+            let records = self.store.get_many::<CertRecord>(Tree::Certs, &serials)?;
+            out.extend(records.into_iter().flatten());
+            if past_index {
+                return Ok(out);
             }
             match page.last() {
                 Some((last, _)) if full => {

@@ -626,6 +626,20 @@ impl Store {
             .transpose()
     }
 
+    /// Reads and decodes many records in one store call ([`Kv::get_many`]: one round trip on
+    /// a database), in the order of `keys`.
+    pub fn get_many<T: DeserializeOwned>(
+        &self,
+        tree: Tree,
+        keys: &[Vec<u8>],
+    ) -> Result<Vec<Option<T>>, StoreError> {
+        self.kv
+            .get_many(tree, keys)?
+            .into_iter()
+            .map(|v| v.map(|v| decode(tree, &v)).transpose())
+            .collect()
+    }
+
     /// Encodes and writes a record.
     pub fn put<T: Serialize>(&self, tree: Tree, key: &[u8], value: &T) -> Result<(), StoreError> {
         self.kv.put(tree, key, &encode(tree, value)?)
