@@ -169,6 +169,30 @@ impl TestSite {
         .await
     }
 
+    /// A site whose store counts what the site reads ([`UnreadableEntryKv`] with no damaged
+    /// entry): the records read from `tree`, and the read calls made to any tree (each a round
+    /// trip on a database).
+    pub async fn start_counting(
+        extra: &str,
+        tree: meshsign_server::store::Tree,
+    ) -> (Self, StoreCounts) {
+        let counts = std::sync::Mutex::new(None);
+        let wrap = |kv: SledKv| -> Arc<dyn Kv> {
+            let kv = UnreadableEntryKv::new(kv, 0).counting(tree);
+            *counts.lock().unwrap_or_else(|p| p.into_inner()) = Some(StoreCounts {
+                reads: kv.reads(),
+                calls: kv.calls(),
+            });
+            Arc::new(kv)
+        };
+        let site = Self::start_with(extra, Some(&wrap)).await;
+        let counts = counts.lock().unwrap_or_else(|p| p.into_inner()).take();
+        (
+            site,
+            counts.expect("the site opened its store through the wrapper"),
+        )
+    }
+
     /// [`TestSite::start_with`] with explicit audit settings (benchmarks turn the flush off);
     /// checkpoint settings come from the site config.
     pub async fn start_with_settings(
@@ -788,6 +812,14 @@ pub fn in_softhsm_child(test: &str, label: &str) -> Option<PathBuf> {
 /// Marks the child of [`in_softhsm_child`] as having run its whole body.
 pub fn softhsm_child_done(hsm_dir: &Path) {
     std::fs::write(hsm_dir.join("done"), b"").unwrap();
+}
+
+/// What a [`TestSite::start_counting`] site's store counted.
+pub struct StoreCounts {
+    /// Records read from the counted tree.
+    pub reads: Arc<std::sync::atomic::AtomicU64>,
+    /// Read calls to any tree.
+    pub calls: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A storage engine whose audit entry `seq` cannot be read (a damaged page: the engine's

@@ -1098,14 +1098,8 @@ async fn a_github_job_is_its_check_run_and_a_pipeline_its_run() {
 /// round trip per certificate made the scrape ~0.2 s at 10⁴ certificates.
 #[tokio::test]
 async fn live_certificates_are_read_a_page_per_store_call() {
-    let calls = std::sync::Mutex::new(None);
-    let wrap = |kv: meshsign_server::store::SledKv| -> Arc<dyn meshsign_server::store::Kv> {
-        let kv = meshsign_tests::UnreadableEntryKv::new(kv, 0);
-        *calls.lock().unwrap() = Some(kv.calls());
-        Arc::new(kv)
-    };
-    let site = TestSite::start_with("", Some(&wrap)).await;
-    let calls = calls.lock().unwrap().take().unwrap();
+    let (site, counts) = TestSite::start_counting("", meshsign_server::store::Tree::Audit).await;
+    let calls = counts.calls;
     let mut serials = std::collections::BTreeSet::new();
     for _ in 0..24 {
         let (_k, resp, _s) = site.enrolled("production").await;
@@ -1218,14 +1212,8 @@ async fn live_certificates_come_from_the_expiry_index_not_the_history() {
 #[tokio::test]
 async fn counting_live_certificates_does_not_read_the_expired_keys_after_them() {
     use meshsign_server::store::Tree;
-    let reads = std::sync::Mutex::new(None);
-    let wrap = |kv: meshsign_server::store::SledKv| -> Arc<dyn meshsign_server::store::Kv> {
-        let kv = meshsign_tests::UnreadableEntryKv::new(kv, 0).counting(Tree::Meta);
-        *reads.lock().unwrap() = Some(kv.reads());
-        Arc::new(kv)
-    };
-    let site = TestSite::start_with("", Some(&wrap)).await;
-    let reads = reads.lock().unwrap().take().unwrap();
+    let (site, counts) = TestSite::start_counting("", Tree::Meta).await;
+    let reads = counts.reads;
     let mut serials = std::collections::BTreeSet::new();
     for _ in 0..3 {
         let (_k, resp, _s) = site.enrolled("production").await;

@@ -7,8 +7,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
-use std::sync::Arc;
-
 use meshsign_evidence::audit::AuditRecord;
 use meshsign_evidence::merkle::{Hash, leaf_hash, verify_inclusion};
 use meshsign_evidence::rekor::{self, LogEntry};
@@ -491,14 +489,8 @@ async fn a_damaged_leaf_is_written_back_from_the_audit_entry_that_added_it() {
 /// decoded entries, as the reads counted here showed.
 #[tokio::test]
 async fn an_index_past_the_end_of_the_log_reads_no_audit_entry() {
-    let reads = std::sync::Mutex::new(None);
-    let wrap = |kv: meshsign_server::store::SledKv| -> Arc<dyn meshsign_server::store::Kv> {
-        let kv = meshsign_tests::UnreadableEntryKv::new(kv, 0);
-        *reads.lock().unwrap() = Some(kv.reads());
-        Arc::new(kv)
-    };
-    let site = TestSite::start_with("", Some(&wrap)).await;
-    let reads = reads.lock().unwrap().take().unwrap();
+    let (site, counts) = TestSite::start_counting("", meshsign_server::store::Tree::Audit).await;
+    let reads = counts.reads;
     let key = audit_key(&site).await;
     let (_k, _r, mut s) = site.enrolled("staging").await;
     let mut got = Vec::new();
@@ -543,14 +535,8 @@ async fn an_index_past_the_end_of_the_log_reads_no_audit_entry() {
 /// transparency sibling below level 4 one read per leaf under it.
 #[tokio::test]
 async fn a_proof_reads_the_store_a_few_times_whatever_the_size_of_the_log() {
-    let calls = std::sync::Mutex::new(None);
-    let wrap = |kv: meshsign_server::store::SledKv| -> Arc<dyn meshsign_server::store::Kv> {
-        let kv = meshsign_tests::UnreadableEntryKv::new(kv, 0);
-        *calls.lock().unwrap() = Some(kv.calls());
-        Arc::new(kv)
-    };
-    let site = TestSite::start_with("", Some(&wrap)).await;
-    let calls = calls.lock().unwrap().take().unwrap();
+    let (site, counts) = TestSite::start_counting("", meshsign_server::store::Tree::Audit).await;
+    let calls = counts.calls;
     let key = audit_key(&site).await;
     let (_k, _r, mut s) = site.enrolled("staging").await;
     let mut signed = Vec::new();
