@@ -593,7 +593,28 @@ async fn a_proof_reads_the_store_a_few_times_whatever_the_size_of_the_log() {
         prove(&site, &key, t.log_index, &t.canonicalized_body).await;
         most_log = most_log.max(count() - before);
     }
-    eprintln!("report: store reads per proof: audit log {most_audit}, transparency log {most_log}");
+    // A leaf hash the log does not hold (this call is public) costs one read, as it did when
+    // the entry was read first: its block, checked before anything else is read.
+    let before = count();
+    let refused = site
+        .verification()
+        .await
+        .get_inclusion_proof(v1::GetInclusionProofRequest {
+            seq: signed[150].audit_seq,
+            leaf_hash: vec![7; 32],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
+    let bogus = count() - before;
+    eprintln!(
+        "report: store reads per proof: audit log {most_audit}, transparency log {most_log}; \
+         a bogus leaf {bogus}"
+    );
+    assert!(
+        bogus <= 1,
+        "a leaf the log does not hold cost {bogus} store reads"
+    );
     // Audit: the stored nodes, the ≤ 2 blocks of 16 the low siblings are in — the entry
     // itself (its leaf hash checked) is read in its own block's scan.
     assert!(

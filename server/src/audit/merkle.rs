@@ -357,14 +357,16 @@ fn read_ahead(
     log: Log,
     walk: impl Fn(&mut Get<'_>) -> Result<Vec<Hash>, AuditError>,
 ) -> Result<Vec<Hash>, AuditError> {
-    let known = prefetch(store, log, &learn(&walk))?;
+    // Without a claimed leaf there is nothing to refuse: always Some.
+    let known = prefetch(store, log, &learn(&walk), None)?.unwrap_or_default();
     walk_known(store, log, &known, walk)
 }
 
 /// [`proof`] of leaf `index` if the store holds that leaf with the leaf hash `leaf`, else
 /// None. The leaf is read with the block of 16 its proof reads anyway (one store call fewer
-/// than reading it first: on a database, a round trip); nothing is walked for a leaf the store
-/// does not hold. The comparison is in constant time.
+/// than reading it first: on a database, a round trip), and checked before the rest is read
+/// (an audit leaf the store does not hold costs one read, as before); nothing is walked for
+/// it. The comparison is in constant time.
 pub fn proof_if_leaf(
     store: &Store,
     log: Log,
@@ -373,14 +375,9 @@ pub fn proof_if_leaf(
     leaf: &[u8],
 ) -> Result<Option<Vec<Hash>>, AuditError> {
     let walk = |get: &mut Get<'_>| merkle::inclusion_proof(index, size, get);
-    let mut wanted = learn(&walk);
-    wanted.push((0, index));
-    let known = prefetch(store, log, &wanted)?;
-    match known.get(&(0, index)) {
-        Some(h) if aws_lc_rs::constant_time::verify_slices_are_equal(h, leaf).is_ok() => {
-            walk_known(store, log, &known, walk).map(Some)
-        }
-        _ => Ok(None),
+    match prefetch(store, log, &learn(&walk), Some((index, leaf)))? {
+        Some(known) => walk_known(store, log, &known, walk).map(Some),
+        None => Ok(None),
     }
 }
 
@@ -416,11 +413,16 @@ fn walk_known(
 /// stored level from one scan of the ≤ 16 entries of their block. What is not found here
 /// (a node not stored yet, a damaged slot, a removed entry) is left to [`perfect`], which
 /// computes, stores or writes back as it always did.
+///
+/// With `leaf` (an index and the leaf hash a caller claims for it), its block is read too and
+/// the claim checked first — an audit block before anything else, so a claim the store does
+/// not hold costs one read — and None is returned if it does not hold.
 fn prefetch(
     store: &Store,
     log: Log,
     wanted: &[(u32, u64)],
-) -> Result<std::collections::HashMap<(u32, u64), Hash>, AuditError> {
+    leaf: Option<(u64, &[u8])>,
+) -> Result<Option<std::collections::HashMap<(u32, u64), Hash>>, AuditError> {
     use std::collections::{BTreeSet, HashMap};
     let mut known = HashMap::new();
     let block_of = |level: u32, i: u64| (i << level) / LEAVES_PER_ROW;
@@ -429,49 +431,60 @@ fn prefetch(
         .copied()
         .filter(|&(level, _)| level < 64)
         .partition(|&(level, _)| level >= STORED_LEVEL);
-    let blocks: BTreeSet<u64> = low.iter().map(|&(l, i)| block_of(l, i)).collect();
-    let mut keys: Vec<Vec<u8>> = high.iter().map(|&(l, i)| key(log, l, i)).collect();
-    if log == Log::Transparency {
-        keys.extend(blocks.iter().map(|&b| row_key(b)));
+    let mut blocks: BTreeSet<u64> = low.iter().map(|&(l, i)| block_of(l, i)).collect();
+    blocks.extend(leaf.map(|(i, _)| block_of(0, i)));
+    let holds = |rows: &HashMap<u64, Vec<Option<Hash>>>| {
+        leaf.is_none_or(|(i, want)| {
+            rows.get(&block_of(0, i))
+                .and_then(|row| row.get((i % LEAVES_PER_ROW) as usize).copied().flatten())
+                .is_some_and(|h| {
+                    aws_lc_rs::constant_time::verify_slices_are_equal(&h, want).is_ok()
+                })
+        })
+    };
+    // The leaves of each block of 16 a low subtree (or the claimed leaf) lies in.
+    let mut leaves: HashMap<u64, Vec<Option<Hash>>> = HashMap::new();
+    if log == Log::Audit
+        && let Some((i, _)) = leaf
+    {
+        let b = block_of(0, i);
+        leaves.insert(b, audit_row(store, b)?);
+        if !holds(&leaves) {
+            return Ok(None);
+        }
     }
-    let values = store.kv().get_many(Tree::Merkle, &keys)?;
+    let rows: Vec<u64> = match log {
+        Log::Transparency => blocks.iter().copied().collect(),
+        Log::Audit => Vec::new(),
+    };
+    let mut keys: Vec<Vec<u8>> = high.iter().map(|&(l, i)| key(log, l, i)).collect();
+    keys.extend(rows.iter().map(|&b| row_key(b)));
+    let values = if keys.is_empty() {
+        Vec::new()
+    } else {
+        store.kv().get_many(Tree::Merkle, &keys)?
+    };
     for (&node, v) in high.iter().zip(&values) {
         if let Some(h) = v.as_deref().and_then(|v| Hash::try_from(v).ok()) {
             known.insert(node, h);
         }
     }
-    // The leaves of each block of 16 a low subtree lies in.
-    let mut leaves: HashMap<u64, Vec<Option<Hash>>> = HashMap::new();
-    for (n, &b) in blocks.iter().enumerate() {
-        let row: Vec<Option<Hash>> = match log {
-            Log::Transparency => {
-                let row = values.get(high.len() + n).cloned().flatten();
-                (0..LEAVES_PER_ROW as usize)
-                    .map(|slot| row.as_deref().and_then(|r| row_slot(r, slot)))
-                    .collect()
-            }
-            Log::Audit => {
-                let Some(first) = b.checked_mul(LEAVES_PER_ROW).and_then(|i| i.checked_add(1))
-                else {
-                    continue;
-                };
-                let mut row = vec![None; LEAVES_PER_ROW as usize];
-                let entries =
-                    store
-                        .kv()
-                        .scan_range(Tree::Audit, &first.to_be_bytes(), row.len())?;
-                for (k, v) in entries {
-                    let seq = <[u8; 8]>::try_from(k.as_slice()).map(u64::from_be_bytes);
-                    if let Some(slot) = seq.ok().and_then(|s| s.checked_sub(first))
-                        && let Some(cell) = row.get_mut(slot as usize)
-                    {
-                        *cell = Some(merkle::leaf_hash(&v));
-                    }
-                }
-                row
-            }
-        };
+    for (n, &b) in rows.iter().enumerate() {
+        let row = values.get(high.len() + n).cloned().flatten();
+        let row = (0..LEAVES_PER_ROW as usize)
+            .map(|slot| row.as_deref().and_then(|r| row_slot(r, slot)))
+            .collect();
         leaves.insert(b, row);
+    }
+    if log == Log::Audit {
+        for &b in &blocks {
+            if !leaves.contains_key(&b) {
+                leaves.insert(b, audit_row(store, b)?);
+            }
+        }
+    }
+    if !holds(&leaves) {
+        return Ok(None);
     }
     for (level, i) in low {
         let Some(row) = leaves.get(&block_of(level, i)) else {
@@ -485,7 +498,28 @@ fn prefetch(
             known.insert((level, i), merkle::root_of(&under));
         }
     }
-    Ok(known)
+    Ok(Some(known))
+}
+
+/// The leaf hashes of the audit entries of block `b` (entries `16·b + 1 ..= 16·b + 16`), read
+/// in one scan; None where the store holds no entry.
+fn audit_row(store: &Store, b: u64) -> Result<Vec<Option<Hash>>, AuditError> {
+    let mut row = vec![None; LEAVES_PER_ROW as usize];
+    let Some(first) = b.checked_mul(LEAVES_PER_ROW).and_then(|i| i.checked_add(1)) else {
+        return Ok(row);
+    };
+    for (k, v) in store
+        .kv()
+        .scan_range(Tree::Audit, &first.to_be_bytes(), row.len())?
+    {
+        let seq = <[u8; 8]>::try_from(k.as_slice()).map(u64::from_be_bytes);
+        if let Some(slot) = seq.ok().and_then(|s| s.checked_sub(first))
+            && let Some(cell) = row.get_mut(slot as usize)
+        {
+            *cell = Some(merkle::leaf_hash(&v));
+        }
+    }
+    Ok(row)
 }
 
 /// Stores subtrees an append completed (once their leaves are durable).
