@@ -347,6 +347,9 @@ pub fn consistency(
     })
 }
 
+/// Subtrees read ahead of a proof walk, by (level, index).
+type Known = std::collections::HashMap<(u32, u64), Hash>;
+
 /// A node getter as the proof walks of `meshsign_evidence::merkle` take it.
 type Get<'a> = &'a mut dyn FnMut(u32, u64) -> Result<Hash, AuditError>;
 
@@ -397,7 +400,7 @@ fn learn(walk: &impl Fn(&mut Get<'_>) -> Result<Vec<Hash>, AuditError>) -> Vec<(
 fn walk_known(
     store: &Store,
     log: Log,
-    known: &std::collections::HashMap<(u32, u64), Hash>,
+    known: &Known,
     walk: impl Fn(&mut Get<'_>) -> Result<Vec<Hash>, AuditError>,
 ) -> Result<Vec<Hash>, AuditError> {
     let mut get = |level: u32, i: u64| match known.get(&(level, i)) {
@@ -422,7 +425,7 @@ fn prefetch(
     log: Log,
     wanted: &[(u32, u64)],
     leaf: Option<(u64, &[u8])>,
-) -> Result<Option<std::collections::HashMap<(u32, u64), Hash>>, AuditError> {
+) -> Result<Option<Known>, AuditError> {
     use std::collections::{BTreeSet, HashMap};
     let mut known = HashMap::new();
     let block_of = |level: u32, i: u64| (i << level) / LEAVES_PER_ROW;
@@ -478,8 +481,8 @@ fn prefetch(
     }
     if log == Log::Audit {
         for &b in &blocks {
-            if !leaves.contains_key(&b) {
-                leaves.insert(b, audit_row(store, b)?);
+            if let std::collections::hash_map::Entry::Vacant(e) = leaves.entry(b) {
+                e.insert(audit_row(store, b)?);
             }
         }
     }
