@@ -24,9 +24,13 @@ use meshsign_server::state::marker::SiteMarker;
 
 /// mimalloc: per-request buffers (h2 frames, prost messages, audit JSON) cost about half the
 /// CPU they cost in glibc's allocator (BENCHMARKS.md, issue 27). Only Rust's allocations go
-/// through it; a PKCS#11 module keeps its own.
+/// through it; a PKCS#11 module keeps its own. `main` starts the thread that hands its freed
+/// memory back to the OS (see `meshsign_alloc`).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: meshsign_alloc::MiMalloc = meshsign_alloc::MiMalloc;
+
+/// How often freed memory that is due is handed back (`meshsign_alloc::return_freed_memory`).
+const MEMORY_RETURN_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Parser)]
 #[command(
@@ -159,8 +163,19 @@ fn init_logs(format: LogFormat) {
 }
 
 fn main() -> ExitCode {
+    // Before anything else maps memory (see `meshsign_alloc`); a failure is reported below,
+    // once logging is up.
+    let thp = meshsign_alloc::disable_huge_pages();
     let cli = Cli::parse();
     init_logs(cli.log_format);
+    if let Err(e) = thp {
+        // Not fatal: the site works, its resident memory counts whole huge pages.
+        tracing::warn!(error = %e, "cannot turn transparent huge pages off");
+    }
+    if let Err(e) = meshsign_alloc::return_freed_memory(MEMORY_RETURN_EVERY) {
+        // Not fatal: the site works, its resident memory stays at its high-water mark.
+        tracing::warn!(error = %e, "cannot start the memory-return thread");
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
