@@ -37,7 +37,8 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use postgres::{Client, NoTls};
+use postgres::types::ToSql;
+use postgres::{Client, NoTls, Row, Statement};
 
 use super::{Entry, Kv, SharedChain, StoreError, Tree};
 
@@ -189,7 +190,73 @@ impl PgSettings {
     }
 }
 
-type Job = Box<dyn FnOnce(&mut Option<Client>) + Send>;
+type Job = Box<dyn FnOnce(&mut Option<Conn>) + Send>;
+
+/// One connection and the statements prepared on it. Every statement this store runs is a
+/// fixed string: prepared once per connection (`Parse`/`Describe`, a round trip and a parse on
+/// the server), then only bound and executed. A query by its text costs both round trips every
+/// time; a proof's store calls and a commit's statements each paid the extra one (issue 30).
+/// The statements go with the connection when it is dropped or replaced.
+struct Conn {
+    client: Client,
+    prepared: std::collections::HashMap<&'static str, Statement>,
+}
+
+/// A statement's parameters.
+type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+impl Conn {
+    fn new(client: Client) -> Self {
+        Self {
+            client,
+            prepared: std::collections::HashMap::new(),
+        }
+    }
+
+    /// `sql` prepared on this connection (once).
+    fn statement(&mut self, sql: &'static str) -> Result<Statement, postgres::Error> {
+        if let Some(s) = self.prepared.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.client.prepare(sql)?;
+        self.prepared.insert(sql, s.clone());
+        Ok(s)
+    }
+
+    fn query(&mut self, sql: &'static str, params: Params<'_>) -> Result<Vec<Row>, postgres::Error> {
+        let s = self.statement(sql)?;
+        self.client.query(&s, params)
+    }
+
+    fn query_opt(
+        &mut self,
+        sql: &'static str,
+        params: Params<'_>,
+    ) -> Result<Option<Row>, postgres::Error> {
+        let s = self.statement(sql)?;
+        self.client.query_opt(&s, params)
+    }
+
+    fn query_one(&mut self, sql: &'static str, params: Params<'_>) -> Result<Row, postgres::Error> {
+        let s = self.statement(sql)?;
+        self.client.query_one(&s, params)
+    }
+
+    fn execute(&mut self, sql: &'static str, params: Params<'_>) -> Result<u64, postgres::Error> {
+        let s = self.statement(sql)?;
+        self.client.execute(&s, params)
+    }
+
+    /// Statements without parameters or results (`BEGIN`, `COMMIT`, `ROLLBACK`): simple
+    /// protocol, one round trip, nothing to prepare.
+    fn batch_execute(&mut self, sql: &str) -> Result<(), postgres::Error> {
+        self.client.batch_execute(sql)
+    }
+
+    fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+}
 
 /// [`Kv`] on PostgreSQL.
 pub struct PgKv {
@@ -229,7 +296,7 @@ fn wait<T>(
 fn deadline_job<T: Send + 'static>(
     deadline: std::time::Instant,
     reply: mpsc::SyncSender<Result<T, StoreError>>,
-    f: impl FnOnce(&mut Option<Client>) -> Result<T, StoreError> + Send + 'static,
+    f: impl FnOnce(&mut Option<Conn>) -> Result<T, StoreError> + Send + 'static,
 ) -> Job {
     Box::new(move |slot| {
         if std::time::Instant::now() >= deadline {
@@ -250,12 +317,12 @@ fn deadline_job<T: Send + 'static>(
 fn connection_thread(
     name: String,
     rx: Arc<Mutex<mpsc::Receiver<Job>>>,
-    first: Option<Client>,
+    first: Option<Conn>,
 ) -> Result<(), StoreError> {
     std::thread::Builder::new()
         .name(name)
         .spawn(move || {
-            let mut conn: Option<Client> = first;
+            let mut conn: Option<Conn> = first;
             loop {
                 let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
                     Ok(job) => job,
@@ -278,11 +345,11 @@ impl std::fmt::Debug for PgKv {
 
 /// The connection of `slot`, connecting (again) if there is none or it broke.
 fn ensure<'c>(
-    slot: &'c mut Option<Client>,
+    slot: &'c mut Option<Conn>,
     settings: &PgSettings,
-) -> Result<&'c mut Client, StoreError> {
+) -> Result<&'c mut Conn, StoreError> {
     if slot.as_ref().is_none_or(|c| c.is_closed()) {
-        *slot = Some(settings.connect()?);
+        *slot = Some(Conn::new(settings.connect()?));
     }
     slot.as_mut()
         .ok_or_else(|| StoreError::Unavailable("no connection".into()))
@@ -310,7 +377,11 @@ impl PgKv {
             connection_thread(format!("pg-{i}"), rx.clone(), None)?;
         }
         let (wtx, wrx) = mpsc::channel::<Job>();
-        connection_thread("pg-writer".into(), Arc::new(Mutex::new(wrx)), Some(client))?;
+        connection_thread(
+            "pg-writer".into(),
+            Arc::new(Mutex::new(wrx)),
+            Some(Conn::new(client)),
+        )?;
         Ok(Self {
             settings,
             jobs: Mutex::new(Some(tx)),
@@ -332,7 +403,7 @@ impl PgKv {
     /// Runs `f` on a pooled connection and waits for its answer (at most the deadline).
     fn run<T: Send + 'static>(
         &self,
-        f: impl Fn(&mut Client) -> Result<T, postgres::Error> + Send + 'static,
+        f: impl Fn(&mut Conn) -> Result<T, postgres::Error> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (reply, answer) = mpsc::sync_channel(1);
         let settings = self.settings.clone();
@@ -365,7 +436,7 @@ impl PgKv {
     /// it (at most the deadline).
     fn on_writer<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Client) -> Result<T, StoreError> + Send + 'static,
+        f: impl FnOnce(&mut Conn) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (reply, answer) = mpsc::sync_channel(1);
         let settings = self.settings.clone();
