@@ -223,7 +223,11 @@ impl Conn {
         Ok(s)
     }
 
-    fn query(&mut self, sql: &'static str, params: Params<'_>) -> Result<Vec<Row>, postgres::Error> {
+    fn query(
+        &mut self,
+        sql: &'static str,
+        params: Params<'_>,
+    ) -> Result<Vec<Row>, postgres::Error> {
         let s = self.statement(sql)?;
         self.client.query(&s, params)
     }
