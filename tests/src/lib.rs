@@ -834,6 +834,8 @@ pub struct UnreadableEntryKv {
     reads: Arc<std::sync::atomic::AtomicU64>,
     calls: Arc<std::sync::atomic::AtomicU64>,
     gate: Option<Arc<ScanGate>>,
+    /// With [`UnreadableEntryKv::late_writes`]: whether the damaged entry was read yet.
+    late: Option<Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>>,
 }
 
 /// Holds every scan of one tree, once armed, until opened: a whole-tree read (a snapshot's)
@@ -901,7 +903,36 @@ impl UnreadableEntryKv {
             reads: Arc::default(),
             calls: Arc::default(),
             gate: None,
+            late: None,
         }
+    }
+
+    /// Writes to the audit log wait until the damaged entry has been read (at most 10 s), then
+    /// take 200 ms more, as on a slow disk: a commit the writer began before the damage was
+    /// found lands well after it was.
+    pub fn late_writes(mut self) -> Self {
+        self.late = Some(Arc::default());
+        self
+    }
+
+    fn found(&self) {
+        if let Some(late) = &self.late {
+            *late.0.lock().unwrap() = true;
+            late.1.notify_all();
+        }
+    }
+
+    fn hold(&self, t: meshsign_server::store::Tree) {
+        let Some(late) = &self.late else { return };
+        if t != meshsign_server::store::Tree::Audit {
+            return;
+        }
+        let read = late.0.lock().unwrap();
+        let _ = late
+            .1
+            .wait_timeout_while(read, std::time::Duration::from_secs(10), |r| !*r)
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
     }
 
     /// Scans pass `gate` first.
@@ -959,6 +990,7 @@ impl UnreadableEntryKv {
         self.call();
         self.count(t, rows.len());
         if rows.iter().any(|(k, _)| self.damaged(t, k)) {
+            self.found();
             return Err(Self::read_error());
         }
         Ok(rows)
@@ -974,6 +1006,7 @@ impl Kv for UnreadableEntryKv {
         self.call();
         self.count(t, 1);
         if self.damaged(t, k) {
+            self.found();
             return Err(Self::read_error());
         }
         self.inner.get(t, k)
@@ -986,6 +1019,7 @@ impl Kv for UnreadableEntryKv {
         self.call();
         self.count(t, keys.len());
         if keys.iter().any(|k| self.damaged(t, k)) {
+            self.found();
             return Err(Self::read_error());
         }
         keys.iter().map(|k| self.inner.get(t, k)).collect()
@@ -996,6 +1030,7 @@ impl Kv for UnreadableEntryKv {
         k: &[u8],
         v: &[u8],
     ) -> Result<(), meshsign_server::store::StoreError> {
+        self.hold(t);
         self.inner.put(t, k, v)
     }
     fn insert_new(
@@ -1004,6 +1039,7 @@ impl Kv for UnreadableEntryKv {
         k: &[u8],
         v: &[u8],
     ) -> Result<bool, meshsign_server::store::StoreError> {
+        self.hold(t);
         self.inner.insert_new(t, k, v)
     }
     fn update(

@@ -800,7 +800,10 @@ async fn an_unreadable_audit_page_refuses_the_start_naming_the_seq() {
 /// older than that lets the site start; the background read then finds it, names where the
 /// readable log ends, and from then on every audited call — a Sign among them — is refused and
 /// the site reports itself not ready. Without the background read the site would sign on over
-/// a damaged log; without the bounded start, a start reads every entry (O(n)).
+/// a damaged log; without the bounded start, a start reads every entry (O(n)). The checkpoint
+/// the writer begins at the start (the tail was left unsigned) is held in the store until the
+/// damage is found, and lands after it: once `read_through` has reported the damage the head
+/// does not move (a race CI once lost when the check came before the commit's end).
 #[tokio::test]
 async fn an_unreadable_old_audit_page_is_found_after_the_start_and_stops_signing() {
     let site = TestSite::start().await;
@@ -831,7 +834,8 @@ async fn an_unreadable_old_audit_page_is_found_after_the_start_and_stops_signing
     let kv = meshsign_tests::UnreadableEntryKv::new(
         meshsign_server::store::SledKv::open(&cfg.data_dir).unwrap(),
         damaged,
-    );
+    )
+    .late_writes();
     let settings = meshsign_server::audit::AuditSettings {
         start_check_entries: 5,
         checkpoint_interval: std::time::Duration::from_millis(100),

@@ -247,7 +247,8 @@ struct Scrub {
     /// Set by [`AuditLog::stop`].
     stop: Arc<std::sync::atomic::AtomicBool>,
     /// What it found damaged, set before `done` is: the writer refuses every commit (entries
-    /// and checkpoints alike) once it is set, so nothing queued before it lands after it.
+    /// and checkpoints alike) that begins once it is set; [`AuditLog::read_through`] waits out
+    /// the one commit that may have begun just before.
     damaged: Damage,
     thread: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
@@ -829,13 +830,25 @@ impl AuditLog {
     /// [`check_readable`]) and returns how many entries it read, or the damage it found — which
     /// also refuses every append from then on and makes [`AuditLog::is_failing`] true. A
     /// shared database's log is not read (its engine checks pages itself): `Ok(0)`.
+    ///
+    /// When it reports damage, a commit the writer had already begun before the damage was
+    /// set (a periodic checkpoint, a batch of entries) has landed before this returns: it
+    /// waits for the writer to go between two commits once. From its return on, the head does
+    /// not move.
     pub async fn read_through(&self) -> Result<u64, AuditError> {
         let mut rx = self.scrub.done.clone();
-        let done = rx
+        let result = rx
             .wait_for(Option::is_some)
             .await
-            .map_err(|_| AuditError::Stopped)?;
-        done.clone().unwrap_or(Err(AuditError::Stopped))
+            .map_err(|_| AuditError::Stopped)?
+            .clone()
+            .unwrap_or(Err(AuditError::Stopped));
+        if result.is_err() {
+            // The writer's damage check comes at the start of each commit; one pass between
+            // commits orders every commit after this one behind the damage.
+            self.exclusive(|_, _, _| ()).await?;
+        }
+        result
     }
 
     /// Every entry in seq order (tests, small exports).
