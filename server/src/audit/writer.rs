@@ -469,12 +469,17 @@ impl Writer {
 
     /// Puts the batch's entries into the store (not flushed).
     pub(super) fn put_pending(&self) -> Result<(), AuditError> {
-        for (seq, bytes) in &self.chain_pending {
-            self.store
-                .kv()
-                .put(Tree::Audit, &seq.to_be_bytes(), bytes)?;
-        }
-        Ok(())
+        let keys: Vec<[u8; 8]> = self
+            .chain_pending
+            .iter()
+            .map(|(seq, _)| seq.to_be_bytes())
+            .collect();
+        let entries: Vec<(&[u8], &[u8])> = keys
+            .iter()
+            .zip(&self.chain_pending)
+            .map(|(k, (_, bytes))| (k.as_slice(), bytes.as_slice()))
+            .collect();
+        Ok(self.store.kv().put_many(Tree::Audit, &entries)?)
     }
 
     /// Takes back what a failed batch put into the store (seqs after `head`, through `upto`),

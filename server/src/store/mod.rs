@@ -145,6 +145,12 @@ pub trait Kv: Send + Sync + 'static {
     }
     /// Writes a value.
     fn put(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<(), StoreError>;
+    /// Writes several values of one tree, in order (an audit batch): one write where the
+    /// engine can gather them (the embedded audit segments), a `put` each by default. On an
+    /// error, those before the failing one may be stored.
+    fn put_many(&self, tree: Tree, entries: &[(&[u8], &[u8])]) -> Result<(), StoreError> {
+        entries.iter().try_for_each(|(k, v)| self.put(tree, k, v))
+    }
     /// Writes only if the key is absent; returns false if it was present (atomic).
     fn insert_new(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<bool, StoreError>;
     /// Replaces the value only if it is still `old` byte for byte; returns false (and writes
@@ -413,6 +419,13 @@ impl Kv for SledKv {
             .get(key)
             .map_err(engine)?
             .map(|v| v.to_vec()))
+    }
+
+    fn put_many(&self, tree: Tree, entries: &[(&[u8], &[u8])]) -> Result<(), StoreError> {
+        if tree == Tree::Audit {
+            return self.audit.put_many(entries);
+        }
+        entries.iter().try_for_each(|(k, v)| self.put(tree, k, v))
     }
 
     fn put(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<(), StoreError> {

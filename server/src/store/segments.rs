@@ -100,15 +100,20 @@ fn seq_key(key: &[u8]) -> Option<u64> {
 }
 
 fn frame(seq: u64, value: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER + value.len());
+    frame_into(&mut out, seq, value);
+    out
+}
+
+/// Appends the record of `seq` (see [`frame`]) to `out`.
+fn frame_into(out: &mut Vec<u8>, seq: u64, value: &[u8]) {
     let mut crc = crc32fast::Hasher::new();
     crc.update(&seq.to_le_bytes());
     crc.update(value);
-    let mut out = Vec::with_capacity(HEADER + value.len());
     out.extend_from_slice(&u32::try_from(value.len()).unwrap_or(u32::MAX).to_le_bytes());
     out.extend_from_slice(&crc.finalize().to_le_bytes());
     out.extend_from_slice(&seq.to_le_bytes());
     out.extend_from_slice(value);
-    out
 }
 
 /// What a record at the start of `buf` is.
@@ -513,6 +518,30 @@ impl SegmentLog {
         inner.append(&self.dir, seq, value)
     }
 
+    /// Stores several entries in key order, as [`SegmentLog::put`] each would: when they are
+    /// the seqs that follow the log's last entry, one after another (an audit batch), their
+    /// records go to the open segment in one write; anything else goes a `put` at a time.
+    pub fn put_many(&self, entries: &[(&[u8], &[u8])]) -> Result<(), StoreError> {
+        let seqs: Option<Vec<u64>> = entries.iter().map(|(k, _)| seq_key(k)).collect();
+        let mut inner = self.lock()?;
+        let follows = match (&seqs, inner.last_seq()) {
+            (Some(seqs), Some(last)) => {
+                seqs.first() == Some(&(last + 1)) && seqs.windows(2).all(|w| w[1] == w[0] + 1)
+            }
+            _ => false,
+        };
+        if inner.broken || !follows || entries.len() < 2 {
+            drop(inner);
+            for (k, v) in entries {
+                self.put(k, v)?;
+            }
+            return Ok(());
+        }
+        let first = seqs.and_then(|s| s.first().copied()).unwrap_or_default();
+        let values: Vec<&[u8]> = entries.iter().map(|(_, v)| *v).collect();
+        inner.append_many(&self.dir, first, &values)
+    }
+
     /// Removes `key`: the first entry (retention, front to back) or the last (a failed batch).
     pub fn remove(&self, key: &[u8]) -> Result<(), StoreError> {
         let Some(seq) = seq_key(key) else {
@@ -744,6 +773,29 @@ impl Inner {
         Ok(())
     }
 
+    /// [`Inner::append`] of `values` at `first`, `first + 1`, …: one write; all or nothing.
+    fn append_many(&mut self, dir: &Path, first: u64, values: &[&[u8]]) -> Result<(), StoreError> {
+        if self.len >= SEGMENT_BYTES && self.active.count > 0 {
+            self.seal(dir)?;
+        }
+        let mut bytes = Vec::with_capacity(values.iter().map(|v| HEADER + v.len()).sum());
+        let mut offsets = Vec::with_capacity(values.len());
+        for (seq, v) in (first..).zip(values) {
+            offsets.push(self.len + bytes.len() as u64);
+            frame_into(&mut bytes, seq, v);
+        }
+        if let Err(e) = self.file.write_all_at(&bytes, self.len) {
+            if self.file.set_len(self.len).is_err() {
+                self.broken = true;
+            }
+            return Err(io(&self.active.path, e));
+        }
+        self.offsets.extend(offsets);
+        self.len += bytes.len() as u64;
+        self.active.count += values.len() as u64;
+        Ok(())
+    }
+
     /// Seals the open segment (its index written and synced) and opens the next.
     fn seal(&mut self, dir: &Path) -> Result<(), StoreError> {
         self.file.sync_all().map_err(|e| io(&self.active.path, e))?;
@@ -894,6 +946,65 @@ mod tests {
         assert!(log.put(&k(3002), b"x").is_err());
         assert!(log.put(&k(10), b"other").is_err());
         assert_eq!(log.get(&k(10)).unwrap(), Some(value(10)));
+    }
+
+    #[test]
+    fn a_batch_is_the_same_records_as_its_puts_one_by_one() {
+        // One log written a put at a time, one in batches of every size (a seal between two):
+        // the same files byte for byte, the same entries after a reopen. A batch that does not
+        // follow the last entry is refused as its first put would be, writing nothing.
+        let (one, many) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (a, b) = (
+            SegmentLog::open(one.path()).unwrap(),
+            SegmentLog::open(many.path()).unwrap(),
+        );
+        a.put(&k(1), &value(1)).unwrap();
+        b.put(&k(1), &value(1)).unwrap();
+        let mut seq = 2;
+        for size in [1u64, 2, 7, 100, 3, 500, 64] {
+            let keys: Vec<[u8; 8]> = (seq..seq + size).map(k).collect();
+            let values: Vec<Vec<u8>> = (seq..seq + size).map(value).collect();
+            let batch: Vec<(&[u8], &[u8])> = keys
+                .iter()
+                .zip(&values)
+                .map(|(k, v)| (k.as_slice(), v.as_slice()))
+                .collect();
+            for (k, v) in &batch {
+                a.put(k, v).unwrap();
+            }
+            b.put_many(&batch).unwrap();
+            seq += size;
+            if size == 100 {
+                a.lock().unwrap().seal(one.path()).unwrap();
+                b.lock().unwrap().seal(many.path()).unwrap();
+            }
+        }
+        let (gap_k, gap_v) = ([k(seq + 1), k(seq + 2)], value(0));
+        assert!(
+            b.put_many(&[(&gap_k[0], &gap_v), (&gap_k[1], &gap_v)])
+                .is_err()
+        );
+        a.flush().unwrap();
+        b.flush().unwrap();
+        drop((a, b));
+        let files = |d: &Path| {
+            let mut f: Vec<_> = std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| {
+                    let e = e.unwrap();
+                    (e.file_name(), std::fs::read(e.path()).unwrap())
+                })
+                .collect();
+            f.sort();
+            f
+        };
+        assert_eq!(files(one.path()), files(many.path()));
+        let b = SegmentLog::open(many.path()).unwrap();
+        let all = b.range(0, usize::MAX).unwrap();
+        assert_eq!(all.len() as u64, seq - 1);
+        for (i, (key, v)) in all.iter().enumerate() {
+            assert_eq!((key, v), (&k(i as u64 + 1).to_vec(), &value(i as u64 + 1)));
+        }
     }
 
     #[test]
