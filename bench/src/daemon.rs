@@ -16,6 +16,8 @@ pub struct Daemon {
     pub client: ClientConfig,
     dir: std::sync::Arc<tempfile::TempDir>,
     postgres: Option<(String, PathBuf)>,
+    /// Its log file.
+    log: PathBuf,
 }
 
 impl Drop for Daemon {
@@ -238,6 +240,7 @@ impl Daemon {
                     client,
                     dir,
                     postgres: postgres.map(|(u, c)| (u.to_string(), c.to_path_buf())),
+                    log: log_path,
                 });
             }
             if Instant::now() > deadline {
@@ -251,6 +254,11 @@ impl Daemon {
     /// The daemon's CPU time so far (user + system, all threads, seconds).
     pub fn cpu_seconds(&self) -> Option<f64> {
         cpu_seconds_of(&format!("/proc/{}/stat", self.child.id()))
+    }
+
+    /// Whether its log holds `needle` (a line the site logs once).
+    pub fn log_contains(&self, needle: &str) -> bool {
+        std::fs::read_to_string(&self.log).is_ok_and(|t| t.contains(needle))
     }
 
     /// Peak and current resident set size, MiB (`VmHWM`, `VmRSS`).
