@@ -917,7 +917,7 @@ impl UnreadableEntryKv {
 
     fn found(&self) {
         if let Some(late) = &self.late {
-            *late.0.lock().unwrap() = true;
+            *late.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
             late.1.notify_all();
         }
     }
@@ -927,11 +927,16 @@ impl UnreadableEntryKv {
         if t != meshsign_server::store::Tree::Audit {
             return;
         }
-        let read = late.0.lock().unwrap();
-        let _ = late
-            .1
-            .wait_timeout_while(read, std::time::Duration::from_secs(10), |r| !*r)
-            .unwrap();
+        // A poisoned lock (a panicking test thread) still holds the flag: read through it.
+        let read = late.0.lock().unwrap_or_else(|p| p.into_inner());
+        drop(
+            late.1
+                .wait_timeout_while(read, std::time::Duration::from_secs(10), |r| !*r)
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        // Not a wait for a state: the injected slowness of the write itself (a slow disk). The
+        // store cannot observe the moment the damage is reported, which is what it must land
+        // after; 200 ms is ~10⁴ times the time between the damaged read and that report.
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
 

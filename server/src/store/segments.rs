@@ -773,7 +773,9 @@ impl Inner {
         Ok(())
     }
 
-    /// [`Inner::append`] of `values` at `first`, `first + 1`, …: one write; all or nothing.
+    /// [`Inner::append`] of `values` at `first`, `first + 1`, …: one write; all or nothing. The
+    /// seal check comes once, before the batch, so a segment may pass [`SEGMENT_BYTES`] by one
+    /// writer batch (at most 4,096 entries), as it may by one record; readers go by offsets.
     fn append_many(&mut self, dir: &Path, first: u64, values: &[&[u8]]) -> Result<(), StoreError> {
         if self.len >= SEGMENT_BYTES && self.active.count > 0 {
             self.seal(dir)?;
