@@ -836,6 +836,17 @@ pub struct UnreadableEntryKv {
     gate: Option<Arc<ScanGate>>,
     /// With [`UnreadableEntryKv::late_writes`]: whether the damaged entry was read yet.
     late: Option<Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>>,
+    /// With [`UnreadableEntryKv::misread`]: what the damaged entry reads as instead of an error.
+    misread: Option<Misread>,
+}
+
+/// What a damaged audit entry reads as when the engine does not notice ([`UnreadableEntryKv::misread`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Misread {
+    /// Its first half (a write cut short).
+    Cut,
+    /// The next entry's bytes (a misplaced page).
+    Next,
 }
 
 /// Holds every scan of one tree, once armed, until opened: a whole-tree read (a snapshot's)
@@ -904,6 +915,30 @@ impl UnreadableEntryKv {
             calls: Arc::default(),
             gate: None,
             late: None,
+            misread: None,
+        }
+    }
+
+    /// The damaged entry reads without an error, as `how` says: the damage only its contents
+    /// show.
+    pub fn misread(mut self, how: Misread) -> Self {
+        self.misread = Some(how);
+        self
+    }
+
+    /// The damaged entry's bytes as misread (`stored`: what was written).
+    fn misread_bytes(&self, how: Misread, stored: Vec<u8>) -> Vec<u8> {
+        match how {
+            Misread::Cut => stored[..stored.len() / 2].to_vec(),
+            Misread::Next => self
+                .inner
+                .get(
+                    meshsign_server::store::Tree::Audit,
+                    &(self.seq + 1).to_be_bytes(),
+                )
+                .ok()
+                .flatten()
+                .unwrap_or(stored),
         }
     }
 
@@ -994,6 +1029,18 @@ impl UnreadableEntryKv {
         }
         self.call();
         self.count(t, rows.len());
+        if let Some(how) = self.misread {
+            return Ok(rows
+                .into_iter()
+                .map(|(k, v)| match self.damaged(t, &k) {
+                    true => {
+                        let v = self.misread_bytes(how, v);
+                        (k, v)
+                    }
+                    false => (k, v),
+                })
+                .collect());
+        }
         if rows.iter().any(|(k, _)| self.damaged(t, k)) {
             self.found();
             return Err(Self::read_error());
@@ -1010,6 +1057,9 @@ impl Kv for UnreadableEntryKv {
     ) -> Result<Option<Vec<u8>>, meshsign_server::store::StoreError> {
         self.call();
         self.count(t, 1);
+        if let (Some(how), true) = (self.misread, self.damaged(t, k)) {
+            return Ok(self.inner.get(t, k)?.map(|v| self.misread_bytes(how, v)));
+        }
         if self.damaged(t, k) {
             self.found();
             return Err(Self::read_error());
@@ -1023,6 +1073,9 @@ impl Kv for UnreadableEntryKv {
     ) -> Result<Vec<Option<Vec<u8>>>, meshsign_server::store::StoreError> {
         self.call();
         self.count(t, keys.len());
+        if self.misread.is_some() {
+            return keys.iter().map(|k| self.get(t, k)).collect();
+        }
         if keys.iter().any(|k| self.damaged(t, k)) {
             self.found();
             return Err(Self::read_error());

@@ -7,11 +7,10 @@ use std::sync::Arc;
 use meshsign_evidence::audit::{AuditRecord, ExportLine, Omitted};
 use meshsign_proto::v1;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use super::status::status;
-use crate::audit::AuditError;
+use crate::audit::{AuditError, StoredEntry};
 use crate::model::Reason;
 use crate::model::{Refusal, RefusalKind};
 use crate::state::SiteState;
@@ -23,6 +22,8 @@ enum ExportError {
     Read(#[from] AuditError),
     #[error("encoding an export line: {0}")]
     Encode(#[from] serde_json::Error),
+    #[error("the page reader stopped: {0}")]
+    Reader(#[from] tokio::task::JoinError),
 }
 
 impl Refusal for ExportError {
@@ -90,17 +91,70 @@ fn start_seq(site: &SiteState, q: &v1::ExportAuditRequest) -> Result<u64, Status
     }
 }
 
+/// One entry of a page, ready to become a line: a record to filter and encode, or (in an
+/// unfiltered export) its stored JSON, which is already the line.
+enum Item {
+    Record(AuditRecord),
+    Stored(StoredEntry),
+}
+
+impl Item {
+    fn seq(&self) -> u64 {
+        match self {
+            Item::Record(r) => r.seq,
+            Item::Stored(e) => e.seq,
+        }
+    }
+
+    fn into_line(self, q: &v1::ExportAuditRequest, first: bool) -> Result<v1::ExportLine, Status> {
+        match self {
+            Item::Record(r) => line(r, q, first),
+            Item::Stored(e) => Ok(v1::ExportLine { json: e.json }),
+        }
+    }
+}
+
+/// Whether `q` keeps every entry (then its lines are the stored entries as they are).
+fn unfiltered(q: &v1::ExportAuditRequest) -> bool {
+    q.environment.is_empty() && q.job_id.is_empty() && q.wanted_decision().is_none()
+}
+
+/// The page of entries from `from` (a blocking store read: run off the async workers).
+fn page(site: &SiteState, from: u64, unfiltered: bool) -> Result<Vec<Item>, Status> {
+    let items = if unfiltered {
+        site.audit
+            .range_stored(from, PAGE)
+            .map(|v| v.into_iter().map(Item::Stored).collect())
+    } else {
+        site.audit
+            .range(from, PAGE)
+            .map(|v| v.into_iter().map(Item::Record).collect())
+    };
+    items.map_err(|e| status(&ExportError::from(e)))
+}
+
+/// A page being read on a blocking thread (its first seq, the read), so the next pages are
+/// read while this one is sent: on PostgreSQL a page is a query whose time is mostly the
+/// database's and the wire's, and queries on the pool's connections run side by side.
+type Ahead = (u64, tokio::task::JoinHandle<Result<Vec<Item>, Status>>);
+
+/// Pages read ahead of the one being sent (at most `READ_AHEAD × PAGE` entries held).
+const READ_AHEAD: usize = 3;
+
+fn read_ahead(site: &Arc<SiteState>, from: u64, unfiltered: bool) -> Ahead {
+    let site = site.clone();
+    let read = tokio::task::spawn_blocking(move || page(&site, from, unfiltered));
+    (from, read)
+}
+
 /// The export as a stream; with `follow`, it waits for new entries until the client goes away.
-pub fn stream(
-    site: Arc<SiteState>,
-    q: v1::ExportAuditRequest,
-) -> ReceiverStream<Result<v1::ExportLine, Status>> {
-    let (tx, rx) = mpsc::channel(64);
+pub fn stream(site: Arc<SiteState>, q: v1::ExportAuditRequest) -> Lines {
+    let (tx, rx) = mpsc::channel(2);
     tokio::spawn(async move {
         let mut next = match start_seq(&site, &q) {
             Ok(s) => s,
             Err(e) => {
-                let _ = tx.send(Err(e)).await;
+                let _ = tx.send(vec![Err(e)]).await;
                 return;
             }
         };
@@ -113,34 +167,67 @@ pub fn stream(
             .and_then(|v| v.first().map(|r| r.seq))
             .unwrap_or(1);
         let started_at_first = next <= oldest;
+        let unfiltered = unfiltered(&q);
         // On a shared store every entry in it is committed (a PostgreSQL transaction per group
         // commit), and other replicas add entries this replica's head does not see: read up to
         // the end, and look again every half second when following.
         let shared = site.store.kv().chain().is_some();
+        let mut ahead: std::collections::VecDeque<Ahead> = std::collections::VecDeque::new();
         loop {
-            let page = match site.audit.range(next, PAGE) {
-                Ok(p) => p,
+            // The page read ahead if it starts where this one must; else (a guess that missed:
+            // a gap, the durable head) drop the guesses and read it now.
+            let read = match ahead.pop_front() {
+                Some((from, read)) if from == next => read,
+                _ => {
+                    ahead.clear();
+                    read_ahead(&site, next, unfiltered).1
+                }
+            };
+            let page = match read.await {
+                Ok(Ok(p)) => p,
+                Ok(Err(e)) => {
+                    let _ = tx.send(vec![Err(e)]).await;
+                    return;
+                }
                 Err(e) => {
-                    let _ = tx.send(Err(status(&ExportError::from(e)))).await;
+                    let _ = tx.send(vec![Err(status(&ExportError::from(e)))]).await;
                     return;
                 }
             };
             let durable = if shared { u64::MAX } else { *head.borrow() };
-            let mut sent = false;
-            for r in page.into_iter().take_while(|r| r.seq <= durable) {
-                next = r.seq + 1;
-                sent = true;
-                if tx.send(line(r, &q, first)).await.is_err() {
-                    return;
+            // Seqs are gapless past the oldest kept entry: a full page of them is followed by
+            // the page from its last seq + 1, and the one after that from PAGE further.
+            if let Some(last) = page.last().map(Item::seq).filter(|l| *l <= durable) {
+                let full = page.len() == PAGE && page.first().map(Item::seq) == Some(next);
+                let want = if full { READ_AHEAD } else { 1 };
+                let mut from = ahead.back().map_or(last + 1, |(f, _)| f + PAGE as u64);
+                while ahead.len() < want {
+                    ahead.push_back(read_ahead(&site, from, unfiltered));
+                    from += PAGE as u64;
                 }
+            }
+            // The page's lines go to the response whole: its encoder then fills whole frames
+            // instead of waking for each line.
+            let mut lines = Vec::with_capacity(page.len());
+            let mut failed = false;
+            for item in page.into_iter().take_while(|i| i.seq() <= durable) {
+                next = item.seq() + 1;
+                let line = item.into_line(&q, first);
+                failed = line.is_err();
+                lines.push(line);
                 first = false;
+                if failed {
+                    break;
+                }
+            }
+            let sent = !lines.is_empty();
+            if (sent && tx.send(lines).await.is_err()) || failed {
+                return;
             }
             if sent {
                 continue;
             }
             // Reached the durable head: an unfiltered export from the start now covers it all.
-            let unfiltered =
-                q.environment.is_empty() && q.job_id.is_empty() && q.wanted_decision().is_none();
             if unfiltered && started_at_first && next > 1 {
                 let _ = site.audit.mark_exported(next - 1);
             }
@@ -161,5 +248,33 @@ pub fn stream(
             }
         }
     });
-    ReceiverStream::new(rx)
+    Lines {
+        rx,
+        page: Vec::new().into_iter(),
+    }
+}
+
+/// The export's lines: pages come whole from the reading task and go out line by line.
+pub struct Lines {
+    rx: mpsc::Receiver<Vec<Result<v1::ExportLine, Status>>>,
+    page: std::vec::IntoIter<Result<v1::ExportLine, Status>>,
+}
+
+impl tokio_stream::Stream for Lines {
+    type Item = Result<v1::ExportLine, Status>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        loop {
+            if let Some(line) = self.page.next() {
+                return std::task::Poll::Ready(Some(line));
+            }
+            match std::task::ready!(self.rx.poll_recv(cx)) {
+                Some(page) => self.page = page.into_iter(),
+                None => return std::task::Poll::Ready(None),
+            }
+        }
+    }
 }
