@@ -94,7 +94,7 @@ fn start_seq(site: &SiteState, q: &v1::ExportAuditRequest) -> Result<u64, Status
 /// One entry of a page, ready to become a line: a record to filter and encode, or (in an
 /// unfiltered export) its stored JSON, which is already the line.
 enum Item {
-    Record(AuditRecord),
+    Record(Box<AuditRecord>),
     Stored(StoredEntry),
 }
 
@@ -108,7 +108,7 @@ impl Item {
 
     fn into_line(self, q: &v1::ExportAuditRequest, first: bool) -> Result<v1::ExportLine, Status> {
         match self {
-            Item::Record(r) => line(r, q, first),
+            Item::Record(r) => line(*r, q, first),
             Item::Stored(e) => Ok(v1::ExportLine { json: e.json }),
         }
     }
@@ -128,7 +128,7 @@ fn page(site: &SiteState, from: u64, unfiltered: bool) -> Result<Vec<Item>, Stat
     } else {
         site.audit
             .range(from, PAGE)
-            .map(|v| v.into_iter().map(Item::Record).collect())
+            .map(|v| v.into_iter().map(|r| Item::Record(Box::new(r))).collect())
     };
     items.map_err(|e| status(&ExportError::from(e)))
 }
