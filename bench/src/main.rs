@@ -83,6 +83,14 @@ struct Cli {
     /// `--scenario scale`: certificate records in the loaded site.
     #[arg(long, default_value_t = 10_000)]
     certs: u64,
+    /// `--scenario scale`: the small site's entries (default 10⁴), the base of
+    /// `rss_ratio_to_small`.
+    #[arg(long)]
+    small_entries: Option<u64>,
+    /// `--scenario scale`: the small site's certificates (default: 10³ or fewer); give it
+    /// `--certs` to compare log sizes alone.
+    #[arg(long)]
+    small_certs: Option<u64>,
     /// `--scenario soak`: seconds per window (an RSS sample after each).
     #[arg(long, default_value_t = 30)]
     sample: u64,
@@ -429,6 +437,7 @@ async fn run(cli: &Cli) -> Result<(), String> {
         let json = scale::run(&scale::ScaleArgs {
             entries: cli.entries,
             certs: cli.certs,
+            small: (cli.small_entries, cli.small_certs),
             duration: cli.duration,
             runs: cli.runs,
             concurrency: cli.concurrency,

@@ -34,6 +34,10 @@ pub struct ScaleArgs {
     pub entries: u64,
     /// Certificate records in the big site.
     pub certs: u64,
+    /// The small site's entries and certificates (the base of `rss_ratio_to_small`); default
+    /// 10⁴ entries and up to 10³ certificates. Giving it the big site's certificates makes
+    /// the ratio the log's alone (the target: independent of log size).
+    pub small: (Option<u64>, Option<u64>),
     /// Seconds per Sign window.
     pub duration: u64,
     /// Sign windows per site (medians).
@@ -577,8 +581,11 @@ pub async fn run(a: &ScaleArgs) -> Result<serde_json::Value, String> {
         None
     };
     let pg = |i: usize| clusters.as_ref().map(|c| &c[i]);
-    let (small, mut fs, _) =
-        loaded_site(a, SMALL_ENTRIES, 1000.min(a.certs), "small", pg(0)).await?;
+    let (small, mut fs, _) = {
+        let entries = a.small.0.unwrap_or(SMALL_ENTRIES);
+        let certs = a.small.1.unwrap_or(1000.min(a.certs)).min(entries);
+        loaded_site(a, entries, certs, "small", pg(0)).await?
+    };
     let (big, mut fb, _) = loaded_site(a, a.entries, a.certs, "big", pg(1)).await?;
     let fresh_db = pg(2).map(|p| (p.url(), p.ca_file()));
     let fresh = Daemon::start(
@@ -653,6 +660,8 @@ pub async fn run(a: &ScaleArgs) -> Result<serde_json::Value, String> {
         "store": if a.postgres { "postgres" } else { "sled" },
         "entries": fb.entries,
         "certs": a.certs,
+        "small_entries": fs.entries,
+        "small_certs": a.small.1.unwrap_or(1000.min(a.certs)).min(fs.entries),
         "load_entries_per_s": fb.entries as f64 / fb.load_s.max(1e-9),
         "startup_s": fb.startup_s,
         "startup_small_s": fs.startup_s,
