@@ -59,6 +59,8 @@ const SMALL_ENTRIES: u64 = 10_000;
 const LIVE_CERTS: u64 = 500;
 /// Audit entries in flight at once while loading (the writer commits them in groups).
 const LOAD_IN_FLIGHT: usize = 1024;
+/// From the end of the start's work (the log's background read) to the RSS-at-rest sample.
+const REST_AFTER: Duration = Duration::from_secs(15);
 /// What the site logs (at `info`) when its background read of the log is done.
 const READ_THROUGH_LINE: &str = "audit log read through";
 /// Inclusion proofs asked of each site.
@@ -550,7 +552,10 @@ async fn loaded_site(
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Then the allocator's own delay: mimalloc hands freed memory back ~10 s after it was
+    // freed (its arenas wait ten `purge_delay`s; measured: a site's RSS steps down ~10 s
+    // after the read, then holds). Sampled earlier, the figure is the read's buffers.
+    tokio::time::sleep(REST_AFTER).await;
     f.rss_rest_mib = d.rss_mib().map_or(0.0, |r| r.1);
     // The first scrape counts live certificates; the figure is the slower of two.
     let s1 = scrape(metrics).await?;

@@ -701,6 +701,19 @@ pub async fn export(
     site: &TestSite,
     req: v1::ExportAuditRequest,
 ) -> Vec<meshsign_evidence::audit::ExportLine> {
+    let (lines, end) = export_raw(site, req).await;
+    assert!(end.is_none(), "the export failed: {end:?}");
+    lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// An export's lines as sent, and the status it ended with (None: a clean end).
+pub async fn export_raw(
+    site: &TestSite,
+    req: v1::ExportAuditRequest,
+) -> (Vec<String>, Option<tonic::Status>) {
     let mut stream = site
         .admin()
         .await
@@ -709,10 +722,13 @@ pub async fn export(
         .unwrap()
         .into_inner();
     let mut out = Vec::new();
-    while let Some(l) = stream.message().await.unwrap() {
-        out.push(serde_json::from_str(&l.json).unwrap());
+    loop {
+        match stream.message().await {
+            Ok(Some(l)) => out.push(l.json),
+            Ok(None) => return (out, None),
+            Err(e) => return (out, Some(e)),
+        }
     }
-    out
 }
 
 /// The site's audit key, fetched through the admin port.

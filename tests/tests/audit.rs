@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use meshsign_evidence::audit::{AuditRecord, ExportLine, Start, verify_export, verify_export_from};
 use meshsign_proto::v1;
-use meshsign_tests::{FaultyKv, TestSite, audit_key, export, sign_req};
+use meshsign_tests::{FaultyKv, TestSite, audit_key, export, export_raw, sign_req};
 use tonic::Code;
 
 const SMALL_CHECKPOINTS: &str = "\n[audit]\ncheckpoint_every = 5\n";
@@ -994,28 +994,6 @@ async fn an_export_of_several_pages_misses_nothing_and_repeats_nothing() {
     .await;
     assert!(omitted.len() as u64 >= head);
     assert!(verify_export(&omitted, &key).unwrap().last_seq >= head);
-}
-
-/// The lines of an export as sent, and the status it ended with (if not a clean end).
-async fn export_raw(
-    site: &TestSite,
-    req: v1::ExportAuditRequest,
-) -> (Vec<String>, Option<tonic::Status>) {
-    let mut stream = site
-        .admin()
-        .await
-        .export_audit(req)
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = Vec::new();
-    loop {
-        match stream.message().await {
-            Ok(Some(l)) => out.push(l.json),
-            Ok(None) => return (out, None),
-            Err(e) => return (out, Some(e)),
-        }
-    }
 }
 
 /// An unfiltered export sends each entry as the store holds it (no decoding into a record and

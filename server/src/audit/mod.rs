@@ -882,8 +882,9 @@ impl AuditLog {
     /// is what `serde_json` writes of the [`AuditRecord`] (the store encodes it so), without
     /// building the record. Each is checked to be UTF-8 and to be a whole object whose first
     /// field is the seq of its key (`{"seq":N,` … `}`): a cut or misplaced entry ends the
-    /// page before it, and fails the read that starts at it. The rest is the verifier's: `meshsign audit verify` decodes every line and checks
-    /// its hash and chain, which no damage inside an entry passes.
+    /// page before it, and fails the read that starts at it. The rest is the verifier's:
+    /// `meshsign audit verify` decodes every line and checks its hash and chain, which no
+    /// damage inside an entry passes.
     pub fn range_stored(&self, from: u64, limit: usize) -> Result<Vec<StoredEntry>, AuditError> {
         let mut out = Vec::new();
         for (k, v) in self
