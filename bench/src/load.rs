@@ -66,8 +66,11 @@ fn fingerprint(i: usize) -> String {
 /// What the sign-port load sends.
 #[derive(Clone, Copy)]
 pub enum SignLoad {
-    /// Unary Sign of one digest.
+    /// Unary Sign of one digest (no SET asked for: what `meshsign sign` asks for its native
+    /// signature files).
     Sign,
+    /// Unary Sign of one digest asking for the signature's SET (what a Sigstore bundle needs).
+    SignPromised,
     /// SignBatch of this many digests.
     Batch(usize),
 }
@@ -97,13 +100,14 @@ pub async fn sessions(
     Ok(out)
 }
 
-/// A unary Sign of one SHA-256 digest with `key`.
-fn sign_request(key: &str, digest: Vec<u8>) -> v1::SignRequest {
+/// A unary Sign of one SHA-256 digest with `key` (asking for the SET if `promise`).
+fn sign_request(key: &str, digest: Vec<u8>, promise: bool) -> v1::SignRequest {
     v1::SignRequest {
         key_alias: key.into(),
         input: Some(v1::sign_request::Input::Sha256Digest(digest)),
         artifact_name: String::new(),
         algorithm: String::new(),
+        signed_entry_timestamp: promise,
     }
 }
 
@@ -127,7 +131,12 @@ pub async fn sign_keeping(
     window_keeping(sessions, duration, move |mut s: Session, i| async move {
         let digest = vec![(i % 251) as u8; 32];
         let ok = match what {
-            SignLoad::Sign => s.signer.sign(sign_request(key, digest)).await.is_ok(),
+            SignLoad::Sign => s
+                .signer
+                .sign(sign_request(key, digest, false))
+                .await
+                .is_ok(),
+            SignLoad::SignPromised => s.signer.sign(sign_request(key, digest, true)).await.is_ok(),
             SignLoad::Batch(n) => s
                 .signer
                 .sign_batch(v1::SignBatchRequest {
@@ -135,13 +144,14 @@ pub async fn sign_keeping(
                     sha256_digests: vec![digest; n],
                     artifact_name: String::new(),
                     algorithm: String::new(),
+                    signed_entry_timestamp: false,
                 })
                 .await
                 .is_ok(),
         };
         let ops = match (ok, what) {
             (false, _) => 0,
-            (true, SignLoad::Sign) => 1,
+            (true, SignLoad::Sign | SignLoad::SignPromised) => 1,
             (true, SignLoad::Batch(n)) => n as u64,
         };
         (s, ops)
@@ -176,12 +186,12 @@ pub async fn bundles(
             let digests: Vec<[u8; 32]> = (0..batch).map(|j| [((i + j) % 251) as u8; 32]).collect();
             let responses = if batch == 1 {
                 s.signer
-                    .sign(sign_request(key, digests[0].to_vec()))
+                    .sign(sign_request(key, digests[0].to_vec(), true))
                     .await
                     .map(|r| vec![r.into_inner()])
                     .map_err(|e| e.to_string())
             } else {
-                s.sign_batch(key, &digests, "bench")
+                s.sign_batch(key, &digests, "bench", true)
                     .await
                     .map_err(|e| e.to_string())
             };

@@ -751,6 +751,16 @@ pub fn sign_req(alias: &str, byte: u8) -> v1::SignRequest {
         input: Some(v1::sign_request::Input::Sha256Digest(vec![byte; 32])),
         artifact_name: "t".into(),
         algorithm: String::new(),
+        signed_entry_timestamp: false,
+    }
+}
+
+/// [`sign_req`] asking for the signature's signed entry timestamp (what a Sigstore bundle
+/// needs).
+pub fn sign_req_promised(alias: &str, byte: u8) -> v1::SignRequest {
+    v1::SignRequest {
+        signed_entry_timestamp: true,
+        ..sign_req(alias, byte)
     }
 }
 

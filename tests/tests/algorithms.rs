@@ -56,6 +56,7 @@ async fn ecdsa_rsa_pkcs1_and_pss_signatures_verify_with_openssl() {
                 input: Some(Input::Sha256Digest(sha256(&data).to_vec())),
                 artifact_name: "artifact".into(),
                 algorithm: alg.into(),
+                signed_entry_timestamp: false,
             })
             .await
             .unwrap()
@@ -107,6 +108,7 @@ async fn a_request_for_another_algorithm_is_refused_and_audited() {
             input: Some(Input::Sha256Digest(vec![1; 32])),
             artifact_name: String::new(),
             algorithm: "ecdsa-p256-sha256".into(),
+            signed_entry_timestamp: false,
         })
         .await
         .unwrap_err();
@@ -172,6 +174,7 @@ async fn rsa_keys_import_rotate_and_survive_restart() {
                 input: Some(Input::Sha256Digest(vec![2; 32])),
                 artifact_name: String::new(),
                 algorithm: String::new(),
+                signed_entry_timestamp: false,
             })
             .await
             .unwrap()
@@ -246,6 +249,7 @@ fn cms_req(alias: &str, attrs: Vec<u8>) -> v1::SignRequest {
         input: Some(Input::AppleCmsSignedAttributes(attrs)),
         artifact_name: "App.app".into(),
         algorithm: String::new(),
+        signed_entry_timestamp: false,
     }
 }
 
@@ -380,6 +384,7 @@ async fn apple_cms_signed_attributes_are_checked_signed_and_audited() {
             input: Some(Input::Message(b"hello".to_vec())),
             artifact_name: String::new(),
             algorithm: String::new(),
+            signed_entry_timestamp: false,
         })
         .await
         .unwrap_err();
@@ -497,6 +502,7 @@ async fn signing_identity_csr_certificate_and_chain() {
             input: Some(Input::Sha256Digest(sha256(&data).to_vec())),
             artifact_name: String::new(),
             algorithm: String::new(),
+            signed_entry_timestamp: false,
         })
         .await
         .unwrap()
@@ -550,6 +556,7 @@ async fn ed25519_and_p384_sign_messages_and_openssl_verifies() {
                 input: Some(Input::Message(message.clone())),
                 artifact_name: "message".into(),
                 algorithm: alg.into(),
+                signed_entry_timestamp: false,
             })
             .await
             .unwrap()
@@ -579,6 +586,7 @@ async fn ed25519_and_p384_sign_messages_and_openssl_verifies() {
                 input: Some(Input::Sha256Digest(sha256(&message).to_vec())),
                 artifact_name: String::new(),
                 algorithm: String::new(),
+                signed_entry_timestamp: false,
             })
             .await
             .unwrap_err();

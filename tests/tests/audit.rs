@@ -308,6 +308,7 @@ async fn no_signature_without_a_durable_audit_record() {
             sha256_digests: vec![vec![1; 32]; 10],
             artifact_name: String::new(),
             algorithm: String::new(),
+            signed_entry_timestamp: false,
         })
         .await
         .unwrap_err();

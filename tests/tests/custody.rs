@@ -41,6 +41,7 @@ async fn no_private_key_bytes_anywhere_in_the_data_dir() {
             )),
             artifact_name: String::new(),
             algorithm: String::new(),
+            signed_entry_timestamp: false,
         })
         .await
         .unwrap();
@@ -132,6 +133,7 @@ async fn keys_and_runner_cas_survive_a_restart_and_a_wrong_kek_refuses_to_start(
         )),
         artifact_name: String::new(),
         algorithm: String::new(),
+        signed_entry_timestamp: false,
     };
     let before = signer
         .sign(req())

@@ -30,6 +30,7 @@ async fn token_enroll_sign_and_openssl_verifies() {
             )),
             artifact_name: "App.ipa".into(),
             algorithm: String::new(),
+            signed_entry_timestamp: false,
         })
         .await
         .unwrap()
@@ -96,6 +97,7 @@ async fn token_enroll_sign_and_openssl_verifies() {
             input: Some(v1::sign_request::Input::Message(msg.clone())),
             artifact_name: "notes".into(),
             algorithm: String::new(),
+            signed_entry_timestamp: false,
         })
         .await
         .unwrap()
@@ -127,6 +129,7 @@ async fn sign_batch_of_1000_all_verify() {
             sha256_digests: digests.iter().map(|d| d.to_vec()).collect(),
             artifact_name: "batch".into(),
             algorithm: String::new(),
+            signed_entry_timestamp: false,
         })
         .await
         .unwrap()
@@ -195,6 +198,7 @@ async fn rs256_tokens_enroll_and_verification_material_is_public() {
             input: Some(v1::sign_request::Input::Sha256Digest(vec![7; 32])),
             artifact_name: String::new(),
             algorithm: String::new(),
+            signed_entry_timestamp: false,
         })
         .await
         .unwrap()

@@ -137,6 +137,7 @@ async fn sign(
             input: Some(Input::Sha256Digest(sha256(data).to_vec())),
             artifact_name: "artifact".into(),
             algorithm: alg.into(),
+            signed_entry_timestamp: false,
         })
         .await
         .map(|r| r.into_inner())
@@ -379,6 +380,7 @@ fn keys_in_a_pkcs11_token_sign_rotate_survive_restarts_and_the_token_coming_and_
                     input: Some(Input::Message(message.clone())),
                     artifact_name: "message".into(),
                     algorithm: alg.into(),
+                    signed_entry_timestamp: false,
                 })
                 .await
                 .unwrap()

@@ -135,6 +135,7 @@ async fn body(hsm_dir: PathBuf) {
             input: Some(Input::Sha256Digest(vec![7; 32])),
             artifact_name: "first".into(),
             algorithm: "ecdsa-p256-sha256".into(),
+            signed_entry_timestamp: false,
         })
         .await
         .unwrap()
@@ -170,6 +171,7 @@ async fn body(hsm_dir: PathBuf) {
                         input: Some(Input::Sha256Digest(digest.to_vec())),
                         artifact_name: format!("a{t}-{i}"),
                         algorithm: "ecdsa-p256-sha256".into(),
+                        signed_entry_timestamp: false,
                     })
                     .await
                 {
@@ -277,6 +279,7 @@ async fn body(hsm_dir: PathBuf) {
             input: Some(Input::Sha256Digest(vec![9; 32])),
             artifact_name: "after".into(),
             algorithm: "ecdsa-p256-sha256".into(),
+            signed_entry_timestamp: false,
         })
         .await
         .expect("signing works once the token is back");
@@ -308,6 +311,7 @@ async fn body(hsm_dir: PathBuf) {
                 input: Some(Input::Sha256Digest(vec![i; 32])),
                 artifact_name: "swapped".into(),
                 algorithm: "ecdsa-p256-sha256".into(),
+                signed_entry_timestamp: false,
             })
             .await
         {

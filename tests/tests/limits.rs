@@ -206,6 +206,7 @@ async fn signing_budgets_hold_per_certificate_and_per_job_across_a_restart() {
         sha256_digests: (0..n).map(|i| vec![i; 32]).collect(),
         artifact_name: "batch".into(),
         algorithm: String::new(),
+        signed_entry_timestamp: false,
     };
     let err = s2.sign_batch(batch(3)).await.unwrap_err();
     assert!(

@@ -17,6 +17,7 @@ fn digest_req(alias: &str, d: Vec<u8>) -> v1::SignRequest {
         input: Some(Input::Sha256Digest(d)),
         artifact_name: "a".into(),
         algorithm: String::new(),
+        signed_entry_timestamp: false,
     }
 }
 
@@ -182,6 +183,7 @@ async fn bad_inputs_are_invalid_argument_and_audited() {
                 input: Some(Input::Message(vec![0; 4097])),
                 artifact_name: String::new(),
                 algorithm: String::new(),
+                signed_entry_timestamp: false,
             },
             "message",
         ),
@@ -192,6 +194,7 @@ async fn bad_inputs_are_invalid_argument_and_audited() {
                 input: None,
                 artifact_name: String::new(),
                 algorithm: String::new(),
+                signed_entry_timestamp: false,
             },
             "input",
         ),
@@ -219,6 +222,7 @@ async fn bad_inputs_are_invalid_argument_and_audited() {
         input: Some(Input::Message(vec![0; 4096])),
         artifact_name: String::new(),
         algorithm: String::new(),
+        signed_entry_timestamp: false,
     };
     signer.sign(ok).await.unwrap();
 
@@ -229,6 +233,7 @@ async fn bad_inputs_are_invalid_argument_and_audited() {
                 sha256_digests: vec![vec![0; 32]; n],
                 artifact_name: String::new(),
                 algorithm: String::new(),
+                signed_entry_timestamp: false,
             })
             .await
             .unwrap_err();
@@ -241,6 +246,7 @@ async fn bad_inputs_are_invalid_argument_and_audited() {
             sha256_digests: vec![vec![0; 32], vec![0; 5]],
             artifact_name: String::new(),
             algorithm: String::new(),
+            signed_entry_timestamp: false,
         })
         .await
         .unwrap_err();

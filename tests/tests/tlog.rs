@@ -1,6 +1,6 @@
 //! The transparency log (issue 27, build points 1–2), at the RPC level against real sites:
-//! every signature comes back with a Rekor-shaped entry and a signed entry timestamp that
-//! verify at once; the audit entry names the leaf; an inclusion proof to a C2SP checkpoint of
+//! every signature comes back with a Rekor-shaped entry, and a signed entry timestamp that
+//! verifies at once when the request asked for one; the audit entry names the leaf; an inclusion proof to a C2SP checkpoint of
 //! the log follows from `GetLogInclusionProof`; signing never makes a checkpoint; proofs hold
 //! across a restart, retention and two replicas of one log. Sigstore's own verifier
 //! (sigstore-js) checks the bundles in `client/tests/sigstore_js.rs`.
@@ -11,7 +11,7 @@ use meshsign_evidence::audit::AuditRecord;
 use meshsign_evidence::merkle::{Hash, leaf_hash, verify_inclusion};
 use meshsign_evidence::rekor::{self, LogEntry};
 use meshsign_proto::v1;
-use meshsign_tests::{REGION, TestSite, audit_key, sign_req};
+use meshsign_tests::{REGION, TestSite, audit_key, sign_req, sign_req_promised};
 use tonic::Code;
 
 fn entry(t: &v1::TransparencyEntry) -> LogEntry {
@@ -73,9 +73,13 @@ async fn every_signature_has_a_log_entry_with_a_set_and_a_proof_follows() {
             .count()
     };
     let before = checkpoints(&site);
+    // Even requests ask for the SET (as `meshsign sign --format sigstore` does), odd ones
+    // do not: theirs is the same entry, unsigned.
     let mut got = Vec::new();
     for i in 0..20u8 {
-        got.push(s.sign(sign_req("release", i)).await.unwrap().into_inner());
+        let mut req = sign_req("release", i);
+        req.signed_entry_timestamp = i % 2 == 0;
+        got.push(s.sign(req).await.unwrap().into_inner());
     }
     // Signing makes no checkpoint: the SET is the promise.
     assert_eq!(checkpoints(&site), before);
@@ -84,10 +88,24 @@ async fn every_signature_has_a_log_entry_with_a_set_and_a_proof_follows() {
         key.to_public_key_der().unwrap().into_vec()
     };
     let mut indices = Vec::new();
-    for r in &got {
+    for (i, r) in got.iter().enumerate() {
         let t = r.transparency_entry.as_ref().expect("a log entry");
         assert_eq!(t.log_id, rekor::log_id(&spki).to_vec());
         let e = entry(t);
+        if i % 2 == 1 {
+            assert!(e.set.is_empty(), "a SET nobody asked for");
+            assert!(e.verify_set(&key).is_err());
+            indices.push(e.log_index);
+            // Unsigned, the entry is still the signature's, named by its audit entry (its
+            // proof is checked below with the others).
+            let facts = rekor::body_facts(&e.body).unwrap();
+            assert_eq!(facts.signature, r.signature);
+            let audit: AuditRecord = serde_json::from_slice(&r.audit_entry).unwrap();
+            let named = audit.tlog.as_ref().expect("the entry names its leaf");
+            assert_eq!(named.index, e.log_index);
+            assert_eq!(named.hashes().unwrap(), vec![leaf_hash(&e.body)]);
+            continue;
+        }
         e.verify_set(&key).unwrap();
         // The body is what was signed: digest, signature, key.
         let facts = rekor::body_facts(&e.body).unwrap();
@@ -129,11 +147,39 @@ async fn every_signature_has_a_log_entry_with_a_set_and_a_proof_follows() {
             sha256_digests: (0..12u8).map(|i| vec![100 + i; 32]).collect(),
             artifact_name: "b".into(),
             algorithm: String::new(),
+            signed_entry_timestamp: true,
         })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(batch.transparency_entries.len(), 12);
+    // A batch that does not ask: the same entries (more than eight: the SETs would be made on
+    // the signing pool), none signed.
+    let unasked = s
+        .sign_batch(v1::SignBatchRequest {
+            key_alias: "release".into(),
+            sha256_digests: (0..12u8).map(|i| vec![150 + i; 32]).collect(),
+            artifact_name: "b".into(),
+            algorithm: String::new(),
+            signed_entry_timestamp: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(unasked.transparency_entries.len(), 12);
+    for (i, (t, sig)) in unasked
+        .transparency_entries
+        .iter()
+        .zip(&unasked.signatures)
+        .enumerate()
+    {
+        assert!(t.signed_entry_timestamp.is_empty());
+        assert_eq!(t.log_index, indices[19] + 13 + i as u64);
+        assert_eq!(
+            rekor::body_facts(&t.canonicalized_body).unwrap().signature,
+            *sig
+        );
+    }
     for (i, (t, sig)) in batch
         .transparency_entries
         .iter()
@@ -154,6 +200,7 @@ async fn every_signature_has_a_log_entry_with_a_set_and_a_proof_follows() {
         .iter()
         .filter_map(|r| r.transparency_entry.as_ref())
         .chain(&batch.transparency_entries)
+        .chain(&unasked.transparency_entries)
     {
         let (size, root) = prove(&site, &key, t.log_index, &t.canonicalized_body).await;
         assert_eq!(*roots.entry(size).or_insert(root), root);
@@ -284,7 +331,12 @@ async fn replicas_share_one_log_and_prove_what_the_other_wrote() {
         async {
             let mut v = Vec::new();
             for i in 0..15u8 {
-                v.push(sa.sign(sign_req("release", i)).await.unwrap().into_inner());
+                v.push(
+                    sa.sign(sign_req_promised("release", i))
+                        .await
+                        .unwrap()
+                        .into_inner(),
+                );
             }
             v
         },
@@ -292,7 +344,7 @@ async fn replicas_share_one_log_and_prove_what_the_other_wrote() {
             let mut v = Vec::new();
             for i in 0..15u8 {
                 v.push(
-                    sb.sign(sign_req("release", 50 + i))
+                    sb.sign(sign_req_promised("release", 50 + i))
                         .await
                         .unwrap()
                         .into_inner(),

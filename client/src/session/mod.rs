@@ -364,18 +364,20 @@ impl Session {
 
     /// Signs up to the site's batch limit of SHA-256 digests in one SignBatch call; the answer
     /// is split into one Sign response per digest (same key, audit entry and time; each with
-    /// its own signature and transparency-log entry).
+    /// its own signature and transparency-log entry, with its SET if `promise`).
     pub async fn sign_batch(
         &mut self,
         alias: &str,
         digests: &[[u8; 32]],
         artifact: &str,
+        promise: bool,
     ) -> Result<Vec<v1::SignResponse>, ClientError> {
         let req = v1::SignBatchRequest {
             key_alias: alias.to_string(),
             sha256_digests: digests.iter().map(|d| d.to_vec()).collect(),
             artifact_name: artifact.to_string(),
             algorithm: String::new(),
+            signed_entry_timestamp: promise,
         };
         let mut out = self.signer.sign_batch(req.clone()).await;
         for backoff_ms in [50, 200, 800] {
@@ -419,17 +421,40 @@ impl Session {
             .collect())
     }
 
+    /// Signs `input` and asks for the signature's signed entry timestamp: the response is
+    /// what a Sigstore bundle is made of (`--format sigstore`). [`Session::sign_digest`] and
+    /// [`Session::sign_message`] do not ask (the site then makes one signature, not two).
+    pub async fn sign_promised(
+        &mut self,
+        alias: &str,
+        input: v1::sign_request::Input,
+        artifact: &str,
+    ) -> Result<v1::SignResponse, ClientError> {
+        self.sign_with(alias, input, artifact, true).await
+    }
+
     async fn sign(
         &mut self,
         alias: &str,
         input: v1::sign_request::Input,
         artifact: &str,
     ) -> Result<v1::SignResponse, ClientError> {
+        self.sign_with(alias, input, artifact, false).await
+    }
+
+    async fn sign_with(
+        &mut self,
+        alias: &str,
+        input: v1::sign_request::Input,
+        artifact: &str,
+        promise: bool,
+    ) -> Result<v1::SignResponse, ClientError> {
         let req = v1::SignRequest {
             key_alias: alias.to_string(),
             input: Some(input),
             artifact_name: artifact.to_string(),
             algorithm: String::new(),
+            signed_entry_timestamp: promise,
         };
         // A replica that went away fails the call in flight (UNAVAILABLE, or a transport
         // error / CANCELLED when the connection broke mid-call); the channel then reconnects

@@ -133,6 +133,13 @@ pub fn sigstore_bundle(
         set: t.signed_entry_timestamp.clone(),
     };
     let bad = |e: String| ClientError::Verify(format!("the site's log entry: {e}"));
+    if t.signed_entry_timestamp.is_empty() {
+        return Err(bad(
+            "it has no signed entry timestamp: the request must ask for one \
+             (`Session::sign_promised`, or `signed_entry_timestamp` in SignBatch)"
+                .into(),
+        ));
+    }
     if t.log_id != log_key.id {
         return Err(bad(
             "its SET names another log key than the site's audit key (was the audit key \

@@ -63,6 +63,7 @@ impl RemoteSigner {
             )),
             artifact_name: "codesign".into(),
             algorithm: self.algorithm.clone(),
+            signed_entry_timestamp: false,
         };
         let mut client = self.client.clone();
         let resp = self

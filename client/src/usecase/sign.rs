@@ -190,13 +190,12 @@ async fn sign_sigstore(
     if opts.message || opts.files.len() == 1 {
         for (file, digest) in opts.files.iter().zip(digests) {
             let name = file_name(file);
-            let r = if opts.message {
-                let m = verify::read_message(file)?;
-                session.sign_message(&opts.key, &m, &name).await?
+            let input = if opts.message {
+                v1::sign_request::Input::Message(verify::read_message(file)?)
             } else {
-                session.sign_digest(&opts.key, *digest, &name).await?
+                v1::sign_request::Input::Sha256Digest(digest.to_vec())
             };
-            responses.push(r);
+            responses.push(session.sign_promised(&opts.key, input, &name).await?);
         }
     } else {
         for (files, chunk) in opts.files.chunks(BATCH).zip(digests.chunks(BATCH)) {
@@ -205,7 +204,7 @@ async fn sign_sigstore(
                 [first, rest @ ..] => format!("{} and {} more", file_name(first), rest.len()),
                 [] => String::new(),
             };
-            responses.extend(session.sign_batch(&opts.key, chunk, &name).await?);
+            responses.extend(session.sign_batch(&opts.key, chunk, &name, true).await?);
         }
     }
     let (region, environment) = (

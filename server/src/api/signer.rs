@@ -86,6 +86,7 @@ impl SignerApi {
                     artifact: String::new(),
                     algorithm: String::new(),
                     peer: peer.to_string(),
+                    promise: false,
                 };
                 Err(status(&sign::refuse_unidentified(&self.0, &input, e).await))
             }
@@ -228,6 +229,7 @@ impl v1::signer_server::Signer for SignerApi {
             artifact: r.artifact_name,
             algorithm: r.algorithm,
             peer,
+            promise: r.signed_entry_timestamp,
         };
         let mut out = self.sign(caller, input).await?;
         let log_id = self.log_id();
@@ -263,6 +265,7 @@ impl v1::signer_server::Signer for SignerApi {
             artifact: r.artifact_name,
             algorithm: r.algorithm,
             peer,
+            promise: r.signed_entry_timestamp,
         };
         let out = self.sign(caller, input).await?;
         let log_id = self.log_id();

@@ -227,6 +227,27 @@ impl super::AuditKey {
         })
     }
 
+    /// The entries of the leaves `written` named, one per body (in order), without SETs: what
+    /// a request that did not ask for them gets back (index and time as the writer gave them).
+    pub fn unpromised(
+        &self,
+        written: &AuditRecord,
+        bodies: Vec<Vec<u8>>,
+    ) -> Result<Vec<meshsign_evidence::rekor::LogEntry>, AuditError> {
+        let Some(at) = self.promised(written)? else {
+            return Ok(Vec::new());
+        };
+        Ok((at.first..)
+            .zip(bodies)
+            .map(|(log_index, body)| meshsign_evidence::rekor::LogEntry {
+                log_index,
+                integrated_time: at.time,
+                body,
+                set: Vec::new(),
+            })
+            .collect())
+    }
+
     /// The SETs of the leaves `written` named, one per body (in order); see [`Self::promise`].
     /// For many bodies, spread [`Self::promise`] over the signing pool instead.
     pub fn promises(

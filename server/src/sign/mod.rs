@@ -49,6 +49,9 @@ pub struct SignInput {
     pub algorithm: String,
     /// Peer address.
     pub peer: String,
+    /// Whether the caller asked for each signature's signed entry timestamp (what a Sigstore
+    /// bundle needs); without it the log entries come back unsigned.
+    pub promise: bool,
 }
 
 /// Signatures and the public facts about the key that made them.
@@ -76,8 +79,8 @@ pub struct SignOutput {
     pub audit_entry: Vec<u8>,
     /// Unix seconds.
     pub signed_at: i64,
-    /// One transparency-log entry per signature (bodies first; index, time and SET once the
-    /// audit entry naming them is durable).
+    /// One transparency-log entry per signature (bodies first; index and time once the audit
+    /// entry naming them is durable, and the SET then if the caller asked for it).
     pub transparency: Vec<meshsign_evidence::rekor::LogEntry>,
 }
 
@@ -325,6 +328,7 @@ pub async fn sign(
     input: SignInput,
 ) -> Result<SignOutput, SignError> {
     let now = site.clock.unix();
+    let promise = input.promise;
     let mut rec = caller.audit_record(input.rpc, now, &input.peer);
     within_rate(site, caller, &rec, &input.alias, now)?;
     rec.artifact = bounded(&input.artifact, 256);
@@ -346,7 +350,10 @@ pub async fn sign(
         .map(|e| e.body)
         .collect::<Vec<_>>();
     let key = site.audit.key().clone();
-    out.transparency = if bodies.len() <= 8 {
+    out.transparency = if !promise {
+        // Not asked for: the entries as the log holds them, with no second signature.
+        key.unpromised(&written, bodies)
+    } else if bodies.len() <= 8 {
         key.promises(&written, bodies)
     } else if let Some(at) = key.promised(&written).map_err(SignError::Audit)? {
         // A batch's SETs on every core of the signing pool.
