@@ -178,10 +178,11 @@ pub fn check_readable(store: &Store, dir: &std::path::Path) -> Result<u64, Audit
 /// Entries read per step of a [`ReadThrough`].
 const READ_CHUNK: usize = 8192;
 
-/// Entries read per step of the background read (see [`scrub`]): a chunk is held in memory
-/// while it is checked, and a serving site's memory should not carry 8,192 entries (~10 MiB,
-/// measured as RSS at rest above a small site's while the read went on) for a read that takes
-/// its time anyway.
+/// Entries read per step of the background read (see [`scrub`]): a chunk's bytes are held in
+/// memory while it is checked, and a serving site's memory should not carry 8,192 entries
+/// (~10 MiB, measured as RSS at rest above a small site's while the read went on) for a read
+/// that takes its time anyway. The read keeps only the keys, in one buffer reused from chunk
+/// to chunk ([`crate::store::Kv::scan_keys`]).
 const SCRUB_CHUNK: usize = 512;
 
 /// A read of the stored audit log from one seq to the last entry stored when it began, a chunk
@@ -197,6 +198,8 @@ pub(super) struct ReadThrough {
     concurrent_prune: bool,
     /// Entries read per step.
     chunk: usize,
+    /// The engine's read buffer, reused from chunk to chunk ([`crate::store::Kv::scan_keys`]).
+    scratch: Vec<u8>,
 }
 
 impl ReadThrough {
@@ -215,6 +218,7 @@ impl ReadThrough {
             end: None,
             concurrent_prune,
             chunk: READ_CHUNK,
+            scratch: Vec::new(),
         };
         r.end = match store.kv().last(Tree::Audit) {
             Ok(Some((k, _))) => <[u8; 8]>::try_from(k.as_slice())
@@ -255,10 +259,12 @@ impl ReadThrough {
         let mut single = 0usize;
         loop {
             let limit = if single > 0 { 1 } else { self.chunk };
-            let rows = match store
-                .kv()
-                .scan_range(Tree::Audit, &self.next.to_be_bytes(), limit)
-            {
+            let rows = match store.kv().scan_keys(
+                Tree::Audit,
+                &self.next.to_be_bytes(),
+                limit,
+                &mut self.scratch,
+            ) {
                 Ok(rows) => rows,
                 Err(e) if single > 0 => return Err(self.unreadable(e.to_string())),
                 Err(_) => {
@@ -267,7 +273,7 @@ impl ReadThrough {
                 }
             };
             single = single.saturating_sub(1);
-            for (k, _) in &rows {
+            for k in &rows {
                 let seq = <[u8; 8]>::try_from(k.as_slice())
                     .map(u64::from_be_bytes)
                     .map_err(|_| {

@@ -165,6 +165,23 @@ pub trait Kv: Send + Sync + 'static {
     fn scan_prefix(&self, tree: Tree, prefix: &[u8]) -> Result<Vec<Entry>, StoreError>;
     /// Up to `limit` entries with key ≥ `from`, in key order.
     fn scan_range(&self, tree: Tree, from: &[u8], limit: usize) -> Result<Vec<Entry>, StoreError>;
+    /// The keys of [`Kv::scan_range`]'s entries, each entry read as it reads them but its
+    /// value not kept (a read-through that checks every stored entry is readable); `scratch`
+    /// is the caller's, reused from call to call by engines that read into a buffer.
+    fn scan_keys(
+        &self,
+        tree: Tree,
+        from: &[u8],
+        limit: usize,
+        scratch: &mut Vec<u8>,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        let _ = scratch;
+        Ok(self
+            .scan_range(tree, from, limit)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect())
+    }
     /// The last entry of a tree in key order.
     fn last(&self, tree: Tree) -> Result<Option<Entry>, StoreError>;
     /// Makes every write so far durable.
@@ -405,6 +422,19 @@ impl SledKv {
     }
 }
 
+/// The first seq at or after the key `from` in byte order (audit keys are big-endian seqs).
+fn first_seq_from(from: &[u8]) -> u64 {
+    let mut be = [0u8; 8];
+    let n = from.len().min(8);
+    be[..n].copy_from_slice(&from[..n]);
+    let seq = u64::from_be_bytes(be);
+    if from.len() > 8 {
+        seq.saturating_add(1)
+    } else {
+        seq
+    }
+}
+
 impl Kv for SledKv {
     fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         if tree == Tree::Audit {
@@ -513,15 +543,7 @@ impl Kv for SledKv {
 
     fn scan_range(&self, tree: Tree, from: &[u8], limit: usize) -> Result<Vec<Entry>, StoreError> {
         if tree == Tree::Audit {
-            // Keys are big-endian seqs: the first seq ≥ `from` in byte order.
-            let mut be = [0u8; 8];
-            let n = from.len().min(8);
-            be[..n].copy_from_slice(&from[..n]);
-            let mut seq = u64::from_be_bytes(be);
-            if from.len() > 8 {
-                seq = seq.saturating_add(1);
-            }
-            return self.audit.range(seq, limit);
+            return self.audit.range(first_seq_from(from), limit);
         }
         let in_sled = self
             .db()?
@@ -535,6 +557,28 @@ impl Kv for SledKv {
         }
         let in_files = self.nodes.scan(from, b"", limit)?;
         Ok(merge_sorted(in_sled, in_files, limit))
+    }
+
+    fn scan_keys(
+        &self,
+        tree: Tree,
+        from: &[u8],
+        limit: usize,
+        scratch: &mut Vec<u8>,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        if tree != Tree::Audit {
+            return Ok(self
+                .scan_range(tree, from, limit)?
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect());
+        }
+        Ok(self
+            .audit
+            .seqs(first_seq_from(from), limit, scratch)?
+            .into_iter()
+            .map(|seq| seq.to_be_bytes().to_vec())
+            .collect())
     }
 
     fn last(&self, tree: Tree) -> Result<Option<Entry>, StoreError> {
