@@ -182,7 +182,7 @@ const READ_CHUNK: usize = 8192;
 /// memory while it is checked, and a serving site's memory should not carry 8,192 entries
 /// (~10 MiB, measured as RSS at rest above a small site's while the read went on) for a read
 /// that takes its time anyway. The read keeps only the keys, in one buffer reused from chunk
-/// to chunk ([`crate::store::Kv::scan_keys`]).
+/// to chunk ([`crate::store::Kv::scan_seqs`]).
 const SCRUB_CHUNK: usize = 512;
 
 /// A read of the stored audit log from one seq to the last entry stored when it began, a chunk
@@ -198,7 +198,7 @@ pub(super) struct ReadThrough {
     concurrent_prune: bool,
     /// Entries read per step.
     chunk: usize,
-    /// The engine's read buffer, reused from chunk to chunk ([`crate::store::Kv::scan_keys`]).
+    /// The engine's read buffer, reused from chunk to chunk ([`crate::store::Kv::scan_seqs`]).
     scratch: Vec<u8>,
 }
 
@@ -259,12 +259,7 @@ impl ReadThrough {
         let mut single = 0usize;
         loop {
             let limit = if single > 0 { 1 } else { self.chunk };
-            let rows = match store.kv().scan_keys(
-                Tree::Audit,
-                &self.next.to_be_bytes(),
-                limit,
-                &mut self.scratch,
-            ) {
+            let rows = match store.kv().scan_seqs(self.next, limit, &mut self.scratch) {
                 Ok(rows) => rows,
                 Err(e) if single > 0 => return Err(self.unreadable(e.to_string())),
                 Err(_) => {
@@ -273,12 +268,7 @@ impl ReadThrough {
                 }
             };
             single = single.saturating_sub(1);
-            for k in &rows {
-                let seq = <[u8; 8]>::try_from(k.as_slice())
-                    .map(u64::from_be_bytes)
-                    .map_err(|_| {
-                        self.unreadable(format!("a key of {} bytes is not a seq", k.len()))
-                    })?;
+            for &seq in &rows {
                 if let Some(prev) = self.last
                     && seq != prev + 1
                     && !self.pruned_meanwhile(store, prev)?

@@ -165,22 +165,29 @@ pub trait Kv: Send + Sync + 'static {
     fn scan_prefix(&self, tree: Tree, prefix: &[u8]) -> Result<Vec<Entry>, StoreError>;
     /// Up to `limit` entries with key ≥ `from`, in key order.
     fn scan_range(&self, tree: Tree, from: &[u8], limit: usize) -> Result<Vec<Entry>, StoreError>;
-    /// The keys of [`Kv::scan_range`]'s entries, each entry read as it reads them but its
-    /// value not kept (a read-through that checks every stored entry is readable); `scratch`
-    /// is the caller's, reused from call to call by engines that read into a buffer.
-    fn scan_keys(
+    /// The seqs of up to `limit` audit entries from seq `from` on ([`Tree::Audit`]'s keys are
+    /// big-endian seqs), each entry read as [`Kv::scan_range`] reads it but its value not kept:
+    /// a read-through that checks every stored entry is readable. `scratch` is the caller's,
+    /// reused from call to call by engines that read into a buffer.
+    fn scan_seqs(
         &self,
-        tree: Tree,
-        from: &[u8],
+        from: u64,
         limit: usize,
         scratch: &mut Vec<u8>,
-    ) -> Result<Vec<Vec<u8>>, StoreError> {
+    ) -> Result<Vec<u64>, StoreError> {
         let _ = scratch;
-        Ok(self
-            .scan_range(tree, from, limit)?
+        self.scan_range(Tree::Audit, &from.to_be_bytes(), limit)?
             .into_iter()
-            .map(|(k, _)| k)
-            .collect())
+            .map(|(k, _)| {
+                <[u8; 8]>::try_from(k.as_slice())
+                    .map(u64::from_be_bytes)
+                    .map_err(|_| {
+                        StoreError::Engine(
+                            format!("an audit key of {} bytes is not a seq", k.len()).into(),
+                        )
+                    })
+            })
+            .collect()
     }
     /// The last entry of a tree in key order.
     fn last(&self, tree: Tree) -> Result<Option<Entry>, StoreError>;
@@ -559,26 +566,13 @@ impl Kv for SledKv {
         Ok(merge_sorted(in_sled, in_files, limit))
     }
 
-    fn scan_keys(
+    fn scan_seqs(
         &self,
-        tree: Tree,
-        from: &[u8],
+        from: u64,
         limit: usize,
         scratch: &mut Vec<u8>,
-    ) -> Result<Vec<Vec<u8>>, StoreError> {
-        if tree != Tree::Audit {
-            return Ok(self
-                .scan_range(tree, from, limit)?
-                .into_iter()
-                .map(|(k, _)| k)
-                .collect());
-        }
-        Ok(self
-            .audit
-            .seqs(first_seq_from(from), limit, scratch)?
-            .into_iter()
-            .map(|seq| seq.to_be_bytes().to_vec())
-            .collect())
+    ) -> Result<Vec<u64>, StoreError> {
+        self.audit.seqs(from, limit, scratch)
     }
 
     fn last(&self, tree: Tree) -> Result<Option<Entry>, StoreError> {
