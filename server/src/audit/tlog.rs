@@ -187,6 +187,19 @@ pub struct Promised {
     pub first: u64,
 }
 
+impl Promised {
+    /// The log entry of the decision's leaf `offset` (its `offset`-th body), without a SET:
+    /// index and time as the writer gave them.
+    pub fn entry(&self, offset: u64, body: Vec<u8>) -> meshsign_evidence::rekor::LogEntry {
+        meshsign_evidence::rekor::LogEntry {
+            log_index: self.first + offset,
+            integrated_time: self.time,
+            body,
+            set: Vec::new(),
+        }
+    }
+}
+
 impl super::AuditKey {
     /// What the SETs of the leaves `written` named sign (None: it named none).
     pub fn promised(&self, written: &AuditRecord) -> Result<Option<Promised>, AuditError> {
@@ -201,66 +214,50 @@ impl super::AuditKey {
         }))
     }
 
-    /// The signed entry timestamp of the decision's leaf `offset` (its `offset`-th body): the
-    /// audit key's signature over the body, the entry's time, the log id and the leaf's index,
-    /// as Rekor signs its SETs.
+    /// The entry of the decision's leaf `offset` (its `offset`-th body) with its signed entry
+    /// timestamp: the audit key's signature over the body, the entry's time, the log id and
+    /// the leaf's index, as Rekor signs its SETs.
     pub fn promise(
         &self,
         at: &Promised,
         offset: u64,
         body: Vec<u8>,
     ) -> Result<meshsign_evidence::rekor::LogEntry, AuditError> {
-        use meshsign_evidence::rekor;
-        let index = at.first + offset;
-        let msg = rekor::set_payload(&body, at.time, &at.log_id, index);
+        let mut entry = at.entry(offset, body);
+        let msg = meshsign_evidence::rekor::set_payload(
+            &entry.body,
+            entry.integrated_time,
+            &at.log_id,
+            entry.log_index,
+        );
         let mut d = [0u8; 32];
         d.copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &msg).as_ref());
-        let set = self
+        entry.set = self
             .backend
             .sign_digest(&d)
             .map_err(|e| AuditError::Checkpoint(std::sync::Arc::new(e)))?;
-        Ok(rekor::LogEntry {
-            log_index: index,
-            integrated_time: at.time,
-            body,
-            set,
-        })
+        Ok(entry)
     }
 
-    /// The entries of the leaves `written` named, one per body (in order), without SETs: what
-    /// a request that did not ask for them gets back (index and time as the writer gave them).
-    pub fn unpromised(
+    /// The entries of the leaves `written` named, one per body (in order): with their SETs
+    /// ([`Self::promise`]) when `signed`, else as the log holds them ([`Promised::entry`]), what
+    /// a request that did not ask for SETs gets back. For many signed bodies, spread
+    /// [`Self::promise`] over the signing pool instead.
+    pub fn entries(
         &self,
         written: &AuditRecord,
         bodies: Vec<Vec<u8>>,
-    ) -> Result<Vec<meshsign_evidence::rekor::LogEntry>, AuditError> {
-        let Some(at) = self.promised(written)? else {
-            return Ok(Vec::new());
-        };
-        Ok((at.first..)
-            .zip(bodies)
-            .map(|(log_index, body)| meshsign_evidence::rekor::LogEntry {
-                log_index,
-                integrated_time: at.time,
-                body,
-                set: Vec::new(),
-            })
-            .collect())
-    }
-
-    /// The SETs of the leaves `written` named, one per body (in order); see [`Self::promise`].
-    /// For many bodies, spread [`Self::promise`] over the signing pool instead.
-    pub fn promises(
-        &self,
-        written: &AuditRecord,
-        bodies: Vec<Vec<u8>>,
+        signed: bool,
     ) -> Result<Vec<meshsign_evidence::rekor::LogEntry>, AuditError> {
         let Some(at) = self.promised(written)? else {
             return Ok(Vec::new());
         };
         (0..)
             .zip(bodies)
-            .map(|(offset, body)| self.promise(&at, offset, body))
+            .map(|(offset, body)| match signed {
+                true => self.promise(&at, offset, body),
+                false => Ok(at.entry(offset, body)),
+            })
             .collect()
     }
 }

@@ -126,7 +126,7 @@ pub async fn attest(
     let transparency = site
         .audit
         .key()
-        .promises(&logged, vec![body])
+        .entries(&logged, vec![body], true)
         .map_err(SignError::Audit)?
         .pop()
         .unwrap_or_default();

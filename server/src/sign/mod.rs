@@ -350,11 +350,9 @@ pub async fn sign(
         .map(|e| e.body)
         .collect::<Vec<_>>();
     let key = site.audit.key().clone();
-    out.transparency = if !promise {
-        // Not asked for: the entries as the log holds them, with no second signature.
-        key.unpromised(&written, bodies)
-    } else if bodies.len() <= 8 {
-        key.promises(&written, bodies)
+    // Not asked for: the entries as the log holds them, with no second signature.
+    out.transparency = if !promise || bodies.len() <= 8 {
+        key.entries(&written, bodies, promise)
     } else if let Some(at) = key.promised(&written).map_err(SignError::Audit)? {
         // A batch's SETs on every core of the signing pool.
         site.signing_pool
