@@ -207,21 +207,27 @@ impl AuditRecord {
     /// [`AuditRecord::compute_hash`] is the reference it is tested against.)
     pub fn seal(&mut self, prev: &str) -> Vec<u8> {
         const TAIL: &[u8] = br#""prev_hash":"","hash":""}"#;
-        self.prev_hash = String::new();
-        self.hash = String::new();
-        let body = serde_json::to_vec(&*self).unwrap_or_default();
-        self.prev_hash = prev.to_string();
-        self.hash = chain(prev, &hex::encode(Sha256::digest(&body)));
+        self.prev_hash.clear();
+        self.hash.clear();
+        // One buffer for the body and then the entry (an entry per decision, on every
+        // request's path); serializing plain fields cannot fail.
+        let mut body = Vec::with_capacity(1024);
+        if serde_json::to_writer(&mut body, &*self).is_err() {
+            body.clear();
+        }
+        let body_hash: [u8; 32] = Sha256::digest(&body).into();
+        self.prev_hash.push_str(prev);
+        self.hash = chain_digest(prev, &body_hash);
         match body.strip_suffix(TAIL) {
             Some(head) if prev.bytes().all(|b| b.is_ascii_hexdigit()) => {
-                let mut out = Vec::with_capacity(body.len() + 2 * 64);
-                out.extend_from_slice(head);
-                out.extend_from_slice(b"\"prev_hash\":\"");
-                out.extend_from_slice(self.prev_hash.as_bytes());
-                out.extend_from_slice(b"\",\"hash\":\"");
-                out.extend_from_slice(self.hash.as_bytes());
-                out.extend_from_slice(b"\"}");
-                out
+                let head = head.len();
+                body.truncate(head);
+                body.extend_from_slice(b"\"prev_hash\":\"");
+                body.extend_from_slice(self.prev_hash.as_bytes());
+                body.extend_from_slice(b"\",\"hash\":\"");
+                body.extend_from_slice(self.hash.as_bytes());
+                body.extend_from_slice(b"\"}");
+                body
             }
             _ => serde_json::to_vec(&*self).unwrap_or_default(),
         }
@@ -316,9 +322,20 @@ impl AuditRecord {
 
 /// `SHA-256(prev ‖ body_hash)`, both given as hex.
 pub fn chain(prev_hex: &str, body_hash_hex: &str) -> String {
+    chain_digest(prev_hex, &hex::decode(body_hash_hex).unwrap_or_default())
+}
+
+/// [`chain`] with the body hash as bytes: a 64-digit `prev_hex` (every entry's but a
+/// malformed one's) is decoded on the stack.
+fn chain_digest(prev_hex: &str, body_hash: &[u8]) -> String {
     let mut h = Sha256::new();
-    h.update(hex::decode(prev_hex).unwrap_or_default());
-    h.update(hex::decode(body_hash_hex).unwrap_or_default());
+    let mut prev = [0u8; 32];
+    if prev_hex.len() == 64 && hex::decode_to_slice(prev_hex, &mut prev).is_ok() {
+        h.update(prev);
+    } else {
+        h.update(hex::decode(prev_hex).unwrap_or_default());
+    }
+    h.update(body_hash);
     hex::encode(h.finalize())
 }
 

@@ -28,15 +28,21 @@ pub mod rekor;
 pub mod sig;
 pub mod verify;
 
-/// Encodes DER as PEM with the given label (64-column base64 lines).
+/// Encodes DER as PEM with the given label (64-column base64 lines), in one allocation.
 pub fn pem_encode(label: &str, der: &[u8]) -> String {
     use base64::Engine as _;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for chunk in b64.as_bytes().chunks(64) {
-        out.push_str(&String::from_utf8_lossy(chunk));
+    let b64_len = der.len().div_ceil(3) * 4;
+    let mut out = String::with_capacity(2 * (label.len() + 17) + b64_len + b64_len / 64 + 1);
+    out.push_str("-----BEGIN ");
+    out.push_str(label);
+    out.push_str("-----\n");
+    // 48 DER bytes are one 64-column line of base64.
+    for chunk in der.chunks(48) {
+        base64::engine::general_purpose::STANDARD.encode_string(chunk, &mut out);
         out.push('\n');
     }
-    out.push_str(&format!("-----END {label}-----\n"));
+    out.push_str("-----END ");
+    out.push_str(label);
+    out.push_str("-----\n");
     out
 }

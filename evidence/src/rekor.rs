@@ -97,21 +97,40 @@ pub fn hashedrekord(digest: &[u8; 32], signature: &[u8], spki_der: &[u8]) -> Vec
     hashedrekord_with(BodyHash::Sha256, digest, signature, spki_der)
 }
 
-/// The `hashedrekord` `0.0.1` body of a signature over `digest`, a `hash` hash.
+/// The `hashedrekord` `0.0.1` body of a signature over `digest`, a `hash` hash. Built in one
+/// buffer (a log entry per signature, on the Sign path).
 pub fn hashedrekord_with(
     hash: BodyHash,
     digest: &[u8],
     signature: &[u8],
     spki_der: &[u8],
 ) -> Vec<u8> {
-    format!(
-        r#"{{"apiVersion":"0.0.1","kind":"hashedrekord","spec":{{"data":{{"hash":{{"algorithm":"{}","value":"{}"}}}},"signature":{{"content":"{}","publicKey":{{"content":"{}"}}}}}}}}"#,
-        hash.rekor(),
-        hex::encode(digest),
-        B64.encode(signature),
-        key_content(spki_der)
-    )
-    .into_bytes()
+    let pem = crate::pem_encode("PUBLIC KEY", spki_der);
+    let mut out = String::with_capacity(
+        200 + 2 * digest.len() + 4 * signature.len().div_ceil(3) + 4 * pem.len().div_ceil(3),
+    );
+    out.push_str(
+        r#"{"apiVersion":"0.0.1","kind":"hashedrekord","spec":{"data":{"hash":{"algorithm":""#,
+    );
+    out.push_str(hash.rekor());
+    out.push_str(r#"","value":""#);
+    push_hex(&mut out, digest);
+    out.push_str(r#""}},"signature":{"content":""#);
+    B64.encode_string(signature, &mut out);
+    out.push_str(r#"","publicKey":{"content":""#);
+    B64.encode_string(pem.as_bytes(), &mut out);
+    out.push_str(r#""}}}}"#);
+    out.into_bytes()
+}
+
+/// Appends `bytes` as lower-case hex.
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(2 * bytes.len());
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
 }
 
 /// The `dsse` `0.0.1` body of a one-signature DSSE envelope: `envelope_json` is the envelope
@@ -349,6 +368,42 @@ mod tests {
             serde_json::from_slice(&payload).map_err(|_| EntryError("json".into()))?;
         assert_eq!(serde_json::to_vec(&p).ok(), Some(payload));
         Ok(())
+    }
+
+    /// The Sign path builds bodies and PEM in one buffer each; the bytes are those of the
+    /// plain formatting they replaced (what every stored leaf already hashes).
+    #[test]
+    fn bodies_and_pem_built_in_one_buffer_match_plain_formatting() {
+        fn pem_reference(label: &str, der: &[u8]) -> String {
+            let b64 = B64.encode(der);
+            let mut out = format!("-----BEGIN {label}-----\n");
+            for chunk in b64.as_bytes().chunks(64) {
+                out.push_str(std::str::from_utf8(chunk).expect("base64 is ascii"));
+                out.push('\n');
+            }
+            out + &format!("-----END {label}-----\n")
+        }
+        for len in [0usize, 1, 2, 3, 47, 48, 49, 91, 95, 96, 97, 294] {
+            let der: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();
+            assert_eq!(
+                crate::pem_encode("PUBLIC KEY", &der),
+                pem_reference("PUBLIC KEY", &der)
+            );
+            for (hash, digest) in [
+                (BodyHash::Sha256, vec![0xa5; 32]),
+                (BodyHash::Sha384, (0..48).collect()),
+            ] {
+                let reference = format!(
+                    r#"{{"apiVersion":"0.0.1","kind":"hashedrekord","spec":{{"data":{{"hash":{{"algorithm":"{}","value":"{}"}}}},"signature":{{"content":"{}","publicKey":{{"content":"{}"}}}}}}}}"#,
+                    hash.rekor(),
+                    hex::encode(&digest),
+                    B64.encode(&der[..len.min(72)]),
+                    B64.encode(pem_reference("PUBLIC KEY", &der)),
+                );
+                let built = hashedrekord_with(hash, &digest, &der[..len.min(72)], &der);
+                assert_eq!(String::from_utf8(built).ok(), Some(reference));
+            }
+        }
     }
 
     #[test]

@@ -26,25 +26,60 @@ pub const BUCKETS: [f64; 12] = [
 /// A counter with labels.
 #[derive(Debug, Default)]
 struct Labeled {
-    series: Mutex<BTreeMap<Vec<String>, u64>>,
+    series: Mutex<Series>,
+}
+
+/// A counter's label sets, keyed by their [`Series::key`] so that counting one that exists
+/// (every request counts a decision) allocates nothing.
+#[derive(Debug, Default)]
+struct Series {
+    counts: std::collections::HashMap<String, (Vec<String>, u64)>,
+    /// The key of the label set being counted, reused from call to call.
+    scratch: String,
+}
+
+impl Series {
+    /// Writes the key of `labels` into `out`: each label as its length, `:`, the label, so
+    /// no two label sets share a key whatever characters they hold.
+    fn key(out: &mut String, labels: &[&str]) {
+        out.clear();
+        for l in labels {
+            let _ = write!(out, "{}:", l.len());
+            out.push_str(l);
+        }
+    }
 }
 
 impl Labeled {
-    fn add(&self, labels: Vec<String>, n: u64) {
-        let mut s = self.series.lock().unwrap_or_else(|p| p.into_inner());
-        let key = if s.contains_key(&labels) || s.len() < MAX_SERIES {
+    fn add(&self, labels: &[&str], n: u64) {
+        let mut guard = self.series.lock().unwrap_or_else(|p| p.into_inner());
+        let s = &mut *guard;
+        Series::key(&mut s.scratch, labels);
+        if let Some((_, count)) = s.counts.get_mut(s.scratch.as_str()) {
+            *count += n;
+            return;
+        }
+        let other = vec!["(other)"; labels.len()];
+        let labels = if s.counts.len() < MAX_SERIES {
             labels
         } else {
-            labels.iter().map(|_| "(other)".to_string()).collect()
+            Series::key(&mut s.scratch, &other);
+            &other
         };
-        *s.entry(key).or_default() += n;
+        s.counts
+            .entry(s.scratch.clone())
+            .or_insert_with(|| (labels.iter().map(|l| l.to_string()).collect(), 0))
+            .1 += n;
     }
 
     fn snapshot(&self) -> BTreeMap<Vec<String>, u64> {
         self.series
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .counts
+            .values()
+            .cloned()
+            .collect()
     }
 }
 
@@ -270,32 +305,24 @@ impl Metrics {
     pub fn decision(&self, rpc: &str, environment: &str, decision: &str, reason: &str) {
         let allowed = decision == "allow";
         if allowed && (rpc == "Enroll" || rpc == "Renew") {
-            self.issued.add(vec![environment.into(), rpc.into()], 1);
+            self.issued.add(&[environment, rpc], 1);
         }
         if rpc == "Renew" {
             self.renewals.add(
-                vec![
-                    environment.into(),
-                    if allowed { "ok" } else { "failed" }.into(),
-                    if allowed { "" } else { reason }.into(),
+                &[
+                    environment,
+                    if allowed { "ok" } else { "failed" },
+                    if allowed { "" } else { reason },
                 ],
                 1,
             );
         }
-        self.decisions.add(
-            vec![
-                rpc.into(),
-                environment.into(),
-                decision.into(),
-                reason.into(),
-            ],
-            1,
-        );
+        self.decisions.add(&[rpc, environment, decision, reason], 1);
     }
 
     /// A session of `environment` was abandoned (`state::sessions`), counted by this replica.
     pub fn session_abandoned(&self, environment: &str) {
-        self.abandoned.add(vec![environment.into()], 1);
+        self.abandoned.add(&[environment], 1);
     }
 
     /// Sessions of `environment` this replica counted as abandoned.
@@ -309,8 +336,7 @@ impl Metrics {
 
     /// A refusal counted into a summary entry (rate limits, shedding, handshakes).
     pub fn counted_refusal(&self, rpc: &str, reason: &str) {
-        self.counted_refusals
-            .add(vec![rpc.into(), reason.into()], 1);
+        self.counted_refusals.add(&[rpc, reason], 1);
     }
 
     /// A request on `port` started (+1) or was answered (-1).

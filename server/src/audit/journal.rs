@@ -324,11 +324,19 @@ impl Journal {
     }
 
     /// Appends encoded entries (one per line) and waits until they are on disk.
-    pub fn append(&mut self, entries: &[Vec<u8>]) -> Result<(), AuditError> {
-        if entries.is_empty() {
+    pub fn append<'a, I>(&mut self, entries: I) -> Result<(), AuditError>
+    where
+        I: IntoIterator<Item = &'a [u8]>,
+        I::IntoIter: Clone,
+    {
+        let entries = entries.into_iter();
+        let (count, size) = entries
+            .clone()
+            .fold((0usize, 0usize), |(n, len), e| (n + 1, len + e.len() + 1));
+        if count == 0 {
             return Ok(());
         }
-        let mut buf = Vec::with_capacity(entries.iter().map(|e| e.len() + 1).sum());
+        let mut buf = Vec::with_capacity(size);
         for e in entries {
             buf.extend_from_slice(e);
             buf.push(b'\n');
@@ -344,7 +352,7 @@ impl Journal {
             return Err(io_err(&self.path, e));
         }
         self.len += buf.len() as u64;
-        self.entries += entries.len();
+        self.entries += count;
         Ok(())
     }
 

@@ -529,7 +529,6 @@ impl AuditLog {
             head: head_tx,
             journal,
             journal_reset: false,
-            pending: Vec::new(),
             chain_pending: Vec::new(),
             shared: store.kv().chain().is_some(),
             failing: failing.clone(),

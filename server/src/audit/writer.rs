@@ -64,9 +64,8 @@ pub(super) struct Writer {
     /// A journal write failed: the next commit flushes the store and empties the journal, so
     /// no torn line stays in front of later entries.
     pub(super) journal_reset: bool,
-    /// Encoded entries of the batch being committed.
-    pub(super) pending: Vec<Vec<u8>>,
-    /// The same with their seqs. Nothing of a batch reaches the store before every part of it
+    /// Encoded entries of the batch being committed, with their seqs (what the journal and
+    /// the store are given). Nothing of a batch reaches the store before every part of it
     /// that can fail first (the checkpoint's signature) has worked: a batch that fails leaves
     /// no entry behind for the next one to chain onto. A shared chain commits them in one
     /// database transaction.
@@ -357,9 +356,6 @@ impl Writer {
                 self.tree = None;
             }
         }
-        if !self.shared {
-            self.pending.push(bytes.clone());
-        }
         self.chain_pending.push((rec.seq, bytes));
         // The same fields as a log event (never tokens or payloads: jti and digests only);
         // strings that came from the network are escaped, so none can forge a log line.
@@ -542,7 +538,7 @@ impl Writer {
             return self.put_pending();
         };
         let mark = j.mark();
-        j.append(&self.pending)
+        j.append(self.chain_pending.iter().map(|(_, bytes)| bytes.as_slice()))
             .inspect_err(|_| self.journal_reset = true)?;
         if let Err(e) = self.put_pending() {
             // Not acknowledged: the journal must not bring it back at the next start.
@@ -575,7 +571,6 @@ impl Writer {
             (self.seq, self.hash.clone(), self.since_checkpoint);
         let saved_tree = self.tree.clone();
         let saved_log = self.log.tree.clone();
-        self.pending.clear();
         self.chain_pending.clear();
         self.completed.clear();
         self.pending_head = None;
@@ -634,7 +629,6 @@ impl Writer {
         if chain_open && let Some(chain) = self.store.kv().chain() {
             chain.rollback();
         }
-        self.pending.clear();
         // The stored bytes go back with each entry (checkpoints' entries, which nobody asked
         // for, are skipped by seq).
         let mut sealed = std::mem::take(&mut self.chain_pending)
