@@ -492,6 +492,85 @@ async fn signatures_acknowledged_through_the_journal_survive_a_lost_store_tail()
     assert!(left.starts_with("{\"journal\":1,\"after_seq\":"), "{left}");
 }
 
+/// A checkpoint that falls due under load (`checkpoint_every`) is journaled like the entries
+/// it covers, not a store flush (issue 30: that flush stalled every request in flight, and
+/// set the p99 of Sign @16). So the journal runs on through it, and a crash that loses the
+/// store's unflushed tail loses neither the checkpoint nor the signatures around it.
+#[tokio::test]
+async fn a_checkpoint_due_under_load_is_journaled_and_survives_a_lost_store_tail() {
+    let site = TestSite::start_with(SMALL_CHECKPOINTS, None).await;
+    let (_k, _r, mut s) = site.enrolled("production").await;
+    // The enrollment flushed the store and emptied the journal; 12 Signs pass two due
+    // checkpoints (every 5 entries).
+    let mut receipts = Vec::new();
+    for i in 0..12 {
+        let r = s.sign(sign_req("release", i)).await.unwrap().into_inner();
+        receipts.push((r.audit_seq, r.audit_hash));
+    }
+    let data = site.dir.path().join("data");
+    let journal = std::fs::read(data.join(meshsign_server::audit::journal::JOURNAL_FILE)).unwrap();
+    let lines: Vec<AuditRecord> = journal
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .filter_map(|l| serde_json::from_slice(l).ok())
+        .collect();
+    let checkpoints: Vec<u64> = lines
+        .iter()
+        .filter(|r| r.rpc == "Checkpoint")
+        .map(|r| r.seq)
+        .collect();
+    assert!(
+        checkpoints.len() >= 2,
+        "the due checkpoints are in the journal: {checkpoints:?}"
+    );
+    for (seq, _) in &receipts {
+        assert!(
+            lines.iter().any(|r| r.seq == *seq),
+            "Sign entry {seq} is still in the journal: no checkpoint emptied it"
+        );
+    }
+    let journaled: Vec<u64> = lines.iter().map(|r| r.seq).collect();
+    drop(s);
+
+    let site = site
+        .restart_with(|data| {
+            // What a crash leaves: the journal as it was while the site ran (a clean stop
+            // empties it), the store without everything after the enrollment's flush.
+            let kv = meshsign_server::store::SledKv::open(data).unwrap();
+            use meshsign_server::store::{Kv, Tree};
+            for seq in journaled.iter().rev() {
+                kv.remove(Tree::Audit, &seq.to_be_bytes()).unwrap();
+            }
+            kv.flush().unwrap();
+            drop(kv);
+            std::fs::write(
+                data.join(meshsign_server::audit::journal::JOURNAL_FILE),
+                &journal,
+            )
+            .unwrap();
+        })
+        .await;
+    let all = site.audit();
+    for (seq, hash) in &receipts {
+        let e = all.iter().find(|e| e.seq == *seq).expect("recovered");
+        assert_eq!(&e.hash, hash, "seq {seq} is the acknowledged entry");
+    }
+    for seq in &checkpoints {
+        let e = all
+            .iter()
+            .find(|e| e.seq == *seq)
+            .expect("checkpoint recovered");
+        assert_eq!(e.rpc, "Checkpoint");
+        assert!(
+            e.checkpoint.is_some(),
+            "seq {seq} carries its signed checkpoint"
+        );
+    }
+    let key = audit_key(&site).await;
+    let lines = export(&site, v1::ExportAuditRequest::default()).await;
+    verify_export(&lines, &key).unwrap();
+}
+
 /// Issue 23 row 4: the journal only runs ahead of the store (an entry is journaled before it
 /// is stored), so a store holding entries past the journal's end means journal lines were cut
 /// — acknowledged entries that may be in neither any more. Emptied, header-only and tail-cut

@@ -9,9 +9,11 @@
 //! entries durable here instead: one `write` and one `fdatasync` per group commit, on the writer's
 //! own thread. The entries then go into the store (unflushed), so reads, exports and
 //! verification see one log — after the journal, so the store never holds an entry the journal
-//! did not make durable (a batch that fails is taken back out of both). The store is flushed — and the journal emptied — whenever a batch
-//! holds an entry whose request changed other state (enrollment, ops), when a checkpoint is
-//! written, and when the journal passes [`Journal::MAX_BYTES`].
+//! did not make durable (a batch that fails is taken back out of both). The store is flushed —
+//! and the journal emptied — whenever a batch holds an entry whose request changed other state
+//! (enrollment, ops), at an idle checkpoint (start, `checkpoint_seconds` without entries), and
+//! when the journal passes [`Journal::MAX_BYTES`]. A checkpoint that falls due under load
+//! (`checkpoint_every`) is an entry like the others: journaled, not a flush.
 //!
 //! **Recovery.** At start every complete line must be an entry whose hash matches its content
 //! and whose seq and `prev_hash` continue the line before it (or the header); the first line

@@ -20,7 +20,11 @@ pub(super) enum Scope {
 /// Whether a commit adds a checkpoint.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) enum Checkpointing {
-    /// When `checkpoint_every` entries are uncovered (with a store flush).
+    /// When `checkpoint_every` entries are uncovered; durable through the journal like the
+    /// entries it covers (the store is flushed when the journal passes its size, at an idle
+    /// checkpoint, or with an entry that changed other state — not every `checkpoint_every`
+    /// entries: under load that flush was a stall of every request in flight, 5 times a
+    /// second at 5,000 Signs/s).
     IfDue,
     /// Now (start, idle interval), with a store flush.
     Now,
@@ -616,8 +620,9 @@ impl Writer {
             && (due || checkpointing != Checkpointing::IfDue)
             && self.since_checkpoint > 0
         {
-            // A periodic checkpoint is a good moment to move everything into the store.
-            store_scope |= due || checkpointing == Checkpointing::Now;
+            // An idle checkpoint is a good moment to move everything into the store; one that
+            // falls due under load is journaled like the entries it covers.
+            store_scope |= checkpointing == Checkpointing::Now;
             result = self.checkpoint();
         }
         let attempted = self.seq;
