@@ -28,6 +28,17 @@ pub mod rekor;
 pub mod sig;
 pub mod verify;
 
+/// Appends `bytes` to `out` as lower-case hex (what `hex::encode` gives, without a String of
+/// its own: for fields built on the Sign path).
+pub fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(2 * bytes.len());
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+}
+
 /// Encodes DER as PEM with the given label (64-column base64 lines), in one allocation.
 pub fn pem_encode(label: &str, der: &[u8]) -> String {
     use base64::Engine as _;

@@ -114,23 +114,13 @@ pub fn hashedrekord_with(
     );
     out.push_str(hash.rekor());
     out.push_str(r#"","value":""#);
-    push_hex(&mut out, digest);
+    crate::push_hex(&mut out, digest);
     out.push_str(r#""}},"signature":{"content":""#);
     B64.encode_string(signature, &mut out);
     out.push_str(r#"","publicKey":{"content":""#);
     B64.encode_string(pem.as_bytes(), &mut out);
     out.push_str(r#""}}}}"#);
     out.into_bytes()
-}
-
-/// Appends `bytes` as lower-case hex.
-fn push_hex(out: &mut String, bytes: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    out.reserve(2 * bytes.len());
-    for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 15)]));
-    }
 }
 
 /// The `dsse` `0.0.1` body of a one-signature DSSE envelope: `envelope_json` is the envelope

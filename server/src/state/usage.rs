@@ -66,13 +66,9 @@ fn job_prefix(environment: &str, job_id: &str) -> String {
 
 /// Appends `<environment>/<hex of job_id>/` (a job's keys' prefix) to `out`.
 fn push_job_prefix(out: &mut String, environment: &str, job_id: &str) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     out.push_str(environment);
     out.push('/');
-    for b in job_id.bytes() {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 15)]));
-    }
+    meshsign_evidence::push_hex(out, job_id.as_bytes());
     out.push('/');
 }
 
