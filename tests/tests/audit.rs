@@ -407,6 +407,36 @@ async fn retention_prunes_only_what_was_exported_and_checkpointed() {
     );
 }
 
+/// What a crash leaves in `data` when the store loses its unflushed tail: entries `seqs`
+/// gone from the store (taken from the end: the log is cut, it has no holes), and the journal
+/// file holding `journal`.
+fn crash_leaving(
+    data: &std::path::Path,
+    seqs: impl DoubleEndedIterator<Item = u64>,
+    journal: &[u8],
+) {
+    use meshsign_server::store::{Kv, Tree};
+    let kv = meshsign_server::store::SledKv::open(data).unwrap();
+    for seq in seqs.rev() {
+        kv.remove(Tree::Audit, &seq.to_be_bytes()).unwrap();
+    }
+    kv.flush().unwrap();
+    drop(kv);
+    std::fs::write(
+        data.join(meshsign_server::audit::journal::JOURNAL_FILE),
+        journal,
+    )
+    .unwrap();
+}
+
+/// Every acknowledged (seq, hash) is in `all` as it was acknowledged.
+fn assert_acknowledged(all: &[AuditRecord], receipts: &[(u64, String)]) {
+    for (seq, hash) in receipts {
+        let e = all.iter().find(|e| e.seq == *seq).expect("recovered");
+        assert_eq!(&e.hash, hash, "seq {seq} is the acknowledged entry");
+    }
+}
+
 /// A crash can leave acknowledged Sign entries only in the audit journal (they are made
 /// durable there, not by a store flush). At start they are written back into the store; a torn
 /// last line — a write the crash cut short, never acknowledged — is dropped.
@@ -442,33 +472,18 @@ async fn signatures_acknowledged_through_the_journal_survive_a_lost_store_tail()
     let site = site
         .restart_with(|data| {
             // What a crash leaves: the store lost its unflushed tail (the three entries), the
-            // journal has them plus half of a fourth line.
-            let kv = meshsign_server::store::SledKv::open(data).unwrap();
-            use meshsign_server::store::{Kv, Tree};
-            // (From the end: the log is cut, it has no holes.)
-            for (seq, _) in receipts.iter().rev() {
-                kv.remove(Tree::Audit, &seq.to_be_bytes()).unwrap();
-            }
-            kv.flush().unwrap();
-            drop(kv);
-            // Half of a fourth entry line: the first half of the last entry, no newline.
+            // journal has them plus half of a fourth line: the first half of the last entry,
+            // no newline.
             let body = &journal[..journal.len() - 1];
             let start = body.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
             let mut torn = journal.clone();
             torn.extend_from_slice(&body[start..start + (body.len() - start) / 2]);
-            std::fs::write(
-                data.join(meshsign_server::audit::journal::JOURNAL_FILE),
-                torn,
-            )
-            .unwrap();
+            crash_leaving(data, receipts.iter().map(|r| r.0), &torn);
         })
         .await;
 
     let all = site.audit();
-    for (seq, hash) in &receipts {
-        let e = all.iter().find(|e| e.seq == *seq).expect("recovered");
-        assert_eq!(&e.hash, hash, "seq {seq} is the acknowledged entry");
-    }
+    assert_acknowledged(&all, &receipts);
     // No gap; the torn line's seq is not reused for another decision: an entry recording the
     // loss takes it; the chain still verifies end to end.
     let seqs: Vec<u64> = all.iter().map(|e| e.seq).collect();
@@ -536,25 +551,11 @@ async fn a_checkpoint_due_under_load_is_journaled_and_survives_a_lost_store_tail
         .restart_with(|data| {
             // What a crash leaves: the journal as it was while the site ran (a clean stop
             // empties it), the store without everything after the enrollment's flush.
-            let kv = meshsign_server::store::SledKv::open(data).unwrap();
-            use meshsign_server::store::{Kv, Tree};
-            for seq in journaled.iter().rev() {
-                kv.remove(Tree::Audit, &seq.to_be_bytes()).unwrap();
-            }
-            kv.flush().unwrap();
-            drop(kv);
-            std::fs::write(
-                data.join(meshsign_server::audit::journal::JOURNAL_FILE),
-                &journal,
-            )
-            .unwrap();
+            crash_leaving(data, journaled.iter().copied(), &journal);
         })
         .await;
     let all = site.audit();
-    for (seq, hash) in &receipts {
-        let e = all.iter().find(|e| e.seq == *seq).expect("recovered");
-        assert_eq!(&e.hash, hash, "seq {seq} is the acknowledged entry");
-    }
+    assert_acknowledged(&all, &receipts);
     for seq in &checkpoints {
         let e = all
             .iter()
