@@ -409,7 +409,8 @@ async fn retention_prunes_only_what_was_exported_and_checkpointed() {
 
 /// What a crash leaves in `data` when the store loses its unflushed tail: entries `seqs`
 /// gone from the store (taken from the end: the log is cut, it has no holes), and the journal
-/// file holding `journal`.
+/// file holding `journal`. A test helper: each `unwrap` is a step of the test's setup on its own
+/// temporary folder, and a failure there fails the test that called it.
 fn crash_leaving(
     data: &std::path::Path,
     seqs: impl DoubleEndedIterator<Item = u64>,
@@ -429,7 +430,8 @@ fn crash_leaving(
     .unwrap();
 }
 
-/// Every acknowledged (seq, hash) is in `all` as it was acknowledged.
+/// Every acknowledged (seq, hash) is in `all` as it was acknowledged (a missing one fails the
+/// calling test: that is the assertion).
 fn assert_acknowledged(all: &[AuditRecord], receipts: &[(u64, String)]) {
     for (seq, hash) in receipts {
         let e = all.iter().find(|e| e.seq == *seq).expect("recovered");
