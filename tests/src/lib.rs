@@ -1157,6 +1157,20 @@ impl Kv for UnreadableEntryKv {
     ) -> Result<Vec<meshsign_server::store::Entry>, meshsign_server::store::StoreError> {
         self.rows(t, self.inner.scan_range(t, f, l)?)
     }
+    /// Both parts checked as each alone is, counted as the one call it is (one round trip on
+    /// a database).
+    fn scan_range_and_get_many(
+        &self,
+        scan: (meshsign_server::store::Tree, &[u8], usize),
+        get: (meshsign_server::store::Tree, &[Vec<u8>]),
+    ) -> Result<meshsign_server::store::ScanAndValues, meshsign_server::store::StoreError> {
+        let both = (
+            self.scan_range(scan.0, scan.1, scan.2)?,
+            self.get_many(get.0, get.1)?,
+        );
+        self.calls.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(both)
+    }
     fn last(
         &self,
         t: meshsign_server::store::Tree,

@@ -417,9 +417,13 @@ fn walk_known(
 /// (a node not stored yet, a damaged slot, a removed entry) is left to [`perfect`], which
 /// computes, stores or writes back as it always did.
 ///
-/// With `leaf` (an index and the leaf hash a caller claims for it), its block is read too and
-/// the claim checked first — an audit block before anything else, so a claim the store does
-/// not hold costs one read — and None is returned if it does not hold.
+/// An audit proof's first block is read together with the stored nodes
+/// ([`crate::store::Kv::scan_range_and_get_many`]): one statement on PostgreSQL, where these
+/// were two round trips (issue 30).
+///
+/// With `leaf` (an index and the leaf hash a caller claims for it), that first block is its
+/// block and the claim is checked before anything else is read or walked — a claim the store
+/// does not hold costs that one read — and None is returned if it does not hold.
 fn prefetch(
     store: &Store,
     log: Log,
@@ -447,25 +451,36 @@ fn prefetch(
     };
     // The leaves of each block of 16 a low subtree (or the claimed leaf) lies in.
     let mut leaves: HashMap<u64, Vec<Option<Hash>>> = HashMap::new();
-    if log == Log::Audit
-        && let Some((i, _)) = leaf
-    {
-        let b = block_of(0, i);
-        leaves.insert(b, audit_row(store, b)?);
-        if !holds(&leaves) {
-            return Ok(None);
-        }
-    }
     let rows: Vec<u64> = match log {
         Log::Transparency => blocks.iter().copied().collect(),
         Log::Audit => Vec::new(),
     };
     let mut keys: Vec<Vec<u8>> = high.iter().map(|&(l, i)| key(log, l, i)).collect();
     keys.extend(rows.iter().map(|&b| row_key(b)));
-    let values = if keys.is_empty() {
-        Vec::new()
-    } else {
-        store.kv().get_many(Tree::Merkle, &keys)?
+    // An audit block is read with the stored nodes, in one store call (on a database, one
+    // round trip, not two): the claimed leaf's block, else the first a low subtree lies in.
+    let first = match log {
+        Log::Audit => leaf
+            .map(|(i, _)| block_of(0, i))
+            .or_else(|| blocks.first().copied())
+            .and_then(|b| block_start(b).map(|seq| (b, seq))),
+        Log::Transparency => None,
+    };
+    let values = match first {
+        Some((b, seq)) => {
+            let (entries, values) = store.kv().scan_range_and_get_many(
+                (Tree::Audit, &seq.to_be_bytes(), LEAVES_PER_ROW as usize),
+                (Tree::Merkle, &keys),
+            )?;
+            leaves.insert(b, audit_row_of(seq, entries));
+            // A claim the store does not hold: refused before anything is walked.
+            if !holds(&leaves) {
+                return Ok(None);
+            }
+            values
+        }
+        None if keys.is_empty() => Vec::new(),
+        None => store.kv().get_many(Tree::Merkle, &keys)?,
     };
     for (&node, v) in high.iter().zip(&values) {
         if let Some(h) = v.as_deref().and_then(|v| Hash::try_from(v).ok()) {
@@ -504,17 +519,29 @@ fn prefetch(
     Ok(Some(known))
 }
 
-/// The leaf hashes of the audit entries of block `b` (entries `16·b + 1 ..= 16·b + 16`), read
-/// in one scan; None where the store holds no entry.
+/// The first seq of audit block `b` (entries `16·b + 1 ..= 16·b + 16`); None past any seq.
+fn block_start(b: u64) -> Option<u64> {
+    b.checked_mul(LEAVES_PER_ROW).and_then(|i| i.checked_add(1))
+}
+
+/// The leaf hashes of the audit entries of block `b`, read in one scan; None where the store
+/// holds no entry.
 fn audit_row(store: &Store, b: u64) -> Result<Vec<Option<Hash>>, AuditError> {
-    let mut row = vec![None; LEAVES_PER_ROW as usize];
-    let Some(first) = b.checked_mul(LEAVES_PER_ROW).and_then(|i| i.checked_add(1)) else {
-        return Ok(row);
+    let Some(first) = block_start(b) else {
+        return Ok(vec![None; LEAVES_PER_ROW as usize]);
     };
-    for (k, v) in store
-        .kv()
-        .scan_range(Tree::Audit, &first.to_be_bytes(), row.len())?
-    {
+    let entries =
+        store
+            .kv()
+            .scan_range(Tree::Audit, &first.to_be_bytes(), LEAVES_PER_ROW as usize)?;
+    Ok(audit_row_of(first, entries))
+}
+
+/// The leaf hashes of the block that starts at seq `first`, from a scan of its entries (keys
+/// outside the block ignored).
+fn audit_row_of(first: u64, entries: Vec<crate::store::Entry>) -> Vec<Option<Hash>> {
+    let mut row = vec![None; LEAVES_PER_ROW as usize];
+    for (k, v) in entries {
         let seq = <[u8; 8]>::try_from(k.as_slice()).map(u64::from_be_bytes);
         if let Some(slot) = seq.ok().and_then(|s| s.checked_sub(first))
             && let Some(cell) = row.get_mut(slot as usize)
@@ -522,7 +549,7 @@ fn audit_row(store: &Store, b: u64) -> Result<Vec<Option<Hash>>, AuditError> {
             *cell = Some(merkle::leaf_hash(&v));
         }
     }
-    Ok(row)
+    row
 }
 
 /// Stores subtrees an append completed (once their leaves are durable).

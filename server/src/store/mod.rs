@@ -134,6 +134,9 @@ impl Tree {
 /// A key and its value.
 pub type Entry = (Vec<u8>, Vec<u8>);
 
+/// What [`Kv::scan_range_and_get_many`] reads: the scan's entries, then the keys' values.
+pub type ScanAndValues = (Vec<Entry>, Vec<Option<Vec<u8>>>);
+
 /// The operations meshsign needs from an embedded key-value engine.
 pub trait Kv: Send + Sync + 'static {
     /// Reads a value.
@@ -165,6 +168,20 @@ pub trait Kv: Send + Sync + 'static {
     fn scan_prefix(&self, tree: Tree, prefix: &[u8]) -> Result<Vec<Entry>, StoreError>;
     /// Up to `limit` entries with key ≥ `from`, in key order.
     fn scan_range(&self, tree: Tree, from: &[u8], limit: usize) -> Result<Vec<Entry>, StoreError>;
+    /// [`Kv::scan_range`] of `scan` (tree, from, limit) and [`Kv::get_many`] of `get` (tree,
+    /// keys) as one read: one round trip on a database (an inclusion proof's block of entries
+    /// and the nodes it names), the two calls by default.
+    fn scan_range_and_get_many(
+        &self,
+        scan: (Tree, &[u8], usize),
+        get: (Tree, &[Vec<u8>]),
+    ) -> Result<ScanAndValues, StoreError> {
+        let (tree, from, limit) = scan;
+        Ok((
+            self.scan_range(tree, from, limit)?,
+            self.get_many(get.0, get.1)?,
+        ))
+    }
     /// The seqs of up to `limit` audit entries from seq `from` on ([`Tree::Audit`]'s keys are
     /// big-endian seqs), each entry read as [`Kv::scan_range`] reads it but its value not kept:
     /// a read-through that checks every stored entry is readable. `scratch` is the caller's,

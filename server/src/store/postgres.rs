@@ -620,6 +620,44 @@ impl Kv for PgKv {
         })
     }
 
+    /// One statement: the scan and the keys' rows, told apart by a column. A scan's rows come
+    /// back in key order from its own `ORDER BY … LIMIT`; they are sorted again here, as a
+    /// `UNION ALL` does not promise to keep it.
+    fn scan_range_and_get_many(
+        &self,
+        scan: (Tree, &[u8], usize),
+        get: (Tree, &[Vec<u8>]),
+    ) -> Result<super::ScanAndValues, StoreError> {
+        let (tree, from, limit) = scan;
+        if get.1.is_empty() {
+            return Ok((self.scan_range(tree, from, limit)?, Vec::new()));
+        }
+        let (from, limit) = (from.to_vec(), i64::try_from(limit).unwrap_or(i64::MAX));
+        let (get_tree, want) = (get.0, get.1.to_vec());
+        let (mut scanned, found) = self.run(move |c| {
+            let rows = c.query(
+                "(SELECT 0::int2 AS part, key, value FROM kv WHERE tree = $1 AND key >= $2
+                  ORDER BY key LIMIT $3)
+                 UNION ALL
+                 (SELECT 1::int2, key, value FROM kv WHERE tree = $4 AND key = ANY($5))",
+                &[&tree.name(), &from, &limit, &get_tree.name(), &want],
+            )?;
+            let (mut scanned, mut found) = (Vec::new(), std::collections::HashMap::new());
+            for r in rows {
+                let entry = (r.try_get(1)?, r.try_get(2)?);
+                if r.try_get::<_, i16>(0)? == 0 {
+                    scanned.push(entry);
+                } else {
+                    found.insert(entry.0, entry.1);
+                }
+            }
+            Ok((scanned, found))
+        })?;
+        scanned.sort_by(|a: &Entry, b: &Entry| a.0.cmp(&b.0));
+        let got = get.1.iter().map(|k| found.get(k).cloned()).collect();
+        Ok((scanned, got))
+    }
+
     fn last(&self, tree: Tree) -> Result<Option<Entry>, StoreError> {
         self.run(move |c| {
             c.query_opt(
