@@ -1157,19 +1157,26 @@ impl Kv for UnreadableEntryKv {
     ) -> Result<Vec<meshsign_server::store::Entry>, meshsign_server::store::StoreError> {
         self.rows(t, self.inner.scan_range(t, f, l)?)
     }
-    /// Both parts checked as each alone is, counted as the one call it is (one round trip on
+    /// Every part checked as each alone is, counted as the one call it is (one round trip on
     /// a database).
-    fn scan_range_and_get_many(
+    fn scans_and_get_many(
         &self,
-        scan: (meshsign_server::store::Tree, &[u8], usize),
+        scans: &[meshsign_server::store::Scan<'_>],
         get: (meshsign_server::store::Tree, &[Vec<u8>]),
-    ) -> Result<meshsign_server::store::ScanAndValues, meshsign_server::store::StoreError> {
-        let both = (
-            self.scan_range(scan.0, scan.1, scan.2)?,
-            self.get_many(get.0, get.1)?,
-        );
-        self.calls.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-        Ok(both)
+    ) -> Result<meshsign_server::store::ScansAndValues, meshsign_server::store::StoreError> {
+        let before = self.calls.load(std::sync::atomic::Ordering::SeqCst);
+        let mut entries = Vec::with_capacity(scans.len());
+        for &(t, from, limit) in scans {
+            entries.push(self.scan_range(t, from, limit)?);
+        }
+        let values = if get.1.is_empty() {
+            Vec::new()
+        } else {
+            self.get_many(get.0, get.1)?
+        };
+        self.calls
+            .store(before + 1, std::sync::atomic::Ordering::SeqCst);
+        Ok((entries, values))
     }
     fn last(
         &self,

@@ -1106,14 +1106,15 @@ async fn abandoned_sessions_swept_by_two_replicas_at_once_are_counted_once() {
     }
 }
 
-/// Issue 30: an inclusion proof's block of entries and its stored nodes come back from one
-/// statement on PostgreSQL (`Kv::scan_range_and_get_many`, a `UNION ALL` told apart by a
-/// column). What it returns is what the two calls return, on PostgreSQL and on sled (the
-/// trait's default): the scan in key order and bounded, the keys in the order asked, absent
-/// ones `None`, a scan past the end short, no keys at all.
+/// Issue 30: an inclusion proof's blocks of entries and its stored nodes come back from one
+/// statement on PostgreSQL (`Kv::scans_and_get_many`: a `UNION ALL` of up to two scans and the
+/// keys, told apart by a column). What it returns is what the calls one by one return, on
+/// PostgreSQL and on sled (the trait's default): each scan in key order and bounded, the keys
+/// in the order asked, absent ones `None`, a scan past the end short — and with no keys, no
+/// scan, or more scans than one statement takes.
 #[test]
-fn one_statement_reads_a_block_and_nodes_as_the_two_calls_do() {
-    use meshsign_server::store::{Kv, PgKv, PgSettings, SledKv, Tree};
+fn one_statement_reads_blocks_and_nodes_as_the_calls_one_by_one_do() {
+    use meshsign_server::store::{Kv, PgKv, PgSettings, Scan, SledKv, Tree};
     let pg = LocalPostgres::start().unwrap();
     let tls = meshsign_server::store::postgres::tls_from_ca_file(&pg.ca_file()).unwrap();
     let on_pg = PgKv::open(PgSettings {
@@ -1143,41 +1144,59 @@ fn one_statement_reads_a_block_and_nodes_as_the_two_calls_do() {
         }
         kv.put(Tree::Merkle, &node(5, 0), &[9; 32]).unwrap();
     }
-    let asks: Vec<(u64, usize, Vec<Vec<u8>>)> = vec![
-        (17, 16, vec![node(4, 0), node(5, 0), node(6, 0), node(4, 2)]),
-        (33, 16, vec![node(5, 0), node(4, 1)]),
-        (1, 16, vec![node(4, 9), node(4, 9)]),
-        (41, 16, vec![node(4, 0), node(4, 1)]),
-        (5, 3, vec![node(4, 1)]),
-        (9, 16, Vec::new()),
+    let seq = |s: u64| s.to_be_bytes();
+    let (s1, s17, s33, s41, s5) = (seq(1), seq(17), seq(33), seq(41), seq(5));
+    let nodes = vec![node(4, 0), node(5, 0), node(6, 0), node(4, 2)];
+    let asks: Vec<(Vec<Scan<'_>>, Vec<Vec<u8>>)> = vec![
+        (vec![(Tree::Audit, &s17, 16)], nodes.clone()),
+        (
+            vec![(Tree::Audit, &s1, 16), (Tree::Audit, &s33, 16)],
+            nodes.clone(),
+        ),
+        (
+            vec![(Tree::Audit, &s33, 16), (Tree::Audit, &s1, 3)],
+            Vec::new(),
+        ),
+        (vec![(Tree::Audit, &s41, 16)], vec![node(4, 9), node(4, 9)]),
+        (
+            vec![
+                (Tree::Audit, &s5, 3),
+                (Tree::Audit, &s17, 16),
+                (Tree::Audit, &s33, 16),
+            ],
+            vec![node(4, 1)],
+        ),
+        (Vec::new(), nodes.clone()),
     ];
     for (engine, kv) in engines {
-        for (from, limit, keys) in &asks {
-            let from = from.to_be_bytes();
-            let one = kv
-                .scan_range_and_get_many((Tree::Audit, &from, *limit), (Tree::Merkle, keys))
-                .unwrap();
-            let two = (
-                kv.scan_range(Tree::Audit, &from, *limit).unwrap(),
-                kv.get_many(Tree::Merkle, keys).unwrap(),
-            );
-            assert_eq!(one, two, "{engine}: from {from:?}, limit {limit}, {keys:?}");
-            assert!(one.0.len() <= *limit, "{engine}");
-            assert!(one.0.windows(2).all(|w| w[0].0 < w[1].0), "{engine}");
+        for (scans, keys) in &asks {
+            let one = kv.scans_and_get_many(scans, (Tree::Merkle, keys)).unwrap();
+            let entries: Vec<_> = scans
+                .iter()
+                .map(|&(t, from, limit)| kv.scan_range(t, from, limit).unwrap())
+                .collect();
+            let values = match keys.is_empty() {
+                true => Vec::new(),
+                false => kv.get_many(Tree::Merkle, keys).unwrap(),
+            };
+            assert_eq!(one, (entries, values), "{engine}: {scans:?}, {keys:?}");
+            for (scan, &(_, _, limit)) in one.0.iter().zip(scans) {
+                assert!(scan.len() <= limit, "{engine}");
+                assert!(scan.windows(2).all(|w| w[0].0 < w[1].0), "{engine}");
+            }
         }
     }
-    // The figures the cases stand for, read on PostgreSQL: a full block with two nodes found
-    // and two absent, a short block at the end, nothing past it.
-    let (block, nodes) = on_pg
-        .scan_range_and_get_many(
-            (Tree::Audit, &17u64.to_be_bytes(), 16),
-            (Tree::Merkle, &asks[0].2),
-        )
+    // What the cases stand for, read on PostgreSQL: two full-or-short blocks and two nodes
+    // found, two absent.
+    let (blocks, found) = on_pg
+        .scans_and_get_many(&asks[1].0, (Tree::Merkle, &nodes))
         .unwrap();
-    assert_eq!(block.len(), 16);
-    assert_eq!(block[0].0, 17u64.to_be_bytes().to_vec());
+    assert_eq!(blocks.len(), 2);
+    assert_eq!((blocks[0].len(), blocks[1].len()), (16, 8));
+    assert_eq!(blocks[0][0].0, s1.to_vec());
+    assert_eq!(blocks[1][0].0, s33.to_vec());
     assert_eq!(
-        nodes,
+        found,
         vec![
             Some(vec![0; 32]),
             Some(vec![9; 32]),
@@ -1185,11 +1204,4 @@ fn one_statement_reads_a_block_and_nodes_as_the_two_calls_do() {
             Some(vec![2; 32])
         ]
     );
-    let (tail, _) = on_pg
-        .scan_range_and_get_many(
-            (Tree::Audit, &33u64.to_be_bytes(), 16),
-            (Tree::Merkle, &asks[1].2),
-        )
-        .unwrap();
-    assert_eq!(tail.len(), 8);
 }

@@ -410,20 +410,20 @@ fn walk_known(
     walk(&mut (&mut get as Get<'_>))
 }
 
-/// The subtrees `wanted` (a proof's: O(log n) of them) read in a few store calls instead of
+/// The subtrees `wanted` (a proof's: O(log n) of them) read in one store call instead of
 /// one or more each — on a database every call is a round trip: the stored nodes (and the
 /// transparency leaf rows under the low ones) in one `get_many`, the audit subtrees below the
 /// stored level from one scan of the ≤ 16 entries of their block. What is not found here
 /// (a node not stored yet, a damaged slot, a removed entry) is left to [`perfect`], which
 /// computes, stores or writes back as it always did.
 ///
-/// An audit proof's first block is read together with the stored nodes
-/// ([`crate::store::Kv::scan_range_and_get_many`]): one statement on PostgreSQL, where these
-/// were two round trips (issue 30).
+/// An audit proof's blocks (its leaf's, and the tree's right edge) are read together with the
+/// stored nodes ([`crate::store::Kv::scans_and_get_many`]): one statement on PostgreSQL, where
+/// these were two or three round trips (issue 30).
 ///
-/// With `leaf` (an index and the leaf hash a caller claims for it), that first block is its
-/// block and the claim is checked before anything else is read or walked — a claim the store
-/// does not hold costs that one read — and None is returned if it does not hold.
+/// With `leaf` (an index and the leaf hash a caller claims for it), its block is read too and
+/// the claim checked before anything is walked — a claim the store does not hold costs that
+/// one read — and None is returned if it does not hold.
 fn prefetch(
     store: &Store,
     log: Log,
@@ -457,31 +457,29 @@ fn prefetch(
     };
     let mut keys: Vec<Vec<u8>> = high.iter().map(|&(l, i)| key(log, l, i)).collect();
     keys.extend(rows.iter().map(|&b| row_key(b)));
-    // An audit block is read with the stored nodes, in one store call (on a database, one
-    // round trip, not two): the claimed leaf's block, else the first a low subtree lies in.
-    let first = match log {
-        Log::Audit => leaf
-            .map(|(i, _)| block_of(0, i))
-            .or_else(|| blocks.first().copied())
-            .and_then(|b| block_start(b).map(|seq| (b, seq))),
-        Log::Transparency => None,
+    // The audit blocks are read with the stored nodes, in one store call (on a database one
+    // round trip, where these were two or three).
+    let froms: Vec<(u64, u64, [u8; 8])> = match log {
+        Log::Audit => blocks
+            .iter()
+            .filter_map(|&b| block_start(b).map(|first| (b, first, first.to_be_bytes())))
+            .collect(),
+        Log::Transparency => Vec::new(),
     };
-    let values = match first {
-        Some((b, seq)) => {
-            let (entries, values) = store.kv().scan_range_and_get_many(
-                (Tree::Audit, &seq.to_be_bytes(), LEAVES_PER_ROW as usize),
-                (Tree::Merkle, &keys),
-            )?;
-            leaves.insert(b, audit_row_of(seq, entries));
-            // A claim the store does not hold: refused before anything is walked.
-            if !holds(&leaves) {
-                return Ok(None);
-            }
-            values
-        }
-        None if keys.is_empty() => Vec::new(),
-        None => store.kv().get_many(Tree::Merkle, &keys)?,
+    let scans: Vec<crate::store::Scan<'_>> = froms
+        .iter()
+        .map(|(_, _, from)| (Tree::Audit, from.as_slice(), LEAVES_PER_ROW as usize))
+        .collect();
+    let (entries, values) = if scans.is_empty() && keys.is_empty() {
+        (Vec::new(), Vec::new())
+    } else {
+        store
+            .kv()
+            .scans_and_get_many(&scans, (Tree::Merkle, &keys))?
     };
+    for (&(b, first, _), entries) in froms.iter().zip(entries) {
+        leaves.insert(b, audit_row_of(first, entries));
+    }
     for (&node, v) in high.iter().zip(&values) {
         if let Some(h) = v.as_deref().and_then(|v| Hash::try_from(v).ok()) {
             known.insert(node, h);
@@ -493,13 +491,6 @@ fn prefetch(
             .map(|slot| row.as_deref().and_then(|r| row_slot(r, slot)))
             .collect();
         leaves.insert(b, row);
-    }
-    if log == Log::Audit {
-        for &b in &blocks {
-            if let std::collections::hash_map::Entry::Vacant(e) = leaves.entry(b) {
-                e.insert(audit_row(store, b)?);
-            }
-        }
     }
     if !holds(&leaves) {
         return Ok(None);
@@ -522,19 +513,6 @@ fn prefetch(
 /// The first seq of audit block `b` (entries `16·b + 1 ..= 16·b + 16`); None past any seq.
 fn block_start(b: u64) -> Option<u64> {
     b.checked_mul(LEAVES_PER_ROW).and_then(|i| i.checked_add(1))
-}
-
-/// The leaf hashes of the audit entries of block `b`, read in one scan; None where the store
-/// holds no entry.
-fn audit_row(store: &Store, b: u64) -> Result<Vec<Option<Hash>>, AuditError> {
-    let Some(first) = block_start(b) else {
-        return Ok(vec![None; LEAVES_PER_ROW as usize]);
-    };
-    let entries =
-        store
-            .kv()
-            .scan_range(Tree::Audit, &first.to_be_bytes(), LEAVES_PER_ROW as usize)?;
-    Ok(audit_row_of(first, entries))
 }
 
 /// The leaf hashes of the block that starts at seq `first`, from a scan of its entries (keys

@@ -134,8 +134,11 @@ impl Tree {
 /// A key and its value.
 pub type Entry = (Vec<u8>, Vec<u8>);
 
-/// What [`Kv::scan_range_and_get_many`] reads: the scan's entries, then the keys' values.
-pub type ScanAndValues = (Vec<Entry>, Vec<Option<Vec<u8>>>);
+/// A scan as [`Kv::scan_range`] takes it: the tree, the first key, at most this many entries.
+pub type Scan<'a> = (Tree, &'a [u8], usize);
+
+/// What [`Kv::scans_and_get_many`] reads: each scan's entries, then the keys' values.
+pub type ScansAndValues = (Vec<Vec<Entry>>, Vec<Option<Vec<u8>>>);
 
 /// The operations meshsign needs from an embedded key-value engine.
 pub trait Kv: Send + Sync + 'static {
@@ -168,19 +171,15 @@ pub trait Kv: Send + Sync + 'static {
     fn scan_prefix(&self, tree: Tree, prefix: &[u8]) -> Result<Vec<Entry>, StoreError>;
     /// Up to `limit` entries with key ≥ `from`, in key order.
     fn scan_range(&self, tree: Tree, from: &[u8], limit: usize) -> Result<Vec<Entry>, StoreError>;
-    /// [`Kv::scan_range`] of `scan` (tree, from, limit) and [`Kv::get_many`] of `get` (tree,
-    /// keys) as one read: one round trip on a database (an inclusion proof's block of entries
-    /// and the nodes it names), the two calls by default.
-    fn scan_range_and_get_many(
+    /// [`Kv::scan_range`] of each of `scans` and [`Kv::get_many`] of `get` (tree, keys) as
+    /// one read: one round trip on a database (an inclusion proof's blocks of entries and the
+    /// nodes it names), the calls one by one by default (no `get_many` for no keys).
+    fn scans_and_get_many(
         &self,
-        scan: (Tree, &[u8], usize),
+        scans: &[Scan<'_>],
         get: (Tree, &[Vec<u8>]),
-    ) -> Result<ScanAndValues, StoreError> {
-        let (tree, from, limit) = scan;
-        Ok((
-            self.scan_range(tree, from, limit)?,
-            self.get_many(get.0, get.1)?,
-        ))
+    ) -> Result<ScansAndValues, StoreError> {
+        one_by_one(self, scans, get)
     }
     /// The seqs of up to `limit` audit entries from seq `from` on ([`Tree::Audit`]'s keys are
     /// big-endian seqs), each entry read as [`Kv::scan_range`] reads it but its value not kept:
@@ -280,6 +279,25 @@ pub struct SledKv {
     inner: std::sync::RwLock<Option<Arc<SledInner>>>,
     audit: segments::SegmentLog,
     nodes: slots::NodeFiles,
+}
+
+/// [`Kv::scans_and_get_many`] as the calls one by one: each scan, then `get_many` (none for no
+/// keys).
+pub(crate) fn one_by_one<K: Kv + ?Sized>(
+    kv: &K,
+    scans: &[Scan<'_>],
+    get: (Tree, &[Vec<u8>]),
+) -> Result<ScansAndValues, StoreError> {
+    let entries = scans
+        .iter()
+        .map(|&(tree, from, limit)| kv.scan_range(tree, from, limit))
+        .collect::<Result<_, _>>()?;
+    let values = if get.1.is_empty() {
+        Vec::new()
+    } else {
+        kv.get_many(get.0, get.1)?
+    };
+    Ok((entries, values))
 }
 
 /// Merges two key-ordered lists (keys are in one or the other), keeping the first `limit`.

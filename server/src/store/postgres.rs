@@ -620,42 +620,66 @@ impl Kv for PgKv {
         })
     }
 
-    /// One statement: the scan and the keys' rows, told apart by a column. A scan's rows come
-    /// back in key order from its own `ORDER BY … LIMIT`; they are sorted again here, as a
-    /// `UNION ALL` does not promise to keep it.
-    fn scan_range_and_get_many(
+    /// One statement for up to two scans and the keys (an inclusion proof's: the entry's block
+    /// of 16, the tree's right edge, the stored nodes): a `UNION ALL` whose parts are told
+    /// apart by a column. A scan's rows come back in key order from its own `ORDER BY …
+    /// LIMIT`; they are sorted again here, as a `UNION ALL` does not promise to keep it. More
+    /// scans (a proof never asks for them) or none: the calls one by one.
+    fn scans_and_get_many(
         &self,
-        scan: (Tree, &[u8], usize),
+        scans: &[super::Scan<'_>],
         get: (Tree, &[Vec<u8>]),
-    ) -> Result<super::ScanAndValues, StoreError> {
-        let (tree, from, limit) = scan;
-        if get.1.is_empty() {
-            return Ok((self.scan_range(tree, from, limit)?, Vec::new()));
+    ) -> Result<super::ScansAndValues, StoreError> {
+        /// Scans `$1`–`$3` and `$4`–`$6`, keys `$7`–`$8`; part 2 is the keys' rows.
+        const TWO: &str = "(SELECT 0::int2 AS part, key, value FROM kv WHERE tree = $1
+              AND key >= $2 ORDER BY key LIMIT $3)
+             UNION ALL
+             (SELECT 1::int2, key, value FROM kv WHERE tree = $4 AND key >= $5
+              ORDER BY key LIMIT $6)
+             UNION ALL
+             (SELECT 2::int2, key, value FROM kv WHERE tree = $7 AND key = ANY($8))";
+        /// One scan `$1`–`$3`, keys `$4`–`$5`.
+        const ONE: &str = "(SELECT 0::int2 AS part, key, value FROM kv WHERE tree = $1
+              AND key >= $2 ORDER BY key LIMIT $3)
+             UNION ALL
+             (SELECT 2::int2, key, value FROM kv WHERE tree = $4 AND key = ANY($5))";
+        let n = scans.len();
+        if !(1..=2).contains(&n) {
+            return super::one_by_one(self, scans, get);
         }
-        let (from, limit) = (from.to_vec(), i64::try_from(limit).unwrap_or(i64::MAX));
-        let (get_tree, want) = (get.0, get.1.to_vec());
-        let (mut scanned, found) = self.run(move |c| {
-            let rows = c.query(
-                "(SELECT 0::int2 AS part, key, value FROM kv WHERE tree = $1 AND key >= $2
-                  ORDER BY key LIMIT $3)
-                 UNION ALL
-                 (SELECT 1::int2, key, value FROM kv WHERE tree = $4 AND key = ANY($5))",
-                &[&tree.name(), &from, &limit, &get_tree.name(), &want],
-            )?;
-            let (mut scanned, mut found) = (Vec::new(), std::collections::HashMap::new());
+        let owned: Vec<(&'static str, Vec<u8>, i64)> = scans
+            .iter()
+            .map(|&(tree, from, limit)| {
+                let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+                (tree.name(), from.to_vec(), limit)
+            })
+            .collect();
+        let (get_tree, want) = (get.0.name(), get.1.to_vec());
+        let (mut entries, found) = self.run(move |c| {
+            let mut params: Vec<&(dyn ToSql + Sync)> = Vec::with_capacity(8);
+            for (tree, from, limit) in &owned {
+                params.extend([tree as &(dyn ToSql + Sync), from, limit]);
+            }
+            params.extend([&get_tree as &(dyn ToSql + Sync), &want]);
+            let rows = c.query(if n == 1 { ONE } else { TWO }, &params)?;
+            let mut entries: Vec<Vec<Entry>> = vec![Vec::new(); n];
+            let mut found = std::collections::HashMap::new();
             for r in rows {
-                let entry = (r.try_get(1)?, r.try_get(2)?);
-                if r.try_get::<_, i16>(0)? == 0 {
-                    scanned.push(entry);
-                } else {
-                    found.insert(entry.0, entry.1);
+                let entry: Entry = (r.try_get(1)?, r.try_get(2)?);
+                match entries.get_mut(usize::try_from(r.try_get::<_, i16>(0)?).unwrap_or(n)) {
+                    Some(scan) => scan.push(entry),
+                    None => {
+                        found.insert(entry.0, entry.1);
+                    }
                 }
             }
-            Ok((scanned, found))
+            Ok((entries, found))
         })?;
-        scanned.sort_by(|a: &Entry, b: &Entry| a.0.cmp(&b.0));
-        let got = get.1.iter().map(|k| found.get(k).cloned()).collect();
-        Ok((scanned, got))
+        for scan in &mut entries {
+            scan.sort_by(|a, b| a.0.cmp(&b.0));
+        }
+        let values = get.1.iter().map(|k| found.get(k).cloned()).collect();
+        Ok((entries, values))
     }
 
     fn last(&self, tree: Tree) -> Result<Option<Entry>, StoreError> {
