@@ -50,14 +50,26 @@ async fn prove(
     let leaf = leaf_hash(body);
     let p = log_proof(site, index, &leaf).await.unwrap();
     let origin = format!("meshsign.test/{REGION}/log");
-    let head = meshsign_evidence::note::open(&p.checkpoint, key, Some(&origin)).unwrap();
+    checked(&p, key, Some(&origin), index, &leaf)
+}
+
+/// Checks `p`, the proof of `leaf` at `index`, against the checkpoint it carries (signed with
+/// `key`, for `origin` if given); returns (tree size, root).
+fn checked(
+    p: &v1::InclusionProof,
+    key: &p256::ecdsa::VerifyingKey,
+    origin: Option<&str>,
+    index: u64,
+    leaf: &Hash,
+) -> (u64, Hash) {
+    let head = meshsign_evidence::note::open(&p.checkpoint, key, origin).unwrap();
     assert_eq!(head.size, p.tree_size);
     let hashes: Vec<Hash> = p
         .hashes
         .iter()
         .map(|h| Hash::try_from(h.as_slice()).unwrap())
         .collect();
-    verify_inclusion(index, p.tree_size, &leaf, &hashes, &head.root).unwrap();
+    verify_inclusion(index, p.tree_size, leaf, &hashes, &head.root).unwrap();
     (head.size, head.root)
 }
 
@@ -80,15 +92,7 @@ async fn audit_prove(
         .await
         .unwrap()
         .into_inner();
-    let head = meshsign_evidence::note::open(&p.checkpoint, key, None).unwrap();
-    assert_eq!(head.size, p.tree_size);
-    let hashes: Vec<Hash> = p
-        .hashes
-        .iter()
-        .map(|h| Hash::try_from(h.as_slice()).unwrap())
-        .collect();
-    verify_inclusion(seq - 1, p.tree_size, &leaf, &hashes, &head.root).unwrap();
-    p.tree_size
+    checked(&p, key, None, seq - 1, &leaf).0
 }
 
 #[tokio::test]
