@@ -1158,25 +1158,20 @@ impl Kv for UnreadableEntryKv {
         self.rows(t, self.inner.scan_range(t, f, l)?)
     }
     /// Every part checked as each alone is, counted as the one call it is (one round trip on
-    /// a database).
+    /// a database): the calls it made, less all but one once they all succeeded (a concurrent
+    /// caller's counts are kept).
     fn scans_and_get_many(
         &self,
         scans: &[meshsign_server::store::Scan<'_>],
         get: (meshsign_server::store::Tree, &[Vec<u8>]),
     ) -> Result<meshsign_server::store::ScansAndValues, meshsign_server::store::StoreError> {
-        let before = self.calls.load(std::sync::atomic::Ordering::SeqCst);
-        let mut entries = Vec::with_capacity(scans.len());
-        for &(t, from, limit) in scans {
-            entries.push(self.scan_range(t, from, limit)?);
-        }
-        let values = if get.1.is_empty() {
-            Vec::new()
-        } else {
-            self.get_many(get.0, get.1)?
-        };
-        self.calls
-            .store(before + 1, std::sync::atomic::Ordering::SeqCst);
-        Ok((entries, values))
+        let made = scans.len() + usize::from(!get.1.is_empty());
+        let out = meshsign_server::store::one_by_one(self, scans, get)?;
+        self.calls.fetch_sub(
+            made.saturating_sub(1) as u64,
+            std::sync::atomic::Ordering::SeqCst,
+        );
+        Ok(out)
     }
     fn last(
         &self,

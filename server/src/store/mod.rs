@@ -282,8 +282,8 @@ pub struct SledKv {
 }
 
 /// [`Kv::scans_and_get_many`] as the calls one by one: each scan, then `get_many` (none for no
-/// keys).
-pub(crate) fn one_by_one<K: Kv + ?Sized>(
+/// keys). The trait's default, and what an engine (or a wrapper) falls back to.
+pub fn one_by_one<K: Kv + ?Sized>(
     kv: &K,
     scans: &[Scan<'_>],
     get: (Tree, &[Vec<u8>]),
