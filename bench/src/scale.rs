@@ -201,10 +201,10 @@ async fn load_site(
         let serial = hex32(c, "serial")[..32].to_string();
         let fingerprint = hex32(c % 300, "runner");
         // Spread over the past year; the last LIVE_CERTS are valid now and still held: valid
-        // from a minute before the wall clock's now as they are written, not the load's start
-        // (a 10⁷-entry load takes longer than a certificate lives, and a site whose live
-        // certificates had all expired by its start spends that start sweeping them as
-        // abandoned sessions, the 10⁵-entry site, loaded in seconds, not).
+        // from a minute before the wall clock's now as they are written, not from the load's
+        // start. A site started more than a certificate's life after that (a slow load, a
+        // kept copy started by hand) found them all expired and spent its start sweeping 500
+        // abandoned sessions, which a site loaded in seconds did not.
         let live = c + LIVE_CERTS >= certs;
         let not_before = if live {
             wall_unix().max(now) - 60
