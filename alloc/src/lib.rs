@@ -2,7 +2,7 @@
 //!
 //! meshsignd allocates through mimalloc ([`MiMalloc`]): the Sign path's small per-request
 //! buffers cost about half what they cost in glibc's allocator (BENCHMARKS.md, issue 27).
-//! Three of mimalloc v3's defaults (what `libmimalloc-sys` builds) made a site's RSS follow the
+//! Two of mimalloc v3's defaults (what `libmimalloc-sys` builds) made a site's RSS follow the
 //! work it had done rather than what it holds (issue 30: a 10⁷-entry site at rest 85–105 MiB,
 //! a 10⁴-entry one 70 MiB; BENCHMARKS.md, "Issue 30, session 22"):
 //!
@@ -19,18 +19,9 @@
 //!   that asks for the due purges once a second. `purge_delay = 0` (purge at every free) was
 //!   measured too and not taken: ~9 % more server CPU per Sign, pages freed and reused under
 //!   load being decommitted and faulted in again each time.
-//! - **A purge delay of a second.** v3 waits `purge_delay` = 1 s (v2, what mimalloc shipped
-//!   before, 10 ms) before freed memory may be handed back. With it, part of what a first
-//!   start freed stayed resident at rest, the memory-return thread running (which pages, and
-//!   why no later purge took them, was not traced): a 10⁷-entry site's first start sat at
-//!   46–48 MiB, a 10⁵-entry one at 42–45 (session 28). [`shorten_purge_delay`] sets
-//!   [`PURGE_DELAY_MS`] (v2's default) unless `MIMALLOC_PURGE_DELAY` set one: the same first
-//!   starts 41.6 and 41.9 MiB; server CPU per Sign @64 the same (0.196 vs 0.193 s per 1,000,
-//!   medians of five A/B pairs; BENCHMARKS.md, "Issue 30, session 29").
 //!
-//! This crate holds the workspace's only `unsafe` code: the calls of `mi_collect`, an FFI
-//! function that takes a bool and may be called from any thread at any time, and of
-//! `mi_option_get` / `mi_option_set_default`, which take an option's number and a value.
+//! This crate holds the workspace's only `unsafe` code: the call of `mi_collect`, an FFI
+//! function that takes a bool and may be called from any thread at any time.
 
 use std::time::Duration;
 
@@ -48,42 +39,6 @@ pub fn collect() {
     unsafe {
         libmimalloc_sys::mi_collect(false)
     }
-}
-
-/// mimalloc v3's `mi_option_purge_delay`: its place in `mi_option_e` (`mimalloc.h`), which
-/// `libmimalloc-sys` does not export as a constant. The only option whose default is 1000
-/// (`tests/returns_memory.rs` checks that, so a mimalloc that renumbered its options fails the
-/// test rather than tuning another option).
-pub const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-
-/// The purge delay meshsignd runs with, in milliseconds: mimalloc v2's default.
-pub const PURGE_DELAY_MS: u16 = 10;
-
-/// The purge delay in effect, in milliseconds (`MIMALLOC_PURGE_DELAY` or the default).
-pub fn purge_delay_ms() -> i64 {
-    #[allow(unsafe_code)]
-    // SAFETY: `mi_option_get` reads one entry of mimalloc's option table, bounds-checked by
-    // mimalloc (an out-of-range number returns 0); the number is a constant in range.
-    let v = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
-    i64::from(v)
-}
-
-/// Sets mimalloc's purge delay to [`PURGE_DELAY_MS`] unless the environment
-/// (`MIMALLOC_PURGE_DELAY`) set it; returns the delay in effect. Call first thing in `main`,
-/// before any other thread runs: mimalloc's option table is written without a lock (the
-/// allocator reads the delay each time it schedules a purge, so it takes effect at once).
-pub fn shorten_purge_delay() -> i64 {
-    #[allow(unsafe_code)]
-    // SAFETY: `mi_option_set_default` stores a value into one entry of mimalloc's option table
-    // (bounds-checked, the number is a constant in range) unless the environment initialised
-    // it. The caller runs it before other threads exist, so no read races the store.
-    unsafe {
-        libmimalloc_sys::mi_option_set_default(
-            MI_OPTION_PURGE_DELAY,
-            std::ffi::c_long::from(PURGE_DELAY_MS),
-        )
-    };
-    purge_delay_ms()
 }
 
 /// Turns transparent huge pages off for this process (all its threads, and memory mapped

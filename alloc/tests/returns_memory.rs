@@ -4,9 +4,7 @@
 //! - a thread that allocates a burst, frees it and goes quiet leaves its pages resident, and
 //!   with the memory-return thread running they go back within a few seconds;
 //! - a heap of small blocks is held in transparent huge pages (where the kernel allows them)
-//!   unless they are turned off, and with them off none is;
-//! - the purge delay: mimalloc's default (1 s, which pins the option's number) until
-//!   `shorten_purge_delay` sets 10 ms, and an operator's `MIMALLOC_PURGE_DELAY` kept.
+//!   unless they are turned off, and with them off none is.
 
 use std::process::Command;
 use std::sync::mpsc;
@@ -81,26 +79,9 @@ fn huge_pages(disable: bool) {
     println!("{}", after.saturating_sub(before));
 }
 
-/// Child: the purge delay before and after `shorten_purge_delay`, as "before after".
-fn purge_delay() {
-    let before = meshsign_alloc::purge_delay_ms();
-    let after = meshsign_alloc::shorten_purge_delay();
-    println!("{before} {after}");
-}
-
 fn child(mode: &str) -> String {
-    child_with(mode, None)
-}
-
-/// Runs this binary as a child in `mode`, with `MIMALLOC_PURGE_DELAY` unset or set to `purge`.
-fn child_with(mode: &str, purge: Option<&str>) -> String {
     let exe = std::env::current_exe().expect("exe");
-    let mut cmd = Command::new(exe);
-    cmd.arg(mode).env_remove("MIMALLOC_PURGE_DELAY");
-    if let Some(p) = purge {
-        cmd.env("MIMALLOC_PURGE_DELAY", p);
-    }
-    let out = cmd.output().expect("child");
+    let out = Command::new(exe).arg(mode).output().expect("child");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
@@ -115,27 +96,8 @@ fn main() {
         Some("freed") => return freed_memory_goes_back(),
         Some("thp-on") => return huge_pages(false),
         Some("thp-off") => return huge_pages(true),
-        Some("purge-delay") => return purge_delay(),
         _ => {}
     }
-    let default = child_with("purge-delay", None);
-    assert_eq!(
-        default.trim(),
-        format!("1000 {}", meshsign_alloc::PURGE_DELAY_MS),
-        "mimalloc's purge delay (option {}) is 1000 ms by default and shortened",
-        meshsign_alloc::MI_OPTION_PURGE_DELAY
-    );
-    let operator = child_with("purge-delay", Some("250"));
-    assert_eq!(
-        operator.trim(),
-        "250 250",
-        "an operator's MIMALLOC_PURGE_DELAY is kept"
-    );
-    println!(
-        "purge delay: mimalloc's default and then ours: {}; with MIMALLOC_PURGE_DELAY=250: {}",
-        default.trim(),
-        operator.trim()
-    );
     print!("{}", child("freed"));
     let thp =
         std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();

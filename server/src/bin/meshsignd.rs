@@ -24,8 +24,8 @@ use meshsign_server::state::marker::SiteMarker;
 
 /// mimalloc: per-request buffers (h2 frames, prost messages, audit JSON) cost about half the
 /// CPU they cost in glibc's allocator (BENCHMARKS.md, issue 27). Only Rust's allocations go
-/// through it; a PKCS#11 module keeps its own. `main` shortens its purge delay and starts the
-/// thread that hands its freed memory back to the OS (see `meshsign_alloc`).
+/// through it; a PKCS#11 module keeps its own. `main` starts the thread that hands its freed
+/// memory back to the OS (see `meshsign_alloc`).
 #[global_allocator]
 static ALLOCATOR: meshsign_alloc::MiMalloc = meshsign_alloc::MiMalloc;
 
@@ -163,14 +163,11 @@ fn init_logs(format: LogFormat) {
 }
 
 fn main() -> ExitCode {
-    // Before any other thread runs (mimalloc's options are written without a lock), and
-    // before anything else maps memory (see `meshsign_alloc`); a failure is reported below,
+    // Before anything else maps memory (see `meshsign_alloc`); a failure is reported below,
     // once logging is up.
-    let purge_delay_ms = meshsign_alloc::shorten_purge_delay();
     let thp = meshsign_alloc::disable_huge_pages();
     let cli = Cli::parse();
     init_logs(cli.log_format);
-    tracing::debug!(purge_delay_ms, "allocator purge delay");
     if let Err(e) = thp {
         // Not fatal: the site works, its resident memory counts whole huge pages.
         tracing::warn!(error = %e, "cannot turn transparent huge pages off");
