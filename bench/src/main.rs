@@ -213,7 +213,7 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-fn per_1000(before: Option<f64>, after: Option<f64>, ops: u64) -> Option<f64> {
+pub(crate) fn per_1000(before: Option<f64>, after: Option<f64>, ops: u64) -> Option<f64> {
     Some((after? - before?) / (ops.max(1) as f64) * 1000.0)
 }
 

@@ -85,6 +85,9 @@ struct SiteFigures {
     proof_p50_ms: f64,
     proof_p99_ms: f64,
     export_per_s: f64,
+    /// The site's CPU time per exported entry, µs (median of the exports): what the rate
+    /// costs the site, steadier than the rate on a shared machine.
+    export_server_cpu_us: f64,
     verify_per_s: f64,
     snapshot_s: f64,
     restore_s: f64,
@@ -349,10 +352,12 @@ fn free_port() -> Result<u16, String> {
 /// One export of the log (up to [`export_max`] entries) into `file`: the entries, the rate
 /// (entries/s) and a spread sample of its lines for proofs.
 async fn export_once(
+    d: &Daemon,
     admin: &mut meshsign_client::site::admin::Admin,
     file: &Path,
     entries: u64,
-) -> Result<(u64, f64, Vec<String>), String> {
+) -> Result<(u64, Export, Vec<String>), String> {
+    let cpu = d.cpu_seconds();
     let t = Instant::now();
     let mut stream = admin
         .export_audit(meshsign_proto::v1::ExportAuditRequest::default())
@@ -378,7 +383,24 @@ async fn export_once(
     }
     use std::io::Write as _;
     out.flush().map_err(|e| e.to_string())?;
-    Ok((n, n as f64 / t.elapsed().as_secs_f64(), lines))
+    let rate = n as f64 / t.elapsed().as_secs_f64();
+    let server_cpu_us = crate::per_1000(cpu, d.cpu_seconds(), n).map_or(0.0, |ms| ms * 1000.0);
+    Ok((
+        n,
+        Export {
+            rate,
+            server_cpu_us,
+        },
+        lines,
+    ))
+}
+
+/// One export's figures.
+struct Export {
+    /// Entries per second.
+    rate: f64,
+    /// The site's CPU time per entry, µs.
+    server_cpu_us: f64,
 }
 
 /// Exports the log `runs` times (the rate: their median; one export's rate swung 10–20 % from
@@ -394,13 +416,15 @@ async fn export_and_verify(
         .await
         .map_err(|e| e.to_string())?;
     let file = work.join("export.jsonl");
-    let (mut n, mut rates, mut lines) = (0, Vec::new(), Vec::new());
+    let (mut n, mut rates, mut cpus, mut lines) = (0, Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs.max(1) {
-        let (count, rate, sample) = export_once(&mut admin, &file, f.entries).await?;
+        let (count, export, sample) = export_once(d, &mut admin, &file, f.entries).await?;
         (n, lines) = (count, sample);
-        rates.push(rate);
+        rates.push(export.rate);
+        cpus.push(export.server_cpu_us);
     }
     f.export_per_s = crate::median(rates);
+    f.export_server_cpu_us = crate::median(cpus);
     let max = export_max();
     if max < u64::MAX {
         // A prefix of the log is not a verifiable export (its tail is not anchored).
@@ -683,7 +707,7 @@ pub async fn run(a: &ScaleArgs) -> Result<serde_json::Value, String> {
     let med = |v: &[f64]| crate::median(v.to_vec());
     let row = |name: &str, f: &SiteFigures| {
         println!(
-            "{name:>6} {:>10} entries: load {:.0} s, start {:.2} s (log read through {:.1} s), RSS rest {:.1} MiB / load {:.1} MiB, {} live certificates, scrape {:.1} ms, proof p50 {:.2} ms p99 {:.2} ms, export {:.0}/s, verify {:.0}/s, snapshot {:.2} s, restore {:.2} s, {:.0} B/entry",
+            "{name:>6} {:>10} entries: load {:.0} s, start {:.2} s (log read through {:.1} s), RSS rest {:.1} MiB / load {:.1} MiB, {} live certificates, scrape {:.1} ms, proof p50 {:.2} ms p99 {:.2} ms, export {:.0}/s ({:.2} µs site CPU/entry), verify {:.0}/s, snapshot {:.2} s, restore {:.2} s, {:.0} B/entry",
             f.entries,
             f.load_s,
             f.startup_s,
@@ -695,6 +719,7 @@ pub async fn run(a: &ScaleArgs) -> Result<serde_json::Value, String> {
             f.proof_p50_ms,
             f.proof_p99_ms,
             f.export_per_s,
+            f.export_server_cpu_us,
             f.verify_per_s,
             f.snapshot_s,
             f.restore_s,
@@ -738,6 +763,8 @@ pub async fn run(a: &ScaleArgs) -> Result<serde_json::Value, String> {
         "proof_p99_ms": fb.proof_p99_ms,
         "proof_p99_small_ms": fs.proof_p99_ms,
         "export_entries_per_s": fb.export_per_s,
+        "export_server_cpu_us_per_entry": fb.export_server_cpu_us,
+        "export_server_cpu_us_per_entry_small": fs.export_server_cpu_us,
         "verify_entries_per_s": fb.verify_per_s,
         "snapshot_s": fb.snapshot_s,
         "snapshot_small_s": fs.snapshot_s,
