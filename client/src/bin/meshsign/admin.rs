@@ -18,7 +18,7 @@ pub async fn render(output: Output, format: Format) -> Result<(), ClientError> {
         Output::Fleet(_) => {
             return Err(ClientError::Usage("a fleet report needs its fleet".into()));
         }
-        Output::Export(stream, follow) => return export(stream, follow).await,
+        Output::Export(stream, _follow) => return export(stream).await,
         Output::Issuers(l) => emit(format, &l),
         Output::Policies(l) => emit(format, &l),
         Output::Keys(l) => emit(format, &l),
@@ -181,17 +181,13 @@ fn print_usage(u: &v1::JobUsage) {
     }
 }
 
-/// `admin audit export`: always JSON lines (the export format is the verifiable one), flushed
-/// per line when it follows the log.
-/// Writes the export's lines to stdout through one buffer: the lines that have arrived go out
-/// in large writes, and what is buffered is flushed whenever the next line is not there yet —
-/// so a followed export shows each entry as it comes, and a bulk export is not one `write(2)`
-/// per line (stdout is line-buffered: 10⁶ lines were 10⁶ system calls, ~11 % of the client's
-/// CPU, measured with `perf`). `_follow` needs nothing of its own.
-async fn export(
-    mut stream: tonic::Streaming<v1::ExportLine>,
-    _follow: bool,
-) -> Result<(), ClientError> {
+/// `admin audit export`: always JSON lines (the export format is the verifiable one), written
+/// through one buffer. The lines that have arrived go out in large writes, and what is buffered
+/// is flushed whenever the next line is not there yet: a followed export shows each entry as it
+/// comes (`--follow` needs nothing of its own), and a bulk export is not one `write(2)` per
+/// line (stdout is line-buffered: 10⁶ lines were 10⁶ system calls, ~11 % of the client's CPU,
+/// measured with `perf`).
+async fn export(mut stream: tonic::Streaming<v1::ExportLine>) -> Result<(), ClientError> {
     use std::io::Write as _;
     use std::task::Poll;
     crate::WROTE_STDOUT.store(true, std::sync::atomic::Ordering::Relaxed);
