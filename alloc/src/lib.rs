@@ -1,7 +1,10 @@
 //! meshsignd's global allocator, and what keeps its resident memory to what it uses.
 //!
 //! meshsignd allocates through mimalloc ([`MiMalloc`]): the Sign path's small per-request
-//! buffers cost about half what they cost in glibc's allocator (BENCHMARKS.md, issue 27).
+//! buffers cost about half what they cost in glibc's allocator (BENCHMARKS.md, issue 27). The
+//! `meshsign` CLI does too (its global allocator only; it starts no thread): an audit export
+//! of 10⁶ entries cost its process ~17 % less CPU than through glibc, whose trimmed buffers
+//! were faulted in again page by page (BENCHMARKS.md, issue 30, session 31).
 //! Two of mimalloc v3's defaults (what `libmimalloc-sys` builds) made a site's RSS follow the
 //! work it had done rather than what it holds (issue 30: a 10⁷-entry site at rest 85–105 MiB,
 //! a 10⁴-entry one 70 MiB; BENCHMARKS.md, "Issue 30, session 22"):

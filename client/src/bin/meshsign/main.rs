@@ -229,6 +229,13 @@ enum AuditCommand {
     /// log) extends the earlier one: nothing logged was rewritten or removed. Exit 1 if not.
     Consistency(usecase::verify::ConsistencyArgs),
 }
+
+/// mimalloc, as in meshsignd: through glibc's allocator an audit export's buffers were trimmed
+/// and faulted in again page by page; an export of 10⁶ entries costs the CLI ~17 % less CPU
+/// (BENCHMARKS.md, issue 30, session 31).
+#[global_allocator]
+static ALLOCATOR: meshsign_alloc::MiMalloc = meshsign_alloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
