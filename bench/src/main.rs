@@ -96,6 +96,10 @@ struct Cli {
     /// `--certs` to compare log sizes alone.
     #[arg(long)]
     small_certs: Option<u64>,
+    /// `--scenario scale`: entries each site exports per turn of the side-by-side export
+    /// (`export_ratio_to_small`): the small log's first entries, as many times as make this.
+    #[arg(long, default_value_t = 200_000)]
+    export_turn: u64,
     /// `--scenario soak`: seconds per window (an RSS sample after each).
     #[arg(long, default_value_t = 30)]
     sample: u64,
@@ -444,6 +448,7 @@ async fn run(cli: &Cli) -> Result<(), String> {
             entries: cli.entries,
             certs: cli.certs,
             small: (cli.small_entries, cli.small_certs),
+            export_turn: cli.export_turn,
             duration: cli.duration,
             runs: cli.runs,
             concurrency: cli.concurrency,

@@ -11,7 +11,8 @@
 //! under Sign load, the metrics scrape, `GetInclusionProof` p50/p99 over entries spread through
 //! the log, `admin audit export` (`--runs` exports, median) and `meshsign audit verify` rates,
 //! snapshot and restore time, disk bytes per entry, and the live certificates the scrape counts
-//! at rest (`live_certs`).
+//! at rest (`live_certs`); then the two export the first entries of their logs in turns
+//! (`export_ratio_to_small`, `export_cpu_ratio_to_small`: the export's growth as one ratio).
 //! The last line printed is one JSON object.
 //!
 //! The loaded history is a year's shape: per enrollment one `Enroll` entry and one certificate
@@ -42,6 +43,8 @@ pub struct ScaleArgs {
     /// 10⁴ entries and up to 10³ certificates. Giving it the big site's certificates makes
     /// the ratio the log's alone (the target: independent of log size).
     pub small: (Option<u64>, Option<u64>),
+    /// Entries each site exports per turn of [`export_side_by_side`].
+    pub export_turn: u64,
     /// Seconds per Sign window.
     pub duration: u64,
     /// Sign windows per site, and exports of each loaded site (medians).
@@ -349,13 +352,14 @@ fn free_port() -> Result<u16, String> {
         .map_err(|e| e.to_string())
 }
 
-/// One export of the log (up to [`export_max`] entries) into `file`: the entries, the rate
+/// One export of the log (up to `max` entries) into `file`: the entries, the rate
 /// (entries/s) and a spread sample of its lines for proofs.
 async fn export_once(
     d: &Daemon,
     admin: &mut meshsign_client::site::admin::Admin,
     file: &Path,
     entries: u64,
+    max: u64,
 ) -> Result<(u64, Export, Vec<String>), String> {
     let cpu = d.cpu_seconds();
     let t = Instant::now();
@@ -365,7 +369,6 @@ async fn export_once(
         .map_err(|e| e.to_string())?;
     let mut out = std::io::BufWriter::new(std::fs::File::create(file).map_err(|e| e.to_string())?);
     let (mut n, mut lines) = (0u64, Vec::new());
-    let max = export_max();
     let every = (entries.min(max) / PROOFS as u64).max(1);
     while n < max
         && let Some(line) = stream.message().await.map_err(|e| e.to_string())?
@@ -418,7 +421,8 @@ async fn export_and_verify(
     let file = work.join("export.jsonl");
     let (mut n, mut rates, mut cpus, mut lines) = (0, Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs.max(1) {
-        let (count, export, sample) = export_once(d, &mut admin, &file, f.entries).await?;
+        let (count, export, sample) =
+            export_once(d, &mut admin, &file, f.entries, export_max()).await?;
         (n, lines) = (count, sample);
         rates.push(export.rate);
         cpus.push(export.server_cpu_us);
@@ -460,6 +464,45 @@ async fn export_and_verify(
     let _ = report;
     let _ = std::fs::remove_file(&file);
     Ok(lines)
+}
+
+/// The export's growth as one ratio: the first `n` entries of each log (`n`: the small log's
+/// size), exported by the big and the small site in turns (`runs` rounds, the order
+/// alternating), each turn as many exports as make `turn` entries (the default, 2×10⁵, is
+/// many clock ticks of the site's CPU; a whole 10⁴-entry export is three or four). Returns the big
+/// site's rate and CPU per entry over the small site's (medians). The two sites' exports
+/// measured apart, minutes from each other, could not tell a growth from a slower minute: this
+/// machine's speed moved ~2× between runs of the same binaries (BENCHMARKS.md, issue 30,
+/// session 31).
+async fn export_side_by_side(
+    small: &Daemon,
+    big: &Daemon,
+    n: u64,
+    (runs, turn): (usize, u64),
+    work: &Path,
+) -> Result<(f64, f64), String> {
+    let file = work.join("side-by-side.jsonl");
+    let reps = (turn / n.max(1)).max(1);
+    let (mut rates, mut cpus) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
+    for run in 0..runs.max(1) {
+        let order = if run % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            let d = [small, big][i];
+            let mut admin = meshsign_client::site::admin::Admin::connect(&d.client)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (cpu, t, mut total) = (d.cpu_seconds(), Instant::now(), 0);
+            for _ in 0..reps {
+                total += export_once(d, &mut admin, &file, n, n).await?.0;
+            }
+            rates[i].push(total as f64 / t.elapsed().as_secs_f64());
+            cpus[i].push(crate::per_1000(cpu, d.cpu_seconds(), total).unwrap_or(0.0));
+        }
+    }
+    let _ = std::fs::remove_file(&file);
+    let ratio =
+        |v: &[Vec<f64>; 2]| crate::median(v[1].clone()) / crate::median(v[0].clone()).max(1e-12);
+    Ok((ratio(&rates), ratio(&cpus)))
 }
 
 /// `MESHSIGN_BENCH_EXPORT_MAX=N`: export only the first N entries (their rate, and the proof
@@ -704,6 +747,15 @@ pub async fn run(a: &ScaleArgs) -> Result<serde_json::Value, String> {
     }
     let (_, _, peak) = sign_window(&small, a, &Tokens::new(&small.client)?).await?;
     fs.rss_load_mib = peak;
+    let work = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let (export_ratio, export_cpu_ratio) = export_side_by_side(
+        &small,
+        &big,
+        fs.entries,
+        (a.runs, a.export_turn),
+        work.path(),
+    )
+    .await?;
     let med = |v: &[f64]| crate::median(v.to_vec());
     let row = |name: &str, f: &SiteFigures| {
         println!(
@@ -739,6 +791,12 @@ pub async fn run(a: &ScaleArgs) -> Result<serde_json::Value, String> {
         big_ops / fresh_o.max(1e-9),
         a.runs.max(1)
     );
+    println!(
+        "  export of the first {} entries, sites in turns: big ÷ small rate {export_ratio:.2}, \
+         site CPU per entry {export_cpu_ratio:.2} (medians of {})",
+        fs.entries,
+        a.runs.max(1)
+    );
     Ok(serde_json::json!({
         "scenario": "scale",
         "store": if a.postgres { "postgres" } else { "sled" },
@@ -765,6 +823,8 @@ pub async fn run(a: &ScaleArgs) -> Result<serde_json::Value, String> {
         "export_entries_per_s": fb.export_per_s,
         "export_server_cpu_us_per_entry": fb.export_server_cpu_us,
         "export_server_cpu_us_per_entry_small": fs.export_server_cpu_us,
+        "export_ratio_to_small": export_ratio,
+        "export_cpu_ratio_to_small": export_cpu_ratio,
         "verify_entries_per_s": fb.verify_per_s,
         "snapshot_s": fb.snapshot_s,
         "snapshot_small_s": fs.snapshot_s,

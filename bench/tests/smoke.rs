@@ -92,6 +92,8 @@ fn scale_reports_every_figure_of_a_loaded_site() {
         "1000",
         "--small-certs",
         "600",
+        "--export-turn",
+        "2000",
         "--concurrency",
         "2",
     ]);
@@ -108,6 +110,9 @@ fn scale_reports_every_figure_of_a_loaded_site() {
         "export_entries_per_s",
         // 3,000 entries of a debug build's site: many clock ticks of CPU.
         "export_server_cpu_us_per_entry",
+        // The side-by-side exports: the first 1,000 entries, twice a turn.
+        "export_ratio_to_small",
+        "export_cpu_ratio_to_small",
         "verify_entries_per_s",
         "snapshot_s",
         "restore_s",
