@@ -469,11 +469,11 @@ async fn export_and_verify(
 /// The export's growth as one ratio: the first `n` entries of each log (`n`: the small log's
 /// size), exported by the big and the small site in turns (`runs` rounds, the order
 /// alternating), each turn as many exports as make `turn` entries (the default, 2×10⁵, is
-/// many clock ticks of the site's CPU; a whole 10⁴-entry export is three or four). Returns the big
-/// site's rate and CPU per entry over the small site's (medians). The two sites' exports
-/// measured apart, minutes from each other, could not tell a growth from a slower minute: this
-/// machine's speed moved ~2× between runs of the same binaries (BENCHMARKS.md, issue 30,
-/// session 31).
+/// many clock ticks of the site's CPU; a whole 10⁴-entry export is three or four). Returns
+/// the big site's rate and CPU per entry over the small site's (medians). The two sites'
+/// exports measured apart, minutes from each other, could not tell a growth from a slower
+/// minute: this machine's speed moved ~2× between runs of the same binaries (BENCHMARKS.md,
+/// issue 30, session 31).
 async fn export_side_by_side(
     small: &Daemon,
     big: &Daemon,
