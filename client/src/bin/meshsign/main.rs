@@ -230,25 +230,17 @@ enum AuditCommand {
     Consistency(usecase::verify::ConsistencyArgs),
 }
 
-/// mimalloc, as in meshsignd: through glibc's allocator an audit export's buffers were trimmed
-/// and faulted in again page by page; an export of 10⁶ entries costs the CLI ~17 % less CPU
-/// (BENCHMARKS.md, issue 30, session 31).
+/// As in meshsignd: an export costs ~17 % less CPU than through glibc's (`meshsign_alloc`).
 #[global_allocator]
 static ALLOCATOR: meshsign_alloc::MiMalloc = meshsign_alloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("meshsign: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    let built = builder.worker_threads(2).enable_all().build();
+    let Ok(rt) = built.inspect_err(|e| eprintln!("meshsign: cannot start the runtime: {e}")) else {
+        return ExitCode::FAILURE;
     };
     let json = cli.global.output == render::Format::Json;
     match rt.block_on(dispatch(cli)) {
