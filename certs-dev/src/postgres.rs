@@ -204,6 +204,31 @@ impl LocalPostgres {
         }
     }
 
+    /// Runs each of `statements` through `psql` as the cluster's superuser, one command each
+    /// (so `VACUUM`, which refuses a transaction block, may be one), stopping at the first
+    /// error.
+    pub fn sql(&self, statements: &[&str]) -> std::io::Result<()> {
+        let port = self.port.to_string();
+        let mut args = vec![
+            "-X",
+            "-q",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "meshsign",
+            "-d",
+            "meshsign",
+            "-v",
+            "ON_ERROR_STOP=1",
+        ];
+        for s in statements {
+            args.extend(["-c", s]);
+        }
+        self.run("psql", &args)
+    }
+
     /// (Re)starts the server on the same port and data, waiting until it accepts connections.
     pub fn start_again(&self) -> std::io::Result<()> {
         let opts = format!(
