@@ -1039,16 +1039,39 @@ async fn responses_carry_their_own_stored_entry_among_checkpoints() {
 /// there, and one filtered to a job that never signed verifies through its omitted lines.
 #[tokio::test]
 async fn an_export_of_several_pages_misses_nothing_and_repeats_nothing() {
-    let site = TestSite::start().await;
-    let key = audit_key(&site).await;
-    let (_k, _r, mut s) = site.enrolled("staging").await;
-    for i in 0..1300u16 {
-        s.sign(sign_req("release", (i % 251) as u8)).await.unwrap();
+    exports_across_pages(&TestSite::start().await, 1300, 300).await;
+}
+
+/// The same on PostgreSQL, whose export reads pages of 2,048 entries (each a statement, three
+/// read ahead on the pool's connections side by side): two full pages and part of a third,
+/// and an export that starts inside the second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_of_several_pages_on_postgres_misses_nothing_and_repeats_nothing() {
+    let pg = meshsign_certs_dev::postgres::LocalPostgres::start().unwrap();
+    let site = TestSite::start_with(&pg.store_section(), None).await;
+    exports_across_pages(&site, 4700, 3000).await;
+}
+
+/// `signs` signatures (eight at a time), then the exports of
+/// [`an_export_of_several_pages_misses_nothing_and_repeats_nothing`], the second from `mid`.
+async fn exports_across_pages(site: &TestSite, signs: u16, mid: u64) {
+    let key = audit_key(site).await;
+    let (_k, _r, s) = site.enrolled("staging").await;
+    let mut set = tokio::task::JoinSet::new();
+    for t in 0..8u16 {
+        let mut s = s.clone();
+        set.spawn(async move {
+            for i in (t..signs).step_by(8) {
+                s.sign(sign_req("release", (i % 251) as u8)).await.unwrap();
+            }
+        });
     }
+    set.join_all().await;
     let head = site.audit().last().unwrap().seq;
-    for since_seq in [0, 300] {
+    assert!(head > u64::from(signs), "{head} entries");
+    for since_seq in [0, mid] {
         let lines = export(
-            &site,
+            site,
             v1::ExportAuditRequest {
                 since_seq,
                 ..Default::default()
@@ -1068,7 +1091,7 @@ async fn an_export_of_several_pages_misses_nothing_and_repeats_nothing() {
         }
     }
     let omitted = export(
-        &site,
+        site,
         v1::ExportAuditRequest {
             job_id: "no-such-job".into(),
             ..Default::default()

@@ -36,7 +36,12 @@ impl Refusal for ExportError {
     }
 }
 
+/// Entries per page read from an embedded store.
 const PAGE: usize = 512;
+/// Entries per page read from a shared store (PostgreSQL): each page is a statement, and a
+/// larger one spreads its round trip, its plan and the pool's hand-off over more rows. Only
+/// the export reads pages this large (the time search reads `PAGE`).
+const SHARED_PAGE: usize = 2048;
 
 fn keep(r: &AuditRecord, q: &v1::ExportAuditRequest) -> bool {
     r.checkpoint.is_some()
@@ -119,15 +124,16 @@ fn unfiltered(q: &v1::ExportAuditRequest) -> bool {
     q.environment.is_empty() && q.job_id.is_empty() && q.wanted_decision().is_none()
 }
 
-/// The page of entries from `from` (a blocking store read: run off the async workers).
-fn page(site: &SiteState, from: u64, unfiltered: bool) -> Result<Vec<Item>, Status> {
+/// The page of up to `len` entries from `from` (a blocking store read: run off the async
+/// workers).
+fn page(site: &SiteState, from: u64, len: usize, unfiltered: bool) -> Result<Vec<Item>, Status> {
     let items = if unfiltered {
         site.audit
-            .range_stored(from, PAGE)
+            .range_stored(from, len)
             .map(|v| v.into_iter().map(Item::Stored).collect())
     } else {
         site.audit
-            .range(from, PAGE)
+            .range(from, len)
             .map(|v| v.into_iter().map(|r| Item::Record(Box::new(r))).collect())
     };
     items.map_err(|e| status(&ExportError::from(e)))
@@ -138,12 +144,12 @@ fn page(site: &SiteState, from: u64, unfiltered: bool) -> Result<Vec<Item>, Stat
 /// database's and the wire's, and queries on the pool's connections run side by side.
 type Ahead = (u64, tokio::task::JoinHandle<Result<Vec<Item>, Status>>);
 
-/// Pages read ahead of the one being sent (at most `READ_AHEAD × PAGE` entries held).
+/// Pages read ahead of the one being sent (at most `READ_AHEAD` pages held).
 const READ_AHEAD: usize = 3;
 
-fn read_ahead(site: &Arc<SiteState>, from: u64, unfiltered: bool) -> Ahead {
+fn read_ahead(site: &Arc<SiteState>, from: u64, len: usize, unfiltered: bool) -> Ahead {
     let site = site.clone();
-    let read = tokio::task::spawn_blocking(move || page(&site, from, unfiltered));
+    let read = tokio::task::spawn_blocking(move || page(&site, from, len, unfiltered));
     (from, read)
 }
 
@@ -172,6 +178,7 @@ pub fn stream(site: Arc<SiteState>, q: v1::ExportAuditRequest) -> Lines {
         // commit), and other replicas add entries this replica's head does not see: read up to
         // the end, and look again every half second when following.
         let shared = site.store.kv().chain().is_some();
+        let len = if shared { SHARED_PAGE } else { PAGE };
         let mut ahead: std::collections::VecDeque<Ahead> = std::collections::VecDeque::new();
         loop {
             // The page read ahead if it starts where this one must; else (a guess that missed:
@@ -180,7 +187,7 @@ pub fn stream(site: Arc<SiteState>, q: v1::ExportAuditRequest) -> Lines {
                 Some((from, read)) if from == next => read,
                 _ => {
                     ahead.clear();
-                    read_ahead(&site, next, unfiltered).1
+                    read_ahead(&site, next, len, unfiltered).1
                 }
             };
             let page = match read.await {
@@ -196,14 +203,14 @@ pub fn stream(site: Arc<SiteState>, q: v1::ExportAuditRequest) -> Lines {
             };
             let durable = if shared { u64::MAX } else { *head.borrow() };
             // Seqs are gapless past the oldest kept entry: a full page of them is followed by
-            // the page from its last seq + 1, and the one after that from PAGE further.
+            // the page from its last seq + 1, and the one after that a page's length further.
             if let Some(last) = page.last().map(Item::seq).filter(|l| *l <= durable) {
-                let full = page.len() == PAGE && page.first().map(Item::seq) == Some(next);
+                let full = page.len() == len && page.first().map(Item::seq) == Some(next);
                 let want = if full { READ_AHEAD } else { 1 };
-                let mut from = ahead.back().map_or(last + 1, |(f, _)| f + PAGE as u64);
+                let mut from = ahead.back().map_or(last + 1, |(f, _)| f + len as u64);
                 while ahead.len() < want {
-                    ahead.push_back(read_ahead(&site, from, unfiltered));
-                    from += PAGE as u64;
+                    ahead.push_back(read_ahead(&site, from, len, unfiltered));
+                    from += len as u64;
                 }
             }
             // The page's lines go to the response whole: its encoder then fills whole frames
