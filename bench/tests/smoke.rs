@@ -129,3 +129,44 @@ fn scale_reports_every_figure_of_a_loaded_site() {
     assert_eq!(j["live_certs"], 500, "{j}");
     assert_eq!(j["live_certs_small"], 500, "{j}");
 }
+
+/// The scale scenario on PostgreSQL (a cluster per site, started by the bench on loopback):
+/// the load, the vacuum after it, and the figures, the database's CPU per exported entry
+/// among them (10⁴ entries: a few clock ticks of the backends' CPU).
+#[test]
+fn scale_on_postgres_reports_the_database_s_share_of_the_export() {
+    let j = bench(&[
+        "--scenario",
+        "scale",
+        "--store",
+        "postgres",
+        "--entries",
+        "10000",
+        "--certs",
+        "600",
+        "--small-entries",
+        "1000",
+        "--small-certs",
+        "600",
+        "--export-turn",
+        "2000",
+        "--concurrency",
+        "2",
+    ]);
+    assert_eq!(j["store"], "postgres", "{j}");
+    assert_eq!(j["entries"], 10000, "{j}");
+    for field in [
+        "startup_s",
+        "rss_ratio_to_small",
+        "sign_ratio_to_fresh",
+        "proof_p99_ms",
+        "export_entries_per_s",
+        "export_server_cpu_us_per_entry",
+        "export_db_cpu_us_per_entry",
+        "verify_entries_per_s",
+        "disk_bytes_per_entry",
+    ] {
+        positive(&j, field);
+    }
+    assert_eq!(j["live_certs"], 500, "{j}");
+}
