@@ -32,6 +32,23 @@ fn bench(args: &[&str]) -> serde_json::Value {
     serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {stdout}"))
 }
 
+/// `--scenario scale` with `args` and the small site, export turn and load both tests use.
+fn scale(args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--scenario", "scale"];
+    all.extend_from_slice(args);
+    all.extend([
+        "--small-entries",
+        "1000",
+        "--small-certs",
+        "600",
+        "--export-turn",
+        "2000",
+        "--concurrency",
+        "2",
+    ]);
+    bench(&all)
+}
+
 fn positive(j: &serde_json::Value, field: &str) -> f64 {
     let v = j[field]
         .as_f64()
@@ -81,22 +98,7 @@ fn enroll_counts_every_enrollment_on_the_site() {
 fn scale_reports_every_figure_of_a_loaded_site() {
     // As many certificates as entries: every entry is an enrollment's, none a Sign. The proofs
     // are still measured (a sample of Sign entries only found none, and read 0 ms).
-    let j = bench(&[
-        "--scenario",
-        "scale",
-        "--entries",
-        "3000",
-        "--certs",
-        "3000",
-        "--small-entries",
-        "1000",
-        "--small-certs",
-        "600",
-        "--export-turn",
-        "2000",
-        "--concurrency",
-        "2",
-    ]);
+    let j = scale(&["--entries", "3000", "--certs", "3000"]);
     assert_eq!(j["scenario"], "scale");
     assert_eq!(j["entries"], 3000, "{j}");
     for field in [
@@ -135,23 +137,13 @@ fn scale_reports_every_figure_of_a_loaded_site() {
 /// among them (10⁴ entries: a few clock ticks of the backends' CPU).
 #[test]
 fn scale_on_postgres_reports_the_database_s_share_of_the_export() {
-    let j = bench(&[
-        "--scenario",
-        "scale",
+    let j = scale(&[
         "--store",
         "postgres",
         "--entries",
         "10000",
         "--certs",
         "600",
-        "--small-entries",
-        "1000",
-        "--small-certs",
-        "600",
-        "--export-turn",
-        "2000",
-        "--concurrency",
-        "2",
     ]);
     assert_eq!(j["store"], "postgres", "{j}");
     assert_eq!(j["entries"], 10000, "{j}");
