@@ -9,6 +9,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Messages carrying secrets get a hand-written Debug (src/lib.rs) that redacts them.
     tonic_prost_build::configure()
         .skip_debug(["meshsign.v1.EnrollRequest", "meshsign.v1.ImportKeyRequest"])
+        // An export's runs of lines: a client reads them as slices of the received frame.
+        .bytes(".meshsign.v1.ExportLine.lines")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -370,25 +370,31 @@ async fn export_once(
     let db_cpu = || db.and_then(|p| p.cpu_seconds(crate::daemon::clock_ticks()));
     let (cpu, db0) = (d.cpu_seconds(), db_cpu());
     let t = Instant::now();
+    // As `meshsign admin audit export` asks: many lines per message (a site that predates
+    // `lines_per_message` sends one per message; both are read).
     let mut stream = admin
-        .export_audit(meshsign_proto::v1::ExportAuditRequest::default())
+        .export_audit(meshsign_proto::v1::ExportAuditRequest {
+            lines_per_message: meshsign_client::site::admin::EXPORT_LINES_PER_MESSAGE,
+            ..Default::default()
+        })
         .await
         .map_err(|e| e.to_string())?;
     let mut out = std::io::BufWriter::new(std::fs::File::create(file).map_err(|e| e.to_string())?);
     let (mut n, mut lines) = (0u64, Vec::new());
     let every = (entries.min(max) / PROOFS as u64).max(1);
+    // (With a `max`, the export stops at the end of the message that reaches it.)
     while n < max
-        && let Some(line) = stream.message().await.map_err(|e| e.to_string())?
+        && let Some(m) = stream.message().await.map_err(|e| e.to_string())?
     {
-        use std::io::Write as _;
-        n += 1;
-        out.write_all(line.json.as_bytes())
-            .and_then(|()| out.write_all(b"\n"))
-            .map_err(|e| e.to_string())?;
-        // Any entry is proved as any other (a site loaded with as many certificates as
-        // entries has no Sign entry to sample: its proofs read 0 ms when only those were).
-        if n % every == 0 {
-            lines.push(line.json);
+        use meshsign_client::site::admin as a;
+        a::write_export_message(&mut out, &m).map_err(|e| e.to_string())?;
+        for line in a::export_lines(&m) {
+            n += 1;
+            // Any entry is proved as any other (a site loaded with as many certificates as
+            // entries has no Sign entry to sample: its proofs read 0 ms when only those were).
+            if n % every == 0 {
+                lines.push(String::from_utf8_lossy(line).into_owned());
+            }
         }
     }
     use std::io::Write as _;

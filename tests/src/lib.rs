@@ -709,7 +709,8 @@ pub async fn export(
         .collect()
 }
 
-/// An export's lines as sent, and the status it ended with (None: a clean end).
+/// An export's lines as sent, and the status it ended with (None: a clean end); a run of
+/// lines in one message (`lines_per_message`) is split into its lines.
 pub async fn export_raw(
     site: &TestSite,
     req: v1::ExportAuditRequest,
@@ -724,7 +725,10 @@ pub async fn export_raw(
     let mut out = Vec::new();
     loop {
         match stream.message().await {
-            Ok(Some(l)) => out.push(l.json),
+            Ok(Some(m)) => out.extend(
+                meshsign_client::site::admin::export_lines(&m)
+                    .map(|l| String::from_utf8(l.to_vec()).expect("an export line is UTF-8")),
+            ),
             Ok(None) => return (out, None),
             Err(e) => return (out, Some(e)),
         }

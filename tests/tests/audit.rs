@@ -1100,6 +1100,77 @@ async fn exports_across_pages(site: &TestSite, signs: u16, mid: u64) {
     .await;
     assert!(omitted.len() as u64 >= head);
     assert!(verify_export(&omitted, &key).unwrap().last_seq >= head);
+    runs_hold_the_same_lines(site, mid).await;
+}
+
+/// The bytes of lines one export message holds at most unless one line alone is longer (the
+/// site's cap).
+const RUN_BYTES: usize = 32 * 1024;
+
+/// The messages of an export as sent.
+async fn export_messages(site: &TestSite, req: v1::ExportAuditRequest) -> Vec<v1::ExportLine> {
+    let mut stream = site
+        .admin()
+        .await
+        .export_audit(req)
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(m) = stream.message().await.unwrap() {
+        out.push(m);
+    }
+    out
+}
+
+/// Exports of several lines per message (`lines_per_message`, as `meshsign admin audit
+/// export` asks) hold the lines of the same export sent one per message, byte for byte and
+/// in order — from the start, from `mid`, filtered — no more lines per message than asked,
+/// and no more than 32 KiB of them: asked for any number, a page's lines (512 on sled, 2,048
+/// on PostgreSQL; of these entries, > 32 KiB) come in more messages than the pages.
+async fn runs_hold_the_same_lines(site: &TestSite, mid: u64) {
+    for per in [300, u32::MAX] {
+        for (since_seq, job_id) in [(0, ""), (mid, ""), (0, "no-such-job")] {
+            let req = |lines_per_message| v1::ExportAuditRequest {
+                since_seq,
+                job_id: job_id.into(),
+                lines_per_message,
+                ..Default::default()
+            };
+            let (one_by_one, end) = export_raw(site, req(0)).await;
+            assert!(end.is_none(), "{end:?}");
+            let messages = export_messages(site, req(per)).await;
+            let mut lines = Vec::new();
+            for m in &messages {
+                let (n, bytes) = (
+                    m.lines.len(),
+                    m.lines.iter().map(|l| l.len()).sum::<usize>(),
+                );
+                assert!(m.json.is_empty(), "lines, not one line");
+                assert!(n >= 1 && n <= per as usize, "{n} lines (asked ≤ {per})");
+                assert!(bytes <= RUN_BYTES || n == 1, "{bytes} bytes in {n} lines");
+                lines.extend(
+                    meshsign_client::site::admin::export_lines(m)
+                        .map(|l| String::from_utf8(l.to_vec()).unwrap()),
+                );
+            }
+            // (The later export may hold entries written after the first one ended.)
+            assert!(lines.len() >= one_by_one.len() && !one_by_one.is_empty());
+            assert_eq!(
+                lines[..one_by_one.len()],
+                one_by_one[..],
+                "per {per}, from {since_seq}, job {job_id:?}"
+            );
+            if per == u32::MAX {
+                assert!(
+                    messages.len() > lines.len().div_ceil(512),
+                    "{} messages for {} lines",
+                    messages.len(),
+                    lines.len()
+                );
+            }
+        }
+    }
 }
 
 /// An unfiltered export sends each entry as the store holds it (no decoding into a record and

@@ -29,6 +29,32 @@ pub async fn connect(cfg: &ClientConfig) -> Result<AdminClient<Channel>, ClientE
     )
 }
 
+/// Lines per message the admin client asks an export for (`ExportAuditRequest.lines_per_message`;
+/// the site also stops a message at 32 KiB): the cost of a message — its encoding at the site,
+/// its decoding here — spread over many lines (BENCHMARKS.md, issue 30, session 33).
+pub const EXPORT_LINES_PER_MESSAGE: u32 = 1024;
+
+/// The JSON lines an export message carries (without newlines), in order: its `json`, or
+/// its `lines`.
+pub fn export_lines(m: &v1::ExportLine) -> impl Iterator<Item = &[u8]> {
+    (!m.json.is_empty())
+        .then_some(m.json.as_bytes())
+        .into_iter()
+        .chain(m.lines.iter().map(|l| &l[..]))
+}
+
+/// Writes the lines an export message carries to `out`, each followed by a newline.
+pub fn write_export_message(
+    out: &mut impl std::io::Write,
+    m: &v1::ExportLine,
+) -> std::io::Result<()> {
+    for line in export_lines(m) {
+        out.write_all(line)?;
+        out.write_all(b"\n")?;
+    }
+    Ok(())
+}
+
 /// The Admin service, typed: each call returns its message or a [`ClientError::Rpc`] naming
 /// the RPC (the status is mapped here, once).
 #[derive(Debug, Clone)]
@@ -73,7 +99,9 @@ impl Admin {
         .await
     }
 
-    /// The audit export as a stream of JSON lines.
+    /// The audit export as a stream of messages of JSON lines (one each, or several when
+    /// `req.lines_per_message` asks for them; read either with [`export_lines`] or
+    /// [`write_export_message`]).
     pub async fn export_audit(
         &mut self,
         req: v1::ExportAuditRequest,
@@ -423,4 +451,40 @@ pub fn read_p12(
         .map(|c| meshsign_evidence::pem_encode("CERTIFICATE", c.as_der()))
         .collect::<String>();
     Ok((pem, chain_pem.into_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(json: &str, lines: &[&str]) -> v1::ExportLine {
+        v1::ExportLine {
+            json: json.into(),
+            lines: lines.iter().map(|l| l.as_bytes().to_vec().into()).collect(),
+        }
+    }
+
+    fn written(m: &v1::ExportLine) -> Vec<u8> {
+        let mut out = Vec::new();
+        write_export_message(&mut out, m).unwrap();
+        out
+    }
+
+    /// A site that sends one line per message (before `lines_per_message`) and one that sends
+    /// several give the same file and the same lines.
+    #[test]
+    fn one_line_and_several_read_the_same() {
+        let one = message(r#"{"seq":1}"#, &[]);
+        let several = message("", &[r#"{"seq":1}"#, r#"{"seq":2}"#]);
+        assert_eq!(written(&one), b"{\"seq\":1}\n");
+        assert_eq!(written(&several), b"{\"seq\":1}\n{\"seq\":2}\n");
+        assert_eq!(export_lines(&one).collect::<Vec<_>>(), [b"{\"seq\":1}"]);
+        assert_eq!(
+            export_lines(&several).collect::<Vec<_>>(),
+            [&b"{\"seq\":1}"[..], &b"{\"seq\":2}"[..]]
+        );
+        let empty = message("", &[]);
+        assert_eq!(export_lines(&empty).count(), 0);
+        assert!(written(&empty).is_empty());
+    }
 }

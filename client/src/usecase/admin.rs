@@ -1051,6 +1051,7 @@ async fn audit(c: &mut Admin, command: AdminAuditCommand) -> Result<Output, Clie
                 follow,
                 environment: environment.unwrap_or_default(),
                 job_id: job_id.unwrap_or_default(),
+                lines_per_message: crate::site::admin::EXPORT_LINES_PER_MESSAGE,
                 ..Default::default()
             };
             if let Some(d) = decision {

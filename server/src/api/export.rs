@@ -50,7 +50,7 @@ fn keep(r: &AuditRecord, q: &v1::ExportAuditRequest) -> bool {
             && q.wanted_decision().is_none_or(|d| r.decision == d))
 }
 
-fn line(r: AuditRecord, q: &v1::ExportAuditRequest, first: bool) -> Result<v1::ExportLine, Status> {
+fn line(r: AuditRecord, q: &v1::ExportAuditRequest, first: bool) -> Result<String, Status> {
     let l = if keep(&r, q) {
         ExportLine::Entry(Box::new(r))
     } else {
@@ -62,9 +62,7 @@ fn line(r: AuditRecord, q: &v1::ExportAuditRequest, first: bool) -> Result<v1::E
             prev_hash,
         })
     };
-    serde_json::to_string(&l)
-        .map(|json| v1::ExportLine { json })
-        .map_err(|e| status(&ExportError::from(e)))
+    serde_json::to_string(&l).map_err(|e| status(&ExportError::from(e)))
 }
 
 fn start_seq(site: &SiteState, q: &v1::ExportAuditRequest) -> Result<u64, Status> {
@@ -111,11 +109,85 @@ impl Item {
         }
     }
 
-    fn into_line(self, q: &v1::ExportAuditRequest, first: bool) -> Result<v1::ExportLine, Status> {
+    fn into_line(self, q: &v1::ExportAuditRequest, first: bool) -> Result<String, Status> {
         match self {
             Item::Record(r) => line(*r, q, first),
-            Item::Stored(e) => Ok(v1::ExportLine { json: e.json }),
+            Item::Stored(e) => Ok(e.json),
         }
+    }
+}
+
+/// Bytes of lines the site puts in one message at most (unless one line alone is longer):
+/// about the response encoder's chunk (it hands the transport 32 KiB at a time). Measured
+/// against 256 KiB: no difference (BENCHMARKS.md, issue 30, session 33).
+const MESSAGE_BYTES: usize = 32 * 1024;
+
+/// A page's lines as messages: one line each, or — when the client takes more than one
+/// (`lines_per_message`) — several per message: the cost of a message (its encoding, its
+/// poll, its decoding at the client) spread over many lines. A message never spans pages,
+/// so no line waits for the next page.
+struct Messages {
+    per: usize,
+    lines: Vec<prost::bytes::Bytes>,
+    bytes: usize,
+    out: Vec<Result<v1::ExportLine, Status>>,
+}
+
+impl Messages {
+    fn new(q: &v1::ExportAuditRequest, page_len: usize) -> Self {
+        let per = usize::try_from(q.lines_per_message)
+            .unwrap_or(usize::MAX)
+            .max(1);
+        Self {
+            per,
+            lines: Vec::new(),
+            bytes: 0,
+            out: Vec::with_capacity(if per > 1 { 4 } else { page_len }),
+        }
+    }
+
+    fn push(&mut self, line: Result<String, Status>) {
+        let json = match line {
+            Ok(json) if self.per > 1 => json,
+            Ok(json) => {
+                self.out.push(Ok(v1::ExportLine {
+                    json,
+                    ..Default::default()
+                }));
+                return;
+            }
+            Err(e) => {
+                self.close();
+                self.out.push(Err(e));
+                return;
+            }
+        };
+        if !self.lines.is_empty() && self.bytes + json.len() > MESSAGE_BYTES {
+            self.close();
+        }
+        self.bytes += json.len();
+        // (A `String`'s buffer becomes the `Bytes` as it is: no copy.)
+        self.lines.push(json.into_bytes().into());
+        if self.lines.len() >= self.per {
+            self.close();
+        }
+    }
+
+    fn close(&mut self) {
+        if self.lines.is_empty() {
+            return;
+        }
+        let lines = std::mem::take(&mut self.lines);
+        self.bytes = 0;
+        self.out.push(Ok(v1::ExportLine {
+            lines,
+            ..Default::default()
+        }));
+    }
+
+    fn finish(mut self) -> Vec<Result<v1::ExportLine, Status>> {
+        self.close();
+        self.out
     }
 }
 
@@ -215,18 +287,19 @@ pub fn stream(site: Arc<SiteState>, q: v1::ExportAuditRequest) -> Lines {
             }
             // The page's lines go to the response whole: its encoder then fills whole frames
             // instead of waking for each line.
-            let mut lines = Vec::with_capacity(page.len());
+            let mut messages = Messages::new(&q, page.len());
             let mut failed = false;
             for item in page.into_iter().take_while(|i| i.seq() <= durable) {
                 next = item.seq() + 1;
                 let line = item.into_line(&q, first);
                 failed = line.is_err();
-                lines.push(line);
+                messages.push(line);
                 first = false;
                 if failed {
                     break;
                 }
             }
+            let lines = messages.finish();
             let sent = !lines.is_empty();
             if (sent && tx.send(lines).await.is_err()) || failed {
                 return;

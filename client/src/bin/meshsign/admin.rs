@@ -206,12 +206,10 @@ async fn export(mut stream: tonic::Streaming<v1::ExportLine>) -> Result<(), Clie
                 next.await
             }
         };
-        let Some(line) = message.map_err(|s| ClientError::rpc("ExportAudit", s))? else {
+        let Some(m) = message.map_err(|s| ClientError::rpc("ExportAudit", s))? else {
             break;
         };
-        out.write_all(line.json.as_bytes())
-            .and_then(|()| out.write_all(b"\n"))
-            .map_err(stdout)?;
+        meshsign_client::site::admin::write_export_message(&mut out, &m).map_err(stdout)?;
     }
     out.flush().map_err(stdout)
 }
