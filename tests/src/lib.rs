@@ -709,12 +709,27 @@ pub async fn export(
         .collect()
 }
 
-/// An export's lines as sent, and the status it ended with (None: a clean end); a run of
-/// lines in one message (`lines_per_message`) is split into its lines.
+/// An export's lines as sent, and the status it ended with (None: a clean end); a message of
+/// several lines (`lines_per_message`) is split into its lines.
 pub async fn export_raw(
     site: &TestSite,
     req: v1::ExportAuditRequest,
 ) -> (Vec<String>, Option<tonic::Status>) {
+    let (messages, end) = export_messages(site, req).await;
+    let lines = messages
+        .iter()
+        .flat_map(meshsign_client::site::admin::export_lines)
+        // A line that is not UTF-8 shows as such in the test's comparison.
+        .map(|l| String::from_utf8_lossy(l).into_owned())
+        .collect();
+    (lines, end)
+}
+
+/// An export's messages as sent, and the status it ended with (None: a clean end).
+pub async fn export_messages(
+    site: &TestSite,
+    req: v1::ExportAuditRequest,
+) -> (Vec<v1::ExportLine>, Option<tonic::Status>) {
     let mut stream = site
         .admin()
         .await
@@ -725,10 +740,7 @@ pub async fn export_raw(
     let mut out = Vec::new();
     loop {
         match stream.message().await {
-            Ok(Some(m)) => out.extend(
-                meshsign_client::site::admin::export_lines(&m)
-                    .map(|l| String::from_utf8(l.to_vec()).expect("an export line is UTF-8")),
-            ),
+            Ok(Some(m)) => out.push(m),
             Ok(None) => return (out, None),
             Err(e) => return (out, Some(e)),
         }

@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use meshsign_evidence::audit::{AuditRecord, ExportLine, Start, verify_export, verify_export_from};
 use meshsign_proto::v1;
-use meshsign_tests::{FaultyKv, TestSite, audit_key, export, export_raw, sign_req};
+use meshsign_tests::{
+    FaultyKv, TestSite, audit_key, export, export_messages, export_raw, sign_req,
+};
 use tonic::Code;
 
 const SMALL_CHECKPOINTS: &str = "\n[audit]\ncheckpoint_every = 5\n";
@@ -1107,22 +1109,6 @@ async fn exports_across_pages(site: &TestSite, signs: u16, mid: u64) {
 /// site's cap).
 const RUN_BYTES: usize = 32 * 1024;
 
-/// The messages of an export as sent.
-async fn export_messages(site: &TestSite, req: v1::ExportAuditRequest) -> Vec<v1::ExportLine> {
-    let mut stream = site
-        .admin()
-        .await
-        .export_audit(req)
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(m) = stream.message().await.unwrap() {
-        out.push(m);
-    }
-    out
-}
-
 /// Exports of several lines per message (`lines_per_message`, as `meshsign admin audit
 /// export` asks) hold the lines of the same export sent one per message, byte for byte and
 /// in order — from the start, from `mid`, filtered — no more lines per message than asked,
@@ -1139,7 +1125,8 @@ async fn runs_hold_the_same_lines(site: &TestSite, mid: u64) {
             };
             let (one_by_one, end) = export_raw(site, req(0)).await;
             assert!(end.is_none(), "{end:?}");
-            let messages = export_messages(site, req(per)).await;
+            let (messages, end) = export_messages(site, req(per)).await;
+            assert!(end.is_none(), "{end:?}");
             let mut lines = Vec::new();
             for m in &messages {
                 let (n, bytes) = (
