@@ -182,6 +182,7 @@ impl TestSite {
             *counts.lock().unwrap_or_else(|p| p.into_inner()) = Some(StoreCounts {
                 reads: kv.reads(),
                 calls: kv.calls(),
+                tree_calls: kv.tree_calls(),
             });
             Arc::new(kv)
         };
@@ -862,6 +863,9 @@ pub struct StoreCounts {
     pub reads: Arc<std::sync::atomic::AtomicU64>,
     /// Read calls to any tree.
     pub calls: Arc<std::sync::atomic::AtomicU64>,
+    /// Calls, reads and writes, to the counted tree (a `get_many` or a `put_many` counts one:
+    /// on a database, one round trip each).
+    pub tree_calls: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A storage engine whose audit entry `seq` cannot be read (a damaged page: the engine's
@@ -875,6 +879,7 @@ pub struct UnreadableEntryKv {
     counted: meshsign_server::store::Tree,
     reads: Arc<std::sync::atomic::AtomicU64>,
     calls: Arc<std::sync::atomic::AtomicU64>,
+    tree_calls: Arc<std::sync::atomic::AtomicU64>,
     gate: Option<Arc<ScanGate>>,
     /// With [`UnreadableEntryKv::late_writes`]: whether the damaged entry was read yet.
     late: Option<Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>>,
@@ -955,6 +960,7 @@ impl UnreadableEntryKv {
             counted: meshsign_server::store::Tree::Audit,
             reads: Arc::default(),
             calls: Arc::default(),
+            tree_calls: Arc::default(),
             gate: None,
             late: None,
             misread: None,
@@ -1040,8 +1046,20 @@ impl UnreadableEntryKv {
         self.calls.clone()
     }
 
+    /// The count of calls, reads and writes, made to the counted tree, shared with the caller.
+    pub fn tree_calls(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.tree_calls.clone()
+    }
+
     fn call(&self) {
         self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn tree_call(&self, t: meshsign_server::store::Tree) {
+        if t == self.counted {
+            self.tree_calls
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 
     fn damaged(&self, t: meshsign_server::store::Tree, k: &[u8]) -> bool {
@@ -1070,6 +1088,7 @@ impl UnreadableEntryKv {
             g.pass(t);
         }
         self.call();
+        self.tree_call(t);
         self.count(t, rows.len());
         if let Some(how) = self.misread {
             return Ok(rows
@@ -1098,6 +1117,7 @@ impl Kv for UnreadableEntryKv {
         k: &[u8],
     ) -> Result<Option<Vec<u8>>, meshsign_server::store::StoreError> {
         self.call();
+        self.tree_call(t);
         self.count(t, 1);
         if let (Some(how), true) = (self.misread, self.damaged(t, k)) {
             return Ok(self.inner.get(t, k)?.map(|v| self.misread_bytes(how, v)));
@@ -1114,6 +1134,7 @@ impl Kv for UnreadableEntryKv {
         keys: &[Vec<u8>],
     ) -> Result<Vec<Option<Vec<u8>>>, meshsign_server::store::StoreError> {
         self.call();
+        self.tree_call(t);
         self.count(t, keys.len());
         if self.misread.is_some() {
             return keys.iter().map(|k| self.get(t, k)).collect();
@@ -1130,8 +1151,18 @@ impl Kv for UnreadableEntryKv {
         k: &[u8],
         v: &[u8],
     ) -> Result<(), meshsign_server::store::StoreError> {
+        self.tree_call(t);
         self.hold(t);
         self.inner.put(t, k, v)
+    }
+    fn put_many(
+        &self,
+        t: meshsign_server::store::Tree,
+        entries: &[(&[u8], &[u8])],
+    ) -> Result<(), meshsign_server::store::StoreError> {
+        self.tree_call(t);
+        self.hold(t);
+        self.inner.put_many(t, entries)
     }
     fn insert_new(
         &self,
@@ -1139,6 +1170,7 @@ impl Kv for UnreadableEntryKv {
         k: &[u8],
         v: &[u8],
     ) -> Result<bool, meshsign_server::store::StoreError> {
+        self.tree_call(t);
         self.hold(t);
         self.inner.insert_new(t, k, v)
     }
@@ -1149,6 +1181,7 @@ impl Kv for UnreadableEntryKv {
         old: &[u8],
         new: &[u8],
     ) -> Result<bool, meshsign_server::store::StoreError> {
+        self.tree_call(t);
         self.inner.update(t, k, old, new)
     }
     fn remove(
@@ -1156,6 +1189,7 @@ impl Kv for UnreadableEntryKv {
         t: meshsign_server::store::Tree,
         k: &[u8],
     ) -> Result<(), meshsign_server::store::StoreError> {
+        self.tree_call(t);
         self.inner.remove(t, k)
     }
     fn scan_prefix(
@@ -1194,6 +1228,7 @@ impl Kv for UnreadableEntryKv {
         t: meshsign_server::store::Tree,
     ) -> Result<Option<meshsign_server::store::Entry>, meshsign_server::store::StoreError> {
         self.call();
+        self.tree_call(t);
         self.count(t, 1);
         self.inner.last(t)
     }

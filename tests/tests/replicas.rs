@@ -1205,3 +1205,60 @@ fn one_statement_reads_blocks_and_nodes_as_the_calls_one_by_one_do() {
         ]
     );
 }
+
+/// Issue 30: `put_many` (a group commit's Merkle nodes, both logs) is one statement on
+/// PostgreSQL and stores what puts in order store, on PostgreSQL and on sled: new keys, a key
+/// overwritten, a key given twice keeping its last value.
+#[test]
+fn one_statement_writes_many_as_puts_in_order_do() {
+    use meshsign_server::store::{Kv, PgKv, PgSettings, SledKv, Tree};
+    let pg = LocalPostgres::start().unwrap();
+    let tls = meshsign_server::store::postgres::tls_from_ca_file(&pg.ca_file()).unwrap();
+    let on_pg = PgKv::open(PgSettings {
+        url: pg.url(),
+        password: None,
+        pool_size: 2,
+        statement_timeout: Duration::from_secs(5),
+        tls: Some(tls),
+    })
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let on_sled = SledKv::open(dir.path()).unwrap();
+    let key = |level: u8, i: u64| {
+        let mut k = vec![b'A', level];
+        k.extend_from_slice(&i.to_be_bytes());
+        k
+    };
+    let (k0, k1, k2, k3) = (key(4, 0), key(4, 1), key(5, 0), key(6, 0));
+    for (engine, kv) in [("postgres", &on_pg as &dyn Kv), ("sled", &on_sled)] {
+        kv.put(Tree::Merkle, &k0, &[1; 32]).unwrap();
+        let (a, b, c, d) = ([2u8; 32], [3u8; 32], [4u8; 32], [5u8; 32]);
+        kv.put_many(
+            Tree::Merkle,
+            &[(&k0, &a), (&k1, &b), (&k2, &c), (&k1, &d), (&k3, &a)],
+        )
+        .unwrap();
+        let got = kv
+            .get_many(
+                Tree::Merkle,
+                &[k0.clone(), k1.clone(), k2.clone(), k3.clone()],
+            )
+            .unwrap();
+        assert_eq!(
+            got,
+            vec![
+                Some(a.to_vec()),
+                Some(d.to_vec()),
+                Some(c.to_vec()),
+                Some(a.to_vec())
+            ],
+            "{engine}"
+        );
+        // Nothing else was written.
+        assert_eq!(
+            kv.scan_prefix(Tree::Merkle, b"A").unwrap().len(),
+            4,
+            "{engine}"
+        );
+    }
+}

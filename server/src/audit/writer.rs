@@ -642,20 +642,22 @@ impl Writer {
         match &result {
             Ok(()) => {
                 let _ = self.head.send(self.seq);
-                if let Err(e) = merkle::store_completed(&self.store, Log::Audit, &self.completed) {
+                // Both logs' new nodes in one store call (one statement on a database).
+                if let Err(e) = merkle::store_completed(
+                    &self.store,
+                    &[
+                        (Log::Audit, &self.completed),
+                        (Log::Transparency, &self.log.completed),
+                    ],
+                ) {
                     // Only a cache: a missing node is recomputed when a proof needs it.
-                    tracing::warn!(error = %e, "audit Merkle nodes not stored");
+                    tracing::warn!(error = %e, "audit and transparency Merkle nodes not stored");
                 }
                 self.completed.clear();
+                self.log.completed.clear();
                 if let Some(h) = self.pending_head.take() {
                     let _ = self.signed_head.send(Some(h));
                 }
-                if let Err(e) =
-                    merkle::store_completed(&self.store, Log::Transparency, &self.log.completed)
-                {
-                    tracing::warn!(error = %e, "transparency Merkle nodes not stored");
-                }
-                self.log.completed.clear();
                 self.log.rows.clear();
                 self.log.publish();
                 if let Some(h) = self.log.pending_head.take() {

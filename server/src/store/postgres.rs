@@ -564,6 +564,29 @@ impl Kv for PgKv {
         })
     }
 
+    /// One statement for them all (a batch's Merkle nodes: one round trip, not one each). A
+    /// key given twice keeps its last value, as puts in order would (one statement may not
+    /// update a row twice).
+    fn put_many(&self, tree: Tree, entries: &[(&[u8], &[u8])]) -> Result<(), StoreError> {
+        if entries.len() < 2 {
+            return entries.iter().try_for_each(|(k, v)| self.put(tree, k, v));
+        }
+        let last: std::collections::HashMap<&[u8], &[u8]> = entries.iter().copied().collect();
+        let (keys, values): (Vec<Vec<u8>>, Vec<Vec<u8>>) = last
+            .into_iter()
+            .map(|(k, v)| (k.to_vec(), v.to_vec()))
+            .unzip();
+        self.run(move |c| {
+            c.execute(
+                "INSERT INTO kv (tree, key, value)
+                 SELECT $1, k, v FROM unnest($2::bytea[], $3::bytea[]) AS t(k, v)
+                 ON CONFLICT (tree, key) DO UPDATE SET value = EXCLUDED.value",
+                &[&tree.name(), &keys, &values],
+            )
+            .map(|_| ())
+        })
+    }
+
     fn insert_new(&self, tree: Tree, key: &[u8], value: &[u8]) -> Result<bool, StoreError> {
         let (key, value) = (key.to_vec(), value.to_vec());
         self.run(move |c| {
