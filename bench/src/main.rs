@@ -67,6 +67,10 @@ struct Cli {
     /// Also drive OpenBao's transit engine (`bao server -dev` on 127.0.0.1) in the same run.
     #[arg(long)]
     vs_openbao: bool,
+    /// With `--vs-openbao`: also drive a second OpenBao shaped as a site is (TLS listener, a
+    /// file audit device) in the same runs; adds the `openbao_tls_audit_*` figures.
+    #[arg(long, requires = "vs_openbao")]
+    openbao_tls_audit: bool,
     /// `--scenario enroll`: also enroll with device-key proofs (issue 28) on a second site
     /// whose production environment accepts registered runners only (one file device key per
     /// connection, registered first), in the same run; prints `proven_to_claimed`.
@@ -414,6 +418,25 @@ struct Mode {
     devices: Vec<std::sync::Arc<meshsign_client::device::DeviceKey>>,
 }
 
+/// An OpenBao peer and what each run measured on it.
+struct Peer {
+    bao: openbao::Bao,
+    ops: Vec<f64>,
+    p99: Vec<f64>,
+    cpu: Vec<Option<f64>>,
+}
+
+impl Peer {
+    fn new(bao: openbao::Bao) -> Self {
+        Self {
+            bao,
+            ops: Vec::new(),
+            p99: Vec::new(),
+            cpu: Vec::new(),
+        }
+    }
+}
+
 fn opt_median(v: impl Iterator<Item = Option<f64>>) -> Option<f64> {
     let v: Vec<f64> = v.flatten().collect();
     (!v.is_empty()).then(|| median(v))
@@ -544,15 +567,14 @@ async fn run(cli: &Cli) -> Result<(), String> {
         });
     }
     let (mut inproc_hsm, mut inproc_verify) = (Vec::new(), Vec::new());
-    let bao = if cli.vs_openbao {
-        Some(openbao::start().await?)
-    } else {
-        None
-    };
+    let mut baos = Vec::new();
+    if cli.vs_openbao {
+        baos.push(Peer::new(openbao::start(openbao::Shape::Dev).await?));
+    }
+    if cli.openbao_tls_audit {
+        baos.push(Peer::new(openbao::start(openbao::Shape::TlsAudit).await?));
+    }
     let mut inproc = Vec::new();
-    let mut bao_ops = Vec::new();
-    let mut bao_p99 = Vec::new();
-    let mut bao_cpu = Vec::new();
     for run in 0..cli.runs {
         inproc.push(if cli.no_in_process {
             0.0
@@ -564,25 +586,31 @@ async fn run(cli: &Cli) -> Result<(), String> {
             inproc_hsm.push(signs);
             inproc_verify.push(verifies);
         }
-        if let Some(b) = &bao {
+        for b in &mut baos {
             let batch = matches!(cli.scenario, Scenario::Batch).then_some(cli.batch);
             // OpenBao's own CPU over the same window (issue 30): CPU per signature side by
             // side with the site's, in one run.
-            let (cpu0, t0) = (b.cpu_seconds(), Instant::now());
-            let (ops, lat) =
-                openbao::load(b, cli.concurrency, Duration::from_secs(cli.duration), batch).await;
+            let (cpu0, t0) = (b.bao.cpu_seconds(), Instant::now());
+            let (ops, lat) = openbao::load(
+                &b.bao,
+                cli.concurrency,
+                Duration::from_secs(cli.duration),
+                batch,
+            )
+            .await;
             let signed = (ops * t0.elapsed().as_secs_f64()).round() as u64;
-            let cpu = per_1000(cpu0, b.cpu_seconds(), signed);
+            let cpu = per_1000(cpu0, b.bao.cpu_seconds(), signed);
             eprintln!(
-                "run {run}: openbao transit {:?} c={} {ops:.0} ops/s p99 {:.2} ms server {:.3} CPU s per 1000 ops",
+                "run {run}: openbao ({:?}) transit {:?} c={} {ops:.0} ops/s p99 {:.2} ms server {:.3} CPU s per 1000 ops",
+                b.bao.shape(),
                 cli.scenario,
                 cli.concurrency,
                 pct(&lat, 0.99),
                 cpu.unwrap_or(f64::NAN)
             );
-            bao_ops.push(ops);
-            bao_p99.push(pct(&lat, 0.99));
-            bao_cpu.push(cpu);
+            b.ops.push(ops);
+            b.p99.push(pct(&lat, 0.99));
+            b.cpu.push(cpu);
         }
         // Alternate the order so neither setting always runs on a warmer machine.
         let order: Vec<usize> = if run % 2 == 0 {
@@ -618,9 +646,6 @@ async fn run(cli: &Cli) -> Result<(), String> {
         }
     }
     let in_process_ops = median(inproc);
-    let openbao_ops = (!bao_ops.is_empty()).then(|| median(bao_ops.clone()));
-    let openbao_p99 = (!bao_p99.is_empty()).then(|| median(bao_p99.clone()));
-    let openbao_cpu = opt_median(bao_cpu.iter().copied());
     let summarize = |mode: &Mode| {
         let rs = &mode.rows;
         let ops = median(rs.iter().map(|m| m.ops_per_sec).collect());
@@ -663,14 +688,23 @@ async fn run(cli: &Cli) -> Result<(), String> {
             // Every run enrolled on the same site.
             j["enrollments_on_site"] = rs.iter().map(|m| m.ops).sum::<u64>().into();
         }
-        if let Some(b) = openbao_ops {
-            j["openbao_ops_per_sec"] = b.round().into();
-            j["openbao_p99_ms"] = openbao_p99.unwrap_or(0.0).into();
-            j["ratio_to_openbao"] = (ops / b.max(1.0)).into();
-            j["openbao_server_cpu_s_per_1000_ops"] = openbao_cpu.into();
+        for b in &baos {
+            // `openbao_*` for the dev server, `openbao_tls_audit_*` for the site-shaped one.
+            let p = match b.bao.shape() {
+                openbao::Shape::Dev => "openbao",
+                openbao::Shape::TlsAudit => "openbao_tls_audit",
+            };
+            let cpu = opt_median(b.cpu.iter().copied());
+            j[format!("{p}_ops_per_sec")] = median(b.ops.clone()).round().into();
+            j[format!("{p}_p99_ms")] = median(b.p99.clone()).into();
+            j[format!("ratio_to_{p}")] = (ops / median(b.ops.clone()).max(1.0)).into();
+            j[format!("{p}_server_cpu_s_per_1000_ops")] = cpu.into();
+            if let Some(bytes) = b.bao.audit_log_bytes() {
+                j[format!("{p}_audit_log_bytes")] = bytes.into();
+            }
             // CPU per signature, the site's over OpenBao's, measured in the same run.
-            j["server_cpu_ratio_to_openbao"] = opt_median(rs.iter().map(|m| m.server_cpu))
-                .zip(openbao_cpu)
+            j[format!("server_cpu_ratio_to_{p}")] = opt_median(rs.iter().map(|m| m.server_cpu))
+                .zip(cpu)
                 .map(|(m, b)| m / b.max(1e-9))
                 .into();
         }

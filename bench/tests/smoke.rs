@@ -79,6 +79,32 @@ fn sign_and_batch_report_throughput_latency_server_cost_and_the_in_process_limit
 }
 
 #[test]
+fn sign_against_openbao_reports_cpu_per_signature_for_both_of_its_shapes() {
+    // OpenBao as the issue measured it (dev: plain HTTP, no audit) and shaped as a site (TLS,
+    // a file audit device), each driven in the same run as the site.
+    let j = bench(&[
+        "--scenario",
+        "sign",
+        "--concurrency",
+        "2",
+        "--no-in-process",
+        "--vs-openbao",
+        "--openbao-tls-audit",
+    ]);
+    assert_eq!(j["errors"], 0, "{j}");
+    let site = positive(&j, "server_cpu_s_per_1000_ops");
+    for p in ["openbao", "openbao_tls_audit"] {
+        positive(&j, &format!("{p}_ops_per_sec"));
+        let cpu = positive(&j, &format!("{p}_server_cpu_s_per_1000_ops"));
+        let ratio = positive(&j, &format!("server_cpu_ratio_to_{p}"));
+        assert!((ratio - site / cpu).abs() < 1e-9, "{j}");
+    }
+    // The site-shaped peer wrote an audit record for its requests; the dev one has no device.
+    positive(&j, "openbao_tls_audit_audit_log_bytes");
+    assert!(j.get("openbao_audit_log_bytes").is_none(), "{j}");
+}
+
+#[test]
 fn enroll_counts_every_enrollment_on_the_site() {
     let j = bench(&[
         "--scenario",
