@@ -1106,18 +1106,17 @@ async fn abandoned_sessions_swept_by_two_replicas_at_once_are_counted_once() {
     }
 }
 
-/// Issue 30: an inclusion proof's blocks of entries and its stored nodes come back from one
-/// statement on PostgreSQL (`Kv::scans_and_get_many`: a `UNION ALL` of up to two scans and the
-/// keys, told apart by a column). What it returns is what the calls one by one return, on
-/// PostgreSQL and on sled (the trait's default): each scan in key order and bounded, the keys
-/// in the order asked, absent ones `None`, a scan past the end short — and with no keys, no
-/// scan, or more scans than one statement takes.
-#[test]
-fn one_statement_reads_blocks_and_nodes_as_the_calls_one_by_one_do() {
-    use meshsign_server::store::{Kv, PgKv, PgSettings, Scan, SledKv, Tree};
+/// A key-value store on a PostgreSQL of its own (TLS-checked) and one on sled in a temp
+/// folder, to compare the engines call for call (the server and folder live as long as they).
+fn both_engines() -> (
+    LocalPostgres,
+    meshsign_server::store::PgKv,
+    tempfile::TempDir,
+    meshsign_server::store::SledKv,
+) {
     let pg = LocalPostgres::start().unwrap();
     let tls = meshsign_server::store::postgres::tls_from_ca_file(&pg.ca_file()).unwrap();
-    let on_pg = PgKv::open(PgSettings {
+    let on_pg = meshsign_server::store::PgKv::open(meshsign_server::store::PgSettings {
         url: pg.url(),
         password: None,
         pool_size: 2,
@@ -1126,7 +1125,20 @@ fn one_statement_reads_blocks_and_nodes_as_the_calls_one_by_one_do() {
     })
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let on_sled = SledKv::open(dir.path()).unwrap();
+    let on_sled = meshsign_server::store::SledKv::open(dir.path()).unwrap();
+    (pg, on_pg, dir, on_sled)
+}
+
+/// Issue 30: an inclusion proof's blocks of entries and its stored nodes come back from one
+/// statement on PostgreSQL (`Kv::scans_and_get_many`: a `UNION ALL` of up to two scans and the
+/// keys, told apart by a column). What it returns is what the calls one by one return, on
+/// PostgreSQL and on sled (the trait's default): each scan in key order and bounded, the keys
+/// in the order asked, absent ones `None`, a scan past the end short — and with no keys, no
+/// scan, or more scans than one statement takes.
+#[test]
+fn one_statement_reads_blocks_and_nodes_as_the_calls_one_by_one_do() {
+    use meshsign_server::store::{Kv, Scan, Tree};
+    let (_pg, on_pg, _dir, on_sled) = both_engines();
     let engines: [(&str, &dyn Kv); 2] = [("postgres", &on_pg), ("sled", &on_sled)];
     let node = |level: u8, i: u64| {
         let mut k = vec![level];
@@ -1211,19 +1223,8 @@ fn one_statement_reads_blocks_and_nodes_as_the_calls_one_by_one_do() {
 /// overwritten, a key given twice keeping its last value.
 #[test]
 fn one_statement_writes_many_as_puts_in_order_do() {
-    use meshsign_server::store::{Kv, PgKv, PgSettings, SledKv, Tree};
-    let pg = LocalPostgres::start().unwrap();
-    let tls = meshsign_server::store::postgres::tls_from_ca_file(&pg.ca_file()).unwrap();
-    let on_pg = PgKv::open(PgSettings {
-        url: pg.url(),
-        password: None,
-        pool_size: 2,
-        statement_timeout: Duration::from_secs(5),
-        tls: Some(tls),
-    })
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let on_sled = SledKv::open(dir.path()).unwrap();
+    use meshsign_server::store::{Kv, Tree};
+    let (_pg, on_pg, _dir, on_sled) = both_engines();
     let key = |level: u8, i: u64| {
         let mut k = vec![b'A', level];
         k.extend_from_slice(&i.to_be_bytes());

@@ -678,6 +678,7 @@ mod tests {
             }
         };
         check(&store);
+        // A test: a store in a temp folder takes the write; a failure is the test's.
         store_completed(&store, &[(Log::Transparency, &done)]).unwrap();
         check(&store);
     }
