@@ -210,22 +210,28 @@ pub async fn start(shape: Shape) -> Result<Bao, String> {
         dir,
     };
     let deadline = Instant::now() + Duration::from_secs(30);
+    // What the last try found, for the message if the server never answers.
+    let mut last = String::from("no answer");
     loop {
         if shape == Shape::TlsAudit && bao.peer.tls.is_none() {
             // The CA is written at start; until then the server is not up either.
             let ca = bao.dir.path().join("vault-ca.pem");
             if ca.is_file() {
-                bao.peer.tls = client_config(&ca).ok();
+                match client_config(&ca) {
+                    Ok(cfg) => bao.peer.tls = Some(cfg),
+                    Err(e) => last = e,
+                }
             }
         }
-        let ready = shape == Shape::Dev || bao.peer.tls.is_some();
-        if ready
-            && let Ok((200, _)) = request(&bao.peer, "GET", "/v1/sys/health", String::new()).await
-        {
-            break;
+        if shape == Shape::Dev || bao.peer.tls.is_some() {
+            match request(&bao.peer, "GET", "/v1/sys/health", String::new()).await {
+                Ok((200, _)) => break,
+                Ok((status, _)) => last = format!("health answered {status}"),
+                Err(e) => last = e,
+            }
         }
         if Instant::now() > deadline {
-            return Err(format!("bao ({shape:?}) did not become healthy"));
+            return Err(format!("bao ({shape:?}) did not become healthy: {last}"));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
