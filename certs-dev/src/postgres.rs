@@ -272,30 +272,45 @@ impl LocalPostgres {
         format!("postgresql://meshsign@127.0.0.1:{}/meshsign", self.port)
     }
 
-    /// CPU seconds (user + system) used so far by the server and its backends: the postmaster
-    /// (from `postmaster.pid`) and every process whose parent it is. `None` if not running.
+    /// CPU seconds used so far by the server and its backends: the postmaster (from
+    /// `postmaster.pid`), every process whose parent it is, and the children it reaped (a
+    /// backend or an autovacuum worker that exited keeps counting: without them the sum fell
+    /// when one did). A live process counts its scheduler run time (`/proc/<pid>/schedstat`,
+    /// nanoseconds): a backend's queries run in bursts shorter than a clock tick, and `utime`
+    /// and `stime` are sampled at the ticks, so a short window read 0 as often as not. `None`
+    /// if not running.
     pub fn cpu_seconds(&self, ticks_per_second: f64) -> Option<f64> {
         let pid_file = std::fs::read_to_string(self.data().join("postmaster.pid")).ok()?;
         let postmaster: u32 = pid_file.lines().next()?.trim().parse().ok()?;
-        let stat = |pid: &str| -> Option<(u32, f64)> {
+        // (ppid, own CPU seconds, reaped children's CPU seconds)
+        let stat = |pid: &str| -> Option<(u32, f64, f64)> {
             let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
             let rest = text.rsplit_once(')')?.1;
             let f: Vec<&str> = rest.split_whitespace().collect();
             let ppid = f.get(1)?.parse().ok()?;
-            let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-            Some((ppid, ticks))
+            let num = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok());
+            let ran = std::fs::read_to_string(format!("/proc/{pid}/schedstat"))
+                .ok()
+                .and_then(|t| t.split_whitespace().next()?.parse::<f64>().ok())
+                .map(|ns| ns / 1e9);
+            let own = match ran {
+                Some(seconds) => seconds,
+                None => (num(11)? + num(12)?) / ticks_per_second,
+            };
+            Some((ppid, own, (num(13)? + num(14)?) / ticks_per_second))
         };
-        let mut total = stat(&postmaster.to_string())?.1;
+        let (_, own, reaped) = stat(&postmaster.to_string())?;
+        let mut total = own + reaped;
         for e in std::fs::read_dir("/proc").ok()?.filter_map(|e| e.ok()) {
             let name = e.file_name().to_string_lossy().into_owned();
             if name.bytes().all(|b| b.is_ascii_digit())
-                && let Some((ppid, ticks)) = stat(&name)
+                && let Some((ppid, seconds, _)) = stat(&name)
                 && ppid == postmaster
             {
-                total += ticks;
+                total += seconds;
             }
         }
-        Some(total / ticks_per_second)
+        Some(total)
     }
 
     /// The server's processes: the postmaster (from `postmaster.pid`) and its children.
