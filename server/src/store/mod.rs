@@ -870,7 +870,9 @@ mod tests {
     fn audit_entries_kept_in_sled_move_into_the_segment_log_once() {
         let dir = tempfile::tempdir().unwrap();
         let put_in_sled = |from: u64, to: u64| {
-            let db = sled::open(dir.path()).unwrap();
+            // As the store opens it: sled's threads may hold the folder's lock a moment
+            // after the last handle was dropped (a test failed on it on a busy machine).
+            let db = super::SledInner::open(dir.path(), 1 << 20).unwrap().db;
             let tree = db.open_tree(Tree::Audit.name()).unwrap();
             for seq in from..=to {
                 tree.insert(seq.to_be_bytes(), format!("entry {seq}").as_bytes())
@@ -924,7 +926,9 @@ mod tests {
             (key(b"T\xFE", 2), row.clone()),
         ];
         {
-            let db = sled::open(dir.path()).unwrap();
+            // As the store opens it: sled's threads may hold the folder's lock a moment
+            // after the last handle was dropped (a test failed on it on a busy machine).
+            let db = super::SledInner::open(dir.path(), 1 << 20).unwrap().db;
             let tree = db.open_tree(Tree::Merkle.name()).unwrap();
             for (k, v) in &old {
                 tree.insert(k, v.as_slice()).unwrap();
