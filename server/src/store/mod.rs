@@ -871,7 +871,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let put_in_sled = |from: u64, to: u64| {
             // As the store opens it: sled's threads may hold the folder's lock a moment
-            // after the last handle was dropped (a test failed on it on a busy machine).
+            // after the last handle was dropped (a test failed on it on a busy machine). A
+            // test: the folder is a fresh temp one; a failure to open it is the test's.
             let db = super::SledInner::open(dir.path(), 1 << 20).unwrap().db;
             let tree = db.open_tree(Tree::Audit.name()).unwrap();
             for seq in from..=to {
@@ -927,7 +928,8 @@ mod tests {
         ];
         {
             // As the store opens it: sled's threads may hold the folder's lock a moment
-            // after the last handle was dropped (a test failed on it on a busy machine).
+            // after the last handle was dropped (a test failed on it on a busy machine). A
+            // test: the folder is a fresh temp one; a failure to open it is the test's.
             let db = super::SledInner::open(dir.path(), 1 << 20).unwrap().db;
             let tree = db.open_tree(Tree::Merkle.name()).unwrap();
             for (k, v) in &old {
